@@ -1,0 +1,196 @@
+"""The ``pacs`` command.
+
+Settings come from the environment and ``.env``; the options here override them for one
+run (they are passed as overrides by environment name, so there is one parser).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pacs import config
+from pacs.errors import InvalidInstance, PacsError
+from pacs.ingest import Outcome
+
+log = logging.getLogger("pacs")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+    base: dict[str, str] = dict(ctx.obj or {})
+    base.update({k: str(v) for k, v in overrides.items() if v is not None})
+    try:
+        return config.load(overrides=base)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option("--customer", help="Customer name (CUSTOMER).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (PACS_DATA_DIR).")
+@click.option("--storage", type=click.Choice(["file", "s3"]), help="Object store (PACS_STORAGE).")
+@click.version_option(package_name="pacs")
+@click.pass_context
+def main(ctx: click.Context, customer: str | None, data_dir: str | None,
+         storage: str | None) -> None:
+    """pacs: a DIMSE-first PACS node (C-STORE, C-FIND, C-MOVE, C-GET, DICOMweb)."""
+    ctx.obj = {k: v for k, v in {"CUSTOMER": customer, "PACS_DATA_DIR": data_dir,
+                                 "PACS_STORAGE": storage}.items() if v is not None}
+
+
+@main.command("config")
+@click.pass_context
+def show_config(ctx: click.Context) -> None:
+    """Print the effective settings (secrets masked)."""
+    settings = _settings(ctx)
+    for name, value in settings.describe():
+        click.echo(f"{name}={value}")
+
+
+def _build(settings: config.Settings) -> Any:
+    from pacs.services import build
+
+    try:
+        return build(settings)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--port", type=int, help="DIMSE port (PACS_DIMSE_PORT).")
+@click.option("--ae-title", help="Called AE title (PACS_AE_TITLE).")
+@click.option("--bind", "bind_address", help="Listen address (PACS_BIND_ADDRESS).")
+@click.option("--workers", type=int, help="DIMSE worker processes (PACS_DIMSE_WORKERS).")
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, ae_title: str | None,
+          bind_address: str | None, workers: int | None) -> None:
+    """Run the node until SIGTERM or Ctrl-C."""
+    settings = _settings(ctx, PACS_DIMSE_PORT=port, PACS_AE_TITLE=ae_title,
+                         PACS_BIND_ADDRESS=bind_address, PACS_DIMSE_WORKERS=workers)
+    _setup_logging(settings.log_level)
+    from pacs.dimse.server import run_workers
+    from pacs.reconcile import reconcile
+
+    services = _build(settings)
+    report = reconcile(services, full=False)
+    if report.temporaries:
+        log.info("removed %d temporary file(s) of interrupted writes", report.temporaries)
+    services.close()  # workers open their own after the fork
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log.info("customer %s, data in %s, %s storage", settings.customer, settings.data_dir,
+             settings.storage)
+    try:
+        run_workers(settings, stopping)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on port {settings.dimse_port}: {exc}")
+    log.info("stopped")
+
+
+def _files(paths: tuple[str, ...]) -> Iterator[Path]:
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for dirpath, dirs, files in os.walk(path):
+                dirs.sort()
+                for file in sorted(files):
+                    yield Path(dirpath) / file
+        else:
+            yield path
+
+
+@main.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
+    """Store files and folders (recursively) through the ingest path."""
+    from tqdm import tqdm
+
+    settings = _settings(ctx)
+    _setup_logging("WARNING")
+    services = _build(settings)
+    files = list(_files(paths))
+    tally: Counter[str] = Counter()
+    rejected: list[tuple[Path, str]] = []
+    try:
+        for path in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
+            try:
+                result = services.ingest.store_bytes(path.read_bytes(), calling_ae="")
+                tally[result.outcome.value] += 1
+            except (InvalidInstance, OSError) as exc:
+                rejected.append((path, str(exc)))
+            except PacsError as exc:
+                rejected.append((path, str(exc)))
+    finally:
+        services.close()
+    click.echo(f"stored: {tally[Outcome.STORED.value]}, "
+               f"unchanged duplicates: {tally[Outcome.UNCHANGED.value]}, "
+               f"kept first (different duplicates): {tally[Outcome.KEPT_FIRST.value]}, "
+               f"rejected: {len(rejected)}")
+    for path, reason in rejected:
+        click.echo(f"rejected {path}: {reason}")
+    if rejected:
+        sys.exit(1)
+
+
+@main.command()
+@click.pass_context
+def fsck(ctx: click.Context) -> None:
+    """Make the index and the store agree (after a crash)."""
+    from pacs.reconcile import reconcile
+
+    settings = _settings(ctx)
+    _setup_logging(settings.log_level)
+    services = _build(settings)
+    try:
+        report = reconcile(services, full=True)
+    finally:
+        services.close()
+    click.echo(f"re-indexed: {report.reindexed}, removed unreadable objects: "
+               f"{report.removed_orphans}, dropped rows without object: "
+               f"{report.dropped_rows}, temporary files removed: {report.temporaries}")
+    for error in report.errors:
+        click.echo(f"error: {error}")
+    if report.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Store reachable, index healthy, counts per level and bytes stored."""
+    from pacs.index import writer
+
+    settings = _settings(ctx)
+    services = _build(settings)
+    try:
+        conn = services.index.connection()
+        integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
+        for level, count in writer.counts(conn).items():
+            click.echo(f"{level}: {count}")
+        click.echo(f"index: {integrity}")
+        click.echo(f"store: {settings.storage}, {services.store.usage()} bytes")
+    finally:
+        services.close()
+    if integrity != "ok":
+        sys.exit(1)

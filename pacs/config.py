@@ -1,0 +1,241 @@
+"""Settings: read once, from the environment and ``.env``, into a frozen object.
+
+Precedence, lowest first: defaults < ``.env`` in the working folder < environment
+variables < explicit overrides (CLI flags).  Every setting lives in :data:`SETTINGS`
+with its default and help text; ``.env.example`` and the README table are checked
+against that table by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from pacs.errors import ConfigError
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _aet_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its environment name, default and meaning."""
+
+    env: str
+    attr: str
+    default: str
+    help: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+
+#: Every setting of the node.  The single source for parsing, ``pacs config``,
+#: ``.env.example`` and the README's table.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CUSTOMER", "customer", "default",
+            "Customer name; each customer has its own data folder, index and key prefix."),
+    Setting("PACS_DATA_DIR", "data_dir", "",
+            "Data folder (index, objects, uploads); empty means ./customer/<CUSTOMER>."),
+    Setting("PACS_AE_TITLE", "ae_title", "INTELPIXEL", "Called AE title of the DIMSE SCP."),
+    Setting("PACS_DIMSE_PORT", "dimse_port", "32773", "DIMSE listening port.", int),
+    Setting("PACS_BIND_ADDRESS", "bind_address", "0.0.0.0",
+            "Address the DIMSE and HTTP listeners bind to."),
+    Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", int),
+    Setting("PACS_VIEWER_PORT", "viewer_port", "8080", "OHIF viewer port.", int),
+    Setting("PACS_STORAGE", "storage", "file",
+            "Object store: 'file' (folder inside the data folder) or 's3' (MinIO or any S3).",
+            _choice("file", "s3")),
+    Setting("PACS_S3_ENDPOINT", "s3_endpoint", "localhost:9000",
+            "S3 endpoint as host:port (no scheme)."),
+    Setting("PACS_S3_ACCESS_KEY", "s3_access_key", "", "S3 access key.", secret=True),
+    Setting("PACS_S3_SECRET_KEY", "s3_secret_key", "", "S3 secret key.", secret=True),
+    Setting("PACS_S3_BUCKET", "s3_bucket", "pacs",
+            "S3 bucket; objects go under the prefix <CUSTOMER>/ and it is created when missing."),
+    Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
+    Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
+    Setting("PACS_MODALITIES", "modalities", "",
+            "C-MOVE destinations: 'AET=host:port,AET2=host:port'."),
+    Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
+            "Comma list of calling AE titles allowed to associate; empty allows any.",
+            _aet_list),
+    Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
+            "A repeated SOP Instance UID with different content: overwrite, keep (first) "
+            "or reject.", _choice("overwrite", "keep", "reject")),
+    Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
+            "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
+    Setting("PACS_MAX_ASSOCIATIONS", "max_associations", "32",
+            "Concurrent associations per worker process.", int),
+    Setting("PACS_MAX_PDU", "max_pdu", "262144",
+            "Largest PDU we accept (bytes); 0 means unlimited.", int),
+    Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
+            "Seconds to wait for a DIMSE message or network data before aborting.", float),
+    Setting("PACS_QUERY_MAX_ROWS", "query_max_rows", "10000",
+            "Largest number of matches a query may return before it is refused.", int),
+    Setting("PACS_QUERY_TIME_LIMIT", "query_time_limit", "30",
+            "Seconds a query may run before it is stopped.", float),
+    Setting("PACS_PN_CASE_SENSITIVE", "pn_case_sensitive", "false",
+            "Match person names case-sensitively (PS3.4 C.2.2.2.1 allows either).", _bool),
+    Setting("PACS_LOG_LEVEL", "log_level", "INFO",
+            "Log level; patient data is only logged at DEBUG.", str.upper),
+)
+
+
+@dataclass(frozen=True)
+class Modality:
+    """A known remote AE: a C-MOVE destination."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+def parse_modalities(value: str) -> dict[str, Modality]:
+    """Parse ``AET=host:port,AET2=host:port`` into a table by AE title."""
+    table: dict[str, Modality] = {}
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        aet, sep, address = item.partition("=")
+        host, colon, port = address.rpartition(":")
+        if not sep or not colon or not port.isdigit() or not aet.strip():
+            raise ConfigError(f"PACS_MODALITIES: cannot read {item!r}; expected AET=host:port")
+        table[aet.strip()] = Modality(aet.strip(), host.strip(), int(port))
+    return table
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one node, after all sources are merged."""
+
+    customer: str = "default"
+    data_dir: Path = Path("customer/default")
+    ae_title: str = "INTELPIXEL"
+    dimse_port: int = 32773
+    bind_address: str = "0.0.0.0"
+    web_port: int = 5985
+    viewer_port: int = 8080
+    storage: str = "file"
+    s3_endpoint: str = "localhost:9000"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "pacs"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    modalities: str = ""
+    allowed_calling_aets: tuple[str, ...] = ()
+    duplicate_policy: str = "overwrite"
+    dimse_workers: int = 0
+    max_associations: int = 32
+    max_pdu: int = 262144
+    dimse_timeout: float = 60.0
+    query_max_rows: int = 10000
+    query_time_limit: float = 30.0
+    pn_case_sensitive: bool = False
+    log_level: str = "INFO"
+    destinations: Mapping[str, Modality] = field(default_factory=dict)
+
+    @property
+    def index_path(self) -> Path:
+        """The SQLite index file of this customer."""
+        return self.data_dir / "index.sqlite"
+
+    @property
+    def objects_dir(self) -> Path:
+        """The folder of the file object store."""
+        return self.data_dir / "objects"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """The customer's upload folder."""
+        return self.data_dir / "uploads"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """Return a copy with some fields replaced (used by tests)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """Each setting's environment name and effective value, secrets masked."""
+        rows = []
+        for setting in SETTINGS:
+            value = getattr(self, setting.attr)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if setting.secret and text:
+                text = "****"
+            rows.append((setting.env, text))
+        return rows
+
+
+def _validate_customer(name: str) -> str:
+    # The customer name becomes a folder and a key prefix: keep it to a safe alphabet.
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    if not name or not set(name) <= allowed or len(name) > 64:
+        raise ConfigError(
+            f"CUSTOMER {name!r}: use 1-64 letters, digits, '-' or '_'")
+    return name
+
+
+def load(
+    overrides: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+) -> Settings:
+    """Merge defaults, ``.env``, the environment and overrides into :class:`Settings`.
+
+    Parameters
+    ----------
+    overrides : mapping, optional
+        Values by environment name that win over everything else (CLI flags).
+    environ : mapping, optional
+        The environment; ``os.environ`` when omitted.
+    env_file : Path or None
+        The dotenv file to read when it exists.
+
+    Raises
+    ------
+    ConfigError
+        When a value cannot be parsed.
+    """
+    raw: dict[str, str] = {s.env: s.default for s in SETTINGS}
+    if env_file is not None and env_file.is_file():
+        raw.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    source = os.environ if environ is None else environ
+    raw.update({s.env: source[s.env] for s in SETTINGS if s.env in source})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        try:
+            values[setting.attr] = setting.parse(raw[setting.env])
+        except ValueError as exc:
+            raise ConfigError(f"{setting.env}: {exc}") from None
+    values["customer"] = _validate_customer(values["customer"])
+    data_dir = values["data_dir"] or str(Path("customer") / values["customer"])
+    values["data_dir"] = Path(data_dir).absolute()
+    values["destinations"] = parse_modalities(values["modalities"])
+    return Settings(**values)

@@ -1,0 +1,261 @@
+"""pydicom helpers: read a Part 10 object's header, check it is whole, extract keys.
+
+Ingest never decodes pixel data (malformed pixel data is where decoders break) and
+never re-encodes: it reads the header with pydicom and walks the element lengths of the
+data set to prove the object is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from pacs.attributes import Attribute, Level, case_folded_column, stored
+from pacs.errors import InvalidUID, UnreadableData
+
+#: PS3.5 9.1: components of digits separated by dots, no leading zero in a
+#: multi-digit component, at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def valid_uid(value: str) -> bool:
+    """True when ``value`` is a valid UID (PS3.5 9.1)."""
+    return len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def require_uid(value: Any, name: str) -> str:
+    """Return ``value`` as a valid UID string or raise :class:`InvalidUID`."""
+    text = str(value or "").strip("\0 ")
+    if not valid_uid(text):
+        raise InvalidUID(f"{name} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What ingest needs to know about one received object.
+
+    Attributes
+    ----------
+    header :
+        The data set without pixel data (values decoded lazily by pydicom).
+    sop_class_uid, sop_instance_uid, study_uid, series_uid, transfer_syntax :
+        Validated UIDs.
+    dataset_offset :
+        Where the data set starts in the Part 10 bytes (after the file meta).
+    """
+
+    header: Dataset
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def read_part10(data: bytes | memoryview) -> Instance:
+    """Parse a Part 10 object's header and prove the data set is complete.
+
+    Raises
+    ------
+    UnreadableData
+        Not a Part 10 object, a header that does not parse, or a truncated data set.
+    InvalidUID
+        A SOP Class, SOP Instance, Study or Series Instance UID that is not valid.
+    """
+    buffer = bytes(data) if isinstance(data, memoryview) else data
+    if len(buffer) < 132 or buffer[128:132] != b"DICM":
+        raise UnreadableData("not a DICOM Part 10 object (no preamble and DICM prefix)")
+    try:
+        header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+        meta = header.file_meta
+        transfer_syntax = require_uid(meta.TransferSyntaxUID, "TransferSyntaxUID")
+        offset = dataset_offset(buffer)
+    except (InvalidUID, UnreadableData):
+        raise
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
+    check_complete(memoryview(buffer)[offset:], transfer_syntax)
+    try:
+        sop_class = header.get("SOPClassUID", "")
+        sop_instance = header.get("SOPInstanceUID", "")
+        study = header.get("StudyInstanceUID", "")
+        series = header.get("SeriesInstanceUID", "")
+    except Exception:
+        raise UnreadableData("the identifying attributes do not parse") from None
+    return Instance(
+        header=header,
+        sop_class_uid=require_uid(sop_class, "SOPClassUID"),
+        sop_instance_uid=require_uid(sop_instance, "SOPInstanceUID"),
+        study_uid=require_uid(study, "StudyInstanceUID"),
+        series_uid=require_uid(series, "SeriesInstanceUID"),
+        transfer_syntax=transfer_syntax,
+        dataset_offset=offset,
+    )
+
+
+def dataset_offset(buffer: bytes) -> int:
+    """Offset of the data set: after the file meta group (always explicit VR LE)."""
+    position = 132
+    while position + 8 <= len(buffer):
+        group = struct.unpack_from("<H", buffer, position)[0]
+        if group != 0x0002:
+            return position
+        vr = buffer[position + 4:position + 6]
+        if vr in _LONG_VRS:
+            length = struct.unpack_from("<I", buffer, position + 8)[0]
+            position += 12 + length
+        else:
+            length = struct.unpack_from("<H", buffer, position + 6)[0]
+            position += 8 + length
+    return position
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Walks element lengths of an encoded data set to prove it is not truncated."""
+
+    def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+
+    def _need(self, position: int, size: int) -> None:
+        if position + size > len(self.data):
+            raise UnreadableData("the data set is truncated")
+
+    def _tag(self, position: int) -> int:
+        self._need(position, 4)
+        group, element = struct.unpack_from(self.order + "HH", self.data, position)
+        return (group << 16) | element
+
+    def _header(self, position: int) -> tuple[int, bytes | None, int, int]:
+        """Return (tag, VR, value length, header size) at ``position``."""
+        tag = self._tag(position)
+        if tag >> 16 == 0xFFFE or self.implicit:
+            self._need(position, 8)
+            return tag, None, struct.unpack_from(self.order + "I", self.data, position + 4)[0], 8
+        self._need(position, 8)
+        vr = bytes(self.data[position + 4:position + 6])
+        if vr in _LONG_VRS:
+            self._need(position, 12)
+            return tag, vr, struct.unpack_from(self.order + "I", self.data, position + 8)[0], 12
+        return tag, vr, struct.unpack_from(self.order + "H", self.data, position + 6)[0], 8
+
+    def dataset(self, position: int, end: int | None, depth: int = 0) -> int:
+        """Walk elements from ``position`` to ``end`` (or an item delimiter)."""
+        if depth > 64:
+            raise UnreadableData("sequences nested too deeply")
+        limit = len(self.data) if end is None else end
+        while position < limit:
+            tag, vr, length, size = self._header(position)
+            position += size
+            if tag == _ITEM_END:
+                if end is not None:
+                    raise UnreadableData("unexpected item delimiter")
+                return position
+            if length == _UNDEFINED:
+                position = self._undefined(position, depth)
+            else:
+                self._need(position, length)
+                position += length
+        if position != limit:
+            raise UnreadableData("an element overruns its item")
+        return position
+
+    def _undefined(self, position: int, depth: int) -> int:
+        """Walk items of a sequence or fragments of encapsulated pixel data."""
+        while True:
+            tag, _, length, size = self._header(position)
+            position += size
+            if tag == _SEQ_END:
+                return position
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence or pixel data fragments")
+            if length == _UNDEFINED:
+                position = self.dataset(position, None, depth + 1)
+            else:
+                # Items of defined length (data sets or pixel fragments): bounds only.
+                self._need(position, length)
+                position += length
+
+
+def check_complete(dataset: memoryview, transfer_syntax: str) -> None:
+    """Raise :class:`UnreadableData` unless the encoded data set is whole.
+
+    Every element's value must fit in the bytes received and the last one must end
+    exactly at the end of the object.
+    """
+    data = dataset
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = memoryview(inflater.decompress(bytes(dataset)))
+        except zlib.error:
+            raise UnreadableData("the deflated data set does not inflate") from None
+        if not inflater.eof:
+            raise UnreadableData("the deflated data set is truncated")
+    walker = _Walker(
+        data,
+        implicit=transfer_syntax == ImplicitVRLittleEndian,
+        little=transfer_syntax != ExplicitVRBigEndian,
+    )
+    walker.dataset(0, len(data))
+
+
+def _text(value: Any) -> str | None:
+    """A stored value as index text: multiple values joined by ``\\``, blanks as None."""
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        parts = [str(v).strip() for v in value]
+        text = "\\".join(parts)
+        return text if any(parts) else None
+    if isinstance(value, bytes | Dataset) or hasattr(value, "__iter__") and not isinstance(
+            value, str):
+        return None
+    text = str(value).strip(" \0")
+    return text or None
+
+
+def fold(text: str | None) -> str | None:
+    """Case-fold a PN value for case-insensitive matching (PS3.4 C.2.2.2.1)."""
+    return text.upper() if text is not None else None
+
+
+def extract(header: Dataset, level: Level) -> dict[str, str | None]:
+    """Index values of ``level`` from a header, by column (unique key included)."""
+    values: dict[str, str | None] = {}
+    for attribute in stored(level):
+        values[attribute.column or ""] = _value(header, attribute)
+        folded = case_folded_column(attribute)
+        if folded:
+            values[folded] = fold(values[attribute.column or ""])
+    return values
+
+
+def _value(header: Dataset, attribute: Attribute) -> str | None:
+    element = header.get(attribute.tag)
+    if element is None:
+        return None
+    try:
+        return _text(element.value)
+    except Exception:
+        # A value that does not decode is indexed as unknown rather than refusing the
+        # whole object: the object itself is stored as sent.
+        return None

@@ -1,0 +1,1 @@
+"""The DIMSE edge: pynetdicom SCP handlers that translate to and from the core."""

@@ -1,0 +1,199 @@
+"""The DIMSE SCP: AE set-up, the association server, and worker processes.
+
+Python threads share one core, and a pynetdicom association costs CPU in its own
+threads; so the node runs several worker processes that accept from one listening
+socket (pre-fork, like gunicorn).  Each worker has its own index connections and store
+client, opened after the fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, _config
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.config import Settings
+from pacs.dimse import contexts, handlers
+from pacs.services import Services, build
+
+log = logging.getLogger(__name__)
+
+#: Seconds a stopping worker lets running associations finish before aborting them.
+DRAIN_SECONDS = 10.0
+
+
+def configure_pynetdicom() -> None:
+    """pynetdicom's process-wide switches, set once per process.
+
+    pynetdicom logs C-FIND/C-MOVE identifiers (patient data) by default; turn that off,
+    and skip its per-PDU debug handlers, which cost time on every message.
+    """
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def make_ae(settings: Settings) -> AE:
+    """The application entity with the node's title, limits and contexts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.dimse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.dimse_timeout
+    # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.supported_contexts = contexts.scp_contexts()
+    return ae
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with TCP_NODELAY and an optional shared socket.
+
+    With Nagle's algorithm and delayed ACKs every DIMSE round trip costs ~40 ms, so
+    accepted sockets get ``TCP_NODELAY``.  When ``shared_socket`` is set (worker
+    processes), the server accepts from that already listening, non-blocking socket
+    instead of binding its own; a connection another worker took first is skipped.
+    """
+
+    shared_socket: socket.socket | None = None
+
+    def server_bind(self) -> None:
+        """Use the shared socket when there is one."""
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.shared_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """The shared socket already listens."""
+        if self.shared_socket is None:
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept, then set TCP_NODELAY (BlockingIOError: another worker took it)."""
+        client, address = super().get_request()
+        client.setblocking(True)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def start(services: Services, address: tuple[str, int] | None = None,
+          shared_socket: socket.socket | None = None) -> NodeServer:
+    """Start a non-blocking SCP in this process; stop it with ``shutdown()``.
+
+    Parameters
+    ----------
+    services : Services
+        The core the handlers call.
+    address : (host, port), optional
+        Where to listen; the settings' address and port by default.
+    shared_socket : socket.socket, optional
+        An already listening socket to accept from (worker processes).
+    """
+    configure_pynetdicom()
+    settings = services.settings
+    address = address or (settings.bind_address, settings.dimse_port)
+    server_class = type("BoundNodeServer", (NodeServer,), {"shared_socket": shared_socket})
+    ae = make_ae(settings)
+    server = ae.make_server(address, evt_handlers=handlers.bind(services),
+                            server_class=server_class)
+    thread = threading.Thread(target=server.serve_forever, name="pacs-dimse-acceptor",
+                              daemon=True)
+    thread.start()
+    return server  # type: ignore[return-value]
+
+
+def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
+    """Stop accepting, let running associations finish, then abort the rest."""
+    server.shutdown()
+    deadline = time.monotonic() + drain
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for assoc in server.active_associations:
+        assoc.abort()
+    server.server_close()
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The listening socket the workers share (non-blocking, see :class:`NodeServer`)."""
+    family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.bind_address, settings.dimse_port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
+    """One worker process: its own services, serving until SIGTERM or SIGINT."""
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    services = build(settings)
+    server = start(services, shared_socket=sock)
+    ready.release()
+    stopping.wait()
+    stop(server)
+    services.close()
+
+
+def number_of_workers(settings: Settings) -> int:
+    """The configured worker count, or one per CPU."""
+    return settings.dimse_workers or max(1, len(os.sched_getaffinity(0)))
+
+
+def run_workers(settings: Settings, stopping: threading.Event,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Serve DIMSE from worker processes until ``stopping`` is set.
+
+    A worker that dies is replaced; on stop every worker gets SIGTERM and is awaited, so
+    no running C-STORE is cut short between its durable write and its response.
+    """
+    sock = listen(settings)
+    context = multiprocessing.get_context("fork")
+    count = number_of_workers(settings)
+    ready = context.Semaphore(0)
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker, args=(settings, sock, ready),
+                                  name="pacs-dimse", daemon=False)
+        process.start()
+        return process
+
+    workers = [spawn() for _ in range(count)]
+    for _ in range(count):
+        ready.acquire(timeout=60)
+    log.info("DIMSE %s listening on %s:%d with %d worker(s)", settings.ae_title,
+             settings.bind_address, settings.dimse_port, count)
+    if on_ready:
+        on_ready()
+    while not stopping.wait(0.5):
+        for i, process in enumerate(workers):
+            if not process.is_alive():
+                log.error("DIMSE worker %d exited with %s; restarting", process.pid,
+                          process.exitcode)
+                workers[i] = spawn()
+    for process in workers:
+        if process.is_alive():
+            os.kill(process.pid or 0, signal.SIGTERM)
+    for process in workers:
+        process.join(DRAIN_SECONDS + 5)
+        if process.is_alive():
+            process.kill()
+    sock.close()

@@ -1,0 +1,36 @@
+"""One table from the core's exceptions to DIMSE statuses, per service.
+
+C-STORE statuses: PS3.4 Table B.2-1 and PS3.7 Annex C.  The Error Comment (0000,0902)
+carries the reason (never patient data: exception messages of the core name attributes,
+not values).
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from pacs import errors
+
+#: C-STORE failure statuses (PS3.4 B.2.3, Table B.2-1; PS3.7 C.5).
+STORE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
+    (errors.InvalidUID, 0x0117),         # Invalid SOP Instance (PS3.7 C.5.7)
+    (errors.UIDMismatch, 0xA900),        # Data Set does not match SOP Class
+    (errors.UnreadableData, 0xC000),     # Cannot understand
+    (errors.DuplicateRejected, 0x0111),  # Duplicate SOP Instance (PS3.7 C.5.6)
+    (errors.StorageError, 0xA700),       # Out of resources
+    (errors.IndexFailure, 0xA700),       # Out of resources
+)
+
+#: An error no table names (a bug): Processing failure (PS3.7 C.5.2).
+PROCESSING_FAILURE = 0x0110
+
+
+def status_for(table: tuple[tuple[type[errors.PacsError], int], ...],
+               exc: BaseException) -> Dataset:
+    """The status data set for ``exc`` under ``table``, with an Error Comment."""
+    code = next((code for kind, code in table if isinstance(exc, kind)), PROCESSING_FAILURE)
+    status = Dataset()
+    status.Status = code
+    # Error Comment is LO: 64 characters at most.
+    status.ErrorComment = (str(exc) or type(exc).__name__)[:64]
+    return status

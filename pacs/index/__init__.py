@@ -1,0 +1,1 @@
+"""The SQLite index: connection, migrations, writer and query compiler."""

@@ -1,0 +1,120 @@
+"""Schema by migrations keyed on ``PRAGMA user_version``.
+
+The first migration builds the patient / study / series / instance tables from the
+attribute table (``pacs.attributes``), so a key added there becomes a column here in a
+new migration.  Each migration runs in one transaction with the version bump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import apsw
+
+from pacs.attributes import Attribute, Level, case_folded_column, stored
+
+#: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
+APPLICATION_ID = 0x50414353
+
+_PARENT = {
+    Level.PATIENT: None,
+    Level.STUDY: Level.PATIENT,
+    Level.SERIES: Level.STUDY,
+    Level.IMAGE: Level.SERIES,
+}
+
+#: Per-level identity column: the patient has no UID, so a key is derived at ingest.
+_IDENTITY = {
+    Level.PATIENT: "patient_key",
+    Level.STUDY: "study_uid",
+    Level.SERIES: "series_uid",
+    Level.IMAGE: "sop_uid",
+}
+
+#: Columns that are not DICOM attributes: where and how each instance is stored.
+_INSTANCE_EXTRA = (
+    "object_key TEXT NOT NULL",
+    "size INTEGER NOT NULL",
+    "checksum TEXT NOT NULL",
+    "transfer_syntax TEXT NOT NULL",
+    "received_at TEXT NOT NULL",
+    "calling_ae TEXT NOT NULL DEFAULT ''",
+)
+
+#: Columns searched often enough to deserve an index.
+_INDEXED = (
+    "patient_id", "patient_name_folded", "patient_name", "patient_birth_date",
+    "study_date", "accession_number", "study_id", "modality", "sop_class_uid",
+    "referring_physician_name_folded",
+)
+
+
+def _columns(attributes: tuple[Attribute, ...], identity: str) -> list[str]:
+    columns = []
+    for attribute in attributes:
+        if attribute.column == identity:
+            continue  # declared NOT NULL UNIQUE
+        columns.append(f"{attribute.column} TEXT")
+        folded = case_folded_column(attribute)
+        if folded:
+            columns.append(f"{folded} TEXT")
+    return columns
+
+
+def _create_level(conn: apsw.Connection, level: Level) -> None:
+    parent = _PARENT[level]
+    lines = ["pk INTEGER PRIMARY KEY", f"{_IDENTITY[level]} TEXT NOT NULL UNIQUE"]
+    if parent is not None:
+        lines.append(
+            f"{parent.table}_pk INTEGER NOT NULL REFERENCES {parent.table}(pk) ON DELETE CASCADE")
+    lines += _columns(stored(level), _IDENTITY[level])
+    if level is Level.IMAGE:
+        lines += list(_INSTANCE_EXTRA)
+    conn.execute(f"CREATE TABLE {level.table} (\n  " + ",\n  ".join(lines) + "\n)")
+    if parent is not None:
+        conn.execute(
+            f"CREATE INDEX {level.table}_{parent.table} ON {level.table}({parent.table}_pk)")
+    names = {a.column for a in stored(level)} | {
+        case_folded_column(a) for a in stored(level)}
+    for column in _INDEXED:
+        if column in names:
+            conn.execute(f"CREATE INDEX {level.table}_{column} ON {level.table}({column})")
+
+
+def _initial(conn: apsw.Connection) -> None:
+    for level in Level:
+        _create_level(conn, level)
+
+
+#: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (_initial,)
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Apply every pending migration; return the resulting schema version.
+
+    Raises
+    ------
+    RuntimeError
+        When the file belongs to another application or is newer than this code.
+    """
+    app_id = conn.pragma("application_id")
+    version = conn.pragma("user_version")
+    if app_id not in (0, APPLICATION_ID):
+        raise RuntimeError(f"not a pacs index (application_id {app_id:#x})")
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"index schema {version} is newer than this pacs ({len(MIGRATIONS)}); upgrade pacs")
+    for number in range(version, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            if conn.pragma("user_version") == number:
+                MIGRATIONS[number](conn)
+                conn.pragma("user_version", number + 1)
+                conn.pragma("application_id", APPLICATION_ID)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return int(conn.pragma("user_version"))

@@ -1,0 +1,219 @@
+"""Store one instance: the single ingest path of C-STORE, ``pacs import``, STOW-RS and
+the upload folder.
+
+Order of operations, which is what makes a success durable (DESIGN.md section 4):
+
+1. read the header and prove the object whole (no pixel decoding, no re-encoding);
+2. under a lock on the SOP Instance UID, decide what a repeated UID means;
+3. write the object, durably (fsync + rename, or a completed S3 PUT);
+4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
+5. only then report success.
+
+A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
+back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
+list, which ``pacs fsck`` re-indexes; the index never lists an object the store lacks.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pacs.attributes import Level
+from pacs.dataset import Instance, dataset_offset, extract, read_part10, require_uid
+from pacs.errors import DuplicateRejected, NotFound, PacsError, UIDMismatch
+from pacs.index import writer
+from pacs.index.connection import Index
+from pacs.storage import ObjectStore, object_key
+
+log = logging.getLogger(__name__)
+
+#: Lock stripes: instances whose UIDs hash to the same stripe are ingested one at a time.
+_STRIPES = 256
+
+
+class Outcome(enum.Enum):
+    """What storing an object did."""
+
+    STORED = "stored"
+    UNCHANGED = "unchanged"  # the same object was already stored
+    KEPT_FIRST = "kept"  # a different object under a known UID, discarded by policy
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of one ingest, with the object's identifying UIDs."""
+
+    outcome: Outcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+class Ingest:
+    """The ingest path, bound to one index and one store.
+
+    Parameters
+    ----------
+    index, store :
+        The customer's index and object store.
+    duplicate_policy : {"overwrite", "keep", "reject"}
+        What to do with a different object under a stored SOP Instance UID.
+    lock_dir : Path
+        A local folder for the per-UID locks (shared by every process of the node).
+    """
+
+    def __init__(self, index: Index, store: ObjectStore, duplicate_policy: str,
+                 lock_dir: Path) -> None:
+        self.index = index
+        self.store = store
+        self.duplicate_policy = duplicate_policy
+        self.lock_dir = lock_dir
+        lock_dir.mkdir(parents=True, exist_ok=True)
+
+    def store_bytes(self, data: bytes, *, calling_ae: str = "",
+                    expected: tuple[str, str] | None = None) -> StoreResult:
+        """Store one Part 10 object.
+
+        Parameters
+        ----------
+        data : bytes
+            The object as received (preamble, file meta and data set).
+        calling_ae : str
+            Who sent it, recorded in the index.
+        expected : (SOP Class UID, SOP Instance UID), optional
+            The UIDs of the C-STORE command, which must agree with the data set
+            (PS3.4 B.2.3; Orthanc checks the same).
+
+        Raises
+        ------
+        InvalidInstance
+            Unreadable data, invalid UIDs, UID mismatch, or a rejected duplicate.
+        StorageError, IndexFailure
+            The store or the index failed; nothing of the object remains.
+        """
+        if expected is not None:
+            expected = (require_uid(expected[0], "Affected SOP Class UID"),
+                        require_uid(expected[1], "Affected SOP Instance UID"))
+        instance = read_part10(data)
+        if expected is not None and expected != (instance.sop_class_uid,
+                                                 instance.sop_instance_uid):
+            raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
+        checksum = hashlib.sha256(data).hexdigest()
+        with self._uid_lock(instance.sop_instance_uid):
+            outcome = self._store_locked(instance, data, checksum, calling_ae)
+        return StoreResult(outcome, instance.sop_class_uid, instance.sop_instance_uid,
+                           instance.study_uid, instance.series_uid)
+
+    def _store_locked(self, instance: Instance, data: bytes, checksum: str,
+                      calling_ae: str) -> Outcome:
+        existing = writer.lookup(self.index.connection(), instance.sop_instance_uid)
+        previous: bytes | None = None
+        if existing is not None:
+            if existing.checksum == checksum:
+                return Outcome.UNCHANGED
+            previous = self._read_quietly(existing.object_key)
+            if previous is not None and _same_dataset(previous, data, instance):
+                return Outcome.UNCHANGED
+            if self.duplicate_policy == "keep":
+                return Outcome.KEPT_FIRST
+            if self.duplicate_policy == "reject":
+                raise DuplicateRejected(
+                    "a different object is stored under this SOP Instance UID")
+        key = object_key(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
+        self.store.put(key, io.BytesIO(data), len(data))
+        try:
+            with self.index.write() as conn:
+                writer.upsert(conn, self._row(instance, key, len(data), checksum, calling_ae))
+        except BaseException:
+            self._undo_put(key, existing, previous)
+            raise
+        if existing is not None and existing.object_key != key:
+            # The object moved (new study or series UID): the old one is now unlisted.
+            self._delete_quietly(existing.object_key)
+        return Outcome.STORED
+
+    def _row(self, instance: Instance, key: str, size: int, checksum: str,
+             calling_ae: str) -> writer.InstanceRow:
+        values = {level: extract(instance.header, level) for level in Level}
+        # Validated UIDs, not whatever pydicom decoded (padding, NULs).
+        values[Level.STUDY]["study_uid"] = instance.study_uid
+        values[Level.SERIES]["series_uid"] = instance.series_uid
+        values[Level.IMAGE]["sop_uid"] = instance.sop_instance_uid
+        values[Level.IMAGE]["sop_class_uid"] = instance.sop_class_uid
+        return writer.InstanceRow(
+            patient_key=patient_key(values[Level.PATIENT]),
+            values=values,
+            object_key=key,
+            size=size,
+            checksum=checksum,
+            transfer_syntax=instance.transfer_syntax,
+            received_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            calling_ae=calling_ae.strip(),
+        )
+
+    def _undo_put(self, key: str, existing: writer.StoredInstance | None,
+                  previous: bytes | None) -> None:
+        """After a failed commit, leave the store as the index still describes it."""
+        try:
+            if existing is not None and existing.object_key == key and previous is not None:
+                self.store.put(key, io.BytesIO(previous), len(previous))
+            elif existing is None or existing.object_key != key:
+                self.store.delete(key)
+        except PacsError:
+            log.exception("could not undo an object write after an index failure; "
+                          "run 'pacs fsck'")
+
+    def _read_quietly(self, key: str) -> bytes | None:
+        try:
+            with self.store.open(key) as stream:
+                return stream.read()
+        except (NotFound, PacsError):
+            return None
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except PacsError:
+            log.warning("could not delete a replaced object; 'pacs fsck' will")
+
+    @contextmanager
+    def _uid_lock(self, sop_uid: str) -> Iterator[None]:
+        """An exclusive lock shared by every process, threads included (flock)."""
+        stripe = zlib.crc32(sop_uid.encode()) % _STRIPES
+        fd = os.open(self.lock_dir / f"{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def patient_key(values: dict[str, str | None]) -> str:
+    """The identity of a patient: Patient ID with its issuer.
+
+    Objects without a Patient ID are grouped by name and birth date instead, so that
+    unrelated anonymous patients are not merged into one.
+    """
+    patient_id = values.get("patient_id") or ""
+    issuer = values.get("issuer_of_patient_id") or ""
+    if patient_id:
+        return f"{patient_id}\x1f{issuer}"
+    return "\x1f".join(("", issuer, values.get("patient_name") or "",
+                        values.get("patient_birth_date") or ""))
+
+
+def _same_dataset(stored: bytes, received: bytes, instance: Instance) -> bool:
+    """True when two objects carry the same data set (their file meta may differ)."""
+    return stored[dataset_offset(stored):] == received[instance.dataset_offset:]

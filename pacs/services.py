@@ -1,0 +1,53 @@
+"""The composition root: the only place that wires concrete backends together.
+
+DIMSE handlers, the DICOMweb app and the CLI receive a :class:`Services` and call the
+core through it; nothing reaches for a module-level singleton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pacs.config import Settings
+from pacs.index.connection import Index
+from pacs.index.migrations import migrate
+from pacs.ingest import Ingest
+from pacs.storage import ObjectStore, open_store
+
+
+@dataclass
+class Services:
+    """Everything a protocol edge needs, built once per process."""
+
+    settings: Settings
+    index: Index
+    store: ObjectStore
+    ingest: Ingest
+
+    def close(self) -> None:
+        """Release index connections and store clients."""
+        self.index.close()
+        self.store.close()
+
+
+def build(settings: Settings, store: ObjectStore | None = None) -> Services:
+    """Open (and migrate) the index and the object store the settings name.
+
+    Parameters
+    ----------
+    settings : Settings
+        The effective settings.
+    store : ObjectStore, optional
+        A ready store (tests pass an in-memory one); opened from the settings otherwise.
+
+    Raises
+    ------
+    ConfigError
+        When the store cannot be reached or used.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = store if store is not None else open_store(settings)
+    index = Index(settings.index_path)
+    migrate(index.connection())
+    ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks")
+    return Services(settings=settings, index=index, store=store, ingest=ingest)

@@ -1,0 +1,86 @@
+"""Object storage behind one small interface.
+
+A store knows keys and bytes, nothing of DICOM.  Keys are derived only from validated
+UIDs (DESIGN.md section 3): ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+inside the customer's own area (its folder, or its prefix in the bucket).
+
+Contract, checked by ``tests/unit/test_storage_contract.py`` against every backend:
+
+- ``put`` returns only once the object is durable (fsync and atomic rename, or a
+  completed S3 PUT); a failed ``put`` leaves no object and no partial object.
+- ``open`` streams the stored bytes; a missing key raises :class:`NotFound`.
+- ``delete`` of a missing key is not an error.
+- Backend failures surface as :class:`StorageError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, BinaryIO, Protocol
+
+from pacs.dataset import valid_uid
+
+if TYPE_CHECKING:
+    from pacs.config import Settings
+
+_KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
+
+
+def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The object key of an instance; every part must be a valid UID (PS3.5 9.1)."""
+    for uid in (study_uid, series_uid, sop_uid):
+        if not valid_uid(uid):
+            raise ValueError("object keys are built from valid UIDs only")
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def is_object_key(key: str) -> bool:
+    """True for keys of the form :func:`object_key` builds."""
+    return bool(_KEY_RE.match(key))
+
+
+class ObjectStore(Protocol):
+    """What the core needs of an object store."""
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        """Store ``length`` bytes read from ``source`` under ``key``, durably."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object's bytes; the caller closes it."""
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        """True when the object exists."""
+
+    def keys(self) -> Iterator[str]:
+        """Every object key of this customer's area."""
+
+    def check(self) -> None:
+        """Raise :class:`pacs.errors.ConfigError` when the store cannot be used."""
+
+    def usage(self) -> int:
+        """Bytes stored in this customer's area."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The store the settings name, checked for reachability."""
+    store: ObjectStore
+    if settings.storage == "s3":
+        from pacs.storage.s3 import S3Store
+
+        store = S3Store.from_settings(settings)
+    else:
+        from pacs.storage.filesystem import FileStore
+
+        store = FileStore(settings.objects_dir)
+    store.check()
+    return store

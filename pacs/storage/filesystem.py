@@ -1,0 +1,161 @@
+"""The default object store: a folder inside the customer's data folder.
+
+Writes go to a temporary file in the target folder, are fsynced, renamed into place
+atomically, and the folder is fsynced so that the rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pacs.errors import ConfigError, NotFound, StorageError
+from pacs.storage import is_object_key
+
+_CHUNK = 1 << 20
+_TMP_PREFIX = ".tmp-"
+
+
+class FileStore:
+    """Objects as files under ``root``, at the path their key names.
+
+    Parameters
+    ----------
+    root : Path
+        The folder of this customer's objects.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        # Keys come from validated UIDs; refuse anything else so that no value from
+        # the network can ever name a path outside the root.
+        if not is_object_key(key):
+            raise StorageError("refusing an object key that is not derived from UIDs")
+        return self.root / key
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        """Write atomically and durably; see the module docstring."""
+        path = self._path(key)
+        tmp_name = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            with os.fdopen(fd, "wb") as out:
+                copied = _copy(source, out, length)
+                if copied != length:
+                    raise StorageError(f"short write: {copied} of {length} bytes")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, path)
+            tmp_name = None
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+        finally:
+            if tmp_name is not None:
+                _unlink_quietly(tmp_name)
+
+    def open(self, key: str) -> BinaryIO:
+        """Open the object for reading."""
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound("no such object") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read object: {exc.strerror or exc}") from exc
+
+    def size(self, key: str) -> int:
+        """The object's size."""
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound("no such object") from None
+
+    def delete(self, key: str) -> None:
+        """Remove the object and fsync its folder."""
+        path = self._path(key)
+        try:
+            path.unlink()
+            _fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete object: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        """True when the file exists."""
+        return self._path(key).is_file()
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key (temporary files excluded)."""
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                key = os.path.relpath(os.path.join(dirpath, name), self.root)
+                if is_object_key(key):
+                    yield key
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a crash mid-write; return how many."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    _unlink_quietly(os.path.join(dirpath, name))
+                    removed += 1
+        return removed
+
+    def check(self) -> None:
+        """The folder must exist (it is created) and be writable."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the object folder {self.root}: {exc}") from exc
+        if not os.access(self.root, os.W_OK):
+            raise ConfigError(f"the object folder {self.root} is not writable")
+
+    def usage(self) -> int:
+        """Bytes used by the stored objects."""
+        return sum(self.size(key) for key in self.keys())
+
+    def free_bytes(self) -> int:
+        """Free space on the folder's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _copy(source: BinaryIO, out: BinaryIO, length: int) -> int:
+    copied = 0
+    while copied < length:
+        chunk = source.read(min(_CHUNK, length - copied))
+        if not chunk:
+            break
+        out.write(chunk)
+        copied += len(chunk)
+    return copied
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        pass

@@ -1,0 +1,70 @@
+"""A dict-backed store for unit tests (same contract as the real backends)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from pacs.errors import NotFound, StorageError
+from pacs.storage import is_object_key
+
+
+class MemoryStore:
+    """Objects in a dict; ``fail_puts`` makes every write fail (for failure tests)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.fail_puts = False
+        self._lock = threading.Lock()
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        """Store the bytes, or fail without storing anything."""
+        if not is_object_key(key):
+            raise StorageError("refusing an object key that is not derived from UIDs")
+        if self.fail_puts:
+            raise StorageError("simulated store failure")
+        data = source.read(length)
+        if len(data) != length:
+            raise StorageError(f"short write: {len(data)} of {length} bytes")
+        with self._lock:
+            self.objects[key] = data
+
+    def open(self, key: str) -> BinaryIO:
+        """A stream of the stored bytes."""
+        with self._lock:
+            if key not in self.objects:
+                raise NotFound("no such object")
+            return io.BytesIO(self.objects[key])
+
+    def size(self, key: str) -> int:
+        """The object's size."""
+        with self._lock:
+            if key not in self.objects:
+                raise NotFound("no such object")
+            return len(self.objects[key])
+
+    def delete(self, key: str) -> None:
+        """Remove the object if present."""
+        with self._lock:
+            self.objects.pop(key, None)
+
+    def exists(self, key: str) -> bool:
+        """True when stored."""
+        return key in self.objects
+
+    def keys(self) -> Iterator[str]:
+        """A snapshot of the keys."""
+        with self._lock:
+            return iter(list(self.objects))
+
+    def check(self) -> None:
+        """Always usable."""
+
+    def usage(self) -> int:
+        """Bytes held."""
+        return sum(len(v) for v in self.objects.values())
+
+    def close(self) -> None:
+        """Nothing to release."""
