@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +85,18 @@ class NodeServer(ThreadedAssociationServer):
         if self.shared_socket is None:
             super().server_activate()
 
+    def shutdown(self) -> None:
+        """Stop serving (pynetdicom's version expects servers made by start_server)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+    def server_close(self) -> None:
+        """Close our handle; a shared socket must not be shut down for the others."""
+        if self.shared_socket is None:
+            super().server_close()
+        else:
+            self.socket.close()
+
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, then set TCP_NODELAY (BlockingIOError: another worker took it)."""
         client, address = super().get_request()
@@ -126,7 +139,6 @@ def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()
-    server.server_close()
 
 
 def listen(settings: Settings) -> socket.socket:

@@ -1,0 +1,81 @@
+"""Shared fixtures: settings in a temporary folder, services over an in-memory store,
+pydicom's bundled test files (never downloaded), free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from pacs import config
+from pacs.services import Services, build
+from pacs.storage.memory import MemoryStore
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts on ``port``; fail loudly on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def testdata(name: str) -> Path:
+    """A pydicom test file by name, resolved offline."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        raise FileNotFoundError(name)
+    return Path(str(path))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> config.Settings:
+    """Settings of a node whose data lives in ``tmp_path``."""
+    return config.load(
+        overrides={"PACS_DATA_DIR": str(tmp_path / "data"), "PACS_DIMSE_PORT": "0",
+                   "PACS_BIND_ADDRESS": "127.0.0.1"},
+        environ={}, env_file=None)
+
+
+@pytest.fixture
+def memory_store() -> MemoryStore:
+    """An empty in-memory object store."""
+    return MemoryStore()
+
+
+@pytest.fixture
+def services(settings: config.Settings, memory_store: MemoryStore) -> Iterator[Services]:
+    """Services over an in-memory store and a temporary index."""
+    built = build(settings, store=memory_store)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def make_services(settings: config.Settings) -> Iterator[Callable[..., Services]]:
+    """Build services with changed settings (closed at the end)."""
+    made: list[Services] = []
+
+    def make(store: object | None = None, **changes: object) -> Services:
+        built = build(settings.with_overrides(**changes), store=store)  # type: ignore[arg-type]
+        made.append(built)
+        return built
+
+    yield make
+    for built in made:
+        built.close()
