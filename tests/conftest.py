@@ -35,7 +35,7 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> 
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
-def testdata(name: str) -> Path:
+def sample(name: str) -> Path:
     """A pydicom test file by name, resolved offline."""
     path = get_testdata_file(name, download=False)
     if path is None:

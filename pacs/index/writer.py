@@ -143,5 +143,5 @@ def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
 
 def counts(conn: apsw.Connection) -> dict[str, int]:
     """Rows per level."""
-    return {level.name.lower(): conn.execute(f"SELECT count(*) FROM {level.table}").fetchone()[0]
+    return {level.table: conn.execute(f"SELECT count(*) FROM {level.table}").fetchone()[0]
             for level in Level}

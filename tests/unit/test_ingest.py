@@ -1,0 +1,142 @@
+"""The ingest path over an in-memory store: outcomes, policies, failures."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+
+from pacs.errors import DuplicateRejected, IndexFailure, InvalidUID, StorageError, UIDMismatch
+from pacs.index import writer
+from pacs.ingest import Outcome
+from pacs.services import Services
+from pacs.storage.memory import MemoryStore
+from tests.conftest import sample
+
+
+def _bytes(name: str = "CT_small.dcm", **changes: str) -> bytes:
+    ds = dcmread(sample(name))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = value
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _row(services: Services, sop_uid: str) -> writer.StoredInstance | None:
+    return writer.lookup(services.index.connection(), sop_uid)
+
+
+def test_store_writes_object_and_index(services: Services, memory_store: MemoryStore) -> None:
+    data = sample("CT_small.dcm").read_bytes()
+    result = services.ingest.store_bytes(data, calling_ae="MOD")
+    assert result.outcome is Outcome.STORED
+    row = _row(services, result.sop_instance_uid)
+    assert row is not None
+    assert memory_store.objects[row.object_key] == data
+    assert row.object_key == f"{result.study_uid}/{result.series_uid}/{result.sop_instance_uid}.dcm"
+    assert row.checksum == hashlib.sha256(data).hexdigest()
+    assert row.size == len(data)
+    conn = services.index.connection()
+    assert writer.counts(conn) == {"patient": 1, "study": 1, "series": 1, "instance": 1}
+    name, folded, ae = conn.execute(
+        "SELECT patient_name, patient_name_folded, calling_ae FROM patient "
+        "JOIN study ON study.patient_pk = patient.pk JOIN series ON series.study_pk = study.pk "
+        "JOIN instance ON instance.series_pk = series.pk").fetchone()
+    assert name == "CompressedSamples^CT1"
+    assert folded == "COMPRESSEDSAMPLES^CT1"
+    assert ae == "MOD"
+
+
+def test_same_object_twice_is_unchanged(services: Services) -> None:
+    data = sample("CT_small.dcm").read_bytes()
+    services.ingest.store_bytes(data)
+    assert services.ingest.store_bytes(data).outcome is Outcome.UNCHANGED
+
+
+@pytest.mark.parametrize("policy, outcome", [("overwrite", Outcome.STORED),
+                                             ("keep", Outcome.KEPT_FIRST)])
+def test_different_object_same_uid(make_services: Callable[..., Services], policy: str,
+                                   outcome: Outcome) -> None:
+    store = MemoryStore()
+    services = make_services(store=store, duplicate_policy=policy)
+    first, second = _bytes(), _bytes(StudyDescription="changed")
+    services.ingest.store_bytes(first)
+    result = services.ingest.store_bytes(second)
+    assert result.outcome is outcome
+    row = _row(services, result.sop_instance_uid)
+    assert row is not None
+    expected = second if policy == "overwrite" else first
+    assert store.objects[row.object_key] == expected
+    assert row.checksum == hashlib.sha256(expected).hexdigest()  # index matches the object
+
+
+def test_reject_policy(make_services: Callable[..., Services]) -> None:
+    services = make_services(store=MemoryStore(), duplicate_policy="reject")
+    services.ingest.store_bytes(_bytes())
+    with pytest.raises(DuplicateRejected):
+        services.ingest.store_bytes(_bytes(StudyDescription="changed"))
+
+
+def test_overwrite_moving_series_leaves_no_empty_parents(services: Services,
+                                                         memory_store: MemoryStore) -> None:
+    services.ingest.store_bytes(_bytes())
+    result = services.ingest.store_bytes(_bytes(SeriesInstanceUID="1.2.3.4", PatientID="P2"))
+    conn = services.index.connection()
+    assert writer.counts(conn) == {"patient": 1, "study": 1, "series": 1, "instance": 1}
+    assert list(memory_store.objects) == [
+        f"{result.study_uid}/1.2.3.4/{result.sop_instance_uid}.dcm"]
+
+
+def test_uid_mismatch(services: Services, memory_store: MemoryStore) -> None:
+    data = sample("CT_small.dcm").read_bytes()
+    with pytest.raises(UIDMismatch):
+        services.ingest.store_bytes(data, expected=("1.2.840.10008.5.1.4.1.1.2", "1.2.3"))
+    with pytest.raises(InvalidUID):
+        services.ingest.store_bytes(data, expected=("1.2.840.10008.5.1.4.1.1.2", "1.2.x"))
+    assert memory_store.objects == {}
+
+
+def test_store_failure_leaves_nothing(services: Services, memory_store: MemoryStore) -> None:
+    memory_store.fail_puts = True
+    with pytest.raises(StorageError):
+        services.ingest.store_bytes(sample("CT_small.dcm").read_bytes())
+    assert memory_store.objects == {}
+    assert writer.counts(services.index.connection())["instance"] == 0
+
+
+def test_index_failure_removes_the_object(services: Services, memory_store: MemoryStore,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise IndexFailure("simulated")
+
+    monkeypatch.setattr(writer, "upsert", broken)
+    with pytest.raises(IndexFailure):
+        services.ingest.store_bytes(sample("CT_small.dcm").read_bytes())
+    assert memory_store.objects == {}
+
+
+def test_index_failure_on_overwrite_restores_the_previous_object(
+        services: Services, memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _bytes()
+    services.ingest.store_bytes(first)
+
+    def broken(*_: object) -> None:
+        raise IndexFailure("simulated")
+
+    monkeypatch.setattr(writer, "upsert", broken)
+    with pytest.raises(IndexFailure):
+        services.ingest.store_bytes(_bytes(StudyDescription="changed"))
+    assert list(memory_store.objects.values()) == [first]
+
+
+def test_objects_without_patient_id_are_not_merged(services: Services) -> None:
+    services.ingest.store_bytes(_bytes(PatientID="", PatientName="A^B", SOPInstanceUID="1.2.1"))
+    services.ingest.store_bytes(_bytes(PatientID="", PatientName="C^D", SOPInstanceUID="1.2.2",
+                                       StudyInstanceUID="1.2.9"))
+    assert writer.counts(services.index.connection())["patient"] == 2
