@@ -226,8 +226,7 @@ def _text(value: Any) -> str | None:
         parts = [str(v).strip() for v in value]
         text = "\\".join(parts)
         return text if any(parts) else None
-    if isinstance(value, bytes | Dataset) or hasattr(value, "__iter__") and not isinstance(
-            value, str):
+    if isinstance(value, bytes | Dataset):
         return None
     text = str(value).strip(" \0")
     return text or None

@@ -219,6 +219,7 @@ class S3Store:
         self.bucket = bucket
         self.region = region
         self.part_size = part_size
+        self.customer = customer
         self._prefix = f"{customer}/"
         # minio's own pool waits 5 minutes per connection attempt and retries 5 times;
         # an unreachable endpoint must fail at start-up in seconds.  PUT, GET, HEAD and

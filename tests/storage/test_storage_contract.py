@@ -1,0 +1,459 @@
+"""The object-store contract (``pacs.storage``), checked against every backend.
+
+The same tests run on :class:`MemoryStore`, :class:`FileStore` and :class:`S3Store`
+against a real SeaweedFS S3 server; backend-specific tests follow the contract.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacs.config import Settings
+from pacs.errors import ConfigError, NotFound, StorageError
+from pacs.storage import ObjectStore, object_key
+from pacs.storage.filesystem import FileStore
+from pacs.storage.memory import MemoryStore
+from pacs.storage.s3 import S3Store
+from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
+
+#: The bucket the contract tests share; each test has its own customer prefix in it.
+CONTRACT_BUCKET = "pacs-contract"
+
+KEY = object_key("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
+                 "1.2.826.0.1.3680043.8.498.3")
+OTHER_KEY = object_key("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
+                       "1.2.826.0.1.3680043.8.498.4")
+THIRD_KEY = object_key("1.2.826.0.1.3680043.8.498.9", "1.2.826.0.1.3680043.8.498.10",
+                       "1.2.826.0.1.3680043.8.498.11")
+
+BAD_KEYS = [
+    "../x.dcm",
+    "a/b/c.dcm",
+    "1.2/3.4/../../../etc/passwd",
+    "1.2/3.4/5.6.dcm/../7.dcm",
+    "/1.2/3.4/5.6.dcm",
+    "1.2/3.4/5.6",
+    "",
+]
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic incompressible bytes."""
+    return random.Random(seed).randbytes(size)
+
+
+def unique_customer() -> str:
+    """A fresh customer name, so that S3 tests sharing a bucket stay independent."""
+    return "t" + uuid.uuid4().hex[:16]
+
+
+def make_s3_store(server: SeaweedS3, **overrides: Any) -> S3Store:
+    """An S3Store on the test server, in the shared bucket, under a fresh customer."""
+    options: dict[str, Any] = {
+        "endpoint": server.endpoint,
+        "access_key": server.access_key,
+        "secret_key": server.secret_key,
+        "bucket": CONTRACT_BUCKET,
+        "customer": unique_customer(),
+    }
+    options.update(overrides)
+    return S3Store(**options)
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_all(store: ObjectStore, key: str) -> bytes:
+    """The object's bytes, read in small pieces to exercise streaming."""
+    stream = store.open(key)
+    try:
+        chunks = []
+        while chunk := stream.read(64 * 1024):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        stream.close()
+
+
+def put_bytes(store: ObjectStore, key: str, data: bytes) -> None:
+    store.put(key, io.BytesIO(data), len(data))
+
+
+class FailingSource(io.RawIOBase):
+    """A source that yields some bytes and then fails like a dropped connection."""
+
+    def __init__(self, good: bytes) -> None:
+        super().__init__()
+        self._good = io.BytesIO(good)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._good.read(size)
+        if not data:
+            raise OSError(104, "Connection reset by peer")
+        return data
+
+
+def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    yield MemoryStore()
+
+
+def _file(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    store = FileStore(tmp_path / "objects")
+    store.check()
+    yield store
+    store.close()
+
+
+def _s3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    server: SeaweedS3 = request.getfixturevalue("seaweed_s3")
+    store = make_s3_store(server)
+    store.check()
+    yield store
+    for key in list(store.keys()):
+        store.delete(key)
+    store.close()
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Iterator[ObjectStore]]] = {
+    "memory": _memory,
+    "file": _file,
+    "s3": _s3,
+}
+
+
+def _backend_params(*names: str) -> list[Any]:
+    return [
+        pytest.param(name, marks=pytest.mark.interop) if name == "s3" else name
+        for name in names
+    ]
+
+
+@pytest.fixture(params=_backend_params("memory", "file", "s3"))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """Each backend in turn, empty and checked."""
+    yield from BACKENDS[request.param](request, tmp_path)
+
+
+@pytest.fixture(params=_backend_params("file", "s3"))
+def real_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    """The backends a deployment uses (the memory store is for unit tests only)."""
+    yield from BACKENDS[request.param](request, tmp_path)
+
+
+# --- the contract -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 1000, 3 * 1024 * 1024 + 17], ids=["1B", "1kB", "3MB"])
+def test_put_then_open_returns_the_same_bytes(store: ObjectStore, size: int) -> None:
+    data = payload(size, seed=size)
+    put_bytes(store, KEY, data)
+    assert read_all(store, KEY) == data
+    assert store.size(KEY) == size
+    assert store.exists(KEY)
+
+
+def test_open_reads_whole_object_with_read_all(store: ObjectStore) -> None:
+    data = payload(5000)
+    put_bytes(store, KEY, data)
+    with store.open(KEY) as stream:
+        assert stream.read() == data
+        assert stream.read() == b""
+
+
+def test_put_reads_exactly_length_bytes(store: ObjectStore) -> None:
+    source = io.BytesIO(b"0123456789trailing")
+    store.put(KEY, source, 10)
+    assert read_all(store, KEY) == b"0123456789"
+
+
+def test_missing_object(store: ObjectStore) -> None:
+    assert not store.exists(KEY)
+    with pytest.raises(NotFound):
+        store.open(KEY)
+    with pytest.raises(NotFound):
+        store.size(KEY)
+
+
+def test_keys_list_exactly_what_was_put(store: ObjectStore) -> None:
+    assert list(store.keys()) == []
+    assert store.usage() == 0
+    for index, key in enumerate([KEY, OTHER_KEY, THIRD_KEY]):
+        put_bytes(store, key, payload(100 + index))
+    assert sorted(store.keys()) == sorted([KEY, OTHER_KEY, THIRD_KEY])
+    assert store.usage() == 100 + 101 + 102
+
+
+def test_delete(store: ObjectStore) -> None:
+    put_bytes(store, KEY, b"x" * 10)
+    put_bytes(store, OTHER_KEY, b"y" * 10)
+    store.delete(KEY)
+    assert not store.exists(KEY)
+    with pytest.raises(NotFound):
+        store.open(KEY)
+    assert list(store.keys()) == [OTHER_KEY]
+    assert read_all(store, OTHER_KEY) == b"y" * 10
+
+
+def test_delete_of_a_missing_key_is_fine(store: ObjectStore) -> None:
+    store.delete(KEY)
+    store.delete(KEY)
+    assert not store.exists(KEY)
+
+
+def test_overwrite_replaces_content(store: ObjectStore) -> None:
+    put_bytes(store, KEY, payload(2000, seed=1))
+    put_bytes(store, KEY, payload(300, seed=2))
+    assert read_all(store, KEY) == payload(300, seed=2)
+    assert store.size(KEY) == 300
+    assert list(store.keys()) == [KEY]
+
+
+def test_short_source_fails_and_leaves_no_object(store: ObjectStore) -> None:
+    with pytest.raises(StorageError):
+        store.put(KEY, io.BytesIO(b"only ten b"), 11)
+    assert not store.exists(KEY)
+    assert list(store.keys()) == []
+
+
+def test_failed_overwrite_keeps_the_old_object(real_store: ObjectStore) -> None:
+    put_bytes(real_store, KEY, b"old content")
+    with pytest.raises(StorageError):
+        real_store.put(KEY, io.BytesIO(b"new"), 100)
+    assert read_all(real_store, KEY) == b"old content"
+
+
+def test_source_error_fails_and_leaves_no_object(real_store: ObjectStore) -> None:
+    with pytest.raises(StorageError):
+        real_store.put(KEY, FailingSource(b"partial"), 1000)  # type: ignore[arg-type]
+    assert not real_store.exists(KEY)
+    assert list(real_store.keys()) == []
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_keys_outside_the_uid_layout_are_refused_on_put(store: ObjectStore, key: str) -> None:
+    with pytest.raises(StorageError):
+        store.put(key, io.BytesIO(b"data"), 4)
+    assert list(store.keys()) == []
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_keys_outside_the_uid_layout_are_refused_everywhere(
+    real_store: ObjectStore, key: str
+) -> None:
+    for operation in (real_store.open, real_store.size, real_store.delete,
+                      real_store.exists):
+        with pytest.raises(StorageError):
+            operation(key)
+
+
+# --- FileStore only -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["short", "failing"])
+def test_file_store_leaves_no_temporary_file_after_a_failed_put(
+    tmp_path: Path, source: str
+) -> None:
+    store = FileStore(tmp_path / "objects")
+    store.check()
+    put_bytes(store, OTHER_KEY, b"kept")
+    stream = io.BytesIO(b"abc") if source == "short" else FailingSource(b"abc")
+    with pytest.raises(StorageError):
+        store.put(KEY, stream, 10)  # type: ignore[arg-type]
+    files = sorted(p.relative_to(store.root).as_posix()
+                   for p in store.root.rglob("*") if p.is_file())
+    assert files == [OTHER_KEY]
+    assert store.remove_stale_temporaries() == 0
+
+
+# --- S3Store only -------------------------------------------------------------------
+
+
+@pytest.mark.interop
+def test_s3_objects_live_under_the_customer_prefix(seaweed_s3: SeaweedS3) -> None:
+    settings = Settings(
+        customer=unique_customer(),
+        storage="s3",
+        s3_endpoint=seaweed_s3.endpoint,
+        s3_access_key=seaweed_s3.access_key,
+        s3_secret_key=seaweed_s3.secret_key,
+        s3_bucket=CONTRACT_BUCKET,
+    )
+    store = S3Store.from_settings(settings)
+    store.check()
+    try:
+        put_bytes(store, KEY, b"under the prefix")
+        admin = seaweed_s3.client()
+        names = [o.object_name for o in admin.list_objects(
+            bucket_name=CONTRACT_BUCKET, prefix=f"{settings.customer}/", recursive=True)]
+        assert names == [f"{settings.customer}/{KEY}"]
+        stat = admin.stat_object(bucket_name=CONTRACT_BUCKET, object_name=names[0])
+        assert stat.size == len(b"under the prefix")
+    finally:
+        store.delete(KEY)
+        store.close()
+
+
+@pytest.mark.interop
+def test_s3_keys_ignore_other_customers_and_foreign_objects(seaweed_s3: SeaweedS3) -> None:
+    store = make_s3_store(seaweed_s3)
+    neighbour = make_s3_store(seaweed_s3, customer=store.customer + "x")
+    store.check()
+    admin = seaweed_s3.client()
+    foreign = store._prefix + "notes/readme.txt"
+    try:
+        put_bytes(store, KEY, b"mine")
+        put_bytes(neighbour, OTHER_KEY, b"theirs")
+        admin.put_object(bucket_name=CONTRACT_BUCKET, object_name=foreign,
+                         data=io.BytesIO(b"hand-made"), length=9)
+        assert list(store.keys()) == [KEY]
+        assert store.usage() == 4
+        assert list(neighbour.keys()) == [OTHER_KEY]
+    finally:
+        store.delete(KEY)
+        neighbour.delete(OTHER_KEY)
+        admin.remove_object(bucket_name=CONTRACT_BUCKET, object_name=foreign)
+        store.close()
+        neighbour.close()
+
+
+@pytest.mark.interop
+def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None:
+    # 5 MiB parts (S3's minimum): an 11 MiB object takes three parts.
+    store = make_s3_store(seaweed_s3, part_size=5 * 1024 * 1024)
+    store.check()
+    data = payload(11 * 1024 * 1024 + 5, seed=11)
+    try:
+        put_bytes(store, KEY, data)
+        assert store.size(KEY) == len(data)
+        assert read_all(store, KEY) == data
+        # The source runs dry in the third part: the upload is aborted, nothing stays.
+        with pytest.raises(StorageError, match="short source"):
+            store.put(OTHER_KEY, io.BytesIO(data[: 10 * 1024 * 1024 + 3]), len(data))
+        assert not store.exists(OTHER_KEY)
+        assert list(store.keys()) == [KEY]
+    finally:
+        store.delete(KEY)
+        store.close()
+
+
+@pytest.mark.interop
+def test_s3_body_damaged_in_transit_is_refused(
+    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content-MD5 is sent over plain HTTP too, so the server refuses a damaged body."""
+    store = make_s3_store(seaweed_s3)
+    store.check()
+    original = store._http.urlopen
+
+    def damaging(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        body = kwargs.get("body")
+        if method == "PUT" and body:
+            kwargs["body"] = bytes([body[0] ^ 0xFF]) + body[1:]
+        return original(method, url, *args, **kwargs)
+
+    monkeypatch.setattr(store._http, "urlopen", damaging)
+    try:
+        with pytest.raises(StorageError, match="BadDigest"):
+            put_bytes(store, KEY, payload(1000))
+        monkeypatch.undo()
+        assert not store.exists(KEY)
+    finally:
+        store.close()
+
+
+@pytest.mark.interop
+def test_s3_stream_close_releases_the_connection(seaweed_s3: SeaweedS3) -> None:
+    store = make_s3_store(seaweed_s3)
+    store.check()
+    try:
+        put_bytes(store, KEY, payload(200_000))
+        # Closing half-read streams must not exhaust or wedge the pool.
+        for _ in range(30):
+            stream = store.open(KEY)
+            assert len(stream.read(10)) == 10
+            stream.close()
+            stream.close()
+        assert read_all(store, KEY) == payload(200_000)
+    finally:
+        store.delete(KEY)
+        store.close()
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("wrong", ["secret", "access"])
+def test_s3_check_refuses_wrong_credentials(seaweed_s3: SeaweedS3, wrong: str) -> None:
+    bad_secret = "definitely-not-the-secret"
+    if wrong == "secret":
+        store = make_s3_store(seaweed_s3, secret_key=bad_secret)
+    else:
+        store = make_s3_store(seaweed_s3, access_key="no-such-key", secret_key=bad_secret)
+    with pytest.raises(ConfigError, match="credentials") as caught:
+        store.check()
+    message = str(caught.value)
+    assert bad_secret not in message
+    assert seaweed_s3.secret_key not in message
+    # A put with wrong credentials fails as a StorageError, without secrets either.
+    with pytest.raises(StorageError) as failed:
+        put_bytes(store, KEY, b"data")
+    assert bad_secret not in str(failed.value)
+    store.close()
+
+
+@pytest.mark.interop
+def test_s3_check_fails_fast_on_an_unreachable_endpoint() -> None:
+    store = S3Store(endpoint=f"127.0.0.1:{closed_port()}", access_key="a",
+                    secret_key="secret-b", bucket="pacs", customer="default")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot reach") as caught:
+        store.check()
+    assert time.monotonic() - started < 5
+    assert "secret-b" not in str(caught.value)
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        store.size(KEY)
+    assert time.monotonic() - started < 5
+    store.close()
+
+
+@pytest.mark.interop
+def test_s3_check_creates_a_missing_bucket(seaweed_s3: SeaweedS3) -> None:
+    bucket = "pacs-new-" + uuid.uuid4().hex[:12]
+    admin = seaweed_s3.client()
+    assert not admin.bucket_exists(bucket_name=bucket)
+    store = make_s3_store(seaweed_s3, bucket=bucket)
+    try:
+        assert list(store.keys()) == []
+        store.check()
+        assert admin.bucket_exists(bucket_name=bucket)
+        store.check()  # idempotent
+    finally:
+        store.close()
+        admin.remove_bucket(bucket_name=bucket)
+
+
+def test_s3_endpoint_with_a_scheme_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="PACS_S3_ENDPOINT"):
+        S3Store(endpoint="http://localhost:9000", access_key="a", secret_key="b",
+                bucket="pacs", customer="default")
+
+
+def test_s3_refuses_an_unsafe_customer_prefix() -> None:
+    with pytest.raises(ConfigError):
+        S3Store(endpoint="localhost:9000", access_key="a", secret_key="b",
+                bucket="pacs", customer="../other")
