@@ -12,6 +12,7 @@ from pacs.config import Settings
 from pacs.index.connection import Index
 from pacs.index.migrations import migrate
 from pacs.ingest import Ingest
+from pacs.query.engine import QueryEngine
 from pacs.storage import ObjectStore, open_store
 
 
@@ -23,6 +24,7 @@ class Services:
     index: Index
     store: ObjectStore
     ingest: Ingest
+    engine: QueryEngine
 
     def close(self) -> None:
         """Release index connections and store clients."""
@@ -50,4 +52,7 @@ def build(settings: Settings, store: ObjectStore | None = None) -> Services:
     index = Index(settings.index_path)
     migrate(index.connection())
     ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks")
-    return Services(settings=settings, index=index, store=store, ingest=ingest)
+    engine = QueryEngine(index, max_rows=settings.query_max_rows,
+                         time_limit=settings.query_time_limit,
+                         pn_case_sensitive=settings.pn_case_sensitive)
+    return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine)

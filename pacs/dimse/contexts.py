@@ -10,7 +10,29 @@ from __future__ import annotations
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+#: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2).
+FIND_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: "patient",
+    StudyRootQueryRetrieveInformationModelFind: "study",
+}
+MOVE_MODELS = {
+    PatientRootQueryRetrieveInformationModelMove: "patient",
+    StudyRootQueryRetrieveInformationModelMove: "study",
+}
+GET_MODELS = {
+    PatientRootQueryRetrieveInformationModelGet: "patient",
+    StudyRootQueryRetrieveInformationModelGet: "study",
+}
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -19,6 +41,21 @@ def storage_contexts() -> list[PresentationContext]:
             for cx in AllStoragePresentationContexts]
 
 
+def query_retrieve_contexts() -> list[PresentationContext]:
+    """The FIND, MOVE and GET models of Patient Root and Study Root."""
+    return [build_context(uid, ALL_TRANSFER_SYNTAXES)
+            for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)]
+
+
 def scp_contexts() -> list[PresentationContext]:
-    """Everything the SCP accepts as an association acceptor."""
-    return [build_context(Verification, ALL_TRANSFER_SYNTAXES), *storage_contexts()]
+    """Everything the SCP accepts as an association acceptor.
+
+    Storage contexts also accept the SCP role that C-GET requestors propose (the
+    C-STORE sub-operations of C-GET go back over the same association, PS3.4 C.4.3).
+    """
+    storage = storage_contexts()
+    for context in storage:
+        context.scu_role = True
+        context.scp_role = True
+    return [build_context(Verification, ALL_TRANSFER_SYNTAXES),
+            *query_retrieve_contexts(), *storage]

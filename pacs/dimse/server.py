@@ -23,7 +23,7 @@ from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.config import Settings
-from pacs.dimse import contexts, handlers
+from pacs.dimse import contexts, handlers, reactor
 from pacs.services import Services, build
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ def configure_pynetdicom() -> None:
     """pynetdicom's process-wide switches, set once per process.
 
     pynetdicom logs C-FIND/C-MOVE identifiers (patient data) by default; turn that off,
-    and skip its per-PDU debug handlers, which cost time on every message.
+    and skip its per-PDU debug handlers, which cost time on every message.  Its
+    association threads poll with sleeps; :mod:`pacs.dimse.reactor` makes them block.
     """
+    reactor.install()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"

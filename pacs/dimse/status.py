@@ -21,14 +21,25 @@ STORE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
     (errors.IndexFailure, 0xA700),       # Out of resources
 )
 
+#: C-FIND failure statuses (PS3.4 C.4.1.1.4, Table C.4-1).
+FIND_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
+    (errors.InvalidQuery, 0xA900),          # Identifier does not match SOP Class
+    (errors.QueryLimitExceeded, 0xA700),    # Refused: out of resources
+    (errors.IndexFailure, 0xA700),          # Refused: out of resources
+    (errors.Cancelled, 0xFE00),             # Cancel
+)
+
 #: An error no table names (a bug): Processing failure (PS3.7 C.5.2).
 PROCESSING_FAILURE = 0x0110
+#: Q/R: Unable to process (PS3.4 Table C.4-1, Cxxx).
+UNABLE_TO_PROCESS = 0xC000
 
 
 def status_for(table: tuple[tuple[type[errors.PacsError], int], ...],
                exc: BaseException) -> Dataset:
     """The status data set for ``exc`` under ``table``, with an Error Comment."""
-    code = next((code for kind, code in table if isinstance(exc, kind)), PROCESSING_FAILURE)
+    code = next((code for kind, code in table if isinstance(exc, kind)),
+                PROCESSING_FAILURE if table is STORE_STATUS else UNABLE_TO_PROCESS)
     status = Dataset()
     status.Status = code
     # Error Comment is LO: 64 characters at most.

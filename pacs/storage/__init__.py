@@ -4,7 +4,7 @@ A store knows keys and bytes, nothing of DICOM.  Keys are derived only from vali
 UIDs (DESIGN.md section 3): ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 inside the customer's own area (its folder, or its prefix in the bucket).
 
-Contract, checked by ``tests/unit/test_storage_contract.py`` against every backend:
+Contract, checked by ``tests/storage/test_storage_contract.py`` against every backend:
 
 - ``put`` returns only once the object is durable (fsync and atomic rename, or a
   completed S3 PUT); a failed ``put`` leaves no object and no partial object.

@@ -1,0 +1,249 @@
+"""C-FIND / C-MOVE / C-GET identifiers to :class:`Query`, and results back to
+response identifiers (PS3.4 C.4).
+
+Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
+- QueryRetrieveLevel (0008,0052) must be present and valid for the model;
+- no keys below the query level (unless relational queries were negotiated,
+  C.4.1.2.2);
+- the unique key of each level above the query level, when present, holds one value
+  (when absent it is taken as universal: many SCUs omit it, and refusing them helps
+  nobody; this is our documented leniency);
+- retrieve identifiers (C.4.2.1.4, C.4.3.1.3) carry unique keys only; a UID list is
+  allowed at the retrieve level; other keys are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pydicom import charset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from pacs.attributes import BY_KEYWORD, BY_TAG, UNIQUE_KEY, Attribute, Level
+from pacs.errors import InvalidQuery
+from pacs.query.matching import constraint
+from pacs.query.model import Constraint, Query, Result
+
+#: Patient Root (PS3.4 C.6.1) and Study Root (C.6.2) information models.
+PATIENT_ROOT, STUDY_ROOT = "patient", "study"
+
+_LEVELS = {
+    PATIENT_ROOT: {"PATIENT": Level.PATIENT, "STUDY": Level.STUDY, "SERIES": Level.SERIES,
+                   "IMAGE": Level.IMAGE},
+    STUDY_ROOT: {"STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.IMAGE},
+}
+
+#: Keys that are never matched (C.4.1.1.3.1, C.2.2.2): answered or ignored.
+_NOT_MATCHED = {
+    0x00080005,  # SpecificCharacterSet: how the identifier is encoded
+    0x00080052,  # QueryRetrieveLevel
+    0x00080054,  # RetrieveAETitle: returned by us
+    0x00080056,  # InstanceAvailability
+    0x00080201,  # TimezoneOffsetFromUTC
+}
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """Extended negotiation flags of C-FIND (PS3.4 C.5.1.1, Table C.5-1)."""
+
+    relational: bool = False
+    date_time_combined: bool = False
+    fuzzy: bool = False
+    empty_value: bool = False
+    multiple_value: bool = False
+
+    @classmethod
+    def from_info(cls, info: bytes | None) -> Negotiated:
+        """Read the service-class application information bytes an SCU proposed."""
+        flags = bytes(info or b"")
+
+        def flag(i: int) -> bool:
+            return len(flags) > i and flags[i] == 1
+
+        return cls(relational=flag(0), date_time_combined=flag(1), fuzzy=flag(2),
+                   empty_value=flag(4), multiple_value=flag(5))
+
+
+def _entity_level(attribute: Attribute, model: str) -> Level:
+    """In Study Root the patient's attributes belong to the study (PS3.4 C.6.2.1)."""
+    if model == STUDY_ROOT and attribute.level is Level.PATIENT:
+        return Level.STUDY
+    return attribute.level
+
+
+def query_level(identifier: Dataset, model: str) -> Level:
+    """The QueryRetrieveLevel of an identifier, validated for the model.
+
+    Raises
+    ------
+    InvalidQuery
+        Missing or not a level of this model (A900).
+    """
+    raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    level = _LEVELS[model].get(raw)
+    if level is None:
+        raise InvalidQuery("QueryRetrieveLevel is missing or not valid for this model")
+    return level
+
+
+def raw_value(element: DataElement) -> str:
+    """An element's value as matching text, multiple values joined by ``\\``."""
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Negotiated(),
+                  ) -> tuple[Query, list[int]]:
+    """A C-FIND identifier as a query, plus the tags we cannot answer (for FF01)."""
+    level = query_level(identifier, model)
+    constraints: list[Constraint] = []
+    returns: list[Attribute] = []
+    unsupported: list[int] = []
+    for element in identifier:
+        tag = int(element.tag)
+        if tag in _NOT_MATCHED or element.tag.group == 0x0000:
+            continue
+        attribute = BY_TAG.get(tag)
+        if attribute is None or element.VR == "SQ":
+            unsupported.append(tag)
+            continue
+        if _entity_level(attribute, model).depth > level.depth and not negotiated.relational:
+            raise InvalidQuery(f"{attribute.keyword} is below the query level {level.name}")
+        raw = _decoded(element)
+        _check_upper_unique(attribute, level, raw, negotiated)
+        found = constraint(attribute, raw, empty_value_matching=negotiated.empty_value,
+                           multiple_value_matching=negotiated.multiple_value)
+        if found is not None:
+            constraints.append(found)
+        returns.append(attribute)
+    query = Query(level=level, constraints=tuple(constraints), return_keys=tuple(returns),
+                  fuzzy=negotiated.fuzzy)
+    return query, unsupported
+
+
+def _decoded(element: DataElement) -> str:
+    try:
+        return raw_value(element)
+    except Exception:
+        raise InvalidQuery(f"the value of {element.keyword or element.tag} does not decode") \
+            from None
+
+
+def _check_upper_unique(attribute: Attribute, level: Level, raw: str,
+                        negotiated: Negotiated) -> None:
+    """C.4.1.2.1: a unique key above the query level holds a single value."""
+    if negotiated.relational or attribute.key != "U" or attribute.level.depth >= level.depth:
+        return
+    if "\\" in raw or "*" in raw.strip("*") or "?" in raw:
+        raise InvalidQuery(f"{attribute.keyword} above the query level must be one value")
+
+
+def to_retrieve_query(identifier: Dataset, model: str) -> Query:
+    """A C-MOVE / C-GET identifier as a query on unique keys (C.4.2.1.4, C.4.3.1.3).
+
+    Raises
+    ------
+    InvalidQuery
+        A bad level, or no unique key at the retrieve level (A900).
+    """
+    level = query_level(identifier, model)
+    constraints: list[Constraint] = []
+    for lvl in Level:
+        if lvl.depth > level.depth or (model == STUDY_ROOT and lvl is Level.PATIENT):
+            continue
+        key = UNIQUE_KEY[lvl]
+        element = identifier.get(key.tag)
+        raw = raw_value(element).strip() if element is not None else ""
+        if not raw or raw == "*":
+            if lvl is level:
+                raise InvalidQuery(f"{key.keyword} is required at the {level.name} level")
+            continue
+        if "\\" in raw and lvl is not level:
+            raise InvalidQuery(f"a list of {key.keyword} is only allowed at the retrieve level")
+        found = constraint(key, raw)
+        if found is not None:
+            constraints.append(found)
+    return Query(level=level, constraints=tuple(constraints))
+
+
+def response_charset(values: Iterable[str | None], requested: list[str] | None) -> list[str]:
+    """The character set of a response (C.4.1.1.3.2, DESIGN.md section 5).
+
+    The request's character set when it can represent every value (each character by
+    one of its code elements); otherwise, or when the request named none, UTF-8
+    (ISO_IR 192), which represents anything.
+    """
+    texts = [v for v in values if v]
+    if requested and any(requested):
+        codecs = charset.convert_encodings([r or "ISO_IR 6" for r in requested])
+        if all(_encodable(ch, codecs) for text in texts for ch in set(text)):
+            return list(requested)
+    return ["ISO_IR 192"]
+
+
+def _encodable(character: str, codecs: list[str]) -> bool:
+    if character.isascii():
+        return True
+    for codec in codecs:
+        try:
+            character.encode(codec)
+            return True
+        except (UnicodeError, LookupError):
+            continue
+    return False
+
+
+def to_response(result: Result, query: Query, model: str, ae_title: str,
+                requested_charset: list[str] | None) -> Dataset:
+    """The C-FIND response identifier: every requested key (empty when unknown), the
+    unique keys of the levels at and above the query level, QueryRetrieveLevel,
+    RetrieveAETitle and SpecificCharacterSet."""
+    response = Dataset()
+    response.SpecificCharacterSet = response_charset(result.values.values(), requested_charset)
+    level_name = next(k for k, v in _LEVELS[model].items() if v is query.level)
+    response.QueryRetrieveLevel = level_name
+    response.RetrieveAETitle = ae_title
+    requested = {a.keyword for a in query.return_keys} | {
+        c.attribute.keyword for c in query.constraints}
+    # Unique keys of the model's levels at and above the query level are always sent.
+    requested |= {UNIQUE_KEY[level].keyword for level in _LEVELS[model].values()
+                  if level.depth <= query.level.depth}
+    for keyword, value in result.values.items():
+        if keyword in requested:
+            attribute = BY_KEYWORD[keyword]
+            response.add_new(attribute.tag, attribute.vr, _typed(attribute, value))
+    return response
+
+
+def empty_keys(response: Dataset, identifier: Dataset, unsupported: list[int]) -> None:
+    """Return requested keys we do not hold as empty (C.4.1.1.3.2)."""
+    for tag in unsupported:
+        if tag not in response:
+            response[tag] = DataElement(tag, identifier[tag].VR, None if identifier[tag].VR
+                                        != "SQ" else [])
+
+
+def _typed(attribute: Attribute, value: str | None) -> object:
+    """Index text to the element value pydicom expects for the VR."""
+    if value is None or value == "":
+        return None
+    if attribute.vr in ("US", "SS", "UL", "SL"):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    if attribute.multi or "\\" in value:
+        parts = value.split("\\")
+        return parts if len(parts) > 1 else parts[0]
+    if attribute.vr == "PN":
+        return PersonName(value)
+    return value

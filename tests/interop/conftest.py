@@ -1,0 +1,480 @@
+"""Fixtures for tests against real peers: ``pacs serve`` as a subprocess, dcmtk tools.
+
+The node runs exactly as an operator would start it: ``python -m pacs serve`` in its own
+process group (parent and DIMSE worker processes), configured only by environment
+variables, with a temporary folder as working directory so that no ``.env`` is read.
+
+Helpers read back what the node wrote: the index (apsw, read-only) and the object store
+(``<data_dir>/objects/<study>/<series>/<sop>.dcm``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import apsw
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset
+from pydicom.uid import generate_uid
+
+from tests.conftest import free_port, testdata, wait_for_port
+
+#: Called AE title of the node (the default; DESIGN.md section 2).
+AE_TITLE = "INTELPIXEL"
+
+#: dcmtk tools honour TCP_NODELAY from the environment (DESIGN.md section 7).
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+#: Seconds a node may take to start listening, and to stop after SIGTERM.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+_TMP_PREFIX = ".tmp-"
+
+
+# --- dcmtk -----------------------------------------------------------------------------
+
+@cache
+def dcmtk(tool: str) -> str:
+    """The path of a dcmtk tool.
+
+    Other packages ship commands with the same names (pynetdicom installs its own
+    ``storescu`` and ``echoscu``, often earlier on PATH), so each candidate is asked for
+    its version and only dcmtk's is used.
+    """
+    candidates = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin",
+                                                                    "/usr/local/bin"]:
+        path = os.path.join(folder, tool)
+        if os.path.isfile(path) and os.access(path, os.X_OK) and path not in candidates:
+            candidates.append(path)
+    for path in candidates:
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                 timeout=10, env=DCMTK_ENV)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if "dcmtk" in (out.stdout + out.stderr).lower():
+            return path
+    pytest.fail(f"dcmtk's {tool} is not installed (found: {candidates or 'nothing'}); "
+                f"apt-get install dcmtk")
+
+
+def run_dcmtk(tool: str, *args: str, cwd: Path | None = None,
+              timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a dcmtk tool with TCP_NODELAY=1; stdout and stderr captured together."""
+    return subprocess.run([dcmtk(tool), *args], cwd=cwd, env=DCMTK_ENV, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# --- the index and the store, read back ------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexedInstance:
+    """One instance row of the index with the UIDs of its study and series."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    object_key: str
+    size: int
+    checksum: str
+    transfer_syntax: str
+    calling_ae: str
+
+
+def read_index(data_dir: Path) -> dict[str, IndexedInstance]:
+    """Every indexed instance by SOP Instance UID (read-only; {} when no index yet)."""
+    path = data_dir / "index.sqlite"
+    if not path.exists():
+        return {}
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        rows = conn.execute(
+            "SELECT i.sop_uid, i.sop_class_uid, st.study_uid, se.series_uid, i.object_key, "
+            "i.size, i.checksum, i.transfer_syntax, i.calling_ae FROM instance i "
+            "JOIN series se ON se.pk = i.series_pk JOIN study st ON st.pk = se.study_pk"
+        ).fetchall()
+    finally:
+        conn.close()
+    return {row[0]: IndexedInstance(*row) for row in rows}
+
+
+def index_counts(data_dir: Path) -> dict[str, int]:
+    """Rows per table of the index."""
+    conn = apsw.Connection(str(data_dir / "index.sqlite"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        return {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                for table in ("patient", "study", "series", "instance")}
+    finally:
+        conn.close()
+
+
+def stored_objects(data_dir: Path) -> dict[str, Path]:
+    """Every object file of the folder store by key (temporary files excluded)."""
+    root = data_dir / "objects"
+    found: dict[str, Path] = {}
+    if root.is_dir():
+        for path in root.rglob("*"):
+            if path.is_file() and not path.name.startswith(_TMP_PREFIX):
+                found[path.relative_to(root).as_posix()] = path
+    return found
+
+
+def temporaries(data_dir: Path) -> list[Path]:
+    """Temporary files of interrupted or failed writes anywhere in the data folder."""
+    return sorted(p for p in data_dir.rglob(f"{_TMP_PREFIX}*"))
+
+
+def sha256(path: Path) -> str:
+    """The hex SHA-256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def key_of(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """The object key DESIGN.md section 3 prescribes."""
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The data set of a Part 10 object: what follows the file meta group.
+
+    Independent of the code under test: file meta elements are always explicit VR
+    little endian, so they can be walked by their lengths.
+    """
+    assert part10[128:132] == b"DICM", "not a Part 10 object"
+    position = 132
+    while position + 8 <= len(part10):
+        if int.from_bytes(part10[position:position + 2], "little") != 0x0002:
+            break
+        vr = part10[position + 4:position + 6]
+        if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                  b"UR", b"UT", b"UV"):
+            position += 12 + int.from_bytes(part10[position + 8:position + 12], "little")
+        else:
+            position += 8 + int.from_bytes(part10[position + 6:position + 8], "little")
+    return part10[position:]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the node has written: index rows and object files with their checksums."""
+
+    index: dict[str, IndexedInstance]
+    objects: dict[str, str]
+    temporaries: list[Path]
+
+
+def snapshot(data_dir: Path) -> Snapshot:
+    """The index and store as they are now."""
+    return Snapshot(index=read_index(data_dir),
+                    objects={k: sha256(p) for k, p in stored_objects(data_dir).items()},
+                    temporaries=temporaries(data_dir))
+
+
+def assert_consistent(data_dir: Path, exact: bool = False) -> dict[str, IndexedInstance]:
+    """The index lists nothing the store lacks; with ``exact`` also the reverse.
+
+    Each indexed object exists at the key derived from its UIDs, with the indexed size
+    and checksum, and is a readable Part 10 file with that SOP Instance UID.
+    """
+    index = read_index(data_dir)
+    objects = stored_objects(data_dir)
+    for sop_uid, row in index.items():
+        assert row.object_key == key_of(row.study_uid, row.series_uid, sop_uid)
+        assert row.object_key in objects, f"indexed but not stored: {row.object_key}"
+        path = objects[row.object_key]
+        assert path.stat().st_size == row.size, f"size differs for {row.object_key}"
+        assert sha256(path) == row.checksum, f"checksum differs for {row.object_key}"
+    if exact:
+        unlisted = set(objects) - {row.object_key for row in index.values()}
+        assert not unlisted, f"stored but not indexed: {sorted(unlisted)}"
+        assert not temporaries(data_dir), f"temporary files left: {temporaries(data_dir)}"
+    return index
+
+
+# --- test data --------------------------------------------------------------------------
+
+def make_instances(folder: Path, count: int, *, per_series: int = 50,
+                   patient_id: str = "INTEROP") -> list[tuple[Path, str]]:
+    """Write ``count`` distinct CT instances (CT_small with new UIDs) into ``folder``.
+
+    Returns (path, SOP Instance UID) pairs.  A new series every ``per_series`` files.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(testdata("CT_small.dcm"))
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = generate_uid()
+    made = []
+    for i in range(count):
+        if i % per_series == 0:
+            ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        made.append((path, str(ds.SOPInstanceUID)))
+    return made
+
+
+def fresh_ct(**changes: object) -> FileDataset:
+    """CT_small with new study, series and instance UIDs (and optional changes)."""
+    ds = pydicom.dcmread(testdata("CT_small.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+# --- the node ---------------------------------------------------------------------------
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+class Node:
+    """``pacs serve`` as a subprocess in its own process group.
+
+    Attributes
+    ----------
+    port : int
+        The DIMSE port.
+    root : Path
+        Working directory (no ``.env`` there).
+    data_dir : Path
+        ``PACS_DATA_DIR``.
+    log_path : Path
+        stdout and stderr of every run, appended.
+    env : dict
+        The environment of the node and of ``pacs`` CLI calls.
+    """
+
+    def __init__(self, root: Path, port: int | None = None, **settings: str) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.data_dir = root / "data"
+        self.log_path = root / "serve.log"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PACS_") and k != "CUSTOMER"}
+        env.update({
+            "PACS_DATA_DIR": str(self.data_dir),
+            "PACS_DIMSE_PORT": str(self.port),
+            "PACS_BIND_ADDRESS": "127.0.0.1",
+            "PACS_DIMSE_WORKERS": "2",
+            "PACS_LOG_LEVEL": "INFO",
+            "TCP_NODELAY": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(settings)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    # -- lifecycle --
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> Node:
+        """Start ``pacs serve`` and wait until its workers accept associations."""
+        assert not self.running, "already running"
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pacs", "serve"], cwd=self.root, env=self.env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"pacs serve exited with {self.proc.returncode} while "
+                            f"starting:\n{self.log()}")
+            if " listening on " in self.log(since_start=True):
+                break
+            time.sleep(0.05)
+        else:
+            self._kill_group()
+            pytest.fail(f"pacs serve did not start listening on port {self.port} within "
+                        f"{START_TIMEOUT} s:\n{self.log()}")
+        try:
+            wait_for_port(self.port, timeout=max(1.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            self._kill_group()
+            pytest.fail(f"{exc}:\n{self.log()}")
+
+    def log(self, since_start: bool = False) -> str:
+        """The server log (all runs, or the current run only)."""
+        if not self.log_path.exists():
+            return ""
+        data = self.log_path.read_bytes()
+        return data[self._log_offset if since_start else 0:].decode("utf-8", "replace")
+
+    def _wait_group_gone(self, pgid: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while _group_members(pgid):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"processes of group {pgid} still alive: "
+                                     f"{_group_members(pgid)}\n{self.log()}")
+            time.sleep(0.02)
+
+    def _kill_group(self) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=STOP_TIMEOUT)
+        self._wait_group_gone(pgid, STOP_TIMEOUT)
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group (parent and workers) at once."""
+        assert self.proc is not None
+        self._kill_group()
+
+    def terminate(self, sig: int = signal.SIGTERM, group: bool = False) -> int:
+        """Send SIGTERM (or ``sig``) and require a clean exit (0) within ~15 s.
+
+        ``group`` sends it to the whole process group, as a terminal does for Ctrl-C.
+        """
+        assert self.proc is not None and self.running, "not running"
+        pgid = self.proc.pid
+        if group:
+            os.killpg(pgid, sig)
+        else:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self._kill_group()
+            pytest.fail(f"pacs serve did not stop within {STOP_TIMEOUT} s of signal "
+                        f"{sig}:\n{self.log()}")
+        assert code == 0, f"pacs serve exited with {code} after signal {sig}:\n{self.log()}"
+        self._wait_group_gone(pgid, STOP_TIMEOUT)
+        return code
+
+    def restart(self) -> Node:
+        """Stop cleanly when running, then start again on the same port and data."""
+        if self.running:
+            self.terminate()
+        return self.start()
+
+    def stop(self) -> None:
+        """Cleanup: SIGTERM, then SIGKILL the group if it lingers."""
+        if self.proc is None:
+            return
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        if _group_members(self.proc.pid):
+            self._kill_group()
+
+    # -- talking to it --
+
+    def cli(self, *args: str, timeout: float = 120.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m pacs ARGS`` with the node's environment and working folder."""
+        return subprocess.run([sys.executable, "-m", "pacs", *args], cwd=self.root,
+                              env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def echo(self) -> subprocess.CompletedProcess[str]:
+        """C-ECHO with dcmtk's echoscu."""
+        return run_dcmtk("echoscu", "-aec", AE_TITLE, "127.0.0.1", str(self.port),
+                         timeout=30)
+
+    def assert_serving(self) -> None:
+        """The node answers a C-ECHO and its processes are alive."""
+        assert self.running, f"pacs serve is not running:\n{self.log()}"
+        result = self.echo()
+        assert result.returncode == 0, (
+            f"echoscu failed:\n{result.stdout}\n--- server log ---\n{self.log()}")
+
+    # -- what it wrote --
+
+    def index(self) -> dict[str, IndexedInstance]:
+        return read_index(self.data_dir)
+
+    def objects(self) -> dict[str, Path]:
+        return stored_objects(self.data_dir)
+
+    def object_path(self, row: IndexedInstance) -> Path:
+        return self.data_dir / "objects" / row.object_key
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.data_dir)
+
+
+@pytest.fixture(scope="session")
+def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Node]]:
+    """Make nodes (started) in fresh folders; all are stopped at the end of the session."""
+    nodes: list[Node] = []
+    for tool in ("dcmsend", "storescu", "echoscu", "storescp"):
+        dcmtk(tool)
+
+    def make(name: str = "node", start: bool = True, **settings: str) -> Node:
+        node = Node(tmp_path_factory.mktemp(name), **settings)
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def node(node_factory: Callable[..., Node]) -> Node:
+    """A running node shared by the tests of one module (its own data folder)."""
+    return node_factory("node")
+
+
+@pytest.fixture
+def dcmtk_env() -> dict[str, str]:
+    """The environment for dcmtk tools (TCP_NODELAY=1)."""
+    return dict(DCMTK_ENV)
+
+
+__all__ = ["AE_TITLE", "DCMTK_ENV", "IndexedInstance", "Node", "Snapshot",
+           "assert_consistent", "dataset_bytes", "dcmtk", "fresh_ct", "index_counts",
+           "key_of", "make_instances", "read_index", "run_dcmtk", "sha256", "snapshot",
+           "stored_objects", "temporaries"]
