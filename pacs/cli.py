@@ -175,6 +175,62 @@ def fsck(ctx: click.Context) -> None:
         sys.exit(1)
 
 
+#: Columns ``pacs query`` shows per level, left to right.
+QUERY_COLUMNS = {
+    "patient": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                "NumberOfPatientRelatedStudies"),
+    "study": ("PatientID", "PatientName", "StudyDate", "AccessionNumber", "StudyDescription",
+              "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "StudyInstanceUID"),
+    "series": ("StudyInstanceUID", "SeriesNumber", "Modality", "SeriesDescription",
+               "NumberOfSeriesRelatedInstances", "SeriesInstanceUID"),
+    "image": ("SeriesInstanceUID", "InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
+}
+
+
+@main.command()
+@click.option("--level", type=click.Choice(list(QUERY_COLUMNS)), default="study",
+              show_default=True, help="What to list.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Rows at most.")
+@click.argument("keys", nargs=-1)
+@click.pass_context
+def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> None:
+    """List patients, studies, series or instances, matched like C-FIND.
+
+    KEYS are KEYWORD=VALUE pairs with the C-FIND value syntax, e.g.
+    PatientName='DOE*' StudyDate=20150101-20151231 ModalitiesInStudy=CT.
+    """
+    from pacs.attributes import BY_KEYWORD, Level
+    from pacs.query.matching import constraint
+    from pacs.query.model import Query
+
+    constraints = []
+    for item in keys:
+        keyword, sep, value = item.partition("=")
+        if not sep or keyword not in BY_KEYWORD:
+            raise click.BadParameter(f"{item!r}: expected KEYWORD=VALUE with a known keyword")
+        try:
+            found = constraint(BY_KEYWORD[keyword], value)
+        except PacsError as exc:
+            raise click.BadParameter(str(exc)) from None
+        if found is not None:
+            constraints.append(found)
+    columns = QUERY_COLUMNS[level]
+    request = Query(level=Level[level.upper()], constraints=tuple(constraints),
+                    return_keys=tuple(BY_KEYWORD[c] for c in columns), limit=limit)
+    services = _build(_settings(ctx))
+    try:
+        rows = [[r.values.get(c) or "" for c in columns] for r in services.engine.find(request)]
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.close()
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    click.echo(f"({len(rows)} {level} row{'s' if len(rows) != 1 else ''})")
+
+
 @main.command()
 @click.pass_context
 def status(ctx: click.Context) -> None:

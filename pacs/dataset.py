@@ -253,8 +253,15 @@ def _value(header: Dataset, attribute: Attribute) -> str | None:
     if element is None:
         return None
     try:
-        return _text(element.value)
+        text = _text(element.value)
     except Exception:
         # A value that does not decode is indexed as unknown rather than refusing the
         # whole object: the object itself is stored as sent.
         return None
+    if text is not None and attribute.vr in _SEPARATORS:
+        # ACR-NEMA style 1997.04.24 / 10:30:00: index the DICOM form so ranges compare.
+        text = text.replace(_SEPARATORS[attribute.vr], "")
+    return text
+
+
+_SEPARATORS = {"DA": ".", "TM": ":"}

@@ -1,0 +1,165 @@
+"""The query engine on an index whose answers are known."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pacs.attributes import BY_KEYWORD, Level
+from pacs.errors import Cancelled, QueryLimitExceeded
+from pacs.query.matching import constraint
+from pacs.query.model import Query
+from pacs.services import Services
+from pacs.storage.memory import MemoryStore
+from tests.factory import make_instance
+
+STUDIES = [
+    # PatientID, PatientName, StudyDate, StudyTime, AccessionNumber, modalities per series
+    ("P1", "DOE^JOHN", "20150101", "101010", "A1", ["CT", "CT"]),
+    ("P1", "DOE^JOHN", "20160505", "235959", "A2", ["MR"]),
+    ("P2", "Doe^Jane", "20150615", "080000", "A3", ["CT", "PT"]),
+    ("P3", "SMITH^[ANNA]", "20101231", "120000", "", ["US"]),
+    ("P4", "", "", "", "A5", ["CT"]),
+    ("P5", "MÜLLER^JÖRG", "20240229", "000000", "A-6", ["MR", "MR", "SR"]),
+]
+
+
+def _load(services: Services) -> dict[str, list[str]]:
+    """Store the studies (two instances per series); return study UIDs by accession."""
+    by_accession: dict[str, list[str]] = {}
+    for n, (pid, name, date, time, accession, modalities) in enumerate(STUDIES):
+        study = f"1.2.826.0.1.3680043.10.543.{n + 1}"
+        for s, modality in enumerate(modalities):
+            series = f"{study}.{s + 1}"
+            for i in range(2):
+                services.ingest.store_bytes(make_instance(
+                    PatientID=pid, PatientName=name, StudyDate=date, StudyTime=time,
+                    AccessionNumber=accession, Modality=modality, StudyInstanceUID=study,
+                    SeriesInstanceUID=series, SOPInstanceUID=f"{series}.{i + 1}",
+                    InstanceNumber=str(i + 1), SeriesNumber=str(s + 1)))
+        by_accession.setdefault(accession, []).append(study)
+    return by_accession
+
+
+@pytest.fixture
+def loaded(services: Services) -> Services:
+    _load(services)
+    return services
+
+
+def _find(services: Services, level: Level = Level.STUDY, fuzzy: bool = False,
+          **keys: str) -> list[dict[str, str | None]]:
+    constraints = tuple(c for c in (constraint(BY_KEYWORD[k], v) for k, v in keys.items()) if c)
+    returns = tuple(BY_KEYWORD[k] for k in ("AccessionNumber", "ModalitiesInStudy",
+                                            "NumberOfStudyRelatedSeries",
+                                            "NumberOfStudyRelatedInstances"))
+    query = Query(level=level, constraints=constraints,
+                  return_keys=returns if level is Level.STUDY else (), fuzzy=fuzzy)
+    return [r.values for r in services.engine.find(query)]
+
+
+def _accessions(rows: list[dict[str, str | None]]) -> list[str | None]:
+    return [r["AccessionNumber"] for r in rows]
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({}, ["A1", "A2", "A3", None, "A5", "A-6"]),
+    ({"PatientID": "P1"}, ["A1", "A2"]),
+    ({"PatientID": "P*"}, ["A1", "A2", "A3", None, "A5", "A-6"]),
+    # PN case-insensitive by default; an empty stored name (a Required key) matches anything
+    # (PS3.4 C.2.2.1.2).
+    ({"PatientName": "doe*"}, ["A1", "A2", "A3", "A5"]),
+    ({"PatientName": "DOE^J?HN"}, ["A1", "A2", "A5"]),
+    ({"PatientName": "SMITH^[ANNA]"}, [None, "A5"]),  # '[' is literal, not a GLOB class
+    ({"PatientName": "*[ANNA]*"}, [None, "A5"]),
+    ({"PatientName": "müller*"}, ["A5", "A-6"]),
+    ({"StudyDate": "20150101-20151231"}, ["A1", "A3", "A5"]),
+    ({"StudyDate": "2015"}, ["A1", "A3", "A5"]),
+    ({"StudyDate": "-20101231"}, [None, "A5"]),
+    ({"StudyDate": "20160101-"}, ["A2", "A5", "A-6"]),
+    ({"StudyTime": "0800-1200"}, ["A1", "A3", None, "A5"]),
+    ({"AccessionNumber": "A-6"}, [None, "A-6"]),  # '-' is literal; empty R key matches
+    ({"AccessionNumber": "A?"}, ["A1", "A2", "A3", None, "A5"]),
+    ({"ModalitiesInStudy": "PT"}, ["A3"]),
+    ({"ModalitiesInStudy": "CT\\US"}, ["A1", "A3", None, "A5"]),
+    ({"Modality": "SR"}, ["A-6"]),  # relational: a series key at study level
+    ({"StudyInstanceUID": "1.2.826.0.1.3680043.10.543.1\\1.2.826.0.1.3680043.10.543.3"},
+     ["A1", "A3"]),
+])
+def test_study_matching(loaded: Services, keys: dict[str, str],
+                        expected: list[str | None]) -> None:
+    assert _accessions(_find(loaded, **keys)) == expected
+
+
+def test_computed_attributes(loaded: Services) -> None:
+    rows = {r["AccessionNumber"]: r for r in _find(loaded)}
+    assert rows["A1"]["ModalitiesInStudy"] == "CT"
+    assert rows["A-6"]["ModalitiesInStudy"] == "MR\\SR"
+    assert rows["A-6"]["NumberOfStudyRelatedSeries"] == "3"
+    assert rows["A-6"]["NumberOfStudyRelatedInstances"] == "6"
+
+
+def test_levels(loaded: Services) -> None:
+    assert len(_find(loaded, Level.PATIENT)) == 5
+    assert len(_find(loaded, Level.SERIES)) == 10
+    assert len(_find(loaded, Level.IMAGE)) == 20
+    series = _find(loaded, Level.SERIES, StudyInstanceUID="1.2.826.0.1.3680043.10.543.6",
+                   Modality="MR")
+    assert [r["SeriesInstanceUID"] for r in series] == [
+        "1.2.826.0.1.3680043.10.543.6.1", "1.2.826.0.1.3680043.10.543.6.2"]
+
+
+def test_case_sensitive_person_names(make_services: Callable[..., Services]) -> None:
+    services = make_services(store=MemoryStore(), pn_case_sensitive=True)
+    _load(services)
+    assert _accessions(_find(services, PatientName="DOE*")) == ["A1", "A2", "A5"]
+
+
+def test_fuzzy_matches_any_name_component_prefix(loaded: Services) -> None:
+    assert _accessions(_find(loaded, fuzzy=True, PatientName="jan")) == ["A3", "A5"]
+    assert _accessions(_find(loaded, fuzzy=True, PatientName="jo")) == ["A1", "A2", "A5"]
+    assert _accessions(_find(loaded, fuzzy=True, PatientName="jö")) == ["A5", "A-6"]
+
+
+def test_paging_is_stable(loaded: Services) -> None:
+    everything = _accessions(_find(loaded))
+    query = Query(level=Level.STUDY, return_keys=(BY_KEYWORD["AccessionNumber"],))
+    pages = []
+    for offset in range(0, 6, 2):
+        paged = Query(level=query.level, return_keys=query.return_keys, limit=2, offset=offset)
+        pages += [r.values["AccessionNumber"] for r in loaded.engine.find(paged)]
+    assert pages == everything
+
+
+def test_row_cap_refuses_before_streaming(make_services: Callable[..., Services]) -> None:
+    services = make_services(store=MemoryStore(), query_max_rows=3)
+    _load(services)
+    with pytest.raises(QueryLimitExceeded):
+        next(iter(services.engine.find(Query(level=Level.STUDY))))
+    assert len(list(services.engine.find(Query(level=Level.STUDY, limit=3)))) == 3
+
+
+def test_cancel_stops_the_stream(loaded: Services) -> None:
+    seen = []
+    with pytest.raises(Cancelled):
+        for result in loaded.engine.find(Query(level=Level.IMAGE),
+                                         cancelled=lambda: len(seen) >= 2):
+            seen.append(result)
+    assert len(seen) == 2
+
+
+def test_time_limit(loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
+    loaded.engine.time_limit = -1.0
+    with pytest.raises(QueryLimitExceeded, match="longer"):
+        list(loaded.engine.find(Query(level=Level.IMAGE)))
+
+
+def test_instances_for_retrieve(loaded: Services) -> None:
+    query = Query(level=Level.SERIES, constraints=(constraint(
+        BY_KEYWORD["SeriesInstanceUID"], "1.2.826.0.1.3680043.10.543.1.2"),))
+    refs = list(loaded.engine.instances(query))
+    assert [r.sop_uid for r in refs] == ["1.2.826.0.1.3680043.10.543.1.2.1",
+                                        "1.2.826.0.1.3680043.10.543.1.2.2"]
+    assert all(r.object_key.endswith(f"{r.sop_uid}.dcm") for r in refs)
