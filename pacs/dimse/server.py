@@ -127,7 +127,8 @@ def start(services: Services, address: tuple[str, int] | None = None,
     ae = make_ae(settings)
     server = ae.make_server(address, evt_handlers=handlers.bind(services),
                             server_class=server_class)
-    thread = threading.Thread(target=server.serve_forever, name="pacs-dimse-acceptor",
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="pacs-dimse-acceptor",
                               daemon=True)
     thread.start()
     return server  # type: ignore[return-value]

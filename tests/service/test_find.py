@@ -1,0 +1,166 @@
+"""C-FIND through the real pynetdicom stack: statuses, keys, charsets, cancel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind as PatientFind,
+    StudyRootQueryRetrieveInformationModelFind as StudyFind,
+)
+
+from tests.factory import make_instance
+from tests.service.conftest import RunningNode
+
+
+@pytest.fixture
+def loaded(node: RunningNode) -> RunningNode:
+    for n in range(3):
+        for i in range(4):
+            node.services.ingest.store_bytes(make_instance(
+                PatientID=f"P{n}", PatientName=["DOE^JOHN", "Müller^Jörg", "Ivanov^Ivan"][n],
+                StudyInstanceUID=f"1.2.3.{n}", SeriesInstanceUID=f"1.2.3.{n}.1",
+                SOPInstanceUID=f"1.2.3.{n}.1.{i}", StudyDate=f"2015010{n + 1}",
+                AccessionNumber=f"ACC{n}"))
+    return node
+
+
+@pytest.fixture
+def associate(node: RunningNode) -> Iterator[Callable[..., object]]:
+    opened = []
+
+    def open_association(relational: bool = False) -> object:
+        ae = AE(ae_title="TESTSCU")
+        ae.requested_contexts = [build_context(StudyFind), build_context(PatientFind)]
+        extended = []
+        if relational:
+            item = SOPClassExtendedNegotiation()
+            item.sop_class_uid = StudyFind
+            item.service_class_application_information = b"\x01"
+            extended.append(item)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="INTELPIXEL",
+                             ext_neg=extended or None)
+        assert assoc.is_established
+        opened.append(assoc)
+        return assoc
+
+    yield open_association
+    for assoc in opened:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _find(assoc: object, identifier: Dataset, model: str = StudyFind
+          ) -> list[tuple[int, Dataset | None]]:
+    return [(status.Status, ds) for status, ds in assoc.send_c_find(identifier, model)]
+
+
+def _identifier(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_study_query_returns_every_requested_key(loaded: RunningNode, associate) -> None:
+    responses = _find(associate(), _identifier(
+        "STUDY", PatientID="P1", StudyInstanceUID="", PatientName="", StudyDate="",
+        ModalitiesInStudy="", NumberOfStudyRelatedInstances="", StudyDescription=""))
+    assert [s for s, _ in responses] == [0xFF00, 0x0000]
+    match = responses[0][1]
+    assert match.StudyInstanceUID == "1.2.3.1"
+    assert match.PatientName == "Müller^Jörg"
+    assert match.ModalitiesInStudy == "CT"
+    assert match.NumberOfStudyRelatedInstances == 4
+    assert "StudyDescription" in match and match.StudyDescription in ("", None)
+    assert match.RetrieveAETitle == "INTELPIXEL"
+    assert match.SpecificCharacterSet == "ISO_IR 192"
+    assert match.QueryRetrieveLevel == "STUDY"
+    assert "StudyTime" not in match  # only requested keys (and unique keys) come back
+
+
+def test_unsupported_optional_key_gives_ff01_and_empty_value(loaded: RunningNode,
+                                                             associate) -> None:
+    identifier = _identifier("STUDY", StudyInstanceUID="1.2.3.0")
+    identifier.OtherStudyNumbers = None  # retired, not in our index
+    responses = _find(associate(), identifier)
+    assert [s for s, _ in responses] == [0xFF01, 0x0000]
+    assert "OtherStudyNumbers" in responses[0][1]
+
+
+def test_response_uses_the_request_charset_when_it_can(loaded: RunningNode,
+                                                       associate) -> None:
+    latin1 = _find(associate(), _identifier("STUDY", SpecificCharacterSet="ISO_IR 100",
+                                            PatientID="P1", PatientName=""))
+    assert latin1[0][1].SpecificCharacterSet == "ISO_IR 100"
+    assert latin1[0][1].PatientName == "Müller^Jörg"
+    cyrillic_in_latin1 = _find(associate(), _identifier(
+        "STUDY", SpecificCharacterSet="ISO_IR 100", PatientID="P2", PatientName=""))
+    assert cyrillic_in_latin1[0][1].SpecificCharacterSet == "ISO_IR 100"  # ASCII name
+
+
+@pytest.mark.parametrize("identifier", [
+    _identifier("STUDY", SeriesInstanceUID=""),           # key below the level
+    _identifier("NOTALEVEL", StudyInstanceUID=""),
+    _identifier("SERIES", StudyInstanceUID="1.2.3.0\\1.2.3.1", SeriesInstanceUID=""),
+    _identifier("", PatientID="P1"),                      # empty QueryRetrieveLevel
+])
+def test_level_rules_give_a900(loaded: RunningNode, associate, identifier: Dataset) -> None:
+    assert [s for s, _ in _find(associate(), identifier)] == [0xA900]
+
+
+def test_patient_level_only_in_patient_root(loaded: RunningNode, associate) -> None:
+    assert [s for s, _ in _find(associate(), _identifier("PATIENT", PatientID=""))] == [0xA900]
+    statuses = [s for s, _ in _find(associate(), _identifier("PATIENT", PatientID=""),
+                                    PatientFind)]
+    assert statuses == [0xFF00] * 3 + [0x0000]
+
+
+def test_relational_query_when_negotiated(loaded: RunningNode, associate) -> None:
+    identifier = _identifier("STUDY", SOPInstanceUID="1.2.3.2.1.0", StudyInstanceUID="")
+    assert [s for s, _ in _find(associate(), identifier)] == [0xA900]
+    responses = _find(associate(relational=True), identifier)
+    assert [s for s, _ in responses] == [0xFF00, 0x0000]
+    assert responses[0][1].StudyInstanceUID == "1.2.3.2"
+
+
+def test_row_cap_refuses_with_a700(settings, memory_store) -> None:
+    from pacs.dimse.server import start, stop
+    from pacs.services import build
+    from tests.conftest import free_port
+
+    services = build(settings.with_overrides(query_max_rows=2), store=memory_store)
+    for n in range(3):
+        services.ingest.store_bytes(make_instance(StudyInstanceUID=f"1.2.4.{n}"))
+    port = free_port()
+    server = start(services, ("127.0.0.1", port))
+    try:
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(StudyFind)
+        assoc = ae.associate("127.0.0.1", port, ae_title="INTELPIXEL")
+        assert [s for s, _ in _find(assoc, _identifier("STUDY", StudyInstanceUID=""))] == [
+            0xA700]
+        assert [s for s, _ in _find(assoc, _identifier("STUDY", StudyInstanceUID="1.2.4.1"))
+                ] == [0xFF00, 0x0000]
+        assoc.release()
+    finally:
+        stop(server, drain=1.0)
+        services.close()
+
+
+def test_cancel_gives_fe00(loaded: RunningNode, associate) -> None:
+    assoc = associate()
+    responses = assoc.send_c_find(_identifier("IMAGE", StudyInstanceUID="1.2.3.0",
+                                              SeriesInstanceUID="1.2.3.0.1",
+                                              SOPInstanceUID=""), StudyFind, msg_id=7)
+    first_status, _ = next(responses)
+    assert first_status.Status == 0xFF00
+    assoc.send_c_cancel(7, query_model=StudyFind)
+    statuses = [s.Status for s, _ in responses]
+    assert statuses[-1] in (0xFE00, 0x0000)  # the last match may already be on its way
+    assert len(statuses) <= 4
