@@ -155,8 +155,24 @@ class _Where:
             return self._glob(target, glob_wildcard(norm(term.value)), attribute.multi)
         if attribute.multi:
             return self._glob(target, glob_literal(norm(term.value)), True)
+        if attribute.vr == "PN":
+            return self._person_name(target, norm(term.value))
         self.params.append(norm(term.value))
         return f"{target} = ?"
+
+    def _person_name(self, target: str, value: str) -> str:
+        """Single value matching of PN per component group (PS3.5 6.2.1).
+
+        A value without ``=`` is the alphabetic group and matches a stored name whose
+        alphabetic group equals it (ideographic and phonetic groups may follow); a value
+        starting with ``=`` names the ideographic (and phonetic) group.
+        """
+        literal = glob_literal(value)
+        if value.startswith("="):
+            self.params.extend(["*" + literal, "*" + literal + "=*"])
+        else:
+            self.params.extend([literal, literal + "=*"])
+        return f"({target} GLOB ? OR {target} GLOB ?)"
 
     def _glob(self, target: str, pattern: str, multi: bool) -> str:
         if not multi:

@@ -163,3 +163,13 @@ def test_instances_for_retrieve(loaded: Services) -> None:
     assert [r.sop_uid for r in refs] == ["1.2.826.0.1.3680043.10.543.1.2.1",
                                         "1.2.826.0.1.3680043.10.543.1.2.2"]
     assert all(r.object_key.endswith(f"{r.sop_uid}.dcm") for r in refs)
+
+
+def test_person_name_groups(services: Services) -> None:
+    services.ingest.store_bytes(make_instance(
+        PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう", AccessionNumber="J1"))
+    for value in ("Yamada^Tarou", "yamada^tarou", "=山田^太郎", "=山田^太郎=やまだ^たろう",
+                  "*山田*", "Yamada*"):
+        assert _accessions(_find(services, PatientName=value)) == ["J1"], value
+    for value in ("Yamada", "=山田", "Tarou*"):
+        assert _accessions(_find(services, PatientName=value)) == [], value
