@@ -9,6 +9,7 @@ information models are added by the Q/R services.
 from __future__ import annotations
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -42,8 +43,12 @@ def storage_contexts() -> list[PresentationContext]:
 
 
 def query_retrieve_contexts() -> list[PresentationContext]:
-    """The FIND, MOVE and GET models of Patient Root and Study Root."""
-    return [build_context(uid, ALL_TRANSFER_SYNTAXES)
+    """The FIND, MOVE and GET models of Patient Root and Study Root.
+
+    Identifiers are small: the two little endian syntaxes every SCU proposes are
+    enough, and responses are encoded directly in them (:mod:`pacs.dimse.encoding`).
+    """
+    return [build_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
             for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)]
 
 

@@ -21,10 +21,10 @@ from pydicom import charset
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
 
 from pacs.attributes import BY_KEYWORD, BY_TAG, UNIQUE_KEY, Attribute, Level
 from pacs.errors import InvalidQuery
+from pacs.query import values as index_values
 from pacs.query.matching import constraint
 from pacs.query.model import Constraint, Query, Result
 
@@ -202,48 +202,39 @@ def _encodable(character: str, codecs: list[str]) -> bool:
     return False
 
 
-def to_response(result: Result, query: Query, model: str, ae_title: str,
-                requested_charset: list[str] | None) -> Dataset:
-    """The C-FIND response identifier: every requested key (empty when unknown), the
-    unique keys of the levels at and above the query level, QueryRetrieveLevel,
-    RetrieveAETitle and SpecificCharacterSet."""
-    response = Dataset()
-    response.SpecificCharacterSet = response_charset(result.values.values(), requested_charset)
-    level_name = next(k for k, v in _LEVELS[model].items() if v is query.level)
-    response.QueryRetrieveLevel = level_name
-    response.RetrieveAETitle = ae_title
-    requested = {a.keyword for a in query.return_keys} | {
-        c.attribute.keyword for c in query.constraints}
-    # Unique keys of the model's levels at and above the query level are always sent.
-    requested |= {UNIQUE_KEY[level].keyword for level in _LEVELS[model].values()
-                  if level.depth <= query.level.depth}
-    for keyword, value in result.values.items():
-        if keyword in requested:
-            attribute = BY_KEYWORD[keyword]
-            response.add_new(attribute.tag, attribute.vr, _typed(attribute, value))
-    return response
+class ResponseBuilder:
+    """Builds C-FIND response identifiers for one query (C.4.1.1.3.2).
 
+    Every requested key comes back (empty when unknown), with the unique keys of the
+    model's levels at and above the query level, QueryRetrieveLevel, RetrieveAETitle and
+    SpecificCharacterSet.  Elements are ``(tag, VR, text)`` for
+    :func:`pacs.dimse.encoding.encode_identifier`.
+    """
 
-def empty_keys(response: Dataset, identifier: Dataset, unsupported: list[int]) -> None:
-    """Return requested keys we do not hold as empty (C.4.1.1.3.2)."""
-    for tag in unsupported:
-        if tag not in response:
-            response[tag] = DataElement(tag, identifier[tag].VR, None if identifier[tag].VR
-                                        != "SQ" else [])
+    def __init__(self, query: Query, model: str, ae_title: str,
+                 requested_charset: list[str] | None, extra: list[tuple[int, str]]) -> None:
+        requested = {a.keyword for a in query.return_keys} | {
+            c.attribute.keyword for c in query.constraints}
+        requested |= {UNIQUE_KEY[level].keyword for level in _LEVELS[model].values()
+                      if level.depth <= query.level.depth}
+        self.attributes = {k: BY_KEYWORD[k] for k in requested}
+        self.level_name = next(k for k, v in _LEVELS[model].items() if v is query.level)
+        self.ae_title = ae_title
+        self.requested_charset = requested_charset
+        self.extra = extra
 
-
-def _typed(attribute: Attribute, value: str | None) -> object:
-    """Index text to the element value pydicom expects for the VR."""
-    if value is None or value == "":
-        return None
-    if attribute.vr in ("US", "SS", "UL", "SL"):
-        try:
-            return int(value)
-        except ValueError:
-            return None
-    if attribute.multi or "\\" in value:
-        parts = value.split("\\")
-        return parts if len(parts) > 1 else parts[0]
-    if attribute.vr == "PN":
-        return PersonName(value)
-    return value
+    def build(self, result: Result) -> tuple[list[tuple[int, str, str | None]], list[str]]:
+        """The response elements for one match, and their character set."""
+        charsets = response_charset(result.values.values(), self.requested_charset)
+        elements: list[tuple[int, str, str | None]] = [
+            (0x00080005, "CS", "\\".join(charsets)),
+            (0x00080052, "CS", self.level_name),
+            (0x00080054, "AE", self.ae_title),
+        ]
+        for keyword, value in result.values.items():
+            attribute = self.attributes.get(keyword)
+            if attribute is not None:
+                elements.append((attribute.tag, attribute.vr, value))
+        present = {tag for tag, _, _ in elements}
+        elements += [(tag, vr, None) for tag, vr in self.extra if tag not in present]
+        return elements, charsets

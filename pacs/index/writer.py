@@ -102,7 +102,7 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
                           checksum=row.checksum, transfer_syntax=row.transfer_syntax,
                           received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
-        parent_pk = conn.execute(sql, tuple(values[c] for c in columns)).fetchone()[0]
+        parent_pk = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()[0]
     if old_parents is not None:
         prune(conn, *old_parents)
 

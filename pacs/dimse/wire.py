@@ -1,0 +1,82 @@
+"""Send pre-encoded DIMSE responses: command and data set bytes straight into P-DATA.
+
+pynetdicom builds every message from a primitive: a pydicom command data set, encoded,
+then split into one P-DATA primitive per fragment, each handed to the DUL thread.  For a
+C-FIND answering a thousand studies that was most of the time.  A response here is
+encoded once per query (only the status and the identifier change), and a whole message
+usually travels as one P-DATA-TF PDU holding two PDVs, the command and the data set
+(PS3.8 9.3.5: a PDU may carry several PDVs; PS3.8 E.2: the message control header).
+It still goes through the DUL's queue and state machine, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from pynetdicom.pdu_primitives import P_DATA
+
+if TYPE_CHECKING:
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+#: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
+_COMMAND_LAST, _DATA, _DATA_LAST = 0x03, 0x00, 0x02
+#: PDV item overhead: item length (4), presentation context ID (1), control header (1).
+_PDV_OVERHEAD = 6
+#: Command Data Set Type (0000,0800): a data set follows, or none (PS3.7 E.1-1).
+DATASET_PRESENT, NO_DATASET = 0x0000, 0x0101
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def response_command(command_field: int, sop_class_uid: str, message_id: int, status: int,
+                     has_dataset: bool, comment: str | None = None) -> bytes:
+    """A response command set in Implicit VR Little Endian (PS3.7 6.3.1, 9.3)."""
+    body = b"".join((
+        _implicit(0x00000002, _uid(sop_class_uid)),
+        _implicit(0x00000100, struct.pack("<H", command_field)),
+        _implicit(0x00000120, struct.pack("<H", message_id)),
+        _implicit(0x00000800, struct.pack("<H", DATASET_PRESENT if has_dataset else NO_DATASET)),
+        _implicit(0x00000900, struct.pack("<H", status)),
+    ))
+    if comment:
+        text = comment[:64].encode("ascii", "replace")
+        body += _implicit(0x00000902, text + b" " * (len(text) % 2))
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def send_message(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
+                 dataset: bytes | None = None) -> None:
+    """Queue one DIMSE message on the association's DUL.
+
+    The command and data set go in one P-DATA-TF when they fit the peer's maximum PDU
+    length; a larger data set is split into fragments that each fit.
+    """
+    limit = int(dimse.maximum_pdu_size or 0)
+    room = limit - _PDV_OVERHEAD if limit else 0
+    pdvs = [[context_id, bytes([_COMMAND_LAST]) + command]]
+    if dataset is None:
+        _queue(dimse, pdvs)
+        return
+    if not limit or len(command) + len(dataset) + 2 * _PDV_OVERHEAD <= limit:
+        _queue(dimse, pdvs + [[context_id, bytes([_DATA_LAST]) + dataset]])
+        return
+    _queue(dimse, pdvs)
+    for start in range(0, len(dataset), room):
+        chunk = dataset[start:start + room]
+        last = start + room >= len(dataset)
+        _queue(dimse, [[context_id, bytes([_DATA_LAST if last else _DATA]) + chunk]])
+
+
+def _queue(dimse: DIMSEServiceProvider, pdvs: list[list]) -> None:
+    # pynetdicom wants [ID, PDV] lists, not tuples.
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = pdvs
+    dimse.dul.send_pdu(primitive)
