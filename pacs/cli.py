@@ -25,17 +25,27 @@ from pacs.ingest import Outcome
 log = logging.getLogger("pacs")
 
 
+#: One log line format for the node's processes (DIMSE workers, DICOMweb workers).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+def _overrides(ctx: click.Context, **overrides: Any) -> dict[str, str]:
+    """Global and command options, by environment name (unset ones left out)."""
     base: dict[str, str] = dict(ctx.obj or {})
     base.update({k: str(v) for k, v in overrides.items() if v is not None})
+    return base
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+    base = _overrides(ctx, **overrides)
     try:
         return config.load(overrides=base)
     except PacsError as exc:
@@ -75,18 +85,22 @@ def _build(settings: config.Settings) -> Any:
 
 @main.command()
 @click.option("--port", type=int, help="DIMSE port (PACS_DIMSE_PORT).")
+@click.option("--web-port", type=int, help="DICOMweb port (PACS_WEB_PORT).")
 @click.option("--ae-title", help="Called AE title (PACS_AE_TITLE).")
 @click.option("--bind", "bind_address", help="Listen address (PACS_BIND_ADDRESS).")
 @click.option("--workers", type=int, help="DIMSE worker processes (PACS_DIMSE_WORKERS).")
 @click.pass_context
-def serve(ctx: click.Context, port: int | None, ae_title: str | None,
+def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: str | None,
           bind_address: str | None, workers: int | None) -> None:
-    """Run the node until SIGTERM or Ctrl-C."""
-    settings = _settings(ctx, PACS_DIMSE_PORT=port, PACS_AE_TITLE=ae_title,
-                         PACS_BIND_ADDRESS=bind_address, PACS_DIMSE_WORKERS=workers)
+    """Run the node (DIMSE and DICOMweb) until SIGTERM or Ctrl-C."""
+    overrides = _overrides(ctx, PACS_DIMSE_PORT=port, PACS_WEB_PORT=web_port,
+                           PACS_AE_TITLE=ae_title, PACS_BIND_ADDRESS=bind_address,
+                           PACS_DIMSE_WORKERS=workers)
+    settings = _settings(ctx, **overrides)
     _setup_logging(settings.log_level)
     from pacs.dimse.server import run_workers
     from pacs.reconcile import reconcile
+    from pacs.webserver import WebServer
 
     services = _build(settings)
     report = reconcile(services, full=False)
@@ -95,14 +109,35 @@ def serve(ctx: click.Context, port: int | None, ae_title: str | None,
     services.close()  # workers open their own after the fork
 
     stopping = threading.Event()
+    failed = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     log.info("customer %s, data in %s, %s storage", settings.customer, settings.data_dir,
              settings.storage)
+    # The web workers read the settings themselves: give them this run's overrides,
+    # and the data folder as resolved here (they need not share our working folder).
+    web = WebServer(settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)})
+    try:
+        web.start()
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on port {settings.web_port}: {exc}")
+    web.watch(stopping, failed)
+    # Issue 5: the OHIF viewer server and the upload-folder watcher, optional companions
+    # that are restarted when they fail and never stop the node.
+    from pacs.companions import start_companions
+    companions = start_companions(
+        settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}, stopping)
     try:
         run_workers(settings, stopping)
     except OSError as exc:
+        stopping.set()
         raise click.ClickException(f"cannot listen on port {settings.dimse_port}: {exc}")
+    finally:
+        stopping.set()
+        web.stop()
+        companions.stop()
+    if failed.is_set():
+        raise click.ClickException("the DICOMweb server stopped unexpectedly")
     log.info("stopped")
 
 
@@ -232,21 +267,28 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (as GET /health).")
 @click.pass_context
-def status(ctx: click.Context) -> None:
-    """Store reachable, index healthy, counts per level and bytes stored."""
-    from pacs.index import writer
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Store reachable, index healthy, counts per level, bytes stored, disk, uploads.
+
+    Exits 1 when the store cannot be used or the index check fails.
+    """
+    import json
+
+    from pacs import health
+    from pacs.status import describe
 
     settings = _settings(ctx)
     services = _build(settings)
     try:
-        conn = services.index.connection()
-        integrity = conn.execute("PRAGMA quick_check").fetchone()[0]
-        for level, count in writer.counts(conn).items():
-            click.echo(f"{level}: {count}")
-        click.echo(f"index: {integrity}")
-        click.echo(f"store: {settings.storage}, {services.store.usage()} bytes")
+        found = health.check(services, thorough=True)
     finally:
         services.close()
-    if integrity != "ok":
+    if as_json:
+        click.echo(json.dumps(found.as_json(), indent=1))
+    else:
+        for line in describe(settings, found):
+            click.echo(line)
+    if not found.ok:
         sys.exit(1)

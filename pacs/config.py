@@ -29,7 +29,7 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
-def _aet_list(value: str) -> tuple[str, ...]:
+def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
@@ -67,7 +67,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_BIND_ADDRESS", "bind_address", "0.0.0.0",
             "Address the DIMSE and HTTP listeners bind to."),
     Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", int),
-    Setting("PACS_VIEWER_PORT", "viewer_port", "8080", "OHIF viewer port.", int),
+    Setting("PACS_WEB_WORKERS", "web_workers", "0",
+            "DICOMweb (gunicorn) worker processes; 0 means one per CPU.", int),
+    Setting("PACS_WEB_THREADS", "web_threads", "4",
+            "Threads per DICOMweb worker process.", int),
+    Setting("PACS_WEB_USER", "web_user", "",
+            "User name for HTTP Basic access to DICOMweb from other hosts (with "
+            "PACS_WEB_PASSWORD); requests from this host need no credentials."),
+    Setting("PACS_WEB_PASSWORD", "web_password", "",
+            "Password for HTTP Basic access to DICOMweb.", secret=True),
+    Setting("PACS_WEB_TOKEN", "web_token", "",
+            "Bearer token accepted for DICOMweb access from other hosts.", secret=True),
+    Setting("PACS_WEB_OPEN", "web_open", "false",
+            "Answer DICOMweb requests from any host without credentials (trusted "
+            "networks only).", _bool),
+    Setting("PACS_CORS_ORIGINS", "cors_origins", "",
+            "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
+            "empty allows none.", _comma_list),
+    Setting("PACS_QIDO_DEFAULT_LIMIT", "qido_default_limit", "5000",
+            "Results per QIDO-RS page when the request gives no limit (at most "
+            "PACS_QUERY_MAX_ROWS).", int),
+    Setting("PACS_VIEWER_PORT", "viewer_port", "8080",
+            "OHIF viewer port (the viewer at /, DICOMweb under /dicom-web); 0 turns the "
+            "viewer off.", int),
+    # --- issue 5: viewer files and the upload folder ---
+    Setting("PACS_VIEWER_DIST", "viewer_dist", "",
+            "Folder of the prebuilt OHIF viewer (scripts/fetch-ohif.sh); empty means "
+            "vendor/ohif/dist in the working folder or the source checkout."),
+    Setting("PACS_VIEWER_WORKERS", "viewer_workers", "1",
+            "Viewer server (gunicorn) worker processes, each with PACS_WEB_THREADS threads.",
+            int),
+    Setting("PACS_UPLOADS_DIR", "uploads_path", "",
+            "Upload folder watched for dropped DICOM files; empty means <data folder>/uploads."),
+    Setting("PACS_UPLOADS_POLL", "uploads_poll", "2",
+            "Seconds between scans of the upload folder; 0 turns the watcher off.", float),
+    Setting("PACS_UPLOADS_AFTER_STORE", "uploads_after_store", "delete",
+            "What happens to an uploaded file once stored: delete, or archive (moved to "
+            "<upload folder>/archive/).", _choice("delete", "archive")),
     Setting("PACS_STORAGE", "storage", "file",
             "Object store: 'file' (folder inside the data folder) or 's3' (MinIO or any S3).",
             _choice("file", "s3")),
@@ -83,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
             "C-MOVE destinations: 'AET=host:port,AET2=host:port'."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
             "Comma list of calling AE titles allowed to associate; empty allows any.",
-            _aet_list),
+            _comma_list),
     Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
             "A repeated SOP Instance UID with different content: overwrite, keep (first) "
             "or reject.", _choice("overwrite", "keep", "reject")),
@@ -137,7 +173,20 @@ class Settings:
     dimse_port: int = 32773
     bind_address: str = "0.0.0.0"
     web_port: int = 5985
+    web_workers: int = 0
+    web_threads: int = 4
+    web_user: str = ""
+    web_password: str = ""
+    web_token: str = ""
+    web_open: bool = False
+    cors_origins: tuple[str, ...] = ()
+    qido_default_limit: int = 5000
     viewer_port: int = 8080
+    viewer_dist: str = ""
+    viewer_workers: int = 1
+    uploads_path: str = ""
+    uploads_poll: float = 2.0
+    uploads_after_store: str = "delete"
     storage: str = "file"
     s3_endpoint: str = "localhost:9000"
     s3_access_key: str = ""
@@ -170,7 +219,9 @@ class Settings:
 
     @property
     def uploads_dir(self) -> Path:
-        """The customer's upload folder."""
+        """The customer's upload folder (``PACS_UPLOADS_DIR``, else inside the data folder)."""
+        if self.uploads_path:
+            return Path(self.uploads_path).absolute()
         return self.data_dir / "uploads"
 
     def with_overrides(self, **changes: Any) -> Settings:

@@ -12,9 +12,11 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -237,27 +239,59 @@ def fold(text: str | None) -> str | None:
     return text.upper() if text is not None else None
 
 
+@cache
+def _columns(level: Level) -> tuple[tuple[Attribute, str, str | None], ...]:
+    """(attribute, column, case-folded column) of ``level``, computed once."""
+    return tuple((a, a.column or "", case_folded_column(a)) for a in stored(level))
+
+
 def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     """Index values of ``level`` from a header, by column (unique key included)."""
     values: dict[str, str | None] = {}
-    for attribute in stored(level):
-        values[attribute.column or ""] = _value(header, attribute)
-        folded = case_folded_column(attribute)
+    present = header._dict  # absent tags cost a dict lookup, not a pydicom get()
+    for attribute, column, folded in _columns(level):
+        value = _value(header, attribute) if attribute.tag in present else None
+        values[column] = value
         if folded:
-            values[folded] = fold(values[attribute.column or ""])
+            values[folded] = fold(value)
     return values
 
 
-def _value(header: Dataset, attribute: Attribute) -> str | None:
-    element = header.get(attribute.tag)
-    if element is None:
-        return None
+#: VRs whose values are plain ASCII, whatever the character set: indexed straight from
+#: the raw bytes, without pydicom's conversion and validation (most of a small
+#: instance's extraction time).  The result is what the pydicom path gives.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+_UNDECODED = object()
+
+
+def _raw_text(header: Dataset, attribute: Attribute) -> Any:
+    """An ASCII element's index text from its raw bytes, or ``_UNDECODED``."""
+    raw = header._dict.get(attribute.tag)
+    if (type(raw) is not RawDataElement or attribute.vr not in _ASCII_VRS
+            or raw.VR not in (None, attribute.vr) or not isinstance(raw.value, bytes)):
+        return _UNDECODED
     try:
-        text = _text(element.value)
-    except Exception:
-        # A value that does not decode is indexed as unknown rather than refusing the
-        # whole object: the object itself is stored as sent.
-        return None
+        text = raw.value.decode("ascii")
+    except UnicodeDecodeError:
+        return _UNDECODED
+    if "\\" in text:
+        parts = [part.strip(" \0").strip() for part in text.split("\\")]
+        return "\\".join(parts) if any(parts) else None
+    return text.strip(" \0") or None
+
+
+def _value(header: Dataset, attribute: Attribute) -> str | None:
+    text = _raw_text(header, attribute)
+    if text is _UNDECODED:
+        element = header.get(attribute.tag)
+        if element is None:
+            return None
+        try:
+            text = _text(element.value)
+        except Exception:
+            # A value that does not decode is indexed as unknown rather than refusing
+            # the whole object: the object itself is stored as sent.
+            return None
     if text is not None and attribute.vr in _SEPARATORS:
         # ACR-NEMA style 1997.04.24 / 10:30:00: index the DICOM form so ranges compare.
         text = text.replace(_SEPARATORS[attribute.vr], "")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pacs import metadata
 from pacs.attributes import Level
 from pacs.dataset import Instance, dataset_offset, extract, read_part10, require_uid
 from pacs.errors import DuplicateRejected, NotFound, PacsError, UIDMismatch
@@ -132,10 +133,12 @@ class Ingest:
                 raise DuplicateRejected(
                     "a different object is stored under this SOP Instance UID")
         key = object_key(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
+        prepared = metadata.prepare(instance, data)  # outside the write transaction
         self.store.put(key, io.BytesIO(data), len(data))
         try:
             with self.index.write() as conn:
                 writer.upsert(conn, self._row(instance, key, len(data), checksum, calling_ae))
+                metadata.save(conn, instance.sop_instance_uid, prepared)
         except BaseException:
             self._undo_put(key, existing, previous)
             raise

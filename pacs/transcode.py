@@ -55,7 +55,9 @@ def convert(data: bytes, target: str) -> Dataset:
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         if dataset.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in dataset:
-            dataset.decompress()
+            # Same instance in another transfer syntax: keep its SOP Instance UID
+            # (pydicom 3 generates a new one by default).
+            dataset.decompress(generate_instance_uid=False)
         dataset.file_meta.TransferSyntaxUID = UID(target)
     except Exception as exc:
         raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None

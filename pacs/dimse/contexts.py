@@ -36,9 +36,18 @@ GET_MODELS = {
 }
 
 
+#: Storage transfer syntaxes in our order of preference.  As acceptor pynetdicom takes
+#: the first of *our* list that the requestor proposed, so Explicit VR Little Endian
+#: comes first: objects arrive with their VRs (not Implicit VR, pynetdicom's first), and
+#: a C-GET requestor proposing both receives explicit VR objects as stored instead of
+#: converted (PS3.4 C.4.3; the acceptor picks one proposed syntax, PS3.8 7.1.1.14).
+STORAGE_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *(
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
+
+
 def storage_contexts() -> list[PresentationContext]:
     """One context per storage SOP class, with every transfer syntax."""
-    return [build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return [build_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
             for cx in AllStoragePresentationContexts]
 
 

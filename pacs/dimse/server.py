@@ -23,7 +23,7 @@ from pynetdicom import AE, _config
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.config import Settings
-from pacs.dimse import contexts, handlers, reactor
+from pacs.dimse import contexts, handlers, reactor, retrieve
 from pacs.services import Services, build
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ def configure_pynetdicom() -> None:
     pynetdicom logs C-FIND/C-MOVE identifiers (patient data) by default; turn that off,
     and skip its per-PDU debug handlers, which cost time on every message.  Its
     association threads poll with sleeps; :mod:`pacs.dimse.reactor` makes them block.
+    C-MOVE and C-GET sub-operations are ours (:mod:`pacs.dimse.retrieve`).
     """
     reactor.install()
+    retrieve.install()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
@@ -58,7 +60,11 @@ def make_ae(settings: Settings) -> AE:
     # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.
     ae.require_called_aet = True
     ae.require_calling_aet = list(settings.allowed_calling_aets)
-    ae.supported_contexts = contexts.scp_contexts()
+    # Not ``ae.supported_contexts = ...``: that setter drops the SCU/SCP role flags,
+    # and without them a C-GET requestor's SCP role proposal is refused (PS3.7 D.3.3.4).
+    for context in contexts.scp_contexts():
+        ae.add_supported_context(context.abstract_syntax, context.transfer_syntax,
+                                 scu_role=context.scu_role, scp_role=context.scp_role)
     return ae
 
 
@@ -163,7 +169,10 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
     services = build(settings)
     server = start(services, shared_socket=sock)
     ready.release()
-    stopping.wait()
+    # Poll: a signal the kernel hands to another thread of this process would not
+    # wake a main thread blocked in an untimed wait, and the stop would be lost.
+    while not stopping.wait(0.5):
+        pass
     stop(server)
     services.close()
 

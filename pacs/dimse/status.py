@@ -29,6 +29,26 @@ FIND_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
     (errors.Cancelled, 0xFE00),             # Cancel
 )
 
+#: C-MOVE and C-GET failure statuses (PS3.4 C.4.2.1.5, Table C.4-2; C.4.3.1.4,
+#: Table C.4-3).  Failures of single sub-operations are counted, not mapped here.
+RETRIEVE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
+    (errors.InvalidQuery, 0xA900),        # Identifier does not match SOP Class
+    (errors.IndexFailure, 0xA701),        # Refused: unable to calculate number of matches
+    (errors.QueryLimitExceeded, 0xA701),  # Refused: unable to calculate number of matches
+    (errors.Cancelled, 0xFE00),           # Sub-operations terminated due to Cancel
+)
+MOVE_STATUS = RETRIEVE_STATUS
+GET_STATUS = RETRIEVE_STATUS
+
+#: C-MOVE / C-GET statuses that carry sub-operation counts (PS3.4 Tables C.4-2, C.4-3).
+RETRIEVE_SUCCESS = 0x0000          # all sub-operations complete, no failure or warning
+RETRIEVE_PENDING = 0xFF00          # sub-operations continuing
+RETRIEVE_CANCELLED = 0xFE00        # terminated due to a C-CANCEL
+RETRIEVE_WARNING = 0xB000          # complete, one or more failures or warnings
+SUBOPERATIONS_FAILED = 0xA702      # refused: unable to perform sub-operations
+TOO_MANY_MATCHES = 0xA701          # refused: more matches than the counts can express
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE only: destination not configured
+
 #: An error no table names (a bug): Processing failure (PS3.7 C.5.2).
 PROCESSING_FAILURE = 0x0110
 #: Q/R: Unable to process (PS3.4 Table C.4-1, Cxxx).

@@ -86,8 +86,24 @@ def _initial(conn: apsw.Connection) -> None:
         _create_level(conn, level)
 
 
+def _instance_metadata(conn: apsw.Connection) -> None:
+    """Each instance's DICOM JSON metadata, built at ingest (``pacs.metadata``).
+
+    ``pixel_offset`` / ``pixel_length`` locate the pixel data value in the stored object
+    (length -1: encapsulated), so that WADO-RS cuts frames without parsing the object.
+    Instances stored before this migration get their row on first request.
+    """
+    conn.execute(
+        "CREATE TABLE instance_metadata (\n"
+        "  instance_pk INTEGER PRIMARY KEY REFERENCES instance(pk) ON DELETE CASCADE,\n"
+        "  pixel_offset INTEGER,\n"
+        "  pixel_length INTEGER,\n"
+        "  json TEXT NOT NULL\n"
+        ")")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
-MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (_initial,)
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (_initial, _instance_metadata)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pacs.dataset import valid_uid
@@ -57,6 +58,13 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool:
         """True when the object exists."""
+
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the store keeps local files, else ``None``.
+
+        Lets a sender stream the stored bytes by path (C-MOVE / C-GET) instead of
+        copying them; the path may name a missing file when the object is gone.
+        """
 
     def keys(self) -> Iterator[str]:
         """Every object key of this customer's area."""

@@ -92,6 +92,10 @@ class FileStore:
         """True when the file exists."""
         return self._path(key).is_file()
 
+    def local_path(self, key: str) -> Path:
+        """The object's file (objects are files here)."""
+        return self._path(key)
+
     def keys(self) -> Iterator[str]:
         """Every stored key (temporary files excluded)."""
         if not self.root.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from pacs.errors import NotFound, StorageError
@@ -53,6 +54,10 @@ class MemoryStore:
     def exists(self, key: str) -> bool:
         """True when stored."""
         return key in self.objects
+
+    def local_path(self, key: str) -> Path | None:
+        """No files: objects live in memory."""
+        return None
 
     def keys(self) -> Iterator[str]:
         """A snapshot of the keys."""

@@ -30,6 +30,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 import certifi
@@ -412,6 +413,10 @@ class S3Store:
             except S3Error as exc:
                 if exc.code != "NoSuchBucket":
                     raise
+
+    def local_path(self, key: str) -> Path | None:
+        """No local files: objects are read over HTTP with :meth:`open`."""
+        return None
 
     def keys(self) -> Iterator[str]:
         """Every object key of this customer, without the prefix."""

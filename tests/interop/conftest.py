@@ -11,10 +11,14 @@ Helpers read back what the node wrote: the index (apsw, read-only) and the objec
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ import pytest
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port, testdata, wait_for_port
+from tests.conftest import free_port, sample
 
 #: Called AE title of the node (the default; DESIGN.md section 2).
 AE_TITLE = "INTELPIXEL"
@@ -58,7 +62,12 @@ def dcmtk(tool: str) -> str:
         path = os.path.join(folder, tool)
         if os.path.isfile(path) and os.access(path, os.X_OK) and path not in candidates:
             candidates.append(path)
-    for path in candidates:
+
+    def is_binary(path: str) -> bool:  # dcmtk's are; wrapper scripts are slow to ask
+        with open(path, "rb") as head:
+            return head.read(4) == b"\x7fELF"
+
+    for path in sorted(candidates, key=lambda p: not is_binary(p)):
         try:
             out = subprocess.run([path, "--version"], capture_output=True, text=True,
                                  timeout=10, env=DCMTK_ENV)
@@ -206,34 +215,113 @@ def assert_consistent(data_dir: Path, exact: bool = False) -> dict[str, IndexedI
     return index
 
 
+# --- dcmsend's log ---------------------------------------------------------------------------
+
+# dcmsend -d dumps each incoming C-STORE RSP; its Affected SOP Instance UID and status
+# say which instance the sender saw acknowledged.
+_RSP = re.compile(
+    r"Message Type\s*: C-STORE RSP.*?Affected SOP Instance UID\s*: (?P<uid>[0-9.]+)"
+    r".*?DIMSE Status\s*: 0x(?P<status>[0-9A-Fa-f]{4})", re.S)
+
+
+def acknowledged(log: str) -> set[str]:
+    """SOP Instance UIDs whose C-STORE a ``dcmsend -d`` log shows as successful."""
+    found = set()
+    for block in log.split("INCOMING DIMSE MESSAGE")[1:]:
+        match = _RSP.search(block.split("END DIMSE MESSAGE")[0])
+        if match and int(match.group("status"), 16) == 0:
+            found.add(match.group("uid"))
+    return found
+
+
+class SenderLog:
+    """Collects a running dcmsend's output; ``wait_for(n)`` returns after n successes."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._successes = 0
+        self._target = 0
+        self._reached = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "DIMSE Status" in line and "0x0000" in line:
+                self._successes += 1
+                if self._successes >= self._target:
+                    self._reached.set()
+        self._reached.set()  # the sender ended
+
+    def wait_for(self, successes: int, timeout: float = 120.0) -> None:
+        self._target = successes
+        if self._successes >= successes:
+            return
+        assert self._reached.wait(timeout), "dcmsend made no progress"
+
+    def finish(self, timeout: float = 60.0) -> str:
+        self.process.wait(timeout=timeout)
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+def start_dcmsend(port: int, folder: Path, calling: str = "DCMSEND") -> SenderLog:
+    """``dcmsend -d`` of a folder, running in the background."""
+    process = subprocess.Popen(
+        [dcmtk("dcmsend"), "-d", "-aec", AE_TITLE, "-aet", calling, "+sd", "127.0.0.1",
+         str(port), str(folder)],
+        env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1)
+    return SenderLog(process)
+
+
 # --- test data --------------------------------------------------------------------------
+
+def _uid64(rng: random.Random) -> str:
+    """A random valid UID of exactly 64 characters (under pydicom's root)."""
+    return "1.2.826.0.1.3680043.8.498." + str(rng.randrange(10**37, 10**38))
+
 
 def make_instances(folder: Path, count: int, *, per_series: int = 50,
                    patient_id: str = "INTEROP") -> list[tuple[Path, str]]:
     """Write ``count`` distinct CT instances (CT_small with new UIDs) into ``folder``.
 
     Returns (path, SOP Instance UID) pairs.  A new series every ``per_series`` files.
+    Fast: pydicom encodes one template with 64-character placeholder UIDs, whose bytes
+    are then replaced by other 64-character UIDs (no length changes anywhere).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(testdata("CT_small.dcm"))
+    rng = random.Random()
+    sop_slot, series_slot = "1.2." + "9" * 60, "1.3." + "9" * 60
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
     ds.PatientID = patient_id
-    ds.StudyInstanceUID = generate_uid()
+    ds.StudyInstanceUID = _uid64(rng)
+    ds.SeriesInstanceUID = series_slot
+    ds.SOPInstanceUID = sop_slot
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_slot
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    template = buffer.getvalue()
+    assert template.count(sop_slot.encode()) == 2 and template.count(series_slot.encode()) == 1
     made = []
+    series = ""
     for i in range(count):
         if i % per_series == 0:
-            ds.SeriesInstanceUID = generate_uid()
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
+            series = _uid64(rng)
+        sop = _uid64(rng)
         path = folder / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        made.append((path, str(ds.SOPInstanceUID)))
+        path.write_bytes(template.replace(sop_slot.encode(), sop.encode())
+                         .replace(series_slot.encode(), series.encode()))
+        made.append((path, sop))
     return made
 
 
 def fresh_ct(**changes: object) -> FileDataset:
     """CT_small with new study, series and instance UIDs (and optional changes)."""
-    ds = pydicom.dcmread(testdata("CT_small.dcm"))
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
@@ -244,6 +332,21 @@ def fresh_ct(**changes: object) -> FileDataset:
 
 
 # --- the node ---------------------------------------------------------------------------
+
+def listening(port: int) -> bool:
+    """True when a socket listens on ``port`` (from /proc/net, without connecting)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines)
+                for line in lines:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except OSError:
+            continue
+    return False
+
 
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc."""
@@ -290,6 +393,8 @@ class Node:
         env.update({
             "PACS_DATA_DIR": str(self.data_dir),
             "PACS_DIMSE_PORT": str(self.port),
+            "PACS_WEB_PORT": str(free_port()),
+            "PACS_VIEWER_PORT": str(free_port()),
             "PACS_BIND_ADDRESS": "127.0.0.1",
             "PACS_DIMSE_WORKERS": "2",
             "PACS_LOG_LEVEL": "INFO",
@@ -320,23 +425,23 @@ class Node:
         return self
 
     def _wait_ready(self) -> None:
+        """Wait for the "listening" log line (all workers ready) and the listening socket.
+
+        The port is checked in /proc/net/tcp rather than by connecting: pynetdicom keeps
+        an association whose peer connected and left without a word until the ACSE
+        timeout, which would then hold up every clean stop.
+        """
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"pacs serve exited with {self.proc.returncode} while "
                             f"starting:\n{self.log()}")
-            if " listening on " in self.log(since_start=True):
-                break
+            if " listening on " in self.log(since_start=True) and listening(self.port):
+                return
             time.sleep(0.05)
-        else:
-            self._kill_group()
-            pytest.fail(f"pacs serve did not start listening on port {self.port} within "
-                        f"{START_TIMEOUT} s:\n{self.log()}")
-        try:
-            wait_for_port(self.port, timeout=max(1.0, deadline - time.monotonic()))
-        except TimeoutError as exc:
-            self._kill_group()
-            pytest.fail(f"{exc}:\n{self.log()}")
+        self._kill_group()
+        pytest.fail(f"pacs serve did not listen on port {self.port} within "
+                    f"{START_TIMEOUT} s:\n{self.log()}")
 
     def log(self, since_start: bool = False) -> str:
         """The server log (all runs, or the current run only)."""
@@ -369,7 +474,8 @@ class Node:
         assert self.proc is not None
         self._kill_group()
 
-    def terminate(self, sig: int = signal.SIGTERM, group: bool = False) -> int:
+    def terminate(self, sig: int = signal.SIGTERM, group: bool = False,
+                  timeout: float = STOP_TIMEOUT) -> int:
         """Send SIGTERM (or ``sig``) and require a clean exit (0) within ~15 s.
 
         ``group`` sends it to the whole process group, as a terminal does for Ctrl-C.
@@ -381,10 +487,10 @@ class Node:
         else:
             self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(timeout=STOP_TIMEOUT)
+            code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill_group()
-            pytest.fail(f"pacs serve did not stop within {STOP_TIMEOUT} s of signal "
+            pytest.fail(f"pacs serve did not stop within {timeout} s of signal "
                         f"{sig}:\n{self.log()}")
         assert code == 0, f"pacs serve exited with {code} after signal {sig}:\n{self.log()}"
         self._wait_group_gone(pgid, STOP_TIMEOUT)
@@ -474,7 +580,7 @@ def dcmtk_env() -> dict[str, str]:
     return dict(DCMTK_ENV)
 
 
-__all__ = ["AE_TITLE", "DCMTK_ENV", "IndexedInstance", "Node", "Snapshot",
-           "assert_consistent", "dataset_bytes", "dcmtk", "fresh_ct", "index_counts",
+__all__ = ["AE_TITLE", "DCMTK_ENV", "IndexedInstance", "Node", "SenderLog", "Snapshot",
+           "acknowledged", "assert_consistent", "start_dcmsend", "dataset_bytes", "dcmtk", "fresh_ct", "index_counts",
            "key_of", "make_instances", "read_index", "run_dcmtk", "sha256", "snapshot",
            "stored_objects", "temporaries"]

@@ -1,0 +1,75 @@
+"""What browsers need from a DICOMweb origin: CORS and Cross-Origin-Resource-Policy.
+
+OHIF runs on another origin unless it is proxied, and with cross-origin isolation
+(COEP ``require-corp``) it embeds only resources that opt in with
+``Cross-Origin-Resource-Policy`` (research/dicomweb.md 2.1, item 8).
+
+- ``PACS_CORS_ORIGINS`` empty (the default): no CORS headers.  Any web page a user
+  opens could otherwise read this host's loopback-trusted answers.
+- a comma list of origins: those origins, echoed back with ``Vary: Origin``;
+  ``*``: any origin.
+- Preflights (``OPTIONS`` with ``Access-Control-Request-Method``) get the methods and
+  headers OHIF and dicomweb-client send; responses expose ``Warning`` (QIDO paging),
+  ``Content-Location``, ``Content-Range`` and friends to scripts.
+- Every response carries ``Cross-Origin-Resource-Policy``: ``cross-origin`` when CORS
+  origins are configured, else ``same-site`` (a viewer on another port of the same
+  host is same-site).
+"""
+
+from __future__ import annotations
+
+import falcon
+
+#: Response headers scripts may read (CORS-safelisted ones need not be listed).
+EXPOSE = ("Warning", "Content-Location", "Content-Range", "Content-Type", "Location",
+          "ETag", "Accept-Ranges")
+#: Methods of the DICOMweb services offered here.
+METHODS = "GET, HEAD, POST, OPTIONS"
+#: Request headers a preflight may ask for when it names none of its own.
+REQUEST_HEADERS = "Authorization, Accept, Content-Type, Range, If-None-Match"
+#: Seconds a browser may cache a preflight answer.
+MAX_AGE = "600"
+
+
+class BrowserMiddleware:
+    """CORS (with preflight) and Cross-Origin-Resource-Policy on every response.
+
+    Parameters
+    ----------
+    origins :
+        Allowed origins; ``("*",)`` for any, empty for none.
+    """
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.any_origin = "*" in origins
+        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+        self.resource_policy = "cross-origin" if origins else "same-site"
+
+    def allowed_origin(self, origin: str | None) -> str | None:
+        """The value of Access-Control-Allow-Origin for ``origin``, or ``None``."""
+        if not origin:
+            return None
+        if self.any_origin:
+            return "*"
+        return origin if origin.rstrip("/") in self.origins else None
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        """Add the headers (also to error responses, which scripts must read too)."""
+        resp.set_header("Cross-Origin-Resource-Policy", self.resource_policy)
+        if self.origins:
+            resp.append_header("Vary", "Origin")
+        allowed = self.allowed_origin(req.get_header("Origin"))
+        if allowed is None:
+            return
+        resp.set_header("Access-Control-Allow-Origin", allowed)
+        resp.set_header("Access-Control-Expose-Headers", ", ".join(EXPOSE))
+        if (req_succeeded and req.method == "OPTIONS"
+                and req.get_header("Access-Control-Request-Method")):
+            resp.set_header("Access-Control-Allow-Methods", METHODS)
+            resp.set_header("Access-Control-Allow-Headers",
+                            req.get_header("Access-Control-Request-Headers")
+                            or REQUEST_HEADERS)
+            resp.set_header("Access-Control-Max-Age", MAX_AGE)
+            resp.status = falcon.HTTP_204
+            resp.data = b""

@@ -1,0 +1,122 @@
+"""THE table from exceptions to HTTP statuses and STOW-RS failure reasons.
+
+Registered once with ``app.add_error_handler`` (see :func:`register`): resources raise
+the core's exceptions (:mod:`pacs.errors`) or the adapter's own, and this module alone
+decides the answer.  A client's mistake always gets a 4xx with a short reason; only a
+failure of ours (store, index, a bug) gets a 5xx, and a bug's traceback goes to the log,
+never to the client.  Reasons name attributes, never values (no patient data).
+
+STOW-RS failure reasons (PS3.18 10.5.3, Table 10.5.3-2, which uses the C-STORE codes of
+PS3.4 Table B.2-1) come from the same rows, so a part refused by STOW gets the code a
+C-STORE of the same object would get.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from adapters.dicomweb.multipart import MultipartError
+from pacs import errors
+
+log = logging.getLogger(__name__)
+
+
+class StudyMismatch(errors.InvalidInstance):
+    """A STOW-RS part whose Study Instance UID differs from the one in the URL
+    (PS3.18 10.5.1: every instance must belong to the target study)."""
+
+
+class Unacceptable(errors.PacsError):
+    """The client accepts no media type this resource can answer with (406)."""
+
+
+class UnsupportedMedia(errors.PacsError):
+    """A request body of a media type the resource does not take (415)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one kind of failure is answered."""
+
+    status: str
+    failure_reason: int  # STOW-RS FailureReason (0008,1197)
+    title: str
+
+
+#: Most specific first; the first row whose exception type matches wins.
+TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
+    # A part's study differs from the URL's.  C409 sits in C-STORE's Cxxx "cannot
+    # understand" range; dcm4chee-arc uses the same code for the same case.
+    (StudyMismatch, Outcome(falcon.HTTP_409, 0xC409, "Study Instance UID mismatch")),
+    (errors.InvalidUID, Outcome(falcon.HTTP_400, 0x0117, "Invalid UID")),
+    (errors.UIDMismatch, Outcome(falcon.HTTP_400, 0xA900, "UID mismatch")),
+    (errors.UnreadableData, Outcome(falcon.HTTP_400, 0xC000, "Unreadable data")),
+    (errors.DuplicateRejected, Outcome(falcon.HTTP_409, 0x0111, "Duplicate SOP Instance")),
+    (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
+    (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
+    (errors.InvalidQuery, Outcome(falcon.HTTP_400, 0xC000, "Invalid query")),
+    (errors.NotFound, Outcome(falcon.HTTP_404, 0x0110, "Not found")),
+    (Unacceptable, Outcome(falcon.HTTP_406, 0x0110, "Not acceptable")),
+    (UnsupportedMedia, Outcome(falcon.HTTP_415, 0xC000, "Unsupported media type")),
+    # Too many matches or too long a query: the client must narrow it.
+    (errors.QueryLimitExceeded, Outcome(falcon.HTTP_413, 0xA700, "Query too broad")),
+    (errors.Cancelled, Outcome(falcon.HTTP_503, 0xA700, "Cancelled")),
+    (errors.StorageError, Outcome(falcon.HTTP_503, 0xA700, "Storage unavailable")),
+    (errors.IndexFailure, Outcome(falcon.HTTP_503, 0xA700, "Index unavailable")),
+)
+
+#: Anything else is a bug of ours: Processing failure (PS3.7 C.5.2).
+UNEXPECTED = Outcome(falcon.HTTP_500, 0x0110, "Internal error")
+
+
+def outcome_for(exc: BaseException) -> Outcome:
+    """The row of :data:`TABLE` for ``exc`` (:data:`UNEXPECTED` when none matches)."""
+    return next((outcome for kind, outcome in TABLE if isinstance(exc, kind)), UNEXPECTED)
+
+
+def reason(exc: BaseException) -> str:
+    """The short reason sent to the client (the core's messages carry no values)."""
+    return str(exc) or outcome_for(exc).title
+
+
+def handle(req: falcon.Request, resp: falcon.Response, exc: BaseException,
+           params: Mapping[str, Any]) -> None:
+    """Falcon error handler: answer ``exc`` from :data:`TABLE`.
+
+    Raises
+    ------
+    falcon.HTTPError
+        Always; falcon serializes it with :func:`serialize`.
+    """
+    outcome = outcome_for(exc)
+    if outcome is UNEXPECTED:
+        log.exception("%s %s failed unexpectedly", req.method, req.path)
+        raise falcon.HTTPError(outcome.status, title=outcome.title)
+    if outcome.status.startswith("5"):
+        log.error("%s %s failed: %s", req.method, req.path, exc)
+    headers = {"Retry-After": "5"} if outcome.status == falcon.HTTP_503 else None
+    raise falcon.HTTPError(outcome.status, title=outcome.title, description=reason(exc),
+                           headers=headers)
+
+
+def serialize(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:
+    """Every error body is a small JSON object ``{"title", "description"}``.
+
+    Falcon's default picks the body by the Accept header and sends none when the
+    client asked only for ``multipart/related``; a reason is more useful than nothing.
+    """
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = exc.to_json()
+
+
+def register(app: falcon.App) -> None:
+    """Install the table's handler for every exception and the JSON serializer."""
+    # Falcon's own HTTPError handler stays more specific than this catch-all, so its
+    # errors (unknown route, 405, bad headers) keep their statuses.
+    app.add_error_handler(Exception, handle)
+    app.set_error_serializer(serialize)

@@ -1,0 +1,336 @@
+"""Rendered and thumbnail resources (PS3.18 10.4.1.1.4 and 10.4.1.1.6, Sup 203).
+
+=============================================================  ===========================
+route (below each prefix)                                      what is drawn
+=============================================================  ===========================
+/studies/{study}/rendered, …/thumbnail                         a representative image
+/studies/{study}/series/{series}/rendered, …/thumbnail         a representative image
+/studies/{study}/series/{series}/instances/{instance}          the first frame
+/rendered, …/thumbnail
+…/instances/{instance}/frames/{frames}/rendered, …/thumbnail   the first frame listed
+=============================================================  ===========================
+
+The representative image of a series is its middle image by Instance Number, and of a
+study the middle image of its first series with images (:func:`pacs.metadata
+.representative`): a middle slice shows more than the first one.
+
+Images are drawn for presentation as PS3.18 8.3.5.1 and PS3.3 C.11 describe, with numpy
+and Pillow: the Modality LUT (Rescale Slope / Intercept), then the VOI window (the
+``window`` parameter, else the data set's first Window Center / Width, else the
+frame's own minimum to maximum), linear, linear-exact or sigmoid (VOI LUT Function),
+MONOCHROME1 inverted, colour passed through (palette colour through its LUT), and
+scaled to the ``viewport``.  Parameters (8.3.5.1): ``quality`` (1-100, JPEG),
+``viewport=vw,vh[,sx,sy,sw,sh]`` (crop to the source region, then fit into vw x vh,
+keeping the aspect ratio), ``window=center,width[,function]``; ``annotation`` and
+``iccprofile`` are accepted and ignored.  A thumbnail is the same image fitted into
+:data:`THUMBNAIL_SIZE` unless a viewport is given.
+
+Media types: ``image/jpeg`` (the default, 8.7.4) and ``image/png``; an encapsulated
+document (PDF, CDA…) is returned as itself when its type is accepted.  The ``accept``
+query parameter replaces the Accept header (OHIF sends ``?accept=image/jpeg`` with a
+multipart Accept for thumbnails).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_color_lut
+
+from adapters.dicomweb import accept, wado
+from adapters.dicomweb.accept import MediaRange
+from adapters.dicomweb.errors import Unacceptable
+from pacs import frames as pixels
+from pacs import metadata
+from pacs.errors import InvalidQuery, NotFound, UnreadableData
+from pacs.services import Services
+
+JPEG, PNG = "image/jpeg", "image/png"
+#: Longest side of a thumbnail without a viewport (OHIF's study browser draws ~128 px).
+THUMBNAIL_SIZE = 128
+#: JPEG quality when none is asked for.
+DEFAULT_QUALITY = 90
+#: Largest viewport side accepted (a bound on the memory one request may take).
+MAX_VIEWPORT = 8192
+
+_RESCALE_SLOPE, _RESCALE_INTERCEPT = 0x00281053, 0x00281052
+_WINDOW_CENTER, _WINDOW_WIDTH, _VOI_FUNCTION = 0x00281050, 0x00281051, 0x00281056
+_PHOTOMETRIC, _BITS_STORED = 0x00280004, 0x00280101
+_DOCUMENT, _DOCUMENT_TYPE = "00420011", 0x00420012
+_FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A VOI window (PS3.3 C.11.2.1.2): center, width and function."""
+
+    center: float
+    width: float
+    function: str = "linear"
+
+
+@dataclass(frozen=True)
+class Viewport:
+    """PS3.18 8.3.5.1.3: the output size and an optional source region."""
+
+    width: int
+    height: int
+    region: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """The rendering parameters of one request (PS3.18 8.3.5.1)."""
+
+    quality: int = DEFAULT_QUALITY
+    viewport: Viewport | None = None
+    window: Window | None = None
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(float(p)) for p in text.split(",")]
+    except ValueError:
+        raise InvalidQuery(f"{name}: expected comma-separated numbers") from None
+
+
+def parse_params(req: falcon.Request) -> Params:
+    """The request's rendering parameters; 400 for values out of their range."""
+    quality = DEFAULT_QUALITY
+    if (text := req.get_param("quality")) is not None:
+        values = _ints(text, "quality")
+        if len(values) != 1 or not 1 <= values[0] <= 100:
+            raise InvalidQuery("quality: a number from 1 to 100")
+        quality = values[0]
+    return Params(quality, _viewport(req.get_param("viewport")),
+                  _window(req.get_param("window")))
+
+
+def _viewport(text: str | None) -> Viewport | None:
+    if text is None:
+        return None
+    values = _ints(text, "viewport")
+    if len(values) not in (2, 6) or not all(0 < v <= MAX_VIEWPORT for v in values[:2]):
+        raise InvalidQuery(f"viewport: vw,vh[,sx,sy,sw,sh] with sides 1 to {MAX_VIEWPORT}")
+    region = tuple(values[2:]) if len(values) == 6 else None
+    return Viewport(values[0], values[1], region)  # type: ignore[arg-type]
+
+
+def _window(text: str | None) -> Window | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    function = parts[2].strip().lower() if len(parts) == 3 else "linear"
+    try:
+        center, width = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise InvalidQuery("window: center,width[,function]") from None
+    if len(parts) > 3 or width <= 0 or function not in _FUNCTIONS:
+        raise InvalidQuery("window: width > 0 and function linear, linear-exact or sigmoid")
+    return Window(center, width, function)
+
+
+def choose_media(ranges: Sequence[MediaRange], document: str | None = None) -> str:
+    """The media type to answer with (PS3.18 8.7.4): JPEG unless PNG is preferred; a
+    document's own type for a document; 406 when the client accepts none of them."""
+    offered = (document,) if document else (JPEG, PNG)
+    for media in ranges:
+        if media.multipart:
+            continue  # rendered answers are single images
+        for kind in offered:
+            if media.allows(kind):
+                return kind
+    raise Unacceptable("rendered images are image/jpeg or image/png")
+
+
+# --- drawing --------------------------------------------------------------------------
+
+def voi(values: np.ndarray, window: Window) -> np.ndarray:
+    """PS3.3 C.11.2.1.2: map values through a window to 0..255."""
+    center, width = window.center, window.width
+    if window.function == "sigmoid":
+        out = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif window.function == "linear-exact":
+        out = ((values - center) / width + 0.5) * 255.0
+    else:
+        width = max(width, 1.0)  # C.11.2.1.2.1: width >= 1 for LINEAR
+        out = ((values - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5) * 255.0
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def default_window(doc: dict[str, Any], values: np.ndarray) -> Window:
+    """The data set's first window, else the frame's range (PS3.3 C.11.2)."""
+    center = metadata.value(doc, _WINDOW_CENTER)
+    width = metadata.value(doc, _WINDOW_WIDTH)
+    function = str(metadata.value(doc, _VOI_FUNCTION, "LINEAR")).lower().replace("_", "-")
+    if center is not None and width and width > 0:
+        return Window(float(center), float(width),
+                      function if function in _FUNCTIONS else "linear")
+    low, high = float(values.min()), float(values.max())
+    return Window((low + high) / 2 + 0.5, max(high - low, 1.0) + 1, "linear")
+
+
+def grey(array: np.ndarray, doc: dict[str, Any], window: Window | None) -> np.ndarray:
+    """A monochrome frame to 8 bits for display: Modality LUT, VOI, MONOCHROME1."""
+    slope = float(metadata.value(doc, _RESCALE_SLOPE, 1) or 1)
+    intercept = float(metadata.value(doc, _RESCALE_INTERCEPT, 0) or 0)
+    values = array.astype(np.float32) * slope + intercept
+    out = voi(values, window or default_window(doc, values))
+    if metadata.value(doc, _PHOTOMETRIC) == "MONOCHROME1":
+        out = 255 - out  # PS3.3 C.7.6.3.1.2: minimum is white
+    return out
+
+
+def colour(array: np.ndarray, doc: dict[str, Any]) -> np.ndarray:
+    """A colour frame (RGB after decoding) to 8 bits per sample."""
+    if array.dtype == np.uint8:
+        return array
+    bits = int(metadata.value(doc, _BITS_STORED, 8) or 8)
+    return np.clip(array.astype(np.int64) >> max(bits - 8, 0), 0, 255).astype(np.uint8)
+
+
+def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Image.Image:
+    """Crop to the viewport's source region, then scale into its size (or ``limit``)."""
+    if viewport is not None and viewport.region is not None:
+        sx, sy, sw, sh = viewport.region
+        left, right = sorted((sx, sx + sw))
+        top, bottom = sorted((sy, sy + sh))
+        image = image.crop((left, top, right, bottom))
+        if sw < 0:  # PS3.18 8.3.5.1.3: a negative extent flips the region
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if sh < 0:
+            image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if viewport is not None:
+        width, height = viewport.width, viewport.height
+    elif limit is not None:
+        width = height = limit
+        if image.width <= limit and image.height <= limit:
+            return image
+    else:
+        return image
+    scale = min(width / image.width, height / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
+
+
+def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
+         header: Any = None) -> Image.Image:
+    """A decoded frame as an 8-bit image ready to encode."""
+    photometric = metadata.value(doc, _PHOTOMETRIC, "")
+    if photometric == "PALETTE COLOR" and header is not None:
+        array = apply_color_lut(array, header)
+    if array.ndim == 3:
+        pixels_8 = colour(array[..., :3], doc)
+        image = Image.fromarray(pixels_8, "RGB")
+    else:
+        image = Image.fromarray(grey(array, doc, params.window), "L")
+    return image
+
+
+def encode(image: Image.Image, media: str, quality: int) -> bytes:
+    """JPEG or PNG bytes."""
+    out = io.BytesIO()
+    if media == PNG:
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+# --- resources ------------------------------------------------------------------------
+
+class Rendered:
+    """Rendered (``thumbnail=False``) or Thumbnail resources at every level."""
+
+    def __init__(self, services: Services, thumbnail: bool) -> None:
+        self.services = services
+        self.thumbnail = thumbnail
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, study: str,
+               series: str | None = None, instance: str | None = None,
+               frames: str | None = None) -> None:
+        """The image (or document) of the path, as JPEG or PNG."""
+        ranges = accept.from_request(req)
+        params = parse_params(req)
+        doc = self._document(study, series, instance)
+        parsed = metadata.parse(doc.json)
+        document_type = self._document_type(parsed, instance, frames)
+        media = choose_media(ranges, document_type)
+        if media == document_type:
+            resp.content_type = media
+            resp.data = self._document_bytes(doc)
+            return
+        number = wado.frame_numbers(frames)[0] if frames else 1
+        lay = pixels.layout(doc, parsed)
+        pixels.check_numbers(lay, [number])
+        image = self._image(doc, parsed, number, params)
+        resp.content_type = media
+        resp.data = encode(image, media, params.quality)
+
+    def _document(self, study: str, series: str | None,
+                  instance: str | None) -> metadata.Document:
+        wado.require_uid(study, "StudyInstanceUID")
+        if series is not None:
+            wado.require_uid(series, "SeriesInstanceUID")
+        if instance is None:
+            instance = metadata.representative(self.services.index, study, series)
+        else:
+            wado.require_uid(instance, "SOPInstanceUID")
+        return metadata.documents(self.services.index, self.services.store, study,
+                                  series, instance)[0]
+
+    def _document_type(self, parsed: dict[str, Any], instance: str | None,
+                       frames: str | None) -> str | None:
+        """The MIME type of an encapsulated document instance asked for by itself."""
+        if instance is None or frames is not None or self.thumbnail:
+            return None
+        if _DOCUMENT not in parsed:
+            return None
+        kind = metadata.value(parsed, _DOCUMENT_TYPE)
+        return str(kind).strip().lower() if kind else None
+
+    def _document_bytes(self, doc: metadata.Document) -> bytes:
+        with self.services.store.open(doc.object_key) as stream, \
+                metadata.seekable(stream) as source:
+            try:
+                value = pydicom.dcmread(source).get(0x00420011)
+            except Exception as exc:  # pydicom raises many kinds for malformed input
+                raise UnreadableData(f"stored object does not parse: "
+                                     f"{type(exc).__name__}") from None
+        if value is None or not isinstance(value.value, bytes):
+            raise NotFound("the instance holds no document")
+        data: bytes = value.value
+        # PS3.3 C.24.2.1: an odd-length document was padded with one byte.
+        return data[:-1] if data.endswith(b"\0") else data
+
+    def _image(self, doc: metadata.Document, parsed: dict[str, Any], number: int,
+               params: Params) -> Image.Image:
+        with self.services.store.open(doc.object_key) as stream, \
+                metadata.seekable(stream) as source:
+            array = pixels.decoded(source, number)
+            palette = metadata.value(parsed, _PHOTOMETRIC) == "PALETTE COLOR"
+            header = pixels.read_header(source) if palette else None
+        image = draw(array, parsed, params, header)
+        return fit(image, params.viewport, THUMBNAIL_SIZE if self.thumbnail else None)
+
+
+def add_routes(app: Any, services: Services, prefix: str) -> None:
+    """Register rendered and thumbnail resources at every level under ``prefix``."""
+    study = prefix + "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    frames = instance + "/frames/{frames}"
+    for suffix, thumbnail in (("/rendered", False), ("/thumbnail", True)):
+        resource = Rendered(services, thumbnail)
+        for base in (study, series, instance, frames):
+            app.add_route(base + suffix, resource)
+
+
+__all__ = ["Rendered", "add_routes", "choose_media", "draw", "parse_params", "voi"]

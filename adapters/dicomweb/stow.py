@@ -1,0 +1,254 @@
+"""STOW-RS, the Store Instances transaction (PS3.18 10.5), over the core's ingest path.
+
+The body is read as a stream (:mod:`adapters.dicomweb.multipart`), and each part is
+stored as soon as it has arrived, through :meth:`pacs.ingest.Ingest.store_bytes`: the
+path C-STORE takes, with the same durability (a part is listed as stored only once it
+is fsynced or PUT and its index row committed) and the same failure codes.
+
+Requests (PS3.18 10.5.1):
+
+- ``POST /studies`` and ``POST /studies/{study}`` with
+  ``multipart/related; type="application/dicom"; boundary=…`` (boundary quoted or
+  bare, any chunking); a part without a Content-Type is taken as application/dicom;
+- a single ``application/dicom`` body is taken as one part (a convenience that Google
+  and Microsoft offer and dicomweb-client copes with);
+- with a study in the URL, a part of another study is refused (FailureReason C409)
+  and not stored.
+
+Responses (PS3.18 10.5.3, Store Instances Response Module), always
+``application/dicom+json``: ``200`` when every part was stored, ``202`` when some
+failed, ``409`` when none was stored; ReferencedSOPSequence lists the stored instances
+with their RetrieveURL, FailedSOPSequence (only when not empty) the others with a
+FailureReason from :data:`adapters.dicomweb.errors.TABLE`.  A body that is not
+multipart, or a malformed body before any part completed, is ``400``/``415`` with a
+reason.  If the body breaks after some parts were stored, those stay stored and are
+reported, and the break is one more failure.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import falcon
+import pydicom
+
+from adapters.dicomweb import dicomjson, multipart, urls
+from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
+from adapters.dicomweb.negotiation import accepts_json
+from pacs.dataset import read_part10, valid_uid
+from pacs.errors import InvalidUID
+from pacs.services import Services
+
+log = logging.getLogger(__name__)
+
+#: The only part media type stored (PS3.18 10.5.1.1: binary Part 10 instances).
+DICOM = "application/dicom"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A part stored (or already stored: the same object again is a success)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A part not stored, with whatever UIDs could be read from it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    reason: int
+
+
+@dataclass
+class Report:
+    """The outcome of every part, in the order received."""
+
+    stored: list[Stored] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """No part at all."""
+        return not self.stored and not self.failed
+
+    def status(self) -> str:
+        """200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3.1)."""
+        if not self.failed:
+            return falcon.HTTP_200
+        return falcon.HTTP_202 if self.stored else falcon.HTTP_409
+
+    def response(self, root: str, study: str | None) -> dicomjson.JsonDataset:
+        """The Store Instances Response Module (PS3.18 Table 10.5.3-1) as DICOM JSON."""
+        body: dicomjson.JsonDataset = {}
+        studies = {s.study_uid for s in self.stored}
+        if study is not None or len(studies) == 1:
+            body["00081190"] = dicomjson.constant(
+                "UR", urls.study_url(root, study or next(iter(studies))))
+        if self.failed:
+            body["00081198"] = {"vr": "SQ", "Value": [_failed_item(f) for f in self.failed]}
+        if self.stored:
+            body["00081199"] = {"vr": "SQ", "Value": [_stored_item(s, root)
+                                                      for s in self.stored]}
+        return body
+
+
+def _uid(value: str) -> dicomjson.JsonElement:
+    return dicomjson.constant("UI", value) if value else {"vr": "UI"}
+
+
+def _stored_item(stored: Stored, root: str) -> dicomjson.JsonDataset:
+    return {
+        "00081150": _uid(stored.sop_class_uid),
+        "00081155": _uid(stored.sop_instance_uid),
+        "00081190": dicomjson.constant("UR", urls.instance_url(
+            root, stored.study_uid, stored.series_uid, stored.sop_instance_uid)),
+    }
+
+
+def _failed_item(failed: Failed) -> dicomjson.JsonDataset:
+    # Both UIDs are sent even when unknown: clients read them off every item.
+    return {
+        "00081150": _uid(failed.sop_class_uid),
+        "00081155": _uid(failed.sop_instance_uid),
+        "00081197": dicomjson.constant("US", failed.reason),
+    }
+
+
+def peek_uids(data: bytes) -> tuple[str, str]:
+    """SOP Class and Instance UID of a part, best effort (for failure reports only)."""
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                                 specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        sop_class = str(header.get("SOPClassUID", "") or "").strip("\0 ")
+        sop_instance = str(header.get("SOPInstanceUID", "") or "").strip("\0 ")
+    except Exception:  # an unreadable part is reported without UIDs
+        return "", ""
+    return (sop_class if valid_uid(sop_class) else "",
+            sop_instance if valid_uid(sop_instance) else "")
+
+
+def body_stream(req: falcon.Request) -> multipart.Readable:
+    """The request body; a chunked body has no Content-Length and is read to its end."""
+    return req.bounded_stream if req.content_length is not None else req.stream
+
+
+def single_part(stream: multipart.Readable) -> Iterator[multipart.Part]:
+    """A whole ``application/dicom`` body as one part (spooled, size-limited)."""
+    spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)
+    size = 0
+    while chunk := stream.read(multipart.CHUNK_BYTES):
+        size += len(chunk)
+        if size > multipart.MAX_PART_BYTES:
+            spool.close()
+            raise multipart.MultipartError(
+                f"the body is larger than {multipart.MAX_PART_BYTES} bytes")
+        spool.write(chunk)
+    spool.seek(0)
+    yield multipart.Part({"content-type": DICOM}, spool, size)
+
+
+def parts_of(req: falcon.Request) -> Iterator[multipart.Part]:
+    """The parts of a STOW-RS body, by its Content-Type.
+
+    Raises
+    ------
+    UnsupportedMedia
+        Not multipart/related of application/dicom, nor application/dicom (415).
+    MultipartError
+        No usable boundary (400).
+    """
+    kind, params = multipart.media_type(req.content_type or "")
+    if kind == DICOM:
+        return single_part(body_stream(req))
+    if kind != "multipart/related":
+        raise UnsupportedMedia("STOW-RS takes multipart/related; type=\"application/dicom\"")
+    part_type = multipart.media_type(params.get("type", DICOM))[0]
+    if part_type != DICOM:
+        raise UnsupportedMedia(f"parts of type {part_type} are not supported; "
+                               "send application/dicom")
+    return multipart.read_parts(body_stream(req), multipart.boundary_of(req.content_type or ""))
+
+
+class Store:
+    """``POST /studies`` and ``POST /studies/{study}``.
+
+    Parameters
+    ----------
+    services : Services
+        The ingest path.
+    prefix : str
+        Where the service is mounted (for Retrieve URLs).
+    """
+
+    def __init__(self, services: Services, prefix: str) -> None:
+        self.services = services
+        self.prefix = prefix
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response,
+                study: str | None = None) -> None:
+        """Store Instances (PS3.18 10.5); see the module docstring for the answers."""
+        if study is not None and not valid_uid(study):
+            raise InvalidUID("StudyInstanceUID in the path is not a valid UID")
+        if not accepts_json(req):
+            raise Unacceptable("STOW-RS answers with application/dicom+json only")
+        report = self._store_all(parts_of(req), study)
+        log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
+        resp.status = report.status()
+        resp.content_type = dicomjson.MEDIA_TYPE
+        resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
+
+    def _store_all(self, parts: Iterator[multipart.Part], study: str | None) -> Report:
+        """Store each part as it arrives.
+
+        Raises
+        ------
+        MultipartError
+            A malformed body before any part completed, or a body with no parts.
+        """
+        report = Report()
+        try:
+            for part in parts:
+                try:
+                    self._store_part(part, study, report)
+                finally:
+                    part.close()
+        except multipart.MultipartError as exc:
+            if report.empty:
+                raise
+            log.warning("STOW-RS body broke after %d part(s): %s",
+                        len(report.stored) + len(report.failed), exc)
+            report.failed.append(Failed("", "", outcome_for(exc).failure_reason))
+        if report.empty:
+            raise multipart.MultipartError("the body holds no parts")
+        return report
+
+    def _store_part(self, part: multipart.Part, study: str | None, report: Report) -> None:
+        """Store one part, or record why not (never raises for the part's content)."""
+        data = b""
+        try:
+            if part.content_type not in ("", DICOM):
+                raise UnsupportedMedia(f"a part of type {part.content_type}")
+            data = part.read()
+            if study is not None and read_part10(data).study_uid != study:
+                raise StudyMismatch("the instance belongs to another study than the URL's")
+            result = self.services.ingest.store_bytes(data, calling_ae="")
+        except Exception as exc:  # each part's failure is reported, not raised
+            outcome = outcome_for(exc)
+            if outcome.status.startswith("5"):
+                log.error("STOW-RS part not stored: %s", exc, exc_info=outcome.status
+                          == falcon.HTTP_500)
+            else:
+                log.warning("STOW-RS part refused: %s", exc)
+            report.failed.append(Failed(*peek_uids(data), outcome.failure_reason))
+            return
+        report.stored.append(Stored(result.sop_class_uid, result.sop_instance_uid,
+                                    result.study_uid, result.series_uid))

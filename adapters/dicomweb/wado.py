@@ -1,0 +1,476 @@
+"""WADO-RS, the Retrieve transaction (PS3.18 10.4), over the core's index and store.
+
+=============================================================  ===========================
+route (below each prefix)                                      resource (PS3.18)
+=============================================================  ===========================
+/studies/{study}                                               Study instances (10.4.1.1.1)
+/studies/{study}/series/{series}                               Series instances
+/studies/{study}/series/{series}/instances/{instance}          Instance
+/studies/{study}[/series/{series}[/instances/{instance}]]      Metadata (10.4.1.1.2)
+/metadata
+/studies/{study}/series/{series}/instances/{instance}          Frames (10.4.1.1.3)
+/frames/{frames}
+/studies/{study}/series/{series}/instances/{instance}          Bulkdata (10.4.1.1.5), the
+/bulkdata/{path}                                               BulkDataURIs of the metadata
+…/rendered, …/thumbnail                                        :mod:`.rendered`
+=============================================================  ===========================
+
+Answers:
+
+- instances: ``multipart/related; type="application/dicom"``, one part per instance,
+  each ``Content-Type: application/dicom; transfer-syntax=<UID>``.  The transfer syntax
+  comes from the Accept header (8.7.3.5.1): ``*`` sends the stored bytes; none asked
+  means Explicit VR Little Endian (8.7.3.5.2, Table 8.7.3-2), converted when stored
+  otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
+  streamed from the store, one chunk at a time, and conversions hold one instance;
+- metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
+  (:mod:`pacs.metadata`) with absolute BulkDataURIs for this request's origin;
+- frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
+  type for compressed data asked that way), each part stating
+  ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
+  ``transfer-syntax=*``.  ``type="*/*"`` (dicomweb-client's default) is answered with
+  uncompressed frames, or stored ones when no decoder exists;
+- unknown study, series, instance or frame: ``404``; a malformed UID or frame list:
+  ``400``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+
+from adapters.dicomweb import accept, dicomjson, multipart, urls
+from adapters.dicomweb.accept import ANY, MediaRange
+from adapters.dicomweb.errors import Unacceptable
+from adapters.dicomweb.negotiation import accepts_json
+from pacs import frames as pixels
+from pacs import metadata, transcode
+from pacs.attributes import BY_KEYWORD, Level
+from pacs.dataset import valid_uid
+from pacs.errors import InvalidQuery, NotFound, PacsError, UnreadableData
+from pacs.query.model import Constraint, InstanceRef, Match, Query, Term
+from pacs.services import Services
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+OCTET = "application/octet-stream"
+#: Bytes read from the store per chunk of a streamed instance.
+CHUNK_BYTES = 1 << 20
+#: Most frames in one Retrieve Frames request (a frame list is one URL path segment).
+MAX_FRAMES = 10_000
+
+#: Image media types of compressed transfer syntaxes (PS3.18 Table 8.7.3-5).
+IMAGE_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx", "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+_IMAGE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
+_NATIVE_ASKED = frozenset({str(ExplicitVRLittleEndian), "1.2.840.10008.1.2"})
+
+
+# --- shared by the retrieve resources --------------------------------------------------
+
+def require_uid(value: str, name: str) -> str:
+    """A UID from the path, or 400 (PS3.5 9.1)."""
+    if not valid_uid(value):
+        raise InvalidQuery(f"{name} is not a valid UID")
+    return value
+
+
+def instances(services: Services, study: str, series: str | None = None,
+              instance: str | None = None) -> list[InstanceRef]:
+    """The stored instances a path names, in the index's order; 404 when none.
+
+    The list is small (UIDs and keys), so it is read whole before anything is sent:
+    the status line can still say 404, and no index cursor stays open while a slow
+    client reads a large study.
+    """
+    uids = {"StudyInstanceUID": require_uid(study, "StudyInstanceUID")}
+    if series is not None:
+        uids["SeriesInstanceUID"] = require_uid(series, "SeriesInstanceUID")
+    if instance is not None:
+        uids["SOPInstanceUID"] = require_uid(instance, "SOPInstanceUID")
+    query = Query(level=Level.IMAGE, constraints=tuple(
+        Constraint(BY_KEYWORD[k], (Term(Match.SINGLE, value=v),)) for k, v in uids.items()))
+    found = list(services.engine.instances(query))
+    if not found:
+        raise NotFound("no such study, series or instance")
+    return found
+
+
+def one_document(services: Services, study: str, series: str,
+                 instance: str) -> metadata.Document:
+    """The stored metadata of one instance; 404 when it does not exist."""
+    for uid, name in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"),
+                      (instance, "SOPInstanceUID")):
+        require_uid(uid, name)
+    return metadata.documents(services.index, services.store, study, series, instance)[0]
+
+
+def object_chunks(services: Services, key: str) -> Iterator[bytes]:
+    """A stored object, streamed in :data:`CHUNK_BYTES` chunks.
+
+    Once the status line is sent, a failure can only cut the response short (the
+    client sees a multipart body without its close delimiter); it is logged here
+    because nothing else will report it.
+    """
+    try:
+        with services.store.open(key) as stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                yield chunk
+    except PacsError as exc:
+        log.error("WADO-RS response cut short: object %s: %s", key, exc)
+        raise
+
+
+def send_multipart(resp: falcon.Response, part_type: str,
+                   parts: Iterable[tuple[dict[str, str], bytes | Iterable[bytes]]]) -> None:
+    """Stream ``parts`` as ``multipart/related`` (PS3.18 8.7.3.3)."""
+    boundary = multipart.new_boundary()
+    resp.content_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    resp.stream = multipart.encode(parts, boundary)
+
+
+# --- study, series and instance -------------------------------------------------------
+
+def instance_syntax(ranges: Sequence[MediaRange], stored: str) -> str | None:
+    """The transfer syntax to send an instance stored in ``stored`` in (8.7.3.5.1).
+
+    The first acceptable alternative wins; ``None`` when none can be produced.
+    """
+    for media in ranges:
+        content = media.part_type if media.multipart else media.kind
+        if content not in ("", DICOM, ANY, "application/*"):
+            continue
+        wanted = media.transfer_syntax
+        if wanted == "*":
+            return stored
+        target = wanted or str(ExplicitVRLittleEndian)
+        if transcode.can_convert(stored, target):
+            return target
+    return None
+
+
+class Instances:
+    """Study, series and instance retrieval (PS3.18 10.4.1.1.1)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, study: str,
+               series: str | None = None, instance: str | None = None) -> None:
+        """Every instance under the path, one part each, streamed."""
+        refs = instances(self.services, study, series, instance)
+        ranges = accept.from_request(req)
+        plan = [(ref, instance_syntax(ranges, ref.transfer_syntax)) for ref in refs]
+        if any(syntax is None for _, syntax in plan):
+            raise Unacceptable("no acceptable transfer syntax can be produced for every "
+                               "instance (stored syntaxes convert only to uncompressed)")
+        if instance is not None and _single_part(ranges):
+            ref, syntax = plan[0]
+            resp.content_type = f"{DICOM}; transfer-syntax={syntax}"
+            resp.stream = self._content(ref, str(syntax))
+            return
+        send_multipart(resp, DICOM, ((self._headers(ref, str(syntax)),
+                                      self._content(ref, str(syntax)))
+                                     for ref, syntax in plan))
+
+    def _headers(self, ref: InstanceRef, syntax: str) -> dict[str, str]:
+        headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
+        if syntax == ref.transfer_syntax:
+            headers["Content-Length"] = str(ref.size)
+        return headers
+
+    def _content(self, ref: InstanceRef, syntax: str) -> Iterator[bytes]:
+        """The stored bytes, or one instance converted in memory."""
+        if syntax == ref.transfer_syntax:
+            yield from object_chunks(self.services, ref.object_key)
+            return
+        with self.services.store.open(ref.object_key) as stream:
+            data = stream.read()
+        yield transcode.convert_to_bytes(data, syntax)
+
+
+def _single_part(ranges: Sequence[MediaRange]) -> bool:
+    """True when the best alternative is a bare ``application/dicom`` (no multipart)."""
+    return bool(ranges) and ranges[0].kind == DICOM
+
+
+# --- metadata -------------------------------------------------------------------------
+
+class Metadata:
+    """Retrieve Metadata (PS3.18 10.4.1.1.2) from the JSON prepared at ingest."""
+
+    def __init__(self, services: Services, prefix: str) -> None:
+        self.services = services
+        self.prefix = prefix
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, study: str,
+               series: str | None = None, instance: str | None = None) -> None:
+        """A JSON array with one object per instance."""
+        if not accepts_json(req):
+            raise Unacceptable("metadata is available as application/dicom+json only")
+        for uid, name in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"),
+                          (instance, "SOPInstanceUID")):
+            if uid is not None:
+                require_uid(uid, name)
+        index, store = self.services.index, self.services.store
+        keys = metadata.instance_keys(index, study, series, instance)
+        resp.content_type = dicomjson.MEDIA_TYPE
+        root = urls.service_root(req, self.prefix)
+        if len(keys) <= metadata.BATCH:
+            resp.data = metadata.json_array(metadata.fetch(index, store, keys), root).encode()
+        else:
+            resp.stream = _json_chunks(self.services, keys, root)
+
+
+def _json_chunks(services: Services, keys: Sequence[int], root: str) -> Iterator[bytes]:
+    """A large JSON array read and sent :data:`pacs.metadata.BATCH` objects at a time."""
+    first = True
+    for start in range(0, len(keys), metadata.BATCH):
+        docs = metadata.fetch(services.index, services.store, keys[start:start + metadata.BATCH])
+        if not docs:
+            continue  # deleted meanwhile
+        body = metadata.absolute_bulk_data_uris(",".join(d.json for d in docs), root)
+        yield (b"[" if first else b",") + body.encode()
+        first = False
+    yield b"[]" if first else b"]"
+
+
+# --- frames ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FramePlan:
+    """How frames are sent: as stored or decoded, and each part's media type."""
+
+    stored: bool
+    part_type: str
+    multipart: bool = True
+
+
+def frame_numbers(text: str) -> list[int]:
+    """``1,3,5`` → ``[1, 3, 5]`` (PS3.18 10.4.1.1.3: a comma list of 1-based numbers).
+
+    Raises
+    ------
+    InvalidQuery
+        When the list is empty, malformed, or too long.
+    """
+    parts = text.split(",")
+    if len(parts) > MAX_FRAMES or not all(p.strip().isdigit() for p in parts):
+        raise InvalidQuery("frames must be a comma-separated list of frame numbers")
+    return [int(p) for p in parts]
+
+
+def frame_plan(ranges: Sequence[MediaRange], lay: pixels.Layout) -> FramePlan | None:
+    """Choose how to send an instance's frames (PS3.18 8.7.3.5.2, Table 8.7.3-5).
+
+    ``application/octet-stream`` without a syntax, or with an uncompressed one, gets
+    uncompressed frames (decoded when stored compressed); ``transfer-syntax=*`` or the
+    stored syntax gets the stored frames; ``image/*`` types get stored compressed
+    frames of their kind; ``*/*`` gets uncompressed frames, or stored ones when no
+    decoder exists.
+    """
+    stored = lay.transfer_syntax
+    native_ok = not lay.encapsulated or pixels.can_decode(stored)
+    image = IMAGE_TYPES.get(stored) if lay.encapsulated else None
+    for media in ranges:
+        content = media.part_type if media.multipart else media.kind
+        content = _IMAGE_ALIASES.get(content, content)
+        wanted = media.transfer_syntax
+        # Single part only for a bare octet-stream or image type; */* gets the default.
+        parted = media.multipart or media.kind in (ANY, "application/*")
+        if content in ("", OCTET, ANY, "application/*"):
+            if wanted == "*" or (wanted == stored and lay.encapsulated):
+                return FramePlan(True, OCTET, parted)
+            if (wanted is None or wanted in _NATIVE_ASKED) and native_ok:
+                return FramePlan(False, OCTET, parted)
+            if wanted is None and content == ANY:
+                return FramePlan(True, OCTET, parted)
+        elif (image is not None and content in (image, "image/*", "image/")
+              and wanted in (None, "*", stored)):
+            return FramePlan(True, image, parted)
+    return None
+
+
+class Frames:
+    """Retrieve Frames (PS3.18 10.4.1.1.3)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, study: str, series: str,
+               instance: str, frames: str) -> None:
+        """The listed frames, one part each, in the order asked."""
+        numbers = frame_numbers(frames)
+        doc = one_document(self.services, study, series, instance)
+        lay = pixels.layout(doc)
+        pixels.check_numbers(lay, numbers)
+        plan = frame_plan(accept.from_request(req), lay)
+        if plan is None:
+            raise Unacceptable("the frames cannot be sent in any accepted media type")
+        send_frames(self.services, resp, doc, lay, numbers, plan)
+
+
+def send_frames(services: Services, resp: falcon.Response, doc: metadata.Document,
+                lay: pixels.Layout, numbers: Sequence[int], plan: FramePlan) -> None:
+    """Answer with frames.
+
+    One frame, or a client that refuses multipart, is read before answering (errors
+    still get their status; without multipart the frames are one body, which for
+    native pixel data is the pixel data value itself).  Several frames stream.
+    """
+    if len(numbers) == 1 or not plan.multipart:
+        read = list(_frames(services, doc, lay, numbers, plan.stored))
+        syntax = read[0][1]
+        if not plan.multipart:
+            resp.content_type = f"{plan.part_type}; transfer-syntax={syntax}"
+            resp.data = b"".join(data for data, _ in read)
+            return
+        send_multipart(resp, plan.part_type, [(_frame_headers(plan, syntax, read[0][0]),
+                                               read[0][0])])
+        return
+    send_multipart(resp, plan.part_type, (
+        (_frame_headers(plan, syntax, data), data)
+        for data, syntax in _frames(services, doc, lay, numbers, plan.stored)))
+
+
+def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
+    return {"Content-Type": f"{plan.part_type}; transfer-syntax={syntax}",
+            "Content-Length": str(len(data))}
+
+
+def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
+            numbers: Sequence[int], stored: bool) -> Iterator[tuple[bytes, str]]:
+    """The frames' bytes, read from the object opened once."""
+    with services.store.open(doc.object_key) as stream, metadata.seekable(stream) as source:
+        if stored:
+            yield from pixels.stored_frames(source, lay, numbers)
+        else:
+            yield from pixels.native_frames(source, lay, numbers)
+
+
+# --- bulkdata -------------------------------------------------------------------------
+
+class Bulkdata:
+    """Retrieve Bulkdata (PS3.18 10.4.1.1.5) at the BulkDataURIs of the metadata.
+
+    The path is the element's place in the data set: ``7FE00010`` at the top level,
+    ``00880200/1/7FE00010`` inside item 1 of a sequence.  Pixel data is answered as
+    its frames (as the Frames resource would, one part per frame); any other value as
+    its bytes, little endian, in one ``application/octet-stream`` part (or alone when
+    the client asks for ``application/octet-stream`` without multipart).
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, study: str, series: str,
+               instance: str, path: str) -> None:
+        """The value at ``path``."""
+        steps = _bulk_path(path)
+        doc = one_document(self.services, study, series, instance)
+        ranges = accept.from_request(req)
+        if len(steps) == 1 and steps[0] == 0x7FE00010:
+            lay = pixels.layout(doc)
+            plan = frame_plan(ranges, lay)
+            if plan is None:
+                raise Unacceptable("the pixel data cannot be sent in any accepted type")
+            send_frames(self.services, resp, doc, lay, range(1, lay.frames + 1), plan)
+            return
+        if not any(m.allows(OCTET) for m in ranges):
+            raise Unacceptable("bulk data is sent as application/octet-stream")
+        data = self._value(doc, steps)
+        if not ranges[0].multipart and ranges[0].kind != ANY:
+            resp.content_type = OCTET
+            resp.data = data
+            return
+        send_multipart(resp, OCTET, [({"Content-Type": OCTET,
+                                       "Content-Length": str(len(data))}, data)])
+
+    def _value(self, doc: metadata.Document, steps: Sequence[int]) -> bytes:
+        with self.services.store.open(doc.object_key) as stream, \
+                metadata.seekable(stream) as source:
+            try:
+                dataset = pydicom.dcmread(source)
+            except Exception as exc:  # pydicom raises many kinds for malformed input
+                raise UnreadableData(f"stored object does not parse: "
+                                     f"{type(exc).__name__}") from None
+        return _element_bytes(dataset, steps)
+
+
+def _bulk_path(path: str) -> list[int]:
+    """``00880200/1/7FE00010`` → tags and 1-based item numbers, alternating; 404 if odd."""
+    parts = path.strip("/").split("/")
+    steps: list[int] = []
+    for position, part in enumerate(parts):
+        if position % 2 == 0 and len(part) == 8:
+            try:
+                steps.append(int(part, 16))
+                continue
+            except ValueError:
+                pass
+        elif position % 2 == 1 and part.isdigit() and int(part) >= 1:
+            steps.append(int(part))
+            continue
+        raise NotFound("no such bulk data")
+    if len(steps) % 2 == 0:
+        raise NotFound("no such bulk data")
+    return steps
+
+
+def _element_bytes(dataset: pydicom.Dataset, steps: Sequence[int]) -> bytes:
+    """The encoded value of the element ``steps`` leads to; 404 when absent."""
+    current: Any = dataset
+    for position, step in enumerate(steps):
+        if position % 2 == 0:
+            if step not in current:
+                raise NotFound("no such bulk data")
+            current = current[step]
+            if position + 1 < len(steps):
+                current = current.value
+        else:
+            if step > len(current):
+                raise NotFound("no such bulk data")
+            current = current[step - 1]
+    value = current.value
+    if isinstance(value, bytes):
+        return value
+    raise NotFound("the element holds no bulk data")
+
+
+# --- routes ---------------------------------------------------------------------------
+
+def add_routes(app: Any, services: Services, prefix: str) -> None:
+    """Register every WADO-RS resource under ``prefix`` ("" or "/dicom-web").
+
+    ``app`` is a falcon app, or anything with its ``add_route``.
+    """
+    study = prefix + "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    retrieve, meta = Instances(services), Metadata(services, prefix)
+    for template in (study, series, instance):
+        app.add_route(template, retrieve)
+        app.add_route(template + "/metadata", meta)
+    app.add_route(instance + "/frames/{frames}", Frames(services))
+    app.add_route(instance + "/bulkdata/{path:path}", Bulkdata(services))
+    from adapters.dicomweb import rendered  # it builds on this module's helpers
+
+    rendered.add_routes(app, services, prefix)
+
+
+__all__ = ["Bulkdata", "Frames", "Instances", "Metadata", "add_routes", "frame_numbers",
+           "frame_plan", "instance_syntax"]

@@ -1,0 +1,672 @@
+"""C-MOVE and C-GET SCP (PS3.4 C.4.2, C.4.3): sub-operations that send stored bytes.
+
+Why not pynetdicom's own flow
+-----------------------------
+pynetdicom's Q/R service class takes a ``Dataset`` from the handler for every
+sub-operation, so every instance would be decoded and re-encoded (DESIGN.md sections 3
+and 5: objects are sent as stored), and it sets the Move Originator AE Title of the
+C-STORE sub-operations to its *own* AE title instead of the C-MOVE requestor's (PS3.7
+9.3.1.1).  :class:`RetrieveServiceClass` therefore replaces the two methods that run
+the sub-operations; :func:`install` makes pynetdicom use it for the Patient Root and
+Study Root models.  Its C-FIND is :func:`pacs.dimse.find.serve_find`; the association
+and the DIMSE messages stay pynetdicom's.
+
+How an instance is sent
+-----------------------
+1. As stored, streamed from its file without decoding
+   (``_config.STORE_SEND_CHUNKED_DATASET`` and ``send_c_store(path)``), when the peer
+   accepted a presentation context for its SOP class with the stored transfer syntax.
+   A store without local files (S3) is first copied to a temporary file.
+2. Otherwise converted to an uncompressed syntax the peer accepted, when
+   :func:`pacs.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
+   syntax to the SCP; decompressing is what Orthanc does too).  The converted object is
+   written to a temporary file and streamed the same way: pynetdicom refuses to send a
+   ``Dataset`` whose original encoding (explicit VR) differs from the target (implicit
+   VR), and one send path is simpler than two.
+3. Otherwise the sub-operation fails; the association goes on.
+
+Counts and statuses
+-------------------
+Pending (FF00) after each sub-operation with Remaining / Completed / Failed / Warning
+(PS3.7 9.1.3, 9.1.4); final Success (0000), Warning (B000) with the Failed SOP Instance
+UID List (0008,0058) when some failed, A702 when all failed or the destination refused
+the association, Cancel (FE00) after a C-CANCEL with Remaining = not started.  The
+number of sub-operations is counted before the first one; instances stored meanwhile
+are not sent and instances removed meanwhile count as failed, so the counts always add
+up to the announced total.  Counts are US values, so a retrieve of more than 65,535
+instances is refused (A701) with a comment asking for a lower level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import _config, association, evt
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import QueryRetrieveServiceClass
+
+from pacs import transcode
+from pacs.attributes import Level
+from pacs.dimse import contexts, find
+from pacs.dimse.identifier import to_retrieve_query
+from pacs.dimse.status import (
+    MOVE_DESTINATION_UNKNOWN,
+    RETRIEVE_CANCELLED,
+    RETRIEVE_PENDING,
+    RETRIEVE_STATUS,
+    RETRIEVE_SUCCESS,
+    RETRIEVE_WARNING,
+    SUBOPERATIONS_FAILED,
+    TOO_MANY_MATCHES,
+    status_for,
+)
+from pacs.errors import Cancelled, PacsError
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+    from pynetdicom.events import Event
+
+    from pacs.config import Modality
+    from pacs.query.model import InstanceRef, Query
+    from pacs.services import Services
+    from pacs.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: Sub-operation counts are US (PS3.7 Table 9.3-4/9.3-6): at most 65,535 per request.
+MAX_SUBOPERATIONS = 0xFFFF
+#: Presentation context IDs are odd numbers 1-255 (PS3.8 9.3.2.2): 128 per association.
+MAX_CONTEXTS = 128
+#: Longest value of a short-length VR such as UI in explicit VR (PS3.5 7.1.2).
+_MAX_SHORT_VALUE = 0xFFFE
+#: Temporary files of sub-operations (S3 copies, conversions) are named like this.
+_TMP_PREFIX = "pacs-retrieve-"
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+class Outcome(enum.Enum):
+    """What a C-STORE sub-operation came to (PS3.4 C.4.2.3.1 counts)."""
+
+    COMPLETED = "completed"
+    WARNING = "warning"
+    FAILED = "failed"
+
+
+#: C-STORE statuses a sub-operation counts as a warning (PS3.7 C.4: 0001, 0107, 0116
+#: and Bxxx).  0111 (duplicate SOP instance) too: the destination has the object,
+#: which is what the requestor wanted (Orthanc treats it the same way).
+_WARNING_CODES = frozenset({0x0001, 0x0107, 0x0111, 0x0116})
+
+
+def classify(status: int | None) -> Outcome:
+    """The outcome of a C-STORE sub-operation from its response status.
+
+    Parameters
+    ----------
+    status : int or None
+        The (0000,0900) Status of the C-STORE response; ``None`` when there was no
+        valid response (timeout, abort).
+    """
+    if status == 0x0000:
+        return Outcome.COMPLETED
+    if status is not None and (status in _WARNING_CODES or 0xB000 <= status <= 0xBFFF):
+        return Outcome.WARNING
+    return Outcome.FAILED
+
+
+@dataclass
+class Counts:
+    """Sub-operation counts of one C-MOVE / C-GET (PS3.4 C.4.2.1.6, C.4.3.1.5).
+
+    Attributes
+    ----------
+    total :
+        Sub-operations announced (counted before the first one).
+    completed, warning, failed :
+        Sub-operations finished so far, by outcome.
+    failed_uids :
+        SOP Instance UIDs of the failed ones, for (0008,0058).
+    """
+
+    total: int
+    completed: int = 0
+    warning: int = 0
+    failed: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        """Sub-operations not started yet."""
+        return max(self.total - self.completed - self.warning - self.failed, 0)
+
+    def record(self, outcome: Outcome, sop_uid: str) -> None:
+        """Count one finished sub-operation."""
+        if outcome is Outcome.COMPLETED:
+            self.completed += 1
+        elif outcome is Outcome.WARNING:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(sop_uid)
+
+    def fail_remaining(self) -> None:
+        """Count what was announced but never came (instances removed meanwhile)."""
+        self.failed += self.remaining
+
+    def final_status(self, cancelled: bool) -> int:
+        """The final status (PS3.4 Table C.4-2 / C.4-3).
+
+        A702 when every sub-operation failed, as pynetdicom and dcm4chee answer.
+        """
+        if cancelled:
+            return RETRIEVE_CANCELLED
+        if not self.failed and not self.warning:
+            return RETRIEVE_SUCCESS
+        if self.failed == self.total:
+            return SUBOPERATIONS_FAILED
+        return RETRIEVE_WARNING
+
+
+class _CancelWatch:
+    """Remembers a C-CANCEL for one request.
+
+    pynetdicom's ``is_cancelled`` forgets the C-CANCEL once it has answered true; the
+    query engine and the sub-operation loop both ask, so the answer is kept here.
+    """
+
+    def __init__(self, is_cancelled: Callable[[int], bool], msg_id: int) -> None:
+        self._is_cancelled = is_cancelled
+        self._msg_id = msg_id
+        self.seen = False
+
+    def __call__(self) -> bool:
+        if not self.seen and self._is_cancelled(self._msg_id):
+            self.seen = True
+        return self.seen
+
+
+# -- choosing how to send an instance --------------------------------------------------
+
+def sendable_syntax(assoc: Association, sop_class_uid: str, stored: str) -> str | None:
+    """The transfer syntax to send an instance in over ``assoc``, or ``None``.
+
+    The stored syntax when the peer accepted it for the SOP class with us as the SCU
+    (for C-GET: the requestor took the SCP role, PS3.4 C.4.3.3 and PS3.7 D.3.3.4);
+    else the first uncompressed syntax it accepted that the object can be converted
+    to; else none (the sub-operation fails).
+    """
+    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                if cx.abstract_syntax == sop_class_uid and cx.as_scu}
+    if stored in accepted:
+        return stored
+    for target in transcode.UNCOMPRESSED:
+        if target in accepted and transcode.can_convert(stored, target):
+            return str(target)
+    return None
+
+
+@contextmanager
+def _temporary_file() -> Iterator[Any]:
+    """A temporary file outside the data folder, deleted when the block ends."""
+    with tempfile.NamedTemporaryFile(prefix=_TMP_PREFIX, suffix=".dcm") as tmp:
+        yield tmp
+
+
+@contextmanager
+def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[Path]:
+    """A Part 10 file of ``ref`` in ``syntax``, for pynetdicom to stream.
+
+    The stored file itself when the store has local files and no conversion is
+    needed; otherwise a temporary copy or conversion, deleted afterwards.
+
+    Raises
+    ------
+    NotFound, StorageError
+        The object cannot be read.
+    UnreadableData
+        The conversion failed.
+    """
+    if syntax == ref.transfer_syntax:
+        local = store.local_path(ref.object_key)
+        if local is not None:
+            yield local
+            return
+        with _temporary_file() as tmp, store.open(ref.object_key) as source:
+            shutil.copyfileobj(source, tmp, 1 << 20)
+            tmp.flush()
+            yield Path(tmp.name)
+        return
+    with store.open(ref.object_key) as source:
+        stored = source.read()
+    converted = transcode.convert_to_bytes(stored, syntax)
+    del stored  # the decoded copy is enough; do not hold both until the send ends
+    with _temporary_file() as tmp:
+        tmp.write(converted)
+        tmp.flush()
+        yield Path(tmp.name)
+
+
+def send_instance(assoc: Association, store: ObjectStore, ref: InstanceRef, msg_id: int,
+                  originator: tuple[str, int] | None = None) -> Outcome:
+    """Run one C-STORE sub-operation; never raises.
+
+    Parameters
+    ----------
+    assoc : Association
+        The association to the destination (C-MOVE) or the requestor's (C-GET).
+    store : ObjectStore
+        Where the object is.
+    ref : InstanceRef
+        The instance.
+    msg_id : int
+        Message ID of the C-STORE request.
+    originator : (AE title, Message ID), optional
+        Move Originator AE Title and Message ID (PS3.7 9.3.1.1): the C-MOVE
+        requestor's title and its request's Message ID.  ``None`` for C-GET.
+    """
+    if not assoc.is_established:
+        return Outcome.FAILED
+    syntax = sendable_syntax(assoc, ref.sop_class_uid, ref.transfer_syntax)
+    if syntax is None:
+        log.warning("sub-operation failed: the peer accepted no context for %s in %s "
+                    "or an uncompressed syntax it can be converted to",
+                    UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
+        return Outcome.FAILED
+    aet, move_id = originator if originator else (None, None)
+    try:
+        with object_file(store, ref, syntax) as path:
+            status = assoc.send_c_store(path, msg_id=msg_id, originator_aet=aet,
+                                        originator_id=move_id)
+    except Exception as exc:  # one instance must not end the whole retrieve
+        log.warning("sub-operation failed: %s: %s", type(exc).__name__,
+                    exc if isinstance(exc, PacsError) else "see debug log")
+        log.debug("sub-operation failure for %s", ref.sop_uid, exc_info=True)
+        return Outcome.FAILED
+    return classify(status.get("Status"))
+
+
+# -- C-MOVE destination association --------------------------------------------------
+
+def destination_contexts(classes: Mapping[str, set[str]]) -> list[PresentationContext]:
+    """Presentation contexts to propose to a C-MOVE destination (at most 128).
+
+    One context per transfer syntax, so that each accepted context says exactly which
+    syntax the destination takes: first the stored syntaxes of every SOP class (to send
+    as stored), then Explicit and then Implicit VR Little Endian for every class (to
+    convert to).  Beyond 128 the last are dropped; instances that then have no context
+    fail as sub-operations.
+    """
+    wanted = [(sop_class, syntax) for sop_class, syntaxes in classes.items()
+              for syntax in sorted(syntaxes)]
+    for target in transcode.UNCOMPRESSED:
+        wanted += [(sop_class, target) for sop_class, syntaxes in classes.items()
+                   if target not in syntaxes]
+    if len(wanted) > MAX_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; proposing the first %d",
+                    len(wanted), MAX_CONTEXTS)
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in wanted[:MAX_CONTEXTS]]
+
+
+def _nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY on the destination socket (DESIGN.md section 5)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- handlers bound to EVT_C_MOVE / EVT_C_GET ------------------------------------------
+
+def _not_installed(event: Event, services: Services) -> NoReturn:
+    raise RuntimeError("C-MOVE/C-GET are served by pacs.dimse.retrieve."
+                       "RetrieveServiceClass; call pacs.dimse.retrieve.install()")
+
+
+def handle_move(event: Event, services: Services) -> NoReturn:
+    """EVT_C_MOVE: binds ``services`` for :class:`RetrieveServiceClass`.
+
+    pynetdicom never calls it once :func:`install` has run; if it does, the request is
+    answered with pynetdicom's handler-failure status (C511) instead of pynetdicom's
+    decode-and-re-encode flow.
+    """
+    _not_installed(event, services)
+
+
+def handle_get(event: Event, services: Services) -> NoReturn:
+    """EVT_C_GET: binds ``services`` for :class:`RetrieveServiceClass` (see
+    :func:`handle_move`; pynetdicom's failure status here is C411)."""
+    _not_installed(event, services)
+
+
+# -- the service class -----------------------------------------------------------------
+
+Response = C_MOVE | C_GET
+
+
+class RetrieveServiceClass(QueryRetrieveServiceClass):
+    """Query/Retrieve with our own C-MOVE and C-GET sub-operations (PS3.4 C.4.2, C.4.3).
+
+    The dispatch in ``SCP`` is pynetdicom's; it calls :meth:`_c_find_scp`,
+    :meth:`_move_scp` and :meth:`_get_scp` below.  The :class:`~pacs.services.Services`
+    come from the handler bound to EVT_C_MOVE / EVT_C_GET, so nothing is global.
+    """
+
+    # -- C-FIND --
+
+    def _c_find_scp(self, req: C_FIND, context: PresentationContext) -> None:
+        """C-FIND SCP (PS3.4 C.4.1.2): see :mod:`pacs.dimse.find`."""
+        find.serve_find(self, req, context, self._bound_services(evt.EVT_C_FIND))
+
+    # -- C-MOVE --
+
+    def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+        """C-MOVE SCP (PS3.4 C.4.2.2): sub-operations over a new association.
+
+        =====  ==================================================================
+        FF00   a sub-operation finished, more remain (with the four counts)
+        0000   every sub-operation completed; also when nothing matched
+        B000   finished with failures (Failed SOP Instance UID List) or warnings
+        A702   every sub-operation failed, or the destination refused us
+        A801   the Move Destination is not a configured modality
+        A900   the identifier breaks the retrieve rules (C.4.2.1.4)
+        A701   the index failed, or more than 65,535 instances matched
+        FE00   cancelled by C-CANCEL (Remaining = sub-operations not started)
+        C000   anything else (a bug), with an Error Comment
+        =====  ==================================================================
+        """
+        rsp = self._response(C_MOVE(), req)
+        cx_id = int(context.context_id or 0)
+        try:
+            services = self._bound_services(evt.EVT_C_MOVE)
+            destination = services.settings.destinations.get(
+                str(req.MoveDestination or "").strip())
+            if destination is None:
+                log.warning("C-MOVE from %s refused: move destination %r is not configured",
+                            self.assoc.requestor.ae_title, req.MoveDestination)
+                self._final(rsp, cx_id, context, MOVE_DESTINATION_UNKNOWN,
+                            comment="move destination unknown")
+                return
+            query = self._retrieve_query(req, context, contexts.MOVE_MODELS)
+            cancelled = _CancelWatch(self.is_cancelled, int(req.MessageID or 0))
+            total, classes = _survey(services, query, cancelled)
+            if self._refused_by_count(rsp, cx_id, context, total):
+                return
+            store_assoc = self._associate(destination, classes, services)
+            if store_assoc is None:
+                counts = Counts(total, failed=total)
+                self._final(rsp, cx_id, context, SUBOPERATIONS_FAILED, counts,
+                            comment="move destination refused the association")
+                return
+            try:
+                originator = (str(self.assoc.requestor.ae_title), int(req.MessageID or 0))
+                self._suboperations(rsp, cx_id, context, services, query, total,
+                                    store_assoc, cancelled, originator)
+            finally:
+                if store_assoc.is_established:
+                    store_assoc.release()
+        except Exception as exc:
+            self._failed(rsp, cx_id, context, exc, "C-MOVE")
+
+    def _associate(self, destination: Modality, classes: Mapping[str, set[str]],
+                   services: Services) -> Association | None:
+        """Open the association to the C-MOVE destination, or ``None`` if refused."""
+        store_assoc = self.ae.associate(
+            destination.host, destination.port,
+            contexts=destination_contexts(classes), ae_title=destination.ae_title,
+            max_pdu=services.settings.max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        if store_assoc.is_established:
+            return store_assoc
+        log.warning("C-MOVE destination %s (%s:%d) refused or could not be reached",
+                    destination.ae_title, destination.host, destination.port)
+        # pynetdicom leaves the socket of a rejected association open (its own move
+        # SCP closes it by hand too).
+        sock = store_assoc.dul.socket
+        if sock is not None:
+            sock.close()
+        return None
+
+    # -- C-GET --
+
+    def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+        """C-GET SCP (PS3.4 C.4.3.2): sub-operations over the requestor's association.
+
+        An instance goes in a storage context the requestor accepted with the SCP role
+        for itself (role selection, PS3.7 D.3.3.4).  Statuses as for C-MOVE, without
+        A801; zero matches give 0000.
+        """
+        rsp = self._response(C_GET(), req)
+        cx_id = int(context.context_id or 0)
+        try:
+            services = self._bound_services(evt.EVT_C_GET)
+            query = self._retrieve_query(req, context, contexts.GET_MODELS)
+            cancelled = _CancelWatch(self.is_cancelled, int(req.MessageID or 0))
+            total = services.engine.count(_at_image(query), cancelled=cancelled)
+            if self._refused_by_count(rsp, cx_id, context, total):
+                return
+            self._suboperations(rsp, cx_id, context, services, query, total, self.assoc,
+                                cancelled, originator=None)
+        except Exception as exc:
+            self._failed(rsp, cx_id, context, exc, "C-GET")
+
+    # -- shared --
+
+    def _bound_services(self, event: evt.EventType) -> Services:
+        """The services bound to ``event`` by :func:`pacs.dimse.handlers.bind`."""
+        bound = self.assoc.get_handlers(event)
+        handler, args = bound if isinstance(bound, tuple) else (None, None)
+        if handler is None or not args:
+            raise RuntimeError(f"no services bound to {event.name}")
+        return args[0]  # type: ignore[no-any-return]
+
+    def _retrieve_query(self, req: C_MOVE | C_GET, context: PresentationContext,
+                        models: Mapping[str, str]) -> Query:
+        """The request's identifier as a query (PS3.4 C.4.2.1.4, C.4.3.1.3).
+
+        Raises
+        ------
+        InvalidQuery
+            The identifier breaks the retrieve rules (A900).
+        """
+        syntax = context.transfer_syntax[0]
+        identifier = decode(req.Identifier, syntax.is_implicit_VR,  # type: ignore[arg-type]
+                            syntax.is_little_endian, syntax.is_deflated)
+        return to_retrieve_query(identifier, models[str(req.AffectedSOPClassUID)])
+
+    def _refused_by_count(self, rsp: Response, cx_id: int, context: PresentationContext,
+                          total: int) -> bool:
+        """Answer zero matches (0000) and too many (A701); True when answered."""
+        if total == 0:
+            # Nothing to send: no association to the destination (pynetdicom #436).
+            self._final(rsp, cx_id, context, RETRIEVE_SUCCESS, Counts(0))
+            return True
+        if total > MAX_SUBOPERATIONS:
+            log.warning("retrieve refused: %d instances match, more than %d",
+                        total, MAX_SUBOPERATIONS)
+            self._final(rsp, cx_id, context, TOO_MANY_MATCHES,
+                        comment="more than 65535 instances; retrieve at a lower level")
+            return True
+        return False
+
+    def _suboperations(self, rsp: Response, cx_id: int, context: PresentationContext,
+                       services: Services, query: Query, total: int, peer: Association,
+                       cancelled: _CancelWatch, originator: tuple[str, int] | None) -> None:
+        """Send each instance, with a pending response after each, then the final one.
+
+        At most ``total`` instances are sent (the count announced to the requestor);
+        the requestor's association going away ends the loop silently.
+        """
+        counts = Counts(total)
+        instances = services.engine.instances(_at_image(query), cancelled=cancelled)
+        try:
+            for number, ref in enumerate(islice(instances, total)):
+                if cancelled() or not self.assoc.is_established:
+                    break
+                outcome = send_instance(peer, services.store, ref, _message_id(number),
+                                        originator)
+                counts.record(outcome, ref.sop_uid)
+                if counts.remaining:
+                    self._pending(rsp, cx_id, counts)
+        except Cancelled:
+            pass  # the engine saw the C-CANCEL first; ``cancelled`` remembers it
+        finally:
+            close = getattr(instances, "close", None)
+            if close is not None:
+                close()  # end the SQLite statement now, not at garbage collection
+        if not self.assoc.is_established:
+            return
+        if not cancelled.seen:
+            counts.fail_remaining()
+        status = counts.final_status(cancelled.seen)
+        log.info("%s from %s: %d sub-operations, %d completed, %d warning, %d failed, "
+                 "status %04X", "C-GET" if originator is None else "C-MOVE",
+                 self.assoc.requestor.ae_title, total, counts.completed, counts.warning,
+                 counts.failed, status)
+        self._final(rsp, cx_id, context, status, counts)
+
+    @staticmethod
+    def _response(rsp: Response, req: C_MOVE | C_GET) -> Response:
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        return rsp
+
+    def _pending(self, rsp: Response, cx_id: int, counts: Counts) -> None:
+        """FF00 with the four counts (PS3.4 C.4.2.1.6)."""
+        rsp.Status = RETRIEVE_PENDING
+        rsp.Identifier = None
+        rsp.ErrorComment = None
+        rsp.NumberOfRemainingSuboperations = counts.remaining
+        _set_counts(rsp, counts)
+        self.dimse.send_msg(rsp, cx_id)
+
+    def _final(self, rsp: Response, cx_id: int, context: PresentationContext, status: int,
+               counts: Counts | None = None, comment: str | None = None) -> None:
+        """The final response (PS3.4 C.4.2.1.6, C.4.2.3.1).
+
+        Counts go in every final response that had sub-operations (Remaining only after
+        a cancel); the Failed SOP Instance UID List when some failed.
+        """
+        rsp.Status = status
+        # pynetdicom declares the attribute by assigning None; it takes a str (LO, 64).
+        rsp.ErrorComment = comment[:64] if comment else None  # type: ignore[assignment]
+        rsp.NumberOfRemainingSuboperations = (
+            counts.remaining if counts is not None and status == RETRIEVE_CANCELLED else None)
+        rsp.Identifier = None
+        if counts is not None:
+            _set_counts(rsp, counts)
+            if counts.failed_uids:
+                rsp.Identifier = _failed_list(counts.failed_uids, context.transfer_syntax[0])
+        self.dimse.send_msg(rsp, cx_id)
+
+    def _failed(self, rsp: Response, cx_id: int, context: PresentationContext,
+                exc: BaseException, service: str) -> None:
+        """Answer an error that ended the request before or between sub-operations."""
+        if isinstance(exc, PacsError):
+            log.warning("%s from %s refused: %s", service, self.assoc.requestor.ae_title, exc)
+        else:
+            log.exception("%s from %s failed unexpectedly", service,
+                          self.assoc.requestor.ae_title)
+        if not self.assoc.is_established:
+            return
+        status = status_for(RETRIEVE_STATUS, exc)
+        self._final(rsp, cx_id, context, int(status.Status), comment=status.ErrorComment)
+
+
+def _set_counts(rsp: Response, counts: Counts) -> None:
+    rsp.NumberOfCompletedSuboperations = counts.completed
+    rsp.NumberOfFailedSuboperations = counts.failed
+    rsp.NumberOfWarningSuboperations = counts.warning
+
+
+def _at_image(query: Query) -> Query:
+    """The same constraints, one row per instance (to count sub-operations)."""
+    return dataclasses.replace(query, level=Level.IMAGE, return_keys=())
+
+
+def _message_id(number: int) -> int:
+    """Message ID of the ``number``-th sub-operation: 1-65535, wrapping (US, PS3.7 E.1)."""
+    return number % 0xFFFF + 1
+
+
+def _survey(services: Services, query: Query, cancelled: Callable[[], bool],
+            ) -> tuple[int, dict[str, set[str]]]:
+    """How many instances match, and the stored syntaxes of each SOP class.
+
+    One pass over the index rows (no objects are read): the count for the pending
+    responses and the SOP classes for the destination's presentation contexts.
+    """
+    total = 0
+    classes: dict[str, set[str]] = {}
+    for ref in services.engine.instances(_at_image(query), cancelled=cancelled):
+        total += 1
+        classes.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax)
+    return total, classes
+
+
+def _failed_list(uids: list[str], syntax: UID) -> BytesIO:
+    """The response identifier with (0008,0058) Failed SOP Instance UID List.
+
+    UI has a 2-byte length in explicit VR (PS3.5 7.1.2): when the list is longer than
+    that allows, the first UIDs that fit are sent (and the counts stay exact).
+    """
+    kept = list(uids)
+    if not syntax.is_implicit_VR:
+        size = 0
+        for i, uid in enumerate(kept):
+            size += len(uid) + (1 if i else 0)
+            if size > _MAX_SHORT_VALUE - 1:  # leave room for padding to even length
+                log.warning("Failed SOP Instance UID List shortened to %d of %d UIDs",
+                            i, len(uids))
+                kept = kept[:i]
+                break
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = kept
+    encoded = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian,
+                     syntax.is_deflated)
+    return BytesIO(encoded or b"")
+
+
+# -- installation -----------------------------------------------------------------------
+
+def install() -> None:
+    """Make pynetdicom serve our Q/R models (FIND, MOVE, GET) with :class:`RetrieveServiceClass`.
+
+    The smallest patch that does it: ``pynetdicom.association`` looks the service class
+    up through its module-level name ``uid_to_service_class`` for every request; that
+    name is wrapped once per process.  Also turns on
+    ``_config.STORE_SEND_CHUNKED_DATASET``, so that ``send_c_store(path)`` streams the
+    file's data set as stored (for any caller in this process).
+    """
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        original = association.uid_to_service_class
+        ours = (frozenset(contexts.FIND_MODELS) | frozenset(contexts.MOVE_MODELS)
+                | frozenset(contexts.GET_MODELS))
+
+        def uid_to_service_class(uid: str) -> type:
+            if uid in ours:
+                return RetrieveServiceClass
+            return original(uid)
+
+        association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _installed = True

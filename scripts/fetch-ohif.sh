@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Fetch the prebuilt OHIF v3 viewer and the headless-test tool, into git-ignored folders.
+#
+#   vendor/ohif/dist/   OHIF's production build from the npm tarball of @ohif/app
+#                       (`npm pack` + untar: the tarball already holds dist/, so nothing is
+#                       built and nothing of OHIF's dependency tree is installed);
+#                       ort/ (onnxruntime, AI tools only) and *.map are dropped: 204 MB -> ~59 MB.
+#   vendor/node/        npm playwright-core for tests/interop/test_ohif.py; it drives the
+#                       system's Chromium (Debian `chromium`), so no browser is downloaded.
+#
+# Idempotent: a second run sees the version stamps and returns at once.
+# Versions can be changed with OHIF_VERSION / PLAYWRIGHT_VERSION; `--force` fetches again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OHIF_VERSION="${OHIF_VERSION:-3.13.2}"
+PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.65.1}"
+OHIF_DIR=vendor/ohif
+NODE_DIR=vendor/node
+force=false
+[ "${1:-}" = "--force" ] && force=true
+
+if ! command -v npm >/dev/null 2>&1; then
+    echo "fetch-ohif: npm not found; installing Debian's npm" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm
+fi
+
+# --- OHIF dist ------------------------------------------------------------------------
+stamp="$OHIF_DIR/VERSION"
+if ! $force && [ -f "$OHIF_DIR/dist/index.html" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$OHIF_VERSION" ]; then
+    echo "fetch-ohif: OHIF $OHIF_VERSION present in $OHIF_DIR/dist"
+else
+    echo "fetch-ohif: fetching @ohif/app@$OHIF_VERSION (npm pack, ~48 MB)"
+    mkdir -p "$OHIF_DIR"
+    work="$(mktemp -d "$OHIF_DIR/.fetch-XXXXXX")"
+    trap 'rm -rf "$work"' EXIT
+    (cd "$work" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+    tar -xzf "$work"/ohif-app-*.tgz -C "$work" package/dist
+    rm -rf "$work/package/dist/ort"
+    find "$work/package/dist" -name '*.map' -delete
+    [ -f "$work/package/dist/index.html" ] || { echo "fetch-ohif: no dist/index.html in the tarball" >&2; exit 1; }
+    # Swap in the new dist only once it is complete: an interrupted run leaves the old one.
+    rm -rf "$OHIF_DIR/dist.old"
+    [ -d "$OHIF_DIR/dist" ] && mv "$OHIF_DIR/dist" "$OHIF_DIR/dist.old"
+    mv "$work/package/dist" "$OHIF_DIR/dist"
+    rm -rf "$OHIF_DIR/dist.old" "$work"
+    trap - EXIT
+    echo "$OHIF_VERSION" > "$stamp"
+    echo "fetch-ohif: OHIF $OHIF_VERSION in $OHIF_DIR/dist ($(du -sh "$OHIF_DIR/dist" | cut -f1))"
+fi
+
+# --- playwright-core (test only) ------------------------------------------------------
+installed="$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' \
+    "$NODE_DIR/node_modules/playwright-core/package.json" 2>/dev/null | head -n1 || true)"
+if ! $force && [ "$installed" = "$PLAYWRIGHT_VERSION" ]; then
+    echo "fetch-ohif: playwright-core $PLAYWRIGHT_VERSION present in $NODE_DIR"
+else
+    echo "fetch-ohif: installing playwright-core@$PLAYWRIGHT_VERSION into $NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    # playwright-core never downloads a browser on install (only `playwright` does).
+    npm install --silent --no-audit --no-fund --no-package-lock --prefix "$NODE_DIR" \
+        "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null
+fi

@@ -1,0 +1,222 @@
+"""OHIF v3 in headless Chromium against ``pacs serve``: the study list and the images.
+
+The real parts (DESIGN.md section 7): ``python -m pacs serve`` on free ports with a fresh
+data folder, studies sent with dcmtk's ``dcmsend``, the prebuilt OHIF from
+``vendor/ohif/dist`` and npm ``playwright-core`` from ``vendor/node`` (both fetched by
+``scripts/fetch-ohif.sh``), and Debian's ``chromium``.  ``ohif_check.mjs`` beside this
+file drives the browser; its screenshots, network log and ``results.json`` are kept in
+``artifacts/ohif/`` (git-ignored) for a person to look at.
+
+One study per encoding OHIF must decode in the browser, each stored as sent:
+uncompressed CT (a stack), JPEG baseline, JPEG 2000, and two-frame RLE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.conftest import sample, wait_for_port
+from tests.interop.conftest import AE_TITLE, Node, run_dcmtk
+
+pytestmark = pytest.mark.interop
+
+ROOT = Path(__file__).resolve().parents[2]
+DIST = ROOT / "vendor" / "ohif" / "dist"
+PLAYWRIGHT = ROOT / "vendor" / "node" / "node_modules" / "playwright-core" / "index.mjs"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+SCRIPT = Path(__file__).with_name("ohif_check.mjs")
+ARTIFACTS = ROOT / "artifacts" / "ohif"
+#: Seconds the whole browser session may take (four studies, ~15 s each on 2 cores).
+BROWSER_TIMEOUT = 480
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study sent to the node: what the study list must show, and its encoding."""
+
+    name: str
+    text: str  # the accession number, shown in OHIF's study list
+    uid: str
+    transfer_syntax: str
+
+
+def _retag(ds: pydicom.Dataset, name: str, study_uid: str, series_uid: str) -> None:
+    """Give a test file its own patient, accession and UIDs (test files share UIDs)."""
+    ds.PatientName = f"OHIF^{name.upper()}"
+    ds.PatientID = f"OHIF-{name.upper()}"
+    ds.AccessionNumber = f"ACC{name.upper()}"
+    ds.StudyDescription = f"pacs OHIF check {name}"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+def make_studies(folder: Path) -> list[Study]:
+    """Write the four studies into ``folder``; the pixel data is kept as encoded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    studies = []
+    # Uncompressed CT: a stack of 6 slices 5 mm apart, so OHIF builds a volume-able series.
+    study_uid, series_uid = generate_uid(), generate_uid()
+    for i in range(6):
+        ds = pydicom.dcmread(sample("CT_small.dcm"))
+        _retag(ds, "ct", study_uid, series_uid)
+        ds.InstanceNumber = i + 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * i]
+        ds.SliceLocation = z + 5.0 * i
+        ds.save_as(folder / f"ct{i}.dcm", enforce_file_format=True)
+    studies.append(Study("ct", "ACCCT", study_uid, "1.2.840.10008.1.2.1"))
+    for name, file in (("jpeg", "SC_rgb_jpeg_dcmtk.dcm"), ("j2k", "JPEG2000.dcm"),
+                       ("rle", "SC_rgb_rle_2frame.dcm")):
+        ds = pydicom.dcmread(sample(file))
+        study_uid = generate_uid()
+        _retag(ds, name, study_uid, generate_uid())
+        ds.save_as(folder / f"{name}.dcm", enforce_file_format=True)
+        studies.append(Study(name, f"ACC{name.upper()}", study_uid,
+                             str(ds.file_meta.TransferSyntaxUID)))
+    return studies
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET's status, headers (lower-case names) and body; errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def require_tools() -> str:
+    """The node binary; fail (not skip: CI installs these) when a part is missing."""
+    node = shutil.which("node")
+    missing = [what for what, ok in (
+        ("node (npm)", node is not None),
+        (f"OHIF dist at {DIST}", (DIST / "index.html").is_file()),
+        (f"playwright-core at {PLAYWRIGHT}", PLAYWRIGHT.is_file()),
+        (f"Chromium at {CHROMIUM}", CHROMIUM.is_file()),
+    ) if not ok]
+    if missing:
+        pytest.fail(f"missing: {', '.join(missing)}; run scripts/fetch-ohif.sh and "
+                    "apt-get install chromium (scripts/test.sh does both)")
+    assert node is not None
+    return node
+
+
+@pytest.fixture(scope="module")
+def viewer_node(node_factory: Callable[..., Node]) -> Node:
+    """A node with the viewer on its own free port."""
+    require_tools()
+    node = node_factory("ohif", PACS_VIEWER_DIST=str(DIST))
+    wait_for_port(int(node.env["PACS_VIEWER_PORT"]), timeout=60)
+    return node
+
+
+@pytest.fixture(scope="module")
+def base_url(viewer_node: Node) -> str:
+    return f"http://127.0.0.1:{viewer_node.env['PACS_VIEWER_PORT']}"
+
+
+@pytest.fixture(scope="module")
+def studies(viewer_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[Study]:
+    """The four studies, sent with dcmsend and stored with their transfer syntaxes."""
+    folder = tmp_path_factory.mktemp("ohif-data")
+    made = make_studies(folder)
+    sent = run_dcmtk("dcmsend", "-aec", AE_TITLE, "-aet", "OHIFTEST", "+sd", "127.0.0.1",
+                     str(viewer_node.port), str(folder), timeout=120)
+    assert sent.returncode == 0, sent.stdout
+    stored = {(row.study_uid, row.transfer_syntax) for row in viewer_node.index().values()}
+    for study in made:
+        assert (study.uid, study.transfer_syntax) in stored, (study, stored)
+    return made
+
+
+@pytest.fixture(scope="module")
+def ohif(viewer_node: Node, base_url: str, studies: list[Study]) -> dict[str, Any]:
+    """Run the browser once over every study; its ``results.json``."""
+    node = require_tools()
+    if ARTIFACTS.exists():
+        shutil.rmtree(ARTIFACTS)
+    ARTIFACTS.mkdir(parents=True)
+    env = {**os.environ, "BASE_URL": base_url, "OUT": str(ARTIFACTS),
+           "PLAYWRIGHT_CORE": str(PLAYWRIGHT), "CHROMIUM": str(CHROMIUM),
+           "STUDIES": json.dumps([{"name": s.name, "uid": s.uid, "text": s.text}
+                                  for s in studies])}
+    run = subprocess.run([node, str(SCRIPT)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=BROWSER_TIMEOUT, stdin=subprocess.DEVNULL)
+    (ARTIFACTS / "check.log").write_text(run.stdout + run.stderr)
+    results_file = ARTIFACTS / "results.json"
+    assert results_file.exists(), f"the browser check wrote no results:\n{run.stdout}{run.stderr}"
+    results: dict[str, Any] = json.loads(results_file.read_text())
+    results["log"] = run.stdout + run.stderr
+    return results
+
+
+def _failures(results: dict[str, Any]) -> str:
+    """The failed DICOMweb requests, one per line, for assertion messages."""
+    return "\n".join(f"{r['status'] or r['failure']} {r['path']} (Accept: {r['accept']})"
+                     for r in results.get("failedRequests", []))
+
+
+@pytest.mark.timeout(120)
+def test_viewer_port_serves_ohif_with_our_config(base_url: str) -> None:
+    status, headers, body = get(base_url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"app-config.js" in body
+    # Client-side routes get index.html; a missing asset is a real 404.
+    assert get(base_url + "/viewer/dicomweb")[2] == body
+    assert get(base_url + "/no-such-bundle.js")[0] == 404
+    status, headers, config = get(base_url + "/app-config.js")
+    assert status == 200 and headers["cache-control"] == "no-store"
+    assert b"qidoRoot: '/dicom-web'" in config and b"http" not in config  # no remote server
+    wasm = next(DIST.glob("*.wasm")).name
+    status, headers, _ = get(f"{base_url}/{wasm}")
+    assert status == 200 and headers["content-type"] == "application/wasm"
+    status, headers, body = get(base_url + "/dicom-web/studies")
+    assert status == 200 and headers["content-type"] == "application/dicom+json"
+    assert isinstance(json.loads(body), list)
+
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+def test_study_list_shows_every_study(ohif: dict[str, Any], studies: list[Study]) -> None:
+    listed = ohif["studyList"]["listed"]
+    assert listed == {s.name: True for s in studies}, (
+        f"{listed}\nfailed requests:\n{_failures(ohif)}\n{ohif['log']}")
+    assert ohif["studyList"]["errors"] == []
+    assert (ARTIFACTS / "study-list.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+@pytest.mark.parametrize("name", ["ct", "jpeg", "j2k", "rle"])
+def test_viewer_draws_the_image(ohif: dict[str, Any], name: str) -> None:
+    study = ohif["studies"][name]
+    assert study.get("exception") is None, f"{study}\n{_failures(ohif)}"
+    canvas = study["canvas"]
+    assert canvas and canvas["nonBlack"] > 500 and canvas["distinctRed"] > 10, (
+        f"blank canvas: {canvas}\nfailed requests:\n{_failures(ohif)}")
+    assert study["errors"] == [], f"error text on the page: {study['errors']}"
+    assert (ARTIFACTS / f"viewer-{name}.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+def test_every_dicomweb_request_of_ohif_succeeded(ohif: dict[str, Any]) -> None:
+    assert ohif["failedRequests"] == [], f"failed requests:\n{_failures(ohif)}"
+
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+def test_ohif_stays_on_this_host(ohif: dict[str, Any]) -> None:
+    assert ohif["blocked"] == [], "OHIF tried to reach other hosts"

@@ -1,0 +1,397 @@
+"""QIDO-RS through falcon's test client over real services (index, ingest, engine).
+
+What OHIF and dicomweb-client send (research/dicomweb.md, shared/ohif/requests) and
+what PS3.18 10.6 asks of the answers.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from falcon import testing
+
+from adapters.dicomweb.app import create_app
+from pacs.services import Services
+from tests.service.sample_studies import Archive, load
+
+JSON = "application/dicom+json"
+
+#: JSON keys of PS3.18 Table 10.6.3-3 (study defaults) that the index holds or computes.
+STUDY_DEFAULT_KEYS = {
+    "00080005", "00080020", "00080030", "00080050", "00080056", "00080061", "00080090",
+    "00080201", "00081190", "00100010", "00100020", "00100030", "00100040", "0020000D",
+    "00200010", "00201206", "00201208",
+}
+#: Table 10.6.3-4 (series defaults), without the Request Attributes Sequence.
+SERIES_DEFAULT_KEYS = {"00080005", "00080060", "00080201", "0008103E", "00081190", "0020000E",
+                       "00200011", "00201209", "00400244", "00400245"}
+#: Table 10.6.3-5 (instance defaults).
+INSTANCE_DEFAULT_KEYS = {"00080005", "00080016", "00080018", "00080056", "00080201",
+                         "00081190", "00200013", "00280010", "00280011", "00280100",
+                         "00280008"}
+
+
+@pytest.fixture
+def archive(services: Services) -> Archive:
+    return load(services)
+
+
+@pytest.fixture
+def client(services: Services, archive: Archive) -> testing.TestClient:
+    return testing.TestClient(create_app(services))
+
+
+Get = Callable[..., testing.Result]
+
+
+@pytest.fixture
+def get(client: testing.TestClient) -> Get:
+    """GET with a raw query string (exactly as a client encodes it)."""
+    def run(path: str, query: str = "", **kwargs: Any) -> testing.Result:
+        return client.simulate_get(path, query_string=query, **kwargs)
+
+    return run
+
+
+def values(result: testing.Result, key: str) -> list[Any]:
+    """The first value of ``key`` in each returned object."""
+    assert result.status_code == 200, result.text
+    return [item[key]["Value"][0] for item in result.json if "Value" in item[key]]
+
+
+def study_uids(result: testing.Result) -> set[str]:
+    return set(values(result, "0020000D"))
+
+
+# --- the answer's form -------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["", "/dicom-web"])
+def test_studies_answer_is_dicom_json_at_both_roots(get: Get, archive: Archive,
+                                                    prefix: str) -> None:
+    result = get(f"{prefix}/studies")
+    assert result.status_code == 200
+    assert result.headers["Content-Type"] == JSON
+    assert study_uids(result) == {s.uid for s in archive.studies.values()}
+    assert result.headers.get("Cross-Origin-Resource-Policy") == "same-site"
+
+
+def test_study_defaults_and_computed_attributes(get: Get, archive: Archive) -> None:
+    chest = archive["chest"]
+    (item,) = get("/studies", f"StudyInstanceUID={chest.uid}").json
+    assert STUDY_DEFAULT_KEYS <= set(item)
+    assert item["00080061"] == {"vr": "CS", "Value": ["CT", "SR"]}
+    assert item["00201206"] == {"vr": "IS", "Value": [2]}
+    assert item["00201208"] == {"vr": "IS", "Value": [4]}
+    assert item["00080005"]["Value"] == ["ISO_IR 192"]
+    assert item["00080056"]["Value"] == ["ONLINE"]
+    assert item["00081190"]["Value"][0].endswith(f"/studies/{chest.uid}")
+    assert item["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "DOE^JOHN"}]}
+    # Empty and unknown values have no "Value" (PS3.18 F.2.5).
+    assert item["00080090"] == {"vr": "PN"}
+    assert list(item) == sorted(item), "keys in tag order"
+
+
+def test_person_name_groups_and_utf8(get: Get, archive: Archive) -> None:
+    result = get("/studies", "PatientID=P3")
+    assert "Διονύσιος".encode() in result.content  # UTF-8, not \\u escapes
+    (item,) = result.json
+    assert item["00100010"]["Value"] == [{"Alphabetic": "Διονύσιος^Ανδρέας",
+                                          "Ideographic": "山田^太郎",
+                                          "Phonetic": "やまだ^たろう"}]
+
+
+def test_numbers_are_json_numbers(get: Get, archive: Archive) -> None:
+    chest = archive["chest"]
+    series = get(f"/studies/{chest.uid}/series").json
+    assert sorted(s["00200011"]["Value"][0] for s in series) == [1, 2]
+    assert sorted(s["00201209"]["Value"][0] for s in series) == [1, 3]
+    instances = get(f"/studies/{chest.uid}/series/{chest.series[0].uid}/instances").json
+    assert {i["00280010"]["Value"][0] for i in instances} == {128}
+    assert sorted(i["00200013"]["Value"][0] for i in instances) == [1, 2, 3]
+
+
+# --- matching: the same rules as C-FIND -------------------------------------------------
+
+@pytest.mark.parametrize("query, expected", [
+    ("PatientID=P1", {"chest", "head"}),
+    ("00100020=P1", {"chest", "head"}),  # by tag, as OHIF sends PatientID
+    ("PatientName=DOE*", {"chest", "head", "knee"}),  # PN is case-insensitive
+    ("PatientName=doe%2A", {"chest", "head", "knee"}),  # %2A is *
+    ("PatientName=D?E^J*", {"chest", "head", "knee"}),
+    ("PatientName=SMITH^ANNA", {"blank"}),
+    ("StudyDate=20150101-20151231", {"chest", "knee", "blank"}),  # empty date matches
+    ("StudyDate=20160101-", {"head", "greek", "blank"}),
+    ("StudyDate=-20150310", {"chest", "blank"}),
+    ("AccessionNumber=ACC1", {"chest", "blank"}),  # a required key unknown: matches
+    ("StudyDescription=*chest*", {"chest"}),
+    ("ModalitiesInStudy=CT", {"chest", "greek"}),
+    ("00080061=MR", {"head", "knee"}),
+    ("Modality=SR", {"chest"}),  # relational: a study with an SR series
+    ("SOPClassUID=1.2.840.10008.5.1.4.1.1.7", {"blank"}),
+    ("PatientName=", {"chest", "head", "knee", "greek", "blank"}),  # universal
+    ("PatientName=*", {"chest", "head", "knee", "greek", "blank"}),
+])
+def test_study_matching(get: Get, archive: Archive, query: str, expected: set[str]) -> None:
+    assert study_uids(get("/studies", query)) == {archive[n].uid for n in expected}
+
+
+@pytest.mark.parametrize("separator", [",", "%2C", "%5C", "\\"])
+def test_uid_lists_with_comma_or_backslash(get: Get, archive: Archive, separator: str) -> None:
+    uids = [archive["chest"].uid, archive["knee"].uid]
+    result = get("/studies", f"StudyInstanceUID={separator.join(uids)}")
+    assert study_uids(result) == set(uids)
+
+
+def test_repeated_match_parameter_is_a_list(get: Get, archive: Archive) -> None:
+    result = get("/studies", "PatientID=P2&PatientID=P3")
+    assert study_uids(result) == {archive["knee"].uid, archive["greek"].uid}
+
+
+def test_fuzzy_matching_is_a_prefix_of_any_name_component(get: Get, archive: Archive) -> None:
+    assert study_uids(get("/studies", "PatientName=jo")) == set()
+    result = get("/studies", "PatientName=jo&fuzzymatching=true")
+    assert study_uids(result) == {archive["chest"].uid, archive["head"].uid}
+    result = get("/studies", "PatientName=ann&fuzzymatching=true")
+    assert study_uids(result) == {archive["blank"].uid}
+
+
+def test_empty_value_matching(get: Get, archive: Archive) -> None:
+    result = get("/studies", 'AccessionNumber=""&emptyvaluematching=true')
+    assert study_uids(result) == {archive["blank"].uid}
+
+
+def test_ohif_study_list_request(get: Get, archive: Archive) -> None:
+    query = ("limit=101&offset=0&fuzzymatching=true"
+             "&includefield=00081030%2C00080060%2C00080090%2C00100030")
+    result = get("/dicom-web/studies", query, headers={"Accept": JSON})
+    assert result.headers["Content-Type"] == JSON
+    assert len(result.json) == 5
+    assert all("00081030" in item for item in result.json)
+    assert "Warning" not in result.headers
+    filtered = get("/dicom-web/studies", "PatientName=*OHIF*&" + query)
+    assert filtered.status_code == 200 and filtered.json == []
+
+
+# --- includefield ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("query", [
+    "includefield=StudyDescription&includefield=00081060",
+    "includefield=StudyDescription,00081060",
+    "includefield=StudyDescription%2C00081060",
+    "includefield=00081030,NameOfPhysiciansReadingStudy",
+])
+def test_includefield_repeated_or_comma_list(get: Get, archive: Archive, query: str) -> None:
+    items = get("/studies", query).json
+    assert all({"00081030", "00081060"} <= set(item) for item in items)
+    assert "00081030" not in get("/studies").json[0], "not a default attribute"
+
+
+def test_includefield_all(get: Get, archive: Archive) -> None:
+    item = get(f"/studies/{archive['chest'].uid}/series", "includefield=all").json[0]
+    assert {"0008103E", "00180015", "00080070", "00100010", "00081030"} <= set(item)
+
+
+def test_includefield_of_an_unindexed_attribute_is_ignored(get: Get, archive: Archive) -> None:
+    result = get("/studies", "includefield=00181030,BodyPartThickness")
+    assert result.status_code == 200 and len(result.json) == 5
+
+
+# --- the six resources ------------------------------------------------------------------
+
+def test_series_of_a_study_and_all_series(get: Get, archive: Archive) -> None:
+    chest = archive["chest"]
+    nested = get(f"/studies/{chest.uid}/series")
+    assert set(values(nested, "0020000E")) == {s.uid for s in chest.series}
+    assert all(SERIES_DEFAULT_KEYS <= set(item) for item in nested.json)
+    assert all("00100010" not in item for item in nested.json)
+    assert nested.json[0]["00081190"]["Value"][0].endswith(
+        f"/studies/{chest.uid}/series/{nested.json[0]['0020000E']['Value'][0]}")
+    everything = get("/series", "Modality=MR")
+    assert set(values(everything, "0020000E")) == {
+        se.uid for st, se in archive.all_series() if se.modality == "MR"}
+    # Across studies, each series comes with its study's attributes (PS3.18 10.6.3.3).
+    assert all((STUDY_DEFAULT_KEYS | SERIES_DEFAULT_KEYS) - {"00080056"} <= set(item)
+               for item in everything.json)
+
+
+def test_instances_at_three_depths(get: Get, archive: Archive) -> None:
+    chest = archive["chest"]
+    ct = chest.series[0]
+    of_series = get(f"/studies/{chest.uid}/series/{ct.uid}/instances")
+    assert set(values(of_series, "00080018")) == set(ct.instances)
+    assert all(INSTANCE_DEFAULT_KEYS <= set(item) for item in of_series.json)
+    url = of_series.json[0]["00081190"]["Value"][0]
+    assert url.endswith(f"/studies/{chest.uid}/series/{ct.uid}/instances/"
+                        f"{of_series.json[0]['00080018']['Value'][0]}")
+    of_study = get(f"/dicom-web/studies/{chest.uid}/instances")
+    assert set(values(of_study, "00080018")) == set(chest.instances)
+    everything = get("/instances", "PatientID=P1&Modality=MR")
+    assert set(values(everything, "00080018")) == set(archive["head"].instances)
+
+
+def test_unknown_study_or_series_in_path_is_404(get: Get, archive: Archive) -> None:
+    assert get("/studies/1.2.3.4/series").status_code == 404
+    assert get("/studies/1.2.3.4/instances").status_code == 404
+    chest, head = archive["chest"], archive["head"]
+    # A series of another study is not a series of this one.
+    path = f"/studies/{chest.uid}/series/{head.series[0].uid}/instances"
+    assert get(path).status_code == 404
+    # An existing study without matches is an empty answer, not a missing resource.
+    result = get(f"/studies/{chest.uid}/series", "Modality=MR")
+    assert result.status_code == 200 and result.json == []
+
+
+# --- paging -----------------------------------------------------------------------------
+
+def test_paging_is_stable_and_warns_when_cut(get: Get, archive: Archive) -> None:
+    everything = [i["0020000D"]["Value"][0] for i in get("/studies").json]
+    pages: list[str] = []
+    for offset in range(0, 6, 2):
+        result = get("/studies", f"limit=2&offset={offset}")
+        pages += [i["0020000D"]["Value"][0] for i in result.json]
+        remaining = 5 - offset - len(result.json)
+        if remaining > 0:
+            assert result.headers["Warning"] == (
+                f"299 falconframework.org: There are {remaining} additional results "
+                f"that can be requested")
+        else:
+            assert "Warning" not in result.headers
+    assert pages == everything, "pages are disjoint, complete, in one order"
+    assert get("/studies", "offset=5").json == []
+    assert get("/studies", "offset=500").status_code == 200
+
+
+def test_default_limit_and_maximum(make_services: Callable[..., Services]) -> None:
+    services = make_services(qido_default_limit=2, query_max_rows=3)
+    load(services)
+    client = testing.TestClient(create_app(services))
+    result = client.simulate_get("/studies")
+    assert len(result.json) == 2 and "3 additional" in result.headers["Warning"]
+    result = client.simulate_get("/studies", query_string="limit=100")
+    assert len(result.json) == 3 and "2 additional" in result.headers["Warning"]
+
+
+# --- client mistakes: 4xx with a reason, never 500 ----------------------------------------
+
+@pytest.mark.parametrize("query, status", [
+    ("limit=abc", 400),
+    ("limit=0", 400),
+    ("offset=-1", 400),
+    ("fuzzymatching=maybe", 400),
+    ("NotAKeyword=1", 400),
+    ("FFFF0000=1", 400),
+    ("BodyPartThickness=10", 400),  # a DICOM attribute we do not index
+    ("ReferencedStudySequence.ReferencedSOPInstanceUID=1.2", 400),
+    ("StudyDate=20150101-20140101", 400),
+    ("StudyDate=2015-01-01", 400),
+    ("includefield=NotAKeyword", 400),
+    ("StudyInstanceUID=", 200),
+    ("SpecificCharacterSet=ISO_IR%20100", 200),  # never matched (as in C-FIND)
+])
+def test_bad_parameters(get: Get, archive: Archive, query: str, status: int) -> None:
+    result = get("/studies", query)
+    assert result.status_code == status, result.text
+    if status == 400:
+        assert result.json["description"]
+
+
+def test_malformed_uid_in_path_is_400(get: Get, archive: Archive) -> None:
+    result = get("/studies/not-a-uid/series")
+    assert result.status_code == 400 and "valid UID" in result.json["description"]
+
+
+def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
+    xml = get("/studies", headers={"Accept": 'multipart/related; type="application/dicom+xml"'})
+    assert xml.status_code == 406
+    for accept in ("application/json", "*/*", "application/dicom+json, application/json",
+                   "application/dicom+json; q=0.9, */*; q=0.1"):
+        result = get("/studies", headers={"Accept": accept})
+        assert result.status_code == 200 and result.headers["Content-Type"] == JSON
+
+
+def test_unknown_route_is_404(get: Get) -> None:
+    assert get("/patients").status_code == 404
+    assert get("/dicom-web/studies/1.2.3/frames").status_code == 404
+
+
+# --- access and browsers ------------------------------------------------------------------
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def guarded(make_services: Callable[..., Services]) -> Iterator[testing.TestClient]:
+    services = make_services(web_user="alice", web_password="s3cret", web_token="tok-123")
+    load(services)
+    yield testing.TestClient(create_app(services))
+
+
+@pytest.mark.parametrize("remote, authorization, status", [
+    ("127.0.0.1", None, 200),
+    ("::1", None, 200),
+    ("::ffff:127.0.0.1", None, 200),
+    ("10.1.2.3", None, 401),
+    ("10.1.2.3", _basic("alice", "s3cret"), 200),
+    ("10.1.2.3", _basic("alice", "wrong"), 401),
+    ("10.1.2.3", _basic("bob", "s3cret"), 401),
+    ("10.1.2.3", "Bearer tok-123", 200),
+    ("10.1.2.3", "Bearer tok-12", 401),
+    ("10.1.2.3", "Basic !!!", 401),
+])
+def test_access(guarded: testing.TestClient, remote: str, authorization: str | None,
+                status: int) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    result = guarded.simulate_get("/studies", remote_addr=remote, headers=headers)
+    assert result.status_code == status
+    if status == 401:
+        assert "Basic" in result.headers["WWW-Authenticate"]
+        assert "Bearer" in result.headers["WWW-Authenticate"]
+
+
+def test_remote_without_configured_credentials_is_refused(client: testing.TestClient) -> None:
+    result = client.simulate_get("/studies", remote_addr="192.168.1.20",
+                                 headers={"Authorization": _basic("", "")})
+    assert result.status_code == 401
+
+
+def test_open_on_purpose(make_services: Callable[..., Services]) -> None:
+    client = testing.TestClient(create_app(make_services(web_open=True)))
+    assert client.simulate_get("/studies", remote_addr="192.168.1.20").status_code == 200
+
+
+def test_cors_preflight_and_exposed_headers(make_services: Callable[..., Services]) -> None:
+    services = make_services(cors_origins=("http://viewer.example",),
+                             web_user="alice", web_password="s3cret")
+    load(services)
+    client = testing.TestClient(create_app(services))
+    origin = {"Origin": "http://viewer.example"}
+    preflight = client.simulate_options("/dicom-web/studies", remote_addr="10.0.0.9", headers={
+        **origin, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization, accept"})
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+    assert "GET" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    result = client.simulate_get("/dicom-web/studies", query_string="limit=1",
+                                 remote_addr="10.0.0.9",
+                                 headers={**origin, "Authorization": _basic("alice", "s3cret")})
+    assert result.status_code == 200
+    assert result.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+    exposed = result.headers["Access-Control-Expose-Headers"]
+    assert {"Warning", "Content-Location", "Content-Range"} <= set(exposed.split(", "))
+    assert result.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+    # Errors carry CORS headers too, so a script can read the reason.
+    refused = client.simulate_get("/dicom-web/studies", remote_addr="10.0.0.9", headers=origin)
+    assert refused.status_code == 401
+    assert refused.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
+    other = client.simulate_get("/studies", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_no_cors_by_default(get: Get) -> None:
+    result = get("/studies", headers={"Origin": "http://viewer.example"})
+    assert "Access-Control-Allow-Origin" not in result.headers

@@ -1,0 +1,296 @@
+"""STOW-RS through falcon's test client over real services: bodies as clients send
+them, the PS3.18 10.5.3 response, and nothing stored from a refused part."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import pytest
+from falcon import testing
+from pydicom import Dataset, dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+
+from adapters.dicomweb.app import create_app
+from adapters.dicomweb.multipart import encode
+from pacs.errors import StorageError
+from pacs.index import writer
+from pacs.services import Services
+from pacs.storage.memory import MemoryStore
+from tests.conftest import sample
+
+JSON = "application/dicom+json"
+BOUNDARY = "0f3cf5c0-70e0-41ef-baef-c6f9f65ec3e1"  # dicomweb-client's
+QUOTED = f'multipart/related; type="application/dicom"; boundary="{BOUNDARY}"'
+BARE = f"multipart/related; type=application/dicom; boundary={BOUNDARY}"
+
+# FailureReason codes (PS3.18 Table 10.5.3-2 / PS3.4 Table B.2-1).
+STUDY_MISMATCH, CANNOT_UNDERSTAND, INVALID_UID = 0xC409, 0xC000, 0x0117
+DUPLICATE, OUT_OF_RESOURCES = 0x0111, 0xA700
+
+
+def instance(study_uid: str | None = None, **changes: Any) -> bytes:
+    """CT_small with new UIDs (and the given study), as Part 10 bytes."""
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def uids(data: bytes) -> Dataset:
+    return dcmread(DicomBytesIO(data), stop_before_pixels=True)
+
+
+def body(*objects: bytes, boundary: str = BOUNDARY,
+         headers: dict[str, str] | None = None) -> bytes:
+    part_headers = {"Content-Type": "application/dicom"} if headers is None else headers
+    return b"".join(encode(((part_headers, o) for o in objects), boundary))
+
+
+@pytest.fixture
+def client(services: Services) -> testing.TestClient:
+    return testing.TestClient(create_app(services))
+
+
+def post(client: testing.TestClient, payload: bytes, content_type: str = QUOTED,
+         path: str = "/studies", headers: dict[str, str] | None = None,
+         **kwargs: Any) -> testing.Result:
+    return client.simulate_post(path, body=payload,
+                                headers={"Content-Type": content_type, **(headers or {})},
+                                **kwargs)
+
+
+def stored(services: Services) -> set[str]:
+    conn = services.index.connection()
+    return {row[0] for row in conn.execute("SELECT sop_uid FROM instance")}
+
+
+def items(result: testing.Result, key: str) -> list[dict[str, Any]]:
+    return list(result.json.get(key, {}).get("Value", []))
+
+
+def referenced(result: testing.Result) -> list[str]:
+    return [item["00081155"]["Value"][0] for item in items(result, "00081199")]
+
+
+def failures(result: testing.Result) -> list[tuple[str | None, int]]:
+    return [(item["00081155"].get("Value", [None])[0], item["00081197"]["Value"][0])
+            for item in items(result, "00081198")]
+
+
+# --- success ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", [QUOTED, BARE])
+@pytest.mark.parametrize("prefix", ["", "/dicom-web"])
+def test_store_two_instances(client: testing.TestClient, services: Services,
+                             memory_store: MemoryStore, content_type: str, prefix: str) -> None:
+    study = generate_uid()
+    first, second = instance(study), instance(study)
+    result = post(client, body(first, second), content_type, path=f"{prefix}/studies")
+    assert result.status_code == 200, result.text
+    assert result.headers["Content-Type"] == JSON
+    sops = [uids(first).SOPInstanceUID, uids(second).SOPInstanceUID]
+    assert referenced(result) == sops
+    assert "00081198" not in result.json, "no FailedSOPSequence when nothing failed"
+    assert result.json["00081190"]["Value"][0].endswith(f"{prefix}/studies/{study}")
+    item = items(result, "00081199")[0]
+    assert item["00081150"]["Value"] == ["1.2.840.10008.5.1.4.1.1.2"]
+    ds = uids(first)
+    assert item["00081190"]["Value"][0].endswith(
+        f"{prefix}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    # Stored exactly as sent (DESIGN.md section 3).
+    for data in (first, second):
+        ds = uids(data)
+        key = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+        assert memory_store.objects[key] == data
+    assert stored(services) == set(sops)
+
+
+def test_store_to_a_study(client: testing.TestClient, services: Services) -> None:
+    study = generate_uid()
+    result = post(client, body(instance(study)), path=f"/studies/{study}")
+    assert result.status_code == 200
+    assert result.json["00081190"]["Value"][0].endswith(f"/studies/{study}")
+
+
+def test_stored_instances_are_found_by_qido(client: testing.TestClient) -> None:
+    data = instance(PatientID="STOWED")
+    assert post(client, body(data)).status_code == 200
+    found = client.simulate_get("/studies", params={"PatientID": "STOWED"}).json
+    assert found[0]["0020000D"]["Value"] == [uids(data).StudyInstanceUID]
+
+
+def test_same_instance_twice_is_success(client: testing.TestClient) -> None:
+    data = instance()
+    assert post(client, body(data)).status_code == 200
+    again = post(client, body(data, data))
+    assert again.status_code == 200 and len(referenced(again)) == 2
+
+
+def test_preamble_epilogue_padding_and_part_without_content_type(
+        client: testing.TestClient, services: Services) -> None:
+    data = instance()
+    payload = (b"preamble to ignore\r\n--" + BOUNDARY.encode() + b"  \t\r\n\r\n" + data
+               + b"\r\n--" + BOUNDARY.encode() + b"--\r\nepilogue to ignore")
+    result = post(client, payload)
+    assert result.status_code == 200, result.text
+    assert stored(services) == {uids(data).SOPInstanceUID}
+
+
+def test_part_content_type_with_transfer_syntax_parameter(client: testing.TestClient) -> None:
+    headers = {"Content-Type": "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"}
+    content_type = ('multipart/related; type="application/dicom"; '
+                    f'transfer-syntax=1.2.840.10008.1.2.1; boundary="{BOUNDARY}"')
+    assert post(client, body(instance(), headers=headers), content_type).status_code == 200
+
+
+def test_single_part_application_dicom_body(client: testing.TestClient,
+                                            services: Services) -> None:
+    data = instance()
+    result = post(client, data, "application/dicom")
+    assert result.status_code == 200
+    assert stored(services) == {uids(data).SOPInstanceUID}
+
+
+# --- partial failures: 202 / 409 with reasons; refused parts are not stored --------------
+
+def test_study_mismatch_is_refused_and_not_stored(client: testing.TestClient,
+                                                  services: Services) -> None:
+    study = generate_uid()
+    good, other = instance(study), instance()
+    result = post(client, body(good, other), path=f"/studies/{study}")
+    assert result.status_code == 202
+    assert referenced(result) == [uids(good).SOPInstanceUID]
+    assert failures(result) == [(uids(other).SOPInstanceUID, STUDY_MISMATCH)]
+    assert stored(services) == {uids(good).SOPInstanceUID}
+    none = post(client, body(instance()), path=f"/studies/{study}")
+    assert none.status_code == 409
+    assert [reason for _, reason in failures(none)] == [STUDY_MISMATCH]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("bad, reason, known_uid", [
+    (lambda: b"this is not DICOM at all", CANNOT_UNDERSTAND, False),
+    (lambda: instance()[:-200], CANNOT_UNDERSTAND, True),  # truncated pixel data
+    (lambda: instance(SOPInstanceUID="1.2.03.x"), INVALID_UID, False),
+], ids=["garbage", "truncated", "invalid-uid"])
+def test_bad_part_among_good_ones(client: testing.TestClient, services: Services,
+                                  bad: Callable[[], bytes], reason: int,
+                                  known_uid: bool) -> None:
+    good = instance()
+    result = post(client, body(good, bad()))
+    assert result.status_code == 202, result.text
+    ((sop, code),) = failures(result)
+    assert code == reason
+    assert (sop is not None) == known_uid
+    assert items(result, "00081198")[0]["00081150"]["vr"] == "UI"
+    assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+def test_part_of_another_media_type_is_refused(client: testing.TestClient,
+                                               services: Services) -> None:
+    good = instance()
+    payload = b"".join(encode([({"Content-Type": "application/dicom"}, good),
+                               ({"Content-Type": "image/jpeg"}, b"\xff\xd8\xff")], BOUNDARY))
+    result = post(client, payload)
+    assert result.status_code == 202
+    assert [reason for _, reason in failures(result)] == [CANNOT_UNDERSTAND]
+    assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+def test_duplicate_rejected_by_policy(make_services: Callable[..., Services]) -> None:
+    services = make_services(store=MemoryStore(), duplicate_policy="reject")
+    client = testing.TestClient(create_app(services))
+    data = instance()
+    assert post(client, body(data)).status_code == 200
+    changed = dcmread(DicomBytesIO(data))
+    changed.PatientName = "OTHER^NAME"
+    out = DicomBytesIO()
+    changed.save_as(out, enforce_file_format=True)
+    result = post(client, body(out.getvalue()))
+    assert result.status_code == 409
+    assert failures(result) == [(changed.SOPInstanceUID, DUPLICATE)]
+
+
+class FailingStore(MemoryStore):
+    """A store whose writes fail (a full disk, an S3 outage)."""
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        raise StorageError("the store is unavailable")
+
+
+def test_store_failure_is_out_of_resources(make_services: Callable[..., Services]) -> None:
+    services = make_services(store=FailingStore())
+    client = testing.TestClient(create_app(services))
+    result = post(client, body(instance(), instance()))
+    assert result.status_code == 409
+    assert [reason for _, reason in failures(result)] == [OUT_OF_RESOURCES] * 2
+    assert writer.counts(services.index.connection())["instance"] == 0
+
+
+def test_body_broken_after_a_stored_part(client: testing.TestClient,
+                                         services: Services) -> None:
+    good = instance()
+    payload = body(good, instance())[:-500]  # the second part never ends
+    result = post(client, payload)
+    assert result.status_code == 202
+    assert referenced(result) == [uids(good).SOPInstanceUID]
+    assert failures(result) == [(None, CANNOT_UNDERSTAND)]
+    assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+# --- malformed requests: 4xx with a reason, nothing stored ---------------------------------
+
+@pytest.mark.parametrize("payload, content_type, status", [
+    (body(instance())[:-300], QUOTED, 400),  # no closing boundary
+    (body(instance(), boundary="another"), QUOTED, 400),  # boundary never appears
+    (b"", QUOTED, 400),  # no parts at all
+    (b"--" + BOUNDARY.encode() + b"--\r\n", QUOTED, 400),  # only the close delimiter
+    (b"--" + BOUNDARY.encode() + b"\r\nbroken header\r\n\r\nx\r\n--" + BOUNDARY.encode()
+     + b"--", QUOTED, 400),
+    (body(instance()), 'multipart/related; type="application/dicom"', 400),  # no boundary
+    (body(instance()), "application/json", 415),
+    (body(instance()), f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+     415),
+    (body(instance()), "", 415),
+], ids=["unterminated", "wrong-boundary", "empty", "close-only", "bad-part-header",
+        "no-boundary", "json", "dicom-json-parts", "no-content-type"])
+def test_malformed_requests(client: testing.TestClient, services: Services, payload: bytes,
+                            content_type: str, status: int) -> None:
+    result = post(client, payload, content_type)
+    assert result.status_code == status, result.text
+    assert result.json["description"]
+    assert stored(services) == set()
+
+
+def test_malformed_study_uid_in_path(client: testing.TestClient, services: Services) -> None:
+    result = post(client, body(instance()), path="/studies/abc")
+    assert result.status_code == 400
+    assert stored(services) == set()
+
+
+def test_xml_only_accept_is_406(client: testing.TestClient, services: Services) -> None:
+    result = post(client, body(instance()), headers={"Accept": "application/dicom+xml"})
+    assert result.status_code == 406
+    assert stored(services) == set()
+
+
+def test_remote_without_credentials_stores_nothing(client: testing.TestClient,
+                                                   services: Services) -> None:
+    result = post(client, body(instance()), remote_addr="10.9.8.7")
+    assert result.status_code == 401
+    assert stored(services) == set()
+
+
+def test_many_parts_in_one_request(client: testing.TestClient, services: Services) -> None:
+    objects = [instance() for _ in range(25)]
+    result = post(client, body(*objects))
+    assert result.status_code == 200
+    assert len(stored(services)) == 25

@@ -1,0 +1,464 @@
+"""WADO-RS through falcon's test client over real services (index, ingest, store).
+
+Accept headers are the ones dicomweb-client and OHIF send (their source, and
+shared/ohif/requests); expectations are PS3.18 10.4 and 8.7.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from falcon import testing
+from PIL import Image
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.encaps import get_frame
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from adapters.dicomweb.app import create_app
+from pacs import metadata
+from pacs.services import Services
+from tests.conftest import sample
+
+JSON = "application/dicom+json"
+DICOM_ACCEPT = 'multipart/related; type="application/dicom"'  # dicomweb-client
+OHIF_FRAMES = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+OHIF_FRAMES_QUOTED = 'multipart/related; type="application/octet-stream"; transfer-syntax="*"'
+CLIENT_FRAMES = 'multipart/related; type="*/*"'  # dicomweb-client's default
+OCTET_FRAMES = 'multipart/related; type="application/octet-stream"'
+EXPLICIT = str(ExplicitVRLittleEndian)
+RLE = "1.2.840.10008.1.2.5"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+# --- fixtures and helpers ---------------------------------------------------------------
+
+def encode(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def fresh(name: str, study: str | None = None, series: str | None = None,
+          **changes: Any) -> FileDataset:
+    """A bundled test file with new UIDs (optionally in a given study / series)."""
+    ds = pydicom.dcmread(sample(name))
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+Put = Callable[..., tuple[FileDataset, bytes]]
+
+
+@pytest.fixture
+def put(services: Services) -> Put:
+    """Store a fresh copy of a bundled file through the ingest path."""
+    def run(name: str, **kwargs: Any) -> tuple[FileDataset, bytes]:
+        ds = fresh(name, **kwargs)
+        data = encode(ds)
+        services.ingest.store_bytes(data)
+        return ds, data
+
+    return run
+
+
+@pytest.fixture
+def client(services: Services) -> testing.TestClient:
+    return testing.TestClient(create_app(services))
+
+
+def url(ds: Dataset, level: str = "instance", prefix: str = "") -> str:
+    path = f"{prefix}/studies/{ds.StudyInstanceUID}"
+    if level in ("series", "instance"):
+        path += f"/series/{ds.SeriesInstanceUID}"
+    if level == "instance":
+        path += f"/instances/{ds.SOPInstanceUID}"
+    return path
+
+
+def parts(result: testing.Result) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related answer: (headers, content)."""
+    content_type = result.headers["content-type"]
+    assert content_type.startswith("multipart/related"), content_type
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
+    body = result.content
+    assert body.startswith(b"--" + boundary + b"\r\n")
+    assert body.endswith(b"\r\n--" + boundary + b"--\r\n")
+    chunks = body[len(boundary) + 4:-(len(boundary) + 8)].split(b"\r\n--" + boundary + b"\r\n")
+    out = []
+    for chunk in chunks:
+        head, _, content = chunk.partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        out.append(({k.lower(): v for k, v in headers.items()}, content))
+    return out
+
+
+def frame_bytes(ds: Dataset, number: int) -> bytes:
+    """Native frame ``number`` of an uncompressed data set."""
+    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    return bytes(ds.PixelData[(number - 1) * size:number * size])
+
+
+# --- study, series, instance ------------------------------------------------------------
+
+def test_instance_as_stored_when_explicit_little_endian(client: testing.TestClient,
+                                                        put: Put) -> None:
+    ds, data = put("CT_small.dcm")
+    result = client.simulate_get(url(ds), headers={"Accept": DICOM_ACCEPT})
+    assert result.status_code == 200
+    assert 'type="application/dicom"' in result.headers["content-type"]
+    [(headers, content)] = parts(result)
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
+    assert content == data  # no syntax asked: Explicit VR LE, which is what is stored
+
+
+def test_default_syntax_converts_implicit_to_explicit(client: testing.TestClient,
+                                                      put: Put) -> None:
+    ds, _ = put("MR_small_implicit.dcm")
+    [(headers, content)] = parts(client.simulate_get(url(ds), headers={"Accept": DICOM_ACCEPT}))
+    assert headers["content-type"].endswith(f"transfer-syntax={EXPLICIT}")
+    got = pydicom.dcmread(io.BytesIO(content))
+    assert got.file_meta.TransferSyntaxUID == EXPLICIT
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+
+
+def test_star_sends_compressed_objects_as_stored(client: testing.TestClient, put: Put) -> None:
+    ds, data = put("SC_rgb_rle_2frame.dcm")
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    [(headers, content)] = parts(client.simulate_get(url(ds), headers={"Accept": accept}))
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={RLE}"
+    assert content == data
+
+
+def test_compressed_object_is_decompressed_by_default(client: testing.TestClient,
+                                                      put: Put) -> None:
+    ds, _ = put("SC_rgb_rle_2frame.dcm")
+    [(_, content)] = parts(client.simulate_get(url(ds), headers={"Accept": DICOM_ACCEPT}))
+    got = pydicom.dcmread(io.BytesIO(content))
+    assert got.file_meta.TransferSyntaxUID == EXPLICIT
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+
+
+def test_unproducible_syntax_is_406(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={JPEG_BASELINE}'
+    assert client.simulate_get(url(ds), headers={"Accept": accept}).status_code == 406
+    assert client.simulate_get(url(ds), headers={"Accept": JSON}).status_code == 406
+
+
+def test_alternatives_are_tried_in_order(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    accept = (f'multipart/related; type="application/dicom"; transfer-syntax={JPEG_BASELINE},'
+              f' multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT};q=0.5')
+    [(headers, _)] = parts(client.simulate_get(url(ds), headers={"Accept": accept}))
+    assert headers["content-type"].endswith(EXPLICIT)
+
+
+def test_study_and_series_stream_every_instance(client: testing.TestClient, put: Put) -> None:
+    first, _ = put("CT_small.dcm")
+    second, _ = put("CT_small.dcm", study=first.StudyInstanceUID,
+                    series=first.SeriesInstanceUID)
+    other, _ = put("MR_small.dcm", study=first.StudyInstanceUID)
+    study = client.simulate_get(url(first, "study"), headers={"Accept": DICOM_ACCEPT})
+    got = {pydicom.dcmread(io.BytesIO(c)).SOPInstanceUID for _, c in parts(study)}
+    assert got == {first.SOPInstanceUID, second.SOPInstanceUID, other.SOPInstanceUID}
+    series = client.simulate_get(url(first, "series", "/dicom-web"),
+                                 headers={"Accept": DICOM_ACCEPT})
+    assert len(parts(series)) == 2
+
+
+def test_unknown_and_malformed_uids(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    assert client.simulate_get("/studies/1.2.3.4").status_code == 404
+    assert client.simulate_get(f"{url(ds, 'series')}/instances/1.2.3").status_code == 404
+    assert client.simulate_get("/studies/1.2.3/metadata").status_code == 404
+    assert client.simulate_get("/studies/abc").status_code == 400
+
+
+# --- metadata ---------------------------------------------------------------------------
+
+def test_series_metadata_is_dicom_json_with_bulk_data_uris(client: testing.TestClient,
+                                                          put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    for prefix in ("", "/dicom-web"):
+        result = client.simulate_get(url(ds, "series", prefix) + "/metadata",
+                                     headers={"Accept": JSON})
+        assert result.status_code == 200
+        assert result.headers["content-type"] == JSON
+        [instance] = result.json
+        assert instance["00080018"] == {"vr": "UI", "Value": [ds.SOPInstanceUID]}
+        assert instance["00280010"] == {"vr": "US", "Value": [ds.Rows]}
+        assert instance["00100010"]["Value"] == [{"Alphabetic": str(ds.PatientName)}]
+        assert instance["00083002"]["Value"] == [EXPLICIT]  # AvailableTransferSyntaxUID
+        pixel_uri = instance["7FE00010"]["BulkDataURI"]
+        assert pixel_uri == f"http://falconframework.org{prefix}{url(ds)}/bulkdata/7FE00010"
+
+
+def test_metadata_matches_pydicom(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("MR_small.dcm")
+    [ours] = client.simulate_get(url(ds) + "/metadata").json
+    reference = pydicom.dcmread(io.BytesIO(encode(ds)), stop_before_pixels=True).to_json_dict()
+    for key, element in reference.items():
+        if key != "00080005":
+            assert ours[key] == element, key
+
+
+def test_study_metadata_lists_every_instance(client: testing.TestClient, put: Put) -> None:
+    first, _ = put("CT_small.dcm")
+    put("MR_small.dcm", study=first.StudyInstanceUID)
+    result = client.simulate_get(url(first, "study") + "/metadata")
+    assert len(result.json) == 2
+
+
+def test_large_metadata_answers_stream_in_batches(client: testing.TestClient, put: Put,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    first, _ = put("MR_small.dcm")
+    for _ in range(4):
+        put("MR_small.dcm", study=first.StudyInstanceUID, series=first.SeriesInstanceUID)
+    monkeypatch.setattr(metadata, "BATCH", 2)
+    result = client.simulate_get(url(first, "series") + "/metadata")
+    assert result.headers["content-type"] == JSON
+    assert len(result.json) == 5
+    assert len({item["00080018"]["Value"][0] for item in result.json}) == 5
+
+
+def test_metadata_of_old_instances_is_built_and_kept(client: testing.TestClient,
+                                                    services: Services, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    with services.index.write() as conn:
+        conn.execute("DELETE FROM instance_metadata")
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    assert instance["00080018"]["Value"] == [ds.SOPInstanceUID]
+    assert "BulkDataURI" in instance["7FE00010"]
+    rows = services.index.connection().execute(
+        "SELECT count(*) FROM instance_metadata").fetchall()
+    assert rows == [(1,)]
+
+
+def test_metadata_refuses_xml_only(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    accept = 'multipart/related; type="application/dicom+xml"'
+    assert client.simulate_get(url(ds) + "/metadata",
+                               headers={"Accept": accept}).status_code == 406
+
+
+def test_large_binary_values_are_bulk_data(client: testing.TestClient, services: Services,
+                                           put: Put) -> None:
+    blob = bytes(range(256)) * 8  # 2048 bytes, above the inline threshold
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00291010, "OB", blob)
+    services.ingest.store_bytes(encode(ds))
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    uri = instance["00291010"]["BulkDataURI"]
+    path = uri.removeprefix("http://falconframework.org")
+    [(headers, content)] = parts(client.simulate_get(path))
+    assert headers["content-type"] == "application/octet-stream"
+    assert content == blob
+    single = client.simulate_get(path, headers={"Accept": "application/octet-stream"})
+    assert single.content == blob
+
+
+def test_metadata_row_is_written_with_the_instance(services: Services, put: Put) -> None:
+    ds, data = put("CT_small.dcm")
+    doc = metadata.documents(services.index, services.store, ds.StudyInstanceUID)[0]
+    assert doc.pixel_offset is not None and doc.pixel_length is not None
+    assert data[doc.pixel_offset:doc.pixel_offset + doc.pixel_length] == ds.PixelData
+
+
+# --- frames -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("accept", [OHIF_FRAMES, OHIF_FRAMES_QUOTED, CLIENT_FRAMES,
+                                    OCTET_FRAMES, None])
+def test_native_frame_for_every_client_accept(client: testing.TestClient, put: Put,
+                                              accept: str | None) -> None:
+    ds, _ = put("CT_small.dcm")
+    headers = {"Accept": accept} if accept else {}
+    result = client.simulate_get(url(ds) + "/frames/1", headers=headers)
+    assert result.status_code == 200
+    [(part, content)] = parts(result)
+    assert part["content-type"] == f"application/octet-stream; transfer-syntax={EXPLICIT}"
+    assert content == frame_bytes(ds, 1)
+
+
+def test_frame_list_in_the_order_asked(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("emri_small.dcm")
+    result = client.simulate_get(url(ds) + "/frames/3,1,10", headers={"Accept": OHIF_FRAMES})
+    assert [c for _, c in parts(result)] == [frame_bytes(ds, n) for n in (3, 1, 10)]
+
+
+def test_compressed_frames_as_stored_for_star(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("SC_rgb_rle_2frame.dcm")
+    result = client.simulate_get(url(ds) + "/frames/2", headers={"Accept": OHIF_FRAMES})
+    [(part, content)] = parts(result)
+    assert part["content-type"] == f"application/octet-stream; transfer-syntax={RLE}"
+    assert content == get_frame(ds.PixelData, 1, number_of_frames=2)
+
+
+def test_compressed_frames_decoded_when_no_syntax_is_asked(client: testing.TestClient,
+                                                           put: Put) -> None:
+    ds, _ = put("SC_rgb_rle_2frame.dcm")
+    for accept in (OCTET_FRAMES, CLIENT_FRAMES):
+        result = client.simulate_get(url(ds) + "/frames/2", headers={"Accept": accept})
+        [(part, content)] = parts(result)
+        assert part["content-type"].endswith(f"transfer-syntax={EXPLICIT}")
+        assert content == ds.pixel_array[1].tobytes()
+
+
+def test_compressed_frames_as_image_media_type(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("SC_rgb_jpeg_dcmtk.dcm")
+    result = client.simulate_get(url(ds) + "/frames/1",
+                                 headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    [(part, content)] = parts(result)
+    assert part["content-type"] == f"image/jpeg; transfer-syntax={JPEG_BASELINE}"
+    assert content[:2] == b"\xff\xd8"
+    native, _ = put("CT_small.dcm")
+    refused = client.simulate_get(url(native) + "/frames/1",
+                                  headers={"Accept": 'multipart/related; type="image/jp2"'})
+    assert refused.status_code == 406
+
+
+def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("emri_small.dcm")
+    assert client.simulate_get(url(ds) + "/frames/11").status_code == 404
+    assert client.simulate_get(url(ds) + "/frames/0").status_code == 404
+    assert client.simulate_get(url(ds) + "/frames/1,x").status_code == 400
+    sr, _ = put("CT_small.dcm")
+    assert client.simulate_get(url(sr) + "/frames/2").status_code == 404
+
+
+def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
+                                                      put: Put) -> None:
+    ds, _ = put("emri_small.dcm")
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    path = instance["7FE00010"]["BulkDataURI"].removeprefix("http://falconframework.org")
+    result = client.simulate_get(path)
+    assert [c for _, c in parts(result)] == [frame_bytes(ds, n) for n in range(1, 11)]
+
+
+# --- rendered and thumbnail -------------------------------------------------------------
+
+def image(result: testing.Result) -> Image.Image:
+    assert result.status_code == 200, result.text
+    return Image.open(io.BytesIO(result.content))
+
+
+def test_rendered_instance_is_a_windowed_jpeg(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    result = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "image/jpeg"})
+    assert result.headers["content-type"] == "image/jpeg"
+    picture = image(result)
+    assert picture.size == (ds.Columns, ds.Rows) and picture.mode == "L"
+    assert np.asarray(picture).std() > 10  # a real image, not a flat field
+
+
+def test_rendered_parameters(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    png = client.simulate_get(url(ds) + "/rendered", query_string="viewport=32,16",
+                              headers={"Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png"
+    assert image(png).size == (16, 16)  # fitted, aspect kept
+    narrow = client.simulate_get(url(ds) + "/rendered", query_string="window=0,1")
+    wide = client.simulate_get(url(ds) + "/rendered", query_string="window=0,100000")
+    assert np.asarray(image(narrow)).std() > np.asarray(image(wide)).std()
+    for bad in ("quality=0", "viewport=0,10", "window=1", "window=1,2,cubic"):
+        assert client.simulate_get(url(ds) + "/rendered", query_string=bad).status_code == 400
+
+
+def test_rendered_frame_of_a_colour_multiframe(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("SC_rgb_rle_2frame.dcm")
+    picture = image(client.simulate_get(url(ds) + "/frames/2/rendered",
+                                        query_string="accept=image/png"))
+    assert picture.mode == "RGB"
+    assert np.array_equal(np.asarray(picture), ds.pixel_array[1])
+
+
+def test_thumbnails_at_every_level_as_ohif_asks(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("MR2_J2KI.dcm")  # 1024 x 1024
+    headers = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    for level in ("study", "series", "instance"):
+        result = client.simulate_get(url(ds, level, "/dicom-web") + "/thumbnail",
+                                     query_string="accept=image%2Fjpeg", headers=headers)
+        assert result.headers["content-type"] == "image/jpeg"
+        assert max(image(result).size) <= 128
+
+
+def test_series_rendered_uses_the_middle_image(client: testing.TestClient, put: Put) -> None:
+    first, _ = put("CT_small.dcm", InstanceNumber=1)
+    middle, _ = put("MR_small.dcm", study=first.StudyInstanceUID,
+                    series=first.SeriesInstanceUID, InstanceNumber=2)
+    put("CT_small.dcm", study=first.StudyInstanceUID, series=first.SeriesInstanceUID,
+        InstanceNumber=3)
+    picture = image(client.simulate_get(url(first, "series") + "/rendered"))
+    assert picture.size == (middle.Columns, middle.Rows)
+
+
+def test_rendered_refusals(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    assert client.simulate_get(url(ds) + "/rendered",
+                               headers={"Accept": "image/gif"}).status_code == 406
+    assert client.simulate_get("/studies/1.2.3/rendered").status_code == 404
+
+
+def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
+                                                services: Services) -> None:
+    ds = fresh("CT_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.104.1")
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4 test document\n%%EOF\n"
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "application/pdf"})
+    assert result.headers["content-type"] == "application/pdf"
+    assert result.content == ds.EncapsulatedDocument
+
+
+# --- non-seekable stores (S3) -----------------------------------------------------------
+
+class _ForwardOnly(io.RawIOBase):
+    """A stream that cannot seek, like an S3 object body."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._inner.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_frames_from_a_store_that_cannot_seek(client: testing.TestClient, services: Services,
+                                              put: Put, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds, _ = put("SC_rgb_rle_2frame.dcm")
+    opened = services.store.open
+
+    def forward_only(key: str) -> Any:
+        with opened(key) as stream:
+            return io.BufferedReader(_ForwardOnly(stream.read()))
+
+    monkeypatch.setattr(services.store, "open", forward_only)
+    result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+    [(_, content)] = parts(result)
+    assert content == get_frame(ds.PixelData, 0, number_of_frames=2)
+    assert image(client.simulate_get(url(ds) + "/rendered")).mode == "RGB"
+
+
+def test_implicit_little_endian_frames(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("MR_small_implicit.dcm")
+    assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    [(part, content)] = parts(client.simulate_get(url(ds) + "/frames/1",
+                                                  headers={"Accept": OHIF_FRAMES}))
+    assert part["content-type"].endswith(EXPLICIT)
+    assert content == frame_bytes(ds, 1)

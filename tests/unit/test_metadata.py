@@ -1,0 +1,179 @@
+"""The DICOM JSON metadata built at ingest (pacs.metadata) and WADO-RS Accept parsing."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pydicom
+import pytest
+from pydicom.data import get_charset_files
+
+from adapters.dicomweb import accept
+from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
+from pacs import metadata
+from pacs.dataset import read_part10
+from pacs.errors import InvalidInstance
+from pacs.frames import Layout
+from tests.conftest import sample
+
+EXPLICIT = "1.2.840.10008.1.2.1"
+RLE = "1.2.840.10008.1.2.5"
+
+
+def prepared(path: Path) -> tuple[dict[str, Any], metadata.Prepared, bytes]:
+    data = path.read_bytes()
+    result = metadata.prepare(read_part10(data), data)
+    assert result is not None
+    return orjson.loads(result.json), result, data
+
+
+def reference(path: Path) -> dict[str, Any]:
+    """pydicom's own encoding, BulkDataURIs replaced by a marker."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return ds.to_json_dict(bulk_data_threshold=1 << 30,  # type: ignore[no-any-return]
+                           bulk_data_element_handler=lambda _e: "BULK")
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "CT_small.dcm", "JPEG2000.dcm",
+                                  "MR_small_implicit.dcm", "rtplan.dcm", "emri_small.dcm"])
+def test_same_values_as_pydicom(name: str) -> None:
+    ours, _, _ = prepared(sample(name))
+    for key, element in reference(sample(name)).items():
+        if key == "00080005":
+            continue  # ours says ISO_IR 192: the JSON text is Unicode
+        if "BulkDataURI" in ours[key]:  # over our threshold; pydicom's was disabled
+            assert len(base64.b64decode(element["InlineBinary"])) > metadata.BULK_DATA_THRESHOLD
+            continue
+        assert ours[key] == element, key
+
+
+@pytest.mark.parametrize("path", [p for p in get_charset_files("*.dcm")],
+                         ids=lambda p: Path(p).name)
+def test_character_sets_decode_like_pydicom(path: str) -> None:
+    try:
+        ours, _, _ = prepared(Path(path))
+    except InvalidInstance:
+        pytest.skip("not an object ingest accepts (invalid UIDs)")
+    theirs = reference(Path(path))
+    assert ours["00100010"] == theirs["00100010"]
+    assert ours["00080005"] == {"vr": "CS", "Value": ["ISO_IR 192"]}  # the JSON is Unicode
+
+
+def test_pixel_data_is_located_and_referenced() -> None:
+    for name, length in (("CT_small.dcm", 128 * 128 * 2), ("SC_rgb_rle_2frame.dcm", -1),
+                         ("MR_small_implicit.dcm", 64 * 64 * 2)):
+        ours, result, data = prepared(sample(name))
+        ds = pydicom.dcmread(sample(name))
+        assert result.pixel_length == length
+        assert result.pixel_offset is not None
+        if length > 0:
+            assert data[result.pixel_offset:result.pixel_offset + length] == ds.PixelData
+        else:  # encapsulated: the value starts with the Basic Offset Table item
+            assert data[result.pixel_offset:result.pixel_offset + 4] == b"\xfe\xff\x00\xe0"
+        uri = ours["7FE00010"]["BulkDataURI"]
+        assert uri == (f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                       f"/instances/{ds.SOPInstanceUID}/bulkdata/7FE00010")
+        assert ours["00083002"]["Value"] == [ds.file_meta.TransferSyntaxUID]
+
+
+def test_deflated_objects_have_no_pixel_position() -> None:
+    ours, result, _ = prepared(sample("image_dfl.dcm"))
+    assert result.pixel_offset is None and "7FE00010" not in ours
+
+
+def test_empty_and_multiple_values() -> None:
+    ds = pydicom.dcmread(sample("MR_small.dcm"))
+    ds.ImageType = ["ORIGINAL", "", "AXIAL"]
+    ds.StudyDescription = ""
+    ds.ReferencedStudySequence = []
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    ours = orjson.loads(metadata.prepare(read_part10(data), data).json)  # type: ignore[union-attr]
+    assert ours["00080008"]["Value"] == ["ORIGINAL", None, "AXIAL"]  # PS3.18 F.2.5
+    assert ours["00081030"] == {"vr": "LO"}
+    assert ours["00081110"] == {"vr": "SQ"}
+
+
+def test_prepare_never_fails_an_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: Any) -> str:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(metadata, "encode", broken)
+    data = sample("CT_small.dcm").read_bytes()
+    assert metadata.prepare(read_part10(data), data) is None
+
+
+def test_bulk_data_uris_become_absolute_and_values_are_untouched() -> None:
+    text = orjson.dumps([{"00100010": {"vr": "PN", "Value": [
+        {"Alphabetic": '"BulkDataURI":"x'}]}, "7FE00010": {"vr": "OW", "BulkDataURI": "studies/1"}}
+    ]).decode()
+    out = orjson.loads(metadata.absolute_bulk_data_uris(text, "http://h:1/dicom-web/"))
+    assert out[0]["7FE00010"]["BulkDataURI"] == "http://h:1/dicom-web/studies/1"
+    assert out[0]["00100010"]["Value"][0]["Alphabetic"] == '"BulkDataURI":"x'
+
+
+# --- Accept headers ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("header", "kind", "part", "syntax"), [
+    ('multipart/related; type="application/dicom"', "multipart/related", "application/dicom",
+     None),
+    ("multipart/related; type=application/octet-stream; transfer-syntax=*",
+     "multipart/related", "application/octet-stream", "*"),
+    ('multipart/related; type="application/octet-stream"; transfer-syntax="*"',
+     "multipart/related", "application/octet-stream", "*"),
+    (f'multipart/related; type="application/octet-stream; transfer-syntax={EXPLICIT}"',
+     "multipart/related", "application/octet-stream", EXPLICIT),
+    ("", "*/*", "*/*", None),
+    (None, "*/*", "*/*", None),
+])
+def test_accept_spellings(header: str | None, kind: str, part: str,
+                          syntax: str | None) -> None:
+    [best] = accept.parse(header)
+    assert (best.kind, best.part_type, best.transfer_syntax) == (kind, part, syntax)
+
+
+def test_accept_weights() -> None:
+    ranges = accept.parse("image/png;q=0.5, image/jpeg, image/gif;q=0")
+    assert [r.kind for r in ranges] == ["image/jpeg", "image/png"]
+
+
+@pytest.mark.parametrize(("header", "stored", "expected"), [
+    ('multipart/related; type="application/dicom"', EXPLICIT, EXPLICIT),
+    ('multipart/related; type="application/dicom"', "1.2.840.10008.1.2", EXPLICIT),
+    ('multipart/related; type="application/dicom"; transfer-syntax=*', RLE, RLE),
+    ('multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50',
+     EXPLICIT, None),
+    ("application/dicom+json", EXPLICIT, None),
+    ("*/*", RLE, EXPLICIT),
+])
+def test_instance_syntax(header: str, stored: str, expected: str | None) -> None:
+    assert instance_syntax(accept.parse(header), stored) == expected
+
+
+def _layout(syntax: str, encapsulated: bool) -> Layout:
+    return Layout(syntax, 8, 8, 1, 16, 1, "MONOCHROME2", 100,
+                  metadata.UNDEFINED_LENGTH if encapsulated else 128)
+
+
+@pytest.mark.parametrize(("header", "stored", "encapsulated", "plan"), [
+    ("multipart/related; type=application/octet-stream; transfer-syntax=*", RLE, True,
+     FramePlan(True, "application/octet-stream")),
+    ('multipart/related; type="application/octet-stream"', RLE, True,
+     FramePlan(False, "application/octet-stream")),
+    ('multipart/related; type="*/*"', EXPLICIT, False,
+     FramePlan(False, "application/octet-stream")),
+    ('multipart/related; type="image/dicom-rle"', RLE, True, FramePlan(True, "image/dicom-rle")),
+    ('multipart/related; type="image/x-dicom-rle"', RLE, True,
+     FramePlan(True, "image/dicom-rle")),
+    ('multipart/related; type="image/jp2"', RLE, True, None),
+    ("application/octet-stream", EXPLICIT, False,
+     FramePlan(False, "application/octet-stream", multipart=False)),
+])
+def test_frame_plans(header: str, stored: str, encapsulated: bool,
+                     plan: FramePlan | None) -> None:
+    assert frame_plan(accept.parse(header), _layout(stored, encapsulated)) == plan

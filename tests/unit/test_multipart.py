@@ -1,0 +1,142 @@
+"""The streaming multipart/related reader: any chunking, limits, malformed bodies."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from adapters.dicomweb import multipart
+from adapters.dicomweb.multipart import MultipartError, boundary_of, encode, media_type, read_parts
+
+
+class Trickle(io.RawIOBase):
+    """A body that returns at most ``size`` bytes per read (as chunked bodies do)."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.data = data
+        self.size = size
+        self.position = 0
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        count = self.size if size < 0 else min(size, self.size)
+        chunk = self.data[self.position:self.position + count]
+        self.position += len(chunk)
+        return chunk
+
+
+def parse(data: bytes, boundary: str = "b0undary", size: int = 1 << 20,
+          max_part_bytes: int = multipart.MAX_PART_BYTES,
+          max_parts: int = multipart.MAX_PARTS) -> list[tuple[dict[str, str], bytes]]:
+    parts = []
+    for part in read_parts(Trickle(data, size), boundary, chunk_bytes=max(size, 1),
+                           max_part_bytes=max_part_bytes, max_parts=max_parts):
+        parts.append((part.headers, part.read()))
+        part.close()
+    return parts
+
+
+#: Contents that look like delimiters to a careless parser.
+TRICKY = [
+    b"",
+    b"\r\n\r\n",
+    b"--b0undary",  # no CRLF before: not a delimiter
+    b"\r\n--b0undar",
+    b"x\r\n-b0undary--\r\n",
+    os.urandom(3000),
+    b"\r\n--" * 100,
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64, 4096, 1 << 20])
+def test_round_trip_at_any_chunking(size: int) -> None:
+    contents = TRICKY
+    data = b"".join(encode(((({"Content-Type": "application/dicom"}), c) for c in contents),
+                           "b0undary"))
+    parsed = parse(data, size=size)
+    assert [content for _, content in parsed] == contents
+    assert all(headers == {"content-type": "application/dicom"} for headers, _ in parsed)
+
+
+def test_preamble_padding_epilogue_and_no_headers() -> None:
+    data = (b"ignored preamble\r\n--b0undary \t\r\n\r\nfirst\r\n--b0undary\r\n"
+            b"Content-Type: application/dicom\r\nContent-Location: a\r\n\r\nsecond"
+            b"\r\n--b0undary--  \r\nignored epilogue\r\n--b0undary\r\n")
+    parsed = parse(data, size=3)
+    assert parsed == [({}, b"first"),
+                      ({"content-type": "application/dicom", "content-location": "a"},
+                       b"second")]
+
+
+def test_large_part_spools_to_disk() -> None:
+    big = os.urandom(multipart.SPOOL_MEMORY_BYTES + 10)
+    data = b"".join(encode([({}, big)], "b0undary"))
+    parts = list(read_parts(io.BytesIO(data), "b0undary"))
+    assert parts[0].size == len(big)
+    assert parts[0].body._rolled  # type: ignore[attr-defined]
+    assert parts[0].read() == big
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"--b0undary\r\n\r\nno end", "ends inside a part"),
+    (b"--b0undary\r\nContent-Type: application/dicom\r\n", "ends inside part headers"),
+    (b"--b0undary\r\nbroken\r\n\r\nx\r\n--b0undary--", "header line is malformed"),
+    (b"--b0undaryX\r\n\r\nx\r\n--b0undary--", "unexpected bytes"),
+    (b"no delimiter anywhere", "ends inside the preamble"),
+    (b"", "ends inside the preamble"),
+])
+def test_malformed_bodies(data: bytes, message: str) -> None:
+    with pytest.raises(MultipartError, match=message):
+        parse(data, size=5)
+
+
+def test_parts_before_a_break_are_complete() -> None:
+    data = b"".join(encode([({}, b"complete"), ({}, b"cut off")], "b0undary"))[:-12]
+    reader = read_parts(io.BytesIO(data), "b0undary")
+    assert next(reader).read() == b"complete"
+    with pytest.raises(MultipartError):
+        next(reader)
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"max_part_bytes": 10}, "larger than 10 bytes"),
+    ({"max_parts": 2}, "more than 2 parts"),
+])
+def test_limits(limits: dict[str, int], message: str) -> None:
+    data = b"".join(encode([({}, b"x" * 11)] * 3, "b0undary"))
+    with pytest.raises(MultipartError, match=message):
+        parse(data, size=4, **limits)  # type: ignore[arg-type]
+
+
+def test_header_block_limit() -> None:
+    data = b"--b0undary\r\nX-Long: " + b"a" * (multipart.MAX_HEADER_BYTES + 10)
+    with pytest.raises(MultipartError, match="too long"):
+        parse(data)
+
+
+@pytest.mark.parametrize("content_type, boundary", [
+    ('multipart/related; type="application/dicom"; boundary="0f3c-41ef"', "0f3c-41ef"),
+    ("multipart/related; type=application/dicom; boundary=0f3c-41ef", "0f3c-41ef"),
+    ('multipart/related;boundary="a;b=c";type="application/dicom"', "a;b=c"),
+    ('Multipart/Related; BOUNDARY=abc', "abc"),
+])
+def test_boundary_quoted_or_bare(content_type: str, boundary: str) -> None:
+    assert boundary_of(content_type) == boundary
+    assert media_type(content_type)[0] == "multipart/related"
+
+
+@pytest.mark.parametrize("content_type", [
+    "multipart/related", 'multipart/related; boundary=""', "multipart/related; boundary=" + "x" * 300,
+])
+def test_bad_boundary(content_type: str) -> None:
+    with pytest.raises(MultipartError):
+        boundary_of(content_type)
+
+
+def test_media_type_parameters() -> None:
+    kind, params = media_type('Multipart/Related; Type="application/dicom"; '
+                              'transfer-syntax=1.2.840.10008.1.2.1; x="a\\"b"')
+    assert kind == "multipart/related"
+    assert params == {"type": "application/dicom", "transfer-syntax": "1.2.840.10008.1.2.1",
+                      "x": 'a"b'}
