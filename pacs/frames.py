@@ -204,14 +204,23 @@ def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
 def decoded(source: BinaryIO, number: int) -> np.ndarray:
     """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
 
+    pydicom reads just that frame from the file; a deflated data set cannot be read
+    that way (its pixel data is inside the deflate stream), so the whole data set is
+    read instead.
+
     Raises
     ------
     UnreadableData
         When the frame cannot be decoded.
     """
-    source.seek(0)
     try:
+        source.seek(0)
         return pixel_array(source, index=number - 1)
+    except Exception:  # noqa: BLE001 - retry from the whole data set, below
+        pass
+    try:
+        source.seek(0)
+        return pixel_array(pydicom.dcmread(source), index=number - 1)
     except Exception as exc:  # decoders raise many kinds for bad data
         raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
 

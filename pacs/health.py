@@ -70,6 +70,14 @@ class Health:
         return {"status": "ok" if self.ok else "unhealthy", **asdict(self)}
 
 
+def _scalar(conn: apsw.Connection, sql: str) -> Any:
+    """The first column of the first row (both queries here always return one)."""
+    row = conn.execute(sql).fetchone()
+    if row is None:
+        raise apsw.SQLError(f"no row from {sql!r}")
+    return row[0]
+
+
 def check(services: Services, thorough: bool = False) -> Health:
     """Check the store and the index of ``services``.
 
@@ -96,10 +104,9 @@ def check(services: Services, thorough: bool = False) -> Health:
     try:
         conn = services.index.connection()
         if thorough:
-            index_state = str(conn.execute("PRAGMA quick_check").fetchone()[0])
+            index_state = str(_scalar(conn, "PRAGMA quick_check"))
         counts = writer.counts(conn)
-        indexed_bytes = int(conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM instance").fetchone()[0])
+        indexed_bytes = int(_scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance"))
     except (apsw.Error, PacsError) as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None

@@ -26,11 +26,13 @@ theirs from the stored object on first request and backfills the table.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -142,6 +144,10 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
     """
     try:
         pixel = _pixel_element(instance.header, data, instance.transfer_syntax)
+        if pixel is None and _looks_like_an_image(instance):
+            # The header reader did not leave its position at the pixel data (or the
+            # data set is deflated): parse again, slower but certain.
+            return prepare_from_stream(io.BytesIO(data), instance.transfer_syntax)
         text = encode(instance.header, instance.study_uid, instance.series_uid,
                       instance.sop_instance_uid, instance.transfer_syntax, pixel)
     except Exception:  # noqa: BLE001 - metadata must never fail an ingest
@@ -150,6 +156,11 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
         return None
     offset, length = (pixel.offset, pixel.length) if pixel else (None, None)
     return Prepared(text, offset, length)
+
+
+def _looks_like_an_image(instance: Instance) -> bool:
+    """True when the header has the Image Pixel module's Rows (PS3.3 C.7.6.3)."""
+    return 0x00280010 in instance.header._dict  # type: ignore[operator]
 
 
 def save(conn: apsw.Connection, sop_uid: str, prepared: Prepared | None) -> None:
@@ -168,10 +179,12 @@ def save(conn: apsw.Connection, sop_uid: str, prepared: Prepared | None) -> None
 
 @dataclass(frozen=True)
 class _Pixel:
+    """The pixel data element: tag, VR, and its value's place (``None``: unknown)."""
+
     tag: int
     vr: str
-    offset: int
-    length: int
+    offset: int | None
+    length: int | None
 
 
 def _pixel_element(header: Dataset, data: bytes, transfer_syntax: str) -> _Pixel | None:
@@ -340,8 +353,10 @@ def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
             "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
     except Exception as exc:  # pydicom raises many kinds for malformed input
         raise UnreadableData(f"stored object does not parse: {type(exc).__name__}") from None
-    pixel = (None if transfer_syntax == DeflatedExplicitVRLittleEndian
-             else pixel_element_at(head, position, total, transfer_syntax))
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        pixel = _deflated_pixels(header)
+    else:
+        pixel = pixel_element_at(head, position, total, transfer_syntax)
     try:
         text = encode(header, study, series, sop, transfer_syntax, pixel)
     except Exception:  # noqa: BLE001 - fall back to pydicom's encoder
@@ -349,6 +364,18 @@ def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
     if pixel is None:
         return Prepared(text, None, None)
     return Prepared(text, pixel.offset, pixel.length)
+
+
+def _deflated_pixels(header: Dataset) -> _Pixel | None:
+    """Pixel data of a deflated image: listed, with no place in the stored bytes.
+
+    Its place is inside the deflate stream, so frames are decoded from the whole
+    object; the header is enough to know it is an image (Rows, PS3.3 C.7.6.3).
+    """
+    if "Rows" not in header:
+        return None
+    vr = "OW" if int(header.get("BitsAllocated", 16) or 16) > 8 else "OB"
+    return _Pixel(0x7FE00010, vr, None, None)
 
 
 def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -360,33 +387,28 @@ def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str
     return orjson.dumps(result, option=orjson.OPT_SORT_KEYS).decode()
 
 
-class seekable:  # noqa: N801 - used as a context manager like open()
+#: A forward-only stream is copied to memory up to this size, to disk beyond.
+SPOOL_BYTES = 32 << 20
+
+
+@contextmanager
+def seekable(stream: BinaryIO) -> Iterator[BinaryIO]:
     """A seekable view of a stream: itself when it seeks, else a spooled copy.
 
     S3 objects arrive as forward-only streams; pydicom and the encapsulation helpers
-    seek.  The copy stays in memory up to :data:`SPOOL_BYTES`, on disk beyond.
+    seek.
     """
-
-    SPOOL_BYTES = 32 << 20
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.copy: Any = None
-
-    def __enter__(self) -> BinaryIO:
-        try:
-            if self.stream.seekable():
-                return self.stream
-        except (AttributeError, ValueError):
-            pass
-        self.copy = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_BYTES)
-        shutil.copyfileobj(self.stream, self.copy, 1 << 20)
-        self.copy.seek(0)
-        return self.copy  # type: ignore[no-any-return]
-
-    def __exit__(self, *exc: object) -> None:
-        if self.copy is not None:
-            self.copy.close()
+    try:
+        can_seek = stream.seekable()
+    except (AttributeError, ValueError):
+        can_seek = False
+    if can_seek:
+        yield stream
+        return
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as copy:
+        shutil.copyfileobj(stream, copy, 1 << 20)
+        copy.seek(0)
+        yield cast(BinaryIO, copy)
 
 
 def absolute_bulk_data_uris(text: str, base_url: str) -> str:

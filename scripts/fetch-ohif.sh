@@ -9,7 +9,9 @@
 #                       system's Chromium (Debian `chromium`), so no browser is downloaded.
 #
 # Idempotent: a second run sees the version stamps and returns at once.
-# Versions can be changed with OHIF_VERSION / PLAYWRIGHT_VERSION; `--force` fetches again.
+# Versions can be changed with OHIF_VERSION / PLAYWRIGHT_VERSION.  Options:
+#   --force        fetch again even when present
+#   --viewer-only  only the OHIF dist (the Docker build; no test tool)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +20,14 @@ PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.65.1}"
 OHIF_DIR=vendor/ohif
 NODE_DIR=vendor/node
 force=false
-[ "${1:-}" = "--force" ] && force=true
+viewer_only=false
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=true ;;
+        --viewer-only) viewer_only=true ;;
+        *) echo "usage: $0 [--force] [--viewer-only]" >&2; exit 2 ;;
+    esac
+done
 
 if ! command -v npm >/dev/null 2>&1; then
     echo "fetch-ohif: npm not found; installing Debian's npm" >&2
@@ -52,6 +61,7 @@ else
 fi
 
 # --- playwright-core (test only) ------------------------------------------------------
+$viewer_only && exit 0
 installed="$(sed -n 's/^ *"version": *"\([^"]*\)".*/\1/p' \
     "$NODE_DIR/node_modules/playwright-core/package.json" 2>/dev/null | head -n1 || true)"
 if ! $force && [ "$installed" = "$PLAYWRIGHT_VERSION" ]; then

@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
+# The OHIF viewer for port 8080 (vendor/ohif/dist, quick when present); the node also runs
+# without it, and says so.
+scripts/fetch-ohif.sh --viewer-only || echo "serve.sh: could not fetch the OHIF viewer" >&2
 exec .venv/bin/pacs serve "$@"

@@ -115,7 +115,6 @@ class OhifFiles:
 
     def _send_file(self, req: falcon.Request, resp: falcon.Response, path: Path) -> None:
         info = path.stat()
-        resp.content_type = media_type(path)
         resp.cache_control = [IMMUTABLE if _HASHED.search(path.name) else REVALIDATE]
         # npm tarballs stamp every file 1985-10-26: Last-Modified would say nothing,
         # so the validator is an ETag of size, time and inode (a new dist, new inodes).
@@ -124,7 +123,9 @@ class OhifFiles:
         wanted = req.if_none_match or ()  # falcon's ETags compare to unquoted text
         if tag in wanted or "*" in wanted:
             resp.status = falcon.HTTP_304
+            resp.content_type = None  # a 304 has no content, so no type (RFC 9110 15.4.5)
             return
+        resp.content_type = media_type(path)
         resp.content_length = info.st_size
         if req.method == "GET":
             # A file object: gunicorn sends it with sendfile(), no copy in Python.

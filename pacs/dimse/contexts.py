@@ -9,7 +9,12 @@ information models are added by the Q/R services.
 from __future__ import annotations
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -36,13 +41,21 @@ GET_MODELS = {
 }
 
 
+#: Uncompressed syntaxes, after the compressed ones in :data:`STORAGE_TRANSFER_SYNTAXES`.
+_NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+           ExplicitVRBigEndian]
+
 #: Storage transfer syntaxes in our order of preference.  As acceptor pynetdicom takes
-#: the first of *our* list that the requestor proposed, so Explicit VR Little Endian
-#: comes first: objects arrive with their VRs (not Implicit VR, pynetdicom's first), and
-#: a C-GET requestor proposing both receives explicit VR objects as stored instead of
-#: converted (PS3.4 C.4.3; the acceptor picks one proposed syntax, PS3.8 7.1.1.14).
-STORAGE_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, *(
-    ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian)]
+#: the first of *our* list that the requestor proposed in a context (the acceptor picks
+#: one proposed syntax, PS3.8 7.1.1.14).  Compressed syntaxes come first: a modality that
+#: proposes its file's compressed syntax with uncompressed fallbacks (dcmtk ``storescu
+#: +C``) is given the compressed one and the object is stored as it is, instead of the
+#: peer having to decompress it (or failing to).  Then Explicit VR Little Endian before
+#: Implicit, so that objects keep their VRs.  The trade-off: a C-GET requestor that
+#: proposes compressed and uncompressed syntaxes in one context gets the compressed one,
+#: and an object stored uncompressed cannot be sent to it in that context (we decompress,
+#: never compress); requestors usually propose uncompressed contexts separately.
+STORAGE_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _NATIVE] + _NATIVE
 
 
 def storage_contexts() -> list[PresentationContext]:

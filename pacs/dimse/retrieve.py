@@ -366,7 +366,8 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 
     The dispatch in ``SCP`` is pynetdicom's; it calls :meth:`_c_find_scp`,
     :meth:`_move_scp` and :meth:`_get_scp` below.  The :class:`~pacs.services.Services`
-    come from the handler bound to EVT_C_MOVE / EVT_C_GET, so nothing is global.
+    come from the handler bound to the request's event (EVT_C_FIND, EVT_C_MOVE or
+    EVT_C_GET, see :func:`pacs.dimse.handlers.bind`), so nothing is global.
     """
 
     # -- C-FIND --

@@ -57,6 +57,9 @@ def make_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.dimse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.dimse_timeout
+    # C-MOVE destinations are connected from this AE: an unreachable one must fail
+    # (A702) within the timeout, not the operating system's minutes.
+    ae.connection_timeout = settings.dimse_timeout
     # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.
     ae.require_called_aet = True
     ae.require_calling_aet = list(settings.allowed_calling_aets)

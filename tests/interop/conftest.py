@@ -70,7 +70,7 @@ def dcmtk(tool: str) -> str:
     for path in sorted(candidates, key=lambda p: not is_binary(p)):
         try:
             out = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                 timeout=10, env=DCMTK_ENV)
+                                 timeout=10, env=DCMTK_ENV, check=False)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if "dcmtk" in (out.stdout + out.stderr).lower():
@@ -83,7 +83,8 @@ def run_dcmtk(tool: str, *args: str, cwd: Path | None = None,
               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run a dcmtk tool with TCP_NODELAY=1; stdout and stderr captured together."""
     return subprocess.run([dcmtk(tool), *args], cwd=cwd, env=DCMTK_ENV, timeout=timeout,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          check=False)
 
 
 # --- the index and the store, read back ------------------------------------------------
@@ -221,7 +222,7 @@ def assert_consistent(data_dir: Path, exact: bool = False) -> dict[str, IndexedI
 # say which instance the sender saw acknowledged.
 _RSP = re.compile(
     r"Message Type\s*: C-STORE RSP.*?Affected SOP Instance UID\s*: (?P<uid>[0-9.]+)"
-    r".*?DIMSE Status\s*: 0x(?P<status>[0-9A-Fa-f]{4})", re.S)
+    r".*?DIMSE Status\s*: 0x(?P<status>[0-9A-Fa-f]{4})", re.DOTALL)
 
 
 def acknowledged(log: str) -> set[str]:
@@ -522,7 +523,8 @@ class Node:
         """Run ``python -m pacs ARGS`` with the node's environment and working folder."""
         return subprocess.run([sys.executable, "-m", "pacs", *args], cwd=self.root,
                               env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False)
 
     def echo(self) -> subprocess.CompletedProcess[str]:
         """C-ECHO with dcmtk's echoscu."""
@@ -579,8 +581,3 @@ def dcmtk_env() -> dict[str, str]:
     """The environment for dcmtk tools (TCP_NODELAY=1)."""
     return dict(DCMTK_ENV)
 
-
-__all__ = ["AE_TITLE", "DCMTK_ENV", "IndexedInstance", "Node", "SenderLog", "Snapshot",
-           "acknowledged", "assert_consistent", "start_dcmsend", "dataset_bytes", "dcmtk", "fresh_ct", "index_counts",
-           "key_of", "make_instances", "read_index", "run_dcmtk", "sha256", "snapshot",
-           "stored_objects", "temporaries"]

@@ -25,6 +25,11 @@ const STUDIES = JSON.parse(process.env.STUDIES || '[]');
 const OUT = process.env.OUT || 'artifacts/ohif';
 const TIMEOUT = Number(process.env.TIMEOUT_MS || 60000);
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+// A browser on another host: the node asks it for HTTP Basic credentials (compose setup).
+const HTTP_USER = process.env.HTTP_USER;
+const HTTP_PASSWORD = process.env.HTTP_PASSWORD;
+// The viewer's own host when it is not loopback (BASE_URL's host is always allowed).
+const BASE_HOST = new URL(BASE_URL).hostname;
 // Texts of OHIF v3's error boundary, toasts and data-source dialog.
 const ERROR_TEXTS = ['Something went wrong', 'Data Source Connection Error', 'Error:', 'Unable to',
   'failed to load', 'No matching', 'Request failed'];
@@ -35,16 +40,17 @@ const context = await chromium.launchPersistentContext(userDataDir, {
   executablePath: CHROMIUM,
   headless: true,
   viewport: { width: 1400, height: 900 },
+  ...(HTTP_USER ? { httpCredentials: { username: HTTP_USER, password: HTTP_PASSWORD || '' } } : {}),
   args: [
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
   ],
 });
 
-// Loopback only: anything else is aborted (and reported), so the check never depends on
-// the internet and proves the app-config names no remote server.
+// Loopback (and the viewer's host) only: anything else is aborted (and reported), so the
+// check never depends on the internet and proves the app-config names no remote server.
 const isLocal = u => {
-  try { const h = new URL(u).hostname; return h === '127.0.0.1' || h === 'localhost' || h === '[::1]'; }
+  try { const h = new URL(u).hostname; return h === '127.0.0.1' || h === 'localhost' || h === '[::1]' || h === BASE_HOST; }
   catch { return u.startsWith('data:') || u.startsWith('blob:'); }
 };
 await context.route('**/*', route => (isLocal(route.request().url()) ? route.continue() : route.abort('blockedbyclient')));

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -131,39 +132,53 @@ def base_url(viewer_node: Node) -> str:
     return f"http://127.0.0.1:{viewer_node.env['PACS_VIEWER_PORT']}"
 
 
-@pytest.fixture(scope="module")
-def studies(viewer_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[Study]:
-    """The four studies, sent with dcmsend and stored with their transfer syntaxes."""
-    folder = tmp_path_factory.mktemp("ohif-data")
-    made = make_studies(folder)
-    sent = run_dcmtk("dcmsend", "-aec", AE_TITLE, "-aet", "OHIFTEST", "+sd", "127.0.0.1",
-                     str(viewer_node.port), str(folder), timeout=120)
+def send(node: Node, folder: Path, made: list[Study]) -> list[Study]:
+    """dcmsend a folder; each study must be stored with the transfer syntax it was sent in."""
+    # -dn: propose each file's own transfer syntax only.  By default dcmsend also offers
+    # Explicit VR Little Endian for lossless-compressed files (RLE), which the node
+    # prefers, and the sender would decompress them: OHIF must decode RLE itself here.
+    sent = run_dcmtk("dcmsend", "-aec", AE_TITLE, "-aet", "OHIFTEST", "-dn", "+sd",
+                     "127.0.0.1", str(node.port), str(folder), timeout=120)
     assert sent.returncode == 0, sent.stdout
-    stored = {(row.study_uid, row.transfer_syntax) for row in viewer_node.index().values()}
+    stored = {(row.study_uid, row.transfer_syntax) for row in node.index().values()}
     for study in made:
         assert (study.uid, study.transfer_syntax) in stored, (study, stored)
     return made
 
 
 @pytest.fixture(scope="module")
-def ohif(viewer_node: Node, base_url: str, studies: list[Study]) -> dict[str, Any]:
-    """Run the browser once over every study; its ``results.json``."""
+def studies(viewer_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[Study]:
+    """The four studies, sent with dcmsend and stored with their transfer syntaxes."""
+    folder = tmp_path_factory.mktemp("ohif-data")
+    return send(viewer_node, folder, make_studies(folder))
+
+
+def run_browser(base_url: str, studies: list[Study], out: Path,
+                **environment: str) -> dict[str, Any]:
+    """Run ``ohif_check.mjs`` over ``studies``; its ``results.json`` plus its output."""
     node = require_tools()
-    if ARTIFACTS.exists():
-        shutil.rmtree(ARTIFACTS)
-    ARTIFACTS.mkdir(parents=True)
-    env = {**os.environ, "BASE_URL": base_url, "OUT": str(ARTIFACTS),
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = {**os.environ, "BASE_URL": base_url, "OUT": str(out),
            "PLAYWRIGHT_CORE": str(PLAYWRIGHT), "CHROMIUM": str(CHROMIUM),
            "STUDIES": json.dumps([{"name": s.name, "uid": s.uid, "text": s.text}
-                                  for s in studies])}
-    run = subprocess.run([node, str(SCRIPT)], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=BROWSER_TIMEOUT, stdin=subprocess.DEVNULL)
-    (ARTIFACTS / "check.log").write_text(run.stdout + run.stderr)
-    results_file = ARTIFACTS / "results.json"
+                                  for s in studies]), **environment}
+    run = subprocess.run([node, str(SCRIPT)], check=False, env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=BROWSER_TIMEOUT,
+                         stdin=subprocess.DEVNULL)
+    (out / "check.log").write_text(run.stdout + run.stderr)
+    results_file = out / "results.json"
     assert results_file.exists(), f"the browser check wrote no results:\n{run.stdout}{run.stderr}"
     results: dict[str, Any] = json.loads(results_file.read_text())
     results["log"] = run.stdout + run.stderr
     return results
+
+
+@pytest.fixture(scope="module")
+def ohif(base_url: str, studies: list[Study]) -> dict[str, Any]:
+    """The browser run once over every study (screenshots in ``artifacts/ohif/``)."""
+    return run_browser(base_url, studies, ARTIFACTS)
 
 
 def _failures(results: dict[str, Any]) -> str:
@@ -198,6 +213,8 @@ def test_study_list_shows_every_study(ohif: dict[str, Any], studies: list[Study]
         f"{listed}\nfailed requests:\n{_failures(ohif)}\n{ohif['log']}")
     assert ohif["studyList"]["errors"] == []
     assert (ARTIFACTS / "study-list.png").stat().st_size > 0
+    # The recorded DICOMweb requests are kept for a person to compare with the research.
+    assert (ARTIFACTS / "dicomweb-requests.tsv").stat().st_size > 0
 
 
 @pytest.mark.timeout(BROWSER_TIMEOUT + 120)
@@ -209,6 +226,9 @@ def test_viewer_draws_the_image(ohif: dict[str, Any], name: str) -> None:
     assert canvas and canvas["nonBlack"] > 500 and canvas["distinctRed"] > 10, (
         f"blank canvas: {canvas}\nfailed requests:\n{_failures(ohif)}")
     assert study["errors"] == [], f"error text on the page: {study['errors']}"
+    # Thumbnails are drawn from /frames too (thumbnailRendering 'wadors').
+    thumbnails = study["thumbnails"]
+    assert thumbnails and all(t["complete"] and t["w"] > 0 for t in thumbnails), thumbnails
     assert (ARTIFACTS / f"viewer-{name}.png").stat().st_size > 0
 
 
@@ -220,3 +240,44 @@ def test_every_dicomweb_request_of_ohif_succeeded(ohif: dict[str, Any]) -> None:
 @pytest.mark.timeout(BROWSER_TIMEOUT + 120)
 def test_ohif_stays_on_this_host(ohif: dict[str, Any]) -> None:
     assert ohif["blocked"] == [], "OHIF tried to reach other hosts"
+
+
+# --- a browser on another host, as in compose ------------------------------------------
+
+def host_address() -> str | None:
+    """A non-loopback IPv4 address of this machine (no packet is sent), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+def test_a_browser_on_another_host_gets_in_with_the_credentials(
+        node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The compose setup: not loopback, so HTTP Basic on the page and every request."""
+    require_tools()
+    address = host_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to browse from")
+    node = node_factory("ohif-remote", PACS_VIEWER_DIST=str(DIST), PACS_BIND_ADDRESS="0.0.0.0",
+                        PACS_WEB_USER="viewer", PACS_WEB_PASSWORD="not-so-secret")
+    port = int(node.env["PACS_VIEWER_PORT"])
+    wait_for_port(port, timeout=60)
+    base = f"http://{address}:{port}"
+    status, headers, _ = get(base + "/")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    assert get(base + "/dicom-web/studies")[0] == 401
+    folder = tmp_path_factory.mktemp("ohif-remote-data")
+    ct = [s for s in make_studies(folder) if s.name == "ct"]
+    for other in ("jpeg", "j2k", "rle"):
+        (folder / f"{other}.dcm").unlink()
+    send(node, folder, ct)
+    results = run_browser(base, ct, ARTIFACTS / "remote", HTTP_USER="viewer",
+                          HTTP_PASSWORD="not-so-secret")
+    assert results["studyList"]["listed"] == {"ct": True}, results["log"]
+    assert results["studies"]["ct"]["passed"], results["log"]
+    assert results["failedRequests"] == [], _failures(results)

@@ -18,7 +18,7 @@ import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -64,7 +64,8 @@ def test_readme_quickstart_dcmsend(node: Node, tmp_path: Path) -> None:
     line = QUICKSTART.replace(" 32773 ", f" {node.port} ")
 
     result = subprocess.run(line, shell=True, cwd=tmp_path, env=DCMTK_ENV, timeout=60,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            check=False)
 
     assert result.returncode == 0, f"{line}\n{result.stdout}\n--- server ---\n{node.log()}"
     assert "Received C-STORE Response (Success)" in result.stdout, result.stdout
@@ -96,11 +97,6 @@ def test_dcmsend_sends_uncompressed_files_in_their_own_transfer_syntax(
     assert network.group(1) == original.group(1), report
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pacs/dimse/contexts.py lists Explicit VR LE first, before every compressed syntax; "
-    "pynetdicom as acceptor picks the first of its own list that the peer proposed, so a "
-    "peer proposing [JPEG Lossless, Explicit LE, Big Endian, Implicit LE] in one context "
-    "is given Explicit LE and must decompress (storescu cannot: the C-STORE fails)"))
 def test_compressed_syntax_proposed_with_uncompressed_is_accepted(node: Node,
                                                                   tmp_path: Path) -> None:
     """storescu +C: one context per SOP class with the file's JPEG Lossless syntax first
@@ -159,7 +155,7 @@ def _candidates() -> list[Candidate]:
                                           or ds.get("SOPClassUID", "")).strip("\0 ")
                 candidate.sop_uid = str(ds.get("SOPInstanceUID", "")).strip("\0 ")
                 candidate.frames = int(ds.get("NumberOfFrames", 1) or 1)
-            except Exception:  # a file pydicom cannot read: dcmtk will judge it
+            except Exception:  # noqa: BLE001, S110 - pydicom cannot read it: dcmtk will judge
                 pass
             found.append(candidate)
     return found
@@ -204,7 +200,7 @@ class Reference:
         self.received = folder / "received"
         self.received.mkdir(parents=True)
         self.port = free_port()
-        self.log = open(folder / "storescp.log", "wb")
+        self.log = open(folder / "storescp.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [dcmtk("storescp"), "+B", "-F", "+xa", "-pm", "-aet", AE_TITLE,
              "-od", str(self.received), str(self.port)],
@@ -280,6 +276,8 @@ def sent(store_node: Node, reference: Reference,
 
 def _describe(candidate: Candidate) -> str:
     if candidate.status is None:
+        if "No Acceptable Presentation Contexts" in candidate.output:
+            return "its SOP class was rejected by the node at association (not a storage class)"
         errors = [line for line in candidate.output.splitlines()
                   if line.startswith(("E:", "F:"))]
         return "not sent by dcmtk: " + (errors[0] if errors else candidate.output[-200:])

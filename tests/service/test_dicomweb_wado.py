@@ -455,6 +455,15 @@ def test_frames_from_a_store_that_cannot_seek(client: testing.TestClient, servic
     assert image(client.simulate_get(url(ds) + "/rendered")).mode == "RGB"
 
 
+def test_deflated_frames_are_decoded(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("image_dfl.dcm")
+    [(part, content)] = parts(client.simulate_get(url(ds) + "/frames/1",
+                                                  headers={"Accept": OHIF_FRAMES}))
+    assert part["content-type"].endswith(EXPLICIT)
+    assert content == ds.pixel_array.tobytes()
+    assert image(client.simulate_get(url(ds) + "/rendered")).size == (ds.Columns, ds.Rows)
+
+
 def test_implicit_little_endian_frames(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("MR_small_implicit.dcm")
     assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian

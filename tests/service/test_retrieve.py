@@ -714,7 +714,7 @@ def test_move_cancel(make_node: Callable[..., Node], requestors: Callable[..., A
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     dest.server = ae.start_server(("127.0.0.1", dest.port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, _recorder(dest.received, delay=0.02))])
+        (evt.EVT_C_STORE, _recorder(dest.received, delay=0.03))])
     try:
         node = make_node(dest)
         study = store_study(node, series=1, per_series=30)

@@ -80,9 +80,10 @@ def test_pixel_data_is_located_and_referenced() -> None:
         assert ours["00083002"]["Value"] == [ds.file_meta.TransferSyntaxUID]
 
 
-def test_deflated_objects_have_no_pixel_position() -> None:
+def test_deflated_images_list_pixel_data_without_a_position() -> None:
     ours, result, _ = prepared(sample("image_dfl.dcm"))
-    assert result.pixel_offset is None and "7FE00010" not in ours
+    assert result.pixel_offset is None
+    assert ours["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
 
 
 def test_empty_and_multiple_values() -> None:

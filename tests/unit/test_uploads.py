@@ -14,8 +14,13 @@ from pacs.errors import StorageError
 from pacs.query.matching import constraint
 from pacs.query.model import Query
 from pacs.services import Services
-from pacs.uploads import (REASON_SUFFIX, Disposition, UploadWatcher, open_for_writing,
-                          waits_for_rename)
+from pacs.uploads import (
+    REASON_SUFFIX,
+    Disposition,
+    UploadWatcher,
+    open_for_writing,
+    waits_for_rename,
+)
 from tests.conftest import sample
 
 

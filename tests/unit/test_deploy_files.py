@@ -1,0 +1,253 @@
+"""compose.yml, the Dockerfile and .dockerignore, checked statically (no Docker engine
+runs here): services, ports, network, volumes, healthchecks, environment, and that
+what the image runs exists in this package."""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from pacs import config
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTING_NAMES = {s.env for s in config.SETTINGS}
+#: ``${NAME}``, ``${NAME:-default}``, ``${NAME:?message}`` in compose files.
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+
+
+def plain(text: str) -> str:
+    """A compose value with its variables reduced to ``${NAME}``."""
+    return _VARIABLE.sub(lambda m: "${" + m.group(1) + "}", str(text))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yml").read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    found: dict[str, Any] = compose["services"]
+    return found
+
+
+# --- a tiny Dockerfile parser ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Instruction:
+    """One Dockerfile instruction with its arguments (continuations joined)."""
+
+    keyword: str
+    args: str
+    stage: int  # 0-based build stage it belongs to
+
+
+def dockerfile() -> list[Instruction]:
+    """The instructions of ./Dockerfile; comments dropped, ``\\`` lines joined."""
+    instructions: list[Instruction] = []
+    stage = -1
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        if keyword.upper() == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword.upper(), args.strip(), stage))
+    return instructions
+
+
+def final_stage() -> list[Instruction]:
+    found = dockerfile()
+    last = max(i.stage for i in found)
+    return [i for i in found if i.stage == last]
+
+
+def exec_form(args: str) -> list[str]:
+    """``["a", "b"]`` (JSON exec form) as a list; shell form is refused."""
+    parsed = json.loads(args)
+    assert isinstance(parsed, list) and all(isinstance(a, str) for a in parsed), args
+    return parsed
+
+
+def console_scripts() -> dict[str, str]:
+    """setup.cfg's console scripts: name -> ``module:function``."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    entries = parser["options.entry_points"]["console_scripts"]
+    pairs = (line.split("=", 1) for line in entries.strip().splitlines() if "=" in line)
+    return {name.strip(): target.strip() for name, target in pairs}
+
+
+def env_example_names() -> set[str]:
+    return {line.split("=", 1)[0] for line in (ROOT / ".env.example").read_text().splitlines()
+            if "=" in line and not line.startswith("#")}
+
+
+# --- compose.yml ------------------------------------------------------------------------
+
+def test_services_are_pacs_and_minio_on_the_intelpixel_network(
+        compose: dict[str, Any], services: dict[str, Any]) -> None:
+    # OHIF is served by the pacs service (README, "Viewer"): no ohif container.
+    assert set(services) == {"pacs", "minio"}
+    assert compose["networks"]["intelpixel"]["name"] == "intelpixel"
+    for name, service in services.items():
+        assert service["networks"] == ["intelpixel"], name
+        assert service["restart"] == "unless-stopped", name
+
+
+def test_published_ports(services: dict[str, Any]) -> None:
+    assert services["pacs"]["ports"] == ["32773:32773", "5985:5985", "8080:8080"]
+    assert services["minio"]["ports"] == ["9000:9000", "9001:9001"]
+    assert '--console-address ":9001"' in services["minio"]["command"]
+
+
+def test_volumes(services: dict[str, Any]) -> None:
+    assert [plain(v) for v in services["pacs"]["volumes"]] == [
+        "./dicom_data:/app/data", "./customer/${CUSTOMER}/uploads:/dcmfiles"]
+    assert [plain(v) for v in services["minio"]["volumes"]] == ["./customer/${CUSTOMER}:/data"]
+    assert "server /data" in services["minio"]["command"]
+
+
+def test_healthchecks(services: dict[str, Any]) -> None:
+    minio = services["minio"]["healthcheck"]
+    assert minio["interval"] == "30s" and minio["test"][0] == "CMD"
+    pacs = services["pacs"]["healthcheck"]
+    assert pacs["test"] == ["CMD", "python", "-m", "pacs.healthcheck"]
+    assert importlib.util.find_spec("pacs.healthcheck") is not None
+    assert services["pacs"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_pacs_environment_names_only_real_settings(services: dict[str, Any]) -> None:
+    environment = services["pacs"]["environment"]
+    unknown = set(environment) - SETTING_NAMES
+    assert not unknown, f"not pacs settings (typos?): {unknown}"
+
+
+def test_pacs_is_configured_for_minio(services: dict[str, Any]) -> None:
+    env = {k: plain(v) for k, v in services["pacs"]["environment"].items()}
+    minio_env = {k: plain(v) for k, v in services["minio"]["environment"].items()}
+    assert env["PACS_STORAGE"] == "s3"
+    host, port = env["PACS_S3_ENDPOINT"].split(":")
+    assert host == "minio" and f"{port}:{port}" in services["minio"]["ports"]
+    assert env["PACS_S3_SECURE"] == "false"
+    assert env["PACS_S3_ACCESS_KEY"] == minio_env["MINIO_ROOT_USER"] == "${MINIO_ROOT_USER}"
+    assert env["PACS_S3_SECRET_KEY"] == minio_env["MINIO_ROOT_PASSWORD"] == "${MINIO_ROOT_PASSWORD}"
+    # Credentials are required, never defaulted in the file.
+    for name in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+        assert f"${{{name}:?" in services["minio"]["environment"][name]
+
+
+def test_pacs_paths_and_ports_match_the_volumes_and_the_image(services: dict[str, Any]) -> None:
+    env = services["pacs"]["environment"]
+    targets = [v.split(":")[-1] for v in services["pacs"]["volumes"]]
+    assert env["PACS_DATA_DIR"] in targets and env["PACS_UPLOADS_DIR"] in targets
+    published = {p.split(":")[1] for p in services["pacs"]["ports"]}
+    assert {env["PACS_DIMSE_PORT"], env["PACS_WEB_PORT"], env["PACS_VIEWER_PORT"]} == published
+    assert env["PACS_BIND_ADDRESS"] == "0.0.0.0"  # reachable through the published ports
+    copied = [i.args.split()[-1] for i in final_stage() if i.keyword == "COPY"
+              and i.args.startswith("--from=")]
+    assert env["PACS_VIEWER_DIST"] in copied
+
+
+def test_dicomweb_access_is_set_explicitly(services: dict[str, Any]) -> None:
+    # Requests reach the container from the compose network, not loopback (DESIGN.md 4).
+    env = services["pacs"]["environment"]
+    assert env["PACS_WEB_OPEN"] == "false"
+    assert env["PACS_WEB_USER"].startswith("${PACS_WEB_USER:?")
+    assert env["PACS_WEB_PASSWORD"].startswith("${PACS_WEB_PASSWORD:?")
+
+
+def test_every_compose_variable_is_documented_in_env_example() -> None:
+    used = set(_VARIABLE.findall((ROOT / "compose.yml").read_text()))
+    missing = used - env_example_names()
+    assert not missing, f"compose variables missing from .env.example: {missing}"
+
+
+# --- Dockerfile -------------------------------------------------------------------------
+
+def test_final_image_is_slim_python_as_a_non_root_user() -> None:
+    stage = final_stage()
+    base = stage[0]
+    assert base.keyword == "FROM" and re.match(r"python:3\.1[1-9][-.\w]*-slim", base.args)
+    users = [i.args for i in stage if i.keyword == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0")
+    keywords = [i.keyword for i in stage]
+    assert keywords.index("USER") < keywords.index("CMD")
+
+
+def test_the_package_is_installed() -> None:
+    runs = " ".join(i.args for i in final_stage() if i.keyword == "RUN")
+    assert "pip install ." in runs
+    copied = [i.args.split()[0] for i in final_stage()
+              if i.keyword == "COPY" and not i.args.startswith("--from")]
+    for source in copied:
+        assert (ROOT / source).exists(), source
+
+
+def test_cmd_is_a_console_script_of_the_package() -> None:
+    cmd = exec_form(next(i.args for i in final_stage() if i.keyword == "CMD"))
+    assert cmd == ["pacs", "serve"]
+    scripts = console_scripts()
+    assert cmd[0] in scripts
+    module, _, function = scripts[cmd[0]].partition(":")
+    entry = getattr(importlib.import_module(module), function)
+    assert isinstance(entry, click.Group) and cmd[1] in entry.commands
+
+
+def test_healthcheck_hits_the_health_endpoint() -> None:
+    check = next(i.args for i in final_stage() if i.keyword == "HEALTHCHECK")
+    options, _, command = check.partition("CMD")
+    assert "--interval=30s" in options
+    assert exec_form(command.strip()) == ["python", "-m", "pacs.healthcheck"]
+    source = (ROOT / "pacs" / "healthcheck.py").read_text()
+    assert "/health" in source
+
+
+def test_image_exposes_the_node_ports_and_sets_container_paths() -> None:
+    stage = final_stage()
+    exposed = " ".join(i.args for i in stage if i.keyword == "EXPOSE").split()
+    assert exposed == ["32773", "5985", "8080"]
+    env = " ".join(i.args for i in stage if i.keyword == "ENV")
+    names = set(re.findall(r"\b(PACS_[A-Z0-9_]+)=", env))
+    assert names <= SETTING_NAMES and "PACS_VIEWER_DIST" in names
+
+
+def test_the_viewer_is_fetched_without_building_it() -> None:
+    first = [i for i in dockerfile() if i.stage == 0]
+    assert first[0].keyword == "FROM" and first[0].args.startswith("node:")
+    assert any("fetch-ohif.sh --viewer-only" in i.args for i in first if i.keyword == "RUN")
+    assert "npm pack" in (ROOT / "scripts" / "fetch-ohif.sh").read_text()
+
+
+def test_dockerignore_keeps_data_and_secrets_out() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".env", ".git", "customer", "dicom_data", "vendor", "node_modules"} <= ignored
+    for needed in ("pacs", "adapters", "setup.cfg", "pyproject.toml", "README.md", "scripts"):
+        assert needed not in ignored
+
+
+def test_app_config_is_package_data() -> None:
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    assert "app-config.js" in parser["options.package_data"]["adapters.viewer"]
+    assert (ROOT / "adapters" / "viewer" / "app-config.js").is_file()
