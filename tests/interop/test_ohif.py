@@ -134,10 +134,10 @@ def base_url(viewer_node: Node) -> str:
 
 def send(node: Node, folder: Path, made: list[Study]) -> list[Study]:
     """dcmsend a folder; each study must be stored with the transfer syntax it was sent in."""
-    # -dn: propose each file's own transfer syntax only.  By default dcmsend also offers
-    # Explicit VR Little Endian for lossless-compressed files (RLE), which the node
-    # prefers, and the sender would decompress them: OHIF must decode RLE itself here.
-    sent = run_dcmtk("dcmsend", "-aec", AE_TITLE, "-aet", "OHIFTEST", "-dn", "+sd",
+    # dcmsend's defaults, as in the README's quickstart: for lossless-compressed files
+    # (RLE) it also offers Explicit VR Little Endian; the node must choose the file's own
+    # syntax, so that OHIF decodes RLE itself (checked below).
+    sent = run_dcmtk("dcmsend", "-aec", AE_TITLE, "-aet", "OHIFTEST", "+sd",
                      "127.0.0.1", str(node.port), str(folder), timeout=120)
     assert sent.returncode == 0, sent.stdout
     stored = {(row.study_uid, row.transfer_syntax) for row in node.index().values()}

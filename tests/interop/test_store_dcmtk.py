@@ -120,6 +120,8 @@ class Candidate:
     name: str
     sop_class: str = ""
     sop_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
     transfer_syntax: str = ""
     frames: int = 1
     # what happened
@@ -154,6 +156,8 @@ def _candidates() -> list[Candidate]:
                 candidate.sop_class = str(meta.get("MediaStorageSOPClassUID", "")
                                           or ds.get("SOPClassUID", "")).strip("\0 ")
                 candidate.sop_uid = str(ds.get("SOPInstanceUID", "")).strip("\0 ")
+                candidate.study_uid = str(ds.get("StudyInstanceUID", "")).strip("\0 ")
+                candidate.series_uid = str(ds.get("SeriesInstanceUID", "")).strip("\0 ")
                 candidate.frames = int(ds.get("NumberOfFrames", 1) or 1)
             except Exception:  # noqa: BLE001, S110 - pydicom cannot read it: dcmtk will judge
                 pass
@@ -176,20 +180,32 @@ def _profile(folder: Path, candidate: Candidate) -> list[str]:
     return ["-xf", str(config), "Own"]
 
 
-_STATUS_RE = re.compile(r"DIMSE Status\s*:\s*0x([0-9A-Fa-f]{4})")
+_RESPONSE_RE = re.compile(r"Received Store Response \((?P<text>[^)]*)\)")
+#: How dcmtk names C-STORE statuses in verbose mode (dimse.cc, DU_cstoreStatusString).
+_STATUS_NAMES = ((re.compile(r"out\s*of\s*resources", re.I), 0xA700),
+                 (re.compile(r"does\s*not\s*match", re.I), 0xA900),
+                 (re.compile(r"cannot\s*understand", re.I), 0xC000),
+                 (re.compile(r"not\s*supported", re.I), 0x0122))
+
+
+def _status(text: str) -> int:
+    """A C-STORE status from dcmtk's verbose response text (0xFFFF: an unnamed failure)."""
+    if text == "Success":
+        return 0x0000
+    if match := re.search(r"0x([0-9A-Fa-f]{1,4})\b", text):
+        return int(match.group(1), 16)
+    return next((code for pattern, code in _STATUS_NAMES if pattern.search(text)), 0xFFFF)
 
 
 def _storescu(port: int, profile: list[str], path: Path) -> tuple[str, int | None]:
-    result = run_dcmtk("storescu", "-d", "-aec", AE_TITLE, "-aet", "INTEROP", *profile,
+    """Send one file; return storescu's log and the node's status (None: nothing sent).
+
+    Verbose rather than debug output: -d costs dcmtk more than the transfer itself.
+    """
+    result = run_dcmtk("storescu", "-v", "-aec", AE_TITLE, "-aet", "INTEROP", *profile,
                        "127.0.0.1", str(port), str(path))
-    # Keep the lines that tell the story; -d is only needed for the numeric status.
-    lines = [line for line in result.stdout.splitlines()
-             if line.startswith(("E:", "F:", "W:", "I:")) or "DIMSE Status" in line]
-    match = _STATUS_RE.search(result.stdout)
-    status = int(match.group(1), 16) if match else None
-    if status is not None and "C-STORE RSP" not in result.stdout:
-        status = None
-    return "\n".join(lines), status
+    match = _RESPONSE_RE.search(result.stdout)
+    return result.stdout, (_status(match.group("text")) if match else None)
 
 
 class Reference:
@@ -261,7 +277,15 @@ def sent(store_node: Node, reference: Reference,
             candidate.output, candidate.status = _storescu(node.port, profile,
                                                            candidate.path)
             if candidate.stored:
-                candidate.wire = reference.wire_bytes(candidate, profile)
+                # What dcmtk sent: when the node stored the file's own data set, that is
+                # it (the node does not re-encode); otherwise ask the reference receiver.
+                stored = node.data_dir / "objects" / key_of(
+                    candidate.study_uid, candidate.series_uid, candidate.sop_uid)
+                original = dataset_bytes(candidate.path.read_bytes())
+                if stored.is_file() and dataset_bytes(stored.read_bytes()) == original:
+                    candidate.wire = original
+                else:
+                    candidate.wire = reference.wire_bytes(candidate, profile)
             else:
                 echo = node.echo()  # refused: the node must keep serving
                 if echo.returncode != 0:

@@ -683,27 +683,24 @@ def test_move_compressed_as_stored_when_the_destination_takes_it(
     dest = destinations("ANYSYNTAX")
     node = make_node(dest)
     study_uid = generate_uid()
+    sent: dict[str, pydicom.Dataset] = {}  # headers by SOP Instance UID
     for name in COMPRESSED:
-        node.ingest(with_new_uids(sample(name), study_uid))
+        data = with_new_uids(sample(name), study_uid)
+        node.ingest(data)
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        sent[str(header.SOPInstanceUID)] = header
     assoc = requestors(node)
 
     replies = responses(assoc.send_c_move(identifier("STUDY", StudyInstanceUID=study_uid),
                                           "ANYSYNTAX", StudyMove))
 
     assert replies[-1][0].Status == 0x0000
-    assert len(dest.received) == len(COMPRESSED)
+    assert sorted(r.sop_uid for r in dest.received) == sorted(sent)
     for item in dest.received:
-        row = next(ref for ref in node.services.engine.instances(
-            retrieve._at_image(_study_query(study_uid))) if ref.sop_uid == item.sop_uid)
-        stored = node.stored(row.study_uid, row.series_uid, row.sop_uid)
-        assert item.transfer_syntax == row.transfer_syntax
+        header = sent[item.sop_uid]
+        stored = node.stored(study_uid, header.SeriesInstanceUID, item.sop_uid)
+        assert item.transfer_syntax == header.file_meta.TransferSyntaxUID
         assert item.data == dataset_part(stored)
-
-
-def _study_query(study_uid: str) -> Any:
-    from pacs.dimse.identifier import to_retrieve_query
-
-    return to_retrieve_query(identifier("STUDY", StudyInstanceUID=study_uid), "study")
 
 
 def test_move_cancel(make_node: Callable[..., Node], requestors: Callable[..., Association],
