@@ -24,7 +24,15 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from tests.interop.conftest import AE_TITLE, Node, fresh_ct, key_of, run_dcmtk, sha256
+from tests.interop.conftest import (
+    AE_TITLE,
+    Node,
+    Snapshot,
+    fresh_ct,
+    key_of,
+    run_dcmtk,
+    sha256,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -91,11 +99,11 @@ def store_dataset(assoc: Association, ds: Dataset) -> C_STORE:
     return raw_store(assoc, str(ds.SOPClassUID), str(ds.SOPInstanceUID), encoded(ds))
 
 
-def assert_nothing_written_and_still_serving(node: Node, before: object) -> None:
+def assert_nothing_written_and_still_serving(node: Node, before: Snapshot) -> None:
     """No object, index row or temporary file appeared; a good C-STORE then succeeds."""
     after = node.snapshot()
-    assert after.index == before.index, "the index changed"  # type: ignore[attr-defined]
-    assert after.objects == before.objects, "the store changed"  # type: ignore[attr-defined]
+    assert after.index == before.index, "the index changed"
+    assert after.objects == before.objects, "the store changed"
     assert not after.temporaries, f"temporary files left: {after.temporaries}"
     assert SECRET_NAME.split("^")[1] not in node.log(), "patient data in the server log"
 

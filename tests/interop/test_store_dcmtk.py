@@ -182,10 +182,10 @@ def _profile(folder: Path, candidate: Candidate) -> list[str]:
 
 _RESPONSE_RE = re.compile(r"Received Store Response \((?P<text>[^)]*)\)")
 #: How dcmtk names C-STORE statuses in verbose mode (dimse.cc, DU_cstoreStatusString).
-_STATUS_NAMES = ((re.compile(r"out\s*of\s*resources", re.I), 0xA700),
-                 (re.compile(r"does\s*not\s*match", re.I), 0xA900),
-                 (re.compile(r"cannot\s*understand", re.I), 0xC000),
-                 (re.compile(r"not\s*supported", re.I), 0x0122))
+_STATUS_NAMES = ((re.compile(r"out\s*of\s*resources", re.IGNORECASE), 0xA700),
+                 (re.compile(r"does\s*not\s*match", re.IGNORECASE), 0xA900),
+                 (re.compile(r"cannot\s*understand", re.IGNORECASE), 0xC000),
+                 (re.compile(r"not\s*supported", re.IGNORECASE), 0x0122))
 
 
 def _status(text: str) -> int:
