@@ -60,11 +60,12 @@ from pynetdicom import _config, association, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
 from pacs import transcode
 from pacs.attributes import Level
 from pacs.dimse import contexts, find
+from pacs.dimse.storage import StoreServiceClass, bound_services
 from pacs.dimse.identifier import to_retrieve_query
 from pacs.dimse.status import (
     MOVE_DESTINATION_UNKNOWN,
@@ -471,11 +472,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 
     def _bound_services(self, event: evt.EventType) -> Services:
         """The services bound to ``event`` by :func:`pacs.dimse.handlers.bind`."""
-        bound = self.assoc.get_handlers(event)
-        handler, args = bound if isinstance(bound, tuple) else (None, None)
-        if handler is None or not args:
-            raise RuntimeError(f"no services bound to {event.name}")
-        return args[0]  # type: ignore[no-any-return]
+        return bound_services(self.assoc, event)
 
     def _retrieve_query(self, req: C_MOVE | C_GET, context: PresentationContext,
                         models: Mapping[str, str]) -> Query:
@@ -666,7 +663,9 @@ def install() -> None:
         def uid_to_service_class(uid: str) -> type:
             if uid in ours:
                 return RetrieveServiceClass
-            return original(uid)
+            found = original(uid)
+            # Storage SOP classes: our C-STORE flow (pacs.dimse.storage).
+            return StoreServiceClass if found is StorageServiceClass else found
 
         association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
         _config.STORE_SEND_CHUNKED_DATASET = True

@@ -37,8 +37,13 @@ def _uid(value: str) -> bytes:
 
 
 def response_command(command_field: int, sop_class_uid: str, message_id: int, status: int,
-                     has_dataset: bool, comment: str | None = None) -> bytes:
-    """A response command set in Implicit VR Little Endian (PS3.7 6.3.1, 9.3)."""
+                     has_dataset: bool, comment: str | None = None,
+                     sop_instance_uid: str | None = None) -> bytes:
+    """A response command set in Implicit VR Little Endian (PS3.7 6.3.1, 9.3).
+
+    ``sop_instance_uid`` is the Affected SOP Instance UID (0000,1000) that C-STORE
+    responses carry (PS3.7 9.3.1.2).
+    """
     body = b"".join((
         _implicit(0x00000002, _uid(sop_class_uid)),
         _implicit(0x00000100, struct.pack("<H", command_field)),
@@ -46,6 +51,8 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
         _implicit(0x00000800, struct.pack("<H", DATASET_PRESENT if has_dataset else NO_DATASET)),
         _implicit(0x00000900, struct.pack("<H", status)),
     ))
+    if sop_instance_uid:
+        body += _implicit(0x00001000, _uid(sop_instance_uid))
     if comment:
         text = comment[:64].encode("ascii", "replace")
         body += _implicit(0x00000902, text + b" " * (len(text) % 2))
