@@ -99,6 +99,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("PatientSize", 0x00101020, S, "DS", "O", "patient_size"),
     Attribute("PatientWeight", 0x00101030, S, "DS", "O", "patient_weight"),
     Attribute("TimezoneOffsetFromUTC", 0x00080201, S, "SH", "O", "timezone_offset"),
+    Attribute("ProcedureCodeSequence", 0x00081032, S, "SQ", "O", "procedure_codes"),
     Attribute("ModalitiesInStudy", 0x00080061, S, "CS", "O", None, multi=True),
     Attribute("SOPClassesInStudy", 0x00080062, S, "UI", "O", None, multi=True),
     Attribute("NumberOfStudyRelatedSeries", 0x00201206, S, "IS", "O", None),
@@ -121,6 +122,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("OperatorsName", 0x00081070, SE, "PN", "O", "operators_name", multi=True),
     Attribute("PerformingPhysicianName", 0x00081050, SE, "PN", "O",
               "performing_physician_name", multi=True),
+    Attribute("RequestAttributesSequence", 0x00400275, SE, "SQ", "O", "request_attributes"),
     Attribute("NumberOfSeriesRelatedInstances", 0x00201209, SE, "IS", "O", None),
     # Composite object instance level (PS3.4 Table C.6-4).
     Attribute("SOPInstanceUID", 0x00080018, I, "UI", "U", "sop_uid"),
@@ -138,6 +140,27 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("CompletionFlag", 0x0040A491, I, "CS", "O", "completion_flag"),
     Attribute("VerificationFlag", 0x0040A493, I, "CS", "O", "verification_flag"),
 )
+
+#: Item attributes kept for each sequence attribute (PS3.4 C.2.2.2.6 sequence matching).
+#: Their ``column`` is the key of the item in the stored JSON (the keyword).
+ITEM_KEYS: dict[str, tuple[Attribute, ...]] = {
+    "ProcedureCodeSequence": (
+        Attribute("CodeValue", 0x00080100, S, "SH", "O", "CodeValue"),
+        Attribute("CodingSchemeDesignator", 0x00080102, S, "SH", "O", "CodingSchemeDesignator"),
+        Attribute("CodingSchemeVersion", 0x00080103, S, "SH", "O", "CodingSchemeVersion"),
+        Attribute("CodeMeaning", 0x00080104, S, "LO", "O", "CodeMeaning"),
+    ),
+    "RequestAttributesSequence": (
+        Attribute("AccessionNumber", 0x00080050, SE, "SH", "O", "AccessionNumber"),
+        Attribute("RequestedProcedureID", 0x00401001, SE, "SH", "O", "RequestedProcedureID"),
+        Attribute("ScheduledProcedureStepID", 0x00400009, SE, "SH", "O",
+                  "ScheduledProcedureStepID"),
+        Attribute("RequestedProcedureDescription", 0x00321060, SE, "LO", "O",
+                  "RequestedProcedureDescription"),
+        Attribute("ScheduledProcedureStepDescription", 0x00400007, SE, "LO", "O",
+                  "ScheduledProcedureStepDescription"),
+    ),
+}
 
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
 BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}

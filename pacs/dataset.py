@@ -8,6 +8,7 @@ data set to prove the object is complete.
 from __future__ import annotations
 
 import io
+import json
 import re
 import struct
 import zlib
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from pacs.attributes import Attribute, Level, case_folded_column, stored
+from pacs.attributes import ITEM_KEYS, Attribute, Level, case_folded_column, stored
 from pacs.errors import InvalidUID, UnreadableData
 
 #: PS3.5 9.1: components of digits separated by dots, no leading zero in a
@@ -280,7 +281,25 @@ def _raw_text(header: Dataset, attribute: Attribute) -> Any:
     return text.strip(" \0") or None
 
 
+def _sequence(header: Dataset, attribute: Attribute) -> str | None:
+    """A sequence's items, with the item keys we match on, as JSON (C.2.2.2.6)."""
+    try:
+        items = header[attribute.tag].value or []
+        kept = [{key.keyword: text for key in ITEM_KEYS[attribute.keyword]
+                 if key.tag in item and (text := _item_text(item, key)) is not None}
+                for item in items]
+    except Exception:
+        return None  # indexed as unknown; the object is stored as sent
+    return json.dumps(kept, ensure_ascii=False) if any(kept) else None
+
+
+def _item_text(item: Dataset, key: Attribute) -> str | None:
+    return _text(item[key.tag].value)
+
+
 def _value(header: Dataset, attribute: Attribute) -> str | None:
+    if attribute.vr == "SQ":
+        return _sequence(header, attribute)
     text = _raw_text(header, attribute)
     if text is _UNDECODED:
         element = header.get(attribute.tag)

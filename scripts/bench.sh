@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark pacs against Orthanc 1.10 on this machine, side by side, and print the goals.
 #
-#   scripts/bench.sh                       # phases echo,ingest, 3 repetitions
+#   scripts/bench.sh                       # round 1: phases echo,ingest, 3 repetitions
+#   BENCH_ROUND=2 scripts/bench.sh         # round 2: load,find,move,get,qido,wado,stow
+#   BENCH_ROUND=all scripts/bench.sh       # both rounds, each on a fresh server
 #   BENCH_PHASES=echo,ingest BENCH_REPS=2 BENCH_TAG=mine scripts/bench.sh
 #
 # What it does (see docs/benchmarks.md and bench/README.md):
@@ -14,14 +16,23 @@
 #   4. prints both tables and the goals table (bench/goals.py), whose exit code it returns
 #      (0 only when every measured goal is met).
 #
-# Settings (environment): BENCH_PHASES (default echo,ingest; phases other than echo and
-# ingest run on a second fresh server), BENCH_REPS (3), BENCH_FIND_REPS (10),
+# Settings (environment): BENCH_ROUND (1 = echo,ingest, the default; 2 = the query/retrieve
+# and DICOMweb phases load,find,move,get,qido,wado,stow; all = both), BENCH_PHASES (overrides
+# BENCH_ROUND; echo and ingest run on one fresh server, every other phase on a second one), BENCH_REPS (3), BENCH_FIND_REPS (10),
 # BENCH_TAG (default: date and time), BENCH_PEERS (orthanc,pacs),
 # PACS_BIN / BENCH_PYTHON to use an already installed pacs and Python instead of .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-phases="${BENCH_PHASES:-echo,ingest}"
+round1_phases=echo,ingest
+round2_phases=load,find,move,get,qido,wado,stow
+case "${BENCH_ROUND:-1}" in
+    1) default_phases=$round1_phases ;;
+    2) default_phases=$round2_phases ;;
+    all|12|1,2) default_phases=$round1_phases,$round2_phases ;;
+    *) echo "BENCH_ROUND must be 1, 2 or all" >&2; exit 2 ;;
+esac
+phases="${BENCH_PHASES:-$default_phases}"
 reps="${BENCH_REPS:-3}"
 find_reps="${BENCH_FIND_REPS:-10}"
 tag="${BENCH_TAG:-$(date +%Y%m%d-%H%M%S)}"
@@ -80,7 +91,16 @@ else
     args+=(--skip-second)
 fi
 echo "[bench] $(nproc) CPU, $(uname -r); pacs: $PACS_BIN; phases: $phases; tag: $tag"
+# The machine may be shared: sample the load average every 30 s during the run.
+mkdir -p bench/runs
+loadlog="bench/runs/load-$tag.txt"
+echo "[bench] load average before: $(cut -d' ' -f1-3 /proc/loadavg); samples in $loadlog"
+( while :; do echo "$(date +%H:%M:%S) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 30; done ) > "$loadlog" &
+sampler=$!
+trap 'kill "$sampler" 2>/dev/null || true' EXIT
 "$python" bench/run_peers.py "${args[@]}"
+kill "$sampler" 2>/dev/null || true
+echo "[bench] load average (1 min) during the run: $(awk '{print $2}' "$loadlog" | sort -n | sed -n '1p;$p' | paste -sd- -)"
 
 # -- 4. report ----------------------------------------------------------------------------
 runs=bench/runs

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pacs.attributes import ATTRIBUTES, Attribute
+from pacs.attributes import ATTRIBUTES, ITEM_KEYS, Attribute
 from pacs.query import values as index_values
 
 #: The media type of every JSON answer (PS3.18 8.7.3.5): exactly this, no charset.
@@ -72,8 +72,22 @@ def _numbers(attribute: Attribute) -> Callable[[str], list[Any]]:
     return convert
 
 
+def _items(attribute: Attribute) -> Callable[[str], list[Any]]:
+    """Stored sequence items (JSON from the index) as DICOM JSON items (PS3.18 F.2.3)."""
+    keys = ITEM_KEYS[attribute.keyword]
+
+    def convert(text: str) -> list[Any]:
+        return [{tag_key(k.tag): ({"vr": k.vr, "Value": [item[k.keyword]]}
+                                  if item.get(k.keyword) else {"vr": k.vr})
+                 for k in keys if k.keyword in item} for item in json.loads(text)]
+
+    return convert
+
+
 def converter(attribute: Attribute) -> Callable[[str], list[Any]]:
     """The function turning an index text of ``attribute`` into a JSON ``Value`` array."""
+    if attribute.vr == "SQ":
+        return _items(attribute)
     if attribute.vr == "PN":
         return _names(attribute)
     if index_values.is_numeric(attribute):

@@ -30,11 +30,19 @@ from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 
-from pacs.attributes import ATTRIBUTES, BY_KEYWORD, BY_TAG, UNIQUE_KEY, Attribute, Level
+from pacs.attributes import (
+    ATTRIBUTES,
+    BY_KEYWORD,
+    BY_TAG,
+    ITEM_KEYS,
+    UNIQUE_KEY,
+    Attribute,
+    Level,
+)
 from pacs.dataset import valid_uid
 from pacs.errors import InvalidQuery
 from pacs.query.matching import constraint
-from pacs.query.model import Constraint, Query
+from pacs.query.model import Constraint, Match, Query, Term
 
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 
@@ -56,7 +64,6 @@ NOT_MATCHED = frozenset({
 #: Default return attributes of each level: PS3.18 Table 10.6.3-3 (study),
 #: 10.6.3-4 (series) and 10.6.3-5 (instance), indexed ones only.  SpecificCharacterSet,
 #: InstanceAvailability and RetrieveURL are added by the response writer.
-#: (Request Attributes Sequence of Table 10.6.3-4 is not indexed.)
 DEFAULTS: dict[Level, tuple[str, ...]] = {
     Level.STUDY: ("StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
                   "ReferringPhysicianName", "TimezoneOffsetFromUTC", "PatientName",
@@ -64,7 +71,8 @@ DEFAULTS: dict[Level, tuple[str, ...]] = {
                   "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"),
     Level.SERIES: ("Modality", "TimezoneOffsetFromUTC", "SeriesDescription",
                    "SeriesInstanceUID", "SeriesNumber", "NumberOfSeriesRelatedInstances",
-                   "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime"),
+                   "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                   "RequestAttributesSequence"),
     Level.IMAGE: ("SOPClassUID", "SOPInstanceUID", "TimezoneOffsetFromUTC", "InstanceNumber",
                   "Rows", "Columns", "BitsAllocated", "NumberOfFrames"),
 }
@@ -174,11 +182,18 @@ def match_constraints(params: Params, *, empty_value_matching: bool,
                       multiple_value_matching: bool) -> list[Constraint]:
     """The matching keys of the request (PS3.18 8.3.4.1), as C-FIND would match them."""
     constraints = []
+    items: dict[str, list[Constraint]] = {}
     for name, given in params.items():
         if name.lower() in RESERVED:
             continue
         if "." in name:
-            raise InvalidQuery(f"{name}: sequence matching is not supported")
+            sequence, item = sequence_item(name)
+            found = constraint(item, "\\".join(given),
+                               empty_value_matching=empty_value_matching)
+            items.setdefault(sequence.keyword, [])
+            if found is not None:
+                items[sequence.keyword].append(found)
+            continue
         attribute = attribute_named(name)
         if attribute is None:
             if _tag_of(name) in NOT_MATCHED:
@@ -191,7 +206,32 @@ def match_constraints(params: Params, *, empty_value_matching: bool,
                            multiple_value_matching=multiple_value_matching)
         if found is not None:
             constraints.append(found)
+    for keyword, item_constraints in items.items():
+        if item_constraints:  # every item key in one item (PS3.4 C.2.2.2.6)
+            constraints.append(Constraint(BY_KEYWORD[keyword], (
+                Term(Match.SEQUENCE, items=tuple(item_constraints)),)))
     return constraints
+
+
+def sequence_item(name: str) -> tuple[Attribute, Attribute]:
+    """``Sequence.ItemKey`` (keywords or tags, PS3.18 8.3.4.1 attribute paths) as the
+    sequence attribute and its item key; only one level of nesting is kept.
+
+    Raises
+    ------
+    InvalidQuery
+        When the path names no sequence we keep, or an item key we do not keep.
+    """
+    head, _, tail = name.partition(".")
+    sequence = attribute_named(head)
+    if sequence is None or sequence.vr != "SQ" or "." in tail:
+        raise InvalidQuery(f"{name}: sequence matching is supported on "
+                           f"{', '.join(ITEM_KEYS)} items")
+    tag = _tag_of(tail)
+    for item in ITEM_KEYS[sequence.keyword]:
+        if tag == item.tag:
+            return sequence, item
+    raise InvalidQuery(f"{name}: {tail} is not an item key we keep")
 
 
 def uid_list_text(attribute: Attribute, value: str) -> str:

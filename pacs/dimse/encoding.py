@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from pydicom import charset
 from pydicom.dataset import Dataset
@@ -75,24 +76,48 @@ def encode_identifier(elements: Iterable[tuple[int, str, str | None]],
     if codec is None:
         return _encode_with_pydicom(ordered, charsets, implicit)
     try:
-        return b"".join(_element(tag, vr, _value_bytes(vr, value, codec), implicit)
-                        for tag, vr, value in ordered)
+        return _encode_elements(ordered, codec, implicit)
     except UnicodeEncodeError:
         return _encode_with_pydicom(ordered, charsets, implicit)
+
+
+def _encode_elements(elements: Iterable[tuple[int, str, Any]], codec: str,
+                     implicit: bool) -> bytes:
+    return b"".join(
+        _element(tag, vr, _sequence_bytes(value, codec, implicit) if vr == "SQ"
+                 else _value_bytes(vr, value, codec), implicit)
+        for tag, vr, value in elements)
+
+
+def _sequence_bytes(items: list | None, codec: str, implicit: bool) -> bytes:
+    """Items of defined length (PS3.5 7.5): (FFFE,E000), length, the item's elements."""
+    encoded = []
+    for item in items or []:
+        body = _encode_elements(sorted(item), codec, implicit)
+        encoded.append(struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body)
+    return b"".join(encoded)
 
 
 def _encode_with_pydicom(elements: list[tuple[int, str, str | None]],
                          charsets: Sequence[str], implicit: bool) -> bytes:
     """The general path: pydicom's writer, which knows ISO 2022 escape sequences."""
-    dataset = Dataset()
-    for tag, vr, value in elements:
-        dataset.add_new(tag, vr, _typed(vr, value))
+    dataset = _dataset(elements)
     dataset.SpecificCharacterSet = list(charsets) if len(charsets) > 1 else charsets[0]
     out = DicomBytesIO()
     out.is_little_endian = True
     out.is_implicit_VR = implicit
     write_dataset(out, dataset)
     return out.getvalue()
+
+
+def _dataset(elements: Iterable[tuple[int, str, Any]]) -> Dataset:
+    dataset = Dataset()
+    for tag, vr, value in elements:
+        if vr == "SQ":
+            dataset.add_new(tag, vr, [_dataset(item) for item in value or []])
+        else:
+            dataset.add_new(tag, vr, _typed(vr, value))
+    return dataset
 
 
 def _typed(vr: str, value: str | None) -> object:

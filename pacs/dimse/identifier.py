@@ -14,6 +14,7 @@ Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,11 +23,11 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from pacs.attributes import BY_KEYWORD, BY_TAG, UNIQUE_KEY, Attribute, Level
+from pacs.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
 from pacs.errors import InvalidQuery
 from pacs.query import values as index_values
 from pacs.query.matching import constraint
-from pacs.query.model import Constraint, Query, Result
+from pacs.query.model import Constraint, Match, Query, Result, Term
 
 #: Patient Root (PS3.4 C.6.1) and Study Root (C.6.2) information models.
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"
@@ -108,16 +109,24 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
     constraints: list[Constraint] = []
     returns: list[Attribute] = []
     unsupported: list[int] = []
+    item_keys: list[tuple[str, tuple[str, ...]]] = []
     for element in identifier:
         tag = int(element.tag)
         if tag in _NOT_MATCHED or element.tag.group == 0x0000:
             continue
         attribute = BY_TAG.get(tag)
-        if attribute is None or element.VR == "SQ":
+        if attribute is None or (element.VR == "SQ") != (attribute.vr == "SQ"):
             unsupported.append(tag)
             continue
         if _entity_level(attribute, model).depth > level.depth and not negotiated.relational:
             raise InvalidQuery(f"{attribute.keyword} is below the query level {level.name}")
+        if attribute.vr == "SQ":
+            found, asked = sequence_constraint(attribute, element, negotiated)
+            if found is not None:
+                constraints.append(found)
+            item_keys.append((attribute.keyword, asked))
+            returns.append(attribute)
+            continue
         raw = _decoded(element)
         _check_upper_unique(attribute, level, raw, negotiated)
         found = constraint(attribute, raw, empty_value_matching=negotiated.empty_value,
@@ -126,8 +135,36 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
             constraints.append(found)
         returns.append(attribute)
     query = Query(level=level, constraints=tuple(constraints), return_keys=tuple(returns),
-                  fuzzy=negotiated.fuzzy)
+                  fuzzy=negotiated.fuzzy, item_keys=tuple(item_keys))
     return query, unsupported
+
+
+def sequence_constraint(attribute: Attribute, element: DataElement,
+                        negotiated: Negotiated = Negotiated(),
+                        ) -> tuple[Constraint | None, tuple[str, ...]]:
+    """C.2.2.2.6 sequence matching: the key holds one item whose item keys must all match
+    one stored item.  An empty sequence or an empty item is universal matching.
+
+    Returns the constraint (or ``None``) and the item keywords asked for (returned).
+    """
+    items = element.value or []
+    if len(items) > 1:
+        raise InvalidQuery(f"{attribute.keyword}: sequence matching takes one item")
+    known = {key.tag: key for key in ITEM_KEYS[attribute.keyword]}
+    constraints: list[Constraint] = []
+    asked: list[str] = []
+    for item_element in (items[0] if items else []):
+        key = known.get(int(item_element.tag))
+        if key is None:
+            continue  # an item key we do not keep: not matched, not returned
+        asked.append(key.keyword)
+        found = constraint(key, _decoded(item_element),
+                           empty_value_matching=negotiated.empty_value)
+        if found is not None:
+            constraints.append(found)
+    if not constraints:
+        return None, tuple(asked)
+    return Constraint(attribute, (Term(Match.SEQUENCE, items=tuple(constraints)),)), tuple(asked)
 
 
 def _decoded(element: DataElement) -> str:
@@ -222,6 +259,16 @@ class ResponseBuilder:
         self.ae_title = ae_title
         self.requested_charset = requested_charset
         self.extra = extra
+        self.item_keys = dict(query.item_keys)
+
+    def _items(self, keyword: str, value: str | None) -> list[list[tuple[int, str, str | None]]]:
+        """Stored sequence items with only the item keys asked for (C.2.2.2.6); all of
+        them for a zero-length key or an empty item."""
+        if not value:
+            return []
+        asked = set(self.item_keys.get(keyword) or ())
+        keys = [k for k in ITEM_KEYS[keyword] if not asked or k.keyword in asked]
+        return [[(k.tag, k.vr, item.get(k.keyword)) for k in keys] for item in json.loads(value)]
 
     def build(self, result: Result) -> tuple[list[tuple[int, str, str | None]], list[str]]:
         """The response elements for one match, and their character set."""
@@ -233,7 +280,9 @@ class ResponseBuilder:
         ]
         for keyword, value in result.values.items():
             attribute = self.attributes.get(keyword)
-            if attribute is not None:
+            if attribute is not None and attribute.vr == "SQ":
+                elements.append((attribute.tag, "SQ", self._items(keyword, value)))  # type: ignore[arg-type]
+            elif attribute is not None:
                 elements.append((attribute.tag, attribute.vr, value))
         present = {tag for tag, _, _ in elements}
         elements += [(tag, vr, None) for tag, vr in self.extra if tag not in present]

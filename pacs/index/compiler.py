@@ -126,15 +126,18 @@ class _Where:
         inner = self._term(attribute, term, f"x_{attribute.level.table}")
         return f"EXISTS (SELECT 1 FROM {joins} WHERE {link} AND {inner})"
 
-    def _term(self, attribute: Attribute, term: Term, table: str) -> str:
-        column = f"{table}.{attribute.column}"
-        folded = case_folded_column(attribute)
+    def _term(self, attribute: Attribute, term: Term, table: str,
+              expression: str | None = None) -> str:
+        column = expression or f"{table}.{attribute.column}"
+        folded = None if expression else case_folded_column(attribute)
         insensitive = folded is not None and (not self.pn_case_sensitive or self.fuzzy)
         target = f"{table}.{folded}" if insensitive else column
 
         def norm(text: str) -> str:
             return text.upper() if insensitive else text
 
+        if term.match is Match.SEQUENCE:
+            return self._sequence(column, attribute, term)
         if term.match is Match.EMPTY:
             return f"({column} IS NULL OR {column} = '')"
         if term.match is Match.UID_LIST:
@@ -173,6 +176,20 @@ class _Where:
         else:
             self.params.extend([literal, literal + "=*"])
         return f"({target} GLOB ? OR {target} GLOB ?)"
+
+    def _sequence(self, column: str, attribute: Attribute, term: Term) -> str:
+        """C.2.2.2.6: some item of the stored sequence (JSON) matches every item key.
+
+        The item keys' JSON paths come from the attribute table (``ITEM_KEYS``), never
+        from the request.
+        """
+        conditions = []
+        for item in term.items:
+            path = f"json_extract(item.value, '$.{item.attribute.column}')"
+            parts = [self._term(item.attribute, t, "", expression=path) for t in item.terms]
+            conditions.append("(" + (" AND " if item.all_terms else " OR ").join(parts) + ")")
+        where = " AND ".join(conditions) if conditions else "1"
+        return f"EXISTS (SELECT 1 FROM json_each({column}) AS item WHERE {where})"
 
     def _glob(self, target: str, pattern: str, multi: bool) -> str:
         if not multi:

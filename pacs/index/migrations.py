@@ -103,7 +103,20 @@ def _instance_metadata(conn: apsw.Connection) -> None:
 
 
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
-MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (_initial, _instance_metadata)
+def _added_attributes(conn: apsw.Connection) -> None:
+    """Columns for attributes added to the attribute table after the first schema
+    (ProcedureCodeSequence, RequestAttributesSequence); a fresh index built by
+    :func:`_initial` from the current table has them already."""
+    for level in Level:
+        existing = {row[1] for row in conn.execute(f"PRAGMA table_info({level.table})")}
+        for column in _columns(stored(level), _IDENTITY[level]):
+            name = column.split()[0]
+            if name not in existing:
+                conn.execute(f"ALTER TABLE {level.table} ADD COLUMN {column}")
+
+
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
+    _initial, _instance_metadata, _added_attributes)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -27,7 +27,8 @@ class Term:
     """One value to match: its type and operands.
 
     ``value`` is the single value or wildcard pattern; ``low`` / ``high`` bound a range
-    (``None`` for an open end); ``uids`` lists the UIDs of a UID list.
+    (``None`` for an open end); ``uids`` lists the UIDs of a UID list; ``items`` holds
+    the item keys of sequence matching, all of which one item must match.
     """
 
     match: Match
@@ -35,6 +36,7 @@ class Term:
     low: str | None = None
     high: str | None = None
     uids: tuple[str, ...] = ()
+    items: tuple[Constraint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class Query:
     fuzzy :
         Fuzzy person-name matching (QIDO ``fuzzymatching=true``): each name component
         matches as a prefix, case-insensitively.
+    item_keys :
+        For a sequence return key, the item keywords asked for (PS3.4 C.2.2.2.6: the
+        items come back with only those); absent means every stored item key.
     """
 
     level: Level
@@ -72,6 +77,7 @@ class Query:
     limit: int | None = None
     offset: int = 0
     fuzzy: bool = False
+    item_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -395,3 +395,43 @@ def test_cors_preflight_and_exposed_headers(make_services: Callable[..., Service
 def test_no_cors_by_default(get: Get) -> None:
     result = get("/studies", headers={"Origin": "http://viewer.example"})
     assert "Access-Control-Allow-Origin" not in result.headers
+
+
+def test_sequence_matching_and_items_in_series_results(tmp_path) -> None:
+    """``RequestAttributesSequence.ScheduledProcedureStepID`` (PS3.18 8.3.4.1 attribute
+    path; PS3.4 C.2.2.2.6), and the sequence among the series' default attributes
+    (PS3.18 Table 10.6.3-4)."""
+    import falcon.testing
+    from pydicom.dataset import Dataset as Item
+
+    from adapters.dicomweb.app import create_app
+    from pacs import config
+    from pacs.services import build
+    from pacs.storage.memory import MemoryStore
+    from tests.factory import make_instance
+
+    settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "d")}, environ={},
+                           env_file=None)
+    services = build(settings, store=MemoryStore())
+    try:
+        for n, sps in enumerate(("SPS1", "SPS2")):
+            item = Item()
+            item.ScheduledProcedureStepID, item.RequestedProcedureID = sps, "RP1"
+            services.ingest.store_bytes(make_instance(
+                StudyInstanceUID="1.2.6", SeriesInstanceUID=f"1.2.6.{n}",
+                SOPInstanceUID=f"1.2.6.{n}.1", RequestAttributesSequence=[item]))
+        client = falcon.testing.TestClient(create_app(services))
+        found = client.simulate_get(
+            "/series", query_string="RequestAttributesSequence.ScheduledProcedureStepID=SPS2")
+        assert found.status_code == 200, found.text
+        assert [s["0020000E"]["Value"] for s in found.json] == [["1.2.6.1"]]
+        items = found.json[0]["00400275"]
+        assert items["vr"] == "SQ"
+        assert items["Value"] == [{"00400009": {"vr": "SH", "Value": ["SPS2"]},
+                                   "00401001": {"vr": "SH", "Value": ["RP1"]}}]
+        by_tag = client.simulate_get("/series", query_string="00400275.00401001=RP1")
+        assert len(by_tag.json) == 2
+        unknown = client.simulate_get("/series", query_string="RequestAttributesSequence.X=1")
+        assert unknown.status_code == 400
+    finally:
+        services.close()

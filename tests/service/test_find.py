@@ -164,3 +164,44 @@ def test_cancel_gives_fe00(loaded: RunningNode, associate) -> None:
     statuses = [s.Status for s, _ in responses]
     assert statuses[-1] in (0xFE00, 0x0000)  # the last match may already be on its way
     assert len(statuses) <= 4
+
+
+def _with_requests(node: RunningNode) -> None:
+    from pydicom.dataset import Dataset as Item
+
+    for n, (sps, rp) in enumerate([("SPS1", "RP1"), ("SPS2", "RP1"), ("SPS3", "RP9")]):
+        first, second = Item(), Item()
+        first.ScheduledProcedureStepID, first.RequestedProcedureID = sps, rp
+        second.ScheduledProcedureStepID, second.RequestedProcedureID = f"X{n}", "RPX"
+        node.services.ingest.store_bytes(make_instance(
+            StudyInstanceUID="1.2.5", SeriesInstanceUID=f"1.2.5.{n}",
+            SOPInstanceUID=f"1.2.5.{n}.1", RequestAttributesSequence=[first, second]))
+
+
+@pytest.mark.parametrize("item_keys, expected", [
+    ({"ScheduledProcedureStepID": "SPS2"}, ["1.2.5.1"]),
+    ({"RequestedProcedureID": "RP1"}, ["1.2.5.0", "1.2.5.1"]),
+    ({"ScheduledProcedureStepID": "SPS*", "RequestedProcedureID": "RP9"}, ["1.2.5.2"]),
+    # every item key must match within one item (C.2.2.2.6), not across items
+    ({"ScheduledProcedureStepID": "SPS1", "RequestedProcedureID": "RPX"}, []),
+    ({}, ["1.2.5.0", "1.2.5.1", "1.2.5.2"]),  # an empty item is universal matching
+])
+def test_sequence_matching(node: RunningNode, associate, item_keys: dict[str, str],
+                           expected: list[str]) -> None:
+    """PS3.4 C.2.2.2.6 on RequestAttributesSequence; items come back with only the
+    requested item keys."""
+    _with_requests(node)
+    item = Dataset()
+    for keyword, value in item_keys.items():
+        setattr(item, keyword, value)
+    if not item_keys:
+        item.ScheduledProcedureStepID = ""
+    responses = _find(associate(), _identifier(
+        "SERIES", StudyInstanceUID="1.2.5", SeriesInstanceUID="",
+        RequestAttributesSequence=[item]))
+    matches = [ds for status, ds in responses if status in (0xFF00, 0xFF01)]
+    assert [m.SeriesInstanceUID for m in matches] == expected
+    for match in matches:
+        returned = match.RequestAttributesSequence
+        assert len(returned) == 2
+        assert all(set(i.dir()) == set(item.dir()) for i in returned)
