@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 
 import pydicom
+import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -28,6 +29,16 @@ from pacs.errors import InvalidUID, UnreadableData
 #: PS3.5 9.1: components of digits separated by dots, no leading zero in a
 #: multi-digit component, at most 64 characters.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def quiet_pydicom() -> None:
+    """Stop pydicom's value validation on reading (process-wide, idempotent).
+
+    Its warnings quote the offending value (``Invalid value for VR PN: '...'``), which
+    puts patient data into the log at the default level; ingest validates what it needs
+    (UIDs, completeness) itself and stores objects as received.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 def valid_uid(value: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pacs.config import Settings
+from pacs.dataset import quiet_pydicom
 from pacs.index.connection import Index
 from pacs.index.migrations import migrate
 from pacs.ingest import Ingest
@@ -47,6 +48,7 @@ def build(settings: Settings, store: ObjectStore | None = None) -> Services:
     ConfigError
         When the store cannot be reached or used.
     """
+    quiet_pydicom()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = store if store is not None else open_store(settings)
     index = Index(settings.index_path)

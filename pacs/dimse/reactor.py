@@ -354,6 +354,37 @@ def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
+_ORIGINAL_RECEIVE_PDU = DULServiceProvider.receive_pdu
+
+#: Seconds between looks at the transport while an acceptor waits for its request.
+_REQUEST_POLL = 0.2
+
+
+def _receive_pdu(self: DULServiceProvider, wait: bool = False,
+                 timeout: float | None = None) -> Any:
+    """``receive_pdu`` that stops waiting once the peer has closed the connection.
+
+    An acceptor waits up to the ACSE timeout for the A-ASSOCIATE-RQ.  A peer that
+    connects and closes at once (a port probe, a load balancer's health check) leaves
+    nothing in the queue, so pynetdicom counted the connection as an active association
+    for the whole timeout: a few probes filled PACS_MAX_ASSOCIATIONS and every real peer
+    was refused.  Here the wait is cut into short slices and ends when the socket is
+    closed (the DUL thread has ended).
+    """
+    if not wait or timeout is None or timeout <= _REQUEST_POLL:
+        return _ORIGINAL_RECEIVE_PDU(self, wait, timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        primitive = _ORIGINAL_RECEIVE_PDU(self, True, max(0.0, min(_REQUEST_POLL, remaining)))
+        if primitive is not None or remaining <= _REQUEST_POLL:
+            return primitive
+        # The DUL thread ends when the transport closes (AA-5 in Sta2): nothing more
+        # can arrive.
+        if not self.is_alive():
+            return _ORIGINAL_RECEIVE_PDU(self, False, None)
+
+
 # -- installation -----------------------------------------------------------------------
 
 def supported() -> bool:
@@ -382,5 +413,6 @@ def install() -> bool:
         Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
         Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
         AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
+        DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
         _installed = True
         return True

@@ -65,7 +65,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 from pacs import transcode
 from pacs.attributes import Level
 from pacs.dimse import contexts, find
-from pacs.dimse.storage import StoreServiceClass, bound_services
+from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
 from pacs.dimse.identifier import to_retrieve_query
 from pacs.dimse.status import (
     MOVE_DESTINATION_UNKNOWN,
@@ -668,5 +668,12 @@ def install() -> None:
             return StoreServiceClass if found is StorageServiceClass else found
 
         association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
+        serve_request = association.Association._serve_request
+
+        def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+            if not answer_invalid_store(self, msg, context_id):
+                serve_request(self, msg, context_id)
+
+        association.Association._serve_request = _serve_request  # type: ignore[method-assign]
         _config.STORE_SEND_CHUNKED_DATASET = True
         _installed = True

@@ -131,3 +131,23 @@ class StoreServiceClass(StorageServiceClass):
             C_STORE_RSP, str(req.AffectedSOPClassUID or ""), int(req.MessageID or 0), code,
             False, comment, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         wire.send_message(self.dimse, int(context.context_id or 0), command)
+
+
+def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
+    """Answer a C-STORE request pynetdicom would drop; True when it was answered.
+
+    pynetdicom ignores a C-STORE-RQ that lacks a required command field (an empty
+    Affected SOP Instance UID, say): no response and no abort, so the sender waits for
+    its DIMSE timeout, forever with dcmtk's defaults.  It gets 0117 (Invalid SOP
+    Instance, PS3.7 C.5.7) here instead.
+    """
+    from pynetdicom.dimse_primitives import C_STORE
+
+    if not isinstance(msg, C_STORE) or msg.is_valid_request or msg.MessageID is None:
+        return False
+    command = wire.response_command(
+        C_STORE_RSP, str(msg.AffectedSOPClassUID or ""), int(msg.MessageID), 0x0117, False,
+        "the command's Affected SOP Instance UID is missing or invalid",
+        sop_instance_uid=str(msg.AffectedSOPInstanceUID or "") or None)
+    wire.send_message(assoc.dimse, context_id, command)
+    return True
