@@ -267,6 +267,11 @@ def _assoc_run_reactor(self: Association) -> None:
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            # A sender paused us between the wait and the line above and saw us paused:
+            # it may already be waiting for its response, which we must not take.
+            idle = False
+            continue
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:

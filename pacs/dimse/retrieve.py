@@ -58,13 +58,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import _config, association, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import decode, encode, split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
 from pacs import transcode
 from pacs.attributes import Level
-from pacs.dimse import contexts, find
+from pacs.dimse import contexts, find, wire
 from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
 from pacs.dimse.identifier import to_retrieve_query
 from pacs.dimse.status import (
@@ -292,17 +292,32 @@ def send_instance(assoc: Association, store: ObjectStore, ref: InstanceRef, msg_
                     "or an uncompressed syntax it can be converted to",
                     UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
         return Outcome.FAILED
-    aet, move_id = originator if originator else (None, None)
+    context_id = _context_id(assoc, ref.sop_class_uid, syntax)
+    command = wire.store_request_command(ref.sop_class_uid, ref.sop_uid, msg_id, originator)
     try:
         with object_file(store, ref, syntax) as path:
-            status = assoc.send_c_store(path, msg_id=msg_id, originator_aet=aet,
-                                        originator_id=move_id)
+            _meta, offset = split_dataset(path)
+            with open(path, "rb") as source:
+                source.seek(offset)
+                response = wire.send_store_request(assoc, context_id, command, source,
+                                                   path.stat().st_size - offset)
     except Exception as exc:  # one instance must not end the whole retrieve
         log.warning("sub-operation failed: %s: %s", type(exc).__name__,
                     exc if isinstance(exc, PacsError) else "see debug log")
         log.debug("sub-operation failure for %s", ref.sop_uid, exc_info=True)
         return Outcome.FAILED
-    return classify(status.get("Status"))
+    if response is None:
+        if assoc.is_established:  # no answer within the DIMSE timeout (as pynetdicom)
+            assoc.abort()
+        return Outcome.FAILED
+    return classify(getattr(response, "Status", None))
+
+
+def _context_id(assoc: Association, sop_class_uid: str, syntax: str) -> int:
+    """The accepted context for the SOP class in ``syntax`` with us as the SCU."""
+    return int(next(cx.context_id for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == sop_class_uid and cx.as_scu
+                    and str(cx.transfer_syntax[0]) == syntax))
 
 
 # -- C-MOVE destination association --------------------------------------------------
