@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -64,6 +64,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 
 from pacs import transcode
 from pacs.attributes import Level
+from pacs.dataset import dataset_offset
 from pacs.dimse import contexts, find, wire
 from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
 from pacs.dimse.identifier import to_retrieve_query
@@ -296,8 +297,8 @@ def send_instance(assoc: Association, store: ObjectStore, ref: InstanceRef, msg_
     command = wire.store_request_command(ref.sop_class_uid, ref.sop_uid, msg_id, originator)
     try:
         with object_file(store, ref, syntax) as path:
-            _meta, offset = split_dataset(path)
             with open(path, "rb") as source:
+                offset = _dataset_start(source, path)
                 source.seek(offset)
                 response = wire.send_store_request(assoc, context_id, command, source,
                                                    path.stat().st_size - offset)
@@ -311,6 +312,17 @@ def send_instance(assoc: Association, store: ObjectStore, ref: InstanceRef, msg_
             assoc.abort()
         return Outcome.FAILED
     return classify(getattr(response, "Status", None))
+
+
+def _dataset_start(source: BinaryIO, path: Path) -> int:
+    """Where the data set starts in a Part 10 file: after the file meta group.
+
+    Read from the first 64 KiB with the ingest path's own reader; pynetdicom's
+    ``split_dataset`` (a pydicom parse of the meta) for a meta group larger than that.
+    """
+    head = source.read(1 << 16)
+    offset = dataset_offset(head)
+    return offset if offset < len(head) else split_dataset(path)[1]
 
 
 def _context_id(assoc: Association, sop_class_uid: str, syntax: str) -> int:
@@ -373,6 +385,9 @@ def handle_get(event: Event, services: Services) -> NoReturn:
 
 
 # -- the service class -----------------------------------------------------------------
+
+#: Command Fields of C-GET-RSP and C-MOVE-RSP (PS3.7 E.1-1).
+_C_GET_RSP, _C_MOVE_RSP = 0x8010, 0x8021
 
 Response = C_MOVE | C_GET
 
@@ -561,13 +576,14 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         return rsp
 
     def _pending(self, rsp: Response, cx_id: int, counts: Counts) -> None:
-        """FF00 with the four counts (PS3.4 C.4.2.1.6)."""
-        rsp.Status = RETRIEVE_PENDING
-        rsp.Identifier = None
-        rsp.ErrorComment = None
-        rsp.NumberOfRemainingSuboperations = counts.remaining
-        _set_counts(rsp, counts)
-        self.dimse.send_msg(rsp, cx_id)
+        """FF00 with the four counts (PS3.4 C.4.2.1.6), written directly (one per
+        sub-operation: pynetdicom's encoding of it was a fifth of a CT sub-operation)."""
+        command_field = _C_GET_RSP if isinstance(rsp, C_GET) else _C_MOVE_RSP
+        command = wire.response_command(
+            command_field, str(rsp.AffectedSOPClassUID), int(rsp.MessageIDBeingRespondedTo),
+            RETRIEVE_PENDING, False,
+            counts=(counts.remaining, counts.completed, counts.failed, counts.warning))
+        wire.send_message(self.dimse, cx_id, command)
 
     def _final(self, rsp: Response, cx_id: int, context: PresentationContext, status: int,
                counts: Counts | None = None, comment: str | None = None) -> None:

@@ -39,11 +39,13 @@ def _uid(value: str) -> bytes:
 
 def response_command(command_field: int, sop_class_uid: str, message_id: int, status: int,
                      has_dataset: bool, comment: str | None = None,
-                     sop_instance_uid: str | None = None) -> bytes:
+                     sop_instance_uid: str | None = None,
+                     counts: tuple[int, int, int, int] | None = None) -> bytes:
     """A response command set in Implicit VR Little Endian (PS3.7 6.3.1, 9.3).
 
     ``sop_instance_uid`` is the Affected SOP Instance UID (0000,1000) that C-STORE
-    responses carry (PS3.7 9.3.1.2).
+    responses carry (PS3.7 9.3.1.2); ``counts`` the Remaining, Completed, Failed and
+    Warning sub-operations of a pending C-GET / C-MOVE response (PS3.7 9.3.3.2, 9.3.4.2).
     """
     body = b"".join((
         _implicit(0x00000002, _uid(sop_class_uid)),
@@ -54,6 +56,9 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
     ))
     if sop_instance_uid:
         body += _implicit(0x00001000, _uid(sop_instance_uid))
+    for offset, count in enumerate(counts or ()):
+        # (0000,1020) Remaining, 1021 Completed, 1022 Failed, 1023 Warning (PS3.7 9.3.3.2)
+        body += _implicit(0x00001020 + offset, struct.pack("<H", count))
     if comment:
         text = comment[:64].encode("ascii", "replace")
         body += _implicit(0x00000902, text + b" " * (len(text) % 2))
