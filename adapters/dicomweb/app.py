@@ -182,5 +182,37 @@ def get_app() -> falcon.App:
                             format=LOG_FORMAT)
     services = build(settings)
     atexit.register(services.close)
+    app = create_app(services)
+    _warm_up(app)
     log.debug("DICOMweb worker ready for customer %s", settings.customer)
-    return create_app(services)
+    return app
+
+
+def _warm_up(app: falcon.App) -> None:
+    """Do once at worker start what the first request would otherwise pay for.
+
+    falcon compiles its router on the first request, and pydicom builds its lookup
+    tables on the first read; a STOW-RS or QIDO-RS answered by a fresh worker was
+    noticeably slower than the next ones.
+    """
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pacs.dataset import read_part10
+    from pacs.errors import InvalidInstance
+
+    app._router.find("/studies")  # compiles falcon's router (no public call for it)
+    sample = Dataset()
+    sample.SOPClassUID, sample.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3"
+    sample.StudyInstanceUID, sample.SeriesInstanceUID = "1.2.3.1", "1.2.3.2"
+    sample.PatientName = "WARM^UP"
+    sample.file_meta = FileMetaDataset()
+    sample.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    sample.save_as(buffer, enforce_file_format=True)
+    try:
+        read_part10(buffer.getvalue())
+    except InvalidInstance:  # only the reading matters
+        pass
