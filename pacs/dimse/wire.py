@@ -150,16 +150,21 @@ def send_store_request(assoc: Any, context_id: int, command: bytes, source: Bina
             time.sleep(0.0001)
         buffer = bytearray(_pdu(context_id, _COMMAND_LAST, command))
         sent = 0
-        while sent < length:
-            data = source.read(min(chunk, length - sent))
-            if not data:
-                raise EOFError("the stored object is shorter than its index entry")
-            sent += len(data)
-            buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
-            if len(buffer) >= _SEND_BUFFER:
-                sock.sendall(buffer)
-                buffer.clear()
-        sock.sendall(buffer)
+        try:
+            while sent < length:
+                data = source.read(min(chunk, length - sent))
+                if not data:
+                    raise EOFError("the stored object is shorter than its index entry")
+                sent += len(data)
+                buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
+                if len(buffer) >= _SEND_BUFFER:
+                    sock.sendall(buffer)
+                    buffer.clear()
+            sock.sendall(buffer)
+        except BaseException:
+            # Part of a message may be on the wire: the stream cannot carry another one.
+            assoc.abort()
+            raise
         _, response = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
