@@ -39,18 +39,9 @@ tag="${BENCH_TAG:-$(date +%Y%m%d-%H%M%S)}"
 peers="${BENCH_PEERS:-orthanc,pacs}"
 
 # -- 1. packages --------------------------------------------------------------------------
-apt_packages=(dcmtk orthanc orthanc-dicomweb)
-missing=()
-for pkg in "${apt_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    # The Debian package's own Orthanc service is not needed (and may be denied by
-    # policy-rc.d); the harness starts its own on other ports.
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
-fi
+# The Debian package's own Orthanc service is not needed (and may be denied by
+# policy-rc.d); the harness starts its own on other ports.
+scripts/apt-install.sh dcmtk orthanc orthanc-dicomweb
 
 if [ -n "${PACS_BIN:-}" ]; then
     python="${BENCH_PYTHON:-python3}"
