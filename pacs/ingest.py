@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import apsw
+
 from pacs import metadata
 from pacs.attributes import Level
 from pacs.dataset import Instance, dataset_offset, extract, read_part10, require_uid
@@ -136,9 +138,13 @@ class Ingest:
         prepared = metadata.prepare(instance, data)  # outside the write transaction
         self.store.put(key, io.BytesIO(data), len(data))
         try:
-            with self.index.write() as conn:
-                writer.upsert(conn, self._row(instance, key, len(data), checksum, calling_ae))
+            row = self._row(instance, key, len(data), checksum, calling_ae)
+
+            def index_it(conn: apsw.Connection) -> None:
+                writer.upsert(conn, row)
                 metadata.save(conn, instance.sop_instance_uid, prepared)
+
+            self.index.commit(index_it)  # group commit with concurrent ingests
         except BaseException:
             self._undo_put(key, existing, previous)
             raise

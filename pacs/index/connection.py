@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,6 +53,15 @@ def connect(path: Path) -> apsw.Connection:
     return conn
 
 
+class _Work:
+    """One piece of work waiting for a group commit (see :meth:`Index.commit`)."""
+
+    def __init__(self, work: Callable[[apsw.Connection], None]) -> None:
+        self.work = work
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class Index:
     """Connections to one customer's index file, one per thread and process.
 
@@ -68,6 +77,9 @@ class Index:
         self._write_lock = threading.Lock()
         self._opened: list[apsw.Connection] = []
         self._opened_lock = threading.Lock()
+        self._queue: list[_Work] = []
+        self._queue_lock = threading.Lock()
+        self._leader = threading.Lock()
 
     def connection(self) -> apsw.Connection:
         """This thread's connection, opened on first use (and again after a fork)."""
@@ -109,6 +121,50 @@ class Index:
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 raise IndexFailure(f"index commit failed: {exc}") from exc
+
+    def commit(self, work: Callable[[apsw.Connection], None]) -> None:
+        """Run ``work`` in a write transaction, sharing the commit with other threads.
+
+        Group commit: the commit of a WAL transaction costs an fsync, and one writer per
+        process means threads storing at the same time (parallel associations, STOW-RS
+        parts) wait for each other's fsyncs.  Here a thread that gets the writer's turn
+        runs every piece of work queued meanwhile, each in its own savepoint (one
+        failing piece does not fail the others), under one COMMIT.  ``work`` returns only
+        after the transaction that holds it has committed: the durability of each piece is
+        the same as with :meth:`write`.
+
+        Raises
+        ------
+        IndexFailure, or whatever ``work`` raised
+            When this piece of work, or the commit, failed (nothing of it is kept).
+        """
+        entry = _Work(work)
+        with self._queue_lock:
+            self._queue.append(entry)
+        with self._leader:
+            if not entry.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run_batch(batch)
+        if entry.error is not None:
+            raise entry.error
+
+    def _run_batch(self, batch: list[_Work]) -> None:
+        try:
+            with self.write() as conn:
+                for entry in batch:
+                    conn.execute("SAVEPOINT piece")
+                    try:
+                        entry.work(conn)
+                    except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                        conn.execute("ROLLBACK TO piece")
+                        entry.error = exc
+                    conn.execute("RELEASE piece")
+        except BaseException as exc:  # the commit failed: nothing of the batch is kept
+            for entry in batch:
+                entry.error = entry.error or exc
+        for entry in batch:
+            entry.done = True
 
     def close(self) -> None:
         """Close every connection this object opened in this process."""

@@ -140,3 +140,37 @@ def test_objects_without_patient_id_are_not_merged(services: Services) -> None:
     services.ingest.store_bytes(_bytes(PatientID="", PatientName="C^D", SOPInstanceUID="1.2.2",
                                        StudyInstanceUID="1.2.9"))
     assert writer.counts(services.index.connection())["patient"] == 2
+
+
+def test_concurrent_ingests_share_commits_and_each_is_indexed(services: Services,
+                                                               memory_store: MemoryStore) -> None:
+    """Group commit (Index.commit): many threads at once, every instance indexed, and a
+    failing piece of work does not take the others of its batch down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    payloads = [_bytes(SOPInstanceUID=f"1.2.7.{n}") for n in range(24)]
+    payloads.append(_bytes(SOPInstanceUID="1.2.7.x"))  # invalid UID: refused, alone
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(services.ingest.store_bytes, p) for p in payloads]
+    outcomes = [f.exception() or f.result().outcome for f in futures]
+    assert outcomes[:-1] == [Outcome.STORED] * 24
+    assert isinstance(outcomes[-1], InvalidUID)
+    assert writer.counts(services.index.connection())["instance"] == 24
+    assert len(memory_store.objects) == 24
+
+
+def test_a_failing_piece_of_a_group_commit_keeps_the_others(services: Services) -> None:
+    def good(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+
+    def bad(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        conn.execute("INSERT INTO t VALUES (2)")
+        raise IndexFailure("simulated")
+
+    services.index.commit(good)
+    with pytest.raises(IndexFailure):
+        services.index.commit(bad)
+    rows = list(services.index.connection().execute("SELECT x FROM t"))
+    assert rows == [(1,)]
