@@ -51,8 +51,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pacs.errors import InvalidInstance, PacsError
-from pacs.ingest import Ingest, Outcome
+if __name__ == "__main__":
+    # Run by `pacs serve`, which stops it with SIGTERM.  A Ctrl-C reaches the whole
+    # process group, possibly while the imports below are still running: ignore it until
+    # main() installs its own handler, so that it does not die with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+from pacs.errors import InvalidInstance, PacsError  # noqa: E402
+from pacs.ingest import Ingest, Outcome  # noqa: E402
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.uploads")
