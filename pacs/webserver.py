@@ -24,6 +24,7 @@ import threading
 from collections.abc import Mapping
 
 from pacs.config import Settings
+from pacs.net import listening_socket, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,12 @@ MAX_REQUEST_LINE = 8190
 
 def number_of_workers(settings: Settings) -> int:
     """The configured worker count, or one per CPU."""
-    return settings.web_workers or max(1, len(os.sched_getaffinity(0)))
+    return worker_count(settings.web_workers)
 
 
 def listen(settings: Settings) -> socket.socket:
     """Bind and listen on the DICOMweb port (raises OSError when it is taken)."""
-    family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.bind_address, settings.web_port))
-    sock.listen(2048)
-    return sock
+    return listening_socket(settings.bind_address, settings.web_port, backlog=2048)
 
 
 def command(settings: Settings, fd: int) -> list[str]:

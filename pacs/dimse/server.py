@@ -26,6 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.config import Settings
 from pacs.dimse import contexts, handlers, reactor, retrieve
+from pacs.net import listening_socket, worker_count
 from pacs.services import Services, build
 
 log = logging.getLogger(__name__)
@@ -176,11 +177,7 @@ def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
 
 def listen(settings: Settings) -> socket.socket:
     """The listening socket the workers share (non-blocking, see :class:`NodeServer`)."""
-    family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.bind_address, settings.dimse_port))
-    sock.listen(128)
+    sock = listening_socket(settings.bind_address, settings.dimse_port, backlog=128)
     sock.setblocking(False)
     return sock
 
@@ -203,7 +200,7 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
 
 def number_of_workers(settings: Settings) -> int:
     """The configured worker count, or one per CPU."""
-    return settings.dimse_workers or max(1, len(os.sched_getaffinity(0)))
+    return worker_count(settings.dimse_workers)
 
 
 def run_workers(settings: Settings, stopping: threading.Event,
