@@ -21,6 +21,7 @@ import pydicom.config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from pacs.attributes import ITEM_KEYS, Attribute, Level, case_folded_column, stored
@@ -261,8 +262,9 @@ def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     """Index values of ``level`` from a header, by column (unique key included)."""
     values: dict[str, str | None] = {}
     present = header._dict  # absent tags cost a dict lookup, not a pydicom get()
+    codec = _simple_codec(header)
     for attribute, column, folded in _columns(level):
-        value = _value(header, attribute) if attribute.tag in present else None
+        value = _value(header, attribute, codec) if attribute.tag in present else None
         values[column] = value
         if folded:
             values[folded] = fold(value)
@@ -273,19 +275,61 @@ def extract(header: Dataset, level: Level) -> dict[str, str | None]:
 #: the raw bytes, without pydicom's conversion and validation (most of a small
 #: instance's extraction time).  The result is what the pydicom path gives.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+#: VRs whose values are text in the Specific Character Set (PS3.5 6.1.2.3), read the
+#: same way when that character set is one a single Python codec decodes without code
+#: extensions (see :data:`_SIMPLE_CODECS`); anything else goes through pydicom.
+_CHARSET_VRS = frozenset({"LO", "SH", "PN", "LT", "ST", "UC"})
+#: Specific Character Set values (PS3.3 C.12.1.1.2) whose bytes one codec decodes and
+#: in which 0x5C is always the value separator (never the trail byte of a character).
+#: No value (the default repertoire) decodes as pydicom does, as Latin-1.
+_SIMPLE_CODECS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
+                  "ISO_IR 192": "utf_8"}
 _UNDECODED = object()
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 
-def _raw_text(header: Dataset, attribute: Attribute) -> Any:
-    """An ASCII element's index text from its raw bytes, or ``_UNDECODED``."""
+def _simple_codec(header: Dataset) -> str | None:
+    """The codec of the header's character set when it is one of :data:`_SIMPLE_CODECS`."""
+    element = header._dict.get(_SPECIFIC_CHARACTER_SET)
+    if element is None:
+        return "latin_1"
+    value = element.value  # raw bytes, or already converted by pydicom (str or list)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str):
+        return None  # several values: code extensions (ISO 2022)
+    return _SIMPLE_CODECS.get(value.strip(" \0"))
+
+
+def _raw_text(header: Dataset, attribute: Attribute, codec: str | None = None) -> Any:
+    """A text element's index text from its raw bytes, or ``_UNDECODED``.
+
+    ASCII VRs always; character-set VRs when ``codec`` is known.
+    """
     raw = header._dict.get(attribute.tag)
-    if (type(raw) is not RawDataElement or attribute.vr not in _ASCII_VRS
-            or raw.VR not in (None, attribute.vr) or not isinstance(raw.value, bytes)):
+    if type(raw) is not RawDataElement or not isinstance(raw.value, bytes):
+        return _UNDECODED
+    if attribute.vr in _ASCII_VRS:
+        encoding = "ascii"
+    elif attribute.vr in _CHARSET_VRS and codec is not None:
+        encoding = codec
+    else:
+        return _UNDECODED
+    if raw.VR not in (None, attribute.vr):
         return _UNDECODED
     try:
-        text = raw.value.decode("ascii")
+        text = raw.value.decode(encoding)
     except UnicodeDecodeError:
         return _UNDECODED
+    if attribute.vr == "PN":
+        # As pydicom's PersonName: empty trailing component groups dropped ("A^B=" is A^B).
+        text = "\\".join(v.rstrip("=") for v in text.rstrip("\0 ").split("\\"))
+    elif attribute.vr in ("LT", "ST", "UT"):
+        # Single-valued: a backslash is text here (PS3.5 6.2), not a separator.
+        return text.strip(" \0") or None
     if "\\" in text:
         parts = [part.strip(" \0").strip() for part in text.split("\\")]
         return "\\".join(parts) if any(parts) else None
@@ -308,10 +352,10 @@ def _item_text(item: Dataset, key: Attribute) -> str | None:
     return _text(item[key.tag].value)
 
 
-def _value(header: Dataset, attribute: Attribute) -> str | None:
+def _value(header: Dataset, attribute: Attribute, codec: str | None = None) -> str | None:
     if attribute.vr == "SQ":
         return _sequence(header, attribute)
-    text = _raw_text(header, attribute)
+    text = _raw_text(header, attribute, codec)
     if text is _UNDECODED:
         element = header.get(attribute.tag)
         if element is None:

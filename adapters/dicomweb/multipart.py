@@ -1,7 +1,7 @@
 """``multipart/related`` (RFC 2387 over RFC 2046 5.1) read as a stream, and written.
 
-Reading never holds the whole body: it reads fixed-size chunks, spools each part to a
-temporary file (in memory up to :data:`SPOOL_MEMORY_BYTES`, on disk beyond), and
+Reading never holds the whole body: it reads fixed-size chunks, keeps each part in
+memory up to :data:`SPOOL_MEMORY_BYTES` (on disk beyond), and
 yields a part only once its closing delimiter has arrived, so a truncated part is
 never handed on.  What it accepts, because real clients send it:
 
@@ -19,6 +19,7 @@ Every size is bounded by a named limit, and every malformed body raises
 
 from __future__ import annotations
 
+import io
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import IO, Protocol
 
 #: Bytes read from the request per call.
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024
 #: A part stays in memory up to this size, then moves to a temporary file.
 SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
 #: Largest part accepted (one DICOM object).
@@ -259,34 +260,72 @@ def _headers(reader: _Reader) -> dict[str, str]:
 
 def _body(reader: _Reader, delimiter: bytes, headers: dict[str, str], max_part_bytes: int,
           spool_dir: str | None) -> Part:
-    """Spool the part's content up to the next delimiter."""
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, dir=spool_dir)
-    size = 0
+    """Gather the part's content up to the next delimiter.
+
+    Content is kept as a list of byte strings joined once at the end (one copy of each
+    byte, where a spooled in-memory file took three); past :data:`SPOOL_MEMORY_BYTES`
+    it moves to a temporary file in ``spool_dir``.
+    """
+    pieces = _Pieces(spool_dir)
     keep = len(delimiter) - 1  # a delimiter may straddle two reads
     try:
         while True:
             # After a flush only ``keep`` old bytes remain: each byte is searched ~once.
             index = reader.buffer.find(delimiter)
             if index >= 0:
-                size += index
-                if size > max_part_bytes:
-                    raise MultipartError(f"a part is larger than {max_part_bytes} bytes")
-                spool.write(reader.buffer[:index])
+                pieces.add(reader.buffer, index, max_part_bytes)
                 del reader.buffer[:index + len(delimiter)]
-                spool.seek(0)
-                return Part(headers, spool, size)
+                return Part(headers, pieces.finish(), pieces.size)
             flush = len(reader.buffer) - keep
             if flush > 0:
-                size += flush
-                if size > max_part_bytes:
-                    raise MultipartError(f"a part is larger than {max_part_bytes} bytes")
-                spool.write(reader.buffer[:flush])
+                pieces.add(reader.buffer, flush, max_part_bytes)
                 del reader.buffer[:flush]
             if not reader.fill():
                 raise MultipartError("the body ends inside a part (no closing boundary)")
     except BaseException:
-        spool.close()
+        pieces.close()
         raise
+
+
+class _Pieces:
+    """A part's content as it arrives: in memory, then spooled to a file when large."""
+
+    def __init__(self, spool_dir: str | None) -> None:
+        self.spool_dir = spool_dir
+        self.chunks: list[bytes] = []
+        self.file: IO[bytes] | None = None
+        self.size = 0
+
+    def add(self, buffer: bytearray, count: int, max_part_bytes: int) -> None:
+        """Append the first ``count`` bytes of ``buffer``."""
+        self.size += count
+        if self.size > max_part_bytes:
+            raise MultipartError(f"a part is larger than {max_part_bytes} bytes")
+        with memoryview(buffer) as view:
+            data = bytes(view[:count])
+        if self.file is None and self.size > SPOOL_MEMORY_BYTES:
+            self.file = tempfile.TemporaryFile(dir=self.spool_dir)
+            for chunk in self.chunks:
+                self.file.write(chunk)
+            self.chunks = []
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.chunks.append(data)
+
+    def finish(self) -> IO[bytes]:
+        """The content, positioned at its start."""
+        if self.file is not None:
+            self.file.seek(0)
+            return self.file
+        # BytesIO over a bytes object shares it: read() of the whole returns it uncopied.
+        return io.BytesIO(self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks))
+
+    def close(self) -> None:
+        """Drop whatever was gathered."""
+        if self.file is not None:
+            self.file.close()
+        self.chunks = []
 
 
 def new_boundary() -> str:

@@ -74,3 +74,86 @@ def test_walker_accepts_nested_undefined_length_sequences() -> None:
     check_complete(memoryview(element), "1.2.840.10008.1.2")
     with pytest.raises(UnreadableData):
         check_complete(memoryview(element[:-8]), "1.2.840.10008.1.2")
+
+
+def _all_test_files() -> list[str]:
+    """pydicom's bundled test files (the local ones: nothing is downloaded)."""
+    from pathlib import Path
+
+    import pydicom.data
+
+    root = Path(pydicom.data.__file__).parent
+    return sorted(str(path) for folder in ("test_files", "charset_files")
+                  for path in (root / folder).rglob("*.dcm"))
+
+
+def test_raw_text_equals_pydicom_conversion() -> None:
+    """The fast path from raw bytes indexes exactly what pydicom's conversion gives,
+    for every text attribute of the table in every pydicom test file that reads."""
+    import pydicom
+
+    from pacs.attributes import ATTRIBUTES
+    from pacs.dataset import _UNDECODED, _raw_text, _simple_codec, _text
+
+    compared = 0
+    for path in _all_test_files():
+        try:
+            fast = pydicom.dcmread(path, stop_before_pixels=True)
+            slow = pydicom.dcmread(path, stop_before_pixels=True)
+            codec = _simple_codec(fast)
+        except Exception:  # files pydicom itself cannot read are not our concern here
+            continue
+        for attribute in ATTRIBUTES:
+            if attribute.vr == "SQ" or attribute.tag not in fast._dict:
+                continue
+            text = _raw_text(fast, attribute, codec)
+            if text is _UNDECODED:
+                continue
+            try:
+                expected = _text(slow[attribute.tag].value)
+            except Exception:
+                continue
+            assert text == expected, (path, attribute.keyword)
+            compared += 1
+    assert compared > 500  # the fast path is actually taken
+
+
+@pytest.mark.parametrize("charset, encoding", [
+    (None, "latin_1"), ("ISO_IR 100", "latin_1"), ("ISO_IR 192", "utf_8")])
+@pytest.mark.parametrize("keyword, raw", [
+    ("PatientName", "Doe^John="), ("PatientName", "Doe^John^^^"),
+    ("PatientName", "A^B=\\C^D=="), ("PatientName", " Müller^Jörg "),
+    ("PatientID", " ID\\ 2 "), ("StudyDescription", "Thorax\\"),
+    ("InstitutionName", "Hôpital\0"), ("PatientName", "\\"),
+])
+def test_raw_text_edge_cases(charset: str | None, encoding: str, keyword: str,
+                             raw: str) -> None:
+    """Values written by hand (padding, separators, empty groups) index as pydicom reads them."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from pacs.attributes import BY_KEYWORD
+    from pacs.dataset import _UNDECODED, _raw_text, _simple_codec, _text
+
+    attribute = BY_KEYWORD[keyword]
+    value = raw.encode(encoding)
+    if len(value) % 2:
+        value += b" "
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.add_new(attribute.tag, attribute.vr, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    fast = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    slow = pydicom.dcmread(io.BytesIO(out.getvalue()))
+    text = _raw_text(fast, attribute, _simple_codec(fast))
+    assert text is not _UNDECODED
+    assert text == _text(slow[attribute.tag].value)

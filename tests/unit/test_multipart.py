@@ -74,8 +74,16 @@ def test_large_part_spools_to_disk() -> None:
     data = b"".join(encode([({}, big)], "b0undary"))
     parts = list(read_parts(io.BytesIO(data), "b0undary"))
     assert parts[0].size == len(big)
-    assert parts[0].body._rolled  # type: ignore[attr-defined]
+    assert not isinstance(parts[0].body, io.BytesIO)  # a temporary file, not memory
     assert parts[0].read() == big
+
+
+def test_small_part_stays_in_memory() -> None:
+    small = os.urandom(1000)
+    parts = list(read_parts(io.BytesIO(b"".join(encode([({}, small)], "b0undary"))),
+                            "b0undary", chunk_bytes=7))
+    assert isinstance(parts[0].body, io.BytesIO)
+    assert parts[0].read() == small
 
 
 @pytest.mark.parametrize("data, message", [
