@@ -25,6 +25,7 @@ route (below each prefix)                               method  transaction
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import importlib.util
 import logging
@@ -184,6 +185,9 @@ def get_app() -> falcon.App:
     atexit.register(services.close)
     app = create_app(services)
     _warm_up(app)
+    # What start-up created lives as long as the worker: keep it out of later garbage
+    # collections, whose full passes would otherwise walk it while a request waits.
+    gc.freeze()
     log.debug("DICOMweb worker ready for customer %s", settings.customer)
     return app
 

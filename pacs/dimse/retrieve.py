@@ -13,17 +13,10 @@ and the DIMSE messages stay pynetdicom's.
 
 How an instance is sent
 -----------------------
-1. As stored, streamed from its file without decoding
-   (``_config.STORE_SEND_CHUNKED_DATASET`` and ``send_c_store(path)``), when the peer
-   accepted a presentation context for its SOP class with the stored transfer syntax.
-   A store without local files (S3) is first copied to a temporary file.
-2. Otherwise converted to an uncompressed syntax the peer accepted, when
-   :func:`pacs.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
-   syntax to the SCP; decompressing is what Orthanc does too).  The converted object is
-   written to a temporary file and streamed the same way: pynetdicom refuses to send a
-   ``Dataset`` whose original encoding (explicit VR) differs from the target (implicit
-   VR), and one send path is simpler than two.
-3. Otherwise the sub-operation fails; the association goes on.
+As stored when the peer accepted its syntax, else converted to an uncompressed one it
+accepted, else the sub-operation fails (:mod:`pacs.dimse.sender`, which also makes the
+next instance ready while the destination stores the current one).  Requests and pending
+responses are written straight to the sockets (:mod:`pacs.dimse.wire`).
 
 Counts and statuses
 -------------------
@@ -42,30 +35,26 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from itertools import islice
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import _config, association, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
-from pynetdicom.dsutils import decode, encode, split_dataset
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
 from pacs import transcode
 from pacs.attributes import Level
-from pacs.dataset import dataset_offset
 from pacs.dimse import contexts, find, wire
+from pacs.dimse.sender import Prepared, Sender
 from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
 from pacs.dimse.identifier import to_retrieve_query
 from pacs.dimse.status import (
@@ -88,7 +77,6 @@ if TYPE_CHECKING:
     from pacs.config import Modality
     from pacs.query.model import InstanceRef, Query
     from pacs.services import Services
-    from pacs.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +86,6 @@ MAX_SUBOPERATIONS = 0xFFFF
 MAX_CONTEXTS = 128
 #: Longest value of a short-length VR such as UI in explicit VR (PS3.5 7.1.2).
 _MAX_SHORT_VALUE = 0xFFFE
-#: Temporary files of sub-operations (S3 copies, conversions) are named like this.
-_TMP_PREFIX = "pacs-retrieve-"
 
 _install_lock = threading.Lock()
 _installed = False
@@ -204,132 +190,6 @@ class _CancelWatch:
         if not self.seen and self._is_cancelled(self._msg_id):
             self.seen = True
         return self.seen
-
-
-# -- choosing how to send an instance --------------------------------------------------
-
-def sendable_syntax(assoc: Association, sop_class_uid: str, stored: str) -> str | None:
-    """The transfer syntax to send an instance in over ``assoc``, or ``None``.
-
-    The stored syntax when the peer accepted it for the SOP class with us as the SCU
-    (for C-GET: the requestor took the SCP role, PS3.4 C.4.3.3 and PS3.7 D.3.3.4);
-    else the first uncompressed syntax it accepted that the object can be converted
-    to; else none (the sub-operation fails).
-    """
-    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
-                if cx.abstract_syntax == sop_class_uid and cx.as_scu}
-    if stored in accepted:
-        return stored
-    for target in transcode.UNCOMPRESSED:
-        if target in accepted and transcode.can_convert(stored, target):
-            return str(target)
-    return None
-
-
-@contextmanager
-def _temporary_file() -> Iterator[Any]:
-    """A temporary file outside the data folder, deleted when the block ends."""
-    with tempfile.NamedTemporaryFile(prefix=_TMP_PREFIX, suffix=".dcm") as tmp:
-        yield tmp
-
-
-@contextmanager
-def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[Path]:
-    """A Part 10 file of ``ref`` in ``syntax``, for pynetdicom to stream.
-
-    The stored file itself when the store has local files and no conversion is
-    needed; otherwise a temporary copy or conversion, deleted afterwards.
-
-    Raises
-    ------
-    NotFound, StorageError
-        The object cannot be read.
-    UnreadableData
-        The conversion failed.
-    """
-    if syntax == ref.transfer_syntax:
-        local = store.local_path(ref.object_key)
-        if local is not None:
-            yield local
-            return
-        with _temporary_file() as tmp, store.open(ref.object_key) as source:
-            shutil.copyfileobj(source, tmp, 1 << 20)
-            tmp.flush()
-            yield Path(tmp.name)
-        return
-    with store.open(ref.object_key) as source:
-        stored = source.read()
-    converted = transcode.convert_to_bytes(stored, syntax)
-    del stored  # the decoded copy is enough; do not hold both until the send ends
-    with _temporary_file() as tmp:
-        tmp.write(converted)
-        tmp.flush()
-        yield Path(tmp.name)
-
-
-def send_instance(assoc: Association, store: ObjectStore, ref: InstanceRef, msg_id: int,
-                  originator: tuple[str, int] | None = None) -> Outcome:
-    """Run one C-STORE sub-operation; never raises.
-
-    Parameters
-    ----------
-    assoc : Association
-        The association to the destination (C-MOVE) or the requestor's (C-GET).
-    store : ObjectStore
-        Where the object is.
-    ref : InstanceRef
-        The instance.
-    msg_id : int
-        Message ID of the C-STORE request.
-    originator : (AE title, Message ID), optional
-        Move Originator AE Title and Message ID (PS3.7 9.3.1.1): the C-MOVE
-        requestor's title and its request's Message ID.  ``None`` for C-GET.
-    """
-    if not assoc.is_established:
-        return Outcome.FAILED
-    syntax = sendable_syntax(assoc, ref.sop_class_uid, ref.transfer_syntax)
-    if syntax is None:
-        log.warning("sub-operation failed: the peer accepted no context for %s in %s "
-                    "or an uncompressed syntax it can be converted to",
-                    UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
-        return Outcome.FAILED
-    context_id = _context_id(assoc, ref.sop_class_uid, syntax)
-    command = wire.store_request_command(ref.sop_class_uid, ref.sop_uid, msg_id, originator)
-    try:
-        with object_file(store, ref, syntax) as path:
-            with open(path, "rb") as source:
-                offset = _dataset_start(source, path)
-                source.seek(offset)
-                response = wire.send_store_request(assoc, context_id, command, source,
-                                                   path.stat().st_size - offset)
-    except Exception as exc:  # one instance must not end the whole retrieve
-        log.warning("sub-operation failed: %s: %s", type(exc).__name__,
-                    exc if isinstance(exc, PacsError) else "see debug log")
-        log.debug("sub-operation failure for %s", ref.sop_uid, exc_info=True)
-        return Outcome.FAILED
-    if response is None:
-        if assoc.is_established:  # no answer within the DIMSE timeout (as pynetdicom)
-            assoc.abort()
-        return Outcome.FAILED
-    return classify(getattr(response, "Status", None))
-
-
-def _dataset_start(source: BinaryIO, path: Path) -> int:
-    """Where the data set starts in a Part 10 file: after the file meta group.
-
-    Read from the first 64 KiB with the ingest path's own reader; pynetdicom's
-    ``split_dataset`` (a pydicom parse of the meta) for a meta group larger than that.
-    """
-    head = source.read(1 << 16)
-    offset = dataset_offset(head)
-    return offset if offset < len(head) else split_dataset(path)[1]
-
-
-def _context_id(assoc: Association, sop_class_uid: str, syntax: str) -> int:
-    """The accepted context for the SOP class in ``syntax`` with us as the SCU."""
-    return int(next(cx.context_id for cx in assoc.accepted_contexts
-                    if cx.abstract_syntax == sop_class_uid and cx.as_scu
-                    and str(cx.transfer_syntax[0]) == syntax))
 
 
 # -- C-MOVE destination association --------------------------------------------------
@@ -542,19 +402,36 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         the requestor's association going away ends the loop silently.
         """
         counts = Counts(total)
+        sender = Sender(peer, services.store, originator)
         instances = services.engine.instances(_at_image(query), cancelled=cancelled)
+        refs = enumerate(islice(instances, total))
+        ahead: tuple[InstanceRef, Prepared | None] | None = None
         try:
-            for number, ref in enumerate(islice(instances, total)):
-                if cancelled() or not self.assoc.is_established:
-                    break
-                outcome = send_instance(peer, services.store, ref, _message_id(number),
-                                        originator)
-                counts.record(outcome, ref.sop_uid)
-                if counts.remaining:
-                    self._pending(rsp, cx_id, counts)
+            with wire.reactor_paused(peer):
+                ahead = _next(sender, refs)
+                while ahead is not None:
+                    if cancelled() or not self.assoc.is_established:
+                        break
+                    ref, prepared = ahead
+                    ahead = None
+                    if prepared is None:
+                        outcome = Outcome.FAILED
+                        ahead = _next(sender, refs)
+                    elif sender.write(prepared):
+                        # The next one is made ready while the destination stores this one.
+                        ahead = _next(sender, refs)
+                        outcome = classify(sender.response_status())
+                    else:
+                        outcome = Outcome.FAILED
+                        ahead = _next(sender, refs)
+                    counts.record(outcome, ref.sop_uid)
+                    if counts.remaining:
+                        self._pending(rsp, cx_id, counts)
         except Cancelled:
             pass  # the engine saw the C-CANCEL first; ``cancelled`` remembers it
         finally:
+            if ahead is not None and ahead[1] is not None:
+                ahead[1].close()
             close = getattr(instances, "close", None)
             if close is not None:
                 close()  # end the SQLite statement now, not at garbage collection
@@ -576,14 +453,18 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         return rsp
 
     def _pending(self, rsp: Response, cx_id: int, counts: Counts) -> None:
-        """FF00 with the four counts (PS3.4 C.4.2.1.6), written directly (one per
-        sub-operation: pynetdicom's encoding of it was a fifth of a CT sub-operation)."""
+        """FF00 with the four counts (PS3.4 C.4.2.1.6), written straight to the socket
+        like the sub-operations (:func:`pacs.dimse.wire.write_message`).  A requestor
+        gone away ends the retrieve: the association is aborted and the loop stops."""
         command_field = _C_GET_RSP if isinstance(rsp, C_GET) else _C_MOVE_RSP
         command = wire.response_command(
             command_field, str(rsp.AffectedSOPClassUID), int(rsp.MessageIDBeingRespondedTo),
             RETRIEVE_PENDING, False,
             counts=(counts.remaining, counts.completed, counts.failed, counts.warning))
-        wire.send_message(self.dimse, cx_id, command)
+        try:
+            wire.write_message(self.assoc, cx_id, command)
+        except OSError:
+            log.warning("the retrieve's requestor went away; sub-operations stopped")
 
     def _final(self, rsp: Response, cx_id: int, context: PresentationContext, status: int,
                counts: Counts | None = None, comment: str | None = None) -> None:
@@ -627,6 +508,16 @@ def _set_counts(rsp: Response, counts: Counts) -> None:
 def _at_image(query: Query) -> Query:
     """The same constraints, one row per instance (to count sub-operations)."""
     return dataclasses.replace(query, level=Level.IMAGE, return_keys=())
+
+
+def _next(sender: Sender, refs: Iterator[tuple[int, InstanceRef]]
+          ) -> tuple[InstanceRef, Prepared | None] | None:
+    """The next instance, prepared for sending (``None`` when there is no more)."""
+    item = next(refs, None)
+    if item is None:
+        return None
+    number, ref = item
+    return ref, sender.prepare(ref, _message_id(number))
 
 
 def _message_id(number: int) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pynetdicom.pdu_primitives import P_DATA
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from pynetdicom.dimse import DIMSEServiceProvider
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
-_COMMAND_LAST, _DATA, _DATA_LAST = 0x03, 0x00, 0x02
+_COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
 #: PDV item overhead: item length (4), presentation context ID (1), control header (1).
 _PDV_OVERHEAD = 6
 #: Command Data Set Type (0000,0800): a data set follows, or none (PS3.7 E.1-1).
@@ -129,43 +131,83 @@ def _pdu(context_id: int, header: int, payload: bytes) -> bytes:
                        header) + payload
 
 
-def send_store_request(assoc: Any, context_id: int, command: bytes, source: BinaryIO,
-                       length: int) -> Any:
-    """Send a C-STORE-RQ whose data set is read from ``source``; return the response
-    primitive, or ``None`` when none came (timeout or abort).
+@contextmanager
+def reactor_paused(assoc: Any) -> Iterator[None]:
+    """Hold ``assoc``'s reactor thread at its checkpoint for the whole block.
 
-    pynetdicom's own path turns every fragment into a primitive for the DUL thread to
-    encode and send: about 0.2 ms per 16 KB PDU, which capped C-MOVE / C-GET at ~90 MB/s.
-    Here the PDUs are written straight to the socket, several MB per ``sendall``.  This
-    is safe because the state machine does nothing when P-DATA is sent in Sta6, and the
-    association's reactor is paused meanwhile, as pynetdicom's ``send_c_store`` does, so
-    nothing else writes to the socket.
+    While a retrieve writes its sub-operations straight to the socket and takes their
+    responses from the DIMSE queue itself, the reactor must neither serve those
+    responses nor write in between (pynetdicom's ``send_c_*`` pause it the same way,
+    per message; here it is held for the whole retrieve, since a request is written
+    before the previous response is read).  On the association whose reactor runs the
+    caller (C-GET), ``_is_paused`` is already true and only the checkpoint is cleared
+    and restored.
     """
-    limit = int(assoc.dimse.maximum_pdu_size or 0)
-    chunk = limit - 6 if limit else _UNLIMITED_CHUNK
-    sock = assoc.dul.socket.socket
     assoc._reactor_checkpoint.clear()
     try:
         while not assoc._is_paused:
             time.sleep(0.0001)
-        buffer = bytearray(_pdu(context_id, _COMMAND_LAST, command))
-        sent = 0
-        try:
-            while sent < length:
-                data = source.read(min(chunk, length - sent))
-                if not data:
-                    raise EOFError("the stored object is shorter than its index entry")
-                sent += len(data)
-                buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
-                if len(buffer) >= _SEND_BUFFER:
-                    sock.sendall(buffer)
-                    buffer.clear()
-            sock.sendall(buffer)
-        except BaseException:
-            # Part of a message may be on the wire: the stream cannot carry another one.
-            assoc.abort()
-            raise
-        _, response = assoc.dimse.get_msg(block=True)
+        yield
     finally:
         assoc._reactor_checkpoint.set()
-    return response
+
+
+def write_store_request(assoc: Any, context_id: int, command: bytes, source: BinaryIO,
+                        length: int) -> None:
+    """Write a C-STORE-RQ whose data set is read from ``source`` straight to the socket.
+
+    pynetdicom's own path turns every fragment into a primitive for the DUL thread to
+    encode and send: about 0.2 ms per 16 KB PDU, which capped C-MOVE / C-GET at ~90 MB/s.
+    Here the PDUs are written by the caller, several MB per ``sendall``.  This is safe
+    because the state machine does nothing when P-DATA is sent in Sta6, and the caller
+    holds the association's reactor in :func:`reactor_paused` and writes everything
+    else of the retrieve the same way (:func:`write_message`), so the bytes of two
+    messages never interleave.
+
+    Raises
+    ------
+    OSError, EOFError
+        The write failed or the object was short; the association has been aborted.
+    """
+    limit = int(assoc.dimse.maximum_pdu_size or 0)
+    chunk = limit - 6 if limit else _UNLIMITED_CHUNK
+    sock = assoc.dul.socket.socket
+    buffer = bytearray(_pdu(context_id, _COMMAND_LAST, command))
+    sent = 0
+    try:
+        while sent < length:
+            data = source.read(min(chunk, length - sent))
+            if not data:
+                raise EOFError("the stored object is shorter than its index entry")
+            sent += len(data)
+            buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
+            if len(buffer) >= _SEND_BUFFER:
+                sock.sendall(buffer)
+                buffer.clear()
+        sock.sendall(buffer)
+    except BaseException:
+        # Part of a message may be on the wire: the stream cannot carry another one.
+        assoc.abort()
+        raise
+
+
+def write_message(assoc: Any, context_id: int, command: bytes) -> None:
+    """Write a message without a data set (a pending C-GET / C-MOVE response) straight
+    to the socket, as :func:`write_store_request` does (same conditions; the association
+    is aborted when the write fails).
+
+    On the C-GET association this keeps the pending responses and the C-STORE requests
+    in one writer: handed to the DUL thread instead, a response could be written while
+    a request's ``sendall`` was blocked half-way, inside it.
+    """
+    limit = int(assoc.dimse.maximum_pdu_size or 0)
+    room = limit - _PDV_OVERHEAD if limit else len(command)
+    pdus = b"".join(
+        _pdu(context_id, _COMMAND_LAST if start + room >= len(command) else _COMMAND,
+             command[start:start + room])
+        for start in range(0, len(command), room))
+    try:
+        assoc.dul.socket.socket.sendall(pdus)
+    except BaseException:
+        assoc.abort()
+        raise
