@@ -1,0 +1,92 @@
+"""Messages written straight to an association's socket (pacs.dimse.wire)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+from types import SimpleNamespace
+
+import pytest
+
+from pacs.dimse import wire
+
+
+class _Assoc:
+    """What the writers use of a pynetdicom association, over one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket, max_pdu: int) -> None:
+        self.dimse = SimpleNamespace(maximum_pdu_size=max_pdu)
+        self.dul = SimpleNamespace(socket=SimpleNamespace(socket=sock))
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def _pdvs(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(context ID, control header, fragment) of every PDV in a run of P-DATA-TF PDUs."""
+    out, position = [], 0
+    while position < len(data):
+        kind, _, length = struct.unpack_from(">BBI", data, position)
+        assert kind == 0x04
+        end, item = position + 6 + length, position + 6
+        while item < end:
+            (item_length,) = struct.unpack_from(">I", data, item)
+            context_id, header = data[item + 4], data[item + 5]
+            out.append((context_id, header, data[item + 6:item + 4 + item_length]))
+            item += 4 + item_length
+        position = end
+    return out
+
+
+def _received(sock: socket.socket) -> bytes:
+    sock.settimeout(2)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 40])
+def test_write_message_fragments_to_the_peer_pdu_size(max_pdu: int) -> None:
+    ours, theirs = socket.socketpair()
+    command = wire.response_command(0x8021, "1.2.840.10008.5.1.4.1.2.2.2", 7, 0xFF00, False,
+                                    counts=(3, 1, 0, 0))
+    wire.write_message(_Assoc(ours, max_pdu), 5, command)
+    ours.close()
+    pdvs = _pdvs(_received(theirs))
+    assert b"".join(fragment for _, _, fragment in pdvs) == command
+    assert {context for context, _, _ in pdvs} == {5}
+    # Command fragments (bit 0); only the last one has bit 1 (PS3.8 E.2).
+    assert [header for _, header, _ in pdvs] == [0x01] * (len(pdvs) - 1) + [0x03]
+    if max_pdu:
+        assert all(len(fragment) + 6 <= max_pdu for _, _, fragment in pdvs)
+    assert (len(pdvs) > 1) is (max_pdu == 40)
+
+
+def test_write_store_request_sends_command_then_data_set() -> None:
+    ours, theirs = socket.socketpair()
+    data = bytes(range(256)) * 200
+    wire.write_store_request(_Assoc(ours, 16384), 3, b"CMD!", io.BytesIO(data), len(data))
+    ours.close()
+    pdvs = _pdvs(_received(theirs))
+    assert pdvs[0] == (3, 0x03, b"CMD!")
+    assert b"".join(fragment for _, _, fragment in pdvs[1:]) == data
+    assert [header for _, header, _ in pdvs[1:]] == [0x00] * (len(pdvs) - 2) + [0x02]
+
+
+def test_a_short_object_aborts_the_association() -> None:
+    ours, theirs = socket.socketpair()
+    assoc = _Assoc(ours, 16384)
+    with pytest.raises(EOFError):
+        wire.write_store_request(assoc, 3, b"CMD!", io.BytesIO(b"short"), 100)
+    assert assoc.aborted
+    ours.close()
+    theirs.close()
