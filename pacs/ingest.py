@@ -3,7 +3,8 @@ the upload folder.
 
 Order of operations, which is what makes a success durable (DESIGN.md section 4):
 
-1. read the header and prove the object whole (no pixel decoding, no re-encoding);
+1. read the header and prove the object whole (no pixel decoding, no re-encoding), and
+   compute what the index needs (:func:`analyse`, before any lock);
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
 3. write the object, durably (fsync + rename, or a completed S3 PUT);
 4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
@@ -33,7 +34,7 @@ import apsw
 
 from pacs import metadata
 from pacs.attributes import Level
-from pacs.dataset import Instance, dataset_offset, extract, read_part10, require_uid
+from pacs.dataset import dataset_offset, extract, read_part10, require_uid
 from pacs.errors import DuplicateRejected, NotFound, PacsError, UIDMismatch
 from pacs.index import writer
 from pacs.index.connection import Index
@@ -62,6 +63,80 @@ class StoreResult:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What ingest needs to know of an object, read from its bytes alone.
+
+    Computed by :func:`analyse`, a pure function of the bytes (no index, no store),
+    before any lock is taken.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid, study_uid, series_uid, transfer_syntax :
+        Validated UIDs.
+    dataset_offset :
+        Where the data set starts in the Part 10 bytes.
+    values :
+        Index values by level and column (:func:`pacs.dataset.extract`).
+    checksum :
+        SHA-256 of the bytes, hex.
+    metadata :
+        The instance's DICOM JSON, prepared for WADO-RS (``None``: built on request).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+    values: dict[Level, dict[str, str | None]]
+    checksum: str
+    metadata: metadata.Prepared | None
+
+
+def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
+    """Read, check and describe one Part 10 object (step 1 of the module docstring).
+
+    Parameters
+    ----------
+    data : bytes
+        The object as received (preamble, file meta and data set).
+    expected : (SOP Class UID, SOP Instance UID), optional
+        The UIDs of the C-STORE command, which must agree with the data set
+        (PS3.4 B.2.3; Orthanc checks the same).
+
+    Raises
+    ------
+    InvalidInstance
+        Unreadable data, invalid UIDs or a UID mismatch.
+    """
+    if expected is not None:
+        expected = (require_uid(expected[0], "Affected SOP Class UID"),
+                    require_uid(expected[1], "Affected SOP Instance UID"))
+    instance = read_part10(data)
+    if expected is not None and expected != (instance.sop_class_uid,
+                                             instance.sop_instance_uid):
+        raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
+    values = {level: extract(instance.header, level) for level in Level}
+    # Validated UIDs, not whatever pydicom decoded (padding, NULs).
+    values[Level.STUDY]["study_uid"] = instance.study_uid
+    values[Level.SERIES]["series_uid"] = instance.series_uid
+    values[Level.IMAGE]["sop_uid"] = instance.sop_instance_uid
+    values[Level.IMAGE]["sop_class_uid"] = instance.sop_class_uid
+    return Analysis(
+        sop_class_uid=instance.sop_class_uid,
+        sop_instance_uid=instance.sop_instance_uid,
+        study_uid=instance.study_uid,
+        series_uid=instance.series_uid,
+        transfer_syntax=instance.transfer_syntax,
+        dataset_offset=instance.dataset_offset,
+        values=values,
+        checksum=hashlib.sha256(data).hexdigest(),
+        metadata=metadata.prepare(instance, data),
+    )
 
 
 class Ingest:
@@ -106,43 +181,35 @@ class Ingest:
         StorageError, IndexFailure
             The store or the index failed; nothing of the object remains.
         """
-        if expected is not None:
-            expected = (require_uid(expected[0], "Affected SOP Class UID"),
-                        require_uid(expected[1], "Affected SOP Instance UID"))
-        instance = read_part10(data)
-        if expected is not None and expected != (instance.sop_class_uid,
-                                                 instance.sop_instance_uid):
-            raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
-        checksum = hashlib.sha256(data).hexdigest()
-        with self._uid_lock(instance.sop_instance_uid):
-            outcome = self._store_locked(instance, data, checksum, calling_ae)
-        return StoreResult(outcome, instance.sop_class_uid, instance.sop_instance_uid,
-                           instance.study_uid, instance.series_uid)
+        analysis = analyse(data, expected)
+        with self._uid_lock(analysis.sop_instance_uid):
+            outcome = self._store_locked(analysis, data, calling_ae)
+        return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
+                           analysis.study_uid, analysis.series_uid)
 
-    def _store_locked(self, instance: Instance, data: bytes, checksum: str,
-                      calling_ae: str) -> Outcome:
-        existing = writer.lookup(self.index.connection(), instance.sop_instance_uid)
+    def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str) -> Outcome:
+        existing = writer.lookup(self.index.connection(), analysis.sop_instance_uid)
         previous: bytes | None = None
         if existing is not None:
-            if existing.checksum == checksum:
+            if existing.checksum == analysis.checksum:
                 return Outcome.UNCHANGED
             previous = self._read_quietly(existing.object_key)
-            if previous is not None and _same_dataset(previous, data, instance):
+            if previous is not None and _same_dataset(previous, data,
+                                                      analysis.dataset_offset):
                 return Outcome.UNCHANGED
             if self.duplicate_policy == "keep":
                 return Outcome.KEPT_FIRST
             if self.duplicate_policy == "reject":
                 raise DuplicateRejected(
                     "a different object is stored under this SOP Instance UID")
-        key = object_key(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
-        prepared = metadata.prepare(instance, data)  # outside the write transaction
+        key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
         self.store.put(key, io.BytesIO(data), len(data))
         try:
-            row = self._row(instance, key, len(data), checksum, calling_ae)
+            row = self._row(analysis, key, len(data), calling_ae)
 
             def index_it(conn: apsw.Connection) -> None:
                 writer.upsert(conn, row)
-                metadata.save(conn, instance.sop_instance_uid, prepared)
+                metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
 
             self.index.commit(index_it)  # group commit with concurrent ingests
         except BaseException:
@@ -153,21 +220,16 @@ class Ingest:
             self._delete_quietly(existing.object_key)
         return Outcome.STORED
 
-    def _row(self, instance: Instance, key: str, size: int, checksum: str,
+    @staticmethod
+    def _row(analysis: Analysis, key: str, size: int,
              calling_ae: str) -> writer.InstanceRow:
-        values = {level: extract(instance.header, level) for level in Level}
-        # Validated UIDs, not whatever pydicom decoded (padding, NULs).
-        values[Level.STUDY]["study_uid"] = instance.study_uid
-        values[Level.SERIES]["series_uid"] = instance.series_uid
-        values[Level.IMAGE]["sop_uid"] = instance.sop_instance_uid
-        values[Level.IMAGE]["sop_class_uid"] = instance.sop_class_uid
         return writer.InstanceRow(
-            patient_key=patient_key(values[Level.PATIENT]),
-            values=values,
+            patient_key=patient_key(analysis.values[Level.PATIENT]),
+            values=analysis.values,
             object_key=key,
             size=size,
-            checksum=checksum,
-            transfer_syntax=instance.transfer_syntax,
+            checksum=analysis.checksum,
+            transfer_syntax=analysis.transfer_syntax,
             received_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             calling_ae=calling_ae.strip(),
         )
@@ -223,6 +285,6 @@ def patient_key(values: dict[str, str | None]) -> str:
                         values.get("patient_birth_date") or ""))
 
 
-def _same_dataset(stored: bytes, received: bytes, instance: Instance) -> bool:
+def _same_dataset(stored: bytes, received: bytes, received_offset: int) -> bool:
     """True when two objects carry the same data set (their file meta may differ)."""
-    return stored[dataset_offset(stored):] == received[instance.dataset_offset:]
+    return stored[dataset_offset(stored):] == received[received_offset:]
