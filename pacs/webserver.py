@@ -64,6 +64,7 @@ def command(settings: Settings, fd: int) -> list[str]:
         # Access logs would carry query strings, i.e. patient names: left off.
         # The control socket lives at one path per user: two nodes would collide.
         "--no-control-socket",
+        "--config", "python:pacs.gunicorn_hooks",
         "--name", f"pacs-dicomweb-{settings.customer}",
         APP,
     ]
