@@ -314,7 +314,8 @@ def _raw_text(header: Dataset, attribute: Attribute, codec: str | None = None) -
         return _UNDECODED
     if attribute.vr in _ASCII_VRS:
         encoding = "ascii"
-    elif attribute.vr in _CHARSET_VRS and codec is not None:
+    elif attribute.vr in _CHARSET_VRS and codec is not None and b"\x1b" not in raw.value:
+        # An ESC starts a code extension (PS3.5 6.1.2.5.3), which pydicom interprets.
         encoding = codec
     else:
         return _UNDECODED

@@ -120,6 +120,9 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
     if expected is not None and expected != (instance.sop_class_uid,
                                              instance.sop_instance_uid):
         raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
+    # The metadata first: extract() leaves the elements it converts decoded in the
+    # header, and the JSON encoder reads raw elements faster (and as stored).
+    prepared = metadata.prepare(instance, data)
     values = {level: extract(instance.header, level) for level in Level}
     # Validated UIDs, not whatever pydicom decoded (padding, NULs).
     values[Level.STUDY]["study_uid"] = instance.study_uid
@@ -135,7 +138,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
         dataset_offset=instance.dataset_offset,
         values=values,
         checksum=hashlib.sha256(data).hexdigest(),
-        metadata=metadata.prepare(instance, data),
+        metadata=prepared,
     )
 
 

@@ -262,9 +262,9 @@ def _body(reader: _Reader, delimiter: bytes, headers: dict[str, str], max_part_b
           spool_dir: str | None) -> Part:
     """Gather the part's content up to the next delimiter.
 
-    Content is kept as a list of byte strings joined once at the end (one copy of each
-    byte, where a spooled in-memory file took three); past :data:`SPOOL_MEMORY_BYTES`
-    it moves to a temporary file in ``spool_dir``.
+    Content is kept as a list of byte strings joined once at the end (a spooled
+    in-memory file copied each byte three times; the join briefly holds a part twice);
+    past :data:`SPOOL_MEMORY_BYTES` it moves to a temporary file in ``spool_dir``.
     """
     pieces = _Pieces(spool_dir)
     keep = len(delimiter) - 1  # a delimiter may straddle two reads

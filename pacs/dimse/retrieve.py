@@ -414,17 +414,21 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                         break
                     ref, prepared = ahead
                     ahead = None
-                    if prepared is None:
-                        outcome = Outcome.FAILED
+                    written = prepared is not None and sender.write(prepared)
+                    # The next one is made ready while the destination stores this one.
+                    # Whatever that raises (a C-CANCEL seen by the engine, an index
+                    # failure) waits until this sub-operation's response is read and
+                    # counted: a request on the wire is never left unanswered.
+                    stop: BaseException | None = None
+                    try:
                         ahead = _next(sender, refs)
-                    elif sender.write(prepared):
-                        # The next one is made ready while the destination stores this one.
-                        ahead = _next(sender, refs)
-                        outcome = classify(sender.response_status())
-                    else:
-                        outcome = Outcome.FAILED
-                        ahead = _next(sender, refs)
+                    except Exception as exc:  # noqa: BLE001 - re-raised below
+                        stop = exc
+                    outcome = (classify(sender.response_status()) if written
+                               else Outcome.FAILED)
                     counts.record(outcome, ref.sop_uid)
+                    if stop is not None:
+                        raise stop
                     if counts.remaining:
                         self._pending(rsp, cx_id, counts)
         except Cancelled:

@@ -223,8 +223,9 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[P
         if local is not None:
             yield local
             return
-        with _temporary_file() as tmp, store.open(ref.object_key) as source:
-            shutil.copyfileobj(source, tmp, 1 << 20)
+        with _temporary_file() as tmp:
+            with store.open(ref.object_key) as source:  # closed before the wait
+                shutil.copyfileobj(source, tmp, 1 << 20)
             tmp.flush()
             yield Path(tmp.name)
         return
@@ -234,6 +235,7 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[P
     del stored  # the decoded copy is enough; do not hold both until the send ends
     with _temporary_file() as tmp:
         tmp.write(converted)
+        del converted  # on disk now: not held while the previous response is awaited
         tmp.flush()
         yield Path(tmp.name)
 

@@ -93,6 +93,10 @@ class CheapCopyContexts(list):  # type: ignore[type-arg]
         return copies
 
 
+#: Seconds between full garbage collections of an idle worker.
+IDLE_COLLECT_SECONDS = 10.0
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY and an optional shared socket.
 
@@ -130,14 +134,22 @@ class NodeServer(ThreadedAssociationServer):
         else:
             self.socket.close()
 
+    #: Monotonic time of the last full collection (see :meth:`service_actions`).
+    _last_collect: float = 0.0
+
     def service_actions(self) -> None:
-        """Nothing between two polls of the accept loop.
+        """A full garbage collection now and then, only while no association runs.
 
         pynetdicom's version runs a full ``gc.collect()`` every 60 polls or requests,
         holding the GIL for tens of milliseconds in the middle of whatever transfer is
-        running (about one in ten C-MOVEs of a CT study stalled that way).  Python's own
-        collector still runs; associations leave no cycles it cannot reclaim.
+        running (py-spy caught it stalling C-MOVEs).  Finished associations are
+        reference cycles (each holds an eventfd until collected), so they are still
+        collected: by Python's own collector, and here once idle.
         """
+        now = time.monotonic()
+        if now - self._last_collect >= IDLE_COLLECT_SECONDS and not self.active_associations:
+            self._last_collect = now
+            gc.collect()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, then set TCP_NODELAY (BlockingIOError: another worker took it)."""
@@ -198,10 +210,12 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     services = build(settings)
-    server = start(services, shared_socket=sock)
     # What start-up created lives as long as the process: keep it out of every later
     # collection, so that the collector's full passes stay short (gc.freeze docs).
+    # Before serving, so that no association's objects are frozen with it.
+    gc.collect()
     gc.freeze()
+    server = start(services, shared_socket=sock)
     ready.release()
     # Poll: a signal the kernel hands to another thread of this process would not
     # wake a main thread blocked in an untimed wait, and the stop would be lost.

@@ -170,8 +170,8 @@ def write_store_request(assoc: Any, context_id: int, command: bytes, source: Bin
         The write failed or the object was short; the association has been aborted.
     """
     limit = int(assoc.dimse.maximum_pdu_size or 0)
-    chunk = limit - 6 if limit else _UNLIMITED_CHUNK
-    sock = assoc.dul.socket.socket
+    chunk = limit - _PDV_OVERHEAD if limit > _PDV_OVERHEAD else _UNLIMITED_CHUNK
+    sock = _socket_of(assoc)
     buffer = bytearray(_pdu(context_id, _COMMAND_LAST, command))
     sent = 0
     try:
@@ -201,13 +201,22 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     a request's ``sendall`` was blocked half-way, inside it.
     """
     limit = int(assoc.dimse.maximum_pdu_size or 0)
-    room = limit - _PDV_OVERHEAD if limit else len(command)
+    room = limit - _PDV_OVERHEAD if limit > _PDV_OVERHEAD else len(command)
     pdus = b"".join(
         _pdu(context_id, _COMMAND_LAST if start + room >= len(command) else _COMMAND,
              command[start:start + room])
         for start in range(0, len(command), room))
     try:
-        assoc.dul.socket.socket.sendall(pdus)
+        _socket_of(assoc).sendall(pdus)
     except BaseException:
         assoc.abort()
         raise
+
+
+def _socket_of(assoc: Any) -> Any:
+    """The association's socket; ConnectionError once pynetdicom has closed it (after
+    the peer's A-ABORT or a dropped connection it sets the socket to ``None``)."""
+    sock = getattr(assoc.dul.socket, "socket", None) if assoc.dul.socket else None
+    if sock is None:
+        raise ConnectionError("the association's connection is closed")
+    return sock

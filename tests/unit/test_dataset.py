@@ -157,3 +157,19 @@ def test_raw_text_edge_cases(charset: str | None, encoding: str, keyword: str,
     text = _raw_text(fast, attribute, _simple_codec(fast))
     assert text is not _UNDECODED
     assert text == _text(slow[attribute.tag].value)
+
+
+def test_values_with_code_extensions_are_left_to_pydicom() -> None:
+    """An ESC in a value starts an ISO 2022 code extension (PS3.5 6.1.2.5.3): pydicom
+    interprets it; the raw path must not index the escape bytes as text."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+
+    from pacs.attributes import BY_KEYWORD
+    from pacs.dataset import _UNDECODED, _raw_text
+
+    attribute = BY_KEYWORD["PatientName"]
+    ds = Dataset()
+    ds._dict[attribute.tag] = RawDataElement(attribute.tag, "PN", 8, b"\x1b(BABC^D",
+                                             0, False, True)
+    assert _raw_text(ds, attribute, "latin_1") is _UNDECODED

@@ -176,3 +176,29 @@ def _layout(syntax: str, encapsulated: bool) -> Layout:
 def test_frame_plans(header: str, stored: str, encapsulated: bool,
                      plan: FramePlan | None) -> None:
     assert frame_plan(accept.parse(header), _layout(stored, encapsulated)) == plan
+
+
+def test_ingest_analysis_prepares_the_same_metadata_as_a_fresh_header() -> None:
+    """analyse() prepares the WADO metadata before it extracts the index values, whose
+    conversions would otherwise change how some elements are encoded."""
+    from pathlib import Path
+
+    import pydicom.data
+
+    from pacs import metadata
+    from pacs.dataset import read_part10
+    from pacs.errors import PacsError
+    from pacs.ingest import analyse
+
+    root = Path(pydicom.data.__file__).parent
+    compared = 0
+    for path in sorted((root / "test_files").rglob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            expected = metadata.prepare(read_part10(data), data)
+            analysed = analyse(data).metadata
+        except PacsError:
+            continue  # not an object ingest accepts
+        assert analysed == expected, path.name
+        compared += 1
+    assert compared > 50
