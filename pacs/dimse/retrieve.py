@@ -215,10 +215,12 @@ def destination_contexts(classes: Mapping[str, set[str]]) -> list[PresentationCo
 
 
 def _nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the destination socket (DESIGN.md section 5)."""
+    """EVT_CONN_OPEN: TCP_NODELAY on the destination socket (DESIGN.md section 5), and
+    blocked sends bounded by the DIMSE timeout (:func:`pacs.dimse.wire.bound_sends`)."""
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.bound_sends(sock.socket, event.assoc.dimse_timeout)
 
 
 # -- handlers bound to EVT_C_MOVE / EVT_C_GET ------------------------------------------

@@ -26,7 +26,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.config import Settings
-from pacs.dimse import contexts, handlers, reactor, retrieve
+from pacs.dimse import contexts, handlers, reactor, retrieve, wire
 from pacs.net import listening_socket, worker_count
 from pacs.services import Services, build
 
@@ -152,10 +152,12 @@ class NodeServer(ThreadedAssociationServer):
             gc.collect()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept, then set TCP_NODELAY (BlockingIOError: another worker took it)."""
+        """Accept, then set TCP_NODELAY and bound blocked sends to the DIMSE timeout
+        (BlockingIOError: another worker took the connection)."""
         client, address = super().get_request()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        wire.bound_sends(client, self.ae.dimse_timeout)
         return client, address
 
 

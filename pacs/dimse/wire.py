@@ -11,6 +11,7 @@ It still goes through the DUL's queue and state machine, so nothing else changes
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -211,6 +212,20 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     except BaseException:
         assoc.abort()
         raise
+
+
+def bound_sends(sock: Any, seconds: float | None) -> None:
+    """Make a send on ``sock`` that cannot progress for ``seconds`` fail (SO_SNDTIMEO).
+
+    Retrieves write straight to their sockets (:func:`write_store_request`); a peer
+    that stops reading would otherwise hold the writing thread forever.  The failed
+    write aborts the association like any other write error.
+    """
+    if not seconds or seconds <= 0:
+        return
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
 
 
 def _socket_of(assoc: Any) -> Any:

@@ -90,3 +90,15 @@ def test_a_short_object_aborts_the_association() -> None:
     assert assoc.aborted
     ours.close()
     theirs.close()
+
+
+def test_a_send_the_peer_does_not_read_gives_up() -> None:
+    """bound_sends: a peer that stops reading fails the write (here after 0.2 s)."""
+    ours, theirs = socket.socketpair()
+    wire.bound_sends(ours, 0.2)
+    assoc = _Assoc(ours, 16384)
+    with pytest.raises(OSError):
+        wire.write_store_request(assoc, 3, b"CMD!", io.BytesIO(bytes(64 << 20)), 64 << 20)
+    assert assoc.aborted
+    ours.close()
+    theirs.close()
