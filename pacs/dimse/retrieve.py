@@ -53,7 +53,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 
 from pacs import transcode
 from pacs.attributes import Level
-from pacs.dimse import contexts, find, wire
+from pacs.dimse import contexts, find, reactor, wire
 from pacs.dimse.sender import Prepared, Sender
 from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
 from pacs.dimse.identifier import to_retrieve_query
@@ -404,12 +404,19 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         the requestor's association going away ends the loop silently.
         """
         counts = Counts(total)
-        sender = Sender(peer, services.store, originator)
+        request_id = int(rsp.MessageIDBeingRespondedTo)
+
+        def cancel(message_id: int) -> None:  # a C-CANCEL read with the responses (C-GET)
+            if message_id == request_id:
+                cancelled.seen = True
+
         instances = services.engine.instances(_at_image(query), cancelled=cancelled)
         refs = enumerate(islice(instances, total))
         ahead: tuple[InstanceRef, Prepared | None] | None = None
         try:
-            with wire.reactor_paused(peer):
+            with wire.reactor_paused(peer), reactor.socket_lent(peer) as lent:
+                sender = Sender(peer, services.store, originator, direct=lent,
+                                on_cancel=cancel if originator is None else None)
                 ahead = _next(sender, refs)
                 while ahead is not None:
                     if cancelled() or not self.assoc.is_established:

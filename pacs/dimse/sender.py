@@ -18,7 +18,9 @@ How an instance is sent (:meth:`Sender.prepare`)
 3. otherwise the sub-operation fails; the association goes on.
 
 Requests are written straight to the socket (:func:`pacs.dimse.wire.write_store_request`)
-while the association's reactor is held (:func:`pacs.dimse.wire.reactor_paused`).
+while the association's reactor is held (:func:`pacs.dimse.wire.reactor_paused`), and
+their responses read straight from it while the DUL thread keeps off it
+(:func:`pacs.dimse.reactor.socket_lent`, :func:`pacs.dimse.wire.read_store_response`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,7 @@ class Prepared:
     """
 
     ref: InstanceRef
+    message_id: int
     context_id: int
     command: bytes
     source: BinaryIO
@@ -85,13 +88,23 @@ class Sender:
     originator : (AE title, Message ID), optional
         Move Originator AE Title and Message ID (PS3.7 9.3.1.1): the C-MOVE
         requestor's title and its request's Message ID.  ``None`` for C-GET.
+    direct : bool
+        Responses are read straight from the socket, which the caller holds
+        (:func:`pacs.dimse.reactor.socket_lent`); otherwise from pynetdicom's queue.
+    on_cancel : callable, optional
+        Called with the Message ID a C-CANCEL-RQ read meanwhile cancels (C-GET: the
+        requestor's association carries both).
     """
 
     def __init__(self, assoc: Association, store: ObjectStore,
-                 originator: tuple[str, int] | None) -> None:
+                 originator: tuple[str, int] | None, direct: bool = False,
+                 on_cancel: Callable[[int], None] | None = None) -> None:
         self.assoc = assoc
         self.store = store
         self.originator = originator
+        self.direct = direct
+        self.on_cancel = on_cancel
+        self._awaiting = 0  # Message ID of the request last written
         # (SOP class, stored syntax) -> (context ID, syntax sent) or None: the accepted
         # contexts do not change during an association, and pynetdicom rebuilds that
         # list on every look.
@@ -126,13 +139,14 @@ class Sender:
             resources.close()
             _log_failure(ref, exc)
             return None
-        return Prepared(ref, context_id, command, source, length, resources)
+        return Prepared(ref, msg_id, context_id, command, source, length, resources)
 
     def write(self, prepared: Prepared) -> bool:
         """Write the request; False (the association aborted) when that failed.
 
         The caller holds the reactor (:func:`pacs.dimse.wire.reactor_paused`).
         """
+        self._awaiting = prepared.message_id
         try:
             wire.write_store_request(self.assoc, prepared.context_id, prepared.command,
                                      prepared.source, prepared.length)
@@ -149,6 +163,15 @@ class Sender:
         ``None`` when none came within the DIMSE timeout (the association is then
         aborted, as pynetdicom does) or the association ended.
         """
+        if self.direct:
+            try:
+                return wire.read_store_response(self.assoc, self._awaiting,
+                                                self.assoc.dimse_timeout, self.on_cancel)
+            except OSError as exc:  # wire.UnexpectedMessage included
+                log.warning("sub-operation failed: %s", exc)
+                if self.assoc.is_established:
+                    wire.abort(self.assoc)
+                return None
         _, response = self.assoc.dimse.get_msg(block=True)
         if response is None:
             if self.assoc.is_established:

@@ -11,14 +11,17 @@ It still goes through the DUL's queue and state machine, so nothing else changes
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pynetdicom.pdu_primitives import P_DATA
+
+from pacs.dimse import reactor
 
 if TYPE_CHECKING:
     from pynetdicom.dimse import DIMSEServiceProvider
@@ -188,7 +191,7 @@ def write_store_request(assoc: Any, context_id: int, command: bytes, source: Bin
         sock.sendall(buffer)
     except BaseException:
         # Part of a message may be on the wire: the stream cannot carry another one.
-        assoc.abort()
+        abort(assoc)
         raise
 
 
@@ -210,7 +213,7 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     try:
         _socket_of(assoc).sendall(pdus)
     except BaseException:
-        assoc.abort()
+        abort(assoc)
         raise
 
 
@@ -228,6 +231,13 @@ def bound_sends(sock: Any, seconds: float | None) -> None:
                     struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
 
 
+def abort(assoc: Any) -> None:
+    """Abort ``assoc``, first giving its socket back to the DUL thread if a retrieve
+    holds it (:func:`pacs.dimse.reactor.give_back`)."""
+    reactor.give_back(assoc)
+    assoc.abort()
+
+
 def _socket_of(assoc: Any) -> Any:
     """The association's socket; ConnectionError once pynetdicom has closed it (after
     the peer's A-ABORT or a dropped connection it sets the socket to ``None``)."""
@@ -235,3 +245,114 @@ def _socket_of(assoc: Any) -> Any:
     if sock is None:
         raise ConnectionError("the association's connection is closed")
     return sock
+
+
+# -- reading responses straight from the socket ------------------------------------------
+
+#: PDU types (PS3.8 9.3.1): P-DATA-TF carries DIMSE messages.
+_P_DATA_TF = 0x04
+#: Command Field values (PS3.7 E.1-1).
+C_STORE_RSP, C_CANCEL_RQ = 0x8001, 0x0FFF
+
+
+class UnexpectedMessage(ConnectionError):
+    """The peer sent something other than the awaited response (an A-ABORT, a release
+    request, an unexpected DIMSE message) or nothing within the timeout."""
+
+
+def read_store_response(assoc: Any, message_id: int, timeout: float | None,
+                        on_cancel: Callable[[int], None] | None = None) -> int:
+    """Read the C-STORE-RSP to request ``message_id`` straight from the socket; its
+    Status (0000,0900).
+
+    The caller holds the socket (:func:`pacs.dimse.reactor.socket_lent`).  A C-CANCEL-RQ
+    read meanwhile (the C-GET requestor cancelling, PS3.7 9.3.2.3) goes to ``on_cancel``
+    with the Message ID it cancels, and reading goes on.
+
+    Raises
+    ------
+    UnexpectedMessage
+        Anything else, or no complete response within ``timeout`` seconds; the caller
+        aborts the association (nothing can be trusted on it after that).
+    """
+    sock = _socket_of(assoc)
+    deadline = None if not timeout else time.monotonic() + timeout
+    pdvs = _pdvs(sock, deadline)
+    while True:
+        command = bytearray()
+        for header, fragment, _ in pdvs:
+            if not header & 0x01:
+                raise UnexpectedMessage("a data set fragment where a command was expected")
+            command += fragment
+            if header & 0x02:  # the last fragment of the command (PS3.8 E.2)
+                break
+        fields = _command_fields(bytes(command))
+        last_in_pdu = True
+        if fields.get(0x00000800, NO_DATASET) != NO_DATASET:
+            for header, _, last_in_pdu in pdvs:  # a data set: not expected, dropped
+                if header & 0x01:
+                    raise UnexpectedMessage("a command fragment inside a data set")
+                if header & 0x02:
+                    break
+        field = fields.get(0x00000100)
+        if field == C_CANCEL_RQ and on_cancel is not None:
+            on_cancel(fields.get(0x00000120, -1))
+            continue
+        if field != C_STORE_RSP or fields.get(0x00000120) != message_id:
+            raise UnexpectedMessage("a DIMSE message other than the awaited C-STORE-RSP")
+        if not last_in_pdu:
+            raise UnexpectedMessage("more data in the PDU after the C-STORE-RSP")
+        status = fields.get(0x00000900)
+        if status is None:
+            raise UnexpectedMessage("a C-STORE-RSP without a Status")
+        return status
+
+
+def _pdvs(sock: Any, deadline: float | None) -> Iterator[tuple[int, bytes, bool]]:
+    """(message control header, fragment, last PDV of its PDU) of each PDV, PDU after
+    PDU (PS3.8 9.3.5, E.2)."""
+    while True:
+        head = _receive(sock, 6, deadline)
+        kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        body = _receive(sock, length, deadline)
+        if kind != _P_DATA_TF:
+            raise UnexpectedMessage(f"PDU type 0x{kind:02X} instead of P-DATA-TF")
+        position = 0
+        while position < length:
+            item = struct.unpack_from(">I", body, position)[0] if position + 4 <= length else 0
+            if item < 2 or position + 4 + item > length:
+                raise UnexpectedMessage("a malformed presentation data value item")
+            end = position + 4 + item
+            yield body[position + 5], body[position + 6:end], end >= length
+            position = end
+
+
+def _receive(sock: Any, count: int, deadline: float | None) -> bytes:
+    """Exactly ``count`` bytes, waiting at most until ``deadline``."""
+    buffer = bytearray(count)
+    view = memoryview(buffer)
+    received = 0
+    while received < count:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                raise UnexpectedMessage("no response within the DIMSE timeout")
+        size = sock.recv_into(view[received:])
+        if not size:
+            raise UnexpectedMessage("the peer closed the connection")
+        received += size
+    view.release()
+    return bytes(buffer)
+
+
+def _command_fields(command: bytes) -> dict[int, int]:
+    """The US elements of a command set (Implicit VR Little Endian, PS3.7 6.3.1)."""
+    fields: dict[int, int] = {}
+    position = 0
+    while position + 8 <= len(command):
+        group, element, length = struct.unpack_from("<HHI", command, position)
+        value = command[position + 8:position + 8 + length]
+        if length == 2:
+            fields[(group << 16) | element] = struct.unpack("<H", value)[0]
+        position += 8 + length
+    return fields

@@ -28,7 +28,7 @@ class _FakeSender:
 
     log: list[str] = []
 
-    def __init__(self, assoc: Any, store: Any, originator: Any) -> None:
+    def __init__(self, assoc: Any, store: Any, originator: Any, **options: Any) -> None:
         pass
 
     def prepare(self, ref: InstanceRef, msg_id: int) -> Any:
@@ -49,6 +49,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef],
     _FakeSender.log = []
     monkeypatch.setattr(retrieve, "Sender", _FakeSender)
     monkeypatch.setattr(retrieve.wire, "reactor_paused", lambda assoc: contextlib.nullcontext())
+    monkeypatch.setattr(retrieve.reactor, "socket_lent",
+                        lambda assoc: contextlib.nullcontext(False))
     service = object.__new__(retrieve.RetrieveServiceClass)
     service.assoc = SimpleNamespace(is_established=True,
                                     requestor=SimpleNamespace(ae_title="SCU"))
@@ -60,7 +62,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef],
         instances=lambda query, cancelled: rows))
     monkeypatch.setattr(retrieve, "_at_image", lambda query: query)
     never = retrieve._CancelWatch(lambda msg_id: False, 1)
-    service._suboperations(SimpleNamespace(), 1, None, services, None, total,  # type: ignore[arg-type]
+    service._suboperations(SimpleNamespace(MessageIDBeingRespondedTo=1), 1, None,  # type: ignore[arg-type]
+                           services, None, total,
                            None, never, None)  # type: ignore[arg-type]
     return _FakeSender.log, finals
 

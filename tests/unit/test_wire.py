@@ -102,3 +102,51 @@ def test_a_send_the_peer_does_not_read_gives_up() -> None:
     assert assoc.aborted
     ours.close()
     theirs.close()
+
+
+def _response_pdus(command: bytes, context_id: int = 3, split: int | None = None) -> bytes:
+    """A command in one PDU, or in two fragments in two PDUs."""
+    if split is None:
+        return wire._pdu(context_id, 0x03, command)
+    return wire._pdu(context_id, 0x01, command[:split]) + wire._pdu(context_id, 0x03,
+                                                                    command[split:])
+
+
+_STORE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize("split", [None, 10])
+def test_read_store_response_returns_the_status(split: int | None) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.sendall(_response_pdus(wire.response_command(0x8001, _STORE, 5, 0xB000, False),
+                                  split=split))
+    assert wire.read_store_response(_Assoc(ours, 16384), 5, 2.0) == 0xB000
+    ours.close()
+    theirs.close()
+
+
+def test_a_cancel_read_with_the_responses_is_reported() -> None:
+    """C-GET: the requestor's C-CANCEL-RQ (PS3.7 9.3.2.3) may come before the response."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(_response_pdus(wire.response_command(0x0FFF, _STORE, 9, 0, False))
+                   + _response_pdus(wire.response_command(0x8001, _STORE, 5, 0, False)))
+    cancelled: list[int] = []
+    assert wire.read_store_response(_Assoc(ours, 16384), 5, 2.0, cancelled.append) == 0
+    assert cancelled == [9]
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("reply", [
+    bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]),  # A-ABORT
+    wire._pdu(3, 0x03, wire.response_command(0x8001, _STORE, 6, 0, False)),  # another ID
+    wire._pdu(3, 0x02, b"data"),  # a data set fragment first
+    b"",  # nothing: the timeout
+])
+def test_anything_else_is_unexpected(reply: bytes) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.sendall(reply)
+    with pytest.raises(wire.UnexpectedMessage):
+        wire.read_store_response(_Assoc(ours, 16384), 5, 0.3)
+    ours.close()
+    theirs.close()
