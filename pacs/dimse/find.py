@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Command Field of a C-FIND-RSP (PS3.7 E.1-1).
 _C_FIND_RSP = 0x8020
+#: Pending statuses (PS3.4 C.4.1.1.4): more responses follow.
+_PENDING = frozenset({0xFF00, 0xFF01})
 
 #: C-FIND extended negotiation we support (PS3.4 C.5.1.1.1): relational queries,
 #: empty-value and multiple-value matching; not combined date-time or fuzzy matching.
@@ -78,6 +80,7 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
     message_id = int(req.MessageID or 0)
 
     commands: dict[int, bytes] = {}  # a status is sent with or without identifier, not both
+    writer = wire.ResponseWriter(service.assoc, cx_id)
 
     def respond(status: int | Dataset, identifier: bytes | None = None) -> None:
         if isinstance(status, Dataset):
@@ -88,7 +91,9 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
             if command is None:  # one per status: only the identifier changes
                 command = commands[status] = wire.response_command(
                     _C_FIND_RSP, uid, message_id, status, identifier is not None)
-        wire.send_message(service.dimse, cx_id, command, identifier)
+        # Pending responses may wait a moment in the writer; any other status is final.
+        writer.message(command, identifier,
+                       last=isinstance(status, Dataset) or status not in _PENDING)
 
     try:
         try:
@@ -105,6 +110,8 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
                                   _charset(identifier), extra)
         cancelled = _Cancel(service, int(req.MessageID))
         for result in services.engine.find(query, cancelled=cancelled):
+            if writer.broken:  # the requestor went away (the association is aborted)
+                return
             if cancelled():
                 respond(0xFE00)
                 return

@@ -25,7 +25,6 @@ from pydicom.multival import MultiValue
 
 from pacs.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
 from pacs.errors import InvalidQuery
-from pacs.query import values as index_values
 from pacs.query.matching import constraint
 from pacs.query.model import Constraint, Match, Query, Result, Term
 

@@ -130,7 +130,7 @@ class StoreServiceClass(StorageServiceClass):
         command = wire.response_command(
             C_STORE_RSP, str(req.AffectedSOPClassUID or ""), int(req.MessageID or 0), code,
             False, comment, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
-        wire.send_message(self.dimse, int(context.context_id or 0), command)
+        wire.ResponseWriter(self.assoc, int(context.context_id or 0)).message(command, last=True)
 
 
 def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
@@ -149,5 +149,5 @@ def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
         C_STORE_RSP, str(msg.AffectedSOPClassUID or ""), int(msg.MessageID), 0x0117, False,
         "the command's Affected SOP Instance UID is missing or invalid",
         sop_instance_uid=str(msg.AffectedSOPInstanceUID or "") or None)
-    wire.send_message(assoc.dimse, context_id, command)
+    wire.ResponseWriter(assoc, context_id).message(command, last=True)
     return True

@@ -1,30 +1,37 @@
-"""Send pre-encoded DIMSE responses: command and data set bytes straight into P-DATA.
+"""DIMSE messages encoded here and written to / read from the association's socket.
 
 pynetdicom builds every message from a primitive: a pydicom command data set, encoded,
-then split into one P-DATA primitive per fragment, each handed to the DUL thread.  For a
-C-FIND answering a thousand studies that was most of the time.  A response here is
-encoded once per query (only the status and the identifier change), and a whole message
-usually travels as one P-DATA-TF PDU holding two PDVs, the command and the data set
-(PS3.8 9.3.5: a PDU may carry several PDVs; PS3.8 E.2: the message control header).
-It still goes through the DUL's queue and state machine, so nothing else changes.
+then split into one P-DATA primitive per fragment, each handed to the DUL thread, which
+encodes and sends it; and every message received goes the other way through the DUL's
+PDU decoding, its state machine and a queue.  For a C-FIND answering a thousand studies,
+or a C-MOVE of a CT study, that was most of the node's time.  Here:
+
+* responses (C-FIND, C-STORE, pending C-MOVE / C-GET) are encoded once per operation
+  (only the status, counts and identifier change) and written by the handler's own
+  thread, a whole message usually as one P-DATA-TF PDU holding two PDVs, the command and
+  the data set (PS3.8 9.3.5: a PDU may carry several PDVs; E.2: the message control
+  header) - :class:`ResponseWriter`, :func:`write_message`;
+* the C-STORE requests of a retrieve are written straight to the socket
+  (:func:`write_store_request`) and their responses read straight from it
+  (:func:`read_store_response`) while the reactor and the DUL keep off
+  (:func:`reactor_paused`, :func:`pacs.dimse.reactor.socket_lent`).
+
+P-DATA in Sta6 needs nothing of pynetdicom's state machine; association establishment,
+release and abort stay pynetdicom's.
 """
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, BinaryIO
-
-from pynetdicom.pdu_primitives import P_DATA
+from typing import Any, BinaryIO
 
 from pacs.dimse import reactor
-
-if TYPE_CHECKING:
-    from pynetdicom.dimse import DIMSEServiceProvider
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 _COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
@@ -69,36 +76,6 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
         text = comment[:64].encode("ascii", "replace")
         body += _implicit(0x00000902, text + b" " * (len(text) % 2))
     return _implicit(0x00000000, struct.pack("<I", len(body))) + body
-
-
-def send_message(dimse: DIMSEServiceProvider, context_id: int, command: bytes,
-                 dataset: bytes | None = None) -> None:
-    """Queue one DIMSE message on the association's DUL.
-
-    The command and data set go in one P-DATA-TF when they fit the peer's maximum PDU
-    length; a larger data set is split into fragments that each fit.
-    """
-    limit = int(dimse.maximum_pdu_size or 0)
-    room = limit - _PDV_OVERHEAD if limit else 0
-    pdvs = [[context_id, bytes([_COMMAND_LAST]) + command]]
-    if dataset is None:
-        _queue(dimse, pdvs)
-        return
-    if not limit or len(command) + len(dataset) + 2 * _PDV_OVERHEAD <= limit:
-        _queue(dimse, pdvs + [[context_id, bytes([_DATA_LAST]) + dataset]])
-        return
-    _queue(dimse, pdvs)
-    for start in range(0, len(dataset), room):
-        chunk = dataset[start:start + room]
-        last = start + room >= len(dataset)
-        _queue(dimse, [[context_id, bytes([_DATA_LAST if last else _DATA]) + chunk]])
-
-
-def _queue(dimse: DIMSEServiceProvider, pdvs: list[list]) -> None:
-    # pynetdicom wants [ID, PDV] lists, not tuples.
-    primitive = P_DATA()
-    primitive.presentation_data_value_list = pdvs
-    dimse.dul.send_pdu(primitive)
 
 
 #: Bytes of P-DATA-TF PDUs gathered before one ``sendall`` (a few MB keep syscalls few).
@@ -356,3 +333,80 @@ def _command_fields(command: bytes) -> dict[int, int]:
             fields[(group << 16) | element] = struct.unpack("<H", value)[0]
         position += 8 + length
     return fields
+
+
+# -- writing the responses of one operation -----------------------------------------------
+
+#: Bytes of responses gathered before one ``sendall`` (a C-FIND answering a thousand
+#: studies then makes ~30 system calls instead of a thousand).
+_FLUSH_BYTES = 32 * 1024
+#: Longest a response waits in the buffer when the next one is slow to come.
+_FLUSH_SECONDS = 0.02
+
+
+class ResponseWriter:
+    """The responses of one operation, written straight to the association's socket.
+
+    pynetdicom hands every message to the DUL thread, which encodes and sends it: a
+    thread switch per response, paid by the node for each match of a C-FIND.  Here the
+    handler's own thread writes them, a few per ``sendall`` (at most
+    :data:`_FLUSH_BYTES`, or :data:`_FLUSH_SECONDS` old), in order.  Safe for the same
+    reasons as :func:`write_store_request`: P-DATA needs nothing of the state machine in
+    Sta6, and nothing else writes on the association while its handler runs.
+
+    A write that fails aborts the association; the writer is then :attr:`broken` and
+    writes nothing more.
+    """
+
+    def __init__(self, assoc: Any, context_id: int) -> None:
+        self.assoc = assoc
+        self.context_id = context_id
+        limit = int(assoc.dimse.maximum_pdu_size or 0)
+        self.limit = limit if limit > 2 * _PDV_OVERHEAD else 0
+        self.buffer = bytearray()
+        self.broken = False
+        self.flushed = time.monotonic()
+
+    def message(self, command: bytes, dataset: bytes | None = None, *,
+                last: bool = False) -> None:
+        """Add one message; ``last`` sends everything now (a final response)."""
+        if self.broken:
+            return
+        self.buffer += _message_pdus(self.context_id, command, dataset, self.limit)
+        now = time.monotonic()
+        if last or len(self.buffer) >= _FLUSH_BYTES or now - self.flushed >= _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is buffered."""
+        if self.broken or not self.buffer:
+            return
+        try:
+            _socket_of(self.assoc).sendall(self.buffer)
+        except OSError as exc:
+            self.broken = True
+            logging.getLogger(__name__).warning("a response could not be sent: %s", exc)
+            abort(self.assoc)
+        finally:
+            self.buffer.clear()
+            self.flushed = time.monotonic()
+
+
+def _message_pdus(context_id: int, command: bytes, dataset: bytes | None, limit: int) -> bytes:
+    """P-DATA-TF PDUs of one message (PS3.8 9.3.5, E.2): command and data set in one PDU
+    when they fit ``limit`` (the peer's maximum PDU length, 0: no limit), else each
+    fragmented to fit."""
+    pdvs = [(_COMMAND, _COMMAND_LAST, command)]
+    if dataset is not None:
+        pdvs.append((_DATA, _DATA_LAST, dataset))
+    size = sum(len(payload) + _PDV_OVERHEAD for _, _, payload in pdvs)
+    if not limit or size <= limit:
+        items = b"".join(struct.pack(">IBB", len(payload) + 2, context_id, last) + payload
+                         for _, last, payload in pdvs)
+        return struct.pack(">BBI", 0x04, 0, len(items)) + items
+    room = limit - _PDV_OVERHEAD
+    return b"".join(
+        _pdu(context_id, last if start + room >= len(payload) else more,
+             payload[start:start + room])
+        for more, last, payload in pdvs
+        for start in range(0, max(len(payload), 1), room))
