@@ -16,7 +16,8 @@ How an instance is sent
 As stored when the peer accepted its syntax, else converted to an uncompressed one it
 accepted, else the sub-operation fails (:mod:`pacs.dimse.sender`, which also makes the
 next instance ready while the destination stores the current one).  Requests and pending
-responses are written straight to the sockets (:mod:`pacs.dimse.wire`).
+responses are written straight to the sockets, and the C-STORE responses read straight
+from the peer's socket (:mod:`pacs.dimse.wire`).
 
 Counts and statuses
 -------------------
