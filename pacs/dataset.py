@@ -56,26 +56,40 @@ def require_uid(value: Any, name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Instance:
-    """What ingest needs to know about one received object.
+class Identity:
+    """Who an object is and how it is encoded, read from its own bytes.
 
     Attributes
     ----------
-    header :
-        The data set without pixel data (values decoded lazily by pydicom).
     sop_class_uid, sop_instance_uid, study_uid, series_uid, transfer_syntax :
         Validated UIDs.
     dataset_offset :
         Where the data set starts in the Part 10 bytes (after the file meta).
     """
 
-    header: Dataset
     sop_class_uid: str
     sop_instance_uid: str
     study_uid: str
     series_uid: str
     transfer_syntax: str
     dataset_offset: int
+
+    def identity(self) -> dict[str, Any]:
+        """These fields by name (to build a subclass from another one)."""
+        return {name: getattr(self, name) for name in Identity.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Instance(Identity):
+    """What ingest needs to know about one received object: its identity and header.
+
+    Attributes
+    ----------
+    header :
+        The data set without pixel data (values decoded lazily by pydicom).
+    """
+
+    header: Dataset
 
 
 def read_part10(data: bytes | memoryview) -> Instance:

@@ -34,7 +34,7 @@ import apsw
 
 from pacs import metadata
 from pacs.attributes import Level
-from pacs.dataset import dataset_offset, extract, read_part10, require_uid
+from pacs.dataset import Identity, dataset_offset, extract, read_part10, require_uid
 from pacs.errors import DuplicateRejected, NotFound, PacsError, UIDMismatch
 from pacs.index import writer
 from pacs.index.connection import Index
@@ -66,7 +66,7 @@ class StoreResult:
 
 
 @dataclass(frozen=True)
-class Analysis:
+class Analysis(Identity):
     """What ingest needs to know of an object, read from its bytes alone.
 
     Computed by :func:`analyse`, a pure function of the bytes (no index, no store),
@@ -74,10 +74,6 @@ class Analysis:
 
     Attributes
     ----------
-    sop_class_uid, sop_instance_uid, study_uid, series_uid, transfer_syntax :
-        Validated UIDs.
-    dataset_offset :
-        Where the data set starts in the Part 10 bytes.
     values :
         Index values by level and column (:func:`pacs.dataset.extract`).
     checksum :
@@ -86,12 +82,6 @@ class Analysis:
         The instance's DICOM JSON, prepared for WADO-RS (``None``: built on request).
     """
 
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax: str
-    dataset_offset: int
     values: dict[Level, dict[str, str | None]]
     checksum: str
     metadata: metadata.Prepared | None
@@ -130,12 +120,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
     values[Level.IMAGE]["sop_uid"] = instance.sop_instance_uid
     values[Level.IMAGE]["sop_class_uid"] = instance.sop_class_uid
     return Analysis(
-        sop_class_uid=instance.sop_class_uid,
-        sop_instance_uid=instance.sop_instance_uid,
-        study_uid=instance.study_uid,
-        series_uid=instance.series_uid,
-        transfer_syntax=instance.transfer_syntax,
-        dataset_offset=instance.dataset_offset,
+        **instance.identity(),
         values=values,
         checksum=hashlib.sha256(data).hexdigest(),
         metadata=prepared,
