@@ -181,17 +181,18 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     in one writer: handed to the DUL thread instead, a response could be written while
     a request's ``sendall`` was blocked half-way, inside it.
     """
-    limit = int(assoc.dimse.maximum_pdu_size or 0)
-    room = limit - _PDV_OVERHEAD if limit > _PDV_OVERHEAD else len(command)
-    pdus = b"".join(
-        _pdu(context_id, _COMMAND_LAST if start + room >= len(command) else _COMMAND,
-             command[start:start + room])
-        for start in range(0, len(command), room))
+    pdus = _message_pdus(context_id, command, None, _peer_limit(assoc))
     try:
         _socket_of(assoc).sendall(pdus)
     except BaseException:
         abort(assoc)
         raise
+
+
+def _peer_limit(assoc: Any) -> int:
+    """The peer's maximum PDU length, 0 when it set none (or one too small to use)."""
+    limit = int(assoc.dimse.maximum_pdu_size or 0)
+    return limit if limit > 2 * _PDV_OVERHEAD else 0
 
 
 def bound_sends(sock: Any, seconds: float | None) -> None:
@@ -361,8 +362,7 @@ class ResponseWriter:
     def __init__(self, assoc: Any, context_id: int) -> None:
         self.assoc = assoc
         self.context_id = context_id
-        limit = int(assoc.dimse.maximum_pdu_size or 0)
-        self.limit = limit if limit > 2 * _PDV_OVERHEAD else 0
+        self.limit = _peer_limit(assoc)
         self.buffer = bytearray()
         self.broken = False
         self.flushed = time.monotonic()
