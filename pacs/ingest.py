@@ -24,8 +24,8 @@ import io
 import logging
 import os
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +35,7 @@ import apsw
 from pacs import metadata
 from pacs.attributes import Level
 from pacs.dataset import Identity, dataset_offset, extract, read_part10, require_uid
-from pacs.errors import DuplicateRejected, NotFound, PacsError, UIDMismatch
+from pacs.errors import DuplicateRejected, IndexFailure, NotFound, PacsError, UIDMismatch
 from pacs.index import writer
 from pacs.index.connection import Index
 from pacs.storage import ObjectStore, object_key
@@ -172,41 +172,133 @@ class Ingest:
         analysis = analyse(data, expected)
         with self._uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae)
-        return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
-                           analysis.study_uid, analysis.series_uid)
+        return _result(outcome, analysis)
+
+    def store_batch(self, items: Sequence[bytes], *,
+                    calling_ae: str = "") -> list[StoreResult | BaseException]:
+        """Store several Part 10 objects with one durability point (STOW-RS parts).
+
+        Each object gets what :meth:`store_bytes` would give it - its result, or the
+        exception it would raise - but the objects are fsynced together
+        (:meth:`ObjectStore.put_many`) and indexed in one transaction
+        (:meth:`Index.commit_all`), and none is reported stored before all of that is
+        durable.  A SOP Instance UID repeated within the batch is stored after it, one
+        at a time, so that it meets the first as a duplicate.
+        """
+        results: list[StoreResult | BaseException | None] = [None] * len(items)
+        analysed: dict[int, Analysis] = {}
+        seen: set[str] = set()
+        later: list[int] = []
+        for number, data in enumerate(items):
+            try:
+                analysis = analyse(data)
+            except PacsError as exc:
+                results[number] = exc
+                continue
+            if analysis.sop_instance_uid in seen:
+                later.append(number)
+            else:
+                seen.add(analysis.sop_instance_uid)
+                analysed[number] = analysis
+        with self._uid_locks(list(seen)):
+            self._store_analysed(items, analysed, calling_ae, results)
+        for number in later:
+            try:
+                results[number] = self.store_bytes(items[number], calling_ae=calling_ae)
+            except PacsError as exc:
+                results[number] = exc
+        return [result if result is not None else IndexFailure("not stored")
+                for result in results]
+
+    def _store_analysed(self, items: Sequence[bytes], analysed: dict[int, Analysis],
+                        calling_ae: str, results: list[StoreResult | BaseException | None],
+                        ) -> None:
+        """The batch under its locks: decide, write all, index all, undo what failed."""
+        plans: dict[int, _Plan] = {}
+        for number, analysis in analysed.items():
+            try:
+                outcome, plan = self._decide(analysis, items[number])
+            except PacsError as exc:
+                results[number] = exc
+                continue
+            if plan is None:
+                results[number] = _result(outcome, analysis)
+            else:
+                plans[number] = plan
+        order = list(plans)
+        failures = self.store.put_many([(plans[n].key, items[n]) for n in order])
+        written = []
+        for number, failure in zip(order, failures, strict=True):
+            if failure is not None:
+                results[number] = failure
+            else:
+                written.append(number)
+        errors = self.index.commit_all([
+            self._index_work(analysed[n], plans[n].key, len(items[n]), calling_ae)
+            for n in written])
+        for number, error in zip(written, errors, strict=True):
+            plan = plans[number]
+            if error is not None:
+                self._undo_put(plan.key, plan.existing, plan.previous)
+                results[number] = error
+            else:
+                self._forget_moved(plan)
+                results[number] = _result(Outcome.STORED, analysed[number])
 
     def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str) -> Outcome:
+        outcome, plan = self._decide(analysis, data)
+        if plan is None:
+            return outcome
+        self.store.put(plan.key, io.BytesIO(data), len(data))
+        try:
+            self.index.commit(self._index_work(analysis, plan.key, len(data), calling_ae))
+        except BaseException:
+            self._undo_put(plan.key, plan.existing, plan.previous)
+            raise
+        self._forget_moved(plan)
+        return Outcome.STORED
+
+    def _decide(self, analysis: Analysis, data: bytes) -> tuple[Outcome, _Plan | None]:
+        """What a repeated UID means (step 2): an outcome, or a plan to store.
+
+        Raises
+        ------
+        DuplicateRejected
+            A different object under a stored UID, with the ``reject`` policy.
+        """
         existing = writer.lookup(self.index.connection(), analysis.sop_instance_uid)
         previous: bytes | None = None
         if existing is not None:
             if existing.checksum == analysis.checksum:
-                return Outcome.UNCHANGED
+                return Outcome.UNCHANGED, None
             previous = self._read_quietly(existing.object_key)
             if previous is not None and _same_dataset(previous, data,
                                                       analysis.dataset_offset):
-                return Outcome.UNCHANGED
+                return Outcome.UNCHANGED, None
             if self.duplicate_policy == "keep":
-                return Outcome.KEPT_FIRST
+                return Outcome.KEPT_FIRST, None
             if self.duplicate_policy == "reject":
                 raise DuplicateRejected(
                     "a different object is stored under this SOP Instance UID")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
-        self.store.put(key, io.BytesIO(data), len(data))
-        try:
-            row = self._row(analysis, key, len(data), calling_ae)
+        return Outcome.STORED, _Plan(key, existing, previous)
 
-            def index_it(conn: apsw.Connection) -> None:
-                writer.upsert(conn, row)
-                metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+    def _index_work(self, analysis: Analysis, key: str, size: int,
+                    calling_ae: str) -> Callable[[apsw.Connection], None]:
+        """The index rows of a stored object, as a piece of (group) commit work."""
+        row = self._row(analysis, key, size, calling_ae)
 
-            self.index.commit(index_it)  # group commit with concurrent ingests
-        except BaseException:
-            self._undo_put(key, existing, previous)
-            raise
-        if existing is not None and existing.object_key != key:
-            # The object moved (new study or series UID): the old one is now unlisted.
-            self._delete_quietly(existing.object_key)
-        return Outcome.STORED
+        def index_it(conn: apsw.Connection) -> None:
+            writer.upsert(conn, row)
+            metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+
+        return index_it
+
+    def _forget_moved(self, plan: _Plan) -> None:
+        """After the commit: an object that moved (new study or series UID) leaves its
+        old file unlisted; remove it."""
+        if plan.existing is not None and plan.existing.object_key != plan.key:
+            self._delete_quietly(plan.existing.object_key)
 
     @staticmethod
     def _row(analysis: Analysis, key: str, size: int,
@@ -247,16 +339,36 @@ class Ingest:
         except PacsError:
             log.warning("could not delete a replaced object; 'pacs fsck' will")
 
-    @contextmanager
-    def _uid_lock(self, sop_uid: str) -> Iterator[None]:
+    def _uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
         """An exclusive lock shared by every process, threads included (flock)."""
-        stripe = zlib.crc32(sop_uid.encode()) % _STRIPES
-        fd = os.open(self.lock_dir / f"{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        return self._uid_locks([sop_uid])
+
+    @contextmanager
+    def _uid_locks(self, sop_uids: list[str]) -> Iterator[None]:
+        """The locks of several UIDs, taken in stripe order (no two holders can wait
+        for each other)."""
+        stripes = sorted({zlib.crc32(uid.encode()) % _STRIPES for uid in sop_uids})
+        with ExitStack() as held:
+            for stripe in stripes:
+                fd = os.open(self.lock_dir / f"{stripe:03d}.lock",
+                             os.O_RDWR | os.O_CREAT, 0o600)
+                held.callback(os.close, fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
-        finally:
-            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An object to write: its key, and what it replaces (for undo and clean-up)."""
+
+    key: str
+    existing: writer.StoredInstance | None
+    previous: bytes | None
+
+
+def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:
+    return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
+                       analysis.study_uid, analysis.series_uid)
 
 
 def patient_key(values: dict[str, str | None]) -> str:

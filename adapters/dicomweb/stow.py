@@ -42,6 +42,7 @@ from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMed
 from adapters.dicomweb.negotiation import accepts_json
 from pacs.dataset import read_part10, valid_uid
 from pacs.errors import InvalidUID
+from pacs.ingest import StoreResult
 from pacs.services import Services
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,10 @@ class Report:
         return body
 
 
-#: Parts stored at the same time by one request (see ``StowResource._store_all``).
-PARALLEL_PARTS = 4
-#: Parts larger than this are stored one at a time (memory stays bounded).
-PARALLEL_PART_BYTES = 64 << 20
+#: Parts stored together, with one durability point (see ``Store._store_all``).
+BATCH_PARTS = 16
+#: Bytes of parts gathered into one batch at most; a larger part is a batch alone.
+BATCH_BYTES = 32 << 20
 
 
 def _uid(value: str) -> dicomjson.JsonElement:
@@ -214,12 +215,14 @@ class Store:
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
 
     def _store_all(self, parts: Iterator[multipart.Part], study: str | None) -> Report:
-        """Store the parts as they arrive, up to :data:`PARALLEL_PARTS` at a time.
+        """Store the parts in batches as they arrive; the answer lists them in body order.
 
-        Each store waits on its own fsyncs (object, folder, index); overlapping a few of
-        them keeps the disk busy instead of idle between parts, with the same durability
-        per part.  Parts larger than :data:`PARALLEL_PART_BYTES` are stored alone, so at
-        most a few small parts are held in memory.  The answer lists parts in body order.
+        A batch (up to :data:`BATCH_PARTS` parts or :data:`BATCH_BYTES`) goes through
+        :meth:`pacs.ingest.Ingest.store_batch`: every object fsynced together and indexed
+        in one transaction, none reported stored before that.  One fsync of each file
+        plus one per folder and one index commit for the batch, against a file, a folder
+        and an index fsync per part; while a batch is stored the next one is read.  At
+        most two batches are held in memory.
 
         Raises
         ------
@@ -227,20 +230,28 @@ class Store:
             A malformed body before any part completed, or a body with no parts.
         """
         report = Report()
-        pending: list[Future[Stored | Failed]] = []
-        with ThreadPoolExecutor(max_workers=PARALLEL_PARTS,
-                                thread_name_prefix="stow") as pool:
+        pending: list[Future[list[Stored | Failed]]] = []
+        batch: list[tuple[str, bytes]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stow") as pool:
+
+            def submit() -> None:
+                if batch:
+                    _collect(pending, report, keep=1)
+                    pending.append(pool.submit(self._store_batch, list(batch), study))
+                    batch.clear()
+
             try:
                 for part in parts:
                     try:
-                        content_type, data = part.content_type, part.read()
+                        batch.append((part.content_type, part.read()))
                     finally:
                         part.close()
-                    if len(data) > PARALLEL_PART_BYTES or len(pending) >= PARALLEL_PARTS:
-                        _collect(pending, report, keep=0 if len(data) > PARALLEL_PART_BYTES
-                                 else PARALLEL_PARTS - 1)
-                    pending.append(pool.submit(self._store_part, content_type, data, study))
+                    if (len(batch) >= BATCH_PARTS
+                            or sum(len(data) for _, data in batch) >= BATCH_BYTES):
+                        submit()
+                submit()
             except multipart.MultipartError as exc:
+                submit()  # the parts that did arrive whole are stored
                 _collect(pending, report, keep=0)
                 if report.empty:
                     raise
@@ -253,31 +264,62 @@ class Store:
             raise multipart.MultipartError("the body holds no parts")
         return report
 
-    def _store_part(self, content_type: str, data: bytes, study: str | None) -> Stored | Failed:
-        """Store one part, or say why not (never raises for the part's content)."""
+    def _store_batch(self, parts: list[tuple[str, bytes]],
+                     study: str | None) -> list[Stored | Failed]:
+        """Store one batch of parts; each part's outcome (never raises for content)."""
+        outcomes: list[Stored | Failed | None] = []
+        accepted: list[bytes] = []
+        for content_type, data in parts:
+            refusal = _refusal(content_type, data, study)
+            outcomes.append(None if refusal is None else _failed(data, refusal))
+            if refusal is None:
+                accepted.append(data)
         try:
-            if content_type not in ("", DICOM):
-                raise UnsupportedMedia(f"a part of type {content_type}")
-            if study is not None and read_part10(data).study_uid != study:
-                raise StudyMismatch("the instance belongs to another study than the URL's")
-            result = self.services.ingest.store_bytes(data, calling_ae="")
-        except Exception as exc:  # each part's failure is reported, not raised
-            outcome = outcome_for(exc)
-            if outcome.status.startswith("5"):
-                log.error("STOW-RS part not stored: %s", exc, exc_info=outcome.status
-                          == falcon.HTTP_500)
-            else:
-                log.warning("STOW-RS part refused: %s", exc)
-            return Failed(*peek_uids(data), outcome.failure_reason)
-        return Stored(result.sop_class_uid, result.sop_instance_uid, result.study_uid,
-                      result.series_uid)
+            results = self.services.ingest.store_batch(accepted, calling_ae="")
+        except Exception as exc:  # a failure of the whole batch fails each of its parts
+            results = [exc] * len(accepted)
+        stored = iter(zip(accepted, results, strict=True))
+        return [outcome if outcome is not None else _stored(*next(stored))
+                for outcome in outcomes]
 
 
-def _collect(pending: list[Future[Stored | Failed]], report: Report, keep: int) -> None:
-    """Wait for the oldest parts until at most ``keep`` are in flight; record them."""
+def _refusal(content_type: str, data: bytes, study: str | None) -> Exception | None:
+    """Why a part is refused before it is stored, or ``None``."""
+    if content_type not in ("", DICOM):
+        return UnsupportedMedia(f"a part of type {content_type}")
+    if study is not None:
+        try:
+            if read_part10(data).study_uid != study:
+                return StudyMismatch("the instance belongs to another study than the URL's")
+        except Exception as exc:  # unreadable: the ingest path would say so too
+            return exc
+    return None
+
+
+def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed:
+    if isinstance(result, BaseException):
+        return _failed(data, result)
+    return Stored(result.sop_class_uid, result.sop_instance_uid, result.study_uid,
+                  result.series_uid)
+
+
+def _failed(data: bytes, exc: BaseException) -> Failed:
+    """A part not stored, logged by the kind of failure (never patient data)."""
+    outcome = outcome_for(exc)
+    if outcome.status.startswith("5"):
+        log.error("STOW-RS part not stored: %s", exc,
+                  exc_info=exc if outcome.status == falcon.HTTP_500 else None)
+    else:
+        log.warning("STOW-RS part refused: %s", exc)
+    return Failed(*peek_uids(data), outcome.failure_reason)
+
+
+def _collect(pending: list[Future[list[Stored | Failed]]], report: Report,
+             keep: int) -> None:
+    """Wait for the oldest batches until at most ``keep`` are in flight; record them."""
     while len(pending) > keep:
-        outcome = pending.pop(0).result()
-        if isinstance(outcome, Stored):
-            report.stored.append(outcome)
-        else:
-            report.failed.append(outcome)
+        for outcome in pending.pop(0).result():
+            if isinstance(outcome, Stored):
+                report.stored.append(outcome)
+            else:
+                report.failed.append(outcome)

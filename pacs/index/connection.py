@@ -138,16 +138,24 @@ class Index:
         IndexFailure, or whatever ``work`` raised
             When this piece of work, or the commit, failed (nothing of it is kept).
         """
-        entry = _Work(work)
+        error = self.commit_all([work])[0]
+        if error is not None:
+            raise error
+
+    def commit_all(self, works: list[Callable[[apsw.Connection], None]]
+                   ) -> list[BaseException | None]:
+        """:meth:`commit` for several pieces at once: each in its own savepoint, all in
+        one transaction (shared with other threads' pieces); each piece's error or
+        ``None``, known only once the transaction has committed."""
+        entries = [_Work(work) for work in works]
         with self._queue_lock:
-            self._queue.append(entry)
+            self._queue.extend(entries)
         with self._leader:
-            if not entry.done:
+            if not all(entry.done for entry in entries):
                 with self._queue_lock:
                     batch, self._queue = self._queue, []
                 self._run_batch(batch)
-        if entry.error is not None:
-            raise entry.error
+        return [entry.error for entry in entries]
 
     def _run_batch(self, batch: list[_Work]) -> None:
         try:

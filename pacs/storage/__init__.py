@@ -15,12 +15,14 @@ Contract, checked by ``tests/storage/test_storage_contract.py`` against every ba
 
 from __future__ import annotations
 
+import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from pacs.dataset import valid_uid
+from pacs.errors import StorageError
 
 if TYPE_CHECKING:
     from pacs.config import Settings
@@ -46,6 +48,13 @@ class ObjectStore(Protocol):
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         """Store ``length`` bytes read from ``source`` under ``key``, durably."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Store several objects, each as :meth:`put` would, all durable on return.
+
+        One durability point for the lot (a folder store fsyncs them together); a
+        failure concerns its own item only.  Returns each item's failure or ``None``.
+        """
 
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the object's bytes; the caller closes it."""
@@ -92,3 +101,16 @@ def open_store(settings: Settings) -> ObjectStore:
         store = FileStore(settings.objects_dir)
     store.check()
     return store
+
+
+def put_each(store: ObjectStore, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+    """:meth:`ObjectStore.put_many` for stores whose every put is durable by itself."""
+    failures: list[StorageError | None] = []
+    for key, data in items:
+        try:
+            store.put(key, io.BytesIO(data), len(data))
+        except StorageError as exc:
+            failures.append(exc)
+        else:
+            failures.append(None)
+    return failures

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from pacs.errors import NotFound, StorageError
-from pacs.storage import is_object_key
+from pacs.storage import is_object_key, put_each
 
 
 class MemoryStore:
@@ -31,6 +31,10 @@ class MemoryStore:
             raise StorageError(f"short write: {len(data)} of {length} bytes")
         with self._lock:
             self.objects[key] = data
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Each put is durable by itself (see :func:`pacs.storage.put_each`)."""
+        return put_each(self, items)
 
     def open(self, key: str) -> BinaryIO:
         """A stream of the stored bytes."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
@@ -49,7 +49,7 @@ from urllib3.exceptions import (
 )
 
 from pacs.errors import ConfigError, NotFound, StorageError
-from pacs.storage import is_object_key
+from pacs.storage import is_object_key, put_each
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -339,6 +339,10 @@ class S3Store:
                         f"short source: {reader.count} of {length} bytes"
                     ) from exc
                 raise
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Each put is durable by itself (see :func:`pacs.storage.put_each`)."""
+        return put_each(self, items)
 
     def open(self, key: str) -> BinaryIO:
         """A buffered stream of the object's bytes; the caller closes it.

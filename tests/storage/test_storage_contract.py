@@ -182,6 +182,18 @@ def test_put_reads_exactly_length_bytes(store: ObjectStore) -> None:
     assert read_all(store, KEY) == b"0123456789"
 
 
+def test_put_many_stores_each_and_fails_only_the_bad_item(store: ObjectStore) -> None:
+    """put_many: every item as put would store it; a refused item fails alone."""
+    items = [(KEY, payload(1000, seed=1)), ("../../etc/passwd", b"x"),
+             (OTHER_KEY, payload(3 * 1024 * 1024 + 5, seed=2))]
+    failures = store.put_many(items)
+    assert failures[0] is None and failures[2] is None
+    assert isinstance(failures[1], StorageError)
+    assert read_all(store, KEY) == items[0][1]
+    assert read_all(store, OTHER_KEY) == items[2][1]
+    assert sorted(store.keys()) == sorted([KEY, OTHER_KEY])
+
+
 def test_missing_object(store: ObjectStore) -> None:
     assert not store.exists(KEY)
     with pytest.raises(NotFound):

@@ -174,3 +174,52 @@ def test_a_failing_piece_of_a_group_commit_keeps_the_others(services: Services) 
         services.index.commit(bad)
     rows = list(services.index.connection().execute("SELECT x FROM t"))
     assert rows == [(1,)]
+
+
+# --- several objects with one durability point (STOW-RS) ----------------------------------
+
+def test_a_batch_gives_each_object_what_store_bytes_would(services: Services,
+                                                          memory_store: MemoryStore) -> None:
+    first = _bytes(SOPInstanceUID="1.2.3.4.1")
+    again_different = _bytes(SOPInstanceUID="1.2.3.4.1", PatientName="Other^Name")
+    second = _bytes(SOPInstanceUID="1.2.3.4.2")
+    bad_uid = _bytes(SOPInstanceUID="1.02.3")
+    stored = _bytes(SOPInstanceUID="1.2.3.4.3")
+    services.ingest.store_bytes(stored)
+
+    results = services.ingest.store_batch([first, bad_uid, second, stored, again_different])
+
+    assert [getattr(r, "outcome", type(r)) for r in results] == [
+        Outcome.STORED, InvalidUID, Outcome.STORED, Outcome.UNCHANGED,
+        Outcome.STORED]  # the repeated UID meets the first as a duplicate (overwrite policy)
+    row = _row(services, "1.2.3.4.1")
+    assert row is not None and memory_store.objects[row.object_key] == again_different
+    assert writer.counts(services.index.connection())["instance"] == 3
+
+
+def test_a_batch_store_failure_fails_its_objects_and_indexes_nothing(
+        services: Services, memory_store: MemoryStore) -> None:
+    memory_store.fail_puts = True
+    results = services.ingest.store_batch([_bytes(SOPInstanceUID="1.2.3.4.1"),
+                                           _bytes(SOPInstanceUID="1.2.3.4.2")])
+    assert all(isinstance(result, StorageError) for result in results)
+    assert memory_store.objects == {}
+    assert writer.counts(services.index.connection())["instance"] == 0
+
+
+def test_a_batch_index_failure_of_one_object_keeps_the_others(
+        services: Services, memory_store: MemoryStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    upsert = writer.upsert
+
+    def failing_for_one(conn: object, row: writer.InstanceRow) -> None:
+        if row.values[writer.Level.IMAGE]["sop_uid"] == "1.2.3.4.2":
+            raise IndexFailure("simulated")
+        upsert(conn, row)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "upsert", failing_for_one)
+    results = services.ingest.store_batch([_bytes(SOPInstanceUID="1.2.3.4.1"),
+                                           _bytes(SOPInstanceUID="1.2.3.4.2")])
+    assert getattr(results[0], "outcome", None) is Outcome.STORED
+    assert isinstance(results[1], IndexFailure)
+    assert [key.rsplit("/", 1)[1] for key in memory_store.objects] == ["1.2.3.4.1.dcm"]
