@@ -205,7 +205,7 @@ class Ingest:
         for number in later:
             try:
                 results[number] = self.store_bytes(items[number], calling_ae=calling_ae)
-            except PacsError as exc:
+            except Exception as exc:  # noqa: BLE001 - reported as this object's failure
                 results[number] = exc
         return [result if result is not None else IndexFailure("not stored")
                 for result in results]
