@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import _config, association, evt
+from pynetdicom import association, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
@@ -584,9 +584,8 @@ def install() -> None:
 
     The smallest patch that does it: ``pynetdicom.association`` looks the service class
     up through its module-level name ``uid_to_service_class`` for every request; that
-    name is wrapped once per process.  Also turns on
-    ``_config.STORE_SEND_CHUNKED_DATASET``, so that ``send_c_store(path)`` streams the
-    file's data set as stored (for any caller in this process).
+    name is wrapped once per process.  Sub-operations are written by
+    :mod:`pacs.dimse.sender`, not pynetdicom's ``send_c_store``.
     """
     global _installed
     with _install_lock:
@@ -611,5 +610,4 @@ def install() -> None:
                 serve_request(self, msg, context_id)
 
         association.Association._serve_request = _serve_request  # type: ignore[method-assign]
-        _config.STORE_SEND_CHUNKED_DATASET = True
         _installed = True
