@@ -71,6 +71,9 @@ SETTINGS: tuple[Setting, ...] = (
             "DICOMweb (gunicorn) worker processes; 0 means one per CPU.", int),
     Setting("PACS_WEB_THREADS", "web_threads", "4",
             "Threads per DICOMweb worker process.", int),
+    Setting("PACS_WEB_ANALYSERS", "web_analysers", "1",
+            "Helper processes per DICOMweb worker that parse STOW-RS parts (0: in the "
+            "worker itself).", int),
     Setting("PACS_WEB_USER", "web_user", "",
             "User name for HTTP Basic access to DICOMweb from other hosts (with "
             "PACS_WEB_PASSWORD); requests from this host need no credentials."),
@@ -175,6 +178,7 @@ class Settings:
     web_port: int = 5985
     web_workers: int = 0
     web_threads: int = 4
+    web_analysers: int = 1
     web_user: str = ""
     web_password: str = ""
     web_token: str = ""

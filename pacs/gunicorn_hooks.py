@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from pacs.malloc import keep_large_buffers
+
 #: Signals that stop a worker.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
@@ -24,3 +26,5 @@ def post_fork(server: Any, worker: Any) -> None:
     """
     for number in _STOP_SIGNALS:
         signal.signal(number, signal.SIG_DFL)
+    # Request bodies are read in large pieces: reuse their pages (pacs.malloc).
+    keep_large_buffers()

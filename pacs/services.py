@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pacs.analysers import AnalyserPool
 from pacs.config import Settings
 from pacs.dataset import quiet_pydicom
 from pacs.index.connection import Index
@@ -26,9 +27,11 @@ class Services:
     store: ObjectStore
     ingest: Ingest
     engine: QueryEngine
+    analysers: AnalyserPool
 
     def close(self) -> None:
         """Release index connections and store clients."""
+        self.analysers.close()
         self.index.close()
         self.store.close()
 
@@ -57,4 +60,5 @@ def build(settings: Settings, store: ObjectStore | None = None) -> Services:
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
-    return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine)
+    return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
+                    analysers=AnalyserPool(settings.web_analysers))

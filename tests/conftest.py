@@ -48,7 +48,10 @@ def settings(tmp_path: Path) -> config.Settings:
     """Settings of a node whose data lives in ``tmp_path``."""
     return config.load(
         overrides={"PACS_DATA_DIR": str(tmp_path / "data"), "PACS_DIMSE_PORT": "0",
-                   "PACS_BIND_ADDRESS": "127.0.0.1"},
+                   "PACS_BIND_ADDRESS": "127.0.0.1",
+                   # In-process analysis: helper processes are tested on their own
+                   # (tests/unit/test_analysers.py) and under gunicorn (interop).
+                   "PACS_WEB_ANALYSERS": "0"},
         environ={}, env_file=None)
 
 

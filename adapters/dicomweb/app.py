@@ -188,6 +188,8 @@ def get_app() -> falcon.App:
     # What start-up created lives as long as the worker: keep it out of later garbage
     # collections, whose full passes would otherwise walk it while a request waits.
     gc.freeze()
+    # STOW-RS parts are parsed in helper processes (pacs.analysers): start them now.
+    services.analysers.start()
     log.debug("DICOMweb worker ready for customer %s", settings.customer)
     return app
 

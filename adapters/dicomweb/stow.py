@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,9 +40,10 @@ import pydicom
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
-from pacs.dataset import read_part10, valid_uid
+from pacs.dataset import valid_uid
+from pacs.analysers import Result
 from pacs.errors import InvalidUID
-from pacs.ingest import StoreResult
+from pacs.ingest import Analysis, Received, StoreResult
 from pacs.services import Services
 
 log = logging.getLogger(__name__)
@@ -231,23 +232,23 @@ class Store:
         """
         report = Report()
         pending: list[Future[list[Stored | Failed]]] = []
-        batch: list[tuple[str, bytes]] = []
+        batch: list[_Part] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stow") as pool:
 
             def submit() -> None:
                 if batch:
                     _collect(pending, report, keep=1)
-                    pending.append(pool.submit(self._store_batch, list(batch), study))
+                    pending.append(pool.submit(self._store_batch, list(batch)))
                     batch.clear()
 
             try:
                 for part in parts:
                     try:
-                        batch.append((part.content_type, part.read()))
+                        batch.append(self._examine(part.content_type, part.read(), study))
                     finally:
                         part.close()
                     if (len(batch) >= BATCH_PARTS
-                            or sum(len(data) for _, data in batch) >= BATCH_BYTES):
+                            or sum(len(part.data) for part in batch) >= BATCH_BYTES):
                         submit()
                 submit()
             except multipart.MultipartError as exc:
@@ -264,36 +265,45 @@ class Store:
             raise multipart.MultipartError("the body holds no parts")
         return report
 
-    def _store_batch(self, parts: list[tuple[str, bytes]],
-                     study: str | None) -> list[Stored | Failed]:
+    def _examine(self, content_type: str, data: bytes, study: str | None) -> _Part:
+        """A part, with its analysis under way in a helper process (while this thread
+        reads the next parts and the previous batch is written)."""
+        if content_type not in ("", DICOM):
+            refused: Future[Result] = Future()
+            refused.set_result(UnsupportedMedia(f"a part of type {content_type}"))
+            return _Part(data, refused, study)
+        return _Part(data, self.services.analysers.submit(data), study)
+
+    def _store_batch(self, batch: list[_Part]) -> list[Stored | Failed]:
         """Store one batch of parts; each part's outcome (never raises for content)."""
-        outcomes: list[Stored | Failed | None] = []
-        accepted: list[bytes] = []
-        for content_type, data in parts:
-            refusal = _refusal(content_type, data, study)
-            outcomes.append(None if refusal is None else _failed(data, refusal))
-            if refusal is None:
-                accepted.append(data)
+        parts = [part.received() for part in batch]
+        accepted = [part for part in parts if isinstance(part.analysis, Analysis)]
+        results: Sequence[StoreResult | BaseException]
         try:
             results = self.services.ingest.store_batch(accepted, calling_ae="")
         except Exception as exc:  # a failure of the whole batch fails each of its parts
             results = [exc] * len(accepted)
-        stored = iter(zip(accepted, results, strict=True))
-        return [outcome if outcome is not None else _stored(*next(stored))
-                for outcome in outcomes]
+        outcomes = iter(results)
+        return [_stored(part.data, next(outcomes)) if isinstance(part.analysis, Analysis)
+                else _failed(part.data, part.analysis) for part in parts]
 
 
-def _refusal(content_type: str, data: bytes, study: str | None) -> Exception | None:
-    """Why a part is refused before it is stored, or ``None``."""
-    if content_type not in ("", DICOM):
-        return UnsupportedMedia(f"a part of type {content_type}")
-    if study is not None:
-        try:
-            if read_part10(data).study_uid != study:
-                return StudyMismatch("the instance belongs to another study than the URL's")
-        except Exception as exc:  # unreadable: the ingest path would say so too
-            return exc
-    return None
+@dataclass(frozen=True)
+class _Part:
+    """A part as read: its bytes, its analysis to come, and the study of the URL."""
+
+    data: bytes
+    analysis: Future[Result]
+    study: str | None
+
+    def received(self) -> Received:
+        """The part analysed (waits for the analysis); a part of another study than the
+        URL's is refused (PS3.18 10.5.1)."""
+        analysis = self.analysis.result()
+        if (self.study is not None and isinstance(analysis, Analysis)
+                and analysis.study_uid != self.study):
+            analysis = StudyMismatch("the instance belongs to another study than the URL's")
+        return Received(self.data, analysis)
 
 
 def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed:

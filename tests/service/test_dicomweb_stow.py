@@ -3,7 +3,7 @@ them, the PS3.18 10.5.3 response, and nothing stored from a refused part."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import pytest
@@ -16,7 +16,8 @@ from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
 from pacs.errors import StorageError
 from pacs.index import writer
-from pacs.services import Services
+from pacs import config
+from pacs.services import Services, build
 from pacs.storage.memory import MemoryStore
 from tests.conftest import sample
 
@@ -52,6 +53,15 @@ def body(*objects: bytes, boundary: str = BOUNDARY,
          headers: dict[str, str] | None = None) -> bytes:
     part_headers = {"Content-Type": "application/dicom"} if headers is None else headers
     return b"".join(encode(((part_headers, o) for o in objects), boundary))
+
+
+@pytest.fixture(params=[0, 1], ids=["in-process", "helper"])
+def services(request: pytest.FixtureRequest, settings: config.Settings,
+             memory_store: MemoryStore) -> Iterator[Services]:
+    """The parts analysed in the request's thread, then in a helper process."""
+    built = build(settings.with_overrides(web_analysers=request.param), store=memory_store)
+    yield built
+    built.close()
 
 
 @pytest.fixture

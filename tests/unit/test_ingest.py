@@ -11,7 +11,7 @@ from pydicom.filebase import DicomBytesIO
 
 from pacs.errors import DuplicateRejected, IndexFailure, InvalidUID, StorageError, UIDMismatch
 from pacs.index import writer
-from pacs.ingest import Outcome
+from pacs.ingest import Outcome, Received
 from pacs.services import Services
 from pacs.storage.memory import MemoryStore
 from tests.conftest import sample
@@ -187,7 +187,8 @@ def test_a_batch_gives_each_object_what_store_bytes_would(services: Services,
     stored = _bytes(SOPInstanceUID="1.2.3.4.3")
     services.ingest.store_bytes(stored)
 
-    results = services.ingest.store_batch([first, bad_uid, second, stored, again_different])
+    results = services.ingest.store_batch(
+        [Received.of(data) for data in (first, bad_uid, second, stored, again_different)])
 
     assert [getattr(r, "outcome", type(r)) for r in results] == [
         Outcome.STORED, InvalidUID, Outcome.STORED, Outcome.UNCHANGED,
@@ -200,8 +201,8 @@ def test_a_batch_gives_each_object_what_store_bytes_would(services: Services,
 def test_a_batch_store_failure_fails_its_objects_and_indexes_nothing(
         services: Services, memory_store: MemoryStore) -> None:
     memory_store.fail_puts = True
-    results = services.ingest.store_batch([_bytes(SOPInstanceUID="1.2.3.4.1"),
-                                           _bytes(SOPInstanceUID="1.2.3.4.2")])
+    results = services.ingest.store_batch([Received.of(_bytes(SOPInstanceUID="1.2.3.4.1")),
+                                           Received.of(_bytes(SOPInstanceUID="1.2.3.4.2"))])
     assert all(isinstance(result, StorageError) for result in results)
     assert memory_store.objects == {}
     assert writer.counts(services.index.connection())["instance"] == 0
@@ -218,8 +219,8 @@ def test_a_batch_index_failure_of_one_object_keeps_the_others(
         upsert(conn, row)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer, "upsert", failing_for_one)
-    results = services.ingest.store_batch([_bytes(SOPInstanceUID="1.2.3.4.1"),
-                                           _bytes(SOPInstanceUID="1.2.3.4.2")])
+    results = services.ingest.store_batch([Received.of(_bytes(SOPInstanceUID="1.2.3.4.1")),
+                                           Received.of(_bytes(SOPInstanceUID="1.2.3.4.2"))])
     assert getattr(results[0], "outcome", None) is Outcome.STORED
     assert isinstance(results[1], IndexFailure)
     assert [key.rsplit("/", 1)[1] for key in memory_store.objects] == ["1.2.3.4.1.dcm"]

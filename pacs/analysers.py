@@ -1,0 +1,302 @@
+"""Analysis of received objects in helper processes, off the receiving process's GIL.
+
+:func:`pacs.ingest.analyse` (parse the header, prove the data set whole, index values,
+WADO metadata, checksum) is most of the CPU an object costs to ingest, and it is pure
+Python holding the GIL.  A STOW-RS request is one thread of one gunicorn worker: its
+parts were read, analysed and stored on one core while the other stayed mostly idle
+(measured: the worker at 100 % of a core, the machine at 55 %).  Here the bytes go to
+helper processes over Unix sockets (one kernel copy each way, no pickling of the data)
+and the :class:`~pacs.ingest.Analysis` comes back pickled, a few KB.
+
+A helper is a fresh interpreter (``python -m pacs.analysers FD``), never a fork of the
+threaded worker.  Helpers start with the first request that needs them and end when
+the pool closes or their parent dies (end of file on their socket).  One that dies or
+hangs fails only the object it was analysing (:class:`AnalysisFault`) and is replaced
+for the next one.
+
+With ``size`` 0 the analysis runs in the caller's thread: the same answers, for tests
+and for single-core machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from pacs.errors import PacsError
+from pacs.ingest import Analysis, try_analyse
+from pacs.malloc import keep_large_buffers
+
+log = logging.getLogger(__name__)
+
+#: Frame header: the length of what follows.
+_LENGTH = struct.Struct("<Q")
+#: Seconds one analysis may take in a helper before it is given up (and the helper
+#: replaced): far above any real header, it only bounds a helper that hangs.
+ANALYSIS_TIMEOUT = 60.0
+#: Objects given to a helper before its first answer is read.
+IN_FLIGHT = 2
+#: Socket buffer asked for on both ends: a CT instance in one or two sends.
+_SOCKET_BUFFER = 1 << 20
+
+#: What a caller gets for one object: its analysis, or why it cannot be stored.
+Result = Analysis | Exception
+
+
+class AnalysisFault(PacsError):
+    """A helper failed on an object (died or hung): a server fault, not a refusal."""
+
+
+class AnalyserPool:
+    """Analyse objects in ``size`` helper processes (``0``: in the calling thread).
+
+    Parameters
+    ----------
+    size : int
+        Helper processes; each is served by one thread of this process that is
+        blocked in socket calls (GIL released) while its helper works.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, data: bytes) -> Future[Result]:
+        """The analysis of ``data``: an :class:`Analysis`, or the refusal (a
+        :class:`PacsError`) or fault (any other exception) it ended in."""
+        future: Future[Result] = Future()
+        if self.size <= 0:
+            future.set_result(try_analyse(data))
+            return future
+        self.start()
+        self._tasks.put(_Task(data, future))
+        return future
+
+    def start(self) -> None:
+        """Start the helpers now rather than with the first object (a server calls this
+        as it boots, so that no request waits for a helper to import pydicom)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the analyser pool is closed")
+            while len(self._threads) < self.size:
+                thread = threading.Thread(target=self._serve, daemon=True,
+                                          name=f"analyser-{len(self._threads)}")
+                thread.start()
+                self._threads.append(thread)
+
+    def _serve(self) -> None:
+        """One helper's thread: keep up to :data:`IN_FLIGHT` objects with its helper, so
+        that the next one is already there when it finishes one; replace it when it
+        fails."""
+        helper = _spawned()
+        sent: deque[_Task] = deque()  # with the helper, in order, replies not read yet
+        again: deque[_Task] = deque()  # to send to a new helper after one failed
+        running = True
+        try:
+            while running or sent or again:
+                while len(sent) < IN_FLIGHT and (again or running):
+                    if again:
+                        task = again.popleft()
+                    else:
+                        try:
+                            task = self._tasks.get(block=not sent)
+                        except queue.Empty:
+                            break
+                        if task is None:
+                            running = False
+                            break
+                        if not task.future.set_running_or_notify_cancel():
+                            continue
+                    try:
+                        helper = helper or _Helper()
+                        helper.send(task.data)
+                    except OSError as exc:
+                        # Died before this one reached it: an earlier one's fault, or
+                        # its own end; this one is tried once more on a new helper.
+                        task.tries += 1
+                        (again if task.tries < 2 else sent).appendleft(task)
+                        helper = _replaced(helper, sent, again, exc)
+                        continue
+                    sent.append(task)
+                if sent:
+                    assert helper is not None
+                    try:
+                        result = helper.receive()
+                    except (OSError, EOFError, pickle.UnpicklingError) as exc:
+                        helper = _replaced(helper, sent, again, exc)
+                        continue
+                    sent.popleft().future.set_result(result)
+        except BaseException as exc:  # never leave a caller waiting
+            for task in (*sent, *again):
+                task.future.set_exception(exc)
+            raise
+        finally:
+            if helper is not None:
+                helper.close()
+
+    def close(self) -> None:
+        """Stop the helpers (after the objects already submitted)."""
+        with self._lock:
+            self._closed = True
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._tasks.put(None)
+        for thread in threads:
+            thread.join()
+
+
+def _spawned() -> _Helper | None:
+    """A new helper, or ``None`` if none can start now (tried again with an object)."""
+    try:
+        return _Helper()
+    except OSError as exc:
+        log.error("cannot start an analysis helper: %s", exc)
+        return None
+
+
+@dataclass
+class _Task:
+    """One object to analyse and where its result goes."""
+
+    data: bytes
+    future: Future[Result]
+    tries: int = 0
+
+
+def _replaced(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
+              error: BaseException) -> None:
+    """After a helper failed: end it; the object it was analysing (the oldest sent)
+    fails, the others sent after it go to the next helper.  Returns no helper."""
+    log.error("an analysis helper failed (%s: %s); it is replaced",
+              type(error).__name__, error)
+    if helper is not None:
+        helper.close(kill=True)
+    if sent:
+        sent.popleft().future.set_result(
+            AnalysisFault("the analysis of the object failed"))
+    again.extendleft(reversed(sent))
+    sent.clear()
+    return None
+
+
+class _Helper:
+    """One helper process and our end of its socket."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (ours, theirs):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pacs.analysers", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()
+        ours.settimeout(ANALYSIS_TIMEOUT)
+        self.socket = ours
+
+    def send(self, data: bytes) -> None:
+        """Give the helper one object."""
+        self.socket.sendall(_LENGTH.pack(len(data)))
+        self.socket.sendall(data)
+
+    def receive(self) -> Result:
+        """The result of the oldest object given and not yet answered."""
+        result: Result = pickle.loads(_receive(self.socket))
+        return result
+
+    def close(self, kill: bool = False) -> None:
+        """End the helper: closing our end is its signal (``kill``: it failed, so it
+        is not waited for)."""
+        self.socket.close()
+        if not kill:
+            try:
+                self.process.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.process.kill()
+        self.process.wait()
+
+
+def _receive(sock: socket.socket) -> bytearray:
+    """One length-prefixed frame; EOFError when the peer has gone."""
+    header = _exactly(sock, _LENGTH.size)
+    return _exactly(sock, _LENGTH.unpack(header)[0])
+
+
+def _exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        count = sock.recv_into(view[got:], size - got)
+        if count == 0:
+            raise EOFError("the peer closed the connection")
+        got += count
+    return buffer
+
+
+def _receive_bytes(sock: socket.socket) -> bytes:
+    """One frame as ``bytes``, filled by the kernel in place (no copy here)."""
+    size = _LENGTH.unpack(_exactly(sock, _LENGTH.size))[0]
+    data = sock.recv(size, socket.MSG_WAITALL) if size else b""
+    if len(data) < size:
+        if not data:
+            raise EOFError("the peer closed the connection")
+        data += _exactly(sock, size - len(data))  # cut short by a signal: the rest
+    return data
+
+
+def _reply(result: Result) -> bytes:
+    """The pickled result; an exception that does not pickle is sent as a fault."""
+    try:
+        return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - an odd exception type from a library
+        return pickle.dumps(AnalysisFault(f"analysis failed: {type(result).__name__}"),
+                            protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A helper: analyse each object received on the inherited socket until EOF."""
+    from pacs.cli import LOG_FORMAT
+    from pacs.dataset import quiet_pydicom  # the same reading settings as the parent
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    quiet_pydicom()
+    keep_large_buffers()
+    # Ctrl-C reaches the whole process group: the parent finishes its requests and
+    # then closes our socket, which is when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    args = sys.argv[1:] if argv is None else argv
+    sock = socket.socket(fileno=int(args[0]))
+    try:
+        while True:
+            try:
+                data = _receive_bytes(sock)
+            except EOFError:
+                return 0
+            reply = _reply(try_analyse(data))
+            sock.sendall(_LENGTH.pack(len(reply)) + reply)
+    except OSError:
+        return 0
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
