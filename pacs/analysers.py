@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from pacs.errors import PacsError
+from pacs.errors import AnalysisFault
 from pacs.ingest import Analysis, try_analyse
 from pacs.malloc import keep_large_buffers
 
@@ -51,10 +51,6 @@ _SOCKET_BUFFER = 1 << 20
 
 #: What a caller gets for one object: its analysis, or why it cannot be stored.
 Result = Analysis | Exception
-
-
-class AnalysisFault(PacsError):
-    """A helper failed on an object (died or hung): a server fault, not a refusal."""
 
 
 class AnalyserPool:
@@ -124,11 +120,17 @@ class AnalyserPool:
                         helper = helper or _Helper()
                         helper.send(task.data)
                     except OSError as exc:
-                        # Died before this one reached it: an earlier one's fault, or
-                        # its own end; this one is tried once more on a new helper.
-                        task.tries += 1
-                        (again if task.tries < 2 else sent).appendleft(task)
+                        # Gone before this object reached it: because of an earlier
+                        # one (which _replaced fails), or on its own.  This one gets
+                        # one more try, on a new helper.  (The order of analyses does
+                        # not matter: each has its own future.)
                         helper = _replaced(helper, sent, again, exc)
+                        task.tries += 1
+                        if task.tries < 2:
+                            again.append(task)
+                        else:
+                            task.future.set_result(
+                                AnalysisFault("no analysis helper could take the object"))
                         continue
                     sent.append(task)
                 if sent:
@@ -197,13 +199,16 @@ class _Helper:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for end in (ours, theirs):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         try:
+            for end in (ours, theirs):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pacs.analysers", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         ours.settimeout(ANALYSIS_TIMEOUT)

@@ -18,7 +18,8 @@ turned into these at the backend's edge.
     ├── QueryLimitExceeded     more matches than the row cap, or over the time limit
     ├── Cancelled              the peer cancelled the operation
     ├── StorageError           the object store failed
-    └── IndexFailure           the SQLite index failed
+    ├── IndexFailure           the SQLite index failed
+    └── AnalysisFault          a helper process failed on an object (pacs.analysers)
 """
 
 from __future__ import annotations
@@ -74,3 +75,8 @@ class StorageError(PacsError):
 
 class IndexFailure(PacsError):
     """The SQLite index failed."""
+
+
+class AnalysisFault(PacsError):
+    """A helper process died or hung while analysing an object: a server fault (no
+    statement about the object), reported as a processing failure."""

@@ -1,9 +1,10 @@
 """STOW-RS, the Store Instances transaction (PS3.18 10.5), over the core's ingest path.
 
-The body is read as a stream (:mod:`adapters.dicomweb.multipart`), and each part is
-stored as soon as it has arrived, through :meth:`pacs.ingest.Ingest.store_bytes`: the
-path C-STORE takes, with the same durability (a part is listed as stored only once it
-is fsynced or PUT and its index row committed) and the same failure codes.
+The body is read as a stream (:mod:`adapters.dicomweb.multipart`).  Each part is
+analysed as soon as it has arrived, in a helper process (:mod:`pacs.analysers`), and
+stored in batches through :meth:`pacs.ingest.Ingest.store_batch`: the path C-STORE
+takes, with the same durability (a part is listed as stored only once it is fsynced or
+PUT and its index row committed) and the same failure codes.
 
 Requests (PS3.18 10.5.1):
 
@@ -222,8 +223,9 @@ class Store:
         :meth:`pacs.ingest.Ingest.store_batch`: every object fsynced together and indexed
         in one transaction, none reported stored before that.  One fsync of each file
         plus one per folder and one index commit for the batch, against a file, a folder
-        and an index fsync per part; while a batch is stored the next one is read.  At
-        most two batches are held in memory.
+        and an index fsync per part.  Three things overlap: this thread reads parts, the
+        analyser helpers parse them (:meth:`_examine`), and the pool's thread stores the
+        previous batch.  At most two batches are held in memory.
 
         Raises
         ------

@@ -14,8 +14,8 @@ import pydicom.data
 import pytest
 
 from pacs import analysers
-from pacs.analysers import AnalyserPool, AnalysisFault
-from pacs.errors import UnreadableData
+from pacs.analysers import AnalyserPool
+from pacs.errors import AnalysisFault, UnreadableData
 from pacs.ingest import Analysis, try_analyse
 from pacs.malloc import keep_large_buffers
 
