@@ -8,11 +8,16 @@ parts were read, analysed and stored on one core while the other stayed mostly i
 helper processes over Unix sockets (one kernel copy each way, no pickling of the data)
 and the :class:`~pacs.ingest.Analysis` comes back pickled, a few KB.
 
-A helper is a fresh interpreter (``python -m pacs.analysers FD``), never a fork of the
-threaded worker.  Helpers start with the first request that needs them and end when
-the pool closes or their parent dies (end of file on their socket).  One that dies or
-hangs fails only the object it was analysing (:class:`AnalysisFault`) and is replaced
-for the next one.
+A helper is a fresh interpreter (``python -P -m pacs.analysers FD``) importing the same
+``pacs`` as its parent, never a fork of the threaded worker, in a session of its own
+(a Ctrl-C is for the server, which then closes its helpers).  Helpers start with the
+pool and end when it closes or their parent dies (end of file on their socket).  One
+that dies or hangs fails only the object it was analysing (:class:`AnalysisFault`) and
+is replaced for the next one.
+
+Two objects are in flight per helper, so that it never waits for the next one; the
+helper reads its socket in a thread of its own, so that a large reply and a large
+next object never wait on each other.
 
 With ``size`` 0 the analysis runs in the caller's thread: the same answers, for tests
 and for single-core machines.
@@ -21,9 +26,9 @@ and for single-core machines.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import queue
-import signal
 import socket
 import struct
 import subprocess
@@ -32,8 +37,10 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
-from pacs.errors import AnalysisFault
+import pacs
+from pacs.errors import AnalysisFault, PacsError
 from pacs.ingest import Analysis, try_analyse
 from pacs.malloc import keep_large_buffers
 
@@ -41,8 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Frame header: the length of what follows.
 _LENGTH = struct.Struct("<Q")
-#: Seconds one analysis may take in a helper before it is given up (and the helper
-#: replaced): far above any real header, it only bounds a helper that hangs.
+#: Seconds a helper may take to accept an object or answer one before it is given up
+#: (and replaced): far above any real header, it only bounds a helper that hangs.
 ANALYSIS_TIMEOUT = 60.0
 #: Objects given to a helper before its first answer is read.
 IN_FLIGHT = 2
@@ -53,8 +60,20 @@ _SOCKET_BUFFER = 1 << 20
 Result = Analysis | Exception
 
 
+@dataclass
+class _Task:
+    """One object to analyse and where its result goes."""
+
+    data: bytes
+    future: Future[Result]
+    tries: int = 0
+
+
 class AnalyserPool:
     """Analyse objects in ``size`` helper processes (``0``: in the calling thread).
+
+    Every future it returns completes: with the analysis, the object's refusal, or an
+    :class:`AnalysisFault` when no helper could analyse it.
 
     Parameters
     ----------
@@ -72,31 +91,60 @@ class AnalyserPool:
 
     def submit(self, data: bytes) -> Future[Result]:
         """The analysis of ``data``: an :class:`Analysis`, or the refusal (a
-        :class:`PacsError`) or fault (any other exception) it ended in."""
+        :class:`PacsError`) or fault (any other exception) it ended in.
+
+        Raises
+        ------
+        RuntimeError
+            The pool is closed.
+        """
         future: Future[Result] = Future()
         if self.size <= 0:
             future.set_result(try_analyse(data))
             return future
-        self.start()
-        self._tasks.put(_Task(data, future))
+        with self._lock:  # no object slips in behind close()'s stop signals
+            self._start_locked()
+            self._tasks.put(_Task(data, future))
         return future
 
     def start(self) -> None:
         """Start the helpers now rather than with the first object (a server calls this
         as it boots, so that no request waits for a helper to import pydicom)."""
+        if self.size > 0:
+            with self._lock:
+                self._start_locked()
+
+    def _start_locked(self) -> None:
+        """Bring the serving threads up to ``size`` (also after one ended abnormally)."""
+        if self._closed:
+            raise RuntimeError("the analyser pool is closed")
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        while len(self._threads) < self.size:
+            thread = threading.Thread(target=self._serve, daemon=True,
+                                      name=f"analyser-{len(self._threads)}")
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop the helpers, after the objects already submitted."""
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the analyser pool is closed")
-            while len(self._threads) < self.size:
-                thread = threading.Thread(target=self._serve, daemon=True,
-                                          name=f"analyser-{len(self._threads)}")
-                thread.start()
-                self._threads.append(thread)
+            self._closed = True
+            threads, self._threads = self._threads, []
+            for _ in threads:
+                self._tasks.put(None)
+        for thread in threads:
+            thread.join()
+        while True:  # left by a thread that ended abnormally: answered, never lost
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task.future.set_result(AnalysisFault("the analyser pool was closed"))
 
     def _serve(self) -> None:
-        """One helper's thread: keep up to :data:`IN_FLIGHT` objects with its helper, so
-        that the next one is already there when it finishes one; replace it when it
-        fails."""
+        """One helper's thread: keep up to :data:`IN_FLIGHT` objects with its helper,
+        replace the helper when it fails."""
         helper = _spawned()
         sent: deque[_Task] = deque()  # with the helper, in order, replies not read yet
         again: deque[_Task] = deque()  # to send to a new helper after one failed
@@ -108,23 +156,25 @@ class AnalyserPool:
                         task = again.popleft()
                     else:
                         try:
-                            task = self._tasks.get(block=not sent)
+                            queued = self._tasks.get(block=not sent)
                         except queue.Empty:
                             break
-                        if task is None:
+                        if queued is None:
                             running = False
                             break
-                        if not task.future.set_running_or_notify_cancel():
+                        if not queued.future.set_running_or_notify_cancel():
                             continue
+                        task = queued
                     try:
                         helper = helper or _Helper()
                         helper.send(task.data)
-                    except OSError as exc:
+                    except Exception as exc:  # noqa: BLE001 - any failure: a new helper
                         # Gone before this object reached it: because of an earlier
-                        # one (which _replaced fails), or on its own.  This one gets
+                        # one (which _replace fails), or on its own.  This one gets
                         # one more try, on a new helper.  (The order of analyses does
                         # not matter: each has its own future.)
-                        helper = _replaced(helper, sent, again, exc)
+                        _replace(helper, sent, again, exc)
+                        helper = None
                         task.tries += 1
                         if task.tries < 2:
                             again.append(task)
@@ -137,27 +187,19 @@ class AnalyserPool:
                     assert helper is not None
                     try:
                         result = helper.receive()
-                    except (OSError, EOFError, pickle.UnpicklingError) as exc:
-                        helper = _replaced(helper, sent, again, exc)
+                    except Exception as exc:  # noqa: BLE001 - died, hung, or unreadable
+                        _replace(helper, sent, again, exc)
+                        helper = None
                         continue
                     sent.popleft().future.set_result(result)
-        except BaseException as exc:  # never leave a caller waiting
-            for task in (*sent, *again):
-                task.future.set_exception(exc)
-            raise
         finally:
+            # Normally nothing is left; after an abnormal end (KeyboardInterrupt,
+            # SystemExit in this thread) no caller may wait for ever.
+            for task in (*sent, *again):
+                if not task.future.done():
+                    task.future.set_result(AnalysisFault("the analysis was interrupted"))
             if helper is not None:
                 helper.close()
-
-    def close(self) -> None:
-        """Stop the helpers (after the objects already submitted)."""
-        with self._lock:
-            self._closed = True
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._tasks.put(None)
-        for thread in threads:
-            thread.join()
 
 
 def _spawned() -> _Helper | None:
@@ -169,19 +211,10 @@ def _spawned() -> _Helper | None:
         return None
 
 
-@dataclass
-class _Task:
-    """One object to analyse and where its result goes."""
-
-    data: bytes
-    future: Future[Result]
-    tries: int = 0
-
-
-def _replaced(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
-              error: BaseException) -> None:
+def _replace(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
+             error: BaseException) -> None:
     """After a helper failed: end it; the object it was analysing (the oldest sent)
-    fails, the others sent after it go to the next helper.  Returns no helper."""
+    fails, the others sent after it go to the next helper."""
     log.error("an analysis helper failed (%s: %s); it is replaced",
               type(error).__name__, error)
     if helper is not None:
@@ -191,7 +224,6 @@ def _replaced(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
             AnalysisFault("the analysis of the object failed"))
     again.extendleft(reversed(sent))
     sent.clear()
-    return None
 
 
 class _Helper:
@@ -204,8 +236,9 @@ class _Helper:
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pacs.analysers", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+                [sys.executable, "-P", "-m", "pacs.analysers", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+                env=_helper_environment(), start_new_session=True)
         except BaseException:
             ours.close()
             raise
@@ -236,6 +269,15 @@ class _Helper:
                 pass
         self.process.kill()
         self.process.wait()
+
+
+def _helper_environment() -> dict[str, str]:
+    """This environment, with this process's ``pacs`` first on the helper's path: the
+    helper runs the same code as its parent even when another version is installed or
+    the working folder holds a ``pacs`` folder (``-P`` leaves the latter out)."""
+    root = str(Path(pacs.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def _receive(sock: socket.socket) -> bytearray:
@@ -269,11 +311,25 @@ def _receive_bytes(sock: socket.socket) -> bytes:
 
 def _reply(result: Result) -> bytes:
     """The pickled result; an exception that does not pickle is sent as a fault."""
+    if not isinstance(result, (Analysis, PacsError)):
+        # A fault, not a refusal: its traceback stays here, in the helper's log.
+        log.error("analysis failed unexpectedly", exc_info=result)
     try:
         return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:  # noqa: BLE001 - an odd exception type from a library
         return pickle.dumps(AnalysisFault(f"analysis failed: {type(result).__name__}"),
                             protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_objects(sock: socket.socket, inbox: queue.SimpleQueue[bytes | None]) -> None:
+    """The helper's reading thread: objects into ``inbox`` as they arrive, ``None`` at
+    the end.  Reading apart from analysing is what lets the parent send the next object
+    while a long reply is on its way back (the parent sends at most IN_FLIGHT)."""
+    try:
+        while True:
+            inbox.put(_receive_bytes(sock))
+    except (EOFError, OSError):
+        inbox.put(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,23 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     quiet_pydicom()
     keep_large_buffers()
-    # Ctrl-C reaches the whole process group: the parent finishes its requests and
-    # then closes our socket, which is when we stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
+    inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    threading.Thread(target=_read_objects, args=(sock, inbox), daemon=True).start()
     try:
-        while True:
-            try:
-                data = _receive_bytes(sock)
-            except EOFError:
-                return 0
+        while (data := inbox.get()) is not None:
             reply = _reply(try_analyse(data))
             sock.sendall(_LENGTH.pack(len(reply)) + reply)
     except OSError:
-        return 0
+        pass
     finally:
         sock.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,15 +3,20 @@ analysis, refusals passed back, a failing helper costing only the object it was 
 
 from __future__ import annotations
 
+import io
 import os
+import platform
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pydicom.data
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from pacs import analysers
 from pacs.analysers import AnalyserPool
@@ -125,5 +130,47 @@ def test_a_hung_helper_fails_its_object_alone(monkeypatch: pytest.MonkeyPatch) -
         pool.close()
 
 
+def _ct(contour_values: int = 0, pixel_bytes: int = 0) -> bytes:
+    """CT_small with new UIDs, optionally with many DS values (a long metadata reply) or
+    larger pixel data."""
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if contour_values:
+        ds.ROIContourSequence = [Dataset() for _ in range(contour_values // 5000)]
+        for item in ds.ROIContourSequence:
+            item.ContourData = ["123.456789"] * 5000
+    if pixel_bytes:
+        ds.Rows, ds.Columns = 1024, pixel_bytes // 2048
+        ds.PixelData = bytes(pixel_bytes)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_a_long_reply_and_a_large_next_object_do_not_wait_on_each_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both larger than the socket buffers: the helper reads the next object while its
+    reply to the first is still being sent (no deadlock until the timeout)."""
+    monkeypatch.setattr(analysers, "ANALYSIS_TIMEOUT", 10.0)
+    long_reply, large = _ct(contour_values=200_000), _ct(pixel_bytes=4 << 20)
+    pool = AnalyserPool(1)
+    try:
+        first, second = pool.submit(long_reply), pool.submit(large)
+        results = first.result(timeout=60), second.result(timeout=60)
+    finally:
+        pool.close()
+    assert all(isinstance(result, Analysis) for result in results)
+    assert len(results[0].metadata.json) > 2 << 20  # type: ignore[union-attr]
+
+
+def test_objects_left_when_the_pool_closes_are_answered() -> None:
+    pool = AnalyserPool(1)
+    futures = [pool.submit(_ct()) for _ in range(3)]
+    pool.close()
+    assert all(future.done() for future in futures)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_large_buffers_setting_applies_on_glibc() -> None:
     assert keep_large_buffers() is True

@@ -114,6 +114,13 @@ def test_services_are_pacs_and_minio_on_the_intelpixel_network(
         assert service["restart"] == "unless-stopped", name
 
 
+def test_pacs_runs_under_an_init_that_reaps_orphaned_helpers(
+        services: dict[str, Any]) -> None:
+    # pacs serve is not an init: analyser helpers of a killed gunicorn worker would stay
+    # zombies under it (pacs/analysers.py).
+    assert services["pacs"]["init"] is True
+
+
 def test_published_ports(services: dict[str, Any]) -> None:
     assert services["pacs"]["ports"] == ["32773:32773", "5985:5985", "8080:8080"]
     assert services["minio"]["ports"] == ["9000:9000", "9001:9001"]
