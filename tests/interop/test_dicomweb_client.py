@@ -4,7 +4,8 @@ starts it, on free ports with a fresh data folder.
 
 Covers the README's quickstart search line verbatim (but for the port), searches at
 every level with filters and paging, STOW-RS of a body large enough that the client
-sends it chunked, stored bytes equal to the bytes sent, and a clean stop on SIGTERM.
+sends it chunked, stored bytes equal to the bytes sent, STOW-RS going on when the
+analyser helpers are killed, and a clean stop on SIGTERM (helpers included).
 WADO-RS retrieval is tested with the WADO module.
 """
 
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +97,32 @@ def stored(web_node: Node, client: DICOMwebClient) -> dict[str, list[FileDataset
         assert "FailedSOPSequence" not in response
         assert response.RetrieveURL.endswith(f"/studies/{study}")
     return {"big": big, "small": small}
+
+
+def analyser_helpers(node: Node) -> set[int]:
+    """The node's STOW-RS analyser helpers (pacs/analysers.py), found by their command
+    line and the data folder in their environment: they run in sessions of their own,
+    outside the node's process group."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if (b"pacs.analysers" in cmdline
+                and f"PACS_DATA_DIR={node.data_dir}".encode() in environ):
+            found.add(int(entry.name))
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def uids(results: list[dict], key: str = "0020000D") -> set[str]:
@@ -190,6 +220,25 @@ def test_store_to_another_study_is_refused(client: DICOMwebClient, web_node: Nod
     assert ds.SOPInstanceUID not in web_node.index()
 
 
+def test_stow_goes_on_when_the_analyser_helpers_are_killed(
+        client: DICOMwebClient, web_node: Node) -> None:
+    # One helper per gunicorn worker (two workers), started as the workers boot.
+    assert wait_until(lambda: len(analyser_helpers(web_node)) == 2)
+    killed = analyser_helpers(web_node)
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct(study, series, i + 1) for i in range(4)]
+    response = client.store_instances(datasets)
+    # Nothing was being analysed when they died: every part is stored, by new helpers.
+    assert "FailedSOPSequence" not in response
+    assert [r.ReferencedSOPInstanceUID for r in response.ReferencedSOPSequence] == [
+        ds.SOPInstanceUID for ds in datasets]
+    assert {ds.SOPInstanceUID for ds in datasets} <= set(web_node.index())
+    assert analyser_helpers(web_node) - killed
+    assert client.search_for_instances(study_instance_uid=study)
+
+
 def test_web_port_taken_is_a_clear_start_up_error(web_node: Node, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -208,7 +257,9 @@ def test_sigterm_stops_dimse_and_web(node_factory: Callable[..., Node]) -> None:
     node = node_factory("dicomweb-stop", PACS_WEB_PORT=str(port), PACS_WEB_WORKERS="2")
     wait_for_port(port)
     assert DICOMwebClient(url=f"http://127.0.0.1:{port}").search_for_studies() == []
+    assert wait_until(lambda: len(analyser_helpers(node)) == 2)
     node.terminate()  # exit code 0, and every process of the group gone
+    assert wait_until(lambda: not analyser_helpers(node), timeout=10), "helpers outlived"
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0
     assert "Traceback" not in node.log(), node.log()
