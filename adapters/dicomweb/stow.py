@@ -41,8 +41,8 @@ import pydicom
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
-from pacs.dataset import valid_uid
 from pacs.analysers import Result
+from pacs.dataset import valid_uid
 from pacs.errors import InvalidUID
 from pacs.ingest import Analysis, Received, StoreResult
 from pacs.services import Services
