@@ -53,6 +53,10 @@ _LENGTH = struct.Struct("<Q")
 ANALYSIS_TIMEOUT = 60.0
 #: Objects given to a helper before its first answer is read.
 IN_FLIGHT = 2
+#: Objects larger than this are analysed in the calling thread: their header costs no
+#: more to parse than a small object's, their checksum runs without the GIL, and a
+#: helper would hold a second copy of the whole object (parts may reach 2 GB).
+INLINE_BYTES = 64 << 20
 #: Socket buffer asked for on both ends: a CT instance in one or two sends.
 _SOCKET_BUFFER = 1 << 20
 
@@ -99,7 +103,7 @@ class AnalyserPool:
             The pool is closed.
         """
         future: Future[Result] = Future()
-        if self.size <= 0:
+        if self.size <= 0 or len(data) > INLINE_BYTES:
             future.set_result(try_analyse(data))
             return future
         with self._lock:  # no object slips in behind close()'s stop signals

@@ -88,6 +88,14 @@ def test_without_helpers_the_caller_analyses(pool: AnalyserPool) -> None:
     inline.close()
 
 
+def test_a_very_large_object_is_analysed_in_the_calling_thread(
+        pool: AnalyserPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _ct(pixel_bytes=1 << 20)
+    monkeypatch.setattr(analysers, "INLINE_BYTES", len(data) - 1)
+    future = pool.submit(data)
+    assert future.done() and _same(future.result(), try_analyse(data))
+
+
 def test_start_spawns_the_helpers_and_close_ends_them() -> None:
     pool = AnalyserPool(2)
     pool.start()
