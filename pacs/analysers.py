@@ -51,6 +51,8 @@ _LENGTH = struct.Struct("<Q")
 #: Seconds a helper may take to accept an object or answer one before it is given up
 #: (and replaced): far above any real header, it only bounds a helper that hangs.
 ANALYSIS_TIMEOUT = 60.0
+#: Seconds a new helper may take to start (import pydicom) and say it is ready.
+START_TIMEOUT = 60.0
 #: Objects given to a helper before its first answer is read.
 IN_FLIGHT = 2
 #: Objects larger than this are analysed in the calling thread: their header costs no
@@ -248,8 +250,10 @@ class _Helper:
             raise
         finally:
             theirs.close()
-        ours.settimeout(ANALYSIS_TIMEOUT)
+        # Until its ready frame has come, the helper is starting, not analysing.
+        ours.settimeout(START_TIMEOUT)
         self.socket = ours
+        self.ready = False
 
     def send(self, data: bytes) -> None:
         """Give the helper one object."""
@@ -258,6 +262,11 @@ class _Helper:
 
     def receive(self) -> Result:
         """The result of the oldest object given and not yet answered."""
+        if not self.ready:
+            if _receive(self.socket):
+                raise EOFError("the helper did not start as expected")
+            self.ready = True
+            self.socket.settimeout(ANALYSIS_TIMEOUT)
         result: Result = pickle.loads(_receive(self.socket))
         return result
 
@@ -349,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     threading.Thread(target=_read_objects, args=(sock, inbox), daemon=True).start()
     try:
+        sock.sendall(_LENGTH.pack(0))  # ready: an empty frame
         while (data := inbox.get()) is not None:
             reply = _reply(try_analyse(data))
             sock.sendall(_LENGTH.pack(len(reply)) + reply)

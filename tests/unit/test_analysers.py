@@ -160,7 +160,7 @@ def test_a_long_reply_and_a_large_next_object_do_not_wait_on_each_other(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Both larger than the socket buffers: the helper reads the next object while its
     reply to the first is still being sent (no deadlock until the timeout)."""
-    monkeypatch.setattr(analysers, "ANALYSIS_TIMEOUT", 10.0)
+    monkeypatch.setattr(analysers, "ANALYSIS_TIMEOUT", 30.0)
     long_reply, large = _ct(contour_values=200_000), _ct(pixel_bytes=4 << 20)
     pool = AnalyserPool(1)
     try:
