@@ -12,8 +12,8 @@ A helper is a fresh interpreter (``python -P -m pacs.analysers FD``) importing t
 ``pacs`` as its parent, never a fork of the threaded worker, in a session of its own
 (a Ctrl-C is for the server, which then closes its helpers).  Helpers start with the
 pool and end when it closes or their parent dies (end of file on their socket).  One
-that dies or hangs fails only the object it was analysing (:class:`AnalysisFault`) and
-is replaced for the next one.
+that dies or hangs fails only the object it was analysing (:class:`AnalysisFault`; a
+death gives the object a second try first) and is replaced for the next one.
 
 Two objects are in flight per helper, so that it never waits for the next one; the
 helper reads its socket in a thread of its own, so that a large reply and a large
@@ -176,7 +176,7 @@ class AnalyserPool:
                         helper.send(task.data)
                     except Exception as exc:  # noqa: BLE001 - any failure: a new helper
                         # Gone before this object reached it: because of an earlier
-                        # one (which _replace fails), or on its own.  This one gets
+                        # one (see _replace), or on its own.  This one gets
                         # one more try, on a new helper.  (The order of analyses does
                         # not matter: each has its own future.)
                         _replace(helper, sent, again, exc)
@@ -219,15 +219,22 @@ def _spawned() -> _Helper | None:
 
 def _replace(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
              error: BaseException) -> None:
-    """After a helper failed: end it; the object it was analysing (the oldest sent)
-    fails, the others sent after it go to the next helper."""
+    """After a helper failed: end it; the objects sent to it go to the next helper.
+
+    The oldest is the one it was on, unless it died before reading it (a helper killed
+    while idle is only noticed with the next object): a death gives that object one
+    more try, and a second death, or a hang (timeout), fails it.
+    """
     log.error("an analysis helper failed (%s: %s); it is replaced",
               type(error).__name__, error)
     if helper is not None:
         helper.close(kill=True)
     if sent:
-        sent.popleft().future.set_result(
-            AnalysisFault("the analysis of the object failed"))
+        oldest = sent[0]
+        oldest.tries += 1
+        if isinstance(error, TimeoutError) or oldest.tries >= 2:
+            sent.popleft().future.set_result(
+                AnalysisFault("the analysis of the object failed"))
     again.extendleft(reversed(sent))
     sent.clear()
 

@@ -176,13 +176,10 @@ class Ingest:
 
         Parameters
         ----------
-        data : bytes
-            The object as received (preamble, file meta and data set).
+        data, expected :
+            As for :func:`analyse`.
         calling_ae : str
             Who sent it, recorded in the index.
-        expected : (SOP Class UID, SOP Instance UID), optional
-            The UIDs of the C-STORE command, which must agree with the data set
-            (PS3.4 B.2.3; Orthanc checks the same).
 
         Raises
         ------
