@@ -93,7 +93,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_VIEWER_PORT", "viewer_port", "8080",
             "OHIF viewer port (the viewer at /, DICOMweb under /dicom-web); 0 turns the "
             "viewer off.", int),
-    # --- issue 5: viewer files and the upload folder ---
     Setting("PACS_VIEWER_DIST", "viewer_dist", "",
             "Folder of the prebuilt OHIF viewer (scripts/fetch-ohif.sh); empty means "
             "vendor/ohif/dist in the working folder or the source checkout."),
@@ -134,6 +133,31 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest PDU we accept (bytes); 0 means unlimited.", int),
     Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
             "Seconds to wait for a DIMSE message or network data before aborting.", float),
+    Setting("PACS_ARTIM_TIMEOUT", "artim_timeout", "10",
+            "Seconds an accepted DIMSE connection may take to send its A-ASSOCIATE-RQ "
+            "(ARTIM, PS3.8 9.1.2) before it is closed.", float),
+    Setting("PACS_MAX_ASSOCIATIONS_PER_HOST", "max_associations_per_host", "16",
+            "Concurrent associations from one source address per worker process; more "
+            "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
+    Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",
+            "DIMSE connections per worker process that have not yet sent an "
+            "A-ASSOCIATE-RQ; more are closed at once.", int),
+    Setting("PACS_MAX_OBJECT_BYTES", "max_object_bytes", "2147483648",
+            "Largest object received (C-STORE data set, STOW-RS part, upload), and the "
+            "largest a deflated data set may inflate to; larger ones are refused "
+            "(A700 / HTTP 413).", int),
+    Setting("PACS_MAX_FRAME_BYTES", "max_frame_bytes", "268435456",
+            "Largest decoded frame (rows x columns x samples x bytes per sample) that "
+            "rendered views, thumbnails and transcoding decode; larger frames are "
+            "refused before anything is allocated.", int),
+    Setting("PACS_HTTP_TIMEOUT", "http_timeout", "30",
+            "Seconds an HTTP client may take to send its request headers, or stay "
+            "silent while sending a body or reading a response, before it is "
+            "disconnected.", float),
+    Setting("PACS_HTTP_KEEPALIVE", "http_keepalive", "15",
+            "Seconds an idle keep-alive HTTP connection is kept open.", float),
+    Setting("PACS_MAX_REQUEST_BYTES", "max_request_bytes", "8589934592",
+            "Largest HTTP request body (a STOW-RS POST); larger requests get 413.", int),
     Setting("PACS_QUERY_MAX_ROWS", "query_max_rows", "10000",
             "Largest number of matches a query may return before it is refused.", int),
     Setting("PACS_QUERY_TIME_LIMIT", "query_time_limit", "30",
@@ -205,6 +229,14 @@ class Settings:
     max_associations: int = 32
     max_pdu: int = 262144
     dimse_timeout: float = 60.0
+    artim_timeout: float = 10.0
+    max_associations_per_host: int = 16
+    max_pending_connections: int = 64
+    max_object_bytes: int = 2147483648
+    max_frame_bytes: int = 268435456
+    http_timeout: float = 30.0
+    http_keepalive: float = 15.0
+    max_request_bytes: int = 8589934592
     query_max_rows: int = 10000
     query_time_limit: float = 30.0
     pn_case_sensitive: bool = False
