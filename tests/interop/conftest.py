@@ -349,6 +349,31 @@ def listening(port: int) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What a set of processes holds: resident memory and open file descriptors."""
+
+    rss_bytes: int
+    fds: int
+
+    def __str__(self) -> str:
+        return f"{self.rss_bytes / 2**20:.0f} MiB, {self.fds} fds"
+
+
+def resources_of(pids: list[int]) -> Resources:
+    """Sum RSS (``/proc/<pid>/statm``) and ``/proc/<pid>/fd`` entries over ``pids``."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = fds = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                rss += int(statm.read().split()[1]) * page
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue  # gone meanwhile
+    return Resources(rss, fds)
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc."""
     members = []
@@ -537,6 +562,21 @@ class Node:
         result = self.echo()
         assert result.returncode == 0, (
             f"echoscu failed:\n{result.stdout}\n--- server log ---\n{self.log()}")
+
+    # -- what it holds --
+
+    def pids(self) -> list[int]:
+        """Every live process of the node (parent, DIMSE workers, gunicorn, helpers)."""
+        assert self.proc is not None
+        return _group_members(self.proc.pid)
+
+    def resources(self) -> Resources:
+        """Memory (sum of RSS) and open descriptors summed over every node process."""
+        return resources_of(self.pids())
+
+    def web_url(self) -> str:
+        """The DICOMweb base URL."""
+        return f"http://127.0.0.1:{self.env['PACS_WEB_PORT']}"
 
     # -- what it wrote --
 
