@@ -12,9 +12,11 @@ turned into these at the backend's edge.
     │   ├── InvalidUID         a UID that is not digits and dots, <= 64 chars (PS3.5 9.1)
     │   ├── UIDMismatch        command UIDs differ from the data set's (PS3.4 B.2.3)
     │   ├── UnreadableData     the data set does not parse
-    │   └── DuplicateRejected  a different object under a known SOP Instance UID
+    │   ├── DuplicateRejected  a different object under a known SOP Instance UID
+    │   └── ObjectTooLarge     received or inflated past PACS_MAX_OBJECT_BYTES
     ├── InvalidQuery           a query or identifier breaks the model's rules
     ├── NotFound               no such study / series / instance / object
+    ├── FrameTooLarge          a frame to decode is larger than PACS_MAX_FRAME_BYTES
     ├── QueryLimitExceeded     more matches than the row cap, or over the time limit
     ├── Cancelled              the peer cancelled the operation
     ├── StorageError           the object store failed
@@ -53,12 +55,21 @@ class DuplicateRejected(InvalidInstance):
     """A different object arrived under a stored SOP Instance UID (policy: reject)."""
 
 
+class ObjectTooLarge(InvalidInstance):
+    """An object larger than the configured limit, as received or once inflated."""
+
+
 class InvalidQuery(PacsError):
     """A query or identifier that breaks the information model's rules."""
 
 
 class NotFound(PacsError):
     """The requested entity or object does not exist."""
+
+
+class FrameTooLarge(PacsError):
+    """A frame whose declared decoded size exceeds the configured ceiling; refused
+    before any pixel buffer is allocated."""
 
 
 class QueryLimitExceeded(PacsError):

@@ -57,10 +57,13 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.UIDMismatch, Outcome(falcon.HTTP_400, 0xA900, "UID mismatch")),
     (errors.UnreadableData, Outcome(falcon.HTTP_400, 0xC000, "Unreadable data")),
     (errors.DuplicateRejected, Outcome(falcon.HTTP_409, 0x0111, "Duplicate SOP Instance")),
+    (errors.ObjectTooLarge, Outcome(falcon.HTTP_413, 0xA700, "Object too large")),
     (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
     (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
     (errors.InvalidQuery, Outcome(falcon.HTTP_400, 0xC000, "Invalid query")),
     (errors.NotFound, Outcome(falcon.HTTP_404, 0x0110, "Not found")),
+    # The frame exists but is too large to decode here (PACS_MAX_FRAME_BYTES).
+    (errors.FrameTooLarge, Outcome(falcon.HTTP_400, 0x0110, "Frame too large to decode")),
     (Unacceptable, Outcome(falcon.HTTP_406, 0x0110, "Not acceptable")),
     (UnsupportedMedia, Outcome(falcon.HTTP_415, 0xC000, "Unsupported media type")),
     # Too many matches or too long a query: the client must narrow it.

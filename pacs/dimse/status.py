@@ -17,6 +17,7 @@ STORE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
     (errors.UIDMismatch, 0xA900),        # Data Set does not match SOP Class
     (errors.UnreadableData, 0xC000),     # Cannot understand
     (errors.DuplicateRejected, 0x0111),  # Duplicate SOP Instance (PS3.7 C.5.6)
+    (errors.ObjectTooLarge, 0xA700),     # Out of resources: over PACS_MAX_OBJECT_BYTES
     (errors.StorageError, 0xA700),       # Out of resources
     (errors.IndexFailure, 0xA700),       # Out of resources
 )
