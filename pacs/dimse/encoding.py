@@ -7,10 +7,18 @@ then the value padded to even length), in tag order, for the two little endian t
 syntaxes Q/R contexts use.  Character sets other than the single-byte ISO_IR ones,
 ISO_IR 192 and GB18030 (the ISO 2022 code extensions, which need escape sequences) go
 through pydicom's encoder instead.
+
+A value longer than its length field can say (Explicit VR gives most VRs a 16-bit
+length, PS3.5 7.1.2, while Implicit VR and the index allow far more) is cut, for this
+answer only, to the longest whole-character prefix that fits: one such value would
+otherwise fail every listing that includes it.  The stored object is not changed and
+QIDO-RS / WADO-RS (JSON, without length fields) answer it in full.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -25,7 +33,23 @@ from pydicom.valuerep import PersonName
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 #: VRs whose text follows the Specific Character Set (PS3.5 6.1.2.3).
 _TEXT = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+#: Value, component group and component delimiters of a person name (PS3.5 6.2.1).
+_PN_DELIMITERS = re.compile(r"[\\^=]")
 _BINARY = {"US": "<H", "SS": "<h", "UL": "<I", "SL": "<i"}
+#: Longest value a 16-bit length field holds, padded to even length (PS3.5 7.1.2).
+#: 32-bit lengths need no check: SQLite's longest text (10^9 bytes) fits them.
+MAX_SHORT_LENGTH = 0xFFFE
+#: Most bytes one character takes in any character set here (UTF-8 and GB18030: 4;
+#: ISO 2022: 2, plus escape sequences when the code element changes).
+_MAX_BYTES_PER_CHARACTER = 6
+#: Unique keys that name an answer in the log, deepest first (never patient data).
+_NAMING_UIDS = ((0x00080018, "instance"), (0x0020000E, "series"), (0x0020000D, "study"))
+
+log = logging.getLogger(__name__)
+
+
+class _TooLong(Exception):
+    """A value does not fit its 16-bit length field: the answer is encoded again, cut."""
 
 
 def simple_codec(charsets: Sequence[str]) -> str | None:
@@ -54,6 +78,8 @@ def _element(tag: int, vr: str, value: bytes, implicit: bool) -> bytes:
         return struct.pack("<HHI", group, element, len(value)) + value
     if vr in _LONG:
         return struct.pack("<HH2s2xI", group, element, vr.encode(), len(value)) + value
+    if len(value) > MAX_SHORT_LENGTH:
+        raise _TooLong
     return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
 
 
@@ -73,12 +99,17 @@ def encode_identifier(elements: Iterable[tuple[int, str, str | None]],
     """
     ordered = sorted(elements)
     codec = simple_codec(charsets)
-    if codec is None:
-        return _encode_with_pydicom(ordered, charsets, implicit)
-    try:
-        return _encode_elements(ordered, codec, implicit)
-    except UnicodeEncodeError:
-        return _encode_with_pydicom(ordered, charsets, implicit)
+    if codec is not None:
+        try:
+            return _encode_elements(ordered, codec, implicit)
+        except UnicodeEncodeError:
+            pass
+        except _TooLong:
+            try:
+                return _encode_elements(fit_lengths(ordered, charsets), codec, implicit)
+            except UnicodeEncodeError:
+                pass
+    return _encode_with_pydicom(ordered, charsets, implicit)
 
 
 def _encode_elements(elements: Iterable[tuple[int, str, Any]], codec: str,
@@ -101,6 +132,8 @@ def _sequence_bytes(items: list | None, codec: str, implicit: bool) -> bytes:
 def _encode_with_pydicom(elements: list[tuple[int, str, str | None]],
                          charsets: Sequence[str], implicit: bool) -> bytes:
     """The general path: pydicom's writer, which knows ISO 2022 escape sequences."""
+    if not implicit:  # pydicom would send an over-long value as UN instead
+        elements = fit_lengths(elements, charsets)
     dataset = _dataset(elements)
     dataset.SpecificCharacterSet = list(charsets) if len(charsets) > 1 else charsets[0]
     out = DicomBytesIO()
@@ -130,3 +163,68 @@ def _typed(vr: str, value: str | None) -> object:
         names = [PersonName(p) for p in parts]
         return names if len(names) > 1 else names[0]
     return parts if len(parts) > 1 else value
+
+
+def fit_lengths(elements: list[tuple[int, str, Any]], charsets: Sequence[str]
+                ) -> list[tuple[int, str, Any]]:
+    """``elements`` with every value that Explicit VR cannot hold cut to fit.
+
+    Each such value keeps its longest whole-character prefix whose encoding (in
+    ``charsets``) fits :data:`MAX_SHORT_LENGTH` bytes; sequence items are fitted alike.
+    Every cut is logged with the answer's deepest UID and the attribute's tag, never a
+    value.
+    """
+    fitted: list[tuple[int, str, Any]] = []
+    for tag, vr, value in elements:
+        if vr == "SQ":
+            value = [fit_lengths(sorted(item), charsets) for item in value or []]
+        elif vr not in _LONG and value and len(value) * _MAX_BYTES_PER_CHARACTER > MAX_SHORT_LENGTH:
+            size = _encoded_size(vr, value, charsets)
+            if size > MAX_SHORT_LENGTH:
+                value = _prefix(vr, value, charsets)
+                log.warning("a C-FIND answer's (%04X,%04X) of %s is %d bytes, more than "
+                            "Explicit VR's 16-bit length holds: sent cut to its first %d "
+                            "characters", tag >> 16, tag & 0xFFFF, _naming(elements), size,
+                            len(value))
+        fitted.append((tag, vr, value))
+    return fitted
+
+
+def _encoded_size(vr: str, text: str, charsets: Sequence[str]) -> int:
+    """Bytes of ``text`` as the answer encodes it (before padding)."""
+    if vr in _BINARY:
+        return len(_value_bytes(vr, text, "ascii")) if text else 0
+    if vr not in _TEXT:
+        return len(text.encode("ascii", "replace"))
+    encodings = charset.convert_encodings(list(charsets) or ["ISO_IR 6"])
+    if vr == "PN":
+        # As pydicom writes a name: each component on its own (code extensions start
+        # afresh after each delimiter, PS3.5 6.1.2.5.3), delimiters as one byte.
+        parts = _PN_DELIMITERS.split(text)
+        return sum(len(charset.encode_string(p, encodings)) for p in parts) + len(parts) - 1
+    return len(charset.encode_string(text, encodings))
+
+
+def _prefix(vr: str, text: str, charsets: Sequence[str]) -> str:
+    """The longest prefix of ``text`` whose encoding fits :data:`MAX_SHORT_LENGTH`.
+
+    A bisection on the number of characters: each character takes at least one byte,
+    so the answer is at most :data:`MAX_SHORT_LENGTH` characters long.
+    """
+    fits, too_long = 0, min(len(text), MAX_SHORT_LENGTH) + 1
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if _encoded_size(vr, text[:middle], charsets) <= MAX_SHORT_LENGTH:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits]
+
+
+def _naming(elements: Iterable[tuple[int, str, Any]]) -> str:
+    """The answer's entity for the log: its deepest UID (patients have none)."""
+    uids = {tag: value for tag, _, value in elements if tag in dict(_NAMING_UIDS)}
+    for tag, level in _NAMING_UIDS:
+        if uids.get(tag):
+            return f"{level} {uids[tag]}"
+    return "a patient"
