@@ -74,11 +74,20 @@ _install_lock = threading.Lock()
 
 
 class _Waker:
-    """A file descriptor that becomes readable when :meth:`wake` is called."""
+    """A file descriptor that becomes readable when :meth:`wake` is called.
 
-    __slots__ = ("fd", "_write_fd")
+    The DUL thread closes it as it ends (:meth:`close`): a finished association is a
+    reference cycle, and an eventfd left to the garbage collector stayed open for as
+    long as a busy worker went without a full collection.  Other threads may still
+    call :meth:`wake` after that (a late ``kill_dul``, a primitive queued during the
+    stop); the lock makes such a call either land before the close or do nothing, never
+    write into a descriptor number the process has reused meanwhile.
+    """
+
+    __slots__ = ("fd", "_write_fd", "_lock")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         if hasattr(os, "eventfd"):
             self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._write_fd = self.fd
@@ -88,31 +97,42 @@ class _Waker:
             os.set_blocking(self._write_fd, False)
 
     def wake(self) -> None:
-        try:
-            if self._write_fd == self.fd:
-                os.eventfd_write(self.fd, 1)
-            else:  # pragma: no cover
-                os.write(self._write_fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already readable, or closed while stopping: nothing to wake
+        with self._lock:
+            if self._write_fd < 0:
+                return  # closed: the DUL thread has ended, nothing to wake
+            try:
+                if self._write_fd == self.fd:
+                    os.eventfd_write(self.fd, 1)
+                else:  # pragma: no cover
+                    os.write(self._write_fd, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # already readable
 
     def drain(self) -> None:
+        fd = self.fd  # only the DUL thread drains and closes: no race with close()
+        if fd < 0:
+            return
         try:
-            if self._write_fd == self.fd:
-                os.eventfd_read(self.fd)
+            if self._write_fd == fd:
+                os.eventfd_read(fd)
             else:  # pragma: no cover
-                os.read(self.fd, 4096)
+                os.read(fd, 4096)
         except (BlockingIOError, OSError):
             pass
 
-    def __del__(self) -> None:
-        # Closed only when nothing can reach it any more: closing it while another
-        # thread may still call wake() could let that write land in a reused fd.
-        for fd in {self.fd, self._write_fd}:
+    def close(self) -> None:
+        """Close the descriptors; later calls of :meth:`wake` do nothing."""
+        with self._lock:
+            fds = {self.fd, self._write_fd} - {-1}
+            self.fd = self._write_fd = -1
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class _WakingQueue(queue.Queue):
@@ -278,6 +298,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 wake_assoc.set()
     finally:
         wake_assoc.set()  # the association thread checks dul.is_alive()
+        self._waker.close()  # nothing selects on it any more
 
 
 # -- the association thread -------------------------------------------------------------
