@@ -86,10 +86,14 @@ class AnalyserPool:
     size : int
         Helper processes; each is served by one thread of this process that is
         blocked in socket calls (GIL released) while its helper works.
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``, for :func:`pacs.ingest.analyse` (the inflated size
+        of deflated data sets); ``None``: no limit.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_object_bytes: int | None = None) -> None:
         self.size = size
+        self.max_object_bytes = max_object_bytes
         self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -106,7 +110,7 @@ class AnalyserPool:
         """
         future: Future[Result] = Future()
         if self.size <= 0 or len(data) > INLINE_BYTES:
-            future.set_result(try_analyse(data))
+            future.set_result(try_analyse(data, self.max_object_bytes))
             return future
         with self._lock:  # no object slips in behind close()'s stop signals
             self._start_locked()
@@ -151,7 +155,7 @@ class AnalyserPool:
     def _serve(self) -> None:
         """One helper's thread: keep up to :data:`IN_FLIGHT` objects with its helper,
         replace the helper when it fails."""
-        helper = _spawned()
+        helper = _spawned(self.max_object_bytes)
         sent: deque[_Task] = deque()  # with the helper, in order, replies not read yet
         again: deque[_Task] = deque()  # to send to a new helper after one failed
         running = True
@@ -172,7 +176,7 @@ class AnalyserPool:
                             continue
                         task = queued
                     try:
-                        helper = helper or _Helper()
+                        helper = helper or _Helper(self.max_object_bytes)
                         helper.send(task.data)
                     except Exception as exc:  # noqa: BLE001 - any failure: a new helper
                         # Gone before this object reached it: because of an earlier
@@ -208,10 +212,10 @@ class AnalyserPool:
                 helper.close()
 
 
-def _spawned() -> _Helper | None:
+def _spawned(max_object_bytes: int | None) -> _Helper | None:
     """A new helper, or ``None`` if none can start now (tried again with an object)."""
     try:
-        return _Helper()
+        return _Helper(max_object_bytes)
     except OSError as exc:
         log.error("cannot start an analysis helper: %s", exc)
         return None
@@ -242,14 +246,16 @@ def _replace(helper: _Helper | None, sent: deque[_Task], again: deque[_Task],
 class _Helper:
     """One helper process and our end of its socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_object_bytes: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        limit = [] if max_object_bytes is None else [str(max_object_bytes)]
         try:
             for end in (ours, theirs):
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
             self.process = subprocess.Popen(
-                [sys.executable, "-P", "-m", "pacs.analysers", str(theirs.fileno())],
+                [sys.executable, "-P", "-m", "pacs.analysers", str(theirs.fileno()),
+                 *limit],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
                 env=_helper_environment(), start_new_session=True)
         except BaseException:
@@ -353,7 +359,10 @@ def _read_objects(sock: socket.socket, inbox: queue.SimpleQueue[bytes | None]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A helper: analyse each object received on the inherited socket until EOF."""
+    """A helper: analyse each object received on the inherited socket until EOF.
+
+    Arguments: the socket's descriptor, then optionally ``PACS_MAX_OBJECT_BYTES``.
+    """
     from pacs.cli import LOG_FORMAT
     from pacs.dataset import quiet_pydicom  # the same reading settings as the parent
 
@@ -362,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     keep_large_buffers()
     args = sys.argv[1:] if argv is None else argv
     sock = socket.socket(fileno=int(args[0]))
+    max_object_bytes = int(args[1]) if len(args) > 1 else None
     inbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     threading.Thread(target=_read_objects, args=(sock, inbox), daemon=True).start()
     try:
         sock.sendall(_LENGTH.pack(0))  # ready: an empty frame
         while (data := inbox.get()) is not None:
-            reply = _reply(try_analyse(data))
+            reply = _reply(try_analyse(data, max_object_bytes))
             sock.sendall(_LENGTH.pack(len(reply)) + reply)
     except OSError:
         pass

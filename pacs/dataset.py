@@ -3,6 +3,13 @@
 Ingest never decodes pixel data (malformed pixel data is where decoders break) and
 never re-encodes: it reads the header with pydicom and walks the element lengths of the
 data set to prove the object is complete.
+
+A deflated data set (Deflated Explicit VR Little Endian, PS3.5 A.5) is never inflated
+whole: a few MB of deflate can stand for gigabytes.  It is inflated as a stream
+(:class:`Inflater`, one chunk at a time, counted against the object size limit) while
+the element lengths are walked (:func:`walk_deflated`); only the header before the
+pixel data is kept, at most :data:`MAX_DEFLATED_HEADER` bytes, and that is all pydicom
+reads.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from typing import Any
 import pydicom
 import pydicom.config
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from pacs.attributes import ITEM_KEYS, Attribute, Level, case_folded_column, stored
-from pacs.errors import InvalidUID, UnreadableData
+from pacs.errors import InvalidUID, ObjectTooLarge, UnreadableData
 
 #: PS3.5 9.1: components of digits separated by dots, no leading zero in a
 #: multi-digit component, at most 64 characters.
@@ -92,29 +100,48 @@ class Instance(Identity):
     header: Dataset
 
 
-def read_part10(data: bytes | memoryview) -> Instance:
+def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
     """Parse a Part 10 object's header and prove the data set is complete.
+
+    Parameters
+    ----------
+    data :
+        The object as received.
+    max_object_bytes :
+        Largest object accepted, as received and, for a deflated data set, once
+        inflated (``PACS_MAX_OBJECT_BYTES``); ``None`` for no limit.
 
     Raises
     ------
     UnreadableData
         Not a Part 10 object, a header that does not parse, or a truncated data set.
+    ObjectTooLarge
+        Larger than ``max_object_bytes`` (as received or inflated), or a deflated data
+        set whose header before the pixel data is larger than
+        :data:`MAX_DEFLATED_HEADER`.
     InvalidUID
         A SOP Class, SOP Instance, Study or Series Instance UID that is not valid.
     """
     buffer = bytes(data) if isinstance(data, memoryview) else data
+    if max_object_bytes is not None and len(buffer) > max_object_bytes:
+        raise ObjectTooLarge(f"the object is larger than {max_object_bytes} bytes")
     if len(buffer) < 132 or buffer[128:132] != b"DICM":
         raise UnreadableData("not a DICOM Part 10 object (no preamble and DICM prefix)")
-    try:
-        header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
-        meta = header.file_meta
-        transfer_syntax = require_uid(meta.TransferSyntaxUID, "TransferSyntaxUID")
-        offset = dataset_offset(buffer)
-    except (InvalidUID, UnreadableData):
-        raise
-    except Exception as exc:  # pydicom raises many kinds for malformed input
-        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
-    check_complete(memoryview(buffer)[offset:], transfer_syntax)
+    offset = dataset_offset(buffer)
+    if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
+        header = _read_deflated(buffer, offset, max_object_bytes)
+        transfer_syntax = str(DeflatedExplicitVRLittleEndian)
+    else:
+        try:
+            header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+            meta = header.file_meta
+            transfer_syntax = require_uid(meta.TransferSyntaxUID, "TransferSyntaxUID")
+        except (InvalidUID, UnreadableData):
+            raise
+        except Exception as exc:  # pydicom raises many kinds for malformed input
+            raise UnreadableData(
+                f"the data set does not parse: {type(exc).__name__}") from None
+        check_complete(memoryview(buffer)[offset:], transfer_syntax)
     try:
         sop_class = header.get("SOPClassUID", "")
         sop_instance = header.get("SOPInstanceUID", "")
@@ -131,6 +158,52 @@ def read_part10(data: bytes | memoryview) -> Instance:
         transfer_syntax=transfer_syntax,
         dataset_offset=offset,
     )
+
+
+def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
+    """The Transfer Syntax UID (0002,0010) of the file meta that ends at ``offset``,
+    read from the bytes (explicit VR little endian, PS3.10 7.1); ``None`` if absent."""
+    end = min(offset, len(buffer))
+    position = 132
+    while position + 12 <= end:
+        group, element = struct.unpack_from("<HH", buffer, position)
+        if buffer[position + 4:position + 6] in _LONG_VRS:
+            start, length = position + 12, struct.unpack_from("<I", buffer, position + 8)[0]
+        else:
+            start, length = position + 8, struct.unpack_from("<H", buffer, position + 6)[0]
+        if (group, element) == (0x0002, 0x0010):
+            return buffer[start:start + length].decode("ascii", "replace").strip("\0 ")
+        position = start + length
+    return None
+
+
+def _read_deflated(buffer: bytes, offset: int, max_object_bytes: int | None) -> FileDataset:
+    """The header of a deflated object, proven whole, inflated no further than needed.
+
+    The walk (:func:`walk_deflated`) proves the data set complete and keeps the bytes
+    before the pixel data; pydicom reads only those, as the explicit VR little endian
+    data set they are (PS3.5 A.5), and the file meta from the object itself.
+    """
+    walked = walk_deflated(memoryview(buffer)[offset:], max_object_bytes)
+    try:
+        source = io.BytesIO(buffer[:offset])
+        source.seek(132)
+        meta = FileMetaDataset(read_dataset(source, is_implicit_VR=False,
+                                            is_little_endian=True,
+                                            stop_when=_not_file_meta))
+        dataset = read_dataset(io.BytesIO(walked.header), is_implicit_VR=False,
+                               is_little_endian=True)
+        header = FileDataset(io.BytesIO(walked.header), dataset, preamble=buffer[:128],
+                             file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+        # Decode values as pydicom would after inflating the whole data set.
+        header.set_original_encoding(False, True, dataset._character_set)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
+    return header
+
+
+def _not_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
 
 
 def dataset_offset(buffer: bytes) -> int:
@@ -224,27 +297,287 @@ class _Walker:
                 position += length
 
 
-def check_complete(dataset: memoryview, transfer_syntax: str) -> None:
+def check_complete(dataset: memoryview, transfer_syntax: str,
+                   max_inflated: int | None = None) -> None:
     """Raise :class:`UnreadableData` unless the encoded data set is whole.
 
     Every element's value must fit in the bytes received and the last one must end
-    exactly at the end of the object.
+    exactly at the end of the object.  A deflated data set is walked as a stream
+    (:func:`walk_deflated`), inflating at most ``max_inflated`` bytes
+    (:class:`ObjectTooLarge` beyond).
     """
-    data = dataset
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            data = memoryview(inflater.decompress(bytes(dataset)))
-        except zlib.error:
-            raise UnreadableData("the deflated data set does not inflate") from None
-        if not inflater.eof:
-            raise UnreadableData("the deflated data set is truncated")
+        walk_deflated(dataset, max_inflated, header_limit=None)
+        return
     walker = _Walker(
-        data,
+        dataset,
         implicit=transfer_syntax == ImplicitVRLittleEndian,
         little=transfer_syntax != ExplicitVRBigEndian,
     )
-    walker.dataset(0, len(data))
+    walker.dataset(0, len(dataset))
+
+
+# --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------
+
+#: Inflated bytes produced per zlib call: the most of a deflated data set held at once
+#: while it is walked (beside the header kept for pydicom).
+INFLATE_CHUNK = 1 << 20
+#: Deflated bytes given to zlib per call (its unconsumed input is copied each call).
+_FEED_BYTES = 1 << 16
+#: Largest header (the data set before its pixel data) of a deflated object that is
+#: kept for pydicom.  Real deflated objects are structured reports and small images
+#: whose header is a few KB; a larger one is refused (:class:`ObjectTooLarge`) rather
+#: than held in memory.
+MAX_DEFLATED_HEADER = 64 << 20
+#: Pixel data tags (PS3.5 7.1: Float, Double Float and Pixel Data), where pydicom's
+#: ``stop_before_pixels`` stops.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+class Inflater:
+    """A raw deflate stream inflated chunk by chunk, its output counted.
+
+    Parameters
+    ----------
+    deflated :
+        The deflated bytes (a view: nothing is copied but one feed at a time).
+    limit :
+        Most inflated bytes allowed (:class:`ObjectTooLarge` past it); ``None``: any.
+    chunk :
+        Most inflated bytes returned by one :meth:`read`.
+    """
+
+    def __init__(self, deflated: memoryview, limit: int | None,
+                 chunk: int = INFLATE_CHUNK) -> None:
+        self._source = deflated
+        self._fed = 0
+        self._pending: bytes | memoryview = b""
+        self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.limit = limit
+        self.chunk = chunk
+        #: Inflated bytes produced so far.
+        self.inflated = 0
+
+    def read(self) -> bytes:
+        """The next inflated bytes (at most ``chunk``); ``b""`` once the deflate stream
+        has ended.  Bytes after its end (PS3.5 A.5 allows a pad byte) are ignored.
+
+        Raises
+        ------
+        UnreadableData
+            The deflate stream is corrupt, or the object ends before it does.
+        ObjectTooLarge
+            More than ``limit`` bytes inflated.
+        """
+        while not self._zlib.eof:
+            if not self._pending and self._fed < len(self._source):
+                self._pending = self._source[self._fed:self._fed + _FEED_BYTES]
+                self._fed += len(self._pending)
+            try:
+                # Also without new input: zlib may hold output back for max_length.
+                out = self._zlib.decompress(self._pending, self.chunk)
+            except zlib.error:
+                raise UnreadableData("the deflated data set does not inflate") from None
+            self._pending = self._zlib.unconsumed_tail
+            if out:
+                self.inflated += len(out)
+                if self.limit is not None and self.inflated > self.limit:
+                    raise ObjectTooLarge(
+                        f"the deflated data set inflates to more than {self.limit} bytes")
+                return out
+            if not self._pending and self._fed >= len(self._source) and not self._zlib.eof:
+                raise UnreadableData("the deflated data set is truncated")
+        return b""
+
+
+class _InflatedReader:
+    """Exact reads and skips over an :class:`Inflater`, keeping what was read up to
+    :meth:`stop_keeping` (the header for pydicom), at most ``keep_limit`` bytes
+    (``None``: keep nothing)."""
+
+    def __init__(self, inflater: Inflater, keep_limit: int | None) -> None:
+        self.inflater = inflater
+        self.chunk = b""
+        self.offset = 0
+        #: Position in the inflated data set.
+        self.position = 0
+        self.kept = bytearray()
+        self.keeping = keep_limit is not None
+        self.keep_limit = keep_limit or 0
+
+    def at_end(self) -> bool:
+        """True when the data set has no more bytes (the deflate stream ended)."""
+        return self.offset >= len(self.chunk) and not self._refill()
+
+    def _refill(self) -> bool:
+        self.chunk, self.offset = self.inflater.read(), 0
+        return bool(self.chunk)
+
+    def read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes (:class:`UnreadableData` when the data set ends)."""
+        if self.offset + size <= len(self.chunk):  # the usual case: one slice
+            data = self.chunk[self.offset:self.offset + size]
+            self.offset += size
+        else:
+            pieces = []
+            wanted = size
+            while wanted:
+                if self.offset >= len(self.chunk) and not self._refill():
+                    raise UnreadableData("the data set is truncated")
+                piece = self.chunk[self.offset:self.offset + wanted]
+                self.offset += len(piece)
+                wanted -= len(piece)
+                pieces.append(piece)
+            data = b"".join(pieces)
+        self._advance(data)
+        return data
+
+    def skip(self, size: int) -> None:
+        """Pass ``size`` bytes, one chunk at a time."""
+        while size:
+            if self.offset >= len(self.chunk) and not self._refill():
+                raise UnreadableData("the data set is truncated")
+            step = min(size, len(self.chunk) - self.offset)
+            if self.keeping:
+                self._advance(self.chunk[self.offset:self.offset + step])
+            else:
+                self.position += step
+            self.offset += step
+            size -= step
+
+    def _advance(self, data: bytes) -> None:
+        self.position += len(data)
+        if self.keeping:
+            self.check_kept(self.position)
+            self.kept += data
+
+    def check_kept(self, end: int) -> None:
+        """:class:`ObjectTooLarge` if keeping up to position ``end`` is too much."""
+        if self.keeping and end > self.keep_limit:
+            raise ObjectTooLarge("the header (before the pixel data) of the deflated "
+                                 f"data set is larger than {self.keep_limit} bytes")
+
+    def stop_keeping(self, at: int) -> None:
+        """Keep nothing after position ``at`` (where the pixel data element starts)."""
+        if self.keeping:
+            del self.kept[at:]
+            self.keeping = False
+
+
+class _StreamWalker:
+    """:class:`_Walker`'s walk over an inflated stream (explicit VR little endian):
+    element headers are read, values skipped."""
+
+    def __init__(self, reader: _InflatedReader, limit: int | None) -> None:
+        self.reader = reader
+        self.limit = limit
+
+    def _header(self) -> tuple[int, int]:
+        """(tag, value length) of the next element or item."""
+        head = self.reader.read(8)
+        group, element = struct.unpack_from("<HH", head)
+        tag = (group << 16) | element
+        if group == 0xFFFE:
+            return tag, struct.unpack_from("<I", head, 4)[0]
+        if head[4:6] in _LONG_VRS:
+            return tag, struct.unpack("<I", self.reader.read(4))[0]
+        return tag, struct.unpack_from("<H", head, 6)[0]
+
+    def _skip(self, length: int) -> None:
+        """Pass a value of defined length, refusing at once one that cannot fit."""
+        end = self.reader.position + length
+        if self.limit is not None and end > self.limit:
+            raise ObjectTooLarge(
+                f"the deflated data set inflates to more than {self.limit} bytes")
+        self.reader.check_kept(end)
+        self.reader.skip(length)
+
+    def top(self) -> None:
+        """Walk the top-level data set to the end of the stream."""
+        reader = self.reader
+        while not reader.at_end():
+            start = reader.position
+            tag, length = self._header()
+            if tag in _PIXEL_TAGS:
+                reader.stop_keeping(start)
+            if tag == _ITEM_END:
+                raise UnreadableData("unexpected item delimiter")
+            self._value(length, 0)
+
+    def _value(self, length: int, depth: int) -> None:
+        if length == _UNDEFINED:
+            self._undefined(depth)
+        else:
+            self._skip(length)
+
+    def _item(self, depth: int) -> None:
+        """An item of undefined length: elements up to its delimiter."""
+        if depth > 64:
+            raise UnreadableData("sequences nested too deeply")
+        while True:
+            tag, length = self._header()
+            if tag == _ITEM_END:
+                return
+            self._value(length, depth)
+
+    def _undefined(self, depth: int) -> None:
+        """Items of a sequence or fragments of encapsulated pixel data."""
+        while True:
+            tag, length = self._header()
+            if tag == _SEQ_END:
+                return
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence or pixel data fragments")
+            if length == _UNDEFINED:
+                self._item(depth + 1)
+            else:
+                self._skip(length)
+
+
+@dataclass(frozen=True)
+class DeflatedWalk:
+    """What :func:`walk_deflated` found.
+
+    Attributes
+    ----------
+    header :
+        The inflated data set up to its top-level pixel data element (all of it when
+        it has none); empty when not asked for.
+    inflated :
+        The inflated data set's size.
+    """
+
+    header: bytes
+    inflated: int
+
+
+def walk_deflated(deflated: memoryview, max_inflated: int | None,
+                  header_limit: int | None = MAX_DEFLATED_HEADER) -> DeflatedWalk:
+    """Prove a deflated data set whole while inflating it as a stream.
+
+    Memory stays at a chunk (:data:`INFLATE_CHUNK`) plus the header kept, whatever the
+    data set inflates to.
+
+    Parameters
+    ----------
+    deflated :
+        The data set as stored (after the file meta).
+    max_inflated :
+        Most bytes it may inflate to (``None``: any).
+    header_limit :
+        Most header bytes kept (``None``: keep none).
+
+    Raises
+    ------
+    UnreadableData
+        A corrupt or truncated deflate stream, or a truncated or malformed data set.
+    ObjectTooLarge
+        It inflates (or an element says it would inflate) past ``max_inflated``, or
+        its header is larger than ``header_limit``.
+    """
+    reader = _InflatedReader(Inflater(deflated, max_inflated), header_limit)
+    _StreamWalker(reader, max_inflated).top()
+    return DeflatedWalk(bytes(reader.kept), reader.position)
 
 
 def _text(value: Any) -> str | None:

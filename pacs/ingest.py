@@ -35,7 +35,14 @@ import apsw
 from pacs import metadata
 from pacs.attributes import Level
 from pacs.dataset import Identity, dataset_offset, extract, read_part10, require_uid
-from pacs.errors import DuplicateRejected, IndexFailure, NotFound, PacsError, UIDMismatch
+from pacs.errors import (
+    DuplicateRejected,
+    IndexFailure,
+    NotFound,
+    ObjectTooLarge,
+    PacsError,
+    UIDMismatch,
+)
 from pacs.index import writer
 from pacs.index.connection import Index
 from pacs.storage import ObjectStore, object_key
@@ -87,7 +94,8 @@ class Analysis(Identity):
     metadata: metadata.Prepared | None
 
 
-def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
+def analyse(data: bytes, expected: tuple[str, str] | None = None,
+            max_object_bytes: int | None = None) -> Analysis:
     """Read, check and describe one Part 10 object (step 1 of the module docstring).
 
     Parameters
@@ -97,16 +105,20 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None) -> Analysis:
     expected : (SOP Class UID, SOP Instance UID), optional
         The UIDs of the C-STORE command, which must agree with the data set
         (PS3.4 B.2.3; Orthanc checks the same).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: the largest object, as received and, for a deflated
+        data set, once inflated (``None``: no limit).
 
     Raises
     ------
     InvalidInstance
-        Unreadable data, invalid UIDs or a UID mismatch.
+        Unreadable data, invalid UIDs, a UID mismatch, or an object too large
+        (:class:`ObjectTooLarge`).
     """
     if expected is not None:
         expected = (require_uid(expected[0], "Affected SOP Class UID"),
                     require_uid(expected[1], "Affected SOP Instance UID"))
-    instance = read_part10(data)
+    instance = read_part10(data, max_object_bytes)
     if expected is not None and expected != (instance.sop_class_uid,
                                              instance.sop_instance_uid):
         raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
@@ -135,16 +147,16 @@ class Received:
     analysis: Analysis | Exception
 
     @classmethod
-    def of(cls, data: bytes) -> Received:
+    def of(cls, data: bytes, max_object_bytes: int | None = None) -> Received:
         """Analyse ``data`` here (:func:`try_analyse`)."""
-        return cls(data, try_analyse(data))
+        return cls(data, try_analyse(data, max_object_bytes))
 
 
-def try_analyse(data: bytes) -> Analysis | Exception:
+def try_analyse(data: bytes, max_object_bytes: int | None = None) -> Analysis | Exception:
     """:func:`analyse`, with its exception returned: a refusal (:class:`PacsError`), or
     a fault that fails this object alone."""
     try:
-        return analyse(data)
+        return analyse(data, max_object_bytes=max_object_bytes)
     except Exception as exc:  # noqa: BLE001 - reported as this object's outcome
         return exc
 
@@ -160,14 +172,18 @@ class Ingest:
         What to do with a different object under a stored SOP Instance UID.
     lock_dir : Path
         A local folder for the per-UID locks (shared by every process of the node).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: larger objects (as received, or a deflated data set
+        once inflated) are refused with :class:`ObjectTooLarge`; ``None``: no limit.
     """
 
     def __init__(self, index: Index, store: ObjectStore, duplicate_policy: str,
-                 lock_dir: Path) -> None:
+                 lock_dir: Path, max_object_bytes: int | None = None) -> None:
         self.index = index
         self.store = store
         self.duplicate_policy = duplicate_policy
         self.lock_dir = lock_dir
+        self.max_object_bytes = max_object_bytes
         lock_dir.mkdir(parents=True, exist_ok=True)
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
@@ -184,14 +200,34 @@ class Ingest:
         Raises
         ------
         InvalidInstance
-            Unreadable data, invalid UIDs, UID mismatch, or a rejected duplicate.
+            Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, or an
+            object over ``max_object_bytes`` (:class:`ObjectTooLarge`).
         StorageError, IndexFailure
             The store or the index failed; nothing of the object remains.
         """
-        analysis = analyse(data, expected)
+        analysis = analyse(data, expected, self.max_object_bytes)
         with self._uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae)
         return _result(outcome, analysis)
+
+    def store_file(self, path: Path, *, calling_ae: str = "") -> StoreResult:
+        """:meth:`store_bytes` of a file (``pacs import``), refused by its size before
+        it is read when it is over ``max_object_bytes``.
+
+        Raises
+        ------
+        OSError
+            The file cannot be read.
+        InvalidInstance, StorageError, IndexFailure
+            As :meth:`store_bytes`.
+        """
+        with open(path, "rb") as file:
+            if (self.max_object_bytes is not None
+                    and os.fstat(file.fileno()).st_size > self.max_object_bytes):
+                raise ObjectTooLarge(
+                    f"the object is larger than {self.max_object_bytes} bytes")
+            data = file.read()
+        return self.store_bytes(data, calling_ae=calling_ae)
 
     def store_batch(self, items: Sequence[Received], *,
                     calling_ae: str = "") -> list[StoreResult | BaseException]:
@@ -206,15 +242,21 @@ class Ingest:
 
         The objects come analysed (:meth:`Received.of`), so that a caller can analyse
         the next ones while a batch is written: analysis is most of an object's CPU,
-        and writing is mostly waiting for the disk.
+        and writing is mostly waiting for the disk.  An object over
+        ``max_object_bytes`` is refused (:class:`ObjectTooLarge`) whatever its
+        analysis says; the caller's analysis must have been given the same limit for
+        the inflated size of deflated data sets.
         """
         results: list[StoreResult | BaseException | None] = [None] * len(items)
         analysed: dict[int, Analysis] = {}
         seen: set[str] = set()
         later: list[int] = []
+        limit = self.max_object_bytes
         for number, item in enumerate(items):
             analysis = item.analysis
-            if not isinstance(analysis, Analysis):
+            if limit is not None and len(item.data) > limit:
+                results[number] = ObjectTooLarge(f"the object is larger than {limit} bytes")
+            elif not isinstance(analysis, Analysis):
                 results[number] = analysis
             elif analysis.sop_instance_uid in seen:
                 later.append(number)

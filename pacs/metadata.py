@@ -43,7 +43,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from pacs import jsonmodel
-from pacs.errors import IndexFailure, NotFound, UnreadableData
+from pacs.dataset import read_part10
+from pacs.errors import IndexFailure, NotFound, PacsError, UnreadableData
 from pacs.jsonmodel import BULK_DATA_THRESHOLD, PIXEL_TAGS
 
 if TYPE_CHECKING:
@@ -143,8 +144,14 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
         The Part 10 object as stored.
     """
     try:
-        pixel = _pixel_element(instance.header, data, instance.transfer_syntax)
-        if pixel is None and _looks_like_an_image(instance):
+        if instance.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            # The header came from a bounded walk of the deflate stream
+            # (pacs.dataset.walk_deflated): never inflate the whole data set here.
+            pixel = _deflated_pixels(instance.header)
+        else:
+            pixel = _pixel_element(instance.header, data, instance.transfer_syntax)
+        if pixel is None and _looks_like_an_image(instance) and (
+                instance.transfer_syntax != DeflatedExplicitVRLittleEndian):
             # The header reader did not leave its position at the pixel data (or the
             # data set is deflated): parse again, slower but certain.
             return prepare_from_stream(io.BytesIO(data), instance.transfer_syntax)
@@ -344,18 +351,22 @@ def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
     UnreadableData
         When the stored object does not parse.
     """
-    try:
-        header = pydicom.dcmread(source, stop_before_pixels=True)
-        position = source.tell()
-        head = source.read(12)
-        total = source.seek(0, 2)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        header = _deflated_header(source)
+        pixel = _deflated_pixels(header)
         study, series, sop = (str(header.get(k, "")) for k in (
             "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-    except Exception as exc:  # pydicom raises many kinds for malformed input
-        raise UnreadableData(f"stored object does not parse: {type(exc).__name__}") from None
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        pixel = _deflated_pixels(header)
     else:
+        try:
+            header = pydicom.dcmread(source, stop_before_pixels=True)
+            position = source.tell()
+            head = source.read(12)
+            total = source.seek(0, 2)
+            study, series, sop = (str(header.get(k, "")) for k in (
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        except Exception as exc:  # pydicom raises many kinds for malformed input
+            raise UnreadableData(
+                f"stored object does not parse: {type(exc).__name__}") from None
         pixel = pixel_element_at(head, position, total, transfer_syntax)
     try:
         text = encode(header, study, series, sop, transfer_syntax, pixel)
@@ -364,6 +375,23 @@ def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
     if pixel is None:
         return Prepared(text, None, None)
     return Prepared(text, pixel.offset, pixel.length)
+
+
+def _deflated_header(source: BinaryIO) -> Dataset:
+    """The header of a stored deflated object, read as ingest reads it: the deflate
+    stream walked in chunks, only the part before the pixel data kept
+    (:func:`pacs.dataset.read_part10`), never the whole data set inflated.
+
+    Raises
+    ------
+    UnreadableData
+        When the stored object does not parse.
+    """
+    source.seek(0)
+    try:
+        return read_part10(source.read()).header
+    except PacsError as exc:
+        raise UnreadableData(f"stored object does not parse: {exc}") from None
 
 
 def _deflated_pixels(header: Dataset) -> _Pixel | None:

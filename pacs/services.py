@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pacs.analysers import AnalyserPool
 from pacs.config import Settings
 from pacs.dataset import quiet_pydicom
-from pacs.index.connection import Index
+from pacs.index.connection import Index, busy_timeout_for
 from pacs.index.migrations import migrate
 from pacs.ingest import Ingest
 from pacs.query.engine import QueryEngine
@@ -54,11 +54,12 @@ def build(settings: Settings, store: ObjectStore | None = None) -> Services:
     quiet_pydicom()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = store if store is not None else open_store(settings)
-    index = Index(settings.index_path)
+    index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout))
     migrate(index.connection())
-    ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks")
+    ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks",
+                    max_object_bytes=settings.max_object_bytes)
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
     return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
-                    analysers=AnalyserPool(settings.web_analysers))
+                    analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes))

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from pacs.errors import DuplicateRejected, IndexFailure, InvalidUID, StorageError, UIDMismatch
+from pacs.errors import (
+    DuplicateRejected,
+    IndexFailure,
+    InvalidUID,
+    ObjectTooLarge,
+    StorageError,
+    UIDMismatch,
+)
 from pacs.index import writer
 from pacs.ingest import Outcome, Received
 from pacs.services import Services
@@ -224,3 +232,48 @@ def test_a_batch_index_failure_of_one_object_keeps_the_others(
     assert getattr(results[0], "outcome", None) is Outcome.STORED
     assert isinstance(results[1], IndexFailure)
     assert [key.rsplit("/", 1)[1] for key in memory_store.objects] == ["1.2.3.4.1.dcm"]
+
+
+# --- PACS_MAX_OBJECT_BYTES ------------------------------------------------------------------
+
+def _deflated(sop_uid: str, zeros: int) -> bytes:
+    """A deflated object whose pixel data is ``zeros`` zero bytes (a few KB deflated)."""
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.PixelData = b"\0" * zeros
+    ds.Rows, ds.Columns = zeros // 2048, 1024
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_objects_over_the_limit_are_refused_on_every_path(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        tmp_path: Path) -> None:
+    plain = _bytes(SOPInstanceUID="1.2.3.4.1")
+    services = make_services(store=memory_store, max_object_bytes=len(plain) - 1)
+    with pytest.raises(ObjectTooLarge):
+        services.ingest.store_bytes(plain)
+    [result] = services.ingest.store_batch([Received.of(plain)])
+    assert isinstance(result, ObjectTooLarge)
+    path = tmp_path / "big.dcm"
+    path.write_bytes(plain)
+    with pytest.raises(ObjectTooLarge):
+        services.ingest.store_file(path)
+    assert memory_store.objects == {}
+    assert writer.counts(services.index.connection())["instance"] == 0
+
+
+def test_a_deflated_object_counts_its_inflated_size(
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    bomb = _deflated("1.2.3.4.5", 4 << 20)
+    assert len(bomb) < 64 << 10
+    small = make_services(store=memory_store, max_object_bytes=1 << 20)
+    with pytest.raises(ObjectTooLarge):
+        small.ingest.store_bytes(bomb)
+    assert memory_store.objects == {}
+    large = make_services(store=memory_store, max_object_bytes=8 << 20)
+    result = large.ingest.store_bytes(bomb)
+    row = _row(large, result.sop_instance_uid)
+    assert row is not None and memory_store.objects[row.object_key] == bomb  # as received
