@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from pacs.config import Settings
 
 _KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
+#: Names of quarantine folders (one per repair run).
+_QUARANTINE_FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -41,6 +43,13 @@ def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
 def is_object_key(key: str) -> bool:
     """True for keys of the form :func:`object_key` builds."""
     return bool(_KEY_RE.match(key))
+
+
+def quarantine_folder(folder: str) -> str:
+    """``folder`` when it is a safe name for a quarantine folder, else StorageError."""
+    if not _QUARANTINE_FOLDER_RE.match(folder):
+        raise StorageError("refusing a quarantine folder name with unsafe characters")
+    return folder
 
 
 class ObjectStore(Protocol):
@@ -77,6 +86,15 @@ class ObjectStore(Protocol):
 
     def keys(self) -> Iterator[str]:
         """Every object key of this customer's area."""
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object out of the keys into the quarantine area, under ``folder``.
+
+        For objects that repair (``pacs fsck --repair``) takes out of service without
+        deleting them: the object no longer exists at ``key`` (nor in :meth:`keys`), its
+        bytes are kept under ``quarantine/<folder>/<key>``.  Returns that place (a path
+        or an object name) for the report.  A missing key raises :class:`NotFound`.
+        """
 
     def check(self) -> None:
         """Raise :class:`pacs.errors.ConfigError` when the store cannot be used."""

@@ -6,6 +6,7 @@ atomically, and the folder is fsynced so that the rename itself survives a crash
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pacs.errors import ConfigError, NotFound, StorageError
-from pacs.storage import is_object_key
+from pacs.storage import is_object_key, quarantine_folder
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
@@ -30,10 +31,14 @@ class FileStore:
     ----------
     root : Path
         The folder of this customer's objects.
+    quarantine_root : Path, optional
+        Where :meth:`quarantine` moves objects; ``quarantine`` beside ``root`` (in the
+        customer's data folder) by default.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, quarantine_root: Path | None = None) -> None:
         self.root = root
+        self.quarantine_root = quarantine_root or root.parent / "quarantine"
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -179,17 +184,70 @@ class FileStore:
                 if is_object_key(key):
                     yield key
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a crash mid-write; return how many."""
-        removed = 0
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object to ``<quarantine_root>/<folder>/<key>``; return that path.
+
+        A rename when both folders are on one file system (atomic, both folders
+        fsynced); otherwise a durable copy first, and only then the removal.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object.
+        StorageError
+            When it cannot be moved (it stays where it was), or the place is taken.
+        """
+        source = self._path(key)
+        target = self.quarantine_root / quarantine_folder(folder) / key
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                raise StorageError("the quarantine already holds this object")
+            try:
+                os.rename(source, target)
+            except FileNotFoundError:
+                raise NotFound("no such object") from None
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_across(source, target)
+                source.unlink()
+            _fsync_dir(target.parent)
+            _fsync_dir(source.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot quarantine object: {exc.strerror or exc}") from exc
+        return str(target)
+
+    @staticmethod
+    def _copy_across(source: Path, target: Path) -> None:
+        """Copy to another file system durably: temporary file, fsync, rename."""
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as stream:
+                shutil.copyfileobj(stream, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            _unlink_quietly(tmp_name)
+            raise
+
+    def temporaries(self) -> list[Path]:
+        """The temporary files of writes in progress or interrupted by a crash."""
         if not self.root.is_dir():
-            return 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                if name.startswith(_TMP_PREFIX):
-                    _unlink_quietly(os.path.join(dirpath, name))
-                    removed += 1
-        return removed
+            return []
+        return [Path(dirpath) / name for dirpath, _dirs, files in os.walk(self.root)
+                for name in files if name.startswith(_TMP_PREFIX)]
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a crash mid-write; return how many.
+
+        Only while nothing writes (at start-up): a write in progress has one too.
+        """
+        found = self.temporaries()
+        for path in found:
+            _unlink_quietly(str(path))
+        return len(found)
 
     def check(self) -> None:
         """The folder must exist (it is created) and be writable."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pacs.errors import NotFound, StorageError
-from pacs.storage import is_object_key, put_each
+from pacs.storage import is_object_key, put_each, quarantine_folder
 
 
 class MemoryStore:
@@ -17,6 +17,8 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
+        #: Objects moved by :meth:`quarantine`, by their quarantine name.
+        self.quarantined: dict[str, bytes] = {}
         self.fail_puts = False
         self._lock = threading.Lock()
 
@@ -67,6 +69,15 @@ class MemoryStore:
         """A snapshot of the keys."""
         with self._lock:
             return iter(list(self.objects))
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object to :attr:`quarantined` as ``quarantine/<folder>/<key>``."""
+        name = f"quarantine/{quarantine_folder(folder)}/{key}"
+        with self._lock:
+            if key not in self.objects:
+                raise NotFound("no such object")
+            self.quarantined[name] = self.objects.pop(key)
+        return name
 
     def check(self) -> None:
         """Always usable."""

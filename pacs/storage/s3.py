@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, BinaryIO, cast
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import MIN_PART_SIZE, md5sum_hash
 from urllib3.exceptions import (
@@ -49,7 +50,7 @@ from urllib3.exceptions import (
 )
 
 from pacs.errors import ConfigError, NotFound, StorageError
-from pacs.storage import is_object_key, put_each
+from pacs.storage import is_object_key, put_each, quarantine_folder
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -421,6 +422,33 @@ class S3Store:
     def local_path(self, key: str) -> Path | None:
         """No local files: objects are read over HTTP with :meth:`open`."""
         return None
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object to ``<customer>/quarantine/<folder>/<key>``; return that name.
+
+        A server-side copy, then the removal of the original: a failure in between
+        leaves both (never neither).  The quarantine is outside :meth:`keys`, whose keys
+        start with a UID.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object.
+        StorageError
+            When S3 fails.
+        """
+        name = self._object_name(key)
+        target = f"{self._prefix}quarantine/{quarantine_folder(folder)}/{key}"
+        with self._storage_errors("quarantine"):
+            try:
+                self._client.copy_object(bucket_name=self.bucket, object_name=target,
+                                         source=CopySource(self.bucket, name))
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES:
+                    raise NotFound("no such object") from None
+                raise
+            self._client.remove_object(bucket_name=self.bucket, object_name=name)
+        return target
 
     def keys(self) -> Iterator[str]:
         """Every object key of this customer, without the prefix."""
