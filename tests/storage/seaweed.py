@@ -3,7 +3,8 @@
 The session fixture :func:`seaweed_s3` starts ``weed server`` (master, volume, filer
 and S3 gateway in one process) on free loopback ports in a temporary folder, waits
 until an object can be written, and kills it at the end of the session.  The tests use
-it as they would use MinIO (DESIGN.md section 7).
+it as they would use MinIO (DESIGN.md section 7).  :class:`SeaweedServer` is the same
+server under a test's control, for the fault tests (stall, kill, start again).
 
 A missing ``weed`` binary fails the tests instead of skipping them: CI installs it.
 """
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sysconfig
@@ -134,6 +136,127 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+class SeaweedServer:
+    """One ``weed server`` process in its own folder, on its own free loopback ports.
+
+    Besides starting and stopping it, a test can stall it (:meth:`pause`, SIGSTOP: the
+    kernel still accepts connections and buffers requests, nothing answers), kill it
+    (:meth:`kill`, SIGKILL) and start it again on the same folder and ports
+    (:meth:`start`): the faults of an object store a node must live through.
+
+    Parameters
+    ----------
+    root : Path
+        A fresh folder for the data, the configuration and the log.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "weed.log"
+        identities = {
+            "identities": [
+                {
+                    "name": "admin",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        self.config_path = root / "identities.json"
+        self.config_path.write_text(json.dumps(identities))
+        (self.s3_port, self.s3_grpc, self.master, self.master_grpc, self.volume,
+         self.volume_grpc, self.filer, self.filer_grpc) = _free_ports(8)
+        self.s3 = SeaweedS3(endpoint=f"127.0.0.1:{self.s3_port}", access_key=ACCESS_KEY,
+                            secret_key=SECRET_KEY)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _command(self) -> list[str]:
+        return [
+            _weed_binary(), "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.port.grpc={self.s3_grpc}",
+            f"-s3.config={self.config_path}",
+            # The Iceberg and Lance catalog servers of the S3 gateway would take fixed
+            # default ports (8181, 9101): not needed, so off.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.localSocket={self.root / 's3.sock'}",
+            f"-master.port={self.master}",
+            f"-master.port.grpc={self.master_grpc}",
+            # No statistics sent anywhere from a test run.
+            "-master.telemetry=false",
+            # Every bucket is a collection that grows 7 volumes at its first write: small
+            # volumes and a high count let a few test buckets coexist.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=100",
+            f"-volume.port={self.volume}",
+            f"-volume.port.grpc={self.volume_grpc}",
+            # The default waits 10 s between stopping heartbeats and stopping.
+            "-volume.preStopSeconds=0",
+            f"-filer.port={self.filer}",
+            f"-filer.port.grpc={self.filer_grpc}",
+            f"-filer.localSocket={self.root / 'filer.sock'}",
+        ]
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running server."""
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    def start(self) -> SeaweedServer:
+        """Start the server (again, after :meth:`kill`) and wait until it takes writes."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self._remove_sockets()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self._command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.wait_until_writable()
+        return self
+
+    def wait_until_writable(self) -> None:
+        """Poll until an object can be written (see :func:`_wait_until_writable`)."""
+        assert self.process is not None
+        _wait_until_writable(self.s3, self.process, self.log_path)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are still accepted by the kernel, nothing is answered."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the server (resumed first, so that the kill is not held up)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            _stop(self.process)
+
+    def _remove_sockets(self) -> None:
+        # A killed weed leaves its unix sockets behind, and would not listen on them
+        # again: its own in the folder, and gRPC ones in /tmp named by port.
+        for name in ("s3.sock", "filer.sock"):
+            (self.root / name).unlink(missing_ok=True)
+        for port in (self.s3_port, self.s3_grpc, self.master_grpc, self.volume_grpc,
+                     self.filer_grpc):
+            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Kill the server and remove the sockets it leaves behind."""
+        self.kill()
+        self._remove_sockets()
+
+
 @pytest.fixture(scope="session")
 def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """A running SeaweedFS S3 server on loopback, for the whole test session.
@@ -144,70 +267,9 @@ def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         ``endpoint`` (``127.0.0.1:port``), ``access_key`` and ``secret_key`` of an
         identity allowed everything.
     """
-    weed = _weed_binary()
-    root = tmp_path_factory.mktemp("seaweed")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    identities = {
-        "identities": [
-            {
-                "name": "admin",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    config_path = root / "identities.json"
-    config_path.write_text(json.dumps(identities))
-
-    (s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer,
-     filer_grpc) = _free_ports(8)
-    server = SeaweedS3(
-        endpoint=f"127.0.0.1:{s3}", access_key=ACCESS_KEY, secret_key=SECRET_KEY
-    )
-    command = [
-        weed, "server",
-        f"-dir={data_dir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        f"-s3.config={config_path}",
-        # The Iceberg and Lance catalog servers of the S3 gateway would take fixed
-        # default ports (8181, 9101): not needed, so off.
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-s3.localSocket={root / 's3.sock'}",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        # No statistics sent anywhere from a test run.
-        "-master.telemetry=false",
-        # Every bucket is a collection that grows 7 volumes at its first write: small
-        # volumes and a high count let a few test buckets coexist.
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=100",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        # The default waits 10 s between stopping heartbeats and stopping.
-        "-volume.preStopSeconds=0",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        f"-filer.localSocket={root / 'filer.sock'}",
-    ]
-    log_path = root / "weed.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
     try:
-        _wait_until_writable(server, process, log_path)
-        yield server
+        server.start()
+        yield server.s3
     finally:
-        _stop(process)
-        # weed leaves some of its gRPC unix sockets in /tmp, named by port: remove
-        # the ones of this server's ports.
-        for port in (s3, s3_grpc, master_grpc, volume_grpc, filer_grpc):
-            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                leftover.unlink(missing_ok=True)
+        server.close()

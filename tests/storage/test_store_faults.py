@@ -1,0 +1,362 @@
+"""Faults of the parts under the ingest path, in one process: an S3 server that stalls or
+refuses, a disk that fills up during a write or an fsync, an index locked by another
+writer.  Each must fail within a bounded time, leave nothing behind and let the next
+write succeed once the fault is gone.
+
+The whole node under the same faults (SeaweedFS stopped or killed, a full tmpfs, the
+index locked) is ``tests/interop/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import apsw
+import pytest
+
+from pacs.attributes import BY_KEYWORD, Level
+from pacs.config import Settings
+from pacs.errors import IndexFailure, StorageError
+from pacs.index import writer
+from pacs.index.connection import Index, busy_timeout_for, connect
+from pacs.ingest import Received, analyse
+from pacs.query.engine import QueryEngine
+from pacs.query.model import Query
+from pacs.services import Services, build
+from pacs.storage import object_key
+from pacs.storage.filesystem import FileStore
+from pacs.storage.s3 import S3Store, timeouts_for
+from tests.factory import make_instance
+
+KEY = object_key("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
+                 "1.2.826.0.1.3680043.8.498.3")
+
+#: Seconds allowed on top of a computed bound (a loaded machine, thread start-up).
+SLACK = 5.0
+
+
+# --- the timeouts ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer_within", [10, 15, 20, 30, 60, 120, 600])
+def test_a_stalled_store_or_index_fails_before_the_peer_gives_up(answer_within: float) -> None:
+    connect_timeout, read_timeout = timeouts_for(answer_within)
+    # A single PUT: two stalled connects or sends, one read timeout, under 1 s back-off.
+    assert 2 * connect_timeout + read_timeout + 1 < answer_within
+    # A thread queued behind a group commit waits for it and then for its own.
+    assert 2 * busy_timeout_for(answer_within) < answer_within
+
+
+def test_default_timeouts() -> None:
+    assert timeouts_for(60) == (5.0, 15.0)
+    assert busy_timeout_for(60) == 15.0
+
+
+# --- S3: a server that stalls, or is gone -----------------------------------------------
+
+class StalledServer:
+    """A TCP server that accepts connections and never reads or answers (a SIGSTOPped
+    S3 server as its clients see it: the kernel accepts, nothing else happens)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        # Small buffers, so that a large body stalls the sender quickly.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def stalled() -> Iterator[StalledServer]:
+    server = StalledServer()
+    yield server
+    server.close()
+
+
+def _s3(port: int, connect_timeout: float = 1.0, read_timeout: float = 2.0) -> S3Store:
+    return S3Store(endpoint=f"127.0.0.1:{port}", access_key="a", secret_key="secret-b",
+                   bucket="pacs", customer="default", connect_timeout=connect_timeout,
+                   read_timeout=read_timeout)
+
+
+def test_s3_put_to_a_stalled_server_fails_after_one_read_timeout(
+        stalled: StalledServer) -> None:
+    store = _s3(stalled.port)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="timed out") as caught:
+        store.put(KEY, io.BytesIO(b"x" * 1000), 1000)
+    elapsed = time.monotonic() - started
+    assert 2.0 <= elapsed < 2.0 + SLACK
+    # Not sent again: a second try would only double the wait.
+    assert len(stalled.accepted) == 1
+    assert "secret-b" not in str(caught.value)
+    store.close()
+
+
+def test_s3_put_of_a_body_the_server_stops_reading_fails_within_two_send_timeouts(
+        stalled: StalledServer) -> None:
+    store = _s3(stalled.port, connect_timeout=1.0, read_timeout=30.0)
+    data = os.urandom(8 * 2**20)  # far more than the socket buffers hold
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        store.put(KEY, io.BytesIO(data), len(data))
+    # Each send is bounded by the connect timeout; a stalled send is tried once more.
+    assert time.monotonic() - started < 2 * 1.0 + 1 + SLACK
+    assert len(stalled.accepted) == 2
+    store.close()
+
+
+def test_s3_put_to_a_closed_port_fails_fast() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = _s3(port, connect_timeout=5.0, read_timeout=15.0)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="refused"):
+        store.put(KEY, io.BytesIO(b"x"), 1)
+    assert time.monotonic() - started < SLACK
+    store.close()
+
+
+def test_s3_store_takes_its_timeouts_from_the_dimse_timeout(settings: Settings) -> None:
+    store = S3Store.from_settings(settings.with_overrides(
+        storage="s3", s3_endpoint="127.0.0.1:9", dimse_timeout=20.0))
+    timeout = store._http.connection_pool_kw["timeout"]
+    assert (timeout.connect_timeout, timeout.read_timeout) == timeouts_for(20.0)
+    store.close()
+
+
+# --- the folder store: a disk that fills up --------------------------------------------
+
+def _enospc(*_args: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _nothing_left(root: Path) -> None:
+    leftovers = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    assert leftovers == []
+
+
+def test_file_put_that_runs_out_of_space_mid_write_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = FileStore(tmp_path / "objects")
+
+    def half_then_full(source: BinaryIO, out: BinaryIO, length: int) -> int:
+        out.write(source.read(length // 2))
+        out.flush()
+        _enospc()
+        return 0
+
+    monkeypatch.setattr("pacs.storage.filesystem._copy", half_then_full)
+    with pytest.raises(StorageError, match="No space left"):
+        store.put(KEY, io.BytesIO(b"x" * 4096), 4096)
+    _nothing_left(tmp_path / "objects")
+    monkeypatch.undo()
+    store.put(KEY, io.BytesIO(b"y" * 4096), 4096)  # space again: the next one is stored
+    assert store.open(KEY).read() == b"y" * 4096
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["put", "put_many"])
+def test_file_write_whose_fsync_runs_out_of_space_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+    """ENOSPC (or EIO) from fsync: delayed allocation finds no room when it flushes."""
+    store = FileStore(tmp_path / "objects")
+    other = object_key("1.2.3", "1.2.4", "1.2.5")
+    monkeypatch.setattr(os, "fsync", _enospc)
+    if batch:
+        failures = store.put_many([(KEY, b"a" * 100), (other, b"b" * 100)])
+        assert all(isinstance(f, StorageError) for f in failures)
+    else:
+        with pytest.raises(StorageError, match="No space left"):
+            store.put(KEY, io.BytesIO(b"a" * 100), 100)
+    _nothing_left(tmp_path / "objects")
+    assert not store.exists(KEY)
+
+
+# --- the ingest path: nothing acknowledged that is not durable --------------------------
+
+class FullDisk:
+    """An object store whose disk is full while :attr:`full` is set: each write fails
+    as the folder store fails on ENOSPC; reads go on."""
+
+    def __init__(self, inner: FileStore) -> None:
+        self.inner = inner
+        self.full = False
+
+    def _check(self) -> None:
+        if self.full:
+            raise StorageError(f"cannot write object: {os.strerror(errno.ENOSPC)}")
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        self._check()
+        self.inner.put(key, source, length)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        if self.full:
+            return [StorageError(f"cannot write object: {os.strerror(errno.ENOSPC)}")
+                    for _ in items]
+        return self.inner.put_many(items)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def file_services(settings: Settings) -> Iterator[Callable[..., Services]]:
+    """Services over a folder store (optionally wrapped) with a short DIMSE timeout."""
+    made: list[Services] = []
+
+    def make(wrap: Callable[[FileStore], object] = lambda store: store) -> Services:
+        changed = settings.with_overrides(dimse_timeout=4.0)  # busy timeout 1 s
+        store = wrap(FileStore(changed.objects_dir))
+        built = build(changed, store=store)  # type: ignore[arg-type]
+        made.append(built)
+        return built
+
+    yield make
+    for built in made:
+        built.close()
+
+
+def _indexed(services: Services) -> set[str]:
+    return {row[0] for row in services.index.connection().execute(
+        "SELECT sop_uid FROM instance")}
+
+
+def _sop(data: bytes) -> str:
+    return analyse(data).sop_instance_uid
+
+
+def test_ingest_on_a_full_disk_fails_and_recovers(
+        file_services: Callable[..., Services]) -> None:
+    services = file_services(FullDisk)
+    store: FullDisk = services.store  # type: ignore[assignment]
+    first = make_instance()
+    services.ingest.store_bytes(first)
+    store.full = True
+    refused = make_instance()
+    with pytest.raises(StorageError):
+        services.ingest.store_bytes(refused)
+    batch = services.ingest.store_batch([Received.of(make_instance()) for _ in range(3)])
+    assert all(isinstance(result, StorageError) for result in batch)
+    # Reads go on: what was stored is found and can be opened.
+    assert _indexed(services) == {_sop(first)}
+    [key] = list(store.inner.keys())
+    assert store.open(key).read() == first
+    assert store.inner.temporaries() == []
+    store.full = False
+    services.ingest.store_bytes(refused)
+    assert _indexed(services) == {_sop(first), _sop(refused)}
+
+
+@pytest.fixture
+def held_index(settings: Settings) -> Iterator[Callable[[], None]]:
+    """Start a write transaction on the index from another connection (as another
+    process would); yields a function that ends it."""
+    holder: list[apsw.Connection] = []
+
+    def release() -> None:
+        while holder:
+            conn = holder.pop()
+            conn.execute("ROLLBACK")
+            conn.close()
+
+    def hold() -> Callable[[], None]:
+        conn = connect(settings.index_path)
+        conn.execute("BEGIN IMMEDIATE")
+        holder.append(conn)
+        return release
+
+    yield hold  # type: ignore[misc]
+    release()
+
+
+def test_ingest_while_another_writer_holds_the_index(
+        file_services: Callable[..., Services], held_index: Callable[[], Callable[[], None]],
+        settings: Settings) -> None:
+    services = file_services()
+    stored = make_instance(PatientID="HELD")
+    services.ingest.store_bytes(stored)
+    release = held_index()
+    errors: list[BaseException] = []
+
+    def store_one() -> None:
+        try:
+            services.ingest.store_bytes(make_instance(PatientID="HELD"))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    # Several at once: threads queued behind a group commit wait for it, then for
+    # their own (busy timeout 1 s each).
+    started = time.monotonic()
+    threads = [threading.Thread(target=store_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    # Reads are not blocked by the writer (WAL): a query answers meanwhile.
+    engine = QueryEngine(services.index, max_rows=100, time_limit=10)
+    assert _query_patients(engine) == ["HELD"]
+    for thread in threads:
+        thread.join(timeout=30)
+    assert time.monotonic() - started < 2 * 1.0 + SLACK
+    assert len(errors) == 4 and all(isinstance(e, IndexFailure) for e in errors), errors
+    # The objects written for them were removed again: the store holds what is indexed.
+    assert list(services.store.keys()) == [
+        writer.lookup(services.index.connection(), _sop(stored)).object_key]  # type: ignore[union-attr]
+    assert services.store.temporaries() == []  # type: ignore[attr-defined]
+    release()
+    services.ingest.store_bytes(make_instance(PatientID="HELD"))
+    assert len(_indexed(services)) == 2
+
+
+def _query_patients(engine: QueryEngine) -> list[str | None]:
+    returns = (BY_KEYWORD["PatientID"],)
+    query = Query(level=Level.PATIENT, return_keys=returns)
+    return [match.values["PatientID"] for match in engine.find(query)]
+
+
+# --- the group commit when SQLite rolls the whole transaction back ---------------------
+
+def test_a_piece_whose_failure_ends_the_transaction_fails_the_whole_batch(
+        tmp_path: Path) -> None:
+    """SQLite rolls back the whole transaction on SQLITE_FULL or an I/O error: the pieces
+    before are gone, and the pieces after must not run (they would commit alone)."""
+    index = Index(tmp_path / "index.sqlite")
+    index.connection().execute("CREATE TABLE t (x INTEGER)")
+
+    def insert(value: int) -> Callable[[apsw.Connection], None]:
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?)", (value,))
+
+    def disk_full(conn: apsw.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does by itself on SQLITE_FULL
+        raise apsw.FullError("database or disk is full")
+
+    errors = index.commit_all([insert(1), disk_full, insert(2)])
+    assert all(isinstance(error, IndexFailure) for error in errors), errors
+    assert index.connection().execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    index.commit(insert(3))  # the index is usable again
+    assert index.connection().execute("SELECT x FROM t").fetchall() == [(3,)]
+    index.close()
