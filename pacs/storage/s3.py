@@ -17,7 +17,11 @@ Choices that matter for the guarantees of DESIGN.md section 4:
   failed ``put`` leaves no new object.
 - Parts are read and sent one at a time, so a put holds at most one part in memory.
 - The HTTP pool has a short connect timeout and few retries, so an unreachable
-  endpoint fails in seconds instead of minio's default minutes.
+  endpoint fails in seconds instead of minio's default minutes.  Both timeouts derive
+  from the time a peer waits for an answer (``PACS_DIMSE_TIMEOUT``, see
+  :func:`timeouts_for`), and a request the server did not answer in time is not sent
+  again: a stalled server fails a PUT well before the peer gives up, so the peer gets
+  a failure status rather than a dropped association.
 - Errors become :class:`~pacs.errors.StorageError` (or :class:`~pacs.errors.ConfigError`
   from :meth:`S3Store.check`) whose messages name the S3 error code or the network
   failure, never the credentials or the object key.
@@ -54,9 +58,12 @@ from pacs.storage import is_object_key, put_each, quarantine_folder
 
 if TYPE_CHECKING:
     from datetime import datetime
+    from types import TracebackType
+    from typing import Self
 
     from minio.credentials import Credentials
     from minio.helpers import DictType
+    from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
 
     from pacs.config import Settings
@@ -66,11 +73,12 @@ if TYPE_CHECKING:
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 
 #: Seconds to wait for a TCP connection: a wrong or firewalled endpoint fails fast.
-CONNECT_TIMEOUT = 2.0
+#: urllib3 also bounds each send of a request body by it (a server that stops reading).
+CONNECT_TIMEOUT = 5.0
 
 #: Seconds to wait for each read from an established connection (not for the whole
 #: response): generous, as a busy server may take a while to answer a large PUT.
-READ_TIMEOUT = 60.0
+READ_TIMEOUT = 15.0
 
 #: Size of the buffer in front of an object's HTTP response.
 _READ_BUFFER = 1024 * 1024
@@ -86,6 +94,49 @@ _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBuck
 
 # The customer name becomes the key prefix: the alphabet pacs.config allows.
 _CUSTOMER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def timeouts_for(answer_within: float) -> tuple[float, float]:
+    """The (connect, read) timeouts that let a request fail within ``answer_within``.
+
+    A PUT to a stalled server (stopped, or too busy to answer) takes at most two connect
+    timeouts (a connection or send that stalls is tried once more) and one read timeout
+    (a request the server did not answer is not sent again, see :class:`_Retry`), plus
+    under a second of back-off: with connect = ``answer_within`` / 12 (2 to 5 s) and
+    read = ``answer_within`` / 4, half of ``answer_within``.  A multipart upload that
+    fails is aborted by minio, which may take as long again: still within it.
+
+    Parameters
+    ----------
+    answer_within : float
+        Seconds the peer waits for the answer (``PACS_DIMSE_TIMEOUT``).
+
+    Returns
+    -------
+    (float, float)
+        Seconds; 5 and 15 for the default of 60.
+    """
+    connect = min(CONNECT_TIMEOUT, max(2.0, answer_within / 12))
+    read = max(2.0, answer_within / 4)
+    return connect, read
+
+
+class _Retry(urllib3.Retry):
+    """urllib3's retries, except for a request the server did not answer in time.
+
+    Sending it again would double the time a stalled server holds the caller (the
+    server, not the network, is what failed); a dropped connection or a refused one is
+    still retried.
+    """
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: ConnectionPool | None = None,
+                  _stacktrace: TracebackType | None = None) -> Self:
+        """Raise a read timeout at once; count anything else as urllib3 does."""
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 class _Md5Minio(Minio):
@@ -194,6 +245,9 @@ class S3Store:
     part_size : int
         Size of each part of a multipart upload (at least 5 MiB, S3's minimum); objects
         up to this size are sent in a single PUT.
+    connect_timeout, read_timeout : float
+        Seconds to wait for a connection (and for each send), and for each read of an
+        answer (see :func:`timeouts_for`).
 
     Raises
     ------
@@ -212,6 +266,8 @@ class S3Store:
         secure: bool = False,
         region: str = "us-east-1",
         part_size: int = DEFAULT_PART_SIZE,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         if not _CUSTOMER_RE.match(customer):
             raise ConfigError("the customer name must be 1-64 letters, digits, '-' or '_'")
@@ -226,10 +282,11 @@ class S3Store:
         # minio's own pool waits 5 minutes per connection attempt and retries 5 times;
         # an unreachable endpoint must fail at start-up in seconds.  PUT, GET, HEAD and
         # DELETE are idempotent, so urllib3 may retry them; the multipart POSTs are not
-        # retried (urllib3's default allowed_methods).
+        # retried (urllib3's default allowed_methods).  Connections that failed are
+        # dropped, so the pool recovers by itself once the server is back.
         self._http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
-            retries=urllib3.Retry(
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            retries=_Retry(
                 total=3,
                 connect=1,
                 read=1,
@@ -269,6 +326,7 @@ class S3Store:
         S3Store
             An unchecked store; call :meth:`check` before use.
         """
+        connect, read = timeouts_for(settings.dimse_timeout)
         return cls(
             endpoint=settings.s3_endpoint,
             access_key=settings.s3_access_key,
@@ -277,6 +335,8 @@ class S3Store:
             customer=settings.customer,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            connect_timeout=connect,
+            read_timeout=read,
         )
 
     def _object_name(self, key: str) -> str:
