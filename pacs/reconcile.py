@@ -105,9 +105,11 @@ class Finding:
     key :
         The object concerned (a temporary file's path relative to the store).
     note :
-        What was found, and where an object went once moved.
+        What was found, in a few words.
     done :
         True once the action succeeded.
+    moved_to :
+        Where a quarantined object went.
     error :
         Why the action failed.
     """
@@ -118,26 +120,28 @@ class Finding:
     key: str
     note: str = ""
     done: bool = False
+    moved_to: str = ""
     error: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """The finding as a JSON object."""
         return {"problem": self.problem.value, "action": self.action.value,
                 "sop_instance_uid": self.sop_uid, "key": self.key, "note": self.note,
-                "done": self.done, "error": self.error}
+                "done": self.done, "moved_to": self.moved_to, "error": self.error}
 
-    def line(self, repair: bool) -> str:
-        """One line of the readable report."""
+    def lines(self, repair: bool) -> list[str]:
+        """Two lines of the readable report: what was found, and what repair does."""
         if self.done:
-            state = "done"
+            state = f"done, moved to {self.moved_to}" if self.moved_to else "done"
         elif self.error:
             state = f"FAILED: {self.error}"
         elif self.action is Action.NONE:
             state = "cannot be repaired"
         else:
-            state = "to do" if repair else "dry run"
+            state = "not done" if repair else "dry run"
         note = f" ({self.note})" if self.note else ""
-        return f"{self.problem.value:<14} {self.key}{note} -> {self.action.value}: {state}"
+        return [f"{self.problem.value:<14} {self.key}{note}",
+                f"{'':<14} -> {self.action.value}: {state}"]
 
 
 @dataclass
@@ -202,7 +206,7 @@ class Report:
         yield (f"checked {self.rows} index rows and {self.objects} stored objects "
                f"({compared})")
         for finding in self.findings:
-            yield finding.line(self.repair)
+            yield from finding.lines(self.repair)
         for error in self.errors:
             yield f"error: {error}"
         if self.recent_temporaries:
@@ -219,8 +223,9 @@ class Report:
                f"quarantined: {self.count(Action.QUARANTINE)}, rows dropped: "
                f"{self.count(Action.DROP_ROW)}, temporary files removed: "
                f"{self.count(Action.DELETE)}; left: {len(self.left)}")
-        if self.count(Action.QUARANTINE):
-            yield f"quarantined objects are kept in quarantine/{self.quarantine}/"
+        places = {f.moved_to.removesuffix(f.key) for f in self.findings if f.moved_to}
+        for place in sorted(places):
+            yield f"quarantined objects are kept in {place} (under their keys)"
 
 
 def reconcile(services: Services, full: bool = True, *, repair: bool = False,
@@ -376,6 +381,8 @@ def _written(store: ObjectStore, key: str) -> int:
         return 0
 
 
+#: A finding and the repair step that carries it out (returning where a quarantined
+#: object went, "" for other steps).
 _Step = tuple[Finding, Callable[[], str]]
 
 
@@ -408,14 +415,14 @@ def _carry_out(steps: list[_Step]) -> None:
         if finding.action is Action.NONE:
             continue
         try:
-            note = step()
+            moved_to = step()
         except PacsError as exc:
             finding.error = str(exc)
             log.error("fsck: %s %s of SOP Instance %s failed: %s", finding.action.value,
                       finding.key, finding.sop_uid, exc)
             return
         finding.done = True
-        finding.note = "; ".join(part for part in (finding.note, note) if part)
+        finding.moved_to = moved_to
 
 
 def _rewritten(services: Services, sop: str, key: str) -> list[_Step]:
@@ -493,7 +500,7 @@ def _quarantine(services: Services, problem: Problem, sop: str, key: str, folder
         where = services.store.quarantine(key, folder)
         log.warning("fsck: moved %s (%s, SOP Instance %s) to %s", key, problem.value,
                     sop, where)
-        return f"moved to {where}"
+        return where
 
     return finding, move
 

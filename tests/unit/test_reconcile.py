@@ -171,6 +171,11 @@ def test_move_committed_old_copy_left_keeps_the_newest_acknowledged(node: Servic
     assert not node.store.exists(old_key)
     assert quarantined(node) == {old_key: old}  # nothing is deleted
     assert report.ok and report.count(Action.QUARANTINE) == 1
+    [finding] = report.findings
+    assert finding.moved_to.endswith(old_key) and finding.sop_uid == instance.sop
+    text = "\n".join(report.lines())
+    assert f"-> quarantine: done, moved to {finding.moved_to}" in text
+    assert "indexed: 0, quarantined: 1, rows dropped: 0" in text
 
 
 def test_move_written_not_committed_keeps_the_acknowledged_row(node: Services) -> None:
@@ -399,7 +404,8 @@ def test_report_as_json(node: Services) -> None:
     assert found["ok"] is False and found["repair"] is False
     assert found["findings"] == [{
         "problem": "unacknowledged", "action": "index", "sop_instance_uid": instance.sop,
-        "key": key, "note": "stored, never indexed", "done": False, "error": ""}]
+        "key": key, "note": "stored, never indexed", "done": False, "moved_to": "",
+        "error": ""}]
 
 
 def test_quarantine_of_the_folder_store_keeps_the_file(tmp_path: Path) -> None:

@@ -1,0 +1,182 @@
+"""``pacs fsck`` beside a running ``pacs serve``: crash windows of store, overwrite and
+move built on disk, a dry run that changes nothing, a repair while the node runs, and the
+newest acknowledged version of each instance retrieved afterwards (C-GET and WADO-RS).
+
+The known failure this guards: an instance re-sent under another Study / Series UID (so
+another object key), the new object committed, and a crash before the old copy's
+deletion.  An fsck that trusted what it found on disk re-indexed the old copy, deleted the
+newest acknowledged object, then dropped the row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+from tests.interop.conftest import (
+    AE_TITLE,
+    Node,
+    assert_consistent,
+    dataset_bytes,
+    fresh_ct,
+    key_of,
+    run_dcmtk,
+)
+
+pytestmark = pytest.mark.interop
+
+#: A value that must appear in no output of fsck (no patient data in logs or reports).
+PATIENT_NAME = "FSCKTEST^SECRETNAME"
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class Versions:
+    """Versions of one SOP Instance UID, each in a study and series of its own."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder / name
+        self.folder.mkdir(parents=True)
+        self.template = fresh_ct(PatientName=PATIENT_NAME, PatientID="FSCK")
+        self.sop = self.template.SOPInstanceUID
+        self.count = 0
+
+    def make(self, description: str) -> tuple[Path, str, pydicom.Dataset]:
+        """(file, object key, data set) of a new version under new study / series UIDs."""
+        ds = fresh_ct(PatientName=PATIENT_NAME, PatientID="FSCK",
+                      SeriesDescription=description)
+        ds.SOPInstanceUID = self.sop
+        ds.file_meta.MediaStorageSOPInstanceUID = self.sop
+        self.count += 1
+        path = self.folder / f"{self.count}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path, key_of(ds.StudyInstanceUID, ds.SeriesInstanceUID, self.sop), ds
+
+
+def storescu(node: Node, path: Path) -> None:
+    result = run_dcmtk("storescu", "-aec", AE_TITLE, "127.0.0.1", str(node.port), str(path))
+    assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+
+
+def stored(node: Node, key: str) -> bytes:
+    return (node.data_dir / "objects" / key).read_bytes()
+
+
+def write_object(node: Node, key: str, data: bytes) -> None:
+    """Leave an object at ``key`` as a crash would (complete, renamed into place)."""
+    path = node.data_dir / "objects" / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def wado(node: Node, key: str) -> bytes:
+    """The instance as WADO-RS sends it."""
+    study, series, name = key.split("/")
+    response = requests.get(
+        f"{node.web_url()}/studies/{study}/series/{series}/instances/"
+        f"{name.removesuffix('.dcm')}", headers={"Accept": AS_STORED}, timeout=60)
+    assert response.status_code == 200, response.text
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"')
+    [part] = response.content.split(f"--{boundary}".encode())[1:-1]
+    return part.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n")
+
+
+def c_get(node: Node, key: str, folder: Path) -> bytes:
+    """The instance as C-GET sends it (getscu, Study Root, IMAGE level), data set only."""
+    study, series, name = key.split("/")
+    folder.mkdir(parents=True)
+    result = run_dcmtk("getscu", "-S", "+B", "-aec", AE_TITLE, "-od", str(folder),
+                       "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}",
+                       "-k", f"SeriesInstanceUID={series}",
+                       "-k", f"SOPInstanceUID={name.removesuffix('.dcm')}",
+                       "127.0.0.1", str(node.port), timeout=120)
+    assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    [received] = list(folder.iterdir())
+    return received.read_bytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
+        node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    node = node_factory("fsck")
+
+    # (c) moved, committed, the old copy left: the row's object B is the newest acknowledged.
+    moved = Versions(tmp_path, "moved")
+    path_a, key_a, _ = moved.make("A")
+    path_b, key_b, _ = moved.make("B")
+    storescu(node, path_a)
+    old = stored(node, key_a)
+    storescu(node, path_b)
+    new = stored(node, key_b)
+    assert not (node.data_dir / "objects" / key_a).exists()  # the ingest removed it
+    write_object(node, key_a, old)  # ... which a crash before that would have left
+
+    # (b) moved, written but not committed: the acknowledged row's object C stays.
+    unacked_move = Versions(tmp_path, "unacked-move")
+    path_c, key_c, _ = unacked_move.make("C")
+    _path_d, key_d, ds_d = unacked_move.make("D")
+    storescu(node, path_c)
+    acked_c = stored(node, key_c)
+    ds_d.save_as(tmp_path / "d.dcm", enforce_file_format=True)
+    never_acked = (tmp_path / "d.dcm").read_bytes()
+    write_object(node, key_d, never_acked)
+
+    # (b) a new instance written but not committed: indexed by the repair.
+    new_instance = Versions(tmp_path, "new")
+    path_e, key_e, _ = new_instance.make("E")
+    unindexed = path_e.read_bytes()
+    write_object(node, key_e, unindexed)
+
+    node.assert_serving()
+    memory_before = node.resources()
+    before = node.snapshot()
+    dry = node.cli("fsck")
+    assert dry.returncode == 1, dry.stdout + dry.stderr  # problems found, not repaired
+    assert node.snapshot() == before, "the dry run changed something"
+    for problem, key in (("superseded", key_a), ("superseded", key_d),
+                         ("unacknowledged", key_e)):
+        assert any(line.startswith(problem) and key in line
+                   for line in dry.stdout.splitlines()), dry.stdout
+    assert "nothing changed" in dry.stdout
+    assert node.index()[moved.sop].object_key == key_b
+
+    repair = node.cli("fsck", "--repair")
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    node.assert_serving()
+    memory_after = node.resources()
+    print(f"fsck --repair beside the running node:\n{repair.stdout}")
+    print(f"node before fsck: {memory_before}; after fsck and fsck --repair: {memory_after}")
+    assert memory_after.rss_bytes - memory_before.rss_bytes < 256 * 2**20
+    for output in (dry.stdout, dry.stderr, repair.stdout, repair.stderr):
+        assert PATIENT_NAME.split("^")[0] not in output  # UIDs only, no patient data
+    assert "fsck: moved" in repair.stderr  # every change is logged
+
+    # The newest acknowledged version of each instance is indexed and served.
+    index = assert_consistent(node.data_dir, exact=True)
+    assert (index[moved.sop].object_key, index[moved.sop].checksum) == (key_b, sha(new))
+    assert (index[unacked_move.sop].object_key, index[unacked_move.sop].checksum) == (
+        key_c, sha(acked_c))
+    assert (index[new_instance.sop].object_key, index[new_instance.sop].checksum) == (
+        key_e, sha(unindexed))
+    assert wado(node, key_b) == new
+    assert dataset_bytes(c_get(node, key_b, tmp_path / "get-b")) == dataset_bytes(new)
+    assert wado(node, key_c) == acked_c
+    assert wado(node, key_e) == unindexed
+
+    # Nothing is lost: what was taken out of service is in the quarantine.
+    quarantine = node.data_dir / "quarantine"
+    kept = {p.relative_to(quarantine).as_posix().split("/", 1)[1]: p.read_bytes()
+            for p in quarantine.rglob("*.dcm")}
+    assert kept == {key_a: old, key_d: never_acked}
+
+    again = node.cli("fsck", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["findings"] == []
