@@ -14,7 +14,9 @@ the engine that answers C-FIND runs it, and the rows become DICOM JSON
   resource itself is missing, which is what 404 means (an existing study with no
   matches is ``200 []``);
 - ``400`` for parameters that cannot be honoured, ``406`` when the client accepts no
-  JSON (XML is not offered), ``413`` when a query runs past the time limit.
+  JSON (XML is not offered), ``413`` when a query runs past the time limit
+  (``PACS_QUERY_TIME_LIMIT`` bounds the whole request: parsing, counting, fetching and
+  writing the JSON).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
 from pacs.attributes import Level
 from pacs.errors import NotFound
+from pacs.query.engine import Deadline
 from pacs.query.model import Query, Result
 from pacs.services import Services
 
@@ -38,6 +41,9 @@ _CHARSET = {"00080005": dicomjson.constant("CS", dicomjson.UTF8)}
 _ONLINE = {"00080056": dicomjson.constant("CS", "ONLINE")}
 
 Row = Mapping[str, str | None]
+
+#: Rows rendered between two checks of the query's time limit.
+_CHECK_ROWS = 256
 
 
 def query_params(req: falcon.Request) -> dict[str, list[str]]:
@@ -103,31 +109,38 @@ class Search:
         path_uids = {k: v for k, v in (("StudyInstanceUID", study),
                                        ("SeriesInstanceUID", series)) if v is not None}
         settings = self.services.settings
+        deadline = self.services.engine.deadline()  # PACS_QUERY_TIME_LIMIT: all of it
         query, paging = search.parse(query_params(req), self.target, path_uids,
                                      default_limit=settings.qido_default_limit,
                                      max_limit=settings.query_max_rows)
-        results = list(self.services.engine.find(query))
+        results = self.services.engine.find(query, deadline=deadline)
         if not results and path_uids:
-            self._require_parent(path_uids)
+            self._require_parent(path_uids, deadline)
         if len(results) == paging.limit:
-            remaining = self._remaining(query, len(results))
+            remaining = self._remaining(query, len(results), deadline)
             if remaining > 0:
                 resp.append_header("Warning", additional_results(req, remaining))
         resp.content_type = dicomjson.MEDIA_TYPE
-        resp.data = self._body(results, urls.service_root(req, self.prefix))
+        resp.data = self._body(results, urls.service_root(req, self.prefix), deadline)
 
-    def _body(self, results: list[Result], root: str) -> bytes:
+    def _body(self, results: list[Result], root: str, deadline: Deadline) -> bytes:
         if not results:
             return b"[]"
         write = renderer(self.target.level, list(results[0].values), root)
-        return dicomjson.dumps([write.row(result.values) for result in results])
+        rows = []
+        for start in range(0, len(results), _CHECK_ROWS):
+            deadline.check()
+            rows += [write.row(result.values) for result in results[start:start + _CHECK_ROWS]]
+        deadline.check()
+        return dicomjson.dumps(rows)
 
-    def _remaining(self, query: Query, returned: int) -> int:
+    def _remaining(self, query: Query, returned: int, deadline: Deadline) -> int:
         """How many matches follow this page."""
         everything = dataclasses.replace(query, limit=None, offset=0, return_keys=())
-        return self.services.engine.count(everything) - query.offset - returned
+        return (self.services.engine.count(everything, deadline=deadline)
+                - query.offset - returned)
 
-    def _require_parent(self, path_uids: dict[str, str]) -> None:
+    def _require_parent(self, path_uids: dict[str, str], deadline: Deadline) -> None:
         """404 when the study or series the path names does not exist.
 
         Raises
@@ -138,7 +151,7 @@ class Search:
         level = Level.SERIES if "SeriesInstanceUID" in path_uids else Level.STUDY
         parent = Query(level=level, constraints=tuple(
             search.path_constraint(keyword, uid) for keyword, uid in path_uids.items()))
-        if self.services.engine.count(parent, cap=1) == 0:
+        if self.services.engine.count(parent, cap=1, deadline=deadline) == 0:
             what = "series in this study" if level is Level.SERIES else "study"
             raise NotFound(f"no such {what}")
 

@@ -1,4 +1,4 @@
-"""The C-FIND SCP (PS3.4 C.4.1): one pending response per match, streamed.
+"""The C-FIND SCP (PS3.4 C.4.1): one pending response per match, sent page by page.
 
 pynetdicom's own C-FIND flow takes a ``Dataset`` per match from the handler and encodes
 it with pydicom; for a study list that was most of the time spent.  This flow runs the
@@ -95,6 +95,7 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
         writer.message(command, identifier,
                        last=isinstance(status, Dataset) or status not in _PENDING)
 
+    deadline = services.engine.deadline()  # PACS_QUERY_TIME_LIMIT: the whole query
     try:
         try:
             identifier = decode(req.Identifier, syntax.is_implicit_VR,
@@ -109,14 +110,20 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
         builder = ResponseBuilder(query, model, services.settings.ae_title,
                                   _charset(identifier), extra)
         cancelled = _Cancel(service, int(req.MessageID))
-        for result in services.engine.find(query, cancelled=cancelled):
-            if writer.broken:  # the requestor went away (the association is aborted)
-                return
-            if cancelled():
-                respond(0xFE00)
-                return
-            elements, charsets = builder.build(result)
-            respond(pending, encode_identifier(elements, charsets, syntax.is_implicit_VR))
+        implicit = syntax.is_implicit_VR
+        # Page by page: each read in its own short transaction and encoded before it is
+        # sent, so that a slow reader holds neither the index nor the query's time.
+        for page in services.engine.find_pages(query, cancelled=cancelled, deadline=deadline):
+            answers = [encode_identifier(*builder.build(result), implicit) for result in page]
+            deadline.check()
+            with deadline.paused():
+                for answer in answers:
+                    if writer.broken:  # the requestor went away (the association is aborted)
+                        return
+                    if cancelled():
+                        respond(0xFE00)
+                        return
+                    respond(pending, answer)
     except Cancelled:
         respond(0xFE00)
         return

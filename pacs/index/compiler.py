@@ -240,14 +240,35 @@ def _where_sql(where: _Where) -> str:
     return (" WHERE " + " AND ".join(where.parts)) if where.parts else ""
 
 
-def compile_find(query: Query, pn_case_sensitive: bool = False) -> Compiled:
-    """``SELECT`` of the matching entities, in a stable order (insertion order)."""
+@dataclass(frozen=True)
+class Page:
+    """One page of a keyset walk in key order: keys in (``after``, ``upto``], at most
+    ``size`` rows.  Stable under concurrent inserts (new rows get larger keys)."""
+
+    after: int
+    upto: int
+    size: int
+
+
+def compile_find(query: Query, pn_case_sensitive: bool = False,
+                 page: Page | None = None) -> Compiled:
+    """``SELECT`` of the matching entities, in a stable order (insertion order).
+
+    With ``page``, only that page of them (``query.limit`` / ``offset`` then unused).
+    """
     expressions, keywords = _select(query)
     where = _where(query, pn_case_sensitive)
+    key = f"{query.level.table}.pk"
+    if page is not None:
+        where.parts.append(f"{key} > ? AND {key} <= ?")
+        where.params += [page.after, page.upto]
     sql = (f"SELECT {', '.join(expressions)} FROM {from_clause(query.level)}"
-           f"{_where_sql(where)} ORDER BY {query.level.table}.pk")
+           f"{_where_sql(where)} ORDER BY {key}")
     params = list(where.params)
-    if query.limit is not None or query.offset:
+    if page is not None:
+        sql += " LIMIT ?"
+        params.append(page.size)
+    elif query.limit is not None or query.offset:
         sql += " LIMIT ? OFFSET ?"
         params += [query.limit if query.limit is not None else -1, query.offset]
     return Compiled(sql, tuple(params), tuple(keywords))
@@ -262,6 +283,11 @@ def compile_count(query: Query, pn_case_sensitive: bool = False, cap: int | None
         inner += " LIMIT ?"
         params.append(cap + 1)
     return Compiled(f"SELECT count(*) FROM ({inner})", tuple(params), ("count",))
+
+
+def compile_last_key(level: Level) -> Compiled:
+    """The largest key of ``level``'s table (0 when empty): where a keyset walk ends."""
+    return Compiled(f"SELECT coalesce(max(pk), 0) FROM {level.table}", (), ("last",))
 
 
 def compile_instances(query: Query, pn_case_sensitive: bool = False) -> Compiled:

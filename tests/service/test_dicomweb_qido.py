@@ -7,6 +7,7 @@ what PS3.18 10.6 asks of the answers.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -435,3 +436,22 @@ def test_sequence_matching_and_items_in_series_results(tmp_path) -> None:
         assert unknown.status_code == 400
     finally:
         services.close()
+
+
+def test_time_limit_counts_writing_the_json(services: Services, get: Get,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """PACS_QUERY_TIME_LIMIT bounds the whole request, the JSON rows included: 413."""
+    from adapters.dicomweb import dicomjson
+
+    row = dicomjson.Renderer.row
+
+    def slow_row(self: dicomjson.Renderer, values: Any) -> Any:
+        time.sleep(0.05)
+        return row(self, values)
+
+    assert len(get("/instances").json) > 6
+    monkeypatch.setattr(dicomjson.Renderer, "row", slow_row)
+    services.engine.time_limit = 0.3
+    assert get("/instances").status_code == 413
+    services.engine.time_limit = 30.0
+    assert get("/instances").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -205,3 +206,36 @@ def test_sequence_matching(node: RunningNode, associate, item_keys: dict[str, st
         returned = match.RequestAttributesSequence
         assert len(returned) == 2
         assert all(set(i.dir()) == set(item.dir()) for i in returned)
+
+
+def test_time_limit_counts_building_the_answers(loaded: RunningNode, associate,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """PACS_QUERY_TIME_LIMIT bounds the whole query, building the answers included
+    (each SQL statement alone is quick here)."""
+    from pacs.dimse.identifier import ResponseBuilder
+
+    build = ResponseBuilder.build
+
+    def slow_build(self: ResponseBuilder, result: object) -> object:
+        time.sleep(0.05)
+        return build(self, result)
+
+    monkeypatch.setattr(ResponseBuilder, "build", slow_build)
+    loaded.services.engine.time_limit = 0.3
+    statuses = [s for s, _ in _find(associate(), _identifier("IMAGE", StudyInstanceUID="",
+                                                             SOPInstanceUID=""))]
+    assert statuses[-1] == 0xA700  # 12 matches: 0.6 s of building
+    monkeypatch.setattr(ResponseBuilder, "build", build)
+    statuses = [s for s, _ in _find(associate(), _identifier("IMAGE", StudyInstanceUID="",
+                                                             SOPInstanceUID=""))]
+    assert statuses == [0xFF00] * 12 + [0x0000]
+
+
+def test_answers_come_in_pages_without_gaps(loaded: RunningNode, associate,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 5)
+    responses = _find(associate(), _identifier("IMAGE", StudyInstanceUID="",
+                                               SOPInstanceUID=""))
+    assert [s for s, _ in responses] == [0xFF00] * 12 + [0x0000]
+    assert [ds.SOPInstanceUID for _, ds in responses[:-1]] == [
+        f"1.2.3.{n}.1.{i}" for n in range(3) for i in range(4)]

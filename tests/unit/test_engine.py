@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+import apsw
 import pytest
 
 from pacs.attributes import BY_KEYWORD, Level
@@ -140,13 +142,117 @@ def test_row_cap_refuses_before_streaming(make_services: Callable[..., Services]
     assert len(list(services.engine.find(Query(level=Level.STUDY, limit=3)))) == 3
 
 
-def test_cancel_stops_the_stream(loaded: Services) -> None:
-    seen = []
+def test_cancel_stops_the_query_inside_sqlite(loaded: Services,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 5
+
     with pytest.raises(Cancelled):
-        for result in loaded.engine.find(Query(level=Level.IMAGE),
-                                         cancelled=lambda: len(seen) >= 2):
-            seen.append(result)
-    assert len(seen) == 2
+        loaded.engine.find(Query(level=Level.IMAGE), cancelled=cancelled)
+
+
+def test_cancel_stops_between_pages(loaded: Services,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 3)
+    seen: list[object] = []
+    with pytest.raises(Cancelled):
+        for page in loaded.engine.find_pages(Query(level=Level.IMAGE),
+                                             cancelled=lambda: len(seen) >= 2):
+            seen += page
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20, 256])
+def test_pages_are_the_whole_result_in_order(loaded: Services, rows: int,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", rows)
+    query = Query(level=Level.IMAGE, constraints=(constraint(
+        BY_KEYWORD["Modality"], "CT\\MR"),))
+    pages = list(loaded.engine.find_pages(query))
+    assert all(0 < len(page) <= rows for page in pages)
+    assert [r.values for page in pages for r in page] == [
+        r.values for r in loaded.engine.find(query)]
+
+
+def test_pages_end_at_the_last_key_when_the_query_began(
+        loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    pages = loaded.engine.find_pages(Query(level=Level.STUDY))
+    first = next(pages)
+    loaded.ingest.store_bytes(make_instance(AccessionNumber="LATE", PatientID="P9"))
+    rest = [r for page in pages for r in page]
+    assert len(first) + len(rest) == len(STUDIES)
+    assert len(loaded.engine.find(Query(level=Level.STUDY))) == len(STUDIES) + 1
+
+
+def test_row_cap_refuses_paged_queries_before_the_first_page(
+        make_services: Callable[..., Services]) -> None:
+    services = make_services(store=MemoryStore(), query_max_rows=3)
+    _load(services)
+    with pytest.raises(QueryLimitExceeded, match="more than 3"):
+        next(services.engine.find_pages(Query(level=Level.STUDY)))
+
+
+def _wal_checkpoint(services: Services) -> tuple[int, int, int]:
+    """``PRAGMA wal_checkpoint(TRUNCATE)`` from another connection: busy is 1 when an
+    open read transaction keeps the WAL from being reset."""
+    other = apsw.Connection(str(services.index.path))
+    try:
+        other.set_busy_timeout(200)
+        return tuple(other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+    finally:
+        other.close()
+
+
+def test_no_read_transaction_is_held_while_results_are_consumed(
+        loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow consumer (a C-FIND peer reading slowly) must not keep the WAL from being
+    checkpointed: results are in memory, pages each read in a short transaction."""
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    found = iter(loaded.engine.find(Query(level=Level.IMAGE)))
+    pages = loaded.engine.find_pages(Query(level=Level.IMAGE))
+    next(found), next(pages)  # both half consumed
+    loaded.ingest.store_bytes(make_instance(AccessionNumber="NEW", PatientID="P9"))
+    busy, wal_frames, done = _wal_checkpoint(loaded)
+    assert (busy, wal_frames, done) == (0, 0, 0)  # checkpointed, WAL truncated
+    assert len(list(found)) == 19 and sum(len(p) for p in pages) == 18
+
+
+def test_time_limit_bounds_the_whole_query(loaded: Services,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each statement is quick, together they are not: the limit is for the query."""
+    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 1)
+    loaded.engine.time_limit = 0.3
+
+    def slow() -> bool:  # SQLite's work made slow: every step of its machine costs 1 ms
+        time.sleep(0.001)
+        return False
+
+    with pytest.raises(QueryLimitExceeded, match="longer than 0.3 s"):
+        loaded.engine.find(Query(level=Level.IMAGE), cancelled=slow)
+    with pytest.raises(QueryLimitExceeded, match="longer than 0.3 s"):
+        for _ in loaded.engine.find_pages(Query(level=Level.IMAGE), cancelled=slow):
+            pass
+
+
+def test_time_paused_for_the_peer_does_not_count(loaded: Services,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    loaded.engine.time_limit = 0.5
+    deadline = loaded.engine.deadline()
+    pages = 0
+    for _ in loaded.engine.find_pages(Query(level=Level.IMAGE), deadline=deadline):
+        with deadline.paused():
+            time.sleep(0.1)  # a slow reader: 10 pages take a second
+        pages += 1
+    assert pages == 10
+    for _ in loaded.engine.instances(Query(level=Level.IMAGE)):
+        time.sleep(0.05)  # sending each instance takes the caller's time, not the query's
 
 
 def test_time_limit(loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
