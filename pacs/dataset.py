@@ -534,6 +534,24 @@ class _StreamWalker:
                 self._skip(length)
 
 
+def inflated_head(deflated: memoryview, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) a deflated data set inflates to, inflating
+    no more than that: enough to read its first elements from a data set that may be
+    refused (a deflate bomb must not be inflated to say which instance it was).
+    ``b""`` when the stream does not inflate."""
+    inflater = Inflater(deflated, None, chunk=size)
+    pieces: list[bytes] = []
+    got = 0
+    try:
+        while got < size and (piece := inflater.read()):
+            pieces.append(piece[:size - got])
+            got += len(pieces[-1])
+            inflater.chunk = size - got or 1
+    except UnreadableData:
+        pass
+    return b"".join(pieces)
+
+
 @dataclass(frozen=True)
 class DeflatedWalk:
     """What :func:`walk_deflated` found.

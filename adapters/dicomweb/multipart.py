@@ -14,7 +14,11 @@ never handed on.  What it accepts, because real clients send it:
   a part).
 
 Every size is bounded by a named limit, and every malformed body raises
-:class:`MultipartError` with a short reason.  No falcon here.
+:class:`MultipartError` with a short reason.  A part larger than its limit is not an
+error of the body: its content past the limit is read and dropped, and it is yielded
+marked ``oversize`` with only its first :data:`OVERSIZE_HEAD_BYTES` (enough to tell
+which instance it was), so that the parts after it can still be stored
+(PS3.18 10.5.3: each instance succeeds or fails on its own).  No falcon here.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ from typing import IO, Protocol
 CHUNK_BYTES = 1024 * 1024
 #: A part stays in memory up to this size, then moves to a temporary file.
 SPOOL_MEMORY_BYTES = 16 * 1024 * 1024
-#: Largest part accepted (one DICOM object).
+#: Largest part accepted (one DICOM object) unless the caller says otherwise
+#: (STOW-RS passes ``PACS_MAX_OBJECT_BYTES``).
 MAX_PART_BYTES = 2 * 1024 ** 3
+#: What is kept of a part over its limit: its beginning, where a Part 10 object's
+#: file meta and identifying UIDs are.
+OVERSIZE_HEAD_BYTES = 64 * 1024
 #: Largest header block of one part.
 MAX_HEADER_BYTES = 16 * 1024
 #: Largest preamble before the first delimiter.
@@ -57,11 +65,16 @@ class Readable(Protocol):
 
 @dataclass
 class Part:
-    """One body part: its headers (names lower-cased) and its spooled content."""
+    """One body part: its headers (names lower-cased) and its spooled content.
+
+    ``oversize`` parts were larger than the limit: ``size`` is their whole size and
+    ``body`` holds only their first :data:`OVERSIZE_HEAD_BYTES`.
+    """
 
     headers: dict[str, str]
     body: IO[bytes]
     size: int
+    oversize: bool = False
 
     @property
     def content_type(self) -> str:
@@ -194,15 +207,16 @@ def read_parts(stream: Readable, boundary: str, *, chunk_bytes: int = CHUNK_BYTE
     boundary :
         The boundary from the Content-Type (see :func:`boundary_of`).
     chunk_bytes, max_part_bytes, max_parts :
-        Read size and limits (defaults: the module's named limits).
+        Read size and limits (defaults: the module's named limits).  A part over
+        ``max_part_bytes`` is yielded ``oversize`` (see the module docstring).
     spool_dir :
         Folder for parts larger than :data:`SPOOL_MEMORY_BYTES`.
 
     Raises
     ------
     MultipartError
-        Malformed or truncated bodies, and bodies over a limit.  Parts yielded before
-        the error were complete.
+        Malformed or truncated bodies, and bodies with too many parts.  Parts yielded
+        before the error were complete.
     """
     reader = _Reader(stream, chunk_bytes)
     delimiter = b"--" + boundary.encode("latin-1")
@@ -264,21 +278,22 @@ def _body(reader: _Reader, delimiter: bytes, headers: dict[str, str], max_part_b
 
     Content is kept as a list of byte strings joined once at the end (a spooled
     in-memory file copied each byte three times; the join briefly holds a part twice);
-    past :data:`SPOOL_MEMORY_BYTES` it moves to a temporary file in ``spool_dir``.
+    past :data:`SPOOL_MEMORY_BYTES` it moves to a temporary file in ``spool_dir``;
+    past ``max_part_bytes`` only its head is kept.
     """
-    pieces = _Pieces(spool_dir)
+    pieces = _Pieces(spool_dir, max_part_bytes)
     keep = len(delimiter) - 1  # a delimiter may straddle two reads
     try:
         while True:
             # After a flush only ``keep`` old bytes remain: each byte is searched ~once.
             index = reader.buffer.find(delimiter)
             if index >= 0:
-                pieces.add(reader.buffer, index, max_part_bytes)
+                pieces.add(reader.buffer, index)
                 del reader.buffer[:index + len(delimiter)]
-                return Part(headers, pieces.finish(), pieces.size)
+                return Part(headers, pieces.finish(), pieces.size, pieces.oversize)
             flush = len(reader.buffer) - keep
             if flush > 0:
-                pieces.add(reader.buffer, flush, max_part_bytes)
+                pieces.add(reader.buffer, flush)
                 del reader.buffer[:flush]
             if not reader.fill():
                 raise MultipartError("the body ends inside a part (no closing boundary)")
@@ -288,19 +303,26 @@ def _body(reader: _Reader, delimiter: bytes, headers: dict[str, str], max_part_b
 
 
 class _Pieces:
-    """A part's content as it arrives: in memory, then spooled to a file when large."""
+    """A part's content as it arrives: in memory, then spooled to a file when large;
+    past ``max_part_bytes`` only counted (its head kept, the rest dropped)."""
 
-    def __init__(self, spool_dir: str | None) -> None:
+    def __init__(self, spool_dir: str | None, max_part_bytes: int = MAX_PART_BYTES) -> None:
         self.spool_dir = spool_dir
+        self.max_part_bytes = max_part_bytes
         self.chunks: list[bytes] = []
         self.file: IO[bytes] | None = None
         self.size = 0
+        self.oversize = False
+        self.head = b""
 
-    def add(self, buffer: bytearray, count: int, max_part_bytes: int) -> None:
+    def add(self, buffer: bytearray, count: int) -> None:
         """Append the first ``count`` bytes of ``buffer``."""
         self.size += count
-        if self.size > max_part_bytes:
-            raise MultipartError(f"a part is larger than {max_part_bytes} bytes")
+        if self.oversize:
+            return
+        if self.size > self.max_part_bytes:
+            self._overflow(buffer, count)
+            return
         with memoryview(buffer) as view:
             data = bytes(view[:count])
         if self.file is None and self.size > SPOOL_MEMORY_BYTES:
@@ -313,8 +335,23 @@ class _Pieces:
         else:
             self.chunks.append(data)
 
+    def _overflow(self, buffer: bytearray, count: int) -> None:
+        """The part is over its limit: keep its head, drop what was gathered."""
+        head = bytearray()
+        if self.file is not None:
+            self.file.seek(0)
+            head += self.file.read(OVERSIZE_HEAD_BYTES)
+        for chunk in self.chunks:
+            head += chunk[:OVERSIZE_HEAD_BYTES - len(head)]
+        head += buffer[:max(0, min(count, OVERSIZE_HEAD_BYTES - len(head)))]
+        self.close()
+        self.head = bytes(head)
+        self.oversize = True
+
     def finish(self) -> IO[bytes]:
-        """The content, positioned at its start."""
+        """The content (or an oversize part's head), positioned at its start."""
+        if self.oversize:
+            return io.BytesIO(self.head)
         if self.file is not None:
             self.file.seek(0)
             return self.file
@@ -325,6 +362,7 @@ class _Pieces:
         """Drop whatever was gathered."""
         if self.file is not None:
             self.file.close()
+            self.file = None
         self.chunks = []
 
 

@@ -16,6 +16,15 @@ Requests (PS3.18 10.5.1):
 - with a study in the URL, a part of another study is refused (FailureReason C409)
   and not stored.
 
+Sizes (PS3.18 10.5.3): a body over ``PACS_MAX_REQUEST_BYTES`` is ``413`` - by its
+Content-Length before anything is read, or, chunked, as soon as the bytes read pass
+the limit (the part then being read is not stored; parts stored before it are
+reported, like any body that breaks).  A part over ``PACS_MAX_OBJECT_BYTES`` is read
+to its end but not kept (:mod:`adapters.dicomweb.multipart`): it fails alone, listed
+in FailedSOPSequence with A700 when its UIDs can be read from its head; when they
+cannot and nothing was stored before it, the request is ``413``.  A deflated part
+that inflates past the limit fails with A700 the same way (:mod:`pacs.dataset`).
+
 Responses (PS3.18 10.5.3, Store Instances Response Module), always
 ``application/dicom+json``: ``200`` when every part was stored, ``202`` when some
 failed, ``409`` when none was stored; ReferencedSOPSequence lists the stored instances
@@ -37,13 +46,16 @@ from dataclasses import dataclass, field
 
 import falcon
 import pydicom
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
 from pacs.analysers import Result
-from pacs.dataset import valid_uid
-from pacs.errors import InvalidUID
+from pacs.dataset import dataset_offset, inflated_head, meta_transfer_syntax, valid_uid
+from pacs.errors import InvalidUID, ObjectTooLarge
 from pacs.ingest import Analysis, Received, StoreResult
 from pacs.services import Services
 
@@ -51,6 +63,10 @@ log = logging.getLogger(__name__)
 
 #: The only part media type stored (PS3.18 10.5.1.1: binary Part 10 instances).
 DICOM = "application/dicom"
+
+
+class RequestTooLarge(ObjectTooLarge):
+    """A request body over ``PACS_MAX_REQUEST_BYTES`` (413, like an object too large)."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +149,26 @@ def _failed_item(failed: Failed) -> dicomjson.JsonDataset:
     }
 
 
+#: Inflated bytes of a deflated part read to find its UIDs (they are near the start).
+PEEK_INFLATED_BYTES = 1 << 20
+
+
 def peek_uids(data: bytes) -> tuple[str, str]:
-    """SOP Class and Instance UID of a part, best effort (for failure reports only)."""
+    """SOP Class and Instance UID of a part, best effort (for failure reports only).
+
+    A deflated data set is inflated only as far as :data:`PEEK_INFLATED_BYTES`: the
+    part may be a deflate bomb refused for its inflated size.
+    """
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                 specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        offset = dataset_offset(data) if data[128:132] == b"DICM" else 0
+        if offset and meta_transfer_syntax(data, offset) == DeflatedExplicitVRLittleEndian:
+            head = inflated_head(memoryview(data)[offset:], PEEK_INFLATED_BYTES)
+            header = read_dataset(io.BytesIO(head), is_implicit_VR=False,
+                                  is_little_endian=True, specific_tags=[Tag(0x00080016),
+                                                                        Tag(0x00080018)])
+        else:
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
         sop_class = str(header.get("SOPClassUID", "") or "").strip("\0 ")
         sop_instance = str(header.get("SOPInstanceUID", "") or "").strip("\0 ")
     except Exception:  # an unreadable part is reported without UIDs
@@ -146,27 +177,65 @@ def peek_uids(data: bytes) -> tuple[str, str]:
             sop_instance if valid_uid(sop_instance) else "")
 
 
-def body_stream(req: falcon.Request) -> multipart.Readable:
-    """The request body; a chunked body has no Content-Length and is read to its end."""
-    return req.bounded_stream if req.content_length is not None else req.stream
+class _Counted:
+    """A request body that raises :class:`RequestTooLarge` once more than ``limit``
+    bytes have been read from it (a chunked body announces no size)."""
+
+    def __init__(self, stream: multipart.Readable, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.count = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        chunk = self.stream.read(size)
+        self.count += len(chunk)
+        if self.count > self.limit:
+            raise RequestTooLarge(f"the request body is larger than {self.limit} bytes")
+        return chunk
 
 
-def single_part(stream: multipart.Readable) -> Iterator[multipart.Part]:
-    """A whole ``application/dicom`` body as one part (spooled, size-limited)."""
+def body_stream(req: falcon.Request, max_request_bytes: int) -> multipart.Readable:
+    """The request body, counted against ``max_request_bytes``; a chunked body has no
+    Content-Length and is read to its end.
+
+    Raises
+    ------
+    RequestTooLarge
+        The Content-Length says more than ``max_request_bytes``: nothing is read.
+    """
+    if req.content_length is not None and req.content_length > max_request_bytes:
+        raise RequestTooLarge(f"the request body is larger than {max_request_bytes} bytes")
+    stream = req.bounded_stream if req.content_length is not None else req.stream
+    return _Counted(stream, max_request_bytes)
+
+
+def single_part(stream: multipart.Readable,
+                max_part_bytes: int = multipart.MAX_PART_BYTES) -> Iterator[multipart.Part]:
+    """A whole ``application/dicom`` body as one part (spooled; over ``max_part_bytes``
+    read to its end and yielded ``oversize``, with its head only)."""
     spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)
     size = 0
+    head = b""
     while chunk := stream.read(multipart.CHUNK_BYTES):
         size += len(chunk)
-        if size > multipart.MAX_PART_BYTES:
+        if head:
+            continue  # over the limit: counted, not kept
+        if size > max_part_bytes:
+            spool.write(chunk)
+            spool.seek(0)
+            head = spool.read(multipart.OVERSIZE_HEAD_BYTES)
             spool.close()
-            raise multipart.MultipartError(
-                f"the body is larger than {multipart.MAX_PART_BYTES} bytes")
+            continue
         spool.write(chunk)
+    if head:
+        yield multipart.Part({"content-type": DICOM}, io.BytesIO(head), size, oversize=True)
+        return
     spool.seek(0)
     yield multipart.Part({"content-type": DICOM}, spool, size)
 
 
-def parts_of(req: falcon.Request) -> Iterator[multipart.Part]:
+def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES,
+             max_request_bytes: int | None = None) -> Iterator[multipart.Part]:
     """The parts of a STOW-RS body, by its Content-Type.
 
     Raises
@@ -175,17 +244,22 @@ def parts_of(req: falcon.Request) -> Iterator[multipart.Part]:
         Not multipart/related of application/dicom, nor application/dicom (415).
     MultipartError
         No usable boundary (400).
+    RequestTooLarge
+        A Content-Length over ``max_request_bytes`` (413).
     """
+    limit = max_request_bytes if max_request_bytes is not None else 1 << 62
     kind, params = multipart.media_type(req.content_type or "")
     if kind == DICOM:
-        return single_part(body_stream(req))
+        return single_part(body_stream(req, limit), max_part_bytes)
     if kind != "multipart/related":
         raise UnsupportedMedia("STOW-RS takes multipart/related; type=\"application/dicom\"")
     part_type = multipart.media_type(params.get("type", DICOM))[0]
     if part_type != DICOM:
         raise UnsupportedMedia(f"parts of type {part_type} are not supported; "
                                "send application/dicom")
-    return multipart.read_parts(body_stream(req), multipart.boundary_of(req.content_type or ""))
+    boundary = multipart.boundary_of(req.content_type or "")
+    return multipart.read_parts(body_stream(req, limit), boundary,
+                                max_part_bytes=max_part_bytes)
 
 
 class Store:
@@ -210,7 +284,9 @@ class Store:
             raise InvalidUID("StudyInstanceUID in the path is not a valid UID")
         if not accepts_json(req):
             raise Unacceptable("STOW-RS answers with application/dicom+json only")
-        report = self._store_all(parts_of(req), study)
+        settings = self.services.settings
+        report = self._store_all(parts_of(req, settings.max_object_bytes,
+                                          settings.max_request_bytes), study)
         log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
@@ -231,6 +307,9 @@ class Store:
         ------
         MultipartError
             A malformed body before any part completed, or a body with no parts.
+        ObjectTooLarge
+            The body passed ``PACS_MAX_REQUEST_BYTES`` (:class:`RequestTooLarge`), or
+            a part too large to tell which instance it was, before any part was stored.
         """
         report = Report()
         pending: list[Future[list[Stored | Failed]]] = []
@@ -246,17 +325,27 @@ class Store:
             try:
                 for part in parts:
                     try:
-                        batch.append(self._examine(part.content_type, part.read(), study))
+                        if part.oversize:
+                            oversize = self._oversize(part.read(), study)
+                            if oversize is None:  # which instance is unknown
+                                submit()
+                                _collect(pending, report, keep=0)
+                                _refuse_unknown_oversize(report, part.size)
+                                continue
+                            batch.append(oversize)
+                        else:
+                            batch.append(self._examine(part.content_type, part.read(),
+                                                       study))
                     finally:
                         part.close()
                     if (len(batch) >= BATCH_PARTS
                             or sum(len(part.data) for part in batch) >= BATCH_BYTES):
                         submit()
                 submit()
-            except multipart.MultipartError as exc:
+            except (multipart.MultipartError, RequestTooLarge) as exc:
                 submit()  # the parts that did arrive whole are stored
                 _collect(pending, report, keep=0)
-                if report.empty:
+                if report.empty or (isinstance(exc, RequestTooLarge) and not report.stored):
                     raise
                 log.warning("STOW-RS body broke after %d part(s): %s",
                             len(report.stored) + len(report.failed), exc)
@@ -266,6 +355,17 @@ class Store:
         if report.empty:
             raise multipart.MultipartError("the body holds no parts")
         return report
+
+    def _oversize(self, head: bytes, study: str | None) -> _Part | None:
+        """A part over ``PACS_MAX_OBJECT_BYTES`` as a failure (A700) when its UIDs can
+        be read from its head (PS3.18 10.5.3: it is listed in FailedSOPSequence);
+        ``None`` when they cannot."""
+        if not all(peek_uids(head)):
+            return None
+        refused: Future[Result] = Future()
+        refused.set_result(ObjectTooLarge(
+            f"the instance is larger than {self.services.settings.max_object_bytes} bytes"))
+        return _Part(head, refused, study)
 
     def _examine(self, content_type: str, data: bytes, study: str | None) -> _Part:
         """A part, with its analysis under way in a helper process (while this thread
@@ -324,6 +424,17 @@ def _failed(data: bytes, exc: BaseException) -> Failed:
     else:
         log.warning("STOW-RS part refused: %s", exc)
     return Failed(*peek_uids(data), outcome.failure_reason)
+
+
+def _refuse_unknown_oversize(report: Report, size: int) -> None:
+    """A part too large whose UIDs are unknown: the request is 413 when nothing was
+    stored before it; otherwise it is one more failure (the stored parts must be
+    reported as stored)."""
+    exc = ObjectTooLarge(f"a part of {size} bytes is larger than the object size limit")
+    if not report.stored:
+        raise exc
+    log.warning("STOW-RS part refused: %s", exc)
+    report.failed.append(Failed("", "", outcome_for(exc).failure_reason))
 
 
 def _collect(pending: list[Future[list[Stored | Failed]]], report: Report,

@@ -304,3 +304,89 @@ def test_many_parts_in_one_request(client: testing.TestClient, services: Service
     result = post(client, body(*objects))
     assert result.status_code == 200
     assert len(stored(services)) == 25
+
+
+# --- sizes: PACS_MAX_OBJECT_BYTES per part, PACS_MAX_REQUEST_BYTES per body ---------------
+
+def deflate_bomb(zeros: int) -> bytes:
+    """A deflated CT whose pixel data is ``zeros`` zero bytes: a few KB as sent."""
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.PixelData = zeros // 2048, 1024, b"\0" * zeros
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def limited_client(make_services: Callable[..., Services], memory_store: MemoryStore,
+                   **limits: int) -> tuple[testing.TestClient, Services]:
+    services = make_services(store=memory_store, **limits)
+    return testing.TestClient(create_app(services)), services
+
+
+def test_a_part_over_the_object_limit_fails_alone(make_services: Callable[..., Services],
+                                                  memory_store: MemoryStore) -> None:
+    small = instance()
+    large = instance(PixelData=b"\0" * 200_000, Rows=100, Columns=1000)
+    client, services = limited_client(make_services, memory_store,
+                                      max_object_bytes=len(large) - 1)
+    result = post(client, body(small, large, small.replace(b"\0", b"\0")))
+    assert result.status_code == 202, result.text
+    assert referenced(result) == [uids(small).SOPInstanceUID] * 2
+    assert failures(result) == [(uids(large).SOPInstanceUID, OUT_OF_RESOURCES)]
+    assert stored(services) == {uids(small).SOPInstanceUID}
+    # Alone, as a single application/dicom body: the same failure (409, nothing stored).
+    alone = post(client, large, "application/dicom")
+    assert alone.status_code == 409
+    assert failures(alone) == [(uids(large).SOPInstanceUID, OUT_OF_RESOURCES)]
+
+
+def test_a_part_over_the_limit_whose_uids_are_unknown_fails_the_request(
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    client, services = limited_client(make_services, memory_store, max_object_bytes=10_000)
+    for payload, content_type in ((body(b"\1" * 20_000, instance()), QUOTED),
+                                  (b"\1" * 20_000, "application/dicom")):
+        result = post(client, payload, content_type)
+        assert result.status_code == 413, result.text
+        assert result.json["description"]
+    assert stored(services) == set()
+
+
+@pytest.mark.parametrize("analysers", [0, 1], ids=["in-process", "helper"])
+def test_a_deflate_bomb_part_is_out_of_resources(make_services: Callable[..., Services],
+                                                 memory_store: MemoryStore,
+                                                 analysers: int) -> None:
+    bomb = deflate_bomb(16 << 20)
+    assert len(bomb) < 100_000
+    client, services = limited_client(make_services, memory_store,
+                                      max_object_bytes=4 << 20, web_analysers=analysers)
+    good = instance()
+    result = post(client, body(bomb, good))
+    assert result.status_code == 202, result.text
+    assert failures(result) == [(uids(bomb).SOPInstanceUID, OUT_OF_RESOURCES)]
+    assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+def test_a_body_over_the_request_limit_is_413(make_services: Callable[..., Services],
+                                              memory_store: MemoryStore) -> None:
+    parts = [instance() for _ in range(60)]  # 2.3 MB: read in three 1 MiB reads
+    payload = body(*parts)
+    client, services = limited_client(make_services, memory_store,
+                                      max_request_bytes=len(payload) - 1)
+    # By its Content-Length: refused before anything is read.
+    assert post(client, payload).status_code == 413
+    assert post(client, parts[0], "application/dicom",
+                headers={"Content-Length": str(len(payload))}).status_code == 413
+    assert stored(services) == set()
+    # Chunked (no Content-Length): counted as read; the parts stored before the limit
+    # are reported, the rest is one failure.
+    result = post(client, payload, extras={"CONTENT_LENGTH": ""})
+    assert result.status_code == 202, result.text
+    done = referenced(result)
+    assert 0 < len(done) < 60 and set(done) == stored(services)
+    assert failures(result) == [(None, OUT_OF_RESOURCES)]
+    # Chunked and over the limit before any part was stored: 413.
+    small, _ = limited_client(make_services, memory_store, max_request_bytes=1000)
+    assert post(small, body(instance()), extras={"CONTENT_LENGTH": ""}).status_code == 413

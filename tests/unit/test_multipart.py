@@ -108,13 +108,30 @@ def test_parts_before_a_break_are_complete() -> None:
 
 
 @pytest.mark.parametrize("limits, message", [
-    ({"max_part_bytes": 10}, "larger than 10 bytes"),
     ({"max_parts": 2}, "more than 2 parts"),
 ])
 def test_limits(limits: dict[str, int], message: str) -> None:
     data = b"".join(encode([({}, b"x" * 11)] * 3, "b0undary"))
     with pytest.raises(MultipartError, match=message):
         parse(data, size=4, **limits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [1, 4, 1 << 20])
+@pytest.mark.parametrize("spool", [False, True])
+def test_a_part_over_its_limit_is_yielded_as_oversize_with_its_head(
+        size: int, spool: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if spool:  # the part had moved to a temporary file before it went over
+        monkeypatch.setattr(multipart, "SPOOL_MEMORY_BYTES", 8)
+    monkeypatch.setattr(multipart, "OVERSIZE_HEAD_BYTES", 12)
+    big = bytes(range(100)) * 3
+    data = b"".join(encode([({}, b"small"), ({}, big), ({}, b"after")], "b0undary"))
+    parts = list(read_parts(Trickle(data, size), "b0undary", chunk_bytes=size,
+                            max_part_bytes=200))
+    assert [(p.oversize, p.size) for p in parts] == [(False, 5), (True, 300), (False, 5)]
+    assert [p.read() for p in parts] == [b"small", big[:12], b"after"]
+    exact = list(read_parts(io.BytesIO(data), "b0undary", max_part_bytes=300))
+    assert [p.oversize for p in exact] == [False, False, False]  # the limit is inclusive
+    assert exact[1].read() == big
 
 
 def test_header_block_limit() -> None:
