@@ -274,6 +274,32 @@ def test_keys_outside_the_uid_layout_are_refused_everywhere(
             operation(key)
 
 
+def test_quarantine_moves_the_object_out_of_the_keys(store: ObjectStore) -> None:
+    """Repair's quarantine: the object leaves the keys, its bytes are kept elsewhere."""
+    store.put(KEY, io.BytesIO(b"kept"), 4)
+    store.put(OTHER_KEY, io.BytesIO(b"other"), 5)
+    where = store.quarantine(KEY, "fsck-20250101T000000.000000Z")
+    assert where.endswith(f"quarantine/fsck-20250101T000000.000000Z/{KEY}")
+    assert not store.exists(KEY) and list(store.keys()) == [OTHER_KEY]
+    if isinstance(store, MemoryStore):
+        kept = store.quarantined[where]
+    elif isinstance(store, FileStore):
+        kept = Path(where).read_bytes()
+    else:
+        assert isinstance(store, S3Store)
+        response = store._client.get_object(bucket_name=store.bucket, object_name=where)
+        kept = response.read()
+        response.close()
+        response.release_conn()
+        store._client.remove_object(bucket_name=store.bucket, object_name=where)
+    assert kept == b"kept"
+    with pytest.raises(NotFound):
+        store.quarantine(KEY, "fsck-again")
+    with pytest.raises(StorageError):
+        store.quarantine(OTHER_KEY, "../escape")
+    assert store.exists(OTHER_KEY)
+
+
 # --- FileStore only -----------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@ built by hand through the store and index APIs, found by a dry run that changes 
 then repaired so that the newest acknowledged version is indexed and served and nothing
 acknowledged is lost.
 
-Run over the in-memory store and the folder store alike.
+Run over the in-memory store, the folder store and the S3 store (SeaweedFS) alike.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from pacs.services import Services
 from pacs.storage import object_key
 from pacs.storage.filesystem import FileStore
 from pacs.storage.memory import MemoryStore
+from pacs.storage.s3 import S3Store
 from tests.conftest import sample
+from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
+from tests.storage.test_storage_contract import make_s3_store
 
 #: WADO-RS: the instance as stored, whatever its transfer syntax.
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -93,6 +96,17 @@ def quarantined(services: Services) -> dict[str, bytes]:
     store = services.store
     if isinstance(store, MemoryStore):
         return {name.split("/", 2)[2]: data for name, data in store.quarantined.items()}
+    if isinstance(store, S3Store):
+        prefix = f"{store.customer}/quarantine/"
+        kept = {}
+        for item in store._client.list_objects(bucket_name=store.bucket, prefix=prefix,
+                                               recursive=True):
+            response = store._client.get_object(bucket_name=store.bucket,
+                                                object_name=item.object_name)
+            kept[item.object_name.removeprefix(prefix).split("/", 1)[1]] = response.read()
+            response.close()
+            response.release_conn()
+        return kept
     assert isinstance(store, FileStore)
     root = store.quarantine_root
     if not root.is_dir():
@@ -138,9 +152,15 @@ def dry_then_repair(services: Services, *expected: tuple[Problem, Action, str]) 
     return fixed
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", pytest.param("s3", marks=pytest.mark.interop)])
 def node(request: pytest.FixtureRequest, make_services: Callable[..., Services]) -> Services:
-    """Services over the in-memory store, or over the folder store in a temporary folder."""
+    """Services over the in-memory store, the folder store in a temporary folder, or an
+    S3 bucket (a customer prefix of its own)."""
+    if request.param == "s3":
+        server: SeaweedS3 = request.getfixturevalue("seaweed_s3")
+        store = make_s3_store(server)
+        store.check()
+        return make_services(store=store)
     return make_services(store=MemoryStore() if request.param == "memory" else None)
 
 
