@@ -12,7 +12,10 @@ Order of operations, which is what makes a success durable (DESIGN.md section 4)
 
 A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
 back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
-list, which ``pacs fsck`` re-indexes; the index never lists an object the store lacks.
+list, and a crash after 4 may leave the old copy of a moved instance; the index never
+lists an object the store lacks.  ``pacs fsck --repair`` (:mod:`pacs.reconcile`) indexes
+such an object only when its UID has no row, and otherwise quarantines it: the row is
+what was acknowledged.
 """
 
 from __future__ import annotations

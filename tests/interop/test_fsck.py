@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,18 +88,33 @@ def wado(node: Node, key: str) -> bytes:
     return part.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n")
 
 
-def c_get(node: Node, key: str, folder: Path) -> bytes:
-    """The instance as C-GET sends it (getscu, Study Root, IMAGE level), data set only."""
+def getscu(node: Node, key: str, folder: Path) -> str:
+    """C-GET of one instance (getscu, Study Root, IMAGE level) into ``folder``; the log."""
     study, series, name = key.split("/")
     folder.mkdir(parents=True)
-    result = run_dcmtk("getscu", "-S", "+B", "-aec", AE_TITLE, "-od", str(folder),
+    result = run_dcmtk("getscu", "-v", "-S", "+B", "-aec", AE_TITLE, "-od", str(folder),
                        "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={study}",
                        "-k", f"SeriesInstanceUID={series}",
                        "-k", f"SOPInstanceUID={name.removesuffix('.dcm')}",
                        "127.0.0.1", str(node.port), timeout=120)
     assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    return result.stdout
+
+
+def c_get(node: Node, key: str, folder: Path) -> bytes:
+    """The instance as C-GET sends it."""
+    getscu(node, key, folder)
     [received] = list(folder.iterdir())
     return received.read_bytes()
+
+
+def qido_instances(node: Node, study: str) -> list[str]:
+    """SOP Instance UIDs QIDO-RS lists in a study."""
+    response = requests.get(f"{node.web_url()}/studies/{study}/instances", timeout=60)
+    if response.status_code == 404:
+        return []
+    assert response.status_code == 200, response.text
+    return [item["00080018"]["Value"][0] for item in response.json()]
 
 
 def sha(data: bytes) -> str:
@@ -135,6 +152,30 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     unindexed = path_e.read_bytes()
     write_object(node, key_e, unindexed)
 
+    # (d) overwritten in place (same study and series), not committed: the acknowledged
+    # bytes are gone; the object is the later write, and the repair indexes it.
+    in_place = Versions(tmp_path, "in-place")
+    path_f, key_f, ds_f = in_place.make("F")
+    storescu(node, path_f)
+    ds_f.SeriesDescription = "F, sent again"
+    ds_f.save_as(tmp_path / "f2.dcm", enforce_file_format=True)
+    rewritten = (tmp_path / "f2.dcm").read_bytes()
+    write_object(node, key_f, rewritten)
+
+    # (e) an indexed object gone (deleted outside pacs), no copy: listed, not sendable.
+    gone = Versions(tmp_path, "gone")
+    path_g, key_g, _ = gone.make("G")
+    storescu(node, path_g)
+    (node.data_dir / "objects" / key_g).unlink()
+    assert gone.sop in qido_instances(node, key_g.split("/")[0])
+    failed_get = getscu(node, key_g, tmp_path / "get-gone")
+    assert "Number of Failed Suboperations    : 1" in failed_get, failed_get
+
+    # (a) a temporary file of a write interrupted long ago.
+    stale = node.data_dir / "objects" / key_e.rsplit("/", 1)[0] / ".tmp-interrupted"
+    stale.write_bytes(unindexed[:1000])
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
     node.assert_serving()
     memory_before = node.resources()
     before = node.snapshot()
@@ -142,7 +183,8 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     assert dry.returncode == 1, dry.stdout + dry.stderr  # problems found, not repaired
     assert node.snapshot() == before, "the dry run changed something"
     for problem, key in (("superseded", key_a), ("superseded", key_d),
-                         ("unacknowledged", key_e)):
+                         ("unacknowledged", key_e), ("rewritten", key_f),
+                         ("missing", key_g), ("temporary", stale.name)):
         assert any(line.startswith(problem) and key in line
                    for line in dry.stdout.splitlines()), dry.stdout
     assert "nothing changed" in dry.stdout
@@ -170,6 +212,12 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     assert dataset_bytes(c_get(node, key_b, tmp_path / "get-b")) == dataset_bytes(new)
     assert wado(node, key_c) == acked_c
     assert wado(node, key_e) == unindexed
+    assert (index[in_place.sop].object_key, index[in_place.sop].checksum) == (
+        key_f, sha(rewritten))
+    assert wado(node, key_f) == rewritten
+    assert gone.sop not in index and gone.sop not in qido_instances(
+        node, key_g.split("/")[0])
+    assert not stale.exists()
 
     # Nothing is lost: what was taken out of service is in the quarantine.
     quarantine = node.data_dir / "quarantine"
