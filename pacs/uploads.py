@@ -29,6 +29,18 @@ Afterwards:
   ``<name>.reason.txt`` beside it;
 - our own failure (store or index unavailable): left in place and tried again.
 
+Files larger than ``PACS_MAX_OBJECT_BYTES`` are rejected by their size, unread.  A file
+rewritten after it was read (its size, times or inode differ from what was read) is
+neither deleted nor archived: it is left for the next scans, which store the new
+content once it is stable.
+
+No link is ever followed below the upload folder: every path is reached one component
+at a time from the folder's descriptor with ``O_NOFOLLOW``, so a symbolic link (to
+``/etc/passwd``, or to a file or folder anywhere) is moved to ``rejected/`` as the link
+itself, with its reason; its target is never read, moved or deleted.  The same holds
+for ``archive/`` and ``rejected/`` (a link planted there is refused, not written
+through), and for the reason files.
+
 Sub-folders are walked (a dropped folder tree works); ``archive/`` and ``rejected/``
 keep the relative path of each file.  Logs give counts, not file names (which may
 carry patient names); names are logged at DEBUG only.
@@ -40,13 +52,15 @@ opens its own index connection and store client, as every worker does.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +84,11 @@ REJECTED = "rejected"
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
 #: The suffix of the file explaining a rejection.
 REASON_SUFFIX = ".reason.txt"
+
+#: A folder below the upload folder, reached without following a link.
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: An uploaded file: never through a link, and never blocking (a FIFO put in its place).
+_UPLOAD = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class Disposition(enum.Enum):
@@ -96,6 +115,64 @@ class _Seen:
     size: int
     mtime_ns: int
     inode: int
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """A file's identity and version: any write or replacement changes one of these."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> _Identity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                   info.st_ctime_ns)
+
+
+class _Skip(Exception):
+    """A file that is not handled now: its :class:`Handled` says what instead."""
+
+    def __init__(self, handled: Handled) -> None:
+        super().__init__(handled.reason)
+        self.handled = handled
+
+
+@contextmanager
+def _directory(root: Path, parts: Sequence[str], create: bool = False) -> Iterator[int]:
+    """A descriptor of ``root/parts...``, each part opened with ``O_NOFOLLOW``.
+
+    Raises
+    ------
+    OSError
+        A part is missing (unless ``create``), or a link (``ELOOP``) or not a folder.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _exists(name: str, folder: int) -> bool:
+    """True when ``name`` is taken in the folder (a dangling link too)."""
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def waits_for_rename(name: str) -> bool:
@@ -150,15 +227,14 @@ def _writable_fd(pid: str, fd: str) -> bool:
     return True
 
 
-def _free_name(path: Path) -> Path:
-    """``path``, or ``path`` with ``.1``, ``.2`` ... inserted when it exists."""
-    if not path.exists() and not path.is_symlink():
-        return path
-    for n in range(1, 100_000):
-        candidate = path.with_name(f"{path.name}.{n}")
-        if not candidate.exists() and not candidate.is_symlink():
+def _free_name(name: str, folder: int, *suffixes: str) -> str:
+    """``name``, or ``name`` with ``.1``, ``.2`` ... appended, free in ``folder`` with
+    each of ``suffixes`` appended too."""
+    for n in range(100_000):
+        candidate = f"{name}.{n}" if n else name
+        if not any(_exists(candidate + suffix, folder) for suffix in ("", *suffixes)):
             return candidate
-    raise FileExistsError(path)
+    raise FileExistsError(name)
 
 
 class UploadWatcher:
@@ -175,16 +251,20 @@ class UploadWatcher:
     writers : callable, optional
         Given candidate paths, returns those still open for writing
         (:func:`open_for_writing` by default; tests replace it).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: larger files are rejected unread; ``None``: no limit.
     """
 
     def __init__(self, ingest: Ingest, folder: Path, after_store: str = "delete",
-                 writers: Callable[[Iterable[Path]], set[Path]] = open_for_writing) -> None:
+                 writers: Callable[[Iterable[Path]], set[Path]] = open_for_writing,
+                 max_object_bytes: int | None = None) -> None:
         if after_store not in ("delete", "archive"):
             raise ValueError(f"after_store must be delete or archive, not {after_store!r}")
         self.ingest = ingest
         self.folder = folder
         self.after_store = after_store
         self.writers = writers
+        self.max_object_bytes = max_object_bytes
         self._previous: dict[Path, _Seen] = {}
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +300,11 @@ class UploadWatcher:
             if here == self.folder:
                 dirs[:] = [d for d in dirs if d not in (ARCHIVE, REJECTED)]
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
+            # os.walk lists links to folders with the folders (and does not enter them):
+            # they are candidates like any other link, to be moved aside as links.
+            links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+            dirs[:] = [d for d in dirs if d not in links]
+            for name in sorted(files + links):
                 if waits_for_rename(name):
                     continue
                 path = here / name
@@ -234,63 +318,128 @@ class UploadWatcher:
 
     def _handle(self, path: Path) -> Handled:
         try:
-            info = path.lstat()
-        except FileNotFoundError:
-            return Handled(path, Disposition.RETRY, "vanished")
-        if not stat.S_ISREG(info.st_mode):
-            # A link could point anywhere on this machine: never read through it.
-            return self._reject(path, "not a regular file (links are not followed)")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
-            return Handled(path, Disposition.RETRY, str(exc))
-        try:
+            data, identity = self._read(path)
             result = self.ingest.store_bytes(data, calling_ae="")
+        except _Skip as skip:
+            return skip.handled
         except InvalidInstance as exc:
-            return self._reject(path, str(exc))
+            return self._reject(path, str(exc), identity)
         except PacsError as exc:
             log.warning("could not store an uploaded file (%s); will retry", exc)
             return Handled(path, Disposition.RETRY, str(exc))
+        finally:
+            data = b""  # the object's bytes are not kept while the file is moved
         if result.outcome is Outcome.KEPT_FIRST:
             return self._reject(path, "a different object is already stored under this "
                                       "SOP Instance UID; kept the first "
-                                      "(PACS_DUPLICATE_POLICY=keep)")
-        self._done(path)
-        return Handled(path, Disposition.STORED)
+                                      "(PACS_DUPLICATE_POLICY=keep)", identity)
+        return self._done(path, identity)
+
+    def _read(self, path: Path) -> tuple[bytes, _Identity]:
+        """The file's bytes and the identity of what was read, without following links.
+
+        Raises
+        ------
+        _Skip
+            A link or not a regular file, larger than ``max_object_bytes`` (both
+            rejected), gone, unreadable or changed while it was read (retried).
+        """
+        parts = self._relative(path).parts
+        try:
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not stat.S_ISREG(os.stat(parts[-1], dir_fd=folder,
+                                            follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "not a regular file")  # never opened
+                fd = os.open(parts[-1], _UPLOAD, dir_fd=folder)
+        except FileNotFoundError:
+            raise _Skip(Handled(path, Disposition.RETRY, "vanished")) from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                # A link (or a socket) where a file or folder was: never read through.
+                raise _Skip(self._reject(path, "a link or not a regular file (links are "
+                                               "not followed)")) from None
+            log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+            raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
+        with os.fdopen(fd, "rb") as file:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Skip(self._reject(path, "not a regular file"))
+            limit = self.max_object_bytes
+            if limit is not None and before.st_size > limit:
+                raise _Skip(self._reject(
+                    path, f"larger than PACS_MAX_OBJECT_BYTES ({before.st_size} > {limit} "
+                          f"bytes); not read", _Identity.of(before)))
+            try:
+                data = file.read() if limit is None else file.read(limit + 1)
+            except OSError as exc:
+                log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+                raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
+            identity = _Identity.of(os.fstat(fd))
+        if identity != _Identity.of(before) or len(data) != identity.size:
+            raise _Skip(Handled(path, Disposition.RETRY, "changed while it was read"))
+        return data, identity
 
     def _relative(self, path: Path) -> Path:
         return path.relative_to(self.folder)
 
-    def _done(self, path: Path) -> None:
-        """Delete or archive a stored file (it is durably in the store already)."""
+    def _unchanged(self, name: str, folder: int, identity: _Identity | None) -> bool:
+        """True when ``name`` in ``folder`` is still the file that was read."""
+        if identity is None:
+            return True  # not read (a link): its own entry is what is moved
         try:
-            if self.after_store == "archive":
-                target = _free_name(self.folder / ARCHIVE / self._relative(path))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-            else:
-                path.unlink()
+            return _Identity.of(os.stat(name, dir_fd=folder, follow_symlinks=False)) == identity
+        except OSError:
+            return False
+
+    def _done(self, path: Path, identity: _Identity) -> Handled:
+        """Delete or archive a stored file (it is durably in the store already), unless
+        it was rewritten since it was read: then the new content waits for the next
+        scans."""
+        parts = self._relative(path).parts
+        try:
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not self._unchanged(parts[-1], folder, identity):
+                    log.info("an uploaded file changed after it was stored; it is left "
+                             "for the next scan")
+                    return Handled(path, Disposition.RETRY, "changed after it was read")
+                if self.after_store == "archive":
+                    with _directory(self.folder, (ARCHIVE, *parts[:-1]), create=True) as to:
+                        os.rename(parts[-1], _free_name(parts[-1], to),
+                                  src_dir_fd=folder, dst_dir_fd=to)
+                else:
+                    os.unlink(parts[-1], dir_fd=folder)
         except OSError as exc:
             # Stored all the same; a file left behind is stored again as unchanged.
             log.warning("stored an uploaded file but could not %s it: %s",
                         self.after_store, exc.strerror)
+        return Handled(path, Disposition.STORED)
 
-    def _reject(self, path: Path, reason: str) -> Handled:
-        """Move a refused file to ``rejected/`` and write why beside it."""
+    def _reject(self, path: Path, reason: str, identity: _Identity | None = None) -> Handled:
+        """Move a refused file (or link, as itself) to ``rejected/`` and write why
+        beside it; a file rewritten since it was read is left for the next scans."""
         log.debug("rejected upload %s: %s", path, reason)
+        parts = self._relative(path).parts
         try:
-            target = _free_name(self.folder / REJECTED / self._relative(path))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            target.with_name(target.name + REASON_SUFFIX).write_text(
-                f"file: {self._relative(path).as_posix()}\nrejected: {when}\n"
-                f"reason: {reason}\n", encoding="utf-8")
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not self._unchanged(parts[-1], folder, identity):
+                    return Handled(path, Disposition.RETRY, "changed after it was read")
+                with _directory(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
+                    name = _free_name(parts[-1], to, REASON_SUFFIX)
+                    os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
+                    self._write_reason(to, name + REASON_SUFFIX, path, reason)
         except OSError as exc:
             log.error("could not move a rejected upload aside: %s", exc.strerror)
             return Handled(path, Disposition.RETRY, reason)
         return Handled(path, Disposition.REJECTED, reason)
+
+    def _write_reason(self, folder: int, name: str, path: Path, reason: str) -> None:
+        """The reason file: a new file, never written through a link."""
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(f"file: {self._relative(path).as_posix()}\nrejected: {when}\n"
+                      f"reason: {reason}\n")
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -337,7 +486,8 @@ def main() -> int:
         return 1
     try:
         watcher = UploadWatcher(services.ingest, settings.uploads_dir,
-                                settings.uploads_after_store)
+                                settings.uploads_after_store,
+                                max_object_bytes=settings.max_object_bytes)
         watcher.run(stopping, settings.uploads_poll)
     finally:
         services.close()

@@ -3,6 +3,7 @@ files become queryable through the same engine as C-FIND."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -177,3 +178,158 @@ def test_links_are_not_followed(services: Services, folder: Path, tmp_path: Path
     assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
     assert outside.read_bytes() == ct_bytes
     assert (folder / "rejected" / "link.dcm").is_symlink()
+
+
+def test_a_file_rewritten_after_it_was_read_is_left_for_the_next_scan(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewritten in place between the read and the delete: the new content is not lost
+    (neither deleted nor archived); later scans store it."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    path = folder / "ct.dcm"
+    path.write_bytes(ct_bytes)
+    other = pydicom.dcmread(sample("CT_small.dcm"))
+    other.StudyInstanceUID = "1.2.826.0.1.3680043.10.543.99"
+    other.SOPInstanceUID = "1.2.826.0.1.3680043.10.543.99.1"
+    other.file_meta.MediaStorageSOPInstanceUID = other.SOPInstanceUID
+    store = services.ingest.store_bytes
+
+    def store_then_rewrite(data: bytes, **kwargs: object) -> object:
+        result = store(data, **kwargs)
+        other.save_as(path)  # the same name and inode, new content
+        return result
+
+    watcher.scan()
+    monkeypatch.setattr(services.ingest, "store_bytes", store_then_rewrite)
+    handled = watcher.scan()
+    assert [(h.disposition, h.reason) for h in handled] == [
+        (Disposition.RETRY, "changed after it was read")]
+    assert pydicom.dcmread(path).StudyInstanceUID == other.StudyInstanceUID
+    monkeypatch.undo()
+    assert watcher.scan() == []  # changed since the last look: once more
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert not path.exists()
+    assert study_uids(services, other.StudyInstanceUID) == [other.StudyInstanceUID]
+
+
+@pytest.mark.parametrize("after_store", ["archive", "delete"])
+def test_a_file_replaced_after_it_was_read_is_not_moved(
+        services: Services, folder: Path, ct_bytes: bytes, after_store: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    watcher = UploadWatcher(services.ingest, folder, after_store=after_store,
+                            writers=nobody_writes)
+    path = folder / "ct.dcm"
+    path.write_bytes(ct_bytes)
+    store = services.ingest.store_bytes
+
+    def store_then_replace(data: bytes, **kwargs: object) -> object:
+        result = store(data, **kwargs)
+        (folder / "new.tmp").write_bytes(b"a newer upload under the same name")
+        os.replace(folder / "new.tmp", path)  # write-then-rename over it
+        return result
+
+    watcher.scan()
+    monkeypatch.setattr(services.ingest, "store_bytes", store_then_replace)
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert path.read_bytes() == b"a newer upload under the same name"
+    assert not (folder / "archive").exists()
+
+
+def _never_stored(services: Services, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    stored: list[bytes] = []
+    monkeypatch.setattr(services.ingest, "store_bytes",
+                        lambda data, **kwargs: stored.append(data))
+    return stored
+
+
+def test_a_link_to_a_system_file_is_moved_aside_as_a_link_never_read(
+        services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    passwd = Path("/etc/passwd").read_bytes()
+    stored = _never_stored(services, monkeypatch)
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "passwd.dcm").symlink_to("/etc/passwd")
+    watcher.scan()
+    handled = watcher.scan()
+    assert [h.disposition for h in handled] == [Disposition.REJECTED]
+    assert "link" in handled[0].reason
+    assert stored == [] and Path("/etc/passwd").read_bytes() == passwd
+    moved = folder / "rejected" / "sub" / "passwd.dcm"
+    assert moved.is_symlink() and os.readlink(moved) == "/etc/passwd"
+    assert "links are not followed" in (
+        folder / "rejected" / "sub" / ("passwd.dcm" + REASON_SUFFIX)).read_text()
+
+
+def test_a_linked_folder_is_not_entered(services: Services, folder: Path, tmp_path: Path,
+                                        ct_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ct.dcm").write_bytes(ct_bytes)
+    stored = _never_stored(services, monkeypatch)
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "cd").symlink_to(outside)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert stored == [] and (outside / "ct.dcm").read_bytes() == ct_bytes
+    assert (folder / "rejected" / "cd").is_symlink()
+
+
+def test_a_folder_swapped_for_a_link_is_not_read_through(
+        services: Services, folder: Path, tmp_path: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder replaced by a link between the scan and the read: the read, reached
+    one component at a time without following links, never gets through it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ct.dcm").write_bytes(ct_bytes)
+    stored = _never_stored(services, monkeypatch)
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "cd").mkdir(parents=True)
+    (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    candidates = list(watcher._candidates())
+    (folder / "cd" / "ct.dcm").unlink()
+    (folder / "cd").rmdir()
+    (folder / "cd").symlink_to(outside)
+    monkeypatch.setattr(watcher, "_candidates", lambda: iter(candidates))
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert stored == [] and (outside / "ct.dcm").read_bytes() == ct_bytes
+
+
+def test_links_planted_in_rejected_are_not_written_through(
+        services: Services, folder: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "rejected").symlink_to(outside)
+    (folder / "junk.dcm").write_bytes(b"not DICOM")
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert list(outside.iterdir()) == [] and (folder / "junk.dcm").exists()
+    # A reason file's name taken by a link: the rejected file gets another name.
+    (folder / "rejected").unlink()
+    (folder / "rejected").mkdir()
+    (folder / "rejected" / ("junk.dcm" + REASON_SUFFIX)).symlink_to(outside / "written")
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert not (outside / "written").exists()
+    assert "not a DICOM" in (folder / "rejected" / ("junk.dcm.1" + REASON_SUFFIX)).read_text()
+
+
+def test_a_file_over_the_object_limit_is_rejected_unread(
+        services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An 8 GiB (sparse) upload with PACS_MAX_OBJECT_BYTES at 2 GiB: refused by its size,
+    never read (reading it would take 8 GiB of memory)."""
+    stored = _never_stored(services, monkeypatch)
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes,
+                            max_object_bytes=2 * 2**30)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "huge.dcm", "wb") as huge:
+        huge.truncate(8 * 2**30)
+    watcher.scan()
+    handled = watcher.scan()
+    assert [h.disposition for h in handled] == [Disposition.REJECTED]
+    assert "PACS_MAX_OBJECT_BYTES" in handled[0].reason and stored == []
+    assert (folder / "rejected" / "huge.dcm").stat().st_size == 8 * 2**30
+    assert "PACS_MAX_OBJECT_BYTES" in (
+        folder / "rejected" / ("huge.dcm" + REASON_SUFFIX)).read_text()
