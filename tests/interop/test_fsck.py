@@ -31,7 +31,7 @@ from tests.interop.conftest import (
     run_dcmtk,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 
 #: A value that must appear in no output of fsck (no patient data in logs or reports).
 PATIENT_NAME = "FSCKTEST^SECRETNAME"

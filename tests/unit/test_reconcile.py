@@ -35,6 +35,8 @@ from tests.conftest import sample
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 from tests.storage.test_storage_contract import make_s3_store
 
+pytestmark = pytest.mark.hostile
+
 #: WADO-RS: the instance as stored, whatever its transfer syntax.
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
