@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.uid import generate_uid
 
 from tests.interop.conftest import (
     AE_TITLE,
@@ -44,8 +46,7 @@ class Versions:
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder / name
         self.folder.mkdir(parents=True)
-        self.template = fresh_ct(PatientName=PATIENT_NAME, PatientID="FSCK")
-        self.sop = self.template.SOPInstanceUID
+        self.sop = generate_uid()
         self.count = 0
 
     def make(self, description: str) -> tuple[Path, str, pydicom.Dataset]:
@@ -139,11 +140,10 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     # (b) moved, written but not committed: the acknowledged row's object C stays.
     unacked_move = Versions(tmp_path, "unacked-move")
     path_c, key_c, _ = unacked_move.make("C")
-    _path_d, key_d, ds_d = unacked_move.make("D")
+    path_d, key_d, _ = unacked_move.make("D")
     storescu(node, path_c)
     acked_c = stored(node, key_c)
-    ds_d.save_as(tmp_path / "d.dcm", enforce_file_format=True)
-    never_acked = (tmp_path / "d.dcm").read_bytes()
+    never_acked = path_d.read_bytes()
     write_object(node, key_d, never_acked)
 
     # (b) a new instance written but not committed: indexed by the repair.
@@ -169,7 +169,7 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     (node.data_dir / "objects" / key_g).unlink()
     assert gone.sop in qido_instances(node, key_g.split("/")[0])
     failed_get = getscu(node, key_g, tmp_path / "get-gone")
-    assert "Number of Failed Suboperations    : 1" in failed_get, failed_get
+    assert re.search(r"Number of Failed Suboperations\s*:\s*1\b", failed_get), failed_get
 
     # (a) a temporary file of a write interrupted long ago.
     stale = node.data_dir / "objects" / key_e.rsplit("/", 1)[0] / ".tmp-interrupted"
