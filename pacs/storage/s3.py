@@ -30,6 +30,7 @@ Choices that matter for the guarantees of DESIGN.md section 4:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -137,6 +138,23 @@ class _Retry(urllib3.Retry):
         if isinstance(error, ReadTimeoutError):
             raise error
         return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+class _NoRetryWarnings(logging.Filter):
+    """Drops urllib3's "Retrying ..." warnings: they name the object's URL, whose key is
+    made of the instance's UIDs.  A request that fails in the end is reported by the
+    caller, with the reason and without the key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a retry warning."""
+        return not str(record.msg).startswith("Retrying")
+
+
+def _quiet_retry_warnings() -> None:
+    """Install :class:`_NoRetryWarnings` on urllib3's pool logger (once)."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _NoRetryWarnings) for f in logger.filters):
+        logger.addFilter(_NoRetryWarnings())
 
 
 class _Md5Minio(Minio):
@@ -284,6 +302,7 @@ class S3Store:
         # DELETE are idempotent, so urllib3 may retry them; the multipart POSTs are not
         # retried (urllib3's default allowed_methods).  Connections that failed are
         # dropped, so the pool recovers by itself once the server is back.
+        _quiet_retry_warnings()
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             retries=_Retry(
