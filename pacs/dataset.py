@@ -160,6 +160,32 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     )
 
 
+#: Bytes at the start of an object that hold its file meta (and so its transfer
+#: syntax) in practice.
+HEAD_PROBE_BYTES = 64 << 10
+
+
+def read_header(buffer: bytes) -> Dataset:
+    """The header (data set without pixel data) of a stored Part 10 object, as pydicom
+    reads it with ``stop_before_pixels``, but never inflating a deflated data set
+    whole (:func:`walk_deflated`).
+
+    Raises
+    ------
+    UnreadableData
+        When it does not parse.
+    ObjectTooLarge
+        A deflated header over :data:`MAX_DEFLATED_HEADER`.
+    """
+    offset = dataset_offset(buffer)
+    if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
+        return _read_deflated(buffer, offset, None)
+    try:
+        return pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
+
+
 def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
     """The Transfer Syntax UID (0002,0010) of the file meta that ends at ``offset``,
     read from the bytes (explicit VR little endian, PS3.10 7.1); ``None`` if absent."""

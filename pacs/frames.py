@@ -16,6 +16,13 @@ pixel data position that ingest recorded (:mod:`pacs.metadata`):
 Native frames are sent as Explicit VR Little Endian (1.2.840.10008.1.2.1): the pixel
 bytes of every little endian uncompressed syntax are the same.  Decoded colour frames
 come out as RGB (pydicom converts YCbCr), as with dcm4chee and Orthanc.
+
+Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
+(``PACS_MAX_FRAME_BYTES``): Rows x Columns x Samples per Pixel x bytes per sample
+(ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
+data is read (a deflated or big endian data set), checked before any decoder runs or
+any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
+65535 RGB frame (12 GB) in a few bytes.
 """
 
 from __future__ import annotations
@@ -29,10 +36,15 @@ import numpy as np
 import pydicom
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
-from pacs import metadata
-from pacs.errors import NotFound, UnreadableData
+from pacs import dataset, metadata
+from pacs.errors import FrameTooLarge, NotFound, UnreadableData
 
 if TYPE_CHECKING:
     from pacs.metadata import Document
@@ -89,10 +101,30 @@ class Layout:
                 and self.transfer_syntax in NATIVE)
 
     @property
+    def decoded_bytes(self) -> int:
+        """Bytes of one decoded frame (:func:`decoded_size`)."""
+        return decoded_size(self.rows, self.columns, self.samples, self.bits_allocated)
+
+    @property
     def frame_bits(self) -> int:
         """Bits of one native frame (PS3.5 8.1.1; 4:2:2 YCbCr holds two samples)."""
         samples = 2 if self.photometric == "YBR_FULL_422" else self.samples
         return self.rows * self.columns * samples * self.bits_allocated
+
+
+def decoded_size(rows: int, columns: int, samples: int, bits_allocated: int,
+                 frames: int = 1) -> int:
+    """Declared bytes of decoded pixels: Rows x Columns x Samples per Pixel x
+    ceil(Bits Allocated / 8) x ``frames`` (PS3.3 C.7.6.3; what a decoder allocates)."""
+    return (max(rows, 0) * max(columns, 0) * max(samples, 1)
+            * max(-(-bits_allocated // 8), 1) * max(frames, 1))
+
+
+def check_decodable(size: int, max_frame_bytes: int) -> None:
+    """Raise :class:`FrameTooLarge` when ``size`` decoded bytes are over the ceiling."""
+    if size > max_frame_bytes:
+        raise FrameTooLarge(f"the pixels to decode declare {size} bytes, more than the "
+                            f"{max_frame_bytes} allowed (PACS_MAX_FRAME_BYTES)")
 
 
 def layout(doc: Document, parsed: dict[str, Any] | None = None) -> Layout:
@@ -137,12 +169,12 @@ def check_numbers(lay: Layout, numbers: Sequence[int]) -> None:
             raise NotFound(f"frame {number} does not exist (the instance has {lay.frames})")
 
 
-def stored_frames(source: BinaryIO, lay: Layout,
-                  numbers: Sequence[int]) -> Iterator[tuple[bytes, str]]:
+def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
+                  max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
     """Frames as stored: ``(bytes, transfer syntax UID)`` per frame number.
 
     ``source`` is the stored object, seekable.  Native frames of syntaxes that cannot
-    be sliced (deflated, big endian) are decoded instead.
+    be sliced (deflated, big endian) are decoded instead, within ``max_frame_bytes``.
     """
     for number in numbers:
         if lay.encapsulated and lay.pixel_offset is not None:
@@ -150,17 +182,18 @@ def stored_frames(source: BinaryIO, lay: Layout,
         elif lay.sliceable:
             yield _slice(source, lay, number), NATIVE_SYNTAX
         else:
-            yield native_bytes(decoded(source, number)), NATIVE_SYNTAX
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
 
 
-def native_frames(source: BinaryIO, lay: Layout,
-                  numbers: Sequence[int]) -> Iterator[tuple[bytes, str]]:
-    """Frames as uncompressed Explicit VR Little Endian pixels (decoded if need be)."""
+def native_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
+                  max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Frames as uncompressed Explicit VR Little Endian pixels (decoded if need be,
+    within ``max_frame_bytes``)."""
     for number in numbers:
         if lay.sliceable:
             yield _slice(source, lay, number), NATIVE_SYNTAX
         else:
-            yield native_bytes(decoded(source, number)), NATIVE_SYNTAX
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
 
 
 def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
@@ -201,23 +234,32 @@ def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
         raise UnreadableData(f"the encapsulated pixel data does not parse: {exc}") from None
 
 
-def decoded(source: BinaryIO, number: int) -> np.ndarray:
+def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
     """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
 
     pydicom reads just that frame from the file; a deflated data set cannot be read
     that way (its pixel data is inside the deflate stream), so the whole data set is
-    read instead.
+    read instead.  The declared sizes are checked first (module docstring).
 
     Raises
     ------
+    FrameTooLarge
+        The frame (or, when the whole pixel data must be read, all the frames) is
+        declared larger than ``max_frame_bytes``.
     UnreadableData
         When the frame cannot be decoded.
     """
-    try:
-        source.seek(0)
-        return pixel_array(source, index=number - 1)
-    except Exception:  # noqa: BLE001 - retry from the whole data set, below
-        pass
+    check_decodable(lay.decoded_bytes, max_frame_bytes)
+    if lay.transfer_syntax != DeflatedExplicitVRLittleEndian:
+        try:
+            source.seek(0)
+            return pixel_array(source, index=number - 1)
+        except Exception:  # noqa: BLE001 - retry from the whole data set, below
+            pass
+    if not lay.encapsulated:
+        # Native pixel data read whole (encapsulated data is read as stored, and only
+        # the frame asked for is decoded).
+        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
     try:
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
@@ -246,7 +288,15 @@ def can_decode(transfer_syntax: str) -> bool:
 
 
 def read_header(source: BinaryIO) -> pydicom.Dataset:
-    """The stored object's data set without pixel data (for rendering parameters)."""
+    """The stored object's data set without pixel data (for rendering parameters); a
+    deflated one is never inflated whole (:func:`pacs.dataset.read_header`)."""
+    source.seek(0)
+    head = source.read(dataset.HEAD_PROBE_BYTES)
+    offset = dataset.dataset_offset(head)
+    if (offset < len(head) and dataset.meta_transfer_syntax(head, offset)
+            == DeflatedExplicitVRLittleEndian):
+        source.seek(0)
+        return dataset.read_header(source.read())
     source.seek(0)
     try:
         return pydicom.dcmread(source, stop_before_pixels=True)

@@ -4,6 +4,11 @@ Stored objects are never changed; a conversion produces a new encoding for one
 transfer.  Only decompression to an uncompressed syntax is offered (as Orthanc does
 over DIMSE): pydicom decodes the pixel data with pylibjpeg (JPEG, JPEG-LS, JPEG 2000,
 HTJ2K, RLE) and re-encodes the data set.
+
+A conversion holds the whole decoded pixel data, so its declared size (every frame,
+:func:`pacs.frames.decoded_size`) must be within ``max_frame_bytes``
+(``PACS_MAX_FRAME_BYTES``); it is checked from the header before anything is decoded
+(:class:`FrameTooLarge`).  WADO-RS and C-MOVE / C-GET both convert through here.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from pacs.errors import UnreadableData
+from pacs.config import Settings
+from pacs.dataset import read_header
+from pacs.errors import FrameTooLarge, ObjectTooLarge, UnreadableData
+from pacs.frames import check_decodable, decoded_size
 
 #: Targets of a conversion, most preferred first.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+#: The ceiling for callers that do not pass theirs: ``PACS_MAX_FRAME_BYTES``'s default.
+DEFAULT_MAX_FRAME_BYTES: int = Settings.max_frame_bytes
 
 _NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
            DeflatedExplicitVRLittleEndian}
@@ -44,14 +55,46 @@ def can_convert(source: str, target: str) -> bool:
         return False
 
 
-def convert(data: bytes, target: str) -> Dataset:
+def check_size(data: bytes, max_frame_bytes: int) -> None:
+    """Refuse a conversion whose decoded pixel data would be over ``max_frame_bytes``.
+
+    Raises
+    ------
+    FrameTooLarge
+        Rows x Columns x Samples per Pixel x bytes per sample x Number of Frames of
+        the header is over the ceiling.
+    UnreadableData
+        The header does not parse.
+    """
+    try:
+        header = read_header(data)
+    except ObjectTooLarge as exc:  # a deflated header over its ceiling
+        raise FrameTooLarge(str(exc)) from None
+    if "Rows" not in header:
+        return  # no image: nothing to decode
+    try:
+        size = decoded_size(int(header.get("Rows") or 0), int(header.get("Columns") or 0),
+                            int(header.get("SamplesPerPixel") or 1),
+                            int(header.get("BitsAllocated") or 8),
+                            int(header.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        raise UnreadableData("the Image Pixel module does not parse") from None
+    check_decodable(size, max_frame_bytes)
+
+
+def convert(data: bytes, target: str,
+            max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Dataset:
     """Decode a stored Part 10 object into a data set to be encoded in ``target``.
 
     Raises
     ------
+    FrameTooLarge
+        Its pixel data declares more than ``max_frame_bytes`` decoded (checked before
+        anything is decoded).
     UnreadableData
         When the object or its pixel data cannot be decoded.
     """
+    check_size(data, max_frame_bytes)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         if dataset.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in dataset:
@@ -64,9 +107,10 @@ def convert(data: bytes, target: str) -> Dataset:
     return dataset
 
 
-def convert_to_bytes(data: bytes, target: str) -> bytes:
-    """:func:`convert`, encoded as a Part 10 object (for WADO-RS)."""
-    dataset = convert(data, target)
+def convert_to_bytes(data: bytes, target: str,
+                     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """:func:`convert`, encoded as a Part 10 object (for WADO-RS, C-MOVE and C-GET)."""
+    dataset = convert(data, target, max_frame_bytes)
     out = io.BytesIO()
     dataset.save_as(out, enforce_file_format=True)
     return out.getvalue()

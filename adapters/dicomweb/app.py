@@ -49,6 +49,28 @@ PREFIXES = ("", "/dicom-web")
 WADO_MODULE = "adapters.dicomweb.wado"
 
 
+#: No DICOMweb answer is a page: should a browser open one as a document (a stored
+#: document from /rendered, bulk data, JSON), it runs nothing, loads nothing, cannot be
+#: framed, and lives in an opaque origin without access to this one (CSP Level 3).
+DICOMWEB_POLICY = "default-src 'none'; frame-ancestors 'none'; sandbox"
+
+
+class ActiveContentMiddleware:
+    """``X-Content-Type-Options: nosniff`` and :data:`DICOMWEB_POLICY` on every
+    response, errors included.
+
+    With ``nosniff`` a browser never takes an answer for another type than the one
+    declared (a value served as ``application/octet-stream`` or JSON is never run as
+    HTML or script, whatever its bytes look like).  The policy covers what is served
+    with a type a browser would run (see :mod:`adapters.dicomweb.rendered`).
+    """
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("Content-Security-Policy", DICOMWEB_POLICY)
+
+
 class RouteTable:
     """Routes collected from several modules, merged per URI template.
 
@@ -146,7 +168,8 @@ def create_app(services: Services) -> falcon.App:
         The core (engine, ingest, store, settings) every resource calls.
     """
     settings = services.settings
-    middleware: list[Any] = [BrowserMiddleware(settings.cors_origins),
+    middleware: list[Any] = [ActiveContentMiddleware(),
+                             BrowserMiddleware(settings.cors_origins),
                              AccessMiddleware(Access(settings))]
     app = falcon.App(middleware=middleware)
     # /studies/ and /studies are the same resource (clients append slashes).
@@ -173,7 +196,7 @@ def get_app() -> falcon.App:
         When the settings are invalid or the store cannot be reached; gunicorn then
         reports the worker as failed to boot.
     """
-    from pacs import config
+    from pacs import config, logs
     from pacs.cli import LOG_FORMAT
     from pacs.services import build
 
@@ -181,6 +204,7 @@ def get_app() -> falcon.App:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
                             format=LOG_FORMAT)
+    logs.install(settings.log_level)  # no data-set values at INFO and above
     services = build(settings)
     atexit.register(services.close)
     app = create_app(services)

@@ -29,11 +29,28 @@ Media types: ``image/jpeg`` (the default, 8.7.4) and ``image/png``; an encapsula
 document (PDF, CDA…) is returned as itself when its type is accepted.  The ``accept``
 query parameter replaces the Accept header (OHIF sends ``?accept=image/jpeg`` with a
 multipart Accept for thumbnails).
+
+Active content: the server selects the rendered media type (8.7.4), and a stored
+document's MIME Type of Encapsulated Document (0042,0012) is whatever the sender
+wrote - ``text/html``, ``image/svg+xml``, ``text/xml`` all run script in a browser.
+Run in this origin, which answers this host's browsers without credentials, such a
+document could read and change every study.  So a document is never served inline:
+always ``Content-Disposition: attachment`` (the browser saves it, also when it is
+framed), under ``Content-Security-Policy: sandbox`` with nothing allowed
+(:data:`adapters.dicomweb.app.DICOMWEB_POLICY`, on every DICOMweb answer) and
+``nosniff``, with its stored type only when that type is well-formed (otherwise
+``application/octet-stream``).  PDF too: Chromium does not open its PDF viewer in a
+sandboxed document, so inline with ``sandbox`` would not show, and inline without it
+would run the PDF's scripts here; downloaded, it opens in the user's PDF reader.
+
+Pixels are decoded only within ``PACS_MAX_FRAME_BYTES`` (:mod:`pacs.frames`), checked
+from the stored metadata before the object is even opened.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +82,14 @@ _WINDOW_CENTER, _WINDOW_WIDTH, _VOI_FUNCTION = 0x00281050, 0x00281051, 0x0028105
 _PHOTOMETRIC, _BITS_STORED = 0x00280004, 0x00280101
 _DOCUMENT, _DOCUMENT_TYPE = "00420011", 0x00420012
 _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+#: A media type as RFC 6838 4.2 allows its names (no parameters, no spaces).
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+#: What a stored document is sent as when its declared type is not well-formed.
+OCTET = "application/octet-stream"
+#: File name extensions of the usual encapsulated documents (PS3.3 C.24.2).
+_EXTENSIONS = {"application/pdf": "pdf", "text/xml": "xml", "application/xml": "xml",
+               "text/plain": "txt", "model/stl": "stl", "model/obj": "obj",
+               "model/mtl": "mtl"}
 
 
 @dataclass(frozen=True)
@@ -264,13 +289,14 @@ class Rendered:
         document_type = self._document_type(parsed, instance, frames)
         media = choose_media(ranges, document_type)
         if media == document_type:
-            resp.content_type = media
-            resp.data = self._document_bytes(doc)
+            send_document(resp, media, self._document_bytes(doc))
             return
         number = wado.frame_numbers(frames)[0] if frames else 1
         lay = pixels.layout(doc, parsed)
         pixels.check_numbers(lay, [number])
-        image = self._image(doc, parsed, number, params)
+        limit = self.services.settings.max_frame_bytes
+        pixels.check_decodable(lay.decoded_bytes, limit)  # before the object is opened
+        image = self._image(doc, parsed, lay, number, params)
         resp.content_type = media
         resp.data = encode(image, media, params.quality)
 
@@ -294,7 +320,7 @@ class Rendered:
         if _DOCUMENT not in parsed:
             return None
         kind = metadata.value(parsed, _DOCUMENT_TYPE)
-        return str(kind).strip().lower() if kind else None
+        return document_media_type(str(kind)) if kind else OCTET
 
     def _document_bytes(self, doc: metadata.Document) -> bytes:
         with self.services.store.open(doc.object_key) as stream, \
@@ -310,15 +336,32 @@ class Rendered:
         # PS3.3 C.24.2.1: an odd-length document was padded with one byte.
         return data[:-1] if data.endswith(b"\0") else data
 
-    def _image(self, doc: metadata.Document, parsed: dict[str, Any], number: int,
-               params: Params) -> Image.Image:
+    def _image(self, doc: metadata.Document, parsed: dict[str, Any], lay: pixels.Layout,
+               number: int, params: Params) -> Image.Image:
         with self.services.store.open(doc.object_key) as stream, \
                 metadata.seekable(stream) as source:
-            array = pixels.decoded(source, number)
+            array = pixels.decoded(source, number, lay,
+                                   self.services.settings.max_frame_bytes)
             palette = metadata.value(parsed, _PHOTOMETRIC) == "PALETTE COLOR"
             header = pixels.read_header(source) if palette else None
         image = draw(array, parsed, params, header)
         return fit(image, params.viewport, THUMBNAIL_SIZE if self.thumbnail else None)
+
+
+def document_media_type(declared: str) -> str:
+    """The type a stored document is sent as: its declared MIME type without
+    parameters, lower-cased, when well-formed; :data:`OCTET` otherwise (the value is
+    the sender's, and goes into a header)."""
+    kind = declared.split(";", 1)[0].strip().lower()
+    return kind if _MEDIA_TYPE.fullmatch(kind) else OCTET
+
+
+def send_document(resp: falcon.Response, media: str, data: bytes) -> None:
+    """A stored document as a download, never run in this origin (module docstring)."""
+    resp.content_type = media
+    name = f"document.{_EXTENSIONS.get(media, 'bin')}"
+    resp.set_header("Content-Disposition", f'attachment; filename="{name}"')
+    resp.data = data
 
 
 def add_routes(app: Any, services: Services, prefix: str) -> None:
@@ -333,4 +376,5 @@ def add_routes(app: Any, services: Services, prefix: str) -> None:
             app.add_route(base + suffix, resource)
 
 
-__all__ = ["Rendered", "add_routes", "choose_media", "draw", "parse_params", "voi"]
+__all__ = ["Rendered", "add_routes", "choose_media", "document_media_type", "draw",
+           "parse_params", "send_document", "voi"]

@@ -200,7 +200,8 @@ class Instances:
             return
         with self.services.store.open(ref.object_key) as stream:
             data = stream.read()
-        yield transcode.convert_to_bytes(data, syntax)
+        limit = self.services.settings.max_frame_bytes
+        yield transcode.convert_to_bytes(data, syntax, limit)
 
 
 def _single_part(ranges: Sequence[MediaRange]) -> bool:
@@ -356,10 +357,11 @@ def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
             numbers: Sequence[int], stored: bool) -> Iterator[tuple[bytes, str]]:
     """The frames' bytes, read from the object opened once."""
     with services.store.open(doc.object_key) as stream, metadata.seekable(stream) as source:
+        limit = services.settings.max_frame_bytes
         if stored:
-            yield from pixels.stored_frames(source, lay, numbers)
+            yield from pixels.stored_frames(source, lay, numbers, max_frame_bytes=limit)
         else:
-            yield from pixels.native_frames(source, lay, numbers)
+            yield from pixels.native_frames(source, lay, numbers, max_frame_bytes=limit)
 
 
 # --- bulkdata -------------------------------------------------------------------------

@@ -420,6 +420,88 @@ def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
     result = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "application/pdf"})
     assert result.headers["content-type"] == "application/pdf"
     assert result.content == ds.EncapsulatedDocument
+    # Never inline in this origin (see adapters.dicomweb.rendered).
+    assert result.headers["content-disposition"] == 'attachment; filename="document.pdf"'
+    assert "sandbox" in result.headers["content-security-policy"]
+    assert result.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("declared, sent", [
+    ("text/html", "text/html"),
+    ("image/svg+xml", "image/svg+xml"),
+    ("Text/HTML; charset=utf-8", "text/html"),
+    ("text/html\r\nSet-Cookie: a=b", "application/octet-stream"),
+    ("<script>", "application/octet-stream"),
+])
+def test_stored_documents_are_never_served_inline(client: testing.TestClient,
+                                                  services: Services, declared: str,
+                                                  sent: str) -> None:
+    ds = fresh("CT_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.104.1")
+    ds.MIMETypeOfEncapsulatedDocument = declared
+    ds.EncapsulatedDocument = b"<html><script>alert(document.domain)</script></html>"
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "*/*"})
+    assert result.status_code == 200, result.text
+    assert result.headers["content-type"] == sent
+    assert result.headers["content-disposition"].startswith("attachment;")
+    policy = result.headers["content-security-policy"]
+    assert "sandbox" in policy and "default-src 'none'" in policy
+    assert result.headers["x-content-type-options"] == "nosniff"
+    assert "set-cookie" not in result.headers
+
+
+def test_every_dicomweb_answer_is_nosniff_and_sandboxed(client: testing.TestClient,
+                                                        put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    for path in ("/studies", url(ds) + "/metadata", url(ds) + "/rendered",
+                 "/studies/1.2.3/metadata", "/no/such/route"):
+        result = client.simulate_get(path)
+        assert result.headers["x-content-type-options"] == "nosniff", path
+        assert "sandbox" in result.headers["content-security-policy"], path
+
+
+def declaring(rows: int, columns: int, samples: int, frames: int = 1,
+              name: str = "CT_small.dcm") -> FileDataset:
+    """A small image whose header declares frames of another size (never decoded at
+    ingest, so it is stored as sent)."""
+    ds = fresh(name)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
+    if samples == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    return ds
+
+
+def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callable[..., Services],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacs import frames
+
+    services = make_services(max_frame_bytes=1 << 20)
+    client = testing.TestClient(create_app(services))
+
+    def no_decoder(*_: Any, **__: Any) -> None:
+        raise AssertionError("a decoder was called")
+
+    monkeypatch.setattr(frames, "pixel_array", no_decoder)
+    huge = declaring(65535, 65535, 3)  # 12.9 GB declared, 32 KB stored
+    services.ingest.store_bytes(encode(huge))
+    for suffix in ("/rendered", "/thumbnail", "/frames/1/rendered"):
+        result = client.simulate_get(url(huge) + suffix)
+        assert result.status_code == 400, (suffix, result.text)
+        assert "PACS_MAX_FRAME_BYTES" in result.json["description"]
+    # 1 MiB per frame is allowed, but a deflated data set is decoded whole: 4 frames.
+    deflated = declaring(512, 1024, 1, frames=4, name="image_dfl.dcm")
+    deflated.BitsAllocated = deflated.BitsStored = 16
+    deflated.HighBit, deflated.PixelRepresentation = 15, 0
+    deflated.PixelData = b"\0" * (512 * 1024 * 2 * 4)
+    services.ingest.store_bytes(encode(deflated))
+    result = client.simulate_get(url(deflated) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+    assert result.status_code == 400, result.text
+    assert "4194304 bytes" in result.json["description"]
 
 
 # --- non-seekable stores (S3) -----------------------------------------------------------
