@@ -166,6 +166,13 @@ def stow(node: Node, ds: FileDataset) -> requests.Response:
                  "Accept": "application/dicom+json"})
 
 
+def health(node: Node) -> tuple[int, float]:
+    """GET /health: its status code and how long the answer took."""
+    started = time.monotonic()
+    response = requests.get(f"{node.web_url()}/health", timeout=60)
+    return response.status_code, time.monotonic() - started
+
+
 def study_of(patient_id: str, count: int) -> list[FileDataset]:
     """``count`` new CT instances of one new study of ``patient_id``."""
     first = fresh_ct(PatientID=patient_id)
@@ -310,6 +317,10 @@ def test_s3_stalled_mid_ingest(s3_node: Node, weed_running: SeaweedServer) -> No
         try:
             # Reads answer while stores wait for the stalled server.
             assert_reads_answer(node, patient, studies)
+            # The health check says so, within one connect and one read timeout.
+            unhealthy, checked_in = health(node)
+            assert unhealthy == 503
+            assert checked_in < 2 * CONNECT_TIMEOUT + READ_TIMEOUT + 5
             during = node.resources()
             for _ in range(2):
                 assert failures.acquire(timeout=DIMSE_TIMEOUT + 10), outcomes
@@ -328,6 +339,7 @@ def test_s3_stalled_mid_ingest(s3_node: Node, weed_running: SeaweedServer) -> No
     assert slowest < DIMSE_TIMEOUT
     # Recovery: once the server takes writes again, the node's next store succeeds.
     weed.wait_until_writable()
+    assert health(node)[0] == 200
     retry = study_of(patient, 2)
     again = store_all(node, retry)
     assert again.acknowledged() == {str(ds.SOPInstanceUID) for ds in retry}, again
@@ -337,6 +349,7 @@ def test_s3_stalled_mid_ingest(s3_node: Node, weed_running: SeaweedServer) -> No
     report("S3 stalled", before, after, during=f"{during}",
            failed=len(outcomes.failed()), acknowledged=len(acknowledged),
            slowest_answer=f"{slowest:.1f} s", paused=f"{stalled_for:.1f} s",
+           health_answer=f"{checked_in:.1f} s",
            unlisted_objects=len(unlisted))
 
 
@@ -363,9 +376,11 @@ def test_s3_killed_and_restarted(s3_node: Node, weed_running: SeaweedServer) -> 
     [failed] = response.json()["00081198"]["Value"]
     assert failed["00081197"]["Value"] == [OUT_OF_RESOURCES]
     assert_reads_answer(node, patient, studies)
+    assert health(node)[0] == 503
     during = node.resources()
 
     weed.start()
+    assert health(node)[0] == 200
     recovered = store_all(node, study_of(patient, 2))
     assert len(recovered.acknowledged()) == 2, recovered
     assert stow(node, fresh_ct(PatientID=patient)).status_code == 200
@@ -394,16 +409,19 @@ def _unmount(folder: Path) -> None:
     subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
-def _fill(folder: Path, leave: int) -> Path:
-    """A file taking all but ``leave`` bytes of the folder's file system."""
-    balloon = folder / "balloon"
+def _fill(folder: Path, leave: int, name: str = "balloon") -> Path:
+    """A file taking all but ``leave`` bytes of the folder's file system (all of it when
+    ``leave`` is 0: written until ENOSPC)."""
+    balloon = folder / name
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
-    with open(balloon, "wb") as out:
-        remaining = max(0, free - leave)
-        chunk = b"\0" * 2**20
+    remaining = max(0, free - leave) if leave else 2**40
+    chunk = b"\0" * 2**16
+    with open(balloon, "wb", buffering=0) as out:
         while remaining > 0:
-            out.write(chunk[:remaining])
-            remaining -= min(len(chunk), remaining)
+            try:
+                remaining -= out.write(chunk[:remaining])
+            except OSError:
+                break  # full
     return balloon
 
 
@@ -444,6 +462,19 @@ def test_data_folder_full(node_factory: Callable[..., Node], tmp_path: Path) -> 
                     break
         finally:
             peer.close()
+        # Then no room even for an object: the folder store's own ENOSPC path.
+        last = _fill(node.data_dir, leave=0, name="last-bytes")
+        no_room = study_of(patient, 3)
+        sent += no_room
+        peer = Peer(node, outcomes)
+        try:
+            assert [peer.store(ds) for ds in no_room] == [OUT_OF_RESOURCES] * 3
+        finally:
+            peer.close()
+        assert "cannot write object: No space left on device" in node.log(since_start=True)
+        assert "index commit failed: database or disk is full" in node.log(since_start=True)
+        stow_answer = stow(node, fresh_ct(PatientID=patient))
+        assert stow_answer.status_code == 409, stow_answer.text[:300]
         assert set(outcomes.status.values()) == {0x0000, OUT_OF_RESOURCES}, outcomes
         assert max(outcomes.seconds.values()) < DIMSE_TIMEOUT
         index = assert_consistent(node.data_dir, exact=True)
@@ -455,6 +486,7 @@ def test_data_folder_full(node_factory: Callable[..., Node], tmp_path: Path) -> 
         during = node.resources()
 
         balloon.unlink()
+        last.unlink()
         refused = [ds for ds in sent if str(ds.SOPInstanceUID) in outcomes.failed()]
         again = store_all(node, refused)
         assert again.acknowledged() == outcomes.failed(), again
