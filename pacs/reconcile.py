@@ -26,9 +26,11 @@ decision is taken again under the SOP Instance UID's ingest lock,
 (d) the same key overwritten in place, the row not committed: the object's checksum
     differs from the row's.  The acknowledged bytes are gone (the rename replaced
     them), and the object is the newer write of the same instance: repair indexes it
-    (``rewritten``), so that the row describes what is stored and served.  An object
-    that is not a readable instance of that UID at that key is ``damaged``: it is
-    reported and left as it is (a row whose object exists is never dropped).
+    (``rewritten``), so that the row describes what is stored and served (bytes damaged
+    in a way that still reads as the same instance cannot be told from such a write;
+    the report names them all).  An object that is not a readable instance of that UID
+    at that key is ``damaged``: it is reported and left as it is (a row whose object
+    exists is never dropped).
 (e) a row whose object is gone (not a window of the ingest order: a deletion outside
     pacs, or a failed commit reported as such after it succeeded): another object of
     the same UID, if any, is indexed instead; only when there is none is the row
