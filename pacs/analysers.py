@@ -363,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     Arguments: the socket's descriptor, then optionally ``PACS_MAX_OBJECT_BYTES``.
     """
+    from pacs import logs
     from pacs.cli import LOG_FORMAT
     from pacs.dataset import quiet_pydicom  # the same reading settings as the parent
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logs.install("WARNING")  # no data-set values in what a helper logs
     quiet_pydicom()
     keep_large_buffers()
     args = sys.argv[1:] if argv is None else argv

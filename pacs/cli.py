@@ -30,11 +30,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format=LOG_FORMAT,
-        stream=sys.stderr,
-    )
+    """Log to stderr at ``level``, without data-set values at INFO and above
+    (:mod:`pacs.logs`); the DIMSE workers forked later inherit it."""
+    from pacs import logs
+
+    logs.setup(level, LOG_FORMAT)
 
 
 def _overrides(ctx: click.Context, **overrides: Any) -> dict[str, str]:

@@ -469,13 +469,12 @@ def _log_summary(handled: list[Handled]) -> None:
 
 def main() -> int:
     """``python -m pacs.uploads``: watch the configured folder until SIGTERM/SIGINT."""
-    from pacs import config
+    from pacs import config, logs
     from pacs.cli import LOG_FORMAT
     from pacs.services import build
 
     settings = config.load()
-    logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
-                        format=LOG_FORMAT, stream=sys.stderr)
+    logs.setup(settings.log_level, LOG_FORMAT)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())

@@ -81,7 +81,7 @@ def get_app() -> WSGIApp:
         Invalid settings, an unreachable store, or no OHIF files where
         ``PACS_VIEWER_DIST`` says (``pacs serve`` checks before starting us).
     """
-    from pacs import config
+    from pacs import config, logs
     from pacs.cli import LOG_FORMAT
     from pacs.errors import ConfigError
     from pacs.services import build
@@ -91,6 +91,7 @@ def get_app() -> WSGIApp:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
                             format=LOG_FORMAT)
+    logs.install(settings.log_level)  # no data-set values at INFO and above
     dist = find_dist(settings)
     if dist is None:
         raise ConfigError(missing_message(settings))

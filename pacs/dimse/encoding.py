@@ -23,10 +23,12 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydicom import charset
+from pydicom import charset, config
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 #: VRs whose value length field is 4 bytes in explicit VR (PS3.5 Table 7.1-1).
@@ -134,7 +136,7 @@ def _encode_with_pydicom(elements: list[tuple[int, str, str | None]],
     """The general path: pydicom's writer, which knows ISO 2022 escape sequences."""
     if not implicit:  # pydicom would send an over-long value as UN instead
         elements = fit_lengths(elements, charsets)
-    dataset = _dataset(elements)
+    dataset = _dataset(elements, implicit)
     dataset.SpecificCharacterSet = list(charsets) if len(charsets) > 1 else charsets[0]
     out = DicomBytesIO()
     out.is_little_endian = True
@@ -143,24 +145,41 @@ def _encode_with_pydicom(elements: list[tuple[int, str, str | None]],
     return out.getvalue()
 
 
-def _dataset(elements: Iterable[tuple[int, str, Any]]) -> Dataset:
+def _dataset(elements: Iterable[tuple[int, str, Any]], implicit: bool) -> Dataset:
+    """The elements as a pydicom data set.
+
+    Only the text of the Specific Character Set goes through pydicom's conversion, and
+    unvalidated; every other value is written as the bytes the direct path writes: a
+    stored value pydicom cannot convert (``DS`` text that is no number) must not fail
+    the answer, and pydicom's errors and warnings would quote it into the log.
+    """
     dataset = Dataset()
     for tag, vr, value in elements:
         if vr == "SQ":
-            dataset.add_new(tag, vr, [_dataset(item) for item in value or []])
+            items = [_dataset(item, implicit) for item in value or []]
+            dataset.add(DataElement(tag, vr, items, validation_mode=config.IGNORE))
+        elif vr in _TEXT:
+            dataset.add(DataElement(tag, vr, _typed(vr, value), validation_mode=config.IGNORE))
         else:
-            dataset.add_new(tag, vr, _typed(vr, value))
+            raw = _ascii_bytes(vr, value)
+            dataset[tag] = RawDataElement(BaseTag(tag), vr, len(raw), raw, 0, implicit, True)
     return dataset
+
+
+def _ascii_bytes(vr: str, value: str | None) -> bytes:
+    """A value of the default repertoire; a stored character outside it becomes ``?``."""
+    try:
+        return _value_bytes(vr, value, "ascii")
+    except UnicodeEncodeError:
+        return _value_bytes(vr, (value or "").encode("ascii", "replace").decode(), "ascii")
 
 
 def _typed(vr: str, value: str | None) -> object:
     if value is None or value == "":
         return None
-    if vr in _BINARY:
-        return [int(p) for p in value.split("\\")] if "\\" in value else int(value)
     parts = value.split("\\")
     if vr == "PN":
-        names = [PersonName(p) for p in parts]
+        names = [PersonName(p, validation_mode=config.IGNORE) for p in parts]
         return names if len(names) > 1 else names[0]
     return parts if len(parts) > 1 else value
 

@@ -88,3 +88,15 @@ def test_explicit_vr_cuts_a_value_inside_a_sequence_item() -> None:
     assert description.startswith(item.CodeMeaning)
     assert len(item.CodeMeaning) == MAX_SHORT_LENGTH
     assert str(ds.PatientName) == "DOE^JOHN"
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_values_pydicom_cannot_convert_go_out_as_stored(implicit: bool) -> None:
+    """Through pydicom's writer (ISO 2022): a stored DS that is no number and a CS
+    outside the default repertoire must not fail the answer."""
+    elements = _elements("ヤマダ^タロウ", "\\ISO 2022 IR 87") + [
+        (0x00101030, "DS", "NOTANUMBER"), (0x00080060, "CS", "ÇT")]
+    ds = _read(encode_identifier(elements, ["", "ISO 2022 IR 87"], implicit), implicit)
+    assert ds.get_item(0x00101030).value == b"NOTANUMBER"  # raw: pydicom would refuse it
+    assert ds.Modality == "?T"
+    assert ds.StudyInstanceUID == STUDY_UID and ds.NumberOfStudyRelatedInstances == 12

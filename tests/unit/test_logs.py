@@ -1,0 +1,118 @@
+"""No data-set values in the log at INFO and above: tracebacks, exceptions as messages or
+arguments, pydicom's and Python's warnings; everything whole at DEBUG."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import pydicom
+import pytest
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+
+from pacs import logs
+from pacs.errors import InvalidQuery, UnreadableData
+
+SECRET = "Secretname^Patient"
+
+
+@pytest.fixture
+def handler() -> Iterator[io.StringIO]:
+    """A root handler like the node's, with the filter installed as the node does."""
+    out = io.StringIO()
+    added = logging.StreamHandler(out)
+    added.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(added)
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    logs.install("INFO")
+    yield out
+    root.removeHandler(added)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def _pydicom_error() -> None:
+    """Raises what pydicom raises on a value it cannot convert: the value quoted."""
+    DataElement(0x00101030, "DS", SECRET)
+
+
+def test_a_traceback_becomes_types_and_places(handler: io.StringIO) -> None:
+    log = logging.getLogger("pacs.dimse.find")
+    try:
+        try:
+            _pydicom_error()
+        except ValueError as exc:
+            raise RuntimeError(f"wrapped {exc}") from exc
+    except RuntimeError:
+        log.exception("C-FIND from %s failed unexpectedly", "FINDSCU")
+    text = handler.getvalue()
+    assert SECRET not in text
+    assert "ERROR pacs.dimse.find: C-FIND from FINDSCU failed unexpectedly" in text
+    assert "RuntimeError at unit/test_logs.py:" in text
+    assert "<- ValueError at pydicom/valuerep.py:" in text
+
+
+def test_an_exception_as_message_or_argument_is_only_named(handler: io.StringIO) -> None:
+    log = logging.getLogger("pynetdicom.dsutils")
+    try:
+        _pydicom_error()
+    except ValueError as exc:
+        log.exception(exc)  # what pynetdicom does
+        log.warning("could not encode: %s", exc)
+        log.error("could not encode: %(error)s", {"error": exc})
+    text = handler.getvalue()
+    assert SECRET not in text
+    assert text.count("ValueError at pydicom/") == 4  # message and traceback, two arguments
+
+
+def test_the_nodes_own_errors_and_errnos_are_kept(handler: io.StringIO) -> None:
+    log = logging.getLogger("pacs.uploads")
+    log.warning("refused: %s", InvalidQuery("PatientName: not a PN value"))
+    log.warning("refused: %s", UnreadableData(f"does not parse: could not convert '{SECRET}'"))
+    try:
+        open(f"/nonexistent/{SECRET}.dcm")
+    except OSError:
+        log.exception("cannot read an upload")
+    text = handler.getvalue()
+    assert "refused: PatientName: not a PN value" in text
+    assert "refused: does not parse: could not convert '…'" in text
+    assert "FileNotFoundError [Errno 2] No such file or directory at unit/test_logs.py" in text
+    assert SECRET not in text
+
+
+def test_pydicom_and_python_warnings_lose_what_they_quote(handler: io.StringIO) -> None:
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        ds.PatientBirthDate = SECRET  # pydicom warns (and logs) with the value quoted
+        warnings.warn(f"Invalid value for VR PN: '{SECRET}'", UserWarning, stacklevel=1)
+    text = handler.getvalue()
+    assert "Invalid value for VR DA: '…'" in text
+    assert "WARNING py.warnings:" in text and "Invalid value for VR PN: '…'" in text
+    assert SECRET not in text
+
+
+def test_debug_keeps_everything(handler: io.StringIO) -> None:
+    for existing in logging.getLogger().handlers:
+        for found in existing.filters:
+            if isinstance(found, logs.Redact):
+                found.details = True
+    try:
+        _pydicom_error()
+    except ValueError:
+        logging.getLogger("pacs").exception("failed")
+    assert SECRET in handler.getvalue() and "Traceback (most recent call last)" in (
+        handler.getvalue())
+
+
+def test_records_below_info_are_left_whole(handler: io.StringIO) -> None:
+    try:
+        _pydicom_error()
+    except ValueError as exc:
+        logging.getLogger("pacs").debug("details: %s", exc, exc_info=True)
+    assert SECRET in handler.getvalue()
