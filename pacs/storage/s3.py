@@ -104,8 +104,9 @@ def timeouts_for(answer_within: float) -> tuple[float, float]:
     timeouts (a connection or send that stalls is tried once more) and one read timeout
     (a request the server did not answer is not sent again, see :class:`_Retry`), plus
     under a second of back-off: with connect = ``answer_within`` / 12 (2 to 5 s) and
-    read = ``answer_within`` / 4, half of ``answer_within``.  A multipart upload that
-    fails is aborted by minio, which may take as long again: still within it.
+    read = ``answer_within`` / 4, about half of ``answer_within``.  A multipart upload
+    (objects over the part size) that fails is aborted by minio, which may take as long
+    again: 50 s of the default 60.
 
     Parameters
     ----------
