@@ -132,7 +132,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_MAX_PDU", "max_pdu", "262144",
             "Largest PDU we accept (bytes); 0 means unlimited.", int),
     Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
-            "Seconds to wait for a DIMSE message or network data before aborting.", float),
+            "Seconds to wait for a DIMSE message or network data before aborting. A "
+            "store's waits fit within it, so that a peer gets a failure status first: S3 "
+            "read timeout and index busy timeout are a quarter of it.", float),
     Setting("PACS_ARTIM_TIMEOUT", "artim_timeout", "10",
             "Seconds an accepted DIMSE connection may take to send its A-ASSOCIATE-RQ "
             "(ARTIM, PS3.8 9.1.2) before it is closed.", float),
