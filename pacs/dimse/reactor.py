@@ -46,6 +46,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -54,10 +55,15 @@ from typing import Any
 
 import pynetdicom
 from pynetdicom import evt
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
+
+from pacs.dimse import limits
 
 log = logging.getLogger(__name__)
 # The loops' own messages keep pynetdicom's loggers (and so the level the node sets).
@@ -164,6 +170,9 @@ def _dul_init_patched(self: DULServiceProvider, assoc: Association) -> None:
     #: (:func:`socket_lent`); the lock covers the DUL's own reads.
     self._socket_lent = False
     self._reader_lock = threading.Lock()
+    #: Largest length a received PDU may declare, per PDU type (:func:`_read_pdu_data`);
+    #: set at the first read, once the local Maximum Length is known.
+    self._ceilings: tuple[int, ...] | None = None
 
 
 def _kill_dul_patched(self: DULServiceProvider) -> None:
@@ -408,28 +417,135 @@ _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 _QUICKACK = _quickack
 
 
-def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading straight into one buffer.
+def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray | bytes:
+    """``AssociationSocket.recv`` reading straight into a buffer that grows with the
+    data (:func:`pacs.dimse.limits.receive`).
 
     pynetdicom reads 4 KiB at a time and extends a bytearray (about 130 calls for a
-    512x512 CT PDU); this reads as much as the kernel has into a buffer of the final
-    size.  Same contract: blocks until ``nr_bytes`` are read or the peer closes, and
-    returns what was read.
+    512x512 CT PDU); this reads as much as the kernel has, into one buffer of the final
+    size up to 1 MiB, never allocating for bytes that have not arrived.  Same contract:
+    blocks until ``nr_bytes`` are read or the peer closes, and returns what was read.
     """
     raw = self.socket
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        count = raw.recv_into(view[nr_read:])  # type: ignore[union-attr]
-        if not count:
-            view.release()
-            del buffer[nr_read:]
-            return buffer
-        nr_read += count
-    view.release()
+    data = limits.receive(raw, nr_bytes)  # type: ignore[arg-type]
+    if len(data) == nr_bytes:
+        _QUICKACK(raw)
+    return data
+
+
+def _local_maximum_length(assoc: Association) -> int:
+    """The Maximum Length this side announced (PS3.8 D.1); 0: none."""
+    user = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return int(user.maximum_length or 0)
+
+
+def _node_limits(assoc: Association) -> limits.ConnectionLimits | None:
+    """The limits of the node server that accepted ``assoc`` (None: not a node's)."""
+    found = getattr(getattr(assoc, "_server", None), "limits", None)
+    return found if isinstance(found, limits.ConnectionLimits) else None
+
+
+def _ceilings_for(dul: DULServiceProvider) -> tuple[int, ...]:
+    """The PDU ceilings of ``dul``'s association, computed at its first read."""
+    assoc = dul.assoc
+    node = _node_limits(assoc)
+    unlimited = limits.unlimited_pdata(node.max_object_bytes) if node else limits.UNLIMITED
+    dul._ceilings = limits.pdu_ceilings(_local_maximum_length(assoc), unlimited)
+    return dul._ceilings
+
+
+def _remote_address(assoc: Association) -> str:
+    remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    try:
+        return str(remote.address)
+    except Exception:  # no address information yet
+        return "?"
+
+
+def _read_pdu_data(self: DULServiceProvider) -> None:
+    """``DULServiceProvider._read_pdu_data`` that checks a PDU's declared length first.
+
+    pynetdicom reads the 6-byte header, then as many bytes as its length field says into
+    a buffer of that size: a few headers declaring 4 GB took gigabytes.  Here a PDU
+    longer than its type allows (:func:`pacs.dimse.limits.pdu_ceilings`: for P-DATA-TF
+    the Maximum Length this side announced, PS3.8 D.1) is a protocol error answered
+    with an A-ABORT (:func:`_refuse_pdu`) before any of it is read, and a body is read
+    into a buffer that grows with what arrives.  Before the A-ASSOCIATE-RQ (Sta2) a
+    read also ends when the ARTIM timer does, so a request trickled byte by byte cannot
+    outlast it; a read that gets nothing for the socket's receive timeout fails
+    (SO_RCVTIMEO, set by the server).  The events put on the queue are pynetdicom's.
+    """
+    sock = self.socket
+    raw = sock.socket if sock is not None else None
+    if raw is None:
+        self.event_queue.put("Evt17")
+        return
+    deadline = None
+    if self.state_machine.current_state == "Sta2" and self.artim_timer.timeout:
+        deadline = time.monotonic() + max(0.0, self.artim_timer.remaining)
+    try:
+        head = limits.receive(raw, 6, deadline=deadline)
+        if len(head) < 6:
+            self.event_queue.put("Evt17")  # closed (or closing) before a whole header
+            return
+        pdu_type, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        if not 0x01 <= pdu_type <= 0x07:
+            _dul_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        ceiling = (self._ceilings or _ceilings_for(self))[pdu_type]
+        if length > ceiling:
+            _refuse_pdu(self, raw, pdu_type, length, ceiling)
+            return
+        data = limits.receive(raw, length, prefix=head, deadline=deadline)
+    except OSError as exc:  # receive timeout, ARTIM, reset
+        _dul_log.warning("Connection from %s closed: no whole PDU received (%s)",
+                         _remote_address(self.assoc), type(exc).__name__)
+        self.event_queue.put("Evt17")
+        return
+    if len(data) != 6 + length:
+        _dul_log.error(f"The received PDU is shorter than expected ({len(data)} of "
+                       f"{6 + length} bytes received)")
+        self.event_queue.put("Evt17")
+        return
     _QUICKACK(raw)
-    return buffer
+    try:
+        pdu, event = self._decode_pdu(data)  # type: ignore[arg-type]
+        self.event_queue.put(event)
+    except Exception as exc:
+        _dul_log.error("Unable to decode the received PDU data")
+        _dul_log.exception(exc)
+        self.event_queue.put("Evt19")
+        return
+    self._recv_pdu.put(pdu)
+
+
+#: A-ABORT source and reason (PS3.8 9.3.8): service-provider, invalid PDU parameter value.
+_ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
+
+
+def _refuse_pdu(self: DULServiceProvider, raw: socket.socket, pdu_type: int, length: int,
+                ceiling: int) -> None:
+    """Answer a PDU longer than allowed: A-ABORT (service provider, invalid PDU
+    parameter value, PS3.8 9.3.8), then close the connection.
+
+    Its body cannot be skipped to find the next PDU (that would mean reading everything
+    it declares), so the transport is closed at once instead of awaiting the peer's
+    close: the state machine takes it as a closed connection (Evt17; in Sta6 AA-4
+    tells the association an A-P-ABORT happened).
+    """
+    _dul_log.warning("Aborting the association with %s: a %s PDU of %d bytes, more than "
+                     "the %d allowed (PS3.8 D.1, 9.3.1)", _remote_address(self.assoc),
+                     limits.PDU_NAMES.get(pdu_type, "?"), length, ceiling)
+    abort = A_ABORT_RQ()
+    abort.source = _ABORT_SOURCE_PROVIDER
+    abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
+    try:
+        raw.sendall(abort.encode())
+        raw.shutdown(socket.SHUT_WR)  # the A-ABORT, then the end of the stream
+    except OSError:
+        pass
+    self.event_queue.put("Evt17")
 
 
 _ORIGINAL_RECEIVE_PDU = DULServiceProvider.receive_pdu
@@ -463,6 +579,86 @@ def _receive_pdu(self: DULServiceProvider, wait: bool = False,
             return _ORIGINAL_RECEIVE_PDU(self, False, None)
 
 
+# -- the acceptor: admission ------------------------------------------------------------
+
+_ORIGINAL_NEGOTIATE = ACSE._negotiate_as_acceptor
+
+#: A-ASSOCIATE-RJ when the node is full (PS3.8 9.3.4): rejected-transient, by the
+#: service provider (presentation related), local-limit-exceeded.
+REJECT_FULL = (0x02, 0x03, 0x02)
+
+
+def _negotiate_as_acceptor(self: ACSE) -> None:
+    """``ACSE._negotiate_as_acceptor`` admitting the association by the node's limits.
+
+    pynetdicom counts every acceptor thread against ``ae.maximum_associations``,
+    connections that never sent an A-ASSOCIATE-RQ included, so a few idle sockets
+    locked out every real peer.  On a node's server (:class:`pacs.dimse.server.NodeServer`
+    sets ``ae.maximum_associations`` out of reach) the association is admitted here
+    instead, when its request has arrived (:class:`pacs.dimse.limits.ConnectionLimits`:
+    per worker and per source address).  A refusal is an A-ASSOCIATE-RJ
+    (:data:`REJECT_FULL`), sent before the connection closes: ``kill`` waits for the
+    DUL to reach Sta1, which it does only once the RJ is written (AE-8, then AR-5).
+    An admitted connection's reads are bounded by the network timeout from now on,
+    instead of ARTIM.  Everything else is pynetdicom's negotiation.
+    """
+    assoc = self.assoc
+    node = _node_limits(assoc)
+    if node is None:
+        _ORIGINAL_NEGOTIATE(self)
+        return
+    sock = assoc.dul.socket
+    raw = sock.socket if sock is not None else None
+    host = _remote_address(assoc)
+    refusal = node.admit(assoc, raw, host)
+    if refusal is not None:
+        primitive = self.requestor.primitive
+        calling = getattr(primitive, "calling_ae_title", "") if primitive else ""
+        _assoc_log.warning("Rejecting the association from %s (%s): %s", host,
+                           calling, refusal)
+        self.send_reject(*REJECT_FULL)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+        return
+    if raw is not None:
+        limits.set_receive_timeout(raw, assoc.network_timeout)
+    _ORIGINAL_NEGOTIATE(self)
+
+
+# -- DIMSE messages: bounded buffers --------------------------------------------------------
+
+_ORIGINAL_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
+    """``DIMSEServiceProvider.receive_primitive`` with bounded message buffers.
+
+    pynetdicom gathers a message's fragments in memory until the last arrives
+    (``DIMSEMessage.decode_msg``).  Each new message gets a command buffer of at most
+    :data:`pacs.dimse.limits.COMMAND_CEILING` bytes (more is a protocol error: A-ABORT
+    through Evt19, as pynetdicom does for an undecodable message) and, on a node's
+    association, a data set buffer that stops keeping bytes past PACS_MAX_OBJECT_BYTES
+    (:class:`pacs.dimse.limits.CappedBuffer`); the C-STORE handler answers such a
+    message A700 (:func:`pacs.dimse.storage.store_request`).
+    """
+    if self.message is None:
+        message = self.message = DIMSEMessage()
+        message.encoded_command_set = limits.CappedCommand()
+        limit = self.__dict__.get("_object_limit")
+        if limit is None:
+            node = _node_limits(self.assoc)
+            limit = self._object_limit = node.max_object_bytes if node else 0
+        if limit > 0:
+            message.data_set = limits.CappedBuffer(limit)
+    try:
+        _ORIGINAL_RECEIVE_PRIMITIVE(self, primitive)
+    except limits.CommandTooLarge as exc:
+        _assoc_log.warning("Aborting the association with %s: %s",
+                           _remote_address(self.assoc), exc)
+        self.message = None
+        self.dul.event_queue.put("Evt19")
+
+
 # -- installation -----------------------------------------------------------------------
 
 def supported() -> bool:
@@ -492,5 +688,8 @@ def install() -> bool:
         Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
         AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
         DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
+        DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+        ACSE._negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[method-assign]
+        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
         _installed = True
         return True

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.config import Settings
-from pacs.dimse import contexts, handlers, reactor, retrieve, wire
+from pacs.dimse import contexts, handlers, limits, reactor, retrieve, wire
+from pacs.dimse.limits import ConnectionLimits
 from pacs.net import listening_socket, worker_count
 from pacs.services import Services, build
 
@@ -36,21 +37,23 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 10.0
 
 
-def configure_pynetdicom() -> None:
-    """pynetdicom's process-wide switches, set once per process.
+def configure_pynetdicom() -> bool:
+    """pynetdicom's process-wide switches, set once per process; True when pynetdicom's
+    classes are patched (:func:`pacs.dimse.reactor.install`).
 
     pynetdicom logs C-FIND/C-MOVE identifiers (patient data) by default; turn that off,
     and skip its per-PDU debug handlers, which cost time on every message.  Its
     association threads poll with sleeps; :mod:`pacs.dimse.reactor` makes them block.
     C-MOVE and C-GET sub-operations are ours (:mod:`pacs.dimse.retrieve`).
     """
-    reactor.install()
+    patched = reactor.install()
     retrieve.install()
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return patched
 
 
 def make_ae(settings: Settings) -> AE:
@@ -93,20 +96,35 @@ class CheapCopyContexts(list):  # type: ignore[type-arg]
         return copies
 
 
+#: ``ae.maximum_associations`` when the node's own limits admit associations.
+UNCOUNTED = 1 << 30
+
 #: Seconds between full garbage collections of an idle worker.
 IDLE_COLLECT_SECONDS = 10.0
 
 
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with TCP_NODELAY and an optional shared socket.
+    """pynetdicom's threaded server with TCP_NODELAY, bounded connections and an
+    optional shared socket.
 
     With Nagle's algorithm and delayed ACKs every DIMSE round trip costs ~40 ms, so
     accepted sockets get ``TCP_NODELAY``.  When ``shared_socket`` is set (worker
     processes), the server accepts from that already listening, non-blocking socket
     instead of binding its own; a connection another worker took first is skipped.
+
+    With ``limits`` (pynetdicom patched, :func:`start`), connections that have not sent
+    their A-ASSOCIATE-RQ are held apart and the oldest beyond PACS_MAX_PENDING_CONNECTIONS
+    closed (:meth:`process_request`), and associations are admitted by
+    :func:`pacs.dimse.reactor._negotiate_as_acceptor`.  Reads of an accepted socket are
+    bounded by ``receive_timeout`` (ARTIM until the request arrives, then the network
+    timeout), sends by the DIMSE timeout.
     """
 
     shared_socket: socket.socket | None = None
+    #: The worker's connection and association limits; None: pynetdicom's own count.
+    limits: ConnectionLimits | None = None
+    #: Seconds a read of a newly accepted socket may wait for data (SO_RCVTIMEO).
+    receive_timeout: float | None = None
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -152,13 +170,53 @@ class NodeServer(ThreadedAssociationServer):
             gc.collect()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept, then set TCP_NODELAY and bound blocked sends to the DIMSE timeout
-        (BlockingIOError: another worker took the connection)."""
+        """Accept, then set TCP_NODELAY and bound blocked sends to the DIMSE timeout and
+        blocked reads to :attr:`receive_timeout` (BlockingIOError: another worker took
+        the connection)."""
         client, address = super().get_request()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         wire.bound_sends(client, self.ae.dimse_timeout)
+        limits.set_receive_timeout(client, self.receive_timeout)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Register the connection as pending, closing the oldest pending ones beyond
+        the limit, then serve it in its own thread (pynetdicom's)."""
+        if self.limits is not None:
+            for old in self.limits.connected(request):
+                _close_pending(old)
+        super().process_request(request, client_address)
+
+
+def _close_pending(sock: socket.socket) -> None:
+    """End a pending connection.  Shut down, not closed: its DUL thread still selects
+    on the descriptor, sees the end of the stream and closes it (AA-5)."""
+    log.info("Closing a connection that sent no A-ASSOCIATE-RQ: "
+             "PACS_MAX_PENDING_CONNECTIONS reached")
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed meanwhile
+
+
+def _holds_its_place(assoc: Any) -> bool:
+    """An admitted association counts until it is released, aborted or rejected (its
+    thread may take a moment longer to end: a peer that re-associates at once after its
+    release must find its place free)."""
+    return bool(assoc.is_alive() and not (assoc.is_released or assoc.is_aborted
+                                          or assoc.is_rejected))
+
+
+def _start_artim(event: Any, seconds: float) -> None:
+    """EVT_CONN_OPEN: the acceptor's ARTIM timer (PS3.8 9.1.2, 9.1.3) runs for
+    PACS_ARTIM_TIMEOUT.
+
+    pynetdicom's ARTIM timer and the acceptor's wait for the A-ASSOCIATE-RQ both use the
+    association's ACSE timeout; set here for accepted associations only (this AE's
+    own requests to C-MOVE destinations keep the DIMSE timeout).
+    """
+    event.assoc.acse_timeout = seconds
 
 
 def start(services: Services, address: tuple[str, int] | None = None,
@@ -174,12 +232,26 @@ def start(services: Services, address: tuple[str, int] | None = None,
     shared_socket : socket.socket, optional
         An already listening socket to accept from (worker processes).
     """
-    configure_pynetdicom()
+    patched = configure_pynetdicom()
     settings = services.settings
     address = address or (settings.bind_address, settings.dimse_port)
-    server_class = type("BoundNodeServer", (NodeServer,), {"shared_socket": shared_socket})
+    attributes: dict[str, Any] = {"shared_socket": shared_socket,
+                                  "receive_timeout": settings.dimse_timeout}
     ae = make_ae(settings)
-    server = ae.make_server(address, evt_handlers=handlers.bind(services),
+    if patched:
+        # Associations are admitted by the limits once their request has arrived
+        # (pacs.dimse.reactor); pynetdicom's own count, of every acceptor thread
+        # including connections that sent nothing yet, must never refuse first.
+        ae.maximum_associations = UNCOUNTED
+        attributes["limits"] = ConnectionLimits(
+            settings.max_associations, settings.max_associations_per_host,
+            settings.max_pending_connections, settings.max_object_bytes,
+            alive=_holds_its_place)
+        attributes["receive_timeout"] = settings.artim_timeout
+    server_class = type("BoundNodeServer", (NodeServer,), attributes)
+    evt_handlers = [*handlers.bind(services),
+                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout])]
+    server = ae.make_server(address, evt_handlers=evt_handlers,
                             contexts=CheapCopyContexts(ae.supported_contexts),
                             server_class=server_class)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

@@ -19,8 +19,9 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.service_class import StorageServiceClass
 
 from pacs.dimse import wire
+from pacs.dimse.limits import CappedBuffer
 from pacs.dimse.status import STORE_STATUS, status_for
-from pacs.errors import InvalidInstance, PacsError
+from pacs.errors import InvalidInstance, ObjectTooLarge, PacsError
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -41,6 +42,7 @@ def store_request(services: Services, request: C_STORE, syntax: str,
     """Store the data set of a C-STORE request; the status to answer (see
     :func:`handle_store`)."""
     try:
+        _require_kept(request)
         data = part10(request, syntax)
         result = services.ingest.store_bytes(
             data, calling_ae=calling,
@@ -58,6 +60,16 @@ def store_request(services: Services, request: C_STORE, syntax: str,
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,
               result.outcome.value)
     return SUCCESS
+
+
+def _require_kept(request: C_STORE) -> None:
+    """Raise ObjectTooLarge when the request's data set passed PACS_MAX_OBJECT_BYTES
+    while it arrived: its bytes were not kept (:class:`pacs.dimse.limits.CappedBuffer`),
+    and it is answered A700 with nothing stored."""
+    data_set = request.DataSet
+    if isinstance(data_set, CappedBuffer) and data_set.overflowed:
+        raise ObjectTooLarge(f"a data set of {data_set.received} bytes, over "
+                             f"PACS_MAX_OBJECT_BYTES ({data_set.limit})")
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:

@@ -23,7 +23,6 @@ release and abort stay pynetdicom's.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import struct
 import time
@@ -31,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from pacs.dimse import reactor
+from pacs.dimse import limits, reactor
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 _COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
@@ -60,6 +59,7 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
     responses carry (PS3.7 9.3.1.2); ``counts`` the Remaining, Completed, Failed and
     Warning sub-operations of a pending C-GET / C-MOVE response (PS3.7 9.3.3.2, 9.3.4.2).
     """
+    # Elements in ascending tag order (PS3.5 7.1): the comment before the UID and counts.
     body = b"".join((
         _implicit(0x00000002, _uid(sop_class_uid)),
         _implicit(0x00000100, struct.pack("<H", command_field)),
@@ -67,14 +67,14 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
         _implicit(0x00000800, struct.pack("<H", DATASET_PRESENT if has_dataset else NO_DATASET)),
         _implicit(0x00000900, struct.pack("<H", status)),
     ))
+    if comment:
+        text = comment[:64].encode("ascii", "replace")
+        body += _implicit(0x00000902, text + b" " * (len(text) % 2))
     if sop_instance_uid:
         body += _implicit(0x00001000, _uid(sop_instance_uid))
     for offset, count in enumerate(counts or ()):
         # (0000,1020) Remaining, 1021 Completed, 1022 Failed, 1023 Warning (PS3.7 9.3.3.2)
         body += _implicit(0x00001020 + offset, struct.pack("<H", count))
-    if comment:
-        text = comment[:64].encode("ascii", "replace")
-        body += _implicit(0x00000902, text + b" " * (len(text) % 2))
     return _implicit(0x00000000, struct.pack("<I", len(body))) + body
 
 
@@ -255,13 +255,15 @@ def read_store_response(assoc: Any, message_id: int, timeout: float | None,
     """
     sock = _socket_of(assoc)
     deadline = None if not timeout else time.monotonic() + timeout
-    pdvs = _pdvs(sock, deadline)
+    pdvs = _pdvs(sock, deadline, limits.pdu_ceilings(_local_limit(assoc)))
     while True:
         command = bytearray()
         for header, fragment, _ in pdvs:
             if not header & 0x01:
                 raise UnexpectedMessage("a data set fragment where a command was expected")
             command += fragment
+            if len(command) > limits.COMMAND_CEILING:
+                raise UnexpectedMessage("a command set longer than any response's")
             if header & 0x02:  # the last fragment of the command (PS3.8 E.2)
                 break
         fields = _command_fields(bytes(command))
@@ -286,12 +288,17 @@ def read_store_response(assoc: Any, message_id: int, timeout: float | None,
         return status
 
 
-def _pdvs(sock: Any, deadline: float | None) -> Iterator[tuple[int, bytes, bool]]:
+def _pdvs(sock: Any, deadline: float | None,
+          ceilings: tuple[int, ...]) -> Iterator[tuple[int, bytes, bool]]:
     """(message control header, fragment, last PDV of its PDU) of each PDV, PDU after
-    PDU (PS3.8 9.3.5, E.2)."""
+    PDU (PS3.8 9.3.5, E.2).  A PDU longer than ``ceilings`` allows for its type (the
+    Maximum Length this side announced, for P-DATA-TF) is not read."""
     while True:
         head = _receive(sock, 6, deadline)
         kind, length = head[0], struct.unpack_from(">I", head, 2)[0]
+        if length > (ceilings[kind] if kind < len(ceilings) else 0):
+            raise UnexpectedMessage(f"a PDU of type 0x{kind:02X} and {length} bytes, more "
+                                    f"than allowed")
         body = _receive(sock, length, deadline)
         if kind != _P_DATA_TF:
             raise UnexpectedMessage(f"PDU type 0x{kind:02X} instead of P-DATA-TF")
@@ -305,22 +312,23 @@ def _pdvs(sock: Any, deadline: float | None) -> Iterator[tuple[int, bytes, bool]
             position = end
 
 
-def _receive(sock: Any, count: int, deadline: float | None) -> bytes:
-    """Exactly ``count`` bytes, waiting at most until ``deadline``."""
-    buffer = bytearray(count)
-    view = memoryview(buffer)
-    received = 0
-    while received < count:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-                raise UnexpectedMessage("no response within the DIMSE timeout")
-        size = sock.recv_into(view[received:])
-        if not size:
-            raise UnexpectedMessage("the peer closed the connection")
-        received += size
-    view.release()
-    return bytes(buffer)
+def _receive(sock: Any, count: int, deadline: float | None) -> bytearray | bytes:
+    """Exactly ``count`` bytes, waiting at most until ``deadline``, in a buffer that
+    grows with what arrives (:func:`pacs.dimse.limits.receive`)."""
+    try:
+        data = limits.receive(sock, count, deadline=deadline, wait=True)
+    except TimeoutError:
+        raise UnexpectedMessage("no response within the DIMSE timeout") from None
+    if len(data) < count:
+        raise UnexpectedMessage("the peer closed the connection")
+    return data
+
+
+def _local_limit(assoc: Any) -> int:
+    """The Maximum Length this side of ``assoc`` announced (PS3.8 D.1); 0: none."""
+    user = getattr(assoc, "acceptor" if getattr(assoc, "is_acceptor", False) else "requestor",
+                   None)
+    return int(getattr(user, "maximum_length", 0) or 0)
 
 
 def _command_fields(command: bytes) -> dict[int, int]:

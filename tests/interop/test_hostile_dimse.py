@@ -1,0 +1,535 @@
+"""Hostile DIMSE peers against ``pacs serve``: PDU headers declaring huge lengths, PDUs
+longer than announced, silent sockets, too many associations, objects over the limit.
+
+In every test the node keeps answering a real C-ECHO (dcmtk) and a QIDO-RS while the
+attack runs, and its memory (summed RSS of every node process) grows by less than
+256 MB.  The figures are printed for docs/reliability.md (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.interop.conftest import (
+    AE_TITLE,
+    Node,
+    Resources,
+    fresh_ct,
+    resources_of,
+    run_dcmtk,
+)
+
+pytestmark = [pytest.mark.interop, pytest.mark.hostile]
+
+#: The most a node's memory may grow during an attack.
+MEMORY_BOUND = 256 << 20
+#: Generous bound for anything the node should do "at once" on a loaded machine.
+PATIENCE = 30.0
+
+#: A-ABORT, service provider, invalid PDU parameter value (PS3.8 9.3.8).
+ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+#: A-ASSOCIATE-RJ, rejected-transient, service provider (presentation), local limit
+#: exceeded (PS3.8 9.3.4).
+REJECT_LOCAL_LIMIT = (2, 3, 2)
+
+
+# --- the node's health during an attack ----------------------------------------------------
+
+def echo(node: Node) -> None:
+    """A real C-ECHO (dcmtk) answers; echoscu gives up after 10 s of anything."""
+    result = run_dcmtk("echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE_TITLE,
+                       "127.0.0.1", str(node.port), timeout=60)
+    assert result.returncode == 0, f"{result.stdout}\n--- server log ---\n{node.log()}"
+
+
+def qido(node: Node) -> None:
+    """A QIDO-RS answers (the web application may still be starting: 503 meanwhile)."""
+    deadline = time.monotonic() + PATIENCE
+    while (response := requests.get(f"{node.web_url()}/studies", timeout=10)).status_code \
+            == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert response.status_code == 200, response.text
+
+
+def still_serving(node: Node) -> None:
+    echo(node)
+    qido(node)
+
+
+def dimse_fds(node: Node) -> int:
+    """Open descriptors of the node's parent and DIMSE worker processes (forked from it,
+    so with its command line; the web workers' keep-alive connections and index
+    connections come and go with HTTP requests)."""
+    pids = []
+    for pid in node.pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"pacs\0serve" in cmdline.read():
+                    pids.append(pid)
+        except OSError:
+            continue
+    return resources_of(pids).fds
+
+
+class Memory:
+    """The node's resources before an attack and the most seen since."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        still_serving(node)  # warmed up: first requests load modules and connections
+        self.before = node.resources()
+        self.peak = self.before
+
+    def sample(self) -> Resources:
+        now = self.node.resources()
+        if now.rss_bytes > self.peak.rss_bytes:
+            self.peak = now
+        return now
+
+    def check(self, name: str) -> None:
+        """Print before → peak → now, and require the growth to stay under the bound."""
+        now = self.sample()
+        print(f"\n[{name}] memory {self.before.rss_bytes / 2**20:.0f} MiB -> peak "
+              f"{self.peak.rss_bytes / 2**20:.0f} MiB -> {now.rss_bytes / 2**20:.0f} MiB; "
+              f"fds {self.before.fds} -> {now.fds}")
+        grown = self.peak.rss_bytes - self.before.rss_bytes
+        assert grown < MEMORY_BOUND, f"memory grew by {grown / 2**20:.0f} MiB"
+
+
+# --- raw DIMSE ------------------------------------------------------------------------------
+
+def _item(kind: int, body: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(body)) + body
+
+
+def associate_rq(max_pdu: int = 16384, calling: str = "HOSTILE") -> bytes:
+    """An A-ASSOCIATE-RQ proposing Verification in Implicit VR LE (PS3.8 9.3.2)."""
+    context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, Verification.encode())
+                    + _item(0x40, ImplicitVRLittleEndian.encode()))
+    body = (struct.pack(">HH", 1, 0) + AE_TITLE.ljust(16).encode()
+            + calling.ljust(16).encode() + bytes(32)
+            + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
+            + _item(0x50, _item(0x51, struct.pack(">I", max_pdu))))
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes] | None:
+    """The next PDU (type, body), or None when the node closed the connection."""
+    head = _read(sock, 6)
+    if len(head) < 6:
+        return None
+    kind, _, length = struct.unpack(">BBI", head)
+    return kind, _read(sock, length)
+
+
+def _read(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        try:
+            chunk = sock.recv(count - len(data))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def closed(sock: socket.socket) -> bool:
+    """True when the node has closed the connection (what is left unread is dropped)."""
+    try:
+        while chunk := sock.recv(65536):
+            del chunk
+    except ConnectionResetError:
+        return True
+    return True
+
+
+@contextmanager
+def raw_association(node: Node, source: str = "127.0.0.1") -> Iterator[tuple[socket.socket, int]]:
+    """A raw socket with an established association; yields it and the Maximum Length
+    the node announced in its A-ASSOCIATE-AC."""
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE,
+                                    source_address=(source, 0))
+    try:
+        sock.sendall(associate_rq())
+        answer = read_pdu(sock)
+        assert answer is not None and answer[0] == 0x02, (answer, node.log())
+        body = answer[1]
+        at = body.index(b"\x51\x00\x00\x04")
+        yield sock, struct.unpack_from(">I", body, at + 4)[0]
+    finally:
+        sock.close()
+
+
+def pdata(length: int, context_id: int = 1) -> bytes:
+    """A P-DATA-TF PDU of ``length`` bytes after its header: one PDV of command bytes."""
+    return (struct.pack(">BBIIBB", 0x04, 0, length, length - 4, context_id, 0x01)
+            + bytes(length - 6))
+
+
+# --- huge declared lengths ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hostile(node_factory: Callable[..., Node]) -> Iterator[Node]:
+    """A node with a short ARTIM timer and DIMSE timeout, killed at the end."""
+    node = node_factory("hostile", PACS_ARTIM_TIMEOUT="2", PACS_DIMSE_TIMEOUT="5")
+    yield node
+    node.kill9()
+
+
+def test_associate_rq_headers_declaring_4_gb(hostile: Node) -> None:
+    """Four 6-byte A-ASSOCIATE-RQ headers declaring 0xFFFFFFFF bytes (they took ~2.9 GB):
+    each is answered with an A-ABORT before any body is read, and closed."""
+    node = hostile
+    memory = Memory(node)
+    socks = [socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE)
+             for _ in range(4)]
+    try:
+        for sock in socks:
+            sock.sendall(b"\x01\x00\xff\xff\xff\xff")
+        still_serving(node)
+        for sock in socks:
+            assert _read(sock, 10) == ABORT_INVALID_PARAMETER
+            assert closed(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+    still_serving(node)
+    memory.check("A-ASSOCIATE-RQ headers declaring 0xFFFFFFFF bytes")
+
+
+def test_pdata_declaring_4_gb_then_stalling(hostile: Node) -> None:
+    """Inside an association: a P-DATA-TF header declaring 0xFFFFFFF0 bytes, then
+    silence.  Longer than the Maximum Length the node announced: A-ABORT, closed."""
+    node = hostile
+    memory = Memory(node)
+    with raw_association(node) as (sock, maximum):
+        assert maximum == 262144
+        sock.sendall(b"\x04\x00\xff\xff\xff\xf0" + bytes(1000))
+        still_serving(node)
+        assert _read(sock, 10) == ABORT_INVALID_PARAMETER
+        assert closed(sock)
+    still_serving(node)
+    memory.check("P-DATA-TF declaring 0xFFFFFFF0 bytes in an association, then stalling")
+
+
+@pytest.mark.parametrize("excess", [1, 4096])
+def test_pdata_longer_than_the_announced_maximum(hostile: Node, excess: int) -> None:
+    """A whole P-DATA-TF PDU longer than the node's Maximum Length (PS3.8 D.1) is a
+    protocol error: A-ABORT (service provider, invalid PDU parameter value), closed."""
+    node = hostile
+    memory = Memory(node)
+    with raw_association(node) as (sock, maximum):
+        try:
+            sock.sendall(pdata(maximum + excess))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: the A-ABORT is already here
+        assert _read(sock, 10) == ABORT_INVALID_PARAMETER
+        assert closed(sock)
+    still_serving(node)
+    memory.check(f"P-DATA-TF {excess} byte(s) over the announced maximum")
+
+
+def test_unlimited_pdu_buffer_grows_with_arrival(node_factory: Callable[..., Node]) -> None:
+    """PACS_MAX_PDU=0 (no Maximum Length): a P-DATA-TF declaring 1.5 GB, 8 MB of it sent,
+    then silence.  The node holds what arrived, not what was declared, and closes the
+    connection after the DIMSE timeout (a read that stops midway)."""
+    node = node_factory("unlimited", PACS_MAX_PDU="0", PACS_DIMSE_TIMEOUT="3")
+    try:
+        memory = Memory(node)
+        with raw_association(node) as (sock, maximum):
+            assert maximum == 0
+            sock.sendall(b"\x04\x00" + struct.pack(">I", 1_500_000_000) + bytes(8 << 20))
+            still_serving(node)
+            memory.sample()
+            started = time.monotonic()
+            assert closed(sock)  # blocks until the node gives up (socket timeout 30 s)
+            print(f"\n[unlimited PDU stalled] closed after {time.monotonic() - started:.1f} s")
+        still_serving(node)
+        memory.check("P-DATA-TF declaring 1.5 GB with PACS_MAX_PDU=0, 8 MB sent, stalled")
+    finally:
+        node.kill9()
+
+
+# --- silent connections -----------------------------------------------------------------------
+
+def _open_silent(node: Node, count: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE)
+        socks.append(sock)
+    return socks
+
+
+def _open_ones(socks: list[socket.socket]) -> list[socket.socket]:
+    """The sockets the node has not closed yet (without blocking)."""
+    still = []
+    for sock in socks:
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            still.append(sock)
+            continue
+        except ConnectionResetError:
+            continue
+        finally:
+            sock.settimeout(timeout)
+        if data:
+            still.append(sock)
+    return still
+
+
+def test_hundreds_of_silent_connections(node_factory: Callable[..., Node]) -> None:
+    """300 connections that send nothing: they do not count as associations (4 allowed
+    per worker here), at most PACS_MAX_PENDING_CONNECTIONS per worker stay open (the
+    oldest are closed first), a real C-ECHO still succeeds."""
+    node = node_factory("silent", PACS_MAX_ASSOCIATIONS="4",
+                        PACS_MAX_PENDING_CONNECTIONS="16", PACS_ARTIM_TIMEOUT="60")
+    try:
+        memory = Memory(node)
+        socks = _open_silent(node, 300)
+        try:
+            deadline = time.monotonic() + PATIENCE
+            while len(still := _open_ones(socks)) > 2 * 16 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(still) <= 2 * 16, f"{len(still)} silent connections still open"
+            # The newest are the ones kept.
+            assert set(still) <= set(socks[-2 * 16 - 8:])
+            memory.sample()
+            still_serving(node)
+            # A real peer's connection evicts an old silent one, never the other way.
+            for _ in range(3):
+                echo(node)
+        finally:
+            for sock in socks:
+                sock.close()
+        memory.check("300 silent connections, PACS_MAX_PENDING_CONNECTIONS=16, 2 workers")
+    finally:
+        node.kill9()
+
+
+def test_silent_connections_are_closed_after_artim(node_factory: Callable[..., Node]) -> None:
+    """Connections that send nothing, or only part of an A-ASSOCIATE-RQ, are closed when
+    ARTIM expires (PS3.8 9.1.2, 9.1.3); meanwhile they do not lock out a real peer."""
+    node = node_factory("artim", PACS_DIMSE_WORKERS="1", PACS_ARTIM_TIMEOUT="2",
+                        PACS_MAX_ASSOCIATIONS="4")
+    try:
+        memory = Memory(node)
+        fds_before = dimse_fds(node)
+        socks = _open_silent(node, 40)
+        partial = socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE)
+        request = associate_rq()
+        partial.sendall(request[:len(request) // 2])  # the rest never comes
+        trickle = socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE)
+        started = time.monotonic()
+        try:
+            still_serving(node)
+            memory.sample()
+            # A request trickled a byte at a time cannot outlast ARTIM either.
+            sent = 0
+            while sent < len(request) and time.monotonic() - started < PATIENCE:
+                try:
+                    trickle.sendall(request[sent:sent + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += 1
+                time.sleep(0.25)
+            assert sent < len(request), "the trickled request outlasted ARTIM"
+            for sock in [*socks, partial, trickle]:
+                assert closed(sock)
+            print(f"\n[silent connections, ARTIM 2 s] all closed after "
+                  f"{time.monotonic() - started:.1f} s")
+        finally:
+            for sock in [*socks, partial, trickle]:
+                sock.close()
+        still_serving(node)
+        deadline = time.monotonic() + PATIENCE
+        while dimse_fds(node) > fds_before and time.monotonic() < deadline:
+            time.sleep(0.2)  # the DIMSE worker lets go of every descriptor it took
+        assert dimse_fds(node) <= fds_before
+        memory.check("40 silent connections + a partial and a trickled A-ASSOCIATE-RQ, "
+                     "ARTIM 2 s")
+    finally:
+        node.kill9()
+
+
+# --- association limits -------------------------------------------------------------------
+
+def _associate(node: Node, source: str = "127.0.0.1") -> Association:
+    ae = AE(ae_title="LIMITS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = PATIENCE
+    return ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, bind_address=(source, 0))
+
+
+def _associate_soon(node: Node, source: str) -> Association:
+    """An association from ``source`` once the node has seen a place freed (an abort
+    reaches the node's association thread a moment after the peer sent it)."""
+    deadline = time.monotonic() + PATIENCE
+    while not (assoc := _associate(node, source)).is_established:
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.2)
+    return assoc
+
+
+def _assert_rejected_for_limit(assoc: Association) -> None:
+    assert assoc.is_rejected and not assoc.is_established
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source,
+            rejection.diagnostic) == REJECT_LOCAL_LIMIT
+
+
+def _raw_rejection(node: Node, source: str) -> tuple[int, int, int]:
+    """(result, source, reason) of the A-ASSOCIATE-RJ a raw request gets."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(associate_rq())
+        answer = read_pdu(sock)
+        assert answer is not None and answer[0] == 0x03, answer
+        assert closed(sock)
+        return answer[1][1], answer[1][2], answer[1][3]
+
+
+def test_associations_per_host(node_factory: Callable[..., Node]) -> None:
+    """Two associations from 127.0.0.2 are its limit: a third is rejected (A-ASSOCIATE-RJ
+    2/3/2); peers on other addresses go on associating."""
+    node = node_factory("perhost", PACS_DIMSE_WORKERS="1",
+                        PACS_MAX_ASSOCIATIONS_PER_HOST="2", PACS_MAX_ASSOCIATIONS="8")
+    held: list[Association] = []
+    try:
+        memory = Memory(node)
+        held = [_associate(node, "127.0.0.2") for _ in range(2)]
+        assert all(a.is_established for a in held), node.log()
+        _assert_rejected_for_limit(_associate(node, "127.0.0.2"))
+        assert _raw_rejection(node, "127.0.0.2") == REJECT_LOCAL_LIMIT
+        still_serving(node)  # from 127.0.0.1
+        other = _associate(node, "127.0.0.3")
+        assert other.is_established
+        other.release()
+        held.pop().release()
+        held.append(_associate_soon(node, "127.0.0.2"))  # a released place is free
+        held.pop().abort()
+        held.append(_associate_soon(node, "127.0.0.2"))  # and an aborted one
+        memory.check("3rd association from one address, PACS_MAX_ASSOCIATIONS_PER_HOST=2")
+    finally:
+        for assoc in held:
+            assoc.release()
+        node.kill9()
+
+
+def test_full_node_rejects_with_local_limit_exceeded(
+        node_factory: Callable[..., Node]) -> None:
+    """PACS_MAX_ASSOCIATIONS held by real associations: the next is rejected with a
+    clear A-ASSOCIATE-RJ (rejected-transient, service provider, local limit exceeded),
+    seen by pynetdicom, dcmtk and a raw socket; once one ends, echo works again."""
+    node = node_factory("full", PACS_DIMSE_WORKERS="1", PACS_MAX_ASSOCIATIONS="3")
+    held: list[Association] = []
+    try:
+        memory = Memory(node)
+        held = [_associate(node) for _ in range(3)]
+        assert all(a.is_established for a in held), node.log()
+        _assert_rejected_for_limit(_associate(node))
+        assert _raw_rejection(node, "127.0.0.1") == REJECT_LOCAL_LIMIT
+        result = run_dcmtk("echoscu", "-to", "10", "-ta", "10", "-aec", AE_TITLE,
+                           "127.0.0.1", str(node.port), timeout=60)
+        assert result.returncode != 0
+        assert "Rejected Transient" in result.stdout, result.stdout
+        assert "Local Limit Exceeded" in result.stdout, result.stdout
+        qido(node)
+        held.pop().release()
+        still_serving(node)
+        memory.check("a 4th association on a node full at PACS_MAX_ASSOCIATIONS=3")
+    finally:
+        for assoc in held:
+            assoc.release()
+        node.kill9()
+
+
+# --- objects over PACS_MAX_OBJECT_BYTES ----------------------------------------------------------
+
+def _large_ct(path: Path, pixel_bytes: int) -> pydicom.FileDataset:
+    """A CT whose pixel data has ``pixel_bytes`` bytes (16-bit, square-ish)."""
+    ds = fresh_ct()
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(side * side * 2)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_store_over_the_object_limit(node_factory: Callable[..., Node],
+                                     tmp_path: Path) -> None:
+    """A 288 MiB C-STORE to a node with PACS_MAX_OBJECT_BYTES=1000000: A700, nothing
+    stored, the node's memory does not follow the object; on one association an object
+    over the limit gets A700 and the next one is stored."""
+    node = node_factory("objects", PACS_MAX_OBJECT_BYTES="1000000")
+    try:
+        memory = Memory(node)
+        big = _large_ct(tmp_path / "big.dcm", 288 << 20)
+        result = run_dcmtk("storescu", "-v", "-to", "30", "-ta", "30", "-td", "120",
+                           "-aec", AE_TITLE, "127.0.0.1", str(node.port),
+                           str(tmp_path / "big.dcm"), timeout=300)
+        # dcmtk names status A700 "Refused: OutOfResources" (PS3.4 B.2.3)
+        assert "Refused: OutOfResources" in result.stdout, result.stdout
+        memory.sample()
+        still_serving(node)
+        assert big.SOPInstanceUID not in node.index()
+        assert not node.objects()
+
+        ae = AE(ae_title="OBJECTS")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = PATIENCE
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        try:
+            over = fresh_ct(Rows=1024, Columns=1024, PixelData=bytes(2 << 20))
+            assert assoc.send_c_store(over).Status == 0xA700
+            small = fresh_ct()
+            assert assoc.send_c_store(small).Status == 0x0000
+        finally:
+            assoc.release()
+        index = node.index()
+        assert small.SOPInstanceUID in index and over.SOPInstanceUID not in index
+        assert len(node.objects()) == 1
+        still_serving(node)
+        memory.check("C-STORE of 288 MiB, PACS_MAX_OBJECT_BYTES=1000000")
+    finally:
+        node.kill9()
+
+
+def test_store_at_the_limit_is_stored(node_factory: Callable[..., Node]) -> None:
+    """An object just under PACS_MAX_OBJECT_BYTES is stored as usual."""
+    node = node_factory("atlimit", PACS_MAX_OBJECT_BYTES="1000000")
+    try:
+        ds = fresh_ct(Rows=640, Columns=700, PixelData=bytes(640 * 700 * 2))
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        assert 900_000 < len(buffer.getvalue()) < 1_000_000
+        ae = AE(ae_title="OBJECTS")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        assert ds.SOPInstanceUID in node.index()
+    finally:
+        node.kill9()
