@@ -440,7 +440,8 @@ def test_data_folder_full(node_factory: Callable[..., Node], tmp_path: Path) -> 
                                           "PACS_DIMSE_TIMEOUT": str(DIMSE_TIMEOUT),
                                           "PACS_WEB_ANALYSERS": "0"},
                                environ={}, env_file=None)
-        services = build(settings, store=FullDisk(FileStore(settings.objects_dir)))  # type: ignore[arg-type]
+        store = FullDisk(FileStore(settings.objects_dir))
+        services = build(settings, store=store)  # type: ignore[arg-type]
         try:
             full_disk_scenario(services)
         finally:

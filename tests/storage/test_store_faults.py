@@ -334,8 +334,9 @@ def test_ingest_while_another_writer_holds_the_index(
     assert time.monotonic() - started < 2 * 1.0 + SLACK
     assert len(errors) == 4 and all(isinstance(e, IndexFailure) for e in errors), errors
     # The objects written for them were removed again: the store holds what is indexed.
-    assert list(services.store.keys()) == [
-        writer.lookup(services.index.connection(), _sop(stored)).object_key]  # type: ignore[union-attr]
+    row = writer.lookup(services.index.connection(), _sop(stored))
+    assert row is not None
+    assert list(services.store.keys()) == [row.object_key]
     assert services.store.temporaries() == []  # type: ignore[attr-defined]
     release()
     services.ingest.store_bytes(make_instance(PatientID="HELD"))
