@@ -7,6 +7,11 @@ is up.  Gunicorn then loads ``adapters.dicomweb.app:get_app()`` in each worker, 
 builds settings and services after the fork (no ``--preload``): SQLite connections and
 S3 clients never cross ``fork()``.
 
+Every worker is a :class:`pacs.httpworker.HttpWorker`: an event loop reads requests
+and writes lagging responses, so slow or stalled clients hold no application thread
+(the reasons, the limits and the timeouts are in that module).  A gunicorn that exits
+with an error is started again (:meth:`WebServer.watch`); DIMSE goes on meanwhile.
+
 The core does not import falcon: gunicorn is started by module name.  Settings reach
 the workers as environment variables (command-line overrides of ``pacs serve``
 included), and the workers read them with the same :func:`pacs.config.load`.
@@ -21,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 
 from pacs.config import Settings
@@ -30,12 +36,17 @@ log = logging.getLogger(__name__)
 
 #: The WSGI application gunicorn loads in each worker.
 APP = "adapters.dicomweb.app:get_app()"
+#: The worker class: an event loop for the network, threads for the application.
+WORKER_CLASS = "pacs.httpworker.HttpWorker"
 #: Seconds gunicorn lets running requests finish after SIGTERM.
 GRACEFUL_SECONDS = 10
 #: Seconds a request may take before gunicorn restarts its worker (large STOW bodies).
 REQUEST_TIMEOUT_SECONDS = 300
 #: Longest request line (QIDO with long UID lists); gunicorn's ceiling.
 MAX_REQUEST_LINE = 8190
+#: Seconds before a gunicorn that exited with an error is started again (doubling up
+#: to the longest while it keeps failing), and how long it must run to reset that.
+RESTART_FIRST, RESTART_LONGEST, STABLE_SECONDS = 1.0, 30.0, 60.0
 
 
 def number_of_workers(settings: Settings) -> int:
@@ -54,7 +65,7 @@ def command(settings: Settings, fd: int) -> list[str]:
         sys.executable, "-m", "gunicorn",
         "--bind", f"fd://{fd}",
         "--workers", str(number_of_workers(settings)),
-        "--worker-class", "gthread",
+        "--worker-class", WORKER_CLASS,
         "--threads", str(max(1, settings.web_threads)),
         "--graceful-timeout", str(GRACEFUL_SECONDS),
         "--timeout", str(REQUEST_TIMEOUT_SECONDS),
@@ -85,6 +96,9 @@ class WebServer:
         self.settings = settings
         self.environment = dict(environment)
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> WebServer:
         """Bind the port and start gunicorn on it.
@@ -98,58 +112,90 @@ class WebServer:
         try:
             fd = sock.fileno()
             env = {**os.environ, **self.environment}
-            self.process = subprocess.Popen(command(self.settings, fd), env=env,
-                                            pass_fds=(fd,), stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(command(self.settings, fd), env=env,
+                                       pass_fds=(fd,), stdin=subprocess.DEVNULL)
         finally:
             # gunicorn holds its own copy; ours must not leak into the DIMSE workers
             # forked next, or the port would outlive gunicorn.
             sock.close()
+        with self._lock:
+            self.process = process
+            self.started_at = time.monotonic()
         log.info("DICOMweb on http://%s:%d/ and /dicom-web/ with %d worker(s)",
                  self.settings.bind_address, self.settings.web_port,
                  number_of_workers(self.settings))
         return self
 
-    def watch(self, stopping: threading.Event, failed: threading.Event) -> threading.Thread:
-        """A thread that stops the node when gunicorn exits on its own, and sends
-        gunicorn SIGTERM as soon as the node is stopping.
+    def watch(self, stopping: threading.Event) -> threading.Thread:
+        """A thread that restarts gunicorn when it exits on its own, and sends it SIGTERM
+        as soon as the node is stopping.
 
+        DIMSE never stops because the HTTP side failed: a gunicorn that exits with an
+        error (a crash, a port it cannot bind again) is started again after
+        :data:`RESTART_FIRST` seconds, then twice as long each time up to
+        :data:`RESTART_LONGEST` while it keeps failing; its port refuses connections
+        meanwhile, so the container's health check reports the node unhealthy.
         gunicorn exiting with 0 was asked to (Ctrl-C reaches the whole process group,
-        gunicorn included, often before this process has seen it): the node stops
-        cleanly.  Any other exit (a worker that cannot boot, a crash) stops the node
-        with ``failed`` set.
+        gunicorn included, often before this process has seen it): the node stops.
         """
         def run() -> None:
-            assert self.process is not None
+            delay = RESTART_FIRST
+            next_start = 0.0
             while not stopping.wait(0.2):
-                code = self.process.poll()
-                if code is None:
+                process = self.process
+                if process is not None:
+                    code = process.poll()
+                    if code is None:
+                        if time.monotonic() - self.started_at > STABLE_SECONDS:
+                            delay = RESTART_FIRST
+                        continue
+                    if code == 0:
+                        log.info("the DICOMweb server stopped; stopping the node")
+                        stopping.set()
+                        return
+                    log.error("the DICOMweb server exited with %s; restarting it in %g s "
+                              "(DIMSE goes on)", code, delay)
+                    with self._lock:
+                        self.process = None
+                    next_start, delay = time.monotonic() + delay, min(delay * 2,
+                                                                      RESTART_LONGEST)
                     continue
-                if code == 0:
-                    log.info("the DICOMweb server stopped; stopping the node")
-                else:
-                    log.error("the DICOMweb server exited with %s; stopping the node", code)
-                    failed.set()
-                stopping.set()
-                return
+                if time.monotonic() < next_start:
+                    continue
+                try:
+                    self.start()
+                except OSError as exc:
+                    log.error("cannot start the DICOMweb server on port %d: %s; retrying "
+                              "in %g s", self.settings.web_port, exc, delay)
+                    next_start, delay = time.monotonic() + delay, min(delay * 2,
+                                                                      RESTART_LONGEST)
             self.terminate()
 
-        thread = threading.Thread(target=run, name="pacs-web-watch", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=run, name="pacs-web-watch", daemon=True)
+        self._thread.start()
+        return self._thread
 
     def terminate(self) -> None:
         """Ask gunicorn to finish running requests and exit."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        with self._lock:
+            if self.process is not None and self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> int | None:
-        """SIGTERM, wait for the graceful period, then SIGKILL; the exit code."""
-        if self.process is None:
-            return None
+        """SIGTERM, wait for the graceful period, then SIGKILL; the exit code.
+
+        The caller has set the ``stopping`` event of :meth:`watch`: the watcher is
+        awaited first, so that it starts nothing after this.
+        """
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self.terminate()
+        process = self.process
+        if process is None:
+            return None
         try:
-            return self.process.wait(GRACEFUL_SECONDS + 5)
+            return process.wait(GRACEFUL_SECONDS + 5)
         except subprocess.TimeoutExpired:
             log.error("the DICOMweb server did not stop in time; killing it")
-            self.process.kill()
-            return self.process.wait()
+            process.kill()
+            return process.wait()

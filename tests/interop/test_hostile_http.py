@@ -1,0 +1,500 @@
+"""Slow, stalled and oversized HTTP clients against ``pacs serve`` (DICOMweb and viewer).
+
+The node runs with one web worker of two threads per port and a 3 s HTTP timeout, so
+that a single held thread would show at once.  Each attack is kept up by a background
+thread (a socket the server closes is replaced) while a real QIDO-RS (requests), a
+viewer page and a C-ECHO must be answered; afterwards every attacking socket must have
+been closed by the server, memory must have grown by less than 256 MB and the
+descriptors must be back where they were.
+
+The last test is the object store down while a DICOMweb worker boots: DIMSE goes on,
+DICOMweb answers 503 until the store is back, then serves again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from tests.interop.conftest import Node, Resources, fresh_ct
+from tests.storage.seaweed import SeaweedServer
+
+pytestmark = pytest.mark.interop
+
+#: PACS_HTTP_TIMEOUT of the node under attack, seconds.
+TIMEOUT = 3.0
+#: PACS_MAX_REQUEST_BYTES of the node under attack.
+MAX_REQUEST = 16 << 20
+#: Memory (sum of RSS over the node's processes) an attack may add.
+MEMORY_GROWTH = 256 << 20
+#: Descriptors the node may hold above its baseline once an attack is over.
+FD_SLACK = 5
+#: Seconds a real client waits for an answer during an attack ("a few seconds").
+ANSWER_WITHIN = 10.0
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for OHIF's files: the viewer port serves its index.html."""
+    folder = tmp_path_factory.mktemp("ohif") / "dist"
+    folder.mkdir()
+    (folder / "index.html").write_text("<!doctype html><title>viewer</title>")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def node(node_factory: Callable[..., Node], dist: Path) -> Node:
+    node = node_factory("hostile", PACS_HTTP_TIMEOUT=str(TIMEOUT), PACS_HTTP_KEEPALIVE="2",
+                        PACS_MAX_REQUEST_BYTES=str(MAX_REQUEST), PACS_WEB_WORKERS="1",
+                        PACS_WEB_THREADS="2", PACS_VIEWER_WORKERS="1",
+                        PACS_VIEWER_DIST=str(dist), PACS_UPLOADS_POLL="0")
+    wait_answering(node)
+    return node
+
+
+def web_port(node: Node) -> int:
+    return int(node.env["PACS_WEB_PORT"])
+
+
+def viewer_port(node: Node) -> int:
+    return int(node.env["PACS_VIEWER_PORT"])
+
+
+def wait_answering(node: Node, timeout: float = 60.0) -> None:
+    """Until both HTTP ports answer (their workers have booted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if (requests.get(f"{node.web_url()}/studies", timeout=5).status_code == 200
+                    and requests.get(f"http://127.0.0.1:{viewer_port(node)}/",
+                                     timeout=5).status_code == 200):
+                return
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, f"HTTP ports not answering:\n{node.log()}"
+        time.sleep(0.3)
+
+
+@dataclass
+class Latencies:
+    """Seconds each real client took during an attack."""
+
+    qido: list[float] = field(default_factory=list)
+    viewer: list[float] = field(default_factory=list)
+    echo: list[float] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} max {max(values):.2f} s" for name, values in
+                         (("QIDO", self.qido), ("viewer", self.viewer), ("C-ECHO", self.echo)))
+
+
+def served_meanwhile(node: Node, rounds: int = 3) -> Latencies:
+    """A QIDO-RS, a viewer page and a C-ECHO, each answered within a few seconds.
+
+    ``rounds`` rounds a second apart, so that they span the attack's timeouts.
+    """
+    found = Latencies()
+    for _ in range(rounds):
+        start = time.monotonic()
+        answer = requests.get(f"{node.web_url()}/studies", timeout=ANSWER_WITHIN,
+                              headers={"Accept": "application/dicom+json"})
+        assert answer.status_code == 200, answer.text[:300]
+        found.qido.append(time.monotonic() - start)
+        start = time.monotonic()
+        page = requests.get(f"http://127.0.0.1:{viewer_port(node)}/", timeout=ANSWER_WITHIN)
+        assert page.status_code == 200 and b"viewer" in page.content
+        found.viewer.append(time.monotonic() - start)
+        start = time.monotonic()
+        node.assert_serving()
+        found.echo.append(time.monotonic() - start)
+        time.sleep(1.0)
+    return found
+
+
+def warm(node: Node) -> None:
+    """Bursts of concurrent requests on both ports, so that every thread has opened
+    what it keeps (its index connection) before the baseline is taken."""
+    urls = [f"{node.web_url()}/studies", f"http://127.0.0.1:{viewer_port(node)}/dicom-web/studies"]
+    for _ in range(3):
+        threads = [threading.Thread(target=requests.get, args=(url,), kwargs={"timeout": 30})
+                   for url in urls for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    served_meanwhile(node, rounds=1)
+
+
+def settled(node: Node, baseline: Resources, timeout: float = 30.0) -> Resources:
+    """The node's resources once its descriptors are back near ``baseline``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = node.resources()
+        if now.fds <= baseline.fds + FD_SLACK or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)
+
+
+class Attack:
+    """``count`` sockets made by ``open_one`` kept open against the node.
+
+    A thread watches them: one that the server closes (EOF, after whatever answer it
+    sent) is recorded with how long it lived, and replaced while the attack is on.
+    Sockets whose peer must not read (``reads=False``) are not watched; :meth:`stop`
+    reads them to the end instead.
+    """
+
+    def __init__(self, open_one: Callable[[], socket.socket], count: int,
+                 reads: bool = True) -> None:
+        self.open_one = open_one
+        self.count = count
+        self.reads = reads
+        self.running = True
+        self.lifetimes: list[float] = []
+        self.answers: list[bytes] = []
+        self.sockets: dict[socket.socket, tuple[float, bytearray]] = {}
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        for _ in range(count):
+            self._add()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        if reads:
+            self.thread.start()
+
+    def _add(self) -> None:
+        sock = self.open_one()
+        with self.lock:
+            self.sockets[sock] = (time.monotonic(), bytearray())
+        if self.reads:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def _watch(self) -> None:
+        while self.running or self.sockets:
+            for key, _ in self.selector.select(0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                with self.lock:
+                    opened, received = self.sockets[sock]
+                    received += data
+                    if data:
+                        continue
+                    del self.sockets[sock]
+                self.selector.unregister(sock)
+                sock.close()
+                self.lifetimes.append(time.monotonic() - opened)
+                self.answers.append(bytes(received[:200]))
+                if self.running:
+                    self._add()
+
+    def stop(self, within: float) -> None:
+        """Stop replacing; every socket must be closed by the server within ``within`` s."""
+        self.running = False
+        if self.reads:
+            self.thread.join(within)
+            assert not self.thread.is_alive(), (
+                f"{len(self.sockets)} attacking sockets still open after {within} s")
+            return
+        for sock, (opened, _) in list(self.sockets.items()):
+            sock.settimeout(within)
+            total = 0
+            while chunk := sock.recv(1 << 20):  # raises TimeoutError if never closed
+                total += len(chunk)
+            self.lifetimes.append(time.monotonic() - opened)
+            self.answers.append(str(total).encode())
+            sock.close()
+        self.sockets.clear()
+
+
+def connect(port: int, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@dataclass
+class Outcome:
+    """What the attacking sockets saw: how long each lived, how each answer began."""
+
+    lifetimes: list[float]
+    answers: list[bytes]
+
+
+def measured(node: Node, name: str, run: Callable[[], list[Attack]]) -> Outcome:
+    """Baseline, the attacks with the real clients, memory and descriptors after."""
+    warm(node)
+    before = node.resources()
+    attacks = run()
+    try:
+        found = served_meanwhile(node)
+        during = node.resources()
+    finally:
+        for running in attacks:
+            running.stop(within=TIMEOUT + 30)
+    after = settled(node, before)
+    outcome = Outcome([t for a in attacks for t in a.lifetimes],
+                      [x for a in attacks for x in a.answers])
+    print(f"\n{name}: before {before}, during {during}, after {after}; {found}; "
+          f"{len(outcome.lifetimes)} sockets closed by the server after "
+          f"{min(outcome.lifetimes):.1f}-{max(outcome.lifetimes):.1f} s")
+    assert during.rss_bytes - before.rss_bytes < MEMORY_GROWTH, (before, during)
+    assert after.rss_bytes - before.rss_bytes < MEMORY_GROWTH, (before, after)
+    assert after.fds <= before.fds + FD_SLACK, (before, after)
+    node.assert_serving()
+    return outcome
+
+
+# --- attacks ----------------------------------------------------------------------------
+
+def test_half_sent_heads_hold_no_thread(node: Node) -> None:
+    def half_head(port: int) -> Callable[[], socket.socket]:
+        def open_one() -> socket.socket:
+            sock = connect(port)
+            sock.sendall(b"GET /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: appli")
+            return sock
+        return open_one
+
+    def run() -> list[Attack]:
+        return [Attack(half_head(web_port(node)), 120), Attack(half_head(viewer_port(node)), 120)]
+
+    running = measured(node, "120 + 120 half-sent heads", run)
+    assert len(running.lifetimes) >= 240
+    # Closed by the server once the head timeout passed, with a 408 answer.
+    assert min(running.lifetimes) >= TIMEOUT - 0.5
+    assert all(a.startswith(b"HTTP/1.1 408") for a in running.answers), running.answers[:3]
+
+
+def test_stalled_request_bodies_hold_no_thread(node: Node) -> None:
+    head = (b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n"
+            b"Content-Length: 10485760\r\n\r\n")
+
+    def stalled_body(port: int, path: bytes, sent: int) -> Callable[[], socket.socket]:
+        def open_one() -> socket.socket:
+            sock = connect(port)
+            sock.sendall(head.replace(b"/studies", path) + b"\0" * sent)
+            return sock
+        return open_one
+
+    def run() -> list[Attack]:
+        # Heads only, and heads with 1 MiB of body each (100 MiB held by the server:
+        # in memory up to its budget, the rest in files).
+        return [Attack(stalled_body(web_port(node), b"/studies", 0), 100),
+                Attack(stalled_body(web_port(node), b"/studies", 1 << 20), 100),
+                Attack(stalled_body(viewer_port(node), b"/dicom-web/studies", 0), 100)]
+
+    running = measured(node, "300 stalled 10 MB bodies", run)
+    assert len(running.lifetimes) >= 300
+    assert min(running.lifetimes) >= TIMEOUT - 0.5
+    assert all(a.startswith(b"HTTP/1.1 408") for a in running.answers), running.answers[:3]
+
+
+def large_instance(folder: Path) -> tuple[pydicom.Dataset, Path]:
+    """A 32 MiB CT (4096 x 4096, 16 bits) written to ``folder``."""
+    ds = fresh_ct()
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = np.zeros(4096 * 4096, dtype=np.uint16).tobytes()
+    path = folder / "large.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return ds, path
+
+
+def test_clients_that_never_read_a_large_response_hold_no_thread(
+        node: Node, tmp_path: Path) -> None:
+    ds, path = large_instance(tmp_path)
+    imported = node.cli("import", "--quiet", str(path))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    size = path.stat().st_size
+    target = (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+              f"/instances/{ds.SOPInstanceUID}").encode()
+    request = (b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Accept: multipart/related; type=\"application/dicom\"; transfer-syntax=*"
+               b"\r\n\r\n")
+
+    def never_reads(port: int, prefix: bytes) -> Callable[[], socket.socket]:
+        def open_one() -> socket.socket:
+            sock = connect(port, receive_buffer=16 << 10)
+            sock.sendall(request % (prefix + target))
+            return sock
+        return open_one
+
+    def run() -> list[Attack]:
+        return [Attack(never_reads(web_port(node), b""), 20, reads=False),
+                Attack(never_reads(viewer_port(node), b"/dicom-web"), 10, reads=False)]
+
+    running = measured(node, "30 readers of a 32 MiB instance that never read", run)
+    # Each was cut off by the server: less than the whole response, then EOF.
+    received = [int(a) for a in running.answers]
+    assert len(received) == 30 and all(0 < r < size for r in received), received
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+def raw_exchange(port: int, data: bytes, timeout: float = ANSWER_WITHIN) -> bytes:
+    """Send ``data`` and read until the server closes (or ``timeout``)."""
+    with connect(port) as sock:
+        sock.sendall(data)
+        sock.settimeout(timeout)
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+        return bytes(received)
+
+
+@pytest.mark.parametrize("port_of", [web_port, viewer_port], ids=["dicomweb", "viewer"])
+def test_a_body_over_the_limit_is_refused_before_it_is_sent(
+        node: Node, port_of: Callable[[Node], int]) -> None:
+    prefix = b"" if port_of is web_port else b"/dicom-web"
+    head = (b"POST " + prefix + b"/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n"
+            b"Content-Length: %d\r\n" % (MAX_REQUEST + 1))
+    # No body is ever sent: the answer cannot depend on reading it.
+    answer = raw_exchange(port_of(node), head + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # With Expect: 100-continue, the refusal comes instead of the 100.
+    answer = raw_exchange(port_of(node), head + b"Expect: 100-continue\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer
+
+
+def test_a_chunked_body_over_the_limit_is_refused(node: Node) -> None:
+    with connect(web_port(node)) as sock:
+        sock.sendall(b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
+                     b"chunked\r\nContent-Type: multipart/related; type=\"application/"
+                     b"dicom\"; boundary=b\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (1 << 20, b"\0" * (1 << 20))
+        try:
+            for _ in range(MAX_REQUEST // (1 << 20) + 4):
+                sock.sendall(chunk)
+        except OSError:
+            pass  # refused while sending: the answer is read below
+        sock.settimeout(ANSWER_WITHIN)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_chunked_and_pipelined_requests_are_served(node: Node) -> None:
+    ds = fresh_ct()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + buffer.getvalue()
+            + b"\r\n--b--\r\n")
+    pieces = (body[i:i + 7000] for i in range(0, len(body), 7000))  # sent chunked
+    stored = requests.post(f"{node.web_url()}/studies", data=pieces, timeout=60, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+        "Accept": "application/dicom+json"})
+    assert stored.status_code == 200, stored.text[:300]
+    query = (b"GET /studies?StudyInstanceUID=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Accept: application/dicom+json\r\n\r\n" % ds.StudyInstanceUID.encode())
+    # Two requests in one write, the second asking to close: two answers, then EOF.
+    answer = raw_exchange(web_port(node), query + query.replace(
+        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert answer.count(b"HTTP/1.1 200") == 2, answer[:500]
+    assert answer.count(ds.StudyInstanceUID.encode()) >= 2
+
+
+# --- the object store down while a worker boots -----------------------------------------
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as line:
+        return line.read().replace(b"\0", b" ").decode()
+
+
+def dicomweb_master(node: Node) -> int:
+    assert node.proc is not None
+    [master] = [p for p in _children(node.proc.pid) if "pacs-dicomweb" in _cmdline(p)]
+    return master
+
+
+def test_dicomweb_waits_for_the_object_store_while_dimse_goes_on(
+        node_factory: Callable[..., Node], tmp_path: Path) -> None:
+    server = SeaweedServer(tmp_path / "weed").start()
+    try:
+        s3 = server.s3
+        node = node_factory("s3boot", PACS_STORAGE="s3", PACS_S3_ENDPOINT=s3.endpoint,
+                            PACS_S3_ACCESS_KEY=s3.access_key, PACS_S3_SECRET_KEY=s3.secret_key,
+                            PACS_S3_BUCKET="boot", PACS_WEB_WORKERS="1", PACS_VIEWER_PORT="0",
+                            PACS_UPLOADS_POLL="0")
+        qido = f"{node.web_url()}/studies"
+
+        def status() -> int:
+            """The QIDO's status; 0 while nothing answers (a worker booting)."""
+            try:
+                return requests.get(qido, timeout=ANSWER_WITHIN).status_code
+            except requests.RequestException:
+                return 0
+
+        deadline = time.monotonic() + 60
+        while status() != 200:
+            assert time.monotonic() < deadline, node.log()
+            time.sleep(0.5)
+        # The store goes away, and the DICOMweb worker is replaced (as after a crash):
+        # the new one cannot build its services.
+        server.kill()
+        for worker in _children(dicomweb_master(node)):
+            os.kill(worker, signal.SIGKILL)
+        codes = []
+        deadline = time.monotonic() + 90
+        while not codes or codes[-1] != 503:
+            assert time.monotonic() < deadline, f"{codes}\n{node.log()}"
+            node.assert_serving()  # C-ECHO throughout
+            codes.append(status())
+            time.sleep(0.5)
+        health = requests.get(f"{node.web_url()}/health", timeout=ANSWER_WITHIN)
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+        assert "cannot start" in node.log(since_start=True)
+        server.start()
+        deadline = time.monotonic() + 90
+        while status() != 200:
+            assert time.monotonic() < deadline, node.log()
+            node.assert_serving()
+            time.sleep(0.5)
+        assert requests.get(f"{node.web_url()}/health", timeout=30).status_code == 200
+        # gunicorn itself killed: pacs serve starts it again, DIMSE goes on.
+        os.kill(dicomweb_master(node), signal.SIGKILL)
+        node.assert_serving()
+        deadline = time.monotonic() + 90
+        while status() != 200:
+            assert time.monotonic() < deadline, node.log()
+            node.assert_serving()
+            time.sleep(0.5)
+        assert "restarting it" in node.log(since_start=True)
+        node.terminate()
+    finally:
+        server.close()
+
