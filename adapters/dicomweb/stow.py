@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import falcon
 import pydicom
 from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from adapters.dicomweb import dicomjson, multipart, urls
@@ -163,9 +163,11 @@ def peek_uids(data: bytes) -> tuple[str, str]:
         offset = dataset_offset(data) if data[128:132] == b"DICM" else 0
         if offset and meta_transfer_syntax(data, offset) == DeflatedExplicitVRLittleEndian:
             head = inflated_head(memoryview(data)[offset:], PEEK_INFLATED_BYTES)
+            # Up to the pixel data: fragments of undefined length cut off by the head
+            # would otherwise have to be walked to their (missing) end.
             header = read_dataset(io.BytesIO(head), is_implicit_VR=False,
-                                  is_little_endian=True, specific_tags=[Tag(0x00080016),
-                                                                        Tag(0x00080018)])
+                                  is_little_endian=True, stop_when=_at_pixel_data,
+                                  specific_tags=[Tag(0x00080016), Tag(0x00080018)])
         else:
             header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
                                      specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -192,6 +194,10 @@ class _Counted:
         if self.count > self.limit:
             raise RequestTooLarge(f"the request body is larger than {self.limit} bytes")
         return chunk
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def body_stream(req: falcon.Request, max_request_bytes: int) -> multipart.Readable:

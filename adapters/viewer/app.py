@@ -42,10 +42,27 @@ def app_config() -> bytes:
     return resources.files("adapters.viewer").joinpath("app-config.js").read_bytes()
 
 
+class ViewerHeaders:
+    """``nosniff`` and the viewer's Content-Security-Policy on every answer of the
+    files part, errors (401, 404) included: the page's policy unless the answer has
+    its own (script files, see :data:`adapters.viewer.static.WORKER_SCRIPTS`)."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        if resp.get_header("Content-Security-Policy") is None:
+            resp.set_header("Content-Security-Policy", self.policy)
+
+
 def files_app(services: Services, dist: Path) -> falcon.App:
     """OHIF's files behind the DICOMweb access rule."""
-    app = falcon.App(middleware=[AccessMiddleware(Access(services.settings))])
-    app.add_sink(OhifFiles(dist, app_config()), prefix="/")
+    files = OhifFiles(dist, app_config())
+    app = falcon.App(middleware=[ViewerHeaders(files.policy),
+                                 AccessMiddleware(Access(services.settings))])
+    app.add_sink(files, prefix="/")
     return app
 
 

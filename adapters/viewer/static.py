@@ -13,10 +13,14 @@
 - File names with a content hash (``app.bundle.0f6159c501addfe9.js``) are cached for a
   year; other files are revalidated (``ETag`` / ``If-None-Match``).
 - Paths are resolved inside the dist only; ``..`` and links out of it are ``404``.
+- Every answer carries ``nosniff`` and the viewer's Content-Security-Policy
+  (:data:`VIEWER_POLICY`): what OHIF needs and nothing else.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import mimetypes
 import os
 import posixpath
@@ -53,6 +57,64 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 
 
+#: The viewer's Content-Security-Policy (CSP Level 3), checked with OHIF 3.13 in
+#: headless Chromium (tests/interop/test_ohif.py):
+#:
+#: - scripts: the dist's bundles (same origin), the inline scripts of ``index.html`` by
+#:   hash, and WebAssembly compilation (``'wasm-unsafe-eval'``: the image codecs -
+#:   JPEG, JPEG-LS, JPEG 2000, HTJ2K - are wasm); no ``eval`` in the page
+#:   (:data:`WORKER_SCRIPTS` for the workers);
+#: - workers: the codec and ONNX workers (same origin, and ``blob:`` for ONNX's proxy);
+#: - images: same origin, ``data:`` and ``blob:`` (thumbnails, canvases, icons);
+#: - styles: same origin and inline (React style attributes and injected CSS);
+#: - fonts: same origin and ``data:``;
+#: - fetch/XHR: same origin only (DICOMweb is at ``/dicom-web`` on this port), and
+#:   ``blob:`` / ``data:`` (decoded buffers, inline binaries);
+#: - media, objects and frames: same origin and ``blob:`` (OHIF's video and PDF
+#:   viewports show a retrieved video or document from a blob URL);
+#: - nothing may frame the viewer from another origin, and forms and ``<base>`` stay
+#:   on this origin.
+VIEWER_POLICY = (
+    "default-src 'self'",
+    "script-src 'self' 'wasm-unsafe-eval'{scripts}",
+    "worker-src 'self' blob:",
+    "img-src 'self' data: blob:",
+    "style-src 'self' 'unsafe-inline'",
+    "font-src 'self' data:",
+    "connect-src 'self' data: blob:",
+    "media-src 'self' blob:",
+    "object-src 'self' blob:",
+    "frame-src 'self' blob:",
+    "base-uri 'self'",
+    "form-action 'self'",
+    "frame-ancestors 'self'",
+)
+#: What a worker may run beside :data:`VIEWER_POLICY`'s scripts.  A dedicated
+#: worker's policy is the one its script was served with (CSP Level 3, 6.3.1), not
+#: the page's: script files (a script's own policy matters nowhere else) are served
+#: with ``'unsafe-eval'``, because the JPEG 2000 decoder of OHIF 3.13's image loader
+#: worker (OpenJPEG built with Emscripten's embind) makes functions from strings.
+#: The page itself never evaluates strings.
+WORKER_SCRIPTS = " 'unsafe-eval'"
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S | re.I)
+_SCRIPT_SUFFIXES = (".js", ".mjs")
+
+
+def content_security_policy(index_html: bytes) -> str:
+    """:data:`VIEWER_POLICY` for the page: its inline scripts (OHIF's ``index.html``
+    sets ``window.PUBLIC_URL`` inline) allowed by their SHA-256, no
+    ``'unsafe-inline'`` for scripts, so an injected script does not run."""
+    hashes = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'"
+        for body in _INLINE_SCRIPT.findall(index_html))
+    return "; ".join(VIEWER_POLICY).format(scripts=hashes)
+
+
+def worker_security_policy() -> str:
+    """:data:`VIEWER_POLICY` for workers (served with every script file)."""
+    return "; ".join(VIEWER_POLICY).format(scripts=WORKER_SCRIPTS)
+
+
 def media_type(path: Path) -> str:
     """The Content-Type of a dist file."""
     suffix = path.suffix.lower()
@@ -75,6 +137,11 @@ class OhifFiles:
     def __init__(self, dist: Path, app_config: bytes) -> None:
         self.dist = Path(os.path.realpath(dist))
         self.app_config = app_config
+        index = self.dist / "index.html"
+        #: The page's Content-Security-Policy (:func:`content_security_policy`); script
+        #: files get :func:`worker_security_policy`.
+        self.policy = content_security_policy(index.read_bytes() if index.is_file() else b"")
+        self.worker_policy = worker_security_policy()
 
     def __call__(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
         """Answer GET and HEAD for any path (the sink's prefix is ``/``).
@@ -90,6 +157,7 @@ class OhifFiles:
             raise falcon.HTTPMethodNotAllowed(["GET", "HEAD"])
         resp.set_header("X-Content-Type-Options", "nosniff")
         if req.path == "/app-config.js":
+            resp.set_header("Content-Security-Policy", self.worker_policy)
             resp.content_type = MEDIA_TYPES[".js"]
             resp.cache_control = ["no-store"]
             resp.data = self.app_config
@@ -115,6 +183,9 @@ class OhifFiles:
 
     def _send_file(self, req: falcon.Request, resp: falcon.Response, path: Path) -> None:
         info = path.stat()
+        # Also on a 304: its headers replace the cached response's (RFC 9111 4.3.4).
+        resp.set_header("Content-Security-Policy", self.worker_policy
+                        if path.suffix.lower() in _SCRIPT_SUFFIXES else self.policy)
         resp.cache_control = [IMMUTABLE if _HASHED.search(path.name) else REVALIDATE]
         # npm tarballs stamp every file 1985-10-26: Last-Modified would say nothing,
         # so the validator is an ETag of size, time and inode (a new dist, new inodes).

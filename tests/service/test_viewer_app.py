@@ -140,3 +140,43 @@ def test_unhealthy_store_is_503(client: testing.TestClient, services: Services,
     assert result.status_code == 503
     body = json.loads(result.text)
     assert body["status"] == "unhealthy" and body["store_reachable"] is False
+
+
+def test_every_answer_has_nosniff_and_the_viewer_policy(client: testing.TestClient,
+                                                        services: Services,
+                                                        dist: Path) -> None:
+    for path in ("/", "/viewer", f"/{WASM}", "/assets/favicon.ico", "/missing.js"):
+        result = client.simulate_get(path)
+        assert result.headers["x-content-type-options"] == "nosniff", path
+        policy = result.headers["content-security-policy"]
+        assert "script-src 'self' 'wasm-unsafe-eval'" in policy, path
+        assert "'unsafe-eval'" not in policy and "worker-src 'self' blob:" in policy
+    # Script files carry the policy their workers run under: eval allowed there only.
+    for path in ("/app-config.js", f"/{HASHED}"):
+        result = client.simulate_get(path)
+        assert result.headers["x-content-type-options"] == "nosniff", path
+        assert "script-src 'self' 'wasm-unsafe-eval' 'unsafe-eval';" in result.headers[
+            "content-security-policy"]
+    etag = client.simulate_get(f"/{HASHED}").headers["etag"]
+    revalidated = client.simulate_get(f"/{HASHED}", headers={"If-None-Match": etag})
+    assert revalidated.status_code == 304
+    assert "'unsafe-eval'" in revalidated.headers["content-security-policy"]
+    # DICOMweb on the same port keeps its own (sandboxed) policy.
+    api = client.simulate_get("/dicom-web/studies")
+    assert "sandbox" in api.headers["content-security-policy"]
+    assert api.headers["x-content-type-options"] == "nosniff"
+
+
+def test_inline_scripts_of_the_page_are_allowed_by_hash_only(services: Services,
+                                                             dist: Path) -> None:
+    import hashlib
+
+    script = b'window.PUBLIC_URL="/"'
+    (dist / "index.html").write_bytes(b"<html><script>" + script + b"</script>"
+                                      b"<script defer src=/app.js></script></html>")
+    policy = testing.TestClient(create_app(services, dist)).simulate_get(
+        "/").headers["content-security-policy"]
+    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+    script_src = next(d for d in policy.split("; ") if d.startswith("script-src"))
+    assert script_src == f"script-src 'self' 'wasm-unsafe-eval' 'sha256-{digest}'"
+    assert "'unsafe-inline'" not in script_src
