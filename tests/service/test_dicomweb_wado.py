@@ -251,11 +251,14 @@ def test_metadata_refuses_xml_only(client: testing.TestClient, put: Put) -> None
                                headers={"Accept": accept}).status_code == 406
 
 
+@pytest.mark.parametrize("syntax", [EXPLICIT, "1.2.840.10008.1.2.1.99"],
+                         ids=["explicit", "deflated"])
 def test_large_binary_values_are_bulk_data(client: testing.TestClient, services: Services,
-                                           put: Put) -> None:
+                                           put: Put, syntax: str) -> None:
     blob = bytes(range(256)) * 8  # 2048 bytes, above the inline threshold
     ds = fresh("CT_small.dcm")
     ds.add_new(0x00291010, "OB", blob)
+    ds.file_meta.TransferSyntaxUID = syntax
     services.ingest.store_bytes(encode(ds))
     [instance] = client.simulate_get(url(ds) + "/metadata").json
     uri = instance["00291010"]["BulkDataURI"]
