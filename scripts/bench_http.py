@@ -13,8 +13,10 @@ then:
 - ``WADO-RS``: ``--rounds`` GETs of one such study (every instance, as stored,
   ``multipart/related; type="application/dicom"``), the body read to the end.
 
-Prints the median and best MB/s of each (body bytes / wall time of the request).  The
-machine's other load shows in the medians: compare runs made back to back.
+Prints the median and best MB/s of each (body bytes / wall time of the request), and
+the CPU time the node's processes spent per MB (``/proc/<pid>/stat`` of every process
+of its group): the machine's other load shows in the rates, much less in the CPU time.
+Compare runs made back to back.
 """
 
 from __future__ import annotations
@@ -104,9 +106,26 @@ def start_node(command: list[str], root: Path) -> tuple[subprocess.Popen[bytes],
     sys.exit(f"pacs serve did not start:\n{(root / 'serve.log').read_text()}")
 
 
-def report(name: str, rates: list[float]) -> None:
+def node_cpu(pgid: int) -> float:
+    """CPU seconds (user and system) used so far by the live processes of a group."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def report(name: str, rates: list[float], cpu: float, megabytes: float) -> None:
     print(f"{name}: median {statistics.median(rates):.0f} MB/s, best {max(rates):.0f} MB/s "
-          f"({', '.join(f'{r:.0f}' for r in rates)})")
+          f"({', '.join(f'{r:.0f}' for r in rates)}); node CPU {cpu / megabytes * 1000:.1f} "
+          f"ms/MB")
 
 
 def main() -> None:
@@ -122,7 +141,10 @@ def main() -> None:
             session = requests.Session()
             boundary = "benchboundary" + uuid.uuid4().hex
             stow, studies = [], []
-            for _ in range(args.rounds + 1):
+            cpu = 0.0
+            for round_ in range(args.rounds + 1):
+                if round_ == 1:
+                    cpu = node_cpu(process.pid)
                 study, body = study_body(base, args.instances, boundary)
                 start = time.perf_counter()
                 answer = session.post(f"{url}/studies", data=body, timeout=300, headers={
@@ -133,11 +155,15 @@ def main() -> None:
                 assert answer.status_code == 200, (answer.status_code, answer.text[:300])
                 stow.append(len(body) / elapsed / 1e6)
                 studies.append((study, len(body)))
-            report(f"STOW-RS {args.instances} CT ({studies[0][1] / 1e6:.1f} MB)", stow[1:])
+            cpu = node_cpu(process.pid) - cpu
+            report(f"STOW-RS {args.instances} CT ({studies[0][1] / 1e6:.1f} MB)", stow[1:],
+                   cpu, sum(size for _, size in studies[1:]) / 1e6)
             wado = []
             study = studies[0][0]
             accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-            for _ in range(args.rounds + 1):
+            for round_ in range(args.rounds + 1):
+                if round_ == 1:
+                    cpu = node_cpu(process.pid)
                 start = time.perf_counter()
                 size = 0
                 with session.get(f"{url}/studies/{study}", headers={"Accept": accept},
@@ -146,7 +172,9 @@ def main() -> None:
                     for chunk in answer.iter_content(1 << 20):
                         size += len(chunk)
                 wado.append(size / (time.perf_counter() - start) / 1e6)
-            report(f"WADO-RS study ({size / 1e6:.1f} MB)", wado[1:])
+            cpu = node_cpu(process.pid) - cpu
+            report(f"WADO-RS study ({size / 1e6:.1f} MB)", wado[1:], cpu,
+                   size * args.rounds / 1e6)
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             try:

@@ -189,6 +189,39 @@ def test_every_compose_variable_is_documented_in_env_example() -> None:
     assert not missing, f"compose variables missing from .env.example: {missing}"
 
 
+def test_pacs_runs_the_images_command(services: dict[str, Any]) -> None:
+    # `pacs serve` (the image's CMD), so compose gets the same HTTP server and worker
+    # class as the embedded default.
+    assert "command" not in services["pacs"] and "entrypoint" not in services["pacs"]
+
+
+def test_http_limits_are_passed_with_the_settings_defaults(services: dict[str, Any]) -> None:
+    env = services["pacs"]["environment"]
+    defaults = {s.env: s.default for s in config.SETTINGS}
+    for name in ("PACS_HTTP_TIMEOUT", "PACS_HTTP_KEEPALIVE", "PACS_MAX_REQUEST_BYTES"):
+        assert env[name] == f"${{{name}:-{defaults[name]}}}", name
+
+
+def test_pacs_may_hold_many_connections(services: dict[str, Any]) -> None:
+    # An HTTP worker keeps up to 1000 connections, some with a spooled body's file.
+    nofile = services["pacs"]["ulimits"]["nofile"]
+    assert nofile["soft"] >= 4096 and nofile["hard"] >= nofile["soft"]
+
+
+def test_both_http_ports_run_the_event_loop_worker(tmp_path: Path) -> None:
+    from gunicorn.workers.base import Worker
+
+    from pacs import viewer, webserver
+
+    settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path)}, environ={},
+                           env_file=None)
+    for line in (webserver.command(settings, 3), viewer.command(settings, 3)):
+        assert "gthread" not in line
+        module, _, name = line[line.index("--worker-class") + 1].rpartition(".")
+        worker = getattr(importlib.import_module(module), name)
+        assert issubclass(worker, Worker) and worker.__module__ == "pacs.httpworker"
+
+
 # --- Dockerfile -------------------------------------------------------------------------
 
 def test_final_image_is_slim_python_as_a_non_root_user() -> None:
