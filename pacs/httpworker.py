@@ -495,6 +495,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self.max_connections = 0
         self.accepting = False
         self.last_sweep = 0.0
+        self.last_notify = 0.0
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -578,7 +579,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self._accept_enabled(True)
         try:
             while self.alive:
-                self.notify()
+                self._heartbeat()
                 self._cycle()
                 if self.ppid != os.getppid():
                     self.log.info("Parent changed, shutting down: %s", self)
@@ -603,8 +604,15 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                     self._close(conn)
             if not self.connections:
                 return
-            self.notify()
+            self._heartbeat()
             self._cycle()
+
+    def _heartbeat(self) -> None:
+        """Tell the arbiter this worker is alive (at most every :data:`TICK`)."""
+        now = time.monotonic()
+        if now - self.last_notify >= TICK:
+            self.last_notify = now
+            self.notify()
 
     def _cycle(self) -> None:
         """Wait for events (at most :data:`TICK`), handle them, expire timeouts."""
@@ -695,15 +703,31 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             self._watch(conn, selectors.EVENT_READ)
 
     def _make_room(self) -> bool:
-        """Close the oldest idle connection, else the oldest still sending its head."""
-        for state in (State.IDLE, State.HEAD, State.CLOSING):
+        """Close one connection to make room for a new one; False when none can go.
+
+        The oldest idle connection goes first, then the oldest one still sending its
+        head, then one answered with an error, then the slowest sender of a body, then
+        the oldest parked response: under a flood of slow clients, it is theirs.
+        """
+        now = time.monotonic()
+
+        def rate(conn: Connection) -> float:
+            received = conn.spool.size if conn.spool is not None else 0
+            return received / max(now - conn.since, 1e-3)
+
+        for state in (State.IDLE, State.HEAD, State.CLOSING, State.BODY, State.PARKED):
             waiting = [c for c in self.connections.values() if c.state is state]
-            if waiting:
-                oldest = min(waiting, key=lambda c: c.since)
-                log.debug("HTTP connection limit reached: closing a %s connection from %s",
-                          state.value, _host(oldest.peer))
-                self._close(oldest)
-                return True
+            if not waiting:
+                continue
+            victim = (min(waiting, key=rate) if state is State.BODY
+                      else min(waiting, key=lambda c: c.since))
+            log.debug("HTTP connection limit reached: closing a %s connection from %s",
+                      state.value, _host(victim.peer))
+            if state is State.PARKED:
+                self._abort_parked(victim)
+            else:
+                self._close(victim)
+            return True
         return False
 
     @property
@@ -882,6 +906,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                                           "the request cannot be received now"))
             return
         conn.state = State.BODY
+        conn.since = time.monotonic()
         conn.left = length or 0
         conn.chunked = Chunked() if length is None else None
         conn.deadline = time.monotonic() + self._limits.timeout
@@ -1034,7 +1059,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _park(self, conn: Connection) -> None:
         conn.state = State.PARKED
-        conn.deadline = time.monotonic() + self._limits.timeout
+        conn.since = time.monotonic()
+        conn.deadline = conn.since + self._limits.timeout
         self._watch(conn, selectors.EVENT_WRITE)
 
     def _on_writable(self, conn: Connection) -> None:

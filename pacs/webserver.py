@@ -40,7 +40,8 @@ APP = "adapters.dicomweb.app:get_app()"
 WORKER_CLASS = "pacs.httpworker.HttpWorker"
 #: Seconds gunicorn lets running requests finish after SIGTERM.
 GRACEFUL_SECONDS = 10
-#: Seconds a request may take before gunicorn restarts its worker (large STOW bodies).
+#: Seconds without a heartbeat from a worker's event loop before gunicorn replaces the
+#: worker (the loop never waits for a request, so this catches a stuck process only).
 REQUEST_TIMEOUT_SECONDS = 300
 #: Longest request line (QIDO with long UID lists); gunicorn's ceiling.
 MAX_REQUEST_LINE = 8190

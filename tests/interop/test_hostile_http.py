@@ -286,6 +286,20 @@ def test_half_sent_heads_hold_no_thread(node: Node) -> None:
     assert all(a.startswith(b"HTTP/1.1 408") for a in running.answers), running.answers[:3]
 
 
+def test_a_connection_flood_closes_the_oldest_slow_clients(node: Node) -> None:
+    # More half-sent heads than a worker keeps connections (1000): to accept the real
+    # clients, the worker closes the oldest of them before their timeout.
+    def open_one() -> socket.socket:
+        sock = connect(web_port(node))
+        sock.sendall(b"GET /studies HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        return sock
+
+    running = measured(node, "1100 half-sent heads on one worker",
+                       lambda: [Attack(open_one, 1100)])
+    evicted = [t for t in running.lifetimes if t < TIMEOUT - 1]
+    assert len(evicted) >= 100, sorted(running.lifetimes)[:10]
+
+
 def test_stalled_request_bodies_hold_no_thread(node: Node) -> None:
     head = (b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: multipart/related; type=\"application/dicom\"; boundary=b\r\n"
