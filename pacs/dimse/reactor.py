@@ -32,6 +32,17 @@ is work:
   (capped), so the network timeout still fires.  While it waits it counts as paused,
   so ``send_c_*``/``release()`` from another thread need not wait for it.
 
+The receive path and the acceptor are bounded against hostile peers
+(:mod:`pacs.dimse.limits`):
+
+* a PDU's declared length is checked against its type's ceiling before any of its body
+  is read (:func:`_read_pdu_data`; P-DATA-TF: the Maximum Length this side announced,
+  PS3.8 D.1), and buffers grow with the bytes that arrive (:func:`_socket_recv`);
+* DIMSE message buffers are capped: the command set, and on a node's association the
+  data set at PACS_MAX_OBJECT_BYTES (:func:`_receive_primitive`);
+* a node's server admits associations itself, once their A-ASSOCIATE-RQ has arrived,
+  per worker and per source address (:func:`_negotiate_as_acceptor`).
+
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
 the classes once per process by :func:`install` (called from
@@ -558,7 +569,8 @@ def _receive_pdu(self: DULServiceProvider, wait: bool = False,
                  timeout: float | None = None) -> Any:
     """``receive_pdu`` that stops waiting once the peer has closed the connection.
 
-    An acceptor waits up to the ACSE timeout for the A-ASSOCIATE-RQ.  A peer that
+    An acceptor waits up to the ACSE timeout (on a node's server: ARTIM,
+    PACS_ARTIM_TIMEOUT) for the A-ASSOCIATE-RQ.  A peer that
     connects and closes at once (a port probe, a load balancer's health check) leaves
     nothing in the queue, so pynetdicom counted the connection as an active association
     for the whole timeout: a few probes filled PACS_MAX_ASSOCIATIONS and every real peer

@@ -99,6 +99,9 @@ class CheapCopyContexts(list):  # type: ignore[type-arg]
 #: ``ae.maximum_associations`` when the node's own limits admit associations.
 UNCOUNTED = 1 << 30
 
+#: Seconds between two log lines about pending connections closed for room.
+EVICTION_REPORT_SECONDS = 10.0
+
 #: Seconds between full garbage collections of an idle worker.
 IDLE_COLLECT_SECONDS = 10.0
 
@@ -184,16 +187,33 @@ class NodeServer(ThreadedAssociationServer):
         """Register the connection as pending, closing the oldest pending ones beyond
         the limit, then serve it in its own thread (pynetdicom's)."""
         if self.limits is not None:
-            for old in self.limits.connected(request):
+            closing = self.limits.connected(request)
+            for old in closing:
                 _close_pending(old)
+            if closing:
+                self._report_closed(len(closing))
         super().process_request(request, client_address)
+
+    #: Pending connections closed since the last report, and when that was.
+    _closed_unreported: int = 0
+    _closed_reported_at: float = -EVICTION_REPORT_SECONDS
+
+    def _report_closed(self, count: int) -> None:
+        """Log pending connections closed for room, at most every
+        :data:`EVICTION_REPORT_SECONDS` (a flood of connections is not a flood of logs)."""
+        self._closed_unreported += count
+        now = time.monotonic()
+        if now - self._closed_reported_at >= EVICTION_REPORT_SECONDS:
+            log.warning("Closed %d connection(s) that had sent no A-ASSOCIATE-RQ: "
+                        "PACS_MAX_PENDING_CONNECTIONS (%d per worker) reached",
+                        self._closed_unreported, self.limits.max_pending if self.limits else 0)
+            self._closed_unreported = 0
+            self._closed_reported_at = now
 
 
 def _close_pending(sock: socket.socket) -> None:
     """End a pending connection.  Shut down, not closed: its DUL thread still selects
     on the descriptor, sees the end of the stream and closes it (AA-5)."""
-    log.info("Closing a connection that sent no A-ASSOCIATE-RQ: "
-             "PACS_MAX_PENDING_CONNECTIONS reached")
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:

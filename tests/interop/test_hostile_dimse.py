@@ -317,6 +317,7 @@ def test_hundreds_of_silent_connections(node_factory: Callable[..., Node]) -> No
             # A real peer's connection evicts an old silent one, never the other way.
             for _ in range(3):
                 echo(node)
+            assert "PACS_MAX_PENDING_CONNECTIONS (16 per worker) reached" in node.log()
         finally:
             for sock in socks:
                 sock.close()
