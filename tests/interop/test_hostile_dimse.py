@@ -92,6 +92,7 @@ class Memory:
         self.node = node
         still_serving(node)  # warmed up: first requests load modules and connections
         self.before = node.resources()
+        self.dimse_fds = dimse_fds(node)
         self.peak = self.before
 
     def sample(self) -> Resources:
@@ -105,7 +106,8 @@ class Memory:
         now = self.sample()
         print(f"\n[{name}] memory {self.before.rss_bytes / 2**20:.0f} MiB -> peak "
               f"{self.peak.rss_bytes / 2**20:.0f} MiB -> {now.rss_bytes / 2**20:.0f} MiB; "
-              f"fds {self.before.fds} -> {now.fds}")
+              f"fds {self.before.fds} -> {now.fds} (DIMSE processes "
+              f"{self.dimse_fds} -> {dimse_fds(self.node)})")
         grown = self.peak.rss_bytes - self.before.rss_bytes
         assert grown < MEMORY_BOUND, f"memory grew by {grown / 2**20:.0f} MiB"
 
