@@ -259,6 +259,14 @@ class ConnectionLimits:
             self._admitted[association] = host
             return None
 
+    def drop_pending(self) -> list[Any]:
+        """Forget every pending connection; those still open, to close (the worker is
+        stopping)."""
+        with self._lock:
+            dropped = [c for c in self._pending if self._is_open(c)]
+            self._pending.clear()
+            return dropped
+
     @property
     def pending(self) -> int:
         """Pending connections registered (closed ones included until the next

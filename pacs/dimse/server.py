@@ -282,8 +282,12 @@ def start(services: Services, address: tuple[str, int] | None = None,
 
 
 def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
-    """Stop accepting, let running associations finish, then abort the rest."""
+    """Stop accepting, close the connections that have sent no A-ASSOCIATE-RQ, let
+    running associations finish, then abort the rest."""
     server.shutdown()
+    if server.limits is not None:
+        for sock in server.limits.drop_pending():
+            _close_pending(sock)
     deadline = time.monotonic() + drain
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)

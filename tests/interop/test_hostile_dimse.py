@@ -24,6 +24,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from pacs.dimse.server import DRAIN_SECONDS
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -371,6 +372,29 @@ def test_silent_connections_are_closed_after_artim(node_factory: Callable[..., N
                      "ARTIM 2 s")
     finally:
         node.kill9()
+
+
+def test_silent_connections_do_not_hold_up_a_stop(node_factory: Callable[..., Node]) -> None:
+    """A stopping node closes the connections that sent no request at once instead of
+    letting them run out their ARTIM time within its drain (10 s)."""
+    node = node_factory("stopping", PACS_ARTIM_TIMEOUT="60")
+    try:
+        still_serving(node)
+        socks = _open_silent(node, 20)
+        deadline = time.monotonic() + PATIENCE
+        while len(_open_ones(socks)) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # every connection accepted by a worker
+        started = time.monotonic()
+        node.terminate()
+        took = time.monotonic() - started
+        print(f"\n[stop with 20 silent connections] {took:.1f} s")
+        assert took < DRAIN_SECONDS, "the stop waited for the silent connections"
+        for sock in socks:
+            assert closed(sock)
+            sock.close()
+    finally:
+        node.stop()
 
 
 # --- association limits -------------------------------------------------------------------

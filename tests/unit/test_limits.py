@@ -218,6 +218,16 @@ def test_pending_connections_that_ended_or_associated_leave_room() -> None:
     assert gate.pending == 2
 
 
+def test_a_stopping_worker_drops_the_open_pending_connections() -> None:
+    gate = _limits(max_pending=5)
+    a, b = _Conn("a"), _Conn("b")
+    gate.connected(a)
+    gate.connected(b)
+    a.open = False
+    assert gate.drop_pending() == [b]
+    assert gate.pending == 0
+
+
 def test_pending_connections_do_not_count_as_associations() -> None:
     gate = _limits(max_pending=100)
     for i in range(50):
