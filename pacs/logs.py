@@ -4,8 +4,8 @@ Exceptions raised by pydicom and pynetdicom often quote the value they choked on
 (``Invalid value for VR PN: 'DOE^JOHN'``, an element's repr), and so do their
 tracebacks; pynetdicom logs some exceptions as the message itself
 (``LOGGER.exception(exc)``), and pydicom's warnings quote values too.  Unless the
-node runs at ``PACS_LOG_LEVEL=DEBUG``, :class:`Redact`, installed on every handler of
-the root logger, rewrites each record of level INFO and above:
+node runs at ``PACS_LOG_LEVEL=DEBUG``, :class:`Redact`, installed on every handler (the
+root logger's, gunicorn's error log's), rewrites each record of level INFO and above:
 
 - a traceback becomes one line: each exception's type and the place it was raised
   (file, line, function; and the last frame of the node's own code), with the message
@@ -46,8 +46,9 @@ def setup(level: str, log_format: str, stream: TextIO | None = None) -> None:
 
 
 def install(level: str) -> None:
-    """Add :class:`Redact` to every root handler (once) and route Python warnings
-    into logging, so that they pass through it too.
+    """Add :class:`Redact` to every handler configured so far (once): the root
+    logger's, and those of loggers that do not propagate (gunicorn's error log); route
+    Python warnings into logging, so that they pass through it too.
 
     Parameters
     ----------
@@ -55,9 +56,13 @@ def install(level: str) -> None:
         The node's log level (``PACS_LOG_LEVEL``): ``DEBUG`` keeps everything whole.
     """
     details = getattr(logging, level, logging.INFO) <= logging.DEBUG
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, Redact) for f in handler.filters):
-            handler.addFilter(Redact(details))
+    loggers = [logging.getLogger()] + [
+        logger for logger in list(logging.Logger.manager.loggerDict.values())
+        if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, Redact) for f in handler.filters):
+                handler.addFilter(Redact(details))
     logging.captureWarnings(True)
 
 

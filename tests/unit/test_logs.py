@@ -116,3 +116,20 @@ def test_records_below_info_are_left_whole(handler: io.StringIO) -> None:
     except ValueError as exc:
         logging.getLogger("pacs").debug("details: %s", exc, exc_info=True)
     assert SECRET in handler.getvalue()
+
+
+def test_handlers_of_loggers_that_do_not_propagate_are_covered(handler: io.StringIO) -> None:
+    """gunicorn's error log has its own handler and does not propagate to the root."""
+    own = io.StringIO()
+    error_log = logging.getLogger("gunicorn.error.test")
+    error_log.propagate = False
+    error_log.addHandler(logging.StreamHandler(own))
+    try:
+        logs.install("INFO")
+        try:
+            _pydicom_error()
+        except ValueError:
+            error_log.exception("Error handling request")
+    finally:
+        error_log.handlers.clear()
+    assert "Error handling request" in own.getvalue() and SECRET not in own.getvalue()
