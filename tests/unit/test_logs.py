@@ -87,10 +87,15 @@ def test_the_nodes_own_errors_and_errnos_are_kept(handler: io.StringIO) -> None:
 
 def test_pydicom_and_python_warnings_lose_what_they_quote(handler: io.StringIO) -> None:
     ds = Dataset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        ds.PatientBirthDate = SECRET  # pydicom warns (and logs) with the value quoted
-        warnings.warn(f"Invalid value for VR PN: '{SECRET}'", UserWarning, stacklevel=1)
+    mode = pydicom.config.settings.reading_validation_mode  # the node's is IGNORE
+    pydicom.config.settings.reading_validation_mode = pydicom.config.WARN
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            ds.PatientBirthDate = SECRET  # pydicom warns (and logs) with the value quoted
+            warnings.warn(f"Invalid value for VR PN: '{SECRET}'", UserWarning, stacklevel=1)
+    finally:
+        pydicom.config.settings.reading_validation_mode = mode
     text = handler.getvalue()
     assert "Invalid value for VR DA: '…'" in text
     assert "WARNING py.warnings:" in text and "Invalid value for VR PN: '…'" in text
