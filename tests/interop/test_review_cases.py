@@ -240,12 +240,15 @@ def _find_request(identifier: Dataset, model: str) -> bytes:
     return b"".join(pdus)
 
 
-def _responses(sock: socket.socket) -> tuple[int, int]:
-    """Read C-FIND responses until the final one: (pending count, final status)."""
+def _responses(sock: socket.socket, first: tuple[int, bytes]) -> tuple[int, int]:
+    """Read C-FIND responses, from the PDU ``first`` on, until the final one:
+    (pending count, final status)."""
     pending = 0
     command = b""
+    pdu: tuple[int, bytes] | None = first
     while True:
-        kind, body = _read_pdu(sock)
+        kind, body = pdu or _read_pdu(sock)
+        pdu = None
         assert kind == 0x04, f"PDU type {kind:#x}"
         at = 0
         while at < len(body):
@@ -298,7 +301,8 @@ def test_a_reader_that_stops_reading_holds_no_read_transaction(node: Node) -> No
         query.PatientID = "BIG*"
         query.PatientName = ""
         sock.sendall(_find_request(query, str(PatientFind)))
-        time.sleep(3)  # the node fills the socket buffers and waits for the reader
+        first = _read_pdu(sock)  # the answers have begun
+        time.sleep(2)  # the node fills the socket buffers and waits for the reader
 
         store_implicit(node, [ct(PatientID="DURING", PatientName="WHILE^STALLED")])
         busy, wal_frames, _ = _checkpoint(node.data_dir)
@@ -307,7 +311,7 @@ def test_a_reader_that_stops_reading_holds_no_read_transaction(node: Node) -> No
         still_serving(node)
         memory.sample()
 
-        pending, status = _responses(sock)  # the reader comes back: everything arrives
+        pending, status = _responses(sock, first)  # the reader is back: all arrives
         assert (pending, status) == (100, 0x0000)
         sock.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
         assert _read_pdu(sock)[0] == 0x06
