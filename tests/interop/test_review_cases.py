@@ -34,7 +34,6 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    generate_uid,
 )
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_FIND_RQ

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from time import sleep
 from collections.abc import Callable
 
 import apsw
@@ -230,7 +230,7 @@ def test_time_limit_bounds_the_whole_query(loaded: Services,
     loaded.engine.time_limit = 0.3
 
     def slow() -> bool:  # SQLite's work made slow: every step of its machine costs 1 ms
-        time.sleep(0.001)
+        sleep(0.001)
         return False
 
     with pytest.raises(QueryLimitExceeded, match="longer than 0.3 s"):
@@ -248,11 +248,11 @@ def test_time_paused_for_the_peer_does_not_count(loaded: Services,
     pages = 0
     for _ in loaded.engine.find_pages(Query(level=Level.IMAGE), deadline=deadline):
         with deadline.paused():
-            time.sleep(0.1)  # a slow reader: 10 pages take a second
+            sleep(0.1)  # a slow reader: 10 pages take a second
         pages += 1
     assert pages == 10
     for _ in loaded.engine.instances(Query(level=Level.IMAGE)):
-        time.sleep(0.05)  # sending each instance takes the caller's time, not the query's
+        sleep(0.05)  # sending each instance takes the caller's time, not the query's
 
 
 def test_time_limit(loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
