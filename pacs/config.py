@@ -33,6 +33,17 @@ def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser of ``kind`` that refuses zero and negative values (limits, timeouts)."""
+    def parse(value: str) -> Any:
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        return number
+
+    return parse
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -134,10 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
             "Seconds to wait for a DIMSE message or network data before aborting. A "
             "store's waits fit within it, so that a peer gets a failure status first: S3 "
-            "read timeout and index busy timeout are a quarter of it.", float),
+            "read timeout and index busy timeout are a quarter of it.", _positive(float)),
     Setting("PACS_ARTIM_TIMEOUT", "artim_timeout", "10",
             "Seconds an accepted DIMSE connection may take to send its A-ASSOCIATE-RQ "
-            "(ARTIM, PS3.8 9.1.2) before it is closed.", float),
+            "(ARTIM, PS3.8 9.1.2) before it is closed.", _positive(float)),
     Setting("PACS_MAX_ASSOCIATIONS_PER_HOST", "max_associations_per_host", "16",
             "Concurrent associations from one source address per worker process; more "
             "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
@@ -147,23 +158,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_MAX_OBJECT_BYTES", "max_object_bytes", "2147483648",
             "Largest object received (C-STORE data set, STOW-RS part, upload), and the "
             "largest a deflated data set may inflate to; larger ones are refused "
-            "(A700 / HTTP 413).", int),
+            "(A700 / HTTP 413).", _positive(int)),
     Setting("PACS_MAX_FRAME_BYTES", "max_frame_bytes", "268435456",
             "Largest decoded frame (rows x columns x samples x bytes per sample) that "
             "rendered views, thumbnails and transcoding decode; larger frames are "
-            "refused before anything is allocated.", int),
+            "refused before anything is allocated.", _positive(int)),
     Setting("PACS_HTTP_TIMEOUT", "http_timeout", "30",
             "Seconds an HTTP client may take to send its request headers, or stay "
             "silent while sending a body or reading a response, before it is "
-            "disconnected.", float),
+            "disconnected.", _positive(float)),
     Setting("PACS_HTTP_KEEPALIVE", "http_keepalive", "15",
-            "Seconds an idle keep-alive HTTP connection is kept open.", float),
+            "Seconds an idle keep-alive HTTP connection is kept open.", _positive(float)),
     Setting("PACS_MAX_REQUEST_BYTES", "max_request_bytes", "8589934592",
-            "Largest HTTP request body (a STOW-RS POST); larger requests get 413.", int),
+            "Largest HTTP request body (a STOW-RS POST); larger requests get 413.",
+            _positive(int)),
     Setting("PACS_QUERY_MAX_ROWS", "query_max_rows", "10000",
-            "Largest number of matches a query may return before it is refused.", int),
+            "Largest number of matches a query may return before it is refused.", _positive(int)),
     Setting("PACS_QUERY_TIME_LIMIT", "query_time_limit", "30",
-            "Seconds a query may run before it is stopped.", float),
+            "Seconds a query may run before it is stopped.", _positive(float)),
     Setting("PACS_PN_CASE_SENSITIVE", "pn_case_sensitive", "false",
             "Match person names case-sensitively (PS3.4 C.2.2.2.1 allows either).", _bool),
     Setting("PACS_LOG_LEVEL", "log_level", "INFO",

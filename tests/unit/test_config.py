@@ -74,3 +74,11 @@ def test_every_setting_is_documented_in_env_example_and_readme() -> None:
 def test_every_setting_has_a_field() -> None:
     fields = set(config.Settings.__dataclass_fields__)
     assert {s.attr for s in config.SETTINGS} <= fields
+
+
+@pytest.mark.parametrize("name", ["PACS_ARTIM_TIMEOUT", "PACS_DIMSE_TIMEOUT", "PACS_HTTP_TIMEOUT",
+                                  "PACS_MAX_OBJECT_BYTES", "PACS_QUERY_TIME_LIMIT"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_limits_and_timeouts_must_be_positive(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        config.load(environ={name: value}, env_file=None)
