@@ -20,6 +20,10 @@ warm-up only by :data:`FD_SLACK` (connections still closing, SQLite keeping a cl
 connection's descriptor while another holds a lock on the file), memory only by
 :data:`RSS_SLACK` (see there).
 
+The same mix runs against a node on S3 (SeaweedFS), a quarter as many times: objects
+are then read over HTTP (WADO-RS streams, C-GET and C-MOVE through temporary copies) and
+written by PUT, through one connection pool per process.
+
 ``PACS_LEAK_ROUNDS`` sets the number of associations and of requests after the warm-up
 (1000 each by default); docs/reliability.md reports a run with 10000.
 """
@@ -55,6 +59,7 @@ from pynetdicom.sop_class import (
 
 from tests.conftest import free_port
 from tests.interop.conftest import AE_TITLE, Node, Resources, fresh_ct, resources_of
+from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 
@@ -62,6 +67,8 @@ pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 ROUNDS = int(os.environ.get("PACS_LEAK_ROUNDS", "1000"))
 #: Associations and HTTP requests of the warm-up (each).
 WARM_UP = 240
+#: The same on S3 (SeaweedFS), where only the store's side differs.
+S3_ROUNDS, S3_WARM_UP = max(1, ROUNDS // 4), 200
 #: Clients at once (threads of this process); the node allows 16 associations per host.
 CLIENTS = 4
 #: Descriptors the node may hold beyond the warm-up's: connections still closing when
@@ -106,14 +113,20 @@ def destination_port() -> Iterator[int]:
     server.shutdown()
 
 
+def modalities(destination_port: int) -> str:
+    """Three C-MOVE destinations: one that stores, one that refuses, one where nothing
+    listens."""
+    return ",".join([f"{DESTINATION}=127.0.0.1:{destination_port}",
+                     f"{REFUSING}=127.0.0.1:{destination_port}",
+                     f"{ABSENT}=127.0.0.1:{free_port()}"])
+
+
 @pytest.fixture(scope="module")
-def leak_node(node_factory: Callable[..., Node], destination_port: int) -> Node:
-    """A node with three C-MOVE destinations: one that stores, one that refuses, one
-    where nothing listens."""
-    modalities = ",".join([f"{DESTINATION}=127.0.0.1:{destination_port}",
-                           f"{REFUSING}=127.0.0.1:{destination_port}",
-                           f"{ABSENT}=127.0.0.1:{free_port()}"])
-    return node_factory("leaks", PACS_MODALITIES=modalities)
+def leak_node(node_factory: Callable[..., Node], destination_port: int) -> Iterator[Node]:
+    """A node on the folder store (stopped after this module: it holds a few hundred MB)."""
+    node = node_factory("leaks", PACS_MODALITIES=modalities(destination_port))
+    yield node
+    node.stop()
 
 
 # --- what the node holds ----------------------------------------------------------------
@@ -511,7 +524,8 @@ def workload(leak_node: Node) -> Workload:
 
 
 def measured(node: Node, what: str, warm_up: Callable[[], None],
-             rounds: Callable[[], None]) -> tuple[Held, Held]:
+             rounds: Callable[[], None], counts: tuple[int, int] = (ROUNDS, WARM_UP)
+             ) -> tuple[Held, Held]:
     """The node's resources after ``warm_up`` and after ``rounds``; asserts the bounds."""
     warm_up()
     before = settled(node)
@@ -520,7 +534,7 @@ def measured(node: Node, what: str, warm_up: Callable[[], None],
     rounds()
     elapsed = time.monotonic() - started
     after = settled(node, within=before)
-    print(f"\n{what}: {ROUNDS} after a warm-up of {WARM_UP} in {elapsed:.0f} s: "
+    print(f"\n{what}: {counts[0]} after a warm-up of {counts[1]} in {elapsed:.0f} s: "
           f"{before} -> {after}")
     assert after.fds <= before.fds + FD_SLACK, (
         f"{what}: descriptors grew from {before.fds} to {after.fds}:\n"
@@ -533,13 +547,15 @@ def measured(node: Node, what: str, warm_up: Callable[[], None],
     return before, after
 
 
-def assert_kept(node: Node, workload: Workload) -> None:
-    """Every instance acknowledged is indexed and stored, and QIDO-RS answers."""
+def assert_kept(node: Node, workload: Workload, folder_store: bool = True) -> None:
+    """Every instance acknowledged is indexed (and, on the folder store, its file is
+    there; on S3 the rounds' WADO-RS and C-GET read objects back), and QIDO-RS answers."""
     index = node.index()
     lost = [uid for uid in workload.acknowledged if uid not in index]
     assert not lost, f"{len(lost)} acknowledged instances are not indexed"
-    objects = node.objects()
-    assert all(index[uid].object_key in objects for uid in workload.acknowledged)
+    if folder_store:
+        objects = node.objects()
+        assert all(index[uid].object_key in objects for uid in workload.acknowledged)
     workload.qido(0)
 
 
@@ -555,3 +571,25 @@ def test_http_requests_leave_nothing_behind(leak_node: Node, workload: Workload)
     measured(leak_node, "HTTP requests", lambda: workload.run(0, WARM_UP),
              lambda: workload.run(0, ROUNDS))
     assert_kept(leak_node, workload)
+
+
+def test_s3_node_leaves_nothing_behind(node_factory: Callable[..., Node],
+                                       seaweed_s3: SeaweedS3,  # noqa: F811 - the fixture
+                                       destination_port: int) -> None:
+    """The same mix on S3: objects read over HTTP (WADO-RS streams, C-GET and C-MOVE
+    through temporary copies) and written by PUT; the store client's connections are a
+    pool that the warm-up fills."""
+    node = node_factory(
+        "leaks-s3", PACS_MODALITIES=modalities(destination_port), PACS_STORAGE="s3",
+        PACS_S3_ENDPOINT=seaweed_s3.endpoint, PACS_S3_ACCESS_KEY=seaweed_s3.access_key,
+        PACS_S3_SECRET_KEY=seaweed_s3.secret_key, PACS_S3_BUCKET="pacs-leaks")
+    try:
+        work = Workload(node)
+        work.store_again()
+        measured(node, "associations and HTTP requests on S3",
+                 lambda: work.run(S3_WARM_UP, S3_WARM_UP),
+                 lambda: work.run(S3_ROUNDS, S3_ROUNDS), counts=(S3_ROUNDS, S3_WARM_UP))
+        assert_kept(node, work, folder_store=False)
+    finally:
+        node.stop()
+
