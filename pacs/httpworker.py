@@ -539,8 +539,9 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         try:
             self.wsgi = self.app.wsgi()
         except Exception as exc:  # noqa: BLE001 - any failure to build it
+            # The exception as an argument: pacs.logs names it without its values.
             log.error("the web application cannot start (%s); answering 503 and retrying "
-                      "in %g s", _reason(exc), RETRY_FIRST)
+                      "in %g s", exc, RETRY_FIRST)
             self.wsgi = unavailable_app(RETRY_FIRST)
             threading.Thread(target=self._retry_load, name="pacs-http-load",
                              daemon=True).start()
@@ -554,7 +555,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - any failure to build it
                 delay = min(delay * 2, RETRY_LONGEST)
                 log.error("the web application still cannot start (%s); retrying in %g s",
-                          _reason(exc), delay)
+                          exc, delay)
                 self.wsgi = unavailable_app(delay)
                 continue
             self.wsgi = app
@@ -1153,12 +1154,3 @@ def _too_large(limit: int) -> BadRequest:
 def _host(peer: Any) -> str:
     """The client's address for the log (a port means nothing to a reader)."""
     return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason for the log: the message of pacs's own errors, else the type."""
-    from pacs.errors import PacsError
-
-    if isinstance(exc, PacsError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"[:300]

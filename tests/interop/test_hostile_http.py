@@ -477,9 +477,11 @@ def test_dicomweb_waits_for_the_object_store_while_dimse_goes_on(
         while status() != 200:
             assert time.monotonic() < deadline, node.log()
             time.sleep(0.5)
+        before = node.resources()
         # The store goes away, and the DICOMweb worker is replaced (as after a crash):
         # the new one cannot build its services.
         server.kill()
+        killed = time.monotonic()
         for worker in _children(dicomweb_master(node)):
             os.kill(worker, signal.SIGKILL)
         codes = []
@@ -492,15 +494,19 @@ def test_dicomweb_waits_for_the_object_store_while_dimse_goes_on(
         health = requests.get(f"{node.web_url()}/health", timeout=ANSWER_WITHIN)
         assert health.status_code == 503 and health.json()["status"] == "unhealthy"
         assert "cannot start" in node.log(since_start=True)
+        unavailable = time.monotonic() - killed
         server.start()
+        back = time.monotonic()
         deadline = time.monotonic() + 90
         while status() != 200:
             assert time.monotonic() < deadline, node.log()
             node.assert_serving()
             time.sleep(0.5)
         assert requests.get(f"{node.web_url()}/health", timeout=30).status_code == 200
+        serving = time.monotonic() - back
         # gunicorn itself killed: pacs serve starts it again, DIMSE goes on.
         os.kill(dicomweb_master(node), signal.SIGKILL)
+        killed = time.monotonic()
         node.assert_serving()
         deadline = time.monotonic() + 90
         while status() != 200:
@@ -508,6 +514,11 @@ def test_dicomweb_waits_for_the_object_store_while_dimse_goes_on(
             node.assert_serving()
             time.sleep(0.5)
         assert "restarting it" in node.log(since_start=True)
+        after = node.resources()
+        print(f"\nS3 down while a DICOMweb worker boots: 503 after {unavailable:.1f} s, "
+              f"200 {serving:.1f} s after S3 is back; gunicorn killed: 200 again after "
+              f"{time.monotonic() - killed:.1f} s; C-ECHO throughout; before {before}, "
+              f"after {after}")
         node.terminate()
     finally:
         server.close()
