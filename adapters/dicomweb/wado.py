@@ -200,8 +200,9 @@ class Instances:
             return
         with self.services.store.open(ref.object_key) as stream:
             data = stream.read()
-        limit = self.services.settings.max_frame_bytes
-        yield transcode.convert_to_bytes(data, syntax, limit)
+        settings = self.services.settings
+        yield transcode.convert_to_bytes(data, syntax, settings.max_frame_bytes,
+                                         settings.max_object_bytes)
 
 
 def _single_part(ranges: Sequence[MediaRange]) -> bool:

@@ -412,12 +412,16 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                 cancelled.seen = True
 
         instances = services.engine.instances(_at_image(query), cancelled=cancelled)
-        refs = enumerate(islice(instances, total))
         ahead: tuple[InstanceRef, Prepared | None] | None = None
         try:
+            # Every reference is read before the first send: a read transaction held
+            # while a slow peer takes its objects would keep the WAL from being
+            # checkpointed.  A C-CANCEL from here on is seen by ``cancelled()``.
+            refs = enumerate(list(islice(instances, total)))
             with wire.reactor_paused(peer), reactor.socket_lent(peer) as lent:
                 sender = Sender(peer, services.store, originator, direct=lent,
-                                on_cancel=cancel if originator is None else None)
+                                on_cancel=cancel if originator is None else None,
+                                settings=services.settings)
                 ahead = _next(sender, refs)
                 while ahead is not None:
                     if cancelled() or not self.assoc.is_established:

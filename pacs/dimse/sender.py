@@ -38,6 +38,7 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
 from pacs import transcode
+from pacs.config import Settings
 from pacs.dataset import dataset_offset
 from pacs.dimse import wire
 from pacs.errors import PacsError
@@ -94,13 +95,18 @@ class Sender:
     on_cancel : callable, optional
         Called with the Message ID a C-CANCEL-RQ read meanwhile cancels (C-GET: the
         requestor's association carries both).
+    settings : Settings, optional
+        Where the ceilings of a conversion come from (``PACS_MAX_FRAME_BYTES``,
+        ``PACS_MAX_OBJECT_BYTES``); their defaults when omitted.
     """
 
     def __init__(self, assoc: Association, store: ObjectStore,
                  originator: tuple[str, int] | None, direct: bool = False,
-                 on_cancel: Callable[[int], None] | None = None) -> None:
+                 on_cancel: Callable[[int], None] | None = None,
+                 settings: Settings | None = None) -> None:
         self.assoc = assoc
         self.store = store
+        self.settings = settings or Settings()
         self.originator = originator
         self.direct = direct
         self.on_cancel = on_cancel
@@ -130,7 +136,8 @@ class Sender:
                                              self.originator)
         resources = ExitStack()
         try:
-            path = resources.enter_context(object_file(self.store, ref, syntax))
+            path = resources.enter_context(object_file(self.store, ref, syntax,
+                                                       self.settings))
             source = resources.enter_context(open(path, "rb"))  # noqa: SIM115 - kept open
             offset = _dataset_start(source, path)
             source.seek(offset)
@@ -228,7 +235,8 @@ def _temporary_file() -> Iterator[Any]:
 
 
 @contextmanager
-def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[Path]:
+def object_file(store: ObjectStore, ref: InstanceRef, syntax: str,
+                settings: Settings) -> Iterator[Path]:
     """A Part 10 file of ``ref`` in ``syntax``.
 
     The stored file itself when the store has local files and no conversion is
@@ -254,7 +262,8 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str) -> Iterator[P
         return
     with store.open(ref.object_key) as source:
         stored = source.read()
-    converted = transcode.convert_to_bytes(stored, syntax)
+    converted = transcode.convert_to_bytes(stored, syntax, settings.max_frame_bytes,
+                                           settings.max_object_bytes)
     del stored  # the decoded copy is enough; do not hold both until the send ends
     with _temporary_file() as tmp:
         tmp.write(converted)

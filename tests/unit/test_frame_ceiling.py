@@ -32,17 +32,20 @@ def test_decoded_size_is_rows_columns_samples_bytes_frames() -> None:
 def test_a_conversion_declared_over_the_ceiling_decodes_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     ds = pydicom.dcmread(sample("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG baseline, 100 x 100 RGB
-    ds.NumberOfFrames = 30_000  # 900 MB decoded, declared in a few bytes
+    ds.NumberOfFrames = 80_000  # 2.4 GB decoded (30 KB a frame), declared in a few bytes
     data = encoded(ds)
 
     def no_decoding(*_: Any, **__: Any) -> None:
         raise AssertionError("the pixel data was decoded")
 
     monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoding)
-    with pytest.raises(FrameTooLarge):  # the default: PACS_MAX_FRAME_BYTES's default
+    with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):  # the defaults
         transcode.convert_to_bytes(data, ExplicitVRLittleEndian)
-    with pytest.raises(FrameTooLarge):
-        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=100 * 100 * 3)
+    with pytest.raises(FrameTooLarge, match="PACS_MAX_FRAME_BYTES"):  # one frame
+        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=100 * 100 * 3 - 1)
+    with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):  # all of them
+        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=100 * 100 * 3,
+                          max_object_bytes=100 * 100 * 3 * 1000)
 
 
 def test_a_conversion_within_the_ceiling_is_made() -> None:
