@@ -54,6 +54,7 @@ Only HTTP/1.x without TLS is served (the node's ports; TLS belongs to a front).
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import json
@@ -85,7 +86,7 @@ log = logging.getLogger(__name__)
 #: Largest request head (request line and header fields) collected; larger get 431.
 MAX_HEAD_BYTES = 64 << 10
 #: Largest body kept in memory; larger ones are spooled to a temporary file.
-MEMORY_BODY_BYTES = 16 << 20
+MEMORY_BODY_BYTES = 32 << 20
 #: Request bodies held in memory by one worker at most (the rest go to files).
 MEMORY_BUDGET_BYTES = 64 << 20
 #: Unsent response bytes parked with the loop by one worker at most.
@@ -259,15 +260,13 @@ class Spool:
         else:
             self._chunks.append(data)
 
-    def reader(self) -> io.BufferedIOBase:
+    def reader(self) -> Any:
         """The body for ``wsgi.input``, from its start."""
         if self._file is not None:
             self._file.seek(0)
-            reader: io.BufferedIOBase = self._file
-            return reader
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks = []
-        return io.BytesIO(data)  # shares ``data``: no copy
+            return self._file
+        chunks, self._chunks = self._chunks, []
+        return ChunksBody(chunks)
 
     def close(self) -> None:
         """Free the memory or the file."""
@@ -276,6 +275,74 @@ class Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class ChunksBody:
+    """``wsgi.input`` over the pieces a body arrived in (no copy into one buffer).
+
+    A read that asks for exactly the next piece gets it as it is; others join what
+    they cover (one copy, as any read of a buffer would).
+    """
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = collections.deque(chunk for chunk in chunks if chunk)
+        self._offset = 0  # bytes of the first piece already read
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when ``size`` is negative or None)."""
+        if size is None or size < 0:
+            size = sum(len(c) for c in self._chunks) - self._offset
+        parts: list[bytes | memoryview] = []
+        while size > 0 and self._chunks:
+            first = self._chunks[0]
+            available = len(first) - self._offset
+            if available <= size:
+                parts.append(memoryview(first)[self._offset:] if self._offset else first)
+                self._chunks.popleft()
+                self._offset = 0
+                size -= available
+            else:
+                parts.append(memoryview(first)[self._offset:self._offset + size])
+                self._offset += size
+                size = 0
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Up to and including the next ``\\n`` (at most ``size`` bytes)."""
+        limit = size if size is not None and size >= 0 else None
+        parts: list[bytes] = []
+        taken = 0
+        while self._chunks and (limit is None or taken < limit):
+            first = self._chunks[0]
+            end = first.find(b"\n", self._offset)
+            stop = len(first) if end < 0 else end + 1
+            if limit is not None:
+                stop = min(stop, self._offset + limit - taken)
+            parts.append(self.read(stop - self._offset))
+            taken += len(parts[-1])
+            if parts[-1].endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """Lines until the end (or until ``hint`` bytes were read)."""
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def close(self) -> None:
+        self._chunks.clear()
 
 
 class Chunked:
