@@ -1,0 +1,151 @@
+"""The pieces of the HTTP worker's event loop (``pacs.httpworker``), in process: the
+chunked decoder, the body spool and its memory budget, the reader over received
+pieces, and the non-blocking response writer."""
+
+from __future__ import annotations
+
+import io
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+from pacs import httpworker
+from pacs.httpworker import BadRequest, Budget, Chunked, ChunksBody, Spool, Writer
+
+
+def chunked(body: bytes, sizes: list[int], extension: bytes = b"",
+            trailers: bytes = b"") -> bytes:
+    out, position = bytearray(), 0
+    for size in sizes:
+        out += b"%x%s\r\n%s\r\n" % (size, extension, body[position:position + size])
+        position += size
+    return bytes(out + b"0\r\n" + trailers + b"\r\n")
+
+
+def decode(encoded: bytes, piece: int) -> tuple[bytes, int, bool]:
+    """Feed ``encoded`` in pieces of ``piece`` bytes: (body, bytes consumed, done)."""
+    decoder, body, consumed = Chunked(), bytearray(), 0
+    for start in range(0, len(encoded), piece):
+        data = encoded[start:start + piece]
+        pieces, used = decoder.feed(data)
+        body += b"".join(pieces)
+        consumed += used
+        if decoder.done:
+            break
+    return bytes(body), consumed, decoder.done
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64, 100_000])
+def test_chunked_bodies_decode_whatever_the_pieces(piece: int) -> None:
+    body = bytes(random.Random(piece).getrandbits(8) for _ in range(5000))
+    encoded = chunked(body, [1, 4000, 999], extension=b";name=value",
+                      trailers=b"Checksum: abc\r\n")
+    decoded, consumed, done = decode(encoded + b"GET / HTTP/1.1\r\n", piece)
+    assert done and decoded == body
+    assert consumed == len(encoded)  # what follows is the next request's
+
+
+@pytest.mark.parametrize("encoded", [
+    b"zz\r\nabc\r\n0\r\n\r\n",            # not hexadecimal
+    b"\r\n",                              # no size
+    b"3\nabc\r\n0\r\n\r\n",               # bare LF
+    b"3\r\nabcd\r\n0\r\n\r\n",            # longer than announced
+    b"11111111111111111\r\n",             # 17 digits
+    b"3" + b" " * 5000 + b"\r\n",         # a size line without end
+])
+def test_invalid_chunked_framing_is_refused(encoded: bytes) -> None:
+    with pytest.raises(BadRequest) as raised:
+        decode(encoded, 1000)
+    assert raised.value.status.startswith(("400", "431"))
+
+
+def test_trailers_are_bounded() -> None:
+    encoded = b"0\r\n" + b"X-T: aaaa\r\n" * (httpworker.MAX_TRAILER_BYTES // 8)
+    with pytest.raises(BadRequest) as raised:
+        decode(encoded, 4096)
+    assert raised.value.status.startswith("431")
+
+
+def test_the_reader_of_pieces_reads_like_a_buffer() -> None:
+    rng = random.Random(5)
+    data = bytes(rng.choice(b"ab\n") for _ in range(3000))
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 20)))
+        body = ChunksBody([data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])])
+        reference = io.BytesIO(data)
+        while True:
+            size = rng.choice([None, -1, 0, 1, 5, 64, 4000])
+            if rng.random() < 0.5:
+                got, want = body.readline(size), reference.readline(size)
+            else:
+                got, want = body.read(size), reference.read(size)
+            assert got == want
+            if reference.tell() == len(data):
+                assert body.read() == b""
+                break
+
+
+def test_a_read_of_exactly_the_next_piece_is_not_copied() -> None:
+    first, second = b"x" * 1000, b"y" * 10
+    body = ChunksBody([first, second])
+    assert body.read(1000) is first
+    assert list(ChunksBody([b"a\nb", b"c\n", b"d"])) == [b"a\n", b"bc\n", b"d"]
+
+
+def test_a_spool_keeps_small_bodies_in_memory_within_the_budget(tmp_path: Path) -> None:
+    budget = Budget(100)
+    small = Spool(budget, str(tmp_path), 60)
+    assert budget.used == 60
+    small.write(b"a" * 60)
+    other = Spool(budget, str(tmp_path), 60)  # does not fit: a file, nothing taken
+    assert budget.used == 60
+    other.write(b"b" * 60)
+    assert small.reader().read() == b"a" * 60 and other.reader().read() == b"b" * 60
+    small.close()
+    other.close()
+    assert budget.used == 0
+
+
+def test_a_chunked_body_moves_to_a_file_when_it_outgrows_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpworker, "MEMORY_BODY_BYTES", 1000)
+    budget = Budget(10_000)
+    spool = Spool(budget, str(tmp_path), None)
+    for _ in range(5):
+        spool.write(b"z" * 300)
+    assert budget.used == 0  # given back when it moved to the file
+    assert spool.reader().read() == b"z" * 1500
+    spool.close()
+    assert not list(tmp_path.iterdir())  # the file had no name
+
+
+def test_a_spool_refuses_a_body_that_would_fill_the_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpworker, "SPOOL_RESERVE_BYTES", 1 << 62)
+    with pytest.raises(BadRequest) as raised:
+        Spool(Budget(0), str(tmp_path), 10)
+    assert raised.value.status.startswith("503")
+
+
+def test_the_writer_keeps_what_the_socket_does_not_take() -> None:
+    left, right = socket.socketpair()
+    try:
+        left.setblocking(False)
+        writer = Writer(left)
+        data = b"q" * (8 << 20)  # more than the socket buffers hold
+        writer.sendall(data)
+        writer.sendall(b"tail")
+        assert writer.pending and writer.pending_bytes > 0
+        assert not writer.flush(0.05)  # nobody reads: no progress
+        received = bytearray()
+        right.settimeout(5)
+        while len(received) < len(data) + 4:
+            received += right.recv(1 << 20)
+            writer.send_some()
+        assert bytes(received) == data + b"tail" and not writer.pending
+        assert writer.pending_bytes == 0
+    finally:
+        left.close()
+        right.close()
