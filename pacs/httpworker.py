@@ -37,17 +37,28 @@ read from the network and every wait; threads only run the application:
   bytes are limited to :data:`PARK_BUDGET_BYTES` per worker; past that a thread waits
   (``PACS_HTTP_TIMEOUT`` at most without progress) instead of parking more.
 * **Idle**: a kept-alive connection is closed after ``PACS_HTTP_KEEPALIVE`` seconds
-  without a request.  At the worker's connection limit, the oldest idle connection, or
-  else the oldest one still sending its head, is closed to make room.
+  without a request.
+* **Connections**: at the worker's limit (``--worker-connections``, within the
+  descriptor limit, which is raised to its hard value) the worker does not stop
+  accepting: it closes the oldest idle connection, else the oldest still sending its
+  head, else the slowest sender of a body, else the oldest parked response.  A real
+  client completes its head within milliseconds, so under a flood of slow ones it is
+  theirs that go.  A per-address cap would not be needed on top, and would refuse the
+  browsers behind one proxy or NAT.
 
-The cost is one more copy of a large body (to the spool and back); what it buys is that
-a thread is only ever busy with work the application does.  Memory is bounded by these
-limits and the number of connections, never by what a client declares.
+Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
+arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
+back.  What this buys is that a thread is only ever busy with work the application
+does.  Memory is bounded by these limits and the number of connections, never by what a
+client declares (a declared length reserves memory budget; it allocates nothing).
 
 If the application cannot be loaded (the object store unreachable while a worker
 boots), the worker does not fail: it answers 503 to every request and builds the
 application again in the background, with back-off, until it succeeds.  gunicorn would
-otherwise stop altogether, and the node's HTTP side with it.
+otherwise stop altogether, and the node's HTTP side with it.  A port that answers 503
+(``/health`` too, so a container's health check says unhealthy) tells a client what is
+wrong, where a port that refuses connections while gunicorn is restarted over and over
+does not; ``pacs serve`` still restarts a gunicorn that exits for another reason.
 
 Only HTTP/1.x without TLS is served (the node's ports; TLS belongs to a front).
 """
@@ -76,9 +87,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
-from gunicorn.http import wsgi
 from gunicorn.workers import base
 
 log = logging.getLogger(__name__)
