@@ -118,6 +118,8 @@ MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 16 << 10
 #: Seconds of the loop's longest wait (timeouts are checked at least this often).
 TICK = 0.25
+#: Seconds between log lines counting the slow clients closed meanwhile.
+REPORT_SECONDS = 10.0
 #: Back-off of a failed application load: first delay, longest delay.
 RETRY_FIRST, RETRY_LONGEST = 1.0, 10.0
 
@@ -574,6 +576,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self.accepting = False
         self.last_sweep = 0.0
         self.last_notify = 0.0
+        self.last_report = 0.0
+        self.slow_closed = 0  # slow or stalled clients closed since the last report
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -701,19 +705,27 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         except InterruptedError:
             events = []
         for key, mask in events:
-            if isinstance(key.data, Connection):
+            if not isinstance(key.data, Connection):
+                key.data(key.fileobj, mask)
+                continue
+            try:
                 if mask & selectors.EVENT_WRITE:
                     self._on_writable(key.data)
                 else:
                     self._on_readable(key.data)
-            else:
-                key.data(key.fileobj, mask)
+            except Exception:  # noqa: BLE001 - one connection's failure, not the loop's
+                self.log.exception("Error handling an HTTP connection")
+                self._close(key.data)
         now = time.monotonic()
         if now - self.last_sweep >= TICK / 2:
             self.last_sweep = now
             for conn in [c for c in self.connections.values()
                          if c.deadline and c.deadline <= now]:
                 self._expire(conn)
+            if self.slow_closed and now - self.last_report >= REPORT_SECONDS:
+                log.info("closed %d slow or stalled HTTP connection(s) since the last such "
+                         "line (PACS_HTTP_TIMEOUT, connection limit)", self.slow_closed)
+                self.slow_closed, self.last_report = 0, now
 
     def _drain_signals(self, fileobj: Any, mask: int) -> None:
         try:
@@ -802,6 +814,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                       else min(waiting, key=lambda c: c.since))
             log.debug("HTTP connection limit reached: closing a %s connection from %s",
                       state.value, _host(victim.peer))
+            self.slow_closed += 1
             if state is State.PARKED:
                 self._abort_parked(victim)
             else:
@@ -845,6 +858,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _expire(self, conn: Connection) -> None:
         """A deadline passed: say why when the client is waiting for an answer."""
+        if conn.state in (State.HEAD, State.BODY, State.PARKED):
+            self.slow_closed += 1
         if conn.state is State.HEAD and conn.data:
             log.debug("HTTP client %s sent no complete request head in %g s",
                       _host(conn.peer), self._limits.timeout)
