@@ -7,8 +7,10 @@ browser needs no CORS; in-process, so there is no proxy hop, and the access rule
 the DICOMweb service sees the browser's own address (a proxy on this host would make
 every browser look like loopback).  See the README, "Viewer".
 
-Like :mod:`pacs.webserver`, the core only starts gunicorn by module name and never
-imports falcon.
+Its command line is the DICOMweb one (:func:`pacs.webserver.command`) with the viewer's
+application: the same worker class (:class:`pacs.httpworker.HttpWorker`), limits and
+timeouts.  Like :mod:`pacs.webserver`, the core only starts gunicorn by module name and
+never imports falcon.
 """
 
 from __future__ import annotations
