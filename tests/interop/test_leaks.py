@@ -71,6 +71,11 @@ WARM_UP = 240
 S3_ROUNDS, S3_WARM_UP = max(1, ROUNDS // 4), 200
 #: Clients at once (threads of this process); the node allows 16 associations per host.
 CLIENTS = 4
+#: Clients at once during the warm-up: more than in the rounds, so that whatever grows
+#: with the number of requests served at once (gunicorn's request threads and their
+#: index connections, the store client's connection pool, descriptors SQLite keeps for
+#: reuse) has reached the size the rounds need before it is measured.
+WARM_UP_CLIENTS = 2 * CLIENTS
 #: Descriptors the node may hold beyond the warm-up's: connections still closing when
 #: counted, and SQLite keeping a closed connection's descriptor while another
 #: connection of the process holds a lock on the file (it is reused or closed then).
@@ -496,19 +501,19 @@ class Workload:
 
     # -- rounds --
 
-    def run(self, associations: int, http_requests: int) -> None:
-        """That many associations and requests, the kinds in turn, :data:`CLIENTS` at
-        once; the first failure is raised."""
+    def run(self, associations: int, http_requests: int, clients: int = CLIENTS) -> None:
+        """That many associations and requests, the kinds in turn, ``clients`` at once;
+        the first failure is raised."""
         def association(number: int) -> None:
             self.associations[number % len(self.associations)]()
 
         def request(number: int) -> None:
             self.requests[number % len(self.requests)](number // len(self.requests))
 
-        with ThreadPoolExecutor(CLIENTS) as pool:
+        with ThreadPoolExecutor(clients) as pool:
             for done in [pool.submit(association, n) for n in range(associations)]:
                 done.result()
-        with ThreadPoolExecutor(CLIENTS) as pool:
+        with ThreadPoolExecutor(clients) as pool:
             for done in [pool.submit(request, n) for n in range(http_requests)]:
                 done.result()
 
@@ -561,14 +566,14 @@ def assert_kept(node: Node, workload: Workload, folder_store: bool = True) -> No
 
 def test_associations_leave_nothing_behind(leak_node: Node, workload: Workload) -> None:
     """Every kind of association, thousands of times: descriptors and memory flat."""
-    measured(leak_node, "associations", lambda: workload.run(WARM_UP, 0),
+    measured(leak_node, "associations", lambda: workload.run(WARM_UP, 0, WARM_UP_CLIENTS),
              lambda: workload.run(ROUNDS, 0))
     assert_kept(leak_node, workload)
 
 
 def test_http_requests_leave_nothing_behind(leak_node: Node, workload: Workload) -> None:
     """Every kind of DICOMweb request, thousands of times: descriptors and memory flat."""
-    measured(leak_node, "HTTP requests", lambda: workload.run(0, WARM_UP),
+    measured(leak_node, "HTTP requests", lambda: workload.run(0, WARM_UP, WARM_UP_CLIENTS),
              lambda: workload.run(0, ROUNDS))
     assert_kept(leak_node, workload)
 
@@ -587,7 +592,7 @@ def test_s3_node_leaves_nothing_behind(node_factory: Callable[..., Node],
         work = Workload(node)
         work.store_again()
         measured(node, "associations and HTTP requests on S3",
-                 lambda: work.run(S3_WARM_UP, S3_WARM_UP),
+                 lambda: work.run(S3_WARM_UP, S3_WARM_UP, WARM_UP_CLIENTS),
                  lambda: work.run(S3_ROUNDS, S3_ROUNDS), counts=(S3_ROUNDS, S3_WARM_UP))
         assert_kept(node, work, folder_store=False)
     finally:
