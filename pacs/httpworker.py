@@ -27,8 +27,16 @@ read from the network and every wait; threads only run the application:
   spooled: in memory up to :data:`MEMORY_BODY_BYTES` per request and
   :data:`MEMORY_BUDGET_BYTES` over the worker, in an unnamed temporary file in the data
   folder beyond that.  A client silent for ``PACS_HTTP_TIMEOUT`` in the middle of its
-  body is disconnected.  Only a complete request reaches a thread, so the application
-  never waits for a client to send.
+  body is disconnected.  Only a complete request reaches a thread of the application
+  pool (``--threads``), so those threads never wait for a client to send.
+* **Streaming**: a body of :data:`STREAM_MIN_BYTES` or more with a ``Content-Length``
+  is not waited for when a thread of a second pool, the streaming pool (as many threads
+  again), is free: that thread runs the application while the loop goes on spooling,
+  and the application reads the body as it arrives (a large STOW-RS is parsed and
+  stored while it is received, as it was under ``gthread``).  A client that stalls can
+  hold only these threads, for ``PACS_HTTP_TIMEOUT`` at most, after which the body ends
+  where it stopped (the application finds it incomplete); when none is free, bodies
+  are spooled whole first.
 * **Response**: a thread writes without blocking.  When the client does not take the
   bytes for :data:`WRITE_GRACE` seconds, the unsent rest (at most one piece of the
   response) is parked with the loop and the thread goes back to the pool; the loop
@@ -48,7 +56,8 @@ read from the network and every wait; threads only run the application:
 
 Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
 arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
-back.  What this buys is that a thread is only ever busy with work the application
+back.  A thread of the streaming pool does not park a response (it waits for its
+reader itself, ``PACS_HTTP_TIMEOUT`` at most without progress).  What this buys is that a thread is only ever busy with work the application
 does.  Memory is bounded by these limits and the number of connections, never by what a
 client declares (a declared length reserves memory budget; it allocates nothing).
 
@@ -65,7 +74,7 @@ Only HTTP/1.x without TLS is served (the node's ports; TLS belongs to a front).
 
 from __future__ import annotations
 
-import collections
+import bisect
 import errno
 import io
 import json
@@ -102,6 +111,8 @@ MEMORY_BODY_BYTES = 32 << 20
 MEMORY_BUDGET_BYTES = 64 << 20
 #: Unsent response bytes parked with the loop by one worker at most.
 PARK_BUDGET_BYTES = 64 << 20
+#: Bodies at least this large may be streamed to the application as they arrive.
+STREAM_MIN_BYTES = 1 << 20
 #: Seconds a thread waits for a slow reader before parking the response.
 WRITE_GRACE = 0.05
 #: Bytes read from a socket at once.
@@ -216,6 +227,10 @@ class Budget:
 class Spool:
     """A request body as it arrives: in memory while small, in a file beyond that.
 
+    The loop writes it; :meth:`reader` reads it, from a thread, while it arrives or
+    once it has (a read waits for the bytes it asks for).  Every byte is kept until
+    :meth:`close`, so a reader may step back (``readline``).
+
     Parameters
     ----------
     budget : Budget
@@ -230,7 +245,11 @@ class Spool:
         self.budget = budget
         self.folder = folder
         self.size = 0
+        self.finished = False  # every byte is here
+        self.aborted = False   # no more bytes will come: the client stalled or left
+        self.changed = threading.Condition()
         self._chunks: list[bytes] = []
+        self._starts: list[int] = []  # offset of each chunk in the body
         self._held = 0  # bytes taken from the budget
         self._file: Any = None
         if expected is not None and (expected > MEMORY_BODY_BYTES
@@ -249,10 +268,11 @@ class Spool:
         if left < SPOOL_RESERVE_BYTES:
             raise BadRequest("503 Service Unavailable",
                              "not enough free space to receive this request")
-        self._file = tempfile.TemporaryFile(dir=self.folder)
+        file = tempfile.TemporaryFile(dir=self.folder, buffering=0)
         for chunk in self._chunks:
-            self._file.write(chunk)
-        self._chunks = []
+            _write_all(file, chunk)
+        self._file = file
+        self._chunks, self._starts = [], []
         self._release()
 
     def _release(self) -> None:
@@ -261,82 +281,143 @@ class Spool:
             self._held = 0
 
     def write(self, data: bytes) -> None:
-        """Append received body bytes."""
-        self.size += len(data)
-        if self._file is None and self.size > self._held:
-            # A chunked body grows past what it holds: take more, or go to a file.
-            more = self.size - self._held
-            if self.size > MEMORY_BODY_BYTES or not self._reserve(more):
-                self._to_file(None)
-        if self._file is not None:
-            self._file.write(data)
-        else:
-            self._chunks.append(data)
+        """Append received body bytes (the loop)."""
+        with self.changed:
+            if self._file is None and self.size + len(data) > self._held:
+                # A chunked body grows past what it holds: take more, or go to a file.
+                more = self.size + len(data) - self._held
+                if self.size + len(data) > MEMORY_BODY_BYTES or not self._reserve(more):
+                    self._to_file(None)
+            if self._file is not None:
+                _write_all(self._file, data)
+            else:
+                self._chunks.append(data)
+                self._starts.append(self.size)
+            self.size += len(data)
+            self.changed.notify_all()
 
-    def reader(self) -> Any:
-        """The body for ``wsgi.input``, from its start."""
+    def finish(self) -> None:
+        """Every byte has arrived."""
+        with self.changed:
+            self.finished = True
+            self.changed.notify_all()
+
+    def abort(self) -> None:
+        """No more bytes will arrive: a reader waiting for them gets the end."""
+        with self.changed:
+            self.aborted = True
+            self.changed.notify_all()
+
+    def take(self, position: int, size: int) -> bytes:
+        """``size`` bytes from ``position`` (all present; under :attr:`changed`)."""
         if self._file is not None:
-            self._file.seek(0)
-            return self._file
-        chunks, self._chunks = self._chunks, []
-        return ChunksBody(chunks)
+            parts = []
+            while size > 0:
+                data = os.pread(self._file.fileno(), size, position)
+                if not data:
+                    raise OSError(errno.EIO, "the spooled body is shorter than written")
+                parts.append(data)
+                position += len(data)
+                size -= len(data)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        index = bisect.bisect_right(self._starts, position) - 1
+        first = self._chunks[index]
+        offset = position - self._starts[index]
+        if offset == 0 and len(first) == size:
+            return first  # exactly one piece: as it arrived, no copy
+        pieces: list[bytes | memoryview] = []
+        while size > 0:
+            chunk = memoryview(self._chunks[index])[offset:offset + size]
+            pieces.append(chunk)
+            size -= len(chunk)
+            index, offset = index + 1, 0
+        return b"".join(pieces)
+
+    def reader(self, timeout: float) -> SpoolReader:
+        """The body for ``wsgi.input``, from its start.
+
+        Parameters
+        ----------
+        timeout : float
+            Longest wait for more bytes before the reader gives up (the loop gives up
+            on a silent client first, at ``PACS_HTTP_TIMEOUT``).
+        """
+        return SpoolReader(self, timeout)
 
     def close(self) -> None:
         """Free the memory or the file."""
-        self._chunks = []
-        self._release()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self.changed:
+            self.aborted = True
+            self.size = 0
+            self._chunks, self._starts = [], []
+            self._release()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self.changed.notify_all()
 
 
-class ChunksBody:
-    """``wsgi.input`` over the pieces a body arrived in (no copy into one buffer).
+def _write_all(file: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[file.write(view):]
 
-    A read that asks for exactly the next piece gets it as it is; others join what
-    they cover (one copy, as any read of a buffer would).
+
+class SpoolReader:
+    """``wsgi.input``: a :class:`Spool` read from its start.
+
+    A read returns what it asks for, waiting while the body is still arriving; it
+    returns less only at the end of the body.  When the client stopped sending (the
+    spool was aborted) the body ends where it stopped, as gunicorn's own body reader
+    ends when a client goes away: the application finds the body incomplete.
     """
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = collections.deque(chunk for chunk in chunks if chunk)
-        self._offset = 0  # bytes of the first piece already read
+    def __init__(self, spool: Spool, timeout: float) -> None:
+        self._spool = spool
+        self._timeout = timeout
+        self._position = 0
+
+    def _wait(self) -> int:
+        """Bytes available beyond the position (0: the end), waiting for some."""
+        spool = self._spool
+        while spool.size <= self._position and not spool.finished and not spool.aborted:
+            if not spool.changed.wait(self._timeout):
+                break
+        return max(0, spool.size - self._position)
 
     def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes (all that is left when ``size`` is negative or None)."""
-        if size is None or size < 0:
-            size = sum(len(c) for c in self._chunks) - self._offset
-        parts: list[bytes | memoryview] = []
-        while size > 0 and self._chunks:
-            first = self._chunks[0]
-            available = len(first) - self._offset
-            if available <= size:
-                parts.append(memoryview(first)[self._offset:] if self._offset else first)
-                self._chunks.popleft()
-                self._offset = 0
-                size -= available
-            else:
-                parts.append(memoryview(first)[self._offset:self._offset + size])
-                self._offset += size
-                size = 0
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            return parts[0]
-        return b"".join(parts)
+        """``size`` bytes (all the rest when ``size`` is negative or None)."""
+        wanted = -1 if size is None or size < 0 else size
+        parts: list[bytes] = []
+        spool = self._spool
+        with spool.changed:
+            while wanted != 0:
+                available = self._wait()
+                if not available:
+                    break
+                take = available if wanted < 0 else min(available, wanted)
+                parts.append(spool.take(self._position, take))
+                self._position += take
+                if wanted > 0:
+                    wanted -= take
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readline(self, size: int | None = -1) -> bytes:
         """Up to and including the next ``\\n`` (at most ``size`` bytes)."""
-        limit = size if size is not None and size >= 0 else None
+        limit = -1 if size is None or size < 0 else size
         parts: list[bytes] = []
         taken = 0
-        while self._chunks and (limit is None or taken < limit):
-            first = self._chunks[0]
-            end = first.find(b"\n", self._offset)
-            stop = len(first) if end < 0 else end + 1
-            if limit is not None:
-                stop = min(stop, self._offset + limit - taken)
-            parts.append(self.read(stop - self._offset))
-            taken += len(parts[-1])
-            if parts[-1].endswith(b"\n"):
+        while limit < 0 or taken < limit:
+            block = self.read(8192 if limit < 0 else min(8192, limit - taken))
+            if not block:
                 break
+            end = block.find(b"\n")
+            if end >= 0:
+                self._position -= len(block) - end - 1  # the rest is read again later
+                parts.append(block[:end + 1])
+                break
+            parts.append(block)
+            taken += len(block)
         return b"".join(parts)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
@@ -355,7 +436,7 @@ class ChunksBody:
             yield line
 
     def close(self) -> None:
-        self._chunks.clear()
+        """Nothing to free: the spool is the worker's."""
 
 
 class Chunked:
@@ -510,6 +591,7 @@ class Exchange:
     finished: bool = False  # the response is complete (maybe not yet sent)
     keep: bool = False      # the connection may serve another request
     parked: int = 0         # bytes taken from the park budget
+    streamed: bool = False  # runs in the streaming pool (the body was still arriving)
 
 
 class Connection:
@@ -517,7 +599,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "server", "state", "data", "scanned", "deadline",
                  "since", "requests", "req", "spool", "left", "chunked", "writer",
-                 "exchange")
+                 "exchange", "streamed")
 
     def __init__(self, sock: socket.socket, peer: Any, server: Any) -> None:
         self.sock = sock
@@ -535,6 +617,7 @@ class Connection:
         self.chunked: Chunked | None = None
         self.writer = Writer(sock)
         self.exchange: Exchange | None = None
+        self.streamed = False  # the application runs while the body arrives
 
 
 def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
@@ -567,6 +650,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self.connections: dict[int, Connection] = {}
         self.poller: selectors.BaseSelector | None = None
         self.pool: futures.ThreadPoolExecutor | None = None
+        self.stream_pool: futures.ThreadPoolExecutor | None = None
+        self.streams = Budget(0)  # requests in the streaming pool
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.wake_fds: tuple[int, int] = (-1, -1)
         self.memory = Budget(MEMORY_BUDGET_BYTES)
@@ -592,8 +677,12 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self.limits = Limits.from_settings()
         self.max_connections = self._connection_limit()
         self.poller = selectors.DefaultSelector()
-        self.pool = futures.ThreadPoolExecutor(max_workers=max(1, self.cfg.threads),
+        threads = max(1, self.cfg.threads)
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads,
                                                thread_name_prefix="pacs-http")
+        self.stream_pool = futures.ThreadPoolExecutor(max_workers=threads,
+                                                      thread_name_prefix="pacs-http-stream")
+        self.streams = Budget(threads)
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)
@@ -648,8 +737,9 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         """SIGQUIT / SIGINT: stop now."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+        for pool in (self.pool, self.stream_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
         super().handle_quit(sig, frame)
 
     # -- the loop --
@@ -671,8 +761,9 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         finally:
             for conn in list(self.connections.values()):
                 self._close(conn)
-            if self.pool is not None:
-                self.pool.shutdown(wait=False)
+            for pool in (self.pool, self.stream_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False)
             self.poller.close()
             for fd in self.wake_fds:
                 os.close(fd)
@@ -807,7 +898,9 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             return received / max(now - conn.since, 1e-3)
 
         for state in (State.IDLE, State.HEAD, State.CLOSING, State.BODY, State.PARKED):
-            waiting = [c for c in self.connections.values() if c.state is state]
+            # A streamed body is left to its timeout: its thread holds the connection.
+            waiting = [c for c in self.connections.values()
+                       if c.state is state and not c.streamed]
             if not waiting:
                 continue
             victim = (min(waiting, key=rate) if state is State.BODY
@@ -867,8 +960,11 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                                           "the request head did not arrive in time"))
         elif conn.state is State.BODY:
             log.debug("HTTP client %s stopped sending its request body", _host(conn.peer))
-            self._refuse(conn, BadRequest("408 Request Timeout",
-                                          "the request body stopped arriving"))
+            if conn.streamed:
+                self._abort_stream(conn)
+            else:
+                self._refuse(conn, BadRequest("408 Request Timeout",
+                                              "the request body stopped arriving"))
         elif conn.state is State.PARKED:
             log.debug("HTTP client %s stopped reading its response", _host(conn.peer))
             self._abort_parked(conn)
@@ -1012,6 +1108,14 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         if conn.data:
             early, conn.data = bytes(conn.data), bytearray()
             self._take_body(conn, early)
+        if (conn.state is State.BODY and length is not None and length >= STREAM_MIN_BYTES
+                and self.streams.take(1)):
+            # A thread of the streaming pool runs the application while the body
+            # arrives: a client that stalls holds one of those, never one that other
+            # requests need.  Chunked bodies are not streamed: past the limit they must
+            # be answered 413, which only the loop can do before the application starts.
+            conn.streamed = True
+            self._dispatch(conn)
 
     def _read_body(self, conn: Connection) -> None:
         want = min(READ_BYTES, conn.left) if conn.chunked is None else READ_BYTES
@@ -1020,12 +1124,14 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn)
-            return
+            data = b""
         if not data:
             log.debug("HTTP client %s left in the middle of its request body",
                       _host(conn.peer))
-            self._close(conn)
+            if conn.streamed:
+                self._abort_stream(conn)
+            else:
+                self._close(conn)
             return
         conn.deadline = time.monotonic() + self._limits.timeout
         self._take_body(conn, data)
@@ -1049,26 +1155,48 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                              _host(conn.peer))
                     raise _too_large(self._limits.max_body)
                 rest, complete = data[used:], conn.chunked.done
-        except BadRequest as error:
-            self._refuse(conn, error)
-            return
-        except OSError as exc:
-            log.error("cannot spool a request body in %s: %s", self._limits.spool_dir, exc)
-            self._refuse(conn, BadRequest("503 Service Unavailable",
-                                          "the request cannot be received now"))
+        except (BadRequest, OSError) as exc:
+            if isinstance(exc, OSError):
+                log.error("cannot spool a request body in %s: %s", self._limits.spool_dir,
+                          exc)
+                exc = BadRequest("503 Service Unavailable",
+                                 "the request cannot be received now")
+            if conn.streamed:  # the application answers; the body just ends here
+                self._abort_stream(conn)
+            else:
+                self._refuse(conn, exc)
             return
         if complete:
             conn.data = bytearray(rest)
-            self._dispatch(conn)
+            conn.spool.finish()
+            if conn.streamed:  # a thread has it already
+                self._unwatch(conn)
+                conn.state = State.BUSY
+                conn.deadline = 0.0
+            else:
+                self._dispatch(conn)
 
     def _dispatch(self, conn: Connection) -> None:
-        """The request is complete: a thread runs the application."""
-        assert self.pool is not None
+        """A thread runs the application: for a complete request, one of the pool;
+        for a streamed one (its body still arriving), one of the streaming pool."""
+        assert self.pool is not None and self.stream_pool is not None
+        if not conn.streamed:
+            self._unwatch(conn)
+            conn.state = State.BUSY
+            conn.deadline = 0.0
+        body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
+                else io.BytesIO(b""))
+        pool = self.stream_pool if conn.streamed else self.pool
+        pool.submit(self._serve, conn, body)
+
+    def _abort_stream(self, conn: Connection) -> None:
+        """A streamed body stops arriving: the application reads its end and answers
+        (the answer may not reach the client); the connection closes after it."""
+        assert conn.spool is not None
+        conn.spool.abort()
         self._unwatch(conn)
         conn.state = State.BUSY
         conn.deadline = 0.0
-        body = conn.spool.reader() if conn.spool is not None else io.BytesIO(b"")
-        self.pool.submit(self._serve, conn, body)
 
     # -- responses (threads, and the loop for parked ones) --
 
@@ -1077,7 +1205,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         req = conn.req
         assert req is not None
         exchange = Exchange(req=req, resp=None, environ={}, body=body,
-                            started=datetime.now())
+                            started=datetime.now(), streamed=conn.streamed)
         conn.exchange = exchange
         try:
             self.cfg.pre_request(self, req)
@@ -1140,6 +1268,12 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         """
         writer, exchange = conn.writer, conn.exchange
         assert exchange is not None
+        if exchange.streamed:
+            # A thread of the streaming pool (the loop may still be reading the body):
+            # it waits for the reader itself.
+            if writer.flush(self._limits.timeout):
+                return True
+            raise TimeoutError("the client stopped reading the response")
         if writer.flush(WRITE_GRACE):
             return True
         size = writer.pending_bytes
@@ -1203,6 +1337,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _finish(self, exchange: Exchange) -> None:
         """Close the application's iterable; gunicorn's access log and hook."""
+        if exchange.streamed:
+            self.streams.give(1)
         try:
             if hasattr(exchange.respiter, "close"):
                 exchange.respiter.close()
@@ -1218,11 +1354,17 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _done(self, conn: Connection, keep: bool) -> None:
         """The response was sent: wait for the next request, or close (loop)."""
+        if conn.state is State.BODY:
+            # Answered before its body had arrived (a refusal): the rest is not read.
+            self._send_and_linger(conn, b"")
+            return
         if conn.spool is not None:
+            keep = keep and conn.spool.finished and not conn.spool.aborted
             conn.spool.close()
             conn.spool = None
         conn.exchange = None
         conn.req = None
+        conn.streamed = False
         if not keep or not self.alive:
             self._close(conn)
             return

@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import random
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pacs import httpworker
-from pacs.httpworker import BadRequest, Budget, Chunked, ChunksBody, Spool, Writer
+from pacs.httpworker import BadRequest, Budget, Chunked, Spool, Writer
 
 
 def chunked(body: bytes, sizes: list[int], extension: bytes = b"",
@@ -68,12 +70,22 @@ def test_trailers_are_bounded() -> None:
     assert raised.value.status.startswith("431")
 
 
-def test_the_reader_of_pieces_reads_like_a_buffer() -> None:
+def spooled(pieces: list[bytes], folder: Path, in_memory: bool = True) -> Spool:
+    spool = Spool(Budget(1 << 30 if in_memory else 0), str(folder), None)
+    for piece in pieces:
+        spool.write(piece)
+    spool.finish()
+    return spool
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "file"])
+def test_the_body_reader_reads_like_a_buffer(tmp_path: Path, in_memory: bool) -> None:
     rng = random.Random(5)
     data = bytes(rng.choice(b"ab\n") for _ in range(3000))
-    for _ in range(200):
+    for _ in range(100):
         cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 20)))
-        body = ChunksBody([data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])])
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        body = spooled(pieces, tmp_path, in_memory).reader(timeout=5)
         reference = io.BytesIO(data)
         while True:
             size = rng.choice([None, -1, 0, 1, 5, 64, 4000])
@@ -87,11 +99,35 @@ def test_the_reader_of_pieces_reads_like_a_buffer() -> None:
                 break
 
 
-def test_a_read_of_exactly_the_next_piece_is_not_copied() -> None:
+def test_a_read_of_exactly_the_next_piece_is_not_copied(tmp_path: Path) -> None:
     first, second = b"x" * 1000, b"y" * 10
-    body = ChunksBody([first, second])
+    body = spooled([first, second], tmp_path).reader(timeout=5)
     assert body.read(1000) is first
-    assert list(ChunksBody([b"a\nb", b"c\n", b"d"])) == [b"a\n", b"bc\n", b"d"]
+    lines = spooled([b"a\nb", b"c\n", b"d"], tmp_path).reader(timeout=5)
+    assert list(lines) == [b"a\n", b"bc\n", b"d"]
+
+
+def test_a_body_is_read_while_it_arrives(tmp_path: Path) -> None:
+    spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
+    reader = spool.reader(timeout=10)
+    got: list[bytes] = []
+    thread = threading.Thread(target=lambda: got.append(reader.read(3000)))
+    thread.start()
+    for _ in range(3):
+        time.sleep(0.05)
+        assert thread.is_alive()  # waits for the whole read
+        spool.write(b"k" * 1000)
+    thread.join(5)
+    assert got == [b"k" * 3000]
+
+
+def test_a_body_that_stops_arriving_ends_where_it_stopped(tmp_path: Path) -> None:
+    spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
+    spool.write(b"k" * 1000)
+    reader = spool.reader(timeout=10)
+    threading.Timer(0.1, spool.abort).start()
+    assert reader.read(3000) == b"k" * 1000  # the application finds it incomplete
+    assert reader.read() == b""
 
 
 def test_a_spool_keeps_small_bodies_in_memory_within_the_budget(tmp_path: Path) -> None:
@@ -102,7 +138,9 @@ def test_a_spool_keeps_small_bodies_in_memory_within_the_budget(tmp_path: Path) 
     other = Spool(budget, str(tmp_path), 60)  # does not fit: a file, nothing taken
     assert budget.used == 60
     other.write(b"b" * 60)
-    assert small.reader().read() == b"a" * 60 and other.reader().read() == b"b" * 60
+    small.finish()
+    other.finish()
+    assert small.reader(5).read() == b"a" * 60 and other.reader(5).read() == b"b" * 60
     small.close()
     other.close()
     assert budget.used == 0
@@ -116,7 +154,8 @@ def test_a_chunked_body_moves_to_a_file_when_it_outgrows_memory(
     for _ in range(5):
         spool.write(b"z" * 300)
     assert budget.used == 0  # given back when it moved to the file
-    assert spool.reader().read() == b"z" * 1500
+    spool.finish()
+    assert spool.reader(5).read() == b"z" * 1500
     spool.close()
     assert not list(tmp_path.iterdir())  # the file had no name
 
