@@ -756,7 +756,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 self._cycle()
                 if self.ppid != os.getppid():
                     self.log.info("Parent changed, shutting down: %s", self)
-                    break
+                    self.alive = False
             self._stop_gracefully()
         finally:
             for conn in list(self.connections.values()):
@@ -769,8 +769,14 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 os.close(fd)
 
     def _stop_gracefully(self) -> None:
-        """Stop accepting; finish what is running within the graceful timeout."""
+        """Stop accepting; finish what is running within the graceful timeout.
+
+        The listening sockets are closed at once: a gunicorn started again after its
+        master died can bind the port while this worker finishes.
+        """
         self._accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while time.monotonic() < deadline:
             for conn in list(self.connections.values()):
