@@ -57,8 +57,9 @@ read from the network and every wait; threads only run the application:
 Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
 arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
 back.  A thread of the streaming pool does not park a response (it waits for its
-reader itself, ``PACS_HTTP_TIMEOUT`` at most without progress).  What this buys is that a thread is only ever busy with work the application
-does.  Memory is bounded by these limits and the number of connections, never by what a
+reader itself, ``PACS_HTTP_TIMEOUT`` at most without progress).  What this buys is that
+a thread of the application pool is only ever busy with work the application does.
+Memory is bounded by these limits and the number of connections, never by what a
 client declares (a declared length reserves memory budget; it allocates nothing).
 
 If the application cannot be loaded (the object store unreachable while a worker
