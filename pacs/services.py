@@ -36,7 +36,8 @@ class Services:
         self.store.close()
 
 
-def build(settings: Settings, store: ObjectStore | None = None) -> Services:
+def build(settings: Settings, store: ObjectStore | None = None, *,
+          check_store: bool = True) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -45,15 +46,21 @@ def build(settings: Settings, store: ObjectStore | None = None) -> Services:
         The effective settings.
     store : ObjectStore, optional
         A ready store (tests pass an in-memory one); opened from the settings otherwise.
+    check_store : bool
+        Prove the store reachable (and create its bucket) now.  ``pacs serve`` and the
+        commands do; the worker processes of a running node do not, so that a worker
+        started while the store is briefly down (a replacement, a restarted DICOMweb
+        server) still serves: its writes fail (A700 / 503) until the store is back, and
+        queries of the index go on.
 
     Raises
     ------
     ConfigError
-        When the store cannot be reached or used.
+        When ``check_store`` and the store cannot be reached or used.
     """
     quiet_pydicom()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = store if store is not None else open_store(settings)
+    store = store if store is not None else open_store(settings, check=check_store)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout))
     migrate(index.connection())
     ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks",

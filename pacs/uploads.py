@@ -479,7 +479,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        services = build(settings)
+        services = build(settings, check_store=False)  # pacs serve checked it
     except PacsError as exc:
         log.error("upload watcher cannot start: %s", exc)
         return 1

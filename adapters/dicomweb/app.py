@@ -193,8 +193,10 @@ def get_app() -> falcon.App:
     Raises
     ------
     pacs.errors.ConfigError
-        When the settings are invalid or the store cannot be reached; gunicorn then
-        reports the worker as failed to boot.
+        When the settings are invalid or the index cannot be opened; the worker
+        (:mod:`pacs.httpworker`) then answers 503 and builds it again later.  The
+        store is not checked here (``pacs serve`` did): while it is down, requests
+        that need it fail with 503 and queries go on.
     """
     from pacs import config, logs
     from pacs.cli import LOG_FORMAT
@@ -205,7 +207,7 @@ def get_app() -> falcon.App:
         logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
                             format=LOG_FORMAT)
     logs.install(settings.log_level)  # no data-set values at INFO and above
-    services = build(settings)
+    services = build(settings, check_store=False)  # pacs serve checked it
     atexit.register(services.close)
     app = create_app(services)
     _warm_up(app)

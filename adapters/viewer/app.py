@@ -112,6 +112,6 @@ def get_app() -> WSGIApp:
     dist = find_dist(settings)
     if dist is None:
         raise ConfigError(missing_message(settings))
-    services = build(settings)
+    services = build(settings, check_store=False)  # pacs serve checked it
     atexit.register(services.close)
     return create_app(services, dist)

@@ -307,7 +307,7 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    services = build(settings)
+    services = build(settings, check_store=False)  # pacs serve checked it
     # What start-up created lives as long as the process: keep it out of every later
     # collection, so that the collector's full passes stay short (gc.freeze docs).
     # Before serving, so that no association's objects are frozen with it.
@@ -326,6 +326,36 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
 def number_of_workers(settings: Settings) -> int:
     """The configured worker count, or one per CPU."""
     return worker_count(settings.dimse_workers)
+
+
+#: A worker that dies sooner than this after its start is restarted after a delay that
+#: doubles up to :data:`RESPAWN_MAX_DELAY` (it may fail again at once: a broken index).
+RESPAWN_QUICK_DEATH = 10.0
+RESPAWN_MAX_DELAY = 30.0
+
+
+class _Respawn:
+    """When a dead worker of one slot may be replaced: at once after a long life,
+    with a growing delay after deaths in quick succession (no log flood, no busy loop)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.delay = 0.0
+        self.died: float | None = None
+
+    def due(self, process: multiprocessing.process.BaseProcess) -> bool:
+        """True when ``process`` (dead) may be replaced now."""
+        now = time.monotonic()
+        if self.died is None:
+            self.died = now
+            quick = now - self.start < RESPAWN_QUICK_DEATH
+            self.delay = min(max(self.delay * 2, 0.5), RESPAWN_MAX_DELAY) if quick else 0.0
+        return now - self.died >= self.delay
+
+    def started(self) -> None:
+        """A replacement has just been started."""
+        self.start = time.monotonic()
+        self.died = None
 
 
 def run_workers(settings: Settings, stopping: threading.Event,
@@ -353,12 +383,15 @@ def run_workers(settings: Settings, stopping: threading.Event,
              settings.bind_address, settings.dimse_port, count)
     if on_ready:
         on_ready()
+    respawn = [_Respawn() for _ in workers]
     while not stopping.wait(0.5):
         for i, process in enumerate(workers):
-            if not process.is_alive():
-                log.error("DIMSE worker %d exited with %s; restarting", process.pid,
-                          process.exitcode)
-                workers[i] = spawn()
+            if process.is_alive() or not respawn[i].due(process):
+                continue
+            log.error("DIMSE worker %d exited with %s; restarting", process.pid,
+                      process.exitcode)
+            workers[i] = spawn()
+            respawn[i].started()
     for process in workers:
         if process.is_alive():
             os.kill(process.pid or 0, signal.SIGTERM)

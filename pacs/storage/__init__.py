@@ -106,8 +106,8 @@ class ObjectStore(Protocol):
         """Release connections."""
 
 
-def open_store(settings: Settings) -> ObjectStore:
-    """The store the settings name, checked for reachability."""
+def open_store(settings: Settings, check: bool = True) -> ObjectStore:
+    """The store the settings name, checked for reachability unless ``check`` is false."""
     store: ObjectStore
     if settings.storage == "s3":
         from pacs.storage.s3 import S3Store
@@ -117,7 +117,8 @@ def open_store(settings: Settings) -> ObjectStore:
         from pacs.storage.filesystem import FileStore
 
         store = FileStore(settings.objects_dir)
-    store.check()
+    if check:
+        store.check()
     return store
 
 

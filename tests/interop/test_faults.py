@@ -184,6 +184,38 @@ def study_of(patient_id: str, count: int) -> list[FileDataset]:
     return made
 
 
+def dimse_workers(node: Node) -> set[int]:
+    """The DIMSE worker processes: ``pacs serve``'s forks (its own command line)."""
+    assert node.proc is not None
+    parent = node.proc.pid
+    command = Path(f"/proc/{parent}/cmdline").read_bytes()
+    workers = set()
+    for pid in node.pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            same = Path(f"/proc/{pid}/cmdline").read_bytes() == command
+        except OSError:
+            continue
+        if int(stat[1]) == parent and same:
+            workers.add(pid)
+    return workers
+
+
+def replace_dimse_workers(node: Node, timeout: float = 30.0) -> None:
+    """SIGKILL every DIMSE worker; wait until as many new ones answer a C-ECHO."""
+    old = dimse_workers(node)
+    assert old, "no DIMSE worker found"
+    for pid in old:
+        os.kill(pid, 9)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = dimse_workers(node) - old
+        if len(fresh) == len(old) and node.echo().returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"DIMSE workers not replaced within {timeout} s:\n{node.log()}")
+
+
 def assert_reads_answer(node: Node, patient_id: str, studies: set[str]) -> None:
     """C-ECHO, C-FIND and QIDO answer, with what was stored before the fault."""
     node.assert_serving()
@@ -377,6 +409,10 @@ def test_s3_killed_and_restarted(s3_node: Node, weed_running: SeaweedServer) -> 
     assert failed["00081197"]["Value"] == [OUT_OF_RESOURCES]
     assert_reads_answer(node, patient, studies)
     assert health(node)[0] == 503
+    # DIMSE workers that die while the store is down are replaced, and the
+    # replacements serve: they do not need the store to start.
+    replace_dimse_workers(node)
+    assert_reads_answer(node, patient, studies)
     during = node.resources()
 
     weed.start()
