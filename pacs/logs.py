@@ -15,8 +15,8 @@ root logger's, gunicorn's error log's), rewrites each record of level INFO and a
   without its text; one of the node's own errors keeps its message;
 - whatever a message of the node's own errors quotes is replaced by ``'…'`` (some wrap
   a library's message, which may quote a value);
-- records of pydicom's logger and Python warnings (routed into logging here) have
-  whatever they quote replaced by ``'…'``.
+- records of pydicom's logger, gunicorn's error log and Python warnings (routed into
+  logging here) have whatever they quote replaced by ``'…'``.
 
 Records below INFO are left whole: DEBUG is where a developer looks at values.
 """
@@ -31,8 +31,10 @@ from typing import Any, TextIO
 
 from pacs.errors import PacsError
 
-#: Loggers whose messages quote data-set values: quoted text is left out.
-QUOTING_LOGGERS = ("pydicom", "py.warnings")
+#: Loggers whose messages quote data-set values: quoted text is left out.  gunicorn's
+#: error log quotes a request line it refuses, whose query string may carry a patient's
+#: name (QIDO-RS ``?PatientName=…``).
+QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
 #: Folders of the node's own code, for the place of an exception in it.
 _OWN_CODE = ("/pacs/", "/adapters/")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")

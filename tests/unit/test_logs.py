@@ -138,3 +138,13 @@ def test_handlers_of_loggers_that_do_not_propagate_are_covered(handler: io.Strin
     finally:
         error_log.handlers.clear()
     assert "Error handling request" in own.getvalue() and SECRET not in own.getvalue()
+
+
+def test_gunicorn_loses_the_request_line_it_quotes(handler: io.StringIO) -> None:
+    # gunicorn formats the refused request line into its message with repr().
+    line = f"GET /studies?PatientName={SECRET} HTTP/1.1 extra"
+    logging.getLogger("gunicorn.error").warning(
+        "Invalid request from ip=%s: %s", "10.0.0.9", f"Invalid HTTP request line: {line!r}")
+    text = handler.getvalue()
+    assert "Invalid request from ip=10.0.0.9: Invalid HTTP request line: '…'" in text
+    assert SECRET not in text
