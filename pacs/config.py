@@ -168,7 +168,8 @@ SETTINGS: tuple[Setting, ...] = (
             "silent while sending a body or reading a response, before it is "
             "disconnected.", _positive(float)),
     Setting("PACS_HTTP_KEEPALIVE", "http_keepalive", "15",
-            "Seconds an idle keep-alive HTTP connection is kept open.", _positive(float)),
+            "Seconds an idle keep-alive HTTP connection is kept open; 0: one request per "
+            "connection.", float),
     Setting("PACS_MAX_REQUEST_BYTES", "max_request_bytes", "8589934592",
             "Largest HTTP request body (a STOW-RS POST); larger requests get 413.",
             _positive(int)),
