@@ -12,7 +12,7 @@ from pathlib import Path
 from pacs.config import Settings
 from pacs.health import Health
 from pacs.uploads import ARCHIVE, REASON_SUFFIX, REJECTED, waits_for_rename
-from pacs.viewer import find_dist, missing_message
+from pacs.viewer import find, missing_message
 
 
 def human(size: int | None) -> str:
@@ -59,6 +59,6 @@ def describe(settings: Settings, found: Health) -> list[str]:
     uploads = settings.uploads_dir
     lines.append(f"uploads: {_count_files(uploads, (ARCHIVE, REJECTED))} waiting, "
                  f"{_count_files(uploads / REJECTED)} rejected ({uploads})")
-    dist = find_dist(settings)
-    lines.append(f"viewer: {dist}" if dist else f"viewer: {missing_message(settings)}")
+    viewer = find(settings)
+    lines.append(f"viewer: {viewer}" if viewer else f"viewer: {missing_message(settings)}")
     return lines

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pacs import webserver
@@ -28,27 +30,85 @@ log = logging.getLogger(__name__)
 
 #: The WSGI application the viewer's gunicorn loads in each worker.
 VIEWER_APP = "adapters.viewer.app:get_app()"
-#: Where ``scripts/fetch-ohif.sh`` puts the dist, relative to the working folder.
-DEFAULT_DIST = Path("vendor/ohif/dist")
+#: Where ``scripts/fetch-ohif.sh`` puts the dist inside a source checkout.
+CHECKOUT_DIST = Path("vendor", "ohif", "dist")
+#: Where ``scripts/fetch-ohif.sh --prefix PREFIX`` puts it for an installed package: the
+#: data folder of the installation whose ``sys.prefix`` is PREFIX (a virtualenv, /usr/local).
+INSTALLED_DIST = Path("share", "pacs", "ohif", "dist")
+
+
+@dataclass(frozen=True)
+class DistLocation:
+    """A folder that may hold the OHIF dist, and why it is looked at."""
+
+    folder: Path
+    source: str  # "PACS_VIEWER_DIST", "the source checkout" or "the installation"
+
+    @property
+    def present(self) -> bool:
+        """The folder holds OHIF's ``index.html``."""
+        return (self.folder / "index.html").is_file()
+
+    def __str__(self) -> str:
+        return f"{self.folder} (from {self.source})"
+
+
+def source_checkout() -> Path | None:
+    """The project root when ``pacs`` runs from a source checkout (an editable install).
+
+    Derived from this module's file, so it does not depend on the working folder; an
+    installed package (in ``site-packages``) has no checkout, and ``None`` is returned.
+    """
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "setup.cfg").is_file() and (root / "pacs").is_dir() else None
+
+
+def dist_locations(settings: Settings, checkout: Path | None = None,
+                   prefix: Path | None = None) -> list[DistLocation]:
+    """Where the OHIF dist is looked for, first match wins.
+
+    ``PACS_VIEWER_DIST`` alone when it is set: an operator who names a folder means that
+    one, and a missing one is reported rather than replaced by another.  Otherwise
+    ``vendor/ohif/dist`` of the source checkout, then ``share/pacs/ohif/dist`` under the
+    installation's prefix.  None of them depends on the folder ``pacs serve`` was started
+    in, so a service manager starting it anywhere finds the same viewer.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``viewer_dist`` (``PACS_VIEWER_DIST``).
+    checkout : Path, optional
+        The source checkout; :func:`source_checkout` when omitted.
+    prefix : Path, optional
+        The installation prefix; ``sys.prefix`` when omitted.
+    """
+    if settings.viewer_dist:
+        return [DistLocation(Path(settings.viewer_dist).absolute(), "PACS_VIEWER_DIST")]
+    checkout = source_checkout() if checkout is None else checkout
+    prefix = Path(sys.prefix) if prefix is None else prefix
+    found = [DistLocation(checkout / CHECKOUT_DIST, "the source checkout")] if checkout else []
+    return [*found, DistLocation(prefix / INSTALLED_DIST, "the installation")]
+
+
+def find(settings: Settings) -> DistLocation | None:
+    """The first location of :func:`dist_locations` that holds the dist, or ``None``."""
+    return next((where for where in dist_locations(settings) if where.present), None)
 
 
 def find_dist(settings: Settings) -> Path | None:
-    """The OHIF dist folder to serve, or ``None`` when it is not installed.
-
-    ``PACS_VIEWER_DIST`` when set, else ``vendor/ohif/dist`` of the working folder (as
-    the data folder's default is relative to it); it must hold ``index.html``.
-    """
-    folder = Path(settings.viewer_dist) if settings.viewer_dist else DEFAULT_DIST
-    folder = folder.absolute()
-    return folder if (folder / "index.html").is_file() else None
+    """The OHIF dist folder to serve, or ``None`` when it is not installed."""
+    where = find(settings)
+    return where.folder if where else None
 
 
 def missing_message(settings: Settings) -> str:
-    """What to tell the operator when the viewer files are missing."""
-    where = settings.viewer_dist or f"{DEFAULT_DIST} (in {Path.cwd()})"
-    return (f"the OHIF viewer is not installed: no index.html in {where}; run "
-            "scripts/fetch-ohif.sh in the source checkout (or set PACS_VIEWER_DIST). "
-            "DIMSE and DICOMweb run without it")
+    """What to tell the operator when the viewer files are missing: where they were
+    looked for and how to get them."""
+    looked = "; ".join(str(where) for where in dist_locations(settings))
+    return (f"the OHIF viewer is not installed: no index.html in {looked}. Run "
+            "scripts/fetch-ohif.sh in the source checkout (for a package installed from "
+            f"it: scripts/fetch-ohif.sh --prefix {sys.prefix}), or set PACS_VIEWER_DIST "
+            "to a folder holding OHIF's dist. DIMSE and DICOMweb run without it")
 
 
 def viewer_settings(settings: Settings) -> Settings:
@@ -92,6 +152,12 @@ def launch(settings: Settings, dist: Path,
                                    stdin=subprocess.DEVNULL)
     finally:
         sock.close()  # gunicorn holds its own copy
-    log.info("OHIF viewer on http://%s:%d/ (DICOMweb under /dicom-web)",
-             settings.bind_address, settings.viewer_port)
+    log.info("OHIF viewer on http://%s:%d/ (DICOMweb under /dicom-web), files in %s",
+             settings.bind_address, settings.viewer_port, _described(settings, dist))
     return process
+
+
+def _described(settings: Settings, dist: Path) -> str:
+    """``dist`` with the source it was found through, for the log."""
+    where = next((w for w in dist_locations(settings) if w.folder == dist), None)
+    return str(where) if where else str(dist)

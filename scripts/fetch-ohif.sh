@@ -8,26 +8,41 @@
 #   vendor/node/        npm playwright-core for tests/interop/test_ohif.py; it drives the
 #                       system's Chromium (Debian `chromium`), so no browser is downloaded.
 #
+# `pacs serve` looks for the dist in PACS_VIEWER_DIST when set, else in vendor/ohif/dist of
+# the source checkout it runs from, else in <sys.prefix>/share/pacs/ohif/dist of its
+# installation (docs/architecture.md, "Viewer"); none of these depends on the folder it
+# is started in.
+#
 # Idempotent: a second run sees the version stamps and returns at once.
 # Versions can be changed with OHIF_VERSION / PLAYWRIGHT_VERSION.  Options:
-#   --force        fetch again even when present
-#   --viewer-only  only the OHIF dist (the Docker build; no test tool)
+#   --force          fetch again even when present
+#   --viewer-only    only the OHIF dist (the Docker build; no test tool)
+#   --prefix PREFIX  put the dist in PREFIX/share/pacs/ohif/dist instead of vendor/ohif/dist,
+#                    for pacs installed (not editable) into PREFIX, e.g. a virtualenv:
+#                    scripts/fetch-ohif.sh --viewer-only --prefix "$(python -c 'import sys; print(sys.prefix)')"
 set -euo pipefail
+
+OHIF_DIR=vendor/ohif
+prefix=""
+force=false
+viewer_only=false
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --force) force=true ;;
+        --viewer-only) viewer_only=true ;;
+        --prefix)
+            [ $# -ge 2 ] || { echo "fetch-ohif: --prefix needs a folder" >&2; exit 2; }
+            prefix="$(mkdir -p "$2" && cd "$2" && pwd)"; shift ;;
+        *) echo "usage: $0 [--force] [--viewer-only] [--prefix PREFIX]" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [ -n "$prefix" ]; then OHIF_DIR="$prefix/share/pacs/ohif"; fi
 cd "$(dirname "$0")/.."
 
 OHIF_VERSION="${OHIF_VERSION:-3.13.2}"
 PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.65.1}"
-OHIF_DIR=vendor/ohif
 NODE_DIR=vendor/node
-force=false
-viewer_only=false
-for arg in "$@"; do
-    case "$arg" in
-        --force) force=true ;;
-        --viewer-only) viewer_only=true ;;
-        *) echo "usage: $0 [--force] [--viewer-only]" >&2; exit 2 ;;
-    esac
-done
 
 if ! command -v npm >/dev/null 2>&1; then
     echo "fetch-ohif: npm not found; installing Debian's npm" >&2

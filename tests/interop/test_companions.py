@@ -1,5 +1,6 @@
 """``pacs serve`` with its companions: the upload watcher, the health endpoint, ``pacs
-status``, and a node that runs on without the OHIF files."""
+status``, a node that runs on without the OHIF files, and one that finds them next to
+its source checkout while started in another folder."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pydicom
 import pytest
 
-from tests.conftest import sample
+from tests.conftest import sample, wait_for_port
 from tests.interop.conftest import Node, listening
+
+#: The OHIF dist of this checkout (scripts/fetch-ohif.sh).
+CHECKOUT_DIST = Path(__file__).resolve().parents[2] / "vendor" / "ohif" / "dist"
 
 pytestmark = pytest.mark.interop
 
@@ -76,3 +81,23 @@ def test_files_dropped_in_the_upload_folder_are_stored_or_set_aside(node: Node) 
     as_json = json.loads(node.cli("status", "--json").stdout)
     assert as_json["status"] == "ok"
     assert as_json["store_bytes"] == as_json["indexed_bytes"] > 0
+
+
+def test_the_viewer_is_found_from_any_working_folder(
+        node_factory: Callable[..., Node]) -> None:
+    # As a service manager starts it: another working folder, no PACS_VIEWER_DIST (the
+    # node's environment drops every PACS_ variable of ours). The viewer comes from the
+    # checkout pacs is installed from (an editable install).
+    assert (CHECKOUT_DIST / "index.html").is_file(), "run scripts/fetch-ohif.sh"
+    anywhere = node_factory("viewer-anywhere", PACS_UPLOADS_POLL="0")
+    assert "PACS_VIEWER_DIST" not in anywhere.env
+    assert not (anywhere.root / "vendor").exists()
+    port = int(anywhere.env["PACS_VIEWER_PORT"])
+    wait_for_port(port, timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+        assert response.status == 200
+        assert response.read() == (CHECKOUT_DIST / "index.html").read_bytes()
+    assert f"files in {CHECKOUT_DIST} (from the source checkout)" in anywhere.log()
+    status = anywhere.cli("status")
+    assert f"viewer: {CHECKOUT_DIST} (from the source checkout)" in status.stdout, (
+        status.stdout + status.stderr)
