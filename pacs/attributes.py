@@ -8,6 +8,13 @@ Key types are those of the Patient Root and Study Root Query/Retrieve informatio
 models (PS3.4 C.6.1.1 and C.6.2.1): ``U`` unique, ``R`` required, ``O`` optional.
 Computed attributes are the additional Query/Retrieve attributes of PS3.4 C.3.4
 (Table C.3-1); they have no column and are computed by the query compiler.
+
+Attributes of patients are attributes of studies (PS3.4 C.3.2), and two studies of
+one Patient ID may carry different names or birth dates.  A patient attribute marked
+``per_study`` therefore has a column in two tables: the study row keeps the value as
+sent in that study, which every query at STUDY level and below reads and matches
+(:func:`table_of`); the patient row keeps the latest value received, which the
+Patient Root PATIENT level answers.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ class Attribute:
         Index column, or ``None`` for computed attributes.
     multi :
         Values may be multiple (stored joined by ``\\``; PS3.4 C.2.2.3 matching).
+    per_study :
+        A patient attribute whose value each study row also holds, as sent in that
+        study (PS3.4 C.3.2; see the module docstring and :func:`table_of`).
     """
 
     keyword: str
@@ -60,6 +70,7 @@ class Attribute:
     key: str
     column: str | None
     multi: bool = False
+    per_study: bool = False
 
     @property
     def computed(self) -> bool:
@@ -70,16 +81,22 @@ class Attribute:
 P, S, SE, I = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
 
 ATTRIBUTES: tuple[Attribute, ...] = (
-    # Patient level (PS3.4 Table C.6-1; in Study Root these sit at STUDY level, C.6-5).
-    Attribute("PatientName", 0x00100010, P, "PN", "R", "patient_name"),
-    Attribute("PatientID", 0x00100020, P, "LO", "U", "patient_id"),
-    Attribute("IssuerOfPatientID", 0x00100021, P, "LO", "O", "issuer_of_patient_id"),
-    Attribute("PatientBirthDate", 0x00100030, P, "DA", "O", "patient_birth_date"),
-    Attribute("PatientBirthTime", 0x00100032, P, "TM", "O", "patient_birth_time"),
-    Attribute("PatientSex", 0x00100040, P, "CS", "O", "patient_sex"),
-    Attribute("OtherPatientIDs", 0x00101000, P, "LO", "O", "other_patient_ids", multi=True),
-    Attribute("EthnicGroup", 0x00102160, P, "SH", "O", "ethnic_group"),
-    Attribute("PatientComments", 0x00104000, P, "LT", "O", "patient_comments"),
+    # Patient level (PS3.4 Table C.6-1; in Study Root these sit at STUDY level, C.6-5):
+    # each one with a column is kept per study as well (PS3.4 C.3.2).
+    Attribute("PatientName", 0x00100010, P, "PN", "R", "patient_name", per_study=True),
+    Attribute("PatientID", 0x00100020, P, "LO", "U", "patient_id", per_study=True),
+    Attribute("IssuerOfPatientID", 0x00100021, P, "LO", "O", "issuer_of_patient_id",
+              per_study=True),
+    Attribute("PatientBirthDate", 0x00100030, P, "DA", "O", "patient_birth_date",
+              per_study=True),
+    Attribute("PatientBirthTime", 0x00100032, P, "TM", "O", "patient_birth_time",
+              per_study=True),
+    Attribute("PatientSex", 0x00100040, P, "CS", "O", "patient_sex", per_study=True),
+    Attribute("OtherPatientIDs", 0x00101000, P, "LO", "O", "other_patient_ids",
+              multi=True, per_study=True),
+    Attribute("EthnicGroup", 0x00102160, P, "SH", "O", "ethnic_group", per_study=True),
+    Attribute("PatientComments", 0x00104000, P, "LT", "O", "patient_comments",
+              per_study=True),
     Attribute("NumberOfPatientRelatedStudies", 0x00201200, P, "IS", "O", None),
     Attribute("NumberOfPatientRelatedSeries", 0x00201202, P, "IS", "O", None),
     Attribute("NumberOfPatientRelatedInstances", 0x00201204, P, "IS", "O", None),
@@ -174,6 +191,28 @@ UNIQUE_KEY: dict[Level, Attribute] = {
 def stored(level: Level) -> tuple[Attribute, ...]:
     """The attributes of ``level`` that have an index column, in table order."""
     return tuple(a for a in ATTRIBUTES if a.level is level and not a.computed)
+
+
+def table_attributes(level: Level) -> tuple[Attribute, ...]:
+    """The attributes with a column in ``level``'s table: its own (:func:`stored`) and,
+    in the study table, the study's copies of the ``per_study`` patient attributes."""
+    own = stored(level)
+    if level is not Level.STUDY:
+        return own
+    return tuple(a for a in stored(Level.PATIENT) if a.per_study) + own
+
+
+def table_of(attribute: Attribute, query_level: Level) -> Level:
+    """The level whose table holds the value of ``attribute`` that a query at
+    ``query_level`` reads and matches.
+
+    At STUDY level and below, a ``per_study`` patient attribute is the study's own
+    value (PS3.4 C.3.2; in Study Root the patient's keys are keys of the study,
+    C.6.2.1); at PATIENT level it is the patient row's latest value (C.6.1.1).
+    """
+    if attribute.per_study and query_level.depth >= Level.STUDY.depth:
+        return Level.STUDY
+    return attribute.level
 
 
 def case_folded_column(attribute: Attribute) -> str | None:

@@ -10,22 +10,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pacs.attributes import BY_KEYWORD, UNIQUE_KEY, Attribute, Level, case_folded_column
+from pacs.attributes import (
+    BY_KEYWORD,
+    UNIQUE_KEY,
+    Attribute,
+    Level,
+    case_folded_column,
+    table_of,
+)
 from pacs.query.model import Constraint, Match, Query, Term
 
 _PARENT = {Level.STUDY: Level.PATIENT, Level.SERIES: Level.STUDY, Level.IMAGE: Level.SERIES}
 _FK = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.IMAGE: "series_pk"}
 
-#: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.
+#: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.  ``{patient}`` is
+#: the patient's key as the query level reaches it (:data:`_PATIENT_KEY`).
 _COMPUTED = {
     "NumberOfPatientRelatedStudies":
-        "(SELECT count(*) FROM study s WHERE s.patient_pk = patient.pk)",
+        "(SELECT count(*) FROM study s WHERE s.patient_pk = {patient})",
     "NumberOfPatientRelatedSeries":
         "(SELECT count(*) FROM series se JOIN study s ON s.pk = se.study_pk "
-        "WHERE s.patient_pk = patient.pk)",
+        "WHERE s.patient_pk = {patient})",
     "NumberOfPatientRelatedInstances":
         "(SELECT count(*) FROM instance i JOIN series se ON se.pk = i.series_pk "
-        "JOIN study s ON s.pk = se.study_pk WHERE s.patient_pk = patient.pk)",
+        "JOIN study s ON s.pk = se.study_pk WHERE s.patient_pk = {patient})",
     "NumberOfStudyRelatedSeries":
         "(SELECT count(*) FROM series se WHERE se.study_pk = study.pk)",
     "NumberOfStudyRelatedInstances":
@@ -41,6 +49,10 @@ _COMPUTED = {
         "FROM instance i JOIN series se ON se.pk = i.series_pk "
         "WHERE se.study_pk = study.pk ORDER BY 1))",
 }
+
+#: The patient's key without joining the patient table: below PATIENT level the study
+#: row holds it.
+_PATIENT_KEY = {Level.PATIENT: "patient.pk"}
 
 #: Matching on a computed attribute is matching on the stored attribute it summarises.
 _COMPUTED_MATCH = {"ModalitiesInStudy": "Modality", "SOPClassesInStudy": "SOPClassUID"}
@@ -70,11 +82,19 @@ def glob_wildcard(pattern: str) -> str:
     return "".join("[[]" if c == "[" else c for c in pattern)
 
 
-def from_clause(level: Level) -> str:
-    """The query level's table joined to every level above it."""
+def column_of(attribute: Attribute, query_level: Level) -> str:
+    """The ``table.column`` a query at ``query_level`` reads for ``attribute``: for the
+    patient attributes kept per study, the study's own value below PATIENT level."""
+    return f"{table_of(attribute, query_level).table}.{attribute.column}"
+
+
+def from_clause(level: Level, patient: bool = False) -> str:
+    """The query level's table joined to the levels above it up to STUDY, and to the
+    patient table only with ``patient``: the study row holds the patient's key and its
+    own copies of the patient attributes."""
     clause = level.table
     current = level
-    while current in _PARENT:
+    while current in _PARENT and (patient or current is not Level.STUDY):
         parent = _PARENT[current]
         clause += f" JOIN {parent.table} ON {parent.table}.pk = {current.table}.{_FK[current]}"
         current = parent
@@ -102,13 +122,14 @@ class _Where:
             if attribute.level.depth > query_level.depth:
                 conditions.append(self._exists(query_level, attribute, term))
             else:
-                conditions.append(self._term(attribute, term, attribute.level.table))
+                conditions.append(
+                    self._term(attribute, term, table_of(attribute, query_level).table))
         condition = "(" + joiner.join(conditions) + ")"
         if attribute.key == "R" and attribute.level.depth <= query_level.depth and not any(
                 t.match is Match.EMPTY for t in constraint.terms):
             # C.2.2.1.2 / Orthanc #90: an entity whose Required key is unknown (empty)
             # matches any value of that key.
-            condition = f"({attribute.level.table}.{attribute.column} IS NULL OR {condition})"
+            condition = f"({column_of(attribute, query_level)} IS NULL OR {condition})"
         self.parts.append(condition)
 
     def _exists(self, query_level: Level, attribute: Attribute, term: Term) -> str:
@@ -220,13 +241,28 @@ def _select(query: Query) -> tuple[list[str], list[str]]:
         if attribute.computed:
             if attribute.level.depth > query.level.depth:
                 continue  # e.g. NumberOfSeriesRelatedInstances asked at STUDY level
-            expressions.append(_COMPUTED[attribute.keyword])
+            expressions.append(_COMPUTED[attribute.keyword].format(
+                patient=_PATIENT_KEY.get(query.level, "study.patient_pk")))
         elif attribute.level.depth <= query.level.depth:
-            expressions.append(f"{attribute.level.table}.{attribute.column}")
+            expressions.append(column_of(attribute, query.level))
         else:
             continue  # a lower level's value has no single answer for this entity
         keywords.append(attribute.keyword)
     return expressions, keywords
+
+
+def _reads_patient_table(query: Query) -> bool:
+    """True when a query below PATIENT level reads a column only the patient row has
+    (a patient attribute not kept per study)."""
+    if query.level is Level.PATIENT:
+        return False
+    wanted = [UNIQUE_KEY[Level.PATIENT], *query.return_keys,
+              *(c.attribute for c in query.constraints)]
+    return any(table_of(a, query.level) is Level.PATIENT and not a.computed for a in wanted)
+
+
+def _from(query: Query) -> str:
+    return from_clause(query.level, _reads_patient_table(query))
 
 
 def _where(query: Query, pn_case_sensitive: bool) -> _Where:
@@ -262,7 +298,7 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
     if page is not None:
         where.parts.append(f"{key} > ? AND {key} <= ?")
         where.params += [page.after, page.upto]
-    sql = (f"SELECT {', '.join(expressions)} FROM {from_clause(query.level)}"
+    sql = (f"SELECT {', '.join(expressions)} FROM {_from(query)}"
            f"{_where_sql(where)} ORDER BY {key}")
     params = list(where.params)
     if page is not None:
@@ -277,7 +313,7 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
 def compile_count(query: Query, pn_case_sensitive: bool = False, cap: int | None = None) -> Compiled:
     """How many entities match (counting stops after ``cap`` + 1)."""
     where = _where(query, pn_case_sensitive)
-    inner = f"SELECT 1 FROM {from_clause(query.level)}{_where_sql(where)}"
+    inner = f"SELECT 1 FROM {_from(query)}{_where_sql(where)}"
     params = list(where.params)
     if cap is not None:
         inner += " LIMIT ?"
@@ -294,6 +330,6 @@ def compile_instances(query: Query, pn_case_sensitive: bool = False) -> Compiled
     """The stored instances under the entities a query matches (for retrieval)."""
     at_image = Query(level=Level.IMAGE, constraints=query.constraints, fuzzy=query.fuzzy)
     where = _where(at_image, pn_case_sensitive)
-    sql = (f"SELECT {', '.join(INSTANCE_REF_COLUMNS)} FROM {from_clause(Level.IMAGE)}"
+    sql = (f"SELECT {', '.join(INSTANCE_REF_COLUMNS)} FROM {_from(at_image)}"
            f"{_where_sql(where)} ORDER BY study.pk, series.pk, instance.pk")
     return Compiled(sql, tuple(where.params), tuple(INSTANCE_REF_COLUMNS))

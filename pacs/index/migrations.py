@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import json
+
 import apsw
+from pydicom.dataset import Dataset
 
 from pacs.attributes import Attribute, Level, case_folded_column, stored
+from pacs.dataset import extract
 
 #: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
 APPLICATION_ID = 0x50414353
@@ -115,8 +119,58 @@ def _added_attributes(conn: apsw.Connection) -> None:
                 conn.execute(f"ALTER TABLE {level.table} ADD COLUMN {column}")
 
 
+def _study_copies(conn: apsw.Connection) -> None:
+    """Each study's own copy of the ``per_study`` patient attributes (PS3.4 C.3.2).
+
+    Queries at STUDY level and below read these columns (``pacs.attributes.table_of``).
+    Existing studies get the values of their newest instance that has a metadata row
+    (the DICOM JSON kept at ingest, read back through the ingest's own extraction), and
+    otherwise those of their patient row: the values the index held for them before.
+    """
+    copies = tuple(a for a in stored(Level.PATIENT) if a.per_study)
+    existing = {row[1] for row in conn.execute("PRAGMA table_info(study)")}
+    names = []
+    for column in _columns(copies, _IDENTITY[Level.STUDY]):
+        name = column.split()[0]
+        names.append(name)
+        if name not in existing:
+            conn.execute(f"ALTER TABLE study ADD COLUMN {column}")
+    for name in names:
+        if name in _INDEXED:
+            conn.execute(f"CREATE INDEX IF NOT EXISTS study_{name} ON study({name})")
+    listed = ", ".join(names)
+    conn.execute(f"UPDATE study SET ({listed}) = (SELECT {listed} FROM patient "
+                 "WHERE patient.pk = study.patient_pk)")
+    _copies_from_metadata(conn, copies, names)
+
+
+def _copies_from_metadata(conn: apsw.Connection, copies: tuple[Attribute, ...],
+                          names: list[str]) -> None:
+    """Study copies from the newest instance's stored DICOM JSON, where there is one."""
+    keys = [f"{a.tag:08X}" for a in copies]
+    paths = ", ".join("?" * len(keys))
+    found = conn.execute(
+        f"SELECT study.pk, (SELECT json_extract(m.json, {paths}) FROM series "
+        "JOIN instance ON instance.series_pk = series.pk "
+        "JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
+        "WHERE series.study_pk = study.pk ORDER BY instance.pk DESC LIMIT 1) FROM study",
+        tuple(f'$."{key}"' for key in keys)).fetchall()
+    update = (f"UPDATE study SET ({', '.join(names)}) = ({', '.join('?' * len(names))}) "
+              "WHERE pk = ?")
+    for study_pk, elements in found:
+        if elements is None:
+            continue
+        try:
+            document = {key: element for key, element in zip(keys, json.loads(elements))
+                        if isinstance(element, dict)}
+            values = extract(Dataset.from_json(document), Level.PATIENT)
+        except Exception:  # noqa: BLE001 - a value that does not read keeps the patient's
+            continue
+        conn.execute(update, (*(values.get(name) for name in names), study_pk))
+
+
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
-    _initial, _instance_metadata, _added_attributes)
+    _initial, _instance_metadata, _added_attributes, _study_copies)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -11,7 +11,7 @@ from functools import cache
 
 import apsw
 
-from pacs.attributes import Level, case_folded_column, stored
+from pacs.attributes import Level, case_folded_column, table_attributes
 
 _PARENT_FK = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.IMAGE: "series_pk"}
 _IDENTITY = {Level.PATIENT: "patient_key", Level.STUDY: "study_uid",
@@ -38,7 +38,8 @@ class StoredInstance:
 
 @dataclass(frozen=True)
 class InstanceRow:
-    """Everything to index for one instance: values by column for each level."""
+    """Everything to index for one instance: values by column for each level (the
+    study row takes its copies of the patient attributes from the patient's)."""
 
     patient_key: str
     values: dict[Level, dict[str, str | None]]
@@ -52,7 +53,7 @@ class InstanceRow:
 
 def _level_columns(level: Level) -> list[str]:
     columns = []
-    for attribute in stored(level):
+    for attribute in table_attributes(level):
         if attribute.column == _IDENTITY[level]:
             continue
         columns.append(attribute.column or "")
@@ -84,7 +85,9 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
     """Insert or update the instance and its patient, study and series.
 
     The newest object wins for the attributes of every level (as Orthanc and dcm4chee
-    do by default); parents left without children are removed.
+    do by default): the patient row holds the patient attributes received last, and
+    the study row its own copy of them, as sent in that study (PS3.4 C.3.2).  Parents
+    left without children are removed.
     """
     # The parents the instance had before, to prune them if this update empties them.
     old_parents = conn.execute(
@@ -92,8 +95,11 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
         (row.values[Level.IMAGE]["sop_uid"],),
     ).fetchone()
     parent_pk: int | None = None
+    patient_pk: int | None = None
     for level in Level:
         values = dict(row.values[level])
+        if level is Level.STUDY:
+            values.update(row.values[Level.PATIENT])
         values["patient_key"] = row.patient_key
         if level in _PARENT_FK:
             values[_PARENT_FK[level]] = parent_pk  # type: ignore[assignment]
@@ -103,18 +109,40 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
                           received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
         parent_pk = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()[0]
+        if level is Level.PATIENT:
+            patient_pk = parent_pk
     if old_parents is not None:
-        prune(conn, *old_parents)
+        prune(conn, *old_parents, written=patient_pk)
 
 
-def prune(conn: apsw.Connection, series_pk: int, study_pk: int, patient_pk: int) -> None:
-    """Delete the given series, study and patient when they are left empty."""
+@cache
+def _refresh_patient_sql() -> str:
+    """The patient row's attributes from its remaining study created last."""
+    copied = set(_level_columns(Level.STUDY))
+    listed = ", ".join(c for c in _level_columns(Level.PATIENT) if c in copied)
+    return (f"UPDATE patient SET ({listed}) = (SELECT {listed} FROM study "
+            "WHERE study.patient_pk = patient.pk ORDER BY study.pk DESC LIMIT 1) "
+            "WHERE pk = ?")
+
+
+def prune(conn: apsw.Connection, series_pk: int, study_pk: int, patient_pk: int,
+          written: int | None = None) -> None:
+    """Delete the given series, study and patient when they are left empty.
+
+    ``written`` is the patient row an upsert just wrote, which holds the latest values
+    received.  Any other patient that loses a study, or an instance to another
+    patient, but keeps studies takes its attributes from the one of them created
+    last, so that the values of what it no longer has do not outlive it there.
+    """
     conn.execute("DELETE FROM series WHERE pk = ? AND NOT EXISTS "
                  "(SELECT 1 FROM instance WHERE series_pk = ?)", (series_pk, series_pk))
     conn.execute("DELETE FROM study WHERE pk = ? AND NOT EXISTS "
                  "(SELECT 1 FROM series WHERE study_pk = ?)", (study_pk, study_pk))
+    lost = conn.changes() > 0 or written is not None
     conn.execute("DELETE FROM patient WHERE pk = ? AND NOT EXISTS "
                  "(SELECT 1 FROM study WHERE patient_pk = ?)", (patient_pk, patient_pk))
+    if lost and conn.changes() == 0 and patient_pk != written:
+        conn.execute(_refresh_patient_sql(), (patient_pk,))
 
 
 def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:

@@ -10,6 +10,8 @@ import pytest
 
 from pacs.attributes import BY_KEYWORD, Level
 from pacs.errors import Cancelled, QueryLimitExceeded
+from pacs.index import writer
+from pacs.index.compiler import compile_count, compile_find, compile_instances
 from pacs.query.matching import constraint
 from pacs.query.model import Query
 from pacs.services import Services
@@ -279,3 +281,110 @@ def test_person_name_groups(services: Services) -> None:
         assert _accessions(_find(services, PatientName=value)) == ["J1"], value
     for value in ("Yamada", "=山田", "Tarou*"):
         assert _accessions(_find(services, PatientName=value)) == [], value
+
+
+# Attributes of patients are attributes of studies (PS3.4 C.3.2): two studies of one
+# Patient ID, each sent with its own name, birth date, sex and other IDs.
+OWN = {
+    "B1": {"PatientName": "OLD^NAME", "PatientBirthDate": "19700101", "PatientSex": "F",
+           "OtherPatientIDs": "X1", "PatientComments": "first"},
+    "B2": {"PatientName": "NEW^NAME", "PatientBirthDate": "19710202", "PatientSex": "M",
+           "OtherPatientIDs": "X2\\X3", "PatientComments": "second"},
+}
+_PATIENT_KEYS = tuple(BY_KEYWORD[k] for k in (
+    "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs", "PatientComments"))
+
+
+def _load_own(services: Services) -> None:
+    for n, (accession, attributes) in enumerate(OWN.items()):
+        study = f"1.2.826.0.1.3680043.10.543.9{n}"
+        for i in range(2):
+            services.ingest.store_bytes(make_instance(
+                PatientID="P9", AccessionNumber=accession, StudyInstanceUID=study,
+                SeriesInstanceUID=f"{study}.1", SOPInstanceUID=f"{study}.1.{i + 1}",
+                **attributes))
+
+
+def _own(services: Services, level: Level, **keys: str) -> list[dict[str, str | None]]:
+    constraints = tuple(c for c in (constraint(BY_KEYWORD[k], v) for k, v in keys.items()) if c)
+    query = Query(level=level, constraints=constraints,
+                  return_keys=(*_PATIENT_KEYS, BY_KEYWORD["AccessionNumber"]))
+    return [r.values for r in services.engine.find(query)]
+
+
+@pytest.mark.parametrize("level", [Level.STUDY, Level.SERIES, Level.IMAGE])
+def test_each_study_answers_with_its_own_patient_attributes(services: Services,
+                                                            level: Level) -> None:
+    _load_own(services)
+    rows = _own(services, level)
+    assert len(rows) == {Level.STUDY: 2, Level.SERIES: 2, Level.IMAGE: 4}[level]
+    for row in rows:
+        assert row["PatientID"] == "P9"
+        assert {k: row[k] for k in OWN["B1"]} == OWN[row["AccessionNumber"]]
+
+
+@pytest.mark.parametrize("level", [Level.STUDY, Level.SERIES, Level.IMAGE])
+@pytest.mark.parametrize("keys, accession", [
+    ({"PatientName": "OLD^NAME"}, "B1"),
+    ({"PatientName": "new*"}, "B2"),
+    ({"PatientBirthDate": "1970"}, "B1"),
+    ({"PatientSex": "M"}, "B2"),
+    ({"OtherPatientIDs": "X3"}, "B2"),
+    ({"PatientID": "P9", "PatientComments": "first"}, "B1"),
+])
+def test_patient_keys_match_each_study_on_its_own_values(
+        services: Services, level: Level, keys: dict[str, str], accession: str) -> None:
+    _load_own(services)
+    rows = _own(services, level, **keys)
+    assert rows and {r["AccessionNumber"] for r in rows} == {accession}
+
+
+def test_retrieve_by_patient_name_selects_that_study(services: Services) -> None:
+    _load_own(services)
+    query = Query(level=Level.STUDY, constraints=(
+        constraint(BY_KEYWORD["PatientName"], "OLD^NAME"),))
+    assert {r.study_uid for r in services.engine.instances(query)} == {
+        "1.2.826.0.1.3680043.10.543.90"}
+
+
+def test_patient_level_answers_the_latest_values(services: Services) -> None:
+    _load_own(services)
+    rows = _own(services, Level.PATIENT)
+    assert len(rows) == 1
+    assert {k: rows[0][k] for k in OWN["B2"]} == OWN["B2"]
+    assert len(_own(services, Level.PATIENT, PatientName="NEW^NAME")) == 1
+    assert _own(services, Level.PATIENT, PatientName="OLD^NAME") == []
+
+
+def test_a_removed_study_leaves_the_patient_row_to_the_remaining_one(
+        services: Services) -> None:
+    _load_own(services)
+    with services.index.write() as conn:
+        for i in (1, 2):
+            writer.delete_instance(conn, f"1.2.826.0.1.3680043.10.543.91.1.{i}")
+    rows = _own(services, Level.PATIENT)
+    assert [{k: r[k] for k in OWN["B1"]} for r in rows] == [OWN["B1"]]
+
+
+def test_a_study_moved_to_another_patient_leaves_its_values_behind(
+        services: Services) -> None:
+    _load_own(services)
+    study = "1.2.826.0.1.3680043.10.543.91"
+    for i in (1, 2):  # the newest study re-sent under another Patient ID
+        services.ingest.store_bytes(make_instance(
+            PatientID="P10", AccessionNumber="B2", StudyInstanceUID=study,
+            SeriesInstanceUID=f"{study}.1", SOPInstanceUID=f"{study}.1.{i}", **OWN["B2"]))
+    patients = {r["PatientID"]: r for r in _own(services, Level.PATIENT)}
+    assert patients["P9"]["PatientName"] == "OLD^NAME"
+    assert patients["P10"]["PatientName"] == "NEW^NAME"
+    assert [r["PatientID"] for r in _own(services, Level.STUDY)] == ["P9", "P10"]
+
+
+@pytest.mark.parametrize("level", [Level.STUDY, Level.SERIES, Level.IMAGE])
+def test_no_patient_join_below_patient_level(level: Level) -> None:
+    returns = tuple(a for a in BY_KEYWORD.values()
+                    if a.level.depth <= level.depth and a.keyword != "PatientName")
+    query = Query(level=level, return_keys=returns, constraints=(
+        constraint(BY_KEYWORD["PatientName"], "DOE*"),))  # type: ignore[arg-type]
+    for compiled in (compile_find(query), compile_count(query), compile_instances(query)):
+        assert "JOIN patient" not in compiled.sql

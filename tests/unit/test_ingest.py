@@ -53,7 +53,7 @@ def test_store_writes_object_and_index(services: Services, memory_store: MemoryS
     conn = services.index.connection()
     assert writer.counts(conn) == {"patient": 1, "study": 1, "series": 1, "instance": 1}
     name, folded, ae = conn.execute(
-        "SELECT patient_name, patient_name_folded, calling_ae FROM patient "
+        "SELECT patient.patient_name, patient.patient_name_folded, calling_ae FROM patient "
         "JOIN study ON study.patient_pk = patient.pk JOIN series ON series.study_pk = study.pk "
         "JOIN instance ON instance.series_pk = series.pk").fetchone()
     assert name == "CompressedSamples^CT1"

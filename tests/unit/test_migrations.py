@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import apsw
 import pytest
 
-from pacs.attributes import ATTRIBUTES, Level, case_folded_column
+from pacs.attributes import ATTRIBUTES, Level, case_folded_column, table_attributes
 from pacs.index.connection import connect
 from pacs.index.migrations import APPLICATION_ID, MIGRATIONS, migrate
+from pacs.services import Services
+from tests.factory import make_instance
 
 
 def test_fresh_index(tmp_path: Path) -> None:
@@ -48,3 +51,70 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.pragma("user_version", len(MIGRATIONS) + 1)
     with pytest.raises(RuntimeError, match="newer"):
         migrate(conn)
+
+
+def _study_copies(conn: apsw.Connection) -> dict[str, tuple]:
+    names = [c for a in table_attributes(Level.STUDY) if a.level is Level.PATIENT
+             for c in (a.column, case_folded_column(a)) if c]
+    rows = conn.execute(f"SELECT accession_number, {', '.join(names)} FROM study").fetchall()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def _as_before_the_study_copies(conn: apsw.Connection) -> None:
+    """The index as schema 3 left it: no study copies of the patient attributes."""
+    copies = [c for a in table_attributes(Level.STUDY) if a.level is Level.PATIENT
+              for c in (a.column, case_folded_column(a)) if c]
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND "
+                                "tbl_name = 'study' AND name LIKE 'study_patient%'").fetchall():
+        if name != "study_patient":
+            conn.execute(f"DROP INDEX {name}")
+    for column in copies:
+        conn.execute(f"ALTER TABLE study DROP COLUMN {column}")
+    conn.pragma("user_version", 3)
+
+
+def test_study_copies_of_patient_attributes_are_filled_for_existing_studies(
+        services: Services) -> None:
+    """Schema 4: each existing study gets its own patient attributes from its stored
+    metadata (or, without a metadata row, the patient row's values)."""
+    own = {
+        "B1": {"PatientName": "Yamada^Tarou=山田^太郎=やまだ^たろう",
+               "PatientBirthDate": "19700101", "PatientSex": "F", "OtherPatientIDs": "X1\\X2",
+               "PatientComments": "a\\b", "IssuerOfPatientID": "HOSP"},
+        "B2": {"PatientName": "NEW^NAME", "PatientBirthDate": "19710202", "PatientSex": "M",
+               "IssuerOfPatientID": "HOSP"},
+        "B3": {"PatientName": "THIRD^NAME", "PatientBirthDate": "19720303",
+               "IssuerOfPatientID": "HOSP"},
+    }
+    for accession, attributes in own.items():
+        services.ingest.store_bytes(make_instance(PatientID="P9", AccessionNumber=accession,
+                                                  **attributes))
+    conn = services.index.connection()
+    expected = _study_copies(conn)
+    assert expected["B1"][0] == own["B1"]["PatientName"]  # each study its own, as ingested
+    patient = conn.execute("SELECT patient_name FROM patient").fetchall()
+    assert patient == [("THIRD^NAME",)]
+    with services.index.write() as conn:
+        conn.execute("DELETE FROM instance_metadata WHERE instance_pk IN (SELECT instance.pk "
+                     "FROM instance JOIN series ON series.pk = instance.series_pk JOIN study "
+                     "ON study.pk = series.study_pk WHERE accession_number = 'B2')")
+        _as_before_the_study_copies(conn)
+    conn = services.index.connection()
+    assert migrate(conn) == len(MIGRATIONS)
+    migrated = _study_copies(conn)
+    assert migrated["B1"] == expected["B1"]
+    assert migrated["B3"] == expected["B3"]
+    assert migrated["B2"] == expected["B3"]  # no metadata row: the patient row's values
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(study)")}
+    assert {"study_patient_id", "study_patient_name", "study_patient_name_folded",
+            "study_patient_birth_date"} <= indexes
+
+
+def test_study_copies_migrate_an_empty_index_of_schema_3(tmp_path: Path) -> None:
+    conn = connect(tmp_path / "i.sqlite")
+    for number, migration in enumerate(MIGRATIONS[:3]):
+        migration(conn)
+        conn.pragma("user_version", number + 1)
+    assert migrate(conn) == len(MIGRATIONS)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(study)")}
+    assert {a.column for a in table_attributes(Level.STUDY)} <= columns
