@@ -1,7 +1,8 @@
 """Store one instance: the single ingest path of C-STORE, ``pacs import``, STOW-RS and
 the upload folder.
 
-Order of operations, which is what makes a success durable (DESIGN.md section 4):
+Order of operations, which is what makes a success durable (docs/architecture.md,
+"Guarantees"):
 
 1. read the header and prove the object whole (no pixel decoding, no re-encoding), and
    compute what the index needs (:func:`analyse`, before any lock);
