@@ -1,7 +1,8 @@
 """Object storage behind one small interface.
 
 A store knows keys and bytes, nothing of DICOM.  Keys are derived only from validated
-UIDs (DESIGN.md section 3): ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+UIDs (docs/architecture.md, "Data layout"):
+``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 inside the customer's own area (its folder, or its prefix in the bucket).
 
 Contract, checked by ``tests/storage/test_storage_contract.py`` against every backend:
