@@ -2,9 +2,9 @@
 
 Objects live in one bucket under the customer's prefix: the key
 ``<Study>/<Series>/<SOP>.dcm`` is the object ``<customer>/<Study>/<Series>/<SOP>.dcm``,
-so customers sharing a bucket never share a key (DESIGN.md section 3).
+so customers sharing a bucket never share a key (docs/architecture.md, "Data layout").
 
-Choices that matter for the guarantees of DESIGN.md section 4:
+Choices that matter for the guarantees (docs/architecture.md, "Guarantees"):
 
 - Every request body carries ``Content-MD5``.  minio-py adds it by itself only over
   HTTPS; over plain HTTP it relies on the signed ``x-amz-content-sha256``, which not
