@@ -3,7 +3,7 @@
 Every connection gets the same treatment (apsw best practice): WAL so that readers in
 other processes (DIMSE workers, gunicorn workers) never block the writer,
 ``synchronous=FULL`` so that a commit is on disk before C-STORE success is sent
-(DESIGN.md section 4), foreign keys on, double-quoted string literals off, a busy
+(docs/architecture.md, "Guarantees"), foreign keys on, double-quoted string literals off, a busy
 timeout long enough for several writer processes, and migrations applied by
 ``user_version``.  Connections are per thread and per process: never carried across
 ``fork()``, and closed when their thread ends (:meth:`Index.connection`).
