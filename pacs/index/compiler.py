@@ -2,8 +2,8 @@
 
 No value is ever interpolated into SQL text: column names come from the attribute table
 and every operand is a ``?`` parameter.  Wildcards use ``GLOB`` (case-sensitive, with
-``[`` escaped), never ``LIKE``, whose ``%`` / ``_`` and case folding leak through
-(DESIGN.md section 5).  No I/O here: the engine runs what this builds.
+``[`` escaped), never ``LIKE``, whose ``%`` / ``_`` and case folding leak through.
+No I/O here: the engine runs what this builds.
 """
 
 from __future__ import annotations
