@@ -3,8 +3,8 @@
 Why not pynetdicom's own flow
 -----------------------------
 pynetdicom's Q/R service class takes a ``Dataset`` from the handler for every
-sub-operation, so every instance would be decoded and re-encoded (DESIGN.md sections 3
-and 5: objects are sent as stored), and it sets the Move Originator AE Title of the
+sub-operation, so every instance would be decoded and re-encoded (objects are sent as
+stored here), and it sets the Move Originator AE Title of the
 C-STORE sub-operations to its *own* AE title instead of the C-MOVE requestor's (PS3.7
 9.3.1.1).  :class:`RetrieveServiceClass` therefore replaces the two methods that run
 the sub-operations; :func:`install` makes pynetdicom use it for the Patient Root and
@@ -216,7 +216,7 @@ def destination_contexts(classes: Mapping[str, set[str]]) -> list[PresentationCo
 
 
 def _nodelay(event: Event) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the destination socket (DESIGN.md section 5), and
+    """EVT_CONN_OPEN: TCP_NODELAY on the destination socket (no Nagle delay per message), and
     blocked sends bounded by the DIMSE timeout (:func:`pacs.dimse.wire.bound_sends`)."""
     sock = event.assoc.dul.socket
     if sock is not None and sock.socket is not None:
