@@ -212,7 +212,7 @@ def to_retrieve_query(identifier: Dataset, model: str) -> Query:
 
 
 def response_charset(values: Iterable[str | None], requested: list[str] | None) -> list[str]:
-    """The character set of a response (C.4.1.1.3.2, DESIGN.md section 5).
+    """The character set of a response (PS3.4 C.4.1.1.3.2).
 
     The request's character set when it can represent every value (each character by
     one of its code elements); otherwise, or when the request named none, UTF-8
