@@ -13,7 +13,7 @@ Each pynetdicom association runs two threads that *poll*:
 While a handler parses and stores an instance, the two loops wake about a thousand
 times a second each and take the GIL from it; and every message waits up to a
 millisecond in each loop before anyone looks at it.  A profile of the node during ingest
-(docs/benchmarks.md) had more than half of the samples in these loops.
+had more than half of its samples in these loops.
 
 What this module changes
 ------------------------
