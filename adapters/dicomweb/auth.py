@@ -1,4 +1,4 @@
-"""Who may call the DICOMweb service (DESIGN.md section 4, "Access").
+"""Who may call the DICOMweb service (docs/architecture.md, "Guarantees").
 
 - Requests from this host (a loopback peer address) are answered without credentials:
   the README's quickstart and a viewer proxied on the same host just work.
