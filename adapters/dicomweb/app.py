@@ -6,7 +6,7 @@ it reads the settings and builds the services inside each worker process, after 
 fork, so no SQLite connection or S3 client ever crosses ``fork()``.
 
 Every route exists twice: at ``/`` (``/studies``) and under ``/dicom-web/``
-(``/dicom-web/studies``), the root OHIF and most proxies expect (DESIGN.md section 2).
+(``/dicom-web/studies``), the root OHIF and most proxies expect.
 
 =====================================================  ======  =========================
 route (below each prefix)                               method  transaction
@@ -182,7 +182,7 @@ def create_app(services: Services) -> falcon.App:
         if wado is not None:
             wado(_Collector(app, table), services, prefix)
     table.install(app)
-    # GET /health (issue 5): the node's quick health check, at the root only.
+    # GET /health: the node's quick health check, at the root only.
     health_route.add_route(app, services)
     return app
 
