@@ -121,8 +121,8 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     except OSError as exc:
         raise click.ClickException(f"cannot listen on port {settings.web_port}: {exc}")
     web.watch(stopping)
-    # Issue 5: the OHIF viewer server and the upload-folder watcher, optional companions
-    # that are restarted when they fail and never stop the node.
+    # The OHIF viewer server and the upload-folder watcher: optional companions that are
+    # restarted when they fail and never stop the node.
     from pacs.companions import start_companions
     companions = start_companions(
         settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}, stopping)
