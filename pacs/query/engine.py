@@ -1,8 +1,8 @@
 """The one query engine behind C-FIND, C-MOVE, C-GET, QIDO-RS and WADO-RS.
 
-Every query is bounded (docs/architecture.md, "Guarantees"): a row cap refuses results larger than
-``max_rows`` before anything is sent, a time limit (:class:`Deadline`) bounds the whole
-query — compiling, counting, executing, fetching and building the answers — and a
+Every query is bounded (docs/architecture.md, "Guarantees"): a row cap refuses results
+larger than ``max_rows`` before anything is sent, a time limit (:class:`Deadline`) bounds
+the whole query — compiling, counting, executing, fetching and building the answers — and a
 cancel callback (C-CANCEL, a closed HTTP connection) stops it inside SQLite's virtual
 machine.
 
