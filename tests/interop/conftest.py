@@ -33,10 +33,10 @@ from pydicom.uid import generate_uid
 
 from tests.conftest import free_port, sample
 
-#: Called AE title of the node (the default; DESIGN.md section 2).
+#: Called AE title of the node (the default).
 AE_TITLE = "INTELPIXEL"
 
-#: dcmtk tools honour TCP_NODELAY from the environment (DESIGN.md section 7).
+#: dcmtk tools honour TCP_NODELAY from the environment (bench/README.md, "Caveats").
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 #: Seconds a node may take to start listening, and to stop after SIGTERM.
@@ -155,7 +155,7 @@ def sha256(path: Path) -> str:
 
 
 def key_of(study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """The object key DESIGN.md section 3 prescribes."""
+    """The object key of an instance (docs/architecture.md, "Data layout")."""
     return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
 
