@@ -41,7 +41,7 @@ from tests.interop.conftest import (
 
 pytestmark = pytest.mark.interop
 
-#: The README's quickstart line (DESIGN.md section 2), run with the test node's port.
+#: The README's quickstart line, run with the test node's port.
 QUICKSTART = "dcmsend -v localhost 32773 -aec INTELPIXEL -aet ASTER +r +sd -nh test.dcm"
 
 DATA_ROOT = Path(pydicom.data.__file__).parent
