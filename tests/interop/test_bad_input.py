@@ -36,7 +36,7 @@ from tests.interop.conftest import (
 
 pytestmark = pytest.mark.interop
 
-#: A patient name that must never reach the server log (DESIGN.md section 4).
+#: A patient name that must never reach the server log.
 SECRET_NAME = "Interop^Secretpatient"
 
 CT_CLASS = str(CTImageStorage)
