@@ -1,5 +1,5 @@
 """The whole node on S3: ``pacs serve`` with PACS_STORAGE=s3 against a real SeaweedFS
-server (DESIGN.md section 7): dcmsend in, objects under the customer's prefix, C-GET and
+server: dcmsend in, objects under the customer's prefix, C-GET and
 WADO-RS back byte for byte; wrong credentials stop the node at start-up with a reason."""
 
 from __future__ import annotations
