@@ -1,6 +1,6 @@
 """OHIF v3 in headless Chromium against ``pacs serve``: the study list and the images.
 
-The real parts (DESIGN.md section 7): ``python -m pacs serve`` on free ports with a fresh
+The real parts: ``python -m pacs serve`` on free ports with a fresh
 data folder, studies sent with dcmtk's ``dcmsend``, the prebuilt OHIF from
 ``vendor/ohif/dist`` and npm ``playwright-core`` from ``vendor/node`` (both fetched by
 ``scripts/fetch-ohif.sh``), and Debian's ``chromium``.  ``ohif_check.mjs`` beside this
