@@ -34,7 +34,7 @@ from tests.interop.conftest import AE_TITLE, Node, assert_consistent, run_dcmtk
 
 pytestmark = pytest.mark.interop
 
-#: The README's quickstart search line (DESIGN.md section 2).
+#: The README's quickstart search line.
 QUICKSTART = "dicomweb_client --url http://localhost:5985 search studies"
 #: CT_small is ~39 KB: thirty of them pass dicomweb-client's 1 MB chunking threshold.
 CHUNKED_COUNT = 30
