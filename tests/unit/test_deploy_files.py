@@ -176,7 +176,7 @@ def test_pacs_paths_and_ports_match_the_volumes_and_the_image(services: dict[str
 
 
 def test_dicomweb_access_is_set_explicitly(services: dict[str, Any]) -> None:
-    # Requests reach the container from the compose network, not loopback (DESIGN.md 4).
+    # Requests reach the container from the compose network, not loopback.
     env = services["pacs"]["environment"]
     assert env["PACS_WEB_OPEN"] == "false"
     assert env["PACS_WEB_USER"].startswith("${PACS_WEB_USER:?")
