@@ -3,7 +3,7 @@
 The session fixture :func:`seaweed_s3` starts ``weed server`` (master, volume, filer
 and S3 gateway in one process) on free loopback ports in a temporary folder, waits
 until an object can be written, and kills it at the end of the session.  The tests use
-it as they would use MinIO (DESIGN.md section 7).  :class:`SeaweedServer` is the same
+it as they would use MinIO.  :class:`SeaweedServer` is the same
 server under a test's control, for the fault tests (stall, kill, start again).
 
 A missing ``weed`` binary fails the tests instead of skipping them: CI installs it.
