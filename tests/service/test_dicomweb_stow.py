@@ -115,7 +115,7 @@ def test_store_two_instances(client: testing.TestClient, services: Services,
     ds = uids(first)
     assert item["00081190"]["Value"][0].endswith(
         f"{prefix}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
-    # Stored exactly as sent (DESIGN.md section 3).
+    # Stored exactly as sent.
     for data in (first, second):
         ds = uids(data)
         key = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
