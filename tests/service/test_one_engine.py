@@ -1,5 +1,5 @@
-"""QIDO-RS and C-FIND give the same answers: one engine behind both edges (DESIGN.md
-section 1: "If C-FIND and QIDO ever disagree on the same data, that is a bug").
+"""QIDO-RS and C-FIND give the same answers: one engine behind both edges
+(docs/architecture.md: "If C-FIND and QIDO-RS disagree on the same data, that is a bug").
 
 The same archive is queried through a real pynetdicom SCU against our SCP (started
 in-process) and through falcon's test client; each query must return the same UIDs.
