@@ -622,7 +622,7 @@ def test_move_to_a_refusing_destination_is_a702(make_node: Callable[..., Node],
 def test_move_compressed_to_explicit_only_destination_decompresses(
         make_node: Callable[..., Node], destinations: Callable[..., Destination],
         requestors: Callable[..., Association]) -> None:
-    """Issue 3: a destination taking only Explicit VR Little Endian gets the compressed
+    """A destination taking only Explicit VR Little Endian gets the compressed
     test files decompressed, with the pixel data pydicom decodes from the originals."""
     dest = destinations("EXPLICIT", syntaxes=[ExplicitVRLittleEndian])
     node = make_node(dest)
