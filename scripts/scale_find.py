@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""C-FIND latency at 20,000 instances and at 1,000,000 instances (issue 3, "Scale").
+"""C-FIND latency at 20,000 instances and at 1,000,000 instances (docs/scale-find.md).
 
 Writes index rows directly through the index writer (no objects: C-FIND never reads
 them), in two data folders:
@@ -13,7 +13,7 @@ them), in two data folders:
 Then starts ``pacs serve`` on each folder and times the benchmark's six C-FIND queries
 with a pynetdicom SCU (one association per query type, one warm-up, then ``--reps``).
 
-    python scripts/scale_find.py --total 1000000 --out docs/scale-find.md
+    python scripts/scale_find.py --total 1000000 --out /tmp/scale-find-table.md
 """
 
 from __future__ import annotations
