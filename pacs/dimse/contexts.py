@@ -3,18 +3,24 @@
 Storage: every storage SOP class pynetdicom knows, in every transfer syntax it knows
 (uncompressed, deflated, JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE, …); objects are
 stored as received, so accepting a syntax costs nothing.  Verification.  Query/Retrieve
-information models are added by the Q/R services.
+information models are added by the Q/R services.  The storage contexts in which a C-GET
+requestor takes the SCP role are negotiated so that every stored object can be sent
+(:func:`prefer_sendable`).
 """
 
 from __future__ import annotations
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -25,6 +31,12 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+
+from pacs.transcode import UNCOMPRESSED
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
 #: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2).
 FIND_MODELS = {
@@ -51,10 +63,9 @@ _NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLit
 #: proposes its file's compressed syntax with uncompressed fallbacks (dcmtk ``storescu
 #: +C``) is given the compressed one and the object is stored as it is, instead of the
 #: peer having to decompress it (or failing to).  Then Explicit VR Little Endian before
-#: Implicit, so that objects keep their VRs.  The trade-off: a C-GET requestor that
-#: proposes compressed and uncompressed syntaxes in one context gets the compressed one,
-#: and an object stored uncompressed cannot be sent to it in that context (we decompress,
-#: never compress); requestors usually propose uncompressed contexts separately.
+#: Implicit, so that objects keep their VRs.  Contexts in which we *send* (a C-GET
+#: requestor's SCP-role contexts) may be negotiated in another order:
+#: :func:`prefer_sendable`.
 STORAGE_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _NATIVE] + _NATIVE
 
 
@@ -86,3 +97,126 @@ def scp_contexts() -> list[PresentationContext]:
         context.scp_role = True
     return [build_context(Verification, ALL_TRANSFER_SYNTAXES),
             *query_retrieve_contexts(), *storage]
+
+
+# -- contexts in which we send: C-GET's C-STORE sub-operations ---------------------------
+
+_Syntax = TypeVar("_Syntax", bound=str)
+
+
+def accepted_syntax(proposed: Iterable[str], order: Sequence[str]) -> str | None:
+    """The transfer syntax an acceptor with preference ``order`` takes from a context.
+
+    pynetdicom's acceptor takes the first syntax of *its own* list that the requestor
+    proposed (``pynetdicom.presentation.negotiate_as_acceptor``; PS3.8 9.3.3.2 leaves
+    the choice among the proposed syntaxes to the acceptor); ``None`` when none of ours
+    was proposed.
+    """
+    offered = set(proposed)
+    return next((syntax for syntax in order if syntax in offered), None)
+
+
+def needs_sendable_first(proposals: Iterable[Sequence[str]], order: Sequence[str]) -> bool:
+    """Whether a SOP class's storage contexts in which we send must be negotiated with
+    the uncompressed syntaxes first.
+
+    Parameters
+    ----------
+    proposals : iterable of sequences of str
+        The transfer syntaxes of each context the requestor proposed for the SOP class
+        with the SCP role (a requestor may propose several contexts for one class).
+    order : sequence of str
+        Our preference: :data:`STORAGE_TRANSFER_SYNTAXES`, compressed first.
+
+    Notes
+    -----
+    The acceptor accepts one of the proposed transfer syntaxes per presentation context
+    (PS3.8 9.3.2.2, 9.3.3.2), before it knows what will be retrieved.  Over a C-GET the
+    requestor takes the SCP role of the storage contexts (PS3.7 D.3.3.4) and the
+    C-STORE sub-operations come back over the same association (PS3.4 C.4.3), each in a
+    context of its SOP class in a syntax the object can be sent in: as stored, or
+    decompressed to Explicit or Implicit VR Little Endian (:mod:`pacs.transcode`; the
+    node never compresses, nor converts between compressed syntaxes).  A requestor that
+    proposes, in one context, a compressed syntax *and* an uncompressed one (dcmtk
+    ``getscu +xy``: JPEG Baseline, then the uncompressed syntaxes) would be given the
+    compressed one by our storage order, and every object stored in any other syntax -
+    uncompressed ones included - would fail as a sub-operation.
+
+    So: when the storage order already leaves the class a context in an uncompressed
+    syntax (the requestor proposed one in a context of its own, as a requestor that
+    wants a compressed syntax does), nothing changes, and objects stored in the
+    compressed syntax accepted in another context are sent as stored.  Otherwise, if a
+    context lists an uncompressed syntax, the uncompressed syntaxes go first (Explicit
+    VR Little Endian, then Implicit): every object that can be decoded is sent, objects
+    stored compressed being decompressed for this requestor - bigger transfers, never
+    a failure.  Orthanc accepts Explicit VR Little Endian first in every storage
+    context, whatever the role; dcm4che chooses by role, from the node's SCU-role
+    transfer capabilities and their configurable preferred syntaxes.  Here contexts in
+    which a peer sends to us keep the storage order (a modality's compressed objects are
+    stored as sent), and only the contexts we send in change, only when they must.
+    """
+    proposals = list(proposals)
+    if any(accepted_syntax(proposed, order) in UNCOMPRESSED for proposed in proposals):
+        return False
+    available = set(order)
+    return any(available.intersection(proposed).intersection(UNCOMPRESSED)
+               for proposed in proposals)
+
+
+def sendable_first(order: Sequence[_Syntax]) -> list[_Syntax]:
+    """``order`` with the uncompressed conversion targets first (Explicit VR Little
+    Endian, then Implicit), the others after them in the same order."""
+    def rank(syntax: _Syntax) -> int:
+        return UNCOMPRESSED.index(syntax) if syntax in UNCOMPRESSED else len(UNCOMPRESSED)
+    return sorted(order, key=rank)
+
+
+def sendable_first_classes(
+        requested: Iterable[PresentationContext],
+        roles: Mapping[UID, SCP_SCU_RoleSelectionNegotiation],
+        supported: Mapping[str, Sequence[str]]) -> set[str]:
+    """The SOP classes whose contexts an association negotiates sendable-first.
+
+    Parameters
+    ----------
+    requested : iterable of PresentationContext
+        The requestor's proposed contexts (A-ASSOCIATE-RQ).
+    roles : mapping
+        Its SCP/SCU Role Selection items by SOP Class UID (PS3.7 D.3.3.4).
+    supported : mapping
+        Our transfer syntaxes, in our order, by SOP Class UID.
+    """
+    sending = {str(uid) for uid, item in roles.items() if item.scp_role}
+    if not sending:
+        return set()
+    proposals: dict[str, list[Sequence[str]]] = {}
+    for context in requested:
+        uid = str(context.abstract_syntax)
+        if uid in sending and uid in supported:
+            proposals.setdefault(uid, []).append(context.transfer_syntax)
+    return {uid for uid, proposed in proposals.items()
+            if needs_sendable_first(proposed, supported[uid])}
+
+
+def prefer_sendable(event: Event) -> None:
+    """EVT_REQUESTED: put the uncompressed syntaxes first in this association's storage
+    contexts where :func:`needs_sendable_first` says so.
+
+    The association's supported contexts are its own copy (pynetdicom copies the
+    server's for each association), so reordering them changes only this negotiation.
+    Only public pynetdicom API: the request's contexts and role items, the acceptor's
+    supported contexts.
+    """
+    assoc = event.assoc
+    roles = assoc.requestor.role_selection
+    if not roles:
+        return
+    # Contexts we may take the SCU role in: the storage ones (scp_contexts).
+    ours = {str(cx.abstract_syntax): cx for cx in assoc.acceptor.supported_contexts
+            if cx.scu_role}
+    classes = sendable_first_classes(
+        assoc.requestor.requested_contexts, roles,
+        {uid: cx.transfer_syntax for uid, cx in ours.items()})
+    for uid in classes:
+        syntaxes = ours[uid].transfer_syntax
+        syntaxes[:] = sendable_first(syntaxes)

@@ -270,7 +270,10 @@ def start(services: Services, address: tuple[str, int] | None = None,
         attributes["receive_timeout"] = settings.artim_timeout
     server_class = type("BoundNodeServer", (NodeServer,), attributes)
     evt_handlers = [*handlers.bind(services),
-                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout])]
+                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
+                    # C-GET requestors' SCP-role storage contexts: a syntax every
+                    # stored object can be sent in, where one was proposed.
+                    (evt.EVT_REQUESTED, contexts.prefer_sendable)]
     server = ae.make_server(address, evt_handlers=evt_handlers,
                             contexts=CheapCopyContexts(ae.supported_contexts),
                             server_class=server_class)

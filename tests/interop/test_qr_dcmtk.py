@@ -309,24 +309,29 @@ def test_getscu_decompresses_what_it_did_not_negotiate(qr: tuple[Node, Loaded],
         assert np.array_equal(got.pixel_array, original.pixel_array), sop
 
 
-def test_getscu_jpeg_lossless_as_stored(qr: tuple[Node, Loaded], tmp_path: Path) -> None:
-    """getscu preferring JPEG Lossless (+xs) receives the JPEG Lossless object as
-    stored, bytes unchanged."""
+def test_getscu_preferring_jpeg_lossless_gets_every_object(qr: tuple[Node, Loaded],
+                                                           tmp_path: Path) -> None:
+    """getscu preferring JPEG Lossless (+xs) proposes one context per SOP class with JPEG
+    Lossless and the uncompressed syntaxes: the node accepts Explicit VR Little Endian
+    there (pacs.dimse.contexts.needs_sendable_first), so every object of the study
+    arrives - decompressed, the JPEG Lossless one too - where accepting JPEG Lossless
+    would have failed all the others."""
     node, loaded = qr
-    jpeg_ll = next(sop for sop, ds in loaded.compressed.items()
-                   if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70")
 
-    result = run_dcmtk("getscu", "-v", "-aec", AE_TITLE, "-S", "+xs", "+B",
-                       "-od", str(tmp_path),
-                       *_keys(QueryRetrieveLevel="IMAGE",
-                              StudyInstanceUID=loaded.compressed_study,
-                              SOPInstanceUID=jpeg_ll),
+    result = run_dcmtk("getscu", "-v", "-aec", AE_TITLE, "-S", "+xs", "-od", str(tmp_path),
+                       *_keys(QueryRetrieveLevel="STUDY",
+                              StudyInstanceUID=loaded.compressed_study),
                        "127.0.0.1", str(node.port), timeout=120)
 
     assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    assert "Received C-GET Response (Success)" in result.stdout, result.stdout
     received = _received(tmp_path)
-    assert list(received) == [jpeg_ll]
-    _assert_as_stored(node, received)
+    assert sorted(received) == sorted(loaded.compressed)
+    assert _get_counts(result.stdout) == (0, len(received), 0, 0)
+    for sop, data in received.items():
+        got = pydicom.dcmread(io.BytesIO(data))
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, sop
+        assert np.array_equal(got.pixel_array, loaded.compressed[sop].pixel_array), sop
 
 
 def test_movescu_unknown_destination(qr: tuple[Node, Loaded]) -> None:
