@@ -2,7 +2,7 @@
 
 OHIF runs on another origin unless it is proxied, and with cross-origin isolation
 (COEP ``require-corp``) it embeds only resources that opt in with
-``Cross-Origin-Resource-Policy`` (research/dicomweb.md 2.1, item 8).
+``Cross-Origin-Resource-Policy``.
 
 - ``PACS_CORS_ORIGINS`` empty (the default): no CORS headers.  Any web page a user
   opens could otherwise read this host's loopback-trusted answers.
