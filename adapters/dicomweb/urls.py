@@ -4,7 +4,7 @@
 The service root is the request's own scheme, host and application root, as forwarded
 by a proxy (``Forwarded`` / ``X-Forwarded-*``, which falcon reads), plus the prefix the
 route was mounted under (``""`` or ``"/dicom-web"``).  A viewer behind a proxy then
-gets URLs it can reach, not ``localhost:5985`` (research/dicomweb.md pain point 5).
+gets URLs it can reach, not ``localhost:5985``.
 """
 
 from __future__ import annotations
