@@ -1,5 +1,4 @@
 // Headless check of the OHIF viewer served by `pacs serve`, driven by tests/interop/test_ohif.py.
-// Adapted from the tested recipe in shared/ohif/test_ohif.mjs (same Chromium flags).
 //
 //   BASE_URL=http://127.0.0.1:8080 STUDIES='[{"name":"ct","uid":"1.2...","text":"ACC1"}]' \
 //   OUT=artifacts/ohif PLAYWRIGHT_CORE=vendor/node/node_modules/playwright-core/index.mjs \
