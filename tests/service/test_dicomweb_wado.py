@@ -1,7 +1,7 @@
 """WADO-RS through falcon's test client over real services (index, ingest, store).
 
-Accept headers are the ones dicomweb-client and OHIF send (their source, and
-shared/ohif/requests); expectations are PS3.18 10.4 and 8.7.
+Accept headers are the ones dicomweb-client and OHIF send (their source, and the
+requests tests/interop/test_ohif.py records); expectations are PS3.18 10.4 and 8.7.
 """
 
 from __future__ import annotations
