@@ -455,3 +455,68 @@ def test_time_limit_counts_writing_the_json(services: Services, get: Get,
     assert get("/instances").status_code == 413
     services.engine.time_limit = 30.0
     assert get("/instances").status_code == 200
+
+
+# --- patient attributes are attributes of studies (PS3.4 C.3.2) --------------------------
+
+def _two_names(services: Services) -> testing.TestClient:
+    """Two studies of Patient ID P9, each sent with its own name, birth date and sex."""
+    from tests.factory import make_instance
+
+    for n, (name, birth, sex) in enumerate((("OLD^NAME", "19700101", "F"),
+                                            ("NEW^NAME", "19710202", "M"))):
+        for i in range(2):
+            services.ingest.store_bytes(make_instance(
+                PatientID="P9", PatientName=name, PatientBirthDate=birth, PatientSex=sex,
+                StudyInstanceUID=f"1.2.9.{n}", SeriesInstanceUID=f"1.2.9.{n}.1",
+                SOPInstanceUID=f"1.2.9.{n}.1.{i}", AccessionNumber=f"B{n}"))
+    return testing.TestClient(create_app(services))
+
+
+def _patient_of(item: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (item["00080050"]["Value"][0], item["00100010"]["Value"][0]["Alphabetic"],
+            item["00100030"]["Value"][0], item["00100040"]["Value"][0])
+
+
+_OWN = {"B0": ("B0", "OLD^NAME", "19700101", "F"), "B1": ("B1", "NEW^NAME", "19710202", "M")}
+
+
+@pytest.mark.parametrize("path, per_study", [
+    ("/studies", 1), ("/series", 1), ("/instances", 2),
+    ("/studies/1.2.9.0/series", 1), ("/studies/1.2.9.1/instances", 2),
+])
+def test_each_study_answers_with_its_own_patient_attributes(services: Services, path: str,
+                                                            per_study: int) -> None:
+    client = _two_names(services)
+    result = client.simulate_get(path, query_string=(
+        "includefield=00080050,00100010,00100030,00100040"))
+    assert result.status_code == 200, result.text
+    found = sorted(_patient_of(item) for item in result.json)
+    studies = [uid for uid in ("B0", "B1") if f"1.2.9.{uid[1]}" in path] or ["B0", "B1"]
+    assert found == sorted(_OWN[b] for b in studies for _ in range(per_study))
+
+
+@pytest.mark.parametrize("query, accession", [
+    ("PatientName=OLD%5ENAME", "B0"),
+    ("PatientName=new*", "B1"),
+    ("00100010=new&fuzzymatching=true", "B1"),
+    ("PatientBirthDate=19710101-19711231", "B1"),
+    ("PatientSex=F", "B0"),
+])
+def test_patient_keys_match_each_study_on_its_own_values(services: Services, query: str,
+                                                          accession: str) -> None:
+    client = _two_names(services)
+    for path in ("/studies", "/series", "/instances"):
+        result = client.simulate_get(path, query_string=query + "&includefield=00080050")
+        assert result.status_code == 200, result.text
+        assert {item["00080050"]["Value"][0] for item in result.json} == {accession}, path
+
+
+def test_metadata_of_each_study_carries_its_own_patient_attributes(
+        services: Services) -> None:
+    """WADO-RS metadata is each instance's own data set."""
+    client = _two_names(services)
+    for n, accession in enumerate(("B0", "B1")):
+        result = client.simulate_get(f"/studies/1.2.9.{n}/metadata")
+        assert result.status_code == 200, result.text
+        assert {_patient_of(item) for item in result.json} == {_OWN[accession]}

@@ -239,3 +239,62 @@ def test_answers_come_in_pages_without_gaps(loaded: RunningNode, associate,
     assert [s for s, _ in responses] == [0xFF00] * 12 + [0x0000]
     assert [ds.SOPInstanceUID for _, ds in responses[:-1]] == [
         f"1.2.3.{n}.1.{i}" for n in range(3) for i in range(4)]
+
+
+def _two_names(node: RunningNode) -> None:
+    """Two studies of Patient ID P9, each sent with its own name, birth date and sex."""
+    for n, (name, birth, sex) in enumerate((("OLD^NAME", "19700101", "F"),
+                                            ("NEW^NAME", "19710202", "M"))):
+        for i in range(2):
+            node.services.ingest.store_bytes(make_instance(
+                PatientID="P9", PatientName=name, PatientBirthDate=birth, PatientSex=sex,
+                StudyInstanceUID=f"1.2.9.{n}", SeriesInstanceUID=f"1.2.9.{n}.1",
+                SOPInstanceUID=f"1.2.9.{n}.1.{i}", AccessionNumber=f"B{n}"))
+
+
+@pytest.mark.parametrize("level, per_study", [("STUDY", 1), ("SERIES", 1), ("IMAGE", 2)])
+@pytest.mark.parametrize("model", [StudyFind, PatientFind])
+def test_each_study_answers_with_its_own_patient_attributes(
+        node: RunningNode, associate, level: str, per_study: int, model: str) -> None:
+    """PS3.4 C.3.2 / C.6.2.1: a study's patient keys are those sent in that study."""
+    _two_names(node)
+    keys = {"PatientID": "P9", "AccessionNumber": "", "PatientName": "",
+            "PatientBirthDate": "", "PatientSex": "",
+            {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+             "IMAGE": "SOPInstanceUID"}[level]: ""}
+    responses = _find(associate(), _identifier(level, **keys), model)
+    assert [s for s, _ in responses] == [0xFF00] * (2 * per_study) + [0x0000]
+    found = [(ds.AccessionNumber, str(ds.PatientName), ds.PatientBirthDate, ds.PatientSex)
+             for _, ds in responses[:-1]]
+    assert sorted(found) == sorted(
+        [("B0", "OLD^NAME", "19700101", "F")] * per_study
+        + [("B1", "NEW^NAME", "19710202", "M")] * per_study)
+
+
+@pytest.mark.parametrize("keys, accession", [
+    ({"PatientName": "OLD^NAME"}, "B0"),
+    ({"PatientName": "new*"}, "B1"),
+    ({"PatientBirthDate": "19700101-19701231"}, "B0"),
+    ({"PatientSex": "M"}, "B1"),
+])
+def test_patient_keys_match_each_study_on_its_own_values(
+        node: RunningNode, associate, keys: dict[str, str], accession: str) -> None:
+    _two_names(node)
+    responses = _find(associate(), _identifier(
+        "STUDY", **{"StudyInstanceUID": "", "AccessionNumber": "", "PatientName": "",
+                    **keys}))
+    assert [s for s, _ in responses] == [0xFF00, 0x0000]
+    assert responses[0][1].AccessionNumber == accession
+
+
+def test_patient_level_answers_one_row_with_the_latest_values(node: RunningNode,
+                                                              associate) -> None:
+    """PS3.4 C.6.1.1: one patient, answered with the values received last."""
+    _two_names(node)
+    responses = _find(associate(), _identifier(
+        "PATIENT", PatientID="", PatientName="", PatientSex="",
+        NumberOfPatientRelatedStudies=""), PatientFind)
+    assert [s for s, _ in responses] == [0xFF00, 0x0000]
+    match = responses[0][1]
+    assert (match.PatientID, str(match.PatientName), match.PatientSex) == ("P9", "NEW^NAME", "M")
+    assert match.NumberOfPatientRelatedStudies == 2

@@ -162,3 +162,54 @@ def test_cases_are_not_trivial(archive: Archive, qido: testing.TestClient) -> No
     assert all(sizes.values()), sizes
     assert sizes["name wildcard"] == 3 and sizes["relational modality"] == 1
     assert sizes["non-ASCII name"] == 1 and sizes["accession (required key unknown)"] == 2
+
+
+def _names_by_c_find(port: int, ae_title: str, level: str, keys: dict[str, str]
+                     ) -> dict[str, str]:
+    ae = AE(ae_title="ONE_ENGINE")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    identifier.PatientName = ""
+    setattr(identifier, UID_OF_LEVEL[level], "")
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    try:
+        return {str(answer[UID_OF_LEVEL[level]].value): str(answer.PatientName)
+                for status, answer in assoc.send_c_find(identifier, STUDY_ROOT_FIND)
+                if answer is not None and status.Status == 0xFF00}
+    finally:
+        assoc.release()
+
+
+def _names_by_qido(client: testing.TestClient, level: str, query: str) -> dict[str, str]:
+    path = {"STUDY": "/studies", "SERIES": "/series", "IMAGE": "/instances"}[level]
+    result = client.simulate_get(path, query_string=query + "&includefield=00100010")
+    assert result.status_code == 200, result.text
+    return {item[QIDO_KEY[level]]["Value"][0]: item["00100010"]["Value"][0]["Alphabetic"]
+            for item in result.json}
+
+
+@pytest.mark.parametrize("level", ["STUDY", "SERIES", "IMAGE"])
+@pytest.mark.parametrize("keys, query, names", [
+    ({"PatientID": "P9"}, "PatientID=P9", {"OLD^NAME", "NEW^NAME"}),
+    ({"PatientName": "old*"}, "PatientName=old*", {"OLD^NAME"}),
+    ({"PatientBirthDate": "1971"}, "PatientBirthDate=1971", {"NEW^NAME"}),
+])
+def test_both_answer_each_study_with_its_own_patient_attributes(
+        services: Services, scp: int, level: str, keys: dict[str, str], query: str,
+        names: set[str]) -> None:
+    """Two studies of one Patient ID sent under different names (PS3.4 C.3.2)."""
+    from tests.factory import make_instance
+
+    for n, (name, birth) in enumerate((("OLD^NAME", "19700101"), ("NEW^NAME", "19710202"))):
+        services.ingest.store_bytes(make_instance(
+            PatientID="P9", PatientName=name, PatientBirthDate=birth,
+            StudyInstanceUID=f"1.2.9.{n}", SeriesInstanceUID=f"1.2.9.{n}.1",
+            SOPInstanceUID=f"1.2.9.{n}.1.1"))
+    by_dimse = _names_by_c_find(scp, services.settings.ae_title, level, keys)
+    by_qido = _names_by_qido(testing.TestClient(create_app(services)), level, query)
+    assert by_dimse == by_qido
+    assert set(by_dimse.values()) == names and len(by_dimse) == len(names)
