@@ -213,7 +213,7 @@ def test_study_list_shows_every_study(ohif: dict[str, Any], studies: list[Study]
         f"{listed}\nfailed requests:\n{_failures(ohif)}\n{ohif['log']}")
     assert ohif["studyList"]["errors"] == []
     assert (ARTIFACTS / "study-list.png").stat().st_size > 0
-    # The recorded DICOMweb requests are kept for a person to compare with the research.
+    # The recorded DICOMweb requests are kept for a person to look at.
     assert (ARTIFACTS / "dicomweb-requests.tsv").stat().st_size > 0
 
 
