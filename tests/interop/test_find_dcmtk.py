@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 
 from tests.conftest import free_port, wait_for_port
@@ -274,3 +275,105 @@ def test_a900_for_keys_below_the_level(pacs_find: Finder) -> None:
                        str(pacs_find.port), str(path))
     assert "Error: DataSetDoesNotMatchSOPClass" in result.stdout, result.stdout  # A900
 
+
+
+# --- patient attributes are attributes of studies (PS3.4 C.3.2) --------------------------
+
+#: Two studies of Patient ID PX, sent one after the other, each under its own name.
+OWN_STUDIES = {
+    "1.2.826.0.1.3680043.10.543.78.1": ("OLD^NAME", "19700101", "F", "AX1"),
+    "1.2.826.0.1.3680043.10.543.78.2": ("NEW^NAME", "19710202", "M", "AX2"),
+}
+
+
+@pytest.fixture(scope="module")
+def own_names(node_factory: Callable[..., Node],
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Node, Finder]:
+    node = node_factory("own-names")
+    work = tmp_path_factory.mktemp("own-names")
+    for study, (name, birth, sex, accession) in OWN_STUDIES.items():
+        folder = work / accession
+        folder.mkdir()
+        for i in (1, 2):
+            (folder / f"{i}.dcm").write_bytes(make_instance(
+                PatientID="PX", PatientName=name, PatientBirthDate=birth, PatientSex=sex,
+                AccessionNumber=accession, StudyInstanceUID=study,
+                SeriesInstanceUID=f"{study}.1", SOPInstanceUID=f"{study}.1.{i}",
+                SpecificCharacterSet=None))
+        sent = run_dcmtk("storescu", "-aec", AE_TITLE, "+sd", "127.0.0.1", str(node.port),
+                         str(folder))
+        assert sent.returncode == 0, sent.stdout
+    return node, Finder(node.port, AE_TITLE, work / "rsp")
+
+
+def _own(study: str) -> tuple[str, str, str, str]:
+    name, birth, sex, _ = OWN_STUDIES[study]
+    return study, name, birth, sex
+
+
+@pytest.mark.parametrize("level, unique, per_study", [
+    ("STUDY", "StudyInstanceUID", 1), ("SERIES", "SeriesInstanceUID", 1),
+    ("IMAGE", "SOPInstanceUID", 2)])
+def test_study_root_answers_each_study_with_its_own_patient_attributes(
+        own_names: tuple[Node, Finder], level: str, unique: str, per_study: int) -> None:
+    _, find = own_names
+    responses = find("S", level, **{"PatientID": "PX", "StudyInstanceUID": "",
+                                    "PatientName": "", "PatientBirthDate": "",
+                                    "PatientSex": "", unique: ""})
+    found = sorted((str(r.StudyInstanceUID), str(r.PatientName), r.PatientBirthDate,
+                    r.PatientSex) for r in responses)
+    assert found == sorted(_own(study) for study in OWN_STUDIES for _ in range(per_study))
+
+
+@pytest.mark.parametrize("keys, study", [
+    ({"PatientName": "OLD^NAME"}, "1.2.826.0.1.3680043.10.543.78.1"),
+    ({"PatientName": "new*"}, "1.2.826.0.1.3680043.10.543.78.2"),
+    ({"PatientBirthDate": "19700101"}, "1.2.826.0.1.3680043.10.543.78.1"),
+    ({"PatientSex": "M"}, "1.2.826.0.1.3680043.10.543.78.2"),
+])
+def test_study_root_matches_patient_keys_on_each_studys_own_values(
+        own_names: tuple[Node, Finder], keys: dict[str, str], study: str) -> None:
+    _, find = own_names
+    responses = find("S", "STUDY", **{"StudyInstanceUID": "", "PatientName": "", **keys})
+    assert [(str(r.StudyInstanceUID), str(r.PatientName)) for r in responses] == [
+        _own(study)[:2]]
+
+
+def test_patient_root_patient_level_answers_the_latest_values(
+        own_names: tuple[Node, Finder]) -> None:
+    _, find = own_names
+    responses = find("P", "PATIENT", PatientID="PX", PatientName="", PatientSex="",
+                     NumberOfPatientRelatedStudies="")
+    assert [(str(r.PatientName), r.PatientSex, r.NumberOfPatientRelatedStudies)
+            for r in responses] == [("NEW^NAME", "M", 2)]
+
+
+@pytest.mark.parametrize("path, per_study", [("studies", 1), ("series", 1),
+                                             ("instances", 2)])
+def test_qido_answers_each_study_with_its_own_patient_attributes(
+        own_names: tuple[Node, Finder], path: str, per_study: int) -> None:
+    node, _ = own_names
+    response = requests.get(f"{node.web_url()}/{path}", timeout=60, params={
+        "PatientID": "PX", "includefield": "0020000D,00100010,00100030,00100040"})
+    assert response.status_code == 200, response.text
+    found = sorted((item["0020000D"]["Value"][0],
+                    item["00100010"]["Value"][0]["Alphabetic"],
+                    item["00100030"]["Value"][0], item["00100040"]["Value"][0])
+                   for item in response.json())
+    assert found == sorted(_own(study) for study in OWN_STUDIES for _ in range(per_study))
+    response = requests.get(f"{node.web_url()}/{path}", timeout=60,
+                            params={"PatientName": "OLD*", "includefield": "0020000D"})
+    assert response.status_code == 200, response.text
+    assert {item["0020000D"]["Value"][0] for item in response.json()} == {
+        "1.2.826.0.1.3680043.10.543.78.1"}
+
+
+def test_wado_metadata_carries_each_studys_own_patient_attributes(
+        own_names: tuple[Node, Finder]) -> None:
+    node, _ = own_names
+    for study in OWN_STUDIES:
+        response = requests.get(f"{node.web_url()}/studies/{study}/metadata", timeout=60)
+        assert response.status_code == 200, response.text
+        assert {(item["0020000D"]["Value"][0], item["00100010"]["Value"][0]["Alphabetic"],
+                 item["00100030"]["Value"][0], item["00100040"]["Value"][0])
+                for item in response.json()} == {_own(study)}
