@@ -3,22 +3,40 @@
 pydicom's ``Dataset.to_json_dict`` decodes and validates every element first, which
 costs about 10 ms for a CT header with its private tags; ingest pays this for every
 instance.  This encoder works on pydicom's raw, undecoded elements instead and
-converts the common value representations straight from their bytes; anything
-unusual goes through pydicom's own ``DataElement.to_json_dict``, so the result is what
-pydicom would give:
+converts the common value representations straight from their bytes.  pydicom
+decodes what is unusual, and a text value it decoded is encoded here like any other;
+pydicom's own ``DataElement.to_json_dict`` is left only the binary values among them:
 
 - ISO 2022 character sets (code extensions switch codecs inside a value);
 - implicit VR elements whose VR the dictionary does not settle (private, "US or SS");
 - UN values of a known public tag (decoded by their real VR);
+- elements pydicom converted before (a header ingest has read);
 - sequences (their items are walked here again).
 
 Rules (PS3.18 F.2): keys are eight upper-case hex digits; ``Value`` is always an
 array and absent for an empty element (F.2.5), empty values inside a multi-valued
-element are ``null``; PN values are objects of their non-empty component groups;
-IS, DS and binary numbers are JSON numbers (non-finite and unparsable ones ``null``);
-OB, OD, OF, OL, OV, OW and UN values longer than :data:`BULK_DATA_THRESHOLD` bytes get
-a ``BulkDataURI`` naming their place in the data set, shorter ones ``InlineBinary``
-(F.2.7).  Text values keep leading spaces and lose trailing padding, as in pydicom.
+element are ``null``; OB, OD, OF, OL, OV, OW and UN values longer than
+:data:`BULK_DATA_THRESHOLD` bytes get a ``BulkDataURI`` naming their place in the data
+set, shorter ones ``InlineBinary`` (F.2.7).  Text values keep leading spaces and lose
+trailing padding, as in pydicom.
+
+Values written as text (strings, person names, decimal and integer strings) become JSON
+values through :func:`element`, the one encoder of every DICOM JSON answer: WADO-RS
+metadata here, QIDO-RS rows from index text (``adapters.dicomweb.dicomjson``) and
+STOW-RS responses.  Its rules:
+
+- PN values are objects of their non-empty component groups (F.2.2); an empty name
+  is ``null``;
+- DS, IS and the binary numeric VRs are JSON numbers (F.2.3).  A value is read by the
+  DS grammar of PS3.5 6.2 (ASCII digits, sign, point, exponent, surrounding spaces)
+  and sent as the binary64 number nearest to it, which is what JSON readers make of a
+  number (RFC 8259 section 6): an integral value below 2**53 as an integer (``"70"``,
+  ``"70.0"`` and ``"7e1"`` are all ``70``, ``"-0"`` is ``0``), any other in its
+  shortest form (``"0.50"`` is ``0.5``).  IS accepts integral values written as
+  decimals (``"7.0"`` is ``7``), as pydicom does.  Text that is not a finite number
+  (``"NaN"``, ``"1,5"``, ``"1e999"``), a non-integral IS and an integer beyond 2**53
+  are ``null``: F.2.3 allows a string there, but clients (OHIF) do arithmetic on these
+  values and must not be handed text.
 """
 
 from __future__ import annotations
@@ -26,15 +44,19 @@ from __future__ import annotations
 import base64
 import logging
 import math
+import re
 import struct
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
+import orjson
 from pydicom import datadict
 from pydicom.charset import python_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +70,8 @@ PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC",
                        "UI", "UR", "UT"})
-#: PS3.5 6.2: these hold one value; a backslash is part of it.
-_SINGLE_VALUED = frozenset({"LT", "ST", "UT", "UR"})
+#: VRs whose values are text in the data set, encoded by :func:`element`.
+_WRITTEN_AS_TEXT = _TEXT_VRS | {"DS", "IS", "PN"}
 #: PS3.5 6.1.2.3: only these are decoded with Specific Character Set.
 _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _BINARY_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d",
@@ -58,6 +80,132 @@ _BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _PIXEL_SET = frozenset(PIXEL_TAGS)
 #: The codec of the default repertoire (pydicom's lenient choice for it).
 DEFAULT_CHARSET = "iso8859"
+
+
+# --- values written as text: the one encoder of every DICOM JSON answer ----------------
+
+JsonElement = dict[str, Any]
+JsonDataset = dict[str, JsonElement]
+
+#: PS3.5 6.2: these hold one value; a backslash is part of it.
+SINGLE_VALUED_VRS = frozenset({"LT", "ST", "UT", "UR"})
+#: VRs whose values are integers: IS and the binary integers, which the index keeps as
+#: text (PS3.5 6.2).
+INTEGER_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+#: VRs whose values are JSON numbers (PS3.18 F.2.3).
+NUMBER_VRS = INTEGER_VRS | {"DS", "FD", "FL"}
+#: PN component groups in their order within a value (PS3.5 6.2.1, PS3.18 F.2.2).
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+#: PS3.5 6.2 DS: a fixed or floating point number of ASCII characters.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+#: Integers a binary64 number holds exactly: what a JSON reader keeps (RFC 8259 6).
+EXACT_INTEGERS = 2 ** 53
+
+
+def tag_key(tag: int) -> str:
+    """The JSON key of a tag: eight upper-case hex digits (PS3.18 F.2.1.1)."""
+    return f"{tag:08X}"
+
+
+def number(vr: str, text: str) -> int | float | None:
+    """One value of a numeric VR as its JSON number; ``None`` when it states none.
+
+    See the module docstring for the rules (PS3.5 6.2, PS3.18 F.2.3).
+    """
+    text = text.strip(" \0")
+    if not _DECIMAL.fullmatch(text):
+        return None
+    value = float(text)
+    if value.is_integer() and abs(value) < EXACT_INTEGERS:
+        return int(value)
+    if vr in INTEGER_VRS or not math.isfinite(value):
+        return None
+    return value
+
+
+def person_name(text: str) -> dict[str, str] | None:
+    """One PN value as its object of non-empty component groups (PS3.18 F.2.2);
+    ``None`` for an empty name."""
+    groups = text.rstrip(" \0").split("=")
+    name = {group: value for group, value in zip(PN_GROUPS, groups) if value}
+    return name or None
+
+
+def _strings(text: str) -> list[Any]:
+    # An empty value among several keeps its place as null (PS3.18 F.2.5).
+    return [part.rstrip(" \0") or None for part in text.split("\\")]
+
+
+def _single(text: str) -> list[Any]:
+    return [text.rstrip(" \0") or None]
+
+
+def _names(text: str) -> list[Any]:
+    return [person_name(part) for part in text.split("\\")]
+
+
+def _number_values(vr: str) -> Callable[[str], list[Any]]:
+    def convert(text: str) -> list[Any]:
+        return [number(vr, part) for part in text.split("\\")]
+
+    return convert
+
+
+@cache
+def values_of(vr: str) -> Callable[[str], list[Any]]:
+    """The function turning the text of a ``vr`` element into its ``Value`` array
+    (values separated by backslashes, PS3.5 6.4), chosen once per VR."""
+    if vr == "PN":
+        return _names
+    if vr in NUMBER_VRS:
+        return _number_values(vr)
+    if vr in SINGLE_VALUED_VRS:
+        return _single
+    return _strings
+
+
+def element(vr: str, text: str | None) -> JsonElement:
+    """The DICOM JSON object of an element whose value is ``text`` (PS3.18 F.2.2).
+
+    ``Value`` is left out when there is no value, or none that is not ``null``
+    (PS3.18 F.2.5).
+    """
+    if text:
+        converted = values_of(vr)(text)
+        for item in converted:
+            if item is not None:
+                return {"vr": vr, "Value": converted}
+    return {"vr": vr}
+
+
+def constant(vr: str, *values: Any) -> JsonElement:
+    """A JSON element with values already in their JSON form."""
+    return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
+
+
+def dumps(document: Any) -> bytes:
+    """Compact UTF-8 JSON text (PS3.18 F.2: the model is UTF-8; non-ASCII stays as is).
+
+    orjson writes a number in its shortest form, the same for every answer.
+    """
+    return orjson.dumps(document)
+
+
+def as_text(value: Any) -> str | None:
+    """The text of a value pydicom has already converted (``None``: not a text value).
+
+    pydicom keeps the original text of DS and IS values and the component groups of
+    PN values, so this is the element's text as written, values joined by ``\\``.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str | int | float | PersonName):
+        return str(value)
+    if isinstance(value, MultiValue | list | tuple):
+        parts = [as_text(v) for v in value]
+        return None if None in parts else "\\".join(parts)  # type: ignore[arg-type]
+    return None
 
 
 class Encoder:
@@ -77,20 +225,20 @@ class Encoder:
         out: dict[str, Any] = {}
         top = not path
         for tag, elem in list(ds._dict.items()):
-            number = int(tag)  # pydicom's BaseTag compares in Python; ints in C
-            if number >> 16 == 0x0002 or (top and number in _PIXEL_SET):
+            code = int(tag)  # pydicom's BaseTag compares in Python; ints in C
+            if code >> 16 == 0x0002 or (top and code in _PIXEL_SET):
                 continue  # file meta; the top level's pixel data is added by the caller
-            key = _KEYS.get(number) or _key(number)
+            key = _KEYS.get(code) or _key(code)
             try:
                 converted = None
                 if type(elem) is RawDataElement:
-                    vr = elem.VR if not elem.is_implicit_VR else _implicit_vr(number)
+                    vr = elem.VR if not elem.is_implicit_VR else _implicit_vr(code)
                     converter = _CONVERTERS.get(vr) if vr else None
                     if vr and converter is not None:
                         value = elem.value
-                        converted = (converter(self, vr, value, number, path, key, charset)
-                                     if value else {"vr": _empty_vr(vr, number)})
-                out[key] = converted or self.decoded(ds, number, path, key, charset)
+                        converted = (converter(self, vr, value, code, path, key, charset)
+                                     if value else {"vr": _empty_vr(vr, code)})
+                out[key] = converted or self.decoded(ds, code, path, key, charset)
             except Exception:  # noqa: BLE001 - an odd value must not lose the rest
                 log.warning("element %s left out of the metadata: its value does not "
                             "decode", key)
@@ -99,13 +247,19 @@ class Encoder:
     def decoded(self, ds: Dataset, tag: int, path: tuple[str, ...], key: str,
                 charset: str | None) -> dict[str, Any]:
         """An element pydicom decodes (and sequences, whose items are walked here)."""
-        element = ds[tag]
-        if element.VR == "SQ":
-            items = [self.dataset(item, (*path, key, str(number)), _charset_of(item, charset))
-                     for number, item in enumerate(element.value, start=1)]
+        decoded = ds[tag]
+        if decoded.VR == "SQ":
+            items = [self.dataset(item, (*path, key, str(count)), _charset_of(item, charset))
+                     for count, item in enumerate(decoded.value, start=1)]
             # PS3.18 F.2.5: an empty sequence has no Value.
             return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-        return element.to_json_dict(  # type: ignore[no-any-return]
+        if decoded.VR in _WRITTEN_AS_TEXT:
+            # Values pydicom has converted (an element read during ingest, an ISO 2022
+            # text, a UN value of a known tag) still go through the one encoder.
+            text = as_text(decoded.value)
+            if text is not None:
+                return element(decoded.VR, text)
+        return decoded.to_json_dict(  # type: ignore[no-any-return]
             bulk_data_element_handler=lambda _e: self.uri(path, key),
             bulk_data_threshold=BULK_DATA_THRESHOLD)
 
@@ -115,11 +269,11 @@ class Encoder:
 
 
 _Converter = Callable[[Encoder, str, bytes, int, tuple[str, ...], str, "str | None"],
-                      "dict[str, Any] | None"]
+                      "JsonElement | None"]
 
 
 def _binary(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
-            key: str, charset: str | None) -> dict[str, Any] | None:
+            key: str, charset: str | None) -> JsonElement | None:
     """PS3.18 F.2.7: OB, OD, OF, OL, OV, OW and UN, inline or by BulkDataURI."""
     if vr == "UN":
         if _public_vr(tag):
@@ -133,26 +287,29 @@ def _binary(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...]
     return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
 
 
-def _numbers(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
-             key: str, charset: str | None) -> dict[str, Any] | None:
-    """PS3.18 F.2.3: binary numbers as JSON numbers (non-finite floats as null)."""
+def _binary_numbers(enc: Encoder, vr: str, value: bytes, tag: int,
+                    path: tuple[str, ...], key: str, charset: str | None) -> JsonElement:
+    """PS3.18 F.2.3: binary numbers as JSON numbers (non-finite floats as null, and no
+    ``Value`` when every value is null, as :func:`element` does)."""
     code = _BINARY_NUMBERS[vr]
     single = _SINGLE[enc.order + code]
     if len(value) == single.size:  # the usual case: one value
-        number = single.unpack(value)[0]
-        if code in "fd" and not math.isfinite(number):
-            return {"vr": vr, "Value": [None]}
-        return {"vr": vr, "Value": [number]}
+        one = single.unpack(value)[0]
+        if code in "fd" and not math.isfinite(one):
+            return {"vr": vr}
+        return {"vr": vr, "Value": [one]}
     count = len(value) // single.size
     numbers: list[Any] = list(struct.unpack(f"{enc.order}{count}{code}",
                                             value[:count * single.size]))
     if code in "fd":
         numbers = [n if math.isfinite(n) else None for n in numbers]
+        if all(n is None for n in numbers):
+            return {"vr": vr}
     return {"vr": vr, "Value": numbers}
 
 
 def _tags(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
-          key: str, charset: str | None) -> dict[str, Any] | None:
+          key: str, charset: str | None) -> JsonElement | None:
     """PS3.18 F.2.3: AT values as "ggggeeee" strings."""
     count = len(value) // 4 * 2
     pairs = struct.unpack(f"{enc.order}{count}H", value[:count * 2])
@@ -161,67 +318,26 @@ def _tags(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
 
 
 def _decimal_strings(enc: Encoder, vr: str, value: bytes, tag: int,
-                     path: tuple[str, ...], key: str, charset: str | None) -> dict[str, Any]:
-    """PS3.18 F.2.3: DS and IS as JSON numbers; unparsable or empty values as null."""
-    numbers = [_number(vr, part.strip(" \0"))
-               for part in value.decode("ascii", "replace").split("\\")]
-    if all(n is None for n in numbers):
-        return {"vr": vr}
-    return {"vr": vr, "Value": numbers}
-
-
-def _number(vr: str, text: str) -> int | float | None:
-    if not text:
-        return None
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(number):
-        return None
-    return int(number) if vr == "IS" else number
+                     path: tuple[str, ...], key: str, charset: str | None) -> JsonElement:
+    """PS3.18 F.2.3: DS and IS as JSON numbers (:func:`number`)."""
+    return element(vr, value.decode("ascii", "replace"))
 
 
 def _text(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
-          key: str, charset: str | None) -> dict[str, Any] | None:
-    """PS3.18 F.2.3 / F.2.5: strings, trailing padding removed, empty values null."""
+          key: str, charset: str | None) -> JsonElement | None:
+    """PS3.18 F.2.2 to F.2.5: strings and person names (:func:`element`)."""
     codec = charset if vr in _CHARSET_VRS else DEFAULT_CHARSET
     if codec is None:
         return None  # ISO 2022 code extensions: pydicom switches codecs for us
-    text = value.decode(codec, "replace")
-    parts = [text] if vr in _SINGLE_VALUED else text.split("\\")
-    values = [p.rstrip(" \0") or None for p in parts]
-    if all(v is None for v in values):
-        return {"vr": vr}
-    return {"vr": vr, "Value": values}
-
-
-def _person_names(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
-                  key: str, charset: str | None) -> dict[str, Any] | None:
-    """PS3.18 F.2.2: each name as its Alphabetic, Ideographic and Phonetic groups
-    (empty groups left out, as pydicom does)."""
-    if charset is None:
-        return None
-    names: list[dict[str, str]] = []
-    for name in value.decode(charset, "replace").split("\\"):
-        groups = name.rstrip(" \0").split("=")
-        entry = {"Alphabetic": groups[0]}
-        if len(groups) > 1 and groups[1]:
-            entry["Ideographic"] = groups[1]
-        if len(groups) > 2 and groups[2]:
-            entry["Phonetic"] = groups[2]
-        names.append(entry)
-    if all(not n["Alphabetic"] and len(n) == 1 for n in names):
-        return {"vr": "PN"}
-    return {"vr": "PN", "Value": names}
+    return element(vr, value.decode(codec, "replace"))
 
 
 _SINGLE = {order + code: struct.Struct(order + code)
            for order in "<>" for code in _BINARY_NUMBERS.values()}
 _CONVERTERS: dict[str, _Converter] = {
-    **{vr: _text for vr in _TEXT_VRS}, **{vr: _numbers for vr in _BINARY_NUMBERS},
+    **{vr: _text for vr in _TEXT_VRS}, **{vr: _binary_numbers for vr in _BINARY_NUMBERS},
     **{vr: _binary for vr in _BULK_VRS},
-    "AT": _tags, "DS": _decimal_strings, "IS": _decimal_strings, "PN": _person_names,
+    "AT": _tags, "DS": _decimal_strings, "IS": _decimal_strings, "PN": _text,
 }
 
 

@@ -20,8 +20,9 @@ position is read from the bytes, recorded as ``pixel_offset`` / ``pixel_length``
 frame retrieval, and listed in the JSON with its BulkDataURI.  Elements after the pixel
 data (trailing padding, digital signatures) are not listed.
 
-Instances stored before this table existed have no row; :func:`documents` builds
-theirs from the stored object on first request and backfills the table.
+Instances without a row (stored before this table existed, or whose row a migration
+dropped to encode it again) get theirs from the stored object on first request:
+:func:`documents` builds it and backfills the table.
 """
 
 from __future__ import annotations

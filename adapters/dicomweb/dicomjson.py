@@ -5,14 +5,9 @@ values through one converter per attribute, chosen once from the attribute table
 building a pydicom ``Dataset`` per row and calling ``to_json_dict`` costs several times
 more, and a study list of a thousand rows must stay well under half a second.
 
-Rules applied (PS3.18 F.2.2–F.2.3):
-
-- an object per attribute keyed by its 8 upper-case hex digits, with ``vr``;
-- ``Value`` is always an array; an empty or unknown value has no ``Value`` at all;
-- PN values are objects with ``Alphabetic``, ``Ideographic`` and ``Phonetic``
-  component groups (split on ``=``; empty groups left out);
-- IS, DS and the binary numeric VRs are JSON numbers; a malformed number is left out
-  rather than sent as text a client would choke on.
+Each value is encoded by :func:`pacs.jsonmodel.element`, the encoder of WADO-RS
+metadata and STOW-RS responses too, so an attribute reads the same in every answer
+(PS3.18 F.2.2 to F.2.5; its module docstring has the rules for numbers and names).
 """
 
 from __future__ import annotations
@@ -20,10 +15,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pacs.attributes import ATTRIBUTES, ITEM_KEYS, Attribute
-from pacs.query import values as index_values
+from pacs.jsonmodel import JsonDataset, JsonElement, constant, dumps, element, tag_key
 
 #: The media type of every JSON answer (PS3.18 8.7.3.5): exactly this, no charset.
 MEDIA_TYPE = "application/dicom+json"
@@ -31,68 +25,29 @@ MEDIA_TYPE = "application/dicom+json"
 #: The JSON model is UTF-8 (PS3.18 F.2), so answers declare ISO_IR 192.
 UTF8 = "ISO_IR 192"
 
-#: PN component groups in their order within a value (PS3.5 6.2.1, PS3.18 F.2.2).
-PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
-
-JsonElement = dict[str, Any]
-JsonDataset = dict[str, JsonElement]
+__all__ = ["FIELDS", "MEDIA_TYPE", "UTF8", "Field", "JsonDataset", "JsonElement", "Renderer",
+           "constant", "dumps", "tag_key"]
 
 
-def tag_key(tag: int) -> str:
-    """The JSON key of a tag: eight upper-case hex digits (PS3.18 F.2.1.1)."""
-    return f"{tag:08X}"
-
-
-def person_name(text: str) -> dict[str, str]:
-    """One PN value as its component-group object (PS3.18 F.2.2)."""
-    groups = text.split("=")
-    return {name: group for name, group in zip(PN_GROUPS, groups) if group}
-
-
-def _strings(attribute: Attribute) -> Callable[[str], list[Any]]:
-    def convert(text: str) -> list[Any]:
-        # An empty value among several keeps its place as null (PS3.18 F.2.5).
-        return [v or None for v in index_values.split(attribute, text)]
-
-    return convert
-
-
-def _names(attribute: Attribute) -> Callable[[str], list[Any]]:
-    def convert(text: str) -> list[Any]:
-        return [person_name(v) if v else None for v in index_values.split(attribute, text)]
-
-    return convert
-
-
-def _numbers(attribute: Attribute) -> Callable[[str], list[Any]]:
-    def convert(text: str) -> list[Any]:
-        numbers = (index_values.number(attribute, v) for v in index_values.split(attribute, text))
-        return [n for n in numbers if n is not None]
-
-    return convert
-
-
-def _items(attribute: Attribute) -> Callable[[str], list[Any]]:
+def _items(attribute: Attribute) -> Callable[[str], JsonElement]:
     """Stored sequence items (JSON from the index) as DICOM JSON items (PS3.18 F.2.3)."""
     keys = ITEM_KEYS[attribute.keyword]
 
-    def convert(text: str) -> list[Any]:
-        return [{tag_key(k.tag): ({"vr": k.vr, "Value": [item[k.keyword]]}
-                                  if item.get(k.keyword) else {"vr": k.vr})
-                 for k in keys if k.keyword in item} for item in json.loads(text)]
+    def convert(text: str) -> JsonElement:
+        items = [{tag_key(k.tag): element(k.vr, item[k.keyword])
+                  for k in keys if k.keyword in item} for item in json.loads(text)]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
 
     return convert
 
 
-def converter(attribute: Attribute) -> Callable[[str], list[Any]]:
-    """The function turning an index text of ``attribute`` into a JSON ``Value`` array."""
-    if attribute.vr == "SQ":
-        return _items(attribute)
-    if attribute.vr == "PN":
-        return _names(attribute)
-    if index_values.is_numeric(attribute):
-        return _numbers(attribute)
-    return _strings(attribute)
+def _values(attribute: Attribute) -> Callable[[str], JsonElement]:
+    vr = attribute.vr
+
+    def convert(text: str) -> JsonElement:
+        return element(vr, text)
+
+    return convert
 
 
 @dataclass(frozen=True)
@@ -102,25 +57,18 @@ class Field:
     keyword: str
     key: str
     vr: str
-    convert: Callable[[str], list[Any]]
+    convert: Callable[[str], JsonElement]
 
     def element(self, text: str | None) -> JsonElement:
-        """The JSON object of one value (no ``Value`` when empty or unknown)."""
-        if not text:
-            return {"vr": self.vr}
-        converted = self.convert(text)
-        return {"vr": self.vr, "Value": converted} if converted else {"vr": self.vr}
+        """The JSON object of an index text (no ``Value`` when empty or unknown)."""
+        return self.convert(text) if text else {"vr": self.vr}
 
 
-#: Every attribute of the index as a JSON field, by keyword: THE converter table.
+#: Every attribute of the index as a JSON field, by keyword.
 FIELDS: dict[str, Field] = {
-    a.keyword: Field(a.keyword, tag_key(a.tag), a.vr, converter(a)) for a in ATTRIBUTES
+    a.keyword: Field(a.keyword, tag_key(a.tag), a.vr,
+                     _items(a) if a.vr == "SQ" else _values(a)) for a in ATTRIBUTES
 }
-
-
-def constant(vr: str, *values: Any) -> JsonElement:
-    """A JSON element with fixed values."""
-    return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
 class Renderer:
@@ -145,8 +93,8 @@ class Renderer:
             field = FIELDS.get(keyword)
             if field is not None:
                 producers.append((field.key, _from_field(field)))
-        for key, element in (constants or {}).items():
-            producers.append((key, _fixed(element)))
+        for key, fixed in (constants or {}).items():
+            producers.append((key, _fixed(fixed)))
         producers.extend((computed or {}).items())
         self._producers = sorted(producers, key=lambda item: item[0])
 
@@ -169,8 +117,3 @@ def _fixed(element: JsonElement) -> Callable[[Mapping[str, str | None]], JsonEle
         return element
 
     return produce
-
-
-def dumps(document: Any) -> bytes:
-    """Compact UTF-8 JSON (PS3.18 F.2: the model is UTF-8; non-ASCII stays as is)."""
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

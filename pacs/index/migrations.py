@@ -169,8 +169,19 @@ def _copies_from_metadata(conn: apsw.Connection, copies: tuple[Attribute, ...],
         conn.execute(update, (*(values.get(name) for name in names), study_pk))
 
 
+def _metadata_encoding(conn: apsw.Connection) -> None:
+    """Every instance's metadata is encoded again by the one DICOM JSON encoder
+    (``pacs.jsonmodel.element``: DS and IS numbers as their text states them, person
+    names without empty component groups), so that WADO-RS answers what QIDO-RS does.
+
+    The rows are dropped; each is rebuilt from its stored object on first request, as
+    for an instance stored before the table existed (``pacs.metadata.documents``).
+    """
+    conn.execute("DELETE FROM instance_metadata")
+
+
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
-    _initial, _instance_metadata, _added_attributes, _study_copies)
+    _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding)
 
 
 def migrate(conn: apsw.Connection) -> int:

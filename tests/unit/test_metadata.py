@@ -202,3 +202,70 @@ def test_ingest_analysis_prepares_the_same_metadata_as_a_fresh_header() -> None:
         assert analysed == expected, path.name
         compared += 1
     assert compared > 50
+
+
+# --- one encoder, whichever way pydicom left an element ------------------------------------
+
+def _with_raw_values(values: dict[int, tuple[str, bytes]]) -> bytes:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    for tag, (vr, value) in values.items():
+        value += b" " * (len(value) % 2)
+        ds._dict[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(value), value, 0,
+                                                False, True)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+RAW_VALUES = {
+    0x00101030: ("DS", b"70"), 0x00101020: ("DS", b" 1.50\\2e1"),
+    0x00200013: ("IS", b"+7"), 0x00200012: ("IS", b"7.0"), 0x00200011: ("IS", b"7.5"),
+    0x00100010: ("PN", b"=Yamada^Tarou"), 0x00081070: ("PN", b"A^B\\\\C^D"),
+    0x00080008: ("CS", b"ORIGINAL\\\\AXIAL"),
+}
+
+
+def test_elements_pydicom_converted_encode_as_raw_ones() -> None:
+    """An element pydicom has converted (read during ingest, or decoded for us) goes
+    through the same encoder as a raw one: the JSON does not depend on who read it."""
+    from pacs import jsonmodel
+
+    data = _with_raw_values(RAW_VALUES)
+    raw = orjson.loads(metadata.prepare(read_part10(data), data).json)  # type: ignore[union-attr]
+    instance = read_part10(data)
+    for tag in RAW_VALUES:
+        instance.header[tag]  # pydicom converts the element in place
+    converted = orjson.loads(metadata.prepare(instance, data).json)  # type: ignore[union-attr]
+    for tag, (vr, value) in RAW_VALUES.items():
+        key = f"{tag:08X}"
+        assert orjson.dumps(raw[key]) == orjson.dumps(converted[key]), key
+        assert raw[key] == jsonmodel.element(vr, value.decode()), key
+    assert raw["00101030"] == {"vr": "DS", "Value": [70]}
+    assert raw["00101020"] == {"vr": "DS", "Value": [1.5, 20]}
+    assert raw["00200012"] == {"vr": "IS", "Value": [7]}
+    assert raw["00200011"] == {"vr": "IS"}  # not an integer: no number to send
+    assert raw["00100010"] == {"vr": "PN", "Value": [{"Ideographic": "Yamada^Tarou"}]}
+    assert raw["00081070"]["Value"] == [{"Alphabetic": "A^B"}, None, {"Alphabetic": "C^D"}]
+
+
+def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any) -> None:
+    """The migration to the one encoder drops the stored rows; each is rebuilt from its
+    object on first request."""
+    from pacs.index.migrations import MIGRATIONS, migrate
+
+    data = _with_raw_values({0x00101030: ("DS", b"70")})
+    services.ingest.store_bytes(data)
+    study = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    older = '{"00101030":{"vr":"DS","Value":[70.0]}}'
+    with services.index.write() as conn:
+        conn.execute("UPDATE instance_metadata SET json = ?", (older,))
+        conn.pragma("user_version", len(MIGRATIONS) - 1)
+    assert migrate(services.index.connection()) == len(MIGRATIONS)
+    count = services.index.connection().execute("SELECT count(*) FROM instance_metadata")
+    assert count.fetchone() == (0,)
+    [doc] = metadata.documents(services.index, services.store, study)
+    assert orjson.loads(doc.json)["00101030"] == {"vr": "DS", "Value": [70]}
+    assert '"Value":[70]' in doc.json
