@@ -10,8 +10,8 @@
 #
 # `pacs serve` looks for the dist in PACS_VIEWER_DIST when set, else in vendor/ohif/dist of
 # the source checkout it runs from, else in <sys.prefix>/share/pacs/ohif/dist of its
-# installation (docs/architecture.md, "Viewer"); none of these depends on the folder it
-# is started in.
+# installation (docs/architecture.md, "Where the viewer files come from"); none of these
+# depends on the folder it is started in.
 #
 # Idempotent: a second run sees the version stamps and returns at once.
 # Versions can be changed with OHIF_VERSION / PLAYWRIGHT_VERSION.  Options:
