@@ -106,7 +106,8 @@ SETTINGS: tuple[Setting, ...] = (
             "viewer off.", int),
     Setting("PACS_VIEWER_DIST", "viewer_dist", "",
             "Folder of the prebuilt OHIF viewer (scripts/fetch-ohif.sh); empty means "
-            "vendor/ohif/dist in the working folder or the source checkout."),
+            "vendor/ohif/dist of the source checkout, then "
+            "<sys.prefix>/share/pacs/ohif/dist."),
     Setting("PACS_VIEWER_WORKERS", "viewer_workers", "1",
             "Viewer server (gunicorn) worker processes, each with PACS_WEB_THREADS threads.",
             int),
