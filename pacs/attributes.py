@@ -13,8 +13,9 @@ Attributes of patients are attributes of studies (PS3.4 C.3.2), and two studies 
 one Patient ID may carry different names or birth dates.  A patient attribute marked
 ``per_study`` therefore has a column in two tables: the study row keeps the value as
 sent in that study, which every query at STUDY level and below reads and matches
-(:func:`table_of`); the patient row keeps the latest value received, which the
-Patient Root PATIENT level answers.
+(:func:`table_of`); the patient row keeps the latest value received, so that the
+Patient Root PATIENT level (PS3.4 C.6.1.1) answers one row per patient with the values
+received last.
 """
 
 from __future__ import annotations
