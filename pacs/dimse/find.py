@@ -31,6 +31,8 @@ from pacs.dimse.status import FIND_STATUS, status_for
 from pacs.errors import Cancelled, InvalidQuery, PacsError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pynetdicom.dimse_primitives import C_FIND
     from pynetdicom.presentation import PresentationContext
     from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -109,7 +111,7 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
         extra = [(int(tag), identifier[tag].VR) for tag in unsupported]
         builder = ResponseBuilder(query, model, services.settings.ae_title,
                                   _charset(identifier), extra)
-        cancelled = _Cancel(service, int(req.MessageID))
+        cancelled = CancelWatch(service.is_cancelled, int(req.MessageID))
         implicit = syntax.is_implicit_VR
         # Page by page: each read in its own short transaction and encoded before it is
         # sent, so that a slow reader holds neither the index nor the query's time.
@@ -138,14 +140,22 @@ def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
     respond(0x0000)
 
 
-class _Cancel:
-    """True once a C-CANCEL for the request arrived (remembered: pynetdicom forgets)."""
+class CancelWatch:
+    """True once a C-CANCEL for one request has arrived (PS3.4 C.4.1.2.3, C.4.2.3.1).
 
-    def __init__(self, service: QueryRetrieveServiceClass, msg_id: int) -> None:
-        self.service, self.msg_id, self.seen = service, msg_id, False
+    pynetdicom's ``is_cancelled`` forgets the C-CANCEL once it has answered true; the
+    query engine and the response or sub-operation loop both ask, so the answer is
+    kept here.  C-FIND, C-MOVE and C-GET all watch through this class.
+    """
+
+    def __init__(self, is_cancelled: Callable[[int], bool], msg_id: int) -> None:
+        self._is_cancelled = is_cancelled
+        self._msg_id = msg_id
+        self.seen = False
 
     def __call__(self) -> bool:
-        self.seen = self.seen or self.service.is_cancelled(self.msg_id)
+        if not self.seen and self._is_cancelled(self._msg_id):
+            self.seen = True
         return self.seen
 
 

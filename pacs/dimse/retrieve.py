@@ -175,24 +175,6 @@ class Counts:
         return RETRIEVE_WARNING
 
 
-class _CancelWatch:
-    """Remembers a C-CANCEL for one request.
-
-    pynetdicom's ``is_cancelled`` forgets the C-CANCEL once it has answered true; the
-    query engine and the sub-operation loop both ask, so the answer is kept here.
-    """
-
-    def __init__(self, is_cancelled: Callable[[int], bool], msg_id: int) -> None:
-        self._is_cancelled = is_cancelled
-        self._msg_id = msg_id
-        self.seen = False
-
-    def __call__(self) -> bool:
-        if not self.seen and self._is_cancelled(self._msg_id):
-            self.seen = True
-        return self.seen
-
-
 # -- C-MOVE destination association --------------------------------------------------
 
 def destination_contexts(classes: Mapping[str, set[str]]) -> list[PresentationContext]:
@@ -300,7 +282,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                             comment="move destination unknown")
                 return
             query = self._retrieve_query(req, context, contexts.MOVE_MODELS)
-            cancelled = _CancelWatch(self.is_cancelled, int(req.MessageID or 0))
+            cancelled = find.CancelWatch(self.is_cancelled, int(req.MessageID or 0))
             total, classes = _survey(services, query, cancelled)
             if self._refused_by_count(rsp, cx_id, context, total):
                 return
@@ -352,7 +334,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         try:
             services = self._bound_services(evt.EVT_C_GET)
             query = self._retrieve_query(req, context, contexts.GET_MODELS)
-            cancelled = _CancelWatch(self.is_cancelled, int(req.MessageID or 0))
+            cancelled = find.CancelWatch(self.is_cancelled, int(req.MessageID or 0))
             total = services.engine.count(_at_image(query), cancelled=cancelled)
             if self._refused_by_count(rsp, cx_id, context, total):
                 return
@@ -398,7 +380,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
 
     def _suboperations(self, rsp: Response, cx_id: int, context: PresentationContext,
                        services: Services, query: Query, total: int, peer: Association,
-                       cancelled: _CancelWatch, originator: tuple[str, int] | None) -> None:
+                       cancelled: find.CancelWatch, originator: tuple[str, int] | None) -> None:
         """Send each instance, with a pending response after each, then the final one.
 
         At most ``total`` instances are sent (the count announced to the requestor);

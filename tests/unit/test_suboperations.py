@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pacs.dimse import retrieve
+from pacs.dimse import find, retrieve
 from pacs.errors import Cancelled
 from pacs.query.model import InstanceRef
 
@@ -61,7 +61,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef],
     services = SimpleNamespace(store=None, settings=None, engine=SimpleNamespace(
         instances=lambda query, cancelled: rows))
     monkeypatch.setattr(retrieve, "_at_image", lambda query: query)
-    never = retrieve._CancelWatch(lambda msg_id: False, 1)
+    never = find.CancelWatch(lambda msg_id: False, 1)
     service._suboperations(SimpleNamespace(MessageIDBeingRespondedTo=1), 1, None,  # type: ignore[arg-type]
                            services, None, total,
                            None, never, None)  # type: ignore[arg-type]
