@@ -39,7 +39,7 @@ from pacs.attributes import (
     Attribute,
     Level,
 )
-from pacs.dataset import valid_uid
+from pacs.dataset import require_uid
 from pacs.errors import InvalidQuery
 from pacs.query.matching import constraint
 from pacs.query.model import Constraint, Match, Query, Term
@@ -244,12 +244,10 @@ def path_constraint(keyword: str, uid: str) -> Constraint:
 
     Raises
     ------
-    InvalidQuery
+    InvalidUID
         When the path segment is not a valid UID (PS3.5 9.1).
     """
-    if not valid_uid(uid):
-        raise InvalidQuery(f"{keyword} in the path is not a valid UID")
-    found = constraint(BY_KEYWORD[keyword], uid)
+    found = constraint(BY_KEYWORD[keyword], require_uid(uid, f"{keyword} in the path"))
     assert found is not None  # a valid UID is never universal
     return found
 

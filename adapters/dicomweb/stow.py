@@ -54,8 +54,14 @@ from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
 from pacs.analysers import Result
-from pacs.dataset import dataset_offset, inflated_head, meta_transfer_syntax, valid_uid
-from pacs.errors import InvalidUID, ObjectTooLarge
+from pacs.dataset import (
+    dataset_offset,
+    inflated_head,
+    meta_transfer_syntax,
+    require_uid,
+    valid_uid,
+)
+from pacs.errors import ObjectTooLarge
 from pacs.ingest import Analysis, Received, StoreResult
 from pacs.services import Services
 
@@ -286,8 +292,8 @@ class Store:
     def on_post(self, req: falcon.Request, resp: falcon.Response,
                 study: str | None = None) -> None:
         """Store Instances (PS3.18 10.5); see the module docstring for the answers."""
-        if study is not None and not valid_uid(study):
-            raise InvalidUID("StudyInstanceUID in the path is not a valid UID")
+        if study is not None:
+            study = require_uid(study, "StudyInstanceUID in the path")
         if not accepts_json(req):
             raise Unacceptable("STOW-RS answers with application/dicom+json only")
         settings = self.services.settings

@@ -52,7 +52,7 @@ from adapters.dicomweb.negotiation import accepts_json
 from pacs import frames as pixels
 from pacs import metadata, transcode
 from pacs.attributes import BY_KEYWORD, Level
-from pacs.dataset import valid_uid
+from pacs.dataset import require_uid
 from pacs.errors import InvalidQuery, NotFound, PacsError
 from pacs.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.services import Services
@@ -81,13 +81,6 @@ _NATIVE_ASKED = frozenset({str(ExplicitVRLittleEndian), "1.2.840.10008.1.2"})
 
 
 # --- shared by the retrieve resources --------------------------------------------------
-
-def require_uid(value: str, name: str) -> str:
-    """A UID from the path, or 400 (PS3.5 9.1)."""
-    if not valid_uid(value):
-        raise InvalidQuery(f"{name} is not a valid UID")
-    return value
-
 
 def instances(services: Services, study: str, series: str | None = None,
               instance: str | None = None) -> list[InstanceRef]:

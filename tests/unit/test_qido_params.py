@@ -6,7 +6,7 @@ import pytest
 
 from adapters.dicomweb import search
 from pacs.attributes import BY_KEYWORD, Level
-from pacs.errors import InvalidQuery
+from pacs.errors import InvalidQuery, InvalidUID
 from pacs.query.model import Match, Query
 
 
@@ -104,7 +104,7 @@ def test_refused(params: dict[str, str]) -> None:
 
 
 def test_malformed_path_uid() -> None:
-    with pytest.raises(InvalidQuery, match="valid UID"):
+    with pytest.raises(InvalidUID, match="valid UID"):
         parse({}, search.STUDY_SERIES, {"StudyInstanceUID": "1.02"})
 
 
