@@ -24,7 +24,8 @@ _PARENT = {Level.STUDY: Level.PATIENT, Level.SERIES: Level.STUDY, Level.IMAGE: L
 _FK = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.IMAGE: "series_pk"}
 
 #: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.  ``{patient}`` is
-#: the patient's key as the query level reaches it (:data:`_PATIENT_KEY`).
+#: the patient's key: ``patient.pk`` at PATIENT level, below it the study row's
+#: ``patient_pk`` (no join of the patient table).
 _COMPUTED = {
     "NumberOfPatientRelatedStudies":
         "(SELECT count(*) FROM study s WHERE s.patient_pk = {patient})",
@@ -49,10 +50,6 @@ _COMPUTED = {
         "FROM instance i JOIN series se ON se.pk = i.series_pk "
         "WHERE se.study_pk = study.pk ORDER BY 1))",
 }
-
-#: The patient's key without joining the patient table: below PATIENT level the study
-#: row holds it.
-_PATIENT_KEY = {Level.PATIENT: "patient.pk"}
 
 #: Matching on a computed attribute is matching on the stored attribute it summarises.
 _COMPUTED_MATCH = {"ModalitiesInStudy": "Modality", "SOPClassesInStudy": "SOPClassUID"}
@@ -242,7 +239,7 @@ def _select(query: Query) -> tuple[list[str], list[str]]:
             if attribute.level.depth > query.level.depth:
                 continue  # e.g. NumberOfSeriesRelatedInstances asked at STUDY level
             expressions.append(_COMPUTED[attribute.keyword].format(
-                patient=_PATIENT_KEY.get(query.level, "study.patient_pk")))
+                patient="patient.pk" if query.level is Level.PATIENT else "study.patient_pk"))
         elif attribute.level.depth <= query.level.depth:
             expressions.append(column_of(attribute, query.level))
         else:

@@ -388,3 +388,13 @@ def test_no_patient_join_below_patient_level(level: Level) -> None:
         constraint(BY_KEYWORD["PatientName"], "DOE*"),))  # type: ignore[arg-type]
     for compiled in (compile_find(query), compile_count(query), compile_instances(query)):
         assert "JOIN patient" not in compiled.sql
+
+
+def test_patient_counts_below_patient_level(services: Services) -> None:
+    _load_own(services)
+    keys = tuple(BY_KEYWORD[k] for k in ("NumberOfPatientRelatedStudies",
+                                         "NumberOfPatientRelatedSeries",
+                                         "NumberOfPatientRelatedInstances"))
+    for level in (Level.PATIENT, Level.STUDY):
+        rows = [r.values for r in services.engine.find(Query(level=level, return_keys=keys))]
+        assert {tuple(r[k.keyword] for k in keys) for r in rows} == {("2", "2", "4")}
