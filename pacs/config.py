@@ -185,6 +185,16 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+#: Every setting by its :class:`Settings` field name.
+_BY_ATTR = {setting.attr: setting for setting in SETTINGS}
+
+
+def _default(attr: str) -> Any:
+    """The default of the setting of field ``attr``, parsed from :data:`SETTINGS`."""
+    setting = _BY_ATTR[attr]
+    return setting.parse(setting.default)
+
+
 @dataclass(frozen=True)
 class Modality:
     """A known remote AE: a C-MOVE destination."""
@@ -208,55 +218,59 @@ def parse_modalities(value: str) -> dict[str, Modality]:
 
 @dataclass(frozen=True)
 class Settings:
-    """The effective settings of one node, after all sources are merged."""
+    """The effective settings of one node, after all sources are merged.
 
-    customer: str = "default"
-    data_dir: Path = Path("customer/default")
-    ae_title: str = "INTELPIXEL"
-    dimse_port: int = 32773
-    bind_address: str = "0.0.0.0"
-    web_port: int = 5985
-    web_workers: int = 0
-    web_threads: int = 4
-    web_analysers: int = 1
-    web_user: str = ""
-    web_password: str = ""
-    web_token: str = ""
-    web_open: bool = False
-    cors_origins: tuple[str, ...] = ()
-    qido_default_limit: int = 5000
-    viewer_port: int = 8080
-    viewer_dist: str = ""
-    viewer_workers: int = 1
-    uploads_path: str = ""
-    uploads_poll: float = 2.0
-    uploads_after_store: str = "delete"
-    storage: str = "file"
-    s3_endpoint: str = "localhost:9000"
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    s3_bucket: str = "pacs"
-    s3_secure: bool = False
-    s3_region: str = "us-east-1"
-    modalities: str = ""
-    allowed_calling_aets: tuple[str, ...] = ()
-    duplicate_policy: str = "overwrite"
-    dimse_workers: int = 0
-    max_associations: int = 32
-    max_pdu: int = 262144
-    dimse_timeout: float = 60.0
-    artim_timeout: float = 10.0
-    max_associations_per_host: int = 16
-    max_pending_connections: int = 64
-    max_object_bytes: int = 2147483648
-    max_frame_bytes: int = 268435456
-    http_timeout: float = 30.0
-    http_keepalive: float = 15.0
-    max_request_bytes: int = 8589934592
-    query_max_rows: int = 10000
-    query_time_limit: float = 30.0
-    pn_case_sensitive: bool = False
-    log_level: str = "INFO"
+    A field's default is its setting's default in :data:`SETTINGS`, parsed: each
+    default is written once, there (the data folder's follows from the customer's).
+    """
+
+    customer: str = _default("customer")
+    data_dir: Path = Path("customer") / _default("customer")
+    ae_title: str = _default("ae_title")
+    dimse_port: int = _default("dimse_port")
+    bind_address: str = _default("bind_address")
+    web_port: int = _default("web_port")
+    web_workers: int = _default("web_workers")
+    web_threads: int = _default("web_threads")
+    web_analysers: int = _default("web_analysers")
+    web_user: str = _default("web_user")
+    web_password: str = _default("web_password")
+    web_token: str = _default("web_token")
+    web_open: bool = _default("web_open")
+    cors_origins: tuple[str, ...] = _default("cors_origins")
+    qido_default_limit: int = _default("qido_default_limit")
+    viewer_port: int = _default("viewer_port")
+    viewer_dist: str = _default("viewer_dist")
+    viewer_workers: int = _default("viewer_workers")
+    uploads_path: str = _default("uploads_path")
+    uploads_poll: float = _default("uploads_poll")
+    uploads_after_store: str = _default("uploads_after_store")
+    storage: str = _default("storage")
+    s3_endpoint: str = _default("s3_endpoint")
+    s3_access_key: str = _default("s3_access_key")
+    s3_secret_key: str = _default("s3_secret_key")
+    s3_bucket: str = _default("s3_bucket")
+    s3_secure: bool = _default("s3_secure")
+    s3_region: str = _default("s3_region")
+    modalities: str = _default("modalities")
+    allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
+    duplicate_policy: str = _default("duplicate_policy")
+    dimse_workers: int = _default("dimse_workers")
+    max_associations: int = _default("max_associations")
+    max_pdu: int = _default("max_pdu")
+    dimse_timeout: float = _default("dimse_timeout")
+    artim_timeout: float = _default("artim_timeout")
+    max_associations_per_host: int = _default("max_associations_per_host")
+    max_pending_connections: int = _default("max_pending_connections")
+    max_object_bytes: int = _default("max_object_bytes")
+    max_frame_bytes: int = _default("max_frame_bytes")
+    http_timeout: float = _default("http_timeout")
+    http_keepalive: float = _default("http_keepalive")
+    max_request_bytes: int = _default("max_request_bytes")
+    query_max_rows: int = _default("query_max_rows")
+    query_time_limit: float = _default("query_time_limit")
+    pn_case_sensitive: bool = _default("pn_case_sensitive")
+    log_level: str = _default("log_level")
     destinations: Mapping[str, Modality] = field(default_factory=dict)
 
     @property

@@ -76,6 +76,20 @@ def test_every_setting_has_a_field() -> None:
     assert {s.attr for s in config.SETTINGS} <= fields
 
 
+def test_field_defaults_are_the_table_defaults() -> None:
+    """Each default is written once, in SETTINGS: Settings() and load() without any
+    source agree with it, value and type."""
+    built, loaded = config.Settings(), config.load(environ={}, env_file=None)
+    for setting in config.SETTINGS:
+        expected = setting.parse(setting.default)
+        for settings in (built, loaded):
+            value = getattr(settings, setting.attr)
+            if setting.attr == "data_dir":  # empty: the customer's folder
+                assert value.absolute() == Path("customer/default").absolute()
+                continue
+            assert value == expected and type(value) is type(expected), setting.env
+
+
 @pytest.mark.parametrize("name", ["PACS_ARTIM_TIMEOUT", "PACS_DIMSE_TIMEOUT", "PACS_HTTP_TIMEOUT",
                                   "PACS_MAX_OBJECT_BYTES", "PACS_QUERY_TIME_LIMIT"])
 @pytest.mark.parametrize("value", ["0", "-1"])
