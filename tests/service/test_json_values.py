@@ -10,7 +10,7 @@ STOW-RS response takes part only as the way in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -24,9 +24,8 @@ from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
-from pacs import config, jsonmodel
-from pacs.services import Services, build
-from pacs.storage.memory import MemoryStore
+from pacs import jsonmodel
+from pacs.services import Services
 from tests.conftest import sample
 
 JSON = "application/dicom+json"
@@ -70,17 +69,11 @@ def instance(values: dict[int, tuple[str, str]]) -> tuple[str, bytes]:
 
 
 @pytest.fixture(params=[0, 1], ids=["in-process", "helper"])
-def services(request: pytest.FixtureRequest, settings: config.Settings,
-             memory_store: MemoryStore) -> Iterator[Services]:
+def node(request: pytest.FixtureRequest,
+         make_services: Callable[..., Services]) -> tuple[Services, testing.TestClient]:
     """Parts analysed (metadata prepared) in the request's thread, then in a helper."""
-    built = build(settings.with_overrides(web_analysers=request.param), store=memory_store)
-    yield built
-    built.close()
-
-
-@pytest.fixture
-def client(services: Services) -> testing.TestClient:
-    return testing.TestClient(create_app(services))
+    services = make_services(web_analysers=request.param)
+    return services, testing.TestClient(create_app(services))
 
 
 def stow(client: testing.TestClient, data: bytes) -> None:
@@ -152,12 +145,14 @@ def check(client: testing.TestClient, services: Services, tag: int, vr: str,
 
 
 @pytest.mark.parametrize("tag", [PATIENT_WEIGHT, PATIENT_SIZE], ids=["weight", "size"])
-def test_ds_values_read_the_same_everywhere(client: testing.TestClient, services: Services,
+def test_ds_values_read_the_same_everywhere(node: tuple[Services, testing.TestClient],
                                             tag: int) -> None:
+    services, client = node
     check(client, services, tag, "DS", DS_CASES)
 
 
 @pytest.mark.parametrize("tag", [SERIES_NUMBER, INSTANCE_NUMBER], ids=["series", "instance"])
-def test_is_values_read_the_same_everywhere(client: testing.TestClient, services: Services,
+def test_is_values_read_the_same_everywhere(node: tuple[Services, testing.TestClient],
                                             tag: int) -> None:
+    services, client = node
     check(client, services, tag, "IS", IS_CASES)
