@@ -188,6 +188,21 @@ UNIQUE_KEY: dict[Level, Attribute] = {
     a.level: a for a in ATTRIBUTES if a.key == "U"
 }
 
+# The hierarchy of the index, declared once: the schema, the writer and the query
+# compiler read it.
+
+#: The level above each level but PATIENT (PS3.4 C.6: patient, study, series, image).
+PARENT: dict[Level, Level] = {level: list(Level)[level.depth - 1]
+                              for level in Level if level is not Level.PATIENT}
+#: The column of a row that names its parent's row (``study.patient_pk``).
+PARENT_KEY: dict[Level, str] = {level: f"{parent.table}_pk" for level, parent in PARENT.items()}
+#: The column that identifies a row of each level: its unique key's column; the patient
+#: has no UID, so its key is derived at ingest (``pacs.ingest.patient_key``).
+IDENTITY: dict[Level, str] = {
+    level: "patient_key" if level is Level.PATIENT else str(UNIQUE_KEY[level].column)
+    for level in Level
+}
+
 
 def stored(level: Level) -> tuple[Attribute, ...]:
     """The attributes of ``level`` that have an index column, in table order."""

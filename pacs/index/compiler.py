@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from pacs.attributes import (
     BY_KEYWORD,
+    PARENT,
+    PARENT_KEY,
     UNIQUE_KEY,
     Attribute,
     Level,
@@ -19,9 +21,6 @@ from pacs.attributes import (
     table_of,
 )
 from pacs.query.model import Constraint, Match, Query, Term
-
-_PARENT = {Level.STUDY: Level.PATIENT, Level.SERIES: Level.STUDY, Level.IMAGE: Level.SERIES}
-_FK = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.IMAGE: "series_pk"}
 
 #: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.  ``{patient}`` is
 #: the patient's key: ``patient.pk`` at PATIENT level, below it the study row's
@@ -91,9 +90,10 @@ def from_clause(level: Level, patient: bool = False) -> str:
     own copies of the patient attributes."""
     clause = level.table
     current = level
-    while current in _PARENT and (patient or current is not Level.STUDY):
-        parent = _PARENT[current]
-        clause += f" JOIN {parent.table} ON {parent.table}.pk = {current.table}.{_FK[current]}"
+    while current in PARENT and (patient or current is not Level.STUDY):
+        parent = PARENT[current]
+        clause += (f" JOIN {parent.table} ON {parent.table}.pk = "
+                   f"{current.table}.{PARENT_KEY[current]}")
         current = parent
     return clause
 
@@ -134,13 +134,13 @@ class _Where:
         aliases: list[str] = []
         level = attribute.level
         joins = f"{level.table} AS x_{level.table}"
-        while _PARENT[level] is not query_level:
-            parent = _PARENT[level]
+        while PARENT[level] is not query_level:
+            parent = PARENT[level]
             joins += (f" JOIN {parent.table} AS x_{parent.table} ON x_{parent.table}.pk = "
-                      f"x_{level.table}.{_FK[level]}")
+                      f"x_{level.table}.{PARENT_KEY[level]}")
             aliases.append(parent.table)
             level = parent
-        link = f"x_{level.table}.{_FK[level]} = {query_level.table}.pk"
+        link = f"x_{level.table}.{PARENT_KEY[level]} = {query_level.table}.pk"
         inner = self._term(attribute, term, f"x_{attribute.level.table}")
         return f"EXISTS (SELECT 1 FROM {joins} WHERE {link} AND {inner})"
 

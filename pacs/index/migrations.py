@@ -14,26 +14,19 @@ import json
 import apsw
 from pydicom.dataset import Dataset
 
-from pacs.attributes import Attribute, Level, case_folded_column, stored
+from pacs.attributes import (
+    IDENTITY,
+    PARENT,
+    PARENT_KEY,
+    Attribute,
+    Level,
+    case_folded_column,
+    stored,
+)
 from pacs.dataset import extract
 
 #: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
 APPLICATION_ID = 0x50414353
-
-_PARENT = {
-    Level.PATIENT: None,
-    Level.STUDY: Level.PATIENT,
-    Level.SERIES: Level.STUDY,
-    Level.IMAGE: Level.SERIES,
-}
-
-#: Per-level identity column: the patient has no UID, so a key is derived at ingest.
-_IDENTITY = {
-    Level.PATIENT: "patient_key",
-    Level.STUDY: "study_uid",
-    Level.SERIES: "series_uid",
-    Level.IMAGE: "sop_uid",
-}
 
 #: Columns that are not DICOM attributes: where and how each instance is stored.
 _INSTANCE_EXTRA = (
@@ -66,12 +59,12 @@ def _columns(attributes: tuple[Attribute, ...], identity: str) -> list[str]:
 
 
 def _create_level(conn: apsw.Connection, level: Level) -> None:
-    parent = _PARENT[level]
-    lines = ["pk INTEGER PRIMARY KEY", f"{_IDENTITY[level]} TEXT NOT NULL UNIQUE"]
+    parent = PARENT.get(level)
+    lines = ["pk INTEGER PRIMARY KEY", f"{IDENTITY[level]} TEXT NOT NULL UNIQUE"]
     if parent is not None:
-        lines.append(
-            f"{parent.table}_pk INTEGER NOT NULL REFERENCES {parent.table}(pk) ON DELETE CASCADE")
-    lines += _columns(stored(level), _IDENTITY[level])
+        lines.append(f"{PARENT_KEY[level]} INTEGER NOT NULL REFERENCES {parent.table}(pk) "
+                     "ON DELETE CASCADE")
+    lines += _columns(stored(level), IDENTITY[level])
     if level is Level.IMAGE:
         lines += list(_INSTANCE_EXTRA)
     conn.execute(f"CREATE TABLE {level.table} (\n  " + ",\n  ".join(lines) + "\n)")
@@ -113,7 +106,7 @@ def _added_attributes(conn: apsw.Connection) -> None:
     :func:`_initial` from the current table has them already."""
     for level in Level:
         existing = {row[1] for row in conn.execute(f"PRAGMA table_info({level.table})")}
-        for column in _columns(stored(level), _IDENTITY[level]):
+        for column in _columns(stored(level), IDENTITY[level]):
             name = column.split()[0]
             if name not in existing:
                 conn.execute(f"ALTER TABLE {level.table} ADD COLUMN {column}")
@@ -130,7 +123,7 @@ def _study_copies(conn: apsw.Connection) -> None:
     copies = tuple(a for a in stored(Level.PATIENT) if a.per_study)
     existing = {row[1] for row in conn.execute("PRAGMA table_info(study)")}
     names = []
-    for column in _columns(copies, _IDENTITY[Level.STUDY]):
+    for column in _columns(copies, IDENTITY[Level.STUDY]):
         name = column.split()[0]
         names.append(name)
         if name not in existing:

@@ -11,11 +11,14 @@ from functools import cache
 
 import apsw
 
-from pacs.attributes import Level, case_folded_column, table_attributes
+from pacs.attributes import (
+    IDENTITY,
+    PARENT_KEY,
+    Level,
+    case_folded_column,
+    table_attributes,
+)
 
-_PARENT_FK = {Level.STUDY: "patient_pk", Level.SERIES: "study_pk", Level.IMAGE: "series_pk"}
-_IDENTITY = {Level.PATIENT: "patient_key", Level.STUDY: "study_uid",
-             Level.SERIES: "series_uid", Level.IMAGE: "sop_uid"}
 #: The series, study and patient rows above an instance.
 _PARENTS_SQL = (
     "SELECT instance.series_pk, series.study_pk, study.patient_pk FROM instance "
@@ -54,7 +57,7 @@ class InstanceRow:
 def _level_columns(level: Level) -> list[str]:
     columns = []
     for attribute in table_attributes(level):
-        if attribute.column == _IDENTITY[level]:
+        if attribute.column == IDENTITY[level]:
             continue
         columns.append(attribute.column or "")
         folded = case_folded_column(attribute)
@@ -66,9 +69,9 @@ def _level_columns(level: Level) -> list[str]:
 @cache
 def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     """``INSERT … ON CONFLICT DO UPDATE … RETURNING pk`` for one level."""
-    columns = [_IDENTITY[level]]
-    if level in _PARENT_FK:
-        columns.append(_PARENT_FK[level])
+    columns = [IDENTITY[level]]
+    if level in PARENT_KEY:
+        columns.append(PARENT_KEY[level])
     columns += _level_columns(level)
     if level is Level.IMAGE:
         columns += _INSTANCE_EXTRA
@@ -76,7 +79,7 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     sql = (
         f"INSERT INTO {level.table} ({', '.join(columns)}) "
         f"VALUES ({', '.join('?' * len(columns))}) "
-        f"ON CONFLICT({_IDENTITY[level]}) DO UPDATE SET {updates} RETURNING pk"
+        f"ON CONFLICT({IDENTITY[level]}) DO UPDATE SET {updates} RETURNING pk"
     )
     return sql, tuple(columns)
 
@@ -101,8 +104,8 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
         if level is Level.STUDY:
             values.update(row.values[Level.PATIENT])
         values["patient_key"] = row.patient_key
-        if level in _PARENT_FK:
-            values[_PARENT_FK[level]] = parent_pk  # type: ignore[assignment]
+        if level in PARENT_KEY:
+            values[PARENT_KEY[level]] = parent_pk  # type: ignore[assignment]
         if level is Level.IMAGE:
             values.update(object_key=row.object_key, size=row.size,  # type: ignore[arg-type]
                           checksum=row.checksum, transfer_syntax=row.transfer_syntax,
