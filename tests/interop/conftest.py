@@ -28,6 +28,7 @@ from pathlib import Path
 import apsw
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
@@ -374,9 +375,9 @@ def resources_of(pids: list[int]) -> Resources:
     return Resources(rss, fds)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc."""
-    members = []
+def _live_processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every live
+    (non-zombie) process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -385,10 +386,28 @@ def _group_members(pgid: int) -> list[int]:
                 fields = stat.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
+        if fields[0] not in (b"Z", b"X"):
+            yield int(entry), fields
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every live descendant of them."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in _live_processes():
+        children.setdefault(int(fields[1]), []).append(pid)
+    found = set(pids)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc."""
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
 
 
 class Node:
@@ -566,9 +585,11 @@ class Node:
     # -- what it holds --
 
     def pids(self) -> list[int]:
-        """Every live process of the node (parent, DIMSE workers, gunicorn, helpers)."""
+        """Every live process of the node: its process group (parent, DIMSE workers,
+        gunicorn, upload watcher) and their descendants (the analyser helpers run in
+        sessions of their own)."""
         assert self.proc is not None
-        return _group_members(self.proc.pid)
+        return _with_descendants(_group_members(self.proc.pid))
 
     def resources(self) -> Resources:
         """Memory (sum of RSS) and open descriptors summed over every node process."""
@@ -591,6 +612,26 @@ class Node:
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.data_dir)
+
+
+#: Seconds an answer may take while the node is under attack or starting.
+PATIENCE = 30.0
+
+
+def answers_echo(node: Node) -> None:
+    """A real C-ECHO (dcmtk) answers; echoscu gives up after 10 s of anything."""
+    result = run_dcmtk("echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE_TITLE,
+                       "127.0.0.1", str(node.port), timeout=60)
+    assert result.returncode == 0, f"{result.stdout}\n--- server log ---\n{node.log()}"
+
+
+def answers_qido(node: Node) -> None:
+    """A QIDO-RS answers (the web application may still be starting: 503 meanwhile)."""
+    deadline = time.monotonic() + PATIENCE
+    while (response := requests.get(f"{node.web_url()}/studies", timeout=10)).status_code \
+            == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert response.status_code == 200, response.text
 
 
 @pytest.fixture(scope="session")

@@ -31,14 +31,21 @@ from pynetdicom.sop_class import CTImageStorage
 
 from adapters.dicomweb.multipart import encode as multipart_encode
 from tests.conftest import wait_for_port
-from tests.interop.conftest import AE_TITLE, Node, Resources, fresh_ct, run_dcmtk
+from tests.interop.conftest import (
+    AE_TITLE,
+    PATIENCE,
+    Node,
+    Resources,
+    answers_echo,
+    answers_qido,
+    fresh_ct,
+    run_dcmtk,
+)
 
 pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 
 #: The most a node's memory may grow during an attack.
 MEMORY_BOUND = 256 << 20
-#: Generous bound for anything the node should do "at once" on a loaded machine.
-PATIENCE = 30.0
 #: PACS_MAX_OBJECT_BYTES and PACS_MAX_REQUEST_BYTES of the limited node.
 OBJECT_LIMIT = 16 << 20
 REQUEST_LIMIT = 48 << 20
@@ -51,20 +58,7 @@ DICOM_MULTIPART = "multipart/related; type=\"application/dicom\"; boundary={}"
 
 # --- the node's health during an attack ----------------------------------------------------
 
-def echo(node: Node) -> None:
-    """A real C-ECHO (dcmtk) answers."""
-    result = run_dcmtk("echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE_TITLE,
-                       "127.0.0.1", str(node.port), timeout=60)
-    assert result.returncode == 0, f"{result.stdout}\n--- server log ---\n{node.log()}"
-
-
-def qido(node: Node) -> None:
-    """A QIDO-RS answers (the web application may still be starting: 503 meanwhile)."""
-    deadline = time.monotonic() + PATIENCE
-    while (response := requests.get(f"{node.web_url()}/studies", timeout=10)).status_code \
-            == 503 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert response.status_code == 200, response.text
+echo, qido = answers_echo, answers_qido
 
 
 class Watch:

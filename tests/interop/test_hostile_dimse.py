@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -27,8 +26,11 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from pacs.dimse.server import DRAIN_SECONDS
 from tests.interop.conftest import (
     AE_TITLE,
+    PATIENCE,
     Node,
     Resources,
+    answers_echo,
+    answers_qido,
     fresh_ct,
     resources_of,
     run_dcmtk,
@@ -38,8 +40,6 @@ pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 
 #: The most a node's memory may grow during an attack.
 MEMORY_BOUND = 256 << 20
-#: Generous bound for anything the node should do "at once" on a loaded machine.
-PATIENCE = 30.0
 
 #: A-ABORT, service provider, invalid PDU parameter value (PS3.8 9.3.8).
 ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
@@ -50,20 +50,7 @@ REJECT_LOCAL_LIMIT = (2, 3, 2)
 
 # --- the node's health during an attack ----------------------------------------------------
 
-def echo(node: Node) -> None:
-    """A real C-ECHO (dcmtk) answers; echoscu gives up after 10 s of anything."""
-    result = run_dcmtk("echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aec", AE_TITLE,
-                       "127.0.0.1", str(node.port), timeout=60)
-    assert result.returncode == 0, f"{result.stdout}\n--- server log ---\n{node.log()}"
-
-
-def qido(node: Node) -> None:
-    """A QIDO-RS answers (the web application may still be starting: 503 meanwhile)."""
-    deadline = time.monotonic() + PATIENCE
-    while (response := requests.get(f"{node.web_url()}/studies", timeout=10)).status_code \
-            == 503 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert response.status_code == 200, response.text
+echo, qido = answers_echo, answers_qido
 
 
 def still_serving(node: Node) -> None:

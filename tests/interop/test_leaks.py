@@ -137,29 +137,6 @@ def leak_node(node_factory: Callable[..., Node], destination_port: int) -> Itera
 
 # --- what the node holds ----------------------------------------------------------------
 
-def every_process(node: Node) -> list[int]:
-    """The node's process group and all its descendants (the analyser helpers run in
-    sessions of their own)."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] not in (b"Z", b"X"):
-            children[int(fields[1])].append(int(entry))
-    found = set(node.pids())
-    todo = list(found)
-    while todo:
-        for child in children[todo.pop()]:
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return sorted(found)
-
 
 @dataclass(frozen=True)
 class Held:
@@ -182,7 +159,7 @@ class Held:
 
 def held(node: Node) -> Held:
     """Summed RSS, descriptors and threads of every process of the node."""
-    pids = every_process(node)
+    pids = node.pids()
     threads = 0
     for pid in pids:
         try:
@@ -195,7 +172,7 @@ def held(node: Node) -> Held:
 def descriptors(node: Node) -> collections.Counter[str]:
     """What the node's descriptors point at, per process (for a failure's message)."""
     kinds: collections.Counter[str] = collections.Counter()
-    for pid in every_process(node):
+    for pid in node.pids():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
                 name = cmdline.read().replace(b"\0", b" ").decode(errors="replace")[:60]
