@@ -300,8 +300,10 @@ def test_hundreds_of_silent_connections(node_factory: Callable[..., Node]) -> No
             while len(still := _open_ones(socks)) > 2 * 16 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert len(still) <= 2 * 16, f"{len(still)} silent connections still open"
-            # The newest are the ones kept.
-            assert set(still) <= set(socks[-2 * 16 - 8:])
+            # The newest are the ones kept: each worker keeps its own newest 16, and the
+            # two workers take connections unevenly, so "newest" is per worker; but the
+            # first two thirds are all gone (keeping the oldest would keep exactly those).
+            assert set(still) <= set(socks[-100:])
             memory.sample()
             still_serving(node)
             # A real peer's connection evicts an old silent one, never the other way.
