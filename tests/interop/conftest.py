@@ -614,6 +614,17 @@ class Node:
         return snapshot(self.data_dir)
 
 
+def getscu_counts(output: str) -> tuple[int, ...]:
+    """(Remaining, Completed, Failed, Warning) of getscu's final status report."""
+    values = {}
+    for line in output.splitlines():
+        for name in ("Remaining", "Completed", "Failed", "Warning"):
+            if f"Number of {name} Suboperations" in line:
+                values[name] = int(line.rsplit(":", 1)[1])
+    return tuple(values.get(name, -1) for name in ("Remaining", "Completed", "Failed",
+                                                    "Warning"))
+
+
 #: Seconds an answer may take while the node is under attack or starting.
 PATIENCE = 30.0
 

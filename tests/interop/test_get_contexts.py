@@ -28,7 +28,13 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from tests.conftest import sample
-from tests.interop.conftest import AE_TITLE, Node, dataset_bytes, run_dcmtk
+from tests.interop.conftest import (
+    AE_TITLE,
+    Node,
+    dataset_bytes,
+    getscu_counts,
+    run_dcmtk,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -186,17 +192,6 @@ def test_compressed_context_beside_an_uncompressed_one_sends_as_stored(
     _assert_same_pixels(loaded, got.objects)
 
 
-def _get_counts(output: str) -> tuple[int, ...]:
-    """(Remaining, Completed, Failed, Warning) of getscu's final status report."""
-    values = {}
-    for line in output.splitlines():
-        for name in ("Remaining", "Completed", "Failed", "Warning"):
-            if f"Number of {name} Suboperations" in line:
-                values[name] = int(line.rsplit(":", 1)[1])
-    return tuple(values.get(name, -1) for name in ("Remaining", "Completed", "Failed",
-                                                    "Warning"))
-
-
 def test_getscu_preferring_jpeg_baseline_gets_every_object(mixed: tuple[Node, Mixed],
                                                            tmp_path: Path) -> None:
     """dcmtk getscu +xy proposes, per storage SOP class, one context [JPEG Baseline,
@@ -212,7 +207,7 @@ def test_getscu_preferring_jpeg_baseline_gets_every_object(mixed: tuple[Node, Mi
 
     assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
     assert "Received C-GET Response (Success)" in result.stdout, result.stdout
-    assert _get_counts(result.stdout) == (0, len(FILES), 0, 0), result.stdout
+    assert getscu_counts(result.stdout) == (0, len(FILES), 0, 0), result.stdout
     files = {}
     for path in tmp_path.iterdir():
         data = path.read_bytes()

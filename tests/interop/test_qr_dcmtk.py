@@ -28,6 +28,7 @@ from tests.interop.conftest import (
     Node,
     dataset_bytes,
     dcmtk,
+    getscu_counts,
     run_dcmtk,
 )
 
@@ -181,17 +182,6 @@ def _keys(**keys: str | list[str]) -> list[str]:
     return args
 
 
-def _get_counts(output: str) -> tuple[int, ...]:
-    """(Remaining, Completed, Failed, Warning) of getscu's final status report."""
-    values = {}
-    for line in output.splitlines():
-        for name in ("Remaining", "Completed", "Failed", "Warning"):
-            if f"Number of {name} Suboperations" in line:
-                values[name] = int(line.rsplit(":", 1)[1])
-    return tuple(values.get(name, -1) for name in ("Remaining", "Completed", "Failed",
-                                                    "Warning"))
-
-
 def _received(folder: Path) -> dict[str, bytes]:
     """Part 10 files in ``folder`` by SOP Instance UID."""
     found = {}
@@ -269,7 +259,7 @@ def test_getscu(qr: tuple[Node, Loaded], tmp_path: Path, model: str, level: str,
     assert "Received C-GET Response (Success)" in result.stdout, result.stdout
     received = _received(tmp_path)
     assert sorted(received) == sorted(expected(loaded))
-    assert _get_counts(result.stdout) == (0, len(received), 0, 0)
+    assert getscu_counts(result.stdout) == (0, len(received), 0, 0)
     _assert_as_stored(node, received)
 
 
@@ -327,7 +317,7 @@ def test_getscu_preferring_jpeg_lossless_gets_every_object(qr: tuple[Node, Loade
     assert "Received C-GET Response (Success)" in result.stdout, result.stdout
     received = _received(tmp_path)
     assert sorted(received) == sorted(loaded.compressed)
-    assert _get_counts(result.stdout) == (0, len(received), 0, 0)
+    assert getscu_counts(result.stdout) == (0, len(received), 0, 0)
     for sop, data in received.items():
         got = pydicom.dcmread(io.BytesIO(data))
         assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, sop
