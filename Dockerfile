@@ -47,5 +47,5 @@ EXPOSE 32773 5985 8080
 USER pacs
 # GET /health on the DICOMweb port, from loopback (no credentials needed).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["python", "-m", "pacs.healthcheck"]
+    CMD ["python", "-m", "pacs.node.healthcheck"]
 CMD ["pacs", "serve"]

@@ -18,23 +18,19 @@ from typing import Any
 
 import click
 
-from pacs import config
-from pacs.errors import InvalidInstance, PacsError
-from pacs.ingest import Outcome
+from pacs.core import config
+from pacs.core.errors import InvalidInstance, PacsError
+from pacs.core.ingest import Outcome
 
 log = logging.getLogger("pacs")
 
 
-#: One log line format for the node's processes (DIMSE workers, DICOMweb workers).
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-
-
 def _setup_logging(level: str) -> None:
     """Log to stderr at ``level``, without data-set values at INFO and above
-    (:mod:`pacs.logs`); the DIMSE workers forked later inherit it."""
-    from pacs import logs
+    (:mod:`pacs.core.logs`); the DIMSE workers forked later inherit it."""
+    from pacs.core import logs
 
-    logs.setup(level, LOG_FORMAT)
+    logs.setup(level)
 
 
 def _overrides(ctx: click.Context, **overrides: Any) -> dict[str, str]:
@@ -75,7 +71,7 @@ def show_config(ctx: click.Context) -> None:
 
 
 def _build(settings: config.Settings) -> Any:
-    from pacs.services import build
+    from pacs.core.services import build
 
     try:
         return build(settings)
@@ -99,8 +95,8 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     settings = _settings(ctx, **overrides)
     _setup_logging(settings.log_level)
     from pacs.dimse.server import run_workers
-    from pacs.reconcile import reconcile
-    from pacs.webserver import WebServer
+    from pacs.core.reconcile import reconcile
+    from pacs.node.webserver import WebServer
 
     services = _build(settings)
     report = reconcile(services, full=False)
@@ -123,7 +119,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     web.watch(stopping)
     # The OHIF viewer server and the upload-folder watcher: optional companions that are
     # restarted when they fail and never stop the node.
-    from pacs.companions import start_companions
+    from pacs.node.companions import start_companions
     companions = start_companions(
         settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}, stopping)
     try:
@@ -202,7 +198,7 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
     """
     import json
 
-    from pacs.reconcile import reconcile
+    from pacs.core.reconcile import reconcile
 
     settings = _settings(ctx)
     _setup_logging(settings.log_level)
@@ -246,9 +242,9 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
     KEYS are KEYWORD=VALUE pairs with the C-FIND value syntax, e.g.
     PatientName='DOE*' StudyDate=20150101-20151231 ModalitiesInStudy=CT.
     """
-    from pacs.attributes import BY_KEYWORD, Level
-    from pacs.query.matching import constraint
-    from pacs.query.model import Query
+    from pacs.core.attributes import BY_KEYWORD, Level
+    from pacs.core.query.matching import constraint
+    from pacs.core.query.model import Query
 
     constraints = []
     for item in keys:
@@ -288,8 +284,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """
     import json
 
-    from pacs import health
-    from pacs.status import describe
+    from pacs.core import health
+    from pacs.node.status import describe
 
     settings = _settings(ctx)
     services = _build(settings)

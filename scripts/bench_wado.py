@@ -7,7 +7,7 @@ Usage::
 Prints, for a 512 x 512 CT (CT_small's header, 2 bytes per pixel) and a 64 x 64 MR
 (MR_small):
 
-- ``prepare``: encoding the instance's DICOM JSON at ingest (``pacs.metadata.prepare``);
+- ``prepare``: encoding the instance's DICOM JSON at ingest (``pacs.core.metadata.prepare``);
 - ``save``: writing it in the ingest transaction (one INSERT);
 
 and the in-process server time of ``GET /studies/{s}/series/{se}/metadata`` for a
@@ -36,10 +36,11 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.dicomweb.app import create_app  # noqa: E402
-from pacs import config, metadata  # noqa: E402
-from pacs.dataset import read_part10  # noqa: E402
-from pacs.services import Services, build  # noqa: E402
-from pacs.storage.memory import MemoryStore  # noqa: E402
+from pacs.core import config
+from pacs.core import metadata  # noqa: E402
+from pacs.core.dataset import read_part10  # noqa: E402
+from pacs.core.services import Services, build  # noqa: E402
+from pacs.core.storage.memory import MemoryStore  # noqa: E402
 
 
 def bundled(name: str) -> str:

@@ -34,12 +34,12 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from pacs import config
-from pacs.attributes import Level
-from pacs.dataset import fold
-from pacs.index import writer
-from pacs.index.connection import Index
-from pacs.index.migrations import migrate
+from pacs.core import config
+from pacs.core.attributes import Level
+from pacs.core.dataset import fold
+from pacs.core.index import writer
+from pacs.core.index.connection import Index
+from pacs.core.index.migrations import migrate
 
 SURNAMES = ["SMITH", "JONES", "BROWN", "TAYLOR", "WILSON", "MOORE", "CLARK", "HALL", "KING",
             "WRIGHT", "GREEN", "BAKER", "ADAMS", "NELSON", "CARTER", "MITCHELL", "ROBERTS"]

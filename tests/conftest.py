@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from pacs import config
-from pacs.services import Services, build
-from pacs.storage.memory import MemoryStore
+from pacs.core import config
+from pacs.core.services import Services, build
+from pacs.core.storage.memory import MemoryStore
 
 
 def free_port() -> int:

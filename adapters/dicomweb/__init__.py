@@ -1,11 +1,11 @@
 """The DICOMweb adapter (PS3.18): HTTP in, the core's query, retrieve and ingest calls,
 HTTP out.  Falcon lives here and only here; ``pacs`` never imports it.
 
-- ``app``: the route table, middleware, ``create_app(services)`` and gunicorn's ``get_app()``;
+- ``app``: the route table, middleware and ``create_app(services)``;
 - ``qido`` / ``search``: QIDO-RS resources / parameters to a core ``Query``;
 - ``stow`` / ``multipart``: STOW-RS / the streaming multipart/related reader and writer;
 - ``wado``, ``rendered``, ``accept``: WADO-RS retrieve, rendered images, Accept parsing;
 - ``dicomjson``: index values to the DICOM JSON model; ``urls``: Retrieve URLs;
 - ``errors``: THE exception → HTTP status / STOW failure reason table;
-- ``auth`` / ``browser``: who may call / CORS and Cross-Origin-Resource-Policy.
+- ``browser``: CORS and Cross-Origin-Resource-Policy (who may call: :mod:`adapters.http.auth`).
 """

@@ -1,9 +1,8 @@
 """The DICOMweb application: THE route table, middleware and error handling.
 
-``create_app(services)`` composes the app around ready services (tests pass their
-own); ``get_app()`` is gunicorn's entry point (``adapters.dicomweb.app:get_app()``):
-it reads the settings and builds the services inside each worker process, after the
-fork, so no SQLite connection or S3 client ever crosses ``fork()``.
+``create_app(services)`` composes the app around ready services; the node builds
+them inside each gunicorn worker (:func:`pacs.node.apps.dicomweb_app`), tests pass
+their own.
 
 Every route exists twice: at ``/`` (``/studies``) and under ``/dicom-web/``
 (``/dicom-web/studies``), the root OHIF and most proxies expect.
@@ -24,30 +23,21 @@ route (below each prefix)                               method  transaction
 
 from __future__ import annotations
 
-import atexit
-import gc
-import importlib
-import importlib.util
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import falcon
 
-from adapters.dicomweb import errors, qido, stow
+from adapters.dicomweb import errors, qido, rendered, stow, wado
 from adapters.dicomweb import health as health_route
-from adapters.dicomweb.auth import Access, AccessMiddleware
+from adapters.http.auth import Access, AccessMiddleware
 from adapters.dicomweb.browser import BrowserMiddleware
-from pacs.services import Services
+from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
 #: Where the service is mounted: the root, and again under /dicom-web.
 PREFIXES = ("", "/dicom-web")
-
-#: The WADO-RS module, registered when present: ``add_routes(app, services, prefix)``.
-WADO_MODULE = "adapters.dicomweb.wado"
-
 
 #: No DICOMweb answer is a page: should a browser open one as a document (a stored
 #: document from /rendered, bulk data, JSON), it runs nothing, loads nothing, cannot be
@@ -138,18 +128,6 @@ class _Collector:
         return getattr(self._app, name)
 
 
-def wado_routes() -> Callable[[Any, Services, str], None] | None:
-    """WADO-RS's ``add_routes``, or ``None`` while that module does not exist.
-
-    Only a missing module is tolerated: an error inside it must surface.
-    """
-    if importlib.util.find_spec(WADO_MODULE) is None:
-        return None
-    module = importlib.import_module(WADO_MODULE)
-    add: Callable[[Any, Services, str], None] = module.add_routes
-    return add
-
-
 def add_routes(table: RouteTable, services: Services, prefix: str) -> None:
     """QIDO-RS and STOW-RS resources under ``prefix``."""
     store = stow.Store(services, prefix)
@@ -176,75 +154,12 @@ def create_app(services: Services) -> falcon.App:
     app.req_options.strip_url_path_trailing_slash = True
     errors.register(app)
     table = RouteTable()
-    wado = wado_routes()
     for prefix in PREFIXES:
         add_routes(table, services, prefix)
-        if wado is not None:
-            wado(_Collector(app, table), services, prefix)
+        collector = _Collector(app, table)
+        wado.add_routes(collector, services, prefix)
+        rendered.add_routes(collector, services, prefix)
     table.install(app)
     # GET /health: the node's quick health check, at the root only.
     health_route.add_route(app, services)
     return app
-
-
-def get_app() -> falcon.App:
-    """gunicorn's entry point: settings and services built in this (worker) process.
-
-    Raises
-    ------
-    pacs.errors.ConfigError
-        When the settings are invalid or the index cannot be opened; the worker
-        (:mod:`pacs.httpworker`) then answers 503 and builds it again later.  The
-        store is not checked here (``pacs serve`` did): while it is down, requests
-        that need it fail with 503 and queries go on.
-    """
-    from pacs import config, logs
-    from pacs.cli import LOG_FORMAT
-    from pacs.services import build
-
-    settings = config.load()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=getattr(logging, settings.log_level, logging.INFO),
-                            format=LOG_FORMAT)
-    logs.install(settings.log_level)  # no data-set values at INFO and above
-    services = build(settings, check_store=False)  # pacs serve checked it
-    atexit.register(services.close)
-    app = create_app(services)
-    _warm_up(app)
-    # What start-up created lives as long as the worker: keep it out of later garbage
-    # collections, whose full passes would otherwise walk it while a request waits.
-    gc.freeze()
-    # STOW-RS parts are parsed in helper processes (pacs.analysers): start them now.
-    services.analysers.start()
-    log.debug("DICOMweb worker ready for customer %s", settings.customer)
-    return app
-
-
-def _warm_up(app: falcon.App) -> None:
-    """Do once at worker start what the first request would otherwise pay for.
-
-    falcon compiles its router on the first request, and pydicom builds its lookup
-    tables on the first read; a STOW-RS or QIDO-RS answered by a fresh worker was
-    noticeably slower than the next ones.
-    """
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    from pacs.dataset import read_part10
-    from pacs.errors import InvalidInstance
-
-    app._router.find("/studies")  # compiles falcon's router (no public call for it)
-    sample = Dataset()
-    sample.SOPClassUID, sample.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3"
-    sample.StudyInstanceUID, sample.SeriesInstanceUID = "1.2.3.1", "1.2.3.2"
-    sample.PatientName = "WARM^UP"
-    sample.file_meta = FileMetaDataset()
-    sample.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    sample.save_as(buffer, enforce_file_format=True)
-    try:
-        read_part10(buffer.getvalue())
-    except InvalidInstance:  # only the reading matters
-        pass

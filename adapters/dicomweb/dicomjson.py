@@ -1,11 +1,11 @@
 """Index values to the DICOM JSON model (PS3.18 Annex F.2), without pydicom data sets.
 
-QIDO-RS answers are built straight from the engine's :class:`~pacs.query.model.Result`
+QIDO-RS answers are built straight from the engine's :class:`~pacs.core.query.model.Result`
 values through one converter per attribute, chosen once from the attribute table:
 building a pydicom ``Dataset`` per row and calling ``to_json_dict`` costs several times
 more, and a study list of a thousand rows must stay well under half a second.
 
-Each value is encoded by :func:`pacs.jsonmodel.element`, the encoder of WADO-RS
+Each value is encoded by :func:`pacs.core.jsonmodel.element`, the encoder of WADO-RS
 metadata and STOW-RS responses too, so an attribute reads the same in every answer
 (PS3.18 F.2.2 to F.2.5; its module docstring has the rules for numbers and names).
 """
@@ -16,8 +16,8 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from pacs.attributes import ATTRIBUTES, ITEM_KEYS, Attribute
-from pacs.jsonmodel import JsonDataset, JsonElement, constant, dumps, element, tag_key
+from pacs.core.attributes import ATTRIBUTES, ITEM_KEYS, Attribute
+from pacs.core.jsonmodel import JsonDataset, JsonElement, constant, dumps, element, tag_key
 
 #: The media type of every JSON answer (PS3.18 8.7.3.5): exactly this, no charset.
 MEDIA_TYPE = "application/dicom+json"

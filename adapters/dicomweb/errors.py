@@ -1,7 +1,7 @@
 """THE table from exceptions to HTTP statuses and STOW-RS failure reasons.
 
 Registered once with ``app.add_error_handler`` (see :func:`register`): resources raise
-the core's exceptions (:mod:`pacs.errors`) or the adapter's own, and this module alone
+the core's exceptions (:mod:`pacs.core.errors`) or the adapter's own, and this module alone
 decides the answer.  A client's mistake always gets a 4xx with a short reason; only a
 failure of ours (store, index, a bug) gets a 5xx, and a bug's traceback goes to the log,
 never to the client.  Reasons name attributes, never values (no patient data).
@@ -21,7 +21,7 @@ from typing import Any
 import falcon
 
 from adapters.dicomweb.multipart import MultipartError
-from pacs import errors
+from pacs.core import errors
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``GET /health``: the node's quick health check over HTTP (see :mod:`pacs.health`).
+"""``GET /health``: the node's quick health check over HTTP (see :mod:`pacs.core.health`).
 
 ``200`` with ``{"status": "ok", ...}`` when the store answers and the index is sound,
 ``503`` with ``{"status": "unhealthy", ...}`` otherwise, so that Docker's HEALTHCHECK
@@ -13,8 +13,8 @@ import json
 
 import falcon
 
-from pacs import health
-from pacs.services import Services
+from pacs.core import health
+from pacs.core.services import Services
 
 #: Where the check is mounted (once, at the root: it is not a DICOMweb resource).
 ROUTE = "/health"

@@ -1,6 +1,6 @@
 """QIDO-RS, the Search transaction (PS3.18 10.6), over the core's one query engine.
 
-A request becomes a :class:`~pacs.query.model.Query` (:mod:`adapters.dicomweb.search`),
+A request becomes a :class:`~pacs.core.query.model.Query` (:mod:`adapters.dicomweb.search`),
 the engine that answers C-FIND runs it, and the rows become DICOM JSON
 (:mod:`adapters.dicomweb.dicomjson`).  Answers (PS3.18 8.3.4.4, 10.6.3):
 
@@ -29,11 +29,11 @@ import falcon
 from adapters.dicomweb import dicomjson, search, urls
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
-from pacs.attributes import Level
-from pacs.errors import NotFound
-from pacs.query.engine import Deadline
-from pacs.query.model import Query, Result
-from pacs.services import Services
+from pacs.core.attributes import Level
+from pacs.core.errors import NotFound
+from pacs.core.query.engine import Deadline
+from pacs.core.query.model import Query, Result
+from pacs.core.services import Services
 
 #: Elements added to every result (PS3.18 Tables 10.6.3-3/4/5).
 _CHARSET = {"00080005": dicomjson.constant("CS", dicomjson.UTF8)}

@@ -11,7 +11,7 @@ route (below each prefix)                                      what is drawn
 =============================================================  ===========================
 
 The representative image of a series is its middle image by Instance Number, and of a
-study the middle image of its first series with images (:func:`pacs.metadata
+study the middle image of its first series with images (:func:`pacs.core.metadata
 .representative`): a middle slice shows more than the first one.
 
 Images are drawn for presentation as PS3.18 8.3.5.1 and PS3.3 C.11 describe, with numpy
@@ -43,7 +43,7 @@ framed), under ``Content-Security-Policy: sandbox`` with nothing allowed
 sandboxed document, so inline with ``sandbox`` would not show, and inline without it
 would run the PDF's scripts here; downloaded, it opens in the user's PDF reader.
 
-Pixels are decoded only within ``PACS_MAX_FRAME_BYTES`` (:mod:`pacs.frames`), checked
+Pixels are decoded only within ``PACS_MAX_FRAME_BYTES`` (:mod:`pacs.core.frames`), checked
 from the stored metadata before the object is even opened.
 """
 
@@ -64,10 +64,10 @@ from pydicom.pixels import apply_color_lut
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
 from adapters.dicomweb.errors import Unacceptable
-from pacs import frames as pixels
-from pacs import metadata
-from pacs.errors import InvalidQuery, NotFound, UnreadableData
-from pacs.services import Services
+from pacs.core import frames as pixels
+from pacs.core import metadata
+from pacs.core.errors import InvalidQuery, NotFound, UnreadableData
+from pacs.core.services import Services
 
 JPEG, PNG = "image/jpeg", "image/png"
 #: Longest side of a thumbnail without a viewport (OHIF's study browser draws ~128 px).

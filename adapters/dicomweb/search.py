@@ -1,8 +1,8 @@
-"""QIDO-RS query parameters to the core's :class:`~pacs.query.model.Query` (PS3.18 8.3.4,
+"""QIDO-RS query parameters to the core's :class:`~pacs.core.query.model.Query` (PS3.18 8.3.4,
 10.6.1).  Pure functions over already percent-decoded parameters; no falcon here.
 
 The value syntax is C-FIND's (PS3.18 8.3.4.1 defers to PS3.4 C.2.2.2), so each value
-goes through the same :func:`pacs.query.matching.constraint` as a C-FIND identifier
+goes through the same :func:`pacs.core.query.matching.constraint` as a C-FIND identifier
 key; the same engine then answers both.  What QIDO adds:
 
 - attributes named by keyword or by eight hex digits (``PatientID``, ``00100020``);
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 
-from pacs.attributes import (
+from pacs.core.attributes import (
     ATTRIBUTES,
     BY_KEYWORD,
     BY_TAG,
@@ -39,10 +39,10 @@ from pacs.attributes import (
     Attribute,
     Level,
 )
-from pacs.dataset import require_uid
-from pacs.errors import InvalidQuery
-from pacs.query.matching import constraint
-from pacs.query.model import Constraint, Match, Query, Term
+from pacs.core.dataset import require_uid
+from pacs.core.errors import InvalidQuery
+from pacs.core.query.matching import constraint
+from pacs.core.query.model import Constraint, Match, Query, Term
 
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 

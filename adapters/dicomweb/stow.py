@@ -1,8 +1,8 @@
 """STOW-RS, the Store Instances transaction (PS3.18 10.5), over the core's ingest path.
 
 The body is read as a stream (:mod:`adapters.dicomweb.multipart`).  Each part is
-analysed as soon as it has arrived, in a helper process (:mod:`pacs.analysers`), and
-stored in batches through :meth:`pacs.ingest.Ingest.store_batch`: the path C-STORE
+analysed as soon as it has arrived, in a helper process (:mod:`pacs.core.analysers`), and
+stored in batches through :meth:`pacs.core.ingest.Ingest.store_batch`: the path C-STORE
 takes, with the same durability (a part is listed as stored only once it is fsynced or
 PUT and its index row committed) and the same failure codes.
 
@@ -23,7 +23,7 @@ reported, like any body that breaks).  A part over ``PACS_MAX_OBJECT_BYTES`` is 
 to its end but not kept (:mod:`adapters.dicomweb.multipart`): it fails alone, listed
 in FailedSOPSequence with A700 when its UIDs can be read from its head; when they
 cannot and nothing was stored before it, the request is ``413``.  A deflated part
-that inflates past the limit fails with A700 the same way (:mod:`pacs.dataset`).
+that inflates past the limit fails with A700 the same way (:mod:`pacs.core.dataset`).
 
 Responses (PS3.18 10.5.3, Store Instances Response Module), always
 ``application/dicom+json``: ``200`` when every part was stored, ``202`` when some
@@ -53,17 +53,17 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
-from pacs.analysers import Result
-from pacs.dataset import (
+from pacs.core.analysers import Result
+from pacs.core.dataset import (
     dataset_offset,
     inflated_head,
     meta_transfer_syntax,
     require_uid,
     valid_uid,
 )
-from pacs.errors import ObjectTooLarge
-from pacs.ingest import Analysis, Received, StoreResult
-from pacs.services import Services
+from pacs.core.errors import ObjectTooLarge
+from pacs.core.ingest import Analysis, Received, StoreResult
+from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class Store:
         """Store the parts in batches as they arrive; the answer lists them in body order.
 
         A batch (up to :data:`BATCH_PARTS` parts or :data:`BATCH_BYTES`) goes through
-        :meth:`pacs.ingest.Ingest.store_batch`: every object fsynced together and indexed
+        :meth:`pacs.core.ingest.Ingest.store_batch`: every object fsynced together and indexed
         in one transaction, none reported stored before that.  One fsync of each file
         plus one per folder and one index commit for the batch, against a file, a folder
         and an index fsync per part.  Three things overlap: this thread reads parts, the

@@ -24,7 +24,7 @@ Answers:
   otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
   streamed from the store, one chunk at a time, and conversions hold one instance;
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
-  (:mod:`pacs.metadata`) with absolute BulkDataURIs for this request's origin;
+  (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin;
 - frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
   type for compressed data asked that way), each part stating
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
@@ -49,13 +49,13 @@ from adapters.dicomweb import accept, dicomjson, multipart, urls
 from adapters.dicomweb.accept import ANY, MediaRange
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
-from pacs import frames as pixels
-from pacs import metadata, transcode
-from pacs.attributes import BY_KEYWORD, Level
-from pacs.dataset import require_uid
-from pacs.errors import InvalidQuery, NotFound, PacsError
-from pacs.query.model import Constraint, InstanceRef, Match, Query, Term
-from pacs.services import Services
+from pacs.core import frames as pixels
+from pacs.core import metadata, transcode
+from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.dataset import require_uid
+from pacs.core.errors import InvalidQuery, NotFound, PacsError
+from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
+from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Metadata:
 
 
 def _json_chunks(services: Services, keys: Sequence[int], root: str) -> Iterator[bytes]:
-    """A large JSON array read and sent :data:`pacs.metadata.BATCH` objects at a time."""
+    """A large JSON array read and sent :data:`pacs.core.metadata.BATCH` objects at a time."""
     first = True
     for start in range(0, len(keys), metadata.BATCH):
         docs = metadata.fetch(services.index, services.store, keys[start:start + metadata.BATCH])
@@ -461,9 +461,6 @@ def add_routes(app: Any, services: Services, prefix: str) -> None:
         app.add_route(template + "/metadata", meta)
     app.add_route(instance + "/frames/{frames}", Frames(services))
     app.add_route(instance + "/bulkdata/{path:path}", Bulkdata(services))
-    from adapters.dicomweb import rendered  # it builds on this module's helpers
-
-    rendered.add_routes(app, services, prefix)
 
 
 __all__ = ["Bulkdata", "Frames", "Instances", "Metadata", "add_routes", "frame_numbers",

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from pacs.transcode import UNCOMPRESSED
+from pacs.core.transcode import UNCOMPRESSED
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -135,7 +135,7 @@ def needs_sendable_first(proposals: Iterable[Sequence[str]], order: Sequence[str
     requestor takes the SCP role of the storage contexts (PS3.7 D.3.3.4) and the
     C-STORE sub-operations come back over the same association (PS3.4 C.4.3), each in a
     context of its SOP class in a syntax the object can be sent in: as stored, or
-    decompressed to Explicit or Implicit VR Little Endian (:mod:`pacs.transcode`; the
+    decompressed to Explicit or Implicit VR Little Endian (:mod:`pacs.core.transcode`; the
     node never compresses, nor converts between compressed syntaxes).  A requestor that
     proposes, in one context, a compressed syntax *and* an uncompressed one (dcmtk
     ``getscu +xy``: JPEG Baseline, then the uncompressed syntaxes) would be given the

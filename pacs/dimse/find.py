@@ -28,7 +28,7 @@ from pacs.dimse import contexts, wire
 from pacs.dimse.encoding import encode_identifier
 from pacs.dimse.identifier import Negotiated, ResponseBuilder, to_find_query
 from pacs.dimse.status import FIND_STATUS, status_for
-from pacs.errors import Cancelled, InvalidQuery, PacsError
+from pacs.core.errors import Cancelled, InvalidQuery, PacsError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pynetdicom.presentation import PresentationContext
     from pynetdicom.service_class import QueryRetrieveServiceClass
 
-    from pacs.services import Services
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """DIMSE service handlers: Event in, core call, status out.  No SQL and no paths here.
 
-Each handler receives the :class:`~pacs.services.Services` of its process as an extra
+Each handler receives the :class:`~pacs.core.services.Services` of its process as an extra
 argument (bound with ``evt_handlers``), never from a global.
 """
 
@@ -17,7 +17,7 @@ from pacs.dimse import contexts, find, retrieve, storage
 if TYPE_CHECKING:
     from pynetdicom.events import Event
 
-    from pacs.services import Services
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 

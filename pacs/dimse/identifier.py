@@ -23,10 +23,10 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from pacs.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
-from pacs.errors import InvalidQuery
-from pacs.query.matching import constraint
-from pacs.query.model import Constraint, Match, Query, Result, Term
+from pacs.core.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
+from pacs.core.errors import InvalidQuery
+from pacs.core.query.matching import constraint
+from pacs.core.query.model import Constraint, Match, Query, Result, Term
 
 #: Patient Root (PS3.4 C.6.1) and Study Root (C.6.2) information models.
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"

@@ -52,8 +52,8 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
-from pacs import transcode
-from pacs.attributes import Level
+from pacs.core import transcode
+from pacs.core.attributes import Level
 from pacs.dimse import contexts, find, reactor, wire
 from pacs.dimse.sender import Prepared, Sender
 from pacs.dimse.storage import StoreServiceClass, answer_invalid_store, bound_services
@@ -69,15 +69,15 @@ from pacs.dimse.status import (
     TOO_MANY_MATCHES,
     status_for,
 )
-from pacs.errors import Cancelled, PacsError
+from pacs.core.errors import Cancelled, PacsError
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.events import Event
 
-    from pacs.config import Modality
-    from pacs.query.model import InstanceRef, Query
-    from pacs.services import Services
+    from pacs.core.config import Modality
+    from pacs.core.query.model import InstanceRef, Query
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
     """Query/Retrieve with our own C-MOVE and C-GET sub-operations (PS3.4 C.4.2, C.4.3).
 
     The dispatch in ``SCP`` is pynetdicom's; it calls :meth:`_c_find_scp`,
-    :meth:`_move_scp` and :meth:`_get_scp` below.  The :class:`~pacs.services.Services`
+    :meth:`_move_scp` and :meth:`_get_scp` below.  The :class:`~pacs.core.services.Services`
     come from the handler bound to the request's event (EVT_C_FIND, EVT_C_MOVE or
     EVT_C_GET, see :func:`pacs.dimse.handlers.bind`), so nothing is global.
     """

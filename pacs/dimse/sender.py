@@ -13,7 +13,7 @@ How an instance is sent (:meth:`Sender.prepare`)
    accepted a presentation context for its SOP class in the stored transfer syntax
    (a store without local files, S3, is first copied to a temporary file);
 2. otherwise converted to an uncompressed syntax the peer accepted, when
-   :func:`pacs.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
+   :func:`pacs.core.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
    syntax to the SCP; decompressing is what Orthanc does too), through a temporary file;
 3. otherwise the sub-operation fails; the association goes on.
 
@@ -37,17 +37,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from pydicom.uid import UID
 from pynetdicom.dsutils import split_dataset
 
-from pacs import transcode
-from pacs.config import Settings
-from pacs.dataset import dataset_offset
+from pacs.core import transcode
+from pacs.core.config import Settings
+from pacs.core.dataset import dataset_offset
 from pacs.dimse import wire
-from pacs.errors import PacsError
+from pacs.core.errors import PacsError
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
-    from pacs.query.model import InstanceRef
-    from pacs.storage import ObjectStore
+    from pacs.core.query.model import InstanceRef
+    from pacs.core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 

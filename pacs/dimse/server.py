@@ -25,11 +25,11 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs.config import Settings
+from pacs.core.config import Settings
 from pacs.dimse import contexts, handlers, limits, reactor, retrieve, wire
 from pacs.dimse.limits import ConnectionLimits
-from pacs.net import listening_socket, worker_count
-from pacs.services import Services, build
+from pacs.core.net import listening_socket, worker_count
+from pacs.core.services import Services, build
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from pacs import errors
+from pacs.core import errors
 
 #: C-STORE failure statuses (PS3.4 B.2.3, Table B.2-1; PS3.7 C.5).
 STORE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (

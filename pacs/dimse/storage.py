@@ -21,14 +21,14 @@ from pynetdicom.service_class import StorageServiceClass
 from pacs.dimse import wire
 from pacs.dimse.limits import CappedBuffer
 from pacs.dimse.status import STORE_STATUS, status_for
-from pacs.errors import InvalidInstance, ObjectTooLarge, PacsError
+from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.presentation import PresentationContext
 
-    from pacs.services import Services
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def stored(web_node: Node, client: DICOMwebClient) -> dict[str, list[FileDataset
 
 
 def analyser_helpers(node: Node) -> set[int]:
-    """The node's STOW-RS analyser helpers (pacs/analysers.py), found by their command
+    """The node's STOW-RS analyser helpers (pacs/core/analysers.py), found by their command
     line and the data folder in their environment: they run in sessions of their own,
     outside the node's process group."""
     found = set()
@@ -110,7 +110,7 @@ def analyser_helpers(node: Node) -> set[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:  # not a process, or gone meanwhile
             continue
-        if (b"pacs.analysers" in cmdline
+        if (b"pacs.core.analysers" in cmdline
                 and f"PACS_DATA_DIR={node.data_dir}".encode() in environ):
             found.add(int(entry.name))
     return found

@@ -29,11 +29,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
-from pacs import config
-from pacs.index.connection import busy_timeout_for
-from pacs.services import build
-from pacs.storage.filesystem import FileStore
-from pacs.storage.s3 import timeouts_for
+from pacs.core import config
+from pacs.core.index.connection import busy_timeout_for
+from pacs.core.services import build
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.s3 import timeouts_for
 from tests.interop.conftest import (
     AE_TITLE,
     Node,

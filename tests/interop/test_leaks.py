@@ -84,7 +84,7 @@ FD_SLACK = 8
 #: Threads the node may run beyond the warm-up's: association threads still ending.
 THREAD_SLACK = 4
 #: Memory the node may grow by beyond the warm-up's.  Not zero: Python's allocator
-#: keeps freed arenas, malloc keeps large freed buffers for reuse (pacs.malloc), each
+#: keeps freed arenas, malloc keeps large freed buffers for reuse (pacs.core.malloc), each
 #: process has a garbage collector that frees an association's reference cycles when it
 #: next runs, and the index (and the page caches of the connections that stay) grows
 #: with every instance stored.  A leak of one 64 KB object per operation would cross it

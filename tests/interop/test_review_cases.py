@@ -326,7 +326,7 @@ def _watcher_pid(node: Node) -> int:
     for pid in node.pids():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if b"pacs.uploads" in cmdline.read():
+                if b"pacs.node.uploads" in cmdline.read():
                     return pid
         except OSError:
             continue

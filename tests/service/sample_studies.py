@@ -22,7 +22,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
-from pacs.services import Services
+from pacs.core.services import Services
 from tests.conftest import sample
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR

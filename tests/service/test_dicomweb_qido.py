@@ -15,7 +15,7 @@ import pytest
 from falcon import testing
 
 from adapters.dicomweb.app import create_app
-from pacs.services import Services
+from pacs.core.services import Services
 from tests.service.sample_studies import Archive, load
 
 JSON = "application/dicom+json"
@@ -406,9 +406,9 @@ def test_sequence_matching_and_items_in_series_results(tmp_path) -> None:
     from pydicom.dataset import Dataset as Item
 
     from adapters.dicomweb.app import create_app
-    from pacs import config
-    from pacs.services import build
-    from pacs.storage.memory import MemoryStore
+    from pacs.core import config
+    from pacs.core.services import build
+    from pacs.core.storage.memory import MemoryStore
     from tests.factory import make_instance
 
     settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "d")}, environ={},

@@ -14,11 +14,11 @@ from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
-from pacs.errors import StorageError
-from pacs.index import writer
-from pacs import config
-from pacs.services import Services, build
-from pacs.storage.memory import MemoryStore
+from pacs.core.errors import StorageError
+from pacs.core.index import writer
+from pacs.core import config
+from pacs.core.services import Services, build
+from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
 JSON = "application/dicom+json"

@@ -20,8 +20,8 @@ from pydicom.encaps import get_frame
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from adapters.dicomweb.app import create_app
-from pacs import metadata
-from pacs.services import Services
+from pacs.core import metadata
+from pacs.core.services import Services
 from tests.conftest import sample
 
 JSON = "application/dicom+json"
@@ -481,7 +481,7 @@ def declaring(rows: int, columns: int, samples: int, frames: int = 1,
 
 def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callable[..., Services],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacs import frames
+    from pacs.core import frames
 
     services = make_services(max_frame_bytes=1 << 20)
     client = testing.TestClient(create_app(services))

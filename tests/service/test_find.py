@@ -132,7 +132,7 @@ def test_relational_query_when_negotiated(loaded: RunningNode, associate) -> Non
 
 def test_row_cap_refuses_with_a700(settings, memory_store) -> None:
     from pacs.dimse.server import start, stop
-    from pacs.services import build
+    from pacs.core.services import build
     from tests.conftest import free_port
 
     services = build(settings.with_overrides(query_max_rows=2), store=memory_store)
@@ -233,7 +233,7 @@ def test_time_limit_counts_building_the_answers(loaded: RunningNode, associate,
 
 def test_answers_come_in_pages_without_gaps(loaded: RunningNode, associate,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 5)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 5)
     responses = _find(associate(), _identifier("IMAGE", StudyInstanceUID="",
                                                SOPInstanceUID=""))
     assert [s for s, _ in responses] == [0xFF00] * 12 + [0x0000]

@@ -3,7 +3,7 @@
 The same DS and IS texts, stored through STOW-RS, are read back through QIDO-RS (from
 the index, at study, series and instance level), WADO-RS metadata prepared at ingest,
 and WADO-RS metadata rebuilt from the stored object; each element must be the same
-JSON text, and the one :func:`pacs.jsonmodel.element` gives (PS3.18 F.2.3).  The
+JSON text, and the one :func:`pacs.core.jsonmodel.element` gives (PS3.18 F.2.3).  The
 Store Instances Response Module (PS3.18 Table 10.5.3-1) has no DS or IS attribute: the
 STOW-RS response takes part only as the way in.
 """
@@ -24,8 +24,8 @@ from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
-from pacs import jsonmodel
-from pacs.services import Services
+from pacs.core import jsonmodel
+from pacs.core.services import Services
 from tests.conftest import sample
 
 JSON = "application/dicom+json"

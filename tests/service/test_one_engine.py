@@ -19,7 +19,7 @@ from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 from adapters.dicomweb.app import create_app
 from pacs.dimse import server
-from pacs.services import Services
+from pacs.core.services import Services
 from tests.conftest import free_port
 from tests.service.sample_studies import OT_CLASS, Archive, load
 

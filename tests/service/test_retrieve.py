@@ -38,13 +38,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as StudyMove,
 )
 
-from pacs import config
+from pacs.core import config
 from pacs.dimse import retrieve
 from pacs.dimse.server import NodeServer, start, stop
-from pacs.services import Services
-from pacs.storage import object_key
-from pacs.storage.filesystem import FileStore
-from pacs.storage.memory import MemoryStore
+from pacs.core.services import Services
+from pacs.core.storage import object_key
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.memory import MemoryStore
 from tests.conftest import free_port, sample
 from tests.factory import make_instance
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from falcon import testing
 
-from adapters.viewer.app import app_config, create_app
-from pacs.services import Services
+from adapters.viewer.app import app_config
+from pacs.node.apps import viewer_port as create_app
+from pacs.core.services import Services
 from tests.conftest import sample
 
 HASHED = "app.bundle.0f6159c501addfe9.js"
@@ -130,7 +131,7 @@ def test_other_hosts_need_the_dicomweb_credentials(guarded: testing.TestClient,
 
 def test_unhealthy_store_is_503(client: testing.TestClient, services: Services,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacs.errors import ConfigError
+    from pacs.core.errors import ConfigError
 
     def unreachable() -> None:
         raise ConfigError("cannot reach S3 at minio:9000")

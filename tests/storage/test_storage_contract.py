@@ -1,4 +1,4 @@
-"""The object-store contract (``pacs.storage``), checked against every backend.
+"""The object-store contract (``pacs.core.storage``), checked against every backend.
 
 The same tests run on :class:`MemoryStore`, :class:`FileStore` and :class:`S3Store`
 against a real SeaweedFS S3 server; backend-specific tests follow the contract.
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from pacs.config import Settings
-from pacs.errors import ConfigError, NotFound, StorageError
-from pacs.storage import ObjectStore, object_key
-from pacs.storage.filesystem import FileStore
-from pacs.storage.memory import MemoryStore
-from pacs.storage.s3 import S3Store
+from pacs.core.config import Settings
+from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.storage import ObjectStore, object_key
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.memory import MemoryStore
+from pacs.core.storage.s3 import S3Store
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
 #: The bucket the contract tests share; each test has its own customer prefix in it.

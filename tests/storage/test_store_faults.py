@@ -23,18 +23,18 @@ from typing import BinaryIO
 import apsw
 import pytest
 
-from pacs.attributes import BY_KEYWORD, Level
-from pacs.config import Settings
-from pacs.errors import IndexFailure, StorageError
-from pacs.index import writer
-from pacs.index.connection import Index, busy_timeout_for, connect
-from pacs.ingest import Received, analyse
-from pacs.query.engine import QueryEngine
-from pacs.query.model import Query
-from pacs.services import Services, build
-from pacs.storage import object_key
-from pacs.storage.filesystem import FileStore
-from pacs.storage.s3 import S3Store, timeouts_for
+from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.config import Settings
+from pacs.core.errors import IndexFailure, StorageError
+from pacs.core.index import writer
+from pacs.core.index.connection import Index, busy_timeout_for, connect
+from pacs.core.ingest import Received, analyse
+from pacs.core.query.engine import QueryEngine
+from pacs.core.query.model import Query
+from pacs.core.services import Services, build
+from pacs.core.storage import object_key
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.s3 import S3Store, timeouts_for
 from tests.factory import make_instance
 
 KEY = object_key("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
@@ -175,7 +175,7 @@ def test_file_put_that_runs_out_of_space_mid_write_leaves_nothing(
         _enospc()
         return 0
 
-    monkeypatch.setattr("pacs.storage.filesystem._copy", half_then_full)
+    monkeypatch.setattr("pacs.core.storage.filesystem._copy", half_then_full)
     with pytest.raises(StorageError, match="No space left"):
         store.put(KEY, io.BytesIO(b"x" * 4096), 4096)
     _nothing_left(tmp_path / "objects")

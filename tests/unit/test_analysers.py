@@ -1,4 +1,4 @@
-"""Analysis in helper processes (pacs.analysers): the same answers as in-process
+"""Analysis in helper processes (pacs.core.analysers): the same answers as in-process
 analysis, refusals passed back, a failing helper costing only the object it was on."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from pacs import analysers
-from pacs.analysers import AnalyserPool
-from pacs.errors import AnalysisFault, UnreadableData
-from pacs.ingest import Analysis, try_analyse
-from pacs.malloc import keep_large_buffers
+from pacs.core import analysers
+from pacs.core.analysers import AnalyserPool
+from pacs.core.errors import AnalysisFault, UnreadableData
+from pacs.core.ingest import Analysis, try_analyse
+from pacs.core.malloc import keep_large_buffers
 
 
 def _bundled() -> list[bytes]:
@@ -36,7 +36,7 @@ def _bundled() -> list[bytes]:
 
 def _helpers() -> set[int]:
     """Process ids of this process's analysis helpers."""
-    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "pacs.analysers"],
+    out = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "pacs.core.analysers"],
                          capture_output=True, text=True, check=False).stdout
     return {int(pid) for pid in out.split()}
 

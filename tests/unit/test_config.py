@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs import config
-from pacs.errors import ConfigError
+from pacs.core import config
+from pacs.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pacs.dataset import check_complete, read_part10, valid_uid
-from pacs.errors import InvalidUID, UnreadableData
+from pacs.core.dataset import check_complete, read_part10, valid_uid
+from pacs.core.errors import InvalidUID, UnreadableData
 from tests.conftest import sample
 
 
@@ -92,8 +92,8 @@ def test_raw_text_equals_pydicom_conversion() -> None:
     for every text attribute of the table in every pydicom test file that reads."""
     import pydicom
 
-    from pacs.attributes import ATTRIBUTES
-    from pacs.dataset import _UNDECODED, _raw_text, _simple_codec, _text
+    from pacs.core.attributes import ATTRIBUTES
+    from pacs.core.dataset import _UNDECODED, _raw_text, _simple_codec, _text
 
     compared = 0
     for path in _all_test_files():
@@ -135,8 +135,8 @@ def test_raw_text_edge_cases(charset: str | None, encoding: str, keyword: str,
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from pacs.attributes import BY_KEYWORD
-    from pacs.dataset import _UNDECODED, _raw_text, _simple_codec, _text
+    from pacs.core.attributes import BY_KEYWORD
+    from pacs.core.dataset import _UNDECODED, _raw_text, _simple_codec, _text
 
     attribute = BY_KEYWORD[keyword]
     value = raw.encode(encoding)
@@ -165,8 +165,8 @@ def test_values_with_code_extensions_are_left_to_pydicom() -> None:
     from pydicom.dataelem import RawDataElement
     from pydicom.dataset import Dataset
 
-    from pacs.attributes import BY_KEYWORD
-    from pacs.dataset import _UNDECODED, _raw_text
+    from pacs.core.attributes import BY_KEYWORD
+    from pacs.core.dataset import _UNDECODED, _raw_text
 
     attribute = BY_KEYWORD["PatientName"]
     ds = Dataset()

@@ -17,7 +17,7 @@ import click
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from pacs import config
+from pacs.core import config
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTING_NAMES = {s.env for s in config.SETTINGS}
@@ -117,7 +117,7 @@ def test_services_are_pacs_and_minio_on_the_intelpixel_network(
 def test_pacs_runs_under_an_init_that_reaps_orphaned_helpers(
         services: dict[str, Any]) -> None:
     # pacs serve is not an init: analyser helpers of a killed gunicorn worker would stay
-    # zombies under it (pacs/analysers.py).
+    # zombies under it (pacs/core/analysers.py).
     assert services["pacs"]["init"] is True
 
 
@@ -138,8 +138,8 @@ def test_healthchecks(services: dict[str, Any]) -> None:
     minio = services["minio"]["healthcheck"]
     assert minio["interval"] == "30s" and minio["test"][0] == "CMD"
     pacs = services["pacs"]["healthcheck"]
-    assert pacs["test"] == ["CMD", "python", "-m", "pacs.healthcheck"]
-    assert importlib.util.find_spec("pacs.healthcheck") is not None
+    assert pacs["test"] == ["CMD", "python", "-m", "pacs.node.healthcheck"]
+    assert importlib.util.find_spec("pacs.node.healthcheck") is not None
     assert services["pacs"]["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
@@ -211,7 +211,7 @@ def test_pacs_may_hold_many_connections(services: dict[str, Any]) -> None:
 def test_both_http_ports_run_the_event_loop_worker(tmp_path: Path) -> None:
     from gunicorn.workers.base import Worker
 
-    from pacs import viewer, webserver
+    from pacs.node import viewer, webserver
 
     settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path)}, environ={},
                            env_file=None)
@@ -219,7 +219,7 @@ def test_both_http_ports_run_the_event_loop_worker(tmp_path: Path) -> None:
         assert "gthread" not in line
         module, _, name = line[line.index("--worker-class") + 1].rpartition(".")
         worker = getattr(importlib.import_module(module), name)
-        assert issubclass(worker, Worker) and worker.__module__ == "pacs.httpworker"
+        assert issubclass(worker, Worker) and worker.__module__ == "pacs.node.httpworker"
 
 
 # --- Dockerfile -------------------------------------------------------------------------
@@ -257,8 +257,8 @@ def test_healthcheck_hits_the_health_endpoint() -> None:
     check = next(i.args for i in final_stage() if i.keyword == "HEALTHCHECK")
     options, _, command = check.partition("CMD")
     assert "--interval=30s" in options
-    assert exec_form(command.strip()) == ["python", "-m", "pacs.healthcheck"]
-    source = (ROOT / "pacs" / "healthcheck.py").read_text()
+    assert exec_form(command.strip()) == ["python", "-m", "pacs.node.healthcheck"]
+    source = (ROOT / "pacs" / "node" / "healthcheck.py").read_text()
     assert "/health" in source
 
 

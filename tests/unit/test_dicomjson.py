@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapters.dicomweb.dicomjson import FIELDS, Renderer, dumps
-from pacs.jsonmodel import element, number, person_name
+from pacs.core.jsonmodel import element, number, person_name
 
 
 @pytest.mark.parametrize("keyword, text, element", [

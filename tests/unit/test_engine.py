@@ -8,14 +8,14 @@ from collections.abc import Callable
 import apsw
 import pytest
 
-from pacs.attributes import BY_KEYWORD, Level
-from pacs.errors import Cancelled, QueryLimitExceeded
-from pacs.index import writer
-from pacs.index.compiler import compile_count, compile_find, compile_instances
-from pacs.query.matching import constraint
-from pacs.query.model import Query
-from pacs.services import Services
-from pacs.storage.memory import MemoryStore
+from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.errors import Cancelled, QueryLimitExceeded
+from pacs.core.index import writer
+from pacs.core.index.compiler import compile_count, compile_find, compile_instances
+from pacs.core.query.matching import constraint
+from pacs.core.query.model import Query
+from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
 from tests.factory import make_instance
 
 STUDIES = [
@@ -146,7 +146,7 @@ def test_row_cap_refuses_before_streaming(make_services: Callable[..., Services]
 
 def test_cancel_stops_the_query_inside_sqlite(loaded: Services,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
+    monkeypatch.setattr("pacs.core.query.engine._PROGRESS_STEPS", 1)
     asked = []
 
     def cancelled() -> bool:
@@ -159,7 +159,7 @@ def test_cancel_stops_the_query_inside_sqlite(loaded: Services,
 
 def test_cancel_stops_between_pages(loaded: Services,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 3)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 3)
     seen: list[object] = []
     with pytest.raises(Cancelled):
         for page in loaded.engine.find_pages(Query(level=Level.IMAGE),
@@ -171,7 +171,7 @@ def test_cancel_stops_between_pages(loaded: Services,
 @pytest.mark.parametrize("rows", [1, 3, 20, 256])
 def test_pages_are_the_whole_result_in_order(loaded: Services, rows: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", rows)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", rows)
     query = Query(level=Level.IMAGE, constraints=(constraint(
         BY_KEYWORD["Modality"], "CT\\MR"),))
     pages = list(loaded.engine.find_pages(query))
@@ -182,7 +182,7 @@ def test_pages_are_the_whole_result_in_order(loaded: Services, rows: int,
 
 def test_pages_end_at_the_last_key_when_the_query_began(
         loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 2)
     pages = loaded.engine.find_pages(Query(level=Level.STUDY))
     first = next(pages)
     loaded.ingest.store_bytes(make_instance(AccessionNumber="LATE", PatientID="P9"))
@@ -214,7 +214,7 @@ def test_no_read_transaction_is_held_while_results_are_consumed(
         loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow consumer (a C-FIND peer reading slowly) must not keep the WAL from being
     checkpointed: results are in memory, pages each read in a short transaction."""
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 2)
     found = iter(loaded.engine.find(Query(level=Level.IMAGE)))
     pages = loaded.engine.find_pages(Query(level=Level.IMAGE))
     next(found), next(pages)  # both half consumed
@@ -227,8 +227,8 @@ def test_no_read_transaction_is_held_while_results_are_consumed(
 def test_time_limit_bounds_the_whole_query(loaded: Services,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Each statement is quick, together they are not: the limit is for the query."""
-    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 1)
+    monkeypatch.setattr("pacs.core.query.engine._PROGRESS_STEPS", 1)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 1)
     loaded.engine.time_limit = 0.3
 
     def slow() -> bool:  # SQLite's work made slow: every step of its machine costs 1 ms
@@ -244,7 +244,7 @@ def test_time_limit_bounds_the_whole_query(loaded: Services,
 
 def test_time_paused_for_the_peer_does_not_count(loaded: Services,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine.PAGE_ROWS", 2)
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 2)
     loaded.engine.time_limit = 0.5
     deadline = loaded.engine.deadline()
     pages = 0
@@ -258,7 +258,7 @@ def test_time_paused_for_the_peer_does_not_count(loaded: Services,
 
 
 def test_time_limit(loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pacs.query.engine._PROGRESS_STEPS", 1)
+    monkeypatch.setattr("pacs.core.query.engine._PROGRESS_STEPS", 1)
     loaded.engine.time_limit = -1.0
     with pytest.raises(QueryLimitExceeded, match="longer"):
         list(loaded.engine.find(Query(level=Level.IMAGE)))

@@ -1,5 +1,5 @@
 """PACS_MAX_FRAME_BYTES: declared decoded sizes are checked before any decoder runs
-(pacs.frames, pacs.transcode - the conversions of WADO-RS, C-MOVE and C-GET)."""
+(pacs.core.frames, pacs.core.transcode - the conversions of WADO-RS, C-MOVE and C-GET)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pacs import transcode
-from pacs.errors import FrameTooLarge
-from pacs.frames import decoded_size
+from pacs.core import transcode
+from pacs.core.errors import FrameTooLarge
+from pacs.core.frames import decoded_size
 from tests.conftest import sample
 
 

@@ -1,4 +1,4 @@
-"""The pieces of the HTTP worker's event loop (``pacs.httpworker``), in process: the
+"""The pieces of the HTTP worker's event loop (``pacs.node.httpworker``), in process: the
 chunked decoder, the body spool and its memory budget, the reader over received
 pieces, and the non-blocking response writer."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs import httpworker
-from pacs.httpworker import BadRequest, Budget, Chunked, Spool, Writer
+from pacs.node import httpworker
+from pacs.node.httpworker import BadRequest, Budget, Chunked, Spool, Writer
 
 
 def chunked(body: bytes, sizes: list[int], extension: bytes = b"",

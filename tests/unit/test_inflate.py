@@ -1,5 +1,5 @@
 """Deflated data sets (PS3.5 A.5) inflated as a stream: the walk, its limits, and the
-header pydicom gets (pacs.dataset.walk_deflated / read_part10)."""
+header pydicom gets (pacs.core.dataset.walk_deflated / read_part10)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
-from pacs import metadata
-from pacs.dataset import (
+from pacs.core import metadata
+from pacs.core.dataset import (
     INFLATE_CHUNK,
     Inflater,
     check_complete,
     read_part10,
     walk_deflated,
 )
-from pacs.errors import ObjectTooLarge, UnreadableData
-from pacs.ingest import analyse
+from pacs.core.errors import ObjectTooLarge, UnreadableData
+from pacs.core.ingest import analyse
 from tests.conftest import sample
 
 

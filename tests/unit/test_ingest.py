@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from pacs.errors import (
+from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
     InvalidUID,
@@ -18,10 +18,10 @@ from pacs.errors import (
     StorageError,
     UIDMismatch,
 )
-from pacs.index import writer
-from pacs.ingest import Outcome, Received
-from pacs.services import Services
-from pacs.storage.memory import MemoryStore
+from pacs.core.index import writer
+from pacs.core.ingest import Outcome, Received
+from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
 

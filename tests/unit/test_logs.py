@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from pacs import logs
-from pacs.errors import InvalidQuery, UnreadableData
+from pacs.core import logs
+from pacs.core.errors import InvalidQuery, UnreadableData
 
 SECRET = "Secretname^Patient"
 
@@ -71,7 +71,7 @@ def test_an_exception_as_message_or_argument_is_only_named(handler: io.StringIO)
 
 
 def test_the_nodes_own_errors_and_errnos_are_kept(handler: io.StringIO) -> None:
-    log = logging.getLogger("pacs.uploads")
+    log = logging.getLogger("pacs.node.uploads")
     log.warning("refused: %s", InvalidQuery("PatientName: not a PN value"))
     log.warning("refused: %s", UnreadableData(f"does not parse: could not convert '{SECRET}'"))
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pacs.attributes import BY_KEYWORD
-from pacs.errors import InvalidQuery
-from pacs.index.compiler import glob_literal, glob_wildcard
-from pacs.query.matching import constraint
-from pacs.query.model import Match
+from pacs.core.attributes import BY_KEYWORD
+from pacs.core.errors import InvalidQuery
+from pacs.core.index.compiler import glob_literal, glob_wildcard
+from pacs.core.query.matching import constraint
+from pacs.core.query.model import Match
 
 
 @pytest.mark.parametrize("keyword, raw, match, operands", [

@@ -1,4 +1,4 @@
-"""The DICOM JSON metadata built at ingest (pacs.metadata) and WADO-RS Accept parsing."""
+"""The DICOM JSON metadata built at ingest (pacs.core.metadata) and WADO-RS Accept parsing."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pydicom.data import get_charset_files
 
 from adapters.dicomweb import accept
 from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
-from pacs import metadata
-from pacs.dataset import read_part10
-from pacs.frames import Layout
+from pacs.core import metadata
+from pacs.core.dataset import read_part10
+from pacs.core.frames import Layout
 from tests.conftest import sample
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -185,10 +185,10 @@ def test_ingest_analysis_prepares_the_same_metadata_as_a_fresh_header() -> None:
 
     import pydicom.data
 
-    from pacs import metadata
-    from pacs.dataset import read_part10
-    from pacs.errors import PacsError
-    from pacs.ingest import analyse
+    from pacs.core import metadata
+    from pacs.core.dataset import read_part10
+    from pacs.core.errors import PacsError
+    from pacs.core.ingest import analyse
 
     root = Path(pydicom.data.__file__).parent
     compared = 0
@@ -231,7 +231,7 @@ RAW_VALUES = {
 def test_elements_pydicom_converted_encode_as_raw_ones() -> None:
     """An element pydicom has converted (read during ingest, or decoded for us) goes
     through the same encoder as a raw one: the JSON does not depend on who read it."""
-    from pacs import jsonmodel
+    from pacs.core import jsonmodel
 
     data = _with_raw_values(RAW_VALUES)
     raw = orjson.loads(metadata.prepare(read_part10(data), data).json)  # type: ignore[union-attr]
@@ -254,7 +254,7 @@ def test_elements_pydicom_converted_encode_as_raw_ones() -> None:
 def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any) -> None:
     """The migration to the one encoder drops the stored rows; each is rebuilt from its
     object on first request."""
-    from pacs.index.migrations import MIGRATIONS, migrate
+    from pacs.core.index.migrations import MIGRATIONS, migrate
 
     data = _with_raw_values({0x00101030: ("DS", b"70")})
     services.ingest.store_bytes(data)

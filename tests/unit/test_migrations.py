@@ -7,10 +7,10 @@ from pathlib import Path
 import apsw
 import pytest
 
-from pacs.attributes import ATTRIBUTES, Level, case_folded_column, table_attributes
-from pacs.index.connection import connect
-from pacs.index.migrations import APPLICATION_ID, MIGRATIONS, migrate
-from pacs.services import Services
+from pacs.core.attributes import ATTRIBUTES, Level, case_folded_column, table_attributes
+from pacs.core.index.connection import connect
+from pacs.core.index.migrations import APPLICATION_ID, MIGRATIONS, migrate
+from pacs.core.services import Services
 from tests.factory import make_instance
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from adapters.dicomweb import search
-from pacs.attributes import BY_KEYWORD, Level
-from pacs.errors import InvalidQuery, InvalidUID
-from pacs.query.model import Match, Query
+from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.errors import InvalidQuery, InvalidUID
+from pacs.core.query.model import Match, Query
 
 
 def parse(params: dict[str, str | list[str]] | None = None,

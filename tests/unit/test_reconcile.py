@@ -1,4 +1,4 @@
-"""``pacs fsck`` (:mod:`pacs.reconcile`): each crash window of store, overwrite and move,
+"""``pacs fsck`` (:mod:`pacs.core.reconcile`): each crash window of store, overwrite and move,
 built by hand through the store and index APIs, found by a dry run that changes nothing,
 then repaired so that the newest acknowledged version is indexed and served and nothing
 acknowledged is lost.
@@ -22,15 +22,15 @@ from falcon import testing
 from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
-from pacs.config import Settings
-from pacs.errors import NotFound
-from pacs.index import writer
-from pacs.reconcile import Action, Problem, Report, reconcile
-from pacs.services import Services
-from pacs.storage import object_key
-from pacs.storage.filesystem import FileStore
-from pacs.storage.memory import MemoryStore
-from pacs.storage.s3 import S3Store
+from pacs.core.config import Settings
+from pacs.core.errors import NotFound
+from pacs.core.index import writer
+from pacs.core.reconcile import Action, Problem, Report, reconcile
+from pacs.core.services import Services
+from pacs.core.storage import object_key
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.memory import MemoryStore
+from pacs.core.storage.s3 import S3Store
 from tests.conftest import sample
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 from tests.storage.test_storage_contract import make_s3_store
@@ -396,7 +396,7 @@ def test_repair_waits_for_the_ingest_lock_of_the_uid(node: Services) -> None:
 
 def test_a_store_failure_is_reported_and_changes_nothing(node: Services,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from pacs.errors import StorageError
+    from pacs.core.errors import StorageError
 
     instance = Instance()
     old_key, old = instance.version("A")

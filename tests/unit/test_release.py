@@ -14,7 +14,7 @@ import apsw
 import pytest
 
 from pacs.dimse.reactor import _Waker
-from pacs.index.connection import Index
+from pacs.core.index.connection import Index
 
 
 def open_fds() -> set[str]:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pacs.dimse import find, retrieve
-from pacs.errors import Cancelled
-from pacs.query.model import InstanceRef
+from pacs.core.errors import Cancelled
+from pacs.core.query.model import InstanceRef
 
 
 def _ref(number: int) -> InstanceRef:

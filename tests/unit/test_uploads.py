@@ -10,12 +10,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs.attributes import BY_KEYWORD, Level
-from pacs.errors import StorageError
-from pacs.query.matching import constraint
-from pacs.query.model import Query
-from pacs.services import Services
-from pacs.uploads import (
+from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.errors import StorageError
+from pacs.core.query.matching import constraint
+from pacs.core.query.model import Query
+from pacs.core.services import Services
+from pacs.node.uploads import (
     REASON_SUFFIX,
     Disposition,
     UploadWatcher,

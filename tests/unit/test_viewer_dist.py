@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs import viewer
-from pacs.config import Settings
+from pacs.node import viewer
+from pacs.core.config import Settings
 
 
 def make_dist(folder: Path) -> Path:

@@ -1,0 +1,358 @@
+"""Settings: read once, from the environment and ``.env``, into a frozen object.
+
+Precedence, lowest first: defaults < ``.env`` in the working folder < environment
+variables < explicit overrides (CLI flags).  Every setting lives in :data:`SETTINGS`
+with its default and help text; ``.env.example`` and the README table are checked
+against that table by the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from pacs.core.errors import ConfigError
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser of ``kind`` that refuses zero and negative values (limits, timeouts)."""
+    def parse(value: str) -> Any:
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"must be greater than 0, got {value!r}")
+        return number
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its environment name, default and meaning."""
+
+    env: str
+    attr: str
+    default: str
+    help: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+
+#: Every setting of the node.  The single source for parsing, ``pacs config``,
+#: ``.env.example`` and the README's table.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CUSTOMER", "customer", "default",
+            "Customer name; each customer has its own data folder, index and key prefix."),
+    Setting("PACS_DATA_DIR", "data_dir", "",
+            "Data folder (index, objects, uploads); empty means ./customer/<CUSTOMER>."),
+    Setting("PACS_AE_TITLE", "ae_title", "INTELPIXEL", "Called AE title of the DIMSE SCP."),
+    Setting("PACS_DIMSE_PORT", "dimse_port", "32773", "DIMSE listening port.", int),
+    Setting("PACS_BIND_ADDRESS", "bind_address", "0.0.0.0",
+            "Address the DIMSE and HTTP listeners bind to."),
+    Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", int),
+    Setting("PACS_WEB_WORKERS", "web_workers", "0",
+            "DICOMweb (gunicorn) worker processes; 0 means one per CPU.", int),
+    Setting("PACS_WEB_THREADS", "web_threads", "4",
+            "Threads per DICOMweb worker process.", int),
+    Setting("PACS_WEB_ANALYSERS", "web_analysers", "1",
+            "Helper processes per DICOMweb worker that parse STOW-RS parts (0: in the "
+            "worker itself).", int),
+    Setting("PACS_WEB_USER", "web_user", "",
+            "User name for HTTP Basic access to DICOMweb from other hosts (with "
+            "PACS_WEB_PASSWORD); requests from this host need no credentials."),
+    Setting("PACS_WEB_PASSWORD", "web_password", "",
+            "Password for HTTP Basic access to DICOMweb.", secret=True),
+    Setting("PACS_WEB_TOKEN", "web_token", "",
+            "Bearer token accepted for DICOMweb access from other hosts.", secret=True),
+    Setting("PACS_WEB_OPEN", "web_open", "false",
+            "Answer DICOMweb requests from any host without credentials (trusted "
+            "networks only).", _bool),
+    Setting("PACS_CORS_ORIGINS", "cors_origins", "",
+            "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
+            "empty allows none.", _comma_list),
+    Setting("PACS_QIDO_DEFAULT_LIMIT", "qido_default_limit", "5000",
+            "Results per QIDO-RS page when the request gives no limit (at most "
+            "PACS_QUERY_MAX_ROWS).", int),
+    Setting("PACS_VIEWER_PORT", "viewer_port", "8080",
+            "OHIF viewer port (the viewer at /, DICOMweb under /dicom-web); 0 turns the "
+            "viewer off.", int),
+    Setting("PACS_VIEWER_DIST", "viewer_dist", "",
+            "Folder of the prebuilt OHIF viewer (scripts/fetch-ohif.sh); empty means "
+            "vendor/ohif/dist of the source checkout, then "
+            "<sys.prefix>/share/pacs/ohif/dist."),
+    Setting("PACS_VIEWER_WORKERS", "viewer_workers", "1",
+            "Viewer server (gunicorn) worker processes, each with PACS_WEB_THREADS threads.",
+            int),
+    Setting("PACS_UPLOADS_DIR", "uploads_path", "",
+            "Upload folder watched for dropped DICOM files; empty means <data folder>/uploads."),
+    Setting("PACS_UPLOADS_POLL", "uploads_poll", "2",
+            "Seconds between scans of the upload folder; 0 turns the watcher off.", float),
+    Setting("PACS_UPLOADS_AFTER_STORE", "uploads_after_store", "delete",
+            "What happens to an uploaded file once stored: delete, or archive (moved to "
+            "<upload folder>/archive/).", _choice("delete", "archive")),
+    Setting("PACS_STORAGE", "storage", "file",
+            "Object store: 'file' (folder inside the data folder) or 's3' (MinIO or any S3).",
+            _choice("file", "s3")),
+    Setting("PACS_S3_ENDPOINT", "s3_endpoint", "localhost:9000",
+            "S3 endpoint as host:port (no scheme)."),
+    Setting("PACS_S3_ACCESS_KEY", "s3_access_key", "", "S3 access key.", secret=True),
+    Setting("PACS_S3_SECRET_KEY", "s3_secret_key", "", "S3 secret key.", secret=True),
+    Setting("PACS_S3_BUCKET", "s3_bucket", "pacs",
+            "S3 bucket; objects go under the prefix <CUSTOMER>/ and it is created when missing."),
+    Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
+    Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
+    Setting("PACS_MODALITIES", "modalities", "",
+            "C-MOVE destinations: 'AET=host:port,AET2=host:port'."),
+    Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
+            "Comma list of calling AE titles allowed to associate; empty allows any.",
+            _comma_list),
+    Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
+            "A repeated SOP Instance UID with different content: overwrite, keep (first) "
+            "or reject.", _choice("overwrite", "keep", "reject")),
+    Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
+            "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
+    Setting("PACS_MAX_ASSOCIATIONS", "max_associations", "32",
+            "Concurrent associations per worker process.", int),
+    Setting("PACS_MAX_PDU", "max_pdu", "262144",
+            "Largest PDU we accept (bytes); 0 means unlimited.", int),
+    Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
+            "Seconds to wait for a DIMSE message or network data before aborting. A "
+            "store's waits fit within it, so that a peer gets a failure status first: S3 "
+            "read timeout and index busy timeout are a quarter of it.", _positive(float)),
+    Setting("PACS_ARTIM_TIMEOUT", "artim_timeout", "10",
+            "Seconds an accepted DIMSE connection may take to send its A-ASSOCIATE-RQ "
+            "(ARTIM, PS3.8 9.1.2) before it is closed.", _positive(float)),
+    Setting("PACS_MAX_ASSOCIATIONS_PER_HOST", "max_associations_per_host", "16",
+            "Concurrent associations from one source address per worker process; more "
+            "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
+    Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",
+            "DIMSE connections per worker process that have not yet sent an "
+            "A-ASSOCIATE-RQ; more are closed at once.", int),
+    Setting("PACS_MAX_OBJECT_BYTES", "max_object_bytes", "2147483648",
+            "Largest object received (C-STORE data set, STOW-RS part, upload), and the "
+            "largest a deflated data set may inflate to; larger ones are refused "
+            "(A700 / HTTP 413).", _positive(int)),
+    Setting("PACS_MAX_FRAME_BYTES", "max_frame_bytes", "268435456",
+            "Largest decoded frame (rows x columns x samples x bytes per sample) that "
+            "rendered views, thumbnails and transcoding decode; larger frames are "
+            "refused before anything is allocated.", _positive(int)),
+    Setting("PACS_HTTP_TIMEOUT", "http_timeout", "30",
+            "Seconds an HTTP client may take to send its request headers, or stay "
+            "silent while sending a body or reading a response, before it is "
+            "disconnected.", _positive(float)),
+    Setting("PACS_HTTP_KEEPALIVE", "http_keepalive", "15",
+            "Seconds an idle keep-alive HTTP connection is kept open; 0: one request per "
+            "connection.", float),
+    Setting("PACS_MAX_REQUEST_BYTES", "max_request_bytes", "8589934592",
+            "Largest HTTP request body (a STOW-RS POST); larger requests get 413.",
+            _positive(int)),
+    Setting("PACS_QUERY_MAX_ROWS", "query_max_rows", "10000",
+            "Largest number of matches a query may return before it is refused.", _positive(int)),
+    Setting("PACS_QUERY_TIME_LIMIT", "query_time_limit", "30",
+            "Seconds a query may run before it is stopped.", _positive(float)),
+    Setting("PACS_PN_CASE_SENSITIVE", "pn_case_sensitive", "false",
+            "Match person names case-sensitively (PS3.4 C.2.2.2.1 allows either).", _bool),
+    Setting("PACS_LOG_LEVEL", "log_level", "INFO",
+            "Log level; patient data is only logged at DEBUG.", str.upper),
+)
+
+
+#: Every setting by its :class:`Settings` field name.
+_BY_ATTR = {setting.attr: setting for setting in SETTINGS}
+
+
+def _default(attr: str) -> Any:
+    """The default of the setting of field ``attr``, parsed from :data:`SETTINGS`."""
+    setting = _BY_ATTR[attr]
+    return setting.parse(setting.default)
+
+
+@dataclass(frozen=True)
+class Modality:
+    """A known remote AE: a C-MOVE destination."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+def parse_modalities(value: str) -> dict[str, Modality]:
+    """Parse ``AET=host:port,AET2=host:port`` into a table by AE title."""
+    table: dict[str, Modality] = {}
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        aet, sep, address = item.partition("=")
+        host, colon, port = address.rpartition(":")
+        if not sep or not colon or not port.isdigit() or not aet.strip():
+            raise ConfigError(f"PACS_MODALITIES: cannot read {item!r}; expected AET=host:port")
+        table[aet.strip()] = Modality(aet.strip(), host.strip(), int(port))
+    return table
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one node, after all sources are merged.
+
+    A field's default is its setting's default in :data:`SETTINGS`, parsed: each
+    default is written once, there (the data folder's follows from the customer's).
+    """
+
+    customer: str = _default("customer")
+    data_dir: Path = Path("customer") / _default("customer")
+    ae_title: str = _default("ae_title")
+    dimse_port: int = _default("dimse_port")
+    bind_address: str = _default("bind_address")
+    web_port: int = _default("web_port")
+    web_workers: int = _default("web_workers")
+    web_threads: int = _default("web_threads")
+    web_analysers: int = _default("web_analysers")
+    web_user: str = _default("web_user")
+    web_password: str = _default("web_password")
+    web_token: str = _default("web_token")
+    web_open: bool = _default("web_open")
+    cors_origins: tuple[str, ...] = _default("cors_origins")
+    qido_default_limit: int = _default("qido_default_limit")
+    viewer_port: int = _default("viewer_port")
+    viewer_dist: str = _default("viewer_dist")
+    viewer_workers: int = _default("viewer_workers")
+    uploads_path: str = _default("uploads_path")
+    uploads_poll: float = _default("uploads_poll")
+    uploads_after_store: str = _default("uploads_after_store")
+    storage: str = _default("storage")
+    s3_endpoint: str = _default("s3_endpoint")
+    s3_access_key: str = _default("s3_access_key")
+    s3_secret_key: str = _default("s3_secret_key")
+    s3_bucket: str = _default("s3_bucket")
+    s3_secure: bool = _default("s3_secure")
+    s3_region: str = _default("s3_region")
+    modalities: str = _default("modalities")
+    allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
+    duplicate_policy: str = _default("duplicate_policy")
+    dimse_workers: int = _default("dimse_workers")
+    max_associations: int = _default("max_associations")
+    max_pdu: int = _default("max_pdu")
+    dimse_timeout: float = _default("dimse_timeout")
+    artim_timeout: float = _default("artim_timeout")
+    max_associations_per_host: int = _default("max_associations_per_host")
+    max_pending_connections: int = _default("max_pending_connections")
+    max_object_bytes: int = _default("max_object_bytes")
+    max_frame_bytes: int = _default("max_frame_bytes")
+    http_timeout: float = _default("http_timeout")
+    http_keepalive: float = _default("http_keepalive")
+    max_request_bytes: int = _default("max_request_bytes")
+    query_max_rows: int = _default("query_max_rows")
+    query_time_limit: float = _default("query_time_limit")
+    pn_case_sensitive: bool = _default("pn_case_sensitive")
+    log_level: str = _default("log_level")
+    destinations: Mapping[str, Modality] = field(default_factory=dict)
+
+    @property
+    def index_path(self) -> Path:
+        """The SQLite index file of this customer."""
+        return self.data_dir / "index.sqlite"
+
+    @property
+    def objects_dir(self) -> Path:
+        """The folder of the file object store."""
+        return self.data_dir / "objects"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """The customer's upload folder (``PACS_UPLOADS_DIR``, else inside the data folder)."""
+        if self.uploads_path:
+            return Path(self.uploads_path).absolute()
+        return self.data_dir / "uploads"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """Return a copy with some fields replaced (used by tests)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> list[tuple[str, str]]:
+        """Each setting's environment name and effective value, secrets masked."""
+        rows = []
+        for setting in SETTINGS:
+            value = getattr(self, setting.attr)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if setting.secret and text:
+                text = "****"
+            rows.append((setting.env, text))
+        return rows
+
+
+def _validate_customer(name: str) -> str:
+    # The customer name becomes a folder and a key prefix: keep it to a safe alphabet.
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    if not name or not set(name) <= allowed or len(name) > 64:
+        raise ConfigError(
+            f"CUSTOMER {name!r}: use 1-64 letters, digits, '-' or '_'")
+    return name
+
+
+def load(
+    overrides: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    env_file: Path | None = Path(".env"),
+) -> Settings:
+    """Merge defaults, ``.env``, the environment and overrides into :class:`Settings`.
+
+    Parameters
+    ----------
+    overrides : mapping, optional
+        Values by environment name that win over everything else (CLI flags).
+    environ : mapping, optional
+        The environment; ``os.environ`` when omitted.
+    env_file : Path or None
+        The dotenv file to read when it exists.
+
+    Raises
+    ------
+    ConfigError
+        When a value cannot be parsed.
+    """
+    raw: dict[str, str] = {s.env: s.default for s in SETTINGS}
+    if env_file is not None and env_file.is_file():
+        raw.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    source = os.environ if environ is None else environ
+    raw.update({s.env: source[s.env] for s in SETTINGS if s.env in source})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        try:
+            values[setting.attr] = setting.parse(raw[setting.env])
+        except ValueError as exc:
+            raise ConfigError(f"{setting.env}: {exc}") from None
+    values["customer"] = _validate_customer(values["customer"])
+    data_dir = values["data_dir"] or str(Path("customer") / values["customer"])
+    values["data_dir"] = Path(data_dir).absolute()
+    values["destinations"] = parse_modalities(values["modalities"])
+    return Settings(**values)

@@ -1,0 +1,767 @@
+"""pydicom helpers: read a Part 10 object's header, check it is whole, extract keys.
+
+Ingest never decodes pixel data (malformed pixel data is where decoders break) and
+never re-encodes: it reads the header with pydicom and walks the element lengths of the
+data set to prove the object is complete.
+
+A deflated data set (Deflated Explicit VR Little Endian, PS3.5 A.5) is never inflated
+whole: a few MB of deflate can stand for gigabytes.  It is inflated as a stream
+(:class:`Inflater`, one chunk at a time, counted against the object size limit) while
+the element lengths are walked (:func:`walk_deflated`); only the header before the
+pixel data is kept, at most :data:`MAX_DEFLATED_HEADER` bytes, and that is all pydicom
+reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import pydicom
+import pydicom.config
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from pacs.core.attributes import ITEM_KEYS, Attribute, Level, case_folded_column, stored
+from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
+
+#: PS3.5 9.1: components of digits separated by dots, no leading zero in a
+#: multi-digit component, at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def quiet_pydicom() -> None:
+    """Stop pydicom's value validation on reading (process-wide, idempotent).
+
+    Its warnings quote the offending value (``Invalid value for VR PN: '...'``), which
+    puts patient data into the log at the default level; ingest validates what it needs
+    (UIDs, completeness) itself and stores objects as received.
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def valid_uid(value: str) -> bool:
+    """True when ``value`` is a valid UID (PS3.5 9.1)."""
+    return len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def require_uid(value: Any, name: str) -> str:
+    """Return ``value`` as a valid UID string or raise :class:`InvalidUID`."""
+    text = str(value or "").strip("\0 ")
+    if not valid_uid(text):
+        raise InvalidUID(f"{name} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an object is and how it is encoded, read from its own bytes.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid, study_uid, series_uid, transfer_syntax :
+        Validated UIDs.
+    dataset_offset :
+        Where the data set starts in the Part 10 bytes (after the file meta).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+    def identity(self) -> dict[str, Any]:
+        """These fields by name (to build a subclass from another one)."""
+        return {name: getattr(self, name) for name in Identity.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Instance(Identity):
+    """What ingest needs to know about one received object: its identity and header.
+
+    Attributes
+    ----------
+    header :
+        The data set without pixel data (values decoded lazily by pydicom).
+    """
+
+    header: Dataset
+
+
+def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
+    """Parse a Part 10 object's header and prove the data set is complete.
+
+    Parameters
+    ----------
+    data :
+        The object as received.
+    max_object_bytes :
+        Largest object accepted, as received and, for a deflated data set, once
+        inflated (``PACS_MAX_OBJECT_BYTES``); ``None`` for no limit.
+
+    Raises
+    ------
+    UnreadableData
+        Not a Part 10 object, a header that does not parse, or a truncated data set.
+    ObjectTooLarge
+        Larger than ``max_object_bytes`` (as received or inflated), or a deflated data
+        set whose header before the pixel data is larger than
+        :data:`MAX_DEFLATED_HEADER`.
+    InvalidUID
+        A SOP Class, SOP Instance, Study or Series Instance UID that is not valid.
+    """
+    buffer = bytes(data) if isinstance(data, memoryview) else data
+    if max_object_bytes is not None and len(buffer) > max_object_bytes:
+        raise ObjectTooLarge(f"the object is larger than {max_object_bytes} bytes")
+    if len(buffer) < 132 or buffer[128:132] != b"DICM":
+        raise UnreadableData("not a DICOM Part 10 object (no preamble and DICM prefix)")
+    offset = dataset_offset(buffer)
+    if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
+        header = _read_deflated(buffer, offset, max_object_bytes)
+        transfer_syntax = str(DeflatedExplicitVRLittleEndian)
+    else:
+        try:
+            header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+            meta = header.file_meta
+            transfer_syntax = require_uid(meta.TransferSyntaxUID, "TransferSyntaxUID")
+        except (InvalidUID, UnreadableData):
+            raise
+        except Exception as exc:  # pydicom raises many kinds for malformed input
+            raise UnreadableData(
+                f"the data set does not parse: {type(exc).__name__}") from None
+        check_complete(memoryview(buffer)[offset:], transfer_syntax)
+    try:
+        sop_class = header.get("SOPClassUID", "")
+        sop_instance = header.get("SOPInstanceUID", "")
+        study = header.get("StudyInstanceUID", "")
+        series = header.get("SeriesInstanceUID", "")
+    except Exception:
+        raise UnreadableData("the identifying attributes do not parse") from None
+    return Instance(
+        header=header,
+        sop_class_uid=require_uid(sop_class, "SOPClassUID"),
+        sop_instance_uid=require_uid(sop_instance, "SOPInstanceUID"),
+        study_uid=require_uid(study, "StudyInstanceUID"),
+        series_uid=require_uid(series, "SeriesInstanceUID"),
+        transfer_syntax=transfer_syntax,
+        dataset_offset=offset,
+    )
+
+
+#: Bytes at the start of an object that hold its file meta (and so its transfer
+#: syntax) in practice.
+HEAD_PROBE_BYTES = 64 << 10
+
+
+def read_header(buffer: bytes) -> Dataset:
+    """The header (data set without pixel data) of a stored Part 10 object, as pydicom
+    reads it with ``stop_before_pixels``, but never inflating a deflated data set
+    whole (:func:`walk_deflated`).
+
+    Raises
+    ------
+    UnreadableData
+        When it does not parse.
+    ObjectTooLarge
+        A deflated header over :data:`MAX_DEFLATED_HEADER`.
+    """
+    offset = dataset_offset(buffer)
+    if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
+        return _read_deflated(buffer, offset, None)
+    try:
+        return pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
+
+
+def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
+    """The Transfer Syntax UID (0002,0010) of the file meta that ends at ``offset``,
+    read from the bytes (explicit VR little endian, PS3.10 7.1); ``None`` if absent."""
+    end = min(offset, len(buffer))
+    position = 132
+    while position + 12 <= end:
+        group, element = struct.unpack_from("<HH", buffer, position)
+        if buffer[position + 4:position + 6] in _LONG_VRS:
+            start, length = position + 12, struct.unpack_from("<I", buffer, position + 8)[0]
+        else:
+            start, length = position + 8, struct.unpack_from("<H", buffer, position + 6)[0]
+        if (group, element) == (0x0002, 0x0010):
+            return buffer[start:start + length].decode("ascii", "replace").strip("\0 ")
+        position = start + length
+    return None
+
+
+def _read_deflated(buffer: bytes, offset: int, max_object_bytes: int | None) -> FileDataset:
+    """The header of a deflated object, proven whole, inflated no further than needed.
+
+    The walk (:func:`walk_deflated`) proves the data set complete and keeps the bytes
+    before the pixel data; pydicom reads only those, as the explicit VR little endian
+    data set they are (PS3.5 A.5), and the file meta from the object itself.
+    """
+    walked = walk_deflated(memoryview(buffer)[offset:], max_object_bytes)
+    try:
+        source = io.BytesIO(buffer[:offset])
+        source.seek(132)
+        meta = FileMetaDataset(read_dataset(source, is_implicit_VR=False,
+                                            is_little_endian=True,
+                                            stop_when=_not_file_meta))
+        dataset = read_dataset(io.BytesIO(walked.header), is_implicit_VR=False,
+                               is_little_endian=True)
+        header = FileDataset(io.BytesIO(walked.header), dataset, preamble=buffer[:128],
+                             file_meta=meta, is_implicit_VR=False, is_little_endian=True)
+        # Decode values as pydicom would after inflating the whole data set.
+        header.set_original_encoding(False, True, dataset._character_set)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
+    return header
+
+
+def _not_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def dataset_offset(buffer: bytes) -> int:
+    """Offset of the data set: after the file meta group (always explicit VR LE)."""
+    position = 132
+    while position + 8 <= len(buffer):
+        group = struct.unpack_from("<H", buffer, position)[0]
+        if group != 0x0002:
+            return position
+        vr = buffer[position + 4:position + 6]
+        if vr in _LONG_VRS:
+            length = struct.unpack_from("<I", buffer, position + 8)[0]
+            position += 12 + length
+        else:
+            length = struct.unpack_from("<H", buffer, position + 6)[0]
+            position += 8 + length
+    return position
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Walks element lengths of an encoded data set to prove it is not truncated."""
+
+    def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
+        self.data = data
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+
+    def _need(self, position: int, size: int) -> None:
+        if position + size > len(self.data):
+            raise UnreadableData("the data set is truncated")
+
+    def _tag(self, position: int) -> int:
+        self._need(position, 4)
+        group, element = struct.unpack_from(self.order + "HH", self.data, position)
+        return (group << 16) | element
+
+    def _header(self, position: int) -> tuple[int, bytes | None, int, int]:
+        """Return (tag, VR, value length, header size) at ``position``."""
+        tag = self._tag(position)
+        if tag >> 16 == 0xFFFE or self.implicit:
+            self._need(position, 8)
+            return tag, None, struct.unpack_from(self.order + "I", self.data, position + 4)[0], 8
+        self._need(position, 8)
+        vr = bytes(self.data[position + 4:position + 6])
+        if vr in _LONG_VRS:
+            self._need(position, 12)
+            return tag, vr, struct.unpack_from(self.order + "I", self.data, position + 8)[0], 12
+        return tag, vr, struct.unpack_from(self.order + "H", self.data, position + 6)[0], 8
+
+    def dataset(self, position: int, end: int | None, depth: int = 0) -> int:
+        """Walk elements from ``position`` to ``end`` (or an item delimiter)."""
+        if depth > 64:
+            raise UnreadableData("sequences nested too deeply")
+        limit = len(self.data) if end is None else end
+        while position < limit:
+            tag, vr, length, size = self._header(position)
+            position += size
+            if tag == _ITEM_END:
+                if end is not None:
+                    raise UnreadableData("unexpected item delimiter")
+                return position
+            if length == _UNDEFINED:
+                position = self._undefined(position, depth)
+            else:
+                self._need(position, length)
+                position += length
+        if position != limit:
+            raise UnreadableData("an element overruns its item")
+        return position
+
+    def _undefined(self, position: int, depth: int) -> int:
+        """Walk items of a sequence or fragments of encapsulated pixel data."""
+        while True:
+            tag, _, length, size = self._header(position)
+            position += size
+            if tag == _SEQ_END:
+                return position
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence or pixel data fragments")
+            if length == _UNDEFINED:
+                position = self.dataset(position, None, depth + 1)
+            else:
+                # Items of defined length (data sets or pixel fragments): bounds only.
+                self._need(position, length)
+                position += length
+
+
+def check_complete(dataset: memoryview, transfer_syntax: str,
+                   max_inflated: int | None = None) -> None:
+    """Raise :class:`UnreadableData` unless the encoded data set is whole.
+
+    Every element's value must fit in the bytes received and the last one must end
+    exactly at the end of the object.  A deflated data set is walked as a stream
+    (:func:`walk_deflated`), inflating at most ``max_inflated`` bytes
+    (:class:`ObjectTooLarge` beyond).
+    """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        walk_deflated(dataset, max_inflated, header_limit=None)
+        return
+    walker = _Walker(
+        dataset,
+        implicit=transfer_syntax == ImplicitVRLittleEndian,
+        little=transfer_syntax != ExplicitVRBigEndian,
+    )
+    walker.dataset(0, len(dataset))
+
+
+# --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------
+
+#: Inflated bytes produced per zlib call: the most of a deflated data set held at once
+#: while it is walked (beside the header kept for pydicom).
+INFLATE_CHUNK = 1 << 20
+#: Deflated bytes given to zlib per call (its unconsumed input is copied each call).
+_FEED_BYTES = 1 << 16
+#: Largest header (the data set before its pixel data) of a deflated object that is
+#: kept for pydicom.  Real deflated objects are structured reports and small images
+#: whose header is a few KB; a larger one is refused (:class:`ObjectTooLarge`) rather
+#: than held in memory.
+MAX_DEFLATED_HEADER = 64 << 20
+#: Pixel data tags (PS3.5 7.1: Float, Double Float and Pixel Data), where pydicom's
+#: ``stop_before_pixels`` stops.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+class Inflater:
+    """A raw deflate stream inflated chunk by chunk, its output counted.
+
+    Parameters
+    ----------
+    deflated :
+        The deflated bytes (a view: nothing is copied but one feed at a time).
+    limit :
+        Most inflated bytes allowed (:class:`ObjectTooLarge` past it); ``None``: any.
+    chunk :
+        Most inflated bytes returned by one :meth:`read`.
+    """
+
+    def __init__(self, deflated: memoryview, limit: int | None,
+                 chunk: int = INFLATE_CHUNK) -> None:
+        self._source = deflated
+        self._fed = 0
+        self._pending: bytes | memoryview = b""
+        self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.limit = limit
+        self.chunk = chunk
+        #: Inflated bytes produced so far.
+        self.inflated = 0
+
+    def read(self) -> bytes:
+        """The next inflated bytes (at most ``chunk``); ``b""`` once the deflate stream
+        has ended.  Bytes after its end (PS3.5 A.5 allows a pad byte) are ignored.
+
+        Raises
+        ------
+        UnreadableData
+            The deflate stream is corrupt, or the object ends before it does.
+        ObjectTooLarge
+            More than ``limit`` bytes inflated.
+        """
+        while not self._zlib.eof:
+            if not self._pending and self._fed < len(self._source):
+                self._pending = self._source[self._fed:self._fed + _FEED_BYTES]
+                self._fed += len(self._pending)
+            try:
+                # Also without new input: zlib may hold output back for max_length.
+                out = self._zlib.decompress(self._pending, self.chunk)
+            except zlib.error:
+                raise UnreadableData("the deflated data set does not inflate") from None
+            self._pending = self._zlib.unconsumed_tail
+            if out:
+                self.inflated += len(out)
+                if self.limit is not None and self.inflated > self.limit:
+                    raise ObjectTooLarge(
+                        f"the deflated data set inflates to more than {self.limit} bytes")
+                return out
+            if not self._pending and self._fed >= len(self._source) and not self._zlib.eof:
+                raise UnreadableData("the deflated data set is truncated")
+        return b""
+
+
+class _InflatedReader:
+    """Exact reads and skips over an :class:`Inflater`, keeping what was read up to
+    :meth:`stop_keeping` (the header for pydicom), at most ``keep_limit`` bytes
+    (``None``: keep nothing)."""
+
+    def __init__(self, inflater: Inflater, keep_limit: int | None) -> None:
+        self.inflater = inflater
+        self.chunk = b""
+        self.offset = 0
+        #: Position in the inflated data set.
+        self.position = 0
+        self.kept = bytearray()
+        self.keeping = keep_limit is not None
+        self.keep_limit = keep_limit or 0
+
+    def at_end(self) -> bool:
+        """True when the data set has no more bytes (the deflate stream ended)."""
+        return self.offset >= len(self.chunk) and not self._refill()
+
+    def _refill(self) -> bool:
+        self.chunk, self.offset = self.inflater.read(), 0
+        return bool(self.chunk)
+
+    def read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes (:class:`UnreadableData` when the data set ends)."""
+        if self.offset + size <= len(self.chunk):  # the usual case: one slice
+            data = self.chunk[self.offset:self.offset + size]
+            self.offset += size
+        else:
+            pieces = []
+            wanted = size
+            while wanted:
+                if self.offset >= len(self.chunk) and not self._refill():
+                    raise UnreadableData("the data set is truncated")
+                piece = self.chunk[self.offset:self.offset + wanted]
+                self.offset += len(piece)
+                wanted -= len(piece)
+                pieces.append(piece)
+            data = b"".join(pieces)
+        self._advance(data)
+        return data
+
+    def skip(self, size: int) -> None:
+        """Pass ``size`` bytes, one chunk at a time."""
+        while size:
+            if self.offset >= len(self.chunk) and not self._refill():
+                raise UnreadableData("the data set is truncated")
+            step = min(size, len(self.chunk) - self.offset)
+            if self.keeping:
+                self._advance(self.chunk[self.offset:self.offset + step])
+            else:
+                self.position += step
+            self.offset += step
+            size -= step
+
+    def _advance(self, data: bytes) -> None:
+        self.position += len(data)
+        if self.keeping:
+            self.check_kept(self.position)
+            self.kept += data
+
+    def check_kept(self, end: int) -> None:
+        """:class:`ObjectTooLarge` if keeping up to position ``end`` is too much."""
+        if self.keeping and end > self.keep_limit:
+            raise ObjectTooLarge("the header (before the pixel data) of the deflated "
+                                 f"data set is larger than {self.keep_limit} bytes")
+
+    def stop_keeping(self, at: int) -> None:
+        """Keep nothing after position ``at`` (where the pixel data element starts)."""
+        if self.keeping:
+            del self.kept[at:]
+            self.keeping = False
+
+
+class _StreamWalker:
+    """:class:`_Walker`'s walk over an inflated stream (explicit VR little endian):
+    element headers are read, values skipped."""
+
+    def __init__(self, reader: _InflatedReader, limit: int | None) -> None:
+        self.reader = reader
+        self.limit = limit
+
+    def _header(self) -> tuple[int, int]:
+        """(tag, value length) of the next element or item."""
+        head = self.reader.read(8)
+        group, element = struct.unpack_from("<HH", head)
+        tag = (group << 16) | element
+        if group == 0xFFFE:
+            return tag, struct.unpack_from("<I", head, 4)[0]
+        if head[4:6] in _LONG_VRS:
+            return tag, struct.unpack("<I", self.reader.read(4))[0]
+        return tag, struct.unpack_from("<H", head, 6)[0]
+
+    def _skip(self, length: int) -> None:
+        """Pass a value of defined length, refusing at once one that cannot fit."""
+        end = self.reader.position + length
+        if self.limit is not None and end > self.limit:
+            raise ObjectTooLarge(
+                f"the deflated data set inflates to more than {self.limit} bytes")
+        self.reader.check_kept(end)
+        self.reader.skip(length)
+
+    def top(self) -> None:
+        """Walk the top-level data set to the end of the stream."""
+        reader = self.reader
+        while not reader.at_end():
+            start = reader.position
+            tag, length = self._header()
+            if tag in _PIXEL_TAGS:
+                reader.stop_keeping(start)
+            if tag == _ITEM_END:
+                raise UnreadableData("unexpected item delimiter")
+            self._value(length, 0)
+
+    def _value(self, length: int, depth: int) -> None:
+        if length == _UNDEFINED:
+            self._undefined(depth)
+        else:
+            self._skip(length)
+
+    def _item(self, depth: int) -> None:
+        """An item of undefined length: elements up to its delimiter."""
+        if depth > 64:
+            raise UnreadableData("sequences nested too deeply")
+        while True:
+            tag, length = self._header()
+            if tag == _ITEM_END:
+                return
+            self._value(length, depth)
+
+    def _undefined(self, depth: int) -> None:
+        """Items of a sequence or fragments of encapsulated pixel data."""
+        while True:
+            tag, length = self._header()
+            if tag == _SEQ_END:
+                return
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence or pixel data fragments")
+            if length == _UNDEFINED:
+                self._item(depth + 1)
+            else:
+                self._skip(length)
+
+
+def inflated_head(deflated: memoryview, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) a deflated data set inflates to, inflating
+    no more than that: enough to read its first elements from a data set that may be
+    refused (a deflate bomb must not be inflated to say which instance it was).
+    ``b""`` when the stream does not inflate."""
+    inflater = Inflater(deflated, None, chunk=size)
+    pieces: list[bytes] = []
+    got = 0
+    try:
+        while got < size and (piece := inflater.read()):
+            pieces.append(piece[:size - got])
+            got += len(pieces[-1])
+            inflater.chunk = size - got or 1
+    except UnreadableData:
+        pass
+    return b"".join(pieces)
+
+
+@dataclass(frozen=True)
+class DeflatedWalk:
+    """What :func:`walk_deflated` found.
+
+    Attributes
+    ----------
+    header :
+        The inflated data set up to its top-level pixel data element (all of it when
+        it has none); empty when not asked for.
+    inflated :
+        The inflated data set's size.
+    """
+
+    header: bytes
+    inflated: int
+
+
+def walk_deflated(deflated: memoryview, max_inflated: int | None,
+                  header_limit: int | None = MAX_DEFLATED_HEADER) -> DeflatedWalk:
+    """Prove a deflated data set whole while inflating it as a stream.
+
+    Memory stays at a chunk (:data:`INFLATE_CHUNK`) plus the header kept, whatever the
+    data set inflates to.
+
+    Parameters
+    ----------
+    deflated :
+        The data set as stored (after the file meta).
+    max_inflated :
+        Most bytes it may inflate to (``None``: any).
+    header_limit :
+        Most header bytes kept (``None``: keep none).
+
+    Raises
+    ------
+    UnreadableData
+        A corrupt or truncated deflate stream, or a truncated or malformed data set.
+    ObjectTooLarge
+        It inflates (or an element says it would inflate) past ``max_inflated``, or
+        its header is larger than ``header_limit``.
+    """
+    reader = _InflatedReader(Inflater(deflated, max_inflated), header_limit)
+    _StreamWalker(reader, max_inflated).top()
+    return DeflatedWalk(bytes(reader.kept), reader.position)
+
+
+def _text(value: Any) -> str | None:
+    """A stored value as index text: multiple values joined by ``\\``, blanks as None."""
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        parts = [str(v).strip() for v in value]
+        text = "\\".join(parts)
+        return text if any(parts) else None
+    if isinstance(value, bytes | Dataset):
+        return None
+    text = str(value).strip(" \0")
+    return text or None
+
+
+def fold(text: str | None) -> str | None:
+    """Case-fold a PN value for case-insensitive matching (PS3.4 C.2.2.2.1)."""
+    return text.upper() if text is not None else None
+
+
+@cache
+def _columns(level: Level) -> tuple[tuple[Attribute, str, str | None], ...]:
+    """(attribute, column, case-folded column) of ``level``, computed once."""
+    return tuple((a, a.column or "", case_folded_column(a)) for a in stored(level))
+
+
+def extract(header: Dataset, level: Level) -> dict[str, str | None]:
+    """Index values of ``level`` from a header, by column (unique key included)."""
+    values: dict[str, str | None] = {}
+    present = header._dict  # absent tags cost a dict lookup, not a pydicom get()
+    codec = _simple_codec(header)
+    for attribute, column, folded in _columns(level):
+        value = _value(header, attribute, codec) if attribute.tag in present else None
+        values[column] = value
+        if folded:
+            values[folded] = fold(value)
+    return values
+
+
+#: VRs whose values are plain ASCII, whatever the character set: indexed straight from
+#: the raw bytes, without pydicom's conversion and validation (most of a small
+#: instance's extraction time).  The result is what the pydicom path gives.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+#: VRs whose values are text in the Specific Character Set (PS3.5 6.1.2.3), read the
+#: same way when that character set is one a single Python codec decodes without code
+#: extensions (see :data:`_SIMPLE_CODECS`); anything else goes through pydicom.
+_CHARSET_VRS = frozenset({"LO", "SH", "PN", "LT", "ST", "UC"})
+#: Specific Character Set values (PS3.3 C.12.1.1.2) whose bytes one codec decodes and
+#: in which 0x5C is always the value separator (never the trail byte of a character).
+#: No value (the default repertoire) decodes as pydicom does, as Latin-1.
+_SIMPLE_CODECS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
+                  "ISO_IR 192": "utf_8"}
+_UNDECODED = object()
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+
+
+def _simple_codec(header: Dataset) -> str | None:
+    """The codec of the header's character set when it is one of :data:`_SIMPLE_CODECS`."""
+    element = header._dict.get(_SPECIFIC_CHARACTER_SET)
+    if element is None:
+        return "latin_1"
+    value = element.value  # raw bytes, or already converted by pydicom (str or list)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str):
+        return None  # several values: code extensions (ISO 2022)
+    return _SIMPLE_CODECS.get(value.strip(" \0"))
+
+
+def _raw_text(header: Dataset, attribute: Attribute, codec: str | None = None) -> Any:
+    """A text element's index text from its raw bytes, or ``_UNDECODED``.
+
+    ASCII VRs always; character-set VRs when ``codec`` is known.
+    """
+    raw = header._dict.get(attribute.tag)
+    if type(raw) is not RawDataElement or not isinstance(raw.value, bytes):
+        return _UNDECODED
+    if attribute.vr in _ASCII_VRS:
+        encoding = "ascii"
+    elif attribute.vr in _CHARSET_VRS and codec is not None and b"\x1b" not in raw.value:
+        # An ESC starts a code extension (PS3.5 6.1.2.5.3), which pydicom interprets.
+        encoding = codec
+    else:
+        return _UNDECODED
+    if raw.VR not in (None, attribute.vr):
+        return _UNDECODED
+    try:
+        text = raw.value.decode(encoding)
+    except UnicodeDecodeError:
+        return _UNDECODED
+    if attribute.vr == "PN":
+        # As pydicom's PersonName: empty trailing component groups dropped ("A^B=" is A^B).
+        text = "\\".join(v.rstrip("=") for v in text.rstrip("\0 ").split("\\"))
+    elif attribute.vr in ("LT", "ST", "UT"):
+        # Single-valued: a backslash is text here (PS3.5 6.2), not a separator.
+        return text.strip(" \0") or None
+    if "\\" in text:
+        parts = [part.strip(" \0").strip() for part in text.split("\\")]
+        return "\\".join(parts) if any(parts) else None
+    return text.strip(" \0") or None
+
+
+def _sequence(header: Dataset, attribute: Attribute) -> str | None:
+    """A sequence's items, with the item keys we match on, as JSON (C.2.2.2.6)."""
+    try:
+        items = header[attribute.tag].value or []
+        kept = [{key.keyword: text for key in ITEM_KEYS[attribute.keyword]
+                 if key.tag in item and (text := _item_text(item, key)) is not None}
+                for item in items]
+    except Exception:
+        return None  # indexed as unknown; the object is stored as sent
+    return json.dumps(kept, ensure_ascii=False) if any(kept) else None
+
+
+def _item_text(item: Dataset, key: Attribute) -> str | None:
+    return _text(item[key.tag].value)
+
+
+def _value(header: Dataset, attribute: Attribute, codec: str | None = None) -> str | None:
+    if attribute.vr == "SQ":
+        return _sequence(header, attribute)
+    text = _raw_text(header, attribute, codec)
+    if text is _UNDECODED:
+        element = header.get(attribute.tag)
+        if element is None:
+            return None
+        try:
+            text = _text(element.value)
+        except Exception:
+            # A value that does not decode is indexed as unknown rather than refusing
+            # the whole object: the object itself is stored as sent.
+            return None
+    if text is not None and attribute.vr in _SEPARATORS:
+        # ACR-NEMA style 1997.04.24 / 10:30:00: index the DICOM form so ranges compare.
+        text = text.replace(_SEPARATORS[attribute.vr], "")
+    return text
+
+
+_SEPARATORS = {"DA": ".", "TM": ":"}

@@ -1,0 +1,93 @@
+"""The one exception tree of the core.
+
+Each boundary translates it once: ``pacs.dimse.status`` into DICOM statuses and
+``adapters.dicomweb.errors`` into HTTP errors.  Backend errors (apsw, minio, OS) are
+turned into these at the backend's edge.
+
+::
+
+    PacsError
+    ├── ConfigError            a setting cannot be read or a backend cannot start
+    ├── InvalidInstance        the object cannot be accepted as sent
+    │   ├── InvalidUID         a UID that is not digits and dots, <= 64 chars (PS3.5 9.1)
+    │   ├── UIDMismatch        command UIDs differ from the data set's (PS3.4 B.2.3)
+    │   ├── UnreadableData     the data set does not parse
+    │   ├── DuplicateRejected  a different object under a known SOP Instance UID
+    │   └── ObjectTooLarge     received or inflated past PACS_MAX_OBJECT_BYTES
+    ├── InvalidQuery           a query or identifier breaks the model's rules
+    ├── NotFound               no such study / series / instance / object
+    ├── FrameTooLarge          a frame to decode is larger than PACS_MAX_FRAME_BYTES
+    ├── QueryLimitExceeded     more matches than the row cap, or over the time limit
+    ├── Cancelled              the peer cancelled the operation
+    ├── StorageError           the object store failed
+    ├── IndexFailure           the SQLite index failed
+    └── AnalysisFault          a helper process failed on an object (pacs.core.analysers)
+"""
+
+from __future__ import annotations
+
+
+class PacsError(Exception):
+    """Base of every error raised by the core."""
+
+
+class ConfigError(PacsError):
+    """A setting is invalid, or a backend cannot be reached at start-up."""
+
+
+class InvalidInstance(PacsError):
+    """An object that cannot be stored as sent."""
+
+
+class InvalidUID(InvalidInstance):
+    """A UID that is not a valid DICOM UID (PS3.5 9.1)."""
+
+
+class UIDMismatch(InvalidInstance):
+    """The command's SOP Class / Instance UID disagrees with the data set's."""
+
+
+class UnreadableData(InvalidInstance):
+    """The data set does not parse."""
+
+
+class DuplicateRejected(InvalidInstance):
+    """A different object arrived under a stored SOP Instance UID (policy: reject)."""
+
+
+class ObjectTooLarge(InvalidInstance):
+    """An object larger than the configured limit, as received or once inflated."""
+
+
+class InvalidQuery(PacsError):
+    """A query or identifier that breaks the information model's rules."""
+
+
+class NotFound(PacsError):
+    """The requested entity or object does not exist."""
+
+
+class FrameTooLarge(PacsError):
+    """A frame whose declared decoded size exceeds the configured ceiling; refused
+    before any pixel buffer is allocated."""
+
+
+class QueryLimitExceeded(PacsError):
+    """The query matched more rows than allowed or ran past its time limit."""
+
+
+class Cancelled(PacsError):
+    """The peer cancelled the operation."""
+
+
+class StorageError(PacsError):
+    """The object store failed to read, write or delete."""
+
+
+class IndexFailure(PacsError):
+    """The SQLite index failed."""
+
+
+class AnalysisFault(PacsError):
+    """A helper process died or hung while analysing an object: a server fault (no
+    statement about the object), reported as a processing failure."""

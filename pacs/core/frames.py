@@ -1,0 +1,304 @@
+"""Frames of a stored instance: as stored, or decoded to native pixels.
+
+What Retrieve Frames (PS3.18 10.4.1.1.3 and 8.7.3.5.2) and the rendered resources need,
+free of any protocol.  Frames are cut straight from the stored object, located by the
+pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
+
+- native (uncompressed little endian) pixel data: frame ``n`` is a byte range, read
+  with one seek, nothing else of the object is read or parsed;
+- encapsulated pixel data: the frame's fragments, found through the Basic (or
+  Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
+  table and the fragments' item headers;
+- anything else (deflated or big endian data sets, or objects without a recorded
+  position), and any compressed frame asked for uncompressed: decoded by pydicom
+  (pylibjpeg codecs) one frame at a time.
+
+Native frames are sent as Explicit VR Little Endian (1.2.840.10008.1.2.1): the pixel
+bytes of every little endian uncompressed syntax are the same.  Decoded colour frames
+come out as RGB (pydicom converts YCbCr), as with dcm4chee and Orthanc.
+
+Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
+(``PACS_MAX_FRAME_BYTES``): Rows x Columns x Samples per Pixel x bytes per sample
+(ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
+data is read (a deflated or big endian data set), checked before any decoder runs or
+any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
+65535 RGB frame (12 GB) in a few bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.encaps import get_frame
+from pydicom.pixels import pixel_array
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from pacs.core import dataset, metadata
+from pacs.core.errors import FrameTooLarge, NotFound, UnreadableData
+
+if TYPE_CHECKING:
+    from pacs.core.metadata import Document
+
+#: Uncompressed little endian syntaxes whose pixel data is sent as stored.
+NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+
+#: The syntax of every native frame this module produces.
+NATIVE_SYNTAX = str(ExplicitVRLittleEndian)
+
+_ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
+_FRAMES, _PHOTOMETRIC = 0x00280008, 0x00280004
+_EXTENDED_OFFSETS, _EXTENDED_LENGTHS = 0x7FE00001, 0x7FE00002
+_PIXEL_DATA = "7FE00010"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how an instance's frames are stored.
+
+    Attributes
+    ----------
+    transfer_syntax :
+        As stored.
+    rows, columns, samples, bits_allocated, frames, photometric :
+        Image Pixel module values (PS3.3 C.7.6.3) and Number of Frames.
+    pixel_offset, pixel_length :
+        The pixel data value's position in the object (``None`` when unknown) and
+        length (:data:`pacs.core.metadata.UNDEFINED_LENGTH` when encapsulated).
+    extended_offsets :
+        The Extended Offset Table and its lengths, when inline in the metadata.
+    """
+
+    transfer_syntax: str
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    frames: int
+    photometric: str
+    pixel_offset: int | None
+    pixel_length: int | None
+    extended_offsets: tuple[bytes, bytes] | None = None
+
+    @property
+    def encapsulated(self) -> bool:
+        """True when the pixel data is encapsulated (compressed, PS3.5 A.4)."""
+        return self.pixel_length == metadata.UNDEFINED_LENGTH
+
+    @property
+    def sliceable(self) -> bool:
+        """True when native frames can be cut from the stored bytes directly."""
+        return (self.pixel_offset is not None and not self.encapsulated
+                and self.transfer_syntax in NATIVE)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of one decoded frame (:func:`decoded_size`)."""
+        return decoded_size(self.rows, self.columns, self.samples, self.bits_allocated)
+
+    @property
+    def frame_bits(self) -> int:
+        """Bits of one native frame (PS3.5 8.1.1; 4:2:2 YCbCr holds two samples)."""
+        samples = 2 if self.photometric == "YBR_FULL_422" else self.samples
+        return self.rows * self.columns * samples * self.bits_allocated
+
+
+def decoded_size(rows: int, columns: int, samples: int, bits_allocated: int,
+                 frames: int = 1) -> int:
+    """Declared bytes of decoded pixels: Rows x Columns x Samples per Pixel x
+    ceil(Bits Allocated / 8) x ``frames`` (PS3.3 C.7.6.3; what a decoder allocates)."""
+    return (max(rows, 0) * max(columns, 0) * max(samples, 1)
+            * max(-(-bits_allocated // 8), 1) * max(frames, 1))
+
+
+def check_decodable(size: int, max_frame_bytes: int) -> None:
+    """Raise :class:`FrameTooLarge` when ``size`` decoded bytes are over the ceiling."""
+    if size > max_frame_bytes:
+        raise FrameTooLarge(f"the pixels to decode declare {size} bytes, more than the "
+                            f"{max_frame_bytes} allowed (PACS_MAX_FRAME_BYTES)")
+
+
+def layout(doc: Document, parsed: dict[str, Any] | None = None) -> Layout:
+    """The frame layout of an instance from its stored metadata.
+
+    Raises
+    ------
+    NotFound
+        When the instance has no pixel data (PS3.18 10.4.1.1.3: no frames to send).
+    """
+    data = parsed if parsed is not None else metadata.parse(doc.json)
+    rows = metadata.value(data, _ROWS)
+    if _PIXEL_DATA not in data or not rows:
+        raise NotFound("the instance has no pixel data")
+    return Layout(
+        transfer_syntax=doc.transfer_syntax,
+        rows=int(rows),
+        columns=int(metadata.value(data, _COLUMNS, 0)),
+        samples=int(metadata.value(data, _SAMPLES, 1)),
+        bits_allocated=int(metadata.value(data, _BITS, 8)),
+        frames=max(1, int(metadata.value(data, _FRAMES, 1) or 1)),
+        photometric=str(metadata.value(data, _PHOTOMETRIC, "")),
+        pixel_offset=doc.pixel_offset,
+        pixel_length=doc.pixel_length,
+        extended_offsets=_extended_offsets(data),
+    )
+
+
+def _extended_offsets(data: dict[str, Any]) -> tuple[bytes, bytes] | None:
+    """The Extended Offset Table (PS3.5 A.4.1) when the metadata holds it inline."""
+    offsets = data.get(f"{_EXTENDED_OFFSETS:08X}", {}).get("InlineBinary")
+    lengths = data.get(f"{_EXTENDED_LENGTHS:08X}", {}).get("InlineBinary")
+    if offsets and lengths:
+        return base64.b64decode(offsets), base64.b64decode(lengths)
+    return None
+
+
+def check_numbers(lay: Layout, numbers: Sequence[int]) -> None:
+    """Raise :class:`NotFound` unless every frame number is within 1..frames."""
+    for number in numbers:
+        if not 1 <= number <= lay.frames:
+            raise NotFound(f"frame {number} does not exist (the instance has {lay.frames})")
+
+
+def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
+                  max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Frames as stored: ``(bytes, transfer syntax UID)`` per frame number.
+
+    ``source`` is the stored object, seekable.  Native frames of syntaxes that cannot
+    be sliced (deflated, big endian) are decoded instead, within ``max_frame_bytes``.
+    """
+    for number in numbers:
+        if lay.encapsulated and lay.pixel_offset is not None:
+            yield _fragments(source, lay, number), lay.transfer_syntax
+        elif lay.sliceable:
+            yield _slice(source, lay, number), NATIVE_SYNTAX
+        else:
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+
+
+def native_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
+                  max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Frames as uncompressed Explicit VR Little Endian pixels (decoded if need be,
+    within ``max_frame_bytes``)."""
+    for number in numbers:
+        if lay.sliceable:
+            yield _slice(source, lay, number), NATIVE_SYNTAX
+        else:
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+
+
+def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
+    """Frame ``number`` of native pixel data, read with one seek."""
+    assert lay.pixel_offset is not None and lay.pixel_length is not None
+    bits = lay.frame_bits
+    if bits % 8:
+        return _bit_frame(source, lay, number)
+    size = bits // 8
+    start = (number - 1) * size
+    if start + size > lay.pixel_length:
+        raise UnreadableData("the pixel data is shorter than its frames")
+    source.seek(lay.pixel_offset + start)
+    data = source.read(size)
+    if len(data) != size:
+        raise UnreadableData("the stored object is truncated")
+    return data
+
+
+def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
+    """A frame of 1-bit pixels that does not start on a byte (PS3.5 8.1.1): repacked."""
+    assert lay.pixel_offset is not None and lay.pixel_length is not None
+    source.seek(lay.pixel_offset)
+    bits = np.unpackbits(np.frombuffer(source.read(lay.pixel_length), np.uint8),
+                         bitorder="little")
+    size = lay.frame_bits
+    return np.packbits(bits[(number - 1) * size:number * size], bitorder="little").tobytes()
+
+
+def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
+    """Frame ``number`` of encapsulated pixel data: its fragments' bytes, joined."""
+    assert lay.pixel_offset is not None
+    source.seek(lay.pixel_offset)
+    try:
+        return get_frame(source, number - 1, number_of_frames=lay.frames,
+                         extended_offsets=lay.extended_offsets)
+    except (ValueError, KeyError) as exc:
+        raise UnreadableData(f"the encapsulated pixel data does not parse: {exc}") from None
+
+
+def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
+    """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
+
+    pydicom reads just that frame from the file; a deflated data set cannot be read
+    that way (its pixel data is inside the deflate stream), so the whole data set is
+    read instead.  The declared sizes are checked first (module docstring).
+
+    Raises
+    ------
+    FrameTooLarge
+        The frame (or, when the whole pixel data must be read, all the frames) is
+        declared larger than ``max_frame_bytes``.
+    UnreadableData
+        When the frame cannot be decoded.
+    """
+    check_decodable(lay.decoded_bytes, max_frame_bytes)
+    if lay.transfer_syntax != DeflatedExplicitVRLittleEndian:
+        try:
+            source.seek(0)
+            return pixel_array(source, index=number - 1)
+        except Exception:  # noqa: BLE001 - retry from the whole data set, below
+            pass
+    if not lay.encapsulated:
+        # Native pixel data read whole (encapsulated data is read as stored, and only
+        # the frame asked for is decoded).
+        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+    try:
+        source.seek(0)
+        return pixel_array(pydicom.dcmread(source), index=number - 1)
+    except Exception as exc:  # decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def native_bytes(array: np.ndarray) -> bytes:
+    """Pixels as native little endian bytes, samples interleaved (PS3.5 8.2)."""
+    if array.dtype == np.bool_:
+        return np.packbits(array.ravel(), bitorder="little").tobytes()
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def can_decode(transfer_syntax: str) -> bool:
+    """True when pydicom has a working decoder for ``transfer_syntax``."""
+    uid = UID(transfer_syntax)
+    if not uid.is_compressed:
+        return True
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def read_header(source: BinaryIO) -> pydicom.Dataset:
+    """The stored object's data set without pixel data (for rendering parameters); a
+    deflated one is never inflated whole (:func:`pacs.core.dataset.read_header`)."""
+    source.seek(0)
+    head = source.read(dataset.HEAD_PROBE_BYTES)
+    offset = dataset.dataset_offset(head)
+    if (offset < len(head) and dataset.meta_transfer_syntax(head, offset)
+            == DeflatedExplicitVRLittleEndian):
+        source.seek(0)
+        return dataset.read_header(source.read())
+    source.seek(0)
+    try:
+        return pydicom.dcmread(source, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds for malformed input
+        raise UnreadableData(f"stored object does not parse: {type(exc).__name__}") from None

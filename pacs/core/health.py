@@ -1,0 +1,125 @@
+"""Is the node healthy: the answer of ``GET /health`` and ``pacs status``.
+
+Two depths, because the two callers differ in what they can afford:
+
+- the quick check (``GET /health``, hit every 30 s by Docker's HEALTHCHECK): the store
+  answers (folder writable, or bucket reachable with working credentials), the index
+  answers a count per level, and bytes stored are summed from the index — never by
+  listing the bucket, which costs one request per thousand objects;
+- the thorough check (``pacs status``, run by a person): also SQLite's
+  ``PRAGMA quick_check`` over the whole index file and the bytes actually in the store
+  (a full listing on S3).
+
+Nothing here names a patient: counts and sizes only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import apsw
+
+from pacs.core.errors import PacsError
+from pacs.core.index import writer
+from pacs.core.services import Services
+
+
+@dataclass(frozen=True)
+class Health:
+    """One health check's findings.
+
+    Attributes
+    ----------
+    store : str
+        ``file`` or ``s3``.
+    store_reachable : bool
+        The store accepted its reachability check.
+    store_error : str or None
+        Why it did not.
+    index : str
+        ``ok``, or what the index check reported.
+    counts : dict
+        Rows per level (``patient``, ``study``, ``series``, ``instance``).
+    indexed_bytes : int
+        Sum of the indexed objects' sizes.
+    store_bytes : int or None
+        Bytes found in the store (thorough check only).
+    disk_free_bytes : int or None
+        Free space on the data folder's file system (the index, and the objects when
+        stored in a folder).
+    """
+
+    store: str
+    store_reachable: bool
+    store_error: str | None
+    index: str
+    counts: dict[str, int] = field(default_factory=dict)
+    indexed_bytes: int = 0
+    store_bytes: int | None = None
+    disk_free_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Store reachable and index sound."""
+        return self.store_reachable and self.index == "ok"
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping with ``status`` first (``ok`` or ``unhealthy``)."""
+        return {"status": "ok" if self.ok else "unhealthy", **asdict(self)}
+
+
+def _scalar(conn: apsw.Connection, sql: str) -> Any:
+    """The first column of the first row (both queries here always return one)."""
+    row = conn.execute(sql).fetchone()
+    if row is None:
+        raise apsw.SQLError(f"no row from {sql!r}")
+    return row[0]
+
+
+def check(services: Services, thorough: bool = False) -> Health:
+    """Check the store and the index of ``services``.
+
+    Parameters
+    ----------
+    services : Services
+        The node's core.
+    thorough : bool
+        Run ``PRAGMA quick_check`` (reads the whole index) and measure the store.
+
+    Returns
+    -------
+    Health
+        Never raises for a failing store or index: that is what it reports.
+    """
+    store_error = None
+    try:
+        services.store.check()
+    except PacsError as exc:
+        store_error = str(exc)
+    index_state = "ok"
+    counts: dict[str, int] = {}
+    indexed_bytes = 0
+    try:
+        conn = services.index.connection()
+        if thorough:
+            index_state = str(_scalar(conn, "PRAGMA quick_check"))
+        counts = writer.counts(conn)
+        indexed_bytes = int(_scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance"))
+    except (apsw.Error, PacsError) as exc:
+        index_state = f"error: {exc.__class__.__name__}: {exc}"
+    store_bytes = None
+    if thorough and store_error is None:
+        try:
+            store_bytes = services.store.usage()
+        except PacsError as exc:
+            store_error = str(exc)
+    try:
+        disk_free: int | None = shutil.disk_usage(services.settings.data_dir).free
+    except OSError:
+        disk_free = None
+    return Health(store=services.settings.storage, store_reachable=store_error is None,
+                  store_error=store_error, index=index_state, counts=counts,
+                  indexed_bytes=indexed_bytes, store_bytes=store_bytes,
+                  disk_free_bytes=disk_free)

@@ -1,0 +1,332 @@
+"""A :class:`~pacs.core.query.model.Query` becomes SQL with bound parameters only.
+
+No value is ever interpolated into SQL text: column names come from the attribute table
+and every operand is a ``?`` parameter.  Wildcards use ``GLOB`` (case-sensitive, with
+``[`` escaped), never ``LIKE``, whose ``%`` / ``_`` and case folding leak through.
+No I/O here: the engine runs what this builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pacs.core.attributes import (
+    BY_KEYWORD,
+    PARENT,
+    PARENT_KEY,
+    UNIQUE_KEY,
+    Attribute,
+    Level,
+    case_folded_column,
+    table_of,
+)
+from pacs.core.query.model import Constraint, Match, Query, Term
+
+#: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.  ``{patient}`` is
+#: the patient's key: ``patient.pk`` at PATIENT level, below it the study row's
+#: ``patient_pk`` (no join of the patient table).
+_COMPUTED = {
+    "NumberOfPatientRelatedStudies":
+        "(SELECT count(*) FROM study s WHERE s.patient_pk = {patient})",
+    "NumberOfPatientRelatedSeries":
+        "(SELECT count(*) FROM series se JOIN study s ON s.pk = se.study_pk "
+        "WHERE s.patient_pk = {patient})",
+    "NumberOfPatientRelatedInstances":
+        "(SELECT count(*) FROM instance i JOIN series se ON se.pk = i.series_pk "
+        "JOIN study s ON s.pk = se.study_pk WHERE s.patient_pk = {patient})",
+    "NumberOfStudyRelatedSeries":
+        "(SELECT count(*) FROM series se WHERE se.study_pk = study.pk)",
+    "NumberOfStudyRelatedInstances":
+        "(SELECT count(*) FROM instance i JOIN series se ON se.pk = i.series_pk "
+        "WHERE se.study_pk = study.pk)",
+    "NumberOfSeriesRelatedInstances":
+        "(SELECT count(*) FROM instance i WHERE i.series_pk = series.pk)",
+    "ModalitiesInStudy":
+        "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT se.modality AS m FROM series se "
+        "WHERE se.study_pk = study.pk AND se.modality IS NOT NULL ORDER BY 1))",
+    "SOPClassesInStudy":
+        "(SELECT group_concat(c, '\\') FROM (SELECT DISTINCT i.sop_class_uid AS c "
+        "FROM instance i JOIN series se ON se.pk = i.series_pk "
+        "WHERE se.study_pk = study.pk ORDER BY 1))",
+}
+
+#: Matching on a computed attribute is matching on the stored attribute it summarises.
+_COMPUTED_MATCH = {"ModalitiesInStudy": "Modality", "SOPClassesInStudy": "SOPClassUID"}
+
+#: What a retrieve needs of each instance.
+INSTANCE_REF_COLUMNS = ("study.study_uid", "series.series_uid", "instance.sop_uid",
+                        "instance.sop_class_uid", "instance.transfer_syntax",
+                        "instance.object_key", "instance.size")
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """SQL, its parameters, and the keyword of each selected column."""
+
+    sql: str
+    params: tuple[object, ...]
+    keywords: tuple[str, ...]
+
+
+def glob_literal(text: str) -> str:
+    """``text`` as a GLOB pattern matching exactly itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def glob_wildcard(pattern: str) -> str:
+    """A DICOM wildcard (``*``, ``?``; C.2.2.2.4) as a GLOB pattern."""
+    return "".join("[[]" if c == "[" else c for c in pattern)
+
+
+def column_of(attribute: Attribute, query_level: Level) -> str:
+    """The ``table.column`` a query at ``query_level`` reads for ``attribute``: for the
+    patient attributes kept per study, the study's own value below PATIENT level."""
+    return f"{table_of(attribute, query_level).table}.{attribute.column}"
+
+
+def from_clause(level: Level, patient: bool = False) -> str:
+    """The query level's table joined to the levels above it up to STUDY, and to the
+    patient table only with ``patient``: the study row holds the patient's key and its
+    own copies of the patient attributes."""
+    clause = level.table
+    current = level
+    while current in PARENT and (patient or current is not Level.STUDY):
+        parent = PARENT[current]
+        clause += (f" JOIN {parent.table} ON {parent.table}.pk = "
+                   f"{current.table}.{PARENT_KEY[current]}")
+        current = parent
+    return clause
+
+
+class _Where:
+    """Accumulates conditions and their parameters."""
+
+    def __init__(self, pn_case_sensitive: bool, fuzzy: bool) -> None:
+        self.parts: list[str] = []
+        self.params: list[object] = []
+        self.pn_case_sensitive = pn_case_sensitive
+        self.fuzzy = fuzzy
+
+    def add(self, query_level: Level, constraint: Constraint) -> None:
+        attribute = constraint.attribute
+        if attribute.keyword in _COMPUTED_MATCH:
+            attribute = BY_KEYWORD[_COMPUTED_MATCH[attribute.keyword]]
+        elif attribute.computed:
+            return  # counts are returned, not matched
+        joiner = " AND " if constraint.all_terms else " OR "
+        conditions = []
+        for term in constraint.terms:
+            if attribute.level.depth > query_level.depth:
+                conditions.append(self._exists(query_level, attribute, term))
+            else:
+                conditions.append(
+                    self._term(attribute, term, table_of(attribute, query_level).table))
+        condition = "(" + joiner.join(conditions) + ")"
+        if attribute.key == "R" and attribute.level.depth <= query_level.depth and not any(
+                t.match is Match.EMPTY for t in constraint.terms):
+            # C.2.2.1.2 / Orthanc #90: an entity whose Required key is unknown (empty)
+            # matches any value of that key.
+            condition = f"({column_of(attribute, query_level)} IS NULL OR {condition})"
+        self.parts.append(condition)
+
+    def _exists(self, query_level: Level, attribute: Attribute, term: Term) -> str:
+        """Relational matching on a level below the query level."""
+        aliases: list[str] = []
+        level = attribute.level
+        joins = f"{level.table} AS x_{level.table}"
+        while PARENT[level] is not query_level:
+            parent = PARENT[level]
+            joins += (f" JOIN {parent.table} AS x_{parent.table} ON x_{parent.table}.pk = "
+                      f"x_{level.table}.{PARENT_KEY[level]}")
+            aliases.append(parent.table)
+            level = parent
+        link = f"x_{level.table}.{PARENT_KEY[level]} = {query_level.table}.pk"
+        inner = self._term(attribute, term, f"x_{attribute.level.table}")
+        return f"EXISTS (SELECT 1 FROM {joins} WHERE {link} AND {inner})"
+
+    def _term(self, attribute: Attribute, term: Term, table: str,
+              expression: str | None = None) -> str:
+        column = expression or f"{table}.{attribute.column}"
+        folded = None if expression else case_folded_column(attribute)
+        insensitive = folded is not None and (not self.pn_case_sensitive or self.fuzzy)
+        target = f"{table}.{folded}" if insensitive else column
+
+        def norm(text: str) -> str:
+            return text.upper() if insensitive else text
+
+        if term.match is Match.SEQUENCE:
+            return self._sequence(column, attribute, term)
+        if term.match is Match.EMPTY:
+            return f"({column} IS NULL OR {column} = '')"
+        if term.match is Match.UID_LIST:
+            self.params.extend(term.uids)
+            return f"{column} IN ({', '.join('?' * len(term.uids))})"
+        if term.match is Match.RANGE:
+            bounds = []
+            if term.low is not None:
+                bounds.append(f"{column} >= ?")
+                self.params.append(term.low)
+            if term.high is not None:
+                bounds.append(f"{column} <= ?")
+                self.params.append(term.high)
+            return "(" + " AND ".join(bounds) + ")"
+        if attribute.vr == "PN" and self.fuzzy:
+            return self._fuzzy(target, norm(term.value), term.match)
+        if term.match is Match.WILDCARD:
+            return self._glob(target, glob_wildcard(norm(term.value)), attribute.multi)
+        if attribute.multi:
+            return self._glob(target, glob_literal(norm(term.value)), True)
+        if attribute.vr == "PN":
+            return self._person_name(target, norm(term.value))
+        self.params.append(norm(term.value))
+        return f"{target} = ?"
+
+    def _person_name(self, target: str, value: str) -> str:
+        """Single value matching of PN per component group (PS3.5 6.2.1).
+
+        A value without ``=`` is the alphabetic group and matches a stored name whose
+        alphabetic group equals it (ideographic and phonetic groups may follow); a value
+        starting with ``=`` names the ideographic (and phonetic) group.
+        """
+        literal = glob_literal(value)
+        if value.startswith("="):
+            self.params.extend(["*" + literal, "*" + literal + "=*"])
+        else:
+            self.params.extend([literal, literal + "=*"])
+        return f"({target} GLOB ? OR {target} GLOB ?)"
+
+    def _sequence(self, column: str, attribute: Attribute, term: Term) -> str:
+        """C.2.2.2.6: some item of the stored sequence (JSON) matches every item key.
+
+        The item keys' JSON paths come from the attribute table (``ITEM_KEYS``), never
+        from the request.
+        """
+        conditions = []
+        for item in term.items:
+            path = f"json_extract(item.value, '$.{item.attribute.column}')"
+            parts = [self._term(item.attribute, t, "", expression=path) for t in item.terms]
+            conditions.append("(" + (" AND " if item.all_terms else " OR ").join(parts) + ")")
+        where = " AND ".join(conditions) if conditions else "1"
+        return f"EXISTS (SELECT 1 FROM json_each({column}) AS item WHERE {where})"
+
+    def _glob(self, target: str, pattern: str, multi: bool) -> str:
+        if not multi:
+            self.params.append(pattern)
+            return f"{target} GLOB ?"
+        # C.2.2.3: a stored multi-valued attribute matches when any of its values does.
+        self.params.extend([pattern, pattern + "\\*", "*\\" + pattern, "*\\" + pattern + "\\*"])
+        return f"({target} GLOB ? OR {target} GLOB ? OR {target} GLOB ? OR {target} GLOB ?)"
+
+    def _fuzzy(self, target: str, value: str, match: Match) -> str:
+        """QIDO fuzzy matching: any name component starting with the value."""
+        pattern = (glob_wildcard(value) if match is Match.WILDCARD else glob_literal(value))
+        pattern = pattern.rstrip("*") + "*"
+        self.params.extend([pattern, "*[=^ ]" + pattern])
+        return f"({target} GLOB ? OR {target} GLOB ?)"
+
+
+def _select(query: Query) -> tuple[list[str], list[str]]:
+    """Selected expressions and their keywords: unique keys, then the return keys."""
+    expressions: list[str] = [f"{query.level.table}.pk"]
+    keywords: list[str] = ["_pk"]
+    wanted: list[Attribute] = [UNIQUE_KEY[level] for level in Level
+                               if level.depth <= query.level.depth]
+    wanted += [c.attribute for c in query.constraints] + list(query.return_keys)
+    for attribute in wanted:
+        if attribute.keyword in keywords:
+            continue
+        if attribute.computed:
+            if attribute.level.depth > query.level.depth:
+                continue  # e.g. NumberOfSeriesRelatedInstances asked at STUDY level
+            expressions.append(_COMPUTED[attribute.keyword].format(
+                patient="patient.pk" if query.level is Level.PATIENT else "study.patient_pk"))
+        elif attribute.level.depth <= query.level.depth:
+            expressions.append(column_of(attribute, query.level))
+        else:
+            continue  # a lower level's value has no single answer for this entity
+        keywords.append(attribute.keyword)
+    return expressions, keywords
+
+
+def _reads_patient_table(query: Query) -> bool:
+    """True when a query below PATIENT level reads a column only the patient row has
+    (a patient attribute not kept per study)."""
+    if query.level is Level.PATIENT:
+        return False
+    wanted = [UNIQUE_KEY[Level.PATIENT], *query.return_keys,
+              *(c.attribute for c in query.constraints)]
+    return any(table_of(a, query.level) is Level.PATIENT and not a.computed for a in wanted)
+
+
+def _from(query: Query) -> str:
+    return from_clause(query.level, _reads_patient_table(query))
+
+
+def _where(query: Query, pn_case_sensitive: bool) -> _Where:
+    where = _Where(pn_case_sensitive, query.fuzzy)
+    for constraint in query.constraints:
+        where.add(query.level, constraint)
+    return where
+
+
+def _where_sql(where: _Where) -> str:
+    return (" WHERE " + " AND ".join(where.parts)) if where.parts else ""
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a keyset walk in key order: keys in (``after``, ``upto``], at most
+    ``size`` rows.  Stable under concurrent inserts (new rows get larger keys)."""
+
+    after: int
+    upto: int
+    size: int
+
+
+def compile_find(query: Query, pn_case_sensitive: bool = False,
+                 page: Page | None = None) -> Compiled:
+    """``SELECT`` of the matching entities, in a stable order (insertion order).
+
+    With ``page``, only that page of them (``query.limit`` / ``offset`` then unused).
+    """
+    expressions, keywords = _select(query)
+    where = _where(query, pn_case_sensitive)
+    key = f"{query.level.table}.pk"
+    if page is not None:
+        where.parts.append(f"{key} > ? AND {key} <= ?")
+        where.params += [page.after, page.upto]
+    sql = (f"SELECT {', '.join(expressions)} FROM {_from(query)}"
+           f"{_where_sql(where)} ORDER BY {key}")
+    params = list(where.params)
+    if page is not None:
+        sql += " LIMIT ?"
+        params.append(page.size)
+    elif query.limit is not None or query.offset:
+        sql += " LIMIT ? OFFSET ?"
+        params += [query.limit if query.limit is not None else -1, query.offset]
+    return Compiled(sql, tuple(params), tuple(keywords))
+
+
+def compile_count(query: Query, pn_case_sensitive: bool = False, cap: int | None = None) -> Compiled:
+    """How many entities match (counting stops after ``cap`` + 1)."""
+    where = _where(query, pn_case_sensitive)
+    inner = f"SELECT 1 FROM {_from(query)}{_where_sql(where)}"
+    params = list(where.params)
+    if cap is not None:
+        inner += " LIMIT ?"
+        params.append(cap + 1)
+    return Compiled(f"SELECT count(*) FROM ({inner})", tuple(params), ("count",))
+
+
+def compile_last_key(level: Level) -> Compiled:
+    """The largest key of ``level``'s table (0 when empty): where a keyset walk ends."""
+    return Compiled(f"SELECT coalesce(max(pk), 0) FROM {level.table}", (), ("last",))
+
+
+def compile_instances(query: Query, pn_case_sensitive: bool = False) -> Compiled:
+    """The stored instances under the entities a query matches (for retrieval)."""
+    at_image = Query(level=Level.IMAGE, constraints=query.constraints, fuzzy=query.fuzzy)
+    where = _where(at_image, pn_case_sensitive)
+    sql = (f"SELECT {', '.join(INSTANCE_REF_COLUMNS)} FROM {_from(at_image)}"
+           f"{_where_sql(where)} ORDER BY study.pk, series.pk, instance.pk")
+    return Compiled(sql, tuple(where.params), tuple(INSTANCE_REF_COLUMNS))

@@ -1,0 +1,287 @@
+"""The one way to open the SQLite index.
+
+Every connection gets the same treatment (apsw best practice): WAL so that readers in
+other processes (DIMSE workers, gunicorn workers) never block the writer,
+``synchronous=FULL`` so that a commit is on disk before C-STORE success is sent
+(docs/architecture.md, "Guarantees"), foreign keys on, double-quoted string literals off, a busy
+timeout long enough for several writer processes, and migrations applied by
+``user_version``.  Connections are per thread and per process: never carried across
+``fork()``, and closed when their thread ends (:meth:`Index.connection`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import apsw
+import apsw.bestpractice
+
+from pacs.core.errors import IndexFailure
+
+#: Milliseconds a connection waits for another writer before giving up, unless the
+#: :class:`Index` is given its own (:func:`busy_timeout_for`).
+BUSY_TIMEOUT_MS = 30_000
+
+
+def busy_timeout_for(answer_within: float) -> float:
+    """Seconds to wait for another writer so that a store fails within ``answer_within``.
+
+    A quarter of it: a thread whose piece of work arrives while the group commit before
+    it waits (:meth:`Index.commit_all`) may wait twice, and the object write comes on
+    top (see :func:`pacs.core.storage.s3.timeouts_for`).  15 s for the default
+    ``PACS_DIMSE_TIMEOUT`` of 60 s; at least 1 s.
+
+    Parameters
+    ----------
+    answer_within : float
+        Seconds the peer waits for the answer (``PACS_DIMSE_TIMEOUT``).
+    """
+    return max(1.0, answer_within / 4)
+
+
+def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> apsw.Connection:
+    """Open ``path`` with the project's pragmas applied.
+
+    Parameters
+    ----------
+    path : Path
+        The index file; its folder is created when missing.
+    busy_timeout_ms : int
+        Milliseconds to wait for another process's write lock before failing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = apsw.Connection(str(path))
+        apsw.bestpractice.connection_dqs(conn)
+        apsw.bestpractice.connection_enable_foreign_keys(conn)
+        apsw.bestpractice.connection_recursive_triggers(conn)
+        conn.set_busy_timeout(busy_timeout_ms)
+        conn.pragma("journal_mode", "wal")
+        # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
+        # commit here stands for an acknowledged C-STORE.
+        conn.pragma("synchronous", "FULL")
+        # Readers of a large study should not hold the cache of a small machine hostage.
+        conn.pragma("cache_size", -32_000)
+        conn.pragma("temp_store", "memory")
+    except apsw.Error as exc:
+        raise IndexFailure(f"cannot open the index {path}: {exc}") from exc
+    return conn
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A connection an :class:`Index` opened, and the thread and process it is for.
+
+    Both are weak references: the registry must keep neither the connection (it closes
+    when its thread's local storage goes) nor the thread (an association thread holds
+    the whole association) alive.
+    """
+
+    conn: weakref.ref[apsw.Connection]
+    thread: weakref.ref[threading.Thread]
+    pid: int
+
+    def orphaned(self) -> bool:
+        """True when the thread that used the connection has ended."""
+        thread = self.thread()
+        return thread is None or not thread.is_alive()
+
+
+class _Work:
+    """One piece of work waiting for a group commit (see :meth:`Index.commit`)."""
+
+    def __init__(self, work: Callable[[apsw.Connection], None]) -> None:
+        self.work = work
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Index:
+    """Connections to one customer's index file, one per thread and process.
+
+    Parameters
+    ----------
+    path : Path
+        The SQLite file.
+    busy_timeout : float
+        Seconds a write waits for another process's transaction before it fails with
+        :class:`IndexFailure` (see :func:`busy_timeout_for`).
+    """
+
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
+        self.path = path
+        self.busy_timeout_ms = int(busy_timeout * 1000)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._opened: list[_Opened] = []
+        self._opened_lock = threading.Lock()
+        self._queue: list[_Work] = []
+        self._queue_lock = threading.Lock()
+        self._leader = threading.Lock()
+
+    def connection(self) -> apsw.Connection:
+        """This thread's connection, opened on first use (and again after a fork).
+
+        A thread's connection lives as long as the thread: a DIMSE association and a
+        STOW-RS request each run in threads of their own, and a connection kept after
+        its thread ended held two descriptors (the file and its WAL) and up to
+        ``cache_size`` of memory for ever.  Only this thread's local storage refers to
+        it, so it closes as the thread ends; one that something else still refers to
+        (a cursor in an abandoned generator, waiting for the garbage collector) is
+        closed here, when the next connection is opened, once its thread has ended.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            self._close_orphans()
+            conn = connect(self.path, self.busy_timeout_ms)
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+            entry = _Opened(weakref.ref(conn), weakref.ref(threading.current_thread()),
+                            os.getpid())
+            with self._opened_lock:
+                self._opened.append(entry)
+        return conn
+
+    def _close_orphans(self) -> None:
+        """Close the connections of ended threads of this process; forget the closed
+        ones and those inherited through ``fork()`` (never closed here: they are the
+        parent's)."""
+        pid = os.getpid()
+        orphans = []
+        with self._opened_lock:
+            kept = []
+            for entry in self._opened:
+                conn = entry.conn()
+                if conn is None or entry.pid != pid:
+                    continue
+                if entry.orphaned():
+                    orphans.append(conn)
+                else:
+                    kept.append(entry)
+            self._opened = kept
+        for conn in orphans:  # its thread has ended: nobody else uses it
+            _close(conn)
+
+    @contextmanager
+    def write(self) -> Iterator[apsw.Connection]:
+        """One short IMMEDIATE write transaction, committed on exit.
+
+        One writer per process at a time; other processes wait on SQLite's lock for up
+        to the busy timeout.
+
+        Raises
+        ------
+        IndexFailure
+            When the transaction cannot begin or commit.
+        """
+        conn = self.connection()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except apsw.Error as exc:
+                raise IndexFailure(f"index busy or unavailable: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                # SQLite may have rolled back by itself (disk full, I/O error).
+                if not conn.getautocommit():
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except apsw.Error as exc:
+                if not conn.getautocommit():
+                    conn.execute("ROLLBACK")
+                raise IndexFailure(f"index commit failed: {exc}") from exc
+
+    def commit(self, work: Callable[[apsw.Connection], None]) -> None:
+        """Run ``work`` in a write transaction, sharing the commit with other threads.
+
+        Group commit: the commit of a WAL transaction costs an fsync, and one writer per
+        process means threads storing at the same time (parallel associations, STOW-RS
+        parts) wait for each other's fsyncs.  Here a thread that gets the writer's turn
+        runs every piece of work queued meanwhile, each in its own savepoint (one
+        failing piece does not fail the others), under one COMMIT.  ``work`` returns only
+        after the transaction that holds it has committed: the durability of each piece is
+        the same as with :meth:`write`.
+
+        Raises
+        ------
+        IndexFailure, or whatever ``work`` raised
+            When this piece of work, or the commit, failed (nothing of it is kept).
+        """
+        error = self.commit_all([work])[0]
+        if error is not None:
+            raise error
+
+    def commit_all(self, works: list[Callable[[apsw.Connection], None]]
+                   ) -> list[BaseException | None]:
+        """:meth:`commit` for several pieces at once: each in its own savepoint, all in
+        one transaction (shared with other threads' pieces); each piece's error or
+        ``None``, known only once the transaction has committed."""
+        entries = [_Work(work) for work in works]
+        with self._queue_lock:
+            self._queue.extend(entries)
+        with self._leader:
+            if not all(entry.done for entry in entries):
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run_batch(batch)
+        return [entry.error for entry in entries]
+
+    def _run_batch(self, batch: list[_Work]) -> None:
+        try:
+            with self.write() as conn:
+                for entry in batch:
+                    conn.execute("SAVEPOINT piece")
+                    try:
+                        entry.work(conn)
+                    except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                        if conn.getautocommit():
+                            # SQLite rolled the whole transaction back (disk full, I/O
+                            # error): the pieces before this one are gone too, and the
+                            # next ones must not run outside a transaction.
+                            raise
+                        conn.execute("ROLLBACK TO piece")
+                        entry.error = _failure(exc)
+                    conn.execute("RELEASE piece")
+        except BaseException as exc:  # the commit failed: nothing of the batch is kept
+            for entry in batch:
+                entry.error = entry.error or _failure(exc)
+        for entry in batch:
+            entry.done = True
+
+    def close(self) -> None:
+        """Close every connection this object opened in this process."""
+        pid = os.getpid()
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for entry in opened:
+            conn = entry.conn()
+            if conn is not None and entry.pid == pid:
+                _close(conn)
+        self._local = threading.local()
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """An SQLite error as :class:`IndexFailure` (disk full, I/O error, busy); anything
+    else as it is."""
+    if isinstance(exc, apsw.Error):
+        failure = IndexFailure(f"index write failed: {exc}")
+        failure.__cause__ = exc
+        return failure
+    return exc
+
+
+def _close(conn: apsw.Connection) -> None:
+    """Close ``conn``, and the statements of its cursors with it."""
+    try:
+        conn.close(True)
+    except apsw.Error:
+        pass

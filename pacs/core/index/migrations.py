@@ -1,0 +1,207 @@
+"""Schema by migrations keyed on ``PRAGMA user_version``.
+
+The first migration builds the patient / study / series / instance tables from the
+attribute table (``pacs.core.attributes``), so a key added there becomes a column here in a
+new migration.  Each migration runs in one transaction with the version bump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import json
+
+import apsw
+from pydicom.dataset import Dataset
+
+from pacs.core.attributes import (
+    IDENTITY,
+    PARENT,
+    PARENT_KEY,
+    Attribute,
+    Level,
+    case_folded_column,
+    stored,
+)
+from pacs.core.dataset import extract
+
+#: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
+APPLICATION_ID = 0x50414353
+
+#: Columns that are not DICOM attributes: where and how each instance is stored.
+_INSTANCE_EXTRA = (
+    "object_key TEXT NOT NULL",
+    "size INTEGER NOT NULL",
+    "checksum TEXT NOT NULL",
+    "transfer_syntax TEXT NOT NULL",
+    "received_at TEXT NOT NULL",
+    "calling_ae TEXT NOT NULL DEFAULT ''",
+)
+
+#: Columns searched often enough to deserve an index.
+_INDEXED = (
+    "patient_id", "patient_name_folded", "patient_name", "patient_birth_date",
+    "study_date", "accession_number", "study_id", "modality", "sop_class_uid",
+    "referring_physician_name_folded",
+)
+
+
+def _columns(attributes: tuple[Attribute, ...], identity: str) -> list[str]:
+    columns = []
+    for attribute in attributes:
+        if attribute.column == identity:
+            continue  # declared NOT NULL UNIQUE
+        columns.append(f"{attribute.column} TEXT")
+        folded = case_folded_column(attribute)
+        if folded:
+            columns.append(f"{folded} TEXT")
+    return columns
+
+
+def _create_level(conn: apsw.Connection, level: Level) -> None:
+    parent = PARENT.get(level)
+    lines = ["pk INTEGER PRIMARY KEY", f"{IDENTITY[level]} TEXT NOT NULL UNIQUE"]
+    if parent is not None:
+        lines.append(f"{PARENT_KEY[level]} INTEGER NOT NULL REFERENCES {parent.table}(pk) "
+                     "ON DELETE CASCADE")
+    lines += _columns(stored(level), IDENTITY[level])
+    if level is Level.IMAGE:
+        lines += list(_INSTANCE_EXTRA)
+    conn.execute(f"CREATE TABLE {level.table} (\n  " + ",\n  ".join(lines) + "\n)")
+    if parent is not None:
+        conn.execute(
+            f"CREATE INDEX {level.table}_{parent.table} ON {level.table}({parent.table}_pk)")
+    names = {a.column for a in stored(level)} | {
+        case_folded_column(a) for a in stored(level)}
+    for column in _INDEXED:
+        if column in names:
+            conn.execute(f"CREATE INDEX {level.table}_{column} ON {level.table}({column})")
+
+
+def _initial(conn: apsw.Connection) -> None:
+    for level in Level:
+        _create_level(conn, level)
+
+
+def _instance_metadata(conn: apsw.Connection) -> None:
+    """Each instance's DICOM JSON metadata, built at ingest (``pacs.core.metadata``).
+
+    ``pixel_offset`` / ``pixel_length`` locate the pixel data value in the stored object
+    (length -1: encapsulated), so that WADO-RS cuts frames without parsing the object.
+    Instances stored before this migration get their row on first request.
+    """
+    conn.execute(
+        "CREATE TABLE instance_metadata (\n"
+        "  instance_pk INTEGER PRIMARY KEY REFERENCES instance(pk) ON DELETE CASCADE,\n"
+        "  pixel_offset INTEGER,\n"
+        "  pixel_length INTEGER,\n"
+        "  json TEXT NOT NULL\n"
+        ")")
+
+
+#: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
+def _added_attributes(conn: apsw.Connection) -> None:
+    """Columns for attributes added to the attribute table after the first schema
+    (ProcedureCodeSequence, RequestAttributesSequence); a fresh index built by
+    :func:`_initial` from the current table has them already."""
+    for level in Level:
+        existing = {row[1] for row in conn.execute(f"PRAGMA table_info({level.table})")}
+        for column in _columns(stored(level), IDENTITY[level]):
+            name = column.split()[0]
+            if name not in existing:
+                conn.execute(f"ALTER TABLE {level.table} ADD COLUMN {column}")
+
+
+def _study_copies(conn: apsw.Connection) -> None:
+    """Each study's own copy of the ``per_study`` patient attributes (PS3.4 C.3.2).
+
+    Queries at STUDY level and below read these columns (``pacs.core.attributes.table_of``).
+    Existing studies get the values of their newest instance that has a metadata row
+    (the DICOM JSON kept at ingest, read back through the ingest's own extraction), and
+    otherwise those of their patient row: the values the index held for them before.
+    """
+    copies = tuple(a for a in stored(Level.PATIENT) if a.per_study)
+    existing = {row[1] for row in conn.execute("PRAGMA table_info(study)")}
+    names = []
+    for column in _columns(copies, IDENTITY[Level.STUDY]):
+        name = column.split()[0]
+        names.append(name)
+        if name not in existing:
+            conn.execute(f"ALTER TABLE study ADD COLUMN {column}")
+    for name in names:
+        if name in _INDEXED:
+            conn.execute(f"CREATE INDEX IF NOT EXISTS study_{name} ON study({name})")
+    listed = ", ".join(names)
+    conn.execute(f"UPDATE study SET ({listed}) = (SELECT {listed} FROM patient "
+                 "WHERE patient.pk = study.patient_pk)")
+    _copies_from_metadata(conn, copies, names)
+
+
+def _copies_from_metadata(conn: apsw.Connection, copies: tuple[Attribute, ...],
+                          names: list[str]) -> None:
+    """Study copies from the newest instance's stored DICOM JSON, where there is one."""
+    keys = [f"{a.tag:08X}" for a in copies]
+    paths = ", ".join("?" * len(keys))
+    found = conn.execute(
+        f"SELECT study.pk, (SELECT json_extract(m.json, {paths}) FROM series "
+        "JOIN instance ON instance.series_pk = series.pk "
+        "JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
+        "WHERE series.study_pk = study.pk ORDER BY instance.pk DESC LIMIT 1) FROM study",
+        tuple(f'$."{key}"' for key in keys)).fetchall()
+    update = (f"UPDATE study SET ({', '.join(names)}) = ({', '.join('?' * len(names))}) "
+              "WHERE pk = ?")
+    for study_pk, elements in found:
+        if elements is None:
+            continue
+        try:
+            document = {key: element for key, element in zip(keys, json.loads(elements))
+                        if isinstance(element, dict)}
+            values = extract(Dataset.from_json(document), Level.PATIENT)
+        except Exception:  # noqa: BLE001 - a value that does not read keeps the patient's
+            continue
+        conn.execute(update, (*(values.get(name) for name in names), study_pk))
+
+
+def _metadata_encoding(conn: apsw.Connection) -> None:
+    """Every instance's metadata is encoded again by the one DICOM JSON encoder
+    (``pacs.core.jsonmodel.element``: DS and IS numbers as their text states them, person
+    names without empty component groups), so that WADO-RS answers what QIDO-RS does.
+
+    The rows are dropped; each is rebuilt from its stored object on first request, as
+    for an instance stored before the table existed (``pacs.core.metadata.documents``).
+    """
+    conn.execute("DELETE FROM instance_metadata")
+
+
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
+    _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding)
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Apply every pending migration; return the resulting schema version.
+
+    Raises
+    ------
+    RuntimeError
+        When the file belongs to another application or is newer than this code.
+    """
+    app_id = conn.pragma("application_id")
+    version = conn.pragma("user_version")
+    if app_id not in (0, APPLICATION_ID):
+        raise RuntimeError(f"not a pacs index (application_id {app_id:#x})")
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"index schema {version} is newer than this pacs ({len(MIGRATIONS)}); upgrade pacs")
+    for number in range(version, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            if conn.pragma("user_version") == number:
+                MIGRATIONS[number](conn)
+                conn.pragma("user_version", number + 1)
+                conn.pragma("application_id", APPLICATION_ID)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return int(conn.pragma("user_version"))

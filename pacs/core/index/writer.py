@@ -1,0 +1,178 @@
+"""Writes to the index: upsert one instance with its parents, look up, delete.
+
+All statements are built once from the attribute table with bound parameters only;
+callers run them inside :meth:`pacs.core.index.connection.Index.write`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import apsw
+
+from pacs.core.attributes import (
+    IDENTITY,
+    PARENT_KEY,
+    Level,
+    case_folded_column,
+    table_attributes,
+)
+
+#: The series, study and patient rows above an instance.
+_PARENTS_SQL = (
+    "SELECT instance.series_pk, series.study_pk, study.patient_pk FROM instance "
+    "JOIN series ON series.pk = instance.series_pk JOIN study ON study.pk = series.study_pk "
+    "WHERE instance.sop_uid = ?")
+_INSTANCE_EXTRA = ("object_key", "size", "checksum", "transfer_syntax", "received_at",
+                   "calling_ae")
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the index knows of a stored instance."""
+
+    sop_uid: str
+    object_key: str
+    checksum: str
+    size: int
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """Everything to index for one instance: values by column for each level (the
+    study row takes its copies of the patient attributes from the patient's)."""
+
+    patient_key: str
+    values: dict[Level, dict[str, str | None]]
+    object_key: str
+    size: int
+    checksum: str
+    transfer_syntax: str
+    received_at: str
+    calling_ae: str
+
+
+def _level_columns(level: Level) -> list[str]:
+    columns = []
+    for attribute in table_attributes(level):
+        if attribute.column == IDENTITY[level]:
+            continue
+        columns.append(attribute.column or "")
+        folded = case_folded_column(attribute)
+        if folded:
+            columns.append(folded)
+    return columns
+
+
+@cache
+def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
+    """``INSERT … ON CONFLICT DO UPDATE … RETURNING pk`` for one level."""
+    columns = [IDENTITY[level]]
+    if level in PARENT_KEY:
+        columns.append(PARENT_KEY[level])
+    columns += _level_columns(level)
+    if level is Level.IMAGE:
+        columns += _INSTANCE_EXTRA
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    sql = (
+        f"INSERT INTO {level.table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))}) "
+        f"ON CONFLICT({IDENTITY[level]}) DO UPDATE SET {updates} RETURNING pk"
+    )
+    return sql, tuple(columns)
+
+
+def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
+    """Insert or update the instance and its patient, study and series.
+
+    The newest object wins for the attributes of every level (as Orthanc and dcm4chee
+    do by default): the patient row holds the patient attributes received last, and
+    the study row its own copy of them, as sent in that study (PS3.4 C.3.2).  Parents
+    left without children are removed.
+    """
+    # The parents the instance had before, to prune them if this update empties them.
+    old_parents = conn.execute(
+        _PARENTS_SQL,
+        (row.values[Level.IMAGE]["sop_uid"],),
+    ).fetchone()
+    parent_pk: int | None = None
+    patient_pk: int | None = None
+    for level in Level:
+        values = dict(row.values[level])
+        if level is Level.STUDY:
+            values.update(row.values[Level.PATIENT])
+        values["patient_key"] = row.patient_key
+        if level in PARENT_KEY:
+            values[PARENT_KEY[level]] = parent_pk  # type: ignore[assignment]
+        if level is Level.IMAGE:
+            values.update(object_key=row.object_key, size=row.size,  # type: ignore[arg-type]
+                          checksum=row.checksum, transfer_syntax=row.transfer_syntax,
+                          received_at=row.received_at, calling_ae=row.calling_ae)
+        sql, columns = _upsert_sql(level)
+        parent_pk = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()[0]
+        if level is Level.PATIENT:
+            patient_pk = parent_pk
+    if old_parents is not None:
+        prune(conn, *old_parents, written=patient_pk)
+
+
+@cache
+def _refresh_patient_sql() -> str:
+    """The patient row's attributes from its remaining study created last."""
+    copied = set(_level_columns(Level.STUDY))
+    listed = ", ".join(c for c in _level_columns(Level.PATIENT) if c in copied)
+    return (f"UPDATE patient SET ({listed}) = (SELECT {listed} FROM study "
+            "WHERE study.patient_pk = patient.pk ORDER BY study.pk DESC LIMIT 1) "
+            "WHERE pk = ?")
+
+
+def prune(conn: apsw.Connection, series_pk: int, study_pk: int, patient_pk: int,
+          written: int | None = None) -> None:
+    """Delete the given series, study and patient when they are left empty.
+
+    ``written`` is the patient row an upsert just wrote, which holds the latest values
+    received.  Any other patient that loses a study, or an instance to another
+    patient, but keeps studies takes its attributes from the one of them created
+    last, so that the values of what it no longer has do not outlive it there.
+    """
+    conn.execute("DELETE FROM series WHERE pk = ? AND NOT EXISTS "
+                 "(SELECT 1 FROM instance WHERE series_pk = ?)", (series_pk, series_pk))
+    conn.execute("DELETE FROM study WHERE pk = ? AND NOT EXISTS "
+                 "(SELECT 1 FROM series WHERE study_pk = ?)", (study_pk, study_pk))
+    lost = conn.changes() > 0 or written is not None
+    conn.execute("DELETE FROM patient WHERE pk = ? AND NOT EXISTS "
+                 "(SELECT 1 FROM study WHERE patient_pk = ?)", (patient_pk, patient_pk))
+    if lost and conn.changes() == 0 and patient_pk != written:
+        conn.execute(_refresh_patient_sql(), (patient_pk,))
+
+
+def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:
+    """The stored instance with this SOP Instance UID, if any."""
+    row = conn.execute(
+        "SELECT sop_uid, object_key, checksum, size, transfer_syntax FROM instance "
+        "WHERE sop_uid = ?", (sop_uid,)).fetchone()
+    return StoredInstance(*row) if row else None
+
+
+def delete_instance(conn: apsw.Connection, sop_uid: str) -> None:
+    """Remove an instance row and any parents it leaves empty."""
+    row = conn.execute(
+        _PARENTS_SQL, (sop_uid,)).fetchone()
+    if row is None:
+        return
+    conn.execute("DELETE FROM instance WHERE sop_uid = ?", (sop_uid,))
+    prune(conn, *row)
+
+
+def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
+    """Every indexed object: key -> (SOP Instance UID, checksum, size)."""
+    return {key: (sop, checksum, size) for sop, key, checksum, size in conn.execute(
+        "SELECT sop_uid, object_key, checksum, size FROM instance")}
+
+
+def counts(conn: apsw.Connection) -> dict[str, int]:
+    """Rows per level."""
+    return {level.table: conn.execute(f"SELECT count(*) FROM {level.table}").fetchone()[0]
+            for level in Level}

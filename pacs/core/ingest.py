@@ -1,0 +1,458 @@
+"""Store one instance: the single ingest path of C-STORE, ``pacs import``, STOW-RS and
+the upload folder.
+
+Order of operations, which is what makes a success durable (docs/architecture.md,
+"Guarantees"):
+
+1. read the header and prove the object whole (no pixel decoding, no re-encoding), and
+   compute what the index needs (:func:`analyse`, before any lock);
+2. under a lock on the SOP Instance UID, decide what a repeated UID means;
+3. write the object, durably (fsync + rename, or a completed S3 PUT);
+4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
+5. only then report success.
+
+A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
+back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
+list, and a crash after 4 may leave the old copy of a moved instance; the index never
+lists an object the store lacks.  ``pacs fsck --repair`` (:mod:`pacs.core.reconcile`) indexes
+such an object only when its UID has no row, and otherwise quarantines it: the row is
+what was acknowledged.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import apsw
+
+from pacs.core import metadata
+from pacs.core.attributes import Level
+from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
+from pacs.core.errors import (
+    DuplicateRejected,
+    IndexFailure,
+    NotFound,
+    ObjectTooLarge,
+    PacsError,
+    UIDMismatch,
+)
+from pacs.core.index import writer
+from pacs.core.index.connection import Index
+from pacs.core.storage import ObjectStore, object_key
+
+log = logging.getLogger(__name__)
+
+#: Lock stripes: instances whose UIDs hash to the same stripe are ingested one at a time.
+_STRIPES = 256
+
+
+class Outcome(enum.Enum):
+    """What storing an object did."""
+
+    STORED = "stored"
+    UNCHANGED = "unchanged"  # the same object was already stored
+    KEPT_FIRST = "kept"  # a different object under a known UID, discarded by policy
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of one ingest, with the object's identifying UIDs."""
+
+    outcome: Outcome
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class Analysis(Identity):
+    """What ingest needs to know of an object, read from its bytes alone.
+
+    Computed by :func:`analyse`, a pure function of the bytes (no index, no store),
+    before any lock is taken.
+
+    Attributes
+    ----------
+    values :
+        Index values by level and column (:func:`pacs.core.dataset.extract`).
+    checksum :
+        SHA-256 of the bytes, hex.
+    metadata :
+        The instance's DICOM JSON, prepared for WADO-RS (``None``: built on request).
+    """
+
+    values: dict[Level, dict[str, str | None]]
+    checksum: str
+    metadata: metadata.Prepared | None
+
+
+def analyse(data: bytes, expected: tuple[str, str] | None = None,
+            max_object_bytes: int | None = None) -> Analysis:
+    """Read, check and describe one Part 10 object (step 1 of the module docstring).
+
+    Parameters
+    ----------
+    data : bytes
+        The object as received (preamble, file meta and data set).
+    expected : (SOP Class UID, SOP Instance UID), optional
+        The UIDs of the C-STORE command, which must agree with the data set
+        (PS3.4 B.2.3; Orthanc checks the same).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: the largest object, as received and, for a deflated
+        data set, once inflated (``None``: no limit).
+
+    Raises
+    ------
+    InvalidInstance
+        Unreadable data, invalid UIDs, a UID mismatch, or an object too large
+        (:class:`ObjectTooLarge`).
+    """
+    if expected is not None:
+        expected = (require_uid(expected[0], "Affected SOP Class UID"),
+                    require_uid(expected[1], "Affected SOP Instance UID"))
+    instance = read_part10(data, max_object_bytes)
+    if expected is not None and expected != (instance.sop_class_uid,
+                                             instance.sop_instance_uid):
+        raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
+    # The metadata first: extract() leaves the elements it converts decoded in the
+    # header, and the JSON encoder reads raw elements faster (and as stored).
+    prepared = metadata.prepare(instance, data)
+    values = {level: extract(instance.header, level) for level in Level}
+    # Validated UIDs, not whatever pydicom decoded (padding, NULs).
+    values[Level.STUDY]["study_uid"] = instance.study_uid
+    values[Level.SERIES]["series_uid"] = instance.series_uid
+    values[Level.IMAGE]["sop_uid"] = instance.sop_instance_uid
+    values[Level.IMAGE]["sop_class_uid"] = instance.sop_class_uid
+    return Analysis(
+        **instance.identity(),
+        values=values,
+        checksum=hashlib.sha256(data).hexdigest(),
+        metadata=prepared,
+    )
+
+
+@dataclass(frozen=True)
+class Received:
+    """An object as received, with its analysis or the reason it cannot be stored."""
+
+    data: bytes
+    analysis: Analysis | Exception
+
+    @classmethod
+    def of(cls, data: bytes, max_object_bytes: int | None = None) -> Received:
+        """Analyse ``data`` here (:func:`try_analyse`)."""
+        return cls(data, try_analyse(data, max_object_bytes))
+
+
+def try_analyse(data: bytes, max_object_bytes: int | None = None) -> Analysis | Exception:
+    """:func:`analyse`, with its exception returned: a refusal (:class:`PacsError`), or
+    a fault that fails this object alone."""
+    try:
+        return analyse(data, max_object_bytes=max_object_bytes)
+    except Exception as exc:  # noqa: BLE001 - reported as this object's outcome
+        return exc
+
+
+class Ingest:
+    """The ingest path, bound to one index and one store.
+
+    Parameters
+    ----------
+    index, store :
+        The customer's index and object store.
+    duplicate_policy : {"overwrite", "keep", "reject"}
+        What to do with a different object under a stored SOP Instance UID.
+    lock_dir : Path
+        A local folder for the per-UID locks (shared by every process of the node).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: larger objects (as received, or a deflated data set
+        once inflated) are refused with :class:`ObjectTooLarge`; ``None``: no limit.
+    """
+
+    def __init__(self, index: Index, store: ObjectStore, duplicate_policy: str,
+                 lock_dir: Path, max_object_bytes: int | None = None) -> None:
+        self.index = index
+        self.store = store
+        self.duplicate_policy = duplicate_policy
+        self.lock_dir = lock_dir
+        self.max_object_bytes = max_object_bytes
+        lock_dir.mkdir(parents=True, exist_ok=True)
+
+    def store_bytes(self, data: bytes, *, calling_ae: str = "",
+                    expected: tuple[str, str] | None = None) -> StoreResult:
+        """Store one Part 10 object.
+
+        Parameters
+        ----------
+        data, expected :
+            As for :func:`analyse`.
+        calling_ae : str
+            Who sent it, recorded in the index.
+
+        Raises
+        ------
+        InvalidInstance
+            Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, or an
+            object over ``max_object_bytes`` (:class:`ObjectTooLarge`).
+        StorageError, IndexFailure
+            The store or the index failed; nothing of the object remains.
+        """
+        analysis = analyse(data, expected, self.max_object_bytes)
+        with self._uid_lock(analysis.sop_instance_uid):
+            outcome = self._store_locked(analysis, data, calling_ae)
+        return _result(outcome, analysis)
+
+    def store_file(self, path: Path, *, calling_ae: str = "") -> StoreResult:
+        """:meth:`store_bytes` of a file (``pacs import``), refused by its size before
+        it is read when it is over ``max_object_bytes``.
+
+        Raises
+        ------
+        OSError
+            The file cannot be read.
+        InvalidInstance, StorageError, IndexFailure
+            As :meth:`store_bytes`.
+        """
+        with open(path, "rb") as file:
+            if (self.max_object_bytes is not None
+                    and os.fstat(file.fileno()).st_size > self.max_object_bytes):
+                raise ObjectTooLarge(
+                    f"the object is larger than {self.max_object_bytes} bytes")
+            data = file.read()
+        return self.store_bytes(data, calling_ae=calling_ae)
+
+    def store_batch(self, items: Sequence[Received], *,
+                    calling_ae: str = "") -> list[StoreResult | BaseException]:
+        """Store several Part 10 objects with one durability point (STOW-RS parts).
+
+        Each object gets what :meth:`store_bytes` would give it - its result, or the
+        exception it would raise - but the objects are fsynced together
+        (:meth:`ObjectStore.put_many`) and indexed in one transaction
+        (:meth:`Index.commit_all`), and none is reported stored before all of that is
+        durable.  A SOP Instance UID repeated within the batch is stored after it, one
+        at a time, so that it meets the first as a duplicate.
+
+        The objects come analysed (:meth:`Received.of`), so that a caller can analyse
+        the next ones while a batch is written: analysis is most of an object's CPU,
+        and writing is mostly waiting for the disk.  An object over
+        ``max_object_bytes`` is refused (:class:`ObjectTooLarge`) whatever its
+        analysis says; the caller's analysis must have been given the same limit for
+        the inflated size of deflated data sets.
+        """
+        results: list[StoreResult | BaseException | None] = [None] * len(items)
+        analysed: dict[int, Analysis] = {}
+        seen: set[str] = set()
+        later: list[int] = []
+        limit = self.max_object_bytes
+        for number, item in enumerate(items):
+            analysis = item.analysis
+            if limit is not None and len(item.data) > limit:
+                results[number] = ObjectTooLarge(f"the object is larger than {limit} bytes")
+            elif not isinstance(analysis, Analysis):
+                results[number] = analysis
+            elif analysis.sop_instance_uid in seen:
+                later.append(number)
+            else:
+                seen.add(analysis.sop_instance_uid)
+                analysed[number] = analysis
+        data = [item.data for item in items]
+        with self._uid_locks(list(seen)):
+            self._store_analysed(data, analysed, calling_ae, results)
+        for number in later:
+            try:
+                results[number] = self.store_bytes(data[number], calling_ae=calling_ae)
+            except Exception as exc:  # noqa: BLE001 - reported as this object's failure
+                results[number] = exc
+        return [result if result is not None else IndexFailure("not stored")
+                for result in results]
+
+    def _store_analysed(self, items: Sequence[bytes], analysed: dict[int, Analysis],
+                        calling_ae: str, results: list[StoreResult | BaseException | None],
+                        ) -> None:
+        """The batch under its locks: decide, write all, index all, undo what failed."""
+        plans: dict[int, _Plan] = {}
+        for number, analysis in analysed.items():
+            try:
+                outcome, plan = self._decide(analysis, items[number])
+            except PacsError as exc:
+                results[number] = exc
+                continue
+            if plan is None:
+                results[number] = _result(outcome, analysis)
+            else:
+                plans[number] = plan
+        order = list(plans)
+        failures = self.store.put_many([(plans[n].key, items[n]) for n in order])
+        written = []
+        for number, failure in zip(order, failures, strict=True):
+            if failure is not None:
+                results[number] = failure
+            else:
+                written.append(number)
+        errors = self.index.commit_all([
+            self._index_work(analysed[n], plans[n].key, len(items[n]), calling_ae)
+            for n in written])
+        for number, error in zip(written, errors, strict=True):
+            plan = plans[number]
+            if error is not None:
+                self._undo_put(plan.key, plan.existing, plan.previous)
+                results[number] = error
+            else:
+                self._forget_moved(plan)
+                results[number] = _result(Outcome.STORED, analysed[number])
+
+    def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str) -> Outcome:
+        outcome, plan = self._decide(analysis, data)
+        if plan is None:
+            return outcome
+        self.store.put(plan.key, io.BytesIO(data), len(data))
+        try:
+            self.index.commit(self._index_work(analysis, plan.key, len(data), calling_ae))
+        except BaseException:
+            self._undo_put(plan.key, plan.existing, plan.previous)
+            raise
+        self._forget_moved(plan)
+        return Outcome.STORED
+
+    def _decide(self, analysis: Analysis, data: bytes) -> tuple[Outcome, _Plan | None]:
+        """What a repeated UID means (step 2): an outcome, or a plan to store.
+
+        Raises
+        ------
+        DuplicateRejected
+            A different object under a stored UID, with the ``reject`` policy.
+        """
+        existing = writer.lookup(self.index.connection(), analysis.sop_instance_uid)
+        previous: bytes | None = None
+        if existing is not None:
+            if existing.checksum == analysis.checksum:
+                return Outcome.UNCHANGED, None
+            previous = self._read_quietly(existing.object_key)
+            if previous is not None and _same_dataset(previous, data,
+                                                      analysis.dataset_offset):
+                return Outcome.UNCHANGED, None
+            if self.duplicate_policy == "keep":
+                return Outcome.KEPT_FIRST, None
+            if self.duplicate_policy == "reject":
+                raise DuplicateRejected(
+                    "a different object is stored under this SOP Instance UID")
+        key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
+        return Outcome.STORED, _Plan(key, existing, previous)
+
+    def _index_work(self, analysis: Analysis, key: str, size: int,
+                    calling_ae: str) -> Callable[[apsw.Connection], None]:
+        """The index rows of a stored object, as a piece of (group) commit work."""
+        row = self._row(analysis, key, size, calling_ae)
+
+        def index_it(conn: apsw.Connection) -> None:
+            writer.upsert(conn, row)
+            metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+
+        return index_it
+
+    def _forget_moved(self, plan: _Plan) -> None:
+        """After the commit: an object that moved (new study or series UID) leaves its
+        old file unlisted; remove it."""
+        if plan.existing is not None and plan.existing.object_key != plan.key:
+            self._delete_quietly(plan.existing.object_key)
+
+    @staticmethod
+    def _row(analysis: Analysis, key: str, size: int,
+             calling_ae: str) -> writer.InstanceRow:
+        return writer.InstanceRow(
+            patient_key=patient_key(analysis.values[Level.PATIENT]),
+            values=analysis.values,
+            object_key=key,
+            size=size,
+            checksum=analysis.checksum,
+            transfer_syntax=analysis.transfer_syntax,
+            received_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            calling_ae=calling_ae.strip(),
+        )
+
+    def _undo_put(self, key: str, existing: writer.StoredInstance | None,
+                  previous: bytes | None) -> None:
+        """After a failed commit, leave the store as the index still describes it."""
+        try:
+            if existing is not None and existing.object_key == key and previous is not None:
+                self.store.put(key, io.BytesIO(previous), len(previous))
+            elif existing is None or existing.object_key != key:
+                self.store.delete(key)
+        except PacsError:
+            log.exception("could not undo an object write after an index failure; "
+                          "run 'pacs fsck'")
+
+    def _read_quietly(self, key: str) -> bytes | None:
+        try:
+            with self.store.open(key) as stream:
+                return stream.read()
+        except (NotFound, PacsError):
+            return None
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except PacsError:
+            log.warning("could not delete a replaced object; 'pacs fsck' will")
+
+    def _uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
+        """An exclusive lock shared by every process, threads included (flock)."""
+        return self._uid_locks([sop_uid])
+
+    @contextmanager
+    def _uid_locks(self, sop_uids: list[str]) -> Iterator[None]:
+        """The locks of several UIDs, taken in stripe order (no two holders can wait
+        for each other)."""
+        stripes = sorted({zlib.crc32(uid.encode()) % _STRIPES for uid in sop_uids})
+        with ExitStack() as held:
+            for stripe in stripes:
+                fd = os.open(self.lock_dir / f"{stripe:03d}.lock",
+                             os.O_RDWR | os.O_CREAT, 0o600)
+                held.callback(os.close, fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """An object to write: its key, and what it replaces (for undo and clean-up)."""
+
+    key: str
+    existing: writer.StoredInstance | None
+    previous: bytes | None
+
+
+def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:
+    return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
+                       analysis.study_uid, analysis.series_uid)
+
+
+def patient_key(values: dict[str, str | None]) -> str:
+    """The identity of a patient: Patient ID with its issuer.
+
+    Objects without a Patient ID are grouped by name and birth date instead, so that
+    unrelated anonymous patients are not merged into one.
+    """
+    patient_id = values.get("patient_id") or ""
+    issuer = values.get("issuer_of_patient_id") or ""
+    if patient_id:
+        return f"{patient_id}\x1f{issuer}"
+    return "\x1f".join(("", issuer, values.get("patient_name") or "",
+                        values.get("patient_birth_date") or ""))
+
+
+def _same_dataset(stored: bytes, received: bytes, received_offset: int) -> bool:
+    """True when two objects carry the same data set (their file meta may differ)."""
+    return stored[dataset_offset(stored):] == received[received_offset:]

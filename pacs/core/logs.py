@@ -1,0 +1,165 @@
+"""Logging set-up shared by the node's processes: no data-set values at INFO and above.
+
+Exceptions raised by pydicom and pynetdicom often quote the value they choked on
+(``Invalid value for VR PN: 'DOE^JOHN'``, an element's repr), and so do their
+tracebacks; pynetdicom logs some exceptions as the message itself
+(``LOGGER.exception(exc)``), and pydicom's warnings quote values too.  Unless the
+node runs at ``PACS_LOG_LEVEL=DEBUG``, :class:`Redact`, installed on every handler (the
+root logger's, gunicorn's error log's), rewrites each record of level INFO and above:
+
+- a traceback becomes one line: each exception's type and the place it was raised
+  (file, line, function; and the last frame of the node's own code), with the message
+  of the node's own errors (:class:`~pacs.core.errors.PacsError`) and the errno of
+  ``OSError`` (never its file name);
+- an exception given as the message or as an argument becomes that same summary,
+  without its text; one of the node's own errors keeps its message;
+- whatever a message of the node's own errors quotes is replaced by ``'…'`` (some wrap
+  a library's message, which may quote a value);
+- records of pydicom's logger, gunicorn's error log and Python warnings (routed into
+  logging here) have whatever they quote replaced by ``'…'``.
+
+Records below INFO are left whole: DEBUG is where a developer looks at values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from types import TracebackType
+from typing import Any, TextIO
+
+from pacs.core.errors import PacsError
+
+#: Loggers whose messages quote data-set values: quoted text is left out.  gunicorn's
+#: error log quotes a request line it refuses, whose query string may carry a patient's
+#: name (QIDO-RS ``?PatientName=…``).
+QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
+#: Folders of the node's own code, for the place of an exception in it.
+_OWN_CODE = ("/pacs/", "/adapters/")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+#: One log line format for every process of the node (CLI, DIMSE and HTTP workers,
+#: analysers, the uploads watcher).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def setup(level: str, log_format: str = LOG_FORMAT, stream: TextIO | None = None) -> None:
+    """``logging.basicConfig`` at ``level`` on stderr (a no-op where logging is already
+    configured, e.g. by gunicorn), then :func:`install`."""
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=log_format,
+                        stream=stream or sys.stderr)
+    install(level)
+
+
+def install(level: str) -> None:
+    """Add :class:`Redact` to every handler configured so far (once): the root
+    logger's, and those of loggers that do not propagate (gunicorn's error log); route
+    Python warnings into logging, so that they pass through it too.
+
+    Parameters
+    ----------
+    level : str
+        The node's log level (``PACS_LOG_LEVEL``): ``DEBUG`` keeps everything whole.
+    """
+    details = getattr(logging, level, logging.INFO) <= logging.DEBUG
+    loggers = [logging.getLogger()] + [
+        logger for logger in list(logging.Logger.manager.loggerDict.values())
+        if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, Redact) for f in handler.filters):
+                handler.addFilter(Redact(details))
+    logging.captureWarnings(True)
+
+
+class Redact(logging.Filter):
+    """Rewrites records of level INFO and above so that they carry no data-set values
+    (see the module docstring); never drops a record.
+
+    Parameters
+    ----------
+    details : bool
+        Leave every record whole (the node runs at DEBUG).
+    """
+
+    def __init__(self, details: bool = False) -> None:
+        super().__init__()
+        self.details = details
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.details or record.levelno < logging.INFO or getattr(record, "_redacted",
+                                                                    False):
+            return True
+        setattr(record, "_redacted", True)
+        if record.exc_info or record.exc_text:
+            exc = record.exc_info[1] if record.exc_info else None
+            record.exc_text = "  " + (summary(exc) if exc is not None else "traceback left out")
+            record.exc_info = None
+        if isinstance(record.msg, BaseException):
+            record.msg = summary(record.msg).replace("%", "%%")
+        if isinstance(record.args, tuple):
+            record.args = tuple(_argument(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _argument(v) for k, v in record.args.items()}
+        if record.name.startswith(QUOTING_LOGGERS):
+            record.msg = _unquoted(record.getMessage()).replace("%", "%%")
+            record.args = None
+        return True
+
+
+def summary(exc: BaseException) -> str:
+    """An exception and its causes as types and places, without their values."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{_described(current)}{_places(current.__traceback__)}")
+        current = current.__cause__ or (None if current.__suppress_context__
+                                         else current.__context__)
+    return " <- ".join(parts)
+
+
+def _argument(value: Any) -> Any:
+    if isinstance(value, PacsError):
+        return _unquoted(str(value))
+    if isinstance(value, BaseException):
+        return summary(value)
+    return value
+
+
+def _unquoted(text: str) -> str:
+    """``text`` with whatever it quotes left out (a value wrapped into a message)."""
+    return _QUOTED.sub("'…'", text)
+
+
+def _described(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if isinstance(exc, PacsError):
+        return f"{name}: {_unquoted(str(exc))}"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{name} [Errno {exc.errno}] {exc.strerror}"
+    return name
+
+
+def _places(tb: TracebackType | None) -> str:
+    """Where the exception was raised and, when elsewhere, the node's last frame."""
+    frames: list[tuple[str, int, str]] = []
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno,
+                       tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    if not frames:
+        return ""
+    where = f" at {_place(*frames[-1])}"
+    own = [f for f in frames if any(part in f[0] for part in _OWN_CODE)]
+    if own and own[-1] is not frames[-1]:
+        where += f" (from {_place(*own[-1])})"
+    return where
+
+
+def _place(filename: str, line: int, function: str) -> str:
+    short = "/".join(filename.split("/")[-2:])
+    return f"{short}:{line} in {function}"

@@ -1,0 +1,268 @@
+"""The one query engine behind C-FIND, C-MOVE, C-GET, QIDO-RS and WADO-RS.
+
+Every query is bounded (docs/architecture.md, "Guarantees"): a row cap refuses results
+larger than ``max_rows`` before anything is sent, a time limit (:class:`Deadline`) bounds
+the whole query — compiling, counting, executing, fetching and building the answers — and a
+cancel callback (C-CANCEL, a closed HTTP connection) stops it inside SQLite's virtual
+machine.
+
+No read transaction stays open while a peer reads: an open read transaction keeps the
+WAL from being checkpointed, so a slow reader would let it grow without bound.  Results
+are fetched into memory (capped by ``max_rows``), or, for C-FIND, in pages of
+:data:`PAGE_ROWS` each read in its own short transaction and walked by key up to the
+last key that existed when the query began.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import apsw
+
+from pacs.core.errors import Cancelled, IndexFailure, QueryLimitExceeded
+from pacs.core.index.compiler import (
+    Compiled,
+    Page,
+    compile_count,
+    compile_find,
+    compile_instances,
+    compile_last_key,
+)
+from pacs.core.index.connection import Index
+from pacs.core.query.model import InstanceRef, Query, Result
+
+#: SQLite virtual machine steps between checks of the time limit and cancellation.
+_PROGRESS_STEPS = 10_000
+#: Rows per page of :meth:`QueryEngine.find_pages`: a page's answers are held in memory
+#: while they are sent.
+PAGE_ROWS = 256
+
+
+def _never() -> bool:
+    return False
+
+
+class Deadline:
+    """The time one query may take (``PACS_QUERY_TIME_LIMIT``), from its start on.
+
+    Time spent :meth:`paused` (a peer reading the answers) does not count.
+
+    Parameters
+    ----------
+    seconds : float
+        The limit.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        """True once the query has used its time."""
+        return time.monotonic() > self.at
+
+    def check(self) -> None:
+        """Raise :class:`QueryLimitExceeded` once the time is used up."""
+        if time.monotonic() > self.at:
+            raise self.exceeded()
+
+    def exceeded(self) -> QueryLimitExceeded:
+        """The error of a query past its time."""
+        return QueryLimitExceeded(f"the query ran longer than {self.seconds:g} s")
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The clock stops meanwhile (the time goes to the peer, not to the query)."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.at += time.monotonic() - start
+
+
+class QueryEngine:
+    """Runs :class:`Query` objects against one customer's index.
+
+    Parameters
+    ----------
+    index : Index
+        The index (connections per thread).
+    max_rows : int
+        Largest result a query may return (QIDO pages below it; C-FIND is refused above).
+    time_limit : float
+        Seconds a whole query may take (see :class:`Deadline`).
+    pn_case_sensitive : bool
+        Match person names case-sensitively.
+    """
+
+    def __init__(self, index: Index, max_rows: int, time_limit: float,
+                 pn_case_sensitive: bool = False) -> None:
+        self.index = index
+        self.max_rows = max_rows
+        self.time_limit = time_limit
+        self.pn_case_sensitive = pn_case_sensitive
+
+    def deadline(self) -> Deadline:
+        """A new query's time limit: start it before the request is parsed, pass it to
+        every call for that request, and check it while building the answers."""
+        return Deadline(self.time_limit)
+
+    def count(self, query: Query, cap: int | None = None,
+              cancelled: Callable[[], bool] = _never,
+              deadline: Deadline | None = None) -> int:
+        """The number of matches (at most ``cap`` + 1 when a cap is given)."""
+        compiled = compile_count(query, self.pn_case_sensitive, cap)
+        rows = self._fetch(compiled, cancelled, deadline or self.deadline())
+        return int(rows[0][0]) if rows else 0
+
+    def find(self, query: Query, cancelled: Callable[[], bool] = _never,
+             deadline: Deadline | None = None) -> list[Result]:
+        """Every matching entity, read in one short transaction.
+
+        Raises
+        ------
+        QueryLimitExceeded
+            When more than ``max_rows`` would be returned (``query.limit`` above it or
+            unset), or past the time limit.
+        Cancelled
+            When ``cancelled()`` turns true.
+        """
+        deadline = deadline or self.deadline()
+        conn = self.index.connection()
+        try:
+            with conn:  # one snapshot for the count and the rows
+                if query.limit is None or query.limit > self.max_rows:
+                    self._refuse_over_cap(query, cancelled, deadline)
+                compiled = compile_find(query, self.pn_case_sensitive)
+                rows = self._fetch(compiled, cancelled, deadline)
+        except apsw.Error as exc:
+            raise IndexFailure(f"query failed: {exc}") from exc
+        results = _results(query, compiled.keywords, rows)
+        deadline.check()
+        return results
+
+    def find_pages(self, query: Query, cancelled: Callable[[], bool] = _never,
+                   deadline: Deadline | None = None) -> Iterator[list[Result]]:
+        """The matching entities in pages of :data:`PAGE_ROWS`, each read in its own
+        short transaction: nothing of the index is held while the caller sends a page.
+
+        The walk ends at the last key of the level when the query began, so rows stored
+        meanwhile do not join the answer.  ``query.limit`` / ``offset`` are not used.
+
+        Raises
+        ------
+        QueryLimitExceeded
+            Before the first page, when more than ``max_rows`` match; or past the time
+            limit (time the caller spends between pages counts unless it pauses
+            ``deadline``).
+        Cancelled
+            When ``cancelled()`` turns true.
+        """
+        deadline = deadline or self.deadline()
+        conn = self.index.connection()
+        try:
+            with conn:
+                self._refuse_over_cap(query, cancelled, deadline)
+                upto = int(self._fetch(compile_last_key(query.level), cancelled,
+                                       deadline)[0][0])
+        except apsw.Error as exc:
+            raise IndexFailure(f"query failed: {exc}") from exc
+        after = 0
+        while True:
+            compiled = compile_find(query, self.pn_case_sensitive,
+                                    Page(after, upto, PAGE_ROWS))
+            rows = self._fetch(compiled, cancelled, deadline)
+            if not rows:
+                return
+            page = _results(query, compiled.keywords, rows)
+            deadline.check()
+            yield page
+            if len(rows) < PAGE_ROWS:
+                return
+            after = int(rows[-1][0])  # the level's key is selected first
+
+    def instances(self, query: Query, cancelled: Callable[[], bool] = _never,
+                  deadline: Deadline | None = None) -> Iterator[InstanceRef]:
+        """Stream the stored instances under the entities ``query`` matches.
+
+        The time limit counts the engine's own work; the time the caller holds each
+        instance (sending it) does not.
+        """
+        deadline = deadline or self.deadline()
+        compiled = compile_instances(query, self.pn_case_sensitive)
+        for row in self._stream(compiled, cancelled, deadline):
+            yield InstanceRef(*row)
+
+    def _refuse_over_cap(self, query: Query, cancelled: Callable[[], bool],
+                         deadline: Deadline) -> None:
+        compiled = compile_count(query, self.pn_case_sensitive, self.max_rows)
+        if int(self._fetch(compiled, cancelled, deadline)[0][0]) > self.max_rows:
+            raise QueryLimitExceeded(f"more than {self.max_rows} matches; narrow the query")
+
+    @contextmanager
+    def _limited(self, cancelled: Callable[[], bool], deadline: Deadline
+                 ) -> Iterator[tuple[apsw.Connection, _Stop]]:
+        """This thread's connection with a progress handler that stops SQLite when the
+        query is cancelled or past its time; errors as the core's exceptions."""
+        conn = self.index.connection()
+        stop = _Stop(cancelled, deadline)
+        conn.set_progress_handler(stop, _PROGRESS_STEPS)
+        try:
+            yield conn, stop
+        except apsw.InterruptError:
+            if stop.was_cancelled:
+                raise Cancelled("the query was cancelled") from None
+            raise deadline.exceeded() from None
+        except apsw.Error as exc:
+            raise IndexFailure(f"query failed: {exc}") from exc
+        finally:
+            conn.set_progress_handler(None)
+
+    def _fetch(self, compiled: Compiled, cancelled: Callable[[], bool],
+               deadline: Deadline) -> list[tuple]:
+        """Every row of ``compiled``; the statement is done when this returns."""
+        deadline.check()
+        with self._limited(cancelled, deadline) as (conn, _):
+            rows = conn.execute(compiled.sql, compiled.params).fetchall()
+        if cancelled():
+            raise Cancelled("the query was cancelled")
+        return rows
+
+    def _stream(self, compiled: Compiled, cancelled: Callable[[], bool],
+                deadline: Deadline) -> Iterator[tuple]:
+        """The rows of ``compiled`` one at a time.  While the caller holds a row the
+        deadline is paused and the progress handler is off (the caller may run other
+        queries on this thread's connection meanwhile)."""
+        deadline.check()
+        with self._limited(cancelled, deadline) as (conn, stop):
+            for row in conn.execute(compiled.sql, compiled.params):
+                if cancelled():
+                    raise Cancelled("the query was cancelled")
+                conn.set_progress_handler(None)
+                with deadline.paused():
+                    yield row
+                conn.set_progress_handler(stop, _PROGRESS_STEPS)
+
+
+class _Stop:
+    """SQLite's progress handler: true (interrupt) when cancelled or out of time."""
+
+    def __init__(self, cancelled: Callable[[], bool], deadline: Deadline) -> None:
+        self.cancelled = cancelled
+        self.deadline = deadline
+        self.was_cancelled = False
+
+    def __call__(self) -> bool:
+        if self.cancelled():
+            self.was_cancelled = True
+            return True
+        return self.deadline.passed()
+
+
+def _results(query: Query, keywords: tuple[str, ...], rows: list[tuple]) -> list[Result]:
+    """Rows as results: values as text by keyword, the level's key left out."""
+    level = query.level
+    return [Result(level, {k: (None if v is None else str(v))
+                           for k, v in zip(keywords, row) if k != "_pk"}) for row in rows]

@@ -1,0 +1,139 @@
+"""PS3.4 C.2.2.2: a key's value, as sent, becomes a :class:`Constraint`.
+
+One small function per matching type; the VR decides which types apply:
+
+- wildcards ``*`` and ``?`` only on AE CS LO LT PN SH ST UC UR UT (C.2.2.2.4);
+- ranges only on DA TM DT (C.2.2.2.5); a ``-`` in any other VR is a literal character;
+- a ``\\``-separated value is a UID list on UI (C.2.2.2.2), and on other VRs a list of
+  values of which any may match (or all, with negotiated multiple-value matching,
+  C.2.2.2.8).
+"""
+
+from __future__ import annotations
+
+from pacs.core.attributes import Attribute
+from pacs.core.errors import InvalidQuery
+from pacs.core.query.model import Constraint, Match, Term
+
+WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+RANGE_VRS = frozenset({"DA", "TM", "DT"})
+
+#: ``""`` (two QUOTATION MARKs): matches an empty or absent value (C.2.2.2.7).
+EMPTY_VALUE = '""'
+
+
+def constraint(attribute: Attribute, raw: str, *, empty_value_matching: bool = False,
+               multiple_value_matching: bool = False) -> Constraint | None:
+    """The constraint a raw key value asks for, or ``None`` for universal matching.
+
+    Parameters
+    ----------
+    attribute : Attribute
+        The key.
+    raw : str
+        The value as sent, multiple values joined by ``\\``.
+    empty_value_matching, multiple_value_matching : bool
+        Extended negotiation (DIMSE) or QIDO's ``emptyvaluematching``.
+
+    Raises
+    ------
+    InvalidQuery
+        A value that cannot be matched (a malformed range or UID list).
+    """
+    value = raw.strip(" \0")
+    if universal(attribute, value):
+        return None
+    if value == EMPTY_VALUE and empty_value_matching:
+        return Constraint(attribute, (Term(Match.EMPTY),))
+    if attribute.vr == "UI":
+        return uid_list(attribute, value)
+    values = [v.strip(" \0") for v in value.split("\\")]
+    terms = tuple(term(attribute, v) for v in values if v)
+    if not terms:
+        return None
+    return Constraint(attribute, terms, all_terms=multiple_value_matching and len(terms) > 1)
+
+
+def universal(attribute: Attribute, value: str) -> bool:
+    """C.2.2.2.3: a zero-length value matches everything; so does a lone ``*``.
+
+    A lone ``*`` is defined only for wildcard VRs (C.2.2.2.4), but SCUs send it for UIDs
+    and dates too: it is taken as universal everywhere, as dcm4chee does.
+    """
+    return value == "" or value == "*"
+
+
+def uid_list(attribute: Attribute, value: str) -> Constraint:
+    """C.2.2.2.2 (and single value matching of one UID, C.2.2.2.1)."""
+    uids = tuple(u.strip(" \0") for u in value.split("\\") if u.strip(" \0"))
+    if not uids:
+        raise InvalidQuery(f"{attribute.keyword}: empty UID list")
+    if len(uids) == 1:
+        return Constraint(attribute, (Term(Match.SINGLE, value=uids[0]),))
+    return Constraint(attribute, (Term(Match.UID_LIST, uids=uids),))
+
+
+def term(attribute: Attribute, value: str) -> Term:
+    """One value of a non-UID key: range, wildcard or single value."""
+    if attribute.vr in RANGE_VRS:
+        return date_time(attribute, value)
+    if attribute.vr in WILDCARD_VRS and ("*" in value or "?" in value):
+        return Term(Match.WILDCARD, value=value)
+    return Term(Match.SINGLE, value=value)
+
+
+def date_time(attribute: Attribute, value: str) -> Term:
+    """C.2.2.2.5 range matching on DA, TM and DT, with open ends and partial values.
+
+    A single value is matched as the range it stands for, so a partial time ``1010``
+    matches 10:10:00 to 10:10:59.999999, and a partial date ``2015`` the whole year.
+    """
+    low_text, sep, high_text = value.partition("-")
+    if attribute.vr == "DT" and sep and _looks_like_offset(value):
+        low_text, sep, high_text = value, "", ""
+    elif "-" in high_text:
+        raise InvalidQuery(f"{attribute.keyword}: malformed range")
+    if not sep:
+        low_text = high_text = value
+    low = _normalise(attribute, low_text.strip(), upper=False) if low_text.strip() else None
+    high = _normalise(attribute, high_text.strip(), upper=True) if high_text.strip() else None
+    if low is None and high is None:
+        raise InvalidQuery(f"{attribute.keyword}: a range needs at least one end")
+    if low is not None and high is not None and low > high and attribute.vr != "TM":
+        raise InvalidQuery(f"{attribute.keyword}: range start after its end")
+    return Term(Match.RANGE, low=low, high=high)
+
+
+def _looks_like_offset(value: str) -> bool:
+    # DT values may carry a "-HHMM" UTC offset: "20150101120000-0500" is one value.
+    head, _, tail = value.rpartition("-")
+    return len(tail) == 4 and tail.isdigit() and len(head) >= 8 and head.isdigit()
+
+
+_DIGITS = {"DA": 8, "TM": 6, "DT": 14}
+_DATE_END = {4: "1231", 6: "31", 8: ""}
+
+
+def _normalise(attribute: Attribute, text: str, upper: bool) -> str:
+    """Pad a partial DA / TM / DT value to the first (or last) moment it stands for.
+
+    Index values are compared as strings, which orders DA, TM and DT correctly once
+    both sides have the same layout.
+    """
+    vr = attribute.vr
+    if vr == "DA":
+        digits = text.replace(".", "")  # ACR-NEMA style YYYY.MM.DD
+        if not digits.isdigit() or len(digits) not in _DATE_END:
+            raise InvalidQuery(f"{attribute.keyword}: not a DA value")
+        if upper:
+            return digits + _DATE_END[len(digits)]
+        return digits + "0101"[len(digits) - 4:]
+    whole, _, fraction = text.replace(":", "").partition(".")
+    if vr == "DT":
+        whole = whole.split("+")[0]
+    size = _DIGITS[vr]
+    if not whole.isdigit() or len(whole) > size or (fraction and not fraction.isdigit()):
+        raise InvalidQuery(f"{attribute.keyword}: not a {vr} value")
+    if upper:
+        return whole + "9" * (size - len(whole)) + "." + (fraction + "999999")[:6]
+    return whole + "0" * (size - len(whole)) + ("." + fraction if fraction else "")

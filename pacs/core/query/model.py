@@ -1,0 +1,101 @@
+"""The protocol-neutral query: what C-FIND identifiers and QIDO-RS parameters become.
+
+Neither pynetdicom nor falcon is imported here or anywhere in ``pacs.core.query``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pacs.core.attributes import Attribute, Level
+
+
+class Match(enum.Enum):
+    """Matching types of PS3.4 C.2.2.2 (universal matching has no constraint at all)."""
+
+    SINGLE = "single"          # C.2.2.2.1
+    UID_LIST = "uid_list"      # C.2.2.2.2
+    WILDCARD = "wildcard"      # C.2.2.2.4
+    RANGE = "range"            # C.2.2.2.5
+    SEQUENCE = "sequence"      # C.2.2.2.6
+    EMPTY = "empty"            # C.2.2.2.7 (extended negotiation / QIDO emptyvaluematching)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One value to match: its type and operands.
+
+    ``value`` is the single value or wildcard pattern; ``low`` / ``high`` bound a range
+    (``None`` for an open end); ``uids`` lists the UIDs of a UID list; ``items`` holds
+    the item keys of sequence matching, all of which one item must match.
+    """
+
+    match: Match
+    value: str = ""
+    low: str | None = None
+    high: str | None = None
+    uids: tuple[str, ...] = ()
+    items: tuple[Constraint, ...] = ()
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A matching key: the entity matches when any term matches (``all_terms``: every
+    term, for negotiated multiple-value matching, PS3.4 C.2.2.2.8)."""
+
+    attribute: Attribute
+    terms: tuple[Term, ...]
+    all_terms: bool = False
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query at one level.
+
+    Attributes
+    ----------
+    level :
+        The entity returned (PS3.4 C.6 levels).
+    constraints :
+        Matching keys; an entity matches when all of them match.
+    return_keys :
+        Attributes to return (matching keys are returned too).
+    limit, offset :
+        Paging (QIDO); ``None`` means the engine's row cap applies alone.
+    fuzzy :
+        Fuzzy person-name matching (QIDO ``fuzzymatching=true``): each name component
+        matches as a prefix, case-insensitively.
+    item_keys :
+        For a sequence return key, the item keywords asked for (PS3.4 C.2.2.2.6: the
+        items come back with only those); absent means every stored item key.
+    """
+
+    level: Level
+    constraints: tuple[Constraint, ...] = ()
+    return_keys: tuple[Attribute, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+    item_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Result:
+    """One matching entity: values by keyword (``None`` when unknown)."""
+
+    level: Level
+    values: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """A stored instance selected for retrieval (C-MOVE, C-GET, WADO-RS)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    object_key: str
+    size: int

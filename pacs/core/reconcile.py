@@ -1,0 +1,508 @@
+"""Repair (``pacs fsck``): make the index and the object store agree after a crash,
+never losing an acknowledged object.
+
+What was acknowledged is what the index says: an object is acknowledged only once its
+row is committed (:mod:`pacs.core.ingest`, steps 3-5), so for each SOP Instance UID the row
+- its object key and the SHA-256 and size of the bytes acknowledged last - is the truth,
+and an object no row points to was never acknowledged as it is.  Decisions follow the
+row, never the order in which objects are found, their number or their age.
+
+The crash windows of the ingest order and what this module makes of them (every
+decision is taken again under the SOP Instance UID's ingest lock,
+:meth:`pacs.core.ingest.Ingest._uid_lock`, so that it is safe beside a running node):
+
+(a) a temporary file written, never renamed (folder store): the write was never
+    acknowledged; repair deletes temporaries older than ``temp_grace`` (a younger one
+    may belong to a write in progress).
+(b) an object written at its key, its row never committed:
+
+    - no row for the UID: the object is a complete, durable instance whose sender got
+      no answer; repair indexes it (``unacknowledged``), so a resend is a duplicate;
+    - a row pointing to another key (a move to another study or series): the row's
+      object is the acknowledged one; the new object is ``superseded`` and moved to the
+      quarantine, never indexed over the row.
+(c) a row committed, the old copy at another key not deleted: the same on disk as the
+    second case of (b), and the same answer: the copy no row points to is quarantined.
+(d) the same key overwritten in place, the row not committed: the object's checksum
+    differs from the row's.  The acknowledged bytes are gone (the rename replaced
+    them), and the object is the newer write of the same instance: repair indexes it
+    (``rewritten``), so that the row describes what is stored and served (bytes damaged
+    in a way that still reads as the same instance cannot be told from such a write;
+    the report names them all).  An object that is not a readable instance of that UID
+    at that key is ``damaged``: it is reported and left as it is (a row whose object
+    exists is never dropped).
+(e) a row whose object is gone (not a window of the ingest order: a deletion outside
+    pacs, or a failed commit reported as such after it succeeded): another object of
+    the same UID, if any, is indexed instead; only when there is none is the row
+    dropped (``missing``).  Until then the node lists the instance (C-FIND, QIDO-RS) but
+    cannot send it: WADO-RS answers 404 and C-MOVE / C-GET count a failed
+    sub-operation.
+
+Objects are moved to the quarantine (``<data>/quarantine/<run>/<key>``, or
+``<customer>/quarantine/<run>/<key>`` in the bucket), never deleted.  Without
+``repair`` nothing changes: the report says what repair would do.  Every change is
+logged with its UIDs and keys, which carry no patient data.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pacs.core.errors import NotFound, PacsError
+from pacs.core.index import writer
+from pacs.core.ingest import Analysis, try_analyse
+from pacs.core.services import Services
+from pacs.core.storage import ObjectStore, object_key
+from pacs.core.storage.filesystem import FileStore
+
+log = logging.getLogger(__name__)
+
+#: Seconds after which a temporary file cannot belong to a write in progress (a put
+#: writes bytes already received; even 2 GB take minutes, not an hour).
+TEMP_GRACE = 3600.0
+
+_CHUNK = 1 << 20
+
+
+class Problem(enum.Enum):
+    """What was found (see the module docstring for the crash window of each)."""
+
+    TEMPORARY = "temporary"  # (a) a temporary file of an interrupted write
+    UNACKNOWLEDGED = "unacknowledged"  # (b) an object of a UID without a row
+    SUPERSEDED = "superseded"  # (b), (c) an object of an indexed UID the row does not name
+    REWRITTEN = "rewritten"  # (d) the indexed key holds another version of the instance
+    DAMAGED = "damaged"  # (d) the indexed key holds something else
+    MISSING = "missing"  # (e) the indexed object is gone
+    UNREADABLE = "unreadable"  # an object no row names that is not a readable instance
+
+
+class Action(enum.Enum):
+    """What repair does about a finding."""
+
+    INDEX = "index"  # index the object as stored (a new row, or the row updated)
+    QUARANTINE = "quarantine"  # move the object to the quarantine
+    DROP_ROW = "drop row"  # remove the row (its object is gone and no copy is left)
+    DELETE = "delete"  # temporary files only
+    NONE = "none"  # nothing can be done: reported
+
+
+@dataclass
+class Finding:
+    """One problem, what repair does about it, and whether it was done.
+
+    Attributes
+    ----------
+    problem, action :
+        What was found and what repair does.
+    sop_uid :
+        The SOP Instance UID concerned ("" for a temporary file).
+    key :
+        The object concerned (a temporary file's path relative to the store).
+    note :
+        What was found, in a few words.
+    done :
+        True once the action succeeded.
+    moved_to :
+        Where a quarantined object went.
+    error :
+        Why the action failed.
+    """
+
+    problem: Problem
+    action: Action
+    sop_uid: str
+    key: str
+    note: str = ""
+    done: bool = False
+    moved_to: str = ""
+    error: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The finding as a JSON object."""
+        return {"problem": self.problem.value, "action": self.action.value,
+                "sop_instance_uid": self.sop_uid, "key": self.key, "note": self.note,
+                "done": self.done, "moved_to": self.moved_to, "error": self.error}
+
+    def lines(self, repair: bool) -> list[str]:
+        """Two lines of the readable report: what was found, and what repair does."""
+        if self.done:
+            state = f"done, moved to {self.moved_to}" if self.moved_to else "done"
+        elif self.error:
+            state = f"FAILED: {self.error}"
+        elif self.action is Action.NONE:
+            state = "cannot be repaired"
+        else:
+            state = "not done" if repair else "dry run"
+        note = f" ({self.note})" if self.note else ""
+        return [f"{self.problem.value:<14} {self.key}{note}",
+                f"{'':<14} -> {self.action.value}: {state}"]
+
+
+@dataclass
+class Report:
+    """What a reconciliation checked, found and did.
+
+    Attributes
+    ----------
+    repair :
+        Whether changes were allowed.
+    rows, objects :
+        Index rows and stored objects examined.
+    checksums :
+        Whether every indexed object's checksum was compared (otherwise its size).
+    temporaries :
+        Temporary files removed.
+    recent_temporaries :
+        Temporary files younger than the grace period, left alone (a write may be in
+        progress).
+    quarantine :
+        The quarantine folder of this run (``fsck-<start time>``; objects moved there
+        keep their key below it, and each finding's note says where it went).
+    """
+
+    repair: bool = False
+    rows: int = 0
+    objects: int = 0
+    checksums: bool = True
+    temporaries: int = 0
+    recent_temporaries: int = 0
+    quarantine: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def left(self) -> list[Finding]:
+        """Findings whose action was not (or could not be) carried out."""
+        return [finding for finding in self.findings if not finding.done]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is left to repair and nothing failed."""
+        return not self.left and not self.errors
+
+    def count(self, action: Action) -> int:
+        """Findings with this action that were carried out."""
+        return sum(1 for f in self.findings if f.action is action and f.done)
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as one JSON object."""
+        return {"repair": self.repair, "ok": self.ok, "rows": self.rows,
+                "objects": self.objects, "checksums": self.checksums,
+                "temporaries_removed": self.temporaries,
+                "recent_temporaries": self.recent_temporaries,
+                "quarantine": self.quarantine,
+                "findings": [finding.as_json() for finding in self.findings],
+                "errors": list(self.errors)}
+
+    def lines(self) -> Iterator[str]:
+        """The readable report: what was checked, each finding, a summary."""
+        compared = "checksums" if self.checksums else "sizes only"
+        yield (f"checked {self.rows} index rows and {self.objects} stored objects "
+               f"({compared})")
+        for finding in self.findings:
+            yield from finding.lines(self.repair)
+        for error in self.errors:
+            yield f"error: {error}"
+        if self.recent_temporaries:
+            yield (f"{self.recent_temporaries} recent temporary file(s) left alone "
+                   "(a write may be in progress)")
+        if not self.findings and not self.errors:
+            yield "index and store agree"
+            return
+        if not self.repair:
+            yield (f"{len(self.findings)} problem(s) found; nothing changed (dry run: "
+                   "'pacs fsck --repair' carries out the actions above)")
+            return
+        yield (f"{len(self.findings)} problem(s) found; indexed: {self.count(Action.INDEX)}, "
+               f"quarantined: {self.count(Action.QUARANTINE)}, rows dropped: "
+               f"{self.count(Action.DROP_ROW)}, temporary files removed: "
+               f"{self.count(Action.DELETE)}; left: {len(self.left)}")
+        places = {f.moved_to.removesuffix(f.key) for f in self.findings if f.moved_to}
+        for place in sorted(places):
+            yield f"quarantined objects are kept in {place} (under their keys)"
+
+
+def reconcile(services: Services, full: bool = True, *, repair: bool = False,
+              checksums: bool = True, temp_grace: float = TEMP_GRACE) -> Report:
+    """Find (and with ``repair`` mend) what crashes left; see the module docstring.
+
+    Parameters
+    ----------
+    services : Services
+        The node's index, store and ingest (for its per-UID locks).
+    full : bool
+        Examine the index and every stored object.  ``False`` is the start-up clean-up
+        only, called before the node's workers start: every temporary file is then an
+        interrupted write's, and all are removed whatever ``repair`` says.
+    repair : bool
+        Carry out the actions; otherwise only report them.
+    checksums : bool
+        Compare every indexed object's SHA-256 with the row's (reads every object);
+        otherwise its size only.
+    temp_grace : float
+        Age in seconds below which a temporary file is left alone.
+    """
+    report = Report(repair=repair, checksums=checksums)
+    store = services.store
+    if not full:
+        if isinstance(store, FileStore):
+            report.temporaries = store.remove_stale_temporaries()
+        return report
+    report.quarantine = _quarantine_folder()
+    if isinstance(store, FileStore):
+        _temporaries(store, report, temp_grace)
+    rows = writer.all_objects(services.index.connection())
+    report.rows = len(rows)
+    listed: dict[str, list[str]] = {}
+    for key in store.keys():
+        listed.setdefault(_sop_of(key), []).append(key)
+        report.objects += 1
+    suspects = {sop for sop, keys in listed.items() if len(keys) > 1}
+    indexed = {sop: key for key, (sop, _checksum, _size) in rows.items()}
+    suspects.update(sop for sop, keys in listed.items() if indexed.get(sop) != keys[0])
+    for key, (sop, checksum, size) in rows.items():
+        if sop in suspects:
+            continue
+        try:
+            if not _matches(store, key, checksum, size, checksums):
+                suspects.add(sop)
+        except NotFound:
+            suspects.add(sop)
+        except PacsError as exc:
+            report.errors.append(f"{key}: {exc}")
+    for sop in sorted(suspects):
+        try:
+            _resolve(services, sop, listed.get(sop, []), report)
+        except PacsError as exc:
+            log.error("fsck: SOP Instance %s: %s", sop, exc)
+            report.errors.append(f"SOP Instance {sop}: {exc}")
+    if repair:
+        _apply_temporaries(store, report)
+    return report
+
+
+def _quarantine_folder() -> str:
+    """The quarantine folder of one run: its start time, unique to the microsecond."""
+    return "fsck-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _sop_of(key: str) -> str:
+    """The SOP Instance UID a key names (``<study>/<series>/<sop>.dcm``)."""
+    return key.rsplit("/", 1)[-1].removesuffix(".dcm")
+
+
+def _temporaries(store: FileStore, report: Report, grace: float) -> None:
+    """Findings for temporary files older than ``grace`` seconds (window (a))."""
+    now = time.time()
+    for path in store.temporaries():
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:
+            continue  # renamed or removed by its writer meanwhile
+        if age < grace:
+            report.recent_temporaries += 1
+            continue
+        report.findings.append(Finding(Problem.TEMPORARY, Action.DELETE, "",
+                                       path.relative_to(store.root).as_posix()))
+
+
+def _apply_temporaries(store: ObjectStore, report: Report) -> None:
+    if not isinstance(store, FileStore):
+        return
+    for finding in report.findings:
+        if finding.problem is not Problem.TEMPORARY:
+            continue
+        try:
+            (store.root / finding.key).unlink(missing_ok=True)
+        except OSError as exc:
+            finding.error = exc.strerror or str(exc)
+            continue
+        finding.done = True
+        report.temporaries += 1
+        log.info("fsck: deleted the temporary file %s of an interrupted write", finding.key)
+
+
+def _digest(store: ObjectStore, key: str) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a stored object, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with store.open(key) as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _matches(store: ObjectStore, key: str, checksum: str, size: int,
+             checksums: bool) -> bool:
+    """True when the object at ``key`` is the one the row acknowledged."""
+    if checksums:
+        return _digest(store, key) == (checksum, size)
+    return store.size(key) == size
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A stored object read back, readable as an instance of its UID at its key."""
+
+    key: str
+    data: bytes
+    analysis: Analysis
+    written: int  # the store's modification time (ns), 0 when unknown
+
+
+def _read_candidate(store: ObjectStore, key: str, sop: str) -> _Candidate | str:
+    """The object as a candidate for indexing, or why it is not one."""
+    with store.open(key) as stream:
+        data = stream.read()
+    analysis = try_analyse(data)
+    if not isinstance(analysis, Analysis):
+        reason = str(analysis) if isinstance(analysis, PacsError) else type(analysis).__name__
+        return f"not a readable instance ({reason})"
+    if analysis.sop_instance_uid != sop or object_key(
+            analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid) != key:
+        return "its UIDs do not match its key"
+    return _Candidate(key, data, analysis, _written(store, key))
+
+
+def _written(store: ObjectStore, key: str) -> int:
+    path = store.local_path(key)
+    if path is None:
+        return 0
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+#: A finding and the repair step that carries it out (returning where a quarantined
+#: object went, "" for other steps).
+_Step = tuple[Finding, Callable[[], str]]
+
+
+def _resolve(services: Services, sop: str, seen: list[str], report: Report) -> None:
+    """Decide (and repair) one SOP Instance UID under its ingest lock."""
+    store = services.store
+    folder = report.quarantine
+    with services.ingest._uid_lock(sop):
+        row = writer.lookup(services.index.connection(), sop)
+        others = [key for key in seen if (row is None or key != row.object_key)
+                  and store.exists(key)]
+        steps: list[_Step] = []
+        if row is not None and store.exists(row.object_key):
+            if not _matches(store, row.object_key, row.checksum, row.size, True):
+                steps += _rewritten(services, sop, row.object_key)
+            steps += [_quarantine(services, Problem.SUPERSEDED, sop, key, folder)
+                      for key in others]
+        else:
+            steps += _replace(services, sop, row, others, folder)
+        for finding, _step in steps:
+            report.findings.append(finding)
+        if report.repair:
+            _carry_out(steps)
+
+
+def _carry_out(steps: list[_Step]) -> None:
+    """Run a UID's steps in order; the first failure stops the rest (nothing of the
+    UID is moved once its indexing failed)."""
+    for finding, step in steps:
+        if finding.action is Action.NONE:
+            continue
+        try:
+            moved_to = step()
+        except PacsError as exc:
+            finding.error = str(exc)
+            log.error("fsck: %s %s of SOP Instance %s failed: %s", finding.action.value,
+                      finding.key, finding.sop_uid, exc)
+            return
+        finding.done = True
+        finding.moved_to = moved_to
+
+
+def _rewritten(services: Services, sop: str, key: str) -> list[_Step]:
+    """Window (d): the indexed key holds bytes other than the acknowledged ones."""
+    candidate = _read_candidate(services.store, key, sop)
+    if isinstance(candidate, str):
+        finding = Finding(Problem.DAMAGED, Action.NONE, sop, key,
+                          f"differs from the acknowledged checksum and is {candidate}")
+        return [(finding, lambda: "")]
+    finding = Finding(Problem.REWRITTEN, Action.INDEX, sop, key,
+                      "differs from the acknowledged checksum: a later write of the "
+                      "instance, never acknowledged, replaced it")
+    return [(finding, lambda: _index(services, candidate, "rewritten in place"))]
+
+
+def _replace(services: Services, sop: str, row: writer.StoredInstance | None,
+             others: list[str], folder: str) -> list[_Step]:
+    """No usable indexed object: index the newest readable object of the UID, or drop
+    the row when none is left; quarantine the rest."""
+    steps: list[_Step] = []
+    candidates: list[_Candidate] = []
+    for key in others:
+        candidate = _read_candidate(services.store, key, sop)
+        if isinstance(candidate, str):
+            steps.append(_quarantine(services, Problem.UNREADABLE, sop, key, folder,
+                                     candidate))
+        else:
+            candidates.append(candidate)
+    # Without a row nothing records which write came last; the store's time does
+    # (folder store), else the key order.  The others stay in the quarantine.
+    candidates.sort(key=lambda c: (c.written, c.key), reverse=True)
+    if candidates:
+        chosen = candidates[0]
+        if row is None:
+            finding = Finding(Problem.UNACKNOWLEDGED, Action.INDEX, sop, chosen.key,
+                              "stored, never indexed")
+            why = "stored but never indexed"
+        else:
+            finding = Finding(Problem.MISSING, Action.INDEX, sop, row.object_key,
+                              f"indexing the copy at {chosen.key} instead")
+            why = f"the indexed object {row.object_key} is gone"
+        steps.insert(0, (finding, lambda: _index(services, chosen, why)))
+        steps += [_quarantine(services, Problem.SUPERSEDED, sop, c.key, folder)
+                  for c in candidates[1:]]
+    elif row is not None:
+        finding = Finding(Problem.MISSING, Action.DROP_ROW, sop, row.object_key,
+                          "no copy left")
+        steps.insert(0, (finding, lambda: _drop_row(services, sop, row.object_key)))
+    return steps
+
+
+def _index(services: Services, candidate: _Candidate, why: str) -> str:
+    """Index an object as it is stored (it is not written again)."""
+    data = candidate.data
+    work = services.ingest._index_work(candidate.analysis, candidate.key, len(data), "")
+    services.index.commit(work)
+    log.warning("fsck: indexed %s as SOP Instance %s (%s)", candidate.key,
+                candidate.analysis.sop_instance_uid, why)
+    return ""
+
+
+def _drop_row(services: Services, sop: str, key: str) -> str:
+    with services.index.write() as conn:
+        writer.delete_instance(conn, sop)
+    log.warning("fsck: dropped the index row of SOP Instance %s: its object %s is gone "
+                "and no other copy exists", sop, key)
+    return ""
+
+
+def _quarantine(services: Services, problem: Problem, sop: str, key: str, folder: str,
+                note: str = "") -> _Step:
+    finding = Finding(problem, Action.QUARANTINE, sop, key, note)
+
+    def move() -> str:
+        where = services.store.quarantine(key, folder)
+        log.warning("fsck: moved %s (%s, SOP Instance %s) to %s", key, problem.value,
+                    sop, where)
+        return where
+
+    return finding, move
+

@@ -1,0 +1,72 @@
+"""The composition root: the only place that wires concrete backends together.
+
+DIMSE handlers, the DICOMweb app and the CLI receive a :class:`Services` and call the
+core through it; nothing reaches for a module-level singleton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pacs.core.analysers import AnalyserPool
+from pacs.core.config import Settings
+from pacs.core.dataset import quiet_pydicom
+from pacs.core.index.connection import Index, busy_timeout_for
+from pacs.core.index.migrations import migrate
+from pacs.core.ingest import Ingest
+from pacs.core.query.engine import QueryEngine
+from pacs.core.storage import ObjectStore, open_store
+
+
+@dataclass
+class Services:
+    """Everything a protocol edge needs, built once per process."""
+
+    settings: Settings
+    index: Index
+    store: ObjectStore
+    ingest: Ingest
+    engine: QueryEngine
+    analysers: AnalyserPool
+
+    def close(self) -> None:
+        """Release index connections and store clients."""
+        self.analysers.close()
+        self.index.close()
+        self.store.close()
+
+
+def build(settings: Settings, store: ObjectStore | None = None, *,
+          check_store: bool = True) -> Services:
+    """Open (and migrate) the index and the object store the settings name.
+
+    Parameters
+    ----------
+    settings : Settings
+        The effective settings.
+    store : ObjectStore, optional
+        A ready store (tests pass an in-memory one); opened from the settings otherwise.
+    check_store : bool
+        Prove the store reachable (and create its bucket) now.  ``pacs serve`` and the
+        commands do; the worker processes of a running node do not, so that a worker
+        started while the store is briefly down (a replacement, a restarted DICOMweb
+        server) still serves: its writes fail (A700 / 503) until the store is back, and
+        queries of the index go on.
+
+    Raises
+    ------
+    ConfigError
+        When ``check_store`` and the store cannot be reached or used.
+    """
+    quiet_pydicom()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = store if store is not None else open_store(settings, check=check_store)
+    index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout))
+    migrate(index.connection())
+    ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks",
+                    max_object_bytes=settings.max_object_bytes)
+    engine = QueryEngine(index, max_rows=settings.query_max_rows,
+                         time_limit=settings.query_time_limit,
+                         pn_case_sensitive=settings.pn_case_sensitive)
+    return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
+                    analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes))

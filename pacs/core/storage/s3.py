@@ -1,0 +1,614 @@
+"""The S3 object store: MinIO, SeaweedFS or any S3 service, through the ``minio`` client.
+
+Objects live in one bucket under the customer's prefix: the key
+``<Study>/<Series>/<SOP>.dcm`` is the object ``<customer>/<Study>/<Series>/<SOP>.dcm``,
+so customers sharing a bucket never share a key (docs/architecture.md, "Data layout").
+
+Choices that matter for the guarantees (docs/architecture.md, "Guarantees"):
+
+- Every request body carries ``Content-MD5``.  minio-py adds it by itself only over
+  HTTPS; over plain HTTP it relies on the signed ``x-amz-content-sha256``, which not
+  every server checks (SeaweedFS 4.x accepts a body whose signed SHA-256 differs).
+  ``Content-MD5`` is checked by every S3 server before it stores anything, so a body
+  damaged in transit is refused (``BadDigest``) instead of stored.
+- ``put`` returns only once the PUT (or the multipart upload's completion) has been
+  answered with success; S3 makes a completed PUT durable and atomically visible.  A
+  short source fails before anything is sent (or aborts the multipart upload), so a
+  failed ``put`` leaves no new object.
+- Parts are read and sent one at a time, so a put holds at most one part in memory.
+- The HTTP pool has a short connect timeout and few retries, so an unreachable
+  endpoint fails in seconds instead of minio's default minutes.  Both timeouts derive
+  from the time a peer waits for an answer (``PACS_DIMSE_TIMEOUT``, see
+  :func:`timeouts_for`), and a request the server did not answer in time is not sent
+  again: a stalled server fails a PUT well before the peer gives up, so the peer gets
+  a failure status rather than a dropped association.
+- Errors become :class:`~pacs.core.errors.StorageError` (or :class:`~pacs.core.errors.ConfigError`
+  from :meth:`S3Store.check`) whose messages name the S3 error code or the network
+  failure, never the credentials or the object key.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.helpers import MIN_PART_SIZE, md5sum_hash
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    ResponseError,
+    SSLError,
+)
+
+from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.storage.base import is_object_key, put_each, quarantine_folder
+
+if TYPE_CHECKING:
+    from datetime import datetime
+    from types import TracebackType
+    from typing import Self
+
+    from minio.credentials import Credentials
+    from minio.helpers import DictType
+    from urllib3.connectionpool import ConnectionPool
+    from urllib3.response import BaseHTTPResponse
+
+    from pacs.core.config import Settings
+
+#: Largest part of a multipart upload, and so the most memory one ``put`` holds.  An
+#: object up to this size goes in one PUT; 10,000 parts allow objects up to ~156 GiB.
+DEFAULT_PART_SIZE = 16 * 1024 * 1024
+
+#: Seconds to wait for a TCP connection: a wrong or firewalled endpoint fails fast.
+#: urllib3 also bounds each send of a request body by it (a server that stops reading).
+CONNECT_TIMEOUT = 5.0
+
+#: Seconds to wait for each read from an established connection (not for the whole
+#: response): generous, as a busy server may take a while to answer a large PUT.
+READ_TIMEOUT = 15.0
+
+#: Size of the buffer in front of an object's HTTP response.
+_READ_BUFFER = 1024 * 1024
+
+#: S3 error codes meaning the credentials are wrong or lack permission.
+_CREDENTIAL_CODES = frozenset(
+    {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
+     "ExpiredToken", "InvalidSecurity"}
+)
+
+#: S3 error codes meaning the object (or its whole bucket) is not there.
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
+
+# The customer name becomes the key prefix: the alphabet pacs.core.config allows.
+_CUSTOMER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def timeouts_for(answer_within: float) -> tuple[float, float]:
+    """The (connect, read) timeouts that let a request fail within ``answer_within``.
+
+    A PUT to a stalled server (stopped, or too busy to answer) takes at most two connect
+    timeouts (a connection or send that stalls is tried once more) and one read timeout
+    (a request the server did not answer is not sent again, see :class:`_Retry`), plus
+    under a second of back-off: with connect = ``answer_within`` / 12 (2 to 5 s) and
+    read = ``answer_within`` / 4, about half of ``answer_within``.  A multipart upload
+    (objects over the part size) that fails is aborted by minio, which may take as long
+    again: 50 s of the default 60.
+
+    Parameters
+    ----------
+    answer_within : float
+        Seconds the peer waits for the answer (``PACS_DIMSE_TIMEOUT``).
+
+    Returns
+    -------
+    (float, float)
+        Seconds; 5 and 15 for the default of 60.
+    """
+    connect = min(CONNECT_TIMEOUT, max(2.0, answer_within / 12))
+    read = max(2.0, answer_within / 4)
+    return connect, read
+
+
+class _Retry(urllib3.Retry):
+    """urllib3's retries, except for a request the server did not answer in time.
+
+    Sending it again would double the time a stalled server holds the caller (the
+    server, not the network, is what failed); a dropped connection or a refused one is
+    still retried.
+    """
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: ConnectionPool | None = None,
+                  _stacktrace: TracebackType | None = None) -> Self:
+        """Raise a read timeout at once; count anything else as urllib3 does."""
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+class _NoRetryWarnings(logging.Filter):
+    """Drops urllib3's "Retrying ..." warnings: they name the object's URL, whose key is
+    made of the instance's UIDs.  A request that fails in the end is reported by the
+    caller, with the reason and without the key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a retry warning."""
+        return not str(record.msg).startswith("Retrying")
+
+
+def _quiet_retry_warnings() -> None:
+    """Install :class:`_NoRetryWarnings` on urllib3's pool logger (once)."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _NoRetryWarnings) for f in logger.filters):
+        logger.addFilter(_NoRetryWarnings())
+
+
+class _Md5Minio(Minio):
+    """A minio client that sends ``Content-MD5`` with every request body.
+
+    minio-py computes ``Content-MD5`` itself over HTTPS only (see
+    ``Minio._build_headers``); doing it over HTTP as well makes the server verify the
+    bytes it stores whatever the transport.  A ``Content-MD5`` already present (minio
+    sets it for some bucket-configuration calls) is kept.
+    """
+
+    def _build_headers(
+        self,
+        host: str,
+        headers: DictType | None = None,
+        body: bytes | None = None,
+        creds: Credentials | None = None,
+    ) -> tuple[DictType, datetime]:
+        if body:
+            headers = dict(headers or {})
+            if "Content-MD5" not in headers:
+                headers["Content-MD5"] = md5sum_hash(body) or ""
+        return super()._build_headers(host, headers, body, creds)
+
+
+class _ObjectStream(io.RawIOBase):
+    """An object's HTTP response as a raw binary stream.
+
+    Closing it closes the response and hands the connection back to the pool, which
+    ``urllib3`` does not do when a body is left unread.
+
+    Parameters
+    ----------
+    response : urllib3.response.BaseHTTPResponse
+        The unread response of a GET (``preload_content=False``).
+    """
+
+    def __init__(self, response: BaseHTTPResponse) -> None:
+        super().__init__()
+        self._response = response
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Read up to ``len(buffer)`` bytes; 0 at the end of the object."""
+        try:
+            # urllib3 checks the received length against Content-Length, so a
+            # connection cut mid-object raises here instead of reading as a short file.
+            return self._response.readinto(buffer)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageError(f"S3 read failed: {_network_reason(exc)}") from exc
+
+    def close(self) -> None:
+        """Close the response and release its connection (idempotent)."""
+        if not self.closed:
+            try:
+                self._response.close()
+                self._response.release_conn()
+            finally:
+                super().close()
+
+
+class _CountingReader:
+    """Counts the bytes minio reads from a source, to tell a short source apart.
+
+    Parameters
+    ----------
+    source : BinaryIO
+        The caller's stream.
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.count = 0
+        self.eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        """Read from the source, noting the count and the end of the stream."""
+        data = self._source.read(size)
+        if not data and size != 0:
+            self.eof = True
+        self.count += len(data)
+        return data
+
+
+class S3Store:
+    """Objects in an S3 bucket under the customer's prefix.
+
+    Parameters
+    ----------
+    endpoint : str
+        ``host:port`` of the S3 service, without a scheme.
+    access_key, secret_key : str
+        The credentials; never written into a message or a log.
+    bucket : str
+        The bucket; :meth:`check` creates it when missing.
+    customer : str
+        The customer name: objects are stored under ``<customer>/``.
+    secure : bool
+        Use HTTPS.
+    region : str
+        The region to sign requests for; given explicitly so that minio does not ask
+        the server for the bucket's location before the first request.
+    part_size : int
+        Size of each part of a multipart upload (at least 5 MiB, S3's minimum); objects
+        up to this size are sent in a single PUT.
+    connect_timeout, read_timeout : float
+        Seconds to wait for a connection (and for each send), and for each read of an
+        answer (see :func:`timeouts_for`).
+
+    Raises
+    ------
+    ConfigError
+        When the endpoint, customer or part size cannot be used.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        customer: str,
+        secure: bool = False,
+        region: str = "us-east-1",
+        part_size: int = DEFAULT_PART_SIZE,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        if not _CUSTOMER_RE.match(customer):
+            raise ConfigError("the customer name must be 1-64 letters, digits, '-' or '_'")
+        if part_size < MIN_PART_SIZE:
+            raise ConfigError(f"the S3 part size must be at least {MIN_PART_SIZE} bytes")
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.region = region
+        self.part_size = part_size
+        self.customer = customer
+        self._prefix = f"{customer}/"
+        # minio's own pool waits 5 minutes per connection attempt and retries 5 times;
+        # an unreachable endpoint must fail at start-up in seconds.  PUT, GET, HEAD and
+        # DELETE are idempotent, so urllib3 may retry them; the multipart POSTs are not
+        # retried (urllib3's default allowed_methods).  Connections that failed are
+        # dropped, so the pool recovers by itself once the server is back.
+        _quiet_retry_warnings()
+        self._http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            retries=_Retry(
+                total=3,
+                connect=1,
+                read=1,
+                status=2,
+                backoff_factor=0.2,
+                status_forcelist=(500, 502, 503, 504),
+            ),
+            # One connection per concurrent association is kept for reuse.
+            maxsize=16,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        try:
+            self._client = _Md5Minio(
+                endpoint=endpoint,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=secure,
+                region=region or None,
+                http_client=self._http,
+            )
+        except ValueError as exc:
+            # minio's message names the endpoint only (e.g. a scheme or path in it).
+            raise ConfigError(f"PACS_S3_ENDPOINT: {exc}; expected host:port") from None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3Store:
+        """The store the ``PACS_S3_*`` settings and ``CUSTOMER`` describe.
+
+        Parameters
+        ----------
+        settings : pacs.core.config.Settings
+            The node's settings.
+
+        Returns
+        -------
+        S3Store
+            An unchecked store; call :meth:`check` before use.
+        """
+        connect, read = timeouts_for(settings.dimse_timeout)
+        return cls(
+            endpoint=settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            bucket=settings.s3_bucket,
+            customer=settings.customer,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            connect_timeout=connect,
+            read_timeout=read,
+        )
+
+    def _object_name(self, key: str) -> str:
+        # Keys come from validated UIDs; refuse anything else so that no value from
+        # the network can name an object outside the customer's prefix.
+        if not is_object_key(key):
+            raise StorageError("refusing an object key that is not derived from UIDs")
+        return self._prefix + key
+
+    @contextmanager
+    def _storage_errors(self, action: str) -> Iterator[None]:
+        """Turn minio and urllib3 failures inside the block into :class:`StorageError`."""
+        try:
+            yield
+        except S3Error as exc:
+            raise StorageError(f"S3 {action} failed: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise StorageError(f"S3 {action} failed: {_network_reason(exc)}") from exc
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        """Store ``length`` bytes of ``source`` under ``key``; return once stored.
+
+        Parameters
+        ----------
+        key : str
+            An object key as :func:`pacs.core.storage.object_key` builds it.
+        source : BinaryIO
+            The bytes; exactly ``length`` of them are read.
+        length : int
+            The object's size.
+
+        Raises
+        ------
+        StorageError
+            When the key is refused, the source is shorter than ``length``, or S3
+            fails; no new object is left behind.
+        """
+        name = self._object_name(key)
+        if length < 0:
+            raise StorageError("the object length must be known")
+        reader = _CountingReader(source)
+        with self._storage_errors("write"):
+            try:
+                self._client.put_object(
+                    bucket_name=self.bucket,
+                    object_name=name,
+                    data=cast(BinaryIO, reader),
+                    length=length,
+                    content_type="application/dicom",
+                    part_size=self.part_size,
+                    # Parallel parts would be queued in memory ahead of the uploads;
+                    # one at a time keeps a put to a single part in memory.
+                    num_parallel_uploads=1,
+                )
+            except OSError as exc:
+                # minio reads the source itself and raises IOError for a short source
+                # before sending the part (aborting a multipart upload); any other
+                # OSError is the source failing and is reported as such.
+                if reader.eof and reader.count < length:
+                    raise StorageError(
+                        f"short source: {reader.count} of {length} bytes"
+                    ) from exc
+                raise
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Each put is durable by itself (see :func:`pacs.core.storage.put_each`)."""
+        return put_each(self, items)
+
+    def open(self, key: str) -> BinaryIO:
+        """A buffered stream of the object's bytes; the caller closes it.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object.
+        StorageError
+            When S3 fails.
+        """
+        name = self._object_name(key)
+        with self._storage_errors("read"):
+            try:
+                response = self._client.get_object(bucket_name=self.bucket, object_name=name)
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES:
+                    raise NotFound("no such object") from None
+                raise
+        return io.BufferedReader(_ObjectStream(response), buffer_size=_READ_BUFFER)
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object.
+        """
+        name = self._object_name(key)
+        with self._storage_errors("stat"):
+            try:
+                stat = self._client.stat_object(bucket_name=self.bucket, object_name=name)
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES:
+                    raise NotFound("no such object") from None
+                raise
+        return int(stat.size or 0)
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object (or bucket) is not an error."""
+        name = self._object_name(key)
+        with self._storage_errors("delete"):
+            try:
+                self._client.remove_object(bucket_name=self.bucket, object_name=name)
+            except S3Error as exc:
+                if exc.code not in _MISSING_CODES:
+                    raise
+
+    def exists(self, key: str) -> bool:
+        """True when the object exists."""
+        try:
+            self.size(key)
+        except NotFound:
+            return False
+        return True
+
+    def _listing(self) -> Iterator[tuple[str, int]]:
+        """Each stored key of this customer with its size; a missing bucket is empty."""
+        with self._storage_errors("list"):
+            try:
+                objects = self._client.list_objects(
+                    bucket_name=self.bucket, prefix=self._prefix, recursive=True
+                )
+                for obj in objects:
+                    name = obj.object_name or ""
+                    key = name[len(self._prefix):]
+                    # Anything else under the prefix (a stray upload, a folder marker)
+                    # is not one of our objects.
+                    if not obj.is_dir and name.startswith(self._prefix) and is_object_key(key):
+                        yield key, int(obj.size or 0)
+            except S3Error as exc:
+                if exc.code != "NoSuchBucket":
+                    raise
+
+    def local_path(self, key: str) -> Path | None:
+        """No local files: objects are read over HTTP with :meth:`open`."""
+        return None
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object to ``<customer>/quarantine/<folder>/<key>``; return that name.
+
+        A server-side copy, then the removal of the original: a failure in between
+        leaves both (never neither).  The quarantine is outside :meth:`keys`, whose keys
+        start with a UID.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object.
+        StorageError
+            When S3 fails.
+        """
+        name = self._object_name(key)
+        target = f"{self._prefix}quarantine/{quarantine_folder(folder)}/{key}"
+        with self._storage_errors("quarantine"):
+            try:
+                self._client.copy_object(bucket_name=self.bucket, object_name=target,
+                                         source=CopySource(self.bucket, name))
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES:
+                    raise NotFound("no such object") from None
+                raise
+            self._client.remove_object(bucket_name=self.bucket, object_name=name)
+        return target
+
+    def keys(self) -> Iterator[str]:
+        """Every object key of this customer, without the prefix."""
+        for key, _size in self._listing():
+            yield key
+
+    def check(self) -> None:
+        """Make sure the endpoint answers, the credentials work and the bucket exists.
+
+        The bucket is created when missing.
+
+        Raises
+        ------
+        ConfigError
+            When the endpoint cannot be reached, refuses the credentials, or the bucket
+            can be neither found nor created.
+        """
+        where = f"S3 at {self.endpoint}"
+        try:
+            if not self._client.bucket_exists(bucket_name=self.bucket):
+                try:
+                    self._client.make_bucket(
+                        bucket_name=self.bucket, location=self.region or None
+                    )
+                except S3Error as exc:
+                    # Another node may have created it between the two calls.
+                    if exc.code != "BucketAlreadyOwnedByYou":
+                        raise
+        except S3Error as exc:
+            if exc.code in _CREDENTIAL_CODES:
+                raise ConfigError(
+                    f"{where} refused the credentials ({exc.code}): check "
+                    "PACS_S3_ACCESS_KEY, PACS_S3_SECRET_KEY and the key's permissions "
+                    f"on bucket {self.bucket!r}"
+                ) from exc
+            raise ConfigError(
+                f"{where}: cannot use or create bucket {self.bucket!r} ({exc.code})"
+            ) from exc
+        except ValueError as exc:
+            raise ConfigError(f"PACS_S3_BUCKET: {exc}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConfigError(
+                f"cannot reach {where}: {_network_reason(exc)}; check PACS_S3_ENDPOINT "
+                "and PACS_S3_SECURE"
+            ) from exc
+
+    def usage(self) -> int:
+        """Bytes stored under this customer's prefix."""
+        return sum(size for _key, size in self._listing())
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._http.clear()
+
+
+def _network_reason(exc: BaseException) -> str:
+    """A short description of a transport failure, without URLs or credentials."""
+    # MaxRetryError carries the last underlying error as ``reason``.
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        exc = reason
+    # Order matters: NameResolutionError < NewConnectionError < ConnectTimeoutError.
+    if isinstance(exc, NameResolutionError):
+        return "host name not found"
+    if isinstance(exc, NewConnectionError):
+        return "connection refused or host unreachable"
+    if isinstance(exc, ConnectTimeoutError):
+        return "connection timed out"
+    if isinstance(exc, ReadTimeoutError):
+        return "timed out waiting for the server"
+    if isinstance(exc, SSLError):
+        return "TLS handshake failed (is PACS_S3_SECURE right?)"
+    if isinstance(exc, ProtocolError):
+        return "connection dropped"
+    if isinstance(exc, ResponseError):
+        return "the server kept answering with errors"
+    if isinstance(exc, ServerError):
+        return f"server error (HTTP {exc.status_code})"
+    if isinstance(exc, InvalidResponseError):
+        return "the answer was not S3's (is PACS_S3_ENDPOINT an S3 service?)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__

@@ -1,0 +1,142 @@
+"""Processes that run beside the node's core: the viewer server and the upload watcher.
+
+Both are optional to the node's purpose, so they are supervised differently from the
+DIMSE workers and the DICOMweb server: one that cannot start, or that exits, is logged
+and started again a little later, and the node goes on receiving and answering.  Each
+is a child process of ``pacs serve`` (``subprocess``, not ``fork``): it opens its own
+index connection and store client, and inherits none of the parent's sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+
+from pacs.node import viewer
+from pacs.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a companion that exited is started again.
+RESTART_DELAY = 5.0
+#: Seconds a companion has to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 15.0
+
+
+@dataclass
+class Companion:
+    """One supervised child process.
+
+    Attributes
+    ----------
+    name : str
+        For the log.
+    launch : callable
+        Starts the process (may raise ``OSError``, e.g. a busy port).
+    """
+
+    name: str
+    launch: Callable[[], subprocess.Popen[bytes]]
+    process: subprocess.Popen[bytes] | None = None
+    next_start: float = 0.0
+
+    def start(self) -> None:
+        """Start now; a failure is logged and retried after :data:`RESTART_DELAY`."""
+        try:
+            self.process = self.launch()
+        except OSError as exc:
+            log.error("cannot start the %s: %s; retrying in %g s", self.name, exc,
+                      RESTART_DELAY)
+            self.process = None
+            self.next_start = time.monotonic() + RESTART_DELAY
+
+    def check(self) -> None:
+        """Restart when it exited or could not start (called by the supervisor)."""
+        if self.process is not None:
+            code = self.process.poll()
+            if code is None:
+                return
+            log.error("the %s exited with %s; restarting in %g s", self.name, code,
+                      RESTART_DELAY)
+            self.process = None
+            self.next_start = time.monotonic() + RESTART_DELAY
+        if time.monotonic() >= self.next_start:
+            self.start()
+
+
+class Companions:
+    """The companions of one ``pacs serve``, started and stopped together."""
+
+    def __init__(self, members: list[Companion]) -> None:
+        self.members = members
+        self._thread: threading.Thread | None = None
+
+    def start(self, stopping: threading.Event) -> Companions:
+        """Start every member and a thread that restarts them until ``stopping``."""
+        for member in self.members:
+            member.start()
+        if self.members:
+            self._thread = threading.Thread(target=self._supervise, args=(stopping,),
+                                            name="pacs-companions", daemon=True)
+            self._thread.start()
+        return self
+
+    def _supervise(self, stopping: threading.Event) -> None:
+        while not stopping.wait(0.5):
+            for member in self.members:
+                member.check()
+
+    def stop(self) -> None:
+        """SIGTERM every member, wait, then SIGKILL those still running."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)  # the caller has set ``stopping``
+        running = [m.process for m in self.members
+                   if m.process is not None and m.process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("a companion process did not stop in time; killing it")
+                process.kill()
+                process.wait()
+
+
+def _upload_watcher(environment: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "pacs.node.uploads"],
+                            env={**os.environ, **environment}, stdin=subprocess.DEVNULL)
+
+
+def start_companions(settings: Settings, environment: Mapping[str, str],
+                     stopping: threading.Event) -> Companions:
+    """Start the viewer server and the upload watcher that the settings ask for.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``viewer_port`` 0 turns the viewer off; ``uploads_poll`` 0 the watcher.
+    environment : mapping
+        Environment for the children (``pacs serve``'s overrides, the data folder).
+    stopping : threading.Event
+        Set when the node stops; the supervisor then stops restarting.
+    """
+    members: list[Companion] = []
+    if settings.viewer_port:
+        dist = viewer.find_dist(settings)
+        if dist is None:
+            log.warning(viewer.missing_message(settings))
+        else:
+            members.append(Companion(
+                "OHIF viewer server", partial(viewer.launch, settings, dist, environment)))
+    if settings.uploads_poll > 0:
+        members.append(Companion("upload watcher", partial(_upload_watcher, environment)))
+    return Companions(members).start(stopping)

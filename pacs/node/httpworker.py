@@ -1,0 +1,1398 @@
+"""The gunicorn worker class of the node's HTTP ports (DICOMweb and viewer).
+
+Why not gunicorn's own classes
+------------------------------
+``gthread`` gives a connection to a thread as soon as its first byte is readable; the
+thread then blocks reading the rest of the head and the body, and later writing the
+response, for as long as the client takes.  A hundred clients that send half a request
+and stop hold every thread of every worker, and nobody else is answered.  The async
+classes (``gevent``, ``eventlet``) would avoid that by monkey-patching the standard
+library, which this application cannot afford: apsw (SQLite) and the helper processes
+block in C, and a patched ``socket``/``threading`` under them is a risk nobody can test
+exhaustively.  A buffering front (nginx) is another process to ship and configure in
+the embedded default, and one more copy of every byte.
+
+What this worker does
+---------------------
+One event loop per worker process (:mod:`selectors`, non-blocking sockets) does every
+read from the network and every wait; threads only run the application:
+
+* **Head**: bytes are collected until the head is complete (``\\r\\n\\r\\n``), within
+  ``PACS_HTTP_TIMEOUT`` of the connection (or of the first byte of a request on a
+  kept-alive connection), and within :data:`MAX_HEAD_BYTES`; gunicorn's own parser then
+  reads it (``--limit-request-line``/``-fields``/``-field-size`` and every check of
+  its parser apply, errors are its answers).
+* **Body**: a ``Content-Length`` above ``PACS_MAX_REQUEST_BYTES`` is answered 413 at
+  once, nothing of the body read.  Otherwise the body (``chunked`` is decoded here) is
+  spooled: in memory up to :data:`MEMORY_BODY_BYTES` per request and
+  :data:`MEMORY_BUDGET_BYTES` over the worker, in an unnamed temporary file in the data
+  folder beyond that.  A client silent for ``PACS_HTTP_TIMEOUT`` in the middle of its
+  body is disconnected.  Only a complete request reaches a thread of the application
+  pool (``--threads``), so those threads never wait for a client to send.
+* **Streaming**: a body of :data:`STREAM_MIN_BYTES` or more with a ``Content-Length``
+  is not waited for when a thread of a second pool, the streaming pool (as many threads
+  again), is free: that thread runs the application while the loop goes on spooling,
+  and the application reads the body as it arrives (a large STOW-RS is parsed and
+  stored while it is received, as it was under ``gthread``).  A client that stalls can
+  hold only these threads, for ``PACS_HTTP_TIMEOUT`` at most, after which the body ends
+  where it stopped (the application finds it incomplete); when none is free, bodies
+  are spooled whole first.
+* **Response**: a thread writes without blocking.  When the client does not take the
+  bytes for :data:`WRITE_GRACE` seconds, the unsent rest (at most one piece of the
+  response) is parked with the loop and the thread goes back to the pool; the loop
+  sends it as the client reads, and a thread takes the response up again when it has
+  gone.  A client that reads nothing for ``PACS_HTTP_TIMEOUT`` is disconnected.  Parked
+  bytes are limited to :data:`PARK_BUDGET_BYTES` per worker; past that a thread waits
+  (``PACS_HTTP_TIMEOUT`` at most without progress) instead of parking more.
+* **Idle**: a kept-alive connection is closed after ``PACS_HTTP_KEEPALIVE`` seconds
+  without a request.
+* **Connections**: at the worker's limit (``--worker-connections``, within the
+  descriptor limit, which is raised to its hard value) the worker does not stop
+  accepting: it closes the oldest idle connection, else the oldest still sending its
+  head, else the slowest sender of a body, else the oldest parked response.  A real
+  client completes its head within milliseconds, so under a flood of slow ones it is
+  theirs that go.  A per-address cap would not be needed on top, and would refuse the
+  browsers behind one proxy or NAT.
+
+Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
+arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
+back.  A thread of the streaming pool does not park a response (it waits for its
+reader itself, ``PACS_HTTP_TIMEOUT`` at most without progress).  What this buys is that
+a thread of the application pool is only ever busy with work the application does.
+Memory is bounded by these limits and the number of connections, never by what a
+client declares (a declared length reserves memory budget; it allocates nothing).
+
+If the application cannot be loaded (the object store unreachable while a worker
+boots), the worker does not fail: it answers 503 to every request and builds the
+application again in the background, with back-off, until it succeeds.  gunicorn would
+otherwise stop altogether, and the node's HTTP side with it.  A port that answers 503
+(``/health`` too, so a container's health check says unhealthy) tells a client what is
+wrong, where a port that refuses connections while gunicorn is restarted over and over
+does not; ``pacs serve`` still restarts a gunicorn that exits for another reason.
+
+Only HTTP/1.x without TLS is served (the node's ports; TLS belongs to a front).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import io
+import json
+import logging
+import os
+import queue
+import resource
+import select
+import selectors
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from gunicorn.http import wsgi
+from gunicorn.http.message import Request
+from gunicorn.http.unreader import IterUnreader
+from gunicorn.workers import base
+
+log = logging.getLogger(__name__)
+
+#: Largest request head (request line and header fields) collected; larger get 431.
+MAX_HEAD_BYTES = 64 << 10
+#: Largest body kept in memory; larger ones are spooled to a temporary file.
+MEMORY_BODY_BYTES = 32 << 20
+#: Request bodies held in memory by one worker at most (the rest go to files).
+MEMORY_BUDGET_BYTES = 64 << 20
+#: Unsent response bytes parked with the loop by one worker at most.
+PARK_BUDGET_BYTES = 64 << 20
+#: Bodies at least this large may be streamed to the application as they arrive.
+STREAM_MIN_BYTES = 1 << 20
+#: Seconds a thread waits for a slow reader before parking the response.
+WRITE_GRACE = 0.05
+#: Bytes read from a socket at once.
+READ_BYTES = 1 << 20
+#: Bytes read at once from a file a response streams (``wsgi.file_wrapper``).
+FILE_BLOCK_BYTES = 256 << 10
+#: Seconds a connection answered with an error is read (and discarded) before it is
+#: closed, so that the client sees the answer rather than a reset.
+LINGER_SECONDS = 2.0
+#: Free space the data folder keeps: a body that would leave less is refused (503).
+SPOOL_RESERVE_BYTES = 1 << 30
+#: Longest chunk-size line or trailer section of a chunked body.
+MAX_CHUNK_LINE = 4096
+MAX_TRAILER_BYTES = 16 << 10
+#: Seconds of the loop's longest wait (timeouts are checked at least this often).
+TICK = 0.25
+#: Seconds between log lines counting the slow clients closed meanwhile.
+REPORT_SECONDS = 10.0
+#: Back-off of a failed application load: first delay, longest delay.
+RETRY_FIRST, RETRY_LONGEST = 1.0, 10.0
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF)
+
+
+class State(Enum):
+    """Where a connection is."""
+
+    HEAD = "head"          # reading a request head
+    IDLE = "idle"          # kept alive, waiting for the next request
+    BODY = "body"          # reading a request body
+    BUSY = "busy"          # a thread has it
+    PARKED = "parked"      # the loop sends a response's unsent rest
+    CLOSING = "closing"    # answered with an error; discarding input until closed
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits and timeouts the worker applies (from the node's settings).
+
+    Attributes
+    ----------
+    timeout : float
+        Seconds for a request head to arrive, and of silence while a body is sent or
+        a response read (``PACS_HTTP_TIMEOUT``).
+    keepalive : float
+        Seconds an idle kept-alive connection stays open (``PACS_HTTP_KEEPALIVE``).
+    max_body : int
+        Largest request body (``PACS_MAX_REQUEST_BYTES``).
+    spool_dir : str
+        Where bodies too large for memory are spooled (the data folder).
+    """
+
+    timeout: float
+    keepalive: float
+    max_body: int
+    spool_dir: str
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        """The limits of this process's settings (environment and ``.env``)."""
+        from pacs.core import config
+
+        settings = config.load()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(timeout=max(0.5, settings.http_timeout),
+                   keepalive=max(0.0, settings.http_keepalive),
+                   max_body=max(0, settings.max_request_bytes),
+                   spool_dir=str(settings.data_dir))
+
+
+class BadRequest(Exception):
+    """A request the loop answers itself: ``status`` and a short plain-text reason."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def error_response(status: str, reason: str) -> bytes:
+    """A complete ``Connection: close`` answer with a plain-text body."""
+    body = (reason + "\n").encode("latin-1", "replace")
+    return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+# --- request bodies ---------------------------------------------------------------------
+
+class Budget:
+    """Bytes a worker holds for a purpose, shared by the loop and the threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Account ``size`` more bytes if they fit under the limit."""
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        """Return ``size`` bytes taken earlier."""
+        with self._lock:
+            self.used -= size
+
+
+class Spool:
+    """A request body as it arrives: in memory while small, in a file beyond that.
+
+    The loop writes it; :meth:`reader` reads it, from a thread, while it arrives or
+    once it has (a read waits for the bytes it asks for).  Every byte is kept until
+    :meth:`close`, so a reader may step back (``readline``).
+
+    Parameters
+    ----------
+    budget : Budget
+        The worker's memory for bodies; a body that does not fit goes to a file.
+    folder : str
+        Where the file is made (unnamed: it disappears when closed, or on a crash).
+    expected : int or None
+        The declared length (``None`` for a chunked body).
+    """
+
+    def __init__(self, budget: Budget, folder: str, expected: int | None) -> None:
+        self.budget = budget
+        self.folder = folder
+        self.size = 0
+        self.finished = False  # every byte is here
+        self.aborted = False   # no more bytes will come: the client stalled or left
+        self.changed = threading.Condition()
+        self._chunks: list[bytes] = []
+        self._starts: list[int] = []  # offset of each chunk in the body
+        self._held = 0  # bytes taken from the budget
+        self._file: Any = None
+        if expected is not None and (expected > MEMORY_BODY_BYTES
+                                     or not self._reserve(expected)):
+            self._to_file(expected)
+
+    def _reserve(self, size: int) -> bool:
+        if self.budget.take(size):
+            self._held += size
+            return True
+        return False
+
+    def _to_file(self, expected: int | None) -> None:
+        """Continue in a temporary file (with what was held so far)."""
+        left = shutil.disk_usage(self.folder).free - (expected or 0)
+        if left < SPOOL_RESERVE_BYTES:
+            raise BadRequest("503 Service Unavailable",
+                             "not enough free space to receive this request")
+        file = tempfile.TemporaryFile(dir=self.folder, buffering=0)
+        for chunk in self._chunks:
+            _write_all(file, chunk)
+        self._file = file
+        self._chunks, self._starts = [], []
+        self._release()
+
+    def _release(self) -> None:
+        if self._held:
+            self.budget.give(self._held)
+            self._held = 0
+
+    def write(self, data: bytes) -> None:
+        """Append received body bytes (the loop)."""
+        with self.changed:
+            if self._file is None and self.size + len(data) > self._held:
+                # A chunked body grows past what it holds: take more, or go to a file.
+                more = self.size + len(data) - self._held
+                if self.size + len(data) > MEMORY_BODY_BYTES or not self._reserve(more):
+                    self._to_file(None)
+            if self._file is not None:
+                _write_all(self._file, data)
+            else:
+                self._chunks.append(data)
+                self._starts.append(self.size)
+            self.size += len(data)
+            self.changed.notify_all()
+
+    def finish(self) -> None:
+        """Every byte has arrived."""
+        with self.changed:
+            self.finished = True
+            self.changed.notify_all()
+
+    def abort(self) -> None:
+        """No more bytes will arrive: a reader waiting for them gets the end."""
+        with self.changed:
+            self.aborted = True
+            self.changed.notify_all()
+
+    def take(self, position: int, size: int) -> bytes:
+        """``size`` bytes from ``position`` (all present; under :attr:`changed`)."""
+        if self._file is not None:
+            parts = []
+            while size > 0:
+                data = os.pread(self._file.fileno(), size, position)
+                if not data:
+                    raise OSError(errno.EIO, "the spooled body is shorter than written")
+                parts.append(data)
+                position += len(data)
+                size -= len(data)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        index = bisect.bisect_right(self._starts, position) - 1
+        first = self._chunks[index]
+        offset = position - self._starts[index]
+        if offset == 0 and len(first) == size:
+            return first  # exactly one piece: as it arrived, no copy
+        pieces: list[bytes | memoryview] = []
+        while size > 0:
+            chunk = memoryview(self._chunks[index])[offset:offset + size]
+            pieces.append(chunk)
+            size -= len(chunk)
+            index, offset = index + 1, 0
+        return b"".join(pieces)
+
+    def reader(self, timeout: float) -> SpoolReader:
+        """The body for ``wsgi.input``, from its start.
+
+        Parameters
+        ----------
+        timeout : float
+            Longest wait for more bytes before the reader gives up (the loop gives up
+            on a silent client first, at ``PACS_HTTP_TIMEOUT``).
+        """
+        return SpoolReader(self, timeout)
+
+    def close(self) -> None:
+        """Free the memory or the file."""
+        with self.changed:
+            self.aborted = True
+            self.size = 0
+            self._chunks, self._starts = [], []
+            self._release()
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self.changed.notify_all()
+
+
+def _write_all(file: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[file.write(view):]
+
+
+class SpoolReader:
+    """``wsgi.input``: a :class:`Spool` read from its start.
+
+    A read returns what it asks for, waiting while the body is still arriving; it
+    returns less only at the end of the body.  When the client stopped sending (the
+    spool was aborted) the body ends where it stopped, as gunicorn's own body reader
+    ends when a client goes away: the application finds the body incomplete.
+    """
+
+    def __init__(self, spool: Spool, timeout: float) -> None:
+        self._spool = spool
+        self._timeout = timeout
+        self._position = 0
+
+    def _wait(self) -> int:
+        """Bytes available beyond the position (0: the end), waiting for some."""
+        spool = self._spool
+        while spool.size <= self._position and not spool.finished and not spool.aborted:
+            if not spool.changed.wait(self._timeout):
+                break
+        return max(0, spool.size - self._position)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """``size`` bytes (all the rest when ``size`` is negative or None)."""
+        wanted = -1 if size is None or size < 0 else size
+        parts: list[bytes] = []
+        spool = self._spool
+        with spool.changed:
+            while wanted != 0:
+                available = self._wait()
+                if not available:
+                    break
+                take = available if wanted < 0 else min(available, wanted)
+                parts.append(spool.take(self._position, take))
+                self._position += take
+                if wanted > 0:
+                    wanted -= take
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Up to and including the next ``\\n`` (at most ``size`` bytes)."""
+        limit = -1 if size is None or size < 0 else size
+        parts: list[bytes] = []
+        taken = 0
+        while limit < 0 or taken < limit:
+            block = self.read(8192 if limit < 0 else min(8192, limit - taken))
+            if not block:
+                break
+            end = block.find(b"\n")
+            if end >= 0:
+                self._position -= len(block) - end - 1  # the rest is read again later
+                parts.append(block[:end + 1])
+                break
+            parts.append(block)
+            taken += len(block)
+        return b"".join(parts)
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        """Lines until the end (or until ``hint`` bytes were read)."""
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while line := self.readline():
+            yield line
+
+    def close(self) -> None:
+        """Nothing to free: the spool is the worker's."""
+
+
+class Chunked:
+    """An incremental decoder of a ``chunked`` body (RFC 9112 section 7.1)."""
+
+    def __init__(self) -> None:
+        self._state = "size"  # size, data, data-end, trailer, done
+        self._left = 0
+        self._line = bytearray()
+        self._trailers = 0
+
+    @property
+    def done(self) -> bool:
+        """The last chunk and the trailer section were read."""
+        return self._state == "done"
+
+    def feed(self, data: bytes) -> tuple[list[bytes], int]:
+        """Decode what ``data`` holds: (body pieces, bytes of ``data`` consumed).
+
+        Raises
+        ------
+        BadRequest
+            When the framing is invalid.
+        """
+        out: list[bytes] = []
+        position, end = 0, len(data)
+        while position < end and self._state != "done":
+            if self._state == "data":
+                take = min(self._left, end - position)
+                out.append(data[position:position + take])
+                position += take
+                self._left -= take
+                if not self._left:
+                    self._state = "data-end"
+                continue
+            newline = data.find(b"\n", position)
+            if newline < 0:
+                self._line += data[position:]
+                position = end
+            else:
+                self._line += data[position:newline + 1]
+                position = newline + 1
+            limit = MAX_TRAILER_BYTES if self._state == "trailer" else MAX_CHUNK_LINE
+            if len(self._line) > limit:
+                raise BadRequest("400 Bad Request", "chunked framing line too long")
+            if newline >= 0:
+                line, self._line = bytes(self._line), bytearray()
+                self._take_line(line)
+        return out, position
+
+    def _take_line(self, line: bytes) -> None:
+        if not line.endswith(b"\r\n"):
+            raise BadRequest("400 Bad Request", "bare LF in chunked framing")
+        line = line[:-2]
+        if self._state == "data-end":
+            if line:
+                raise BadRequest("400 Bad Request", "chunk data longer than its size")
+            self._state = "size"
+        elif self._state == "size":
+            size = line.split(b";", 1)[0].rstrip(b" \t")
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise BadRequest("400 Bad Request", "invalid chunk size")
+            self._left = int(size, 16)
+            self._state = "data" if self._left else "trailer"
+        elif line:  # a trailer field: read and dropped
+            self._trailers += len(line)
+            if self._trailers > MAX_TRAILER_BYTES:
+                raise BadRequest("431 Request Header Fields Too Large", "trailers too large")
+        else:
+            self._state = "done"
+
+
+# --- responses --------------------------------------------------------------------------
+
+class Writer:
+    """The socket as gunicorn's response sees it: writes never block.
+
+    What the kernel does not take at once is kept (in order) in :attr:`pending`, to be
+    sent by :meth:`flush` (a thread, waiting a little) or :meth:`send_some` (the loop).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: list[memoryview] = []
+        self.pending_bytes = 0
+
+    def sendall(self, data: bytes) -> None:
+        """Send what the kernel takes now and keep the rest."""
+        view = memoryview(data)
+        if not self.pending:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            view = view[sent:]
+        if len(view):
+            self.pending.append(view)
+            self.pending_bytes += len(view)
+
+    def send(self, data: bytes) -> int:
+        """gunicorn sends a 100 Continue with ``send``: the same as :meth:`sendall`."""
+        self.sendall(data)
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send_some(self) -> int:
+        """Send pending bytes until the kernel takes no more; the number sent."""
+        total = 0
+        while self.pending:
+            view = self.pending[0]
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                break
+            total += sent
+            self.pending_bytes -= sent
+            if sent == len(view):
+                self.pending.pop(0)
+            else:
+                self.pending[0] = view[sent:]
+                break
+        return total
+
+    def flush(self, wait: float) -> bool:
+        """Send every pending byte, waiting at most ``wait`` s each time nothing moves.
+
+        Returns False when the client took nothing for ``wait`` seconds.
+        """
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
+        while self.pending:
+            if self.send_some():
+                continue
+            if not poller.poll(wait * 1000):
+                return False
+        return True
+
+
+@dataclass
+class Exchange:
+    """One request being answered: gunicorn's response and the application's body."""
+
+    req: Request
+    resp: Any
+    environ: dict[str, Any]
+    body: Any  # wsgi.input
+    started: datetime
+    respiter: Any = None
+    chunks: Iterator[bytes] | None = None
+    finished: bool = False  # the response is complete (maybe not yet sent)
+    keep: bool = False      # the connection may serve another request
+    parked: int = 0         # bytes taken from the park budget
+    streamed: bool = False  # runs in the streaming pool (the body was still arriving)
+
+
+class Connection:
+    """One client connection and where it is (see :class:`State`)."""
+
+    __slots__ = ("sock", "peer", "server", "state", "data", "scanned", "deadline",
+                 "since", "requests", "req", "spool", "left", "chunked", "writer",
+                 "exchange", "streamed")
+
+    def __init__(self, sock: socket.socket, peer: Any, server: Any) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.server = server
+        self.state = State.HEAD
+        self.data = bytearray()  # head bytes, or what followed a complete request
+        self.scanned = 0  # bytes of ``data`` searched for the end of the head
+        self.deadline = 0.0
+        self.since = time.monotonic()
+        self.requests = 0
+        self.req: Request | None = None
+        self.spool: Spool | None = None
+        self.left = 0  # body bytes still to read (Content-Length)
+        self.chunked: Chunked | None = None
+        self.writer = Writer(sock)
+        self.exchange: Exchange | None = None
+        self.streamed = False  # the application runs while the body arrives
+
+
+def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
+    """A WSGI application that answers every request 503 (the real one is missing)."""
+    body = json.dumps({"status": "unhealthy",
+                       "reason": "the web application is not running yet; see the "
+                                 "node's log"}).encode()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("503 Service Unavailable", [
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("Retry-After", str(max(1, round(retry_after)))), ("Cache-Control", "no-store")])
+        return [body]
+
+    return app
+
+
+# --- the worker -------------------------------------------------------------------------
+
+class HttpWorker(base.Worker):  # type: ignore[misc]
+    """gunicorn worker: an event loop for the network, threads for the application.
+
+    Use with ``--worker-class pacs.node.httpworker.HttpWorker``; ``--threads`` is the number
+    of application threads, ``--worker-connections`` the connection limit.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits: Limits | None = None
+        self.connections: dict[int, Connection] = {}
+        self.poller: selectors.BaseSelector | None = None
+        self.pool: futures.ThreadPoolExecutor | None = None
+        self.stream_pool: futures.ThreadPoolExecutor | None = None
+        self.streams = Budget(0)  # requests in the streaming pool
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.wake_fds: tuple[int, int] = (-1, -1)
+        self.memory = Budget(MEMORY_BUDGET_BYTES)
+        self.park = Budget(PARK_BUDGET_BYTES)
+        self.scratch = memoryview(bytearray(READ_BYTES))
+        self.max_connections = 0
+        self.accepting = False
+        self.last_sweep = 0.0
+        self.last_notify = 0.0
+        self.last_report = 0.0
+        self.slow_closed = 0  # slow or stalled clients closed since the last report
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """TLS and HTTP/2 are not served by this worker."""
+        if cfg.is_ssl:
+            raise RuntimeError("pacs.node.httpworker.HttpWorker serves plain HTTP only")
+
+    # -- start-up --
+
+    def init_process(self) -> None:
+        """Limits, loop and thread pool, then gunicorn's start-up (which runs :meth:`run`)."""
+        self.limits = Limits.from_settings()
+        self.max_connections = self._connection_limit()
+        self.poller = selectors.DefaultSelector()
+        threads = max(1, self.cfg.threads)
+        self.pool = futures.ThreadPoolExecutor(max_workers=threads,
+                                               thread_name_prefix="pacs-http")
+        self.stream_pool = futures.ThreadPoolExecutor(max_workers=threads,
+                                                      thread_name_prefix="pacs-http-stream")
+        self.streams = Budget(threads)
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        self.wake_fds = (read, write)
+        super().init_process()
+
+    def _connection_limit(self) -> int:
+        """``--worker-connections``, within what the descriptor limit allows.
+
+        The soft limit is raised to the hard one first (a body spooled to a file holds
+        a second descriptor per connection).
+        """
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                pass
+        return max(16, min(self.cfg.worker_connections, (soft - 256) // 2))
+
+    def load_wsgi(self) -> None:
+        """Load the application; when it cannot be, answer 503 and retry in the background."""
+        try:
+            self.wsgi = self.app.wsgi()
+        except Exception as exc:  # noqa: BLE001 - any failure to build it
+            # The exception as an argument: pacs.core.logs names it without its values.
+            log.error("the web application cannot start (%s); answering 503 and retrying "
+                      "in %g s", exc, RETRY_FIRST)
+            self.wsgi = unavailable_app(RETRY_FIRST)
+            threading.Thread(target=self._retry_load, name="pacs-http-load",
+                             daemon=True).start()
+
+    def _retry_load(self) -> None:
+        delay = RETRY_FIRST
+        while self.alive:
+            time.sleep(delay)
+            try:
+                app = self.app.wsgi()
+            except Exception as exc:  # noqa: BLE001 - any failure to build it
+                delay = min(delay * 2, RETRY_LONGEST)
+                log.error("the web application still cannot start (%s); retrying in %g s",
+                          exc, delay)
+                self.wsgi = unavailable_app(delay)
+                continue
+            self.wsgi = app
+            log.info("the web application started; serving requests")
+            return
+
+    # -- signals --
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGQUIT / SIGINT: stop now."""
+        for pool in (self.pool, self.stream_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        super().handle_quit(sig, frame)
+
+    # -- the loop --
+
+    def run(self) -> None:
+        """Serve until told to stop, then let running requests finish (graceful timeout)."""
+        assert self.poller is not None
+        self.poller.register(self.PIPE[0], selectors.EVENT_READ, self._drain_signals)
+        self.poller.register(self.wake_fds[0], selectors.EVENT_READ, self._run_calls)
+        self._accept_enabled(True)
+        try:
+            while self.alive:
+                self._heartbeat()
+                self._cycle()
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    self.alive = False
+            self._stop_gracefully()
+        finally:
+            for conn in list(self.connections.values()):
+                self._close(conn)
+            for pool in (self.pool, self.stream_pool):
+                if pool is not None:
+                    pool.shutdown(wait=False)
+            self.poller.close()
+            for fd in self.wake_fds:
+                os.close(fd)
+
+    def _stop_gracefully(self) -> None:
+        """Stop accepting; finish what is running within the graceful timeout.
+
+        The listening sockets are closed at once: a gunicorn started again after its
+        master died can bind the port while this worker finishes.
+        """
+        self._accept_enabled(False)
+        for listener in self.sockets:
+            listener.close()
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            for conn in list(self.connections.values()):
+                if conn.state is State.IDLE or (conn.state is State.HEAD and not conn.data):
+                    self._close(conn)
+            if not self.connections:
+                return
+            self._heartbeat()
+            self._cycle()
+
+    def _heartbeat(self) -> None:
+        """Tell the arbiter this worker is alive (at most every :data:`TICK`)."""
+        now = time.monotonic()
+        if now - self.last_notify >= TICK:
+            self.last_notify = now
+            self.notify()
+
+    def _cycle(self) -> None:
+        """Wait for events (at most :data:`TICK`), handle them, expire timeouts."""
+        assert self.poller is not None
+        try:
+            events = self.poller.select(TICK)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            if not isinstance(key.data, Connection):
+                key.data(key.fileobj, mask)
+                continue
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    self._on_writable(key.data)
+                else:
+                    self._on_readable(key.data)
+            except Exception:  # noqa: BLE001 - one connection's failure, not the loop's
+                self.log.exception("Error handling an HTTP connection")
+                self._close(key.data)
+        now = time.monotonic()
+        if now - self.last_sweep >= TICK / 2:
+            self.last_sweep = now
+            for conn in [c for c in self.connections.values()
+                         if c.deadline and c.deadline <= now]:
+                self._expire(conn)
+            if self.slow_closed and now - self.last_report >= REPORT_SECONDS:
+                log.info("closed %d slow or stalled HTTP connection(s) since the last such "
+                         "line (PACS_HTTP_TIMEOUT, connection limit)", self.slow_closed)
+                self.slow_closed, self.last_report = 0, now
+
+    def _drain_signals(self, fileobj: Any, mask: int) -> None:
+        try:
+            while os.read(self.PIPE[0], 4096):
+                pass
+        except OSError:
+            pass
+
+    def _run_calls(self, fileobj: Any, mask: int) -> None:
+        try:
+            os.read(self.wake_fds[0], 4096)
+        except OSError:
+            pass
+        while True:
+            try:
+                call = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            call()
+
+    def _post(self, call: Callable[[], None]) -> None:
+        """Run ``call`` in the loop (from a thread)."""
+        self.calls.put(call)
+        try:
+            os.write(self.wake_fds[1], b"\0")
+        except OSError:  # the pipe is full: the loop is being woken anyway
+            pass
+
+    # -- connections --
+
+    def _accept_enabled(self, enabled: bool) -> None:
+        assert self.poller is not None
+        if enabled == self.accepting:
+            return
+        for listener in self.sockets:
+            if enabled:
+                listener.setblocking(False)
+                self.poller.register(listener, selectors.EVENT_READ, self._accept)
+            else:
+                self.poller.unregister(listener)
+        self.accepting = enabled
+
+    def _accept(self, listener: Any, mask: int) -> None:
+        for _ in range(64):
+            if len(self.connections) >= self.max_connections and not self._make_room():
+                self._accept_enabled(False)
+                return
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept HTTP connections: %s", exc)
+                    self._accept_enabled(False)
+                    return
+                raise
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            conn = Connection(sock, peer, listener.getsockname())
+            conn.deadline = time.monotonic() + self._limits.timeout
+            self.connections[sock.fileno()] = conn
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _make_room(self) -> bool:
+        """Close one connection to make room for a new one; False when none can go.
+
+        The oldest idle connection goes first, then the oldest one still sending its
+        head, then one answered with an error, then the slowest sender of a body, then
+        the oldest parked response: under a flood of slow clients, it is theirs.
+        """
+        now = time.monotonic()
+
+        def rate(conn: Connection) -> float:
+            received = conn.spool.size if conn.spool is not None else 0
+            return received / max(now - conn.since, 1e-3)
+
+        for state in (State.IDLE, State.HEAD, State.CLOSING, State.BODY, State.PARKED):
+            # A streamed body is left to its timeout: its thread holds the connection.
+            waiting = [c for c in self.connections.values()
+                       if c.state is state and not c.streamed]
+            if not waiting:
+                continue
+            victim = (min(waiting, key=rate) if state is State.BODY
+                      else min(waiting, key=lambda c: c.since))
+            log.debug("HTTP connection limit reached: closing a %s connection from %s",
+                      state.value, _host(victim.peer))
+            self.slow_closed += 1
+            if state is State.PARKED:
+                self._abort_parked(victim)
+            else:
+                self._close(victim)
+            return True
+        return False
+
+    @property
+    def _limits(self) -> Limits:
+        assert self.limits is not None
+        return self.limits
+
+    def _watch(self, conn: Connection, events: int) -> None:
+        assert self.poller is not None
+        try:
+            self.poller.modify(conn.sock, events, conn)
+        except KeyError:
+            self.poller.register(conn.sock, events, conn)
+
+    def _unwatch(self, conn: Connection) -> None:
+        assert self.poller is not None
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _close(self, conn: Connection) -> None:
+        """Forget the connection and free what it holds (loop only)."""
+        self._unwatch(conn)
+        self.connections.pop(conn.sock.fileno(), None)
+        if conn.spool is not None:
+            conn.spool.close()
+            conn.spool = None
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        if (not self.accepting and self.alive
+                and len(self.connections) < self.max_connections):
+            self._accept_enabled(True)
+
+    def _expire(self, conn: Connection) -> None:
+        """A deadline passed: say why when the client is waiting for an answer."""
+        if conn.state in (State.HEAD, State.BODY, State.PARKED):
+            self.slow_closed += 1
+        if conn.state is State.HEAD and conn.data:
+            log.debug("HTTP client %s sent no complete request head in %g s",
+                      _host(conn.peer), self._limits.timeout)
+            self._refuse(conn, BadRequest("408 Request Timeout",
+                                          "the request head did not arrive in time"))
+        elif conn.state is State.BODY:
+            log.debug("HTTP client %s stopped sending its request body", _host(conn.peer))
+            if conn.streamed:
+                self._abort_stream(conn)
+            else:
+                self._refuse(conn, BadRequest("408 Request Timeout",
+                                              "the request body stopped arriving"))
+        elif conn.state is State.PARKED:
+            log.debug("HTTP client %s stopped reading its response", _host(conn.peer))
+            self._abort_parked(conn)
+        else:  # idle, a silent new connection, or the end of lingering
+            self._close(conn)
+
+    def _refuse(self, conn: Connection, error: BadRequest) -> None:
+        """Answer ``error`` and close once the client has had time to read it."""
+        self._send_and_linger(conn, error_response(error.status, error.reason))
+
+    def _send_and_linger(self, conn: Connection, answer: bytes) -> None:
+        if conn.spool is not None:
+            conn.spool.close()
+            conn.spool = None
+        try:
+            conn.sock.send(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.state = State.CLOSING
+        conn.data = bytearray()
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        self._watch(conn, selectors.EVENT_READ)
+
+    # -- reading (loop) --
+
+    def _on_readable(self, conn: Connection) -> None:
+        if conn.state is State.BODY:
+            self._read_body(conn)
+            return
+        try:
+            count = conn.sock.recv_into(self.scratch, len(self.scratch)
+                                        if conn.state is State.CLOSING else 64 << 10)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not count or conn.state is State.CLOSING:
+            if not count:
+                self._close(conn)
+            return  # lingering: input is discarded
+        if conn.state is State.IDLE:
+            conn.state = State.HEAD
+            conn.since = time.monotonic()
+            conn.deadline = conn.since + self._limits.timeout
+        conn.data += self.scratch[:count]
+        self._take_head(conn)
+
+    def _take_head(self, conn: Connection) -> None:
+        """Parse the head once it is complete; refuse one that grows too large."""
+        data = conn.data
+        start = max(0, conn.scanned - 3)
+        end = data.find(b"\r\n\r\n", start)
+        bare = data.find(b"\n\n", start)  # a bare-LF head: let the parser refuse it
+        if end < 0 and bare < 0:
+            conn.scanned = len(data)
+            if len(data) > MAX_HEAD_BYTES:
+                self._head_error(conn, bytes(data))
+            return
+        stop = bare + 2 if end < 0 or 0 <= bare < end else end + 4
+        if stop > MAX_HEAD_BYTES:
+            self._head_error(conn, bytes(data[:stop]))
+            return
+        head = bytes(data[:stop])
+        del data[:stop]
+        conn.scanned = 0
+        try:
+            req = Request(self.cfg, IterUnreader([head]), conn.peer, conn.requests + 1)
+        except Exception as exc:  # noqa: BLE001 - gunicorn's parser errors
+            self._parse_error(conn, exc)
+            return
+        conn.requests += 1
+        self._start_body(conn, req)
+
+    def _head_error(self, conn: Connection, data: bytes) -> None:
+        """A head over :data:`MAX_HEAD_BYTES`: gunicorn's verdict when it has one, or 431."""
+        try:
+            Request(self.cfg, IterUnreader([data]), conn.peer, conn.requests + 1)
+        except Exception as exc:  # noqa: BLE001 - gunicorn's parser errors
+            if type(exc).__name__ != "NoMoreData":
+                self._parse_error(conn, exc)
+                return
+        self._refuse(conn, BadRequest("431 Request Header Fields Too Large",
+                                      "the request head is too large"))
+
+    def _parse_error(self, conn: Connection, exc: Exception) -> None:
+        """gunicorn's answer to an invalid head (its status, its log line), then close."""
+        self.handle_error(None, conn.sock, conn.peer, exc)
+        self._send_and_linger(conn, b"")
+
+    def _start_body(self, conn: Connection, req: Request) -> None:
+        """Decide how the body is framed (as gunicorn's parser did) and start reading it."""
+        from gunicorn.http.body import ChunkedReader, LengthReader
+
+        reader = getattr(req.body, "reader", None)
+        length: int | None
+        if isinstance(reader, ChunkedReader):
+            length = None
+        elif isinstance(reader, LengthReader):
+            length = reader.length
+        else:
+            # No Content-Length and not chunked: a request has no body (RFC 9112 6.3).
+            length = 0
+        if length is not None and length > self._limits.max_body:
+            log.info("refused a request body of %d bytes from %s (PACS_MAX_REQUEST_BYTES "
+                     "is %d)", length, _host(conn.peer), self._limits.max_body)
+            self._refuse(conn, _too_large(self._limits.max_body))
+            return
+        conn.req = req
+        expects = bool(getattr(req, "_expected_100_continue", False))
+        if expects:
+            # Answered here, before the body is read; the application must not see it.
+            req._expected_100_continue = False
+            req.headers = [(k, v) for k, v in req.headers if k != "EXPECT"]
+        if length == 0:
+            self._dispatch(conn)
+            return
+        try:
+            conn.spool = Spool(self.memory, self._limits.spool_dir, length)
+        except BadRequest as error:
+            log.warning("refused a request body from %s: %s", _host(conn.peer), error.reason)
+            self._refuse(conn, error)
+            return
+        except OSError as exc:
+            log.error("cannot spool a request body in %s: %s", self._limits.spool_dir, exc)
+            self._refuse(conn, BadRequest("503 Service Unavailable",
+                                          "the request cannot be received now"))
+            return
+        conn.state = State.BODY
+        conn.since = time.monotonic()
+        conn.left = length or 0
+        conn.chunked = Chunked() if length is None else None
+        conn.deadline = time.monotonic() + self._limits.timeout
+        if expects and not conn.data:
+            try:
+                conn.sock.send(_CONTINUE)
+            except OSError:
+                pass
+        if conn.data:
+            early, conn.data = bytes(conn.data), bytearray()
+            self._take_body(conn, early)
+        if (conn.state is State.BODY and length is not None and length >= STREAM_MIN_BYTES
+                and self.streams.take(1)):
+            # A thread of the streaming pool runs the application while the body
+            # arrives: a client that stalls holds one of those, never one that other
+            # requests need.  Chunked bodies are not streamed: past the limit they must
+            # be answered 413, which only the loop can do before the application starts.
+            conn.streamed = True
+            self._dispatch(conn)
+
+    def _read_body(self, conn: Connection) -> None:
+        want = min(READ_BYTES, conn.left) if conn.chunked is None else READ_BYTES
+        try:
+            data = conn.sock.recv(want)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.debug("HTTP client %s left in the middle of its request body",
+                      _host(conn.peer))
+            if conn.streamed:
+                self._abort_stream(conn)
+            else:
+                self._close(conn)
+            return
+        conn.deadline = time.monotonic() + self._limits.timeout
+        self._take_body(conn, data)
+
+    def _take_body(self, conn: Connection, data: bytes) -> None:
+        """Spool body bytes; what follows the body is kept for the next request."""
+        assert conn.spool is not None
+        try:
+            if conn.chunked is None:
+                take = min(len(data), conn.left)
+                conn.spool.write(data[:take] if take < len(data) else data)
+                conn.left -= take
+                rest, complete = data[take:], not conn.left
+            else:
+                pieces, used = conn.chunked.feed(data)
+                for piece in pieces:
+                    conn.spool.write(piece)
+                if conn.spool.size > self._limits.max_body:
+                    log.info("refused a chunked request body over %d bytes from %s "
+                             "(PACS_MAX_REQUEST_BYTES)", self._limits.max_body,
+                             _host(conn.peer))
+                    raise _too_large(self._limits.max_body)
+                rest, complete = data[used:], conn.chunked.done
+        except (BadRequest, OSError) as exc:
+            if isinstance(exc, OSError):
+                log.error("cannot spool a request body in %s: %s", self._limits.spool_dir,
+                          exc)
+                exc = BadRequest("503 Service Unavailable",
+                                 "the request cannot be received now")
+            if conn.streamed:  # the application answers; the body just ends here
+                self._abort_stream(conn)
+            else:
+                self._refuse(conn, exc)
+            return
+        if complete:
+            conn.data = bytearray(rest)
+            conn.spool.finish()
+            if conn.streamed:  # a thread has it already
+                self._unwatch(conn)
+                conn.state = State.BUSY
+                conn.deadline = 0.0
+            else:
+                self._dispatch(conn)
+
+    def _dispatch(self, conn: Connection) -> None:
+        """A thread runs the application: for a complete request, one of the pool;
+        for a streamed one (its body still arriving), one of the streaming pool."""
+        assert self.pool is not None and self.stream_pool is not None
+        if not conn.streamed:
+            self._unwatch(conn)
+            conn.state = State.BUSY
+            conn.deadline = 0.0
+        body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
+                else io.BytesIO(b""))
+        pool = self.stream_pool if conn.streamed else self.pool
+        pool.submit(self._serve, conn, body)
+
+    def _abort_stream(self, conn: Connection) -> None:
+        """A streamed body stops arriving: the application reads its end and answers
+        (the answer may not reach the client); the connection closes after it."""
+        assert conn.spool is not None
+        conn.spool.abort()
+        self._unwatch(conn)
+        conn.state = State.BUSY
+        conn.deadline = 0.0
+
+    # -- responses (threads, and the loop for parked ones) --
+
+    def _serve(self, conn: Connection, body: Any) -> None:
+        """Run the application for the request of ``conn`` and start the response."""
+        req = conn.req
+        assert req is not None
+        exchange = Exchange(req=req, resp=None, environ={}, body=body,
+                            started=datetime.now(), streamed=conn.streamed)
+        conn.exchange = exchange
+        try:
+            self.cfg.pre_request(self, req)
+            resp, environ = wsgi.create(req, conn.writer, conn.peer, conn.server, self.cfg)
+            exchange.resp, exchange.environ = resp, environ
+            environ["wsgi.input"] = body
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+                self._post(lambda: None)
+            if not self.alive or self._limits.keepalive <= 0:
+                resp.force_close()
+            exchange.respiter = self.wsgi(environ, resp.start_response)
+            if isinstance(exchange.respiter, wsgi.FileWrapper):
+                exchange.respiter.blksize = max(exchange.respiter.blksize, FILE_BLOCK_BYTES)
+            exchange.chunks = iter(exchange.respiter)
+        except Exception as exc:  # noqa: BLE001 - the application's or the head's error
+            if exchange.resp is not None and exchange.resp.headers_sent:
+                self._abandon(conn, exc)
+                return
+            self.handle_error(req, conn.writer, conn.peer, exc)
+            exchange.finished, exchange.keep = True, False
+        self._pump(conn)
+
+    def _pump(self, conn: Connection) -> None:
+        """Write the response until it is done, or park it when the client lags."""
+        exchange = conn.exchange
+        assert exchange is not None
+        try:
+            while True:
+                if conn.writer.pending and not self._flush_or_park(conn):
+                    return  # parked: the loop sends the rest, then calls us again
+                if exchange.finished:
+                    break
+                assert exchange.chunks is not None and exchange.resp is not None
+                try:
+                    item = next(exchange.chunks)
+                except StopIteration:
+                    exchange.resp.close()
+                    exchange.finished = True
+                    exchange.keep = self.alive and not exchange.resp.should_close()
+                    continue
+                exchange.resp.write(item)
+        except Exception as exc:  # noqa: BLE001 - the client left, or the application failed
+            self._abandon(conn, exc)
+            return
+        self._finish(exchange)
+        self._post(lambda: self._done(conn, exchange.keep))
+
+    def _flush_or_park(self, conn: Connection) -> bool:
+        """Send what is pending; False when the rest was parked with the loop.
+
+        Raises
+        ------
+        TimeoutError
+            When the park budget is spent and the client read nothing for
+            ``PACS_HTTP_TIMEOUT`` seconds.
+        """
+        writer, exchange = conn.writer, conn.exchange
+        assert exchange is not None
+        if exchange.streamed:
+            # A thread of the streaming pool (the loop may still be reading the body):
+            # it waits for the reader itself.
+            if writer.flush(self._limits.timeout):
+                return True
+            raise TimeoutError("the client stopped reading the response")
+        if writer.flush(WRITE_GRACE):
+            return True
+        size = writer.pending_bytes
+        if self.park.take(size):
+            exchange.parked = size
+            self._post(lambda: self._park(conn))
+            return False
+        if writer.flush(self._limits.timeout):
+            return True
+        raise TimeoutError("the client stopped reading the response")
+
+    def _park(self, conn: Connection) -> None:
+        conn.state = State.PARKED
+        conn.since = time.monotonic()
+        conn.deadline = conn.since + self._limits.timeout
+        self._watch(conn, selectors.EVENT_WRITE)
+
+    def _on_writable(self, conn: Connection) -> None:
+        """Send a parked response's rest; give it back to a thread once it has gone."""
+        assert self.pool is not None
+        try:
+            sent = conn.writer.send_some()
+        except OSError:
+            self._abort_parked(conn)
+            return
+        if sent:
+            conn.deadline = time.monotonic() + self._limits.timeout
+        if conn.writer.pending:
+            return
+        self._unpark(conn)
+        self._unwatch(conn)
+        conn.state = State.BUSY
+        conn.deadline = 0.0
+        self.pool.submit(self._pump, conn)
+
+    def _unpark(self, conn: Connection) -> None:
+        if conn.exchange is not None and conn.exchange.parked:
+            self.park.give(conn.exchange.parked)
+            conn.exchange.parked = 0
+
+    def _abort_parked(self, conn: Connection) -> None:
+        """The client of a parked response stopped reading (or left): drop it."""
+        assert self.pool is not None
+        self._unpark(conn)
+        exchange = conn.exchange
+        self._close(conn)
+        if exchange is not None:
+            self.pool.submit(self._finish, exchange)
+
+    def _abandon(self, conn: Connection, exc: BaseException) -> None:
+        """A response that cannot be completed: log why, close the connection."""
+        if isinstance(exc, TimeoutError):
+            log.debug("HTTP client %s stopped reading its response", _host(conn.peer))
+        elif isinstance(exc, OSError) and exc.errno in _GONE:
+            log.debug("HTTP client %s left before its response was sent", _host(conn.peer))
+        else:
+            self.log.exception("Error handling request")
+        if conn.exchange is not None:
+            self._finish(conn.exchange)
+        self._post(lambda: self._close(conn))
+
+    def _finish(self, exchange: Exchange) -> None:
+        """Close the application's iterable; gunicorn's access log and hook."""
+        if exchange.streamed:
+            self.streams.give(1)
+        try:
+            if hasattr(exchange.respiter, "close"):
+                exchange.respiter.close()
+        except Exception:  # noqa: BLE001 - nothing left to answer
+            self.log.exception("Error closing the response")
+        if exchange.resp is not None:
+            self.log.access(exchange.resp, exchange.req, exchange.environ,
+                            datetime.now() - exchange.started)
+        try:
+            self.cfg.post_request(self, exchange.req, exchange.environ, exchange.resp)
+        except Exception:  # noqa: BLE001 - a hook's failure is not the client's
+            self.log.exception("Exception in post_request hook")
+
+    def _done(self, conn: Connection, keep: bool) -> None:
+        """The response was sent: wait for the next request, or close (loop)."""
+        if conn.state is State.BODY:
+            # Answered before its body had arrived (a refusal): the rest is not read.
+            self._send_and_linger(conn, b"")
+            return
+        if conn.spool is not None:
+            keep = keep and conn.spool.finished and not conn.spool.aborted
+            conn.spool.close()
+            conn.spool = None
+        conn.exchange = None
+        conn.req = None
+        conn.streamed = False
+        if not keep or not self.alive:
+            self._close(conn)
+            return
+        now = time.monotonic()
+        conn.since = now
+        if conn.data:  # the client sent its next request already
+            conn.state = State.HEAD
+            conn.deadline = now + self._limits.timeout
+            self._watch(conn, selectors.EVENT_READ)
+            self._take_head(conn)
+        else:
+            conn.state = State.IDLE
+            conn.deadline = now + self._limits.keepalive
+            self._watch(conn, selectors.EVENT_READ)
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest("413 Content Too Large",
+                      f"the request body is larger than this server accepts ({limit} bytes)")
+
+
+def _host(peer: Any) -> str:
+    """The client's address for the log (a port means nothing to a reader)."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)

@@ -1,0 +1,496 @@
+"""The customer's upload folder: files dropped there are stored like a C-STORE.
+
+Other DICOM tools (a storescp, a CD import, a user copying files) write into
+``customer/<CUSTOMER>/uploads`` (``PACS_UPLOADS_DIR``).  A watcher polls it, since
+inotify does not see writes made through a bind mount from another host or container,
+and every complete file goes through :meth:`pacs.core.ingest.Ingest.store_bytes`, the one
+ingest path, with the same durability and the same refusals.
+
+When is a file complete?  There is no portable signal, so three rules together:
+
+1. names that say "not yet" are left alone: dot-files, ``*.part``, ``*.tmp`` (and
+   ``*.partial``, ``*.crdownload``), the usual write-then-rename conventions;
+2. its size and modification time are the same in two consecutive scans (a writer
+   still busy changes them);
+3. no process has it open for writing (read from ``/proc/*/fd`` and ``fdinfo``, where
+   this process may see the writer: the same host or container, same user or root).
+
+A writer the watcher cannot see (another host, another container) that stalls for
+longer than one poll interval is indistinguishable from a finished one; such writers
+should use rule 1 (write ``name.part``, rename when done), as ``storescp`` and
+``rsync`` do.
+
+Afterwards:
+
+- stored (or already stored, byte for byte): deleted, or moved to ``archive/``
+  (``PACS_UPLOADS_AFTER_STORE``);
+- refused (not DICOM Part 10, truncated, invalid UIDs, a duplicate the policy refuses,
+  or a different duplicate the policy discards): moved to ``rejected/`` with
+  ``<name>.reason.txt`` beside it;
+- our own failure (store or index unavailable): left in place and tried again.
+
+Files larger than ``PACS_MAX_OBJECT_BYTES`` are rejected by their size, unread.  A file
+rewritten after it was read (its size, times or inode differ from what was read) is
+neither deleted nor archived: it is left for the next scans, which store the new
+content once it is stable.
+
+No link is ever followed below the upload folder: every path is reached one component
+at a time from the folder's descriptor with ``O_NOFOLLOW``, so a symbolic link (to
+``/etc/passwd``, or to a file or folder anywhere) is moved to ``rejected/`` as the link
+itself, with its reason; its target is never read, moved or deleted.  The same holds
+for ``archive/`` and ``rejected/`` (a link planted there is refused, not written
+through), and for the reason files.
+
+Sub-folders are walked (a dropped folder tree works); ``archive/`` and ``rejected/``
+keep the relative path of each file.  Logs give counts, not file names (which may
+carry patient names); names are logged at DEBUG only.
+
+Run by ``pacs serve`` as its own process (``python -m pacs.node.uploads``), so that it
+opens its own index connection and store client, as every worker does.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Run by `pacs serve`, which stops it with SIGTERM.  A Ctrl-C reaches the whole
+    # process group, possibly while the imports below are still running: ignore it until
+    # main() installs its own handler, so that it does not die with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+from pacs.core.errors import InvalidInstance, PacsError  # noqa: E402
+from pacs.core.ingest import Ingest, Outcome  # noqa: E402
+
+#: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
+log = logging.getLogger("pacs.node.uploads")
+
+#: Sub-folders of the upload folder that the watcher writes and never scans.
+ARCHIVE = "archive"
+REJECTED = "rejected"
+#: Suffixes of files still being written by their convention (case-insensitive).
+IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
+#: The suffix of the file explaining a rejection.
+REASON_SUFFIX = ".reason.txt"
+
+#: A folder below the upload folder, reached without following a link.
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: An uploaded file: never through a link, and never blocking (a FIFO put in its place).
+_UPLOAD = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Disposition(enum.Enum):
+    """What became of one uploaded file."""
+
+    STORED = "stored"
+    REJECTED = "rejected"
+    RETRY = "retry"  # our failure: left in place for the next scan
+
+
+@dataclass(frozen=True)
+class Handled:
+    """One file the watcher acted on."""
+
+    path: Path
+    disposition: Disposition
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a scan saw of a file: it is stable when the next scan sees the same."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """A file's identity and version: any write or replacement changes one of these."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> _Identity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                   info.st_ctime_ns)
+
+
+class _Skip(Exception):
+    """A file that is not handled now: its :class:`Handled` says what instead."""
+
+    def __init__(self, handled: Handled) -> None:
+        super().__init__(handled.reason)
+        self.handled = handled
+
+
+@contextmanager
+def _directory(root: Path, parts: Sequence[str], create: bool = False) -> Iterator[int]:
+    """A descriptor of ``root/parts...``, each part opened with ``O_NOFOLLOW``.
+
+    Raises
+    ------
+    OSError
+        A part is missing (unless ``create``), or a link (``ELOOP``) or not a folder.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _exists(name: str, folder: int) -> bool:
+    """True when ``name`` is taken in the folder (a dangling link too)."""
+    try:
+        os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def waits_for_rename(name: str) -> bool:
+    """True for names that a writer renames once done (dot-files, ``*.part``, ...)."""
+    return name.startswith(".") or name.lower().endswith(IN_PROGRESS_SUFFIXES)
+
+
+def open_for_writing(paths: Iterable[Path]) -> set[Path]:
+    """Those of ``paths`` that some visible process has open for writing.
+
+    Reads ``/proc/<pid>/fd/*`` links and the ``flags`` line of ``fdinfo``.  Processes
+    this one may not inspect (other users, other PID namespaces) are not seen; where
+    ``/proc`` does not exist the answer is the empty set.
+    """
+    wanted = {os.path.realpath(p): p for p in paths}
+    busy: set[Path] = set()
+    if not wanted:
+        return busy
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return busy
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target not in wanted:
+                continue
+            if _writable_fd(pid, fd):
+                busy.add(wanted[target])
+    return busy
+
+
+def _writable_fd(pid: str, fd: str) -> bool:
+    """True when the descriptor was opened write-only or read-write."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("flags:"):
+                    flags = int(line.split()[1], 8)
+                    return (flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Unknown: assume it is being written, so the file waits for another scan.
+    return True
+
+
+def _free_name(name: str, folder: int, *suffixes: str) -> str:
+    """``name``, or ``name`` with ``.1``, ``.2`` ... appended, free in ``folder`` with
+    each of ``suffixes`` appended too."""
+    for n in range(100_000):
+        candidate = f"{name}.{n}" if n else name
+        if not any(_exists(candidate + suffix, folder) for suffix in ("", *suffixes)):
+            return candidate
+    raise FileExistsError(name)
+
+
+class UploadWatcher:
+    """Scan an upload folder and ingest the complete files it holds.
+
+    Parameters
+    ----------
+    ingest : Ingest
+        The node's ingest path.
+    folder : Path
+        The upload folder (created when missing).
+    after_store : {"delete", "archive"}
+        What to do with a stored file.
+    writers : callable, optional
+        Given candidate paths, returns those still open for writing
+        (:func:`open_for_writing` by default; tests replace it).
+    max_object_bytes : int, optional
+        ``PACS_MAX_OBJECT_BYTES``: larger files are rejected unread; ``None``: no limit.
+    """
+
+    def __init__(self, ingest: Ingest, folder: Path, after_store: str = "delete",
+                 writers: Callable[[Iterable[Path]], set[Path]] = open_for_writing,
+                 max_object_bytes: int | None = None) -> None:
+        if after_store not in ("delete", "archive"):
+            raise ValueError(f"after_store must be delete or archive, not {after_store!r}")
+        self.ingest = ingest
+        self.folder = folder
+        self.after_store = after_store
+        self.writers = writers
+        self.max_object_bytes = max_object_bytes
+        self._previous: dict[Path, _Seen] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    # -- one scan ---------------------------------------------------------------------
+
+    def scan(self) -> list[Handled]:
+        """Look once: ingest every file that was already there, unchanged, last scan.
+
+        Returns
+        -------
+        list of Handled
+            The files acted on in this scan (none that are still waiting).
+        """
+        current: dict[Path, _Seen] = {}
+        stable: list[Path] = []
+        for path, seen in self._candidates():
+            current[path] = seen
+            if self._previous.get(path) == seen:
+                stable.append(path)
+        self._previous = current
+        busy = self.writers(stable) if stable else set()
+        handled = [self._handle(path) for path in stable if path not in busy]
+        for item in handled:
+            if item.disposition is not Disposition.RETRY:
+                # Gone from the folder: a new file under this name starts afresh.
+                self._previous.pop(item.path, None)
+        return handled
+
+    def _candidates(self) -> Iterator[tuple[Path, _Seen]]:
+        """Every file below the folder that may be an upload, with what it looks like."""
+        for dirpath, dirs, files in os.walk(self.folder):
+            here = Path(dirpath)
+            if here == self.folder:
+                dirs[:] = [d for d in dirs if d not in (ARCHIVE, REJECTED)]
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # os.walk lists links to folders with the folders (and does not enter them):
+            # they are candidates like any other link, to be moved aside as links.
+            links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+            dirs[:] = [d for d in dirs if d not in links]
+            for name in sorted(files + links):
+                if waits_for_rename(name):
+                    continue
+                path = here / name
+                try:
+                    info = path.lstat()
+                except OSError:  # removed meanwhile
+                    continue
+                yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
+
+    # -- one file ---------------------------------------------------------------------
+
+    def _handle(self, path: Path) -> Handled:
+        try:
+            data, identity = self._read(path)
+            result = self.ingest.store_bytes(data, calling_ae="")
+        except _Skip as skip:
+            return skip.handled
+        except InvalidInstance as exc:
+            return self._reject(path, str(exc), identity)
+        except PacsError as exc:
+            log.warning("could not store an uploaded file (%s); will retry", exc)
+            return Handled(path, Disposition.RETRY, str(exc))
+        finally:
+            data = b""  # the object's bytes are not kept while the file is moved
+        if result.outcome is Outcome.KEPT_FIRST:
+            return self._reject(path, "a different object is already stored under this "
+                                      "SOP Instance UID; kept the first "
+                                      "(PACS_DUPLICATE_POLICY=keep)", identity)
+        return self._done(path, identity)
+
+    def _read(self, path: Path) -> tuple[bytes, _Identity]:
+        """The file's bytes and the identity of what was read, without following links.
+
+        Raises
+        ------
+        _Skip
+            A link or not a regular file, larger than ``max_object_bytes`` (both
+            rejected), gone, unreadable or changed while it was read (retried).
+        """
+        parts = self._relative(path).parts
+        try:
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not stat.S_ISREG(os.stat(parts[-1], dir_fd=folder,
+                                            follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "not a regular file")  # never opened
+                fd = os.open(parts[-1], _UPLOAD, dir_fd=folder)
+        except FileNotFoundError:
+            raise _Skip(Handled(path, Disposition.RETRY, "vanished")) from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                # A link (or a socket) where a file or folder was: never read through.
+                raise _Skip(self._reject(path, "a link or not a regular file (links are "
+                                               "not followed)")) from None
+            log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+            raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
+        with os.fdopen(fd, "rb") as file:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Skip(self._reject(path, "not a regular file"))
+            limit = self.max_object_bytes
+            if limit is not None and before.st_size > limit:
+                raise _Skip(self._reject(
+                    path, f"larger than PACS_MAX_OBJECT_BYTES ({before.st_size} > {limit} "
+                          f"bytes); not read", _Identity.of(before)))
+            try:
+                data = file.read() if limit is None else file.read(limit + 1)
+            except OSError as exc:
+                log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+                raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
+            identity = _Identity.of(os.fstat(fd))
+        if identity != _Identity.of(before) or len(data) != identity.size:
+            raise _Skip(Handled(path, Disposition.RETRY, "changed while it was read"))
+        return data, identity
+
+    def _relative(self, path: Path) -> Path:
+        return path.relative_to(self.folder)
+
+    def _unchanged(self, name: str, folder: int, identity: _Identity | None) -> bool:
+        """True when ``name`` in ``folder`` is still the file that was read."""
+        if identity is None:
+            return True  # not read (a link): its own entry is what is moved
+        try:
+            return _Identity.of(os.stat(name, dir_fd=folder, follow_symlinks=False)) == identity
+        except OSError:
+            return False
+
+    def _done(self, path: Path, identity: _Identity) -> Handled:
+        """Delete or archive a stored file (it is durably in the store already), unless
+        it was rewritten since it was read: then the new content waits for the next
+        scans."""
+        parts = self._relative(path).parts
+        try:
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not self._unchanged(parts[-1], folder, identity):
+                    log.info("an uploaded file changed after it was stored; it is left "
+                             "for the next scan")
+                    return Handled(path, Disposition.RETRY, "changed after it was read")
+                if self.after_store == "archive":
+                    with _directory(self.folder, (ARCHIVE, *parts[:-1]), create=True) as to:
+                        os.rename(parts[-1], _free_name(parts[-1], to),
+                                  src_dir_fd=folder, dst_dir_fd=to)
+                else:
+                    os.unlink(parts[-1], dir_fd=folder)
+        except OSError as exc:
+            # Stored all the same; a file left behind is stored again as unchanged.
+            log.warning("stored an uploaded file but could not %s it: %s",
+                        self.after_store, exc.strerror)
+        return Handled(path, Disposition.STORED)
+
+    def _reject(self, path: Path, reason: str, identity: _Identity | None = None) -> Handled:
+        """Move a refused file (or link, as itself) to ``rejected/`` and write why
+        beside it; a file rewritten since it was read is left for the next scans."""
+        log.debug("rejected upload %s: %s", path, reason)
+        parts = self._relative(path).parts
+        try:
+            with _directory(self.folder, parts[:-1]) as folder:
+                if not self._unchanged(parts[-1], folder, identity):
+                    return Handled(path, Disposition.RETRY, "changed after it was read")
+                with _directory(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
+                    name = _free_name(parts[-1], to, REASON_SUFFIX)
+                    os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
+                    self._write_reason(to, name + REASON_SUFFIX, path, reason)
+        except OSError as exc:
+            log.error("could not move a rejected upload aside: %s", exc.strerror)
+            return Handled(path, Disposition.RETRY, reason)
+        return Handled(path, Disposition.REJECTED, reason)
+
+    def _write_reason(self, folder: int, name: str, path: Path, reason: str) -> None:
+        """The reason file: a new file, never written through a link."""
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(f"file: {self._relative(path).as_posix()}\nrejected: {when}\n"
+                      f"reason: {reason}\n")
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, stopping: threading.Event, interval: float) -> None:
+        """Scan every ``interval`` seconds until ``stopping`` is set.
+
+        A scan that fails unexpectedly is logged and the loop goes on: the folder
+        must never stop being watched because of one bad file.
+        """
+        log.info("watching the upload folder %s every %g s", self.folder, interval)
+        while not stopping.is_set():
+            try:
+                handled = self.scan()
+            except Exception:
+                log.exception("upload folder scan failed")
+                handled = []
+            _log_summary(handled)
+            stopping.wait(interval)
+
+
+def _log_summary(handled: list[Handled]) -> None:
+    stored = sum(h.disposition is Disposition.STORED for h in handled)
+    rejected = sum(h.disposition is Disposition.REJECTED for h in handled)
+    if stored or rejected:
+        log.info("uploads: stored %d, rejected %d (see %s/)", stored, rejected, REJECTED)
+
+
+def main() -> int:
+    """``python -m pacs.node.uploads``: watch the configured folder until SIGTERM/SIGINT."""
+    from pacs.core import config, logs
+    from pacs.core.services import build
+
+    settings = config.load()
+    logs.setup(settings.log_level)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        services = build(settings, check_store=False)  # pacs serve checked it
+    except PacsError as exc:
+        log.error("upload watcher cannot start: %s", exc)
+        return 1
+    try:
+        watcher = UploadWatcher(services.ingest, settings.uploads_dir,
+                                settings.uploads_after_store,
+                                max_object_bytes=settings.max_object_bytes)
+        watcher.run(stopping, settings.uploads_poll)
+    finally:
+        services.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

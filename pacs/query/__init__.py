@@ -1,6 +1,0 @@
-"""The protocol-neutral query engine: imports neither pynetdicom nor falcon."""
-
-from pacs.query.engine import QueryEngine
-from pacs.query.model import Constraint, InstanceRef, Match, Query, Result, Term
-
-__all__ = ["Constraint", "InstanceRef", "Match", "Query", "QueryEngine", "Result", "Term"]
