@@ -66,7 +66,7 @@ class RouteTable:
 
     Falcon takes one resource per template, and a template may serve two transactions
     (``/studies/{study}``: WADO-RS GET and STOW-RS POST).  Modules add their resources
-    here (or through :class:`_Collector`, which looks like the app), and :meth:`install`
+    here (:func:`routes`; the table has falcon's ``add_route``), and :meth:`install`
     gives falcon one resource per template holding every module's responders.
     """
 
@@ -81,6 +81,10 @@ class RouteTable:
             if self._options.get(template, kwargs) != kwargs:
                 raise ValueError(f"conflicting route options for {template}")
             self._options[template] = kwargs
+
+    def resources(self) -> dict[str, tuple[object, ...]]:
+        """Every URI template with the resources that answer it, in the order added."""
+        return {template: tuple(found) for template, found in self._routes.items()}
 
     def install(self, app: falcon.App) -> None:
         """Add every template to ``app`` with its merged resource."""
@@ -114,20 +118,6 @@ def merge(template: str, resources: list[object]) -> object:
     return merged
 
 
-class _Collector:
-    """The app as another module sees it: routes go to the table, the rest to the app."""
-
-    def __init__(self, app: falcon.App, table: RouteTable) -> None:
-        self._app = app
-        self._table = table
-
-    def add_route(self, template: str, resource: object, **kwargs: Any) -> None:
-        self._table.add_route(template, resource, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._app, name)
-
-
 def add_routes(table: RouteTable, services: Services, prefix: str) -> None:
     """QIDO-RS and STOW-RS resources under ``prefix``."""
     store = stow.Store(services, prefix)
@@ -135,6 +125,17 @@ def add_routes(table: RouteTable, services: Services, prefix: str) -> None:
         table.add_route(prefix + template, qido.Search(services, target, prefix))
     table.add_route(prefix + "/studies", store)
     table.add_route(prefix + "/studies/{study}", store)
+
+
+def routes(services: Services) -> RouteTable:
+    """Every DICOMweb route under each of :data:`PREFIXES`: the table :func:`create_app`
+    installs, which the conformance statement also reads."""
+    table = RouteTable()
+    for prefix in PREFIXES:
+        add_routes(table, services, prefix)
+        wado.add_routes(table, services, prefix)
+        rendered.add_routes(table, services, prefix)
+    return table
 
 
 def create_app(services: Services) -> falcon.App:
@@ -153,13 +154,7 @@ def create_app(services: Services) -> falcon.App:
     # /studies/ and /studies are the same resource (clients append slashes).
     app.req_options.strip_url_path_trailing_slash = True
     errors.register(app)
-    table = RouteTable()
-    for prefix in PREFIXES:
-        add_routes(table, services, prefix)
-        collector = _Collector(app, table)
-        wado.add_routes(collector, services, prefix)
-        rendered.add_routes(collector, services, prefix)
-    table.install(app)
+    routes(services).install(app)
     # GET /health: the node's quick health check, at the root only.
     health_route.add_route(app, services)
     return app

@@ -70,6 +70,8 @@ from pacs.core.errors import InvalidQuery, NotFound, UnreadableData
 from pacs.core.services import Services
 
 JPEG, PNG = "image/jpeg", "image/png"
+#: Media types of rendered images, the default first (PS3.18 8.7.4).
+RENDERED_TYPES = (JPEG, PNG)
 #: Longest side of a thumbnail without a viewport (OHIF's study browser draws ~128 px).
 THUMBNAIL_SIZE = 128
 #: JPEG quality when none is asked for.
@@ -165,7 +167,7 @@ def _window(text: str | None) -> Window | None:
 def choose_media(ranges: Sequence[MediaRange], document: str | None = None) -> str:
     """The media type to answer with (PS3.18 8.7.4): JPEG unless PNG is preferred; a
     document's own type for a document; 406 when the client accepts none of them."""
-    offered = (document,) if document else (JPEG, PNG)
+    offered = (document,) if document else RENDERED_TYPES
     for media in ranges:
         if media.multipart:
             continue  # rendered answers are single images

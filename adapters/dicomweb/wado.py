@@ -77,7 +77,8 @@ IMAGE_TYPES = {
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
 _IMAGE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
-_NATIVE_ASKED = frozenset({str(ExplicitVRLittleEndian), "1.2.840.10008.1.2"})
+#: ``transfer-syntax`` values of a frames request answered with uncompressed frames.
+NATIVE_FRAME_SYNTAXES = (str(ExplicitVRLittleEndian), "1.2.840.10008.1.2")
 
 
 # --- shared by the retrieve resources --------------------------------------------------
@@ -290,7 +291,7 @@ def frame_plan(ranges: Sequence[MediaRange], lay: pixels.Layout) -> FramePlan | 
         if content in ("", OCTET, ANY, "application/*"):
             if wanted == "*" or (wanted == stored and lay.encapsulated):
                 return FramePlan(True, OCTET, parted)
-            if (wanted is None or wanted in _NATIVE_ASKED) and native_ok:
+            if (wanted is None or wanted in NATIVE_FRAME_SYNTAXES) and native_ok:
                 return FramePlan(False, OCTET, parted)
             if wanted is None and content == ANY:
                 return FramePlan(True, OCTET, parted)
