@@ -51,7 +51,10 @@ def settings(tmp_path: Path) -> config.Settings:
                    "PACS_BIND_ADDRESS": "127.0.0.1",
                    # In-process analysis: helper processes are tested on their own
                    # (tests/unit/test_analysers.py) and under gunicorn (interop).
-                   "PACS_WEB_ANALYSERS": "0"},
+                   "PACS_WEB_ANALYSERS": "0",
+                   # falcon's test client sends "Host: falconframework.org": that name is this
+                   # node's (tests/service/test_access_hosts.py checks the rule itself).
+                   "PACS_WEB_HOSTS": "falconframework.org"},
         environ={}, env_file=None)
 
 

@@ -6,6 +6,11 @@
   or a bearer token (``PACS_WEB_TOKEN``); with neither configured they are refused.
 - ``PACS_WEB_OPEN=true`` answers everyone without credentials, on purpose (a trusted
   network, e.g. inside compose behind a proxy that does its own access control).
+- The loopback rule holds only for requests that name this node in their ``Host``
+  header: a loopback name or address (``localhost``, ``*.localhost``, ``127.0.0.1``,
+  ``[::1]``) or one of ``PACS_WEB_HOSTS``.  A page whose DNS name is rebound to
+  127.0.0.1 makes the browser send its own name: such a request from loopback without
+  valid credentials gets 421 Misdirected Request (RFC 9110 15.5.20), and no data.
 
 The peer address is the TCP peer (``REMOTE_ADDR``), never a ``Forwarded`` header,
 which a client can write.  A reverse proxy on this host therefore passes everyone it
@@ -42,6 +47,22 @@ def is_loopback(address: str | None) -> bool:
     return ip.is_loopback
 
 
+def host_name(host: str) -> str:
+    """The name of a ``Host`` header value, without port and brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal: [::1]:8080
+        return host[1:].partition("]")[0]
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host.rstrip(":")
+
+
+def names_loopback(host: str) -> bool:
+    """True when ``host`` (a Host header's name) can only mean this machine:
+    ``localhost`` and ``*.localhost`` (RFC 6761 6.3) or a loopback address."""
+    name = host.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
 def _equal(given: str, expected: str) -> bool:
     """Constant-time comparison (no timing side channel on the secret)."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
@@ -53,7 +74,8 @@ class Access:
     Parameters
     ----------
     settings : Settings
-        ``web_user``, ``web_password``, ``web_token`` and ``web_open`` are read.
+        ``web_user``, ``web_password``, ``web_token``, ``web_open`` and ``web_hosts``
+        are read.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -61,10 +83,21 @@ class Access:
         self.password = settings.web_password
         self.token = settings.web_token
         self.open = settings.web_open
+        self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
 
-    def allowed(self, remote_addr: str | None, authorization: str | None) -> bool:
-        """True when a request from ``remote_addr`` with this Authorization may pass."""
-        if self.open or is_loopback(remote_addr):
+    def names_this_node(self, host: str | None) -> bool:
+        """True when a request's Host header names this node (no header: not a
+        browser, which always sends one)."""
+        if not host:
+            return True
+        name = host_name(host)
+        return names_loopback(name) or name in self.hosts
+
+    def allowed(self, remote_addr: str | None, authorization: str | None,
+                host: str | None = None) -> bool:
+        """True when a request from ``remote_addr`` with this Authorization and Host
+        header may pass."""
+        if self.open or (is_loopback(remote_addr) and self.names_this_node(host)):
             return True
         return self.credentials_valid(authorization or "")
 
@@ -95,7 +128,8 @@ class Access:
 
 
 class AccessMiddleware:
-    """Refuse requests that :class:`Access` does not allow (401 with a challenge)."""
+    """Refuse requests that :class:`Access` does not allow: 421 for a loopback request
+    naming another host, else 401 with a challenge."""
 
     def __init__(self, access: Access) -> None:
         self.access = access
@@ -105,13 +139,22 @@ class AccessMiddleware:
 
         Raises
         ------
+        falcon.HTTPError
+            421 from loopback with a Host that does not name this node (DNS
+            rebinding) and no valid credentials.
         falcon.HTTPUnauthorized
             Not from this host, and no valid credentials.
         """
         if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
             return  # a CORS preflight never carries credentials
-        if self.access.allowed(req.remote_addr, req.get_header("Authorization")):
+        host = req.get_header("Host")
+        if self.access.allowed(req.remote_addr, req.get_header("Authorization"), host):
             return
+        if is_loopback(req.remote_addr):
+            raise falcon.HTTPError(
+                falcon.HTTP_421, title="Misdirected request",
+                description="this node answers requests without credentials only for its "
+                            "own names (a loopback name or PACS_WEB_HOSTS)")
         raise falcon.HTTPUnauthorized(
             title="Credentials required",
             description="requests from other hosts need HTTP Basic or a bearer token",

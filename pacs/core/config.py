@@ -95,6 +95,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_WEB_OPEN", "web_open", "false",
             "Answer DICOMweb requests from any host without credentials (trusted "
             "networks only).", _bool),
+    Setting("PACS_WEB_HOSTS", "web_hosts", "",
+            "Host names (comma list) that also name this node, besides localhost and "
+            "loopback addresses: only requests naming one of them get the loopback rule "
+            "(e.g. a reverse proxy's public name).", _comma_list),
     Setting("PACS_CORS_ORIGINS", "cors_origins", "",
             "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
             "empty allows none.", _comma_list),
@@ -237,6 +241,7 @@ class Settings:
     web_password: str = _default("web_password")
     web_token: str = _default("web_token")
     web_open: bool = _default("web_open")
+    web_hosts: tuple[str, ...] = _default("web_hosts")
     cors_origins: tuple[str, ...] = _default("cors_origins")
     qido_default_limit: int = _default("qido_default_limit")
     viewer_port: int = _default("viewer_port")

@@ -411,8 +411,9 @@ def test_sequence_matching_and_items_in_series_results(tmp_path) -> None:
     from pacs.core.storage.memory import MemoryStore
     from tests.factory import make_instance
 
-    settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "d")}, environ={},
-                           env_file=None)
+    settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "d"),
+                                      "PACS_WEB_HOSTS": "falconframework.org"},
+                           environ={}, env_file=None)
     services = build(settings, store=MemoryStore())
     try:
         for n, sps in enumerate(("SPS1", "SPS2")):

@@ -1,0 +1,104 @@
+"""The loopback rule holds only for requests that name this node (DNS rebinding).
+
+A web page on ``evil.example`` whose name is rebound to 127.0.0.1 makes the user's
+browser send ``Host: evil.example`` to the node from loopback: without the Host check
+it would read every study.  Such a request gets 421 and no data; a loopback name, a
+loopback address or a configured ``PACS_WEB_HOSTS`` name keeps the rule.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import pytest
+from falcon import testing
+
+from adapters.dicomweb.app import create_app
+from adapters.http.auth import host_name, names_loopback
+from pacs.core.services import Services
+from pacs.node.apps import viewer_port
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ("localhost:5985", "localhost"), ("LOCALHOST", "localhost"), ("[::1]:8080", "::1"),
+    ("127.0.0.1:5985", "127.0.0.1"), ("pacs.example.org.", "pacs.example.org."),
+    ("host:", "host"), ("[::1]", "::1")])
+def test_host_name(header: str, name: str) -> None:
+    assert host_name(header) == name
+
+
+@pytest.mark.parametrize(("name", "loopback"), [
+    ("localhost", True), ("viewer.localhost", True), ("localhost.", True),
+    ("127.0.0.1", True), ("127.4.5.6", True), ("::1", True),
+    ("evil.example", False), ("localhost.evil.example", False), ("10.0.0.1", False),
+    ("0.0.0.0", False), ("", False)])
+def test_names_loopback(name: str, loopback: bool) -> None:
+    assert names_loopback(name) is loopback
+
+
+@pytest.fixture
+def client(make_services: Callable[..., Services]) -> testing.TestClient:
+    services = make_services(web_user="alice", web_password="s3cret",
+                             web_hosts=("pacs.example.org",))
+    return testing.TestClient(create_app(services))
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("localhost:5985", 200), ("127.0.0.1:5985", 200), ("[::1]:5985", 200),
+    ("pacs.example.org", 200), ("PACS.EXAMPLE.ORG:443", 200),
+    ("evil.example", 421), ("evil.example:5985", 421), ("127.0.0.1.evil.example", 421),
+    ("localhost.evil.example", 421)])
+def test_loopback_rule_needs_a_host_naming_the_node(client: testing.TestClient, host: str,
+                                                    status: int) -> None:
+    result = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={"Host": host})
+    assert result.status_code == status
+    if status == 421:
+        assert result.json["title"] == "Misdirected request"
+        assert "[" not in result.text  # no study list in the answer
+
+
+def test_credentials_still_open_the_door_whatever_the_host(
+        client: testing.TestClient) -> None:
+    result = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        "Host": "evil.example", "Authorization": _basic("alice", "s3cret")})
+    assert result.status_code == 200
+    wrong = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        "Host": "evil.example", "Authorization": _basic("alice", "nope")})
+    assert wrong.status_code == 421
+
+
+def test_other_hosts_are_unchanged(client: testing.TestClient) -> None:
+    result = client.simulate_get("/studies", remote_addr="10.1.2.3",
+                                 headers={"Host": "pacs.example.org"})
+    assert result.status_code == 401
+    assert "Basic" in result.headers["WWW-Authenticate"]
+
+
+def test_open_on_purpose_ignores_the_host(make_services: Callable[..., Services]) -> None:
+    client = testing.TestClient(create_app(make_services(web_open=True)))
+    result = client.simulate_get("/studies", remote_addr="127.0.0.1",
+                                 headers={"Host": "anything.example"})
+    assert result.status_code == 200
+
+
+def test_the_viewer_port_applies_the_same_rule(make_services: Callable[..., Services],
+                                               tmp_path: object) -> None:
+    from pathlib import Path
+
+    dist = Path(str(tmp_path)) / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<!doctype html><title>OHIF</title>")
+    client = testing.TestClient(viewer_port(make_services(), dist))
+    for path in ("/", "/dicom-web/studies"):
+        good = client.simulate_get(path, remote_addr="127.0.0.1",
+                                   headers={"Host": "localhost:8080"})
+        evil = client.simulate_get(path, remote_addr="127.0.0.1",
+                                   headers={"Host": "evil.example:8080"})
+        assert good.status_code == 200, path
+        assert evil.status_code == 421, path
+        assert b"OHIF" not in evil.content
