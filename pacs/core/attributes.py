@@ -79,7 +79,7 @@ class Attribute:
         return self.column is None
 
 
-P, S, SE, I = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
+P, S, SE, IM = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
 
 ATTRIBUTES: tuple[Attribute, ...] = (
     # Patient level (PS3.4 Table C.6-1; in Study Root these sit at STUDY level, C.6-5):
@@ -143,20 +143,20 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("RequestAttributesSequence", 0x00400275, SE, "SQ", "O", "request_attributes"),
     Attribute("NumberOfSeriesRelatedInstances", 0x00201209, SE, "IS", "O", None),
     # Composite object instance level (PS3.4 Table C.6-4).
-    Attribute("SOPInstanceUID", 0x00080018, I, "UI", "U", "sop_uid"),
-    Attribute("InstanceNumber", 0x00200013, I, "IS", "R", "instance_number"),
-    Attribute("SOPClassUID", 0x00080016, I, "UI", "O", "sop_class_uid"),
-    Attribute("ContentDate", 0x00080023, I, "DA", "O", "content_date"),
-    Attribute("ContentTime", 0x00080033, I, "TM", "O", "content_time"),
-    Attribute("AcquisitionNumber", 0x00200012, I, "IS", "O", "acquisition_number"),
-    Attribute("ImageType", 0x00080008, I, "CS", "O", "image_type", multi=True),
-    Attribute("NumberOfFrames", 0x00280008, I, "IS", "O", "number_of_frames"),
-    Attribute("Rows", 0x00280010, I, "US", "O", "rows"),
-    Attribute("Columns", 0x00280011, I, "US", "O", "columns"),
-    Attribute("BitsAllocated", 0x00280100, I, "US", "O", "bits_allocated"),
-    Attribute("PhotometricInterpretation", 0x00280004, I, "CS", "O", "photometric"),
-    Attribute("CompletionFlag", 0x0040A491, I, "CS", "O", "completion_flag"),
-    Attribute("VerificationFlag", 0x0040A493, I, "CS", "O", "verification_flag"),
+    Attribute("SOPInstanceUID", 0x00080018, IM, "UI", "U", "sop_uid"),
+    Attribute("InstanceNumber", 0x00200013, IM, "IS", "R", "instance_number"),
+    Attribute("SOPClassUID", 0x00080016, IM, "UI", "O", "sop_class_uid"),
+    Attribute("ContentDate", 0x00080023, IM, "DA", "O", "content_date"),
+    Attribute("ContentTime", 0x00080033, IM, "TM", "O", "content_time"),
+    Attribute("AcquisitionNumber", 0x00200012, IM, "IS", "O", "acquisition_number"),
+    Attribute("ImageType", 0x00080008, IM, "CS", "O", "image_type", multi=True),
+    Attribute("NumberOfFrames", 0x00280008, IM, "IS", "O", "number_of_frames"),
+    Attribute("Rows", 0x00280010, IM, "US", "O", "rows"),
+    Attribute("Columns", 0x00280011, IM, "US", "O", "columns"),
+    Attribute("BitsAllocated", 0x00280100, IM, "US", "O", "bits_allocated"),
+    Attribute("PhotometricInterpretation", 0x00280004, IM, "CS", "O", "photometric"),
+    Attribute("CompletionFlag", 0x0040A491, IM, "CS", "O", "completion_flag"),
+    Attribute("VerificationFlag", 0x0040A493, IM, "CS", "O", "verification_flag"),
 )
 
 #: Item attributes kept for each sequence attribute (PS3.4 C.2.2.2.6 sequence matching).

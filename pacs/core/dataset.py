@@ -20,8 +20,9 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
+from enum import Enum
 from functools import cache
-from typing import Any
+from typing import Any, Final, Literal
 
 import pydicom
 import pydicom.config
@@ -138,7 +139,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
             transfer_syntax = require_uid(meta.TransferSyntaxUID, "TransferSyntaxUID")
         except (InvalidUID, UnreadableData):
             raise
-        except Exception as exc:  # pydicom raises many kinds for malformed input
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
             raise UnreadableData(
                 f"the data set does not parse: {type(exc).__name__}") from None
         check_complete(memoryview(buffer)[offset:], transfer_syntax)
@@ -147,7 +148,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         sop_instance = header.get("SOPInstanceUID", "")
         study = header.get("StudyInstanceUID", "")
         series = header.get("SeriesInstanceUID", "")
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to decode a UID value
         raise UnreadableData("the identifying attributes do not parse") from None
     return Instance(
         header=header,
@@ -182,7 +183,7 @@ def read_header(buffer: bytes) -> Dataset:
         return _read_deflated(buffer, offset, None)
     try:
         return pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many kinds for malformed input
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
 
 
@@ -223,7 +224,7 @@ def _read_deflated(buffer: bytes, offset: int, max_object_bytes: int | None) -> 
                              file_meta=meta, is_implicit_VR=False, is_little_endian=True)
         # Decode values as pydicom would after inflating the whole data set.
         header.set_original_encoding(False, True, dataset._character_set)
-    except Exception as exc:  # pydicom raises many kinds for malformed input
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
     return header
 
@@ -269,6 +270,8 @@ class _Walker:
 
     def _tag(self, position: int) -> int:
         self._need(position, 4)
+        group: int
+        element: int
         group, element = struct.unpack_from(self.order + "HH", self.data, position)
         return (group << 16) | element
 
@@ -291,7 +294,7 @@ class _Walker:
             raise UnreadableData("sequences nested too deeply")
         limit = len(self.data) if end is None else end
         while position < limit:
-            tag, vr, length, size = self._header(position)
+            tag, _vr, length, size = self._header(position)
             position += size
             if tag == _ITEM_END:
                 if end is not None:
@@ -675,7 +678,15 @@ _CHARSET_VRS = frozenset({"LO", "SH", "PN", "LT", "ST", "UC"})
 #: No value (the default repertoire) decodes as pydicom does, as Latin-1.
 _SIMPLE_CODECS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
                   "ISO_IR 192": "utf_8"}
-_UNDECODED = object()
+class _Undecoded(Enum):
+    """The one value of :data:`_UNDECODED` (an enum member, so that a type checker
+    narrows ``text is _UNDECODED``)."""
+
+    TOKEN = 0
+
+
+#: :func:`_raw_text`'s answer when pydicom has to decode the value.
+_UNDECODED: Final = _Undecoded.TOKEN
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 
@@ -695,12 +706,13 @@ def _simple_codec(header: Dataset) -> str | None:
     return _SIMPLE_CODECS.get(value.strip(" \0"))
 
 
-def _raw_text(header: Dataset, attribute: Attribute, codec: str | None = None) -> Any:
+def _raw_text(header: Dataset, attribute: Attribute,
+              codec: str | None = None) -> str | Literal[_Undecoded.TOKEN] | None:
     """A text element's index text from its raw bytes, or ``_UNDECODED``.
 
     ASCII VRs always; character-set VRs when ``codec`` is known.
     """
-    raw = header._dict.get(attribute.tag)
+    raw = header._dict.get(BaseTag(attribute.tag))
     if type(raw) is not RawDataElement or not isinstance(raw.value, bytes):
         return _UNDECODED
     if attribute.vr in _ASCII_VRS:
@@ -735,8 +747,8 @@ def _sequence(header: Dataset, attribute: Attribute) -> str | None:
         kept = [{key.keyword: text for key in ITEM_KEYS[attribute.keyword]
                  if key.tag in item and (text := _item_text(item, key)) is not None}
                 for item in items]
-    except Exception:
-        return None  # indexed as unknown; the object is stored as sent
+    except Exception:  # noqa: BLE001 - indexed as unknown; the object is stored as sent
+        return None
     return json.dumps(kept, ensure_ascii=False) if any(kept) else None
 
 
@@ -749,12 +761,13 @@ def _value(header: Dataset, attribute: Attribute, codec: str | None = None) -> s
         return _sequence(header, attribute)
     text = _raw_text(header, attribute, codec)
     if text is _UNDECODED:
-        element = header.get(attribute.tag)
-        if element is None:
+        try:
+            element = header[attribute.tag]
+        except KeyError:
             return None
         try:
             text = _text(element.value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any decoding failure of the value
             # A value that does not decode is indexed as unknown rather than refusing
             # the whole object: the object itself is stored as sent.
             return None

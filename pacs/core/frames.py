@@ -263,7 +263,7 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
     try:
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
-    except Exception as exc:  # decoders raise many kinds for bad data
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
 
 
@@ -300,5 +300,5 @@ def read_header(source: BinaryIO) -> pydicom.Dataset:
     source.seek(0)
     try:
         return pydicom.dcmread(source, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many kinds for malformed input
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"stored object does not parse: {type(exc).__name__}") from None

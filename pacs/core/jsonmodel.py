@@ -128,7 +128,7 @@ def person_name(text: str) -> dict[str, str] | None:
     """One PN value as its object of non-empty component groups (PS3.18 F.2.2);
     ``None`` for an empty name."""
     groups = text.rstrip(" \0").split("=")
-    name = {group: value for group, value in zip(PN_GROUPS, groups) if value}
+    name = {group: value for group, value in zip(PN_GROUPS, groups, strict=False) if value}
     return name or None
 
 
@@ -259,7 +259,7 @@ class Encoder:
             text = as_text(decoded.value)
             if text is not None:
                 return element(decoded.VR, text)
-        return decoded.to_json_dict(  # type: ignore[no-any-return]
+        return decoded.to_json_dict(
             bulk_data_element_handler=lambda _e: self.uri(path, key),
             bulk_data_threshold=BULK_DATA_THRESHOLD)
 
@@ -335,8 +335,8 @@ def _text(enc: Encoder, vr: str, value: bytes, tag: int, path: tuple[str, ...],
 _SINGLE = {order + code: struct.Struct(order + code)
            for order in "<>" for code in _BINARY_NUMBERS.values()}
 _CONVERTERS: dict[str, _Converter] = {
-    **{vr: _text for vr in _TEXT_VRS}, **{vr: _binary_numbers for vr in _BINARY_NUMBERS},
-    **{vr: _binary for vr in _BULK_VRS},
+    **dict.fromkeys(_TEXT_VRS, _text), **dict.fromkeys(_BINARY_NUMBERS, _binary_numbers),
+    **dict.fromkeys(_BULK_VRS, _binary),
     "AT": _tags, "DS": _decimal_strings, "IS": _decimal_strings, "PN": _text,
 }
 

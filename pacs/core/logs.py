@@ -92,7 +92,7 @@ class Redact(logging.Filter):
         if self.details or record.levelno < logging.INFO or getattr(record, "_redacted",
                                                                     False):
             return True
-        setattr(record, "_redacted", True)
+        record._redacted = True
         if record.exc_info or record.exc_text:
             exc = record.exc_info[1] if record.exc_info else None
             record.exc_text = "  " + (summary(exc) if exc is not None else "traceback left out")

@@ -109,7 +109,7 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
             # (pydicom 3 generates a new one by default).
             dataset.decompress(generate_instance_uid=False)
         dataset.file_meta.TransferSyntaxUID = UID(target)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
     return dataset
 

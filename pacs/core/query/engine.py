@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import apsw
 
@@ -38,6 +39,9 @@ _PROGRESS_STEPS = 10_000
 #: Rows per page of :meth:`QueryEngine.find_pages`: a page's answers are held in memory
 #: while they are sent.
 PAGE_ROWS = 256
+
+#: A result row: its columns' types are the compiled statement's (see ``keywords``).
+Row = tuple[Any, ...]
 
 
 def _never() -> bool:
@@ -221,7 +225,7 @@ class QueryEngine:
             conn.set_progress_handler(None)
 
     def _fetch(self, compiled: Compiled, cancelled: Callable[[], bool],
-               deadline: Deadline) -> list[tuple]:
+               deadline: Deadline) -> list[Row]:
         """Every row of ``compiled``; the statement is done when this returns."""
         deadline.check()
         with self._limited(cancelled, deadline) as (conn, _):
@@ -231,7 +235,7 @@ class QueryEngine:
         return rows
 
     def _stream(self, compiled: Compiled, cancelled: Callable[[], bool],
-                deadline: Deadline) -> Iterator[tuple]:
+                deadline: Deadline) -> Iterator[Row]:
         """The rows of ``compiled`` one at a time.  While the caller holds a row the
         deadline is paused and the progress handler is off (the caller may run other
         queries on this thread's connection meanwhile)."""
@@ -261,8 +265,10 @@ class _Stop:
         return self.deadline.passed()
 
 
-def _results(query: Query, keywords: tuple[str, ...], rows: list[tuple]) -> list[Result]:
+def _results(query: Query, keywords: tuple[str, ...],
+             rows: list[Row]) -> list[Result]:
     """Rows as results: values as text by keyword, the level's key left out."""
     level = query.level
     return [Result(level, {k: (None if v is None else str(v))
-                           for k, v in zip(keywords, row) if k != "_pk"}) for row in rows]
+                           for k, v in zip(keywords, row, strict=True) if k != "_pk"})
+            for row in rows]
