@@ -19,10 +19,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import apsw
-
 from pacs.core.errors import PacsError
-from pacs.core.index import writer
+from pacs.core.index import reads
 from pacs.core.services import Services
 
 
@@ -70,14 +68,6 @@ class Health:
         return {"status": "ok" if self.ok else "unhealthy", **asdict(self)}
 
 
-def _scalar(conn: apsw.Connection, sql: str) -> Any:
-    """The first column of the first row (both queries here always return one)."""
-    row = conn.execute(sql).fetchone()
-    if row is None:
-        raise apsw.SQLError(f"no row from {sql!r}")
-    return row[0]
-
-
 def check(services: Services, thorough: bool = False) -> Health:
     """Check the store and the index of ``services``.
 
@@ -104,10 +94,10 @@ def check(services: Services, thorough: bool = False) -> Health:
     try:
         conn = services.index.connection()
         if thorough:
-            index_state = str(_scalar(conn, "PRAGMA quick_check"))
-        counts = writer.counts(conn)
-        indexed_bytes = int(_scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance"))
-    except (apsw.Error, PacsError) as exc:
+            index_state = reads.quick_check(conn)
+        counts = reads.counts(conn)
+        indexed_bytes = reads.indexed_bytes(conn)
+    except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
     if thorough and store_error is None:

@@ -47,7 +47,7 @@ from pacs.core.errors import (
     PacsError,
     UIDMismatch,
 )
-from pacs.core.index import writer
+from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.storage import ObjectStore, object_key
 
@@ -334,7 +334,7 @@ class Ingest:
         DuplicateRejected
             A different object under a stored UID, with the ``reject`` policy.
         """
-        existing = writer.lookup(self.index.connection(), analysis.sop_instance_uid)
+        existing = reads.lookup(self.index.connection(), analysis.sop_instance_uid)
         previous: bytes | None = None
         if existing is not None:
             if existing.checksum == analysis.checksum:
@@ -382,7 +382,7 @@ class Ingest:
             calling_ae=calling_ae.strip(),
         )
 
-    def _undo_put(self, key: str, existing: writer.StoredInstance | None,
+    def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None) -> None:
         """After a failed commit, leave the store as the index still describes it."""
         try:
@@ -430,7 +430,7 @@ class _Plan:
     """An object to write: its key, and what it replaces (for undo and clean-up)."""
 
     key: str
-    existing: writer.StoredInstance | None
+    existing: reads.StoredInstance | None
     previous: bytes | None
 
 

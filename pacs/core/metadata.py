@@ -45,7 +45,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 
 from pacs.core import jsonmodel
 from pacs.core.dataset import read_part10
-from pacs.core.errors import IndexFailure, NotFound, PacsError, UnreadableData
+from pacs.core.errors import NotFound, PacsError, UnreadableData
+from pacs.core.index import reads, writer
 from pacs.core.jsonmodel import BULK_DATA_THRESHOLD, PIXEL_TAGS
 
 if TYPE_CHECKING:
@@ -60,37 +61,8 @@ UNDEFINED_LENGTH = -1
 
 _PIXEL_VRS = {0x7FE00008: "OF", 0x7FE00009: "OD"}
 
-_SAVE_SQL = (
-    "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
-    "SELECT pk, ?, ?, ? FROM instance WHERE sop_uid = ? "
-    "ON CONFLICT(instance_pk) DO UPDATE SET pixel_offset = excluded.pixel_offset, "
-    "pixel_length = excluded.pixel_length, json = excluded.json")
-
-#: A backfill never overwrites what a newer ingest wrote meanwhile.
-_BACKFILL_SQL = (
-    "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
-    "SELECT pk, ?, ?, ? FROM instance WHERE pk = ? AND checksum = ? "
-    "ON CONFLICT(instance_pk) DO NOTHING")
-
-_KEYS_SQL = (
-    "SELECT instance.pk FROM instance JOIN series ON series.pk = instance.series_pk "
-    "JOIN study ON study.pk = series.study_pk WHERE study.study_uid = ?")
-
-_FETCH_SQL = (
-    "SELECT instance.pk, instance.sop_uid, instance.object_key, instance.checksum, "
-    "instance.transfer_syntax, m.pixel_offset, m.pixel_length, m.json FROM instance "
-    "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
-    "WHERE instance.pk IN ({marks})")
-
 #: Documents read per query: bounds the memory of a large study's metadata answer.
-BATCH = 500
-
-_IMAGES_SQL = (
-    "SELECT series.pk, instance.sop_uid FROM instance "
-    "JOIN series ON series.pk = instance.series_pk JOIN study ON study.pk = series.study_pk "
-    "WHERE study.study_uid = ? {series} AND instance.rows IS NOT NULL "
-    "ORDER BY CAST(series.series_number AS INTEGER), series.pk, "
-    "CAST(instance.instance_number AS INTEGER), instance.pk")
+BATCH = reads.MAX_KEYS
 
 
 @dataclass(frozen=True)
@@ -168,7 +140,7 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
 
 def _looks_like_an_image(instance: Instance) -> bool:
     """True when the header has the Image Pixel module's Rows (PS3.3 C.7.6.3)."""
-    return 0x00280010 in instance.header._dict  # type: ignore[operator]
+    return 0x00280010 in instance.header
 
 
 def save(conn: apsw.Connection, sop_uid: str, prepared: Prepared | None) -> None:
@@ -178,11 +150,10 @@ def save(conn: apsw.Connection, sop_uid: str, prepared: Prepared | None) -> None
     rebuilt from the new object on first request.
     """
     if prepared is None:
-        conn.execute("DELETE FROM instance_metadata WHERE instance_pk = "
-                     "(SELECT pk FROM instance WHERE sop_uid = ?)", (sop_uid,))
+        writer.drop_metadata(conn, sop_uid)
         return
-    conn.execute(_SAVE_SQL, (prepared.pixel_offset, prepared.pixel_length, prepared.json,
-                             sop_uid))
+    writer.save_metadata(conn, sop_uid, prepared.json, prepared.pixel_offset,
+                         prepared.pixel_length)
 
 
 @dataclass(frozen=True)
@@ -289,18 +260,7 @@ def instance_keys(index: Index, study_uid: str, series_uid: str | None = None,
     NotFound
         When nothing matches.
     """
-    sql, params = _KEYS_SQL, [study_uid]
-    if series_uid is not None:
-        sql += " AND series.series_uid = ?"
-        params.append(series_uid)
-    if sop_uid is not None:
-        sql += " AND instance.sop_uid = ?"
-        params.append(sop_uid)
-    sql += " ORDER BY series.pk, instance.pk"
-    try:
-        keys = [int(pk) for (pk,) in index.connection().execute(sql, params)]
-    except apsw.Error as exc:
-        raise IndexFailure(f"metadata query failed: {exc}") from exc
+    keys = reads.instance_keys(index.connection(), study_uid, series_uid, sop_uid)
     if not keys:
         raise NotFound("no such study, series or instance")
     return keys
@@ -310,35 +270,28 @@ def fetch(index: Index, store: ObjectStore, keys: Sequence[int]) -> list[Documen
     """The documents of ``keys`` (at most :data:`BATCH` per query), in their order."""
     found: dict[int, Document] = {}
     for start in range(0, len(keys), BATCH):
-        batch = keys[start:start + BATCH]
-        sql = _FETCH_SQL.format(marks=", ".join("?" * len(batch)))
-        try:
-            rows = index.connection().execute(sql, batch).fetchall()
-        except apsw.Error as exc:
-            raise IndexFailure(f"metadata query failed: {exc}") from exc
-        for row in rows:
-            found[cast(int, row[0])] = _document(index, store, row)
+        for row in reads.metadata_rows(index.connection(), keys[start:start + BATCH]):
+            found[row.key] = _document(index, store, row)
     return [found[pk] for pk in keys if pk in found]
 
 
-def _document(index: Index, store: ObjectStore, row: tuple[Any, ...]) -> Document:
-    """A row of :data:`_FETCH_SQL` as a document, backfilled when it has no JSON."""
-    pk, sop, key, checksum, ts, offset, length, text = row
-    if text is None:
-        return _backfill(index, store, int(pk), str(sop), str(key), str(checksum), str(ts))
-    return Document(str(sop), str(key), str(ts), offset, length, str(text))
+def _document(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
+    """An index row as a document, backfilled when it has no JSON."""
+    if row.json is None:
+        return _backfill(index, store, row)
+    return Document(row.sop_uid, row.object_key, row.transfer_syntax, row.pixel_offset,
+                    row.pixel_length, row.json)
 
 
-def _backfill(index: Index, store: ObjectStore, pk: int, sop_uid: str, key: str,
-              checksum: str, transfer_syntax: str) -> Document:
+def _backfill(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
     """Build one instance's metadata from its stored object and keep it."""
-    with store.open(key) as stream, seekable(stream) as source:
-        prepared = prepare_from_stream(source, transfer_syntax)
+    with store.open(row.object_key) as stream, seekable(stream) as source:
+        prepared = prepare_from_stream(source, row.transfer_syntax)
     with index.write() as conn:
-        conn.execute(_BACKFILL_SQL, (prepared.pixel_offset, prepared.pixel_length,
-                                     prepared.json, pk, checksum))
-    return Document(sop_uid, key, transfer_syntax, prepared.pixel_offset,
-                    prepared.pixel_length, prepared.json)
+        writer.backfill_metadata(conn, row.key, row.checksum, prepared.json,
+                                 prepared.pixel_offset, prepared.pixel_length)
+    return Document(row.sop_uid, row.object_key, row.transfer_syntax,
+                    prepared.pixel_offset, prepared.pixel_length, prepared.json)
 
 
 def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
@@ -466,18 +419,11 @@ def representative(index: Index, study_uid: str, series_uid: str | None = None) 
     NotFound
         When the series or study has no image.
     """
-    clause = "AND series.series_uid = ?" if series_uid else ""
-    params = [study_uid] + ([series_uid] if series_uid else [])
-    try:
-        rows = index.connection().execute(_IMAGES_SQL.format(series=clause),
-                                          params).fetchall()
-    except apsw.Error as exc:
-        raise IndexFailure(f"image query failed: {exc}") from exc
-    if not rows:
+    series = reads.image_series(index.connection(), study_uid, series_uid)
+    if not series:
         raise NotFound("no image in this study or series")
-    first_series = rows[0][0]
-    images = [sop for series_pk, sop in rows if series_pk == first_series]
-    return str(images[len(images) // 2])
+    images = series[0]
+    return images[len(images) // 2]
 
 
 def parse(text: str) -> dict[str, Any]:

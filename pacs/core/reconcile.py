@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs.core.errors import NotFound, PacsError
-from pacs.core.index import writer
+from pacs.core.index import reads, writer
 from pacs.core.ingest import Analysis, try_analyse
 from pacs.core.services import Services
 from pacs.core.storage import ObjectStore, object_key
@@ -259,7 +259,7 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     report.quarantine = _quarantine_folder()
     if isinstance(store, FileStore):
         _temporaries(store, report, temp_grace)
-    rows = writer.all_objects(services.index.connection())
+    rows = reads.all_objects(services.index.connection())
     report.rows = len(rows)
     listed: dict[str, list[str]] = {}
     for key in store.keys():
@@ -393,7 +393,7 @@ def _resolve(services: Services, sop: str, seen: list[str], report: Report) -> N
     store = services.store
     folder = report.quarantine
     with services.ingest._uid_lock(sop):
-        row = writer.lookup(services.index.connection(), sop)
+        row = reads.lookup(services.index.connection(), sop)
         others = [key for key in seen if (row is None or key != row.object_key)
                   and store.exists(key)]
         steps: list[_Step] = []
@@ -440,7 +440,7 @@ def _rewritten(services: Services, sop: str, key: str) -> list[_Step]:
     return [(finding, lambda: _index(services, candidate, "rewritten in place"))]
 
 
-def _replace(services: Services, sop: str, row: writer.StoredInstance | None,
+def _replace(services: Services, sop: str, row: reads.StoredInstance | None,
              others: list[str], folder: str) -> list[_Step]:
     """No usable indexed object: index the newest readable object of the UID, or drop
     the row when none is left; quarantine the rest."""

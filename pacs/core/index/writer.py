@@ -1,7 +1,11 @@
-"""Writes to the index: upsert one instance with its parents, look up, delete.
+"""Writes to the index: upsert one instance with its parents, its metadata, delete.
 
 All statements are built once from the attribute table with bound parameters only;
-callers run them inside :meth:`pacs.core.index.connection.Index.write`.
+callers run them inside :meth:`pacs.core.index.connection.Index.write` (or a piece of
+:meth:`~pacs.core.index.connection.Index.commit`).  Reads are in
+:mod:`pacs.core.index.reads`; :func:`lookup`, :func:`all_objects`, :func:`counts` and
+:class:`StoredInstance` are re-exported here for the callers that know them by this
+module.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pacs.core.attributes import (
     case_folded_column,
     table_attributes,
 )
+from pacs.core.index.reads import StoredInstance, all_objects, counts, lookup
 
 #: The series, study and patient rows above an instance.
 _PARENTS_SQL = (
@@ -26,17 +31,6 @@ _PARENTS_SQL = (
     "WHERE instance.sop_uid = ?")
 _INSTANCE_EXTRA = ("object_key", "size", "checksum", "transfer_syntax", "received_at",
                    "calling_ae")
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    """What the index knows of a stored instance."""
-
-    sop_uid: str
-    object_key: str
-    checksum: str
-    size: int
-    transfer_syntax: str
 
 
 @dataclass(frozen=True)
@@ -148,14 +142,6 @@ def prune(conn: apsw.Connection, series_pk: int, study_pk: int, patient_pk: int,
         conn.execute(_refresh_patient_sql(), (patient_pk,))
 
 
-def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:
-    """The stored instance with this SOP Instance UID, if any."""
-    row = conn.execute(
-        "SELECT sop_uid, object_key, checksum, size, transfer_syntax FROM instance "
-        "WHERE sop_uid = ?", (sop_uid,)).fetchone()
-    return StoredInstance(*row) if row else None
-
-
 def delete_instance(conn: apsw.Connection, sop_uid: str) -> None:
     """Remove an instance row and any parents it leaves empty."""
     row = conn.execute(
@@ -166,13 +152,38 @@ def delete_instance(conn: apsw.Connection, sop_uid: str) -> None:
     prune(conn, *row)
 
 
-def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
-    """Every indexed object: key -> (SOP Instance UID, checksum, size)."""
-    return {key: (sop, checksum, size) for sop, key, checksum, size in conn.execute(
-        "SELECT sop_uid, object_key, checksum, size FROM instance")}
+_SAVE_METADATA_SQL = (
+    "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
+    "SELECT pk, ?, ?, ? FROM instance WHERE sop_uid = ? "
+    "ON CONFLICT(instance_pk) DO UPDATE SET pixel_offset = excluded.pixel_offset, "
+    "pixel_length = excluded.pixel_length, json = excluded.json")
+
+#: A backfill never overwrites what a newer ingest wrote meanwhile (the row's checksum
+#: must still be the one the metadata was built from).
+_BACKFILL_METADATA_SQL = (
+    "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
+    "SELECT pk, ?, ?, ? FROM instance WHERE pk = ? AND checksum = ? "
+    "ON CONFLICT(instance_pk) DO NOTHING")
 
 
-def counts(conn: apsw.Connection) -> dict[str, int]:
-    """Rows per level."""
-    return {level.table: conn.execute(f"SELECT count(*) FROM {level.table}").fetchone()[0]
-            for level in Level}
+def save_metadata(conn: apsw.Connection, sop_uid: str, json: str,
+                  pixel_offset: int | None, pixel_length: int | None) -> None:
+    """Write the DICOM JSON metadata of an instance whose row was just upserted."""
+    conn.execute(_SAVE_METADATA_SQL, (pixel_offset, pixel_length, json, sop_uid))
+
+
+def drop_metadata(conn: apsw.Connection, sop_uid: str) -> None:
+    """Remove an instance's metadata (it is built again on first request)."""
+    conn.execute("DELETE FROM instance_metadata WHERE instance_pk = "
+                 "(SELECT pk FROM instance WHERE sop_uid = ?)", (sop_uid,))
+
+
+def backfill_metadata(conn: apsw.Connection, key: int, checksum: str, json: str,
+                      pixel_offset: int | None, pixel_length: int | None) -> None:
+    """Keep metadata built from a stored object, unless the instance (index key
+    ``key``) has metadata already or now holds another object than ``checksum``."""
+    conn.execute(_BACKFILL_METADATA_SQL, (pixel_offset, pixel_length, json, key, checksum))
+
+
+__all__ = ["InstanceRow", "StoredInstance", "all_objects", "backfill_metadata", "counts",
+           "delete_instance", "drop_metadata", "lookup", "prune", "save_metadata", "upsert"]

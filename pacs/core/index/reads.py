@@ -1,0 +1,180 @@
+"""Reads of the index outside the query engine: small, named, bound parameters only.
+
+Every statement that reads the index lives in :mod:`pacs.core.index` (this module, and
+the query compiler for C-FIND / QIDO-RS); callers elsewhere name what they want - the
+instances a WADO-RS path names, an instance's stored facts, a health count - and get
+plain values.  Each function takes the connection of the caller's thread
+(:meth:`pacs.core.index.connection.Index.connection`), so that a read can share a write
+transaction (the ingest's duplicate check), and turns SQLite errors into
+:class:`~pacs.core.errors.IndexFailure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import wraps
+from typing import NamedTuple, ParamSpec, TypeVar
+
+import apsw
+
+from pacs.core.attributes import Level
+from pacs.core.errors import IndexFailure
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: Index keys read per statement by :func:`metadata_rows` (SQLite allows 32,766 bound
+#: parameters; a batch also bounds the memory of one answer).
+MAX_KEYS = 500
+
+
+def _read(what: str) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
+    """Report an SQLite error of the decorated read as :class:`IndexFailure`."""
+
+    def decorate(function: Callable[_P, _T]) -> Callable[_P, _T]:
+        @wraps(function)
+        def read(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            try:
+                return function(*args, **kwargs)
+            except apsw.Error as exc:
+                raise IndexFailure(f"{what} failed: {exc}") from exc
+
+        return read
+
+    return decorate
+
+
+# --- one instance ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the index knows of a stored instance."""
+
+    sop_uid: str
+    object_key: str
+    checksum: str
+    size: int
+    transfer_syntax: str
+
+
+@_read("instance lookup")
+def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:
+    """The stored instance with this SOP Instance UID, if any."""
+    row = conn.execute(
+        "SELECT sop_uid, object_key, checksum, size, transfer_syntax FROM instance "
+        "WHERE sop_uid = ?", (sop_uid,)).fetchone()
+    return StoredInstance(*row) if row else None
+
+
+# --- the instances a WADO-RS path names ------------------------------------------------------
+
+_KEYS_SQL = (
+    "SELECT instance.pk FROM instance JOIN series ON series.pk = instance.series_pk "
+    "JOIN study ON study.pk = series.study_pk WHERE study.study_uid = ?")
+
+
+@_read("instance query")
+def instance_keys(conn: apsw.Connection, study_uid: str, series_uid: str | None = None,
+                  sop_uid: str | None = None) -> list[int]:
+    """The index keys of the instances of a study, series or instance, in series then
+    arrival order; empty when nothing matches."""
+    sql, params = _KEYS_SQL, [study_uid]
+    if series_uid is not None:
+        sql += " AND series.series_uid = ?"
+        params.append(series_uid)
+    if sop_uid is not None:
+        sql += " AND instance.sop_uid = ?"
+        params.append(sop_uid)
+    sql += " ORDER BY series.pk, instance.pk"
+    return [int(pk) for (pk,) in conn.execute(sql, params)]
+
+
+class MetadataRow(NamedTuple):
+    """An instance's stored facts and its prepared metadata (``json`` is ``None`` when
+    none was prepared: :mod:`pacs.core.metadata` builds it then)."""
+
+    key: int
+    sop_uid: str
+    object_key: str
+    checksum: str
+    transfer_syntax: str
+    pixel_offset: int | None
+    pixel_length: int | None
+    json: str | None
+
+
+_METADATA_SQL = (
+    "SELECT instance.pk, instance.sop_uid, instance.object_key, instance.checksum, "
+    "instance.transfer_syntax, m.pixel_offset, m.pixel_length, m.json FROM instance "
+    "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
+    "WHERE instance.pk IN ({marks})")
+
+
+@_read("metadata query")
+def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRow]:
+    """The rows of at most :data:`MAX_KEYS` instance keys, in no particular order
+    (keys of instances deleted meanwhile have none)."""
+    if len(keys) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} keys per read")
+    if not keys:
+        return []
+    sql = _METADATA_SQL.format(marks=", ".join("?" * len(keys)))
+    return [MetadataRow._make(row) for row in conn.execute(sql, keys)]
+
+
+_IMAGES_SQL = (
+    "SELECT series.pk, instance.sop_uid FROM instance "
+    "JOIN series ON series.pk = instance.series_pk JOIN study ON study.pk = series.study_pk "
+    "WHERE study.study_uid = ? {series} AND instance.rows IS NOT NULL "
+    "ORDER BY CAST(series.series_number AS INTEGER), series.pk, "
+    "CAST(instance.instance_number AS INTEGER), instance.pk")
+
+
+@_read("image query")
+def image_series(conn: apsw.Connection, study_uid: str,
+                 series_uid: str | None = None) -> list[list[str]]:
+    """The SOP Instance UIDs of the images (instances with Rows) of a study or series,
+    one list per series: series by Series Number, images by Instance Number."""
+    clause = "AND series.series_uid = ?" if series_uid is not None else ""
+    params = [study_uid] + ([series_uid] if series_uid is not None else [])
+    grouped: dict[int, list[str]] = {}
+    for series_pk, sop in conn.execute(_IMAGES_SQL.format(series=clause), params):
+        grouped.setdefault(int(series_pk), []).append(str(sop))
+    return list(grouped.values())
+
+
+# --- the whole index ---------------------------------------------------------------------
+
+@_read("object listing")
+def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
+    """Every indexed object: key -> (SOP Instance UID, checksum, size)."""
+    return {key: (sop, checksum, size) for sop, key, checksum, size in conn.execute(
+        "SELECT sop_uid, object_key, checksum, size FROM instance")}
+
+
+@_read("count")
+def counts(conn: apsw.Connection) -> dict[str, int]:
+    """Rows per level (``patient``, ``study``, ``series``, ``instance``)."""
+    return {level.table: int(conn.execute(f"SELECT count(*) FROM {level.table}")
+                             .fetchone()[0])
+            for level in Level}
+
+
+@_read("size sum")
+def indexed_bytes(conn: apsw.Connection) -> int:
+    """The sum of the indexed objects' sizes."""
+    return int(conn.execute("SELECT coalesce(sum(size), 0) FROM instance").fetchone()[0])
+
+
+@_read("integrity check")
+def quick_check(conn: apsw.Connection) -> str:
+    """SQLite's ``PRAGMA quick_check`` (reads the whole file): ``ok``, or its first
+    finding."""
+    row = conn.execute("PRAGMA quick_check").fetchone()
+    return str(row[0]) if row else "no answer from quick_check"
+
+
+__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "counts",
+           "image_series", "indexed_bytes", "instance_keys", "lookup", "metadata_rows",
+           "quick_check"]
