@@ -117,7 +117,7 @@ def serialize(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError)
     resp.data = exc.to_json()
 
 
-def register(app: falcon.App) -> None:
+def register(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     """Install the table's handler for every exception and the JSON serializer."""
     # Falcon's own HTTPError handler stays more specific than this catch-all, so its
     # errors (unknown route, 405, bad headers) keep their statuses.

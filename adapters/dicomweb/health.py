@@ -39,6 +39,6 @@ class Health:
         self.on_get(req, resp)
 
 
-def add_route(app: falcon.App, services: Services) -> None:
+def add_route(app: falcon.App[falcon.Request, falcon.Response], services: Services) -> None:
     """Register ``/health`` on ``app``."""
     app.add_route(ROUTE, Health(services))

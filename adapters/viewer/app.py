@@ -40,10 +40,10 @@ class ViewerHeaders:
             resp.set_header("Content-Security-Policy", self.policy)
 
 
-def files_app(services: Services, dist: Path) -> falcon.App:
+def files_app(services: Services, dist: Path) -> falcon.App[falcon.Request, falcon.Response]:
     """OHIF's files behind the DICOMweb access rule."""
     files = OhifFiles(dist, app_config())
-    app = falcon.App(middleware=[ViewerHeaders(files.policy),
-                                 AccessMiddleware(Access(services.settings))])
+    app = falcon.App(middleware=(ViewerHeaders(files.policy),
+                                 AccessMiddleware(Access(services.settings))))
     app.add_sink(files, prefix="/")
     return app

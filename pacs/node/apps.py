@@ -15,6 +15,7 @@ peer address the access rule sees is the browser's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import io
 import logging
@@ -50,7 +51,7 @@ def _worker_services(settings: Settings) -> Services:
     return services
 
 
-def dicomweb_app() -> falcon.App:
+def dicomweb_app() -> falcon.App[falcon.Request, falcon.Response]:
     """gunicorn's entry point of the DICOMweb port.
 
     Raises
@@ -89,8 +90,7 @@ def viewer_port(services: Services, dist: Path) -> WSGIApp:
 
     def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if (path == DICOMWEB_PREFIX or path.startswith(DICOMWEB_PREFIX + "/")
-                or path == HEALTH_ROUTE):
+        if path in (DICOMWEB_PREFIX, HEALTH_ROUTE) or path.startswith(DICOMWEB_PREFIX + "/"):
             return api(environ, start_response)
         return files(environ, start_response)
 
@@ -114,7 +114,13 @@ def viewer_app() -> WSGIApp:
     return viewer_port(services, dist)
 
 
-def _warm_up(app: falcon.App) -> None:
+def _unread(status: str, headers: list[tuple[str, str]],
+            exc_info: object = None, /) -> Callable[[bytes], object]:
+    """``start_response`` of a request whose answer nobody reads (writes go nowhere)."""
+    return lambda _data: None
+
+
+def _warm_up(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     """Do once at worker start what the first request would otherwise pay for.
 
     falcon compiles its router on the first request, and pydicom builds its lookup
@@ -128,7 +134,7 @@ def _warm_up(app: falcon.App) -> None:
     from pacs.core.errors import InvalidInstance
 
     # A request for no route compiles falcon's router, touching neither index nor store.
-    app(falcon.testing.create_environ(path="/warm-up"), lambda status, headers: None)
+    app(falcon.testing.create_environ(path="/warm-up"), _unread)
     sample = Dataset()
     sample.SOPClassUID, sample.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3"
     sample.StudyInstanceUID, sample.SeriesInstanceUID = "1.2.3.1", "1.2.3.2"
@@ -137,7 +143,5 @@ def _warm_up(app: falcon.App) -> None:
     sample.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     buffer = io.BytesIO()
     sample.save_as(buffer, enforce_file_format=True)
-    try:
+    with contextlib.suppress(InvalidInstance):  # only the reading matters
         read_part10(buffer.getvalue())
-    except InvalidInstance:  # only the reading matters
-        pass

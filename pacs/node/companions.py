@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from pacs.node import viewer
 from pacs.core.config import Settings
+from pacs.node import viewer
 
 log = logging.getLogger(__name__)
 

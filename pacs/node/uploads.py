@@ -60,7 +60,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,8 +71,8 @@ if __name__ == "__main__":
     # main() installs its own handler, so that it does not die with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-from pacs.core.errors import InvalidInstance, PacsError  # noqa: E402
-from pacs.core.ingest import Ingest, Outcome  # noqa: E402
+from pacs.core.errors import InvalidInstance, PacsError
+from pacs.core.ingest import Ingest, Outcome
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -154,10 +154,8 @@ def _directory(root: Path, parts: Sequence[str], create: bool = False) -> Iterat
     try:
         for part in parts:
             if create:
-                try:
+                with suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-                except FileExistsError:
-                    pass
             inner = os.open(part, _DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = inner

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacs.node import webserver
 from pacs.core.config import Settings
+from pacs.node import webserver
 
 log = logging.getLogger(__name__)
 
