@@ -300,3 +300,28 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(line)
     if not found.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["markdown", "json"]), default="markdown",
+              show_default=True, help="Markdown (PS3.2 layout) or JSON.")
+@click.option("--defaults", is_flag=True,
+              help="The statement of the default settings, ignoring the environment and "
+                   ".env (docs/conformance.md is this).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write to this file instead of standard output.")
+@click.pass_context
+def conformance(ctx: click.Context, fmt: str, defaults: bool, output: str | None) -> None:
+    """Print the DICOM Conformance Statement (PS3.2) of the node with these settings.
+
+    Generated from what the node negotiates and serves: its presentation contexts,
+    extended negotiation, limits, DICOMweb routes and media types.
+    """
+    from pacs.node import conformance as statement
+
+    settings = config.load(environ={}, env_file=None) if defaults else _settings(ctx)
+    text = statement.render(statement.statement(settings), fmt)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)

@@ -1,0 +1,815 @@
+"""The DICOM Conformance Statement, generated from the code and the settings (PS3.2).
+
+:func:`statement` reads what the node really negotiates and serves - the application
+entity the DIMSE workers are built with (:func:`pacs.dimse.server.make_ae`: its
+presentation contexts, roles, limits and implementation identity), the extended
+negotiation it answers (:func:`pacs.dimse.handlers.handle_sop_extended`, asked here
+with every flag set), the DICOMweb route table
+(:func:`adapters.dicomweb.app.routes`) and the media type tables each DICOMweb resource
+negotiates with - and returns it as one JSON-able mapping; :func:`markdown` renders that
+mapping in the layout of the PS3.2 Annex A template (2020a edition: A.1 overview, A.4
+networking, A.5 media, A.7 character sets, A.8 security), with the web services in the
+shape of the PS3.2 example statements' WADO-RS / QIDO-RS / STOW-RS tables.  Nothing in
+it is typed twice: a SOP class, transfer syntax, route or media type the node does not
+use cannot appear, and one it uses cannot be left out (a DICOMweb resource without a
+description here fails the generation).
+
+``pacs conformance`` prints it for the settings in effect; ``docs/conformance.md`` is
+the statement of the default settings, kept current by ``tests/unit/test_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
+
+from pydicom import charset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import evt
+
+import pacs
+from adapters.dicomweb import (
+    app as dicomweb_app,
+    dicomjson,
+    negotiation,
+    qido,
+    rendered,
+    stow,
+    wado,
+)
+from adapters.dicomweb.accept import MULTIPART
+from pacs.core import frames, transcode
+from pacs.core.config import Settings
+from pacs.dimse import contexts, handlers, retrieve, server
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+    from pacs.core.services import Services
+
+#: The Verification SOP Class (PS3.4 A.4).
+VERIFICATION_UID = "1.2.840.10008.1.1"
+#: The DICOM Application Context Name (PS3.7 A.2.1), the only one pynetdicom accepts.
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+#: The tables are read, never served: resources and handlers are built without services.
+_UNSERVED = cast("Services", None)
+
+#: Byte names of the Service-Class-Application-Information field of SOP Class Extended
+#: Negotiation (PS3.4 C.5): C-FIND's (Table C.5-2), then C-MOVE's and C-GET's.
+FIND_EXTENDED_BYTES = ("Relational-queries", "Date-time matching",
+                       "Fuzzy semantic matching of person names",
+                       "Timezone query adjustment", "Empty value matching",
+                       "Multiple value matching")
+RETRIEVE_EXTENDED_BYTES = ("Relational-retrieval", "Enhanced Multi-Frame Image Conversion")
+
+VERIFICATION, STORAGE, QUERY_RETRIEVE = "Verification", "Storage", "Query/Retrieve"
+
+
+# --- the statement ----------------------------------------------------------------------
+
+def statement(settings: Settings) -> dict[str, Any]:
+    """The conformance statement of a node running with ``settings``, as JSON-able data.
+
+    Parameters
+    ----------
+    settings : Settings
+        The effective settings (``pacs config`` shows them).
+    """
+    ae = server.make_ae(settings)
+    return {
+        "product": {"name": "pacs", "version": pacs.__version__},
+        "implementation": {"class_uid": str(ae.implementation_class_uid),
+                           "version_name": ae.implementation_version_name},
+        "network": _network(settings),
+        "association": _association(settings, ae),
+        "presentation_contexts": _presentation_contexts(ae),
+        "extended_negotiation": _extended_negotiation(),
+        "initiation": _initiation(settings),
+        "character_sets": _character_sets(settings),
+        "security": _security(settings, ae),
+        "dicomweb": _dicomweb(settings),
+    }
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """The statement as indented JSON."""
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _network(settings: Settings) -> dict[str, Any]:
+    return {"ae_title": settings.ae_title, "bind_address": settings.bind_address,
+            "dimse_port": settings.dimse_port, "web_port": settings.web_port,
+            "viewer_port": settings.viewer_port,
+            "ip_versions": ["IPv6"] if ":" in settings.bind_address else ["IPv4"]}
+
+
+def _association(settings: Settings, ae: Any) -> dict[str, Any]:
+    bound = {event for event, *_ in handlers.bind(_UNSERVED)}
+    return {
+        "application_context": APPLICATION_CONTEXT,
+        "max_pdu_receive": ae.maximum_pdu_size,
+        "dimse_workers": settings.dimse_workers,
+        "max_associations_per_worker": settings.max_associations,
+        "max_associations_per_host_per_worker": settings.max_associations_per_host,
+        "max_pending_connections_per_worker": settings.max_pending_connections,
+        "artim_timeout": settings.artim_timeout,
+        "acse_timeout": ae.acse_timeout,
+        "dimse_timeout": ae.dimse_timeout,
+        "network_timeout": ae.network_timeout,
+        "connection_timeout": ae.connection_timeout,
+        # pynetdicom answers these items only when a handler is bound for them.
+        "asynchronous_operations_window": evt.EVT_ASYNC_OPS in bound,
+        "user_identity": evt.EVT_USER_ID in bound,
+        "sop_class_common_extended": evt.EVT_SOP_COMMON in bound,
+        "rejections": [
+            {"when": "the Called AE Title is not the node's",
+             "result": 1, "source": 1, "reason": 7,
+             "applies": bool(ae.require_called_aet)},
+            {"when": "the Calling AE Title is not in PACS_ALLOWED_CALLING_AETS",
+             "result": 1, "source": 1, "reason": 3,
+             "applies": bool(ae.require_calling_aet)},
+            {"when": "the worker holds PACS_MAX_ASSOCIATIONS associations, or "
+                     "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address",
+             # rejected-transient, service provider (presentation), local-limit-exceeded
+             "result": 2, "source": 3, "reason": 2, "applies": True},
+        ],
+    }
+
+
+def _uid_name(uid: str) -> str:
+    """The name of a UID, from pydicom's dictionary."""
+    name = UID(uid).name
+    return name if name != uid else "(not named in the installed pydicom dictionary)"
+
+
+def _service(uid: str) -> str:
+    if uid == VERIFICATION_UID:
+        return VERIFICATION
+    if uid in contexts.FIND_MODELS or uid in contexts.MOVE_MODELS or uid in contexts.GET_MODELS:
+        return QUERY_RETRIEVE
+    return STORAGE
+
+
+def _presentation_contexts(ae: Any) -> list[dict[str, Any]]:
+    """Every context the AE accepts, its transfer syntaxes in the order of preference."""
+    return [{"sop_class": str(cx.abstract_syntax), "name": _uid_name(cx.abstract_syntax),
+             "service": _service(str(cx.abstract_syntax)), "role": "SCP",
+             # SCP/SCU Role Selection (PS3.7 D.3.3.4) the node accepts when proposed:
+             # the requestor may take the SCP role (C-GET's C-STORE sub-operations).
+             "role_selection": bool(cx.scu_role and cx.scp_role),
+             "transfer_syntaxes": [str(ts) for ts in cx.transfer_syntax]}
+            for cx in ae.supported_contexts]
+
+
+def _extended_negotiation() -> list[dict[str, Any]]:
+    """What the node answers to SOP Class Extended Negotiation with every byte set."""
+    models = [*contexts.FIND_MODELS, *contexts.MOVE_MODELS, *contexts.GET_MODELS]
+    asked = {uid: b"\x01" * len(FIND_EXTENDED_BYTES) for uid in models}
+    event = cast("Event", SimpleNamespace(app_info=asked))
+    answers = handlers.handle_sop_extended(event)
+    found = []
+    for uid in models:
+        names = FIND_EXTENDED_BYTES if uid in contexts.FIND_MODELS else RETRIEVE_EXTENDED_BYTES
+        answer = answers.get(uid, b"")
+        found.append({"sop_class": str(uid), "name": _uid_name(uid),
+                      "answered": uid in answers,
+                      "supported": {name: len(answer) > i and answer[i] == 1
+                                    for i, name in enumerate(names)}})
+    return found
+
+
+def _initiation(settings: Settings) -> dict[str, Any]:
+    """C-STORE sub-operations of C-MOVE (new association) and C-GET (same one)."""
+    order = contexts.STORAGE_TRANSFER_SYNTAXES
+    decodable = [ts for ts in order if ts != ExplicitVRLittleEndian
+                 and transcode.can_convert(ts, ExplicitVRLittleEndian)]
+    return {
+        "destinations": [{"ae_title": m.ae_title, "host": m.host, "port": m.port}
+                         for m in settings.destinations.values()],
+        "max_contexts": retrieve.MAX_CONTEXTS,
+        "conversion_targets": [str(ts) for ts in transcode.UNCOMPRESSED],
+        "decodable_syntaxes": [str(ts) for ts in decodable],
+        "max_pdu": settings.max_pdu,
+    }
+
+
+def _character_sets(settings: Settings) -> dict[str, Any]:
+    return {
+        # pydicom decodes requests and encodes responses (pacs.dimse.identifier,
+        # pacs.dimse.encoding) with these Defined Terms of (0008,0005).
+        "c_find": [term for term in charset.python_encoding if term],
+        "c_find_response_rule": "the request's Specific Character Set when it can "
+                                "represent every value of the match, otherwise "
+                                f"{dicomjson.UTF8}",
+        "dicomweb": dicomjson.UTF8,
+        "person_name_matching": ("case-sensitive" if settings.pn_case_sensitive
+                                 else "case-insensitive"),
+    }
+
+
+def _security(settings: Settings, ae: Any) -> dict[str, Any]:
+    return {
+        "profiles": [],
+        "tls": False,
+        "called_ae_title_checked": bool(ae.require_called_aet),
+        "calling_ae_titles": list(ae.require_calling_aet),
+        "move_destinations_only_configured": True,
+        "dicomweb_open": settings.web_open,
+        "dicomweb_basic": bool(settings.web_user and settings.web_password),
+        "dicomweb_bearer": bool(settings.web_token),
+        "cors_origins": list(settings.cors_origins),
+    }
+
+
+# --- DICOMweb ----------------------------------------------------------------------------
+
+def _offer(media_type: str, *, default: bool = False, transfer_syntaxes: Sequence[str] = (),
+           default_syntax: str | None = None, stored_syntaxes: Sequence[str] | None = None,
+           levels: Sequence[str] | None = None) -> dict[str, Any]:
+    """One media type a resource answers with.
+
+    ``transfer_syntaxes``: values of the ``transfer-syntax`` parameter it honours
+    (``*``: as stored); ``default_syntax``: what it sends without one;
+    ``stored_syntaxes``: offered only for objects stored in these (sent as stored),
+    ``None``: for every object; ``levels``: only on routes ending so (``None``: all).
+    """
+    return {"media_type": media_type, "default": default,
+            "transfer_syntaxes": list(transfer_syntaxes), "default_syntax": default_syntax,
+            "stored_syntaxes": None if stored_syntaxes is None else list(stored_syntaxes),
+            "levels": None if levels is None else list(levels)}
+
+
+def _multipart(part: str) -> str:
+    return f'{MULTIPART}; type="{part}"'
+
+
+def _frame_offers() -> list[dict[str, Any]]:
+    """Frames, and pixel data as bulk data (:func:`adapters.dicomweb.wado.frame_plan`)."""
+    syntaxes = ["*", *wado.NATIVE_FRAME_SYNTAXES]
+    offers = [_offer(_multipart(wado.OCTET), default=True, transfer_syntaxes=syntaxes,
+                     default_syntax=frames.NATIVE_SYNTAX),
+              _offer(wado.OCTET, transfer_syntaxes=syntaxes,
+                     default_syntax=frames.NATIVE_SYNTAX)]
+    by_type: dict[str, list[str]] = {}
+    for syntax, kind in wado.IMAGE_TYPES.items():
+        by_type.setdefault(kind, []).append(syntax)
+    for kind, stored in by_type.items():
+        offers.append(_offer(_multipart(kind), stored_syntaxes=stored))
+        offers.append(_offer(kind, stored_syntaxes=stored))
+    return offers
+
+
+def _describe(resource: object) -> dict[str, Any]:
+    """What one DICOMweb resource is and the media types it answers with.
+
+    Raises
+    ------
+    ValueError
+        For a resource this module does not know (add its description here).
+    """
+    json_only = [_offer(dicomjson.MEDIA_TYPE, default=True)]
+    if isinstance(resource, qido.Search):
+        return {"name": "Search", "transaction": "QIDO-RS Search",
+                "section": "PS3.18 10.6", "method": "GET", "media_types": json_only}
+    if isinstance(resource, stow.Store):
+        return {"name": "Store Instances", "transaction": "STOW-RS Store Instances",
+                "section": "PS3.18 10.5", "method": "POST", "media_types": json_only,
+                "request_media_types": [_multipart(stow.DICOM), stow.DICOM]}
+    if isinstance(resource, wado.Instances):
+        return {"name": "Retrieve Instances", "transaction": "WADO-RS Retrieve",
+                "section": "PS3.18 10.4.1.1.1", "method": "GET",
+                "notes": "One part per instance.  `transfer-syntax=*` or the object's own "
+                         "transfer syntax sends it as stored; an uncompressed syntax "
+                         "converts it (from the syntaxes of 3.2.4); a syntax that cannot "
+                         "be produced for every instance is answered 406.",
+                "media_types": [
+                    _offer(_multipart(wado.DICOM), default=True,
+                           transfer_syntaxes=["*", *transcode.UNCOMPRESSED],
+                           default_syntax=ExplicitVRLittleEndian),
+                    _offer(wado.DICOM, transfer_syntaxes=["*", *transcode.UNCOMPRESSED],
+                           default_syntax=ExplicitVRLittleEndian,
+                           levels=["/instances/{instance}"])]}
+    if isinstance(resource, wado.Metadata):
+        return {"name": "Retrieve Metadata", "transaction": "WADO-RS Retrieve",
+                "section": "PS3.18 10.4.1.1.2", "method": "GET", "media_types": json_only}
+    if isinstance(resource, wado.Frames):
+        return {"name": "Retrieve Frames", "transaction": "WADO-RS Retrieve",
+                "section": "PS3.18 10.4.1.1.3", "method": "GET",
+                "notes": "Each part states the transfer syntax of its frame.  Objects "
+                         "stored compressed are decoded for the uncompressed types (from "
+                         "the syntaxes of 3.2.4); `*` sends the stored frames.",
+                "media_types": _frame_offers()}
+    if isinstance(resource, wado.Bulkdata):
+        return {"name": "Retrieve Bulkdata", "transaction": "WADO-RS Retrieve",
+                "section": "PS3.18 10.4.1.1.5", "method": "GET",
+                "notes": "The BulkDataURIs of the metadata.  Pixel Data (`7FE00010`) is "
+                         "answered as all its frames, with the media types below; any "
+                         f"other value as its bytes, `{wado.OCTET}` (multipart, or alone "
+                         "when asked without multipart).",
+                "media_types": _frame_offers()}
+    if isinstance(resource, rendered.Rendered):
+        images = [_offer(kind, default=i == 0) for i, kind in enumerate(rendered.RENDERED_TYPES)]
+        params = ("Parameters `quality`, `viewport`, `window` (PS3.18 8.3.5.1); the "
+                  "representative image of a study or series is its middle image.")
+        if resource.thumbnail:
+            return {"name": "Retrieve Thumbnail", "transaction": "WADO-RS Retrieve",
+                    "section": "PS3.18 10.4.1.1.6", "method": "GET",
+                    "notes": f"{params}  Fitted into {rendered.THUMBNAIL_SIZE} pixels "
+                             "unless a viewport is given.",
+                    "media_types": images}
+        return {"name": "Retrieve Rendered", "transaction": "WADO-RS Retrieve",
+                "section": "PS3.18 10.4.1.1.4", "method": "GET",
+                "notes": f"{params}  An encapsulated document instance (PDF, CDA, ...) "
+                         "is answered in its own MIME Type of Encapsulated Document "
+                         "(0042,0012), as a download.",
+                "media_types": images}
+    raise ValueError(f"the conformance statement has no description of "
+                     f"{type(resource).__name__}")
+
+
+def _dicomweb(settings: Settings) -> dict[str, Any]:
+    """Every resource of the route table, its routes under every prefix."""
+    found: dict[str, dict[str, Any]] = {}
+    table = dicomweb_app.routes(_UNSERVED).resources()
+    for template, resources in table.items():
+        for resource in resources:
+            described = _describe(resource)
+            entry = found.setdefault(described["name"], {**described, "routes": []})
+            entry["routes"].append(template)
+    return {"port": settings.web_port, "viewer_port": settings.viewer_port,
+            "prefixes": list(dicomweb_app.PREFIXES),
+            "json_accept": list(negotiation.JSON_TYPES),
+            "resources": list(found.values())}
+
+
+# --- Markdown -----------------------------------------------------------------------------
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _name(uid: str) -> str:
+    return _uid_name(uid) if uid != "*" else "as stored"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+def _bytes(value: int) -> str:
+    return "unlimited" if value == 0 else f"{value} bytes"
+
+
+def _answered(values: dict[str, Any], key: str) -> str:
+    return "answered" if values[key] else "not answered"
+
+
+def _yes(flag: bool) -> str:
+    return "Yes" if flag else "No"
+
+
+def _groups(cxs: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Contexts grouped by service, role selection and transfer syntax list."""
+    groups: dict[tuple[str, bool, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for cx in cxs:
+        key = (cx["service"], cx["role_selection"], tuple(cx["transfer_syntaxes"]))
+        groups.setdefault(key, []).append(cx)
+    return [(service, members) for (service, _, _), members in groups.items()]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The statement as Markdown (PS3.2 Annex A layout)."""
+    parts = [_overview(data), _introduction(data), _networking(data), _web(data),
+             _media(), _charsets(data), _security_text(data)]
+    return "\n\n".join(part.strip("\n") for part in parts) + "\n"
+
+
+def _overview(data: dict[str, Any]) -> str:
+    product = data["product"]
+    cxs = data["presentation_contexts"]
+    storage = [cx for cx in cxs if cx["service"] == STORAGE]
+    qr = [cx for cx in cxs if cx["service"] == QUERY_RETRIEVE]
+    rows: list[list[object]] = [[cx["name"], "No", "Yes"] for cx in cxs
+                                if cx["service"] == VERIFICATION]
+    rows.append([f"Storage: {len(storage)} Storage SOP Classes (3.2.1)",
+                 "Yes (C-MOVE / C-GET sub-operations)", "Yes"])
+    rows += [[cx["name"], "No", "Yes"] for cx in qr]
+    web = [[r["transaction"] + (f" ({r['name']})" if r["name"] != r["transaction"] else ""),
+            "No", "Yes"] for r in data["dicomweb"]["resources"]]
+    return f"""# {product['name']} {product['version']}: DICOM Conformance Statement
+
+Generated by `pacs conformance` from the node's code and the settings it runs with: the
+presentation contexts its application entity is built with, the extended negotiation
+it answers, the DICOMweb route table and the media types each
+resource negotiates.  Do not edit by hand: `docs/conformance.md` is this statement for
+the default settings (`pacs conformance --defaults > docs/conformance.md`), and
+`tests/unit/test_conformance.py` fails when it is stale.  The layout follows the
+template of PS3.2 Annex A (section numbers of the template in brackets).
+
+## 1 Conformance Statement Overview [PS3.2 A.1]
+
+pacs is a PACS node: it stores the objects modalities send with C-STORE (every Storage
+SOP Class, in any transfer syntax, byte for byte as received), answers C-FIND, C-MOVE
+and C-GET on the Patient Root and Study Root information models, and serves the same
+objects over DICOMweb (QIDO-RS, WADO-RS, STOW-RS).  It has one application entity,
+`{data['network']['ae_title']}`.
+
+Table 1-1. Network services
+
+{_table(["SOP Classes", "User of Service (SCU)", "Provider of Service (SCP)"], rows)}
+
+Table 1-2. Web services (PS3.18)
+
+{_table(["Transaction (resource)", "User Agent", "Origin Server"], web)}
+
+Media interchange: none."""
+
+
+def _introduction(data: dict[str, Any]) -> str:
+    return """## 2 Introduction [PS3.2 A.3]
+
+### 2.1 Audience and remarks
+
+Integrators and users who connect modalities, workstations, viewers and scripts to the
+node.  The statement is generated for one configuration: the settings it names
+(`PACS_*`, README "Settings") change AE titles, ports and limits, and `pacs conformance`
+prints the statement of the settings in effect (`--format json` as JSON).
+
+### 2.2 Abbreviations
+
+AE Application Entity; ARTIM Association Request/Reject/Release timer; PDU Protocol Data
+Unit; SCU / SCP Service Class User / Provider; TS Transfer Syntax; QIDO-RS, WADO-RS,
+STOW-RS the DICOMweb query, retrieve and store services (PS3.18)."""
+
+
+def _networking(data: dict[str, Any]) -> str:
+    net = data["network"]
+    assoc = data["association"]
+    impl = data["implementation"]
+    ae = net["ae_title"]
+    cxs = data["presentation_contexts"]
+    sections = [f"""## 3 Networking [PS3.2 A.4]
+
+### 3.1 Implementation Model [A.4.1]
+
+#### 3.1.1 Application Data Flow
+
+- A remote AE sends objects (C-STORE) or checks connectivity (C-ECHO): `{ae}` stores
+  each object durably and in the index before it answers.
+- A remote AE queries (C-FIND): `{ae}` answers from the index.
+- A remote AE retrieves (C-MOVE to a configured destination, C-GET over its own
+  association): `{ae}` sends the stored objects as C-STORE sub-operations.
+- DICOMweb user agents query, retrieve and store over HTTP (section 4) on the same
+  index and store.
+
+#### 3.1.2 Functional Definition of AEs
+
+`{ae}` is one AE served by `PACS_DIMSE_WORKERS` worker processes
+(`{assoc['dimse_workers']}`; 0: one per CPU) that accept associations from one listening
+port.  It accepts associations for every service of Table 3-1 and initiates
+associations only to C-MOVE destinations.
+
+#### 3.1.3 Sequencing of Real-World Activities
+
+A C-STORE is answered only once the object is written and its index row committed; a
+retrieve finds an object as soon as its C-STORE was answered.
+
+### 3.2 AE Specifications: `{ae}` [A.4.2]
+
+#### 3.2.1 SOP Classes [A.4.2.1.1]
+
+This Application Entity provides Standard Conformance to the following SOP Classes.
+
+Table 3-1. SOP Classes of `{ae}`
+
+{_table(["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
+        [[cx["name"], cx["sop_class"], _yes(cx["service"] == STORAGE), "Yes"]
+         for cx in cxs])}
+
+SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3).
+
+#### 3.2.2 Association Policies [A.4.2.1.2]
+
+##### 3.2.2.1 General
+
+{_table(["Application Context Name", "Maximum PDU size received"],
+        [[assoc['application_context'], _bytes(assoc['max_pdu_receive'])]])}
+
+##### 3.2.2.2 Number of Associations
+
+{_table(["Limit", "Value", "Setting"], [
+    ["Simultaneous associations as acceptor, per worker process",
+     assoc['max_associations_per_worker'], "PACS_MAX_ASSOCIATIONS"],
+    ["Simultaneous associations from one peer address, per worker process",
+     assoc['max_associations_per_host_per_worker'], "PACS_MAX_ASSOCIATIONS_PER_HOST"],
+    ["Connections that have not sent their A-ASSOCIATE-RQ, per worker process",
+     assoc['max_pending_connections_per_worker'], "PACS_MAX_PENDING_CONNECTIONS"],
+    ["Worker processes", f"{assoc['dimse_workers']} (0: one per CPU)",
+     "PACS_DIMSE_WORKERS"],
+    ["Associations initiated per C-MOVE", 1, ""]])}
+
+##### 3.2.2.3 Asynchronous Nature
+
+Asynchronous Operations Window negotiation is {_answered(assoc, 'asynchronous_operations_window')}:
+one operation is invoked and performed at a time on an association.
+
+##### 3.2.2.4 Implementation Identifying Information
+
+{_table(["Implementation Class UID", "Implementation Version Name"],
+        [[impl['class_uid'], impl['version_name']]])}""",
+                _acceptance(data), _initiation_text(data), _network_interfaces(data),
+                _configuration(data)]
+    return "\n\n".join(s.strip("\n") for s in sections)
+
+
+def _acceptance(data: dict[str, Any]) -> str:
+    assoc = data["association"]
+    ae = data["network"]["ae_title"]
+    rejections = [[r["when"], r["result"], r["source"], r["reason"]]
+                  for r in assoc["rejections"] if r["applies"]]
+    text = [f"""#### 3.2.3 Association Acceptance Policy [A.4.2.1.4]
+
+`{ae}` accepts associations from any peer address, within the limits of 3.2.2.2.  It
+rejects an A-ASSOCIATE-RQ (PS3.8 9.3.4) as follows:
+
+{_table(["Condition", "Result", "Source", "Reason/Diag."], rejections)}
+
+A connection that sends no A-ASSOCIATE-RQ within the ARTIM timeout
+({_seconds(assoc['artim_timeout'])}, `PACS_ARTIM_TIMEOUT`; PS3.8 9.1.2) is closed; an
+association silent for the DIMSE timeout ({_seconds(assoc['dimse_timeout'])},
+`PACS_DIMSE_TIMEOUT`) is aborted.
+
+User Identity negotiation is {_answered(assoc, 'user_identity')} (an association that
+proposes it is accepted without a response item when it is not answered); SOP Class
+Common Extended Negotiation is {_answered(assoc, 'sop_class_common_extended')}.
+
+##### 3.2.3.1 Accepted Presentation Contexts
+
+Each table lists SOP Classes accepted with the same transfer syntaxes.  **Selection
+rule:** in each proposed presentation context the node accepts the first transfer
+syntax of *its* list (the order of the table) that the requestor proposed in that
+context (PS3.8 9.3.3.2 leaves the choice to the acceptor); the requestor's order does
+not matter.  A context that proposes none of them is rejected (transfer syntaxes not
+supported); a SOP Class not listed is rejected (abstract syntax not supported)."""]
+    for number, (service, members) in enumerate(_groups(data["presentation_contexts"]), 1):
+        syntaxes = members[0]["transfer_syntaxes"]
+        role = ("SCP; the requestor may take the SCP role through SCP/SCU Role Selection "
+                "(PS3.7 D.3.3.4), for the C-STORE sub-operations of C-GET"
+                if members[0]["role_selection"] else "SCP")
+        classes = _table(["Abstract Syntax", "UID"],
+                         [[cx["name"], cx["sop_class"]] for cx in members])
+        order = _table(["Preference", "Transfer Syntax", "UID"],
+                       [[i, _name(ts), ts] for i, ts in enumerate(syntaxes, 1)])
+        caption = f"{service}: {len(members)} abstract syntax(es), role {role}"
+        text.append(f"""Table 3-{number + 1}. {caption}
+
+{classes}
+
+Table 3-{number + 1}b. {service}: transfer syntaxes, in the order of preference
+
+{order}""")
+    return "\n\n".join(text)
+
+
+def _initiation_text(data: dict[str, Any]) -> str:
+    init = data["initiation"]
+    ext = data["extended_negotiation"]
+    destinations = init["destinations"]
+    dest_text = (_table(["AE Title", "Host", "Port"],
+                        [[d["ae_title"], d["host"], d["port"]] for d in destinations])
+                 if destinations else "None configured: every C-MOVE is answered A801.")
+    ext_rows = [[e["name"], "; ".join(f"{name}: {_yes(flag)}"
+                                      for name, flag in e["supported"].items())
+                 if e["answered"] else "not answered (none supported)"] for e in ext]
+    targets = ", ".join(f"{_name(ts)} ({ts})" for ts in init["conversion_targets"])
+    decodable = ", ".join(f"{ts}" for ts in init["decodable_syntaxes"])
+    return f"""##### 3.2.3.2 Extended Negotiation
+
+SOP Class Extended Negotiation (PS3.4 C.5; C-FIND: Table C.5-2): the node answers,
+for each information model, what it supports of what was asked.
+
+{_table(["SOP Class", "Supported (when asked)"], ext_rows)}
+
+##### 3.2.3.3 SOP Specific Conformance
+
+- **Verification** (PS3.4 A): C-ECHO is always answered Success.
+- **Storage** (PS3.4 B, level 2 (Full) storage: every element is kept): objects are
+  stored byte for byte as received, in the transfer syntax of the presentation context,
+  with the file meta information added; a C-STORE is answered only once the object and
+  its index row are durable.  A different object under a stored SOP Instance UID
+  follows `PACS_DUPLICATE_POLICY`.  Objects larger than `PACS_MAX_OBJECT_BYTES` are
+  refused (A700).
+- **Query/Retrieve** (PS3.4 C): C-FIND on the levels of each model (PATIENT on Patient
+  Root only, STUDY, SERIES, IMAGE) with single value, UID list, universal, wildcard,
+  range and sequence matching; person names match per component group,
+  {data['character_sets']['person_name_matching']} (`PACS_PN_CASE_SENSITIVE`).  Missing
+  unique keys above the query level are taken as universal.  More than
+  `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
+  (A700).  C-MOVE sends to the configured destinations only; C-GET sends over the
+  requestor's association in the storage contexts it proposed with the SCP role.
+
+#### 3.2.4 Association Initiation Policy [A.4.2.1.3]
+
+`{data['network']['ae_title']}` initiates associations only for the C-STORE
+sub-operations of a C-MOVE, to the destination the request names.
+
+C-MOVE destinations (`PACS_MODALITIES`):
+
+{dest_text}
+
+**Proposed presentation contexts:** one context per (SOP Class, transfer syntax) of the
+objects to send: first each object's stored transfer syntax, then, for each SOP Class,
+{targets}; at most {init['max_contexts']} contexts (beyond that the last are dropped and
+objects without an accepted context fail as sub-operations).  Maximum PDU size
+received: {_bytes(init['max_pdu'])}.
+
+**Transfer syntax of each sub-operation** (C-MOVE and C-GET): the stored syntax when the
+peer accepted it for the SOP Class; otherwise the object is decompressed to the first of
+{targets} the peer accepted.  Objects can be converted from these stored transfer
+syntaxes: {decodable}.  An object that can be sent in neither way fails as a
+sub-operation (counted in the Failed SOP Instance UID List)."""
+
+
+def _network_interfaces(data: dict[str, Any]) -> str:
+    net = data["network"]
+    return f"""### 3.3 Network Interfaces [A.4.3]
+
+DICOM upper layer over TCP/IP (PS3.8), TCP_NODELAY on every accepted connection.
+Listening address `{net['bind_address']}` (`PACS_BIND_ADDRESS`):
+{", ".join(net['ip_versions'])}."""
+
+
+def _configuration(data: dict[str, Any]) -> str:
+    net = data["network"]
+    assoc = data["association"]
+    parameters = [
+        ["ARTIM timeout (A-ASSOCIATE-RQ awaited)", _seconds(assoc["artim_timeout"]),
+         "PACS_ARTIM_TIMEOUT"],
+        ["ACSE timeout", _seconds(assoc["acse_timeout"]), "PACS_DIMSE_TIMEOUT"],
+        ["DIMSE timeout", _seconds(assoc["dimse_timeout"]), "PACS_DIMSE_TIMEOUT"],
+        ["Network timeout", _seconds(assoc["network_timeout"]), "PACS_DIMSE_TIMEOUT"],
+        ["Connection timeout (C-MOVE destinations)",
+         _seconds(assoc["connection_timeout"]), "PACS_DIMSE_TIMEOUT"],
+        ["Maximum PDU size received", _bytes(assoc["max_pdu_receive"]), "PACS_MAX_PDU"],
+        ["Simultaneous associations per worker", assoc["max_associations_per_worker"],
+         "PACS_MAX_ASSOCIATIONS"],
+        ["Simultaneous associations per peer address per worker",
+         assoc["max_associations_per_host_per_worker"], "PACS_MAX_ASSOCIATIONS_PER_HOST"],
+        ["Pending connections per worker", assoc["max_pending_connections_per_worker"],
+         "PACS_MAX_PENDING_CONNECTIONS"],
+    ]
+    return f"""### 3.4 Configuration [A.4.4]
+
+#### 3.4.1 AE Title / Presentation Address Mapping [A.4.4.1]
+
+{_table(["Application Entity", "AE Title", "TCP Port", "Settings"],
+        [["DIMSE SCP", net['ae_title'], net['dimse_port'],
+          "PACS_AE_TITLE, PACS_DIMSE_PORT"]])}
+
+Remote AEs: any peer may associate (unless `PACS_ALLOWED_CALLING_AETS` limits the
+calling AE titles); C-MOVE destinations are configured (3.2.4).
+
+#### 3.4.2 Parameters [A.4.4.2]
+
+{_table(["Parameter", "Value", "Setting"], parameters)}"""
+
+
+def _offer_rows(offers: Sequence[dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for offer in offers:
+        syntaxes = ", ".join(f"`{ts}`" for ts in offer["transfer_syntaxes"]) or "-"
+        notes = []
+        if offer["default"]:
+            notes.append("default")
+        if offer["default_syntax"]:
+            notes.append(f"without a transfer-syntax: {offer['default_syntax']}")
+        if offer["stored_syntaxes"] is not None:
+            notes.append("objects stored in " + ", ".join(offer["stored_syntaxes"])
+                         + " (sent as stored)")
+        if offer["levels"] is not None:
+            notes.append("routes ending " + ", ".join(f"`{lv}`" for lv in offer["levels"]))
+        rows.append([f"`{offer['media_type']}`", syntaxes, "; ".join(notes) or "-"])
+    return rows
+
+
+def _relative(routes: Sequence[str], prefixes: Sequence[str]) -> list[str]:
+    """The routes below the first prefix, without it (the others repeat them)."""
+    first, others = prefixes[0], [p for p in prefixes[1:] if p != prefixes[0]]
+    return [route[len(first):] for route in routes if route.startswith(first)
+            and not any(route.startswith(p + "/") for p in others if len(p) > len(first))]
+
+
+def _web(data: dict[str, Any]) -> str:
+    web = data["dicomweb"]
+    prefixes = ", ".join(f"`{p or '/'}`" for p in web["prefixes"])
+    viewer = (f"and under `/dicom-web` of the viewer port {web['viewer_port']} "
+              "(`PACS_VIEWER_PORT`)" if web["viewer_port"] else "")
+    text = [f"""## 4 Web Services [PS3.18; PS3.2 example statements' web service tables]
+
+The DICOMweb origin server listens on port {web['port']} (`PACS_WEB_PORT`) {viewer}.
+Every route answers under each prefix: {prefixes}; the routes below are relative to a
+prefix.  Media types are negotiated from the Accept header, or from the `accept`
+query parameter, which replaces it (PS3.18 8.3.3.1); `*/*` or no Accept gets the
+default.  A request whose Accept allows none of a resource's media types is answered
+406; an unknown study, series, instance or frame 404.  JSON answers are also given to
+an Accept of {", ".join(f"`{t}`" for t in web["json_accept"])}, with the Content-Type
+`{dicomjson.MEDIA_TYPE}`.  Character set of every JSON answer:
+{data['character_sets']['dicomweb']} (UTF-8)."""]
+    for number, resource in enumerate(web["resources"], 1):
+        routes = _relative(resource["routes"], web["prefixes"])
+        routes_text = "\n".join(f"- `{resource['method']} {route.replace(':path}', '}')}`"
+                                for route in routes)
+        request = ""
+        if "request_media_types" in resource:
+            request = ("\n\nRequest bodies: "
+                       + ", ".join(f"`{t}`" for t in resource["request_media_types"])
+                       + "; any other Content-Type is answered 415.")
+        if "notes" in resource:
+            request += "\n\n" + resource["notes"]
+        title = f"{resource['name']} ({resource['transaction']}, {resource['section']})"
+        offers = _table(["Media type", "transfer-syntax values", "Notes"],
+                        _offer_rows(resource["media_types"]))
+        text.append(f"""### 4.{number} {title}
+
+{routes_text}{request}
+
+{offers}""")
+    return "\n\n".join(text)
+
+
+def _media() -> str:
+    return """## 5 Media Interchange [PS3.2 A.5]
+
+None: the node reads no DICOM media.  (`pacs import` and the upload folder take Part 10
+files through the C-STORE ingest path.)"""
+
+
+def _charsets(data: dict[str, Any]) -> str:
+    sets = data["character_sets"]
+    return f"""## 6 Support of Character Sets [PS3.2 A.7]
+
+C-FIND SCP: requests are decoded, and responses encoded, in any of these values of
+Specific Character Set (0008,0005), single-byte, ISO 2022 code extensions and
+multi-byte alike (PS3.5 6.1):
+
+{", ".join(f"`{term}`" for term in sets["c_find"])}
+
+Response character set: {sets["c_find_response_rule"]} (PS3.4 C.4.1.1.3.2).  Person
+names match per component group (alphabetic, ideographic, phonetic) and
+{sets["person_name_matching"]}.  Stored objects keep their own character set (they are
+stored as received); the index holds their values decoded.  DICOMweb answers are
+{sets["dicomweb"]} (UTF-8)."""
+
+
+def _security_text(data: dict[str, Any]) -> str:
+    sec = data["security"]
+    calling = (", ".join(f"`{a}`" for a in sec["calling_ae_titles"])
+               if sec["calling_ae_titles"] else "any (`PACS_ALLOWED_CALLING_AETS` empty)")
+    if sec["dicomweb_open"]:
+        access = "every request is answered without credentials (`PACS_WEB_OPEN=true`)"
+    else:
+        ways = [w for w, on in (("HTTP Basic", sec["dicomweb_basic"]),
+                                ("a bearer token", sec["dicomweb_bearer"])) if on]
+        access = ("requests from the node's own host (loopback) are answered without "
+                  "credentials; other hosts need "
+                  + (" or ".join(ways) if ways else
+                     "credentials, and none are configured, so they are refused (401)"))
+    cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
+            else "none (no CORS headers)")
+    return f"""## 7 Security [PS3.2 A.8]
+
+### 7.1 Security Profiles [A.8.1]
+
+None of PS3.15: no TLS on DIMSE or HTTP, no audit trail messages.  Storage is
+bit-preserving: objects are kept and, when the peer accepts their stored transfer
+syntax, sent byte for byte as received, so Digital Signatures stay intact; an object
+converted to another transfer syntax for a peer loses their validity.
+
+### 7.2 Association Level Security [A.8.2]
+
+- Called AE Title checked: {_yes(sec["called_ae_title_checked"])}.
+- Calling AE Titles allowed: {calling}.
+- C-MOVE destinations: only those configured (`PACS_MODALITIES`); any other is
+  refused (A801).
+- Limits per peer address and per worker process (3.2.2.2).
+
+### 7.3 Application Level Security [A.8.3]
+
+DICOMweb: {access}.  Browser origins allowed (CORS, `PACS_CORS_ORIGINS`): {cors}.
+Every answer carries `X-Content-Type-Options: nosniff` and a sandboxing
+Content-Security-Policy."""
+
+
+def render(data: dict[str, Any], fmt: str) -> str:
+    """The statement in ``fmt``: ``markdown`` or ``json``."""
+    return to_json(data) if fmt == "json" else markdown(data)
+
+
+__all__ = ["FIND_EXTENDED_BYTES", "RETRIEVE_EXTENDED_BYTES", "markdown", "render",
+           "statement", "to_json"]
