@@ -70,7 +70,7 @@ class MediaRange:
         wanted = self.part_type or ANY
         if wanted == ANY:
             return True
-        if wanted.endswith("/*") or wanted.endswith("/"):
+        if wanted.endswith(("/*", "/")):
             return content.split("/")[0] == wanted.split("/")[0]
         return wanted == content
 

@@ -28,10 +28,9 @@ from typing import Any
 
 import falcon
 
-from adapters.dicomweb import errors, qido, rendered, stow, wado
-from adapters.dicomweb import health as health_route
-from adapters.http.auth import Access, AccessMiddleware
+from adapters.dicomweb import errors, health as health_route, qido, rendered, stow, wado
 from adapters.dicomweb.browser import BrowserMiddleware
+from adapters.http.auth import Access, AccessMiddleware
 from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class RouteTable:
         """Every URI template with the resources that answer it, in the order added."""
         return {template: tuple(found) for template, found in self._routes.items()}
 
-    def install(self, app: falcon.App) -> None:
+    def install(self, app: falcon.App[falcon.Request, falcon.Response]) -> None:
         """Add every template to ``app`` with its merged resource."""
         for template, resources in self._routes.items():
             app.add_route(template, merge(template, resources),
@@ -138,7 +137,7 @@ def routes(services: Services) -> RouteTable:
     return table
 
 
-def create_app(services: Services) -> falcon.App:
+def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response]:
     """The DICOMweb app over ``services``.
 
     Parameters

@@ -326,7 +326,8 @@ class _Pieces:
         with memoryview(buffer) as view:
             data = bytes(view[:count])
         if self.file is None and self.size > SPOOL_MEMORY_BYTES:
-            self.file = tempfile.TemporaryFile(dir=self.spool_dir)
+            # Kept open across add() calls; finish() hands it to the Part, close() drops it.
+            self.file = tempfile.TemporaryFile(dir=self.spool_dir)  # noqa: SIM115
             for chunk in self.chunks:
                 self.file.write(chunk)
             self.chunks = []

@@ -179,7 +179,7 @@ def peek_uids(data: bytes) -> tuple[str, str]:
                                      specific_tags=["SOPClassUID", "SOPInstanceUID"])
         sop_class = str(header.get("SOPClassUID", "") or "").strip("\0 ")
         sop_instance = str(header.get("SOPInstanceUID", "") or "").strip("\0 ")
-    except Exception:  # an unreadable part is reported without UIDs
+    except Exception:  # noqa: BLE001 - an unreadable part is reported without UIDs
         return "", ""
     return (sop_class if valid_uid(sop_class) else "",
             sop_instance if valid_uid(sop_instance) else "")
@@ -225,7 +225,8 @@ def single_part(stream: multipart.Readable,
                 max_part_bytes: int = multipart.MAX_PART_BYTES) -> Iterator[multipart.Part]:
     """A whole ``application/dicom`` body as one part (spooled; over ``max_part_bytes``
     read to its end and yielded ``oversize``, with its head only)."""
-    spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)
+    # Handed to the Part yielded below, which closes it.
+    spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)  # noqa: SIM115
     size = 0
     head = b""
     while chunk := stream.read(multipart.CHUNK_BYTES):
@@ -395,7 +396,7 @@ class Store:
         results: Sequence[StoreResult | BaseException]
         try:
             results = self.services.ingest.store_batch(accepted, calling_ae="")
-        except Exception as exc:  # a failure of the whole batch fails each of its parts
+        except Exception as exc:  # noqa: BLE001 - a whole batch's failure fails each part
             results = [exc] * len(accepted)
         outcomes = iter(results)
         return [_stored(part.data, next(outcomes)) if isinstance(part.analysis, Analysis)
