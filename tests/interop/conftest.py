@@ -10,6 +10,7 @@ Helpers read back what the node wrote: the index (apsw, read-only) and the objec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -58,8 +59,8 @@ def dcmtk(tool: str) -> str:
     its version and only dcmtk's is used.
     """
     candidates = []
-    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin",
-                                                                    "/usr/local/bin"]:
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin",
+                   "/usr/local/bin"]:
         path = os.path.join(folder, tool)
         if os.path.isfile(path) and os.access(path, os.X_OK) and path not in candidates:
             candidates.append(path)
@@ -507,10 +508,8 @@ class Node:
         if self.proc is None:
             return
         pgid = self.proc.pid
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(timeout=STOP_TIMEOUT)
         self._wait_group_gone(pgid, STOP_TIMEOUT)
 
@@ -553,10 +552,8 @@ class Node:
             return
         if self.running:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
         if _group_members(self.proc.pid):
             self._kill_group()
 

@@ -120,11 +120,10 @@ DESTINATIONS = {STORESCP_AET: ["+xa"], "UNCOMPR": [], "IMPLICIT": ["+xi"]}
 
 def _start_storescp(aet: str, options: list[str], folder: Path) -> StoreSCP:
     port = free_port()
-    log = open(folder.parent / f"{folder.name}.log", "wb")
-    process = subprocess.Popen(
-        [dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(folder), str(port)],
-        env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()  # the child has its own handle
+    with open(folder.parent / f"{folder.name}.log", "wb") as log:  # the child keeps its own
+        process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(folder), str(port)],
+            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     wait_for_port(port, timeout=30)
     return StoreSCP(port, folder, process)
 

@@ -29,7 +29,8 @@ def _s3_settings(server: SeaweedS3, bucket: str, **extra: str) -> dict[str, str]
 
 
 def test_store_and_retrieve_through_s3(node_factory: Callable[..., Node],
-                                       seaweed_s3: SeaweedS3, tmp_path: Path) -> None:
+                                       seaweed_s3: SeaweedS3,  # noqa: F811 - the fixture
+                                       tmp_path: Path) -> None:
     node = node_factory("s3node", **_s3_settings(seaweed_s3, "pacs-node-e2e"))
     for name in FILES:
         sent = run_dcmtk("dcmsend", "127.0.0.1", str(node.port), "-aec", AE_TITLE,
@@ -83,8 +84,8 @@ def test_store_and_retrieve_through_s3(node_factory: Callable[..., Node],
     assert stored_mr in response.content  # the part is the stored object, as stored
 
 
-def test_wrong_credentials_stop_the_node_with_a_reason(seaweed_s3: SeaweedS3,
-                                                       tmp_path: Path) -> None:
+def test_wrong_credentials_stop_the_node_with_a_reason(
+        seaweed_s3: SeaweedS3, tmp_path: Path) -> None:  # noqa: F811 - the fixture
     env = {"PATH": "/usr/bin:/bin", "PACS_DATA_DIR": str(tmp_path / "data"),
            **_s3_settings(seaweed_s3, "pacs-node-bad", PACS_S3_SECRET_KEY="not-the-secret")}
     result = subprocess.run([sys.executable, "-m", "pacs", "status"], cwd=tmp_path, env=env,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pacs.dimse.server import NodeServer, start, stop
 from pacs.core.services import Services
+from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import free_port
 
 

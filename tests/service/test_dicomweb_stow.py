@@ -14,9 +14,9 @@ from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
+from pacs.core import config
 from pacs.core.errors import StorageError
 from pacs.core.index import writer
-from pacs.core import config
 from pacs.core.services import Services, build
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample

@@ -18,8 +18,8 @@ from pynetdicom import AE
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 
 from adapters.dicomweb.app import create_app
-from pacs.dimse import server
 from pacs.core.services import Services
+from pacs.dimse import server
 from tests.conftest import free_port
 from tests.service.sample_studies import OT_CLASS, Archive, load
 

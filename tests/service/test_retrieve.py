@@ -39,12 +39,12 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.core import config
-from pacs.dimse import retrieve
-from pacs.dimse.server import NodeServer, start, stop
 from pacs.core.services import Services
 from pacs.core.storage import object_key
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import retrieve
+from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import free_port, sample
 from tests.factory import make_instance
 
@@ -531,7 +531,7 @@ def test_move_with_a_uid_list_at_image_level(make_node: Callable[..., Node],
 
     replies = responses(assoc.send_c_move(
         identifier("IMAGE", PatientID=study.patient_id, StudyInstanceUID=study.uid,
-                   SeriesInstanceUID=list(study.series)[0], SOPInstanceUID=wanted[:2]),
+                   SeriesInstanceUID=next(iter(study.series)), SOPInstanceUID=wanted[:2]),
         "STORESCP", PatientMove))
 
     assert replies[-1][0].Status == 0x0000

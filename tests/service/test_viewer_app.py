@@ -13,8 +13,8 @@ import pytest
 from falcon import testing
 
 from adapters.viewer.app import app_config
-from pacs.node.apps import viewer_port as create_app
 from pacs.core.services import Services
+from pacs.node.apps import viewer_port as create_app
 from tests.conftest import sample
 
 HASHED = "app.bundle.0f6159c501addfe9.js"

@@ -72,8 +72,7 @@ def test_only_classes_proposed_with_the_scp_role() -> None:
              MRImageStorage: build_role(MRImageStorage, scu_role=True),
              SecondaryCaptureImageStorage: build_role(SecondaryCaptureImageStorage,
                                                       scp_role=True)}
-    supported = {uid: ORDER for uid in (CTImageStorage, MRImageStorage,
-                                        SecondaryCaptureImageStorage)}
+    supported = dict.fromkeys((CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage), ORDER)
     # CT: SCP role, one mixed context.  MR: the requestor sends (SCU role only).
     # SC: an uncompressed context of its own already.
     assert contexts.sendable_first_classes(requested, roles, supported) == {CTImageStorage}

@@ -80,7 +80,8 @@ def test_explicit_vr_cut_through_pydicoms_iso_2022_writer() -> None:
 
 def test_explicit_vr_cuts_a_value_inside_a_sequence_item() -> None:
     description = "X" * 70_000
-    elements = _elements("DOE^JOHN") + [
+    elements = [
+        *_elements("DOE^JOHN"),
         (0x00081032, "SQ", [[(0x00080100, "SH", "CODE1"), (0x00080104, "LO", description)]])]
     ds = _read(encode_identifier(elements, ["ISO_IR 192"], False), False)
     item = ds.ProcedureCodeSequence[0]
@@ -94,8 +95,8 @@ def test_explicit_vr_cuts_a_value_inside_a_sequence_item() -> None:
 def test_values_pydicom_cannot_convert_go_out_as_stored(implicit: bool) -> None:
     """Through pydicom's writer (ISO 2022): a stored DS that is no number and a CS
     outside the default repertoire must not fail the answer."""
-    elements = _elements("ヤマダ^タロウ", "\\ISO 2022 IR 87") + [
-        (0x00101030, "DS", "NOTANUMBER"), (0x00080060, "CS", "ÇT")]
+    elements = [*_elements("ヤマダ^タロウ", "\\ISO 2022 IR 87"),
+                (0x00101030, "DS", "NOTANUMBER"), (0x00080060, "CS", "ÇT")]
     ds = _read(encode_identifier(elements, ["", "ISO 2022 IR 87"], implicit), implicit)
     assert ds.get_item(0x00101030).value == b"NOTANUMBER"  # raw: pydicom would refuse it
     assert ds.Modality == "?T"

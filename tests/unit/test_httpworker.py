@@ -84,7 +84,7 @@ def test_the_body_reader_reads_like_a_buffer(tmp_path: Path, in_memory: bool) ->
     data = bytes(rng.choice(b"ab\n") for _ in range(3000))
     for _ in range(100):
         cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 20)))
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
         body = spooled(pieces, tmp_path, in_memory).reader(timeout=5)
         reference = io.BytesIO(data)
         while True:

@@ -75,7 +75,8 @@ def test_the_nodes_own_errors_and_errnos_are_kept(handler: io.StringIO) -> None:
     log.warning("refused: %s", InvalidQuery("PatientName: not a PN value"))
     log.warning("refused: %s", UnreadableData(f"does not parse: could not convert '{SECRET}'"))
     try:
-        open(f"/nonexistent/{SECRET}.dcm")
+        with open(f"/nonexistent/{SECRET}.dcm"):
+            pass
     except OSError:
         log.exception("cannot read an upload")
     text = handler.getvalue()

@@ -152,7 +152,8 @@ def test_boundary_quoted_or_bare(content_type: str, boundary: str) -> None:
 
 
 @pytest.mark.parametrize("content_type", [
-    "multipart/related", 'multipart/related; boundary=""', "multipart/related; boundary=" + "x" * 300,
+    "multipart/related", 'multipart/related; boundary=""',
+    "multipart/related; boundary=" + "x" * 300,
 ])
 def test_bad_boundary(content_type: str) -> None:
     with pytest.raises(MultipartError):

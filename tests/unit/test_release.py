@@ -13,8 +13,8 @@ from pathlib import Path
 import apsw
 import pytest
 
-from pacs.dimse.reactor import _Waker
 from pacs.core.index.connection import Index
+from pacs.dimse.reactor import _Waker
 
 
 def open_fds() -> set[str]:
@@ -138,7 +138,7 @@ def test_a_wake_racing_close_never_reaches_a_reused_descriptor(tmp_path: Path) -
         number = waker.fd
         stop = threading.Event()
 
-        def wake_loop(w: _Waker = waker) -> None:
+        def wake_loop(w: _Waker = waker, stop: threading.Event = stop) -> None:
             while not stop.is_set():
                 w.wake()
 

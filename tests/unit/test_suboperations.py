@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from pacs.dimse import find, retrieve
 from pacs.core.errors import Cancelled
 from pacs.core.query.model import InstanceRef
+from pacs.dimse import find, retrieve
 
 
 def _ref(number: int) -> InstanceRef:
@@ -26,7 +26,7 @@ def _ref(number: int) -> InstanceRef:
 class _FakeSender:
     """Records what the loop does; every write succeeds, every response is 0000."""
 
-    log: list[str] = []
+    log: ClassVar[list[str]] = []  # shared: the code under test makes the instances
 
     def __init__(self, assoc: Any, store: Any, originator: Any, **options: Any) -> None:
         pass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs.node import viewer
 from pacs.core.config import Settings
+from pacs.node import viewer
 
 
 def make_dist(folder: Path) -> Path:
