@@ -22,6 +22,7 @@ from typing import Any
 from pacs.core.errors import PacsError
 from pacs.core.index import reads
 from pacs.core.services import Services
+from pacs.core.storage import usage
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def check(services: Services, thorough: bool = False) -> Health:
     store_bytes = None
     if thorough and store_error is None:
         try:
-            store_bytes = services.store.usage()
+            store_bytes = usage(services.store)
         except PacsError as exc:
             store_error = str(exc)
     try:

@@ -49,7 +49,7 @@ from pacs.core.errors import (
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
-from pacs.core.storage import ObjectStore, object_key
+from pacs.core.storage import ObjectStore, object_key, put_many
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Ingest:
             The store or the index failed; nothing of the object remains.
         """
         analysis = analyse(data, expected, self.max_object_bytes)
-        with self._uid_lock(analysis.sop_instance_uid):
+        with self.uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae)
         return _result(outcome, analysis)
 
@@ -239,7 +239,7 @@ class Ingest:
 
         Each object gets what :meth:`store_bytes` would give it - its result, or the
         exception it would raise - but the objects are fsynced together
-        (:meth:`ObjectStore.put_many`) and indexed in one transaction
+        (:func:`pacs.core.storage.put_many`) and indexed in one transaction
         (:meth:`Index.commit_all`), and none is reported stored before all of that is
         durable.  A SOP Instance UID repeated within the batch is stored after it, one
         at a time, so that it meets the first as a duplicate.
@@ -294,7 +294,7 @@ class Ingest:
             else:
                 plans[number] = plan
         order = list(plans)
-        failures = self.store.put_many([(plans[n].key, items[n]) for n in order])
+        failures = put_many(self.store, [(plans[n].key, items[n]) for n in order])
         written = []
         for number, failure in zip(order, failures, strict=True):
             if failure is not None:
@@ -407,9 +407,25 @@ class Ingest:
         except PacsError:
             log.warning("could not delete a replaced object; 'pacs fsck' will")
 
-    def _uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
-        """An exclusive lock shared by every process, threads included (flock)."""
+    def uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
+        """The lock under which ingest decides and writes an instance of this SOP
+        Instance UID: exclusive, shared by every process of the node, threads included
+        (``flock``).  Repair (:mod:`pacs.core.reconcile`) decides under it too."""
         return self._uid_locks([sop_uid])
+
+    def index_stored(self, analysis: Analysis, key: str, size: int,
+                     calling_ae: str = "") -> None:
+        """Index an object that is already stored at ``key``, as it is (step 4 alone).
+
+        For repair, which finds objects written but never indexed; the caller holds
+        :meth:`uid_lock`.
+
+        Raises
+        ------
+        IndexFailure
+            When the commit failed (nothing of the row is kept).
+        """
+        self.index.commit(self._index_work(analysis, key, size, calling_ae))
 
     @contextmanager
     def _uid_locks(self, sop_uids: list[str]) -> Iterator[None]:

@@ -9,7 +9,7 @@ row, never the order in which objects are found, their number or their age.
 
 The crash windows of the ingest order and what this module makes of them (every
 decision is taken again under the SOP Instance UID's ingest lock,
-:meth:`pacs.core.ingest.Ingest._uid_lock`, so that it is safe beside a running node):
+:meth:`pacs.core.ingest.Ingest.uid_lock`, so that it is safe beside a running node):
 
 (a) a temporary file written, never renamed (folder store): the write was never
     acknowledged; repair deletes temporaries older than ``temp_grace`` (a younger one
@@ -60,7 +60,7 @@ from pacs.core.errors import NotFound, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.ingest import Analysis, try_analyse
 from pacs.core.services import Services
-from pacs.core.storage import ObjectStore, object_key
+from pacs.core.storage import ObjectStore, Quarantine, exists, local_path, object_key
 from pacs.core.storage.filesystem import FileStore
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def _read_candidate(store: ObjectStore, key: str, sop: str) -> _Candidate | str:
 
 
 def _written(store: ObjectStore, key: str) -> int:
-    path = store.local_path(key)
+    path = local_path(store, key)
     if path is None:
         return 0
     try:
@@ -392,12 +392,12 @@ def _resolve(services: Services, sop: str, seen: list[str], report: Report) -> N
     """Decide (and repair) one SOP Instance UID under its ingest lock."""
     store = services.store
     folder = report.quarantine
-    with services.ingest._uid_lock(sop):
+    with services.ingest.uid_lock(sop):
         row = reads.lookup(services.index.connection(), sop)
         others = [key for key in seen if (row is None or key != row.object_key)
-                  and store.exists(key)]
+                  and exists(store, key)]
         steps: list[_Step] = []
-        if row is not None and store.exists(row.object_key):
+        if row is not None and exists(store, row.object_key):
             if not _matches(store, row.object_key, row.checksum, row.size, True):
                 steps += _rewritten(services, sop, row.object_key)
             steps += [_quarantine(services, Problem.SUPERSEDED, sop, key, folder)
@@ -478,9 +478,7 @@ def _replace(services: Services, sop: str, row: reads.StoredInstance | None,
 
 def _index(services: Services, candidate: _Candidate, why: str) -> str:
     """Index an object as it is stored (it is not written again)."""
-    data = candidate.data
-    work = services.ingest._index_work(candidate.analysis, candidate.key, len(data), "")
-    services.index.commit(work)
+    services.ingest.index_stored(candidate.analysis, candidate.key, len(candidate.data))
     log.warning("fsck: indexed %s as SOP Instance %s (%s)", candidate.key,
                 candidate.analysis.sop_instance_uid, why)
     return ""
@@ -496,10 +494,19 @@ def _drop_row(services: Services, sop: str, key: str) -> str:
 
 def _quarantine(services: Services, problem: Problem, sop: str, key: str, folder: str,
                 note: str = "") -> _Step:
+    """The step that takes ``key`` out of service; a store without the
+    :class:`~pacs.core.storage.Quarantine` capability gets the finding reported, and
+    the object stays where it is (it is never deleted)."""
+    store = services.store
+    if not isinstance(store, Quarantine):
+        unable = "this store cannot quarantine objects: left where it is"
+        finding = Finding(problem, Action.NONE, sop, key,
+                          f"{note}; {unable}" if note else unable)
+        return finding, lambda: ""
     finding = Finding(problem, Action.QUARANTINE, sop, key, note)
 
     def move() -> str:
-        where = services.store.quarantine(key, folder)
+        where = store.quarantine(key, folder)
         log.warning("fsck: moved %s (%s, SOP Instance %s) to %s", key, problem.value,
                     sop, where)
         return where

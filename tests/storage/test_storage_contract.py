@@ -1,7 +1,9 @@
 """The object-store contract (``pacs.core.storage``), checked against every backend.
 
 The same tests run on :class:`MemoryStore`, :class:`FileStore` and :class:`S3Store`
-against a real SeaweedFS S3 server; backend-specific tests follow the contract.
+against a real SeaweedFS S3 server: the core interface (:class:`ObjectStore`) on
+every backend, each optional capability on the backends that declare it (and its
+fallback on the others), then backend-specific tests.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 
 from pacs.core.config import Settings
 from pacs.core.errors import ConfigError, NotFound, StorageError
-from pacs.core.storage import ObjectStore, object_key
+from pacs.core.storage import (
+    BatchPut,
+    LocalFiles,
+    ObjectStore,
+    Quarantine,
+    Usage,
+    exists,
+    local_path,
+    object_key,
+    put_many,
+    usage,
+)
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.s3 import S3Store
@@ -165,7 +179,7 @@ def test_put_then_open_returns_the_same_bytes(store: ObjectStore, size: int) -> 
     put_bytes(store, KEY, data)
     assert read_all(store, KEY) == data
     assert store.size(KEY) == size
-    assert store.exists(KEY)
+    assert exists(store, KEY)
 
 
 def test_open_reads_whole_object_with_read_all(store: ObjectStore) -> None:
@@ -186,7 +200,7 @@ def test_put_many_stores_each_and_fails_only_the_bad_item(store: ObjectStore) ->
     """put_many: every item as put would store it; a refused item fails alone."""
     items = [(KEY, payload(1000, seed=1)), ("../../etc/passwd", b"x"),
              (OTHER_KEY, payload(3 * 1024 * 1024 + 5, seed=2))]
-    failures = store.put_many(items)
+    failures = put_many(store, items)
     assert failures[0] is None and failures[2] is None
     assert isinstance(failures[1], StorageError)
     assert read_all(store, KEY) == items[0][1]
@@ -195,7 +209,7 @@ def test_put_many_stores_each_and_fails_only_the_bad_item(store: ObjectStore) ->
 
 
 def test_missing_object(store: ObjectStore) -> None:
-    assert not store.exists(KEY)
+    assert not exists(store, KEY)
     with pytest.raises(NotFound):
         store.open(KEY)
     with pytest.raises(NotFound):
@@ -204,18 +218,18 @@ def test_missing_object(store: ObjectStore) -> None:
 
 def test_keys_list_exactly_what_was_put(store: ObjectStore) -> None:
     assert list(store.keys()) == []
-    assert store.usage() == 0
+    assert usage(store) == 0
     for index, key in enumerate([KEY, OTHER_KEY, THIRD_KEY]):
         put_bytes(store, key, payload(100 + index))
     assert sorted(store.keys()) == sorted([KEY, OTHER_KEY, THIRD_KEY])
-    assert store.usage() == 100 + 101 + 102
+    assert usage(store) == 100 + 101 + 102
 
 
 def test_delete(store: ObjectStore) -> None:
     put_bytes(store, KEY, b"x" * 10)
     put_bytes(store, OTHER_KEY, b"y" * 10)
     store.delete(KEY)
-    assert not store.exists(KEY)
+    assert not exists(store, KEY)
     with pytest.raises(NotFound):
         store.open(KEY)
     assert list(store.keys()) == [OTHER_KEY]
@@ -225,7 +239,7 @@ def test_delete(store: ObjectStore) -> None:
 def test_delete_of_a_missing_key_is_fine(store: ObjectStore) -> None:
     store.delete(KEY)
     store.delete(KEY)
-    assert not store.exists(KEY)
+    assert not exists(store, KEY)
 
 
 def test_overwrite_replaces_content(store: ObjectStore) -> None:
@@ -239,7 +253,7 @@ def test_overwrite_replaces_content(store: ObjectStore) -> None:
 def test_short_source_fails_and_leaves_no_object(store: ObjectStore) -> None:
     with pytest.raises(StorageError):
         store.put(KEY, io.BytesIO(b"only ten b"), 11)
-    assert not store.exists(KEY)
+    assert not exists(store, KEY)
     assert list(store.keys()) == []
 
 
@@ -253,7 +267,7 @@ def test_failed_overwrite_keeps_the_old_object(real_store: ObjectStore) -> None:
 def test_source_error_fails_and_leaves_no_object(real_store: ObjectStore) -> None:
     with pytest.raises(StorageError):
         real_store.put(KEY, FailingSource(b"partial"), 1000)  # type: ignore[arg-type]
-    assert not real_store.exists(KEY)
+    assert not exists(real_store, KEY)
     assert list(real_store.keys()) == []
 
 
@@ -268,19 +282,74 @@ def test_keys_outside_the_uid_layout_are_refused_on_put(store: ObjectStore, key:
 def test_keys_outside_the_uid_layout_are_refused_everywhere(
     real_store: ObjectStore, key: str
 ) -> None:
-    for operation in (real_store.open, real_store.size, real_store.delete,
-                      real_store.exists):
+    def present(key: str) -> bool:
+        return exists(real_store, key)
+
+    for operation in (real_store.open, real_store.size, real_store.delete, present):
         with pytest.raises(StorageError):
             operation(key)
 
 
+# --- optional capabilities -----------------------------------------------------------
+
+#: What each backend declares (and nothing more: a capability a backend does not do
+#: better than the fallback is left to the fallback).
+DECLARED: dict[type, set[type]] = {
+    MemoryStore: {Quarantine},
+    FileStore: {LocalFiles, BatchPut, Quarantine},
+    S3Store: {Usage, Quarantine},
+}
+CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine)
+
+
+def test_each_backend_declares_its_capabilities(store: ObjectStore) -> None:
+    declared = DECLARED[type(store)]
+    assert {kind for kind in CAPABILITIES if isinstance(store, kind)} == declared
+
+
+def test_local_files_are_the_stored_bytes(store: ObjectStore) -> None:
+    """LocalFiles: the object's file holds its bytes; without it, no path (read with
+    open), and the transitional ``local_path`` method agrees."""
+    data = payload(4000, seed=4)
+    put_bytes(store, KEY, data)
+    if isinstance(store, LocalFiles):
+        assert store.local_file(KEY).read_bytes() == data
+        assert local_path(store, KEY) == store.local_file(KEY)
+        store.delete(KEY)
+        assert not store.local_file(KEY).exists()  # the path of a gone object
+    else:
+        assert local_path(store, KEY) is None
+    assert store.local_path(KEY) == local_path(store, KEY)
+
+
+def test_batch_put_and_its_fallback_store_every_item(store: ObjectStore) -> None:
+    """BatchPut on the backends that declare it; put_many falls back to put each."""
+    items = [(KEY, payload(700, seed=7)), (OTHER_KEY, payload(800, seed=8))]
+    if isinstance(store, BatchPut):
+        assert store.put_many(items) == [None, None]
+    else:
+        assert put_many(store, items) == [None, None]
+    assert [read_all(store, key) for key, _ in items] == [data for _, data in items]
+
+
+def test_usage_and_its_fallback_agree(store: ObjectStore) -> None:
+    put_bytes(store, KEY, payload(1234))
+    put_bytes(store, THIRD_KEY, payload(10))
+    expected = 1234 + 10
+    assert usage(store) == expected
+    if isinstance(store, Usage):
+        assert store.usage() == expected
+    assert sum(store.size(key) for key in list(store.keys())) == expected
+
+
 def test_quarantine_moves_the_object_out_of_the_keys(store: ObjectStore) -> None:
     """Repair's quarantine: the object leaves the keys, its bytes are kept elsewhere."""
+    assert isinstance(store, Quarantine)
     store.put(KEY, io.BytesIO(b"kept"), 4)
     store.put(OTHER_KEY, io.BytesIO(b"other"), 5)
     where = store.quarantine(KEY, "fsck-20250101T000000.000000Z")
     assert where.endswith(f"quarantine/fsck-20250101T000000.000000Z/{KEY}")
-    assert not store.exists(KEY) and list(store.keys()) == [OTHER_KEY]
+    assert not exists(store, KEY) and list(store.keys()) == [OTHER_KEY]
     if isinstance(store, MemoryStore):
         kept = store.quarantined[where]
     elif isinstance(store, FileStore):
@@ -297,7 +366,7 @@ def test_quarantine_moves_the_object_out_of_the_keys(store: ObjectStore) -> None
         store.quarantine(KEY, "fsck-again")
     with pytest.raises(StorageError):
         store.quarantine(OTHER_KEY, "../escape")
-    assert store.exists(OTHER_KEY)
+    assert exists(store, OTHER_KEY)
 
 
 # --- FileStore only -----------------------------------------------------------------
@@ -360,7 +429,7 @@ def test_s3_keys_ignore_other_customers_and_foreign_objects(seaweed_s3: SeaweedS
         admin.put_object(bucket_name=CONTRACT_BUCKET, object_name=foreign,
                          data=io.BytesIO(b"hand-made"), length=9)
         assert list(store.keys()) == [KEY]
-        assert store.usage() == 4
+        assert usage(store) == 4
         assert list(neighbour.keys()) == [OTHER_KEY]
     finally:
         store.delete(KEY)
@@ -383,7 +452,7 @@ def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None
         # The source runs dry in the third part: the upload is aborted, nothing stays.
         with pytest.raises(StorageError, match="short source"):
             store.put(OTHER_KEY, io.BytesIO(data[: 10 * 1024 * 1024 + 3]), len(data))
-        assert not store.exists(OTHER_KEY)
+        assert not exists(store, OTHER_KEY)
         assert list(store.keys()) == [KEY]
     finally:
         store.delete(KEY)
@@ -391,26 +460,29 @@ def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("size", [1000, 11 * 1024 * 1024], ids=["put", "multipart"])
 def test_s3_body_damaged_in_transit_is_refused(
-    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    """Content-MD5 is sent over plain HTTP too, so the server refuses a damaged body."""
-    store = make_s3_store(seaweed_s3)
+    """Content-MD5 is sent over plain HTTP too, with a single PUT and with each part of
+    a multipart upload, so the server refuses a damaged body."""
+    store = make_s3_store(seaweed_s3, part_size=5 * 1024 * 1024)
     store.check()
-    original = store._http.urlopen
+    original = urllib3.HTTPConnectionPool.urlopen
 
-    def damaging(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+    def damaging(pool: Any, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        # On the way to the socket, below the client that computed the headers.
         body = kwargs.get("body")
         if method == "PUT" and body:
-            kwargs["body"] = bytes([body[0] ^ 0xFF]) + body[1:]
-        return original(method, url, *args, **kwargs)
+            kwargs["body"] = (b"\x01" if body[0] == 0 else b"\x00") + bytes(body[1:])
+        return original(pool, method, url, *args, **kwargs)
 
-    monkeypatch.setattr(store._http, "urlopen", damaging)
+    monkeypatch.setattr(urllib3.HTTPConnectionPool, "urlopen", damaging)
     try:
         with pytest.raises(StorageError, match="BadDigest"):
-            put_bytes(store, KEY, payload(1000))
+            put_bytes(store, KEY, payload(size))
         monkeypatch.undo()
-        assert not store.exists(KEY)
+        assert not exists(store, KEY)
     finally:
         store.close()
 

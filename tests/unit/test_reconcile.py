@@ -27,7 +27,7 @@ from pacs.core.errors import NotFound
 from pacs.core.index import writer
 from pacs.core.reconcile import Action, Problem, Report, reconcile
 from pacs.core.services import Services
-from pacs.core.storage import object_key
+from pacs.core.storage import exists, object_key
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.s3 import S3Store
@@ -121,7 +121,7 @@ def state(services: Services) -> tuple[object, ...]:
     """Everything a repair may change: rows, objects with their bytes, the quarantine."""
     conn = services.index.connection()
     return (writer.all_objects(conn), writer.counts(conn),
-            {key: read(services, key) for key in services.store.keys()},
+            {key: read(services, key) for key in services.store.keys()},  # noqa: SIM118 - a Store
             quarantined(services))
 
 
@@ -170,7 +170,7 @@ def node(request: pytest.FixtureRequest, make_services: Callable[..., Services])
 
 def test_agreeing_index_and_store_report_nothing(node: Services) -> None:
     instance = Instance()
-    key, data = instance.version("A")
+    _key, data = instance.version("A")
     node.ingest.store_bytes(data)
     report = reconcile(node, repair=True)
     assert report.ok and report.findings == []
@@ -190,7 +190,7 @@ def test_move_committed_old_copy_left_keeps_the_newest_acknowledged(node: Servic
     put(node, old_key, old)  # ... which the crash left behind
     report = dry_then_repair(node, (Problem.SUPERSEDED, Action.QUARANTINE, old_key))
     assert_newest(node, instance, new_key, new)
-    assert not node.store.exists(old_key)
+    assert not exists(node.store, old_key)
     assert quarantined(node) == {old_key: old}  # nothing is deleted
     assert report.ok and report.count(Action.QUARANTINE) == 1
     [finding] = report.findings
@@ -232,7 +232,7 @@ def test_several_unindexed_copies_of_a_new_instance_index_one_and_keep_the_other
     second_key, second = instance.version("B")
     put(node, first_key, first)
     if isinstance(node.store, FileStore):  # the folder store orders them by time
-        os.utime(node.store.local_path(first_key), (1, 1))
+        os.utime(node.store.local_file(first_key), (1, 1))
     put(node, second_key, second)
     # The folder store's times tell the later write; without them, the key order.
     chosen = second_key if isinstance(node.store, FileStore) else max(first_key, second_key)
@@ -310,7 +310,7 @@ def test_a_row_whose_object_is_gone_takes_the_copy_left_elsewhere(node: Services
 
 def test_an_unreadable_unindexed_object_is_quarantined(node: Services) -> None:
     instance = Instance()
-    key, data = instance.version("A")
+    key, _data = instance.version("A")
     put(node, key, b"not DICOM" * 20)
     report = dry_then_repair(node, (Problem.UNREADABLE, Action.QUARANTINE, key))
     assert quarantined(node) == {key: b"not DICOM" * 20}
@@ -382,13 +382,13 @@ def test_repair_waits_for_the_ingest_lock_of_the_uid(node: Services) -> None:
     node.ingest.store_bytes(new)
     put(node, old_key, old)
     reports: list[Report] = []
-    with node.ingest._uid_lock(instance.sop):
+    with node.ingest.uid_lock(instance.sop):
         worker = threading.Thread(target=lambda: reports.append(
             reconcile(node, repair=True)))
         worker.start()
         worker.join(0.5)
         assert worker.is_alive(), "the repair did not wait for the lock"
-        assert node.store.exists(old_key)
+        assert exists(node.store, old_key)
     worker.join(60)
     assert not worker.is_alive() and reports[0].ok
     assert_newest(node, instance, new_key, new)
@@ -437,4 +437,56 @@ def test_quarantine_of_the_folder_store_keeps_the_file(tmp_path: Path) -> None:
     where = store.quarantine(key, "fsck-1")
     assert Path(where) == tmp_path / "quarantine" / "fsck-1" / key
     assert Path(where).read_bytes() == b"abc"
-    assert not store.exists(key) and list(store.keys()) == []
+    assert not exists(store, key) and list(store.keys()) == []
+
+
+class _NoQuarantine:
+    """A memory store seen through the core interface alone: no Quarantine capability."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def put(self, key: str, source: io.BytesIO, length: int) -> None:
+        self.inner.put(key, source, length)
+
+    def open(self, key: str) -> io.BytesIO:
+        return self.inner.open(key)  # type: ignore[return-value]
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def keys(self) -> object:
+        return self.inner.keys()
+
+    def local_path(self, key: str) -> None:
+        return None
+
+    def check(self) -> None:
+        """Always usable."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_store_that_cannot_quarantine_reports_and_keeps_the_object(
+        make_services: Callable[..., Services]) -> None:
+    """Without the Quarantine capability the superseded copy is reported, left in place
+    and never deleted; the repair says it is left."""
+    services = make_services(store=_NoQuarantine())
+    instance = Instance()
+    old_key, old = instance.version("A")
+    new_key, new = instance.version("B")
+    services.ingest.store_bytes(old)
+    services.ingest.store_bytes(new)
+    put(services, old_key, old)
+    report = reconcile(services, repair=True)
+    [finding] = report.findings
+    assert (finding.problem, finding.action, finding.key) == (
+        Problem.SUPERSEDED, Action.NONE, old_key)
+    assert "cannot quarantine" in finding.note and not finding.done
+    assert not report.ok and "cannot be repaired" in "\n".join(report.lines())
+    assert read(services, old_key) == old
+    assert_newest(services, instance, new_key, new)

@@ -5,27 +5,61 @@ UIDs (docs/architecture.md, "Data layout"):
 ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 inside the customer's own area (its folder, or its prefix in the bucket).
 
-Contract, checked by ``tests/storage/test_storage_contract.py`` against every backend:
+Contract (:class:`ObjectStore`: ``put``, ``open``, ``size``, ``delete``, ``keys``,
+``check``, ``close``), checked by ``tests/storage/test_storage_contract.py`` against
+every backend:
 
 - ``put`` returns only once the object is durable (fsync and atomic rename, or a
   completed S3 PUT); a failed ``put`` leaves no object and no partial object.
-- ``open`` streams the stored bytes; a missing key raises :class:`NotFound`.
+- ``open`` streams the stored bytes; ``open`` and ``size`` of a missing key raise
+  :class:`NotFound`.
 - ``delete`` of a missing key is not an error.
 - Backend failures surface as :class:`StorageError`.
+
+Optional capabilities, each a small protocol a caller asks for explicitly
+(``isinstance(store, LocalFiles)``) and each with a plain fallback, so that a backend
+implements only what it does better than the fallback:
+
+- :class:`LocalFiles`, ``local_file(key)``: the object's file, which C-MOVE / C-GET
+  send by path; fallback :func:`local_path` gives ``None`` (read it with ``open``);
+- :class:`BatchPut`, ``put_many(items)``: one durability point for a STOW-RS batch;
+  fallback :func:`put_many` puts each;
+- :class:`Usage`, ``usage()``: bytes stored, from one listing; fallback :func:`usage`
+  sums ``size`` per key;
+- :class:`Quarantine`, ``quarantine(key, folder)``: out of service, never deleted;
+  without it ``pacs fsck`` reports the object and leaves it where it is.
+
+The folder store has :class:`LocalFiles`, :class:`BatchPut` and :class:`Quarantine`;
+the S3 store :class:`Usage` and :class:`Quarantine`; the memory store (tests)
+:class:`Quarantine`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pacs.core.storage.base import (ObjectStore, is_object_key, object_key, put_each,
-                                    quarantine_folder)
+from pacs.core.storage.base import (
+    BatchPut,
+    LocalFiles,
+    ObjectStore,
+    Quarantine,
+    Usage,
+    exists,
+    is_object_key,
+    local_path,
+    object_key,
+    put_each,
+    put_many,
+    quarantine_folder,
+    usage,
+)
 
 if TYPE_CHECKING:
     from pacs.core.config import Settings
 
-__all__ = ["ObjectStore", "is_object_key", "object_key", "open_store", "put_each",
-           "quarantine_folder"]
+__all__ = ["BatchPut", "LocalFiles", "ObjectStore", "Quarantine", "Usage", "exists",
+           "is_object_key", "local_path", "object_key", "open_store", "put_each",
+           "put_many", "quarantine_folder", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:

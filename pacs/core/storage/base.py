@@ -1,4 +1,5 @@
-"""The object store's interface and key layout (see :mod:`pacs.core.storage`)."""
+"""The object store's interface, its optional capabilities and the key layout (see
+:mod:`pacs.core.storage`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import io
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from pacs.core.dataset import valid_uid
-from pacs.core.errors import StorageError
+from pacs.core.errors import NotFound, StorageError
 
 _KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
 #: Names of quarantine folders (one per repair run).
@@ -37,61 +38,100 @@ def quarantine_folder(folder: str) -> str:
 
 
 class ObjectStore(Protocol):
-    """What the core needs of an object store."""
+    """What every object store does, and all the core may assume.
+
+    Faster or backend-specific operations are optional capabilities (below), asked
+    for explicitly (``isinstance(store, LocalFiles)``), each with a plain fallback
+    here (:func:`put_many`, :func:`local_path`, :func:`usage`).
+    """
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         """Store ``length`` bytes read from ``source`` under ``key``, durably."""
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-        """Store several objects, each as :meth:`put` would, all durable on return.
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object's bytes; the caller closes it.
 
-        One durability point for the lot (a folder store fsyncs them together); a
-        failure concerns its own item only.  Returns each item's failure or ``None``.
+        A missing key raises :class:`~pacs.core.errors.NotFound`.
         """
 
-    def open(self, key: str) -> BinaryIO:
-        """A readable stream of the object's bytes; the caller closes it."""
-
     def size(self, key: str) -> int:
-        """The object's size in bytes."""
+        """The object's size in bytes, from the store's metadata (a stat, a HEAD);
+        a missing key raises :class:`~pacs.core.errors.NotFound`."""
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing key is not an error."""
 
-    def exists(self, key: str) -> bool:
-        """True when the object exists."""
-
-    def local_path(self, key: str) -> Path | None:
-        """The object's file when the store keeps local files, else ``None``.
-
-        Lets a sender stream the stored bytes by path (C-MOVE / C-GET) instead of
-        copying them; the path may name a missing file when the object is gone.
-        """
-
     def keys(self) -> Iterator[str]:
         """Every object key of this customer's area."""
-
-    def quarantine(self, key: str, folder: str) -> str:
-        """Move the object out of the keys into the quarantine area, under ``folder``.
-
-        For objects that repair (``pacs fsck --repair``) takes out of service without
-        deleting them: the object no longer exists at ``key`` (nor in :meth:`keys`), its
-        bytes are kept under ``quarantine/<folder>/<key>``.  Returns that place (a path
-        or an object name) for the report.  A missing key raises :class:`NotFound`.
-        """
 
     def check(self) -> None:
         """Raise :class:`pacs.core.errors.ConfigError` when the store cannot be used."""
 
-    def usage(self) -> int:
-        """Bytes stored in this customer's area."""
-
     def close(self) -> None:
         """Release connections."""
 
+    # Transitional: C-MOVE / C-GET (pacs.dimse.sender) still call this method; every
+    # backend keeps it (None without local files) until they call :func:`local_path`,
+    # and then it leaves this interface for the :class:`LocalFiles` capability.
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the store keeps local files, else ``None``."""
 
-def put_each(store: ObjectStore, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-    """:meth:`ObjectStore.put_many` for stores whose every put is durable by itself."""
+
+# --- optional capabilities ---------------------------------------------------------------
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """Objects are files on this machine: a sender may hand the kernel the file itself
+    (``sendfile``, ``mmap``) instead of copying the bytes through a stream."""
+
+    def local_file(self, key: str) -> Path:
+        """The object's file; it may be missing when the object is gone."""
+
+
+@runtime_checkable
+class BatchPut(Protocol):
+    """Several puts share one durability point (a folder store fsyncs them together)."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Store several objects, each as :meth:`ObjectStore.put` would, all durable on
+        return; a failure concerns its own item only.  Each item's failure or ``None``."""
+
+
+@runtime_checkable
+class Usage(Protocol):
+    """The bytes of the customer's area are known cheaper than a size per key (an S3
+    listing carries every object's size)."""
+
+    def usage(self) -> int:
+        """Bytes stored in this customer's area."""
+
+
+@runtime_checkable
+class Quarantine(Protocol):
+    """Objects can be taken out of service without being deleted (``pacs fsck``)."""
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """Move the object out of the keys into the quarantine area, under ``folder``.
+
+        The object no longer exists at ``key`` (nor in :meth:`ObjectStore.keys`), its
+        bytes are kept under ``quarantine/<folder>/<key>``.  Returns that place (a path
+        or an object name) for the report.  A missing key raises
+        :class:`~pacs.core.errors.NotFound`.
+        """
+
+
+def put_many(store: ObjectStore, items: Sequence[tuple[str, bytes]]
+             ) -> list[StorageError | None]:
+    """:meth:`BatchPut.put_many` when the store has it, else :meth:`ObjectStore.put`
+    of each item (durable one by one)."""
+    if isinstance(store, BatchPut):
+        return store.put_many(items)
+    return put_each(store, items)
+
+
+def put_each(store: ObjectStore, items: Sequence[tuple[str, bytes]]
+             ) -> list[StorageError | None]:
+    """Each item put by itself; each item's failure or ``None``."""
     failures: list[StorageError | None] = []
     for key, data in items:
         try:
@@ -101,3 +141,33 @@ def put_each(store: ObjectStore, items: Sequence[tuple[str, bytes]]) -> list[Sto
         else:
             failures.append(None)
     return failures
+
+
+def local_path(store: ObjectStore, key: str) -> Path | None:
+    """The object's file when the store keeps local files (:class:`LocalFiles`), else
+    ``None``: read it with :meth:`ObjectStore.open`."""
+    return store.local_file(key) if isinstance(store, LocalFiles) else None
+
+
+def usage(store: ObjectStore) -> int:
+    """Bytes stored in the customer's area: :meth:`Usage.usage`, else the sum of every
+    key's size."""
+    if isinstance(store, Usage):
+        return store.usage()
+    every = store.keys()
+    return sum(store.size(key) for key in every)
+
+
+def exists(store: ObjectStore, key: str) -> bool:
+    """True when the object exists (its size is known).
+
+    Raises
+    ------
+    StorageError
+        When the key is refused or the store fails.
+    """
+    try:
+        store.size(key)
+    except NotFound:
+        return False
+    return True

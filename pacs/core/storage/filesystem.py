@@ -6,6 +6,7 @@ atomically, and the folder is fsynced so that the rename itself survives a crash
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -26,6 +27,9 @@ _SYNC_THREADS = 4
 
 class FileStore:
     """Objects as files under ``root``, at the path their key names.
+
+    Capabilities (:mod:`pacs.core.storage`): :class:`~pacs.core.storage.LocalFiles`,
+    :class:`~pacs.core.storage.BatchPut` and :class:`~pacs.core.storage.Quarantine`.
 
     Parameters
     ----------
@@ -88,7 +92,7 @@ class FileStore:
                     failures[number] = exc
 
             def flush(number: int) -> None:
-                path, tmp_name = staged[number]
+                _path, tmp_name = staged[number]
                 fd = os.open(tmp_name, os.O_RDONLY)
                 try:
                     os.fsync(fd)
@@ -154,6 +158,8 @@ class FileStore:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise NotFound("no such object") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read object: {exc.strerror or exc}") from exc
 
     def delete(self, key: str) -> None:
         """Remove the object and fsync its folder."""
@@ -166,12 +172,14 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"cannot delete object: {exc.strerror or exc}") from exc
 
-    def exists(self, key: str) -> bool:
-        """True when the file exists."""
-        return self._path(key).is_file()
+    def local_file(self, key: str) -> Path:
+        """The object's file (objects are files here): the :class:`LocalFiles`
+        capability."""
+        return self._path(key)
 
     def local_path(self, key: str) -> Path:
-        """The object's file (objects are files here)."""
+        """:meth:`local_file`, under the name C-MOVE / C-GET still call (see
+        :class:`pacs.core.storage.ObjectStore`)."""
         return self._path(key)
 
     def keys(self) -> Iterator[str]:
@@ -258,10 +266,6 @@ class FileStore:
         if not os.access(self.root, os.W_OK):
             raise ConfigError(f"the object folder {self.root} is not writable")
 
-    def usage(self) -> int:
-        """Bytes used by the stored objects."""
-        return sum(self.size(key) for key in self.keys())
-
     def free_bytes(self) -> int:
         """Free space on the folder's file system."""
         return shutil.disk_usage(self.root).free
@@ -290,7 +294,5 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _unlink_quietly(name: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(name)
-    except OSError:
-        pass

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core.errors import NotFound, StorageError
-from pacs.core.storage.base import is_object_key, put_each, quarantine_folder
+from pacs.core.storage.base import is_object_key, quarantine_folder
 
 
 class MemoryStore:
-    """Objects in a dict; ``fail_puts`` makes every write fail (for failure tests)."""
+    """Objects in a dict; ``fail_puts`` makes every write fail (for failure tests).
+
+    Capability (:mod:`pacs.core.storage`): :class:`~pacs.core.storage.Quarantine`.
+    """
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
@@ -34,10 +37,6 @@ class MemoryStore:
         with self._lock:
             self.objects[key] = data
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-        """Each put is durable by itself (see :func:`pacs.core.storage.put_each`)."""
-        return put_each(self, items)
-
     def open(self, key: str) -> BinaryIO:
         """A stream of the stored bytes."""
         with self._lock:
@@ -57,12 +56,9 @@ class MemoryStore:
         with self._lock:
             self.objects.pop(key, None)
 
-    def exists(self, key: str) -> bool:
-        """True when stored."""
-        return key in self.objects
-
     def local_path(self, key: str) -> Path | None:
-        """No files: objects live in memory."""
+        """No files: objects live in memory (the transitional method of
+        :class:`pacs.core.storage.ObjectStore`)."""
         return None
 
     def keys(self) -> Iterator[str]:
@@ -81,10 +77,6 @@ class MemoryStore:
 
     def check(self) -> None:
         """Always usable."""
-
-    def usage(self) -> int:
-        """Bytes held."""
-        return sum(len(v) for v in self.objects.values())
 
     def close(self) -> None:
         """Nothing to release."""

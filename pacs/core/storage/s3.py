@@ -10,7 +10,8 @@ Choices that matter for the guarantees (docs/architecture.md, "Guarantees"):
   HTTPS; over plain HTTP it relies on the signed ``x-amz-content-sha256``, which not
   every server checks (SeaweedFS 4.x accepts a body whose signed SHA-256 differs).
   ``Content-MD5`` is checked by every S3 server before it stores anything, so a body
-  damaged in transit is refused (``BadDigest``) instead of stored.
+  damaged in transit is refused (``BadDigest``) instead of stored.  The HTTP client
+  given to minio adds it (:class:`_ContentMd5Pool`).
 - ``put`` returns only once the PUT (or the multipart upload's completion) has been
   answered with success; S3 makes a completed PUT durable and atomically visible.  A
   short source fails before anything is sent (or aborts the multipart upload), so a
@@ -29,21 +30,23 @@ Choices that matter for the guarantees (docs/architecture.md, "Guarantees"):
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import certifi
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
-from minio.helpers import MIN_PART_SIZE, md5sum_hash
+from minio.helpers import MIN_PART_SIZE
 from urllib3.exceptions import (
     ConnectTimeoutError,
     NameResolutionError,
@@ -55,15 +58,12 @@ from urllib3.exceptions import (
 )
 
 from pacs.core.errors import ConfigError, NotFound, StorageError
-from pacs.core.storage.base import is_object_key, put_each, quarantine_folder
+from pacs.core.storage.base import is_object_key, quarantine_folder
 
 if TYPE_CHECKING:
-    from datetime import datetime
     from types import TracebackType
     from typing import Self
 
-    from minio.credentials import Credentials
-    from minio.helpers import DictType
     from urllib3.connectionpool import ConnectionPool
     from urllib3.response import BaseHTTPResponse
 
@@ -158,27 +158,37 @@ def _quiet_retry_warnings() -> None:
         logger.addFilter(_NoRetryWarnings())
 
 
-class _Md5Minio(Minio):
-    """A minio client that sends ``Content-MD5`` with every request body.
+class _ContentMd5Pool(urllib3.PoolManager):
+    """The HTTP client handed to minio: it adds ``Content-MD5`` to every request body.
 
-    minio-py computes ``Content-MD5`` itself over HTTPS only (see
-    ``Minio._build_headers``); doing it over HTTP as well makes the server verify the
-    bytes it stores whatever the transport.  A ``Content-MD5`` already present (minio
-    sets it for some bucket-configuration calls) is kept.
+    minio-py computes ``Content-MD5`` itself over HTTPS only; over plain HTTP it relies
+    on the signed ``x-amz-content-sha256``, which not every server checks.  minio takes
+    its HTTP client as a public argument (``http_client``) and sends every request
+    through its ``urlopen`` with the final body, so this is where the header goes in -
+    after minio has signed the request, which S3 allows: a server checks the headers
+    the signature lists and verifies ``Content-MD5`` whether or not it is signed.  A
+    ``Content-MD5`` already present (minio's own, over HTTPS or for bucket
+    configuration calls) is kept.
     """
 
-    def _build_headers(
-        self,
-        host: str,
-        headers: DictType | None = None,
-        body: bytes | None = None,
-        creds: Credentials | None = None,
-    ) -> tuple[DictType, datetime]:
-        if body:
-            headers = dict(headers or {})
+    # urllib3's PoolManager narrows the signature of RequestMethods.urlopen the same way.
+    def urlopen(  # type: ignore[override]
+            self, method: str, url: str, redirect: bool = True, **kw: Any,
+    ) -> BaseHTTPResponse:
+        """Send the request with ``Content-MD5`` added to a non-empty body."""
+        body = kw.get("body")
+        if isinstance(body, bytes | bytearray | memoryview) and len(body):
+            headers = urllib3.HTTPHeaderDict(kw.get("headers") or {})
             if "Content-MD5" not in headers:
-                headers["Content-MD5"] = md5sum_hash(body) or ""
-        return super()._build_headers(host, headers, body, creds)
+                headers["Content-MD5"] = content_md5(body)
+                kw["headers"] = headers
+        return super().urlopen(method, url, redirect, **kw)
+
+
+def content_md5(body: bytes | bytearray | memoryview) -> str:
+    """The ``Content-MD5`` of a body (RFC 1864: base64 of the MD5 digest)."""
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode("ascii")
 
 
 class _ObjectStream(io.RawIOBase):
@@ -246,6 +256,9 @@ class _CountingReader:
 class S3Store:
     """Objects in an S3 bucket under the customer's prefix.
 
+    Capabilities (:mod:`pacs.core.storage`): :class:`~pacs.core.storage.Usage` (one
+    listing carries every size) and :class:`~pacs.core.storage.Quarantine`.
+
     Parameters
     ----------
     endpoint : str
@@ -304,7 +317,7 @@ class S3Store:
         # retried (urllib3's default allowed_methods).  Connections that failed are
         # dropped, so the pool recovers by itself once the server is back.
         _quiet_retry_warnings()
-        self._http = urllib3.PoolManager(
+        self._http = _ContentMd5Pool(
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             retries=_Retry(
                 total=3,
@@ -320,7 +333,7 @@ class S3Store:
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
         try:
-            self._client = _Md5Minio(
+            self._client = Minio(
                 endpoint=endpoint,
                 access_key=access_key,
                 secret_key=secret_key,
@@ -421,10 +434,6 @@ class S3Store:
                     ) from exc
                 raise
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-        """Each put is durable by itself (see :func:`pacs.core.storage.put_each`)."""
-        return put_each(self, items)
-
     def open(self, key: str) -> BinaryIO:
         """A buffered stream of the object's bytes; the caller closes it.
 
@@ -473,14 +482,6 @@ class S3Store:
                 if exc.code not in _MISSING_CODES:
                     raise
 
-    def exists(self, key: str) -> bool:
-        """True when the object exists."""
-        try:
-            self.size(key)
-        except NotFound:
-            return False
-        return True
-
     def _listing(self) -> Iterator[tuple[str, int]]:
         """Each stored key of this customer with its size; a missing bucket is empty."""
         with self._storage_errors("list"):
@@ -500,7 +501,8 @@ class S3Store:
                     raise
 
     def local_path(self, key: str) -> Path | None:
-        """No local files: objects are read over HTTP with :meth:`open`."""
+        """No local files: objects are read over HTTP with :meth:`open` (the
+        transitional method of :class:`pacs.core.storage.ObjectStore`)."""
         return None
 
     def quarantine(self, key: str, folder: str) -> str:

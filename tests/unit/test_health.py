@@ -1,0 +1,86 @@
+"""The health check (``GET /health``, ``pacs status``) reads the index through its named
+reads and the store through its interface, with a plain fallback for ``usage``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pacs.core import health
+from pacs.core.errors import ConfigError
+from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
+from tests.factory import make_instance
+
+
+def test_quick_and_thorough_checks_count_and_measure(services: Services) -> None:
+    data = make_instance()
+    services.ingest.store_bytes(data)
+    quick = health.check(services)
+    assert quick.ok and quick.index == "ok"
+    assert quick.counts == {"patient": 1, "study": 1, "series": 1, "instance": 1}
+    assert quick.indexed_bytes == len(data)
+    assert quick.store_bytes is None  # the quick check never lists the store
+    thorough = health.check(services, thorough=True)
+    assert thorough.ok and thorough.index == "ok"
+    assert thorough.store_bytes == len(data)
+    assert thorough.as_json()["status"] == "ok"
+
+
+class _Plain:
+    """The core interface of a store and nothing else (no ``usage`` capability)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        self.inner.put(key, source, length)
+
+    def open(self, key: str) -> BinaryIO:
+        return self.inner.open(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def keys(self) -> Iterator[str]:
+        return self.inner.keys()
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def check(self) -> None:
+        """Always usable."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def test_a_store_without_usage_is_measured_by_its_sizes(
+        make_services: Callable[..., Services]) -> None:
+    services = make_services(store=_Plain())
+    data = make_instance()
+    services.ingest.store_bytes(data)
+    found = health.check(services, thorough=True)
+    assert found.ok and found.store_bytes == len(data)
+
+
+def test_an_unusable_store_and_a_broken_index_are_reported(
+        make_services: Callable[..., Services]) -> None:
+    store = MemoryStore()
+    services = make_services(store=store)
+
+    def refuse() -> None:
+        raise ConfigError("the bucket is gone")
+
+    store.check = refuse  # type: ignore[method-assign]
+    services.index.connection().execute("DROP TABLE instance_metadata")
+    services.index.connection().execute("DROP TABLE instance")
+    found = health.check(services, thorough=True)
+    assert not found.ok and not found.store_reachable
+    assert found.store_error == "the bucket is gone"
+    assert found.index.startswith("error: IndexFailure")
+    assert found.as_json()["status"] == "unhealthy"
