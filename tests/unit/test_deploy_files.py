@@ -104,13 +104,19 @@ def env_example_names() -> set[str]:
 
 # --- compose.yml ------------------------------------------------------------------------
 
+def networks(service: dict[str, Any]) -> set[str]:
+    """The networks a service joins (compose's list form or map form)."""
+    return set(service["networks"])
+
+
 def test_services_are_pacs_and_minio_on_the_intelpixel_network(
         compose: dict[str, Any], services: dict[str, Any]) -> None:
-    # OHIF is served by the pacs service (README, "Viewer"): no ohif container.
-    assert set(services) == {"pacs", "minio"}
+    # OHIF is served by the pacs service (README, "Viewer"): no ohif container.  The
+    # default (no profile) is the pair; the rest is the "distributed" profile.
+    assert {name for name, s in services.items() if "profiles" not in s} == {"pacs", "minio"}
     assert compose["networks"]["intelpixel"]["name"] == "intelpixel"
     for name, service in services.items():
-        assert service["networks"] == ["intelpixel"], name
+        assert networks(service) == {"intelpixel"}, name
         assert service["restart"] == "unless-stopped", name
 
 
@@ -143,8 +149,10 @@ def test_healthchecks(services: dict[str, Any]) -> None:
     assert services["pacs"]["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
-def test_pacs_environment_names_only_real_settings(services: dict[str, Any]) -> None:
-    environment = services["pacs"]["environment"]
+@pytest.mark.parametrize("name", ["pacs", "pacs-distributed"])
+def test_pacs_environment_names_only_real_settings(services: dict[str, Any],
+                                                   name: str) -> None:
+    environment = services[name]["environment"]
     unknown = set(environment) - SETTING_NAMES
     assert not unknown, f"not pacs settings (typos?): {unknown}"
 
@@ -220,6 +228,128 @@ def test_both_http_ports_run_the_event_loop_worker(tmp_path: Path) -> None:
         module, _, name = line[line.index("--worker-class") + 1].rpartition(".")
         worker = getattr(importlib.import_module(module), name)
         assert issubclass(worker, Worker) and worker.__module__ == "pacs.node.httpworker"
+
+
+# --- compose.yml, profile "distributed" ------------------------------------------------
+
+#: ``{1...4}``: MinIO's ellipsis notation for a sequence of hosts or drives.
+_ELLIPSIS = re.compile(r"\{(\d+)\.\.\.(\d+)\}")
+DISTRIBUTED = "distributed"
+
+
+def expand(pattern: str) -> list[str]:
+    """Every name a MinIO endpoint pattern stands for (``http://minio{1...2}/d{1...2}``
+    gives four), as MinIO expands it."""
+    match = _ELLIPSIS.search(pattern)
+    if match is None:
+        return [pattern]
+    first, last = int(match.group(1)), int(match.group(2))
+    assert first <= last, pattern
+    return [name for number in range(first, last + 1)
+            for name in expand(pattern[:match.start()] + str(number) + pattern[match.end():])]
+
+
+def profiled(services: dict[str, Any]) -> dict[str, Any]:
+    """The services of the "distributed" profile."""
+    return {name: s for name, s in services.items() if DISTRIBUTED in s.get("profiles", [])}
+
+
+def minio_set(services: dict[str, Any]) -> dict[str, Any]:
+    """The MinIO servers of the distributed set."""
+    return {name: s for name, s in profiled(services).items() if name.startswith("minio")}
+
+
+def set_endpoints(services: dict[str, Any]) -> list[str]:
+    """The drives of the erasure set, as ``http://host/path``, from the servers' common
+    command (MinIO requires every server to be started with the same one)."""
+    commands = {s["command"] for s in minio_set(services).values()}
+    assert len(commands) == 1, commands
+    words = next(iter(commands)).split()
+    assert words[0] == "server"
+    return [drive for word in words[1:] if word.startswith("http://")
+            for drive in expand(word)]
+
+
+def test_the_profile_is_four_minio_servers_and_a_node(services: dict[str, Any]) -> None:
+    assert set(profiled(services)) == {"pacs-distributed", "minio1", "minio2", "minio3",
+                                       "minio4"}
+    # The default pair is not part of it (naming pacs-distributed starts the set only).
+    assert "minio" not in services["pacs-distributed"]["depends_on"]
+
+
+def test_the_set_is_distributed_and_erasure_coded(services: dict[str, Any]) -> None:
+    servers = minio_set(services)
+    drives = set_endpoints(services)
+    assert len(drives) == len(set(drives)) == 8
+    hosts = {d.removeprefix("http://").split("/")[0] for d in drives}
+    # Every host of the command is a server of the set, reachable by its name, and
+    # knows itself by it.
+    assert hosts == set(servers)
+    for name, server in servers.items():
+        assert server["hostname"] == name
+        assert "server" in server["command"] and '--console-address ":9001"' in server["command"]
+    # Erasure coding needs at least 4 drives; the same count on each server.
+    per_host = {h: [d for d in drives if d.startswith(f"http://{h}/")] for h in hosts}
+    assert len({len(paths) for paths in per_host.values()}) == 1
+    assert len(drives) >= 4 and len(hosts) >= 4
+
+
+def test_each_drive_is_a_volume_of_its_own(compose: dict[str, Any],
+                                           services: dict[str, Any]) -> None:
+    declared = set(compose["volumes"])
+    sources: list[str] = []
+    for name, server in minio_set(services).items():
+        mounts = dict(v.split(":")[::-1] for v in server["volumes"])  # target -> source
+        paths = sorted(d.split("/", 3)[3] for d in set_endpoints(services)
+                       if d.startswith(f"http://{name}/"))
+        assert sorted(t.lstrip("/") for t in mounts) == paths, name
+        for source in mounts.values():
+            assert source in declared, source  # a named volume, not a shared folder
+        sources += mounts.values()
+    assert len(sources) == len(set(sources)), "two drives share a volume"
+
+
+def test_the_set_runs_minio_like_the_single_server(services: dict[str, Any]) -> None:
+    single = services["minio"]
+    for name, server in minio_set(services).items():
+        assert server["image"] == single["image"], name
+        assert server["environment"] == single["environment"], name
+        assert server["healthcheck"] == single["healthcheck"], name
+    # The S3 API and console of the set are published once, on its first server.
+    published = [p for s in minio_set(services).values() for p in s.get("ports") or []]
+    assert sorted(published) == sorted(single["ports"])
+
+
+def test_pacs_distributed_points_at_every_server_of_the_set(
+        services: dict[str, Any]) -> None:
+    node = services["pacs-distributed"]
+    env = {k: plain(v) for k, v in node["environment"].items()}
+    host, port = env["PACS_S3_ENDPOINT"].split(":")
+    # The endpoint is an alias that every server of the set answers to, and no other
+    # service (the single minio must not receive the node's requests).
+    holders = {name for name, s in services.items()
+               if isinstance(s["networks"], dict)
+               and host in (s["networks"]["intelpixel"] or {}).get("aliases", [])}
+    assert holders == set(minio_set(services))
+    assert port == "9000"
+    assert env["PACS_STORAGE"] == "s3" and env["PACS_S3_SECURE"] == "false"
+    minio_env = {k: plain(v) for k, v in services["minio1"]["environment"].items()}
+    assert env["PACS_S3_ACCESS_KEY"] == minio_env["MINIO_ROOT_USER"]
+    assert env["PACS_S3_SECRET_KEY"] == minio_env["MINIO_ROOT_PASSWORD"]
+    assert {name: d["condition"] for name, d in node["depends_on"].items()} == {
+        name: "service_healthy" for name in minio_set(services)}
+
+
+def test_pacs_distributed_is_the_node_with_its_own_index(services: dict[str, Any]) -> None:
+    node, single = services["pacs-distributed"], services["pacs"]
+    for key in ("image", "init", "user", "ports", "healthcheck", "ulimits", "restart"):
+        assert node[key] == single[key], key
+    changed = {k for k in set(node["environment"]) | set(single["environment"])
+               if node["environment"].get(k) != single["environment"].get(k)}
+    assert changed == {"PACS_S3_ENDPOINT"}
+    data = [v for v in node["volumes"] if v.endswith(":/app/data")]
+    assert data and data != [v for v in single["volumes"] if v.endswith(":/app/data")]
+    assert node["environment"]["PACS_DATA_DIR"] == "/app/data"
 
 
 # --- Dockerfile -------------------------------------------------------------------------
