@@ -42,7 +42,7 @@ from adapters.dicomweb import (
 from adapters.dicomweb.accept import MULTIPART
 from pacs.core import frames, transcode
 from pacs.core.config import Settings
-from pacs.dimse import contexts, handlers, retrieve, server
+from pacs.dimse import contexts, handlers, limits, retrieve, server
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -111,6 +111,8 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
     return {
         "application_context": APPLICATION_CONTEXT,
         "max_pdu_receive": ae.maximum_pdu_size,
+        # A longer A-ASSOCIATE-RQ is not read: the connection is aborted.
+        "max_associate_rq_bytes": limits.ASSOCIATE_CEILING,
         "dimse_workers": settings.dimse_workers,
         "max_associations_per_worker": settings.max_associations,
         "max_associations_per_host_per_worker": settings.max_associations_per_host,
@@ -300,7 +302,10 @@ def _describe(resource: object) -> dict[str, Any]:
                 "section": "PS3.18 10.4.1.1.3", "method": "GET",
                 "notes": "Each part states the transfer syntax of its frame.  Objects "
                          "stored compressed are decoded for the uncompressed types (from "
-                         "the syntaxes of 3.2.4); `*` sends the stored frames.",
+                         "the syntaxes of 3.2.4), and uncompressed frames are labelled "
+                         f"{frames.NATIVE_SYNTAX} whichever uncompressed syntax was asked "
+                         "(the bytes of a frame are the same); `*` sends the stored "
+                         "frames.",
                 "media_types": _frame_offers()}
     if isinstance(resource, wado.Bulkdata):
         return {"name": "Retrieve Bulkdata", "transaction": "WADO-RS Retrieve",
@@ -500,6 +505,9 @@ SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3).
 
 {_table(["Application Context Name", "Maximum PDU size received"],
         [[assoc['application_context'], _bytes(assoc['max_pdu_receive'])]])}
+
+An A-ASSOCIATE-RQ PDU longer than {assoc['max_associate_rq_bytes']} bytes is not read:
+the connection is aborted (A-ABORT).
 
 ##### 3.2.2.2 Number of Associations
 
