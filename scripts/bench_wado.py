@@ -35,12 +35,11 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.dicomweb.app import create_app  # noqa: E402
-from pacs.core import config
-from pacs.core import metadata  # noqa: E402
-from pacs.core.dataset import read_part10  # noqa: E402
-from pacs.core.services import Services, build  # noqa: E402
-from pacs.core.storage.memory import MemoryStore  # noqa: E402
+from adapters.dicomweb.app import create_app
+from pacs.core import config, metadata
+from pacs.core.dataset import read_part10
+from pacs.core.services import Services, build
+from pacs.core.storage.memory import MemoryStore
 
 
 def bundled(name: str) -> str:

@@ -126,7 +126,7 @@ def measure(data_dir: Path, facts: dict[str, object], reps: int) -> dict[str, tu
         by_pid: dict[str, list[str]] = facts["by_pid"]  # type: ignore[assignment]
         pid = max(sorted(by_pid), key=lambda k: len(by_pid[k]))
         middle = str(facts["middle"])
-        study_keys = {k: "" for k in STUDY_KEYS}
+        study_keys = dict.fromkeys(STUDY_KEYS, "")
         queries = [
             ("find_study_by_patientid", "STUDY", {**study_keys, "PatientID": pid}),
             ("find_study_by_name_wildcard", "STUDY", {**study_keys, "PatientName": "DOE*"}),
