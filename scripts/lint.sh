@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 rc=0
 echo "ruff check pacs adapters tests scripts bench"
-.venv/bin/ruff check pacs adapters tests scripts bench || rc=1
+.venv/bin/ruff check --output-format concise pacs adapters tests scripts bench || rc=1
 echo "mypy pacs adapters"
 .venv/bin/mypy pacs adapters || rc=1
 exit "$rc"

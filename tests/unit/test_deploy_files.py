@@ -336,8 +336,8 @@ def test_pacs_distributed_points_at_every_server_of_the_set(
     minio_env = {k: plain(v) for k, v in services["minio1"]["environment"].items()}
     assert env["PACS_S3_ACCESS_KEY"] == minio_env["MINIO_ROOT_USER"]
     assert env["PACS_S3_SECRET_KEY"] == minio_env["MINIO_ROOT_PASSWORD"]
-    assert {name: d["condition"] for name, d in node["depends_on"].items()} == {
-        name: "service_healthy" for name in minio_set(services)}
+    assert {name: d["condition"] for name, d in node["depends_on"].items()} == dict.fromkeys(
+        minio_set(services), "service_healthy")
 
 
 def test_pacs_distributed_is_the_node_with_its_own_index(services: dict[str, Any]) -> None:
