@@ -24,7 +24,7 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from pynetdicom import AE, build_context, build_role
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import (
@@ -79,7 +79,8 @@ def node(node_factory: Callable[..., Node]) -> Node:
 def statement(node: Node) -> dict[str, Any]:
     result = node.cli("conformance", "--format", "json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
 
 
 def listed_pairs(statement: dict[str, Any]) -> list[tuple[str, str]]:
@@ -152,8 +153,8 @@ def test_the_first_listed_syntax_is_chosen(node: Node, statement: dict[str, Any]
     cxs = statement["presentation_contexts"]
     max_rq = statement["association"]["max_associate_rq_bytes"]
     first = {cx["sop_class"]: cx["transfer_syntaxes"] for cx in cxs}
-    for proposal in (lambda ts: ts[::-1], lambda ts: ts[-2:][::-1]):
-        proposed = [(cx["sop_class"], proposal(cx["transfer_syntaxes"])) for cx in cxs]
+    for take in (slice(None), slice(-2, None)):
+        proposed = [(cx["sop_class"], cx["transfer_syntaxes"][take][::-1]) for cx in cxs]
         for batch in batches(proposed, max_rq):
             assoc = associate(node, [build_context(uid, list(ts)) for uid, ts in batch])
             try:
@@ -315,7 +316,7 @@ def _write(ds: pydicom.Dataset, folder: Path, syntax: str | None = None) -> Stor
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
     ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     return Stored(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
                   str(ds.file_meta.TransferSyntaxUID))
