@@ -716,8 +716,9 @@ def _relative(routes: Sequence[str], prefixes: Sequence[str]) -> list[str]:
 def _web(data: dict[str, Any]) -> str:
     web = data["dicomweb"]
     prefixes = ", ".join(f"`{p or '/'}`" for p in web["prefixes"])
-    viewer = (f"and under `/dicom-web` of the viewer port {web['viewer_port']} "
-              "(`PACS_VIEWER_PORT`)" if web["viewer_port"] else "")
+    viewer = (f"and, when the OHIF viewer's files are installed, under `/dicom-web` of "
+              f"the viewer port {web['viewer_port']} (`PACS_VIEWER_PORT`)"
+              if web["viewer_port"] else "")
     text = [f"""## 4 Web Services [PS3.18; PS3.2 example statements' web service tables]
 
 The DICOMweb origin server listens on port {web['port']} (`PACS_WEB_PORT`) {viewer}.
