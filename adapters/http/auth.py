@@ -4,8 +4,15 @@
   the README's quickstart and a viewer proxied on the same host just work.
 - Requests from elsewhere need HTTP Basic (``PACS_WEB_USER`` / ``PACS_WEB_PASSWORD``)
   or a bearer token (``PACS_WEB_TOKEN``); with neither configured they are refused.
-- ``PACS_WEB_OPEN=true`` answers everyone without credentials, on purpose (a trusted
-  network, e.g. inside compose behind a proxy that does its own access control).
+  They must come over HTTPS (``PACS_TLS_CERT``): over plain HTTP a request from another
+  host gets 403 and its credentials are never evaluated (a password or token sent in
+  clear is a password or token given away; comparing it would only tell an eavesdropper
+  it is right).  No challenge is sent over plain HTTP either, so that a browser does not
+  ask its user for a password it would then send in clear.  Credentials over plain HTTP
+  are accepted from loopback only: a TLS proxy on this host, or a local script.
+- ``PACS_WEB_OPEN=true`` answers everyone without credentials, over HTTP or HTTPS, on
+  purpose (a trusted network, e.g. inside compose behind a proxy that does its own
+  access control); an Authorization header is then not looked at.
 - The loopback rule holds only for requests that name this node in their ``Host``
   header: a loopback name or address (``localhost``, ``*.localhost``, ``127.0.0.1``,
   ``[::1]``) or one of ``PACS_WEB_HOSTS``.  A page whose DNS name is rebound to
@@ -14,7 +21,12 @@
 
 The peer address is the TCP peer (``REMOTE_ADDR``), never a ``Forwarded`` header,
 which a client can write.  A reverse proxy on this host therefore passes everyone it
-forwards: it must then do its own access control (documented in the README).
+forwards whose Host names this node: it must then do its own access control, or keep
+its public name out of ``PACS_WEB_HOSTS`` so that the node checks the credentials it
+forwards (the README, "HTTPS").  HTTPS is the WSGI ``wsgi.url_scheme``: ``https`` when
+the node's worker terminated TLS on the connection (:mod:`pacs.node.httpworker`);
+gunicorn lets only a trusted forwarder (loopback by default) set it with
+``X-Forwarded-Proto``.
 CORS preflight requests carry no credentials by design (Fetch standard) and are let
 through; the request that follows is checked.
 """
@@ -25,6 +37,7 @@ import base64
 import binascii
 import hmac
 import ipaddress
+from enum import Enum
 
 import falcon
 
@@ -63,6 +76,15 @@ def names_loopback(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
+class Verdict(Enum):
+    """What :meth:`Access.decide` says of a request."""
+
+    ALLOW = "allow"
+    HTTPS_REQUIRED = "https required"  # from another host over plain HTTP: 403
+    MISDIRECTED = "misdirected"        # loopback naming another host, no credentials: 421
+    UNAUTHORIZED = "unauthorized"      # from another host, no valid credentials: 401
+
+
 def _equal(given: str, expected: str) -> bool:
     """Constant-time comparison (no timing side channel on the secret)."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
@@ -93,13 +115,29 @@ class Access:
         name = host_name(host)
         return names_loopback(name) or name in self.hosts
 
+    def decide(self, remote_addr: str | None, authorization: str | None,
+               host: str | None = None, secure: bool = False) -> Verdict:
+        """The verdict on a request from ``remote_addr`` with this Authorization and Host
+        header, received over HTTPS (``secure``) or plain HTTP.
+
+        The credentials are compared last, and never for a request from another host
+        over plain HTTP.
+        """
+        if self.open:
+            return Verdict.ALLOW  # credentials, if any, are not looked at
+        loopback = is_loopback(remote_addr)
+        if loopback and self.names_this_node(host):
+            return Verdict.ALLOW
+        if not loopback and not secure:
+            return Verdict.HTTPS_REQUIRED
+        if self.credentials_valid(authorization or ""):
+            return Verdict.ALLOW
+        return Verdict.MISDIRECTED if loopback else Verdict.UNAUTHORIZED
+
     def allowed(self, remote_addr: str | None, authorization: str | None,
-                host: str | None = None) -> bool:
-        """True when a request from ``remote_addr`` with this Authorization and Host
-        header may pass."""
-        if self.open or (is_loopback(remote_addr) and self.names_this_node(host)):
-            return True
-        return self.credentials_valid(authorization or "")
+                host: str | None = None, secure: bool = False) -> bool:
+        """True when :meth:`decide` lets the request pass."""
+        return self.decide(remote_addr, authorization, host, secure) is Verdict.ALLOW
 
     def credentials_valid(self, authorization: str) -> bool:
         """Check a Basic or Bearer Authorization header against the settings."""
@@ -128,8 +166,9 @@ class Access:
 
 
 class AccessMiddleware:
-    """Refuse requests that :class:`Access` does not allow: 421 for a loopback request
-    naming another host, else 401 with a challenge."""
+    """Refuse requests that :class:`Access` does not allow: 403 from another host over
+    plain HTTP, 421 for a loopback request naming another host, else 401 with a
+    challenge."""
 
     def __init__(self, access: Access) -> None:
         self.access = access
@@ -139,6 +178,8 @@ class AccessMiddleware:
 
         Raises
         ------
+        falcon.HTTPForbidden
+            Not from this host, over plain HTTP (whatever the credentials).
         falcon.HTTPError
             421 from loopback with a Host that does not name this node (DNS
             rebinding) and no valid credentials.
@@ -147,10 +188,17 @@ class AccessMiddleware:
         """
         if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
             return  # a CORS preflight never carries credentials
-        host = req.get_header("Host")
-        if self.access.allowed(req.remote_addr, req.get_header("Authorization"), host):
+        verdict = self.access.decide(req.remote_addr, req.get_header("Authorization"),
+                                     req.get_header("Host"), secure=req.scheme == "https")
+        if verdict is Verdict.ALLOW:
             return
-        if is_loopback(req.remote_addr):
+        if verdict is Verdict.HTTPS_REQUIRED:
+            raise falcon.HTTPForbidden(
+                title="HTTPS required",
+                description="requests from other hosts are answered over HTTPS only, and "
+                            "credentials are never accepted over plain HTTP: use https:// "
+                            "(a node with PACS_TLS_CERT, or a TLS proxy on its host)")
+        if verdict is Verdict.MISDIRECTED:
             raise falcon.HTTPError(
                 falcon.HTTP_421, title="Misdirected request",
                 description="this node answers requests without credentials only for its "

@@ -73,7 +73,7 @@ def test_credentials_still_open_the_door_whatever_the_host(
 
 
 def test_other_hosts_are_unchanged(client: testing.TestClient) -> None:
-    result = client.simulate_get("/studies", remote_addr="10.1.2.3",
+    result = client.simulate_get("/studies", remote_addr="10.1.2.3", protocol="https",
                                  headers={"Host": "pacs.example.org"})
     assert result.status_code == 401
     assert "Basic" in result.headers["WWW-Authenticate"]

@@ -346,7 +346,8 @@ def guarded(make_services: Callable[..., Services]) -> Iterator[testing.TestClie
 def test_access(guarded: testing.TestClient, remote: str, authorization: str | None,
                 status: int) -> None:
     headers = {"Authorization": authorization} if authorization else {}
-    result = guarded.simulate_get("/studies", remote_addr=remote, headers=headers)
+    result = guarded.simulate_get("/studies", remote_addr=remote, headers=headers,
+                                  protocol="https")  # other hosts: HTTPS only
     assert result.status_code == status
     if status == 401:
         assert "Basic" in result.headers["WWW-Authenticate"]
@@ -355,7 +356,7 @@ def test_access(guarded: testing.TestClient, remote: str, authorization: str | N
 
 def test_remote_without_configured_credentials_is_refused(client: testing.TestClient) -> None:
     result = client.simulate_get("/studies", remote_addr="192.168.1.20",
-                                 headers={"Authorization": _basic("", "")})
+                                 headers={"Authorization": _basic("", "")}, protocol="https")
     assert result.status_code == 401
 
 
@@ -378,7 +379,7 @@ def test_cors_preflight_and_exposed_headers(make_services: Callable[..., Service
     assert "GET" in preflight.headers["Access-Control-Allow-Methods"]
     assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
     result = client.simulate_get("/dicom-web/studies", query_string="limit=1",
-                                 remote_addr="10.0.0.9",
+                                 remote_addr="10.0.0.9", protocol="https",
                                  headers={**origin, "Authorization": _basic("alice", "s3cret")})
     assert result.status_code == 200
     assert result.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
@@ -386,7 +387,8 @@ def test_cors_preflight_and_exposed_headers(make_services: Callable[..., Service
     assert {"Warning", "Content-Location", "Content-Range"} <= set(exposed.split(", "))
     assert result.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
     # Errors carry CORS headers too, so a script can read the reason.
-    refused = client.simulate_get("/dicom-web/studies", remote_addr="10.0.0.9", headers=origin)
+    refused = client.simulate_get("/dicom-web/studies", remote_addr="10.0.0.9", headers=origin,
+                                  protocol="https")
     assert refused.status_code == 401
     assert refused.headers["Access-Control-Allow-Origin"] == "http://viewer.example"
     other = client.simulate_get("/studies", headers={"Origin": "http://evil.example"})

@@ -294,7 +294,7 @@ def test_xml_only_accept_is_406(client: testing.TestClient, services: Services) 
 
 def test_remote_without_credentials_stores_nothing(client: testing.TestClient,
                                                    services: Services) -> None:
-    result = post(client, body(instance()), remote_addr="10.9.8.7")
+    result = post(client, body(instance()), remote_addr="10.9.8.7", protocol="https")
     assert result.status_code == 401
     assert stored(services) == set()
 

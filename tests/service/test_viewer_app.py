@@ -118,12 +118,12 @@ def guarded(make_services: Callable[..., Services], dist: Path) -> testing.TestC
 def test_other_hosts_need_the_dicomweb_credentials(guarded: testing.TestClient,
                                                    path: str) -> None:
     remote = "192.168.1.30"
-    refused = guarded.simulate_get(path, remote_addr=remote)
+    refused = guarded.simulate_get(path, remote_addr=remote, protocol="https")
     # The browser asks for credentials on the page itself, then sends them along.
     assert refused.status_code == 401
     assert refused.headers["www-authenticate"].startswith("Basic")
     token = base64.b64encode(b"viewer:s3cret").decode()
-    allowed = guarded.simulate_get(path, remote_addr=remote,
+    allowed = guarded.simulate_get(path, remote_addr=remote, protocol="https",
                                    headers={"Authorization": f"Basic {token}"})
     assert allowed.status_code == 200
     assert guarded.simulate_get(path).status_code == 200  # loopback
