@@ -526,3 +526,33 @@ def test_stow_takes_each_listed_request_type(node: Node, statement: dict[str, An
         unlisted = requests.post(url, data=b"{}", timeout=TIMEOUT,
                                  headers={"Content-Type": "application/dicom+json"})
         assert unlisted.status_code == 415, f"{url}: {unlisted.status_code}"
+
+
+def test_c_find_answers_in_each_listed_character_set(node: Node, statement: dict[str, Any],
+                                                     instances: Instances) -> None:
+    """A C-FIND whose identifier names each listed Specific Character Set is answered,
+    and, the stored values being representable in it, in that character set."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    terms = statement["character_sets"]["c_find"]
+    assert "ISO_IR 192" in terms and "ISO 2022 IR 87" in terms
+    assoc = associate(node, [build_context(StudyRootQueryRetrieveInformationModelFind, [ELE])])
+    try:
+        for term in terms:
+            query = Dataset()
+            query.SpecificCharacterSet = term
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = instances.native.study
+            query.PatientName = ""
+            answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            statuses = [int(status.Status) for status, _ in answers]
+            assert statuses == [0xFF00, 0x0000], f"{term}: {statuses}"
+            identifier = answers[0][1]
+            assert identifier is not None, term
+            assert identifier.SpecificCharacterSet == term, term
+            assert identifier.StudyInstanceUID == instances.native.study, term
+    finally:
+        assoc.release()
