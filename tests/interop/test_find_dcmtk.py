@@ -217,7 +217,7 @@ def test_computed_study_attributes(pacs_find: Finder) -> None:
     ("ISO_IR 100", "Buc^Jérôme", "chrFren.dcm"),
     ("ISO_IR 100", "äneas*", "chrGerm.dcm"),          # PN matching is case-insensitive
     ("ISO_IR 126", "Διονυσιος", "chrGreek.dcm"),
-    ("ISO_IR 144", "Люкceмбypг", "chrRuss.dcm"),
+    ("ISO_IR 144", "Люкceмбypг", "chrRuss.dcm"),  # noqa: RUF001 - the Cyrillic name of the sample file
     ("ISO_IR 138", "שרון^דבורה", "chrHbrw.dcm"),
     ("ISO_IR 127", "قباني^لنزار", "chrArab.dcm"),
     (["", "ISO 2022 IR 87"], "Yamada^Tarou", "chrH31.dcm"),

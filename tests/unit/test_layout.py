@@ -87,11 +87,11 @@ def test_the_core_is_protocol_free() -> None:
 @pytest.mark.parametrize("edge", EDGES)
 def test_edges_do_not_import_each_other_nor_the_node(edge: str) -> None:
     others = tuple(other for other in EDGES if other != edge)
-    assert _violations(edge, others + ("pacs.node", "pacs.cli")) == []
+    assert _violations(edge, (*others, "pacs.node", "pacs.cli")) == []
 
 
 def test_shared_http_support_imports_no_edge() -> None:
-    assert _violations("adapters.http", EDGES + ("pacs.node", "pacs.cli")) == []
+    assert _violations("adapters.http", (*EDGES, "pacs.node", "pacs.cli")) == []
 
 
 def test_nothing_imports_the_cli() -> None:
