@@ -73,7 +73,7 @@ def test_the_statement_follows_the_settings() -> None:
     settings = config.load(overrides={
         "PACS_AE_TITLE": "ARCHIVE7", "PACS_DIMSE_PORT": "11112", "PACS_WEB_PORT": "8042",
         "PACS_MAX_PDU": "65536", "PACS_MAX_ASSOCIATIONS": "5",
-        "PACS_ALLOWED_CALLING_AETS": "CT1,MR2", "PACS_MODALITIES": "WS1=10.0.0.9:104",
+        "PACS_ALLOWED_CALLING_AETS": "CT1,MR2", "PACS_MODALITIES": "WS1=127.0.0.9:104",
         "PACS_PN_CASE_SENSITIVE": "true", "PACS_WEB_OPEN": "true"},
         environ={}, env_file=None)
     data = conformance.statement(settings)
@@ -84,10 +84,10 @@ def test_the_statement_follows_the_settings() -> None:
     assert data["association"]["max_associations_per_worker"] == 5
     assert data["security"]["calling_ae_titles"] == ["CT1", "MR2"]
     assert data["initiation"]["destinations"] == [
-        {"ae_title": "WS1", "host": "10.0.0.9", "port": 104}]
+        {"ae_title": "WS1", "host": "127.0.0.9", "port": 104}]
     text = conformance.markdown(data)
     for fact in ("`ARCHIVE7`", "| 11112 |", "port 8042", "65536 bytes", "`CT1`, `MR2`",
-                 "| WS1 | 10.0.0.9 | 104 |", "case-sensitive", "PACS_WEB_OPEN=true",
+                 "| WS1 | 127.0.0.9 | 104 |", "case-sensitive", "PACS_WEB_OPEN=true",
                  "the Calling AE Title is not in PACS_ALLOWED_CALLING_AETS"):
         assert fact in text, fact
     assert "the Calling AE Title" not in conformance.markdown(
