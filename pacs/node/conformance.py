@@ -215,13 +215,14 @@ def _character_sets(settings: Settings) -> dict[str, Any]:
 def _security(settings: Settings, ae: Any) -> dict[str, Any]:
     return {
         "profiles": [],
-        "tls": False,
+        "dimse_tls": False,
         "called_ae_title_checked": bool(ae.require_called_aet),
         "calling_ae_titles": list(ae.require_calling_aet),
         "move_destinations_only_configured": True,
         "dicomweb_open": settings.web_open,
         "dicomweb_basic": bool(settings.web_user and settings.web_password),
         "dicomweb_bearer": bool(settings.web_token),
+        "dicomweb_hosts": list(settings.web_hosts),
         "cors_origins": list(settings.cors_origins),
     }
 
@@ -785,17 +786,21 @@ def _security_text(data: dict[str, Any]) -> str:
     else:
         ways = [w for w, on in (("HTTP Basic", sec["dicomweb_basic"]),
                                 ("a bearer token", sec["dicomweb_bearer"])) if on]
-        access = ("requests from the node's own host (loopback) are answered without "
-                  "credentials; other hosts need "
+        access = ("requests from the node's own host (loopback) that name it in their "
+                  "Host header (a loopback name or address"
+                  + "".join(f", `{h}`" for h in sec["dicomweb_hosts"])
+                  + "; `PACS_WEB_HOSTS`) are answered without credentials; requests from "
+                  "other hosts only over HTTPS (over plain HTTP: 403, their credentials "
+                  "never compared) and with "
                   + (" or ".join(ways) if ways else
-                     "credentials, and none are configured, so they are refused (401)"))
+                     "credentials, of which none are configured, so they are refused"))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
     return f"""## 7 Security [PS3.2 A.8]
 
 ### 7.1 Security Profiles [A.8.1]
 
-None of PS3.15: no TLS on DIMSE or HTTP, no audit trail messages.  Storage is
+None of PS3.15: no TLS on DIMSE, no audit trail messages.  Storage is
 bit-preserving: objects are kept and, when the peer accepts their stored transfer
 syntax, sent byte for byte as received, so Digital Signatures stay intact; an object
 converted to another transfer syntax for a peer loses their validity.
