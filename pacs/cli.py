@@ -218,6 +218,59 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+
+@main.command()
+@click.option("--jobs", type=click.IntRange(min=0),
+              help="Analysis helper processes (default: one per CPU; 0: in this process).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.pass_context
+def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) -> None:
+    """Rebuild the index from the object store alone (a replaced node).
+
+    Every stored object is analysed as at ingest and indexed in a new index file,
+    which replaces the index only once complete (the previous one is kept beside it).
+    Refuses while a node, or another command, has the index open.  Objects that are
+    not readable instances are reported and left in place.  Exits 1 when any was left
+    out.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from pacs.core.analysers import AnalyserPool
+    from pacs.core.dataset import quiet_pydicom
+    from pacs.core.reindex import rebuild
+    from pacs.core.storage import open_store
+
+    settings = _settings(ctx)
+    _setup_logging("WARNING")
+    quiet_pydicom()
+    try:
+        store = open_store(settings)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    analysers = AnalyserPool(os.cpu_count() or 1 if jobs is None else jobs,
+                             settings.max_object_bytes)
+    bar = tqdm(unit="object", disable=quiet, file=sys.stderr)
+    try:
+        report = rebuild(settings.index_path, store, analysers,
+                         on_total=lambda total: bar.reset(total=total),
+                         on_object=lambda: bar.update())
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        bar.close()
+        analysers.close()
+        store.close()
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=1))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    if report.skipped:
+        sys.exit(1)
+
 #: Columns ``pacs query`` shows per level, left to right.
 QUERY_COLUMNS = {
     "patient": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",

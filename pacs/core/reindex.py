@@ -1,0 +1,433 @@
+"""Rebuild a customer's index from its object store alone (``pacs reindex``).
+
+The object store holds every acknowledged object whole, byte for byte as received
+(docs/architecture.md, "Data layout"); everything the index says of an instance is
+derived from those bytes at ingest (:func:`pacs.core.ingest.analyse`).  So a node whose
+index is lost is replaced, not restored: point a new node at the same folder or
+bucket and rebuild.
+
+How a rebuild goes (:func:`rebuild`):
+
+1. **Not beside a running node.**  The index has one writer per customer, the node;
+   a rebuild while a node serves the customer would miss what it stores meanwhile and
+   swap the file from under it.  A node keeps its index open, and every open SQLite
+   connection in WAL mode holds a read lock on the "dead man switch" byte of the
+   index's ``-shm`` file; a rebuild that can take the write lock there knows no
+   process has the index open (:func:`index_in_use`).  It asks before it starts and
+   again just before the swap, and refuses otherwise (:class:`IndexFailure`).
+2. **Every object through the ingest's analysis.**  The store's keys are read and
+   analysed as at ingest (:func:`pacs.core.ingest.analyse`, in the ingest's helper
+   processes, :class:`pacs.core.analysers.AnalyserPool`): index values, DICOM JSON
+   metadata, pixel data position, checksum, transfer syntax are the ingest's own, so
+   the rebuilt rows equal the originals.  An object that is not a readable instance,
+   or whose UIDs name another key, is reported and left where it is: never deleted,
+   never guessed into the index.  A SOP Instance UID found at several keys (a copy a
+   crash left, see :mod:`pacs.core.reconcile`) is indexed from the one written last;
+   the others are reported (``pacs fsck`` quarantines them).
+3. **In the order the store received them.**  The index holds, for a patient, the
+   patient attributes received last (:func:`pacs.core.index.writer.upsert`), so rows
+   are written in the order of the objects' stored modification times (then key
+   order): a store's own record of the order of writes.  The folder store has file
+   times (nanoseconds); a store that offers :class:`ModifiedTimes` gives them too.
+   Where the store cannot tell, the order is the keys' (reported as ``undated``): a
+   Patient ID whose studies carry different patient attributes may then show another
+   study's on its patient row (each study row keeps its own, exact).
+4. **What the store cannot tell.**  ``received_at`` becomes the object's stored
+   modification time (UTC, the ingest's format), or :data:`UNKNOWN_RECEIVED` when the
+   store has none; ``calling_ae`` is empty, as for ``pacs import``.  Row keys
+   (``pk`` and the parent references) are numbered anew.  Nothing else differs.
+5. **A new file, swapped in when complete.**  The rows go to a new SQLite file beside
+   the index (``index.sqlite.reindex-<time>``), written in batches, checked
+   (``PRAGMA quick_check``) and closed; only then does it replace the index with one
+   ``rename``.  The previous index is kept beside it as
+   ``index.sqlite.before-reindex-<time>`` (with its ``-wal`` when it had one).  Any
+   failure before the rename (the store fails, an interrupt, a full disk) removes the
+   new file and leaves the index as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from pacs.core import metadata
+from pacs.core.analysers import AnalyserPool
+from pacs.core.attributes import Level
+from pacs.core.errors import IndexFailure, NotFound, PacsError
+from pacs.core.index import reads, writer
+from pacs.core.index.connection import Index
+from pacs.core.index.migrations import migrate
+from pacs.core.ingest import Analysis, patient_key
+from pacs.core.storage import ObjectStore, local_path, object_key
+
+log = logging.getLogger(__name__)
+
+#: ``received_at`` of an instance whose store does not tell when it was written.
+UNKNOWN_RECEIVED = ""
+#: The ingest's format of ``received_at`` (UTC, microseconds).
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+#: Rows written per index transaction: one fsync per batch, not per object.
+BATCH = 500
+#: Byte of the ``-shm`` file every open WAL connection holds a read lock on (SQLite's
+#: unix VFS: ``UNIX_SHM_DMS``, after the eight wal-index locks at 120).
+_SHM_DMS_BYTE = 128
+#: Threads reading objects (a store's latency, not CPU, bounds them).
+READERS = 4
+
+
+@runtime_checkable
+class ModifiedTimes(Protocol):
+    """The store tells when each object was last written (an S3 listing carries each
+    object's ``LastModified``)."""
+
+    def modified_times(self) -> Iterator[tuple[str, float]]:
+        """``(key, POSIX time of its last write)`` for every object key."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An object left out of the index, and why (it stays in the store as it is)."""
+
+    key: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """What a rebuild found and did.
+
+    Attributes
+    ----------
+    index :
+        The index file rebuilt.
+    previous :
+        Where the index it replaced was kept (``None``: there was none).
+    objects :
+        Object keys listed in the store.
+    indexed :
+        Objects indexed.
+    skipped :
+        Objects left out: not readable instances, or UIDs naming another key.
+    duplicates :
+        SOP Instance UIDs found at more than one key: the key indexed (written last)
+        and the others, which are left in place.
+    undated :
+        Objects whose stored time the store did not tell (ordered by key instead).
+    counts :
+        Rows per level of the new index.
+    seconds :
+        Time the rebuild took.
+    """
+
+    index: Path
+    previous: Path | None = None
+    objects: int = 0
+    indexed: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    duplicates: dict[str, list[str]] = field(default_factory=dict)
+    undated: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Objects per second."""
+        return self.objects / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> Iterator[str]:
+        """The readable report (keys and UIDs only: no patient data)."""
+        yield (f"indexed {self.indexed} of {self.objects} stored objects in "
+               f"{self.seconds:.1f} s ({self.rate:.0f} objects/s)")
+        yield ", ".join(f"{table}: {count}" for table, count in self.counts.items())
+        for skipped in self.skipped:
+            yield f"not indexed, left in place: {skipped.key} ({skipped.reason})"
+        for sop, keys in self.duplicates.items():
+            yield (f"SOP Instance {sop} is stored at {len(keys)} keys: indexed {keys[-1]}, "
+                   f"left in place: {', '.join(keys[:-1])} ('pacs fsck --repair' "
+                   "quarantines them)")
+        if self.undated:
+            yield (f"{self.undated} object(s) without a stored time: ordered by key, "
+                   "received time unknown")
+        yield f"index rebuilt: {self.index}"
+        if self.previous is not None:
+            yield f"previous index kept as {self.previous}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as one JSON object."""
+        return {"index": str(self.index),
+                "previous": str(self.previous) if self.previous else None,
+                "objects": self.objects, "indexed": self.indexed,
+                "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
+                "duplicates": self.duplicates, "undated": self.undated,
+                "counts": self.counts, "seconds": round(self.seconds, 3)}
+
+
+def index_in_use(path: Path) -> bool:
+    """True when another process has the SQLite index ``path`` open.
+
+    Every connection to a WAL database holds a read lock on one byte of its ``-shm``
+    file for as long as it is open (a node's processes keep theirs); a write lock there
+    is refused while any does.  No ``-shm`` file: no connection is open (SQLite creates
+    it with the first and removes it with the last).  Locks of this process are not
+    seen: call it before this process opens the index.
+    """
+    try:
+        fd = os.open(f"{path}-shm", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise IndexFailure(f"cannot check whether the index is in use: {exc}") from exc
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _SHM_DMS_BYTE)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock taken, if any
+    return False
+
+
+def stored_times(store: ObjectStore, keys: Iterable[str]) -> dict[str, float]:
+    """When each object was written, as far as the store tells (:class:`ModifiedTimes`,
+    else the files' modification times of a store with local files); keys it cannot
+    date are left out."""
+    if isinstance(store, ModifiedTimes):
+        return dict(store.modified_times())
+    times: dict[str, float] = {}
+    for key in keys:
+        path = local_path(store, key)
+        if path is None:
+            return {}
+        with contextlib.suppress(OSError):
+            times[key] = path.stat().st_mtime_ns / 1e9
+    return times
+
+
+#: What reading and analysing one object gives: its size and analysis, or why not.
+_Outcome = tuple[int, Analysis | Exception]
+
+
+def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
+            readers: int = READERS,
+            on_total: Callable[[int], None] | None = None,
+            on_object: Callable[[], object] | None = None) -> Report:
+    """Rebuild the index at ``index_path`` from ``store``; see the module docstring.
+
+    Parameters
+    ----------
+    index_path : Path
+        The customer's index file (it may be missing).
+    store : ObjectStore
+        The customer's object store.
+    analysers : AnalyserPool
+        Where objects are analysed (size 0: in the reading threads).
+    readers : int
+        Threads reading objects from the store.
+    on_total, on_object :
+        Progress: called with the number of objects once listed, and after each one.
+
+    Raises
+    ------
+    IndexFailure
+        A process has the index open (a running node), or the new index cannot be
+        written; the index is left as it was.
+    StorageError
+        The store failed; the index is left as it was.
+    """
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    report = Report(index=index_path)
+    _refuse_if_in_use(index_path)
+    keys = list(store.keys())
+    dated = stored_times(store, keys)
+    # The order of writes, as the store recorded it; undated objects first, by key.
+    keys.sort(key=lambda key: (dated.get(key, 0.0), key))
+    report.objects = len(keys)
+    report.undated = sum(1 for key in keys if key not in dated)
+    if on_total is not None:
+        on_total(len(keys))
+    new_path = index_path.with_name(f"{index_path.name}.reindex-{stamp}")
+    new = Index(new_path)
+    try:
+        migrate(new.connection())
+        _fill(new, store, keys, dated, analysers, readers, report, on_object)
+        check = reads.quick_check(new.connection())
+        if check != "ok":
+            raise IndexFailure(f"the rebuilt index failed its check: {check}")
+        report.counts = reads.counts(new.connection())
+        new.close()
+        _refuse_if_in_use(index_path)
+        report.previous = _swap(new_path, index_path, stamp)
+    except BaseException:
+        new.close()
+        _remove(new_path)
+        raise
+    report.seconds = time.monotonic() - started
+    log.info("reindex: %d of %d objects indexed, %d skipped, %d duplicate UIDs, %.1f s",
+             report.indexed, report.objects, len(report.skipped), len(report.duplicates),
+             report.seconds)
+    return report
+
+
+def _refuse_if_in_use(index_path: Path) -> None:
+    if index_in_use(index_path):
+        raise IndexFailure(
+            f"the index {index_path} is open in another process: stop the node serving "
+            "this customer (and any pacs command on it) before rebuilding its index")
+
+
+def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
+          analysers: AnalyserPool, readers: int, report: Report,
+          on_object: Callable[[], object] | None) -> None:
+    """Analyse every object and write its rows, in ``keys`` order, in batches."""
+    batch: list[tuple[writer.InstanceRow, metadata.Prepared | None]] = []
+    where: dict[str, str] = {}  # SOP Instance UID -> key indexed
+    for key, (size, analysis) in _analysed(store, keys, analysers, readers):
+        if on_object is not None:
+            on_object()
+        reason = _refusal(key, analysis)
+        if reason is not None or not isinstance(analysis, Analysis):
+            report.skipped.append(Skipped(key, reason or "not analysed"))
+            log.warning("reindex: %s not indexed: %s", key, reason)
+            continue
+        sop = analysis.sop_instance_uid
+        if sop in where:
+            report.duplicates.setdefault(sop, [where[sop]]).append(key)
+        where[sop] = key
+        received = dated.get(key)
+        batch.append((_row(analysis, key, size, received), analysis.metadata))
+        report.indexed += 1
+        if len(batch) >= BATCH:
+            _write(index, batch)
+            batch = []
+    _write(index, batch)
+
+
+def _refusal(key: str, analysis: Analysis | Exception) -> str | None:
+    """Why the object at ``key`` is not indexed, or ``None``."""
+    if isinstance(analysis, NotFound):
+        return "gone since it was listed"
+    if not isinstance(analysis, Analysis):
+        reason = str(analysis) if isinstance(analysis, PacsError) else type(analysis).__name__
+        return f"not a readable instance: {reason}"
+    if object_key(analysis.study_uid, analysis.series_uid,
+                  analysis.sop_instance_uid) != key:
+        return "its UIDs name another key"
+    return None
+
+
+def _row(analysis: Analysis, key: str, size: int,
+         received: float | None) -> writer.InstanceRow:
+    """The instance's index row, as ingest builds it (:class:`pacs.core.ingest.Ingest`),
+    with what the store tells of its reception."""
+    return writer.InstanceRow(
+        patient_key=patient_key(analysis.values[Level.PATIENT]),
+        values=analysis.values,
+        object_key=key,
+        size=size,
+        checksum=analysis.checksum,
+        transfer_syntax=analysis.transfer_syntax,
+        received_at=(UNKNOWN_RECEIVED if received is None
+                     else datetime.fromtimestamp(received, UTC).strftime(_TIME_FORMAT)),
+        calling_ae="",
+    )
+
+
+def _write(index: Index, batch: list[tuple[writer.InstanceRow,
+                                           metadata.Prepared | None]]) -> None:
+    if not batch:
+        return
+    with index.write() as conn:
+        for row, prepared in batch:
+            writer.upsert(conn, row)
+            metadata.save(conn, row.values[Level.IMAGE]["sop_uid"] or "", prepared)
+
+
+def _analysed(store: ObjectStore, keys: list[str], analysers: AnalyserPool,
+              readers: int) -> Iterator[tuple[str, _Outcome]]:
+    """Each key with its object's size and analysis, in order; objects are read by
+    ``readers`` threads and analysed by the pool, a bounded number ahead."""
+    window = max(2, 2 * max(readers, analysers.size))
+    pending: deque[tuple[str, Future[_Outcome]]] = deque()
+    remaining = iter(keys)
+    with ThreadPoolExecutor(max_workers=max(1, readers),
+                            thread_name_prefix="reindex-read") as pool:
+        try:
+            for key in remaining:
+                pending.append((key, pool.submit(_read_and_analyse, store, key, analysers)))
+                if len(pending) >= window:
+                    break
+            while pending:
+                key, future = pending.popleft()
+                outcome = future.result()  # a StorageError ends the rebuild
+                following = next(remaining, None)
+                if following is not None:
+                    pending.append((following, pool.submit(_read_and_analyse, store,
+                                                           following, analysers)))
+                yield key, outcome
+        finally:
+            for _key, future in pending:
+                future.cancel()
+
+
+def _read_and_analyse(store: ObjectStore, key: str, analysers: AnalyserPool) -> _Outcome:
+    """The object's size and analysis (a missing object: :class:`NotFound` as its
+    analysis; a failing store raises)."""
+    try:
+        with store.open(key) as stream:
+            data = stream.read()
+    except NotFound as exc:
+        return 0, exc
+    return len(data), analysers.submit(data).result()
+
+
+def _swap(new_path: Path, index_path: Path, stamp: str) -> Path | None:
+    """Put the new index in place with one rename; keep the previous one beside it.
+
+    The previous file gets a second name first (a hard link, so that ``index_path``
+    names a complete index at every moment), its ``-wal`` moves along (its committed
+    transactions belong to it, and a stale one beside the new file would be replayed
+    into it) and its ``-shm`` goes; then the new file is renamed over it.
+    """
+    folder = index_path.parent
+    previous: Path | None = None
+    if index_path.exists():
+        previous = index_path.with_name(f"{index_path.name}.before-reindex-{stamp}")
+        try:
+            os.link(index_path, previous)
+        except OSError:
+            # No hard links here: the previous index moves instead (for a moment, until
+            # the rename below, there is no index file).
+            os.replace(index_path, previous)
+        wal = Path(f"{index_path}-wal")
+        if wal.exists():
+            os.replace(wal, Path(f"{previous}-wal"))
+        Path(f"{index_path}-shm").unlink(missing_ok=True)
+    os.replace(new_path, index_path)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{new_path}{suffix}").unlink(missing_ok=True)
+    _fsync_folder(folder)
+    return previous
+
+
+def _remove(path: Path) -> None:
+    """Remove a database file and its ``-wal`` / ``-shm``."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,511 @@
+"""``pacs reindex`` (:mod:`pacs.core.reindex`) on the folder store: an index rebuilt from
+the objects alone equals the one ingest built, row by row in every table, and answers
+the same C-FIND and QIDO-RS queries.
+
+The data set (:func:`ingest_varied`) has several patients, studies and series (the
+sample archive of ``sample_studies``, with a UTF-8 person name), a multi-frame object,
+JPEG, JPEG-LS, JPEG 2000 and RLE objects, a deflated and a big-endian one, an instance
+sent again with another value (overwritten), and one Patient ID whose two studies carry
+different patient attributes: the patient row holds those received last, which the
+rebuild can only know from the order of the writes (the later study has the smaller
+key, so an order by key would get it wrong).  Then the store is damaged: bytes that are
+no DICOM at an object key, and a copy of an instance at another instance's key; both
+are reported, left in place, and not indexed (nor were they before).
+
+The S3 variant against SeaweedFS is ``tests/storage/test_reindex_s3.py``; ``pacs
+reindex`` as a command on a stopped node's data, then serving ``findscu``, is
+``tests/interop/test_reindex_cli.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import apsw
+import pytest
+from falcon import testing
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from adapters.dicomweb.app import create_app
+from pacs.core import config
+from pacs.core.analysers import AnalyserPool
+from pacs.core.attributes import IDENTITY
+from pacs.core.errors import IndexFailure, StorageError
+from pacs.core.reindex import UNKNOWN_RECEIVED, Report, index_in_use, rebuild
+from pacs.core.services import Services, build
+from pacs.core.storage import object_key
+from pacs.core.storage.base import exists
+from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import server
+from tests.conftest import free_port, sample
+from tests.factory import make_instance
+from tests.service.sample_studies import Archive, build_archive
+from tests.service.test_one_engine import STUDY_ROOT_FIND, UID_OF_LEVEL, Case, cases
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+#: Columns a rebuild cannot derive from the objects (see pacs.core.reindex): when and
+#: from whom the object came.  Row keys (pk, *_pk) are compared through the UIDs.
+NOT_DERIVABLE = {"instance": {"received_at", "calling_ae"}}
+#: pydicom's files in other encodings: (file, what it adds to the data set).
+ENCODED = {
+    "SC_rgb_rle_2frame.dcm": "RLE, multi-frame",
+    "examples_ybr_color.dcm": "JPEG baseline, 30 frames",
+    "JPEG2000.dcm": "JPEG 2000",
+    "JPEG-lossy.dcm": "JPEG extended",
+    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS",
+    "image_dfl.dcm": "deflated data set",
+    "MR_small_bigendian.dcm": "explicit VR big endian",
+}
+#: The Patient ID whose studies carry different patient attributes.
+SHARED_ID = "PX-SHARED"
+#: The later of its studies has the smaller UID (and key).
+EARLIER_STUDY = "1.2.826.0.1.3680043.8.498.77.2"
+LATER_STUDY = "1.2.826.0.1.3680043.8.498.77.1"
+
+
+# --- the data set ----------------------------------------------------------------------
+
+def reencoded(name: str, number: int) -> bytes:
+    """A pydicom test file with new UIDs and a Patient ID of its own, in its own
+    transfer syntax (encapsulated pixel data kept as it is)."""
+    ds = dcmread(sample(name))
+    sop = generate_uid()
+    ds.SOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = f"ENC-{number}"
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@dataclass
+class Varied:
+    """What :func:`ingest_varied` stored."""
+
+    archive: Archive
+    objects: dict[str, bytes]  # every object sent, by SOP Instance UID (last version)
+    damaged: list[str]  # keys written around ingest: not instances of their key
+
+
+def shared_patient_study(study: str, name: str, birth: str, sex: str) -> list[bytes]:
+    """Two instances of one study of :data:`SHARED_ID`."""
+    series = f"{study}.1"
+    return [make_instance(PatientID=SHARED_ID, PatientName=name, PatientBirthDate=birth,
+                          PatientSex=sex, StudyInstanceUID=study, SeriesInstanceUID=series,
+                          SOPInstanceUID=f"{series}.{n}", InstanceNumber=n)
+            for n in (1, 2)]
+
+
+def ingest_varied(services: Services, pause: float = 1.1) -> Varied:
+    """Store the data set of the module docstring through the ingest path, then damage
+    the store.  ``pause`` separates the two studies of :data:`SHARED_ID` in the store's
+    times (S3 servers keep whole seconds)."""
+    archive = build_archive()
+    objects = dict(archive.objects)
+    for number, name in enumerate(ENCODED, start=1):
+        data = reencoded(name, number)
+        objects[dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
+    for data in objects.values():
+        services.ingest.store_bytes(data, calling_ae="TEST")
+    # An instance sent again with another description: overwritten (the default policy).
+    chest = archive["chest"].series[0].instances[0]
+    changed = dcmread(io.BytesIO(objects[chest]))
+    changed.StudyDescription = "chest study, corrected"
+    out = DicomBytesIO()
+    changed.save_as(out, enforce_file_format=True)
+    objects[chest] = out.getvalue()
+    services.ingest.store_bytes(objects[chest], calling_ae="TEST")
+    # One Patient ID, two studies, different patient attributes, received in turn.
+    for number, (study, name, birth, sex) in enumerate((
+            (EARLIER_STUDY, "EARLY^NAME", "19500101", "F"),
+            (LATER_STUDY, "LATE^NAME", "19600606", "M"))):
+        if number:
+            time.sleep(pause)
+        for data in shared_patient_study(study, name, birth, sex):
+            services.ingest.store_bytes(data, calling_ae="TEST")
+            objects[dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
+    # Damage: no DICOM at an object key, and an instance's copy at another's key.
+    store = services.store
+    garbage = object_key("1.2.826.0.1.3680043.8.498.66", "1.2.826.0.1.3680043.8.498.66.1",
+                         "1.2.826.0.1.3680043.8.498.66.1.1")
+    store.put(garbage, io.BytesIO(b"not DICOM at all" * 20), 320)
+    elsewhere = object_key("1.2.826.0.1.3680043.8.498.67", "1.2.826.0.1.3680043.8.498.67.1",
+                           "1.2.826.0.1.3680043.8.498.67.1.1")
+    copied = objects[chest]
+    store.put(elsewhere, io.BytesIO(copied), len(copied))
+    return Varied(archive, objects, [garbage, elsewhere])
+
+
+# --- reading an index row by row ---------------------------------------------------------
+
+Dump = dict[str, dict[str, dict[str, Any]]]
+
+
+def dump(path: Path) -> Dump:
+    """Every table of the index at ``path``: rows by their identity (UIDs, the patient
+    key, or for a table without one the row it belongs to), row keys replaced by the
+    identity of the row they name."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        tables = [name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        identities = {level.table: column for level, column in IDENTITY.items()}
+        names: dict[str, dict[int, str]] = {
+            table: dict(conn.execute(f"SELECT pk, {column} FROM {table}"))
+            for table, column in identities.items()}
+        found: Dump = {}
+        for table in tables:
+            columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+            rows: dict[str, dict[str, Any]] = {}
+            for values in conn.execute(f"SELECT * FROM {table}"):
+                row = dict(zip(columns, values, strict=True))
+                row.pop("pk", None)
+                for column in [c for c in row if c.endswith("_pk")]:
+                    row[column] = names[column.removesuffix("_pk")][row[column]]
+                identity = (row[identities[table]] if table in identities
+                            else next(row[c] for c in columns if c.endswith("_pk")))
+                assert identity not in rows, (table, identity)
+                rows[identity] = row
+            found[table] = rows
+        found["user_version"] = {"": {"": conn.pragma("user_version")}}
+        return found
+    finally:
+        conn.close()
+
+
+def without(found: Dump, excluded: dict[str, set[str]]) -> Dump:
+    return {table: {identity: {c: v for c, v in row.items()
+                               if c not in excluded.get(table, set())}
+                    for identity, row in rows.items()}
+            for table, rows in found.items()}
+
+
+def assert_same_rows(original: Dump, rebuilt: Dump) -> None:
+    """Every table, row by row, except :data:`NOT_DERIVABLE`; then what those hold."""
+    before, after = without(original, NOT_DERIVABLE), without(rebuilt, NOT_DERIVABLE)
+    assert set(before) == set(after)
+    for table in before:
+        assert set(before[table]) == set(after[table]), table
+        for identity, row in before[table].items():
+            assert after[table][identity] == row, (table, identity)
+    for sop, row in rebuilt["instance"].items():
+        received = original["instance"][sop]["received_at"]
+        assert row["calling_ae"] == "" and original["instance"][sop]["calling_ae"] == "TEST"
+        # The object's write time: the moment before its row was first committed.
+        assert row["received_at"] <= received, sop
+        assert parse(received) - parse(row["received_at"]) < 10, sop
+
+
+def parse(received_at: str) -> float:
+    return datetime.strptime(received_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=UTC).timestamp()
+
+
+# --- the same queries on both --------------------------------------------------------------
+
+#: Return keys of each level's C-FIND, patient attributes and computed ones included.
+RETURN_KEYS = {
+    "PATIENT": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                "NumberOfPatientRelatedInstances"],
+    "STUDY": ["PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+              "StudyTime", "AccessionNumber", "StudyDescription", "StudyID",
+              "ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances"],
+    "SERIES": ["Modality", "SeriesNumber", "SeriesDescription",
+               "NumberOfSeriesRelatedInstances"],
+    "IMAGE": ["SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"],
+}
+
+
+def query_cases(varied: Varied) -> list[Case]:
+    """The engine test's cases, and some on the rest of the data set."""
+    return [*cases(varied.archive),
+            Case("shared patient id", "STUDY", {"PatientID": SHARED_ID}, "/studies",
+                 f"PatientID={SHARED_ID}"),
+            Case("late name", "STUDY", {"PatientName": "LATE*"}, "/studies",
+                 "PatientName=LATE*"),
+            Case("encoded patients", "STUDY", {"PatientID": "ENC-*"}, "/studies",
+                 "PatientID=ENC-*"),
+            Case("every series", "SERIES", {}, "/series", ""),
+            Case("every instance", "IMAGE", {}, "/instances", "")]
+
+
+def c_find(port: int, ae_title: str, level: str, keys: dict[str, str],
+           model: str = STUDY_ROOT_FIND, relational: bool = False) -> list[dict[str, Any]]:
+    """Every answer of a C-FIND, as DICOM JSON, in a stable order."""
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    ae = AE(ae_title="REINDEX_TEST")
+    ae.add_requested_context(model)
+    negotiation = []
+    if relational:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = model
+        item.service_class_application_information = b"\x01"
+        negotiation.append(item)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, ext_neg=negotiation or None)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.SpecificCharacterSet = "ISO_IR 192"
+    identifier.QueryRetrieveLevel = level
+    if level in UID_OF_LEVEL:
+        setattr(identifier, UID_OF_LEVEL[level], "")
+    for keyword in RETURN_KEYS[level]:
+        setattr(identifier, keyword, "")
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    answers = []
+    try:
+        for status, answer in assoc.send_c_find(identifier, model):
+            assert status is not None and status.Status in (0x0000, 0xFF00, 0xFF01), status
+            if answer is not None and status.Status in (0xFF00, 0xFF01):
+                answers.append(answer.to_json_dict())
+    finally:
+        assoc.release()
+    return sorted(answers, key=repr)
+
+
+def qido(client: testing.TestClient, case: Case) -> list[dict[str, Any]]:
+    query = "&".join(q for q in (case.query, "includefield=all") if q)
+    result = client.simulate_get(case.path, query_string=query)
+    assert result.status_code == 200, result.text
+    return sorted(result.json, key=repr)
+
+
+@dataclass
+class Node:
+    """An in-process SCP and a DICOMweb client over one index."""
+
+    services: Services
+    port: int
+    web: testing.TestClient
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Services], Node]]:
+    started: list[server.NodeServer] = []
+
+    def start(services: Services) -> Node:
+        port = free_port()
+        started.append(server.start(services, ("127.0.0.1", port)))
+        return Node(services, port, testing.TestClient(create_app(services)))
+
+    yield start
+    for running in started:
+        server.stop(running, drain=1.0)
+
+
+def assert_same_answers(original: Node, rebuilt: Node, varied: Varied) -> None:
+    """C-FIND (Study Root at every level, Patient Root at PATIENT) and QIDO-RS give the
+    same answers, attribute for attribute, on both indexes."""
+    title = original.services.settings.ae_title
+    answered = 0
+    for case in query_cases(varied):
+        before = c_find(original.port, title, case.level, case.keys,
+                        relational=case.relational)
+        after = c_find(rebuilt.port, title, case.level, case.keys, relational=case.relational)
+        assert after == before, case.name
+        assert qido(rebuilt.web, case) == qido(original.web, case), case.name
+        answered += bool(before)
+    assert answered == len(query_cases(varied))
+    for keys in ({}, {"PatientID": SHARED_ID}, {"PatientName": "LATE*"}):
+        before = c_find(original.port, title, "PATIENT", keys, PATIENT_ROOT_FIND)
+        assert c_find(rebuilt.port, title, "PATIENT", keys, PATIENT_ROOT_FIND) == before
+        assert before, keys
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+def previous_index(report: Report, folder: Path) -> Path:
+    """The index the rebuild replaced, copied alone into ``folder`` (for a node of its own)."""
+    assert report.previous is not None and report.previous.exists()
+    folder.mkdir(parents=True)
+    shutil.copy(report.previous, folder / "index.sqlite")
+    return folder / "index.sqlite"
+
+
+def test_a_rebuilt_index_equals_the_original_row_by_row_and_answers_alike(
+        settings: config.Settings, tmp_path: Path,
+        serve: Callable[[Services], Node]) -> None:
+    services = build(settings)
+    assert isinstance(services.store, FileStore)
+    varied = ingest_varied(services)
+    services.close()  # the node stops: no process has the index open
+    listed = set(FileStore(settings.objects_dir).keys())
+
+    pool = AnalyserPool(2, settings.max_object_bytes)
+    try:
+        report = rebuild(settings.index_path, FileStore(settings.objects_dir), pool)
+    finally:
+        pool.close()
+
+    assert report.objects == len(listed) == len(varied.objects) + len(varied.damaged)
+    assert report.indexed == len(varied.objects)
+    reasons = {s.key: s.reason for s in report.skipped}
+    garbage, elsewhere = varied.damaged
+    assert set(reasons) == {garbage, elsewhere}
+    assert reasons[garbage].startswith("not a readable instance")
+    assert reasons[elsewhere] == "its UIDs name another key"
+    assert report.undated == 0 and not report.duplicates
+    # Nothing was deleted or moved: the damaged objects are where they were.
+    assert set(FileStore(settings.objects_dir).keys()) == listed
+
+    original = previous_index(report, tmp_path / "original")
+    rebuilt = dump(settings.index_path)
+    assert_same_rows(dump(original), rebuilt)
+    assert report.counts == {table: len(rebuilt[table])
+                             for table in ("patient", "study", "series", "instance")}
+    # The patient row holds the attributes received last.
+    shared = next(row for row in rebuilt["patient"].values() if row["patient_id"] == SHARED_ID)
+    assert shared["patient_name"] == "LATE^NAME" and shared["patient_sex"] == "M"
+    # Each study row keeps its own copy.
+    assert rebuilt["study"][EARLIER_STUDY]["patient_name"] == "EARLY^NAME"
+
+    served_original = build(settings.with_overrides(data_dir=original.parent),
+                            store=MemoryStore())
+    served_rebuilt = build(settings)
+    try:
+        assert_same_answers(serve(served_original), serve(served_rebuilt), varied)
+    finally:
+        served_original.close()
+        served_rebuilt.close()
+
+
+def test_without_stored_times_the_order_is_the_keys_and_the_time_unknown(
+        settings: config.Settings) -> None:
+    """A store that does not tell when objects were written: received time unknown,
+    rows written in key order (so the later study of a shared Patient ID, whose key
+    sorts first, does not win the patient row), and the report says so."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    for study, name in ((EARLIER_STUDY, "EARLY^NAME"), (LATER_STUDY, "LATE^NAME")):
+        for data in shared_patient_study(study, name, "19500101", "F"):
+            services.ingest.store_bytes(data)
+    services.close()
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    assert report.undated == report.objects == report.indexed == 4
+    rebuilt = dump(settings.index_path)
+    assert {row["received_at"] for row in rebuilt["instance"].values()} == {UNKNOWN_RECEIVED}
+    [patient] = rebuilt["patient"].values()
+    assert patient["patient_name"] == "EARLY^NAME"  # the last key, not the last write
+    assert any("without a stored time" in line for line in report.lines())
+
+
+def test_a_uid_stored_at_two_keys_is_indexed_from_the_newest(
+        settings: config.Settings, tmp_path: Path) -> None:
+    """A copy a crash left (an instance moved to another series, its old object not yet
+    deleted): the object written last is indexed, the other reported and kept."""
+    services = build(settings)
+    old = make_instance(SOPInstanceUID="1.2.826.0.1.3680043.8.498.88.1.1",
+                        SeriesInstanceUID="1.2.826.0.1.3680043.8.498.88.2",
+                        StudyInstanceUID="1.2.826.0.1.3680043.8.498.88")
+    moved = make_instance(SOPInstanceUID="1.2.826.0.1.3680043.8.498.88.1.1",
+                          SeriesInstanceUID="1.2.826.0.1.3680043.8.498.88.1",
+                          StudyInstanceUID="1.2.826.0.1.3680043.8.498.88")
+    services.ingest.store_bytes(old)
+    services.ingest.store_bytes(moved)
+    old_key = object_key("1.2.826.0.1.3680043.8.498.88", "1.2.826.0.1.3680043.8.498.88.2",
+                         "1.2.826.0.1.3680043.8.498.88.1.1")
+    new_key = object_key("1.2.826.0.1.3680043.8.498.88", "1.2.826.0.1.3680043.8.498.88.1",
+                         "1.2.826.0.1.3680043.8.498.88.1.1")
+    assert not exists(services.store, old_key)  # ingest removed the moved instance's copy
+    services.close()
+    # The crash window: the old copy is back (written before the moved one).
+    store = FileStore(settings.objects_dir)
+    store.put(old_key, io.BytesIO(old), len(old))
+    moved_time = store.local_file(new_key).stat().st_mtime_ns
+    os.utime(store.local_file(old_key), ns=(moved_time - 10**9, moved_time - 10**9))
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    assert report.duplicates == {"1.2.826.0.1.3680043.8.498.88.1.1": [old_key, new_key]}
+    assert report.indexed == 2 and report.counts["instance"] == 1
+    assert dump(settings.index_path)["instance"]["1.2.826.0.1.3680043.8.498.88.1.1"][
+        "object_key"] == new_key
+    assert set(store.keys()) == {old_key, new_key}
+
+
+class FailingStore(MemoryStore):
+    """A store whose reads fail after some objects (S3 gone in the middle)."""
+
+    def __init__(self, fail_after: int) -> None:
+        super().__init__()
+        self.reads = 0
+        self.fail_after = fail_after
+
+    def open(self, key: str) -> BinaryIO:
+        self.reads += 1
+        if self.reads > self.fail_after:
+            raise StorageError("S3 read failed: connection refused")
+        return super().open(key)
+
+
+def test_a_failed_rebuild_leaves_the_index_as_it_was(settings: config.Settings) -> None:
+    store = FailingStore(fail_after=1000)
+    services = build(settings, store=store)
+    for number in range(1, 6):
+        services.ingest.store_bytes(make_instance(PatientID=f"F{number}"))
+    services.close()
+    before = dump(settings.index_path)
+    files = sorted(p.name for p in settings.index_path.parent.iterdir())
+    store.fail_after = store.reads + 3
+    with pytest.raises(StorageError):
+        rebuild(settings.index_path, store, AnalyserPool(0), readers=1)
+    assert dump(settings.index_path) == before
+    assert sorted(p.name for p in settings.index_path.parent.iterdir()) == files
+
+
+def test_the_rebuild_refuses_while_another_process_has_the_index_open(
+        settings: config.Settings) -> None:
+    services = build(settings, store=MemoryStore())
+    services.ingest.store_bytes(make_instance())
+    services.close()
+    assert not index_in_use(settings.index_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from pacs.core.index.connection import Index; "
+         f"i = Index(Path({str(settings.index_path)!r})); i.connection(); "
+         "print('open', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert index_in_use(settings.index_path)
+        before = dump(settings.index_path)
+        with pytest.raises(IndexFailure, match="open in another process"):
+            rebuild(settings.index_path, MemoryStore(), AnalyserPool(0))
+        assert dump(settings.index_path) == before
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert not index_in_use(settings.index_path)
+
+
+def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:
+    """The replaced node: a data folder without any index, the objects elsewhere."""
+    store = MemoryStore()
+    source = build(settings.with_overrides(data_dir=settings.data_dir / "old"),
+                   store=store)
+    source.ingest.store_bytes(make_instance())
+    source.close()
+    index = settings.data_dir / "new" / "index.sqlite"
+    report = rebuild(index, store, AnalyserPool(0))
+    assert report.previous is None and report.indexed == 1
+    assert len(dump(index)["instance"]) == 1
