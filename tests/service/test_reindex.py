@@ -113,10 +113,14 @@ def shared_patient_study(study: str, name: str, birth: str, sex: str) -> list[by
             for n in (1, 2)]
 
 
-def ingest_varied(services: Services, pause: float = 1.1) -> Varied:
+def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
     """Store the data set of the module docstring through the ingest path, then damage
-    the store.  ``pause`` separates the two studies of :data:`SHARED_ID` in the store's
-    times (S3 servers keep whole seconds)."""
+    the store.
+
+    ``pause`` comes before each write whose order against the previous ones decides a
+    row (the overwrite, the second study of :data:`SHARED_ID`): a store whose times are
+    whole seconds (S3) cannot order writes within one second otherwise.
+    """
     archive = build_archive()
     objects = dict(archive.objects)
     for number, name in enumerate(ENCODED, start=1):
@@ -131,13 +135,13 @@ def ingest_varied(services: Services, pause: float = 1.1) -> Varied:
     out = DicomBytesIO()
     changed.save_as(out, enforce_file_format=True)
     objects[chest] = out.getvalue()
+    time.sleep(pause)
     services.ingest.store_bytes(objects[chest], calling_ae="TEST")
     # One Patient ID, two studies, different patient attributes, received in turn.
-    for number, (study, name, birth, sex) in enumerate((
+    for study, name, birth, sex in (
             (EARLIER_STUDY, "EARLY^NAME", "19500101", "F"),
-            (LATER_STUDY, "LATE^NAME", "19600606", "M"))):
-        if number:
-            time.sleep(pause)
+            (LATER_STUDY, "LATE^NAME", "19600606", "M")):
+        time.sleep(pause)
         for data in shared_patient_study(study, name, birth, sex):
             services.ingest.store_bytes(data, calling_ae="TEST")
             objects[dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
