@@ -3,6 +3,7 @@ pydicom's bundled test files (never downloaded), free loopback ports."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,12 @@ from pydicom.data import get_testdata_file
 from pacs.core import config
 from pacs.core.services import Services, build
 from pacs.core.storage.memory import MemoryStore
+
+
+#: Whether the DIMSE tests run with the seam (PACS_DIMSE_SEAM, on by default): ``pytest -m
+#: dimse`` runs them once each way (PACS_DIMSE_SEAM=off: pynetdicom's public API only).
+SEAM = config.load(environ={"PACS_DIMSE_SEAM": os.environ.get("PACS_DIMSE_SEAM", "on")},
+                   env_file=None).dimse_seam
 
 
 def free_port() -> int:
@@ -54,7 +61,9 @@ def settings(tmp_path: Path) -> config.Settings:
                    "PACS_WEB_ANALYSERS": "0",
                    # falcon's test client sends "Host: falconframework.org": that name is this
                    # node's (tests/service/test_access_hosts.py checks the rule itself).
-                   "PACS_WEB_HOSTS": "falconframework.org"},
+                   "PACS_WEB_HOSTS": "falconframework.org",
+                   # The DIMSE tests run with the seam on and off (pytest -m dimse).
+                   "PACS_DIMSE_SEAM": "on" if SEAM else "off"},
         environ={}, env_file=None)
 
 

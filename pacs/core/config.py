@@ -143,6 +143,10 @@ SETTINGS: tuple[Setting, ...] = (
             "or reject.", _choice("overwrite", "keep", "reject")),
     Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
             "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
+    Setting("PACS_DIMSE_SEAM", "dimse_seam", "on",
+            "on: the DIMSE edge runs its fast paths through pynetdicom's internals (the "
+            "seam, only with the pynetdicom version it was tested with); off: pynetdicom's "
+            "public API only, slower (docs/architecture.md, DIMSE).", _bool),
     Setting("PACS_MAX_ASSOCIATIONS", "max_associations", "32",
             "Concurrent associations per worker process.", int),
     Setting("PACS_MAX_PDU", "max_pdu", "262144",
@@ -261,6 +265,7 @@ class Settings:
     allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
     duplicate_policy: str = _default("duplicate_policy")
     dimse_workers: int = _default("dimse_workers")
+    dimse_seam: bool = _default("dimse_seam")
     max_associations: int = _default("max_associations")
     max_pdu: int = _default("max_pdu")
     dimse_timeout: float = _default("dimse_timeout")

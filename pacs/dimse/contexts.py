@@ -22,34 +22,27 @@ from pydicom.uid import (
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
-
 from pacs.core.transcode import UNCOMPRESSED
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
     from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
-#: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2).
+#: Verification SOP Class (PS3.4 A.4).
+VERIFICATION = UID("1.2.840.10008.1.1")
+
+#: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2, Table B.5-1).
 FIND_MODELS = {
-    PatientRootQueryRetrieveInformationModelFind: "patient",
-    StudyRootQueryRetrieveInformationModelFind: "study",
+    UID("1.2.840.10008.5.1.4.1.2.1.1"): "patient",  # Patient Root Q/R - FIND
+    UID("1.2.840.10008.5.1.4.1.2.2.1"): "study",    # Study Root Q/R - FIND
 }
 MOVE_MODELS = {
-    PatientRootQueryRetrieveInformationModelMove: "patient",
-    StudyRootQueryRetrieveInformationModelMove: "study",
+    UID("1.2.840.10008.5.1.4.1.2.1.2"): "patient",  # Patient Root Q/R - MOVE
+    UID("1.2.840.10008.5.1.4.1.2.2.2"): "study",    # Study Root Q/R - MOVE
 }
 GET_MODELS = {
-    PatientRootQueryRetrieveInformationModelGet: "patient",
-    StudyRootQueryRetrieveInformationModelGet: "study",
+    UID("1.2.840.10008.5.1.4.1.2.1.3"): "patient",  # Patient Root Q/R - GET
+    UID("1.2.840.10008.5.1.4.1.2.2.3"): "study",    # Study Root Q/R - GET
 }
 
 
@@ -71,7 +64,7 @@ STORAGE_TRANSFER_SYNTAXES = [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _NA
 
 def storage_contexts() -> list[PresentationContext]:
     """One context per storage SOP class, with every transfer syntax."""
-    return [build_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    return [build_context(str(cx.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
             for cx in AllStoragePresentationContexts]
 
 
@@ -95,8 +88,14 @@ def scp_contexts() -> list[PresentationContext]:
     for context in storage:
         context.scu_role = True
         context.scp_role = True
-    return [build_context(Verification, ALL_TRANSFER_SYNTAXES),
+    return [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES),
             *query_retrieve_contexts(), *storage]
+
+
+def verification_context() -> PresentationContext:
+    """Verification in the default transfer syntaxes (an association that needs some
+    context and sends nothing)."""
+    return build_context(VERIFICATION)
 
 
 # -- contexts in which we send: C-GET's C-STORE sub-operations ---------------------------

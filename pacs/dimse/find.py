@@ -1,9 +1,9 @@
-"""The C-FIND SCP (PS3.4 C.4.1): one pending response per match, sent page by page.
+"""The C-FIND SCP (PS3.4 C.4.1): one pending response per match, page by page.
 
-pynetdicom's own C-FIND flow takes a ``Dataset`` per match from the handler and encodes
-it with pydicom; for a study list that was most of the time spent.  This flow runs the
-query through the engine and writes each response identifier directly to bytes
-(:mod:`pacs.dimse.encoding`), then hands the response to pynetdicom's DIMSE layer.
+The query runs through the engine and each response identifier is written straight to
+bytes (:mod:`pacs.dimse.encoding`); :func:`find_responses` yields the responses, which
+the seam writes to the socket (:func:`serve_find`) and pynetdicom's EVT_C_FIND handler
+hands to pynetdicom when the seam is off (:func:`pacs.dimse.handlers.handle_find`).
 
 ======  =========================================================================
 FF00    a match, every requested key supported
@@ -19,36 +19,40 @@ C000    the identifier cannot be decoded or processed
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from io import BytesIO
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
-from pacs.dimse import contexts, wire
+from pacs.core.errors import Cancelled, InvalidQuery, PacsError
+from pacs.dimse import contexts
+from pacs.dimse.connection import Request, Responder
 from pacs.dimse.encoding import encode_identifier
 from pacs.dimse.identifier import Negotiated, ResponseBuilder, to_find_query
-from pacs.dimse.status import FIND_STATUS, status_for
-from pacs.core.errors import Cancelled, InvalidQuery, PacsError
+from pacs.dimse.status import (
+    CANCEL,
+    FIND_STATUS,
+    PENDING,
+    PENDING_UNSUPPORTED_KEYS,
+    SUCCESS,
+    Status,
+    status_for,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from pynetdicom.dimse_primitives import C_FIND
-    from pynetdicom.presentation import PresentationContext
-    from pynetdicom.service_class import QueryRetrieveServiceClass
-
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
-#: Command Field of a C-FIND-RSP (PS3.7 E.1-1).
-_C_FIND_RSP = 0x8020
-#: Pending statuses (PS3.4 C.4.1.1.4): more responses follow.
-_PENDING = frozenset({0xFF00, 0xFF01})
-
 #: C-FIND extended negotiation we support (PS3.4 C.5.1.1.1): relational queries,
 #: empty-value and multiple-value matching; not combined date-time or fuzzy matching.
 SUPPORTED_FIND_OPTIONS = Negotiated(relational=True, empty_value=True, multiple_value=True)
+
+#: One response: its status and, for a match, the identifier's bytes.
+Response = tuple[Status, bytes | None]
 
 
 def negotiated_find_options(requested: bytes | None) -> Negotiated:
@@ -61,102 +65,76 @@ def negotiated_find_options(requested: bytes | None) -> Negotiated:
     )
 
 
-def handle_find(event: object, services: Services) -> None:
-    """EVT_C_FIND: binds ``services`` for the service class that calls :func:`serve_find`.
+def decode_identifier(request: Request) -> Dataset:
+    """The request's identifier as a data set, in its context's transfer syntax.
 
-    pynetdicom never calls it once the service class is installed
-    (:func:`pacs.dimse.retrieve.install`).
+    Raises
+    ------
+    InvalidQuery
+        It does not decode.
     """
-    raise RuntimeError("C-FIND is served by pacs.dimse.find.serve_find; the Q/R service "
-                       "class is not installed")
-
-
-def serve_find(service: QueryRetrieveServiceClass, req: C_FIND,
-               context: PresentationContext, services: Services) -> None:
-    """Answer one C-FIND request on ``service``'s association."""
-    cx_id = int(context.context_id or 0)
-    syntax = context.transfer_syntax[0]
-    uid = str(req.AffectedSOPClassUID)
-    model = contexts.FIND_MODELS[uid]
-    calling = service.assoc.requestor.ae_title
-    message_id = int(req.MessageID or 0)
-
-    commands: dict[int, bytes] = {}  # a status is sent with or without identifier, not both
-    writer = wire.ResponseWriter(service.assoc, cx_id)
-
-    def respond(status: int | Dataset, identifier: bytes | None = None) -> None:
-        if isinstance(status, Dataset):
-            command = wire.response_command(_C_FIND_RSP, uid, message_id, status.Status,
-                                            False, status.get("ErrorComment"))
-        else:
-            command = commands.get(status)
-            if command is None:  # one per status: only the identifier changes
-                command = commands[status] = wire.response_command(
-                    _C_FIND_RSP, uid, message_id, status, identifier is not None)
-        # Pending responses may wait a moment in the writer; any other status is final.
-        writer.message(command, identifier,
-                       last=isinstance(status, Dataset) or status not in _PENDING)
-
-    deadline = services.engine.deadline()  # PACS_QUERY_TIME_LIMIT: the whole query
+    syntax = UID(request.transfer_syntax)
     try:
-        try:
-            identifier = decode(req.Identifier, syntax.is_implicit_VR,
-                                syntax.is_little_endian, syntax.is_deflated)
-        except Exception:
-            raise InvalidQuery("the identifier does not decode") from None
-        negotiated = negotiated_find_options(
-            service.assoc.requestor.sop_class_extended.get(uid))
+        return decode(BytesIO(request.identifier), syntax.is_implicit_VR,
+                      syntax.is_little_endian, syntax.is_deflated)
+    except Exception:  # noqa: BLE001 - whatever pydicom raises is a bad identifier
+        raise InvalidQuery("the identifier does not decode") from None
+
+
+def find_responses(request: Request, services: Services,
+                   cancelled: Callable[[], bool]) -> Iterator[Response]:
+    """The responses to one C-FIND request, the final one last.
+
+    The query's time limit (PACS_QUERY_TIME_LIMIT) counts the reading and encoding of
+    each page, not the time the consumer takes between two responses: the responses of
+    a page are yielded while the deadline is paused, so that a slow reader holds
+    neither the index nor the query's time.  A consumer that stops early (the requestor
+    went away) closes the generator, which ends the query.
+    """
+    deadline = services.engine.deadline()
+    try:
+        identifier = decode_identifier(request)
+        model = contexts.FIND_MODELS[request.sop_class_uid]
+        negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)
-        pending = 0xFF01 if unsupported else 0xFF00
+        pending = PENDING_UNSUPPORTED_KEYS if unsupported else PENDING
         extra = [(int(tag), identifier[tag].VR) for tag in unsupported]
         builder = ResponseBuilder(query, model, services.settings.ae_title,
                                   _charset(identifier), extra)
-        cancelled = CancelWatch(service.is_cancelled, int(req.MessageID))
-        implicit = syntax.is_implicit_VR
-        # Page by page: each read in its own short transaction and encoded before it is
-        # sent, so that a slow reader holds neither the index nor the query's time.
+        implicit = UID(request.transfer_syntax).is_implicit_VR
         for page in services.engine.find_pages(query, cancelled=cancelled, deadline=deadline):
             answers = [encode_identifier(*builder.build(result), implicit) for result in page]
             deadline.check()
             with deadline.paused():
                 for answer in answers:
-                    if writer.broken:  # the requestor went away (the association is aborted)
-                        return
                     if cancelled():
-                        respond(0xFE00)
+                        yield CANCEL, None
                         return
-                    respond(pending, answer)
+                    yield pending, answer
     except Cancelled:
-        respond(0xFE00)
+        yield CANCEL, None
         return
     except PacsError as exc:
-        log.warning("C-FIND from %s refused: %s", calling, exc)
-        respond(status_for(FIND_STATUS, exc))
+        log.warning("C-FIND from %s refused: %s", request.calling_ae_title, exc)
+        yield status_for(FIND_STATUS, exc), None
         return
-    except Exception as exc:  # a bug must not leave the peer without an answer
-        log.exception("C-FIND from %s failed unexpectedly", calling)
-        respond(status_for(FIND_STATUS, exc))
+    except Exception as exc:  # noqa: BLE001 - a bug must not leave the peer without an answer
+        log.exception("C-FIND from %s failed unexpectedly", request.calling_ae_title)
+        yield status_for(FIND_STATUS, exc), None
         return
-    respond(0x0000)
+    yield SUCCESS, None
 
 
-class CancelWatch:
-    """True once a C-CANCEL for one request has arrived (PS3.4 C.4.1.2.3, C.4.2.3.1).
-
-    pynetdicom's ``is_cancelled`` forgets the C-CANCEL once it has answered true; the
-    query engine and the response or sub-operation loop both ask, so the answer is
-    kept here.  C-FIND, C-MOVE and C-GET all watch through this class.
-    """
-
-    def __init__(self, is_cancelled: Callable[[int], bool], msg_id: int) -> None:
-        self._is_cancelled = is_cancelled
-        self._msg_id = msg_id
-        self.seen = False
-
-    def __call__(self) -> bool:
-        if not self.seen and self._is_cancelled(self._msg_id):
-            self.seen = True
-        return self.seen
+def serve_find(responder: Responder, request: Request, services: Services) -> None:
+    """Answer one C-FIND request through ``responder``; stop when it is gone."""
+    responses = find_responses(request, services, responder.cancelled)
+    try:
+        for status, identifier in responses:
+            if not responder.alive:  # the requestor went away (the association aborted)
+                return
+            responder.send_response(status, identifier)
+    finally:
+        responses.close()  # ends the query's statement now, not at garbage collection
 
 
 def _charset(identifier: Dataset) -> list[str] | None:

@@ -1,55 +1,78 @@
-"""DIMSE service handlers: Event in, core call, status out.  No SQL and no paths here.
+"""pynetdicom's event handlers: the DIMSE logic through pynetdicom's public API.
 
-Each handler receives the :class:`~pacs.core.services.Services` of its process as an extra
-argument (bound with ``evt_handlers``), never from a global.
+Each handler receives the :class:`~pacs.core.services.Services` of its process as an
+extra argument (bound with ``evt_handlers``, :func:`bind`), never from a global.  With
+the seam on (:mod:`pacs.dimse.seam`) its service classes serve C-STORE, C-FIND, C-MOVE
+and C-GET themselves and take the services from these bindings; with the seam off (or
+a pynetdicom version the seam was not written for) pynetdicom's own service classes
+call the handlers below, which run the same plain functions
+(:func:`pacs.dimse.storage.store`, :func:`pacs.dimse.find.find_responses`,
+:func:`pacs.dimse.retrieve.plan`, :class:`pacs.dimse.sender.Preparer`'s choice of
+context and syntax) and hand pynetdicom statuses and data sets as it documents.
+
+What pynetdicom's own loops do differently (slower, same answers otherwise): every
+response and sub-operation is encoded through pydicom (sub-operations decoded from the
+stored object first, then re-encoded: the same bytes for objects pydicom reads); a
+C-MOVE destination that refuses the association is answered A801 (pynetdicom's) instead
+of A702; a C-MOVE or C-GET refused before its first sub-operation (A900, A701) carries
+a Number of Failed Sub-operations of 1, and a refused C-MOVE has associated with its
+destination first (pynetdicom asks for the destination before the first status).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import socket
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dsutils import decode
 
-from pacs.dimse import contexts, find, retrieve, storage
+from pacs.core.errors import Cancelled, PacsError
+from pacs.dimse import contexts, find, limits, retrieve, storage
+from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
+from pacs.dimse.sender import log_failure, object_file, route
+from pacs.dimse.status import CANCEL, PENDING, RETRIEVE_STATUS, SUCCESS, Status, status_for
 
 if TYPE_CHECKING:
+    from pynetdicom.association import Association
     from pynetdicom.events import Event
 
+    from pacs.core.query.model import InstanceRef
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
+#: What pynetdicom's Q/R loops take from a generator handler: a count, a destination,
+#: or a (status, data set) pair.
+_Yield = Any
+
+
+def status_dataset(status: Status) -> Dataset:
+    """``status`` as the data set pynetdicom's service classes take from a handler."""
+    found = Dataset()
+    found.Status = status.code
+    if status.comment:
+        found.ErrorComment = status.comment
+    return found
 
 
 def handle_echo(event: Event) -> int:
     """C-ECHO (PS3.4 A.4): always Success."""
-    return SUCCESS
-
-
-def handle_store(event: Event, services: Services) -> int | Dataset:
-    """C-STORE (PS3.4 B.2.3): Success only once the object and its index row are durable.
-
-    ======  ====================================================================
-    0000    stored, or the same object was already stored, or kept-first policy
-    0117    invalid SOP Instance UID (also any other identifying UID)
-    0111    a different object under a stored UID and the policy is ``reject``
-    A900    the command's SOP Class / Instance UIDs differ from the data set's
-    C000    the data set does not parse or is truncated
-    A700    the store or the index failed (nothing half-written remains)
-    0110    any other failure
-    ======  ====================================================================
-    """
-    return storage.store_request(services, event.request, str(event.context.transfer_syntax),
-                         event.assoc.requestor.ae_title)
+    return SUCCESS.code
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
     """Answer C-FIND extended negotiation (PS3.4 C.5.1.1.1) with what we support."""
     answers = {}
-    for uid, info in (event.app_info or {}).items():
+    for uid, info in (getattr(event, "app_info", None) or {}).items():
         if uid in contexts.FIND_MODELS:
             agreed = find.negotiated_find_options(info)
             answers[uid] = bytes([int(agreed.relational), 0, 0, 0,
@@ -57,15 +80,249 @@ def handle_sop_extended(event: Event) -> dict[str, bytes]:
     return answers
 
 
-def bind(services: Services) -> list[tuple]:
-    """The ``evt_handlers`` list for an association server."""
-    return [
+def handle_store(event: Event, services: Services) -> Dataset:
+    """C-STORE (PS3.4 B.2.3), see :func:`pacs.dimse.storage.store`.
+
+    pynetdicom has gathered the whole data set in memory before this runs: the object
+    limit decides the status (A700) but, without the seam, cannot keep the node from
+    holding the object while it arrives.
+    """
+    request = event.request
+    data = request.DataSet.getvalue() if request.DataSet is not None else b""
+    status = storage.store(services, storage.StoreRequest(
+        sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=len(data),
+        limit=services.settings.max_object_bytes))
+    return status_dataset(status)
+
+
+def request_of(event: Event, move_destination: str = "") -> Request:
+    """The C-FIND / C-MOVE / C-GET request of ``event`` as the logic takes it."""
+    primitive = event.request
+    uid = str(primitive.AffectedSOPClassUID or "")
+    identifier = getattr(primitive, "Identifier", None)
+    return Request(
+        message_id=int(primitive.MessageID or 0), sop_class_uid=uid,
+        transfer_syntax=str(event.context.transfer_syntax),
+        identifier=identifier.getvalue() if identifier is not None else b"",
+        calling_ae_title=event.assoc.requestor.ae_title, move_destination=move_destination,
+        extended_negotiation=event.assoc.requestor.sop_class_extended.get(UID(uid)))
+
+
+def _watch(event: Event, request: Request) -> CancelWatch:
+    return CancelWatch(lambda _: bool(event.is_cancelled), request.message_id)
+
+
+def handle_find(event: Event, services: Services) -> Iterator[tuple[Dataset, Dataset | None]]:
+    """EVT_C_FIND (PS3.4 C.4.1): the responses of :func:`pacs.dimse.find.find_responses`,
+    each identifier decoded for pynetdicom to encode again."""
+    request = request_of(event)
+    syntax = UID(request.transfer_syntax)
+    for status, identifier in find.find_responses(request, services,
+                                                  _watch(event, request)):
+        answer = None
+        if identifier is not None:
+            answer = decode(BytesIO(identifier), syntax.is_implicit_VR,
+                            syntax.is_little_endian, syntax.is_deflated)
+        yield status_dataset(status), answer
+
+
+def handle_get(event: Event, services: Services) -> Iterator[_Yield]:
+    """EVT_C_GET (PS3.4 C.4.3): the number of sub-operations, then each instance as a
+    data set for pynetdicom to send over the requestor's association."""
+    request = request_of(event)
+    cancelled = _watch(event, request)
+    try:
+        planned = retrieve.plan(request, services, contexts.GET_MODELS, cancelled)
+    except Exception as exc:  # noqa: BLE001 - answered with a status
+        yield 1  # pynetdicom takes a status only after a count
+        yield status_dataset(_refused(request, exc, "C-GET")), None
+        return
+    refusal = retrieve.count_refusal(planned.total)
+    if refusal is not None:
+        yield from _refused_by_count(refusal[0])
+        return
+    yield planned.total
+    yield from _instances(event.assoc, services, planned, cancelled)
+
+
+def handle_move(event: Event, services: Services) -> Iterator[_Yield]:
+    """EVT_C_MOVE (PS3.4 C.4.2): the destination, the number of sub-operations, then
+    each instance as a data set for pynetdicom to send over the association it opens
+    to the destination, with the requestor as Move Originator (PS3.7 9.3.1.1).
+
+    pynetdicom takes no status before the destination and associates with it before
+    the first one: a request refused before its sub-operations (A900, A701) raises
+    instead, which pynetdicom answers C514 (Unable to process).
+    """
+    request = request_of(event, event.move_destination or "")
+    destination = services.settings.destinations.get(request.move_destination.strip())
+    if destination is None:
+        log.warning("C-MOVE from %s refused: move destination %r is not configured",
+                    request.calling_ae_title, request.move_destination)
+        yield None, None  # pynetdicom: A801
+        return
+    cancelled = _watch(event, request)
+    try:
+        planned = retrieve.plan(request, services, contexts.MOVE_MODELS, cancelled,
+                                survey=True)
+    except Exception as exc:  # noqa: BLE001 - refused, see above
+        status = _refused(request, exc, "C-MOVE")
+        raise RefusedBeforeSubOperations(status) from None
+    refusal = retrieve.count_refusal(planned.total)
+    if refusal is not None and refusal[0] != SUCCESS:
+        raise RefusedBeforeSubOperations(refusal[0])
+    opened: list[Association] = []
+
+    def connected(opening: Event) -> None:
+        opened.append(opening.assoc)
+        tcp_settings(opening)
+
+    def originator(sending: Event) -> None:
+        # pynetdicom puts its own AE title in the C-STORE-RQ; the standard asks for the
+        # requestor's (PS3.7 9.3.1.1).  The message is encoded after this event.
+        message = sending.message
+        if isinstance(message, C_STORE_RQ) and message.command_set is not None:
+            message.command_set.MoveOriginatorApplicationEntityTitle = \
+                request.calling_ae_title
+
+    yield (destination.host, destination.port, {
+        "contexts": retrieve.destination_contexts(planned.classes),
+        "max_pdu": services.settings.max_pdu,
+        "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator)]})
+    yield planned.total  # 0: pynetdicom answers Success without associating
+    yield from _instances(lambda: opened[-1] if opened else None, services, planned,
+                          cancelled)
+
+
+class RefusedBeforeSubOperations(Exception):
+    """A C-MOVE refused before pynetdicom takes a status (see :func:`handle_move`)."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(f"refused with {status.code:04X} ({status.meaning}): "
+                         f"{status.comment or ''}")
+        self.status = status
+
+
+def drop_final_remaining(event: Event) -> None:
+    """EVT_DIMSE_SENT: no Number of Remaining Sub-operations in a final C-MOVE / C-GET
+    response other than Cancel (PS3.4 C.4.2.1.6, C.4.3.1.5).
+
+    pynetdicom's Q/R service class sends its pending and final responses from one
+    primitive, so its final response keeps the last pending one's Remaining (0).  The
+    message is encoded after this event.
+    """
+    message = event.message
+    if isinstance(message, C_MOVE_RSP | C_GET_RSP) and message.command_set is not None:
+        command = message.command_set
+        if (command.get("Status") not in (PENDING.code, CANCEL.code)
+                and "NumberOfRemainingSuboperations" in command):
+            del command.NumberOfRemainingSuboperations
+
+
+def _refused(request: Request, exc: BaseException, service: str) -> Status:
+    if isinstance(exc, PacsError):
+        log.warning("%s from %s refused: %s", service, request.calling_ae_title, exc)
+    else:
+        log.exception("%s from %s failed unexpectedly", service, request.calling_ae_title)
+    return status_for(RETRIEVE_STATUS, exc)
+
+
+def _refused_by_count(status: Status) -> Iterator[_Yield]:
+    if status == SUCCESS:
+        yield 0  # pynetdicom: Success with zero counts
+        return
+    yield 1
+    yield status_dataset(status), None
+
+
+def _instances(peer: Association | Callable[[], Association | None], services: Services,
+               planned: retrieve.Plan, cancelled: CancelWatch) -> Iterator[_Yield]:
+    """(Pending, data set) for each instance, read as :mod:`pacs.dimse.sender` would
+    send it (as stored, or converted to an uncompressed syntax the peer accepted).
+
+    An instance that cannot be sent is yielded as a data set holding only its SOP
+    Instance UID: pynetdicom fails to send it (no SOP Class UID) and counts it failed,
+    with its UID in the Failed SOP Instance UID List.  Instances removed since they
+    were counted are yielded empty (failed, no UID).
+    """
+    instances = services.engine.instances(retrieve.at_image(planned.query),
+                                          cancelled=cancelled)
+    try:
+        refs = list(islice(instances, planned.total))
+    except Cancelled:
+        yield status_dataset(CANCEL), None
+        return
+    finally:
+        close = getattr(instances, "close", None)
+        if close is not None:
+            close()
+    routes: dict[tuple[str, str], tuple[int, str] | None] = {}
+    for ref in refs:
+        if cancelled():
+            yield status_dataset(CANCEL), None
+            return
+        assoc = peer() if callable(peer) else peer
+        yield status_dataset(PENDING), _dataset(assoc, ref, services, routes)
+    for _ in range(planned.total - len(refs)):
+        yield status_dataset(PENDING), Dataset()
+
+
+def _dataset(assoc: Association | None, ref: InstanceRef, services: Services,
+             routes: dict[tuple[str, str], tuple[int, str] | None]) -> Dataset:
+    """The instance as pynetdicom will send it, or a stand-in it fails to send."""
+    unsendable = Dataset()
+    unsendable.SOPInstanceUID = ref.sop_uid
+    if assoc is None or not assoc.is_established:
+        return unsendable
+    key = (ref.sop_class_uid, ref.transfer_syntax)
+    if key not in routes:
+        routes[key] = route(accepted_contexts(assoc), *key)
+    found = routes[key]
+    if found is None:
+        log.warning("sub-operation failed: the peer accepted no context for %s in %s or "
+                    "an uncompressed syntax it can be converted to",
+                    UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
+        return unsendable
+    try:
+        with object_file(services.store, ref, found[1], services.settings) as path:
+            return pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - one instance must not end the retrieve
+        log_failure(ref, exc)
+        return unsendable
+
+
+def accepted_contexts(assoc: Association) -> list[AcceptedContext]:
+    """The contexts of ``assoc`` in which this side may send C-STORE requests."""
+    return [AcceptedContext(int(cx.context_id or 0), str(cx.abstract_syntax),
+                            str(cx.transfer_syntax[0]))
+            for cx in assoc.accepted_contexts if cx.as_scu]
+
+
+def tcp_settings(event: Event) -> None:
+    """EVT_CONN_OPEN of a C-MOVE destination: TCP_NODELAY on its socket (no Nagle delay
+    per message), and blocked sends bounded by the DIMSE timeout
+    (:func:`pacs.dimse.limits.bound_sends`)."""
+    sock = event.assoc.dul.socket
+    raw = sock.socket if sock is not None else None
+    if raw is not None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limits.bound_sends(raw, event.assoc.dimse_timeout)
+
+
+def bind(services: Services, seam: bool = True) -> list[tuple[Any, ...]]:
+    """The ``evt_handlers`` list for an association server (``seam``: the seam serves
+    its associations, and pynetdicom's own Q/R loop never runs)."""
+    bound: list[tuple[Any, ...]] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services]),
-        (evt.EVT_C_FIND, find.handle_find, [services]),
-        # C-MOVE / C-GET run in retrieve.RetrieveServiceClass, which takes the services
-        # from these bindings.
-        (evt.EVT_C_MOVE, retrieve.handle_move, [services]),
-        (evt.EVT_C_GET, retrieve.handle_get, [services]),
+        (evt.EVT_C_FIND, handle_find, [services]),
+        (evt.EVT_C_MOVE, handle_move, [services]),
+        (evt.EVT_C_GET, handle_get, [services]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
     ]
+    if not seam:
+        bound.append((evt.EVT_DIMSE_SENT, drop_final_remaining))
+    return bound

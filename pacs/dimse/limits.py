@@ -155,6 +155,20 @@ def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:
         pass  # already closed: nothing to bound
 
 
+def bound_sends(sock: Any, seconds: float | None) -> None:
+    """Make a send on ``sock`` that cannot progress for ``seconds`` fail (SO_SNDTIMEO).
+
+    Retrieves write straight to their sockets (:mod:`pacs.dimse.seam.wire`), and a
+    peer that stops reading would otherwise hold the writing thread forever; the
+    failed write aborts the association like any other write error.
+    """
+    if not seconds or seconds <= 0:
+        return
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+
+
 class CappedBuffer(io.BytesIO):
     """A DIMSE message's data set buffer that keeps at most ``limit`` bytes.
 

@@ -8,7 +8,6 @@ client, opened after the fork.
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import multiprocessing
@@ -21,39 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import PresentationContext
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.core.config import Settings
-from pacs.dimse import contexts, handlers, limits, reactor, retrieve, wire
-from pacs.dimse.limits import ConnectionLimits
 from pacs.core.net import listening_socket, worker_count
 from pacs.core.services import Services, build
+from pacs.dimse import contexts, handlers, limits, seam
+from pacs.dimse.limits import ConnectionLimits
 
 log = logging.getLogger(__name__)
 
 #: Seconds a stopping worker lets running associations finish before aborting them.
 DRAIN_SECONDS = 10.0
-
-
-def configure_pynetdicom() -> bool:
-    """pynetdicom's process-wide switches, set once per process; True when pynetdicom's
-    classes are patched (:func:`pacs.dimse.reactor.install`).
-
-    pynetdicom logs C-FIND/C-MOVE identifiers (patient data) by default; turn that off,
-    and skip its per-PDU debug handlers, which cost time on every message.  Its
-    association threads poll with sleeps; :mod:`pacs.dimse.reactor` makes them block.
-    C-MOVE and C-GET sub-operations are ours (:mod:`pacs.dimse.retrieve`).
-    """
-    patched = reactor.install()
-    retrieve.install()
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    return patched
 
 
 def make_ae(settings: Settings) -> AE:
@@ -78,24 +57,6 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-class CheapCopyContexts(list):  # type: ignore[type-arg]
-    """The server's presentation contexts, copied cheaply for each association.
-
-    pynetdicom deep-copies the acceptor's contexts for every association (negotiation
-    writes into them); with every storage class in every transfer syntax that took
-    ~50 ms per association.  A context holds immutable UIDs, flags and one list, so a
-    shallow copy with its own list is the same as a deep one, at 1/30 of the cost.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            fresh = copy.copy(context)
-            fresh._transfer_syntax = list(context._transfer_syntax)
-            copies.append(fresh)
-        return copies
-
-
 #: ``ae.maximum_associations`` when the node's own limits admit associations.
 UNCOUNTED = 1 << 30
 
@@ -115,14 +76,17 @@ class NodeServer(ThreadedAssociationServer):
     processes), the server accepts from that already listening, non-blocking socket
     instead of binding its own; a connection another worker took first is skipped.
 
-    With ``limits`` (pynetdicom patched, :func:`start`), connections that have not sent
+    With ``limits`` (the seam runs, :func:`start`), connections that have not sent
     their A-ASSOCIATE-RQ are held apart and the oldest beyond PACS_MAX_PENDING_CONNECTIONS
-    closed (:meth:`process_request`), and associations are admitted by
-    :func:`pacs.dimse.reactor._negotiate_as_acceptor`.  Reads of an accepted socket are
-    bounded by ``receive_timeout`` (ARTIM until the request arrives, then the network
-    timeout), sends by the DIMSE timeout.
+    closed (:meth:`process_request`), and associations are admitted by the seam once
+    their request has arrived (:mod:`pacs.dimse.seam.reactor`).  Without the seam,
+    pynetdicom's own count (``ae.maximum_associations``, every connection) admits them.
+    Reads of an accepted socket are bounded by ``receive_timeout`` (ARTIM until the
+    request arrives, then the network timeout), sends by the DIMSE timeout.
     """
 
+    #: The seam serves this server's associations (:func:`pacs.dimse.seam.install`).
+    uses_seam: bool = False
     shared_socket: socket.socket | None = None
     #: The worker's connection and association limits; None: pynetdicom's own count.
     limits: ConnectionLimits | None = None
@@ -179,7 +143,7 @@ class NodeServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        wire.bound_sends(client, self.ae.dimse_timeout)
+        limits.bound_sends(client, self.ae.dimse_timeout)
         limits.set_receive_timeout(client, self.receive_timeout)
         return client, address
 
@@ -252,15 +216,15 @@ def start(services: Services, address: tuple[str, int] | None = None,
     shared_socket : socket.socket, optional
         An already listening socket to accept from (worker processes).
     """
-    patched = configure_pynetdicom()
     settings = services.settings
+    patched = seam.install(settings.dimse_seam)
     address = address or (settings.bind_address, settings.dimse_port)
-    attributes: dict[str, Any] = {"shared_socket": shared_socket,
+    attributes: dict[str, Any] = {"shared_socket": shared_socket, "uses_seam": patched,
                                   "receive_timeout": settings.dimse_timeout}
     ae = make_ae(settings)
     if patched:
         # Associations are admitted by the limits once their request has arrived
-        # (pacs.dimse.reactor); pynetdicom's own count, of every acceptor thread
+        # (pacs.dimse.seam.reactor); pynetdicom's own count, of every acceptor thread
         # including connections that sent nothing yet, must never refuse first.
         ae.maximum_associations = UNCOUNTED
         attributes["limits"] = ConnectionLimits(
@@ -269,13 +233,13 @@ def start(services: Services, address: tuple[str, int] | None = None,
             alive=_holds_its_place)
         attributes["receive_timeout"] = settings.artim_timeout
     server_class = type("BoundNodeServer", (NodeServer,), attributes)
-    evt_handlers = [*handlers.bind(services),
+    evt_handlers = [*handlers.bind(services, seam=patched),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]
     server = ae.make_server(address, evt_handlers=evt_handlers,
-                            contexts=CheapCopyContexts(ae.supported_contexts),
+                            contexts=seam.server_contexts(ae.supported_contexts, patched),
                             server_class=server_class)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name="pacs-dimse-acceptor",

@@ -1,68 +1,129 @@
-"""One table from the core's exceptions to DIMSE statuses, per service.
+"""DIMSE statuses as a small value, and one table from the core's exceptions to them.
 
-C-STORE statuses: PS3.4 Table B.2-1 and PS3.7 Annex C.  The Error Comment (0000,0902)
-carries the reason (never patient data: exception messages of the core name attributes,
-not values).
+A :class:`Status` is a code and an optional Error Comment (0000,0902).  The DIMSE logic
+(:mod:`pacs.dimse.find`, :mod:`pacs.dimse.retrieve`, :mod:`pacs.dimse.storage`) returns
+and sends only these; they become bytes of a response command in the seam
+(:mod:`pacs.dimse.seam`) or a pydicom data set for pynetdicom's own handlers
+(:func:`pacs.dimse.handlers.status_dataset`), never earlier.
+
+Every code the node sends is in :data:`CODES` with its meaning and where the standard
+defines it.  Error Comments carry a reason, never patient data: exception messages of
+the core name attributes, not values.
 """
 
 from __future__ import annotations
 
-from pydicom.dataset import Dataset
+from dataclasses import dataclass
 
 from pacs.core import errors
 
+#: Error Comment (0000,0902) is LO: 64 characters at most (PS3.7 C.4, C.5; PS3.5 6.2).
+COMMENT_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Status:
+    """A DIMSE status: Status (0000,0900) and, optionally, Error Comment (0000,0902)."""
+
+    code: int
+    comment: str | None = None
+
+    def with_comment(self, comment: str | None) -> Status:
+        """The same code with ``comment`` (cut to :data:`COMMENT_LENGTH`)."""
+        return Status(self.code, comment[:COMMENT_LENGTH] if comment else None)
+
+    @property
+    def is_pending(self) -> bool:
+        """Pending (FF00, FF01): more responses follow (PS3.7 C.2)."""
+        return self.code in (0xFF00, 0xFF01)
+
+    @property
+    def meaning(self) -> str:
+        """What the code means, from :data:`CODES` (``"unknown"`` for others)."""
+        return CODES.get(self.code, ("unknown", ""))[0]
+
+
+#: Every status the node sends: code -> (meaning, where the standard defines it).
+CODES: dict[int, tuple[str, str]] = {
+    0x0000: ("Success", "PS3.7 C.1"),
+    0xFF00: ("Pending: matches or sub-operations are continuing",
+             "PS3.4 Table C.4-1, C.4-2, C.4-3"),
+    0xFF01: ("Pending: matches are continuing, optional keys not supported",
+             "PS3.4 Table C.4-1"),
+    0xFE00: ("Cancel: matching or sub-operations terminated due to a C-CANCEL",
+             "PS3.4 Table C.4-1, C.4-2, C.4-3"),
+    0xB000: ("Warning: sub-operations complete, one or more failures or warnings",
+             "PS3.4 Table C.4-2, C.4-3"),
+    0xA700: ("Refused: out of resources", "PS3.4 Table B.2-1, C.4-1"),
+    0xA701: ("Refused: out of resources, unable to calculate number of matches",
+             "PS3.4 Table C.4-2, C.4-3"),
+    0xA702: ("Refused: out of resources, unable to perform sub-operations",
+             "PS3.4 Table C.4-2, C.4-3"),
+    0xA801: ("Refused: move destination unknown", "PS3.4 Table C.4-2"),
+    0xA900: ("Error: data set / identifier does not match SOP Class",
+             "PS3.4 Table B.2-1, C.4-1, C.4-2, C.4-3"),
+    0xC000: ("Error: cannot understand / unable to process",
+             "PS3.4 Table B.2-1, C.4-1, C.4-2, C.4-3"),
+    0x0110: ("Processing failure", "PS3.7 C.5"),
+    0x0111: ("Duplicate SOP Instance", "PS3.7 C.5"),
+    0x0117: ("Invalid SOP Instance", "PS3.7 C.5"),
+}
+
+SUCCESS = Status(0x0000)
+PENDING = Status(0xFF00)
+#: A C-FIND match whose requested optional keys are not all supported (sent empty).
+PENDING_UNSUPPORTED_KEYS = Status(0xFF01)
+CANCEL = Status(0xFE00)
+#: C-MOVE / C-GET complete with failures or warnings.
+SUBOPERATIONS_WARNING = Status(0xB000)
+OUT_OF_RESOURCES = Status(0xA700)
+#: C-MOVE / C-GET: the index failed, or more matches than the counts can express.
+UNABLE_TO_CALCULATE_MATCHES = Status(0xA701)
+#: C-MOVE / C-GET: every sub-operation failed, or the destination refused us.
+UNABLE_TO_PERFORM_SUBOPERATIONS = Status(0xA702)
+MOVE_DESTINATION_UNKNOWN = Status(0xA801)
+IDENTIFIER_DOES_NOT_MATCH = Status(0xA900)
+UNABLE_TO_PROCESS = Status(0xC000)
+PROCESSING_FAILURE = Status(0x0110)
+INVALID_SOP_INSTANCE = Status(0x0117)
+
+_Table = tuple[tuple[type[errors.PacsError], Status], ...]
+
 #: C-STORE failure statuses (PS3.4 B.2.3, Table B.2-1; PS3.7 C.5).
-STORE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
-    (errors.InvalidUID, 0x0117),         # Invalid SOP Instance (PS3.7 C.5.7)
-    (errors.UIDMismatch, 0xA900),        # Data Set does not match SOP Class
-    (errors.UnreadableData, 0xC000),     # Cannot understand
-    (errors.DuplicateRejected, 0x0111),  # Duplicate SOP Instance (PS3.7 C.5.6)
-    (errors.ObjectTooLarge, 0xA700),     # Out of resources: over PACS_MAX_OBJECT_BYTES
-    (errors.StorageError, 0xA700),       # Out of resources
-    (errors.IndexFailure, 0xA700),       # Out of resources
+STORE_STATUS: _Table = (
+    (errors.InvalidUID, INVALID_SOP_INSTANCE),
+    (errors.UIDMismatch, Status(0xA900)),        # data set does not match SOP Class
+    (errors.UnreadableData, Status(0xC000)),     # cannot understand
+    (errors.DuplicateRejected, Status(0x0111)),  # duplicate SOP Instance
+    (errors.ObjectTooLarge, OUT_OF_RESOURCES),   # over PACS_MAX_OBJECT_BYTES
+    (errors.StorageError, OUT_OF_RESOURCES),
+    (errors.IndexFailure, OUT_OF_RESOURCES),
 )
 
 #: C-FIND failure statuses (PS3.4 C.4.1.1.4, Table C.4-1).
-FIND_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
-    (errors.InvalidQuery, 0xA900),          # Identifier does not match SOP Class
-    (errors.QueryLimitExceeded, 0xA700),    # Refused: out of resources
-    (errors.IndexFailure, 0xA700),          # Refused: out of resources
-    (errors.Cancelled, 0xFE00),             # Cancel
+FIND_STATUS: _Table = (
+    (errors.InvalidQuery, IDENTIFIER_DOES_NOT_MATCH),
+    (errors.QueryLimitExceeded, OUT_OF_RESOURCES),
+    (errors.IndexFailure, OUT_OF_RESOURCES),
+    (errors.Cancelled, CANCEL),
 )
 
 #: C-MOVE and C-GET failure statuses (PS3.4 C.4.2.1.5, Table C.4-2; C.4.3.1.4,
 #: Table C.4-3).  Failures of single sub-operations are counted, not mapped here.
-RETRIEVE_STATUS: tuple[tuple[type[errors.PacsError], int], ...] = (
-    (errors.InvalidQuery, 0xA900),        # Identifier does not match SOP Class
-    (errors.IndexFailure, 0xA701),        # Refused: unable to calculate number of matches
-    (errors.QueryLimitExceeded, 0xA701),  # Refused: unable to calculate number of matches
-    (errors.Cancelled, 0xFE00),           # Sub-operations terminated due to Cancel
+RETRIEVE_STATUS: _Table = (
+    (errors.InvalidQuery, IDENTIFIER_DOES_NOT_MATCH),
+    (errors.IndexFailure, UNABLE_TO_CALCULATE_MATCHES),
+    (errors.QueryLimitExceeded, UNABLE_TO_CALCULATE_MATCHES),
+    (errors.Cancelled, CANCEL),
 )
-MOVE_STATUS = RETRIEVE_STATUS
-GET_STATUS = RETRIEVE_STATUS
-
-#: C-MOVE / C-GET statuses that carry sub-operation counts (PS3.4 Tables C.4-2, C.4-3).
-RETRIEVE_SUCCESS = 0x0000          # all sub-operations complete, no failure or warning
-RETRIEVE_PENDING = 0xFF00          # sub-operations continuing
-RETRIEVE_CANCELLED = 0xFE00        # terminated due to a C-CANCEL
-RETRIEVE_WARNING = 0xB000          # complete, one or more failures or warnings
-SUBOPERATIONS_FAILED = 0xA702      # refused: unable to perform sub-operations
-TOO_MANY_MATCHES = 0xA701          # refused: more matches than the counts can express
-MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE only: destination not configured
-
-#: An error no table names (a bug): Processing failure (PS3.7 C.5.2).
-PROCESSING_FAILURE = 0x0110
-#: Q/R: Unable to process (PS3.4 Table C.4-1, Cxxx).
-UNABLE_TO_PROCESS = 0xC000
 
 
-def status_for(table: tuple[tuple[type[errors.PacsError], int], ...],
-               exc: BaseException) -> Dataset:
-    """The status data set for ``exc`` under ``table``, with an Error Comment."""
-    code = next((code for kind, code in table if isinstance(exc, kind)),
-                PROCESSING_FAILURE if table is STORE_STATUS else UNABLE_TO_PROCESS)
-    status = Dataset()
-    status.Status = code
-    # Error Comment is LO: 64 characters at most.
-    status.ErrorComment = (str(exc) or type(exc).__name__)[:64]
-    return status
+def status_for(table: _Table, exc: BaseException) -> Status:
+    """The status for ``exc`` under ``table``, with the reason as Error Comment.
+
+    An exception no row names (a bug) is a Processing failure (0110) for C-STORE and
+    Unable to process (C000) for the Query/Retrieve services.
+    """
+    default = PROCESSING_FAILURE if table is STORE_STATUS else UNABLE_TO_PROCESS
+    found = next((status for kind, status in table if isinstance(exc, kind)), default)
+    return found.with_comment(str(exc) or type(exc).__name__)

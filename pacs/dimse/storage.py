@@ -1,75 +1,98 @@
-"""The C-STORE SCP flow (PS3.4 B.2.3): store, then answer with a pre-encoded response.
+"""The C-STORE SCP (PS3.4 B.2.3): store through the ingest path, then the status.
 
-pynetdicom's Storage service class wraps every request in an event, validates the
-handler's status and encodes the response command with pydicom; for small instances
-that was a sixth of the time per instance.  This class stores through
-:func:`store_request` (the same code the EVT_C_STORE handler runs)
-and sends the response command written directly (:mod:`pacs.dimse.wire`).  Success is
-still only sent after the object and its index row are durable.
+:func:`store` is the whole logic: the received data set becomes a Part 10 object
+(:func:`part10`) that :meth:`pacs.core.ingest.Ingest.store_bytes` stores; Success is
+returned only once the object and its index row are durable.  The seam writes the
+response itself (:mod:`pacs.dimse.seam.services`); without the seam pynetdicom's
+EVT_C_STORE handler returns the same status (:func:`pacs.dimse.handlers.handle_store`).
+
+======  ====================================================================
+0000    stored, or the same object was already stored, or kept-first policy
+0117    invalid SOP Instance UID (also any other identifying UID)
+0111    a different object under a stored UID and the policy is ``reject``
+A900    the command's SOP Class / Instance UIDs differ from the data set's
+C000    the data set does not parse or is truncated
+A700    over PACS_MAX_OBJECT_BYTES, or the store or the index failed (nothing
+        half-written remains)
+0110    any other failure
+======  ====================================================================
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pydicom.dataset import Dataset
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from pacs.dimse import wire
-from pacs.dimse.limits import CappedBuffer
-from pacs.dimse.status import STORE_STATUS, status_for
 from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError
+from pacs.dimse.status import STORE_STATUS, SUCCESS, Status, status_for
 
 if TYPE_CHECKING:
-    from pynetdicom.association import Association
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.presentation import PresentationContext
-
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
-#: Command Field of a C-STORE-RSP (PS3.7 E.1-1).
-C_STORE_RSP = 0x8001
-SUCCESS = 0x0000
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A C-STORE request (PS3.7 9.1.1) as the logic needs it.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid :
+        Affected SOP Class UID (0000,0002) and Affected SOP Instance UID (0000,1000).
+    transfer_syntax :
+        The transfer syntax of the request's presentation context.
+    calling_ae_title :
+        The sender's AE title.
+    data_set :
+        The data set as received (empty when it was not kept, see ``received``).
+    received :
+        Bytes of data set received; more than ``data_set`` holds when the data set
+        passed ``limit`` while it arrived and was not kept.
+    limit :
+        PACS_MAX_OBJECT_BYTES.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae_title: str
+    data_set: bytes
+    received: int
+    limit: int
+
+    @property
+    def too_large(self) -> bool:
+        """The data set is over the object limit (answered A700, nothing stored)."""
+        return self.limit > 0 and self.received > self.limit
 
 
-def store_request(services: Services, request: C_STORE, syntax: str,
-                  calling: str) -> int | Dataset:
-    """Store the data set of a C-STORE request; the status to answer (see
-    :func:`handle_store`)."""
+def store(services: Services, request: StoreRequest) -> Status:
+    """Store the data set of a C-STORE request; the status to answer."""
+    calling = request.calling_ae_title
     try:
-        _require_kept(request)
-        data = part10(request, syntax)
+        if request.too_large:
+            raise ObjectTooLarge(f"a data set of {request.received} bytes, over "
+                                 f"PACS_MAX_OBJECT_BYTES ({request.limit})")
         result = services.ingest.store_bytes(
-            data, calling_ae=calling,
-            expected=(str(request.AffectedSOPClassUID or ""),
-                      str(request.AffectedSOPInstanceUID or "")))
+            part10(request), calling_ae=calling,
+            expected=(request.sop_class_uid, request.sop_instance_uid))
     except InvalidInstance as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
         return status_for(STORE_STATUS, exc)
     except PacsError as exc:
         log.error("C-STORE from %s failed: %s", calling, exc)
         return status_for(STORE_STATUS, exc)
-    except Exception as exc:  # a bug must not take the association down
+    except Exception as exc:  # noqa: BLE001 - a bug must not take the association down
         log.exception("C-STORE from %s failed unexpectedly", calling)
         return status_for(STORE_STATUS, exc)
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,
               result.outcome.value)
     return SUCCESS
-
-
-def _require_kept(request: C_STORE) -> None:
-    """Raise ObjectTooLarge when the request's data set passed PACS_MAX_OBJECT_BYTES
-    while it arrived: its bytes were not kept (:class:`pacs.dimse.limits.CappedBuffer`),
-    and it is answered A700 with nothing stored."""
-    data_set = request.DataSet
-    if isinstance(data_set, CappedBuffer) and data_set.overflowed:
-        raise ObjectTooLarge(f"a data set of {data_set.received} bytes, over "
-                             f"PACS_MAX_OBJECT_BYTES ({data_set.limit})")
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -90,7 +113,7 @@ _IMPLEMENTATION = (_element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID))
                               .ljust(len(PYNETDICOM_IMPLEMENTATION_VERSION) + 1 & ~1)))
 
 
-def part10(request: C_STORE, syntax: str) -> bytes:
+def part10(request: StoreRequest) -> bytes:
     """The received data set as a Part 10 object: preamble, file meta, data set bytes.
 
     The same bytes as pynetdicom's ``event.encoded_dataset(include_meta=True)``
@@ -100,66 +123,10 @@ def part10(request: C_STORE, syntax: str) -> bytes:
     refuses them as invalid (0117).
     """
     elements = b"".join((_VERSION,
-                         _element(0x0002, b"UI", _uid(str(request.AffectedSOPClassUID or ""))),
-                         _element(0x0003, b"UI", _uid(str(request.AffectedSOPInstanceUID or ""))),
-                         _element(0x0010, b"UI", _uid(syntax)), _IMPLEMENTATION))
+                         _element(0x0002, b"UI", _uid(request.sop_class_uid)),
+                         _element(0x0003, b"UI", _uid(request.sop_instance_uid)),
+                         _element(0x0010, b"UI", _uid(request.transfer_syntax)),
+                         _IMPLEMENTATION))
     return b"".join((b"\0" * 128, b"DICM", struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4,
                                                        len(elements)),
-                     elements, request.DataSet.getvalue()))
-
-
-
-
-def bound_services(assoc: Association, event: evt.EventType) -> Services:
-    """The services bound to ``event`` by :func:`pacs.dimse.handlers.bind`."""
-    bound: Any = assoc.get_handlers(event)
-    handler, args = bound if isinstance(bound, tuple) else (None, None)
-    if handler is None or not args:
-        raise RuntimeError(f"no services bound to {event.name}")
-    return args[0]  # type: ignore[no-any-return]
-
-
-class StoreServiceClass(StorageServiceClass):
-    """Storage SCP answering with pre-encoded responses (see the module docstring)."""
-
-    def SCP(self, req: C_STORE, context: PresentationContext) -> None:  # noqa: N802
-        """Store the request's data set, then send the C-STORE response."""
-        bound: Any = self.assoc.get_handlers(evt.EVT_C_STORE)
-        if not (isinstance(bound, tuple) and bound[1]):
-            # Not a pacs node (another AE in this process, e.g. a test peer): the
-            # patch is process-wide, so fall back to pynetdicom's own flow.
-            super().SCP(req, context)
-            return
-        services = bound[1][0]
-        status = store_request(services, req, str(context.transfer_syntax[0]),
-                               self.assoc.requestor.ae_title)
-        if not self.assoc.is_established:
-            return  # aborted meanwhile: nobody to answer
-        if isinstance(status, Dataset):
-            code, comment = int(status.Status), status.get("ErrorComment")
-        else:
-            code, comment = int(status), None
-        command = wire.response_command(
-            C_STORE_RSP, str(req.AffectedSOPClassUID or ""), int(req.MessageID or 0), code,
-            False, comment, sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
-        wire.ResponseWriter(self.assoc, int(context.context_id or 0)).message(command, last=True)
-
-
-def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
-    """Answer a C-STORE request pynetdicom would drop; True when it was answered.
-
-    pynetdicom ignores a C-STORE-RQ that lacks a required command field (an empty
-    Affected SOP Instance UID, say): no response and no abort, so the sender waits for
-    its DIMSE timeout, forever with dcmtk's defaults.  It gets 0117 (Invalid SOP
-    Instance, PS3.7 C.5.7) here instead.
-    """
-    from pynetdicom.dimse_primitives import C_STORE
-
-    if not isinstance(msg, C_STORE) or msg.is_valid_request or msg.MessageID is None:
-        return False
-    command = wire.response_command(
-        C_STORE_RSP, str(msg.AffectedSOPClassUID or ""), int(msg.MessageID), 0x0117, False,
-        "the command's Affected SOP Instance UID is missing or invalid",
-        sop_instance_uid=str(msg.AffectedSOPInstanceUID or "") or None)
-    wire.ResponseWriter(assoc, context_id).message(command, last=True)
-    return True
+                     elements, request.data_set))

@@ -434,8 +434,9 @@ class Node:
         self.port = port or free_port()
         self.data_dir = root / "data"
         self.log_path = root / "serve.log"
+        # PACS_DIMSE_SEAM passes: the DIMSE tests run with the seam on and off.
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("PACS_") and k != "CUSTOMER"}
+               if (not k.startswith("PACS_") and k != "CUSTOMER") or k == "PACS_DIMSE_SEAM"}
         env.update({
             "PACS_DATA_DIR": str(self.data_dir),
             "PACS_DIMSE_PORT": str(self.port),

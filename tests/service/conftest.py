@@ -9,7 +9,7 @@ import pytest
 
 from pacs.core.services import Services
 from pacs.dimse.server import NodeServer, start, stop
-from tests.conftest import free_port
+from tests.conftest import SEAM, free_port
 
 
 @dataclass
@@ -26,5 +26,6 @@ def node(services: Services) -> Iterator[RunningNode]:
     """A running SCP over the in-memory ``services`` fixture."""
     port = free_port()
     server = start(services, ("127.0.0.1", port))
+    assert server.uses_seam is SEAM  # PACS_DIMSE_SEAM reached the node
     yield RunningNode(services, port, server)
     stop(server, drain=1.0)

@@ -14,7 +14,7 @@ import apsw
 import pytest
 
 from pacs.core.index.connection import Index
-from pacs.dimse.reactor import _Waker
+from pacs.dimse.seam.reactor import _Waker
 
 
 def open_fds() -> set[str]:

@@ -1,7 +1,9 @@
-"""The C-MOVE / C-GET sub-operation loop (pacs.dimse.retrieve), with fake parts.
+"""The C-MOVE / C-GET sub-operation loop (pacs.dimse.retrieve.run_suboperations) over
+fake parts: a requestor and a target that record what the loop does.
 
-The real flow runs against dcmtk peers in tests/service and tests/interop; these cases
-pin down orderings that a real peer cannot be made to produce on demand.
+The real flow runs against pynetdicom and dcmtk peers in tests/service and
+tests/interop; these cases pin down orderings that a real peer cannot be made to
+produce on demand.
 """
 
 from __future__ import annotations
@@ -9,13 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
 from pacs.core.errors import Cancelled
-from pacs.core.query.model import InstanceRef
-from pacs.dimse import find, retrieve
+from pacs.core.query.model import InstanceRef, Query
+from pacs.core.attributes import Level
+from pacs.dimse import retrieve
+from pacs.dimse.connection import Request
+from pacs.dimse.status import Status
 
 
 def _ref(number: int) -> InstanceRef:
@@ -23,59 +28,85 @@ def _ref(number: int) -> InstanceRef:
                        "1.2.840.10008.1.2.1", f"key{number}", 100)
 
 
-class _FakeSender:
-    """Records what the loop does; every write succeeds, every response is 0000."""
+class _Log:
+    """What the loop did, in order."""
 
-    log: ClassVar[list[str]] = []  # shared: the code under test makes the instances
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.responses: list[tuple[Status, Any]] = []
 
-    def __init__(self, assoc: Any, store: Any, originator: Any, **options: Any) -> None:
+
+class _Preparer:
+    """Stands in for pacs.dimse.sender.Preparer: every instance is ready at once."""
+
+    log: _Log
+
+    def __init__(self, target: Any, store: Any, settings: Any = None) -> None:
         pass
 
     def prepare(self, ref: InstanceRef, msg_id: int) -> Any:
-        self.log.append(f"prepare {ref.sop_uid}")
-        return SimpleNamespace(ref=ref, close=lambda: self.log.append(f"close {ref.sop_uid}"))
+        self.log.steps.append(f"prepare {ref.sop_uid}")
+        return SimpleNamespace(ref=ref, message_id=msg_id, context_id=1, command=b"",
+                               source=None, length=0,
+                               close=lambda: self.log.steps.append(f"close {ref.sop_uid}"))
 
-    def write(self, prepared: Any) -> bool:
-        self.log.append(f"write {prepared.ref.sop_uid}")
+
+class _Target:
+    """Every write succeeds, every response is 0000."""
+
+    def __init__(self, log: _Log) -> None:
+        self.log = log
+        self.alive = True
+
+    def sending(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def send_c_store(self, message_id: int, context_id: int, command: bytes, source: Any,
+                     length: int) -> bool:
+        self.log.steps.append(f"write {message_id}")
         return True
 
-    def response_status(self) -> int:
-        self.log.append("response")
+    def store_status(self) -> int:
+        self.log.steps.append("response")
         return 0x0000
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef],
-         total: int) -> tuple[list[str], list[Any]]:
-    _FakeSender.log = []
-    monkeypatch.setattr(retrieve, "Sender", _FakeSender)
-    monkeypatch.setattr(retrieve.wire, "reactor_paused", lambda assoc: contextlib.nullcontext())
-    monkeypatch.setattr(retrieve.reactor, "socket_lent",
-                        lambda assoc: contextlib.nullcontext(False))
-    service = object.__new__(retrieve.RetrieveServiceClass)
-    service.assoc = SimpleNamespace(is_established=True,
-                                    requestor=SimpleNamespace(ae_title="SCU"))
-    finals: list[Any] = []
-    service._pending = lambda rsp, cx_id, counts: None  # type: ignore[method-assign]
-    service._final = (lambda rsp, cx_id, context, status, counts=None, comment=None:  # type: ignore[method-assign]
-                      finals.append((status, counts)))
-    services = SimpleNamespace(store=None, settings=None, engine=SimpleNamespace(
+class _Responder:
+    def __init__(self, log: _Log) -> None:
+        self.log = log
+        self.alive = True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: Any = None) -> None:
+        self.log.responses.append((status, counts))
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef], total: int) -> _Log:
+    log = _Log()
+    _Preparer.log = log
+    monkeypatch.setattr(retrieve, "Preparer", _Preparer)
+    services: Any = SimpleNamespace(store=None, settings=None, engine=SimpleNamespace(
         instances=lambda query, cancelled: rows))
-    monkeypatch.setattr(retrieve, "_at_image", lambda query: query)
-    never = find.CancelWatch(lambda msg_id: False, 1)
-    service._suboperations(SimpleNamespace(MessageIDBeingRespondedTo=1), 1, None,  # type: ignore[arg-type]
-                           services, None, total,
-                           None, never, None)  # type: ignore[arg-type]
-    return _FakeSender.log, finals
+    request = Request(1, "1.2.840.10008.5.1.4.1.2.2.3", "1.2.840.10008.1.2", b"", "SCU")
+    retrieve.run_suboperations(_Responder(log), _Target(log), request, services,  # type: ignore[arg-type]
+                               retrieve.Plan(Query(level=Level.IMAGE), total), "C-GET")
+    return log
 
 
 def test_each_next_instance_is_prepared_while_the_previous_response_is_awaited(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    log, finals = _run(monkeypatch, iter([_ref(1), _ref(2), _ref(3)]), 3)
-    assert log == ["prepare 1.2.3.4.1", "write 1.2.3.4.1", "prepare 1.2.3.4.2", "response",
-                   "write 1.2.3.4.2", "prepare 1.2.3.4.3", "response",
-                   "write 1.2.3.4.3", "response"]
-    status, counts = finals[0]
-    assert status == retrieve.RETRIEVE_SUCCESS and counts.completed == 3
+    log = _run(monkeypatch, iter([_ref(1), _ref(2), _ref(3)]), 3)
+    assert log.steps == ["prepare 1.2.3.4.1", "write 1", "close 1.2.3.4.1",
+                         "prepare 1.2.3.4.2", "response",
+                         "write 2", "close 1.2.3.4.2", "prepare 1.2.3.4.3", "response",
+                         "write 3", "close 1.2.3.4.3", "response"]
+    pending = [counts for status, counts in log.responses if status.is_pending]
+    assert [(c.remaining, c.completed) for c in pending] == [(2, 1), (1, 2)]
+    status, counts = log.responses[-1]
+    assert status.code == 0x0000 and counts.completed == 3 and counts.remaining is None
 
 
 def test_a_cancel_seen_while_the_references_are_read_sends_nothing(
@@ -88,7 +119,7 @@ def test_a_cancel_seen_while_the_references_are_read_sends_nothing(
         yield _ref(2)
         raise Cancelled("the query was cancelled")
 
-    log, finals = _run(monkeypatch, rows(), 5)
-    assert log == []
-    _, counts = finals[0]
+    log = _run(monkeypatch, rows(), 5)
+    assert log.steps == []
+    status, counts = log.responses[-1]
     assert counts.completed == 0

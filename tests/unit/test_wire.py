@@ -1,4 +1,4 @@
-"""Messages written straight to an association's socket (pacs.dimse.wire)."""
+"""Messages written straight to an association's socket (pacs.dimse.seam.wire)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pacs.dimse import wire
+from pacs.dimse import limits
+from pacs.dimse.seam import wire
 
 
 class _Assoc:
@@ -95,7 +96,7 @@ def test_a_short_object_aborts_the_association() -> None:
 def test_a_send_the_peer_does_not_read_gives_up() -> None:
     """bound_sends: a peer that stops reading fails the write (here after 0.2 s)."""
     ours, theirs = socket.socketpair()
-    wire.bound_sends(ours, 0.2)
+    limits.bound_sends(ours, 0.2)
     assoc = _Assoc(ours, 16384)
     with pytest.raises(OSError):
         wire.write_store_request(assoc, 3, b"CMD!", io.BytesIO(bytes(64 << 20)), 64 << 20)

@@ -45,9 +45,9 @@ The receive path and the acceptor are bounded against hostile peers
 
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
-the classes once per process by :func:`install` (called from
-``pacs.dimse.server.configure_pynetdicom``) and only to the pynetdicom version it was
-written against; any other version keeps pynetdicom's polling loops.
+the classes once per process by :func:`patch`, which :func:`pacs.dimse.seam.install`
+calls only for the pynetdicom version the seam was written and tested against; any
+other version keeps pynetdicom's polling loops.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pynetdicom
 from pynetdicom import evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -81,13 +80,8 @@ log = logging.getLogger(__name__)
 _dul_log = logging.getLogger("pynetdicom.dul")
 _assoc_log = logging.getLogger("pynetdicom.association")
 
-#: pynetdicom versions whose reactor loops this module reproduces.
-SUPPORTED = ("3.0.",)
 #: Longest blocking wait in seconds; timers are re-checked at least this often.
 MAX_WAIT = 0.5
-
-_installed = False
-_install_lock = threading.Lock()
 
 
 class _Waker:
@@ -241,7 +235,7 @@ def socket_lent(assoc: Association) -> Iterator[bool]:
     """Keep the DUL thread from reading ``assoc``'s socket for the block.
 
     A retrieve that writes its C-STORE requests straight to the socket
-    (:mod:`pacs.dimse.wire`) reads their responses straight from it too: handing each
+    (:mod:`pacs.dimse.seam.wire`) reads their responses straight from it too: handing each
     response through the DUL thread, its PDU and DIMSE decoding and the message queue
     cost ~0.2 ms per sub-operation, most of the node's share of a CT C-MOVE once the
     destination's own time is taken out.  A read in progress finishes first (the lock);
@@ -651,7 +645,7 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     through Evt19, as pynetdicom does for an undecodable message) and, on a node's
     association, a data set buffer that stops keeping bytes past PACS_MAX_OBJECT_BYTES
     (:class:`pacs.dimse.limits.CappedBuffer`); the C-STORE handler answers such a
-    message A700 (:func:`pacs.dimse.storage.store_request`).
+    message A700 (:func:`pacs.dimse.storage.store`).
     """
     if self.message is None:
         message = self.message = DIMSEMessage()
@@ -673,35 +667,21 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
 
 # -- installation -----------------------------------------------------------------------
 
-def supported() -> bool:
-    """True when the installed pynetdicom is a version this module reproduces."""
-    return pynetdicom.__version__.startswith(SUPPORTED)
-
-
-def install() -> bool:
-    """Patch pynetdicom's classes once per process; return whether they are patched.
+def patch() -> None:
+    """Replace pynetdicom's methods with the ones above (once per process, by
+    :func:`pacs.dimse.seam.install`, which holds the version gate).
 
     Associations created afterwards use the blocking reactors (client associations of
-    this process too).  With an unsupported pynetdicom version nothing is changed.
+    this process too).
     """
-    global _installed
-    with _install_lock:
-        if _installed:
-            return True
-        if not supported():
-            log.warning("pynetdicom %s: keeping its polling reactor (written for %s)",
-                        pynetdicom.__version__, ", ".join(SUPPORTED))
-            return False
-        DULServiceProvider.__init__ = _dul_init_patched  # type: ignore[method-assign]
-        DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
-        DULServiceProvider.kill_dul = _kill_dul_patched  # type: ignore[method-assign]
-        DULServiceProvider.stop_dul = _stop_dul_patched  # type: ignore[method-assign]
-        Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
-        Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
-        AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
-        DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
-        DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
-        ACSE._negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[method-assign]
-        DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
-        _installed = True
-        return True
+    DULServiceProvider.__init__ = _dul_init_patched  # type: ignore[method-assign]
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
+    DULServiceProvider.kill_dul = _kill_dul_patched  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _stop_dul_patched  # type: ignore[method-assign]
+    Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+    Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
+    AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
+    DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
+    ACSE._negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[method-assign]
+    DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]

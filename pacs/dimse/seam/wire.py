@@ -14,7 +14,7 @@ or a C-MOVE of a CT study, that was most of the node's time.  Here:
 * the C-STORE requests of a retrieve are written straight to the socket
   (:func:`write_store_request`) and their responses read straight from it
   (:func:`read_store_response`) while the reactor and the DUL keep off
-  (:func:`reactor_paused`, :func:`pacs.dimse.reactor.socket_lent`).
+  (:func:`reactor_paused`, :func:`pacs.dimse.seam.reactor.socket_lent`).
 
 P-DATA in Sta6 needs nothing of pynetdicom's state machine; association establishment,
 release and abort stay pynetdicom's.
@@ -23,14 +23,14 @@ release and abort stay pynetdicom's.
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from pacs.dimse import limits, reactor
+from pacs.dimse import limits
+import pacs.dimse.seam.reactor as reactor
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 _COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
@@ -195,23 +195,9 @@ def _peer_limit(assoc: Any) -> int:
     return limit if limit > 2 * _PDV_OVERHEAD else 0
 
 
-def bound_sends(sock: Any, seconds: float | None) -> None:
-    """Make a send on ``sock`` that cannot progress for ``seconds`` fail (SO_SNDTIMEO).
-
-    Retrieves write straight to their sockets (:func:`write_store_request`); a peer
-    that stops reading would otherwise hold the writing thread forever.  The failed
-    write aborts the association like any other write error.
-    """
-    if not seconds or seconds <= 0:
-        return
-    whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                    struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
-
-
 def abort(assoc: Any) -> None:
     """Abort ``assoc``, first giving its socket back to the DUL thread if a retrieve
-    holds it (:func:`pacs.dimse.reactor.give_back`)."""
+    holds it (:func:`pacs.dimse.seam.reactor.give_back`)."""
     reactor.give_back(assoc)
     assoc.abort()
 
@@ -243,7 +229,7 @@ def read_store_response(assoc: Any, message_id: int, timeout: float | None,
     """Read the C-STORE-RSP to request ``message_id`` straight from the socket; its
     Status (0000,0900).
 
-    The caller holds the socket (:func:`pacs.dimse.reactor.socket_lent`).  A C-CANCEL-RQ
+    The caller holds the socket (:func:`pacs.dimse.seam.reactor.socket_lent`).  A C-CANCEL-RQ
     read meanwhile (the C-GET requestor cancelling, PS3.7 9.3.2.3) goes to ``on_cancel``
     with the Message ID it cancels, and reading goes on.
 

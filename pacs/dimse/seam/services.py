@@ -1,0 +1,413 @@
+"""pynetdicom's service classes replaced for a node's associations: the seam's side
+of the DIMSE logic.
+
+pynetdicom's own Storage and Query/Retrieve service classes wrap every request in an
+event, encode each response with pydicom and hand it to the DUL thread, decode and
+re-encode every sub-operation's data set, and set its own AE title as Move Originator.
+Here:
+
+* :class:`StoreServiceClass` stores through :func:`pacs.dimse.storage.store` and
+  writes the pre-encoded C-STORE-RSP itself (:mod:`pacs.dimse.seam.wire`);
+* :class:`RetrieveServiceClass` runs :func:`pacs.dimse.find.serve_find`,
+  :func:`pacs.dimse.retrieve.serve_move` and :func:`pacs.dimse.retrieve.serve_get`
+  over :class:`FindResponder`, :class:`RetrieveResponder` and :class:`SocketTarget`,
+  which write responses and C-STORE requests to the sockets and read the C-STORE
+  responses from them;
+* :func:`answer_invalid_store` answers a C-STORE request pynetdicom would drop.
+
+:func:`patch` makes pynetdicom use them (its module-level ``uid_to_service_class`` and
+``Association._serve_request`` wrapped).  They serve only associations of a node server
+that runs the seam (:func:`serves`); any other association in the process (a test's
+pynetdicom peer, a node with the seam off) gets pynetdicom's own service classes, which
+call the handlers of :mod:`pacs.dimse.handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from io import BytesIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pydicom.uid import UID
+from pynetdicom import association, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
+
+from pacs.dimse import contexts, find, handlers, retrieve, storage
+from pacs.dimse.connection import (
+    AcceptedContext,
+    CancelWatch,
+    Request,
+    StoreTarget,
+    SubOperationCounts,
+)
+from pacs.dimse.limits import CappedBuffer
+import pacs.dimse.seam.reactor as reactor
+import pacs.dimse.seam.wire as wire
+from pacs.dimse.status import INVALID_SOP_INSTANCE, Status
+
+if TYPE_CHECKING:
+    from pynetdicom.ae import ApplicationEntity
+    from pynetdicom.association import Association
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.presentation import PresentationContext
+
+    from pacs.core.config import Modality
+    from pacs.core.services import Services
+
+log = logging.getLogger(__name__)
+
+#: Command Fields of the responses (PS3.7 E.1-1).
+C_STORE_RSP, C_GET_RSP, C_FIND_RSP, C_MOVE_RSP = 0x8001, 0x8010, 0x8020, 0x8021
+
+
+def serves(assoc: Association) -> bool:
+    """True for an association of a node server that runs the seam
+    (:func:`pacs.dimse.seam.install` returned True for its settings)."""
+    return getattr(getattr(assoc, "_server", None), "uses_seam", False) is True
+
+
+def bound_services(assoc: Association, event: evt.EventType) -> Services | None:
+    """The services :func:`pacs.dimse.handlers.bind` bound to ``event`` on a seam
+    node's association; ``None`` for any other association."""
+    if not serves(assoc):
+        return None
+    bound: Any = assoc.get_handlers(event)
+    handler, args = bound if isinstance(bound, tuple) else (None, None)
+    if handler is None or not args:
+        return None
+    return args[0]  # type: ignore[no-any-return]
+
+
+# -- C-STORE ----------------------------------------------------------------------------
+
+class StoreServiceClass(StorageServiceClass):
+    """Storage SCP answering with pre-encoded responses (see the module docstring)."""
+
+    def SCP(self, req: C_STORE, context: PresentationContext) -> None:  # noqa: N802
+        """Store the request's data set, then send the C-STORE response."""
+        services = bound_services(self.assoc, evt.EVT_C_STORE)
+        if services is None:  # not a seam node: pynetdicom's own flow and handlers
+            super().SCP(req, context)
+            return
+        status = storage.store(services, _store_request(self.assoc, req, context, services))
+        if not self.assoc.is_established:
+            return  # aborted meanwhile: nobody to answer
+        command = wire.response_command(
+            C_STORE_RSP, str(req.AffectedSOPClassUID or ""), int(req.MessageID or 0),
+            status.code, False, status.comment,
+            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
+        wire.ResponseWriter(self.assoc, int(context.context_id or 0)).message(command, last=True)
+
+
+def _store_request(assoc: Association, req: C_STORE, context: PresentationContext,
+                   services: Services) -> storage.StoreRequest:
+    """The request as :func:`pacs.dimse.storage.store` takes it; a data set over the
+    object limit was not kept while it arrived (:class:`pacs.dimse.limits.CappedBuffer`,
+    :func:`pacs.dimse.seam.reactor._receive_primitive`)."""
+    buffer = req.DataSet
+    if isinstance(buffer, CappedBuffer):
+        data, received, limit = buffer.getvalue(), buffer.received, buffer.limit
+    else:
+        data = buffer.getvalue() if buffer is not None else b""
+        received, limit = len(data), services.settings.max_object_bytes
+    return storage.StoreRequest(
+        sop_class_uid=str(req.AffectedSOPClassUID or ""),
+        sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+        transfer_syntax=str(context.transfer_syntax[0]),
+        calling_ae_title=assoc.requestor.ae_title, data_set=data, received=received,
+        limit=limit)
+
+
+def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
+    """Answer a C-STORE request pynetdicom would drop; True when it was answered.
+
+    pynetdicom ignores a C-STORE-RQ that lacks a required command field (an empty
+    Affected SOP Instance UID, say): no response and no abort, so the sender waits for
+    its DIMSE timeout, forever with dcmtk's defaults.  It gets 0117 (Invalid SOP
+    Instance, PS3.7 C.5) here instead.
+    """
+    if not isinstance(msg, C_STORE) or msg.is_valid_request or msg.MessageID is None:
+        return False
+    status = INVALID_SOP_INSTANCE.with_comment(
+        "the command's Affected SOP Instance UID is missing or invalid")
+    command = wire.response_command(
+        C_STORE_RSP, str(msg.AffectedSOPClassUID or ""), int(msg.MessageID), status.code,
+        False, status.comment, sop_instance_uid=str(msg.AffectedSOPInstanceUID or "") or None)
+    wire.ResponseWriter(assoc, context_id).message(command, last=True)
+    return True
+
+
+# -- C-FIND, C-MOVE, C-GET ----------------------------------------------------------------
+
+def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
+               assoc: Association) -> Request:
+    """The request as the logic takes it."""
+    uid = str(req.AffectedSOPClassUID or "")
+    identifier = req.Identifier
+    return Request(
+        message_id=int(req.MessageID or 0), sop_class_uid=uid,
+        transfer_syntax=str(context.transfer_syntax[0]),
+        identifier=identifier.getvalue() if identifier is not None else b"",
+        calling_ae_title=assoc.requestor.ae_title,
+        move_destination=str(getattr(req, "MoveDestination", "") or ""),
+        extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)))
+
+
+class FindResponder:
+    """C-FIND responses written straight to the socket (:class:`wire.ResponseWriter`):
+    pending ones a few per ``sendall``, a final one at once."""
+
+    def __init__(self, service: QueryRetrieveServiceClass, request: Request,
+                 context_id: int) -> None:
+        self.assoc = service.assoc
+        self.request = request
+        self.writer = wire.ResponseWriter(service.assoc, context_id)
+        self.cancelled = CancelWatch(service.is_cancelled, request.message_id)
+        # A status is sent with or without an identifier, never both: one command each.
+        self._commands: dict[int, bytes] = {}
+
+    @property
+    def alive(self) -> bool:
+        return not self.writer.broken
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: SubOperationCounts | None = None) -> None:
+        command = None if status.comment else self._commands.get(status.code)
+        if command is None:
+            command = wire.response_command(C_FIND_RSP, self.request.sop_class_uid,
+                                            self.request.message_id, status.code,
+                                            identifier is not None, status.comment)
+            if not status.comment:  # only the identifier changes between matches
+                self._commands[status.code] = command
+        # Pending responses may wait a moment in the writer; any other status is final.
+        self.writer.message(command, identifier, last=not status.is_pending)
+
+
+class RetrieveResponder:
+    """C-MOVE / C-GET responses: pending ones written straight to the socket like the
+    sub-operations (:func:`wire.write_message`), the final one through pynetdicom's
+    DIMSE provider once the sub-operations have given the socket back."""
+
+    def __init__(self, service: QueryRetrieveServiceClass, request: Request,
+                 context_id: int, kind: type[C_MOVE] | type[C_GET]) -> None:
+        self.service = service
+        self.assoc = service.assoc
+        self.request = request
+        self.context_id = context_id
+        self.kind = kind
+        self.command_field = C_GET_RSP if kind is C_GET else C_MOVE_RSP
+        self.cancelled = CancelWatch(service.is_cancelled, request.message_id)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: SubOperationCounts | None = None) -> None:
+        if status.is_pending and counts is not None and identifier is None:
+            self._pending(status, counts)
+        else:
+            self._final(status, identifier, counts)
+
+    def _pending(self, status: Status, counts: SubOperationCounts) -> None:
+        """FF00 with the four counts (PS3.4 C.4.2.1.6).  A requestor gone away ends the
+        retrieve: the association is aborted and the loop stops."""
+        command = wire.response_command(
+            self.command_field, self.request.sop_class_uid, self.request.message_id,
+            status.code, False,
+            counts=(counts.remaining or 0, counts.completed, counts.failed, counts.warning))
+        try:
+            wire.write_message(self.assoc, self.context_id, command)
+        except OSError:
+            log.warning("the retrieve's requestor went away; sub-operations stopped")
+
+    def _final(self, status: Status, identifier: bytes | None,
+               counts: SubOperationCounts | None) -> None:
+        rsp = self.kind()
+        rsp.MessageIDBeingRespondedTo = self.request.message_id
+        rsp.AffectedSOPClassUID = self.request.sop_class_uid
+        rsp.Status = status.code
+        # pynetdicom declares the attribute by assigning None; it takes a str (LO, 64).
+        rsp.ErrorComment = status.comment  # type: ignore[assignment]
+        if counts is not None:
+            rsp.NumberOfRemainingSuboperations = counts.remaining
+            rsp.NumberOfCompletedSuboperations = counts.completed
+            rsp.NumberOfFailedSuboperations = counts.failed
+            rsp.NumberOfWarningSuboperations = counts.warning
+        rsp.Identifier = BytesIO(identifier) if identifier is not None else None
+        self.service.dimse.send_msg(rsp, self.context_id)
+
+
+class SocketTarget:
+    """C-STORE sub-operations written straight to an association's socket and their
+    responses read straight from it (:mod:`pacs.dimse.seam.wire`), while its reactor is
+    held (:func:`wire.reactor_paused`) and its DUL thread keeps off the socket
+    (:func:`reactor.socket_lent`).
+
+    Parameters
+    ----------
+    assoc : Association
+        The association to the C-MOVE destination, or the C-GET requestor's.
+    originator : (AE title, Message ID), optional
+        Move Originator AE Title and Message ID (PS3.7 9.3.1.1); ``None`` for C-GET.
+    on_cancel : callable, optional
+        Called with the Message ID a C-CANCEL-RQ read with the responses cancels (the
+        C-GET requestor's association carries both).
+    releases : bool
+        :meth:`release` releases the association (C-MOVE's own).
+    """
+
+    def __init__(self, assoc: Association, originator: tuple[str, int] | None,
+                 on_cancel: Callable[[int], None] | None = None,
+                 releases: bool = False) -> None:
+        self.assoc = assoc
+        self.originator = originator
+        self.on_cancel = on_cancel
+        self.releases = releases
+        self.direct = False
+        self._awaiting = 0  # Message ID of the request last written
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+    def accepted_contexts(self) -> list[AcceptedContext]:
+        return handlers.accepted_contexts(self.assoc)
+
+    def request_command(self, sop_class_uid: str, sop_instance_uid: str,
+                        message_id: int) -> bytes:
+        return wire.store_request_command(sop_class_uid, sop_instance_uid, message_id,
+                                          self.originator)
+
+    @contextmanager
+    def sending(self) -> Iterator[None]:
+        with wire.reactor_paused(self.assoc), reactor.socket_lent(self.assoc) as lent:
+            self.direct = lent
+            try:
+                yield
+            finally:
+                self.direct = False
+
+    def send_c_store(self, message_id: int, context_id: int, command: bytes,
+                     source: BinaryIO, length: int) -> bool:
+        self._awaiting = message_id
+        try:
+            wire.write_store_request(self.assoc, context_id, command, source, length)
+        except Exception as exc:  # noqa: BLE001 - the writer has aborted the association
+            log.warning("sub-operation failed: the request could not be written (%s)",
+                        type(exc).__name__)
+            return False
+        return True
+
+    def store_status(self) -> int | None:
+        if self.direct:
+            try:
+                return wire.read_store_response(self.assoc, self._awaiting,
+                                                self.assoc.dimse_timeout, self.on_cancel)
+            except OSError as exc:  # wire.UnexpectedMessage included
+                log.warning("sub-operation failed: %s", exc)
+                if self.assoc.is_established:
+                    wire.abort(self.assoc)
+                return None
+        _, response = self.assoc.dimse.get_msg(block=True)
+        if response is None:
+            if self.assoc.is_established:
+                self.assoc.abort()
+            return None
+        status = getattr(response, "Status", None)
+        return int(status) if status is not None else None
+
+    def release(self) -> None:
+        if self.releases and self.assoc.is_established:
+            self.assoc.release()
+
+
+def connector(ae: ApplicationEntity, services: Services) -> retrieve.Connect:
+    """Opens C-MOVE destination associations from ``ae`` (:data:`retrieve.Connect`)."""
+
+    def connect(destination: Modality, classes: Mapping[str, set[str]],
+                originator: tuple[str, int]) -> StoreTarget | None:
+        store_assoc = ae.associate(
+            destination.host, destination.port,
+            contexts=retrieve.destination_contexts(classes), ae_title=destination.ae_title,
+            max_pdu=services.settings.max_pdu,
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
+        if store_assoc.is_established:
+            return SocketTarget(store_assoc, originator, releases=True)
+        # pynetdicom leaves the socket of a rejected association open (its own move
+        # SCP closes it by hand too).
+        sock = store_assoc.dul.socket
+        if sock is not None:
+            sock.close()
+        return None
+
+    return connect
+
+
+class RetrieveServiceClass(QueryRetrieveServiceClass):
+    """Query/Retrieve with our own C-FIND responses and C-MOVE / C-GET sub-operations.
+
+    The dispatch in ``SCP`` is pynetdicom's; it calls the three methods below.  The
+    :class:`~pacs.core.services.Services` come from the handler bound to the request's
+    event (:func:`pacs.dimse.handlers.bind`), so nothing is global.
+    """
+
+    def _c_find_scp(self, req: C_FIND, context: PresentationContext) -> None:
+        services = bound_services(self.assoc, evt.EVT_C_FIND)
+        if services is None:
+            super()._c_find_scp(req, context)
+            return
+        request = request_of(req, context, self.assoc)
+        find.serve_find(FindResponder(self, request, int(context.context_id or 0)),
+                        request, services)
+
+    def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+        services = bound_services(self.assoc, evt.EVT_C_MOVE)
+        if services is None:
+            super()._move_scp(req, context)
+            return
+        request = request_of(req, context, self.assoc)
+        responder = RetrieveResponder(self, request, int(context.context_id or 0), C_MOVE)
+        retrieve.serve_move(responder, request, services, contexts.MOVE_MODELS,
+                            connector(self.ae, services))
+
+    def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+        services = bound_services(self.assoc, evt.EVT_C_GET)
+        if services is None:
+            super()._get_scp(req, context)
+            return
+        request = request_of(req, context, self.assoc)
+        responder = RetrieveResponder(self, request, int(context.context_id or 0), C_GET)
+        target = SocketTarget(self.assoc, None, on_cancel=responder.cancelled.seen_cancel)
+        retrieve.serve_get(responder, request, services, contexts.GET_MODELS, target)
+
+
+def patch() -> None:
+    """Make pynetdicom use the classes above (once per process, by
+    :func:`pacs.dimse.seam.install`).
+
+    ``pynetdicom.association`` looks the service class up through its module-level name
+    ``uid_to_service_class`` for every request; that name is wrapped.
+    ``Association._serve_request`` is wrapped to answer invalid C-STORE requests.
+    """
+    original = association.uid_to_service_class
+    ours = (frozenset(contexts.FIND_MODELS) | frozenset(contexts.MOVE_MODELS)
+            | frozenset(contexts.GET_MODELS))
+
+    def uid_to_service_class(uid: str) -> type:
+        if uid in ours:
+            return RetrieveServiceClass
+        found = original(uid)
+        return StoreServiceClass if found is StorageServiceClass else found
+
+    association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
+    serve_request = association.Association._serve_request
+
+    def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+        if not (serves(self) and answer_invalid_store(self, msg, context_id)):
+            serve_request(self, msg, context_id)
+
+    association.Association._serve_request = _serve_request  # type: ignore[method-assign]

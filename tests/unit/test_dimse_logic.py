@@ -1,0 +1,315 @@
+"""The DIMSE logic as plain functions: C-FIND responses, C-STORE, C-MOVE / C-GET
+sub-operations over fake requestors and targets, statuses.  No pynetdicom association
+or service class: what the seam and pynetdicom's event handlers both run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import decode, encode
+
+from pacs.core import config, errors
+from pacs.core.attributes import Level
+from pacs.core.query.model import Query
+from pacs.core.services import Services
+from pacs.dimse import find, retrieve, status, storage
+from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
+from pacs.dimse.status import Status
+from tests.factory import make_instance
+
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def _identifier(level: str, **keys: object) -> bytes:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return encode(ds, True, True) or b""
+
+
+def _request(model: str, identifier: bytes, **changes: Any) -> Request:
+    return Request(message_id=7, sop_class_uid=model, transfer_syntax=ImplicitVRLittleEndian,
+                   identifier=identifier, calling_ae_title="SCU", **changes)
+
+
+def _load(services: Services, studies: int = 2, per_study: int = 2) -> list[bytes]:
+    stored = []
+    for n in range(studies):
+        for i in range(per_study):
+            data = make_instance(StudyInstanceUID=f"1.2.7.{n}", SeriesInstanceUID=f"1.2.7.{n}.1",
+                                 SOPInstanceUID=f"1.2.7.{n}.1.{i}", PatientID=f"P{n}")
+            services.ingest.store_bytes(data)
+            stored.append(data)
+    return stored
+
+
+# --- statuses ---------------------------------------------------------------------------
+
+def test_every_status_the_node_sends_is_in_the_table() -> None:
+    constants = [value for value in vars(status).values() if isinstance(value, Status)]
+    constants += [found for table in (status.STORE_STATUS, status.FIND_STATUS,
+                                      status.RETRIEVE_STATUS) for _, found in table]
+    assert constants
+    for found in constants:
+        meaning, where = status.CODES[found.code]
+        assert meaning and where.startswith(("PS3.4", "PS3.7")), hex(found.code)
+
+
+def test_status_for_names_the_reason_within_64_characters() -> None:
+    found = status.status_for(status.STORE_STATUS, errors.UIDMismatch("x" * 100))
+    assert found.code == 0xA900 and found.comment == "x" * 64
+    assert status.status_for(status.FIND_STATUS, RuntimeError()).code == 0xC000
+    assert status.status_for(status.STORE_STATUS, RuntimeError()).comment == "RuntimeError"
+    assert status.PENDING.is_pending and not status.SUCCESS.is_pending
+
+
+# --- C-FIND -------------------------------------------------------------------------------
+
+def _responses(services: Services, identifier: bytes, cancelled: bool = False
+               ) -> list[tuple[Status, bytes | None]]:
+    return list(find.find_responses(_request(STUDY_FIND, identifier), services,
+                                    lambda: cancelled))
+
+
+def test_find_yields_a_pending_response_per_match_then_success(services: Services) -> None:
+    _load(services)
+    responses = _responses(services, _identifier("STUDY", StudyInstanceUID="",
+                                                 PatientID=""))
+    assert [s.code for s, _ in responses] == [0xFF00, 0xFF00, 0x0000]
+    answers = [decode(io.BytesIO(ident), True, True) for _, ident in responses[:-1]
+               if ident is not None]
+    assert sorted(a.StudyInstanceUID for a in answers) == ["1.2.7.0", "1.2.7.1"]
+    assert {a.RetrieveAETitle for a in answers} == {services.settings.ae_title}
+
+
+def test_find_answers_a_bad_identifier_a900_with_a_reason(services: Services) -> None:
+    responses = _responses(services, _identifier("NOTALEVEL"))
+    assert [(s.code, ident) for s, ident in responses] == [(0xA900, None)]
+    assert responses[0][0].comment
+    assert [s.code for s, _ in _responses(services, b"\x08\x00\x52")] == [0xA900]
+
+
+def test_find_answers_a_cancel_fe00(services: Services) -> None:
+    _load(services)
+    responses = _responses(services, _identifier("STUDY", StudyInstanceUID=""),
+                           cancelled=True)
+    assert [s.code for s, _ in responses] == [0xFE00]
+
+
+@dataclass
+class _Responder:
+    """Records the responses; goes away after ``lives`` of them."""
+
+    lives: int = 1000
+    cancel_after: int | None = None
+    sent: list[tuple[Status, bytes | None, SubOperationCounts | None]] = field(
+        default_factory=list)
+
+    @property
+    def alive(self) -> bool:
+        return len(self.sent) < self.lives
+
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: SubOperationCounts | None = None) -> None:
+        self.sent.append((status, identifier, counts))
+
+
+def test_serve_find_stops_when_the_requestor_is_gone(services: Services) -> None:
+    _load(services)
+    responder = _Responder(lives=1)
+    find.serve_find(responder, _request(STUDY_FIND, _identifier(
+        "IMAGE", StudyInstanceUID="", SOPInstanceUID="")), services)
+    assert [s.code for s, _, _ in responder.sent] == [0xFF00]
+
+
+# --- C-STORE ------------------------------------------------------------------------------
+
+def _store_request(data: bytes, **changes: Any) -> storage.StoreRequest:
+    header = 132 + 12 + int.from_bytes(data[140:144], "little")  # preamble, meta group
+    fields = {"sop_class_uid": CTImageStorage, "sop_instance_uid": "1.2.8.1",
+              "transfer_syntax": ExplicitVRLittleEndian, "calling_ae_title": "SCU",
+              "data_set": data[header:], "received": len(data) - header, "limit": 1 << 20}
+    fields.update(changes)
+    return storage.StoreRequest(**fields)
+
+
+def _instances(services: Services) -> int:
+    return services.engine.count(Query(level=Level.IMAGE))
+
+
+def test_store_answers_success_once_stored(services: Services) -> None:
+    data = make_instance(SOPInstanceUID="1.2.8.1")
+    assert storage.store(services, _store_request(data)) == status.SUCCESS
+    assert _instances(services) == 1
+
+
+@pytest.mark.parametrize("changes, code", [
+    ({"received": (1 << 20) + 1}, 0xA700),            # over the object limit, not kept
+    ({"sop_instance_uid": "1.2.8.2"}, 0xA900),        # command and data set disagree
+    ({"sop_instance_uid": "1.2.x"}, 0x0117),          # not a UID
+    ({"data_set": b"\x08\x00\x16\x00"}, 0xC000),      # truncated
+])
+def test_store_refusals(services: Services, changes: dict[str, Any], code: int) -> None:
+    data = make_instance(SOPInstanceUID="1.2.8.1" if code != 0x0117 else "1.2.x")
+    found = storage.store(services, _store_request(data, **changes))
+    assert found.code == code and found.comment
+    assert _instances(services) == 0
+
+
+# --- C-MOVE / C-GET -----------------------------------------------------------------------
+
+@dataclass
+class _Target:
+    """A peer that takes C-STOREs in Explicit VR Little Endian: records the data sets;
+    answers each with the next of ``statuses`` (0000 when they run out)."""
+
+    statuses: list[int | None] = field(default_factory=list)
+    syntax: str = ExplicitVRLittleEndian
+    received: list[tuple[int, bytes]] = field(default_factory=list)
+    released: bool = False
+    alive: bool = True
+
+    def accepted_contexts(self) -> list[AcceptedContext]:
+        return [AcceptedContext(3, CTImageStorage, self.syntax)]
+
+    def request_command(self, sop_class_uid: str, sop_instance_uid: str,
+                        message_id: int) -> bytes:
+        return f"{sop_instance_uid}#{message_id}".encode()
+
+    def sending(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def send_c_store(self, message_id: int, context_id: int, command: bytes,
+                     source: BinaryIO, length: int) -> bool:
+        assert context_id == 3 and command.endswith(f"#{message_id}".encode())
+        self.received.append((message_id, source.read(length)))
+        return True
+
+    def store_status(self) -> int | None:
+        return self.statuses.pop(0) if self.statuses else 0x0000
+
+    def release(self) -> None:
+        self.released = True
+
+
+def _get(services: Services, responder: _Responder, target: _Target, **keys: object
+         ) -> None:
+    retrieve.serve_get(responder, _request(STUDY_GET, _identifier("STUDY", **keys)),
+                       services, {STUDY_GET: "study"}, target)
+
+
+def test_get_sends_every_instance_as_stored_with_counts(services: Services) -> None:
+    stored = _load(services, studies=1, per_study=3)
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    assert sorted(data for _, data in target.received) == sorted(
+        data[data.index(b"\x08\x00\x05\x00"):] for data in stored)  # the data set part
+    assert [message_id for message_id, _ in target.received] == [1, 2, 3]
+    *pending, (final, identifier, counts) = responder.sent
+    assert [(s.code, c.remaining, c.completed) for s, _, c in pending] == [
+        (0xFF00, 2, 1), (0xFF00, 1, 2)]
+    assert (final.code, identifier, counts) == (0x0000, None, SubOperationCounts(None, 3, 0, 0))
+
+
+def test_get_with_a_failure_gives_b000_and_the_failed_uid(services: Services) -> None:
+    _load(services, studies=1, per_study=3)
+    responder = _Responder()
+    _get(services, responder, _Target(statuses=[0x0000, 0xA700, 0xB007]),
+         StudyInstanceUID="1.2.7.0")
+    final, identifier, counts = responder.sent[-1]
+    assert final.code == 0xB000 and counts == SubOperationCounts(None, 1, 1, 1)
+    failed = decode(io.BytesIO(identifier or b""), True, True).FailedSOPInstanceUIDList
+    assert failed == "1.2.7.0.1.1"
+
+
+def test_get_cancelled_after_the_first_gives_fe00_with_remaining(services: Services) -> None:
+    _load(services, studies=1, per_study=3)
+    responder = _Responder(cancel_after=1)
+    _get(services, responder, _Target(), StudyInstanceUID="1.2.7.0")
+    final, _, counts = responder.sent[-1]
+    assert final.code == 0xFE00 and counts == SubOperationCounts(2, 1, 0, 0)
+
+
+@pytest.mark.parametrize("keys, code, counts", [
+    ({"StudyInstanceUID": "9.9.9"}, 0x0000, SubOperationCounts(None, 0, 0, 0)),  # none
+    ({"StudyInstanceUID": ""}, 0xA900, None),  # no unique key at the level
+])
+def test_get_refusals(services: Services, keys: dict[str, str], code: int,
+                      counts: SubOperationCounts | None) -> None:
+    _load(services)
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, **keys)
+    assert [(s.code, c) for s, _, c in responder.sent] == [(code, counts)]
+    assert target.received == []
+
+
+def test_get_converts_for_a_peer_without_the_stored_syntax(services: Services) -> None:
+    _load(services, studies=1, per_study=1)
+    responder, target = _Responder(), _Target(syntax=ImplicitVRLittleEndian)
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    assert responder.sent[-1][0].code == 0x0000
+    (_, data), = target.received
+    assert decode(io.BytesIO(data), True, True).SOPInstanceUID == "1.2.7.0.1.0"
+
+
+def _move(services: Services, responder: _Responder, destination: str,
+          connect: retrieve.Connect) -> None:
+    retrieve.serve_move(responder, _request(STUDY_MOVE, _identifier(
+        "STUDY", StudyInstanceUID="1.2.7.0"), move_destination=destination), services,
+        {STUDY_MOVE: "study"}, connect)
+
+
+@pytest.fixture
+def with_destination(make_services: Any) -> Services:
+    services: Services = make_services(destinations=config.parse_modalities(
+        "DEST=127.0.0.1:104"))
+    _load(services)
+    return services
+
+
+def test_move_to_an_unknown_destination_is_a801(with_destination: Services) -> None:
+    responder = _Responder()
+    _move(with_destination, responder, "NOBODY", lambda *args: pytest.fail("connected"))
+    assert [s.code for s, _, _ in responder.sent] == [0xA801]
+
+
+def test_move_connects_with_the_requestor_as_originator(with_destination: Services) -> None:
+    connected: list[Any] = []
+    target = _Target()
+
+    def connect(destination: config.Modality, classes: Any,
+                originator: tuple[str, int]) -> _Target:
+        connected.append((destination.ae_title, dict(classes), originator))
+        return target
+
+    responder = _Responder()
+    _move(with_destination, responder, "DEST", connect)
+    assert connected == [("DEST", {CTImageStorage: {ExplicitVRLittleEndian}}, ("SCU", 7))]
+    assert len(target.received) == 2 and target.released
+    assert responder.sent[-1][0].code == 0x0000
+
+
+def test_move_to_a_refusing_destination_is_a702(with_destination: Services) -> None:
+    responder = _Responder()
+    _move(with_destination, responder, "DEST", lambda *args: None)
+    assert [(s.code, c) for s, _, c in responder.sent] == [
+        (0xA702, SubOperationCounts(None, 0, 2, 0))]
+
+
+def test_classify_and_message_ids() -> None:
+    assert retrieve.classify(0x0111) is retrieve.Outcome.WARNING
+    assert retrieve.classify(None) is retrieve.Outcome.FAILED
+    assert [retrieve.message_id(n) for n in (0, 1, 0xFFFE, 0xFFFF)] == [1, 2, 0xFFFF, 1]
+
