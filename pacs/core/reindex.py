@@ -178,8 +178,11 @@ def index_in_use(path: Path) -> bool:
     Every connection to a WAL database holds a read lock on one byte of its ``-shm``
     file for as long as it is open (a node's processes keep theirs); a write lock there
     is refused while any does.  No ``-shm`` file: no connection is open (SQLite creates
-    it with the first and removes it with the last).  Locks of this process are not
-    seen: call it before this process opens the index.
+    it with the first and removes it with the last).
+
+    Call it before this process opens the index, never while it has it open: locks of
+    this process are not seen, and closing the descriptor opened here would drop them
+    (POSIX record locks belong to the process, not to the descriptor).
     """
     try:
         fd = os.open(f"{path}-shm", os.O_RDWR)
