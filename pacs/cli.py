@@ -94,10 +94,15 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                            PACS_DIMSE_WORKERS=workers)
     settings = _settings(ctx, **overrides)
     _setup_logging(settings.log_level)
-    from pacs.dimse.server import run_workers
     from pacs.core.reconcile import reconcile
+    from pacs.dimse.server import run_workers
+    from pacs.node import tls
     from pacs.node.webserver import WebServer
 
+    try:  # the HTTP workers load them again: a broken file stops us here, not them
+        tls.server_context(settings)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
     services = _build(settings)
     report = reconcile(services, full=False)
     if report.temporaries:

@@ -102,6 +102,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_CORS_ORIGINS", "cors_origins", "",
             "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
             "empty allows none.", _comma_list),
+    Setting("PACS_TLS_CERT", "tls_cert", "",
+            "PEM certificate (chain) of the DICOMweb and viewer ports, with PACS_TLS_KEY: "
+            "both ports then serve HTTPS only; empty: plain HTTP."),
+    Setting("PACS_TLS_KEY", "tls_key", "",
+            "PEM private key of PACS_TLS_CERT (not encrypted; readable by the node's user "
+            "only)."),
+    Setting("PACS_TLS_CA", "tls_ca", "",
+            "PEM certificates of the authorities whose client certificates the HTTPS "
+            "ports accept: a client may present one, one they did not sign fails the "
+            "handshake; empty asks for none."),
     Setting("PACS_QIDO_DEFAULT_LIMIT", "qido_default_limit", "5000",
             "Results per QIDO-RS page when the request gives no limit (at most "
             "PACS_QUERY_MAX_ROWS).", int),
@@ -247,6 +257,9 @@ class Settings:
     web_open: bool = _default("web_open")
     web_hosts: tuple[str, ...] = _default("web_hosts")
     cors_origins: tuple[str, ...] = _default("cors_origins")
+    tls_cert: str = _default("tls_cert")
+    tls_key: str = _default("tls_key")
+    tls_ca: str = _default("tls_ca")
     qido_default_limit: int = _default("qido_default_limit")
     viewer_port: int = _default("viewer_port")
     viewer_dist: str = _default("viewer_dist")
@@ -365,4 +378,23 @@ def load(
     data_dir = values["data_dir"] or str(Path("customer") / values["customer"])
     values["data_dir"] = Path(data_dir).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
+    check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
     return Settings(**values)
+
+
+def check_tls(cert: str, key: str, ca: str) -> None:
+    """Refuse half a TLS configuration (the files are read by ``pacs serve``,
+    :mod:`pacs.node.tls`).
+
+    Raises
+    ------
+    ConfigError
+        A certificate without its key or the reverse, or client authorities without
+        either.
+    """
+    if bool(cert) != bool(key):
+        raise ConfigError("PACS_TLS_CERT and PACS_TLS_KEY go together: set both (HTTPS on "
+                          "the DICOMweb and viewer ports) or neither (plain HTTP)")
+    if ca and not cert:
+        raise ConfigError("PACS_TLS_CA is set without PACS_TLS_CERT and PACS_TLS_KEY: "
+                          "client certificates need HTTPS")

@@ -3,12 +3,16 @@
 The container's HEALTHCHECK (Dockerfile, compose.yml).  It asks the running node over
 HTTP rather than opening the index itself, so "healthy" means the DICOMweb server is up
 *and* its store and index are sound.  The request comes from loopback inside the
-container, which the access rule lets through without credentials.
+container, which the access rule lets through without credentials.  With
+``PACS_TLS_CERT`` the port speaks HTTPS only: the check does too, without verifying the
+certificate (it names the node's public host, not 127.0.0.1, and nothing secret is sent
+or read).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -23,13 +27,19 @@ def main() -> int:
     from pacs.core.errors import ConfigError
 
     try:
-        port = config.load().web_port
+        settings = config.load()
     except ConfigError as exc:
         print(f"unhealthy: {exc}")
         return 1
-    url = f"http://127.0.0.1:{port}/health"
+    context = None
+    if settings.tls_cert:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    scheme = "https" if context else "http"
+    url = f"{scheme}://127.0.0.1:{settings.web_port}/health"
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         print(f"unhealthy: HTTP {exc.code} {exc.read()[:500]!r}")

@@ -70,12 +70,35 @@ otherwise stop altogether, and the node's HTTP side with it.  A port that answer
 wrong, where a port that refuses connections while gunicorn is restarted over and over
 does not; ``pacs serve`` still restarts a gunicorn that exits for another reason.
 
-Only HTTP/1.x without TLS is served (the node's ports; TLS belongs to a front).
+TLS
+---
+With ``PACS_TLS_CERT`` / ``PACS_TLS_KEY`` (:mod:`pacs.node.tls`) every connection is
+TLS, done by this loop without ever waiting: the first byte tells a TLS handshake from
+a plain HTTP request (answered ``400`` in clear, then closed); the handshake goes on as
+the socket becomes readable or writable (``SSLWantReadError``/``SSLWantWriteError``),
+within ``PACS_HTTP_TIMEOUT`` of the connection, head included, so a client that
+connects and never finishes it is closed like a slow head, and under the connection
+limit stalled handshakes go right after idle connections.  Reads take every decrypted
+byte ready; bytes OpenSSL has decrypted but not yet handed out
+(``SSLSocket.pending()``), which the kernel no longer reports as readable, are read in
+the next round of the loop.  A TLS connection is used by one thread at a time, under
+its lock (a streamed body is read by the loop while a thread may write the answer;
+OpenSSL's objects are not for concurrent use), and a write encrypts at most
+:data:`TLS_WRITE_BYTES` at once, repeated with the same bytes after
+``SSLWantWriteError`` as OpenSSL requires.  Responses are always written from Python
+(``sendfile`` would bypass TLS: file bodies are read in blocks, on plain connections
+too).  Limits, spooling, streaming, parking and the connection limit are the same.
+The application sees ``wsgi.url_scheme`` ``https`` (the access rule's condition for
+credentials from other hosts).  gunicorn's own TLS (``--certfile``) is refused: it
+would hand-shake blocking, outside the loop.
+
+Only HTTP/1.x is served (ALPN offers ``http/1.1`` alone).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import io
 import json
@@ -87,6 +110,7 @@ import select
 import selectors
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -95,12 +119,15 @@ from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers import base
+
+from pacs.core.config import Settings
+from pacs.node import tls
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +155,11 @@ SPOOL_RESERVE_BYTES = 1 << 30
 #: Longest chunk-size line or trailer section of a chunked body.
 MAX_CHUNK_LINE = 4096
 MAX_TRAILER_BYTES = 16 << 10
+#: Largest piece of a response encrypted by one TLS write (the connection's lock is
+#: held that long).
+TLS_WRITE_BYTES = 256 << 10
+#: The first byte of a TLS connection: a handshake record (RFC 8446 5.1).
+TLS_HANDSHAKE_RECORD = b"\x16"
 #: Seconds of the loop's longest wait (timeouts are checked at least this often).
 TICK = 0.25
 #: Seconds between log lines counting the slow clients closed meanwhile.
@@ -142,6 +174,7 @@ _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.E
 class State(Enum):
     """Where a connection is."""
 
+    HANDSHAKE = "handshake"  # a TLS handshake in progress (or its first byte awaited)
     HEAD = "head"          # reading a request head
     IDLE = "idle"          # kept alive, waiting for the next request
     BODY = "body"          # reading a request body
@@ -173,11 +206,12 @@ class Limits:
     spool_dir: str
 
     @classmethod
-    def from_settings(cls) -> Limits:
-        """The limits of this process's settings (environment and ``.env``)."""
+    def from_settings(cls, settings: Settings | None = None) -> Limits:
+        """The limits of ``settings``, by default this process's (environment and
+        ``.env``)."""
         from pacs.core import config
 
-        settings = config.load()
+        settings = config.load() if settings is None else settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         return cls(timeout=max(0.5, settings.http_timeout),
                    keepalive=max(0.0, settings.http_keepalive),
@@ -517,19 +551,56 @@ class Writer:
 
     What the kernel does not take at once is kept (in order) in :attr:`pending`, to be
     sent by :meth:`flush` (a thread, waiting a little) or :meth:`send_some` (the loop).
+
+    Parameters
+    ----------
+    sock : socket.socket
+        The connection (an ``ssl.SSLSocket`` for TLS).
+    lock : threading.Lock, optional
+        The TLS connection's lock, held during each write (see :meth:`_send`).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, lock: threading.Lock | None = None) -> None:
         self.sock = sock
+        self.lock = lock
         self.pending: list[memoryview] = []
         self.pending_bytes = 0
+        self.wants_read = False  # the last TLS write waits for the client's bytes
+
+    def _send(self, view: memoryview) -> int:
+        """One non-blocking send of the start of ``view``; the bytes taken.
+
+        Over TLS at most :data:`TLS_WRITE_BYTES` are encrypted at once, under the
+        connection's lock.  After ``SSLWantWriteError`` OpenSSL has kept part of those
+        bytes and must be given the same ones again: the caller keeps ``view`` and
+        calls again with it (a fresh slice of the same start).
+
+        Raises
+        ------
+        BlockingIOError
+            When nothing can be sent now.
+        """
+        if self.lock is None:
+            return self.sock.send(view)
+        with self.lock:
+            try:
+                sent = self.sock.send(view[:TLS_WRITE_BYTES])
+            except ssl.SSLWantWriteError:
+                raise BlockingIOError(errno.EAGAIN, "TLS write would block") from None
+            except ssl.SSLWantReadError:
+                # Only a renegotiation makes a TLS write wait for input, and the
+                # context refuses those; wait for input all the same rather than spin.
+                self.wants_read = True
+                raise BlockingIOError(errno.EAGAIN, "TLS write waits for input") from None
+        self.wants_read = False
+        return sent
 
     def sendall(self, data: bytes) -> None:
         """Send what the kernel takes now and keep the rest."""
         view = memoryview(data)
         if not self.pending:
             try:
-                sent = self.sock.send(view)
+                sent = self._send(view)
             except BlockingIOError:
                 sent = 0
             view = view[sent:]
@@ -551,7 +622,7 @@ class Writer:
         while self.pending:
             view = self.pending[0]
             try:
-                sent = self.sock.send(view)
+                sent = self._send(view)
             except BlockingIOError:
                 break
             total += sent
@@ -560,7 +631,8 @@ class Writer:
                 self.pending.pop(0)
             else:
                 self.pending[0] = view[sent:]
-                break
+                if self.lock is None:
+                    break  # the kernel took part: its buffer is full
         return total
 
     def flush(self, wait: float) -> bool:
@@ -573,9 +645,48 @@ class Writer:
         while self.pending:
             if self.send_some():
                 continue
+            poller.modify(self.sock.fileno(),
+                          select.POLLIN if self.wants_read else select.POLLOUT)
             if not poller.poll(wait * 1000):
                 return False
         return True
+
+
+def tls_recv_into(sock: ssl.SSLSocket, view: memoryview, size: int) -> tuple[int, bool]:
+    """Read the decrypted bytes ready on a TLS connection into ``view[:size]``.
+
+    Record after record until none is complete (or ``size`` is reached): one readable
+    event takes what the kernel holds, not one record of it.
+
+    Returns
+    -------
+    tuple of (int, bool)
+        The bytes read (0: the client closed the connection) and whether decrypted
+        bytes are left in OpenSSL's buffer, of which the kernel says nothing: the
+        caller must read again without waiting for the socket.
+
+    Raises
+    ------
+    BlockingIOError
+        When no complete record is there yet.
+    OSError
+        ``ssl.SSLError`` for a broken record or alert, or a reset.
+    """
+    total = 0
+    while total < size:
+        try:
+            count = sock.recv_into(view[total:size])
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError,
+                InterruptedError):
+            # SSLWantWriteError: OpenSSL has an answer to send first (a key update);
+            # the next readable event tries again.
+            if not total:
+                raise BlockingIOError(errno.EAGAIN, "no complete TLS record") from None
+            break
+        if not count:
+            return total, False  # the end: reported as 0 by the next read
+        total += count
+    return total, total >= size and sock.pending() > 0
 
 
 @dataclass
@@ -600,7 +711,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "server", "state", "data", "scanned", "deadline",
                  "since", "requests", "req", "spool", "left", "chunked", "writer",
-                 "exchange", "streamed")
+                 "exchange", "streamed", "lock", "tls_environ")
 
     def __init__(self, sock: socket.socket, peer: Any, server: Any) -> None:
         self.sock = sock
@@ -619,6 +730,13 @@ class Connection:
         self.writer = Writer(sock)
         self.exchange: Exchange | None = None
         self.streamed = False  # the application runs while the body arrives
+        self.lock: threading.Lock | None = None  # TLS: one thread at a time in OpenSSL
+        self.tls_environ: dict[str, str] = {}  # TLS: what the application is told
+
+    @property
+    def tls(self) -> bool:
+        """The connection is TLS (its handshake started)."""
+        return self.lock is not None
 
 
 def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
@@ -664,18 +782,28 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         self.last_notify = 0.0
         self.last_report = 0.0
         self.slow_closed = 0  # slow or stalled clients closed since the last report
+        self.tls: ssl.SSLContext | None = None  # PACS_TLS_CERT: every connection is TLS
+        self.ready: set[Connection] = set()  # TLS bytes decrypted but not yet read
+        self.tls_failed = 0  # failed handshakes since the last report
+        self.tls_reason = ""  # why the last one failed
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        """TLS and HTTP/2 are not served by this worker."""
+        """gunicorn's own TLS is refused: this worker does TLS itself, in its loop."""
         if cfg.is_ssl:
-            raise RuntimeError("pacs.node.httpworker.HttpWorker serves plain HTTP only")
+            raise RuntimeError("pacs.node.httpworker.HttpWorker does TLS itself: set "
+                               "PACS_TLS_CERT and PACS_TLS_KEY, not --certfile/--keyfile")
 
     # -- start-up --
 
     def init_process(self) -> None:
-        """Limits, loop and thread pool, then gunicorn's start-up (which runs :meth:`run`)."""
-        self.limits = Limits.from_settings()
+        """Limits, TLS, loop and thread pool, then gunicorn's start-up (which runs
+        :meth:`run`)."""
+        from pacs.core import config
+
+        settings = config.load()
+        self.limits = Limits.from_settings(settings)
+        self.tls = tls.server_context(settings)
         self.max_connections = self._connection_limit()
         self.poller = selectors.DefaultSelector()
         threads = max(1, self.cfg.threads)
@@ -781,7 +909,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while time.monotonic() < deadline:
             for conn in list(self.connections.values()):
-                if conn.state is State.IDLE or (conn.state is State.HEAD and not conn.data):
+                if conn.state in (State.IDLE, State.HANDSHAKE) or (
+                        conn.state is State.HEAD and not conn.data):
                     self._close(conn)
             if not self.connections:
                 return
@@ -799,7 +928,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         """Wait for events (at most :data:`TICK`), handle them, expire timeouts."""
         assert self.poller is not None
         try:
-            events = self.poller.select(TICK)
+            events = self.poller.select(0 if self.ready else TICK)
         except InterruptedError:
             events = []
         for key, mask in events:
@@ -807,23 +936,45 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 key.data(key.fileobj, mask)
                 continue
             try:
-                if mask & selectors.EVENT_WRITE:
+                if key.data.state is State.HANDSHAKE:
+                    self._handshake(key.data)
+                elif mask & selectors.EVENT_WRITE:
                     self._on_writable(key.data)
                 else:
                     self._on_readable(key.data)
             except Exception:  # noqa: BLE001 - one connection's failure, not the loop's
                 self.log.exception("Error handling an HTTP connection")
                 self._close(key.data)
+        if self.ready:
+            self._read_ready()
         now = time.monotonic()
         if now - self.last_sweep >= TICK / 2:
             self.last_sweep = now
             for conn in [c for c in self.connections.values()
                          if c.deadline and c.deadline <= now]:
                 self._expire(conn)
-            if self.slow_closed and now - self.last_report >= REPORT_SECONDS:
-                log.info("closed %d slow or stalled HTTP connection(s) since the last such "
-                         "line (PACS_HTTP_TIMEOUT, connection limit)", self.slow_closed)
-                self.slow_closed, self.last_report = 0, now
+            if ((self.slow_closed or self.tls_failed)
+                    and now - self.last_report >= REPORT_SECONDS):
+                if self.slow_closed:
+                    log.info("closed %d slow or stalled HTTP connection(s) since the last "
+                             "such line (PACS_HTTP_TIMEOUT, connection limit)",
+                             self.slow_closed)
+                if self.tls_failed:
+                    log.info("%d TLS handshake(s) failed since the last such line (the "
+                             "last: %s)", self.tls_failed, self.tls_reason)
+                self.slow_closed, self.tls_failed, self.last_report = 0, 0, now
+
+    def _read_ready(self) -> None:
+        """Read TLS connections with decrypted bytes left in OpenSSL's buffer."""
+        ready, self.ready = self.ready, set()
+        for conn in ready:
+            if (self.connections.get(conn.sock.fileno()) is conn
+                    and conn.state in (State.HEAD, State.IDLE, State.BODY, State.CLOSING)):
+                try:
+                    self._on_readable(conn)
+                except Exception:
+                    self.log.exception("Error handling an HTTP connection")
+                    self._close(conn)
 
     def _drain_signals(self, fileobj: Any, mask: int) -> None:
         try:
@@ -888,15 +1039,18 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 pass
             conn = Connection(sock, peer, listener.getsockname())
             conn.deadline = time.monotonic() + self._limits.timeout
+            if self.tls is not None:
+                conn.state = State.HANDSHAKE
             self.connections[sock.fileno()] = conn
             self._watch(conn, selectors.EVENT_READ)
 
     def _make_room(self) -> bool:
         """Close one connection to make room for a new one; False when none can go.
 
-        The oldest idle connection goes first, then the oldest one still sending its
-        head, then one answered with an error, then the slowest sender of a body, then
-        the oldest parked response: under a flood of slow clients, it is theirs.
+        The oldest idle connection goes first, then the oldest one still in its TLS
+        handshake, then the oldest one still sending its head, then one answered with an
+        error, then the slowest sender of a body, then the oldest parked response: under
+        a flood of slow clients, it is theirs.
         """
         now = time.monotonic()
 
@@ -904,7 +1058,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             received = conn.spool.size if conn.spool is not None else 0
             return received / max(now - conn.since, 1e-3)
 
-        for state in (State.IDLE, State.HEAD, State.CLOSING, State.BODY, State.PARKED):
+        for state in (State.IDLE, State.HANDSHAKE, State.HEAD, State.CLOSING, State.BODY,
+                      State.PARKED):
             # A streamed body is left to its timeout: its thread holds the connection.
             waiting = [c for c in self.connections.values()
                        if c.state is state and not c.streamed]
@@ -933,6 +1088,11 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             self.poller.modify(conn.sock, events, conn)
         except KeyError:
             self.poller.register(conn.sock, events, conn)
+        if conn.lock is not None and events & selectors.EVENT_READ:
+            # Bytes OpenSSL decrypted earlier (a pipelined request) wake no poll.
+            with conn.lock:
+                if _tls_socket(conn).pending():
+                    self.ready.add(conn)
 
     def _unwatch(self, conn: Connection) -> None:
         assert self.poller is not None
@@ -945,9 +1105,12 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         """Forget the connection and free what it holds (loop only)."""
         self._unwatch(conn)
         self.connections.pop(conn.sock.fileno(), None)
+        self.ready.discard(conn)
         if conn.spool is not None:
             conn.spool.close()
             conn.spool = None
+        if conn.lock is not None and conn.state not in (State.HANDSHAKE, State.CLOSING):
+            self._close_notify(conn)
         try:
             conn.sock.close()
         except OSError:
@@ -958,9 +1121,13 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _expire(self, conn: Connection) -> None:
         """A deadline passed: say why when the client is waiting for an answer."""
-        if conn.state in (State.HEAD, State.BODY, State.PARKED):
+        if conn.state in (State.HANDSHAKE, State.HEAD, State.BODY, State.PARKED):
             self.slow_closed += 1
-        if conn.state is State.HEAD and conn.data:
+        if conn.state is State.HANDSHAKE:
+            log.debug("HTTP client %s did not complete its TLS handshake in %g s",
+                      _host(conn.peer), self._limits.timeout)
+            self._close(conn)
+        elif conn.state is State.HEAD and conn.data:
             log.debug("HTTP client %s sent no complete request head in %g s",
                       _host(conn.peer), self._limits.timeout)
             self._refuse(conn, BadRequest("408 Request Timeout",
@@ -987,7 +1154,13 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             conn.spool.close()
             conn.spool = None
         try:
-            conn.sock.send(answer)
+            if conn.lock is not None:
+                if answer:
+                    conn.sock.send(answer)
+                self._close_notify(conn)
+            else:
+                conn.sock.send(answer)
+            # On a TLS socket this also drops TLS: what lingers is read raw, discarded.
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
@@ -997,6 +1170,84 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         conn.deadline = time.monotonic() + LINGER_SECONDS
         self._watch(conn, selectors.EVENT_READ)
 
+    # -- TLS (loop) --
+
+    def _handshake(self, conn: Connection) -> None:
+        """Take the TLS handshake one step further, as far as the socket allows."""
+        if conn.lock is None and not self._start_tls(conn):
+            return
+        try:
+            _tls_socket(conn).do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except OSError as exc:  # ssl.SSLError (protocol, certificate) or a reset
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            log.debug("TLS handshake with %s failed: %s", _host(conn.peer), reason)
+            self.tls_failed += 1
+            self.tls_reason = str(reason)
+            self._close(conn)
+            return
+        # The head follows within the same deadline: handshake and head together get
+        # PACS_HTTP_TIMEOUT, as a plain connection's head does.
+        conn.state = State.HEAD
+        conn.tls_environ = tls.peer_environ(_tls_socket(conn))
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _start_tls(self, conn: Connection) -> bool:
+        """Wrap a new connection in TLS once its first byte shows a handshake; a plain
+        HTTP request instead is answered 400 in clear.  False: not now, or not TLS."""
+        try:
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._close(conn)
+            return False
+        if not first:
+            self._close(conn)
+            return False
+        if first != TLS_HANDSHAKE_RECORD:
+            log.debug("HTTP client %s sent plain HTTP to an HTTPS port", _host(conn.peer))
+            self.tls_failed += 1
+            self.tls_reason = "plain HTTP to an HTTPS port"
+            self._refuse(conn, BadRequest("400 Bad Request",
+                                          "this port serves HTTPS only: use https://"))
+            return False
+        assert self.tls is not None
+        self._unwatch(conn)
+        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
+                                         do_handshake_on_connect=False)
+        conn.lock = threading.Lock()
+        conn.writer = Writer(conn.sock, conn.lock)
+        return True
+
+    def _close_notify(self, conn: Connection) -> None:
+        """Tell a TLS client that nothing follows (close_notify), without waiting."""
+        assert conn.lock is not None
+        with conn.lock, contextlib.suppress(OSError, ValueError):
+            # Sends the alert, then wants the client's (SSLWantReadError): not awaited.
+            _tls_socket(conn).unwrap()
+
+    def _receive(self, conn: Connection, size: int) -> int:
+        """Read up to ``size`` bytes into the scratch buffer; 0 when the client closed.
+
+        Raises
+        ------
+        BlockingIOError
+            When nothing can be read now.
+        """
+        if conn.lock is None:
+            return conn.sock.recv_into(self.scratch, size)
+        with conn.lock:
+            count, more = tls_recv_into(_tls_socket(conn), self.scratch, size)
+        if more:
+            self.ready.add(conn)
+        return count
+
     # -- reading (loop) --
 
     def _on_readable(self, conn: Connection) -> None:
@@ -1004,8 +1255,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             self._read_body(conn)
             return
         try:
-            count = conn.sock.recv_into(self.scratch, len(self.scratch)
-                                        if conn.state is State.CLOSING else 64 << 10)
+            count = self._receive(conn, len(self.scratch)
+                                  if conn.state is State.CLOSING else 64 << 10)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -1127,7 +1378,10 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
     def _read_body(self, conn: Connection) -> None:
         want = min(READ_BYTES, conn.left) if conn.chunked is None else READ_BYTES
         try:
-            data = conn.sock.recv(want)
+            if conn.lock is None:
+                data = conn.sock.recv(want)
+            else:  # decrypted into the scratch buffer: one copy, as a plain body's
+                data = bytes(self.scratch[:self._receive(conn, want)])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -1218,6 +1472,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             self.cfg.pre_request(self, req)
             resp, environ = wsgi.create(req, conn.writer, conn.peer, conn.server, self.cfg)
             exchange.resp, exchange.environ = resp, environ
+            environ.update(conn.tls_environ)  # https, whatever a forwarder's header said
             environ["wsgi.input"] = body
             environ["wsgi.multithread"] = True
             self.nr += 1
@@ -1391,6 +1646,11 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 def _too_large(limit: int) -> BadRequest:
     return BadRequest("413 Content Too Large",
                       f"the request body is larger than this server accepts ({limit} bytes)")
+
+
+def _tls_socket(conn: Connection) -> ssl.SSLSocket:
+    """The socket of a TLS connection, as such."""
+    return cast(ssl.SSLSocket, conn.sock)
 
 
 def _host(peer: Any) -> str:

@@ -8,9 +8,10 @@ the DICOMweb service sees the browser's own address (a proxy on this host would 
 every browser look like loopback).  See the README, "Viewer".
 
 Its command line is the DICOMweb one (:func:`pacs.node.webserver.command`) with the viewer's
-application: the same worker class (:class:`pacs.node.httpworker.HttpWorker`), limits and
-timeouts.  Like :mod:`pacs.node.webserver`, the core only starts gunicorn by module name and
-never imports falcon.
+application: the same worker class (:class:`pacs.node.httpworker.HttpWorker`), limits,
+timeouts and TLS (HTTPS only when ``PACS_TLS_CERT`` is set, :mod:`pacs.node.tls`).  Like
+:mod:`pacs.node.webserver`, the core only starts gunicorn by module name and never imports
+falcon.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pacs.core.config import Settings
-from pacs.node import webserver
+from pacs.node import tls, webserver
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,9 @@ def launch(settings: Settings, dist: Path,
                                    stdin=subprocess.DEVNULL)
     finally:
         sock.close()  # gunicorn holds its own copy
-    log.info("OHIF viewer on http://%s:%d/ (DICOMweb under /dicom-web), files in %s",
-             settings.bind_address, settings.viewer_port, _described(settings, dist))
+    log.info("OHIF viewer on %s://%s:%d/ (DICOMweb under /dicom-web), files in %s",
+             tls.scheme(settings), settings.bind_address, settings.viewer_port,
+             _described(settings, dist))
     return process
 
 

@@ -9,7 +9,10 @@ S3 clients never cross ``fork()``.
 
 Every worker is a :class:`pacs.node.httpworker.HttpWorker`: an event loop reads requests
 and writes lagging responses, so slow or stalled clients hold no application thread
-(the reasons, the limits and the timeouts are in that module).  A gunicorn that exits
+(the reasons, the limits and the timeouts are in that module).  With ``PACS_TLS_CERT``
+and ``PACS_TLS_KEY`` the worker serves HTTPS only, doing TLS in that loop
+(:mod:`pacs.node.tls`); gunicorn is given no ``--certfile``/``--keyfile``, so its own
+TLS, which hand-shakes blocking in the worker, never wraps a connection.  A gunicorn that exits
 with an error is started again (:meth:`WebServer.watch`); DIMSE goes on meanwhile.
 
 The core does not import falcon: gunicorn is started by module name.  Settings reach
@@ -31,6 +34,7 @@ from collections.abc import Mapping
 
 from pacs.core.config import Settings
 from pacs.core.net import listening_socket, worker_count
+from pacs.node import tls
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +126,10 @@ class WebServer:
         with self._lock:
             self.process = process
             self.started_at = time.monotonic()
-        log.info("DICOMweb on http://%s:%d/ and /dicom-web/ with %d worker(s)",
-                 self.settings.bind_address, self.settings.web_port,
-                 number_of_workers(self.settings))
+        log.info("DICOMweb on %s://%s:%d/ and /dicom-web/ with %d worker(s), %s",
+                 tls.scheme(self.settings), self.settings.bind_address,
+                 self.settings.web_port, number_of_workers(self.settings),
+                 tls.describe(self.settings))
         return self
 
     def watch(self, stopping: threading.Event) -> threading.Thread:
