@@ -6,7 +6,8 @@ tests/interop/test_hostile_http.py.  Clients that connect and never finish (or n
 start) the handshake are dropped after the timeout, and not before it, while real
 HTTPS clients are answered; a TLS client that stops sending its body gets 408; one that
 stops reading its response is disconnected.  The node's descriptors come back to where
-they were.
+they were.  At the connection limit (a second node: 16 connections per worker, a 60 s
+timeout) stalled handshakes are closed, oldest first, to make room for a real client.
 """
 
 from __future__ import annotations
@@ -173,3 +174,52 @@ def test_a_tls_client_that_stops_reading_is_disconnected(node: Node, pki: Pki) -
     assert statuses(received)[:1] == [200]
     assert len(received) < len(whole.content)  # cut off: the node gave up on it
     served(node, pki)
+
+
+#: The HTTP workers' connection limit of the crowded node (the worker's smallest).
+LIMIT = 16
+
+
+@pytest.fixture(scope="module")
+def crowded(node_factory: Callable[..., Node], pki: Pki,
+            tmp_path_factory: pytest.TempPathFactory) -> Node:
+    """A node whose timeout is far away and whose connection limit is near."""
+    dist = fake_dist(tmp_path_factory.mktemp("ohif-crowded") / "dist")
+    return start_tls_node(node_factory, "crowded-https", pki, dist,
+                          PACS_HTTP_TIMEOUT="60",
+                          GUNICORN_CMD_ARGS=f"--worker-connections {LIMIT}")
+
+
+def server_closed(sock: socket.socket) -> bool:
+    """The server closed ``sock`` (without waiting)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_stalled_handshakes_past_the_connection_limit_make_room_for_real_clients(
+        crowded: Node, pki: Pki) -> None:
+    port = int(crowded.env["PACS_WEB_PORT"])
+    stalled = []
+    try:
+        for number in range(3 * LIMIT):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            if number % 2:
+                sock.sendall(PARTIAL_HELLO)
+            stalled.append(sock)
+        time.sleep(0.5)
+        # Long before PACS_HTTP_TIMEOUT (60 s): only the connection limit can make room.
+        answer = session(pki).get(f"{web(crowded)}/studies", timeout=ANSWER_WITHIN)
+        assert answer.status_code == 200
+        time.sleep(0.5)
+        dropped = [sock for sock in stalled if server_closed(sock)]
+        assert len(dropped) >= 2 * LIMIT, f"{len(dropped)} of {len(stalled)} dropped"
+        # The oldest went first.
+        assert set(dropped) >= set(stalled[:2 * LIMIT - 2])
+    finally:
+        for sock in stalled:
+            sock.close()
