@@ -730,13 +730,9 @@ class Connection:
         self.writer = Writer(sock)
         self.exchange: Exchange | None = None
         self.streamed = False  # the application runs while the body arrives
-        self.lock: threading.Lock | None = None  # TLS: one thread at a time in OpenSSL
+        # TLS (set when its handshake starts): one thread at a time in OpenSSL.
+        self.lock: threading.Lock | None = None
         self.tls_environ: dict[str, str] = {}  # TLS: what the application is told
-
-    @property
-    def tls(self) -> bool:
-        """The connection is TLS (its handshake started)."""
-        return self.lock is not None
 
 
 def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
