@@ -135,7 +135,8 @@ def test_published_ports(services: dict[str, Any]) -> None:
 
 def test_volumes(services: dict[str, Any]) -> None:
     assert [plain(v) for v in services["pacs"]["volumes"]] == [
-        "./dicom_data:/app/data", "./customer/${CUSTOMER}/uploads:/dcmfiles"]
+        "./dicom_data:/app/data", "./customer/${CUSTOMER}/uploads:/dcmfiles",
+        "${PACS_TLS_DIR}:/run/pacs-tls:ro"]
     assert [plain(v) for v in services["minio"]["volumes"]] == ["./customer/${CUSTOMER}:/data"]
     assert "server /data" in services["minio"]["command"]
 
@@ -189,6 +190,21 @@ def test_dicomweb_access_is_set_explicitly(services: dict[str, Any]) -> None:
     assert env["PACS_WEB_OPEN"] == "false"
     assert env["PACS_WEB_USER"].startswith("${PACS_WEB_USER:?")
     assert env["PACS_WEB_PASSWORD"].startswith("${PACS_WEB_PASSWORD:?")
+
+
+@pytest.mark.parametrize("name", ["pacs", "pacs-distributed"])
+def test_compose_serves_https_from_the_mounted_certificate(services: dict[str, Any],
+                                                           name: str) -> None:
+    # Other hosts may send credentials over HTTPS only (adapters/http/auth.py).
+    env = services[name]["environment"]
+    mounts = {plain(v).split(":")[1]: v for v in services[name]["volumes"]}
+    folder = str(Path(env["PACS_TLS_CERT"]).parent)
+    assert str(Path(env["PACS_TLS_KEY"]).parent) == folder
+    assert mounts[folder].endswith(":ro")
+    assert plain(mounts[folder]).startswith("${PACS_TLS_DIR}:")
+    made = (ROOT / "scripts" / "make-cert.sh").read_text()
+    for file in (Path(env["PACS_TLS_CERT"]).name, Path(env["PACS_TLS_KEY"]).name):
+        assert file in made  # what the script writes is what compose reads
 
 
 def test_every_compose_variable_is_documented_in_env_example() -> None:
@@ -411,7 +427,8 @@ def test_the_viewer_is_fetched_without_building_it() -> None:
 def test_dockerignore_keeps_data_and_secrets_out() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    assert {".env", ".git", "customer", "dicom_data", "vendor", "node_modules"} <= ignored
+    assert {".env", ".git", "customer", "dicom_data", "dicom_data_distributed", "tls",
+            "vendor", "node_modules"} <= ignored
     for needed in ("pacs", "adapters", "setup.cfg", "pyproject.toml", "README.md", "scripts"):
         assert needed not in ignored
 
