@@ -219,6 +219,8 @@ def _security(settings: Settings, ae: Any) -> dict[str, Any]:
         "called_ae_title_checked": bool(ae.require_called_aet),
         "calling_ae_titles": list(ae.require_calling_aet),
         "move_destinations_only_configured": True,
+        "dicomweb_https": bool(settings.tls_cert),
+        "dicomweb_client_certificates": bool(settings.tls_ca),
         "dicomweb_open": settings.web_open,
         "dicomweb_basic": bool(settings.web_user and settings.web_password),
         "dicomweb_bearer": bool(settings.web_token),
@@ -796,11 +798,22 @@ def _security_text(data: dict[str, Any]) -> str:
                      "credentials, of which none are configured, so they are refused"))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
+    if sec["dicomweb_https"]:
+        transport = ("HTTPS only on the DICOMweb and viewer ports (`PACS_TLS_CERT`): the "
+                     "BCP 195 TLS profile of PS3.15 B.12/B.13 in spirit: TLS 1.2 or 1.3, "
+                     "TLS 1.2 with ECDHE/DHE and AEAD ciphers only, no compression or "
+                     "renegotiation"
+                     + ("; client certificates of `PACS_TLS_CA` asked for, not required"
+                        if sec["dicomweb_client_certificates"] else ""))
+    else:
+        transport = ("plain HTTP on the DICOMweb and viewer ports (no `PACS_TLS_CERT`): "
+                     "only the node's own host may send credentials")
     return f"""## 7 Security [PS3.2 A.8]
 
 ### 7.1 Security Profiles [A.8.1]
 
-None of PS3.15: no TLS on DIMSE, no audit trail messages.  Storage is
+DIMSE: none of PS3.15 (no TLS on DIMSE, no audit trail messages).  DICOMweb:
+{transport}.  Storage is
 bit-preserving: objects are kept and, when the peer accepts their stored transfer
 syntax, sent byte for byte as received, so Digital Signatures stay intact; an object
 converted to another transfer syntax for a peer loses their validity.

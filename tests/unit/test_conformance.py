@@ -94,6 +94,20 @@ def test_the_statement_follows_the_settings() -> None:
         conformance.statement(defaults()))
 
 
+def test_the_security_section_says_whether_the_http_ports_serve_https() -> None:
+    # Only the settings are read (the files are checked by `pacs serve`).
+    settings = config.load(overrides={"PACS_TLS_CERT": "/etc/pacs/cert.pem",
+                                      "PACS_TLS_KEY": "/etc/pacs/key.pem",
+                                      "PACS_TLS_CA": "/etc/pacs/clients.pem"},
+                           environ={}, env_file=None)
+    tls = conformance.markdown(conformance.statement(settings))
+    plain = conformance.markdown(conformance.statement(defaults()))
+    assert "HTTPS only on the DICOMweb and viewer ports" in tls
+    assert "client certificates of `PACS_TLS_CA`" in tls
+    assert "plain HTTP on the DICOMweb and viewer ports" in plain
+    assert "HTTPS only on the DICOMweb and viewer ports" not in plain
+
+
 def test_extended_negotiation_is_what_the_handler_answers(
         default_statement: dict[str, Any]) -> None:
     found = {e["sop_class"]: e for e in default_statement["extended_negotiation"]}
