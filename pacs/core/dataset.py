@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -223,7 +223,7 @@ def _read_deflated(buffer: bytes, offset: int, max_object_bytes: int | None) -> 
         header = FileDataset(io.BytesIO(walked.header), dataset, preamble=buffer[:128],
                              file_meta=meta, is_implicit_VR=False, is_little_endian=True)
         # Decode values as pydicom would after inflating the whole data set.
-        header.set_original_encoding(False, True, dataset._character_set)
+        header.set_original_encoding(False, True, dataset.original_character_set)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
     return header
@@ -647,18 +647,21 @@ def fold(text: str | None) -> str | None:
 
 
 @cache
-def _columns(level: Level) -> tuple[tuple[Attribute, str, str | None], ...]:
-    """(attribute, column, case-folded column) of ``level``, computed once."""
-    return tuple((a, a.column or "", case_folded_column(a)) for a in stored(level))
+def _columns(level: Level) -> tuple[tuple[Attribute, BaseTag, str, str | None], ...]:
+    """(attribute, its pydicom tag, column, case-folded column) of ``level``, computed
+    once (``Dataset.get_item`` takes a pydicom tag as it is, without converting it)."""
+    return tuple((a, BaseTag(a.tag), a.column or "", case_folded_column(a))
+                 for a in stored(level))
 
 
 def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     """Index values of ``level`` from a header, by column (unique key included)."""
     values: dict[str, str | None] = {}
-    present = header._dict  # absent tags cost a dict lookup, not a pydicom get()
     codec = _simple_codec(header)
-    for attribute, column, folded in _columns(level):
-        value = _value(header, attribute, codec) if attribute.tag in present else None
+    element_of = header.get_item  # the element as read: raw, never converted here
+    for attribute, tag, column, folded in _columns(level):
+        element: DataElement | RawDataElement | None = element_of(tag)
+        value = None if element is None else _value(header, attribute, codec, element)
         values[column] = value
         if folded:
             values[folded] = fold(value)
@@ -692,7 +695,9 @@ _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 def _simple_codec(header: Dataset) -> str | None:
     """The codec of the header's character set when it is one of :data:`_SIMPLE_CODECS`."""
-    element = header._dict.get(_SPECIFIC_CHARACTER_SET)
+    # pydicom types get_item as returning a converted element; it returns the raw one
+    # (or None) as read.
+    element: DataElement | RawDataElement | None = header.get_item(_SPECIFIC_CHARACTER_SET)
     if element is None:
         return "latin_1"
     value = element.value  # raw bytes, or already converted by pydicom (str or list)
@@ -712,7 +717,13 @@ def _raw_text(header: Dataset, attribute: Attribute,
 
     ASCII VRs always; character-set VRs when ``codec`` is known.
     """
-    raw = header._dict.get(BaseTag(attribute.tag))
+    return _element_text(header.get_item(BaseTag(attribute.tag)), attribute, codec)
+
+
+def _element_text(raw: DataElement | RawDataElement | None, attribute: Attribute,
+                  codec: str | None) -> str | Literal[_Undecoded.TOKEN] | None:
+    """:func:`_raw_text` of an element as ``Dataset.get_item`` gives it (raw unless
+    something converted it already; pydicom types it as a converted element)."""
     if type(raw) is not RawDataElement or not isinstance(raw.value, bytes):
         return _UNDECODED
     if attribute.vr in _ASCII_VRS:
@@ -756,17 +767,19 @@ def _item_text(item: Dataset, key: Attribute) -> str | None:
     return _text(item[key.tag].value)
 
 
-def _value(header: Dataset, attribute: Attribute, codec: str | None = None) -> str | None:
+def _value(header: Dataset, attribute: Attribute, codec: str | None,
+           element: DataElement | RawDataElement) -> str | None:
+    """The index text of ``attribute``, whose ``element`` the header holds."""
     if attribute.vr == "SQ":
         return _sequence(header, attribute)
-    text = _raw_text(header, attribute, codec)
+    text = _element_text(element, attribute, codec)
     if text is _UNDECODED:
         try:
-            element = header[attribute.tag]
+            decoded = header[attribute.tag]
         except KeyError:
             return None
         try:
-            text = _text(element.value)
+            text = _text(decoded.value)
         except Exception:  # noqa: BLE001 - any decoding failure of the value
             # A value that does not decode is indexed as unknown rather than refusing
             # the whole object: the object itself is stored as sent.

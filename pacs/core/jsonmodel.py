@@ -53,9 +53,10 @@ from typing import Any
 import orjson
 from pydicom import datadict
 from pydicom.charset import python_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class Encoder:
         """Every element of ``ds``; ``path`` names its position for BulkDataURIs."""
         out: dict[str, Any] = {}
         top = not path
-        for tag, elem in list(ds._dict.items()):
+        for tag, elem in list(ds.items()):  # the elements as read, raw or converted
             code = int(tag)  # pydicom's BaseTag compares in Python; ints in C
             if code >> 16 == 0x0002 or (top and code in _PIXEL_SET):
                 continue  # file meta; the top level's pixel data is added by the caller
@@ -385,13 +386,18 @@ def _implicit_vr(tag: int) -> str | None:
     return vr
 
 
+_SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
+
+
 def _charset_of(ds: Dataset, inherited: str | None) -> str | None:
     """The codec for text of ``ds``; ``None`` when pydicom must decode (ISO 2022).
 
     Items inherit the character set of their parent unless they state their own
     (PS3.5 6.1.2.3); the top level inherits the default repertoire.
     """
-    raw = ds._dict.get(0x00080005)  # type: ignore[call-overload]
+    # pydicom types get_item as returning a converted element; it returns the raw one
+    # (or None) as read.
+    raw: DataElement | RawDataElement | None = ds.get_item(_SPECIFIC_CHARACTER_SET)
     if raw is None:
         return inherited
     if isinstance(raw, RawDataElement):

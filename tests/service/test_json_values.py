@@ -62,7 +62,7 @@ def instance(values: dict[int, tuple[str, str]]) -> tuple[str, bytes]:
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     for tag, (vr, text) in values.items():
-        ds._dict[BaseTag(tag)] = raw(tag, vr, text)
+        ds[tag] = raw(tag, vr, text)
     out = DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
     return str(ds.StudyInstanceUID), out.getvalue()

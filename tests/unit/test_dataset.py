@@ -104,7 +104,7 @@ def test_raw_text_equals_pydicom_conversion() -> None:
         except Exception:  # noqa: BLE001 - files pydicom cannot read are not our concern
             continue
         for attribute in ATTRIBUTES:
-            if attribute.vr == "SQ" or attribute.tag not in fast._dict:
+            if attribute.vr == "SQ" or attribute.tag not in fast:
                 continue
             text = _raw_text(fast, attribute, codec)
             if text is _UNDECODED:
@@ -164,12 +164,13 @@ def test_values_with_code_extensions_are_left_to_pydicom() -> None:
     interprets it; the raw path must not index the escape bytes as text."""
     from pydicom.dataelem import RawDataElement
     from pydicom.dataset import Dataset
+    from pydicom.tag import BaseTag
 
     from pacs.core.attributes import BY_KEYWORD
     from pacs.core.dataset import _UNDECODED, _raw_text
 
     attribute = BY_KEYWORD["PatientName"]
     ds = Dataset()
-    ds._dict[attribute.tag] = RawDataElement(attribute.tag, "PN", 8, b"\x1b(BABC^D",
-                                             0, False, True)
+    ds[attribute.tag] = RawDataElement(BaseTag(attribute.tag), "PN", 8, b"\x1b(BABC^D",
+                                       0, False, True)
     assert _raw_text(ds, attribute, "latin_1") is _UNDECODED

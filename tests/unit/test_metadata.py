@@ -213,8 +213,7 @@ def _with_raw_values(values: dict[int, tuple[str, bytes]]) -> bytes:
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     for tag, (vr, value) in values.items():
         value += b" " * (len(value) % 2)
-        ds._dict[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, len(value), value, 0,
-                                                False, True)
+        ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
