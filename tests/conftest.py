@@ -16,11 +16,16 @@ from pacs.core import config
 from pacs.core.services import Services, build
 from pacs.core.storage.memory import MemoryStore
 
-
 #: Whether the DIMSE tests run with the seam (PACS_DIMSE_SEAM, on by default): ``pytest -m
 #: dimse`` runs them once each way (PACS_DIMSE_SEAM=off: pynetdicom's public API only).
 SEAM = config.load(environ={"PACS_DIMSE_SEAM": os.environ.get("PACS_DIMSE_SEAM", "on")},
                    env_file=None).dimse_seam
+
+
+def seam_only(reason: str) -> pytest.MarkDecorator:
+    """Exclude a test of a property only the seam provides from the run without it
+    (PACS_DIMSE_SEAM=off), saying why; with the seam it runs as any other."""
+    return pytest.mark.skipif(not SEAM, reason=f"seam only (PACS_DIMSE_SEAM=off): {reason}")
 
 
 def free_port() -> int:

@@ -10,8 +10,9 @@ requestor takes the SCP role are negotiated so that every stored object can be s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydicom.uid import (
     UID,
@@ -22,6 +23,7 @@ from pydicom.uid import (
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
+
 from pacs.core.transcode import UNCOMPRESSED
 
 if TYPE_CHECKING:
@@ -32,15 +34,15 @@ if TYPE_CHECKING:
 VERIFICATION = UID("1.2.840.10008.1.1")
 
 #: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2, Table B.5-1).
-FIND_MODELS = {
+FIND_MODELS: dict[str, str] = {
     UID("1.2.840.10008.5.1.4.1.2.1.1"): "patient",  # Patient Root Q/R - FIND
     UID("1.2.840.10008.5.1.4.1.2.2.1"): "study",    # Study Root Q/R - FIND
 }
-MOVE_MODELS = {
+MOVE_MODELS: dict[str, str] = {
     UID("1.2.840.10008.5.1.4.1.2.1.2"): "patient",  # Patient Root Q/R - MOVE
     UID("1.2.840.10008.5.1.4.1.2.2.2"): "study",    # Study Root Q/R - MOVE
 }
-GET_MODELS = {
+GET_MODELS: dict[str, str] = {
     UID("1.2.840.10008.5.1.4.1.2.1.3"): "patient",  # Patient Root Q/R - GET
     UID("1.2.840.10008.5.1.4.1.2.2.3"): "study",    # Study Root Q/R - GET
 }
@@ -96,6 +98,20 @@ def verification_context() -> PresentationContext:
     """Verification in the default transfer syntaxes (an association that needs some
     context and sends nothing)."""
     return build_context(VERIFICATION)
+
+
+class CheapCopyContexts(list[PresentationContext]):
+    """The server's presentation contexts, copied cheaply for each association.
+
+    pynetdicom deep-copies the acceptor's contexts for every association; with every
+    storage class in every transfer syntax that took ~50 ms and a few MB per
+    association.  A shallow copy of each context is enough: negotiation only reads the
+    contexts' transfer syntaxes, and the one place that reorders them
+    (:func:`prefer_sendable`) gives its association's copy a new list.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        return [copy.copy(context) for context in self]
 
 
 # -- contexts in which we send: C-GET's C-STORE sub-operations ---------------------------
@@ -201,10 +217,10 @@ def prefer_sendable(event: Event) -> None:
     """EVT_REQUESTED: put the uncompressed syntaxes first in this association's storage
     contexts where :func:`needs_sendable_first` says so.
 
-    The association's supported contexts are its own copy (pynetdicom copies the
-    server's for each association), so reordering them changes only this negotiation.
-    Only public pynetdicom API: the request's contexts and role items, the acceptor's
-    supported contexts.
+    The association's supported contexts are its own copies (pynetdicom copies the
+    server's for each association, :class:`CheapCopyContexts`), and each reordered one
+    gets a new list, so this changes only this negotiation.  Only public pynetdicom
+    API: the request's contexts and role items, the acceptor's supported contexts.
     """
     assoc = event.assoc
     roles = assoc.requestor.role_selection
@@ -217,5 +233,5 @@ def prefer_sendable(event: Event) -> None:
         assoc.requestor.requested_contexts, roles,
         {uid: cx.transfer_syntax for uid, cx in ours.items()})
     for uid in classes:
-        syntaxes = ours[uid].transfer_syntax
-        syntaxes[:] = sendable_first(syntaxes)
+        reordered: list[str | bytes | UID] = list(sendable_first(ours[uid].transfer_syntax))
+        ours[uid].transfer_syntax = reordered

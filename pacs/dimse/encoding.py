@@ -122,7 +122,7 @@ def _encode_elements(elements: Iterable[tuple[int, str, Any]], codec: str,
         for tag, vr, value in elements)
 
 
-def _sequence_bytes(items: list | None, codec: str, implicit: bool) -> bytes:
+def _sequence_bytes(items: list[Any] | None, codec: str, implicit: bool) -> bytes:
     """Items of defined length (PS3.5 7.5): (FFFE,E000), length, the item's elements."""
     encoded = []
     for item in items or []:

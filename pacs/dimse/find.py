@@ -19,7 +19,7 @@ C000    the identifier cannot be decoded or processed
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from io import BytesIO
 from typing import TYPE_CHECKING
 
@@ -82,7 +82,7 @@ def decode_identifier(request: Request) -> Dataset:
 
 
 def find_responses(request: Request, services: Services,
-                   cancelled: Callable[[], bool]) -> Iterator[Response]:
+                   cancelled: Callable[[], bool]) -> Generator[Response, None, None]:
     """The responses to one C-FIND request, the final one last.
 
     The query's time limit (PACS_QUERY_TIME_LIMIT) counts the reading and encoding of
@@ -118,7 +118,7 @@ def find_responses(request: Request, services: Services,
         log.warning("C-FIND from %s refused: %s", request.calling_ae_title, exc)
         yield status_for(FIND_STATUS, exc), None
         return
-    except Exception as exc:  # noqa: BLE001 - a bug must not leave the peer without an answer
+    except Exception as exc:
         log.exception("C-FIND from %s failed unexpectedly", request.calling_ae_title)
         yield status_for(FIND_STATUS, exc), None
         return

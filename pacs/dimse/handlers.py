@@ -26,20 +26,29 @@ import socket
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse import contexts, find, limits, retrieve, storage
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
 from pacs.dimse.sender import log_failure, object_file, route
-from pacs.dimse.status import CANCEL, PENDING, RETRIEVE_STATUS, SUCCESS, Status, status_for
+from pacs.dimse.status import (
+    CANCEL,
+    INVALID_SOP_INSTANCE,
+    PENDING,
+    RETRIEVE_STATUS,
+    SUCCESS,
+    Status,
+    status_for,
+)
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -87,7 +96,7 @@ def handle_store(event: Event, services: Services) -> Dataset:
     limit decides the status (A700) but, without the seam, cannot keep the node from
     holding the object while it arrives.
     """
-    request = event.request
+    request = cast(C_STORE, event.request)
     data = request.DataSet.getvalue() if request.DataSet is not None else b""
     status = storage.store(services, storage.StoreRequest(
         sop_class_uid=str(request.AffectedSOPClassUID or ""),
@@ -204,6 +213,31 @@ class RefusedBeforeSubOperations(Exception):
         super().__init__(f"refused with {status.code:04X} ({status.meaning}): "
                          f"{status.comment or ''}")
         self.status = status
+
+
+def answer_invalid_store(event: Event) -> None:
+    """EVT_DIMSE_RECV: answer a C-STORE request pynetdicom would drop.
+
+    pynetdicom ignores a C-STORE-RQ that lacks a required command field (an empty
+    Affected SOP Instance UID, say): no response and no abort, so the sender waits for
+    its DIMSE timeout, forever with dcmtk's defaults.  It gets 0117 (Invalid SOP
+    Instance, PS3.7 C.5) here instead.  (The seam answers it in
+    :func:`pacs.dimse.seam.services.answer_invalid_store`.)
+    """
+    message = event.message
+    if not isinstance(message, C_STORE_RQ):
+        return
+    request = cast(C_STORE, message.message_to_primitive())
+    if request.is_valid_request or request.MessageID is None:
+        return
+    status = INVALID_SOP_INSTANCE.with_comment(
+        "the command's Affected SOP Instance UID is missing or invalid")
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = request.MessageID
+    response.AffectedSOPClassUID = request.AffectedSOPClassUID
+    response.Status = status.code
+    response.ErrorComment = status.comment  # type: ignore[assignment]
+    event.assoc.dimse.send_msg(response, int(message.context_id or 0))
 
 
 def drop_final_remaining(event: Event) -> None:
@@ -324,5 +358,6 @@ def bind(services: Services, seam: bool = True) -> list[tuple[Any, ...]]:
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
     ]
     if not seam:
-        bound.append((evt.EVT_DIMSE_SENT, drop_final_remaining))
+        bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
+                  (evt.EVT_DIMSE_RECV, answer_invalid_store)]
     return bound

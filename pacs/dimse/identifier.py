@@ -169,7 +169,7 @@ def sequence_constraint(attribute: Attribute, element: DataElement,
 def _decoded(element: DataElement) -> str:
     try:
         return raw_value(element)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever pydicom raises is a bad identifier
         raise InvalidQuery(f"the value of {element.keyword or element.tag} does not decode") \
             from None
 

@@ -18,6 +18,7 @@ path and acceptor, :class:`pacs.dimse.server.NodeServer` to its connections.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import select
 import socket
@@ -81,7 +82,7 @@ def unlimited_pdata(max_object_bytes: int) -> int:
     return min(UNLIMITED, max_object_bytes + PDU_OVERHEAD)
 
 
-def receive(sock: socket.socket, count: int, prefix: bytes = b"",
+def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
             deadline: float | None = None, wait: bool = False) -> bytearray | bytes:
     """``prefix`` followed by the next ``count`` bytes of ``sock``.
 
@@ -148,11 +149,9 @@ def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:
     (SO_RCVTIMEO; EAGAIN, an OSError).  ``None`` or 0 removes the bound."""
     seconds = seconds if seconds and seconds > 0 else 0.0
     whole = int(seconds)
-    try:
+    with contextlib.suppress(OSError):  # already closed: nothing to bound
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                         struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
-    except OSError:
-        pass  # already closed: nothing to bound
 
 
 def bound_sends(sock: Any, seconds: float | None) -> None:
@@ -184,7 +183,7 @@ class CappedBuffer(io.BytesIO):
         self.received = 0
         self.overflowed = False
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         size = len(data)
         self.received += size
         if self.received <= self.limit:
@@ -208,7 +207,7 @@ class CappedCommand(io.BytesIO):
         super().__init__()
         self.limit = limit
 
-    def write(self, data: Any) -> int:  # type: ignore[override]
+    def write(self, data: Any) -> int:
         if self.tell() + len(data) > self.limit:
             raise CommandTooLarge(f"a command set longer than {self.limit} bytes")
         return super().write(data)

@@ -8,6 +8,7 @@ client, opened after the fork.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -52,7 +53,7 @@ def make_ae(settings: Settings) -> AE:
     # Not ``ae.supported_contexts = ...``: that setter drops the SCU/SCP role flags,
     # and without them a C-GET requestor's SCP role proposal is refused (PS3.7 D.3.3.4).
     for context in contexts.scp_contexts():
-        ae.add_supported_context(context.abstract_syntax, context.transfer_syntax,
+        ae.add_supported_context(str(context.abstract_syntax), context.transfer_syntax,
                                  scu_role=context.scu_role, scp_role=context.scp_role)
     return ae
 
@@ -76,13 +77,12 @@ class NodeServer(ThreadedAssociationServer):
     processes), the server accepts from that already listening, non-blocking socket
     instead of binding its own; a connection another worker took first is skipped.
 
-    With ``limits`` (the seam runs, :func:`start`), connections that have not sent
-    their A-ASSOCIATE-RQ are held apart and the oldest beyond PACS_MAX_PENDING_CONNECTIONS
-    closed (:meth:`process_request`), and associations are admitted by the seam once
-    their request has arrived (:mod:`pacs.dimse.seam.reactor`).  Without the seam,
-    pynetdicom's own count (``ae.maximum_associations``, every connection) admits them.
-    Reads of an accepted socket are bounded by ``receive_timeout`` (ARTIM until the
-    request arrives, then the network timeout), sends by the DIMSE timeout.
+    With ``limits`` (:func:`start`), connections that have not sent their
+    A-ASSOCIATE-RQ are held apart and the oldest beyond PACS_MAX_PENDING_CONNECTIONS
+    closed (:meth:`process_request`), and associations are admitted once their request
+    has arrived (:func:`_admit`).  Reads of an accepted socket are bounded by
+    ``receive_timeout`` (ARTIM until the request arrives, then the network timeout),
+    sends by the DIMSE timeout.
     """
 
     #: The seam serves this server's associations (:func:`pacs.dimse.seam.install`).
@@ -98,7 +98,8 @@ class NodeServer(ThreadedAssociationServer):
         if self.shared_socket is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self.shared_socket
         self.server_address = self.socket.getsockname()
 
@@ -116,7 +117,7 @@ class NodeServer(ThreadedAssociationServer):
         """Close our handle; a shared socket must not be shut down for the others."""
         if self.shared_socket is None:
             super().server_close()
-        else:
+        elif self.socket is not None:
             self.socket.close()
 
     #: Monotonic time of the last full collection (see :meth:`service_actions`).
@@ -178,10 +179,8 @@ class NodeServer(ThreadedAssociationServer):
 def _close_pending(sock: socket.socket) -> None:
     """End a pending connection.  Shut down, not closed: its DUL thread still selects
     on the descriptor, sees the end of the stream and closes it (AA-5)."""
-    try:
+    with contextlib.suppress(OSError):  # closed meanwhile
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # closed meanwhile
 
 
 def _holds_its_place(assoc: Any) -> bool:
@@ -203,6 +202,44 @@ def _start_artim(event: Any, seconds: float) -> None:
     event.assoc.acse_timeout = seconds
 
 
+#: A-ASSOCIATE-RJ when the node is full (PS3.8 9.3.4): rejected-transient, by the
+#: service provider (presentation related), local-limit-exceeded.
+REJECT_FULL = (0x02, 0x03, 0x02)
+
+
+def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
+    """EVT_REQUESTED: admit the association by the node's limits, or reject it.
+
+    pynetdicom counts every acceptor thread against ``ae.maximum_associations``,
+    connections that never sent an A-ASSOCIATE-RQ included, so a few idle sockets
+    locked out every real peer.  The node sets that count out of reach
+    (:data:`UNCOUNTED`) and admits an association here instead, once its request has
+    arrived (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and per source
+    address).  A refusal is an A-ASSOCIATE-RJ (:data:`REJECT_FULL`) sent from this
+    handler, which pynetdicom allows (it negotiates only a request this event neither
+    rejected nor aborted); ``kill`` waits for the DUL to write it before the connection
+    closes.  An admitted connection's reads are bounded by the network timeout from now
+    on, instead of ARTIM.
+    """
+    assoc = event.assoc
+    sock = assoc.dul.socket
+    raw = sock.socket if sock is not None else None
+    try:
+        host = str(assoc.requestor.address)
+    except Exception:  # noqa: BLE001 - no address information
+        host = "?"
+    refusal = connection_limits.admit(assoc, raw, host)
+    if refusal is not None:
+        calling = getattr(assoc.requestor.primitive, "calling_ae_title", "")
+        log.warning("Rejecting the association from %s (%s): %s", host, calling, refusal)
+        assoc.acse.send_reject(*REJECT_FULL)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+        return
+    if raw is not None:
+        limits.set_receive_timeout(raw, assoc.network_timeout)
+
+
 def start(services: Services, address: tuple[str, int] | None = None,
           shared_socket: socket.socket | None = None) -> NodeServer:
     """Start a non-blocking SCP in this process; stop it with ``shutdown()``.
@@ -219,27 +256,26 @@ def start(services: Services, address: tuple[str, int] | None = None,
     settings = services.settings
     patched = seam.install(settings.dimse_seam)
     address = address or (settings.bind_address, settings.dimse_port)
-    attributes: dict[str, Any] = {"shared_socket": shared_socket, "uses_seam": patched,
-                                  "receive_timeout": settings.dimse_timeout}
+    connection_limits = ConnectionLimits(
+        settings.max_associations, settings.max_associations_per_host,
+        settings.max_pending_connections, settings.max_object_bytes,
+        alive=_holds_its_place)
+    server_class = type("BoundNodeServer", (NodeServer,), {
+        "shared_socket": shared_socket, "uses_seam": patched, "limits": connection_limits,
+        "receive_timeout": settings.artim_timeout})
     ae = make_ae(settings)
-    if patched:
-        # Associations are admitted by the limits once their request has arrived
-        # (pacs.dimse.seam.reactor); pynetdicom's own count, of every acceptor thread
-        # including connections that sent nothing yet, must never refuse first.
-        ae.maximum_associations = UNCOUNTED
-        attributes["limits"] = ConnectionLimits(
-            settings.max_associations, settings.max_associations_per_host,
-            settings.max_pending_connections, settings.max_object_bytes,
-            alive=_holds_its_place)
-        attributes["receive_timeout"] = settings.artim_timeout
-    server_class = type("BoundNodeServer", (NodeServer,), attributes)
+    # Associations are admitted by the limits once their request has arrived (_admit);
+    # pynetdicom's own count, of every acceptor thread including connections that sent
+    # nothing yet, must never refuse first.
+    ae.maximum_associations = UNCOUNTED
     evt_handlers = [*handlers.bind(services, seam=patched),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
+                    (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]
     server = ae.make_server(address, evt_handlers=evt_handlers,
-                            contexts=seam.server_contexts(ae.supported_contexts, patched),
+                            contexts=contexts.CheapCopyContexts(ae.supported_contexts),
                             server_class=server_class)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name="pacs-dimse-acceptor",
@@ -250,13 +286,18 @@ def start(services: Services, address: tuple[str, int] | None = None,
 
 def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     """Stop accepting, close the connections that have sent no A-ASSOCIATE-RQ, let
-    running associations finish, then abort the rest."""
+    established associations finish, then abort the rest.
+
+    A closed pending connection's thread may go on waiting for its request until ARTIM
+    (pynetdicom's own wait, without the seam): it holds nothing and is not waited for.
+    """
     server.shutdown()
     if server.limits is not None:
         for sock in server.limits.drop_pending():
             _close_pending(sock)
     deadline = time.monotonic() + drain
-    while server.active_associations and time.monotonic() < deadline:
+    while (any(assoc.is_established for assoc in server.active_associations)
+           and time.monotonic() < deadline):
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()

@@ -87,7 +87,7 @@ def store(services: Services, request: StoreRequest) -> Status:
     except PacsError as exc:
         log.error("C-STORE from %s failed: %s", calling, exc)
         return status_for(STORE_STATUS, exc)
-    except Exception as exc:  # noqa: BLE001 - a bug must not take the association down
+    except Exception as exc:
         log.exception("C-STORE from %s failed unexpectedly", calling)
         return status_for(STORE_STATUS, exc)
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,

@@ -34,7 +34,7 @@ from tests.interop.conftest import (
     sha256,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 #: A patient name that must never reach the server log.
 SECRET_NAME = "Interop^Secretpatient"

@@ -28,7 +28,7 @@ from tests.interop.conftest import (
     temporaries,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 #: Instances generated; the node is killed after KILL_AFTER acknowledgements.
 INSTANCES = 300

@@ -19,7 +19,7 @@ from tests.conftest import free_port, wait_for_port
 from tests.factory import make_instance
 from tests.interop.conftest import AE_TITLE, DCMTK_ENV, Node, dcmtk, run_dcmtk
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 CHARSET_DIR = Path(pydicom.__file__).parent / "data" / "charset_files"
 #: One file per object (the *Multi / ExplicitIR6 variants repeat a SOP Instance UID).

@@ -36,7 +36,7 @@ from tests.interop.conftest import (
     run_dcmtk,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 #: The study: pydicom test files, each stored in its own transfer syntax.
 FILES = ("SC_rgb_jpeg_dcmtk.dcm",           # Secondary Capture, JPEG Baseline

@@ -32,7 +32,7 @@ from tests.interop.conftest import (
     run_dcmtk,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 STORESCP_AET = "STORESCP"
 #: Compressed test files (each its own SOP Instance), stored as sent.

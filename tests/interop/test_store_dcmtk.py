@@ -39,7 +39,7 @@ from tests.interop.conftest import (
     sha256,
 )
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
 #: The README's quickstart line, run with the test node's port.
 QUICKSTART = "dcmsend -v localhost 32773 -aec INTELPIXEL -aet ASTER +r +sd -nh test.dcm"
@@ -159,7 +159,7 @@ def _candidates() -> list[Candidate]:
                 candidate.study_uid = str(ds.get("StudyInstanceUID", "")).strip("\0 ")
                 candidate.series_uid = str(ds.get("SeriesInstanceUID", "")).strip("\0 ")
                 candidate.frames = int(ds.get("NumberOfFrames", 1) or 1)
-            except Exception:  # noqa: BLE001, S110 - pydicom cannot read it: dcmtk will judge
+            except Exception:  # noqa: BLE001 - pydicom cannot read it: dcmtk will judge
                 pass
             found.append(candidate)
     return found

@@ -17,6 +17,8 @@ from pynetdicom.sop_class import (
 from tests.factory import make_instance
 from tests.service.conftest import RunningNode
 
+pytestmark = pytest.mark.dimse
+
 
 @pytest.fixture
 def loaded(node: RunningNode) -> RunningNode:
@@ -131,8 +133,8 @@ def test_relational_query_when_negotiated(loaded: RunningNode, associate) -> Non
 
 
 def test_row_cap_refuses_with_a700(settings, memory_store) -> None:
-    from pacs.dimse.server import start, stop
     from pacs.core.services import build
+    from pacs.dimse.server import start, stop
     from tests.conftest import free_port
 
     services = build(settings.with_overrides(query_max_rows=2), store=memory_store)

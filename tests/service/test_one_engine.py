@@ -23,6 +23,8 @@ from pacs.dimse import server
 from tests.conftest import free_port
 from tests.service.sample_studies import OT_CLASS, Archive, load
 
+pytestmark = pytest.mark.dimse
+
 #: Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2).
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 

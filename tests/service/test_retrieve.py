@@ -48,6 +48,8 @@ from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import SEAM, free_port, sample
 from tests.factory import make_instance
 
+pytestmark = pytest.mark.dimse
+
 NODE_AET = "INTELPIXEL"
 REQUESTOR_AET = "RETRIEVER"
 

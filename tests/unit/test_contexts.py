@@ -26,7 +26,9 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.dimse import contexts
-from pacs.dimse.seam import CheapCopyContexts
+from pacs.dimse.contexts import CheapCopyContexts
+
+pytestmark = pytest.mark.dimse
 
 ORDER = contexts.STORAGE_TRANSFER_SYNTAXES
 ELE, ILE = ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -113,7 +115,7 @@ def test_negotiation_c_get_requestor_and_storage_peer() -> None:
 
 def test_handler_reorders_only_this_associations_copy() -> None:
     """The server's contexts are untouched: each association reorders its own copy
-    (pacs.dimse.seam.CheapCopyContexts, what pynetdicom's server deep-copies)."""
+    (pacs.dimse.contexts.CheapCopyContexts, what pynetdicom's server deep-copies)."""
     template = CheapCopyContexts(contexts.scp_contexts())
     ct = next(cx for cx in template if cx.abstract_syntax == CTImageStorage)
     before = list(ct.transfer_syntax)

@@ -23,6 +23,8 @@ from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
 from pacs.dimse.status import Status
 from tests.factory import make_instance
 
+pytestmark = pytest.mark.dimse
+
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"

@@ -12,6 +12,8 @@ from pynetdicom.dsutils import decode
 
 from pacs.dimse.encoding import MAX_SHORT_LENGTH, encode_identifier
 
+pytestmark = pytest.mark.dimse
+
 STUDY_UID = "1.2.826.0.1.3680043.10.543.70"
 LONG_NAME = "LONGNAME" * 4000 + "^" + "GIVEN" * 3000  # 47 001 characters
 

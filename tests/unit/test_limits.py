@@ -15,6 +15,8 @@ from pydicom.filereader import read_dataset
 
 from pacs.dimse import limits
 
+pytestmark = pytest.mark.dimse
+
 # --- PDU ceilings -------------------------------------------------------------------------
 
 

@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
+from pacs.core.attributes import Level
 from pacs.core.errors import Cancelled
 from pacs.core.query.model import InstanceRef, Query
-from pacs.core.attributes import Level
 from pacs.dimse import retrieve
 from pacs.dimse.connection import Request
 from pacs.dimse.status import Status
+
+pytestmark = pytest.mark.dimse
 
 
 def _ref(number: int) -> InstanceRef:
@@ -121,5 +123,5 @@ def test_a_cancel_seen_while_the_references_are_read_sends_nothing(
 
     log = _run(monkeypatch, rows(), 5)
     assert log.steps == []
-    status, counts = log.responses[-1]
+    _, counts = log.responses[-1]
     assert counts.completed == 0

@@ -12,6 +12,8 @@ import pytest
 from pacs.dimse import limits
 from pacs.dimse.seam import wire
 
+pytestmark = pytest.mark.dimse
+
 
 class _Assoc:
     """What the writers use of a pynetdicom association, over one end of a socket pair."""

@@ -12,11 +12,11 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
   classes replaced for a node's associations by adapters that run the plain DIMSE
   logic (:mod:`pacs.dimse.find`, :mod:`pacs.dimse.retrieve`, :mod:`pacs.dimse.storage`)
   over those sockets;
-* this module: the version gate, :func:`install`, pynetdicom's configuration switches
-  and the server's cheap copy of the presentation contexts.
+* this module: the version gate, :func:`install` and pynetdicom's configuration
+  switches.
 
-The interface for the rest of :mod:`pacs.dimse` is :func:`install`,
-:func:`server_contexts` and :data:`SUPPORTED_VERSIONS`.  With PACS_DIMSE_SEAM=off, or a
+The interface for the rest of :mod:`pacs.dimse` is :func:`install` and
+:data:`SUPPORTED_VERSIONS`.  With PACS_DIMSE_SEAM=off, or a
 pynetdicom version not in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is replaced:
 pynetdicom's own service classes call the event handlers of :mod:`pacs.dimse.handlers`,
 which run the same logic (slower, same answers; see that module for what pynetdicom's
@@ -25,14 +25,11 @@ own loops do differently).
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
-from typing import Any
 
 import pynetdicom
 from pynetdicom import _config
-from pynetdicom.presentation import PresentationContext
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.services as services
@@ -100,28 +97,3 @@ def _configure() -> None:
             setattr(_config, name, value)
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-class CheapCopyContexts(list):  # type: ignore[type-arg]
-    """The server's presentation contexts, copied cheaply for each association.
-
-    pynetdicom deep-copies the acceptor's contexts for every association (negotiation
-    writes into them); with every storage class in every transfer syntax that took
-    ~50 ms per association.  A context holds immutable UIDs, flags and one list, so a
-    shallow copy with its own list is the same as a deep one, at 1/30 of the cost.
-    """
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        copies = []
-        for context in self:
-            fresh = copy.copy(context)
-            fresh._transfer_syntax = list(context._transfer_syntax)
-            copies.append(fresh)
-        return copies
-
-
-def server_contexts(contexts: list[PresentationContext], seam: bool) -> list[
-        PresentationContext]:
-    """The contexts to give the association server: cheap to copy with the seam,
-    pynetdicom's deep copy without it."""
-    return CheapCopyContexts(contexts) if seam else list(contexts)

@@ -32,16 +32,13 @@ is work:
   (capped), so the network timeout still fires.  While it waits it counts as paused,
   so ``send_c_*``/``release()`` from another thread need not wait for it.
 
-The receive path and the acceptor are bounded against hostile peers
-(:mod:`pacs.dimse.limits`):
+The receive path is bounded against hostile peers (:mod:`pacs.dimse.limits`):
 
 * a PDU's declared length is checked against its type's ceiling before any of its body
   is read (:func:`_read_pdu_data`; P-DATA-TF: the Maximum Length this side announced,
   PS3.8 D.1), and buffers grow with the bytes that arrive (:func:`_socket_recv`);
 * DIMSE message buffers are capped: the command set, and on a node's association the
-  data set at PACS_MAX_OBJECT_BYTES (:func:`_receive_primitive`);
-* a node's server admits associations itself, once their A-ASSOCIATE-RQ has arrived,
-  per worker and per source address (:func:`_negotiate_as_acceptor`).
+  data set at PACS_MAX_OBJECT_BYTES (:func:`_receive_primitive`).
 
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
@@ -52,6 +49,7 @@ other version keeps pynetdicom's polling loops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -62,10 +60,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
@@ -95,7 +92,7 @@ class _Waker:
     write into a descriptor number the process has reused meanwhile.
     """
 
-    __slots__ = ("fd", "_write_fd", "_lock")
+    __slots__ = ("_lock", "_write_fd", "fd")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,16 +134,14 @@ class _Waker:
             fds = {self.fd, self._write_fd} - {-1}
             self.fd = self._write_fd = -1
         for fd in fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def __del__(self) -> None:
         self.close()
 
 
-class _WakingQueue(queue.Queue):
+class _WakingQueue(queue.Queue[Any]):
     """A queue that wakes the DUL thread whenever something is put on it."""
 
     def __init__(self, waker: _Waker) -> None:
@@ -160,32 +155,48 @@ class _WakingQueue(queue.Queue):
 
 # -- the DUL thread ---------------------------------------------------------------------
 
+class _DUL(DULServiceProvider):
+    """A DUL as :func:`_dul_init_patched` leaves it (for the type checker only: the
+    patched functions below take pynetdicom's own instances)."""
+
+    _waker: _Waker
+    #: Set when the association thread has something to look at.
+    _assoc_wake: threading.Event
+    #: While true, the socket's incoming side belongs to another thread
+    #: (:func:`socket_lent`); the lock covers the DUL's own reads.
+    _socket_lent: bool
+    _reader_lock: threading.Lock
+    #: Largest length a received PDU may declare, per PDU type (:func:`_read_pdu_data`);
+    #: set at the first read, once the local Maximum Length is known.
+    _ceilings: tuple[int, ...] | None
+
+
+def _dul(assoc: Association) -> _DUL:
+    """``assoc``'s DUL, patched."""
+    return cast(_DUL, assoc.dul)
+
+
 _dul_init = DULServiceProvider.__init__
 _dul_kill = DULServiceProvider.kill_dul
 
 
-def _dul_init_patched(self: DULServiceProvider, assoc: Association) -> None:
+def _dul_init_patched(self: _DUL, assoc: Association) -> None:
     _dul_init(self, assoc)
     self._waker = _Waker()
-    #: Set when the association thread has something to look at.
     self._assoc_wake = threading.Event()
     self.event_queue = _WakingQueue(self._waker)
     self.to_provider_queue = _WakingQueue(self._waker)
-    #: While true, the socket's incoming side belongs to another thread
-    #: (:func:`socket_lent`); the lock covers the DUL's own reads.
     self._socket_lent = False
     self._reader_lock = threading.Lock()
-    #: Largest length a received PDU may declare, per PDU type (:func:`_read_pdu_data`);
-    #: set at the first read, once the local Maximum Length is known.
-    self._ceilings: tuple[int, ...] | None = None
+    self._ceilings = None
 
 
-def _kill_dul_patched(self: DULServiceProvider) -> None:
+def _kill_dul_patched(self: _DUL) -> None:
     _dul_kill(self)
     self._waker.wake()
 
 
-def _stop_dul_patched(self: DULServiceProvider) -> bool:
+def _stop_dul_patched(self: _DUL) -> bool:
     """pynetdicom's ``stop_dul``, waking the reactor instead of waiting for its poll."""
     if self.state_machine.current_state == "Sta1":
         self._kill_thread = True
@@ -196,7 +207,7 @@ def _stop_dul_patched(self: DULServiceProvider) -> bool:
     return False
 
 
-def _wait_for_work(self: DULServiceProvider) -> None:
+def _wait_for_work(self: _DUL) -> None:
     """Block until the socket is readable, something is queued, or a timer is due."""
     timeout = MAX_WAIT
     artim = self.artim_timer
@@ -211,7 +222,7 @@ def _wait_for_work(self: DULServiceProvider) -> None:
             return
         try:
             if raw.fileno() >= 0:
-                fds.append(raw)  # type: ignore[arg-type]
+                fds.append(raw)
         except OSError:
             pass
     try:
@@ -222,7 +233,7 @@ def _wait_for_work(self: DULServiceProvider) -> None:
     self._waker.drain()
 
 
-def _read_transport(self: DULServiceProvider) -> bool:
+def _read_transport(self: _DUL) -> bool:
     """pynetdicom's ``_is_transport_event`` unless the socket is lent out."""
     with self._reader_lock:
         if self._socket_lent:
@@ -244,7 +255,7 @@ def socket_lent(assoc: Association) -> Iterator[bool]:
     Yields False, and lends nothing, when the patched reactor is not installed; the
     caller then takes responses from the DIMSE queue as pynetdicom delivers them.
     """
-    dul = assoc.dul
+    dul = _dul(assoc)
     lock = getattr(dul, "_reader_lock", None)
     if lock is None:
         yield False
@@ -262,13 +273,13 @@ def socket_lent(assoc: Association) -> Iterator[bool]:
 def give_back(assoc: Association) -> None:
     """End a :func:`socket_lent` early, before aborting the association: pynetdicom's
     ``abort()`` waits for the DUL to see the connection close, which it must read."""
-    dul = assoc.dul
+    dul = _dul(assoc)
     if getattr(dul, "_socket_lent", False):
         dul._socket_lent = False
         dul._waker.wake()
 
 
-def _dul_run_reactor(self: DULServiceProvider) -> None:
+def _dul_run_reactor(self: _DUL) -> None:
     """``DULServiceProvider.run_reactor`` with the idle sleep replaced by a blocking wait.
 
     The checks and their order are pynetdicom 3.0's.
@@ -288,7 +299,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                     pass
                 elif _read_transport(self):
                     self._idle_timer.restart()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - pynetdicom's: any error aborts
                 _dul_log.error("Exception in DUL.run(), aborting association")
                 _dul_log.exception(exc)
                 abort_pdu = A_ABORT_RQ()
@@ -333,7 +344,7 @@ def _assoc_run_reactor(self: Association) -> None:
 
     The checks and their order are pynetdicom 3.0's.
     """
-    wake: threading.Event = self.dul._assoc_wake
+    wake: threading.Event = _dul(self)._assoc_wake
     self._is_paused = False
     idle = False
     while not self._kill:
@@ -347,8 +358,8 @@ def _assoc_run_reactor(self: Association) -> None:
                 timeout = max(0.0, min(timeout, idle_timer.remaining))
             wake.wait(timeout)
             wake.clear()
-            if self._kill:
-                break
+            if self._kill:  # set by another thread meanwhile
+                break  # type: ignore[unreachable]
         idle = True
 
         self._is_paused = True
@@ -412,7 +423,7 @@ def _quickack(raw: Any) -> None:
     TCP_NODELAY=1) holds back the data set PDU of a request until the command PDU is
     acknowledged, and delayed ACKs make that ~40 ms per request.
     """
-    try:
+    try:  # noqa: SIM105 - once per PDU: cheaper than contextlib.suppress
         raw.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
     except (OSError, AttributeError):
         pass
@@ -450,24 +461,24 @@ def _node_limits(assoc: Association) -> limits.ConnectionLimits | None:
     return found if isinstance(found, limits.ConnectionLimits) else None
 
 
-def _ceilings_for(dul: DULServiceProvider) -> tuple[int, ...]:
+def _ceilings_for(dul: _DUL) -> tuple[int, ...]:
     """The PDU ceilings of ``dul``'s association, computed at its first read."""
     assoc = dul.assoc
     node = _node_limits(assoc)
     unlimited = limits.unlimited_pdata(node.max_object_bytes) if node else limits.UNLIMITED
-    dul._ceilings = limits.pdu_ceilings(_local_maximum_length(assoc), unlimited)
-    return dul._ceilings
+    ceilings = dul._ceilings = limits.pdu_ceilings(_local_maximum_length(assoc), unlimited)
+    return ceilings
 
 
 def _remote_address(assoc: Association) -> str:
     remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     try:
         return str(remote.address)
-    except Exception:  # no address information yet
+    except Exception:  # noqa: BLE001 - no address information yet
         return "?"
 
 
-def _read_pdu_data(self: DULServiceProvider) -> None:
+def _read_pdu_data(self: _DUL) -> None:
     """``DULServiceProvider._read_pdu_data`` that checks a PDU's declared length first.
 
     pynetdicom reads the 6-byte header, then as many bytes as its length field says into
@@ -517,7 +528,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     try:
         pdu, event = self._decode_pdu(data)  # type: ignore[arg-type]
         self.event_queue.put(event)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pynetdicom's: an undecodable PDU is Evt19
         _dul_log.error("Unable to decode the received PDU data")
         _dul_log.exception(exc)
         self.event_queue.put("Evt19")
@@ -529,7 +540,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
 _ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
 
 
-def _refuse_pdu(self: DULServiceProvider, raw: socket.socket, pdu_type: int, length: int,
+def _refuse_pdu(self: _DUL, raw: socket.socket, pdu_type: int, length: int,
                 ceiling: int) -> None:
     """Answer a PDU longer than allowed: A-ABORT (service provider, invalid PDU
     parameter value, PS3.8 9.3.8), then close the connection.
@@ -585,52 +596,6 @@ def _receive_pdu(self: DULServiceProvider, wait: bool = False,
             return _ORIGINAL_RECEIVE_PDU(self, False, None)
 
 
-# -- the acceptor: admission ------------------------------------------------------------
-
-_ORIGINAL_NEGOTIATE = ACSE._negotiate_as_acceptor
-
-#: A-ASSOCIATE-RJ when the node is full (PS3.8 9.3.4): rejected-transient, by the
-#: service provider (presentation related), local-limit-exceeded.
-REJECT_FULL = (0x02, 0x03, 0x02)
-
-
-def _negotiate_as_acceptor(self: ACSE) -> None:
-    """``ACSE._negotiate_as_acceptor`` admitting the association by the node's limits.
-
-    pynetdicom counts every acceptor thread against ``ae.maximum_associations``,
-    connections that never sent an A-ASSOCIATE-RQ included, so a few idle sockets
-    locked out every real peer.  On a node's server (:class:`pacs.dimse.server.NodeServer`
-    sets ``ae.maximum_associations`` out of reach) the association is admitted here
-    instead, when its request has arrived (:class:`pacs.dimse.limits.ConnectionLimits`:
-    per worker and per source address).  A refusal is an A-ASSOCIATE-RJ
-    (:data:`REJECT_FULL`), sent before the connection closes: ``kill`` waits for the
-    DUL to reach Sta1, which it does only once the RJ is written (AE-8, then AR-5).
-    An admitted connection's reads are bounded by the network timeout from now on,
-    instead of ARTIM.  Everything else is pynetdicom's negotiation.
-    """
-    assoc = self.assoc
-    node = _node_limits(assoc)
-    if node is None:
-        _ORIGINAL_NEGOTIATE(self)
-        return
-    sock = assoc.dul.socket
-    raw = sock.socket if sock is not None else None
-    host = _remote_address(assoc)
-    refusal = node.admit(assoc, raw, host)
-    if refusal is not None:
-        primitive = self.requestor.primitive
-        calling = getattr(primitive, "calling_ae_title", "") if primitive else ""
-        _assoc_log.warning("Rejecting the association from %s (%s): %s", host,
-                           calling, refusal)
-        self.send_reject(*REJECT_FULL)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
-        return
-    if raw is not None:
-        limits.set_receive_timeout(raw, assoc.network_timeout)
-    _ORIGINAL_NEGOTIATE(self)
-
-
 # -- DIMSE messages: bounded buffers --------------------------------------------------------
 
 _ORIGINAL_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
@@ -653,7 +618,8 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
         limit = self.__dict__.get("_object_limit")
         if limit is None:
             node = _node_limits(self.assoc)
-            limit = self._object_limit = node.max_object_bytes if node else 0
+            limit = node.max_object_bytes if node else 0
+            self._object_limit = limit  # type: ignore[attr-defined]  # cached per provider
         if limit > 0:
             message.data_set = limits.CappedBuffer(limit)
     try:
@@ -674,14 +640,13 @@ def patch() -> None:
     Associations created afterwards use the blocking reactors (client associations of
     this process too).
     """
-    DULServiceProvider.__init__ = _dul_init_patched  # type: ignore[method-assign]
-    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
-    DULServiceProvider.kill_dul = _kill_dul_patched  # type: ignore[method-assign]
-    DULServiceProvider.stop_dul = _stop_dul_patched  # type: ignore[method-assign]
+    DULServiceProvider.__init__ = _dul_init_patched  # type: ignore[method-assign, assignment]
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign, assignment]
+    DULServiceProvider.kill_dul = _kill_dul_patched  # type: ignore[method-assign, assignment]
+    DULServiceProvider.stop_dul = _stop_dul_patched  # type: ignore[method-assign, assignment]
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
     Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
-    AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
+    AssociationSocket.recv = _socket_recv  # type: ignore[method-assign, assignment]
     DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
-    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
-    ACSE._negotiate_as_acceptor = _negotiate_as_acceptor  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign, assignment]
     DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]

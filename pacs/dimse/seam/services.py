@@ -35,6 +35,8 @@ from pynetdicom import association, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
+import pacs.dimse.seam.reactor as reactor
+import pacs.dimse.seam.wire as wire
 from pacs.dimse import contexts, find, handlers, retrieve, storage
 from pacs.dimse.connection import (
     AcceptedContext,
@@ -44,8 +46,6 @@ from pacs.dimse.connection import (
     SubOperationCounts,
 )
 from pacs.dimse.limits import CappedBuffer
-import pacs.dimse.seam.reactor as reactor
-import pacs.dimse.seam.wire as wire
 from pacs.dimse.status import INVALID_SOP_INSTANCE, Status
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def bound_services(assoc: Association, event: evt.EventType) -> Services | None:
 class StoreServiceClass(StorageServiceClass):
     """Storage SCP answering with pre-encoded responses (see the module docstring)."""
 
-    def SCP(self, req: C_STORE, context: PresentationContext) -> None:  # noqa: N802
+    def SCP(self, req: C_STORE, context: PresentationContext) -> None:
         """Store the request's data set, then send the C-STORE response."""
         services = bound_services(self.assoc, evt.EVT_C_STORE)
         if services is None:  # not a seam node: pynetdicom's own flow and handlers
@@ -403,7 +403,7 @@ def patch() -> None:
         found = original(uid)
         return StoreServiceClass if found is StorageServiceClass else found
 
-    association.uid_to_service_class = uid_to_service_class  # type: ignore[assignment]
+    association.uid_to_service_class = uid_to_service_class
     serve_request = association.Association._serve_request
 
     def _serve_request(self: Association, msg: Any, context_id: int) -> None:

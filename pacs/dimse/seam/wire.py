@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
-from pacs.dimse import limits
 import pacs.dimse.seam.reactor as reactor
+from pacs.dimse import limits
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 _COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
@@ -255,7 +255,8 @@ def read_store_response(assoc: Any, message_id: int, timeout: float | None,
         fields = _command_fields(bytes(command))
         last_in_pdu = True
         if fields.get(0x00000800, NO_DATASET) != NO_DATASET:
-            for header, _, last_in_pdu in pdvs:  # a data set: not expected, dropped
+            for header, _, last_in_pdu in pdvs:  # noqa: B007 - a data set: not expected, dropped;
+                # its last PDV says whether more follows in its PDU (checked below)
                 if header & 0x01:
                     raise UnexpectedMessage("a command fragment inside a data set")
                 if header & 0x02:
@@ -275,7 +276,7 @@ def read_store_response(assoc: Any, message_id: int, timeout: float | None,
 
 
 def _pdvs(sock: Any, deadline: float | None,
-          ceilings: tuple[int, ...]) -> Iterator[tuple[int, bytes, bool]]:
+          ceilings: tuple[int, ...]) -> Iterator[tuple[int, bytes | bytearray, bool]]:
     """(message control header, fragment, last PDV of its PDU) of each PDV, PDU after
     PDU (PS3.8 9.3.5, E.2).  A PDU longer than ``ceilings`` allows for its type (the
     Maximum Length this side announced, for P-DATA-TF) is not read."""
