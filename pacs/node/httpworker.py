@@ -609,7 +609,17 @@ class Writer:
             self.pending_bytes += len(view)
 
     def send(self, data: bytes) -> int:
-        """gunicorn sends a 100 Continue with ``send``: the same as :meth:`sendall`."""
+        """:meth:`sendall`, except for gunicorn's interim ``100 Continue``.
+
+        gunicorn answers ``Expect: 100-continue`` itself when it builds the WSGI
+        environ (``gunicorn.http.wsgi.create``, with ``send``), which here is after the
+        whole body was read: the loop has answered the expectation already, before
+        reading the body (:func:`expects_continue`), or had the body without asking
+        for it.  A second, late 100 is dropped here rather than unset in gunicorn's
+        request, whose flag for it is private.
+        """
+        if data == _CONTINUE:
+            return len(data)
         self.sendall(data)
         return len(data)
 
@@ -1330,10 +1340,10 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             self._refuse(conn, _too_large(self._limits.max_body))
             return
         conn.req = req
-        expects = bool(getattr(req, "_expected_100_continue", False))
+        expects = expects_continue(req)
         if expects:
-            # Answered here, before the body is read; the application must not see it.
-            req._expected_100_continue = False
+            # Answered here, before the body is read; the application must not see it
+            # (and gunicorn's own late answer is dropped: Writer.send).
             req.headers = [(k, v) for k, v in req.headers if k != "EXPECT"]
         if length == 0:
             self._dispatch(conn)
@@ -1637,6 +1647,19 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             conn.state = State.IDLE
             conn.deadline = now + self._limits.keepalive
             self._watch(conn, selectors.EVENT_READ)
+
+
+def expects_continue(req: Request) -> bool:
+    """True when the client waits for ``100 Continue`` before sending the body.
+
+    RFC 9110 10.1.1: ``Expect: 100-continue`` (case-insensitive) on an HTTP/1.1 or
+    later request; an HTTP/1.0 request's expectation is ignored.  gunicorn's parser has
+    refused any other expectation (417); read from the parsed head's public headers.
+    """
+    version = req.version or (1, 0)
+    return tuple(version) >= (1, 1) and any(
+        name == "EXPECT" and value.strip().lower() == "100-continue"
+        for name, value in req.headers)
 
 
 def _too_large(limit: int) -> BadRequest:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gunicorn.http.message import Request
 
 from pacs.node import httpworker
 from pacs.node.httpworker import BadRequest, Budget, Chunked, Spool, Writer
@@ -185,6 +186,42 @@ def test_the_writer_keeps_what_the_socket_does_not_take() -> None:
             writer.send_some()
         assert bytes(received) == data + b"tail" and not writer.pending
         assert writer.pending_bytes == 0
+    finally:
+        left.close()
+        right.close()
+
+
+def _request(head: bytes) -> Request:
+    from gunicorn.config import Config
+    from gunicorn.http.unreader import IterUnreader
+
+    return Request(Config(), IterUnreader([head]), ("127.0.0.1", 1), 1)
+
+
+@pytest.mark.parametrize("head, expected", [
+    (b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+     b"Expect: 100-Continue\r\n\r\n", True),
+    (b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n", False),
+    # RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored.
+    (b"POST /studies HTTP/1.0\r\nHost: x\r\nContent-Length: 3\r\n"
+     b"Expect: 100-continue\r\n\r\n", False),
+])
+def test_expects_continue_reads_the_parsed_head(head: bytes, expected: bool) -> None:
+    assert httpworker.expects_continue(_request(head)) is expected
+
+
+def test_gunicorns_late_continue_is_dropped_and_other_sends_go_out() -> None:
+    """The loop answers ``Expect: 100-continue`` before the body; gunicorn's own 100,
+    sent with ``send`` once the body is read, must not reach the client."""
+    left, right = socket.socketpair()
+    try:
+        left.setblocking(False)
+        writer = Writer(left)
+        continue_line = b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert writer.send(continue_line) == len(continue_line)
+        assert writer.send(b"HTTP/1.1 200 OK\r\n\r\n") == 19
+        right.settimeout(5)
+        assert right.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
     finally:
         left.close()
         right.close()
