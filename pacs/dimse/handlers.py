@@ -7,16 +7,26 @@ and C-GET themselves and take the services from these bindings; with the seam of
 a pynetdicom version the seam was not written for) pynetdicom's own service classes
 call the handlers below, which run the same plain functions
 (:func:`pacs.dimse.storage.store`, :func:`pacs.dimse.find.find_responses`,
-:func:`pacs.dimse.retrieve.plan`, :class:`pacs.dimse.sender.Preparer`'s choice of
-context and syntax) and hand pynetdicom statuses and data sets as it documents.
+:func:`pacs.dimse.retrieve.plan` and :func:`~pacs.dimse.retrieve.count_refusal`,
+:func:`pacs.dimse.sender.route`'s choice of context and syntax) and hand pynetdicom
+statuses and data sets as it documents.  pynetdicom's own Q/R loop then sends the
+C-MOVE / C-GET sub-operations, counts them and answers.
 
-What pynetdicom's own loops do differently (slower, same answers otherwise): every
-response and sub-operation is encoded through pydicom (sub-operations decoded from the
-stored object first, then re-encoded: the same bytes for objects pydicom reads); a
-C-MOVE destination that refuses the association is answered A801 (pynetdicom's) instead
-of A702; a C-MOVE or C-GET refused before its first sub-operation (A900, A701) carries
-a Number of Failed Sub-operations of 1, and a refused C-MOVE has associated with its
-destination first (pynetdicom asks for the destination before the first status).
+What that does differently (slower; every response and sub-operation encoded through
+pydicom, the sub-operations decoded from the stored object first and encoded again: the
+same bytes for objects pydicom reads), each a limit of pynetdicom's public API:
+
+* a C-MOVE destination that refuses the association is answered A801, not A702;
+* a C-MOVE refused before its first sub-operation (A900, A701) is answered C514 (Unable
+  to process): pynetdicom takes no status before the destination, and associates with
+  it before the first one (:func:`handle_move`);
+* a C-GET refused before its first sub-operation carries a Number of Failed
+  Sub-operations of 1 (pynetdicom takes a status only after a count).
+
+Three handlers make pynetdicom's loops conformant where they are not: the requestor as
+Move Originator (:func:`handle_move`), no stale Remaining count in a final response
+(:func:`drop_final_remaining`), an answer to an invalid C-STORE request
+(:func:`answer_invalid_store`).
 """
 
 from __future__ import annotations

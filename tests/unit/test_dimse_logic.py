@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
@@ -18,13 +21,14 @@ from pacs.core import config, errors
 from pacs.core.attributes import Level
 from pacs.core.query.model import Query
 from pacs.core.services import Services
-from pacs.dimse import find, retrieve, status, storage
+from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
 from pacs.dimse.status import Status
 from tests.factory import make_instance
 
 pytestmark = pytest.mark.dimse
 
+ROOT = Path(__file__).resolve().parents[2]
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -315,3 +319,31 @@ def test_classify_and_message_ids() -> None:
     assert retrieve.classify(None) is retrieve.Outcome.FAILED
     assert [retrieve.message_id(n) for n in (0, 1, 0xFFFE, 0xFFFF)] == [1, 2, 0xFFFF, 1]
 
+
+
+# --- the seam's version gate --------------------------------------------------------------
+
+def test_another_pynetdicom_version_runs_pure_pynetdicom(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Any version but the tested ones: nothing replaced, one WARNING however many nodes
+    start."""
+    monkeypatch.setattr(seam, "_patched", False)
+    monkeypatch.setattr(seam, "_refused_version", None)
+    monkeypatch.setattr(seam.pynetdicom, "__version__", "3.1.0")
+    monkeypatch.setattr(seam.reactor, "patch", lambda: pytest.fail("the reactor was patched"))
+    monkeypatch.setattr(seam.services, "patch", lambda: pytest.fail("services were patched"))
+    with caplog.at_level(logging.WARNING, logger="pacs.dimse.seam"):
+        assert seam.install(True) is False
+        assert seam.install(True) is False
+        assert seam.install(False) is False
+    warnings = [r for r in caplog.records if "3.1.0" in r.getMessage()]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+    assert "pure pynetdicom" in warnings[0].getMessage()
+
+
+def test_the_seam_is_written_for_the_pinned_pynetdicom() -> None:
+    """setup.cfg pins exactly the versions the seam supports, and that one is installed."""
+    pins = re.findall(r"^\s*pynetdicom==([\w.]+)\s*$", (ROOT / "setup.cfg").read_text(),
+                      re.MULTILINE)
+    assert tuple(pins) == seam.SUPPORTED_VERSIONS
+    assert seam.supported() and not seam.supported("3.0.5")
