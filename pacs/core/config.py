@@ -200,6 +200,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Match person names case-sensitively (PS3.4 C.2.2.2.1 allows either).", _bool),
     Setting("PACS_LOG_LEVEL", "log_level", "INFO",
             "Log level; patient data is only logged at DEBUG.", str.upper),
+    Setting("PACS_AUDIT_LOG", "audit_log", "",
+            "Audit trail (who accessed which patient's images, PS3.15 A.5 events as JSON "
+            "lines; holds Patient IDs and queries, mode 0600): a file path; empty means "
+            "<data folder>/audit.jsonl; off turns it off."),
 )
 
 
@@ -294,6 +298,7 @@ class Settings:
     query_time_limit: float = _default("query_time_limit")
     pn_case_sensitive: bool = _default("pn_case_sensitive")
     log_level: str = _default("log_level")
+    audit_log: str = _default("audit_log")
     destinations: Mapping[str, Modality] = field(default_factory=dict)
 
     @property

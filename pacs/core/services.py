@@ -6,9 +6,11 @@ core through it; nothing reaches for a module-level singleton.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 from pacs.core.analysers import AnalyserPool
+from pacs.core.audit import AuditLog, AuditTrail, Source, audit_path, patients_in_index
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.index.connection import Index, busy_timeout_for
@@ -28,9 +30,13 @@ class Services:
     ingest: Ingest
     engine: QueryEngine
     analysers: AnalyserPool
+    #: The audit trail (``PACS_AUDIT_LOG``); off unless built by :func:`build`.
+    audit: AuditTrail = field(default_factory=lambda: AuditTrail(AuditLog(None),
+                                                                 Source("", "")))
 
     def close(self) -> None:
-        """Release index connections and store clients."""
+        """Release index connections and store clients, sync the audit trail."""
+        self.audit.close()
         self.analysers.close()
         self.index.close()
         self.store.close()
@@ -69,4 +75,13 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
     return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
-                    analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes))
+                    analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes),
+                    audit=audit_trail(settings, index))
+
+
+def audit_trail(settings: Settings, index: Index) -> AuditTrail:
+    """The audit trail of ``settings`` (:mod:`pacs.core.audit`), naming this node by its
+    AE title and customer, with the index telling the patient of each study."""
+    return AuditTrail(AuditLog(audit_path(settings.audit_log, settings.data_dir)),
+                      Source(settings.ae_title, settings.customer),
+                      partial(patients_in_index, index.connection))

@@ -1,0 +1,860 @@
+"""The audit trail: who touched which patient's images, when, and with what outcome.
+
+An audit trail is what a hospital shows an auditor (IHE ATNA, HIPAA): one event per
+DICOMweb request and per DIMSE operation that touches patient data, apart from the
+application log.  Events are the audit messages of PS3.15 A.5, written as JSON: the
+element and attribute names of the DICOM audit message schema (PS3.15 A.5.1), coded
+values as ``{"csd-code", "codeSystemName", "originalText"}`` (the schema's
+``CodedValueType``), the event codes of PS3.16 CID 400-403.
+
+=====================================  ========  =====================================
+message (PS3.15)                       EventID   written for
+=====================================  ========  =====================================
+Query (A.5.3.10)                       110112    C-FIND, QIDO-RS
+DICOM Instances Transferred (A.5.3.7)  110104    C-STORE, STOW-RS (C); C-MOVE, C-GET,
+                                                 WADO-RS instances (R)
+Begin Transferring DICOM Instances     110102    C-MOVE, C-GET, before the first
+(A.5.3.3)                                        sub-operation
+DICOM Instances Accessed (A.5.3.6)     110103    WADO-RS metadata, frames, bulk data,
+                                                 rendered and thumbnail (R)
+Security Alert (A.5.3.11)              110113    the trail itself: writing again after
+                                                 events were lost (110134 "Audit
+                                                 Recording Started")
+=====================================  ========  =====================================
+
+The file (``PACS_AUDIT_LOG``, default ``<data folder>/audit.jsonl``) is one JSON
+object per line, appended by every process of the node:
+
+- **Patient data**: the trail holds the identifiers an auditor searches by (Study
+  Instance UIDs, the Patient ID of the Patient participant object A.5 asks for) and, for
+  a query, the query as A.5.3.10 asks (ParticipantObjectQuery: the C-FIND identifier,
+  or the QIDO-RS path and query string, base64), which may name a patient.  No other
+  data-set value is written (no names besides the query's, no birth dates).  It is
+  therefore created with mode 0600 (an existing file keeps the mode its owner gave it,
+  e.g. by logrotate's ``create``) and must be protected as the index is; the
+  application log, by contrast, never holds patient data at INFO and above.
+- **Atomic lines**: each event is one ``write`` of a whole line on a descriptor opened
+  with ``O_APPEND``: the kernel appends it in one piece, so the DIMSE workers and the
+  gunicorn workers of a node never interleave their lines.  There is no buffer in the
+  process, so an event written survives a crash of the process (``kill -9``) at once.
+- **Durability**: no fsync per event (it would add a disk flush to every request);
+  a thread of each writing process calls ``fdatasync`` at most once per
+  :data:`SYNC_SECONDS` when something was written, so a power loss costs at most the
+  last second of events, as with the system's own logs.
+- **Rotation**: the file is renamed or removed by logrotate (or copied and truncated);
+  every :data:`CHECK_SECONDS` a writer compares the path's inode with that of its
+  descriptor and reopens it when they differ.  No signal is needed (gunicorn takes
+  SIGHUP for itself).
+- **Failures never stop the node**: a file that cannot be opened or written (full
+  disk, permissions, read-only file system) is logged at ERROR once, each lost event is
+  counted, and the request is answered as usual; a modality whose studies stopped
+  reaching the radiologist because the audit disk filled would be worse for patients
+  than a gap in the trail.  When writing works again, a Security Alert event records
+  the gap (how many events were lost, since when) in the trail itself, and a WARNING in
+  the application log.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two fdatasync calls of a process that writes events.
+SYNC_SECONDS = 1.0
+#: Seconds between two checks that the path still names the file being written.
+CHECK_SECONDS = 1.0
+#: A value of the ``PACS_AUDIT_LOG`` setting that turns the trail off.
+OFF = "off"
+#: The file name of the trail in the data folder when ``PACS_AUDIT_LOG`` is empty.
+DEFAULT_NAME = "audit.jsonl"
+
+Event = dict[str, Any]
+
+
+class Code(NamedTuple):
+    """A coded value (the schema's ``CodedValueType``: csd-code, codeSystemName,
+    originalText)."""
+
+    code: str
+    system: str
+    text: str
+
+    def as_json(self) -> dict[str, str]:
+        """The code as the JSON object of an event."""
+        return {"csd-code": self.code, "codeSystemName": self.system,
+                "originalText": self.text}
+
+
+# --- PS3.16 CID 400 Audit Event ID, CID 402 Audit Active Participant Role ID Code,
+# --- CID 403 Security Alert Type, CID 404 Audit Participant Object ID Type Code -------
+
+QUERY = Code("110112", "DCM", "Query")
+INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
+BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
+INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
+SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
+AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
+SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
+DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
+STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
+SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
+PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+#: Audit Source Type Code (PS3.15 A.5.2.4, RFC 3881 5.4.3): web server process tier.
+WEB_SERVER = Code("3", "DCM", "Web Server Process")
+#: Application server process tier (the DIMSE workers).
+APPLICATION_SERVER = Code("4", "DCM", "Application Server Process")
+
+#: EventActionCode values (RFC 3881 5.1.2).
+CREATE, READ, UPDATE, DELETE, EXECUTE = "C", "R", "U", "D", "E"
+
+#: EventOutcomeIndicator values (PS3.15 A.5.3, RFC 3881 5.1.4).
+SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
+
+#: NetworkAccessPointTypeCode values (RFC 3881 5.3.5).
+MACHINE_NAME, IP_ADDRESS = 1, 2
+
+#: ParticipantObjectTypeCode and ParticipantObjectTypeCodeRole values (RFC 3881 5.5.1-2).
+PERSON, SYSTEM_OBJECT = 1, 2
+PATIENT_ROLE, REPORT_ROLE = 1, 3
+
+
+def utc_now() -> str:
+    """The EventDateTime of now: UTC, ISO 8601 with microseconds and ``Z``."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- who, what --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Participant:
+    """One ActiveParticipant: a user or process taking part in the event.
+
+    Attributes
+    ----------
+    user_id :
+        UserID: an AE title, an HTTP user name, ``token`` or ``loopback``.
+    requestor :
+        UserIsRequestor: this participant asked for the event.
+    role :
+        RoleIDCode (source or destination of the data), if it has one.
+    address :
+        NetworkAccessPointID: the IP address (or host name) of the participant.
+    alternative_user_id :
+        AlternativeUserID: e.g. a TLS client certificate's subject.
+    user_name :
+        UserName.
+    """
+
+    user_id: str
+    requestor: bool
+    role: Code | None = None
+    address: str = ""
+    alternative_user_id: str = ""
+    user_name: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The ActiveParticipant element."""
+        item: dict[str, Any] = {"UserID": self.user_id, "UserIsRequestor": self.requestor}
+        if self.alternative_user_id:
+            item["AlternativeUserID"] = self.alternative_user_id
+        if self.user_name:
+            item["UserName"] = self.user_name
+        if self.role is not None:
+            item["RoleIDCode"] = self.role.as_json()
+        if self.address:
+            item["NetworkAccessPointTypeCode"] = (
+                IP_ADDRESS if _is_ip(self.address) else MACHINE_NAME)
+            item["NetworkAccessPointID"] = self.address
+        return item
+
+    def acting_as(self, role: Code | None) -> Participant:
+        """This participant in ``role``."""
+        return Participant(self.user_id, self.requestor, role, self.address,
+                           self.alternative_user_id, self.user_name)
+
+
+def _is_ip(address: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address.split("%")[0])
+        except OSError:
+            continue
+        return True
+    return False
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study taking part in the event, with its SOP classes and instance counts
+    when known (ParticipantObjectDescription, SOPClass with NumberOfInstances)."""
+
+    uid: str
+    sop_classes: Mapping[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ParticipantObjectIdentification of the study (PS3.15 A.5.3.7)."""
+        item: dict[str, Any] = {
+            "ParticipantObjectID": self.uid,
+            "ParticipantObjectTypeCode": SYSTEM_OBJECT,
+            "ParticipantObjectTypeCodeRole": REPORT_ROLE,
+            "ParticipantObjectIDTypeCode": STUDY_INSTANCE_UID.as_json(),
+        }
+        if self.sop_classes:
+            item["ParticipantObjectDescription"] = {"SOPClass": [
+                {"UID": uid, "NumberOfInstances": count}
+                for uid, count in sorted(self.sop_classes.items())]}
+        return item
+
+
+@dataclass(frozen=True)
+class Patient:
+    """The patient of the studies of an event: Patient ID, and its issuer when known."""
+
+    patient_id: str
+    issuer: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The ParticipantObjectIdentification of the patient (PS3.15 A.5.3.7): the ID
+        in HL7 CX form (``ID^^^Issuer``); no name (it is optional, and the ID is what
+        an auditor searches by)."""
+        cx = f"{self.patient_id}^^^{self.issuer}" if self.issuer else self.patient_id
+        return {
+            "ParticipantObjectID": cx,
+            "ParticipantObjectTypeCode": PERSON,
+            "ParticipantObjectTypeCodeRole": PATIENT_ROLE,
+            "ParticipantObjectIDTypeCode": PATIENT_NUMBER.as_json(),
+        }
+
+
+def studies_of(pairs: Iterable[tuple[str, str]]) -> list[Study]:
+    """Studies from (Study Instance UID, SOP Class UID) pairs, one per instance, with
+    the instances counted per SOP class; in the order first seen."""
+    counts: dict[str, dict[str, int]] = {}
+    for study_uid, sop_class in pairs:
+        classes = counts.setdefault(study_uid, {})
+        if sop_class:
+            classes[sop_class] = classes.get(sop_class, 0) + 1
+    return [Study(uid, classes) for uid, classes in counts.items()]
+
+
+@dataclass(frozen=True)
+class Source:
+    """AuditSourceIdentification: which node wrote the event.
+
+    Attributes
+    ----------
+    source_id :
+        AuditSourceID: the node's AE title.
+    site :
+        AuditEnterpriseSiteID: the customer.
+    """
+
+    source_id: str
+    site: str
+
+    def as_json(self, kind: Code) -> dict[str, Any]:
+        """The AuditSourceIdentification element, of type ``kind`` (web or application
+        server process)."""
+        return {"AuditSourceID": self.source_id, "AuditEnterpriseSiteID": self.site,
+                "AuditSourceTypeCode": [kind.as_json()]}
+
+
+# --- the messages of PS3.15 A.5.3 ----------------------------------------------------
+
+def _identification(event_id: Code, action: str, outcome: int, description: str,
+                    type_code: Code | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"EventID": event_id.as_json(), "EventActionCode": action,
+                            "EventDateTime": utc_now(), "EventOutcomeIndicator": outcome}
+    if type_code is not None:
+        item["EventTypeCode"] = [type_code.as_json()]
+    if description:
+        item["EventOutcomeDescription"] = description
+    return item
+
+
+def _message(identification: dict[str, Any], participants: Sequence[Participant],
+             source: Source, kind: Code, objects: Sequence[dict[str, Any]]) -> Event:
+    event: Event = {
+        "EventIdentification": identification,
+        "ActiveParticipant": [p.as_json() for p in participants],
+        "AuditSourceIdentification": source.as_json(kind),
+    }
+    if objects:
+        event["ParticipantObjectIdentification"] = list(objects)
+    return event
+
+
+def _data_objects(studies: Sequence[Study], patient: Patient | None) -> list[dict[str, Any]]:
+    objects = [study.as_json() for study in studies]
+    if patient is not None:
+        objects.append(patient.as_json())
+    return objects
+
+
+def query_event(source: Source, kind: Code, requestor: Participant, responder: Participant,
+                sop_class: str, query: bytes, keys: Sequence[str], outcome: int,
+                description: str = "", transfer_syntax: str = "") -> Event:
+    """Query (PS3.15 A.5.3.10): ``requestor`` asked ``responder``.
+
+    Parameters
+    ----------
+    sop_class : str
+        ParticipantObjectID of the SOP Queried: the information model's FIND SOP Class.
+    query : bytes
+        ParticipantObjectQuery: the identifier as received (C-FIND), or the path and
+        query string (QIDO-RS); written base64 as A.5.3.10 asks.
+    keys : sequence of str
+        The tags of the query's keys (``00100010``, ``00081032.00080100`` for an item
+        key), as a ParticipantObjectDetail ``QueryKeys``: what was searched by, without
+        the values.
+    transfer_syntax : str
+        ParticipantObjectDetail ``TransferSyntax`` of the identifier (A.5.3.10: required
+        when the query is a DICOM data set).
+    """
+    details = [{"type": "QueryKeys", "value": "\\".join(keys)}]
+    if transfer_syntax:
+        details.insert(0, {"type": "TransferSyntax", "value": transfer_syntax})
+    queried = {
+        "ParticipantObjectID": sop_class,
+        "ParticipantObjectTypeCode": SYSTEM_OBJECT,
+        "ParticipantObjectTypeCodeRole": REPORT_ROLE,
+        "ParticipantObjectIDTypeCode": SOP_CLASS_UID.as_json(),
+        "ParticipantObjectQuery": base64.b64encode(query).decode("ascii"),
+        "ParticipantObjectDetail": details,
+    }
+    return _message(_identification(QUERY, EXECUTE, outcome, description),
+                    [requestor.acting_as(SOURCE_ROLE), responder.acting_as(DESTINATION_ROLE)],
+                    source, kind, [queried])
+
+
+def transferred_event(source: Source, kind: Code, action: str, sender: Participant,
+                      receiver: Participant, studies: Sequence[Study],
+                      patient: Patient | None, outcome: int, description: str = "",
+                      others: Sequence[Participant] = ()) -> Event:
+    """DICOM Instances Transferred (PS3.15 A.5.3.7): ``sender`` sent ``studies`` to
+    ``receiver`` (``action`` C when the node received them, R when it sent them);
+    ``others`` are third parties, e.g. the requestor of a C-MOVE."""
+    participants = [sender.acting_as(SOURCE_ROLE), receiver.acting_as(DESTINATION_ROLE),
+                    *(other.acting_as(None) for other in others)]
+    return _message(_identification(INSTANCES_TRANSFERRED, action, outcome, description),
+                    participants, source, kind, _data_objects(studies, patient))
+
+
+def begin_transferring_event(source: Source, kind: Code, sender: Participant,
+                             receiver: Participant, studies: Sequence[Study],
+                             patient: Patient | None, outcome: int = SUCCESS,
+                             description: str = "",
+                             others: Sequence[Participant] = ()) -> Event:
+    """Begin Transferring DICOM Instances (PS3.15 A.5.3.3): the intent, before the
+    first instance leaves (compared with the DICOM Instances Transferred that
+    follows)."""
+    participants = [sender.acting_as(SOURCE_ROLE), receiver.acting_as(DESTINATION_ROLE),
+                    *(other.acting_as(None) for other in others)]
+    return _message(_identification(BEGIN_TRANSFERRING, EXECUTE, outcome, description),
+                    participants, source, kind, _data_objects(studies, patient))
+
+
+def accessed_event(source: Source, kind: Code, action: str,
+                   participants: Sequence[Participant], studies: Sequence[Study],
+                   patient: Patient | None, outcome: int, description: str = "") -> Event:
+    """DICOM Instances Accessed (PS3.15 A.5.3.6): ``participants`` (the person or
+    process manipulating the data, and the node) read (R) or deleted (D) ``studies``."""
+    return _message(_identification(INSTANCES_ACCESSED, action, outcome, description),
+                    participants, source, kind, _data_objects(studies, patient))
+
+
+def security_alert_event(source: Source, kind: Code, alert: Code, node: Participant,
+                         description: str, outcome: int = SUCCESS) -> Event:
+    """Security Alert (PS3.15 A.5.3.11) of type ``alert`` (CID 403), reported by the
+    node itself (``node``: the reporting process, its requestor)."""
+    return _message(_identification(SECURITY_ALERT, EXECUTE, outcome, description, alert),
+                    [node], source, kind, [])
+
+
+def dimse_outcome(status: int) -> int:
+    """EventOutcomeIndicator of a DIMSE status (PS3.7 C): Success 0; Warning (0001,
+    Bxxx, 0107, 0116) and Cancel (FE00) a minor failure; any Failure a serious one."""
+    if status == 0x0000:
+        return SUCCESS
+    if status in (0x0001, 0x0107, 0x0116, 0xFE00) or status >> 12 == 0xB:
+        return MINOR_FAILURE
+    return SERIOUS_FAILURE
+
+
+# --- the writer ---------------------------------------------------------------------
+
+def encode(event: Mapping[str, Any]) -> bytes:
+    """One event as one line of UTF-8 JSON, newline included."""
+    return (json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def audit_path(setting: str, data_dir: Path) -> Path | None:
+    """The trail's file for ``PACS_AUDIT_LOG``: empty, the data folder's ``audit.jsonl``;
+    ``off``, none; otherwise the path given (relative to the working folder)."""
+    value = setting.strip()
+    if value.lower() == OFF:
+        return None
+    if not value:
+        return data_dir / DEFAULT_NAME
+    return Path(value).absolute()
+
+
+class AuditLog:
+    """Appends events to the trail's file: one ``write`` per event, shared by every
+    process of the node (see the module docstring for the guarantees).
+
+    Thread-safe; each process that writes opens its own descriptor and runs its own
+    sync thread, so an instance that crossed ``fork()`` keeps working.
+
+    Parameters
+    ----------
+    path : Path or None
+        The file; ``None`` writes nothing (``PACS_AUDIT_LOG=off``).
+    sync_seconds, check_seconds : float
+        :data:`SYNC_SECONDS` and :data:`CHECK_SECONDS` (tests shorten them).
+    """
+
+    def __init__(self, path: Path | None, *, sync_seconds: float = SYNC_SECONDS,
+                 check_seconds: float = CHECK_SECONDS) -> None:
+        self.path = path
+        self.sync_seconds = sync_seconds
+        self.check_seconds = check_seconds
+        self.written = 0
+        self.dropped = 0
+        self._dropped_since = ""
+        self._torn = False
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        self._checked = 0.0
+        self._dirty = False
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self.on_resume: Callable[[int, str], Mapping[str, Any]] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when events are written somewhere."""
+        return self.path is not None
+
+    def write(self, event: Mapping[str, Any]) -> bool:
+        """Append one event; False when it could not be written (counted in
+        :attr:`dropped`, never raised)."""
+        if self.path is None:
+            return False
+        line = encode(event)
+        self._after_fork()
+        with self._lock:
+            try:
+                fd = self._descriptor()
+                if self.dropped:
+                    self._resume(fd)
+                self._append(fd, line)
+            except OSError as exc:
+                self._lost(exc)
+                return False
+            self.written += 1
+            self._dirty = True
+        self._start_syncer()
+        return True
+
+    def _append(self, fd: int, line: bytes) -> None:
+        if self._torn:  # a line cut short by a full disk: end it before this one
+            line = b"\n" + line
+        written = os.write(fd, line)
+        self._torn = False
+        if written != len(line):
+            # Only a full disk (or a quota) cuts a regular file's write short.
+            self._torn = True
+            raise OSError(errno.ENOSPC, "audit line cut short")
+
+    def _resume(self, fd: int) -> None:
+        """Writing works again: record the gap in the trail first (and in the log)."""
+        lost, since = self.dropped, self._dropped_since
+        if self.on_resume is not None:
+            self._append(fd, encode(self.on_resume(lost, since)))  # may fail again
+        self.dropped, self._dropped_since = 0, ""
+        log.warning("audit trail %s: writing again; %d event(s) since %s were lost",
+                    self.path, lost, since)
+
+    def _lost(self, exc: OSError) -> None:
+        if not self.dropped:
+            self._dropped_since = utc_now()
+            log.error("audit trail %s cannot be written (%s); events are counted and "
+                      "dropped until it can, and the node goes on serving", self.path,
+                      os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+        self.dropped += 1
+        self._close_descriptor()  # opened again on the next event: it may be fixed
+
+    def _descriptor(self) -> int:
+        """The descriptor of the file the path names now (opened, or reopened after a
+        rotation, at most every ``check_seconds``)."""
+        assert self.path is not None
+        now = time.monotonic()
+        if self._fd is not None and now - self._checked < self.check_seconds:
+            return self._fd
+        self._checked = now
+        if self._fd is not None:
+            try:
+                current = os.stat(self.path)
+                if (current.st_dev, current.st_ino) == self._identity:
+                    return self._fd
+            except FileNotFoundError:
+                pass
+            self._close_descriptor()  # rotated away: the events go to the new file
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        stat = os.fstat(fd)
+        self._fd, self._identity = fd, (stat.st_dev, stat.st_ino)
+        return fd
+
+    def _close_descriptor(self) -> None:
+        if self._fd is not None:
+            fd, self._fd, self._identity = self._fd, None, None
+            with contextlib.suppress(OSError):
+                if self._dirty:
+                    os.fdatasync(fd)
+                self._dirty = False
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _after_fork(self) -> None:
+        """In a child that inherited this writer: a lock of its own, no sync thread
+        yet; the inherited descriptor (O_APPEND) stays usable."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._stop = threading.Event()
+            self._syncer = None
+
+    def _start_syncer(self) -> None:
+        if self._syncer is None and self.sync_seconds > 0:
+            with self._lock:
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                                    name="audit-sync")
+                    self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.sync_seconds):
+            self.sync()
+
+    def sync(self) -> None:
+        """fdatasync what was written since the last sync (outside the lock, on a
+        duplicate of the descriptor, so writers never wait for the disk)."""
+        with self._lock:
+            if not self._dirty or self._fd is None:
+                return
+            self._dirty = False
+            try:
+                fd = os.dup(self._fd)
+            except OSError:
+                return
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            log.warning("audit trail %s: fdatasync failed: %s", self.path,
+                        os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop the sync thread, sync and close the file."""
+        self._stop.set()
+        syncer = self._syncer
+        if syncer is not None and syncer is not threading.current_thread():
+            syncer.join(timeout=5)
+        with self._lock:
+            self._close_descriptor()
+
+
+# --- the trail: events built, grouped per patient, written ----------------------------
+
+PatientLookup = Callable[[Sequence[str]], Mapping[str, Patient]]
+
+
+class AuditTrail:
+    """What the edges call: builds the PS3.15 A.5 messages and writes them.
+
+    Events that name studies are written once per patient (A.5.3.3, A.5.3.6 and
+    A.5.3.7 "may only include information about a single patient"): the studies are
+    grouped by the Patient ID the index holds for them (``patients``); studies the index
+    does not know go into one event without a Patient object.
+
+    Parameters
+    ----------
+    log : AuditLog
+        Where the events go.
+    source : Source
+        The node (AE title, customer).
+    patients : callable, optional
+        Study Instance UIDs to their :class:`Patient` (:func:`patients_in_index`);
+        never raises for the trail's sake (a failure means "unknown").
+    """
+
+    def __init__(self, audit_log: AuditLog, source: Source,
+                 patients: PatientLookup | None = None) -> None:
+        self.log = audit_log
+        self.source = source
+        self.patients = patients
+        audit_log.on_resume = self._resumed
+
+    @property
+    def enabled(self) -> bool:
+        """True when events are written (else the edges skip building them)."""
+        return self.log.enabled
+
+    def node(self, address: str = "", requestor: bool = False) -> Participant:
+        """This node as a participant (its AE title)."""
+        return Participant(self.source.source_id, requestor, address=address)
+
+    def query(self, kind: Code, requestor: Participant, sop_class: str, query: bytes,
+              keys: Sequence[str], outcome: int, description: str = "",
+              transfer_syntax: str = "", node_address: str = "") -> None:
+        """Record a Query (see :func:`query_event`)."""
+        if self.enabled:
+            self.log.write(query_event(self.source, kind, requestor,
+                                       self.node(node_address), sop_class, query, keys,
+                                       outcome, description, transfer_syntax))
+
+    def transferred(self, kind: Code, action: str, sender: Participant,
+                    receiver: Participant, studies: Sequence[Study], outcome: int,
+                    description: str = "", others: Sequence[Participant] = ()) -> None:
+        """Record DICOM Instances Transferred, one event per patient."""
+        if self.enabled:
+            for patient, group in self.per_patient(studies):
+                self.log.write(transferred_event(self.source, kind, action, sender, receiver,
+                                                 group, patient, outcome, description,
+                                                 others))
+
+    def begin_transferring(self, kind: Code, sender: Participant, receiver: Participant,
+                           studies: Sequence[Study], outcome: int = SUCCESS,
+                           description: str = "",
+                           others: Sequence[Participant] = ()) -> None:
+        """Record Begin Transferring DICOM Instances, one event per patient."""
+        if self.enabled:
+            for patient, group in self.per_patient(studies):
+                self.log.write(begin_transferring_event(self.source, kind, sender, receiver,
+                                                        group, patient, outcome,
+                                                        description, others))
+
+    def accessed(self, kind: Code, action: str, participants: Sequence[Participant],
+                 studies: Sequence[Study], outcome: int, description: str = "") -> None:
+        """Record DICOM Instances Accessed, one event per patient."""
+        if self.enabled:
+            for patient, group in self.per_patient(studies):
+                self.log.write(accessed_event(self.source, kind, action, participants,
+                                              group, patient, outcome, description))
+
+    def per_patient(self, studies: Sequence[Study]
+                    ) -> Iterator[tuple[Patient | None, list[Study]]]:
+        """The studies grouped by patient (one group, possibly without studies, at
+        least: an event that failed before any study was known is still written)."""
+        known: Mapping[str, Patient] = {}
+        if self.patients is not None and studies:
+            try:
+                known = self.patients([study.uid for study in studies])
+            except Exception:  # the trail never fails a request: the patient stays unknown
+                log.warning("audit trail: the patients of %d stud(ies) could not be read",
+                            len(studies), exc_info=True)
+        groups: dict[Patient | None, list[Study]] = {}
+        for study in studies:
+            groups.setdefault(known.get(study.uid), []).append(study)
+        if not groups:
+            groups[None] = []
+        yield from groups.items()
+
+    def _resumed(self, lost: int, since: str) -> Event:
+        return security_alert_event(
+            self.source, APPLICATION_SERVER, AUDIT_RECORDING_STARTED,
+            self.node(requestor=True),
+            f"{lost} audit event(s) could not be written since {since}", MINOR_FAILURE)
+
+    def close(self) -> None:
+        """Sync and close the file."""
+        self.log.close()
+
+
+def patients_in_index(connection: Callable[[], Any], study_uids: Sequence[str]
+                      ) -> dict[str, Patient]:
+    """The Patient ID (and issuer) the index holds for each of ``study_uids``, as sent
+    in that study (PS3.4 C.3.2); studies it does not hold are left out.
+
+    Parameters
+    ----------
+    connection : callable
+        This thread's index connection (:meth:`pacs.core.index.connection.Index.connection`).
+    """
+    unique = list(dict.fromkeys(study_uids))[:500]  # within SQLite's variable limit
+    if not unique:
+        return {}
+    marks = ",".join("?" * len(unique))
+    rows = connection().execute(
+        f"SELECT study_uid, patient_id, issuer_of_patient_id FROM study "
+        f"WHERE study_uid IN ({marks})", unique)
+    return {uid: Patient(patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
+
+
+# --- reading the trail, DICOM XML, syslog ----------------------------------------------
+
+def read_events(lines: Iterable[bytes]) -> Iterator[Event | None]:
+    """The events of the trail's lines, ``None`` for a line that is not one (a line
+    cut short by a full disk); blank lines are skipped."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            yield None
+            continue
+        yield event if isinstance(event, dict) else None
+
+
+#: Elements of the DICOM audit message schema (PS3.15 A.5.1) written as XML attributes.
+_ATTRIBUTES = {
+    "EventIdentification": ("EventActionCode", "EventDateTime", "EventOutcomeIndicator"),
+    "ActiveParticipant": ("UserID", "AlternativeUserID", "UserName", "UserIsRequestor",
+                          "NetworkAccessPointID", "NetworkAccessPointTypeCode"),
+    "AuditSourceIdentification": ("AuditEnterpriseSiteID", "AuditSourceID"),
+    "ParticipantObjectIdentification": (
+        "ParticipantObjectID", "ParticipantObjectTypeCode",
+        "ParticipantObjectTypeCodeRole", "ParticipantObjectDataLifeCycle",
+        "ParticipantObjectSensitivity"),
+}
+#: The order of the children of each element (the schema is a sequence).
+_CHILDREN = {
+    "EventIdentification": ("EventID", "EventTypeCode", "EventOutcomeDescription"),
+    "ActiveParticipant": ("RoleIDCode",),
+    "AuditSourceIdentification": ("AuditSourceTypeCode",),
+    "ParticipantObjectIdentification": (
+        "ParticipantObjectIDTypeCode", "ParticipantObjectName", "ParticipantObjectQuery",
+        "ParticipantObjectDetail", "ParticipantObjectDescription"),
+}
+
+
+def _xml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _coded(parent: ET.Element, name: str, code: Mapping[str, str]) -> None:
+    ET.SubElement(parent, name, {key: code[key] for key in
+                                 ("csd-code", "codeSystemName", "originalText") if key in code})
+
+
+def _element(parent: ET.Element, name: str, item: Mapping[str, Any]) -> None:
+    element = ET.SubElement(parent, name, {key: _xml_value(item[key])
+                                           for key in _ATTRIBUTES[name] if key in item})
+    for child in _CHILDREN[name]:
+        value = item.get(child)
+        if value is None:
+            continue
+        if child == "ParticipantObjectDetail":
+            for detail in value:  # the schema's value is base64Binary
+                ET.SubElement(element, child, {"type": detail["type"], "value":
+                                               base64.b64encode(str(detail["value"])
+                                                                .encode()).decode("ascii")})
+        elif child == "ParticipantObjectDescription":
+            description = ET.SubElement(element, child)
+            for sop_class in value.get("SOPClass", ()):
+                ET.SubElement(description, "SOPClass", {
+                    "UID": sop_class["UID"],
+                    "NumberOfInstances": str(sop_class["NumberOfInstances"])})
+        elif isinstance(value, list):
+            for code in value:
+                _coded(element, child, code)
+        elif isinstance(value, dict):
+            _coded(element, child, value)
+        else:
+            ET.SubElement(element, child).text = str(value)
+
+
+def to_xml(event: Mapping[str, Any]) -> str:
+    """An event as a DICOM audit message (PS3.15 A.5.1, the RFC 3881 schema as DICOM
+    specializes it), for an ATNA audit record repository."""
+    root = ET.Element("AuditMessage")
+    _element(root, "EventIdentification", event["EventIdentification"])
+    for participant in event.get("ActiveParticipant", ()):
+        _element(root, "ActiveParticipant", participant)
+    _element(root, "AuditSourceIdentification", event["AuditSourceIdentification"])
+    for item in event.get("ParticipantObjectIdentification", ()):
+        _element(root, "ParticipantObjectIdentification", item)
+    return ET.tostring(root, encoding="unicode")
+
+
+#: RFC 5424 PRI of audit messages: facility 10 (security/authorization), severity 5
+#: (notice) for success, 4 (warning) for a failure (IHE ITI TF-2 3.20.4.2, RFC 5424 6.2.1).
+def _pri(outcome: int) -> int:
+    return 10 * 8 + (5 if outcome == SUCCESS else 4)
+
+
+def syslog_message(event: Mapping[str, Any], hostname: str, app_name: str = "pacs",
+                   procid: str = "-") -> bytes:
+    """An event as one RFC 5424 syslog message with the DICOM XML as its body, MSGID
+    ``IHE+RFC-3881`` (IHE ITI TF-2 3.20.4.2, ATNA's syslog transport)."""
+    identification = event["EventIdentification"]
+    header = (f"<{_pri(int(identification['EventOutcomeIndicator']))}>1 "
+              f"{identification['EventDateTime']} {hostname or '-'} {app_name} {procid} "
+              f"IHE+RFC-3881 - ")
+    return header.encode("utf-8") + b"\xef\xbb\xbf" + to_xml(event).encode("utf-8")
+
+
+def frame_octets(message: bytes) -> bytes:
+    """RFC 5425 / RFC 6587 octet-counting frame of one message on a stream."""
+    return str(len(message)).encode("ascii") + b" " + message
+
+
+def matches(event: Mapping[str, Any], *, study: str = "", patient: str = "",
+            user: str = "") -> bool:
+    """True when ``event`` names ``study`` (a Study Instance UID), ``patient`` (a
+    Patient ID) and ``user`` (a participant's UserID), each when given."""
+    objects = event.get("ParticipantObjectIdentification", ())
+    if study and not any(item.get("ParticipantObjectIDTypeCode", {}).get("csd-code")
+                         == STUDY_INSTANCE_UID.code and item.get("ParticipantObjectID")
+                         == study for item in objects):
+        return False
+    if patient and not any(
+            item.get("ParticipantObjectTypeCodeRole") == PATIENT_ROLE
+            and str(item.get("ParticipantObjectID", "")).split("^", 1)[0] == patient
+            for item in objects):
+        return False
+    return not user or any(p.get("UserID") == user for p in event.get("ActiveParticipant", ()))
+
+
+def summary(event: Mapping[str, Any]) -> str:
+    """One line for a person: when, what, outcome, who, studies, patients."""
+    identification = event.get("EventIdentification", {})
+    who = ", ".join(f"{p.get('UserID', '')}@{p.get('NetworkAccessPointID', '')}"
+                    + ("*" if p.get("UserIsRequestor") else "")
+                    for p in event.get("ActiveParticipant", ()))
+    studies, patients = [], []
+    for item in event.get("ParticipantObjectIdentification", ()):
+        code = item.get("ParticipantObjectIDTypeCode", {}).get("csd-code")
+        if code == STUDY_INSTANCE_UID.code:
+            studies.append(str(item.get("ParticipantObjectID", "")))
+        elif item.get("ParticipantObjectTypeCodeRole") == PATIENT_ROLE:
+            patients.append(str(item.get("ParticipantObjectID", "")))
+    return (f"{identification.get('EventDateTime', '')} "
+            f"{identification.get('EventID', {}).get('originalText', '')} "
+            f"[{identification.get('EventActionCode', '')}] "
+            f"outcome={identification.get('EventOutcomeIndicator', '')} who={who} "
+            f"studies={','.join(studies) or '-'} patients={','.join(patients) or '-'}")

@@ -1,0 +1,345 @@
+"""The audit trail's core (pacs.core.audit): the events against PS3.15 A.5, the writer's
+guarantees (whole lines from concurrent processes, rotation, a full or unwritable file
+that never stops the caller), the DICOM XML and syslog forms."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import multiprocessing
+import os
+import random
+import resource
+import signal
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pacs.core import audit
+from pacs.core.audit import AuditLog, AuditTrail, Participant, Patient, Source, Study
+from tests.auditcheck import problems, read_trail
+
+SOURCE = Source("INTELPIXEL", "default")
+CLIENT = Participant("STORESCU", True, address="127.0.0.2")
+NODE = Participant("INTELPIXEL", False, address="127.0.0.1")
+STUDY = Study("1.2.3.4", {"1.2.840.10008.5.1.4.1.1.2": 3})
+PATIENT = Patient("PID-1", "HOSP")
+SECRET = "Secretname^Patient"
+
+
+def _query() -> dict[str, Any]:
+    return audit.query_event(SOURCE, audit.APPLICATION_SERVER, CLIENT, NODE,
+                             "1.2.840.10008.5.1.4.1.2.2.1", f"PatientName={SECRET}".encode(),
+                             ["00100010", "00080020"], audit.SUCCESS,
+                             transfer_syntax="1.2.840.10008.1.2.1")
+
+
+EVENTS: dict[str, Callable[[], dict[str, Any]]] = {
+    "query": _query,
+    "stored": lambda: audit.transferred_event(
+        SOURCE, audit.APPLICATION_SERVER, audit.CREATE, CLIENT, NODE, [STUDY], PATIENT,
+        audit.SUCCESS),
+    "moved": lambda: audit.transferred_event(
+        SOURCE, audit.APPLICATION_SERVER, audit.READ, NODE,
+        Participant("STORESCP", False, address="127.0.0.3"), [STUDY], PATIENT,
+        audit.MINOR_FAILURE, "status 0xB000", others=[CLIENT]),
+    "begin": lambda: audit.begin_transferring_event(
+        SOURCE, audit.APPLICATION_SERVER, NODE, CLIENT, [STUDY], PATIENT),
+    "accessed": lambda: audit.accessed_event(
+        SOURCE, audit.WEB_SERVER, audit.READ, [CLIENT, NODE], [STUDY], None,
+        audit.SERIOUS_FAILURE, "HTTP 404"),
+    "alert": lambda: audit.security_alert_event(
+        SOURCE, audit.APPLICATION_SERVER, audit.AUDIT_RECORDING_STARTED,
+        Participant("INTELPIXEL", True),
+        "3 audit event(s) could not be written", audit.MINOR_FAILURE),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVENTS))
+def test_each_event_type_has_the_structure_of_ps3_15_a5(name: str) -> None:
+    event = EVENTS[name]()
+    assert problems(event) == []
+    assert json.loads(audit.encode(event)) == event  # one JSON line, round trip
+
+
+def test_field_names_and_codes_are_those_of_a5() -> None:
+    event = EVENTS["moved"]()
+    identification = event["EventIdentification"]
+    assert identification["EventID"] == {"csd-code": "110104", "codeSystemName": "DCM",
+                                         "originalText": "DICOM Instances Transferred"}
+    assert identification["EventActionCode"] == "R"
+    assert identification["EventOutcomeIndicator"] == 4
+    assert identification["EventDateTime"].endswith("Z")
+    sender, receiver, requestor = event["ActiveParticipant"]
+    assert sender["RoleIDCode"]["csd-code"] == "110153" and not sender["UserIsRequestor"]
+    assert receiver["RoleIDCode"]["csd-code"] == "110152" and receiver["UserID"] == "STORESCP"
+    assert requestor == {"UserID": "STORESCU", "UserIsRequestor": True,
+                         "NetworkAccessPointTypeCode": 2, "NetworkAccessPointID": "127.0.0.2"}
+    assert event["AuditSourceIdentification"]["AuditSourceID"] == "INTELPIXEL"
+    study, patient = event["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectIDTypeCode"]["csd-code"] == "110180"
+    assert study["ParticipantObjectDescription"] == {
+        "SOPClass": [{"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": 3}]}
+    assert patient["ParticipantObjectID"] == "PID-1^^^HOSP"
+    assert patient["ParticipantObjectIDTypeCode"]["codeSystemName"] == "RFC-3881"
+
+
+def test_a_query_carries_its_keys_tags_and_its_values_only_in_the_query_field() -> None:
+    event = _query()
+    queried = event["ParticipantObjectIdentification"][0]
+    assert queried["ParticipantObjectID"] == "1.2.840.10008.5.1.4.1.2.2.1"
+    assert base64.b64decode(queried["ParticipantObjectQuery"]).decode().endswith(SECRET)
+    assert queried["ParticipantObjectDetail"] == [
+        {"type": "TransferSyntax", "value": "1.2.840.10008.1.2.1"},
+        {"type": "QueryKeys", "value": "00100010\\00080020"}]
+    del queried["ParticipantObjectQuery"]
+    assert "Secretname" not in json.dumps(event)
+
+
+def test_studies_are_counted_per_sop_class() -> None:
+    studies = audit.studies_of([("1.1", "1.2.840.10008.5.1.4.1.1.2"), ("1.2", ""),
+                                ("1.1", "1.2.840.10008.5.1.4.1.1.2"), ("1.1", "1.2.9")])
+    assert studies == [Study("1.1", {"1.2.840.10008.5.1.4.1.1.2": 2, "1.2.9": 1}),
+                       Study("1.2", {})]
+
+
+@pytest.mark.parametrize("status, outcome", [
+    (0x0000, 0), (0xB000, 4), (0x0001, 4), (0xFE00, 4), (0xA700, 8), (0xC000, 8),
+    (0x0117, 8), (0xA801, 8)])
+def test_dimse_statuses_become_outcome_indicators(status: int, outcome: int) -> None:
+    assert audit.dimse_outcome(status) == outcome
+
+
+def test_the_setting_names_the_file(tmp_path: Path) -> None:
+    assert audit.audit_path("", tmp_path) == tmp_path / "audit.jsonl"
+    assert audit.audit_path("off", tmp_path) is None
+    assert audit.audit_path("OFF", tmp_path) is None
+    assert audit.audit_path(str(tmp_path / "x.jsonl"), tmp_path) == tmp_path / "x.jsonl"
+
+
+def test_off_writes_nothing(tmp_path: Path) -> None:
+    trail = AuditTrail(AuditLog(None), SOURCE)
+    trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, CLIENT, NODE, [STUDY], 0)
+    assert not trail.enabled and list(tmp_path.iterdir()) == []
+
+
+def test_the_file_is_created_mode_0600_with_its_folder(tmp_path: Path) -> None:
+    path = tmp_path / "audit" / "trail.jsonl"
+    writer = AuditLog(path)
+    assert writer.write(_query())
+    writer.close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [problems(e) for e in read_trail(path)] == [[]]
+
+
+def test_events_are_written_per_patient(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    asked: list[list[str]] = []
+
+    def lookup(uids: Any) -> dict[str, Patient]:
+        asked.append(list(uids))
+        return {"1.1": Patient("A"), "1.2": Patient("B"), "1.3": Patient("A")}
+
+    trail = AuditTrail(AuditLog(path), SOURCE, lookup)
+    studies = [Study("1.1"), Study("1.2"), Study("1.3"), Study("1.4")]
+    trail.transferred(audit.WEB_SERVER, audit.CREATE, CLIENT, NODE, studies, 0)
+    trail.close()
+    events = read_trail(path)
+    assert asked == [["1.1", "1.2", "1.3", "1.4"]]
+    named = [([o["ParticipantObjectID"] for o in e["ParticipantObjectIdentification"]])
+             for e in events]
+    assert named == [["1.1", "1.3", "A"], ["1.2", "B"], ["1.4"]]  # unknown: no patient
+    assert all(problems(e) == [] for e in events)
+
+
+def test_a_failing_patient_lookup_leaves_the_patient_unknown(tmp_path: Path) -> None:
+    def lookup(uids: Any) -> dict[str, Patient]:
+        raise RuntimeError("index busy")
+
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path), SOURCE, lookup)
+    trail.accessed(audit.WEB_SERVER, audit.READ, [CLIENT], [STUDY], 0)
+    trail.close()
+    (event,) = read_trail(path)
+    assert [o["ParticipantObjectID"] for o in event["ParticipantObjectIdentification"]] \
+        == ["1.2.3.4"]
+
+
+def test_a_failure_before_any_study_is_still_an_event(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path), SOURCE)
+    trail.transferred(audit.WEB_SERVER, audit.CREATE, CLIENT, NODE, [], 8, "HTTP 400")
+    trail.close()
+    (event,) = read_trail(path)
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert "ParticipantObjectIdentification" not in event
+
+
+# --- the writer --------------------------------------------------------------------------
+
+def _append_many(path: str, writer_number: int, count: int) -> None:
+    """One process of the concurrency test: events of random sizes (up to ~60 KB, far
+    past PIPE_BUF), each naming its writer and number."""
+    rng = random.Random(writer_number)
+    log = AuditLog(Path(path), sync_seconds=0.05)
+    for number in range(count):
+        event = EVENTS["stored"]()
+        event["EventIdentification"]["EventOutcomeDescription"] = (
+            f"{writer_number}:{number}:" + "x" * rng.choice((0, 10, 3000, 60_000)))
+        assert log.write(event)
+    log.close()
+
+
+def test_concurrent_processes_never_interleave_or_lose_lines(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writers, count = 4, 150
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=_append_many, args=(str(path), n, count))
+                 for n in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    seen = set()
+    for line in lines[:-1]:
+        event = json.loads(line)  # every line whole
+        writer, number, _ = event["EventIdentification"]["EventOutcomeDescription"].split(":")
+        seen.add((int(writer), int(number)))
+    assert len(lines) - 1 == writers * count
+    assert seen == {(w, n) for w in range(writers) for n in range(count)}
+
+
+def test_a_rotated_file_is_followed(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditLog(path, check_seconds=0)
+    assert writer.write(EVENTS["stored"]())
+    path.rename(tmp_path / "audit.jsonl.1")  # logrotate's rename, then create
+    assert writer.write(EVENTS["begin"]())
+    assert writer.write(EVENTS["begin"]())
+    (tmp_path / "audit.jsonl").unlink()  # removed outright
+    assert writer.write(EVENTS["query"]())
+    writer.close()
+    assert len(read_trail(tmp_path / "audit.jsonl.1")) == 1
+    assert [e["EventIdentification"]["EventID"]["csd-code"]
+            for e in read_trail(path)] == ["110112"]
+
+
+def test_copytruncate_rotation_keeps_appending_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    writer = AuditLog(path)
+    writer.write(EVENTS["stored"]())
+    os.truncate(path, 0)  # logrotate copytruncate
+    writer.write(EVENTS["query"]())
+    writer.close()
+    assert len(read_trail(path)) == 1  # no hole of zero bytes before the line
+
+
+def test_an_unwritable_trail_is_counted_logged_once_and_resumed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "audit"
+    blocker.write_text("a file where the trail's folder should be")
+    path = blocker / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path), SOURCE)
+    with caplog.at_level(logging.INFO, logger="pacs.core.audit"):
+        for _ in range(3):
+            trail.transferred(audit.WEB_SERVER, audit.CREATE, CLIENT, NODE, [STUDY], 0)
+        assert trail.log.dropped == 3
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "cannot be written" in errors[0].getMessage()
+        blocker.unlink()  # the operator fixes it
+        trail.transferred(audit.WEB_SERVER, audit.CREATE, CLIENT, NODE, [STUDY], 0)
+    trail.close()
+    alert, event = read_trail(path)
+    assert problems(alert) == [] and problems(event) == []
+    assert alert["EventIdentification"]["EventTypeCode"][0]["csd-code"] == "110134"
+    assert alert["EventIdentification"]["EventOutcomeDescription"].startswith(
+        "3 audit event(s) could not be written since ")
+    assert trail.log.dropped == 0
+    assert any("writing again; 3 event(s)" in r.getMessage() for r in caplog.records)
+
+
+def _fill_the_disk(path: str, limit: int, result: Any) -> None:
+    """In a child: a file size limit stands for a full disk (writes past it are cut
+    short, then fail with EFBIG); SIGXFSZ ignored as a full disk sends none."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    writer = AuditTrail(AuditLog(Path(path)), SOURCE).log  # the trail reports its gaps
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    outcomes = [writer.write(EVENTS["stored"]()) for _ in range(10)]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    outcomes.append(writer.write(EVENTS["query"]()))  # space again
+    writer.close()
+    result.put((outcomes, writer.written))
+
+
+def test_a_full_disk_cuts_a_line_drops_events_and_the_trail_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    line = len(audit.encode(EVENTS["stored"]()))
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(target=_fill_the_disk, args=(str(path), line * 2 + line // 2,
+                                                         result))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    outcomes, written = result.get(timeout=5)
+    assert written == 3
+    assert outcomes[:2] == [True, True] and not any(outcomes[2:10]) and outcomes[10]
+    events = list(audit.read_events(path.read_bytes().splitlines()))
+    # two whole events, the third cut short (unreadable), the gap's alert, the query
+    assert [e is None for e in events] == [False, False, True, False, False]
+    assert events[3] is not None and events[3]["EventIdentification"]["EventID"][
+        "csd-code"] == "110113"
+    assert events[3]["EventIdentification"]["EventOutcomeDescription"].startswith("8 audit")
+    assert events[4] is not None and problems(events[4]) == []
+
+
+# --- reading, XML, syslog ---------------------------------------------------------------
+
+def test_dicom_xml_has_the_schema_s_attributes_and_elements() -> None:
+    root = ET.fromstring(audit.to_xml(EVENTS["moved"]()))
+    assert root.tag == "AuditMessage"
+    identification = root.find("EventIdentification")
+    assert identification is not None
+    assert identification.get("EventActionCode") == "R"
+    assert identification.get("EventOutcomeIndicator") == "4"
+    event_id = identification.find("EventID")
+    assert event_id is not None and event_id.get("csd-code") == "110104"
+    participants = root.findall("ActiveParticipant")
+    assert [p.get("UserIsRequestor") for p in participants] == ["false", "false", "true"]
+    role = participants[0].find("RoleIDCode")
+    assert role is not None and role.get("csd-code") == "110153"
+    objects = root.findall("ParticipantObjectIdentification")
+    assert objects[0].get("ParticipantObjectID") == "1.2.3.4"
+    sop_class = objects[0].find("ParticipantObjectDescription/SOPClass")
+    assert sop_class is not None and sop_class.get("NumberOfInstances") == "3"
+    query = ET.fromstring(audit.to_xml(_query())).find(
+        "ParticipantObjectIdentification/ParticipantObjectQuery")
+    assert query is not None and base64.b64decode(query.text or "").endswith(SECRET.encode())
+
+
+def test_syslog_messages_are_rfc_5424_with_the_xml_body() -> None:
+    message = audit.syslog_message(EVENTS["stored"](), "pacs-host")
+    header, _, body = message.partition(b"\xef\xbb\xbf")
+    fields = header.decode().split(" ")
+    assert fields[0] == "<85>1" and fields[2] == "pacs-host" and fields[5] == "IHE+RFC-3881"
+    assert ET.fromstring(body.decode()).tag == "AuditMessage"
+    assert audit.frame_octets(b"abc") == b"3 abc"
+    failed = audit.syslog_message(EVENTS["accessed"](), "h")
+    assert failed.startswith(b"<84>1 ")
+
+
+def test_events_are_filtered_by_study_patient_and_user() -> None:
+    event = EVENTS["moved"]()
+    assert audit.matches(event, study="1.2.3.4", patient="PID-1", user="STORESCU")
+    assert not audit.matches(event, study="9.9")
+    assert not audit.matches(event, patient="PID")
+    assert not audit.matches(event, user="OTHER")
+    assert "DICOM Instances Transferred [R] outcome=4" in audit.summary(event)
