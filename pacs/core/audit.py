@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pacs.core.index import reads
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two fdatasync calls of a process that writes events.
@@ -702,14 +704,9 @@ def patients_in_index(connection: Callable[[], Any], study_uids: Sequence[str]
     connection : callable
         This thread's index connection (:meth:`pacs.core.index.connection.Index.connection`).
     """
-    unique = list(dict.fromkeys(study_uids))[:500]  # within SQLite's variable limit
-    if not unique:
-        return {}
-    marks = ",".join("?" * len(unique))
-    rows = connection().execute(
-        f"SELECT study_uid, patient_id, issuer_of_patient_id FROM study "
-        f"WHERE study_uid IN ({marks})", unique)
-    return {uid: Patient(patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
+    unique = list(dict.fromkeys(study_uids))[:reads.MAX_KEYS]
+    return {uid: Patient(patient_id, issuer) for uid, (patient_id, issuer)
+            in reads.study_patients(connection(), unique).items()}
 
 
 # --- reading the trail, DICOM XML, syslog ----------------------------------------------

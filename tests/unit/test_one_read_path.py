@@ -168,12 +168,15 @@ def test_the_named_reads_use_bound_parameters(tmp_path: Path) -> None:
     assert reads.instance_keys(conn, hostile, hostile, hostile) == []
     assert reads.image_series(conn, hostile, hostile) == []
     assert reads.lookup(conn, hostile) is None
+    assert reads.study_patients(conn, [hostile]) == {}
     assert reads.metadata_rows(conn, []) == []
     assert reads.counts(conn) == {"patient": 0, "study": 0, "series": 0, "instance": 0}
     assert reads.indexed_bytes(conn) == 0
     assert reads.quick_check(conn) == "ok"
     with pytest.raises(ValueError):
         reads.metadata_rows(conn, list(range(reads.MAX_KEYS + 1)))
+    with pytest.raises(ValueError):
+        reads.study_patients(conn, [str(n) for n in range(reads.MAX_KEYS + 1)])
     conn.close()
 
 

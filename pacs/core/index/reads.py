@@ -144,6 +144,22 @@ def image_series(conn: apsw.Connection, study_uid: str,
     return list(grouped.values())
 
 
+@_read("patient query")
+def study_patients(conn: apsw.Connection, study_uids: Sequence[str]
+                   ) -> dict[str, tuple[str, str]]:
+    """Study Instance UID -> (Patient ID, Issuer of Patient ID) as sent in that study
+    (PS3.4 C.3.2), for at most :data:`MAX_KEYS` studies; studies the index does not
+    hold are left out, an absent value is ``""``."""
+    if len(study_uids) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} studies per read")
+    if not study_uids:
+        return {}
+    marks = ", ".join("?" * len(study_uids))
+    rows = conn.execute("SELECT study_uid, patient_id, issuer_of_patient_id FROM study "
+                        f"WHERE study_uid IN ({marks})", list(study_uids))
+    return {str(uid): (patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
+
+
 # --- the whole index ---------------------------------------------------------------------
 
 @_read("object listing")
@@ -153,18 +169,25 @@ def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
         "SELECT sop_uid, object_key, checksum, size FROM instance")}
 
 
+def _scalar(conn: apsw.Connection, sql: str) -> int:
+    """The one integer an aggregate query answers."""
+    row = conn.execute(sql).fetchone()
+    if row is None:  # an aggregate always answers one row
+        raise apsw.SQLError(f"no row from {sql!r}")
+    return int(row[0])
+
+
 @_read("count")
 def counts(conn: apsw.Connection) -> dict[str, int]:
     """Rows per level (``patient``, ``study``, ``series``, ``instance``)."""
-    return {level.table: int(conn.execute(f"SELECT count(*) FROM {level.table}")
-                             .fetchone()[0])
+    return {level.table: _scalar(conn, f"SELECT count(*) FROM {level.table}")
             for level in Level}
 
 
 @_read("size sum")
 def indexed_bytes(conn: apsw.Connection) -> int:
     """The sum of the indexed objects' sizes."""
-    return int(conn.execute("SELECT coalesce(sum(size), 0) FROM instance").fetchone()[0])
+    return _scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance")
 
 
 @_read("integrity check")
@@ -177,4 +200,4 @@ def quick_check(conn: apsw.Connection) -> str:
 
 __all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "counts",
            "image_series", "indexed_bytes", "instance_keys", "lookup", "metadata_rows",
-           "quick_check"]
+           "quick_check", "study_patients"]
