@@ -30,6 +30,7 @@ import falcon
 
 from adapters.dicomweb import errors, health as health_route, qido, rendered, stow, wado
 from adapters.dicomweb.browser import BrowserMiddleware
+from adapters.http.audit import AuditMiddleware
 from adapters.http.auth import Access, AccessMiddleware
 from pacs.core.services import Services
 
@@ -143,12 +144,18 @@ def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response
     Parameters
     ----------
     services : Services
-        The core (engine, ingest, store, settings) every resource calls.
+        The core (engine, ingest, store, settings) every resource calls, and the audit
+        trail every request that touches patient data is recorded in
+        (:mod:`adapters.http.audit`).
     """
     settings = services.settings
-    middleware: list[Any] = [ActiveContentMiddleware(),
+    access = Access(settings)
+    # The audit trail's middleware is first: its process_response runs for every
+    # request, those the access rule refuses included (falcon's independent middleware).
+    middleware: list[Any] = [AuditMiddleware(services.audit, access),
+                             ActiveContentMiddleware(),
                              BrowserMiddleware(settings.cors_origins),
-                             AccessMiddleware(Access(settings))]
+                             AccessMiddleware(access)]
     app = falcon.App(middleware=middleware)
     # /studies/ and /studies are the same resource (clients append slashes).
     app.req_options.strip_url_path_trailing_slash = True

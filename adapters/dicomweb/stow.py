@@ -53,6 +53,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
+from adapters.http.audit import note_stored
 from pacs.core.analysers import Result
 from pacs.core.dataset import (
     dataset_offset,
@@ -301,6 +302,7 @@ class Store:
         report = self._store_all(parts_of(req, settings.max_object_bytes,
                                           settings.max_request_bytes), study)
         log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
+        note_stored(req, ((s.study_uid, s.sop_class_uid) for s in report.stored))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))

@@ -1,0 +1,246 @@
+"""The audit trail of the HTTP edges: one PS3.15 A.5 event per request that touches
+patient data (:mod:`pacs.core.audit`).
+
+=====================================================  ======  ===========================
+request (below ``/`` or ``/dicom-web``)                 method  event (PS3.15)
+=====================================================  ======  ===========================
+``/studies``, ``/series``, ``/instances``, and the      GET     Query (A.5.3.10), E
+same below a study or series (QIDO-RS)
+``/studies/{study}[/series/…[/instances/…]]``           GET     DICOM Instances Transferred
+(WADO-RS instances)                                             (A.5.3.7), R: node → client
+``…/metadata``, ``…/frames/…``, ``…/bulkdata/…``,       GET     DICOM Instances Accessed
+``…/rendered``, ``…/thumbnail``                                 (A.5.3.6), R
+``/studies``, ``/studies/{study}`` (STOW-RS)            POST    DICOM Instances Transferred
+                                                                (A.5.3.7), C: client → node
+=====================================================  ======  ===========================
+
+``/health``, CORS preflights, HEAD requests (no data in the answer) and the viewer's
+static files carry no patient data and are not recorded.  Requests the access rule
+refused are recorded too (outcome 8): an auditor wants the attempts as well.
+
+- **Who**: the HTTP Basic user name, ``token`` for a bearer token, ``loopback`` for a
+  request from this host without credentials, ``anonymous`` when the node is open
+  (``PACS_WEB_OPEN``) or the request was refused (then the user name it claimed, never
+  checked); the peer address (``REMOTE_ADDR``, as the access rule sees it); the subject
+  of a TLS client certificate as AlternativeUserID.
+- **What**: the Study Instance UID of the path; for STOW-RS, the studies of the instances
+  stored (the resource notes them with :func:`note_stored`), each with its SOP classes
+  and instance counts; for QIDO-RS the query keys' tags and the query itself (the path and
+  query string, in ParticipantObjectQuery as A.5.3.10 asks).
+- **Outcome** from the response status (:func:`outcome_of`).  A WADO-RS answer is
+  streamed after the event is written: a client that stops reading midway is not seen.
+
+The event is written after the response is decided and never changes it: a failure to
+build or write it is logged, and the answer goes out as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import falcon
+from pydicom.datadict import tag_for_keyword
+
+from adapters.http.auth import Access, Verdict, is_loopback
+from pacs.core import audit
+from pacs.core.audit import AuditTrail, Participant, Study
+
+log = logging.getLogger(__name__)
+
+#: The information model a QIDO-RS search stands for: Study Root Query/Retrieve - FIND
+#: (QIDO-RS is the study-rooted search of PS3.18 10.6).
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+#: QIDO-RS parameters that are not query keys (PS3.18 Table 8.3.4-1, 8.3.3.1).
+NOT_KEYS = frozenset({"limit", "offset", "fuzzymatching", "includefield",
+                      "emptyvaluematching", "multiplevaluematching", "accept", "charset"})
+#: Path segments after a retrievable resource that read from it (WADO-RS).
+_ACCESS_SUFFIXES = frozenset({"metadata", "rendered", "thumbnail", "frames", "bulkdata"})
+_HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+#: Longest UID kept from a path (a UID has 64 characters; anything longer is not one,
+#: and is kept cut, as given, for the auditor).
+_MAX_PATH_VALUE = 128
+
+QUERY, RETRIEVE, ACCESS, STORE = "query", "retrieve", "access", "store"
+
+
+@dataclass(frozen=True)
+class Touch:
+    """What a request does with patient data: its kind and the study of its path."""
+
+    kind: str
+    study: str | None = None
+    series: str | None = None
+
+
+def classify(method: str, path: str) -> Touch | None:
+    """What the request ``method path`` touches, or ``None`` for no patient data.
+
+    The path is read the way the route table reads it (``/dicom-web`` or the root,
+    a trailing slash ignored), so that refused requests, which never reach routing,
+    are classified like the others.
+    """
+    segments = [s for s in path.split("/") if s]
+    if segments[:1] == ["dicom-web"]:
+        segments = segments[1:]
+    if not segments or segments[0] not in ("studies", "series", "instances"):
+        return None
+    study = segments[1][:_MAX_PATH_VALUE] if segments[0] == "studies" and \
+        len(segments) > 1 else None
+    series = segments[3][:_MAX_PATH_VALUE] if len(segments) > 3 and \
+        segments[2] == "series" else None
+    if method == "POST":
+        return Touch(STORE, study) if segments[0] == "studies" and len(segments) <= 2 \
+            else None
+    if method != "GET":
+        return None
+    # QIDO-RS: a level name last (/studies, /studies/{s}/series, …/series/{s}/instances).
+    if len(segments) % 2 == 1 and segments[-1] in ("studies", "series", "instances"):
+        return Touch(QUERY, study, series)
+    if segments[0] != "studies":
+        return None
+    if len(segments) in (2, 4, 6):  # /studies/{s}[/series/{s}[/instances/{i}]]
+        return Touch(RETRIEVE, study, series)
+    if any(segment in _ACCESS_SUFFIXES for segment in segments[2:]):
+        return Touch(ACCESS, study, series)
+    return None
+
+
+def outcome_of(status: int) -> int:
+    """EventOutcomeIndicator of an HTTP status (PS3.15 A.5.3, RFC 3881 5.1.4).
+
+    2xx success (0), but 202 (a STOW-RS with failed parts) a minor failure (4); other
+    4xx a minor failure (4), but refused access (401, 403, 421) a serious one (8); 5xx
+    a serious failure (8), 503 (the node unavailable) a major one (12).
+    """
+    if status == 202:
+        return audit.MINOR_FAILURE
+    if 200 <= status < 300:
+        return audit.SUCCESS
+    if status in (401, 403, 421):
+        return audit.SERIOUS_FAILURE
+    if status == 503:
+        return audit.MAJOR_FAILURE
+    if status >= 500:
+        return audit.SERIOUS_FAILURE
+    return audit.MINOR_FAILURE
+
+
+def query_keys(params: Iterable[str], touch: Touch) -> list[str]:
+    """The tags of a QIDO-RS request's keys (``00100010``; ``00081032.00080100`` for an
+    item key), the path's UIDs first; a name that is no keyword or tag is kept as
+    given (it names a key, it holds no value)."""
+    keys = []
+    if touch.study is not None:
+        keys.append("0020000D")
+    if touch.series is not None:
+        keys.append("0020000E")
+    for name in params:
+        if name.lower() in NOT_KEYS:
+            continue
+        keys.append(".".join(_tag_text(part) for part in name.split(".")))
+    return list(dict.fromkeys(keys))
+
+
+def _tag_text(name: str) -> str:
+    if _HEX_TAG.match(name):
+        return name.upper()
+    tag = tag_for_keyword(name)
+    return f"{tag:08X}" if tag is not None else name[:64]
+
+
+def note_stored(req: falcon.Request, stored: Iterable[tuple[str, str]]) -> None:
+    """Tell the trail which instances a STOW-RS request stored: (Study Instance UID,
+    SOP Class UID) of each."""
+    req.context.audit_stored = list(stored)
+
+
+def user_of(access: Access, req: falcon.Request) -> str:
+    """Who made the request (see the module docstring); credentials are compared only
+    where the access rule compares them."""
+    authorization = req.get_header("Authorization") or ""
+    verdict = access.decide(req.remote_addr, authorization, req.get_header("Host"),
+                            secure=req.scheme == "https")
+    if verdict is Verdict.ALLOW and not access.open:
+        if authorization and (req.scheme == "https" or is_loopback(req.remote_addr)) \
+                and access.credentials_valid(authorization):
+            return _claimed(authorization)
+        return "loopback"
+    if verdict is Verdict.ALLOW:
+        return "anonymous"
+    return _claimed(authorization) if authorization else "anonymous"
+
+
+def _claimed(authorization: str) -> str:
+    """The user an Authorization header names: the Basic user name, or ``token``."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return "token"
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "anonymous"
+        return decoded.partition(":")[0][:_MAX_PATH_VALUE] or "anonymous"
+    return "anonymous"
+
+
+class AuditMiddleware:
+    """Writes the event of each request that touches patient data (module docstring).
+
+    Parameters
+    ----------
+    trail : AuditTrail
+        The node's trail (``services.audit``).
+    access : Access
+        The access rule, to tell who the requestor is.
+    """
+
+    def __init__(self, trail: AuditTrail, access: Access) -> None:
+        self.trail = trail
+        self.access = access
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        """Record the request, once its answer is decided; never raises."""
+        if not self.trail.enabled:
+            return
+        touch = classify(req.method, req.path)
+        if touch is None:
+            return
+        try:
+            self.record(req, resp, touch)
+        except Exception:  # the answer goes out whatever happens to its audit event
+            log.error("audit trail: the event of a DICOMweb request could not be made",
+                      exc_info=True)
+
+    def record(self, req: falcon.Request, resp: falcon.Response, touch: Touch) -> None:
+        """Build and write the event of ``touch``."""
+        status = falcon.http_status_to_code(resp.status)
+        outcome, description = outcome_of(status), f"HTTP {status}"
+        client = Participant(user_of(self.access, req), True, address=req.remote_addr or "",
+                             alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
+        node = self.trail.node()
+        kind = audit.WEB_SERVER
+        if touch.kind == QUERY:
+            target = req.path + (f"?{req.query_string}" if req.query_string else "")
+            self.trail.query(kind, client, STUDY_ROOT_FIND, target.encode("utf-8"),
+                             query_keys(req.params, touch), outcome, description)
+        elif touch.kind == STORE:
+            stored = getattr(req.context, "audit_stored", None)
+            studies = audit.studies_of(stored) if stored else (
+                [Study(touch.study)] if touch.study else [])
+            self.trail.transferred(kind, audit.CREATE, client, node, studies, outcome,
+                                   description)
+        elif touch.kind == RETRIEVE:
+            studies = [Study(touch.study)] if touch.study else []
+            self.trail.transferred(kind, audit.READ, node, client, studies, outcome,
+                                   description)
+        else:
+            studies = [Study(touch.study)] if touch.study else []
+            self.trail.accessed(kind, audit.READ, [client, node], studies, outcome,
+                                description)
