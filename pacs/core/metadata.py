@@ -130,7 +130,7 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
             return prepare_from_stream(io.BytesIO(data), instance.transfer_syntax)
         text = encode(instance.header, instance.study_uid, instance.series_uid,
                       instance.sop_instance_uid, instance.transfer_syntax, pixel)
-    except Exception:  # noqa: BLE001 - metadata must never fail an ingest
+    except Exception:  # metadata must never fail an ingest (logged)
         log.warning("could not encode the metadata of an instance at ingest; "
                     "it will be built on first request", exc_info=True)
         return None
@@ -271,27 +271,28 @@ def fetch(index: Index, store: ObjectStore, keys: Sequence[int]) -> list[Documen
     found: dict[int, Document] = {}
     for start in range(0, len(keys), BATCH):
         for row in reads.metadata_rows(index.connection(), keys[start:start + BATCH]):
-            found[row.key] = _document(index, store, row)
+            found[row[0]] = _document(index, store, row)
     return [found[pk] for pk in keys if pk in found]
 
 
 def _document(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
     """An index row as a document, backfilled when it has no JSON."""
-    if row.json is None:
-        return _backfill(index, store, row)
-    return Document(row.sop_uid, row.object_key, row.transfer_syntax, row.pixel_offset,
-                    row.pixel_length, row.json)
+    pk, sop, key, checksum, ts, offset, length, text = row
+    if text is None:
+        return _backfill(index, store, pk, sop, key, checksum, ts)
+    return Document(sop, key, ts, offset, length, text)
 
 
-def _backfill(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
+def _backfill(index: Index, store: ObjectStore, pk: int, sop_uid: str, key: str,
+              checksum: str, transfer_syntax: str) -> Document:
     """Build one instance's metadata from its stored object and keep it."""
-    with store.open(row.object_key) as stream, seekable(stream) as source:
-        prepared = prepare_from_stream(source, row.transfer_syntax)
+    with store.open(key) as stream, seekable(stream) as source:
+        prepared = prepare_from_stream(source, transfer_syntax)
     with index.write() as conn:
-        writer.backfill_metadata(conn, row.key, row.checksum, prepared.json,
-                                 prepared.pixel_offset, prepared.pixel_length)
-    return Document(row.sop_uid, row.object_key, row.transfer_syntax,
-                    prepared.pixel_offset, prepared.pixel_length, prepared.json)
+        writer.backfill_metadata(conn, pk, checksum, prepared.json, prepared.pixel_offset,
+                                 prepared.pixel_length)
+    return Document(sop_uid, key, transfer_syntax, prepared.pixel_offset,
+                    prepared.pixel_length, prepared.json)
 
 
 def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
@@ -318,7 +319,7 @@ def prepare_from_stream(source: BinaryIO, transfer_syntax: str) -> Prepared:
             total = source.seek(0, 2)
             study, series, sop = (str(header.get(k, "")) for k in (
                 "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-        except Exception as exc:  # pydicom raises many kinds for malformed input
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
             raise UnreadableData(
                 f"stored object does not parse: {type(exc).__name__}") from None
         pixel = pixel_element_at(head, position, total, transfer_syntax)
@@ -419,10 +420,9 @@ def representative(index: Index, study_uid: str, series_uid: str | None = None) 
     NotFound
         When the series or study has no image.
     """
-    series = reads.image_series(index.connection(), study_uid, series_uid)
-    if not series:
+    images = reads.first_series_images(index.connection(), study_uid, series_uid)
+    if not images:
         raise NotFound("no image in this study or series")
-    images = series[0]
     return images[len(images) // 2]
 
 
@@ -444,6 +444,6 @@ def values(doc: dict[str, Any], tag: int) -> list[Any]:
 
 __all__ = [
     "BATCH", "BULK_DATA_THRESHOLD", "Document", "Prepared", "absolute_bulk_data_uris",
-    "documents", "fetch", "instance_keys", "encode", "json_array", "parse", "prepare",
+    "documents", "encode", "fetch", "instance_keys", "json_array", "parse", "prepare",
     "prepare_from_stream", "representative", "save", "seekable", "value", "values",
 ]

@@ -18,6 +18,7 @@ import apsw
 import pytest
 
 from pacs.core.index import reads
+from pacs.core.services import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pacs", "adapters")
@@ -166,7 +167,7 @@ def test_the_named_reads_use_bound_parameters(tmp_path: Path) -> None:
     hostile = "1' OR '1'='1"
     assert reads.instance_keys(conn, hostile) == []
     assert reads.instance_keys(conn, hostile, hostile, hostile) == []
-    assert reads.image_series(conn, hostile, hostile) == []
+    assert reads.first_series_images(conn, hostile, hostile) == []
     assert reads.lookup(conn, hostile) is None
     assert reads.study_patients(conn, [hostile]) == {}
     assert reads.metadata_rows(conn, []) == []
@@ -189,3 +190,38 @@ def test_a_failing_read_is_an_index_failure(tmp_path: Path) -> None:
         reads.counts(conn)
     assert isinstance(caught.value.__cause__, apsw.Error)
     conn.close()
+
+
+def test_the_first_series_images_follow_series_and_instance_numbers(services: Services
+                                                                     ) -> None:
+    """The study's first series with images by Series Number (a series without Rows is
+    skipped), its images by Instance Number (as numbers, not text)."""
+    from pydicom.uid import generate_uid
+
+    from tests.factory import make_instance
+
+    study, late, early, no_images = generate_uid(), generate_uid(), generate_uid(), \
+        generate_uid()
+    sops: dict[tuple[str, int], str] = {}
+    for series, number in ((late, 10), (early, 2)):
+        for instance_number in (10, 9, 1):
+            sop = generate_uid()
+            sops[(series, instance_number)] = sop
+            services.ingest.store_bytes(make_instance(
+                StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
+                SeriesNumber=number, InstanceNumber=instance_number))
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID=study, SeriesInstanceUID=no_images, SeriesNumber=1, Rows=None,
+        Columns=None, PixelData=None))
+    conn = services.index.connection()
+    assert reads.first_series_images(conn, study) == [
+        sops[(early, 1)], sops[(early, 9)], sops[(early, 10)]]
+    assert reads.first_series_images(conn, study, late) == [
+        sops[(late, 1)], sops[(late, 9)], sops[(late, 10)]]
+    assert reads.first_series_images(conn, study, no_images) == []
+    keys = reads.instance_keys(conn, study)
+    assert len(keys) == 7 and reads.instance_keys(conn, study, early) == sorted(
+        reads.instance_keys(conn, study, early))
+    rows = reads.metadata_rows(conn, keys)
+    assert sorted(row[0] for row in rows) == sorted(keys)
+    assert all(row[7] is not None for row in rows)  # metadata prepared at ingest

@@ -307,7 +307,8 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
     return Compiled(sql, tuple(params), tuple(keywords))
 
 
-def compile_count(query: Query, pn_case_sensitive: bool = False, cap: int | None = None) -> Compiled:
+def compile_count(query: Query, pn_case_sensitive: bool = False,
+                  cap: int | None = None) -> Compiled:
     """How many entities match (counting stops after ``cap`` + 1)."""
     where = _where(query, pn_case_sensitive)
     inner = f"SELECT 1 FROM {_from(query)}{_where_sql(where)}"

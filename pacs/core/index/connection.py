@@ -11,6 +11,7 @@ timeout long enough for several writer processes, and migrations applied by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import weakref
@@ -242,7 +243,7 @@ class Index:
                     conn.execute("SAVEPOINT piece")
                     try:
                         entry.work(conn)
-                    except BaseException as exc:  # noqa: BLE001 - handed to its caller
+                    except BaseException as exc:  # handed to its caller
                         if conn.getautocommit():
                             # SQLite rolled the whole transaction back (disk full, I/O
                             # error): the pieces before this one are gone too, and the
@@ -251,7 +252,7 @@ class Index:
                         conn.execute("ROLLBACK TO piece")
                         entry.error = _failure(exc)
                     conn.execute("RELEASE piece")
-        except BaseException as exc:  # the commit failed: nothing of the batch is kept
+        except BaseException as exc:  # noqa: BLE001 - the commit failed: each piece gets it
             for entry in batch:
                 entry.error = entry.error or _failure(exc)
         for entry in batch:
@@ -281,7 +282,5 @@ def _failure(exc: BaseException) -> BaseException:
 
 def _close(conn: apsw.Connection) -> None:
     """Close ``conn``, and the statements of its cursors with it."""
-    try:
+    with contextlib.suppress(apsw.Error):
         conn.close(True)
-    except apsw.Error:
-        pass

@@ -7,9 +7,8 @@ new migration.  Each migration runs in one transaction with the version bump.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import json
+from collections.abc import Callable
 
 import apsw
 from pydicom.dataset import Dataset
@@ -154,7 +153,8 @@ def _copies_from_metadata(conn: apsw.Connection, copies: tuple[Attribute, ...],
         if elements is None:
             continue
         try:
-            document = {key: element for key, element in zip(keys, json.loads(elements))
+            document = {key: element for key, element
+                        in zip(keys, json.loads(str(elements)), strict=False)
                         if isinstance(element, dict)}
             values = extract(Dataset.from_json(document), Level.PATIENT)
         except Exception:  # noqa: BLE001 - a value that does not read keeps the patient's

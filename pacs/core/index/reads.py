@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import wraps
-from typing import NamedTuple, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 import apsw
 
@@ -90,18 +90,11 @@ def instance_keys(conn: apsw.Connection, study_uid: str, series_uid: str | None 
     return [int(pk) for (pk,) in conn.execute(sql, params)]
 
 
-class MetadataRow(NamedTuple):
-    """An instance's stored facts and its prepared metadata (``json`` is ``None`` when
-    none was prepared: :mod:`pacs.core.metadata` builds it then)."""
-
-    key: int
-    sop_uid: str
-    object_key: str
-    checksum: str
-    transfer_syntax: str
-    pixel_offset: int | None
-    pixel_length: int | None
-    json: str | None
+#: An instance's stored facts and its prepared metadata: index key, SOP Instance UID,
+#: object key, checksum, transfer syntax, pixel offset, pixel length, and the DICOM JSON
+#: (``None`` when none was prepared: :mod:`pacs.core.metadata` builds it then).  A
+#: plain tuple: a metadata answer reads thousands of them.
+MetadataRow = tuple[int, str, str, str, str, int | None, int | None, str | None]
 
 
 _METADATA_SQL = (
@@ -120,7 +113,7 @@ def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRo
     if not keys:
         return []
     sql = _METADATA_SQL.format(marks=", ".join("?" * len(keys)))
-    return [MetadataRow._make(row) for row in conn.execute(sql, keys)]
+    return conn.execute(sql, keys).fetchall()  # type: ignore[return-value]
 
 
 _IMAGES_SQL = (
@@ -132,16 +125,24 @@ _IMAGES_SQL = (
 
 
 @_read("image query")
-def image_series(conn: apsw.Connection, study_uid: str,
-                 series_uid: str | None = None) -> list[list[str]]:
-    """The SOP Instance UIDs of the images (instances with Rows) of a study or series,
-    one list per series: series by Series Number, images by Instance Number."""
+def first_series_images(conn: apsw.Connection, study_uid: str,
+                        series_uid: str | None = None) -> list[str]:
+    """The SOP Instance UIDs of the images (instances with Rows) of a series, or of a
+    study's first series with images by Series Number, by Instance Number; empty when
+    there is none."""
     clause = "AND series.series_uid = ?" if series_uid is not None else ""
     params = [study_uid] + ([series_uid] if series_uid is not None else [])
-    grouped: dict[int, list[str]] = {}
-    for series_pk, sop in conn.execute(_IMAGES_SQL.format(series=clause), params):
-        grouped.setdefault(int(series_pk), []).append(str(sop))
-    return list(grouped.values())
+    images: list[str] = []
+    first = None
+    cursor = conn.execute(_IMAGES_SQL.format(series=clause), params)
+    for series_pk, sop in cursor:
+        if first is None:
+            first = series_pk
+        elif series_pk != first:
+            break  # the rows of one series are contiguous (ORDER BY)
+        images.append(sop)
+    cursor.close()
+    return images
 
 
 @_read("patient query")
@@ -199,5 +200,5 @@ def quick_check(conn: apsw.Connection) -> str:
 
 
 __all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "counts",
-           "image_series", "indexed_bytes", "instance_keys", "lookup", "metadata_rows",
+           "first_series_images", "indexed_bytes", "instance_keys", "lookup", "metadata_rows",
            "quick_check", "study_patients"]

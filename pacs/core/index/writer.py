@@ -94,22 +94,26 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
     parent_pk: int | None = None
     patient_pk: int | None = None
     for level in Level:
-        values = dict(row.values[level])
+        values: dict[str, str | int | None] = dict(row.values[level])
         if level is Level.STUDY:
             values.update(row.values[Level.PATIENT])
         values["patient_key"] = row.patient_key
         if level in PARENT_KEY:
-            values[PARENT_KEY[level]] = parent_pk  # type: ignore[assignment]
+            values[PARENT_KEY[level]] = parent_pk
         if level is Level.IMAGE:
-            values.update(object_key=row.object_key, size=row.size,  # type: ignore[arg-type]
+            values.update(object_key=row.object_key, size=row.size,
                           checksum=row.checksum, transfer_syntax=row.transfer_syntax,
                           received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
-        parent_pk = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()[0]
+        returned = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()
+        if returned is None:  # RETURNING answers the row inserted or updated
+            raise apsw.SQLError(f"no key returned for a {level.table} row")
+        parent_pk = int(returned[0])
         if level is Level.PATIENT:
             patient_pk = parent_pk
     if old_parents is not None:
-        prune(conn, *old_parents, written=patient_pk)
+        series_pk, study_pk, old_patient_pk = old_parents
+        prune(conn, series_pk, study_pk, old_patient_pk, written=patient_pk)
 
 
 @cache
