@@ -1,0 +1,160 @@
+"""The audit trail of a real node (``pacs serve``): dicomweb-client's STOW-RS, QIDO-RS and
+WADO-RS against gunicorn's workers, then the trail file read back and each event checked
+against PS3.15 A.5 and against what was done (who, what, when, outcome, study UIDs, the
+patient); the application log, at the default level, holds none of the patient data the
+trail holds."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import FileDataset
+from pydicom.uid import generate_uid
+
+from pacs.core.audit import CHECK_SECONDS
+from tests.auditcheck import (
+    detail,
+    event_name,
+    patients_in,
+    problems,
+    query_of,
+    read_trail,
+    requestor,
+    studies_in,
+)
+from tests.conftest import sample
+from tests.interop.conftest import Node, answers_qido
+
+pytestmark = pytest.mark.interop
+
+PATIENT_NAME = "AUDITED^SECRETNAME"
+PATIENT_ID = "AUDIT-ID-7731"
+
+
+@pytest.fixture(scope="module")
+def audited(node_factory: Callable[..., Node]) -> Node:
+    """A node with two gunicorn workers and two DIMSE workers writing one trail."""
+    node = node_factory("audit", PACS_WEB_WORKERS="2")
+    answers_qido(node)
+    return node
+
+
+def trail_of(node: Node) -> list[dict[str, Any]]:
+    events = read_trail(node.data_dir / "audit.jsonl")
+    for event in events:
+        assert problems(event) == [], event
+    return events
+
+
+def since(events: list[dict[str, Any]], start: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["EventIdentification"]["EventDateTime"] >= start]
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ct(study: str, series: str, number: int) -> FileDataset:
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = number
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    return ds
+
+
+def test_dicomweb_client_stow_qido_wado_are_in_the_trail(audited: Node) -> None:
+    client = DICOMwebClient(url=audited.web_url())
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct(study, series, n) for n in (1, 2)]
+    start = utc_now()
+    client.store_instances(datasets)
+    found = client.search_for_studies(search_filters={"PatientName": PATIENT_NAME})
+    assert [r["0020000D"]["Value"][0] for r in found] == [study]
+    retrieved = client.retrieve_study(study)
+    assert len(retrieved) == 2
+    client.retrieve_series_metadata(study, series)
+    end = utc_now()
+
+    events = since(trail_of(audited), start)
+    assert [event_name(e) for e in events] == [
+        "DICOM Instances Transferred", "Query", "DICOM Instances Transferred",
+        "DICOM Instances Accessed"]
+    stored, query, sent, accessed = events
+    for event in events:
+        assert start <= event["EventIdentification"]["EventDateTime"] <= end
+        assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
+        assert requestor(event)["UserID"] == "loopback"
+        assert requestor(event)["NetworkAccessPointID"] == "127.0.0.1"
+    for event in (stored, sent, accessed):
+        assert studies_in(event) == [study] and patients_in(event) == [PATIENT_ID]
+    assert stored["EventIdentification"]["EventActionCode"] == "C"
+    assert stored["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"] == {
+        "SOPClass": [{"UID": datasets[0].SOPClassUID, "NumberOfInstances": 2}]}
+    assert sent["EventIdentification"]["EventActionCode"] == "R"
+    assert sent["ActiveParticipant"][0]["UserID"] == "INTELPIXEL"  # the node sent them
+    assert detail(query, "QueryKeys") == "00100010"
+    assert PATIENT_NAME.split("^")[1] in query_of(query).decode()
+
+
+def test_the_trail_is_protected_and_the_application_log_holds_no_patient_data(
+        audited: Node) -> None:
+    path = audited.data_dir / "audit.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert PATIENT_ID in path.read_text()  # the trail names the patient ...
+    log = audited.log()
+    assert "STOW-RS" in log  # (the log is the node's, at its default level)
+    for secret in (PATIENT_ID, "SECRETNAME", "AUDITED"):
+        assert secret not in log  # ... the application log never does
+
+
+def test_concurrent_requests_to_every_worker_lose_no_event(audited: Node) -> None:
+    url = f"{audited.web_url()}/studies"
+    start = utc_now()
+    count = 60
+
+    def search(number: int) -> int:
+        return requests.get(url, params={"StudyDescription": f"concurrent-{number}"},
+                            timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(search, range(count))) == {200}
+    queries = [e for e in since(trail_of(audited), start) if event_name(e) == "Query"]
+    asked = sorted(query_of(e).decode() for e in queries)
+    assert asked == sorted(f"/studies?StudyDescription=concurrent-{n}" for n in range(count))
+
+
+def test_refused_and_failed_requests_are_recorded(audited: Node) -> None:
+    start = utc_now()
+    missing = requests.get(f"{audited.web_url()}/studies/1.2.3.4.5/metadata", timeout=30)
+    assert missing.status_code == 404
+    misdirected = requests.get(f"{audited.web_url()}/studies", timeout=30,
+                               headers={"Host": "evil.example"})
+    assert misdirected.status_code == 421
+    events = since(trail_of(audited), start)
+    assert [(event_name(e), e["EventIdentification"]["EventOutcomeIndicator"])
+            for e in events] == [("DICOM Instances Accessed", 4), ("Query", 8)]
+    assert studies_in(events[0]) == ["1.2.3.4.5"]
+
+
+def test_a_rotated_trail_is_reopened_by_every_worker(audited: Node) -> None:
+    path = audited.data_dir / "audit.jsonl"
+    rotated = audited.data_dir / "audit.jsonl.1"
+    requests.get(f"{audited.web_url()}/studies", timeout=30)
+    path.rename(rotated)  # logrotate without copytruncate, and no signal
+    # A writer looks at the path again at its first event a second after its last look.
+    time.sleep(CHECK_SECONDS + 0.2)
+    before = rotated.read_bytes()
+    for _ in range(6):
+        assert requests.get(f"{audited.web_url()}/studies", timeout=30).status_code == 200
+    assert rotated.read_bytes() == before  # no worker writes to the old file any more
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [event_name(e) for e in trail_of(audited)] == ["Query"] * 6
