@@ -120,7 +120,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     try:
         web.start()
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on port {settings.web_port}: {exc}")
+        raise click.ClickException(f"cannot listen on port {settings.web_port}: {exc}") from exc
     web.watch(stopping)
     # The OHIF viewer server and the upload-folder watcher: optional companions that are
     # restarted when they fail and never stop the node.
@@ -131,7 +131,8 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         run_workers(settings, stopping)
     except OSError as exc:
         stopping.set()
-        raise click.ClickException(f"cannot listen on port {settings.dimse_port}: {exc}")
+        raise click.ClickException(
+            f"cannot listen on port {settings.dimse_port}: {exc}") from exc
     finally:
         stopping.set()
         web.stop()
@@ -326,9 +327,9 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
     finally:
         services.close()
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     click.echo(f"({len(rows)} {level} row{'s' if len(rows) != 1 else ''})")
 
 

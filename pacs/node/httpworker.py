@@ -114,7 +114,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime
@@ -303,7 +303,8 @@ class Spool:
         if left < SPOOL_RESERVE_BYTES:
             raise BadRequest("503 Service Unavailable",
                              "not enough free space to receive this request")
-        file = tempfile.TemporaryFile(dir=self.folder, buffering=0)
+        # Kept open past this call: the spool owns it and closes it (close / abort).
+        file = tempfile.TemporaryFile(dir=self.folder, buffering=0)  # noqa: SIM115
         for chunk in self._chunks:
             _write_all(file, chunk)
         self._file = file
@@ -705,7 +706,7 @@ class Exchange:
 
     req: Request
     resp: Any
-    environ: dict[str, Any]
+    environ: MutableMapping[str, Any]
     body: Any  # wsgi.input
     started: datetime
     respiter: Any = None
@@ -719,9 +720,9 @@ class Exchange:
 class Connection:
     """One client connection and where it is (see :class:`State`)."""
 
-    __slots__ = ("sock", "peer", "server", "state", "data", "scanned", "deadline",
-                 "since", "requests", "req", "spool", "left", "chunked", "writer",
-                 "exchange", "streamed", "lock", "tls_environ")
+    __slots__ = ("chunked", "data", "deadline", "exchange", "left", "lock", "peer", "req",
+                 "requests", "scanned", "server", "since", "sock", "spool", "state", "streamed",
+                 "tls_environ", "writer")
 
     def __init__(self, sock: socket.socket, peer: Any, server: Any) -> None:
         self.sock = sock
@@ -745,6 +746,10 @@ class Connection:
         self.tls_environ: dict[str, str] = {}  # TLS: what the application is told
 
 
+#: A WSGI application, as gunicorn's worker holds it (PEP 3333).
+WSGIApp = Callable[[MutableMapping[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
 def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
     """A WSGI application that answers every request 503 (the real one is missing)."""
     body = json.dumps({"status": "unhealthy",
@@ -762,7 +767,7 @@ def unavailable_app(retry_after: float) -> Callable[..., list[bytes]]:
 
 # --- the worker -------------------------------------------------------------------------
 
-class HttpWorker(base.Worker):  # type: ignore[misc]
+class HttpWorker(base.Worker):
     """gunicorn worker: an event loop for the network, threads for the application.
 
     Use with ``--worker-class pacs.node.httpworker.HttpWorker``; ``--threads`` is the number
@@ -838,12 +843,12 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 soft = wanted
             except (ValueError, OSError):
                 pass
-        return max(16, min(self.cfg.worker_connections, (soft - 256) // 2))
+        return max(16, min(int(self.cfg.worker_connections), (soft - 256) // 2))
 
     def load_wsgi(self) -> None:
         """Load the application; when it cannot be, answer 503 and retry in the background."""
         try:
-            self.wsgi = self.app.wsgi()
+            self.wsgi = cast(WSGIApp, self.app.wsgi())  # a WSGI app (not ASGI)
         except Exception as exc:  # noqa: BLE001 - any failure to build it
             # The exception as an argument: pacs.core.logs names it without its values.
             log.error("the web application cannot start (%s); answering 503 and retrying "
@@ -857,7 +862,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         while self.alive:
             time.sleep(delay)
             try:
-                app = self.app.wsgi()
+                app = cast(WSGIApp, self.app.wsgi())
             except Exception as exc:  # noqa: BLE001 - any failure to build it
                 delay = min(delay * 2, RETRY_LONGEST)
                 log.error("the web application still cannot start (%s); retrying in %g s",
@@ -948,7 +953,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                     self._on_writable(key.data)
                 else:
                     self._on_readable(key.data)
-            except Exception:  # noqa: BLE001 - one connection's failure, not the loop's
+            except Exception:
                 self.log.exception("Error handling an HTTP connection")
                 self._close(key.data)
         if self.ready:
@@ -990,10 +995,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             pass
 
     def _run_calls(self, fileobj: Any, mask: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.read(self.wake_fds[0], 4096)
-        except OSError:
-            pass
         while True:
             try:
                 call = self.calls.get_nowait()
@@ -1004,10 +1007,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
     def _post(self, call: Callable[[], None]) -> None:
         """Run ``call`` in the loop (from a thread)."""
         self.calls.put(call)
-        try:
+        with contextlib.suppress(OSError):  # the pipe is full: the loop wakes anyway
             os.write(self.wake_fds[1], b"\0")
-        except OSError:  # the pipe is full: the loop is being woken anyway
-            pass
 
     # -- connections --
 
@@ -1039,10 +1040,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                     return
                 raise
             sock.setblocking(False)
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
             conn = Connection(sock, peer, listener.getsockname())
             conn.deadline = time.monotonic() + self._limits.timeout
             if self.tls is not None:
@@ -1102,10 +1101,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
 
     def _unwatch(self, conn: Connection) -> None:
         assert self.poller is not None
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self.poller.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
 
     def _close(self, conn: Connection) -> None:
         """Forget the connection and free what it holds (loop only)."""
@@ -1117,10 +1114,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             conn.spool = None
         if conn.lock is not None and conn.state not in (State.HANDSHAKE, State.CLOSING):
             self._close_notify(conn)
-        try:
+        with contextlib.suppress(OSError):
             conn.sock.close()
-        except OSError:
-            pass
         if (not self.accepting and self.alive
                 and len(self.connections) < self.max_connections):
             self._accept_enabled(True)
@@ -1365,10 +1360,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         conn.chunked = Chunked() if length is None else None
         conn.deadline = time.monotonic() + self._limits.timeout
         if expects and not conn.data:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.send(_CONTINUE)
-            except OSError:
-                pass
         if conn.data:
             early, conn.data = bytes(conn.data), bytearray()
             self._take_body(conn, early)
@@ -1476,7 +1469,9 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         conn.exchange = exchange
         try:
             self.cfg.pre_request(self, req)
-            resp, environ = wsgi.create(req, conn.writer, conn.peer, conn.server, self.cfg)
+            # The writer stands in for the socket: gunicorn's response only sends on it.
+            resp, environ = wsgi.create(req, cast(socket.socket, conn.writer), conn.peer,
+                                        conn.server, self.cfg)
             exchange.resp, exchange.environ = resp, environ
             environ.update(conn.tls_environ)  # https, whatever a forwarder's header said
             environ["wsgi.input"] = body
@@ -1488,7 +1483,8 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
                 self._post(lambda: None)
             if not self.alive or self._limits.keepalive <= 0:
                 resp.force_close()
-            exchange.respiter = self.wsgi(environ, resp.start_response)
+            application: WSGIApp = self.wsgi  # start_response takes exc_info too
+            exchange.respiter = application(environ, resp.start_response)
             if isinstance(exchange.respiter, wsgi.FileWrapper):
                 exchange.respiter.blksize = max(exchange.respiter.blksize, FILE_BLOCK_BYTES)
             exchange.chunks = iter(exchange.respiter)
@@ -1496,7 +1492,7 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
             if exchange.resp is not None and exchange.resp.headers_sent:
                 self._abandon(conn, exc)
                 return
-            self.handle_error(req, conn.writer, conn.peer, exc)
+            self.handle_error(req, cast(socket.socket, conn.writer), conn.peer, exc)
             exchange.finished, exchange.keep = True, False
         self._pump(conn)
 
@@ -1610,14 +1606,14 @@ class HttpWorker(base.Worker):  # type: ignore[misc]
         try:
             if hasattr(exchange.respiter, "close"):
                 exchange.respiter.close()
-        except Exception:  # noqa: BLE001 - nothing left to answer
+        except Exception:
             self.log.exception("Error closing the response")
         if exchange.resp is not None:
             self.log.access(exchange.resp, exchange.req, exchange.environ,
                             datetime.now() - exchange.started)
         try:
             self.cfg.post_request(self, exchange.req, exchange.environ, exchange.resp)
-        except Exception:  # noqa: BLE001 - a hook's failure is not the client's
+        except Exception:
             self.log.exception("Exception in post_request hook")
 
     def _done(self, conn: Connection, keep: bool) -> None:
