@@ -64,8 +64,7 @@ from pydicom.pixels import apply_color_lut
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
 from adapters.dicomweb.errors import Unacceptable
-from pacs.core import frames as pixels
-from pacs.core import metadata
+from pacs.core import frames as pixels, metadata
 from pacs.core.errors import InvalidQuery, NotFound, UnreadableData
 from pacs.core.services import Services
 
@@ -220,7 +219,8 @@ def colour(array: np.ndarray, doc: dict[str, Any]) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     bits = int(metadata.value(doc, _BITS_STORED, 8) or 8)
-    return np.clip(array.astype(np.int64) >> max(bits - 8, 0), 0, 255).astype(np.uint8)
+    shifted: np.ndarray = np.clip(array.astype(np.int64) >> max(bits - 8, 0), 0, 255)
+    return shifted.astype(np.uint8)
 
 
 def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Image.Image:
@@ -329,7 +329,7 @@ class Rendered:
                 metadata.seekable(stream) as source:
             try:
                 value = pydicom.dcmread(source).get(0x00420011)
-            except Exception as exc:  # pydicom raises many kinds for malformed input
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds here
                 raise UnreadableData(f"stored object does not parse: "
                                      f"{type(exc).__name__}") from None
         if value is None or not isinstance(value.value, bytes):

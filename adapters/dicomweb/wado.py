@@ -49,8 +49,7 @@ from adapters.dicomweb import accept, dicomjson, multipart, urls
 from adapters.dicomweb.accept import ANY, MediaRange
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
-from pacs.core import frames as pixels
-from pacs.core import metadata, transcode
+from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
 from pacs.core.errors import InvalidQuery, NotFound, PacsError

@@ -262,7 +262,8 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     rows = reads.all_objects(services.index.connection())
     report.rows = len(rows)
     listed: dict[str, list[str]] = {}
-    for key in store.keys():
+    stored = store.keys()
+    for key in stored:
         listed.setdefault(_sop_of(key), []).append(key)
         report.objects += 1
     suspects = {sop for sop, keys in listed.items() if len(keys) > 1}

@@ -392,7 +392,7 @@ def test_file_store_leaves_no_temporary_file_after_a_failed_put(
 
 
 @pytest.mark.interop
-def test_s3_objects_live_under_the_customer_prefix(seaweed_s3: SeaweedS3) -> None:
+def test_s3_objects_live_under_the_customer_prefix(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
     settings = Settings(
         customer=unique_customer(),
         storage="s3",
@@ -417,7 +417,7 @@ def test_s3_objects_live_under_the_customer_prefix(seaweed_s3: SeaweedS3) -> Non
 
 
 @pytest.mark.interop
-def test_s3_keys_ignore_other_customers_and_foreign_objects(seaweed_s3: SeaweedS3) -> None:
+def test_s3_keys_ignore_other_customers_and_foreign_objects(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
     store = make_s3_store(seaweed_s3)
     neighbour = make_s3_store(seaweed_s3, customer=store.customer + "x")
     store.check()
@@ -440,7 +440,7 @@ def test_s3_keys_ignore_other_customers_and_foreign_objects(seaweed_s3: SeaweedS
 
 
 @pytest.mark.interop
-def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None:
+def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
     # 5 MiB parts (S3's minimum): an 11 MiB object takes three parts.
     store = make_s3_store(seaweed_s3, part_size=5 * 1024 * 1024)
     store.check()
@@ -462,7 +462,7 @@ def test_s3_multipart_round_trip_and_short_source(seaweed_s3: SeaweedS3) -> None
 @pytest.mark.interop
 @pytest.mark.parametrize("size", [1000, 11 * 1024 * 1024], ids=["put", "multipart"])
 def test_s3_body_damaged_in_transit_is_refused(
-    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, size: int
+    seaweed_s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch, size: int  # noqa: F811
 ) -> None:
     """Content-MD5 is sent over plain HTTP too, with a single PUT and with each part of
     a multipart upload, so the server refuses a damaged body."""
@@ -488,7 +488,7 @@ def test_s3_body_damaged_in_transit_is_refused(
 
 
 @pytest.mark.interop
-def test_s3_stream_close_releases_the_connection(seaweed_s3: SeaweedS3) -> None:
+def test_s3_stream_close_releases_the_connection(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
     store = make_s3_store(seaweed_s3)
     store.check()
     try:
@@ -507,7 +507,7 @@ def test_s3_stream_close_releases_the_connection(seaweed_s3: SeaweedS3) -> None:
 
 @pytest.mark.interop
 @pytest.mark.parametrize("wrong", ["secret", "access"])
-def test_s3_check_refuses_wrong_credentials(seaweed_s3: SeaweedS3, wrong: str) -> None:
+def test_s3_check_refuses_wrong_credentials(seaweed_s3: SeaweedS3, wrong: str) -> None:  # noqa: F811
     bad_secret = "definitely-not-the-secret"
     if wrong == "secret":
         store = make_s3_store(seaweed_s3, secret_key=bad_secret)
@@ -542,7 +542,7 @@ def test_s3_check_fails_fast_on_an_unreachable_endpoint() -> None:
 
 
 @pytest.mark.interop
-def test_s3_check_creates_a_missing_bucket(seaweed_s3: SeaweedS3) -> None:
+def test_s3_check_creates_a_missing_bucket(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
     bucket = "pacs-new-" + uuid.uuid4().hex[:12]
     admin = seaweed_s3.client()
     assert not admin.bucket_exists(bucket_name=bucket)
