@@ -384,3 +384,68 @@ def conformance(ctx: click.Context, fmt: str, defaults: bool, output: str | None
         Path(output).write_text(text, encoding="utf-8")
     else:
         click.echo(text, nl=False)
+
+
+@main.command("audit")
+@click.option("--study", default="", help="Only events naming this Study Instance UID.")
+@click.option("--patient", default="", help="Only events naming this Patient ID.")
+@click.option("--user", default="", help="Only events with this participant (an AE title, "
+                                         "an HTTP user, token, loopback).")
+@click.option("--since", default="", help="Only events from this UTC date or date and time "
+                                          "on (2024-05-01, 2024-05-01T12:00).")
+@click.option("--format", "fmt", type=click.Choice(["summary", "json", "xml"]),
+              default="summary", show_default=True,
+              help="One line per event, the trail's JSON lines, or DICOM XML (PS3.15 A.5.1).")
+@click.option("--syslog", "target", metavar="HOST:PORT",
+              help="Send the events to an audit record repository instead: RFC 5424 "
+                   "syslog with the DICOM XML, over TCP (octet counting) or --udp.")
+@click.option("--udp", is_flag=True, help="With --syslog: UDP datagrams (RFC 5426).")
+@click.pass_context
+def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, fmt: str,
+           target: str | None, udp: bool) -> None:
+    """Show the audit trail (who touched which patient's images), or ship it.
+
+    Reads PACS_AUDIT_LOG (the data folder's audit.jsonl by default); lines that are not
+    an event (cut short by a full disk) are counted on standard error.
+    """
+    import json
+
+    from pacs.core import audit
+
+    settings = _settings(ctx)
+    path = audit.audit_path(settings.audit_log, settings.data_dir)
+    if path is None:
+        raise click.ClickException("the audit trail is off (PACS_AUDIT_LOG=off)")
+    try:
+        lower = audit.parse_since(since) if since else ""
+    except ValueError:
+        raise click.BadParameter(f"not a date or date and time: {since}",
+                                 param_hint="--since") from None
+    try:
+        with open(path, "rb") as trail:
+            read = list(audit.read_events(trail))
+    except FileNotFoundError:
+        read = []
+    unreadable = sum(event is None for event in read)
+    selected = [event for event in read if event is not None
+                and event.get("EventIdentification", {}).get("EventDateTime", "") >= lower
+                and audit.matches(event, study=study, patient=patient, user=user)]
+    if unreadable:
+        click.echo(f"{unreadable} line(s) of {path} are not events", err=True)
+    if target:
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.BadParameter("expected HOST:PORT", param_hint="--syslog")
+        try:
+            sent = audit.ship(selected, host.strip("[]"), int(port), udp=udp)
+        except OSError as exc:
+            raise click.ClickException(f"cannot send to {target}: {exc}") from None
+        click.echo(f"sent {sent} event(s) to {target}")
+        return
+    for event in selected:
+        if fmt == "json":
+            click.echo(json.dumps(event, ensure_ascii=False))
+        elif fmt == "xml":
+            click.echo(audit.to_xml(event))
+        else:
+            click.echo(audit.summary(event))

@@ -855,3 +855,51 @@ def summary(event: Mapping[str, Any]) -> str:
             f"[{identification.get('EventActionCode', '')}] "
             f"outcome={identification.get('EventOutcomeIndicator', '')} who={who} "
             f"studies={','.join(studies) or '-'} patients={','.join(patients) or '-'}")
+
+
+def ship(events: Iterable[Mapping[str, Any]], host: str, port: int, *, udp: bool = False,
+         hostname: str | None = None, timeout: float = 30.0) -> int:
+    """Send events to an audit record repository as RFC 5424 syslog messages carrying
+    the DICOM XML (IHE ATNA): over TCP with octet-counting frames (RFC 6587 3.4.1, the
+    framing of RFC 5425 without its TLS), or one UDP datagram each (RFC 5426).
+
+    Returns
+    -------
+    int
+        The number of messages sent.
+
+    Raises
+    ------
+    OSError
+        The repository cannot be reached, or the connection broke.
+    """
+    name = hostname or socket.gethostname()
+    procid = str(os.getpid())
+    sent = 0
+    if udp:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                           socket.SOCK_DGRAM) as sock:
+            for event in events:
+                sock.sendto(syslog_message(event, name, procid=procid), (host, port))
+                sent += 1
+        return sent
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        for event in events:
+            sock.sendall(frame_octets(syslog_message(event, name, procid=procid)))
+            sent += 1
+    return sent
+
+
+def parse_since(text: str) -> str:
+    """An EventDateTime lower bound from ``2024-05-01`` or ``2024-05-01T12:00`` (UTC),
+    comparable with the trail's as text.
+
+    Raises
+    ------
+    ValueError
+        Not an ISO 8601 date or date and time.
+    """
+    moment = datetime.datetime.fromisoformat(text.rstrip("Z"))
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.UTC).replace(tzinfo=None)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

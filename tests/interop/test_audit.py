@@ -7,6 +7,7 @@ trail holds."""
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -158,3 +159,22 @@ def test_a_rotated_trail_is_reopened_by_every_worker(audited: Node) -> None:
     assert rotated.read_bytes() == before  # no worker writes to the old file any more
     assert path.stat().st_mode & 0o777 == 0o600
     assert [event_name(e) for e in trail_of(audited)] == ["Query"] * 6
+
+
+def test_pacs_audit_lists_and_filters_the_trail(audited: Node) -> None:
+    client = DICOMwebClient(url=audited.web_url())
+    study = generate_uid()
+    client.store_instances([ct(study, generate_uid(), 1)])
+    listed = audited.cli("audit", "--study", study)
+    assert listed.returncode == 0, listed.stderr
+    (line,) = listed.stdout.splitlines()
+    assert "DICOM Instances Transferred [C] outcome=0" in line
+    assert f"studies={study}" in line and f"patients={PATIENT_ID}" in line
+    as_json = audited.cli("audit", "--patient", PATIENT_ID, "--format", "json")
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert events and all(PATIENT_ID in patients_in(e) for e in events)
+    assert study in {uid for e in events for uid in studies_in(e)}
+    xml = audited.cli("audit", "--study", study, "--format", "xml")
+    assert xml.stdout.startswith("<AuditMessage><EventIdentification EventActionCode=\"C\"")
+    nothing = audited.cli("audit", "--user", "NOBODY", "--since", "2000-01-01")
+    assert nothing.returncode == 0 and nothing.stdout == ""

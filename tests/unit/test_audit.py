@@ -12,6 +12,8 @@ import os
 import random
 import resource
 import signal
+import socket
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -343,3 +345,49 @@ def test_events_are_filtered_by_study_patient_and_user() -> None:
     assert not audit.matches(event, patient="PID")
     assert not audit.matches(event, user="OTHER")
     assert "DICOM Instances Transferred [R] outcome=4" in audit.summary(event)
+
+
+def _receive_tcp(server: socket.socket, into: list[bytes]) -> None:
+    connection, _ = server.accept()
+    with connection:
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    while data:  # RFC 6587 octet counting: "LEN SP MSG"
+        length, _, rest = data.partition(b" ")
+        into.append(rest[:int(length)])
+        data = rest[int(length):]
+
+
+def test_events_are_shipped_as_framed_syslog_over_tcp() -> None:
+    received: list[bytes] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        receiver = threading.Thread(target=_receive_tcp, args=(server, received))
+        receiver.start()
+        sent = audit.ship([EVENTS["stored"](), _query()], "127.0.0.1",
+                          server.getsockname()[1], hostname="node-a")
+        receiver.join(30)
+    assert sent == 2 and len(received) == 2
+    assert all(m.startswith(b"<85>1 ") and b" node-a pacs " in m for m in received)
+    bodies = [ET.fromstring(m.partition(b"\xef\xbb\xbf")[2]) for m in received]
+    assert [b.find("EventIdentification/EventID").get("csd-code")  # type: ignore[union-attr]
+            for b in bodies] == ["110104", "110112"]
+
+
+def test_events_are_shipped_as_udp_datagrams() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(30)
+        assert audit.ship([EVENTS["begin"]()], "127.0.0.1", server.getsockname()[1],
+                          udp=True) == 1
+        datagram = server.recv(65536)
+    assert b"IHE+RFC-3881" in datagram and datagram.endswith(b"</AuditMessage>")
+
+
+def test_since_is_compared_as_utc_text() -> None:
+    assert audit.parse_since("2024-05-01") == "2024-05-01T00:00:00.000000Z"
+    assert audit.parse_since("2024-05-01T14:00+02:00") == "2024-05-01T12:00:00.000000Z"
+    with pytest.raises(ValueError):
+        audit.parse_since("yesterday")
