@@ -70,9 +70,9 @@ class ObjectStore(Protocol):
     def close(self) -> None:
         """Release connections."""
 
-    # Transitional: C-MOVE / C-GET (pacs.dimse.sender) still call this method; every
-    # backend keeps it (None without local files) until they call :func:`local_path`,
-    # and then it leaves this interface for the :class:`LocalFiles` capability.
+    # In this interface only while C-MOVE / C-GET (pacs.dimse.sender) call it: every
+    # backend keeps it (None without local files).  Other code asks for the LocalFiles
+    # capability through local_path(store, key).
     def local_path(self, key: str) -> Path | None:
         """The object's file when the store keeps local files, else ``None``."""
 

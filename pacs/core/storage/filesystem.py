@@ -173,13 +173,13 @@ class FileStore:
             raise StorageError(f"cannot delete object: {exc.strerror or exc}") from exc
 
     def local_file(self, key: str) -> Path:
-        """The object's file (objects are files here): the :class:`LocalFiles`
-        capability."""
+        """The object's file (objects are files here): the
+        :class:`~pacs.core.storage.LocalFiles` capability."""
         return self._path(key)
 
     def local_path(self, key: str) -> Path:
-        """:meth:`local_file`, under the name C-MOVE / C-GET still call (see
-        :class:`pacs.core.storage.ObjectStore`)."""
+        """:meth:`local_file` (``ObjectStore.local_path``, kept while C-MOVE / C-GET
+        call it)."""
         return self._path(key)
 
     def keys(self) -> Iterator[str]:

@@ -57,8 +57,8 @@ class MemoryStore:
             self.objects.pop(key, None)
 
     def local_path(self, key: str) -> Path | None:
-        """No files: objects live in memory (the transitional method of
-        :class:`pacs.core.storage.ObjectStore`)."""
+        """No files: objects live in memory (``ObjectStore.local_path``, kept while
+        C-MOVE / C-GET call it)."""
         return None
 
     def keys(self) -> Iterator[str]:

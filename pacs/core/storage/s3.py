@@ -501,8 +501,8 @@ class S3Store:
                     raise
 
     def local_path(self, key: str) -> Path | None:
-        """No local files: objects are read over HTTP with :meth:`open` (the
-        transitional method of :class:`pacs.core.storage.ObjectStore`)."""
+        """No local files: objects are read over HTTP with :meth:`open`
+        (``ObjectStore.local_path``, kept while C-MOVE / C-GET call it)."""
         return None
 
     def quarantine(self, key: str, folder: str) -> str:
