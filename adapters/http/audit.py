@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import falcon
 from pydicom.datadict import tag_for_keyword
 
-from adapters.http.auth import Access, Verdict, is_loopback
+from adapters.http.auth import Access, Verdict
 from pacs.core import audit
 from pacs.core.audit import AuditTrail, Participant, Study
 
@@ -166,8 +166,8 @@ def user_of(access: Access, req: falcon.Request) -> str:
     verdict = access.decide(req.remote_addr, authorization, req.get_header("Host"),
                             secure=req.scheme == "https")
     if verdict is Verdict.ALLOW and not access.open:
-        if authorization and (req.scheme == "https" or is_loopback(req.remote_addr)) \
-                and access.credentials_valid(authorization):
+        # Allowed and not open: from loopback, or over HTTPS with valid credentials.
+        if authorization and access.credentials_valid(authorization):
             return _claimed(authorization)
         return "loopback"
     if verdict is Verdict.ALLOW:

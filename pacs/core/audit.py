@@ -137,8 +137,8 @@ PATIENT_ROLE, REPORT_ROLE = 1, 3
 
 def utc_now() -> str:
     """The EventDateTime of now: UTC, ISO 8601 with microseconds and ``Z``."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    return now.isoformat(timespec="microseconds") + "Z"
 
 
 # --- who, what --------------------------------------------------------------------------
