@@ -387,8 +387,10 @@ def run_workers(settings: Settings, stopping: threading.Event,
     workers = [spawn() for _ in range(count)]
     for _ in range(count):
         ready.acquire(timeout=60)
-    log.info("DIMSE %s listening on %s:%d with %d worker(s)", settings.ae_title,
-             settings.bind_address, settings.dimse_port, count)
+    log.info("DIMSE %s listening on %s:%d with %d worker(s), %s", settings.ae_title,
+             settings.bind_address, settings.dimse_port, count,
+             "through the pynetdicom seam" if settings.dimse_seam and seam.supported()
+             else "pure pynetdicom (PACS_DIMSE_SEAM=off or another pynetdicom version)")
     if on_ready:
         on_ready()
     respawn = [_Respawn() for _ in workers]

@@ -125,6 +125,7 @@ def test_ctrl_c_exits_cleanly(node_factory: Callable[..., Node]) -> None:
     assert node.terminate(signal.SIGINT, group=True) == 0
 
 
+@pytest.mark.dimse
 def test_sigterm_during_transfer_loses_no_acknowledged_instance(
         node_factory: Callable[..., Node], tmp_path: Path) -> None:
     """SIGTERM while a peer sends: exit 0 within the stop timeout, and every instance

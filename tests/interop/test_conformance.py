@@ -34,7 +34,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from tests.conftest import sample
+from tests.conftest import sample, seam_only
 from tests.interop.conftest import AE_TITLE, Node, answers_qido
 
 pytestmark = pytest.mark.interop
@@ -133,6 +133,7 @@ def test_the_statement_is_of_this_node(node: Node, statement: dict[str, Any]) ->
 
 # --- DIMSE --------------------------------------------------------------------------------
 
+@pytest.mark.dimse
 def test_every_listed_pair_is_accepted_in_that_syntax(node: Node,
                                                       statement: dict[str, Any]) -> None:
     pairs = listed_pairs(statement)
@@ -147,6 +148,7 @@ def test_every_listed_pair_is_accepted_in_that_syntax(node: Node,
     assert not refused, f"{len(refused)} listed pairs refused, e.g. {refused[:5]}"
 
 
+@pytest.mark.dimse
 def test_the_first_listed_syntax_is_chosen(node: Node, statement: dict[str, Any]) -> None:
     """Selection rule: the node's order decides, not the requestor's (all of a class's
     syntaxes proposed in reverse, then only its last two)."""
@@ -167,6 +169,8 @@ def test_the_first_listed_syntax_is_chosen(node: Node, statement: dict[str, Any]
                 assert chosen.get(uid) == expected, uid
 
 
+@pytest.mark.dimse
+@seam_only("the A-ASSOCIATE-RQ ceiling is checked in the seam's receive path")
 def test_a_request_past_the_listed_length_is_not_read(node: Node,
                                                       statement: dict[str, Any]) -> None:
     """Every listed context of every SOP Class at once: longer than the statement's
@@ -181,6 +185,7 @@ def test_a_request_past_the_listed_length_is_not_read(node: Node,
     assert assoc.is_aborted and not assoc.is_established
 
 
+@pytest.mark.dimse
 def test_unlisted_pairs_are_rejected(node: Node, statement: dict[str, Any]) -> None:
     listed = set(listed_pairs(statement))
     classes = {uid for uid, _ in listed}
@@ -203,6 +208,7 @@ def test_unlisted_pairs_are_rejected(node: Node, statement: dict[str, Any]) -> N
         assert results.get(context.context_id) == expected, why
 
 
+@pytest.mark.dimse
 def test_scp_role_selection_is_accepted_where_listed(node: Node,
                                                      statement: dict[str, Any]) -> None:
     """A C-GET requestor's SCP role (PS3.7 D.3.3.4): accepted on every class the
@@ -222,6 +228,7 @@ def test_scp_role_selection_is_accepted_where_listed(node: Node,
             assert as_scp[cx["sop_class"]] == cx["role_selection"], cx["name"]
 
 
+@pytest.mark.dimse
 def test_extended_negotiation_is_answered_as_listed(node: Node,
                                                     statement: dict[str, Any]) -> None:
     items = []
@@ -246,6 +253,7 @@ def test_extended_negotiation_is_answered_as_listed(node: Node,
             assert entry["sop_class"] not in answers, entry["name"]
 
 
+@pytest.mark.dimse
 def test_unanswered_negotiation_items_get_no_answer(node: Node,
                                                     statement: dict[str, Any]) -> None:
     """Asynchronous Operations Window and User Identity: the association is accepted
@@ -528,6 +536,7 @@ def test_stow_takes_each_listed_request_type(node: Node, statement: dict[str, An
         assert unlisted.status_code == 415, f"{url}: {unlisted.status_code}"
 
 
+@pytest.mark.dimse
 def test_c_find_answers_in_each_listed_character_set(node: Node, statement: dict[str, Any],
                                                      instances: Instances) -> None:
     """A C-FIND whose identifier names each listed Specific Character Set is answered,

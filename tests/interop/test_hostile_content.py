@@ -214,6 +214,7 @@ def assert_not_stored(node: Node, ds: Dataset) -> None:
     assert found.status_code == 200 and found.json() == []
 
 
+@pytest.mark.dimse
 @pytest.mark.parametrize("where", ["private", "fragments"])
 def test_deflate_bomb_via_c_store(limited: Node, tmp_path: Path, where: str,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,6 +232,7 @@ def test_deflate_bomb_via_c_store(limited: Node, tmp_path: Path, where: str,
     assert_not_stored(limited, ds)
 
 
+@pytest.mark.dimse
 def test_deflate_bomb_over_the_default_limit(node_factory: Callable[..., Node],
                                              tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:

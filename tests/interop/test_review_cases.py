@@ -147,6 +147,7 @@ def find_with_dcmtk(node: Node, folder: Path, syntax: str, level: str,
 
 # --- 1. a value longer than Explicit VR can hold -------------------------------------------
 
+@pytest.mark.dimse
 def test_a_value_too_long_for_explicit_vr_does_not_break_listings(node: Node,
                                                                   tmp_path: Path) -> None:
     memory = Memory(node)
@@ -278,6 +279,7 @@ def _checkpoint(data_dir: Path) -> tuple[int, int, int]:
         conn.close()
 
 
+@pytest.mark.dimse
 def test_a_reader_that_stops_reading_holds_no_read_transaction(node: Node) -> None:
     """A C-FIND whose answers (~6 MB) outgrow the socket buffers, read by a peer that
     stops reading: meanwhile a C-STORE commits and a checkpoint truncates the WAL (an
@@ -442,6 +444,7 @@ def _malformed(path: Path) -> FileDataset:
     return ds
 
 
+@pytest.mark.dimse
 def test_a_value_pydicom_refuses_is_answered_and_not_logged(node: Node, tmp_path: Path) -> None:
     """Stored with dcmtk as sent; answered by C-FIND through pydicom's writer (an ISO
     2022 request), QIDO-RS and WADO-RS; the node's log at INFO holds none of its values."""

@@ -28,6 +28,7 @@ def _s3_settings(server: SeaweedS3, bucket: str, **extra: str) -> dict[str, str]
             "PACS_S3_BUCKET": bucket, "CUSTOMER": "acme", **extra}
 
 
+@pytest.mark.dimse
 def test_store_and_retrieve_through_s3(node_factory: Callable[..., Node],
                                        seaweed_s3: SeaweedS3,  # noqa: F811 - the fixture
                                        tmp_path: Path) -> None:
