@@ -29,6 +29,7 @@ from pynetdicom.dsutils import decode
 
 from pacs.core.errors import Cancelled, InvalidQuery, PacsError
 from pacs.dimse import contexts
+from pacs.dimse.audit import AssociationAudit, keys_of
 from pacs.dimse.connection import Request, Responder
 from pacs.dimse.encoding import encode_identifier
 from pacs.dimse.identifier import Negotiated, ResponseBuilder, to_find_query
@@ -81,9 +82,39 @@ def decode_identifier(request: Request) -> Dataset:
         raise InvalidQuery("the identifier does not decode") from None
 
 
-def find_responses(request: Request, services: Services,
-                   cancelled: Callable[[], bool]) -> Generator[Response, None, None]:
-    """The responses to one C-FIND request, the final one last.
+def find_responses(request: Request, services: Services, cancelled: Callable[[], bool],
+                   audit: AssociationAudit | None = None) -> Generator[Response, None, None]:
+    """The responses to one C-FIND request, the final one last; the request and its
+    final status (``None``: the consumer stopped first) go to the association's
+    ``audit`` (:mod:`pacs.dimse.audit`) once it ends.
+    """
+    responses = _responses(request, services, cancelled)
+    if audit is None:
+        yield from responses
+        return
+    final: Status | None = None
+    try:
+        for status, identifier in responses:
+            if not status.is_pending:
+                final = status
+            yield status, identifier
+    finally:
+        responses.close()
+        audit.queried(request, _keys(request), final)
+
+
+def _keys(request: Request) -> list[str]:
+    """The tags of the request's keys, for the audit trail (none when it does not
+    decode)."""
+    try:
+        return keys_of(decode_identifier(request))
+    except InvalidQuery:
+        return []
+
+
+def _responses(request: Request, services: Services,
+               cancelled: Callable[[], bool]) -> Generator[Response, None, None]:
+    """The responses of :func:`find_responses`.
 
     The query's time limit (PACS_QUERY_TIME_LIMIT) counts the reading and encoding of
     each page, not the time the consumer takes between two responses: the responses of
@@ -125,9 +156,10 @@ def find_responses(request: Request, services: Services,
     yield SUCCESS, None
 
 
-def serve_find(responder: Responder, request: Request, services: Services) -> None:
+def serve_find(responder: Responder, request: Request, services: Services,
+               audit: AssociationAudit | None = None) -> None:
     """Answer one C-FIND request through ``responder``; stop when it is gone."""
-    responses = find_responses(request, services, responder.cancelled)
+    responses = find_responses(request, services, responder.cancelled, audit)
     try:
         for status, identifier in responses:
             if not responder.alive:  # the requestor went away (the association aborted)

@@ -48,6 +48,7 @@ from pynetdicom.dsutils import decode
 
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse import contexts, find, limits, retrieve, storage
+from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
 from pacs.dimse.sender import log_failure, object_file, route
 from pacs.dimse.status import (
@@ -99,7 +100,12 @@ def handle_sop_extended(event: Event) -> dict[str, bytes]:
     return answers
 
 
-def handle_store(event: Event, services: Services) -> Dataset:
+def _audit(event: Event, audits: Audits | None) -> AssociationAudit | None:
+    """The audit of the event's association (:mod:`pacs.dimse.audit`), if kept."""
+    return audits.of(event.assoc) if audits is not None else None
+
+
+def handle_store(event: Event, services: Services, audits: Audits | None = None) -> Dataset:
     """C-STORE (PS3.4 B.2.3), see :func:`pacs.dimse.storage.store`.
 
     pynetdicom has gathered the whole data set in memory before this runs: the object
@@ -113,7 +119,7 @@ def handle_store(event: Event, services: Services) -> Dataset:
         sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         transfer_syntax=str(event.context.transfer_syntax),
         calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=len(data),
-        limit=services.settings.max_object_bytes))
+        limit=services.settings.max_object_bytes), _audit(event, audits))
     return status_dataset(status)
 
 
@@ -134,13 +140,14 @@ def _watch(event: Event, request: Request) -> CancelWatch:
     return CancelWatch(lambda _: bool(event.is_cancelled), request.message_id)
 
 
-def handle_find(event: Event, services: Services) -> Iterator[tuple[Dataset, Dataset | None]]:
+def handle_find(event: Event, services: Services, audits: Audits | None = None
+                ) -> Iterator[tuple[Dataset, Dataset | None]]:
     """EVT_C_FIND (PS3.4 C.4.1): the responses of :func:`pacs.dimse.find.find_responses`,
     each identifier decoded for pynetdicom to encode again."""
     request = request_of(event)
     syntax = UID(request.transfer_syntax)
-    for status, identifier in find.find_responses(request, services,
-                                                  _watch(event, request)):
+    for status, identifier in find.find_responses(request, services, _watch(event, request),
+                                                  _audit(event, audits)):
         answer = None
         if identifier is not None:
             answer = decode(BytesIO(identifier), syntax.is_implicit_VR,
@@ -148,10 +155,14 @@ def handle_find(event: Event, services: Services) -> Iterator[tuple[Dataset, Dat
         yield status_dataset(status), answer
 
 
-def handle_get(event: Event, services: Services) -> Iterator[_Yield]:
+def handle_get(event: Event, services: Services, audits: Audits | None = None
+               ) -> Iterator[_Yield]:
     """EVT_C_GET (PS3.4 C.4.3): the number of sub-operations, then each instance as a
     data set for pynetdicom to send over the requestor's association."""
     request = request_of(event)
+    audit = _audit(event, audits)
+    if audit is not None:
+        audit.retrieve_requested(request, get=True)
     cancelled = _watch(event, request)
     try:
         planned = retrieve.plan(request, services, contexts.GET_MODELS, cancelled)
@@ -164,10 +175,11 @@ def handle_get(event: Event, services: Services) -> Iterator[_Yield]:
         yield from _refused_by_count(refusal[0])
         return
     yield planned.total
-    yield from _instances(event.assoc, services, planned, cancelled)
+    yield from _instances(event.assoc, services, planned, cancelled, request, audit)
 
 
-def handle_move(event: Event, services: Services) -> Iterator[_Yield]:
+def handle_move(event: Event, services: Services, audits: Audits | None = None
+                ) -> Iterator[_Yield]:
     """EVT_C_MOVE (PS3.4 C.4.2): the destination, the number of sub-operations, then
     each instance as a data set for pynetdicom to send over the association it opens
     to the destination, with the requestor as Move Originator (PS3.7 9.3.1.1).
@@ -178,6 +190,9 @@ def handle_move(event: Event, services: Services) -> Iterator[_Yield]:
     """
     request = request_of(event, event.move_destination or "")
     destination = services.settings.destinations.get(request.move_destination.strip())
+    audit = _audit(event, audits)
+    if audit is not None:
+        audit.retrieve_requested(request, destination)
     if destination is None:
         log.warning("C-MOVE from %s refused: move destination %r is not configured",
                     request.calling_ae_title, request.move_destination)
@@ -213,7 +228,7 @@ def handle_move(event: Event, services: Services) -> Iterator[_Yield]:
         "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator)]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
-                          cancelled)
+                          cancelled, request, audit)
 
 
 class RefusedBeforeSubOperations(Exception):
@@ -266,6 +281,31 @@ def drop_final_remaining(event: Event) -> None:
             del command.NumberOfRemainingSuboperations
 
 
+def audit_final_response(event: Event, audits: Audits) -> None:
+    """EVT_DIMSE_SENT: the final C-MOVE / C-GET response pynetdicom's own loop sent,
+    reported to the association's audit (the seam's responders report theirs)."""
+    message = event.message
+    if not isinstance(message, C_MOVE_RSP | C_GET_RSP) or message.command_set is None:
+        return
+    command = message.command_set
+    status = command.get("Status")
+    if status is None or int(status) in (PENDING.code, PENDING_WARNING):
+        return
+    audit = audits.of(event.assoc)
+    if audit is None:
+        return
+    counts = tuple(int(command.get(name) or 0) for name in (
+        "NumberOfCompletedSuboperations", "NumberOfWarningSuboperations",
+        "NumberOfFailedSuboperations"))
+    audit.retrieve_ended(int(command.get("MessageIDBeingRespondedTo") or 0), int(status),
+                         (counts[0], counts[1], counts[2]))
+
+
+#: A pending status of a retrieve besides FF00 (PS3.4 C.4.2.1.5: sub-operations go on
+#: with warnings).
+PENDING_WARNING = 0xFF01
+
+
 def _refused(request: Request, exc: BaseException, service: str) -> Status:
     if isinstance(exc, PacsError):
         log.warning("%s from %s refused: %s", service, request.calling_ae_title, exc)
@@ -283,7 +323,8 @@ def _refused_by_count(status: Status) -> Iterator[_Yield]:
 
 
 def _instances(peer: Association | Callable[[], Association | None], services: Services,
-               planned: retrieve.Plan, cancelled: CancelWatch) -> Iterator[_Yield]:
+               planned: retrieve.Plan, cancelled: CancelWatch, request: Request,
+               audit: AssociationAudit | None = None) -> Iterator[_Yield]:
     """(Pending, data set) for each instance, read as :mod:`pacs.dimse.sender` would
     send it (as stored, or converted to an uncompressed syntax the peer accepted).
 
@@ -303,6 +344,8 @@ def _instances(peer: Association | Callable[[], Association | None], services: S
         close = getattr(instances, "close", None)
         if close is not None:
             close()
+    if audit is not None:
+        audit.retrieve_began(request.message_id, refs)
     routes: dict[tuple[str, str], tuple[int, str] | None] = {}
     for ref in refs:
         if cancelled():
@@ -356,18 +399,29 @@ def tcp_settings(event: Event) -> None:
         limits.bound_sends(raw, event.assoc.dimse_timeout)
 
 
-def bind(services: Services, seam: bool = True) -> list[tuple[Any, ...]]:
+def bind(services: Services, seam: bool = True,
+         audits: Audits | None = None) -> list[tuple[Any, ...]]:
     """The ``evt_handlers`` list for an association server (``seam``: the seam serves
-    its associations, and pynetdicom's own Q/R loop never runs)."""
+    its associations, and pynetdicom's own Q/R loop never runs; ``audits``: where each
+    association's operations are reported for the audit trail, :mod:`pacs.dimse.audit`,
+    also bound as the second argument of the C-STORE, C-FIND, C-MOVE and C-GET handlers
+    for the seam)."""
     bound: list[tuple[Any, ...]] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [services]),
-        (evt.EVT_C_FIND, handle_find, [services]),
-        (evt.EVT_C_MOVE, handle_move, [services]),
-        (evt.EVT_C_GET, handle_get, [services]),
+        (evt.EVT_C_STORE, handle_store, [services, audits]),
+        (evt.EVT_C_FIND, handle_find, [services, audits]),
+        (evt.EVT_C_MOVE, handle_move, [services, audits]),
+        (evt.EVT_C_GET, handle_get, [services, audits]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
     ]
+    if audits is not None:
+        # Whichever comes first ends the association's audit (a peer may close the
+        # connection without releasing).
+        bound += [(evt.EVT_RELEASED, audits.ended), (evt.EVT_ABORTED, audits.ended),
+                  (evt.EVT_CONN_CLOSE, audits.ended)]
     if not seam:
         bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
                   (evt.EVT_DIMSE_RECV, answer_invalid_store)]
+        if audits is not None:
+            bound.append((evt.EVT_DIMSE_SENT, audit_final_response, [audits]))
     return bound

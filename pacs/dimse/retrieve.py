@@ -46,6 +46,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pacs.core import transcode
 from pacs.core.attributes import Level
 from pacs.core.errors import Cancelled, PacsError
+from pacs.dimse.audit import AssociationAudit, AuditedResponder
 from pacs.dimse.connection import Request, Responder, StoreTarget, SubOperationCounts
 from pacs.dimse.find import decode_identifier
 from pacs.dimse.identifier import to_retrieve_query
@@ -251,8 +252,11 @@ _MOVE, _GET = "C-MOVE", "C-GET"
 
 
 def serve_move(responder: Responder, request: Request, services: Services,
-               models: Mapping[str, str], connect: Connect) -> None:
-    """C-MOVE SCP (PS3.4 C.4.2.2): sub-operations over a new association.
+               models: Mapping[str, str], connect: Connect,
+               audit: AssociationAudit | None = None) -> None:
+    """C-MOVE SCP (PS3.4 C.4.2.2): sub-operations over a new association; the
+    association's ``audit`` (:mod:`pacs.dimse.audit`) learns the request, its
+    instances and its final status.
 
     =====  ==================================================================
     FF00   a sub-operation finished, more remain (with the four counts)
@@ -266,8 +270,11 @@ def serve_move(responder: Responder, request: Request, services: Services,
     C000   anything else (a bug), with an Error Comment
     =====  ==================================================================
     """
+    destination = services.settings.destinations.get(request.move_destination.strip())
+    if audit is not None:
+        audit.retrieve_requested(request, destination)
+        responder = AuditedResponder(responder, request, audit)
     try:
-        destination = services.settings.destinations.get(request.move_destination.strip())
         if destination is None:
             log.warning("C-MOVE from %s refused: move destination %r is not configured",
                         request.calling_ae_title, request.move_destination)
@@ -289,7 +296,7 @@ def serve_move(responder: Responder, request: Request, services: Services,
                        Counts(planned.total, failed=planned.total))
             return
         try:
-            run_suboperations(responder, target, request, services, planned, _MOVE)
+            run_suboperations(responder, target, request, services, planned, _MOVE, audit)
         finally:
             target.release()
     except Exception as exc:  # noqa: BLE001 - answered with a status, see _failed
@@ -297,27 +304,33 @@ def serve_move(responder: Responder, request: Request, services: Services,
 
 
 def serve_get(responder: Responder, request: Request, services: Services,
-              models: Mapping[str, str], target: StoreTarget) -> None:
+              models: Mapping[str, str], target: StoreTarget,
+              audit: AssociationAudit | None = None) -> None:
     """C-GET SCP (PS3.4 C.4.3.2): sub-operations over the requestor's association.
 
     An instance goes in a storage context the requestor accepted with the SCP role
     for itself (role selection, PS3.7 D.3.3.4).  Statuses as for C-MOVE, without
-    A801; zero matches give 0000.
+    A801; zero matches give 0000.  ``audit`` as for :func:`serve_move`.
     """
+    if audit is not None:
+        audit.retrieve_requested(request, get=True)
+        responder = AuditedResponder(responder, request, audit)
     try:
         planned = plan(request, services, models, responder.cancelled)
         refusal = count_refusal(planned.total)
         if refusal is not None:
             send_final(responder, request, *refusal)
             return
-        run_suboperations(responder, target, request, services, planned, _GET)
+        run_suboperations(responder, target, request, services, planned, _GET, audit)
     except Exception as exc:  # noqa: BLE001 - answered with a status, see _failed
         _failed(responder, request, exc, _GET)
 
 
 def run_suboperations(responder: Responder, target: StoreTarget, request: Request,
-                      services: Services, planned: Plan, service: str = _MOVE) -> None:
-    """Send each instance, with a pending response after each, then the final one.
+                      services: Services, planned: Plan, service: str = _MOVE,
+                      audit: AssociationAudit | None = None) -> None:
+    """Send each instance, with a pending response after each, then the final one
+    (``audit``: told the instances before the first is sent).
 
     At most ``planned.total`` instances are sent (the count announced to the
     requestor); the requestor's association going away ends the loop silently.  Every
@@ -330,7 +343,10 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
     instances = services.engine.instances(at_image(planned.query), cancelled=cancelled)
     ahead: tuple[InstanceRef, Prepared | None] | None = None
     try:
-        refs = enumerate(list(islice(instances, total)))
+        listed = list(islice(instances, total))
+        if audit is not None:
+            audit.retrieve_began(request.message_id, listed)
+        refs = enumerate(listed)
         with target.sending():
             preparer = Preparer(target, services.store, services.settings)
             ahead = _next(preparer, refs)

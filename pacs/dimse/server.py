@@ -28,6 +28,7 @@ from pacs.core.config import Settings
 from pacs.core.net import listening_socket, worker_count
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam
+from pacs.dimse.audit import Audits
 from pacs.dimse.limits import ConnectionLimits
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,8 @@ def start(services: Services, address: tuple[str, int] | None = None,
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.
     ae.maximum_associations = UNCOUNTED
-    evt_handlers = [*handlers.bind(services, seam=patched),
+    # Each association's operations, for the audit trail (pacs.dimse.audit).
+    evt_handlers = [*handlers.bind(services, seam=patched, audits=Audits(services.audit)),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every

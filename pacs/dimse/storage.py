@@ -32,6 +32,7 @@ from pacs.dimse.status import STORE_STATUS, SUCCESS, Status, status_for
 
 if TYPE_CHECKING:
     from pacs.core.services import Services
+    from pacs.dimse.audit import AssociationAudit
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,18 @@ class StoreRequest:
         return self.limit > 0 and self.received > self.limit
 
 
-def store(services: Services, request: StoreRequest) -> Status:
-    """Store the data set of a C-STORE request; the status to answer."""
+def store(services: Services, request: StoreRequest,
+          audit: AssociationAudit | None = None) -> Status:
+    """Store the data set of a C-STORE request; the status to answer, also reported to
+    the association's ``audit`` (:mod:`pacs.dimse.audit`) with the instance's study."""
+    status, study_uid = _store(services, request)
+    if audit is not None:
+        audit.stored(study_uid, request.sop_class_uid, status)
+    return status
+
+
+def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
+    """The status, and the Study Instance UID of the instance stored ("" on failure)."""
     calling = request.calling_ae_title
     try:
         if request.too_large:
@@ -83,16 +94,16 @@ def store(services: Services, request: StoreRequest) -> Status:
             expected=(request.sop_class_uid, request.sop_instance_uid))
     except InvalidInstance as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
-        return status_for(STORE_STATUS, exc)
+        return status_for(STORE_STATUS, exc), ""
     except PacsError as exc:
         log.error("C-STORE from %s failed: %s", calling, exc)
-        return status_for(STORE_STATUS, exc)
+        return status_for(STORE_STATUS, exc), ""
     except Exception as exc:
         log.exception("C-STORE from %s failed unexpectedly", calling)
-        return status_for(STORE_STATUS, exc)
+        return status_for(STORE_STATUS, exc), ""
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,
               result.outcome.value)
-    return SUCCESS
+    return SUCCESS, result.study_uid
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:

@@ -38,6 +38,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
 from pacs.dimse import contexts, find, handlers, retrieve, storage
+from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import (
     AcceptedContext,
     CancelWatch,
@@ -81,6 +82,15 @@ def bound_services(assoc: Association, event: evt.EventType) -> Services | None:
     return args[0]  # type: ignore[no-any-return]
 
 
+def bound_audit(assoc: Association, event: evt.EventType) -> AssociationAudit | None:
+    """The audit of ``assoc`` (:mod:`pacs.dimse.audit`) from the :class:`Audits` bound
+    to ``event`` next to the services; ``None`` when none is kept."""
+    bound: Any = assoc.get_handlers(event)
+    _, args = bound if isinstance(bound, tuple) else (None, None)
+    audits = args[1] if args and len(args) > 1 else None
+    return audits.of(assoc) if isinstance(audits, Audits) else None
+
+
 # -- C-STORE ----------------------------------------------------------------------------
 
 class StoreServiceClass(StorageServiceClass):
@@ -92,7 +102,8 @@ class StoreServiceClass(StorageServiceClass):
         if services is None:  # not a seam node: pynetdicom's own flow and handlers
             super().SCP(req, context)
             return
-        status = storage.store(services, _store_request(self.assoc, req, context, services))
+        status = storage.store(services, _store_request(self.assoc, req, context, services),
+                               bound_audit(self.assoc, evt.EVT_C_STORE))
         if not self.assoc.is_established:
             return  # aborted meanwhile: nobody to answer
         command = wire.response_command(
@@ -362,7 +373,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
             return
         request = request_of(req, context, self.assoc)
         find.serve_find(FindResponder(self, request, int(context.context_id or 0)),
-                        request, services)
+                        request, services, bound_audit(self.assoc, evt.EVT_C_FIND))
 
     def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
         services = bound_services(self.assoc, evt.EVT_C_MOVE)
@@ -372,7 +383,8 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         request = request_of(req, context, self.assoc)
         responder = RetrieveResponder(self, request, int(context.context_id or 0), C_MOVE)
         retrieve.serve_move(responder, request, services, contexts.MOVE_MODELS,
-                            connector(self.ae, services))
+                            connector(self.ae, services),
+                            bound_audit(self.assoc, evt.EVT_C_MOVE))
 
     def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
         services = bound_services(self.assoc, evt.EVT_C_GET)
@@ -382,7 +394,8 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         request = request_of(req, context, self.assoc)
         responder = RetrieveResponder(self, request, int(context.context_id or 0), C_GET)
         target = SocketTarget(self.assoc, None, on_cancel=responder.cancelled.seen_cancel)
-        retrieve.serve_get(responder, request, services, contexts.GET_MODELS, target)
+        retrieve.serve_get(responder, request, services, contexts.GET_MODELS, target,
+                           bound_audit(self.assoc, evt.EVT_C_GET))
 
 
 def patch() -> None:

@@ -1,0 +1,278 @@
+"""The DIMSE side of the audit trail: what each association did, as PS3.15 A.5 events
+(:mod:`pacs.core.audit`).
+
+=============================  ===========================================================
+operation                      event (PS3.15)
+=============================  ===========================================================
+C-STORE (all of one            DICOM Instances Transferred (A.5.3.7), C: the calling AE
+association)                   (source, requestor) to the node; written when the
+                               association ends, one event per patient, each study with
+                               its SOP classes and instance counts, the outcome 0 when
+                               every store succeeded, 4 when some failed, 8 when all did
+C-FIND (each request)          Query (A.5.3.10): the identifier as received
+                               (ParticipantObjectQuery), its transfer syntax and its keys'
+                               tags, the outcome of the final status
+C-MOVE, C-GET (each request)   Begin Transferring DICOM Instances (A.5.3.3) before the
+                               first sub-operation, then DICOM Instances Transferred
+                               (A.5.3.7), R, with the final status and the counts: the
+                               node (source) to the move destination (its AE title and
+                               host), the calling AE as requestor; for C-GET the calling
+                               AE is the destination.  A retrieve refused before any
+                               sub-operation (A801, A900, A701, a destination that
+                               refused the association) is one DICOM Instances Transferred
+                               without studies and with the failure
+=============================  ===========================================================
+
+C-ECHO touches no patient data and is not recorded.  Who: the calling AE title and the
+peer's address of the association.  Outcomes: :func:`pacs.core.audit.dimse_outcome`.
+
+:class:`Audits` keeps one :class:`AssociationAudit` per association of a node server
+(created at its first operation, closed by EVT_RELEASED, EVT_ABORTED or EVT_CONN_CLOSE,
+whichever comes first); the plain functions of C-STORE, C-FIND and C-MOVE / C-GET report
+to it (their ``audit`` argument), with the seam and without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+
+from pacs.core import audit
+from pacs.core.audit import AuditTrail, Participant, Study
+from pacs.dimse.status import Status
+
+if TYPE_CHECKING:
+    from pacs.core.config import Modality
+    from pacs.core.query.model import InstanceRef
+    from pacs.dimse.connection import Request, Responder, SubOperationCounts
+
+log = logging.getLogger(__name__)
+
+#: Statuses of a retrieve that end it without sub-operations and without failure.
+_NOTHING_TO_DO = 0x0000
+
+
+def keys_of(identifier: Dataset) -> list[str]:
+    """The tags of an identifier's keys (``00100010``; ``00081032.00080100`` for a key
+    of a sequence item), without their values."""
+    keys = []
+    for element in identifier:
+        tag = f"{int(element.tag):08X}"
+        if element.VR == "SQ" and element.value:
+            items = [f"{tag}.{int(inner.tag):08X}" for item in element.value for inner in item]
+            keys += items or [tag]
+        else:
+            keys.append(tag)
+    return list(dict.fromkeys(keys))
+
+
+@dataclass
+class _Retrieve:
+    """One C-MOVE / C-GET of the association, from its request to its final response."""
+
+    request: Request
+    destination: Participant
+    studies: list[Study] = field(default_factory=list)
+    began: bool = False
+
+
+class AssociationAudit:
+    """What one association did, reported by the DIMSE logic and written to the trail.
+
+    Parameters
+    ----------
+    trail : AuditTrail
+        The node's trail.
+    calling_ae : str
+        The requestor's AE title.
+    address : str
+        The requestor's IP address.
+    """
+
+    def __init__(self, trail: AuditTrail, calling_ae: str, address: str) -> None:
+        self.trail = trail
+        self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
+        self._lock = threading.Lock()
+        self._stored: list[tuple[str, str]] = []  # (study, SOP class) per instance stored
+        self._failed = 0
+        self._closed = False
+        self._retrieves: dict[int, _Retrieve] = {}
+
+    # -- C-STORE -------------------------------------------------------------------
+
+    def stored(self, study_uid: str, sop_class_uid: str, status: Status) -> None:
+        """One C-STORE answered with ``status`` (the study unknown when it failed)."""
+        success = audit.dimse_outcome(status.code) == audit.SUCCESS
+        with self._lock:
+            if not self._closed:
+                if success:
+                    self._stored.append((study_uid, sop_class_uid))
+                else:
+                    self._failed += 1
+                return
+        # The association ended while this store ran (an abort): its event alone.
+        studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
+        self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
+                               self.trail.node(), studies, audit.dimse_outcome(status.code),
+                               f"C-STORE status {status.code:04X}")
+
+    def _write_stores(self) -> None:
+        stored, failed = self._stored, self._failed
+        if not stored and not failed:
+            return
+        outcome = (audit.SUCCESS if not failed else
+                   audit.MINOR_FAILURE if stored else audit.SERIOUS_FAILURE)
+        self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
+                               self.trail.node(), audit.studies_of(stored), outcome,
+                               f"C-STORE: {len(stored)} stored, {failed} failed")
+
+    # -- C-FIND --------------------------------------------------------------------
+
+    def queried(self, request: Request, keys: Sequence[str], status: Status | None) -> None:
+        """One C-FIND request, answered finally with ``status`` (``None``: the
+        requestor went away first)."""
+        if status is None:
+            outcome, description = (audit.SERIOUS_FAILURE,
+                                    "C-FIND: the requestor went away before the final response")
+        else:
+            outcome = audit.dimse_outcome(status.code)
+            description = f"C-FIND status {status.code:04X}"
+        self.trail.query(audit.APPLICATION_SERVER, self.requestor, request.sop_class_uid,
+                         request.identifier, keys, outcome, description,
+                         transfer_syntax=request.transfer_syntax)
+
+    # -- C-MOVE, C-GET ----------------------------------------------------------------
+
+    def retrieve_requested(self, request: Request, destination: Modality | None = None, *,
+                           get: bool = False) -> None:
+        """A C-MOVE to ``destination`` (``None``: not a configured one) or a C-GET
+        (``get``) arrived."""
+        if get:
+            receiver = self.requestor  # C-GET: the requestor receives
+        elif destination is not None:
+            receiver = Participant(destination.ae_title, False, address=destination.host)
+        else:
+            receiver = Participant(request.move_destination.strip() or "(none)", False)
+        with self._lock:
+            self._retrieves[request.message_id] = _Retrieve(request, receiver)
+
+    def retrieve_began(self, message_id: int, refs: Iterable[InstanceRef]) -> None:
+        """The sub-operations of a retrieve start, over these instances."""
+        with self._lock:
+            retrieve = self._retrieves.get(message_id)
+        if retrieve is None:
+            return
+        retrieve.studies = audit.studies_of((ref.study_uid, ref.sop_class_uid) for ref in refs)
+        retrieve.began = True
+        self.trail.begin_transferring(audit.APPLICATION_SERVER, self.trail.node(),
+                                      retrieve.destination, retrieve.studies,
+                                      others=self._others(retrieve))
+
+    def retrieve_ended(self, message_id: int, status: int | None,
+                       counts: tuple[int, int, int] | None = None) -> None:
+        """The final response of a retrieve: its status (``None``: the association
+        ended first) and (completed, warning, failed) counts."""
+        with self._lock:
+            retrieve = self._retrieves.pop(message_id, None)
+        if retrieve is None or (not retrieve.began and status == _NOTHING_TO_DO):
+            return  # nothing matched: no patient data left the node
+        service = "C-MOVE" if retrieve.destination is not self.requestor else "C-GET"
+        if status is None:
+            description = f"{service}: the association ended before the final response"
+        else:
+            description = f"{service} status {status:04X}"
+        if counts is not None:
+            description += (f": {counts[0]} completed, {counts[1]} warning, "
+                            f"{counts[2]} failed")
+        outcome = audit.SERIOUS_FAILURE if status is None else audit.dimse_outcome(status)
+        self.trail.transferred(audit.APPLICATION_SERVER, audit.READ, self.trail.node(),
+                               retrieve.destination, retrieve.studies, outcome,
+                               description, others=self._others(retrieve))
+
+    def _others(self, retrieve: _Retrieve) -> list[Participant]:
+        """The requestor of a C-MOVE, a third party to the transfer."""
+        return [] if retrieve.destination is self.requestor else [self.requestor]
+
+    def close(self) -> None:
+        """The association ended: write its C-STORE event, and end the retrieves it
+        left without a final response (once)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            unfinished = [m for m, r in self._retrieves.items() if r.began]
+        self._write_stores()
+        for message_id in unfinished:
+            self.retrieve_ended(message_id, None)
+
+
+class AuditedResponder:
+    """A C-MOVE / C-GET requestor (:class:`~pacs.dimse.connection.Responder`) whose
+    final response is also reported to the association's audit."""
+
+    def __init__(self, responder: Responder, request: Request,
+                 audit_of: AssociationAudit) -> None:
+        self.responder = responder
+        self.request = request
+        self.audit = audit_of
+
+    @property
+    def alive(self) -> bool:
+        return self.responder.alive
+
+    def cancelled(self) -> bool:
+        return self.responder.cancelled()
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: SubOperationCounts | None = None) -> None:
+        self.responder.send_response(status, identifier, counts)
+        if not status.is_pending:
+            self.audit.retrieve_ended(
+                self.request.message_id, status.code,
+                None if counts is None else (counts.completed, counts.warning, counts.failed))
+
+
+class Audits:
+    """The :class:`AssociationAudit` of each association of one node server.
+
+    Parameters
+    ----------
+    trail : AuditTrail
+        The node's trail; when it is off, :meth:`of` gives ``None`` and nothing is kept.
+    """
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+        self._lock = threading.Lock()
+        self._open: weakref.WeakKeyDictionary[Any, AssociationAudit] = (
+            weakref.WeakKeyDictionary())
+
+    def of(self, assoc: Any) -> AssociationAudit | None:
+        """The audit of ``assoc`` (a pynetdicom association), made at its first use."""
+        if not self.trail.enabled:
+            return None
+        with self._lock:
+            found = self._open.get(assoc)
+            if found is None:
+                requestor = assoc.requestor
+                found = AssociationAudit(self.trail, str(requestor.ae_title or ""),
+                                         str(requestor.address or ""))
+                self._open[assoc] = found
+            return found
+
+    def ended(self, event: Any) -> None:
+        """EVT_RELEASED, EVT_ABORTED, EVT_CONN_CLOSE: write what the association did."""
+        with self._lock:
+            found = self._open.pop(event.assoc, None)
+        if found is not None:
+            try:
+                found.close()
+            except Exception:  # the association's end never fails for the trail
+                log.error("audit trail: the events of an association could not be made",
+                          exc_info=True)

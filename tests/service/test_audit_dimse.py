@@ -1,0 +1,269 @@
+"""The audit trail of DIMSE (pacs/dimse/audit.py) through the real pynetdicom stack, with
+the seam and without it (``PACS_DIMSE_SEAM=off pytest -m dimse``): C-STORE as one DICOM
+Instances Transferred per association and patient, C-FIND as Query, C-MOVE and C-GET as
+Begin Transferring then DICOM Instances Transferred, each checked against PS3.15 A.5 and
+against what the peer did."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind as StudyFind,
+    StudyRootQueryRetrieveInformationModelGet as StudyGet,
+    StudyRootQueryRetrieveInformationModelMove as StudyMove,
+)
+
+from pacs.core import config
+from pacs.core.services import Services
+from pacs.dimse.server import start, stop
+from tests.auditcheck import (
+    detail,
+    event_name,
+    patients_in,
+    problems,
+    query_of,
+    read_trail,
+    requestor,
+    studies_in,
+)
+from tests.conftest import free_port
+from tests.factory import make_instance
+from tests.service.test_retrieve import Destination, start_destination
+
+pytestmark = pytest.mark.dimse
+
+NODE = "INTELPIXEL"
+SCU = "AUDITSCU"
+
+
+@pytest.fixture
+def destination() -> Iterator[Destination]:
+    dest = start_destination("DEST")
+    yield dest
+    dest.stop()
+
+
+@pytest.fixture
+def node(make_services: Callable[..., Services], destination: Destination
+         ) -> Iterator[tuple[Services, int]]:
+    table = f"DEST=127.0.0.1:{destination.port}"
+    services = make_services(modalities=table, destinations=config.parse_modalities(table),
+                             duplicate_policy="reject")
+    port = free_port()
+    server = start(services, ("127.0.0.1", port))
+    yield services, port
+    stop(server, drain=1.0)
+
+
+def trail(services: Services, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The trail once it holds ``count`` events (written by the node's threads), each
+    checked against PS3.15 A.5; fails when it holds more."""
+    path = services.settings.data_dir / "audit.jsonl"
+    deadline = time.monotonic() + timeout
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        events = read_trail(path) if path.exists() else []
+        if len(events) >= count:
+            break
+        time.sleep(0.02)
+    time.sleep(0.2)  # nothing more should come
+    events = read_trail(path) if path.exists() else []
+    assert len(events) == count, [event_name(e) for e in events]
+    for event in events:
+        assert problems(event) == [], event
+    return events
+
+
+def associate(port: int, *contexts: str, get: bool = False) -> Any:
+    ae = AE(ae_title=SCU)
+    for context in contexts:  # one syntax: the identifiers' is known
+        ae.add_requested_context(context, [ImplicitVRLittleEndian])
+    roles = None
+    if get:
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        roles = [build_role(CTImageStorage, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE, ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    assert assoc.is_established
+    return assoc
+
+
+def dataset(data: bytes) -> Dataset:
+    return pydicom.dcmread(DicomBytesIO(data))
+
+
+def load(services: Services, study: str, patient: str, count: int = 2) -> None:
+    for _ in range(count):
+        services.ingest.store_bytes(make_instance(StudyInstanceUID=study, PatientID=patient),
+                                    calling_ae="TEST")
+
+
+def query(level: str, **keys: Any) -> Dataset:
+    found = Dataset()
+    found.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(found, keyword, value)
+    return found
+
+
+def test_c_stores_of_an_association_are_one_event_per_patient(
+        node: tuple[Services, int]) -> None:
+    services, port = node
+    first, second = generate_uid(), generate_uid()
+    sent = [make_instance(StudyInstanceUID=first, PatientID="PA"),
+            make_instance(StudyInstanceUID=first, PatientID="PA"),
+            make_instance(StudyInstanceUID=second, PatientID="PB")]
+    refused = dataset(sent[0])
+    refused.PatientName = "CHANGED^CONTENT"  # a different object under a stored UID
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(dataset(data)).Status for data in sent]
+    statuses.append(assoc.send_c_store(refused).Status)
+    assoc.release()
+    assert statuses == [0x0000, 0x0000, 0x0000, 0x0111]
+    events = trail(services, 2)
+    assert [(studies_in(e), patients_in(e)) for e in events] == [
+        ([first], ["PA"]), ([second], ["PB"])]
+    for event in events:
+        assert event_name(event) == "DICOM Instances Transferred"
+        identification = event["EventIdentification"]
+        assert identification["EventActionCode"] == "C"
+        assert identification["EventOutcomeIndicator"] == 4  # one of the four failed
+        assert identification["EventOutcomeDescription"] == "C-STORE: 3 stored, 1 failed"
+        sender, receiver = event["ActiveParticipant"]
+        assert sender == {"UserID": SCU, "UserIsRequestor": True,
+                          "RoleIDCode": sender["RoleIDCode"],
+                          "NetworkAccessPointTypeCode": 2,
+                          "NetworkAccessPointID": "127.0.0.1"}
+        assert sender["RoleIDCode"]["csd-code"] == "110153"
+        assert receiver["UserID"] == NODE and receiver["RoleIDCode"]["csd-code"] == "110152"
+    assert events[0]["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"] \
+        == {"SOPClass": [{"UID": CTImageStorage, "NumberOfInstances": 2}]}
+
+
+def test_a_c_find_is_a_query_event_with_the_identifier(node: tuple[Services, int]) -> None:
+    services, port = node
+    load(services, generate_uid(), "PF")
+    assoc = associate(port, StudyFind)
+    identifier = query("STUDY", PatientName="DOE*", StudyInstanceUID="",
+                       ProcedureCodeSequence=[Dataset()])
+    identifier.ProcedureCodeSequence[0].CodeValue = ""
+    answers = list(assoc.send_c_find(identifier, StudyFind))
+    assoc.release()
+    assert answers[-1][0].Status == 0x0000 and len(answers) == 2
+    (event,) = trail(services, 1)
+    assert event_name(event) == "Query"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert event["EventIdentification"]["EventOutcomeDescription"] == "C-FIND status 0000"
+    assert requestor(event)["UserID"] == SCU
+    assert event["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == StudyFind
+    assert detail(event, "TransferSyntax") == ImplicitVRLittleEndian  # the context's
+    assert detail(event, "QueryKeys") == "00080052\\00081032.00080100\\00100010\\0020000D"
+    assert b"DOE*" in query_of(event)  # the identifier as received, as A.5.3.10 asks
+
+
+def test_a_c_get_is_begin_transferring_then_transferred_to_the_requestor(
+        node: tuple[Services, int]) -> None:
+    services, port = node
+    study = generate_uid()
+    load(services, study, "PG", count=3)
+    assoc = associate(port, StudyGet, get=True)
+    responses = list(assoc.send_c_get(query("STUDY", StudyInstanceUID=study), StudyGet))
+    assoc.release()
+    assert responses[-1][0].Status == 0x0000
+    begin, done = trail(services, 2)
+    assert event_name(begin) == "Begin Transferring DICOM Instances"
+    assert event_name(done) == "DICOM Instances Transferred"
+    assert done["EventIdentification"]["EventActionCode"] == "R"
+    assert done["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert done["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-GET status 0000: 3 completed, 0 warning, 0 failed"
+    for event in (begin, done):
+        assert studies_in(event) == [study] and patients_in(event) == ["PG"]
+        sender, receiver = event["ActiveParticipant"]
+        assert sender["UserID"] == NODE and not sender["UserIsRequestor"]
+        assert receiver["UserID"] == SCU and receiver["UserIsRequestor"]
+        assert receiver["RoleIDCode"]["csd-code"] == "110152"
+    assert done["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"] == {
+        "SOPClass": [{"UID": CTImageStorage, "NumberOfInstances": 3}]}
+
+
+def test_a_c_move_names_the_destination_and_the_requestor(
+        node: tuple[Services, int], destination: Destination) -> None:
+    services, port = node
+    study = generate_uid()
+    load(services, study, "PM")
+    assoc = associate(port, StudyMove)
+    responses = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=study), "DEST",
+                                       StudyMove))
+    assoc.release()
+    assert responses[-1][0].Status == 0x0000 and len(destination.received) == 2
+    begin, done = trail(services, 2)
+    for event in (begin, done):
+        sender, receiver, other = event["ActiveParticipant"]
+        assert sender["UserID"] == NODE and sender["RoleIDCode"]["csd-code"] == "110153"
+        assert receiver == {"UserID": "DEST", "UserIsRequestor": False,
+                            "RoleIDCode": receiver["RoleIDCode"],
+                            "NetworkAccessPointTypeCode": 2,
+                            "NetworkAccessPointID": "127.0.0.1"}
+        assert other["UserID"] == SCU and other["UserIsRequestor"] and "RoleIDCode" not in other
+        assert studies_in(event) == [study] and patients_in(event) == ["PM"]
+    assert done["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-MOVE status 0000: 2 completed, 0 warning, 0 failed"
+
+
+def test_a_refused_c_move_is_a_failure_without_studies(node: tuple[Services, int]) -> None:
+    services, port = node
+    load(services, generate_uid(), "PR")
+    assoc = associate(port, StudyMove)
+    responses = list(assoc.send_c_move(query("STUDY", PatientID="PR"), "NOWHERE", StudyMove))
+    assoc.release()
+    assert responses[-1][0].Status == 0xA801
+    (event,) = trail(services, 1)
+    assert event_name(event) == "DICOM Instances Transferred"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert event["EventIdentification"]["EventOutcomeDescription"].startswith(
+        "C-MOVE status A801")
+    assert event["ActiveParticipant"][1]["UserID"] == "NOWHERE"
+    assert studies_in(event) == []
+
+
+def test_echo_and_retrieves_of_nothing_are_not_recorded(node: tuple[Services, int]) -> None:
+    services, port = node
+    assoc = associate(port, StudyGet, "1.2.840.10008.1.1", get=True)
+    assert assoc.send_c_echo().Status == 0x0000
+    responses = list(assoc.send_c_get(query("STUDY", StudyInstanceUID="1.2.3.404"),
+                                      StudyGet))
+    assoc.release()
+    assert responses[-1][0].Status == 0x0000
+    trail(services, 0)
+
+
+def test_a_store_after_an_abort_is_still_recorded(node: tuple[Services, int]) -> None:
+    services, port = node
+    study = generate_uid()
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+    assert assoc.send_c_store(dataset(make_instance(StudyInstanceUID=study,
+                                                    PatientID="PX"))).Status == 0
+    assoc.abort()
+    (event,) = trail(services, 1)
+    assert studies_in(event) == [study] and patients_in(event) == ["PX"]
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
