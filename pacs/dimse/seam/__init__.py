@@ -5,7 +5,7 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
 
 * :mod:`~pacs.dimse.seam.reactor`: blocking waits instead of the polling loops of
   pynetdicom's two association threads; PDU ceilings checked before a body is read,
-  capped message buffers, admission of associations by the node's limits;
+  capped message buffers, a wait for an A-ASSOCIATE-RQ that ends with the connection;
 * :mod:`~pacs.dimse.seam.wire`: DIMSE messages encoded here and written to / read from
   the association's socket, bypassing pynetdicom's DIMSE and DUL layers;
 * :mod:`~pacs.dimse.seam.services`: pynetdicom's Storage and Query/Retrieve service
@@ -15,12 +15,11 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
 * this module: the version gate, :func:`install` and pynetdicom's configuration
   switches.
 
-The interface for the rest of :mod:`pacs.dimse` is :func:`install` and
-:data:`SUPPORTED_VERSIONS`.  With PACS_DIMSE_SEAM=off, or a
-pynetdicom version not in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is replaced:
-pynetdicom's own service classes call the event handlers of :mod:`pacs.dimse.handlers`,
-which run the same logic (slower, same answers; see that module for what pynetdicom's
-own loops do differently).
+The interface for the rest of :mod:`pacs.dimse` is :func:`install`, :func:`supported`
+and :data:`SUPPORTED_VERSIONS`.  With PACS_DIMSE_SEAM=off, or a pynetdicom version not
+in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is replaced: pynetdicom's own
+service classes call the event handlers of :mod:`pacs.dimse.handlers`, which run the
+same logic (slower; that module lists what pynetdicom's own loops do differently).
 """
 
 from __future__ import annotations
