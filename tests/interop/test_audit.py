@@ -1,16 +1,19 @@
 """The audit trail of a real node (``pacs serve``): dicomweb-client's STOW-RS, QIDO-RS and
 WADO-RS against gunicorn's workers, then the trail file read back and each event checked
 against PS3.15 A.5 and against what was done (who, what, when, outcome, study UIDs, the
-patient); the application log, at the default level, holds none of the patient data the
+patient); the same for dcmtk's storescu, findscu, movescu and getscu against the DIMSE
+workers; the application log, at the default level, holds none of the patient data the
 trail holds."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -31,8 +34,8 @@ from tests.auditcheck import (
     requestor,
     studies_in,
 )
-from tests.conftest import sample
-from tests.interop.conftest import Node, answers_qido
+from tests.conftest import free_port, sample, wait_for_port
+from tests.interop.conftest import AE_TITLE, DCMTK_ENV, Node, answers_qido, dcmtk, run_dcmtk
 
 pytestmark = pytest.mark.interop
 
@@ -178,3 +181,118 @@ def test_pacs_audit_lists_and_filters_the_trail(audited: Node) -> None:
     assert xml.stdout.startswith("<AuditMessage><EventIdentification EventActionCode=\"C\"")
     nothing = audited.cli("audit", "--user", "NOBODY", "--since", "2000-01-01")
     assert nothing.returncode == 0 and nothing.stdout == ""
+
+
+# --- DIMSE: dcmtk's storescu, findscu, movescu and getscu ----------------------------------
+
+DIMSE_NAME = "AUDITED^DIMSEPATIENT"
+DIMSE_ID = "DIMSE-AUDIT-5529"
+
+
+@pytest.fixture(scope="module")
+def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp as the C-MOVE destination DEST."""
+    folder = tmp_path_factory.mktemp("dest")
+    port = free_port()
+    with open(folder / "storescp.log", "wb") as log:
+        process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", "DEST", "-od", str(folder), str(port)],
+            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=30)
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dimse_node(node_factory: Callable[..., Node], storescp: tuple[int, Path]) -> Node:
+    return node_factory("audit-dimse", PACS_MODALITIES=f"DEST=127.0.0.1:{storescp[0]}")
+
+
+def dimse_files(folder: Path) -> tuple[list[Path], str, str]:
+    """Two studies of one patient: two instances, then one."""
+    folder.mkdir()
+    first, second = generate_uid(), generate_uid()
+    paths = []
+    for number, study in enumerate((first, first, second)):
+        ds = ct(study, generate_uid(), number + 1)
+        ds.PatientName, ds.PatientID = DIMSE_NAME, DIMSE_ID
+        paths.append(folder / f"{number}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths, first, second
+
+
+def dcmtk_ok(result: subprocess.CompletedProcess[str], node: Node) -> None:
+    assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+
+
+def wait_for_events(node: Node, start: str, count: int) -> list[dict[str, Any]]:
+    """The events since ``start`` once there are ``count`` (a DIMSE worker writes an
+    association's C-STORE event when the association has ended)."""
+    deadline = time.monotonic() + 30
+    while len(events := since(trail_of(node), start)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(events) == count, [event_name(e) for e in events]
+    return events
+
+
+def test_dcmtk_store_find_move_get_are_in_the_trail(dimse_node: Node, tmp_path: Path,
+                                                    storescp: tuple[int, Path]) -> None:
+    node, port = dimse_node, str(dimse_node.port)
+    paths, first, second = dimse_files(tmp_path / "in")
+
+    start = utc_now()
+    dcmtk_ok(run_dcmtk("storescu", "-aet", "MODALITY", "-aec", AE_TITLE, "127.0.0.1", port,
+                       *map(str, paths)), node)
+    (stored,) = wait_for_events(node, start, 1)
+    assert event_name(stored) == "DICOM Instances Transferred"
+    assert stored["EventIdentification"]["EventActionCode"] == "C"
+    assert stored["EventIdentification"]["EventOutcomeIndicator"] == 0
+    assert requestor(stored)["UserID"] == "MODALITY"
+    assert requestor(stored)["NetworkAccessPointID"] == "127.0.0.1"
+    assert studies_in(stored) == [first, second] and patients_in(stored) == [DIMSE_ID]
+    assert start <= stored["EventIdentification"]["EventDateTime"] <= utc_now()
+
+    start = utc_now()
+    dcmtk_ok(run_dcmtk("findscu", "-S", "-aet", "WORKSTATION", "-aec", AE_TITLE,
+                       "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName=AUDITED*",
+                       "-k", "StudyInstanceUID", "127.0.0.1", port), node)
+    (query,) = wait_for_events(node, start, 1)
+    assert event_name(query) == "Query" and requestor(query)["UserID"] == "WORKSTATION"
+    assert detail(query, "QueryKeys") == "00080052\\00100010\\0020000D"
+    assert b"AUDITED*" in query_of(query)
+    assert query["EventIdentification"]["EventOutcomeIndicator"] == 0
+
+    start = utc_now()
+    dcmtk_ok(run_dcmtk("movescu", "-S", "-aet", "WORKSTATION", "-aec", AE_TITLE, "-aem",
+                       "DEST", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                       f"StudyInstanceUID={first}", "127.0.0.1", port, timeout=120), node)
+    begin, moved = wait_for_events(node, start, 2)
+    assert [event_name(begin), event_name(moved)] == [
+        "Begin Transferring DICOM Instances", "DICOM Instances Transferred"]
+    for event in (begin, moved):
+        node_side, dest, asking = event["ActiveParticipant"]
+        assert (node_side["UserID"], dest["UserID"], asking["UserID"]) == (
+            AE_TITLE, "DEST", "WORKSTATION")
+        assert asking["UserIsRequestor"] and dest["NetworkAccessPointID"] == "127.0.0.1"
+        assert studies_in(event) == [first] and patients_in(event) == [DIMSE_ID]
+    assert moved["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-MOVE status 0000: 2 completed, 0 warning, 0 failed"
+    assert len(list(storescp[1].glob("CT.*"))) == 2
+
+    start = utc_now()
+    dcmtk_ok(run_dcmtk("getscu", "-S", "-aet", "VIEWER", "-aec", AE_TITLE, "-od",
+                       str(tmp_path), "-k", "QueryRetrieveLevel=STUDY", "-k",
+                       f"StudyInstanceUID={second}", "127.0.0.1", port, timeout=120), node)
+    begin, got = wait_for_events(node, start, 2)
+    assert event_name(got) == "DICOM Instances Transferred"
+    assert [p["UserID"] for p in got["ActiveParticipant"]] == [AE_TITLE, "VIEWER"]
+    assert studies_in(got) == [second] and got["EventIdentification"][
+        "EventOutcomeIndicator"] == 0
+
+    log = node.log()
+    assert " listening on " in log  # the node's log, at its default level ...
+    for secret in (DIMSE_ID, "DIMSEPATIENT", "AUDITED"):
+        assert secret not in log  # ... names no patient; the trail does
