@@ -1,0 +1,129 @@
+"""The per-association audit of DIMSE (pacs/dimse/audit.py) without a network: what an
+association that ends midway, a requestor that goes away and a store that finishes after
+an abort leave in the trail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from pacs.core.audit import AuditLog, AuditTrail, Patient, Source
+from pacs.core.query.model import InstanceRef
+from pacs.dimse.audit import AssociationAudit, AuditedResponder, keys_of
+from pacs.dimse.connection import Request, SubOperationCounts
+from pacs.dimse.status import PENDING, SUCCESS, Status
+from tests.auditcheck import event_name, problems, read_trail, studies_in
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def trail(tmp_path: Path) -> AuditTrail:
+    return AuditTrail(AuditLog(tmp_path / "audit.jsonl"), Source("INTELPIXEL", "default"),
+                      lambda uids: {uid: Patient("P-" + uid) for uid in uids})
+
+
+def events(tmp_path: Path) -> list[dict[str, Any]]:
+    found = read_trail(tmp_path / "audit.jsonl")
+    assert all(problems(e) == [] for e in found)
+    return found
+
+
+def ref(study: str) -> InstanceRef:
+    return InstanceRef(study, "1.9", "1.9.1", CT, "1.2.840.10008.1.2.1", "k", 1)
+
+
+def request(message_id: int = 7, destination: str = "") -> Request:
+    return Request(message_id, GET, "1.2.840.10008.1.2", b"\x08\x00\x52\x00", "SCU",
+                   move_destination=destination)
+
+
+def test_a_retrieve_cut_off_by_the_association_s_end_is_a_serious_failure(
+        tmp_path: Path) -> None:
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.retrieve_requested(request(), get=True)
+    audit.retrieve_began(7, [ref("1.1"), ref("1.1"), ref("1.2")])
+    audit.close()
+    audit.close()  # once
+    begin_1, begin_2, ended_1, ended_2 = events(tmp_path)  # one of each per patient
+    assert {event_name(begin_1), event_name(begin_2)} == {"Begin Transferring DICOM Instances"}
+    assert [studies_in(e) for e in (ended_1, ended_2)] == [["1.1"], ["1.2"]]
+    assert ended_1["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert ended_1["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-GET: the association ended before the final response"
+
+
+def test_the_final_response_ends_a_retrieve_through_the_responder(tmp_path: Path) -> None:
+    sent: list[Status] = []
+
+    class Responder:
+        alive = True
+
+        def cancelled(self) -> bool:
+            return False
+
+        def send_response(self, status: Status, identifier: bytes | None = None,
+                          counts: SubOperationCounts | None = None) -> None:
+            sent.append(status)
+
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.retrieve_requested(request(destination="NOWHERE"))
+    audit.retrieve_began(7, [ref("1.1")])
+    responder = AuditedResponder(Responder(), request(destination="NOWHERE"), audit)
+    responder.send_response(PENDING, counts=SubOperationCounts(1, 0, 0, 0))
+    responder.send_response(SUCCESS, counts=SubOperationCounts(None, 1, 0, 0))
+    audit.close()
+    assert sent == [PENDING, SUCCESS]
+    begin, done = events(tmp_path)
+    assert event_name(begin) == "Begin Transferring DICOM Instances"
+    assert done["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-MOVE status 0000: 1 completed, 0 warning, 0 failed"
+    assert done["ActiveParticipant"][1]["UserID"] == "NOWHERE"
+
+
+def test_a_query_whose_requestor_went_away_is_a_serious_failure(tmp_path: Path) -> None:
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.queried(request(), ["00080052"], None)
+    (event,) = events(tmp_path)
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert "went away" in event["EventIdentification"]["EventOutcomeDescription"]
+
+
+def test_a_store_that_ends_after_the_association_is_written_alone(tmp_path: Path) -> None:
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.stored("1.1", CT, SUCCESS)
+    audit.close()
+    audit.stored("1.2", CT, SUCCESS)  # a store that was running when the peer aborted
+    first, late = events(tmp_path)
+    assert studies_in(first) == ["1.1"] and studies_in(late) == ["1.2"]
+    assert late["EventIdentification"]["EventOutcomeDescription"] == "C-STORE status 0000"
+
+
+def test_only_failed_stores_are_a_serious_failure_without_studies(tmp_path: Path) -> None:
+    audit = AssociationAudit(trail(tmp_path), "", "127.0.0.1")
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    (event,) = events(tmp_path)
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert studies_in(event) == []
+    assert event["ActiveParticipant"][0]["UserID"] == "(none)"  # no calling AE title
+
+
+def test_an_association_that_did_nothing_writes_nothing(tmp_path: Path) -> None:
+    AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1").close()
+    assert not (tmp_path / "audit.jsonl").exists()
+
+
+def test_keys_are_tags_with_sequence_items() -> None:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "SECRET^NAME"
+    item = Dataset()
+    item.CodeValue = "X"
+    item.CodingSchemeDesignator = "Y"
+    identifier.ProcedureCodeSequence = [item]
+    identifier.ReferencedStudySequence = []
+    assert keys_of(identifier) == ["00080052", "00081032.00080100", "00081032.00080102",
+                                   "00081110", "00100010"]
