@@ -116,10 +116,10 @@ DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
 SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
 PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
-#: Audit Source Type Code (PS3.15 A.5.2.4, RFC 3881 5.4.3): web server process tier.
-WEB_SERVER = Code("3", "DCM", "Web Server Process")
-#: Application server process tier (the DIMSE workers).
-APPLICATION_SERVER = Code("4", "DCM", "Application Server Process")
+#: Audit Source Type Code (RFC 3881 5.4.3, which PS3.15 A.5.1 keeps): web server process.
+WEB_SERVER = Code("3", "RFC-3881", "Web Server Process")
+#: Application server process (the DIMSE workers).
+APPLICATION_SERVER = Code("4", "RFC-3881", "Application Server Process")
 
 #: EventActionCode values (RFC 3881 5.1.2).
 CREATE, READ, UPDATE, DELETE, EXECUTE = "C", "R", "U", "D", "E"
