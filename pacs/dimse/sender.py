@@ -36,6 +36,7 @@ from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
 from pacs.core.errors import PacsError
+from pacs.core.storage import local_path
 from pacs.dimse.connection import AcceptedContext, StoreTarget
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str,
         The conversion failed.
     """
     if syntax == ref.transfer_syntax:
-        local = store.local_path(ref.object_key)
+        local = local_path(store, ref.object_key)
         if local is not None:
             yield local
             return

@@ -309,7 +309,7 @@ def test_each_backend_declares_its_capabilities(store: ObjectStore) -> None:
 
 def test_local_files_are_the_stored_bytes(store: ObjectStore) -> None:
     """LocalFiles: the object's file holds its bytes; without it, no path (read with
-    open), and the transitional ``local_path`` method agrees."""
+    open)."""
     data = payload(4000, seed=4)
     put_bytes(store, KEY, data)
     if isinstance(store, LocalFiles):
@@ -319,7 +319,6 @@ def test_local_files_are_the_stored_bytes(store: ObjectStore) -> None:
         assert not store.local_file(KEY).exists()  # the path of a gone object
     else:
         assert local_path(store, KEY) is None
-    assert store.local_path(KEY) == local_path(store, KEY)
 
 
 def test_batch_put_and_its_fallback_store_every_item(store: ObjectStore) -> None:

@@ -4,7 +4,6 @@ reads and the store through its interface, with a plain fallback for ``usage``."
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core import health
@@ -48,9 +47,6 @@ class _Plain:
 
     def keys(self) -> Iterator[str]:
         return self.inner.keys()
-
-    def local_path(self, key: str) -> Path | None:
-        return None
 
     def check(self) -> None:
         """Always usable."""

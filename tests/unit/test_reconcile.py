@@ -461,9 +461,6 @@ class _NoQuarantine:
     def keys(self) -> object:
         return self.inner.keys()
 
-    def local_path(self, key: str) -> None:
-        return None
-
     def check(self) -> None:
         """Always usable."""
 

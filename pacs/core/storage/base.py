@@ -70,12 +70,6 @@ class ObjectStore(Protocol):
     def close(self) -> None:
         """Release connections."""
 
-    # In this interface only while C-MOVE / C-GET (pacs.dimse.sender) call it: every
-    # backend keeps it (None without local files).  Other code asks for the LocalFiles
-    # capability through local_path(store, key).
-    def local_path(self, key: str) -> Path | None:
-        """The object's file when the store keeps local files, else ``None``."""
-
 
 # --- optional capabilities ---------------------------------------------------------------
 

@@ -177,11 +177,6 @@ class FileStore:
         :class:`~pacs.core.storage.LocalFiles` capability."""
         return self._path(key)
 
-    def local_path(self, key: str) -> Path:
-        """:meth:`local_file` (``ObjectStore.local_path``, kept while C-MOVE / C-GET
-        call it)."""
-        return self._path(key)
-
     def keys(self) -> Iterator[str]:
         """Every stored key (temporary files excluded)."""
         if not self.root.is_dir():

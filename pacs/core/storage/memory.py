@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core.errors import NotFound, StorageError
@@ -55,11 +54,6 @@ class MemoryStore:
         """Remove the object if present."""
         with self._lock:
             self.objects.pop(key, None)
-
-    def local_path(self, key: str) -> Path | None:
-        """No files: objects live in memory (``ObjectStore.local_path``, kept while
-        C-MOVE / C-GET call it)."""
-        return None
 
     def keys(self) -> Iterator[str]:
         """A snapshot of the keys."""

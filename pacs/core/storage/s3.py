@@ -38,7 +38,6 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import certifi
@@ -499,11 +498,6 @@ class S3Store:
             except S3Error as exc:
                 if exc.code != "NoSuchBucket":
                     raise
-
-    def local_path(self, key: str) -> Path | None:
-        """No local files: objects are read over HTTP with :meth:`open`
-        (``ObjectStore.local_path``, kept while C-MOVE / C-GET call it)."""
-        return None
 
     def quarantine(self, key: str, folder: str) -> str:
         """Move the object to ``<customer>/quarantine/<folder>/<key>``; return that name.
