@@ -219,6 +219,7 @@ def _security(settings: Settings, ae: Any) -> dict[str, Any]:
         "called_ae_title_checked": bool(ae.require_called_aet),
         "calling_ae_titles": list(ae.require_calling_aet),
         "move_destinations_only_configured": True,
+        "audit_trail": settings.audit_log.strip().lower() != "off",
         "dicomweb_https": bool(settings.tls_cert),
         "dicomweb_client_certificates": bool(settings.tls_ca),
         "dicomweb_open": settings.web_open,
@@ -798,6 +799,11 @@ def _security_text(data: dict[str, Any]) -> str:
                      "credentials, of which none are configured, so they are refused"))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
+    audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
+             "Accessed, Begin Transferring, Security Alert) for every association and "
+             "DICOMweb request that touches patient data, as JSON lines in `PACS_AUDIT_LOG`, "
+             "shipped as RFC 5424 syslog by `pacs audit --syslog`"
+             if sec["audit_trail"] else "no audit trail (`PACS_AUDIT_LOG=off`)")
     if sec["dicomweb_https"]:
         transport = ("HTTPS only on the DICOMweb and viewer ports (`PACS_TLS_CERT`): the "
                      "BCP 195 TLS profile of PS3.15 B.12/B.13 in spirit: TLS 1.2 or 1.3, "
@@ -812,8 +818,7 @@ def _security_text(data: dict[str, Any]) -> str:
 
 ### 7.1 Security Profiles [A.8.1]
 
-DIMSE: none of PS3.15 (no TLS on DIMSE, no audit trail messages).  DICOMweb:
-{transport}.  Storage is
+DIMSE: no TLS.  DICOMweb: {transport}.  Audit: {audit}.  Storage is
 bit-preserving: objects are kept and, when the peer accepts their stored transfer
 syntax, sent byte for byte as received, so Digital Signatures stay intact; an object
 converted to another transfer syntax for a peer loses their validity.

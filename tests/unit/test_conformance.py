@@ -106,6 +106,9 @@ def test_the_security_section_says_whether_the_http_ports_serve_https() -> None:
     assert "client certificates of `PACS_TLS_CA`" in tls
     assert "plain HTTP on the DICOMweb and viewer ports" in plain
     assert "HTTPS only on the DICOMweb and viewer ports" not in plain
+    assert "audit messages of PS3.15 A.5" in plain
+    off = config.load(overrides={"PACS_AUDIT_LOG": "off"}, environ={}, env_file=None)
+    assert "no audit trail" in conformance.markdown(conformance.statement(off))
 
 
 def test_extended_negotiation_is_what_the_handler_answers(
