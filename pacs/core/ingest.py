@@ -354,7 +354,7 @@ class Ingest:
     def _index_work(self, analysis: Analysis, key: str, size: int,
                     calling_ae: str) -> Callable[[apsw.Connection], None]:
         """The index rows of a stored object, as a piece of (group) commit work."""
-        row = self._row(analysis, key, size, calling_ae)
+        row = instance_row(analysis, key, size, calling_ae=calling_ae)
 
         def index_it(conn: apsw.Connection) -> None:
             writer.upsert(conn, row)
@@ -367,20 +367,6 @@ class Ingest:
         old file unlisted; remove it."""
         if plan.existing is not None and plan.existing.object_key != plan.key:
             self._delete_quietly(plan.existing.object_key)
-
-    @staticmethod
-    def _row(analysis: Analysis, key: str, size: int,
-             calling_ae: str) -> writer.InstanceRow:
-        return writer.InstanceRow(
-            patient_key=patient_key(analysis.values[Level.PATIENT]),
-            values=analysis.values,
-            object_key=key,
-            size=size,
-            checksum=analysis.checksum,
-            transfer_syntax=analysis.transfer_syntax,
-            received_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            calling_ae=calling_ae.strip(),
-        )
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None) -> None:
@@ -453,6 +439,27 @@ class _Plan:
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:
     return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
                        analysis.study_uid, analysis.series_uid)
+
+
+#: ``received_at`` of the index: UTC, microseconds.
+RECEIVED_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def instance_row(analysis: Analysis, key: str, size: int, *, calling_ae: str = "",
+                 received_at: str | None = None) -> writer.InstanceRow:
+    """The index row of a stored object: its analysis, where and how large it is, who
+    sent it and when (``None``: now; ``pacs reindex`` gives the store's time)."""
+    return writer.InstanceRow(
+        patient_key=patient_key(analysis.values[Level.PATIENT]),
+        values=analysis.values,
+        object_key=key,
+        size=size,
+        checksum=analysis.checksum,
+        transfer_syntax=analysis.transfer_syntax,
+        received_at=(datetime.now(UTC).strftime(RECEIVED_FORMAT) if received_at is None
+                     else received_at),
+        calling_ae=calling_ae.strip(),
+    )
 
 
 def patient_key(values: dict[str, str | None]) -> str:

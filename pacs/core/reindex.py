@@ -58,7 +58,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
@@ -67,15 +67,13 @@ from pacs.core.errors import IndexFailure, NotFound, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.index.migrations import migrate
-from pacs.core.ingest import Analysis, patient_key
-from pacs.core.storage import ObjectStore, local_path, object_key
+from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row
+from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
 
 log = logging.getLogger(__name__)
 
 #: ``received_at`` of an instance whose store does not tell when it was written.
 UNKNOWN_RECEIVED = ""
-#: The ingest's format of ``received_at`` (UTC, microseconds).
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 #: Rows written per index transaction: one fsync per batch, not per object.
 BATCH = 500
 #: Byte of the ``-shm`` file every open WAL connection holds a read lock on (SQLite's
@@ -83,15 +81,6 @@ BATCH = 500
 _SHM_DMS_BYTE = 128
 #: Threads reading objects (a store's latency, not CPU, bounds them).
 READERS = 4
-
-
-@runtime_checkable
-class ModifiedTimes(Protocol):
-    """The store tells when each object was last written (an S3 listing carries each
-    object's ``LastModified``)."""
-
-    def modified_times(self) -> Iterator[tuple[str, float]]:
-        """``(key, POSIX time of its last write)`` for every object key."""
 
 
 @dataclass(frozen=True)
@@ -330,19 +319,11 @@ def _refusal(key: str, analysis: Analysis | Exception) -> str | None:
 
 def _row(analysis: Analysis, key: str, size: int,
          received: float | None) -> writer.InstanceRow:
-    """The instance's index row, as ingest builds it (:class:`pacs.core.ingest.Ingest`),
-    with what the store tells of its reception."""
-    return writer.InstanceRow(
-        patient_key=patient_key(analysis.values[Level.PATIENT]),
-        values=analysis.values,
-        object_key=key,
-        size=size,
-        checksum=analysis.checksum,
-        transfer_syntax=analysis.transfer_syntax,
-        received_at=(UNKNOWN_RECEIVED if received is None
-                     else datetime.fromtimestamp(received, UTC).strftime(_TIME_FORMAT)),
-        calling_ae="",
-    )
+    """The instance's index row, as ingest builds it, with what the store tells of its
+    reception (and no calling AE title)."""
+    return instance_row(analysis, key, size, received_at=(
+        UNKNOWN_RECEIVED if received is None
+        else datetime.fromtimestamp(received, UTC).strftime(RECEIVED_FORMAT)))
 
 
 def _write(index: Index, batch: list[tuple[writer.InstanceRow,

@@ -5,23 +5,20 @@ The data set and the comparisons are those of ``tests/service/test_reindex.py``.
 
 The order of writes comes from the bucket listing's ``LastModified`` (whole seconds on
 SeaweedFS, hence the pauses before the writes whose order decides a row), through the
-:class:`pacs.core.reindex.ModifiedTimes` capability that :class:`ListedS3Store` adds
-here to the S3 store.
+S3 store's :class:`pacs.core.storage.ModifiedTimes` capability.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pacs.core import config
 from pacs.core.analysers import AnalyserPool
-from pacs.core.reindex import ModifiedTimes, rebuild
+from pacs.core.reindex import rebuild
 from pacs.core.services import Services, build
-from pacs.core.storage import is_object_key
+from pacs.core.storage import ModifiedTimes
 from pacs.core.storage.memory import MemoryStore
-from pacs.core.storage.s3 import S3Store
 from tests.service.test_reindex import (
     EARLIER_STUDY,
     SHARED_ID,
@@ -37,34 +34,15 @@ from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixt
 from tests.storage.test_storage_contract import make_s3_store
 
 
-class ListedS3Store(S3Store):
-    """The S3 store with :class:`ModifiedTimes`: each object's ``LastModified`` from
-    one listing of the customer's prefix."""
-
-    def __init__(self, server: SeaweedS3, **options: Any) -> None:
-        base = make_s3_store(server, **options)
-        super().__init__(endpoint=base.endpoint, access_key=server.access_key,
-                         secret_key=server.secret_key, bucket=base.bucket,
-                         customer=base.customer)
-        self._admin = server.client()
-
-    def modified_times(self) -> Iterator[tuple[str, float]]:
-        prefix = f"{self.customer}/"
-        for item in self._admin.list_objects(self.bucket, prefix=prefix, recursive=True):
-            key = (item.object_name or "").removeprefix(prefix)
-            if is_object_key(key) and item.last_modified is not None:
-                yield key, item.last_modified.timestamp()
-
-
 def test_an_index_rebuilt_from_the_bucket_equals_the_original(
         seaweed_s3: SeaweedS3, settings: config.Settings, tmp_path: Path,  # noqa: F811
         serve: Callable[[Services], Node]) -> None:  # noqa: F811
-    store = ListedS3Store(seaweed_s3)
+    store = make_s3_store(seaweed_s3)
     assert isinstance(store, ModifiedTimes)
     services = build(settings, store=store)
     varied = ingest_varied(services, pause=1.1)  # LastModified: whole seconds
     services.close()  # closes the store too: the rebuild gets a fresh client
-    store = ListedS3Store(seaweed_s3, customer=store.customer)
+    store = make_s3_store(seaweed_s3, customer=store.customer)
     listed = set(store.keys())
 
     pool = AnalyserPool(2, settings.max_object_bytes)
@@ -77,7 +55,7 @@ def test_an_index_rebuilt_from_the_bucket_equals_the_original(
     assert report.objects == len(listed) == len(varied.objects) + len(varied.damaged)
     assert report.indexed == len(varied.objects) and report.undated == 0
     assert {s.key for s in report.skipped} == set(varied.damaged)
-    store = ListedS3Store(seaweed_s3, customer=store.customer)
+    store = make_s3_store(seaweed_s3, customer=store.customer)
     try:
         assert set(store.keys()) == listed  # nothing deleted or moved
     finally:

@@ -22,9 +22,11 @@ import urllib3
 
 from pacs.core.config import Settings
 from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.reindex import stored_times
 from pacs.core.storage import (
     BatchPut,
     LocalFiles,
+    ModifiedTimes,
     ObjectStore,
     Quarantine,
     Usage,
@@ -297,14 +299,31 @@ def test_keys_outside_the_uid_layout_are_refused_everywhere(
 DECLARED: dict[type, set[type]] = {
     MemoryStore: {Quarantine},
     FileStore: {LocalFiles, BatchPut, Quarantine},
-    S3Store: {Usage, Quarantine},
+    S3Store: {Usage, Quarantine, ModifiedTimes},
 }
-CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine)
+CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine, ModifiedTimes)
 
 
 def test_each_backend_declares_its_capabilities(store: ObjectStore) -> None:
     declared = DECLARED[type(store)]
     assert {kind for kind in CAPABILITIES if isinstance(store, kind)} == declared
+
+
+def test_objects_are_dated_by_the_capability_or_their_files(store: ObjectStore) -> None:
+    """ModifiedTimes (one listing) or, without it, the local files' times: one time per
+    stored key, around when it was written (S3 servers keep whole seconds); a store with
+    neither (memory) dates nothing, and ``pacs reindex`` orders by key."""
+    before = time.time()
+    put_bytes(store, KEY, payload(100, seed=5))
+    other = object_key("1.2.3", "1.2.3.4", "1.2.3.4.9")
+    put_bytes(store, other, payload(100, seed=6))
+    times = stored_times(store, store.keys())
+    if isinstance(store, ModifiedTimes | LocalFiles):
+        assert set(times) == set(store.keys()) == {KEY, other}
+        for written in times.values():
+            assert before - 2 <= written <= time.time() + 2
+    else:
+        assert times == {}
 
 
 def test_local_files_are_the_stored_bytes(store: ObjectStore) -> None:

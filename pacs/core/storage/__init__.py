@@ -27,11 +27,13 @@ implements only what it does better than the fallback:
 - :class:`Usage`, ``usage()``: bytes stored, from one listing; fallback :func:`usage`
   sums ``size`` per key;
 - :class:`Quarantine`, ``quarantine(key, folder)``: out of service, never deleted;
-  without it ``pacs fsck`` reports the object and leaves it where it is.
+  without it ``pacs fsck`` reports the object and leaves it where it is;
+- :class:`ModifiedTimes`, ``modified_times()``: when each object was written, from one
+  listing, for ``pacs reindex``; fallback: the local files' times, else undated.
 
 The folder store has :class:`LocalFiles`, :class:`BatchPut` and :class:`Quarantine`;
-the S3 store :class:`Usage` and :class:`Quarantine`; the memory store (tests)
-:class:`Quarantine`.
+the S3 store :class:`Usage`, :class:`Quarantine` and :class:`ModifiedTimes`; the memory
+store (tests) :class:`Quarantine`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING
 from pacs.core.storage.base import (
     BatchPut,
     LocalFiles,
+    ModifiedTimes,
     ObjectStore,
     Quarantine,
     Usage,
@@ -57,8 +60,8 @@ from pacs.core.storage.base import (
 if TYPE_CHECKING:
     from pacs.core.config import Settings
 
-__all__ = ["BatchPut", "LocalFiles", "ObjectStore", "Quarantine", "Usage", "exists",
-           "is_object_key", "local_path", "object_key", "open_store", "put_each",
+__all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine", "Usage",
+           "exists", "is_object_key", "local_path", "object_key", "open_store", "put_each",
            "put_many", "quarantine_folder", "usage"]
 
 

@@ -83,6 +83,15 @@ class LocalFiles(Protocol):
 
 
 @runtime_checkable
+class ModifiedTimes(Protocol):
+    """The store tells when each object was last written, for all of them at once (an
+    S3 listing carries each object's ``LastModified``)."""
+
+    def modified_times(self) -> Iterator[tuple[str, float]]:
+        """``(key, POSIX time of its last write)`` for every object key."""
+
+
+@runtime_checkable
 class BatchPut(Protocol):
     """Several puts share one durability point (a folder store fsyncs them together)."""
 

@@ -483,6 +483,18 @@ class S3Store:
 
     def _listing(self) -> Iterator[tuple[str, int]]:
         """Each stored key of this customer with its size; a missing bucket is empty."""
+        for key, obj in self._listed():
+            yield key, int(obj.size or 0)
+
+    def modified_times(self) -> Iterator[tuple[str, float]]:
+        """Each stored key with the POSIX time of its last write (``LastModified`` of
+        one listing): the :class:`~pacs.core.storage.ModifiedTimes` capability."""
+        for key, obj in self._listed():
+            if obj.last_modified is not None:
+                yield key, obj.last_modified.timestamp()
+
+    def _listed(self) -> Iterator[tuple[str, Any]]:
+        """Each stored key of this customer with minio's listing entry."""
         with self._storage_errors("list"):
             try:
                 objects = self._client.list_objects(
@@ -494,7 +506,7 @@ class S3Store:
                     # Anything else under the prefix (a stray upload, a folder marker)
                     # is not one of our objects.
                     if not obj.is_dir and name.startswith(self._prefix) and is_object_key(key):
-                        yield key, int(obj.size or 0)
+                        yield key, obj
             except S3Error as exc:
                 if exc.code != "NoSuchBucket":
                     raise
