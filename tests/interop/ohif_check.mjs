@@ -40,6 +40,8 @@ const context = await chromium.launchPersistentContext(userDataDir, {
   headless: true,
   viewport: { width: 1400, height: 900 },
   ...(HTTP_USER ? { httpCredentials: { username: HTTP_USER, password: HTTP_PASSWORD || '' } } : {}),
+  // A node with a private CA's certificate (checked by the test with that CA).
+  ...(process.env.ACCEPT_CERTIFICATE ? { ignoreHTTPSErrors: true } : {}),
   args: [
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',

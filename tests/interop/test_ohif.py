@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -92,10 +93,10 @@ def make_studies(folder: Path) -> list[Study]:
     return studies
 
 
-def get(url: str) -> tuple[int, dict[str, str], bytes]:
+def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
     """A GET's status, headers (lower-case names) and body; errors included."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(url, timeout=30, context=context) as response:
             return (response.status, {k.lower(): v for k, v in response.getheaders()},
                     response.read())
     except urllib.error.HTTPError as error:
@@ -258,26 +259,35 @@ def host_address() -> str | None:
 @pytest.mark.timeout(BROWSER_TIMEOUT + 120)
 def test_a_browser_on_another_host_gets_in_with_the_credentials(
         node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The compose setup: not loopback, so HTTP Basic on the page and every request."""
+    """The compose setup: not loopback, so HTTPS (with the certificate compose's
+    scripts/make-cert.sh makes) and HTTP Basic on the page and every request."""
     require_tools()
     address = host_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to browse from")
+    tls = tmp_path_factory.mktemp("ohif-remote-tls")
+    made = subprocess.run([str(ROOT / "scripts" / "make-cert.sh"), str(tls), address],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stdout + made.stderr
     node = node_factory("ohif-remote", PACS_VIEWER_DIST=str(DIST), PACS_BIND_ADDRESS="0.0.0.0",
-                        PACS_WEB_USER="viewer", PACS_WEB_PASSWORD="not-so-secret")
+                        PACS_WEB_USER="viewer", PACS_WEB_PASSWORD="not-so-secret",
+                        PACS_TLS_CERT=str(tls / "cert.pem"), PACS_TLS_KEY=str(tls / "key.pem"))
     port = int(node.env["PACS_VIEWER_PORT"])
     wait_for_port(port, timeout=60)
-    base = f"http://{address}:{port}"
-    status, headers, _ = get(base + "/")
+    base = f"https://{address}:{port}"
+    trusted = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    status, headers, _ = get(base + "/", trusted)
     assert status == 401 and headers["www-authenticate"].startswith("Basic")
-    assert get(base + "/dicom-web/studies")[0] == 401
+    assert get(base + "/dicom-web/studies", trusted)[0] == 401
+    assert get(f"http://{address}:{port}/")[0] == 400  # HTTPS only: no password in clear
     folder = tmp_path_factory.mktemp("ohif-remote-data")
     ct = [s for s in make_studies(folder) if s.name == "ct"]
     for other in ("jpeg", "j2k", "rle"):
         (folder / f"{other}.dcm").unlink()
     send(node, folder, ct)
+    # The certificate was verified above with its CA; the browser is told to accept it.
     results = run_browser(base, ct, ARTIFACTS / "remote", HTTP_USER="viewer",
-                          HTTP_PASSWORD="not-so-secret")
+                          HTTP_PASSWORD="not-so-secret", ACCEPT_CERTIFICATE="1")
     assert results["studyList"]["listed"] == {"ct": True}, results["log"]
     assert results["studies"]["ct"]["passed"], results["log"]
     assert results["failedRequests"] == [], _failures(results)
