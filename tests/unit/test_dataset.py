@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import warnings
+from pathlib import Path
+
+import pydicom
 import pytest
 
-from pacs.core.dataset import check_complete, read_part10, valid_uid
+from pacs.core import metadata
+from pacs.core.attributes import Level
+from pacs.core.dataset import Instance, check_complete, extract, read_part10, valid_uid
 from pacs.core.errors import InvalidUID, UnreadableData
 from tests.conftest import sample
 
@@ -174,3 +181,28 @@ def test_values_with_code_extensions_are_left_to_pydicom() -> None:
     ds[attribute.tag] = RawDataElement(BaseTag(attribute.tag), "PN", 8, b"\x1b(BABC^D",
                                        0, False, True)
     assert _raw_text(ds, attribute, "latin_1") is _UNDECODED
+
+
+def _pydicom_samples() -> list[Path]:
+    """Every Part 10 object pydicom ships as test data (many encodings and oddities)."""
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.read_bytes()[128:132] == b"DICM")
+
+
+@pytest.mark.parametrize("path", _pydicom_samples(), ids=lambda p: p.name)
+def test_walked_header_reads_as_pydicom(path: Path) -> None:
+    """The header the completeness walk builds gives the index values and metadata that
+    pydicom's own reader gives, for every object either of them reads."""
+    data = path.read_bytes()
+    try:
+        instance = read_part10(data)
+    except (UnreadableData, InvalidUID):
+        return  # refused: nothing is indexed from it (the refusals are tested above)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = Instance(header=pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True),
+                             **instance.identity())
+        for level in Level:
+            assert extract(instance.header, level) == extract(reference.header, level)
+        assert metadata.prepare(instance, data) == metadata.prepare(reference, data)
