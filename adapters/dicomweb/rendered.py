@@ -67,6 +67,7 @@ from adapters.dicomweb.errors import Unacceptable
 from pacs.core import frames as pixels, metadata
 from pacs.core.errors import InvalidQuery, NotFound, UnreadableData
 from pacs.core.services import Services
+from pacs.core.storage import open_ranged
 
 JPEG, PNG = "image/jpeg", "image/png"
 #: Media types of rendered images, the default first (PS3.18 8.7.4).
@@ -325,8 +326,7 @@ class Rendered:
         return document_media_type(str(kind)) if kind else OCTET
 
     def _document_bytes(self, doc: metadata.Document) -> bytes:
-        with self.services.store.open(doc.object_key) as stream, \
-                metadata.seekable(stream) as source:
+        with open_ranged(self.services.store, doc.object_key) as source:
             try:
                 value = pydicom.dcmread(source).get(0x00420011)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds here
@@ -340,8 +340,7 @@ class Rendered:
 
     def _image(self, doc: metadata.Document, parsed: dict[str, Any], lay: pixels.Layout,
                number: int, params: Params) -> Image.Image:
-        with self.services.store.open(doc.object_key) as stream, \
-                metadata.seekable(stream) as source:
+        with open_ranged(self.services.store, doc.object_key) as source:
             array = pixels.decoded(source, number, lay,
                                    self.services.settings.max_frame_bytes)
             palette = metadata.value(parsed, _PHOTOMETRIC) == "PALETTE COLOR"

@@ -55,6 +55,7 @@ from pacs.core.dataset import require_uid
 from pacs.core.errors import InvalidQuery, NotFound, PacsError
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
+from pacs.core.storage import open_ranged
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
 def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
             numbers: Sequence[int], stored: bool) -> Iterator[tuple[bytes, str]]:
     """The frames' bytes, read from the object opened once."""
-    with services.store.open(doc.object_key) as stream, metadata.seekable(stream) as source:
+    with open_ranged(services.store, doc.object_key) as source:
         limit = services.settings.max_frame_bytes
         if stored:
             yield from pixels.stored_frames(source, lay, numbers, max_frame_bytes=limit)
@@ -399,8 +400,7 @@ class Bulkdata:
     def _value(self, doc: metadata.Document, steps: Sequence[int]) -> bytes:
         # The header is enough (the metadata lists no element after the pixel data),
         # and a deflated one is read without inflating the pixel data.
-        with self.services.store.open(doc.object_key) as stream, \
-                metadata.seekable(stream) as source:
+        with open_ranged(self.services.store, doc.object_key) as source:
             dataset = pixels.read_header(source)
         return _element_bytes(dataset, steps)
 

@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import apsw
 import orjson
@@ -48,6 +45,7 @@ from pacs.core.dataset import read_part10
 from pacs.core.errors import NotFound, PacsError, UnreadableData
 from pacs.core.index import reads, writer
 from pacs.core.jsonmodel import BULK_DATA_THRESHOLD, PIXEL_TAGS
+from pacs.core.storage import open_ranged
 
 if TYPE_CHECKING:
     from pacs.core.dataset import Instance
@@ -286,7 +284,7 @@ def _document(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Docum
 def _backfill(index: Index, store: ObjectStore, pk: int, sop_uid: str, key: str,
               checksum: str, transfer_syntax: str) -> Document:
     """Build one instance's metadata from its stored object and keep it."""
-    with store.open(key) as stream, seekable(stream) as source:
+    with open_ranged(store, key) as source:
         prepared = prepare_from_stream(source, transfer_syntax)
     with index.write() as conn:
         writer.backfill_metadata(conn, pk, checksum, prepared.json, prepared.pixel_offset,
@@ -370,30 +368,6 @@ def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str
     return orjson.dumps(result, option=orjson.OPT_SORT_KEYS).decode()
 
 
-#: A forward-only stream is copied to memory up to this size, to disk beyond.
-SPOOL_BYTES = 32 << 20
-
-
-@contextmanager
-def seekable(stream: BinaryIO) -> Iterator[BinaryIO]:
-    """A seekable view of a stream: itself when it seeks, else a spooled copy.
-
-    S3 objects arrive as forward-only streams; pydicom and the encapsulation helpers
-    seek.
-    """
-    try:
-        can_seek = stream.seekable()
-    except (AttributeError, ValueError):
-        can_seek = False
-    if can_seek:
-        yield stream
-        return
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as copy:
-        shutil.copyfileobj(stream, copy, 1 << 20)
-        copy.seek(0)
-        yield cast(BinaryIO, copy)
-
-
 def absolute_bulk_data_uris(text: str, base_url: str) -> str:
     """Prefix every stored (relative) BulkDataURI of a JSON text with ``base_url``.
 
@@ -445,5 +419,5 @@ def values(doc: dict[str, Any], tag: int) -> list[Any]:
 __all__ = [
     "BATCH", "BULK_DATA_THRESHOLD", "Document", "Prepared", "absolute_bulk_data_uris",
     "documents", "encode", "fetch", "instance_keys", "json_array", "parse", "prepare",
-    "prepare_from_stream", "representative", "save", "seekable", "value", "values",
+    "prepare_from_stream", "representative", "save", "value", "values",
 ]

@@ -29,11 +29,15 @@ implements only what it does better than the fallback:
 - :class:`Quarantine`, ``quarantine(key, folder)``: out of service, never deleted;
   without it ``pacs fsck`` reports the object and leaves it where it is;
 - :class:`ModifiedTimes`, ``modified_times()``: when each object was written, from one
-  listing, for ``pacs reindex``; fallback: the local files' times, else undated.
+  listing, for ``pacs reindex``; fallback: the local files' times, else undated;
+- :class:`RandomAccess`, ``open_ranged(key)``: a seekable stream whose reads fetch
+  their ranges (:mod:`pacs.core.storage.ranged`), for frames, headers and bulk data;
+  fallback :func:`open_ranged` gives ``open`` when its stream seeks (files, memory),
+  else a spooled copy of the whole object.
 
 The folder store has :class:`LocalFiles`, :class:`BatchPut` and :class:`Quarantine`;
-the S3 store :class:`Usage`, :class:`Quarantine` and :class:`ModifiedTimes`; the memory
-store (tests) :class:`Quarantine`.
+the S3 store :class:`Usage`, :class:`Quarantine`, :class:`ModifiedTimes` and
+:class:`RandomAccess`; the memory store (tests) :class:`Quarantine`.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ from pacs.core.storage.base import (
     ModifiedTimes,
     ObjectStore,
     Quarantine,
+    RandomAccess,
     Usage,
     exists,
     is_object_key,
     local_path,
     object_key,
+    open_ranged,
     put_each,
     put_many,
     quarantine_folder,
@@ -60,9 +66,9 @@ from pacs.core.storage.base import (
 if TYPE_CHECKING:
     from pacs.core.config import Settings
 
-__all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine", "Usage",
-           "exists", "is_object_key", "local_path", "object_key", "open_store", "put_each",
-           "put_many", "quarantine_folder", "usage"]
+__all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
+           "RandomAccess", "Usage", "exists", "is_object_key", "local_path", "object_key",
+           "open_ranged", "open_store", "put_each", "put_many", "quarantine_folder", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from pacs.core.dataset import valid_uid
 from pacs.core.errors import NotFound, StorageError
+
+#: A forward-only stream that must seek is copied to memory up to this size, to disk
+#: beyond (:func:`open_ranged`'s fallback).
+SPOOL_BYTES = 32 << 20
 
 _KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
 #: Names of quarantine folders (one per repair run).
@@ -42,7 +48,7 @@ class ObjectStore(Protocol):
 
     Faster or backend-specific operations are optional capabilities (below), asked
     for explicitly (``isinstance(store, LocalFiles)``), each with a plain fallback
-    here (:func:`put_many`, :func:`local_path`, :func:`usage`).
+    here (:func:`put_many`, :func:`local_path`, :func:`usage`, :func:`open_ranged`).
     """
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
@@ -80,6 +86,20 @@ class LocalFiles(Protocol):
 
     def local_file(self, key: str) -> Path:
         """The object's file; it may be missing when the object is gone."""
+
+
+@runtime_checkable
+class RandomAccess(Protocol):
+    """Parts of an object are read without the rest: a caller that seeks (to a frame,
+    a header, a bulk data value) fetches about what it reads, where :meth:`ObjectStore.open`
+    of a remote object streams all of it."""
+
+    def open_ranged(self, key: str) -> BinaryIO:
+        """A seekable stream of the object's bytes; the caller closes it.
+
+        Reads outside a bounded buffer fetch their range from the store.  A missing
+        key raises :class:`~pacs.core.errors.NotFound` here or at the first read.
+        """
 
 
 @runtime_checkable
@@ -150,6 +170,43 @@ def local_path(store: ObjectStore, key: str) -> Path | None:
     """The object's file when the store keeps local files (:class:`LocalFiles`), else
     ``None``: read it with :meth:`ObjectStore.open`."""
     return store.local_file(key) if isinstance(store, LocalFiles) else None
+
+
+def open_ranged(store: ObjectStore, key: str) -> BinaryIO:
+    """A seekable stream of the object for a caller that reads parts of it (frames,
+    headers, bulk data): :meth:`RandomAccess.open_ranged` when the store has it, else
+    :meth:`ObjectStore.open` when that seeks (a file, bytes in memory), else a copy of
+    the whole object (in memory up to :data:`SPOOL_BYTES`, on disk beyond).
+
+    Raises
+    ------
+    NotFound
+        When there is no such object (with :class:`RandomAccess`, maybe only at the
+        first read).
+    StorageError
+        When the store fails.
+    """
+    if isinstance(store, RandomAccess):
+        return store.open_ranged(key)
+    stream = store.open(key)
+    if _seeks(stream):
+        return stream
+    with stream:
+        copy = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - the caller closes it
+        try:
+            shutil.copyfileobj(stream, copy, 1 << 20)
+        except BaseException:
+            copy.close()
+            raise
+    copy.seek(0)
+    return cast(BinaryIO, copy)
+
+
+def _seeks(stream: BinaryIO) -> bool:
+    try:
+        return stream.seekable()
+    except (AttributeError, ValueError):
+        return False
 
 
 def usage(store: ObjectStore) -> int:

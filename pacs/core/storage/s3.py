@@ -36,8 +36,9 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import certifi
@@ -58,6 +59,7 @@ from urllib3.exceptions import (
 
 from pacs.core.errors import ConfigError, NotFound, StorageError
 from pacs.core.storage.base import is_object_key, quarantine_folder
+from pacs.core.storage.ranged import RangedReader
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -88,6 +90,9 @@ _CREDENTIAL_CODES = frozenset(
     {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
      "ExpiredToken", "InvalidSecurity"}
 )
+
+#: ``Content-Range`` of a ranged answer: ``bytes <first>-<last>/<size>`` (RFC 9110 14.4).
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 #: S3 error codes meaning the object (or its whole bucket) is not there.
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
@@ -229,6 +234,23 @@ class _ObjectStream(io.RawIOBase):
                 super().close()
 
 
+class _Pinned:
+    """The fetch of an object's :class:`RangedReader`: ranged GETs of the version the
+    first one answered (its ETag)."""
+
+    def __init__(self, get: Callable[[int, int, str | None], tuple[bytes, int, str | None]]
+                 ) -> None:
+        self._get = get
+        self._etag: str | None = None
+
+    def __call__(self, start: int, length: int) -> tuple[bytes, int]:
+        """``length`` bytes from ``start`` and the object's size."""
+        data, size, etag = self._get(start, length, self._etag)
+        if self._etag is None:
+            self._etag = etag
+        return data, size
+
+
 class _CountingReader:
     """Counts the bytes minio reads from a source, to tell a short source apart.
 
@@ -256,7 +278,9 @@ class S3Store:
     """Objects in an S3 bucket under the customer's prefix.
 
     Capabilities (:mod:`pacs.core.storage`): :class:`~pacs.core.storage.Usage` (one
-    listing carries every size) and :class:`~pacs.core.storage.Quarantine`.
+    listing carries every size), :class:`~pacs.core.storage.Quarantine`,
+    :class:`~pacs.core.storage.ModifiedTimes` and :class:`~pacs.core.storage.RandomAccess`
+    (ranged GETs).
 
     Parameters
     ----------
@@ -453,6 +477,54 @@ class S3Store:
                 raise
         return io.BufferedReader(_ObjectStream(response), buffer_size=_READ_BUFFER)
 
+    def open_ranged(self, key: str) -> BinaryIO:
+        """A seekable stream of the object whose reads are ranged GETs
+        (:class:`~pacs.core.storage.ranged.RangedReader`); the caller closes it.
+
+        Nothing is requested before the first read.  Every GET after the first names
+        the ETag the first one answered (``If-Match``), so a stream never joins parts
+        of two versions of an object overwritten meanwhile: it fails instead.
+
+        Raises
+        ------
+        NotFound
+            When there is no such object (at the first read).
+        StorageError
+            When S3 fails, or the object changed between two reads of the stream.
+        """
+        self._object_name(key)  # refuse a bad key now, not at the first read
+        return cast(BinaryIO, RangedReader(_Pinned(partial(self._range, key)),
+                                           partial(self.size, key)))
+
+    def _range(self, key: str, start: int, length: int,
+               etag: str | None) -> tuple[bytes, int, str | None]:
+        """Up to ``length`` bytes of the object from ``start``, its size and its ETag;
+        with ``etag``, only from that version of the object (``If-Match``)."""
+        name = self._object_name(key)
+        with self._storage_errors("read"):
+            try:
+                response = self._client.get_object(
+                    bucket_name=self.bucket, object_name=name, offset=start, length=length,
+                    request_headers=cast(Any, {"If-Match": etag} if etag else {}))
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES:
+                    raise NotFound("no such object") from None
+                if exc.code == "PreconditionFailed":
+                    raise StorageError("S3 read failed: the object changed while it "
+                                       "was read") from None
+                if exc.code == "InvalidRange":  # starts at or past the end
+                    return b"", self.size(key), etag
+                raise
+            try:
+                # urllib3 checks the body against Content-Length: a cut connection raises.
+                data = response.read()
+                headers = response.headers
+            finally:
+                response.close()
+                response.release_conn()
+        data, size = _ranged_answer(data, headers.get("Content-Range"), start, length)
+        return data, size, headers.get("ETag")
+
     def size(self, key: str) -> int:
         """The object's size in bytes.
 
@@ -590,6 +662,21 @@ class S3Store:
     def close(self) -> None:
         """Close the pooled connections."""
         self._http.clear()
+
+
+def _ranged_answer(data: bytes, content_range: str | None, start: int,
+                   length: int) -> tuple[bytes, int]:
+    """The bytes asked for and the object's size, from the answer to a ranged GET.
+
+    A server that ignores ``Range`` answers the whole object (200, no
+    ``Content-Range``): the range is cut from it.
+    """
+    if content_range is None:
+        return data[start:start + length], len(data)
+    match = _CONTENT_RANGE_RE.match(content_range.strip())
+    if match is None or int(match.group(1)) != start:
+        raise StorageError("S3 read failed: the answer is not the range asked for")
+    return data, int(match.group(3))
 
 
 def _network_reason(exc: BaseException) -> str:
