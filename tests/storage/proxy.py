@@ -15,10 +15,16 @@ import threading
 from types import TracebackType
 
 
+#: How every HTTP/1.1 request line ends (RFC 9112 3).
+_REQUEST_LINE_END = b" HTTP/1.1\r\n"
+
+
 class CountingRelay:
     """Relays loopback connections on a free port to ``upstream`` (``host:port``).
 
     :attr:`received` is the number of bytes the server sent to clients so far,
+    :attr:`requests` the number of HTTP requests clients sent (their request lines; a
+    request body that looks like one would count too, so count during reads only),
     :attr:`connections` the number of connections relayed.
     """
 
@@ -28,6 +34,7 @@ class CountingRelay:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.received = 0
+        self.requests = 0
         self.connections = 0
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -45,6 +52,7 @@ class CountingRelay:
         """Start counting from zero."""
         with self._lock:
             self.received = 0
+            self.requests = 0
             self.connections = 0
 
     def close(self) -> None:
@@ -70,12 +78,20 @@ class CountingRelay:
             threading.Thread(target=self._pump, args=(server, client, True),
                              daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket, count: bool) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
+        """Copy ``source`` to ``target``: the server's answers when ``answers``, else
+        the client's requests."""
+        tail = b""  # the end of the previous chunk: a request line may span two
         try:
             while data := source.recv(1 << 16):
-                if count:
-                    with self._lock:
+                with self._lock:
+                    if answers:
                         self.received += len(data)
+                    else:
+                        # The tail is too short to hold a whole line end: none counts twice.
+                        seen = tail + data
+                        self.requests += seen.count(_REQUEST_LINE_END)
+                        tail = seen[-len(_REQUEST_LINE_END) + 1:]
                 target.sendall(data)
         except OSError:
             pass

@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,20 @@ from pacs.core.storage import (
     ModifiedTimes,
     ObjectStore,
     Quarantine,
+    RandomAccess,
     Usage,
     exists,
     local_path,
     object_key,
+    open_ranged,
     put_many,
     usage,
 )
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
+from pacs.core.storage.ranged import MIN_READ_AHEAD
 from pacs.core.storage.s3 import S3Store
+from tests.storage.proxy import CountingRelay
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
 #: The bucket the contract tests share; each test has its own customer prefix in it.
@@ -287,7 +292,8 @@ def test_keys_outside_the_uid_layout_are_refused_everywhere(
     def present(key: str) -> bool:
         return exists(real_store, key)
 
-    for operation in (real_store.open, real_store.size, real_store.delete, present):
+    for operation in (real_store.open, real_store.size, real_store.delete, present,
+                      partial(open_ranged, real_store)):
         with pytest.raises(StorageError):
             operation(key)
 
@@ -299,9 +305,9 @@ def test_keys_outside_the_uid_layout_are_refused_everywhere(
 DECLARED: dict[type, set[type]] = {
     MemoryStore: {Quarantine},
     FileStore: {LocalFiles, BatchPut, Quarantine},
-    S3Store: {Usage, Quarantine, ModifiedTimes},
+    S3Store: {Usage, Quarantine, ModifiedTimes, RandomAccess},
 }
-CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine, ModifiedTimes)
+CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine, ModifiedTimes, RandomAccess)
 
 
 def test_each_backend_declares_its_capabilities(store: ObjectStore) -> None:
@@ -358,6 +364,47 @@ def test_usage_and_its_fallback_agree(store: ObjectStore) -> None:
     if isinstance(store, Usage):
         assert store.usage() == expected
     assert sum(store.size(key) for key in list(store.keys())) == expected
+
+
+def test_ranged_reads_give_the_bytes_wherever_they_start(store: ObjectStore) -> None:
+    """RandomAccess on the backends that declare it, and open_ranged (the capability or
+    its fallback) on every backend: a seekable stream whose reads, wherever they start
+    and however long, give the stored bytes."""
+    data = payload(3 * 1024 * 1024 + 5, seed=9)
+    put_bytes(store, KEY, data)
+    openers = [partial(open_ranged, store, KEY)]
+    if isinstance(store, RandomAccess):
+        openers.append(partial(store.open_ranged, KEY))
+    draw = random.Random(3)
+    for opener in openers:
+        with opener() as stream:
+            assert stream.seekable()
+            for _ in range(25):
+                start = draw.randrange(len(data))
+                length = draw.choice([1, 8, 5000, 40_000, 2_000_000])
+                assert stream.seek(start) == start
+                assert stream.read(length) == data[start:start + length]
+                assert stream.tell() == min(start + length, len(data))
+            # Small steps back and forth around one place, as pydicom takes them.
+            stream.seek(1000)
+            assert stream.read(8) == data[1000:1008]
+            stream.seek(-4, io.SEEK_CUR)
+            assert stream.read(4) == data[1004:1008]
+            assert stream.seek(-10, io.SEEK_END) == len(data) - 10
+            assert stream.read() == data[-10:]
+            assert stream.read(5) == b""
+            stream.seek(len(data) + 7)
+            assert stream.read(3) == b""
+            stream.seek(2_000_000)
+            assert stream.read() == data[2_000_000:]
+        with opener() as stream:  # a seek from the end before anything was read
+            assert stream.seek(0, io.SEEK_END) == len(data)
+
+
+def test_ranged_read_of_a_missing_object(store: ObjectStore) -> None:
+    """NotFound when opened, or (RandomAccess) at the first read."""
+    with pytest.raises(NotFound), open_ranged(store, KEY) as stream:
+        stream.read(1)
 
 
 def test_quarantine_moves_the_object_out_of_the_keys(store: ObjectStore) -> None:
@@ -518,6 +565,59 @@ def test_s3_stream_close_releases_the_connection(seaweed_s3: SeaweedS3) -> None:
             stream.close()
             stream.close()
         assert read_all(store, KEY) == payload(200_000)
+    finally:
+        store.delete(KEY)
+        store.close()
+
+
+@pytest.mark.interop
+def test_s3_ranged_reads_fetch_what_they_read(seaweed_s3: SeaweedS3) -> None:  # noqa: F811
+    """Counted on the wire: a read in the middle of an object fetches about its own
+    size, where open (a whole-object stream, still one GET) fetches everything."""
+    size = 4_000_000
+    data = payload(size, seed=11)
+    with CountingRelay(seaweed_s3.endpoint) as relay:
+        store = make_s3_store(seaweed_s3, endpoint=relay.endpoint)
+        store.check()
+        try:
+            put_bytes(store, KEY, data)
+            relay.reset()
+            with open_ranged(store, KEY) as stream:
+                stream.seek(3_000_000)
+                assert stream.read(100_000) == data[3_000_000:3_100_000]
+                for start in range(0, 200, 8):  # small reads near one place: one GET
+                    stream.seek(start)
+                    assert stream.read(8) == data[start:start + 8]
+            assert relay.requests == 2
+            assert 100_000 + MIN_READ_AHEAD < relay.received < 100_000 + MIN_READ_AHEAD + 2000
+            relay.reset()
+            assert read_all(store, KEY) == data
+            assert relay.requests == 1
+            assert size < relay.received < size + 1000
+        finally:
+            store.delete(KEY)
+            store.close()
+
+
+@pytest.mark.interop
+def test_s3_ranged_stream_refuses_an_object_overwritten_meanwhile(
+        seaweed_s3: SeaweedS3) -> None:  # noqa: F811
+    """Reads of one stream come from one version of the object (If-Match): a stream
+    that would join two versions fails instead."""
+    store = make_s3_store(seaweed_s3)
+    store.check()
+    try:
+        first, second = payload(300_000, seed=12), payload(300_000, seed=13)
+        put_bytes(store, KEY, first)
+        with store.open_ranged(KEY) as stream:
+            assert stream.read(10) == first[:10]
+            put_bytes(store, KEY, second)
+            stream.seek(200_000)
+            with pytest.raises(StorageError, match="changed"):
+                stream.read(10)
+        with store.open_ranged(KEY) as stream:
+            stream.seek(200_000)
+            assert stream.read(10) == second[200_000:200_010]
     finally:
         store.delete(KEY)
         store.close()
