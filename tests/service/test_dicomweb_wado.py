@@ -2,6 +2,9 @@
 
 Accept headers are the ones dicomweb-client and OHIF send (their source, and the
 requests tests/interop/test_ohif.py records); expectations are PS3.18 10.4 and 8.7.
+Every test runs twice: over the memory store, whose streams seek, and over the same
+store read as S3 is read, parts of an object through a ranged reader
+(:class:`RangedMemoryStore`; the S3 store itself: tests/interop/test_s3_node.py).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, gen
 
 from adapters.dicomweb.app import create_app
 from pacs.core import metadata
+from pacs.core.errors import NotFound
 from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
+from pacs.core.storage.ranged import RangedReader
 from tests.conftest import sample
 
 JSON = "application/dicom+json"
@@ -36,6 +42,28 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
 # --- fixtures and helpers ---------------------------------------------------------------
+
+class RangedMemoryStore(MemoryStore):
+    """The memory store with :class:`~pacs.core.storage.RandomAccess`: parts of an
+    object are read through :class:`RangedReader`, range by range, as from S3."""
+
+    def open_ranged(self, key: str) -> RangedReader:
+        with self._lock:
+            if key not in self.objects:
+                raise NotFound("no such object")
+            data = self.objects[key]
+
+        def fetch(start: int, length: int) -> tuple[bytes, int]:
+            return data[start:start + length], len(data)
+
+        return RangedReader(fetch, lambda: len(data))
+
+
+@pytest.fixture(params=["seekable", "ranged"])
+def memory_store(request: pytest.FixtureRequest) -> MemoryStore:
+    """The store of the ``services`` fixture: each test runs over both kinds."""
+    return RangedMemoryStore() if request.param == "ranged" else MemoryStore()
+
 
 def encode(ds: Dataset) -> bytes:
     out = io.BytesIO()

@@ -21,9 +21,11 @@ from typing import Protocol
 
 from pacs.core.errors import StorageError
 
-#: Bytes fetched beyond a read that jumped elsewhere: enough for a typical header
-#: (a few KB) or an item header with the first part of its fragment in one request.
-MIN_READ_AHEAD = 16 << 10
+#: The least a read that missed the buffer fetches: a page, enough for an item header
+#: and a Basic Offset Table, or a small header, in one request.  Small, because a
+#: frame request pays it once beside its frame (an encapsulated frame: the offset
+#: table, then the fragments in one read); a longer header costs a few doubling GETs.
+MIN_READ_AHEAD = 4 << 10
 
 #: The read-ahead of a long run of sequential reads, and the most a stream buffers
 #: beyond what its caller asked for.
