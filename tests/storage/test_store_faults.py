@@ -146,6 +146,26 @@ def test_s3_put_to_a_closed_port_fails_fast() -> None:
     store.close()
 
 
+def test_s3_ranged_read_fails_as_a_whole_read_does(stalled: StalledServer) -> None:
+    """Frames and headers read in ranges: a stalled server fails the read after one
+    read timeout (not asked again), a closed port at once, both as StorageError."""
+    store = _s3(stalled.port)
+    started = time.monotonic()
+    with store.open_ranged(KEY) as stream, pytest.raises(StorageError, match="timed out"):
+        stream.seek(1000)
+        stream.read(10)
+    assert 2.0 <= time.monotonic() - started < 2.0 + SLACK
+    assert len(stalled.accepted) == 1
+    store.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = _s3(port)
+    with store.open_ranged(KEY) as stream, pytest.raises(StorageError, match="refused"):
+        stream.read(10)
+    store.close()
+
+
 def test_s3_store_takes_its_timeouts_from_the_dimse_timeout(settings: Settings) -> None:
     store = S3Store.from_settings(settings.with_overrides(
         storage="s3", s3_endpoint="127.0.0.1:9", dimse_timeout=20.0))
