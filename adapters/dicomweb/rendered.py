@@ -340,7 +340,7 @@ class Rendered:
 
     def _image(self, doc: metadata.Document, parsed: dict[str, Any], lay: pixels.Layout,
                number: int, params: Params) -> Image.Image:
-        with open_ranged(self.services.store, doc.object_key) as source:
+        with pixels.open_frames(self.services.store, doc.object_key, lay) as source:
             array = pixels.decoded(source, number, lay,
                                    self.services.settings.max_frame_bytes)
             palette = metadata.value(parsed, _PHOTOMETRIC) == "PALETTE COLOR"

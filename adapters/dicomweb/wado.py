@@ -351,7 +351,7 @@ def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
 def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
             numbers: Sequence[int], stored: bool) -> Iterator[tuple[bytes, str]]:
     """The frames' bytes, read from the object opened once."""
-    with open_ranged(services.store, doc.object_key) as source:
+    with pixels.open_frames(services.store, doc.object_key, lay) as source:
         limit = services.settings.max_frame_bytes
         if stored:
             yield from pixels.stored_frames(source, lay, numbers, max_frame_bytes=limit)

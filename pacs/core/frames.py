@@ -8,7 +8,8 @@ pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
   with one seek, nothing else of the object is read or parsed;
 - encapsulated pixel data: the frame's fragments, found through the Basic (or
   Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
-  table and the fragments' item headers;
+  table and the frame's items; without an offset table pydicom walks every fragment's
+  item header, so :func:`open_frames` gives it a local copy of the object;
 - anything else (deflated or big endian data sets, or objects without a recorded
   position), and any compressed frame asked for uncompressed: decoded by pydicom
   (pylibjpeg codecs) one frame at a time.
@@ -45,9 +46,12 @@ from pydicom.uid import (
 
 from pacs.core import dataset, metadata
 from pacs.core.errors import FrameTooLarge, NotFound, UnreadableData
+from pacs.core.storage import open_ranged, spooled_copy
+from pacs.core.storage.ranged import RangedReader
 
 if TYPE_CHECKING:
     from pacs.core.metadata import Document
+    from pacs.core.storage import ObjectStore
 
 #: Uncompressed little endian syntaxes whose pixel data is sent as stored.
 NATIVE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -58,6 +62,10 @@ NATIVE_SYNTAX = str(ExplicitVRLittleEndian)
 _ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
 _FRAMES, _PHOTOMETRIC = 0x00280008, 0x00280004
 _EXTENDED_OFFSETS, _EXTENDED_LENGTHS = 0x7FE00001, 0x7FE00002
+
+#: The item tag (FFFE,E000) of the Basic Offset Table and of each fragment, as stored
+#: (encapsulated pixel data is little endian, PS3.5 A.4).
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
 _PIXEL_DATA = "7FE00010"
 
 
@@ -167,6 +175,39 @@ def check_numbers(lay: Layout, numbers: Sequence[int]) -> None:
     for number in numbers:
         if not 1 <= number <= lay.frames:
             raise NotFound(f"frame {number} does not exist (the instance has {lay.frames})")
+
+
+def open_frames(store: ObjectStore, key: str, lay: Layout) -> BinaryIO:
+    """The stored object, opened to read frames of; the caller closes it.
+
+    A seekable stream that reads only what it is asked for
+    (:func:`pacs.core.storage.open_ranged`: a file, or ranged GETs on S3).  Encapsulated
+    pixel data with neither an Extended nor a non-empty Basic Offset Table (PS3.5 A.4)
+    has its frames found by walking every fragment's item header, a request each when
+    read in ranges: such an object is copied instead, read whole as one stream
+    (:func:`pacs.core.storage.spooled_copy` of :meth:`ObjectStore.open`).
+    """
+    source = open_ranged(store, key)
+    try:
+        walked = (isinstance(source, RangedReader) and lay.encapsulated
+                  and lay.extended_offsets is None and not _basic_offsets(source, lay))
+    except BaseException:
+        source.close()
+        raise
+    if not walked:
+        return source
+    source.close()
+    return spooled_copy(store.open(key))
+
+
+def _basic_offsets(source: BinaryIO, lay: Layout) -> bool:
+    """False when the Basic Offset Table item is empty; true otherwise (an item that is
+    not one is reported by pydicom when the frame is read)."""
+    if lay.pixel_offset is None:
+        return True
+    source.seek(lay.pixel_offset)
+    head = source.read(8)
+    return len(head) < 8 or head[:4] != _ITEM_TAG or head[4:] != bytes(4)
 
 
 def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,

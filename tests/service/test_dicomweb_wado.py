@@ -19,7 +19,7 @@ import pytest
 from falcon import testing
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from adapters.dicomweb.app import create_app
@@ -332,6 +332,23 @@ def test_compressed_frames_as_stored_for_star(client: testing.TestClient, put: P
     [(part, content)] = parts(result)
     assert part["content-type"] == f"application/octet-stream; transfer-syntax={RLE}"
     assert content == get_frame(ds.PixelData, 1, number_of_frames=2)
+
+
+def test_compressed_frames_without_an_offset_table(client: testing.TestClient,
+                                                  put: Put) -> None:
+    """No Basic Offset Table (PS3.5 A.4): frames found by walking the fragments, from
+    a copy of the object when the store reads in ranges."""
+    ds = pydicom.dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    stored = list(generate_frames(ds.PixelData, number_of_frames=2))
+    ds, _ = put("SC_rgb_rle_2frame.dcm", PixelData=encapsulate(stored, has_bot=False))
+    for number in (2, 1):
+        result = client.simulate_get(url(ds) + f"/frames/{number}",
+                                     headers={"Accept": OHIF_FRAMES})
+        [(_, content)] = parts(result)
+        assert content == stored[number - 1]
+    picture = image(client.simulate_get(url(ds) + "/frames/2/rendered",
+                                        query_string="accept=image/png"))
+    assert picture.mode == "RGB" and picture.size == (ds.Columns, ds.Rows)
 
 
 def test_compressed_frames_decoded_when_no_syntax_is_asked(client: testing.TestClient,

@@ -60,6 +60,7 @@ from pacs.core.storage.base import (
     put_each,
     put_many,
     quarantine_folder,
+    spooled_copy,
     usage,
 )
 
@@ -68,7 +69,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
            "RandomAccess", "Usage", "exists", "is_object_key", "local_path", "object_key",
-           "open_ranged", "open_store", "put_each", "put_many", "quarantine_folder", "usage"]
+           "open_ranged", "open_store", "put_each", "put_many", "quarantine_folder",
+           "spooled_copy", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:

@@ -189,8 +189,12 @@ def open_ranged(store: ObjectStore, key: str) -> BinaryIO:
     if isinstance(store, RandomAccess):
         return store.open_ranged(key)
     stream = store.open(key)
-    if _seeks(stream):
-        return stream
+    return stream if _seeks(stream) else spooled_copy(stream)
+
+
+def spooled_copy(stream: BinaryIO) -> BinaryIO:
+    """A seekable copy of the rest of ``stream`` (in memory up to :data:`SPOOL_BYTES`,
+    on disk beyond), at its start; ``stream`` is closed.  The caller closes the copy."""
     with stream:
         copy = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - the caller closes it
         try:
