@@ -62,11 +62,11 @@ NATIVE_SYNTAX = str(ExplicitVRLittleEndian)
 _ROWS, _COLUMNS, _SAMPLES, _BITS = 0x00280010, 0x00280011, 0x00280002, 0x00280100
 _FRAMES, _PHOTOMETRIC = 0x00280008, 0x00280004
 _EXTENDED_OFFSETS, _EXTENDED_LENGTHS = 0x7FE00001, 0x7FE00002
+_PIXEL_DATA = "7FE00010"
 
 #: The item tag (FFFE,E000) of the Basic Offset Table and of each fragment, as stored
 #: (encapsulated pixel data is little endian, PS3.5 A.4).
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
-_PIXEL_DATA = "7FE00010"
 
 
 @dataclass(frozen=True)
