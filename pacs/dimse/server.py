@@ -48,15 +48,9 @@ class NodeAE(AE):
 
 
 def make_ae(settings: Settings) -> NodeAE:
-    """The application entity with the node's title, limits and contexts.
-
-    Raises
-    ------
-    ConfigError
-        A TLS destination's files cannot serve (:func:`pacs.dimse.tls.client_context`).
-    """
+    """The application entity with the node's title, limits and contexts (the TLS
+    context of its destinations is :func:`start`'s: it reads files)."""
     ae = NodeAE(ae_title=settings.ae_title)
-    ae.destination_tls = tls.client_context(settings)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = settings.dimse_timeout
@@ -360,6 +354,7 @@ def start(services: Services, address: tuple[str, int] | None = None,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures()})
     ae = make_ae(settings)
+    ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.
