@@ -101,6 +101,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     from pacs.node.webserver import WebServer
 
     try:  # the workers load them again: a broken file stops us here, not them
+        config.check_dimse_listeners(settings)
         tls.server_context(settings)
         dimse_tls.server_context(settings)
         dimse_tls.client_context(settings)

@@ -466,15 +466,13 @@ def check_dimse_tls(settings: Settings) -> None:
     Raises
     ------
     ConfigError
-        Both DIMSE ports off, both on the same port, a TLS port without a certificate,
-        half a DIMSE certificate pair.
+        Both on the same port, a TLS port without a certificate, half a DIMSE
+        certificate pair.  (Both ports off is ``pacs serve``'s to refuse,
+        :func:`check_dimse_listeners`: commands and tests serve no DIMSE.)
     """
     if bool(settings.dimse_tls_cert) != bool(settings.dimse_tls_key):
         raise ConfigError("PACS_DIMSE_TLS_CERT and PACS_DIMSE_TLS_KEY go together: set "
                           "both, or neither (DICOM TLS then uses PACS_TLS_CERT / _KEY)")
-    if not settings.dimse_port and not settings.dimse_tls_port:
-        raise ConfigError("PACS_DIMSE_PORT is 0 and PACS_DIMSE_TLS_PORT is 0: the node "
-                          "would serve no DIMSE; set one of them")
     if settings.dimse_port and settings.dimse_port == settings.dimse_tls_port:
         raise ConfigError(f"PACS_DIMSE_PORT and PACS_DIMSE_TLS_PORT are both "
                           f"{settings.dimse_port}: the TLS port must be another one "
@@ -483,3 +481,16 @@ def check_dimse_tls(settings: Settings) -> None:
         raise ConfigError("PACS_DIMSE_TLS_PORT needs a certificate: set "
                           "PACS_DIMSE_TLS_CERT and PACS_DIMSE_TLS_KEY (or PACS_TLS_CERT "
                           "and PACS_TLS_KEY)")
+
+
+def check_dimse_listeners(settings: Settings) -> None:
+    """Refuse to serve with both DIMSE ports off.
+
+    Raises
+    ------
+    ConfigError
+        ``PACS_DIMSE_PORT`` and ``PACS_DIMSE_TLS_PORT`` both 0.
+    """
+    if not settings.dimse_port and not settings.dimse_tls_port:
+        raise ConfigError("PACS_DIMSE_PORT is 0 and PACS_DIMSE_TLS_PORT is 0: the node "
+                          "would serve no DIMSE; set one of them")

@@ -47,7 +47,6 @@ def test_a_destination_that_cannot_be_read_is_refused(value: str) -> None:
 
 
 @pytest.mark.parametrize(("environ", "message"), [
-    ({"PACS_DIMSE_PORT": "0"}, "serve no DIMSE"),
     ({"PACS_DIMSE_TLS_PORT": "2762"}, "needs a certificate"),
     ({"PACS_DIMSE_TLS_PORT": "32773", "PACS_TLS_CERT": "c", "PACS_TLS_KEY": "k"},
      "must be another"),
@@ -58,6 +57,13 @@ def test_dimse_listeners_that_cannot_serve_are_refused(environ: dict[str, str],
                                                        message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load(**environ)
+
+
+def test_serving_needs_a_dimse_port() -> None:
+    with pytest.raises(ConfigError, match="serve no DIMSE"):
+        config.check_dimse_listeners(load(PACS_DIMSE_PORT="0"))
+    config.check_dimse_listeners(load(PACS_DIMSE_PORT="0", PACS_DIMSE_TLS_PORT="2762",
+                                      PACS_TLS_CERT="c", PACS_TLS_KEY="k"))
 
 
 def test_the_https_certificate_serves_dicom_tls_unless_it_has_its_own() -> None:
