@@ -131,6 +131,8 @@ class NodeServer(ThreadedAssociationServer):
     handshake_timeout: float = 10.0
     #: Failed TLS handshakes, for the log.
     handshake_failures: _Failures
+    #: What the handshake left of ARTIM, per connection thread.
+    artim_left: ArtimLeft
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -193,15 +195,20 @@ class NodeServer(ThreadedAssociationServer):
         return client, address
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        """In the connection's thread: the TLS handshake first (within ARTIM), then the
-        association (pynetdicom's)."""
+        """In the connection's thread: the TLS handshake first, then the association
+        (pynetdicom's); handshake and A-ASSOCIATE-RQ share one ARTIM (the request gets
+        at least :data:`ARTIM_AFTER_HANDSHAKE`)."""
         if isinstance(request, ssl.SSLSocket):
+            started = time.monotonic()
             try:
                 tls.handshake(request, self.handshake_timeout)
             except (OSError, ValueError) as exc:  # ValueError: closed under us
                 self.handshake_failures.count(client_address, exc)
                 self.shutdown_request(request)
                 return
+            took = time.monotonic() - started
+            self.artim_left.seconds = max(ARTIM_AFTER_HANDSHAKE,
+                                          self.handshake_timeout - took)
         super().finish_request(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -249,15 +256,28 @@ def _holds_its_place(assoc: Any) -> bool:
                                           or assoc.is_rejected))
 
 
-def _start_artim(event: Any, seconds: float) -> None:
+class ArtimLeft(threading.local):
+    """What a TLS handshake left of ARTIM, for the association its thread goes on to
+    serve (:meth:`NodeServer.finish_request` sets it, :func:`_start_artim` reads it:
+    one thread, one connection)."""
+
+    seconds: float | None = None
+
+
+#: The least time an A-ASSOCIATE-RQ gets after a handshake that took nearly all of ARTIM.
+ARTIM_AFTER_HANDSHAKE = 0.5
+
+
+def _start_artim(event: Any, seconds: float, left: ArtimLeft | None = None) -> None:
     """EVT_CONN_OPEN: the acceptor's ARTIM timer (PS3.8 9.1.2, 9.1.3) runs for
-    PACS_ARTIM_TIMEOUT.
+    PACS_ARTIM_TIMEOUT, less what the connection's TLS handshake took (``left``).
 
     pynetdicom's ARTIM timer and the acceptor's wait for the A-ASSOCIATE-RQ both use the
     association's ACSE timeout; set here for accepted associations only (this AE's
     own requests to C-MOVE destinations keep the DIMSE timeout).
     """
-    event.assoc.acse_timeout = seconds
+    remaining = left.seconds if left is not None else None
+    event.assoc.acse_timeout = seconds if remaining is None else remaining
 
 
 #: A-ASSOCIATE-RJ when the node is full (PS3.8 9.3.4): rejected-transient, by the
@@ -349,10 +369,12 @@ def start(services: Services, address: tuple[str, int] | None = None,
     port = settings.dimse_tls_port if tls_context is not None else settings.dimse_port
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
+    artim_left = ArtimLeft()
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
-        "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures()})
+        "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
+        "artim_left": artim_left})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
@@ -361,7 +383,7 @@ def start(services: Services, address: tuple[str, int] | None = None,
     ae.maximum_associations = UNCOUNTED
     # Each association's operations, for the audit trail (pacs.dimse.audit).
     evt_handlers = [*handlers.bind(services, seam=uses_seam, audits=Audits(services.audit)),
-                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
+                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.

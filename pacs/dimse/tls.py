@@ -17,7 +17,9 @@ The node speaks the BCP 195 RFC 8996, 9325 TLS Secure Transport Connection Profi
 * **Handshake in time.**  The acceptor only wraps the accepted socket; the handshake
   runs in the connection's own thread, non-blocking, within ARTIM
   (``PACS_ARTIM_TIMEOUT``, :func:`handshake`), so a peer that connects and never
-  completes it holds neither the acceptor nor a thread for longer.
+  completes it holds neither the acceptor nor a thread for longer; the A-ASSOCIATE-RQ
+  then gets what the handshake left of ARTIM
+  (:meth:`pacs.dimse.server.NodeServer.finish_request`).
 * **Destinations.**  A C-MOVE destination marked ``:tls`` in ``PACS_MODALITIES`` is
   reached over TLS (:func:`client_args`): its certificate verified against
   ``PACS_DIMSE_TLS_CA`` (or the system's authorities) and its host name, the node's

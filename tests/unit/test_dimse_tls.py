@@ -16,7 +16,7 @@ import pytest
 from pacs.core import config
 from pacs.core.config import Modality, Settings
 from pacs.core.errors import ConfigError
-from pacs.dimse import tls
+from pacs.dimse import server, tls
 from tests.tlsfiles import Pki, ae_certificate, make_pki
 
 
@@ -185,3 +185,19 @@ def test_a_silent_peer_ends_the_handshake_in_time(pki: Pki) -> None:
         with pytest.raises(TimeoutError):
             tls.handshake(server, 0.2)
         assert server.getblocking()  # blocking again, for pynetdicom
+
+
+def test_the_request_gets_what_the_handshake_left_of_artim() -> None:
+    assoc = type("Assoc", (), {"acse_timeout": 60.0})()
+    event = type("Event", (), {"assoc": assoc})()
+    left = server.ArtimLeft()
+    server._start_artim(event, 10.0, left)
+    assert assoc.acse_timeout == 10.0  # plain connection: all of ARTIM
+    left.seconds = 2.5
+    server._start_artim(event, 10.0, left)
+    assert assoc.acse_timeout == 2.5
+    seen: list[float | None] = []
+    other = threading.Thread(target=lambda: seen.append(left.seconds))
+    other.start()
+    other.join()
+    assert seen == [None]  # per connection thread
