@@ -95,12 +95,16 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     settings = _settings(ctx, **overrides)
     _setup_logging(settings.log_level)
     from pacs.core.reconcile import reconcile
-    from pacs.dimse.server import run_workers
+    from pacs.dimse import tls as dimse_tls
+    from pacs.dimse.server import describe, run_workers
     from pacs.node import tls
     from pacs.node.webserver import WebServer
 
-    try:  # the HTTP workers load them again: a broken file stops us here, not them
+    try:  # the workers load them again: a broken file stops us here, not them
+        config.check_dimse_listeners(settings)
         tls.server_context(settings)
+        dimse_tls.server_context(settings)
+        dimse_tls.client_context(settings)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     services = _build(settings)
@@ -132,7 +136,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     except OSError as exc:
         stopping.set()
         raise click.ClickException(
-            f"cannot listen on port {settings.dimse_port}: {exc}") from exc
+            f"cannot listen on the DIMSE ports ({describe(settings)}): {exc}") from exc
     finally:
         stopping.set()
         web.stop()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A private CA and a server certificate for the node's HTTPS ports, for a deployment
+# A private CA and a server certificate for the node's HTTPS and DICOM TLS ports (also
+# its client certificate towards TLS C-MOVE destinations), for a deployment
 # without a certificate of its own (compose on one host, a test bench).  A hospital's
 # PKI or ACME certificate is better: point PACS_TLS_CERT / PACS_TLS_KEY at it instead.
 #
@@ -42,7 +43,7 @@ fi
 cat > server.ext <<EXT
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature
-extendedKeyUsage=serverAuth
+extendedKeyUsage=serverAuth,clientAuth
 subjectKeyIdentifier=hash
 authorityKeyIdentifier=keyid
 subjectAltName=$names

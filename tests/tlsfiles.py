@@ -80,6 +80,21 @@ def make_pki(folder: Path) -> Pki:
                other_cert=folder / "other.pem", other_key=folder / "other.key")
 
 
+def ae_certificate(pki: Pki, ae_title: str, *, server: bool = False,
+                   ca: str = "ca") -> tuple[Path, Path]:
+    """(certificate, key) of a DICOM AE, subject CN = ``ae_title``, signed by the test
+    CA (``ca="other-ca"``: by the other one) in the folder of ``pki``; ``server``: also
+    a TLS server's (for ``localhost`` and ``127.0.0.1``)."""
+    folder = pki.ca.parent
+    name = f"ae-{ae_title.lower()}-{ca}"
+    if not (folder / f"{name}.pem").exists():
+        usage = "serverAuth,clientAuth" if server else "clientAuth"
+        names = "subjectAltName=DNS:localhost,IP:127.0.0.1\n" if server else ""
+        _leaf(folder, name, f"/CN={ae_title}", ca, f"extendedKeyUsage={usage}\n{names}")
+        (folder / f"{name}.key").chmod(0o600)
+    return folder / f"{name}.pem", folder / f"{name}.key"
+
+
 def encrypted_copy(key: Path, target: Path, passphrase: str = "secret") -> Path:
     """``key`` encrypted with a passphrase (a key the node must refuse to load)."""
     openssl("pkey", "-in", str(key), "-aes256", "-passout", f"pass:{passphrase}",

@@ -44,6 +44,14 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _port(value: str) -> int:
+    """A TCP port, or 0 for none."""
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"not a port: {value!r}")
+    return number
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -74,7 +82,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_DATA_DIR", "data_dir", "",
             "Data folder (index, objects, uploads); empty means ./customer/<CUSTOMER>."),
     Setting("PACS_AE_TITLE", "ae_title", "INTELPIXEL", "Called AE title of the DIMSE SCP."),
-    Setting("PACS_DIMSE_PORT", "dimse_port", "32773", "DIMSE listening port.", int),
+    Setting("PACS_DIMSE_PORT", "dimse_port", "32773",
+            "DIMSE listening port (plain TCP); 0 turns it off (DICOM TLS only, "
+            "PACS_DIMSE_TLS_PORT).", _port),
+    Setting("PACS_DIMSE_TLS_PORT", "dimse_tls_port", "0",
+            "DICOM TLS listening port (2762 is the registered one), beside the plain "
+            "one, same AE title and limits; 0: none.  Needs PACS_DIMSE_TLS_CERT or "
+            "PACS_TLS_CERT.", _port),
+    Setting("PACS_DIMSE_TLS_CERT", "dimse_tls_cert", "",
+            "PEM certificate (chain) of DICOM TLS, with PACS_DIMSE_TLS_KEY: the TLS port "
+            "presents it, and TLS C-MOVE destinations get it as client certificate; "
+            "empty: PACS_TLS_CERT and PACS_TLS_KEY."),
+    Setting("PACS_DIMSE_TLS_KEY", "dimse_tls_key", "",
+            "PEM private key of PACS_DIMSE_TLS_CERT (not encrypted)."),
+    Setting("PACS_DIMSE_TLS_CA", "dimse_tls_ca", "",
+            "PEM certificates of the authorities of DICOM TLS peers: clients of the TLS "
+            "port must then present a certificate they signed whose subject CN is the "
+            "calling AE title, and TLS C-MOVE destinations are verified against them; "
+            "empty: no client certificate asked, destinations verified against the "
+            "system's authorities."),
     Setting("PACS_BIND_ADDRESS", "bind_address", "0.0.0.0",
             "Address the DIMSE and HTTP listeners bind to."),
     Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", int),
@@ -144,7 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
     Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
     Setting("PACS_MODALITIES", "modalities", "",
-            "C-MOVE destinations: 'AET=host:port,AET2=host:port'."),
+            "C-MOVE destinations: 'AET=host:port,AET2=host:port'; ':tls' after the port "
+            "connects with DICOM TLS ('AET=host:2762:tls')."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
             "Comma list of calling AE titles allowed to associate; empty allows any.",
             _comma_list),
@@ -219,22 +246,32 @@ def _default(attr: str) -> Any:
 
 @dataclass(frozen=True)
 class Modality:
-    """A known remote AE: a C-MOVE destination."""
+    """A known remote AE: a C-MOVE destination (``tls``: reached over DICOM TLS)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+
+
+#: What follows a destination's port to reach it over DICOM TLS.
+TLS_SUFFIX = ":tls"
 
 
 def parse_modalities(value: str) -> dict[str, Modality]:
-    """Parse ``AET=host:port,AET2=host:port`` into a table by AE title."""
+    """Parse ``AET=host:port,AET2=host:port:tls`` into a table by AE title."""
     table: dict[str, Modality] = {}
     for item in filter(None, (v.strip() for v in value.split(","))):
         aet, sep, address = item.partition("=")
+        address = address.strip()
+        tls = address.lower().endswith(TLS_SUFFIX)
+        if tls:
+            address = address[:-len(TLS_SUFFIX)]
         host, colon, port = address.rpartition(":")
         if not sep or not colon or not port.isdigit() or not aet.strip():
-            raise ConfigError(f"PACS_MODALITIES: cannot read {item!r}; expected AET=host:port")
-        table[aet.strip()] = Modality(aet.strip(), host.strip(), int(port))
+            raise ConfigError(f"PACS_MODALITIES: cannot read {item!r}; expected "
+                              "AET=host:port or AET=host:port:tls")
+        table[aet.strip()] = Modality(aet.strip(), host.strip(), int(port), tls)
     return table
 
 
@@ -250,6 +287,10 @@ class Settings:
     data_dir: Path = Path("customer") / _default("customer")
     ae_title: str = _default("ae_title")
     dimse_port: int = _default("dimse_port")
+    dimse_tls_port: int = _default("dimse_tls_port")
+    dimse_tls_cert: str = _default("dimse_tls_cert")
+    dimse_tls_key: str = _default("dimse_tls_key")
+    dimse_tls_ca: str = _default("dimse_tls_ca")
     bind_address: str = _default("bind_address")
     web_port: int = _default("web_port")
     web_workers: int = _default("web_workers")
@@ -384,7 +425,9 @@ def load(
     values["data_dir"] = Path(data_dir).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
-    return Settings(**values)
+    settings = Settings(**values)
+    check_dimse_tls(settings)
+    return settings
 
 
 def check_tls(cert: str, key: str, ca: str) -> None:
@@ -403,3 +446,51 @@ def check_tls(cert: str, key: str, ca: str) -> None:
     if ca and not cert:
         raise ConfigError("PACS_TLS_CA is set without PACS_TLS_CERT and PACS_TLS_KEY: "
                           "client certificates need HTTPS")
+
+
+def dimse_tls_identity(settings: Settings) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The DICOM TLS certificate and key as ((setting, path), (setting, path)): the
+    DIMSE ones, else the HTTPS ones; ``None`` when neither pair is set."""
+    if settings.dimse_tls_cert:
+        return (("PACS_DIMSE_TLS_CERT", settings.dimse_tls_cert),
+                ("PACS_DIMSE_TLS_KEY", settings.dimse_tls_key))
+    if settings.tls_cert:
+        return ("PACS_TLS_CERT", settings.tls_cert), ("PACS_TLS_KEY", settings.tls_key)
+    return None
+
+
+def check_dimse_tls(settings: Settings) -> None:
+    """Refuse DIMSE listeners that cannot serve (the files are read by ``pacs serve``,
+    :mod:`pacs.dimse.tls`).
+
+    Raises
+    ------
+    ConfigError
+        Both on the same port, a TLS port without a certificate, half a DIMSE
+        certificate pair.  (Both ports off is ``pacs serve``'s to refuse,
+        :func:`check_dimse_listeners`: commands and tests serve no DIMSE.)
+    """
+    if bool(settings.dimse_tls_cert) != bool(settings.dimse_tls_key):
+        raise ConfigError("PACS_DIMSE_TLS_CERT and PACS_DIMSE_TLS_KEY go together: set "
+                          "both, or neither (DICOM TLS then uses PACS_TLS_CERT / _KEY)")
+    if settings.dimse_port and settings.dimse_port == settings.dimse_tls_port:
+        raise ConfigError(f"PACS_DIMSE_PORT and PACS_DIMSE_TLS_PORT are both "
+                          f"{settings.dimse_port}: the TLS port must be another one "
+                          "(PS3.15 B.12)")
+    if settings.dimse_tls_port and dimse_tls_identity(settings) is None:
+        raise ConfigError("PACS_DIMSE_TLS_PORT needs a certificate: set "
+                          "PACS_DIMSE_TLS_CERT and PACS_DIMSE_TLS_KEY (or PACS_TLS_CERT "
+                          "and PACS_TLS_KEY)")
+
+
+def check_dimse_listeners(settings: Settings) -> None:
+    """Refuse to serve with both DIMSE ports off.
+
+    Raises
+    ------
+    ConfigError
+        ``PACS_DIMSE_PORT`` and ``PACS_DIMSE_TLS_PORT`` both 0.
+    """
+    if not settings.dimse_port and not settings.dimse_tls_port:
+        raise ConfigError("PACS_DIMSE_PORT is 0 and PACS_DIMSE_TLS_PORT is 0: the node "
+                          "would serve no DIMSE; set one of them")

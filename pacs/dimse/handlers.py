@@ -47,7 +47,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
 from pacs.core.errors import Cancelled, PacsError
-from pacs.dimse import contexts, find, limits, retrieve, storage
+from pacs.dimse import contexts, find, limits, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
 from pacs.dimse.sender import log_failure, object_file, route
@@ -113,12 +113,16 @@ def handle_store(event: Event, services: Services, audits: Audits | None = None)
     holding the object while it arrives.
     """
     request = cast(C_STORE, event.request)
-    data = request.DataSet.getvalue() if request.DataSet is not None else b""
+    buffer = request.DataSet
+    data = buffer.getvalue() if buffer is not None else b""
+    # The seam's reactor, where it runs under these handlers (a TLS association), keeps
+    # no bytes past the object limit but counts them (pacs.dimse.limits.CappedBuffer).
+    received = buffer.received if isinstance(buffer, limits.CappedBuffer) else len(data)
     status = storage.store(services, storage.StoreRequest(
         sop_class_uid=str(request.AffectedSOPClassUID or ""),
         sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         transfer_syntax=str(event.context.transfer_syntax),
-        calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=len(data),
+        calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=received,
         limit=services.settings.max_object_bytes), _audit(event, audits))
     return status_dataset(status)
 
@@ -225,6 +229,7 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
     yield (destination.host, destination.port, {
         "contexts": retrieve.destination_contexts(planned.classes),
         "max_pdu": services.settings.max_pdu,
+        "tls_args": tls.client_args(event.assoc.ae, destination),
         "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator)]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,

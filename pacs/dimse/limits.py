@@ -127,7 +127,7 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
                 filled = 0
             if deadline is not None:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (wait and not select.select([sock], [], [], remaining)[0]):
+                if remaining <= 0 or (wait and not _readable(sock, remaining)):
                     raise TimeoutError("no data within the time allowed")
             read = sock.recv_into(view[filled:])
             if not read:  # closed by the peer: what arrived
@@ -142,6 +142,15 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
         return buffer
     chunks.append(buffer)
     return b"".join(chunks)
+
+
+def _readable(sock: Any, seconds: float) -> bool:
+    """True when a read of ``sock`` returns something before ``seconds`` pass.  A TLS
+    socket may hold decrypted bytes already (``pending``) that ``select`` cannot see."""
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return True
+    return bool(select.select([sock], [], [], seconds)[0])
 
 
 def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:
@@ -271,6 +280,11 @@ class ConnectionLimits:
                 return f"{self.max_per_host} associations from this address are running"
             self._admitted[association] = host
             return None
+
+    def forget(self, connection: Hashable | None) -> None:
+        """``connection`` is pending no more (its request arrived and was refused)."""
+        with self._lock:
+            self._pending.pop(connection, None)
 
     def drop_pending(self) -> list[Any]:
         """Forget every pending connection; those still open, to close (the worker is

@@ -1,9 +1,11 @@
-"""The DIMSE SCP: AE set-up, the association server, and worker processes.
+"""The DIMSE SCP: AE set-up, the association servers, and worker processes.
 
 Python threads share one core, and a pynetdicom association costs CPU in its own
-threads; so the node runs several worker processes that accept from one listening
-socket (pre-fork, like gunicorn).  Each worker has its own index connections and store
-client, opened after the fork.
+threads; so the node runs several worker processes that accept from the listening
+sockets (pre-fork, like gunicorn): the plain port (``PACS_DIMSE_PORT``) and the DICOM
+TLS port (``PACS_DIMSE_TLS_PORT``, :mod:`pacs.dimse.tls`), either of which may be off.
+Each worker runs one association server per port, under one set of connection limits,
+and has its own index connections and store client, opened after the fork.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs.core.config import Settings
 from pacs.core.net import listening_socket, worker_count
 from pacs.core.services import Services, build
-from pacs.dimse import contexts, handlers, limits, seam
+from pacs.dimse import contexts, handlers, limits, seam, tls
 from pacs.dimse.audit import Audits
 from pacs.dimse.limits import ConnectionLimits
 
@@ -37,9 +40,17 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 10.0
 
 
-def make_ae(settings: Settings) -> AE:
-    """The application entity with the node's title, limits and contexts."""
-    ae = AE(ae_title=settings.ae_title)
+class NodeAE(AE):
+    """pynetdicom's AE, with the TLS context of its associations to C-MOVE destinations
+    marked TLS (:func:`pacs.dimse.tls.client_context`; ``None``: no such destination)."""
+
+    destination_tls: ssl.SSLContext | None = None
+
+
+def make_ae(settings: Settings) -> NodeAE:
+    """The application entity with the node's title, limits and contexts (the TLS
+    context of its destinations is :func:`start`'s: it reads files)."""
+    ae = NodeAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu
     ae.acse_timeout = settings.dimse_timeout
@@ -69,6 +80,27 @@ EVICTION_REPORT_SECONDS = 10.0
 IDLE_COLLECT_SECONDS = 10.0
 
 
+class _Failures:
+    """Failed TLS handshakes, logged at most every :data:`EVICTION_REPORT_SECONDS` with
+    the last one's peer and reason (a port scan is not a flood of logs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._reported_at = -EVICTION_REPORT_SECONDS
+
+    def count(self, address: Any, exc: BaseException) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._reported_at < EVICTION_REPORT_SECONDS:
+                return
+            count, self._count, self._reported_at = self._count, 0, now
+        host = address[0] if isinstance(address, tuple) else address
+        log.warning("%d DICOM TLS handshake(s) failed (last from %s: %s)", count, host,
+                    getattr(exc, "reason", None) or exc or type(exc).__name__)
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY, bounded connections and an
     optional shared socket.
@@ -93,6 +125,14 @@ class NodeServer(ThreadedAssociationServer):
     limits: ConnectionLimits | None = None
     #: Seconds a read of a newly accepted socket may wait for data (SO_RCVTIMEO).
     receive_timeout: float | None = None
+    #: The DICOM TLS port's context; None: plain TCP.
+    tls: ssl.SSLContext | None = None
+    #: Seconds a TLS handshake may take (ARTIM).
+    handshake_timeout: float = 10.0
+    #: Failed TLS handshakes, for the log.
+    handshake_failures: _Failures
+    #: What the handshake left of ARTIM, per connection thread.
+    artim_left: ArtimLeft
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -141,13 +181,35 @@ class NodeServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept, then set TCP_NODELAY and bound blocked sends to the DIMSE timeout and
         blocked reads to :attr:`receive_timeout` (BlockingIOError: another worker took
-        the connection)."""
+        the connection).  On the TLS port the socket is wrapped, not yet hand-shaken:
+        that is the connection thread's work (:meth:`finish_request`), never the
+        acceptor's, whom a silent peer would otherwise hold."""
         client, address = super().get_request()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(client, self.ae.dimse_timeout)
         limits.set_receive_timeout(client, self.receive_timeout)
+        if self.tls is not None:
+            client = self.tls.wrap_socket(client, server_side=True,
+                                          do_handshake_on_connect=False)
         return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake first, then the association
+        (pynetdicom's); handshake and A-ASSOCIATE-RQ share one ARTIM (the request gets
+        at least :data:`ARTIM_AFTER_HANDSHAKE`)."""
+        if isinstance(request, ssl.SSLSocket):
+            started = time.monotonic()
+            try:
+                tls.handshake(request, self.handshake_timeout)
+            except (OSError, ValueError) as exc:  # ValueError: closed under us
+                self.handshake_failures.count(client_address, exc)
+                self.shutdown_request(request)
+                return
+            took = time.monotonic() - started
+            self.artim_left.seconds = max(ARTIM_AFTER_HANDSHAKE,
+                                          self.handshake_timeout - took)
+        super().finish_request(request, client_address)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Register the connection as pending, closing the oldest pending ones beyond
@@ -179,9 +241,11 @@ class NodeServer(ThreadedAssociationServer):
 
 def _close_pending(sock: socket.socket) -> None:
     """End a pending connection.  Shut down, not closed: its DUL thread still selects
-    on the descriptor, sees the end of the stream and closes it (AA-5)."""
+    on the descriptor, sees the end of the stream and closes it (AA-5).  The socket's
+    own ``shutdown`` even for TLS: ``SSLSocket.shutdown`` would drop the TLS state
+    under a handshake running in the connection's thread."""
     with contextlib.suppress(OSError):  # closed meanwhile
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _holds_its_place(assoc: Any) -> bool:
@@ -192,24 +256,47 @@ def _holds_its_place(assoc: Any) -> bool:
                                           or assoc.is_rejected))
 
 
-def _start_artim(event: Any, seconds: float) -> None:
+class ArtimLeft(threading.local):
+    """What a TLS handshake left of ARTIM, for the association its thread goes on to
+    serve (:meth:`NodeServer.finish_request` sets it, :func:`_start_artim` reads it:
+    one thread, one connection)."""
+
+    seconds: float | None = None
+
+
+#: The least time an A-ASSOCIATE-RQ gets after a handshake that took nearly all of ARTIM.
+ARTIM_AFTER_HANDSHAKE = 0.5
+
+
+def _start_artim(event: Any, seconds: float, left: ArtimLeft | None = None) -> None:
     """EVT_CONN_OPEN: the acceptor's ARTIM timer (PS3.8 9.1.2, 9.1.3) runs for
-    PACS_ARTIM_TIMEOUT.
+    PACS_ARTIM_TIMEOUT, less what the connection's TLS handshake took (``left``).
 
     pynetdicom's ARTIM timer and the acceptor's wait for the A-ASSOCIATE-RQ both use the
     association's ACSE timeout; set here for accepted associations only (this AE's
     own requests to C-MOVE destinations keep the DIMSE timeout).
     """
-    event.assoc.acse_timeout = seconds
+    remaining = left.seconds if left is not None else None
+    event.assoc.acse_timeout = seconds if remaining is None else remaining
 
 
 #: A-ASSOCIATE-RJ when the node is full (PS3.8 9.3.4): rejected-transient, by the
 #: service provider (presentation related), local-limit-exceeded.
 REJECT_FULL = (0x02, 0x03, 0x02)
+#: A-ASSOCIATE-RJ when the calling AE title is not the one the client certificate
+#: names (PS3.8 9.3.4): rejected-permanent, by the service user, calling AE title not
+#: recognized.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
 def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
-    """EVT_REQUESTED: admit the association by the node's limits, or reject it.
+    """EVT_REQUESTED: admit the association by its client certificate and the node's
+    limits, or reject it.
+
+    On the TLS port with client certificates (``PACS_DIMSE_TLS_CA``) the calling AE
+    title must be the one the certificate names
+    (:func:`pacs.dimse.tls.identity_refusal`): otherwise A-ASSOCIATE-RJ
+    :data:`REJECT_CALLING_AE`.
 
     pynetdicom counts every acceptor thread against ``ae.maximum_associations``,
     connections that never sent an A-ASSOCIATE-RQ included, so a few idle sockets
@@ -229,11 +316,15 @@ def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
         host = str(assoc.requestor.address)
     except Exception:  # noqa: BLE001 - no address information
         host = "?"
-    refusal = connection_limits.admit(assoc, raw, host)
+    calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
+    reason, refusal = REJECT_CALLING_AE, tls.identity_refusal(raw, calling)
     if refusal is not None:
-        calling = getattr(assoc.requestor.primitive, "calling_ae_title", "")
+        connection_limits.forget(raw)
+    else:
+        reason, refusal = REJECT_FULL, connection_limits.admit(assoc, raw, host)
+    if refusal is not None:
         log.warning("Rejecting the association from %s (%s): %s", host, calling, refusal)
-        assoc.acse.send_reject(*REJECT_FULL)
+        assoc.acse.send_reject(*reason)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
         return
@@ -241,8 +332,18 @@ def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
         limits.set_receive_timeout(raw, assoc.network_timeout)
 
 
+def connection_limits_of(settings: Settings) -> ConnectionLimits:
+    """One worker's connection and association limits (shared by its servers)."""
+    return ConnectionLimits(
+        settings.max_associations, settings.max_associations_per_host,
+        settings.max_pending_connections, settings.max_object_bytes,
+        alive=_holds_its_place)
+
+
 def start(services: Services, address: tuple[str, int] | None = None,
-          shared_socket: socket.socket | None = None) -> NodeServer:
+          shared_socket: socket.socket | None = None, *,
+          tls_context: ssl.SSLContext | None = None,
+          connection_limits: ConnectionLimits | None = None) -> NodeServer:
     """Start a non-blocking SCP in this process; stop it with ``shutdown()``.
 
     Parameters
@@ -250,28 +351,39 @@ def start(services: Services, address: tuple[str, int] | None = None,
     services : Services
         The core the handlers call.
     address : (host, port), optional
-        Where to listen; the settings' address and port by default.
+        Where to listen; the settings' address and (plain or TLS) port by default.
     shared_socket : socket.socket, optional
         An already listening socket to accept from (worker processes).
+    tls_context : ssl.SSLContext, optional
+        Serve DICOM TLS with this context (:func:`pacs.dimse.tls.server_context`).
+    connection_limits : ConnectionLimits, optional
+        Limits shared with the worker's other server; its own by default.
     """
     settings = services.settings
     patched = seam.install(settings.dimse_seam)
-    address = address or (settings.bind_address, settings.dimse_port)
-    connection_limits = ConnectionLimits(
-        settings.max_associations, settings.max_associations_per_host,
-        settings.max_pending_connections, settings.max_object_bytes,
-        alive=_holds_its_place)
+    # The seam writes responses from the association's thread while the DUL thread
+    # reads the socket; an OpenSSL connection must not be used by two threads at once,
+    # so TLS associations take pynetdicom's public path (the DUL thread alone uses the
+    # socket), with the seam's bounded reactor still under it.
+    uses_seam = patched and tls_context is None
+    port = settings.dimse_tls_port if tls_context is not None else settings.dimse_port
+    address = address or (settings.bind_address, port)
+    connection_limits = connection_limits or connection_limits_of(settings)
+    artim_left = ArtimLeft()
     server_class = type("BoundNodeServer", (NodeServer,), {
-        "shared_socket": shared_socket, "uses_seam": patched, "limits": connection_limits,
-        "receive_timeout": settings.artim_timeout})
+        "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
+        "receive_timeout": settings.artim_timeout, "tls": tls_context,
+        "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
+        "artim_left": artim_left})
     ae = make_ae(settings)
+    ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.
     ae.maximum_associations = UNCOUNTED
     # Each association's operations, for the audit trail (pacs.dimse.audit).
-    evt_handlers = [*handlers.bind(services, seam=patched, audits=Audits(services.audit)),
-                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
+    evt_handlers = [*handlers.bind(services, seam=uses_seam, audits=Audits(services.audit)),
+                    (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
@@ -280,39 +392,65 @@ def start(services: Services, address: tuple[str, int] | None = None,
                             contexts=contexts.CheapCopyContexts(ae.supported_contexts),
                             server_class=server_class)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="pacs-dimse-acceptor",
+                              name="pacs-dimse-tls-acceptor" if tls_context
+                              else "pacs-dimse-acceptor",
                               daemon=True)
     thread.start()
     return server  # type: ignore[return-value]
 
 
-def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
+def stop(*servers: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     """Stop accepting, close the connections that have sent no A-ASSOCIATE-RQ, let
-    established associations finish, then abort the rest.
+    established associations finish (all servers together, within ``drain``), then
+    abort the rest.
 
     A closed pending connection's thread may go on waiting for its request until ARTIM
     (pynetdicom's own wait, without the seam): it holds nothing and is not waited for.
     """
-    server.shutdown()
-    if server.limits is not None:
-        for sock in server.limits.drop_pending():
-            _close_pending(sock)
+    for server in servers:
+        server.shutdown()
+        if server.limits is not None:
+            for sock in server.limits.drop_pending():
+                _close_pending(sock)
     deadline = time.monotonic() + drain
-    while (any(assoc.is_established for assoc in server.active_associations)
+    while (any(assoc.is_established for server in servers
+               for assoc in server.active_associations)
            and time.monotonic() < deadline):
         time.sleep(0.05)
-    for assoc in server.active_associations:
-        assoc.abort()
+    for server in servers:
+        for assoc in server.active_associations:
+            assoc.abort()
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The listening socket the workers share (non-blocking, see :class:`NodeServer`)."""
-    sock = listening_socket(settings.bind_address, settings.dimse_port, backlog=128)
+class Listeners:
+    """The listening sockets the workers share (non-blocking, see :class:`NodeServer`):
+    the plain port's and the TLS port's, each ``None`` when turned off (port 0)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.plain: socket.socket | None = None
+        self.tls: socket.socket | None = None
+        try:
+            self.plain = _listen(settings, settings.dimse_port)
+            self.tls = _listen(settings, settings.dimse_tls_port)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for sock in (self.plain, self.tls):
+            if sock is not None:
+                sock.close()
+
+
+def _listen(settings: Settings, port: int) -> socket.socket | None:
+    if not port:
+        return None
+    sock = listening_socket(settings.bind_address, port, backlog=128)
     sock.setblocking(False)
     return sock
 
 
-def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
+def _worker(settings: Settings, listeners: Listeners, ready: Any) -> None:
     """One worker process: its own services, serving until SIGTERM or SIGINT."""
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -323,13 +461,21 @@ def _worker(settings: Settings, sock: socket.socket, ready: Any) -> None:
     # Before serving, so that no association's objects are frozen with it.
     gc.collect()
     gc.freeze()
-    server = start(services, shared_socket=sock)
+    shared = connection_limits_of(settings)  # one worker, one set of limits
+    servers = []
+    if listeners.plain is not None:
+        servers.append(start(services, shared_socket=listeners.plain,
+                             connection_limits=shared))
+    if listeners.tls is not None:
+        servers.append(start(services, shared_socket=listeners.tls,
+                             tls_context=tls.server_context(settings),
+                             connection_limits=shared))
     ready.release()
     # Poll: a signal the kernel hands to another thread of this process would not
     # wake a main thread blocked in an untimed wait, and the stop would be lost.
     while not stopping.wait(0.5):
         pass
-    stop(server)
+    stop(*servers)
     services.close()
 
 
@@ -375,13 +521,13 @@ def run_workers(settings: Settings, stopping: threading.Event,
     A worker that dies is replaced; on stop every worker gets SIGTERM and is awaited, so
     no running C-STORE is cut short between its durable write and its response.
     """
-    sock = listen(settings)
+    listeners = Listeners(settings)
     context = multiprocessing.get_context("fork")
     count = number_of_workers(settings)
     ready = context.Semaphore(0)
 
     def spawn() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(settings, sock, ready),
+        process = context.Process(target=_worker, args=(settings, listeners, ready),
                                   name="pacs-dimse", daemon=False)
         process.start()
         return process
@@ -389,8 +535,8 @@ def run_workers(settings: Settings, stopping: threading.Event,
     workers = [spawn() for _ in range(count)]
     for _ in range(count):
         ready.acquire(timeout=60)
-    log.info("DIMSE %s listening on %s:%d with %d worker(s), %s", settings.ae_title,
-             settings.bind_address, settings.dimse_port, count,
+    log.info("DIMSE %s listening on %s with %d worker(s), %s", settings.ae_title,
+             describe(settings), count,
              "through the pynetdicom seam" if settings.dimse_seam and seam.supported()
              else "pure pynetdicom (PACS_DIMSE_SEAM=off or another pynetdicom version)")
     if on_ready:
@@ -411,4 +557,13 @@ def run_workers(settings: Settings, stopping: threading.Event,
         process.join(DRAIN_SECONDS + 5)
         if process.is_alive():
             process.kill()
-    sock.close()
+    listeners.close()
+
+
+def describe(settings: Settings) -> str:
+    """The DIMSE ports for the log: ``address:port`` (plain) and ``address:port (TLS)``."""
+    ports = [f"{settings.bind_address}:{settings.dimse_port}"] if settings.dimse_port else []
+    if settings.dimse_tls_port:
+        clients = " with client certificates" if settings.dimse_tls_ca else ""
+        ports.append(f"{settings.bind_address}:{settings.dimse_tls_port} (TLS{clients})")
+    return " and ".join(ports)

@@ -101,7 +101,8 @@ def to_json(data: dict[str, Any]) -> str:
 
 def _network(settings: Settings) -> dict[str, Any]:
     return {"ae_title": settings.ae_title, "bind_address": settings.bind_address,
-            "dimse_port": settings.dimse_port, "web_port": settings.web_port,
+            "dimse_port": settings.dimse_port, "dimse_tls_port": settings.dimse_tls_port,
+            "web_port": settings.web_port,
             "viewer_port": settings.viewer_port,
             "ip_versions": ["IPv6"] if ":" in settings.bind_address else ["IPv4"]}
 
@@ -189,8 +190,8 @@ def _initiation(settings: Settings) -> dict[str, Any]:
     decodable = [ts for ts in order if ts != ExplicitVRLittleEndian
                  and transcode.can_convert(ts, ExplicitVRLittleEndian)]
     return {
-        "destinations": [{"ae_title": m.ae_title, "host": m.host, "port": m.port}
-                         for m in settings.destinations.values()],
+        "destinations": [{"ae_title": m.ae_title, "host": m.host, "port": m.port,
+                          "tls": m.tls} for m in settings.destinations.values()],
         "max_contexts": retrieve.MAX_CONTEXTS,
         "conversion_targets": [str(ts) for ts in transcode.UNCOMPRESSED],
         "decodable_syntaxes": [str(ts) for ts in decodable],
@@ -212,10 +213,17 @@ def _character_sets(settings: Settings) -> dict[str, Any]:
     }
 
 
+#: The TLS profile of the DICOM TLS port and the HTTPS ports (pacs.core.tls).
+TLS_PROFILE = "BCP 195 RFC 8996, 9325 TLS Secure Transport Connection Profile (PS3.15 B.12)"
+
+
 def _security(settings: Settings, ae: Any) -> dict[str, Any]:
     return {
-        "profiles": [],
-        "dimse_tls": False,
+        "profiles": [TLS_PROFILE] if settings.dimse_tls_port or settings.tls_cert else [],
+        "dimse_tls": bool(settings.dimse_tls_port),
+        "dimse_tls_port": settings.dimse_tls_port,
+        "dimse_plain": bool(settings.dimse_port),
+        "dimse_client_certificates": bool(settings.dimse_tls_ca),
         "called_ae_title_checked": bool(ae.require_called_aet),
         "calling_ae_titles": list(ae.require_calling_aet),
         "move_destinations_only_configured": True,
@@ -593,8 +601,9 @@ def _initiation_text(data: dict[str, Any]) -> str:
     init = data["initiation"]
     ext = data["extended_negotiation"]
     destinations = init["destinations"]
-    dest_text = (_table(["AE Title", "Host", "Port"],
-                        [[d["ae_title"], d["host"], d["port"]] for d in destinations])
+    dest_text = (_table(["AE Title", "Host", "Port", "TLS"],
+                        [[d["ae_title"], d["host"], d["port"], _yes(d["tls"])]
+                         for d in destinations])
                  if destinations else "None configured: every C-MOVE is answered A801.")
     ext_rows = [[e["name"], "; ".join(f"{name}: {_yes(flag)}"
                                       for name, flag in e["supported"].items())
@@ -680,9 +689,7 @@ def _configuration(data: dict[str, Any]) -> str:
 
 #### 3.4.1 AE Title / Presentation Address Mapping [A.4.4.1]
 
-{_table(["Application Entity", "AE Title", "TCP Port", "Settings"],
-        [["DIMSE SCP", net['ae_title'], net['dimse_port'],
-          "PACS_AE_TITLE, PACS_DIMSE_PORT"]])}
+{_table(["Application Entity", "AE Title", "TCP Port", "Settings"], _ports(net))}
 
 Remote AEs: any peer may associate (unless `PACS_ALLOWED_CALLING_AETS` limits the
 calling AE titles); C-MOVE destinations are configured (3.2.4).
@@ -690,6 +697,18 @@ calling AE titles); C-MOVE destinations are configured (3.2.4).
 #### 3.4.2 Parameters [A.4.4.2]
 
 {_table(["Parameter", "Value", "Setting"], parameters)}"""
+
+
+def _ports(net: dict[str, Any]) -> list[list[object]]:
+    """The AE title / port rows: the plain port and the TLS port, where on."""
+    rows: list[list[object]] = []
+    if net["dimse_port"]:
+        rows.append(["DIMSE SCP", net["ae_title"], net["dimse_port"],
+                     "PACS_AE_TITLE, PACS_DIMSE_PORT"])
+    if net["dimse_tls_port"]:
+        rows.append(["DIMSE SCP (TLS)", net["ae_title"], net["dimse_tls_port"],
+                     "PACS_AE_TITLE, PACS_DIMSE_TLS_PORT"])
+    return rows
 
 
 def _offer_rows(offers: Sequence[dict[str, Any]]) -> list[list[object]]:
@@ -805,10 +824,8 @@ def _security_text(data: dict[str, Any]) -> str:
              "shipped as RFC 5424 syslog by `pacs audit --syslog`"
              if sec["audit_trail"] else "no audit trail (`PACS_AUDIT_LOG=off`)")
     if sec["dicomweb_https"]:
-        transport = ("HTTPS only on the DICOMweb and viewer ports (`PACS_TLS_CERT`): the "
-                     "BCP 195 TLS profile of PS3.15 B.12/B.13 in spirit: TLS 1.2 or 1.3, "
-                     "TLS 1.2 with ECDHE/DHE and AEAD ciphers only, no compression or "
-                     "renegotiation"
+        transport = ("HTTPS only on the DICOMweb and viewer ports (`PACS_TLS_CERT`), "
+                     "the profile above"
                      + ("; client certificates of `PACS_TLS_CA` asked for, not required"
                         if sec["dicomweb_client_certificates"] else ""))
     else:
@@ -818,7 +835,10 @@ def _security_text(data: dict[str, Any]) -> str:
 
 ### 7.1 Security Profiles [A.8.1]
 
-DIMSE: no TLS.  DICOMweb: {transport}.  Audit: {audit}.  Storage is
+TLS profile: the {TLS_PROFILE}: TLS 1.2 or 1.3, TLS 1.2 with ECDHE and AEAD
+ciphers only (AES-GCM, ChaCha20-Poly1305), no compression or renegotiation.
+
+DIMSE: {_dimse_transport(sec)}.  DICOMweb: {transport}.  Audit: {audit}.  Storage is
 bit-preserving: objects are kept and, when the peer accepts their stored transfer
 syntax, sent byte for byte as received, so Digital Signatures stay intact; an object
 converted to another transfer syntax for a peer loses their validity.
@@ -836,6 +856,21 @@ converted to another transfer syntax for a peer loses their validity.
 DICOMweb: {access}.  Browser origins allowed (CORS, `PACS_CORS_ORIGINS`): {cors}.
 Every answer carries `X-Content-Type-Options: nosniff` and a sandboxing
 Content-Security-Policy."""
+
+
+def _dimse_transport(sec: dict[str, Any]) -> str:
+    """What the DIMSE ports speak, for 7.1."""
+    if not sec["dimse_tls"]:
+        return ("plain TCP only; DICOM TLS with the profile above is served on "
+                "`PACS_DIMSE_TLS_PORT` (2762 is the registered port) when it is set")
+    text = (f"DICOM TLS on port {sec['dimse_tls_port']} (`PACS_DIMSE_TLS_PORT`) with "
+            "the profile above, " + ("beside the plain port" if sec["dimse_plain"]
+                                     else "the plain port off (`PACS_DIMSE_PORT=0`)"))
+    if sec["dimse_client_certificates"]:
+        text += ("; client certificates of `PACS_DIMSE_TLS_CA` required, their subject "
+                 "CN the calling AE title (any other: A-ASSOCIATE-RJ, rejected "
+                 "permanent, calling AE title not recognized)")
+    return text + "; C-MOVE destinations marked TLS are reached over TLS, verified"
 
 
 def render(data: dict[str, Any], fmt: str) -> str:

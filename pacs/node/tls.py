@@ -5,15 +5,8 @@ done by the node's own worker (:mod:`pacs.node.httpworker`), inside its event lo
 never by gunicorn (no ``--certfile``: gunicorn's workers wrap and hand-shake a socket
 blocking, and the worker would then not know which connections are encrypted).
 
-The context follows BCP 195 (RFC 8996, RFC 9325), the profiles of PS3.15 B.12 and
-B.13 ("BCP 195 TLS Secure Transport Connection Profile" and its extended form):
-
-- TLS 1.2 at least (RFC 8996 retired 1.0 and 1.1); TLS 1.3 preferred by OpenSSL;
-- TLS 1.2 only with forward secrecy and authenticated encryption: ECDHE or DHE with
-  AES-GCM or ChaCha20-Poly1305 (RFC 9325 4.2), the server's order of preference;
-- no compression (RFC 9325 3.3, CRIME), no renegotiation (RFC 9325 3.5: the node never
-  needs one, and a client asking for it must not make the loop do handshakes);
-- ALPN ``http/1.1`` only: the worker serves HTTP/1.x.
+The context follows the node's TLS policy (:mod:`pacs.core.tls`: BCP 195, PS3.15
+B.12), with ALPN ``http/1.1`` only: the worker serves HTTP/1.x.
 
 ``PACS_TLS_CA`` names the certificate authorities of client certificates (PS3.15 B.12
 asks for mutual authentication to be possible): a client may present a certificate,
@@ -32,11 +25,9 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from pacs.core import tls as policy
 from pacs.core.config import Settings, check_tls
-from pacs.core.errors import ConfigError
 
-#: TLS 1.2 cipher suites (TLS 1.3's are all AEAD with forward secrecy).
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
 #: The only application protocol offered (ALPN, RFC 7301).
 ALPN = ["http/1.1"]
 
@@ -57,20 +48,6 @@ def scheme(settings: Settings) -> str:
     return "https" if enabled(settings) else "http"
 
 
-def _no_password() -> bytes:
-    raise ConfigError("PACS_TLS_KEY: the key is encrypted; give the node an unencrypted "
-                      "key readable by its user only")
-
-
-def _readable(name: str, path: str) -> None:
-    """Refuse a file that cannot be read, with the setting's name and the reason."""
-    try:
-        with open(path, "rb") as file:
-            file.read(1)
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
-
-
 def server_context(settings: Settings) -> ssl.SSLContext | None:
     """The server context of the HTTP ports, or ``None`` for plain HTTP.
 
@@ -84,26 +61,10 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     check_tls(cert, key, ca)  # settings made without load() too
     if not cert:
         return None
-    for name, path in (("PACS_TLS_CERT", cert), ("PACS_TLS_KEY", key), ("PACS_TLS_CA", ca)):
-        if path:
-            _readable(name, path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-                        | ssl.OP_CIPHER_SERVER_PREFERENCE)
-    context.set_ciphers(TLS12_CIPHERS)
+    context = policy.context(ssl.Purpose.CLIENT_AUTH, ("PACS_TLS_CA", ca) if ca else None)
     context.set_alpn_protocols(ALPN)
-    try:
-        context.load_cert_chain(cert, key, password=_no_password)
-    except ssl.SSLError as exc:
-        raise ConfigError(f"PACS_TLS_CERT {cert} / PACS_TLS_KEY {key}: not a PEM "
-                          f"certificate and its private key ({exc.reason or exc})") from None
+    policy.load_identity(context, ("PACS_TLS_CERT", cert), ("PACS_TLS_KEY", key))
     if ca:
-        try:
-            context.load_verify_locations(cafile=ca)
-        except ssl.SSLError as exc:
-            raise ConfigError(f"PACS_TLS_CA {ca}: not PEM CA certificates "
-                              f"({exc.reason or exc})") from None
         # Asked for, not required: a browser or a health check without one still
         # connects; one signed by another authority is refused in the handshake.
         context.verify_mode = ssl.CERT_OPTIONAL

@@ -453,6 +453,14 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
+    @property
+    def listen_port(self) -> int:
+        """The DIMSE port it listens on: the plain one, or the TLS one when the plain
+        one is off (``PACS_DIMSE_PORT=0``)."""
+        if self.env["PACS_DIMSE_PORT"] != "0":
+            return self.port
+        return int(self.env["PACS_DIMSE_TLS_PORT"])
+
     # -- lifecycle --
 
     @property
@@ -483,7 +491,7 @@ class Node:
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"pacs serve exited with {self.proc.returncode} while "
                             f"starting:\n{self.log()}")
-            if " listening on " in self.log(since_start=True) and listening(self.port):
+            if " listening on " in self.log(since_start=True) and listening(self.listen_port):
                 return
             time.sleep(0.05)
         self._kill_group()

@@ -84,10 +84,10 @@ def test_the_statement_follows_the_settings() -> None:
     assert data["association"]["max_associations_per_worker"] == 5
     assert data["security"]["calling_ae_titles"] == ["CT1", "MR2"]
     assert data["initiation"]["destinations"] == [
-        {"ae_title": "WS1", "host": "127.0.0.9", "port": 104}]
+        {"ae_title": "WS1", "host": "127.0.0.9", "port": 104, "tls": False}]
     text = conformance.markdown(data)
     for fact in ("`ARCHIVE7`", "| 11112 |", "port 8042", "65536 bytes", "`CT1`, `MR2`",
-                 "| WS1 | 127.0.0.9 | 104 |", "case-sensitive", "PACS_WEB_OPEN=true",
+                 "| WS1 | 127.0.0.9 | 104 | No |", "case-sensitive", "PACS_WEB_OPEN=true",
                  "the Calling AE Title is not in PACS_ALLOWED_CALLING_AETS"):
         assert fact in text, fact
     assert "the Calling AE Title" not in conformance.markdown(
@@ -109,6 +109,28 @@ def test_the_security_section_says_whether_the_http_ports_serve_https() -> None:
     assert "audit messages of PS3.15 A.5" in plain
     off = config.load(overrides={"PACS_AUDIT_LOG": "off"}, environ={}, env_file=None)
     assert "no audit trail" in conformance.markdown(conformance.statement(off))
+
+
+def test_the_security_section_names_the_dicom_tls_profile_and_port() -> None:
+    settings = config.load(overrides={
+        "PACS_DIMSE_PORT": "0", "PACS_DIMSE_TLS_PORT": "2762",
+        "PACS_DIMSE_TLS_CERT": "/etc/pacs/ae.pem", "PACS_DIMSE_TLS_KEY": "/etc/pacs/ae.key",
+        "PACS_DIMSE_TLS_CA": "/etc/pacs/modalities.pem",
+        "PACS_MODALITIES": "ARCHIVE=archive.example.org:2762:tls"},
+        environ={}, env_file=None)
+    data = conformance.statement(settings)
+    assert data["security"]["profiles"] == [conformance.TLS_PROFILE]
+    text = conformance.markdown(data)
+    for fact in ("DICOM TLS on port 2762 (`PACS_DIMSE_TLS_PORT`)", "the plain port off",
+                 "client certificates of `PACS_DIMSE_TLS_CA` required",
+                 "| DIMSE SCP (TLS) | INTELPIXEL | 2762 |",
+                 "| ARCHIVE | archive.example.org | 2762 | Yes |",
+                 "BCP 195 RFC 8996, 9325 TLS Secure Transport Connection Profile"):
+        assert fact in text, fact
+    assert "| DIMSE SCP | INTELPIXEL |" not in text
+    plain = conformance.markdown(conformance.statement(defaults()))
+    assert "DIMSE: plain TCP only" in plain
+    assert "| DIMSE SCP | INTELPIXEL | 32773 |" in plain
 
 
 def test_extended_negotiation_is_what_the_handler_answers(

@@ -128,7 +128,7 @@ def test_pacs_runs_under_an_init_that_reaps_orphaned_helpers(
 
 
 def test_published_ports(services: dict[str, Any]) -> None:
-    assert services["pacs"]["ports"] == ["32773:32773", "5985:5985", "8080:8080"]
+    assert services["pacs"]["ports"] == ["32773:32773", "2762:2762", "5985:5985", "8080:8080"]
     assert services["minio"]["ports"] == ["9000:9000", "9001:9001"]
     assert '--console-address ":9001"' in services["minio"]["command"]
 
@@ -177,7 +177,8 @@ def test_pacs_paths_and_ports_match_the_volumes_and_the_image(services: dict[str
     targets = [v.split(":")[-1] for v in services["pacs"]["volumes"]]
     assert env["PACS_DATA_DIR"] in targets and env["PACS_UPLOADS_DIR"] in targets
     published = {p.split(":")[1] for p in services["pacs"]["ports"]}
-    assert {env["PACS_DIMSE_PORT"], env["PACS_WEB_PORT"], env["PACS_VIEWER_PORT"]} == published
+    assert {env["PACS_DIMSE_PORT"], env["PACS_DIMSE_TLS_PORT"], env["PACS_WEB_PORT"],
+            env["PACS_VIEWER_PORT"]} == published
     assert env["PACS_BIND_ADDRESS"] == "0.0.0.0"  # reachable through the published ports
     copied = [i.args.split()[-1] for i in final_stage() if i.keyword == "COPY"
               and i.args.startswith("--from=")]

@@ -37,7 +37,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
-from pacs.dimse import contexts, find, handlers, retrieve, storage
+from pacs.dimse import contexts, find, handlers, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import (
     AcceptedContext,
@@ -344,7 +344,7 @@ def connector(ae: ApplicationEntity, services: Services) -> retrieve.Connect:
         store_assoc = ae.associate(
             destination.host, destination.port,
             contexts=retrieve.destination_contexts(classes), ae_title=destination.ae_title,
-            max_pdu=services.settings.max_pdu,
+            max_pdu=services.settings.max_pdu, tls_args=tls.client_args(ae, destination),
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
         if store_assoc.is_established:
             return SocketTarget(store_assoc, originator, releases=True)

@@ -1,0 +1,87 @@
+"""The DICOM TLS server in process: connections in their handshake count as pending
+connections, so beyond ``PACS_MAX_PENDING_CONNECTIONS`` the oldest are closed at once
+(not at ARTIM), while a real TLS peer associates; a C-STORE over TLS is stored with
+the calling AE title its certificate names."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from pacs.core.config import Settings
+from pacs.core.services import Services
+from pacs.dimse import tls
+from pacs.dimse.server import NodeServer, start, stop
+from tests.conftest import free_port
+from tests.interop.conftest import fresh_ct, read_index
+from tests.tlsfiles import Pki, ae_certificate, make_pki
+
+pytestmark = pytest.mark.dimse
+
+#: Pending connections per worker, and an ARTIM no test waits for.
+PENDING, ARTIM = 4, 60.0
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def server(make_services: Callable[..., Services], pki: Pki) -> Iterator[NodeServer]:
+    cert, key = ae_certificate(pki, "INTELPIXEL", server=True)
+    services = make_services(dimse_tls_port=free_port(), dimse_tls_cert=str(cert),
+                             dimse_tls_key=str(key), dimse_tls_ca=str(pki.ca),
+                             max_pending_connections=PENDING, artim_timeout=ARTIM)
+    context = tls.server_context(services.settings)
+    assert context is not None
+    running = start(services, ("127.0.0.1", services.settings.dimse_tls_port),
+                    tls_context=context)
+    yield running
+    stop(running, drain=1.0)
+
+
+def tls_association(pki: Pki, port: int, calling: str = "MODALITY1") -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(*ae_certificate(pki, calling))
+    return ae.associate("127.0.0.1", port, ae_title="INTELPIXEL",
+                        tls_args=(context, "localhost"))
+
+
+def test_the_oldest_handshakes_are_closed_for_room(server: NodeServer, pki: Pki) -> None:
+    port = server.server_address[1]
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(10)]
+    try:
+        assoc = tls_association(pki, port)
+        assert assoc.is_established
+        assoc.release()
+        # Far sooner than ARTIM: the six oldest are closed as the newer ones come.
+        for sock in silent[:6]:
+            sock.settimeout(20)
+            assert sock.recv(1) == b""
+        assert server.limits is not None and server.limits.pending <= PENDING + 1
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_a_store_over_tls_is_stored_under_the_certificates_ae(
+        server: NodeServer, pki: Pki, settings: Settings) -> None:
+    data_dir = settings.data_dir
+    assoc = tls_association(pki, server.server_address[1], calling="CT7")
+    assert assoc.is_established
+    ds = fresh_ct()
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert read_index(data_dir)[ds.SOPInstanceUID].calling_ae == "CT7"
