@@ -47,6 +47,7 @@ from pacs.core.storage.base import (
     ObjectStore,
     Quarantine,
     Usage,
+    digest,
     exists,
     is_object_key,
     local_path,
@@ -61,8 +62,8 @@ if TYPE_CHECKING:
     from pacs.core.config import Settings
 
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine", "Usage",
-           "exists", "is_object_key", "local_path", "object_key", "open_store", "put_each",
-           "put_many", "quarantine_folder", "usage"]
+           "digest", "exists", "is_object_key", "local_path", "object_key", "open_store",
+           "put_each", "put_many", "quarantine_folder", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:
