@@ -108,7 +108,12 @@ def _references(text: str) -> tuple[Reference, ...]:
 
 # --- verification ------------------------------------------------------------------------
 
-def verify(index: Index, store: ObjectStore, references: Sequence[Reference]) -> Result:
+#: Objects read by :func:`verify` between two calls of its ``held`` callback.
+HELD_EVERY = 64
+
+
+def verify(index: Index, store: ObjectStore, references: Sequence[Reference],
+           held: Callable[[], bool] | None = None) -> Result | None:
     """Check each referenced instance against the index and the store.
 
     Parameters
@@ -117,6 +122,9 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference]) ->
         The node's index and object store (:class:`pacs.core.services.Services`).
     references :
         The request's references; a repeated instance is checked once.
+    held : callable, optional
+        Asked every :data:`HELD_EVERY` objects read (a long check renews its claim's
+        lease); when it answers False the check stops and ``None`` is returned.
 
     Raises
     ------
@@ -124,14 +132,14 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference]) ->
         When the index cannot be read (the check is tried again later).
     """
     uids = list(dict.fromkeys(ref.sop_instance_uid for ref in references))
-    held: dict[str, tuple[str, StoredInstance]] = {}
+    indexed: dict[str, tuple[str, StoredInstance]] = {}
     for start in range(0, len(uids), MAX_KEYS):
-        held.update(lookup_classes(index.connection(), uids[start:start + MAX_KEYS]))
+        indexed.update(lookup_classes(index.connection(), uids[start:start + MAX_KEYS]))
     intact: dict[str, bool] = {}
     committed: list[Reference] = []
     failed: list[tuple[Reference, int]] = []
     for ref in references:
-        found = held.get(ref.sop_instance_uid)
+        found = indexed.get(ref.sop_instance_uid)
         if found is None:
             failed.append((ref, NO_SUCH_OBJECT_INSTANCE))
             continue
@@ -140,6 +148,8 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference]) ->
             failed.append((ref, CLASS_INSTANCE_CONFLICT))
             continue
         if ref.sop_instance_uid not in intact:
+            if held is not None and intact and len(intact) % HELD_EVERY == 0 and not held():
+                return None
             intact[ref.sop_instance_uid] = _intact(store, stored)
         if intact[ref.sop_instance_uid]:
             committed.append(ref)
@@ -222,12 +232,12 @@ class Commitments:
         Raises
         ------
         InvalidRequest
-            No Transaction UID, or no reference.
+            No (valid) Transaction UID, or no reference.
         ResourceLimitation
             More than ``max_references`` references.
         """
         if not request.transaction_uid:
-            raise InvalidRequest("no Transaction UID")
+            raise InvalidRequest("no valid Transaction UID")
         if not request.references:
             raise InvalidRequest("no Referenced SOP Sequence item")
         if len(request.references) > self.max_references:
@@ -277,6 +287,19 @@ class Commitments:
     def next_time(self) -> float | None:
         """POSIX time at which the next request may be claimed; ``None``: none waits."""
         return table.next_time(self.index.connection())
+
+    def verify(self, pending: Pending, store: ObjectStore) -> Pending | None:
+        """Check the request's instances (:func:`verify`, renewing the lease as it
+        goes) and keep the result; ``None`` when the claim was lost meanwhile.
+
+        Raises
+        ------
+        IndexFailure
+            When the index could not be read or written.
+        """
+        result = verify(self.index, store, pending.request.references,
+                        held=lambda: self.renew(pending))
+        return None if result is None else self.keep(pending, result)
 
     def keep(self, pending: Pending, result: Result) -> Pending | None:
         """Store the verification's result and renew the lease; ``None`` when the claim

@@ -30,6 +30,7 @@ from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam
 from pacs.dimse.audit import Audits
 from pacs.dimse.limits import ConnectionLimits
+from pacs.dimse.reports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class NodeServer(ThreadedAssociationServer):
     limits: ConnectionLimits | None = None
     #: Seconds a read of a newly accepted socket may wait for data (SO_RCVTIMEO).
     receive_timeout: float | None = None
+    #: Delivers the storage commitment results of this process (:func:`start`).
+    reporter: Reporter | None = None
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -261,16 +264,18 @@ def start(services: Services, address: tuple[str, int] | None = None,
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
         alive=_holds_its_place)
+    reporter = Reporter(services)
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": patched, "limits": connection_limits,
-        "receive_timeout": settings.artim_timeout})
+        "receive_timeout": settings.artim_timeout, "reporter": reporter})
     ae = make_ae(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.
     ae.maximum_associations = UNCOUNTED
     # Each association's operations, for the audit trail (pacs.dimse.audit).
-    evt_handlers = [*handlers.bind(services, seam=patched, audits=Audits(services.audit)),
+    evt_handlers = [*handlers.bind(services, seam=patched, audits=Audits(services.audit),
+                                   reporter=reporter),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
@@ -283,12 +288,14 @@ def start(services: Services, address: tuple[str, int] | None = None,
                               name="pacs-dimse-acceptor",
                               daemon=True)
     thread.start()
+    reporter.start()
     return server  # type: ignore[return-value]
 
 
 def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     """Stop accepting, close the connections that have sent no A-ASSOCIATE-RQ, let
-    established associations finish, then abort the rest.
+    established associations finish, then abort the rest, and stop delivering storage
+    commitment results (those not delivered wait in the queue).
 
     A closed pending connection's thread may go on waiting for its request until ARTIM
     (pynetdicom's own wait, without the seam): it holds nothing and is not waited for.
@@ -303,6 +310,8 @@ def stop(server: NodeServer, drain: float = DRAIN_SECONDS) -> None:
         time.sleep(0.05)
     for assoc in server.active_associations:
         assoc.abort()
+    if server.reporter is not None:
+        server.reporter.stop()
 
 
 def listen(settings: Settings) -> socket.socket:

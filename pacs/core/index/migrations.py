@@ -183,7 +183,7 @@ def _storage_commitment(conn: apsw.Connection) -> None:
     A requestor repeating a Transaction UID replaces its row.
     """
     conn.execute(
-        "CREATE TABLE commitment (\n"
+        "CREATE TABLE IF NOT EXISTS commitment (\n"
         "  pk INTEGER PRIMARY KEY,\n"
         "  requestor_ae TEXT NOT NULL,\n"
         "  transaction_uid TEXT NOT NULL,\n"
@@ -197,7 +197,8 @@ def _storage_commitment(conn: apsw.Connection) -> None:
         "  last_error TEXT NOT NULL DEFAULT '',\n"
         "  UNIQUE (requestor_ae, transaction_uid)\n"
         ")")
-    conn.execute("CREATE INDEX commitment_next_attempt ON commitment(next_attempt)")
+    conn.execute("CREATE INDEX IF NOT EXISTS commitment_next_attempt "
+                 "ON commitment(next_attempt)")
 
 
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
