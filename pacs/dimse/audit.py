@@ -21,8 +21,9 @@ C-MOVE, C-GET (each request)   Begin Transferring DICOM Instances (A.5.3.3) befo
                                sub-operation (A801, A900, A701, a destination that
                                refused the association) is one DICOM Instances Transferred
                                without studies and with the failure
-N-ACTION (storage commitment   DICOM Instances Accessed (A.5.3.6), E: the requestor and
-request)                       the node, the number of instances referenced, the status
+N-ACTION (storage commitment   DICOM Instances Accessed (A.5.3.6): the requestor and
+request)                       the node (R: the instances are read back to be checked),
+                               the number of instances referenced, the status
 =============================  ===========================================================
 
 C-ECHO touches no patient data and is not recorded.  Who: the calling AE title and the
@@ -202,7 +203,7 @@ class AssociationAudit:
     def commitment_requested(self, references: int, status: Status) -> None:
         """One storage commitment request (N-ACTION, PS3.4 J.3.2) of ``references``
         instances, answered with ``status``."""
-        self.trail.accessed(audit.APPLICATION_SERVER, audit.EXECUTE,
+        self.trail.accessed(audit.APPLICATION_SERVER, audit.READ,
                             [self.requestor, self.trail.node()], [],
                             audit.dimse_outcome(status.code),
                             f"Storage commitment request of {references} instance(s): "

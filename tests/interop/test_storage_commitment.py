@@ -32,6 +32,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from tests.auditcheck import problems, read_trail
 from tests.conftest import free_port
 from tests.interop.conftest import AE_TITLE, Node, fresh_ct
 
@@ -228,6 +229,12 @@ def test_the_result_comes_on_the_association_the_requestor_keeps_open(
     assert_result(report, case)
     assert_removed(node)
     assert requestor_scp.reports.empty()  # not sent again on another association
+    # The association's audit names the request (PS3.15 A.5.3.6).
+    requested = [e for e in read_trail(node.data_dir / "audit.jsonl")
+                 if "Storage commitment request of 5 instance(s): N-ACTION status 0000"
+                 in e["EventIdentification"].get("EventOutcomeDescription", "")]
+    assert len(requested) == 1 and problems(requested[0]) == [], requested
+    assert requested[0]["ActiveParticipant"][0]["UserID"] == REQUESTOR
 
 
 def test_the_result_comes_on_a_new_association_after_a_release(
