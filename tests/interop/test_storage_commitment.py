@@ -30,7 +30,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from tests.auditcheck import problems, read_trail
 from tests.conftest import free_port
@@ -38,8 +37,8 @@ from tests.interop.conftest import AE_TITLE, Node, fresh_ct
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
-#: The well-known SOP Instance of the Push Model (PS3.4 J.3.5).
-PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
+#: The Storage Commitment Push Model SOP Class and its well-known instance (PS3.4 J.3.5).
+PUSH_MODEL, PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
 #: The requestor, whose SCP address the node knows.
 REQUESTOR = "REQUESTOR"
 #: References one request may hold on the test node.
@@ -98,7 +97,7 @@ class RequestorSCP:
 
     def start(self) -> None:
         ae = AE(ae_title=REQUESTOR)
-        ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+        ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, _report, [self.reports])])
@@ -124,7 +123,7 @@ def associate(node: Node, ae_title: str, reports: queue.Queue[Report] | None = N
     handlers = [] if reports is None else [(evt.EVT_N_EVENT_REPORT, _report, [reports])]
     assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, evt_handlers=handlers,
                          contexts=[build_context(CTImageStorage, ExplicitVRLittleEndian),
-                                   build_context(StorageCommitmentPushModel)])
+                                   build_context(PUSH_MODEL)])
     assert assoc.is_established, node.log()
     return assoc
 
@@ -180,9 +179,20 @@ def store_and_ask(node: Node, assoc: Association) -> Case:
 def n_action(assoc: Association, action: Dataset | None, action_type: int = 1,
              instance_uid: str = PUSH_MODEL_INSTANCE) -> int:
     """Send an N-ACTION; its status."""
-    status, _ = assoc.send_n_action(action, action_type, StorageCommitmentPushModel,
+    status, _ = assoc.send_n_action(action, action_type, PUSH_MODEL,
                                     instance_uid)
     return int(status.Status)
+
+
+def ask_and_release(node: Node) -> Case:
+    """A requestor that stores, asks and releases its association at once."""
+    assoc = associate(node, REQUESTOR)
+    try:
+        case = store_and_ask(node, assoc)
+        assert n_action(assoc, case.action) == 0x0000, node.log()
+    finally:
+        assoc.release()
+    return case
 
 
 def assert_result(report: Report, case: Case) -> None:
@@ -240,29 +250,19 @@ def test_the_result_comes_on_the_association_the_requestor_keeps_open(
 def test_the_result_comes_on_a_new_association_after_a_release(
         node: Node, requestor_scp: RequestorSCP) -> None:
     requestor_scp.start()
-    assoc = associate(node, REQUESTOR)
-    try:
-        case = store_and_ask(node, assoc)
-        assert n_action(assoc, case.action) == 0x0000, node.log()
-    finally:
-        assoc.release()
+    case = ask_and_release(node)
     report = requestor_scp.reports.get(timeout=WAIT)
     assert_result(report, case)
     # The node requested the association, proposing the SCP role (PS3.4 J.3.3.1.3).
     assert report.assoc.requestor.ae_title == AE_TITLE
     accepted = {str(cx.abstract_syntax): cx for cx in report.assoc.accepted_contexts}
-    assert accepted[StorageCommitmentPushModel].as_scu  # the requestor's SCP: SCU here
+    assert accepted[PUSH_MODEL].as_scu  # the requestor's SCP: SCU here
     assert_removed(node)
 
 
 def test_a_result_waiting_over_a_restart_is_delivered(
         node: Node, requestor_scp: RequestorSCP) -> None:
-    assoc = associate(node, REQUESTOR)
-    try:
-        case = store_and_ask(node, assoc)
-        assert n_action(assoc, case.action) == 0x0000, node.log()
-    finally:
-        assoc.release()
+    case = ask_and_release(node)
     deadline = time.monotonic() + WAIT
     while not any(attempts for _, attempts, _ in waiting(node)):
         assert time.monotonic() < deadline, node.log()
