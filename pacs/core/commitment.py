@@ -29,7 +29,12 @@ from datetime import UTC, datetime
 from pacs.core.errors import InvalidRequest, NotFound, ResourceLimitation, StorageError
 from pacs.core.index import commitments as table
 from pacs.core.index.connection import Index
-from pacs.core.index.reads import MAX_KEYS, StoredInstance, lookup_classes
+from pacs.core.index.reads import (
+    MAX_KEYS,
+    StoredInstance,
+    commitments_waiting,
+    lookup_classes,
+)
 from pacs.core.storage import ObjectStore, digest
 
 log = logging.getLogger(__name__)
@@ -261,7 +266,7 @@ class Commitments:
         now = self.clock()
         received = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         with self.index.write() as conn:
-            if (table.count(conn) >= self.max_pending
+            if (commitments_waiting(conn) >= self.max_pending
                     and not table.exists(conn, request.requestor_ae, request.transaction_uid)):
                 raise ResourceLimitation(f"{self.max_pending} storage commitment results "
                                          "wait for delivery already")
@@ -270,7 +275,7 @@ class Commitments:
                                claim)
         return Pending(key, claim, request, None, 0)
 
-    def due(self, limit: int = 8) -> list[Pending]:
+    def due(self, limit: int = 1) -> list[Pending]:
         """Claim up to ``limit`` requests whose next attempt is due."""
         now = self.clock()
         claimed = []

@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 GRACE = 1.0
 #: Seconds between two looks at the queue for due requests (of any process).
 POLL = 5.0
-#: Requests claimed from the queue at a time.
-BATCH = 8
 
 #: The transfer syntaxes proposed for a report on a new association.
 SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -81,16 +79,11 @@ class Reporter:
     services : Services
         The worker's services: the queue, the index and store to verify against, the
         settings (AE title, timeouts, ``PACS_MODALITIES``).
-    grace, poll : float
-        :data:`GRACE` and :data:`POLL` (tests shorten them).
     """
 
-    def __init__(self, services: Services, grace: float = GRACE,
-                 poll: float = POLL) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
         self.commitments = services.commitments
-        self.grace = grace
-        self.poll = poll
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -160,7 +153,7 @@ class Reporter:
                     continue
             except Exception:  # the thread must outlive any failure
                 log.exception("storage commitment: delivery failed unexpectedly")
-                next_poll = time.monotonic() + self.poll
+                next_poll = time.monotonic() + POLL
             self._wake.wait(self._wait(next_poll))
             self._wake.clear()
 
@@ -187,7 +180,7 @@ class Reporter:
             checked = self._verify(pending)
             if checked is not None:
                 with self._lock:
-                    heapq.heappush(self._verified, _Job(time.monotonic() + self.grace,
+                    heapq.heappush(self._verified, _Job(time.monotonic() + GRACE,
                                                         next(self._order), checked, assoc))
             return True
         if job is not None:
@@ -196,18 +189,19 @@ class Reporter:
         return False
 
     def _poll_queue(self) -> float:
-        """Deliver the requests due in the queue; seconds until the next look."""
-        for pending in self.commitments.due(BATCH):
-            if self._stopping.is_set():
-                self.commitments.release(pending)
-                continue
+        """Claim and deliver one request due in the queue; seconds until the next look
+        (none when one was found: there may be more, after the local work)."""
+        claimed = self.commitments.due(1)
+        if claimed:
+            pending = claimed[0]
             checked = pending if pending.result is not None else self._verify(pending)
             if checked is not None:
                 self._deliver(checked, None)
+            return 0.0
         found = self.commitments.next_time()
         if found is None:
-            return self.poll
-        return min(self.poll, max(0.0, found - time.time()))
+            return POLL
+        return min(POLL, max(0.0, found - time.time()))
 
     # -- one request --------------------------------------------------------------------
 

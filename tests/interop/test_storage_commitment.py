@@ -268,6 +268,8 @@ def test_a_result_waiting_over_a_restart_is_delivered(
         assert time.monotonic() < deadline, node.log()
         time.sleep(0.1)  # the requestor's SCP is down: the first attempt fails
     assert [ae for ae, _, _ in waiting(node)] == [REQUESTOR]
+    status = node.cli("status")
+    assert "storage commitment: 1 result(s) waiting for delivery" in status.stdout, status
     node.restart()
     requestor_scp.start()
     report = requestor_scp.reports.get(timeout=WAIT)

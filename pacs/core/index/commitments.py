@@ -46,12 +46,6 @@ class Row:
 _COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts"
 
 
-def count(conn: apsw.Connection) -> int:
-    """Requests waiting."""
-    row = conn.execute("SELECT count(*) FROM commitment").fetchone()
-    return int(row[0]) if row else 0
-
-
 def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bool:
     """True when this requestor's transaction waits already."""
     return conn.execute(
@@ -134,5 +128,5 @@ def next_time(conn: apsw.Connection) -> float | None:
     return float(row[0]) if row and row[0] is not None else None
 
 
-__all__ = ["Row", "count", "due", "exists", "next_time", "record", "release", "remove",
+__all__ = ["Row", "due", "exists", "next_time", "record", "release", "remove",
            "renew", "reschedule", "take"]

@@ -207,6 +207,12 @@ def indexed_bytes(conn: apsw.Connection) -> int:
     return _scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance")
 
 
+@_read("commitment count")
+def commitments_waiting(conn: apsw.Connection) -> int:
+    """Storage commitment requests whose result is not delivered yet."""
+    return _scalar(conn, "SELECT count(*) FROM commitment")
+
+
 @_read("integrity check")
 def quick_check(conn: apsw.Connection) -> str:
     """SQLite's ``PRAGMA quick_check`` (reads the whole file): ``ok``, or its first
@@ -215,6 +221,7 @@ def quick_check(conn: apsw.Connection) -> str:
     return str(row[0]) if row else "no answer from quick_check"
 
 
-__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "counts",
+__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "commitments_waiting",
+           "counts",
            "first_series_images", "indexed_bytes", "instance_keys", "lookup", "lookup_classes",
            "metadata_rows", "quick_check", "study_patients"]
