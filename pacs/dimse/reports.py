@@ -90,7 +90,8 @@ class Reporter:
         #: Recorded requests whose N-ACTION response has not gone yet, per association.
         self._answering: weakref.WeakKeyDictionary[Any, dict[int, Pending]] = (
             weakref.WeakKeyDictionary())
-        self._ready: list[tuple[Pending, Association]] = []  # answered, not verified
+        #: Answered, not verified yet: with their association and the time of the answer.
+        self._ready: list[tuple[Pending, Association, float]] = []
         self._verified: list[_Job] = []  # a heap by due time
         self._order = itertools.count()
         self._message_ids = itertools.count(1)
@@ -111,7 +112,7 @@ class Reporter:
             pending = self._answering.get(assoc, {}).pop(message_id, None)
             if pending is None:
                 return
-            self._ready.append((pending, assoc))
+            self._ready.append((pending, assoc, time.monotonic()))
         self._wake.set()
 
     # -- the thread ---------------------------------------------------------------------
@@ -130,7 +131,7 @@ class Reporter:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            held = [pending for pending, _ in self._ready]
+            held = [pending for pending, _, _ in self._ready]
             held += [job.pending for job in self._verified]
             held += [p for answering in self._answering.values() for p in answering.values()]
             self._ready, self._verified = [], []
@@ -176,12 +177,12 @@ class Reporter:
             if ready is None and self._verified and self._verified[0].due <= time.monotonic():
                 job = heapq.heappop(self._verified)
         if ready is not None:
-            pending, assoc = ready
+            pending, assoc, answered = ready
             checked = self._verify(pending)
             if checked is not None:
                 with self._lock:
-                    heapq.heappush(self._verified, _Job(time.monotonic() + GRACE,
-                                                        next(self._order), checked, assoc))
+                    heapq.heappush(self._verified, _Job(answered + GRACE, next(self._order),
+                                                        checked, assoc))
             return True
         if job is not None:
             self._deliver(job.pending, job.assoc)
