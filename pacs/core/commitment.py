@@ -320,9 +320,9 @@ class Commitments:
         with self.index.write() as conn:
             return table.renew(conn, pending.key, pending.claim, self.clock() + self.lease)
 
-    def delivered(self, pending: Pending) -> None:
-        """The result was delivered: the request is done (PS3.4 J.3.3.1.2: its
-        Transaction UID is no longer active)."""
+    def remove(self, pending: Pending) -> None:
+        """The request is done: its result delivered (PS3.4 J.3.3.1.2: its Transaction
+        UID is no longer active), or dropped."""
         with self.index.write() as conn:
             table.remove(conn, pending.key, pending.claim)
 

@@ -12,7 +12,8 @@ Commitment Result (N-EVENT-REPORT, PS3.4 J.3.3):
 2. otherwise on a new association to the requestor's address in ``PACS_MODALITIES``
    (found by its AE title), this node proposing the SCP role by SCP/SCU Role Selection
    (PS3.4 J.3.3.1.3: the requestor accepts an association on which the SCP role is
-   proposed by the Storage Commitment SCP).
+   proposed by the Storage Commitment SCP); a requestor that has no address there is
+   not reached at all, and its request is dropped.
 
 A result is delivered once the requestor answers Success; then its request is removed.
 An attempt that fails (no address, association refused, no or a failure response) is
@@ -47,6 +48,7 @@ from pacs.dimse import commitment, handlers
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
+    from pacs.core.config import Modality
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
@@ -218,7 +220,10 @@ class Reporter:
 
     def _deliver(self, pending: Pending, assoc: Association | None) -> None:
         """Report the result: on ``assoc`` when the requestor still holds it open, else
-        on a new association; keep the request for later when neither worked."""
+        on a new association; keep the request for later when neither worked.  A
+        requestor without an address in ``PACS_MODALITIES`` can be reached on its own
+        association only: once that is gone its request is dropped (it never receives a
+        commitment, so it keeps its copies), and cannot fill the queue for good."""
         if not self.commitments.renew(pending):
             return  # another process took it, or the requestor replaced it
         requestor = pending.request.requestor_ae
@@ -228,11 +233,18 @@ class Reporter:
                 self._delivered(pending, "on the requestor's association")
                 return
             log.info("storage commitment: the report to %s on its association failed "
-                     "(%s); trying a new association", requestor, error)
+                     "(%s)", requestor, error)
             if not self.commitments.renew(pending):
                 return
+        destination = self.services.settings.destinations.get(requestor)
+        if destination is None:
+            self.commitments.remove(pending)
+            log.warning("storage commitment: the result for %s is dropped: it left its "
+                        "association and its AE title is not in PACS_MODALITIES",
+                        requestor)
+            return
         try:
-            error = self._send_new(pending)
+            error = self._send_new(pending, destination)
         except Exception as exc:  # noqa: BLE001 - tried again later like any failure
             error = f"{type(exc).__name__}: {exc}"
         if error is None:
@@ -243,7 +255,7 @@ class Reporter:
                     "again in %.0f s", requestor, error, delay)
 
     def _delivered(self, pending: Pending, how: str) -> None:
-        self.commitments.delivered(pending)
+        self.commitments.remove(pending)
         result = pending.result
         assert result is not None  # verified before any delivery
         log.info("storage commitment result delivered to %s %s: %d committed, %d failed",
@@ -268,12 +280,9 @@ class Reporter:
             return "no response"
         return None if int(code) == 0 else f"answered {int(code):04X}"
 
-    def _send_new(self, pending: Pending) -> str | None:
+    def _send_new(self, pending: Pending, destination: Modality) -> str | None:
         """Send the report on an association of its own to the requestor's address."""
         settings = self.services.settings
-        destination = settings.destinations.get(pending.request.requestor_ae)
-        if destination is None:
-            return "its AE title is not in PACS_MODALITIES"
         assoc = self._entity().associate(
             destination.host, destination.port,
             contexts=[build_context(PUSH_MODEL, SYNTAXES)], ae_title=destination.ae_title,

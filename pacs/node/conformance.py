@@ -708,7 +708,9 @@ def _commitment_text(data: dict[str, Any]) -> str:
   and no release was asked for, otherwise on a new association (3.2.4).  An undelivered
   result is tried again after {_seconds(sc['retry_first'])}, then after twice the
   previous delay, up to {_seconds(sc['retry_max'])}, until the requestor answers
-  Success; a repeated Transaction UID of a waiting request replaces it.  Storage Media
+  Success; a repeated Transaction UID of a waiting request replaces it.  The result for
+  a requestor whose AE title is not in `PACS_MODALITIES` goes on its own association
+  only: once that has ended, the result is dropped (logged), never committed.  Storage Media
   File-Set ID and UID are neither used nor sent; objects are kept until an operator
   deletes them.
 

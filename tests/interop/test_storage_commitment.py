@@ -8,7 +8,9 @@ were altered; the Storage Commitment Result arrives
 - (a) on the requestor's own association, which it keeps open;
 - (b) on a new association to the requestor's SCP (its address in PACS_MODALITIES),
   when the requestor releases at once;
-- after a restart of the node, when the requestor's SCP was down until then.
+- after a restart of the node, when the requestor's SCP was down until then;
+
+and a requestor without an address in PACS_MODALITIES that releases at once gets none.
 """
 
 from __future__ import annotations
@@ -184,9 +186,9 @@ def n_action(assoc: Association, action: Dataset | None, action_type: int = 1,
     return int(status.Status)
 
 
-def ask_and_release(node: Node) -> Case:
+def ask_and_release(node: Node, ae_title: str = REQUESTOR) -> Case:
     """A requestor that stores, asks and releases its association at once."""
-    assoc = associate(node, REQUESTOR)
+    assoc = associate(node, ae_title)
     try:
         case = store_and_ask(node, assoc)
         assert n_action(assoc, case.action) == 0x0000, node.log()
@@ -276,6 +278,17 @@ def test_a_result_waiting_over_a_restart_is_delivered(
     assert_result(report, case)
     assert_removed(node)
     assert requestor_scp.reports.empty()  # delivered once
+
+
+def test_the_result_for_a_requestor_without_an_address_is_dropped_once_it_left(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    """Its own association was the only way back: the request does not wait for ever
+    (and fill PACS_COMMITMENT_MAX_PENDING); the requestor, never told, keeps its copies."""
+    requestor_scp.start()
+    ask_and_release(node, "STRANGER")
+    assert_removed(node)
+    assert "the result for STRANGER is dropped" in node.log()
+    assert requestor_scp.reports.empty()
 
 
 @pytest.mark.parametrize(("change", "expected"), [

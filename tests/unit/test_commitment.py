@@ -135,7 +135,7 @@ def test_a_failed_attempt_waits_longer_each_time(services: Services) -> None:
         assert kept.result == Result((), ())  # verified once, reported as verified
     assert delays == [retry_delay(1), retry_delay(2), retry_delay(3)]
     assert delays[0] < delays[1] < delays[2]
-    queue.delivered(kept)
+    queue.remove(kept)
     assert queue.next_time() is None
 
 
