@@ -11,7 +11,8 @@ of PS3.3 C.14.1.1: 0112 when the index does not hold it, 0119 when it holds it u
 another SOP class, 0110 when its object is missing, unreadable or not the bytes stored.
 
 A request is recorded (:meth:`Commitments.record`) before the N-ACTION is answered and
-stays until its result is delivered: a restart never drops it.  Bounds: references per
+stays until its result is delivered (or dropped, when the requestor can no longer be
+reached: :mod:`pacs.dimse.reports`): a restart never drops it.  Bounds: references per
 request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
 (``PACS_COMMITMENT_MAX_PENDING``); past either the request is refused.
 """
@@ -217,8 +218,8 @@ class Commitments:
         References per request at most (``PACS_COMMITMENT_MAX_REFERENCES``).
     lease : float
         Seconds a claim holds a request before another process may take it: longer than
-        one step of a delivery (a verification, an association, a report and its
-        response); a step renews it first.
+        one step of a delivery (an association, a report and its response); each step
+        renews it first, and a verification every :data:`HELD_EVERY` objects.
     clock : callable
         POSIX time (tests move it).
     """
