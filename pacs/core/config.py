@@ -170,14 +170,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
     Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
     Setting("PACS_MODALITIES", "modalities", "",
-            "C-MOVE destinations: 'AET=host:port,AET2=host:port'; ':tls' after the port "
-            "connects with DICOM TLS ('AET=host:2762:tls')."),
+            "Known remote AEs: C-MOVE destinations, and where storage commitment results "
+            "go when the requestor has left: 'AET=host:port,AET2=host:port'; ':tls' after "
+            "the port connects with DICOM TLS ('AET=host:2762:tls')."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
             "Comma list of calling AE titles allowed to associate; empty allows any.",
             _comma_list),
     Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
             "A repeated SOP Instance UID with different content: overwrite, keep (first) "
             "or reject.", _choice("overwrite", "keep", "reject")),
+    Setting("PACS_COMMITMENT_MAX_REFERENCES", "commitment_max_references", "10000",
+            "Most instances one storage commitment request may reference; more are "
+            "refused (N-ACTION 0213).", _positive(int)),
+    Setting("PACS_COMMITMENT_MAX_PENDING", "commitment_max_pending", "1000",
+            "Most storage commitment results kept waiting for delivery; further requests "
+            "are refused (N-ACTION 0213) until some are delivered.", _positive(int)),
     Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
             "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
     Setting("PACS_DIMSE_SEAM", "dimse_seam", "on",
@@ -246,7 +253,8 @@ def _default(attr: str) -> Any:
 
 @dataclass(frozen=True)
 class Modality:
-    """A known remote AE: a C-MOVE destination (``tls``: reached over DICOM TLS)."""
+    """A known remote AE: a C-MOVE destination, a storage commitment requestor
+    (``tls``: reached over DICOM TLS)."""
 
     ae_title: str
     host: str
@@ -322,6 +330,8 @@ class Settings:
     modalities: str = _default("modalities")
     allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
     duplicate_policy: str = _default("duplicate_policy")
+    commitment_max_references: int = _default("commitment_max_references")
+    commitment_max_pending: int = _default("commitment_max_pending")
     dimse_workers: int = _default("dimse_workers")
     dimse_seam: bool = _default("dimse_seam")
     max_associations: int = _default("max_associations")

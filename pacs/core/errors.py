@@ -15,10 +15,12 @@ turned into these at the backend's edge.
     │   ├── DuplicateRejected  a different object under a known SOP Instance UID
     │   └── ObjectTooLarge     received or inflated past PACS_MAX_OBJECT_BYTES
     ├── InvalidQuery           a query or identifier breaks the model's rules
+    ├── InvalidRequest         a request's arguments break its service's rules
     ├── NotFound               no such study / series / instance / object
     ├── FrameTooLarge          a frame to decode is larger than PACS_MAX_FRAME_BYTES
     ├── QueryLimitExceeded     more matches than the row cap, or over the time limit
     ├── Cancelled              the peer cancelled the operation
+    ├── ResourceLimitation     a bounded queue or request limit is reached
     ├── StorageError           the object store failed
     ├── IndexFailure           the SQLite index failed
     └── AnalysisFault          a helper process failed on an object (pacs.core.analysers)
@@ -63,6 +65,11 @@ class InvalidQuery(PacsError):
     """A query or identifier that breaks the information model's rules."""
 
 
+class InvalidRequest(PacsError):
+    """A request whose arguments break its service's rules (a storage commitment
+    request without a Transaction UID, say)."""
+
+
 class NotFound(PacsError):
     """The requested entity or object does not exist."""
 
@@ -78,6 +85,11 @@ class QueryLimitExceeded(PacsError):
 
 class Cancelled(PacsError):
     """The peer cancelled the operation."""
+
+
+class ResourceLimitation(PacsError):
+    """A request refused because a configured bound is reached (more references than
+    one request may hold, more results waiting for delivery than may be kept)."""
 
 
 class StorageError(PacsError):

@@ -48,6 +48,8 @@ class Health:
     disk_free_bytes : int or None
         Free space on the data folder's file system (the index, and the objects when
         stored in a folder).
+    commitments_waiting : int
+        Storage commitment results not delivered yet (:mod:`pacs.core.commitment`).
     """
 
     store: str
@@ -58,6 +60,7 @@ class Health:
     indexed_bytes: int = 0
     store_bytes: int | None = None
     disk_free_bytes: int | None = None
+    commitments_waiting: int = 0
 
     @property
     def ok(self) -> bool:
@@ -91,13 +94,14 @@ def check(services: Services, thorough: bool = False) -> Health:
         store_error = str(exc)
     index_state = "ok"
     counts: dict[str, int] = {}
-    indexed_bytes = 0
+    indexed_bytes = waiting = 0
     try:
         conn = services.index.connection()
         if thorough:
             index_state = reads.quick_check(conn)
         counts = reads.counts(conn)
         indexed_bytes = reads.indexed_bytes(conn)
+        waiting = reads.commitments_waiting(conn)
     except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
@@ -113,4 +117,4 @@ def check(services: Services, thorough: bool = False) -> Health:
     return Health(store=services.settings.storage, store_reachable=store_error is None,
                   store_error=store_error, index=index_state, counts=counts,
                   indexed_bytes=indexed_bytes, store_bytes=store_bytes,
-                  disk_free_bytes=disk_free)
+                  disk_free_bytes=disk_free, commitments_waiting=waiting)

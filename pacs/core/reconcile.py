@@ -47,7 +47,6 @@ logged with its UIDs and keys, which carry no patient data.
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -60,7 +59,14 @@ from pacs.core.errors import NotFound, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.ingest import Analysis, try_analyse
 from pacs.core.services import Services
-from pacs.core.storage import ObjectStore, Quarantine, exists, local_path, object_key
+from pacs.core.storage import (
+    ObjectStore,
+    Quarantine,
+    digest,
+    exists,
+    local_path,
+    object_key,
+)
 from pacs.core.storage.filesystem import FileStore
 
 log = logging.getLogger(__name__)
@@ -68,9 +74,6 @@ log = logging.getLogger(__name__)
 #: Seconds after which a temporary file cannot belong to a write in progress (a put
 #: writes bytes already received; even 2 GB take minutes, not an hour).
 TEMP_GRACE = 3600.0
-
-_CHUNK = 1 << 20
-
 
 class Problem(enum.Enum):
     """What was found (see the module docstring for the crash window of each)."""
@@ -331,22 +334,11 @@ def _apply_temporaries(store: ObjectStore, report: Report) -> None:
         log.info("fsck: deleted the temporary file %s of an interrupted write", finding.key)
 
 
-def _digest(store: ObjectStore, key: str) -> tuple[str, int]:
-    """SHA-256 (hex) and size of a stored object, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with store.open(key) as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _matches(store: ObjectStore, key: str, checksum: str, size: int,
              checksums: bool) -> bool:
     """True when the object at ``key`` is the one the row acknowledged."""
     if checksums:
-        return _digest(store, key) == (checksum, size)
+        return digest(store, key) == (checksum, size)
     return store.size(key) == size
 
 

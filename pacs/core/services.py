@@ -11,6 +11,7 @@ from functools import partial
 
 from pacs.core.analysers import AnalyserPool
 from pacs.core.audit import AuditLog, AuditTrail, Source, audit_path, patients_in_index
+from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.index.connection import Index, busy_timeout_for
@@ -30,6 +31,8 @@ class Services:
     ingest: Ingest
     engine: QueryEngine
     analysers: AnalyserPool
+    #: Storage commitment requests waiting for their result to be delivered.
+    commitments: Commitments
     #: The audit trail (``PACS_AUDIT_LOG``); off unless built by :func:`build`.
     audit: AuditTrail = field(default_factory=lambda: AuditTrail(AuditLog(None),
                                                                  Source("", "")))
@@ -76,7 +79,16 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                          pn_case_sensitive=settings.pn_case_sensitive)
     return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
                     analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes),
+                    commitments=commitments(settings, index),
                     audit=audit_trail(settings, index))
+
+
+def commitments(settings: Settings, index: Index) -> Commitments:
+    """The storage commitment queue of ``settings``.  A claim's lease outlasts one
+    delivery step: an association (connection and ACSE timeouts) and one report with
+    its response (the DIMSE timeout), all three ``PACS_DIMSE_TIMEOUT``."""
+    return Commitments(index, settings.commitment_max_pending,
+                       settings.commitment_max_references, lease=4 * settings.dimse_timeout)
 
 
 def audit_trail(settings: Settings, index: Index) -> AuditTrail:

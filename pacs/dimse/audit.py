@@ -21,6 +21,9 @@ C-MOVE, C-GET (each request)   Begin Transferring DICOM Instances (A.5.3.3) befo
                                sub-operation (A801, A900, A701, a destination that
                                refused the association) is one DICOM Instances Transferred
                                without studies and with the failure
+N-ACTION (storage commitment   DICOM Instances Accessed (A.5.3.6): the requestor and
+request)                       the node (R: the instances are read back to be checked),
+                               the number of instances referenced, the status
 =============================  ===========================================================
 
 C-ECHO touches no patient data and is not recorded.  Who: the calling AE title and the
@@ -28,8 +31,8 @@ peer's address of the association.  Outcomes: :func:`pacs.core.audit.dimse_outco
 
 :class:`Audits` keeps one :class:`AssociationAudit` per association of a node server
 (created at its first operation, closed by EVT_RELEASED, EVT_ABORTED or EVT_CONN_CLOSE,
-whichever comes first); the plain functions of C-STORE, C-FIND and C-MOVE / C-GET report
-to it (their ``audit`` argument), with the seam and without it.
+whichever comes first); the plain functions of C-STORE, C-FIND, C-MOVE / C-GET and
+N-ACTION report to it (their ``audit`` argument), with the seam and without it.
 """
 
 from __future__ import annotations
@@ -194,6 +197,17 @@ class AssociationAudit:
         self.trail.transferred(audit.APPLICATION_SERVER, audit.READ, self.trail.node(),
                                retrieve.destination, retrieve.studies, outcome,
                                description, others=self._others(retrieve))
+
+    # -- storage commitment --------------------------------------------------------------
+
+    def commitment_requested(self, references: int, status: Status) -> None:
+        """One storage commitment request (N-ACTION, PS3.4 J.3.2) of ``references``
+        instances, answered with ``status``."""
+        self.trail.accessed(audit.APPLICATION_SERVER, audit.READ,
+                            [self.requestor, self.trail.node()], [],
+                            audit.dimse_outcome(status.code),
+                            f"Storage commitment request of {references} instance(s): "
+                            f"N-ACTION status {status.code:04X}")
 
     def _others(self, retrieve: _Retrieve) -> list[Participant]:
         """The requestor of a C-MOVE, a third party to the transfer."""

@@ -3,7 +3,7 @@
 Storage: every storage SOP class pynetdicom knows, in every transfer syntax it knows
 (uncompressed, deflated, JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE, …); objects are
 stored as received, so accepting a syntax costs nothing.  Verification.  Query/Retrieve
-information models are added by the Q/R services.  The storage contexts in which a C-GET
+information models.  Storage Commitment Push Model.  The storage contexts in which a C-GET
 requestor takes the SCP role are negotiated so that every stored object can be sent
 (:func:`prefer_sendable`).
 """
@@ -24,6 +24,7 @@ from pydicom.uid import (
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 
+from pacs.core.commitment import PUSH_MODEL
 from pacs.core.transcode import UNCOMPRESSED
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 #: Verification SOP Class (PS3.4 A.4).
 VERIFICATION = UID("1.2.840.10008.1.1")
+#: Storage Commitment Push Model SOP Class (PS3.4 J.3).
+STORAGE_COMMITMENT = UID(PUSH_MODEL)
 
 #: Query/Retrieve information models by SOP Class UID (PS3.4 C.6.1, C.6.2, Table B.5-1).
 FIND_MODELS: dict[str, str] = {
@@ -80,6 +83,22 @@ def query_retrieve_contexts() -> list[PresentationContext]:
             for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)]
 
 
+def commitment_context() -> PresentationContext:
+    """Storage Commitment Push Model, the node as its SCP (PS3.4 J.3).
+
+    The Action Information and the Event Information are small: the two little endian
+    syntaxes.  A requestor's SCP/SCU Role Selection is answered with the default roles
+    (it the SCU, the node the SCP; the Storage Commitment Result goes from SCP to SCU on
+    this association, PS3.4 J.3.3); a requestor that proposes only the SCP role for
+    itself has the context rejected.
+    """
+    context = build_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian,
+                                                 ImplicitVRLittleEndian])
+    context.scu_role = True
+    context.scp_role = False
+    return context
+
+
 def scp_contexts() -> list[PresentationContext]:
     """Everything the SCP accepts as an association acceptor.
 
@@ -91,7 +110,7 @@ def scp_contexts() -> list[PresentationContext]:
         context.scu_role = True
         context.scp_role = True
     return [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES),
-            *query_retrieve_contexts(), *storage]
+            *query_retrieve_contexts(), commitment_context(), *storage]
 
 
 def verification_context() -> PresentationContext:

@@ -42,12 +42,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, N_ACTION_RSP
+from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import decode
 
 from pacs.core.errors import Cancelled, PacsError
-from pacs.dimse import contexts, find, limits, retrieve, storage, tls
+from pacs.dimse import commitment, contexts, find, limits, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
 from pacs.dimse.sender import log_failure, object_file, route
@@ -125,6 +125,40 @@ def handle_store(event: Event, services: Services, audits: Audits | None = None)
         calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=received,
         limit=services.settings.max_object_bytes), _audit(event, audits))
     return status_dataset(status)
+
+
+def handle_n_action(event: Event, services: Services, audits: Audits | None = None,
+                    reporter: commitment.Reports | None = None) -> tuple[Dataset, None]:
+    """EVT_N_ACTION: a Storage Commitment Request (PS3.4 J.3.2), see
+    :func:`pacs.dimse.commitment.accept`; once recorded, ``reporter`` delivers its
+    result after the response has gone (:func:`commitment_answered`)."""
+    request = cast(N_ACTION, event.request)
+    buffer = request.ActionInformation
+    data = buffer.getvalue() if buffer is not None else None
+    received = buffer.received if isinstance(buffer, limits.CappedBuffer) else len(data or b"")
+    action = commitment.ActionRequest(
+        message_id=int(request.MessageID or 0),
+        sop_class_uid=str(request.RequestedSOPClassUID or ""),
+        sop_instance_uid=str(request.RequestedSOPInstanceUID or ""),
+        action_type=request.ActionTypeID, action_information=data, received=received,
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae_title=event.assoc.requestor.ae_title)
+    status, pending = commitment.accept(services.commitments, action, _audit(event, audits))
+    if pending is not None and reporter is not None:
+        reporter.expect(event.assoc, action.message_id, pending)
+    return status_dataset(status), None
+
+
+def commitment_answered(event: Event, reporter: commitment.Reports) -> None:
+    """EVT_DIMSE_SENT: an N-ACTION response is on its way; its request's report may
+    follow (:meth:`pacs.dimse.reports.Reporter.answered`).  The response's PDUs are
+    queued right after this event, while the report waits for the verification and
+    :data:`pacs.dimse.reports.GRACE`."""
+    message = event.message
+    if isinstance(message, N_ACTION_RSP) and message.command_set is not None:
+        responded = message.command_set.get("MessageIDBeingRespondedTo")
+        if responded is not None:
+            reporter.answered(event.assoc, int(responded))
 
 
 def request_of(event: Event, move_destination: str = "") -> Request:
@@ -404,21 +438,25 @@ def tcp_settings(event: Event) -> None:
         limits.bound_sends(raw, event.assoc.dimse_timeout)
 
 
-def bind(services: Services, seam: bool = True,
-         audits: Audits | None = None) -> list[tuple[Any, ...]]:
+def bind(services: Services, seam: bool = True, audits: Audits | None = None,
+         reporter: commitment.Reports | None = None) -> list[tuple[Any, ...]]:
     """The ``evt_handlers`` list for an association server (``seam``: the seam serves
     its associations, and pynetdicom's own Q/R loop never runs; ``audits``: where each
     association's operations are reported for the audit trail, :mod:`pacs.dimse.audit`,
     also bound as the second argument of the C-STORE, C-FIND, C-MOVE and C-GET handlers
-    for the seam)."""
+    for the seam; ``reporter``: who delivers storage commitment results,
+    :mod:`pacs.dimse.reports`)."""
     bound: list[tuple[Any, ...]] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [services, audits]),
         (evt.EVT_C_FIND, handle_find, [services, audits]),
         (evt.EVT_C_MOVE, handle_move, [services, audits]),
         (evt.EVT_C_GET, handle_get, [services, audits]),
+        (evt.EVT_N_ACTION, handle_n_action, [services, audits, reporter]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
     ]
+    if reporter is not None:
+        bound.append((evt.EVT_DIMSE_SENT, commitment_answered, [reporter]))
     if audits is not None:
         # Whichever comes first ends the association's audit (a peer may close the
         # connection without releasing).

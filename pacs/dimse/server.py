@@ -33,6 +33,7 @@ from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
 from pacs.dimse.audit import Audits
 from pacs.dimse.limits import ConnectionLimits
+from pacs.dimse.reports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ class NodeServer(ThreadedAssociationServer):
     handshake_failures: _Failures
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
+    #: Delivers the storage commitment results of this process (:func:`start`).
+    reporter: Reporter | None = None
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -343,7 +346,8 @@ def connection_limits_of(settings: Settings) -> ConnectionLimits:
 def start(services: Services, address: tuple[str, int] | None = None,
           shared_socket: socket.socket | None = None, *,
           tls_context: ssl.SSLContext | None = None,
-          connection_limits: ConnectionLimits | None = None) -> NodeServer:
+          connection_limits: ConnectionLimits | None = None,
+          reporter: Reporter | None = None) -> NodeServer:
     """Start a non-blocking SCP in this process; stop it with ``shutdown()``.
 
     Parameters
@@ -358,6 +362,9 @@ def start(services: Services, address: tuple[str, int] | None = None,
         Serve DICOM TLS with this context (:func:`pacs.dimse.tls.server_context`).
     connection_limits : ConnectionLimits, optional
         Limits shared with the worker's other server; its own by default.
+    reporter : Reporter, optional
+        The storage commitment reporter shared with the worker's other server, started
+        and stopped by the caller; by default the server's own.
     """
     settings = services.settings
     patched = seam.install(settings.dimse_seam)
@@ -370,11 +377,15 @@ def start(services: Services, address: tuple[str, int] | None = None,
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
     artim_left = ArtimLeft()
+    # One reporter per process delivers storage commitment results (the caller's, shared
+    # by a worker's servers, or this server's own).
+    owned = reporter is None
+    reporter = reporter or Reporter(services)
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
-        "artim_left": artim_left})
+        "artim_left": artim_left, "reporter": reporter if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
@@ -382,7 +393,8 @@ def start(services: Services, address: tuple[str, int] | None = None,
     # nothing yet, must never refuse first.
     ae.maximum_associations = UNCOUNTED
     # Each association's operations, for the audit trail (pacs.dimse.audit).
-    evt_handlers = [*handlers.bind(services, seam=uses_seam, audits=Audits(services.audit)),
+    evt_handlers = [*handlers.bind(services, seam=uses_seam, audits=Audits(services.audit),
+                                   reporter=reporter),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
@@ -396,13 +408,16 @@ def start(services: Services, address: tuple[str, int] | None = None,
                               else "pacs-dimse-acceptor",
                               daemon=True)
     thread.start()
+    if owned:
+        reporter.start()
     return server  # type: ignore[return-value]
 
 
 def stop(*servers: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     """Stop accepting, close the connections that have sent no A-ASSOCIATE-RQ, let
     established associations finish (all servers together, within ``drain``), then
-    abort the rest.
+    abort the rest, and stop delivering storage commitment results (those not delivered
+    wait in the queue).
 
     A closed pending connection's thread may go on waiting for its request until ARTIM
     (pynetdicom's own wait, without the seam): it holds nothing and is not waited for.
@@ -420,6 +435,8 @@ def stop(*servers: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     for server in servers:
         for assoc in server.active_associations:
             assoc.abort()
+        if server.reporter is not None:
+            server.reporter.stop()
 
 
 class Listeners:
@@ -462,20 +479,23 @@ def _worker(settings: Settings, listeners: Listeners, ready: Any) -> None:
     gc.collect()
     gc.freeze()
     shared = connection_limits_of(settings)  # one worker, one set of limits
+    reporter = Reporter(services)  # one worker, one storage commitment reporter
     servers = []
     if listeners.plain is not None:
         servers.append(start(services, shared_socket=listeners.plain,
-                             connection_limits=shared))
+                             connection_limits=shared, reporter=reporter))
     if listeners.tls is not None:
         servers.append(start(services, shared_socket=listeners.tls,
                              tls_context=tls.server_context(settings),
-                             connection_limits=shared))
+                             connection_limits=shared, reporter=reporter))
+    reporter.start()
     ready.release()
     # Poll: a signal the kernel hands to another thread of this process would not
     # wake a main thread blocked in an untimed wait, and the stop would be lost.
     while not stopping.wait(0.5):
         pass
     stop(*servers)
+    reporter.stop()
     services.close()
 
 

@@ -66,7 +66,12 @@ CODES: dict[int, tuple[str, str]] = {
              "PS3.4 Table B.2-1, C.4-1, C.4-2, C.4-3"),
     0x0110: ("Processing failure", "PS3.7 C.5"),
     0x0111: ("Duplicate SOP Instance", "PS3.7 C.5"),
+    0x0112: ("No such SOP Instance", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
+    0x0115: ("Invalid argument value", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
     0x0117: ("Invalid SOP Instance", "PS3.7 C.5"),
+    0x0118: ("No such SOP Class", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
+    0x0123: ("No such action", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
+    0x0213: ("Resource limitation", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
 }
 
 SUCCESS = Status(0x0000)
@@ -86,6 +91,13 @@ IDENTIFIER_DOES_NOT_MATCH = Status(0xA900)
 UNABLE_TO_PROCESS = Status(0xC000)
 PROCESSING_FAILURE = Status(0x0110)
 INVALID_SOP_INSTANCE = Status(0x0117)
+#: N-ACTION failures (PS3.7 10.1.4.1.10): the requested instance, class or action is not
+#: one the service has, an argument is missing or wrong, a bound is reached.
+NO_SUCH_SOP_INSTANCE = Status(0x0112)
+INVALID_ARGUMENT_VALUE = Status(0x0115)
+NO_SUCH_SOP_CLASS = Status(0x0118)
+NO_SUCH_ACTION = Status(0x0123)
+RESOURCE_LIMITATION = Status(0x0213)
 
 _Table = tuple[tuple[type[errors.PacsError], Status], ...]
 
@@ -118,12 +130,21 @@ RETRIEVE_STATUS: _Table = (
 )
 
 
+#: Storage commitment N-ACTION failure statuses (PS3.4 J.3.2, PS3.7 10.1.4.1.10).
+COMMITMENT_STATUS: _Table = (
+    (errors.InvalidRequest, INVALID_ARGUMENT_VALUE),
+    (errors.ResourceLimitation, RESOURCE_LIMITATION),
+    (errors.IndexFailure, PROCESSING_FAILURE),
+)
+
+
 def status_for(table: _Table, exc: BaseException) -> Status:
     """The status for ``exc`` under ``table``, with the reason as Error Comment.
 
     An exception no row names (a bug) is a Processing failure (0110) for C-STORE and
-    Unable to process (C000) for the Query/Retrieve services.
+    N-ACTION, and Unable to process (C000) for the Query/Retrieve services.
     """
-    default = PROCESSING_FAILURE if table is STORE_STATUS else UNABLE_TO_PROCESS
+    default = (PROCESSING_FAILURE if table is STORE_STATUS or table is COMMITMENT_STATUS
+               else UNABLE_TO_PROCESS)
     found = next((status for kind, status in table if isinstance(exc, kind)), default)
     return found.with_comment(str(exc) or type(exc).__name__)

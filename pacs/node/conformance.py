@@ -40,9 +40,9 @@ from adapters.dicomweb import (
     wado,
 )
 from adapters.dicomweb.accept import MULTIPART
-from pacs.core import frames, transcode
+from pacs.core import commitment, frames, transcode
 from pacs.core.config import Settings
-from pacs.dimse import contexts, handlers, limits, retrieve, server
+from pacs.dimse import contexts, handlers, limits, reports, retrieve, server
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -66,6 +66,7 @@ FIND_EXTENDED_BYTES = ("Relational-queries", "Date-time matching",
 RETRIEVE_EXTENDED_BYTES = ("Relational-retrieval", "Enhanced Multi-Frame Image Conversion")
 
 VERIFICATION, STORAGE, QUERY_RETRIEVE = "Verification", "Storage", "Query/Retrieve"
+STORAGE_COMMITMENT = "Storage Commitment"
 
 
 # --- the statement ----------------------------------------------------------------------
@@ -88,6 +89,7 @@ def statement(settings: Settings) -> dict[str, Any]:
         "presentation_contexts": _presentation_contexts(ae),
         "extended_negotiation": _extended_negotiation(),
         "initiation": _initiation(settings),
+        "storage_commitment": _storage_commitment(settings),
         "character_sets": _character_sets(settings),
         "security": _security(settings, ae),
         "dicomweb": _dicomweb(settings),
@@ -153,6 +155,8 @@ def _service(uid: str) -> str:
         return VERIFICATION
     if uid in contexts.FIND_MODELS or uid in contexts.MOVE_MODELS or uid in contexts.GET_MODELS:
         return QUERY_RETRIEVE
+    if uid == contexts.STORAGE_COMMITMENT:
+        return STORAGE_COMMITMENT
     return STORAGE
 
 
@@ -182,6 +186,27 @@ def _extended_negotiation() -> list[dict[str, Any]]:
                       "supported": {name: len(answer) > i and answer[i] == 1
                                     for i, name in enumerate(names)}})
     return found
+
+
+def _storage_commitment(settings: Settings) -> dict[str, Any]:
+    """How Storage Commitment requests are answered and their results delivered."""
+    return {
+        "max_references": settings.commitment_max_references,
+        "max_pending": settings.commitment_max_pending,
+        "same_association_after": reports.GRACE,
+        "retry_first": commitment.RETRY_FIRST,
+        "retry_max": commitment.RETRY_MAX,
+        "report_syntaxes": [str(ts) for ts in reports.SYNTAXES],
+        "failure_reasons": {
+            f"{commitment.NO_SUCH_OBJECT_INSTANCE:04X}": "the index holds no instance of "
+                                                         "this SOP Instance UID",
+            f"{commitment.CLASS_INSTANCE_CONFLICT:04X}": "the index holds the instance under "
+                                                         "another SOP Class UID",
+            f"{commitment.PROCESSING_FAILURE:04X}": "the stored object is missing, "
+                                                    "unreadable, or not the bytes "
+                                                    "acknowledged (SHA-256 and size)",
+        },
+    }
 
 
 def _initiation(settings: Settings) -> dict[str, Any]:
@@ -417,6 +442,7 @@ def _overview(data: dict[str, Any]) -> str:
     rows.append([f"Storage: {len(storage)} Storage SOP Classes (3.2.1)",
                  "Yes (C-MOVE / C-GET sub-operations)", "Yes"])
     rows += [[cx["name"], "No", "Yes"] for cx in qr]
+    rows += [[cx["name"], "No", "Yes"] for cx in cxs if cx["service"] == STORAGE_COMMITMENT]
     web = [[r["transaction"] + (f" ({r['name']})" if r["name"] != r["transaction"] else ""),
             "No", "Yes"] for r in data["dicomweb"]["resources"]]
     return f"""# {product['name']} {product['version']}: DICOM Conformance Statement
@@ -432,9 +458,10 @@ template of PS3.2 Annex A (section numbers of the template in brackets).
 ## 1 Conformance Statement Overview [PS3.2 A.1]
 
 pacs is a PACS node: it stores the objects modalities send with C-STORE (every Storage
-SOP Class, in any transfer syntax, byte for byte as received), answers C-FIND, C-MOVE
-and C-GET on the Patient Root and Study Root information models, and serves the same
-objects over DICOMweb (QIDO-RS, WADO-RS, STOW-RS).  It has one application entity,
+SOP Class, in any transfer syntax, byte for byte as received), commits to them on
+request (Storage Commitment Push Model), answers C-FIND, C-MOVE and C-GET on the Patient
+Root and Study Root information models, and serves the same objects over DICOMweb
+(QIDO-RS, WADO-RS, STOW-RS).  It has one application entity,
 `{data['network']['ae_title']}`.
 
 Table 1-1. Network services
@@ -482,6 +509,9 @@ def _networking(data: dict[str, Any]) -> str:
 - A remote AE queries (C-FIND): `{ae}` answers from the index.
 - A remote AE retrieves (C-MOVE to a configured destination, C-GET over its own
   association): `{ae}` sends the stored objects as C-STORE sub-operations.
+- A remote AE asks `{ae}` to commit to objects it sent (N-ACTION): `{ae}` records the
+  request before it answers, checks each instance against the index and the store, and
+  reports the result (N-EVENT-REPORT) on the requestor's association or on a new one.
 - DICOMweb user agents query, retrieve and store over HTTP (section 4) on the same
   index and store.
 
@@ -490,12 +520,13 @@ def _networking(data: dict[str, Any]) -> str:
 `{ae}` is one AE served by `PACS_DIMSE_WORKERS` worker processes
 (`{assoc['dimse_workers']}`; 0: one per CPU) that accept associations from one listening
 port.  It accepts associations for every service of Table 3-1 and initiates
-associations only to C-MOVE destinations.
+associations only to C-MOVE destinations and to storage commitment requestors.
 
 #### 3.1.3 Sequencing of Real-World Activities
 
 A C-STORE is answered only once the object is written and its index row committed; a
-retrieve finds an object as soon as its C-STORE was answered.
+retrieve finds an object as soon as its C-STORE was answered, and so does a storage
+commitment request.
 
 ### 3.2 AE Specifications: `{ae}` [A.4.2]
 
@@ -509,7 +540,8 @@ Table 3-1. SOP Classes of `{ae}`
         [[cx["name"], cx["sop_class"], _yes(cx["service"] == STORAGE), "Yes"]
          for cx in cxs])}
 
-SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3).
+SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3).  SCP
+of Storage Commitment: N-ACTION received, N-EVENT-REPORT sent (3.2.3.3, 3.2.4).
 
 #### 3.2.2 Association Policies [A.4.2.1.2]
 
@@ -532,7 +564,9 @@ the connection is aborted (A-ABORT).
      assoc['max_pending_connections_per_worker'], "PACS_MAX_PENDING_CONNECTIONS"],
     ["Worker processes", f"{assoc['dimse_workers']} (0: one per CPU)",
      "PACS_DIMSE_WORKERS"],
-    ["Associations initiated per C-MOVE", 1, ""]])}
+    ["Associations initiated per C-MOVE", 1, ""],
+    ["Associations initiated per storage commitment report, when the requestor has "
+     "left", 1, ""]])}
 
 ##### 3.2.2.3 Asynchronous Nature
 
@@ -634,13 +668,18 @@ for each information model, what it supports of what was asked.
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
   (A700).  C-MOVE sends to the configured destinations only; C-GET sends over the
   requestor's association in the storage contexts it proposed with the SCP role.
+{_commitment_text(data)}
 
 #### 3.2.4 Association Initiation Policy [A.4.2.1.3]
 
 `{data['network']['ae_title']}` initiates associations only for the C-STORE
-sub-operations of a C-MOVE, to the destination the request names.
+sub-operations of a C-MOVE, to the destination the request names, and for storage
+commitment results whose requestor has released its association (3.2.3.3), to the
+requestor's address in `PACS_MODALITIES`, proposing the Storage Commitment Push Model
+in {", ".join(f"{_name(ts)} ({ts})" for ts in data['storage_commitment']['report_syntaxes'])}
+with SCP/SCU Role Selection for the SCP role (PS3.4 J.3.3.1.3).
 
-C-MOVE destinations (`PACS_MODALITIES`):
+C-MOVE destinations and storage commitment requestors (`PACS_MODALITIES`):
 
 {dest_text}
 
@@ -655,6 +694,36 @@ peer accepted it for the SOP Class; otherwise the object is decompressed to the 
 {targets} the peer accepted.  Objects can be converted from these stored transfer
 syntaxes: {decodable}.  An object that can be sent in neither way fails as a
 sub-operation (counted in the Failed SOP Instance UID List)."""
+
+
+def _commitment_text(data: dict[str, Any]) -> str:
+    sc = data["storage_commitment"]
+    reasons = _table(["Failure Reason (0008,1197)", "When"],
+                     [[code, why] for code, why in sc["failure_reasons"].items()])
+    return f"""- **Storage Commitment** (PS3.4 J, Push Model): an N-ACTION (Action Type 1, the
+  well-known instance) is answered Success once the request is recorded in the index,
+  durably: a restart does not lose it.  It is refused with 0118 (another SOP Class),
+  0112 (another SOP Instance), 0123 (another action), 0115 (no or unreadable Action
+  Information, no valid Transaction UID, no reference, a reference without valid UIDs),
+  0213 (more than {sc['max_references']} references, `PACS_COMMITMENT_MAX_REFERENCES`;
+  or {sc['max_pending']} results waiting, `PACS_COMMITMENT_MAX_PENDING`), 0110 (the
+  request could not be recorded).  Each referenced instance is committed when the index
+  holds it under the same SOP Class UID and its stored object is the one acknowledged
+  (SHA-256 and size, read back from the store); otherwise it is listed in the Failed SOP
+  Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  The N-EVENT-REPORT
+  (Event Type 1, or 2 when failures exist; Transaction UID, Referenced SOP Sequence with
+  the Retrieve AE Title, Failed SOP Sequence) goes on the requestor's association when
+  it is still open {_seconds(sc['same_association_after'])} after the N-ACTION response
+  and no release was asked for, otherwise on a new association (3.2.4).  An undelivered
+  result is tried again after {_seconds(sc['retry_first'])}, then after twice the
+  previous delay, up to {_seconds(sc['retry_max'])}, until the requestor answers
+  Success; a repeated Transaction UID of a waiting request replaces it.  The result for
+  a requestor whose AE title is not in `PACS_MODALITIES` goes on its own association
+  only: once that has ended, the result is dropped (logged), never committed.  Storage Media
+  File-Set ID and UID are neither used nor sent; objects are kept until an operator
+  deletes them.
+
+{reasons}"""
 
 
 def _network_interfaces(data: dict[str, Any]) -> str:

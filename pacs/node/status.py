@@ -1,7 +1,8 @@
 """The text of ``pacs status``: a health check plus what an operator looks for next.
 
 Counts first (``patient: N`` ... one per line, as before), then the index, the store,
-the disk, the upload folder and the viewer files.
+the disk, the storage commitment results waiting, the upload folder and the viewer
+files.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def describe(settings: Settings, found: Health) -> list[str]:
     else:
         lines.append(f"store: {settings.storage}, NOT reachable: {found.store_error}")
     lines.append(f"disk free: {human(found.disk_free_bytes)} ({settings.data_dir})")
+    lines.append(f"storage commitment: {found.commitments_waiting} result(s) waiting for "
+                 "delivery")
     uploads = settings.uploads_dir
     lines.append(f"uploads: {_count_files(uploads, (ARCHIVE, REJECTED))} waiting, "
                  f"{_count_files(uploads / REJECTED)} rejected ({uploads})")

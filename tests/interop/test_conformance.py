@@ -51,7 +51,8 @@ MADE_UP_SYNTAX = "1.2.826.0.1.3680043.9.9999.42"
 #: Pairs the node must not accept: (SOP Class UID, transfer syntax UID, why).
 UNLISTED_PAIRS = (
     ("1.2.840.10008.5.1.4.31", ELE, "Modality Worklist Information Model - FIND"),
-    ("1.2.840.10008.1.20.1", ELE, "Storage Commitment Push Model"),
+    ("1.2.840.10008.1.20.1", str(JPEGBaseline8Bit), "Storage Commitment Push Model, JPEG"),
+    ("1.2.840.10008.1.20.2", ELE, "Storage Commitment Pull Model (retired)"),
     ("1.2.840.10008.3.1.2.3.3", ELE, "Modality Performed Procedure Step"),
     ("1.2.840.10008.5.1.4.1.2.3.1", ELE, "Patient/Study Only Q/R FIND (retired)"),
     ("1.2.826.0.1.3680043.9.9999.7", ELE, "a made-up SOP Class"),

@@ -98,7 +98,6 @@ def _instance_metadata(conn: apsw.Connection) -> None:
         ")")
 
 
-#: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 def _added_attributes(conn: apsw.Connection) -> None:
     """Columns for attributes added to the attribute table after the first schema
     (ProcedureCodeSequence, RequestAttributesSequence); a fresh index built by
@@ -173,8 +172,39 @@ def _metadata_encoding(conn: apsw.Connection) -> None:
     conn.execute("DELETE FROM instance_metadata")
 
 
+def _storage_commitment(conn: apsw.Connection) -> None:
+    """Storage commitment requests waiting for their result to be delivered
+    (PS3.4 Annex J; :mod:`pacs.core.commitment`, :mod:`pacs.core.index.commitments`).
+
+    One row per request, written before the N-ACTION is answered and removed once the
+    N-EVENT-REPORT is delivered: ``refs`` the referenced instances as received, ``result``
+    what the verification found (``NULL`` until verified), ``next_attempt`` and
+    ``lease_until`` POSIX times, ``claim`` the token of the thread that holds the lease.
+    A requestor repeating a Transaction UID replaces its row.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS commitment (\n"
+        "  pk INTEGER PRIMARY KEY,\n"
+        "  requestor_ae TEXT NOT NULL,\n"
+        "  transaction_uid TEXT NOT NULL,\n"
+        "  received_at TEXT NOT NULL,\n"
+        "  refs TEXT NOT NULL,\n"
+        "  result TEXT,\n"
+        "  attempts INTEGER NOT NULL DEFAULT 0,\n"
+        "  next_attempt REAL NOT NULL,\n"
+        "  lease_until REAL NOT NULL DEFAULT 0,\n"
+        "  claim TEXT NOT NULL DEFAULT '',\n"
+        "  last_error TEXT NOT NULL DEFAULT '',\n"
+        "  UNIQUE (requestor_ae, transaction_uid)\n"
+        ")")
+    conn.execute("CREATE INDEX IF NOT EXISTS commitment_next_attempt "
+                 "ON commitment(next_attempt)")
+
+
+#: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
-    _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding)
+    _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
+    _storage_commitment)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -67,6 +67,22 @@ def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:
     return StoredInstance(*row) if row else None
 
 
+@_read("instance lookup")
+def lookup_classes(conn: apsw.Connection, sop_uids: Sequence[str]
+                   ) -> dict[str, tuple[str, StoredInstance]]:
+    """SOP Instance UID -> (SOP Class UID, stored facts) of those of at most
+    :data:`MAX_KEYS` instances the index holds (storage commitment's check)."""
+    if len(sop_uids) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} instances per read")
+    if not sop_uids:
+        return {}
+    marks = ", ".join("?" * len(sop_uids))
+    rows = conn.execute(
+        "SELECT sop_class_uid, sop_uid, object_key, checksum, size, transfer_syntax "
+        f"FROM instance WHERE sop_uid IN ({marks})", list(sop_uids))
+    return {str(row[1]): (str(row[0] or ""), StoredInstance(*row[1:])) for row in rows}
+
+
 # --- the instances a WADO-RS path names ------------------------------------------------------
 
 _KEYS_SQL = (
@@ -191,6 +207,12 @@ def indexed_bytes(conn: apsw.Connection) -> int:
     return _scalar(conn, "SELECT coalesce(sum(size), 0) FROM instance")
 
 
+@_read("commitment count")
+def commitments_waiting(conn: apsw.Connection) -> int:
+    """Storage commitment requests whose result is not delivered yet."""
+    return _scalar(conn, "SELECT count(*) FROM commitment")
+
+
 @_read("integrity check")
 def quick_check(conn: apsw.Connection) -> str:
     """SQLite's ``PRAGMA quick_check`` (reads the whole file): ``ok``, or its first
@@ -199,6 +221,7 @@ def quick_check(conn: apsw.Connection) -> str:
     return str(row[0]) if row else "no answer from quick_check"
 
 
-__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "counts",
-           "first_series_images", "indexed_bytes", "instance_keys", "lookup", "metadata_rows",
-           "quick_check", "study_patients"]
+__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "commitments_waiting",
+           "counts",
+           "first_series_images", "indexed_bytes", "instance_keys", "lookup", "lookup_classes",
+           "metadata_rows", "quick_check", "study_patients"]

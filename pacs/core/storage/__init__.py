@@ -52,6 +52,7 @@ from pacs.core.storage.base import (
     Quarantine,
     RandomAccess,
     Usage,
+    digest,
     exists,
     is_object_key,
     local_path,
@@ -68,9 +69,9 @@ if TYPE_CHECKING:
     from pacs.core.config import Settings
 
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
-           "RandomAccess", "Usage", "exists", "is_object_key", "local_path", "object_key",
-           "open_ranged", "open_store", "put_each", "put_many", "quarantine_folder",
-           "spooled_copy", "usage"]
+           "RandomAccess", "Usage", "digest", "exists", "is_object_key", "local_path",
+           "object_key", "open_ranged", "open_store", "put_each", "put_many",
+           "quarantine_folder", "spooled_copy", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import shutil
@@ -220,6 +221,30 @@ def usage(store: ObjectStore) -> int:
         return store.usage()
     every = store.keys()
     return sum(store.size(key) for key in every)
+
+
+#: Bytes read at a time by :func:`digest`.
+DIGEST_CHUNK = 1 << 20
+
+
+def digest(store: ObjectStore, key: str) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a stored object, read through :meth:`ObjectStore.open`
+    in chunks (the index records the same digest at ingest).
+
+    Raises
+    ------
+    NotFound
+        When the object is missing.
+    StorageError
+        When the store fails.
+    """
+    hashed = hashlib.sha256()
+    size = 0
+    with store.open(key) as stream:
+        while chunk := stream.read(DIGEST_CHUNK):
+            hashed.update(chunk)
+            size += len(chunk)
+    return hashed.hexdigest(), size
 
 
 def exists(store: ObjectStore, key: str) -> bool:

@@ -19,7 +19,11 @@ Here:
 ``Association._serve_request`` wrapped).  They serve only associations of a node server
 that runs the seam (:func:`serves`); any other association in the process (a test's
 pynetdicom peer, a node with the seam off) gets pynetdicom's own service classes, which
-call the handlers of :mod:`pacs.dimse.handlers`.
+call the handlers of :mod:`pacs.dimse.handlers`.  Storage Commitment is not replaced
+on any association: pynetdicom's own service class calls
+:func:`pacs.dimse.handlers.handle_n_action`, and the N-EVENT-REPORT goes through
+``Association.send_n_event_report`` (:mod:`pacs.dimse.reports`), which pauses the
+reactor of :mod:`pacs.dimse.seam.reactor` as it does pynetdicom's.
 """
 
 from __future__ import annotations

@@ -1,0 +1,348 @@
+"""Storage commitment (PS3.4 Annex J): what the node commits to, and the durable queue of
+results waiting for delivery.  Protocol-free: the DIMSE edge (:mod:`pacs.dimse.commitment`,
+:mod:`pacs.dimse.reports`) turns an N-ACTION into a :class:`Request` and a
+:class:`Result` into an N-EVENT-REPORT.
+
+The node commits to an instance only when it holds it as acknowledged: the index lists
+the SOP Instance UID with the same SOP Class UID, and the object in the store has the
+SHA-256 and size the index recorded at ingest (read back through the store, so that a
+lost or altered object is never committed).  Otherwise the instance fails with a reason
+of PS3.3 C.14.1.1: 0112 when the index does not hold it, 0119 when it holds it under
+another SOP class, 0110 when its object is missing, unreadable or not the bytes stored.
+
+A request is recorded (:meth:`Commitments.record`) before the N-ACTION is answered and
+stays until its result is delivered (or dropped, when the requestor can no longer be
+reached: :mod:`pacs.dimse.reports`): a restart never drops it.  Bounds: references per
+request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
+(``PACS_COMMITMENT_MAX_PENDING``); past either the request is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pacs.core.errors import InvalidRequest, NotFound, ResourceLimitation, StorageError
+from pacs.core.index import commitments as table
+from pacs.core.index.connection import Index
+from pacs.core.index.reads import (
+    MAX_KEYS,
+    StoredInstance,
+    commitments_waiting,
+    lookup_classes,
+)
+from pacs.core.storage import ObjectStore, digest
+
+log = logging.getLogger(__name__)
+
+#: Storage Commitment Push Model SOP Class and its well-known instance (PS3.4 J.3.5).
+PUSH_MODEL = "1.2.840.10008.1.20.1"
+PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+#: Failure Reason (0008,1197) values (PS3.3 C.14.1.1).
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+CLASS_INSTANCE_CONFLICT = 0x0119
+
+#: Event Type IDs of the Storage Commitment Result (PS3.4 J.3.3.1.2).
+ALL_COMMITTED, FAILURES_EXIST = 1, 2
+
+#: Seconds before the second delivery attempt; each further one waits twice as long as
+#: the one before, up to :data:`RETRY_MAX`.
+RETRY_FIRST = 2.0
+RETRY_MAX = 300.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One item of the Referenced SOP Sequence (0008,1199)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """A Storage Commitment Request (PS3.4 J.3.2): who asked, its Transaction UID, the
+    referenced instances in the order received."""
+
+    requestor_ae: str
+    transaction_uid: str
+    references: tuple[Reference, ...]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the node commits to: every referenced instance, committed or failed with
+    its Failure Reason (PS3.4 J.3.3.1.2: both lists together name the whole request)."""
+
+    committed: tuple[Reference, ...]
+    failed: tuple[tuple[Reference, int], ...]
+
+    @property
+    def event_type(self) -> int:
+        """1 when every instance is committed, 2 when failures exist."""
+        return FAILURES_EXIST if self.failed else ALL_COMMITTED
+
+    def to_json(self) -> str:
+        """The result as stored in the queue."""
+        return json.dumps({
+            "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in self.committed],
+            "failed": [[r.sop_class_uid, r.sop_instance_uid, reason]
+                       for r, reason in self.failed]})
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        """A result :meth:`to_json` wrote."""
+        data = json.loads(text)
+        return cls(tuple(Reference(c, i) for c, i in data["committed"]),
+                   tuple((Reference(c, i), int(reason)) for c, i, reason in data["failed"]))
+
+
+def _references_json(references: Iterable[Reference]) -> str:
+    return json.dumps([[r.sop_class_uid, r.sop_instance_uid] for r in references])
+
+
+def _references(text: str) -> tuple[Reference, ...]:
+    return tuple(Reference(c, i) for c, i in json.loads(text))
+
+
+# --- verification ------------------------------------------------------------------------
+
+#: Objects read by :func:`verify` between two calls of its ``held`` callback.
+HELD_EVERY = 64
+
+
+def verify(index: Index, store: ObjectStore, references: Sequence[Reference],
+           held: Callable[[], bool] | None = None) -> Result | None:
+    """Check each referenced instance against the index and the store.
+
+    Parameters
+    ----------
+    index, store :
+        The node's index and object store (:class:`pacs.core.services.Services`).
+    references :
+        The request's references; a repeated instance is checked once.
+    held : callable, optional
+        Asked every :data:`HELD_EVERY` objects read (a long check renews its claim's
+        lease); when it answers False the check stops and ``None`` is returned.
+
+    Raises
+    ------
+    IndexFailure
+        When the index cannot be read (the check is tried again later).
+    """
+    uids = list(dict.fromkeys(ref.sop_instance_uid for ref in references))
+    indexed: dict[str, tuple[str, StoredInstance]] = {}
+    for start in range(0, len(uids), MAX_KEYS):
+        indexed.update(lookup_classes(index.connection(), uids[start:start + MAX_KEYS]))
+    intact: dict[str, bool] = {}
+    committed: list[Reference] = []
+    failed: list[tuple[Reference, int]] = []
+    for ref in references:
+        found = indexed.get(ref.sop_instance_uid)
+        if found is None:
+            failed.append((ref, NO_SUCH_OBJECT_INSTANCE))
+            continue
+        sop_class, stored = found
+        if sop_class != ref.sop_class_uid:
+            failed.append((ref, CLASS_INSTANCE_CONFLICT))
+            continue
+        if ref.sop_instance_uid not in intact:
+            if held is not None and intact and len(intact) % HELD_EVERY == 0 and not held():
+                return None
+            intact[ref.sop_instance_uid] = _intact(store, stored)
+        if intact[ref.sop_instance_uid]:
+            committed.append(ref)
+        else:
+            failed.append((ref, PROCESSING_FAILURE))
+    return Result(tuple(committed), tuple(failed))
+
+
+def _intact(store: ObjectStore, stored: StoredInstance) -> bool:
+    """True when the object is the one the index acknowledged (SHA-256 and size)."""
+    try:
+        return digest(store, stored.object_key) == (stored.checksum, stored.size)
+    except NotFound:
+        log.warning("storage commitment: an indexed object is missing from the store")
+    except StorageError as exc:
+        log.warning("storage commitment: an object could not be read (%s)", exc)
+    return False
+
+
+# --- the queue ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pending:
+    """A waiting request claimed by this thread: deliver it, or give it back.
+
+    Attributes
+    ----------
+    key, claim :
+        Its row and the token of this thread's lease.
+    request :
+        The request.
+    result :
+        Its verification's result, once kept (:meth:`Commitments.keep`).
+    attempts :
+        Delivery attempts that failed before this one.
+    """
+
+    key: int
+    claim: str
+    request: Request
+    result: Result | None
+    attempts: int
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next delivery attempt after ``attempts`` failed ones."""
+    return min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(32, max(0, attempts - 1)))
+
+
+class Commitments:
+    """The durable queue of storage commitment requests (table ``commitment``).
+
+    Parameters
+    ----------
+    index : Index
+        The node's index.
+    max_pending : int
+        Requests kept waiting at most (``PACS_COMMITMENT_MAX_PENDING``).
+    max_references : int
+        References per request at most (``PACS_COMMITMENT_MAX_REFERENCES``).
+    lease : float
+        Seconds a claim holds a request before another process may take it: longer than
+        one step of a delivery (an association, a report and its response); each step
+        renews it first, and a verification every :data:`HELD_EVERY` objects.
+    clock : callable
+        POSIX time (tests move it).
+    """
+
+    def __init__(self, index: Index, max_pending: int, max_references: int, lease: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.index = index
+        self.max_pending = max_pending
+        self.max_references = max_references
+        self.lease = lease
+        self.clock = clock
+
+    def check(self, request: Request) -> None:
+        """Refuse a request that breaks PS3.4 J.3.2 or the reference bound.
+
+        Raises
+        ------
+        InvalidRequest
+            No (valid) Transaction UID, or no reference.
+        ResourceLimitation
+            More than ``max_references`` references.
+        """
+        if not request.transaction_uid:
+            raise InvalidRequest("no valid Transaction UID")
+        if not request.references:
+            raise InvalidRequest("no Referenced SOP Sequence item")
+        if len(request.references) > self.max_references:
+            raise ResourceLimitation(f"more than {self.max_references} references")
+
+    def record(self, request: Request) -> Pending:
+        """Keep ``request`` durably, claimed by the caller (who answers the N-ACTION and
+        then tries to deliver on the same association).  A request repeating a waiting
+        Transaction UID of the same requestor replaces it.
+
+        Raises
+        ------
+        InvalidRequest, ResourceLimitation
+            See :meth:`check`; also ResourceLimitation when ``max_pending`` requests
+            wait already.
+        IndexFailure
+            When it could not be written (nothing is kept).
+        """
+        self.check(request)
+        claim = secrets.token_hex(8)
+        now = self.clock()
+        received = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        with self.index.write() as conn:
+            if (commitments_waiting(conn) >= self.max_pending
+                    and not table.exists(conn, request.requestor_ae, request.transaction_uid)):
+                raise ResourceLimitation(f"{self.max_pending} storage commitment results "
+                                         "wait for delivery already")
+            key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
+                               _references_json(request.references), now, now + self.lease,
+                               claim)
+        return Pending(key, claim, request, None, 0)
+
+    def due(self, limit: int = 1) -> list[Pending]:
+        """Claim up to ``limit`` requests whose next attempt is due."""
+        now = self.clock()
+        claimed = []
+        with self.index.write() as conn:
+            for row in table.due(conn, now, limit):
+                claim = secrets.token_hex(8)
+                if table.take(conn, row.key, claim, now, now + self.lease):
+                    request = Request(row.requestor_ae, row.transaction_uid,
+                                      _references(row.refs))
+                    result = Result.from_json(row.result) if row.result else None
+                    claimed.append(Pending(row.key, claim, request, result, row.attempts))
+        return claimed
+
+    def next_time(self) -> float | None:
+        """POSIX time at which the next request may be claimed; ``None``: none waits."""
+        return table.next_time(self.index.connection())
+
+    def verify(self, pending: Pending, store: ObjectStore) -> Pending | None:
+        """Check the request's instances (:func:`verify`, renewing the lease as it
+        goes) and keep the result; ``None`` when the claim was lost meanwhile.
+
+        Raises
+        ------
+        IndexFailure
+            When the index could not be read or written.
+        """
+        result = verify(self.index, store, pending.request.references,
+                        held=lambda: self.renew(pending))
+        return None if result is None else self.keep(pending, result)
+
+    def keep(self, pending: Pending, result: Result) -> Pending | None:
+        """Store the verification's result and renew the lease; ``None`` when the claim
+        was lost (another took the request, or the requestor replaced it)."""
+        with self.index.write() as conn:
+            held = table.renew(conn, pending.key, pending.claim,
+                               self.clock() + self.lease, result.to_json())
+        return Pending(pending.key, pending.claim, pending.request, result,
+                       pending.attempts) if held else None
+
+    def renew(self, pending: Pending) -> bool:
+        """Renew the lease before a step that takes time; False when lost."""
+        with self.index.write() as conn:
+            return table.renew(conn, pending.key, pending.claim, self.clock() + self.lease)
+
+    def remove(self, pending: Pending) -> None:
+        """The request is done: its result delivered (PS3.4 J.3.3.1.2: its Transaction
+        UID is no longer active), or dropped."""
+        with self.index.write() as conn:
+            table.remove(conn, pending.key, pending.claim)
+
+    def failed(self, pending: Pending, error: str) -> float:
+        """An attempt failed: schedule the next one (:func:`retry_delay`) and give the
+        request back; the seconds until it."""
+        delay = retry_delay(pending.attempts + 1)
+        with self.index.write() as conn:
+            table.reschedule(conn, pending.key, pending.claim, self.clock() + delay,
+                             error[:200])
+        return delay
+
+    def release(self, pending: Pending) -> None:
+        """Give a claimed request back untried (the process stops)."""
+        with self.index.write() as conn:
+            table.release(conn, pending.key, pending.claim)
+
+
+__all__ = ["ALL_COMMITTED", "CLASS_INSTANCE_CONFLICT", "FAILURES_EXIST",
+           "NO_SUCH_OBJECT_INSTANCE", "PROCESSING_FAILURE", "PUSH_MODEL",
+           "PUSH_MODEL_INSTANCE", "Commitments", "Pending", "Reference", "Request",
+           "Result", "retry_delay", "verify"]

@@ -1,0 +1,132 @@
+"""The storage commitment table: requests waiting for their result to be delivered.
+
+Statements only, each a small named function over the caller's connection with bound
+parameters; :class:`pacs.core.commitment.Commitments` decides when each runs (writes
+inside :meth:`pacs.core.index.connection.Index.write`).  A row is *claimed* by one
+thread of one process at a time: its ``claim`` token and ``lease_until`` time, set only
+where the lease has run out (or by the thread that holds it), so that the DIMSE worker
+processes never deliver the same result twice at once, and a process that died leaves
+its rows to the others once their leases end.  The table itself is described by its
+migration (:func:`pacs.core.index.migrations._storage_commitment`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import apsw
+
+
+@dataclass(frozen=True)
+class Row:
+    """One waiting request, as stored.
+
+    Attributes
+    ----------
+    key :
+        The row's key.
+    requestor_ae, transaction_uid :
+        Who asked, and the Transaction UID of the request (PS3.4 J.3.2).
+    refs :
+        The referenced instances, as JSON.
+    result :
+        The verification's result as JSON; ``None`` until verified.
+    attempts :
+        Delivery attempts that failed so far.
+    """
+
+    key: int
+    requestor_ae: str
+    transaction_uid: str
+    refs: str
+    result: str | None
+    attempts: int
+
+
+_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts"
+
+
+def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bool:
+    """True when this requestor's transaction waits already."""
+    return conn.execute(
+        "SELECT 1 FROM commitment WHERE requestor_ae = ? AND transaction_uid = ?",
+        (requestor_ae, transaction_uid)).fetchone() is not None
+
+
+_RECORD_SQL = (
+    "INSERT INTO commitment (requestor_ae, transaction_uid, received_at, refs, "
+    "next_attempt, lease_until, claim) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(requestor_ae, transaction_uid) DO UPDATE SET "
+    "received_at = excluded.received_at, refs = excluded.refs, result = NULL, "
+    "attempts = 0, next_attempt = excluded.next_attempt, "
+    "lease_until = excluded.lease_until, claim = excluded.claim, last_error = '' "
+    "RETURNING pk")
+
+
+def record(conn: apsw.Connection, requestor_ae: str, transaction_uid: str,
+           received_at: str, refs: str, now: float, lease_until: float, claim: str) -> int:
+    """Insert a request claimed by ``claim`` (or replace the one of the same requestor
+    and Transaction UID); its key."""
+    row = conn.execute(_RECORD_SQL, (requestor_ae, transaction_uid, received_at, refs, now,
+                                     lease_until, claim)).fetchone()
+    if row is None:  # RETURNING answers the row inserted or updated
+        raise apsw.SQLError("no key returned for a commitment row")
+    return int(row[0])
+
+
+def due(conn: apsw.Connection, now: float, limit: int) -> list[Row]:
+    """Up to ``limit`` requests whose next attempt is due and whose lease has ended,
+    the longest waiting first."""
+    return [Row(*row) for row in conn.execute(
+        f"SELECT {_COLUMNS} FROM commitment WHERE next_attempt <= ? AND lease_until <= ? "
+        "ORDER BY next_attempt LIMIT ?", (now, now, limit))]
+
+
+def take(conn: apsw.Connection, key: int, claim: str, now: float,
+         lease_until: float) -> bool:
+    """Claim a row whose lease has ended; False when another took it first."""
+    conn.execute("UPDATE commitment SET claim = ?, lease_until = ? "
+                 "WHERE pk = ? AND lease_until <= ?", (claim, lease_until, key, now))
+    return conn.changes() == 1
+
+
+def renew(conn: apsw.Connection, key: int, claim: str, lease_until: float,
+          result: str | None = None) -> bool:
+    """Extend a lease (and keep the result, when given); False when the row is gone or
+    claimed by another."""
+    conn.execute("UPDATE commitment SET lease_until = ?, result = coalesce(?, result) "
+                 "WHERE pk = ? AND claim = ?", (lease_until, result, key, claim))
+    return conn.changes() == 1
+
+
+def remove(conn: apsw.Connection, key: int, claim: str) -> bool:
+    """Delete a delivered request; False when it was no longer this claim's."""
+    conn.execute("DELETE FROM commitment WHERE pk = ? AND claim = ?", (key, claim))
+    return conn.changes() == 1
+
+
+def reschedule(conn: apsw.Connection, key: int, claim: str, next_attempt: float,
+               error: str) -> bool:
+    """Count a failed attempt, set the next one and give the lease up."""
+    conn.execute("UPDATE commitment SET attempts = attempts + 1, next_attempt = ?, "
+                 "last_error = ?, lease_until = 0, claim = '' WHERE pk = ? AND claim = ?",
+                 (next_attempt, error, key, claim))
+    return conn.changes() == 1
+
+
+def release(conn: apsw.Connection, key: int, claim: str) -> None:
+    """Give the lease up without counting an attempt (the process stops)."""
+    conn.execute("UPDATE commitment SET lease_until = 0, claim = '' "
+                 "WHERE pk = ? AND claim = ?", (key, claim))
+
+
+def next_time(conn: apsw.Connection) -> float | None:
+    """When the next request may be claimed (its attempt due and its lease ended);
+    ``None`` when none waits."""
+    row = conn.execute(
+        "SELECT min(max(next_attempt, lease_until)) FROM commitment").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+__all__ = ["Row", "due", "exists", "next_time", "record", "release", "remove",
+           "renew", "reschedule", "take"]

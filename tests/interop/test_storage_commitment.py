@@ -1,0 +1,326 @@
+"""Storage Commitment Push Model (PS3.4 Annex J) against a pynetdicom requestor (dcmtk
+has no storage commitment SCU), with the seam and without it (``-m dimse``).
+
+The requestor stores instances with C-STORE and asks the node to commit to them, to an
+unknown instance, to a stored one under another SOP class and to one whose stored bytes
+were altered; the Storage Commitment Result arrives
+
+- (a) on the requestor's own association, which it keeps open;
+- (b) on a new association to the requestor's SCP (its address in PACS_MODALITIES),
+  when the requestor releases at once;
+- after a restart of the node, when the requestor's SCP was down until then;
+
+and a requestor without an address in PACS_MODALITIES that releases at once gets none.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
+
+from tests.auditcheck import problems, read_trail
+from tests.conftest import free_port
+from tests.interop.conftest import AE_TITLE, Node, fresh_ct
+
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
+
+#: The Storage Commitment Push Model SOP Class and its well-known instance (PS3.4 J.3.5).
+PUSH_MODEL, PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
+#: The requestor, whose SCP address the node knows.
+REQUESTOR = "REQUESTOR"
+#: References one request may hold on the test node.
+MAX_REFERENCES = 20
+#: Seconds a report may take to arrive (a verification, the node's grace on the same
+#: association, a retry after a restart).
+WAIT = 60.0
+
+
+@pytest.fixture(scope="module")
+def scp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def node(node_factory: Callable[..., Node], scp_port: int) -> Node:
+    return node_factory("commitment", PACS_MODALITIES=f"{REQUESTOR}=127.0.0.1:{scp_port}",
+                        PACS_COMMITMENT_MAX_REFERENCES=str(MAX_REFERENCES),
+                        PACS_DIMSE_TIMEOUT="15")
+
+
+@dataclass(frozen=True)
+class Report:
+    """One N-EVENT-REPORT received: on which association, its event type and content."""
+
+    assoc: Association
+    event_type: int
+    instance_uid: str
+    transaction_uid: str
+    retrieve_ae: str
+    committed: set[tuple[str, str]]
+    failed: dict[tuple[str, str], int]
+
+
+def _report(event: Any, reports: queue.Queue[Report]) -> tuple[int, None]:
+    """EVT_N_EVENT_REPORT: keep what arrived, answer Success."""
+    info = event.event_information
+    reports.put(Report(
+        event.assoc, int(event.event_type), str(event.request.AffectedSOPInstanceUID),
+        str(info.TransactionUID), str(info.get("RetrieveAETitle", "")),
+        {(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
+         for i in info.get("ReferencedSOPSequence", [])},
+        {(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)): int(i.FailureReason)
+         for i in info.get("FailedSOPSequence", [])}))
+    return 0x0000, None
+
+
+@dataclass
+class RequestorSCP:
+    """The requestor's SCP: accepts the node's association, on which the node proposes
+    the SCP role (PS3.4 J.3.3.1.3), and keeps the reports it receives."""
+
+    port: int
+    reports: queue.Queue[Report]
+    server: Any = None
+
+    def start(self) -> None:
+        ae = AE(ae_title=REQUESTOR)
+        ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, _report, [self.reports])])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+@pytest.fixture
+def requestor_scp(scp_port: int) -> Iterator[RequestorSCP]:
+    scp = RequestorSCP(scp_port, queue.Queue())
+    yield scp
+    scp.stop()
+
+
+def associate(node: Node, ae_title: str, reports: queue.Queue[Report] | None = None
+              ) -> Association:
+    """A requestor's association: CT storage and the Push Model; with ``reports``, it
+    takes the N-EVENT-REPORT the node may send on it."""
+    ae = AE(ae_title=ae_title)
+    handlers = [] if reports is None else [(evt.EVT_N_EVENT_REPORT, _report, [reports])]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, evt_handlers=handlers,
+                         contexts=[build_context(CTImageStorage, ExplicitVRLittleEndian),
+                                   build_context(PUSH_MODEL)])
+    assert assoc.is_established, node.log()
+    return assoc
+
+
+@dataclass(frozen=True)
+class Case:
+    """What one request references, and what the node must answer for each."""
+
+    action: Dataset
+    transaction_uid: str
+    committed: set[tuple[str, str]]
+    failed: dict[tuple[str, str], int]
+
+
+def action_information(transaction_uid: str, refs: list[tuple[str, str]]) -> Dataset:
+    """The Action Information of a Storage Commitment Request (PS3.4 Table J.3-1)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def store_and_ask(node: Node, assoc: Association) -> Case:
+    """Store four CT instances, alter the bytes of one in the store, and build the
+    request: two intact ones, an unknown UID, one under another SOP class, the altered
+    one."""
+    stored = []
+    for _ in range(4):
+        ds = fresh_ct()
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0x0000, node.log()
+        stored.append(str(ds.SOPInstanceUID))
+    intact, wrong_class, altered = stored[:2], stored[2], stored[3]
+    path = node.object_path(node.index()[altered])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last pixel byte: still a readable object, not the one stored
+    path.write_bytes(bytes(data))
+    unknown = generate_uid()
+    committed = {(CTImageStorage, uid) for uid in intact}
+    failed = {(CTImageStorage, unknown): 0x0112, (MRImageStorage, wrong_class): 0x0119,
+              (CTImageStorage, altered): 0x0110}
+    transaction = generate_uid()
+    action = action_information(transaction, [*sorted(committed), *failed])
+    return Case(action, transaction, committed, failed)
+
+
+def n_action(assoc: Association, action: Dataset | None, action_type: int = 1,
+             instance_uid: str = PUSH_MODEL_INSTANCE) -> int:
+    """Send an N-ACTION; its status."""
+    status, _ = assoc.send_n_action(action, action_type, PUSH_MODEL,
+                                    instance_uid)
+    return int(status.Status)
+
+
+def ask_and_release(node: Node, ae_title: str = REQUESTOR) -> Case:
+    """A requestor that stores, asks and releases its association at once."""
+    assoc = associate(node, ae_title)
+    try:
+        case = store_and_ask(node, assoc)
+        assert n_action(assoc, case.action) == 0x0000, node.log()
+    finally:
+        assoc.release()
+    return case
+
+
+def assert_result(report: Report, case: Case) -> None:
+    assert report.event_type == 2  # failures exist (PS3.4 J.3.3.1.2)
+    assert report.instance_uid == PUSH_MODEL_INSTANCE
+    assert report.transaction_uid == case.transaction_uid
+    assert report.committed == case.committed
+    assert report.failed == case.failed
+    assert report.retrieve_ae == AE_TITLE
+
+
+def waiting(node: Node) -> list[tuple[str, int, str]]:
+    """(requestor, failed attempts, last error) of each request waiting in the index."""
+    conn = apsw.Connection(str(node.data_dir / "index.sqlite"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        return [(str(ae), int(n), str(error)) for ae, n, error in conn.execute(
+            "SELECT requestor_ae, attempts, last_error FROM commitment")]
+    finally:
+        conn.close()
+
+
+def assert_removed(node: Node) -> None:
+    """The request leaves the queue once the node has the report's response (a moment
+    after the requestor's handler ran)."""
+    deadline = time.monotonic() + WAIT
+    while waiting(node) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not waiting(node), node.log()
+
+
+def test_the_result_comes_on_the_association_the_requestor_keeps_open(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    requestor_scp.start()
+    reports: queue.Queue[Report] = queue.Queue()
+    assoc = associate(node, REQUESTOR, reports)
+    try:
+        case = store_and_ask(node, assoc)
+        assert n_action(assoc, case.action) == 0x0000, node.log()
+        report = reports.get(timeout=WAIT)
+        assert report.assoc is assoc
+    finally:
+        assoc.release()
+    assert_result(report, case)
+    assert_removed(node)
+    assert requestor_scp.reports.empty()  # not sent again on another association
+    # The association's audit names the request (PS3.15 A.5.3.6).
+    requested = [e for e in read_trail(node.data_dir / "audit.jsonl")
+                 if "Storage commitment request of 5 instance(s): N-ACTION status 0000"
+                 in e["EventIdentification"].get("EventOutcomeDescription", "")]
+    assert len(requested) == 1 and problems(requested[0]) == [], requested
+    assert requested[0]["ActiveParticipant"][0]["UserID"] == REQUESTOR
+
+
+def test_the_result_comes_on_a_new_association_after_a_release(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    requestor_scp.start()
+    case = ask_and_release(node)
+    report = requestor_scp.reports.get(timeout=WAIT)
+    assert_result(report, case)
+    # The node requested the association, proposing the SCP role (PS3.4 J.3.3.1.3).
+    assert report.assoc.requestor.ae_title == AE_TITLE
+    accepted = {str(cx.abstract_syntax): cx for cx in report.assoc.accepted_contexts}
+    assert accepted[PUSH_MODEL].as_scu  # the requestor's SCP: SCU here
+    assert_removed(node)
+
+
+def test_a_result_waiting_over_a_restart_is_delivered(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    case = ask_and_release(node)
+    deadline = time.monotonic() + WAIT
+    while not any(attempts for _, attempts, _ in waiting(node)):
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.1)  # the requestor's SCP is down: the first attempt fails
+    assert [ae for ae, _, _ in waiting(node)] == [REQUESTOR]
+    status = node.cli("status")
+    assert "storage commitment: 1 result(s) waiting for delivery" in status.stdout, status
+    node.restart()
+    requestor_scp.start()
+    report = requestor_scp.reports.get(timeout=WAIT)
+    assert_result(report, case)
+    assert_removed(node)
+    assert requestor_scp.reports.empty()  # delivered once
+
+
+def test_the_result_for_a_requestor_without_an_address_is_dropped_once_it_left(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    """Its own association was the only way back: the request does not wait for ever
+    (and fill PACS_COMMITMENT_MAX_PENDING); the requestor, never told, keeps its copies."""
+    requestor_scp.start()
+    ask_and_release(node, "STRANGER")
+    assert_removed(node)
+    assert "the result for STRANGER is dropped" in node.log()
+    assert requestor_scp.reports.empty()
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("action type 2", 0x0123),        # no such action
+    ("another instance", 0x0112),     # not the well-known instance
+    ("no action information", 0x0115),
+    ("no transaction uid", 0x0115),
+    ("no reference", 0x0115),
+    ("too many references", 0x0213),  # PACS_COMMITMENT_MAX_REFERENCES
+])
+def test_a_request_the_node_cannot_take_is_refused(node: Node, change: str,
+                                                   expected: int) -> None:
+    refs = [(CTImageStorage, generate_uid())]
+    if change == "too many references":
+        refs *= MAX_REFERENCES + 1
+    action: Dataset | None = action_information(generate_uid(), refs)
+    assert action is not None
+    action_type, instance = 1, PUSH_MODEL_INSTANCE
+    if change == "action type 2":
+        action_type = 2
+    elif change == "another instance":
+        instance = generate_uid()
+    elif change == "no action information":
+        action = None
+    elif change == "no transaction uid":
+        del action.TransactionUID
+    elif change == "no reference":
+        action.ReferencedSOPSequence = []
+    assoc = associate(node, REQUESTOR)
+    try:
+        assert n_action(assoc, action, action_type, instance) == expected
+        assert assoc.is_established  # a refusal, not an abort
+    finally:
+        assoc.release()
+    assert not waiting(node)  # nothing recorded

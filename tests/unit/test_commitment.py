@@ -1,0 +1,239 @@
+"""Storage commitment: the verification, the durable queue and the N-ACTION's checks
+(:mod:`pacs.core.commitment`, :mod:`pacs.dimse.commitment`), without a network.
+
+The requestor's side, both ways of delivery and a restart are in
+``tests/interop/test_storage_commitment.py``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from pacs.core.commitment import (
+    CLASS_INSTANCE_CONFLICT,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    PUSH_MODEL,
+    PUSH_MODEL_INSTANCE,
+    Commitments,
+    Reference,
+    Request,
+    Result,
+    retry_delay,
+    verify,
+)
+from pacs.core.errors import InvalidRequest, ResourceLimitation
+from pacs.core.index import reads
+from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import commitment
+from pacs.dimse.status import SUCCESS
+from tests.factory import make_instance
+
+LEASE = 100.0
+
+
+class Clock:
+    """POSIX time the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stored(services: Services, count: int) -> list[Reference]:
+    """``count`` CT instances stored through ingest."""
+    refs = []
+    for _ in range(count):
+        uid = generate_uid()
+        services.ingest.store_bytes(make_instance(SOPInstanceUID=uid))
+        refs.append(Reference(CTImageStorage, uid))
+    return refs
+
+
+def key_of(services: Services, ref: Reference) -> str:
+    found = reads.lookup(services.index.connection(), ref.sop_instance_uid)
+    assert found is not None
+    return found.object_key
+
+
+def test_each_instance_is_committed_only_as_acknowledged(
+        services: Services, memory_store: MemoryStore) -> None:
+    intact, altered, lost, other_class = stored(services, 4)
+    data = memory_store.open(key_of(services, altered)).read()
+    changed = data[:-1] + bytes([data[-1] ^ 0xFF])
+    memory_store.put(key_of(services, altered), io.BytesIO(changed), len(changed))
+    memory_store.delete(key_of(services, lost))
+    unknown = Reference(CTImageStorage, generate_uid())
+    conflict = Reference(MRImageStorage, other_class.sop_instance_uid)
+    result = verify(services.index, services.store,
+                    [intact, altered, lost, unknown, conflict, intact])
+    assert result is not None
+    assert result.committed == (intact, intact)  # a repeated reference is answered twice
+    assert dict(result.failed) == {altered: PROCESSING_FAILURE, lost: PROCESSING_FAILURE,
+                                   unknown: NO_SUCH_OBJECT_INSTANCE,
+                                   conflict: CLASS_INSTANCE_CONFLICT}
+    assert result.event_type == 2
+    assert Result.from_json(result.to_json()) == result
+
+
+def test_a_check_stops_when_its_claim_is_lost(services: Services) -> None:
+    refs = stored(services, 2)
+    assert verify(services.index, services.store, refs, held=lambda: False) is not None
+    many = stored(services, 65)  # past the first call of held()
+    assert verify(services.index, services.store, many, held=lambda: False) is None
+    result = verify(services.index, services.store, many, held=lambda: True)
+    assert result is not None and result.event_type == 1
+
+
+def queue_of(services: Services, clock: Clock, max_pending: int = 3,
+             max_references: int = 5) -> Commitments:
+    return Commitments(services.index, max_pending, max_references, LEASE, clock)
+
+
+def request(requestor: str = "MOD", transaction: str | None = None,
+            count: int = 1) -> Request:
+    return Request(requestor, transaction or generate_uid(),
+                   tuple(Reference(CTImageStorage, generate_uid()) for _ in range(count)))
+
+
+def test_a_recorded_request_is_claimed_by_one_holder_at_a_time(services: Services) -> None:
+    clock = Clock()
+    queue = queue_of(services, clock)
+    recorded = queue.record(request())
+    assert queue.due() == []  # held by the thread that answered it
+    clock.now += LEASE
+    taken = queue.due()
+    assert [p.key for p in taken] == [recorded.key]
+    assert not queue.renew(recorded)  # the first holder lost it
+    assert queue.keep(recorded, Result((), ())) is None
+    assert queue.renew(taken[0])
+    assert queue.due() == []
+
+
+def test_a_failed_attempt_waits_longer_each_time(services: Services) -> None:
+    clock = Clock()
+    queue = queue_of(services, clock)
+    pending = queue.record(request())
+    kept = queue.keep(pending, Result((), ()))
+    assert kept is not None
+    delays = []
+    for _ in range(3):
+        delays.append(queue.failed(kept, "refused"))
+        assert queue.due() == []
+        assert queue.next_time() == pytest.approx(clock.now + delays[-1])
+        clock.now += delays[-1]
+        (kept,) = queue.due()
+        assert kept.result == Result((), ())  # verified once, reported as verified
+    assert delays == [retry_delay(1), retry_delay(2), retry_delay(3)]
+    assert delays[0] < delays[1] < delays[2]
+    queue.remove(kept)
+    assert queue.next_time() is None
+
+
+def test_the_queue_is_bounded_and_a_repeated_transaction_replaces(services: Services) -> None:
+    clock = Clock()
+    queue = queue_of(services, clock, max_pending=2)
+    first = queue.record(request(transaction="1.2.3"))
+    queue.record(request())
+    with pytest.raises(ResourceLimitation):
+        queue.record(request())
+    again = queue.record(request(transaction="1.2.3", count=2))
+    assert again.key == first.key and not queue.renew(first)
+    with pytest.raises(ResourceLimitation):
+        queue.record(request(count=6))
+    with pytest.raises(InvalidRequest):
+        queue.record(Request("MOD", "", request().references))
+    with pytest.raises(InvalidRequest):
+        queue.record(Request("MOD", "1.2.4", ()))
+
+
+def test_a_stopping_process_gives_its_request_back(services: Services) -> None:
+    clock = Clock()
+    queue = queue_of(services, clock)
+    pending = queue.record(request())
+    queue.release(pending)
+    assert [p.key for p in queue.due()] == [pending.key]
+
+
+def encoded(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def action(information: bytes | None, **changes: object) -> commitment.ActionRequest:
+    fields: dict[str, object] = {
+        "message_id": 7, "sop_class_uid": PUSH_MODEL, "sop_instance_uid": PUSH_MODEL_INSTANCE,
+        "action_type": 1, "action_information": information,
+        "received": len(information or b""), "transfer_syntax": ExplicitVRLittleEndian,
+        "calling_ae_title": "MOD  "}
+    fields.update(changes)
+    return commitment.ActionRequest(**fields)  # type: ignore[arg-type]
+
+
+def information(transaction: str, refs: list[tuple[str, str]]) -> bytes:
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    ds.ReferencedSOPSequence = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        ds.ReferencedSOPSequence.append(item)
+    return encoded(ds)
+
+
+def test_an_n_action_is_recorded_before_success(services: Services) -> None:
+    uid = generate_uid()
+    status, pending = commitment.accept(
+        services.commitments, action(information("1.2.3", [(CTImageStorage, uid)])))
+    assert status == SUCCESS and pending is not None
+    assert pending.request == Request("MOD", "1.2.3", (Reference(CTImageStorage, uid),))
+    assert services.commitments.renew(pending)  # in the index, claimed by the caller
+
+
+@pytest.mark.parametrize(("changes", "code"), [
+    ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2"}, 0x0118),
+    ({"sop_instance_uid": "1.2.3.4"}, 0x0112),
+    ({"action_type": 2}, 0x0123),
+    ({"action_type": None}, 0x0123),
+    ({"action_information": None}, 0x0115),
+    ({"action_information": b"\x08\x00\x95\x11UI\xff\xff1.2"}, 0x0115),
+    ({"received": 10**9}, 0x0213),
+])
+def test_an_n_action_refused(services: Services, changes: dict[str, object],
+                             code: int) -> None:
+    body = information("1.2.3", [(CTImageStorage, generate_uid())])
+    status, pending = commitment.accept(services.commitments, action(body, **changes))
+    assert (status.code, pending) == (code, None)
+    assert status.comment
+
+
+def test_a_reference_without_valid_uids_is_an_invalid_argument(services: Services) -> None:
+    body = information("1.2.3", [(CTImageStorage, "1.2.x")])
+    status, _ = commitment.accept(services.commitments, action(body))
+    assert status.code == 0x0115
+
+
+def test_the_event_information_lists_every_reference() -> None:
+    ok, bad = Reference(CTImageStorage, "1.2.3"), Reference(MRImageStorage, "1.2.4")
+    info = commitment.event_information("9.8.7", Result((ok,), ((bad, 0x0119),)), "NODE")
+    assert info.TransactionUID == "9.8.7" and info.RetrieveAETitle == "NODE"
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+            for i in info.ReferencedSOPSequence] == [(CTImageStorage, "1.2.3")]
+    (failed,) = info.FailedSOPSequence
+    assert (failed.ReferencedSOPInstanceUID, failed.FailureReason) == ("1.2.4", 0x0119)
+    none_committed = commitment.event_information("9.8.7", Result((), ((bad, 0x0112),)),
+                                                  "NODE")
+    assert "ReferencedSOPSequence" not in none_committed
+    assert "RetrieveAETitle" not in none_committed
