@@ -59,9 +59,8 @@ CODES: dict[int, tuple[str, str]] = {
              "PS3.4 Table C.4-2, C.4-3"),
     0xA702: ("Refused: out of resources, unable to perform sub-operations",
              "PS3.4 Table C.4-2, C.4-3"),
-    0xA771: ("Refused: subsequent occurrence of an instance an IOCM rejection note "
-             "removed (dcm4chee-arc's code)", "IHE RAD TF-2 4.66.4; PS3.4 Table B.2-1 "
-             "(Axxx Refused)"),
+    0xA771: ("Refused: an instance an IOCM rejection note removed, sent again (IHE RAD "
+             "TF-2 4.66.4; dcm4chee-arc's code)", "PS3.4 Table B.2-1 (Axxx: Refused)"),
     0xA801: ("Refused: move destination unknown", "PS3.4 Table C.4-2"),
     0xA900: ("Error: data set / identifier does not match SOP Class",
              "PS3.4 Table B.2-1, C.4-1, C.4-2, C.4-3"),

@@ -261,7 +261,8 @@ def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any)
     older = '{"00101030":{"vr":"DS","Value":[70.0]}}'
     with services.index.write() as conn:
         conn.execute("UPDATE instance_metadata SET json = ?", (older,))
-        conn.pragma("user_version", len(MIGRATIONS) - 1)
+        conn.pragma("user_version", [m.__name__ for m in MIGRATIONS].index(
+            "_metadata_encoding"))
     assert migrate(services.index.connection()) == len(MIGRATIONS)
     count = services.index.connection().execute("SELECT count(*) FROM instance_metadata")
     assert count.fetchone() == (0,)

@@ -185,7 +185,7 @@ def _tombstones(conn: apsw.Connection) -> None:
     CID 7010), both empty for a plain deletion.
     """
     conn.execute(
-        "CREATE TABLE tombstone (\n"
+        "CREATE TABLE IF NOT EXISTS tombstone (\n"
         "  sop_uid TEXT PRIMARY KEY,\n"
         "  study_uid TEXT NOT NULL,\n"
         "  series_uid TEXT NOT NULL,\n"
