@@ -77,7 +77,8 @@ def test_a_series_goes_with_its_rows_objects_and_counts(services: Services) -> N
     assert counts == {**before, "series": before["series"] - 1,
                       "instance": before["instance"] - 3}
     assert _uids(services) == {d[2] for d in kept + doomed if d[1] != series}
-    assert {key.rsplit("/", 1)[1][:-4] for key in services.store.keys()} == _uids(services)
+    stored = list(services.store.keys())  # ObjectStore.keys(), not a dict's
+    assert {key.rsplit("/", 1)[1][:-4] for key in stored} == _uids(services)
     stone = reads.tombstone(services.index.connection(), rows[0].sop_uid)
     assert stone == reads.Tombstone(*NO_REASON)
 
