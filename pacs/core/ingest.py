@@ -413,9 +413,9 @@ class Ingest:
         if found is None:
             return False
         if rejection.refuses_again(found.reason_code, found.reason_scheme):
-            raise RejectedInstance(
-                f"this instance was rejected ({found.reason_code}, {found.reason_scheme}) "
-                "by an IOCM rejection note")
+            raise RejectedInstance(  # within the 64 characters of an Error Comment
+                f"rejected ({found.reason_code}, {found.reason_scheme}) by an IOCM "
+                "rejection note")
         return True
 
     def _index_work(self, analysis: Analysis, key: str, size: int, calling_ae: str,
