@@ -322,3 +322,23 @@ def test_a_crash_between_rows_and_objects_never_brings_them_back(
     assert not [key for key in node.objects() if key.startswith(study.uid)]
     assert set(study.sops).isdisjoint(node.index())
     assert _find(node, tmp_path / "f", "STUDY", StudyInstanceUID=study.uid) == []
+
+
+def test_a_rejection_note_over_stow_rs(node: Node, tmp_path: Path) -> None:
+    """The note through gunicorn's STOW-RS (analysed in a helper process): the same
+    effect as over C-STORE; a rejected instance stored again gets 409 (A771)."""
+    study = _study(tmp_path / "h")
+    client = DICOMwebClient(url=node.web_url())
+    client.store_instances([pydicom.dcmread(path) for path in study.files])
+    first, second = list(study.series)
+    note, note_sop = _note(study, [first], tmp_path, code="113038",
+                           meaning="Incorrect Modality Worklist Entry")
+    client.store_instances([pydicom.dcmread(note)])
+    found = client.search_for_instances(study_instance_uid=study.uid)
+    assert {row["00080018"]["Value"][0] for row in found} == \
+        set(study.series[second]) | {note_sop}
+    with pytest.raises(requests.HTTPError) as refused:
+        client.store_instances([pydicom.dcmread(study.files[0])])
+    assert refused.value.response.status_code == 409
+    failed = refused.value.response.json()["00081198"]["Value"][0]  # Failed SOP Sequence
+    assert failed["00081197"]["Value"] == [0xA771]  # Failure Reason
