@@ -33,6 +33,7 @@ from typing import Any
 
 import falcon
 
+from adapters.dicomweb.errors import Unacceptable
 from adapters.http.audit import note_removed, user_of
 from adapters.http.auth import Access
 from pacs.core import audit
@@ -97,7 +98,10 @@ class Reject(_Remover):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, study: str, reason: str,
                 series: str | None = None, instance: str | None = None) -> None:
-        """200 with the number of instances removed."""
+        """200 with the number of instances removed (JSON: 406 first when the client
+        accepts none)."""
+        if req.get_header("Accept") and not req.client_accepts_json:
+            raise Unacceptable("the answer is application/json")
         code, _, scheme = reason.partition("^")
         found = reason_of(code, scheme)
         if found is None:
