@@ -9,7 +9,9 @@ Order of operations, which is what makes a success durable (docs/architecture.md
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
 3. write the object, durably (fsync + rename, or a completed S3 PUT);
 4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
-5. only then report success.
+5. for an IOCM rejection note, once the lock is released, remove what it rejects
+   (:attr:`Ingest.on_rejection`, :mod:`pacs.core.deletion`);
+6. only then report success.
 
 A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
 back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
