@@ -35,6 +35,11 @@ def make_instance(**attributes: object) -> bytes:
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
+    return _part10(ds)
+
+
+def _part10(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 object in Explicit VR Little Endian."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -112,10 +117,4 @@ def make_rejection_note(references: list[tuple[str, str, str, str]], *,
     ds.ContentSequence = content
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = DicomBytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return _part10(ds)

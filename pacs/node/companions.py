@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,9 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from pacs.core.config import Settings
+from pacs.core.errors import PacsError
 from pacs.node import viewer
+
+if TYPE_CHECKING:
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,32 @@ class Companions:
                 log.error("a companion process did not stop in time; killing it")
                 process.kill()
                 process.wait()
+
+
+def companion_main(name: str, body: Callable[[Settings, Services, threading.Event], None]
+                   ) -> int:
+    """The ``main`` of a companion process (``python -m …``): the settings from the
+    environment ``pacs serve`` gave it, logging, SIGTERM / SIGINT to stop, services of
+    its own (the store is not checked again: ``pacs serve`` did), then ``body`` until
+    it is stopped.  Exit status 1 when the services cannot be built."""
+    from pacs.core import config, logs
+    from pacs.core.services import build
+
+    settings = config.load()
+    logs.setup(settings.log_level)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        services = build(settings, check_store=False)
+    except PacsError as exc:
+        log.error("the %s cannot start: %s", name, exc)
+        return 1
+    try:
+        body(settings, services, stopping)
+    finally:
+        services.close()
+    return 0
 
 
 def _module(name: str, environment: Mapping[str, str]) -> subprocess.Popen[bytes]:

@@ -28,9 +28,10 @@ if __name__ == "__main__":
     # process group, maybe during the imports below: ignore it until main() handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-from pacs.core.config import RetentionRules
+from pacs.core.config import RetentionRules, Settings
 from pacs.core.deletion import Deleter
 from pacs.core.errors import PacsError
+from pacs.core.services import Services
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.retention")
@@ -63,24 +64,12 @@ def run(deleter: Deleter, rules: RetentionRules, interval: float,
 
 def main() -> int:
     """``python -m pacs.node.retention``: expire studies until SIGTERM/SIGINT."""
-    from pacs.core import config, logs
-    from pacs.core.services import build
+    from pacs.node.companions import companion_main
 
-    settings = config.load()
-    logs.setup(settings.log_level)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    try:
-        services = build(settings, check_store=False)  # pacs serve checked it
-    except PacsError as exc:
-        log.error("data retention cannot start: %s", exc)
-        return 1
-    try:
+    def expire(settings: Settings, services: Services, stopping: threading.Event) -> None:
         run(services.deleter, settings.retention, settings.retention_interval, stopping)
-    finally:
-        services.close()
-    return 0
+
+    return companion_main("data retention", expire)
 
 
 if __name__ == "__main__":

@@ -94,15 +94,23 @@ def instances_under(conn: apsw.Connection, study_uid: str, series_uid: str | Non
                     sop_uid: str | None = None) -> list[Located]:
     """The instances of a study, of one of its series, or one instance, in series then
     arrival order; empty when nothing matches."""
-    sql, params = _LOCATED_SQL + "WHERE study.study_uid = ?", [study_uid]
+    sql, params = _under(_LOCATED_SQL + "WHERE study.study_uid = ?", study_uid, series_uid,
+                         sop_uid)
+    return [Located(*row) for row in conn.execute(sql, params)]
+
+
+def _under(sql: str, study_uid: str, series_uid: str | None, sop_uid: str | None
+           ) -> tuple[str, list[str]]:
+    """``sql`` (which binds the Study UID) narrowed to a series and an instance when
+    given, in series then arrival order, with its parameters."""
+    params = [study_uid]
     if series_uid is not None:
         sql += " AND series.series_uid = ?"
         params.append(series_uid)
     if sop_uid is not None:
         sql += " AND instance.sop_uid = ?"
         params.append(sop_uid)
-    sql += " ORDER BY series.pk, instance.pk"
-    return [Located(*row) for row in conn.execute(sql, params)]
+    return sql + " ORDER BY series.pk, instance.pk", params
 
 
 @_read("instance listing")
@@ -176,14 +184,7 @@ def instance_keys(conn: apsw.Connection, study_uid: str, series_uid: str | None 
                   sop_uid: str | None = None) -> list[int]:
     """The index keys of the instances of a study, series or instance, in series then
     arrival order; empty when nothing matches."""
-    sql, params = _KEYS_SQL, [study_uid]
-    if series_uid is not None:
-        sql += " AND series.series_uid = ?"
-        params.append(series_uid)
-    if sop_uid is not None:
-        sql += " AND instance.sop_uid = ?"
-        params.append(sop_uid)
-    sql += " ORDER BY series.pk, instance.pk"
+    sql, params = _under(_KEYS_SQL, study_uid, series_uid, sop_uid)
     return [int(pk) for (pk,) in conn.execute(sql, params)]
 
 
