@@ -343,7 +343,7 @@ def _tally(rows: list[Any]) -> str:
     studies = {row.study_uid for row in rows}
     series = {row.series_uid for row in rows}
     size = sum(row.size for row in rows)
-    return (f"{len(studies)} study, {len(series)} series, {len(rows)} instance(s), "
+    return (f"{len(studies)} stud(ies), {len(series)} series, {len(rows)} instance(s), "
             f"{size} bytes ({size / 2**20:.1f} MiB)")
 
 

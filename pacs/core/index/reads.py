@@ -152,7 +152,9 @@ def expired_studies(conn: apsw.Connection, now_julian: float,
 
     A study's period is the longest of those of the modalities of its series
     (``days_by_modality``; ``default_days`` for the others, ``None``: they never
-    expire), so that a study is kept as long as any of its parts asks.
+    expire), so that a study is kept as long as any of its parts asks.  A study whose
+    arrival is unknown (``received_at`` empty: reindexed from a store that keeps no
+    times) never expires.
 
     Parameters
     ----------
