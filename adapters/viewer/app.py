@@ -19,7 +19,6 @@ from adapters.http.auth import Access, AccessMiddleware
 from adapters.viewer.static import OhifFiles
 from pacs.core.services import Services
 
-
 #: The line of ``app-config.js`` that offers OHIF's delete (reject) action.
 REJECT_OFF = b"supportsReject: false,"
 
