@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from pacs.core import config
-from pacs.core.errors import InvalidInstance, PacsError
+from pacs.core.errors import InvalidInstance, NotFound, PacsError
 from pacs.core.ingest import Outcome
 
 log = logging.getLogger("pacs")
@@ -280,6 +280,72 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) ->
             click.echo(line)
     if report.skipped:
         sys.exit(1)
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, metavar="STUDY[/SERIES[/SOP]]...")
+@click.option("--yes", is_flag=True, help="Remove them (default: only show what would go).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool) -> None:
+    """Remove studies, series or instances: index rows and objects together.
+
+    A dry run unless --yes: it prints what would go (counts and sizes, by UID).  Safe
+    beside a running node.  Each removed instance keeps a tombstone (so 'pacs fsck'
+    never brings it back) and the removal is in the audit trail.  Exits 1, removing
+    nothing, when a target names nothing.
+    """
+    import getpass
+    import socket
+
+    from tqdm import tqdm
+
+    from pacs.core import audit
+    from pacs.core.deletion import Target, reference
+
+    try:
+        parsed = [Target.parse(text) for text in targets]
+    except PacsError as exc:
+        raise click.BadParameter(str(exc), param_hint="STUDY[/SERIES[/SOP]]") from None
+    settings = _settings(ctx)
+    _setup_logging(settings.log_level if yes else "WARNING")
+    services = _build(settings)
+    try:
+        rows, missing = [], []
+        for target in parsed:
+            try:
+                rows.append(services.deleter.plan([target]))
+            except NotFound:
+                missing.append(target)
+        for target, found in zip([t for t in parsed if t not in missing], rows, strict=True):
+            click.echo(f"{target.level} {target}: {_tally(found)}")
+        for target in missing:
+            click.echo(f"{target.level} {target}: not found")
+        places = {row.sop_uid: reference(row) for found in rows for row in found}
+        if missing:
+            raise click.ClickException("nothing removed: a target names nothing")
+        if not yes:
+            click.echo(f"dry run: nothing removed ({len(places)} instance(s) would go); "
+                       "'pacs delete --yes' removes them")
+            return
+        who = audit.Participant(getpass.getuser(), True, address=socket.gethostname())
+        with tqdm(total=len(places), unit="instance", disable=quiet, file=sys.stderr) as bar:
+            removal = services.deleter.remove(list(places.values()), who,
+                                              audit.APPLICATION_SERVER, progress=bar.update)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.close()
+    click.echo(f"removed {removal.summary()}")
+
+
+def _tally(rows: list[Any]) -> str:
+    """Studies, series, instances and bytes of a removal's rows."""
+    studies = {row.study_uid for row in rows}
+    series = {row.series_uid for row in rows}
+    size = sum(row.size for row in rows)
+    return (f"{len(studies)} stud(ies), {len(series)} series, {len(rows)} instance(s), "
+            f"{size} bytes ({size / 2**20:.1f} MiB)")
+
 
 #: Columns ``pacs query`` shows per level, left to right.
 QUERY_COLUMNS = {

@@ -1,7 +1,7 @@
 """The structure of the audit messages of PS3.15 A.5, checked field by field.
 
-Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.6, A.5.3.7, A.5.3.10,
-A.5.3.11), independently of :mod:`pacs.core.audit`, so that the tests of the trail compare
+Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.5, A.5.3.6, A.5.3.7,
+A.5.3.10, A.5.3.11), independently of :mod:`pacs.core.audit`, so that the tests of the trail compare
 its events with the standard and not with themselves.  :func:`problems` returns what is
 wrong with one event (empty: it conforms); :func:`read_trail` reads a trail file.
 """
@@ -36,6 +36,7 @@ MESSAGES = {
     "110104": ("A.5.3.7 DICOM Instances Transferred", {"C", "R", "U"}),
     "110102": ("A.5.3.3 Begin Transferring DICOM Instances", {"E"}),
     "110103": ("A.5.3.6 DICOM Instances Accessed", {"C", "R", "U", "D"}),
+    "110105": ("A.5.3.5 DICOM Study Deleted", {"D"}),
     "110113": ("A.5.3.11 Security Alert", {"C", "R", "U", "D", "E"}),
 }
 SOURCE_ROLE, DESTINATION_ROLE = "110153", "110152"
@@ -171,8 +172,8 @@ def problems(event: Mapping[str, Any]) -> list[str]:
             found.append(f"{section}: exactly one SOP Queried object expected")
         else:
             found += _query_problems(queried[0])
-    elif event_id in ("110104", "110102", "110103"):
-        if event_id == "110103" and not 1 <= len(participants) <= 2:
+    elif event_id in ("110104", "110102", "110103", "110105"):
+        if event_id in ("110103", "110105") and not 1 <= len(participants) <= 2:
             found.append(f"{section}: one or two participants expected")
         patients = [o for o in objects if o.get("ParticipantObjectTypeCodeRole") == 1]
         studies = [o for o in objects
@@ -181,6 +182,8 @@ def problems(event: Mapping[str, Any]) -> list[str]:
             found.append(f"{section}: one patient at most (the message names one)")
         if len(patients) + len(studies) != len(objects):
             found.append(f"{section}: objects other than studies and the patient")
+        if event_id == "110105" and not studies:
+            found.append(f"{section}: the deleted studies expected (1..n)")
         for study in studies:
             found += _study_problems(study)
         for patient in patients:

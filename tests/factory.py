@@ -35,6 +35,11 @@ def make_instance(**attributes: object) -> bytes:
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
+    return _part10(ds)
+
+
+def _part10(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 object in Explicit VR Little Endian."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -42,3 +47,74 @@ def make_instance(**attributes: object) -> bytes:
     out = DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+#: Key Object Selection Document Storage (PS3.4 B.5).
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def make_rejection_note(references: list[tuple[str, str, str, str]], *,
+                        code: str = "113001", scheme: str = "DCM",
+                        meaning: str = "Rejected for Quality Reasons",
+                        **attributes: object) -> bytes:
+    """An IOCM rejection note: a Key Object Selection Document (PS3.3 A.35.4, TID 2010)
+    titled ``(code, scheme, meaning)`` (PS3.16 CID 7010) that lists ``references``
+    (Study, Series, SOP Instance and SOP Class UIDs) in its Current Requested Procedure
+    Evidence Sequence and as IMAGE content items.
+
+    The note is in the study of the first reference, in a series of its own, for the
+    patient ``attributes`` name (``PatientID`` P1 and ``PatientName`` DOE^JOHN, as
+    :func:`make_instance`); UIDs not given are generated.
+    """
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = KEY_OBJECT_SELECTION
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = references[0][0] if references else generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "KO"
+    ds.PatientID = "P1"
+    ds.PatientName = "DOE^JOHN"
+    ds.StudyDate = "20150101"
+    ds.StudyTime = "101010"
+    ds.ContentDate = "20150102"
+    ds.ContentTime = "101010"
+    ds.InstanceNumber = 1
+    ds.SeriesNumber = 999
+    ds.ValueType = "CONTAINER"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = code, scheme, meaning
+    ds.ConceptNameCodeSequence = [title]
+    ds.ContinuityOfContent = "SEPARATE"
+    template = Dataset()
+    template.MappingResource, template.TemplateIdentifier = "DCMR", "2010"
+    ds.ContentTemplateSequence = [template]
+    studies: dict[str, dict[str, list[Dataset]]] = {}
+    content = []
+    for study_uid, series_uid, sop_uid, sop_class in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
+        studies.setdefault(study_uid, {}).setdefault(series_uid, []).append(item)
+        image = Dataset()
+        image.RelationshipType, image.ValueType = "CONTAINS", "IMAGE"
+        referenced = Dataset()
+        referenced.ReferencedSOPClassUID = sop_class
+        referenced.ReferencedSOPInstanceUID = sop_uid
+        image.ReferencedSOPSequence = [referenced]
+        content.append(image)
+    evidence = []
+    for study_uid, series in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = []
+        for series_uid, items in series.items():
+            entry = Dataset()
+            entry.SeriesInstanceUID = series_uid
+            entry.ReferencedSOPSequence = items
+            study.ReferencedSeriesSequence.append(entry)
+        evidence.append(study)
+    ds.CurrentRequestedProcedureEvidenceSequence = evidence
+    ds.ContentSequence = content
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return _part10(ds)

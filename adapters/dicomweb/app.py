@@ -18,6 +18,8 @@ route (below each prefix)                               method  transaction
 /studies/{study}/series/{series}/instances              GET     QIDO-RS search
 (retrieve routes)                                       GET     WADO-RS, from
                                                                 ``adapters.dicomweb.wado``
+/studies/{study}[/series/{series}]                      DELETE  removal, from
+…/reject/{code}^{scheme} (study, series, instance)      POST    ``adapters.dicomweb.removal``
 =====================================================  ======  =========================
 """
 
@@ -28,7 +30,15 @@ from typing import Any
 
 import falcon
 
-from adapters.dicomweb import errors, health as health_route, qido, rendered, stow, wado
+from adapters.dicomweb import (
+    errors,
+    health as health_route,
+    qido,
+    removal,
+    rendered,
+    stow,
+    wado,
+)
 from adapters.dicomweb.browser import BrowserMiddleware
 from adapters.http.audit import AuditMiddleware
 from adapters.http.auth import Access, AccessMiddleware
@@ -135,6 +145,7 @@ def routes(services: Services) -> RouteTable:
         add_routes(table, services, prefix)
         wado.add_routes(table, services, prefix)
         rendered.add_routes(table, services, prefix)
+        removal.add_routes(table, services, prefix)
     return table
 
 

@@ -58,6 +58,10 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.UnreadableData, Outcome(falcon.HTTP_400, 0xC000, "Unreadable data")),
     (errors.DuplicateRejected, Outcome(falcon.HTTP_409, 0x0111, "Duplicate SOP Instance")),
     (errors.ObjectTooLarge, Outcome(falcon.HTTP_413, 0xA700, "Object too large")),
+    # An instance an IOCM rejection note removed, sent again (IHE RAD TF-2 4.66.4);
+    # dcm4chee-arc's code.
+    (errors.RejectedInstance, Outcome(falcon.HTTP_409, 0xA771, "Rejected instance")),
+    (errors.InvalidRejection, Outcome(falcon.HTTP_400, 0xC000, "Invalid rejection note")),
     (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
     (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
     (errors.InvalidQuery, Outcome(falcon.HTTP_400, 0xC000, "Invalid query")),

@@ -12,6 +12,11 @@ same below a study or series (QIDO-RS)
 ``…/rendered``, ``…/thumbnail``                                 (A.5.3.6), R
 ``/studies``, ``/studies/{study}`` (STOW-RS)            POST    DICOM Instances Transferred
                                                                 (A.5.3.7), C: client → node
+``/studies/{study}[/series/{series}]``, and             DELETE  written by the core
+``…/reject/{code}^{scheme}`` (removal)                   POST    (:mod:`pacs.core.deletion`);
+                                                                refused or failed before
+                                                                it: DICOM Instances
+                                                                Accessed (A.5.3.6), D
 =====================================================  ======  ===========================
 
 ``/health``, CORS preflights, HEAD requests (no data in the answer) and the viewer's
@@ -65,7 +70,7 @@ _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 #: and is kept cut, as given, for the auditor).
 _MAX_PATH_VALUE = 128
 
-QUERY, RETRIEVE, ACCESS, STORE = "query", "retrieve", "access", "store"
+QUERY, RETRIEVE, ACCESS, STORE, REMOVE = "query", "retrieve", "access", "store", "remove"
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,10 @@ def classify(method: str, path: str) -> Touch | None:
         len(segments) > 1 else None
     series = segments[3][:_MAX_PATH_VALUE] if len(segments) > 3 and \
         segments[2] == "series" else None
+    if segments[0] == "studies" and (
+            (method == "DELETE" and len(segments) in (2, 4))
+            or (method == "POST" and "reject" in segments[2:])):
+        return Touch(REMOVE, study, series)
     if method == "POST":
         return Touch(STORE, study) if segments[0] == "studies" and len(segments) <= 2 \
             else None
@@ -157,6 +166,11 @@ def note_stored(req: falcon.Request, stored: Iterable[tuple[str, str]]) -> None:
     """Tell the trail which instances a STOW-RS request stored: (Study Instance UID,
     SOP Class UID) of each."""
     req.context.audit_stored = list(stored)
+
+
+def note_removed(req: falcon.Request) -> None:
+    """Tell the trail that the core records this removal request itself."""
+    req.context.audit_removed = True
 
 
 def user_of(access: Access, req: falcon.Request) -> str:
@@ -236,6 +250,12 @@ class AuditMiddleware:
                 [Study(touch.study)] if touch.study else [])
             self.trail.transferred(kind, audit.CREATE, client, node, studies, outcome,
                                    description)
+        elif touch.kind == REMOVE:
+            if getattr(req.context, "audit_removed", False):
+                return  # the core wrote its events (pacs.core.deletion)
+            studies = [Study(touch.study)] if touch.study else []
+            self.trail.accessed(kind, audit.DELETE, [client, node], studies, outcome,
+                                description)
         elif touch.kind == RETRIEVE:
             studies = [Study(touch.study)] if touch.study else []
             self.trail.transferred(kind, audit.READ, node, client, studies, outcome,

@@ -96,8 +96,8 @@ class Access:
     Parameters
     ----------
     settings : Settings
-        ``web_user``, ``web_password``, ``web_token``, ``web_open`` and ``web_hosts``
-        are read.
+        ``web_user``, ``web_password``, ``web_token``, ``web_open``, ``web_hosts`` and
+        ``web_delete`` are read.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -105,6 +105,7 @@ class Access:
         self.password = settings.web_password
         self.token = settings.web_token
         self.open = settings.web_open
+        self.delete = settings.web_delete
         self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
 
     def names_this_node(self, host: str | None) -> bool:
@@ -138,6 +139,14 @@ class Access:
                 host: str | None = None, secure: bool = False) -> bool:
         """True when :meth:`decide` lets the request pass."""
         return self.decide(remote_addr, authorization, host, secure) is Verdict.ALLOW
+
+    def may_delete(self, req: falcon.Request) -> bool:
+        """True when ``req`` may remove studies, series or instances: deletion is on
+        (``PACS_WEB_DELETE``) and the access rule admits the request.  Every removal
+        route asks this one question (a check of the user's role belongs here)."""
+        return self.delete and self.allowed(req.remote_addr, req.get_header("Authorization"),
+                                            req.get_header("Host"),
+                                            secure=req.scheme == "https")
 
     def credentials_valid(self, authorization: str) -> bool:
         """Check a Basic or Bearer Authorization header against the settings."""

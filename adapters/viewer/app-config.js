@@ -44,6 +44,9 @@ window.config = {
         // served cross-origin.
         omitQuotationForMultipartRequest: true,
         bulkDataURI: { enabled: true },
+        // OHIF's delete (reject) action on a series: pacs turns it on with
+        // PACS_WEB_DELETE=true (adapters/viewer/app.py), the node then serves it.
+        supportsReject: false,
       },
     },
   ],

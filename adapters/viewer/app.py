@@ -19,10 +19,16 @@ from adapters.http.auth import Access, AccessMiddleware
 from adapters.viewer.static import OhifFiles
 from pacs.core.services import Services
 
+#: The line of ``app-config.js`` that offers OHIF's delete (reject) action.
+REJECT_OFF = b"supportsReject: false,"
 
-def app_config() -> bytes:
-    """Our OHIF configuration (package data beside this module)."""
-    return resources.files("adapters.viewer").joinpath("app-config.js").read_bytes()
+
+def app_config(reject: bool = False) -> bytes:
+    """Our OHIF configuration (package data beside this module); with ``reject``
+    (``PACS_WEB_DELETE``), OHIF offers to reject a series, which it does through
+    dcm4chee-arc's route (:mod:`adapters.dicomweb.removal`)."""
+    config = resources.files("adapters.viewer").joinpath("app-config.js").read_bytes()
+    return config.replace(REJECT_OFF, b"supportsReject: true,") if reject else config
 
 
 class ViewerHeaders:
@@ -42,7 +48,7 @@ class ViewerHeaders:
 
 def files_app(services: Services, dist: Path) -> falcon.App[falcon.Request, falcon.Response]:
     """OHIF's files behind the DICOMweb access rule."""
-    files = OhifFiles(dist, app_config())
+    files = OhifFiles(dist, app_config(services.settings.web_delete))
     app = falcon.App(middleware=(ViewerHeaders(files.policy),
                                  AccessMiddleware(Access(services.settings))))
     app.add_sink(files, prefix="/")

@@ -16,7 +16,12 @@ DICOM Instances Transferred (A.5.3.7)  110104    C-STORE, STOW-RS (C); C-MOVE, C
 Begin Transferring DICOM Instances     110102    C-MOVE, C-GET, before the first
 (A.5.3.3)                                        sub-operation
 DICOM Instances Accessed (A.5.3.6)     110103    WADO-RS metadata, frames, bulk data,
-                                                 rendered and thumbnail (R)
+                                                 rendered and thumbnail (R); instances
+                                                 removed from a study that keeps
+                                                 others (D)
+DICOM Study Deleted (A.5.3.5)          110105    studies removed whole (D): ``pacs
+                                                 delete``, DICOMweb DELETE and reject,
+                                                 rejection notes, data retention
 Security Alert (A.5.3.11)              110113    the trail itself: writing again after
                                                  events were lost (110134 "Audit
                                                  Recording Started")
@@ -67,7 +72,7 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -109,6 +114,7 @@ QUERY = Code("110112", "DCM", "Query")
 INSTANCES_TRANSFERRED = Code("110104", "DCM", "DICOM Instances Transferred")
 BEGIN_TRANSFERRING = Code("110102", "DCM", "Begin Transferring DICOM Instances")
 INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
+STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
@@ -378,6 +384,15 @@ def accessed_event(source: Source, kind: Code, action: str,
     """DICOM Instances Accessed (PS3.15 A.5.3.6): ``participants`` (the person or
     process manipulating the data, and the node) read (R) or deleted (D) ``studies``."""
     return _message(_identification(INSTANCES_ACCESSED, action, outcome, description),
+                    participants, source, kind, _data_objects(studies, patient))
+
+
+def study_deleted_event(source: Source, kind: Code, participants: Sequence[Participant],
+                        studies: Sequence[Study], patient: Patient | None, outcome: int,
+                        description: str = "") -> Event:
+    """DICOM Study Deleted (PS3.15 A.5.3.5): ``participants`` (the requestor, and the
+    node) removed ``studies`` whole, with all their instances."""
+    return _message(_identification(STUDY_DELETED, DELETE, outcome, description),
                     participants, source, kind, _data_objects(studies, patient))
 
 
@@ -665,17 +680,52 @@ class AuditTrail:
                 self.log.write(accessed_event(self.source, kind, action, participants,
                                               group, patient, outcome, description))
 
-    def per_patient(self, studies: Sequence[Study]
+    def deleted(self, kind: Code, participants: Sequence[Participant],
+                studies: Sequence[Study], whole: Collection[str],
+                patients: Mapping[str, Patient], outcome: int,
+                description: str = "") -> None:
+        """Record a removal, one event per patient: DICOM Study Deleted for the studies
+        in ``whole`` (removed with all their instances), DICOM Instances Accessed with
+        action D for the others.
+
+        Parameters
+        ----------
+        patients :
+            The patient of each study, read before its rows were removed
+            (:meth:`patients_of`).
+        """
+        if not self.enabled:
+            return
+        for patient, group in self.per_patient(studies, patients):
+            gone = [study for study in group if study.uid in whole]
+            kept = [study for study in group if study.uid not in whole]
+            if gone or not kept:
+                self.log.write(study_deleted_event(self.source, kind, participants, gone,
+                                                   patient, outcome, description))
+            if kept:
+                self.log.write(accessed_event(self.source, kind, DELETE, participants, kept,
+                                              patient, outcome, description))
+
+    def patients_of(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
+        """The patient of each study the index holds (none when the trail is off or the
+        index cannot tell); never raises."""
+        if self.patients is None or not study_uids or not self.enabled:
+            return {}
+        try:
+            return self.patients(study_uids)
+        except Exception:  # the trail never fails a request: the patient stays unknown
+            log.warning("audit trail: the patients of %d stud(ies) could not be read",
+                        len(study_uids), exc_info=True)
+            return {}
+
+    def per_patient(self, studies: Sequence[Study],
+                    known: Mapping[str, Patient] | None = None,
                     ) -> Iterator[tuple[Patient | None, list[Study]]]:
-        """The studies grouped by patient (one group, possibly without studies, at
-        least: an event that failed before any study was known is still written)."""
-        known: Mapping[str, Patient] = {}
-        if self.patients is not None and studies:
-            try:
-                known = self.patients([study.uid for study in studies])
-            except Exception:  # the trail never fails a request: the patient stays unknown
-                log.warning("audit trail: the patients of %d stud(ies) could not be read",
-                            len(studies), exc_info=True)
+        """The studies grouped by patient (``known``, else read from the index); one
+        group, possibly without studies, at least: an event that failed before any
+        study was known is still written."""
+        if known is None:
+            known = self.patients_of([study.uid for study in studies])
         groups: dict[Patient | None, list[Study]] = {}
         for study in studies:
             groups.setdefault(known.get(study.uid), []).append(study)

@@ -52,6 +52,53 @@ def _port(value: str) -> int:
     return number
 
 
+@dataclass(frozen=True)
+class RetentionRules:
+    """Retention periods in days: per modality, and for the others (``None``: kept)."""
+
+    by_modality: tuple[tuple[str, float], ...] = ()
+    default: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when some study can expire."""
+        return bool(self.by_modality) or self.default is not None
+
+
+def parse_retention(text: str) -> RetentionRules:
+    """Rules from ``PACS_RETENTION_DAYS`` (:mod:`pacs.core.retention`).
+
+    Raises
+    ------
+    ValueError
+        A period that is not a positive number, a modality given twice, or two bare
+        numbers.
+    """
+    by_modality: dict[str, float] = {}
+    default: float | None = None
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        modality, sep, days = item.rpartition("=")
+        period = float(days)
+        if not period > 0:
+            raise ValueError(f"retention periods must be more than 0 days: {item!r}")
+        if not sep:
+            if default is not None:
+                raise ValueError("one period without a modality at most")
+            default = period
+            continue
+        name = modality.strip().upper()
+        if not name or name in by_modality:
+            raise ValueError(f"expected MODALITY=DAYS once per modality: {item!r}")
+        by_modality[name] = period
+    return RetentionRules(tuple(sorted(by_modality.items())), default)
+
+
+def _retention(value: str) -> str:
+    """``PACS_RETENTION_DAYS`` as given, once :func:`parse_retention` reads it."""
+    parse_retention(value)
+    return value.strip()
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -125,6 +172,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Host names (comma list) that also name this node, besides localhost and "
             "loopback addresses: only requests naming one of them get the loopback rule "
             "(e.g. a reverse proxy's public name).", _comma_list),
+    Setting("PACS_WEB_DELETE", "web_delete", "false",
+            "Allow removing studies, series and instances through DICOMweb (DELETE, and "
+            "the reject routes OHIF calls) for requests the access rule admits; false "
+            "answers them 403.", _bool),
     Setting("PACS_CORS_ORIGINS", "cors_origins", "",
             "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
             "empty allows none.", _comma_list),
@@ -232,6 +283,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a query may run before it is stopped.", _positive(float)),
     Setting("PACS_PN_CASE_SENSITIVE", "pn_case_sensitive", "false",
             "Match person names case-sensitively (PS3.4 C.2.2.2.1 allows either).", _bool),
+    Setting("PACS_RETENTION_DAYS", "retention_days", "",
+            "Data retention: days since a study last received an instance after which it "
+            "is removed, e.g. 3650, or per modality CT=3650,MR=1825 (a bare number for "
+            "the others; a study is kept for the longest of its modalities); empty "
+            "turns it off.", _retention),
+    Setting("PACS_RETENTION_INTERVAL", "retention_interval", "3600",
+            "Seconds between two runs of the data retention (each removes at most 100 "
+            "studies, oldest first).", _positive(float)),
     Setting("PACS_LOG_LEVEL", "log_level", "INFO",
             "Log level; patient data is only logged at DEBUG.", str.upper),
     Setting("PACS_AUDIT_LOG", "audit_log", "",
@@ -309,6 +368,7 @@ class Settings:
     web_token: str = _default("web_token")
     web_open: bool = _default("web_open")
     web_hosts: tuple[str, ...] = _default("web_hosts")
+    web_delete: bool = _default("web_delete")
     cors_origins: tuple[str, ...] = _default("cors_origins")
     tls_cert: str = _default("tls_cert")
     tls_key: str = _default("tls_key")
@@ -348,6 +408,8 @@ class Settings:
     query_max_rows: int = _default("query_max_rows")
     query_time_limit: float = _default("query_time_limit")
     pn_case_sensitive: bool = _default("pn_case_sensitive")
+    retention_days: str = _default("retention_days")
+    retention_interval: float = _default("retention_interval")
     log_level: str = _default("log_level")
     audit_log: str = _default("audit_log")
     destinations: Mapping[str, Modality] = field(default_factory=dict)
@@ -361,6 +423,11 @@ class Settings:
     def objects_dir(self) -> Path:
         """The folder of the file object store."""
         return self.data_dir / "objects"
+
+    @property
+    def retention(self) -> RetentionRules:
+        """The data retention periods (``PACS_RETENTION_DAYS``)."""
+        return parse_retention(self.retention_days)
 
     @property
     def uploads_dir(self) -> Path:

@@ -13,7 +13,9 @@ turned into these at the backend's edge.
     │   ├── UIDMismatch        command UIDs differ from the data set's (PS3.4 B.2.3)
     │   ├── UnreadableData     the data set does not parse
     │   ├── DuplicateRejected  a different object under a known SOP Instance UID
-    │   └── ObjectTooLarge     received or inflated past PACS_MAX_OBJECT_BYTES
+    │   ├── ObjectTooLarge     received or inflated past PACS_MAX_OBJECT_BYTES
+    │   ├── RejectedInstance   an instance an IOCM rejection note removed, sent again
+    │   └── InvalidRejection   a rejection note whose references cannot be applied
     ├── InvalidQuery           a query or identifier breaks the model's rules
     ├── InvalidRequest         a request's arguments break its service's rules
     ├── NotFound               no such study / series / instance / object
@@ -59,6 +61,15 @@ class DuplicateRejected(InvalidInstance):
 
 class ObjectTooLarge(InvalidInstance):
     """An object larger than the configured limit, as received or once inflated."""
+
+
+class RejectedInstance(InvalidInstance):
+    """A subsequent occurrence of an instance an IOCM rejection note removed (IHE RAD
+    TF-2 4.66.4: the archive shall not accept it again)."""
+
+
+class InvalidRejection(InvalidInstance):
+    """A rejection note whose references cannot be applied (invalid UIDs, too many)."""
 
 
 class InvalidQuery(PacsError):

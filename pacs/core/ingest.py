@@ -9,7 +9,9 @@ Order of operations, which is what makes a success durable (docs/architecture.md
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
 3. write the object, durably (fsync + rename, or a completed S3 PUT);
 4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
-5. only then report success.
+5. for an IOCM rejection note, once the lock is released, remove what it rejects
+   (:attr:`Ingest.on_rejection`, :mod:`pacs.core.deletion`);
+6. only then report success.
 
 A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
 back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import apsw
 
-from pacs.core import metadata
+from pacs.core import metadata, rejection
 from pacs.core.attributes import Level
 from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
 from pacs.core.errors import (
@@ -45,6 +47,7 @@ from pacs.core.errors import (
     NotFound,
     ObjectTooLarge,
     PacsError,
+    RejectedInstance,
     UIDMismatch,
 )
 from pacs.core.index import reads, writer
@@ -91,11 +94,15 @@ class Analysis(Identity):
         SHA-256 of the bytes, hex.
     metadata :
         The instance's DICOM JSON, prepared for WADO-RS (``None``: built on request).
+    rejection :
+        What the object rejects when it is an IOCM rejection note
+        (:mod:`pacs.core.rejection`), else ``None``.
     """
 
     values: dict[Level, dict[str, str | None]]
     checksum: str
     metadata: metadata.Prepared | None
+    rejection: rejection.Rejection | None = None
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
@@ -116,8 +123,9 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     Raises
     ------
     InvalidInstance
-        Unreadable data, invalid UIDs, a UID mismatch, or an object too large
-        (:class:`ObjectTooLarge`).
+        Unreadable data, invalid UIDs, a UID mismatch, an object too large
+        (:class:`ObjectTooLarge`), or a rejection note that cannot be applied
+        (:class:`~pacs.core.errors.InvalidRejection`).
     """
     if expected is not None:
         expected = (require_uid(expected[0], "Affected SOP Class UID"),
@@ -140,6 +148,8 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         values=values,
         checksum=hashlib.sha256(data).hexdigest(),
         metadata=prepared,
+        rejection=rejection.rejection_of(instance.header, instance.sop_class_uid,
+                                         instance.sop_instance_uid),
     )
 
 
@@ -165,6 +175,11 @@ def try_analyse(data: bytes, max_object_bytes: int | None = None) -> Analysis | 
         return exc
 
 
+#: What ingest calls once a rejection note is durably stored (or found stored
+#: already): the note's analysis and who sent it (:mod:`pacs.core.deletion`).
+RejectionHook = Callable[[Analysis, str], None]
+
+
 class Ingest:
     """The ingest path, bound to one index and one store.
 
@@ -179,6 +194,15 @@ class Ingest:
     max_object_bytes : int, optional
         ``PACS_MAX_OBJECT_BYTES``: larger objects (as received, or a deflated data set
         once inflated) are refused with :class:`ObjectTooLarge`; ``None``: no limit.
+
+    Attributes
+    ----------
+    on_rejection : RejectionHook or None
+        Applies an IOCM rejection note once it is stored (set by the composition
+        root, :func:`pacs.core.services.build`); called after the note's lock is
+        released, so that it can take the locks of the instances it removes.  Its
+        failure is the store's: the sender is told, and the note sent again (a no-op
+        for the note itself) applies it then.
     """
 
     def __init__(self, index: Index, store: ObjectStore, duplicate_policy: str,
@@ -188,6 +212,7 @@ class Ingest:
         self.duplicate_policy = duplicate_policy
         self.lock_dir = lock_dir
         self.max_object_bytes = max_object_bytes
+        self.on_rejection: RejectionHook | None = None
         lock_dir.mkdir(parents=True, exist_ok=True)
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
@@ -204,15 +229,26 @@ class Ingest:
         Raises
         ------
         InvalidInstance
-            Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, or an
-            object over ``max_object_bytes`` (:class:`ObjectTooLarge`).
+            Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, an
+            object over ``max_object_bytes`` (:class:`ObjectTooLarge`), or an instance
+            a rejection note removed (:class:`RejectedInstance`).
         StorageError, IndexFailure
-            The store or the index failed; nothing of the object remains.
+            The store or the index failed; nothing of the object remains (for a
+            rejection note: it is stored, and what it rejects may not all be removed).
         """
         analysis = analyse(data, expected, self.max_object_bytes)
         with self.uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae)
+        self._apply_rejection(analysis, outcome, calling_ae)
         return _result(outcome, analysis)
+
+    def _apply_rejection(self, analysis: Analysis, outcome: Outcome,
+                         calling_ae: str) -> None:
+        """The hook of a rejection note stored now or before (not one discarded by
+        the duplicate policy): what it rejects is removed after the note is durable."""
+        if (analysis.rejection is not None and self.on_rejection is not None
+                and outcome is not Outcome.KEPT_FIRST):
+            self.on_rejection(analysis, calling_ae)
 
     def store_file(self, path: Path, *, calling_ae: str = "") -> StoreResult:
         """:meth:`store_bytes` of a file (``pacs import``), refused by its size before
@@ -268,8 +304,15 @@ class Ingest:
                 seen.add(analysis.sop_instance_uid)
                 analysed[number] = analysis
         data = [item.data for item in items]
-        with self._uid_locks(list(seen)):
+        with self.uid_locks(list(seen)):
             self._store_analysed(data, analysed, calling_ae, results)
+        for number, analysis in analysed.items():
+            result = results[number]
+            if isinstance(result, StoreResult):
+                try:
+                    self._apply_rejection(analysis, result.outcome, calling_ae)
+                except Exception as exc:  # noqa: BLE001 - reported as this note's failure
+                    results[number] = exc
         for number in later:
             try:
                 results[number] = self.store_bytes(data[number], calling_ae=calling_ae)
@@ -302,7 +345,8 @@ class Ingest:
             else:
                 written.append(number)
         errors = self.index.commit_all([
-            self._index_work(analysed[n], plans[n].key, len(items[n]), calling_ae)
+            self._index_work(analysed[n], plans[n].key, len(items[n]), calling_ae,
+                             plans[n].revived)
             for n in written])
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
@@ -319,7 +363,8 @@ class Ingest:
             return outcome
         self.store.put(plan.key, io.BytesIO(data), len(data))
         try:
-            self.index.commit(self._index_work(analysis, plan.key, len(data), calling_ae))
+            self.index.commit(self._index_work(analysis, plan.key, len(data), calling_ae,
+                                               plan.revived))
         except BaseException:
             self._undo_put(plan.key, plan.existing, plan.previous)
             raise
@@ -334,9 +379,13 @@ class Ingest:
         DuplicateRejected
             A different object under a stored UID, with the ``reject`` policy.
         """
-        existing = reads.lookup(self.index.connection(), analysis.sop_instance_uid)
+        conn = self.index.connection()
+        existing = reads.lookup(conn, analysis.sop_instance_uid)
         previous: bytes | None = None
-        if existing is not None:
+        revived = False
+        if existing is None:
+            revived = self._removed_before(conn, analysis.sop_instance_uid)
+        else:
             if existing.checksum == analysis.checksum:
                 return Outcome.UNCHANGED, None
             previous = self._read_quietly(existing.object_key)
@@ -349,16 +398,39 @@ class Ingest:
                 raise DuplicateRejected(
                     "a different object is stored under this SOP Instance UID")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
-        return Outcome.STORED, _Plan(key, existing, previous)
+        return Outcome.STORED, _Plan(key, existing, previous, revived)
 
-    def _index_work(self, analysis: Analysis, key: str, size: int,
-                    calling_ae: str) -> Callable[[apsw.Connection], None]:
-        """The index rows of a stored object, as a piece of (group) commit work."""
+    @staticmethod
+    def _removed_before(conn: apsw.Connection, sop_uid: str) -> bool:
+        """True when the UID was removed before and may be stored again; its tombstone
+        goes with the commit of the new row.
+
+        Raises
+        ------
+        RejectedInstance
+            A rejection note removed it for a reason that refuses it for good
+            (:func:`pacs.core.rejection.refuses_again`).
+        """
+        found = reads.tombstone(conn, sop_uid)
+        if found is None:
+            return False
+        if rejection.refuses_again(found.reason_code, found.reason_scheme):
+            raise RejectedInstance(  # within the 64 characters of an Error Comment
+                f"rejected ({found.reason_code}, {found.reason_scheme}) by an IOCM "
+                "rejection note")
+        return True
+
+    def _index_work(self, analysis: Analysis, key: str, size: int, calling_ae: str,
+                    revived: bool = False) -> Callable[[apsw.Connection], None]:
+        """The index rows of a stored object, as a piece of (group) commit work (and
+        the end of its tombstone when it was removed before)."""
         row = instance_row(analysis, key, size, calling_ae=calling_ae)
 
         def index_it(conn: apsw.Connection) -> None:
             writer.upsert(conn, row)
             metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+            if revived:
+                writer.drop_tombstone(conn, analysis.sop_instance_uid)
 
         return index_it
 
@@ -397,7 +469,7 @@ class Ingest:
         """The lock under which ingest decides and writes an instance of this SOP
         Instance UID: exclusive, shared by every process of the node, threads included
         (``flock``).  Repair (:mod:`pacs.core.reconcile`) decides under it too."""
-        return self._uid_locks([sop_uid])
+        return self.uid_locks([sop_uid])
 
     def index_stored(self, analysis: Analysis, key: str, size: int,
                      calling_ae: str = "") -> None:
@@ -414,9 +486,9 @@ class Ingest:
         self.index.commit(self._index_work(analysis, key, size, calling_ae))
 
     @contextmanager
-    def _uid_locks(self, sop_uids: list[str]) -> Iterator[None]:
-        """The locks of several UIDs, taken in stripe order (no two holders can wait
-        for each other)."""
+    def uid_locks(self, sop_uids: Sequence[str]) -> Iterator[None]:
+        """The locks of several UIDs (:meth:`uid_lock`), taken in stripe order (no two
+        holders can wait for each other); a deletion takes them too."""
         stripes = sorted({zlib.crc32(uid.encode()) % _STRIPES for uid in sop_uids})
         with ExitStack() as held:
             for stripe in stripes:
@@ -434,6 +506,7 @@ class _Plan:
     key: str
     existing: reads.StoredInstance | None
     previous: bytes | None
+    revived: bool = False  # the UID has a tombstone, dropped with the commit
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:

@@ -37,9 +37,16 @@ decision is taken again under the SOP Instance UID's ingest lock,
     dropped (``missing``).  Until then the node lists the instance (C-FIND, QIDO-RS) but
     cannot send it: WADO-RS answers 404 and C-MOVE / C-GET count a failed
     sub-operation.
+(f) an instance removed (:mod:`pacs.core.deletion`: rows deleted and a tombstone
+    written in one transaction, then the objects deleted), the crash before its object
+    was: an object of a UID without a row but with a tombstone is ``removed`` and
+    deleted, never indexed, so a removed instance never comes back.  (A store of the
+    same UID sent again that crashed before its commit leaves the same, and was never
+    acknowledged.)
 
 Objects are moved to the quarantine (``<data>/quarantine/<run>/<key>``, or
-``<customer>/quarantine/<run>/<key>`` in the bucket), never deleted.  Without
+``<customer>/quarantine/<run>/<key>`` in the bucket), never deleted, except those of
+removed instances (f), whose removal was asked for and recorded.  Without
 ``repair`` nothing changes: the report says what repair would do.  Every change is
 logged with its UIDs and keys, which carry no patient data.
 """
@@ -85,6 +92,7 @@ class Problem(enum.Enum):
     DAMAGED = "damaged"  # (d) the indexed key holds something else
     MISSING = "missing"  # (e) the indexed object is gone
     UNREADABLE = "unreadable"  # an object no row names that is not a readable instance
+    REMOVED = "removed"  # (f) an object of a removed instance (a tombstone, no row)
 
 
 class Action(enum.Enum):
@@ -93,7 +101,7 @@ class Action(enum.Enum):
     INDEX = "index"  # index the object as stored (a new row, or the row updated)
     QUARANTINE = "quarantine"  # move the object to the quarantine
     DROP_ROW = "drop row"  # remove the row (its object is gone and no copy is left)
-    DELETE = "delete"  # temporary files only
+    DELETE = "delete"  # temporary files, and objects of removed instances
     NONE = "none"  # nothing can be done: reported
 
 
@@ -224,10 +232,12 @@ class Report:
             yield (f"{len(self.findings)} problem(s) found; nothing changed (dry run: "
                    "'pacs fsck --repair' carries out the actions above)")
             return
+        removed = sum(1 for f in self.findings if f.problem is Problem.REMOVED and f.done)
         yield (f"{len(self.findings)} problem(s) found; indexed: {self.count(Action.INDEX)}, "
                f"quarantined: {self.count(Action.QUARANTINE)}, rows dropped: "
                f"{self.count(Action.DROP_ROW)}, temporary files removed: "
-               f"{self.count(Action.DELETE)}; left: {len(self.left)}")
+               f"{self.count(Action.DELETE) - removed}, objects of removed instances "
+               f"deleted: {removed}; left: {len(self.left)}")
         places = {f.moved_to.removesuffix(f.key) for f in self.findings if f.moved_to}
         for place in sorted(places):
             yield f"quarantined objects are kept in {place} (under their keys)"
@@ -390,7 +400,10 @@ def _resolve(services: Services, sop: str, seen: list[str], report: Report) -> N
         others = [key for key in seen if (row is None or key != row.object_key)
                   and exists(store, key)]
         steps: list[_Step] = []
-        if row is not None and exists(store, row.object_key):
+        stone = reads.tombstone(services.index.connection(), sop) if row is None else None
+        if stone is not None:
+            steps += [_remove(services, sop, key, stone) for key in others]
+        elif row is not None and exists(store, row.object_key):
             if not _matches(store, row.object_key, row.checksum, row.size, True):
                 steps += _rewritten(services, sop, row.object_key)
             steps += [_quarantine(services, Problem.SUPERSEDED, sop, key, folder)
@@ -467,6 +480,21 @@ def _replace(services: Services, sop: str, row: reads.StoredInstance | None,
                           "no copy left")
         steps.insert(0, (finding, lambda: _drop_row(services, sop, row.object_key)))
     return steps
+
+
+def _remove(services: Services, sop: str, key: str, stone: reads.Tombstone) -> _Step:
+    """Window (f): delete the object of a removed instance."""
+    why = (f"rejected ({stone.reason_code}, {stone.reason_scheme})" if stone.reason_code
+           else "deleted")
+    finding = Finding(Problem.REMOVED, Action.DELETE, sop, key,
+                      f"its instance was {why}; the object outlived its row")
+
+    def delete() -> str:
+        services.store.delete(key)
+        log.warning("fsck: deleted %s, the object of removed SOP Instance %s", key, sop)
+        return ""
+
+    return finding, delete
 
 
 def _index(services: Services, candidate: _Candidate, why: str) -> str:

@@ -14,6 +14,7 @@ from pacs.core.audit import AuditLog, AuditTrail, Source, audit_path, patients_i
 from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
+from pacs.core.deletion import Deleter
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
@@ -36,6 +37,13 @@ class Services:
     #: The audit trail (``PACS_AUDIT_LOG``); off unless built by :func:`build`.
     audit: AuditTrail = field(default_factory=lambda: AuditTrail(AuditLog(None),
                                                                  Source("", "")))
+    #: Removes instances (``pacs delete``, DICOMweb, rejection notes, retention).
+    deleter: Deleter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deleter = Deleter(self.index, self.store, self.ingest, self.audit)
+        # The ingest applies a stored IOCM rejection note through the same path.
+        self.ingest.on_rejection = self.deleter.reject
 
     def close(self) -> None:
         """Release index connections and store clients, sync the audit trail."""

@@ -59,6 +59,8 @@ CODES: dict[int, tuple[str, str]] = {
              "PS3.4 Table C.4-2, C.4-3"),
     0xA702: ("Refused: out of resources, unable to perform sub-operations",
              "PS3.4 Table C.4-2, C.4-3"),
+    0xA771: ("Refused: an instance an IOCM rejection note removed, sent again (IHE RAD "
+             "TF-2 4.66.4; dcm4chee-arc's code)", "PS3.4 Table B.2-1 (Axxx: Refused)"),
     0xA801: ("Refused: move destination unknown", "PS3.4 Table C.4-2"),
     0xA900: ("Error: data set / identifier does not match SOP Class",
              "PS3.4 Table B.2-1, C.4-1, C.4-2, C.4-3"),
@@ -98,6 +100,8 @@ INVALID_ARGUMENT_VALUE = Status(0x0115)
 NO_SUCH_SOP_CLASS = Status(0x0118)
 NO_SUCH_ACTION = Status(0x0123)
 RESOURCE_LIMITATION = Status(0x0213)
+#: C-STORE of an instance a rejection note removed (IHE RAD TF-2 4.66.4).
+REJECTED_INSTANCE = Status(0xA771)
 
 _Table = tuple[tuple[type[errors.PacsError], Status], ...]
 
@@ -107,6 +111,8 @@ STORE_STATUS: _Table = (
     (errors.UIDMismatch, Status(0xA900)),        # data set does not match SOP Class
     (errors.UnreadableData, Status(0xC000)),     # cannot understand
     (errors.DuplicateRejected, Status(0x0111)),  # duplicate SOP Instance
+    (errors.RejectedInstance, REJECTED_INSTANCE),
+    (errors.InvalidRejection, UNABLE_TO_PROCESS),  # a note whose evidence is unusable
     (errors.ObjectTooLarge, OUT_OF_RESOURCES),   # over PACS_MAX_OBJECT_BYTES
     (errors.StorageError, OUT_OF_RESOURCES),
     (errors.IndexFailure, OUT_OF_RESOURCES),

@@ -1,6 +1,7 @@
-"""Processes that run beside the node's core: the viewer server and the upload watcher.
+"""Processes that run beside the node's core: the viewer server, the upload watcher and
+the data retention.
 
-Both are optional to the node's purpose, so they are supervised differently from the
+All are optional to the node's purpose, so they are supervised differently from the
 DIMSE workers and the DICOMweb server: one that cannot start, or that exits, is logged
 and started again a little later, and the node goes on receiving and answering.  Each
 is a child process of ``pacs serve`` (``subprocess``, not ``fork``): it opens its own
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,9 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from pacs.core.config import Settings
+from pacs.core.errors import PacsError
 from pacs.node import viewer
+
+if TYPE_CHECKING:
+    from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +118,48 @@ class Companions:
                 process.wait()
 
 
-def _upload_watcher(environment: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pacs.node.uploads"],
+def companion_main(name: str, body: Callable[[Settings, Services, threading.Event], None]
+                   ) -> int:
+    """The ``main`` of a companion process (``python -m …``): the settings from the
+    environment ``pacs serve`` gave it, logging, SIGTERM / SIGINT to stop, services of
+    its own (the store is not checked again: ``pacs serve`` did), then ``body`` until
+    it is stopped.  Exit status 1 when the services cannot be built."""
+    from pacs.core import config, logs
+    from pacs.core.services import build
+
+    settings = config.load()
+    logs.setup(settings.log_level)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        services = build(settings, check_store=False)
+    except PacsError as exc:
+        log.error("the %s cannot start: %s", name, exc)
+        return 1
+    try:
+        body(settings, services, stopping)
+    finally:
+        services.close()
+    return 0
+
+
+def _module(name: str, environment: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """``python -m name`` with the node's environment."""
+    return subprocess.Popen([sys.executable, "-m", name],
                             env={**os.environ, **environment}, stdin=subprocess.DEVNULL)
 
 
 def start_companions(settings: Settings, environment: Mapping[str, str],
                      stopping: threading.Event) -> Companions:
-    """Start the viewer server and the upload watcher that the settings ask for.
+    """Start the viewer server, the upload watcher and the data retention that the
+    settings ask for.
 
     Parameters
     ----------
     settings : Settings
-        ``viewer_port`` 0 turns the viewer off; ``uploads_poll`` 0 the watcher.
+        ``viewer_port`` 0 turns the viewer off; ``uploads_poll`` 0 the watcher; an
+        empty ``retention_days`` the retention.
     environment : mapping
         Environment for the children (``pacs serve``'s overrides, the data folder).
     stopping : threading.Event
@@ -138,5 +174,9 @@ def start_companions(settings: Settings, environment: Mapping[str, str],
             members.append(Companion(
                 "OHIF viewer server", partial(viewer.launch, settings, dist, environment)))
     if settings.uploads_poll > 0:
-        members.append(Companion("upload watcher", partial(_upload_watcher, environment)))
+        members.append(Companion("upload watcher",
+                                 partial(_module, "pacs.node.uploads", environment)))
+    if settings.retention.enabled:
+        members.append(Companion("data retention",
+                                 partial(_module, "pacs.node.retention", environment)))
     return Companions(members).start(stopping)

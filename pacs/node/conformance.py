@@ -35,6 +35,7 @@ from adapters.dicomweb import (
     dicomjson,
     negotiation,
     qido,
+    removal,
     rendered,
     stow,
     wado,
@@ -368,6 +369,23 @@ def _describe(resource: object) -> dict[str, Any]:
                          "is answered in its own MIME Type of Encapsulated Document "
                          "(0042,0012), as a download.",
                 "media_types": images}
+    if isinstance(resource, removal.Delete):
+        return {"name": "Delete", "transaction": "Removal (not in PS3.18)",
+                "section": "IHE RAD TF-2 4.66 (IOCM)", "method": "DELETE",
+                "notes": "Removes a study or series, index rows and objects together "
+                         "(204; 404 when absent). Only with `PACS_WEB_DELETE=true`, for "
+                         "requests the access rule admits; otherwise 403.",
+                "media_types": []}
+    if isinstance(resource, removal.Reject):
+        return {"name": "Reject", "transaction": "Rejection (dcm4chee-arc's route)",
+                "section": "IHE RAD TF-2 4.66 (IOCM), PS3.16 CID 7010", "method": "POST",
+                "notes": "`{reason}` is `113001^DCM`, `113037^DCM`, `113038^DCM` or "
+                         "`113039^DCM`: the instances go as if a rejection note named "
+                         "them, and all but the last reason refuse them when sent again "
+                         "(C-STORE A771, STOW-RS 409). Answers `{\"count\": n}`. Only with "
+                         "`PACS_WEB_DELETE=true`, for requests the access rule admits; "
+                         "otherwise 403.",
+                "media_types": [_offer("application/json", default=True)]}
     raise ValueError(f"the conformance statement has no description of "
                      f"{type(resource).__name__}")
 
@@ -834,13 +852,12 @@ an Accept of {", ".join(f"`{t}`" for t in web["json_accept"])}, with the Content
         if "notes" in resource:
             request += "\n\n" + resource["notes"]
         title = f"{resource['name']} ({resource['transaction']}, {resource['section']})"
-        offers = _table(["Media type", "transfer-syntax values", "Notes"],
-                        _offer_rows(resource["media_types"]))
+        offers = ("\n\n" + _table(["Media type", "transfer-syntax values", "Notes"],
+                                  _offer_rows(resource["media_types"]))
+                  if resource["media_types"] else "")
         text.append(f"""### 4.{number} {title}
 
-{routes_text}{request}
-
-{offers}""")
+{routes_text}{request}{offers}""")
     return "\n\n".join(text)
 
 

@@ -71,8 +71,10 @@ if __name__ == "__main__":
     # main() installs its own handler, so that it does not die with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+from pacs.core.config import Settings
 from pacs.core.errors import InvalidInstance, PacsError
 from pacs.core.ingest import Ingest, Outcome
+from pacs.core.services import Services
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -467,27 +469,14 @@ def _log_summary(handled: list[Handled]) -> None:
 
 def main() -> int:
     """``python -m pacs.node.uploads``: watch the configured folder until SIGTERM/SIGINT."""
-    from pacs.core import config, logs
-    from pacs.core.services import build
+    from pacs.node.companions import companion_main
 
-    settings = config.load()
-    logs.setup(settings.log_level)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    try:
-        services = build(settings, check_store=False)  # pacs serve checked it
-    except PacsError as exc:
-        log.error("upload watcher cannot start: %s", exc)
-        return 1
-    try:
-        watcher = UploadWatcher(services.ingest, settings.uploads_dir,
-                                settings.uploads_after_store,
-                                max_object_bytes=settings.max_object_bytes)
-        watcher.run(stopping, settings.uploads_poll)
-    finally:
-        services.close()
-    return 0
+    def watch(settings: Settings, services: Services, stopping: threading.Event) -> None:
+        UploadWatcher(services.ingest, settings.uploads_dir, settings.uploads_after_store,
+                      max_object_bytes=settings.max_object_bytes,
+                      ).run(stopping, settings.uploads_poll)
+
+    return companion_main("upload watcher", watch)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,12 @@ def test_the_trail_can_be_turned_off(make_services: Callable[..., Services]) -> 
     ("GET", "/studies/1.2/rendered", Touch("access", "1.2")),
     ("POST", "/dicom-web/studies", Touch("store")),
     ("POST", "/studies/1.2", Touch("store", "1.2")),
-    ("GET", "/health", None), ("DELETE", "/studies/1.2", None), ("HEAD", "/studies", None),
+    ("DELETE", "/studies/1.2", Touch("remove", "1.2")),
+    ("DELETE", "/dicom-web/studies/1.2/series/1.3", Touch("remove", "1.2", "1.3")),
+    ("POST", "/studies/1.2/series/1.3/instances/1.4/reject/113001^DCM",
+     Touch("remove", "1.2", "1.3")),
+    ("DELETE", "/studies", None), ("DELETE", "/studies/1.2/series/1.3/instances/1.4", None),
+    ("GET", "/health", None), ("HEAD", "/studies", None),
     ("GET", "/", None), ("GET", "/series/1.2", None), ("POST", "/studies/1.2/series", None),
 ])
 def test_requests_are_classified_by_path(method: str, path: str, touch: Touch | None) -> None:

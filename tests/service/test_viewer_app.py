@@ -56,6 +56,8 @@ def test_our_app_config_replaces_the_dists(client: testing.TestClient) -> None:
     assert result.status_code == 200
     assert result.headers["cache-control"] == "no-store"
     assert result.content == app_config()
+    assert b"supportsReject: false," in result.content  # PACS_WEB_DELETE is off
+    assert b"supportsReject: true," in app_config(reject=True)
     assert b"qidoRoot: '/dicom-web'" in result.content and b"https://" not in result.content
 
 

@@ -41,10 +41,24 @@ def test_precedence_default_dotenv_environment_override(tmp_path: Path) -> None:
     ("PACS_S3_SECURE", "maybe"),
     ("CUSTOMER", "../etc"),
     ("PACS_MODALITIES", "STORESCP=localhost"),
+    ("PACS_RETENTION_DAYS", "CT=0"),
+    ("PACS_RETENTION_DAYS", "CT=10,ct=20"),
+    ("PACS_RETENTION_DAYS", "10,20"),
+    ("PACS_RETENTION_DAYS", "CT=ten"),
+    ("PACS_RETENTION_DAYS", "=10"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         config.load(environ={name: value}, env_file=None)
+
+
+def test_retention_parse() -> None:
+    rules = config.load(environ={"PACS_RETENTION_DAYS": " 3650, mr=1825 ,CT=7300"},
+                        env_file=None).retention
+    assert rules == config.RetentionRules((("CT", 7300.0), ("MR", 1825.0)), 3650.0)
+    assert rules.enabled
+    assert config.parse_retention("CT=1").default is None
+    assert not config.load(environ={}, env_file=None).retention.enabled
 
 
 def test_modalities_parse() -> None:

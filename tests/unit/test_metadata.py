@@ -253,7 +253,7 @@ def test_elements_pydicom_converted_encode_as_raw_ones() -> None:
 def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any) -> None:
     """The migration to the one encoder drops the stored rows; each is rebuilt from its
     object on first request."""
-    from pacs.core.index.migrations import MIGRATIONS, _metadata_encoding, migrate
+    from pacs.core.index.migrations import MIGRATIONS, migrate
 
     data = _with_raw_values({0x00101030: ("DS", b"70")})
     services.ingest.store_bytes(data)
@@ -261,7 +261,8 @@ def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any)
     older = '{"00101030":{"vr":"DS","Value":[70.0]}}'
     with services.index.write() as conn:
         conn.execute("UPDATE instance_metadata SET json = ?", (older,))
-        conn.pragma("user_version", MIGRATIONS.index(_metadata_encoding))
+        conn.pragma("user_version", [m.__name__ for m in MIGRATIONS].index(
+            "_metadata_encoding"))
     assert migrate(services.index.connection()) == len(MIGRATIONS)
     count = services.index.connection().execute("SELECT count(*) FROM instance_metadata")
     assert count.fetchone() == (0,)

@@ -201,10 +201,34 @@ def _storage_commitment(conn: apsw.Connection) -> None:
                  "ON commitment(next_attempt)")
 
 
+def _tombstones(conn: apsw.Connection) -> None:
+    """The SOP Instance UIDs the node removed (``pacs.core.deletion``): why, by whom,
+    when, and the study and series they were in.
+
+    A tombstone is written in the transaction that deletes the instance's row, before
+    its object is deleted, so that a crash between the two never brings the instance
+    back (``pacs fsck`` deletes an unlisted object whose UID has one, instead of
+    indexing it), and so that ingest refuses a rejected instance sent again (IHE RAD
+    TF-2 4.66.4).  ``reason_code`` / ``reason_scheme`` are the rejection's code (PS3.16
+    CID 7010), both empty for a plain deletion.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS tombstone (\n"
+        "  sop_uid TEXT PRIMARY KEY,\n"
+        "  study_uid TEXT NOT NULL,\n"
+        "  series_uid TEXT NOT NULL,\n"
+        "  reason_code TEXT NOT NULL,\n"
+        "  reason_scheme TEXT NOT NULL,\n"
+        "  removed_by TEXT NOT NULL,\n"
+        "  removed_at TEXT NOT NULL\n"
+        ") WITHOUT ROWID")
+
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
-    _storage_commitment)
+    _storage_commitment, _tombstones)
 
 
 def migrate(conn: apsw.Connection) -> int:

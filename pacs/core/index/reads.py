@@ -83,6 +83,113 @@ def lookup_classes(conn: apsw.Connection, sop_uids: Sequence[str]
     return {str(row[1]): (str(row[0] or ""), StoredInstance(*row[1:])) for row in rows}
 
 
+# --- what a deletion removes, and what it left behind ------------------------------------
+
+@dataclass(frozen=True)
+class Located:
+    """An indexed instance with where it lives: its study, series, patient and object."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    object_key: str
+    size: int
+    patient_key: str
+
+
+_LOCATED_SQL = (
+    "SELECT instance.sop_uid, coalesce(instance.sop_class_uid, ''), study.study_uid, "
+    "series.series_uid, instance.object_key, instance.size, patient.patient_key "
+    "FROM instance JOIN series ON series.pk = instance.series_pk "
+    "JOIN study ON study.pk = series.study_pk JOIN patient ON patient.pk = study.patient_pk ")
+
+
+@_read("instance listing")
+def instances_under(conn: apsw.Connection, study_uid: str, series_uid: str | None = None,
+                    sop_uid: str | None = None) -> list[Located]:
+    """The instances of a study, of one of its series, or one instance, in series then
+    arrival order; empty when nothing matches."""
+    sql, params = _under(_LOCATED_SQL + "WHERE study.study_uid = ?", study_uid, series_uid,
+                         sop_uid)
+    return [Located(*row) for row in conn.execute(sql, params)]
+
+
+def _under(sql: str, study_uid: str, series_uid: str | None, sop_uid: str | None
+           ) -> tuple[str, list[str]]:
+    """``sql`` (which binds the Study UID) narrowed to a series and an instance when
+    given, in series then arrival order, with its parameters."""
+    params = [study_uid]
+    if series_uid is not None:
+        sql += " AND series.series_uid = ?"
+        params.append(series_uid)
+    if sop_uid is not None:
+        sql += " AND instance.sop_uid = ?"
+        params.append(sop_uid)
+    return sql + " ORDER BY series.pk, instance.pk", params
+
+
+@_read("instance listing")
+def located(conn: apsw.Connection, sop_uids: Sequence[str]) -> list[Located]:
+    """The indexed instances among at most :data:`MAX_KEYS` SOP Instance UIDs (the
+    others are left out), in no particular order."""
+    if len(sop_uids) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} UIDs per read")
+    if not sop_uids:
+        return []
+    marks = ", ".join("?" * len(sop_uids))
+    return [Located(*row) for row in conn.execute(
+        _LOCATED_SQL + f"WHERE instance.sop_uid IN ({marks})", list(sop_uids))]
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """Why an instance was removed: the rejection's code (PS3.16 CID 7010), both parts
+    empty for a plain deletion."""
+
+    reason_code: str
+    reason_scheme: str
+
+
+@_read("tombstone lookup")
+def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
+    """The tombstone of a removed SOP Instance UID, if it has one."""
+    row = conn.execute("SELECT reason_code, reason_scheme FROM tombstone WHERE sop_uid = ?",
+                       (sop_uid,)).fetchone()
+    return Tombstone(*row) if row else None
+
+
+@_read("retention query")
+def expired_studies(conn: apsw.Connection, now_julian: float,
+                    days_by_modality: Sequence[tuple[str, float]],
+                    default_days: float | None, limit: int) -> list[str]:
+    """Studies whose last instance was received longer ago than their retention period,
+    oldest first, at most ``limit``.
+
+    A study's period is the longest of those of the modalities of its series
+    (``days_by_modality``; ``default_days`` for the others, ``None``: they never
+    expire), so that a study is kept as long as any of its parts asks.  A study whose
+    arrival is unknown (``received_at`` empty: reindexed from a store that keeps no
+    times) never expires.
+
+    Parameters
+    ----------
+    now_julian : float
+        Now, as a Julian day number (SQLite's ``julianday``).
+    """
+    cases = "".join(" WHEN ? THEN ?" for _ in days_by_modality)
+    period = f"CASE series.modality{cases} ELSE ? END" if cases else "?"
+    params: list[object] = [value for pair in days_by_modality for value in pair]
+    params += [default_days, now_julian, limit]
+    sql = (
+        "SELECT uid FROM (SELECT study.study_uid AS uid, max(instance.received_at) AS last, "
+        f"max({period}) AS days FROM study JOIN series ON series.study_pk = study.pk "
+        "JOIN instance ON instance.series_pk = series.pk GROUP BY study.pk) "
+        "WHERE days IS NOT NULL AND julianday(substr(last, 1, 19)) < ? - days "
+        "ORDER BY last LIMIT ?")
+    return [str(uid) for (uid,) in conn.execute(sql, params)]
+
+
 # --- the instances a WADO-RS path names ------------------------------------------------------
 
 _KEYS_SQL = (
@@ -95,14 +202,7 @@ def instance_keys(conn: apsw.Connection, study_uid: str, series_uid: str | None 
                   sop_uid: str | None = None) -> list[int]:
     """The index keys of the instances of a study, series or instance, in series then
     arrival order; empty when nothing matches."""
-    sql, params = _KEYS_SQL, [study_uid]
-    if series_uid is not None:
-        sql += " AND series.series_uid = ?"
-        params.append(series_uid)
-    if sop_uid is not None:
-        sql += " AND instance.sop_uid = ?"
-        params.append(sop_uid)
-    sql += " ORDER BY series.pk, instance.pk"
+    sql, params = _under(_KEYS_SQL, study_uid, series_uid, sop_uid)
     return [int(pk) for (pk,) in conn.execute(sql, params)]
 
 
@@ -225,3 +325,9 @@ __all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "commitme
            "counts",
            "first_series_images", "indexed_bytes", "instance_keys", "lookup", "lookup_classes",
            "metadata_rows", "quick_check", "study_patients"]
+
+
+__all__ = ["MAX_KEYS", "Located", "MetadataRow", "StoredInstance", "Tombstone", "all_objects",
+           "counts", "expired_studies", "first_series_images", "indexed_bytes",
+           "instance_keys", "instances_under", "located", "lookup", "metadata_rows",
+           "quick_check", "study_patients", "tombstone"]

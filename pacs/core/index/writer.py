@@ -1,4 +1,5 @@
-"""Writes to the index: upsert one instance with its parents, its metadata, delete.
+"""Writes to the index: upsert one instance with its parents, its metadata, delete,
+tombstones.
 
 All statements are built once from the attribute table with bound parameters only;
 callers run them inside :meth:`pacs.core.index.connection.Index.write` (or a piece of
@@ -156,6 +157,27 @@ def delete_instance(conn: apsw.Connection, sop_uid: str) -> None:
     prune(conn, *row)
 
 
+_TOMBSTONE_SQL = (
+    "INSERT INTO tombstone (sop_uid, study_uid, series_uid, reason_code, reason_scheme, "
+    "removed_by, removed_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE "
+    "SET study_uid = excluded.study_uid, series_uid = excluded.series_uid, "
+    "reason_code = excluded.reason_code, reason_scheme = excluded.reason_scheme, "
+    "removed_by = excluded.removed_by, removed_at = excluded.removed_at")
+
+
+def add_tombstone(conn: apsw.Connection, sop_uid: str, study_uid: str, series_uid: str,
+                  reason: tuple[str, str], removed_by: str, removed_at: str) -> None:
+    """Record that an instance was removed, why (a rejection's code and scheme, or two
+    empty strings), by whom and when; a later removal of the same UID replaces it."""
+    conn.execute(_TOMBSTONE_SQL, (sop_uid, study_uid, series_uid, reason[0], reason[1],
+                                  removed_by, removed_at))
+
+
+def drop_tombstone(conn: apsw.Connection, sop_uid: str) -> None:
+    """Forget an instance's removal (it was stored again)."""
+    conn.execute("DELETE FROM tombstone WHERE sop_uid = ?", (sop_uid,))
+
+
 _SAVE_METADATA_SQL = (
     "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
     "SELECT pk, ?, ?, ? FROM instance WHERE sop_uid = ? "
@@ -189,5 +211,6 @@ def backfill_metadata(conn: apsw.Connection, key: int, checksum: str, json: str,
     conn.execute(_BACKFILL_METADATA_SQL, (pixel_offset, pixel_length, json, key, checksum))
 
 
-__all__ = ["InstanceRow", "StoredInstance", "all_objects", "backfill_metadata", "counts",
-           "delete_instance", "drop_metadata", "lookup", "prune", "save_metadata", "upsert"]
+__all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
+           "backfill_metadata", "counts", "delete_instance", "drop_metadata",
+           "drop_tombstone", "lookup", "prune", "save_metadata", "upsert"]

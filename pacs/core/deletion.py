@@ -1,0 +1,362 @@
+"""Removing instances: ``pacs delete``, the DICOMweb DELETE and reject routes, IOCM
+rejection notes and the data retention schedule all end here.
+
+One order, safe beside a running node (every process opens its own connections; the
+per-UID lock and one transaction keep them apart):
+
+1. take the ingest's lock of each SOP Instance UID (:meth:`pacs.core.ingest.Ingest.
+   uid_locks`), so that no store or repair of the same instance runs meanwhile, and
+   read the rows again under it (an instance may have moved or gone);
+2. in one write transaction (:func:`delete_rows`): delete the instance rows (their
+   metadata goes with them; series, study and patient rows left empty are removed, so
+   every count stays right) and write a tombstone per removed SOP Instance UID (why,
+   by whom, when);
+3. delete the objects.
+
+A crash between 2 and 3 leaves objects no row names, each with a tombstone: ``pacs
+fsck --repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
+removed instance never comes back, and no row ever names a missing object.  A failed
+object deletion is logged and left to fsck the same way.
+
+Large removals run in chunks of :data:`CHUNK` instances, each its own transaction, so
+that the node's own stores never wait long for the index.
+
+Every removal is one audit event per patient (PS3.15 A.5.3.5 DICOM Study Deleted for
+studies removed whole, A.5.3.6 DICOM Instances Accessed with action D for parts of
+studies) and one INFO log line with counts only (no UIDs: they identify a patient's
+study).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import apsw
+
+from pacs.core import audit
+from pacs.core.attributes import Level
+from pacs.core.audit import AuditTrail, Participant, Patient, Study
+from pacs.core.dataset import require_uid
+from pacs.core.errors import InvalidUID, NotFound, PacsError
+from pacs.core.index import reads, writer
+from pacs.core.index.connection import Index
+from pacs.core.index.reads import Located
+from pacs.core.ingest import RECEIVED_FORMAT, Analysis, Ingest, patient_key
+from pacs.core.rejection import Reason, Reference
+from pacs.core.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: Instances removed per transaction (and per read of their rows).
+CHUNK = reads.MAX_KEYS
+
+#: What a tombstone says of a plain deletion (no rejection code).
+NO_REASON = ("", "")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to remove: a study, a series of it, or one instance of that series."""
+
+    study_uid: str
+    series_uid: str | None = None
+    sop_uid: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """``STUDY[/SERIES[/SOP]]`` (UIDs).
+
+        Raises
+        ------
+        InvalidUID
+            Not one to three valid UIDs separated by ``/``.
+        """
+        parts = text.strip().strip("/").split("/")
+        if not 1 <= len(parts) <= 3:
+            raise InvalidUID("expected STUDY[/SERIES[/SOP]]")
+        uids = [require_uid(part, name) for part, name
+                in zip(parts, ("the Study UID", "the Series UID", "the SOP Instance UID"),
+                       strict=False)]
+        return cls(*uids)
+
+    @property
+    def level(self) -> str:
+        """What the target names: ``study``, ``series`` or ``instance``."""
+        if self.sop_uid is not None:
+            return "instance"
+        return "series" if self.series_uid is not None else "study"
+
+    def __str__(self) -> str:
+        return "/".join(uid for uid in (self.study_uid, self.series_uid, self.sop_uid)
+                        if uid is not None)
+
+
+@dataclass
+class Removal:
+    """What a removal did.
+
+    Attributes
+    ----------
+    instances, size :
+        Instances removed and the bytes of their objects.
+    studies :
+        Per Study Instance UID, the removed instances per SOP Class UID.
+    whole :
+        The studies left without any instance (removed whole).
+    objects_left :
+        Objects whose deletion failed (their rows are gone and their tombstones kept:
+        ``pacs fsck --repair`` deletes them).
+    skipped :
+        Instances a rejection note names that it may not remove (another patient's,
+        or at another place than the note says).
+    """
+
+    instances: int = 0
+    size: int = 0
+    studies: dict[str, dict[str, int]] = field(default_factory=dict)
+    whole: set[str] = field(default_factory=set)
+    objects_left: int = 0
+    skipped: int = 0
+
+    def count(self, row: Located) -> None:
+        """Add one removed instance."""
+        self.instances += 1
+        self.size += row.size
+        classes = self.studies.setdefault(row.study_uid, {})
+        if row.sop_class_uid:
+            classes[row.sop_class_uid] = classes.get(row.sop_class_uid, 0) + 1
+
+    def summary(self) -> str:
+        """Counts and sizes, no UIDs (for the log and the command)."""
+        text = (f"{self.instances} instance(s) of {len(self.studies)} stud(ies), "
+                f"{self.size} bytes; {len(self.whole)} stud(ies) removed whole")
+        if self.skipped:
+            text += f"; {self.skipped} reference(s) not removed (another patient or place)"
+        if self.objects_left:
+            text += f"; {self.objects_left} object(s) left for 'pacs fsck --repair'"
+        return text
+
+
+def delete_rows(conn: apsw.Connection, rows: Iterable[Located],
+                tombstones: Iterable[Reference], reason: tuple[str, str], who: str,
+                when: str) -> None:
+    """Step 2 of the module docstring, inside the caller's write transaction: the
+    instance rows (and the parents they leave empty) out, the tombstones in.
+
+    The one place that removes rows for a deletion: whatever else holds an instance's
+    data in the index goes here, in the same transaction.
+    """
+    for row in rows:
+        writer.delete_instance(conn, row.sop_uid)
+    for stone in tombstones:
+        writer.add_tombstone(conn, stone.sop_uid, stone.study_uid, stone.series_uid, reason,
+                             who, when)
+
+
+def _chunks(items: Sequence[Reference], size: int) -> Iterable[Sequence[Reference]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def reference(row: Located) -> Reference:
+    """The place of an indexed instance, as a rejection note would name it."""
+    return Reference(row.study_uid, row.series_uid, row.sop_uid)
+
+
+class Deleter:
+    """Removes instances from one customer's index and store (module docstring).
+
+    Parameters
+    ----------
+    index, store, ingest :
+        The customer's index and store, and the ingest whose per-UID locks a removal
+        takes.
+    trail :
+        The audit trail every removal is recorded in.
+    """
+
+    def __init__(self, index: Index, store: ObjectStore, ingest: Ingest,
+                 trail: AuditTrail) -> None:
+        self.index = index
+        self.store = store
+        self.ingest = ingest
+        self.trail = trail
+
+    # -- what would go ---------------------------------------------------------------
+
+    def plan(self, targets: Sequence[Target]) -> list[Located]:
+        """The instances the targets name, each once, in the order given.
+
+        Raises
+        ------
+        NotFound
+            A target names nothing the index holds.
+        """
+        found: dict[str, Located] = {}
+        conn = self.index.connection()
+        for target in targets:
+            rows = reads.instances_under(conn, target.study_uid, target.series_uid,
+                                         target.sop_uid)
+            if not rows:
+                raise NotFound(f"no such {target.level}")
+            for row in rows:
+                found.setdefault(row.sop_uid, row)
+        return list(found.values())
+
+    # -- removing --------------------------------------------------------------------
+
+    def remove(self, places: Sequence[Reference], who: Participant, kind: audit.Code, *,
+               reason: Reason | None = None,
+               accept: Callable[[Located, Reference], bool] | None = None,
+               progress: Callable[[int], None] | None = None) -> Removal:
+        """Remove the instances at ``places`` (module docstring), audit and log it.
+
+        Parameters
+        ----------
+        places :
+            The instances to remove (those no longer indexed are passed over; with a
+            ``reason`` they still get a tombstone, so that they are refused when they
+            arrive).
+        who :
+            The requestor (a user, an AE title, the node), for the tombstones and the
+            audit trail.
+        kind :
+            The audit source type of the process (web server, application server).
+        reason :
+            The rejection's reason (CID 7010), ``None`` for a plain deletion.
+        accept :
+            Whether an indexed instance may be removed for the place naming it
+            (``None``: all may); one refused is counted in ``skipped`` and left as it is.
+        progress :
+            Called with the number of places handled after each chunk.
+
+        Raises
+        ------
+        IndexFailure
+            The index failed; the chunks before were removed (and recorded).
+        """
+        removal = Removal()
+        code = (reason.code, reason.scheme) if reason is not None else NO_REASON
+        requested = sorted({place.study_uid for place in places})
+        patients = self._patients(requested)
+        try:
+            for chunk in _chunks(places, CHUNK):
+                self._remove_chunk(chunk, who.user_id, code, accept, removal)
+                if progress is not None:
+                    progress(len(chunk))
+        except PacsError as exc:
+            self._record(removal, who, kind, reason, patients, audit.SERIOUS_FAILURE,
+                         requested, str(exc))
+            raise
+        self._record(removal, who, kind, reason, patients, audit.SUCCESS, requested)
+        return removal
+
+    def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
+                      accept: Callable[[Located, Reference], bool] | None,
+                      removal: Removal) -> None:
+        uids = [place.sop_uid for place in chunk]
+        with self.ingest.uid_locks(uids):
+            conn = self.index.connection()
+            indexed = {row.sop_uid: row for row in reads.located(conn, uids)}
+            rows: list[Located] = []
+            stones: list[Reference] = []
+            for place in chunk:
+                row = indexed.get(place.sop_uid)
+                if row is not None and accept is not None and not accept(row, place):
+                    removal.skipped += 1
+                elif row is not None:
+                    rows.append(row)
+                    stones.append(reference(row))
+                elif code != NO_REASON:
+                    stones.append(place)  # refused when it arrives
+            if not stones:
+                return
+            when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
+            with self.index.write() as conn:
+                delete_rows(conn, rows, stones, code, who, when)
+                remaining = reads.study_patients(conn, sorted({r.study_uid for r in rows}))
+            for row in rows:
+                removal.count(row)
+                if row.study_uid not in remaining:
+                    removal.whole.add(row.study_uid)
+                try:
+                    self.store.delete(row.object_key)
+                except PacsError as exc:
+                    removal.objects_left += 1
+                    log.warning("could not delete the object of a removed instance (%s); "
+                                "'pacs fsck --repair' will", exc)
+
+    def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
+        """The patient of each study, read before its rows go (for the audit trail)."""
+        return self.trail.patients_of(study_uids[:reads.MAX_KEYS])
+
+    def _record(self, removal: Removal, who: Participant, kind: audit.Code,
+                reason: Reason | None, patients: Mapping[str, Patient], outcome: int,
+                requested: Sequence[str], failure: str = "") -> None:
+        """The audit events and the log line of a removal (also of a failed one: it
+        names the studies asked for when none was touched yet)."""
+        why = f"rejected {reason}" if reason is not None else "deleted"
+        description = f"{why}: {removal.summary()}"
+        if failure:
+            description += f"; failed: {failure}"
+        if removal.instances or failure:
+            studies = [Study(uid, classes) for uid, classes in removal.studies.items()] or [
+                Study(uid) for uid in requested]
+            self.trail.deleted(kind, [who, self.trail.node()], studies, removal.whole,
+                               patients, outcome, description)
+        if removal.instances or removal.skipped or failure:
+            level = logging.WARNING if failure or removal.skipped else logging.INFO
+            log.log(level, "%s by %s: %s", why, _who(who), removal.summary()
+                    + (f"; failed: {failure}" if failure else ""))
+
+    # -- rejection notes ------------------------------------------------------------
+
+    def reject(self, note: Analysis, calling_ae: str) -> None:
+        """The ingest's hook (:attr:`pacs.core.ingest.Ingest.on_rejection`): remove what
+        a stored rejection note rejects.
+
+        Only instances of the note's patient at the place the note names are removed
+        (an error in a note never reaches another patient's images); every named UID
+        not indexed gets a tombstone, so it is refused when it arrives.
+        """
+        rejection = note.rejection
+        if rejection is None:
+            return
+        patient = patient_key(note.values[Level.PATIENT])
+
+        def accept(row: Located, place: Reference) -> bool:
+            return (row.patient_key == patient and row.study_uid == place.study_uid
+                    and row.series_uid == place.series_uid)
+
+        who = Participant(calling_ae.strip() or "(none)", True)
+        self.remove(rejection.references, who, audit.APPLICATION_SERVER,
+                    reason=rejection.reason, accept=accept)
+
+    # -- retention ------------------------------------------------------------------
+
+    def expire(self, days_by_modality: Sequence[tuple[str, float]],
+               default_days: float | None, limit: int) -> int:
+        """Remove up to ``limit`` studies whose retention period is over (their last
+        instance received longer ago than it: :func:`pacs.core.index.reads.
+        expired_studies`); return how many were removed."""
+        now = datetime.now(UTC).timestamp() / 86400 + 2440587.5  # a Julian day number
+        studies = reads.expired_studies(self.index.connection(), now, days_by_modality,
+                                        default_days, limit)
+        if not studies:
+            return 0
+        places = [reference(row) for row in self.plan_existing(studies)]
+        self.remove(places, self.trail.node(requestor=True), audit.APPLICATION_SERVER)
+        return len(studies)
+
+    def plan_existing(self, study_uids: Sequence[str]) -> list[Located]:
+        """The instances of these studies (none for a study gone meanwhile)."""
+        conn = self.index.connection()
+        return [row for uid in study_uids for row in reads.instances_under(conn, uid)]
+
+
+def _who(who: Participant) -> str:
+    """The requestor for the log: a user name or AE title, never a patient's data."""
+    return who.user_id + (f"@{who.address}" if who.address else "")

@@ -1,0 +1,216 @@
+"""Removing instances (pacs.core.deletion) over the real index and an in-memory store:
+rows, parents, counts and objects together, tombstones, IOCM rejection notes through
+the ingest path, instances sent again, repair after a crash between rows and objects,
+retention, and the audit trail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage, generate_uid
+
+from pacs.core import audit, rejection
+from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
+from pacs.core.errors import InvalidRejection, InvalidUID, NotFound, RejectedInstance
+from pacs.core.index import reads
+from pacs.core.ingest import Outcome, Received
+from pacs.core.reconcile import Problem, reconcile
+from pacs.core.rejection import MAX_REFERENCES
+from pacs.core.services import Services
+from tests.factory import make_instance, make_rejection_note
+
+NODE = audit.Participant("tester", True)
+
+
+def _study(services: Services, count: int = 2, series: int = 1,
+           **attributes: object) -> list[tuple[str, str, str, str]]:
+    """Store a study; its instances as (study, series, SOP, SOP class) references."""
+    study = generate_uid()
+    made = []
+    for number in range(series):
+        series_uid = generate_uid()
+        for _ in range(count):
+            sop = generate_uid()
+            services.ingest.store_bytes(make_instance(
+                StudyInstanceUID=study, SeriesInstanceUID=series_uid, SOPInstanceUID=sop,
+                SeriesNumber=number + 1, **attributes))
+            made.append((study, series_uid, sop, CTImageStorage))
+    return made
+
+
+def _uids(services: Services) -> set[str]:
+    return {sop for _key, (sop, _c, _s) in reads.all_objects(
+        services.index.connection()).items()}
+
+
+def _events(services: Services) -> list[dict[str, object]]:
+    path = services.settings.data_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() \
+        else []
+
+
+def test_target_parse() -> None:
+    assert str(Target.parse("1.2/1.3/1.4")) == "1.2/1.3/1.4"
+    assert Target.parse("1.2/").level == "study"
+    assert Target.parse("1.2/1.3").level == "series"
+    for bad in ("", "1.2/x", "1/2/3/4", "../1.2"):
+        with pytest.raises(InvalidUID):
+            Target.parse(bad)
+
+
+def test_a_series_goes_with_its_rows_objects_and_counts(services: Services) -> None:
+    kept = _study(services)
+    doomed = _study(services, count=3, series=2)
+    study, series = doomed[0][0], doomed[0][1]
+    before = reads.counts(services.index.connection())
+    rows = services.deleter.plan([Target(study, series)])
+    assert {row.sop_uid for row in rows} == {d[2] for d in doomed if d[1] == series}
+    assert reads.counts(services.index.connection()) == before  # planning changes nothing
+
+    removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                      audit.APPLICATION_SERVER)
+    assert removal.instances == 3 and removal.whole == set() and removal.objects_left == 0
+    assert removal.size == sum(row.size for row in rows)
+    counts = reads.counts(services.index.connection())
+    assert counts == {**before, "series": before["series"] - 1,
+                      "instance": before["instance"] - 3}
+    assert _uids(services) == {d[2] for d in kept + doomed if d[1] != series}
+    stored = list(services.store.keys())  # ObjectStore.keys(), not a dict's
+    assert {key.rsplit("/", 1)[1][:-4] for key in stored} == _uids(services)
+    stone = reads.tombstone(services.index.connection(), rows[0].sop_uid)
+    assert stone == reads.Tombstone(*NO_REASON)
+
+    # The rest of the study: the study and (with the other study kept) not the patient.
+    removal = services.deleter.remove(
+        [reference(r) for r in services.deleter.plan([Target(study)])], NODE,
+        audit.APPLICATION_SERVER)
+    assert removal.whole == {study}
+    assert reads.counts(services.index.connection()) == {
+        "patient": 1, "study": 1, "series": 1, "instance": 2}
+    with pytest.raises(NotFound):
+        services.deleter.plan([Target(study)])
+    names = [e["EventIdentification"]["EventID"]["originalText"] for e in _events(services)]
+    assert names == ["DICOM Instances Accessed", "DICOM Study Deleted"]
+    deleted = _events(services)[-1]
+    assert deleted["EventIdentification"]["EventActionCode"] == "D"
+    objects = deleted["ParticipantObjectIdentification"]
+    assert [o["ParticipantObjectID"] for o in objects] == [study, "P1"]
+
+
+def test_a_deleted_instance_sent_again_is_stored(services: Services) -> None:
+    made = _study(services, count=1)
+    study, series, sop, _ = made[0]
+    data = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                         SOPInstanceUID=sop)
+    services.deleter.remove([reference(r) for r in services.deleter.plan([Target(study)])],
+                            NODE, audit.APPLICATION_SERVER)
+    assert services.ingest.store_bytes(data).outcome is Outcome.STORED
+    assert reads.tombstone(services.index.connection(), sop) is None
+
+
+def _note(references: list[tuple[str, str, str, str]], **kwargs: object) -> bytes:
+    return make_rejection_note(references, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_rejection_note_removes_what_it_names_and_stays(services: Services) -> None:
+    other = _study(services)  # the same patient, another study
+    rejected = _study(services, count=3)
+    note = _note(rejected[:2])
+    result = services.ingest.store_bytes(note, calling_ae="QA")
+    assert result.outcome is Outcome.STORED
+    assert _uids(services) == {d[2] for d in other} | {rejected[2][2], result.sop_instance_uid}
+    # Sent again: refused, by the reason of the note; the note itself is a duplicate.
+    again = make_instance(StudyInstanceUID=rejected[0][0], SeriesInstanceUID=rejected[0][1],
+                          SOPInstanceUID=rejected[0][2])
+    with pytest.raises(RejectedInstance, match="113001"):
+        services.ingest.store_bytes(again)
+    assert services.ingest.store_bytes(note).outcome is Outcome.UNCHANGED
+    last = _events(services)[-1]
+    assert last["EventIdentification"]["EventID"]["originalText"] == \
+        "DICOM Instances Accessed"
+    assert last["ActiveParticipant"][0]["UserID"] == "QA"
+    assert "113001" in last["EventIdentification"]["EventOutcomeDescription"]
+
+
+def test_a_note_names_an_instance_not_yet_received(services: Services) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    services.ingest.store_bytes(_note([(study, series, sop, CTImageStorage)],
+                                      code="113037",
+                                      meaning="Rejected for Patient Safety Reasons"))
+    with pytest.raises(RejectedInstance):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop))
+
+
+def test_retention_expiry_lets_an_instance_come_back(services: Services) -> None:
+    made = _study(services, count=1)
+    services.ingest.store_bytes(_note(made, code="113039",
+                                      meaning="Data Retention Policy Expired"))
+    assert made[0][2] not in _uids(services)
+    data = make_instance(StudyInstanceUID=made[0][0], SeriesInstanceUID=made[0][1],
+                         SOPInstanceUID=made[0][2])
+    assert services.ingest.store_bytes(data).outcome is Outcome.STORED
+
+
+def test_a_note_never_removes_another_patients_instance(services: Services) -> None:
+    theirs = _study(services, PatientID="OTHER")
+    moved = _study(services)
+    wrong_place = [(moved[0][0], generate_uid(), moved[0][2], CTImageStorage)]
+    services.ingest.store_bytes(_note(theirs + wrong_place,
+                                      StudyInstanceUID=generate_uid()))
+    assert {d[2] for d in theirs + moved} <= _uids(services)
+
+
+def test_an_ordinary_key_object_selection_removes_nothing(services: Services) -> None:
+    made = _study(services)
+    services.ingest.store_bytes(_note(made, code="113000", meaning="Of Interest"))
+    assert {d[2] for d in made} <= _uids(services)
+
+
+def test_a_note_in_a_stow_batch(services: Services) -> None:
+    made = _study(services)
+    results = services.ingest.store_batch([Received.of(_note(made[:1]))])
+    assert not isinstance(results[0], BaseException)
+    assert made[0][2] not in _uids(services) and made[1][2] in _uids(services)
+
+
+def test_a_note_with_too_many_references_is_refused(services: Services,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert MAX_REFERENCES >= 10_000  # a large CT study in one note
+    monkeypatch.setattr(rejection, "MAX_REFERENCES", 3)
+    study, series = generate_uid(), generate_uid()
+    refs = [(study, series, f"1.2.3.{n}", CTImageStorage) for n in range(4)]
+    with pytest.raises(InvalidRejection):
+        services.ingest.store_bytes(_note(refs))
+    assert reads.counts(services.index.connection())["instance"] == 0
+
+
+def test_fsck_deletes_the_object_of_a_removed_instance(services: Services) -> None:
+    made = _study(services, count=2)
+    rows = services.deleter.plan([Target(made[0][0], made[0][1], made[0][2])])
+    # A crash after the transaction, before the object was deleted.
+    with services.index.write() as conn:
+        delete_rows(conn, rows, [reference(r) for r in rows], NO_REASON, "tester", "now")
+    assert rows[0].object_key in set(services.store.keys())
+    dry = reconcile(services)
+    assert [f.problem for f in dry.findings] == [Problem.REMOVED]
+    report = reconcile(services, repair=True)
+    assert report.ok, list(report.lines())
+    assert rows[0].object_key not in set(services.store.keys())
+    assert made[0][2] not in _uids(services) and made[1][2] in _uids(services)
+
+
+def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:
+    ct = _study(services)
+    mr = _study(services, Modality="MR")
+    with services.index.write() as conn:  # both received 10 days ago
+        conn.execute("UPDATE instance SET received_at = '2000-01-01T00:00:00.000000Z'")
+    deleter = services.deleter
+    assert deleter.expire([("CT", 1e9), ("MR", 1e9)], None, 10) == 0
+    assert deleter.expire([("MR", 1.0)], None, 10) == 1  # unlisted modalities: kept
+    assert _uids(services) == {d[2] for d in ct}
+    assert deleter.expire([], 1.0, 10) == 1
+    assert _uids(services) == set()
+    assert mr
