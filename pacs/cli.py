@@ -456,6 +456,28 @@ def conformance(ctx: click.Context, fmt: str, defaults: bool, output: str | None
         click.echo(text, nl=False)
 
 
+@main.command()
+@click.option("--token", is_flag=True,
+              help="Make a random bearer token instead: print it once, and its hash.")
+def passwd(token: bool) -> None:
+    """Print the hash of a password (asked twice, never echoed) for a user of
+    PACS_ACCESS_FILE: ``password = "<hash>"``.  With --token, a new bearer token and
+    the hash to list in the user's ``tokens`` (README, "Security").
+    """
+    from pacs.core import access
+
+    if token:
+        secret = access.new_token()
+        click.echo(f"token (give it to its user; it is not stored): {secret}")
+        click.echo(f'tokens = ["{access.hash_token(secret)}"]')
+        return
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True,
+                            err=True)
+    if not password:
+        raise click.ClickException("an empty password")
+    click.echo(f'password = "{access.hash_password(password)}"')
+
+
 @main.command("audit")
 @click.option("--study", default="", help="Only events naming this Study Instance UID.")
 @click.option("--patient", default="", help="Only events naming this Patient ID.")

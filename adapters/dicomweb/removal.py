@@ -20,10 +20,10 @@ nobody acquired, with an author and times the node invents).  DELETE removes the
 way without a reason (an instance deleted may be sent again).
 
 Only requests that :meth:`adapters.http.auth.Access.may_delete` admits are served
-(``PACS_WEB_DELETE`` on, and the access rule passed); others get 403 before anything is
-looked up.  Each removal is one audit event per patient, written by the core
-(:class:`pacs.core.deletion.Deleter`); a refused or failed request is recorded by the
-trail's middleware (:mod:`adapters.http.audit`).
+(``PACS_WEB_DELETE`` on, and a requestor with the ``admin`` role); others get 403 (401
+without credentials) before anything is looked up.  Each removal is one audit event per
+patient, written by the core (:class:`pacs.core.deletion.Deleter`); a refused or failed
+request is recorded by the trail's middleware (:mod:`adapters.http.audit`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class _Remover:
     def access(self) -> Access:
         """The access rule of the node's settings (read on first use: the conformance
         statement builds the route table without services)."""
-        return Access(self.services.settings)
+        return Access(self.services.settings, self.services.access)
 
     def remove(self, req: falcon.Request, study: str, series: str | None,
                instance: str | None, reason: Reason | None) -> Removal:
@@ -76,7 +76,7 @@ class _Remover:
                         require_uid(instance, "SOPInstanceUID") if instance else None)
         deleter = self.services.deleter
         places = [reference(row) for row in deleter.plan([target])]
-        who = audit.Participant(user_of(self.access, req), True, address=req.remote_addr or "",
+        who = audit.Participant(user_of(req), True, address=req.remote_addr or "",
                                 alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
         note_removed(req)  # the core records it, failed or not
         return deleter.remove(places, who, audit.WEB_SERVER, reason=reason)

@@ -23,10 +23,11 @@ same below a study or series (QIDO-RS)
 static files carry no patient data and are not recorded.  Requests the access rule
 refused are recorded too (outcome 8): an auditor wants the attempts as well.
 
-- **Who**: the HTTP Basic user name, ``token`` for a bearer token, ``loopback`` for a
-  request from this host without credentials, ``anonymous`` when the node is open
-  (``PACS_WEB_OPEN``) or the request was refused (then the user name it claimed, never
-  checked); the peer address (``REMOTE_ADDR``, as the access rule sees it); the subject
+- **Who**: the user the credentials proved (HTTP Basic or a bearer token: its user's
+  name; ``token`` for ``PACS_WEB_TOKEN``), ``loopback`` for a request from this host
+  without credentials, ``anonymous`` when the node is open (``PACS_WEB_OPEN``); for a
+  request refused without a proven user, the user name it claimed (never checked) or
+  ``anonymous``; the peer address (``REMOTE_ADDR``, as the access rule sees it); the subject
   of a TLS client certificate as AlternativeUserID.
 - **What**: the Study Instance UID of the path; for STOW-RS, the studies of the instances
   stored (the resource notes them with :func:`note_stored`), each with its SOP classes
@@ -51,8 +52,8 @@ from dataclasses import dataclass
 import falcon
 from pydicom.datadict import tag_for_keyword
 
-from adapters.http.auth import Access, Verdict
 from pacs.core import audit
+from pacs.core.access import Identity
 from pacs.core.audit import AuditTrail, Participant, Study
 
 log = logging.getLogger(__name__)
@@ -173,19 +174,13 @@ def note_removed(req: falcon.Request) -> None:
     req.context.audit_removed = True
 
 
-def user_of(access: Access, req: falcon.Request) -> str:
-    """Who made the request (see the module docstring); credentials are compared only
-    where the access rule compares them."""
+def user_of(req: falcon.Request) -> str:
+    """Who made the request (see the module docstring): the identity the access rule
+    found (:meth:`adapters.http.auth.Access.require`), else the user it claimed."""
+    identity = getattr(req.context, "identity", None)
+    if isinstance(identity, Identity):
+        return identity.name
     authorization = req.get_header("Authorization") or ""
-    verdict = access.decide(req.remote_addr, authorization, req.get_header("Host"),
-                            secure=req.scheme == "https")
-    if verdict is Verdict.ALLOW and not access.open:
-        # Allowed and not open: from loopback, or over HTTPS with valid credentials.
-        if authorization and access.credentials_valid(authorization):
-            return _claimed(authorization)
-        return "loopback"
-    if verdict is Verdict.ALLOW:
-        return "anonymous"
     return _claimed(authorization) if authorization else "anonymous"
 
 
@@ -209,14 +204,12 @@ class AuditMiddleware:
     Parameters
     ----------
     trail : AuditTrail
-        The node's trail (``services.audit``).
-    access : Access
-        The access rule, to tell who the requestor is.
+        The node's trail (``services.audit``).  Who the requestor is comes from the
+        access rule (``req.context.identity``, :func:`user_of`).
     """
 
-    def __init__(self, trail: AuditTrail, access: Access) -> None:
+    def __init__(self, trail: AuditTrail) -> None:
         self.trail = trail
-        self.access = access
 
     def process_response(self, req: falcon.Request, resp: falcon.Response,
                          resource: object, req_succeeded: bool) -> None:
@@ -236,7 +229,7 @@ class AuditMiddleware:
         """Build and write the event of ``touch``."""
         status = falcon.http_status_to_code(resp.status)
         outcome, description = outcome_of(status), f"HTTP {status}"
-        client = Participant(user_of(self.access, req), True, address=req.remote_addr or "",
+        client = Participant(user_of(req), True, address=req.remote_addr or "",
                              alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
         node = self.trail.node()
         kind = audit.WEB_SERVER

@@ -24,7 +24,9 @@ DICOM Study Deleted (A.5.3.5)          110105    studies removed whole (D): ``pa
                                                  rejection notes, data retention
 Security Alert (A.5.3.11)              110113    the trail itself: writing again after
                                                  events were lost (110134 "Audit
-                                                 Recording Started")
+                                                 Recording Started"); an association
+                                                 the access rules rejected (110126
+                                                 "Node Authentication")
 =====================================  ========  =====================================
 
 The file (``PACS_AUDIT_LOG``, default ``<data folder>/audit.jsonl``) is one JSON
@@ -117,6 +119,7 @@ INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
 STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
+NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
@@ -397,11 +400,13 @@ def study_deleted_event(source: Source, kind: Code, participants: Sequence[Parti
 
 
 def security_alert_event(source: Source, kind: Code, alert: Code, node: Participant,
-                         description: str, outcome: int = SUCCESS) -> Event:
+                         description: str, outcome: int = SUCCESS,
+                         others: Sequence[Participant] = ()) -> Event:
     """Security Alert (PS3.15 A.5.3.11) of type ``alert`` (CID 403), reported by the
-    node itself (``node``: the reporting process, its requestor)."""
+    node itself (``node``: the reporting process, its requestor), with the ``others``
+    it concerns (the peer that was refused)."""
     return _message(_identification(SECURITY_ALERT, EXECUTE, outcome, description, alert),
-                    [node], source, kind, [])
+                    [node, *others], source, kind, [])
 
 
 def dimse_outcome(status: int) -> int:
@@ -679,6 +684,15 @@ class AuditTrail:
             for patient, group in self.per_patient(studies):
                 self.log.write(accessed_event(self.source, kind, action, participants,
                                               group, patient, outcome, description))
+
+    def security_alert(self, kind: Code, alert: Code, description: str, outcome: int,
+                       others: Sequence[Participant] = ()) -> None:
+        """Record a Security Alert (see :func:`security_alert_event`): a minor or
+        serious failure is an attempt that was stopped (PS3.15 A.5.3.11)."""
+        if self.enabled:
+            self.log.write(security_alert_event(self.source, kind, alert,
+                                                self.node(requestor=True), description,
+                                                outcome, others))
 
     def deleted(self, kind: Code, participants: Sequence[Participant],
                 studies: Sequence[Study], whole: Collection[str],

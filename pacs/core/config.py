@@ -17,6 +17,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from pacs.core import access
 from pacs.core.errors import ConfigError
 
 
@@ -99,6 +100,14 @@ def _retention(value: str) -> str:
     return value.strip()
 
 
+def _rights(value: str) -> frozenset[str]:
+    return access.parse_set(value, access.AE_RIGHTS, "right")
+
+
+def _roles(value: str) -> frozenset[str]:
+    return access.parse_set(value, access.ROLES, "role")
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         value = value.strip().lower()
@@ -159,12 +168,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Helper processes per DICOMweb worker that parse STOW-RS parts (0: in the "
             "worker itself).", int),
     Setting("PACS_WEB_USER", "web_user", "",
-            "User name for HTTP Basic access to DICOMweb from other hosts (with "
-            "PACS_WEB_PASSWORD); requests from this host need no credentials."),
+            "User name for HTTP Basic access to DICOMweb and the viewer (with "
+            "PACS_WEB_PASSWORD): a user with every role, besides those of "
+            "PACS_ACCESS_FILE; requests from this host need no credentials "
+            "(PACS_LOOPBACK_ROLES)."),
     Setting("PACS_WEB_PASSWORD", "web_password", "",
             "Password for HTTP Basic access to DICOMweb.", secret=True),
     Setting("PACS_WEB_TOKEN", "web_token", "",
-            "Bearer token accepted for DICOMweb access from other hosts.", secret=True),
+            "Bearer token accepted for DICOMweb access (the user 'token', every role), "
+            "besides the tokens of PACS_ACCESS_FILE.", secret=True),
     Setting("PACS_WEB_OPEN", "web_open", "false",
             "Answer DICOMweb requests from any host without credentials (trusted "
             "networks only).", _bool),
@@ -225,8 +237,21 @@ SETTINGS: tuple[Setting, ...] = (
             "go when the requestor has left: 'AET=host:port,AET2=host:port'; ':tls' after "
             "the port connects with DICOM TLS ('AET=host:2762:tls')."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
-            "Comma list of calling AE titles allowed to associate; empty allows any.",
-            _comma_list),
+            "Comma list of calling AE titles allowed to associate, each with every right; "
+            "when set, other AEs get no rights (whatever PACS_UNKNOWN_AE_RIGHTS says) "
+            "unless PACS_ACCESS_FILE lists them; empty allows any.", _comma_list),
+    Setting("PACS_ACCESS_FILE", "access_file", "",
+            "TOML file of known AEs (title, address, port, rights) and DICOMweb users "
+            "(password hash or token hashes from `pacs passwd`, roles); README, "
+            "\"Security\"."),
+    Setting("PACS_UNKNOWN_AE_RIGHTS", "unknown_ae_rights",
+            "echo,store,overwrite,find,retrieve",
+            "Rights of a calling AE that PACS_ACCESS_FILE does not list (comma list of "
+            "echo, store, overwrite, find, retrieve; empty: none, its associations are "
+            "rejected).", _rights),
+    Setting("PACS_LOOPBACK_ROLES", "loopback_roles", "read,write,admin",
+            "DICOMweb roles of a request from this host without credentials (comma list "
+            "of read, write, admin; empty: none, credentials needed).", _roles),
     Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
             "A repeated SOP Instance UID with different content: overwrite, keep (first) "
             "or reject.", _choice("overwrite", "keep", "reject")),
@@ -389,6 +414,9 @@ class Settings:
     s3_region: str = _default("s3_region")
     modalities: str = _default("modalities")
     allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
+    access_file: str = _default("access_file")
+    unknown_ae_rights: frozenset[str] = _default("unknown_ae_rights")
+    loopback_roles: frozenset[str] = _default("loopback_roles")
     duplicate_policy: str = _default("duplicate_policy")
     commitment_max_references: int = _default("commitment_max_references")
     commitment_max_pending: int = _default("commitment_max_pending")
@@ -447,6 +475,8 @@ class Settings:
             value = getattr(self, setting.attr)
             if isinstance(value, tuple):
                 value = ",".join(value)
+            elif isinstance(value, frozenset):
+                value = ",".join(sorted(value))
             text = str(value).lower() if isinstance(value, bool) else str(value)
             if setting.secret and text:
                 text = "****"

@@ -216,7 +216,8 @@ class Ingest:
         lock_dir.mkdir(parents=True, exist_ok=True)
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
-                    expected: tuple[str, str] | None = None) -> StoreResult:
+                    expected: tuple[str, str] | None = None,
+                    may_overwrite: bool = True) -> StoreResult:
         """Store one Part 10 object.
 
         Parameters
@@ -225,6 +226,10 @@ class Ingest:
             As for :func:`analyse`.
         calling_ae : str
             Who sent it, recorded in the index.
+        may_overwrite : bool
+            The sender may replace a different object stored under the same SOP
+            Instance UID (the ``overwrite`` right, :mod:`pacs.core.access`); when it may
+            not, the ``overwrite`` policy refuses it as ``reject`` does.
 
         Raises
         ------
@@ -238,7 +243,7 @@ class Ingest:
         """
         analysis = analyse(data, expected, self.max_object_bytes)
         with self.uid_lock(analysis.sop_instance_uid):
-            outcome = self._store_locked(analysis, data, calling_ae)
+            outcome = self._store_locked(analysis, data, calling_ae, may_overwrite)
         self._apply_rejection(analysis, outcome, calling_ae)
         return _result(outcome, analysis)
 
@@ -357,8 +362,9 @@ class Ingest:
                 self._forget_moved(plan)
                 results[number] = _result(Outcome.STORED, analysed[number])
 
-    def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str) -> Outcome:
-        outcome, plan = self._decide(analysis, data)
+    def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str,
+                      may_overwrite: bool = True) -> Outcome:
+        outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
             return outcome
         self.store.put(plan.key, io.BytesIO(data), len(data))
@@ -371,13 +377,15 @@ class Ingest:
         self._forget_moved(plan)
         return Outcome.STORED
 
-    def _decide(self, analysis: Analysis, data: bytes) -> tuple[Outcome, _Plan | None]:
+    def _decide(self, analysis: Analysis, data: bytes,
+                may_overwrite: bool = True) -> tuple[Outcome, _Plan | None]:
         """What a repeated UID means (step 2): an outcome, or a plan to store.
 
         Raises
         ------
         DuplicateRejected
-            A different object under a stored UID, with the ``reject`` policy.
+            A different object under a stored UID, with the ``reject`` policy, or with
+            ``overwrite`` from a sender that may not overwrite.
         """
         conn = self.index.connection()
         existing = reads.lookup(conn, analysis.sop_instance_uid)
@@ -397,6 +405,9 @@ class Ingest:
             if self.duplicate_policy == "reject":
                 raise DuplicateRejected(
                     "a different object is stored under this SOP Instance UID")
+            if not may_overwrite:
+                raise DuplicateRejected(
+                    "a different object is stored; the sender may not overwrite")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
         return Outcome.STORED, _Plan(key, existing, previous, revived)
 

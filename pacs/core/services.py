@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import partial
 
+from pacs.core import access
+from pacs.core.access import AccessPolicy
 from pacs.core.analysers import AnalyserPool
 from pacs.core.audit import AuditLog, AuditTrail, Source, audit_path, patients_in_index
 from pacs.core.commitment import Commitments
@@ -37,6 +39,8 @@ class Services:
     #: The audit trail (``PACS_AUDIT_LOG``); off unless built by :func:`build`.
     audit: AuditTrail = field(default_factory=lambda: AuditTrail(AuditLog(None),
                                                                  Source("", "")))
+    #: Who may do what (:mod:`pacs.core.access`); open unless built by :func:`build`.
+    access: AccessPolicy = field(default_factory=AccessPolicy)
     #: Removes instances (``pacs delete``, DICOMweb, rejection notes, retention).
     deleter: Deleter = field(init=False)
 
@@ -76,6 +80,7 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         When ``check_store`` and the store cannot be reached or used.
     """
     quiet_pydicom()
+    policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = store if store is not None else open_store(settings, check=check_store)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout))
@@ -88,7 +93,24 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
                     analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes),
                     commitments=commitments(settings, index),
-                    audit=audit_trail(settings, index))
+                    audit=audit_trail(settings, index), access=policy)
+
+
+def access_policy(settings: Settings) -> AccessPolicy:
+    """The access rules of ``settings``: ``PACS_ACCESS_FILE`` and the single-entry
+    settings (:func:`pacs.core.access.build`).
+
+    Raises
+    ------
+    ConfigError
+        The access file cannot be read.
+    """
+    return access.build(access_file=settings.access_file,
+                        unknown_ae_rights=settings.unknown_ae_rights,
+                        loopback_roles=settings.loopback_roles,
+                        allowed_calling_aets=settings.allowed_calling_aets,
+                        web_user=settings.web_user, web_password=settings.web_password,
+                        web_token=settings.web_token)
 
 
 def commitments(settings: Settings, index: Index) -> Commitments:

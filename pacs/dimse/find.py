@@ -12,6 +12,7 @@ FF01    a match, some requested optional keys are not supported (sent empty)
 FE00    cancelled by C-CANCEL
 A700    more matches than PACS_QUERY_MAX_ROWS, or the query ran too long
 A900    the identifier breaks the model's level rules
+0124    the calling AE lacks the ``find`` right (:mod:`pacs.core.access`)
 C000    the identifier cannot be decoded or processed
 ======  =========================================================================
 """
@@ -27,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
+from pacs.core.access import FIND
 from pacs.core.errors import Cancelled, InvalidQuery, PacsError
 from pacs.dimse import contexts
 from pacs.dimse.audit import AssociationAudit, keys_of
@@ -36,6 +38,7 @@ from pacs.dimse.identifier import Negotiated, ResponseBuilder, to_find_query
 from pacs.dimse.status import (
     CANCEL,
     FIND_STATUS,
+    NOT_AUTHORIZED,
     PENDING,
     PENDING_UNSUPPORTED_KEYS,
     SUCCESS,
@@ -122,6 +125,10 @@ def _responses(request: Request, services: Services,
     neither the index nor the query's time.  A consumer that stops early (the requestor
     went away) closes the generator, which ends the query.
     """
+    if not services.access.may(request.calling_ae_title, FIND):
+        log.warning("C-FIND from %s refused: the AE may not query", request.calling_ae_title)
+        yield NOT_AUTHORIZED.with_comment("this AE may not query"), None
+        return
     deadline = services.engine.deadline()
     try:
         identifier = decode_identifier(request)

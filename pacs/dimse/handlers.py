@@ -17,8 +17,8 @@ pydicom, the sub-operations decoded from the stored object first and encoded aga
 same bytes for objects pydicom reads), each a limit of pynetdicom's public API:
 
 * a C-MOVE destination that refuses the association is answered A801, not A702;
-* a C-MOVE refused before its first sub-operation (A900, A701) is answered C514 (Unable
-  to process): pynetdicom takes no status before the destination, and associates with
+* a C-MOVE refused before its first sub-operation (A900, A701, 0124) is answered C514
+  (Unable to process): pynetdicom takes no status before the destination, and associates with
   it before the first one (:func:`handle_move`);
 * a C-GET refused before its first sub-operation carries a Number of Failed
   Sub-operations of 1 (pynetdicom takes a status only after a count).
@@ -46,6 +46,7 @@ from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, N_ACTIO
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import decode
 
+from pacs.core.access import ECHO
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse import commitment, contexts, find, limits, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
@@ -54,6 +55,7 @@ from pacs.dimse.sender import log_failure, object_file, route
 from pacs.dimse.status import (
     CANCEL,
     INVALID_SOP_INSTANCE,
+    NOT_AUTHORIZED,
     PENDING,
     RETRIEVE_STATUS,
     SUCCESS,
@@ -84,9 +86,14 @@ def status_dataset(status: Status) -> Dataset:
     return found
 
 
-def handle_echo(event: Event) -> int:
-    """C-ECHO (PS3.4 A.4): always Success."""
-    return SUCCESS.code
+def handle_echo(event: Event, services: Services) -> int:
+    """C-ECHO (PS3.4 A.4): Success, or 0124 when the calling AE lacks the ``echo``
+    right (:mod:`pacs.core.access`; :data:`pacs.dimse.status.NOT_AUTHORIZED`)."""
+    calling = event.assoc.requestor.ae_title
+    if services.access.may(calling, ECHO):
+        return SUCCESS.code
+    log.warning("C-ECHO from %s refused: the AE may not echo", calling)
+    return NOT_AUTHORIZED.code
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
@@ -201,6 +208,11 @@ def handle_get(event: Event, services: Services, audits: Audits | None = None
     audit = _audit(event, audits)
     if audit is not None:
         audit.retrieve_requested(request, get=True)
+    refused = retrieve.not_authorized(request, services, "C-GET")
+    if refused is not None:
+        yield 1  # pynetdicom takes a status only after a count
+        yield status_dataset(refused), None
+        return
     cancelled = _watch(event, request)
     try:
         planned = retrieve.plan(request, services, contexts.GET_MODELS, cancelled)
@@ -227,10 +239,13 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
     instead, which pynetdicom answers C514 (Unable to process).
     """
     request = request_of(event, event.move_destination or "")
-    destination = services.settings.destinations.get(request.move_destination.strip())
+    destination = retrieve.destination(services, request.move_destination)
     audit = _audit(event, audits)
     if audit is not None:
         audit.retrieve_requested(request, destination)
+    refused = retrieve.not_authorized(request, services, "C-MOVE")
+    if refused is not None:
+        raise RefusedBeforeSubOperations(refused)  # pynetdicom: C514, see above
     if destination is None:
         log.warning("C-MOVE from %s refused: move destination %r is not configured",
                     request.calling_ae_title, request.move_destination)
@@ -447,7 +462,7 @@ def bind(services: Services, seam: bool = True, audits: Audits | None = None,
     for the seam; ``reporter``: who delivers storage commitment results,
     :mod:`pacs.dimse.reports`)."""
     bound: list[tuple[Any, ...]] = [
-        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_ECHO, handle_echo, [services]),
         (evt.EVT_C_STORE, handle_store, [services, audits]),
         (evt.EVT_C_FIND, handle_find, [services, audits]),
         (evt.EVT_C_MOVE, handle_move, [services, audits]),

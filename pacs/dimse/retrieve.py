@@ -44,7 +44,9 @@ from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 
 from pacs.core import transcode
+from pacs.core.access import RETRIEVE
 from pacs.core.attributes import Level
+from pacs.core.config import Modality
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse.audit import AssociationAudit, AuditedResponder
 from pacs.dimse.connection import Request, Responder, StoreTarget, SubOperationCounts
@@ -54,6 +56,7 @@ from pacs.dimse.sender import Prepared, Preparer
 from pacs.dimse.status import (
     CANCEL,
     MOVE_DESTINATION_UNKNOWN,
+    NOT_AUTHORIZED,
     PENDING,
     RETRIEVE_STATUS,
     SUBOPERATIONS_WARNING,
@@ -65,7 +68,6 @@ from pacs.dimse.status import (
 )
 
 if TYPE_CHECKING:
-    from pacs.core.config import Modality
     from pacs.core.query.model import InstanceRef, Query
     from pacs.core.services import Services
 
@@ -241,6 +243,29 @@ def destination_contexts(classes: Mapping[str, set[str]]) -> list[PresentationCo
     return [build_context(sop_class, [syntax]) for sop_class, syntax in wanted[:MAX_CONTEXTS]]
 
 
+# -- who may retrieve, and where to -------------------------------------------------------
+
+def not_authorized(request: Request, services: Services, service: str) -> Status | None:
+    """0124 when the calling AE lacks the ``retrieve`` right (:mod:`pacs.core.access`),
+    else ``None``."""
+    if services.access.may(request.calling_ae_title, RETRIEVE):
+        return None
+    log.warning("%s from %s refused: the AE may not retrieve", service,
+                request.calling_ae_title)
+    return NOT_AUTHORIZED.with_comment("this AE may not retrieve")
+
+
+def destination(services: Services, title: str) -> Modality | None:
+    """The C-MOVE destination ``title`` names: a known AE with an address and a port,
+    from ``PACS_MODALITIES`` or the access file (:mod:`pacs.core.access`)."""
+    title = title.strip()
+    found = services.settings.destinations.get(title)
+    if found is not None:
+        return found
+    known = services.access.destinations().get(title)
+    return Modality(known.title, known.host, known.port) if known is not None else None
+
+
 # -- the services -----------------------------------------------------------------------
 
 #: Opens the association to a C-MOVE destination: (destination, stored syntaxes per SOP
@@ -263,19 +288,24 @@ def serve_move(responder: Responder, request: Request, services: Services,
     0000   every sub-operation completed; also when nothing matched
     B000   finished with failures (Failed SOP Instance UID List) or warnings
     A702   every sub-operation failed, or the destination refused us
-    A801   the Move Destination is not a configured modality
+    A801   the Move Destination is not a known AE with an address and a port
+    0124   the calling AE lacks the ``retrieve`` right
     A900   the identifier breaks the retrieve rules (C.4.2.1.4)
     A701   the index failed, or more than 65,535 instances matched
     FE00   cancelled by C-CANCEL (Remaining = sub-operations not started)
     C000   anything else (a bug), with an Error Comment
     =====  ==================================================================
     """
-    destination = services.settings.destinations.get(request.move_destination.strip())
+    target_ae = destination(services, request.move_destination)
     if audit is not None:
-        audit.retrieve_requested(request, destination)
+        audit.retrieve_requested(request, target_ae)
         responder = AuditedResponder(responder, request, audit)
     try:
-        if destination is None:
+        refused = not_authorized(request, services, _MOVE)
+        if refused is not None:
+            send_final(responder, request, refused)
+            return
+        if target_ae is None:
             log.warning("C-MOVE from %s refused: move destination %r is not configured",
                         request.calling_ae_title, request.move_destination)
             send_final(responder, request,
@@ -286,11 +316,11 @@ def serve_move(responder: Responder, request: Request, services: Services,
         if refusal is not None:
             send_final(responder, request, *refusal)
             return
-        target = connect(destination, planned.classes,
+        target = connect(target_ae, planned.classes,
                          (request.calling_ae_title, request.message_id))
         if target is None:
             log.warning("C-MOVE destination %s (%s:%d) refused or could not be reached",
-                        destination.ae_title, destination.host, destination.port)
+                        target_ae.ae_title, target_ae.host, target_ae.port)
             send_final(responder, request, UNABLE_TO_PERFORM_SUBOPERATIONS.with_comment(
                 "move destination refused the association"),
                        Counts(planned.total, failed=planned.total))
@@ -316,6 +346,10 @@ def serve_get(responder: Responder, request: Request, services: Services,
         audit.retrieve_requested(request, get=True)
         responder = AuditedResponder(responder, request, audit)
     try:
+        refused = not_authorized(request, services, _GET)
+        if refused is not None:
+            send_final(responder, request, refused)
+            return
         planned = plan(request, services, models, responder.cancelled)
         refusal = count_refusal(planned.total)
         if refusal is not None:

@@ -27,6 +27,9 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs.core import audit
+from pacs.core.access import AccessPolicy
+from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.net import listening_socket, worker_count
 from pacs.core.services import Services, build
@@ -60,9 +63,10 @@ def make_ae(settings: Settings) -> NodeAE:
     # C-MOVE destinations are connected from this AE: an unreachable one must fail
     # (A702) within the timeout, not the operating system's minutes.
     ae.connection_timeout = settings.dimse_timeout
-    # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.
+    # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.  The
+    # calling AE title is checked by the access rules (_authorize), which hold
+    # PACS_ALLOWED_CALLING_AETS too.
     ae.require_called_aet = True
-    ae.require_calling_aet = list(settings.allowed_calling_aets)
     # Not ``ae.supported_contexts = ...``: that setter drops the SCU/SCP role flags,
     # and without them a C-GET requestor's SCP role proposal is refused (PS3.7 D.3.3.4).
     for context in contexts.scp_contexts():
@@ -287,8 +291,8 @@ def _start_artim(event: Any, seconds: float, left: ArtimLeft | None = None) -> N
 #: service provider (presentation related), local-limit-exceeded.
 REJECT_FULL = (0x02, 0x03, 0x02)
 #: A-ASSOCIATE-RJ when the calling AE title is not the one the client certificate
-#: names (PS3.8 9.3.4): rejected-permanent, by the service user, calling AE title not
-#: recognized.
+#: names, or one the access rules refuse (PS3.8 9.3.4): rejected-permanent, by the
+#: service user, calling AE title not recognized.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 
 
@@ -341,6 +345,37 @@ def connection_limits_of(settings: Settings) -> ConnectionLimits:
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
         alive=_holds_its_place)
+def _authorize(event: Any, policy: AccessPolicy, trail: AuditTrail) -> None:
+    """EVT_REQUESTED, after :func:`_admit`: reject the association of an AE the access
+    rules give no rights, or of a known AE calling from another address
+    (:meth:`pacs.core.access.AccessPolicy.association_refusal`), with
+    :data:`REJECT_CALLING_AE`; the refusal is a Security Alert in the audit trail
+    (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was stopped).
+    """
+    assoc = event.assoc
+    if assoc.is_rejected or assoc.is_aborted:
+        return  # refused already by the limits
+    calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
+    try:
+        host = str(assoc.requestor.address)
+    except Exception:  # noqa: BLE001 - no address information
+        host = ""
+    refusal = policy.association_refusal(calling, host)
+    if refusal is None:
+        return
+    log.warning("Rejecting the association from %s: %s", host or "?", refusal)
+    if trail.enabled:  # first: the event is in the trail before the peer hears of it
+        try:
+            trail.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
+                                 f"association rejected: {refusal}", audit.MINOR_FAILURE,
+                                 [Participant(calling.strip() or "(none)", True,
+                                              address=host)])
+        except Exception:  # the rejection stands whatever happens to its event
+            log.error("audit trail: the event of a rejected association could not be "
+                      "made", exc_info=True)
+    assoc.acse.send_reject(*REJECT_CALLING_AE)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
 
 
 def start(services: Services, address: tuple[str, int] | None = None,
@@ -397,6 +432,7 @@ def start(services: Services, address: tuple[str, int] | None = None,
                                    reporter=reporter),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit, [connection_limits]),
+                    (evt.EVT_REQUESTED, _authorize, [services.access, services.audit]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]

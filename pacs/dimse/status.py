@@ -73,6 +73,7 @@ CODES: dict[int, tuple[str, str]] = {
     0x0117: ("Invalid SOP Instance", "PS3.7 C.5"),
     0x0118: ("No such SOP Class", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
     0x0123: ("No such action", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
+    0x0124: ("Refused: not authorized", "PS3.7 C.5.21"),
     0x0213: ("Resource limitation", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
 }
 
@@ -102,6 +103,14 @@ NO_SUCH_ACTION = Status(0x0123)
 RESOURCE_LIMITATION = Status(0x0213)
 #: C-STORE of an instance a rejection note removed (IHE RAD TF-2 4.66.4).
 REJECTED_INSTANCE = Status(0xA771)
+#: The calling AE lacks the right the request needs (:mod:`pacs.core.access`).  A
+#: general failure status (PS3.7 C.5.21), which PS3.7 9.1.1.1.9 lists for C-STORE and
+#: the node answers for every DIMSE operation it refuses so: pynetdicom takes it as a
+#: failure of every service, dcmtk reports it by its code, and no code of those
+#: services' own tables (PS3.4 Table C.4-1 to C.4-3) says "not authorized" (A700 and
+#: A801 say "out of resources" and "destination unknown", which would send an operator
+#: looking for the wrong fault).
+NOT_AUTHORIZED = Status(0x0124)
 
 _Table = tuple[tuple[type[errors.PacsError], Status], ...]
 

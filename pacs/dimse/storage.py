@@ -9,7 +9,9 @@ EVT_C_STORE handler returns the same status (:func:`pacs.dimse.handlers.handle_s
 ======  ====================================================================
 0000    stored, or the same object was already stored, or kept-first policy
 0117    invalid SOP Instance UID (also any other identifying UID)
-0111    a different object under a stored UID and the policy is ``reject``
+0111    a different object under a stored UID and the policy is ``reject``, or
+        the calling AE lacks the ``overwrite`` right (nothing is changed)
+0124    the calling AE lacks the ``store`` right (:mod:`pacs.core.access`)
 A900    the command's SOP Class / Instance UIDs differ from the data set's
 C000    the data set does not parse or is truncated
 A700    over PACS_MAX_OBJECT_BYTES, or the store or the index failed (nothing
@@ -27,8 +29,9 @@ from typing import TYPE_CHECKING
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from pacs.core.access import OVERWRITE, STORE
 from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError
-from pacs.dimse.status import STORE_STATUS, SUCCESS, Status, status_for
+from pacs.dimse.status import NOT_AUTHORIZED, STORE_STATUS, SUCCESS, Status, status_for
 
 if TYPE_CHECKING:
     from pacs.core.services import Services
@@ -85,13 +88,18 @@ def store(services: Services, request: StoreRequest,
 def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
     """The status, and the Study Instance UID of the instance stored ("" on failure)."""
     calling = request.calling_ae_title
+    policy = services.access
+    if not policy.may(calling, STORE):
+        log.warning("C-STORE from %s refused: the AE may not store", calling)
+        return NOT_AUTHORIZED.with_comment("this AE may not store"), ""
     try:
         if request.too_large:
             raise ObjectTooLarge(f"a data set of {request.received} bytes, over "
                                  f"PACS_MAX_OBJECT_BYTES ({request.limit})")
         result = services.ingest.store_bytes(
             part10(request), calling_ae=calling,
-            expected=(request.sop_class_uid, request.sop_instance_uid))
+            expected=(request.sop_class_uid, request.sop_instance_uid),
+            may_overwrite=policy.may(calling, OVERWRITE))
     except InvalidInstance as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
         return status_for(STORE_STATUS, exc), ""

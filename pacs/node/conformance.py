@@ -43,6 +43,7 @@ from adapters.dicomweb import (
 from adapters.dicomweb.accept import MULTIPART
 from pacs.core import commitment, frames, transcode
 from pacs.core.config import Settings
+from pacs.core.services import access_policy
 from pacs.dimse import contexts, handlers, limits, reports, retrieve, server
 
 if TYPE_CHECKING:
@@ -134,9 +135,13 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
             {"when": "the Called AE Title is not the node's",
              "result": 1, "source": 1, "reason": 7,
              "applies": bool(ae.require_called_aet)},
-            {"when": "the Calling AE Title is not in PACS_ALLOWED_CALLING_AETS",
+            {"when": "the Calling AE Title has no rights (not known, and "
+                     "PACS_UNKNOWN_AE_RIGHTS or PACS_ALLOWED_CALLING_AETS leave unknown "
+                     "AEs none), or a known AE calls from another address",
              "result": 1, "source": 1, "reason": 3,
-             "applies": bool(ae.require_calling_aet)},
+             "applies": _known_aes_only(settings)
+             or any(not known.rights or known.host
+                    for known in access_policy(settings).aes.values())},
             {"when": "the worker holds PACS_MAX_ASSOCIATIONS associations, or "
                      "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address",
              # rejected-transient, service provider (presentation), local-limit-exceeded
@@ -243,7 +248,13 @@ def _character_sets(settings: Settings) -> dict[str, Any]:
 TLS_PROFILE = "BCP 195 RFC 8996, 9325 TLS Secure Transport Connection Profile (PS3.15 B.12)"
 
 
+def _known_aes_only(settings: Settings) -> bool:
+    """True when an AE the access rules do not know may not associate."""
+    return not access_policy(settings).unknown_ae_rights
+
+
 def _security(settings: Settings, ae: Any) -> dict[str, Any]:
+    policy = access_policy(settings)
     return {
         "profiles": [TLS_PROFILE] if settings.dimse_tls_port or settings.tls_cert else [],
         "dimse_tls": bool(settings.dimse_tls_port),
@@ -251,14 +262,21 @@ def _security(settings: Settings, ae: Any) -> dict[str, Any]:
         "dimse_plain": bool(settings.dimse_port),
         "dimse_client_certificates": bool(settings.dimse_tls_ca),
         "called_ae_title_checked": bool(ae.require_called_aet),
-        "calling_ae_titles": list(ae.require_calling_aet),
+        # The calling AE titles that may associate, when only known ones may.
+        "calling_ae_titles": sorted(title for title, known in policy.aes.items()
+                                    if known.rights) if _known_aes_only(settings) else [],
+        "unknown_ae_rights": sorted(policy.unknown_ae_rights),
+        "known_aes": [{"ae_title": known.title, "rights": sorted(known.rights),
+                       "address": known.host or "any"}
+                      for known in policy.aes.values()],
         "move_destinations_only_configured": True,
         "audit_trail": settings.audit_log.strip().lower() != "off",
         "dicomweb_https": bool(settings.tls_cert),
         "dicomweb_client_certificates": bool(settings.tls_ca),
         "dicomweb_open": settings.web_open,
-        "dicomweb_basic": bool(settings.web_user and settings.web_password),
-        "dicomweb_bearer": bool(settings.web_token),
+        "dicomweb_basic": policy.has_passwords,
+        "dicomweb_bearer": policy.has_tokens,
+        "dicomweb_loopback_roles": sorted(policy.loopback_roles),
         "dicomweb_hosts": list(settings.web_hosts),
         "cors_origins": list(settings.cors_origins),
     }
@@ -607,8 +625,9 @@ def _acceptance(data: dict[str, Any]) -> str:
                   for r in assoc["rejections"] if r["applies"]]
     text = [f"""#### 3.2.3 Association Acceptance Policy [A.4.2.1.4]
 
-`{ae}` accepts associations from any peer address, within the limits of 3.2.2.2.  It
-rejects an A-ASSOCIATE-RQ (PS3.8 9.3.4) as follows:
+`{ae}` accepts associations from any peer address (a known AE of `PACS_ACCESS_FILE`
+with an address only from that one), within the limits of 3.2.2.2.  It rejects an
+A-ASSOCIATE-RQ (PS3.8 9.3.4) as follows:
 
 {_table(["Condition", "Result", "Source", "Reason/Diag."], rejections)}
 
@@ -888,7 +907,10 @@ stored as received); the index holds their values decoded.  DICOMweb answers are
 def _security_text(data: dict[str, Any]) -> str:
     sec = data["security"]
     calling = (", ".join(f"`{a}`" for a in sec["calling_ae_titles"])
-               if sec["calling_ae_titles"] else "any (`PACS_ALLOWED_CALLING_AETS` empty)")
+               if sec["calling_ae_titles"] else
+               "any, with the rights of `PACS_UNKNOWN_AE_RIGHTS` ("
+               + (", ".join(sec["unknown_ae_rights"]) or "none") + ") unless known"
+               if sec["unknown_ae_rights"] else "none")
     if sec["dicomweb_open"]:
         access = "every request is answered without credentials (`PACS_WEB_OPEN=true`)"
     else:
@@ -897,11 +919,17 @@ def _security_text(data: dict[str, Any]) -> str:
         access = ("requests from the node's own host (loopback) that name it in their "
                   "Host header (a loopback name or address"
                   + "".join(f", `{h}`" for h in sec["dicomweb_hosts"])
-                  + "; `PACS_WEB_HOSTS`) are answered without credentials; requests from "
+                  + "; `PACS_WEB_HOSTS`) are answered without credentials, with the roles "
+                  "of `PACS_LOOPBACK_ROLES` ("
+                  + (", ".join(sec["dicomweb_loopback_roles"]) or "none") + "); requests from "
                   "other hosts only over HTTPS (over plain HTTP: 403, their credentials "
                   "never compared) and with "
                   + (" or ".join(ways) if ways else
-                     "credentials, of which none are configured, so they are refused"))
+                     "credentials, of which none are configured, so they are refused")
+                  + "; a request needs a role: read for GET (QIDO-RS, WADO-RS, the "
+                  "viewer), write for POST (STOW-RS), admin for DELETE (401 with a "
+                  "challenge without valid credentials, 403 for a user without the role; "
+                  "users and their roles: `PACS_ACCESS_FILE`)")
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
     audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
@@ -932,9 +960,14 @@ converted to another transfer syntax for a peer loses their validity.
 ### 7.2 Association Level Security [A.8.2]
 
 - Called AE Title checked: {_yes(sec["called_ae_title_checked"])}.
-- Calling AE Titles allowed: {calling}.
-- C-MOVE destinations: only those configured (`PACS_MODALITIES`); any other is
-  refused (A801).
+- Calling AE Titles allowed: {calling}.  Rights per AE (echo, store, overwrite,
+  find, retrieve) come from `PACS_ACCESS_FILE`; an operation the calling AE has no
+  right to is refused with 0124 (Refused: not authorized, PS3.7 C.5.21), a store
+  that would replace a different object without the overwrite right with 0111; an
+  AE with no rights, or a known AE from another address, is rejected (A-ASSOCIATE-RJ,
+  calling AE title not recognized).
+- C-MOVE destinations: only known AEs with an address and a port
+  (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); any other is refused (A801).
 - Limits per peer address and per worker process (3.2.2.2).
 
 ### 7.3 Application Level Security [A.8.3]

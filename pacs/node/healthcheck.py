@@ -3,7 +3,8 @@
 The container's HEALTHCHECK (Dockerfile, compose.yml).  It asks the running node over
 HTTP rather than opening the index itself, so "healthy" means the DICOMweb server is up
 *and* its store and index are sound.  The request comes from loopback inside the
-container, which the access rule lets through without credentials.  With
+container, which the access rule lets through without credentials when
+``PACS_LOOPBACK_ROLES`` holds ``read`` (compose.yml keeps that role alone).  With
 ``PACS_TLS_CERT`` the port speaks HTTPS only: the check does too, without verifying the
 certificate (it names the node's public host, not 127.0.0.1, and nothing secret is sent
 or read).

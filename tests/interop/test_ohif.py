@@ -280,14 +280,74 @@ def test_a_browser_on_another_host_gets_in_with_the_credentials(
     assert status == 401 and headers["www-authenticate"].startswith("Basic")
     assert get(base + "/dicom-web/studies", trusted)[0] == 401
     assert get(f"http://{address}:{port}/")[0] == 400  # HTTPS only: no password in clear
-    folder = tmp_path_factory.mktemp("ohif-remote-data")
+    # The certificate was verified above with its CA; the browser is told to accept it.
+    view_ct_as(node, base, tmp_path_factory.mktemp("ohif-remote-data"), "remote",
+               "viewer", "not-so-secret")
+
+
+def view_ct_as(node: Node, base: str, folder: Path, name: str, user: str,
+               password: str) -> None:
+    """Send the CT study, then list and view it in the browser logged in as ``user``
+    (HTTP Basic over HTTPS, the node's certificate accepted)."""
     ct = [s for s in make_studies(folder) if s.name == "ct"]
     for other in ("jpeg", "j2k", "rle"):
         (folder / f"{other}.dcm").unlink()
     send(node, folder, ct)
-    # The certificate was verified above with its CA; the browser is told to accept it.
-    results = run_browser(base, ct, ARTIFACTS / "remote", HTTP_USER="viewer",
-                          HTTP_PASSWORD="not-so-secret", ACCEPT_CERTIFICATE="1")
+    results = run_browser(base, ct, ARTIFACTS / name, HTTP_USER=user,
+                          HTTP_PASSWORD=password, ACCEPT_CERTIFICATE="1")
     assert results["studyList"]["listed"] == {"ct": True}, results["log"]
     assert results["studies"]["ct"]["passed"], results["log"]
     assert results["failedRequests"] == [], _failures(results)
+
+
+# --- a user of the access file, with roles ---------------------------------------------
+
+@pytest.mark.timeout(BROWSER_TIMEOUT + 120)
+def test_a_reader_of_the_access_file_logs_in_and_views(
+        node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Known AEs and users only (PACS_UNKNOWN_AE_RIGHTS and PACS_LOOPBACK_ROLES empty, as
+    closed as compose): the browser logs in with HTTP Basic over HTTPS as a user with the
+    read role, and OHIF lists and draws the study; without credentials 401, a user
+    without the read role 403, the page and DICOMweb alike."""
+    from pacs.core import access
+    from tests.tlsfiles import make_pki
+
+    require_tools()
+    folder = tmp_path_factory.mktemp("ohif-users")
+    pki = make_pki(folder / "pki")
+    (folder / "access.toml").write_text(
+        '[[ae]]\ntitle = "OHIFTEST"\nrights = ["store"]\n\n'
+        f'[[user]]\nname = "reader"\npassword = "{access.hash_password("look-only")}"\n'
+        'roles = ["read"]\n\n'
+        f'[[user]]\nname = "uploader"\npassword = "{access.hash_password("up-only")}"\n'
+        'roles = ["write"]\n')
+    node = node_factory("ohif-users", PACS_VIEWER_DIST=str(DIST),
+                        PACS_ACCESS_FILE=str(folder / "access.toml"),
+                        PACS_UNKNOWN_AE_RIGHTS="", PACS_LOOPBACK_ROLES="",
+                        PACS_TLS_CERT=str(pki.server_cert), PACS_TLS_KEY=str(pki.server_key))
+    port = int(node.env["PACS_VIEWER_PORT"])
+    wait_for_port(port, timeout=60)
+    base = f"https://127.0.0.1:{port}"
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    for path in ("/", "/dicom-web/studies"):
+        status, headers, _ = get(base + path, trusted)
+        assert status == 401 and headers["www-authenticate"].startswith("Basic"), path
+        assert _get_as(base + path, trusted, "uploader", "up-only") == 403, path
+        assert _get_as(base + path, trusted, "reader", "look-only") == 200, path
+    view_ct_as(node, base, tmp_path_factory.mktemp("ohif-users-data"), "users", "reader",
+               "look-only")
+    trail = (node.data_dir / "audit.jsonl").read_text()
+    assert '"UserID":"reader"' in trail  # the viewer's requests, under the user's name
+
+
+def _get_as(url: str, context: ssl.SSLContext, user: str, password: str) -> int:
+    """The status of a GET with HTTP Basic credentials."""
+    import base64
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from falcon import testing
 
 from adapters.dicomweb.app import create_app
 from adapters.http import auth
+from pacs.core.access import AccessPolicy
 from pacs.core.services import Services
 from pacs.node.apps import viewer_port
 
@@ -39,15 +41,17 @@ GOOD_BEARER = "Bearer tok-123"
 
 @pytest.fixture
 def compared(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every secret the access rule compares (the constant-time comparison, spied)."""
+    """Every secret the access rule checks (the policy's password and token checks,
+    spied)."""
     seen: list[str] = []
-    original = auth._equal
+    for name in ("by_password", "by_token"):
+        original = getattr(AccessPolicy, name)
 
-    def spy(given: str, expected: str) -> bool:
-        seen.append(given)
-        return original(given, expected)
+        def spy(self: AccessPolicy, *args: str, _original: Any = original) -> Any:
+            seen.append(args[-1])
+            return _original(self, *args)
 
-    monkeypatch.setattr(auth, "_equal", spy)
+        monkeypatch.setattr(AccessPolicy, name, spy)
     return seen
 
 

@@ -88,7 +88,7 @@ def test_the_statement_follows_the_settings() -> None:
     text = conformance.markdown(data)
     for fact in ("`ARCHIVE7`", "| 11112 |", "port 8042", "65536 bytes", "`CT1`, `MR2`",
                  "| WS1 | 127.0.0.9 | 104 | No |", "case-sensitive", "PACS_WEB_OPEN=true",
-                 "the Calling AE Title is not in PACS_ALLOWED_CALLING_AETS"):
+                 "the Calling AE Title has no rights"):
         assert fact in text, fact
     assert "the Calling AE Title" not in conformance.markdown(
         conformance.statement(defaults()))

@@ -136,7 +136,7 @@ def test_published_ports(services: dict[str, Any]) -> None:
 def test_volumes(services: dict[str, Any]) -> None:
     assert [plain(v) for v in services["pacs"]["volumes"]] == [
         "./dicom_data:/app/data", "./customer/${CUSTOMER}/uploads:/dcmfiles",
-        "${PACS_TLS_DIR}:/run/pacs-tls:ro"]
+        "${PACS_TLS_DIR}:/run/pacs-tls:ro", "${PACS_ACCESS_DIR}:/run/pacs-access:ro"]
     assert [plain(v) for v in services["minio"]["volumes"]] == ["./customer/${CUSTOMER}:/data"]
     assert "server /data" in services["minio"]["command"]
 
@@ -191,6 +191,28 @@ def test_dicomweb_access_is_set_explicitly(services: dict[str, Any]) -> None:
     assert env["PACS_WEB_OPEN"] == "false"
     assert env["PACS_WEB_USER"].startswith("${PACS_WEB_USER:?")
     assert env["PACS_WEB_PASSWORD"].startswith("${PACS_WEB_PASSWORD:?")
+
+
+@pytest.mark.parametrize("name", ["pacs", "pacs-distributed"])
+def test_compose_lets_known_aes_only_from_the_mounted_access_file(
+        services: dict[str, Any], name: str) -> None:
+    # Unknown AEs get no rights (A-ASSOCIATE-RJ); the file lists who may do what.
+    env = services[name]["environment"]
+    assert env["PACS_UNKNOWN_AE_RIGHTS"] == ""
+    assert config.load(overrides={"PACS_UNKNOWN_AE_RIGHTS": env["PACS_UNKNOWN_AE_RIGHTS"]},
+                       environ={}, env_file=None).unknown_ae_rights == frozenset()
+    assert env["PACS_LOOPBACK_ROLES"] == "read"  # the healthcheck's GET /health
+    mounts = {plain(v).split(":")[1]: v for v in services[name]["volumes"]}
+    folder = str(Path(env["PACS_ACCESS_FILE"]).parent)
+    assert mounts[folder].endswith(":ro")
+    assert plain(mounts[folder]).startswith("${PACS_ACCESS_DIR}:")
+    # The example the compose comment copies parses, and holds hashes only.
+    from pacs.core import access
+
+    example = ROOT / "access.example.toml"
+    assert "cp access.example.toml access/" in (ROOT / "compose.yml").read_text()
+    tables = access.load_file(example)
+    assert tables.aes and all(ae.rights for ae in tables.aes)
 
 
 @pytest.mark.parametrize("name", ["pacs", "pacs-distributed"])

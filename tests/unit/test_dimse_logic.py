@@ -17,8 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import decode, encode
 
-from pacs.core import config, errors
+from pacs.core import access, config, errors
 from pacs.core.attributes import Level
+from pacs.core.index import reads
 from pacs.core.query.model import Query
 from pacs.core.services import Services
 from pacs.dimse import find, retrieve, seam, status, storage
@@ -347,3 +348,64 @@ def test_the_seam_is_written_for_the_pinned_pynetdicom() -> None:
                       re.MULTILINE)
     assert tuple(pins) == seam.SUPPORTED_VERSIONS
     assert seam.supported() and not seam.supported("3.0.5")
+
+
+# --- rights (pacs.core.access) ------------------------------------------------------------
+
+@pytest.fixture
+def rights(make_services: Any) -> Services:
+    """SCU may only echo and store (no overwrite, find or retrieve); the destination
+    is known with its address in the access policy alone."""
+    services: Services = make_services()
+    services.access = access.AccessPolicy(aes={
+        "SCU": access.KnownAE("SCU", frozenset({"echo", "store"})),
+        "DEST": access.KnownAE("DEST", frozenset(), "127.0.0.1", 104)})
+    _load(services, studies=1, per_study=1)
+    return services
+
+
+def test_each_operation_without_its_right_is_0124_and_touches_nothing(
+        rights: Services) -> None:
+    responses = _responses(rights, _identifier("STUDY", StudyInstanceUID=""))
+    assert [(s.code, ident) for s, ident in responses] == [(0x0124, None)]
+    responder, target = _Responder(), _Target()
+    _get(rights, responder, target, StudyInstanceUID="1.2.7.0")
+    assert [(s.code, c) for s, _, c in responder.sent] == [(0x0124, None)]
+    assert target.received == []
+    responder = _Responder()
+    _move(rights, responder, "DEST", lambda *args: pytest.fail("connected"))
+    assert [s.code for s, _, _ in responder.sent] == [0x0124]
+
+
+def test_store_needs_store_and_overwrite_rights(rights: Services) -> None:
+    uids = {"StudyInstanceUID": "1.2.8", "SeriesInstanceUID": "1.2.8.0",
+            "SOPInstanceUID": "1.2.8.1"}
+    data = make_instance(PatientName="FIRST^NAME", **uids)
+    assert storage.store(rights, _store_request(data)) == status.SUCCESS
+    assert storage.store(rights, _store_request(data)) == status.SUCCESS  # unchanged
+    changed = make_instance(PatientName="OTHER^NAME", **uids)
+    refused = storage.store(rights, _store_request(changed))
+    assert refused.code == 0x0111 and "may not overwrite" in (refused.comment or "")
+    stored = reads.lookup(rights.index.connection(), "1.2.8.1")
+    assert stored is not None
+    def held() -> bytes:
+        with rights.store.open(stored.object_key) as source:
+            return bytes(source.read())
+
+    assert held().endswith(_store_request(data).data_set)  # nothing changed
+    # An AE the policy does not know has the default rights: every one.
+    assert storage.store(rights, _store_request(changed, calling_ae_title="OTHER")) \
+        == status.SUCCESS
+    assert held().endswith(_store_request(changed).data_set)
+    rights.access = access.AccessPolicy(unknown_ae_rights=frozenset({"find"}))
+    assert storage.store(rights, _store_request(data, calling_ae_title="X")).code == 0x0124
+
+
+def test_a_destination_of_the_access_policy_is_connected(rights: Services) -> None:
+    rights.access = access.AccessPolicy(aes={
+        "SCU": access.KnownAE("SCU", access.AE_RIGHTS),
+        "DEST": access.KnownAE("DEST", frozenset(), "127.0.0.9", 11112)})
+    connected: list[config.Modality] = []
+    _move(rights, _Responder(), "DEST",
+          lambda destination, *args: connected.append(destination))
+    assert connected == [config.Modality("DEST", "127.0.0.9", 11112)]
