@@ -114,6 +114,7 @@ def rig(node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFact
             PACS_UNKNOWN_AE_RIGHTS="", PACS_LOOPBACK_ROLES="",
             PACS_TLS_CERT=str(pki.server_cert), PACS_TLS_KEY=str(pki.server_key),
             PACS_WEB_WORKERS="1", PACS_VIEWER_WORKERS="1", PACS_UPLOADS_POLL="0",
+            PACS_WEB_DELETE="true",
             PACS_VIEWER_DIST=str(fake_dist(folder / "dist")))
         ct = fresh_ct(PatientID="RIGHTS-1")
         ct.save_as(folder / "ct.dcm", enforce_file_format=True)
@@ -305,11 +306,15 @@ def test_each_role_reads_writes_or_is_refused(rig: Rig) -> None:
 
 
 def test_delete_needs_the_admin_role(rig: Rig) -> None:
-    """No removal route is served here: the writer is refused before routing (403),
-    the admin reaches the routes (405: no such method)."""
-    url = f"{web(rig.node)}/studies/{rig.study}"
+    """DELETE (PACS_WEB_DELETE on): the writer is refused (403) and the study stays; the
+    admin removes it."""
+    ct = fresh_ct(PatientID="RIGHTS-DELETE")
+    DICOMwebClient(web(rig.node), session=_session(rig, "writer")).store_instances([ct])
+    url = f"{web(rig.node)}/studies/{ct.StudyInstanceUID}"
     assert _session(rig, "writer").delete(url, timeout=30).status_code == 403
-    assert _session(rig, "boss").delete(url, timeout=30).status_code in (204, 405)
+    assert ct.SOPInstanceUID in rig.node.index()
+    assert _session(rig, "boss").delete(url, timeout=30).status_code in (200, 204)
+    assert ct.SOPInstanceUID not in rig.node.index()
 
 
 def test_the_audit_trail_names_the_user_and_the_refusals(rig: Rig) -> None:
