@@ -58,6 +58,7 @@ name.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -413,7 +414,7 @@ class AccessPolicy:
         user = self.users.get(name)
         if user is None or not user.password:
             # The same cost as a wrong password: no telling which names exist.
-            verify_password(password, _DUMMY_HASH)
+            verify_password(password, _dummy_hash())
             return None
         key = hmac.new(self._cache_key, f"{name}\0{password}".encode(), "sha256").digest()
         with self._lock:
@@ -437,7 +438,11 @@ class AccessPolicy:
         return None
 
 
-_DUMMY_HASH = hash_password("", salt=b"\0" * 16)
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to verify against for a user who does not exist (made once, on first
+    need: scrypt is not free at import)."""
+    return hash_password("", salt=b"\0" * 16)
 
 
 def ip_of(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
