@@ -250,14 +250,6 @@ class Access:
                 description=f"this request needs the {role} role")
         return identity
 
-    def has_role(self, req: falcon.Request, role: str) -> bool:
-        """True when :meth:`require` lets ``req`` pass for ``role``."""
-        try:
-            self.require(req, role)
-        except falcon.HTTPError:
-            return False
-        return True
-
 
 class AccessMiddleware:
     """Refuse requests that :class:`Access` does not allow, or whose method's role
