@@ -282,6 +282,11 @@ def test_refused_while_off_and_retention(node_factory: Callable[..., Node],
               if event_name(e) == "DICOM Study Deleted"]
     assert [studies_in(e) for e in events] == [[study.uid]]
     assert events[0]["ActiveParticipant"][0]["UserID"] == AE_TITLE
+    # The companion logs the run once it has ended (after the audit event).
+    deadline = time.monotonic() + 10
+    while ("data retention: 1 expired stud(ies) removed" not in aged.log()
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
     assert "data retention: 1 expired stud(ies) removed" in aged.log()
 
 
