@@ -136,7 +136,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CUSTOMER", "customer", "default",
             "Customer name; each customer has its own data folder, index and key prefix."),
     Setting("PACS_DATA_DIR", "data_dir", "",
-            "Data folder (index, objects, uploads); empty means ./customer/<CUSTOMER>."),
+            "Data folder (index, objects, uploads); empty means ./customer/<CUSTOMER>.  "
+            "With PACS_CUSTOMERS_FILE: the folder holding one data folder per customer "
+            "(empty means ./customer)."),
+    Setting("PACS_CUSTOMERS_FILE", "customers_file", "",
+            "TOML file of the customers one node serves (each its called AE titles, host "
+            "names, data folder, store, move destinations; README, 'Several customers'); "
+            "empty: the one customer CUSTOMER."),
     Setting("PACS_AE_TITLE", "ae_title", "INTELPIXEL", "Called AE title of the DIMSE SCP."),
     Setting("PACS_DIMSE_PORT", "dimse_port", "32773",
             "DIMSE listening port (plain TCP); 0 turns it off (DICOM TLS only, "
@@ -325,8 +331,9 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
-#: Every setting by its :class:`Settings` field name.
+#: Every setting by its :class:`Settings` field name, and by its environment name.
 _BY_ATTR = {setting.attr: setting for setting in SETTINGS}
+_BY_ENV = {setting.env: setting for setting in SETTINGS}
 
 
 def _default(attr: str) -> Any:
@@ -377,6 +384,7 @@ class Settings:
 
     customer: str = _default("customer")
     data_dir: Path = Path("customer") / _default("customer")
+    customers_file: str = _default("customers_file")
     ae_title: str = _default("ae_title")
     dimse_port: int = _default("dimse_port")
     dimse_tls_port: int = _default("dimse_tls_port")
@@ -484,7 +492,14 @@ class Settings:
         return rows
 
 
-def _validate_customer(name: str) -> str:
+def validate_customer(name: str) -> str:
+    """``name`` when it can be a customer's folder name and key prefix.
+
+    Raises
+    ------
+    ConfigError
+        Empty, longer than 64 characters, or other than letters, digits, '-' and '_'.
+    """
     # The customer name becomes a folder and a key prefix: keep it to a safe alphabet.
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
     if not name or not set(name) <= allowed or len(name) > 64:
@@ -527,14 +542,45 @@ def load(
             values[setting.attr] = setting.parse(raw[setting.env])
         except ValueError as exc:
             raise ConfigError(f"{setting.env}: {exc}") from None
-    values["customer"] = _validate_customer(values["customer"])
-    data_dir = values["data_dir"] or str(Path("customer") / values["customer"])
-    values["data_dir"] = Path(data_dir).absolute()
+    values["customer"] = validate_customer(values["customer"])
+    # With a customers file the data folder holds one folder per customer
+    # (pacs.core.customers); else it is the one customer's.
+    default_dir = Path("customer")
+    if not values["customers_file"]:
+        default_dir /= values["customer"]
+    values["data_dir"] = Path(values["data_dir"] or default_dir).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
     settings = Settings(**values)
     check_dimse_tls(settings)
     return settings
+
+
+def derive(settings: Settings, overrides: Mapping[str, str]) -> Settings:
+    """``settings`` with some values replaced, by environment name, each parsed as
+    :func:`load` parses it (one customer's settings, :mod:`pacs.core.customers`).
+
+    Raises
+    ------
+    ConfigError
+        An unknown name, or a value that cannot be parsed.
+    """
+    values: dict[str, Any] = {}
+    for env, text in overrides.items():
+        setting = _BY_ENV.get(env)
+        if setting is None:
+            raise ConfigError(f"{env}: not a setting")
+        try:
+            values[setting.attr] = setting.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{env}: {exc}") from None
+    if "customer" in values:
+        values["customer"] = validate_customer(values["customer"])
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"]).absolute()
+    if "modalities" in values:
+        values["destinations"] = parse_modalities(values["modalities"])
+    return dataclasses.replace(settings, **values)
 
 
 def check_tls(cert: str, key: str, ca: str) -> None:

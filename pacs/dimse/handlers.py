@@ -455,12 +455,33 @@ def tcp_settings(event: Event) -> None:
 
 def bind(services: Services, seam: bool = True, audits: Audits | None = None,
          reporter: commitment.Reports | None = None) -> list[tuple[Any, ...]]:
-    """The ``evt_handlers`` list for an association server (``seam``: the seam serves
-    its associations, and pynetdicom's own Q/R loop never runs; ``audits``: where each
-    association's operations are reported for the audit trail, :mod:`pacs.dimse.audit`,
-    also bound as the second argument of the C-STORE, C-FIND, C-MOVE and C-GET handlers
-    for the seam; ``reporter``: who delivers storage commitment results,
-    :mod:`pacs.dimse.reports`)."""
+    """The ``evt_handlers`` list for an association server of one customer: the
+    handlers of every association (:func:`common`) and those of the customer
+    (:func:`of_customer`)."""
+    return [*common(seam), *of_customer(services, seam, audits, reporter)]
+
+
+def common(seam: bool = True) -> list[tuple[Any, ...]]:
+    """The handlers that need no customer's services (``seam``: the seam serves the
+    associations, and pynetdicom's own Q/R loop never runs)."""
+    bound: list[tuple[Any, ...]] = [(evt.EVT_SOP_EXTENDED, handle_sop_extended)]
+    if not seam:
+        bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
+                  (evt.EVT_DIMSE_RECV, answer_invalid_store)]
+    return bound
+
+
+def of_customer(services: Services, seam: bool = True, audits: Audits | None = None,
+                reporter: commitment.Reports | None = None) -> list[tuple[Any, ...]]:
+    """The handlers bound to one customer's ``services``: for a whole server, or for
+    one association once its called AE title has chosen the customer
+    (:mod:`pacs.dimse.customers`).
+
+    ``audits``: where each association's operations are reported for the audit trail
+    (:mod:`pacs.dimse.audit`), also bound as the second argument of the C-STORE,
+    C-FIND, C-MOVE and C-GET handlers for the seam; ``reporter``: who delivers storage
+    commitment results (:mod:`pacs.dimse.reports`).
+    """
     bound: list[tuple[Any, ...]] = [
         (evt.EVT_C_ECHO, handle_echo, [services]),
         (evt.EVT_C_STORE, handle_store, [services, audits]),
@@ -468,7 +489,6 @@ def bind(services: Services, seam: bool = True, audits: Audits | None = None,
         (evt.EVT_C_MOVE, handle_move, [services, audits]),
         (evt.EVT_C_GET, handle_get, [services, audits]),
         (evt.EVT_N_ACTION, handle_n_action, [services, audits, reporter]),
-        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
     ]
     if reporter is not None:
         bound.append((evt.EVT_DIMSE_SENT, commitment_answered, [reporter]))
@@ -477,9 +497,6 @@ def bind(services: Services, seam: bool = True, audits: Audits | None = None,
         # connection without releasing).
         bound += [(evt.EVT_RELEASED, audits.ended), (evt.EVT_ABORTED, audits.ended),
                   (evt.EVT_CONN_CLOSE, audits.ended)]
-    if not seam:
-        bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
-                  (evt.EVT_DIMSE_RECV, answer_invalid_store)]
-        if audits is not None:
+        if not seam:
             bound.append((evt.EVT_DIMSE_SENT, audit_final_response, [audits]))
     return bound

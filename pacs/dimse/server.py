@@ -31,12 +31,12 @@ from pacs.core import audit
 from pacs.core.access import AccessPolicy
 from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
+from pacs.core.customers import customers as customers_of
 from pacs.core.net import listening_socket, worker_count
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
-from pacs.dimse.audit import Audits
+from pacs.dimse.customers import Customers
 from pacs.dimse.limits import ConnectionLimits
-from pacs.dimse.reports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,11 @@ def make_ae(settings: Settings) -> NodeAE:
     # C-MOVE destinations are connected from this AE: an unreachable one must fail
     # (A702) within the timeout, not the operating system's minutes.
     ae.connection_timeout = settings.dimse_timeout
-    # Reject at A-ASSOCIATE with a reason, instead of accepting and failing later.  The
-    # calling AE title is checked by the access rules (_authorize), which hold
-    # PACS_ALLOWED_CALLING_AETS too.
-    ae.require_called_aet = True
+    # The called AE title chooses the customer and is checked then, with a reason
+    # (A-ASSOCIATE-RJ, :func:`_admit`): pynetdicom's own check knows one title only.
+    # The calling AE title is checked by the customer's access rules (_authorize),
+    # which hold PACS_ALLOWED_CALLING_AETS too.
+    ae.require_called_aet = False
     # Not ``ae.supported_contexts = ...``: that setter drops the SCU/SCP role flags,
     # and without them a C-GET requestor's SCP role proposal is refused (PS3.7 D.3.3.4).
     for context in contexts.scp_contexts():
@@ -138,8 +139,8 @@ class NodeServer(ThreadedAssociationServer):
     handshake_failures: _Failures
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
-    #: Delivers the storage commitment results of this process (:func:`start`).
-    reporter: Reporter | None = None
+    #: The customers this server started and stops (:func:`start` given services).
+    customers: Customers | None = None
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -294,11 +295,27 @@ REJECT_FULL = (0x02, 0x03, 0x02)
 #: names, or one the access rules refuse (PS3.8 9.3.4): rejected-permanent, by the
 #: service user, calling AE title not recognized.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+#: A-ASSOCIATE-RJ when no customer is called by the called AE title (PS3.8 9.3.4):
+#: rejected-permanent, by the service user, called AE title not recognized.
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+
+#: The handlers of each customer by the called AE title that chooses it
+#: (:meth:`pacs.dimse.customers.Customers.bindings`).
+Bindings = dict[str, list[tuple[Any, ...]]]
+#: The access rules and audit trail of each customer by called AE title
+#: (:meth:`pacs.dimse.customers.Customers.policies`).
+Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
-def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
-    """EVT_REQUESTED: admit the association by its client certificate and the node's
-    limits, or reject it.
+def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings) -> None:
+    """EVT_REQUESTED: admit the association by its called AE title, its client
+    certificate and the node's limits, or reject it; bind an admitted one to its
+    customer.
+
+    The called AE title must be one of a customer's (``bindings``): otherwise
+    A-ASSOCIATE-RJ :data:`REJECT_CALLED_AE`.  An admitted association gets that
+    customer's handlers (:mod:`pacs.dimse.customers`) and answers with the title it
+    was called by.
 
     On the TLS port with client certificates (``PACS_DIMSE_TLS_CA``) the calling AE
     title must be the one the certificate names
@@ -324,7 +341,13 @@ def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
     except Exception:  # noqa: BLE001 - no address information
         host = "?"
     calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
-    reason, refusal = REJECT_CALLING_AE, tls.identity_refusal(raw, calling)
+    called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+    chosen = bindings.get(called)
+    reason, refusal = REJECT_CALLED_AE, None
+    if chosen is None:
+        refusal = f"called AE title {called!r} is not one this node serves"
+    else:
+        reason, refusal = REJECT_CALLING_AE, tls.identity_refusal(raw, calling)
     if refusal is not None:
         connection_limits.forget(raw)
     else:
@@ -335,6 +358,9 @@ def _admit(event: Any, connection_limits: ConnectionLimits) -> None:
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
         return
+    assoc.acceptor.ae_title = called
+    for bound in chosen or ():
+        assoc.bind(*bound)
     if raw is not None:
         limits.set_receive_timeout(raw, assoc.network_timeout)
 
@@ -345,16 +371,20 @@ def connection_limits_of(settings: Settings) -> ConnectionLimits:
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
         alive=_holds_its_place)
-def _authorize(event: Any, policy: AccessPolicy, trail: AuditTrail) -> None:
+def _authorize(event: Any, policies: Policies) -> None:
     """EVT_REQUESTED, after :func:`_admit`: reject the association of an AE the access
-    rules give no rights, or of a known AE calling from another address
+    rules of the called customer (``policies``, by called AE title) give no rights, or
+    of a known AE calling from another address
     (:meth:`pacs.core.access.AccessPolicy.association_refusal`), with
-    :data:`REJECT_CALLING_AE`; the refusal is a Security Alert in the audit trail
-    (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was stopped).
+    :data:`REJECT_CALLING_AE`; the refusal is a Security Alert in the customer's audit
+    trail (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
+    stopped).
     """
     assoc = event.assoc
     if assoc.is_rejected or assoc.is_aborted:
-        return  # refused already by the limits
+        return  # refused already by the called AE title or the limits
+    called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+    policy, trail = policies[called]
     calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
     try:
         host = str(assoc.requestor.address)
@@ -378,17 +408,18 @@ def _authorize(event: Any, policy: AccessPolicy, trail: AuditTrail) -> None:
     assoc.kill()
 
 
-def start(services: Services, address: tuple[str, int] | None = None,
+def start(served: Services | Customers, address: tuple[str, int] | None = None,
           shared_socket: socket.socket | None = None, *,
           tls_context: ssl.SSLContext | None = None,
-          connection_limits: ConnectionLimits | None = None,
-          reporter: Reporter | None = None) -> NodeServer:
+          connection_limits: ConnectionLimits | None = None) -> NodeServer:
     """Start a non-blocking SCP in this process; stop it with ``shutdown()``.
 
     Parameters
     ----------
-    services : Services
-        The core the handlers call.
+    served : Services or Customers
+        The core the handlers call: one customer's services (called by its settings'
+        AE title; the server starts and stops its storage commitment reporter), or
+        the customers of a worker, whose reporters the caller starts and stops.
     address : (host, port), optional
         Where to listen; the settings' address and (plain or TLS) port by default.
     shared_socket : socket.socket, optional
@@ -397,11 +428,10 @@ def start(services: Services, address: tuple[str, int] | None = None,
         Serve DICOM TLS with this context (:func:`pacs.dimse.tls.server_context`).
     connection_limits : ConnectionLimits, optional
         Limits shared with the worker's other server; its own by default.
-    reporter : Reporter, optional
-        The storage commitment reporter shared with the worker's other server, started
-        and stopped by the caller; by default the server's own.
     """
-    settings = services.settings
+    owned = isinstance(served, Services)
+    customers = Customers.single(served) if isinstance(served, Services) else served
+    settings = customers.settings
     patched = seam.install(settings.dimse_seam)
     # The seam writes responses from the association's thread while the DUL thread
     # reads the socket; an OpenSSL connection must not be used by two threads at once,
@@ -412,27 +442,23 @@ def start(services: Services, address: tuple[str, int] | None = None,
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
     artim_left = ArtimLeft()
-    # One reporter per process delivers storage commitment results (the caller's, shared
-    # by a worker's servers, or this server's own).
-    owned = reporter is None
-    reporter = reporter or Reporter(services)
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
-        "artim_left": artim_left, "reporter": reporter if owned else None})
+        "artim_left": artim_left, "customers": customers if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.
     ae.maximum_associations = UNCOUNTED
-    # Each association's operations, for the audit trail (pacs.dimse.audit).
-    evt_handlers = [*handlers.bind(services, seam=uses_seam, audits=Audits(services.audit),
-                                   reporter=reporter),
+    # Each customer's handlers are bound to an association once admitted (_admit).
+    evt_handlers = [*handlers.common(uses_seam),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
-                    (evt.EVT_REQUESTED, _admit, [connection_limits]),
-                    (evt.EVT_REQUESTED, _authorize, [services.access, services.audit]),
+                    (evt.EVT_REQUESTED, _admit,
+                     [connection_limits, customers.bindings(uses_seam)]),
+                    (evt.EVT_REQUESTED, _authorize, [customers.policies()]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]
@@ -445,7 +471,7 @@ def start(services: Services, address: tuple[str, int] | None = None,
                               daemon=True)
     thread.start()
     if owned:
-        reporter.start()
+        customers.start()
     return server  # type: ignore[return-value]
 
 
@@ -471,8 +497,8 @@ def stop(*servers: NodeServer, drain: float = DRAIN_SECONDS) -> None:
     for server in servers:
         for assoc in server.active_associations:
             assoc.abort()
-        if server.reporter is not None:
-            server.reporter.stop()
+        if server.customers is not None:
+            server.customers.stop()
 
 
 class Listeners:
@@ -503,36 +529,40 @@ def _listen(settings: Settings, port: int) -> socket.socket | None:
     return sock
 
 
-def _worker(settings: Settings, listeners: Listeners, ready: Any) -> None:
-    """One worker process: its own services, serving until SIGTERM or SIGINT."""
+def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
+            listeners: Listeners, ready: Any) -> None:
+    """One worker process: its own services per customer (``served``: each customer's
+    called AE titles and settings), serving until SIGTERM or SIGINT."""
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    services = build(settings, check_store=False)  # pacs serve checked it
+    # pacs serve checked the stores.  One worker: one set of services, one storage
+    # commitment reporter and one audit per customer.
+    customers = Customers([(titles, build(own, check_store=False)) for titles, own in served],
+                          settings)
     # What start-up created lives as long as the process: keep it out of every later
     # collection, so that the collector's full passes stay short (gc.freeze docs).
     # Before serving, so that no association's objects are frozen with it.
     gc.collect()
     gc.freeze()
     shared = connection_limits_of(settings)  # one worker, one set of limits
-    reporter = Reporter(services)  # one worker, one storage commitment reporter
     servers = []
     if listeners.plain is not None:
-        servers.append(start(services, shared_socket=listeners.plain,
-                             connection_limits=shared, reporter=reporter))
+        servers.append(start(customers, shared_socket=listeners.plain,
+                             connection_limits=shared))
     if listeners.tls is not None:
-        servers.append(start(services, shared_socket=listeners.tls,
+        servers.append(start(customers, shared_socket=listeners.tls,
                              tls_context=tls.server_context(settings),
-                             connection_limits=shared, reporter=reporter))
-    reporter.start()
+                             connection_limits=shared))
+    customers.start()
     ready.release()
     # Poll: a signal the kernel hands to another thread of this process would not
     # wake a main thread blocked in an untimed wait, and the stop would be lost.
     while not stopping.wait(0.5):
         pass
     stop(*servers)
-    reporter.stop()
-    services.close()
+    customers.stop()
+    customers.close()
 
 
 def number_of_workers(settings: Settings) -> int:
@@ -577,13 +607,14 @@ def run_workers(settings: Settings, stopping: threading.Event,
     A worker that dies is replaced; on stop every worker gets SIGTERM and is awaited, so
     no running C-STORE is cut short between its durable write and its response.
     """
+    served = [(c.ae_titles, c.settings) for c in customers_of(settings)]
     listeners = Listeners(settings)
     context = multiprocessing.get_context("fork")
     count = number_of_workers(settings)
     ready = context.Semaphore(0)
 
     def spawn() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(settings, listeners, ready),
+        process = context.Process(target=_worker, args=(settings, served, listeners, ready),
                                   name="pacs-dimse", daemon=False)
         process.start()
         return process
@@ -591,7 +622,8 @@ def run_workers(settings: Settings, stopping: threading.Event,
     workers = [spawn() for _ in range(count)]
     for _ in range(count):
         ready.acquire(timeout=60)
-    log.info("DIMSE %s listening on %s with %d worker(s), %s", settings.ae_title,
+    log.info("DIMSE %s listening on %s with %d worker(s), %s",
+             ", ".join(title for titles, _ in served for title in titles),
              describe(settings), count,
              "through the pynetdicom seam" if settings.dimse_seam and seam.supported()
              else "pure pynetdicom (PACS_DIMSE_SEAM=off or another pynetdicom version)")

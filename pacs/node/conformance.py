@@ -132,9 +132,11 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
         "user_identity": evt.EVT_USER_ID in bound,
         "sop_class_common_extended": evt.EVT_SOP_COMMON in bound,
         "rejections": [
-            {"when": "the Called AE Title is not the node's",
-             "result": 1, "source": 1, "reason": 7,
-             "applies": bool(ae.require_called_aet)},
+            # Checked by the node's admission (pacs.dimse.server._admit), which picks
+            # the customer the title calls.
+            {"when": "the Called AE Title is not the node's (PACS_AE_TITLE, or a "
+                     "customer's of PACS_CUSTOMERS_FILE)",
+             "result": 1, "source": 1, "reason": 7, "applies": True},
             {"when": "the Calling AE Title has no rights (not known, and "
                      "PACS_UNKNOWN_AE_RIGHTS or PACS_ALLOWED_CALLING_AETS leave unknown "
                      "AEs none), or a known AE calls from another address",
@@ -261,7 +263,7 @@ def _security(settings: Settings, ae: Any) -> dict[str, Any]:
         "dimse_tls_port": settings.dimse_tls_port,
         "dimse_plain": bool(settings.dimse_port),
         "dimse_client_certificates": bool(settings.dimse_tls_ca),
-        "called_ae_title_checked": bool(ae.require_called_aet),
+        "called_ae_title_checked": True,
         # The calling AE titles that may associate, when only known ones may.
         "calling_ae_titles": sorted(title for title, known in policy.aes.items()
                                     if known.rights) if _known_aes_only(settings) else [],
