@@ -40,12 +40,45 @@ def _overrides(ctx: click.Context, **overrides: Any) -> dict[str, str]:
     return base
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+def _node_settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+    """The node's settings (every customer's start from them)."""
     base = _overrides(ctx, **overrides)
     try:
         return config.load(overrides=base)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _customers(settings: config.Settings) -> tuple[Any, ...]:
+    """Every customer of the node (:func:`pacs.core.customers.customers`)."""
+    from pacs.core.customers import customers
+
+    try:
+        return customers(settings)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
+    """The settings of the customer a command acts on: ``--customer`` (``CUSTOMER``),
+    one of ``PACS_CUSTOMERS_FILE`` when there is one."""
+    from pacs.core.customers import chosen
+
+    settings = _node_settings(ctx, **overrides)
+    try:
+        return chosen(settings).settings
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _customer_option(command: Any) -> Any:
+    """``--customer NAME`` on a command that acts on one customer (as the group's)."""
+    def store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.obj = {**(ctx.obj or {}), "CUSTOMER": value}
+
+    return click.option("--customer", expose_value=False, callback=store,
+                        help="The customer to act on (default: CUSTOMER).")(command)
 
 
 @click.group()
@@ -62,6 +95,7 @@ def main(ctx: click.Context, customer: str | None, data_dir: str | None,
 
 
 @main.command("config")
+@_customer_option
 @click.pass_context
 def show_config(ctx: click.Context) -> None:
     """Print the effective settings (secrets masked)."""
@@ -92,7 +126,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     overrides = _overrides(ctx, PACS_DIMSE_PORT=port, PACS_WEB_PORT=web_port,
                            PACS_AE_TITLE=ae_title, PACS_BIND_ADDRESS=bind_address,
                            PACS_DIMSE_WORKERS=workers)
-    settings = _settings(ctx, **overrides)
+    settings = _node_settings(ctx, **overrides)
     _setup_logging(settings.log_level)
     from pacs.core.reconcile import reconcile
     from pacs.dimse import tls as dimse_tls
@@ -107,20 +141,28 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         dimse_tls.client_context(settings)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
-    services = _build(settings)
-    report = reconcile(services, full=False)
-    if report.temporaries:
-        log.info("removed %d temporary file(s) of interrupted writes", report.temporaries)
-    services.close()  # workers open their own after the fork
+    served = _customers(settings)
+    for customer in served:
+        services = _build(customer.settings)
+        report = reconcile(services, full=False)
+        if report.temporaries:
+            log.info("customer %s: removed %d temporary file(s) of interrupted writes",
+                     customer.name, report.temporaries)
+        services.close()  # workers open their own after the fork
+        log.info("customer %s (%s), data in %s, %s storage", customer.name,
+                 ", ".join(customer.ae_titles), customer.settings.data_dir,
+                 customer.settings.storage)
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    log.info("customer %s, data in %s, %s storage", settings.customer, settings.data_dir,
-             settings.storage)
     # The web workers read the settings themselves: give them this run's overrides,
-    # and the data folder as resolved here (they need not share our working folder).
-    web = WebServer(settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)})
+    # and the data folder and customers file as resolved here (they need not share our
+    # working folder).
+    environment = {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}
+    if settings.customers_file:
+        environment["PACS_CUSTOMERS_FILE"] = str(Path(settings.customers_file).absolute())
+    web = WebServer(settings, environment)
     try:
         web.start()
     except OSError as exc:
@@ -129,8 +171,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     # The OHIF viewer server and the upload-folder watcher: optional companions that are
     # restarted when they fail and never stop the node.
     from pacs.node.companions import start_companions
-    companions = start_companions(
-        settings, {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}, stopping)
+    companions = start_companions(settings, served, environment, stopping)
     try:
         run_workers(settings, stopping)
     except OSError as exc:
@@ -157,6 +198,7 @@ def _files(paths: tuple[str, ...]) -> Iterator[Path]:
 
 
 @main.command("import")
+@_customer_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -192,6 +234,7 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
 
 
 @main.command()
+@_customer_option
 @click.option("--repair", is_flag=True,
               help="Carry out the actions (default: only report what they would be).")
 @click.option("--quick", is_flag=True,
@@ -230,6 +273,7 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
 
 
 @main.command()
+@_customer_option
 @click.option("--jobs", type=click.IntRange(min=0),
               help="Analysis helper processes (default: one per CPU; 0: in this process).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -282,6 +326,7 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) ->
         sys.exit(1)
 
 @main.command()
+@_customer_option
 @click.argument("targets", nargs=-1, required=True, metavar="STUDY[/SERIES[/SOP]]...")
 @click.option("--yes", is_flag=True, help="Remove them (default: only show what would go).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -360,6 +405,7 @@ QUERY_COLUMNS = {
 
 
 @main.command()
+@_customer_option
 @click.option("--level", type=click.Choice(list(QUERY_COLUMNS)), default="study",
               show_default=True, help="What to list.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Rows at most.")
@@ -404,30 +450,51 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
 
 
 @main.command()
+@_customer_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (as GET /health).")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Store reachable, index healthy, counts per level, bytes stored, disk, uploads.
+    """Store reachable, index healthy, counts per level, bytes stored, disk, uploads:
+    of each customer (of the one --customer names).
 
-    Exits 1 when the store cannot be used or the index check fails.
+    Exits 1 when a store cannot be used or an index check fails.
     """
     import json
 
     from pacs.core import health
+    from pacs.core.customers import chosen
     from pacs.node.status import describe
 
-    settings = _settings(ctx)
-    services = _build(settings)
-    try:
-        found = health.check(services, thorough=True)
-    finally:
-        services.close()
+    node = _node_settings(ctx)
+    served = _customers(node)
+    if "CUSTOMER" in (ctx.obj or {}):
+        try:
+            served = (chosen(node),)
+        except PacsError as exc:
+            raise click.ClickException(str(exc)) from None
+    results = {}
+    for customer in served:
+        services = _build(customer.settings)
+        try:
+            results[customer.name] = health.check(services, thorough=True)
+        finally:
+            services.close()
+    ok = all(found.ok for found in results.values())
+    several = bool(node.customers_file) and len(served) > 1
     if as_json:
-        click.echo(json.dumps(found.as_json(), indent=1))
+        data: Any = ({name: found.as_json() for name, found in results.items()} if several
+                     else next(iter(results.values())).as_json())
+        click.echo(json.dumps({"customers": data} if several else data, indent=1))
     else:
-        for line in describe(settings, found):
-            click.echo(line)
-    if not found.ok:
+        for customer in served:
+            if several:
+                click.echo(f"customer {customer.name} (AE titles "
+                           f"{', '.join(customer.ae_titles)}"
+                           + (f"; hosts {', '.join(customer.hosts)}" if customer.hosts
+                              else "") + ")")
+            for line in describe(customer.settings, results[customer.name]):
+                click.echo(f"  {line}" if several else line)
+    if not ok:
         sys.exit(1)
 
 
@@ -479,6 +546,7 @@ def passwd(token: bool) -> None:
 
 
 @main.command("audit")
+@_customer_option
 @click.option("--study", default="", help="Only events naming this Study Instance UID.")
 @click.option("--patient", default="", help="Only events naming this Patient ID.")
 @click.option("--user", default="", help="Only events with this participant (an AE title, "

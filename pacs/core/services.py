@@ -58,7 +58,7 @@ class Services:
 
 
 def build(settings: Settings, store: ObjectStore | None = None, *,
-          check_store: bool = True) -> Services:
+          check_store: bool = True, analysers: AnalyserPool | None = None) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -73,6 +73,10 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         started while the store is briefly down (a replacement, a restarted DICOMweb
         server) still serves: its writes fail (A700 / 503) until the store is back, and
         queries of the index go on.
+    analysers : AnalyserPool, optional
+        The STOW-RS analysis helpers to use: an HTTP worker's customers share one pool
+        (a helper parses bytes and holds no customer's data); a pool of its own
+        otherwise.
 
     Raises
     ------
@@ -91,7 +95,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
     return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
-                    analysers=AnalyserPool(settings.web_analysers, settings.max_object_bytes),
+                    analysers=analysers or AnalyserPool(settings.web_analysers,
+                                                        settings.max_object_bytes),
                     commitments=commitments(settings, index),
                     audit=audit_trail(settings, index), access=policy)
 

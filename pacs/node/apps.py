@@ -28,9 +28,12 @@ import falcon.testing
 
 from adapters.dicomweb import app as dicomweb
 from adapters.dicomweb.health import ROUTE as HEALTH_ROUTE
+from adapters.http.customers import CustomerRouter
 from adapters.viewer.app import files_app
 from pacs.core import config, logs
+from pacs.core.analysers import AnalyserPool
 from pacs.core.config import Settings
+from pacs.core.customers import Customer, customers
 from pacs.core.errors import ConfigError
 from pacs.core.services import Services, build
 from pacs.node.viewer import find_dist, missing_message
@@ -43,15 +46,35 @@ DICOMWEB_PREFIX = "/dicom-web"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def _worker_services(settings: Settings) -> Services:
-    """The services of this worker process, closed when it exits."""
+def _worker_services(settings: Settings
+                     ) -> tuple[AnalyserPool, list[tuple[Customer, Services]]]:
+    """The services of each customer in this worker process, closed when it exits;
+    they share one pool of STOW-RS analysers."""
     logs.setup(settings.log_level)  # no data-set values at INFO and above
-    services = build(settings, check_store=False)  # pacs serve checked it
-    atexit.register(services.close)
-    return services
+    served = customers(settings)
+    analysers = AnalyserPool(settings.web_analysers, settings.max_object_bytes)
+    atexit.register(analysers.close)
+    built = []
+    for customer in served:
+        # pacs serve checked the stores
+        services = build(customer.settings, check_store=False, analysers=analysers)
+        atexit.register(services.close)
+        built.append((customer, services))
+    return analysers, built
 
 
-def dicomweb_app() -> falcon.App[falcon.Request, falcon.Response]:
+def route(settings: Settings, apps: list[tuple[Customer, WSGIApp]]) -> CustomerRouter:
+    """One port's application: each request to its customer's application
+    (:mod:`adapters.http.customers`).  Without a customers file the one customer is
+    the default; with one, the customer named ``CUSTOMER`` when listed."""
+    names = [customer.name for customer, _ in apps]
+    default = settings.customer if settings.customer in names else None
+    return CustomerRouter({customer.name: app for customer, app in apps},
+                          {host: customer.name for customer, _ in apps
+                           for host in customer.hosts}, default)
+
+
+def dicomweb_app() -> CustomerRouter:
     """gunicorn's entry point of the DICOMweb port.
 
     Raises
@@ -63,16 +86,19 @@ def dicomweb_app() -> falcon.App[falcon.Request, falcon.Response]:
         that need it fail with 503 and queries go on.
     """
     settings = config.load()
-    services = _worker_services(settings)
-    app = dicomweb.create_app(services)
-    _warm_up(app)
+    apps: list[tuple[Customer, WSGIApp]] = []
+    analysers, served = _worker_services(settings)
+    for customer, services in served:
+        app = dicomweb.create_app(services)
+        _warm_up(app)
+        apps.append((customer, app))
     # What start-up created lives as long as the worker: keep it out of later garbage
     # collections, whose full passes would otherwise walk it while a request waits.
     gc.freeze()
     # STOW-RS parts are parsed in helper processes (pacs.core.analysers): start them now.
-    services.analysers.start()
-    log.debug("DICOMweb worker ready for customer %s", settings.customer)
-    return app
+    analysers.start()
+    log.debug("DICOMweb worker ready for %d customer(s)", len(apps))
+    return route(settings, apps)
 
 
 def viewer_port(services: Services, dist: Path) -> WSGIApp:
@@ -97,7 +123,7 @@ def viewer_port(services: Services, dist: Path) -> WSGIApp:
     return route
 
 
-def viewer_app() -> WSGIApp:
+def viewer_app() -> CustomerRouter:
     """gunicorn's entry point of the viewer port.
 
     Raises
@@ -110,8 +136,8 @@ def viewer_app() -> WSGIApp:
     dist = find_dist(settings)
     if dist is None:
         raise ConfigError(missing_message(settings))
-    services = _worker_services(settings)
-    return viewer_port(services, dist)
+    return route(settings, [(customer, viewer_port(services, dist))
+                            for customer, services in _worker_services(settings)[1]])
 
 
 def _unread(status: str, headers: list[tuple[str, str]],

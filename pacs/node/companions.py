@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from pacs.core.errors import PacsError
 from pacs.node import viewer
 
 if TYPE_CHECKING:
+    from pacs.core.customers import Customer
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,14 @@ def companion_main(name: str, body: Callable[[Settings, Services, threading.Even
     its own (the store is not checked again: ``pacs serve`` did), then ``body`` until
     it is stopped.  Exit status 1 when the services cannot be built."""
     from pacs.core import config, logs
+    from pacs.core.customers import chosen
     from pacs.core.services import build
 
-    settings = config.load()
+    try:  # the customer pacs serve started it for (CUSTOMER)
+        settings = chosen(config.load()).settings
+    except PacsError as exc:
+        log.error("the %s cannot start: %s", name, exc)
+        return 1
     logs.setup(settings.log_level)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -150,18 +156,21 @@ def _module(name: str, environment: Mapping[str, str]) -> subprocess.Popen[bytes
                             env={**os.environ, **environment}, stdin=subprocess.DEVNULL)
 
 
-def start_companions(settings: Settings, environment: Mapping[str, str],
-                     stopping: threading.Event) -> Companions:
-    """Start the viewer server, the upload watcher and the data retention that the
-    settings ask for.
+def start_companions(settings: Settings, served: Sequence[Customer],
+                     environment: Mapping[str, str], stopping: threading.Event) -> Companions:
+    """Start the viewer server, and per customer the upload watcher and the data
+    retention that its settings ask for.
 
     Parameters
     ----------
     settings : Settings
-        ``viewer_port`` 0 turns the viewer off; ``uploads_poll`` 0 the watcher; an
-        empty ``retention_days`` the retention.
+        The node's: ``viewer_port`` 0 turns the viewer off.
+    served : sequence of Customer
+        The node's customers: a customer's ``uploads_poll`` 0 turns its watcher off,
+        an empty ``retention_days`` its retention.
     environment : mapping
-        Environment for the children (``pacs serve``'s overrides, the data folder).
+        Environment for the children (``pacs serve``'s overrides, the data folder, the
+        customers file); each customer's companions also get ``CUSTOMER``.
     stopping : threading.Event
         Set when the node stops; the supervisor then stops restarting.
     """
@@ -173,10 +182,13 @@ def start_companions(settings: Settings, environment: Mapping[str, str],
         else:
             members.append(Companion(
                 "OHIF viewer server", partial(viewer.launch, settings, dist, environment)))
-    if settings.uploads_poll > 0:
-        members.append(Companion("upload watcher",
-                                 partial(_module, "pacs.node.uploads", environment)))
-    if settings.retention.enabled:
-        members.append(Companion("data retention",
-                                 partial(_module, "pacs.node.retention", environment)))
+    for customer in served:
+        own = {**environment, "CUSTOMER": customer.name}
+        suffix = f" of customer {customer.name}" if len(served) > 1 else ""
+        if customer.settings.uploads_poll > 0:
+            members.append(Companion("upload watcher" + suffix,
+                                     partial(_module, "pacs.node.uploads", own)))
+        if customer.settings.retention.enabled:
+            members.append(Companion("data retention" + suffix,
+                                     partial(_module, "pacs.node.retention", own)))
     return Companions(members).start(stopping)
