@@ -1,0 +1,303 @@
+"""Several customers on one node (``PACS_CUSTOMERS_FILE``), kept apart on every route.
+
+Two customers, ``alpha`` (called AE title ALPHA, host alpha.example) and ``bravo``
+(BRAVO, bravo.example), hold the same patient: the same Patient ID, Study, Series and
+even SOP Instance UIDs, with different Patient Names (and one more instance at bravo).
+dcmtk's storescu, findscu, getscu and movescu, dicomweb-client against the real
+gunicorn (path prefix and Host header), the viewer port, DICOMweb DELETE and ``pacs
+delete --customer`` each see, retrieve, overwrite and delete one customer's data only;
+an unknown called AE title is rejected; ``pacs status`` lists both; each customer's
+audit events name it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from tests.conftest import free_port, wait_for_port
+from tests.interop.conftest import (
+    DCMTK_ENV,
+    Node,
+    answers_qido,
+    dcmtk,
+    fresh_ct,
+    getscu_counts,
+    run_dcmtk,
+)
+
+pytestmark = [pytest.mark.interop, pytest.mark.dimse]
+
+PATIENT_ID = "SHARED-PATIENT"
+NAMES = {"alpha": "ALPHA^ONE", "bravo": "BRAVO^TWO"}
+TITLES = {"alpha": "ALPHA", "bravo": "BRAVO"}
+HOSTS = {"alpha": "alpha.example", "bravo": "bravo.example"}
+#: alpha's C-MOVE destination; bravo has none of that name.
+MOVE_SCP = "ALPHASCP"
+
+
+class Shared:
+    """The UIDs both customers hold, and each customer's files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.study, self.series = generate_uid(), generate_uid()
+        self.sops = [generate_uid(), generate_uid()]
+        self.extra = generate_uid()  # bravo's only
+        self.files = {name: self._write(folder / name, name,
+                                        self.sops + ([self.extra] if name == "bravo" else []))
+                      for name in NAMES}
+
+    def _write(self, folder: Path, name: str, sops: list[str]) -> list[Path]:
+        folder.mkdir(parents=True)
+        paths = []
+        for sop in sops:
+            ds = fresh_ct(StudyInstanceUID=self.study, SeriesInstanceUID=self.series,
+                          SOPInstanceUID=sop, PatientID=PATIENT_ID, PatientName=NAMES[name])
+            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            path = folder / f"{sop}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        return paths
+
+
+@pytest.fixture(scope="module")
+def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """dcmtk's storescp: alpha's C-MOVE destination."""
+    folder = tmp_path_factory.mktemp("movescp")
+    port = free_port()
+    process = subprocess.Popen([dcmtk("storescp"), "-aet", MOVE_SCP, "-od", str(folder),
+                                str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_for_port(port)
+    yield port, folder
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def node(node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFactory,
+         storescp: tuple[int, Path]) -> Node:
+    """A node serving alpha and bravo (bravo may delete over DICOMweb)."""
+    for tool in ("findscu", "getscu", "movescu", "storescu"):
+        dcmtk(tool)
+    file = tmp_path_factory.mktemp("customers") / "customers.toml"
+    file.write_text(f"""
+[[customer]]
+name = "alpha"
+ae_titles = ["{TITLES['alpha']}"]
+hosts = ["{HOSTS['alpha']}"]
+modalities = "{MOVE_SCP}=127.0.0.1:{storescp[0]}"
+
+[[customer]]
+name = "bravo"
+ae_titles = ["{TITLES['bravo']}", "BRAVO2"]
+hosts = ["{HOSTS['bravo']}"]
+modalities = "OTHERSCP=127.0.0.1:9"
+[customer.settings]
+PACS_WEB_DELETE = true
+""", encoding="utf-8")
+    started = node_factory("customers", PACS_CUSTOMERS_FILE=str(file), CUSTOMER="alpha")
+    answers_qido(started)
+    return started
+
+
+@pytest.fixture(scope="module")
+def shared(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Shared:
+    """The shared patient stored in both customers over C-STORE."""
+    data = Shared(tmp_path_factory.mktemp("shared"))
+    for name, files in data.files.items():
+        sent = _storescu(node, TITLES[name], *files)
+        assert sent.returncode == 0, sent.stdout + node.log()
+    return data
+
+
+def _storescu(node: Node, called: str, *files: Path) -> subprocess.CompletedProcess[str]:
+    return run_dcmtk("storescu", "-v", "-aet", "MODALITY", "-aec", called, "127.0.0.1",
+                     str(node.port), *map(str, files), timeout=120)
+
+
+def _find(node: Node, called: str, folder: Path) -> dict[str, str]:
+    """findscu at IMAGE level of the shared patient: Patient Name by SOP Instance UID."""
+    folder.mkdir(parents=True)
+    result = run_dcmtk("findscu", "-S", "-aec", called, "-X", "-od", str(folder),
+                       "-k", "QueryRetrieveLevel=IMAGE", "-k", f"PatientID={PATIENT_ID}",
+                       "-k", "StudyInstanceUID=", "-k", "SeriesInstanceUID=",
+                       "-k", "SOPInstanceUID=", "-k", "PatientName=",
+                       "127.0.0.1", str(node.port))
+    assert result.returncode == 0, result.stdout
+    found = [pydicom.dcmread(p) for p in sorted(folder.glob("rsp*.dcm"))]
+    return {str(ds.SOPInstanceUID): str(ds.PatientName) for ds in found}
+
+
+def _names(folder: Path) -> dict[str, str]:
+    """Patient Name by SOP Instance UID of the objects in ``folder``."""
+    return {str(ds.SOPInstanceUID): str(ds.PatientName)
+            for ds in (pydicom.dcmread(p) for p in folder.iterdir() if p.is_file())}
+
+
+def _data_dir(node: Node, name: str) -> Path:
+    return node.data_dir / name
+
+
+def _index_names(node: Node, name: str) -> dict[str, str]:
+    """Patient Name by SOP Instance UID, from the customer's stored objects."""
+    objects = _data_dir(node, name) / "objects"
+    return {str(ds.SOPInstanceUID): str(ds.PatientName)
+            for ds in (pydicom.dcmread(p) for p in objects.rglob("*.dcm"))}
+
+
+def test_an_unknown_called_ae_title_is_rejected(node: Node, shared: Shared) -> None:
+    result = run_dcmtk("echoscu", "-aec", "NOBODY", "127.0.0.1", str(node.port))
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout, result.stdout
+    for title in ("ALPHA", "BRAVO", "BRAVO2"):
+        assert run_dcmtk("echoscu", "-aec", title, "127.0.0.1",
+                         str(node.port)).returncode == 0
+
+
+def test_each_customer_holds_its_own_copy(node: Node, shared: Shared) -> None:
+    assert _index_names(node, "alpha") == dict.fromkeys(shared.sops, NAMES["alpha"])
+    assert _index_names(node, "bravo") == dict.fromkeys([*shared.sops, shared.extra],
+                                                        NAMES["bravo"])
+
+
+def test_c_find_sees_one_customer(node: Node, shared: Shared, tmp_path: Path) -> None:
+    assert _find(node, "ALPHA", tmp_path / "a") == dict.fromkeys(shared.sops, NAMES["alpha"])
+    bravo = dict.fromkeys([*shared.sops, shared.extra], NAMES["bravo"])
+    assert _find(node, "BRAVO", tmp_path / "b") == bravo
+    assert _find(node, "BRAVO2", tmp_path / "b2") == bravo
+
+
+def test_c_get_retrieves_one_customers_objects(node: Node, shared: Shared,
+                                               tmp_path: Path) -> None:
+    for name, expected in (("alpha", shared.sops), ("bravo", [*shared.sops, shared.extra])):
+        folder = tmp_path / name
+        folder.mkdir()
+        got = run_dcmtk("getscu", "-v", "-S", "-aec", TITLES[name], "-od", str(folder),
+                        "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", f"StudyInstanceUID={shared.study}",
+                        "127.0.0.1", str(node.port))
+        assert getscu_counts(got.stdout)[1] == len(expected), got.stdout
+        assert _names(folder) == dict.fromkeys(expected, NAMES[name])
+
+
+def test_c_move_goes_to_the_customers_own_destinations(
+        node: Node, shared: Shared, storescp: tuple[int, Path]) -> None:
+    def move(called: str) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("movescu", "-v", "-S", "-aec", called, "-aem", MOVE_SCP,
+                         "-k", "QueryRetrieveLevel=STUDY",
+                         "-k", f"StudyInstanceUID={shared.study}",
+                         "127.0.0.1", str(node.port))
+
+    refused = move("BRAVO")  # alpha's destination is not bravo's
+    assert "Refused: MoveDestinationUnknown" in refused.stdout, refused.stdout
+    assert not list(storescp[1].iterdir())
+    moved = move("ALPHA")
+    assert moved.returncode == 0, moved.stdout
+    assert _names(storescp[1]) == dict.fromkeys(shared.sops, NAMES["alpha"])
+
+
+def test_dicomweb_by_path_prefix_and_host(node: Node, shared: Shared) -> None:
+    base = node.web_url()
+    for name in NAMES:
+        for root in (f"{base}/customers/{name}", f"{base}/customers/{name}/dicom-web"):
+            client = DICOMwebClient(url=root)
+            studies = client.search_for_studies(search_filters={"PatientID": PATIENT_ID})
+            assert [s["00100010"]["Value"][0]["Alphabetic"] for s in studies] == [NAMES[name]]
+            instance = client.retrieve_instance(shared.study, shared.series, shared.sops[0])
+            assert str(instance.PatientName) == NAMES[name]
+            # Retrieve URLs keep the customer's prefix.
+            assert studies[0]["00081190"]["Value"][0].startswith(root)
+        by_host = requests.get(f"{base}/studies", params={"PatientID": PATIENT_ID},
+                               headers={"Host": HOSTS[name]}, timeout=30)
+        assert by_host.status_code == 200, by_host.text
+        assert by_host.json()[0]["00100010"]["Value"][0]["Alphabetic"] == NAMES[name]
+    # The root is CUSTOMER's (alpha); an unknown customer, or one under the host name of
+    # another, is not found.
+    root = requests.get(f"{base}/studies", params={"PatientID": PATIENT_ID}, timeout=30)
+    assert root.json()[0]["00100010"]["Value"][0]["Alphabetic"] == NAMES["alpha"]
+    assert requests.get(f"{base}/customers/nobody/studies", timeout=30).status_code == 404
+    crossed = requests.get(f"{base}/customers/alpha/studies",
+                           headers={"Host": HOSTS["bravo"]}, timeout=30)
+    assert crossed.status_code == 404
+    # A forged Host naming neither a customer nor the node: the loopback rule refuses it.
+    forged = requests.get(f"{base}/studies", headers={"Host": "evil.example"}, timeout=30)
+    assert forged.status_code == 421
+
+
+def test_stow_rs_and_c_store_overwrite_only_their_customer(node: Node, shared: Shared,
+                                                           tmp_path: Path) -> None:
+    # STOW-RS to alpha of a new version of a shared instance; C-STORE to bravo of another.
+    changed = fresh_ct(StudyInstanceUID=shared.study, SeriesInstanceUID=shared.series,
+                       SOPInstanceUID=shared.sops[1], PatientID=PATIENT_ID,
+                       PatientName="ALPHA^CHANGED")
+    changed.file_meta.MediaStorageSOPInstanceUID = shared.sops[1]
+    DICOMwebClient(url=f"{node.web_url()}/customers/alpha").store_instances([changed])
+    again = fresh_ct(StudyInstanceUID=shared.study, SeriesInstanceUID=shared.series,
+                     SOPInstanceUID=shared.sops[0], PatientID=PATIENT_ID,
+                     PatientName="BRAVO^CHANGED")
+    again.file_meta.MediaStorageSOPInstanceUID = shared.sops[0]
+    path = tmp_path / "again.dcm"
+    again.save_as(path, enforce_file_format=True)
+    assert _storescu(node, "BRAVO", path).returncode == 0
+    alpha, bravo = _index_names(node, "alpha"), _index_names(node, "bravo")
+    assert alpha == {shared.sops[0]: NAMES["alpha"], shared.sops[1]: "ALPHA^CHANGED"}
+    assert bravo == {shared.sops[0]: "BRAVO^CHANGED", shared.sops[1]: NAMES["bravo"],
+                     shared.extra: NAMES["bravo"]}
+    # Put the shared objects back for the tests that follow.
+    for name, files in shared.files.items():
+        assert _storescu(node, TITLES[name], *files).returncode == 0
+
+
+def test_viewer_port_by_host(node: Node, shared: Shared) -> None:
+    viewer = f"http://127.0.0.1:{node.env['PACS_VIEWER_PORT']}"
+    for name in NAMES:
+        page = requests.get(f"{viewer}/", headers={"Host": HOSTS[name]}, timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        for path, headers in ((f"{viewer}/dicom-web/studies", {"Host": HOSTS[name]}),
+                              (f"{viewer}/customers/{name}/dicom-web/studies", {})):
+            found = requests.get(path, params={"PatientID": PATIENT_ID}, headers=headers,
+                                 timeout=30)
+            assert found.status_code == 200, found.text
+            assert found.json()[0]["00100010"]["Value"][0]["Alphabetic"] == NAMES[name]
+
+
+def test_status_lists_each_customer_and_audit_names_it(node: Node, shared: Shared) -> None:
+    status = node.cli("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "customer alpha (AE titles ALPHA; hosts alpha.example)" in status.stdout
+    assert "customer bravo (AE titles BRAVO, BRAVO2; hosts bravo.example)" in status.stdout
+    one = node.cli("status", "--json", "--customer", "bravo")
+    assert json.loads(one.stdout)["counts"]["image"] == 3
+    for name in NAMES:
+        trail = (_data_dir(node, name) / "audit.jsonl").read_text(encoding="utf-8")
+        sites = {json.loads(line)["AuditSourceIdentification"][0]["AuditEnterpriseSiteID"]
+                 for line in trail.splitlines()}
+        assert sites == {name}, sites
+
+
+def test_deletion_removes_one_customers_study(node: Node, shared: Shared,
+                                              tmp_path: Path) -> None:
+    # DICOMweb DELETE is bravo's alone (PACS_WEB_DELETE in its table).
+    base = node.web_url()
+    assert requests.delete(f"{base}/customers/alpha/studies/{shared.study}",
+                           timeout=30).status_code == 403
+    done = node.cli("delete", "--customer", "alpha", "--yes", "--quiet", shared.study)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed 2 instance(s)" in done.stdout
+    assert _find(node, "ALPHA", tmp_path / "a") == {}
+    assert len(_find(node, "BRAVO", tmp_path / "b")) == 3
+    assert requests.delete(f"{base}/customers/bravo/studies/{shared.study}",
+                           timeout=30).status_code == 204
+    assert _find(node, "BRAVO", tmp_path / "b2") == {}
+    unknown = node.cli("delete", "--customer", "nobody", shared.study)
+    assert unknown.returncode != 0 and "no customer 'nobody'" in unknown.stderr
