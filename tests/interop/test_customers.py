@@ -277,10 +277,10 @@ def test_status_lists_each_customer_and_audit_names_it(node: Node, shared: Share
     assert "customer alpha (AE titles ALPHA; hosts alpha.example)" in status.stdout
     assert "customer bravo (AE titles BRAVO, BRAVO2; hosts bravo.example)" in status.stdout
     one = node.cli("status", "--json", "--customer", "bravo")
-    assert json.loads(one.stdout)["counts"]["image"] == 3
+    assert json.loads(one.stdout)["counts"]["instance"] == 3
     for name in NAMES:
         trail = (_data_dir(node, name) / "audit.jsonl").read_text(encoding="utf-8")
-        sites = {json.loads(line)["AuditSourceIdentification"][0]["AuditEnterpriseSiteID"]
+        sites = {json.loads(line)["AuditSourceIdentification"]["AuditEnterpriseSiteID"]
                  for line in trail.splitlines()}
         assert sites == {name}, sites
 
