@@ -178,7 +178,7 @@ def _customer(entry: Any, node: Settings, where: str) -> Customer:
                           f"(known: {', '.join(sorted(KEYS))})")
     name = validate_customer(str(entry.get("name", "")))
     where = f"{where} ({name})"
-    titles = _strings(entry.get("ae_titles"), where, "ae_titles")
+    titles = _strings(entry.get("ae_titles", []), where, "ae_titles")
     if not titles:
         raise ConfigError(f"{where}: ae_titles: at least one called AE title")
     for title in titles:

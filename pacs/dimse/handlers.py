@@ -1,7 +1,8 @@
 """pynetdicom's event handlers: the DIMSE logic through pynetdicom's public API.
 
-Each handler receives the :class:`~pacs.core.services.Services` of its process as an
-extra argument (bound with ``evt_handlers``, :func:`bind`), never from a global.  With
+Each handler receives the :class:`~pacs.core.services.Services` of its customer as an
+extra argument (bound to each association by the customer its called AE title names,
+:func:`of_customer` and :mod:`pacs.dimse.customers`), never from a global.  With
 the seam on (:mod:`pacs.dimse.seam`) its service classes serve C-STORE, C-FIND, C-MOVE
 and C-GET themselves and take the services from these bindings; with the seam off (or
 a pynetdicom version the seam was not written for) pynetdicom's own service classes

@@ -21,7 +21,6 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from tests.conftest import free_port, wait_for_port

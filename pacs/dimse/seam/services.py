@@ -75,8 +75,8 @@ def serves(assoc: Association) -> bool:
 
 
 def bound_services(assoc: Association, event: evt.EventType) -> Services | None:
-    """The services :func:`pacs.dimse.handlers.bind` bound to ``event`` on a seam
-    node's association; ``None`` for any other association."""
+    """The services :func:`pacs.dimse.handlers.of_customer` bound to ``event`` on a
+    seam node's association (its customer's); ``None`` for any other association."""
     if not serves(assoc):
         return None
     bound: Any = assoc.get_handlers(event)

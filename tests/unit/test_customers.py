@@ -1,0 +1,161 @@
+"""The customers file (pacs.core.customers) and the choice of a request's customer
+(adapters.http.customers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.http.customers import CustomerRouter
+from pacs.core import config
+from pacs.core.customers import chosen, customers, parse, single
+from pacs.core.errors import ConfigError
+
+
+def _node(tmp_path: Path, **env: str) -> config.Settings:
+    return config.load(environ={"PACS_DATA_DIR": str(tmp_path / "data"), **env},
+                       env_file=None)
+
+
+def _file(tmp_path: Path, text: str) -> config.Settings:
+    path = tmp_path / "customers.toml"
+    path.write_text(text, encoding="utf-8")
+    return _node(tmp_path, PACS_CUSTOMERS_FILE=str(path))
+
+
+TWO = """
+[[customer]]
+name = "north"
+ae_titles = ["NORTH", "NORTH2"]
+hosts = ["North.Example"]
+modalities = "WS=10.0.0.5:104"
+
+[[customer]]
+name = "south"
+ae_titles = "SOUTH"
+[customer.settings]
+PACS_STORAGE = "s3"
+PACS_S3_BUCKET = "south"
+PACS_WEB_DELETE = true
+PACS_DATA_DIR = "elsewhere"
+[customer.access]
+users = []
+"""
+
+
+def test_each_customer_gets_the_node_settings_with_its_own(tmp_path: Path) -> None:
+    node = _file(tmp_path, TWO)
+    north, south = customers(node)
+    assert (north.name, north.ae_titles, north.hosts) == ("north", ("NORTH", "NORTH2"),
+                                                          ("north.example",))
+    assert north.settings.customer == "north" and north.settings.ae_title == "NORTH"
+    assert north.settings.data_dir == tmp_path / "data" / "north"
+    assert north.settings.uploads_dir == tmp_path / "data" / "north" / "uploads"
+    assert set(north.settings.destinations) == {"WS"}
+    assert "north.example" in north.settings.web_hosts
+    assert north.settings.storage == "file" and not north.settings.web_delete
+    assert south.settings.storage == "s3" and south.settings.s3_bucket == "south"
+    assert south.settings.web_delete and south.settings.destinations == {}
+    assert south.settings.data_dir == Path("elsewhere").absolute()
+    assert south.access == {"users": []}
+    # The node's own values are kept; no customer's settings name the file again.
+    assert south.settings.dimse_port == node.dimse_port
+    assert not north.settings.customers_file
+    assert chosen(node, "south") == south
+    with pytest.raises(ConfigError, match="no customer 'west'"):
+        chosen(node, "west")
+
+
+def test_without_a_file_the_one_customer_is_customer(tmp_path: Path) -> None:
+    node = _node(tmp_path, CUSTOMER="solo", PACS_AE_TITLE="SOLO")
+    assert customers(node) == (single(node),)
+    assert chosen(node).settings is node
+    assert chosen(node).ae_titles == ("SOLO",)
+    assert node.data_dir == tmp_path / "data"
+
+
+def test_upload_folders_are_never_shared(tmp_path: Path) -> None:
+    node = _node(tmp_path, PACS_UPLOADS_DIR=str(tmp_path / "up"))
+    north, south = parse({"customer": [{"name": "north", "ae_titles": "N"},
+                                       {"name": "south", "ae_titles": "S"}]}, node)
+    assert north.settings.uploads_dir == tmp_path / "up" / "north"
+    assert south.settings.uploads_dir == tmp_path / "up" / "south"
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({}, "one \\[\\[customer\\]\\] table"),
+    ({"customer": [{"name": "a", "ae_titles": "A"}], "other": 1}, "nothing else"),
+    ({"customer": [{"name": "a/b", "ae_titles": "A"}]}, "letters, digits"),
+    ({"customer": [{"name": "a"}]}, "at least one called AE title"),
+    ({"customer": [{"name": "a", "ae_titles": "A" * 17}]}, "not an AE title"),
+    ({"customer": [{"name": "a", "ae_titles": "A\\B"}]}, "not an AE title"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "colour": "red"}]}, "unknown key"),
+    ({"customer": [{"name": "a", "ae_titles": "A",
+                    "settings": {"PACS_DIMSE_PORT": "1"}}]}, "are the node's"),
+    ({"customer": [{"name": "a", "ae_titles": "A",
+                    "settings": {"PACS_STORAGE": "tape"}}]}, "PACS_STORAGE"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "modalities": "nonsense"}]},
+     "PACS_MODALITIES"),
+    ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "a", "ae_titles": "B"}]},
+     "name 'a' belongs to two"),
+    ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "b", "ae_titles": ["A"]}]},
+     "AE title 'A' belongs to two"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "hosts": "h"},
+                   {"name": "b", "ae_titles": "B", "hosts": ["H"]}]},
+     "host 'h' belongs to two"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "settings": {"PACS_DATA_DIR": "x"}},
+                   {"name": "b", "ae_titles": "B", "settings": {"PACS_DATA_DIR": "x"}}]},
+     "data folder"),
+])
+def test_mistakes_are_refused(tmp_path: Path, document: dict[str, Any], message: str
+                              ) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(document, _node(tmp_path))
+
+
+def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PACS_CUSTOMERS_FILE"):
+        customers(_file(tmp_path, "[[customer]\nname ="))
+    missing = _node(tmp_path, PACS_CUSTOMERS_FILE=str(tmp_path / "none.toml"))
+    with pytest.raises(ConfigError, match=r"none\.toml"):
+        customers(missing)
+
+
+def _app(name: str) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [f"{name} {environ['SCRIPT_NAME']} {environ['PATH_INFO']}".encode()]
+    return app
+
+
+@pytest.mark.parametrize(("host", "path", "answer"), [
+    ("127.0.0.1:5985", "/studies", "north  /studies"),
+    ("127.0.0.1", "/customers/south/dicom-web/studies",
+     "south /customers/south /dicom-web/studies"),
+    ("127.0.0.1", "/customers/south", "south /customers/south /"),
+    ("South.Example:8080", "/", "south  /"),
+    ("south.example", "/customers/south/studies", "south /customers/south /studies"),
+    ("south.example", "/customers/north/studies", None),
+    ("127.0.0.1", "/customers/west/studies", None),
+])
+def test_the_router_picks_by_prefix_then_host_then_default(
+        host: str, path: str, answer: str | None) -> None:
+    router = CustomerRouter({"north": _app("north"), "south": _app("south")},
+                            {"south.example": "south"}, "north")
+    statuses = []
+    body = b"".join(router({"HTTP_HOST": host, "PATH_INFO": path, "SCRIPT_NAME": ""},
+                           lambda status, headers: statuses.append(status)))
+    if answer is None:
+        assert statuses == ["404 Not Found"]
+    else:
+        assert body.decode() == answer
+
+
+def test_without_a_default_the_root_is_not_found() -> None:
+    router = CustomerRouter({"north": _app("north")}, {}, None)
+    statuses: list[str] = []
+    list(router({"HTTP_HOST": "localhost", "PATH_INFO": "/studies"},
+                lambda status, headers: statuses.append(status)))
+    assert statuses == ["404 Not Found"]
