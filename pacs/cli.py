@@ -515,7 +515,7 @@ def conformance(ctx: click.Context, fmt: str, defaults: bool, output: str | None
     """
     from pacs.node import conformance as statement
 
-    settings = config.load(environ={}, env_file=None) if defaults else _settings(ctx)
+    settings = config.load(environ={}, env_file=None) if defaults else _node_settings(ctx)
     text = statement.render(statement.statement(settings), fmt)
     if output:
         Path(output).write_text(text, encoding="utf-8")

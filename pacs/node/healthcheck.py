@@ -23,12 +23,15 @@ TIMEOUT = 8.0
 
 
 def main() -> int:
-    """Print the health answer's status; 0 healthy, 1 anything else."""
+    """Print the health answer's status (each customer's, with several); 0 healthy, 1
+    anything else."""
     from pacs.core import config
+    from pacs.core.customers import customers
     from pacs.core.errors import ConfigError
 
     try:
         settings = config.load()
+        served = customers(settings)
     except ConfigError as exc:
         print(f"unhealthy: {exc}")
         return 1
@@ -38,18 +41,29 @@ def main() -> int:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     scheme = "https" if context else "http"
-    url = f"{scheme}://127.0.0.1:{settings.web_port}/health"
+    base = f"{scheme}://127.0.0.1:{settings.web_port}"
+    # Without a customers file /health is the one customer's; with one, each
+    # customer's answers under its prefix (adapters/http/customers.py).
+    paths = (["/health"] if not settings.customers_file else
+             [f"/customers/{customer.name}/health" for customer in served])
+    healthy = True
+    for path in paths:
+        status = _status(base + path, context)
+        print(status if len(paths) == 1 else f"{path}: {status}")
+        healthy = healthy and status == "ok"
+    return 0 if healthy else 1
+
+
+def _status(url: str, context: ssl.SSLContext | None) -> str:
+    """The ``status`` of one health answer, or why there is none."""
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        print(f"unhealthy: HTTP {exc.code} {exc.read()[:500]!r}")
-        return 1
+        return f"unhealthy: HTTP {exc.code} {exc.read()[:500]!r}"
     except (OSError, ValueError) as exc:
-        print(f"unhealthy: {url}: {exc}")
-        return 1
-    print(body.get("status", "unknown"))
-    return 0 if body.get("status") == "ok" else 1
+        return f"unhealthy: {url}: {exc}"
+    return str(body.get("status", "unknown"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,7 +106,8 @@ modalities = "OTHERSCP=127.0.0.1:9"
 [customer.settings]
 PACS_WEB_DELETE = true
 """, encoding="utf-8")
-    started = node_factory("customers", PACS_CUSTOMERS_FILE=str(file), CUSTOMER="alpha")
+    started = node_factory("customers", PACS_CUSTOMERS_FILE=str(file), CUSTOMER="alpha",
+                           PACS_UPLOADS_POLL="0.2")
     answers_qido(started)
     return started
 
@@ -284,6 +287,31 @@ def test_status_lists_each_customer_and_audit_names_it(node: Node, shared: Share
         assert sites == {name}, sites
 
 
+def test_each_upload_folder_feeds_its_customer(node: Node, shared: Shared) -> None:
+    dropped = fresh_ct(StudyInstanceUID=shared.study, SeriesInstanceUID=shared.series,
+                       PatientID=PATIENT_ID, PatientName="BRAVO^UPLOAD")
+    uploads = _data_dir(node, "bravo") / "uploads"
+    uploads.mkdir(exist_ok=True)
+    dropped.save_as(uploads / "dropped.dcm", enforce_file_format=True)
+    sop = str(dropped.SOPInstanceUID)
+    deadline = time.monotonic() + 30
+    while sop not in _index_names(node, "bravo") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _index_names(node, "bravo")[sop] == "BRAVO^UPLOAD", node.log()
+    assert sop not in _index_names(node, "alpha")
+    assert not (_data_dir(node, "alpha") / "uploads" / "dropped.dcm").exists()
+    # The upload is bravo's last instance of the shared study: it goes with it below.
+
+
+def test_the_container_healthcheck_asks_each_customer(node: Node, shared: Shared) -> None:
+    checked = subprocess.run([sys.executable, "-m", "pacs.node.healthcheck"], cwd=node.root,
+                             env=node.env, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.split() == ["/customers/alpha/health:", "ok",
+                                      "/customers/bravo/health:", "ok"]
+
+
 def test_deletion_removes_one_customers_study(node: Node, shared: Shared,
                                               tmp_path: Path) -> None:
     # DICOMweb DELETE is bravo's alone (PACS_WEB_DELETE in its table).
@@ -294,7 +322,7 @@ def test_deletion_removes_one_customers_study(node: Node, shared: Shared,
     assert done.returncode == 0, done.stdout + done.stderr
     assert "removed 2 instance(s)" in done.stdout
     assert _find(node, "ALPHA", tmp_path / "a") == {}
-    assert len(_find(node, "BRAVO", tmp_path / "b")) == 3
+    assert len(_find(node, "BRAVO", tmp_path / "b")) == 4  # with the upload
     assert requests.delete(f"{base}/customers/bravo/studies/{shared.study}",
                            timeout=30).status_code == 204
     assert _find(node, "BRAVO", tmp_path / "b2") == {}
