@@ -6,12 +6,15 @@ even SOP Instance UIDs, with different Patient Names (and one more instance at b
 dcmtk's storescu, findscu, getscu and movescu, dicomweb-client against the real
 gunicorn (path prefix and Host header), the viewer port, DICOMweb DELETE and ``pacs
 delete --customer`` each see, retrieve, overwrite and delete one customer's data only;
-an unknown called AE title is rejected; ``pacs status`` lists both; each customer's
-audit events name it.
+an unknown called AE title is rejected; each upload folder feeds its customer; ``pacs
+status`` and the container's health check report both; each customer's audit events
+name it.  On S3 (SeaweedFS) customers share a bucket under their own prefixes or have
+a bucket of their own.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from tests.interop.conftest import (
     getscu_counts,
     run_dcmtk,
 )
+from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
@@ -328,3 +332,53 @@ def test_deletion_removes_one_customers_study(node: Node, shared: Shared,
     assert _find(node, "BRAVO", tmp_path / "b2") == {}
     unknown = node.cli("delete", "--customer", "nobody", shared.study)
     assert unknown.returncode != 0 and "no customer 'nobody'" in unknown.stderr
+
+
+def test_customers_on_s3_share_a_bucket_by_prefix_or_have_their_own(
+        node_factory: Callable[..., Node], seaweed_s3: SeaweedS3,  # noqa: F811 - the fixture
+        tmp_path: Path) -> None:
+    """alpha and bravo in the node's bucket (under alpha/ and bravo/), carol in a bucket
+    of its own; the same SOP Instance UID in all three, each its own object."""
+    file = tmp_path / "customers.toml"
+    file.write_text("""
+[[customer]]
+name = "alpha"
+ae_titles = "ALPHA"
+[[customer]]
+name = "bravo"
+ae_titles = "BRAVO"
+[[customer]]
+name = "carol"
+ae_titles = "CAROL"
+[customer.settings]
+PACS_S3_BUCKET = "pacs-customer-carol"
+""", encoding="utf-8")
+    node = node_factory(
+        "customers-s3", PACS_CUSTOMERS_FILE=str(file), PACS_STORAGE="s3",
+        PACS_S3_ENDPOINT=seaweed_s3.endpoint, PACS_S3_ACCESS_KEY=seaweed_s3.access_key,
+        PACS_S3_SECRET_KEY=seaweed_s3.secret_key, PACS_S3_BUCKET="pacs-customers-shared")
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    for name in ("alpha", "bravo", "carol"):
+        ds = fresh_ct(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
+                      PatientID=PATIENT_ID, PatientName=f"{name.upper()}^S3")
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert _storescu(node, name.upper(), path).returncode == 0
+    client = seaweed_s3.client()
+    key = f"{study}/{series}/{sop}.dcm"
+    for bucket, name in (("pacs-customers-shared", "alpha"), ("pacs-customers-shared", "bravo"),
+                         ("pacs-customer-carol", "carol")):
+        stored = client.get_object(bucket, f"{name}/{key}")
+        try:
+            assert str(pydicom.dcmread(io.BytesIO(stored.read())).PatientName) == \
+                f"{name.upper()}^S3"
+        finally:
+            stored.close()
+        assert _find(node, name.upper(), tmp_path / f"find-{name}") == {
+            sop: f"{name.upper()}^S3"}
+    assert [o.object_name for o in client.list_objects("pacs-customers-shared",
+                                                       recursive=True)] == [
+        f"alpha/{key}", f"bravo/{key}"]
+    assert [o.object_name for o in client.list_objects("pacs-customer-carol",
+                                                       recursive=True)] == [f"carol/{key}"]
