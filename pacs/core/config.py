@@ -18,6 +18,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from pacs.core import access
+from pacs.core.access import Tables
 from pacs.core.errors import ConfigError
 
 
@@ -449,6 +450,9 @@ class Settings:
     log_level: str = _default("log_level")
     audit_log: str = _default("audit_log")
     destinations: Mapping[str, Modality] = field(default_factory=dict)
+    #: A customer's access tables from the customers file (:mod:`pacs.core.customers`),
+    #: instead of ``PACS_ACCESS_FILE``; ``None``: that file's.
+    access_tables: Tables | None = None
 
     @property
     def index_path(self) -> Path:

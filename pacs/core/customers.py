@@ -3,7 +3,8 @@
 A customer is a name (its data folder, index and key prefix, docs/architecture.md "Data
 layout"), the called AE titles that reach it over DIMSE, the host names that reach it
 over HTTP, and its own settings: the node's, with the values a customer may have of
-its own (:data:`PER_CUSTOMER`: store, move destinations, upload folder, retention...).
+its own (:data:`PER_CUSTOMER`: store, move destinations, upload folder, retention,
+access rules...).
 Without a customers file the node serves one customer, ``CUSTOMER``, called by
 ``PACS_AE_TITLE``: the same :class:`Customer`, built from the settings alone.
 
@@ -17,6 +18,11 @@ The file, TOML::
     [customer.settings]
     PACS_STORAGE = "s3"
     PACS_S3_BUCKET = "north-images"
+    [customer.access]                 # its known AEs and users (PACS_ACCESS_FILE's form)
+    unknown_ae_rights = "none"
+    [[customer.access.ae]]
+    title = "NORTHCT"
+    rights = "echo,store"
 
 Each process reads it once when it starts (``pacs serve``, and each worker and
 companion it starts), as it reads the environment.
@@ -24,12 +30,15 @@ companion it starts), as it reads the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pacs.core import access
+from pacs.core.access import Tables
 from pacs.core.config import Settings, derive, validate_customer
 from pacs.core.errors import ConfigError
 
@@ -40,6 +49,8 @@ PER_CUSTOMER = frozenset({
     "PACS_S3_ACCESS_KEY", "PACS_S3_SECRET_KEY", "PACS_S3_BUCKET", "PACS_S3_SECURE",
     "PACS_S3_REGION", "PACS_MODALITIES",
     "PACS_DUPLICATE_POLICY", "PACS_RETENTION_DAYS", "PACS_WEB_DELETE", "PACS_AUDIT_LOG",
+    "PACS_ACCESS_FILE", "PACS_UNKNOWN_AE_RIGHTS", "PACS_LOOPBACK_ROLES",
+    "PACS_ALLOWED_CALLING_AETS", "PACS_WEB_USER", "PACS_WEB_PASSWORD", "PACS_WEB_TOKEN",
 })
 
 #: The keys of a customer's table.
@@ -65,16 +76,12 @@ class Customer:
         one it calls others with (storage commitment reports).
     hosts : tuple of str
         Host names (lower case) whose HTTP requests are this customer's.
-    access : mapping
-        The customer's access tables (known AEs, users; the form of
-        ``PACS_ACCESS_FILE``), empty when it has none.
     """
 
     name: str
     settings: Settings
     ae_titles: tuple[str, ...]
     hosts: tuple[str, ...] = ()
-    access: Mapping[str, Any] = field(default_factory=dict)
 
 
 def customers(settings: Settings) -> tuple[Customer, ...]:
@@ -208,10 +215,20 @@ def _customer(entry: Any, node: Settings, where: str) -> Customer:
         settings = derive(node, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    access = entry.get("access", {})
-    if not isinstance(access, Mapping):
+    if "access" in entry:
+        settings = dataclasses.replace(settings, access_tables=_access(entry, own, where))
+    return Customer(name, settings, titles, hosts)
+
+
+def _access(entry: Mapping[str, Any], own: Mapping[str, Any], where: str) -> Tables:
+    """The customer's ``[customer.access]`` table: its known AEs and users
+    (:func:`pacs.core.access.parse`, the form of ``PACS_ACCESS_FILE``)."""
+    if "PACS_ACCESS_FILE" in own:
+        raise ConfigError(f"{where}: an access table or PACS_ACCESS_FILE, not both")
+    table = entry["access"]
+    if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: access: expected a table")
-    return Customer(name, settings, titles, hosts, dict(access))
+    return access.parse(table, f"{where}, access")
 
 
 def _strings(value: Any, where: str, key: str) -> tuple[str, ...]:

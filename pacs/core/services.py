@@ -102,15 +102,15 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
 
 
 def access_policy(settings: Settings) -> AccessPolicy:
-    """The access rules of ``settings``: ``PACS_ACCESS_FILE`` and the single-entry
-    settings (:func:`pacs.core.access.build`).
+    """The access rules of ``settings``: ``PACS_ACCESS_FILE`` (or a customer's access
+    tables) and the single-entry settings (:func:`pacs.core.access.build`).
 
     Raises
     ------
     ConfigError
         The access file cannot be read.
     """
-    return access.build(access_file=settings.access_file,
+    return access.build(access_file=settings.access_file, tables=settings.access_tables,
                         unknown_ae_rights=settings.unknown_ae_rights,
                         loopback_roles=settings.loopback_roles,
                         allowed_calling_aets=settings.allowed_calling_aets,

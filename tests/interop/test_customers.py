@@ -109,6 +109,10 @@ hosts = ["{HOSTS['bravo']}"]
 modalities = "OTHERSCP=127.0.0.1:9"
 [customer.settings]
 PACS_WEB_DELETE = true
+[customer.access]
+[[customer.access.ae]]
+title = "READER"
+rights = "echo"
 """, encoding="utf-8")
     started = node_factory("customers", PACS_CUSTOMERS_FILE=str(file), CUSTOMER="alpha",
                            PACS_UPLOADS_POLL="0.2")
@@ -168,6 +172,22 @@ def test_an_unknown_called_ae_title_is_rejected(node: Node, shared: Shared) -> N
     for title in ("ALPHA", "BRAVO", "BRAVO2"):
         assert run_dcmtk("echoscu", "-aec", title, "127.0.0.1",
                          str(node.port)).returncode == 0
+
+
+def test_each_customer_has_its_own_access_rules(node: Node, shared: Shared,
+                                                tmp_path: Path) -> None:
+    """READER may only echo bravo (its access table), and do anything at alpha (whose
+    unknown AEs have every right)."""
+    def find(called: str) -> subprocess.CompletedProcess[str]:
+        return run_dcmtk("findscu", "-v", "-S", "-aet", "READER", "-aec", called,
+                         "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={PATIENT_ID}",
+                         "127.0.0.1", str(node.port))
+
+    refused = find("BRAVO")  # 0124, which dcmtk does not name
+    assert "Received Final Find Response (Unknown Status: 0x124)" in refused.stdout, \
+        refused.stdout
+    allowed = find("ALPHA")
+    assert "Received Final Find Response (Success)" in allowed.stdout, allowed.stdout
 
 
 def test_each_customer_holds_its_own_copy(node: Node, shared: Shared) -> None:

@@ -41,7 +41,10 @@ PACS_S3_BUCKET = "south"
 PACS_WEB_DELETE = true
 PACS_DATA_DIR = "elsewhere"
 [customer.access]
-users = []
+unknown_ae_rights = "echo"
+[[customer.access.ae]]
+title = "SOUTHCT"
+rights = "echo,store"
 """
 
 
@@ -59,7 +62,9 @@ def test_each_customer_gets_the_node_settings_with_its_own(tmp_path: Path) -> No
     assert south.settings.storage == "s3" and south.settings.s3_bucket == "south"
     assert south.settings.web_delete and south.settings.destinations == {}
     assert south.settings.data_dir == Path("elsewhere").absolute()
-    assert south.access == {"users": []}
+    tables = south.settings.access_tables
+    assert tables is not None and [ae.title for ae in tables.aes] == ["SOUTHCT"]
+    assert tables.unknown_ae_rights == {"echo"} and north.settings.access_tables is None
     # The node's own values are kept; no customer's settings name the file again.
     assert south.settings.dimse_port == node.dimse_port
     assert not north.settings.customers_file
@@ -98,6 +103,10 @@ def test_upload_folders_are_never_shared(tmp_path: Path) -> None:
                     "settings": {"PACS_STORAGE": "tape"}}]}, "PACS_STORAGE"),
     ({"customer": [{"name": "a", "ae_titles": "A", "modalities": "nonsense"}]},
      "PACS_MODALITIES"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "access": {"colour": "red"}}]},
+     "access: unknown key"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "access": {},
+                    "settings": {"PACS_ACCESS_FILE": "x.toml"}}]}, "not both"),
     ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "a", "ae_titles": "B"}]},
      "name 'a' belongs to two"),
     ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "b", "ae_titles": ["A"]}]},
