@@ -6,27 +6,32 @@ even SOP Instance UIDs, with different Patient Names (and one more instance at b
 dcmtk's storescu, findscu, getscu and movescu, dicomweb-client against the real
 gunicorn (path prefix and Host header), the viewer port, DICOMweb DELETE and ``pacs
 delete --customer`` each see, retrieve, overwrite and delete one customer's data only;
-an unknown called AE title is rejected; each upload folder feeds its customer; ``pacs
-status`` and the container's health check report both; each customer's audit events
-name it.  On S3 (SeaweedFS) customers share a bucket under their own prefixes or have
-a bucket of their own.
+an unknown called AE title is rejected; each customer has its own access rules;
+storage commitment verifies against the called customer; each upload folder feeds its
+customer; ``pacs status`` and the container's health check report both; each
+customer's audit events name it.  On S3 (SeaweedFS) customers share a bucket under
+their own prefixes or have a bucket of their own.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import queue
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, generate_uid
+from pynetdicom import AE, build_context, evt
 
 from tests.conftest import free_port, wait_for_port
 from tests.interop.conftest import (
@@ -48,6 +53,9 @@ TITLES = {"alpha": "ALPHA", "bravo": "BRAVO"}
 HOSTS = {"alpha": "alpha.example", "bravo": "bravo.example"}
 #: alpha's C-MOVE destination; bravo has none of that name.
 MOVE_SCP = "ALPHASCP"
+#: Storage Commitment Push Model, and its well-known SOP Instance (PS3.4 J.3.5).
+PUSH_MODEL = "1.2.840.10008.1.20.1"
+PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 
 class Shared:
@@ -282,6 +290,41 @@ def test_stow_rs_and_c_store_overwrite_only_their_customer(node: Node, shared: S
     # Put the shared objects back for the tests that follow.
     for name, files in shared.files.items():
         assert _storescu(node, TITLES[name], *files).returncode == 0
+
+
+def test_storage_commitment_verifies_against_the_called_customer(
+        node: Node, shared: Shared) -> None:
+    """alpha commits to the shared instances (its own copies) and not to bravo's extra
+    one (0112, no such object); the result names alpha's AE title."""
+    reports: queue.Queue[Any] = queue.Queue()
+
+    def report(event: Any) -> tuple[int, None]:
+        reports.put(event.event_information)
+        return 0x0000, None
+
+    ae = AE(ae_title="REQUESTOR")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=TITLES["alpha"],
+                         contexts=[build_context(PUSH_MODEL)],
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, report)])
+    assert assoc.is_established
+    try:
+        action = Dataset()
+        action.TransactionUID = generate_uid()
+        action.ReferencedSOPSequence = []
+        for sop in [*shared.sops, shared.extra]:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, sop
+            action.ReferencedSOPSequence.append(item)
+        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+        assert status.Status == 0x0000, node.log()
+        result = reports.get(timeout=30)
+    finally:
+        assoc.release()
+    assert str(result.RetrieveAETitle) == TITLES["alpha"]
+    assert {str(i.ReferencedSOPInstanceUID) for i in result.ReferencedSOPSequence} == \
+        set(shared.sops)
+    assert [(str(i.ReferencedSOPInstanceUID), int(i.FailureReason))
+            for i in result.FailedSOPSequence] == [(shared.extra, 0x0112)]
 
 
 def test_viewer_port_by_host(node: Node, shared: Shared) -> None:
