@@ -20,6 +20,7 @@ from dotenv import dotenv_values
 from pacs.core import access
 from pacs.core.access import Tables
 from pacs.core.errors import ConfigError
+from pacs.core.routes import Route, load_routes
 
 
 def _bool(value: str) -> bool:
@@ -323,6 +324,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_RETENTION_INTERVAL", "retention_interval", "3600",
             "Seconds between two runs of the data retention (each removes at most 100 "
             "studies, oldest first).", _positive(float)),
+    Setting("PACS_ROUTES", "routes_text", "",
+            "Forwarding rules: 'name: calling_ae=CT1|CT2, modality=CT, sop_class=UID -> "
+            "AET or https://host/dicom-web', separated by ';' (docs in pacs/core/routes.py); "
+            "the AE title must be in PACS_MODALITIES; empty: no forwarding."),
+    Setting("PACS_ROUTES_FILE", "routes_file", "",
+            "A TOML file of further forwarding rules ([[route]] tables with name, to and "
+            "the conditions of PACS_ROUTES)."),
+    Setting("PACS_FORWARD_BATCH", "forward_batch", "50",
+            "Most instances forwarded per association (C-STORE) or per request (STOW-RS).",
+            _positive(int)),
+    Setting("PACS_FORWARD_MAX_OUTBOX", "forward_max_outbox", "100000",
+            "Backlog per forwarding destination above which a warning is logged and "
+            "pacs status reports it; entries are still recorded, never dropped.",
+            _positive(int)),
+    Setting("PACS_FORWARD_RETRY_MAX", "forward_retry_max", "600",
+            "Longest wait in seconds between two attempts at an unreachable forwarding "
+            "destination (the wait doubles from 1 s up to this).", _positive(float)),
     Setting("PACS_LOG_LEVEL", "log_level", "INFO",
             "Log level; patient data is only logged at DEBUG.", str.upper),
     Setting("PACS_AUDIT_LOG", "audit_log", "",
@@ -447,12 +465,19 @@ class Settings:
     pn_case_sensitive: bool = _default("pn_case_sensitive")
     retention_days: str = _default("retention_days")
     retention_interval: float = _default("retention_interval")
+    routes_text: str = _default("routes_text")
+    routes_file: str = _default("routes_file")
+    forward_batch: int = _default("forward_batch")
+    forward_max_outbox: int = _default("forward_max_outbox")
+    forward_retry_max: float = _default("forward_retry_max")
     log_level: str = _default("log_level")
     audit_log: str = _default("audit_log")
     destinations: Mapping[str, Modality] = field(default_factory=dict)
     #: A customer's access tables from the customers file (:mod:`pacs.core.customers`),
     #: instead of ``PACS_ACCESS_FILE``; ``None``: that file's.
     access_tables: Tables | None = None
+    #: The forwarding rules (``PACS_ROUTES``, ``PACS_ROUTES_FILE``).
+    routes: tuple[Route, ...] = ()
 
     @property
     def index_path(self) -> Path:
@@ -554,6 +579,8 @@ def load(
         default_dir /= values["customer"]
     values["data_dir"] = Path(values["data_dir"] or default_dir).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
+    values["routes"] = load_routes(values["routes_text"], values["routes_file"],
+                                   values["destinations"])
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
     settings = Settings(**values)
     check_dimse_tls(settings)

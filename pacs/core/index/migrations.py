@@ -225,10 +225,75 @@ def _tombstones(conn: apsw.Connection) -> None:
 
 
 
+def _forwarding(conn: apsw.Connection) -> None:
+    """What forwarding needs (:mod:`pacs.core.forwarding`, :mod:`pacs.core.index.outbox`).
+
+    ``instance.change_seq``: a number that grows with every insert or overwrite of an
+    instance row, assigned by triggers from the one-row ``change_counter`` inside the
+    writing transaction.  SQLite has one writer at a time, so numbers are committed in
+    order: a reader that sees number N has seen every number below it, and the
+    forwarder follows the table by its cursor (``forward_cursor``) without skipping a
+    committed row.  An overwrite keeps its ``pk`` (the ingest's upsert updates the row
+    in place) but takes a new number, so it is forwarded again; a counter of its own,
+    not ``max(change_seq)``, so that a number is never given twice after a deletion.
+
+    ``outbox``: one row per (destination, instance) waiting to be sent, written in the
+    transaction that moves the cursor past the instance and deleted once the
+    destination acknowledged it; ``failed_at`` set when it refused the instance for
+    good.  ``forward_destination``: each destination's backoff, last error and last
+    success.
+    """
+    conn.execute("ALTER TABLE instance ADD COLUMN change_seq INTEGER")
+    conn.execute("UPDATE instance SET change_seq = pk")
+    conn.execute("CREATE INDEX IF NOT EXISTS instance_change_seq ON instance(change_seq)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS change_counter (\n"
+        "  id INTEGER PRIMARY KEY CHECK (id = 1),\n"
+        "  value INTEGER NOT NULL\n"
+        ")")
+    conn.execute("INSERT INTO change_counter (id, value) "
+                 "SELECT 1, coalesce(max(pk), 0) FROM instance")
+    for name, event in (("instance_change_insert", "INSERT"),
+                        ("instance_change_update", "UPDATE OF received_at, checksum")):
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON instance BEGIN "
+            "UPDATE change_counter SET value = value + 1 WHERE id = 1; "
+            "UPDATE instance SET change_seq = (SELECT value FROM change_counter "
+            "WHERE id = 1) WHERE pk = new.pk; END")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS forward_cursor (\n"
+        "  id INTEGER PRIMARY KEY CHECK (id = 1),\n"
+        "  seq INTEGER NOT NULL\n"
+        ")")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS outbox (\n"
+        "  pk INTEGER PRIMARY KEY,\n"
+        "  destination TEXT NOT NULL,\n"
+        "  route TEXT NOT NULL,\n"
+        "  sop_uid TEXT NOT NULL,\n"
+        "  change_seq INTEGER NOT NULL,\n"
+        "  queued_at REAL NOT NULL,\n"
+        "  failed_at REAL,\n"
+        "  last_error TEXT NOT NULL DEFAULT '',\n"
+        "  UNIQUE (destination, sop_uid)\n"
+        ")")
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_waiting "
+                 "ON outbox(destination, failed_at, pk)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS forward_destination (\n"
+        "  name TEXT PRIMARY KEY,\n"
+        "  failures INTEGER NOT NULL DEFAULT 0,\n"
+        "  next_attempt REAL NOT NULL DEFAULT 0,\n"
+        "  last_error TEXT NOT NULL DEFAULT '',\n"
+        "  last_error_at REAL,\n"
+        "  last_success_at REAL\n"
+        ") WITHOUT ROWID")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
-    _storage_commitment, _tombstones)
+    _storage_commitment, _tombstones, _forwarding)
 
 
 def migrate(conn: apsw.Connection) -> int:

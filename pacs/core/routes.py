@@ -1,0 +1,170 @@
+"""Forwarding rules: which newly stored instances go where (``PACS_ROUTES``,
+``PACS_ROUTES_FILE``).
+
+A route has a name, conditions and one destination.  Conditions match the instance's
+calling AE title (who sent it: the C-STORE's calling AE, empty for STOW-RS and
+imports), its series' Modality and its SOP Class UID; each lists the values it accepts,
+and a route without a condition matches every instance.  The destination is an AE
+title of ``PACS_MODALITIES`` (C-STORE) or a DICOMweb base URL (STOW-RS to
+``<url>/studies``).  An instance that matches several routes to the same destination
+is sent there once.
+
+Inline, routes are separated by ``;`` or new lines::
+
+    ct: calling_ae=CT1|CT2, modality=CT -> ARCHIVE; ai: modality=MR -> https://ai/dicom-web
+
+The file is TOML, one ``[[route]]`` table per route::
+
+    [[route]]
+    name = "ct"
+    calling_ae = ["CT1", "CT2"]   # a string or a list
+    modality = "CT"
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    to = "ARCHIVE"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pacs.core.errors import ConfigError
+
+#: The conditions a route may set, as written, to the :class:`Route` field.
+CONDITIONS = {"calling_ae": "calling_ae", "modality": "modality", "sop_class": "sop_class"}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One rule: instances matching every condition go to ``destination``."""
+
+    name: str
+    destination: str
+    calling_ae: frozenset[str] = frozenset()
+    modality: frozenset[str] = frozenset()
+    sop_class: frozenset[str] = frozenset()
+
+    @property
+    def web(self) -> bool:
+        """True when the destination is a DICOMweb URL (STOW-RS), else an AE title."""
+        return is_url(self.destination)
+
+    def matches(self, calling_ae: str, modality: str, sop_class: str) -> bool:
+        """True when the instance meets every condition the route sets."""
+        return all(not accepted or value.strip() in accepted for accepted, value in (
+            (self.calling_ae, calling_ae), (self.modality, modality.upper()),
+            (self.sop_class, sop_class)))
+
+
+def is_url(destination: str) -> bool:
+    """True for an http(s) URL."""
+    return destination.lower().startswith(("http://", "https://"))
+
+
+def shown(destination: str) -> str:
+    """A destination as logs and ``pacs status`` show it: a URL without credentials."""
+    if not is_url(destination):
+        return destination
+    parts = urlsplit(destination)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _route(name: str, destination: str, conditions: Mapping[str, Any], where: str) -> Route:
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: route name {name!r}: use 1-64 letters, digits, "
+                          "'-', '_' or '.'")
+    destination = destination.strip()
+    if not destination:
+        raise ConfigError(f"{where}: route {name!r} has no destination")
+    values: dict[str, frozenset[str]] = {}
+    for key, value in conditions.items():
+        if key not in CONDITIONS:
+            raise ConfigError(f"{where}: route {name!r}: unknown condition {key!r} "
+                              f"(expected {', '.join(CONDITIONS)})")
+        items = value if isinstance(value, list) else str(value).split("|")
+        accepted = frozenset(str(item).strip() for item in items if str(item).strip())
+        if key == "modality":
+            accepted = frozenset(item.upper() for item in accepted)
+        values[CONDITIONS[key]] = accepted
+    return Route(name, destination, **values)
+
+
+def parse_inline(text: str) -> tuple[Route, ...]:
+    """Routes from ``PACS_ROUTES``.
+
+    Raises
+    ------
+    ConfigError
+        A route that cannot be read.
+    """
+    routes = []
+    for item in filter(None, (part.strip() for part in re.split(r"[;\n]", text))):
+        name, colon, rule = item.partition(":")
+        condition_text, arrow, destination = rule.rpartition("->")
+        if not colon or not arrow:
+            raise ConfigError(f"PACS_ROUTES: cannot read {item!r}; expected "
+                              "'name: key=value|value, ... -> AET or URL'")
+        conditions: dict[str, str] = {}
+        for condition in filter(None, (c.strip() for c in condition_text.split(","))):
+            key, equals, value = condition.partition("=")
+            if not equals or key.strip() in conditions:
+                raise ConfigError(f"PACS_ROUTES: route {name.strip()!r}: cannot read "
+                                  f"{condition!r}; expected key=value once per key")
+            conditions[key.strip()] = value
+        routes.append(_route(name.strip(), destination, conditions, "PACS_ROUTES"))
+    return tuple(routes)
+
+
+def parse_file(path: Path) -> tuple[Route, ...]:
+    """Routes from a TOML file (``PACS_ROUTES_FILE``).
+
+    Raises
+    ------
+    ConfigError
+        A file that cannot be read, or a route that cannot.
+    """
+    where = f"PACS_ROUTES_FILE {path}"
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    tables = document.get("route", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: expected [[route]] tables")
+    routes = []
+    for table in tables:
+        rest = dict(table)
+        name, destination = str(rest.pop("name", "")), str(rest.pop("to", ""))
+        routes.append(_route(name, destination, rest, where))
+    return tuple(routes)
+
+
+def load_routes(inline: str, file: str, known_aes: Mapping[str, object]) -> tuple[Route, ...]:
+    """Every route of the settings (the inline ones first), each destination checked.
+
+    Raises
+    ------
+    ConfigError
+        A route that cannot be read, a name used twice, or an AE title that is not in
+        ``PACS_MODALITIES``.
+    """
+    routes = parse_inline(inline) + (parse_file(Path(file)) if file.strip() else ())
+    names = [route.name for route in routes]
+    for route in routes:
+        if names.count(route.name) > 1:
+            raise ConfigError(f"routes: the name {route.name!r} is used twice")
+        if not route.web and route.destination not in known_aes:
+            raise ConfigError(f"routes: route {route.name!r} goes to {route.destination!r}, "
+                              "which is neither an AE title of PACS_MODALITIES nor an "
+                              "http(s) URL")
+        if route.web and not urlsplit(route.destination).hostname:
+            raise ConfigError(f"routes: route {route.name!r}: no host in the URL")
+    return routes
