@@ -383,6 +383,47 @@ def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool)
     click.echo(f"removed {removal.summary()}")
 
 
+@main.command()
+@click.argument("studies", nargs=-1, required=True, metavar="STUDY_UID...")
+@click.option("--to", "destination", required=True, metavar="AET|URL",
+              help="An AE title of PACS_MODALITIES (C-STORE) or a DICOMweb base URL "
+                   "(STOW-RS to URL/studies).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def send(ctx: click.Context, studies: tuple[str, ...], destination: str, quiet: bool) -> None:
+    """Send studies to another archive now, as the forwarder does (batches of
+    PACS_FORWARD_BATCH, each in the audit trail).
+
+    Exits 1 when an instance was not delivered (nothing is queued for later; run it
+    again), or a study is not here.
+    """
+    from pacs.core.forwarding import Result
+    from pacs.core.routes import shown
+    from pacs.node.forwarder import send_now, study_instances
+
+    settings = _settings(ctx)
+    _setup_logging(settings.log_level)
+    services = _build(settings)
+    try:
+        refs = study_instances(services, studies)
+        if quiet:
+            counts = send_now(services, destination, refs)
+        else:
+            with click.progressbar(length=len(refs), label=f"to {shown(destination)}",
+                                   file=sys.stderr, show_pos=True) as bar:
+                counts = send_now(services, destination, refs, bar.update)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        services.close()
+    missed = counts[Result.REFUSED] + counts[Result.RETRY]
+    click.echo(f"{counts[Result.SENT]} of {len(refs)} instance(s) sent to "
+               f"{shown(destination)}; {counts[Result.REFUSED]} refused, "
+               f"{counts[Result.RETRY]} not delivered")
+    if missed:
+        sys.exit(1)
+
+
 def _tally(rows: list[Any]) -> str:
     """Studies, series, instances and bytes of a removal's rows."""
     studies = {row.study_uid for row in rows}

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pacs.core.errors import PacsError
-from pacs.core.index import reads
+from pacs.core.index import outbox, reads
+from pacs.core.index.outbox import Backlog
 from pacs.core.services import Services
 from pacs.core.storage import usage
 
@@ -50,6 +51,9 @@ class Health:
         stored in a folder).
     commitments_waiting : int
         Storage commitment results not delivered yet (:mod:`pacs.core.commitment`).
+    forwarding : tuple of Backlog
+        Each forwarding destination's backlog, failures, last error and last success
+        (:mod:`pacs.core.forwarding`).
     """
 
     store: str
@@ -61,6 +65,7 @@ class Health:
     store_bytes: int | None = None
     disk_free_bytes: int | None = None
     commitments_waiting: int = 0
+    forwarding: tuple[Backlog, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -95,6 +100,7 @@ def check(services: Services, thorough: bool = False) -> Health:
     index_state = "ok"
     counts: dict[str, int] = {}
     indexed_bytes = waiting = 0
+    forwarding: tuple[Backlog, ...] = ()
     try:
         conn = services.index.connection()
         if thorough:
@@ -102,6 +108,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         counts = reads.counts(conn)
         indexed_bytes = reads.indexed_bytes(conn)
         waiting = reads.commitments_waiting(conn)
+        forwarding = tuple(outbox.backlogs(conn))
     except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
@@ -117,4 +124,5 @@ def check(services: Services, thorough: bool = False) -> Health:
     return Health(store=services.settings.storage, store_reachable=store_error is None,
                   store_error=store_error, index=index_state, counts=counts,
                   indexed_bytes=indexed_bytes, store_bytes=store_bytes,
-                  disk_free_bytes=disk_free, commitments_waiting=waiting)
+                  disk_free_bytes=disk_free, commitments_waiting=waiting,
+                  forwarding=forwarding)

@@ -1,5 +1,5 @@
-"""Processes that run beside the node's core: the viewer server, the upload watcher and
-the data retention.
+"""Processes that run beside the node's core: the viewer server, the upload watcher,
+the data retention and the forwarder.
 
 All are optional to the node's purpose, so they are supervised differently from the
 DIMSE workers and the DICOMweb server: one that cannot start, or that exits, is logged
@@ -159,7 +159,7 @@ def _module(name: str, environment: Mapping[str, str]) -> subprocess.Popen[bytes
 def start_companions(settings: Settings, served: Sequence[Customer],
                      environment: Mapping[str, str], stopping: threading.Event) -> Companions:
     """Start the viewer server, and per customer the upload watcher and the data
-    retention that its settings ask for.
+    retention and the forwarder that its settings ask for.
 
     Parameters
     ----------
@@ -167,7 +167,7 @@ def start_companions(settings: Settings, served: Sequence[Customer],
         The node's: ``viewer_port`` 0 turns the viewer off.
     served : sequence of Customer
         The node's customers: a customer's ``uploads_poll`` 0 turns its watcher off,
-        an empty ``retention_days`` its retention.
+        an empty ``retention_days`` its retention, no routes its forwarder.
     environment : mapping
         Environment for the children (``pacs serve``'s overrides, the data folder, the
         customers file); each customer's companions also get ``CUSTOMER``.
@@ -191,4 +191,7 @@ def start_companions(settings: Settings, served: Sequence[Customer],
         if customer.settings.retention.enabled:
             members.append(Companion("data retention" + suffix,
                                      partial(_module, "pacs.node.retention", own)))
+        if customer.settings.routes:
+            members.append(Companion("forwarder" + suffix,
+                                     partial(_module, "pacs.node.forwarder", own)))
     return Companions(members).start(stopping)

@@ -1,17 +1,21 @@
 """The text of ``pacs status``: a health check plus what an operator looks for next.
 
 Counts first (``patient: N`` ... one per line, as before), then the index, the store,
-the disk, the storage commitment results waiting, the upload folder and the viewer
-files.
+the disk, the storage commitment results waiting, each forwarding destination's
+backlog, the upload folder and the viewer files.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from pacs.core.config import Settings
 from pacs.core.health import Health
+from pacs.core.index.outbox import Backlog
+from pacs.core.routes import shown
 from pacs.node.uploads import ARCHIVE, REASON_SUFFIX, REJECTED, waits_for_rename
 from pacs.node.viewer import find, missing_message
 
@@ -42,6 +46,49 @@ def _count_files(folder: Path, skip_top: tuple[str, ...] = ()) -> int:
     return count
 
 
+def _age(seconds: float) -> str:
+    """``75`` -> ``1 min 15 s``."""
+    whole = int(max(seconds, 0))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days} d" if days else "", f"{hours} h" if hours else "",
+             f"{minutes} min" if minutes else "", f"{secs} s"]
+    return " ".join(p for p in parts if p)
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def forwarding_lines(settings: Settings, backlogs: Sequence[Backlog],
+                     now: float | None = None) -> list[str]:
+    """One line per forwarding destination (those of the routes, and any other with
+    entries left): backlog, oldest entry's age, failed instances, last success, last
+    error."""
+    now = time.time() if now is None else now
+    by_name = {b.destination: b for b in backlogs}
+    names = list(dict.fromkeys([shown(r.destination) for r in settings.routes]
+                               + list(by_name)))
+    lines = []
+    for name in names:
+        found = by_name.get(name) or Backlog(name, 0, None, 0, "", None, None, 0.0)
+        line = f"forwarding to {name}: {found.waiting} waiting"
+        if found.oldest_queued_at is not None:
+            line += f" (oldest {_age(now - found.oldest_queued_at)})"
+        if found.waiting > settings.forward_max_outbox:
+            line += ", OVER PACS_FORWARD_MAX_OUTBOX"
+        line += f", {found.failed} refused; last success {_when(found.last_success_at)}"
+        if found.last_error:
+            line += f"; last error {_when(found.last_error_at)}: {found.last_error}"
+        if found.next_attempt > now:
+            line += f"; next attempt in {_age(found.next_attempt - now)}"
+        lines.append(line)
+    return lines
+
+
 def describe(settings: Settings, found: Health) -> list[str]:
     """The lines ``pacs status`` prints."""
     lines = [f"{level}: {count}" for level, count in found.counts.items()]
@@ -59,6 +106,7 @@ def describe(settings: Settings, found: Health) -> list[str]:
     lines.append(f"disk free: {human(found.disk_free_bytes)} ({settings.data_dir})")
     lines.append(f"storage commitment: {found.commitments_waiting} result(s) waiting for "
                  "delivery")
+    lines += forwarding_lines(settings, found.forwarding)
     uploads = settings.uploads_dir
     lines.append(f"uploads: {_count_files(uploads, (ARCHIVE, REJECTED))} waiting, "
                  f"{_count_files(uploads / REJECTED)} rejected ({uploads})")

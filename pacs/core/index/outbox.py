@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apsw
+
+from pacs.core.errors import IndexFailure
+from pacs.core.routes import shown
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def count_waiting(conn: apsw.Connection, destination: str) -> int:
     """Entries waiting for ``destination`` (failed ones excluded)."""
     row = conn.execute("SELECT count(*) FROM outbox WHERE destination = ? "
                        "AND failed_at IS NULL", (destination,)).fetchone()
-    return int(row[0])
+    return int(row[0]) if row else 0
 
 
 def succeeded(conn: apsw.Connection, destination: str, now: float) -> None:
@@ -183,23 +187,41 @@ def next_attempt(conn: apsw.Connection, destination: str) -> float:
 
 
 def backlogs(conn: apsw.Connection) -> list[Backlog]:
-    """Every destination with entries or a recorded state, by name."""
-    rows = conn.execute(
-        "WITH names AS (SELECT DISTINCT destination AS name FROM outbox "
-        "UNION SELECT name FROM forward_destination) "
-        "SELECT names.name, "
-        "(SELECT count(*) FROM outbox WHERE destination = names.name "
-        " AND failed_at IS NULL), "
-        "(SELECT min(queued_at) FROM outbox WHERE destination = names.name "
-        " AND failed_at IS NULL), "
-        "(SELECT count(*) FROM outbox WHERE destination = names.name "
-        " AND failed_at IS NOT NULL), "
-        "coalesce(d.last_error, ''), d.last_error_at, d.last_success_at, "
-        "coalesce(d.next_attempt, 0) "
-        "FROM names LEFT JOIN forward_destination AS d ON d.name = names.name "
-        "ORDER BY names.name").fetchall()
-    return [Backlog(str(r[0]), int(r[1]), r[2], int(r[3]), str(r[4]), r[5], r[6],
-                    float(r[7])) for r in rows]
+    """Every destination with entries or a recorded state, by name (a URL shown
+    without its credentials).
+
+    Raises
+    ------
+    IndexFailure
+        The index cannot be read.
+    """
+    try:
+        rows = conn.execute(
+            "WITH names AS (SELECT DISTINCT destination AS name FROM outbox "
+            "UNION SELECT name FROM forward_destination) "
+            "SELECT names.name, "
+            "(SELECT count(*) FROM outbox WHERE destination = names.name "
+            " AND failed_at IS NULL), "
+            "(SELECT min(queued_at) FROM outbox WHERE destination = names.name "
+            " AND failed_at IS NULL), "
+            "(SELECT count(*) FROM outbox WHERE destination = names.name "
+            " AND failed_at IS NOT NULL), "
+            "coalesce(d.last_error, ''), d.last_error_at, d.last_success_at, "
+            "coalesce(d.next_attempt, 0) "
+            "FROM names LEFT JOIN forward_destination AS d ON d.name = names.name "
+            "ORDER BY names.name").fetchall()
+    except apsw.Error as exc:
+        raise IndexFailure(f"forwarding backlog failed: {exc}") from exc
+    return [_backlog(tuple(row)) for row in rows]
+
+
+def _backlog(r: tuple[Any, ...]) -> Backlog:
+    return Backlog(shown(str(r[0])), int(r[1]), _time(r[2]), int(r[3]), str(r[4]),
+                   _time(r[5]), _time(r[6]), float(r[7]))
+
+
+def _time(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def failures(conn: apsw.Connection, destination: str, limit: int

@@ -1,0 +1,361 @@
+"""Forwarding: newly stored instances sent on to other archives by rules
+(:mod:`pacs.core.routes`), through a durable outbox.
+
+How an instance travels
+-----------------------
+1. The ingest commits its instance row; the row takes the next *change number*
+   (``instance.change_seq``, set by a trigger in the same transaction, also when the
+   row is overwritten).  Forwarding never hooks into the ingest: it follows the index.
+2. :meth:`Outbox.feed` reads the rows changed after its cursor, in order, and in one
+   write transaction adds an outbox entry per (destination, instance) that a route
+   matches and moves the cursor past them.  A crash before the commit reads the same
+   rows again; after it, the entries are on disk.  So nothing committed is skipped and
+   nothing is queued twice for one change.
+3. One thread per destination (:class:`Forwarder`) takes up to ``PACS_FORWARD_BATCH``
+   waiting entries, sends them over one association or one STOW-RS request
+   (a :class:`Sender`), and settles each by what the destination answered: an
+   acknowledged instance leaves the outbox; a refused one (a failure status that
+   sending again cannot change) is kept as failed, visible in ``pacs status``;
+   anything else (no association, a timeout, a 5xx, out of resources) stays and the
+   destination waits ``min(2**failures, PACS_FORWARD_RETRY_MAX)`` seconds.
+
+A restart or an unreachable destination therefore delays delivery and never drops it;
+an instance may be sent twice when the node stops between the destination's
+acknowledgement and the outbox commit (delivery is at least once).  An instance stored
+again while it waits is sent once, as it is when sent; one stored again after it was
+sent is sent again.  An instance removed meanwhile leaves the outbox unsent.
+
+The outbox is a table, not memory: a destination down for days holds its entries on
+disk.  ``PACS_FORWARD_MAX_OUTBOX`` is the backlog per destination above which a warning
+is logged (once a minute) and ``pacs status`` marks the destination; entries are still
+recorded, since dropping them would lose data the operator asked to forward.
+
+The cursor starts at the newest change when the forwarder first runs: routes forward
+what arrives after they exist; ``pacs send`` sends the past.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pacs.core import audit
+from pacs.core.audit import AuditTrail, Participant
+from pacs.core.errors import PacsError
+from pacs.core.index import outbox as table
+from pacs.core.index.connection import Index
+from pacs.core.query.model import InstanceRef
+from pacs.core.routes import Route, shown
+
+log = logging.getLogger(__name__)
+
+#: Changed instance rows read per feed transaction (bounds its time and memory).
+FEED_ROWS = 500
+#: Seconds between two looks at the index when nothing happened.
+POLL = 1.0
+#: Seconds between two warnings that a destination's backlog is over the limit.
+WARN_EVERY = 60.0
+
+
+class Result(enum.Enum):
+    """What became of one instance sent to a destination."""
+
+    SENT = "sent"          #: acknowledged (C-STORE Success or Warning, STOW-RS stored)
+    REFUSED = "refused"    #: refused for good: kept as failed, not sent again
+    RETRY = "retry"        #: not delivered; sent again after the destination's backoff
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One instance's :class:`Result`, and why (a status, an HTTP answer, an error)."""
+
+    result: Result
+    detail: str = ""
+
+
+#: Called after each instance of a batch is settled (``pacs send``'s progress bar).
+Progress = Callable[[InstanceRef, Delivery], None]
+
+
+class Sender(Protocol):
+    """Sends batches of stored instances to one destination."""
+
+    #: Who receives them, for the audit trail.
+    receiver: Participant
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        """Send ``refs`` (one association or request); one :class:`Delivery` per
+        instance, in order.  Never raises for what the destination or the network did."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
+             why: str) -> list[Delivery]:
+    """Send one batch and record it in the audit trail (PS3.15 A.5.3.7 DICOM Instances
+    Transferred, action R, the node as source and the destination as receiver; the
+    studies of the instances it acknowledged, or of all when none was).
+
+    Parameters
+    ----------
+    why : str
+        The event's description: the route, or ``pacs send``.
+    """
+    deliveries = sender.send(refs)
+    sent = [ref for ref, done in zip(refs, deliveries, strict=True)
+            if done.result is Result.SENT]
+    outcome = (audit.SUCCESS if len(sent) == len(refs) else
+               audit.MINOR_FAILURE if sent else audit.SERIOUS_FAILURE)
+    studies = audit.studies_of((ref.study_uid, ref.sop_class_uid) for ref in (sent or refs))
+    trail.transferred(audit.APPLICATION_SERVER, audit.READ, trail.node(requestor=True),
+                      sender.receiver, studies, outcome,
+                      f"{why}: {len(sent)} of {len(refs)} instance(s) acknowledged")
+    return deliveries
+
+
+def backoff(failures: int, cap: float) -> float:
+    """Seconds to wait after ``failures`` failed batches in a row before this one:
+    1, 2, 4 ... up to ``cap``."""
+    return float(min(cap, 2.0 ** min(failures, 30)))
+
+
+class Outbox:
+    """The durable outbox of one customer's index.
+
+    Parameters
+    ----------
+    index : Index
+        The customer's index.
+    routes : sequence of Route
+        The rules.
+    batch : int
+        Instances per batch (``PACS_FORWARD_BATCH``).
+    max_outbox : int
+        The backlog per destination beyond which warnings are logged.
+    retry_max : float
+        The longest wait between two attempts (``PACS_FORWARD_RETRY_MAX``).
+    """
+
+    def __init__(self, index: Index, routes: Sequence[Route], batch: int = 50,
+                 max_outbox: int = 100_000, retry_max: float = 600.0) -> None:
+        self.index = index
+        self.routes = tuple(routes)
+        self.batch = batch
+        self.max_outbox = max_outbox
+        self.retry_max = retry_max
+        self._warned: dict[str, float] = {}
+
+    @property
+    def destinations(self) -> list[str]:
+        """Every destination a route names, once each, in route order."""
+        return list(dict.fromkeys(route.destination for route in self.routes))
+
+    def feed(self, limit: int = FEED_ROWS) -> int:
+        """Queue what the routes match among the next ``limit`` changed instances and
+        move the cursor past them, in one transaction; how many changes were read.
+
+        Raises
+        ------
+        IndexFailure
+            The index is busy or failing (nothing is queued, the cursor stays).
+        """
+        queued: dict[str, int] = {}
+        with self.index.write() as conn:
+            after = table.cursor(conn)
+            if after is None:
+                table.move_cursor(conn, table.head(conn))
+                return 0
+            found = table.changes(conn, after, limit)
+            if not found:
+                return 0
+            entries = []
+            for change in found:
+                for destination, route in self._matched(change):
+                    entries.append((destination, route, change.sop_uid, change.seq))
+                    queued[destination] = queued.get(destination, 0) + 1
+            table.queue(conn, entries, time.time())
+            table.move_cursor(conn, found[-1].seq)
+            over = {d: table.count_waiting(conn, d) for d in queued}
+        for destination, count in queued.items():
+            log.debug("forwarding: %d instance(s) queued for %s", count, shown(destination))
+            self._warn_if_over(destination, over[destination])
+        return len(found)
+
+    def _matched(self, change: table.Change) -> Iterable[tuple[str, str]]:
+        """(destination, first matching route) pairs of one changed instance."""
+        seen: dict[str, str] = {}
+        for route in self.routes:
+            if route.destination not in seen and route.matches(
+                    change.calling_ae, change.modality, change.sop_class_uid):
+                seen[route.destination] = route.name
+        return seen.items()
+
+    def _warn_if_over(self, destination: str, waiting: int) -> None:
+        if waiting <= self.max_outbox:
+            return
+        now = time.monotonic()
+        if now - self._warned.get(destination, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[destination] = now
+            log.warning("forwarding: %d instances wait for %s, more than "
+                        "PACS_FORWARD_MAX_OUTBOX (%d); they are kept and sent once it "
+                        "answers", waiting, shown(destination), self.max_outbox)
+
+    def due_in(self, destination: str) -> float:
+        """Seconds until the destination may be tried again (0: now)."""
+        return max(0.0, table.next_attempt(self.index.connection(), destination)
+                   - time.time())
+
+    def take(self, destination: str) -> list[table.Entry]:
+        """The next batch waiting for ``destination``; entries whose instance was
+        removed meanwhile leave the outbox (there is nothing left to send)."""
+        entries = table.waiting(self.index.connection(), destination, self.batch)
+        gone = [(e.key, e.change_seq) for e in entries if e.object_key is None]
+        if gone:
+            with self.index.write() as conn:
+                table.remove(conn, gone)
+            log.info("forwarding: %d instance(s) for %s were removed before they were "
+                     "sent", len(gone), shown(destination))
+        return [e for e in entries if e.object_key is not None]
+
+    def settle(self, destination: str, entries: Sequence[table.Entry],
+               deliveries: Sequence[Delivery]) -> float | None:
+        """Record what a batch came to; the wait before the next attempt when some
+        instance must be sent again, else ``None``."""
+        now = time.time()
+        done, refused, retry = [], [], []
+        for entry, delivery in zip(entries, deliveries, strict=True):
+            if delivery.result is Result.SENT:
+                done.append((entry.key, entry.change_seq))
+            elif delivery.result is Result.REFUSED:
+                refused.append((entry.key, entry.change_seq, delivery.detail))
+            else:
+                retry.append(delivery.detail)
+        wait = None
+        with self.index.write() as conn:
+            table.remove(conn, done)
+            table.mark_failed(conn, refused, now)
+            if retry:
+                wait = table.failed(conn, destination, retry[0], now,
+                                    lambda failures: backoff(failures, self.retry_max))
+            elif done:
+                table.succeeded(conn, destination, now)
+            if refused:
+                table.refused(conn, destination, refused[-1][2], now)
+        return wait
+
+    def backlogs(self) -> list[table.Backlog]:
+        """Every destination's backlog and state (``pacs status``)."""
+        return table.backlogs(self.index.connection())
+
+    def retry_failed(self, destination: str) -> int:
+        """Queue a destination's refused instances again; how many."""
+        with self.index.write() as conn:
+            return table.retry_failed(conn, destination)
+
+
+def refs_of(entries: Iterable[table.Entry]) -> list[InstanceRef]:
+    """The outbox entries as the instances to send."""
+    return [InstanceRef(e.study_uid or "", e.series_uid or "", e.sop_uid,
+                        e.sop_class_uid or "", e.transfer_syntax or "", e.object_key or "",
+                        int(e.size or 0)) for e in entries]
+
+
+class Forwarder:
+    """Feeds the outbox and sends it: the loop of the forwarding companion.
+
+    One thread per destination sends its batches (so a slow or unreachable
+    destination delays only its own); the calling thread feeds.
+
+    Parameters
+    ----------
+    outbox : Outbox
+        The outbox.
+    senders : mapping
+        A :class:`Sender` per destination of the routes.
+    trail : AuditTrail
+        Where each batch is recorded.
+    """
+
+    def __init__(self, outbox: Outbox, senders: Mapping[str, Sender],
+                 trail: AuditTrail) -> None:
+        self.outbox = outbox
+        self.senders = dict(senders)
+        self.trail = trail
+        self._wake = {destination: threading.Event() for destination in self.senders}
+
+    def run(self, stopping: threading.Event) -> None:
+        """Feed and send until ``stopping``; then wait for the batches in flight."""
+        threads = [threading.Thread(target=self._deliver_loop, args=(d, stopping),
+                                    name=f"pacs-forward-{i}", daemon=True)
+                   for i, d in enumerate(self.senders)]
+        for thread in threads:
+            thread.start()
+        try:
+            self._feed_loop(stopping)
+        finally:
+            stopping.set()
+            for event in self._wake.values():
+                event.set()
+            for thread in threads:
+                thread.join()
+
+    def _feed_loop(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                read = self.outbox.feed()
+            except PacsError as exc:
+                log.warning("forwarding: the outbox could not be fed (%s); again soon", exc)
+                read = 0
+            if read:
+                for event in self._wake.values():
+                    event.set()
+            if read < FEED_ROWS:
+                stopping.wait(POLL)
+
+    def _deliver_loop(self, destination: str, stopping: threading.Event) -> None:
+        wake = self._wake[destination]
+        while not stopping.is_set():
+            try:
+                wait = self.deliver_once(destination)
+            except Exception:  # the thread must outlive any failure
+                log.exception("forwarding to %s failed unexpectedly", shown(destination))
+                wait = POLL
+            if wait:
+                wake.clear()
+                wake.wait(wait)
+
+    def deliver_once(self, destination: str) -> float:
+        """Send one batch to ``destination`` when it is due; seconds to wait before
+        the next look (0: look again at once)."""
+        due = self.outbox.due_in(destination)
+        if due > 0:
+            return min(due, POLL * 5)
+        entries = self.outbox.take(destination)
+        if not entries:
+            return POLL
+        refs = refs_of(entries)
+        routes = ", ".join(sorted({e.route for e in entries}))
+        deliveries = transfer(self.senders[destination], refs, self.trail,
+                              f"forwarded by route {routes}")
+        retry = self.outbox.settle(destination, entries, deliveries)
+        counts = {r: sum(d.result is r for d in deliveries) for r in Result}
+        if retry is None:
+            log.info("forwarded %d instance(s) to %s (%d refused)", counts[Result.SENT],
+                     shown(destination), counts[Result.REFUSED])
+            return 0.0
+        log.warning("forwarding to %s: %d sent, %d refused, %d to send again in %.0f s "
+                    "(%s)", shown(destination), counts[Result.SENT],
+                    counts[Result.REFUSED], counts[Result.RETRY], retry,
+                    next(d.detail for d in deliveries if d.result is Result.RETRY))
+        return retry
+
+    def close(self) -> None:
+        """Close every sender."""
+        for sender in self.senders.values():
+            sender.close()

@@ -1,0 +1,145 @@
+"""C-STORE to a forwarding destination of ``PACS_MODALITIES``: a batch per association,
+as a forwarding :class:`~pacs.core.forwarding.Sender`.
+
+The association proposes what a C-MOVE destination gets
+(:func:`pacs.dimse.retrieve.destination_contexts`: each SOP class of the batch in its
+stored transfer syntaxes, then Explicit and Implicit VR Little Endian), and each
+instance goes in the context the C-MOVE sub-operations would choose
+(:func:`pacs.dimse.sender.route`): as stored when the destination accepted that
+syntax, else converted to an uncompressed syntax it accepted
+(:func:`pacs.dimse.sender.object_file`), else refused.  The request goes through
+pynetdicom's public ``send_c_store`` (a Part 10 file streamed from disk), so the
+forwarder runs the same with the seam on or off; a store without local files (S3)
+copies each object to a temporary file first, as a C-MOVE does.
+
+The response status decides (PS3.4 B.2.3, PS3.7 C):
+
+=====================================  =================================================
+0000, warnings (0001, 0107, 0111,      acknowledged
+0116, Bxxx)
+A7xx (out of resources), no response,  sent again after the destination's backoff
+association refused or aborted
+anything else (A9xx, Cxxx, 0122 ...)   refused for good
+=====================================  =================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+
+from pacs.core.audit import Participant
+from pacs.core.config import Modality, Settings
+from pacs.core.errors import FrameTooLarge, UnreadableData
+from pacs.core.forwarding import Delivery, Result
+from pacs.core.query.model import InstanceRef
+from pacs.core.storage import ObjectStore
+from pacs.dimse import handlers, tls
+from pacs.dimse.connection import AcceptedContext
+from pacs.dimse.retrieve import Outcome, classify, destination_contexts
+from pacs.dimse.sender import object_file, route
+
+log = logging.getLogger(__name__)
+
+
+def delivery_of(status: int | None) -> Delivery:
+    """What a C-STORE response status means for forwarding (see the module's table)."""
+    if status is None:
+        return Delivery(Result.RETRY, "no C-STORE response")
+    if classify(status) is not Outcome.FAILED:
+        return Delivery(Result.SENT, f"status {status:04X}")
+    if status >> 8 == 0xA7:
+        return Delivery(Result.RETRY, f"status {status:04X} (out of resources)")
+    return Delivery(Result.REFUSED, f"status {status:04X}")
+
+
+class DimseSender:
+    """Sends batches to one DIMSE destination.
+
+    Parameters
+    ----------
+    destination : Modality
+        Its AE title and address (``:tls``: DICOM TLS, PS3.15 B.12).
+    store : ObjectStore
+        Where the objects are.
+    settings : Settings
+        The node's AE title, PDU size, DIMSE timeout and TLS files.
+    """
+
+    def __init__(self, destination: Modality, store: ObjectStore, settings: Settings) -> None:
+        self.destination = destination
+        self.store = store
+        self.settings = settings
+        self.receiver = Participant(destination.ae_title, False, address=destination.host)
+        ae = AE(ae_title=settings.ae_title)
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout",
+                     "connection_timeout"):
+            setattr(ae, name, settings.dimse_timeout)
+        self._ae = ae
+        context = tls.client_context(settings) if destination.tls else None
+        self._tls = (context, destination.host) if context is not None else None
+
+    def _associate(self, refs: Sequence[InstanceRef]) -> Association | None:
+        classes: dict[str, set[str]] = {}
+        for ref in refs:
+            classes.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax)
+        assoc = self._ae.associate(
+            self.destination.host, self.destination.port,
+            contexts=destination_contexts(classes), ae_title=self.destination.ae_title,
+            max_pdu=self.settings.max_pdu, tls_args=self._tls,
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
+        if assoc.is_established:
+            return assoc
+        # pynetdicom leaves the socket of a rejected association open.
+        sock = assoc.dul.socket
+        if sock is not None:
+            sock.close()
+        return None
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        """C-STORE ``refs`` over one association; a :class:`Delivery` per instance."""
+        where = f"{self.destination.ae_title} ({self.destination.host}:{self.destination.port})"
+        try:
+            assoc = self._associate(refs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a TLS file unreadable: again later
+            return [Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")] * len(refs)
+        if assoc is None:
+            return [Delivery(Result.RETRY, f"no association with {where}")] * len(refs)
+        deliveries: list[Delivery] = []
+        try:
+            accepted = handlers.accepted_contexts(assoc)
+            for ref in refs:
+                if not assoc.is_established:
+                    deliveries.append(Delivery(Result.RETRY, "association ended"))
+                    continue
+                deliveries.append(self._store(assoc, accepted, ref))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return deliveries
+
+    def _store(self, assoc: Association, accepted: list[AcceptedContext],
+               ref: InstanceRef) -> Delivery:
+        found = route(accepted, ref.sop_class_uid, ref.transfer_syntax)
+        if found is None:
+            return Delivery(Result.REFUSED, f"no context accepted for "
+                                            f"{UID(ref.sop_class_uid).name} in "
+                                            f"{UID(ref.transfer_syntax).name} or an "
+                                            "uncompressed syntax it converts to")
+        try:
+            with object_file(self.store, ref, found[1], self.settings) as path:
+                response = assoc.send_c_store(path)
+        except (UnreadableData, FrameTooLarge) as exc:  # not convertible, ever
+            return Delivery(Result.REFUSED, f"cannot convert: {exc}")
+        except Exception as exc:
+            log.debug("forwarding failed for %s", ref.sop_uid, exc_info=exc)
+            return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")
+        status = response.get("Status") if response else None
+        return delivery_of(int(status) if status is not None else None)
+
+    def close(self) -> None:
+        """Nothing held between batches."""
