@@ -312,6 +312,9 @@ class Forwarder:
             except PacsError as exc:
                 log.warning("forwarding: the outbox could not be fed (%s); again soon", exc)
                 read = 0
+            except Exception:  # the thread must outlive any failure
+                log.exception("forwarding: feeding the outbox failed unexpectedly")
+                read = 0
             if read:
                 for event in self._wake.values():
                     event.set()

@@ -1,0 +1,177 @@
+"""The forwarding outbox over a real index: what routes queue, what each answer of a
+destination does to the outbox, overwrites, removals (the senders of real peers are
+tested in tests/interop/test_forwarding.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
+
+from pacs.core import audit
+from pacs.core.audit import Participant
+from pacs.core.deletion import Target, reference
+from pacs.core.errors import ConfigError
+from pacs.core.forwarding import Delivery, Forwarder, Outbox, Result, backoff, refs_of
+from pacs.core.query.model import InstanceRef
+from pacs.core.routes import load_routes, parse_file, parse_inline, shown
+from pacs.core.services import Services
+from tests.factory import make_instance
+
+
+class Recorder:
+    """A sender that answers what the test says, and remembers what it was given."""
+
+    receiver = Participant("PEER", False)
+
+    def __init__(self, answer: Result = Result.SENT) -> None:
+        self.answer = answer
+        self.batches: list[list[str]] = []
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        self.batches.append([ref.sop_uid for ref in refs])
+        return [Delivery(self.answer, "test")] * len(refs)
+
+    def close(self) -> None:
+        pass
+
+
+def _store(services: Services, calling_ae: str = "CT1", **attributes: object) -> str:
+    data = make_instance(**attributes)
+    return services.ingest.store_bytes(data, calling_ae=calling_ae).sop_instance_uid
+
+
+def _outbox(services: Services, text: str, **kwargs: object) -> Outbox:
+    routes = load_routes(text, "", {"PEER": object(), "OTHER": object()})
+    outbox = Outbox(services.index, routes, **kwargs)  # type: ignore[arg-type]
+    outbox.feed()  # the cursor starts at the newest change
+    return outbox
+
+
+def _waiting(outbox: Outbox, destination: str = "PEER") -> list[str]:
+    return [entry.sop_uid for entry in outbox.take(destination)]
+
+
+def test_routes_match_calling_ae_modality_and_sop_class(services: Services) -> None:
+    outbox = _outbox(services, "ct: calling_ae=CT1|CT2, modality=CT -> PEER; "
+                               f"sc: sop_class={SecondaryCaptureImageStorage} -> OTHER")
+    ct1 = _store(services, "CT1")
+    ct2 = _store(services, "CT2")
+    _store(services, "CT3")  # another sender
+    _store(services, "CT1", Modality="MR", SOPClassUID=MRImageStorage)  # another modality
+    sc = _store(services, "X", Modality="OT", SOPClassUID=SecondaryCaptureImageStorage)
+    assert outbox.feed() == 5
+    assert _waiting(outbox) == [ct1, ct2]
+    assert _waiting(outbox, "OTHER") == [sc]
+
+
+def test_instances_stored_before_the_first_feed_are_not_forwarded(services: Services) -> None:
+    _store(services)
+    outbox = _outbox(services, "all: -> PEER")
+    assert _waiting(outbox) == []
+    later = _store(services)
+    outbox.feed()
+    assert _waiting(outbox) == [later]
+
+
+def test_a_sent_instance_leaves_and_an_overwrite_is_sent_again(services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER")
+    sop = _store(services)
+    outbox.feed()
+    recorder = Recorder()
+    forwarder = Forwarder(outbox, {"PEER": recorder}, services.audit)
+    assert forwarder.deliver_once("PEER") == 0
+    assert recorder.batches == [[sop]] and _waiting(outbox) == []
+    _store(services, SOPInstanceUID=sop, PatientName="DOE^JANE")  # overwritten
+    outbox.feed()
+    assert _waiting(outbox) == [sop]
+    [backlog] = outbox.backlogs()
+    assert backlog.waiting == 1 and backlog.last_success_at is not None
+
+
+def test_an_overwrite_while_in_flight_stays_queued(services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER")
+    sop = _store(services)
+    outbox.feed()
+    entries = outbox.take("PEER")
+    _store(services, SOPInstanceUID=sop, PatientName="DOE^JANE")
+    outbox.feed()
+    assert _waiting(outbox) == [sop]  # one entry for the two versions
+    outbox.settle("PEER", entries, [Delivery(Result.SENT)])  # the old version's ack
+    assert _waiting(outbox) == [sop]  # the new version still waits
+
+
+def test_unreachable_destination_backs_off_and_keeps_the_entries(
+        services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER", retry_max=4.0)
+    sops = [_store(services) for _ in range(3)]
+    outbox.feed()
+    forwarder = Forwarder(outbox, {"PEER": Recorder(Result.RETRY)}, services.audit)
+    assert forwarder.deliver_once("PEER") == 1.0
+    assert outbox.due_in("PEER") > 0
+    assert forwarder.deliver_once("PEER") > 0  # not due: nothing sent
+    assert _waiting(outbox) == sops
+    [backlog] = outbox.backlogs()
+    assert backlog.waiting == 3 and backlog.last_error == "test"
+    assert [backoff(n, 4.0) for n in range(5)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_refused_instances_are_kept_as_failed_and_can_be_queued_again(
+        services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER")
+    sop = _store(services)
+    outbox.feed()
+    Forwarder(outbox, {"PEER": Recorder(Result.REFUSED)}, services.audit).deliver_once("PEER")
+    assert _waiting(outbox) == []
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (0, 1)
+    assert outbox.due_in("PEER") == 0  # a refusal is no reason to wait
+    assert outbox.retry_failed("PEER") == 1
+    assert _waiting(outbox) == [sop]
+
+
+def test_removed_instances_leave_the_outbox_unsent(services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER")
+    sop = _store(services)
+    kept = _store(services)
+    outbox.feed()
+    study = next(e.study_uid for e in outbox.take("PEER") if e.sop_uid == sop)
+    rows = services.deleter.plan([Target.parse(str(study))])
+    services.deleter.remove([reference(row) for row in rows], Participant("test", True),
+                            audit.APPLICATION_SERVER)
+    assert _waiting(outbox) == [kept]
+
+
+def test_batches_are_bounded(services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER", batch=2)
+    for _ in range(5):
+        _store(services)
+    outbox.feed()
+    recorder = Recorder()
+    forwarder = Forwarder(outbox, {"PEER": recorder}, services.audit)
+    while forwarder.deliver_once("PEER") == 0:
+        pass
+    assert [len(batch) for batch in recorder.batches] == [2, 2, 1]
+    assert refs_of([]) == []
+
+
+def test_inline_and_file_routes(tmp_path: Path) -> None:
+    [route] = parse_inline("a: modality=ct|MR, calling_ae=CT1 -> PEER")
+    assert route.modality == {"CT", "MR"} and route.calling_ae == {"CT1"}
+    assert route.matches("CT1", "mr", "1.2") and not route.matches("CT2", "CT", "1.2")
+    file = tmp_path / "routes.toml"
+    file.write_text('[[route]]\nname = "web"\nto = "https://u:p@host:8443/dicom-web"\n'
+                    'sop_class = ["1.2", "1.3"]\n')
+    [web] = parse_file(file)
+    assert web.web and web.sop_class == {"1.2", "1.3"}
+    assert shown(web.destination) == "https://host:8443/dicom-web"
+
+
+@pytest.mark.parametrize("text", ["no arrow", "a: modality=CT", "a: colour=red -> PEER",
+                                  "a: -> NOBODY", "a: -> PEER; a: -> OTHER", "a b: -> PEER",
+                                  "a: -> https:///x"])
+def test_bad_routes_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        load_routes(text, "", {"PEER": object(), "OTHER": object()})
