@@ -148,6 +148,14 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         if report.temporaries:
             log.info("customer %s: removed %d temporary file(s) of interrupted writes",
                      customer.name, report.temporaries)
+        if customer.settings.routes:
+            # Forwarding starts with what arrives from now on, not when its companion
+            # runs.
+            from pacs.node.forwarder import outbox_of
+            try:
+                outbox_of(services).start()
+            except PacsError as exc:
+                raise click.ClickException(str(exc)) from None
         services.close()  # workers open their own after the fork
         log.info("customer %s (%s), data in %s, %s storage", customer.name,
                  ", ".join(customer.ae_titles), customer.settings.data_dir,

@@ -30,8 +30,9 @@ disk.  ``PACS_FORWARD_MAX_OUTBOX`` is the backlog per destination above which a 
 is logged (once a minute) and ``pacs status`` marks the destination; entries are still
 recorded, since dropping them would lose data the operator asked to forward.
 
-The cursor starts at the newest change when the forwarder first runs: routes forward
-what arrives after they exist; ``pacs send`` sends the past.
+The cursor starts at the newest change when ``pacs serve`` first starts with routes
+(:meth:`Outbox.start`, before it accepts associations): routes forward what arrives
+after they exist; ``pacs send`` sends the past.
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ class Outbox:
     def destinations(self) -> list[str]:
         """Every destination a route names, once each, in route order."""
         return list(dict.fromkeys(route.destination for route in self.routes))
+
+    def start(self) -> None:
+        """Start the cursor at the newest change when it has never run (``pacs serve``
+        does, before it accepts associations); otherwise leave it where it is."""
+        with self.index.write() as conn:
+            if table.cursor(conn) is None:
+                table.move_cursor(conn, table.head(conn))
 
     def feed(self, limit: int = FEED_ROWS) -> int:
         """Queue what the routes match among the next ``limit`` changed instances and
