@@ -547,6 +547,9 @@ def _networking(data: dict[str, Any]) -> str:
 - A remote AE queries (C-FIND): `{ae}` answers from the index.
 - A remote AE retrieves (C-MOVE to a configured destination, C-GET over its own
   association): `{ae}` sends the stored objects as C-STORE sub-operations.
+- Objects stored that match a forwarding rule (`PACS_ROUTES`, `PACS_ROUTES_FILE`), or
+  named by `pacs send`: `{ae}` sends them on as C-STORE requests to a destination of
+  `PACS_MODALITIES` (or by STOW-RS to a DICOMweb server), from a durable outbox.
 - A remote AE asks `{ae}` to commit to objects it sent (N-ACTION): `{ae}` records the
   request before it answers, checks each instance against the index and the store, and
   reports the result (N-EVENT-REPORT) on the requestor's association or on a new one.
@@ -558,7 +561,8 @@ def _networking(data: dict[str, Any]) -> str:
 `{ae}` is one AE served by `PACS_DIMSE_WORKERS` worker processes
 (`{assoc['dimse_workers']}`; 0: one per CPU) that accept associations from one listening
 port.  It accepts associations for every service of Table 3-1 and initiates
-associations only to C-MOVE destinations and to storage commitment requestors.
+associations only to C-MOVE destinations, to forwarding destinations and to storage
+commitment requestors.
 
 #### 3.1.3 Sequencing of Real-World Activities
 
@@ -578,7 +582,8 @@ Table 3-1. SOP Classes of `{ae}`
         [[cx["name"], cx["sop_class"], _yes(cx["service"] == STORAGE), "Yes"]
          for cx in cxs])}
 
-SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3).  SCP
+SCU of a Storage SOP Class: C-STORE sub-operations of C-MOVE and C-GET (3.2.3), and
+forwarding (3.2.4).  SCP
 of Storage Commitment: N-ACTION received, N-EVENT-REPORT sent (3.2.3.3, 3.2.4).
 
 #### 3.2.2 Association Policies [A.4.2.1.2]
@@ -712,7 +717,11 @@ for each information model, what it supports of what was asked.
 #### 3.2.4 Association Initiation Policy [A.4.2.1.3]
 
 `{data['network']['ae_title']}` initiates associations only for the C-STORE
-sub-operations of a C-MOVE, to the destination the request names, and for storage
+sub-operations of a C-MOVE, to the destination the request names; for forwarding
+(`PACS_ROUTES`, `pacs send`: one association per batch of at most `PACS_FORWARD_BATCH`
+objects, the same presentation contexts and transfer syntax choice as a C-MOVE, each
+object sent again after a C-STORE failure status A7xx or no response, kept as failed
+after any other failure status); and for storage
 commitment results whose requestor has released its association (3.2.3.3), to the
 requestor's address in `PACS_MODALITIES`, proposing the Storage Commitment Push Model
 in {", ".join(f"{_name(ts)} ({ts})" for ts in data['storage_commitment']['report_syntaxes'])}
