@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from tests.auditcheck import event_name, problems, read_trail, studies_in
 from tests.conftest import free_port, wait_for_port
 from tests.interop.conftest import AE_TITLE, Node, fresh_ct, run_dcmtk
 
@@ -134,6 +135,14 @@ def test_backlog_grows_while_the_destination_is_down_then_drains(
     log = forwarding.log()
     assert "forwarded 2 instance(s) to ARCHIVE" in log
     assert all(uid not in log for uid in matching)  # no UIDs at INFO
+    # Each batch is a DICOM Instances Transferred event naming the destination.
+    batches = [e for e in read_trail(forwarding.data_dir / "audit.jsonl")
+               if event_name(e) == "DICOM Instances Transferred"
+               and any(p["UserID"] == "ARCHIVE" for p in e["ActiveParticipant"])
+               and e["EventIdentification"]["EventOutcomeIndicator"] == 0]
+    assert len(batches) == 2 and all(problems(e) == [] for e in batches), batches
+    assert set(studies_in(batches[0])) == {str(pydicom.dcmread(
+        next((tmp_path / "ct1").iterdir())).StudyInstanceUID)}
 
 
 def test_a_restart_with_a_backlog_still_delivers(
