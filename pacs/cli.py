@@ -392,13 +392,17 @@ def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool)
 
 
 @main.command()
-@click.argument("studies", nargs=-1, required=True, metavar="STUDY_UID...")
+@click.argument("studies", nargs=-1, metavar="STUDY_UID...")
 @click.option("--to", "destination", required=True, metavar="AET|URL",
               help="An AE title of PACS_MODALITIES (C-STORE) or a DICOMweb base URL "
                    "(STOW-RS to URL/studies).")
+@click.option("--requeue", is_flag=True,
+              help="Instead: put the instances this destination refused back in the "
+                   "forwarding outbox (the running node sends them again).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def send(ctx: click.Context, studies: tuple[str, ...], destination: str, quiet: bool) -> None:
+def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue: bool,
+         quiet: bool) -> None:
     """Send studies to another archive now, as the forwarder does (batches of
     PACS_FORWARD_BATCH, each in the audit trail).
 
@@ -407,12 +411,18 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, quiet: 
     """
     from pacs.core.forwarding import Result
     from pacs.core.routes import shown
-    from pacs.node.forwarder import send_now, study_instances
+    from pacs.node.forwarder import outbox_of, send_now, study_instances
 
+    if bool(studies) == requeue:
+        raise click.UsageError("give STUDY_UIDs to send, or --requeue alone")
     settings = _settings(ctx)
     _setup_logging(settings.log_level)
     services = _build(settings)
     try:
+        if requeue:
+            count = outbox_of(services).retry_failed(destination)
+            click.echo(f"{count} refused instance(s) queued again for {shown(destination)}")
+            return
         refs = study_instances(services, studies)
         if quiet:
             counts = send_now(services, destination, refs)

@@ -112,30 +112,7 @@ class StowSender:
                 response.release_conn()
         except Exception as exc:  # noqa: BLE001 - network, TLS, a short object: again later
             return [Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")] * len(refs)
-        return self._deliveries(refs, status, answer)
-
-    def _deliveries(self, refs: Sequence[InstanceRef], status: int,
-                    answer: bytes) -> list[Delivery]:
-        """Each instance's outcome from the HTTP status and the response's sequences."""
-        if status == 200:
-            return [Delivery(Result.SENT, "HTTP 200")] * len(refs)
-        if status not in (202, 409):
-            result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
-                      else Result.RETRY)
-            return [Delivery(result, f"HTTP {status}")] * len(refs)
-        failed, stored = _sequences(answer)
-        deliveries = []
-        for ref in refs:
-            if ref.sop_uid in failed:
-                reason = failed[ref.sop_uid]
-                result = Result.RETRY if _transient_reason(reason) else Result.REFUSED
-                deliveries.append(Delivery(result, f"HTTP {status}, FailureReason "
-                                                   f"{reason:04X}"))
-            elif ref.sop_uid in stored:
-                deliveries.append(Delivery(Result.SENT, f"HTTP {status}"))
-            else:
-                deliveries.append(Delivery(Result.RETRY, f"HTTP {status}, not in the answer"))
-        return deliveries
+        return deliveries(refs, status, answer)
 
     @staticmethod
     def _part_head(boundary: str) -> bytes:
@@ -173,6 +150,30 @@ class StowSender:
     def close(self) -> None:
         """Close the connection pool."""
         self._pool.clear()
+
+
+def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes) -> list[Delivery]:
+    """Each instance's outcome from a STOW-RS answer: its HTTP status and body (the
+    module's table)."""
+    if status == 200:
+        return [Delivery(Result.SENT, "HTTP 200")] * len(refs)
+    if status not in (202, 409):
+        result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
+                  else Result.RETRY)
+        return [Delivery(result, f"HTTP {status}")] * len(refs)
+    failed, stored = _sequences(answer)
+    found = []
+    for ref in refs:
+        if ref.sop_uid in failed:
+            reason = failed[ref.sop_uid]
+            result = Result.RETRY if _transient_reason(reason) else Result.REFUSED
+            found.append(Delivery(result, f"HTTP {status}, FailureReason "
+                                               f"{reason:04X}"))
+        elif ref.sop_uid in stored:
+            found.append(Delivery(Result.SENT, f"HTTP {status}"))
+        else:
+            found.append(Delivery(Result.RETRY, f"HTTP {status}, not in the answer"))
+    return found
 
 
 def _sequences(answer: bytes) -> tuple[dict[str, int], set[str]]:

@@ -179,3 +179,5 @@ def test_pacs_send_on_demand_with_progress_and_exit_code(
     assert unknown.returncode == 1 and "PACS_MODALITIES" in unknown.stderr
     missing = forwarding.cli("send", "--to", "ARCHIVE", "1.2.3.4")
     assert missing.returncode == 1 and "no study" in missing.stderr
+    requeued = forwarding.cli("send", "--to", "ARCHIVE", "--requeue")
+    assert requeued.returncode == 0 and "0 refused instance(s) queued again" in requeued.stdout

@@ -4,6 +4,7 @@ tested in tests/interop/test_forwarding.py)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,6 +156,16 @@ def test_batches_are_bounded(services: Services) -> None:
         pass
     assert [len(batch) for batch in recorder.batches] == [2, 2, 1]
     assert refs_of([]) == []
+
+
+def test_a_backlog_over_the_limit_is_kept_and_warned_about(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    outbox = _outbox(services, "all: -> PEER", max_outbox=2)
+    sops = [_store(services) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="pacs.core.forwarding"):
+        outbox.feed()
+    assert "3 instances wait for PEER, more than PACS_FORWARD_MAX_OUTBOX (2)" in caplog.text
+    assert _waiting(outbox) == sops
 
 
 def test_inline_and_file_routes(tmp_path: Path) -> None:

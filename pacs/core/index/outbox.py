@@ -224,14 +224,6 @@ def _time(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def failures(conn: apsw.Connection, destination: str, limit: int
-             ) -> list[tuple[str, float, str]]:
-    """(SOP Instance UID, when, reason) of up to ``limit`` refused entries."""
-    return [(str(r[0]), float(r[1]), str(r[2])) for r in conn.execute(
-        "SELECT sop_uid, failed_at, last_error FROM outbox WHERE destination = ? "
-        "AND failed_at IS NOT NULL ORDER BY pk LIMIT ?", (destination, limit))]
-
-
 __all__ = ["Backlog", "Change", "Entry", "backlogs", "changes", "count_waiting", "cursor",
-           "failed", "failures", "head", "mark_failed", "move_cursor", "next_attempt",
+           "failed", "head", "mark_failed", "move_cursor", "next_attempt",
            "queue", "refused", "remove", "retry_failed", "succeeded", "waiting"]

@@ -1,0 +1,57 @@
+"""What a destination's answer means for each forwarded instance: C-STORE statuses
+(:func:`pacs.dimse.forward.delivery_of`) and STOW-RS responses
+(:class:`pacs.core.stow.StowSender`), and the routes' destinations as shown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pacs.core.forwarding import Result
+from pacs.core.query.model import InstanceRef
+from pacs.core.storage.memory import MemoryStore
+from pacs.core.stow import StowSender, deliveries
+from pacs.dimse.forward import delivery_of
+
+
+@pytest.mark.parametrize(("status", "result"), [
+    (0x0000, Result.SENT), (0xB000, Result.SENT), (0x0111, Result.SENT),
+    (0xA700, Result.RETRY), (0xA7FF, Result.RETRY), (None, Result.RETRY),
+    (0xA900, Result.REFUSED), (0xC000, Result.REFUSED), (0x0122, Result.REFUSED),
+])
+def test_c_store_statuses(status: int | None, result: Result) -> None:
+    assert delivery_of(status).result is result
+
+
+def _ref(uid: str) -> InstanceRef:
+    return InstanceRef("1.2", "1.3", uid, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                       f"k/{uid}", 10)
+
+
+def _item(uid: str, reason: int | None = None) -> dict[str, object]:
+    item: dict[str, object] = {"00081155": {"vr": "UI", "Value": [uid]}}
+    if reason is not None:
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+    return item
+
+
+def test_stow_answers() -> None:
+    sender = StowSender("https://user:secret@example.org:8443/dicom-web", MemoryStore(), 5)
+    assert sender.endpoint == "https://example.org:8443/dicom-web/studies"
+    assert sender.headers["Authorization"].startswith("Basic ")
+    assert sender.receiver.user_id == "https://example.org:8443/dicom-web"  # no password
+    refs = [_ref("1.1"), _ref("1.2"), _ref("1.3"), _ref("1.4")]
+    answer = json.dumps({
+        "00081198": {"vr": "SQ", "Value": [_item("1.1", 0xC000), _item("1.2", 0xA700)]},
+        "00081199": {"vr": "SQ", "Value": [_item("1.3")]}}).encode()
+    results = [d.result for d in deliveries(refs, 202, answer)]
+    assert results == [Result.REFUSED, Result.RETRY, Result.SENT, Result.RETRY]
+    assert {d.result for d in deliveries(refs, 200, b"")} == {Result.SENT}
+    for status, result in ((400, Result.REFUSED), (401, Result.REFUSED),
+                           (413, Result.REFUSED), (408, Result.RETRY), (429, Result.RETRY),
+                           (500, Result.RETRY), (503, Result.RETRY)):
+        assert {d.result for d in deliveries(refs, status, b"")} == {result}
+    # An answer that does not read: nothing is known to be stored.
+    assert {d.result for d in deliveries(refs, 409, b"<html>")} == {Result.RETRY}
+    sender.close()
