@@ -145,6 +145,20 @@ def test_removed_instances_leave_the_outbox_unsent(services: Services) -> None:
     assert _waiting(outbox) == [kept]
 
 
+def test_numbers_are_not_given_again_after_the_newest_rows_are_removed(
+        services: Services) -> None:
+    outbox = _outbox(services, "all: -> PEER")
+    sop = _store(services)
+    outbox.feed()  # the cursor passes it
+    study = next(e.study_uid for e in outbox.take("PEER"))
+    rows = services.deleter.plan([Target.parse(str(study))])
+    services.deleter.remove([reference(row) for row in rows], Participant("test", True),
+                            audit.APPLICATION_SERVER)  # the index is empty again
+    later = _store(services)
+    outbox.feed()
+    assert _waiting(outbox) == [later] and later != sop
+
+
 def test_batches_are_bounded(services: Services) -> None:
     outbox = _outbox(services, "all: -> PEER", batch=2)
     for _ in range(5):

@@ -118,3 +118,25 @@ def test_study_copies_migrate_an_empty_index_of_schema_3(tmp_path: Path) -> None
     assert migrate(conn) == len(MIGRATIONS)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(study)")}
     assert {a.column for a in table_attributes(Level.STUDY)} <= columns
+
+
+def test_forwarding_numbers_existing_instances_and_every_change_after(
+        services: Services) -> None:
+    """The forwarding migration: instances indexed before it get their key as change number; each insert
+    or overwrite after it takes a number past every other."""
+    first = make_instance(PatientName="A^B")
+    services.ingest.store_bytes(first)
+    services.ingest.store_bytes(make_instance())
+    with services.index.write() as conn:
+        conn.execute("DROP TRIGGER instance_change_insert")
+        conn.execute("DROP TRIGGER instance_change_update")
+        conn.execute("DROP INDEX instance_change_seq")
+        conn.execute("ALTER TABLE instance DROP COLUMN change_seq")
+        conn.pragma("user_version", len(MIGRATIONS) - 1)
+    conn = services.index.connection()
+    assert migrate(conn) == len(MIGRATIONS)
+    rows = conn.execute("SELECT pk, change_seq FROM instance ORDER BY pk").fetchall()
+    assert [pk for pk, _ in rows] == [seq for _, seq in rows]
+    services.ingest.store_bytes(first.replace(b"A^B", b"C^D"))  # overwritten in place
+    again = conn.execute("SELECT pk, change_seq FROM instance ORDER BY pk").fetchall()
+    assert again[0][0] == rows[0][0] and again[0][1] == rows[-1][1] + 1

@@ -229,13 +229,16 @@ def _forwarding(conn: apsw.Connection) -> None:
     """What forwarding needs (:mod:`pacs.core.forwarding`, :mod:`pacs.core.index.outbox`).
 
     ``instance.change_seq``: a number that grows with every insert or overwrite of an
-    instance row, assigned by triggers from the one-row ``change_counter`` inside the
-    writing transaction.  SQLite has one writer at a time, so numbers are committed in
-    order: a reader that sees number N has seen every number below it, and the
-    forwarder follows the table by its cursor (``forward_cursor``) without skipping a
-    committed row.  An overwrite keeps its ``pk`` (the ingest's upsert updates the row
-    in place) but takes a new number, so it is forwarded again; a counter of its own,
-    not ``max(change_seq)``, so that a number is never given twice after a deletion.
+    instance row, set by triggers inside the writing transaction to one more than both
+    the largest number in the table and the forwarder's cursor.  SQLite has one writer
+    at a time, so numbers are committed in order: a reader that sees number N has seen
+    every number below it, and the forwarder follows the table by its cursor
+    (``forward_cursor``) without skipping a committed row.  An overwrite keeps its
+    ``pk`` (the ingest's upsert updates the row in place) but takes a new number, so it
+    is forwarded again; counting from the cursor too means that a number is never
+    given again once the cursor has passed it, even when the rows that held the
+    largest numbers were deleted.  (A one-row counter would do the same at the cost of
+    one more row written by every ingest.)
 
     ``outbox``: one row per (destination, instance) waiting to be sent, written in the
     transaction that moves the cursor past the instance and deleted once the
@@ -243,28 +246,23 @@ def _forwarding(conn: apsw.Connection) -> None:
     good.  ``forward_destination``: each destination's backoff, last error and last
     success.
     """
-    conn.execute("ALTER TABLE instance ADD COLUMN change_seq INTEGER")
-    conn.execute("UPDATE instance SET change_seq = pk")
+    if "change_seq" not in {row[1] for row in conn.execute("PRAGMA table_info(instance)")}:
+        conn.execute("ALTER TABLE instance ADD COLUMN change_seq INTEGER")
+        conn.execute("UPDATE instance SET change_seq = pk")
     conn.execute("CREATE INDEX IF NOT EXISTS instance_change_seq ON instance(change_seq)")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS change_counter (\n"
-        "  id INTEGER PRIMARY KEY CHECK (id = 1),\n"
-        "  value INTEGER NOT NULL\n"
-        ")")
-    conn.execute("INSERT INTO change_counter (id, value) "
-                 "SELECT 1, coalesce(max(pk), 0) FROM instance")
-    for name, event in (("instance_change_insert", "INSERT"),
-                        ("instance_change_update", "UPDATE OF received_at, checksum")):
-        conn.execute(
-            f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON instance BEGIN "
-            "UPDATE change_counter SET value = value + 1 WHERE id = 1; "
-            "UPDATE instance SET change_seq = (SELECT value FROM change_counter "
-            "WHERE id = 1) WHERE pk = new.pk; END")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS forward_cursor (\n"
         "  id INTEGER PRIMARY KEY CHECK (id = 1),\n"
         "  seq INTEGER NOT NULL\n"
         ")")
+    for name, event in (("instance_change_insert", "INSERT"),
+                        ("instance_change_update", "UPDATE OF received_at, checksum")):
+        conn.execute(
+            f"CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON instance BEGIN "
+            "UPDATE instance SET change_seq = 1 + max("
+            "coalesce((SELECT max(change_seq) FROM instance), 0), "
+            "coalesce((SELECT seq FROM forward_cursor WHERE id = 1), 0)) "
+            "WHERE pk = new.pk; END")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS outbox (\n"
         "  pk INTEGER PRIMARY KEY,\n"

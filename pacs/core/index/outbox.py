@@ -63,8 +63,8 @@ class Backlog:
 
 
 def head(conn: apsw.Connection) -> int:
-    """The last change number given."""
-    row = conn.execute("SELECT value FROM change_counter WHERE id = 1").fetchone()
+    """The largest change number in the instance table."""
+    row = conn.execute("SELECT coalesce(max(change_seq), 0) FROM instance").fetchone()
     return int(row[0]) if row else 0
 
 
