@@ -59,8 +59,9 @@ from tests.service.test_one_engine import STUDY_ROOT_FIND, UID_OF_LEVEL, Case, c
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 #: Columns a rebuild cannot derive from the objects (see pacs.core.reindex): when and
-#: from whom the object came.  Row keys (pk, *_pk) are compared through the UIDs.
-NOT_DERIVABLE = {"instance": {"received_at", "calling_ae"}}
+#: from whom the object came, and the order in which rows were written (forwarding's
+#: change numbers).  Row keys (pk, *_pk) are compared through the UIDs.
+NOT_DERIVABLE = {"instance": {"received_at", "calling_ae", "change_seq"}}
 #: pydicom's files in other encodings: (file, what it adds to the data set).
 ENCODED = {
     "SC_rgb_rle_2frame.dcm": "RLE, multi-frame",
