@@ -8,9 +8,9 @@ and a C-MOVE destination reached over TLS.
 - mutual TLS: a client without a certificate, or with one of another authority, fails
   the handshake; a certificate for another AE title is rejected (A-ASSOCIATE-RJ
   permanent, calling AE title not recognized); the right one is accepted;
-- C-MOVE sends to a dcmtk storescp with ``+tls``, which verifies the node's
-  certificate, and the node verifies its (a destination whose certificate the node
-  cannot verify gets nothing);
+- C-MOVE and ``pacs send`` (forwarding's sender) send to a dcmtk storescp with
+  ``+tls``, which verifies the node's certificate, and the node verifies its (a
+  destination whose certificate the node cannot verify gets nothing);
 - the plain port is off: nothing listens there;
 - 50 connections that never hand-shake do not keep a legitimate association out, and
   the node closes them within ARTIM.
@@ -208,6 +208,22 @@ def test_c_move_to_a_destination_it_cannot_verify_sends_nothing(
     assert store.returncode == 0, store.stdout
     statuses = move(node, pki, ds.StudyInstanceUID, "UNTRUSTED")
     assert statuses[-1] in (0xA702, 0xA801), f"{statuses}\n--- server ---\n{node.log()}"
+
+
+def test_pacs_send_forwards_to_a_tls_destination_it_verifies(
+        node: Node, pki: Pki, tmp_path: Path, destination: tuple[int, Path]) -> None:
+    """Forwarding's sender (``pacs send``) reaches a ``:tls`` destination over DICOM TLS
+    with the node's certificate, and sends nothing to one it cannot verify."""
+    path, ds = stored_file(tmp_path, PatientID="TLS-SEND")
+    store = run_dcmtk("storescu", *dcmtk_tls(pki), "127.0.0.1", tls_port(node), str(path))
+    assert store.returncode == 0, store.stdout
+    sent = node.cli("send", "--quiet", "--to", DESTINATION, str(ds.StudyInstanceUID))
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                for p in destination[1].iterdir()}
+    assert str(ds.SOPInstanceUID) in received
+    refused = node.cli("send", "--quiet", "--to", "UNTRUSTED", str(ds.StudyInstanceUID))
+    assert refused.returncode == 1 and "1 not delivered" in refused.stdout, refused.stdout
 
 
 def move(node: Node, pki: Pki, study: str, destination: str) -> list[int]:
