@@ -327,7 +327,7 @@ SETTINGS: tuple[Setting, ...] = (
             "studies, oldest first).", _positive(float)),
     Setting("PACS_ROUTES", "routes_text", "",
             "Forwarding rules: 'name: calling_ae=CT1|CT2, modality=CT, sop_class=UID -> "
-            "AET or https://host/dicom-web', separated by ';' (docs in pacs/core/routes.py); "
+            "AET or https://host/dicom-web', separated by ';' (README, Forwarding); "
             "the AE title must be in PACS_MODALITIES; empty: no forwarding."),
     Setting("PACS_ROUTES_FILE", "routes_file", "",
             "A TOML file of further forwarding rules ([[route]] tables with name, to and "
