@@ -151,8 +151,9 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         if customer.settings.routes:
             # Forwarding starts with what arrives from now on, not when its companion
             # runs.
-            from pacs.node.forwarder import outbox_of
+            from pacs.node.forwarder import check_destinations, outbox_of
             try:
+                check_destinations(services)
                 outbox_of(services).start()
             except PacsError as exc:
                 raise click.ClickException(str(exc)) from None

@@ -328,7 +328,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_ROUTES", "routes_text", "",
             "Forwarding rules: 'name: calling_ae=CT1|CT2, modality=CT, sop_class=UID -> "
             "AET or https://host/dicom-web', separated by ';' (README, Forwarding); "
-            "the AE title must be in PACS_MODALITIES; empty: no forwarding."),
+            "an AE title with an address (PACS_MODALITIES, PACS_ACCESS_FILE); empty: none."),
     Setting("PACS_ROUTES_FILE", "routes_file", "",
             "A TOML file of further forwarding rules ([[route]] tables with name, to and "
             "the conditions of PACS_ROUTES)."),
@@ -580,8 +580,7 @@ def load(
         default_dir /= values["customer"]
     values["data_dir"] = Path(values["data_dir"] or default_dir).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
-    values["routes"] = load_routes(values["routes_text"], values["routes_file"],
-                                   values["destinations"])
+    values["routes"] = load_routes(values["routes_text"], values["routes_file"])
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
     settings = Settings(**values)
     check_dimse_tls(settings)

@@ -5,7 +5,8 @@ A route has a name, conditions and one destination.  Conditions match the instan
 calling AE title (who sent it: the C-STORE's calling AE, empty for STOW-RS and
 imports), its series' Modality and its SOP Class UID; each lists the values it accepts,
 and a route without a condition matches every instance.  The destination is an AE
-title of ``PACS_MODALITIES`` (C-STORE) or a DICOMweb base URL (STOW-RS to
+title of ``PACS_MODALITIES`` or of the access file with an address (C-STORE), or a
+DICOMweb base URL (STOW-RS to
 ``<url>/studies``).  An instance that matches several routes to the same destination
 is sent there once.
 
@@ -147,24 +148,21 @@ def parse_file(path: Path) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def load_routes(inline: str, file: str, known_aes: Mapping[str, object]) -> tuple[Route, ...]:
-    """Every route of the settings (the inline ones first), each destination checked.
+def load_routes(inline: str, file: str) -> tuple[Route, ...]:
+    """Every route of the settings (the inline ones first).  That an AE title names a
+    known destination is checked where the access policy is known
+    (:func:`pacs.node.forwarder.check_destinations`, when ``pacs serve`` starts).
 
     Raises
     ------
     ConfigError
-        A route that cannot be read, a name used twice, or an AE title that is not in
-        ``PACS_MODALITIES``.
+        A route that cannot be read, a name used twice, or a URL without a host.
     """
     routes = parse_inline(inline) + (parse_file(Path(file)) if file.strip() else ())
     names = [route.name for route in routes]
     for route in routes:
         if names.count(route.name) > 1:
             raise ConfigError(f"routes: the name {route.name!r} is used twice")
-        if not route.web and route.destination not in known_aes:
-            raise ConfigError(f"routes: route {route.name!r} goes to {route.destination!r}, "
-                              "which is neither an AE title of PACS_MODALITIES nor an "
-                              "http(s) URL")
         if route.web and not urlsplit(route.destination).hostname:
             raise ConfigError(f"routes: route {route.name!r}: no host in the URL")
     return routes

@@ -548,8 +548,9 @@ def _networking(data: dict[str, Any]) -> str:
 - A remote AE retrieves (C-MOVE to a configured destination, C-GET over its own
   association): `{ae}` sends the stored objects as C-STORE sub-operations.
 - Objects stored that match a forwarding rule (`PACS_ROUTES`, `PACS_ROUTES_FILE`), or
-  named by `pacs send`: `{ae}` sends them on as C-STORE requests to a destination of
-  `PACS_MODALITIES` (or by STOW-RS to a DICOMweb server), from a durable outbox.
+  named by `pacs send`: `{ae}` sends them on as C-STORE requests to a known AE with an
+  address, as a C-MOVE destination (or by STOW-RS to a DICOMweb server), from a durable
+  outbox.
 - A remote AE asks `{ae}` to commit to objects it sent (N-ACTION): `{ae}` records the
   request before it answers, checks each instance against the index and the store, and
   reports the result (N-EVENT-REPORT) on the requestor's association or on a new one.

@@ -34,8 +34,8 @@ from pacs.core.query.matching import constraint
 from pacs.core.query.model import InstanceRef, Query
 from pacs.core.routes import is_url, shown
 from pacs.core.services import Services
-from pacs.core.storage import ObjectStore
 from pacs.core.stow import StowSender
+from pacs.dimse import retrieve
 from pacs.dimse.forward import DimseSender
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
@@ -45,21 +45,39 @@ log = logging.getLogger("pacs.node.forwarder")
 LOCK_RETRY = 2.0
 
 
-def sender_for(destination: str, settings: Settings, store: ObjectStore) -> Sender:
-    """The sender of a destination: a STOW-RS URL, or an AE title of PACS_MODALITIES.
+def sender_for(destination: str, services: Services) -> Sender:
+    """The sender of a destination: a STOW-RS URL, or an AE title the C-MOVE
+    destinations share (``PACS_MODALITIES``, the access file's AEs with an address).
 
     Raises
     ------
     ConfigError
-        An AE title that is not in ``PACS_MODALITIES``.
+        An AE title that names no known destination.
     """
+    settings = services.settings
     if is_url(destination):
-        return StowSender(destination, store, settings.dimse_timeout)
-    modality = settings.destinations.get(destination)
+        return StowSender(destination, services.store, settings.dimse_timeout)
+    modality = retrieve.destination(services, destination)
     if modality is None:
-        raise ConfigError(f"{destination!r} is neither an AE title of PACS_MODALITIES "
-                          "nor an http(s) URL")
-    return DimseSender(modality, store, settings)
+        raise ConfigError(f"{destination!r} is neither a known AE with an address "
+                          "(PACS_MODALITIES, PACS_ACCESS_FILE) nor an http(s) URL")
+    return DimseSender(modality, services.store, settings)
+
+
+def check_destinations(services: Services) -> None:
+    """Check that every route names a destination it can reach (``pacs serve``).
+
+    Raises
+    ------
+    ConfigError
+        A route to an AE title that names no known destination.
+    """
+    for route in services.settings.routes:
+        if not route.web and retrieve.destination(services, route.destination) is None:
+            raise ConfigError(f"routes: route {route.name!r} goes to "
+                              f"{route.destination!r}, which is neither a known AE with "
+                              "an address (PACS_MODALITIES, PACS_ACCESS_FILE) nor an "
+                              "http(s) URL")
 
 
 def outbox_of(services: Services) -> Outbox:
@@ -98,7 +116,7 @@ def forward(settings: Settings, services: Services, stopping: threading.Event) -
         if not held:
             return
         outbox = outbox_of(services)
-        forwarder = Forwarder(outbox, {d: sender_for(d, settings, services.store)
+        forwarder = Forwarder(outbox, {d: sender_for(d, services)
                                        for d in outbox.destinations}, services.audit)
         log.info("forwarding to %d destination(s) by %d route(s)",
                  len(forwarder.senders), len(outbox.routes))
@@ -136,7 +154,7 @@ def send_now(services: Services, destination: str, refs: Sequence[InstanceRef],
     forwarder's sender (``pacs send``), each batch audited; instances per outcome.
     Nothing is queued: an instance not delivered is counted, not retried."""
     settings = services.settings
-    sender = sender_for(destination, settings, services.store)
+    sender = sender_for(destination, services)
     counts = dict.fromkeys(Result, 0)
     try:
         for start in range(0, len(refs), settings.forward_batch):

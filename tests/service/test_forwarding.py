@@ -5,7 +5,7 @@ tested in tests/interop/test_forwarding.py)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,12 +13,14 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
 
 from pacs.core import audit
 from pacs.core.audit import Participant
+from pacs.core.config import Modality
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError
 from pacs.core.forwarding import Delivery, Forwarder, Outbox, Result, backoff, refs_of
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import load_routes, parse_file, parse_inline, shown
 from pacs.core.services import Services
+from pacs.node.forwarder import check_destinations
 from tests.factory import make_instance
 
 
@@ -45,7 +47,7 @@ def _store(services: Services, calling_ae: str = "CT1", **attributes: object) ->
 
 
 def _outbox(services: Services, text: str, **kwargs: object) -> Outbox:
-    routes = load_routes(text, "", {"PEER": object(), "OTHER": object()})
+    routes = load_routes(text, "")
     outbox = Outbox(services.index, routes, **kwargs)  # type: ignore[arg-type]
     outbox.feed()  # the cursor starts at the newest change
     return outbox
@@ -195,8 +197,18 @@ def test_inline_and_file_routes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["no arrow", "a: modality=CT", "a: colour=red -> PEER",
-                                  "a: -> NOBODY", "a: -> PEER; a: -> OTHER", "a b: -> PEER",
+                                  "a: -> PEER; a: -> OTHER", "a b: -> PEER",
                                   "a: -> https:///x"])
 def test_bad_routes_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
-        load_routes(text, "", {"PEER": object(), "OTHER": object()})
+        load_routes(text, "")
+
+
+def test_routes_must_name_a_known_destination(
+        make_services: Callable[..., Services]) -> None:
+    known = make_services(destinations={"PEER": Modality("PEER", "127.0.0.1", 104)},
+                          routes=parse_inline("a: -> PEER; b: -> https://host/dicom-web"))
+    check_destinations(known)
+    unknown = make_services(routes=parse_inline("a: -> NOBODY"))
+    with pytest.raises(ConfigError, match="NOBODY"):
+        check_destinations(unknown)

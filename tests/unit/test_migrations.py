@@ -122,8 +122,8 @@ def test_study_copies_migrate_an_empty_index_of_schema_3(tmp_path: Path) -> None
 
 def test_forwarding_numbers_existing_instances_and_every_change_after(
         services: Services) -> None:
-    """The forwarding migration: instances indexed before it get their key as change number; each insert
-    or overwrite after it takes a number past every other."""
+    """The forwarding migration: instances indexed before it get their key as change
+    number; each insert or overwrite after it takes a number past every other."""
     first = make_instance(PatientName="A^B")
     services.ingest.store_bytes(first)
     services.ingest.store_bytes(make_instance())
