@@ -611,6 +611,9 @@ def derive(settings: Settings, overrides: Mapping[str, str]) -> Settings:
         values["data_dir"] = Path(values["data_dir"]).absolute()
     if "modalities" in values:
         values["destinations"] = parse_modalities(values["modalities"])
+    if "routes_text" in values or "routes_file" in values:
+        values["routes"] = load_routes(values.get("routes_text", settings.routes_text),
+                                       values.get("routes_file", settings.routes_file))
     return dataclasses.replace(settings, **values)
 
 

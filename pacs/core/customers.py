@@ -4,7 +4,7 @@ A customer is a name (its data folder, index and key prefix, docs/architecture.m
 layout"), the called AE titles that reach it over DIMSE, the host names that reach it
 over HTTP, and its own settings: the node's, with the values a customer may have of
 its own (:data:`PER_CUSTOMER`: store, move destinations, upload folder, retention,
-access rules...).
+forwarding routes, access rules...).
 Without a customers file the node serves one customer, ``CUSTOMER``, called by
 ``PACS_AE_TITLE``: the same :class:`Customer`, built from the settings alone.
 
@@ -51,6 +51,7 @@ PER_CUSTOMER = frozenset({
     "PACS_DUPLICATE_POLICY", "PACS_RETENTION_DAYS", "PACS_WEB_DELETE", "PACS_AUDIT_LOG",
     "PACS_ACCESS_FILE", "PACS_UNKNOWN_AE_RIGHTS", "PACS_LOOPBACK_ROLES",
     "PACS_ALLOWED_CALLING_AETS", "PACS_WEB_USER", "PACS_WEB_PASSWORD", "PACS_WEB_TOKEN",
+    "PACS_ROUTES", "PACS_ROUTES_FILE",
 })
 
 #: The keys of a customer's table.

@@ -13,7 +13,7 @@ from pydicom.uid import MRImageStorage, SecondaryCaptureImageStorage
 
 from pacs.core import audit
 from pacs.core.audit import Participant
-from pacs.core.config import Modality
+from pacs.core.config import Modality, Settings, derive
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError
 from pacs.core.forwarding import Delivery, Forwarder, Outbox, Result, backoff, refs_of
@@ -194,6 +194,11 @@ def test_inline_and_file_routes(tmp_path: Path) -> None:
     [web] = parse_file(file)
     assert web.web and web.sop_class == {"1.2", "1.3"}
     assert shown(web.destination) == "https://host:8443/dicom-web"
+
+
+def test_a_customer_has_routes_of_its_own(settings: Settings) -> None:
+    own = derive(settings, {"PACS_ROUTES": "a: modality=CT -> https://host/dicom-web"})
+    assert [route.name for route in own.routes] == ["a"] and settings.routes == ()
 
 
 @pytest.mark.parametrize("text", ["no arrow", "a: modality=CT", "a: colour=red -> PEER",
