@@ -120,6 +120,18 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+#: SQLite refuses a blob over 1,000,000,000 bytes (SQLITE_MAX_LENGTH).
+_SQLITE_MAX_BLOB = 1_000_000_000
+
+
+def _intake_object_bytes(value: str) -> int:
+    number = int(value)
+    if not 0 <= number < _SQLITE_MAX_BLOB:
+        raise ValueError(f"must be 0 or more and below {_SQLITE_MAX_BLOB} (SQLite's "
+                         f"largest blob), got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value: its environment name, default and meaning."""
@@ -301,6 +313,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest decoded frame (rows x columns x samples x bytes per sample) that "
             "rendered views, thumbnails and transcoding decode; larger frames are "
             "refused before anything is allocated.", _positive(int)),
+    Setting("PACS_INTAKE_MAX_BYTES", "intake_max_bytes", "2147483648",
+            "Bytes of acknowledged objects the intake (in the index) may hold before the "
+            "object store takes them; beyond it new objects are refused (A700 / HTTP 503 "
+            "with Retry-After) until the mover catches up.", _positive(int)),
+    Setting("PACS_INTAKE_OBJECT_BYTES", "intake_object_bytes", "67108864",
+            "Largest object acknowledged through the intake (one index commit); larger "
+            "objects are written to the object store before their index row. 0: every "
+            "object is (no intake).", _intake_object_bytes),
+    Setting("PACS_INTAKE_MOVER", "intake_mover", "on",
+            "off holds the mover: acknowledged objects stay in the intake (tests and "
+            "diagnosis only; the intake fills up to PACS_INTAKE_MAX_BYTES).", _bool),
     Setting("PACS_HTTP_TIMEOUT", "http_timeout", "30",
             "Seconds an HTTP client may take to send its request headers, or stay "
             "silent while sending a body or reading a response, before it is "
@@ -458,6 +481,9 @@ class Settings:
     max_pending_connections: int = _default("max_pending_connections")
     max_object_bytes: int = _default("max_object_bytes")
     max_frame_bytes: int = _default("max_frame_bytes")
+    intake_max_bytes: int = _default("intake_max_bytes")
+    intake_object_bytes: int = _default("intake_object_bytes")
+    intake_mover: bool = _default("intake_mover")
     http_timeout: float = _default("http_timeout")
     http_keepalive: float = _default("http_keepalive")
     max_request_bytes: int = _default("max_request_bytes")

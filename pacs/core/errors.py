@@ -24,6 +24,7 @@ turned into these at the backend's edge.
     ├── Cancelled              the peer cancelled the operation
     ├── ResourceLimitation     a bounded queue or request limit is reached
     ├── StorageError           the object store failed
+    ├── IntakeFull             the intake holds PACS_INTAKE_MAX_BYTES not yet moved
     ├── IndexFailure           the SQLite index failed
     └── AnalysisFault          a helper process failed on an object (pacs.core.analysers)
 """
@@ -105,6 +106,12 @@ class ResourceLimitation(PacsError):
 
 class StorageError(PacsError):
     """The object store failed to read, write or delete."""
+
+
+class IntakeFull(PacsError):
+    """The intake holds ``PACS_INTAKE_MAX_BYTES`` of acknowledged objects that the
+    object store has not taken yet (it is slow or down): new objects are refused until
+    the mover catches up (back-pressure; a sender retries later)."""
 
 
 class IndexFailure(PacsError):

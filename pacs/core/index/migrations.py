@@ -224,7 +224,6 @@ def _tombstones(conn: apsw.Connection) -> None:
         ") WITHOUT ROWID")
 
 
-
 def _forwarding(conn: apsw.Connection) -> None:
     """What forwarding needs (:mod:`pacs.core.forwarding`, :mod:`pacs.core.index.outbox`).
 
@@ -288,10 +287,49 @@ def _forwarding(conn: apsw.Connection) -> None:
         ") WITHOUT ROWID")
 
 
+def _intake(conn: apsw.Connection) -> None:
+    """The intake (``pacs.core.intake``): the bytes of acknowledged objects not yet in
+    the object store, committed with their index rows in one transaction.
+
+    ``id`` is never reused (AUTOINCREMENT): the mover deletes a row only if it is still
+    the one it copied, and a row replaced by a newer version of the same key must not
+    look like it.  ``data`` is the last column, so that reading the others never
+    touches the blob's overflow pages.  ``intake_state`` keeps the totals (by
+    triggers, so that back-pressure reads one row, not the table) and the mover's last
+    error, for ``pacs status``.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS intake (\n"
+        "  id INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+        "  object_key TEXT NOT NULL UNIQUE,\n"
+        "  size INTEGER NOT NULL,\n"
+        "  checksum TEXT NOT NULL,\n"
+        "  received_at REAL NOT NULL,\n"
+        "  data BLOB NOT NULL\n"
+        ")")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS intake_state (\n"
+        "  id INTEGER PRIMARY KEY CHECK (id = 0),\n"
+        "  objects INTEGER NOT NULL,\n"
+        "  bytes INTEGER NOT NULL,\n"
+        "  mover_error TEXT,\n"
+        "  mover_error_at REAL\n"
+        ")")
+    conn.execute("INSERT OR IGNORE INTO intake_state (id, objects, bytes) VALUES (0, 0, 0)")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS intake_added AFTER INSERT ON intake BEGIN "
+        "UPDATE intake_state SET objects = objects + 1, bytes = bytes + new.size "
+        "WHERE id = 0; END")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS intake_removed AFTER DELETE ON intake BEGIN "
+        "UPDATE intake_state SET objects = objects - 1, bytes = bytes - old.size "
+        "WHERE id = 0; END")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
-    _storage_commitment, _tombstones, _forwarding)
+    _storage_commitment, _tombstones, _forwarding, _intake)
 
 
 def migrate(conn: apsw.Connection) -> int:

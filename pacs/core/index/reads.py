@@ -277,6 +277,101 @@ def study_patients(conn: apsw.Connection, study_uids: Sequence[str]
     return {str(uid): (patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
 
 
+# --- the intake: acknowledged objects not yet in the object store ---------------------
+
+@dataclass(frozen=True)
+class IntakeEntry:
+    """One object of the intake (its bytes stay in the index until read)."""
+
+    id: int
+    object_key: str
+    size: int
+    checksum: str
+    received_at: float
+
+
+_INTAKE_COLUMNS = "id, object_key, size, checksum, received_at"
+
+
+@_read("intake lookup")
+def intake_entry(conn: apsw.Connection, key: str) -> IntakeEntry | None:
+    """The intake's object at ``key``, if any."""
+    row = conn.execute(f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE object_key = ?",
+                       (key,)).fetchone()
+    return IntakeEntry(*row) if row else None
+
+
+@_read("intake listing")
+def intake_batch(conn: apsw.Connection, after: int, limit: int,
+                 max_bytes: int) -> list[IntakeEntry]:
+    """The oldest intake objects after row ``after``, in arrival order: at most
+    ``limit`` of them, and no more than ``max_bytes`` together (but at least one)."""
+    batch: list[IntakeEntry] = []
+    total = 0
+    cursor = conn.execute(f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE id > ? ORDER BY id "
+                          "LIMIT ?", (after, limit))
+    for row in cursor:
+        entry = IntakeEntry(*row)
+        if batch and total + entry.size > max_bytes:
+            break
+        batch.append(entry)
+        total += entry.size
+    cursor.close()
+    return batch
+
+
+@_read("intake listing")
+def intake_keys(conn: apsw.Connection) -> list[str]:
+    """The keys of every object in the intake."""
+    return [str(key) for (key,) in conn.execute("SELECT object_key FROM intake")]
+
+
+@_read("intake read")
+def intake_blob(conn: apsw.Connection, entry_id: int) -> apsw.Blob | None:
+    """The bytes of intake row ``entry_id``, as SQLite's incremental blob I/O (read in
+    place, never copied whole); ``None`` when the row is gone.  The blob is read
+    within the connection's current view; a change of the row aborts its reads
+    (``apsw.AbortError``)."""
+    try:
+        return conn.blob_open("main", "intake", "data", entry_id, False)
+    except apsw.SQLError as exc:
+        if "no such rowid" in str(exc):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class IntakeState:
+    """The intake's backlog and the mover's last error, for back-pressure and
+    ``pacs status``."""
+
+    objects: int
+    bytes: int
+    oldest: float | None  # received_at (POSIX time) of the oldest object
+    mover_error: str | None
+    mover_error_at: float | None
+
+
+@_read("intake state")
+def intake_state(conn: apsw.Connection) -> IntakeState:
+    """The intake's totals (one row, kept by triggers), its oldest object and the
+    mover's last error."""
+    row = conn.execute(
+        "SELECT objects, bytes, (SELECT received_at FROM intake ORDER BY id LIMIT 1), "
+        "mover_error, mover_error_at FROM intake_state WHERE id = 0").fetchone()
+    if row is None:  # written by the migration
+        raise apsw.SQLError("no intake_state row")
+    return IntakeState(*row)
+
+
+@_read("intake totals")
+def intake_bytes(conn: apsw.Connection) -> int:
+    """Bytes in the intake (one row, kept by triggers): back-pressure reads it on
+    every store."""
+    row = conn.execute("SELECT bytes FROM intake_state WHERE id = 0").fetchone()
+    return int(row[0]) if row else 0
+
+
 # --- the whole index ---------------------------------------------------------------------
 
 @_read("object listing")
@@ -321,13 +416,9 @@ def quick_check(conn: apsw.Connection) -> str:
     return str(row[0]) if row else "no answer from quick_check"
 
 
-__all__ = ["MAX_KEYS", "MetadataRow", "StoredInstance", "all_objects", "commitments_waiting",
-           "counts",
-           "first_series_images", "indexed_bytes", "instance_keys", "lookup", "lookup_classes",
-           "metadata_rows", "quick_check", "study_patients"]
-
-
-__all__ = ["MAX_KEYS", "Located", "MetadataRow", "StoredInstance", "Tombstone", "all_objects",
-           "counts", "expired_studies", "first_series_images", "indexed_bytes",
-           "instance_keys", "instances_under", "located", "lookup", "metadata_rows",
-           "quick_check", "study_patients", "tombstone"]
+__all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
+           "StoredInstance", "Tombstone", "all_objects", "commitments_waiting", "counts",
+           "expired_studies", "first_series_images", "indexed_bytes", "instance_keys",
+           "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_entry",
+           "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
+           "metadata_rows", "quick_check", "study_patients", "tombstone"]

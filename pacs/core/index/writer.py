@@ -148,11 +148,15 @@ def prune(conn: apsw.Connection, series_pk: int, study_pk: int, patient_pk: int,
 
 
 def delete_instance(conn: apsw.Connection, sop_uid: str) -> None:
-    """Remove an instance row and any parents it leaves empty."""
+    """Remove an instance row, its object's intake copy (``pacs.core.intake``) and
+    any parents it leaves empty; the caller deletes the stored object after the
+    commit."""
     row = conn.execute(
         _PARENTS_SQL, (sop_uid,)).fetchone()
     if row is None:
         return
+    conn.execute("DELETE FROM intake WHERE object_key = "
+                 "(SELECT object_key FROM instance WHERE sop_uid = ?)", (sop_uid,))
     conn.execute("DELETE FROM instance WHERE sop_uid = ?", (sop_uid,))
     prune(conn, *row)
 
@@ -211,6 +215,42 @@ def backfill_metadata(conn: apsw.Connection, key: int, checksum: str, json: str,
     conn.execute(_BACKFILL_METADATA_SQL, (pixel_offset, pixel_length, json, key, checksum))
 
 
+# --- the intake (pacs.core.intake) ---------------------------------------------------------
+
+def intake_add(conn: apsw.Connection, key: str, data: bytes, checksum: str,
+               received_at: float) -> None:
+    """Put an acknowledged object's bytes in the intake, replacing an older version
+    of the same key (under a new row id: the mover's copy of the old row then no
+    longer deletes it)."""
+    conn.execute("DELETE FROM intake WHERE object_key = ?", (key,))
+    conn.execute("INSERT INTO intake (object_key, size, checksum, received_at, data) "
+                 "VALUES (?, ?, ?, ?, ?)", (key, len(data), checksum, received_at, data))
+
+
+def intake_drop(conn: apsw.Connection, key: str) -> None:
+    """Remove the intake's object at ``key``, if any.
+
+    Whatever removes an instance, or writes it to the object store outside the
+    intake, does this in the transaction that changes its index row, so that a stale
+    intake copy never shadows the store.
+    """
+    conn.execute("DELETE FROM intake WHERE object_key = ?", (key,))
+
+
+def intake_moved(conn: apsw.Connection, entry_id: int) -> bool:
+    """Remove intake row ``entry_id`` (its object is in the store now); False when it
+    is gone already (replaced or dropped meanwhile)."""
+    conn.execute("DELETE FROM intake WHERE id = ?", (entry_id,))
+    return conn.changes() > 0
+
+
+def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | None) -> None:
+    """Record the mover's last error (``None``: it moves again)."""
+    conn.execute("UPDATE intake_state SET mover_error = ?, mover_error_at = ? WHERE id = 0",
+                 (error, at))
+
+
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
            "backfill_metadata", "counts", "delete_instance", "drop_metadata",
-           "drop_tombstone", "lookup", "prune", "save_metadata", "upsert"]
+           "drop_tombstone", "intake_add", "intake_drop", "intake_moved", "intake_mover_error",
+           "lookup", "prune", "save_metadata", "upsert"]
