@@ -5,7 +5,9 @@ Two depths, because the two callers differ in what they can afford:
 - the quick check (``GET /health``, hit every 30 s by Docker's HEALTHCHECK): the store
   answers (folder writable, or bucket reachable with working credentials), the index
   answers a count per level, and bytes stored are summed from the index — never by
-  listing the bucket, which costs one request per thousand objects;
+  listing the bucket, which costs one request per thousand objects; the intake's
+  backlog (objects and bytes acknowledged but not yet in the store, the oldest one's
+  age, the mover's last error) is one row;
 - the thorough check (``pacs status``, run by a person): also SQLite's
   ``PRAGMA quick_check`` over the whole index file and the bytes actually in the store
   (a full listing on S3).
@@ -16,6 +18,7 @@ Nothing here names a patient: counts and sizes only.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +57,13 @@ class Health:
     forwarding : tuple of Backlog
         Each forwarding destination's backlog, failures, last error and last success
         (:mod:`pacs.core.forwarding`).
+    intake_objects, intake_bytes : int
+        Acknowledged objects (and their bytes) still in the intake, not yet in the
+        store (:mod:`pacs.core.intake`).
+    intake_oldest_seconds : float or None
+        How long the oldest of them has waited.
+    intake_error : str or None
+        The mover's last error while it lasts (the store failed).
     """
 
     store: str
@@ -66,6 +76,10 @@ class Health:
     disk_free_bytes: int | None = None
     commitments_waiting: int = 0
     forwarding: tuple[Backlog, ...] = ()
+    intake_objects: int = 0
+    intake_bytes: int = 0
+    intake_oldest_seconds: float | None = None
+    intake_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -101,6 +115,7 @@ def check(services: Services, thorough: bool = False) -> Health:
     counts: dict[str, int] = {}
     indexed_bytes = waiting = 0
     forwarding: tuple[Backlog, ...] = ()
+    intake = reads.IntakeState(0, 0, None, None, None)
     try:
         conn = services.index.connection()
         if thorough:
@@ -109,6 +124,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         indexed_bytes = reads.indexed_bytes(conn)
         waiting = reads.commitments_waiting(conn)
         forwarding = tuple(outbox.backlogs(conn))
+        intake = reads.intake_state(conn)
     except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
@@ -125,4 +141,9 @@ def check(services: Services, thorough: bool = False) -> Health:
                   store_error=store_error, index=index_state, counts=counts,
                   indexed_bytes=indexed_bytes, store_bytes=store_bytes,
                   disk_free_bytes=disk_free, commitments_waiting=waiting,
-                  forwarding=forwarding)
+                  forwarding=forwarding,
+                  intake_objects=intake.objects,
+                  intake_bytes=intake.bytes,
+                  intake_oldest_seconds=(None if intake.oldest is None
+                                         else round(max(0.0, time.time() - intake.oldest), 3)),
+                  intake_error=intake.mover_error)

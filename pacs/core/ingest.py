@@ -4,21 +4,31 @@ the upload folder.
 Order of operations, which is what makes a success durable (docs/architecture.md,
 "Guarantees"):
 
+0. refuse at once while the intake is full (:class:`~pacs.core.errors.IntakeFull`,
+   back-pressure: the object store is slow or down);
 1. read the header and prove the object whole (no pixel decoding, no re-encoding), and
    compute what the index needs (:func:`analyse`, before any lock);
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
-3. write the object, durably (fsync + rename, or a completed S3 PUT);
-4. commit the index row in one short transaction (WAL, ``synchronous=FULL``);
-5. for an IOCM rejection note, once the lock is released, remove what it rejects
+3. commit, in one transaction (WAL, ``synchronous=FULL``, the commit shared with every
+   thread storing meanwhile), the index rows *and* the object's bytes in the intake
+   (:mod:`pacs.core.intake`), dropping the intake copy of a key the instance left;
+4. for an IOCM rejection note, once the lock is released, remove what it rejects
    (:attr:`Ingest.on_rejection`, :mod:`pacs.core.deletion`);
-6. only then report success.
+5. only then report success; the intake's mover writes the object to its key in the
+   store later, and every read sees the intake copy until then.
 
-A failure in 3 leaves nothing; a failure in 4 removes the object written in 3 (or puts
-back the one it replaced).  A crash between 3 and 4 leaves an object the index does not
-list, and a crash after 4 may leave the old copy of a moved instance; the index never
-lists an object the store lacks.  ``pacs fsck --repair`` (:mod:`pacs.core.reconcile`) indexes
-such an object only when its UID has no row, and otherwise quarantines it: the row is
-what was acknowledged.
+An object over ``PACS_INTAKE_OBJECT_BYTES`` (or every object, when it is 0) takes the
+direct path instead: 3a. write the object to the store durably (fsync + rename, or a
+completed S3 PUT), 3b. commit the index rows (dropping any older intake copy of the
+key), then 4 and 5.  A failure in 3a leaves nothing; a failure in 3b removes the object
+written in 3a (or puts back the one it replaced).  A crash between 3a and 3b leaves an
+object the index does not list.
+
+After the commit, the old object of a moved instance (new study or series UID) is
+deleted from the store; a crash just before leaves it.  The index never lists an
+object that neither the intake nor the store holds.  ``pacs fsck --repair``
+(:mod:`pacs.core.reconcile`) indexes a stored object no row names only when its UID has
+no row, and otherwise quarantines it: the row is what was acknowledged.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -44,6 +55,7 @@ from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, re
 from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
+    IntakeFull,
     NotFound,
     ObjectTooLarge,
     PacsError,
@@ -52,7 +64,8 @@ from pacs.core.errors import (
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
-from pacs.core.storage import ObjectStore, object_key, put_many
+from pacs.core.intake import IntakeStore, check_room
+from pacs.core.storage import object_key, put_many
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +199,7 @@ class Ingest:
     Parameters
     ----------
     index, store :
-        The customer's index and object store.
+        The customer's index and object store (reads see the intake first).
     duplicate_policy : {"overwrite", "keep", "reject"}
         What to do with a different object under a stored SOP Instance UID.
     lock_dir : Path
@@ -194,6 +207,12 @@ class Ingest:
     max_object_bytes : int, optional
         ``PACS_MAX_OBJECT_BYTES``: larger objects (as received, or a deflated data set
         once inflated) are refused with :class:`ObjectTooLarge`; ``None``: no limit.
+    intake_object_bytes : int
+        ``PACS_INTAKE_OBJECT_BYTES``: objects up to this size are acknowledged through
+        the intake, larger ones take the direct path; 0: no intake.
+    intake_max_bytes : int, optional
+        ``PACS_INTAKE_MAX_BYTES``: the intake's backlog at which objects for it are
+        refused (:class:`~pacs.core.errors.IntakeFull`); ``None``: no limit.
 
     Attributes
     ----------
@@ -205,15 +224,41 @@ class Ingest:
         for the note itself) applies it then.
     """
 
-    def __init__(self, index: Index, store: ObjectStore, duplicate_policy: str,
-                 lock_dir: Path, max_object_bytes: int | None = None) -> None:
+    def __init__(self, index: Index, store: IntakeStore, duplicate_policy: str,
+                 lock_dir: Path, max_object_bytes: int | None = None, *,
+                 intake_object_bytes: int = 0, intake_max_bytes: int | None = None
+                 ) -> None:
         self.index = index
         self.store = store
         self.duplicate_policy = duplicate_policy
         self.lock_dir = lock_dir
         self.max_object_bytes = max_object_bytes
+        self.intake_object_bytes = intake_object_bytes
+        self.intake_max_bytes = intake_max_bytes
         self.on_rejection: RejectionHook | None = None
         lock_dir.mkdir(parents=True, exist_ok=True)
+
+    def journaled(self, size: int) -> bool:
+        """True when an object of ``size`` bytes is acknowledged through the intake."""
+        return size <= self.intake_object_bytes
+
+    def check_room(self, size: int | None = None) -> None:
+        """Step 0: refuse an object for the intake while the intake is full.
+
+        Parameters
+        ----------
+        size : int, optional
+            The object's size; ``None``: not known yet (a STOW-RS body before it is
+            read), refused whenever the intake is in use and full.
+
+        Raises
+        ------
+        IntakeFull
+            The intake holds ``intake_max_bytes`` or more.
+        """
+        wanted = self.intake_object_bytes > 0 if size is None else self.journaled(size)
+        if self.intake_max_bytes is not None and wanted:
+            check_room(self.index, self.intake_max_bytes)
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
                     expected: tuple[str, str] | None = None,
@@ -237,10 +282,13 @@ class Ingest:
             Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, an
             object over ``max_object_bytes`` (:class:`ObjectTooLarge`), or an instance
             a rejection note removed (:class:`RejectedInstance`).
+        IntakeFull
+            The intake is full (refused before the object is read).
         StorageError, IndexFailure
             The store or the index failed; nothing of the object remains (for a
             rejection note: it is stored, and what it rejects may not all be removed).
         """
+        self.check_room(len(data))
         analysis = analyse(data, expected, self.max_object_bytes)
         with self.uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae, may_overwrite)
@@ -263,14 +311,15 @@ class Ingest:
         ------
         OSError
             The file cannot be read.
-        InvalidInstance, StorageError, IndexFailure
+        InvalidInstance, IntakeFull, StorageError, IndexFailure
             As :meth:`store_bytes`.
         """
         with open(path, "rb") as file:
-            if (self.max_object_bytes is not None
-                    and os.fstat(file.fileno()).st_size > self.max_object_bytes):
+            size = os.fstat(file.fileno()).st_size
+            if self.max_object_bytes is not None and size > self.max_object_bytes:
                 raise ObjectTooLarge(
                     f"the object is larger than {self.max_object_bytes} bytes")
+            self.check_room(size)
             data = file.read()
         return self.store_bytes(data, calling_ae=calling_ae)
 
@@ -279,11 +328,12 @@ class Ingest:
         """Store several Part 10 objects with one durability point (STOW-RS parts).
 
         Each object gets what :meth:`store_bytes` would give it - its result, or the
-        exception it would raise - but the objects are fsynced together
-        (:func:`pacs.core.storage.put_many`) and indexed in one transaction
-        (:meth:`Index.commit_all`), and none is reported stored before all of that is
-        durable.  A SOP Instance UID repeated within the batch is stored after it, one
-        at a time, so that it meets the first as a duplicate.
+        exception it would raise - but the objects are indexed (and put in the intake)
+        in one transaction (:meth:`Index.commit_all`), those too large for the intake
+        fsynced together before it (:func:`pacs.core.storage.put_many`), and none is
+        reported stored before all of that is durable.  A SOP Instance UID repeated
+        within the batch is stored after it, one at a time, so that it meets the first
+        as a duplicate.
 
         The objects come analysed (:meth:`Received.of`), so that a caller can analyse
         the next ones while a batch is written: analysis is most of an object's CPU,
@@ -297,10 +347,17 @@ class Ingest:
         seen: set[str] = set()
         later: list[int] = []
         limit = self.max_object_bytes
+        try:
+            self.check_room()
+            full: IntakeFull | None = None
+        except IntakeFull as exc:
+            full = exc
         for number, item in enumerate(items):
             analysis = item.analysis
             if limit is not None and len(item.data) > limit:
                 results[number] = ObjectTooLarge(f"the object is larger than {limit} bytes")
+            elif full is not None and self.journaled(len(item.data)):
+                results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
             elif analysis.sop_instance_uid in seen:
@@ -341,22 +398,21 @@ class Ingest:
                 results[number] = _result(outcome, analysis)
             else:
                 plans[number] = plan
-        order = list(plans)
-        failures = put_many(self.store, [(plans[n].key, items[n]) for n in order])
-        written = []
-        for number, failure in zip(order, failures, strict=True):
+        direct = [n for n in plans if not self.journaled(len(items[n]))]
+        failures = put_many(self.store.backend, [(plans[n].key, items[n]) for n in direct])
+        written = [n for n in plans if self.journaled(len(items[n]))]
+        for number, failure in zip(direct, failures, strict=True):
             if failure is not None:
                 results[number] = failure
             else:
                 written.append(number)
         errors = self.index.commit_all([
-            self._index_work(analysed[n], plans[n].key, len(items[n]), calling_ae,
-                             plans[n].revived)
-            for n in written])
+            self._index_work(analysed[n], plans[n], items[n], calling_ae) for n in written])
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
             if error is not None:
-                self._undo_put(plan.key, plan.existing, plan.previous)
+                if number in direct:
+                    self._undo_put(plan.key, plan.existing, plan.previous)
                 results[number] = error
             else:
                 self._forget_moved(plan)
@@ -367,13 +423,16 @@ class Ingest:
         outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
             return outcome
-        self.store.put(plan.key, io.BytesIO(data), len(data))
-        try:
-            self.index.commit(self._index_work(analysis, plan.key, len(data), calling_ae,
-                                               plan.revived))
-        except BaseException:
-            self._undo_put(plan.key, plan.existing, plan.previous)
-            raise
+        work = self._index_work(analysis, plan, data, calling_ae)
+        if self.journaled(len(data)):
+            self.index.commit(work)  # nothing was written before: nothing to undo
+        else:
+            self.store.backend.put(plan.key, io.BytesIO(data), len(data))
+            try:
+                self.index.commit(work)
+            except BaseException:
+                self._undo_put(plan.key, plan.existing, plan.previous)
+                raise
         self._forget_moved(plan)
         return Outcome.STORED
 
@@ -431,34 +490,33 @@ class Ingest:
                 "rejection note")
         return True
 
-    def _index_work(self, analysis: Analysis, key: str, size: int, calling_ae: str,
-                    revived: bool = False) -> Callable[[apsw.Connection], None]:
-        """The index rows of a stored object, as a piece of (group) commit work (and
-        the end of its tombstone when it was removed before)."""
-        row = instance_row(analysis, key, size, calling_ae=calling_ae)
-
-        def index_it(conn: apsw.Connection) -> None:
-            writer.upsert(conn, row)
-            metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
-            if revived:
-                writer.drop_tombstone(conn, analysis.sop_instance_uid)
-
-        return index_it
+    def _index_work(self, analysis: Analysis, plan: _Plan, data: bytes,
+                    calling_ae: str) -> Callable[[apsw.Connection], None]:
+        """The index rows of an object to store, as a piece of (group) commit work
+        (:func:`_indexing`): with its bytes in the intake when it is small enough, the
+        intake copy of the key it moved from dropped, and the end of its tombstone when
+        it was removed before."""
+        left = (plan.existing.object_key if plan.existing is not None
+                and plan.existing.object_key != plan.key else None)
+        return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
+                         analysis, data if self.journaled(len(data)) else None, left,
+                         plan.revived)
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
-        old file unlisted; remove it."""
+        old file unlisted (its intake copy went with the commit); remove it."""
         if plan.existing is not None and plan.existing.object_key != plan.key:
             self._delete_quietly(plan.existing.object_key)
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None) -> None:
         """After a failed commit, leave the store as the index still describes it."""
+        backend = self.store.backend  # the intake is as the failed commit left it
         try:
             if existing is not None and existing.object_key == key and previous is not None:
-                self.store.put(key, io.BytesIO(previous), len(previous))
+                backend.put(key, io.BytesIO(previous), len(previous))
             elif existing is None or existing.object_key != key:
-                self.store.delete(key)
+                backend.delete(key)
         except PacsError:
             log.exception("could not undo an object write after an index failure; "
                           "run 'pacs fsck'")
@@ -472,7 +530,7 @@ class Ingest:
 
     def _delete_quietly(self, key: str) -> None:
         try:
-            self.store.delete(key)
+            self.store.backend.delete(key)
         except PacsError:
             log.warning("could not delete a replaced object; 'pacs fsck' will")
 
@@ -494,12 +552,14 @@ class Ingest:
         IndexFailure
             When the commit failed (nothing of the row is kept).
         """
-        self.index.commit(self._index_work(analysis, key, size, calling_ae))
+        self.index.commit(_indexing(instance_row(analysis, key, size, calling_ae=calling_ae),
+                                    analysis, None, None))
 
     @contextmanager
     def uid_locks(self, sop_uids: Sequence[str]) -> Iterator[None]:
         """The locks of several UIDs (:meth:`uid_lock`), taken in stripe order (no two
-        holders can wait for each other); a deletion takes them too."""
+        holders can wait for each other); a deletion takes them too, and the intake's
+        mover holds those of a batch while it moves it."""
         stripes = sorted({zlib.crc32(uid.encode()) % _STRIPES for uid in sop_uids})
         with ExitStack() as held:
             for stripe in stripes:
@@ -518,6 +578,30 @@ class _Plan:
     existing: reads.StoredInstance | None
     previous: bytes | None
     revived: bool = False  # the UID has a tombstone, dropped with the commit
+
+
+def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
+              left: str | None, revived: bool = False
+              ) -> Callable[[apsw.Connection], None]:
+    """The writes of one instance's commit: its index rows and metadata; its bytes in
+    the intake (``intake``), or else any older intake copy of its key dropped (the
+    store holds the object the row names); the intake copy of the key it moved from
+    (``left``) dropped; its tombstone dropped when it was removed before
+    (``revived``)."""
+
+    def index_it(conn: apsw.Connection) -> None:
+        writer.upsert(conn, row)
+        metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+        if intake is not None:
+            writer.intake_add(conn, row.object_key, intake, analysis.checksum, time.time())
+        else:
+            writer.intake_drop(conn, row.object_key)
+        if left is not None:
+            writer.intake_drop(conn, left)
+        if revived:
+            writer.drop_tombstone(conn, analysis.sop_instance_uid)
+
+    return index_it
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:

@@ -264,14 +264,15 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
         Age in seconds below which a temporary file is left alone.
     """
     report = Report(repair=repair, checksums=checksums)
-    store = services.store
+    store = services.store  # the intake's objects first: acknowledged, not missing
+    backend = store.backend
     if not full:
-        if isinstance(store, FileStore):
-            report.temporaries = store.remove_stale_temporaries()
+        if isinstance(backend, FileStore):
+            report.temporaries = backend.remove_stale_temporaries()
         return report
     report.quarantine = _quarantine_folder()
-    if isinstance(store, FileStore):
-        _temporaries(store, report, temp_grace)
+    if isinstance(backend, FileStore):
+        _temporaries(backend, report, temp_grace)
     rows = reads.all_objects(services.index.connection())
     report.rows = len(rows)
     listed: dict[str, list[str]] = {}
@@ -299,7 +300,7 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
             log.error("fsck: SOP Instance %s: %s", sop, exc)
             report.errors.append(f"SOP Instance {sop}: {exc}")
     if repair:
-        _apply_temporaries(store, report)
+        _apply_temporaries(backend, report)
     return report
 
 
@@ -518,7 +519,7 @@ def _quarantine(services: Services, problem: Problem, sop: str, key: str, folder
     """The step that takes ``key`` out of service; a store without the
     :class:`~pacs.core.storage.Quarantine` capability gets the finding reported, and
     the object stays where it is (it is never deleted)."""
-    store = services.store
+    store = services.store.backend  # never an intake object: the row names those
     if not isinstance(store, Quarantine):
         unable = "this store cannot quarantine objects: left where it is"
         finding = Finding(problem, Action.NONE, sop, key,

@@ -20,6 +20,7 @@ from pacs.core.deletion import Deleter
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
+from pacs.core.intake import IntakeStore, Mover, mover_lock
 from pacs.core.query.engine import QueryEngine
 from pacs.core.storage import ObjectStore, open_store
 
@@ -30,7 +31,9 @@ class Services:
 
     settings: Settings
     index: Index
-    store: ObjectStore
+    #: The object store as every reader sees it: the intake first, then the backend
+    #: (``store.backend``).
+    store: IntakeStore
     ingest: Ingest
     engine: QueryEngine
     analysers: AnalyserPool
@@ -58,7 +61,8 @@ class Services:
 
 
 def build(settings: Settings, store: ObjectStore | None = None, *,
-          check_store: bool = True, analysers: AnalyserPool | None = None) -> Services:
+          check_store: bool = True, analysers: AnalyserPool | None = None,
+          synced: bool = True) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -77,6 +81,9 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         The STOW-RS analysis helpers to use: an HTTP worker's customers share one pool
         (a helper parses bytes and holds no customer's data); a pool of its own
         otherwise.
+    synced : bool
+        The index commits are synced (:func:`pacs.core.index.connection.connect`);
+        only the intake's mover process opens its index without.
 
     Raises
     ------
@@ -86,15 +93,19 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = store if store is not None else open_store(settings, check=check_store)
-    index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout))
+    backend = store if store is not None else open_store(settings, check=check_store)
+    index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
+                  synced=synced)
     migrate(index.connection())
-    ingest = Ingest(index, store, settings.duplicate_policy, settings.data_dir / "locks",
-                    max_object_bytes=settings.max_object_bytes)
+    intake = IntakeStore(backend, index)
+    ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
+                    max_object_bytes=settings.max_object_bytes,
+                    intake_object_bytes=settings.intake_object_bytes,
+                    intake_max_bytes=settings.intake_max_bytes)
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
-    return Services(settings=settings, index=index, store=store, ingest=ingest, engine=engine,
+    return Services(settings=settings, index=index, store=intake, ingest=ingest, engine=engine,
                     analysers=analysers or AnalyserPool(settings.web_analysers,
                                                         settings.max_object_bytes),
                     commitments=commitments(settings, index),
@@ -124,6 +135,25 @@ def commitments(settings: Settings, index: Index) -> Commitments:
     its response (the DIMSE timeout), all three ``PACS_DIMSE_TIMEOUT``."""
     return Commitments(index, settings.commitment_max_pending,
                        settings.commitment_max_references, lease=4 * settings.dimse_timeout)
+
+
+def mover(services: Services) -> Mover:
+    """The intake's mover over ``services`` (hold :func:`pacs.core.intake.mover_lock`
+    while it runs)."""
+    return Mover(services.index, services.store, services.ingest.uid_locks)
+
+
+def drain(services: Services) -> int:
+    """Move the whole intake to the store unless a running node's mover holds it (a
+    command that ingested without a node: ``pacs import``); objects moved.
+
+    Raises
+    ------
+    PacsError
+        The store failed: the rest stays in the intake, safe, for the next mover.
+    """
+    with mover_lock(services.settings.data_dir, wait=False) as held:
+        return mover(services).drain() if held else 0
 
 
 def audit_trail(settings: Settings, index: Index) -> AuditTrail:

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 from pacs.core import health
 from pacs.core.errors import ConfigError
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from tests.factory import make_instance
 
@@ -21,9 +21,16 @@ def test_quick_and_thorough_checks_count_and_measure(services: Services) -> None
     assert quick.counts == {"patient": 1, "study": 1, "series": 1, "instance": 1}
     assert quick.indexed_bytes == len(data)
     assert quick.store_bytes is None  # the quick check never lists the store
+    assert (quick.intake_objects, quick.intake_bytes) == (1, len(data))  # not moved yet
+    assert quick.intake_oldest_seconds is not None and quick.intake_error is None
     thorough = health.check(services, thorough=True)
     assert thorough.ok and thorough.index == "ok"
+    assert thorough.store_bytes == 0
+    assert drain(services) == 1
+    thorough = health.check(services, thorough=True)
     assert thorough.store_bytes == len(data)
+    assert (thorough.intake_objects, thorough.intake_bytes) == (0, 0)
+    assert thorough.intake_oldest_seconds is None
     assert thorough.as_json()["status"] == "ok"
 
 
@@ -60,6 +67,7 @@ def test_a_store_without_usage_is_measured_by_its_sizes(
     services = make_services(store=_Plain())
     data = make_instance()
     services.ingest.store_bytes(data)
+    drain(services)
     found = health.check(services, thorough=True)
     assert found.ok and found.store_bytes == len(data)
 

@@ -20,7 +20,7 @@ from pacs.core.errors import (
 )
 from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
@@ -40,13 +40,26 @@ def _row(services: Services, sop_uid: str) -> writer.StoredInstance | None:
     return writer.lookup(services.index.connection(), sop_uid)
 
 
+def _stored(services: Services) -> dict[str, bytes]:
+    """Every object as readers see it (the intake first, then the store)."""
+    found = {}
+    for key in services.store.keys():
+        with services.store.open(key) as stream:
+            found[key] = stream.read()
+    return found
+
+
 def test_store_writes_object_and_index(services: Services, memory_store: MemoryStore) -> None:
     data = sample("CT_small.dcm").read_bytes()
     result = services.ingest.store_bytes(data, calling_ae="MOD")
     assert result.outcome is Outcome.STORED
     row = _row(services, result.sop_instance_uid)
     assert row is not None
+    assert memory_store.objects == {}  # acknowledged from the intake
+    assert _stored(services)[row.object_key] == data
+    assert drain(services) == 1
     assert memory_store.objects[row.object_key] == data
+    assert _stored(services) == memory_store.objects
     assert row.object_key == f"{result.study_uid}/{result.series_uid}/{result.sop_instance_uid}.dcm"
     assert row.checksum == hashlib.sha256(data).hexdigest()
     assert row.size == len(data)
@@ -80,6 +93,8 @@ def test_different_object_same_uid(make_services: Callable[..., Services], polic
     row = _row(services, result.sop_instance_uid)
     assert row is not None
     expected = second if policy == "overwrite" else first
+    assert _stored(services)[row.object_key] == expected
+    drain(services)
     assert store.objects[row.object_key] == expected
     assert row.checksum == hashlib.sha256(expected).hexdigest()  # index matches the object
 
@@ -97,8 +112,10 @@ def test_overwrite_moving_series_leaves_no_empty_parents(services: Services,
     result = services.ingest.store_bytes(_bytes(SeriesInstanceUID="1.2.3.4", PatientID="P2"))
     conn = services.index.connection()
     assert writer.counts(conn) == {"patient": 1, "study": 1, "series": 1, "instance": 1}
-    assert list(memory_store.objects) == [
+    assert list(_stored(services)) == [
         f"{result.study_uid}/1.2.3.4/{result.sop_instance_uid}.dcm"]
+    drain(services)
+    assert list(memory_store.objects) == list(_stored(services))
 
 
 def test_uid_mismatch(services: Services, memory_store: MemoryStore) -> None:
@@ -107,10 +124,13 @@ def test_uid_mismatch(services: Services, memory_store: MemoryStore) -> None:
         services.ingest.store_bytes(data, expected=("1.2.840.10008.5.1.4.1.1.2", "1.2.3"))
     with pytest.raises(InvalidUID):
         services.ingest.store_bytes(data, expected=("1.2.840.10008.5.1.4.1.1.2", "1.2.x"))
-    assert memory_store.objects == {}
+    assert _stored(services) == {}
 
 
-def test_store_failure_leaves_nothing(services: Services, memory_store: MemoryStore) -> None:
+def test_store_failure_leaves_nothing(make_services: Callable[..., Services],
+                                      memory_store: MemoryStore) -> None:
+    """The direct path (no intake): the store's failure fails the object."""
+    services = make_services(store=memory_store, intake_object_bytes=0)
     memory_store.fail_puts = True
     with pytest.raises(StorageError):
         services.ingest.store_bytes(sample("CT_small.dcm").read_bytes())
@@ -127,10 +147,15 @@ def test_index_failure_removes_the_object(services: Services, memory_store: Memo
     with pytest.raises(IndexFailure):
         services.ingest.store_bytes(sample("CT_small.dcm").read_bytes())
     assert memory_store.objects == {}
+    assert _stored(services) == {}
 
 
+@pytest.mark.parametrize("intake", [True, False])
 def test_index_failure_on_overwrite_restores_the_previous_object(
-        services: Services, memory_store: MemoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        monkeypatch: pytest.MonkeyPatch, intake: bool) -> None:
+    services = make_services(store=memory_store,
+                             **({} if intake else {"intake_object_bytes": 0}))
     first = _bytes()
     services.ingest.store_bytes(first)
 
@@ -140,7 +165,7 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
     monkeypatch.setattr(writer, "upsert", broken)
     with pytest.raises(IndexFailure):
         services.ingest.store_bytes(_bytes(StudyDescription="changed"))
-    assert list(memory_store.objects.values()) == [first]
+    assert list(_stored(services).values()) == [first]
 
 
 def test_objects_without_patient_id_are_not_merged(services: Services) -> None:
@@ -164,7 +189,7 @@ def test_concurrent_ingests_share_commits_and_each_is_indexed(services: Services
     assert outcomes[:-1] == [Outcome.STORED] * 24
     assert isinstance(outcomes[-1], InvalidUID)
     assert writer.counts(services.index.connection())["instance"] == 24
-    assert len(memory_store.objects) == 24
+    assert len(_stored(services)) == 24
 
 
 def test_a_failing_piece_of_a_group_commit_keeps_the_others(services: Services) -> None:
@@ -202,12 +227,13 @@ def test_a_batch_gives_each_object_what_store_bytes_would(services: Services,
         Outcome.STORED, InvalidUID, Outcome.STORED, Outcome.UNCHANGED,
         Outcome.STORED]  # the repeated UID meets the first as a duplicate (overwrite policy)
     row = _row(services, "1.2.3.4.1")
-    assert row is not None and memory_store.objects[row.object_key] == again_different
+    assert row is not None and _stored(services)[row.object_key] == again_different
     assert writer.counts(services.index.connection())["instance"] == 3
 
 
 def test_a_batch_store_failure_fails_its_objects_and_indexes_nothing(
-        services: Services, memory_store: MemoryStore) -> None:
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    services = make_services(store=memory_store, intake_object_bytes=0)
     memory_store.fail_puts = True
     results = services.ingest.store_batch([Received.of(_bytes(SOPInstanceUID="1.2.3.4.1")),
                                            Received.of(_bytes(SOPInstanceUID="1.2.3.4.2"))])
@@ -231,7 +257,7 @@ def test_a_batch_index_failure_of_one_object_keeps_the_others(
                                            Received.of(_bytes(SOPInstanceUID="1.2.3.4.2"))])
     assert getattr(results[0], "outcome", None) is Outcome.STORED
     assert isinstance(results[1], IndexFailure)
-    assert [key.rsplit("/", 1)[1] for key in memory_store.objects] == ["1.2.3.4.1.dcm"]
+    assert [key.rsplit("/", 1)[1] for key in _stored(services)] == ["1.2.3.4.1.dcm"]
 
 
 # --- PACS_MAX_OBJECT_BYTES ------------------------------------------------------------------
@@ -272,8 +298,8 @@ def test_a_deflated_object_counts_its_inflated_size(
     small = make_services(store=memory_store, max_object_bytes=1 << 20)
     with pytest.raises(ObjectTooLarge):
         small.ingest.store_bytes(bomb)
-    assert memory_store.objects == {}
+    assert _stored(small) == {}
     large = make_services(store=memory_store, max_object_bytes=8 << 20)
     result = large.ingest.store_bytes(bomb)
     row = _row(large, result.sop_instance_uid)
-    assert row is not None and memory_store.objects[row.object_key] == bomb  # as received
+    assert row is not None and _stored(large)[row.object_key] == bomb  # as received

@@ -95,7 +95,7 @@ def served(services: Services, key: str) -> bytes:
 
 def quarantined(services: Services) -> dict[str, bytes]:
     """Every quarantined object by its key (below the run's folder)."""
-    store = services.store
+    store = services.store.backend
     if isinstance(store, MemoryStore):
         return {name.split("/", 2)[2]: data for name, data in store.quarantined.items()}
     if isinstance(store, S3Store):
@@ -231,11 +231,11 @@ def test_several_unindexed_copies_of_a_new_instance_index_one_and_keep_the_other
     first_key, first = instance.version("A")
     second_key, second = instance.version("B")
     put(node, first_key, first)
-    if isinstance(node.store, FileStore):  # the folder store orders them by time
-        os.utime(node.store.local_file(first_key), (1, 1))
+    if isinstance(node.store.backend, FileStore):  # the folder store orders them by time
+        os.utime(node.store.backend.local_file(first_key), (1, 1))
     put(node, second_key, second)
     # The folder store's times tell the later write; without them, the key order.
-    chosen = second_key if isinstance(node.store, FileStore) else max(first_key, second_key)
+    chosen = second_key if isinstance(node.store.backend, FileStore) else max(first_key, second_key)
     other = first_key if chosen == second_key else second_key
     dry_then_repair(node, (Problem.UNACKNOWLEDGED, Action.INDEX, chosen),
                     (Problem.SUPERSEDED, Action.QUARANTINE, other))
@@ -333,7 +333,7 @@ def test_temporaries_older_than_the_grace_are_removed(
     """(a) A temporary file of an interrupted write: never acknowledged.  A recent one
     may belong to a write in progress and is left alone."""
     services = make_services()
-    assert isinstance(services.store, FileStore)
+    assert isinstance(services.store.backend, FileStore)
     folder = settings.objects_dir / "1.2.3" / "4.5.6"
     folder.mkdir(parents=True)
     stale, recent = folder / ".tmp-stale", folder / ".tmp-recent"
@@ -408,7 +408,7 @@ def test_a_store_failure_is_reported_and_changes_nothing(node: Services,
     def failing(key: str, folder: str) -> str:
         raise StorageError("simulated failure")
 
-    monkeypatch.setattr(node.store, "quarantine", failing)
+    monkeypatch.setattr(node.store.backend, "quarantine", failing)
     report = reconcile(node, repair=True)
     assert not report.ok
     [finding] = report.findings

@@ -4,7 +4,7 @@ files become queryable through the same engine as C-FIND."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pydicom
@@ -137,15 +137,16 @@ def test_a_valid_file_becomes_queryable_and_is_archived(services: Services, fold
 
 
 def test_a_store_failure_leaves_the_file_for_the_next_scan(
-        services: Services, folder: Path, ct_bytes: bytes,
+        make_services: Callable[..., Services], folder: Path, ct_bytes: bytes,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    services = make_services(intake_object_bytes=0)  # the direct path: the store writes
     watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
     (folder / "ct.dcm").write_bytes(ct_bytes)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise StorageError("store unavailable")
 
-    monkeypatch.setattr(services.store, "put", broken)
+    monkeypatch.setattr(services.store.backend, "put", broken)
     watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
     assert (folder / "ct.dcm").exists() and not (folder / "rejected").exists()

@@ -46,7 +46,8 @@ def busy_timeout_for(answer_within: float) -> float:
     return max(1.0, answer_within / 4)
 
 
-def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> apsw.Connection:
+def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
+            synced: bool = True) -> apsw.Connection:
     """Open ``path`` with the project's pragmas applied.
 
     Parameters
@@ -55,6 +56,11 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> apsw.Connecti
         The index file; its folder is created when missing.
     busy_timeout_ms : int
         Milliseconds to wait for another process's write lock before failing.
+    synced : bool
+        Commits are on disk when they return (``synchronous=FULL``).  Only the
+        intake's mover opens its connections without (``NORMAL``): what it commits
+        (rows of objects now in the store) may be lost in a crash, which only repeats
+        an identical put; a later synced commit of any process carries it too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -66,7 +72,7 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> apsw.Connecti
         conn.pragma("journal_mode", "wal")
         # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
         # commit here stands for an acknowledged C-STORE.
-        conn.pragma("synchronous", "FULL")
+        conn.pragma("synchronous", "FULL" if synced else "NORMAL")
         # Readers of a large study should not hold the cache of a small machine hostage.
         conn.pragma("cache_size", -32_000)
         conn.pragma("temp_store", "memory")
@@ -113,11 +119,15 @@ class Index:
     busy_timeout : float
         Seconds a write waits for another process's transaction before it fails with
         :class:`IndexFailure` (see :func:`busy_timeout_for`).
+    synced : bool
+        See :func:`connect`.
     """
 
-    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
+    def __init__(self, path: Path, busy_timeout: float = BUSY_TIMEOUT_MS / 1000, *,
+                 synced: bool = True) -> None:
         self.path = path
         self.busy_timeout_ms = int(busy_timeout * 1000)
+        self.synced = synced
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._opened: list[_Opened] = []
@@ -140,7 +150,7 @@ class Index:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
             self._close_orphans()
-            conn = connect(self.path, self.busy_timeout_ms)
+            conn = connect(self.path, self.busy_timeout_ms, synced=self.synced)
             self._local.conn = conn
             self._local.pid = os.getpid()
             entry = _Opened(weakref.ref(conn), weakref.ref(threading.current_thread()),

@@ -85,8 +85,9 @@ class LocalFiles(Protocol):
     """Objects are files on this machine: a sender may hand the kernel the file itself
     (``sendfile``, ``mmap``) instead of copying the bytes through a stream."""
 
-    def local_file(self, key: str) -> Path:
-        """The object's file; it may be missing when the object is gone."""
+    def local_file(self, key: str) -> Path | None:
+        """The object's file; it may be missing when the object is gone.  ``None``
+        when this object is not a local file (yet): read it with ``open``."""
 
 
 @runtime_checkable

@@ -1,0 +1,449 @@
+"""The intake: acknowledged objects kept in the index until the object store has them.
+
+An instance is acknowledged once one SQLite transaction holding its index rows *and*
+its bytes (a row of the ``intake`` table) has committed: one WAL commit with
+``synchronous=FULL``, shared by every thread storing at that moment
+(:meth:`pacs.core.index.connection.Index.commit`).  The WAL is the journal; crash
+consistency is SQLite's, and there is nothing to replay: after a crash the intake
+still holds every acknowledged object not yet moved.
+
+Two parts live here:
+
+- :class:`IntakeStore`, the object store every reader gets (built in
+  :mod:`pacs.core.services`): an object in the intake is read from there first (in
+  place, SQLite's incremental blob I/O), so an acknowledged instance is readable at
+  once (WADO-RS, frames, rendered, C-MOVE / C-GET, metadata, fsck, the duplicate
+  comparison); every other key from the backend (folder or S3);
+- :class:`Mover`, one per customer (an ``flock`` on ``intake.lock``), which writes the
+  intake's objects to their keys in the backend, durably, oldest first and in batches,
+  then deletes their rows - only a row that is still the one it copied, under the
+  instances' ingest locks, so that an overwrite and a move never interleave.
+
+Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
+before their index row, :mod:`pacs.core.ingest`): a blob that large costs more to
+copy through the WAL than its fsyncs cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import apsw
+
+from pacs.core.errors import IndexFailure, IntakeFull, PacsError, StorageError
+from pacs.core.index import reads, writer
+from pacs.core.index.connection import Index
+from pacs.core.storage import (
+    BatchPut,
+    ObjectStore,
+    Quarantine,
+    local_path,
+    put_many,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+
+#: Objects and bytes the mover copies per batch (one durability pass of the store, one
+#: index transaction, the ingest locks of the batch's instances held meanwhile).
+BATCH_OBJECTS = 64
+BATCH_BYTES = 32 << 20
+#: PUTs in flight at once when the store has no :class:`BatchPut` (S3: each PUT is a
+#: round trip; a few in parallel fill the link).
+PARALLEL_PUTS = 4
+#: Seconds the mover waits between looks at an empty intake, and the longest backoff
+#: after a store failure.
+IDLE_WAIT = 0.05
+MAX_BACKOFF = 30.0
+#: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
+RETRY_AFTER = 10
+#: Name of the mover's lock file in the data folder.
+LOCK_NAME = "intake.lock"
+
+
+class IntakeStore:
+    """An :class:`~pacs.core.storage.ObjectStore` whose reads see the intake first.
+
+    Parameters
+    ----------
+    backend : ObjectStore
+        The customer's folder or S3 store.
+    index : Index
+        The customer's index (which holds the intake).
+
+    Notes
+    -----
+    ``put`` and ``delete`` act on the backend and remove the key's intake copy (in its
+    own transaction): what ``open`` answers afterwards is what was put, or nothing.
+    Ingest and deletion remove the intake copy in the transaction of the index row
+    instead (:func:`pacs.core.index.writer.intake_drop`,
+    :func:`~pacs.core.index.writer.delete_instance`).  Capabilities: ``local_file``
+    gives ``None`` for an intake object (read it with ``open``), the others are the
+    backend's.
+    """
+
+    def __init__(self, backend: ObjectStore, index: Index) -> None:
+        self.backend = backend
+        self.index = index
+
+    def _entry(self, key: str) -> reads.IntakeEntry | None:
+        return reads.intake_entry(self.index.connection(), key)
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        """Write to the backend durably, then drop the key's older intake copy."""
+        self.backend.put(key, source, length)
+        self.forget(key)
+
+    def forget(self, key: str) -> None:
+        """Drop the intake's copy of ``key`` (committed without waiting for a sync:
+        the store holds what the row would have given)."""
+        if self._entry(key) is not None:
+            with self.index.write() as conn:
+                writer.intake_drop(conn, key)
+
+    def open(self, key: str) -> BinaryIO:
+        """The intake's copy when there is one, else the backend's object."""
+        entry = self._entry(key)
+        if entry is not None:
+            blob = reads.intake_blob(self.index.connection(), entry.id)
+            if blob is not None:
+                return IntakeReader(blob, entry, self)
+        return self.backend.open(key)
+
+    def size(self, key: str) -> int:
+        """The intake's copy's size, else the backend's."""
+        entry = self._entry(key)
+        return entry.size if entry is not None else self.backend.size(key)
+
+    def delete(self, key: str) -> None:
+        """Remove the intake copy and the backend's object."""
+        self.forget(key)
+        self.backend.delete(key)
+
+    def keys(self) -> Iterator[str]:
+        """The backend's keys and the intake's, each once."""
+        pending = set(reads.intake_keys(self.index.connection()))
+        for key in self.backend.keys():
+            pending.discard(key)
+            yield key
+        yield from sorted(pending)
+
+    def check(self) -> None:
+        """The backend's check."""
+        self.backend.check()
+
+    def close(self) -> None:
+        """Close the backend."""
+        self.backend.close()
+
+    # --- capabilities (pacs.core.storage) -------------------------------------------
+
+    def local_file(self, key: str) -> Path | None:
+        """The backend's file of ``key``; ``None`` while the object is in the intake
+        or when the backend keeps no local files."""
+        if self._entry(key) is not None:
+            return None
+        return local_path(self.backend, key)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+        """The backend's batch put, then each stored key's intake copy dropped."""
+        failures = put_many(self.backend, items)
+        for (key, _data), failure in zip(items, failures, strict=True):
+            if failure is None:
+                self.forget(key)
+        return failures
+
+    def usage(self) -> int:
+        """Bytes in the backend (the intake's are in ``pacs status``'s backlog)."""
+        return usage(self.backend)
+
+    def quarantine(self, key: str, folder: str) -> str:
+        """The backend's quarantine (objects in the intake are the index's own:
+        repair never quarantines them)."""
+        if not isinstance(self.backend, Quarantine):
+            raise StorageError("this store cannot quarantine objects")
+        return self.backend.quarantine(key, folder)
+
+
+class IntakeReader(io.RawIOBase):
+    """An intake object read in place (SQLite incremental blob I/O), seekable.
+
+    When the mover deletes the row while it is read (the object is in the backend
+    then), the rest is read from the backend; when a newer version replaced the row,
+    the read fails (:class:`StorageError`) rather than mix two versions.
+    """
+
+    def __init__(self, blob: apsw.Blob, entry: reads.IntakeEntry, store: IntakeStore
+                 ) -> None:
+        super().__init__()
+        self._blob: apsw.Blob | None = blob
+        self._entry = entry
+        self._store = store
+        self._fallback: BinaryIO | None = None
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position,
+                io.SEEK_END: self._entry.size}[whence]
+        self._position = max(0, base + offset)
+        if self._fallback is not None:
+            self._fallback.seek(self._position)
+        return self._position
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self._entry.size - self._position)
+        if wanted <= 0:
+            return 0
+        if self._blob is not None:
+            try:
+                self._blob.seek(self._position)
+                self._blob.read_into(view, 0, wanted)
+            except apsw.AbortError:
+                self._switch_to_backend()
+            else:
+                self._position += wanted
+                return wanted
+        if self._fallback is None:  # closed
+            raise ValueError("read of a closed intake object")
+        count = self._fallback.readinto(view[:wanted])  # type: ignore[attr-defined]
+        self._position += count
+        return int(count)
+
+    def _switch_to_backend(self) -> None:
+        """The row changed under the read: moved (read on from the backend) or
+        replaced by a newer version (fail)."""
+        self._close_blob()
+        now = self._store._entry(self._entry.object_key)
+        if now is not None and now.id != self._entry.id:
+            raise StorageError("the object was replaced while it was read")
+        stream = self._store.backend.open(self._entry.object_key)
+        try:
+            stream.seek(self._position)
+        except (OSError, io.UnsupportedOperation):
+            stream.read(self._position)  # a stream that cannot seek: skip ahead
+        self._fallback = stream
+
+    def _close_blob(self) -> None:
+        if self._blob is not None:
+            with contextlib.suppress(apsw.Error):
+                self._blob.close()
+            self._blob = None
+
+    def close(self) -> None:
+        self._close_blob()
+        if self._fallback is not None:
+            self._fallback.close()
+            self._fallback = None
+        super().close()
+
+
+# --- back-pressure ---------------------------------------------------------------------
+
+def check_room(index: Index, max_bytes: int) -> None:
+    """Refuse a new object while the intake holds ``max_bytes`` or more.
+
+    Raises
+    ------
+    IntakeFull
+        The backlog is at the limit (the store is slow or down).
+    """
+    if reads.intake_bytes(index.connection()) >= max_bytes:
+        raise IntakeFull("the node cannot take more objects until its object store has "
+                         "caught up; retry later")
+
+
+# --- the mover -------------------------------------------------------------------------
+
+#: The ingest's per-UID locks for several SOP Instance UIDs at once
+#: (:meth:`pacs.core.ingest.Ingest.uid_locks`).
+UidLocks = Callable[[list[str]], AbstractContextManager[None]]
+
+
+@dataclass
+class MoverState:
+    """What the mover did so far (for its log and tests)."""
+
+    moved: int = 0
+    batches: int = 0
+    failures: int = 0
+
+
+class Mover:
+    """Moves the intake's objects to the backend store (see the module docstring).
+
+    Parameters
+    ----------
+    index : Index
+        The customer's index.  The mover's own commits (row deletes) need no sync: a
+        delete lost in a crash only repeats an identical put.
+    store : IntakeStore
+        The store whose intake is drained.
+    uid_locks : callable
+        The ingest's per-UID locks (:meth:`pacs.core.ingest.Ingest.uid_locks`).
+    """
+
+    def __init__(self, index: Index, store: IntakeStore, uid_locks: UidLocks) -> None:
+        self.index = index
+        self.store = store
+        self.uid_locks = uid_locks
+        self.state = MoverState()
+        self._failing = False
+
+    def move_batch(self) -> int:
+        """Move the oldest batch of the intake; the number of rows it removed.
+
+        Raises
+        ------
+        PacsError
+            The store (or the index) failed: the rows stay, to be tried again.
+        """
+        conn = self.index.connection()
+        batch = reads.intake_batch(conn, 0, BATCH_OBJECTS, BATCH_BYTES)
+        if not batch:
+            return 0
+        with self.uid_locks([_sop_of(entry.object_key) for entry in batch]):
+            current = [(entry, data) for entry in batch
+                       if (data := self._read(entry)) is not None]
+            failures = self._put([(entry.object_key, data) for entry, data in current])
+            moved = [entry for (entry, _data), failure in zip(current, failures, strict=True)
+                     if failure is None]
+            removed = 0
+            if moved:
+                with self.index.write() as conn:
+                    for entry in moved:
+                        removed += writer.intake_moved(conn, entry.id)
+        self.state.moved += removed
+        self.state.batches += 1
+        errors = [failure for failure in failures if failure is not None]
+        if errors:
+            raise errors[0]
+        return removed
+
+    def _read(self, entry: reads.IntakeEntry) -> bytes | None:
+        """The row's bytes, or ``None`` when it is no longer the current row (an
+        overwrite replaced it, or the instance was deleted, since it was listed)."""
+        conn = self.index.connection()
+        blob = reads.intake_blob(conn, entry.id)
+        if blob is None:
+            return None
+        with contextlib.closing(blob):
+            return bytes(blob.read())
+
+    def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Each object durable in the backend: its batch put when it has one (one
+        durability pass), else a few PUTs in parallel."""
+        backend = self.store.backend
+        if isinstance(backend, BatchPut) or len(items) < 2:
+            return put_many(backend, items)
+
+        def put_one(item: tuple[str, bytes]) -> StorageError | None:
+            return put_many(backend, [item])[0]
+
+        with ThreadPoolExecutor(max_workers=PARALLEL_PUTS) as pool:
+            return list(pool.map(put_one, items))
+
+    def checkpoint(self) -> None:
+        """A passive WAL checkpoint: copy committed pages into the index file without
+        waiting for readers, off the ingest's critical path."""
+        with contextlib.suppress(apsw.Error):
+            self.index.connection().wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+
+    def drain(self) -> int:
+        """Move until the intake is empty; the number of objects moved.
+
+        Raises
+        ------
+        PacsError
+            The store failed (what was moved before stays moved).
+        """
+        total = 0
+        while moved := self.move_batch():
+            total += moved
+        self.checkpoint()
+        return total
+
+    def run(self, stopping: Callable[[], bool]) -> None:
+        """Move until ``stopping()``: batches while there is work, a short wait when
+        the intake is empty, growing waits while the store fails (ingest goes on into
+        the intake meanwhile, up to ``PACS_INTAKE_MAX_BYTES``)."""
+        backoff = 0.0
+        while not stopping():
+            try:
+                moved = self.move_batch()
+            except PacsError as exc:
+                self.state.failures += 1
+                backoff = min(MAX_BACKOFF, max(0.5, backoff * 2))
+                self._report(str(exc))
+                log.error("intake mover: the object store failed (%s); retrying in %g s",
+                          exc, backoff)
+                _sleep(backoff, stopping)
+                continue
+            backoff = 0.0
+            if self._failing:
+                self._report(None)
+            if moved:
+                self.checkpoint()
+            else:
+                _sleep(IDLE_WAIT, stopping)
+
+    def _report(self, error: str | None) -> None:
+        """Record the last error (or its end) for ``pacs status``."""
+        self._failing = error is not None
+        try:
+            with self.index.write() as conn:
+                writer.intake_mover_error(conn, error, time.time() if error else None)
+        except IndexFailure:
+            log.exception("intake mover: cannot record its state")
+
+
+def _sleep(seconds: float, stopping: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + seconds
+    while not stopping() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.2))
+
+
+def _sop_of(key: str) -> str:
+    """The SOP Instance UID a key names (``<study>/<series>/<sop>.dcm``)."""
+    return key.rsplit("/", 1)[-1].removesuffix(".dcm")
+
+
+@contextlib.contextmanager
+def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
+    """The one-mover-per-customer lock (``flock`` on ``<data>/intake.lock``): yields
+    True when held; with ``wait`` false, False at once when another process holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+__all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "IntakeReader", "IntakeStore", "Mover",
+           "check_room", "mover_lock"]
