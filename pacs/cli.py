@@ -212,8 +212,14 @@ def _files(paths: tuple[str, ...]) -> Iterator[Path]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
-    """Store files and folders (recursively) through the ingest path."""
+    """Store files and folders (recursively) through the ingest path.
+
+    What is acknowledged through the intake is moved to the object store before the
+    command ends (unless a running node's mover does it).
+    """
     from tqdm import tqdm
+
+    from pacs.core.services import drain
 
     settings = _settings(ctx)
     _setup_logging("WARNING")
@@ -230,6 +236,12 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                 rejected.append((path, str(exc)))
             except PacsError as exc:
                 rejected.append((path, str(exc)))
+        try:
+            drain(services)
+        except PacsError as exc:
+            click.echo(f"the objects stored are safe in the index's intake, not yet in the "
+                       f"object store ({exc}); the node's mover, or the next import, stores "
+                       "them", err=True)
     finally:
         services.close()
     click.echo(f"stored: {tally[Outcome.STORED.value]}, "
@@ -310,6 +322,8 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) ->
     _setup_logging("WARNING")
     quiet_pydicom()
     try:
+        if settings.index_path.exists():
+            _drain_intake(settings)
         store = open_store(settings)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
@@ -450,6 +464,21 @@ def _tally(rows: list[Any]) -> str:
     size = sum(row.size for row in rows)
     return (f"{len(studies)} stud(ies), {len(series)} series, {len(rows)} instance(s), "
             f"{size} bytes ({size / 2**20:.1f} MiB)")
+
+
+def _drain_intake(settings: config.Settings) -> None:
+    """Move what the index's intake holds to the store (a rebuild reads the store
+    alone), unless a node has the index open (the rebuild then refuses, naming it)."""
+    from pacs.core.reindex import index_in_use
+    from pacs.core.services import build, drain
+
+    if index_in_use(settings.index_path):
+        return
+    services = build(settings)
+    try:
+        drain(services)
+    finally:
+        services.close()
 
 
 #: Columns ``pacs query`` shows per level, left to right.

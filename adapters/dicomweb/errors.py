@@ -22,6 +22,7 @@ import falcon
 
 from adapters.dicomweb.multipart import MultipartError
 from pacs.core import errors
+from pacs.core.intake import RETRY_AFTER
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.QueryLimitExceeded, Outcome(falcon.HTTP_413, 0xA700, "Query too broad")),
     (errors.Cancelled, Outcome(falcon.HTTP_503, 0xA700, "Cancelled")),
     (errors.StorageError, Outcome(falcon.HTTP_503, 0xA700, "Storage unavailable")),
+    (errors.IntakeFull, Outcome(falcon.HTTP_503, 0xA700, "Busy: objects waiting for the store")),
     (errors.IndexFailure, Outcome(falcon.HTTP_503, 0xA700, "Index unavailable")),
 )
 
@@ -106,7 +108,10 @@ def handle(req: falcon.Request, resp: falcon.Response, exc: BaseException,
         raise falcon.HTTPError(outcome.status, title=outcome.title)
     if outcome.status.startswith("5"):
         log.error("%s %s failed: %s", req.method, req.path, exc)
-    headers = {"Retry-After": "5"} if outcome.status == falcon.HTTP_503 else None
+    headers = None
+    if outcome.status == falcon.HTTP_503:
+        wait = RETRY_AFTER if isinstance(exc, errors.IntakeFull) else 5
+        headers = {"Retry-After": str(wait)}
     raise falcon.HTTPError(outcome.status, title=outcome.title, description=reason(exc),
                            headers=headers)
 

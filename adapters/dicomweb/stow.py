@@ -298,6 +298,8 @@ class Store:
             study = require_uid(study, "StudyInstanceUID in the path")
         if not accepts_json(req):
             raise Unacceptable("STOW-RS answers with application/dicom+json only")
+        # Back-pressure before the body is read: 503 with Retry-After.
+        self.services.ingest.check_room(0)
         settings = self.services.settings
         report = self._store_all(parts_of(req, settings.max_object_bytes,
                                           settings.max_request_bytes), study)

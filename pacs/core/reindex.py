@@ -43,6 +43,9 @@ How a rebuild goes (:func:`rebuild`):
    ``index.sqlite.before-reindex-<time>`` (with its ``-wal`` when it had one).  Any
    failure before the rename (the store fails, an interrupt, a full disk) removes the
    new file and leaves the index as it was.
+6. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
+   intake (:mod:`pacs.core.intake`) are not in the store yet; a rebuild refuses while
+   there are any (``pacs reindex`` drains the intake into the store first).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
 from pacs.core.errors import IndexFailure, NotFound, PacsError
 from pacs.core.index import reads, writer
-from pacs.core.index.connection import Index
+from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row
 from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
@@ -239,6 +242,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     report = Report(index=index_path)
     _refuse_if_in_use(index_path)
+    _refuse_if_intake_holds(index_path)
     keys = list(store.keys())
     dated = stored_times(store, keys)
     # The order of writes, as the store recorded it; undated objects first, by key.
@@ -275,6 +279,25 @@ def _refuse_if_in_use(index_path: Path) -> None:
         raise IndexFailure(
             f"the index {index_path} is open in another process: stop the node serving "
             "this customer (and any pacs command on it) before rebuilding its index")
+
+
+def _refuse_if_intake_holds(index_path: Path) -> None:
+    """Refuse while the index's intake holds acknowledged objects the store lacks
+    (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them."""
+    if not index_path.exists():
+        return
+    conn = connect(index_path)
+    try:
+        state = reads.intake_state(conn)
+    except IndexFailure:
+        return  # an index older than the intake has none
+    finally:
+        conn.close()
+    if state.objects:
+        raise IndexFailure(
+            f"the intake of {index_path} holds {state.objects} acknowledged object(s) not "
+            "yet in the object store: let the node's mover store them (or run "
+            "'pacs reindex', which drains it first, with the store reachable)")
 
 
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],

@@ -124,6 +124,7 @@ STORE_STATUS: _Table = (
     (errors.InvalidRejection, UNABLE_TO_PROCESS),  # a note whose evidence is unusable
     (errors.ObjectTooLarge, OUT_OF_RESOURCES),   # over PACS_MAX_OBJECT_BYTES
     (errors.StorageError, OUT_OF_RESOURCES),
+    (errors.IntakeFull, OUT_OF_RESOURCES),       # back-pressure: over PACS_INTAKE_MAX_BYTES
     (errors.IndexFailure, OUT_OF_RESOURCES),
 )
 

@@ -1,9 +1,10 @@
-"""Processes that run beside the node's core: the viewer server, the upload watcher,
-the data retention and the forwarder.
+"""Processes that run beside the node's core: the viewer server, and per customer the
+intake's mover, the upload watcher, the data retention and the forwarder.
 
-All are optional to the node's purpose, so they are supervised differently from the
-DIMSE workers and the DICOMweb server: one that cannot start, or that exits, is logged
-and started again a little later, and the node goes on receiving and answering.  Each
+They are supervised differently from the DIMSE workers and the DICOMweb server: one
+that cannot start, or that exits, is logged and started again a little later, and the
+node goes on receiving and answering (while the mover is down, acknowledged objects
+wait in the intake, readable, up to ``PACS_INTAKE_MAX_BYTES``).  Each
 is a child process of ``pacs serve`` (``subprocess``, not ``fork``): it opens its own
 index connection and store client, and inherits none of the parent's sockets.
 """
@@ -119,12 +120,13 @@ class Companions:
                 process.wait()
 
 
-def companion_main(name: str, body: Callable[[Settings, Services, threading.Event], None]
-                   ) -> int:
+def companion_main(name: str, body: Callable[[Settings, Services, threading.Event], None],
+                   *, synced: bool = True) -> int:
     """The ``main`` of a companion process (``python -m …``): the settings from the
     environment ``pacs serve`` gave it, logging, SIGTERM / SIGINT to stop, services of
-    its own (the store is not checked again: ``pacs serve`` did), then ``body`` until
-    it is stopped.  Exit status 1 when the services cannot be built."""
+    its own (the store is not checked again: ``pacs serve`` did; ``synced``: see
+    :func:`pacs.core.services.build`), then ``body`` until it is stopped.  Exit status
+    1 when the services cannot be built."""
     from pacs.core import config, logs
     from pacs.core.customers import chosen
     from pacs.core.services import build
@@ -139,7 +141,7 @@ def companion_main(name: str, body: Callable[[Settings, Services, threading.Even
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        services = build(settings, check_store=False)
+        services = build(settings, check_store=False, synced=synced)
     except PacsError as exc:
         log.error("the %s cannot start: %s", name, exc)
         return 1
@@ -158,16 +160,17 @@ def _module(name: str, environment: Mapping[str, str]) -> subprocess.Popen[bytes
 
 def start_companions(settings: Settings, served: Sequence[Customer],
                      environment: Mapping[str, str], stopping: threading.Event) -> Companions:
-    """Start the viewer server, and per customer the upload watcher and the data
-    retention and the forwarder that its settings ask for.
+    """Start the viewer server, and per customer the intake's mover and the upload
+    watcher, the data retention and the forwarder that its settings ask for.
 
     Parameters
     ----------
     settings : Settings
         The node's: ``viewer_port`` 0 turns the viewer off.
     served : sequence of Customer
-        The node's customers: a customer's ``uploads_poll`` 0 turns its watcher off,
-        an empty ``retention_days`` its retention, no routes its forwarder.
+        The node's customers: each has its intake's mover; a customer's
+        ``uploads_poll`` 0 turns its watcher off, an empty ``retention_days`` its
+        retention, no routes its forwarder.
     environment : mapping
         Environment for the children (``pacs serve``'s overrides, the data folder, the
         customers file); each customer's companions also get ``CUSTOMER``.
@@ -185,6 +188,8 @@ def start_companions(settings: Settings, served: Sequence[Customer],
     for customer in served:
         own = {**environment, "CUSTOMER": customer.name}
         suffix = f" of customer {customer.name}" if len(served) > 1 else ""
+        members.append(Companion("intake mover" + suffix,
+                                 partial(_module, "pacs.node.mover", own)))
         if customer.settings.uploads_poll > 0:
             members.append(Companion("upload watcher" + suffix,
                                      partial(_module, "pacs.node.uploads", own)))

@@ -1,8 +1,8 @@
 """The text of ``pacs status``: a health check plus what an operator looks for next.
 
-Counts first (``patient: N`` ... one per line, as before), then the index, the store,
-the disk, the storage commitment results waiting, each forwarding destination's
-backlog, the upload folder and the viewer files.
+Counts first (``patient: N`` ... one per line), then the index, the store, the disk,
+the intake's backlog, the storage commitment results waiting, each forwarding
+destination's backlog, the upload folder and the viewer files.
 """
 
 from __future__ import annotations
@@ -89,6 +89,17 @@ def forwarding_lines(settings: Settings, backlogs: Sequence[Backlog],
     return lines
 
 
+def _intake_line(settings: Settings, found: Health) -> str:
+    """The intake's backlog: acknowledged objects not yet in the store."""
+    line = (f"intake: {found.intake_objects} object(s), {human(found.intake_bytes)} waiting "
+            f"for the store (limit {human(settings.intake_max_bytes)})")
+    if found.intake_oldest_seconds is not None:
+        line += f", oldest {found.intake_oldest_seconds:.0f} s"
+    if found.intake_error:
+        line += f"; mover failing: {found.intake_error}"
+    return line
+
+
 def describe(settings: Settings, found: Health) -> list[str]:
     """The lines ``pacs status`` prints."""
     lines = [f"{level}: {count}" for level, count in found.counts.items()]
@@ -104,6 +115,7 @@ def describe(settings: Settings, found: Health) -> list[str]:
     else:
         lines.append(f"store: {settings.storage}, NOT reachable: {found.store_error}")
     lines.append(f"disk free: {human(found.disk_free_bytes)} ({settings.data_dir})")
+    lines.append(_intake_line(settings, found))
     lines.append(f"storage commitment: {found.commitments_waiting} result(s) waiting for "
                  "delivery")
     lines += forwarding_lines(settings, found.forwarding)

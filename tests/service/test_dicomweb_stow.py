@@ -17,7 +17,7 @@ from adapters.dicomweb.multipart import encode
 from pacs.core import config
 from pacs.core.errors import StorageError
 from pacs.core.index import writer
-from pacs.core.services import Services, build
+from pacs.core.services import Services, build, drain
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
@@ -116,6 +116,12 @@ def test_store_two_instances(client: testing.TestClient, services: Services,
     assert item["00081190"]["Value"][0].endswith(
         f"{prefix}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     # Stored exactly as sent.
+    for data in (first, second):
+        ds = uids(data)
+        key = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+        with services.store.open(key) as stream:  # in the intake, then in the store
+            assert stream.read() == data
+    assert drain(services) == 2
     for data in (first, second):
         ds = uids(data)
         key = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
@@ -237,7 +243,8 @@ class FailingStore(MemoryStore):
 
 
 def test_store_failure_is_out_of_resources(make_services: Callable[..., Services]) -> None:
-    services = make_services(store=FailingStore())
+    """The direct path (no intake): the store's failure fails the parts."""
+    services = make_services(store=FailingStore(), intake_object_bytes=0)
     client = testing.TestClient(create_app(services))
     result = post(client, body(instance(), instance()))
     assert result.status_code == 409

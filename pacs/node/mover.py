@@ -1,0 +1,63 @@
+"""The intake's mover as a process of its own (``python -m pacs.node.mover``).
+
+``pacs serve`` runs one beside its workers (a companion, :mod:`pacs.node.companions`):
+it writes the objects that ingest acknowledged through the intake to the object store
+and removes them from the intake (:class:`pacs.core.intake.Mover`).  One per customer:
+it holds ``<data>/intake.lock`` while it runs, and a second one (another node on the
+same data folder) waits for it.  ``PACS_INTAKE_MOVER=off`` holds it (tests, diagnosis).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+if __name__ == "__main__":
+    # Stopped by `pacs serve` with SIGTERM; a Ctrl-C reaches the whole process group,
+    # possibly during the imports below: ignore it until main() handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+if TYPE_CHECKING:
+    from pacs.core.config import Settings
+    from pacs.core.services import Services
+
+#: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
+log = logging.getLogger("pacs.node.mover")
+
+#: Seconds between two tries at the mover lock while another mover holds it.
+LOCK_RETRY = 1.0
+
+
+def move(settings: Settings, services: Services, stopping: threading.Event) -> None:
+    """Hold the customer's mover lock (waiting while another mover has it) and move
+    the intake until ``stopping``; with ``PACS_INTAKE_MOVER=off`` only wait."""
+    from pacs.core.intake import mover_lock
+    from pacs.core.services import mover
+
+    if not settings.intake_mover:
+        log.warning("the intake mover is held (PACS_INTAKE_MOVER=off): acknowledged "
+                    "objects stay in the intake")
+        stopping.wait()
+        return
+    while not stopping.is_set():
+        with mover_lock(settings.data_dir, wait=False) as held:
+            if held:
+                mover(services).run(stopping.is_set)
+                return
+        stopping.wait(LOCK_RETRY)  # another mover serves this customer
+
+
+def main() -> int:
+    """``python -m pacs.node.mover``: move the intake to the store until SIGTERM /
+    SIGINT.  Its index commits are not synced: a delete lost in a crash only repeats
+    an identical put."""
+    from pacs.node.companions import companion_main
+
+    return companion_main("intake mover", move, synced=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
