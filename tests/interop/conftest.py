@@ -124,6 +124,30 @@ def read_index(data_dir: Path) -> dict[str, IndexedInstance]:
     return {row[0]: IndexedInstance(*row) for row in rows}
 
 
+def read_intake(data_dir: Path) -> dict[str, str]:
+    """The intake's objects (acknowledged, not yet in the store): key -> SHA-256 of the
+    bytes it holds ({} when no index yet)."""
+    path = data_dir / "index.sqlite"
+    if not path.exists():
+        return {}
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        conn.set_busy_timeout(10_000)
+        return {key: hashlib.sha256(data).hexdigest() for key, data in
+                conn.execute("SELECT object_key, data FROM intake")}
+    finally:
+        conn.close()
+
+
+def wait_drained(data_dir: Path, timeout: float = 90.0) -> None:
+    """Wait until the intake's mover has moved every object to the store."""
+    deadline = time.monotonic() + timeout
+    while read_intake(data_dir):
+        assert time.monotonic() < deadline, (
+            f"the intake still holds {len(read_intake(data_dir))} objects")
+        time.sleep(0.1)
+
+
 def index_counts(data_dir: Path) -> dict[str, int]:
     """Rows per table of the index."""
     conn = apsw.Connection(str(data_dir / "index.sqlite"), flags=apsw.SQLITE_OPEN_READONLY)
@@ -198,15 +222,22 @@ def snapshot(data_dir: Path) -> Snapshot:
 
 
 def assert_consistent(data_dir: Path, exact: bool = False) -> dict[str, IndexedInstance]:
-    """The index lists nothing the store lacks; with ``exact`` also the reverse.
+    """The index lists nothing that neither the intake nor the store holds; with
+    ``exact`` the intake is empty and the store holds nothing the index lacks.
 
-    Each indexed object exists at the key derived from its UIDs, with the indexed size
-    and checksum, and is a readable Part 10 file with that SOP Instance UID.
+    Each indexed object is in the intake with the indexed checksum, or exists at the
+    key derived from its UIDs, with the indexed size and checksum.
     """
     index = read_index(data_dir)
     objects = stored_objects(data_dir)
+    intake = read_intake(data_dir)
+    if exact:
+        assert not intake, f"{len(intake)} objects still in the intake"
     for sop_uid, row in index.items():
         assert row.object_key == key_of(row.study_uid, row.series_uid, sop_uid)
+        if row.object_key in intake:
+            assert intake[row.object_key] == row.checksum, f"intake differs: {row.object_key}"
+            continue
         assert row.object_key in objects, f"indexed but not stored: {row.object_key}"
         path = objects[row.object_key]
         assert path.stat().st_size == row.size, f"size differs for {row.object_key}"
@@ -615,6 +646,10 @@ class Node:
 
     def object_path(self, row: IndexedInstance) -> Path:
         return self.data_dir / "objects" / row.object_key
+
+    def wait_drained(self, timeout: float = 90.0) -> None:
+        """Wait until the intake's mover has stored everything acknowledged."""
+        wait_drained(self.data_dir, timeout)
 
     def snapshot(self) -> Snapshot:
         return snapshot(self.data_dir)

@@ -270,11 +270,15 @@ def web_ready(node: Node) -> Node:
 
 @pytest.fixture(scope="module")
 def s3_node(node_factory: Callable[..., Node], weed: SeaweedServer) -> Node:
+    """An S3 node whose objects all take the direct path (``PACS_INTAKE_OBJECT_BYTES``
+    0): written to the bucket before they are acknowledged, as objects over the limit
+    are.  Through the intake a C-STORE does not wait for S3 at all
+    (``tests/interop/test_intake.py``, S3 down)."""
     return web_ready(node_factory(
         "faults-s3", PACS_STORAGE="s3", PACS_S3_ENDPOINT=weed.s3.endpoint,
         PACS_S3_ACCESS_KEY=weed.s3.access_key, PACS_S3_SECRET_KEY=weed.s3.secret_key,
         PACS_S3_BUCKET=BUCKET, CUSTOMER=CUSTOMER, PACS_DIMSE_TIMEOUT=str(DIMSE_TIMEOUT),
-        PACS_WEB_WORKERS="1"))
+        PACS_WEB_WORKERS="1", PACS_INTAKE_OBJECT_BYTES="0"))
 
 
 @pytest.fixture
@@ -474,7 +478,8 @@ def test_data_folder_full(node_factory: Callable[..., Node], tmp_path: Path) -> 
         print("\n[data folder full] tmpfs cannot be mounted here: fault-injecting store")
         settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "data"),
                                           "PACS_DIMSE_TIMEOUT": str(DIMSE_TIMEOUT),
-                                          "PACS_WEB_ANALYSERS": "0"},
+                                          "PACS_WEB_ANALYSERS": "0",
+                                          "PACS_INTAKE_OBJECT_BYTES": "0"},
                                environ={}, env_file=None)
         store = FullDisk(FileStore(settings.objects_dir))
         services = build(settings, store=store)  # type: ignore[arg-type]

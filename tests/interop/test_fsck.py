@@ -64,6 +64,7 @@ class Versions:
 def storescu(node: Node, path: Path) -> None:
     result = run_dcmtk("storescu", "-aec", AE_TITLE, "127.0.0.1", str(node.port), str(path))
     assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    node.wait_drained()  # in the store, where the crash windows below are built
 
 
 def stored(node: Node, key: str) -> bytes:

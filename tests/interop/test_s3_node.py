@@ -50,6 +50,7 @@ def test_store_and_retrieve_through_s3(node_factory: Callable[..., Node],
         sent = run_dcmtk("dcmsend", "127.0.0.1", str(node.port), "-aec", AE_TITLE,
                          "-aet", "ASTER", str(sample(name)))
         assert sent.returncode == 0, sent.stdout
+    node.wait_drained()  # the mover writes them from the intake to the bucket
     client = seaweed_s3.client()
     keys = sorted(o.object_name for o in client.list_objects("pacs-node-e2e", prefix="acme/",
                                                               recursive=True))

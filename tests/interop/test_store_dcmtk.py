@@ -73,6 +73,7 @@ def test_readme_quickstart_dcmsend(node: Node, tmp_path: Path) -> None:
     assert row.calling_ae == "ASTER"
     assert row.object_key == key_of(original.StudyInstanceUID, original.SeriesInstanceUID,
                                     original.SOPInstanceUID)
+    node.wait_drained()  # from the intake to the store
     stored_path = node.object_path(row)
     assert row.size == stored_path.stat().st_size
     assert row.checksum == sha256(stored_path)

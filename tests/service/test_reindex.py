@@ -120,7 +120,8 @@ def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
 
     ``pause`` comes before each write whose order against the previous ones decides a
     row (the overwrite, the second study of :data:`SHARED_ID`): a store whose times are
-    whole seconds (S3) cannot order writes within one second otherwise.
+    whole seconds (S3) cannot order writes within one second otherwise.  The intake is
+    drained before each pause, so that the store's times keep the order of arrival.
     """
     archive = build_archive()
     objects = dict(archive.objects)
@@ -136,16 +137,19 @@ def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
     out = DicomBytesIO()
     changed.save_as(out, enforce_file_format=True)
     objects[chest] = out.getvalue()
+    drain(services)
     time.sleep(pause)
     services.ingest.store_bytes(objects[chest], calling_ae="TEST")
     # One Patient ID, two studies, different patient attributes, received in turn.
     for study, name, birth, sex in (
             (EARLIER_STUDY, "EARLY^NAME", "19500101", "F"),
             (LATER_STUDY, "LATE^NAME", "19600606", "M")):
+        drain(services)
         time.sleep(pause)
         for data in shared_patient_study(study, name, birth, sex):
             services.ingest.store_bytes(data, calling_ae="TEST")
             objects[dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
+    drain(services)
     # Damage: no DICOM at an object key, and an instance's copy at another's key.
     store = services.store
     garbage = object_key("1.2.826.0.1.3680043.8.498.66", "1.2.826.0.1.3680043.8.498.66.1",

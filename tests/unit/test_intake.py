@@ -1,0 +1,331 @@
+"""The intake (:mod:`pacs.core.intake`): the order of writes and syncs, recorded.
+
+A recording store and SQLite's own hooks on the index connections (row changes, commits)
+log every durable step in order; the tests read the log:
+
+- an object is acknowledged (``store_bytes`` returns) only after ONE commit, with
+  ``synchronous=FULL``, that holds its index row and its bytes, and nothing is written
+  to the store before the acknowledgement;
+- the mover's put is durable (returned) before the intake row is deleted;
+- an overwrite racing a move ends with the newest bytes in the store, and every read
+  sees the intake first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import BinaryIO
+
+import apsw
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+
+from pacs.core import health
+from pacs.core.errors import IntakeFull
+from pacs.core.index import reads, writer
+from pacs.core.intake import Mover, mover_lock
+from pacs.core.reconcile import reconcile
+from pacs.core.services import Services, drain, mover
+from pacs.core.storage.memory import MemoryStore
+from tests.conftest import sample
+
+
+class RecordingStore(MemoryStore):
+    """A memory store that logs each put, when it has returned (durable)."""
+
+    def __init__(self, log: list[tuple[str, ...]]) -> None:
+        super().__init__()
+        self.log = log
+        self.on_put: Callable[[str], None] | None = None
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        if self.on_put is not None:
+            self.on_put(key)
+        super().put(key, source, length)
+        self.log.append(("put", key))
+
+
+def record(conn: apsw.Connection, log: list[tuple[str, ...]]) -> None:
+    """Log the row changes of the instance and intake tables and every commit (with
+    the connection's ``synchronous`` level) of ``conn``."""
+    level = conn.pragma("synchronous")
+
+    def changed(kind: int, _db: str, table: str, _rowid: int) -> None:
+        if table in ("instance", "intake"):
+            name = {apsw.SQLITE_INSERT: "insert", apsw.SQLITE_DELETE: "delete",
+                    apsw.SQLITE_UPDATE: "update"}[kind]
+            log.append((name, table))
+
+    def committed() -> bool:
+        log.append(("commit", "FULL" if level == 2 else str(level)))
+        return False  # let it commit
+
+    conn.set_update_hook(changed)
+    conn.set_commit_hook(committed)
+
+
+def instance(sop: str = "1.2.826.0.1.3680043.8.498.1", **changes: str) -> bytes:
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def read(services: Services, key: str) -> bytes:
+    with services.store.open(key) as stream:
+        return stream.read()
+
+
+@pytest.fixture
+def log() -> list[tuple[str, ...]]:
+    return []
+
+
+@pytest.fixture
+def node(make_services: Callable[..., Services], log: list[tuple[str, ...]]) -> Services:
+    services = make_services(store=RecordingStore(log))
+    record(services.index.connection(), log)
+    return services
+
+
+def test_acknowledged_after_one_full_commit_of_row_and_bytes(
+        node: Services, log: list[tuple[str, ...]]) -> None:
+    data = instance()
+    result = node.ingest.store_bytes(data)
+    log.append(("ack", result.sop_instance_uid))
+    assert log == [("insert", "instance"), ("insert", "intake"), ("commit", "FULL"),
+                   ("ack", result.sop_instance_uid)]
+    key = reads.lookup(node.index.connection(), result.sop_instance_uid)
+    assert key is not None
+    assert read(node, key.object_key) == data  # read your writes: from the intake
+    assert node.store.backend.objects == {}  # type: ignore[attr-defined]
+
+
+def test_the_mover_deletes_a_row_only_after_its_put_returned(
+        node: Services, log: list[tuple[str, ...]]) -> None:
+    keys = []
+    for number in range(3):
+        result = node.ingest.store_bytes(instance(f"1.2.826.0.1.3680043.8.498.{number}"))
+        keys.append(f"{result.study_uid}/{result.series_uid}/{result.sop_instance_uid}.dcm")
+    log.clear()
+    with mover_lock(node.settings.data_dir, wait=False) as held:
+        assert held
+        moving = mover(node)
+        record(moving.index.connection(), log)  # the same thread: the same connection
+        assert moving.move_batch() == 3
+    puts = [entry for entry in log if entry[0] == "put"]
+    assert [key for _, key in puts] == keys  # oldest first
+    first_delete = log.index(("delete", "intake"))
+    assert all(log.index(put) < first_delete for put in puts)
+    assert log[-1] == ("commit", "FULL")
+    assert log.count(("delete", "intake")) == 3
+    assert reads.intake_state(node.index.connection()).objects == 0
+    for key in keys:
+        assert read(node, key) == node.store.backend.objects[key]  # type: ignore[attr-defined]
+
+
+def test_the_mover_process_commits_without_sync(make_services: Callable[..., Services]
+                                                ) -> None:
+    """The mover's own index (``synced=False``): a lost delete repeats an identical put."""
+    services = make_services(store=MemoryStore())
+    from pacs.core.services import build
+    moving = build(services.settings, store=services.store.backend, synced=False)
+    try:
+        assert moving.index.connection().pragma("synchronous") == 1  # NORMAL
+        assert services.index.connection().pragma("synchronous") == 2  # FULL
+    finally:
+        moving.close()
+
+
+def test_an_overwrite_during_a_move_ends_with_the_newest_bytes(
+        node: Services, log: list[tuple[str, ...]]) -> None:
+    """The overwrite waits for the mover's ingest lock; the mover deletes only the row
+    it copied; the next batch stores the newer version."""
+    old, new = instance(StudyDescription="old"), instance(StudyDescription="new")
+    node.ingest.store_bytes(old)
+    [key] = reads.intake_keys(node.index.connection())
+    overwrite: list[threading.Thread] = []
+    store = node.store.backend
+    assert isinstance(store, RecordingStore)
+
+    def during_put(_key: str) -> None:
+        if not overwrite:  # the first put of the old version: overwrite meanwhile
+            thread = threading.Thread(target=node.ingest.store_bytes, args=(new,))
+            overwrite.append(thread)
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive(), "the overwrite did not wait for the mover's lock"
+
+    store.on_put = during_put
+    moving = mover(node)
+    assert moving.move_batch() == 1
+    overwrite[0].join(10)
+    assert store.objects[key] == old  # moved, then replaced in the intake
+    assert read(node, key) == new  # the intake wins over the store
+    assert moving.drain() == 1
+    assert store.objects[key] == new
+    assert reads.intake_state(node.index.connection()).objects == 0
+    row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+    assert row is not None and row.checksum == hashlib.sha256(new).hexdigest()
+
+
+def test_an_overwrite_between_listing_and_locking_is_not_deleted(node: Services) -> None:
+    """The row listed is replaced before the mover takes the locks: it skips it (the
+    newer row has a new id) and moves the newer one next."""
+    old, new = instance(StudyDescription="old"), instance(StudyDescription="new")
+    node.ingest.store_bytes(old)
+    [key] = reads.intake_keys(node.index.connection())
+
+    @contextmanager
+    def overwrite_first(uids: list[str]) -> Iterator[None]:
+        node.ingest.store_bytes(new)  # takes (and releases) the lock itself
+        with node.ingest.uid_locks(uids):
+            yield
+
+    locks: Callable[[list[str]], AbstractContextManager[None]] = overwrite_first
+    moving = Mover(node.index, node.store, locks)
+    assert moving.move_batch() == 0
+    assert node.store.backend.objects == {}  # type: ignore[attr-defined]
+    assert mover(node).drain() == 1
+    assert node.store.backend.objects[key] == new  # type: ignore[attr-defined]
+
+
+def test_a_large_overwrite_takes_the_direct_path_and_drops_the_intake_copy(
+        make_services: Callable[..., Services]) -> None:
+    small = instance(StudyDescription="old")
+    services = make_services(store=MemoryStore(), intake_object_bytes=len(small))
+    services.ingest.store_bytes(small)
+    [key] = reads.intake_keys(services.index.connection())
+    large = instance(StudyDescription="new, and longer than the old one")
+    services.ingest.store_bytes(large)
+    assert reads.intake_keys(services.index.connection()) == []
+    assert services.store.backend.objects[key] == large  # type: ignore[attr-defined]
+    assert drain(services) == 0
+    assert read(services, key) == large
+
+
+def test_a_moved_instance_drops_the_intake_copy_of_its_old_key(node: Services) -> None:
+    node.ingest.store_bytes(instance())
+    [old_key] = reads.intake_keys(node.index.connection())
+    moved = node.ingest.store_bytes(instance(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.9"))
+    new_key = f"{moved.study_uid}/{moved.series_uid}/{moved.sop_instance_uid}.dcm"
+    assert reads.intake_keys(node.index.connection()) == [new_key]
+    assert sorted(node.store.keys()) == [new_key]  # noqa: SIM118 - a store
+
+
+def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
+    """A stream opened on the intake copy reads on from the store once the mover
+    deleted the row."""
+    data = instance()
+    node.ingest.store_bytes(data)
+    [key] = reads.intake_keys(node.index.connection())
+    with node.store.open(key) as stream:
+        head = stream.read(1000)
+        done = threading.Thread(target=lambda: mover(node).drain())
+        done.start()
+        done.join(10)
+        assert reads.intake_keys(node.index.connection()) == []
+        rest = stream.read()
+    assert head + rest == data
+
+
+def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(
+        make_services: Callable[..., Services]) -> None:
+    first = instance("1.2.826.0.1.3680043.8.498.1")
+    services = make_services(store=MemoryStore(), intake_max_bytes=len(first))
+    services.ingest.store_bytes(first)
+    with pytest.raises(IntakeFull):
+        services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.2"))
+    found = health.check(services)
+    assert (found.intake_objects, found.intake_bytes) == (1, len(first))
+    assert drain(services) == 1
+    services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.2"))
+
+
+def test_a_failing_store_leaves_the_rows_and_reports_the_error(
+        make_services: Callable[..., Services]) -> None:
+    store = MemoryStore()
+    services = make_services(store=store)
+    services.ingest.store_bytes(instance())  # acknowledged though the store is down next
+    store.fail_puts = True
+    stop = threading.Event()
+    moving = mover(services)
+    thread = threading.Thread(target=moving.run, args=(stop.is_set,))
+    thread.start()
+    try:
+        for _ in range(100):
+            if health.check(services).intake_error:
+                break
+            stop.wait(0.05)
+        found = health.check(services)
+        assert found.intake_objects == 1 and found.intake_error
+        store.fail_puts = False
+        for _ in range(200):
+            if not health.check(services).intake_objects:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    found = health.check(services)
+    assert found.intake_objects == 0 and found.intake_error is None
+    assert len(store.objects) == 1
+
+
+def test_fsck_counts_an_intake_object_as_stored(node: Services) -> None:
+    node.ingest.store_bytes(instance())
+    report = reconcile(node)
+    assert report.ok and not report.findings and report.rows == 1
+
+
+def test_deleting_an_instance_drops_its_intake_copy(node: Services) -> None:
+    result = node.ingest.store_bytes(instance())
+    with node.index.write() as conn:
+        writer.delete_instance(conn, result.sop_instance_uid)
+    assert reads.intake_state(node.index.connection()).objects == 0
+
+
+def test_the_store_delete_drops_the_intake_copy(node: Services) -> None:
+    node.ingest.store_bytes(instance())
+    [key] = reads.intake_keys(node.index.connection())
+    node.store.delete(key)
+    assert reads.intake_keys(node.index.connection()) == []
+    assert list(node.store.keys()) == []  # noqa: SIM118 - a store
+
+
+def test_local_files_are_none_while_in_the_intake(make_services: Callable[..., Services]
+                                                  ) -> None:
+    services = make_services()  # the folder store
+    services.ingest.store_bytes(instance())
+    [key] = reads.intake_keys(services.index.connection())
+    from pacs.core.storage import local_path
+    assert local_path(services.store, key) is None
+    drain(services)
+    path = local_path(services.store, key)
+    assert path is not None and path.read_bytes() == read(services, key)
+
+
+def test_a_second_mover_does_not_take_the_lock(settings: object, tmp_path: object) -> None:
+    from pathlib import Path
+    folder = Path(str(tmp_path)) / "data"
+    with mover_lock(folder, wait=False) as first, mover_lock(folder, wait=False) as second:
+        assert first and not second
+
+
+def test_intake_reader_seeks(node: Services) -> None:
+    data = instance()
+    node.ingest.store_bytes(data)
+    [key] = reads.intake_keys(node.index.connection())
+    with node.store.open(key) as stream:
+        stream.seek(132)
+        assert stream.read(4) == data[132:136]
+        stream.seek(-10, io.SEEK_END)
+        assert stream.read() == data[-10:]
