@@ -299,7 +299,7 @@ class Store:
         if not accepts_json(req):
             raise Unacceptable("STOW-RS answers with application/dicom+json only")
         # Back-pressure before the body is read: 503 with Retry-After.
-        self.services.ingest.check_room(0)
+        self.services.ingest.check_room()
         settings = self.services.settings
         report = self._store_all(parts_of(req, settings.max_object_bytes,
                                           settings.max_request_bytes), study)

@@ -109,8 +109,7 @@ class IntakeStore:
         self.forget(key)
 
     def forget(self, key: str) -> None:
-        """Drop the intake's copy of ``key`` (committed without waiting for a sync:
-        the store holds what the row would have given)."""
+        """Drop the intake's copy of ``key``, in a transaction of its own."""
         if self._entry(key) is not None:
             with self.index.write() as conn:
                 writer.intake_drop(conn, key)
@@ -190,6 +189,8 @@ class IntakeReader(io.RawIOBase):
     def __init__(self, blob: apsw.Blob, entry: reads.IntakeEntry, store: IntakeStore
                  ) -> None:
         super().__init__()
+        #: What a reader (pydicom) may name the stream by: the object's key.
+        self.name = entry.object_key
         self._blob: apsw.Blob | None = blob
         self._entry = entry
         self._store = store
@@ -311,60 +312,78 @@ class Mover:
         self.store = store
         self.uid_locks = uid_locks
         self.state = MoverState()
-        self._failing = False
+        # True at first: the first batch that succeeds clears an error a previous
+        # mover left recorded.
+        self._failing = True
+        self._threads: ThreadPoolExecutor | None = None
 
     def move_batch(self) -> int:
         """Move the oldest batch of the intake; the number of rows it removed.
+
+        A store with :class:`~pacs.core.storage.BatchPut` (the folder) takes the batch
+        in one durability pass, under the per-UID locks of the whole batch; any other
+        (S3) takes each object by itself, :data:`PARALLEL_PUTS` at once, each under
+        its own UID's lock only, so that an ingest never waits for a round trip of
+        another object.
 
         Raises
         ------
         PacsError
             The store (or the index) failed: the rows stay, to be tried again.
         """
-        conn = self.index.connection()
-        batch = reads.intake_batch(conn, 0, BATCH_OBJECTS, BATCH_BYTES)
+        batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES)
         if not batch:
             return 0
-        with self.uid_locks([_sop_of(entry.object_key) for entry in batch]):
-            current = [(entry, data) for entry in batch
-                       if (data := self._read(entry)) is not None]
-            failures = self._put([(entry.object_key, data) for entry, data in current])
-            moved = [entry for (entry, _data), failure in zip(current, failures, strict=True)
-                     if failure is None]
-            removed = 0
-            if moved:
-                with self.index.write() as conn:
-                    for entry in moved:
-                        removed += writer.intake_moved(conn, entry.id)
+        if isinstance(self.store.backend, BatchPut) or len(batch) == 1:
+            outcomes = [self._move(batch)]
+        else:
+            outcomes = list(self._pool().map(lambda entry: self._move([entry]), batch))
+        removed = sum(count for count, _error in outcomes)
         self.state.moved += removed
         self.state.batches += 1
-        errors = [failure for failure in failures if failure is not None]
+        errors = [error for _count, error in outcomes if error is not None]
         if errors:
             raise errors[0]
         return removed
 
+    def _move(self, entries: list[reads.IntakeEntry]) -> tuple[int, StorageError | None]:
+        """Check, put and delete ``entries`` under their UIDs' locks: the rows removed,
+        and the first failure of the store."""
+        with self.uid_locks([_sop_of(entry.object_key) for entry in entries]):
+            current = [(entry, data) for entry in entries
+                       if (data := self._read(entry)) is not None]
+            failures = put_many(self.store.backend,
+                                [(entry.object_key, data) for entry, data in current])
+            moved = [entry for (entry, _data), failure in zip(current, failures, strict=True)
+                     if failure is None]
+            removed = 0
+            if moved:  # only once the puts are durable; only rows still the same
+                with self.index.write() as conn:
+                    for entry in moved:
+                        removed += writer.intake_moved(conn, entry.id)
+        return removed, next((failure for failure in failures if failure is not None), None)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """Threads that move objects one by one (kept: each keeps its index connection)."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=PARALLEL_PUTS,
+                                               thread_name_prefix="intake-mover")
+        return self._threads
+
+    def close(self) -> None:
+        """Stop the mover's threads."""
+        if self._threads is not None:
+            self._threads.shutdown()
+            self._threads = None
+
     def _read(self, entry: reads.IntakeEntry) -> bytes | None:
         """The row's bytes, or ``None`` when it is no longer the current row (an
         overwrite replaced it, or the instance was deleted, since it was listed)."""
-        conn = self.index.connection()
-        blob = reads.intake_blob(conn, entry.id)
+        blob = reads.intake_blob(self.index.connection(), entry.id)
         if blob is None:
             return None
         with contextlib.closing(blob):
             return bytes(blob.read())
-
-    def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
-        """Each object durable in the backend: its batch put when it has one (one
-        durability pass), else a few PUTs in parallel."""
-        backend = self.store.backend
-        if isinstance(backend, BatchPut) or len(items) < 2:
-            return put_many(backend, items)
-
-        def put_one(item: tuple[str, bytes]) -> StorageError | None:
-            return put_many(backend, [item])[0]
-
-        with ThreadPoolExecutor(max_workers=PARALLEL_PUTS) as pool:
-            return list(pool.map(put_one, items))
 
     def checkpoint(self) -> None:
         """A passive WAL checkpoint: copy committed pages into the index file without
@@ -381,8 +400,11 @@ class Mover:
             The store failed (what was moved before stays moved).
         """
         total = 0
-        while moved := self.move_batch():
-            total += moved
+        try:
+            while moved := self.move_batch():
+                total += moved
+        finally:
+            self.close()
         self.checkpoint()
         return total
 
@@ -390,6 +412,12 @@ class Mover:
         """Move until ``stopping()``: batches while there is work, a short wait when
         the intake is empty, growing waits while the store fails (ingest goes on into
         the intake meanwhile, up to ``PACS_INTAKE_MAX_BYTES``)."""
+        try:
+            self._run(stopping)
+        finally:
+            self.close()
+
+    def _run(self, stopping: Callable[[], bool]) -> None:
         backoff = 0.0
         while not stopping():
             try:

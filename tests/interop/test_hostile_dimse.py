@@ -532,6 +532,7 @@ def test_store_over_the_object_limit(node_factory: Callable[..., Node],
             assoc.release()
         index = node.index()
         assert small.SOPInstanceUID in index and over.SOPInstanceUID not in index
+        node.wait_drained()
         assert len(node.objects()) == 1
         still_serving(node)
         memory.check("C-STORE of 288 MiB, PACS_MAX_OBJECT_BYTES=1000000")

@@ -109,24 +109,44 @@ def test_acknowledged_after_one_full_commit_of_row_and_bytes(
     assert node.store.backend.objects == {}  # type: ignore[attr-defined]
 
 
+class BatchRecordingStore(RecordingStore):
+    """A recording store with the BatchPut capability (as the folder store)."""
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> list[None]:
+        for key, data in items:
+            self.put(key, io.BytesIO(data), len(data))
+        return [None] * len(items)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch put", "one by one"])
 def test_the_mover_deletes_a_row_only_after_its_put_returned(
-        node: Services, log: list[tuple[str, ...]]) -> None:
-    keys = []
-    for number in range(3):
+        make_services: Callable[..., Services], log: list[tuple[str, ...]],
+        monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    node = make_services(store=(BatchRecordingStore if batched else RecordingStore)(log))
+    keys = {}
+    for number in range(6):
         result = node.ingest.store_bytes(instance(f"1.2.826.0.1.3680043.8.498.{number}"))
-        keys.append(f"{result.study_uid}/{result.series_uid}/{result.sop_instance_uid}.dcm")
-    log.clear()
+        keys[f"{result.study_uid}/{result.series_uid}/{result.sop_instance_uid}.dcm"] = (
+            reads.intake_entry(node.index.connection(), result.study_uid + "/" +
+                               result.series_uid + "/" + result.sop_instance_uid + ".dcm"))
+    moved = writer.intake_moved
+
+    def logged(conn: apsw.Connection, entry_id: int) -> bool:
+        log.append(("delete", str(entry_id)))
+        return moved(conn, entry_id)
+
+    monkeypatch.setattr(writer, "intake_moved", logged)
     with mover_lock(node.settings.data_dir, wait=False) as held:
         assert held
         moving = mover(node)
-        record(moving.index.connection(), log)  # the same thread: the same connection
-        assert moving.move_batch() == 3
-    puts = [entry for entry in log if entry[0] == "put"]
-    assert [key for _, key in puts] == keys  # oldest first
-    first_delete = log.index(("delete", "intake"))
-    assert all(log.index(put) < first_delete for put in puts)
-    assert log[-1] == ("commit", "FULL")
-    assert log.count(("delete", "intake")) == 3
+        assert moving.move_batch() == 6
+        moving.close()
+    for key, entry in keys.items():
+        assert entry is not None
+        assert log.index(("put", key)) < log.index(("delete", str(entry.id)))
+    if batched:  # one durability pass, then the deletes, oldest first
+        assert [item[0] for item in log] == ["put"] * 6 + ["delete"] * 6
+        assert [item[1] for item in log[:6]] == list(keys)
     assert reads.intake_state(node.index.connection()).objects == 0
     for key in keys:
         assert read(node, key) == node.store.backend.objects[key]  # type: ignore[attr-defined]
@@ -214,11 +234,11 @@ def test_a_large_overwrite_takes_the_direct_path_and_drops_the_intake_copy(
 
 def test_a_moved_instance_drops_the_intake_copy_of_its_old_key(node: Services) -> None:
     node.ingest.store_bytes(instance())
-    [old_key] = reads.intake_keys(node.index.connection())
+    assert len(reads.intake_keys(node.index.connection())) == 1
     moved = node.ingest.store_bytes(instance(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.9"))
     new_key = f"{moved.study_uid}/{moved.series_uid}/{moved.sop_instance_uid}.dcm"
     assert reads.intake_keys(node.index.connection()) == [new_key]
-    assert sorted(node.store.keys()) == [new_key]  # noqa: SIM118 - a store
+    assert sorted(node.store.keys()) == [new_key]
 
 
 def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
@@ -227,14 +247,16 @@ def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
     data = instance()
     node.ingest.store_bytes(data)
     [key] = reads.intake_keys(node.index.connection())
+    moved: list[int] = []
     with node.store.open(key) as stream:
         head = stream.read(1000)
-        done = threading.Thread(target=lambda: mover(node).drain())
+        done = threading.Thread(target=lambda: moved.append(mover(node).drain()))
         done.start()
         done.join(10)
-        assert reads.intake_keys(node.index.connection()) == []
+        assert moved == [1]
         rest = stream.read()
     assert head + rest == data
+    assert reads.intake_keys(node.index.connection()) == []
 
 
 def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(
@@ -298,7 +320,7 @@ def test_the_store_delete_drops_the_intake_copy(node: Services) -> None:
     [key] = reads.intake_keys(node.index.connection())
     node.store.delete(key)
     assert reads.intake_keys(node.index.connection()) == []
-    assert list(node.store.keys()) == []  # noqa: SIM118 - a store
+    assert list(node.store.keys()) == []
 
 
 def test_local_files_are_none_while_in_the_intake(make_services: Callable[..., Services]
@@ -329,3 +351,12 @@ def test_intake_reader_seeks(node: Services) -> None:
         assert stream.read(4) == data[132:136]
         stream.seek(-10, io.SEEK_END)
         assert stream.read() == data[-10:]
+
+
+def test_an_intake_object_reads_as_a_file(node: Services) -> None:
+    """pydicom reads the stream as it reads a file (it asks for its name)."""
+    data = instance()
+    node.ingest.store_bytes(data)
+    [key] = reads.intake_keys(node.index.connection())
+    with node.store.open(key) as stream:
+        assert dcmread(stream).SOPInstanceUID == "1.2.826.0.1.3680043.8.498.1"

@@ -28,6 +28,13 @@ from pacs.core.errors import IndexFailure
 #: Milliseconds a connection waits for another writer before giving up, unless the
 #: :class:`Index` is given its own (:func:`busy_timeout_for`).
 BUSY_TIMEOUT_MS = 30_000
+#: WAL pages after which a committing connection checkpoints by itself (64 MiB of 4 KiB
+#: pages, against SQLite's 1000).  A checkpoint copies the WAL into the index file and
+#: fsyncs it; the intake's mover runs one (passive) after each batch, off the ingest's
+#: commits, and this bounds the WAL when no mover runs (``pacs import``).
+AUTOCHECKPOINT_PAGES = 16_384
+#: Bytes the WAL file is cut back to once a checkpoint has emptied it.
+WAL_SIZE_LIMIT = 64 << 20
 
 
 def busy_timeout_for(answer_within: float) -> float:
@@ -73,6 +80,8 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
         # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
         # commit here stands for an acknowledged C-STORE.
         conn.pragma("synchronous", "FULL" if synced else "NORMAL")
+        conn.pragma("wal_autocheckpoint", AUTOCHECKPOINT_PAGES)
+        conn.pragma("journal_size_limit", WAL_SIZE_LIMIT)
         # Readers of a large study should not hold the cache of a small machine hostage.
         conn.pragma("cache_size", -32_000)
         conn.pragma("temp_store", "memory")
