@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import signal
@@ -53,8 +54,13 @@ BUCKET = "pacs-intake"
 
 
 def storescu(node: Node, *paths: Path) -> subprocess.CompletedProcess[str]:
-    return run_dcmtk("storescu", "-aec", AE_TITLE, "127.0.0.1", str(node.port),
+    return run_dcmtk("storescu", "-v", "-aec", AE_TITLE, "127.0.0.1", str(node.port),
                      *map(str, paths), timeout=120)
+
+
+def refused(result: subprocess.CompletedProcess[str]) -> bool:
+    """storescu's C-STORE was answered Out of Resources (A700)."""
+    return bool(re.search(r"0xa700|Out ?Of ?Resources", result.stdout, re.IGNORECASE))
 
 
 def sha(data: bytes) -> str:
@@ -73,8 +79,8 @@ def test_read_your_writes_while_the_mover_is_held(node_factory: Callable[..., No
     sent = storescu(node, path)
     assert sent.returncode == 0, sent.stdout
     key = key_of(path)
-    data = path.read_bytes()
-    assert read_intake(node.data_dir) == {key: sha(data)}
+    [row] = read_index(node.data_dir).values()
+    assert read_intake(node.data_dir) == {key: row.checksum}
     assert stored_objects(node.data_dir) == {}  # nothing in the store: all from the intake
     study, series, name = key.split("/")
     found = run_dcmtk("findscu", "-S", "-aec", AE_TITLE, "-k", "QueryRetrieveLevel=IMAGE",
@@ -82,10 +88,12 @@ def test_read_your_writes_while_the_mover_is_held(node_factory: Callable[..., No
                       "-k", "SOPInstanceUID", "127.0.0.1", str(node.port))
     assert found.returncode == 0 and name.removesuffix(".dcm") in found.stdout, found.stdout
     assert qido_instances(node, study) == [name.removesuffix(".dcm")]
-    assert wado(node, key) == data
-    got = c_get(node, key, tmp_path / "get")
-    assert pydicom.dcmread(path).PixelData == pydicom.dcmread(
-        __import__("io").BytesIO(got)).PixelData
+    served = wado(node, key)
+    assert sha(served) == row.checksum
+    assert pydicom.dcmread(io.BytesIO(served)).PixelData == pydicom.dcmread(path).PixelData
+    got = pydicom.dcmread(io.BytesIO(c_get(node, key, tmp_path / "get")))
+    assert got.SOPInstanceUID == name.removesuffix(".dcm")
+    assert got.PixelData == pydicom.dcmread(io.BytesIO(served)).PixelData
     status = node.cli("status")
     assert re.search(r"^intake: 1 object\(s\)", status.stdout, re.MULTILINE), status.stdout
     health = requests.get(f"{node.web_url()}/health", timeout=30).json()
@@ -97,8 +105,8 @@ def test_back_pressure_refuses_past_the_limit_and_takes_again_once_drained(
     node = node_factory("full", PACS_INTAKE_MOVER="off", PACS_INTAKE_MAX_BYTES="1")
     first, second = sample("CT_small.dcm"), sample("MR_small.dcm")
     assert storescu(node, first).returncode == 0  # the intake was empty: taken
-    refused = storescu(node, second)
-    assert re.search(r"0xa700|Out ?Of ?Resources", refused.stdout, re.IGNORECASE), refused.stdout
+    answer = storescu(node, second)
+    assert refused(answer), answer.stdout
     stow = requests.post(
         f"{node.web_url()}/studies", data=b"--b\r\n\r\n--b--",
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
@@ -174,8 +182,12 @@ def test_kill_9_during_four_associations(node_factory: Callable[..., Node],
             for n, folder in enumerate(folders)]
     senders = [start_dcmsend(node.port, folder, calling=f"KILLSCU{n}")
                for n, folder in enumerate(folders)]
-    for sender in senders:
-        sender.wait_for(KILL_AFTER)
+    deadline = time.monotonic() + 120
+    for sender in senders:  # each association well under way
+        while len(acknowledged("".join(sender.lines))) < KILL_AFTER:
+            assert time.monotonic() < deadline and sender.process.poll() is None, (
+                "".join(sender.lines[-30:]))
+            time.sleep(0.02)
     node.kill9()
     acked: set[str] = set()
     for sender in senders:
@@ -229,13 +241,14 @@ def test_kill_9_of_the_mover_mid_batch(node_factory: Callable[..., Node],
     mover = start_mover()
     try:
         deadline = time.monotonic() + 60
-        while len(stored_objects(node.data_dir)) < 40:  # a batch or so in
+        while len(read_intake(node.data_dir)) == count:  # its first batch done
             assert time.monotonic() < deadline and mover.poll() is None
             time.sleep(0.005)
         os.kill(mover.pid, signal.SIGKILL)
         mover.wait(30)
         left = len(read_intake(node.data_dir))
         assert 0 < left < count, left  # killed mid-way
+        node.env["PACS_INTAKE_MOVER"] = "on"
         node.start()  # removes temporaries of the killed writes; its mover finishes
         node.wait_drained()
     finally:
@@ -262,13 +275,18 @@ def test_s3_down_ingest_goes_on_into_the_intake(node_factory: Callable[..., Node
     weed.kill()
     try:
         results = [storescu(node, path) for path, _ in made]
-        outcomes = ["ok" if r.returncode == 0 and not re.search(
-            r"0xa700|Out ?Of ?Resources", r.stdout, re.IGNORECASE) else "refused"
-            for r in results]
+        outcomes = ["refused" if refused(r) else "ok" if r.returncode == 0 else r.stdout
+                    for r in results]
         assert outcomes == ["ok"] * 9 + ["refused"] * 3, outcomes
-        status = node.cli("status")
-        assert "intake: 9 object(s)" in status.stdout, status.stdout
-        assert "mover failing" in status.stdout, status.stdout
+        health = requests.get(f"{node.web_url()}/health", timeout=60)
+        assert health.status_code == 503  # the store is down: said so
+        found = health.json()
+        assert found["intake_objects"] == 9 and found["intake_bytes"] >= 9 * (size - 1000)
+        deadline = time.monotonic() + 60
+        while not found["intake_error"]:  # the mover's first failure, recorded
+            assert time.monotonic() < deadline, found
+            time.sleep(0.5)
+            found = requests.get(f"{node.web_url()}/health", timeout=60).json()
     finally:
         weed.start()
     node.wait_drained(timeout=120)
