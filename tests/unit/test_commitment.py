@@ -30,7 +30,7 @@ from pacs.core.commitment import (
 )
 from pacs.core.errors import InvalidRequest, ResourceLimitation
 from pacs.core.index import reads
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import commitment
 from pacs.dimse.status import SUCCESS
@@ -56,6 +56,7 @@ def stored(services: Services, count: int) -> list[Reference]:
         uid = generate_uid()
         services.ingest.store_bytes(make_instance(SOPInstanceUID=uid))
         refs.append(Reference(CTImageStorage, uid))
+    drain(services)  # in the store, where the tests alter them
     return refs
 
 
