@@ -62,9 +62,14 @@ BATCH_BYTES = 32 << 20
 #: PUTs in flight at once when the store has no :class:`BatchPut` (S3: each PUT is a
 #: round trip; a few in parallel fill the link).
 PARALLEL_PUTS = 4
-#: Seconds the mover waits between looks at an empty intake, and the longest backoff
-#: after a store failure.
-IDLE_WAIT = 0.05
+#: Seconds the mover waits after a batch that emptied the intake before it looks again:
+#: under a steady stream, the next batch is then a full one (one durability pass and
+#: one checkpoint for many objects, fewer fsyncs beside the ingest's own).
+LINGER = 0.25
+#: Batches between checkpoints while a backlog is moved (else one each time the mover
+#: has caught up).
+CHECKPOINT_BATCHES = 8
+#: The longest wait after a store failure.
 MAX_BACKOFF = 30.0
 #: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
 RETRY_AFTER = 10
@@ -433,10 +438,13 @@ class Mover:
             backoff = 0.0
             if self._failing:
                 self._report(None)
-            if moved:
-                self.checkpoint()
-            else:
-                _sleep(IDLE_WAIT, stopping)
+            backlog = reads.intake_state(self.index.connection())
+            if backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
+                if moved:  # caught up: the WAL's pages into the index file
+                    self.checkpoint()
+                _sleep(LINGER, stopping)
+            elif self.state.batches % CHECKPOINT_BATCHES == 0:
+                self.checkpoint()  # a backlog: now and then meanwhile
 
     def _report(self, error: str | None) -> None:
         """Record the last error (or its end) for ``pacs status``."""

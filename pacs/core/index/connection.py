@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,7 +76,7 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
         apsw.bestpractice.connection_dqs(conn)
         apsw.bestpractice.connection_enable_foreign_keys(conn)
         apsw.bestpractice.connection_recursive_triggers(conn)
-        conn.set_busy_timeout(busy_timeout_ms)
+        conn.set_busy_handler(_BusyWait(busy_timeout_ms / 1000))
         conn.pragma("journal_mode", "wal")
         # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a
         # commit here stands for an acknowledged C-STORE.
@@ -88,6 +89,34 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
     except apsw.Error as exc:
         raise IndexFailure(f"cannot open the index {path}: {exc}") from exc
     return conn
+
+
+#: Seconds between two tries at another process's write lock.
+BUSY_POLL = 0.0005
+
+
+class _BusyWait:
+    """SQLite's busy handler: try the lock again every :data:`BUSY_POLL` seconds until
+    ``timeout`` has passed since the first try.
+
+    SQLite's own (``sqlite3_busy_timeout``) sleeps 1, 2, 5, 10, then up to 100 ms
+    between tries; an ingest commit holds the lock for one WAL fsync, a few ms, so a
+    DIMSE worker whose commit met another worker's would sleep through several of them.
+    Polling this often costs a failed lock attempt (a system call) per try.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._since = 0.0
+
+    def __call__(self, tries: int) -> bool:
+        now = time.monotonic()
+        if tries == 0:
+            self._since = now
+        elif now - self._since >= self.timeout:
+            return False  # SQLITE_BUSY: the caller reports IndexFailure
+        time.sleep(BUSY_POLL)
+        return True
 
 
 @dataclass(frozen=True)
