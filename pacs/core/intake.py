@@ -20,8 +20,9 @@ Two parts live here:
   instances' ingest locks, so that an overwrite and a move never interleave.
 
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
-before their index row, :mod:`pacs.core.ingest`): a blob that large costs more to
-copy through the WAL than its fsyncs cost.
+before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
+index file costs more than the fsyncs saved (the default per store:
+:attr:`pacs.core.config.Settings.intake_limit`).
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     intake = IntakeStore(backend, index)
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
-                    intake_object_bytes=settings.intake_object_bytes,
+                    intake_object_bytes=settings.intake_limit,
                     intake_max_bytes=settings.intake_max_bytes)
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
