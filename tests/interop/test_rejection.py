@@ -223,6 +223,7 @@ def test_a_rejection_note_hides_the_instances_on_every_protocol(
 def test_pacs_delete_dry_run_then_yes(node: Node, tmp_path: Path) -> None:
     study = _study(tmp_path / "c")
     assert _storescu(node, *study.files).returncode == 0
+    node.wait_drained()  # the mover done: nothing changes but what the command does
     before = node.snapshot()
 
     dry = node.cli("delete", study.uid, f"{study.uid}/{next(iter(study.series))}")

@@ -328,6 +328,7 @@ def test_storescu_sends_every_bundled_file_stored_or_refused(
                                                                       0x0117, 0x0122), (
                 f"{candidate.name}: status 0x{candidate.status:04X}\n{candidate.output}")
 
+    node.wait_drained()  # from the intake to the store
     index = node.index()
     objects = node.objects()
     last_stored: dict[str, Candidate] = {}
