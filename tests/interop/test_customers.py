@@ -42,6 +42,7 @@ from tests.interop.conftest import (
     fresh_ct,
     getscu_counts,
     run_dcmtk,
+    wait_drained,
 )
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
@@ -167,7 +168,9 @@ def _data_dir(node: Node, name: str) -> Path:
 
 
 def _index_names(node: Node, name: str) -> dict[str, str]:
-    """Patient Name by SOP Instance UID, from the customer's stored objects."""
+    """Patient Name by SOP Instance UID, from the customer's stored objects (once its
+    intake's mover has stored them)."""
+    wait_drained(_data_dir(node, name))
     objects = _data_dir(node, name) / "objects"
     return {str(ds.SOPInstanceUID): str(ds.PatientName)
             for ds in (pydicom.dcmread(p) for p in objects.rglob("*.dcm"))}
@@ -430,6 +433,8 @@ PACS_S3_BUCKET = "pacs-customer-carol"
         path = tmp_path / f"{name}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert _storescu(node, name.upper(), path).returncode == 0
+    for name in ("alpha", "bravo", "carol"):
+        wait_drained(node.data_dir / name)  # each customer's mover, into its bucket
     client = seaweed_s3.client()
     key = f"{study}/{series}/{sop}.dcm"
     for bucket, name in (("pacs-customers-shared", "alpha"), ("pacs-customers-shared", "bravo"),

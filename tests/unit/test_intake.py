@@ -101,8 +101,9 @@ def test_acknowledged_after_one_full_commit_of_row_and_bytes(
     data = instance()
     result = node.ingest.store_bytes(data)
     log.append(("ack", result.sop_instance_uid))
-    assert log == [("insert", "instance"), ("insert", "intake"), ("commit", "FULL"),
-                   ("ack", result.sop_instance_uid)]
+    written = [entry for entry in log if entry != ("update", "instance")]  # triggers'
+    assert written == [("insert", "instance"), ("insert", "intake"), ("commit", "FULL"),
+                       ("ack", result.sop_instance_uid)]
     key = reads.lookup(node.index.connection(), result.sop_instance_uid)
     assert key is not None
     assert read(node, key.object_key) == data  # read your writes: from the intake
