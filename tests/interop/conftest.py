@@ -642,16 +642,25 @@ class Node:
         return read_index(self.data_dir)
 
     def objects(self) -> dict[str, Path]:
+        self._settle()
         return stored_objects(self.data_dir)
 
     def object_path(self, row: IndexedInstance) -> Path:
+        self._settle()
         return self.data_dir / "objects" / row.object_key
+
+    def _settle(self) -> None:
+        """What the node acknowledged reaches the store once its mover has moved it:
+        wait for that before reading the store, while the node runs with its mover."""
+        if self.running and self.env.get("PACS_INTAKE_MOVER", "on") != "off":
+            self.wait_drained()
 
     def wait_drained(self, timeout: float = 90.0) -> None:
         """Wait until the intake's mover has stored everything acknowledged."""
         wait_drained(self.data_dir, timeout)
 
     def snapshot(self) -> Snapshot:
+        self._settle()
         return snapshot(self.data_dir)
 
 
