@@ -50,6 +50,7 @@ from pacs.core.storage import (
     ObjectStore,
     Quarantine,
     local_path,
+    open_ranged,
     put_many,
     usage,
 )
@@ -163,6 +164,14 @@ class IntakeStore:
         if self._entry(key) is not None:
             return None
         return local_path(self.backend, key)
+
+    def open_ranged(self, key: str) -> BinaryIO:
+        """The intake's copy when there is one (it seeks in place), else the backend's
+        object opened for reads of its parts (:func:`pacs.core.storage.open_ranged`:
+        ranged GETs on S3)."""
+        if self._entry(key) is not None:
+            return self.open(key)
+        return open_ranged(self.backend, key)
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
         """The backend's batch put, then each stored key's intake copy dropped."""
