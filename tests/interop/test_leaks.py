@@ -524,11 +524,13 @@ def measured(node: Node, what: str, warm_up: Callable[[], None],
              ) -> tuple[Held, Held]:
     """The node's resources after ``warm_up`` and after ``rounds``; asserts the bounds."""
     warm_up()
+    node.wait_drained()  # the intake's mover at rest in both measurements
     before = settled(node)
     kinds = descriptors(node)
     started = time.monotonic()
     rounds()
     elapsed = time.monotonic() - started
+    node.wait_drained()
     after = settled(node, within=before)
     print(f"\n{what}: {counts[0]} after a warm-up of {counts[1]} in {elapsed:.0f} s: "
           f"{before} -> {after}")
