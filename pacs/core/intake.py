@@ -51,6 +51,7 @@ from pacs.core.storage import (
     Quarantine,
     local_path,
     open_ranged,
+    open_seekable,
     put_many,
     usage,
 )
@@ -170,7 +171,7 @@ class IntakeStore:
         object opened for reads of its parts (:func:`pacs.core.storage.open_ranged`:
         ranged GETs on S3)."""
         if self._entry(key) is not None:
-            return self.open(key)
+            return open_seekable(self, key)
         return open_ranged(self.backend, key)
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:

@@ -58,6 +58,7 @@ from pacs.core.storage.base import (
     local_path,
     object_key,
     open_ranged,
+    open_seekable,
     put_each,
     put_many,
     quarantine_folder,
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
            "RandomAccess", "Usage", "digest", "exists", "is_object_key", "local_path",
-           "object_key", "open_ranged", "open_store", "put_each", "put_many",
+           "object_key", "open_ranged", "open_seekable", "open_store", "put_each", "put_many",
            "quarantine_folder", "spooled_copy", "usage"]
 
 

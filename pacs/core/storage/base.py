@@ -190,6 +190,12 @@ def open_ranged(store: ObjectStore, key: str) -> BinaryIO:
     """
     if isinstance(store, RandomAccess):
         return store.open_ranged(key)
+    return open_seekable(store, key)
+
+
+def open_seekable(store: ObjectStore, key: str) -> BinaryIO:
+    """:meth:`ObjectStore.open` when its stream seeks, else a copy of the whole object
+    (:func:`spooled_copy`): :func:`open_ranged` of a store without ranged reads."""
     stream = store.open(key)
     return stream if _seeks(stream) else spooled_copy(stream)
 
