@@ -44,11 +44,25 @@ OHIF_VERSION="${OHIF_VERSION:-3.13.2}"
 PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.65.1}"
 NODE_DIR=vendor/node
 
-if ! command -v npm >/dev/null 2>&1; then
-    echo "fetch-ohif: npm not found; installing Debian's npm" >&2
+# npm: the one on PATH when it runs; else npm's own tarball from the npm registry, run by
+# the machine's Node.js (a NodeSource nodejs whose bundled npm is missing or broken, which
+# Debian's npm package conflicts with); with no Node.js at all, Debian's nodejs and npm.
+NPM_VERSION="${NPM_VERSION:-10.9.2}"
+if ! command -v node >/dev/null 2>&1; then
+    echo "fetch-ohif: Node.js not found; installing Debian's nodejs and npm" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm
+fi
+if ! npm --version >/dev/null 2>&1; then
+    npm_cli="vendor/npm/package/bin/npm-cli.js"
+    if [ ! -f "$npm_cli" ]; then
+        echo "fetch-ohif: no working npm; fetching npm $NPM_VERSION from the npm registry" >&2
+        mkdir -p vendor/npm
+        curl -fsSL "https://registry.npmjs.org/npm/-/npm-$NPM_VERSION.tgz" | tar -xz -C vendor/npm
+    fi
+    npm_cli="$PWD/$npm_cli"
+    npm() { node "$npm_cli" "$@"; }
 fi
 
 # --- OHIF dist ------------------------------------------------------------------------

@@ -42,6 +42,8 @@ MAX_REQUEST = 16 << 20
 MEMORY_GROWTH = 256 << 20
 #: Descriptors the node may hold above its baseline once an attack is over.
 FD_SLACK = 5
+#: Threads of each worker's streaming pool (as many as ``PACS_WEB_THREADS``).
+STREAM_THREADS = 2
 #: Seconds a real client waits for an answer during an attack ("a few seconds").
 ANSWER_WITHIN = 10.0
 
@@ -149,8 +151,35 @@ def warm(node: Node) -> None:
         thread.start()
     for thread in stores:
         thread.join()
+    # And every thread of the streaming pools (a body of at least 1 MiB still arriving
+    # when its head is read), which opens its index connection at its first object too.
+    streamed = [threading.Thread(target=streamed_stow, args=(port, path))
+                for port, path in ((web_port(node), b"/studies"),
+                                   (viewer_port(node), b"/dicom-web/studies"))
+                for _ in range(STREAM_THREADS)]
+    for thread in streamed:
+        thread.start()
+    for thread in streamed:
+        thread.join()
     node.wait_drained()
     served_meanwhile(node, rounds=1)
+
+
+def streamed_stow(port: int, path: bytes) -> None:
+    """A STOW-RS of more than 1 MiB whose body follows its head after a pause (so that
+    the server streams it), answered 200."""
+    _, body = stow_body(30)
+    head = (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: %s\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+            % (path, STOW_TYPE.encode(), len(body)))
+    with connect(port) as sock:
+        sock.sendall(head + body[:4096])
+        time.sleep(0.5)
+        sock.sendall(body[4096:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
 
 
 def settled(node: Node, baseline: Resources, timeout: float = 30.0) -> Resources:
