@@ -11,6 +11,11 @@ with the seam and without it: the seam replaces no part of this service.
 
 N-ACTION statuses (PS3.7 10.1.4.1.10):
 
+* ``0124`` (Refused: not authorized, a general status, PS3.7 C.5.21) the calling AE
+  lacks the ``store`` right of the called customer's access rules
+  (:mod:`pacs.core.access`): a requestor asks about instances it stored, so it needs
+  the right to store them; checked before the request is read, and nothing is
+  recorded or reported;
 * ``0118`` the Requested SOP Class is not the Push Model, ``0112`` the Requested SOP
   Instance is not its well-known instance (PS3.4 J.3.5), ``0123`` an Action Type ID
   other than 1;
@@ -34,6 +39,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
+from pacs.core.access import STORE, AccessPolicy
 from pacs.core.commitment import (
     PUSH_MODEL,
     PUSH_MODEL_INSTANCE,
@@ -52,6 +58,7 @@ from pacs.dimse.status import (
     NO_SUCH_ACTION,
     NO_SUCH_SOP_CLASS,
     NO_SUCH_SOP_INSTANCE,
+    NOT_AUTHORIZED,
     RESOURCE_LIMITATION,
     SUCCESS,
     Status,
@@ -172,18 +179,31 @@ def _uid(value: object) -> str:
     return text if valid_uid(text) else ""
 
 
-def accept(commitments: Commitments, action: ActionRequest,
+def not_authorized(access: AccessPolicy, calling_ae: str) -> Refused | None:
+    """0124 when ``calling_ae`` lacks the ``store`` right (module docstring)."""
+    if access.may(calling_ae, STORE):
+        return None
+    return Refused(NOT_AUTHORIZED, "this AE may not store, so it may not ask for "
+                                   "storage commitment")
+
+
+def accept(commitments: Commitments, access: AccessPolicy, action: ActionRequest,
            audit: AssociationAudit | None = None) -> tuple[Status, Pending | None]:
     """Answer a Storage Commitment Request: its status, and the request recorded and
     claimed by the caller when it is Success (PS3.4 J.3.2.1.3: Success means the
     request was received and will be processed).
 
-    The request is durable before Success is returned; the association's ``audit``
-    gets the request and its status.
+    ``commitments`` and ``access`` are the called customer's: its queue, whose
+    verification looks in its index and store only, and its access rules.  The request
+    is durable before Success is returned; the association's ``audit`` gets the request
+    and its status.
     """
     pending: Pending | None = None
     references = 0
     try:
+        refused = not_authorized(access, action.calling_ae_title)
+        if refused is not None:
+            raise refused
         request = request_of(action, commitments.max_references)
         references = len(request.references)
         pending = commitments.record(request)

@@ -151,7 +151,8 @@ def handle_n_action(event: Event, services: Services, audits: Audits | None = No
         action_type=request.ActionTypeID, action_information=data, received=received,
         transfer_syntax=str(event.context.transfer_syntax),
         calling_ae_title=event.assoc.requestor.ae_title)
-    status, pending = commitment.accept(services.commitments, action, _audit(event, audits))
+    status, pending = commitment.accept(services.commitments, services.access, action,
+                                        _audit(event, audits))
     if pending is not None and reporter is not None:
         reporter.expect(event.assoc, action.message_id, pending)
     return status_dataset(status), None

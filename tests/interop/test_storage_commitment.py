@@ -10,7 +10,9 @@ were altered; the Storage Commitment Result arrives
   when the requestor releases at once;
 - after a restart of the node, when the requestor's SCP was down until then;
 
-and a requestor without an address in PACS_MODALITIES that releases at once gets none.
+and a requestor without an address in PACS_MODALITIES that releases at once gets none;
+an AE without the ``store`` right of the access rules is refused (0124) and nothing is
+recorded.
 """
 
 from __future__ import annotations
@@ -55,11 +57,19 @@ def scp_port() -> int:
     return free_port()
 
 
+#: A known AE with every right but ``store`` (unknown AEs have every right).
+NO_STORE = "NOSTORE"
+
+
 @pytest.fixture(scope="module")
-def node(node_factory: Callable[..., Node], scp_port: int) -> Node:
+def node(node_factory: Callable[..., Node], scp_port: int,
+         tmp_path_factory: pytest.TempPathFactory) -> Node:
+    rules = tmp_path_factory.mktemp("commitment-access") / "access.toml"
+    rules.write_text(f'[[ae]]\ntitle = "{NO_STORE}"\n'
+                     'rights = ["echo", "overwrite", "find", "retrieve"]\n')
     return node_factory("commitment", PACS_MODALITIES=f"{REQUESTOR}=127.0.0.1:{scp_port}",
                         PACS_COMMITMENT_MAX_REFERENCES=str(MAX_REFERENCES),
-                        PACS_DIMSE_TIMEOUT="15")
+                        PACS_DIMSE_TIMEOUT="15", PACS_ACCESS_FILE=str(rules))
 
 
 @dataclass(frozen=True)
@@ -324,3 +334,33 @@ def test_a_request_the_node_cannot_take_is_refused(node: Node, change: str,
     finally:
         assoc.release()
     assert not waiting(node)  # nothing recorded
+
+
+def test_a_requestor_without_the_store_right_is_refused(node: Node) -> None:
+    """0124 (Refused: not authorized, PS3.7 C.5.21): an AE that may not store may not
+    ask about what it stored; the request is neither recorded nor reported, and the
+    refusal is in the audit trail."""
+    assoc = associate(node, REQUESTOR)
+    try:
+        ds = fresh_ct()
+        assert assoc.send_c_store(ds).Status == 0x0000, node.log()
+    finally:
+        assoc.release()
+    transaction = generate_uid()
+    action = action_information(transaction, [(CTImageStorage, str(ds.SOPInstanceUID))])
+    refused = associate(node, NO_STORE)
+    try:
+        assert n_action(refused, action) == 0x0124, node.log()
+        assert refused.is_established  # a refusal, not an abort
+    finally:
+        refused.release()
+    assert not waiting(node)  # nothing recorded: nothing to report
+    wanted = "Storage commitment request of 0 instance(s): N-ACTION status 0124"
+    deadline = time.monotonic() + WAIT
+    while not (events := [e for e in read_trail(node.data_dir / "audit.jsonl")
+                          if wanted in e["EventIdentification"].get(
+                              "EventOutcomeDescription", "")]):
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.1)  # the association's events are written once it ended
+    assert events[0]["ActiveParticipant"][0]["UserID"] == NO_STORE
+    assert events[0]["EventIdentification"]["EventOutcomeIndicator"] == 8

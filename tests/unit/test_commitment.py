@@ -15,6 +15,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from pacs.core.access import AE_RIGHTS, STORE, AccessPolicy, KnownAE
 from pacs.core.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,
@@ -197,7 +198,7 @@ def information(transaction: str, refs: list[tuple[str, str]]) -> bytes:
 def test_an_n_action_is_recorded_before_success(services: Services) -> None:
     uid = generate_uid()
     status, pending = commitment.accept(
-        services.commitments, action(information("1.2.3", [(CTImageStorage, uid)])))
+        services.commitments, services.access, action(information("1.2.3", [(CTImageStorage, uid)])))
     assert status == SUCCESS and pending is not None
     assert pending.request == Request("MOD", "1.2.3", (Reference(CTImageStorage, uid),))
     assert services.commitments.renew(pending)  # in the index, claimed by the caller
@@ -215,14 +216,30 @@ def test_an_n_action_is_recorded_before_success(services: Services) -> None:
 def test_an_n_action_refused(services: Services, changes: dict[str, object],
                              code: int) -> None:
     body = information("1.2.3", [(CTImageStorage, generate_uid())])
-    status, pending = commitment.accept(services.commitments, action(body, **changes))
+    status, pending = commitment.accept(services.commitments, services.access,
+                                        action(body, **changes))
     assert (status.code, pending) == (code, None)
     assert status.comment
 
 
+def test_an_n_action_of_an_ae_without_the_store_right_is_refused(services: Services) -> None:
+    """0124 (PS3.7 C.5.21) before anything is read: nothing recorded, nothing to report;
+    an AE with the right (here: an unknown one, every right) is taken."""
+    policy = AccessPolicy({"MOD": KnownAE("MOD", AE_RIGHTS - {STORE})})
+    body = information("1.2.3", [(CTImageStorage, generate_uid())])
+    status, pending = commitment.accept(services.commitments, policy, action(body))
+    assert (status.code, pending) == (0x0124, None)
+    assert status.comment
+    waiting = services.index.connection().execute("SELECT count(*) FROM commitment")
+    assert waiting.fetchone()[0] == 0
+    status, pending = commitment.accept(services.commitments, policy,
+                                        action(body, calling_ae_title="OTHER"))
+    assert status == SUCCESS and pending is not None
+
+
 def test_a_reference_without_valid_uids_is_an_invalid_argument(services: Services) -> None:
     body = information("1.2.3", [(CTImageStorage, "1.2.x")])
-    status, _ = commitment.accept(services.commitments, action(body))
+    status, _ = commitment.accept(services.commitments, services.access, action(body))
     assert status.code == 0x0115
 
 
