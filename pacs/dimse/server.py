@@ -65,8 +65,8 @@ def make_ae(settings: Settings) -> NodeAE:
     ae.connection_timeout = settings.dimse_timeout
     # The called AE title chooses the customer and is checked then, with a reason
     # (A-ASSOCIATE-RJ, :func:`_admit`): pynetdicom's own check knows one title only.
-    # The calling AE title is checked by the customer's access rules (_authorize),
-    # which hold PACS_ALLOWED_CALLING_AETS too.
+    # The calling AE title is checked by the customer's access rules in the same
+    # handler, which hold PACS_ALLOWED_CALLING_AETS too.
     ae.require_called_aet = False
     # Not ``ae.supported_contexts = ...``: that setter drops the SCU/SCP role flags,
     # and without them a C-GET requestor's SCP role proposal is refused (PS3.7 D.3.3.4).
@@ -307,31 +307,43 @@ Bindings = dict[str, list[tuple[Any, ...]]]
 Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
-def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings) -> None:
-    """EVT_REQUESTED: admit the association by its called AE title, its client
-    certificate and the node's limits, or reject it; bind an admitted one to its
-    customer.
+def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
+           policies: Policies) -> None:
+    """EVT_REQUESTED: admit the association or reject it, in one handler: who it is
+    first (its called AE title, its client certificate, the customer's access rules),
+    then the node's limits; bind an admitted one to its customer.
 
-    The called AE title must be one of a customer's (``bindings``): otherwise
-    A-ASSOCIATE-RJ :data:`REJECT_CALLED_AE`.  An admitted association gets that
-    customer's handlers (:mod:`pacs.dimse.customers`) and answers with the title it
-    was called by.
+    The refusals, each an A-ASSOCIATE-RJ (PS3.8 9.3.4), in their order:
 
-    On the TLS port with client certificates (``PACS_DIMSE_TLS_CA``) the calling AE
-    title must be the one the certificate names
-    (:func:`pacs.dimse.tls.identity_refusal`): otherwise A-ASSOCIATE-RJ
-    :data:`REJECT_CALLING_AE`.
+    1. the called AE title is none of a customer's (``bindings``):
+       :data:`REJECT_CALLED_AE`;
+    2. on the TLS port with client certificates (``PACS_DIMSE_TLS_CA``) the calling AE
+       title is not the one the certificate names
+       (:func:`pacs.dimse.tls.identity_refusal`): :data:`REJECT_CALLING_AE`;
+    3. the called customer's access rules (``policies``) give the calling AE no rights,
+       or know it at another address
+       (:meth:`pacs.core.access.AccessPolicy.association_refusal`):
+       :data:`REJECT_CALLING_AE`, and a Security Alert in the customer's audit trail
+       (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
+       stopped);
+    4. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
+       per source address) are reached: :data:`REJECT_FULL`.
+
+    Only an association that passed 1-3 is counted against the limits: a refused one
+    never takes a place, so AEs without rights calling from an address cannot use up
+    its places for the AEs with rights there, and are told they are not recognized
+    (permanent) rather than that the node is full (transient, an invitation to retry).
 
     pynetdicom counts every acceptor thread against ``ae.maximum_associations``,
     connections that never sent an A-ASSOCIATE-RQ included, so a few idle sockets
     locked out every real peer.  The node sets that count out of reach
     (:data:`UNCOUNTED`) and admits an association here instead, once its request has
-    arrived (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and per source
-    address).  A refusal is an A-ASSOCIATE-RJ (:data:`REJECT_FULL`) sent from this
-    handler, which pynetdicom allows (it negotiates only a request this event neither
-    rejected nor aborted); ``kill`` waits for the DUL to write it before the connection
-    closes.  An admitted connection's reads are bounded by the network timeout from now
-    on, instead of ARTIM.
+    arrived.  A refusal is sent from this handler, which pynetdicom allows (it
+    negotiates only a request this event neither rejected nor aborted); ``kill`` waits
+    for the DUL to write it before the connection closes.  An admitted association
+    gets its customer's handlers (:mod:`pacs.dimse.customers`), answers with the title
+    it was called by, and its connection's reads are bounded by the network timeout
+    from now on, instead of ARTIM.
     """
     assoc = event.assoc
     sock = assoc.dul.socket
@@ -339,30 +351,61 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings) 
     try:
         host = str(assoc.requestor.address)
     except Exception:  # noqa: BLE001 - no address information
-        host = "?"
+        host = ""
     calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
     called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
-    chosen = bindings.get(called)
-    reason, refusal = REJECT_CALLED_AE, None
-    if chosen is None:
-        refusal = f"called AE title {called!r} is not one this node serves"
-    else:
-        reason, refusal = REJECT_CALLING_AE, tls.identity_refusal(raw, calling)
-    if refusal is not None:
+    refused = _identity_refusal(raw, calling, called, host, bindings, policies)
+    if refused is not None:
         connection_limits.forget(raw)
     else:
-        reason, refusal = REJECT_FULL, connection_limits.admit(assoc, raw, host)
-    if refusal is not None:
-        log.warning("Rejecting the association from %s (%s): %s", host, calling, refusal)
-        assoc.acse.send_reject(*reason)
+        full = connection_limits.admit(assoc, raw, host)
+        refused = (REJECT_FULL, full) if full is not None else None
+    if refused is not None:
+        log.warning("Rejecting the association from %s (%s): %s", host or "?",
+                    calling.strip(), refused[1])
+        assoc.acse.send_reject(*refused[0])
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
         return
     assoc.acceptor.ae_title = called
-    for bound in chosen or ():
+    for bound in bindings[called]:
         assoc.bind(*bound)
     if raw is not None:
         limits.set_receive_timeout(raw, assoc.network_timeout)
+
+
+#: An A-ASSOCIATE-RJ's (result, source, reason) and why it is sent.
+Refusal = tuple[tuple[int, int, int], str]
+
+
+def _identity_refusal(raw: Any, calling: str, called: str, host: str, bindings: Bindings,
+                      policies: Policies) -> Refusal | None:
+    """Refusals 1-3 of :func:`_admit` (who the association is), ``None``: none."""
+    if called not in bindings:
+        return REJECT_CALLED_AE, f"called AE title {called!r} is not one this node serves"
+    mismatch = tls.identity_refusal(raw, calling)
+    if mismatch is not None:
+        return REJECT_CALLING_AE, mismatch
+    policy, trail = policies[called]
+    refusal = policy.association_refusal(calling, host)
+    if refusal is None:
+        return None
+    _security_alert(trail, calling, host, refusal)
+    return REJECT_CALLING_AE, refusal
+
+
+def _security_alert(trail: AuditTrail, calling: str, host: str, refusal: str) -> None:
+    """A refused association in the customer's audit trail, before the peer hears of
+    it (PS3.15 A.5.3.11, Node Authentication, minor failure)."""
+    if not trail.enabled:
+        return
+    try:
+        trail.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
+                             f"association rejected: {refusal}", audit.MINOR_FAILURE,
+                             [Participant(calling.strip() or "(none)", True, address=host)])
+    except Exception:  # the rejection stands whatever happens to its event
+        log.error("audit trail: the event of a rejected association could not be made",
+                  exc_info=True)
 
 
 def connection_limits_of(settings: Settings) -> ConnectionLimits:
@@ -371,41 +414,6 @@ def connection_limits_of(settings: Settings) -> ConnectionLimits:
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
         alive=_holds_its_place)
-def _authorize(event: Any, policies: Policies) -> None:
-    """EVT_REQUESTED, after :func:`_admit`: reject the association of an AE the access
-    rules of the called customer (``policies``, by called AE title) give no rights, or
-    of a known AE calling from another address
-    (:meth:`pacs.core.access.AccessPolicy.association_refusal`), with
-    :data:`REJECT_CALLING_AE`; the refusal is a Security Alert in the customer's audit
-    trail (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
-    stopped).
-    """
-    assoc = event.assoc
-    if assoc.is_rejected or assoc.is_aborted:
-        return  # refused already by the called AE title or the limits
-    called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
-    policy, trail = policies[called]
-    calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
-    try:
-        host = str(assoc.requestor.address)
-    except Exception:  # noqa: BLE001 - no address information
-        host = ""
-    refusal = policy.association_refusal(calling, host)
-    if refusal is None:
-        return
-    log.warning("Rejecting the association from %s: %s", host or "?", refusal)
-    if trail.enabled:  # first: the event is in the trail before the peer hears of it
-        try:
-            trail.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
-                                 f"association rejected: {refusal}", audit.MINOR_FAILURE,
-                                 [Participant(calling.strip() or "(none)", True,
-                                              address=host)])
-        except Exception:  # the rejection stands whatever happens to its event
-            log.error("audit trail: the event of a rejected association could not be "
-                      "made", exc_info=True)
-    assoc.acse.send_reject(*REJECT_CALLING_AE)
-    evt.trigger(assoc, evt.EVT_REJECTED, {})
-    assoc.kill()
 
 
 def start(served: Services | Customers, address: tuple[str, int] | None = None,
@@ -457,8 +465,8 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     evt_handlers = [*handlers.common(uses_seam),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit,
-                     [connection_limits, customers.bindings(uses_seam)]),
-                    (evt.EVT_REQUESTED, _authorize, [customers.policies()]),
+                     [connection_limits, customers.bindings(uses_seam),
+                      customers.policies()]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]

@@ -12,6 +12,7 @@ import contextlib
 import io
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -457,6 +458,69 @@ def test_associations_per_host(node_factory: Callable[..., Node]) -> None:
         for assoc in held:
             assoc.release()
         node.kill9()
+
+
+#: A-ASSOCIATE-RJ, rejected-permanent, service user, calling AE title not recognized
+#: (PS3.8 9.3.4).
+REJECT_CALLING_AE = (1, 1, 3)
+
+
+def _associate_as(node: Node, calling: str, source: str) -> Association:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = PATIENCE
+    return ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, bind_address=(source, 0))
+
+
+def test_refused_associations_take_no_place(node_factory: Callable[..., Node]) -> None:
+    """An AE the access rules refuse is refused as such (1/1/3, a Security Alert in the
+    audit trail) even when its address has no place left, and never holds one: a flood
+    of refused associations from an address leaves its place to the AE with rights
+    there."""
+    node = node_factory("refused-places", PACS_DIMSE_WORKERS="1",
+                        PACS_MAX_ASSOCIATIONS_PER_HOST="1", PACS_MAX_ASSOCIATIONS="64",
+                        PACS_ALLOWED_CALLING_AETS="ALLOWED")
+    source = "127.0.0.2"
+    held = _associate_as(node, "ALLOWED", source)
+    try:
+        assert held.is_established, node.log()
+        stranger = _associate_as(node, "STRANGER", source)
+        assert stranger.is_rejected, node.log()
+        rejection = stranger.acceptor.primitive
+        assert (rejection.result, rejection.result_source,
+                rejection.diagnostic) == REJECT_CALLING_AE, node.log()
+        trail = (node.data_dir / "audit.jsonl").read_text(encoding="utf-8")
+        assert '"110126"' in trail and "STRANGER" in trail  # Node Authentication
+    finally:
+        held.release()
+    # Another address, that no association has used yet: a flood of refused ones, and
+    # the AE with rights takes the address's one place in the middle of it.
+    source = "127.0.0.3"
+    refused: list[Association] = []
+    started = threading.Event()
+
+    def flood() -> None:
+        for _ in range(10):
+            refused.append(_associate_as(node, "STRANGER", source))
+            started.set()
+
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert started.wait(PATIENCE)
+        allowed = _associate_as(node, "ALLOWED", source)
+        try:
+            assert allowed.is_established, node.log()
+            _assert_rejected_for_limit(_associate_as(node, "ALLOWED", source))  # its place
+        finally:
+            allowed.release()
+    finally:
+        for thread in threads:
+            thread.join()
+    assert len(refused) == 40
+    assert all((a.acceptor.primitive.result, a.acceptor.primitive.result_source,
+                a.acceptor.primitive.diagnostic) == REJECT_CALLING_AE for a in refused)
 
 
 def test_full_node_rejects_with_local_limit_exceeded(
