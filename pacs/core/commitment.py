@@ -69,11 +69,13 @@ class Reference:
 @dataclass(frozen=True)
 class Request:
     """A Storage Commitment Request (PS3.4 J.3.2): who asked, its Transaction UID, the
-    referenced instances in the order received."""
+    referenced instances in the order received, and the node's AE title it came in on
+    (its result is reported from that title; ``""``: the customer's first)."""
 
     requestor_ae: str
     transaction_uid: str
     references: tuple[Reference, ...]
+    called_ae: str = ""
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ class Commitments:
                                          "wait for delivery already")
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
                                _references_json(request.references), now, now + self.lease,
-                               claim)
+                               claim, request.called_ae)
         return Pending(key, claim, request, None, 0)
 
     def due(self, limit: int = 1) -> list[Pending]:
@@ -285,7 +287,7 @@ class Commitments:
                 claim = secrets.token_hex(8)
                 if table.take(conn, row.key, claim, now, now + self.lease):
                     request = Request(row.requestor_ae, row.transaction_uid,
-                                      _references(row.refs))
+                                      _references(row.refs), row.called_ae)
                     result = Result.from_json(row.result) if row.result else None
                     claimed.append(Pending(row.key, claim, request, result, row.attempts))
         return claimed

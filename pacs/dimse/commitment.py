@@ -96,6 +96,8 @@ class ActionRequest:
         The transfer syntax of the request's presentation context.
     calling_ae_title :
         The requestor's AE title.
+    called_ae_title :
+        The node's AE title on the association (the customer's title it was called by).
     """
 
     message_id: int
@@ -106,6 +108,7 @@ class ActionRequest:
     received: int
     transfer_syntax: str
     calling_ae_title: str
+    called_ae_title: str = ""
 
 
 class Reports(Protocol):
@@ -164,7 +167,8 @@ def request_of(action: ActionRequest, max_references: int) -> Request:
     if any(not (ref.sop_class_uid and ref.sop_instance_uid) for ref in references):
         raise Refused(INVALID_ARGUMENT_VALUE, "a reference without valid SOP Class and "
                                               "Instance UIDs")
-    return Request(action.calling_ae_title.strip(), transaction, references)
+    return Request(action.calling_ae_title.strip(), transaction, references,
+                   action.called_ae_title.strip())
 
 
 def _decode(data: bytes, transfer_syntax: str) -> Dataset:

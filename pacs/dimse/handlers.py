@@ -150,7 +150,8 @@ def handle_n_action(event: Event, services: Services, audits: Audits | None = No
         sop_instance_uid=str(request.RequestedSOPInstanceUID or ""),
         action_type=request.ActionTypeID, action_information=data, received=received,
         transfer_syntax=str(event.context.transfer_syntax),
-        calling_ae_title=event.assoc.requestor.ae_title)
+        calling_ae_title=event.assoc.requestor.ae_title,
+        called_ae_title=own_title(event.assoc))
     status, pending = commitment.accept(services.commitments, services.access, action,
                                         _audit(event, audits))
     if pending is not None and reporter is not None:
@@ -264,10 +265,13 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
     if refusal is not None and refusal[0] != SUCCESS:
         raise RefusedBeforeSubOperations(refusal[0])
     opened: list[Association] = []
+    # The sub-operations' association calls with the title this one was called by
+    # (the customer's), not the AE's.
+    requested = requested_as(own_title(event.assoc))
 
     def connected(opening: Event) -> None:
         opened.append(opening.assoc)
-        tcp_settings(opening)
+        requested(opening)
 
     def originator(sending: Event) -> None:
         # pynetdicom puts its own AE title in the C-STORE-RQ; the standard asks for the
@@ -453,6 +457,37 @@ def tcp_settings(event: Event) -> None:
     if raw is not None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(raw, event.assoc.dimse_timeout)
+
+
+def requested_as(title: str) -> Callable[[Event], None]:
+    """An EVT_CONN_OPEN handler for an association the node requests: TCP settings
+    (:func:`tcp_settings`) and ``title`` as its calling AE title.
+
+    One pynetdicom AE serves every customer and requests associations with its own
+    title (``AE.associate`` takes none); an association made for a customer on behalf
+    of a request (C-MOVE sub-operations, a storage commitment report) calls with the
+    title that request came in on instead, the one its peer knows the node by.  The A-ASSOCIATE-RQ PDU is
+    encoded from the request primitive once the connection is open (PS3.8 9.2, state
+    machine action AE-2, after EVT_CONN_OPEN): the title set here is the one sent.
+    """
+
+    def opened(event: Event) -> None:
+        tcp_settings(event)
+        if not title:  # no customer's title known: the AE's own
+            return
+        assoc = event.assoc
+        assoc.requestor.ae_title = title
+        primitive = assoc.requestor.primitive
+        if primitive is not None:
+            primitive.calling_ae_title = title
+
+    return opened
+
+
+def own_title(assoc: Association) -> str:
+    """The node's AE title on an association it accepted: the called AE title that
+    chose its customer (:func:`pacs.dimse.server._admit` answers with it)."""
+    return str(assoc.acceptor.ae_title or "").strip()
 
 
 def bind(services: Services, seam: bool = True, audits: Audits | None = None,

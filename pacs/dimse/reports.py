@@ -268,7 +268,7 @@ class Reporter:
         result = pending.result
         assert result is not None
         information = commitment.event_information(
-            pending.request.transaction_uid, result, self.services.settings.ae_title)
+            pending.request.transaction_uid, result, self._title(pending))
         try:
             status, _ = assoc.send_n_event_report(
                 information, result.event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE,
@@ -287,7 +287,7 @@ class Reporter:
             destination.host, destination.port,
             contexts=[build_context(PUSH_MODEL, SYNTAXES)], ae_title=destination.ae_title,
             ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(self._title(pending)))])
         if not assoc.is_established:
             # pynetdicom leaves the socket of a rejected association open.
             sock = assoc.dul.socket
@@ -299,6 +299,11 @@ class Reporter:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _title(self, pending: Pending) -> str:
+        """The node's AE title for this request's report: the one it was asked on (the
+        requestor knows the node by it), else the customer's first."""
+        return pending.request.called_ae or self.services.settings.ae_title
 
     def _entity(self) -> AE:
         """The AE that requests associations to report on (made once)."""

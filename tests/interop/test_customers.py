@@ -7,10 +7,13 @@ dcmtk's storescu, findscu, getscu and movescu, dicomweb-client against the real
 gunicorn (path prefix and Host header), the viewer port, DICOMweb DELETE and ``pacs
 delete --customer`` each see, retrieve, overwrite and delete one customer's data only;
 an unknown called AE title is rejected; each customer has its own access rules;
-storage commitment verifies against the called customer; each upload folder feeds its
-customer; ``pacs status`` and the container's health check report both; each
-customer's audit events name it.  On S3 (SeaweedFS) customers share a bucket under
-their own prefixes or have a bucket of their own.
+storage commitment verifies against the called customer and needs the store right of
+its access rules; the node's own associations (C-MOVE sub-operations, a storage
+commitment report on a new association, forwarding) call with the customer's AE title,
+as a pynetdicom SCP sees it; each upload folder feeds its customer; ``pacs status``
+and the container's health check report both; each customer's audit events name it.
+On S3 (SeaweedFS) customers share a bucket under their own prefixes or have a bucket of
+their own.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +101,56 @@ def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Pa
     process.wait(timeout=10)
 
 
+#: A destination of both customers (C-MOVE, storage commitment reports, bravo's
+#: forwarding) that records who calls it.
+RECORDER = "RECORDER"
+#: The calling AE title whose instances bravo forwards to the recorder.
+FORWARDED = "FORWARDED"
+
+
+@dataclass
+class Recorder:
+    """A pynetdicom SCP (CT storage; the Push Model's SCP role for reports): what
+    arrived and the calling AE title of the association it came on."""
+
+    port: int
+    stores: queue.Queue[tuple[str, str, str]] = field(default_factory=queue.Queue)
+    reports: queue.Queue[tuple[str, str, str]] = field(default_factory=queue.Queue)
+
+    def store(self, event: Any) -> int:
+        """EVT_C_STORE: (calling AE title, SOP Instance UID, Move Originator)."""
+        originator = event.request.MoveOriginatorApplicationEntityTitle or ""
+        self.stores.put((str(event.assoc.requestor.ae_title).strip(),
+                         str(event.request.AffectedSOPInstanceUID), str(originator).strip()))
+        return 0x0000
+
+    def report(self, event: Any) -> tuple[int, None]:
+        """EVT_N_EVENT_REPORT: (calling AE title, Transaction UID, Retrieve AE Title)."""
+        info = event.event_information
+        self.reports.put((str(event.assoc.requestor.ae_title).strip(),
+                          str(info.TransactionUID), str(info.get("RetrieveAETitle", ""))))
+        return 0x0000, None
+
+    def stored(self, count: int) -> list[tuple[str, str, str]]:
+        """The next ``count`` C-STOREs received."""
+        return [self.stores.get(timeout=60) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[Recorder]:
+    found = Recorder(free_port())
+    ae = AE(ae_title=RECORDER)
+    ae.add_supported_context(CTImageStorage)
+    ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+    server = ae.start_server(("127.0.0.1", found.port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, found.store), (evt.EVT_N_EVENT_REPORT, found.report)])
+    yield found
+    server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def node(node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFactory,
-         storescp: tuple[int, Path]) -> Node:
+         storescp: tuple[int, Path], recorder: Recorder) -> Node:
     """A node serving alpha and bravo (bravo may delete over DICOMweb)."""
     for tool in ("findscu", "getscu", "movescu", "storescu"):
         dcmtk(tool)
@@ -109,15 +160,16 @@ def node(node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFac
 name = "alpha"
 ae_titles = ["{TITLES['alpha']}"]
 hosts = ["{HOSTS['alpha']}"]
-modalities = "{MOVE_SCP}=127.0.0.1:{storescp[0]}"
+modalities = "{MOVE_SCP}=127.0.0.1:{storescp[0]},{RECORDER}=127.0.0.1:{recorder.port}"
 
 [[customer]]
 name = "bravo"
 ae_titles = ["{TITLES['bravo']}", "BRAVO2"]
 hosts = ["{HOSTS['bravo']}"]
-modalities = "OTHERSCP=127.0.0.1:9"
+modalities = "OTHERSCP=127.0.0.1:9,{RECORDER}=127.0.0.1:{recorder.port}"
 [customer.settings]
 PACS_WEB_DELETE = true
+PACS_ROUTES = "recorded: calling_ae={FORWARDED} -> {RECORDER}"
 [customer.access]
 [[customer.access.ae]]
 title = "READER"
@@ -139,8 +191,9 @@ def shared(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Shared:
     return data
 
 
-def _storescu(node: Node, called: str, *files: Path) -> subprocess.CompletedProcess[str]:
-    return run_dcmtk("storescu", "-v", "-aet", "MODALITY", "-aec", called, "127.0.0.1",
+def _storescu(node: Node, called: str, *files: Path,
+              calling: str = "MODALITY") -> subprocess.CompletedProcess[str]:
+    return run_dcmtk("storescu", "-v", "-aet", calling, "-aec", called, "127.0.0.1",
                      str(node.port), *map(str, files), timeout=120)
 
 
@@ -328,6 +381,77 @@ def test_storage_commitment_verifies_against_the_called_customer(
         set(shared.sops)
     assert [(str(i.ReferencedSOPInstanceUID), int(i.FailureReason))
             for i in result.FailedSOPSequence] == [(shared.extra, 0x0112)]
+
+
+def _commitment_request(node: Node, calling: str, called: str, sops: list[str],
+                        transaction: str) -> int:
+    """A Storage Commitment Request of ``calling`` to ``called``, its association
+    released at once; the N-ACTION status."""
+    ae = AE(ae_title=calling)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=called,
+                         contexts=[build_context(PUSH_MODEL)])
+    assert assoc.is_established, node.log()
+    try:
+        action = Dataset()
+        action.TransactionUID = transaction
+        action.ReferencedSOPSequence = []
+        for sop in sops:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, sop
+            action.ReferencedSOPSequence.append(item)
+        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_storage_commitment_needs_the_store_right_of_the_called_customer(
+        node: Node, shared: Shared) -> None:
+    """READER may only echo at bravo (0124, PS3.7 C.5.21); alpha's rules let it ask."""
+    assert _commitment_request(node, "READER", "BRAVO", shared.sops,
+                               generate_uid()) == 0x0124
+    assert _commitment_request(node, "READER", "ALPHA", shared.sops,
+                               generate_uid()) == 0x0000
+
+
+def test_c_move_calls_the_destination_with_the_called_ae_title(
+        node: Node, shared: Shared, recorder: Recorder) -> None:
+    """The sub-operations' association is requested with the title the C-MOVE came in
+    on (the customer's, not PACS_AE_TITLE's), the requestor as Move Originator."""
+    for called, count in (("ALPHA", len(shared.sops)), ("BRAVO2", len(shared.sops) + 1)):
+        moved = run_dcmtk("movescu", "-v", "-S", "-aet", "MOVER", "-aec", called,
+                          "-aem", RECORDER, "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", f"StudyInstanceUID={shared.study}",
+                          "127.0.0.1", str(node.port))
+        assert moved.returncode == 0, moved.stdout + node.log()
+        assert {(calling, originator) for calling, _, originator
+                in recorder.stored(count)} == {(called, "MOVER")}
+
+
+def test_a_commitment_report_on_a_new_association_calls_with_the_called_ae_title(
+        node: Node, shared: Shared, recorder: Recorder) -> None:
+    """A requestor that released at once gets its result on a new association to its
+    address in the customer's PACS_MODALITIES, called by the title it asked (BRAVO2,
+    bravo's second), which is also the Retrieve AE Title."""
+    transaction = generate_uid()
+    assert _commitment_request(node, RECORDER, "BRAVO2", shared.sops,
+                               transaction) == 0x0000
+    assert recorder.reports.get(timeout=60) == ("BRAVO2", transaction, "BRAVO2")
+
+
+def test_forwarding_calls_with_the_customers_first_ae_title(
+        node: Node, shared: Shared, recorder: Recorder, tmp_path: Path) -> None:
+    """bravo forwards what FORWARDED stores (received on BRAVO2) to the recorder,
+    calling with bravo's first AE title."""
+    ds = fresh_ct(PatientID="FORWARDED-PATIENT")
+    path = tmp_path / "forwarded.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert _storescu(node, "BRAVO2", path, calling=FORWARDED).returncode == 0
+    assert recorder.stored(1) == [("BRAVO", str(ds.SOPInstanceUID), "")]
+    # Gone again: the tests that follow count bravo's instances.
+    done = node.cli("delete", "--customer", "bravo", "--yes", "--quiet",
+                    str(ds.StudyInstanceUID))
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_viewer_port_by_host(node: Node, shared: Shared) -> None:

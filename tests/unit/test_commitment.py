@@ -166,6 +166,19 @@ def test_a_stopping_process_gives_its_request_back(services: Services) -> None:
     assert [p.key for p in queue.due()] == [pending.key]
 
 
+def test_the_called_ae_title_is_kept_with_the_request(services: Services) -> None:
+    """The title a request came in on is the one its result is reported from, after a
+    restart too (another process claims it from the queue)."""
+    clock = Clock()
+    queue = queue_of(services, clock)
+    body = information("1.2.3", [(CTImageStorage, generate_uid())])
+    _, pending = commitment.accept(queue, services.access,
+                                   action(body, called_ae_title="NORTH2 "))
+    assert pending is not None and pending.request.called_ae == "NORTH2"
+    queue.release(pending)
+    assert [p.request.called_ae for p in queue.due()] == ["NORTH2"]
+
+
 def encoded(ds: Dataset) -> bytes:
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
@@ -198,7 +211,8 @@ def information(transaction: str, refs: list[tuple[str, str]]) -> bytes:
 def test_an_n_action_is_recorded_before_success(services: Services) -> None:
     uid = generate_uid()
     status, pending = commitment.accept(
-        services.commitments, services.access, action(information("1.2.3", [(CTImageStorage, uid)])))
+        services.commitments, services.access,
+        action(information("1.2.3", [(CTImageStorage, uid)])))
     assert status == SUCCESS and pending is not None
     assert pending.request == Request("MOD", "1.2.3", (Reference(CTImageStorage, uid),))
     assert services.commitments.renew(pending)  # in the index, claimed by the caller

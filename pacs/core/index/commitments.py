@@ -27,6 +27,8 @@ class Row:
         The row's key.
     requestor_ae, transaction_uid :
         Who asked, and the Transaction UID of the request (PS3.4 J.3.2).
+    called_ae :
+        The node's AE title the request came in on (``''``: not recorded).
     refs :
         The referenced instances, as JSON.
     result :
@@ -41,9 +43,10 @@ class Row:
     refs: str
     result: str | None
     attempts: int
+    called_ae: str
 
 
-_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts"
+_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts, called_ae"
 
 
 def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bool:
@@ -55,20 +58,22 @@ def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bo
 
 _RECORD_SQL = (
     "INSERT INTO commitment (requestor_ae, transaction_uid, received_at, refs, "
-    "next_attempt, lease_until, claim) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "next_attempt, lease_until, claim, called_ae) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(requestor_ae, transaction_uid) DO UPDATE SET "
     "received_at = excluded.received_at, refs = excluded.refs, result = NULL, "
+    "called_ae = excluded.called_ae, "
     "attempts = 0, next_attempt = excluded.next_attempt, "
     "lease_until = excluded.lease_until, claim = excluded.claim, last_error = '' "
     "RETURNING pk")
 
 
 def record(conn: apsw.Connection, requestor_ae: str, transaction_uid: str,
-           received_at: str, refs: str, now: float, lease_until: float, claim: str) -> int:
+           received_at: str, refs: str, now: float, lease_until: float, claim: str,
+           called_ae: str = "") -> int:
     """Insert a request claimed by ``claim`` (or replace the one of the same requestor
     and Transaction UID); its key."""
     row = conn.execute(_RECORD_SQL, (requestor_ae, transaction_uid, received_at, refs, now,
-                                     lease_until, claim)).fetchone()
+                                     lease_until, claim, called_ae)).fetchone()
     if row is None:  # RETURNING answers the row inserted or updated
         raise apsw.SQLError("no key returned for a commitment row")
     return int(row[0])

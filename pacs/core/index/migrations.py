@@ -326,10 +326,19 @@ def _intake(conn: apsw.Connection) -> None:
         "WHERE id = 0; END")
 
 
+def _commitment_called_ae(conn: apsw.Connection) -> None:
+    """The node's AE title each storage commitment request came in on (``called_ae``):
+    the title its result is reported from, on a new association too; ``''`` for a
+    request recorded before, reported from the customer's first AE title."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(commitment)")}
+    if "called_ae" not in columns:  # idempotent, as every migration
+        conn.execute("ALTER TABLE commitment ADD COLUMN called_ae TEXT NOT NULL DEFAULT ''")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
-    _storage_commitment, _tombstones, _forwarding, _intake)
+    _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -340,8 +340,9 @@ class SocketTarget:
             self.assoc.release()
 
 
-def connector(ae: ApplicationEntity, services: Services) -> retrieve.Connect:
-    """Opens C-MOVE destination associations from ``ae`` (:data:`retrieve.Connect`)."""
+def connector(ae: ApplicationEntity, services: Services, calling: str) -> retrieve.Connect:
+    """Opens C-MOVE destination associations from ``ae`` (:data:`retrieve.Connect`),
+    calling with the title ``calling`` (:func:`pacs.dimse.handlers.requested_as`)."""
 
     def connect(destination: Modality, classes: Mapping[str, set[str]],
                 originator: tuple[str, int]) -> StoreTarget | None:
@@ -349,7 +350,7 @@ def connector(ae: ApplicationEntity, services: Services) -> retrieve.Connect:
             destination.host, destination.port,
             contexts=retrieve.destination_contexts(classes), ae_title=destination.ae_title,
             max_pdu=services.settings.max_pdu, tls_args=tls.client_args(ae, destination),
-            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(calling))])
         if store_assoc.is_established:
             return SocketTarget(store_assoc, originator, releases=True)
         # pynetdicom leaves the socket of a rejected association open (its own move
@@ -387,7 +388,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
         request = request_of(req, context, self.assoc)
         responder = RetrieveResponder(self, request, int(context.context_id or 0), C_MOVE)
         retrieve.serve_move(responder, request, services, contexts.MOVE_MODELS,
-                            connector(self.ae, services),
+                            connector(self.ae, services, handlers.own_title(self.assoc)),
                             bound_audit(self.assoc, evt.EVT_C_MOVE))
 
     def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
