@@ -33,7 +33,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -95,13 +95,16 @@ class IntakeStore:
 
     Notes
     -----
-    ``put`` and ``delete`` act on the backend and remove the key's intake copy (in its
-    own transaction): what ``open`` answers afterwards is what was put, or nothing.
-    Ingest and deletion remove the intake copy in the transaction of the index row
-    instead (:func:`pacs.core.index.writer.intake_drop`,
-    :func:`~pacs.core.index.writer.delete_instance`).  Capabilities: ``local_file``
-    gives ``None`` for an intake object (read it with ``open``), the others are the
-    backend's.
+    ``put`` and ``delete`` (the :class:`~pacs.core.storage.ObjectStore` protocol's) act
+    on the backend and remove the key's intake copy (in its own transaction): what
+    ``open`` answers afterwards is what was put, or nothing.  Ingest and deletion remove
+    the intake copy in the transaction of the index row instead
+    (:func:`pacs.core.index.writer.intake_drop`,
+    :func:`~pacs.core.index.writer.delete_instance`) and write or delete the backend's
+    object themselves, as the mover does.  Capabilities: ``local_file`` gives ``None``
+    for an intake object (read it with ``open``); ``open_ranged``, ``usage`` and
+    ``quarantine`` are the backend's.  There is no batch put here: what writes in
+    batches (the ingest's direct path, the mover) writes to ``backend``.
     """
 
     def __init__(self, backend: ObjectStore, index: Index) -> None:
@@ -173,14 +176,6 @@ class IntakeStore:
         if self._entry(key) is not None:
             return open_seekable(self, key)
         return open_ranged(self.backend, key)
-
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-        """The backend's batch put, then each stored key's intake copy dropped."""
-        failures = put_many(self.backend, items)
-        for (key, _data), failure in zip(items, failures, strict=True):
-            if failure is None:
-                self.forget(key)
-        return failures
 
     def usage(self) -> int:
         """Bytes in the backend (the intake's are in ``pacs status``'s backlog)."""
