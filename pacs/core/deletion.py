@@ -36,6 +36,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import apsw
 
@@ -159,9 +160,19 @@ def delete_rows(conn: apsw.Connection, rows: Iterable[Located],
                              who, when)
 
 
-def _chunks(items: Sequence[Reference], size: int) -> Iterable[Sequence[Reference]]:
+def chunks(items: Sequence[Reference], size: int = CHUNK) -> Iterable[Sequence[Reference]]:
+    """``items`` in slices of at most ``size`` (a transaction, a read of rows each)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def rejectable(patient: str, row: Located, place: Reference) -> bool:
+    """Whether a rejection note of ``patient`` (:func:`pacs.core.ingest.patient_key`)
+    may remove the indexed instance ``row`` it names at ``place``: only the note's
+    patient's instances, at the place the note names, so that an error in a note never
+    reaches another patient's images."""
+    return (row.patient_key == patient and row.study_uid == place.study_uid
+            and row.series_uid == place.series_uid)
 
 
 def reference(row: Located) -> Reference:
@@ -246,7 +257,7 @@ class Deleter:
         requested = sorted({place.study_uid for place in places})
         patients = self._patients(requested)
         try:
-            for chunk in _chunks(places, CHUNK):
+            for chunk in chunks(places):
                 self._remove_chunk(chunk, who.user_id, code, accept, removal)
                 if progress is not None:
                     progress(len(chunk))
@@ -329,12 +340,7 @@ class Deleter:
         rejection = note.rejection
         if rejection is None:
             return
-        patient = patient_key(note.values[Level.PATIENT])
-
-        def accept(row: Located, place: Reference) -> bool:
-            return (row.patient_key == patient and row.study_uid == place.study_uid
-                    and row.series_uid == place.series_uid)
-
+        accept = partial(rejectable, patient_key(note.values[Level.PATIENT]))
         who = Participant(calling_ae.strip() or "(none)", True)
         self.remove(rejection.references, who, audit.APPLICATION_SERVER,
                     reason=rejection.reason, accept=accept)
