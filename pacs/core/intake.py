@@ -32,6 +32,7 @@ import fcntl
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,8 @@ CHECKPOINT_BATCHES = 8
 MAX_BACKOFF = 30.0
 #: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
 RETRY_AFTER = 10
+#: Seconds between two log lines about stores refused while the intake is full.
+REFUSALS_LOG_INTERVAL = 10.0
 #: Read-ahead of an intake object's stream (reads this large or larger go straight to
 #: the blob).
 _READ_BUFFER = 256 << 10
@@ -288,6 +291,64 @@ def check_room(index: Index, max_bytes: int) -> None:
                          "caught up; retry later")
 
 
+class Refusals:
+    """The log of stores refused while the intake is full (:func:`check_room`).
+
+    A flood of refused stores (every C-STORE of every association, every STOW-RS
+    part, while the object store is down) would be a flood of log lines; here they
+    are counted, and a WARNING with the count goes out at the first refusal and then
+    at most once per ``interval``: at a refusal, or at the first object taken again
+    (:meth:`settled`).  Counts only, no UIDs.  One per
+    :class:`~pacs.core.ingest.Ingest`: per customer, in each process.
+
+    Parameters
+    ----------
+    interval : float
+        Least seconds between two lines.
+    clock : callable
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, interval: float = REFUSALS_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._last: float | None = None  # when the last line went out
+
+    def refused(self, count: int = 1) -> None:
+        """Count ``count`` stores refused; log them with those not reported yet, unless
+        a line went out less than ``interval`` ago."""
+        with self._lock:
+            self._pending += count
+            reported = self._take()
+        if reported:
+            log.warning("the intake is full (PACS_INTAKE_MAX_BYTES): %d store(s) refused "
+                        "since the last report; the object store has not caught up",
+                        reported)
+
+    def settled(self) -> None:
+        """An object is taken again: log the refusals not reported yet, unless a line
+        went out less than ``interval`` ago (they go out with the next one then)."""
+        if not self._pending:  # the usual case: no lock taken
+            return
+        with self._lock:
+            reported = self._take()
+        if reported:
+            log.warning("the intake takes objects again; %d store(s) refused since the "
+                        "last report", reported)
+
+    def _take(self) -> int:
+        """The count to log now (0: nothing, or too soon), reset; under the lock."""
+        now = self._clock()
+        if not self._pending or (self._last is not None
+                                 and now - self._last < self.interval):
+            return 0
+        reported, self._pending, self._last = self._pending, 0, now
+        return reported
+
+
 # --- the mover -------------------------------------------------------------------------
 
 #: The ingest's per-UID locks for several SOP Instance UIDs at once
@@ -491,4 +552,4 @@ def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
 
 
 __all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "IntakeReader", "IntakeStore", "Mover",
-           "check_room", "mover_lock"]
+           "Refusals", "check_room", "mover_lock"]
