@@ -106,8 +106,9 @@ def handle(req: falcon.Request, resp: falcon.Response, exc: BaseException,
     if outcome is UNEXPECTED:
         log.exception("%s %s failed unexpectedly", req.method, req.path)
         raise falcon.HTTPError(outcome.status, title=outcome.title)
-    if outcome.status.startswith("5"):
-        log.error("%s %s failed: %s", req.method, req.path, exc)
+    if outcome.status.startswith("5"):  # a full intake: counted and logged by the ingest
+        log.log(logging.DEBUG if errors.logged_by_core(exc) else logging.ERROR,
+                "%s %s failed: %s", req.method, req.path, exc)
     headers = None
     if outcome.status == falcon.HTTP_503:
         wait = RETRY_AFTER if isinstance(exc, errors.IntakeFull) else 5

@@ -62,7 +62,7 @@ from pacs.core.dataset import (
     require_uid,
     valid_uid,
 )
-from pacs.core.errors import ObjectTooLarge
+from pacs.core.errors import ObjectTooLarge, logged_by_core
 from pacs.core.ingest import Analysis, Received, StoreResult
 from pacs.core.services import Services
 
@@ -435,7 +435,9 @@ def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed
 def _failed(data: bytes, exc: BaseException) -> Failed:
     """A part not stored, logged by the kind of failure (never patient data)."""
     outcome = outcome_for(exc)
-    if outcome.status.startswith("5"):
+    if logged_by_core(exc):  # a full intake: counted and logged by the ingest
+        log.debug("STOW-RS part not stored: %s", exc)
+    elif outcome.status.startswith("5"):
         log.error("STOW-RS part not stored: %s", exc,
                   exc_info=exc if outcome.status == falcon.HTTP_500 else None)
     else:

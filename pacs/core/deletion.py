@@ -8,13 +8,16 @@ per-UID lock and one transaction keep them apart):
    uid_locks`), so that no store or repair of the same instance runs meanwhile, and
    read the rows again under it (an instance may have moved or gone);
 2. in one write transaction (:func:`delete_rows`): delete the instance rows (their
-   metadata goes with them; series, study and patient rows left empty are removed, so
-   every count stays right) and write a tombstone per removed SOP Instance UID (why,
-   by whom, when);
-3. delete the objects.
+   metadata and their intake copies, :mod:`pacs.core.intake`, go with them; series,
+   study and patient rows left empty are removed, so every count stays right) and
+   write a tombstone per removed SOP Instance UID (why, by whom, when);
+3. delete the objects from the backend store (folder or S3) only: the intake holds
+   nothing of them any more after 2.
 
-A crash between 2 and 3 leaves objects no row names, each with a tombstone: ``pacs
-fsck --repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
+Nothing half-deleted is ever visible: after 2 no row names the instances, and every
+read goes through the index or the intake first.  A crash between 2 and 3 leaves
+objects no row names, each with a tombstone: ``pacs fsck`` reports them as removed and
+``--repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
 removed instance never comes back, and no row ever names a missing object.  A failed
 object deletion is logged and left to fsck the same way.
 
@@ -33,6 +36,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import apsw
 
@@ -45,8 +49,8 @@ from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, Ingest, patient_key
+from pacs.core.intake import IntakeStore
 from pacs.core.rejection import Reason, Reference
-from pacs.core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +160,19 @@ def delete_rows(conn: apsw.Connection, rows: Iterable[Located],
                              who, when)
 
 
-def _chunks(items: Sequence[Reference], size: int) -> Iterable[Sequence[Reference]]:
+def chunks(items: Sequence[Reference], size: int = CHUNK) -> Iterable[Sequence[Reference]]:
+    """``items`` in slices of at most ``size`` (a transaction, a read of rows each)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def rejectable(patient: str, row: Located, place: Reference) -> bool:
+    """Whether a rejection note of ``patient`` (:func:`pacs.core.ingest.patient_key`)
+    may remove the indexed instance ``row`` it names at ``place``: only the note's
+    patient's instances, at the place the note names, so that an error in a note never
+    reaches another patient's images."""
+    return (row.patient_key == patient and row.study_uid == place.study_uid
+            and row.series_uid == place.series_uid)
 
 
 def reference(row: Located) -> Reference:
@@ -172,13 +186,13 @@ class Deleter:
     Parameters
     ----------
     index, store, ingest :
-        The customer's index and store, and the ingest whose per-UID locks a removal
-        takes.
+        The customer's index and store (the objects are deleted from its backend), and
+        the ingest whose per-UID locks a removal takes.
     trail :
         The audit trail every removal is recorded in.
     """
 
-    def __init__(self, index: Index, store: ObjectStore, ingest: Ingest,
+    def __init__(self, index: Index, store: IntakeStore, ingest: Ingest,
                  trail: AuditTrail) -> None:
         self.index = index
         self.store = store
@@ -243,7 +257,7 @@ class Deleter:
         requested = sorted({place.study_uid for place in places})
         patients = self._patients(requested)
         try:
-            for chunk in _chunks(places, CHUNK):
+            for chunk in chunks(places):
                 self._remove_chunk(chunk, who.user_id, code, accept, removal)
                 if progress is not None:
                     progress(len(chunk))
@@ -283,7 +297,8 @@ class Deleter:
                 if row.study_uid not in remaining:
                     removal.whole.add(row.study_uid)
                 try:
-                    self.store.delete(row.object_key)
+                    # The backend's object alone: its intake copy went with the rows.
+                    self.store.backend.delete(row.object_key)
                 except PacsError as exc:
                     removal.objects_left += 1
                     log.warning("could not delete the object of a removed instance (%s); "
@@ -325,12 +340,7 @@ class Deleter:
         rejection = note.rejection
         if rejection is None:
             return
-        patient = patient_key(note.values[Level.PATIENT])
-
-        def accept(row: Located, place: Reference) -> bool:
-            return (row.patient_key == patient and row.study_uid == place.study_uid
-                    and row.series_uid == place.series_uid)
-
+        accept = partial(rejectable, patient_key(note.values[Level.PATIENT]))
         who = Participant(calling_ae.strip() or "(none)", True)
         self.remove(rejection.references, who, audit.APPLICATION_SERVER,
                     reason=rejection.reason, accept=accept)

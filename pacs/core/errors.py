@@ -35,6 +35,11 @@ from __future__ import annotations
 class PacsError(Exception):
     """Base of every error raised by the core."""
 
+    #: The core logs this error itself where it arises (:class:`IntakeFull`: at most
+    #: once per interval, :class:`pacs.core.intake.Refusals`); an edge translates it
+    #: into its status without logging it again (:func:`logged_by_core`).
+    logged = False
+
 
 class ConfigError(PacsError):
     """A setting is invalid, or a backend cannot be reached at start-up."""
@@ -111,7 +116,10 @@ class StorageError(PacsError):
 class IntakeFull(PacsError):
     """The intake holds ``PACS_INTAKE_MAX_BYTES`` of acknowledged objects that the
     object store has not taken yet (it is slow or down): new objects are refused until
-    the mover catches up (back-pressure; a sender retries later)."""
+    the mover catches up (back-pressure; a sender retries later).  The ingest logs the
+    refusals, counted, at most once per interval: a flood of them is one line."""
+
+    logged = True
 
 
 class IndexFailure(PacsError):
@@ -121,3 +129,9 @@ class IndexFailure(PacsError):
 class AnalysisFault(PacsError):
     """A helper process died or hung while analysing an object: a server fault (no
     statement about the object), reported as a processing failure."""
+
+
+def logged_by_core(exc: BaseException) -> bool:
+    """True when the core has logged ``exc`` already (:attr:`PacsError.logged`): the
+    edge that translates it logs it at DEBUG only."""
+    return isinstance(exc, PacsError) and exc.logged

@@ -64,7 +64,7 @@ from pacs.core.errors import (
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
-from pacs.core.intake import IntakeStore, check_room
+from pacs.core.intake import IntakeStore, Refusals, check_room
 from pacs.core.storage import object_key, put_many
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,10 @@ class Ingest:
 
     Attributes
     ----------
+    refusals : Refusals
+        The log of stores refused while the intake is full (counted, at most one line
+        per interval); the edges translate :class:`~pacs.core.errors.IntakeFull`
+        without logging it.
     on_rejection : RejectionHook or None
         Applies an IOCM rejection note once it is stored (set by the composition
         root, :func:`pacs.core.services.build`); called after the note's lock is
@@ -236,6 +240,7 @@ class Ingest:
         self.intake_object_bytes = intake_object_bytes
         self.intake_max_bytes = intake_max_bytes
         self.on_rejection: RejectionHook | None = None
+        self.refusals = Refusals()
         lock_dir.mkdir(parents=True, exist_ok=True)
 
     def journaled(self, size: int) -> bool:
@@ -254,11 +259,21 @@ class Ingest:
         Raises
         ------
         IntakeFull
-            The intake holds ``intake_max_bytes`` or more.
+            The intake holds ``intake_max_bytes`` or more (counted in
+            :attr:`refusals`).
         """
+        try:
+            self._check_room(size)
+        except IntakeFull:
+            self.refusals.refused()
+            raise
+
+    def _check_room(self, size: int | None) -> None:
+        """:meth:`check_room`, the refusal not counted."""
         wanted = self.intake_object_bytes > 0 if size is None else self.journaled(size)
         if self.intake_max_bytes is not None and wanted:
             check_room(self.index, self.intake_max_bytes)
+            self.refusals.settled()
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
                     expected: tuple[str, str] | None = None,
@@ -348,7 +363,7 @@ class Ingest:
         later: list[int] = []
         limit = self.max_object_bytes
         try:
-            self.check_room()
+            self._check_room(None)
             full: IntakeFull | None = None
         except IntakeFull as exc:
             full = exc
@@ -365,6 +380,8 @@ class Ingest:
             else:
                 seen.add(analysis.sop_instance_uid)
                 analysed[number] = analysis
+        if full is not None:  # one refusal per part refused
+            self.refusals.refused(sum(1 for result in results if result is full))
         data = [item.data for item in items]
         with self.uid_locks(list(seen)):
             self._store_analysed(data, analysed, calling_ae, results)

@@ -32,8 +32,9 @@ import fcntl
 import io
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ CHECKPOINT_BATCHES = 8
 MAX_BACKOFF = 30.0
 #: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
 RETRY_AFTER = 10
+#: Seconds between two log lines about stores refused while the intake is full.
+REFUSALS_LOG_INTERVAL = 10.0
 #: Read-ahead of an intake object's stream (reads this large or larger go straight to
 #: the blob).
 _READ_BUFFER = 256 << 10
@@ -95,13 +98,16 @@ class IntakeStore:
 
     Notes
     -----
-    ``put`` and ``delete`` act on the backend and remove the key's intake copy (in its
-    own transaction): what ``open`` answers afterwards is what was put, or nothing.
-    Ingest and deletion remove the intake copy in the transaction of the index row
-    instead (:func:`pacs.core.index.writer.intake_drop`,
-    :func:`~pacs.core.index.writer.delete_instance`).  Capabilities: ``local_file``
-    gives ``None`` for an intake object (read it with ``open``), the others are the
-    backend's.
+    ``put`` and ``delete`` (the :class:`~pacs.core.storage.ObjectStore` protocol's) act
+    on the backend and remove the key's intake copy (in its own transaction): what
+    ``open`` answers afterwards is what was put, or nothing.  Ingest and deletion remove
+    the intake copy in the transaction of the index row instead
+    (:func:`pacs.core.index.writer.intake_drop`,
+    :func:`~pacs.core.index.writer.delete_instance`) and write or delete the backend's
+    object themselves, as the mover does.  Capabilities: ``local_file`` gives ``None``
+    for an intake object (read it with ``open``); ``open_ranged``, ``usage`` and
+    ``quarantine`` are the backend's.  There is no batch put here: what writes in
+    batches (the ingest's direct path, the mover) writes to ``backend``.
     """
 
     def __init__(self, backend: ObjectStore, index: Index) -> None:
@@ -173,14 +179,6 @@ class IntakeStore:
         if self._entry(key) is not None:
             return open_seekable(self, key)
         return open_ranged(self.backend, key)
-
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
-        """The backend's batch put, then each stored key's intake copy dropped."""
-        failures = put_many(self.backend, items)
-        for (key, _data), failure in zip(items, failures, strict=True):
-            if failure is None:
-                self.forget(key)
-        return failures
 
     def usage(self) -> int:
         """Bytes in the backend (the intake's are in ``pacs status``'s backlog)."""
@@ -291,6 +289,64 @@ def check_room(index: Index, max_bytes: int) -> None:
     if reads.intake_bytes(index.connection()) >= max_bytes:
         raise IntakeFull("the node cannot take more objects until its object store has "
                          "caught up; retry later")
+
+
+class Refusals:
+    """The log of stores refused while the intake is full (:func:`check_room`).
+
+    A flood of refused stores (every C-STORE of every association, every STOW-RS
+    part, while the object store is down) would be a flood of log lines; here they
+    are counted, and a WARNING with the count goes out at the first refusal and then
+    at most once per ``interval``: at a refusal, or at the first object taken again
+    (:meth:`settled`).  Counts only, no UIDs.  One per
+    :class:`~pacs.core.ingest.Ingest`: per customer, in each process.
+
+    Parameters
+    ----------
+    interval : float
+        Least seconds between two lines.
+    clock : callable
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, interval: float = REFUSALS_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._last: float | None = None  # when the last line went out
+
+    def refused(self, count: int = 1) -> None:
+        """Count ``count`` stores refused; log them with those not reported yet, unless
+        a line went out less than ``interval`` ago."""
+        with self._lock:
+            self._pending += count
+            reported = self._take()
+        if reported:
+            log.warning("the intake is full (PACS_INTAKE_MAX_BYTES): %d store(s) refused "
+                        "since the last report; the object store has not caught up",
+                        reported)
+
+    def settled(self) -> None:
+        """An object is taken again: log the refusals not reported yet, unless a line
+        went out less than ``interval`` ago (they go out with the next one then)."""
+        if not self._pending:  # the usual case: no lock taken
+            return
+        with self._lock:
+            reported = self._take()
+        if reported:
+            log.warning("the intake takes objects again; %d store(s) refused since the "
+                        "last report", reported)
+
+    def _take(self) -> int:
+        """The count to log now (0: nothing, or too soon), reset; under the lock."""
+        now = self._clock()
+        if not self._pending or (self._last is not None
+                                 and now - self._last < self.interval):
+            return 0
+        reported, self._pending, self._last = self._pending, 0, now
+        return reported
 
 
 # --- the mover -------------------------------------------------------------------------
@@ -496,4 +552,4 @@ def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
 
 
 __all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "IntakeReader", "IntakeStore", "Mover",
-           "check_room", "mover_lock"]
+           "Refusals", "check_room", "mover_lock"]

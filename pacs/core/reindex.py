@@ -43,7 +43,23 @@ How a rebuild goes (:func:`rebuild`):
    ``index.sqlite.before-reindex-<time>`` (with its ``-wal`` when it had one).  Any
    failure before the rename (the store fails, an interrupt, a full disk) removes the
    new file and leaves the index as it was.
-6. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
+6. **Rejection notes are applied again.**  An IOCM rejection note (:mod:`pacs.core.
+   rejection`) in the store removed, when it was stored, the instances it names
+   (:mod:`pacs.core.deletion`): their rows went and tombstones came, then their objects
+   went.  An object of such an instance can still be in the store (a crash between the
+   two, a failed deletion: ``pacs fsck --repair`` deletes it).  So once every object is
+   indexed, each note found is applied again, in the order the store wrote them, by the
+   removal's own rules (:func:`pacs.core.deletion.delete_rows`, :func:`~pacs.core.
+   deletion.rejectable`): whatever order the notes and the instances they name were
+   met in, those instances are hidden again and their UIDs get their tombstones (who
+   removed them is not known: :data:`UNKNOWN_SENDER`; when: the note's stored time).
+   Their objects are left in place and counted as ``rejected``.  The one exception is
+   the reason that lets an instance come back (113039, Data Retention Policy
+   Expired): an instance the store wrote after the note was sent again after the
+   rejection and stays, as it did; without both times the note hides it.  Instances
+   deleted without a note are gone from the store and stay gone; their tombstones
+   are not rebuilt (the store keeps no record of them).
+7. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
    intake (:mod:`pacs.core.intake`) are not in the store yet; a rebuild refuses while
    there are any (``pacs reindex`` drains the intake into the store first).
 """
@@ -66,17 +82,23 @@ from typing import Any
 from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
+from pacs.core.deletion import chunks, delete_rows, reference, rejectable
 from pacs.core.errors import IndexFailure, NotFound, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
-from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row
+from pacs.core.index.reads import Located
+from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row, patient_key
+from pacs.core.rejection import Reference, Rejection
 from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
 
 log = logging.getLogger(__name__)
 
 #: ``received_at`` of an instance whose store does not tell when it was written.
 UNKNOWN_RECEIVED = ""
+#: Who removed the instances a rejection note found in the store rejects: the note's
+#: sender is not in the object (as the ingest's hook records an unnamed sender).
+UNKNOWN_SENDER = "(none)"
 #: Rows written per index transaction: one fsync per batch, not per object.
 BATCH = 500
 #: Byte of the ``-shm`` file every open WAL connection holds a read lock on (SQLite's
@@ -115,6 +137,9 @@ class Report:
         and the others, which are left in place.
     undated :
         Objects whose stored time the store did not tell (ordered by key instead).
+    rejected :
+        Objects of instances that rejection notes in the store reject: not indexed
+        (removed again after they were read), left in place.
     counts :
         Rows per level of the new index.
     seconds :
@@ -128,6 +153,7 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     duplicates: dict[str, list[str]] = field(default_factory=dict)
     undated: int = 0
+    rejected: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -150,6 +176,10 @@ class Report:
         if self.undated:
             yield (f"{self.undated} object(s) without a stored time: ordered by key, "
                    "received time unknown")
+        if self.rejected:
+            yield (f"{self.rejected} object(s) of instances rejected by rejection notes "
+                   "in the store: not indexed, left in place ('pacs fsck --repair' "
+                   "deletes them)")
         yield f"index rebuilt: {self.index}"
         if self.previous is not None:
             yield f"previous index kept as {self.previous}"
@@ -161,6 +191,7 @@ class Report:
                 "objects": self.objects, "indexed": self.indexed,
                 "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
                 "duplicates": self.duplicates, "undated": self.undated,
+                "rejected": self.rejected,
                 "counts": self.counts, "seconds": round(self.seconds, 3)}
 
 
@@ -255,7 +286,8 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     new = Index(new_path)
     try:
         migrate(new.connection())
-        _fill(new, store, keys, dated, analysers, readers, report, on_object)
+        notes = _fill(new, store, keys, dated, analysers, readers, report, on_object)
+        _apply_notes(new, notes, dated, report)
         check = reads.quick_check(new.connection())
         if check != "ok":
             raise IndexFailure(f"the rebuilt index failed its check: {check}")
@@ -268,9 +300,9 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         _remove(new_path)
         raise
     report.seconds = time.monotonic() - started
-    log.info("reindex: %d of %d objects indexed, %d skipped, %d duplicate UIDs, %.1f s",
-             report.indexed, report.objects, len(report.skipped), len(report.duplicates),
-             report.seconds)
+    log.info("reindex: %d of %d objects indexed, %d skipped, %d rejected, %d duplicate "
+             "UIDs, %.1f s", report.indexed, report.objects, len(report.skipped),
+             report.rejected, len(report.duplicates), report.seconds)
     return report
 
 
@@ -300,11 +332,33 @@ def _refuse_if_intake_holds(index_path: Path) -> None:
             "'pacs reindex', which drains it first, with the store reachable)")
 
 
+@dataclass(frozen=True)
+class _Note:
+    """A rejection note found in the store: its key, its patient
+    (:func:`pacs.core.ingest.patient_key`), what it rejects, and when the store wrote
+    it (``None``: not told)."""
+
+    key: str
+    patient: str
+    rejection: Rejection
+    stored: float | None
+
+    def sent_again(self, stored: float | None) -> bool:
+        """Whether an instance it names that the store wrote at ``stored`` came back
+        after it: its reason lets an instance be stored again (IHE RAD TF-2 4.66.4,
+        :attr:`pacs.core.rejection.Reason.refuses_again`) and both times say it came
+        later."""
+        return (not self.rejection.reason.refuses_again and stored is not None
+                and self.stored is not None and stored > self.stored)
+
+
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
           analysers: AnalyserPool, readers: int, report: Report,
-          on_object: Callable[[], object] | None) -> None:
-    """Analyse every object and write its rows, in ``keys`` order, in batches."""
+          on_object: Callable[[], object] | None) -> list[_Note]:
+    """Analyse every object and write its rows, in ``keys`` order, in batches; the
+    rejection notes among them, in that order."""
     batch: list[tuple[writer.InstanceRow, metadata.Prepared | None]] = []
+    notes: list[_Note] = []
     where: dict[str, str] = {}  # SOP Instance UID -> key indexed
     for key, (size, analysis) in _analysed(store, keys, analysers, readers):
         if on_object is not None:
@@ -321,10 +375,53 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
         received = dated.get(key)
         batch.append((_row(analysis, key, size, received), analysis.metadata))
         report.indexed += 1
+        if analysis.rejection is not None:
+            notes.append(_Note(key, patient_key(analysis.values[Level.PATIENT]),
+                               analysis.rejection, received))
         if len(batch) >= BATCH:
             _write(index, batch)
             batch = []
     _write(index, batch)
+    return notes
+
+
+def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
+                 report: Report) -> None:
+    """Apply each rejection note again, in store order, once every object is indexed
+    (item 6 of the module docstring): the rows of what it rejects out, its tombstones
+    in, as the removal wrote them, in the removal's chunks."""
+    for note in notes:
+        reason = note.rejection.reason
+        when = _received_at(note.stored)
+        for chunk in chunks(note.rejection.references):
+            with index.write() as conn:
+                rows, stones = _rejected(note, chunk, reads.located(
+                    conn, [place.sop_uid for place in chunk]), dated)
+                delete_rows(conn, rows, stones, (reason.code, reason.scheme),
+                            UNKNOWN_SENDER, when)
+            report.rejected += len(rows)
+            report.indexed -= len(rows)
+
+
+def _rejected(note: _Note, chunk: Iterable[Reference], indexed: Iterable[Located],
+              dated: dict[str, float]) -> tuple[list[Located], list[Reference]]:
+    """The rows a note removes among ``indexed`` and the tombstones it writes for the
+    places of ``chunk``, by :meth:`pacs.core.deletion.Deleter.reject`'s rules: a UID
+    not indexed gets its tombstone; an instance of another patient or at another
+    place is left as it is; one sent again after the note (:meth:`_Note.sent_again`)
+    stays, without a tombstone."""
+    found = {row.sop_uid: row for row in indexed}
+    rows: list[Located] = []
+    stones: list[Reference] = []
+    for place in chunk:
+        row = found.get(place.sop_uid)
+        if row is None:
+            stones.append(place)
+        elif rejectable(note.patient, row, place) and not note.sent_again(
+                dated.get(row.object_key)):
+            rows.append(row)
+            stones.append(reference(row))
+    return rows, stones
 
 
 def _refusal(key: str, analysis: Analysis | Exception) -> str | None:
@@ -344,9 +441,14 @@ def _row(analysis: Analysis, key: str, size: int,
          received: float | None) -> writer.InstanceRow:
     """The instance's index row, as ingest builds it, with what the store tells of its
     reception (and no calling AE title)."""
-    return instance_row(analysis, key, size, received_at=(
-        UNKNOWN_RECEIVED if received is None
-        else datetime.fromtimestamp(received, UTC).strftime(RECEIVED_FORMAT)))
+    return instance_row(analysis, key, size, received_at=_received_at(received))
+
+
+def _received_at(stored: float | None) -> str:
+    """A stored time as the index writes a received time (:data:`UNKNOWN_RECEIVED`:
+    not told)."""
+    return (UNKNOWN_RECEIVED if stored is None
+            else datetime.fromtimestamp(stored, UTC).strftime(RECEIVED_FORMAT))
 
 
 def _write(index: Index, batch: list[tuple[writer.InstanceRow,

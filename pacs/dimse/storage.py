@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from pacs.core.access import OVERWRITE, STORE
-from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError
+from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError, logged_by_core
 from pacs.dimse.status import NOT_AUTHORIZED, STORE_STATUS, SUCCESS, Status, status_for
 
 if TYPE_CHECKING:
@@ -103,8 +103,9 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
     except InvalidInstance as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
         return status_for(STORE_STATUS, exc), ""
-    except PacsError as exc:
-        log.error("C-STORE from %s failed: %s", calling, exc)
+    except PacsError as exc:  # a full intake: counted and logged by the ingest
+        log.log(logging.DEBUG if logged_by_core(exc) else logging.ERROR,
+                "C-STORE from %s failed: %s", calling, exc)
         return status_for(STORE_STATUS, exc), ""
     except Exception as exc:
         log.exception("C-STORE from %s failed unexpectedly", calling)

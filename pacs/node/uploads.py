@@ -72,7 +72,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 from pacs.core.config import Settings
-from pacs.core.errors import InvalidInstance, PacsError
+from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
 from pacs.core.ingest import Ingest, Outcome
 from pacs.core.services import Services
 
@@ -324,8 +324,9 @@ class UploadWatcher:
             return skip.handled
         except InvalidInstance as exc:
             return self._reject(path, str(exc), identity)
-        except PacsError as exc:
-            log.warning("could not store an uploaded file (%s); will retry", exc)
+        except PacsError as exc:  # a full intake: counted and logged by the ingest
+            log.log(logging.DEBUG if logged_by_core(exc) else logging.WARNING,
+                    "could not store an uploaded file (%s); will retry", exc)
             return Handled(path, Disposition.RETRY, str(exc))
         finally:
             data = b""  # the object's bytes are not kept while the file is moved

@@ -100,18 +100,31 @@ def test_read_your_writes_while_the_mover_is_held(node_factory: Callable[..., No
     assert health["intake_objects"] == 1
 
 
+#: C-STOREs refused on one association while the intake is full.
+REFUSED = 10
+
+
 def test_back_pressure_refuses_past_the_limit_and_takes_again_once_drained(
         node_factory: Callable[..., Node]) -> None:
     node = node_factory("full", PACS_INTAKE_MOVER="off", PACS_INTAKE_MAX_BYTES="1")
     first, second = sample("CT_small.dcm"), sample("MR_small.dcm")
     assert storescu(node, first).returncode == 0  # the intake was empty: taken
-    answer = storescu(node, second)
+    answer = run_dcmtk("storescu", "-v", "--no-halt", "-aec", AE_TITLE, "127.0.0.1",
+                       str(node.port), *[str(second)] * REFUSED, timeout=120)
     assert refused(answer), answer.stdout
+    assert len(re.findall(r"0xa700|Out ?Of ?Resources", answer.stdout, re.IGNORECASE)) \
+        >= REFUSED
     stow = requests.post(
         f"{node.web_url()}/studies", data=b"--b\r\n\r\n--b--",
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
                  "Accept": "application/dicom+json"}, timeout=30)
     assert stow.status_code == 503 and int(stow.headers["Retry-After"]) > 0, stow.text
+    # Refusals are counted and logged as a WARNING per interval and process, not as an
+    # ERROR each.
+    log = node.log(since_start=True)
+    assert "cannot take more objects" not in "".join(
+        line for line in log.splitlines(keepends=True) if " ERROR " in line), log
+    assert 1 <= log.count("the intake is full (PACS_INTAKE_MAX_BYTES)") < REFUSED + 1, log
     assert key_of(second) not in {row.object_key for row in read_index(node.data_dir).values()}
     node.env["PACS_INTAKE_MOVER"] = "on"
     node.restart()

@@ -301,7 +301,7 @@ from pacs.core.services import build
 services = build(config.load())
 def crash(key):
     os._exit(137)
-services.store.delete = crash
+services.store.backend.delete = crash  # the removal deletes objects from the backend
 rows = services.deleter.plan([Target(sys.argv[1])])
 services.deleter.remove([reference(r) for r in rows], audit.Participant("crash", True),
                         audit.APPLICATION_SERVER)

@@ -8,9 +8,13 @@ JPEG, JPEG-LS, JPEG 2000 and RLE objects, a deflated and a big-endian one, an in
 sent again with another value (overwritten), and one Patient ID whose two studies carry
 different patient attributes: the patient row holds those received last, which the
 rebuild can only know from the order of the writes (the later study has the smaller
-key, so an order by key would get it wrong).  Then the store is damaged: bytes that are
-no DICOM at an object key, and a copy of an instance at another instance's key; both
-are reported, left in place, and not indexed (nor were they before).
+key, so an order by key would get it wrong).  IOCM rejection notes
+(:func:`ingest_rejections`) hide instances whose objects stay in the store (a failed
+deletion, met before the note; an object the store wrote after the note), name an
+instance never received and another patient's instance, and a Data Retention Policy
+Expired note is followed by an instance sent again.  Then the store is damaged: bytes
+that are no DICOM at an object key, and a copy of an instance at another instance's
+key; both are reported, left in place, and not indexed (nor were they before).
 
 The S3 variant against SeaweedFS is ``tests/storage/test_reindex_s3.py``; ``pacs
 reindex`` as a command on a stopped node's data, then serving ``findscu``, is
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +50,15 @@ from pacs.core import config
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
 from pacs.core.errors import IndexFailure, StorageError
-from pacs.core.reindex import UNKNOWN_RECEIVED, Report, index_in_use, rebuild
+from pacs.core.reconcile import Problem, reconcile
+from pacs.core.reindex import (
+    UNKNOWN_RECEIVED,
+    UNKNOWN_SENDER,
+    Report,
+    index_in_use,
+    rebuild,
+    stored_times,
+)
 from pacs.core.services import Services, build, drain
 from pacs.core.storage import object_key
 from pacs.core.storage.base import exists
@@ -53,7 +66,7 @@ from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import server
 from tests.conftest import free_port, sample
-from tests.factory import make_instance
+from tests.factory import make_instance, make_rejection_note
 from tests.service.sample_studies import Archive, build_archive
 from tests.service.test_one_engine import STUDY_ROOT_FIND, UID_OF_LEVEL, Case, cases
 
@@ -61,7 +74,8 @@ PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 #: Columns a rebuild cannot derive from the objects (see pacs.core.reindex): when and
 #: from whom the object came, and the order in which rows were written (forwarding's
 #: change numbers).  Row keys (pk, *_pk) are compared through the UIDs.
-NOT_DERIVABLE = {"instance": {"received_at", "calling_ae", "change_seq"}}
+NOT_DERIVABLE = {"instance": {"received_at", "calling_ae", "change_seq"},
+                 "tombstone": {"removed_by", "removed_at"}}
 #: pydicom's files in other encodings: (file, what it adds to the data set).
 ENCODED = {
     "SC_rgb_rle_2frame.dcm": "RLE, multi-frame",
@@ -77,6 +91,15 @@ SHARED_ID = "PX-SHARED"
 #: The later of its studies has the smaller UID (and key).
 EARLIER_STUDY = "1.2.826.0.1.3680043.8.498.77.2"
 LATER_STUDY = "1.2.826.0.1.3680043.8.498.77.1"
+#: The study whose instances rejection notes reject, and its patient.
+REJECTED_STUDY = "1.2.826.0.1.3680043.8.498.78"
+REJECTED_ID = "PX-REJECTED"
+#: Seconds between writes whose order the store's times must tell (file times advance
+#: by the kernel's clock tick).
+APART = 0.05
+#: Another patient's instance, which a note names (and may not remove).
+OTHER_PLACE = ("1.2.826.0.1.3680043.8.498.79", "1.2.826.0.1.3680043.8.498.79.1",
+               "1.2.826.0.1.3680043.8.498.79.1.1")
 
 
 # --- the data set ----------------------------------------------------------------------
@@ -101,8 +124,11 @@ class Varied:
     """What :func:`ingest_varied` stored."""
 
     archive: Archive
-    objects: dict[str, bytes]  # every object sent, by SOP Instance UID (last version)
+    objects: dict[str, bytes]  # every instance in the store, by SOP UID (last version)
     damaged: list[str]  # keys written around ingest: not instances of their key
+    rejected: list[str]  # objects in the store of instances rejection notes removed
+    tombstones: dict[str, str]  # rejection code of each UID the notes name, removed
+    visible: list[str]  # UIDs the notes name that stay (another patient, sent again)
 
 
 def shared_patient_study(study: str, name: str, birth: str, sex: str) -> list[bytes]:
@@ -112,6 +138,106 @@ def shared_patient_study(study: str, name: str, birth: str, sex: str) -> list[by
                           PatientSex=sex, StudyInstanceUID=study, SeriesInstanceUID=series,
                           SOPInstanceUID=f"{series}.{n}", InstanceNumber=n)
             for n in (1, 2)]
+
+
+def rejected_instance(series: int, number: int, **attributes: object) -> bytes:
+    """Instance ``number`` of series ``series`` of :data:`REJECTED_STUDY`."""
+    series_uid = f"{REJECTED_STUDY}.{series}"
+    return make_instance(PatientID=REJECTED_ID, StudyInstanceUID=REJECTED_STUDY,
+                         SeriesInstanceUID=series_uid, SOPInstanceUID=f"{series_uid}.{number}",
+                         SeriesNumber=series, InstanceNumber=number, **attributes)
+
+
+def uids(data: bytes) -> tuple[str, str, str, str]:
+    """An object's (study, series, SOP instance, SOP class) UIDs: a note's reference."""
+    ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID)
+
+
+def key_of(data: bytes) -> str:
+    return object_key(*uids(data)[:3])
+
+
+@contextmanager
+def deletions_failing(services: Services, keys: set[str]) -> Iterator[None]:
+    """The backend's deletion of ``keys`` fails meanwhile (the object stays, as a crash
+    after the removal's transaction leaves it)."""
+    backend = services.store.backend
+    delete = backend.delete
+
+    def failing(key: str) -> None:
+        if key in keys:
+            raise StorageError("simulated: the object deletion failed")
+        delete(key)
+
+    backend.delete = failing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del backend.delete
+
+
+def ingest_rejections(services: Services, objects: dict[str, bytes], pause: float
+                      ) -> tuple[list[str], dict[str, str], list[str]]:
+    """Rejection notes through the ingest path (their hook removes what they name), and
+    objects they removed left in, or put back into, the store.
+
+    Series 1, a quality rejection (113001): instance 1's deletion fails (its object,
+    written before the note, is met before it), instance 2's object is written again
+    after the note (met after it), instance 3 is deleted, instance 4 is not named; the
+    note names a UID never received and :data:`OTHER_PLACE`, another patient's.
+    Series 2, a Data Retention Policy Expired note (113039): instance 1 is deleted,
+    instance 2 is sent again after it (stored again), instance 3's deletion fails.
+
+    Returns the keys of the objects left of removed instances, the reason code of each
+    tombstone, and the named UIDs that stay listed; ``objects`` gets what is stored.
+    """
+    first = [rejected_instance(1, n) for n in (1, 2, 3, 4)]
+    second = [rejected_instance(2, n) for n in (1, 2, 3)]
+    other = make_instance(PatientID="PX-OTHER", StudyInstanceUID=OTHER_PLACE[0],
+                          SeriesInstanceUID=OTHER_PLACE[1], SOPInstanceUID=OTHER_PLACE[2])
+    for data in [*first, *second, other]:
+        services.ingest.store_bytes(data, calling_ae="TEST")
+        objects[uids(data)[2]] = data
+    never = (REJECTED_STUDY, f"{REJECTED_STUDY}.1", f"{REJECTED_STUDY}.1.9",
+             uids(first[0])[3])
+    quality = make_rejection_note([uids(d) for d in first[:3]] + [never, uids(other)],
+                                  PatientID=REJECTED_ID,
+                                  SOPInstanceUID=f"{REJECTED_STUDY}.8.1",
+                                  SeriesInstanceUID=f"{REJECTED_STUDY}.8")
+    retention = make_rejection_note([uids(d) for d in second], code="113039",
+                                    meaning="Data Retention Policy Expired",
+                                    PatientID=REJECTED_ID,
+                                    SOPInstanceUID=f"{REJECTED_STUDY}.9.1",
+                                    SeriesInstanceUID=f"{REJECTED_STUDY}.9")
+    drain(services)
+    time.sleep(max(pause, APART))
+    with deletions_failing(services, {key_of(first[0]), key_of(second[2])}):
+        for note in (quality, retention):
+            services.ingest.store_bytes(note, calling_ae="TEST")
+            objects[uids(note)[2]] = note
+    for gone in (first[1], first[2], second[0], second[1]):
+        del objects[uids(gone)[2]]
+    drain(services)
+    time.sleep(max(pause, APART))
+    # Written after the notes: the removed instance's object put back (as a crash
+    # between the removal's transaction and its deletion leaves it, met after the
+    # note), and the instance the retention note let come back, sent again.
+    services.store.backend.put(key_of(first[1]), io.BytesIO(first[1]), len(first[1]))
+    objects[uids(first[1])[2]] = first[1]
+    services.ingest.store_bytes(second[1], calling_ae="TEST")
+    objects[uids(second[1])[2]] = second[1]
+    drain(services)
+    left = [key_of(first[0]), key_of(first[1]), key_of(second[2])]
+    # The orders this data set is about, as the store dated the writes.
+    times = stored_times(services.store.backend, [*left, key_of(second[1]),
+                                                  key_of(quality), key_of(retention)])
+    assert times[left[0]] < times[key_of(quality)] < times[left[1]]
+    assert times[left[2]] < times[key_of(retention)] < times[key_of(second[1])]
+    tombstones = {uids(data)[2]: "113001" for data in first[:3]}
+    tombstones[never[2]] = "113001"
+    tombstones.update({uids(data)[2]: "113039" for data in (second[0], second[2])})
+    return left, tombstones, [uids(other)[2], uids(second[1])[2], uids(first[3])[2]]
 
 
 def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
@@ -150,6 +276,7 @@ def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
             services.ingest.store_bytes(data, calling_ae="TEST")
             objects[dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID] = data
     drain(services)
+    rejected, tombstones, visible = ingest_rejections(services, objects, pause)
     # Damage: no DICOM at an object key, and an instance's copy at another's key.
     store = services.store
     garbage = object_key("1.2.826.0.1.3680043.8.498.66", "1.2.826.0.1.3680043.8.498.66.1",
@@ -159,7 +286,7 @@ def ingest_varied(services: Services, pause: float = 0.0) -> Varied:
                            "1.2.826.0.1.3680043.8.498.67.1.1")
     copied = objects[chest]
     store.put(elsewhere, io.BytesIO(copied), len(copied))
-    return Varied(archive, objects, [garbage, elsewhere])
+    return Varied(archive, objects, [garbage, elsewhere], rejected, tombstones, visible)
 
 
 # --- reading an index row by row ---------------------------------------------------------
@@ -222,6 +349,24 @@ def assert_same_rows(original: Dump, rebuilt: Dump) -> None:
         # The object's write time: moments after its row was committed (the intake's
         # mover wrote it), or before (the direct path of large objects).
         assert abs(parse(received) - parse(row["received_at"])) < 10, sop
+    for sop, row in rebuilt["tombstone"].items():
+        removed = original["tombstone"][sop]
+        # Removed by a note whose sender the object does not name, when it was stored.
+        assert (row["removed_by"], removed["removed_by"]) == (UNKNOWN_SENDER, "TEST")
+        assert abs(parse(removed["removed_at"]) - parse(row["removed_at"])) < 10, sop
+
+
+def assert_rejections_applied(report: Report, varied: Varied, original: Dump,
+                              rebuilt: Dump) -> None:
+    """What the notes removed is hidden and tombstoned in both indexes alike (the rows
+    are compared by :func:`assert_same_rows`), though its objects are in the store."""
+    assert report.rejected == len(varied.rejected)
+    assert any("rejected by rejection notes" in line for line in report.lines())
+    for found in (original, rebuilt):
+        assert {sop: row["reason_code"] for sop, row in found["tombstone"].items()} == \
+            varied.tombstones
+        assert not set(varied.tombstones) & set(found["instance"])
+        assert set(varied.visible) <= set(found["instance"])
 
 
 def parse(received_at: str) -> float:
@@ -256,6 +401,8 @@ def query_cases(varied: Varied) -> list[Case]:
             Case("encoded patients", "STUDY", {"PatientID": "ENC-*"}, "/studies",
                  "PatientID=ENC-*"),
             Case("every series", "SERIES", {}, "/series", ""),
+            Case("rejected study", "IMAGE", {"StudyInstanceUID": REJECTED_STUDY},
+                 f"/studies/{REJECTED_STUDY}/instances", ""),
             Case("every instance", "IMAGE", {}, "/instances", "")]
 
 
@@ -370,7 +517,7 @@ def test_a_rebuilt_index_equals_the_original_row_by_row_and_answers_alike(
         pool.close()
 
     assert report.objects == len(listed) == len(varied.objects) + len(varied.damaged)
-    assert report.indexed == len(varied.objects)
+    assert report.indexed == len(varied.objects) - len(varied.rejected)
     reasons = {s.key: s.reason for s in report.skipped}
     garbage, elsewhere = varied.damaged
     assert set(reasons) == {garbage, elsewhere}
@@ -383,6 +530,7 @@ def test_a_rebuilt_index_equals_the_original_row_by_row_and_answers_alike(
     original = previous_index(report, tmp_path / "original")
     rebuilt = dump(settings.index_path)
     assert_same_rows(dump(original), rebuilt)
+    assert_rejections_applied(report, varied, dump(original), rebuilt)
     assert report.counts == {table: len(rebuilt[table])
                              for table in ("patient", "study", "series", "instance")}
     # The patient row holds the attributes received last.
@@ -525,3 +673,46 @@ def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings)
     report = rebuild(index, store, AnalyserPool(0))
     assert report.previous is None and report.indexed == 1
     assert len(dump(index)["instance"]) == 1
+
+
+@pytest.mark.parametrize("note_series", ["1.2.826.0.1.3680043.8.498.81.0",
+                                         "1.2.826.0.1.3680043.8.498.81.9"],
+                         ids=["note met first", "note met last"])
+def test_a_rejection_note_hides_what_it_names_whichever_is_met_first(
+        settings: config.Settings, note_series: str) -> None:
+    """A store without times is read in key order: the note's key before or after that
+    of the instance it rejected, whose object a crash left; either way the instance
+    stays hidden and tombstoned, its object in place for ``pacs fsck --repair``."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    study = "1.2.826.0.1.3680043.8.498.81"
+    kept, rejected = (make_instance(StudyInstanceUID=study, SeriesInstanceUID=f"{study}.5",
+                                    SOPInstanceUID=f"{study}.5.{n}") for n in (1, 2))
+    for data in (kept, rejected):
+        services.ingest.store_bytes(data)
+    note = make_rejection_note([uids(rejected)], SeriesInstanceUID=note_series,
+                               SOPInstanceUID=f"{note_series}.1")
+    services.ingest.store_bytes(note)
+    drain(services)
+    assert key_of(rejected) not in set(store.keys())  # the note removed it
+    store.put(key_of(rejected), io.BytesIO(rejected), len(rejected))  # a crash left it
+    services.close()
+    keys = sorted(store.keys())
+    first = keys.index(key_of(note)) < keys.index(key_of(rejected))
+    assert first == note_series.endswith(".0")
+
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+
+    assert (report.undated, report.indexed, report.rejected) == (3, 2, 1)
+    rebuilt = dump(settings.index_path)
+    assert set(rebuilt["instance"]) == {uids(kept)[2], uids(note)[2]}
+    assert {sop: row["reason_code"] for sop, row in rebuilt["tombstone"].items()} == {
+        uids(rejected)[2]: "113001"}
+    assert sorted(store.keys()) == keys  # nothing deleted
+    repaired = build(settings, store=store)
+    try:
+        assert [f.problem for f in reconcile(repaired).findings] == [Problem.REMOVED]
+        assert reconcile(repaired, repair=True).ok
+        assert key_of(rejected) not in set(store.keys())
+    finally:
+        repaired.close()

@@ -6,19 +6,28 @@ retention, and the audit trail."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import apsw
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
 from pacs.core import audit, rejection
 from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
-from pacs.core.errors import InvalidRejection, InvalidUID, NotFound, RejectedInstance
+from pacs.core.errors import (
+    InvalidRejection,
+    InvalidUID,
+    NotFound,
+    RejectedInstance,
+    StorageError,
+)
 from pacs.core.index import reads
 from pacs.core.ingest import Outcome, Received
 from pacs.core.reconcile import Problem, reconcile
 from pacs.core.rejection import MAX_REFERENCES
 from pacs.core.services import Services, drain
+from pacs.core.storage.memory import MemoryStore
 from tests.factory import make_instance, make_rejection_note
 
 NODE = audit.Participant("tester", True)
@@ -201,6 +210,78 @@ def test_fsck_deletes_the_object_of_a_removed_instance(services: Services) -> No
     assert report.ok, list(report.lines())
     assert rows[0].object_key not in set(services.store.keys())
     assert made[0][2] not in _uids(services) and made[1][2] in _uids(services)
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts the deletions of each key; with ``fail_deletes``,
+    they fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: dict[str, int] = {}
+        self.fail_deletes = False
+
+    def delete(self, key: str) -> None:
+        self.deleted[key] = self.deleted.get(key, 0) + 1
+        if self.fail_deletes:
+            raise StorageError("simulated store failure")
+        super().delete(key)
+
+
+def test_a_removal_deletes_each_object_from_the_backend_alone_after_its_transaction(
+        make_services: Callable[..., Services]) -> None:
+    """The transaction removes the rows and the intake copies; after it the intake is
+    neither read nor written again, and each object is deleted once, from the backend
+    (whether it had reached the backend or was still in the intake)."""
+    store = CountingStore()
+    services = make_services(store=store)
+    moved = _study(services, count=2)
+    drain(services)
+    waiting = _study(services, count=1)  # still in the intake
+    assert reads.intake_state(services.index.connection()).objects == 1
+    rows = services.deleter.plan([Target(moved[0][0]), Target(waiting[0][0])])
+    statements: list[str] = []
+
+    def traced(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+        statements.append(sql)
+        return True
+
+    conn = services.index.connection()  # the deleting thread's (this one's)
+    conn.exec_trace = traced
+    try:
+        removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                          audit.APPLICATION_SERVER)
+    finally:
+        conn.exec_trace = None
+    assert removal.instances == 3 and removal.objects_left == 0
+    committed = max(n for n, sql in enumerate(statements) if sql.strip() == "COMMIT")
+    assert any("intake" in sql for sql in statements[:committed])  # with the rows
+    assert not [sql for sql in statements[committed + 1:] if "intake" in sql]
+    assert store.deleted == {row.object_key: 1 for row in rows}
+    assert reads.intake_state(services.index.connection()).objects == 0
+    assert list(services.store.keys()) == []
+
+
+def test_a_crash_before_the_object_deletion_leaves_an_orphan_fsck_reports(
+        make_services: Callable[..., Services]) -> None:
+    """The backend's deletion fails (as a crash after the transaction would leave it):
+    nothing of the instance is listed, its object stays, fsck reports it as removed and
+    repair deletes it."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=1)
+    drain(services)
+    rows = services.deleter.plan([Target(made[0][0])])
+    store.fail_deletes = True
+    removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                      audit.APPLICATION_SERVER)
+    store.fail_deletes = False
+    assert removal.objects_left == 1
+    assert made[0][2] not in _uids(services)
+    assert rows[0].object_key in set(services.store.keys())
+    assert [f.problem for f in reconcile(services).findings] == [Problem.REMOVED]
+    assert reconcile(services, repair=True).ok
+    assert list(services.store.keys()) == []
 
 
 def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +29,7 @@ from pydicom.filebase import DicomBytesIO
 from pacs.core import health
 from pacs.core.errors import IntakeFull
 from pacs.core.index import reads, writer
-from pacs.core.intake import Mover, mover_lock
+from pacs.core.intake import Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
 from pacs.core.services import Services, drain, mover
 from pacs.core.storage.memory import MemoryStore
@@ -361,3 +362,40 @@ def test_an_intake_object_reads_as_a_file(node: Services) -> None:
     [key] = reads.intake_keys(node.index.connection())
     with node.store.open(key) as stream:
         assert dcmread(stream).SOPInstanceUID == "1.2.826.0.1.3680043.8.498.1"
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refusals_are_logged_at_most_once_per_interval_with_their_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    refusals = Refusals(interval=10.0, clock=clock)
+    with caplog.at_level(logging.DEBUG, logger="pacs.core.intake"):
+        for _ in range(500):
+            refusals.refused()
+        refusals.refused(20)  # the parts of a STOW-RS batch
+        clock.now += 9.9
+        refusals.refused()
+        refusals.settled()  # too soon: kept for the next line
+        clock.now += 0.2
+        refusals.refused()
+        refusals.refused(3)
+        clock.now += 10.0
+        refusals.settled()
+        clock.now += 100.0
+        refusals.settled()  # nothing refused since: nothing to say
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "the intake is full (PACS_INTAKE_MAX_BYTES): 1 store(s) refused since "
+                    "the last report; the object store has not caught up"),
+        ("WARNING", "the intake is full (PACS_INTAKE_MAX_BYTES): 521 store(s) refused "
+                    "since the last report; the object store has not caught up"),
+        ("WARNING", "the intake takes objects again; 3 store(s) refused since the last "
+                    "report")]
