@@ -1,9 +1,10 @@
 """The structure of the audit messages of PS3.15 A.5, checked field by field.
 
 Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.5, A.5.3.6, A.5.3.7,
-A.5.3.10, A.5.3.11), independently of :mod:`pacs.core.audit`, so that the tests of the trail compare
-its events with the standard and not with themselves.  :func:`problems` returns what is
-wrong with one event (empty: it conforms); :func:`read_trail` reads a trail file.
+A.5.3.10, A.5.3.11, A.5.3.12), independently of :mod:`pacs.core.audit`, so that the
+tests of the trail compare its events with the standard and not with themselves.
+:func:`problems` returns what is wrong with one event (empty: it conforms);
+:func:`read_trail` reads a trail file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MESSAGES = {
     "110103": ("A.5.3.6 DICOM Instances Accessed", {"C", "R", "U", "D"}),
     "110105": ("A.5.3.5 DICOM Study Deleted", {"D"}),
     "110113": ("A.5.3.11 Security Alert", {"C", "R", "U", "D", "E"}),
+    "110114": ("A.5.3.12 User Authentication", {"E"}),
 }
 SOURCE_ROLE, DESTINATION_ROLE = "110153", "110152"
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -190,6 +192,27 @@ def problems(event: Mapping[str, Any]) -> list[str]:
             found += _patient_problems(patient)
     elif event_id == "110113" and not identification.get("EventTypeCode"):
         found.append(f"{section}: EventTypeCode (CID 403) expected")
+    elif event_id == "110114":
+        found += _login_problems(section, identification, participants, objects)
+    return found
+
+
+def _login_problems(section: str, identification: Mapping[str, Any],
+                    participants: list[Mapping[str, Any]],
+                    objects: list[Mapping[str, Any]]) -> list[str]:
+    """A.5.3.12: EventTypeCode Login or Logout (M); the person authenticated or claimed
+    with its network access point (M), and at most one authenticating node; no objects."""
+    found = []
+    codes = [code.get("csd-code") for code in identification.get("EventTypeCode", [])]
+    if codes not in (["110122"], ["110123"]):
+        found.append(f"{section}: EventTypeCode Login (110122) or Logout (110123) expected")
+    if not 1 <= len(participants) <= 2:
+        found.append(f"{section}: the user and at most the node expected")
+    elif not participants[0].get("NetworkAccessPointID") or \
+            not participants[0].get("NetworkAccessPointTypeCode"):
+        found.append(f"{section}: the user's NetworkAccessPointID and TypeCode (M)")
+    if objects:
+        found.append(f"{section}: no participant objects expected")
     return found
 
 

@@ -160,7 +160,7 @@ def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response
         (:mod:`adapters.http.audit`).
     """
     settings = services.settings
-    access = Access(settings, services.access)
+    access = Access.of(services)
     # The audit trail's middleware is first: its process_response runs for every
     # request, those the access rule refuses included (falcon's independent middleware).
     middleware: list[Any] = [AuditMiddleware(services.audit),

@@ -53,7 +53,7 @@ class _Remover:
     def access(self) -> Access:
         """The access rule of the node's settings (read on first use: the conformance
         statement builds the route table without services)."""
-        return Access(self.services.settings, self.services.access)
+        return Access.of(self.services)
 
     def remove(self, req: falcon.Request, study: str, series: str | None,
                instance: str | None, reason: Reason | None) -> Removal:

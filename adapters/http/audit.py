@@ -21,7 +21,9 @@ same below a study or series (QIDO-RS)
 
 ``/health``, CORS preflights, HEAD requests (no data in the answer) and the viewer's
 static files carry no patient data and are not recorded.  Requests the access rule
-refused are recorded too (outcome 8): an auditor wants the attempts as well.
+refused are recorded too (outcome 8): an auditor wants the attempts as well.  Failed
+logins themselves, whatever the path, are recorded by the access rule
+(:mod:`adapters.http.auth`: User Authentication, PS3.15 A.5.3.12).
 
 - **Who**: the user the credentials proved (HTTP Basic or a bearer token: its user's
   name; ``token`` for ``PACS_WEB_TOKEN``), ``loopback`` for a request from this host
@@ -124,14 +126,15 @@ def outcome_of(status: int) -> int:
     """EventOutcomeIndicator of an HTTP status (PS3.15 A.5.3, RFC 3881 5.1.4).
 
     2xx success (0), but 202 (a STOW-RS with failed parts) a minor failure (4); other
-    4xx a minor failure (4), but refused access (401, 403, 421) a serious one (8); 5xx
-    a serious failure (8), 503 (the node unavailable) a major one (12).
+    4xx a minor failure (4), but refused access (401, 403, 421, and 429: credentials
+    refused after failed logins) a serious one (8); 5xx a serious failure (8), 503 (the
+    node unavailable) a major one (12).
     """
     if status == 202:
         return audit.MINOR_FAILURE
     if 200 <= status < 300:
         return audit.SUCCESS
-    if status in (401, 403, 421):
+    if status in (401, 403, 421, 429):
         return audit.SERIOUS_FAILURE
     if status == 503:
         return audit.MAJOR_FAILURE

@@ -38,20 +38,32 @@ gunicorn lets only a trusted forwarder (loopback by default) set it with
 ``X-Forwarded-Proto``.
 CORS preflight requests carry no credentials by design (Fetch standard) and are let
 through; the request that follows is checked.
+
+**Failed logins** (:mod:`pacs.core.logins`): credentials that prove no user are counted
+per client address and per user name; past ``PACS_AUTH_FAILURES`` in
+``PACS_AUTH_WINDOW`` seconds, requests with credentials from that address (or for that
+name, from an address that failed) get 429 Too Many Requests (RFC 6585 4) with
+Retry-After, before their password is hashed.  Each failure is a User Authentication
+event of the audit trail (PS3.15 A.5.3.12, Login, minor failure), each lock-out a
+Security Alert (A.5.3.11, Node Authentication: the attempts were stopped).  Requests
+without credentials are not counted: they cost nothing and still get 401.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 from enum import Enum
 
 import falcon
 
-from pacs.core import access as rules
+from pacs.core import access as rules, audit
 from pacs.core.access import AccessPolicy, Identity
+from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
-from pacs.core.services import access_policy
+from pacs.core.logins import Attempt, Lockout, LoginLimiter
+from pacs.core.services import Services, access_policy
 
 #: The challenge sent with 401 (RFC 7617 Basic, RFC 6750 Bearer).
 REALM = 'realm="pacs DICOMweb"'
@@ -86,12 +98,27 @@ class Verdict(Enum):
     HTTPS_REQUIRED = "https required"  # from another host over plain HTTP: 403
     MISDIRECTED = "misdirected"        # loopback naming another host, no credentials: 421
     UNAUTHORIZED = "unauthorized"      # from another host, no valid credentials: 401
+    LOCKED = "locked"                  # credentials after too many failed logins: 429
 
 
 #: Who a request is when the node is open (``PACS_WEB_OPEN``).
 ANONYMOUS = Identity("anonymous", rules.ROLES)
 #: The name of a request from this host without credentials.
 LOOPBACK = "loopback"
+
+
+def basic_credentials(authorization: str) -> tuple[str, str] | None:
+    """The user name and password of an HTTP Basic Authorization header (RFC 7617),
+    or ``None`` for another scheme or a header that is not one."""
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    name, sep, password = decoded.partition(":")
+    return (name, password) if sep else None
 
 
 def role_for(method: str) -> str:
@@ -115,13 +142,30 @@ class Access:
     policy : AccessPolicy, optional
         The users and loopback roles (``services.access``); built from ``settings``
         when omitted.
+    logins : LoginLimiter, optional
+        The failed logins of this process (``services.logins``); one of its own, of
+        ``PACS_AUTH_FAILURES`` and ``PACS_AUTH_WINDOW``, when omitted.
+    trail : AuditTrail, optional
+        Where failed logins and lock-outs are recorded (``services.audit``); none when
+        omitted.
     """
 
-    def __init__(self, settings: Settings, policy: AccessPolicy | None = None) -> None:
+    def __init__(self, settings: Settings, policy: AccessPolicy | None = None, *,
+                 logins: LoginLimiter | None = None,
+                 trail: AuditTrail | None = None) -> None:
         self.policy = policy if policy is not None else access_policy(settings)
         self.open = settings.web_open
         self.delete = settings.web_delete
         self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
+        self.logins = logins if logins is not None else LoginLimiter.of(settings)
+        self.trail = trail
+
+    @classmethod
+    def of(cls, services: Services) -> Access:
+        """The access rule of ``services``: its settings, policy, failed logins and
+        audit trail."""
+        return cls(services.settings, services.access, logins=services.logins,
+                   trail=services.audit)
 
     def names_this_node(self, host: str | None) -> bool:
         """True when a request's Host header names this node (no header: not a
@@ -139,14 +183,20 @@ class Access:
         allowed.
 
         Credentials are never evaluated for a request from another host over plain
-        HTTP.
+        HTTP, nor from a client locked out by failed logins (:meth:`locked_out`).
         """
         if self.open:
             return Verdict.ALLOW, ANONYMOUS  # credentials, if any, are not looked at
         loopback = is_loopback(remote_addr)
         if not loopback and not secure:
             return Verdict.HTTPS_REQUIRED, None
-        user = self.user(authorization) if authorization else None
+        user = None
+        if authorization:
+            if self.locked_out(remote_addr, authorization):
+                return Verdict.LOCKED, None  # before any password is hashed
+            user = self.user(authorization)
+            if user is None:
+                self.failed(self.attempt(remote_addr, authorization), authorization)
         if user is not None:
             return Verdict.ALLOW, Identity(user.name, user.roles, authenticated=True)
         if loopback and self.names_this_node(host):
@@ -184,17 +234,43 @@ class Access:
     def user(self, authorization: str) -> rules.User | None:
         """The user a Basic or Bearer Authorization header proves to be, if any."""
         scheme, _, value = authorization.strip().partition(" ")
-        scheme = scheme.lower()
-        if scheme == "bearer" and value.strip():
+        if scheme.lower() == "bearer" and value.strip():
             return self.policy.by_token(value.strip())
-        if scheme == "basic":
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            name, sep, password = decoded.partition(":")
-            return self.policy.by_password(name, password) if sep else None
-        return None
+        basic = basic_credentials(authorization)
+        return self.policy.by_password(*basic) if basic is not None else None
+
+    def attempt(self, remote_addr: str | None, authorization: str) -> Attempt:
+        """The login ``authorization`` from ``remote_addr`` is, for the limiter."""
+        basic = basic_credentials(authorization)
+        name = basic[0] if basic is not None and basic[0] else None
+        return Attempt(remote_addr or "", name, name is not None and name in self.policy.users)
+
+    def retry_after(self, remote_addr: str | None, authorization: str) -> float:
+        """Seconds until credentials from ``remote_addr`` are looked at again (0: now)."""
+        return self.logins.wait(self.attempt(remote_addr, authorization))
+
+    def locked_out(self, remote_addr: str | None, authorization: str) -> bool:
+        """True when credentials from ``remote_addr`` are not looked at now."""
+        return self.retry_after(remote_addr, authorization) > 0
+
+    def failed(self, attempt: Attempt, authorization: str) -> None:
+        """Count a failed login and record it in the audit trail: a User
+        Authentication event, and a Security Alert when it locked a client out."""
+        lockout = self.logins.failed(attempt)
+        if self.trail is None or not self.trail.enabled:
+            return
+        scheme = authorization.strip().partition(" ")[0].lower()
+        who = attempt.user or (rules.TOKEN_USER if scheme == "bearer" else "anonymous")
+        client = Participant(who, True, address=attempt.address)
+        self.trail.user_authentication(audit.WEB_SERVER, client, audit.MINOR_FAILURE,
+                                       "wrong credentials")
+        if lockout is not Lockout.NONE:
+            what = ("user name" if lockout is Lockout.USER else "client address")
+            self.trail.security_alert(
+                audit.WEB_SERVER, audit.NODE_AUTHENTICATION,
+                f"DICOMweb logins of this {what} refused for up to "
+                f"{self.logins.window:g} s: {self.logins.limit} failed logins in "
+                f"{self.logins.window:g} s", audit.MINOR_FAILURE, [client])
 
     def credentials_valid(self, authorization: str) -> bool:
         """True when the Authorization header names a user (:meth:`user`)."""
@@ -217,7 +293,8 @@ class Access:
         Raises
         ------
         falcon.HTTPError
-            403 over plain HTTP from another host, 421 for a misdirected request, 401
+            403 over plain HTTP from another host, 421 for a misdirected request, 429
+            with Retry-After after too many failed logins, 401
             with a challenge without valid credentials (or when the roles of a request
             from this host lack ``role``), 403 for a user without ``role``.
         """
@@ -232,6 +309,13 @@ class Access:
                 description="requests from other hosts are answered over HTTPS only, and "
                             "credentials are never accepted over plain HTTP: use https:// "
                             "(a node with PACS_TLS_CERT, or a TLS proxy on its host)")
+        if verdict is Verdict.LOCKED:
+            wait = self.retry_after(req.remote_addr, req.get_header("Authorization") or "")
+            raise falcon.HTTPTooManyRequests(
+                title="Too many failed logins",
+                description="too many failed logins from this address (or for this "
+                            "user): credentials are not checked until Retry-After",
+                retry_after=max(1, math.ceil(wait)))
         if verdict is Verdict.MISDIRECTED:
             raise falcon.HTTPError(
                 falcon.HTTP_421, title="Misdirected request",

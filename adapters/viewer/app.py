@@ -50,7 +50,6 @@ def files_app(services: Services, dist: Path) -> falcon.App[falcon.Request, falc
     """OHIF's files behind the DICOMweb access rule."""
     files = OhifFiles(dist, app_config(services.settings.web_delete))
     app = falcon.App(middleware=(ViewerHeaders(files.policy),
-                                 AccessMiddleware(Access(services.settings,
-                                                        services.access))))
+                                 AccessMiddleware(Access.of(services))))
     app.add_sink(files, prefix="/")
     return app

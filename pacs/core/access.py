@@ -32,9 +32,9 @@ so that a file of several customers can hold one per customer), and the single-e
 settings, which become entries of the same kind: each title of
 ``PACS_ALLOWED_CALLING_AETS`` is a known AE with every right (and, when the list is
 set, unknown AEs get none, as that setting always meant); ``PACS_WEB_USER`` /
-``PACS_WEB_PASSWORD`` a user with every role, ``PACS_WEB_TOKEN`` a token of the user
-``token`` with every role.  The file's entries win over the settings' for the same
-name.
+``PACS_WEB_PASSWORD`` a user with every role (its password hashed on first use,
+:attr:`User.secret`), ``PACS_WEB_TOKEN`` a token of the user ``token`` with every
+role.  The file's entries win over the settings' for the same name.
 
 ::
 
@@ -191,12 +191,23 @@ class KnownAE:
 
 @dataclass(frozen=True)
 class User:
-    """A DICOMweb user: a password hash and / or token hashes, and roles."""
+    """A DICOMweb user: a password hash and / or token hashes, and roles.
+
+    ``secret`` is a password a setting gives in clear (``PACS_WEB_PASSWORD``) instead
+    of a hash: :class:`AccessPolicy` hashes it on first use, once per process, so that
+    no process pays a scrypt at start-up for a password it may never check.
+    """
 
     name: str
     roles: frozenset[str]
     password: str = ""
     tokens: tuple[str, ...] = ()
+    secret: str = field(default="", repr=False, compare=False)
+
+    @property
+    def has_password(self) -> bool:
+        """True when the user logs in with a password (HTTP Basic)."""
+        return bool(self.password or self.secret)
 
 
 @dataclass(frozen=True)
@@ -362,6 +373,8 @@ class AccessPolicy:
         self._verified: OrderedDict[bytes, str] = OrderedDict()
         self._cache_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
+        self._hashes: dict[str, str] = {}  # of users given a secret, hashed on first use
+        self._hashing = threading.Lock()
 
     # -- DIMSE ------------------------------------------------------------------------
 
@@ -402,7 +415,7 @@ class AccessPolicy:
     @property
     def has_passwords(self) -> bool:
         """True when some user has a password (HTTP Basic)."""
-        return any(user.password for user in self.users.values())
+        return any(user.has_password for user in self.users.values())
 
     @property
     def has_tokens(self) -> bool:
@@ -412,22 +425,35 @@ class AccessPolicy:
     def by_password(self, name: str, password: str) -> User | None:
         """The user ``name`` when ``password`` is theirs."""
         user = self.users.get(name)
-        if user is None or not user.password:
+        if user is None or not user.has_password:
             # The same cost as a wrong password: no telling which names exist.
             verify_password(password, _dummy_hash())
             return None
+        stored = self.password_hash(user)
         key = hmac.new(self._cache_key, f"{name}\0{password}".encode(), "sha256").digest()
         with self._lock:
-            if self._verified.get(key) == user.password:
+            if self._verified.get(key) == stored:
                 self._verified.move_to_end(key)
                 return user
-        if not verify_password(password, user.password):
+        if not verify_password(password, stored):
             return None
         with self._lock:
-            self._verified[key] = user.password
+            self._verified[key] = stored
             while len(self._verified) > VERIFIED_CACHE:
                 self._verified.popitem(last=False)
         return user
+
+    def password_hash(self, user: User) -> str:
+        """The password hash of ``user``: its own, or that of its secret, made on the
+        first call (one scrypt per process and user, under a lock so that threads
+        asking at once make it once)."""
+        if user.password or not user.secret:
+            return user.password
+        with self._hashing:
+            stored = self._hashes.get(user.name)
+            if stored is None:
+                stored = self._hashes[user.name] = hash_password(user.secret)
+            return stored
 
     def by_token(self, token: str) -> User | None:
         """The user whose token this is."""
@@ -512,7 +538,7 @@ def build(*, access_file: str = "", tables: Tables | None = None,
         unknown_ae_rights = frozenset()
     users: dict[str, User] = {}
     if web_user and web_password:
-        users[web_user] = User(web_user, ROLES, hash_password(web_password))
+        users[web_user] = User(web_user, ROLES, secret=web_password)  # hashed when used
     if web_token:
         users[TOKEN_USER] = User(TOKEN_USER, ROLES, tokens=(hash_token(web_token),))
     users.update({user.name: user for user in tables.users})

@@ -25,8 +25,12 @@ DICOM Study Deleted (A.5.3.5)          110105    studies removed whole (D): ``pa
 Security Alert (A.5.3.11)              110113    the trail itself: writing again after
                                                  events were lost (110134 "Audit
                                                  Recording Started"); an association
-                                                 the access rules rejected (110126
+                                                 the access rules rejected, a client
+                                                 address or user name locked out of
+                                                 DICOMweb after failed logins (110126
                                                  "Node Authentication")
+User Authentication (A.5.3.12)         110114    a failed DICOMweb login (110122
+                                                 "Login"): wrong credentials
 =====================================  ========  =====================================
 
 The file (``PACS_AUDIT_LOG``, default ``<data folder>/audit.jsonl``) is one JSON
@@ -120,6 +124,8 @@ STUDY_DELETED = Code("110105", "DCM", "DICOM Study Deleted")
 SECURITY_ALERT = Code("110113", "DCM", "Security Alert")
 AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
 NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
+LOGIN = Code("110122", "DCM", "Login")
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
@@ -409,6 +415,16 @@ def security_alert_event(source: Source, kind: Code, alert: Code, node: Particip
                     [node, *others], source, kind, [])
 
 
+def user_authentication_event(source: Source, kind: Code, user: Participant,
+                              node: Participant, outcome: int,
+                              description: str = "") -> Event:
+    """User Authentication (PS3.15 A.5.3.12) of a login (110122): the person
+    authenticated or claimed (``user``, with the address it called from) and the node
+    that authenticated it; no participant objects."""
+    return _message(_identification(USER_AUTHENTICATION, EXECUTE, outcome, description,
+                                     LOGIN), [user, node], source, kind, [])
+
+
 def dimse_outcome(status: int) -> int:
     """EventOutcomeIndicator of a DIMSE status (PS3.7 C): Success 0; Warning (0001,
     Bxxx, 0107, 0116) and Cancel (FE00) a minor failure; any Failure a serious one."""
@@ -693,6 +709,14 @@ class AuditTrail:
             self.log.write(security_alert_event(self.source, kind, alert,
                                                 self.node(requestor=True), description,
                                                 outcome, others))
+
+    def user_authentication(self, kind: Code, user: Participant, outcome: int,
+                            description: str = "") -> None:
+        """Record a login (see :func:`user_authentication_event`); a failed one is a
+        minor failure (PS3.15 A.5.3.12 leaves the outcome to the node)."""
+        if self.enabled:
+            self.log.write(user_authentication_event(self.source, kind, user, self.node(),
+                                                     outcome, description))
 
     def deleted(self, kind: Code, participants: Sequence[Participant],
                 studies: Sequence[Study], whole: Collection[str],

@@ -47,6 +47,14 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _not_negative(value: str) -> int:
+    """A count that may be 0 (which turns its limit off)."""
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be 0 or more, got {value!r}")
+    return number
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -279,6 +287,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_LOOPBACK_ROLES", "loopback_roles", "read,write,admin",
             "DICOMweb roles of a request from this host without credentials (comma list "
             "of read, write, admin; empty: none, credentials needed).", _roles),
+    Setting("PACS_AUTH_FAILURES", "auth_failures", "10",
+            "Failed DICOMweb logins (a wrong password or token) within PACS_AUTH_WINDOW "
+            "after which further requests with credentials from that client address (or "
+            "for that user name, from addresses that failed) get 429 with Retry-After, "
+            "their credentials unchecked, until the window passes; counted in each web "
+            "worker process; 0: no limit.",
+            _not_negative),
+    Setting("PACS_AUTH_WINDOW", "auth_window", "60",
+            "Seconds of the sliding window of PACS_AUTH_FAILURES.", _positive(float)),
     Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
             "A repeated SOP Instance UID with different content: overwrite, keep (first) "
             "or reject.", _choice("overwrite", "keep", "reject")),
@@ -475,6 +492,8 @@ class Settings:
     access_file: str = _default("access_file")
     unknown_ae_rights: frozenset[str] = _default("unknown_ae_rights")
     loopback_roles: frozenset[str] = _default("loopback_roles")
+    auth_failures: int = _default("auth_failures")
+    auth_window: float = _default("auth_window")
     duplicate_policy: str = _default("duplicate_policy")
     commitment_max_references: int = _default("commitment_max_references")
     commitment_max_pending: int = _default("commitment_max_pending")

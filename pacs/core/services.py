@@ -21,6 +21,7 @@ from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
 from pacs.core.intake import IntakeStore, Mover, mover_lock
+from pacs.core.logins import LoginLimiter
 from pacs.core.query.engine import QueryEngine
 from pacs.core.storage import ObjectStore, open_store
 
@@ -44,6 +45,9 @@ class Services:
                                                                  Source("", "")))
     #: Who may do what (:mod:`pacs.core.access`); open unless built by :func:`build`.
     access: AccessPolicy = field(default_factory=AccessPolicy)
+    #: The failed logins of this process (:mod:`pacs.core.logins`); off unless built
+    #: by :func:`build`.
+    logins: LoginLimiter = field(default_factory=lambda: LoginLimiter(0, 1.0))
     #: Removes instances (``pacs delete``, DICOMweb, rejection notes, retention).
     deleter: Deleter = field(init=False)
 
@@ -62,7 +66,7 @@ class Services:
 
 def build(settings: Settings, store: ObjectStore | None = None, *,
           check_store: bool = True, analysers: AnalyserPool | None = None,
-          synced: bool = True) -> Services:
+          logins: LoginLimiter | None = None, synced: bool = True) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -81,6 +85,9 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         The STOW-RS analysis helpers to use: an HTTP worker's customers share one pool
         (a helper parses bytes and holds no customer's data); a pool of its own
         otherwise.
+    logins : LoginLimiter, optional
+        The failed logins to count in: an HTTP worker's customers share one (a client
+        guessing at several customers is one client); one of the settings otherwise.
     synced : bool
         The index commits are synced (:func:`pacs.core.index.connection.connect`);
         only the intake's mover process opens its index without.
@@ -109,7 +116,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                     analysers=analysers or AnalyserPool(settings.web_analysers,
                                                         settings.max_object_bytes),
                     commitments=commitments(settings, index),
-                    audit=audit_trail(settings, index), access=policy)
+                    audit=audit_trail(settings, index), access=policy,
+                    logins=logins if logins is not None else LoginLimiter.of(settings))
 
 
 def access_policy(settings: Settings) -> AccessPolicy:

@@ -35,6 +35,7 @@ from pacs.core.analysers import AnalyserPool
 from pacs.core.config import Settings
 from pacs.core.customers import Customer, customers
 from pacs.core.errors import ConfigError
+from pacs.core.logins import LoginLimiter
 from pacs.core.services import Services, build
 from pacs.node.viewer import find_dist, missing_message
 
@@ -49,15 +50,18 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 def _worker_services(settings: Settings
                      ) -> tuple[AnalyserPool, list[tuple[Customer, Services]]]:
     """The services of each customer in this worker process, closed when it exits;
-    they share one pool of STOW-RS analysers."""
+    they share one pool of STOW-RS analysers and one count of failed logins (the
+    node's limits, :mod:`pacs.core.logins`)."""
     logs.setup(settings.log_level)  # no data-set values at INFO and above
     served = customers(settings)
     analysers = AnalyserPool(settings.web_analysers, settings.max_object_bytes)
     atexit.register(analysers.close)
+    logins = LoginLimiter.of(settings)
     built = []
     for customer in served:
         # pacs serve checked the stores
-        services = build(customer.settings, check_store=False, analysers=analysers)
+        services = build(customer.settings, check_store=False, analysers=analysers,
+                         logins=logins)
         atexit.register(services.close)
         built.append((customer, services))
     return analysers, built

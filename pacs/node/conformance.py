@@ -278,6 +278,9 @@ def _security(settings: Settings, ae: Any) -> dict[str, Any]:
         "dicomweb_open": settings.web_open,
         "dicomweb_basic": policy.has_passwords,
         "dicomweb_bearer": policy.has_tokens,
+        # Failed logins per client address or user name before 429 (0: no limit).
+        "dicomweb_failed_logins": {"failures": settings.auth_failures,
+                                   "window_seconds": settings.auth_window},
         "dicomweb_loopback_roles": sorted(policy.loopback_roles),
         "dicomweb_hosts": list(settings.web_hosts),
         "cors_origins": list(settings.cors_origins),
@@ -916,6 +919,18 @@ stored as received); the index holds their values decoded.  DICOMweb answers are
 {sets["dicomweb"]} (UTF-8)."""
 
 
+def _failed_logins_text(sec: dict[str, Any]) -> str:
+    """What the conformance statement says of failed logins (:mod:`pacs.core.logins`)."""
+    limit = sec["dicomweb_failed_logins"]
+    if not limit["failures"]:
+        return "; failed logins are not limited (`PACS_AUTH_FAILURES=0`)"
+    return (f"; after {limit['failures']} failed logins within {limit['window_seconds']:g} s "
+            "from one client address (or for one user name, from the addresses that "
+            "failed), requests with credentials from there get 429 with Retry-After, "
+            "their credentials not checked, until the window passes "
+            "(`PACS_AUTH_FAILURES`, `PACS_AUTH_WINDOW`)")
+
+
 def _security_text(data: dict[str, Any]) -> str:
     sec = data["security"]
     calling = (", ".join(f"`{a}`" for a in sec["calling_ae_titles"])
@@ -941,12 +956,13 @@ def _security_text(data: dict[str, Any]) -> str:
                   + "; a request needs a role: read for GET (QIDO-RS, WADO-RS, the "
                   "viewer), write for POST (STOW-RS), admin for DELETE (401 with a "
                   "challenge without valid credentials, 403 for a user without the role; "
-                  "users and their roles: `PACS_ACCESS_FILE`)")
+                  "users and their roles: `PACS_ACCESS_FILE`)" + _failed_logins_text(sec))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
     audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
              "Accessed, Begin Transferring, Security Alert) for every association and "
-             "DICOMweb request that touches patient data, as JSON lines in `PACS_AUDIT_LOG`, "
+             "DICOMweb request that touches patient data, User Authentication for each "
+             "failed DICOMweb login, as JSON lines in `PACS_AUDIT_LOG`, "
              "shipped as RFC 5424 syslog by `pacs audit --syslog`"
              if sec["audit_trail"] else "no audit trail (`PACS_AUDIT_LOG=off`)")
     if sec["dicomweb_https"]:

@@ -220,11 +220,18 @@ def test_refused_requests_are_recorded_as_serious_failures(
     result = client.simulate_get("/studies/1.2.3/metadata", remote_addr=OTHER_HOST,
                                  headers=headers, protocol=protocol)
     assert result.status_code == status
-    (event,) = trail(node)
+    events = trail(node)
+    logins = [e for e in events if event_name(e) == "User Authentication"]
+    (event,) = [e for e in events if e not in logins]
     assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
     assert event["EventIdentification"]["EventOutcomeDescription"] == f"HTTP {status}"
     assert requestor(event)["UserID"] == user  # as claimed: never checked over plain HTTP
     assert studies_in(event) == ["1.2.3"]
+    # Credentials checked and wrong: a failed login (PS3.15 A.5.3.12); over plain HTTP
+    # they are never checked, so no login was attempted.
+    assert [(requestor(e)["UserID"], requestor(e)["NetworkAccessPointID"],
+             e["EventIdentification"]["EventOutcomeIndicator"]) for e in logins] == (
+        [(user, OTHER_HOST, 4)] if status == 401 else [])
 
 
 def test_requests_without_patient_data_are_not_recorded(
@@ -282,7 +289,7 @@ def test_requests_are_classified_by_path(method: str, path: str, touch: Touch | 
 
 @pytest.mark.parametrize("status, outcome", [
     (200, 0), (206, 0), (202, 4), (400, 4), (404, 4), (406, 4), (409, 4), (413, 4),
-    (401, 8), (403, 8), (421, 8), (500, 8), (503, 12)])
+    (401, 8), (403, 8), (421, 8), (429, 8), (500, 8), (503, 12)])
 def test_http_statuses_become_outcome_indicators(status: int, outcome: int) -> None:
     assert outcome_of(status) == outcome
 

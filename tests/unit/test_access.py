@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from pathlib import Path
 
@@ -143,6 +144,36 @@ def test_the_single_entry_settings_become_entries() -> None:
     assert bob is not None and bob.roles == access.ROLES
     token = policy.by_token("tok")
     assert token is not None and token.name == access.TOKEN_USER
+
+
+def test_the_settings_password_is_hashed_on_first_use_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scrypt at start-up (every process builds a policy, some several); one on the
+    first login, whatever the threads asking at once."""
+    made: list[str] = []
+    original = access.hash_password
+
+    def spy(password: str, salt: bytes | None = None) -> str:
+        made.append(password)
+        return original(password, salt)
+
+    monkeypatch.setattr(access, "hash_password", spy)
+    settings = config.load(overrides={"PACS_WEB_USER": "bob", "PACS_WEB_PASSWORD": "pw"},
+                           environ={}, env_file=None)
+    policy = access_policy(settings)
+    assert made == []
+    assert policy.has_passwords
+    assert "pw" not in repr(policy.users["bob"])
+    threads = [threading.Thread(target=policy.by_password, args=("bob", "pw"))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert policy.by_password("bob", "wrong") is None
+    assert policy.by_password("bob", "pw") is not None
+    assert made == ["pw"]
+    access.check_password_hash(policy.password_hash(policy.users["bob"]))
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -58,6 +58,9 @@ EVENTS: dict[str, Callable[[], dict[str, Any]]] = {
         SOURCE, audit.APPLICATION_SERVER, audit.AUDIT_RECORDING_STARTED,
         Participant("INTELPIXEL", True),
         "3 audit event(s) could not be written", audit.MINOR_FAILURE),
+    "login": lambda: audit.user_authentication_event(
+        SOURCE, audit.WEB_SERVER, Participant("alice", True, address="192.0.2.9"),
+        Participant("INTELPIXEL", False), audit.MINOR_FAILURE, "wrong credentials"),
 }
 
 

@@ -111,6 +111,16 @@ def test_the_security_section_says_whether_the_http_ports_serve_https() -> None:
     assert "no audit trail" in conformance.markdown(conformance.statement(off))
 
 
+def test_the_security_section_states_the_limit_of_failed_logins() -> None:
+    plain = conformance.markdown(conformance.statement(defaults()))
+    assert "after 10 failed logins within 60 s from one client address" in plain
+    assert "429 with Retry-After" in plain
+    assert "User Authentication for each failed DICOMweb login" in plain
+    off = config.load(overrides={"PACS_AUTH_FAILURES": "0"}, environ={}, env_file=None)
+    text = conformance.markdown(conformance.statement(off))
+    assert "failed logins are not limited" in text and "429" not in text
+
+
 def test_the_security_section_names_the_dicom_tls_profile_and_port() -> None:
     settings = config.load(overrides={
         "PACS_DIMSE_PORT": "0", "PACS_DIMSE_TLS_PORT": "2762",
