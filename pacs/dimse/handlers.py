@@ -466,9 +466,10 @@ def requested_as(title: str) -> Callable[[Event], None]:
     One pynetdicom AE serves every customer and requests associations with its own
     title (``AE.associate`` takes none); an association made for a customer on behalf
     of a request (C-MOVE sub-operations, a storage commitment report) calls with the
-    title that request came in on instead, the one its peer knows the node by.  The A-ASSOCIATE-RQ PDU is
-    encoded from the request primitive once the connection is open (PS3.8 9.2, state
-    machine action AE-2, after EVT_CONN_OPEN): the title set here is the one sent.
+    title that request came in on instead, the one its peer knows the node by.  The
+    A-ASSOCIATE-RQ PDU is encoded from the request primitive once the connection is open
+    (PS3.8 9.2, state machine action AE-2, after EVT_CONN_OPEN): the title set here is
+    the one sent.
     """
 
     def opened(event: Event) -> None:
