@@ -1,6 +1,6 @@
 """The structure of the audit messages of PS3.15 A.5, checked field by field.
 
-Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.5, A.5.3.6, A.5.3.7,
+Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.8, A.5.3.6, A.5.3.7,
 A.5.3.10, A.5.3.11, A.5.3.12), independently of :mod:`pacs.core.audit`, so that the
 tests of the trail compare its events with the standard and not with themselves.
 :func:`problems` returns what is wrong with one event (empty: it conforms);
@@ -37,7 +37,7 @@ MESSAGES = {
     "110104": ("A.5.3.7 DICOM Instances Transferred", {"C", "R", "U"}),
     "110102": ("A.5.3.3 Begin Transferring DICOM Instances", {"E"}),
     "110103": ("A.5.3.6 DICOM Instances Accessed", {"C", "R", "U", "D"}),
-    "110105": ("A.5.3.5 DICOM Study Deleted", {"D"}),
+    "110105": ("A.5.3.8 DICOM Study Deleted", {"D"}),
     "110113": ("A.5.3.11 Security Alert", {"C", "R", "U", "D", "E"}),
     "110114": ("A.5.3.12 User Authentication", {"E"}),
 }

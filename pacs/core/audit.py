@@ -19,7 +19,7 @@ DICOM Instances Accessed (A.5.3.6)     110103    WADO-RS metadata, frames, bulk 
                                                  rendered and thumbnail (R); instances
                                                  removed from a study that keeps
                                                  others (D)
-DICOM Study Deleted (A.5.3.5)          110105    studies removed whole (D): ``pacs
+DICOM Study Deleted (A.5.3.8)          110105    studies removed whole (D): ``pacs
                                                  delete``, DICOMweb DELETE and reject,
                                                  rejection notes, data retention
 Security Alert (A.5.3.11)              110113    the trail itself: writing again after
@@ -399,7 +399,7 @@ def accessed_event(source: Source, kind: Code, action: str,
 def study_deleted_event(source: Source, kind: Code, participants: Sequence[Participant],
                         studies: Sequence[Study], patient: Patient | None, outcome: int,
                         description: str = "") -> Event:
-    """DICOM Study Deleted (PS3.15 A.5.3.5): ``participants`` (the requestor, and the
+    """DICOM Study Deleted (PS3.15 A.5.3.8): ``participants`` (the requestor, and the
     node) removed ``studies`` whole, with all their instances."""
     return _message(_identification(STUDY_DELETED, DELETE, outcome, description),
                     participants, source, kind, _data_objects(studies, patient))

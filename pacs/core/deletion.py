@@ -24,7 +24,7 @@ object deletion is logged and left to fsck the same way.
 Large removals run in chunks of :data:`CHUNK` instances, each its own transaction, so
 that the node's own stores never wait long for the index.
 
-Every removal is one audit event per patient (PS3.15 A.5.3.5 DICOM Study Deleted for
+Every removal is one audit event per patient (PS3.15 A.5.3.8 DICOM Study Deleted for
 studies removed whole, A.5.3.6 DICOM Instances Accessed with action D for parts of
 studies) and one INFO log line with counts only (no UIDs: they identify a patient's
 study).
