@@ -27,6 +27,7 @@ from pacs.core.intake import REFUSALS_LOG_INTERVAL, RETRY_AFTER, Refusals
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import server
+from tests.clock import Clock
 from tests.conftest import free_port
 from tests.factory import make_instance
 
@@ -35,16 +36,6 @@ pytestmark = pytest.mark.dimse
 BOUNDARY = "intake-full"
 #: Stores refused by each way in.
 C_STORES, STOW_REQUESTS, STOW_PARTS = 20, 5, 3
-
-
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

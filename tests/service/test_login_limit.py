@@ -20,6 +20,7 @@ from pacs.core import access
 from pacs.core.logins import LoginLimiter
 from pacs.core.services import Services
 from tests.auditcheck import event_name, problems, read_trail
+from tests.clock import Clock
 
 LIMIT, WINDOW = 3, 60.0
 MALLORY, ALICE_HOME = "192.0.2.66", "192.0.2.10"
@@ -30,17 +31,9 @@ def basic(user: str, password: str) -> dict[str, str]:
             .decode()}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(5000.0)
 
 
 @pytest.fixture

@@ -10,18 +10,9 @@ import pytest
 from pacs.core import config
 from pacs.core.errors import ConfigError
 from pacs.core.logins import Attempt, Lockout, LoginLimiter, client_key
+from tests.clock import Clock
 
 LIMIT, WINDOW = 3, 60.0
-
-
-class Clock:
-    """Monotonic seconds the test sets."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

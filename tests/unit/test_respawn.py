@@ -6,14 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pacs.dimse import server
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock
 
 
 @pytest.fixture
