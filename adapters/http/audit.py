@@ -44,8 +44,6 @@ build or write it is logged, and the answer goes out as it was.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 from collections.abc import Iterable
@@ -54,6 +52,7 @@ from dataclasses import dataclass
 import falcon
 from pydicom.datadict import tag_for_keyword
 
+from adapters.http.auth import basic_credentials
 from pacs.core import audit
 from pacs.core.access import Identity
 from pacs.core.audit import AuditTrail, Participant, Study
@@ -189,16 +188,12 @@ def user_of(req: falcon.Request) -> str:
 
 def _claimed(authorization: str) -> str:
     """The user an Authorization header names: the Basic user name, or ``token``."""
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer":
+    if authorization.strip().partition(" ")[0].lower() == "bearer":
         return "token"
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return "anonymous"
-        return decoded.partition(":")[0][:_MAX_PATH_VALUE] or "anonymous"
-    return "anonymous"
+    credentials = basic_credentials(authorization)
+    if credentials is None:
+        return "anonymous"
+    return credentials[0][:_MAX_PATH_VALUE] or "anonymous"
 
 
 class AuditMiddleware:
