@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import apsw
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -173,6 +174,30 @@ def test_objects_without_patient_id_are_not_merged(services: Services) -> None:
     services.ingest.store_bytes(_bytes(PatientID="", PatientName="C^D", SOPInstanceUID="1.2.2",
                                        StudyInstanceUID="1.2.9"))
     assert writer.counts(services.index.connection())["patient"] == 2
+
+
+def test_an_instance_rewrites_only_the_parent_rows_whose_values_it_changes(
+        services: Services) -> None:
+    """The second instance of a series writes its own rows, not its unchanged patient,
+    study and series (each rewrite costs the pages of the row and its indexes in the
+    commit); one that brings a new value rewrites that level, and the newest wins."""
+    services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.1"))
+    written: list[tuple[int, str]] = []
+    conn = services.index.connection()
+    conn.set_update_hook(lambda op, _db, table, _row: written.append((op, table)))
+    try:
+        services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.2"))
+        assert {table for _, table in written} & {"patient", "study", "series"} == set()
+        assert (apsw.SQLITE_INSERT, "instance") in written
+        written.clear()
+        services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.3",
+                                           SeriesDescription="NEWER"))
+        assert {table for _, table in written} & {"patient", "study", "series"} == {
+            "series"}
+    finally:
+        conn.set_update_hook(None)
+    described = conn.execute("SELECT series_description FROM series").fetchall()
+    assert described == [("NEWER",)]
 
 
 def test_concurrent_ingests_share_commits_and_each_is_indexed(services: Services,

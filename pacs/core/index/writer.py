@@ -63,20 +63,37 @@ def _level_columns(level: Level) -> list[str]:
 
 @cache
 def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
-    """``INSERT … ON CONFLICT DO UPDATE … RETURNING pk`` for one level."""
+    """``INSERT … ON CONFLICT DO UPDATE … WHERE changed RETURNING pk`` for one level.
+
+    A row whose values are all those received already is left alone: each instance of
+    a series would otherwise rewrite its patient, study and series rows and every index
+    entry of theirs, which doubled the pages (WAL frames) an instance's commit writes
+    and syncs.  Such a row returns no key; :func:`_key_sql` reads it.
+    """
     columns = [IDENTITY[level]]
     if level in PARENT_KEY:
         columns.append(PARENT_KEY[level])
     columns += _level_columns(level)
     if level is Level.IMAGE:
         columns += _INSTANCE_EXTRA
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    kept = columns[1:]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in kept)
+    changed = (f"({', '.join(kept)}) IS NOT "
+               f"({', '.join(f'excluded.{c}' for c in kept)})")
     sql = (
         f"INSERT INTO {level.table} ({', '.join(columns)}) "
         f"VALUES ({', '.join('?' * len(columns))}) "
-        f"ON CONFLICT({IDENTITY[level]}) DO UPDATE SET {updates} RETURNING pk"
+        f"ON CONFLICT({IDENTITY[level]}) DO UPDATE SET {updates} WHERE {changed} "
+        "RETURNING pk"
     )
     return sql, tuple(columns)
+
+
+@cache
+def _key_sql(level: Level) -> str:
+    """The key of a level's row by its identifying UID (an upsert that changed
+    nothing returns none)."""
+    return f"SELECT pk FROM {level.table} WHERE {IDENTITY[level]} = ?"
 
 
 def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
@@ -107,7 +124,9 @@ def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
                           received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
         returned = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()
-        if returned is None:  # RETURNING answers the row inserted or updated
+        if returned is None:  # unchanged: RETURNING answers rows written only
+            returned = conn.execute(_key_sql(level), (values[IDENTITY[level]],)).fetchone()
+        if returned is None:
             raise apsw.SQLError(f"no key returned for a {level.table} row")
         parent_pk = int(returned[0])
         if level is Level.PATIENT:
