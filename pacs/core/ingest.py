@@ -304,6 +304,12 @@ class Ingest:
             rejection note: it is stored, and what it rejects may not all be removed).
         """
         self.check_room(len(data))
+        return self._store_bytes(data, calling_ae, expected, may_overwrite)
+
+    def _store_bytes(self, data: bytes, calling_ae: str,
+                     expected: tuple[str, str] | None = None,
+                     may_overwrite: bool = True) -> StoreResult:
+        """:meth:`store_bytes` once the intake has room for ``data``."""
         analysis = analyse(data, expected, self.max_object_bytes)
         with self.uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae, may_overwrite)
@@ -334,9 +340,11 @@ class Ingest:
             if self.max_object_bytes is not None and size > self.max_object_bytes:
                 raise ObjectTooLarge(
                     f"the object is larger than {self.max_object_bytes} bytes")
-            self.check_room(size)
+            self.check_room(size)  # before the file is read
             data = file.read()
-        return self.store_bytes(data, calling_ae=calling_ae)
+        if len(data) != size:  # written meanwhile: its room is that of what was read
+            self.check_room(len(data))
+        return self._store_bytes(data, calling_ae)
 
     def store_batch(self, items: Sequence[Received], *,
                     calling_ae: str = "") -> list[StoreResult | BaseException]:
