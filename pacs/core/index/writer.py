@@ -67,8 +67,8 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
 
     A row whose values are all those received already is left alone: each instance of
     a series would otherwise rewrite its patient, study and series rows and every index
-    entry of theirs, which doubled the pages (WAL frames) an instance's commit writes
-    and syncs.  Such a row returns no key; :func:`_key_sql` reads it.
+    entry of theirs, twice the pages (WAL frames) its commit writes and syncs.  Such a
+    row returns no key; :func:`_key_sql` reads it.
     """
     columns = [IDENTITY[level]]
     if level in PARENT_KEY:
