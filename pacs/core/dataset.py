@@ -277,8 +277,8 @@ def dataset_offset(buffer: bytes) -> int:
     return position
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -289,31 +289,31 @@ class _Walker:
     def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
         self.data = data
         self.implicit = implicit
-        self.order = "<" if little else ">"
+        self.size = len(data)
+        order = "<" if little else ">"
+        # Compiled once: a walk reads tens of headers per object (ingest's hot path).
+        self._tag_length = struct.Struct(order + "HHI")  # implicit VR, items, delimiters
+        self._short = struct.Struct(order + "HH2sH")  # explicit VR, 16-bit length
+        self._long = struct.Struct(order + "HH2s2xI")  # explicit VR, 32-bit length
 
     def _need(self, position: int, size: int) -> None:
-        if position + size > len(self.data):
+        if position + size > self.size:
             raise UnreadableData("the data set is truncated")
-
-    def _tag(self, position: int) -> int:
-        self._need(position, 4)
-        group: int
-        element: int
-        group, element = struct.unpack_from(self.order + "HH", self.data, position)
-        return (group << 16) | element
 
     def _header(self, position: int) -> tuple[int, bytes | None, int, int]:
         """Return (tag, VR, value length, header size) at ``position``."""
-        tag = self._tag(position)
-        if tag >> 16 == 0xFFFE or self.implicit:
-            self._need(position, 8)
-            return tag, None, struct.unpack_from(self.order + "I", self.data, position + 4)[0], 8
-        self._need(position, 8)
-        vr = bytes(self.data[position + 4:position + 6])
+        if position + 8 > self.size:
+            raise UnreadableData("the data set is truncated")
+        group, element, vr, length = self._short.unpack_from(self.data, position)
+        if group == 0xFFFE or self.implicit:
+            group, element, length = self._tag_length.unpack_from(self.data, position)
+            return (group << 16) | element, None, length, 8
         if vr in _LONG_VRS:
-            self._need(position, 12)
-            return tag, vr, struct.unpack_from(self.order + "I", self.data, position + 8)[0], 12
-        return tag, vr, struct.unpack_from(self.order + "H", self.data, position + 6)[0], 8
+            if position + 12 > self.size:
+                raise UnreadableData("the data set is truncated")
+            return (group << 16) | element, vr, self._long.unpack_from(
+                self.data, position)[3], 12
+        return (group << 16) | element, vr, length, 8
 
     def dataset(self, position: int, end: int | None, depth: int = 0) -> int:
         """Walk elements from ``position`` to ``end`` (or an item delimiter)."""
@@ -350,8 +350,8 @@ class _Walker:
             position += size
             if tag >> 16 == 0xFFFE:
                 return None  # an item or delimiter outside a sequence: malformed
-            vr = None if vr_bytes is None else vr_bytes.decode("latin_1")
-            if vr is not None and vr not in _KNOWN_VRS:
+            vr = None if vr_bytes is None else _VR_NAMES.get(vr_bytes)
+            if vr_bytes is not None and vr is None:
                 return None
             if length == _UNDEFINED:
                 if pixel_at is None and tag not in _PIXEL_TAGS and (
@@ -421,6 +421,8 @@ _KNOWN_VRS = frozenset({
     "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD",
     "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
     "UL", "UN", "UR", "US", "UT", "UV"})
+#: The same, by their two bytes as encoded.
+_VR_NAMES = {vr.encode("ascii"): vr for vr in _KNOWN_VRS}
 
 
 def _dictionary_vr(tag: int) -> str | None:
@@ -799,7 +801,7 @@ def extract(header: Dataset, level: Level) -> dict[str, str | None]:
 #: VRs whose values are plain ASCII, whatever the character set: indexed straight from
 #: the raw bytes, without pydicom's conversion and validation (most of a small
 #: instance's extraction time).  The result is what the pydicom path gives.
-_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "IS", "TM", "UI"})
 #: VRs whose values are text in the Specific Character Set (PS3.5 6.1.2.3), read the
 #: same way when that character set is one a single Python codec decodes without code
 #: extensions (see :data:`_SIMPLE_CODECS`); anything else goes through pydicom.
@@ -852,31 +854,60 @@ def _element_text(raw: DataElement | RawDataElement | None, attribute: Attribute
                   codec: str | None) -> str | Literal[_Undecoded.TOKEN] | None:
     """:func:`_raw_text` of an element as ``Dataset.get_item`` gives it (raw unless
     something converted it already; pydicom types it as a converted element)."""
-    if type(raw) is not RawDataElement or not isinstance(raw.value, bytes):
+    if (type(raw) is not RawDataElement or not isinstance(raw.value, bytes)
+            or raw.VR not in (None, attribute.vr)):
         return _UNDECODED
-    if attribute.vr in _ASCII_VRS:
+    vr = attribute.vr
+    if vr in _BINARY_INTEGERS:
+        return _binary_text(raw.value, vr, raw.is_little_endian)
+    if vr in _ASCII_VRS:
         encoding = "ascii"
-    elif attribute.vr in _CHARSET_VRS and codec is not None and b"\x1b" not in raw.value:
+    elif vr in _CHARSET_VRS and codec is not None and b"\x1b" not in raw.value:
         # An ESC starts a code extension (PS3.5 6.1.2.5.3), which pydicom interprets.
         encoding = codec
     else:
-        return _UNDECODED
-    if raw.VR not in (None, attribute.vr):
         return _UNDECODED
     try:
         text = raw.value.decode(encoding)
     except UnicodeDecodeError:
         return _UNDECODED
-    if attribute.vr == "PN":
+    if vr == "PN":
         # As pydicom's PersonName: empty trailing component groups dropped ("A^B=" is A^B).
         text = "\\".join(v.rstrip("=") for v in text.rstrip("\0 ").split("\\"))
-    elif attribute.vr in ("LT", "ST", "UT"):
+    elif vr in ("LT", "ST", "UT"):
         # Single-valued: a backslash is text here (PS3.5 6.2), not a separator.
         return text.strip(" \0") or None
+    joined = _joined(text)
+    if vr == "IS" and joined is not None and not all(
+            _INTEGER_STRING.fullmatch(part) for part in joined.split("\\")):
+        return _UNDECODED  # an odd integer string ("1.0", blanks, garbage): pydicom's
+    return joined
+
+
+def _joined(text: str) -> str | None:
+    """Values separated by ``\\``, each stripped, joined again (``None``: all blank)."""
     if "\\" in text:
         parts = [part.strip(" \0").strip() for part in text.split("\\")]
         return "\\".join(parts) if any(parts) else None
     return text.strip(" \0") or None
+
+
+#: Binary integer VRs indexed from their raw bytes (PS3.5 6.2): one value's struct code.
+_BINARY_INTEGERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
+#: An IS value pydicom reads to the same text (PS3.5 6.2: an optional sign, digits).
+_INTEGER_STRING = re.compile(r"[+-]?[0-9]+")
+
+
+def _binary_text(value: bytes, vr: str,
+                 little: bool) -> str | Literal[_Undecoded.TOKEN] | None:
+    """A US, SS, UL or SL value as pydicom converts it, values joined by ``\\``."""
+    code = _BINARY_INTEGERS[vr]
+    size = struct.calcsize(code)
+    if not value or len(value) % size:
+        return _UNDECODED  # empty or odd: pydicom's conversion decides
+    count = len(value) // size
+    numbers = struct.unpack(f"{'<' if little else '>'}{count}{code}", value)
+    return "\\".join(str(number) for number in numbers)
 
 
 def _sequence(header: Dataset, attribute: Attribute) -> str | None:

@@ -166,6 +166,42 @@ def test_raw_text_edge_cases(charset: str | None, encoding: str, keyword: str,
     assert text == _text(slow[attribute.tag].value)
 
 
+@pytest.mark.parametrize("little", [True, False])
+@pytest.mark.parametrize("keyword, vr, value, raw_path", [
+    ("InstanceNumber", "IS", b"05", True), ("InstanceNumber", "IS", b" 7 ", True),
+    ("InstanceNumber", "IS", b"+3\\-4", True), ("InstanceNumber", "IS", b"12\0", True),
+    ("InstanceNumber", "IS", b"1.0 ", False), ("InstanceNumber", "IS", b"abc ", False),
+    ("InstanceNumber", "IS", b"1\\ ", False), ("InstanceNumber", "IS", b"  ", True),
+    ("Rows", "US", (512).to_bytes(2, "little"), True),
+    ("Rows", "US", b"\x00\x02\x00\x01", True), ("Rows", "US", b"\x01\x02\x03", False),
+    ("Rows", "US", b"", False),
+])
+def test_integer_values_index_from_raw_bytes_as_pydicom_reads_them(
+        little: bool, keyword: str, vr: str, value: bytes, raw_path: bool) -> None:
+    """IS and US values are indexed from their bytes, with pydicom's text, in both byte
+    orders; what pydicom would read otherwise ("1.0", garbage, odd lengths) is left to it."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import BaseTag
+
+    from pacs.core.attributes import BY_KEYWORD
+    from pacs.core.dataset import _UNDECODED, _raw_text, _text
+
+    attribute = BY_KEYWORD[keyword]
+
+    def header() -> Dataset:
+        ds = Dataset()
+        ds.set_original_encoding(False, little, None)
+        ds[attribute.tag] = RawDataElement(BaseTag(attribute.tag), vr, len(value), value,
+                                           0, False, little)
+        return ds
+
+    text = _raw_text(header(), attribute, "latin_1")
+    assert (text is not _UNDECODED) == raw_path
+    if raw_path:
+        assert text == _text(header()[attribute.tag].value)
+
+
 def test_values_with_code_extensions_are_left_to_pydicom() -> None:
     """An ESC in a value starts an ISO 2022 code extension (PS3.5 6.1.2.5.3): pydicom
     interprets it; the raw path must not index the escape bytes as text."""
