@@ -319,7 +319,8 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        :data:`REJECT_CALLED_AE`;
     2. on the TLS port with client certificates (``PACS_DIMSE_TLS_CA``) the calling AE
        title is not the one the certificate names
-       (:func:`pacs.dimse.tls.identity_refusal`): :data:`REJECT_CALLING_AE`;
+       (:func:`pacs.dimse.tls.identity_refusal`): :data:`REJECT_CALLING_AE`, and a
+       Security Alert as for 3;
     3. the called customer's access rules (``policies``) give the calling AE no rights,
        or know it at another address
        (:meth:`pacs.core.access.AccessPolicy.association_refusal`):
@@ -383,11 +384,8 @@ def _identity_refusal(raw: Any, calling: str, called: str, host: str, bindings: 
     """Refusals 1-3 of :func:`_admit` (who the association is), ``None``: none."""
     if called not in bindings:
         return REJECT_CALLED_AE, f"called AE title {called!r} is not one this node serves"
-    mismatch = tls.identity_refusal(raw, calling)
-    if mismatch is not None:
-        return REJECT_CALLING_AE, mismatch
     policy, trail = policies[called]
-    refusal = policy.association_refusal(calling, host)
+    refusal = tls.identity_refusal(raw, calling) or policy.association_refusal(calling, host)
     if refusal is None:
         return None
     _security_alert(trail, calling, host, refusal)

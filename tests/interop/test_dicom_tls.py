@@ -263,6 +263,10 @@ def test_a_certificate_for_another_ae_is_rejected(node: Node, pki: Pki) -> None:
     rejection = assoc.acceptor.primitive
     # Rejected permanent, by the service user, calling AE title not recognized.
     assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
+    # A Security Alert (PS3.15 A.5.3.11) of type Node Authentication, naming the caller.
+    alerts = [line for line in (node.data_dir / "audit.jsonl").read_text().splitlines()
+              if '"110113"' in line]
+    assert alerts and '"110126"' in alerts[-1] and SCU in alerts[-1], alerts
 
 
 @pytest.mark.parametrize("client", ["none", "other CA"])
