@@ -142,15 +142,24 @@ class _Waker:
 
 
 class _WakingQueue(queue.Queue[Any]):
-    """A queue that wakes the DUL thread whenever something is put on it."""
+    """A queue that wakes the DUL thread whenever another thread puts something on it.
+
+    ``reader`` is the thread that takes from it without blocking before each wait of
+    the DUL loop (:func:`_dul_run_reactor` sets it for ``event_queue``): what that
+    thread puts itself (the event of each PDU it reads) is taken before it waits, so
+    waking it would only cost an eventfd write, a read and one more turn of the loop
+    per PDU.
+    """
 
     def __init__(self, waker: _Waker) -> None:
         super().__init__()
         self._waker = waker
+        self.reader: int | None = None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self._waker.wake()
+        if threading.get_ident() != self.reader:
+            self._waker.wake()
 
 
 # -- the DUL thread ---------------------------------------------------------------------
@@ -286,6 +295,8 @@ def _dul_run_reactor(self: _DUL) -> None:
     """
     self._idle_timer.start()
     wake_assoc = self._assoc_wake
+    # This loop takes every event it queues itself before it waits (see _WakingQueue).
+    cast(_WakingQueue, self.event_queue).reader = threading.get_ident()
     try:
         while True:
             if not self.assoc._dul_ready.is_set():
