@@ -304,8 +304,11 @@ class _Walker:
         """Return (tag, VR, value length, header size) at ``position``."""
         if position + 8 > self.size:
             raise UnreadableData("the data set is truncated")
+        if self.implicit:
+            group, element, length = self._tag_length.unpack_from(self.data, position)
+            return (group << 16) | element, None, length, 8
         group, element, vr, length = self._short.unpack_from(self.data, position)
-        if group == 0xFFFE or self.implicit:
+        if group == 0xFFFE:  # items and delimiters have no VR (PS3.5 7.5)
             group, element, length = self._tag_length.unpack_from(self.data, position)
             return (group << 16) | element, None, length, 8
         if vr in _LONG_VRS:
