@@ -233,7 +233,13 @@ def _query_problems(queried: Mapping[str, Any]) -> list[str]:
 
 
 def read_trail(path: Path) -> list[dict[str, Any]]:
-    """Every event of a trail file; fails on a line that is not one JSON object."""
+    """Every event of a trail file; fails on a line that is not one JSON object.
+
+    No file is no event yet: the node creates the trail with its first event, which a
+    DIMSE worker writes when the association has ended, after the peer has its answer.
+    """
+    if not path.exists():
+        return []
     events = []
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
