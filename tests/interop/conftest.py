@@ -586,12 +586,14 @@ class Node:
             self.terminate()
         return self.start()
 
-    def stop(self) -> None:
-        """Cleanup: SIGTERM, then SIGKILL the group if it lingers."""
+    def stop(self, signalled: bool = False) -> None:
+        """Cleanup: SIGTERM (unless ``signalled`` already), then SIGKILL the group if
+        it lingers."""
         if self.proc is None:
             return
         if self.running:
-            self.proc.send_signal(signal.SIGTERM)
+            if not signalled:
+                self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=STOP_TIMEOUT)
         if _group_members(self.proc.pid):
@@ -695,9 +697,10 @@ def answers_qido(node: Node) -> None:
     assert response.status_code == 200, response.text
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Node]]:
-    """Make nodes (started) in fresh folders; all are stopped at the end of the session."""
+    """Make nodes (started) in fresh folders; all are stopped once the module's tests
+    have run (no node of a finished module keeps its processes through the rest)."""
     nodes: list[Node] = []
     for tool in ("dcmsend", "storescu", "echoscu", "storescp"):
         dcmtk(tool)
@@ -708,8 +711,17 @@ def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         return node.start() if start else node
 
     yield make
+    stop_all(nodes)
+
+
+def stop_all(nodes: list[Node]) -> None:
+    """Stop nodes together: each is told first, so that their shutdowns overlap, then
+    each is cleaned up (:meth:`Node.stop`)."""
+    told = [node for node in nodes if node.proc is not None and node.running]
+    for node in told:
+        node.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     for node in nodes:
-        node.stop()
+        node.stop(signalled=node in told)
 
 
 @pytest.fixture(scope="module")
