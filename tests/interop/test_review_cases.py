@@ -308,7 +308,9 @@ def test_a_reader_that_stops_reading_holds_no_read_transaction(node: Node) -> No
         store_implicit(node, [ct(PatientID="DURING", PatientName="WHILE^STALLED")])
         busy, wal_frames, _ = _checkpoint(node.data_dir)
         assert busy == 0, "a read transaction is held while the C-FIND reader stalls"
-        assert wal_frames == 0 and os.path.getsize(node.data_dir / "index.sqlite-wal") == 0
+        # The TRUNCATE checkpoint emptied the WAL (the file's size after it is not
+        # looked at: the intake's mover may already be writing the next commit).
+        assert wal_frames == 0
         still_serving(node)
         memory.sample()
 
