@@ -266,14 +266,22 @@ def test_ohifs_reject_and_delete_over_dicomweb(node: Node, tmp_path: Path) -> No
 
 def test_refused_while_off_and_retention(node_factory: Callable[..., Node],
                                          tmp_path: Path) -> None:
-    """Deletion over DICOMweb is off by default; retention of ~1 s removes the study."""
-    aged = node_factory("retention", PACS_RETENTION_DAYS="0.00001",
-                        PACS_RETENTION_INTERVAL="0.5")
+    """Deletion over DICOMweb is off by default; retention of ~1 s removes the study.
+
+    The study is stored before retention is turned on: with a period this short, a
+    pause between two instances of the send would expire the study in two parts (two
+    removals, as the rule says for a study that receives an instance after expiring)."""
+    aged = node_factory("retention")
     answers_qido(aged)
     study = _study(tmp_path / "e", series=1)
     refused = requests.delete(f"{aged.web_url()}/studies/{study.uid}", timeout=30)
     assert refused.status_code == 403 and "PACS_WEB_DELETE" in refused.text
     assert _storescu(aged, *study.files).returncode == 0
+    aged.wait_drained()
+    assert set(study.sops) <= set(aged.index())
+    aged.terminate()
+    aged.env.update(PACS_RETENTION_DAYS="0.00001", PACS_RETENTION_INTERVAL="0.5")
+    aged.start()
     deadline = time.monotonic() + 60
     while set(study.sops) & set(aged.index()) and time.monotonic() < deadline:
         time.sleep(0.2)
