@@ -21,7 +21,8 @@ scripts/lint.sh
 
 export TCP_NODELAY=1
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The slowest tests are listed at the end, where the suite's length is watched.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
 rc=$?
 # The DIMSE tests of the logic and of the services the seam replaces (storage, query,
 # retrieve, refusals) again on pynetdicom's public API alone (PACS_DIMSE_SEAM=off):
