@@ -49,6 +49,26 @@ def _part10(ds: Dataset) -> bytes:
     return out.getvalue()
 
 
+def dataset_bytes(part10: bytes) -> bytes:
+    """The data set of a Part 10 object: what follows the file meta group.
+
+    Independent of the code under test: file meta elements are always explicit VR
+    little endian, so they can be walked by their lengths.
+    """
+    assert part10[128:132] == b"DICM", "not a Part 10 object"
+    position = 132
+    while position + 8 <= len(part10):
+        if int.from_bytes(part10[position:position + 2], "little") != 0x0002:
+            break
+        vr = part10[position + 4:position + 6]
+        if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                  b"UR", b"UT", b"UV"):
+            position += 12 + int.from_bytes(part10[position + 8:position + 12], "little")
+        else:
+            position += 8 + int.from_bytes(part10[position + 6:position + 8], "little")
+    return part10[position:]
+
+
 #: Key Object Selection Document Storage (PS3.4 B.5).
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 

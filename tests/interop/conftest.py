@@ -185,26 +185,6 @@ def key_of(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
 
 
-def dataset_bytes(part10: bytes) -> bytes:
-    """The data set of a Part 10 object: what follows the file meta group.
-
-    Independent of the code under test: file meta elements are always explicit VR
-    little endian, so they can be walked by their lengths.
-    """
-    assert part10[128:132] == b"DICM", "not a Part 10 object"
-    position = 132
-    while position + 8 <= len(part10):
-        if int.from_bytes(part10[position:position + 2], "little") != 0x0002:
-            break
-        vr = part10[position + 4:position + 6]
-        if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                  b"UR", b"UT", b"UV"):
-            position += 12 + int.from_bytes(part10[position + 8:position + 12], "little")
-        else:
-            position += 8 + int.from_bytes(part10[position + 6:position + 8], "little")
-    return part10[position:]
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """What the node has written: index rows and object files with their checksums."""

@@ -28,10 +28,10 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from tests.conftest import sample
+from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
-    dataset_bytes,
     getscu_counts,
     run_dcmtk,
 )

@@ -22,11 +22,11 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.conftest import free_port, sample, wait_for_port
+from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
     DCMTK_ENV,
     Node,
-    dataset_bytes,
     dcmtk,
     getscu_counts,
     run_dcmtk,

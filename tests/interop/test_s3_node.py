@@ -26,7 +26,8 @@ from pydicom.uid import (
 )
 
 from tests.conftest import sample
-from tests.interop.conftest import AE_TITLE, Node, dataset_bytes, run_dcmtk
+from tests.factory import dataset_bytes
+from tests.interop.conftest import AE_TITLE, Node, run_dcmtk
 from tests.storage.proxy import CountingRelay
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 

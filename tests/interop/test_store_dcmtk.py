@@ -27,12 +27,12 @@ import pytest
 from pydicom.uid import UID
 
 from tests.conftest import free_port, sample, wait_for_port
+from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
     DCMTK_ENV,
     Node,
     assert_consistent,
-    dataset_bytes,
     dcmtk,
     key_of,
     run_dcmtk,

@@ -178,6 +178,9 @@ class _DUL(DULServiceProvider):
     #: Largest length a received PDU may declare, per PDU type (:func:`_read_pdu_data`);
     #: set at the first read, once the local Maximum Length is known.
     _ceilings: tuple[int, ...] | None
+    #: Bytes read from the socket by another thread and handed back (:func:`hand_back`):
+    #: the DUL reads them before the socket.
+    _pushback: bytearray
 
 
 def _dul(assoc: Association) -> _DUL:
@@ -198,6 +201,7 @@ def _dul_init_patched(self: _DUL, assoc: Association) -> None:
     self._socket_lent = False
     self._reader_lock = threading.Lock()
     self._ceilings = None
+    self._pushback = bytearray()
 
 
 def _kill_dul_patched(self: _DUL) -> None:
@@ -222,6 +226,8 @@ def _wait_for_work(self: _DUL) -> None:
     artim = self.artim_timer
     if artim._start_time is not None and artim._end_time is None and artim.timeout is not None:
         timeout = max(0.0, min(timeout, artim.remaining))
+    if self._pushback and not self._socket_lent:
+        return  # handed-back bytes to read (_read_transport)
     fds = [self._waker.fd]
     sock: AssociationSocket | None = self.socket
     raw = getattr(sock, "socket", None) if sock is not None else None
@@ -243,15 +249,19 @@ def _wait_for_work(self: _DUL) -> None:
 
 
 def _read_transport(self: _DUL) -> bool:
-    """pynetdicom's ``_is_transport_event`` unless the socket is lent out."""
+    """pynetdicom's ``_is_transport_event`` unless the socket is lent out; bytes handed
+    back (:func:`hand_back`) are read first, whether or not the socket is readable."""
     with self._reader_lock:
         if self._socket_lent:
             return False
+        if self._pushback and self.socket is not None:
+            self._read_pdu_data()
+            return True
         return bool(self._is_transport_event())
 
 
 @contextmanager
-def socket_lent(assoc: Association) -> Iterator[bool]:
+def socket_lent(assoc: Association, traffic: bool = True) -> Iterator[bool]:
     """Keep the DUL thread from reading ``assoc``'s socket for the block.
 
     A retrieve that writes its C-STORE requests straight to the socket
@@ -263,6 +273,10 @@ def socket_lent(assoc: Association) -> Iterator[bool]:
 
     Yields False, and lends nothing, when the patched reactor is not installed; the
     caller then takes responses from the DIMSE queue as pynetdicom delivers them.
+
+    ``traffic``: the block exchanged messages, so the network idle timer restarts as it
+    ends; a borrower that keeps that timer itself (:mod:`pacs.dimse.seam.inbound`)
+    passes False, so that an idle timeout it gave up on still fires.
     """
     dul = _dul(assoc)
     lock = getattr(dul, "_reader_lock", None)
@@ -275,8 +289,17 @@ def socket_lent(assoc: Association) -> Iterator[bool]:
         yield True
     finally:
         dul._socket_lent = False
-        dul._idle_timer.restart()  # the DUL saw no traffic meanwhile; there was some
+        if traffic:
+            dul._idle_timer.restart()  # the DUL saw no traffic meanwhile; there was some
         dul._waker.wake()
+
+
+def hand_back(assoc: Association, data: bytes | bytearray) -> None:
+    """Give bytes read from ``assoc``'s socket during a :func:`socket_lent` back to the
+    DUL thread, which reads them before anything more from the socket once the block
+    ends: a borrower that read the start of something it does not serve leaves it to
+    pynetdicom as if it had never been read."""
+    _dul(assoc)._pushback += data
 
 
 def give_back(assoc: Association) -> None:
@@ -441,7 +464,7 @@ def _quickack(raw: Any) -> None:
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
-_QUICKACK = _quickack
+_QUICKACK = quickack = _quickack
 
 
 def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray | bytes:
@@ -481,6 +504,12 @@ def _ceilings_for(dul: _DUL) -> tuple[int, ...]:
     return ceilings
 
 
+def pdata_ceiling(assoc: Association) -> int:
+    """The largest P-DATA-TF PDU ``assoc`` may receive (:func:`_read_pdu_data`)."""
+    dul = _dul(assoc)
+    return (dul._ceilings or _ceilings_for(dul))[limits.P_DATA_TF]
+
+
 def _remote_address(assoc: Association) -> str:
     remote = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     try:
@@ -511,7 +540,7 @@ def _read_pdu_data(self: _DUL) -> None:
     if self.state_machine.current_state == "Sta2" and self.artim_timer.timeout:
         deadline = time.monotonic() + max(0.0, self.artim_timer.remaining)
     try:
-        head = limits.receive(raw, 6, deadline=deadline)
+        head = _take(self, raw, 6, b"", deadline)
         if len(head) < 6:
             self.event_queue.put("Evt17")  # closed (or closing) before a whole header
             return
@@ -524,7 +553,7 @@ def _read_pdu_data(self: _DUL) -> None:
         if length > ceiling:
             _refuse_pdu(self, raw, pdu_type, length, ceiling)
             return
-        data = limits.receive(raw, length, prefix=head, deadline=deadline)
+        data = _take(self, raw, length, head, deadline)
     except OSError as exc:  # receive timeout, ARTIM, reset
         _dul_log.warning("Connection from %s closed: no whole PDU received (%s)",
                          _remote_address(self.assoc), type(exc).__name__)
@@ -547,6 +576,21 @@ def _read_pdu_data(self: _DUL) -> None:
     self._recv_pdu.put(pdu)
 
 
+def _take(self: _DUL, raw: socket.socket, count: int, prefix: bytes | bytearray,
+          deadline: float | None) -> bytes | bytearray:
+    """``prefix`` and the next ``count`` bytes of the stream: the handed-back bytes
+    (:func:`hand_back`) first, then the socket (:func:`pacs.dimse.limits.receive`)."""
+    back = self._pushback
+    if back:
+        taken = back[:count]
+        del back[:count]
+        prefix = bytes(prefix) + taken
+        count -= len(taken)
+        if not count:
+            return prefix
+    return limits.receive(raw, count, prefix=prefix, deadline=deadline)
+
+
 #: A-ABORT source and reason (PS3.8 9.3.8): service-provider, invalid PDU parameter value.
 _ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
 
@@ -564,15 +608,38 @@ def _refuse_pdu(self: _DUL, raw: socket.socket, pdu_type: int, length: int,
     _dul_log.warning("Aborting the association with %s: a %s PDU of %d bytes, more than "
                      "the %d allowed (PS3.8 D.1, 9.3.1)", _remote_address(self.assoc),
                      limits.PDU_NAMES.get(pdu_type, "?"), length, ceiling)
+    _abort_connection(self, raw, _ABORT_INVALID_PARAMETER)
+
+
+def _abort_connection(self: _DUL, raw: socket.socket, reason: int) -> None:
+    """Write an A-ABORT (service provider, ``reason``: PS3.8 9.3.8) and the end of the
+    stream, and tell the state machine the connection is closed (Evt17; in Sta6 AA-4
+    gives the association an A-P-ABORT)."""
     abort = A_ABORT_RQ()
     abort.source = _ABORT_SOURCE_PROVIDER
-    abort.reason_diagnostic = _ABORT_INVALID_PARAMETER
+    abort.reason_diagnostic = reason
     try:
         raw.sendall(abort.encode())
         raw.shutdown(socket.SHUT_WR)  # the A-ABORT, then the end of the stream
     except OSError:
         pass
     self.event_queue.put("Evt17")
+
+
+def abort_lent(assoc: Association, invalid: bool) -> None:
+    """Abort ``assoc`` from the thread its socket is lent to (:func:`socket_lent`): the
+    A-ABORT is written here, at once, reason "invalid PDU parameter value" when
+    ``invalid`` (else "not specified"), and the DUL takes the connection as closed.
+
+    pynetdicom's ``Association.abort()`` queues the A-ABORT for the DUL thread and then
+    stops that thread, which may stop before sending it.
+    """
+    dul = _dul(assoc)
+    raw = getattr(dul.socket, "socket", None) if dul.socket is not None else None
+    if raw is None:
+        dul.event_queue.put("Evt17")
+        return
+    _abort_connection(dul, raw, _ABORT_INVALID_PARAMETER if invalid else 0x00)
 
 
 _ORIGINAL_RECEIVE_PDU = DULServiceProvider.receive_pdu

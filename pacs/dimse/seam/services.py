@@ -39,6 +39,7 @@ from pynetdicom import association, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
+import pacs.dimse.seam.inbound as inbound
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
 from pacs.dimse import contexts, find, handlers, retrieve, storage, tls
@@ -114,7 +115,15 @@ class StoreServiceClass(StorageServiceClass):
             C_STORE_RSP, str(req.AffectedSOPClassUID or ""), int(req.MessageID or 0),
             status.code, False, status.comment,
             sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
-        wire.ResponseWriter(self.assoc, int(context.context_id or 0)).message(command, last=True)
+        # The response, then the requests that follow, read and answered off
+        # pynetdicom's path.
+        inbound.serve_stores(self.assoc, int(context.context_id or 0), command, services,
+                             bound_audit(self.assoc, evt.EVT_C_STORE), _served_by_storage)
+
+
+def _served_by_storage(sop_class_uid: str) -> bool:
+    """True for a SOP Class whose C-STORE requests :class:`StoreServiceClass` serves."""
+    return association.uid_to_service_class(sop_class_uid) is StoreServiceClass
 
 
 def _store_request(assoc: Association, req: C_STORE, context: PresentationContext,

@@ -1,0 +1,356 @@
+"""C-STORE requests after the first of an association, read from the socket by the
+association's own thread (pacs.dimse.seam.inbound), and everything else that arrives
+among them left to pynetdicom.
+
+The peer is pynetdicom over loopback; for the shapes it never sends (a command and a data
+set in one PDU, a command split over PDUs, a PDU that goes on with the next message, a
+broken data set, a stall inside a PDU) its socket is taken from its own reader and the
+PDUs written and read here, encoded by this module alone.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+from pacs.core.services import Services, drain
+from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import server
+from pacs.dimse.seam import inbound, reactor
+from tests.conftest import free_port, seam_only
+from tests.factory import dataset_bytes, make_instance
+
+pytestmark = pytest.mark.dimse
+
+#: Presentation context IDs as pynetdicom proposes them: odd, in the order added.
+CT_CONTEXT, ECHO_CONTEXT = 1, 3
+#: Command Field values (PS3.7 E.1-1).
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+#: The study of every instance sent.
+STUDY = "1.2.826.0.1.3680043.8.498.77"
+#: PDU types (PS3.8 9.3.1).
+P_DATA_TF, A_ABORT = 0x04, 0x07
+
+
+@contextmanager
+def association(services: Services) -> Iterator[tuple[Association, MemoryStore]]:
+    """An association from pynetdicom to a node serving ``services`` in this process."""
+    port = free_port()
+    running = server.start(services, ("127.0.0.1", port))
+    try:
+        ae = AE(ae_title="INBOUND")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        assoc = ae.associate("127.0.0.1", port, ae_title=services.settings.ae_title)
+        assert assoc.is_established
+        try:
+            yield assoc, services.store.backend  # type: ignore[misc]
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        server.stop(running, drain=1.0)
+
+
+def part10(number: int) -> bytes:
+    """Instance ``number`` of the study, as a Part 10 object."""
+    return make_instance(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.77.{number}",
+                         StudyInstanceUID=STUDY)
+
+
+def instance(number: int) -> tuple[str, bytes]:
+    """Instance ``number``'s SOP Instance UID and data set (Explicit VR Little Endian)."""
+    return f"1.2.826.0.1.3680043.8.498.77.{number}", dataset_bytes(part10(number))
+
+
+def send(assoc: Association, number: int) -> int:
+    """C-STORE instance ``number`` through pynetdicom; the status."""
+    return int(assoc.send_c_store(dcmread(DicomBytesIO(part10(number)))).Status)
+
+
+def stored(services: Services, store: MemoryStore) -> dict[str, bytes]:
+    """The data sets stored, by SOP Instance UID."""
+    drain(services)
+    found = {}
+    for data in store.objects.values():
+        uid = str(dcmread(DicomBytesIO(data)).SOPInstanceUID)
+        found[uid] = dataset_bytes(data)
+    return found
+
+
+def first_store(assoc: Association, number: int = 0) -> None:
+    """A C-STORE through pynetdicom's own path, after which the node reads the next
+    requests itself."""
+    assert send(assoc, number) == 0x0000
+
+
+# -- the bytes, encoded here ---------------------------------------------------------------
+
+def element(tag: int, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def command(field: int, sop_class: str, message_id: int, *, sop_instance: str = "",
+            data_set: bool = True) -> bytes:
+    """A request command set (Implicit VR Little Endian, PS3.7 E.1-1)."""
+    body = element(0x00000002, sop_class.encode()) + element(0x00000100, struct.pack("<H", field))
+    body += element(0x00000110, struct.pack("<H", message_id))
+    if field == C_STORE_RQ:
+        body += element(0x00000700, struct.pack("<H", 0))
+    body += element(0x00000800, struct.pack("<H", 0x0000 if data_set else 0x0101))
+    if sop_instance:
+        body += element(0x00001000, sop_instance.encode())
+    return element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+def pdv(context_id: int, header: int, fragment: bytes) -> bytes:
+    """A presentation data value item (PS3.8 9.3.5.1, E.2)."""
+    return struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+
+
+def pdu(*items: bytes) -> bytes:
+    """A P-DATA-TF PDU of ``items`` (PS3.8 9.3.5)."""
+    body = b"".join(items)
+    return struct.pack(">BBI", P_DATA_TF, 0, len(body)) + body
+
+
+def store_command(uid: str, message_id: int) -> bytes:
+    return command(C_STORE_RQ, CTImageStorage, message_id, sop_instance=uid)
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    head = read_exactly(sock, 6)
+    kind, _, length = struct.unpack(">BBI", head)
+    return kind, read_exactly(sock, length)
+
+
+def read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+def read_response(sock: socket.socket) -> dict[int, int]:
+    """The US elements of the next response's command set (responses here have no
+    data set)."""
+    kind, body = read_pdu(sock)
+    assert kind == P_DATA_TF, f"PDU type {kind:#x} instead of a response"
+    fragment, position = b"", 0
+    while position < len(body):
+        (length,) = struct.unpack_from(">I", body, position)
+        assert body[position + 5] & 0x01, "a data set where a response command was expected"
+        fragment += body[position + 6:position + 4 + length]
+        position += 4 + length
+    fields, position = {}, 0
+    while position < len(fragment):
+        group, number, length = struct.unpack_from("<HHI", fragment, position)
+        if length == 2:
+            fields[(group << 16) | number] = struct.unpack_from("<H", fragment, position + 8)[0]
+        position += 8 + length
+    return fields
+
+
+@contextmanager
+def raw(assoc: Association) -> Iterator[socket.socket]:
+    """The peer's socket, its own reader kept off it for the block."""
+    with reactor.socket_lent(assoc) as lent:
+        assert lent
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock.settimeout(20)
+        yield sock
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SOP Instance UIDs of the requests the node read itself."""
+    read: list[str] = []
+    original = inbound._Reader.store_request
+
+    def counting(self: inbound._Reader) -> tuple[object, int, object]:
+        answer = original(self)
+        read.append(answer[2].sop_instance_uid)
+        return answer
+
+    monkeypatch.setattr(inbound._Reader, "store_request", counting)
+    return read
+
+
+# -- tests -----------------------------------------------------------------------------
+
+def test_requests_of_every_kind_among_stores(services: Services) -> None:
+    """Stores, an echo, a find and a release on one association: each answered, in
+    order, every instance stored."""
+    with association(services) as (assoc, store):
+        uids = []
+        for number in range(1, 7):
+            uids.append(instance(number)[0])
+            assert send(assoc, number) == 0x0000, number
+            if number == 2:
+                assert assoc.send_c_echo().Status == 0x0000
+            if number == 4:
+                query = Dataset()
+                query.QueryRetrieveLevel = "STUDY"
+                query.StudyInstanceUID = STUDY
+                answers = list(assoc.send_c_find(
+                    query, StudyRootQueryRetrieveInformationModelFind))
+                assert [status.Status for status, _ in answers] == [0xFF00, 0x0000]
+        assoc.release()
+        assert assoc.is_released
+        assert set(uids) <= set(stored(services, store))
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_shapes_pynetdicom_never_sends(services: Services, counted: list[str]) -> None:
+    """A command and its data set in one PDU; a command split over two PDUs and a data
+    set over three; a PDU that goes on with a C-ECHO: all answered, the data sets stored
+    as sent, and pynetdicom's own path serves the association afterwards."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        sent = {}
+        with raw(assoc) as sock:
+            uid, data = instance(1)
+            sent[uid] = data
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 11)),
+                             pdv(CT_CONTEXT, 0x02, data)))
+            answer = read_response(sock)
+            assert (answer[0x00000100], answer[0x00000120], answer[0x00000900]) == \
+                (C_STORE_RSP, 11, 0x0000)
+
+            uid, data = instance(2)
+            sent[uid] = data
+            cut, third = 20, len(data) // 3
+            whole = store_command(uid, 12)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x01, whole[:cut]))
+                         + pdu(pdv(CT_CONTEXT, 0x03, whole[cut:]))
+                         + pdu(pdv(CT_CONTEXT, 0x00, data[:third]))
+                         + pdu(pdv(CT_CONTEXT, 0x00, data[third:2 * third]),
+                               pdv(CT_CONTEXT, 0x02, data[2 * third:])))
+            assert read_response(sock)[0x00000900] == 0x0000
+
+            uid, data = instance(3)
+            sent[uid] = data
+            echo = command(C_ECHO_RQ, Verification, 13, data_set=False)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 14)),
+                             pdv(CT_CONTEXT, 0x02, data), pdv(ECHO_CONTEXT, 0x03, echo)))
+            answer = read_response(sock)
+            assert (answer[0x00000100], answer[0x00000120]) == (C_STORE_RSP, 14)
+            answer = read_response(sock)
+            assert (answer[0x00000100], answer[0x00000120], answer[0x00000900]) == \
+                (C_ECHO_RSP, 13, 0x0000)
+        assert counted == list(sent)
+        assert assoc.send_c_echo().Status == 0x0000
+        first_store(assoc, 4)
+        found = stored(services, store)
+        for uid, data in sent.items():
+            assert found[uid] == data
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_data_set_on_another_context_aborts(services: Services) -> None:
+    """A data set fragment on another presentation context than its command's: A-ABORT
+    (PS3.8 9.3.8), nothing stored of it, and the node serves the next association."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 21)))
+                         + pdu(pdv(ECHO_CONTEXT, 0x02, data)))
+            kind, _ = read_pdu(sock)
+            assert kind == A_ABORT
+        assert uid not in stored(services, store)
+    with association(services) as (assoc, _):
+        assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_peer_that_stalls_inside_a_pdu_is_aborted(
+        make_services: Callable[..., Services]) -> None:
+    """Half a data set PDU, then silence: the association is aborted after the DIMSE
+    timeout (the socket's receive timeout), not held."""
+    services = make_services(store=MemoryStore(), dimse_timeout=1.0)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            whole = pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 31)),
+                        pdv(CT_CONTEXT, 0x02, data))
+            sock.sendall(whole[:len(whole) // 2])
+            started = time.monotonic()
+            kind, _ = read_pdu(sock)
+            assert kind == A_ABORT
+            assert time.monotonic() - started < 15
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_over_the_object_limit_then_on(make_services: Callable[..., Services],
+                                       counted: list[str]) -> None:
+    """A data set over PACS_MAX_OBJECT_BYTES is answered A700 and not kept; the next
+    request on the association is stored."""
+    services = make_services(store=MemoryStore(), max_object_bytes=2000)
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        big_uid, _ = instance(1)
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(big_uid, 41)))
+                         + pdu(pdv(CT_CONTEXT, 0x00, bytes(1500)))
+                         + pdu(pdv(CT_CONTEXT, 0x02, bytes(1500))))
+            assert read_response(sock)[0x00000900] == 0xA700
+            uid, data = instance(2)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 42)),
+                             pdv(CT_CONTEXT, 0x02, data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+        assert counted == [big_uid, uid]
+        found = stored(services, store)
+        assert uid in found and big_uid not in found
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_pdu_over_the_maximum_length_after_stores(services: Services) -> None:
+    """A P-DATA-TF header declaring more than the node's Maximum Length, after a store:
+    pynetdicom's reading refuses it (A-ABORT) before any body is read."""
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        with raw(assoc) as sock:
+            sock.sendall(b"\x04\x00\xff\xff\xff\xf0" + bytes(100))
+            kind, body = read_pdu(sock)
+            assert kind == A_ABORT and body[2:4] == b"\x02\x06"
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_request_sent_before_the_previous_response(services: Services) -> None:
+    """A first store and an echo written at once, the echo before the store's response
+    (no asynchronous operations negotiated): pynetdicom reads the echo while the store
+    is served; it is answered at once, not left in pynetdicom's queue while the node
+    waits on the socket for the next request."""
+    with association(services) as (assoc, store):
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            sock.settimeout(5)  # well within the node's network timeout
+            echo = command(C_ECHO_RQ, Verification, 52, data_set=False)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 51)),
+                             pdv(CT_CONTEXT, 0x02, data))
+                         + pdu(pdv(ECHO_CONTEXT, 0x03, echo)))
+            answers = [read_response(sock), read_response(sock)]
+            assert [(a[0x00000100], a[0x00000120], a[0x00000900]) for a in answers] == \
+                [(C_STORE_RSP, 51, 0x0000), (C_ECHO_RSP, 52, 0x0000)]
+        assert uid in stored(services, store)
