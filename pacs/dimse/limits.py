@@ -300,6 +300,12 @@ class ConnectionLimits:
         :meth:`connected`)."""
         return len(self._pending)
 
+    @property
+    def load(self) -> int:
+        """Connections this worker serves: pending, and admitted still running."""
+        with self._lock:
+            return len(self._pending) + sum(1 for a in self._admitted if self._alive(a))
+
 
 def _socket_open(sock: Any) -> bool:
     try:

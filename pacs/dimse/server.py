@@ -107,6 +107,12 @@ class _Failures:
                     getattr(exc, "reason", None) or exc or type(exc).__name__)
 
 
+#: Seconds a worker waits before accepting per connection it serves, at most
+#: :data:`DEFERRAL_STEPS` times (:meth:`NodeServer._defer_to_less_busy_workers`).
+ACCEPT_DEFERRAL = 0.002
+DEFERRAL_STEPS = 5
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY, bounded connections and an
     optional shared socket.
@@ -141,6 +147,9 @@ class NodeServer(ThreadedAssociationServer):
     artim_left: ArtimLeft
     #: The customers this server started and stops (:func:`start` given services).
     customers: Customers | None = None
+    #: Seconds this worker waits before accepting, per connection it already serves
+    #: (:meth:`get_request`); 0 when no other worker accepts from the socket.
+    accept_deferral: float = 0.0
 
     def server_bind(self) -> None:
         """Use the shared socket when there is one."""
@@ -192,6 +201,7 @@ class NodeServer(ThreadedAssociationServer):
         the connection).  On the TLS port the socket is wrapped, not yet hand-shaken:
         that is the connection thread's work (:meth:`finish_request`), never the
         acceptor's, whom a silent peer would otherwise hold."""
+        self._defer_to_less_busy_workers()
         client, address = super().get_request()
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,6 +211,23 @@ class NodeServer(ThreadedAssociationServer):
             client = self.tls.wrap_socket(client, server_side=True,
                                           do_handshake_on_connect=False)
         return client, address
+
+    def _defer_to_less_busy_workers(self) -> None:
+        """Wait a moment, longer the more connections this worker serves, before
+        accepting.
+
+        Every worker wakes for a new connection and the first to accept takes it; the
+        associations of one worker share its interpreter (one core at most).  Four
+        modalities connecting at once were split three to one as often as two to two,
+        and the busier worker then capped the whole node.  A worker that waits
+        :data:`accept_deferral` per connection it serves lets a less busy one accept
+        first; alone, or when the others are as busy, it accepts a few milliseconds
+        later.
+        """
+        if self.accept_deferral > 0 and self.limits is not None:
+            load = self.limits.load
+            if load:
+                time.sleep(min(load, DEFERRAL_STEPS) * self.accept_deferral)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """In the connection's thread: the TLS handshake first, then the association
@@ -448,8 +475,11 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
     artim_left = ArtimLeft()
+    deferral = ACCEPT_DEFERRAL if shared_socket is not None and \
+        number_of_workers(settings) > 1 else 0.0
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
+        "accept_deferral": deferral,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
         "artim_left": artim_left, "customers": customers if owned else None})

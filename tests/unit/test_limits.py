@@ -251,6 +251,40 @@ def test_associations_are_limited_per_worker_and_per_host() -> None:
     assert gate.admit(_Conn("6"), None, "10.0.0.3") is None
 
 
+def test_load_counts_pending_connections_and_running_associations() -> None:
+    """What a worker weighs before accepting (NodeServer._defer_to_less_busy_workers)."""
+    gate = _limits(max_pending=5)
+    waiting, running, ended = _Conn("waiting"), _Conn("running"), _Conn("ended")
+    gate.connected(waiting)
+    gate.admit(running, None, "10.0.0.1")
+    gate.admit(ended, None, "10.0.0.2")
+    assert gate.load == 3
+    ended.open = False  # its thread ended
+    assert gate.load == 2
+
+
+def test_a_busier_worker_accepts_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection a worker serves delays its accept by ACCEPT_DEFERRAL, up to
+    DEFERRAL_STEPS of them; an idle worker, or one alone, accepts at once."""
+    from types import SimpleNamespace
+
+    from pacs.dimse import server
+
+    waits: list[float] = []
+    monkeypatch.setattr(server.time, "sleep", waits.append)
+    gate = _limits(max_pending=0, max_associations=0, max_per_host=0)
+    worker = SimpleNamespace(accept_deferral=server.ACCEPT_DEFERRAL, limits=gate)
+    defer = server.NodeServer._defer_to_less_busy_workers
+    defer(worker)  # type: ignore[arg-type]
+    for number in range(2 * server.DEFERRAL_STEPS):
+        gate.admit(_Conn(f"a{number}"), None, "10.0.0.1")
+        defer(worker)  # type: ignore[arg-type]
+    alone = SimpleNamespace(accept_deferral=0.0, limits=gate)
+    defer(alone)  # type: ignore[arg-type]
+    steps = [min(n, server.DEFERRAL_STEPS) for n in range(1, 2 * server.DEFERRAL_STEPS + 1)]
+    assert waits == [pytest.approx(step * server.ACCEPT_DEFERRAL) for step in steps]
+
+
 def test_zero_means_no_limit() -> None:
     gate = _limits(max_associations=0, max_per_host=0, max_pending=0)
     for i in range(200):

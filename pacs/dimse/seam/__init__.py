@@ -8,6 +8,9 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
   capped message buffers, a wait for an A-ASSOCIATE-RQ that ends with the connection;
 * :mod:`~pacs.dimse.seam.wire`: DIMSE messages encoded here and written to / read from
   the association's socket, bypassing pynetdicom's DIMSE and DUL layers;
+* :mod:`~pacs.dimse.seam.inbound`: the C-STORE requests after an association's first,
+  read from its socket and answered by the association thread, anything else handed
+  back to pynetdicom;
 * :mod:`~pacs.dimse.seam.services`: pynetdicom's Storage and Query/Retrieve service
   classes replaced for a node's associations by adapters that run the plain DIMSE
   logic (:mod:`pacs.dimse.find`, :mod:`pacs.dimse.retrieve`, :mod:`pacs.dimse.storage`)

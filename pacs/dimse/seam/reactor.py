@@ -40,6 +40,10 @@ The receive path is bounded against hostile peers (:mod:`pacs.dimse.limits`):
 * DIMSE message buffers are capped: the command set, and on a node's association the
   data set at PACS_MAX_OBJECT_BYTES (:func:`_receive_primitive`).
 
+Another thread may borrow the socket (:func:`socket_lent`) and give back bytes it read
+of something it does not serve (:func:`hand_back`): the DUL reads those before the
+socket (:func:`_take`).
+
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
 the classes once per process by :func:`patch`, which :func:`pacs.dimse.seam.install`
