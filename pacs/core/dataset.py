@@ -60,7 +60,7 @@ def quiet_pydicom() -> None:
 
 def valid_uid(value: str) -> bool:
     """True when ``value`` is a valid UID (PS3.5 9.1)."""
-    return len(value) <= 64 and bool(_UID_RE.match(value))
+    return len(value) <= 64 and bool(_UID_RE.fullmatch(value))  # "$" alone allows a "\n"
 
 
 def require_uid(value: Any, name: str) -> str:

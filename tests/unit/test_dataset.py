@@ -27,6 +27,7 @@ from tests.conftest import sample
     ("", False),
     ("1..2", False),
     ("1.2.", False),
+    ("1.2.3\n", False),  # a regular expression's "$" matches before a final newline
 ])
 def test_uid_validation(uid: str, ok: bool) -> None:
     assert valid_uid(uid) is ok

@@ -39,15 +39,14 @@ before its response is read.
 from __future__ import annotations
 
 import logging
-import re
 import select
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
+from pacs.core.dataset import valid_uid
 from pacs.dimse import limits, storage
 
 if TYPE_CHECKING:
@@ -65,12 +64,9 @@ _C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
 #: Command elements read here (PS3.7 E.1-1).
 _SOP_CLASS, _FIELD, _MESSAGE_ID, _DATASET_TYPE, _SOP_INSTANCE = (
     0x00000002, 0x00000100, 0x00000110, 0x00000800, 0x00001000)
-#: A UID (PS3.5 9.1): numeric components, no leading zero, at most 64 characters.
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
-@dataclass(frozen=True)
-class _StoreCommand:
+class _StoreCommand(NamedTuple):
     """The fields of a C-STORE-RQ command set this path answers from."""
 
     message_id: int
@@ -160,6 +156,9 @@ class _Reader:
         #: The rest of a PDU that went on after a data set's last fragment, rebuilt as
         #: a PDU of its own for pynetdicom.
         self.leftover = b""
+        #: What :meth:`_context` found, by context ID and SOP Class UID as received
+        #: (the negotiated contexts do not change during the association).
+        self.contexts: dict[tuple[int, bytes], tuple[str, str] | tuple[()]] = {}
 
     # -- between messages --
 
@@ -311,18 +310,31 @@ class _Reader:
         if fields is None or _us(fields, _FIELD) != _C_STORE_RQ:
             raise _HandBack
         message_id, kind = _us(fields, _MESSAGE_ID), _us(fields, _DATASET_TYPE)
-        sop_class, sop_instance = _ui(fields, _SOP_CLASS), _ui(fields, _SOP_INSTANCE)
+        sop_instance = _ui(fields, _SOP_INSTANCE)
         if (message_id is None or kind is None or kind == wire.NO_DATASET
-                or _us(fields, _PRIORITY) is None or not sop_class or not sop_instance):
+                or _us(fields, _PRIORITY) is None or not sop_instance
+                or self.assoc._sent_release):
             raise _HandBack
+        key = (context_id, fields.get(_SOP_CLASS, b""))
+        found = self.contexts.get(key)
+        if found is None:
+            found = self.contexts[key] = self._context(_ui(fields, _SOP_CLASS), context_id)
+        if not found:
+            raise _HandBack
+        sop_class, transfer_syntax = found
+        return _StoreCommand(message_id, sop_class, sop_instance), transfer_syntax
+
+    def _context(self, sop_class: str, context_id: int) -> tuple[str, str] | tuple[()]:
+        """The SOP Class and transfer syntax of a store request on ``context_id``, when
+        that is an accepted context of the class, the class is the Storage service
+        class's and not one of common extended negotiation; else ``()``."""
         assoc = self.assoc
         context = assoc._accepted_cx.get(context_id)
-        if (context is None or context.abstract_syntax != sop_class
-                or not self.storage_class(sop_class) or assoc._sent_release
+        if (not sop_class or context is None or context.abstract_syntax != sop_class
+                or not self.storage_class(sop_class)
                 or sop_class in assoc.acceptor.accepted_common_extended):
-            raise _HandBack
-        return (_StoreCommand(message_id, sop_class, sop_instance),
-                str(context.transfer_syntax[0]))
+            return ()
+        return sop_class, str(context.transfer_syntax[0])
 
 
 def _pynetdicom_holds_one(assoc: Association) -> bool:
@@ -383,6 +395,5 @@ def _us(fields: dict[int, bytes], tag: int) -> int | None:
 
 def _ui(fields: dict[int, bytes], tag: int) -> str:
     """A UID element's value; empty when missing or not a valid UID (PS3.5 9.1)."""
-    value = fields.get(tag, b"").rstrip(b"\0 ")
-    text = value.decode("ascii", "replace")
-    return text if len(text) <= 64 and _UID.fullmatch(text) else ""
+    text = fields.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+    return text if valid_uid(text) else ""
