@@ -23,11 +23,11 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
+from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
     assert_consistent,
-    dataset_bytes,
     fresh_ct,
     key_of,
     run_dcmtk,
