@@ -151,7 +151,7 @@ class _Reader:
         self.storage_class = storage_class
         self.limit = limit
         #: Bytes read that go back to pynetdicom on :class:`_HandBack`: the message's,
-        #: until it is taken as a store request, then the current PDU's.
+        #: until it is taken as a store request, then the current PDU's header.
         self.taken = bytearray()
         #: The rest of a PDU that went on after a data set's last fragment, rebuilt as
         #: a PDU of its own for pynetdicom.
@@ -254,7 +254,8 @@ class _Reader:
     def _pdu(self, keep: bool) -> bytes | bytearray:
         """The body of the next PDU, which must be a P-DATA-TF within the ceiling.
 
-        The bytes read go to :attr:`taken` (after what it holds when ``keep``); a PDU of
+        The header goes to :attr:`taken`, after what it holds when ``keep``, and then
+        the body too (a data set's body is never handed back: not copied); a PDU of
         another type, one over the ceiling or the connection closing raise
         :class:`_HandBack` once its header is read, so that pynetdicom's reading of the
         rest decides (a release, an abort, a refusal, a closed connection).  A read that
@@ -278,8 +279,11 @@ class _Reader:
             body = limits.receive(raw, length)
         except OSError as exc:
             raise _Broken(f"no whole PDU received ({type(exc).__name__})", False) from None
-        self.taken += body
+        if keep:
+            self.taken += body
         if len(body) < length:
+            # Closed inside the PDU.  Handed back, the header alone makes pynetdicom
+            # read on, find the connection closed and end the association.
             raise _HandBack
         self.dul._idle_timer.restart()  # traffic, as the DUL counts it
         reactor.quickack(raw)
