@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -227,20 +228,38 @@ def _web_workers(node: Node) -> list[int]:
 
 
 def _large_study(folder: Path, total: int) -> Iterator[Path]:
-    """Files of a 512 x 512 CT study adding up to ``total`` bytes."""
+    """Files of a 512 x 512 CT study adding up to ``total`` bytes.
+
+    pydicom encodes one file whose SOP Instance UID and Instance Number are placeholders
+    of fixed width; each file is that encoding with them replaced (no length changes
+    anywhere): encoding two thousand 512 KB data sets one by one took longer than the
+    node's import of all of them.
+    """
+    rng = random.Random()
+    # No UID holds a "+", nor can either placeholder occur in the 12-bit pixel data.
+    sop_slot, number_slot = "1.2." + "9" * 60, "+99999"
     template = pydicom.dcmread(sample("CT_small.dcm"))
     template.Rows = template.Columns = 512
     template.PixelData = np.random.default_rng(7).integers(
         0, 4096, 512 * 512, dtype=np.uint16).tobytes()
     template.StudyInstanceUID = generate_uid()
     template.SeriesInstanceUID = generate_uid()
+    template.SOPInstanceUID = sop_slot
+    template.file_meta.MediaStorageSOPInstanceUID = sop_slot
+    template.InstanceNumber = number_slot
+    buffer = io.BytesIO()
+    template.save_as(buffer, enforce_file_format=True)
+    encoded = buffer.getvalue()
+    assert encoded.count(sop_slot.encode()) == 2
+    assert encoded.count(number_slot.encode()) == 1
     folder.mkdir(parents=True, exist_ok=True)
     count = total // (512 * 512 * 2) + 1
     for number in range(count):
-        template.SOPInstanceUID = generate_uid()
-        template.InstanceNumber = number + 1
+        # 64 characters, as the placeholder: pydicom's root and 38 random digits.
+        sop = "1.2.826.0.1.3680043.8.498." + str(rng.randrange(10**37, 10**38))
         path = folder / f"{number:05d}.dcm"
-        template.save_as(path, enforce_file_format=True)
+        path.write_bytes(encoded.replace(sop_slot.encode(), sop.encode())
+                         .replace(number_slot.encode(), f"{number + 1:06d}".encode()))
         yield path
 
 

@@ -60,6 +60,12 @@ class CountingRelay:
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
+                # Shut down first: close() alone does not wake a pump blocked in recv()
+                # on the socket, whose kernel socket then stays open without a FIN.  A
+                # client waiting for an answer on it (a node's request in flight) would
+                # hang until its read timeout, and hold up its own shutdown as long.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
     def _accept(self) -> None:

@@ -229,10 +229,13 @@ class SeaweedServer:
         }
         self.config_path = root / "identities.json"
         self.config_path.write_text(json.dumps(identities))
+        # All in one call: ports chosen by two calls could repeat (the first call's are
+        # free again when the second binds), and two servers would then share one.
+        ports = _free_ports(8 + 2 * (volume_servers - 1))
         (self.s3_port, self.s3_grpc, self.master, self.master_grpc, self.volume,
-         self.volume_grpc, self.filer, self.filer_grpc) = _free_ports(8)
+         self.volume_grpc, self.filer, self.filer_grpc) = ports[:8]
         #: (HTTP, gRPC) ports of each further volume server.
-        extra = _free_ports(2 * (volume_servers - 1))
+        extra = ports[8:]
         self.volume_ports = list(zip(extra[::2], extra[1::2], strict=True))
         self.s3 = SeaweedS3(endpoint=f"127.0.0.1:{self.s3_port}", access_key=ACCESS_KEY,
                             secret_key=SECRET_KEY, master=f"127.0.0.1:{self.master}")
@@ -256,6 +259,12 @@ class SeaweedServer:
             f"-s3.localSocket={self.root / 's3.sock'}",
             f"-master.port={self.master}",
             f"-master.port.grpc={self.master_grpc}",
+            # Started again on its folder (after kill()), the master resumes its Raft
+            # state and waits a whole election timeout (10 s by default) before it
+            # leads; the volume servers' heartbeats fail until then and are retried
+            # only every 5 s: a restart took 15-20 s.  A single master has no peer
+            # whose heartbeat it could miss, so a short timeout costs nothing.
+            "-master.electionTimeout=1s",
             # No statistics sent anywhere from a test run.
             "-master.telemetry=false",
             # Every bucket is a collection that grows 7 volumes at its first write: small
