@@ -1,0 +1,164 @@
+"""C-STORE rate and CPU per small instance of each part of the node, versions alternated.
+
+Starts ``pacs serve`` on its folder store in a fresh data folder, sends the harness'
+2,000 small instances (``bench/data/ingest/small_single_r1``, made by ``gen_data.py``)
+with dcmtk's ``storescu`` on one association or split over ``--associations``, and reads
+each process' CPU time (``/proc/<pid>/stat``) before and after.  Prints the rate and the
+CPU milliseconds per instance of the DIMSE workers, the intake mover and the senders.
+
+Each ``--source`` is a folder whose ``pacs`` package is put first on ``PYTHONPATH`` (a
+``git worktree`` of another commit; ``.`` is this checkout), and the versions take turns
+for ``--rounds`` rounds, so that the machine's drift weighs on all of them alike.
+
+Usage::
+
+    git worktree add /tmp/before <commit>
+    .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --rounds 3
+    .venv/bin/python bench/ingest_cpu.py --source . --associations 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / "data" / "ingest" / "small_single_r1"
+DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """``pid`` and its descendants, with their command lines."""
+    children: dict[int, list[int]] = {}
+    lines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            lines[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ") \
+                .decode(errors="replace")
+        except OSError:
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = {}, [pid]
+    while todo:
+        current = todo.pop()
+        found[current] = lines.get(current, "")
+        todo += children.get(current, [])
+    return found
+
+
+def role(command: str) -> str:
+    """Which part of the node a process is."""
+    if "pacs.node.mover" in command:
+        return "mover"
+    if "gunicorn" in command or "adapters" in command:
+        return "web"
+    if "pacs" in command and "serve" in command:
+        return "dimse"
+    return "other"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def node(source: Path) -> Iterator[tuple[int, int]]:
+    """``pacs serve`` of ``source`` on a fresh folder: (its pid, its DIMSE port)."""
+    folder = Path(tempfile.mkdtemp(prefix="ingest-cpu-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
+    env.update(PYTHONPATH=str(source.resolve()), TCP_NODELAY="1",
+               PACS_DATA_DIR=str(folder / "data"), PACS_STORAGE="file",
+               PACS_DIMSE_PORT=str(port), PACS_WEB_PORT=str(free_port()),
+               PACS_VIEWER_PORT="0", PACS_UPLOADS_POLL="0", PACS_AE_TITLE="PACS")
+    log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "pacs", "serve"], env=env, cwd=folder,
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        time.sleep(2)  # every worker and companion up
+        yield server.pid, port
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def one_run(source: Path, files: list[str], associations: int) -> dict[str, float]:
+    """Rate and CPU ms per instance of each part for one run of ``source``."""
+    with node(source) as (pid, port):
+        processes = descendants(pid)
+        before = {p: cpu_seconds(p) for p in processes}
+        groups = [files[i::associations] for i in range(associations)]
+        started = time.monotonic()
+        senders = [subprocess.Popen(
+            [os.path.join(DCMTK_BIN, "storescu"), "-aet", "BENCH", "-aec", "PACS", "-nh",
+             "127.0.0.1", str(port), *group], env={**os.environ, "TCP_NODELAY": "1"})
+            for group in groups]
+        sending = 0.0
+        for sender in senders:
+            _, status, usage = os.wait4(sender.pid, 0)  # the sender's own CPU
+            sender.returncode = os.waitstatus_to_exitcode(status)
+            if sender.returncode != 0:
+                raise SystemExit(f"storescu failed ({sender.returncode})")
+            sending += usage.ru_utime + usage.ru_stime
+        elapsed = time.monotonic() - started
+        result = {"inst/s": len(files) / elapsed, "storescu": sending * 1000 / len(files)}
+        for process, command in processes.items():
+            part = role(command)
+            result[part] = result.get(part, 0.0) + \
+                (cpu_seconds(process) - before[process]) * 1000 / len(files)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", action="append", type=Path, required=True)
+    parser.add_argument("--associations", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    files = sorted(str(p) for p in DATA.rglob("*") if p.is_file() and p.name != "manifest.json")
+    if not files:
+        raise SystemExit(f"no data in {DATA}: run bench/gen_data.py first")
+    print(f"{len(files)} small instances, {args.associations} association(s); "
+          "CPU in ms per instance")
+    for number in range(args.rounds):
+        for source in args.source:
+            result = one_run(source, files, args.associations)
+            parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
+                              for part in ("dimse", "mover", "storescu"))
+            print(f"round {number + 1}  {source!s:<24} {result['inst/s']:7.1f} inst/s  "
+                  f"{parts}", flush=True)
+
+if __name__ == "__main__":
+    main()
