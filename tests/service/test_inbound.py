@@ -27,7 +27,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
-from pacs.dimse import server
+from pacs.dimse import limits, server
 from pacs.dimse.seam import inbound, reactor
 from tests.conftest import free_port, seam_only
 from tests.factory import dataset_bytes, make_instance
@@ -354,3 +354,54 @@ def test_a_request_sent_before_the_previous_response(services: Services) -> None
             assert [(a[0x00000100], a[0x00000120], a[0x00000900]) for a in answers] == \
                 [(C_STORE_RSP, 51, 0x0000), (C_ECHO_RSP, 52, 0x0000)]
         assert uid in stored(services, store)
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_an_idle_association_after_stores_is_ended_at_the_network_timeout(
+        make_services: Callable[..., Services]) -> None:
+    """Silence after a store: the node ends the association once PACS_DIMSE_TIMEOUT
+    (its network timeout) has passed without a PDU, as pynetdicom's reactor does."""
+    services = make_services(store=MemoryStore(), dimse_timeout=1.0)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        with raw(assoc) as sock:
+            started = time.monotonic()
+            kind, _ = read_pdu(sock)  # an A-ABORT (pynetdicom's default response)
+            assert kind == A_ABORT
+            assert 0.9 < time.monotonic() - started < 15
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_empty_fragments_keep_what_is_held_bounded(services: Services,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command sent as thousands of empty fragments, then its real end and a data set
+    of empty fragments around its bytes: the bytes held for a hand-back stay within the
+    command ceiling (pynetdicom takes the message over past it) and the store is
+    answered."""
+    held: list[int] = []
+    original = inbound._Reader._pdu
+
+    def watched(self: inbound._Reader, keep: bool) -> bytes | bytearray:
+        held.append(len(self.taken))
+        return original(self, keep)
+
+    monkeypatch.setattr(inbound._Reader, "_pdu", watched)
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        sent = dict([instance(1), instance(2)])
+        (first, first_data), (uid, data) = sent.items()
+        with raw(assoc) as sock:
+            empty_command = pdu(pdv(CT_CONTEXT, 0x01, b""))
+            sock.sendall(empty_command * 10_000
+                         + pdu(pdv(CT_CONTEXT, 0x03, store_command(first, 61))))
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x00, b"")) * 1000
+                         + pdu(pdv(CT_CONTEXT, 0x02, first_data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+            # And once more with the empty fragments inside a data set the node reads.
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 62)))
+                         + pdu(pdv(CT_CONTEXT, 0x00, b"")) * 10_000
+                         + pdu(pdv(CT_CONTEXT, 0x02, data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+        found = stored(services, store)
+        assert {key: found.get(key) for key in sent} == sent
+    assert max(held) <= limits.COMMAND_CEILING + len(empty_command)

@@ -211,6 +211,10 @@ class _Reader:
         rest: list[_Pdv] = []
         complete = False
         while not complete:
+            if len(self.taken) > limits.COMMAND_CEILING:
+                # Kept for a hand-back, these bytes must stay bounded even when their
+                # fragments are empty: pynetdicom reads on from here, with its own caps.
+                raise _HandBack
             body = self._pdu(keep=True)
             pdvs = self._pdvs(body)
             for position, (header, pcid, fragment, _) in enumerate(pdvs):
@@ -362,10 +366,10 @@ class _DataSet:
 
     def add(self, fragment: memoryview, last: bool) -> None:
         self.received += len(fragment)
-        if self.limit <= 0 or self.received <= self.limit:
-            self.fragments.append(fragment)
-        else:
+        if self.limit > 0 and self.received > self.limit:
             self.fragments.clear()  # over the limit: answered A700, nothing kept
+        elif fragment:  # empty ones, kept, would grow the list without end
+            self.fragments.append(fragment)
         self.complete = last
 
     def value(self) -> bytes:
