@@ -29,6 +29,14 @@ log = logging.getLogger("pacs.node.mover")
 
 #: Seconds between two tries at the mover lock while another mover holds it.
 LOCK_RETRY = 1.0
+#: How much lower than ``pacs serve`` the mover's CPU priority is (``nice``).  Each
+#: acknowledgement waits for a DIMSE worker or a web worker, never for the mover: when
+#: they want the cores, the acknowledged objects wait in the intake instead (durable
+#: already), and the mover catches up when ingest pauses.  Measured on two cores with
+#: the S3 server beside the node, ingest ran 10-45 % faster.  A stream that keeps every
+#: core busy for long fills the intake up to PACS_INTAKE_MAX_BYTES; from there stores
+#: are refused until the mover has made room (the intake's back-pressure).
+NICENESS = 10
 
 
 def move(settings: Settings, services: Services, stopping: threading.Event) -> None:
@@ -54,8 +62,11 @@ def main() -> int:
     """``python -m pacs.node.mover``: move the intake to the store until SIGTERM /
     SIGINT.  Its index commits are not synced: a delete lost in a crash only repeats
     an identical put."""
+    import os
+
     from pacs.node.companions import companion_main
 
+    os.nice(NICENESS)
     return companion_main("intake mover", move, synced=False)
 
 

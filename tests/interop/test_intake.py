@@ -72,6 +72,28 @@ def key_of(path: Path) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
+def _nice(pid: int) -> int:
+    """The niceness of ``pid`` (field 19 of /proc/<pid>/stat, proc(5))."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[16])
+
+
+def test_the_mover_yields_the_cpu_to_acknowledgements(node_factory: Callable[..., Node]
+                                                      ) -> None:
+    """The mover runs NICENESS below pacs serve; the DIMSE workers run as pacs serve."""
+    from pacs.node.mover import NICENESS
+
+    node = node_factory("niceness")
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in node.pids()}
+    movers = [pid for pid, command in commands.items() if b"pacs.node.mover" in command]
+    assert len(movers) == 1, commands
+    serve = _nice(node.proc.pid)  # type: ignore[union-attr]
+    assert _nice(movers[0]) == min(19, serve + NICENESS)
+    workers = [pid for pid, command in commands.items()
+               if command.split(b"\0")[1:3] == [b"-m", b"pacs"] and pid != node.proc.pid]
+    assert workers and all(_nice(pid) == serve for pid in workers), commands
+
+
 def test_read_your_writes_while_the_mover_is_held(node_factory: Callable[..., Node],
                                                    tmp_path: Path) -> None:
     node = node_factory("held", PACS_INTAKE_MOVER="off")
