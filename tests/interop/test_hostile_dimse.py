@@ -38,6 +38,7 @@ from tests.interop.conftest import (
     resources_of,
     run_dcmtk,
 )
+from tests.service.test_inbound import instance, pdu, pdv, read_response, store_command
 
 pytestmark = [pytest.mark.interop, pytest.mark.hostile, pytest.mark.dimse]
 
@@ -115,9 +116,12 @@ def _item(kind: int, body: bytes) -> bytes:
 
 
 def associate_rq(max_pdu: int = 16384, calling: str = "HOSTILE") -> bytes:
-    """An A-ASSOCIATE-RQ proposing Verification in Implicit VR LE (PS3.8 9.3.2)."""
+    """An A-ASSOCIATE-RQ proposing Verification in Implicit VR LE (context 1) and CT
+    Image Storage in Explicit VR LE (context 3) (PS3.8 9.3.2)."""
     context = _item(0x20, bytes([1, 0, 0, 0]) + _item(0x30, Verification.encode())
                     + _item(0x40, ImplicitVRLittleEndian.encode()))
+    context += _item(0x20, bytes([3, 0, 0, 0]) + _item(0x30, CTImageStorage.encode())
+                     + _item(0x40, ExplicitVRLittleEndian.encode()))
     body = (struct.pack(">HH", 1, 0) + AE_TITLE.ljust(16).encode()
             + calling.ljust(16).encode() + bytes(32)
             + _item(0x10, b"1.2.840.10008.3.1.1.1") + context
@@ -243,6 +247,49 @@ def test_pdata_longer_than_the_announced_maximum(hostile: Node, excess: int) -> 
         assert closed(sock)
     still_serving(node)
     memory.check(f"P-DATA-TF {excess} byte(s) over the announced maximum")
+
+
+def _stored_once(sock: socket.socket, number: int) -> None:
+    """A first C-STORE on a raw association, answered Success: the node's association
+    thread reads what follows from the socket itself (pacs.dimse.seam.inbound)."""
+    uid, data = instance(number)
+    sock.sendall(pdu(pdv(3, 0x03, store_command(uid, number)), pdv(3, 0x02, data)))
+    assert read_response(sock)[0x00000900] == 0x0000
+
+
+@pdu_ceilings
+def test_pdata_declaring_4_gb_after_a_store(hostile: Node) -> None:
+    """After a C-STORE, when the association's own thread reads the requests: a P-DATA-TF
+    header declaring 0xFFFFFFF0 bytes is refused the same way (A-ABORT, closed)."""
+    node = hostile
+    memory = Memory(node)
+    with raw_association(node) as (sock, _maximum):
+        _stored_once(sock, 1)
+        sock.sendall(b"\x04\x00\xff\xff\xff\xf0" + bytes(1000))
+        assert _read(sock, 10) == ABORT_INVALID_PARAMETER
+        assert closed(sock)
+    still_serving(node)
+    memory.check("P-DATA-TF declaring 0xFFFFFFF0 bytes after a store")
+
+
+@pdu_ceilings
+def test_a_store_that_stalls_inside_its_data_set(hostile: Node) -> None:
+    """After a C-STORE: the next one's command, half a data set PDU, then silence.  The
+    node aborts the association after PACS_DIMSE_TIMEOUT (5 s here), nothing of that
+    instance indexed."""
+    node = hostile
+    with raw_association(node) as (sock, _maximum):
+        _stored_once(sock, 2)
+        uid, data = instance(3)
+        whole = pdu(pdv(3, 0x02, data))
+        sock.sendall(pdu(pdv(3, 0x03, store_command(uid, 3))) + whole[:len(whole) // 2])
+        started = time.monotonic()
+        answer = read_pdu(sock)
+        assert answer is not None and answer[0] == 0x07, answer  # A-ABORT
+        assert 4 < time.monotonic() - started < PATIENCE
+        assert closed(sock)
+    still_serving(node)
+    assert uid not in node.index()
 
 
 def test_unlimited_pdu_buffer_grows_with_arrival(node_factory: Callable[..., Node]) -> None:
