@@ -34,22 +34,20 @@ no row, and otherwise quarantines it: the row is what was acknowledged.
 from __future__ import annotations
 
 import enum
-import fcntl
 import hashlib
 import io
 import logging
 import os
 import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
 
-from pacs.core import metadata, rejection
+from pacs.core import metadata, rejection, uidlocks
 from pacs.core.attributes import Level
 from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
 from pacs.core.errors import (
@@ -69,8 +67,8 @@ from pacs.core.storage import object_key, put_many
 
 log = logging.getLogger(__name__)
 
-#: Lock stripes: instances whose UIDs hash to the same stripe are ingested one at a time.
-_STRIPES = 256
+#: The file of the per-UID locks, in the lock folder.
+LOCK_FILE = "uids.lock"
 
 
 class Outcome(enum.Enum):
@@ -562,7 +560,7 @@ class Ingest:
     def uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
         """The lock under which ingest decides and writes an instance of this SOP
         Instance UID: exclusive, shared by every process of the node, threads included
-        (``flock``).  Repair (:mod:`pacs.core.reconcile`) decides under it too."""
+        (:mod:`pacs.core.uidlocks`).  Repair (:mod:`pacs.core.reconcile`) decides under it too."""
         return self.uid_locks([sop_uid])
 
     def index_stored(self, analysis: Analysis, key: str, size: int,
@@ -580,19 +578,11 @@ class Ingest:
         self.index.commit(_indexing(instance_row(analysis, key, size, calling_ae=calling_ae),
                                     analysis, None, None))
 
-    @contextmanager
-    def uid_locks(self, sop_uids: Sequence[str]) -> Iterator[None]:
-        """The locks of several UIDs (:meth:`uid_lock`), taken in stripe order (no two
-        holders can wait for each other); a deletion takes them too, and the intake's
-        mover holds those of a batch while it moves it."""
-        stripes = sorted({zlib.crc32(uid.encode()) % _STRIPES for uid in sop_uids})
-        with ExitStack() as held:
-            for stripe in stripes:
-                fd = os.open(self.lock_dir / f"{stripe:03d}.lock",
-                             os.O_RDWR | os.O_CREAT, 0o600)
-                held.callback(os.close, fd)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+    def uid_locks(self, sop_uids: Sequence[str]) -> AbstractContextManager[None]:
+        """The locks of several UIDs (:meth:`uid_lock`, :mod:`pacs.core.uidlocks`); a
+        deletion takes them too, and the intake's mover holds those of a batch while
+        it moves it."""
+        return uidlocks.held(self.lock_dir / LOCK_FILE, sop_uids)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""The per-UID locks: exclusive per UID across threads and processes, and nothing more."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+from pacs.core import uidlocks
+
+
+def _try_in_thread(path: Path, uids: list[str], acquired: threading.Event) -> threading.Thread:
+    def take() -> None:
+        with uidlocks.held(path, uids):
+            acquired.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_uid_held_by_one_thread_waits_in_another(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    acquired = threading.Event()
+    with uidlocks.held(path, ["1.2.3", "1.2.4"]):
+        thread = _try_in_thread(path, ["1.2.4"], acquired)
+        assert not acquired.wait(0.3)
+    assert acquired.wait(5)
+    thread.join(5)
+
+
+def test_other_uids_do_not_wait_for_a_held_batch(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    batch = [f"1.2.840.99.{n}" for n in range(500)]
+    others = [f"1.2.840.98.{n}" for n in range(200)]
+    with uidlocks.held(path, batch):
+        for uid in others:
+            acquired = threading.Event()
+            _try_in_thread(path, [uid], acquired).join(5)
+            assert acquired.is_set(), uid
+
+
+def _hold_until(path: Path, uid: str, ready: multiprocessing.synchronize.Event,
+                release: multiprocessing.synchronize.Event) -> None:
+    with uidlocks.held(path, [uid]):
+        ready.set()
+        release.wait(10)
+
+
+def test_a_uid_held_by_another_process_waits(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_until, args=(path, "1.2.3", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        acquired = threading.Event()
+        thread = _try_in_thread(path, ["1.2.3"], acquired)
+        assert not acquired.wait(0.3)
+        release.set()
+        assert acquired.wait(10)
+        thread.join(5)
+    finally:
+        release.set()
+        holder.join(10)
+
+
+def test_a_dead_holder_releases_its_locks(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_until, args=(path, "1.2.3", ready, release))
+    holder.start()
+    assert ready.wait(30)
+    holder.kill()
+    holder.join(10)
+    acquired = threading.Event()
+    _try_in_thread(path, ["1.2.3"], acquired).join(5)
+    assert acquired.is_set()
