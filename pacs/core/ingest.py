@@ -7,7 +7,10 @@ Order of operations, which is what makes a success durable (docs/architecture.md
 0. refuse at once while the intake is full (:class:`~pacs.core.errors.IntakeFull`,
    back-pressure: the object store is slow or down);
 1. read the header and prove the object whole (no pixel decoding, no re-encoding), and
-   compute what the index needs (:func:`analyse`, before any lock);
+   compute what the index needs (:func:`analyse`, before any lock); the DICOM JSON
+   metadata of an object acknowledged through the intake is left to the mover, which
+   builds it from the bytes it moves (:mod:`pacs.core.metadata`), off the path of the
+   acknowledgement;
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
 3. commit, in one transaction (WAL, ``synchronous=FULL``, the commit shared with every
    thread storing meanwhile), the index rows *and* the object's bytes in the intake
@@ -117,7 +120,7 @@ class Analysis(Identity):
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
-            max_object_bytes: int | None = None) -> Analysis:
+            max_object_bytes: int | None = None, *, describe: bool = True) -> Analysis:
     """Read, check and describe one Part 10 object (step 1 of the module docstring).
 
     Parameters
@@ -130,6 +133,9 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     max_object_bytes : int, optional
         ``PACS_MAX_OBJECT_BYTES``: the largest object, as received and, for a deflated
         data set, once inflated (``None``: no limit).
+    describe : bool
+        Encode the DICOM JSON metadata too (``False``: ``metadata`` is ``None``, built
+        later by the intake's mover or on first request).
 
     Raises
     ------
@@ -147,7 +153,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
     # The metadata first: extract() leaves the elements it converts decoded in the
     # header, and the JSON encoder reads raw elements faster (and as stored).
-    prepared = metadata.prepare(instance, data)
+    prepared = metadata.prepare(instance, data) if describe else None
     values = {level: extract(instance.header, level) for level in Level}
     # Validated UIDs, not whatever pydicom decoded (padding, NULs).
     values[Level.STUDY]["study_uid"] = instance.study_uid
@@ -308,7 +314,9 @@ class Ingest:
                      expected: tuple[str, str] | None = None,
                      may_overwrite: bool = True) -> StoreResult:
         """:meth:`store_bytes` once the intake has room for ``data``."""
-        analysis = analyse(data, expected, self.max_object_bytes)
+        # Through the intake, the metadata is the mover's work (module docstring).
+        analysis = analyse(data, expected, self.max_object_bytes,
+                           describe=not self.journaled(len(data)))
         with self.uid_lock(analysis.sop_instance_uid):
             outcome = self._store_locked(analysis, data, calling_ae, may_overwrite)
         self._apply_rejection(analysis, outcome, calling_ae)

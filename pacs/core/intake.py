@@ -17,7 +17,9 @@ Two parts live here:
 - :class:`Mover`, one per customer (an ``flock`` on ``intake.lock``), which writes the
   intake's objects to their keys in the backend, durably, oldest first and in batches,
   then deletes their rows - only a row that is still the one it copied, under the
-  instances' ingest locks, so that an overwrite and a move never interleave.
+  instances' ingest locks, so that an overwrite and a move never interleave - and
+  keeps the DICOM JSON metadata of what it moved (:func:`pacs.core.metadata.prepare_bytes`:
+  ingest leaves it to the mover, off the acknowledgement's path).
 
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
 before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
@@ -43,6 +45,7 @@ from typing import BinaryIO
 
 import apsw
 
+from pacs.core import metadata
 from pacs.core.errors import IndexFailure, IntakeFull, PacsError, StorageError
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
@@ -426,14 +429,32 @@ class Mover:
                        if (data := self._read(entry)) is not None]
             failures = put_many(self.store.backend,
                                 [(entry.object_key, data) for entry, data in current])
-            moved = [entry for (entry, _data), failure in zip(current, failures, strict=True)
-                     if failure is None]
+            moved = [(entry, data) for (entry, data), failure
+                     in zip(current, failures, strict=True) if failure is None]
             removed = 0
             if moved:  # only once the puts are durable; only rows still the same
+                described = self._describe(moved)
                 with self.index.write() as conn:
-                    for entry in moved:
+                    for entry, _data in moved:
                         removed += writer.intake_moved(conn, entry.id)
+                    for pk, checksum, prepared in described:
+                        writer.backfill_metadata(conn, pk, checksum, prepared.json,
+                                                 prepared.pixel_offset, prepared.pixel_length)
         return removed, next((failure for failure in failures if failure is not None), None)
+
+    def _describe(self, moved: list[tuple[reads.IntakeEntry, bytes]]
+                  ) -> list[tuple[int, str, metadata.Prepared]]:
+        """The DICOM JSON metadata of the moved objects whose instances have none yet
+        (ingest leaves it to the mover, :mod:`pacs.core.metadata`): (index key,
+        checksum, metadata) of each, kept only if the row still names that object."""
+        lacking = reads.undescribed(self.index.connection(),
+                                    [_sop_of(entry.object_key) for entry, _data in moved])
+        described = []
+        for entry, data in moved:
+            pk, checksum = lacking.get(_sop_of(entry.object_key), (0, ""))
+            if checksum == entry.checksum and (prepared := metadata.prepare_bytes(data)):
+                described.append((pk, checksum, prepared))
+        return described
 
     def _pool(self) -> ThreadPoolExecutor:
         """Threads that move objects one by one (kept: each keeps its index connection)."""

@@ -1,10 +1,20 @@
-"""DICOM JSON metadata of instances: built at ingest, kept in the index, read for WADO-RS.
+"""DICOM JSON metadata of instances: built once, kept in the index, read for WADO-RS.
 
 A Retrieve Metadata request (PS3.18 10.4.1.1.2 and 10.4.3.3.2) must never parse every
-file of a series: each instance's metadata is encoded once, when it is stored, in the
-DICOM JSON model (PS3.18 Annex F) and written to the ``instance_metadata`` table in the
-same index transaction as its instance row.  A series then answers with one indexed
-query and a string join.
+file of a series: each instance's metadata is encoded once in the DICOM JSON model
+(PS3.18 Annex F) and written to the ``instance_metadata`` table.  A series then answers
+with one indexed query and a string join.  When it is encoded depends on the path the
+object took at ingest (:mod:`pacs.core.ingest`):
+
+- written to the store directly (large objects, STOW-RS, imports): at ingest, in the
+  same index transaction as its instance row;
+- acknowledged through the intake (a small C-STORE): by the intake's mover, from the
+  bytes it moves (:func:`prepare_bytes`), in the transaction that removes the intake
+  row.  The acknowledgement does not wait for it: encoding it cost as much CPU as the
+  rest of the analysis of a small instance;
+- otherwise (requested before the mover got to it, an object whose JSON did not
+  encode, an older index): on first request, from the stored object (or its intake
+  copy), by :func:`documents`, which keeps it.
 
 Large binary values (the pixel data, and OB/OD/OF/OL/OV/OW/UN values longer than
 :data:`BULK_DATA_THRESHOLD` bytes) are not inlined: they get a ``BulkDataURI``
@@ -134,6 +144,20 @@ def prepare(instance: Instance, data: bytes) -> Prepared | None:
         return None
     offset, length = (pixel.offset, pixel.length) if pixel else (None, None)
     return Prepared(text, offset, length)
+
+
+def prepare_bytes(data: bytes) -> Prepared | None:
+    """:func:`prepare` for an object already acknowledged, from its bytes alone (the
+    intake's mover, :mod:`pacs.core.intake`); ``None`` when its header does not read
+    again or its metadata does not encode (built on first request then).  Never
+    raises."""
+    try:
+        instance = read_part10(data)
+    except Exception:  # an accepted object: never fails the move (logged)
+        log.warning("could not read an acknowledged object's header for its metadata; "
+                    "it will be built on first request", exc_info=True)
+        return None
+    return prepare(instance, data)
 
 
 def _looks_like_an_image(instance: Instance) -> bool:

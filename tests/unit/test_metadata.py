@@ -17,6 +17,8 @@ from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
 from pacs.core import metadata
 from pacs.core.dataset import read_part10
 from pacs.core.frames import Layout
+from pacs.core.index import reads
+from pacs.core.services import drain
 from tests.conftest import sample
 
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -257,6 +259,7 @@ def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any)
 
     data = _with_raw_values({0x00101030: ("DS", b"70")})
     services.ingest.store_bytes(data)
+    assert drain(services) == 1  # the mover keeps its metadata
     study = pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
     older = '{"00101030":{"vr":"DS","Value":[70.0]}}'
     with services.index.write() as conn:
@@ -269,3 +272,34 @@ def test_metadata_of_an_older_encoding_is_rebuilt_after_migration(services: Any)
     [doc] = metadata.documents(services.index, services.store, study)
     assert orjson.loads(doc.json)["00101030"] == {"vr": "DS", "Value": [70]}
     assert '"Value":[70]' in doc.json
+
+
+def test_the_mover_keeps_the_metadata_of_what_ingest_acknowledged_through_the_intake(
+        services: Any) -> None:
+    """A small object's metadata is not encoded on the acknowledgement's path: it is
+    built from the intake copy when requested before the mover moves it, and by the
+    mover from the bytes it moves otherwise - the same document either way."""
+    from pydicom.uid import generate_uid
+
+    from tests.factory import make_instance
+
+    study, requested, moved = generate_uid(), generate_uid(), generate_uid()
+    objects = {sop: make_instance(StudyInstanceUID=study, SOPInstanceUID=sop,
+                                  PatientName="Yamada^Tarou", InstanceNumber=number)
+               for number, sop in enumerate((requested, moved), 1)}
+    for data in objects.values():
+        services.ingest.store_bytes(data)
+    conn = services.index.connection()
+    keys = metadata.instance_keys(services.index, study)
+    assert [row[7] for row in reads.metadata_rows(conn, keys)] == [None, None]
+
+    [doc] = metadata.documents(services.index, services.store, study, sop_uid=requested)
+    data = objects[requested]
+    assert doc.json == metadata.prepare(read_part10(data), data).json  # type: ignore[union-attr]
+
+    assert drain(services) == 2
+    rows = {row[1]: row for row in reads.metadata_rows(conn, keys)}
+    for sop, data in objects.items():
+        expected = metadata.prepare(read_part10(data), data)
+        assert expected is not None
+        assert rows[sop][5:] == (expected.pixel_offset, expected.pixel_length, expected.json)

@@ -10,7 +10,7 @@ import pytest
 from pacs.core.attributes import ATTRIBUTES, Level, case_folded_column, table_attributes
 from pacs.core.index.connection import connect
 from pacs.core.index.migrations import APPLICATION_ID, MIGRATIONS, migrate
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from tests.factory import make_instance
 
 
@@ -89,6 +89,7 @@ def test_study_copies_of_patient_attributes_are_filled_for_existing_studies(
     for accession, attributes in own.items():
         services.ingest.store_bytes(make_instance(PatientID="P9", AccessionNumber=accession,
                                                   **attributes))
+    assert drain(services) == 3  # the mover keeps the metadata of what it moves
     conn = services.index.connection()
     expected = _study_copies(conn)
     assert expected["B1"][0] == own["B1"]["PatientName"]  # each study its own, as ingested

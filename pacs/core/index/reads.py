@@ -232,6 +232,22 @@ def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRo
     return conn.execute(sql, keys).fetchall()  # type: ignore[return-value]
 
 
+
+@_read("metadata query")
+def undescribed(conn: apsw.Connection, sop_uids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """SOP Instance UID -> (index key, checksum) of those of at most :data:`MAX_KEYS`
+    instances that have no metadata yet (the intake's mover builds it)."""
+    if len(sop_uids) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} UIDs per read")
+    if not sop_uids:
+        return {}
+    marks = ", ".join("?" * len(sop_uids))
+    rows = conn.execute(
+        "SELECT instance.sop_uid, instance.pk, instance.checksum FROM instance "
+        "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
+        f"WHERE instance.sop_uid IN ({marks}) AND m.instance_pk IS NULL", list(sop_uids))
+    return {str(sop): (int(pk), str(checksum)) for sop, pk, checksum in rows}
+
 _IMAGES_SQL = (
     "SELECT series.pk, instance.sop_uid FROM instance "
     "JOIN series ON series.pk = instance.series_pk JOIN study ON study.pk = series.study_pk "
