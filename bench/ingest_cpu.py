@@ -1,10 +1,11 @@
-"""C-STORE rate and CPU per small instance of each part of the node, versions alternated.
+"""C-STORE rate and CPU per instance of each part of the node, versions alternated.
 
 Starts ``pacs serve`` on its folder store in a fresh data folder, sends the harness'
-2,000 small instances (``bench/data/ingest/small_single_r1``, made by ``gen_data.py``)
-with dcmtk's ``storescu`` on one association or split over ``--associations``, and reads
-each process' CPU time (``/proc/<pid>/stat``) before and after.  Prints the rate and the
-CPU milliseconds per instance of the DIMSE workers, the intake mover and the senders.
+2,000 small instances (``bench/data/ingest/small_single_r1``, made by ``gen_data.py``;
+``--data ct``: its 400 CT slices, ``ct_single_r1``) with dcmtk's ``storescu`` on one
+association or split over ``--associations``, and reads each process' CPU time
+(``/proc/<pid>/stat``) before and after.  Prints the rate and the CPU milliseconds per
+instance of the DIMSE workers, the intake mover and the senders.
 
 Each ``--source`` is a folder whose ``pacs`` package is put first on ``PYTHONPATH`` (a
 ``git worktree`` of another commit; ``.`` is this checkout), and the versions take turns
@@ -15,6 +16,7 @@ Usage::
     git worktree add /tmp/before <commit>
     .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --rounds 3
     .venv/bin/python bench/ingest_cpu.py --source . --associations 4
+    .venv/bin/python bench/ingest_cpu.py --source . --data ct
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "bench" / "data" / "ingest" / "small_single_r1"
+DATA = ROOT / "bench" / "data" / "ingest"
+#: The harness' data sets (``gen_data.py``) by ``--data``.
+DATA_SETS = {"small": "small_single_r1", "ct": "ct_single_r1"}
 DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -146,11 +150,14 @@ def main() -> None:
     parser.add_argument("--source", action="append", type=Path, required=True)
     parser.add_argument("--associations", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--data", choices=sorted(DATA_SETS), default="small",
+                        help="the 2,000 small instances, or the 400 CT slices")
     args = parser.parse_args()
-    files = sorted(str(p) for p in DATA.rglob("*") if p.is_file() and p.name != "manifest.json")
+    data = DATA / DATA_SETS[args.data]
+    files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
     if not files:
-        raise SystemExit(f"no data in {DATA}: run bench/gen_data.py first")
-    print(f"{len(files)} small instances, {args.associations} association(s); "
+        raise SystemExit(f"no data in {data}: run bench/gen_data.py first")
+    print(f"{len(files)} {args.data} instances, {args.associations} association(s); "
           "CPU in ms per instance")
     for number in range(args.rounds):
         for source in args.source:
