@@ -395,11 +395,12 @@ class Mover:
     def move_batch(self) -> int:
         """Move the oldest batch of the intake; the number of rows it removed.
 
-        A store with :class:`~pacs.core.storage.BatchPut` (the folder) takes the batch
-        in one durability pass, under the per-UID locks of the whole batch; any other
-        (S3) takes each object by itself, :data:`PARALLEL_PUTS` at once, each under
-        its own UID's lock only, so that an ingest never waits for a round trip of
-        another object.
+        Under the per-UID locks of the whole batch (:mod:`pacs.core.uidlocks`: no other
+        UID waits for them), the batch is put durably - a store with
+        :class:`~pacs.core.storage.BatchPut` (the folder) in one durability pass, any
+        other (S3) one object per PUT, :data:`PARALLEL_PUTS` at once - and the rows of
+        what was put are removed in one index transaction: the mover takes SQLite's
+        write lock, which the ingest's commits wait for, once per batch.
 
         Raises
         ------
@@ -409,16 +410,11 @@ class Mover:
         batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES)
         if not batch:
             return 0
-        if isinstance(self.store.backend, BatchPut) or len(batch) == 1:
-            outcomes = [self._move(batch)]
-        else:
-            outcomes = list(self._pool().map(lambda entry: self._move([entry]), batch))
-        removed = sum(count for count, _error in outcomes)
+        removed, error = self._move(batch)
         self.state.moved += removed
         self.state.batches += 1
-        errors = [error for _count, error in outcomes if error is not None]
-        if errors:
-            raise errors[0]
+        if error is not None:
+            raise error
         return removed
 
     def _move(self, entries: list[reads.IntakeEntry]) -> tuple[int, StorageError | None]:
@@ -427,8 +423,7 @@ class Mover:
         with self.uid_locks([_sop_of(entry.object_key) for entry in entries]):
             current = [(entry, data) for entry in entries
                        if (data := self._read(entry)) is not None]
-            failures = put_many(self.store.backend,
-                                [(entry.object_key, data) for entry, data in current])
+            failures = self._put([(entry.object_key, data) for entry, data in current])
             moved = [(entry, data) for (entry, data), failure
                      in zip(current, failures, strict=True) if failure is None]
             removed = 0
@@ -441,6 +436,13 @@ class Mover:
                         writer.backfill_metadata(conn, pk, checksum, prepared.json,
                                                  prepared.pixel_offset, prepared.pixel_length)
         return removed, next((failure for failure in failures if failure is not None), None)
+
+    def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
+        """Each item's failure or ``None``: the folder's batch, or parallel PUTs."""
+        if isinstance(self.store.backend, BatchPut) or len(items) < 2:
+            return put_many(self.store.backend, items)
+        return list(self._pool().map(
+            lambda item: put_many(self.store.backend, [item])[0], items))
 
     def _describe(self, moved: list[tuple[reads.IntakeEntry, bytes]]
                   ) -> list[tuple[int, str, metadata.Prepared]]:
@@ -457,7 +459,8 @@ class Mover:
         return described
 
     def _pool(self) -> ThreadPoolExecutor:
-        """Threads that move objects one by one (kept: each keeps its index connection)."""
+        """Threads that put objects in parallel on a store without :class:`BatchPut` (kept
+        between batches)."""
         if self._threads is None:
             self._threads = ThreadPoolExecutor(max_workers=PARALLEL_PUTS,
                                                thread_name_prefix="intake-mover")
