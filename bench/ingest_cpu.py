@@ -5,7 +5,9 @@ Starts ``pacs serve`` on its folder store in a fresh data folder, sends the harn
 ``--data ct``: its 400 CT slices, ``ct_single_r1``) with dcmtk's ``storescu`` on one
 association or split over ``--associations``, and reads each process' CPU time
 (``/proc/<pid>/stat``) before and after.  Prints the rate and the CPU milliseconds per
-instance of the DIMSE workers, the intake mover and the senders.
+instance of the DIMSE workers, the intake mover and the senders.  ``--storage s3`` runs
+every node on one SeaweedFS ``weed server`` (started here as the harness starts it,
+``run_peers.start_weed``), whose CPU is reported too.
 
 Each ``--source`` is a folder whose ``pacs`` package is put first on ``PYTHONPATH`` (a
 ``git worktree`` of another commit; ``.`` is this checkout), and the versions take turns
@@ -17,6 +19,7 @@ Usage::
     .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --rounds 3
     .venv/bin/python bench/ingest_cpu.py --source . --associations 4
     .venv/bin/python bench/ingest_cpu.py --source . --data ct
+    .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --storage s3
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +42,7 @@ DATA = ROOT / "bench" / "data" / "ingest"
 DATA_SETS = {"small": "small_single_r1", "ct": "ct_single_r1"}
 DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
 TICKS = os.sysconf("SC_CLK_TCK")
+S3_PORT = 18433
 
 
 def cpu_seconds(pid: int) -> float:
@@ -80,6 +84,8 @@ def role(command: str) -> str:
         return "web"
     if "pacs" in command and "serve" in command:
         return "dimse"
+    if command == "weed":
+        return "weed"
     return "other"
 
 
@@ -90,8 +96,29 @@ def free_port() -> int:
 
 
 @contextmanager
-def node(source: Path) -> Iterator[tuple[int, int]]:
-    """``pacs serve`` of ``source`` on a fresh folder: (its pid, its DIMSE port)."""
+def s3_server() -> Iterator[dict[str, str]]:
+    """A SeaweedFS server for the whole run: the settings of a node that stores there."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run_peers  # the harness' own start-up of SeaweedFS
+
+    folder = tempfile.mkdtemp(prefix="ingest-cpu-s3-")
+    weed = run_peers.start_weed(folder, S3_PORT)
+    try:
+        yield {"PACS_STORAGE": "s3", "PACS_S3_ENDPOINT": f"127.0.0.1:{S3_PORT}",
+               "PACS_S3_ACCESS_KEY": run_peers.WEED_KEY,
+               "PACS_S3_SECRET_KEY": run_peers.WEED_SECRET,
+               "PACS_S3_BUCKET": run_peers.WEED_BUCKET, "PACS_S3_SECURE": "false",
+               "weed": str(weed.pid)}
+    finally:
+        weed.kill()
+        weed.wait(timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int]]:
+    """``pacs serve`` of ``source`` on a fresh data folder and ``storage`` (the folder
+    store when empty): (its pid, its DIMSE port)."""
     folder = Path(tempfile.mkdtemp(prefix="ingest-cpu-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
@@ -99,6 +126,7 @@ def node(source: Path) -> Iterator[tuple[int, int]]:
                PACS_DATA_DIR=str(folder / "data"), PACS_STORAGE="file",
                PACS_DIMSE_PORT=str(port), PACS_WEB_PORT=str(free_port()),
                PACS_VIEWER_PORT="0", PACS_UPLOADS_POLL="0", PACS_AE_TITLE="PACS")
+    env.update({k: v for k, v in storage.items() if k.startswith("PACS_")})
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen([sys.executable, "-m", "pacs", "serve"], env=env, cwd=folder,
                               stdout=log, stderr=subprocess.STDOUT)
@@ -118,10 +146,13 @@ def node(source: Path) -> Iterator[tuple[int, int]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def one_run(source: Path, files: list[str], associations: int) -> dict[str, float]:
+def one_run(source: Path, files: list[str], associations: int,
+            storage: dict[str, str]) -> dict[str, float]:
     """Rate and CPU ms per instance of each part for one run of ``source``."""
-    with node(source) as (pid, port):
+    with node(source, storage) as (pid, port):
         processes = descendants(pid)
+        if "weed" in storage:
+            processes.update(dict.fromkeys(descendants(int(storage["weed"])), "weed"))
         before = {p: cpu_seconds(p) for p in processes}
         groups = [files[i::associations] for i in range(associations)]
         started = time.monotonic()
@@ -152,6 +183,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--data", choices=sorted(DATA_SETS), default="small",
                         help="the 2,000 small instances, or the 400 CT slices")
+    parser.add_argument("--storage", choices=("file", "s3"), default="file")
     args = parser.parse_args()
     data = DATA / DATA_SETS[args.data]
     files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -159,13 +191,16 @@ def main() -> None:
         raise SystemExit(f"no data in {data}: run bench/gen_data.py first")
     print(f"{len(files)} {args.data} instances, {args.associations} association(s); "
           "CPU in ms per instance")
-    for number in range(args.rounds):
-        for source in args.source:
-            result = one_run(source, files, args.associations)
-            parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
-                              for part in ("dimse", "mover", "storescu"))
-            print(f"round {number + 1}  {source!s:<24} {result['inst/s']:7.1f} inst/s  "
-                  f"{parts}", flush=True)
+    with s3_server() if args.storage == "s3" else nullcontext({}) as storage:
+        for number in range(args.rounds):
+            for source in args.source:
+                result = one_run(source, files, args.associations, storage)
+                parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
+                                  for part in ("dimse", "mover", "storescu", "weed")
+                                  if part != "weed" or storage)
+                print(f"round {number + 1}  {source!s:<24} {result['inst/s']:7.1f} inst/s  "
+                      f"{parts}", flush=True)
+
 
 if __name__ == "__main__":
     main()
