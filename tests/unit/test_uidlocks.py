@@ -47,14 +47,21 @@ def _hold_until(path: Path, uid: str, ready: multiprocessing.synchronize.Event,
         release.wait(10)
 
 
-def test_a_uid_held_by_another_process_waits(tmp_path: Path) -> None:
-    path = tmp_path / "uids.lock"
+def _holder(path: Path, uid: str
+            ) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+    """Another process holding ``uid``'s lock until the event it returns is set."""
     context = multiprocessing.get_context("spawn")
     ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_until, args=(path, "1.2.3", ready, release))
+    holder = context.Process(target=_hold_until, args=(path, uid, ready, release))
     holder.start()
+    assert ready.wait(30)
+    return holder, release
+
+
+def test_a_uid_held_by_another_process_waits(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    holder, release = _holder(path, "1.2.3")
     try:
-        assert ready.wait(30)
         acquired = threading.Event()
         thread = _try_in_thread(path, ["1.2.3"], acquired)
         assert not acquired.wait(0.3)
@@ -68,11 +75,7 @@ def test_a_uid_held_by_another_process_waits(tmp_path: Path) -> None:
 
 def test_a_dead_holder_releases_its_locks(tmp_path: Path) -> None:
     path = tmp_path / "uids.lock"
-    context = multiprocessing.get_context("spawn")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_until, args=(path, "1.2.3", ready, release))
-    holder.start()
-    assert ready.wait(30)
+    holder, _release = _holder(path, "1.2.3")
     holder.kill()
     holder.join(10)
     acquired = threading.Event()

@@ -45,6 +45,19 @@ def _read(what: str) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
     return decorate
 
 
+def _marks(values: Sequence[object]) -> str:
+    """The ``?`` placeholders of an ``IN (...)`` list of at most :data:`MAX_KEYS` values.
+
+    Raises
+    ------
+    ValueError
+        When there are more (the caller reads in chunks).
+    """
+    if len(values) > MAX_KEYS:
+        raise ValueError(f"at most {MAX_KEYS} values per read")
+    return ", ".join("?" * len(values))
+
+
 # --- one instance ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -72,11 +85,9 @@ def lookup_classes(conn: apsw.Connection, sop_uids: Sequence[str]
                    ) -> dict[str, tuple[str, StoredInstance]]:
     """SOP Instance UID -> (SOP Class UID, stored facts) of those of at most
     :data:`MAX_KEYS` instances the index holds (storage commitment's check)."""
-    if len(sop_uids) > MAX_KEYS:
-        raise ValueError(f"at most {MAX_KEYS} instances per read")
+    marks = _marks(sop_uids)
     if not sop_uids:
         return {}
-    marks = ", ".join("?" * len(sop_uids))
     rows = conn.execute(
         "SELECT sop_class_uid, sop_uid, object_key, checksum, size, transfer_syntax "
         f"FROM instance WHERE sop_uid IN ({marks})", list(sop_uids))
@@ -133,11 +144,9 @@ def _under(sql: str, study_uid: str, series_uid: str | None, sop_uid: str | None
 def located(conn: apsw.Connection, sop_uids: Sequence[str]) -> list[Located]:
     """The indexed instances among at most :data:`MAX_KEYS` SOP Instance UIDs (the
     others are left out), in no particular order."""
-    if len(sop_uids) > MAX_KEYS:
-        raise ValueError(f"at most {MAX_KEYS} UIDs per read")
+    marks = _marks(sop_uids)
     if not sop_uids:
         return []
-    marks = ", ".join("?" * len(sop_uids))
     return [Located(*row) for row in conn.execute(
         _LOCATED_SQL + f"WHERE instance.sop_uid IN ({marks})", list(sop_uids))]
 
@@ -224,11 +233,10 @@ _METADATA_SQL = (
 def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRow]:
     """The rows of at most :data:`MAX_KEYS` instance keys, in no particular order
     (keys of instances deleted meanwhile have none)."""
-    if len(keys) > MAX_KEYS:
-        raise ValueError(f"at most {MAX_KEYS} keys per read")
+    marks = _marks(keys)
     if not keys:
         return []
-    sql = _METADATA_SQL.format(marks=", ".join("?" * len(keys)))
+    sql = _METADATA_SQL.format(marks=marks)
     return conn.execute(sql, keys).fetchall()  # type: ignore[return-value]
 
 
@@ -237,11 +245,9 @@ def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRo
 def undescribed(conn: apsw.Connection, sop_uids: Sequence[str]) -> dict[str, tuple[int, str]]:
     """SOP Instance UID -> (index key, checksum) of those of at most :data:`MAX_KEYS`
     instances that have no metadata yet (the intake's mover builds it)."""
-    if len(sop_uids) > MAX_KEYS:
-        raise ValueError(f"at most {MAX_KEYS} UIDs per read")
+    marks = _marks(sop_uids)
     if not sop_uids:
         return {}
-    marks = ", ".join("?" * len(sop_uids))
     rows = conn.execute(
         "SELECT instance.sop_uid, instance.pk, instance.checksum FROM instance "
         "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
@@ -283,11 +289,9 @@ def study_patients(conn: apsw.Connection, study_uids: Sequence[str]
     """Study Instance UID -> (Patient ID, Issuer of Patient ID) as sent in that study
     (PS3.4 C.3.2), for at most :data:`MAX_KEYS` studies; studies the index does not
     hold are left out, an absent value is ``""``."""
-    if len(study_uids) > MAX_KEYS:
-        raise ValueError(f"at most {MAX_KEYS} studies per read")
+    marks = _marks(study_uids)
     if not study_uids:
         return {}
-    marks = ", ".join("?" * len(study_uids))
     rows = conn.execute("SELECT study_uid, patient_id, issuer_of_patient_id FROM study "
                         f"WHERE study_uid IN ({marks})", list(study_uids))
     return {str(uid): (patient_id or "", issuer or "") for uid, patient_id, issuer in rows}
