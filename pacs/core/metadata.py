@@ -6,12 +6,13 @@ file of a series: each instance's metadata is encoded once in the DICOM JSON mod
 with one indexed query and a string join.  When it is encoded depends on the path the
 object took at ingest (:mod:`pacs.core.ingest`):
 
-- written to the store directly (large objects, STOW-RS, imports): at ingest, in the
-  same index transaction as its instance row;
-- acknowledged through the intake (a small C-STORE): by the intake's mover, from the
-  bytes it moves (:func:`prepare_bytes`), in the transaction that removes the intake
-  row.  The acknowledgement does not wait for it: encoding it cost as much CPU as the
-  rest of the analysis of a small instance;
+- written to the store directly (over ``PACS_INTAKE_OBJECT_BYTES``), or analysed by
+  STOW-RS's helper processes: at ingest, in the same index transaction as its instance
+  row;
+- otherwise acknowledged through the intake (a small C-STORE, import or upload-folder
+  file): by the intake's mover, from the bytes it moves (:func:`prepare_bytes`), in
+  the transaction that removes the intake row.  The acknowledgement does not wait for
+  it: encoding it cost as much CPU as the rest of the analysis of a small instance;
 - otherwise (requested before the mover got to it, an object whose JSON did not
   encode, an older index): on first request, from the stored object (or its intake
   copy), by :func:`documents`, which keeps it.

@@ -240,7 +240,6 @@ def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRo
     return conn.execute(sql, keys).fetchall()  # type: ignore[return-value]
 
 
-
 @_read("metadata query")
 def undescribed(conn: apsw.Connection, sop_uids: Sequence[str]) -> dict[str, tuple[int, str]]:
     """SOP Instance UID -> (index key, checksum) of those of at most :data:`MAX_KEYS`
@@ -253,6 +252,7 @@ def undescribed(conn: apsw.Connection, sop_uids: Sequence[str]) -> dict[str, tup
         "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
         f"WHERE instance.sop_uid IN ({marks}) AND m.instance_pk IS NULL", list(sop_uids))
     return {str(sop): (int(pk), str(checksum)) for sop, pk, checksum in rows}
+
 
 _IMAGES_SQL = (
     "SELECT series.pk, instance.sop_uid FROM instance "
