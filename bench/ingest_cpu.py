@@ -117,8 +117,9 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 @contextmanager
 def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int]]:
-    """``pacs serve`` of ``source`` on a fresh data folder and ``storage`` (the folder
-    store when empty): (its pid, its DIMSE port)."""
+    """``pacs serve`` of ``source`` on a fresh data folder, with the ``PACS_`` settings
+    of ``storage`` (its store, the folder when none; ``--setting``): (its pid, its
+    DIMSE port)."""
     folder = Path(tempfile.mkdtemp(prefix="ingest-cpu-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--data", choices=sorted(DATA_SETS), default="small",
                         help="the 2,000 small instances, or the 400 CT slices")
     parser.add_argument("--storage", choices=("file", "s3"), default="file")
+    parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pacs setting for every node run")
     args = parser.parse_args()
     data = DATA / DATA_SETS[args.data]
     files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -191,13 +194,15 @@ def main() -> None:
         raise SystemExit(f"no data in {data}: run bench/gen_data.py first")
     print(f"{len(files)} {args.data} instances, {args.associations} association(s); "
           "CPU in ms per instance")
-    with s3_server() if args.storage == "s3" else nullcontext({}) as storage:
+    settings = dict(item.split("=", 1) for item in args.setting)
+    with s3_server() if args.storage == "s3" else nullcontext({}) as server:
+        storage = {**server, **settings}
         for number in range(args.rounds):
             for source in args.source:
                 result = one_run(source, files, args.associations, storage)
                 parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
                                   for part in ("dimse", "mover", "storescu", "weed")
-                                  if part != "weed" or storage)
+                                  if part != "weed" or server)
                 print(f"round {number + 1}  {source!s:<24} {result['inst/s']:7.1f} inst/s  "
                       f"{parts}", flush=True)
 
