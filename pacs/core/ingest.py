@@ -21,11 +21,15 @@ Order of operations, which is what makes a success durable (docs/architecture.md
    store later, and every read sees the intake copy until then.
 
 An object over ``PACS_INTAKE_OBJECT_BYTES`` (or every object, when it is 0) takes the
-direct path instead: 3a. write the object to the store durably (fsync + rename, or a
-completed S3 PUT), 3b. commit the index rows (dropping any older intake copy of the
-key), then 4 and 5.  A failure in 3a leaves nothing; a failure in 3b removes the object
-written in 3a (or puts back the one it replaced).  A crash between 3a and 3b leaves an
-object the index does not list.
+direct path instead: 0a. hand the bytes to the store, which starts making them durable
+while step 1 reads them (:class:`~pacs.core.storage.Staging`: the folder store writes
+and fsyncs a temporary file in a thread); 3a. place the object at its key durably
+(rename and folder fsync, or a completed put: fsync + rename, or an S3 PUT), 3b.
+commit the index rows (dropping any older intake copy of the key), then 4 and 5.  What
+was staged and not placed (a refused object, a duplicate) is removed.  A failure in 3a
+leaves nothing; a failure in 3b removes the object written in 3a (or puts back the one
+it replaced).  A crash between 3a and 3b leaves an object the index does not list; a
+crash before 3a, a temporary file (removed at start).
 
 After the commit, the old object of a moved instance (new study or series UID) is
 deleted from the store; a crash just before leaves it.  The index never lists an
@@ -43,7 +47,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +70,7 @@ from pacs.core.errors import (
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.intake import IntakeStore, Refusals, check_room
-from pacs.core.storage import object_key, put_many
+from pacs.core.storage import Staged, object_key, put_many, staged
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +318,24 @@ class Ingest:
                      expected: tuple[str, str] | None = None,
                      may_overwrite: bool = True) -> StoreResult:
         """:meth:`store_bytes` once the intake has room for ``data``."""
-        # Through the intake, the metadata is the mover's work (module docstring).
-        analysis = analyse(data, expected, self.max_object_bytes,
-                           describe=not self.journaled(len(data)))
-        with self.uid_lock(analysis.sop_instance_uid):
-            outcome = self._store_locked(analysis, data, calling_ae, may_overwrite)
+        self._check_size(len(data))
+        direct = not self.journaled(len(data))
+        # An object for the direct path is staged first: the store makes its bytes
+        # durable while they are analysed, and what is left once the key is known is a
+        # rename (:class:`~pacs.core.storage.Staging`).
+        with staged(self.store.backend, data) if direct else nullcontext() as staging:
+            # Through the intake, the metadata is the mover's work (module docstring).
+            analysis = analyse(data, expected, self.max_object_bytes, describe=direct)
+            with self.uid_lock(analysis.sop_instance_uid):
+                outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
+                                             staging)
         self._apply_rejection(analysis, outcome, calling_ae)
         return _result(outcome, analysis)
+
+    def _check_size(self, size: int) -> None:
+        """Refuse an object over ``max_object_bytes`` before it is read or written."""
+        if self.max_object_bytes is not None and size > self.max_object_bytes:
+            raise ObjectTooLarge(f"the object is larger than {self.max_object_bytes} bytes")
 
     def _apply_rejection(self, analysis: Analysis, outcome: Outcome,
                          calling_ae: str) -> None:
@@ -343,9 +358,7 @@ class Ingest:
         """
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
-            if self.max_object_bytes is not None and size > self.max_object_bytes:
-                raise ObjectTooLarge(
-                    f"the object is larger than {self.max_object_bytes} bytes")
+            self._check_size(size)
             self.check_room(size)  # before the file is read
             data = file.read()
         if len(data) != size:  # written meanwhile: its room is that of what was read
@@ -450,15 +463,17 @@ class Ingest:
                 results[number] = _result(Outcome.STORED, analysed[number])
 
     def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str,
-                      may_overwrite: bool = True) -> Outcome:
+                      may_overwrite: bool, staging: Staged | None) -> Outcome:
+        """Decide, then commit (through the intake), or place the staged object at its
+        key and commit (the direct path)."""
         outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
             return outcome
         work = self._index_work(analysis, plan, data, calling_ae)
-        if self.journaled(len(data)):
+        if staging is None:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
-            self.store.backend.put(plan.key, io.BytesIO(data), len(data))
+            staging.place(plan.key)
             try:
                 self.index.commit(work)
             except BaseException:

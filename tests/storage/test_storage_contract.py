@@ -9,6 +9,7 @@ fallback on the others), then backend-specific tests.
 from __future__ import annotations
 
 import io
+import os
 import random
 import socket
 import time
@@ -31,12 +32,14 @@ from pacs.core.storage import (
     ObjectStore,
     Quarantine,
     RandomAccess,
+    Staging,
     Usage,
     exists,
     local_path,
     object_key,
     open_ranged,
     put_many,
+    staged,
     usage,
 )
 from pacs.core.storage.filesystem import FileStore
@@ -304,10 +307,11 @@ def test_keys_outside_the_uid_layout_are_refused_everywhere(
 #: better than the fallback is left to the fallback).
 DECLARED: dict[type, set[type]] = {
     MemoryStore: {Quarantine},
-    FileStore: {LocalFiles, BatchPut, Quarantine},
+    FileStore: {LocalFiles, BatchPut, Staging, Quarantine},
     S3Store: {Usage, Quarantine, ModifiedTimes, RandomAccess},
 }
-CAPABILITIES = (LocalFiles, BatchPut, Usage, Quarantine, ModifiedTimes, RandomAccess)
+CAPABILITIES = (LocalFiles, BatchPut, Staging, Usage, Quarantine, ModifiedTimes,
+                RandomAccess)
 
 
 def test_each_backend_declares_its_capabilities(store: ObjectStore) -> None:
@@ -354,6 +358,24 @@ def test_batch_put_and_its_fallback_store_every_item(store: ObjectStore) -> None
     else:
         assert put_many(store, items) == [None, None]
     assert [read_all(store, key) for key, _ in items] == [data for _, data in items]
+
+
+def test_staged_objects_are_placed_or_leave_nothing(store: ObjectStore) -> None:
+    """Staging (or its fallback): a placed object is stored at its key, as put stores
+    it, over an older one too; one discarded unplaced leaves nothing."""
+    put_bytes(store, KEY, payload(300, seed=1))
+    data = payload(5000, seed=2)
+    with staged(store, data) as staging:
+        staging.place(KEY)
+    with staged(store, payload(600, seed=3)) as staging:
+        staging.place(OTHER_KEY)
+    with staged(store, payload(700, seed=4)):
+        pass  # a refused object: never placed
+    assert sorted(store.keys()) == sorted([KEY, OTHER_KEY])
+    assert read_all(store, KEY) == data
+    assert read_all(store, OTHER_KEY) == payload(600, seed=3)
+    if isinstance(store, FileStore):
+        assert store.temporaries() == []
 
 
 def test_usage_and_its_fallback_agree(store: ObjectStore) -> None:
@@ -451,6 +473,35 @@ def test_file_store_leaves_no_temporary_file_after_a_failed_put(
                    for p in store.root.rglob("*") if p.is_file())
     assert files == [OTHER_KEY]
     assert store.remove_stale_temporaries() == 0
+
+
+def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staged object is written and fsynced before it is placed, into a temporary
+    file a crash leaves for start-up to remove; placing it renames it and fsyncs its
+    folder, and each folder created for it in its parent."""
+    store = FileStore(tmp_path / "objects")
+    store.check()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with staged(store, b"staged") as staging:
+        while not synced:  # the store's thread writes and fsyncs it meanwhile
+            time.sleep(0.001)
+        [temporary] = store.temporaries()
+        assert synced == [str(temporary)]
+        staging.place(KEY)
+    store.close()
+    study, series = KEY.split("/")[:2]
+    assert synced[1:] == [str(store.root), str(store.root / study),
+                          str(store.root / study / series)]
+    assert read_all(store, KEY) == b"staged"
+    assert store.temporaries() == []
 
 
 # --- S3Store only -------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pacs.core.ingest import Received, analyse
 from pacs.core.query.engine import QueryEngine
 from pacs.core.query.model import Query
 from pacs.core.services import Services, build
-from pacs.core.storage import exists, object_key
+from pacs.core.storage import Staged, exists, object_key, staged
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.s3 import S3Store, timeouts_for
 from tests.factory import make_instance
@@ -204,16 +204,21 @@ def test_file_put_that_runs_out_of_space_mid_write_leaves_nothing(
     assert store.open(KEY).read() == b"y" * 4096
 
 
-@pytest.mark.parametrize("batch", [False, True], ids=["put", "put_many"])
+@pytest.mark.parametrize("how", ["put", "put_many", "stage"])
 def test_file_write_whose_fsync_runs_out_of_space_leaves_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """ENOSPC (or EIO) from fsync: delayed allocation finds no room when it flushes."""
     store = FileStore(tmp_path / "objects")
     other = object_key("1.2.3", "1.2.4", "1.2.5")
     monkeypatch.setattr(os, "fsync", _enospc)
-    if batch:
+    if how == "put_many":
         failures = store.put_many([(KEY, b"a" * 100), (other, b"b" * 100)])
         assert all(isinstance(f, StorageError) for f in failures)
+    elif how == "stage":
+        with staged(store, b"a" * 100) as staging, \
+                pytest.raises(StorageError, match="No space left"):
+            staging.place(KEY)
+        store.close()
     else:
         with pytest.raises(StorageError, match="No space left"):
             store.put(KEY, io.BytesIO(b"a" * 100), 100)
@@ -245,8 +250,25 @@ class FullDisk:
                     for _ in items]
         return self.inner.put_many(items)
 
+    def stage(self, data: bytes) -> Staged:
+        """The folder's staging, whose placing fails while the disk is full."""
+        return _FullWhenPlaced(self, self.inner.stage(data))
+
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+
+class _FullWhenPlaced:
+    def __init__(self, disk: FullDisk, inner: Staged) -> None:
+        self.disk = disk
+        self.inner = inner
+
+    def place(self, key: str) -> None:
+        self.disk._check()
+        self.inner.place(key)
+
+    def discard(self) -> None:
+        self.inner.discard()
 
 
 @pytest.fixture

@@ -30,12 +30,16 @@ implements only what it does better than the fallback:
   without it ``pacs fsck`` reports the object and leaves it where it is;
 - :class:`ModifiedTimes`, ``modified_times()``: when each object was written, from one
   listing, for ``pacs reindex``; fallback: the local files' times, else undated;
+- :class:`Staging`, ``stage(data)``: an object's bytes made durable while ingest
+  analyses them, placed at their key once it is known; fallback :func:`staged` puts
+  them when placed;
 - :class:`RandomAccess`, ``open_ranged(key)``: a seekable stream whose reads fetch
   their ranges (:mod:`pacs.core.storage.ranged`), for frames, headers and bulk data;
   fallback :func:`open_ranged` gives ``open`` when its stream seeks (files, memory),
   else a spooled copy of the whole object.
 
-The folder store has :class:`LocalFiles`, :class:`BatchPut` and :class:`Quarantine`;
+The folder store has :class:`LocalFiles`, :class:`BatchPut`, :class:`Staging` and
+:class:`Quarantine`;
 the S3 store :class:`Usage`, :class:`Quarantine`, :class:`ModifiedTimes` and
 :class:`RandomAccess`; the memory store (tests) :class:`Quarantine`.
 """
@@ -51,6 +55,8 @@ from pacs.core.storage.base import (
     ObjectStore,
     Quarantine,
     RandomAccess,
+    Staged,
+    Staging,
     Usage,
     digest,
     exists,
@@ -63,6 +69,7 @@ from pacs.core.storage.base import (
     put_many,
     quarantine_folder,
     spooled_copy,
+    staged,
     usage,
 )
 
@@ -70,9 +77,9 @@ if TYPE_CHECKING:
     from pacs.core.config import Settings
 
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
-           "RandomAccess", "Usage", "digest", "exists", "is_object_key", "local_path",
-           "object_key", "open_ranged", "open_seekable", "open_store", "put_each", "put_many",
-           "quarantine_folder", "spooled_copy", "usage"]
+           "RandomAccess", "Staged", "Staging", "Usage", "digest", "exists", "is_object_key",
+           "local_path", "object_key", "open_ranged", "open_seekable", "open_store",
+           "put_each", "put_many", "quarantine_folder", "spooled_copy", "staged", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True) -> ObjectStore:

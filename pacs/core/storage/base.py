@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
@@ -122,6 +123,35 @@ class BatchPut(Protocol):
         return; a failure concerns its own item only.  Each item's failure or ``None``."""
 
 
+class Staged(Protocol):
+    """An object's bytes on their way to durability before their key is known
+    (:class:`Staging`)."""
+
+    def place(self, key: str) -> None:
+        """Make the staged bytes the object at ``key``, durably, as :meth:`ObjectStore.put`
+        would (once; waits for the staging to finish).
+
+        Raises
+        ------
+        StorageError
+            The staging or the placing failed: no object at ``key`` was written.
+        """
+
+    def discard(self) -> None:
+        """Forget bytes never placed (nothing once placed); never raises."""
+
+
+@runtime_checkable
+class Staging(Protocol):
+    """A store can write an object's bytes durably while its caller still reads them,
+    and give them their key afterwards: ingest hands a large object over as it starts
+    analysing it, and what is left once the key is known is a rename and a folder
+    fsync."""
+
+    def stage(self, data: bytes) -> Staged:
+        """Start writing ``data`` durably; failures surface at :meth:`Staged.place`."""
+
+
 @runtime_checkable
 class Usage(Protocol):
     """The bytes of the customer's area are known cheaper than a size per key (an S3
@@ -166,6 +196,32 @@ def put_each(store: ObjectStore, items: Sequence[tuple[str, bytes]]
         else:
             failures.append(None)
     return failures
+
+
+class _PutWhenPlaced:
+    """The fallback of :class:`Staging`: the bytes are kept and put when placed."""
+
+    def __init__(self, store: ObjectStore, data: bytes) -> None:
+        self.store = store
+        self.data = data
+
+    def place(self, key: str) -> None:
+        self.store.put(key, io.BytesIO(self.data), len(self.data))
+
+    def discard(self) -> None:
+        """Nothing was written."""
+
+
+@contextmanager
+def staged(store: ObjectStore, data: bytes) -> Iterator[Staged]:
+    """``data`` staged in ``store`` (:class:`Staging`; else put when placed) for the
+    block, and discarded at its end unless placed."""
+    handle: Staged = store.stage(data) if isinstance(store, Staging) \
+        else _PutWhenPlaced(store, data)
+    try:
+        yield handle
+    finally:
+        handle.discard()
 
 
 def local_path(store: ObjectStore, key: str) -> Path | None:

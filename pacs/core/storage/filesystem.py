@@ -1,7 +1,11 @@
 """The default object store: a folder inside the customer's data folder.
 
 Writes go to a temporary file in the target folder, are fsynced, renamed into place
-atomically, and the folder is fsynced so that the rename itself survives a crash.
+atomically, and the folder is fsynced so that the rename itself survives a crash (a
+folder created for it is fsynced in its parent too).  A staged object
+(:meth:`FileStore.stage`) is written and fsynced by a thread of the store into a
+temporary file at the root, while ingest analyses it, and renamed into place once its
+key is known.
 """
 
 from __future__ import annotations
@@ -11,17 +15,20 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core.errors import ConfigError, NotFound, StorageError
-from pacs.core.storage.base import is_object_key, quarantine_folder
+from pacs.core.storage.base import Staged, is_object_key, quarantine_folder
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
-#: Threads that fsync the files of one put_many together.
+#: Threads that fsync the files of one put_many together, and that write staged
+#: objects (as many as associations storing large objects at once, beyond which they
+#: wait their turn).
 _SYNC_THREADS = 4
 
 
@@ -29,7 +36,8 @@ class FileStore:
     """Objects as files under ``root``, at the path their key names.
 
     Capabilities (:mod:`pacs.core.storage`): :class:`~pacs.core.storage.LocalFiles`,
-    :class:`~pacs.core.storage.BatchPut` and :class:`~pacs.core.storage.Quarantine`.
+    :class:`~pacs.core.storage.BatchPut`, :class:`~pacs.core.storage.Staging` and
+    :class:`~pacs.core.storage.Quarantine`.
 
     Parameters
     ----------
@@ -43,6 +51,9 @@ class FileStore:
     def __init__(self, root: Path, quarantine_root: Path | None = None) -> None:
         self.root = root
         self.quarantine_root = quarantine_root or root.parent / "quarantine"
+        self._threads: ThreadPoolExecutor | None = None
+        self._threads_pid = 0  # the process that started them (none survives a fork)
+        self._threads_lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -56,7 +67,7 @@ class FileStore:
         path = self._path(key)
         tmp_name = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(path.parent)
             fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
             with os.fdopen(fd, "wb") as out:
                 copied = _copy(source, out, length)
@@ -131,17 +142,33 @@ class FileStore:
         """Write ``data`` to a temporary file beside its final place; (path, temp)."""
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            _make_folders(path.parent)
         except OSError as exc:
             raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+        return path, _temporary(path.parent, data, sync=False)
+
+    def stage(self, data: bytes) -> Staged:
+        """Write ``data`` durably to a temporary file at the root, in a thread of the
+        store, while the caller goes on: the :class:`~pacs.core.storage.Staging`
+        capability (:meth:`_StagedFile.place` renames it into place)."""
+        return _StagedFile(self, self._stagers().submit(self._write_staged, data))
+
+    def _write_staged(self, data: bytes) -> str:
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
+            _make_folders(self.root)
         except OSError as exc:
-            _unlink_quietly(tmp_name)
             raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
-        return path, tmp_name
+        return _temporary(self.root, data, sync=True)
+
+    def _stagers(self) -> ThreadPoolExecutor:
+        """The threads that write staged objects, started at the first one (in this
+        process: threads do not cross a fork)."""
+        with self._threads_lock:
+            if self._threads is None or self._threads_pid != os.getpid():
+                self._threads = ThreadPoolExecutor(max_workers=_SYNC_THREADS,
+                                                   thread_name_prefix="store-stage")
+                self._threads_pid = os.getpid()
+            return self._threads
 
     def open(self, key: str) -> BinaryIO:
         """Open the object for reading."""
@@ -266,7 +293,75 @@ class FileStore:
         return shutil.disk_usage(self.root).free
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the staging threads (once what they write is written)."""
+        with self._threads_lock:
+            threads, self._threads = self._threads, None
+        if threads is not None and self._threads_pid == os.getpid():
+            threads.shutdown()
+
+
+class _StagedFile:
+    """An object staged by :meth:`FileStore.stage`: its temporary file, being written."""
+
+    def __init__(self, store: FileStore, written: Future[str]) -> None:
+        self._store = store
+        self._written = written
+        self._done = False  # placed or discarded
+
+    def place(self, key: str) -> None:
+        """Rename the fsynced temporary file to ``key``'s path and fsync its folder:
+        the object is then durable, as :meth:`FileStore.put` leaves it."""
+        path = self._store._path(key)
+        tmp_name = self._written.result()  # its StorageError, if the write failed
+        try:
+            _make_folders(path.parent)
+            os.replace(tmp_name, path)
+            self._done = True
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the temporary file, waiting for its write to end: nothing is left
+        once the caller goes on."""
+        if not self._done:
+            self._done = True
+            if self._written.exception() is None:
+                _unlink_quietly(self._written.result())
+
+
+def _temporary(folder: Path, data: bytes, sync: bool) -> str:
+    """A new temporary file in ``folder`` holding ``data`` (fsynced when ``sync``); its
+    name.  Nothing is left when it fails."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
+    except OSError as exc:
+        raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            if sync:
+                out.flush()
+                os.fsync(out.fileno())
+    except OSError as exc:
+        _unlink_quietly(tmp_name)
+        raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+    return tmp_name
+
+
+def _make_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each new one fsynced in its parent, so
+    that an object renamed into it survives a crash with its whole path."""
+    if folder.is_dir():
+        return
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by another writer meanwhile,
+            new.mkdir()                             # perhaps not yet fsynced: fsync it
+        _fsync_dir(new.parent)
 
 
 def _copy(source: BinaryIO, out: BinaryIO, length: int) -> int:
