@@ -23,7 +23,7 @@ Order of operations, which is what makes a success durable (docs/architecture.md
 An object over ``PACS_INTAKE_OBJECT_BYTES`` (or every object, when it is 0) takes the
 direct path instead: 0a. hand the bytes to the store, which starts making them durable
 while step 1 reads them (:class:`~pacs.core.storage.Staging`: the folder store writes
-and fsyncs a temporary file in a thread); 3a. place the object at its key durably
+a temporary file with ``O_DSYNC`` in a thread); 3a. place the object at its key durably
 (rename and folder fsync, or a completed put: fsync + rename, or an S3 PUT), 3b.
 commit the index rows (dropping any older intake copy of the key), then 4 and 5.  What
 was staged and not placed (a refused object, a duplicate) is removed.  A failure in 3a

@@ -477,29 +477,35 @@ def test_file_store_leaves_no_temporary_file_after_a_failed_put(
 
 def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A staged object is written and fsynced before it is placed, into a temporary
-    file a crash leaves for start-up to remove; placing it renames it and fsyncs its
-    folder, and each folder created for it in its parent."""
+    """A staged object is written durably (``O_DSYNC``) into a temporary file at the
+    root, which a crash leaves for start-up to remove; placing it waits for that write,
+    renames the file and fsyncs its folder, and each folder created for it in its
+    parent."""
     store = FileStore(tmp_path / "objects")
     store.check()
+    opened: dict[str, int] = {}
     synced: list[str] = []
-    real_fsync = os.fsync
+    real_open, real_fsync = os.open, os.fsync
+
+    def recording_open(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened[str(path)] = flags
+        return real_open(path, flags, *args, **kwargs)
 
     def recording_fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
+    monkeypatch.setattr(os, "open", recording_open)
     monkeypatch.setattr(os, "fsync", recording_fsync)
     with staged(store, b"staged") as staging:
-        while not synced:  # the store's thread writes and fsyncs it meanwhile
-            time.sleep(0.001)
-        [temporary] = store.temporaries()
-        assert synced == [str(temporary)]
+        [temporary] = [name for name in opened if Path(name).name.startswith(".tmp-")]
+        assert Path(temporary).parent == store.root
+        assert opened[temporary] & os.O_DSYNC == os.O_DSYNC
         staging.place(KEY)
     store.close()
     study, series = KEY.split("/")[:2]
-    assert synced[1:] == [str(store.root), str(store.root / study),
-                          str(store.root / study / series)]
+    assert synced == [str(store.root), str(store.root / study),
+                      str(store.root / study / series)]
     assert read_all(store, KEY) == b"staged"
     assert store.temporaries() == []
 

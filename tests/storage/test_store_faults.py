@@ -214,7 +214,15 @@ def test_file_write_whose_fsync_runs_out_of_space_leaves_nothing(
     if how == "put_many":
         failures = store.put_many([(KEY, b"a" * 100), (other, b"b" * 100)])
         assert all(isinstance(f, StorageError) for f in failures)
-    elif how == "stage":
+    elif how == "stage":  # O_DSYNC: the write itself syncs, and fails
+        real_write = os.write
+
+        def full_temporaries(fd: int, data: bytes) -> int:
+            if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".tmp-"):
+                _enospc()
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", full_temporaries)
         with staged(store, b"a" * 100) as staging, \
                 pytest.raises(StorageError, match="No space left"):
             staging.place(KEY)

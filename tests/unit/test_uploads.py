@@ -147,6 +147,7 @@ def test_a_store_failure_leaves_the_file_for_the_next_scan(
         raise StorageError("store unavailable")
 
     monkeypatch.setattr(services.store.backend, "put", broken)
+    monkeypatch.setattr(services.store.backend, "stage", broken)
     watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
     assert (folder / "ct.dcm").exists() and not (folder / "rejected").exists()
