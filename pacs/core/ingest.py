@@ -70,6 +70,7 @@ from pacs.core.errors import (
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.intake import IntakeStore, Refusals, check_room
+from pacs.core.offload import Offload
 from pacs.core.storage import Staged, object_key, put_many, staged
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class Analysis(Identity):
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
-            max_object_bytes: int | None = None, *, describe: bool = True) -> Analysis:
+            max_object_bytes: int | None = None, *, describe: bool = True,
+            checksum: Callable[[], str] | None = None) -> Analysis:
     """Read, check and describe one Part 10 object (step 1 of the module docstring).
 
     Parameters
@@ -140,6 +142,10 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     describe : bool
         Encode the DICOM JSON metadata too (``False``: ``metadata`` is ``None``, built
         later by the intake's mover or on first request).
+    checksum : callable, optional
+        Gives the SHA-256 of ``data`` (hex), computed meanwhile elsewhere
+        (:meth:`Ingest.digest`); called once the header is read.  ``None``: computed
+        here.
 
     Raises
     ------
@@ -167,11 +173,23 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     return Analysis(
         **instance.identity(),
         values=values,
-        checksum=hashlib.sha256(data).hexdigest(),
+        checksum=checksum() if checksum is not None else sha256(data),
         metadata=prepared,
         rejection=rejection.rejection_of(instance.header, instance.sop_class_uid,
                                          instance.sop_instance_uid),
     )
+
+
+def sha256(data: bytes) -> str:
+    """The checksum the index keeps of an object: SHA-256, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+#: Objects from this size on are hashed in a thread while their header is read
+#: (:meth:`Ingest.digest`); below it the thread's hand-over costs more than it saves.
+DIGEST_OFFLOAD_BYTES = 128 << 10
+#: Objects hashed at once by those threads (one per association storing a large one).
+DIGEST_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -249,6 +267,7 @@ class Ingest:
         self.intake_max_bytes = intake_max_bytes
         self.on_rejection: RejectionHook | None = None
         self.refusals = Refusals()
+        self._digests = Offload(DIGEST_THREADS, "ingest-digest")
         lock_dir.mkdir(parents=True, exist_ok=True)
 
     def journaled(self, size: int) -> bool:
@@ -325,12 +344,25 @@ class Ingest:
         # rename (:class:`~pacs.core.storage.Staging`).
         with staged(self.store.backend, data) if direct else nullcontext() as staging:
             # Through the intake, the metadata is the mover's work (module docstring).
-            analysis = analyse(data, expected, self.max_object_bytes, describe=direct)
+            analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
+                               checksum=self.digest(data))
             with self.uid_lock(analysis.sop_instance_uid):
                 outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
                                              staging)
         self._apply_rejection(analysis, outcome, calling_ae)
         return _result(outcome, analysis)
+
+    def digest(self, data: bytes) -> Callable[[], str] | None:
+        """The SHA-256 of a large object, started in a thread (``hashlib`` releases the
+        GIL, :mod:`pacs.core.offload`) while the caller reads its header; ``None`` for
+        an object small enough to hash in passing."""
+        if len(data) < DIGEST_OFFLOAD_BYTES:
+            return None
+        return self._digests.start(sha256, data).result
+
+    def close(self) -> None:
+        """Stop the threads that hash large objects."""
+        self._digests.close()
 
     def _check_size(self, size: int) -> None:
         """Refuse an object over ``max_object_bytes`` before it is read or written."""

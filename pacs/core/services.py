@@ -60,6 +60,7 @@ class Services:
         """Release index connections and store clients, sync the audit trail."""
         self.audit.close()
         self.analysers.close()
+        self.ingest.close()
         self.index.close()
         self.store.close()
 

@@ -16,13 +16,13 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.offload import Offload
 from pacs.core.storage.base import Staged, is_object_key, quarantine_folder
 
 _CHUNK = 1 << 20
@@ -52,9 +52,7 @@ class FileStore:
     def __init__(self, root: Path, quarantine_root: Path | None = None) -> None:
         self.root = root
         self.quarantine_root = quarantine_root or root.parent / "quarantine"
-        self._threads: ThreadPoolExecutor | None = None
-        self._threads_pid = 0  # the process that started them (none survives a fork)
-        self._threads_lock = threading.Lock()
+        self._stagers = Offload(_SYNC_THREADS, "store-stage")
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -154,10 +152,9 @@ class FileStore:
         capability (:meth:`_StagedFile.place` renames it into place).
 
         The file is opened with ``O_DSYNC``, so that one ``write`` call both writes and
-        syncs it: the thread needs the GIL only to start that call and the caller waits
-        until it has (an instant).  A thread that had to come back for an ``fsync``
-        would wait for the GIL while the caller analyses - up to the interpreter's
-        switch interval, about as long as the analysis - and nothing would overlap.
+        syncs it, without the GIL (:mod:`pacs.core.offload`): a thread that had to come
+        back for an ``fsync`` would wait for the GIL while the caller analyses, and
+        nothing would overlap.
         """
         written: Future[str]
         try:
@@ -168,20 +165,7 @@ class FileStore:
             written.set_exception(
                 StorageError(f"cannot write object: {exc.strerror or exc}"))
             return _StagedFile(self, written)
-        started = threading.Event()
-        written = self._stagers().submit(_write_synced, fd, tmp_name, data, started)
-        started.wait()
-        return _StagedFile(self, written)
-
-    def _stagers(self) -> ThreadPoolExecutor:
-        """The threads that write staged objects, started at the first one (in this
-        process: threads do not cross a fork)."""
-        with self._threads_lock:
-            if self._threads is None or self._threads_pid != os.getpid():
-                self._threads = ThreadPoolExecutor(max_workers=_SYNC_THREADS,
-                                                   thread_name_prefix="store-stage")
-                self._threads_pid = os.getpid()
-            return self._threads
+        return _StagedFile(self, self._stagers.start(_write_synced, fd, tmp_name, data))
 
     def open(self, key: str) -> BinaryIO:
         """Open the object for reading."""
@@ -307,10 +291,7 @@ class FileStore:
 
     def close(self) -> None:
         """Stop the staging threads (once what they write is written)."""
-        with self._threads_lock:
-            threads, self._threads = self._threads, None
-        if threads is not None and self._threads_pid == os.getpid():
-            threads.shutdown()
+        self._stagers.close()
 
 
 class _StagedFile:
@@ -372,10 +353,9 @@ def _synced_temporary(folder: Path) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
 
 
-def _write_synced(fd: int, tmp_name: str, data: bytes, started: threading.Event) -> str:
-    """Write ``data`` to the ``O_DSYNC`` file ``fd`` and close it (its name returned);
-    ``started`` is set as the write begins.  Nothing is left when it fails."""
-    started.set()
+def _write_synced(fd: int, tmp_name: str, data: bytes) -> str:
+    """Write ``data`` to the ``O_DSYNC`` file ``fd`` and close it (its name returned).
+    Nothing is left when it fails."""
     try:
         try:
             view = memoryview(data)

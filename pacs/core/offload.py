@@ -1,0 +1,77 @@
+"""Long calls that release the GIL, run in a thread while the caller goes on.
+
+Ingest overlaps the slow parts of a large object with its analysis: the durable write
+of its bytes (:meth:`pacs.core.storage.filesystem.FileStore.stage`) and their SHA-256
+(:mod:`pacs.core.ingest`).  Each is one C call that releases the GIL for its whole
+length (``os.write`` of an ``O_DSYNC`` file, ``hashlib.sha256`` of more than 2 KiB).
+
+A thread handed such work needs the GIL to reach the call, and a caller busy with
+Python code keeps it until the interpreter's switch interval (5 ms) forces it off -
+about as long as an analysis, so nothing would overlap.  :meth:`Offload.start`
+therefore returns only once the thread has begun: the caller waits (without the GIL)
+for the thread to signal that it is about to make its call, and the thread gives the
+GIL back as that call begins.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class Offload:
+    """A few threads for calls that release the GIL, started with a handshake.
+
+    Parameters
+    ----------
+    threads : int
+        Calls run at once (more wait their turn).
+    name : str
+        Prefix of the threads' names.
+
+    Notes
+    -----
+    The threads start with the first call, in the process making it: threads do not
+    survive a ``fork``, so a process that inherits an ``Offload`` starts its own.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._size = threads
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def start(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+              ) -> Future[_T]:
+        """Run ``call(*args, **kwargs)`` in a thread; return once it has begun."""
+        started = threading.Event()
+
+        def run() -> _T:
+            started.set()
+            return call(*args, **kwargs)
+
+        future = self._threads().submit(run)
+        started.wait()
+        return future
+
+    def _threads(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(max_workers=self._size,
+                                                thread_name_prefix=self._name)
+                self._pid = os.getpid()
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the threads once their calls are done."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown()
