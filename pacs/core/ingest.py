@@ -578,7 +578,7 @@ class Ingest:
                 and plan.existing.object_key != plan.key else None)
         return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
                          analysis, data if self.journaled(len(data)) else None, left,
-                         plan.revived)
+                         plan.revived, new=plan.existing is None)
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
@@ -651,17 +651,19 @@ class _Plan:
 
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
-              left: str | None, revived: bool = False
+              left: str | None, revived: bool = False, *, new: bool = False
               ) -> Callable[[apsw.Connection], None]:
     """The writes of one instance's commit: its index rows and metadata; its bytes in
     the intake (``intake``), or else any older intake copy of its key dropped (the
     store holds the object the row names); the intake copy of the key it moved from
     (``left``) dropped; its tombstone dropped when it was removed before
-    (``revived``)."""
+    (``revived``).  ``new``: the instance has no row (decided under its ingest lock,
+    which the commit is made under), so no former parents or metadata to drop."""
 
     def index_it(conn: apsw.Connection) -> None:
-        writer.upsert(conn, row)
-        metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
+        writer.upsert(conn, row, new=new)
+        if analysis.metadata is not None or not new:
+            metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
         if intake is not None:
             writer.intake_add(conn, row.object_key, intake, analysis.checksum, time.time())
         else:

@@ -141,7 +141,7 @@ def test_store_failure_leaves_nothing(make_services: Callable[..., Services],
 
 def test_index_failure_removes_the_object(services: Services, memory_store: MemoryStore,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise IndexFailure("simulated")
 
     monkeypatch.setattr(writer, "upsert", broken)
@@ -160,7 +160,7 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
     first = _bytes()
     services.ingest.store_bytes(first)
 
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise IndexFailure("simulated")
 
     monkeypatch.setattr(writer, "upsert", broken)
@@ -272,10 +272,10 @@ def test_a_batch_index_failure_of_one_object_keeps_the_others(
         monkeypatch: pytest.MonkeyPatch) -> None:
     upsert = writer.upsert
 
-    def failing_for_one(conn: object, row: writer.InstanceRow) -> None:
+    def failing_for_one(conn: object, row: writer.InstanceRow, *, new: bool) -> None:
         if row.values[writer.Level.IMAGE]["sop_uid"] == "1.2.3.4.2":
             raise IndexFailure("simulated")
-        upsert(conn, row)  # type: ignore[arg-type]
+        upsert(conn, row, new=new)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer, "upsert", failing_for_one)
     results = services.ingest.store_batch([Received.of(_bytes(SOPInstanceUID="1.2.3.4.1")),

@@ -96,16 +96,18 @@ def _key_sql(level: Level) -> str:
     return f"SELECT pk FROM {level.table} WHERE {IDENTITY[level]} = ?"
 
 
-def upsert(conn: apsw.Connection, row: InstanceRow) -> None:
+def upsert(conn: apsw.Connection, row: InstanceRow, *, new: bool = False) -> None:
     """Insert or update the instance and its patient, study and series.
 
     The newest object wins for the attributes of every level (as Orthanc and dcm4chee
     do by default): the patient row holds the patient attributes received last, and
     the study row its own copy of them, as sent in that study (PS3.4 C.3.2).  Parents
-    left without children are removed.
+    left without children are removed.  ``new``: the caller knows that no row of the
+    instance exists (it looked under the instance's ingest lock), so there are no
+    former parents to look up.
     """
     # The parents the instance had before, to prune them if this update empties them.
-    old_parents = conn.execute(
+    old_parents = None if new else conn.execute(
         _PARENTS_SQL,
         (row.values[Level.IMAGE]["sop_uid"],),
     ).fetchone()
