@@ -31,6 +31,7 @@ def test_start_returns_once_the_call_runs_and_gives_its_result() -> None:
         assert future.result(10) == 42
         with pytest.raises(ZeroDivisionError):
             offload.start(lambda: 1 // 0).result(10)
+        assert offload.submit(call, 4).result(10) == 8  # begins when it can
     finally:
         offload.close()
 

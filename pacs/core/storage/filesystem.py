@@ -154,7 +154,8 @@ class FileStore:
         The file is opened with ``O_DSYNC``, so that one ``write`` call both writes and
         syncs it, without the GIL (:mod:`pacs.core.offload`): a thread that had to come
         back for an ``fsync`` would wait for the GIL while the caller analyses, and
-        nothing would overlap.
+        nothing would overlap.  The thread begins when the caller next lets go of the
+        GIL: ingest starts the object's hash at once, whose hand-over serves both.
         """
         written: Future[str]
         try:
@@ -165,7 +166,7 @@ class FileStore:
             written.set_exception(
                 StorageError(f"cannot write object: {exc.strerror or exc}"))
             return _StagedFile(self, written)
-        return _StagedFile(self, self._stagers.start(_write_synced, fd, tmp_name, data))
+        return _StagedFile(self, self._stagers.submit(_write_synced, fd, tmp_name, data))
 
     def open(self, key: str) -> BinaryIO:
         """Open the object for reading."""
