@@ -417,6 +417,23 @@ def _with_descendants(pids: list[int]) -> list[int]:
     return sorted(found)
 
 
+def _describe(pids: list[int]) -> str:
+    """One line per process: pid, state, threads, where the kernel has it waiting, and
+    its command line (what a stop that hangs is waiting for)."""
+    lines = []
+    for pid in pids:
+        try:
+            status = dict(line.split(":\t", 1) for line in
+                          Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        lines.append(f"{pid} {status.get('State', '?')} threads={status.get('Threads', '?')} "
+                     f"wchan={wchan or '-'} {command[:160]}")
+    return "\n".join(lines)
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group, from /proc."""
     return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
@@ -553,9 +570,10 @@ class Node:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            lingering = _describe(_with_descendants(_group_members(pgid)))
             self._kill_group()
             pytest.fail(f"pacs serve did not stop within {timeout} s of signal "
-                        f"{sig}:\n{self.log()}")
+                        f"{sig}; still running:\n{lingering}\n--- log ---\n{self.log()}")
         assert code == 0, f"pacs serve exited with {code} after signal {sig}:\n{self.log()}"
         self._wait_group_gone(pgid, STOP_TIMEOUT)
         return code
