@@ -304,8 +304,9 @@ class _StagedFile:
         self._done = False  # placed or discarded
 
     def place(self, key: str) -> None:
-        """Rename the fsynced temporary file to ``key``'s path and fsync its folder:
-        the object is then durable, as :meth:`FileStore.put` leaves it."""
+        """Wait for the temporary file's durable write, rename it to ``key``'s path and
+        fsync its folder: the object is then durable, as :meth:`FileStore.put` leaves
+        it."""
         path = self._store._path(key)
         tmp_name = self._written.result()  # its StorageError, if the write failed
         try:
