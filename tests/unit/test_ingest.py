@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,6 +234,72 @@ def test_a_failing_piece_of_a_group_commit_keeps_the_others(services: Services) 
         services.index.commit(bad)
     rows = list(services.index.connection().execute("SELECT x FROM t"))
     assert rows == [(1,)]
+
+
+
+def _held_by_another_process(services: Services) -> apsw.Connection:
+    """A second connection to the index holding its write lock, as another process would."""
+    other = apsw.Connection(str(services.index.path))
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def _queued(services: Services, pieces: int) -> None:
+    """Wait until ``pieces`` pieces of work are queued for the next group commit."""
+    deadline = time.monotonic() + 10
+    while len(services.index._queue) < pieces:
+        assert time.monotonic() < deadline, "the pieces were never queued"
+        time.sleep(0.001)
+
+
+def test_a_piece_queued_while_the_leader_waits_for_the_lock_joins_its_commit(
+        services: Services) -> None:
+    """The leader takes the queue once its transaction has begun: a piece another thread
+    queues while it waits for another process' lock commits with it, in its thread."""
+    services.index.commit(lambda conn: conn.execute("CREATE TABLE t (x, thread)"))
+    ran_in: dict[str, int] = {}
+
+    def piece(name: str) -> Callable[[apsw.Connection], None]:
+        def work(conn: apsw.Connection) -> None:
+            ran_in[name] = threading.get_ident()
+            conn.execute("INSERT INTO t VALUES (?, ?)", (name, threading.get_ident()))
+        return work
+
+    other = _held_by_another_process(services)
+    leader = threading.Thread(target=services.index.commit, args=(piece("leader"),))
+    leader.start()
+    _queued(services, 1)
+    time.sleep(0.05)  # the leader is in SQLite's busy handler
+    follower = threading.Thread(target=services.index.commit, args=(piece("follower"),))
+    follower.start()
+    _queued(services, 2)
+    other.execute("COMMIT")
+    leader.join(10)
+    follower.join(10)
+    assert ran_in["follower"] == ran_in["leader"] == leader.ident
+    rows = sorted(services.index.connection().execute("SELECT x FROM t"))
+    assert rows == [("follower",), ("leader",)]
+
+
+def test_a_group_commit_that_cannot_begin_fails_every_queued_piece(
+        make_services: Callable[..., Services]) -> None:
+    services = make_services(dimse_timeout=0.8)  # the busy timeout: a quarter
+    other = _held_by_another_process(services)
+    errors: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            services.index.commit(lambda conn: conn.execute("CREATE TABLE t (x)"))
+        except IndexFailure as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=commit) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    other.execute("ROLLBACK")
+    assert len(errors) == 3 and not services.index._queue
 
 
 # --- several objects with one durability point (STOW-RS) ----------------------------------
