@@ -47,12 +47,15 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _not_negative(value: str) -> int:
-    """A count that may be 0 (which turns its limit off)."""
-    number = int(value)
-    if number < 0:
-        raise ValueError(f"must be 0 or more, got {value!r}")
-    return number
+def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A parser of ``kind`` that refuses negative values (0 turns its limit off)."""
+    def parse(value: str) -> Any:
+        number = kind(value)
+        if number < 0:
+            raise ValueError(f"must be 0 or more, got {value!r}")
+        return number
+
+    return parse
 
 
 def _port(value: str) -> int:
@@ -293,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
             "for that user name, from addresses that failed) get 429 with Retry-After, "
             "their credentials unchecked, until the window passes; counted in each web "
             "worker process; 0: no limit.",
-            _not_negative),
+            _not_negative(int)),
     Setting("PACS_AUTH_WINDOW", "auth_window", "60",
             "Seconds of the sliding window of PACS_AUTH_FAILURES.", _positive(float)),
     Setting("PACS_DUPLICATE_POLICY", "duplicate_policy", "overwrite",
@@ -348,6 +351,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_INTAKE_MOVER", "intake_mover", "on",
             "off holds the mover: acknowledged objects stay in the intake (tests and "
             "diagnosis only; the intake fills up to PACS_INTAKE_MAX_BYTES).", _bool),
+    Setting("PACS_INTAKE_MOVER_HOLD", "intake_mover_hold", "30",
+            "Seconds the mover may leave an object in the intake while others keep "
+            "arriving (it moves once they pause, or once the intake holds half of "
+            "PACS_INTAKE_MAX_BYTES); 0: move at once.", _not_negative(float)),
     Setting("PACS_HTTP_TIMEOUT", "http_timeout", "30",
             "Seconds an HTTP client may take to send its request headers, or stay "
             "silent while sending a body or reading a response, before it is "
@@ -510,6 +517,7 @@ class Settings:
     intake_max_bytes: int = _default("intake_max_bytes")
     intake_object_bytes: int | None = _default("intake_object_bytes")
     intake_mover: bool = _default("intake_mover")
+    intake_mover_hold: float = _default("intake_mover_hold")
     http_timeout: float = _default("http_timeout")
     http_keepalive: float = _default("http_keepalive")
     max_request_bytes: int = _default("max_request_bytes")

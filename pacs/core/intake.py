@@ -19,7 +19,9 @@ Two parts live here:
   then deletes their rows - only a row that is still the one it copied, under the
   instances' ingest locks, so that an overwrite and a move never interleave - and
   keeps the DICOM JSON metadata of what it moved (:func:`pacs.core.metadata.prepare_bytes`:
-  ingest leaves it to the mover, off the acknowledgement's path).
+  ingest leaves it to the mover, off the acknowledgement's path).  While objects keep
+  arriving, the mover holds back (:class:`Hold`): a burst (a modality sending a study)
+  is acknowledged with the cores to itself, and moved once it pauses.
 
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
 before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
@@ -359,6 +361,39 @@ class Refusals:
 UidLocks = Callable[[list[str]], AbstractContextManager[None]]
 
 
+@dataclass(frozen=True)
+class Hold:
+    """When the mover leaves the intake alone while objects keep arriving.
+
+    Moving competes with ingest for the cores (the store's writes, the S3 client and
+    server, the metadata) and for the index's write lock; the objects are durable in
+    the intake already.  So while the intake received an object since the mover's last
+    look (:data:`LINGER` ago), the mover waits, unless the backlog is old or large:
+    its oldest object arrived ``seconds`` ago or more, or it holds ``bytes`` or more.
+    Past either bound it moves as before, beside the ingest, oldest first: the lag of
+    the object store behind the acknowledgements stays within ``seconds`` (plus the
+    time to move ``bytes``), and the intake keeps room for the rest of a burst before
+    back-pressure refuses stores.
+
+    Parameters
+    ----------
+    seconds : float
+        ``PACS_INTAKE_MOVER_HOLD``; 0: never hold.
+    bytes : int
+        Half of ``PACS_INTAKE_MAX_BYTES``.
+    """
+
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def holds(self, backlog: reads.IntakeState, arriving: bool, now: float) -> bool:
+        """True when the mover should wait rather than move ``backlog`` now."""
+        if not arriving or self.seconds <= 0 or backlog.objects == 0:
+            return False
+        young = backlog.oldest is None or now - backlog.oldest < self.seconds
+        return young and backlog.bytes < self.bytes
+
+
 @dataclass
 class MoverState:
     """What the mover did so far (for its log and tests)."""
@@ -366,6 +401,7 @@ class MoverState:
     moved: int = 0
     batches: int = 0
     failures: int = 0
+    holds: int = 0
 
 
 class Mover:
@@ -380,13 +416,19 @@ class Mover:
         The store whose intake is drained.
     uid_locks : callable
         The ingest's per-UID locks (:meth:`pacs.core.ingest.Ingest.uid_locks`).
+    hold : Hold
+        When :meth:`run` waits while objects keep arriving (never, by default).
     """
 
-    def __init__(self, index: Index, store: IntakeStore, uid_locks: UidLocks) -> None:
+    def __init__(self, index: Index, store: IntakeStore, uid_locks: UidLocks,
+                 hold: Hold = Hold()) -> None:
         self.index = index
         self.store = store
         self.uid_locks = uid_locks
+        self.hold = hold
         self.state = MoverState()
+        #: The intake's count of objects ever added, at the mover's last look.
+        self._added: int | None = None
         # True at first: the first batch that succeeds clears an error a previous
         # mover left recorded.
         self._failing = True
@@ -513,9 +555,20 @@ class Mover:
         finally:
             self.close()
 
+    def _arriving(self) -> bool:
+        """True when the intake received an object since the last call."""
+        added = reads.intake_added(self.index.connection())
+        arriving, self._added = added != self._added, added
+        return arriving
+
     def _run(self, stopping: Callable[[], bool]) -> None:
         backoff = 0.0
         while not stopping():
+            backlog = reads.intake_state(self.index.connection())
+            if self.hold.holds(backlog, self._arriving(), time.time()):
+                self.state.holds += 1
+                _sleep(LINGER, stopping)
+                continue
             try:
                 moved = self.move_batch()
             except PacsError as exc:
@@ -575,5 +628,5 @@ def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-__all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "IntakeReader", "IntakeStore", "Mover",
+__all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "Hold", "IntakeReader", "IntakeStore", "Mover",
            "Refusals", "check_room", "mover_lock"]

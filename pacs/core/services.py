@@ -20,7 +20,7 @@ from pacs.core.deletion import Deleter
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
-from pacs.core.intake import IntakeStore, Mover, mover_lock
+from pacs.core.intake import Hold, IntakeStore, Mover, mover_lock
 from pacs.core.logins import LoginLimiter
 from pacs.core.query.engine import QueryEngine
 from pacs.core.storage import ObjectStore, open_store
@@ -149,7 +149,9 @@ def commitments(settings: Settings, index: Index) -> Commitments:
 def mover(services: Services) -> Mover:
     """The intake's mover over ``services`` (hold :func:`pacs.core.intake.mover_lock`
     while it runs)."""
-    return Mover(services.index, services.store, services.ingest.uid_locks)
+    settings = services.settings
+    hold = Hold(settings.intake_mover_hold, settings.intake_max_bytes // 2)
+    return Mover(services.index, services.store, services.ingest.uid_locks, hold)
 
 
 def drain(services: Services) -> int:

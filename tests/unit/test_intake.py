@@ -17,6 +17,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
@@ -29,7 +30,7 @@ from pydicom.filebase import DicomBytesIO
 from pacs.core import health
 from pacs.core.errors import IntakeFull
 from pacs.core.index import reads, writer
-from pacs.core.intake import Mover, Refusals, mover_lock
+from pacs.core.intake import Hold, Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
 from pacs.core.services import Services, drain, mover
 from pacs.core.storage.memory import MemoryStore
@@ -306,6 +307,57 @@ def test_a_failing_store_leaves_the_rows_and_reports_the_error(
     found = health.check(services)
     assert found.intake_objects == 0 and found.intake_error is None
     assert len(store.objects) == 1
+
+
+
+def _backlog(objects: int = 1, size: int = 10, age: float = 1.0) -> reads.IntakeState:
+    return reads.IntakeState(objects, size, 1000.0 - age if objects else None, None, None)
+
+
+@pytest.mark.parametrize(("hold", "backlog", "arriving", "holds"), [
+    (Hold(30, 100), _backlog(), True, True),  # a young, small backlog while objects arrive
+    (Hold(30, 100), _backlog(), False, False),  # they paused: move
+    (Hold(30, 100), _backlog(age=30), True, False),  # the oldest waited long enough
+    (Hold(30, 100), _backlog(size=100), True, False),  # half the intake's room is taken
+    (Hold(30, 100), _backlog(objects=0, size=0), True, False),  # nothing to move
+    (Hold(0, 100), _backlog(), True, False),  # PACS_INTAKE_MOVER_HOLD=0
+])
+def test_the_mover_holds_only_a_young_small_backlog_while_objects_arrive(
+        hold: Hold, backlog: reads.IntakeState, arriving: bool, holds: bool) -> None:
+    assert hold.holds(backlog, arriving, now=1000.0) is holds
+
+
+def test_the_mover_waits_while_objects_arrive_and_moves_them_once_they_pause(
+        make_services: Callable[..., Services]) -> None:
+    store = MemoryStore()
+    services = make_services(store=store)
+    moving = Mover(services.index, services.store, services.ingest.uid_locks,
+                   Hold(seconds=30, bytes=1 << 30))
+    stop = threading.Event()
+    thread = threading.Thread(target=moving.run, args=(stop.is_set,))
+    thread.start()
+    try:
+        for number in range(12):  # one every 0.1 s: each look of the mover sees one new
+            services.ingest.store_bytes(instance(f"1.2.826.0.1.3680043.8.498.{number + 1}"))
+            time.sleep(0.1)
+        held = dict(store.objects)
+        deadline = time.monotonic() + 10
+        while reads.intake_state(services.index.connection()).objects:
+            assert time.monotonic() < deadline, "the mover did not move once they paused"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert held == {} and moving.state.holds >= 3
+    assert len(store.objects) == 12
+
+
+def test_intake_added_counts_every_object_ever_received(node: Services) -> None:
+    assert reads.intake_added(node.index.connection()) == 0
+    node.ingest.store_bytes(instance())
+    node.ingest.store_bytes(instance(StudyDescription="again"))  # replaces the first
+    assert mover(node).drain() == 1
+    assert reads.intake_added(node.index.connection()) == 2
 
 
 def test_fsck_counts_an_intake_object_as_stored(node: Services) -> None:
