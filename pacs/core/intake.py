@@ -49,7 +49,7 @@ import apsw
 
 from pacs.core import metadata
 from pacs.core.errors import IndexFailure, IntakeFull, PacsError, StorageError
-from pacs.core.index import reads, writer
+from pacs.core.index import outbox, reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.storage import (
     BatchPut,
@@ -367,9 +367,10 @@ class Hold:
 
     Moving competes with ingest for the cores (the store's writes, the S3 client and
     server, the metadata) and for the index's write lock; the objects are durable in
-    the intake already.  So while the intake received an object since the mover's last
-    look (:data:`LINGER` ago), the mover waits, unless the backlog is old or large:
-    its oldest object arrived ``seconds`` ago or more, or it holds ``bytes`` or more.
+    the intake already.  So while instances are stored (in the intake or directly)
+    since the mover's last look (:data:`LINGER` ago), the mover waits, unless the
+    backlog is old or large: its oldest object arrived ``seconds`` ago or more, or it
+    holds ``bytes`` or more.
     Past either bound it moves as before, beside the ingest, oldest first: the lag of
     the object store behind the acknowledgements stays within ``seconds`` (plus the
     time to move ``bytes``), and the intake keeps room for the rest of a burst before
@@ -427,8 +428,8 @@ class Mover:
         self.uid_locks = uid_locks
         self.hold = hold
         self.state = MoverState()
-        #: The intake's count of objects ever added, at the mover's last look.
-        self._added: int | None = None
+        #: The index's last change number (``instance.change_seq``) at the last look.
+        self._head: int | None = None
         # True at first: the first batch that succeeds clears an error a previous
         # mover left recorded.
         self._failing = True
@@ -556,9 +557,10 @@ class Mover:
             self.close()
 
     def _arriving(self) -> bool:
-        """True when the intake received an object since the last call."""
-        added = reads.intake_added(self.index.connection())
-        arriving, self._added = added != self._added, added
+        """True when an instance was stored since the last call (through the intake or
+        not: a CT series written directly wants the cores as much)."""
+        head = outbox.head(self.index.connection())
+        arriving, self._head = head != self._head, head
         return arriving
 
     def _run(self, stopping: Callable[[], bool]) -> None:

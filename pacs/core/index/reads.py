@@ -384,14 +384,6 @@ def intake_state(conn: apsw.Connection) -> IntakeState:
     return IntakeState(*row)
 
 
-@_read("intake count")
-def intake_added(conn: apsw.Connection) -> int:
-    """How many objects the intake ever received (its row ids' high mark, SQLite's
-    ``AUTOINCREMENT`` sequence): it changes whenever an object arrives."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'intake'").fetchone()
-    return int(row[0]) if row else 0
-
-
 @_read("intake totals")
 def intake_bytes(conn: apsw.Connection) -> int:
     """Bytes in the intake (one row, kept by triggers): back-pressure reads it on
