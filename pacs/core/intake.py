@@ -549,8 +549,9 @@ class Mover:
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Move until ``stopping()``: batches while there is work, a short wait when
-        the intake is empty, growing waits while the store fails (ingest goes on into
-        the intake meanwhile, up to ``PACS_INTAKE_MAX_BYTES``)."""
+        the intake is empty or while :attr:`hold` holds it (instances arriving),
+        growing waits while the store fails (ingest goes on into the intake
+        meanwhile, up to ``PACS_INTAKE_MAX_BYTES``)."""
         try:
             self._run(stopping)
         finally:
