@@ -370,11 +370,10 @@ class Hold:
     the intake already.  So while instances are stored (in the intake or directly)
     since the mover's last look (:data:`LINGER` ago), the mover waits, unless the
     backlog is old or large: its oldest object arrived ``seconds`` ago or more, or it
-    holds ``bytes`` or more.
-    Past either bound it moves as before, beside the ingest, oldest first: the lag of
-    the object store behind the acknowledgements stays within ``seconds`` (plus the
-    time to move ``bytes``), and the intake keeps room for the rest of a burst before
-    back-pressure refuses stores.
+    holds ``bytes`` or more.  Past either bound it moves as before, beside the ingest,
+    oldest first: the lag of the object store behind the acknowledgements stays within
+    ``seconds`` (plus the time to move ``bytes``), and the intake keeps room for the
+    rest of a burst before back-pressure refuses stores.
 
     Parameters
     ----------
