@@ -236,7 +236,6 @@ def test_a_failing_piece_of_a_group_commit_keeps_the_others(services: Services) 
     assert rows == [(1,)]
 
 
-
 def _held_by_another_process(services: Services) -> apsw.Connection:
     """A second connection to the index holding its write lock, as another process would."""
     other = apsw.Connection(str(services.index.path))
@@ -256,13 +255,13 @@ def test_a_piece_queued_while_the_leader_waits_for_the_lock_joins_its_commit(
         services: Services) -> None:
     """The leader takes the queue once its transaction has begun: a piece another thread
     queues while it waits for another process' lock commits with it, in its thread."""
-    services.index.commit(lambda conn: conn.execute("CREATE TABLE t (x, thread)"))
+    services.index.commit(lambda conn: conn.execute("CREATE TABLE t (x)"))
     ran_in: dict[str, int] = {}
 
     def piece(name: str) -> Callable[[apsw.Connection], None]:
         def work(conn: apsw.Connection) -> None:
             ran_in[name] = threading.get_ident()
-            conn.execute("INSERT INTO t VALUES (?, ?)", (name, threading.get_ident()))
+            conn.execute("INSERT INTO t VALUES (?)", (name,))
         return work
 
     other = _held_by_another_process(services)
@@ -274,6 +273,7 @@ def test_a_piece_queued_while_the_leader_waits_for_the_lock_joins_its_commit(
     follower.start()
     _queued(services, 2)
     other.execute("COMMIT")
+    other.close()
     leader.join(10)
     follower.join(10)
     assert ran_in["follower"] == ran_in["leader"] == leader.ident
@@ -299,6 +299,7 @@ def test_a_group_commit_that_cannot_begin_fails_every_queued_piece(
     for thread in threads:
         thread.join(10)
     other.execute("ROLLBACK")
+    other.close()
     assert len(errors) == 3 and not services.index._queue
 
 

@@ -309,7 +309,6 @@ def test_a_failing_store_leaves_the_rows_and_reports_the_error(
     assert len(store.objects) == 1
 
 
-
 def _backlog(objects: int = 1, size: int = 10, age: float = 1.0) -> reads.IntakeState:
     return reads.IntakeState(objects, size, 1000.0 - age if objects else None, None, None)
 
@@ -356,6 +355,7 @@ def test_the_mover_waits_while_instances_arrive_and_moves_once_they_pause(
         thread.join(10)
     assert len(held) == (1 if direct else 13) and moving.state.holds >= 3
     assert len(store.objects) == 13
+
 
 def test_fsck_counts_an_intake_object_as_stored(node: Services) -> None:
     node.ingest.store_bytes(instance())
