@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,16 +36,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
-    """Wait until something accepts on ``port``; fail loudly on timeout."""
+def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1",
+                  process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts on ``port``; fail loudly on timeout, or as soon as
+    ``process`` (the server meant to listen there) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ChildProcessError(f"the server for {host}:{port} exited "
+                                    f"({process.returncode}) before it listened")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def start_listening(start: Callable[[int], subprocess.Popen[bytes]], attempts: int = 5,
+                    timeout: float = 30.0) -> tuple[int, subprocess.Popen[bytes]]:
+    """Start a server with ``start(port)`` on a free loopback port and wait until it
+    accepts: (the port, the process).
+
+    A port found free (:func:`free_port`) can be taken before the server binds it - by
+    another server, or as the local port of an outgoing connection - and the server
+    then exits ("Address already in use"): it is started again on another port.
+    """
+    for _ in range(attempts):
+        port = free_port()
+        process = start(port)
+        try:
+            wait_for_port(port, timeout, process=process)
+        except ChildProcessError:
+            continue
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        return port, process
+    raise RuntimeError(f"no free port could be bound in {attempts} attempts")
 
 
 def sample(name: str) -> Path:

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from tests.conftest import free_port, sample, wait_for_port
+from tests.conftest import sample, start_listening
 from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
@@ -119,12 +119,14 @@ DESTINATIONS = {STORESCP_AET: ["+xa"], "UNCOMPR": [], "IMPLICIT": ["+xi"]}
 
 
 def _start_storescp(aet: str, options: list[str], folder: Path) -> StoreSCP:
-    port = free_port()
-    with open(folder.parent / f"{folder.name}.log", "wb") as log:  # the child keeps its own
-        process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(folder), str(port)],
-            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_for_port(port, timeout=30)
+    def start(port: int) -> subprocess.Popen[bytes]:
+        with open(folder.parent / f"{folder.name}.log", "wb") as log:  # the child keeps its own
+            return subprocess.Popen(
+                [dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(folder),
+                 str(port)],
+                env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    port, process = start_listening(start)
     return StoreSCP(port, folder, process)
 
 
