@@ -33,7 +33,7 @@ import requests
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import free_port, sample
+from tests.conftest import free_port, sample, start_listening
 
 #: Called AE title of the node (the default).
 AE_TITLE = "INTELPIXEL"
@@ -87,6 +87,33 @@ def run_dcmtk(tool: str, *args: str, cwd: Path | None = None,
     return subprocess.run([dcmtk(tool), *args], cwd=cwd, env=DCMTK_ENV, timeout=timeout,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           check=False)
+
+
+def start_storescp(ae_title: str, folder: Path, *options: str, log: Path | None = None
+                   ) -> tuple[int, subprocess.Popen[bytes]]:
+    """Start dcmtk's storescp as ``ae_title``, writing into ``folder``, on a free loopback
+    port and wait until it accepts: (the port, the process). It is started again on
+    another when its port was taken before it bound it (:func:`start_listening`).
+
+    Parameters
+    ----------
+    ae_title
+        Its AE title.
+    folder
+        The folder it writes what it receives into.
+    *options
+        More of its options.
+    log
+        The file its output goes to (none: discarded).
+    """
+    def start(port: int) -> subprocess.Popen[bytes]:
+        with open(log or os.devnull, "wb") as out:  # the child keeps its own
+            return subprocess.Popen(
+                [dcmtk("storescp"), "-aet", ae_title, *options, "-od", str(folder),
+                 str(port)],
+                env=DCMTK_ENV, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    return start_listening(start)
 
 
 # --- the index and the store, read back ------------------------------------------------

@@ -34,8 +34,8 @@ from tests.auditcheck import (
     requestor,
     studies_in,
 )
-from tests.conftest import free_port, sample, wait_for_port
-from tests.interop.conftest import AE_TITLE, DCMTK_ENV, Node, answers_qido, dcmtk, run_dcmtk
+from tests.conftest import sample
+from tests.interop.conftest import AE_TITLE, Node, answers_qido, run_dcmtk, start_storescp
 
 pytestmark = pytest.mark.interop
 
@@ -193,13 +193,8 @@ DIMSE_ID = "DIMSE-AUDIT-5529"
 def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """dcmtk's storescp as the C-MOVE destination DEST."""
     folder = tmp_path_factory.mktemp("dest")
-    port = free_port()
-    with open(folder / "storescp.log", "wb") as log:
-        process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "DEST", "-od", str(folder), str(port)],
-            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    port, process = start_storescp("DEST", folder, log=folder / "storescp.log")
     try:
-        wait_for_port(port, timeout=30)
         yield port, folder
     finally:
         process.terminate()

@@ -37,15 +37,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, build_context, evt
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port
 from tests.interop.conftest import (
-    DCMTK_ENV,
     Node,
     answers_qido,
     dcmtk,
     fresh_ct,
     getscu_counts,
     run_dcmtk,
+    start_storescp,
     wait_drained,
 )
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
@@ -91,11 +91,7 @@ class Shared:
 def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """dcmtk's storescp: alpha's C-MOVE destination."""
     folder = tmp_path_factory.mktemp("movescp")
-    port = free_port()
-    process = subprocess.Popen([dcmtk("storescp"), "-aet", MOVE_SCP, "-od", str(folder),
-                                str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_for_port(port)
+    port, process = start_storescp(MOVE_SCP, folder)
     yield port, folder
     process.terminate()
     process.wait(timeout=10)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,14 +35,13 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port
 from tests.interop.conftest import (
     AE_TITLE,
-    DCMTK_ENV,
     Node,
-    dcmtk,
     fresh_ct,
     run_dcmtk,
+    start_storescp,
 )
 from tests.tlsfiles import Pki, ae_certificate, make_pki
 
@@ -65,14 +63,10 @@ def tls_storescp(pki: Pki, ae_title: str, folder: Path, ca: str = "ca") -> Itera
     """A dcmtk storescp on TLS writing into ``folder``, with a certificate ``ca``
     signed, requiring and verifying its peers' (the test CA's): its port."""
     cert, key = ae_certificate(pki, ae_title, server=True, ca=ca)
-    port = free_port()
-    with open(folder.parent / f"{folder.name}.log", "wb") as log:
-        process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", ae_title, "+tls", str(key), str(cert),
-             "+cf", str(pki.ca), "-od", str(folder), str(port)],
-            env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    port, process = start_storescp(ae_title, folder, "+tls", str(key), str(cert),
+                                   "+cf", str(pki.ca),
+                                   log=folder.parent / f"{folder.name}.log")
     try:
-        wait_for_port(port, timeout=30)
         yield port
     finally:
         process.terminate()

@@ -15,7 +15,7 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import start_listening
 from tests.factory import make_instance
 from tests.interop.conftest import AE_TITLE, DCMTK_ENV, Node, dcmtk, run_dcmtk
 
@@ -120,16 +120,19 @@ def dcmqrscp_find(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """dcmtk's reference Q/R SCP holding the generated instances."""
     root = tmp_path_factory.mktemp("dcmqrscp")
     (root / "db").mkdir()
-    port = free_port()
-    (root / "qr.cfg").write_text(
-        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
-        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
-        f"AETable BEGIN\nDCMQRSCP {root / 'db'} RW (500, 1024mb) ANY\nAETable END\n")
-    with open(root / "qr.log", "wb") as log:
-        proc = subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(root / "qr.cfg"), str(port)],
-                                env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        (root / "qr.cfg").write_text(
+            f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+            "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+            f"AETable BEGIN\nDCMQRSCP {root / 'db'} RW (500, 1024mb) ANY\nAETable END\n")
+        with open(root / "qr.log", "wb") as log:  # the child keeps its own
+            return subprocess.Popen([dcmtk("dcmqrscp"), "-c", str(root / "qr.cfg"),
+                                     str(port)], env=DCMTK_ENV, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    port, proc = start_listening(start)
     try:
-        wait_for_port(port)
         sent = run_dcmtk("storescu", "-aec", "DCMQRSCP", "+sd", "127.0.0.1", str(port),
                          str(inputs / "generated"))
         assert sent.returncode == 0, sent.stdout

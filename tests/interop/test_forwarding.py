@@ -43,7 +43,9 @@ class StoreSCP:
         self.proc = subprocess.Popen(["/usr/bin/storescp", "+uf", "-od", str(self.folder),
                                       str(self.port)], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        # The node's settings name this port and it comes back on it after a stop, so it
+        # cannot move to another (start_listening): a port taken meanwhile fails at once.
+        wait_for_port(self.port, process=self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:

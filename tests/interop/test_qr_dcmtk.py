@@ -21,15 +21,15 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from tests.conftest import sample, start_listening
+from tests.conftest import sample
 from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
-    DCMTK_ENV,
     Node,
     dcmtk,
     getscu_counts,
     run_dcmtk,
+    start_storescp,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
@@ -118,26 +118,16 @@ def _write_inputs(folder: Path) -> Loaded:
 DESTINATIONS = {STORESCP_AET: ["+xa"], "UNCOMPR": [], "IMPLICIT": ["+xi"]}
 
 
-def _start_storescp(aet: str, options: list[str], folder: Path) -> StoreSCP:
-    def start(port: int) -> subprocess.Popen[bytes]:
-        with open(folder.parent / f"{folder.name}.log", "wb") as log:  # the child keeps its own
-            return subprocess.Popen(
-                [dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(folder),
-                 str(port)],
-                env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    port, process = start_listening(start)
-    return StoreSCP(port, folder, process)
-
-
 @pytest.fixture(scope="module")
 def storescps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, StoreSCP]]:
     """The storescp destinations (bit-preserving: data sets written as read)."""
     started: dict[str, StoreSCP] = {}
     try:
         for aet, options in DESTINATIONS.items():
-            started[aet] = _start_storescp(aet, options,
-                                           tmp_path_factory.mktemp(aet.lower()))
+            folder = tmp_path_factory.mktemp(aet.lower())
+            port, process = start_storescp(aet, folder, *options, "+B",
+                                           log=folder.parent / f"{folder.name}.log")
+            started[aet] = StoreSCP(port, folder, process)
         yield started
     finally:
         for scp in started.values():

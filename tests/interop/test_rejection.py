@@ -27,17 +27,16 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import generate_uid
 
 from tests.auditcheck import event_name, problems, read_trail, studies_in
-from tests.conftest import free_port, wait_for_port
 from tests.factory import make_rejection_note
 from tests.interop.conftest import (
     AE_TITLE,
-    DCMTK_ENV,
     Node,
     answers_qido,
     dcmtk,
     fresh_ct,
     getscu_counts,
     run_dcmtk,
+    start_storescp,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
@@ -128,11 +127,7 @@ class StoreSCP:
 def storescp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
     """dcmtk's storescp, the C-MOVE destination."""
     folder = tmp_path_factory.mktemp("rejscp")
-    port = free_port()
-    process = subprocess.Popen([dcmtk("storescp"), "-aet", STORESCP_AET, "-od", str(folder),
-                                str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    wait_for_port(port)
+    port, process = start_storescp(STORESCP_AET, folder)
     yield StoreSCP(port, folder, process)
     process.terminate()
     process.wait(timeout=10)

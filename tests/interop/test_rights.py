@@ -25,15 +25,15 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from pacs.core import access
-from tests.conftest import SEAM, free_port, wait_for_port
+from tests.conftest import SEAM
 from tests.interop.conftest import (
     AE_TITLE,
-    DCMTK_ENV,
     Node,
     dcmtk,
     fresh_ct,
     run_dcmtk,
     sha256,
+    start_storescp,
 )
 from tests.interop.tlsnode import fake_dist, session, viewer, web
 from tests.tlsfiles import Pki, make_pki
@@ -102,13 +102,9 @@ def rig(node_factory: Callable[..., Node], tmp_path_factory: pytest.TempPathFact
     pki = make_pki(folder / "pki")
     scp_folder = folder / "received"
     scp_folder.mkdir()
-    scp_port = free_port()
-    with open(folder / "storescp.log", "wb") as log:
-        scp = subprocess.Popen([dcmtk("storescp"), "-aet", DESTINATION, "+B", "-od",
-                                str(scp_folder), str(scp_port)], env=DCMTK_ENV,
-                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    scp_port, scp = start_storescp(DESTINATION, scp_folder, "+B",
+                                   log=folder / "storescp.log")
     try:
-        wait_for_port(scp_port, timeout=30)
         node = node_factory(
             "rights", PACS_ACCESS_FILE=str(access_file(folder, scp_port)),
             PACS_UNKNOWN_AE_RIGHTS="", PACS_LOOPBACK_ROLES="",

@@ -26,7 +26,7 @@ import pydicom.data
 import pytest
 from pydicom.uid import UID
 
-from tests.conftest import free_port, sample, wait_for_port
+from tests.conftest import sample
 from tests.factory import dataset_bytes
 from tests.interop.conftest import (
     AE_TITLE,
@@ -37,6 +37,7 @@ from tests.interop.conftest import (
     key_of,
     run_dcmtk,
     sha256,
+    start_storescp,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
@@ -216,13 +217,8 @@ class Reference:
         self.folder = folder
         self.received = folder / "received"
         self.received.mkdir(parents=True)
-        self.port = free_port()
-        self.log = open(folder / "storescp.log", "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "+B", "-F", "+xa", "-pm", "-aet", AE_TITLE,
-             "-od", str(self.received), str(self.port)],
-            env=DCMTK_ENV, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout=15)
+        self.port, self.proc = start_storescp(AE_TITLE, self.received, "+B", "-F", "+xa",
+                                              "-pm", log=folder / "storescp.log")
         self.lock = threading.Lock()
 
     def wire_bytes(self, candidate: Candidate, profile: list[str]) -> bytes:
@@ -244,7 +240,6 @@ class Reference:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
