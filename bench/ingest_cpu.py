@@ -20,6 +20,13 @@ Usage::
     .venv/bin/python bench/ingest_cpu.py --source . --associations 4
     .venv/bin/python bench/ingest_cpu.py --source . --data ct
     .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --storage s3
+    .venv/bin/python bench/ingest_cpu.py --source . --profile /tmp/samples
+
+``--profile FOLDER`` samples the DIMSE workers with ``py-spy`` (``--nonblocking``, 500
+per second, threads apart) while the instances are sent: one file of collapsed stacks
+per worker and round (``FOLDER/<round>-<source>/dimse-<pid>.txt``), for a flame graph or
+a count by function.  Sampling costs the workers CPU: the rates of such a run are not
+comparable with others.
 """
 
 from __future__ import annotations
@@ -147,10 +154,34 @@ def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextmanager
+def sampled(processes: dict[int, str], folder: Path | None) -> Iterator[None]:
+    """py-spy samples of the DIMSE workers into ``folder`` (collapsed stacks, one file
+    per worker), when a folder is given."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking",
+         "--threads", "--rate", "500", "--format", "raw", "--output",
+         str(folder / f"dimse-{pid}.txt"), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for pid, command in processes.items() if role(command) == "dimse"]
+    time.sleep(1)  # every sampler attached
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(2)
+            spy.wait(timeout=60)
+
+
 def one_run(source: Path, files: list[str], associations: int,
-            storage: dict[str, str]) -> dict[str, float]:
-    """Rate and CPU ms per instance of each part for one run of ``source``."""
-    with node(source, storage) as (pid, port):
+            storage: dict[str, str], profile: Path | None = None) -> dict[str, float]:
+    """Rate and CPU ms per instance of each part for one run of ``source`` (py-spy
+    samples of its DIMSE workers into ``profile``, when given)."""
+    with node(source, storage) as (pid, port), sampled(descendants(pid), profile):
         processes = descendants(pid)
         if "weed" in storage:
             processes.update(dict.fromkeys(descendants(int(storage["weed"])), "weed"))
@@ -187,6 +218,8 @@ def main() -> None:
     parser.add_argument("--storage", choices=("file", "s3"), default="file")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a pacs setting for every node run")
+    parser.add_argument("--profile", type=Path, metavar="FOLDER",
+                        help="py-spy samples of the DIMSE workers (collapsed stacks)")
     args = parser.parse_args()
     data = DATA / DATA_SETS[args.data]
     files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -199,7 +232,9 @@ def main() -> None:
         storage = {**server, **settings}
         for number in range(args.rounds):
             for source in args.source:
-                result = one_run(source, files, args.associations, storage)
+                profile = args.profile / f"{number + 1}-{source.name or 'here'}" \
+                    if args.profile else None
+                result = one_run(source, files, args.associations, storage, profile)
                 parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
                                   for part in ("dimse", "mover", "storescu", "weed")
                                   if part != "weed" or server)
