@@ -36,31 +36,138 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _listening_sockets(port: int) -> set[int]:
+    """The inodes of the sockets in LISTEN state on ``port`` (any local address, IPv4 or
+    IPv6), from Linux's /proc/net tables."""
+    inodes: set[int] = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        if table.name == "tcp6" and not table.exists():  # a kernel without IPv6
+            continue
+        for line in table.read_text().splitlines()[1:]:  # after the header
+            fields = line.split()
+            # local_address is HEXADDR:HEXPORT; state 0A is LISTEN; field 9 the inode.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _open_sockets(pid: int) -> set[int]:
+    """The inodes of the sockets process ``pid`` holds open (none once it is gone)."""
+    inodes: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # exited meanwhile, or not ours to read
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes descended from ``pid``: its children, theirs, and so on.
+
+    Read from every /proc/<pid>/stat: /proc/<pid>/task/<tid>/children is not in every
+    kernel (CONFIG_PROC_CHILDREN).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # The command name (field 2) is in parentheses and may hold spaces and ")": the
+        # parent's pid is the second field after the last ")".
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        below = children.get(pending.pop(), [])
+        found.extend(below)
+        pending.extend(below)
+    return found
+
+
+def _listens(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` or one of its descendants holds a socket listening on ``port``."""
+    listening = _listening_sockets(port)
+    if not listening:
+        return False
+    if _open_sockets(process.pid) & listening:
+        return True
+    # The listener of a multi-process server may be a child (or a grandchild) of the
+    # process started; the tree is only walked when something listens on the port.
+    return any(_open_sockets(pid) & listening for pid in _descendants(process.pid))
+
+
 def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1",
                   process: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until something accepts on ``port``; fail loudly on timeout, or as soon as
-    ``process`` (the server meant to listen there) has exited."""
+    """Wait until ``port`` is served; fail loudly on timeout.
+
+    Parameters
+    ----------
+    port
+        The TCP port.
+    timeout
+        Seconds to wait at most.
+    host
+        The address a connection is tried to when no ``process`` is given.
+    process
+        The server meant to listen on ``port``. With it, the port is served once this
+        process or one of its descendants (the listener of a multi-process server may be a
+        child) holds a socket in LISTEN state on it, at any local address (Linux's /proc);
+        a socket of another process on that port does not count, although a connection
+        to it would succeed. The wait fails as soon as the process has exited. Without it,
+        the port is served as soon as a connection to ``host`` succeeds, whoever accepts
+        it.
+
+    Raises
+    ------
+    ChildProcessError
+        ``process`` exited before it listened on ``port``.
+    TimeoutError
+        ``port`` was not served within ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ChildProcessError(f"the server for {host}:{port} exited "
-                                    f"({process.returncode}) before it listened")
+        if process is not None:
+            if process.poll() is not None:
+                raise ChildProcessError(f"the server for {host}:{port} exited "
+                                        f"({process.returncode}) before it listened")
+            if _listens(process, port):
+                return
+            time.sleep(0.05)
+            continue
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
+    if process is not None:
+        # Said apart: a port another process listens on is a taken port, not a slow server.
+        other = " (another process listens on it)" if _listening_sockets(port) else ""
+        raise TimeoutError(f"the server for {host}:{port} does not listen on it after "
+                           f"{timeout} s{other}")
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def start_listening(start: Callable[[int], subprocess.Popen[bytes]], attempts: int = 5,
                     timeout: float = 30.0) -> tuple[int, subprocess.Popen[bytes]]:
-    """Start a server with ``start(port)`` on a free loopback port and wait until it
-    accepts: (the port, the process).
+    """Start a server with ``start(port)`` on a free loopback port and wait until it (or
+    one of its descendants) listens there: (the port, the process).
 
     A port found free (:func:`free_port`) can be taken before the server binds it - by
     another server, or as the local port of an outgoing connection - and the server
-    then exits ("Address already in use"): it is started again on another port.
+    then exits ("Address already in use"): it is started again on another port. Whether
+    the server listens is read from its own sockets (:func:`wait_for_port` with
+    ``process``), not from a connection, which another server listening on the port
+    would accept in its place.
     """
     for _ in range(attempts):
         port = free_port()
