@@ -2,10 +2,12 @@
 
 Starts ``pacs serve`` on its folder store in a fresh data folder, sends the harness'
 2,000 small instances (``bench/data/ingest/small_single_r1``, made by ``gen_data.py``;
-``--data ct``: its 400 CT slices, ``ct_single_r1``) with dcmtk's ``storescu`` on one
-association or split over ``--associations``, and reads each process' CPU time
-(``/proc/<pid>/stat``) before and after.  Prints the rate and the CPU milliseconds per
-instance of the DIMSE workers, the intake mover and the senders.  ``--storage s3`` runs
+``--data ct``: its 400 CT slices, ``ct_single_r1``; ``--data query20k``: the 20,000
+small instances of the query set) with dcmtk's ``storescu`` on one association or split
+over ``--associations``, and reads each process' CPU time (``/proc/<pid>/stat``) before
+and after.  Prints the rate and the CPU milliseconds per instance of the DIMSE workers,
+the intake mover and the senders; with ``--drain``, then the seconds until the intake's
+mover has emptied it and the mover's CPU meanwhile (per instance sent).  ``--storage s3`` runs
 every node on one SeaweedFS ``weed server`` (started here as the harness starts it,
 ``run_peers.start_weed``), whose CPU is reported too.
 
@@ -21,6 +23,7 @@ Usage::
     .venv/bin/python bench/ingest_cpu.py --source . --data ct
     .venv/bin/python bench/ingest_cpu.py --source /tmp/before --source . --storage s3
     .venv/bin/python bench/ingest_cpu.py --source . --profile /tmp/samples
+    .venv/bin/python bench/ingest_cpu.py --source . --data query20k --associations 4 --drain
 
 ``--profile FOLDER`` samples the DIMSE workers with ``py-spy`` (``--nonblocking``, 500
 per second, threads apart) while the instances are sent: one file of collapsed stacks
@@ -43,13 +46,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import apsw
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "bench" / "data" / "ingest"
+DATA = ROOT / "bench" / "data"
 #: The harness' data sets (``gen_data.py``) by ``--data``.
-DATA_SETS = {"small": "small_single_r1", "ct": "ct_single_r1"}
+DATA_SETS = {"small": "ingest/small_single_r1", "ct": "ingest/ct_single_r1",
+             "query20k": "query20k"}
 DCMTK_BIN = os.environ.get("DCMTK_BIN", "/usr/bin")
 TICKS = os.sysconf("SC_CLK_TCK")
 S3_PORT = 18433
+#: Seconds ``--drain`` waits for the intake to empty.
+DRAIN_TIMEOUT = 600
 
 
 def cpu_seconds(pid: int) -> float:
@@ -123,10 +131,10 @@ def s3_server() -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int]]:
+def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int, Path]]:
     """``pacs serve`` of ``source`` on a fresh data folder, with the ``PACS_`` settings
     of ``storage`` (its store, the folder when none; ``--setting``): (its pid, its
-    DIMSE port)."""
+    DIMSE port, its data folder)."""
     folder = Path(tempfile.mkdtemp(prefix="ingest-cpu-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
@@ -146,7 +154,7 @@ def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int]]:
                     break
             time.sleep(0.1)
         time.sleep(2)  # every worker and companion up
-        yield server.pid, port
+        yield server.pid, port, folder / "data"
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -177,11 +185,35 @@ def sampled(processes: dict[int, str], folder: Path | None) -> Iterator[None]:
             spy.wait(timeout=60)
 
 
+def drained(data: Path, processes: dict[int, str], count: int) -> dict[str, float]:
+    """Wait until the intake of the node on ``data`` is empty: the seconds it took and
+    the mover's CPU meanwhile, in ms per instance of the ``count`` sent."""
+    movers = [pid for pid, command in processes.items() if role(command) == "mover"]
+    before = sum(cpu_seconds(pid) for pid in movers)
+    started = time.monotonic()
+    [path] = data.rglob("index.sqlite")
+    index = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    index.set_busy_timeout(10_000)
+    try:
+        while index.execute("SELECT objects FROM intake_state").fetchone()[0] > 0:
+            if time.monotonic() - started > DRAIN_TIMEOUT:
+                raise SystemExit("the intake did not drain")
+            time.sleep(0.1)
+    finally:
+        index.close()
+    return {"drain s": time.monotonic() - started,
+            "mover drain": (sum(cpu_seconds(pid) for pid in movers) - before)
+            * 1000 / count}
+
+
 def one_run(source: Path, files: list[str], associations: int,
-            storage: dict[str, str], profile: Path | None = None) -> dict[str, float]:
+            storage: dict[str, str], profile: Path | None = None,
+            drain: bool = False) -> dict[str, float]:
     """Rate and CPU ms per instance of each part for one run of ``source`` (py-spy
-    samples of its DIMSE workers into ``profile``, when given)."""
-    with node(source, storage) as (pid, port), sampled(descendants(pid), profile):
+    samples of its DIMSE workers into ``profile``, when given; with ``drain``, the
+    intake's drain after the sends too, :func:`drained`)."""
+    with node(source, storage) as (pid, port, data), \
+            sampled(descendants(pid), profile):
         processes = descendants(pid)
         if "weed" in storage:
             processes.update(dict.fromkeys(descendants(int(storage["weed"])), "weed"))
@@ -205,6 +237,8 @@ def one_run(source: Path, files: list[str], associations: int,
             part = role(command)
             result[part] = result.get(part, 0.0) + \
                 (cpu_seconds(process) - before[process]) * 1000 / len(files)
+        if drain:
+            result.update(drained(data, processes, len(files)))
     return result
 
 
@@ -214,12 +248,15 @@ def main() -> None:
     parser.add_argument("--associations", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--data", choices=sorted(DATA_SETS), default="small",
-                        help="the 2,000 small instances, or the 400 CT slices")
+                        help="the 2,000 small instances, the 400 CT slices, or the "
+                        "20,000 small instances of the query set")
     parser.add_argument("--storage", choices=("file", "s3"), default="file")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a pacs setting for every node run")
     parser.add_argument("--profile", type=Path, metavar="FOLDER",
                         help="py-spy samples of the DIMSE workers (collapsed stacks)")
+    parser.add_argument("--drain", action="store_true",
+                        help="then wait for the intake to drain: seconds, mover CPU")
     args = parser.parse_args()
     data = DATA / DATA_SETS[args.data]
     files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
@@ -234,10 +271,13 @@ def main() -> None:
             for source in args.source:
                 profile = args.profile / f"{number + 1}-{source.name or 'here'}" \
                     if args.profile else None
-                result = one_run(source, files, args.associations, storage, profile)
+                result = one_run(source, files, args.associations, storage, profile,
+                                 args.drain)
                 parts = "  ".join(f"{part} {result.get(part, 0.0):.2f}"
-                                  for part in ("dimse", "mover", "storescu", "weed")
-                                  if part != "weed" or server)
+                                  for part in ("dimse", "mover", "storescu", "weed",
+                                               "drain s", "mover drain")
+                                  if (part != "weed" or server)
+                                  and (args.drain or "drain" not in part))
                 print(f"round {number + 1}  {source!s:<24} {result['inst/s']:7.1f} inst/s  "
                       f"{parts}", flush=True)
 
