@@ -42,7 +42,7 @@ from pacs.core.storage import (
     staged,
     usage,
 )
-from pacs.core.storage.filesystem import SYNCFS, FileStore
+from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.ranged import MIN_READ_AHEAD
 from pacs.core.storage.s3 import S3Store
@@ -508,67 +508,6 @@ def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
                       str(store.root / study / series)]
     assert read_all(store, KEY) == b"staged"
     assert store.temporaries() == []
-
-
-def _listing(root: Path) -> tuple[list[str], list[str]]:
-    """The temporary files and the objects under ``root``, by name."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return ([p.name for p in files if p.name.startswith(".tmp-")],
-            [p.relative_to(root).as_posix() for p in files
-             if not p.name.startswith(".tmp-")])
-
-
-def test_file_store_batch_is_made_durable_by_two_syncfs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """put_many with syncfs: the batch's files are written, made durable by one syncfs
-    of the store's file system, renamed into place, and the renames made durable by a
-    second; no file is fsynced on its own."""
-    assert SYNCFS is not None  # Linux: the C library has it
-    seen: list[tuple[str, tuple[list[str], list[str]]]] = []
-    root = tmp_path / "objects"
-
-    def recording_syncfs(fd: int) -> None:
-        seen.append((os.readlink(f"/proc/self/fd/{fd}"), _listing(root)))
-        SYNCFS(fd)
-
-    store = FileStore(root, syncfs=recording_syncfs)
-    store.check()
-    put_bytes(store, KEY, b"before")  # the folders exist, a file is replaced
-    fsynced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        fsynced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    assert store.put_many([(KEY, b"one"), (OTHER_KEY, b"two")]) == [None, None]
-    [(first_root, (first_temps, first_objects)),
-     (second_root, (second_temps, second_objects))] = seen
-    assert first_root == second_root == str(root)
-    assert len(first_temps) == 2 and first_objects == [KEY]  # written, not yet in place
-    assert second_temps == [] and second_objects == sorted([KEY, OTHER_KEY])
-    assert fsynced == []
-    assert read_all(store, KEY) == b"one" and read_all(store, OTHER_KEY) == b"two"
-    store.close()
-
-
-def test_file_store_batch_whose_renames_cannot_be_made_durable_fails_whole(
-        tmp_path: Path) -> None:
-    """A syncfs that fails after the renames: no object of the batch is reported stored
-    (which rename survives a crash, it does not say)."""
-    calls: list[int] = []
-
-    def second_fails(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(5, os.strerror(5))
-
-    store = FileStore(tmp_path / "objects", syncfs=second_fails)
-    failures = store.put_many([(KEY, b"one"), (OTHER_KEY, b"two")])
-    assert [str(f) for f in failures] == ["cannot write object: Input/output error"] * 2
-    assert store.temporaries() == []
-    store.close()
 
 
 # --- S3Store only -------------------------------------------------------------------
