@@ -25,7 +25,8 @@
 # (overrides BENCH_ROUND; echo and ingest run on one fresh server, every other phase on a
 # second one; pacs-s3 leaves out the queries find, findscu and qido), BENCH_REPS (3),
 # BENCH_FIND_REPS (10), BENCH_TAG (default: date and time), BENCH_PEERS (orthanc,pacs; any
-# of orthanc, pacs, pacs-s3 in the order they run),
+# of storescp, orthanc, pacs, pacs-s3 in the order they run), BENCH_SETTLE (seconds each
+# server gets after the load phase, 0),
 # PACS_BIN / BENCH_PYTHON to use an already installed pacs and Python instead of .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,7 +90,8 @@ for phase in "${wanted[@]}"; do
         *) round2+=("$phase") ;;
     esac
 done
-args=(--peers "$peers" --reps "$reps" --find-reps "$find_reps" --suffix="-$tag")
+args=(--peers "$peers" --reps "$reps" --find-reps "$find_reps" --suffix="-$tag"
+      --settle "${BENCH_SETTLE:-0}")
 if [ ${#round1[@]} -gt 0 ]; then
     args+=(--phases1 "$(IFS=,; echo "${round1[*]}")")
 else
