@@ -66,6 +66,8 @@ def test_reindex_rebuilds_a_stopped_nodes_index_and_findscu_answers_from_it(
     assert not list(node.data_dir.glob("index.sqlite.*"))
 
     # The node stops and its index is lost; the objects remain (a disk or a bucket).
+    # What its intake still held would go with the index: the mover has moved all.
+    node.wait_drained()
     node.terminate()
     for path in node.data_dir.glob("index.sqlite*"):
         path.unlink()
