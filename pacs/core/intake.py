@@ -546,15 +546,41 @@ class Mover:
         self.checkpoint()
         return total
 
-    def run(self, stopping: Callable[[], bool]) -> None:
+    def run(self, stopping: Callable[[], bool], drain_for: float = 0.0) -> None:
         """Move until ``stopping()``: batches while there is work, a short wait when
         the intake is empty or while :attr:`hold` holds it (instances arriving),
         growing waits while the store fails (ingest goes on into the intake
-        meanwhile, up to ``PACS_INTAKE_MAX_BYTES``)."""
+        meanwhile, up to ``PACS_INTAKE_MAX_BYTES``).  Once stopped, move on for up
+        to ``drain_for`` seconds, without holding back, while the intake holds
+        objects and the store takes them (:meth:`drain_until`)."""
         try:
             self._run(stopping)
+            self.drain_until(time.monotonic() + drain_for)
         finally:
             self.close()
+
+    def drain_until(self, deadline: float) -> int:
+        """Move batches until the intake is empty, the store fails or ``deadline``
+        (``time.monotonic()``) has passed; the number of objects moved.  What is left
+        stays in the intake, durable, for the next mover."""
+        total = 0
+        while time.monotonic() < deadline:
+            try:
+                moved = self.move_batch()
+            except PacsError as exc:
+                log.warning("intake mover: the object store failed (%s); the rest stays "
+                            "in the intake", exc)
+                break
+            if not moved:
+                break
+            total += moved
+        if total:
+            self.checkpoint()
+        left = reads.intake_state(self.index.connection()).objects
+        if left:
+            log.warning("intake mover: stopped with %d object(s) in the intake; they are "
+                        "moved after the next start", left)
+        return total
 
     def _arriving(self) -> bool:
         """True when an instance was stored since the last call (through the intake or

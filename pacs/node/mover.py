@@ -37,6 +37,12 @@ LOCK_RETRY = 1.0
 #: core busy for long fills the intake up to PACS_INTAKE_MAX_BYTES; from there stores
 #: are refused until the mover has made room (the intake's back-pressure).
 NICENESS = 10
+#: Seconds the mover goes on moving once stopped, within the companions' stop timeout
+#: (:data:`pacs.node.companions.STOP_TIMEOUT`).  ``pacs serve`` stops it after its
+#: workers, so nothing arrives meanwhile: a clean stop after a burst leaves the store
+#: complete, where the mover held back while the burst arrived; what a longer backlog
+#: leaves stays in the intake, durable, and is moved after the next start.
+STOP_DRAIN = 10.0
 
 
 def move(settings: Settings, services: Services, stopping: threading.Event) -> None:
@@ -53,7 +59,7 @@ def move(settings: Settings, services: Services, stopping: threading.Event) -> N
     while not stopping.is_set():
         with mover_lock(settings.data_dir, wait=False) as held:
             if held:
-                mover(services).run(stopping.is_set)
+                mover(services).run(stopping.is_set, drain_for=STOP_DRAIN)
                 return
         stopping.wait(LOCK_RETRY)  # another mover serves this customer
 

@@ -27,7 +27,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from pacs.core import health
+from pacs.core import health, intake
 from pacs.core.errors import IntakeFull
 from pacs.core.index import reads, writer
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
@@ -355,6 +355,36 @@ def test_the_mover_waits_while_instances_arrive_and_moves_once_they_pause(
         thread.join(10)
     assert len(held) == (1 if direct else 13) and moving.state.holds >= 3
     assert len(store.objects) == 13
+
+
+@pytest.mark.parametrize("drain_for", [0.0, 10.0], ids=["no-drain", "drain"])
+def test_a_mover_stopped_while_it_holds_moves_the_intake_within_its_drain_time(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch,
+        drain_for: float) -> None:
+    """Stopped while it holds back (instances just arrived), the mover moves what the
+    intake holds before it returns, for up to ``drain_for`` seconds; without, the
+    objects stay in the intake."""
+    monkeypatch.setattr(intake, "LINGER", 30.0)  # no second look before the stop
+    store = MemoryStore()
+    services = make_services(store=store)
+    for number in range(5):
+        services.ingest.store_bytes(instance(f"1.2.826.0.1.3680043.8.498.{number + 1}"))
+    moving = Mover(services.index, services.store, services.ingest.uid_locks,
+                   Hold(seconds=30, bytes=1 << 30))
+    stop = threading.Event()
+    thread = threading.Thread(target=moving.run, args=(stop.is_set, drain_for))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not moving.state.holds:  # its first look: instances arrived
+            assert time.monotonic() < deadline, "the mover did not look"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    left = reads.intake_state(services.index.connection()).objects
+    assert (len(store.objects), left) == ((5, 0) if drain_for else (0, 5))
 
 
 def test_fsck_counts_an_intake_object_as_stored(node: Services) -> None:
