@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import io
 import logging
+import math
 import os
 import threading
 import time
@@ -537,10 +538,8 @@ class Mover:
         PacsError
             The store failed (what was moved before stays moved).
         """
-        total = 0
         try:
-            while moved := self.move_batch():
-                total += moved
+            total = self._move_until(math.inf)
         finally:
             self.close()
         self.checkpoint()
@@ -559,28 +558,29 @@ class Mover:
         finally:
             self.close()
 
-    def drain_until(self, deadline: float) -> int:
+    def drain_until(self, deadline: float) -> None:
         """Move batches until the intake is empty, the store fails or ``deadline``
-        (``time.monotonic()``) has passed; the number of objects moved.  What is left
-        stays in the intake, durable, for the next mover."""
-        total = 0
-        while time.monotonic() < deadline:
-            try:
-                moved = self.move_batch()
-            except PacsError as exc:
-                log.warning("intake mover: the object store failed (%s); the rest stays "
-                            "in the intake", exc)
-                break
-            if not moved:
-                break
-            total += moved
-        if total:
-            self.checkpoint()
+        (``time.monotonic()``) has passed.  What is left stays in the intake, durable,
+        for the next mover."""
+        try:
+            self._move_until(deadline)
+        except PacsError as exc:
+            log.warning("intake mover: the object store failed (%s); the rest stays "
+                        "in the intake", exc)
+        self.checkpoint()
         with contextlib.suppress(PacsError):  # a count for the log, not worth failing
             left = reads.intake_state(self.index.connection()).objects
             if left:
                 log.warning("intake mover: stopped with %d object(s) in the intake; "
                             "they are moved after the next start", left)
+
+    def _move_until(self, deadline: float) -> int:
+        """Batches until the intake is empty or ``deadline`` (``time.monotonic()``) has
+        passed; the number of objects moved.  A store failure raises
+        (:class:`PacsError`)."""
+        total = 0
+        while time.monotonic() < deadline and (moved := self.move_batch()):
+            total += moved
         return total
 
     def _arriving(self) -> bool:
