@@ -40,7 +40,12 @@ class Level(enum.Enum):
     @property
     def depth(self) -> int:
         """0 for PATIENT down to 3 for IMAGE."""
-        return list(Level).index(self)
+        return _DEPTH[self]
+
+
+#: Each level's depth, in the order of the enumeration (read for every key of every
+#: query: a table, not a search of the members).
+_DEPTH = {level: depth for depth, level in enumerate(Level)}
 
 
 @dataclass(frozen=True)

@@ -86,38 +86,46 @@ def decode_identifier(request: Request) -> Dataset:
 
 
 def find_responses(request: Request, services: Services, cancelled: Callable[[], bool],
-                   audit: AssociationAudit | None = None) -> Generator[Response, None, None]:
+                   audit: AssociationAudit | None = None,
+                   page_end: Callable[[], None] | None = None
+                   ) -> Generator[Response, None, None]:
     """The responses to one C-FIND request, the final one last; the request and its
     final status (``None``: the consumer stopped first) go to the association's
-    ``audit`` (:mod:`pacs.dimse.audit`) once it ends.
+    ``audit`` (:mod:`pacs.dimse.audit`) once it ends.  ``page_end`` is called after the
+    last match of each page, before the next page is read: a consumer that gathers
+    responses into larger writes sends them then, rather than when the next page is
+    ready (the requestor sees them, and may cancel, meanwhile).
     """
-    responses = _responses(request, services, cancelled)
+    identifier = _decoded(request)
+    responses = _responses(request, identifier, services, cancelled, page_end)
     if audit is None:
         yield from responses
         return
     final: Status | None = None
     try:
-        for status, identifier in responses:
+        for status, answer in responses:
             if not status.is_pending:
                 final = status
-            yield status, identifier
+            yield status, answer
     finally:
         responses.close()
-        audit.queried(request, _keys(request), final)
+        audit.queried(request, keys_of(identifier) if identifier is not None else [], final)
 
 
-def _keys(request: Request) -> list[str]:
-    """The tags of the request's keys, for the audit trail (none when it does not
-    decode)."""
+def _decoded(request: Request) -> Dataset | None:
+    """The request's identifier, decoded once for the query and its audit record;
+    ``None`` when it does not decode."""
     try:
-        return keys_of(decode_identifier(request))
+        return decode_identifier(request)
     except InvalidQuery:
-        return []
+        return None
 
 
-def _responses(request: Request, services: Services,
-               cancelled: Callable[[], bool]) -> Generator[Response, None, None]:
-    """The responses of :func:`find_responses`.
+def _responses(request: Request, identifier: Dataset | None, services: Services,
+               cancelled: Callable[[], bool], page_end: Callable[[], None] | None
+               ) -> Generator[Response, None, None]:
+    """The responses of :func:`find_responses` to ``request``, whose identifier is
+    ``identifier`` (``None``: it does not decode).
 
     The query's time limit (PACS_QUERY_TIME_LIMIT) counts the reading and encoding of
     each page, not the time the consumer takes between two responses: the responses of
@@ -131,7 +139,8 @@ def _responses(request: Request, services: Services,
         return
     deadline = services.engine.deadline()
     try:
-        identifier = decode_identifier(request)
+        if identifier is None:
+            raise InvalidQuery("the identifier does not decode")
         model = contexts.FIND_MODELS[request.sop_class_uid]
         negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)
@@ -149,6 +158,8 @@ def _responses(request: Request, services: Services,
                         yield CANCEL, None
                         return
                     yield pending, answer
+                if page_end is not None:
+                    page_end()
     except Cancelled:
         yield CANCEL, None
         return
@@ -164,9 +175,11 @@ def _responses(request: Request, services: Services,
 
 
 def serve_find(responder: Responder, request: Request, services: Services,
-               audit: AssociationAudit | None = None) -> None:
-    """Answer one C-FIND request through ``responder``; stop when it is gone."""
-    responses = find_responses(request, services, responder.cancelled, audit)
+               audit: AssociationAudit | None = None,
+               page_end: Callable[[], None] | None = None) -> None:
+    """Answer one C-FIND request through ``responder``; stop when it is gone.
+    ``page_end``: as for :func:`find_responses`."""
+    responses = find_responses(request, services, responder.cancelled, audit, page_end)
     try:
         for status, identifier in responses:
             if not responder.alive:  # the requestor went away (the association aborted)

@@ -127,7 +127,7 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
                 filled = 0
             if deadline is not None:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (wait and not _readable(sock, remaining)):
+                if remaining <= 0 or (wait and not readable(sock, remaining)):
                     raise TimeoutError("no data within the time allowed")
             read = sock.recv_into(view[filled:])
             if not read:  # closed by the peer: what arrived
@@ -144,7 +144,7 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
     return b"".join(chunks)
 
 
-def _readable(sock: Any, seconds: float) -> bool:
+def readable(sock: Any, seconds: float) -> bool:
     """True when a read of ``sock`` returns something before ``seconds`` pass.  A TLS
     socket may hold decrypted bytes already (``pending``) that ``select`` cannot see."""
     pending = getattr(sock, "pending", None)

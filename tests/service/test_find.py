@@ -14,6 +14,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as StudyFind,
 )
 
+import pacs.core.query.engine as engine_module
 from tests.factory import make_instance
 from tests.service.conftest import RunningNode
 
@@ -167,6 +168,43 @@ def test_cancel_gives_fe00(loaded: RunningNode, associate) -> None:
     statuses = [s.Status for s, _ in responses]
     assert statuses[-1] in (0xFE00, 0x0000)  # the last match may already be on its way
     assert len(statuses) <= 4
+
+
+@pytest.fixture
+def pages_wait_for_cancel(node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 2 rows; after the first page the query waits (10 s at most) until the
+    request is cancelled, so that the cancel is seen before the rest is read."""
+    monkeypatch.setattr(engine_module, "PAGE_ROWS", 2)
+    original = node.services.engine.find_pages
+
+    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
+                   deadline: object = None) -> Iterator[object]:
+        pages = original(query, cancelled=cancelled, deadline=deadline)
+        yield next(pages)
+        until = time.monotonic() + 10
+        while not cancelled() and time.monotonic() < until:
+            time.sleep(0.01)
+        yield from pages
+
+    monkeypatch.setattr(node.services.engine, "find_pages", find_pages)
+
+
+@pytest.mark.usefixtures("pages_wait_for_cancel")
+def test_cancel_after_the_first_page_ends_the_answer(loaded: RunningNode, associate) -> None:
+    """A C-CANCEL-RQ (PS3.7 9.3.2.3) sent after the first response stops the answer
+    with FE00, on the first request of an association and on a later one (read from
+    the socket by the association's own thread on a seam node)."""
+    assoc = associate()
+    for message_id in (7, 8):
+        responses = assoc.send_c_find(_identifier("IMAGE", StudyInstanceUID="", SOPInstanceUID=""),
+                                      StudyFind, msg_id=message_id)
+        first, _ = next(responses)
+        assert first.Status == 0xFF00
+        assoc.send_c_cancel(message_id, query_model=StudyFind)
+        assert [s.Status for s, _ in responses] == [0xFF00, 0xFE00]
+    # the association goes on: a query after the cancels is answered whole
+    assert [s for s, _ in _find(assoc, _identifier("STUDY", StudyInstanceUID="1.2.3.1"))
+            ] == [0xFF00, 0x0000]
 
 
 def _with_requests(node: RunningNode) -> None:

@@ -1,6 +1,6 @@
-"""C-STORE requests after the first of an association, read from the socket by the
-association's own thread (pacs.dimse.seam.inbound), and everything else that arrives
-among them left to pynetdicom.
+"""C-STORE and C-FIND requests after the first of an association, read from the socket
+by the association's own thread (pacs.dimse.seam.inbound), and everything else that
+arrives among them left to pynetdicom.
 
 The peer is pynetdicom over loopback; for the shapes it never sends (a command and a data
 set in one PDU, a command split over PDUs, a PDU that goes on with the next message, a
@@ -20,11 +20,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
+import pacs.core.query.engine as engine_module
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import limits, server
@@ -35,9 +37,10 @@ from tests.factory import dataset_bytes, make_instance
 pytestmark = pytest.mark.dimse
 
 #: Presentation context IDs as pynetdicom proposes them: odd, in the order added.
-CT_CONTEXT, ECHO_CONTEXT = 1, 3
+CT_CONTEXT, ECHO_CONTEXT, FIND_CONTEXT = 1, 3, 5
 #: Command Field values (PS3.7 E.1-1).
 C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 #: The study of every instance sent.
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 #: PDU types (PS3.8 9.3.1).
@@ -111,8 +114,8 @@ def command(field: int, sop_class: str, message_id: int, *, sop_instance: str = 
     """A request command set (Implicit VR Little Endian, PS3.7 E.1-1)."""
     body = element(0x00000002, sop_class.encode()) + element(0x00000100, struct.pack("<H", field))
     body += element(0x00000110, struct.pack("<H", message_id))
-    if field == C_STORE_RQ:
-        body += element(0x00000700, struct.pack("<H", 0))
+    if field in (C_STORE_RQ, C_FIND_RQ):
+        body += element(0x00000700, struct.pack("<H", 0))  # Priority
     body += element(0x00000800, struct.pack("<H", 0x0000 if data_set else 0x0101))
     if sop_instance:
         body += element(0x00001000, sop_instance.encode())
@@ -170,6 +173,56 @@ def read_response(sock: socket.socket) -> dict[int, int]:
     return fields
 
 
+def read_find_answer(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """The responses to a C-FIND request, to the final one: each one's Status and
+    identifier (empty when none)."""
+    answers = []
+    fragments: dict[bool, bytes] = {True: b"", False: b""}
+    while True:
+        kind, body = read_pdu(sock)
+        assert kind == P_DATA_TF, f"PDU type {kind:#x} instead of a response"
+        position = 0
+        while position < len(body):
+            (length,) = struct.unpack_from(">I", body, position)
+            header = body[position + 5]
+            fragments[bool(header & 0x01)] += body[position + 6:position + 4 + length]
+            position += 4 + length
+            if not header & 0x02:
+                continue
+            fields = fields_of(fragments[True])
+            if header & 0x01 and fields[0x00000800] != 0x0101:
+                continue  # the identifier follows
+            answers.append((fields[0x00000900], fragments[False]))
+            fragments = {True: b"", False: b""}
+            if answers[-1][0] not in (0xFF00, 0xFF01):
+                return answers
+
+
+def fields_of(command_set: bytes) -> dict[int, int]:
+    """The US elements of a command set."""
+    fields, position = {}, 0
+    while position < len(command_set):
+        group, number, length = struct.unpack_from("<HHI", command_set, position)
+        if length == 2:
+            fields[(group << 16) | number] = struct.unpack_from("<H", command_set, position + 8)[0]
+        position += 8 + length
+    return fields
+
+
+def find_identifier(assoc: Association, **keys: str) -> bytes:
+    """A Study Root query at STUDY level, encoded in the find context's transfer syntax."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    [context] = [cx for cx in assoc.accepted_contexts if cx.context_id == FIND_CONTEXT]
+    syntax = context.transfer_syntax[0]
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, syntax.is_implicit_VR
+    write_dataset(buffer, query)
+    return buffer.getvalue()
+
+
 @contextmanager
 def raw(assoc: Association) -> Iterator[socket.socket]:
     """The peer's socket, its own reader kept off it for the block."""
@@ -184,14 +237,15 @@ def raw(assoc: Association) -> Iterator[socket.socket]:
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The SOP Instance UIDs of the requests the node read itself."""
     read: list[str] = []
-    original = inbound._Reader.store_request
+    original = inbound._Reader.request
 
-    def counting(self: inbound._Reader) -> tuple[object, int, object]:
+    def counting(self: inbound._Reader) -> object:
         answer = original(self)
-        read.append(answer[2].sop_instance_uid)
+        if isinstance(answer, inbound._Store):
+            read.append(answer.request.sop_instance_uid)
         return answer
 
-    monkeypatch.setattr(inbound._Reader, "store_request", counting)
+    monkeypatch.setattr(inbound._Reader, "request", counting)
     return read
 
 
@@ -405,3 +459,76 @@ def test_empty_fragments_keep_what_is_held_bounded(services: Services,
         found = stored(services, store)
         assert {key: found.get(key) for key in sent} == sent
     assert max(held) <= limits.COMMAND_CEILING + len(empty_command)
+
+
+@seam_only("the node's own reading of C-FIND requests")
+def test_find_requests_read_from_the_socket(services: Services, counted: list[str]) -> None:
+    """C-FIND requests after a store, one with its identifier in the command's PDU, one
+    with it over two PDUs: each answered with its match and success (PS3.4 C.4.1.2.2),
+    and the store after them read by the node too."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        identifier = find_identifier(assoc, StudyInstanceUID=STUDY, PatientID="")
+        with raw(assoc) as sock:
+            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 71)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
+            first = read_find_answer(sock)
+            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 72)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find))
+                         + pdu(pdv(FIND_CONTEXT, 0x00, identifier[:10]))
+                         + pdu(pdv(FIND_CONTEXT, 0x02, identifier[10:])))
+            second = read_find_answer(sock)
+            uid, data = instance(1)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 73)),
+                             pdv(CT_CONTEXT, 0x02, data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+        for answer in (first, second):
+            assert [status for status, _ in answer] == [0xFF00, 0x0000]
+            assert STUDY.encode() in answer[0][1]
+        assert counted == [uid]
+        assert assoc.send_c_echo().Status == 0x0000
+        assert uid in stored(services, store)
+
+
+@seam_only("the node's own reading of C-FIND requests")
+def test_an_abort_during_a_find_ends_it(services: Services,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An A-ABORT that arrives while a C-FIND is answered (read with the socket's
+    C-CANCEL watch) stops the answer: no page is read after it, and the node serves the
+    next association."""
+    monkeypatch.setattr(engine_module, "PAGE_ROWS", 1)
+    for number in range(1, 4):  # three studies: three pages of one
+        services.ingest.store_bytes(make_instance(
+            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}",
+            StudyInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}.0"))
+    pages: list[int] = []
+    original = services.engine.find_pages
+
+    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
+                   deadline: object = None) -> Iterator[object]:
+        for page in original(query, cancelled=cancelled, deadline=deadline):
+            pages.append(len(page))
+            yield page
+            until = time.monotonic() + 2  # the watch reads what arrives meanwhile
+            while not cancelled() and time.monotonic() < until:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(services.engine, "find_pages", find_pages)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        identifier = find_identifier(assoc, StudyInstanceUID="")
+        with raw(assoc) as sock:
+            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 81)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
+            kind, _ = read_pdu(sock)  # the first match, sent at the end of its page
+            assert kind == P_DATA_TF
+            sock.sendall(struct.pack(">BBIBBBB", A_ABORT, 0, 4, 0, 0, 0, 0))
+            sock.settimeout(10)
+            try:
+                while sock.recv(1 << 16):  # until the node closes the connection
+                    pass
+            except OSError:
+                pass
+        assert len(pages) == 2, pages  # the page read while the abort arrived, no more
+    with association(services) as (assoc, _):
+        assert assoc.send_c_echo().Status == 0x0000

@@ -167,25 +167,31 @@ class QueryEngine:
         deadline = deadline or self.deadline()
         conn = self.index.connection()
         try:
-            with conn:
-                self._refuse_over_cap(query, cancelled, deadline)
+            with conn:  # one read transaction: the cap and the first page agree
                 upto = int(self._fetch(compile_last_key(query.level), cancelled,
                                        deadline)[0][0])
+                compiled = self._page(query, 0, upto)
+                rows = self._fetch(compiled, cancelled, deadline)
+                # A page that is not full holds every match: counting them is only
+                # needed when it is full (most answers fit one page; a count is a
+                # statement of its own).
+                if len(rows) > self.max_rows or len(rows) == PAGE_ROWS:
+                    self._refuse_over_cap(query, cancelled, deadline)
         except apsw.Error as exc:
             raise IndexFailure(f"query failed: {exc}") from exc
-        after = 0
-        while True:
-            compiled = compile_find(query, self.pn_case_sensitive,
-                                    Page(after, upto, PAGE_ROWS))
-            rows = self._fetch(compiled, cancelled, deadline)
-            if not rows:
-                return
+        while rows:
             page = _results(query, compiled.keywords, rows)
             deadline.check()
             yield page
             if len(rows) < PAGE_ROWS:
                 return
             after = int(rows[-1][0])  # the level's key is selected first
+            compiled = self._page(query, after, upto)
+            rows = self._fetch(compiled, cancelled, deadline)
+
+    def _page(self, query: Query, after: int, upto: int) -> Compiled:
+        """The statement of one page of :meth:`find_pages`: keys in (after, upto]."""
+        return compile_find(query, self.pn_case_sensitive, Page(after, upto, PAGE_ROWS))
 
     def instances(self, query: Query, cancelled: Callable[[], bool] = _never,
                   deadline: Deadline | None = None) -> Iterator[InstanceRef]:

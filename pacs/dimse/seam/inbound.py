@@ -1,4 +1,4 @@
-"""C-STORE requests read straight from the association's socket.
+"""C-STORE and C-FIND requests read straight from the association's socket.
 
 Why
 ---
@@ -7,27 +7,37 @@ objects, a state machine event, a P-DATA primitive per fragment, the DIMSE provi
 assembly of the fragments, the command set decoded by pydicom into a primitive, a queue,
 and a switch to the association thread that serves it.  For a modality sending
 thousands of small images, that was a large part of the node's CPU per instance next to
-the analysis and the durable write, and two thread switches per message.
+the analysis and the durable write, and two thread switches per message; for a
+workstation's C-FIND of a few matches, half the node's CPU per query.
 
 What this module does
 ---------------------
 Once the association thread has served a C-STORE request the usual way
-(:class:`pacs.dimse.seam.services.StoreServiceClass`), it keeps the socket
+(:class:`pacs.dimse.seam.services.StoreServiceClass`), or while it serves a C-FIND
+request (:class:`pacs.dimse.seam.services.RetrieveServiceClass`), it keeps the socket
 (:func:`pacs.dimse.seam.reactor.socket_lent`) and reads the next messages itself
-(:func:`serve_stores`).  While each is an ordinary C-STORE-RQ - a command set whose
-Command Field, Message ID, Affected SOP Class and Instance UIDs are there (PS3.7
-9.3.1.1), on an accepted presentation context of that SOP Class, with a data set - it is
-stored (:func:`pacs.dimse.storage.store`) and answered (:mod:`pacs.dimse.seam.wire`) in
-this thread, without any primitive.
+(:func:`serve_stores`, :func:`serve_finds`).  While each is an ordinary C-STORE-RQ or
+C-FIND-RQ - a command set whose Command Field, Message ID, Priority and Affected SOP
+Class UID (and, for a store, Affected SOP Instance UID) are there (PS3.7 9.3.1.1,
+9.3.2.1), on an accepted presentation context of that SOP Class, with a data set - it
+is stored (:func:`pacs.dimse.storage.store`) or answered
+(:func:`pacs.dimse.find.serve_find`) in this thread, without any primitive, and the
+responses written by :mod:`pacs.dimse.seam.wire`.
 
 Anything else goes to pynetdicom as it arrived: another DIMSE message, a command this
-path does not take as an ordinary store request, an A-RELEASE-RQ or A-ABORT, a PDU over
-its ceiling, the connection closing.  The bytes read since that message began are handed
-back (:func:`pacs.dimse.seam.reactor.hand_back`); the DUL reads them before the socket,
-and the reactors go on as if this path had never read them.  Once a store request is
+path does not take, an A-RELEASE-RQ or A-ABORT, a PDU over its ceiling, the connection
+closing.  The bytes read since that message began are handed back
+(:func:`pacs.dimse.seam.reactor.hand_back`); the DUL reads them before the socket, and
+the reactors go on as if this path had never read them.  Once a store request is
 taken, its data set is read here to its last fragment: a data set that breaks the
 protocol (a command fragment inside it, another context, a malformed fragment) aborts
-the association (A-ABORT, PS3.8 9.3.8), as pynetdicom's decoding does.
+the association (A-ABORT, PS3.8 9.3.8), as pynetdicom's decoding does.  A C-FIND
+request's identifier is kept whole until it is taken (at most
+:data:`pacs.dimse.limits.COMMAND_CEILING`), so that anything odd in it goes back too.
+
+While a C-FIND is answered, the socket is watched for its C-CANCEL-RQ (PS3.7 9.3.2.3,
+:class:`_CancelWatch`); anything else that arrives meanwhile is handed back once the
+answer ends (an A-ABORT or A-RELEASE-RQ ends the answer first).
 
 The wait between two messages keeps pynetdicom's rules: the network idle timer
 (PACS_NETWORK_TIMEOUT) is restarted by each PDU and, when it runs out, the socket goes
@@ -41,13 +51,18 @@ from __future__ import annotations
 import logging
 import select
 import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from pydicom.uid import UID
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
 from pacs.core.dataset import valid_uid
-from pacs.dimse import limits, storage
+from pacs.dimse import find, limits, storage
+from pacs.dimse.connection import Request
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -59,11 +74,14 @@ log = logging.getLogger(__name__)
 
 #: Message control header bits (PS3.8 E.2): command fragment, last fragment.
 _COMMAND_BIT, _LAST_BIT = 0x01, 0x02
-#: Command Field of a C-STORE-RQ and response (PS3.7 E.1-1).
-_C_STORE_RQ, _C_STORE_RSP = 0x0001, 0x8001
+#: Command Fields (PS3.7 E.1-1).
+_C_STORE_RQ, _C_STORE_RSP, _C_FIND_RQ, _C_CANCEL_RQ = 0x0001, 0x8001, 0x0020, 0x0FFF
 #: Command elements read here (PS3.7 E.1-1).
-_SOP_CLASS, _FIELD, _MESSAGE_ID, _DATASET_TYPE, _SOP_INSTANCE = (
-    0x00000002, 0x00000100, 0x00000110, 0x00000800, 0x00001000)
+_SOP_CLASS, _FIELD, _MESSAGE_ID, _RESPONDED_TO, _DATASET_TYPE, _SOP_INSTANCE = (
+    0x00000002, 0x00000100, 0x00000110, 0x00000120, 0x00000800, 0x00001000)
+#: Seconds between two looks at the socket for a C-CANCEL while a C-FIND is answered
+#: (most answers take less: they are written before the first look is due again).
+CANCEL_POLL = 0.005
 
 
 class _StoreCommand(NamedTuple):
@@ -74,64 +92,117 @@ class _StoreCommand(NamedTuple):
     sop_instance_uid: str
 
 
+class _Store(NamedTuple):
+    """A C-STORE request read here: its command's fields, its context, the request."""
+
+    command: _StoreCommand
+    context_id: int
+    request: storage.StoreRequest
+
+
+class _Find(NamedTuple):
+    """A C-FIND request read here, and its context."""
+
+    context_id: int
+    request: Request
+
+
+@dataclass(frozen=True)
+class Served:
+    """What this path answers on one association: the node's services, the audits of
+    its C-STORE and C-FIND requests, and whether a SOP Class's C-STORE requests
+    (``storage_class``) or C-FIND requests (``find_class``) are the node's to serve."""
+
+    services: Services
+    store_audit: AssociationAudit | None
+    find_audit: AssociationAudit | None
+    storage_class: Callable[[str], bool]
+    find_class: Callable[[str], bool]
+
+
 class _HandBack(Exception):
     """Not something this path serves: the bytes read of it go back to pynetdicom."""
 
 
 class _Broken(Exception):
-    """A message broke the protocol (``invalid``), or its peer stalled inside a PDU: the
-    association is aborted."""
+    """The peer broke the protocol inside a message this path took: abort."""
 
     def __init__(self, reason: str, invalid: bool = True) -> None:
         super().__init__(reason)
         self.invalid = invalid
 
 
-def serve_stores(assoc: Association, context_id: int, response: bytes, services: Services,
-                 audit: AssociationAudit | None, storage_class: Callable[[str], bool]) -> None:
+def serve_stores(assoc: Association, context_id: int, response: bytes,
+                 served: Served) -> None:
     """Send ``response``, the C-STORE-RSP of a request pynetdicom delivered, then serve
-    the C-STORE requests that follow on ``assoc`` from its socket until something else
-    arrives (see the module docstring); then return, the socket and any bytes read of
-    that message given back to pynetdicom.
+    the requests that follow on ``assoc`` from its socket (:func:`_serve_following`).
 
     The socket is taken before the response is sent: a peer sends its next request
     only once it has the response (no asynchronous operations are negotiated, PS3.7
     D.3.3.3), so that request cannot reach pynetdicom first.
-
-    ``storage_class`` tells the SOP Classes whose requests the node's Storage service
-    class serves; a request of any other goes to pynetdicom.
     """
     with reactor.socket_lent(assoc, traffic=False) as lent:
         writer = wire.ResponseWriter(assoc, context_id)
         writer.message(response, last=True)
-        if not lent or writer.broken:
+        if lent and not writer.broken:
+            _serve_following(assoc, served, _Reader(assoc, served))
+
+
+def serve_finds(assoc: Association, request: Request, context_id: int,
+                cancelled: Callable[[], bool], served: Served) -> None:
+    """Answer ``request``, a C-FIND request pynetdicom delivered (``cancelled``: its
+    C-CANCEL as pynetdicom saw it), then serve the requests that follow on ``assoc``
+    from its socket (:func:`_serve_following`).  The socket is taken first, as for
+    :func:`serve_stores`; a C-CANCEL then arrives on it (:class:`_CancelWatch`)."""
+    with reactor.socket_lent(assoc, traffic=False) as lent:
+        if not lent:  # the patched reactor is not installed: pynetdicom reads on
+            responder = wire.FindResponder(assoc, request, context_id, cancelled)
+            find.serve_find(responder, request, served.services, served.find_audit,
+                            responder.writer.flush)
             return
-        reader = _Reader(assoc, storage_class, services.settings.max_object_bytes)
-        while reader.wait_for_message():
-            try:
-                command, context_id, request = reader.store_request()
-            except _HandBack:
-                reactor.hand_back(assoc, reader.taken)
+        reader = _Reader(assoc, served)
+        if reader.answer_find(request, context_id, cancelled):
+            _serve_following(assoc, served, reader)
+
+
+def _serve_following(assoc: Association, served: Served, reader: _Reader) -> None:
+    """Serve the C-STORE and C-FIND requests that arrive on ``assoc``, whose socket
+    this thread holds, until something else arrives (see the module docstring); then
+    return, any bytes read of that message given back to pynetdicom."""
+    while reader.wait_for_message():
+        try:
+            message = reader.request()
+        except _HandBack:
+            reactor.hand_back(assoc, reader.taken)
+            return
+        except _Broken as exc:
+            log.warning("Aborting the association with %s: %s", assoc.requestor.address, exc)
+            reactor.abort_lent(assoc, exc.invalid)
+            return
+        if isinstance(message, _Find):
+            if not reader.answer_find(message.request, message.context_id):
                 return
-            except _Broken as exc:
-                log.warning("Aborting the association with %s: %s",
-                            assoc.requestor.address, exc)
-                reactor.abort_lent(assoc, exc.invalid)
-                return
-            status = storage.store(services, request, audit)
-            if not assoc.is_established:
-                return  # aborted meanwhile: nobody to answer
-            response = wire.response_command(
-                _C_STORE_RSP, command.sop_class_uid, command.message_id, status.code, False,
-                status.comment, sop_instance_uid=command.sop_instance_uid)
-            writer = wire.ResponseWriter(assoc, context_id)
-            writer.message(response, last=True)
-            if writer.broken:
-                return
-            if reader.leftover:
-                # The PDU went on with the next message: pynetdicom takes it from there.
-                reactor.hand_back(assoc, reader.leftover)
-                return
+        elif not _answer_store(assoc, served, message):
+            return
+        if reader.leftover:
+            # The PDU went on with the next message: pynetdicom takes it from there.
+            reactor.hand_back(assoc, reader.leftover)
+            return
+
+
+def _answer_store(assoc: Association, served: Served, message: _Store) -> bool:
+    """Store a request read here and send its response; False when the association
+    ended meanwhile or the response could not be sent."""
+    status = storage.store(served.services, message.request, served.store_audit)
+    if not assoc.is_established:
+        return False  # aborted meanwhile: nobody to answer
+    command = message.command
+    response = wire.response_command(
+        _C_STORE_RSP, command.sop_class_uid, command.message_id, status.code, False,
+        status.comment, sop_instance_uid=command.sop_instance_uid)
+    writer = wire.ResponseWriter(assoc, message.context_id)
+    writer.message(response, last=True)
+    return not writer.broken
 
 
 #: A presentation data value item (PS3.8 9.3.5.1): message control header, presentation
@@ -142,14 +213,13 @@ _Pdv = tuple[int, int, memoryview, int]
 class _Reader:
     """Reads one association's messages from its socket while it is lent."""
 
-    def __init__(self, assoc: Association, storage_class: Callable[[str], bool],
-                 limit: int) -> None:
+    def __init__(self, assoc: Association, served: Served) -> None:
         self.assoc = assoc
+        self.served = served
         self.dul: Any = assoc.dul
         self.raw: Any = assoc.dul.socket.socket  # type: ignore[union-attr]
         self.ceiling = reactor.pdata_ceiling(assoc)
-        self.storage_class = storage_class
-        self.limit = limit
+        self.limit = served.services.settings.max_object_bytes
         #: Bytes read that go back to pynetdicom on :class:`_HandBack`: the message's,
         #: until it is taken as a store request, then the current PDU's header.
         self.taken = bytearray()
@@ -158,7 +228,7 @@ class _Reader:
         self.leftover = b""
         #: What :meth:`_context` found, by context ID and SOP Class UID as received
         #: (the negotiated contexts do not change during the association).
-        self.contexts: dict[tuple[int, bytes], tuple[str, str] | tuple[()]] = {}
+        self.contexts: dict[tuple[int, bytes, int], tuple[str, str] | tuple[()]] = {}
 
     # -- between messages --
 
@@ -192,25 +262,43 @@ class _Reader:
 
     # -- one message --
 
-    def store_request(self) -> tuple[_StoreCommand, int, storage.StoreRequest]:
-        """Read a whole C-STORE request: its command fields, its presentation context
-        ID and the request as :func:`pacs.dimse.storage.store` takes it.
+    def request(self) -> _Store | _Find:
+        """Read a whole C-STORE or C-FIND request.
 
         Raises
         ------
         _HandBack
-            Not an ordinary C-STORE request, or not a P-DATA-TF PDU, or the connection
-            failed: :attr:`taken` goes back to pynetdicom.
+            Not an ordinary C-STORE or C-FIND request of a context this path serves,
+            or not a P-DATA-TF PDU, or the connection failed: :attr:`taken` goes back
+            to pynetdicom.
         _Broken
             The data set of a store request broke the protocol.
         """
         self.taken.clear()
         self.leftover = b""
+        command, context_id, rest, body = self._command()
+        fields = _command_elements(command)
+        if fields is None:
+            raise _HandBack
+        field, message_id = _us(fields, _FIELD), _us(fields, _MESSAGE_ID)
+        kind = _us(fields, _DATASET_TYPE)
+        # Fields every request this path takes has (PS3.7 9.3.1.1, 9.3.2.1), a data
+        # set, and no release under way.
+        if (message_id is None or kind is None or kind == wire.NO_DATASET
+                or _us(fields, _PRIORITY) is None or self.assoc._sent_release):
+            raise _HandBack
+        if field == _C_STORE_RQ:
+            return self._store(fields, message_id, context_id, rest, body)
+        if field == _C_FIND_RQ:
+            return self._find(fields, message_id, context_id, rest, body)
+        raise _HandBack
+
+    def _command(self) -> tuple[bytes, int, list[_Pdv], bytes | bytearray]:
+        """A message's command set, its context ID, the PDVs that followed it in its
+        last PDU, and that PDU's body; every byte read kept in :attr:`taken`."""
         command = bytearray()
         context_id = -1
-        rest: list[_Pdv] = []
-        complete = False
-        while not complete:
+        while True:
             if len(self.taken) > limits.COMMAND_CEILING:
                 # Kept for a hand-back, these bytes must stay bounded even when their
                 # fragments are empty: pynetdicom reads on from here, with its own caps.
@@ -225,9 +313,15 @@ class _Reader:
                 if len(command) > limits.COMMAND_CEILING:
                     raise _HandBack  # pynetdicom's reading of it aborts
                 if header & _LAST_BIT:
-                    complete, rest = True, pdvs[position + 1:]
-                    break
-        parsed, transfer_syntax = self._accept(bytes(command), context_id)
+                    return bytes(command), context_id, pdvs[position + 1:], body
+
+    def _store(self, fields: dict[int, bytes], message_id: int, context_id: int,
+               rest: list[_Pdv], body: bytes | bytearray) -> _Store:
+        """The rest of a C-STORE request: its data set, read to its last fragment."""
+        sop_instance = _ui(fields, _SOP_INSTANCE)
+        if not sop_instance:
+            raise _HandBack
+        sop_class, transfer_syntax = self._context(fields, context_id, _C_STORE_RQ)
         data = _DataSet(self.limit)
         # Data set fragments in the command's last PDU: still handed back if malformed.
         self._add(data, rest, context_id, body, _HandBack)
@@ -236,10 +330,51 @@ class _Reader:
             body = self._pdu(keep=False)
             self._add(data, self._pdvs(body, _Broken), context_id, body, _Broken)
         request = storage.StoreRequest(
-            sop_class_uid=parsed.sop_class_uid, sop_instance_uid=parsed.sop_instance_uid,
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance,
             transfer_syntax=transfer_syntax, calling_ae_title=self.assoc.requestor.ae_title,
             data_set=data.value(), received=data.received, limit=self.limit)
-        return parsed, context_id, request
+        return _Store(_StoreCommand(message_id, sop_class, sop_instance), context_id, request)
+
+    def _find(self, fields: dict[int, bytes], message_id: int, context_id: int,
+              rest: list[_Pdv], body: bytes | bytearray) -> _Find:
+        """The rest of a C-FIND request: its identifier.  Every byte stays in
+        :attr:`taken` up to :data:`pacs.dimse.limits.COMMAND_CEILING` (an identifier is
+        a few keys): anything odd, or longer, goes back to pynetdicom whole."""
+        sop_class, transfer_syntax = self._context(fields, context_id, _C_FIND_RQ)
+        identifier = _DataSet(0)
+        self._add(identifier, rest, context_id, body, _HandBack)
+        while not identifier.complete:
+            if len(self.taken) > limits.COMMAND_CEILING:
+                raise _HandBack
+            body = self._pdu(keep=True)
+            self._add(identifier, self._pdvs(body), context_id, body, _HandBack)
+        assoc = self.assoc
+        return _Find(context_id, Request(
+            message_id=message_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
+            identifier=identifier.value(), calling_ae_title=assoc.requestor.ae_title,
+            extended_negotiation=assoc.requestor.sop_class_extended.get(UID(sop_class))))
+
+    def answer_find(self, request: Request, context_id: int,
+                    cancelled: Callable[[], bool] | None = None) -> bool:
+        """Answer a C-FIND request (:func:`pacs.dimse.find.serve_find`), watching the
+        socket for its C-CANCEL (and ``cancelled``, pynetdicom's, when it delivered the
+        request).  False when this path must end: the association ended, a response
+        could not be sent, or something other than a C-CANCEL arrived meanwhile (handed
+        back to pynetdicom, or, when broken, the association aborted)."""
+        watch = _CancelWatch(self, request.message_id, cancelled)
+        responder = wire.FindResponder(self.assoc, request, context_id, watch,
+                                       gone=lambda: watch.gone)
+        find.serve_find(responder, request, self.served.services, self.served.find_audit,
+                        responder.writer.flush)
+        if watch.broken is not None:
+            log.warning("Aborting the association with %s: %s",
+                        self.assoc.requestor.address, watch.broken)
+            reactor.abort_lent(self.assoc, watch.broken.invalid)
+            return False
+        if watch.stash or watch.gone:
+            reactor.hand_back(self.assoc, watch.stash)
+            return False
+        return not responder.writer.broken and self.assoc.is_established
 
     def _add(self, data: _DataSet, pdvs: list[_Pdv], context_id: int, body: bytes | bytearray,
              error: type[Exception]) -> None:
@@ -310,39 +445,109 @@ class _Reader:
             raise error("a P-DATA-TF PDU without presentation data values")
         return items
 
-    def _accept(self, command: bytes, context_id: int) -> tuple[_StoreCommand, str]:
-        """The command's fields and the context's transfer syntax, when this is an
-        ordinary C-STORE request on an accepted context of its SOP Class; else
-        :class:`_HandBack` (pynetdicom answers it, or refuses it, as it always has)."""
-        fields = _command_elements(command)
-        if fields is None or _us(fields, _FIELD) != _C_STORE_RQ:
-            raise _HandBack
-        message_id, kind = _us(fields, _MESSAGE_ID), _us(fields, _DATASET_TYPE)
-        sop_instance = _ui(fields, _SOP_INSTANCE)
-        if (message_id is None or kind is None or kind == wire.NO_DATASET
-                or _us(fields, _PRIORITY) is None or not sop_instance
-                or self.assoc._sent_release):
-            raise _HandBack
-        key = (context_id, fields.get(_SOP_CLASS, b""))
+    def _context(self, fields: dict[int, bytes], context_id: int, field: int) -> tuple[str, str]:
+        """The SOP Class and transfer syntax of a request (``field``: C-STORE-RQ or
+        C-FIND-RQ) on ``context_id``; :class:`_HandBack` unless that is an accepted
+        context of the request's SOP Class, one that this path serves for that request
+        and not one of common extended negotiation."""
+        key = (context_id, fields.get(_SOP_CLASS, b""), field)
         found = self.contexts.get(key)
         if found is None:
-            found = self.contexts[key] = self._context(_ui(fields, _SOP_CLASS), context_id)
+            found = self.contexts[key] = self._look_up(_ui(fields, _SOP_CLASS), context_id,
+                                                       field)
         if not found:
             raise _HandBack
-        sop_class, transfer_syntax = found
-        return _StoreCommand(message_id, sop_class, sop_instance), transfer_syntax
+        return found
 
-    def _context(self, sop_class: str, context_id: int) -> tuple[str, str] | tuple[()]:
-        """The SOP Class and transfer syntax of a store request on ``context_id``, when
-        that is an accepted context of the class, the class is the Storage service
-        class's and not one of common extended negotiation; else ``()``."""
+    def _look_up(self, sop_class: str, context_id: int,
+                 field: int) -> tuple[str, str] | tuple[()]:
+        """:meth:`_context`, uncached; ``()`` for a request this path does not take."""
         assoc = self.assoc
         context = assoc._accepted_cx.get(context_id)
+        served = (self.served.storage_class if field == _C_STORE_RQ
+                  else self.served.find_class)
         if (not sop_class or context is None or context.abstract_syntax != sop_class
-                or not self.storage_class(sop_class)
+                or not served(sop_class)
                 or sop_class in assoc.acceptor.accepted_common_extended):
             return ()
         return sop_class, str(context.transfer_syntax[0])
+
+
+class _CancelWatch:
+    """True once a C-CANCEL-RQ of one C-FIND request has arrived (PS3.7 9.3.2.3), read
+    from the lent socket while the request is answered.
+
+    The socket is looked at every :data:`CANCEL_POLL` seconds at most (the engine asks
+    often, from SQLite's progress handler).  A PDU that arrives is read whole: a
+    C-CANCEL-RQ is taken (that of another request is ignored: it may come late, after
+    the final response).  Anything else ends the watch: a request sent without awaiting
+    this one's responses is kept in :attr:`stash`; a release or abort request, or the
+    connection closing, is kept there too and makes the requestor :attr:`gone` (the
+    answer stops); a PDU broken inside is kept in :attr:`broken`.  The stash goes back
+    to pynetdicom once the request is answered.
+    """
+
+    def __init__(self, reader: _Reader, message_id: int,
+                 also: Callable[[], bool] | None) -> None:
+        self.reader = reader
+        self.message_id = message_id
+        self.also = also
+        self.seen = False
+        self.stash = b""
+        self.gone = False
+        self.broken: _Broken | None = None
+        self._watching = True
+        self._due = 0.0
+
+    def __call__(self) -> bool:
+        if self.seen or not self._watching:
+            return self.seen
+        if self.also is not None and self.also():
+            self.seen = True
+            return True
+        now = time.monotonic()
+        if now < self._due:
+            return False
+        self._due = now + CANCEL_POLL
+        while self._watching and not self.seen and limits.readable(self.reader.raw, 0):
+            self._read_one()
+        return self.seen
+
+    def _read_one(self) -> None:
+        """Read the PDU that has begun to arrive."""
+        reader = self.reader
+        reader.taken.clear()
+        try:
+            body = reader._pdu(keep=True)
+        except _HandBack:  # not P-DATA (a release, an abort) or the connection closed
+            self.stash, self.gone, self._watching = bytes(reader.taken), True, False
+            return
+        except _Broken as exc:
+            self.broken, self.gone, self._watching = exc, True, False
+            return
+        message_id = _cancelled_id(body)
+        if message_id is None:
+            self.stash, self._watching = bytes(reader.taken), False
+        elif message_id == self.message_id:
+            self.seen = True
+
+
+def _cancelled_id(body: bytes | bytearray) -> int | None:
+    """The Message ID Being Responded To of a P-DATA-TF PDU that holds a whole
+    C-CANCEL-RQ and nothing else (PS3.7 9.3.2.3: a command without a data set); else
+    ``None``."""
+    try:
+        pdvs = _Reader._pdvs(body)
+    except _HandBack:
+        return None
+    if not all(header & _COMMAND_BIT for header, _, _, _ in pdvs):
+        return None
+    if not pdvs[-1][0] & _LAST_BIT:
+        return None
+    fields = _command_elements(b"".join(bytes(fragment) for _, _, fragment, _ in pdvs))
+    if fields is None or _us(fields, _FIELD) != _C_CANCEL_RQ:
+        return None
+    return _us(fields, _RESPONDED_TO)
 
 
 def _pynetdicom_holds_one(assoc: Association) -> bool:

@@ -8,11 +8,11 @@ Here:
 
 * :class:`StoreServiceClass` stores through :func:`pacs.dimse.storage.store` and
   writes the pre-encoded C-STORE-RSP itself (:mod:`pacs.dimse.seam.wire`);
-* :class:`RetrieveServiceClass` runs :func:`pacs.dimse.find.serve_find`,
+* :class:`RetrieveServiceClass` answers C-FIND requests from the association's socket
+  (:func:`pacs.dimse.seam.inbound.serve_finds`), and runs
   :func:`pacs.dimse.retrieve.serve_move` and :func:`pacs.dimse.retrieve.serve_get`
-  over :class:`FindResponder`, :class:`RetrieveResponder` and :class:`SocketTarget`,
-  which write responses and C-STORE requests to the sockets and read the C-STORE
-  responses from them;
+  over :class:`RetrieveResponder` and :class:`SocketTarget`, which write responses and
+  C-STORE requests to the sockets and read the C-STORE responses from them;
 * :func:`answer_invalid_store` answers a C-STORE request pynetdicom would drop.
 
 :func:`patch` makes pynetdicom use them (its module-level ``uid_to_service_class`` and
@@ -42,7 +42,7 @@ from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceCl
 import pacs.dimse.seam.inbound as inbound
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
-from pacs.dimse import contexts, find, handlers, retrieve, storage, tls
+from pacs.dimse import contexts, handlers, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import (
     AcceptedContext,
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Command Fields of the responses (PS3.7 E.1-1).
-C_STORE_RSP, C_GET_RSP, C_FIND_RSP, C_MOVE_RSP = 0x8001, 0x8010, 0x8020, 0x8021
+C_STORE_RSP, C_GET_RSP, C_MOVE_RSP = 0x8001, 0x8010, 0x8021
 
 
 def serves(assoc: Association) -> bool:
@@ -117,8 +117,18 @@ class StoreServiceClass(StorageServiceClass):
             sop_instance_uid=str(req.AffectedSOPInstanceUID or ""))
         # The response, then the requests that follow, read and answered off
         # pynetdicom's path.
-        inbound.serve_stores(self.assoc, int(context.context_id or 0), command, services,
-                             bound_audit(self.assoc, evt.EVT_C_STORE), _served_by_storage)
+        inbound.serve_stores(self.assoc, int(context.context_id or 0), command,
+                             served(self.assoc, services))
+
+
+def served(assoc: Association, services: Services) -> inbound.Served:
+    """What :mod:`pacs.dimse.seam.inbound` answers on ``assoc`` once it holds its socket:
+    C-STORE requests of the SOP Classes :class:`StoreServiceClass` serves, C-FIND
+    requests of the models :class:`RetrieveServiceClass` serves, with their audits."""
+    return inbound.Served(
+        services=services, store_audit=bound_audit(assoc, evt.EVT_C_STORE),
+        find_audit=bound_audit(assoc, evt.EVT_C_FIND), storage_class=_served_by_storage,
+        find_class=contexts.FIND_MODELS.__contains__)
 
 
 def _served_by_storage(sop_class_uid: str) -> bool:
@@ -178,36 +188,6 @@ def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
         calling_ae_title=assoc.requestor.ae_title,
         move_destination=str(getattr(req, "MoveDestination", "") or ""),
         extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)))
-
-
-class FindResponder:
-    """C-FIND responses written straight to the socket (:class:`wire.ResponseWriter`):
-    pending ones a few per ``sendall``, a final one at once."""
-
-    def __init__(self, service: QueryRetrieveServiceClass, request: Request,
-                 context_id: int) -> None:
-        self.assoc = service.assoc
-        self.request = request
-        self.writer = wire.ResponseWriter(service.assoc, context_id)
-        self.cancelled = CancelWatch(service.is_cancelled, request.message_id)
-        # A status is sent with or without an identifier, never both: one command each.
-        self._commands: dict[int, bytes] = {}
-
-    @property
-    def alive(self) -> bool:
-        return not self.writer.broken
-
-    def send_response(self, status: Status, identifier: bytes | None = None,
-                      counts: SubOperationCounts | None = None) -> None:
-        command = None if status.comment else self._commands.get(status.code)
-        if command is None:
-            command = wire.response_command(C_FIND_RSP, self.request.sop_class_uid,
-                                            self.request.message_id, status.code,
-                                            identifier is not None, status.comment)
-            if not status.comment:  # only the identifier changes between matches
-                self._commands[status.code] = command
-        # Pending responses may wait a moment in the writer; any other status is final.
-        self.writer.message(command, identifier, last=not status.is_pending)
 
 
 class RetrieveResponder:
@@ -386,8 +366,10 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
             super()._c_find_scp(req, context)
             return
         request = request_of(req, context, self.assoc)
-        find.serve_find(FindResponder(self, request, int(context.context_id or 0)),
-                        request, services, bound_audit(self.assoc, evt.EVT_C_FIND))
+        # This request, then the requests that follow, answered off pynetdicom's path.
+        inbound.serve_finds(self.assoc, request, int(context.context_id or 0),
+                            CancelWatch(self.is_cancelled, request.message_id),
+                            served(self.assoc, services))
 
     def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
         services = bound_services(self.assoc, evt.EVT_C_MOVE)

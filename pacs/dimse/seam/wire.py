@@ -27,10 +27,14 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pacs.dimse.seam.reactor as reactor
 from pacs.dimse import limits
+
+if TYPE_CHECKING:
+    from pacs.dimse.connection import Request, SubOperationCounts
+    from pacs.dimse.status import Status
 
 #: Message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment.
 _COMMAND, _COMMAND_LAST, _DATA, _DATA_LAST = 0x01, 0x03, 0x00, 0x02
@@ -216,7 +220,7 @@ def _socket_of(assoc: Any) -> Any:
 #: PDU types (PS3.8 9.3.1): P-DATA-TF carries DIMSE messages.
 _P_DATA_TF = 0x04
 #: Command Field values (PS3.7 E.1-1).
-C_STORE_RSP, C_CANCEL_RQ = 0x8001, 0x0FFF
+C_STORE_RSP, C_FIND_RSP, C_CANCEL_RQ = 0x8001, 0x8020, 0x0FFF
 
 
 class UnexpectedMessage(ConnectionError):
@@ -336,7 +340,8 @@ def _command_fields(command: bytes) -> dict[int, int]:
 #: Bytes of responses gathered before one ``sendall`` (a C-FIND answering a thousand
 #: studies then makes ~30 system calls instead of a thousand).
 _FLUSH_BYTES = 32 * 1024
-#: Longest a response waits in the buffer when the next one is slow to come.
+#: Longest a response waits in the buffer while the next ones are written (a C-FIND's
+#: are also sent at the end of each page: :func:`pacs.dimse.find.find_responses`).
 _FLUSH_SECONDS = 0.02
 
 
@@ -385,6 +390,40 @@ class ResponseWriter:
         finally:
             self.buffer.clear()
             self.flushed = time.monotonic()
+
+
+class FindResponder:
+    """C-FIND responses written straight to the socket (:class:`ResponseWriter`):
+    pending ones a few per ``sendall``, a final one at once.  ``cancelled`` tells
+    whether a C-CANCEL for the request has arrived, ``gone`` whether the requestor went
+    away otherwise (:class:`pacs.dimse.connection.Responder`).
+    """
+
+    def __init__(self, assoc: Any, request: Request, context_id: int,
+                 cancelled: Callable[[], bool], gone: Callable[[], bool] = lambda: False
+                 ) -> None:
+        self.request = request
+        self.writer = ResponseWriter(assoc, context_id)
+        self.cancelled = cancelled
+        self._gone = gone
+        # A status is sent with or without an identifier, never both: one command each.
+        self._commands: dict[int, bytes] = {}
+
+    @property
+    def alive(self) -> bool:
+        return not self.writer.broken and not self._gone()
+
+    def send_response(self, status: Status, identifier: bytes | None = None,
+                      counts: SubOperationCounts | None = None) -> None:
+        command = None if status.comment else self._commands.get(status.code)
+        if command is None:
+            command = response_command(C_FIND_RSP, self.request.sop_class_uid,
+                                       self.request.message_id, status.code,
+                                       identifier is not None, status.comment)
+            if not status.comment:  # only the identifier changes between matches
+                self._commands[status.code] = command
+        # Pending responses may wait a moment in the writer; any other status is final.
+        self.writer.message(command, identifier, last=not status.is_pending)
 
 
 def _message_pdus(context_id: int, command: bytes, dataset: bytes | None, limit: int) -> bytes:
