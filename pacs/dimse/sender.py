@@ -11,7 +11,9 @@ How an instance is sent
 -----------------------
 1. As stored, its data set streamed from the file without decoding, when the peer
    accepted a presentation context for its SOP class in the stored transfer syntax
-   (a store without local files, S3, is first copied to a temporary file);
+   (an object that is not a file of the store - a copy in the intake, an S3 object -
+   is read into memory when it is at most :data:`IN_MEMORY_BYTES`, else copied to a
+   temporary file first);
 2. otherwise converted to an uncompressed syntax the peer accepted, when
    :func:`pacs.core.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
    syntax to the SCP; decompressing is what Orthanc does too), through a temporary file;
@@ -20,6 +22,7 @@ How an instance is sent
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import tempfile
@@ -49,6 +52,10 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = "pacs-retrieve-"
 #: Bytes read to find where the data set starts (the file meta group is rarely longer).
 _HEAD_BYTES = 1 << 16
+#: Objects at most this large that are not files of the store are sent from memory: a
+#: temporary copy would cost a file's creation, write and removal per instance (most
+#: of a small instance's sending, right after a burst, while it is in the intake).
+IN_MEMORY_BYTES = 1 << 20
 
 
 @dataclass
@@ -121,12 +128,8 @@ class Preparer:
         command = self.target.request_command(ref.sop_class_uid, ref.sop_uid, msg_id)
         resources = ExitStack()
         try:
-            path = resources.enter_context(object_file(self.store, ref, syntax,
-                                                       self.settings))
-            source = resources.enter_context(open(path, "rb"))  # noqa: SIM115 - kept open
-            offset = _dataset_start(source, path)
-            source.seek(offset)
-            length = path.stat().st_size - offset
+            source, length = resources.enter_context(
+                data_set_source(self.store, ref, syntax, self.settings))
         except Exception as exc:  # noqa: BLE001 - one instance must not end the retrieve
             resources.close()
             log_failure(ref, exc)
@@ -175,6 +178,33 @@ def _temporary_file() -> Iterator[Any]:
     """A temporary file outside the data folder, deleted when the block ends."""
     with tempfile.NamedTemporaryFile(prefix=TMP_PREFIX, suffix=".dcm") as tmp:
         yield tmp
+
+
+@contextmanager
+def data_set_source(store: ObjectStore, ref: InstanceRef, syntax: str,
+                    settings: Settings) -> Iterator[tuple[BinaryIO, int]]:
+    """The data set of ``ref`` in ``syntax`` (after its file meta group), as a stream at
+    its first byte, and its length: from memory for a small object that is not a file
+    of the store (:data:`IN_MEMORY_BYTES`), else from :func:`object_file`.
+
+    Raises
+    ------
+    NotFound, StorageError, UnreadableData
+        As :func:`object_file`.
+    """
+    if (syntax == ref.transfer_syntax and ref.size <= IN_MEMORY_BYTES
+            and local_path(store, ref.object_key) is None):
+        with store.open(ref.object_key) as stream:
+            data = stream.read(IN_MEMORY_BYTES + 1)
+        offset = dataset_offset(data[:_HEAD_BYTES])
+        if len(data) <= IN_MEMORY_BYTES and offset < min(len(data), _HEAD_BYTES):
+            yield io.BytesIO(memoryview(data)[offset:]), len(data) - offset
+            return
+        # Larger than its row says, or a meta group over the head: as any other object.
+    with object_file(store, ref, syntax, settings) as path, open(path, "rb") as source:
+        offset = _dataset_start(source, path)
+        source.seek(offset)
+        yield source, path.stat().st_size - offset
 
 
 @contextmanager
