@@ -491,6 +491,36 @@ def test_find_requests_read_from_the_socket(services: Services, counted: list[st
 
 
 @seam_only("the node's own reading of C-FIND requests")
+def test_what_follows_an_identifier_in_its_pdu(services: Services) -> None:
+    """The next message in the identifier's PDU comes before anything on the socket: a
+    C-ECHO there is answered after the find, in order; a C-CANCEL of the find there
+    cancels it (FE00, PS3.7 9.3.2.3)."""
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        identifier = find_identifier(assoc, StudyInstanceUID=STUDY)
+        find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 91)
+        echo = command(C_ECHO_RQ, Verification, 92, data_set=False)
+        cancel = element(0x00000100, struct.pack("<H", 0x0FFF)) + element(
+            0x00000120, struct.pack("<H", 93)) + element(0x00000800, struct.pack("<H", 0x0101))
+        cancel = element(0x00000000, struct.pack("<I", len(cancel))) + cancel
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier),
+                             pdv(ECHO_CONTEXT, 0x03, echo)))
+            assert [status for status, _ in read_find_answer(sock)] == [0xFF00, 0x0000]
+            answer = read_response(sock)
+            assert (answer[0x00000100], answer[0x00000120]) == (C_ECHO_RSP, 92)
+            uid, data = instance(1)  # through pynetdicom, after which the node reads again
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 94)),
+                             pdv(CT_CONTEXT, 0x02, data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 93)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier),
+                             pdv(FIND_CONTEXT, 0x03, cancel)))
+            assert [status for status, _ in read_find_answer(sock)] == [0xFE00]
+        assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("the node's own reading of C-FIND requests")
 def test_an_abort_during_a_find_ends_it(services: Services,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """An A-ABORT that arrives while a C-FIND is answered (read with the socket's

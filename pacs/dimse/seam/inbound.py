@@ -362,6 +362,12 @@ class _Reader:
         could not be sent, or something other than a C-CANCEL arrived meanwhile (handed
         back to pynetdicom, or, when broken, the association aborted)."""
         watch = _CancelWatch(self, request.message_id, cancelled)
+        if self.leftover:
+            # The identifier's PDU went on with the next message, which comes before
+            # anything on the socket: that is all the watch may see of it.
+            if _cancelled_id(self.leftover[6:]) == request.message_id:
+                watch.seen, self.leftover = True, b""
+            watch.stop()
         responder = wire.FindResponder(self.assoc, request, context_id, watch,
                                        gone=lambda: watch.gone)
         find.serve_find(responder, request, self.served.services, self.served.find_audit,
@@ -498,6 +504,10 @@ class _CancelWatch:
         self.broken: _Broken | None = None
         self._watching = True
         self._due = 0.0
+
+    def stop(self) -> None:
+        """Look at the socket no more (what the requestor sent next is not read)."""
+        self._watching = False
 
     def __call__(self) -> bool:
         if self.seen or not self._watching:

@@ -124,11 +124,21 @@ class StoreServiceClass(StorageServiceClass):
 def served(assoc: Association, services: Services) -> inbound.Served:
     """What :mod:`pacs.dimse.seam.inbound` answers on ``assoc`` once it holds its socket:
     C-STORE requests of the SOP Classes :class:`StoreServiceClass` serves, C-FIND
-    requests of the models :class:`RetrieveServiceClass` serves, with their audits."""
+    requests of the models :class:`RetrieveServiceClass` serves, with their audits;
+    each kind only when its handler is bound to ``services``."""
+    stores = bound_services(assoc, evt.EVT_C_STORE) is services
+    finds = bound_services(assoc, evt.EVT_C_FIND) is services
     return inbound.Served(
         services=services, store_audit=bound_audit(assoc, evt.EVT_C_STORE),
-        find_audit=bound_audit(assoc, evt.EVT_C_FIND), storage_class=_served_by_storage,
-        find_class=contexts.FIND_MODELS.__contains__)
+        find_audit=bound_audit(assoc, evt.EVT_C_FIND),
+        storage_class=_served_by_storage if stores else _none,
+        find_class=contexts.FIND_MODELS.__contains__ if finds else _none)
+
+
+def _none(sop_class_uid: str) -> bool:
+    """No SOP Class: requests of a kind whose handler serves other services (or none)
+    go to pynetdicom."""
+    return False
 
 
 def _served_by_storage(sop_class_uid: str) -> bool:
