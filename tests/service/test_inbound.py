@@ -462,10 +462,20 @@ def test_empty_fragments_keep_what_is_held_bounded(services: Services,
 
 
 @seam_only("the node's own reading of C-FIND requests")
-def test_find_requests_read_from_the_socket(services: Services, counted: list[str]) -> None:
+def test_find_requests_read_from_the_socket(services: Services, counted: list[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """C-FIND requests after a store, one with its identifier in the command's PDU, one
-    with it over two PDUs: each answered with its match and success (PS3.4 C.4.1.2.2),
-    and the store after them read by the node too."""
+    with it over two PDUs: each read by the node and answered with its match and
+    success (PS3.4 C.4.1.2.2), and the store after them read by the node too."""
+    finds: list[int] = []
+    original = inbound._Reader._find
+
+    def recording(self: inbound._Reader, fields: dict[int, bytes], message_id: int,
+                  *rest: object) -> object:
+        finds.append(message_id)
+        return original(self, fields, message_id, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inbound._Reader, "_find", recording)
     with association(services) as (assoc, store):
         first_store(assoc)
         identifier = find_identifier(assoc, StudyInstanceUID=STUDY, PatientID="")
@@ -485,6 +495,7 @@ def test_find_requests_read_from_the_socket(services: Services, counted: list[st
         for answer in (first, second):
             assert [status for status, _ in answer] == [0xFF00, 0x0000]
             assert STUDY.encode() in answer[0][1]
+        assert finds == [71, 72]
         assert counted == [uid]
         assert assoc.send_c_echo().Status == 0x0000
         assert uid in stored(services, store)
@@ -500,9 +511,7 @@ def test_what_follows_an_identifier_in_its_pdu(services: Services) -> None:
         identifier = find_identifier(assoc, StudyInstanceUID=STUDY)
         find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 91)
         echo = command(C_ECHO_RQ, Verification, 92, data_set=False)
-        cancel = element(0x00000100, struct.pack("<H", 0x0FFF)) + element(
-            0x00000120, struct.pack("<H", 93)) + element(0x00000800, struct.pack("<H", 0x0101))
-        cancel = element(0x00000000, struct.pack("<I", len(cancel))) + cancel
+        cancel = _cancel_command(93)
         with raw(assoc) as sock:
             sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier),
                              pdv(ECHO_CONTEXT, 0x03, echo)))
@@ -517,6 +526,55 @@ def test_what_follows_an_identifier_in_its_pdu(services: Services) -> None:
             sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier),
                              pdv(FIND_CONTEXT, 0x03, cancel)))
             assert [status for status, _ in read_find_answer(sock)] == [0xFE00]
+        assert assoc.send_c_echo().Status == 0x0000
+
+
+def _cancel_command(message_id: int) -> bytes:
+    """A C-CANCEL-RQ command set (PS3.7 9.3.2.3)."""
+    body = element(0x00000100, struct.pack("<H", 0x0FFF)) + element(
+        0x00000120, struct.pack("<H", message_id)) + element(0x00000800,
+                                                             struct.pack("<H", 0x0101))
+    return element(0x00000000, struct.pack("<I", len(body))) + body
+
+
+@seam_only("the node's own reading of C-FIND requests")
+def test_a_request_read_while_a_find_is_answered_is_kept(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-ECHO-RQ and a C-CANCEL-RQ of the find in one PDU, sent while the find is
+    answered: the watch takes no part of it as a cancel; the find ends with success,
+    then the echo is answered (the late cancel ignored), nothing lost."""
+    monkeypatch.setattr(engine_module, "PAGE_ROWS", 1)
+    for number in range(1, 3):  # two studies: two pages of one
+        services.ingest.store_bytes(make_instance(
+            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.79.{number}",
+            StudyInstanceUID=f"1.2.826.0.1.3680043.8.498.79.{number}.0"))
+    original = services.engine.find_pages
+
+    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
+                   deadline: object = None) -> Iterator[object]:
+        for page in original(query, cancelled=cancelled, deadline=deadline):
+            yield page
+            until = time.monotonic() + 0.5  # the watch reads what arrives meanwhile
+            while not cancelled() and time.monotonic() < until:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(services.engine, "find_pages", find_pages)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        identifier = find_identifier(assoc, StudyInstanceUID="")
+        with raw(assoc) as sock:
+            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 95)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
+            kind, _ = read_pdu(sock)  # the first match, sent at the end of its page
+            assert kind == P_DATA_TF
+            echo = command(C_ECHO_RQ, Verification, 96, data_set=False)
+            sock.sendall(pdu(pdv(ECHO_CONTEXT, 0x03, echo),
+                             pdv(FIND_CONTEXT, 0x03, _cancel_command(95))))
+            statuses = [status for status, _ in read_find_answer(sock)]
+            answer = read_response(sock)
+            assert (answer[0x00000100], answer[0x00000120], answer[0x00000900]) == \
+                (C_ECHO_RSP, 96, 0x0000)
+        assert statuses[-1] == 0x0000, statuses  # the rest of the matches, then success
         assert assoc.send_c_echo().Status == 0x0000
 
 

@@ -484,13 +484,17 @@ class _CancelWatch:
     from the lent socket while the request is answered.
 
     The socket is looked at every :data:`CANCEL_POLL` seconds at most (the engine asks
-    often, from SQLite's progress handler).  A PDU that arrives is read whole: a
-    C-CANCEL-RQ is taken (that of another request is ignored: it may come late, after
-    the final response).  Anything else ends the watch: a request sent without awaiting
-    this one's responses is kept in :attr:`stash`; a release or abort request, or the
-    connection closing, is kept there too and makes the requestor :attr:`gone` (the
-    answer stops); a PDU broken inside is kept in :attr:`broken`.  The stash goes back
-    to pynetdicom once the request is answered.
+    often, from SQLite's progress handler), one PDU per look.  A P-DATA-TF PDU of at
+    most :data:`pacs.dimse.limits.COMMAND_CEILING` is read whole: a C-CANCEL-RQ alone in
+    it is taken (that of another request is ignored: it may come late, after the final
+    response).  Anything else ends the watch and is kept in :attr:`stash`, whole or its
+    header only, for pynetdicom once the request is answered: a request sent without
+    awaiting this one's responses (or a cancel split over PDUs, then answered as a late
+    one), and a release or abort request or the connection closing, which also make the
+    requestor :attr:`gone` (the answer stops).  A PDU that stops midway is kept in
+    :attr:`broken` (the association is aborted).  While another thread sends on the
+    association (a storage commitment report: the reactor checkpoint is cleared), the
+    socket is not read: the response it awaits goes to pynetdicom.
     """
 
     def __init__(self, reader: _Reader, message_id: int,
@@ -519,41 +523,68 @@ class _CancelWatch:
         if now < self._due:
             return False
         self._due = now + CANCEL_POLL
-        while self._watching and not self.seen and limits.readable(self.reader.raw, 0):
+        if not self.reader.assoc._reactor_checkpoint.is_set():
+            self.stop()
+            return False
+        try:
+            arrived = limits.readable(self.reader.raw, 0)
+        except (OSError, ValueError):  # closed under the lend (an abort)
+            self.gone = True
+            self.stop()
+            return False
+        if arrived:
             self._read_one()
         return self.seen
 
     def _read_one(self) -> None:
-        """Read the PDU that has begun to arrive."""
+        """Read the PDU that has begun to arrive (see the class docstring)."""
         reader = self.reader
-        reader.taken.clear()
         try:
-            body = reader._pdu(keep=True)
-        except _HandBack:  # not P-DATA (a release, an abort) or the connection closed
-            self.stash, self.gone, self._watching = bytes(reader.taken), True, False
+            head = limits.receive(reader.raw, 6)
+            kind = head[0] if len(head) == 6 else None
+            length = struct.unpack_from(">I", head, 2)[0] if kind is not None else 0
+            if kind != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
+                self.stash, self.gone = bytes(head), kind != limits.P_DATA_TF
+                self.stop()
+                return
+            body = limits.receive(reader.raw, length)
+        except (BlockingIOError, TimeoutError) as exc:  # nothing more for PACS_DIMSE_TIMEOUT
+            self.broken = _Broken(f"no whole PDU received ({type(exc).__name__})", False)
+            self.gone = True
+            self.stop()
             return
-        except _Broken as exc:
-            self.broken, self.gone, self._watching = exc, True, False
+        except (OSError, ValueError):  # reset, or closed under the lend
+            self.gone = True
+            self.stop()
             return
+        if len(body) < length:  # closed inside the PDU: pynetdicom finds it closed
+            self.stash, self.gone = bytes(head) + bytes(body), True
+            self.stop()
+            return
+        reader.dul._idle_timer.restart()  # traffic, as the DUL counts it
+        reactor.quickack(reader.raw)
         message_id = _cancelled_id(body)
         if message_id is None:
-            self.stash, self._watching = bytes(reader.taken), False
+            self.stash = bytes(head) + bytes(body)
+            self.stop()
         elif message_id == self.message_id:
             self.seen = True
 
 
 def _cancelled_id(body: bytes | bytearray) -> int | None:
-    """The Message ID Being Responded To of a P-DATA-TF PDU that holds a whole
-    C-CANCEL-RQ and nothing else (PS3.7 9.3.2.3: a command without a data set); else
-    ``None``."""
+    """The Message ID Being Responded To of a P-DATA-TF PDU body that holds one whole
+    C-CANCEL-RQ and nothing else (PS3.7 9.3.2.3: a command without a data set; PS3.8
+    E.2: its fragments on one context, the last one marked last); else ``None``."""
     try:
         pdvs = _Reader._pdvs(body)
     except _HandBack:
         return None
-    if not all(header & _COMMAND_BIT for header, _, _, _ in pdvs):
-        return None
-    if not pdvs[-1][0] & _LAST_BIT:
-        return None
+    context_id = pdvs[0][1]
+    for position, (header, pcid, _, _) in enumerate(pdvs):
+        last = position == len(pdvs) - 1
+        if (pcid != context_id or not header & _COMMAND_BIT
+                or bool(header & _LAST_BIT) != last):
+            return None
     fields = _command_elements(b"".join(bytes(fragment) for _, _, fragment, _ in pdvs))
     if fields is None or _us(fields, _FIELD) != _C_CANCEL_RQ:
         return None
