@@ -164,13 +164,7 @@ def read_response(sock: socket.socket) -> dict[int, int]:
         assert body[position + 5] & 0x01, "a data set where a response command was expected"
         fragment += body[position + 6:position + 4 + length]
         position += 4 + length
-    fields, position = {}, 0
-    while position < len(fragment):
-        group, number, length = struct.unpack_from("<HHI", fragment, position)
-        if length == 2:
-            fields[(group << 16) | number] = struct.unpack_from("<H", fragment, position + 8)[0]
-        position += 8 + length
-    return fields
+    return fields_of(fragment)
 
 
 def read_find_answer(sock: socket.socket) -> list[tuple[int, bytes]]:
@@ -529,6 +523,45 @@ def test_what_follows_an_identifier_in_its_pdu(services: Services) -> None:
         assert assoc.send_c_echo().Status == 0x0000
 
 
+def slow_pages(services: Services, monkeypatch: pytest.MonkeyPatch, studies: int,
+               pause: float) -> list[int]:
+    """``studies`` studies stored, each a page of its own; after each page the query
+    waits ``pause`` seconds unless cancelled meanwhile (the cancel watch reads what
+    arrives on the socket then).  The sizes of the pages read, as they are read."""
+    monkeypatch.setattr(engine_module, "PAGE_ROWS", 1)
+    for number in range(1, studies + 1):
+        services.ingest.store_bytes(make_instance(
+            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}",
+            StudyInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}.0"))
+    pages: list[int] = []
+    original = services.engine.find_pages
+
+    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
+                   deadline: object = None) -> Iterator[object]:
+        for page in original(query, cancelled=cancelled, deadline=deadline):
+            pages.append(len(page))
+            yield page
+            until = time.monotonic() + pause
+            while not cancelled() and time.monotonic() < until:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(services.engine, "find_pages", find_pages)
+    return pages
+
+
+@contextmanager
+def find_begun(assoc: Association, message_id: int) -> Iterator[socket.socket]:
+    """The peer's socket (:func:`raw`) once a C-FIND of every study sent on it has had
+    its first match, sent at the end of its page."""
+    identifier = find_identifier(assoc, StudyInstanceUID="")
+    with raw(assoc) as sock:
+        find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, message_id)
+        sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
+        kind, _ = read_pdu(sock)
+        assert kind == P_DATA_TF
+        yield sock
+
+
 def _cancel_command(message_id: int) -> bytes:
     """A C-CANCEL-RQ command set (PS3.7 9.3.2.3)."""
     body = element(0x00000100, struct.pack("<H", 0x0FFF)) + element(
@@ -543,30 +576,10 @@ def test_a_request_read_while_a_find_is_answered_is_kept(
     """A C-ECHO-RQ and a C-CANCEL-RQ of the find in one PDU, sent while the find is
     answered: the watch takes no part of it as a cancel; the find ends with success,
     then the echo is answered (the late cancel ignored), nothing lost."""
-    monkeypatch.setattr(engine_module, "PAGE_ROWS", 1)
-    for number in range(1, 3):  # two studies: two pages of one
-        services.ingest.store_bytes(make_instance(
-            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.79.{number}",
-            StudyInstanceUID=f"1.2.826.0.1.3680043.8.498.79.{number}.0"))
-    original = services.engine.find_pages
-
-    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
-                   deadline: object = None) -> Iterator[object]:
-        for page in original(query, cancelled=cancelled, deadline=deadline):
-            yield page
-            until = time.monotonic() + 0.5  # the watch reads what arrives meanwhile
-            while not cancelled() and time.monotonic() < until:
-                time.sleep(0.01)
-
-    monkeypatch.setattr(services.engine, "find_pages", find_pages)
+    slow_pages(services, monkeypatch, studies=2, pause=0.5)
     with association(services) as (assoc, _):
         first_store(assoc)
-        identifier = find_identifier(assoc, StudyInstanceUID="")
-        with raw(assoc) as sock:
-            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 95)
-            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
-            kind, _ = read_pdu(sock)  # the first match, sent at the end of its page
-            assert kind == P_DATA_TF
+        with find_begun(assoc, 95) as sock:
             echo = command(C_ECHO_RQ, Verification, 96, data_set=False)
             sock.sendall(pdu(pdv(ECHO_CONTEXT, 0x03, echo),
                              pdv(FIND_CONTEXT, 0x03, _cancel_command(95))))
@@ -584,32 +597,10 @@ def test_an_abort_during_a_find_ends_it(services: Services,
     """An A-ABORT that arrives while a C-FIND is answered (read with the socket's
     C-CANCEL watch) stops the answer: no page is read after it, and the node serves the
     next association."""
-    monkeypatch.setattr(engine_module, "PAGE_ROWS", 1)
-    for number in range(1, 4):  # three studies: three pages of one
-        services.ingest.store_bytes(make_instance(
-            SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}",
-            StudyInstanceUID=f"1.2.826.0.1.3680043.8.498.78.{number}.0"))
-    pages: list[int] = []
-    original = services.engine.find_pages
-
-    def find_pages(query: object, cancelled: Callable[[], bool] = lambda: False,
-                   deadline: object = None) -> Iterator[object]:
-        for page in original(query, cancelled=cancelled, deadline=deadline):
-            pages.append(len(page))
-            yield page
-            until = time.monotonic() + 2  # the watch reads what arrives meanwhile
-            while not cancelled() and time.monotonic() < until:
-                time.sleep(0.01)
-
-    monkeypatch.setattr(services.engine, "find_pages", find_pages)
+    pages = slow_pages(services, monkeypatch, studies=3, pause=2)
     with association(services) as (assoc, _):
         first_store(assoc)
-        identifier = find_identifier(assoc, StudyInstanceUID="")
-        with raw(assoc) as sock:
-            find = command(C_FIND_RQ, StudyRootQueryRetrieveInformationModelFind, 81)
-            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
-            kind, _ = read_pdu(sock)  # the first match, sent at the end of its page
-            assert kind == P_DATA_TF
+        with find_begun(assoc, 81) as sock:
             sock.sendall(struct.pack(">BBIBBBB", A_ABORT, 0, 4, 0, 0, 0, 0))
             sock.settimeout(10)
             try:
