@@ -16,11 +16,24 @@ from pydicom.data import get_testdata_file
 from pacs.core import config
 from pacs.core.services import Services, build
 from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import seam
 
 #: Whether the DIMSE tests run with the seam (PACS_DIMSE_SEAM, on by default): ``pytest -m
 #: dimse`` runs them once each way (PACS_DIMSE_SEAM=off: pynetdicom's public API only).
 SEAM = config.load(environ={"PACS_DIMSE_SEAM": os.environ.get("PACS_DIMSE_SEAM", "on")},
                    env_file=None).dimse_seam
+
+
+@pytest.fixture(autouse=True, scope="session")
+def race_free_requestors() -> None:
+    """With the seam on, the tests' own pynetdicom requestors run the seam's reactor
+    from the first test on, as in-process nodes install it anyway: pynetdicom 3.0's
+    requestor reactor can take the response a ``send_c_*`` call waits for ("Received
+    unexpected C-STORE service message", then a DIMSE timeout), a race the seam's
+    reactor closes (``pacs/dimse/seam/reactor.py``).  Nodes in subprocesses have their
+    own; with the seam off nothing of pynetdicom is replaced."""
+    if SEAM:
+        seam.install(True)
 
 
 def seam_only(reason: str) -> pytest.MarkDecorator:
