@@ -314,6 +314,10 @@ SETTINGS: tuple[Setting, ...] = (
             "on: the DIMSE edge runs its fast paths through pynetdicom's internals (the "
             "seam, only with the pynetdicom version it was tested with); off: pynetdicom's "
             "public API only, slower (docs/architecture.md, DIMSE).", _bool),
+    Setting("PACS_PENDING_INTERVAL", "pending_interval", "1",
+            "Seconds between the pending responses of a C-GET or C-MOVE, which report "
+            "its progress (PS3.4 C.4.2.3.1, C.4.3.3.1: they are optional); 0: one after "
+            "every sub-operation.", _not_negative(float)),
     Setting("PACS_MAX_ASSOCIATIONS", "max_associations", "32",
             "Concurrent associations per worker process.", int),
     Setting("PACS_MAX_PDU", "max_pdu", "262144",
@@ -506,6 +510,7 @@ class Settings:
     commitment_max_pending: int = _default("commitment_max_pending")
     dimse_workers: int = _default("dimse_workers")
     dimse_seam: bool = _default("dimse_seam")
+    pending_interval: float = _default("pending_interval")
     max_associations: int = _default("max_associations")
     max_pdu: int = _default("max_pdu")
     dimse_timeout: float = _default("dimse_timeout")

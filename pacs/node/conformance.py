@@ -229,6 +229,7 @@ def _initiation(settings: Settings) -> dict[str, Any]:
         "conversion_targets": [str(ts) for ts in transcode.UNCOMPRESSED],
         "decodable_syntaxes": [str(ts) for ts in decodable],
         "max_pdu": settings.max_pdu,
+        "pending_interval": settings.pending_interval,
     }
 
 
@@ -716,6 +717,7 @@ for each information model, what it supports of what was asked.
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
   (A700).  C-MOVE sends to the configured destinations only; C-GET sends over the
   requestor's association in the storage contexts it proposed with the SCP role.
+  {_pending_text(data)}
 {_commitment_text(data)}
 
 #### 3.2.4 Association Initiation Policy [A.4.2.1.3]
@@ -746,6 +748,17 @@ peer accepted it for the SOP Class; otherwise the object is decompressed to the 
 {targets} the peer accepted.  Objects can be converted from these stored transfer
 syntaxes: {decodable}.  An object that can be sent in neither way fails as a
 sub-operation (counted in the Failed SOP Instance UID List)."""
+
+
+def _pending_text(data: dict[str, Any]) -> str:
+    """How often a C-MOVE or C-GET reports its progress (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+    interval = data["initiation"]["pending_interval"]
+    if interval <= 0:
+        return ("A pending response with the sub-operation counts follows every "
+                "sub-operation (`PACS_PENDING_INTERVAL` 0).")
+    return (f"A pending response with the sub-operation counts follows a sub-operation "
+            f"once {interval:g} s have passed since the request or the last one "
+            f"(`PACS_PENDING_INTERVAL`): a short retrieve has none.")
 
 
 def _commitment_text(data: dict[str, Any]) -> str:

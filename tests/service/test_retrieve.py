@@ -45,7 +45,7 @@ from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import retrieve
 from pacs.dimse.server import NodeServer, start, stop
-from tests.conftest import SEAM, free_port, sample
+from tests.conftest import SEAM, free_port, sample, seam_only
 from tests.factory import make_instance
 
 pytestmark = pytest.mark.dimse
@@ -210,15 +210,19 @@ def destinations() -> Iterator[Callable[..., Destination]]:
 @pytest.fixture
 def make_node(settings: config.Settings, make_services: Callable[..., Services],
               ) -> Iterator[Callable[..., Node]]:
-    """Start a node over a folder store (or ``store``) knowing ``destinations``."""
+    """Start a node over a folder store (or ``store``) knowing ``destinations``; its
+    retrieves send a pending response after every sub-operation unless
+    ``pending_interval`` says otherwise (``PACS_PENDING_INTERVAL``)."""
     servers: list[NodeServer] = []
 
-    def make(*dests: Destination, store: Any = None, modalities: str = "") -> Node:
+    def make(*dests: Destination, store: Any = None, modalities: str = "",
+             pending_interval: float = 0.0) -> Node:
         table = ",".join([f"{d.ae_title}=127.0.0.1:{d.port}" for d in dests]
                          + ([modalities] if modalities else []))
         services = make_services(
             store=store if store is not None else FileStore(settings.objects_dir),
-            modalities=table, destinations=config.parse_modalities(table))
+            modalities=table, destinations=config.parse_modalities(table),
+            pending_interval=pending_interval)
         port = free_port()
         server = start(services, ("127.0.0.1", port))
         assert server.uses_seam is SEAM  # PACS_DIMSE_SEAM reached the node
@@ -392,6 +396,36 @@ def test_get_levels_of_both_models(make_node: Callable[..., Node],
     assert counts(replies[-1][0])[1:] == (len(want), 0, 0)
     assert sorted(r.sop_uid for r in received) == sorted(want)
     assert_identical(node, study, received)
+
+
+@seam_only("pynetdicom's own C-GET loop sends a pending response after every sub-operation")
+def test_get_pending_responses_follow_the_interval(make_node: Callable[..., Node],
+                                                   requestors: Callable[..., Association],
+                                                   ) -> None:
+    """Pending responses are optional (PS3.4 C.4.3.3.1): a retrieve quicker than
+    PACS_PENDING_INTERVAL has its final response only; a slower one reports its
+    progress about once per interval, counts that add up, Remaining going down."""
+    node = make_node(pending_interval=0.5)
+    study = store_study(node, series=1, per_series=30)
+    quick = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]})
+    replies = responses(quick.send_c_get(identifier("STUDY", StudyInstanceUID=study.uid),
+                                         StudyGet))
+    assert [status.Status for status, _ in replies] == [0x0000]
+    assert counts(replies[-1][0])[1:] == (30, 0, 0)
+
+    # The requestor takes 30 x 50 ms at least to store them: 1.5 s, three intervals.
+    slow = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
+                      received=[], delay=0.05)
+    replies = responses(slow.send_c_get(identifier("STUDY", StudyInstanceUID=study.uid),
+                                        StudyGet))
+    *pending, (final, _) = replies
+    assert 1 <= len(pending) <= 10, len(pending)
+    remaining = [counts(status)[0] for status, _ in pending]
+    assert remaining == sorted(set(remaining), reverse=True)  # going down
+    for status, _ in pending:
+        left, done, fails, warns = counts(status)
+        assert status.Status == 0xFF00 and left is not None and left + done + fails + warns == 30
+    assert final.Status == 0x0000 and counts(final)[1:] == (30, 0, 0)
 
 
 def test_get_cancel_stops_between_sub_operations(make_node: Callable[..., Node],

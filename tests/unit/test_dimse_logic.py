@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,6 +23,7 @@ from pacs.core.attributes import Level
 from pacs.core.index import reads
 from pacs.core.query.model import Query
 from pacs.core.services import Services
+from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
 from pacs.dimse.status import Status
@@ -46,6 +48,13 @@ def _identifier(level: str, **keys: object) -> bytes:
 def _request(model: str, identifier: bytes, **changes: Any) -> Request:
     return Request(message_id=7, sop_class_uid=model, transfer_syntax=ImplicitVRLittleEndian,
                    identifier=identifier, calling_ae_title="SCU", **changes)
+
+
+@pytest.fixture
+def services(make_services: Callable[..., Services], memory_store: MemoryStore) -> Services:
+    """Services whose retrieves send a pending response after every sub-operation
+    (``PACS_PENDING_INTERVAL`` 0): the fakes here count responses."""
+    return make_services(memory_store, pending_interval=0.0)
 
 
 def _load(services: Services, studies: int = 2, per_study: int = 2) -> list[bytes]:
@@ -209,6 +218,31 @@ class _Target:
 
     def release(self) -> None:
         self.released = True
+
+
+def test_a_retrieve_shorter_than_the_pending_interval_has_no_pending_response(
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    """Pending responses are optional (PS3.4 C.4.3.3.1): with the default
+    PACS_PENDING_INTERVAL (1 s), a retrieve that ends sooner has its final response
+    only, with the counts."""
+    services = make_services(memory_store)
+    _load(services, studies=1, per_study=3)
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    assert len(target.received) == 3
+    [(final, identifier, counts)] = responder.sent
+    assert (final.code, identifier, counts) == (0x0000, None, SubOperationCounts(None, 3, 0, 0))
+
+
+def test_pacing_sends_a_pending_response_once_the_interval_has_passed() -> None:
+    now = [100.0]
+    pacing = retrieve.Pacing(1.0, clock=lambda: now[0])
+    due = []
+    for step in (0.4, 0.4, 0.4, 0.5, 0.5, 1.0):  # 100.4 ... 103.2
+        now[0] += step
+        due.append(pacing.due())
+    assert due == [False, False, True, False, True, True]
+    assert all(retrieve.Pacing(0.0, clock=lambda: 0.0).due() for _ in range(3))
 
 
 def _get(services: Services, responder: _Responder, target: _Target, **keys: object

@@ -90,8 +90,10 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef], total: in
     log = _Log()
     _Preparer.log = log
     monkeypatch.setattr(retrieve, "Preparer", _Preparer)
-    services: Any = SimpleNamespace(store=None, settings=None, engine=SimpleNamespace(
-        instances=lambda query, cancelled: rows))
+    # A pending response after every sub-operation: the orderings below show them.
+    services: Any = SimpleNamespace(store=None, settings=SimpleNamespace(pending_interval=0.0),
+                                    engine=SimpleNamespace(
+                                        instances=lambda query, cancelled: rows))
     request = Request(1, "1.2.840.10008.5.1.4.1.2.2.3", "1.2.840.10008.1.2", b"", "SCU")
     retrieve.run_suboperations(_Responder(log), _Target(log), request, services,  # type: ignore[arg-type]
                                retrieve.Plan(Query(level=Level.IMAGE), total), "C-GET")
