@@ -22,10 +22,10 @@ Pending (FF00) with Remaining / Completed / Failed / Warning (PS3.7 9.1.3, 9.1.4
 a sub-operation once ``PACS_PENDING_INTERVAL`` seconds have passed since the retrieve
 began or its last pending response (:class:`Pacing`; 0: after each); final Success
 (0000), Warning (B000) with the Failed SOP Instance UID List (0008,0058) when some
-failed, A702 when all failed or the destination refused the association, Cancel (FE00) after a C-CANCEL with Remaining = not started.  The
-number of sub-operations is counted before the first one; instances stored meanwhile
-are not sent and instances removed meanwhile count as failed, so the counts always add
-up to the announced total.  Counts are US values, so a retrieve of more than 65,535
+failed, A702 when all failed or the destination refused the association, Cancel (FE00)
+after a C-CANCEL with Remaining = not started.  The number of sub-operations is counted
+before the first one; instances stored meanwhile are not sent and instances removed
+meanwhile count as failed, so the counts always add up to the announced total.  Counts are US values, so a retrieve of more than 65,535
 instances is refused (A701) with a comment asking for a lower level.
 """
 
