@@ -25,8 +25,9 @@ began or its last pending response (:class:`Pacing`; 0: after each); final Succe
 failed, A702 when all failed or the destination refused the association, Cancel (FE00)
 after a C-CANCEL with Remaining = not started.  The number of sub-operations is counted
 before the first one; instances stored meanwhile are not sent and instances removed
-meanwhile count as failed, so the counts always add up to the announced total.  Counts are US values, so a retrieve of more than 65,535
-instances is refused (A701) with a comment asking for a lower level.
+meanwhile count as failed, so the counts always add up to the announced total.  Counts
+are US values, so a retrieve of more than 65,535 instances is refused (A701) with a
+comment asking for a lower level.
 """
 
 from __future__ import annotations
