@@ -119,9 +119,10 @@ class Pacing:
     seconds have passed since the first call or the last pending response.
 
     Pending responses are optional (PS3.4 C.4.2.3.1 for C-MOVE, C.4.3.3.1 for C-GET);
-    they report progress.  On a C-GET they share the association with the C-STORE
-    requests, and the requestor handles each between two of them: one after every
-    sub-operation made dcmtk's ``getscu`` take a CT study about a fifth slower.
+    they report progress.  One after every sub-operation is a message to encode and
+    send for each (on a C-GET, on the association that carries the C-STORE requests):
+    sending them once per interval took the node's CPU for a C-GET of 500 small
+    instances from 140-148 ms to 111-130 ms.
 
     Parameters
     ----------
