@@ -122,7 +122,9 @@ class Pacing:
     they report progress.  One after every sub-operation is a message to encode and
     send for each (on a C-GET, on the association that carries the C-STORE requests):
     sending them once per interval took the node's CPU for a C-GET of 500 small
-    instances from 140-148 ms to 111-130 ms.
+    instances from a median of 121 ms to 114 ms (``bench/retrieve_cpu.py``).  The loop
+    stops for a requestor that went away when its association ends
+    (``Responder.alive``), whether or not a pending response was due.
 
     Parameters
     ----------
