@@ -46,6 +46,10 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
 _TMP_PREFIX = ".tmp-"
+#: The ports a :class:`Node` picks itself, and how often it starts on newly picked ones
+#: when another socket took one first.
+_PICKED_PORTS = ("PACS_DIMSE_PORT", "PACS_WEB_PORT", "PACS_VIEWER_PORT")
+_PORT_ATTEMPTS = 3
 
 
 # --- dcmtk -----------------------------------------------------------------------------
@@ -487,6 +491,11 @@ class Node:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        # The ports picked here (free a moment ago) are picked again when another
+        # socket took one before the node bound it (see start).
+        self._picked = {name for name in _PICKED_PORTS if name not in settings}
+        if port:
+            self._picked.discard("PACS_DIMSE_PORT")
         self.data_dir = root / "data"
         self.log_path = root / "serve.log"
         # PACS_DIMSE_SEAM passes: the DIMSE tests run with the seam on and off.
@@ -523,19 +532,31 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> Node:
-        """Start ``pacs serve`` and wait until its workers accept associations."""
-        assert not self.running, "already running"
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pacs", "serve"], cwd=self.root, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        self._wait_ready()
-        return self
+        """Start ``pacs serve`` and wait until its workers accept associations.
 
-    def _wait_ready(self) -> None:
-        """Wait for the "listening" log line (all workers ready) and the listening socket.
+        A port picked by :func:`free_port` is free only when picked: another socket
+        (a client's ephemeral port on loopback, the S3 test server's own connections)
+        may take it before the node binds it.  The node then refuses to start
+        ("Address already in use"), and is started again on newly picked ports.
+        """
+        assert not self.running, "already running"
+        for _ in range(_PORT_ATTEMPTS):
+            self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "pacs", "serve"], cwd=self.root, env=self.env,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+            if self._wait_ready():
+                return self
+            for name in self._picked:
+                self.env[name] = str(free_port())
+            self.port = int(self.env["PACS_DIMSE_PORT"])
+        pytest.fail(f"pacs serve found a port taken {_PORT_ATTEMPTS} times:\n{self.log()}")
+
+    def _wait_ready(self) -> bool:
+        """Wait for the "listening" log line (all workers ready) and the listening socket;
+        False when the node stopped because a port it was to listen on was taken.
 
         The port is checked in /proc/net/tcp rather than by connecting: pynetdicom keeps
         an association whose peer connected and left without a word until the ACSE
@@ -544,10 +565,12 @@ class Node:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
+                if self._picked and "Address already in use" in self.log(since_start=True):
+                    return False
                 pytest.fail(f"pacs serve exited with {self.proc.returncode} while "
                             f"starting:\n{self.log()}")
             if " listening on " in self.log(since_start=True) and listening(self.listen_port):
-                return
+                return True
             time.sleep(0.05)
         self._kill_group()
         pytest.fail(f"pacs serve did not listen on port {self.port} within "

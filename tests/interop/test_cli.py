@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -143,3 +144,19 @@ def test_sigterm_during_transfer_loses_no_acknowledged_instance(
     assert acked <= set(index) <= {uid for _, uid in made}
     node.start()
     node.assert_serving()
+
+
+# --- the suite's node --------------------------------------------------------------------------
+
+def test_a_node_whose_port_was_taken_before_it_started_serves_on_another(
+        node_factory: Callable[..., Node]) -> None:
+    """A port picked free can be taken before the node binds it (by another socket on
+    loopback): the node refuses to start on it ("Address already in use") and the suite's
+    ``Node`` starts it again on newly picked ports."""
+    node = node_factory("port-taken", start=False)
+    taken = node.port
+    with socket.create_server(("127.0.0.1", taken)):
+        node.start()
+        assert node.port != taken
+        assert "Address already in use" in node.log()
+        node.assert_serving()
