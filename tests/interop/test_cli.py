@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
