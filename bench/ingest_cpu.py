@@ -60,6 +60,15 @@ S3_PORT = 18433
 DRAIN_TIMEOUT = 600
 
 
+def data_files(folder: Path) -> list[str]:
+    """The DICOM files of one of the harness' data sets (``gen_data.py``), sorted."""
+    files = sorted(str(p) for p in folder.rglob("*")
+                   if p.is_file() and p.name != "manifest.json")
+    if not files:
+        raise SystemExit(f"no data in {folder}: run bench/gen_data.py first")
+    return files
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of ``pid`` so far (0 once it is gone)."""
     try:
@@ -258,10 +267,7 @@ def main() -> None:
     parser.add_argument("--drain", action="store_true",
                         help="then wait for the intake to drain: seconds, mover CPU")
     args = parser.parse_args()
-    data = DATA / DATA_SETS[args.data]
-    files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
-    if not files:
-        raise SystemExit(f"no data in {data}: run bench/gen_data.py first")
+    files = data_files(DATA / DATA_SETS[args.data])
     print(f"{len(files)} {args.data} instances, {args.associations} association(s); "
           "CPU in ms per instance")
     settings = dict(item.split("=", 1) for item in args.setting)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingest_cpu import DATA, DCMTK_BIN, cpu_seconds, descendants, drained, node, role
+from ingest_cpu import DATA, DCMTK_BIN, cpu_seconds, data_files, descendants, drained, node, role
 
 #: The harness' retrieve studies (``gen_data.py``) by ``--data``.
 DATA_SETS = {"small": "retrieve/small_study", "ct": "retrieve/ct_study"}
@@ -90,9 +90,7 @@ def main() -> None:
                         help="the 500-instance small study or the 100-slice CT study")
     args = parser.parse_args()
     data = DATA / DATA_SETS[args.data]
-    files = sorted(str(p) for p in data.rglob("*") if p.is_file() and p.name != "manifest.json")
-    if not files:
-        raise SystemExit(f"no data in {data}: run bench/gen_data.py first")
+    files = data_files(data)
     study_uid = json.loads((data / "manifest.json").read_text())["studies"][0][
         "StudyInstanceUID"]
     print(f"C-GET of the {args.data} study ({len(files)} instances), {args.gets} per run")
