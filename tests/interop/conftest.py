@@ -549,6 +549,7 @@ class Node:
                     start_new_session=True)
             if self._wait_ready():
                 return self
+            self._kill_group()  # whatever it started before it found the port taken
             for name in self._picked:
                 self.env[name] = str(free_port())
             self.port = int(self.env["PACS_DIMSE_PORT"])
