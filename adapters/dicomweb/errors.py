@@ -65,6 +65,7 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.InvalidRejection, Outcome(falcon.HTTP_400, 0xC000, "Invalid rejection note")),
     (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
     (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
+    (errors.IncompleteBody, Outcome(falcon.HTTP_400, 0xC000, "Incomplete request body")),
     (errors.InvalidQuery, Outcome(falcon.HTTP_400, 0xC000, "Invalid query")),
     (errors.NotFound, Outcome(falcon.HTTP_404, 0x0110, "Not found")),
     # The frame exists but is too large to decode here (PACS_MAX_FRAME_BYTES).

@@ -31,8 +31,10 @@ failed, ``409`` when none was stored; ReferencedSOPSequence lists the stored ins
 with their RetrieveURL, FailedSOPSequence (only when not empty) the others with a
 FailureReason from :data:`adapters.dicomweb.errors.TABLE`.  A body that is not
 multipart, or a malformed body before any part completed, is ``400``/``415`` with a
-reason.  If the body breaks after some parts were stored, those stay stored and are
-reported, and the break is one more failure.
+reason; so is a body that ends short of its Content-Length or stops arriving (a single
+``application/dicom`` object cut at an element boundary would otherwise read whole).
+If the body breaks after some parts were stored, those stay stored and are reported,
+and the break is one more failure.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from pacs.core.dataset import (
     require_uid,
     valid_uid,
 )
-from pacs.core.errors import ObjectTooLarge, logged_by_core
+from pacs.core.errors import IncompleteBody, ObjectTooLarge, logged_by_core
 from pacs.core.ingest import Analysis, Received, StoreResult
 from pacs.core.services import Services
 
@@ -223,24 +225,39 @@ def body_stream(req: falcon.Request, max_request_bytes: int) -> multipart.Readab
 
 
 def single_part(stream: multipart.Readable,
-                max_part_bytes: int = multipart.MAX_PART_BYTES) -> Iterator[multipart.Part]:
+                max_part_bytes: int = multipart.MAX_PART_BYTES,
+                declared: int | None = None) -> Iterator[multipart.Part]:
     """A whole ``application/dicom`` body as one part (spooled; over ``max_part_bytes``
-    read to its end and yielded ``oversize``, with its head only)."""
+    read to its end and yielded ``oversize``, with its head only).
+
+    Raises
+    ------
+    IncompleteBody
+        The body ended before the ``declared`` Content-Length: a Part 10 object cut
+        at an element boundary still reads as a whole one, so its length is the only
+        proof that it is all there (a multipart body has its closing boundary).
+    """
     # Handed to the Part yielded below, which closes it.
     spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)  # noqa: SIM115
     size = 0
     head = b""
-    while chunk := stream.read(multipart.CHUNK_BYTES):
-        size += len(chunk)
-        if head:
-            continue  # over the limit: counted, not kept
-        if size > max_part_bytes:
+    try:
+        while chunk := stream.read(multipart.CHUNK_BYTES):
+            size += len(chunk)
+            if head:
+                continue  # over the limit: counted, not kept
+            if size > max_part_bytes:
+                spool.write(chunk)
+                spool.seek(0)
+                head = spool.read(multipart.OVERSIZE_HEAD_BYTES)
+                spool.close()
+                continue
             spool.write(chunk)
-            spool.seek(0)
-            head = spool.read(multipart.OVERSIZE_HEAD_BYTES)
-            spool.close()
-            continue
-        spool.write(chunk)
+        if declared is not None and size < declared:
+            raise IncompleteBody(f"the body ended after {size} of its {declared} bytes")
+    except BaseException:
+        spool.close()
+        raise
     if head:
         yield multipart.Part({"content-type": DICOM}, io.BytesIO(head), size, oversize=True)
         return
@@ -264,7 +281,7 @@ def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES
     limit = max_request_bytes if max_request_bytes is not None else 1 << 62
     kind, params = multipart.media_type(req.content_type or "")
     if kind == DICOM:
-        return single_part(body_stream(req, limit), max_part_bytes)
+        return single_part(body_stream(req, limit), max_part_bytes, req.content_length)
     if kind != "multipart/related":
         raise UnsupportedMedia("STOW-RS takes multipart/related; type=\"application/dicom\"")
     part_type = multipart.media_type(params.get("type", DICOM))[0]
@@ -322,8 +339,9 @@ class Store:
 
         Raises
         ------
-        MultipartError
-            A malformed body before any part completed, or a body with no parts.
+        MultipartError, IncompleteBody
+            A malformed or cut-off body before any part completed, or a body with no
+            parts.
         ObjectTooLarge
             The body passed ``PACS_MAX_REQUEST_BYTES`` (:class:`RequestTooLarge`), or
             a part too large to tell which instance it was, before any part was stored.
@@ -359,7 +377,7 @@ class Store:
                             or sum(len(part.data) for part in batch) >= BATCH_BYTES):
                         submit()
                 submit()
-            except (multipart.MultipartError, RequestTooLarge) as exc:
+            except (multipart.MultipartError, IncompleteBody, RequestTooLarge) as exc:
                 submit()  # the parts that did arrive whole are stored
                 _collect(pending, report, keep=0)
                 if report.empty or (isinstance(exc, RequestTooLarge) and not report.stored):

@@ -87,6 +87,11 @@ class InvalidRequest(PacsError):
     request without a Transaction UID, say)."""
 
 
+class IncompleteBody(InvalidRequest):
+    """A request body that ended before its end: shorter than its Content-Length, or
+    cut off when its client stopped sending.  What arrived is never taken for the whole."""
+
+
 class NotFound(PacsError):
     """The requested entity or object does not exist."""
 

@@ -127,6 +127,7 @@ from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers import base
 
 from pacs.core.config import Settings
+from pacs.core.errors import IncompleteBody
 from pacs.node import tls
 
 log = logging.getLogger(__name__)
@@ -404,8 +405,10 @@ class SpoolReader:
 
     A read returns what it asks for, waiting while the body is still arriving; it
     returns less only at the end of the body.  When the client stopped sending (the
-    spool was aborted) the body ends where it stopped, as gunicorn's own body reader
-    ends when a client goes away: the application finds the body incomplete.
+    spool was aborted, or nothing came within the timeout) a read past what arrived
+    raises :class:`~pacs.core.errors.IncompleteBody` rather than ending the body
+    there: a single ``application/dicom`` body cut at an element boundary reads as a
+    whole, shorter object, and must not be stored as one.
     """
 
     def __init__(self, spool: Spool, timeout: float) -> None:
@@ -430,6 +433,8 @@ class SpoolReader:
             while wanted != 0:
                 available = self._wait()
                 if not available:
+                    if not spool.finished:
+                        raise IncompleteBody("the request body stopped before its end")
                     break
                 take = available if wanted < 0 else min(available, wanted)
                 parts.append(spool.take(self._position, take))
@@ -1421,7 +1426,7 @@ class HttpWorker(base.Worker):
                           exc)
                 exc = BadRequest("503 Service Unavailable",
                                  "the request cannot be received now")
-            if conn.streamed:  # the application answers; the body just ends here
+            if conn.streamed:  # the application answers; its body is incomplete
                 self._abort_stream(conn)
             else:
                 self._refuse(conn, exc)
@@ -1450,8 +1455,9 @@ class HttpWorker(base.Worker):
         pool.submit(self._serve, conn, body)
 
     def _abort_stream(self, conn: Connection) -> None:
-        """A streamed body stops arriving: the application reads its end and answers
-        (the answer may not reach the client); the connection closes after it."""
+        """A streamed body stops arriving: the application's next read past what
+        arrived fails (:class:`SpoolReader`) and it answers (the answer may not reach
+        the client); the connection closes after it."""
         assert conn.spool is not None
         conn.spool.abort()
         self._unwatch(conn)

@@ -394,8 +394,8 @@ def test_stalled_request_bodies_hold_no_thread(node: Node) -> None:
     running = measured(node, "300 stalled 10 MB bodies", run, also=stow)
     assert len(running.lifetimes) >= 300
     assert min(running.lifetimes) >= TIMEOUT - 0.5
-    # 408 from the server; a body that had reached the application (streamed) ends
-    # where it stopped, and the application answers 400 (incomplete).
+    # 408 from the server; a body that had reached the application (streamed) is
+    # incomplete, and the application answers 400.
     assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 400")) for a in running.answers), \
         running.answers[:3]
     assert any(a.startswith(b"HTTP/1.1 408") for a in running.answers)
@@ -468,6 +468,30 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(
     # With Expect: 100-continue, the refusal comes instead of the 100.
     answer = raw_exchange(port_of(node), head + b"Expect: 100-continue\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer
+
+
+def test_a_single_part_body_that_stops_is_not_stored(node: Node) -> None:
+    ds = fresh_ct()
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = bytes(1024 * 1024 * 2)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    # Declared whole (2 MiB: streamed to the application), sent up to Pixel Data, an
+    # element boundary: what arrived reads as a whole object without pixels.
+    head = (b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/"
+            b"dicom\r\nAccept: application/dicom+json\r\nContent-Length: %d\r\n\r\n"
+            % len(data))
+    with connect(web_port(node)) as sock:
+        sock.sendall(head + data[:data.index(b"\xe0\x7f\x10\x00")])
+        sock.settimeout(TIMEOUT + ANSWER_WITHIN)
+        answer = b""
+        while b"before its end" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"before its end" in answer, answer[:300]
+    found = requests.get(f"{node.web_url()}/studies/{ds.StudyInstanceUID}/instances",
+                         timeout=30)
+    assert found.status_code == 404, found.text[:300]  # nothing of it stored
 
 
 def test_a_chunked_body_over_the_limit_is_refused(node: Node) -> None:

@@ -175,6 +175,21 @@ def test_single_part_application_dicom_body(client: testing.TestClient,
     assert stored(services) == {uids(data).SOPInstanceUID}
 
 
+def test_single_part_body_short_of_its_length_is_not_stored(client: testing.TestClient,
+                                                              services: Services) -> None:
+    def cut(data: bytes) -> bytes:
+        # Before Pixel Data: an element boundary, so what is left reads as a whole object.
+        return data[:data.index(b"\xe0\x7f\x10\x00")]
+
+    whole, short = instance(), instance()
+    assert post(client, cut(whole), "application/dicom").status_code == 200  # sent as such
+    result = post(client, cut(short), "application/dicom",
+                  headers={"Content-Length": str(len(short))})
+    assert result.status_code == 400
+    assert "ended after" in result.json["description"]
+    assert stored(services) == {uids(whole).SOPInstanceUID}
+
+
 # --- partial failures: 202 / 409 with reasons; refused parts are not stored --------------
 
 def test_study_mismatch_is_refused_and_not_stored(client: testing.TestClient,

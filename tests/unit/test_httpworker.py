@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from gunicorn.http.message import Request
 
+from pacs.core.errors import IncompleteBody
 from pacs.node import httpworker
 from pacs.node.httpworker import BadRequest, Budget, Chunked, Spool, Writer
 
@@ -122,12 +123,29 @@ def test_a_body_is_read_while_it_arrives(tmp_path: Path) -> None:
     assert got == [b"k" * 3000]
 
 
-def test_a_body_that_stops_arriving_ends_where_it_stopped(tmp_path: Path) -> None:
+def test_a_body_that_stops_arriving_is_incomplete(tmp_path: Path) -> None:
     spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
     spool.write(b"k" * 1000)
     reader = spool.reader(timeout=10)
+    assert reader.read(1000) == b"k" * 1000  # what arrived reads as it came
     threading.Timer(0.1, spool.abort).start()
-    assert reader.read(3000) == b"k" * 1000  # the application finds it incomplete
+    with pytest.raises(IncompleteBody):
+        reader.read(2000)
+
+
+def test_a_body_with_nothing_more_within_the_timeout_is_incomplete(tmp_path: Path) -> None:
+    spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
+    spool.write(b"k" * 1000)
+    with pytest.raises(IncompleteBody):
+        spool.reader(timeout=0.1).read()
+
+
+def test_a_finished_body_ends_without_error(tmp_path: Path) -> None:
+    spool = Spool(Budget(1 << 20), str(tmp_path), 1000)
+    spool.write(b"k" * 1000)
+    spool.finish()
+    reader = spool.reader(timeout=10)
+    assert reader.read() == b"k" * 1000
     assert reader.read() == b""
 
 
