@@ -478,7 +478,9 @@ class Ingest:
         failures = put_many(self.store.backend, [(plans[n].key, items[n]) for n in direct])
         written = [n for n in plans if self.journaled(len(items[n]))]
         for number, failure in zip(direct, failures, strict=True):
-            if failure is not None:
+            if failure is not None:  # it may have replaced the previous object: undone
+                self._undo_put(plans[number].key, plans[number].existing,
+                               plans[number].previous)
                 results[number] = failure
             else:
                 written.append(number)
@@ -505,8 +507,10 @@ class Ingest:
         if staging is None:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
-            staging.place(plan.key)
             try:
+                # A place that fails may have renamed the object over the previous one
+                # already (its folder's fsync failed after): undone like a failed commit.
+                staging.place(plan.key)
                 self.index.commit(work)
             except BaseException:
                 self._undo_put(plan.key, plan.existing, plan.previous)
@@ -588,7 +592,8 @@ class Ingest:
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None) -> None:
-        """After a failed commit, leave the store as the index still describes it."""
+        """After a failed write or commit, leave the store as the index still
+        describes it: the previous object back at its key, or no object at a new key."""
         backend = self.store.backend  # the intake is as the failed commit left it
         try:
             if existing is not None and existing.object_key == key and previous is not None:

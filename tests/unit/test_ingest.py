@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import threading
 import time
@@ -24,6 +25,8 @@ from pacs.core.errors import (
 from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
 from pacs.core.services import Services, drain
+from pacs.core.storage import filesystem
+from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
@@ -168,6 +171,40 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
     monkeypatch.setattr(writer, "upsert", broken)
     with pytest.raises(IndexFailure):
         services.ingest.store_bytes(_bytes(StudyDescription="changed"))
+    assert list(_stored(services).values()) == [first]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
+        make_services: Callable[..., Services], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+    """The folder store renames the new object over the previous one, then fsyncs the
+    folder; when that fsync fails the sender is refused, and the previous object (the
+    one the index still describes) is back at its key."""
+    store = FileStore(tmp_path / "objects")
+    services = make_services(store=store, intake_object_bytes=0)
+    first = _bytes()
+    services.ingest.store_bytes(first)
+    key = _row(services, dcmread(DicomBytesIO(first)).SOPInstanceUID).object_key
+    real_fsync_dir = filesystem._fsync_dir
+    failures = iter([OSError(errno.EIO, "simulated")])
+
+    def fsync_dir_failing_once(path: Path) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(filesystem, "_fsync_dir", fsync_dir_failing_once)
+    second = _bytes(StudyDescription="changed")
+    if batch:
+        assert isinstance(services.ingest.store_batch([Received.of(second)])[0],
+                          StorageError)
+    else:
+        with pytest.raises(StorageError):
+            services.ingest.store_bytes(second)
+    assert next(failures, None) is None  # the failure did happen where intended
+    assert (tmp_path / "objects" / key).read_bytes() == first
     assert list(_stored(services).values()) == [first]
 
 

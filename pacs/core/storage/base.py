@@ -54,7 +54,13 @@ class ObjectStore(Protocol):
     """
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
-        """Store ``length`` bytes read from ``source`` under ``key``, durably."""
+        """Store ``length`` bytes read from ``source`` under ``key``, durably.
+
+        A :class:`~pacs.core.errors.StorageError` means the new bytes are not durable;
+        they may already be what ``key`` holds (a folder's fsync failing after the
+        rename, an S3 PUT completing after its timeout), so a caller that replaced an
+        object puts the previous one back.
+        """
 
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the object's bytes; the caller closes it.
@@ -134,7 +140,9 @@ class Staged(Protocol):
         Raises
         ------
         StorageError
-            The staging or the placing failed: no object at ``key`` was written.
+            The staging or the placing failed: the object at ``key`` is not durable,
+            and may have been replaced (a rename whose folder fsync failed), as with a
+            failed :meth:`ObjectStore.put`; the caller restores what it had.
         """
 
     def discard(self) -> None:
