@@ -480,7 +480,7 @@ def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
     """A staged object is written durably (``O_DSYNC``) into a temporary file at the
     root, which a crash leaves for start-up to remove; placing it waits for that write,
     renames the file and fsyncs its folder, and each folder created for it in its
-    parent."""
+    parent; the root, found there (``check`` made it), is fsynced in its parent too."""
     store = FileStore(tmp_path / "objects")
     store.check()
     opened: dict[str, int] = {}
@@ -504,10 +504,35 @@ def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
         staging.place(KEY)
     store.close()
     study, series = KEY.split("/")[:2]
-    assert synced == [str(store.root), str(store.root / study),
+    assert synced == [str(store.root.parent), str(store.root), str(store.root / study),
                       str(store.root / study / series)]
     assert read_all(store, KEY) == b"staged"
     assert store.temporaries() == []
+
+
+def test_file_store_fsyncs_a_folder_it_finds_in_its_parent_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder made by another writer (a process of the node) may not be fsynced in
+    its parent yet: before the first object goes into it, this store fsyncs that
+    parent; the next objects find the folder known."""
+    store = FileStore(tmp_path / "objects")
+    study, series = KEY.split("/")[:2]
+    (store.root / study / series).mkdir(parents=True)  # the other writer's, not synced
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.put(KEY, io.BytesIO(b"one"), 3)
+    folders = [path for path in synced if Path(path).is_dir()]
+    assert folders == [str(store.root / study), str(store.root / study / series)]
+    synced.clear()
+    store.put(OTHER_KEY, io.BytesIO(b"two"), 3)
+    assert [path for path in synced if Path(path).is_dir()] == [
+        str(store.root / study / series)]
 
 
 # --- S3Store only -------------------------------------------------------------------

@@ -53,6 +53,7 @@ class FileStore:
         self.root = root
         self.quarantine_root = quarantine_root or root.parent / "quarantine"
         self._stagers = Offload(_SYNC_THREADS, "store-stage")
+        self._folders = _DurableFolders()
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -66,7 +67,7 @@ class FileStore:
         path = self._path(key)
         tmp_name = None
         try:
-            _make_folders(path.parent)
+            self._folders.make(path.parent)
             fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
             with os.fdopen(fd, "wb") as out:
                 copied = _copy(source, out, length)
@@ -141,7 +142,7 @@ class FileStore:
         """Write ``data`` to a temporary file beside its final place; (path, temp)."""
         path = self._path(key)
         try:
-            _make_folders(path.parent)
+            self._folders.make(path.parent)
         except OSError as exc:
             raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
         return path, _temporary(path.parent, data)
@@ -159,7 +160,7 @@ class FileStore:
         """
         written: Future[str]
         try:
-            _make_folders(self.root)
+            self._folders.make(self.root)
             fd, tmp_name = _synced_temporary(self.root)
         except OSError as exc:
             written = Future()
@@ -228,7 +229,7 @@ class FileStore:
         source = self._path(key)
         target = self.quarantine_root / quarantine_folder(folder) / key
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.make(target.parent)
             if target.exists():
                 raise StorageError("the quarantine already holds this object")
             try:
@@ -310,7 +311,7 @@ class _StagedFile:
         path = self._store._path(key)
         tmp_name = self._written.result()  # its StorageError, if the write failed
         try:
-            _make_folders(path.parent)
+            self._store._folders.make(path.parent)
             os.replace(tmp_name, path)
             self._done = True
             _fsync_dir(path.parent)
@@ -371,15 +372,39 @@ def _write_synced(fd: int, tmp_name: str, data: bytes) -> str:
     return tmp_name
 
 
+class _DurableFolders:
+    """The folders a store knows to be durable in their parents, so that an object
+    renamed into one survives a crash with its whole path.
+
+    A folder found already there may be another writer's (a process of the node)
+    that has made it and not yet fsynced its parent: its parent is fsynced once, then
+    the folder is remembered (up to ``limit`` of them; forgetting costs one more
+    fsync of a clean folder, never durability).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._known: dict[Path, None] = {}
+        self._limit = limit
+
+    def make(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents, durably (:class:`OSError` if not)."""
+        if folder in self._known:
+            return
+        _make_folders(folder)
+        if len(self._known) >= self._limit:
+            self._known.clear()
+        self._known[folder] = None
+
+
 def _make_folders(folder: Path) -> None:
-    """Create ``folder`` and its missing parents, each new one fsynced in its parent, so
-    that an object renamed into it survives a crash with its whole path."""
-    if folder.is_dir():
-        return
+    """Create ``folder`` and its missing parents, each fsynced in its parent (one that
+    was there already too: another writer may not have fsynced it yet)."""
     missing = []
     while not folder.is_dir():
         missing.append(folder)
         folder = folder.parent
+    if not missing:
+        _fsync_dir(folder.parent)
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by another writer meanwhile,
             new.mkdir()                             # perhaps not yet fsynced: fsync it
