@@ -455,6 +455,60 @@ def test_empty_fragments_keep_what_is_held_bounded(services: Services,
     assert max(held) <= limits.COMMAND_CEILING + len(empty_command)
 
 
+@seam_only("the node's own reading of C-STORE requests")
+def test_one_byte_fragments_are_held_as_the_bytes_they_carry(
+        services: Services, counted: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data set sent one byte per fragment is stored whole, and what the node holds
+    for it is a few buffers, not one per fragment (each would cost a hundred times the
+    byte it holds)."""
+    kept: list[int] = []
+    original = inbound._DataSet.add
+
+    def watched(self: inbound._DataSet, fragment: memoryview, last: bool) -> None:
+        original(self, fragment, last)
+        kept.append(len(self.fragments))
+
+    monkeypatch.setattr(inbound._DataSet, "add", watched)
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, data = instance(1)
+        fragments = [pdv(CT_CONTEXT, 0x00, data[i:i + 1]) for i in range(len(data) - 1)]
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 71)))
+                         + b"".join(pdu(*fragments[i:i + 500])
+                                    for i in range(0, len(fragments), 500))
+                         + pdu(pdv(CT_CONTEXT, 0x02, data[-1:])))
+            assert read_response(sock)[0x00000900] == 0x0000
+        assert counted == [uid]
+        assert stored(services, store)[uid] == data
+    assert len(kept) == len(data) and max(kept) == 1
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_padding_the_sop_class_differently_does_not_grow_what_is_cached(
+        services: Services, counted: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    readers: list[inbound._Reader] = []
+    original = inbound._Reader._context
+
+    def watched(self: inbound._Reader, fields: dict[int, bytes], context_id: int,
+                field: int) -> tuple[str, str]:
+        readers.append(self)
+        return original(self, fields, context_id, field)
+
+    monkeypatch.setattr(inbound._Reader, "_context", watched)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            for number in range(20):
+                padded = CTImageStorage + "\0" * (2 * number)  # a UID all the same
+                message = command(C_STORE_RQ, padded, 80 + number, sop_instance=uid)
+                sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, message), pdv(CT_CONTEXT, 0x02, data)))
+                assert read_response(sock)[0x00000900] == 0x0000
+        assert len(counted) == 20
+    assert readers and all(len(reader.contexts) == 1 for reader in readers)
+
+
 @seam_only("the node's own reading of C-FIND requests")
 def test_find_requests_read_from_the_socket(services: Services, counted: list[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:

@@ -226,9 +226,10 @@ class _Reader:
         #: The rest of a PDU that went on after a data set's last fragment, rebuilt as
         #: a PDU of its own for pynetdicom.
         self.leftover = b""
-        #: What :meth:`_context` found, by context ID and SOP Class UID as received
-        #: (the negotiated contexts do not change during the association).
-        self.contexts: dict[tuple[int, bytes, int], tuple[str, str] | tuple[()]] = {}
+        #: What :meth:`_context` found, by context ID, SOP Class UID (unpadded) and
+        #: request (the negotiated contexts do not change during the association).
+        #: Only contexts found are kept: at most one SOP Class per context and request.
+        self.contexts: dict[tuple[int, bytes, int], tuple[str, str]] = {}
 
     # -- between messages --
 
@@ -456,13 +457,15 @@ class _Reader:
         C-FIND-RQ) on ``context_id``; :class:`_HandBack` unless that is an accepted
         context of the request's SOP Class, one that this path serves for that request
         and not one of common extended negotiation."""
-        key = (context_id, fields.get(_SOP_CLASS, b""), field)
+        # Keyed on the value without its padding, and misses not kept: a peer varying
+        # the padding, or sending UIDs of no context, must not grow the cache.
+        key = (context_id, fields.get(_SOP_CLASS, b"").rstrip(b"\0 "), field)
         found = self.contexts.get(key)
         if found is None:
-            found = self.contexts[key] = self._look_up(_ui(fields, _SOP_CLASS), context_id,
-                                                       field)
-        if not found:
-            raise _HandBack
+            looked_up = self._look_up(_ui(fields, _SOP_CLASS), context_id, field)
+            if not looked_up:
+                raise _HandBack
+            found = self.contexts[key] = looked_up
         return found
 
     def _look_up(self, sop_class: str, context_id: int,
@@ -602,11 +605,17 @@ def _pynetdicom_holds_one(assoc: Association) -> bool:
 
 class _DataSet:
     """A data set's fragments, kept up to the object limit and counted past it (as
-    :class:`pacs.dimse.limits.CappedBuffer` does for pynetdicom's buffers)."""
+    :class:`pacs.dimse.limits.CappedBuffer` does for pynetdicom's buffers).
+
+    A large fragment is kept as a view of its PDU (no copy); small ones are copied
+    together, so that what a data set holds stays close to its bytes: a view costs
+    about 200 bytes of its own, and a peer sending one-byte fragments would otherwise
+    make the node hold 200 times the bytes it sent.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.fragments: list[memoryview] = []
+        self.fragments: list[memoryview | bytearray] = []
         self.received = 0
         self.complete = False
 
@@ -614,14 +623,24 @@ class _DataSet:
         self.received += len(fragment)
         if self.limit > 0 and self.received > self.limit:
             self.fragments.clear()  # over the limit: answered A700, nothing kept
-        elif fragment:  # empty ones, kept, would grow the list without end
+        elif len(fragment) >= _VIEWED_FRAGMENT_BYTES:
             self.fragments.append(fragment)
+        elif fragment:
+            last_kept = self.fragments[-1] if self.fragments else None
+            if isinstance(last_kept, bytearray):
+                last_kept += fragment
+            else:
+                self.fragments.append(bytearray(fragment))
         self.complete = last
 
     def value(self) -> bytes:
         if len(self.fragments) == 1:
             return bytes(self.fragments[0])
         return b"".join(self.fragments)
+
+
+#: Fragments from this size on are kept as views of their PDU, smaller ones copied.
+_VIEWED_FRAGMENT_BYTES = 4096
 
 
 #: Priority (0000,0700), required in a C-STORE-RQ (PS3.7 9.3.1.1).
