@@ -130,6 +130,7 @@ def handle_store(event: Event, services: Services, audits: Audits | None = None)
         sop_class_uid=str(request.AffectedSOPClassUID or ""),
         sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         transfer_syntax=str(event.context.transfer_syntax),
+        abstract_syntax=str(event.context.abstract_syntax),
         calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=received,
         limit=services.settings.max_object_bytes), _audit(event, audits))
     return status_dataset(status)

@@ -72,6 +72,7 @@ CODES: dict[int, tuple[str, str]] = {
     0x0115: ("Invalid argument value", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
     0x0117: ("Invalid SOP Instance", "PS3.7 C.5"),
     0x0118: ("No such SOP Class", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
+    0x0122: ("Refused: SOP Class not supported", "PS3.7 C.5, 9.1.1.1.9"),
     0x0123: ("No such action", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
     0x0124: ("Refused: not authorized", "PS3.7 C.5.21"),
     0x0213: ("Resource limitation", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
@@ -94,6 +95,9 @@ IDENTIFIER_DOES_NOT_MATCH = Status(0xA900)
 UNABLE_TO_PROCESS = Status(0xC000)
 PROCESSING_FAILURE = Status(0x0110)
 INVALID_SOP_INSTANCE = Status(0x0117)
+#: A C-STORE request whose Affected SOP Class is not its presentation context's: the
+#: context is what the association negotiated for that class (PS3.8 7.1.1.13).
+SOP_CLASS_NOT_SUPPORTED = Status(0x0122)
 #: N-ACTION failures (PS3.7 10.1.4.1.10): the requested instance, class or action is not
 #: one the service has, an argument is missing or wrong, a bound is reached.
 NO_SUCH_SOP_INSTANCE = Status(0x0112)

@@ -31,7 +31,14 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from pacs.core.access import OVERWRITE, STORE
 from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError, logged_by_core
-from pacs.dimse.status import NOT_AUTHORIZED, STORE_STATUS, SUCCESS, Status, status_for
+from pacs.dimse.status import (
+    NOT_AUTHORIZED,
+    SOP_CLASS_NOT_SUPPORTED,
+    STORE_STATUS,
+    SUCCESS,
+    Status,
+    status_for,
+)
 
 if TYPE_CHECKING:
     from pacs.core.services import Services
@@ -50,6 +57,8 @@ class StoreRequest:
         Affected SOP Class UID (0000,0002) and Affected SOP Instance UID (0000,1000).
     transfer_syntax :
         The transfer syntax of the request's presentation context.
+    abstract_syntax :
+        The SOP Class of the request's presentation context.
     calling_ae_title :
         The sender's AE title.
     data_set :
@@ -64,6 +73,7 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    abstract_syntax: str
     calling_ae_title: str
     data_set: bytes
     received: int
@@ -88,6 +98,10 @@ def store(services: Services, request: StoreRequest,
 def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
     """The status, and the Study Instance UID of the instance stored ("" on failure)."""
     calling = request.calling_ae_title
+    if request.sop_class_uid != request.abstract_syntax:
+        log.warning("C-STORE from %s refused: its SOP Class is not its context's", calling)
+        return SOP_CLASS_NOT_SUPPORTED.with_comment(
+            "the Affected SOP Class UID is not its presentation context's"), ""
     policy = services.access
     if not policy.may(calling, STORE):
         log.warning("C-STORE from %s refused: the AE may not store", calling)

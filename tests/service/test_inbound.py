@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
@@ -328,6 +328,25 @@ def test_a_data_set_on_another_context_aborts(services: Services) -> None:
         assert uid not in stored(services, store)
     with association(services) as (assoc, _):
         assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("requests written on the peer's lent socket")
+def test_a_store_of_another_sop_class_than_its_context_is_refused(
+        services: Services) -> None:
+    """A C-STORE request whose Affected SOP Class is not its presentation context's
+    (an MR instance on the CT context) is answered 0122 and not stored; the
+    association goes on."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, data = instance(1)
+        mr_data = data.replace(CTImageStorage.encode(), MRImageStorage.encode())
+        mr_command = command(C_STORE_RQ, MRImageStorage, 91, sop_instance=uid)
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, mr_command), pdv(CT_CONTEXT, 0x02, mr_data)))
+            assert read_response(sock)[0x00000900] == 0x0122
+        assert send(assoc, 2) == 0x0000
+        found = stored(services, store)
+        assert uid not in found and instance(2)[0] in found
 
 
 @seam_only("the node's own reading of C-STORE requests")

@@ -15,7 +15,12 @@ from typing import Any, BinaryIO
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pynetdicom.dsutils import decode, encode
 
 from pacs.core import access, config, errors
@@ -155,7 +160,8 @@ def test_serve_find_stops_when_the_requestor_is_gone(services: Services) -> None
 def _store_request(data: bytes, **changes: Any) -> storage.StoreRequest:
     header = 132 + 12 + int.from_bytes(data[140:144], "little")  # preamble, meta group
     fields = {"sop_class_uid": CTImageStorage, "sop_instance_uid": "1.2.8.1",
-              "transfer_syntax": ExplicitVRLittleEndian, "calling_ae_title": "SCU",
+              "transfer_syntax": ExplicitVRLittleEndian, "abstract_syntax": CTImageStorage,
+              "calling_ae_title": "SCU",
               "data_set": data[header:], "received": len(data) - header, "limit": 1 << 20}
     fields.update(changes)
     return storage.StoreRequest(**fields)
@@ -176,6 +182,7 @@ def test_store_answers_success_once_stored(services: Services) -> None:
     ({"sop_instance_uid": "1.2.8.2"}, 0xA900),        # command and data set disagree
     ({"sop_instance_uid": "1.2.x"}, 0x0117),          # not a UID
     ({"data_set": b"\x08\x00\x16\x00"}, 0xC000),      # truncated
+    ({"abstract_syntax": MRImageStorage}, 0x0122),    # on another SOP Class's context
 ])
 def test_store_refusals(services: Services, changes: dict[str, Any], code: int) -> None:
     data = make_instance(SOPInstanceUID="1.2.8.1" if code != 0x0117 else "1.2.x")

@@ -332,7 +332,8 @@ class _Reader:
             self._add(data, self._pdvs(body, _Broken), context_id, body, _Broken)
         request = storage.StoreRequest(
             sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-            transfer_syntax=transfer_syntax, calling_ae_title=self.assoc.requestor.ae_title,
+            transfer_syntax=transfer_syntax, abstract_syntax=sop_class,  # _context found it
+            calling_ae_title=self.assoc.requestor.ae_title,
             data_set=data.value(), received=data.received, limit=self.limit)
         return _Store(_StoreCommand(message_id, sop_class, sop_instance), context_id, request)
 

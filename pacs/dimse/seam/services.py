@@ -161,6 +161,7 @@ def _store_request(assoc: Association, req: C_STORE, context: PresentationContex
         sop_class_uid=str(req.AffectedSOPClassUID or ""),
         sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
         transfer_syntax=str(context.transfer_syntax[0]),
+        abstract_syntax=str(context.abstract_syntax or ""),
         calling_ae_title=assoc.requestor.ae_title, data_set=data, received=received,
         limit=limit)
 
