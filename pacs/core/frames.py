@@ -255,13 +255,23 @@ def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
 
 
 def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
-    """A frame of 1-bit pixels that does not start on a byte (PS3.5 8.1.1): repacked."""
+    """A frame of 1-bit pixels whose size is not whole bytes (PS3.5 8.1.1): frames
+    follow each other bit after bit, so one may start inside a byte.  Only the bytes
+    that hold the frame's bits are read and unpacked (eight times their size), then
+    repacked from the frame's first bit."""
     assert lay.pixel_offset is not None and lay.pixel_length is not None
-    source.seek(lay.pixel_offset)
-    bits = np.unpackbits(np.frombuffer(source.read(lay.pixel_length), np.uint8),
-                         bitorder="little")
     size = lay.frame_bits
-    return np.packbits(bits[(number - 1) * size:number * size], bitorder="little").tobytes()
+    first = (number - 1) * size
+    start, end = first // 8, -(-(first + size) // 8)
+    if end > lay.pixel_length:
+        raise UnreadableData("the pixel data is shorter than its frames")
+    source.seek(lay.pixel_offset + start)
+    data = source.read(end - start)
+    if len(data) != end - start:
+        raise UnreadableData("the stored object is truncated")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+    skip = first - start * 8
+    return np.packbits(bits[skip:skip + size], bitorder="little").tobytes()
 
 
 def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:

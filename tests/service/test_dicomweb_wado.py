@@ -374,6 +374,20 @@ def test_compressed_frames_as_image_media_type(client: testing.TestClient, put: 
     assert refused.status_code == 406
 
 
+def test_one_bit_frames_that_start_inside_a_byte(client: testing.TestClient,
+                                                 services: Services) -> None:
+    """PS3.5 8.1.1: 5 x 7 one-bit pixels are 35 bits a frame, packed one after the
+    other; each frame is sent repacked from its own first bit."""
+    pixels = np.random.default_rng(3).integers(0, 2, size=(6, 35), dtype=np.uint8)
+    ds = fresh("CT_small.dcm", Rows=5, Columns=7, NumberOfFrames=6, BitsAllocated=1,
+               BitsStored=1, HighBit=0, PixelRepresentation=0)
+    ds.PixelData = np.packbits(pixels.ravel(), bitorder="little").tobytes()
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds) + "/frames/2,5,1", headers={"Accept": OCTET_FRAMES})
+    assert [c for _, c in parts(result)] == [
+        np.packbits(pixels[n - 1], bitorder="little").tobytes() for n in (2, 5, 1)]
+
+
 def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("emri_small.dcm")
     assert client.simulate_get(url(ds) + "/frames/11").status_code == 404
