@@ -22,7 +22,9 @@ Answers:
   comes from the Accept header (8.7.3.5.1): ``*`` sends the stored bytes; none asked
   means Explicit VR Little Endian (8.7.3.5.2, Table 8.7.3-2), converted when stored
   otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
-  streamed from the store, one chunk at a time, and conversions hold one instance;
+  streamed from the store, one chunk at a time, and conversions hold one instance.  A
+  bare ``application/dicom`` (one part, no multipart) answers an instance only: for a
+  study or series it is ignored, and ``406`` when nothing else is accepted (10.4.4);
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
   (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin;
 - frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
@@ -168,6 +170,10 @@ class Instances:
         """Every instance under the path, one part each, streamed."""
         refs = instances(self.services, study, series, instance)
         ranges = accept.from_request(req)
+        if instance is None:
+            ranges = multipart_ranges(ranges)
+            if not ranges:
+                raise Unacceptable("a study or series is sent as multipart/related only")
         plan = [(ref, instance_syntax(ranges, ref.transfer_syntax)) for ref in refs]
         if any(syntax is None for _, syntax in plan):
             raise Unacceptable("no acceptable transfer syntax can be produced for every "
@@ -202,6 +208,17 @@ class Instances:
 def _single_part(ranges: Sequence[MediaRange]) -> bool:
     """True when the best alternative is a bare ``application/dicom`` (no multipart)."""
     return bool(ranges) and ranges[0].kind == DICOM
+
+
+def multipart_ranges(ranges: Sequence[MediaRange]) -> list[MediaRange]:
+    """The alternatives a study or series can be answered with: multipart ones.
+
+    PS3.18 10.4.4: a single part media type (``application/dicom`` without
+    ``multipart/related``) is for individual Instance Resources only; for other
+    resources the origin server ignores it, and when no media type remains answers
+    406 (Not Acceptable, 8.7.8.1).  ``*/*`` stays: it admits ``multipart/related``.
+    """
+    return [media for media in ranges if media.multipart or media.kind == ANY]
 
 
 # --- metadata -------------------------------------------------------------------------

@@ -204,6 +204,24 @@ def test_study_and_series_stream_every_instance(client: testing.TestClient, put:
     assert len(parts(series)) == 2
 
 
+def test_single_part_dicom_is_for_an_instance_only(client: testing.TestClient,
+                                                   put: Put) -> None:
+    """PS3.18 10.4.4: ``application/dicom`` without multipart/related is for individual
+    Instance Resources; for a study or series it is ignored, and 406 when nothing else
+    is acceptable - even when the study holds one instance."""
+    ds, data = put("CT_small.dcm")
+    single = {"Accept": "application/dicom"}
+    for level in ("study", "series"):
+        assert client.simulate_get(url(ds, level), headers=single).status_code == 406, level
+    one = client.simulate_get(url(ds), headers=single)
+    assert one.status_code == 200
+    assert one.headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
+    assert one.content == data
+    either = {"Accept": f"application/dicom, {DICOM_ACCEPT}; q=0.5"}
+    [(_, content)] = parts(client.simulate_get(url(ds, "study"), headers=either))
+    assert content == data
+
+
 def test_unknown_and_malformed_uids(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("CT_small.dcm")
     assert client.simulate_get("/studies/1.2.3.4").status_code == 404
