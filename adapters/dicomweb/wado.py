@@ -32,8 +32,8 @@ Answers:
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
   ``transfer-syntax=*``.  ``type="*/*"`` (dicomweb-client's default) is answered with
   uncompressed frames, or stored ones when no decoder exists;
-- unknown study, series, instance or frame: ``404``; a malformed UID or frame list:
-  ``400``.
+- unknown study, series, instance or frame: ``404``; a malformed UID or frame list,
+  or one that names a frame twice: ``400``.
 """
 
 from __future__ import annotations
@@ -328,6 +328,7 @@ class Frames:
                instance: str, frames: str) -> None:
         """The listed frames, one part each, in the order asked."""
         numbers = frame_numbers(frames)
+        check_distinct(numbers)
         doc = one_document(self.services, study, series, instance)
         lay = pixels.layout(doc)
         pixels.check_numbers(lay, numbers)
@@ -335,6 +336,22 @@ class Frames:
         if plan is None:
             raise Unacceptable("the frames cannot be sent in any accepted media type")
         send_frames(self.services, resp, doc, lay, numbers, plan)
+
+
+def check_distinct(numbers: Sequence[int]) -> None:
+    """Refuse a frame list that names a frame twice.
+
+    PS3.18 6.5.4 (RetrieveFrames, as the 2017 editions number it): the frame list is
+    "a comma or %2C separated list of one or more non duplicate frame numbers".  A
+    repeated number would also make one request send one frame any number of times.
+
+    Raises
+    ------
+    InvalidQuery
+        When a number is repeated (400).
+    """
+    if len(set(numbers)) != len(numbers):
+        raise InvalidQuery("the frame list names a frame more than once")
 
 
 def send_frames(services: Services, resp: falcon.Response, doc: metadata.Document,

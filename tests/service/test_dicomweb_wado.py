@@ -406,6 +406,16 @@ def test_one_bit_frames_that_start_inside_a_byte(client: testing.TestClient,
         np.packbits(pixels[n - 1], bitorder="little").tobytes() for n in (2, 5, 1)]
 
 
+def test_a_frame_listed_twice_is_400(client: testing.TestClient, put: Put) -> None:
+    """PS3.18 6.5.4 (2017 editions): a frame list holds non duplicate frame numbers."""
+    ds, _ = put("emri_small.dcm")
+    for frames in ("1,1", "2,1,2", ",".join(["1"] * 400)):
+        result = client.simulate_get(url(ds) + f"/frames/{frames}",
+                                     headers={"Accept": "application/octet-stream"})
+        assert result.status_code == 400, frames
+    assert client.simulate_get(url(ds) + "/frames/2,1").status_code == 200
+
+
 def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("emri_small.dcm")
     assert client.simulate_get(url(ds) + "/frames/11").status_code == 404
