@@ -23,7 +23,8 @@ Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
 (ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
 data is read (a deflated or big endian data set), checked before any decoder runs or
 any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
-65535 RGB frame (12 GB) in a few bytes.
+65535 RGB frame (12 GB) in a few bytes.  :func:`check_frames` makes the same checks
+before any frame is read, so that a retrieval refuses them in its status line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
@@ -210,6 +211,54 @@ def _basic_offsets(source: BinaryIO, lay: Layout) -> bool:
     return len(head) < 8 or head[:4] != _ITEM_TAG or head[4:] != bytes(4)
 
 
+#: How a frame is produced: its fragments as stored (encapsulated), cut from the stored
+#: native pixel data, or decoded by pydicom.
+Production = Literal["fragments", "slice", "decode"]
+
+
+def production(lay: Layout, stored: bool) -> Production:
+    """How the frames of ``lay`` are produced, as stored (``stored``) or native.
+
+    Decided once per request, so that what is checked before answering
+    (:func:`check_frames`, :func:`frame_syntax`, :func:`frame_length`) is what
+    :func:`stored_frames` and :func:`native_frames` then do.
+    """
+    if stored and lay.encapsulated and lay.pixel_offset is not None:
+        return "fragments"
+    if lay.sliceable:
+        return "slice"
+    return "decode"
+
+
+def frame_syntax(lay: Layout, stored: bool) -> str:
+    """The transfer syntax every frame is sent in: the stored one for stored
+    fragments, :data:`NATIVE_SYNTAX` for native frames (cut or decoded)."""
+    return lay.transfer_syntax if production(lay, stored) == "fragments" else NATIVE_SYNTAX
+
+
+def frame_length(lay: Layout, stored: bool) -> int | None:
+    """Bytes of each frame when known before any is read (frames cut from native pixel
+    data: ceil(frame bits / 8)); ``None`` for fragments and decoded frames."""
+    return -(-lay.frame_bits // 8) if production(lay, stored) == "slice" else None
+
+
+def check_frames(lay: Layout, stored: bool, max_frame_bytes: int) -> None:
+    """Refuse now what :func:`decoded` would refuse frame by frame, from the declared
+    sizes alone (module docstring): a response can still say so in its status line.
+
+    Raises
+    ------
+    FrameTooLarge
+        The frames are decoded and one is declared larger than ``max_frame_bytes``,
+        or a deflated data set (read whole) declares all of them larger.
+    """
+    if production(lay, stored) != "decode":
+        return
+    check_decodable(lay.decoded_bytes, max_frame_bytes)
+    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian and not lay.encapsulated:
+        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+
+
 def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
                   max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
     """Frames as stored: ``(bytes, transfer syntax UID)`` per frame number.
@@ -217,24 +266,27 @@ def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
     ``source`` is the stored object, seekable.  Native frames of syntaxes that cannot
     be sliced (deflated, big endian) are decoded instead, within ``max_frame_bytes``.
     """
-    for number in numbers:
-        if lay.encapsulated and lay.pixel_offset is not None:
-            yield _fragments(source, lay, number), lay.transfer_syntax
-        elif lay.sliceable:
-            yield _slice(source, lay, number), NATIVE_SYNTAX
-        else:
-            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+    yield from _produced(source, lay, numbers, True, max_frame_bytes)
 
 
 def native_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
                   max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
     """Frames as uncompressed Explicit VR Little Endian pixels (decoded if need be,
     within ``max_frame_bytes``)."""
+    yield from _produced(source, lay, numbers, False, max_frame_bytes)
+
+
+def _produced(source: BinaryIO, lay: Layout, numbers: Sequence[int], stored: bool,
+              max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Each frame of ``numbers``, produced as :func:`production` says, one at a time."""
+    how, syntax = production(lay, stored), frame_syntax(lay, stored)
     for number in numbers:
-        if lay.sliceable:
-            yield _slice(source, lay, number), NATIVE_SYNTAX
+        if how == "fragments":
+            yield _fragments(source, lay, number), syntax
+        elif how == "slice":
+            yield _slice(source, lay, number), syntax
         else:
-            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), syntax
 
 
 def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
