@@ -64,7 +64,7 @@ from adapters.dicomweb.negotiation import accepts_json
 from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
-from pacs.core.errors import InvalidQuery, NotFound, PacsError
+from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
 from pacs.core.storage import open_ranged
@@ -131,6 +131,25 @@ def object_chunks(services: Services, key: str) -> Iterator[bytes]:
     """A stored object, streamed in :data:`CHUNK_BYTES` chunks."""
     with services.store.open(key) as stream:
         while chunk := stream.read(CHUNK_BYTES):
+            yield chunk
+
+
+def value_chunks(services: Services, key: str, offset: int,
+                 length: int) -> Iterator[bytes]:
+    """``length`` bytes of a stored object from ``offset``, :data:`CHUNK_BYTES` at a time.
+
+    Raises
+    ------
+    UnreadableData
+        When the object ends first.
+    """
+    with open_ranged(services.store, key) as source:
+        source.seek(offset)
+        while length > 0:
+            chunk = source.read(min(CHUNK_BYTES, length))
+            if not chunk:
+                raise UnreadableData("the stored object is truncated")
+            length -= len(chunk)
             yield chunk
 
 
@@ -494,7 +513,9 @@ class Bulkdata:
     ``00880200/1/7FE00010`` inside item 1 of a sequence.  Pixel data is answered as
     its frames (as the Frames resource would, one part per frame); any other value as
     its bytes, little endian, in one ``application/octet-stream`` part (or alone when
-      the client asks for ``application/octet-stream`` without multipart).
+    the client asks for ``application/octet-stream`` without multipart).  Float and
+    Double Float Pixel Data are streamed from the stored object, where ingest found
+    them (they follow the header the other values are read from).
     """
 
     def __init__(self, services: Services) -> None:
@@ -516,13 +537,23 @@ class Bulkdata:
             return
         if not any(m.allows(OCTET) for m in ranges):
             raise Unacceptable("bulk data is sent as application/octet-stream")
-        data = self._value(doc, steps)
+        body: bytes | Iterator[bytes]
+        if len(steps) == 1 and steps[0] in pixels.FLOAT_PIXEL_TAGS:
+            offset, length = pixels.pixel_value_place(doc, steps[0])
+            body = started(value_chunks(self.services, doc.object_key, offset, length))
+        else:
+            body = self._value(doc, steps)
+            length = len(body)
         if not ranges[0].multipart and ranges[0].kind != ANY:
             resp.content_type = OCTET
-            resp.data = data
+            if isinstance(body, bytes):
+                resp.data = body
+                return
+            resp.content_length = length
+            resp.stream = sent(body, req.path)
             return
         send_multipart(resp, OCTET, [({"Content-Type": OCTET,
-                                       "Content-Length": str(len(data))}, data)], req.path)
+                                       "Content-Length": str(length)}, body)], req.path)
 
     def _value(self, doc: metadata.Document, steps: Sequence[int]) -> bytes:
         # The header is enough (the metadata lists no element after the pixel data),

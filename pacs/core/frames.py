@@ -171,6 +171,32 @@ def _extended_offsets(data: dict[str, Any]) -> tuple[bytes, bytes] | None:
     return None
 
 
+#: Float Pixel Data and Double Float Pixel Data: pixel data elements without frames of
+#: their own here, sent as bulk data values.
+FLOAT_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009})
+
+
+def pixel_value_place(doc: Document, tag: int) -> tuple[int, int]:
+    """Where the value of pixel data element ``tag`` lies in the stored object:
+    ``(offset, length)``.
+
+    Ingest records the place of the object's pixel data element, whichever of Float,
+    Double Float or Pixel Data it is, and the metadata lists that element under its
+    own tag (:mod:`pacs.core.metadata`).
+
+    Raises
+    ------
+    NotFound
+        The metadata lists no such element, or its value has no place in the stored
+        bytes (encapsulated, or inside a deflated data set).
+    """
+    listed = f"{tag:08X}" in metadata.parse(doc.json)
+    if (not listed or doc.pixel_offset is None or doc.pixel_length is None
+            or doc.pixel_length == metadata.UNDEFINED_LENGTH):
+        raise NotFound("no such bulk data")
+    return doc.pixel_offset, doc.pixel_length
+
+
 def check_numbers(lay: Layout, numbers: Sequence[int]) -> None:
     """Raise :class:`NotFound` unless every frame number is within 1..frames."""
     for number in numbers:

@@ -522,6 +522,33 @@ def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     assert client.simulate_get(url(sr) + "/frames/2").status_code == 404
 
 
+@pytest.mark.parametrize("keyword, vr, dtype", [("FloatPixelData", "OF", "<f4"),
+                                               ("DoubleFloatPixelData", "OD", "<f8")])
+def test_float_pixel_data_is_bulk_data(client: testing.TestClient, services: Services,
+                                       keyword: str, vr: str, dtype: str) -> None:
+    """Float and Double Float Pixel Data follow the header the other bulk data values
+    are read from: they are sent from where ingest found them in the stored object."""
+    ds = fresh("CT_small.dcm", NumberOfFrames=2, BitsAllocated=int(dtype[2]) * 8)
+    for absent in ("PixelData", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, absent)
+    value = np.linspace(-1.5, 1.5, 2 * ds.Rows * ds.Columns, dtype=dtype).tobytes()
+    setattr(ds, keyword, value)
+    services.ingest.store_bytes(encode(ds))
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    tag = f"{ds[keyword].tag:08X}"
+    assert instance[tag]["vr"] == vr
+    path = instance[tag]["BulkDataURI"].removeprefix("http://falconframework.org")
+    [(headers, content)] = parts(client.simulate_get(path))
+    assert headers == {"content-type": "application/octet-stream",
+                       "content-length": str(len(value))}
+    assert content == value
+    single = client.simulate_get(path, headers={"Accept": "application/octet-stream"})
+    assert single.content == value
+    assert single.headers["content-length"] == str(len(value))
+    missing = "7FE00009" if tag == "7FE00008" else "7FE00008"
+    assert client.simulate_get(f"{url(ds)}/bulkdata/{missing}").status_code == 404
+
+
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
                                                       put: Put) -> None:
     ds, _ = put("emri_small.dcm")
