@@ -22,7 +22,9 @@ Answers:
   comes from the Accept header (8.7.3.5.1): ``*`` sends the stored bytes; none asked
   means Explicit VR Little Endian (8.7.3.5.2, Table 8.7.3-2), converted when stored
   otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
-  streamed from the store, one chunk at a time, and conversions hold one instance;
+  streamed from the store, one chunk at a time, and conversions hold one instance.  A
+  bare ``application/dicom`` (one part, no multipart) answers an instance only: for a
+  study or series it is ignored, and ``406`` when nothing else is accepted (10.4.4);
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
   (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin;
 - frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
@@ -30,8 +32,17 @@ Answers:
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
   ``transfer-syntax=*``.  ``type="*/*"`` (dicomweb-client's default) is answered with
   uncompressed frames, or stored ones when no decoder exists;
-- unknown study, series, instance or frame: ``404``; a malformed UID or frame list:
-  ``400``.
+- unknown study, series, instance or frame: ``404``; a malformed UID or frame list,
+  or one that names a frame twice: ``400``.
+
+Instances, frames and pixel data are streamed, one stored chunk, one frame or one
+converted instance in memory at a time, with or without multipart.  What can refuse a
+request is decided before the status line: the resources, the media types, the
+declared sizes of whatever must be decoded (``PACS_MAX_FRAME_BYTES``,
+``PACS_MAX_OBJECT_BYTES``, from the metadata kept in the index), and the first frame or
+instance, read before answering.  A failure after that (a later frame that does not
+read, the store failing) can only cut the response short: the connection is closed
+before the end of the body (:func:`sent`).
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from typing import Any, TypeVar
 
 import falcon
 import pydicom
@@ -52,7 +64,7 @@ from adapters.dicomweb.negotiation import accepts_json
 from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
-from pacs.core.errors import InvalidQuery, NotFound, PacsError
+from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
 from pacs.core.storage import open_ranged
@@ -65,6 +77,8 @@ OCTET = "application/octet-stream"
 CHUNK_BYTES = 1 << 20
 #: Most frames in one Retrieve Frames request (a frame list is one URL path segment).
 MAX_FRAMES = 10_000
+
+_T = TypeVar("_T")
 
 #: Image media types of compressed transfer syntaxes (PS3.18 Table 8.7.3-5).
 IMAGE_TYPES = {
@@ -114,27 +128,75 @@ def one_document(services: Services, study: str, series: str,
 
 
 def object_chunks(services: Services, key: str) -> Iterator[bytes]:
-    """A stored object, streamed in :data:`CHUNK_BYTES` chunks.
+    """A stored object, streamed in :data:`CHUNK_BYTES` chunks."""
+    with services.store.open(key) as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            yield chunk
 
-    Once the status line is sent, a failure can only cut the response short (the
-    client sees a multipart body without its close delimiter); it is logged here
-    because nothing else will report it.
+
+def value_chunks(services: Services, key: str, offset: int,
+                 length: int) -> Iterator[bytes]:
+    """``length`` bytes of a stored object from ``offset``, :data:`CHUNK_BYTES` at a time.
+
+    Raises
+    ------
+    UnreadableData
+        When the object ends first.
+    """
+    with open_ranged(services.store, key) as source:
+        source.seek(offset)
+        while length > 0:
+            chunk = source.read(min(CHUNK_BYTES, length))
+            if not chunk:
+                raise UnreadableData("the stored object is truncated")
+            length -= len(chunk)
+            yield chunk
+
+
+def started(items: Iterable[_T]) -> Iterator[_T]:
+    """``items``, its first one produced now, the others as they are sent.
+
+    Whatever fails on the way to the first item (an object missing from the store, a
+    first frame that does not read or decode, a conversion) is raised here, before the
+    status line, and answered with its own status.  Memory: that one item.
+    """
+    iterator = iter(items)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return iter(())
+    return _first_then(first, iterator)
+
+
+def _first_then(first: _T, rest: Iterator[_T]) -> Iterator[_T]:
+    yield first
+    yield from rest
+
+
+def sent(body: Iterable[bytes], what: str) -> Iterator[bytes]:
+    """A response body as it is sent, once its status line is.
+
+    A failure now can only cut the response short: the exception goes on to the HTTP
+    server, which closes the connection (:mod:`pacs.node.httpworker`), so the client
+    sees a multipart body without its close delimiter, or fewer bytes than the
+    Content-Length - never a body that looks complete.  It is logged here, naming what
+    was being sent, since the client is told nothing more.
     """
     try:
-        with services.store.open(key) as stream:
-            while chunk := stream.read(CHUNK_BYTES):
-                yield chunk
+        yield from body
     except PacsError as exc:
-        log.error("WADO-RS response cut short: object %s: %s", key, exc)
+        log.error("WADO-RS response cut short: %s: %s", what, exc)
         raise
 
 
 def send_multipart(resp: falcon.Response, part_type: str,
-                   parts: Iterable[tuple[dict[str, str], bytes | Iterable[bytes]]]) -> None:
-    """Stream ``parts`` as ``multipart/related`` (PS3.18 8.7.3.3)."""
+                   parts: Iterable[tuple[dict[str, str], bytes | Iterable[bytes]]],
+                   what: str) -> None:
+    """Stream ``parts`` as ``multipart/related`` (PS3.18 8.7.3.3); ``what`` names the
+    resource in the log should the body be cut short (:func:`sent`)."""
     boundary = multipart.new_boundary()
     resp.content_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
-    resp.stream = multipart.encode(parts, boundary)
+    resp.stream = sent(multipart.encode(parts, boundary), what)
 
 
 # --- study, series and instance -------------------------------------------------------
@@ -168,18 +230,43 @@ class Instances:
         """Every instance under the path, one part each, streamed."""
         refs = instances(self.services, study, series, instance)
         ranges = accept.from_request(req)
-        plan = [(ref, instance_syntax(ranges, ref.transfer_syntax)) for ref in refs]
-        if any(syntax is None for _, syntax in plan):
-            raise Unacceptable("no acceptable transfer syntax can be produced for every "
-                               "instance (stored syntaxes convert only to uncompressed)")
+        if instance is None:
+            ranges = multipart_ranges(ranges)
+            if not ranges:
+                raise Unacceptable("a study or series is sent as multipart/related only")
+        plan = self._plan(refs, ranges)
+        check_conversions(self.services, plan, study, series, instance)
+        ref, syntax = plan[0]
+        first = started(self._content(ref, syntax))
         if instance is not None and _single_part(ranges):
-            ref, syntax = plan[0]
             resp.content_type = f"{DICOM}; transfer-syntax={syntax}"
-            resp.stream = self._content(ref, str(syntax))
+            if syntax == ref.transfer_syntax:
+                resp.content_length = ref.size
+            resp.stream = sent(first, req.path)
             return
-        send_multipart(resp, DICOM, ((self._headers(ref, str(syntax)),
-                                      self._content(ref, str(syntax)))
-                                     for ref, syntax in plan))
+        rest = ((self._headers(ref, syntax), self._content(ref, syntax))
+                for ref, syntax in plan[1:])
+        send_multipart(resp, DICOM, chain([(self._headers(ref, syntax), first)], rest),
+                       req.path)
+
+    @staticmethod
+    def _plan(refs: Sequence[InstanceRef],
+              ranges: Sequence[MediaRange]) -> list[tuple[InstanceRef, str]]:
+        """Each instance with the transfer syntax it is sent in.
+
+        Raises
+        ------
+        Unacceptable
+            When one of them cannot be sent in any accepted syntax.
+        """
+        plan = []
+        for ref in refs:
+            syntax = instance_syntax(ranges, ref.transfer_syntax)
+            if syntax is None:
+                raise Unacceptable("no acceptable transfer syntax can be produced for every "
+                                   "instance (stored syntaxes convert only to uncompressed)")
+            plan.append((ref, syntax))
+        return plan
 
     def _headers(self, ref: InstanceRef, syntax: str) -> dict[str, str]:
         headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
@@ -199,9 +286,46 @@ class Instances:
                                          settings.max_object_bytes)
 
 
+def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]],
+                      study: str, series: str | None, instance: str | None) -> None:
+    """Refuse now a conversion that would be refused while the answer is sent.
+
+    A conversion decodes a whole instance, within ``PACS_MAX_FRAME_BYTES`` a frame and
+    ``PACS_MAX_OBJECT_BYTES`` in all (:mod:`pacs.core.transcode`); the sizes it checks
+    follow from the Image Pixel values of the metadata kept in the index, read here a
+    batch at a time for the instances to convert.
+
+    Raises
+    ------
+    FrameTooLarge
+        When one of them is declared over a ceiling.
+    """
+    converted = {ref.sop_uid for ref, syntax in plan if syntax != ref.transfer_syntax}
+    if not converted:
+        return
+    index, store, settings = services.index, services.store, services.settings
+    keys = metadata.instance_keys(index, study, series, instance)
+    for start in range(0, len(keys), metadata.BATCH):
+        for doc in metadata.fetch(index, store, keys[start:start + metadata.BATCH]):
+            if doc.sop_uid in converted:
+                transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
+                                         settings.max_object_bytes)
+
+
 def _single_part(ranges: Sequence[MediaRange]) -> bool:
     """True when the best alternative is a bare ``application/dicom`` (no multipart)."""
     return bool(ranges) and ranges[0].kind == DICOM
+
+
+def multipart_ranges(ranges: Sequence[MediaRange]) -> list[MediaRange]:
+    """The alternatives a study or series can be answered with: multipart ones.
+
+    PS3.18 10.4.4: a single part media type (``application/dicom`` without
+    ``multipart/related``) is for individual Instance Resources only; for other
+    resources the origin server ignores it, and when no media type remains answers
+    406 (Not Acceptable, 8.7.8.1).  ``*/*`` stays: it admits ``multipart/related``.
+    """
+    return [media for media in ranges if media.multipart or media.kind == ANY]
 
 
 # --- metadata -------------------------------------------------------------------------
@@ -311,36 +435,58 @@ class Frames:
                instance: str, frames: str) -> None:
         """The listed frames, one part each, in the order asked."""
         numbers = frame_numbers(frames)
+        check_distinct(numbers)
         doc = one_document(self.services, study, series, instance)
         lay = pixels.layout(doc)
         pixels.check_numbers(lay, numbers)
         plan = frame_plan(accept.from_request(req), lay)
         if plan is None:
             raise Unacceptable("the frames cannot be sent in any accepted media type")
-        send_frames(self.services, resp, doc, lay, numbers, plan)
+        send_frames(self.services, resp, doc, lay, numbers, plan, req.path)
+
+
+def check_distinct(numbers: Sequence[int]) -> None:
+    """Refuse a frame list that names a frame twice.
+
+    PS3.18 6.5.4 (RetrieveFrames, as the 2017 editions number it): the frame list is
+    "a comma or %2C separated list of one or more non duplicate frame numbers".  A
+    repeated number would also make one request send one frame any number of times.
+
+    Raises
+    ------
+    InvalidQuery
+        When a number is repeated (400).
+    """
+    if len(set(numbers)) != len(numbers):
+        raise InvalidQuery("the frame list names a frame more than once")
 
 
 def send_frames(services: Services, resp: falcon.Response, doc: metadata.Document,
-                lay: pixels.Layout, numbers: Sequence[int], plan: FramePlan) -> None:
-    """Answer with frames.
+                lay: pixels.Layout, numbers: Sequence[int], plan: FramePlan,
+                what: str) -> None:
+    """Answer with frames, streamed: one frame in memory at a time.
 
-    One frame, or a client that refuses multipart, is read before answering (errors
-    still get their status; without multipart the frames are one body, which for
-    native pixel data is the pixel data value itself).  Several frames stream.
+    What can refuse the request is decided before the status line: the frame numbers
+    and media type (by the caller), the declared size of every frame to decode
+    (:func:`pacs.core.frames.check_frames`: Rows, Columns, Samples per Pixel, Bits
+    Allocated and Number of Frames of the metadata), and the first frame, read now
+    (:func:`started`).  Without multipart the frames are one body (for native pixel
+    data, the pixel data value itself), with its Content-Length when the frames are
+    cut from the stored bytes.  ``what`` names the resource in the log should the body
+    be cut short (:func:`sent`).
     """
-    if len(numbers) == 1 or not plan.multipart:
-        read = list(_frames(services, doc, lay, numbers, plan.stored))
-        syntax = read[0][1]
-        if not plan.multipart:
-            resp.content_type = f"{plan.part_type}; transfer-syntax={syntax}"
-            resp.data = b"".join(data for data, _ in read)
-            return
-        send_multipart(resp, plan.part_type, [(_frame_headers(plan, syntax, read[0][0]),
-                                               read[0][0])])
+    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes)
+    syntax = pixels.frame_syntax(lay, plan.stored)
+    frames = started(_frames(services, doc, lay, numbers, plan.stored))
+    if not plan.multipart:
+        resp.content_type = f"{plan.part_type}; transfer-syntax={syntax}"
+        length = pixels.frame_length(lay, plan.stored)
+        if length is not None:
+            resp.content_length = length * len(numbers)
+        resp.stream = sent(frames, what)
         return
-    send_multipart(resp, plan.part_type, (
-        (_frame_headers(plan, syntax, data), data)
-        for data, syntax in _frames(services, doc, lay, numbers, plan.stored)))
+    send_multipart(resp, plan.part_type,
+                   ((_frame_headers(plan, syntax, data), data) for data in frames), what)
 
 
 def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
@@ -349,14 +495,13 @@ def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
 
 
 def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
-            numbers: Sequence[int], stored: bool) -> Iterator[tuple[bytes, str]]:
-    """The frames' bytes, read from the object opened once."""
+            numbers: Sequence[int], stored: bool) -> Iterator[bytes]:
+    """The frames' bytes, one at a time, read from the object opened once."""
     with pixels.open_frames(services.store, doc.object_key, lay) as source:
         limit = services.settings.max_frame_bytes
-        if stored:
-            yield from pixels.stored_frames(source, lay, numbers, max_frame_bytes=limit)
-        else:
-            yield from pixels.native_frames(source, lay, numbers, max_frame_bytes=limit)
+        read = pixels.stored_frames if stored else pixels.native_frames
+        for data, _ in read(source, lay, numbers, max_frame_bytes=limit):
+            yield data
 
 
 # --- bulkdata -------------------------------------------------------------------------
@@ -368,7 +513,9 @@ class Bulkdata:
     ``00880200/1/7FE00010`` inside item 1 of a sequence.  Pixel data is answered as
     its frames (as the Frames resource would, one part per frame); any other value as
     its bytes, little endian, in one ``application/octet-stream`` part (or alone when
-    the client asks for ``application/octet-stream`` without multipart).
+    the client asks for ``application/octet-stream`` without multipart).  Float and
+    Double Float Pixel Data are streamed from the stored object, where ingest found
+    them (they follow the header the other values are read from).
     """
 
     def __init__(self, services: Services) -> None:
@@ -385,17 +532,28 @@ class Bulkdata:
             plan = frame_plan(ranges, lay)
             if plan is None:
                 raise Unacceptable("the pixel data cannot be sent in any accepted type")
-            send_frames(self.services, resp, doc, lay, range(1, lay.frames + 1), plan)
+            send_frames(self.services, resp, doc, lay, range(1, lay.frames + 1), plan,
+                        req.path)
             return
         if not any(m.allows(OCTET) for m in ranges):
             raise Unacceptable("bulk data is sent as application/octet-stream")
-        data = self._value(doc, steps)
+        body: bytes | Iterator[bytes]
+        if len(steps) == 1 and steps[0] in pixels.FLOAT_PIXEL_TAGS:
+            offset, length = pixels.pixel_value_place(doc, steps[0])
+            body = started(value_chunks(self.services, doc.object_key, offset, length))
+        else:
+            body = self._value(doc, steps)
+            length = len(body)
         if not ranges[0].multipart and ranges[0].kind != ANY:
             resp.content_type = OCTET
-            resp.data = data
+            if isinstance(body, bytes):
+                resp.data = body
+                return
+            resp.content_length = length
+            resp.stream = sent(body, req.path)
             return
         send_multipart(resp, OCTET, [({"Content-Type": OCTET,
-                                       "Content-Length": str(len(data))}, data)])
+                                       "Content-Length": str(length)}, body)], req.path)
 
     def _value(self, doc: metadata.Document, steps: Sequence[int]) -> bytes:
         # The header is enough (the metadata lists no element after the pixel data),

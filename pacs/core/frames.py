@@ -23,7 +23,8 @@ Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
 (ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
 data is read (a deflated or big endian data set), checked before any decoder runs or
 any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
-65535 RGB frame (12 GB) in a few bytes.
+65535 RGB frame (12 GB) in a few bytes.  :func:`check_frames` makes the same checks
+before any frame is read, so that a retrieval refuses them in its status line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
@@ -170,6 +171,32 @@ def _extended_offsets(data: dict[str, Any]) -> tuple[bytes, bytes] | None:
     return None
 
 
+#: Float Pixel Data and Double Float Pixel Data: pixel data elements without frames of
+#: their own here, sent as bulk data values.
+FLOAT_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009})
+
+
+def pixel_value_place(doc: Document, tag: int) -> tuple[int, int]:
+    """Where the value of pixel data element ``tag`` lies in the stored object:
+    ``(offset, length)``.
+
+    Ingest records the place of the object's pixel data element, whichever of Float,
+    Double Float or Pixel Data it is, and the metadata lists that element under its
+    own tag (:mod:`pacs.core.metadata`).
+
+    Raises
+    ------
+    NotFound
+        The metadata lists no such element, or its value has no place in the stored
+        bytes (encapsulated, or inside a deflated data set).
+    """
+    listed = f"{tag:08X}" in metadata.parse(doc.json)
+    if (not listed or doc.pixel_offset is None or doc.pixel_length is None
+            or doc.pixel_length == metadata.UNDEFINED_LENGTH):
+        raise NotFound("no such bulk data")
+    return doc.pixel_offset, doc.pixel_length
+
+
 def check_numbers(lay: Layout, numbers: Sequence[int]) -> None:
     """Raise :class:`NotFound` unless every frame number is within 1..frames."""
     for number in numbers:
@@ -210,6 +237,54 @@ def _basic_offsets(source: BinaryIO, lay: Layout) -> bool:
     return len(head) < 8 or head[:4] != _ITEM_TAG or head[4:] != bytes(4)
 
 
+#: How a frame is produced: its fragments as stored (encapsulated), cut from the stored
+#: native pixel data, or decoded by pydicom.
+Production = Literal["fragments", "slice", "decode"]
+
+
+def production(lay: Layout, stored: bool) -> Production:
+    """How the frames of ``lay`` are produced, as stored (``stored``) or native.
+
+    Decided once per request, so that what is checked before answering
+    (:func:`check_frames`, :func:`frame_syntax`, :func:`frame_length`) is what
+    :func:`stored_frames` and :func:`native_frames` then do.
+    """
+    if stored and lay.encapsulated and lay.pixel_offset is not None:
+        return "fragments"
+    if lay.sliceable:
+        return "slice"
+    return "decode"
+
+
+def frame_syntax(lay: Layout, stored: bool) -> str:
+    """The transfer syntax every frame is sent in: the stored one for stored
+    fragments, :data:`NATIVE_SYNTAX` for native frames (cut or decoded)."""
+    return lay.transfer_syntax if production(lay, stored) == "fragments" else NATIVE_SYNTAX
+
+
+def frame_length(lay: Layout, stored: bool) -> int | None:
+    """Bytes of each frame when known before any is read (frames cut from native pixel
+    data: ceil(frame bits / 8)); ``None`` for fragments and decoded frames."""
+    return -(-lay.frame_bits // 8) if production(lay, stored) == "slice" else None
+
+
+def check_frames(lay: Layout, stored: bool, max_frame_bytes: int) -> None:
+    """Refuse now what :func:`decoded` would refuse frame by frame, from the declared
+    sizes alone (module docstring): a response can still say so in its status line.
+
+    Raises
+    ------
+    FrameTooLarge
+        The frames are decoded and one is declared larger than ``max_frame_bytes``,
+        or a deflated data set (read whole) declares all of them larger.
+    """
+    if production(lay, stored) != "decode":
+        return
+    check_decodable(lay.decoded_bytes, max_frame_bytes)
+    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian and not lay.encapsulated:
+        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+
+
 def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
                   max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
     """Frames as stored: ``(bytes, transfer syntax UID)`` per frame number.
@@ -217,24 +292,27 @@ def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
     ``source`` is the stored object, seekable.  Native frames of syntaxes that cannot
     be sliced (deflated, big endian) are decoded instead, within ``max_frame_bytes``.
     """
-    for number in numbers:
-        if lay.encapsulated and lay.pixel_offset is not None:
-            yield _fragments(source, lay, number), lay.transfer_syntax
-        elif lay.sliceable:
-            yield _slice(source, lay, number), NATIVE_SYNTAX
-        else:
-            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+    yield from _produced(source, lay, numbers, True, max_frame_bytes)
 
 
 def native_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
                   max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
     """Frames as uncompressed Explicit VR Little Endian pixels (decoded if need be,
     within ``max_frame_bytes``)."""
+    yield from _produced(source, lay, numbers, False, max_frame_bytes)
+
+
+def _produced(source: BinaryIO, lay: Layout, numbers: Sequence[int], stored: bool,
+              max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """Each frame of ``numbers``, produced as :func:`production` says, one at a time."""
+    how, syntax = production(lay, stored), frame_syntax(lay, stored)
     for number in numbers:
-        if lay.sliceable:
-            yield _slice(source, lay, number), NATIVE_SYNTAX
+        if how == "fragments":
+            yield _fragments(source, lay, number), syntax
+        elif how == "slice":
+            yield _slice(source, lay, number), syntax
         else:
-            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), NATIVE_SYNTAX
+            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), syntax
 
 
 def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
@@ -255,13 +333,23 @@ def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
 
 
 def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
-    """A frame of 1-bit pixels that does not start on a byte (PS3.5 8.1.1): repacked."""
+    """A frame of 1-bit pixels whose size is not whole bytes (PS3.5 8.1.1): frames
+    follow each other bit after bit, so one may start inside a byte.  Only the bytes
+    that hold the frame's bits are read and unpacked (eight times their size), then
+    repacked from the frame's first bit."""
     assert lay.pixel_offset is not None and lay.pixel_length is not None
-    source.seek(lay.pixel_offset)
-    bits = np.unpackbits(np.frombuffer(source.read(lay.pixel_length), np.uint8),
-                         bitorder="little")
     size = lay.frame_bits
-    return np.packbits(bits[(number - 1) * size:number * size], bitorder="little").tobytes()
+    first = (number - 1) * size
+    start, end = first // 8, -(-(first + size) // 8)
+    if end > lay.pixel_length:
+        raise UnreadableData("the pixel data is shorter than its frames")
+    source.seek(lay.pixel_offset + start)
+    data = source.read(end - start)
+    if len(data) != end - start:
+        raise UnreadableData("the stored object is truncated")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+    skip = first - start * 8
+    return np.packbits(bits[skip:skip + size], bitorder="little").tobytes()
 
 
 def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:

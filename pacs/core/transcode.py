@@ -15,6 +15,7 @@ is an object like any other).  WADO-RS and C-MOVE / C-GET both convert through h
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -27,6 +28,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from pacs.core import metadata
 from pacs.core.config import Settings
 from pacs.core.dataset import read_header
 from pacs.core.errors import FrameTooLarge, ObjectTooLarge, UnreadableData
@@ -38,6 +40,13 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: The ceilings for callers that do not pass theirs: the settings' defaults.
 DEFAULT_MAX_FRAME_BYTES: int = Settings.max_frame_bytes
 DEFAULT_MAX_OBJECT_BYTES: int = Settings.max_object_bytes
+
+#: Rows, Columns, Samples per Pixel, Bits Allocated and Number of Frames: what the
+#: declared decoded size follows from (in the header, and in the stored metadata).
+_IMAGE_PIXEL_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated",
+                         "NumberOfFrames")
+_ROWS = 0x00280010
+_IMAGE_PIXEL_TAGS = (_ROWS, 0x00280011, 0x00280002, 0x00280100, 0x00280008)
 
 _NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
            DeflatedExplicitVRLittleEndian}
@@ -76,15 +85,51 @@ def check_size(data: bytes, max_frame_bytes: int,
     if "Rows" not in header:
         return  # no image: nothing to decode
     try:
-        frame = decoded_size(int(header.get("Rows") or 0), int(header.get("Columns") or 0),
-                             int(header.get("SamplesPerPixel") or 1),
-                             int(header.get("BitsAllocated") or 8))
-        frames = max(int(header.get("NumberOfFrames") or 1), 1)
+        rows, columns, samples, bits, frames = (header.get(k) for k in _IMAGE_PIXEL_KEYWORDS)
+    except (TypeError, ValueError):
+        raise UnreadableData("the Image Pixel module does not parse") from None
+    check_declared(rows, columns, samples, bits, frames, max_frame_bytes, max_object_bytes)
+
+
+def check_metadata(parsed: dict[str, Any], max_frame_bytes: int,
+                   max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES) -> None:
+    """:func:`check_size` from an instance's stored metadata (its DICOM JSON, parsed:
+    :mod:`pacs.core.metadata`) instead of its bytes: what a retrieval can check for
+    every instance it will convert before it sends anything.
+
+    Raises
+    ------
+    FrameTooLarge, UnreadableData
+        As :func:`check_size`.
+    """
+    if f"{_ROWS:08X}" not in parsed:
+        return  # no image: nothing to decode
+    rows, columns, samples, bits, frames = (metadata.value(parsed, t) for t in _IMAGE_PIXEL_TAGS)
+    check_declared(rows, columns, samples, bits, frames, max_frame_bytes, max_object_bytes)
+
+
+def check_declared(rows: Any, columns: Any, samples: Any, bits_allocated: Any,
+                   frames: Any, max_frame_bytes: int, max_object_bytes: int) -> None:
+    """The ceilings of a conversion, from the declared Image Pixel values (absent or
+    empty ones count as pydicom's defaults would: no rows, one sample of 8 bits, one
+    frame).
+
+    Raises
+    ------
+    FrameTooLarge
+        As :func:`check_size`.
+    UnreadableData
+        A value that is not a number.
+    """
+    try:
+        frame = decoded_size(int(rows or 0), int(columns or 0), int(samples or 1),
+                             int(bits_allocated or 8))
+        count = max(int(frames or 1), 1)
     except (TypeError, ValueError):
         raise UnreadableData("the Image Pixel module does not parse") from None
     check_decodable(frame, max_frame_bytes)
-    if frame * frames > max_object_bytes:
-        raise FrameTooLarge(f"the {frames} frames to decode declare {frame * frames} bytes, "
+    if frame * count > max_object_bytes:
+        raise FrameTooLarge(f"the {count} frames to decode declare {frame * count} bytes, "
                             f"more than the {max_object_bytes} allowed "
                             "(PACS_MAX_OBJECT_BYTES)")
 

@@ -10,7 +10,9 @@ store read as S3 is read, parts of an object through a ranged reader
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import logging
+import tracemalloc
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -20,11 +22,17 @@ from falcon import testing
 from PIL import Image
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate, generate_frames, get_frame
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
 
 from adapters.dicomweb.app import create_app
 from pacs.core import metadata
-from pacs.core.errors import NotFound
+from pacs.core.errors import NotFound, UnreadableData
 from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.ranged import RangedReader
@@ -136,6 +144,34 @@ def frame_bytes(ds: Dataset, number: int) -> bytes:
     return bytes(ds.PixelData[(number - 1) * size:number * size])
 
 
+def served(client: testing.TestClient, path: str,
+           accept: str) -> tuple[str, dict[str, str], Iterable[bytes]]:
+    """Call the app as a WSGI server does: its status, headers and body, the body not
+    read yet (falcon's test client would gather it into one bytes object)."""
+    answer: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> None:
+        answer["status"], answer["headers"] = status, {k.lower(): v for k, v in headers}
+
+    body = client.app(testing.create_environ(path=path, headers={"Accept": accept}),
+                      start_response)
+    return answer["status"], answer["headers"], body
+
+
+def rle_cine(frames: int) -> FileDataset:
+    """An RLE Lossless image of ``frames`` frames, each the same 256 x 256 noise of 12
+    bits (which RLE cannot shrink: 135 KB a frame as stored, 128 KB decoded)."""
+    ds = fresh("CT_small.dcm")
+    ds.Rows = ds.Columns = 256
+    noise = np.random.default_rng(1).integers(0, 4096, (256, 256), dtype=np.int16)
+    ds.compress(RLELossless, noise)
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([frame] * frames, has_bot=True)
+    ds.NumberOfFrames = frames
+    return ds
+
+
 # --- study, series, instance ------------------------------------------------------------
 
 def test_instance_as_stored_when_explicit_little_endian(client: testing.TestClient,
@@ -202,6 +238,24 @@ def test_study_and_series_stream_every_instance(client: testing.TestClient, put:
     series = client.simulate_get(url(first, "series", "/dicom-web"),
                                  headers={"Accept": DICOM_ACCEPT})
     assert len(parts(series)) == 2
+
+
+def test_single_part_dicom_is_for_an_instance_only(client: testing.TestClient,
+                                                   put: Put) -> None:
+    """PS3.18 10.4.4: ``application/dicom`` without multipart/related is for individual
+    Instance Resources; for a study or series it is ignored, and 406 when nothing else
+    is acceptable - even when the study holds one instance."""
+    ds, data = put("CT_small.dcm")
+    single = {"Accept": "application/dicom"}
+    for level in ("study", "series"):
+        assert client.simulate_get(url(ds, level), headers=single).status_code == 406, level
+    one = client.simulate_get(url(ds), headers=single)
+    assert one.status_code == 200
+    assert one.headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
+    assert one.content == data
+    either = {"Accept": f"application/dicom, {DICOM_ACCEPT}; q=0.5"}
+    [(_, content)] = parts(client.simulate_get(url(ds, "study"), headers=either))
+    assert content == data
 
 
 def test_unknown_and_malformed_uids(client: testing.TestClient, put: Put) -> None:
@@ -374,6 +428,91 @@ def test_compressed_frames_as_image_media_type(client: testing.TestClient, put: 
     assert refused.status_code == 406
 
 
+def test_one_bit_frames_that_start_inside_a_byte(client: testing.TestClient,
+                                                 services: Services) -> None:
+    """PS3.5 8.1.1: 5 x 7 one-bit pixels are 35 bits a frame, packed one after the
+    other; each frame is sent repacked from its own first bit."""
+    pixels = np.random.default_rng(3).integers(0, 2, size=(6, 35), dtype=np.uint8)
+    ds = fresh("CT_small.dcm", Rows=5, Columns=7, NumberOfFrames=6, BitsAllocated=1,
+               BitsStored=1, HighBit=0, PixelRepresentation=0)
+    ds.PixelData = np.packbits(pixels.ravel(), bitorder="little").tobytes()
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds) + "/frames/2,5,1", headers={"Accept": OCTET_FRAMES})
+    assert [c for _, c in parts(result)] == [
+        np.packbits(pixels[n - 1], bitorder="little").tobytes() for n in (2, 5, 1)]
+
+
+def test_a_frame_listed_twice_is_400(client: testing.TestClient, put: Put) -> None:
+    """PS3.18 6.5.4 (2017 editions): a frame list holds non duplicate frame numbers."""
+    ds, _ = put("emri_small.dcm")
+    for frames in ("1,1", "2,1,2", ",".join(["1"] * 400)):
+        result = client.simulate_get(url(ds) + f"/frames/{frames}",
+                                     headers={"Accept": "application/octet-stream"})
+        assert result.status_code == 400, frames
+    assert client.simulate_get(url(ds) + "/frames/2,1").status_code == 200
+
+
+@pytest.mark.parametrize("suffix, accept", [
+    ("/bulkdata/7FE00010", "application/octet-stream; transfer-syntax=*"),
+    ("/bulkdata/7FE00010", OHIF_FRAMES),
+    ("/frames/" + ",".join(str(n) for n in range(64, 0, -1)), "application/octet-stream"),
+], ids=["bulk-single-part", "bulk-multipart", "frames-decoded-single-part"])
+def test_many_frames_are_sent_one_at_a_time(client: testing.TestClient, services: Services,
+                                            suffix: str, accept: str) -> None:
+    """All 64 frames of an object, as one body or one part each, stored or decoded:
+    streamed, never more than about one frame held (each 128 KB or more; 8 MB in all)."""
+    ds = rle_cine(64)
+    services.ingest.store_bytes(encode(ds))
+    tracemalloc.start()
+    try:
+        status, _, body = served(client, url(ds) + suffix, accept)
+        assert not isinstance(body, bytes | list)
+        sizes = [len(chunk) for chunk in body]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status.startswith("200"), status
+    assert sum(sizes) >= 64 * 128 * 1024
+    assert max(sizes) <= 136 * 1024
+    assert peak < 4 * 1024 * 1024, peak  # the read-ahead of a ranged read, and a frame or two
+
+
+def test_native_frames_without_multipart_have_a_content_length(
+        client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("emri_small.dcm")
+    status, headers, body = served(client, url(ds) + "/frames/3,1,10",
+                                   "application/octet-stream")
+    content = b"".join(body)
+    assert status.startswith("200")
+    assert content == b"".join(frame_bytes(ds, n) for n in (3, 1, 10))
+    assert headers["content-length"] == str(len(content))
+
+
+def test_a_frame_that_fails_after_the_first_cuts_the_response_short(
+        client: testing.TestClient, services: Services,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Frame 2's place in the Basic Offset Table is wrong: asked first it is answered
+    400; asked after frame 1, which was sent with its 200, it can only end the response
+    without its close delimiter (the error reaches the HTTP server, which closes the
+    connection)."""
+    stored = list(generate_frames(pydicom.dcmread(sample("SC_rgb_rle_2frame.dcm")).PixelData,
+                                  number_of_frames=2))
+    value = bytearray(encapsulate([*stored, stored[0]], has_bot=True))
+    value[16:20] = (int.from_bytes(value[16:20], "little") + 4).to_bytes(4, "little")
+    ds = fresh("SC_rgb_rle_2frame.dcm", NumberOfFrames=3, PixelData=bytes(value))
+    services.ingest.store_bytes(encode(ds))
+    assert client.simulate_get(url(ds) + "/frames/2",
+                               headers={"Accept": OHIF_FRAMES}).status_code == 400
+    status, _, body = served(client, url(ds) + "/frames/1,2", OHIF_FRAMES)
+    assert status.startswith("200")
+    chunks = iter(body)
+    first = next(chunks) + next(chunks)  # the first part's headers, then its frame
+    assert first.endswith(stored[0])
+    with caplog.at_level(logging.ERROR), pytest.raises(UnreadableData):
+        next(chunks)
+    assert "WADO-RS response cut short" in caplog.text
+
+
 def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("emri_small.dcm")
     assert client.simulate_get(url(ds) + "/frames/11").status_code == 404
@@ -381,6 +520,33 @@ def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     assert client.simulate_get(url(ds) + "/frames/1,x").status_code == 400
     sr, _ = put("CT_small.dcm")
     assert client.simulate_get(url(sr) + "/frames/2").status_code == 404
+
+
+@pytest.mark.parametrize("keyword, vr, dtype", [("FloatPixelData", "OF", "<f4"),
+                                               ("DoubleFloatPixelData", "OD", "<f8")])
+def test_float_pixel_data_is_bulk_data(client: testing.TestClient, services: Services,
+                                       keyword: str, vr: str, dtype: str) -> None:
+    """Float and Double Float Pixel Data follow the header the other bulk data values
+    are read from: they are sent from where ingest found them in the stored object."""
+    ds = fresh("CT_small.dcm", NumberOfFrames=2, BitsAllocated=int(dtype[2]) * 8)
+    for absent in ("PixelData", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, absent)
+    value = np.linspace(-1.5, 1.5, 2 * ds.Rows * ds.Columns, dtype=dtype).tobytes()
+    setattr(ds, keyword, value)
+    services.ingest.store_bytes(encode(ds))
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    tag = f"{ds[keyword].tag:08X}"
+    assert instance[tag]["vr"] == vr
+    path = instance[tag]["BulkDataURI"].removeprefix("http://falconframework.org")
+    [(headers, content)] = parts(client.simulate_get(path))
+    assert headers == {"content-type": "application/octet-stream",
+                       "content-length": str(len(value))}
+    assert content == value
+    single = client.simulate_get(path, headers={"Accept": "application/octet-stream"})
+    assert single.content == value
+    assert single.headers["content-length"] == str(len(value))
+    missing = "7FE00009" if tag == "7FE00008" else "7FE00008"
+    assert client.simulate_get(f"{url(ds)}/bulkdata/{missing}").status_code == 404
 
 
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
@@ -550,6 +716,44 @@ def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callabl
     result = client.simulate_get(url(deflated) + "/frames/1", headers={"Accept": OHIF_FRAMES})
     assert result.status_code == 400, result.text
     assert "4194304 bytes" in result.json["description"]
+
+
+def test_sizes_over_the_ceilings_are_refused_before_the_answer(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two RLE frames of 100 x 100 RGB: 30000 bytes each decoded, 60000 both.  Over
+    PACS_MAX_FRAME_BYTES every answer that would decode them is 400 before anything is
+    sent (the sizes are in the metadata), whether one frame or several are asked, as
+    frames, pixel bulk data or converted instances; stored frames and objects still go."""
+    from pacs.core import frames, transcode
+
+    def no_decoding(*_: Any, **__: Any) -> None:
+        raise AssertionError("something was decoded")
+
+    monkeypatch.setattr(frames, "pixel_array", no_decoding)
+    monkeypatch.setattr(transcode, "convert", no_decoding)
+    services = make_services(max_frame_bytes=29_999)
+    client = testing.TestClient(create_app(services))
+    ds = fresh("SC_rgb_rle_2frame.dcm")
+    services.ingest.store_bytes(encode(ds))
+    for path, accept in ((url(ds) + "/frames/1,2", OCTET_FRAMES),
+                         (url(ds) + "/frames/2", "application/octet-stream"),
+                         (url(ds) + "/bulkdata/7FE00010", CLIENT_FRAMES),
+                         (url(ds), DICOM_ACCEPT), (url(ds), "application/dicom"),
+                         (url(ds, "series"), DICOM_ACCEPT), (url(ds, "study"), "*/*")):
+        result = client.simulate_get(path, headers={"Accept": accept})
+        assert result.status_code == 400, (path, accept, result.text)
+        assert "PACS_MAX_FRAME_BYTES" in result.json["description"]
+    as_stored = {"frames/1,2": OHIF_FRAMES, "": f"{DICOM_ACCEPT}; transfer-syntax=*"}
+    for suffix, accept in as_stored.items():
+        path = f"{url(ds)}/{suffix}".rstrip("/")
+        assert client.simulate_get(path, headers={"Accept": accept}).status_code == 200
+    # One frame within, both over PACS_MAX_OBJECT_BYTES: a conversion holds them all.
+    services = make_services(max_object_bytes=59_999)
+    client = testing.TestClient(create_app(services))
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds, "study"), headers={"Accept": DICOM_ACCEPT})
+    assert result.status_code == 400, result.text
+    assert "PACS_MAX_OBJECT_BYTES" in result.json["description"]
 
 
 # --- non-seekable stores (S3) -----------------------------------------------------------
