@@ -104,11 +104,12 @@ def show_config(ctx: click.Context) -> None:
         click.echo(f"{name}={value}")
 
 
-def _build(settings: config.Settings, check_store: bool = True) -> Any:
+def _build(settings: config.Settings, check_store: bool = True,
+           create_store: bool = True) -> Any:
     from pacs.core.services import build
 
     try:
-        return build(settings, check_store=check_store)
+        return build(settings, check_store=check_store, create_store=create_store)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -161,9 +161,9 @@ class IntakeStore:
             yield key
         yield from sorted(pending)
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """The backend's check."""
-        self.backend.check()
+        self.backend.check(create)
 
     def close(self) -> None:
         """Close the backend."""

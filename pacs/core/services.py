@@ -66,8 +66,9 @@ class Services:
 
 
 def build(settings: Settings, store: ObjectStore | None = None, *,
-          check_store: bool = True, analysers: AnalyserPool | None = None,
-          logins: LoginLimiter | None = None, synced: bool = True) -> Services:
+          check_store: bool = True, create_store: bool = True,
+          analysers: AnalyserPool | None = None, logins: LoginLimiter | None = None,
+          synced: bool = True) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -82,6 +83,10 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         started while the store is briefly down (a replacement, a restarted DICOMweb
         server) still serves: its writes fail (A700 / 503) until the store is back, and
         queries of the index go on.
+    create_store : bool
+        With ``check_store``: create the store's folder or bucket when missing; without,
+        a missing one is a :class:`ConfigError` (``pacs fsck`` checks, it does not
+        create what it checks).
     analysers : AnalyserPool, optional
         The STOW-RS analysis helpers to use: an HTTP worker's customers share one pool
         (a helper parses bytes and holds no customer's data); a pool of its own
@@ -101,7 +106,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    backend = store if store is not None else open_store(settings, check=check_store)
+    backend = store if store is not None else open_store(settings, check=check_store,
+                                                         create=create_store)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
                   synced=synced)
     migrate(index.connection())
