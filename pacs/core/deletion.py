@@ -295,7 +295,9 @@ class Deleter:
         Raises
         ------
         IndexFailure
-            The index failed; the chunks before were removed (and recorded).
+            The index failed, or (:class:`~pacs.core.errors.InstanceLocked`) a lock of
+            a chunk's instances was held longer than the ingest's lock wait; the chunks
+            before were removed (and recorded).
         """
         removal = Removal()
         code = (reason.code, reason.scheme) if reason is not None else NO_REASON

@@ -115,7 +115,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
                     intake_object_bytes=settings.intake_limit,
-                    intake_max_bytes=settings.intake_max_bytes)
+                    intake_max_bytes=settings.intake_max_bytes,
+                    lock_wait=busy_timeout_for(settings.dimse_timeout))
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
@@ -157,7 +158,10 @@ def mover(services: Services) -> Mover:
     while it runs)."""
     settings = services.settings
     hold = Hold(settings.intake_mover_hold, settings.intake_max_bytes // 2)
-    return Mover(services.index, services.store, services.ingest.uid_locks, hold)
+    # The mover answers no peer: it waits for a lock as long as its holder (a store,
+    # a removal) takes.
+    return Mover(services.index, services.store,
+                 partial(services.ingest.uid_locks, bounded=False), hold)
 
 
 def drain(services: Services) -> int:

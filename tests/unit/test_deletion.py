@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pacs.core import audit, rejection
 from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
 from pacs.core.errors import (
+    InstanceLocked,
     InvalidRejection,
     InvalidUID,
     NotFound,
@@ -394,3 +395,19 @@ def test_retention_keeps_an_instance_stored_again_after_the_plan(
     assert reads.tombstone(services.index.connection(), made[1][2]) == reads.Tombstone(
         *NO_REASON)
     assert reads.tombstone(services.index.connection(), sop) is None
+
+
+def test_a_removal_waits_a_bounded_time_for_a_held_instance(services: Services) -> None:
+    """An instance whose lock another holder keeps (the mover, stuck on a stalled
+    store): the removal fails with InstanceLocked (503 over DICOMweb) after the
+    ingest's lock wait, and removes nothing of that chunk."""
+    made = _study(services, count=2)
+    rows = services.deleter.plan([Target(made[0][0])])
+    services.ingest.lock_wait = 0.2
+    held = services.ingest.uid_locks([made[1][2]], bounded=False)
+    with held, pytest.raises(InstanceLocked):
+        services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    assert _uids(services) == {d[2] for d in made}
+    assert all(reads.tombstone(services.index.connection(), d[2]) is None for d in made)
+    outcome = _events(services)[-1]["EventIdentification"]["EventOutcomeIndicator"]
+    assert outcome == audit.SERIOUS_FAILURE

@@ -28,7 +28,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
 from pacs.core import health, intake
-from pacs.core.errors import IntakeFull, StorageError
+from pacs.core.errors import InstanceLocked, IntakeFull, StorageError
 from pacs.core.index import reads, writer
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
@@ -555,3 +555,27 @@ def test_the_puts_stop_at_the_first_failure_and_the_rest_wait_in_the_intake(
     assert mover(services).drain() == 4
     assert sorted(store.objects) == sorted(keys)
 
+
+def test_a_store_waits_a_bounded_time_for_an_instance_the_mover_holds(
+        node: Services) -> None:
+    """The mover holds a batch's locks while a stalled store keeps it: a store of one
+    of those instances answers InstanceLocked (A700 for C-STORE, 503 for STOW-RS)
+    after the ingest's lock wait instead of waiting for the mover; nothing of it is
+    kept.  Once released, the same store succeeds."""
+    from adapters.dicomweb.errors import outcome_for
+    from pacs.dimse.status import STORE_STATUS, status_for
+
+    first = instance()
+    node.ingest.store_bytes(first)
+    again = instance(StudyDescription="sent again")
+    node.ingest.lock_wait = 0.2
+    with node.ingest.uid_locks(["1.2.826.0.1.3680043.8.498.1"], bounded=False):
+        with pytest.raises(InstanceLocked) as caught:
+            node.ingest.store_bytes(again)
+        row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+        assert row is not None and row.checksum == hashlib.sha256(first).hexdigest()
+    assert status_for(STORE_STATUS, caught.value).code == 0xA700
+    assert outcome_for(caught.value).status == "503 Service Unavailable"
+    node.ingest.store_bytes(again)
+    row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+    assert row is not None and row.checksum == hashlib.sha256(again).hexdigest()
