@@ -104,11 +104,12 @@ def show_config(ctx: click.Context) -> None:
         click.echo(f"{name}={value}")
 
 
-def _build(settings: config.Settings, check_store: bool = True) -> Any:
+def _build(settings: config.Settings, check_store: bool = True,
+           create_store: bool = True) -> Any:
     from pacs.core.services import build
 
     try:
-        return build(settings, check_store=check_store)
+        return build(settings, check_store=check_store, create_store=create_store)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -260,15 +261,24 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
               help="Carry out the actions (default: only report what they would be).")
 @click.option("--quick", is_flag=True,
               help="Compare each indexed object's size, not its checksum (reads nothing).")
+@click.option("--allow-mass-drop", is_flag=True,
+              help="With --repair: act even when the store lists no objects or lacks more "
+                   "than half of the indexed ones (their rows are dropped); only when "
+                   "those objects are known to be gone.")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 @click.pass_context
-def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
+def fsck(ctx: click.Context, repair: bool, quick: bool, allow_mass_drop: bool,
+         as_json: bool) -> None:
     """Find what crashes left between the index and the store; repair with --repair.
 
     The index row of each SOP Instance UID is what was acknowledged last: an object
     it does not name is indexed only when the UID has no row (else quarantined), and
     objects are moved to the quarantine, never deleted.  Safe beside a running node.
-    Exits 1 when problems are left (always after a dry run that found some).
+    Creates nothing it checks: a missing index, object folder or bucket is an error.
+    Repair changes nothing when the store lists no objects or lacks more than half of
+    the indexed ones (a folder not mounted, a wrong bucket), unless --allow-mass-drop.
+    Exits 1 when problems are left (always after a dry run that found some) or repair
+    was refused.
     """
     import json
 
@@ -276,9 +286,14 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
 
     settings = _settings(ctx)
     _setup_logging(settings.log_level)
-    services = _build(settings)
+    if not settings.index_path.exists():
+        raise click.ClickException(f"no index at {settings.index_path}: check "
+                                   "PACS_DATA_DIR and --customer ('pacs reindex' builds "
+                                   "one from the store)")
+    services = _build(settings, create_store=False)
     try:
-        report = reconcile(services, full=True, repair=repair, checksums=not quick)
+        report = reconcile(services, full=True, repair=repair, checksums=not quick,
+                           allow_mass_drop=allow_mass_drop)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -6,7 +6,8 @@ per-UID lock and one transaction keep them apart):
 
 1. take the ingest's lock of each SOP Instance UID (:meth:`pacs.core.ingest.Ingest.
    uid_locks`), so that no store or repair of the same instance runs meanwhile, and
-   read the rows again under it (an instance may have moved or gone);
+   read the rows again under it (an instance may have moved or gone): only a row still
+   at the place the removal names is removed (:func:`still_planned`);
 2. in one write transaction (:func:`delete_rows`): delete the instance rows (their
    metadata and their intake copies, :mod:`pacs.core.intake`, go with them; series,
    study and patient rows left empty are removed, so every count stays right) and
@@ -20,6 +21,18 @@ objects no row names, each with a tombstone: ``pacs fsck`` reports them as remov
 ``--repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
 removed instance never comes back, and no row ever names a missing object.  A failed
 object deletion is logged and left to fsck the same way.
+
+What a removal names was read without any lock (:meth:`Deleter.plan`: a study may hold
+more instances than one transaction should), so each instance may have been stored again
+before its lock is taken, and acknowledged.  Sent again into another study or series (its
+UIDs corrected), it is no longer in what the removal names: it stays, without a
+tombstone (one would refuse it at its new place for good).  Sent again to the same place
+with other content, its row has a new change number (``instance.change_seq``): a
+deletion or an expiry leaves it, as if it had run before that store (an expiry, which
+decided by the old arrival time, could not have chosen the study otherwise); a rejection
+removes it, as if it had run after (had it run before, that store would have been refused
+by its tombstone, :func:`pacs.core.rejection.refuses_again`).  Either way the result is
+one of the two orders the node could have served the requests in.
 
 Large removals run in chunks of :data:`CHUNK` instances, each its own transaction, so
 that the node's own stores never wait long for the index.
@@ -116,6 +129,9 @@ class Removal:
     skipped :
         Instances a rejection note names that it may not remove (another patient's,
         or at another place than the note says).
+    superseded :
+        Instances stored again since the removal was planned (at another place, or,
+        for a deletion, with other content: :func:`still_planned`), left as stored.
     """
 
     instances: int = 0
@@ -124,6 +140,7 @@ class Removal:
     whole: set[str] = field(default_factory=set)
     objects_left: int = 0
     skipped: int = 0
+    superseded: int = 0
 
     def count(self, row: Located) -> None:
         """Add one removed instance."""
@@ -139,6 +156,9 @@ class Removal:
                 f"{self.size} bytes; {len(self.whole)} stud(ies) removed whole")
         if self.skipped:
             text += f"; {self.skipped} reference(s) not removed (another patient or place)"
+        if self.superseded:
+            text += (f"; {self.superseded} instance(s) stored again meanwhile, "
+                     "left as stored")
         if self.objects_left:
             text += f"; {self.objects_left} object(s) left for 'pacs fsck --repair'"
         return text
@@ -175,9 +195,32 @@ def rejectable(patient: str, row: Located, place: Reference) -> bool:
             and row.series_uid == place.series_uid)
 
 
-def reference(row: Located) -> Reference:
-    """The place of an indexed instance, as a rejection note would name it."""
-    return Reference(row.study_uid, row.series_uid, row.sop_uid)
+@dataclass(frozen=True)
+class Planned(Reference):
+    """An instance a removal was planned for from the index: its place, and the change
+    number its row had then (:attr:`pacs.core.index.reads.Located.change_seq`)."""
+
+    change_seq: int = 0
+
+
+def reference(row: Located) -> Planned:
+    """The place of an indexed instance, as a rejection note would name it, with the
+    change number of the row read (what :func:`still_planned` compares)."""
+    return Planned(row.study_uid, row.series_uid, row.sop_uid, row.change_seq)
+
+
+def still_planned(row: Located, place: Reference, exact: bool) -> bool:
+    """Whether the indexed ``row``, read under its UID's lock, is still the instance a
+    removal named at ``place`` (module docstring).
+
+    It must be at the same study and series: an instance sent again with corrected UIDs
+    lives elsewhere now.  With ``exact`` (a deletion or an expiry, whose result would
+    keep an object stored after it) and a place planned from the index (:class:`Planned`),
+    it must also be the same row version: not stored again since with other content.
+    """
+    if (row.study_uid, row.series_uid) != (place.study_uid, place.series_uid):
+        return False
+    return not exact or not isinstance(place, Planned) or row.change_seq == place.change_seq
 
 
 class Deleter:
@@ -233,7 +276,9 @@ class Deleter:
         places :
             The instances to remove (those no longer indexed are passed over; with a
             ``reason`` they still get a tombstone, so that they are refused when they
-            arrive).
+            arrive).  An instance no longer at its place, or, without a ``reason``,
+            stored again since it was planned (:func:`still_planned`), is left as it
+            is, without a tombstone, and counted in ``superseded``.
         who :
             The requestor (a user, an AE title, the node), for the tombstones and the
             audit trail.
@@ -250,7 +295,9 @@ class Deleter:
         Raises
         ------
         IndexFailure
-            The index failed; the chunks before were removed (and recorded).
+            The index failed, or (:class:`~pacs.core.errors.InstanceLocked`) a lock of
+            a chunk's instances was held longer than the ingest's lock wait; the chunks
+            before were removed (and recorded).
         """
         removal = Removal()
         code = (reason.code, reason.scheme) if reason is not None else NO_REASON
@@ -279,13 +326,16 @@ class Deleter:
             stones: list[Reference] = []
             for place in chunk:
                 row = indexed.get(place.sop_uid)
-                if row is not None and accept is not None and not accept(row, place):
+                if row is None:
+                    if code != NO_REASON:
+                        stones.append(place)  # refused when it arrives
+                elif accept is not None and not accept(row, place):
                     removal.skipped += 1
-                elif row is not None:
+                elif not still_planned(row, place, exact=code == NO_REASON):
+                    removal.superseded += 1  # no tombstone: it was stored after
+                else:
                     rows.append(row)
                     stones.append(reference(row))
-                elif code != NO_REASON:
-                    stones.append(place)  # refused when it arrives
             if not stones:
                 return
             when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
@@ -322,7 +372,7 @@ class Deleter:
                 Study(uid) for uid in requested]
             self.trail.deleted(kind, [who, self.trail.node()], studies, removal.whole,
                                patients, outcome, description)
-        if removal.instances or removal.skipped or failure:
+        if removal.instances or removal.skipped or removal.superseded or failure:
             level = logging.WARNING if failure or removal.skipped else logging.INFO
             log.log(level, "%s by %s: %s", why, _who(who), removal.summary()
                     + (f"; failed: {failure}" if failure else ""))

@@ -26,6 +26,7 @@ turned into these at the backend's edge.
     ├── StorageError           the object store failed
     ├── IntakeFull             the intake holds PACS_INTAKE_MAX_BYTES not yet moved
     ├── IndexFailure           the SQLite index failed
+    │   └── InstanceLocked     an instance's per-UID lock held past the wait allowed
     └── AnalysisFault          a helper process failed on an object (pacs.core.analysers)
 """
 
@@ -129,6 +130,13 @@ class IntakeFull(PacsError):
 
 class IndexFailure(PacsError):
     """The SQLite index failed."""
+
+
+class InstanceLocked(IndexFailure):
+    """Another store, removal or move of the same instance held its per-UID lock
+    (:mod:`pacs.core.uidlocks`) longer than a caller answering a peer may wait (the
+    holder waits for a stalled object store, say).  Answered as a busy index is:
+    nothing was done, the peer may send again."""
 
 
 class AnalysisFault(PacsError):

@@ -239,6 +239,10 @@ class Ingest:
     intake_max_bytes : int, optional
         ``PACS_INTAKE_MAX_BYTES``: the intake's backlog at which objects for it are
         refused (:class:`~pacs.core.errors.IntakeFull`); ``None``: no limit.
+    lock_wait : float, optional
+        Seconds a store or removal waits for the per-UID locks it needs
+        (:meth:`uid_locks`) before it fails with
+        :class:`~pacs.core.errors.InstanceLocked`; ``None``: as long as it takes.
 
     Attributes
     ----------
@@ -256,8 +260,8 @@ class Ingest:
 
     def __init__(self, index: Index, store: IntakeStore, duplicate_policy: str,
                  lock_dir: Path, max_object_bytes: int | None = None, *,
-                 intake_object_bytes: int = 0, intake_max_bytes: int | None = None
-                 ) -> None:
+                 intake_object_bytes: int = 0, intake_max_bytes: int | None = None,
+                 lock_wait: float | None = None) -> None:
         self.index = index
         self.store = store
         self.duplicate_policy = duplicate_policy
@@ -265,6 +269,7 @@ class Ingest:
         self.max_object_bytes = max_object_bytes
         self.intake_object_bytes = intake_object_bytes
         self.intake_max_bytes = intake_max_bytes
+        self.lock_wait = lock_wait
         self.on_rejection: RejectionHook | None = None
         self.refusals = Refusals()
         self._digests = Offload(DIGEST_THREADS, "ingest-digest")
@@ -620,7 +625,8 @@ class Ingest:
     def uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
         """The lock under which ingest decides and writes an instance of this SOP
         Instance UID: exclusive, shared by every process of the node, threads included
-        (:mod:`pacs.core.uidlocks`).  Repair (:mod:`pacs.core.reconcile`) decides under it too."""
+        (:mod:`pacs.core.uidlocks`), waited for at most :attr:`lock_wait`.  Repair
+        (:mod:`pacs.core.reconcile`) decides under it too."""
         return self.uid_locks([sop_uid])
 
     def index_stored(self, analysis: Analysis, key: str, size: int,
@@ -638,11 +644,20 @@ class Ingest:
         self.index.commit(_indexing(instance_row(analysis, key, size, calling_ae=calling_ae),
                                     analysis, None, None))
 
-    def uid_locks(self, sop_uids: Sequence[str]) -> AbstractContextManager[None]:
+    def uid_locks(self, sop_uids: Sequence[str], *, bounded: bool = True
+                  ) -> AbstractContextManager[None]:
         """The locks of several UIDs (:meth:`uid_lock`, :mod:`pacs.core.uidlocks`); a
         deletion takes them too, and the intake's mover holds those of a batch while
-        it moves it."""
-        return uidlocks.held(self.lock_dir / LOCK_FILE, sop_uids)
+        it moves it.
+
+        ``bounded``: wait at most :attr:`lock_wait`, then raise
+        :class:`~pacs.core.errors.InstanceLocked` - for whoever answers a peer (a
+        store, a removal), which must fail before the peer's timeout rather than wait
+        behind a holder stuck on a stalled object store.  The mover, which answers
+        nobody, waits unbounded.
+        """
+        return uidlocks.held(self.lock_dir / LOCK_FILE, sop_uids,
+                             self.lock_wait if bounded else None)
 
 
 @dataclass(frozen=True)

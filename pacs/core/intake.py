@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +161,9 @@ class IntakeStore:
             yield key
         yield from sorted(pending)
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """The backend's check."""
-        self.backend.check()
+        self.backend.check(create)
 
     def close(self) -> None:
         """Close the backend."""
@@ -441,9 +441,10 @@ class Mover:
         Under the per-UID locks of the whole batch (:mod:`pacs.core.uidlocks`: no other
         UID waits for them), the batch is put durably - a store with
         :class:`~pacs.core.storage.BatchPut` (the folder) in one durability pass, any
-        other (S3) one object per PUT, :data:`PARALLEL_PUTS` at once - and the rows of
-        what was put are removed in one index transaction: the mover takes SQLite's
-        write lock, which the ingest's commits wait for, once per batch.
+        other (S3) one object per PUT, :data:`PARALLEL_PUTS` at once, none started
+        once one has failed - and the rows of what was put are removed in one index
+        transaction: the mover takes SQLite's write lock, which the ingest's commits
+        wait for, once per batch.
 
         Raises
         ------
@@ -467,8 +468,10 @@ class Mover:
             current = [(entry, data) for entry in entries
                        if (data := self._read(entry)) is not None]
             failures = self._put([(entry.object_key, data) for entry, data in current])
+            # Those after the puts stopped (a failure) stay in the intake, as they are.
             moved = [(entry, data) for (entry, data), failure
-                     in zip(current, failures, strict=True) if failure is None]
+                     in zip(current[:len(failures)], failures, strict=True)
+                     if failure is None]
             removed = 0
             if moved:  # only once the puts are durable; only rows still the same
                 described = self._describe(moved)
@@ -481,11 +484,34 @@ class Mover:
         return removed, next((failure for failure in failures if failure is not None), None)
 
     def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
-        """Each item's failure or ``None``: the folder's batch, or parallel PUTs."""
+        """The failure or ``None`` of each item put, in order: the folder's batch (all
+        of it), or parallel PUTs up to the first failure (:meth:`_put_parallel`)."""
         if isinstance(self.store.backend, BatchPut) or len(items) < 2:
             return put_many(self.store.backend, items)
-        return list(self._pool().map(
-            lambda item: put_many(self.store.backend, [item])[0], items))
+        return self._put_parallel(items)
+
+    def _put_parallel(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
+        """PUT the items, :data:`PARALLEL_PUTS` at a time, in order, and start no more
+        once one has failed: the outcomes of those started (a prefix of ``items``).
+
+        A failing store (S3 stalled: each PUT waits for its timeout) then costs the
+        batch one round of timeouts, not one per object, while the batch's per-UID
+        locks are held; the objects not started wait in the intake for the next
+        batch.
+        """
+        store = self.store.backend
+        outcomes: dict[int, Future[StorageError | None]] = {}
+        running: set[Future[StorageError | None]] = set()
+        for number, item in enumerate(items):
+            if len(running) >= PARALLEL_PUTS:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                if any(future.result() is not None for future in done):
+                    break
+            future = self._pool().submit(_put_one, store, item)
+            outcomes[number] = future
+            running.add(future)
+        wait(running)
+        return [outcomes[number].result() for number in range(len(outcomes))]
 
     def _describe(self, moved: list[tuple[reads.IntakeEntry, bytes]]
                   ) -> list[tuple[int, str, metadata.Prepared]]:
@@ -627,6 +653,11 @@ class Mover:
                 writer.intake_mover_error(conn, error, time.time() if error else None)
         except IndexFailure:
             log.exception("intake mover: cannot record its state")
+
+
+def _put_one(store: ObjectStore, item: tuple[str, bytes]) -> StorageError | None:
+    """One item put by itself: its failure or ``None``."""
+    return put_many(store, [item])[0]
 
 
 def _sleep(seconds: float, stopping: Callable[[], bool]) -> None:

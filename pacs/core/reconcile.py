@@ -44,6 +44,14 @@ decision is taken again under the SOP Instance UID's ingest lock,
     same UID sent again that crashed before its commit leaves the same, and was never
     acknowledged.)
 
+Repair never rests on an assumption about the store it is given.  A store that lists no
+object while the index has rows, or none of any key for more than half of the indexed
+instances (:data:`MASS_DROP_SHARE`), is far more likely not the node's store (a folder not
+mounted, a mistyped ``PACS_STORAGE``, ``PACS_S3_BUCKET`` or endpoint) than one that lost
+them, and (e) would drop every such row: repair then changes nothing and says why
+(:attr:`Report.refused`), unless the caller states that the objects are gone
+(``allow_mass_drop``, ``pacs fsck --repair --allow-mass-drop``).
+
 Objects are moved to the quarantine (``<data>/quarantine/<run>/<key>``, or
 ``<customer>/quarantine/<run>/<key>`` in the bucket), never deleted, except those of
 removed instances (f), whose removal was asked for and recorded.  Without
@@ -81,6 +89,10 @@ log = logging.getLogger(__name__)
 #: Seconds after which a temporary file cannot belong to a write in progress (a put
 #: writes bytes already received; even 2 GB take minutes, not an hour).
 TEMP_GRACE = 3600.0
+
+#: The share of indexed objects a store may lack before repair refuses to act
+#: (module docstring): past it, the store is suspected rather than the objects lost.
+MASS_DROP_SHARE = 0.5
 
 class Problem(enum.Enum):
     """What was found (see the module docstring for the crash window of each)."""
@@ -177,6 +189,14 @@ class Report:
     quarantine :
         The quarantine folder of this run (``fsck-<start time>``; objects moved there
         keep their key below it, and each finding's note says where it went).
+    absent :
+        Index rows whose SOP Instance UID the store (intake included) lists no object
+        for, at any key: the rows repair would drop (window (e) without a copy).
+    implausible :
+        Why the store does not look like the one the index describes (it lists nothing,
+        or lacks the objects of more than :data:`MASS_DROP_SHARE` of the rows), or "".
+    refused :
+        Why repair changed nothing (``implausible``, not overridden), or "".
     """
 
     repair: bool = False
@@ -186,8 +206,16 @@ class Report:
     temporaries: int = 0
     recent_temporaries: int = 0
     quarantine: str = ""
+    absent: int = 0
+    implausible: str = ""
+    refused: str = ""
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def acting(self) -> bool:
+        """Whether the actions are carried out (repair asked for and not refused)."""
+        return self.repair and not self.refused
 
     @property
     def left(self) -> list[Finding]:
@@ -196,8 +224,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """True when nothing is left to repair and nothing failed."""
-        return not self.left and not self.errors
+        """True when nothing is left to repair, nothing failed and repair was not
+        refused."""
+        return not self.left and not self.errors and not self.refused
 
     def count(self, action: Action) -> int:
         """Findings with this action that were carried out."""
@@ -209,7 +238,8 @@ class Report:
                 "objects": self.objects, "checksums": self.checksums,
                 "temporaries_removed": self.temporaries,
                 "recent_temporaries": self.recent_temporaries,
-                "quarantine": self.quarantine,
+                "quarantine": self.quarantine, "absent": self.absent,
+                "implausible": self.implausible, "refused": self.refused,
                 "findings": [finding.as_json() for finding in self.findings],
                 "errors": list(self.errors)}
 
@@ -228,9 +258,16 @@ class Report:
         if not self.findings and not self.errors:
             yield "index and store agree"
             return
+        if self.refused:
+            yield (f"repair refused, nothing changed: {self.refused}; if those objects "
+                   "are really gone, 'pacs fsck --repair --allow-mass-drop' drops their rows")
+            return
         if not self.repair:
             yield (f"{len(self.findings)} problem(s) found; nothing changed (dry run: "
                    "'pacs fsck --repair' carries out the actions above)")
+            if self.implausible:
+                yield (f"'pacs fsck --repair' would refuse: {self.implausible} "
+                       "(unless --allow-mass-drop)")
             return
         removed = sum(1 for f in self.findings if f.problem is Problem.REMOVED and f.done)
         yield (f"{len(self.findings)} problem(s) found; indexed: {self.count(Action.INDEX)}, "
@@ -244,7 +281,8 @@ class Report:
 
 
 def reconcile(services: Services, full: bool = True, *, repair: bool = False,
-              checksums: bool = True, temp_grace: float = TEMP_GRACE) -> Report:
+              checksums: bool = True, temp_grace: float = TEMP_GRACE,
+              allow_mass_drop: bool = False) -> Report:
     """Find (and with ``repair`` mend) what crashes left; see the module docstring.
 
     Parameters
@@ -262,6 +300,11 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
         otherwise its size only.
     temp_grace : float
         Age in seconds below which a temporary file is left alone.
+    allow_mass_drop : bool
+        Repair even when the store lists no object, or lacks more than
+        :data:`MASS_DROP_SHARE` of the indexed ones (module docstring): the caller
+        knows those objects are gone.  Otherwise repair changes nothing then, and
+        :attr:`Report.refused` says why.
     """
     report = Report(repair=repair, checksums=checksums)
     store = services.store  # the intake's objects first: acknowledged, not missing
@@ -280,6 +323,11 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     for key in stored:
         listed.setdefault(_sop_of(key), []).append(key)
         report.objects += 1
+    report.absent = sum(1 for sop, _checksum, _size in rows.values() if sop not in listed)
+    report.implausible = _implausible(report.rows, report.objects, report.absent)
+    if repair and report.implausible and not allow_mass_drop:
+        report.refused = report.implausible
+        log.error("fsck: repair refused, nothing changed: %s", report.refused)
     suspects = {sop for sop, keys in listed.items() if len(keys) > 1}
     indexed = {sop: key for key, (sop, _checksum, _size) in rows.items()}
     suspects.update(sop for sop, keys in listed.items() if indexed.get(sop) != keys[0])
@@ -299,9 +347,24 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
         except PacsError as exc:
             log.error("fsck: SOP Instance %s: %s", sop, exc)
             report.errors.append(f"SOP Instance {sop}: {exc}")
-    if repair:
+    if report.acting:
         _apply_temporaries(backend, report)
     return report
+
+
+def _implausible(rows: int, objects: int, absent: int) -> str:
+    """Why a store that lists ``objects`` objects and lacks ``absent`` of the ``rows``
+    indexed ones is probably not the store the index describes, or ""."""
+    if rows and not objects:
+        return (f"the store lists no objects while the index has {rows} row(s): is it "
+                "the node's store? (a folder not mounted, PACS_STORAGE, PACS_S3_BUCKET "
+                "or PACS_S3_ENDPOINT wrong)")
+    if absent > rows * MASS_DROP_SHARE:
+        return (f"the store lacks {absent} of the {rows} indexed objects (more than "
+                f"{MASS_DROP_SHARE:.0%}): is it the node's store, whole? (a folder not "
+                "mounted, PACS_STORAGE, PACS_S3_BUCKET or PACS_S3_ENDPOINT wrong, a "
+                "partial restore)")
+    return ""
 
 
 def _quarantine_folder() -> str:
@@ -413,7 +476,7 @@ def _resolve(services: Services, sop: str, seen: list[str], report: Report) -> N
             steps += _replace(services, sop, row, others, folder)
         for finding, _step in steps:
             report.findings.append(finding)
-        if report.repair:
+        if report.acting:
             _carry_out(steps)
 
 

@@ -61,7 +61,10 @@ How a rebuild goes (:func:`rebuild`):
    are not rebuilt (the store keeps no record of them).
 7. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
    intake (:mod:`pacs.core.intake`) are not in the store yet; a rebuild refuses while
-   there are any (``pacs reindex`` drains the intake into the store first).
+   there are any (``pacs reindex`` drains the intake into the store first).  It asks
+   before it starts and again just before the swap (with the question of 1): a node
+   started and stopped during the rebuild may have left acknowledged objects there,
+   which the swap would leave in the set-aside previous index only.
 """
 
 from __future__ import annotations
@@ -264,8 +267,9 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     Raises
     ------
     IndexFailure
-        A process has the index open (a running node), or the new index cannot be
-        written; the index is left as it was.
+        A process has the index open (a running node), its intake holds objects not
+        yet in the store (before the rebuild, or again before the swap), or the new
+        index cannot be written; the index is left as it was.
     StorageError
         The store failed; the index is left as it was.
     """
@@ -293,6 +297,11 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
             raise IndexFailure(f"the rebuilt index failed its check: {check}")
         report.counts = reads.counts(new.connection())
         new.close()
+        # Asked again: a node may have started and stopped meanwhile (each check saw
+        # the index closed) and left acknowledged objects in its intake, which the
+        # swap would set aside with the previous index.  The intake first: it opens
+        # the index, so that nothing of this process holds it when the last check runs.
+        _refuse_if_intake_holds(index_path)
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
     except BaseException:

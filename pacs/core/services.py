@@ -66,8 +66,9 @@ class Services:
 
 
 def build(settings: Settings, store: ObjectStore | None = None, *,
-          check_store: bool = True, analysers: AnalyserPool | None = None,
-          logins: LoginLimiter | None = None, synced: bool = True) -> Services:
+          check_store: bool = True, create_store: bool = True,
+          analysers: AnalyserPool | None = None, logins: LoginLimiter | None = None,
+          synced: bool = True) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -82,6 +83,10 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
         started while the store is briefly down (a replacement, a restarted DICOMweb
         server) still serves: its writes fail (A700 / 503) until the store is back, and
         queries of the index go on.
+    create_store : bool
+        With ``check_store``: create the store's folder or bucket when missing; without,
+        a missing one is a :class:`ConfigError` (``pacs fsck`` checks, it does not
+        create what it checks).
     analysers : AnalyserPool, optional
         The STOW-RS analysis helpers to use: an HTTP worker's customers share one pool
         (a helper parses bytes and holds no customer's data); a pool of its own
@@ -101,7 +106,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    backend = store if store is not None else open_store(settings, check=check_store)
+    backend = store if store is not None else open_store(settings, check=check_store,
+                                                         create=create_store)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
                   synced=synced)
     migrate(index.connection())
@@ -109,7 +115,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
                     intake_object_bytes=settings.intake_limit,
-                    intake_max_bytes=settings.intake_max_bytes)
+                    intake_max_bytes=settings.intake_max_bytes,
+                    lock_wait=busy_timeout_for(settings.dimse_timeout))
     engine = QueryEngine(index, max_rows=settings.query_max_rows,
                          time_limit=settings.query_time_limit,
                          pn_case_sensitive=settings.pn_case_sensitive)
@@ -151,7 +158,10 @@ def mover(services: Services) -> Mover:
     while it runs)."""
     settings = services.settings
     hold = Hold(settings.intake_mover_hold, settings.intake_max_bytes // 2)
-    return Mover(services.index, services.store, services.ingest.uid_locks, hold)
+    # The mover answers no peer: it waits for a lock as long as its holder (a store,
+    # a removal) takes.
+    return Mover(services.index, services.store,
+                 partial(services.ingest.uid_locks, bounded=False), hold)
 
 
 def drain(services: Services) -> int:

@@ -23,15 +23,17 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.factory import dataset_bytes
+from tests.factory import dataset_bytes, make_instance
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
     assert_consistent,
     fresh_ct,
+    index_counts,
     key_of,
     run_dcmtk,
 )
+from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.interop, pytest.mark.hostile]
 
@@ -229,3 +231,102 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     again = node.cli("fsck", "--json")
     assert again.returncode == 0, again.stdout + again.stderr
     assert json.loads(again.stdout)["findings"] == []
+
+
+def _imported(tmp_path: Path, name: str, count: int, **settings: str) -> Node:
+    """A node (not started) whose store holds ``count`` instances, imported by the
+    command; the intake is drained by the import."""
+    node = Node(tmp_path / name, **settings)
+    inputs = tmp_path / f"{name}-in"
+    inputs.mkdir()
+    for number in range(count):
+        (inputs / f"{number}.dcm").write_bytes(make_instance(PatientName=PATIENT_NAME))
+    imported = node.cli("import", "--quiet", str(inputs))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    return node
+
+
+def test_fsck_creates_nothing_and_repairs_nothing_by_assumption(tmp_path: Path) -> None:
+    """An objects folder that is not there (a volume not mounted): fsck reports it and
+    does not create it.  An empty folder in its place (the bare mount point): the dry
+    run and ``--repair`` change nothing and exit 1, saying why; with the real folder
+    back fsck is clean; ``--allow-mass-drop`` drops rows only when told to."""
+    node = _imported(tmp_path, "unmounted", 3)
+    objects = node.data_dir / "objects"
+    real = node.data_dir / "objects.real"
+    counts = index_counts(node.data_dir)
+    assert counts["instance"] == 3
+    objects.rename(real)
+
+    for args in (("fsck",), ("fsck", "--repair")):
+        missing = node.cli(*args)
+        assert missing.returncode == 1, missing.stdout + missing.stderr
+        assert "does not exist" in missing.stderr and str(objects) in missing.stderr
+        assert not objects.exists(), "fsck created the folder it checks"
+
+    objects.mkdir()
+    dry = node.cli("fsck")
+    assert dry.returncode == 1 and "would refuse" in dry.stdout, dry.stdout + dry.stderr
+    refused = node.cli("fsck", "--repair", "--json")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    report = json.loads(refused.stdout)
+    assert "lists no objects" in report["refused"] and not report["ok"]
+    assert not any(finding["done"] for finding in report["findings"])
+    assert index_counts(node.data_dir) == counts
+    text = node.cli("fsck", "--repair")
+    assert text.returncode == 1 and "repair refused, nothing changed" in text.stdout
+    assert "--allow-mass-drop" in text.stdout
+    for output in (dry.stdout, dry.stderr, refused.stdout, text.stdout, text.stderr):
+        assert PATIENT_NAME.split("^")[0] not in output
+
+    objects.rmdir()
+    real.rename(objects)
+    clean = node.cli("fsck", "--repair")
+    assert clean.returncode == 0 and "index and store agree" in clean.stdout, clean.stdout
+
+    objects.rename(real)
+    objects.mkdir()
+    dropped = node.cli("fsck", "--repair", "--allow-mass-drop")
+    assert dropped.returncode == 0, dropped.stdout + dropped.stderr
+    assert "rows dropped: 3" in dropped.stdout
+    assert index_counts(node.data_dir)["instance"] == 0
+
+
+def test_fsck_refuses_a_missing_index(tmp_path: Path) -> None:
+    """No index for the customer named (a mistyped --customer or data folder): fsck
+    says so and creates neither index nor data folder."""
+    node = Node(tmp_path / "none")
+    result = node.cli("fsck", "--repair", "--customer", "nosuch")
+    assert result.returncode == 1 and "no index at" in result.stderr, result.stderr
+    assert not (node.data_dir / "nosuch").exists() and not node.data_dir.exists()
+
+
+def test_fsck_on_a_wrong_bucket_changes_nothing(
+        tmp_path: Path, seaweed_s3: SeaweedS3) -> None:  # noqa: F811 - the fixture
+    """S3: a PACS_S3_BUCKET that does not exist is reported, not created; one that
+    exists but holds nothing of the node's gets repair refused, the index unchanged."""
+    bucket = "pacs-fsck-" + generate_uid()[-12:].replace(".", "")
+    settings = {"PACS_STORAGE": "s3", "PACS_S3_ENDPOINT": seaweed_s3.endpoint,
+                "PACS_S3_ACCESS_KEY": seaweed_s3.access_key,
+                "PACS_S3_SECRET_KEY": seaweed_s3.secret_key, "PACS_S3_BUCKET": bucket,
+                "CUSTOMER": "acme"}
+    node = _imported(tmp_path, "s3", 3, **settings)
+    counts = index_counts(node.data_dir)
+    admin = seaweed_s3.client()
+    wrong = bucket + "-typo"
+
+    missing = node.cli("fsck", "--repair", env={"PACS_S3_BUCKET": wrong})
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert f"no bucket '{wrong}'" in missing.stderr
+    assert not admin.bucket_exists(bucket_name=wrong), "fsck created the bucket it checks"
+
+    admin.make_bucket(bucket_name=wrong)
+    try:
+        refused = node.cli("fsck", "--repair", env={"PACS_S3_BUCKET": wrong})
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "repair refused, nothing changed" in refused.stdout
+        assert index_counts(node.data_dir) == counts
+    finally:
+        admin.remove_bucket(bucket_name=wrong)
+    clean = node.cli("fsck", "--repair")
+    assert clean.returncode == 0 and "index and store agree" in clean.stdout, clean.stdout

@@ -661,6 +661,56 @@ def test_the_rebuild_refuses_while_another_process_has_the_index_open(
     assert not index_in_use(settings.index_path)
 
 
+def test_the_rebuild_refuses_while_the_intake_holds_objects(
+        settings: config.Settings) -> None:
+    """Acknowledged objects still in the intake are not in the store: a rebuild from
+    the store would lose them.  Refused before it starts; the index as it was."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    services.ingest.store_bytes(make_instance())
+    services.close()  # not drained
+    before = dump(settings.index_path)
+    with pytest.raises(IndexFailure, match="intake"):
+        rebuild(settings.index_path, store, AnalyserPool(0))
+    assert dump(settings.index_path) == before
+    assert not list(settings.index_path.parent.glob("index.sqlite.*"))
+
+
+def test_the_rebuild_refuses_to_swap_when_a_node_left_objects_in_the_intake(
+        settings: config.Settings) -> None:
+    """A node started and stopped while the rebuild ran (each check saw the index
+    closed) and acknowledged an instance it left in the intake: the intake is asked
+    again before the swap, which is refused.  The index keeps the instance, the new
+    file is removed, and no previous index is set aside."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    for number in range(3):
+        services.ingest.store_bytes(make_instance(PatientID=f"R{number}"))
+    drain(services)
+    services.close()
+    late = make_instance(PatientID="LATE")
+    calls = 0
+
+    def a_node_starts_and_stops() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # during the rebuild, between the two checks
+            node = build(settings, store=store)
+            assert node.ingest.store_bytes(late).outcome.value == "stored"
+            node.close()  # its mover never ran: the object stays in the intake
+
+    with pytest.raises(IndexFailure, match="intake"):
+        rebuild(settings.index_path, store, AnalyserPool(0), on_object=a_node_starts_and_stops)
+    after = dump(settings.index_path)
+    assert len(after["instance"]) == 4 and calls == 3
+    assert not list(settings.index_path.parent.glob("index.sqlite.*"))  # new, previous
+    node = build(settings, store=store)
+    try:
+        assert drain(node) == 1  # the acknowledged object, moved at last
+    finally:
+        node.close()
+
+
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:
     """The replaced node: a data folder without any index, the objects elsewhere."""
     store = MemoryStore()

@@ -757,6 +757,36 @@ def test_s3_check_creates_a_missing_bucket(seaweed_s3: SeaweedS3) -> None:  # no
         admin.remove_bucket(bucket_name=bucket)
 
 
+@pytest.mark.interop
+def test_s3_check_without_create_refuses_a_missing_bucket(
+        seaweed_s3: SeaweedS3) -> None:  # noqa: F811
+    """A check that must change nothing (``pacs fsck``) reports a missing bucket (a
+    mistyped PACS_S3_BUCKET) instead of creating an empty one."""
+    bucket = "pacs-absent-" + uuid.uuid4().hex[:12]
+    admin = seaweed_s3.client()
+    store = make_s3_store(seaweed_s3, bucket=bucket)
+    try:
+        with pytest.raises(ConfigError, match=f"no bucket '{bucket}'.*PACS_S3_BUCKET"):
+            store.check(create=False)
+        assert not admin.bucket_exists(bucket_name=bucket)
+    finally:
+        store.close()
+
+
+def test_file_check_without_create_refuses_a_missing_folder(tmp_path: Path) -> None:
+    """The same for the folder store: a folder not mounted (or a wrong data folder) is
+    reported, not created; with ``create`` (a node's start) it is created."""
+    root = tmp_path / "objects"
+    store = FileStore(root)
+    with pytest.raises(ConfigError, match="does not exist"):
+        store.check(create=False)
+    assert not root.exists()
+    store.check()
+    assert root.is_dir()
+    store.check(create=False)  # now it exists
+    store.close()
+
+
 def test_s3_endpoint_with_a_scheme_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="PACS_S3_ENDPOINT"):
         S3Store(endpoint="http://localhost:9000", access_key="a", secret_key="b",

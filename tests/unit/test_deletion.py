@@ -6,7 +6,7 @@ retention, and the audit trail."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import apsw
@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pacs.core import audit, rejection
 from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
 from pacs.core.errors import (
+    InstanceLocked,
     InvalidRejection,
     InvalidUID,
     NotFound,
@@ -296,3 +297,117 @@ def test_retention_expires_studies_by_modality(services: Services, tmp_path: Pat
     assert deleter.expire([], 1.0, 10) == 1
     assert _uids(services) == set()
     assert mr
+
+
+def test_an_instance_stored_into_another_study_after_the_plan_stays(
+        services: Services) -> None:
+    """A removal planned (read without locks), then the instance sent again with a
+    corrected Study Instance UID and acknowledged, then the removal: the instance lives
+    in the other study now, which the removal was not asked for.  It stays there, with
+    no tombstone (with a rejection reason one would refuse it for good), and the
+    report does not count it."""
+    made = _study(services, count=2)
+    study, _series, sop, _ = made[0]
+    rows = services.deleter.plan([Target(study)])
+    places = [reference(r) for r in rows]
+    other_study, other_series = generate_uid(), generate_uid()
+    moved = services.ingest.store_bytes(make_instance(
+        StudyInstanceUID=other_study, SeriesInstanceUID=other_series, SOPInstanceUID=sop))
+    assert moved.outcome is Outcome.STORED
+
+    for reason in (None, rejection.reason_of("113001", "DCM")):
+        removal = services.deleter.remove(places, NODE, audit.WEB_SERVER, reason=reason)
+        assert removal.instances == (1 if reason is None else 0)  # the other one, once
+        assert removal.superseded == 1
+        assert other_study not in removal.studies
+        assert reads.tombstone(services.index.connection(), sop) is None
+        [row] = reads.located(services.index.connection(), [sop])
+        assert (row.study_uid, row.series_uid) == (other_study, other_series)
+        assert row.object_key in set(services.store.keys())
+    assert _uids(services) == {sop}
+    # Not refused when it is sent again (no tombstone), and served from study B.
+    again = make_instance(StudyInstanceUID=other_study, SeriesInstanceUID=other_series,
+                          SOPInstanceUID=sop)
+    assert services.ingest.store_bytes(again).outcome is Outcome.UNCHANGED
+
+
+def test_a_deletion_keeps_an_instance_stored_again_with_other_content(
+        services: Services) -> None:
+    """Sent again into the same series with other content after a deletion was planned:
+    as if the deletion had come first, the new object stays, with no tombstone."""
+    made = _study(services, count=1)
+    study, series, sop, _ = made[0]
+    places = [reference(r) for r in services.deleter.plan([Target(study)])]
+    newer = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                          SOPInstanceUID=sop, SeriesDescription="corrected")
+    assert services.ingest.store_bytes(newer).outcome is Outcome.STORED
+
+    removal = services.deleter.remove(places, NODE, audit.APPLICATION_SERVER)
+    assert (removal.instances, removal.superseded, removal.whole) == (0, 1, set())
+    assert _uids(services) == {sop}
+    assert reads.tombstone(services.index.connection(), sop) is None
+    [key] = services.store.keys()
+    with services.store.open(key) as stream:
+        assert stream.read() == newer
+
+
+def test_a_rejection_removes_an_instance_stored_again_at_its_place(
+        services: Services) -> None:
+    """A rejection refuses the instance for good (113001): had it come before the new
+    object, that object would have been refused; so the object now at the planned
+    place goes, with its tombstone, whatever its content."""
+    made = _study(services, count=1)
+    study, series, sop, _ = made[0]
+    places = [reference(r) for r in services.deleter.plan([Target(study)])]
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
+        SeriesDescription="corrected"))
+
+    removal = services.deleter.remove(places, NODE, audit.WEB_SERVER,
+                                      reason=rejection.reason_of("113001", "DCM"))
+    assert (removal.instances, removal.superseded, removal.whole) == (1, 0, {study})
+    assert _uids(services) == set()
+    assert reads.tombstone(services.index.connection(), sop) == reads.Tombstone("113001",
+                                                                                 "DCM")
+
+
+def test_retention_keeps_an_instance_stored_again_after_the_plan(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention plans an expired study; an instance of it sent again meanwhile makes
+    the study recent again: that instance stays (the others, still as planned, go)."""
+    made = _study(services, count=2)
+    study, series, sop, _ = made[0]
+    with services.index.write() as conn:
+        conn.execute("UPDATE instance SET received_at = '2000-01-01T00:00:00.000000Z'")
+    deleter = services.deleter
+    planned = deleter.plan_existing
+
+    def plan_then_store(study_uids: Sequence[str]) -> list[reads.Located]:
+        rows = planned(study_uids)
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
+            SeriesDescription="sent again"))
+        return rows
+
+    monkeypatch.setattr(deleter, "plan_existing", plan_then_store)
+    assert deleter.expire([], 1.0, 10) == 1
+    assert _uids(services) == {sop}
+    assert reads.tombstone(services.index.connection(), made[1][2]) == reads.Tombstone(
+        *NO_REASON)
+    assert reads.tombstone(services.index.connection(), sop) is None
+
+
+def test_a_removal_waits_a_bounded_time_for_a_held_instance(services: Services) -> None:
+    """An instance whose lock another holder keeps (the mover, stuck on a stalled
+    store): the removal fails with InstanceLocked (503 over DICOMweb) after the
+    ingest's lock wait, and removes nothing of that chunk."""
+    made = _study(services, count=2)
+    rows = services.deleter.plan([Target(made[0][0])])
+    services.ingest.lock_wait = 0.2
+    held = services.ingest.uid_locks([made[1][2]], bounded=False)
+    with held, pytest.raises(InstanceLocked):
+        services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    assert _uids(services) == {d[2] for d in made}
+    assert all(reads.tombstone(services.index.connection(), d[2]) is None for d in made)
+    outcome = _events(services)[-1]["EventIdentification"]["EventOutcomeIndicator"]
+    assert outcome == audit.SERIOUS_FAILURE

@@ -55,7 +55,7 @@ class _Plain:
     def keys(self) -> Iterator[str]:
         return self.inner.keys()
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """Always usable."""
 
     def close(self) -> None:
@@ -77,7 +77,7 @@ def test_an_unusable_store_and_a_broken_index_are_reported(
     store = MemoryStore()
     services = make_services(store=store)
 
-    def refuse() -> None:
+    def refuse(create: bool = True) -> None:
         raise ConfigError("the bucket is gone")
 
     store.check = refuse  # type: ignore[method-assign]

@@ -28,7 +28,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
 from pacs.core import health, intake
-from pacs.core.errors import IntakeFull
+from pacs.core.errors import InstanceLocked, IntakeFull, StorageError
 from pacs.core.index import reads, writer
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
@@ -482,3 +482,100 @@ def test_refusals_are_logged_at_most_once_per_interval_with_their_count(
                     "since the last report; the object store has not caught up"),
         ("WARNING", "the intake takes objects again; 3 store(s) refused since the last "
                     "report")]
+
+
+class FailingStore(MemoryStore):
+    """A memory store that records the key of every put started, and fails those
+    ``failing`` names (``None``: every put fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str] = []
+        self.failing: set[str] | None = None
+        self._started_lock = threading.Lock()
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        with self._started_lock:
+            self.started.append(key)
+        if self.failing is None or key in self.failing:
+            raise StorageError("simulated stalled store (timed out)")
+        super().put(key, source, length)
+
+
+def _intake_of(count: int, make_services: Callable[..., Services],
+               store: MemoryStore) -> tuple[Services, list[str]]:
+    """Services over ``store`` with ``count`` instances in the intake; their keys in
+    the order the mover takes them."""
+    services = make_services(store=store)
+    for number in range(count):
+        services.ingest.store_bytes(instance(f"1.2.826.0.1.3680043.8.498.{number + 1}"))
+    batch = reads.intake_batch(services.index.connection(), 0, intake.BATCH_OBJECTS,
+                               intake.BATCH_BYTES)
+    return services, [entry.object_key for entry in batch]
+
+
+def test_a_failing_store_costs_a_batch_one_round_of_puts(
+        make_services: Callable[..., Services]) -> None:
+    """Every PUT fails (a stalled S3: each would wait for its timeout): the batch
+    starts one round of PARALLEL_PUTS and no more, so its per-UID locks are held for
+    one timeout, not one per object.  Nothing is lost: every object stays in the
+    intake and is moved once the store takes them."""
+    store = FailingStore()
+    services, keys = _intake_of(10, make_services, store)
+    moving = Mover(services.index, services.store, services.ingest.uid_locks)
+    with pytest.raises(StorageError):
+        moving.move_batch()
+    moving.close()
+    assert len(store.started) == intake.PARALLEL_PUTS < len(keys)
+    assert reads.intake_keys(services.index.connection()) == sorted(keys)
+    store.failing = set()
+    assert mover(services).drain() == 10
+    assert sorted(store.objects) == sorted(keys)
+
+
+def test_the_puts_stop_at_the_first_failure_and_the_rest_wait_in_the_intake(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One PUT at a time: the two before the failing one are moved (their rows
+    removed), the failing one and those after it are not started and stay in the
+    intake, readable; the next round moves them."""
+    monkeypatch.setattr(intake, "PARALLEL_PUTS", 1)
+    store = FailingStore()
+    services, keys = _intake_of(6, make_services, store)
+    store.failing = {keys[2]}
+    moving = Mover(services.index, services.store, services.ingest.uid_locks)
+    with pytest.raises(StorageError):
+        moving.move_batch()
+    moving.close()
+    assert store.started == keys[:3]
+    assert sorted(store.objects) == sorted(keys[:2])
+    assert reads.intake_keys(services.index.connection()) == sorted(keys[2:])
+    assert moving.state.moved == 2
+    assert all(read(services, key) for key in keys)  # the rest from the intake
+    store.failing = set()
+    assert mover(services).drain() == 4
+    assert sorted(store.objects) == sorted(keys)
+
+
+def test_a_store_waits_a_bounded_time_for_an_instance_the_mover_holds(
+        node: Services) -> None:
+    """The mover holds a batch's locks while a stalled store keeps it: a store of one
+    of those instances answers InstanceLocked (A700 for C-STORE, 503 for STOW-RS)
+    after the ingest's lock wait instead of waiting for the mover; nothing of it is
+    kept.  Once released, the same store succeeds."""
+    from adapters.dicomweb.errors import outcome_for
+    from pacs.dimse.status import STORE_STATUS, status_for
+
+    first = instance()
+    node.ingest.store_bytes(first)
+    again = instance(StudyDescription="sent again")
+    node.ingest.lock_wait = 0.2
+    with node.ingest.uid_locks(["1.2.826.0.1.3680043.8.498.1"], bounded=False):
+        with pytest.raises(InstanceLocked) as caught:
+            node.ingest.store_bytes(again)
+        row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+        assert row is not None and row.checksum == hashlib.sha256(first).hexdigest()
+    assert status_for(STORE_STATUS, caught.value).code == 0xA700
+    assert outcome_for(caught.value).status == "503 Service Unavailable"
+    node.ingest.store_bytes(again)
+    row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+    assert row is not None and row.checksum == hashlib.sha256(again).hexdigest()

@@ -26,7 +26,7 @@ from pacs.core.config import Settings
 from pacs.core.errors import NotFound
 from pacs.core.index import writer
 from pacs.core.reconcile import Action, Problem, Report, reconcile
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage import exists, object_key
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
@@ -281,7 +281,10 @@ def test_a_damaged_indexed_object_is_reported_and_left(node: Services) -> None:
 
 def test_a_row_whose_object_is_gone_is_dropped(node: Services) -> None:
     """(e) No object, no copy: until the repair the instance is listed but cannot be
-    sent (WADO-RS cuts its answer short); then the row goes, with its empty parents."""
+    sent (WADO-RS cuts its answer short); then the row goes, with its empty parents
+    (two instances beside it keep their objects: the store is plausibly the node's)."""
+    for description in ("kept 1", "kept 2"):
+        node.ingest.store_bytes(Instance().version(description)[1])
     instance = Instance()
     key, data = instance.version("A")
     node.ingest.store_bytes(data)
@@ -291,7 +294,7 @@ def test_a_row_whose_object_is_gone_is_dropped(node: Services) -> None:
     dry_then_repair(node, (Problem.MISSING, Action.DROP_ROW, key))
     assert row(node, instance.sop) is None
     assert writer.counts(node.index.connection()) == {
-        "patient": 0, "study": 0, "series": 0, "instance": 0}
+        "patient": 1, "study": 2, "series": 2, "instance": 2}
 
 
 def test_a_row_whose_object_is_gone_takes_the_copy_left_elsewhere(node: Services) -> None:
@@ -306,6 +309,70 @@ def test_a_row_whose_object_is_gone_takes_the_copy_left_elsewhere(node: Services
     node.store.delete(new_key)
     dry_then_repair(node, (Problem.MISSING, Action.INDEX, new_key))
     assert_newest(node, instance, old_key, old)
+
+
+def _stored(services: Services, count: int) -> list[str]:
+    """Store ``count`` instances and move them to the store; their object keys."""
+    keys = []
+    for number in range(count):
+        key, data = Instance().version(f"instance {number}")
+        services.ingest.store_bytes(data)
+        keys.append(key)
+    drain(services)
+    return keys
+
+
+def test_repair_refuses_a_store_that_lists_nothing(node: Services) -> None:
+    """A store answering but empty while the index has rows (a folder not mounted, a
+    wrong bucket): every row would be dropped by assumption.  The dry run says repair
+    would refuse; repair changes nothing, reports why and is not ok; only
+    ``allow_mass_drop`` drops the rows."""
+    keys = _stored(node, 3)
+    for key in keys:
+        node.store.delete(key)
+    before = state(node)
+
+    dry = reconcile(node, repair=False)
+    assert dry.absent == 3 and "lists no objects" in dry.implausible
+    assert any("would refuse" in line for line in dry.lines())
+    refused = reconcile(node, repair=True)
+    assert state(node) == before, "a refused repair changed something"
+    assert "lists no objects while the index has 3 row(s)" in refused.refused
+    assert not refused.ok and not any(f.done for f in refused.findings)
+    assert found(refused) == sorted(((Problem.MISSING, Action.DROP_ROW, key) for key in keys),
+                                    key=str)
+    assert list(refused.lines())[-1].startswith("repair refused, nothing changed")
+    assert refused.as_json()["refused"] == refused.refused
+
+    allowed = reconcile(node, repair=True, allow_mass_drop=True)
+    assert allowed.ok and allowed.count(Action.DROP_ROW) == 3, list(allowed.lines())
+    assert writer.counts(node.index.connection())["instance"] == 0
+
+
+def test_repair_refuses_when_more_than_half_the_objects_are_missing(node: Services) -> None:
+    """Half of the indexed instances without an object is repaired; more is refused
+    (nothing quarantined, indexed or dropped) unless ``allow_mass_drop``."""
+    keys = _stored(node, 4)
+    for key in keys[:2]:
+        node.store.delete(key)
+    half = reconcile(node, repair=True)
+    assert half.ok and half.count(Action.DROP_ROW) == 2 and not half.implausible
+
+    keys += _stored(node, 2)  # 4 rows: 2 + 2 new
+    for key in keys[2:5]:
+        node.store.delete(key)
+    unindexed = Instance().version("stored, never indexed")
+    put(node, *unindexed)
+    before = state(node)
+    refused = reconcile(node, repair=True)
+    assert "lacks 3 of the 4 indexed objects" in refused.refused, refused.as_json()
+    assert state(node) == before and not refused.ok
+    assert {f.problem for f in refused.findings} == {Problem.MISSING, Problem.UNACKNOWLEDGED}
+
+    allowed = reconcile(node, repair=True, allow_mass_drop=True)
+    assert allowed.ok and allowed.count(Action.DROP_ROW) == 3
+    assert allowed.count(Action.INDEX) == 1
+    assert set(writer.all_objects(node.index.connection())) == {keys[5], unindexed[0]}
 
 
 def test_an_unreadable_unindexed_object_is_quarantined(node: Services) -> None:
@@ -461,7 +528,7 @@ class _NoQuarantine:
     def keys(self) -> object:
         return self.inner.keys()
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """Always usable."""
 
     def close(self) -> None:

@@ -6,7 +6,10 @@ import multiprocessing
 import threading
 from pathlib import Path
 
+import pytest
+
 from pacs.core import uidlocks
+from pacs.core.errors import IndexFailure, InstanceLocked
 
 
 def _try_in_thread(path: Path, uids: list[str], acquired: threading.Event) -> threading.Thread:
@@ -81,3 +84,42 @@ def test_a_dead_holder_releases_its_locks(tmp_path: Path) -> None:
     acquired = threading.Event()
     _try_in_thread(path, ["1.2.3"], acquired).join(5)
     assert acquired.is_set()
+
+
+def test_a_bounded_wait_fails_with_instance_locked_and_keeps_nothing(tmp_path: Path) -> None:
+    """A caller answering a peer waits a bounded time: past it, InstanceLocked (an
+    IndexFailure: A700 for C-STORE, 503 over HTTP), and none of the locks it took
+    before the held one is kept."""
+    path = tmp_path / "uids.lock"
+    others = [f"1.2.840.97.{n}" for n in range(50)]
+    with uidlocks.held(path, ["1.2.3"]):
+        with (pytest.raises(InstanceLocked) as caught,
+              uidlocks.held(path, [*others, "1.2.3"], wait=0.2)):
+            pytest.fail("took a lock another holder holds")
+        assert isinstance(caught.value, IndexFailure)
+        assert len(str(caught.value)) <= 64  # a DIMSE Error Comment
+        with uidlocks.held(path, others, wait=0):  # at once: none of them was kept
+            pass
+    with uidlocks.held(path, ["1.2.3"], wait=0):  # released: taken at once
+        pass
+
+
+def test_a_bounded_wait_takes_the_lock_once_released(tmp_path: Path) -> None:
+    path = tmp_path / "uids.lock"
+    holder, release = _holder(path, "1.2.3")
+    try:
+        taken = threading.Event()
+
+        def take() -> None:
+            with uidlocks.held(path, ["1.2.3"], wait=60):
+                taken.set()
+
+        thread = threading.Thread(target=take, daemon=True)
+        thread.start()
+        assert not taken.wait(0.3)
+        release.set()
+        assert taken.wait(30)
+        thread.join(5)
+    finally:
+        release.set()
+        holder.join(10)

@@ -98,7 +98,9 @@ def lookup_classes(conn: apsw.Connection, sop_uids: Sequence[str]
 
 @dataclass(frozen=True)
 class Located:
-    """An indexed instance with where it lives: its study, series, patient and object."""
+    """An indexed instance with where it lives: its study, series, patient and object,
+    and its row's change number (``instance.change_seq``: every insert or overwrite of
+    the row takes a new one, so it tells the row read from a later store of the UID)."""
 
     sop_uid: str
     sop_class_uid: str
@@ -107,11 +109,13 @@ class Located:
     object_key: str
     size: int
     patient_key: str
+    change_seq: int
 
 
 _LOCATED_SQL = (
     "SELECT instance.sop_uid, coalesce(instance.sop_class_uid, ''), study.study_uid, "
-    "series.series_uid, instance.object_key, instance.size, patient.patient_key "
+    "series.series_uid, instance.object_key, instance.size, patient.patient_key, "
+    "coalesce(instance.change_seq, 0) "
     "FROM instance JOIN series ON series.pk = instance.series_pk "
     "JOIN study ON study.pk = series.study_pk JOIN patient ON patient.pk = study.patient_pk ")
 

@@ -82,8 +82,10 @@ __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine
            "put_each", "put_many", "quarantine_folder", "spooled_copy", "staged", "usage"]
 
 
-def open_store(settings: Settings, check: bool = True) -> ObjectStore:
-    """The store the settings name, checked for reachability unless ``check`` is false."""
+def open_store(settings: Settings, check: bool = True, create: bool = True) -> ObjectStore:
+    """The store the settings name, checked for reachability unless ``check`` is false;
+    its folder or bucket created when missing with ``create``
+    (:meth:`~pacs.core.storage.base.ObjectStore.check`)."""
     store: ObjectStore
     if settings.storage == "s3":
         from pacs.core.storage.s3 import S3Store
@@ -94,5 +96,5 @@ def open_store(settings: Settings, check: bool = True) -> ObjectStore:
 
         store = FileStore(settings.objects_dir)
     if check:
-        store.check()
+        store.check(create)
     return store

@@ -78,8 +78,14 @@ class ObjectStore(Protocol):
     def keys(self) -> Iterator[str]:
         """Every object key of this customer's area."""
 
-    def check(self) -> None:
-        """Raise :class:`pacs.core.errors.ConfigError` when the store cannot be used."""
+    def check(self, create: bool = True) -> None:
+        """Raise :class:`pacs.core.errors.ConfigError` when the store cannot be used.
+
+        ``create``: make the store's folder or bucket when it is missing (a node
+        starting on a new data folder); otherwise a missing one is an error, for a
+        check that must change nothing (``pacs fsck``: a folder not mounted or a
+        mistyped bucket is reported, not replaced by an empty one).
+        """
 
     def close(self) -> None:
         """Release connections."""

@@ -278,8 +278,12 @@ class FileStore:
             _unlink_quietly(str(path))
         return len(found)
 
-    def check(self) -> None:
-        """The folder must exist (it is created) and be writable."""
+    def check(self, create: bool = True) -> None:
+        """The folder must exist (created when missing, with ``create``) and be
+        writable."""
+        if not create and not self.root.is_dir():
+            raise ConfigError(f"the object folder {self.root} does not exist (not "
+                              "mounted? check PACS_DATA_DIR and PACS_STORAGE)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -69,7 +69,7 @@ class MemoryStore:
             self.quarantined[name] = self.objects.pop(key)
         return name
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """Always usable."""
 
     def close(self) -> None:

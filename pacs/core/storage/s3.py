@@ -630,20 +630,24 @@ class S3Store:
         for key, _size in self._listing():
             yield key
 
-    def check(self) -> None:
+    def check(self, create: bool = True) -> None:
         """Make sure the endpoint answers, the credentials work and the bucket exists.
 
-        The bucket is created when missing.
+        The bucket is created when missing, with ``create``.
 
         Raises
         ------
         ConfigError
             When the endpoint cannot be reached, refuses the credentials, or the bucket
-            can be neither found nor created.
+            can be neither found nor (with ``create``) created.
         """
         where = f"S3 at {self.endpoint}"
         try:
             if not self._client.bucket_exists(bucket_name=self.bucket):
+                if not create:
+                    raise ConfigError(
+                        f"{where} has no bucket {self.bucket!r}: check PACS_S3_BUCKET "
+                        "and PACS_S3_ENDPOINT")
                 try:
                     self._client.make_bucket(
                         bucket_name=self.bucket, location=self.region or None
