@@ -281,6 +281,11 @@ def test_default_limit_and_maximum(make_services: Callable[..., Services]) -> No
     ("limit=abc", 400),
     ("limit=0", 400),
     ("offset=-1", 400),
+    ("offset=%C2%B2", 400),  # a superscript two: str.isdigit says yes, int() says no
+    ("limit=%C2%B2", 400),
+    ("offset=99999999999999999999999", 400),  # past SQLite's 64-bit integers
+    ("offset=" + "9" * 5000, 400),
+    ("offset=9223372036854775807", 200),  # the largest offset SQLite takes: nothing there
     ("fuzzymatching=maybe", 400),
     ("NotAKeyword=1", 400),
     ("FFFF0000=1", 400),
