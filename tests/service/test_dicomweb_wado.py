@@ -637,6 +637,38 @@ def test_rendered_parameters(client: testing.TestClient, put: Put) -> None:
         assert client.simulate_get(url(ds) + "/rendered", query_string=bad).status_code == 400
 
 
+def test_rendered_source_region(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")  # 128 x 128
+
+    def drawn(query: str = "") -> np.ndarray:
+        return np.asarray(image(client.simulate_get(url(ds) + "/rendered", query_string=query,
+                                                    headers={"Accept": "image/png"})))
+
+    whole = drawn()
+    assert np.array_equal(drawn("viewport=32,16,96,112,32,16"), whole[112:128, 96:128])
+    assert np.array_equal(drawn("viewport=128,128,0,0,128,128"), whole)
+    # A negative extent flips the region (PS3.18 8.3.5.1.3).
+    assert np.array_equal(drawn("viewport=64,128,64,0,-64,128"), whole[:, 63::-1])
+
+
+@pytest.mark.parametrize("query", [
+    "quality=inf", "quality=nan", "quality=1e400",
+    "viewport=1e400,10", "viewport=10,-inf",
+    "window=nan,1", "window=1,inf", "window=1e400,1",
+    # Source regions without extent, or not within the 128 x 128 image.
+    "viewport=10,10,0,0,0,0", "viewport=10,10,0,0,5,0",
+    "viewport=10,10,0,0,13000,13000", "viewport=10,10,0,0,129,128",
+    "viewport=10,10,-1,0,5,5", "viewport=10,10,124,0,5,5", "viewport=10,10,4,0,-5,5",
+])
+def test_rendered_parameters_out_of_range_are_400(client: testing.TestClient, put: Put,
+                                                  query: str) -> None:
+    ds, _ = put("CT_small.dcm")
+    for suffix in ("/rendered", "/thumbnail"):
+        result = client.simulate_get(url(ds) + suffix, query_string=query)
+        assert result.status_code == 400, result.text
+        assert result.json["description"].startswith(query.split("=")[0] + ":")
+
+
 def test_rendered_frame_of_a_colour_multiframe(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("SC_rgb_rle_2frame.dcm")
     picture = image(client.simulate_get(url(ds) + "/frames/2/rendered",
