@@ -15,6 +15,7 @@ import pytest
 from falcon import testing
 
 from adapters.dicomweb.app import create_app
+from pacs.core.index.compiler import MAX_TERMS, MAX_UIDS
 from pacs.core.services import Services
 from tests.service.sample_studies import Archive, load
 
@@ -302,6 +303,23 @@ def test_bad_parameters(get: Get, archive: Archive, query: str, status: int) -> 
     assert result.status_code == status, result.text
     if status == 400:
         assert result.json["description"]
+
+
+def test_more_values_than_a_query_may_hold_is_400(get: Get, archive: Archive) -> None:
+    """A client error, refused before SQLite sees it: SQLite's own refusal was reported
+    as 503 Index unavailable, with a Retry-After that only made clients send it again."""
+    accessions = [f"ACC{n}" for n in range(MAX_TERMS)]
+    fits = get("/studies", "AccessionNumber=" + "%5C".join(accessions))
+    assert fits.status_code == 200
+    assert {s.accession for s in archive.studies.values()} & set(accessions) == set(
+        values(fits, "00080050"))
+    for query in ("AccessionNumber=" + "%5C".join([*accessions, "ACC"]),
+                  "StudyInstanceUID=" + ",".join(f"1.2.{n}" for n in range(MAX_UIDS + 1))):
+        result = get("/studies", query)
+        assert result.status_code == 400, result.text
+        assert result.json["title"] == "Query too large"
+        assert "a query may hold" in result.json["description"]
+        assert "Retry-After" not in result.headers
 
 
 def test_malformed_uid_in_path_is_400(get: Get, archive: Archive) -> None:
