@@ -48,7 +48,8 @@ from pacs.core.query.model import Constraint, Match, Query, Term
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 
 #: Parameters that are not attributes (PS3.18 Table 8.3.4-1 and 8.3.3.1); ``accept``
-#: and ``charset`` choose the media type, which is always DICOM JSON here.
+#: and ``charset`` choose the media type, which is always DICOM JSON here (an ``accept``
+#: without it is answered 406: :mod:`adapters.dicomweb.negotiation`).
 RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield",
                       "emptyvaluematching", "multiplevaluematching", "accept", "charset"})
 

@@ -336,6 +336,26 @@ def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
         assert result.status_code == 200 and result.headers["Content-Type"] == JSON
 
 
+@pytest.mark.parametrize("query, status", [
+    ("accept=application/dicom%2Bxml", 406),
+    ("accept=multipart/related%3B%20type%3D%22application/dicom%2Bxml%22", 406),
+    ("accept=application/dicom%2Bjson", 200),
+    ("accept=application/dicom+json", 200),  # the unencoded + reaches falcon as a space
+    ("accept=application/json", 200),
+    ("accept=application/dicom%2Bxml,%20application/dicom%2Bjson%3Bq%3D0.5", 200),
+])
+def test_accept_query_parameter_replaces_the_header(get: Get, archive: Archive, query: str,
+                                                    status: int) -> None:
+    """PS3.18 8.3.3.1: the parameter, when given, is what the client accepts; the
+    header says the opposite here, and is not read."""
+    header = JSON if status == 406 else "application/dicom+xml"
+    result = get("/studies", query, headers={"Accept": header})
+    assert result.status_code == status, result.text
+    if status == 200:
+        assert result.headers["Content-Type"] == JSON
+        assert study_uids(result) == {s.uid for s in archive.studies.values()}
+
+
 def test_unknown_route_is_404(get: Get) -> None:
     assert get("/patients").status_code == 404
     assert get("/dicom-web/studies/1.2.3/frames").status_code == 404

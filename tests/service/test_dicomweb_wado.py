@@ -331,6 +331,13 @@ def test_metadata_refuses_xml_only(client: testing.TestClient, put: Put) -> None
     accept = 'multipart/related; type="application/dicom+xml"'
     assert client.simulate_get(url(ds) + "/metadata",
                                headers={"Accept": accept}).status_code == 406
+    # The accept query parameter replaces the header (PS3.18 8.3.3.1).
+    assert client.simulate_get(url(ds) + "/metadata",
+                               query_string="accept=application/dicom%2Bxml",
+                               headers={"Accept": JSON}).status_code == 406
+    assert client.simulate_get(url(ds) + "/metadata",
+                               query_string="accept=application/dicom%2Bjson",
+                               headers={"Accept": accept}).status_code == 200
 
 
 @pytest.mark.parametrize("syntax", [EXPLICIT, "1.2.840.10008.1.2.1.99"],
