@@ -66,6 +66,9 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
     (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
     (errors.IncompleteBody, Outcome(falcon.HTTP_400, 0xC000, "Incomplete request body")),
+    # More values than one query may hold: the client's to split (a client error,
+    # not 413, which here says the matches are too many).
+    (errors.QueryTooLarge, Outcome(falcon.HTTP_400, 0xC000, "Query too large")),
     (errors.InvalidQuery, Outcome(falcon.HTTP_400, 0xC000, "Invalid query")),
     (errors.NotFound, Outcome(falcon.HTTP_404, 0x0110, "Not found")),
     # The frame exists but is too large to decode here (PACS_MAX_FRAME_BYTES).

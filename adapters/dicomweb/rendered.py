@@ -20,9 +20,10 @@ and Pillow: the Modality LUT (Rescale Slope / Intercept), then the VOI window (t
 frame's own minimum to maximum), linear, linear-exact or sigmoid (VOI LUT Function),
 MONOCHROME1 inverted, colour passed through (palette colour through its LUT), and
 scaled to the ``viewport``.  Parameters (8.3.5.1): ``quality`` (1-100, JPEG),
-``viewport=vw,vh[,sx,sy,sw,sh]`` (crop to the source region, then fit into vw x vh,
-keeping the aspect ratio), ``window=center,width[,function]``; ``annotation`` and
-``iccprofile`` are accepted and ignored.  A thumbnail is the same image fitted into
+``viewport=vw,vh[,sx,sy,sw,sh]`` (crop to the source region, which must lie within
+the image, then fit into vw x vh, keeping the aspect ratio),
+``window=center,width[,function]``; ``annotation`` and ``iccprofile`` are accepted and
+ignored.  A thumbnail is the same image fitted into
 :data:`THUMBNAIL_SIZE` unless a viewport is given.
 
 Media types: ``image/jpeg`` (the default, 8.7.4) and ``image/png``; an encapsulated
@@ -50,6 +51,7 @@ from the stored metadata before the object is even opened.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,11 +123,28 @@ class Params:
     window: Window | None = None
 
 
-def _ints(text: str, name: str) -> list[int]:
+def _numbers(parts: Sequence[str], name: str) -> list[float]:
+    """Decimal numbers, finite ones only: ``inf`` and ``1e400`` parse as floats, but no
+    quality, size or window is infinite (PS3.18 8.3.5.1).
+
+    Raises
+    ------
+    InvalidQuery
+        A part that is not a number, or not a finite one.
+    """
     try:
-        return [int(float(p)) for p in text.split(",")]
+        values = [float(part) for part in parts]
     except ValueError:
         raise InvalidQuery(f"{name}: expected comma-separated numbers") from None
+    if not all(math.isfinite(value) for value in values):
+        raise InvalidQuery(f"{name}: expected finite numbers")
+    return values
+
+
+def _ints(text: str, name: str) -> list[int]:
+    """Comma-separated :func:`_numbers` without their fractions (pixels and quality
+    are whole)."""
+    return [int(value) for value in _numbers(text.split(","), name)]
 
 
 def parse_params(req: falcon.Request) -> Params:
@@ -155,10 +174,9 @@ def _window(text: str | None) -> Window | None:
         return None
     parts = text.split(",")
     function = parts[2].strip().lower() if len(parts) == 3 else "linear"
-    try:
-        center, width = float(parts[0]), float(parts[1])
-    except (ValueError, IndexError):
-        raise InvalidQuery("window: center,width[,function]") from None
+    if len(parts) < 2:
+        raise InvalidQuery("window: center,width[,function]")
+    center, width = _numbers(parts[:2], "window")
     if len(parts) > 3 or width <= 0 or function not in _FUNCTIONS:
         raise InvalidQuery("window: width > 0 and function linear, linear-exact or sigmoid")
     return Window(center, width, function)
@@ -224,13 +242,44 @@ def colour(array: np.ndarray, doc: dict[str, Any]) -> np.ndarray:
     return shifted.astype(np.uint8)
 
 
+def source_box(region: tuple[int, int, int, int], width: int,
+               height: int) -> tuple[int, int, int, int]:
+    """The crop box (left, top, right, bottom) of a viewport's source region in an
+    image of ``width`` x ``height`` pixels.
+
+    PS3.18 8.3.5.1.3 places the region in the source image: ``sx,sy`` its corner from
+    the image's top left, ``sw,sh`` its extent (a negative one flips it).  It says
+    nothing of pixels outside the image, so a region that leaves the image, or has no
+    extent, asks for something the image does not hold and is refused (400) rather
+    than clipped: clipping would draw another region, at another scale, than the one
+    asked for, without saying so.  Within the image, the crop is never larger than the
+    decoded frame (PACS_MAX_FRAME_BYTES), whatever numbers the request holds.
+
+    Raises
+    ------
+    InvalidQuery
+        When the region is empty or not within the image.
+    """
+    sx, sy, sw, sh = region
+    left, right = sorted((sx, sx + sw))
+    top, bottom = sorted((sy, sy + sh))
+    if sw == 0 or sh == 0 or left < 0 or top < 0 or right > width or bottom > height:
+        raise InvalidQuery(f"viewport: the source region sx,sy,sw,sh must be within the "
+                           f"image ({width} x {height} pixels) and not empty")
+    return left, top, right, bottom
+
+
 def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Image.Image:
-    """Crop to the viewport's source region, then scale into its size (or ``limit``)."""
+    """Crop to the viewport's source region, then scale into its size (or ``limit``).
+
+    Raises
+    ------
+    InvalidQuery
+        A source region that is not within the image (:func:`source_box`).
+    """
     if viewport is not None and viewport.region is not None:
-        sx, sy, sw, sh = viewport.region
-        left, right = sorted((sx, sx + sw))
-        top, bottom = sorted((sy, sy + sh))
-        image = image.crop((left, top, right, bottom))
+        sw, sh = viewport.region[2:]
+        image = image.crop(source_box(viewport.region, image.width, image.height))
         if sw < 0:  # PS3.18 8.3.5.1.3: a negative extent flips the region
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if sh < 0:

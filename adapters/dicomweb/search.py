@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_has_tag, tag_for_keyword
 
+from adapters.dicomweb.numbers import INT64_MAX, whole_number
 from pacs.core.attributes import (
     ATTRIBUTES,
     BY_KEYWORD,
@@ -47,7 +48,8 @@ from pacs.core.query.model import Constraint, Match, Query, Term
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 
 #: Parameters that are not attributes (PS3.18 Table 8.3.4-1 and 8.3.3.1); ``accept``
-#: and ``charset`` choose the media type, which is always DICOM JSON here.
+#: and ``charset`` choose the media type, which is always DICOM JSON here (an ``accept``
+#: without it is answered 406: :mod:`adapters.dicomweb.negotiation`).
 RESERVED = frozenset({"limit", "offset", "fuzzymatching", "includefield",
                       "emptyvaluematching", "multiplevaluematching", "accept", "charset"})
 
@@ -304,10 +306,23 @@ def page(params: Params, default_limit: int, max_limit: int) -> Paging:
 
 
 def _natural(params: Params, name: str, minimum: int) -> int | None:
+    """The last value of ``name`` as a whole number from ``minimum`` on (``None`` when
+    absent).
+
+    The upper bound is SQLite's: ``LIMIT`` and ``OFFSET`` are 64-bit integers, and a
+    page beyond them is not one the index can be asked for (8.3.4.4 leaves the
+    range to the origin server).
+
+    Raises
+    ------
+    InvalidQuery
+        A value that is not ASCII digits, or outside ``minimum`` to
+        :data:`~adapters.dicomweb.numbers.INT64_MAX`.
+    """
     given = params.get(name, ())
     if not given:
         return None
-    text = given[-1].strip()
-    if not text.isdigit() or int(text) < minimum:
-        raise InvalidQuery(f"{name} must be an integer of at least {minimum}")
-    return int(text)
+    value = whole_number(given[-1].strip(), INT64_MAX)
+    if value is None or value < minimum:
+        raise InvalidQuery(f"{name} must be an integer from {minimum} to {INT64_MAX}")
+    return value

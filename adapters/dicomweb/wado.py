@@ -48,6 +48,7 @@ before the end of the body (:func:`sent`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -55,12 +56,14 @@ from typing import Any, TypeVar
 
 import falcon
 import pydicom
+from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from adapters.dicomweb import accept, dicomjson, multipart, urls
 from adapters.dicomweb.accept import ANY, MediaRange
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
+from adapters.dicomweb.numbers import IS_MAX, whole_number
 from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
@@ -389,9 +392,26 @@ def frame_numbers(text: str) -> list[int]:
         When the list is empty, malformed, or too long.
     """
     parts = text.split(",")
-    if len(parts) > MAX_FRAMES or not all(p.strip().isdigit() for p in parts):
-        raise InvalidQuery("frames must be a comma-separated list of frame numbers")
-    return [int(p) for p in parts]
+    if len(parts) > MAX_FRAMES:
+        raise InvalidQuery(f"frames: at most {MAX_FRAMES} frame numbers in one request")
+    return [_frame_number(part) for part in parts]
+
+
+def _frame_number(text: str) -> int:
+    """One frame number: ASCII digits up to :data:`~adapters.dicomweb.numbers.IS_MAX`
+    (Number of Frames is an IS, so no frame has a larger number).  Zero and numbers
+    past the instance's frames parse, and are answered 404 by the frame check.
+
+    Raises
+    ------
+    InvalidQuery
+        When ``text`` is not such a number.
+    """
+    number = whole_number(text.strip(), IS_MAX)
+    if number is None:
+        raise InvalidQuery(f"frames must be a comma-separated list of frame numbers "
+                           f"(digits 0-9, at most {IS_MAX})")
+    return number
 
 
 def frame_plan(ranges: Sequence[MediaRange], lay: pixels.Layout) -> FramePlan | None:
@@ -563,44 +583,83 @@ class Bulkdata:
         return _element_bytes(dataset, steps)
 
 
+#: A tag in a bulk data path: eight hex digits, nothing else (``int(text, 16)`` would
+#: also take a sign, spaces, underscores and digits of other scripts).
+_BULK_TAG = re.compile(r"[0-9A-Fa-f]{8}")
+
+
 def _bulk_path(path: str) -> list[int]:
-    """``00880200/1/7FE00010`` → tags and 1-based item numbers, alternating; 404 if odd."""
+    """``00880200/1/7FE00010`` → tags and 1-based item numbers, alternating.
+
+    A path this node cannot have written is a resource that does not exist: 404, as
+    for any other unknown BulkDataURI.  Item numbers are ASCII digits, bounded like
+    every other number (:mod:`adapters.dicomweb.numbers`).
+
+    Raises
+    ------
+    NotFound
+        A part that is not a tag where a tag belongs, or not an item number from 1
+        where one belongs, or a path that ends on an item.
+    """
     parts = path.strip("/").split("/")
     steps: list[int] = []
     for position, part in enumerate(parts):
-        if position % 2 == 0 and len(part) == 8:
-            try:
-                steps.append(int(part, 16))
-                continue
-            except ValueError:
-                pass
-        elif position % 2 == 1 and part.isdigit() and int(part) >= 1:
-            steps.append(int(part))
-            continue
-        raise NotFound("no such bulk data")
+        step = _bulk_step(part, tag=position % 2 == 0)
+        if step is None:
+            raise NotFound("no such bulk data")
+        steps.append(step)
     if len(steps) % 2 == 0:
         raise NotFound("no such bulk data")
     return steps
 
 
+def _bulk_step(part: str, tag: bool) -> int | None:
+    """One part of a bulk data path: a tag (``tag``) or an item number from 1."""
+    if tag:
+        return int(part, 16) if _BULK_TAG.fullmatch(part) else None
+    number = whole_number(part, IS_MAX)
+    return number if number else None  # items count from 1
+
+
 def _element_bytes(dataset: pydicom.Dataset, steps: Sequence[int]) -> bytes:
-    """The encoded value of the element ``steps`` leads to; 404 when absent."""
-    current: Any = dataset
-    for position, step in enumerate(steps):
-        if position % 2 == 0:
-            if step not in current:
-                raise NotFound("no such bulk data")
-            current = current[step]
-            if position + 1 < len(steps):
-                current = current.value
-        else:
-            if step > len(current):
-                raise NotFound("no such bulk data")
-            current = current[step - 1]
-    value = current.value
-    if isinstance(value, bytes):
-        return value
-    raise NotFound("the element holds no bulk data")
+    """The encoded value of the element ``steps`` leads to.
+
+    Every step but the last goes into an item of a sequence.  A path through an
+    element that is not a sequence (a name, a multi-valued code string) names no
+    element: 404 like an absent one.  It is the resource that does not exist (PS3.18
+    10.4.1.1.5: a BulkDataURI names one element of one instance), not a request the
+    server cannot parse, which is what 400 would say.
+
+    Raises
+    ------
+    NotFound
+        No element at the path, or one without a binary value.
+    """
+    current = dataset
+    for tag, number in zip(steps[0:-1:2], steps[1::2], strict=True):
+        current = _item(current, tag, number)
+    element = current.get(steps[-1])
+    if element is not None and isinstance(element.value, bytes):
+        return element.value
+    raise NotFound("no such bulk data" if element is None
+                   else "the element holds no bulk data")
+
+
+def _item(dataset: pydicom.Dataset, tag: int, number: int) -> pydicom.Dataset:
+    """Item ``number`` (from 1) of the sequence ``tag`` of ``dataset``.
+
+    Raises
+    ------
+    NotFound
+        When ``tag`` is absent, is not a sequence, or has fewer items.
+    """
+    element = dataset.get(tag)
+    if element is None or not isinstance(element.value, PydicomSequence):
+        raise NotFound("no such bulk data")
+    if not 1 <= number <= len(element.value):
+        raise NotFound("no such bulk data")
+    item: pydicom.Dataset = element.value[number - 1]
+    return item
 
 
 # --- routes ---------------------------------------------------------------------------

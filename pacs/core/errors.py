@@ -17,6 +17,7 @@ turned into these at the backend's edge.
     │   ├── RejectedInstance   an instance an IOCM rejection note removed, sent again
     │   └── InvalidRejection   a rejection note whose references cannot be applied
     ├── InvalidQuery           a query or identifier breaks the model's rules
+    │   └── QueryTooLarge      more values, or longer ones, than one query may match
     ├── InvalidRequest         a request's arguments break its service's rules
     ├── NotFound               no such study / series / instance / object
     ├── FrameTooLarge          a frame to decode is larger than PACS_MAX_FRAME_BYTES
@@ -81,6 +82,12 @@ class InvalidRejection(InvalidInstance):
 
 class InvalidQuery(PacsError):
     """A query or identifier that breaks the information model's rules."""
+
+
+class QueryTooLarge(InvalidQuery):
+    """A query with more values to match, or longer ones, than the index runs in one
+    statement (:mod:`pacs.core.index.compiler`): valid by the information model, but
+    the client must split it.  Retrying it unchanged cannot succeed."""
 
 
 class InvalidRequest(PacsError):

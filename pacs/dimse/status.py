@@ -132,8 +132,12 @@ STORE_STATUS: _Table = (
     (errors.IndexFailure, OUT_OF_RESOURCES),
 )
 
-#: C-FIND failure statuses (PS3.4 C.4.1.1.4, Table C.4-1).
+#: C-FIND failure statuses (PS3.4 C.4.1.1.4, Table C.4-1).  A query too large to run
+#: is Unable to process (Cxxx), not A900: its identifier does match the SOP Class, the
+#: node cannot process that many values in one query; nor A700, which says "out of
+#: resources" as if the same query might succeed later.
 FIND_STATUS: _Table = (
+    (errors.QueryTooLarge, UNABLE_TO_PROCESS),
     (errors.InvalidQuery, IDENTIFIER_DOES_NOT_MATCH),
     (errors.QueryLimitExceeded, OUT_OF_RESOURCES),
     (errors.IndexFailure, OUT_OF_RESOURCES),
@@ -141,8 +145,10 @@ FIND_STATUS: _Table = (
 )
 
 #: C-MOVE and C-GET failure statuses (PS3.4 C.4.2.1.5, Table C.4-2; C.4.3.1.4,
-#: Table C.4-3).  Failures of single sub-operations are counted, not mapped here.
+#: Table C.4-3).  Failures of single sub-operations are counted, not mapped here.  A
+#: query too large to run is Unable to process, as for C-FIND.
 RETRIEVE_STATUS: _Table = (
+    (errors.QueryTooLarge, UNABLE_TO_PROCESS),
     (errors.InvalidQuery, IDENTIFIER_DOES_NOT_MATCH),
     (errors.IndexFailure, UNABLE_TO_CALCULATE_MATCHES),
     (errors.QueryLimitExceeded, UNABLE_TO_CALCULATE_MATCHES),

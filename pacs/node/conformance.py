@@ -34,6 +34,7 @@ from adapters.dicomweb import (
     app as dicomweb_app,
     dicomjson,
     negotiation,
+    numbers,
     qido,
     removal,
     rendered,
@@ -43,6 +44,7 @@ from adapters.dicomweb import (
 from adapters.dicomweb.accept import MULTIPART
 from pacs.core import commitment, frames, transcode
 from pacs.core.config import Settings
+from pacs.core.index import compiler
 from pacs.core.services import access_policy
 from pacs.dimse import contexts, handlers, limits, reports, retrieve, server
 
@@ -90,6 +92,7 @@ def statement(settings: Settings) -> dict[str, Any]:
         "association": _association(settings, ae),
         "presentation_contexts": _presentation_contexts(ae),
         "extended_negotiation": _extended_negotiation(),
+        "query_bounds": _query_bounds(),
         "initiation": _initiation(settings),
         "storage_commitment": _storage_commitment(settings),
         "character_sets": _character_sets(settings),
@@ -233,6 +236,13 @@ def _initiation(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _query_bounds() -> dict[str, int]:
+    """The largest query C-FIND, C-MOVE, C-GET and QIDO-RS run (the compiler's bounds,
+    below SQLite's limits on one statement)."""
+    return {"max_values": compiler.MAX_TERMS, "max_uids": compiler.MAX_UIDS,
+            "max_value_characters": compiler.MAX_VALUE_CHARS}
+
+
 def _character_sets(settings: Settings) -> dict[str, Any]:
     return {
         # pydicom decodes requests and encodes responses (pacs.dimse.identifier,
@@ -337,7 +347,12 @@ def _describe(resource: object) -> dict[str, Any]:
     json_only = [_offer(dicomjson.MEDIA_TYPE, default=True)]
     if isinstance(resource, qido.Search):
         return {"name": "Search", "transaction": "QIDO-RS Search",
-                "section": "PS3.18 10.6", "method": "GET", "media_types": json_only}
+                "section": "PS3.18 10.6", "method": "GET",
+                "notes": "Matching as C-FIND's (PS3.18 8.3.4.1 defers to PS3.4 C.2.2.2), "
+                         "within the same query bounds (3.2.3.3).  A query beyond them, "
+                         f"or a `limit` or `offset` above {numbers.INT64_MAX}, is "
+                         "answered 400.",
+                "media_types": json_only}
     if isinstance(resource, stow.Store):
         return {"name": "Store Instances", "transaction": "STOW-RS Store Instances",
                 "section": "PS3.18 10.5", "method": "POST", "media_types": json_only,
@@ -379,8 +394,10 @@ def _describe(resource: object) -> dict[str, Any]:
                 "media_types": _frame_offers()}
     if isinstance(resource, rendered.Rendered):
         images = [_offer(kind, default=i == 0) for i, kind in enumerate(rendered.RENDERED_TYPES)]
-        params = ("Parameters `quality`, `viewport`, `window` (PS3.18 8.3.5.1); the "
-                  "representative image of a study or series is its middle image.")
+        params = ("Parameters `quality`, `viewport`, `window` (PS3.18 8.3.5.1), finite "
+                  "numbers; a viewport's source region lies within the image (400 "
+                  "otherwise).  The representative image of a study or series is its "
+                  "middle image.")
         if resource.thumbnail:
             return {"name": "Retrieve Thumbnail", "transaction": "WADO-RS Retrieve",
                     "section": "PS3.18 10.4.1.1.6", "method": "GET",
@@ -715,7 +732,8 @@ for each information model, what it supports of what was asked.
   {data['character_sets']['person_name_matching']} (`PACS_PN_CASE_SENSITIVE`).  Missing
   unique keys above the query level are taken as universal.  More than
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
-  (A700).  C-MOVE sends to the configured destinations only; C-GET sends over the
+  (A700).  {_bounds_text(data)}
+  C-MOVE sends to the configured destinations only; C-GET sends over the
   requestor's association in the storage contexts it proposed with the SCP role.
   {_pending_text(data)}
 {_commitment_text(data)}
@@ -868,6 +886,14 @@ def _relative(routes: Sequence[str], prefixes: Sequence[str]) -> list[str]:
     first, others = prefixes[0], [p for p in prefixes[1:] if p != prefixes[0]]
     return [route[len(first):] for route in routes if route.startswith(first)
             and not any(route.startswith(p + "/") for p in others if len(p) > len(first))]
+
+
+def _bounds_text(data: dict[str, Any]) -> str:
+    bounds = data["query_bounds"]
+    return (f"A query with more than {bounds['max_values']} values to match (the UIDs of "
+            f"UID lists aside), more than {bounds['max_uids']} UIDs in its UID lists, or "
+            f"a value longer than {bounds['max_value_characters']} characters is refused "
+            "(C000, Unable to process: the SCU splits it; QIDO-RS: 400).")
 
 
 def _web(data: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import pytest
 from falcon import testing
 
 from adapters.dicomweb.app import create_app
+from pacs.core.index.compiler import MAX_TERMS, MAX_UIDS
 from pacs.core.services import Services
 from tests.service.sample_studies import Archive, load
 
@@ -281,6 +282,11 @@ def test_default_limit_and_maximum(make_services: Callable[..., Services]) -> No
     ("limit=abc", 400),
     ("limit=0", 400),
     ("offset=-1", 400),
+    ("offset=%C2%B2", 400),  # a superscript two: str.isdigit says yes, int() says no
+    ("limit=%C2%B2", 400),
+    ("offset=99999999999999999999999", 400),  # past SQLite's 64-bit integers
+    ("offset=" + "9" * 5000, 400),
+    ("offset=9223372036854775807", 200),  # the largest offset SQLite takes: nothing there
     ("fuzzymatching=maybe", 400),
     ("NotAKeyword=1", 400),
     ("FFFF0000=1", 400),
@@ -299,6 +305,23 @@ def test_bad_parameters(get: Get, archive: Archive, query: str, status: int) -> 
         assert result.json["description"]
 
 
+def test_more_values_than_a_query_may_hold_is_400(get: Get, archive: Archive) -> None:
+    """A client error, refused before SQLite sees it: SQLite's own refusal was reported
+    as 503 Index unavailable, with a Retry-After that only made clients send it again."""
+    accessions = [f"ACC{n}" for n in range(MAX_TERMS)]
+    fits = get("/studies", "AccessionNumber=" + "%5C".join(accessions))
+    assert fits.status_code == 200
+    assert {s.accession for s in archive.studies.values()} & set(accessions) == set(
+        values(fits, "00080050"))
+    for query in ("AccessionNumber=" + "%5C".join([*accessions, "ACC"]),
+                  "StudyInstanceUID=" + ",".join(f"1.2.{n}" for n in range(MAX_UIDS + 1))):
+        result = get("/studies", query)
+        assert result.status_code == 400, result.text
+        assert result.json["title"] == "Query too large"
+        assert "a query may hold" in result.json["description"]
+        assert "Retry-After" not in result.headers
+
+
 def test_malformed_uid_in_path_is_400(get: Get, archive: Archive) -> None:
     result = get("/studies/not-a-uid/series")
     assert result.status_code == 400 and "valid UID" in result.json["description"]
@@ -311,6 +334,26 @@ def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
                    "application/dicom+json; q=0.9, */*; q=0.1"):
         result = get("/studies", headers={"Accept": accept})
         assert result.status_code == 200 and result.headers["Content-Type"] == JSON
+
+
+@pytest.mark.parametrize("query, status", [
+    ("accept=application/dicom%2Bxml", 406),
+    ("accept=multipart/related%3B%20type%3D%22application/dicom%2Bxml%22", 406),
+    ("accept=application/dicom%2Bjson", 200),
+    ("accept=application/dicom+json", 200),  # the unencoded + reaches falcon as a space
+    ("accept=application/json", 200),
+    ("accept=application/dicom%2Bxml,%20application/dicom%2Bjson%3Bq%3D0.5", 200),
+])
+def test_accept_query_parameter_replaces_the_header(get: Get, archive: Archive, query: str,
+                                                    status: int) -> None:
+    """PS3.18 8.3.3.1: the parameter, when given, is what the client accepts; the
+    header says the opposite here, and is not read."""
+    header = JSON if status == 406 else "application/dicom+xml"
+    result = get("/studies", query, headers={"Accept": header})
+    assert result.status_code == status, result.text
+    if status == 200:
+        assert result.headers["Content-Type"] == JSON
+        assert study_uids(result) == {s.uid for s in archive.studies.values()}
 
 
 def test_unknown_route_is_404(get: Get) -> None:

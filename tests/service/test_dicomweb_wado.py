@@ -331,6 +331,13 @@ def test_metadata_refuses_xml_only(client: testing.TestClient, put: Put) -> None
     accept = 'multipart/related; type="application/dicom+xml"'
     assert client.simulate_get(url(ds) + "/metadata",
                                headers={"Accept": accept}).status_code == 406
+    # The accept query parameter replaces the header (PS3.18 8.3.3.1).
+    assert client.simulate_get(url(ds) + "/metadata",
+                               query_string="accept=application/dicom%2Bxml",
+                               headers={"Accept": JSON}).status_code == 406
+    assert client.simulate_get(url(ds) + "/metadata",
+                               query_string="accept=application/dicom%2Bjson",
+                               headers={"Accept": accept}).status_code == 200
 
 
 @pytest.mark.parametrize("syntax", [EXPLICIT, "1.2.840.10008.1.2.1.99"],
@@ -518,6 +525,13 @@ def test_bad_frame_numbers(client: testing.TestClient, put: Put) -> None:
     assert client.simulate_get(url(ds) + "/frames/11").status_code == 404
     assert client.simulate_get(url(ds) + "/frames/0").status_code == 404
     assert client.simulate_get(url(ds) + "/frames/1,x").status_code == 400
+    # Numbers are ASCII digits (a superscript two passes str.isdigit(), not int()),
+    # up to the largest Number of Frames an IS can hold.
+    for malformed in ("%C2%B2", "1,%C2%B2", "%D9%A3", "9" * 5000, "2147483648"):
+        result = client.simulate_get(url(ds) + f"/frames/{malformed}")
+        assert result.status_code == 400, malformed
+        assert "frame numbers" in result.json["description"]
+    assert client.simulate_get(url(ds) + "/frames/2147483647").status_code == 404
     sr, _ = put("CT_small.dcm")
     assert client.simulate_get(url(sr) + "/frames/2").status_code == 404
 
@@ -547,6 +561,49 @@ def test_float_pixel_data_is_bulk_data(client: testing.TestClient, services: Ser
     assert single.headers["content-length"] == str(len(value))
     missing = "7FE00009" if tag == "7FE00008" else "7FE00008"
     assert client.simulate_get(f"{url(ds)}/bulkdata/{missing}").status_code == 404
+
+
+def test_bulk_data_inside_a_sequence_item(client: testing.TestClient,
+                                         services: Services) -> None:
+    blob = bytes(range(256)) * 8
+    ds = fresh("CT_small.dcm")
+    item = Dataset()
+    item.add_new(0x00291010, "OB", blob)
+    ds.add_new(0x00291020, "SQ", [Dataset(), item])
+    services.ingest.store_bytes(encode(ds))
+    bulk = url(ds) + "/bulkdata/00291020/2/00291010"
+    single = client.simulate_get(bulk, headers={"Accept": "application/octet-stream"})
+    assert single.status_code == 200 and single.content == blob
+    for missing in ("00291020/1/00291010", "00291020/3/00291010", "00291020/0/00291010"):
+        assert client.simulate_get(url(ds) + f"/bulkdata/{missing}").status_code == 404
+
+
+@pytest.mark.parametrize("path", [
+    "00100010/1/00100010",  # into a person name
+    "00080008/1/00100010",  # into a multi-valued code string
+    "00080008/2/00100010",
+    "00100010/%C2%B2/00100010",  # an item number in superscript digits
+    "00291020/%D9%A1/00291010",  # or in Arabic-Indic ones
+    "00291020/99999999999999999999999999/00291010",
+    "+0291020/1/00291010",  # int(text, 16) would take a sign
+    "0029_020/1/00291010",  # or an underscore
+    "00100010",  # an element that holds text, not bytes
+    "00291020",  # a sequence
+    "00291020/1",  # an item
+])
+def test_bulk_data_path_that_names_no_binary_value_is_404(client: testing.TestClient,
+                                                           services: Services,
+                                                           path: str) -> None:
+    ds = fresh("CT_small.dcm")
+    item = Dataset()
+    item.add_new(0x00291010, "OB", b"\x01\x02")
+    ds.add_new(0x00291020, "SQ", [item])
+    services.ingest.store_bytes(encode(ds))
+    result = client.simulate_get(url(ds) + f"/bulkdata/{path}")
+    assert result.status_code == 404, result.text
+    assert client.simulate_get(url(ds) + "/bulkdata/00291020/1/00291010",
+                               headers={"Accept": "application/octet-stream"}
+                               ).content == b"\x01\x02"
 
 
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
@@ -585,6 +642,38 @@ def test_rendered_parameters(client: testing.TestClient, put: Put) -> None:
     assert np.asarray(image(narrow)).std() > np.asarray(image(wide)).std()
     for bad in ("quality=0", "viewport=0,10", "window=1", "window=1,2,cubic"):
         assert client.simulate_get(url(ds) + "/rendered", query_string=bad).status_code == 400
+
+
+def test_rendered_source_region(client: testing.TestClient, put: Put) -> None:
+    ds, _ = put("CT_small.dcm")  # 128 x 128
+
+    def drawn(query: str = "") -> np.ndarray:
+        return np.asarray(image(client.simulate_get(url(ds) + "/rendered", query_string=query,
+                                                    headers={"Accept": "image/png"})))
+
+    whole = drawn()
+    assert np.array_equal(drawn("viewport=32,16,96,112,32,16"), whole[112:128, 96:128])
+    assert np.array_equal(drawn("viewport=128,128,0,0,128,128"), whole)
+    # A negative extent flips the region (PS3.18 8.3.5.1.3).
+    assert np.array_equal(drawn("viewport=64,128,64,0,-64,128"), whole[:, 63::-1])
+
+
+@pytest.mark.parametrize("query", [
+    "quality=inf", "quality=nan", "quality=1e400",
+    "viewport=1e400,10", "viewport=10,-inf",
+    "window=nan,1", "window=1,inf", "window=1e400,1",
+    # Source regions without extent, or not within the 128 x 128 image.
+    "viewport=10,10,0,0,0,0", "viewport=10,10,0,0,5,0",
+    "viewport=10,10,0,0,13000,13000", "viewport=10,10,0,0,129,128",
+    "viewport=10,10,-1,0,5,5", "viewport=10,10,124,0,5,5", "viewport=10,10,4,0,-5,5",
+])
+def test_rendered_parameters_out_of_range_are_400(client: testing.TestClient, put: Put,
+                                                  query: str) -> None:
+    ds, _ = put("CT_small.dcm")
+    for suffix in ("/rendered", "/thumbnail"):
+        result = client.simulate_get(url(ds) + suffix, query_string=query)
+        assert result.status_code == 400, result.text
+        assert result.json["description"].startswith(query.split("=")[0] + ":")
 
 
 def test_rendered_frame_of_a_colour_multiframe(client: testing.TestClient, put: Put) -> None:

@@ -15,6 +15,7 @@ from pynetdicom.sop_class import (
 )
 
 import pacs.core.query.engine as engine_module
+from pacs.core.index.compiler import MAX_TERMS
 from tests.factory import make_instance
 from tests.service.conftest import RunningNode
 
@@ -131,6 +132,21 @@ def test_relational_query_when_negotiated(loaded: RunningNode, associate) -> Non
     responses = _find(associate(relational=True), identifier)
     assert [s for s, _ in responses] == [0xFF00, 0x0000]
     assert responses[0][1].StudyInstanceUID == "1.2.3.2"
+
+
+def test_query_with_more_values_than_it_may_hold_gives_c000(loaded: RunningNode,
+                                                            associate) -> None:
+    """Unable to process (PS3.4 Table C.4-1), with the reason: the identifier matches
+    the SOP Class (not A900), and the same query would fail again (not A700)."""
+    accessions = [f"ACC{n}" for n in range(MAX_TERMS + 1)]
+    assoc = associate()
+    [(status, answer)] = list(assoc.send_c_find(
+        _identifier("STUDY", AccessionNumber=accessions, StudyInstanceUID=""), StudyFind))
+    assert (status.Status, answer) == (0xC000, None)
+    assert f"a query may hold {MAX_TERMS}" in status.ErrorComment
+    at_the_bound = _find(assoc, _identifier("STUDY", AccessionNumber=accessions[:MAX_TERMS],
+                                            StudyInstanceUID=""))
+    assert [s for s, _ in at_the_bound] == [0xFF00] * 3 + [0x0000]
 
 
 def test_row_cap_refuses_with_a700(settings, memory_store) -> None:

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.core import config
+from pacs.core.index.compiler import MAX_UIDS
 from pacs.core.services import Services
 from pacs.core.storage import object_key
 from pacs.core.storage.filesystem import FileStore
@@ -241,10 +242,14 @@ def requestors() -> Iterator[Callable[..., Association]]:
 
     def associate(node: Node, *, get_classes: dict[str, list[str]] | None = None,
                   with_roles: bool = True, received: list[Received] | None = None,
-                  delay: float = 0.0) -> Association:
+                  delay: float = 0.0, identifier_syntaxes: list[str] | None = None
+                  ) -> Association:
         ae = AE(ae_title=REQUESTOR_AET)
         for model in (StudyMove, PatientMove, StudyGet, PatientGet):
-            ae.add_requested_context(model)
+            if identifier_syntaxes:
+                ae.add_requested_context(model, identifier_syntaxes)
+            else:
+                ae.add_requested_context(model)
         roles = []
         for sop_class, syntaxes in (get_classes or {}).items():
             ae.add_requested_context(sop_class, syntaxes)
@@ -536,6 +541,36 @@ def _read_dataset(data: bytes, syntax: str) -> Dataset:
     uid = UID(syntax)
     return pydicom.filereader.read_dataset(io.BytesIO(data), uid.is_implicit_VR,
                                            uid.is_little_endian)
+
+
+def test_get_with_more_uids_than_a_query_holds_is_c000(make_node: Callable[..., Node],
+                                                      requestors: Callable[..., Association]
+                                                      ) -> None:
+    """Unable to process (PS3.4 Table C.4-3), not A900: the identifier is valid, the
+    query too large for the node to run; the requestor must split it.
+
+    Implicit VR, because in explicit VR a UID list over 64 KB is no longer a UI element;
+    and a short element first, because pydicom takes implicit VR data for explicit when
+    the first element's length begins with two letters of a VR."""
+    node = make_node()
+    study = store_study(node, series=1, per_series=2)
+    series = next(iter(study.series))
+    received: list[Received] = []
+    assoc = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
+                       received=received, identifier_syntaxes=[ImplicitVRLittleEndian])
+    absent = [f"1.2.3.{n}" for n in range(MAX_UIDS - len(study.sops))]
+
+    def get(sops: list[str]) -> list[tuple[Dataset, Dataset | None]]:
+        return responses(assoc.send_c_get(identifier(
+            "IMAGE", SpecificCharacterSet="ISO_IR 192", StudyInstanceUID=study.uid,
+            SeriesInstanceUID=series, SOPInstanceUID=sops), StudyGet))
+
+    refused = get(study.sops + absent + ["1.2.3.4.5"])
+    assert [status.Status for status, _ in refused] == [0xC000]
+    assert "UIDs" in refused[0][0].ErrorComment
+    assert received == []
+    assert_counted(get(study.sops + absent), total=2, final_status=0x0000, completed=2)
+    assert sorted(r.sop_uid for r in received) == sorted(study.sops)
 
 
 # --- C-MOVE -------------------------------------------------------------------------------

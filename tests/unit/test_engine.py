@@ -9,11 +9,20 @@ import apsw
 import pytest
 
 from pacs.core.attributes import BY_KEYWORD, Level
-from pacs.core.errors import Cancelled, QueryLimitExceeded
+from pacs.core.errors import Cancelled, IndexFailure, QueryLimitExceeded, QueryTooLarge
 from pacs.core.index import writer
-from pacs.core.index.compiler import compile_count, compile_find, compile_instances
+from pacs.core.index.compiler import (
+    MAX_TERMS,
+    MAX_UIDS,
+    MAX_VALUE_CHARS,
+    Compiled,
+    compile_count,
+    compile_find,
+    compile_instances,
+    glob_literal,
+)
 from pacs.core.query.matching import constraint
-from pacs.core.query.model import Query
+from pacs.core.query.model import Constraint, Match, Query, Term
 from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from tests.factory import make_instance
@@ -398,3 +407,118 @@ def test_patient_counts_below_patient_level(services: Services) -> None:
     for level in (Level.PATIENT, Level.STUDY):
         rows = [r.values for r in services.engine.find(Query(level=level, return_keys=keys))]
         assert {tuple(r[k.keyword] for k in keys) for r in rows} == {("2", "2", "4")}
+
+
+# --- queries larger than SQLite runs ----------------------------------------------------
+
+def _values(count: int, prefix: str = "V") -> str:
+    return "\\".join(f"{prefix}{n}" for n in range(count))
+
+
+def _uids(count: int) -> str:
+    return "\\".join(f"1.2.826.0.1.3680043.10.543.{n + 1}" for n in range(count))
+
+
+def _sequence(keyword: str, item_keyword: str, raw: str) -> Constraint:
+    item = constraint(BY_KEYWORD[item_keyword], raw)
+    assert item is not None
+    return Constraint(BY_KEYWORD[keyword], (Term(Match.SEQUENCE, items=(item,)),))
+
+
+def _every_way(services: Services, query: Query) -> list[object]:
+    """The query run by every statement the engine builds: find, count, pages and the
+    instances of a retrieve."""
+    return [services.engine.find(query), services.engine.count(query),
+            list(services.engine.find_pages(query)), list(services.engine.instances(query))]
+
+
+def _constraints(*pairs: tuple[str, str]) -> tuple[Constraint, ...]:
+    found = tuple(c for k, v in pairs if (c := constraint(BY_KEYWORD[k], v)) is not None)
+    assert len(found) == len(pairs)  # none universal
+    return found
+
+
+@pytest.mark.parametrize("level, constraints, fuzzy", [
+    # One chain of values as deep as allowed, on the level itself and two levels down
+    # (each value its own EXISTS), with multi-valued GLOBs: 4 parameters each.
+    (Level.STUDY, _constraints(("AccessionNumber", _values(MAX_TERMS - 1, "A") + "\\A1")),
+     False),
+    (Level.STUDY, _constraints(("ImageType", _values(MAX_TERMS))), False),
+    (Level.IMAGE, _constraints(("OperatorsName", _values(MAX_TERMS))), True),
+    # The most parameters: every UID allowed, and the other values as multi-valued GLOBs.
+    (Level.IMAGE, _constraints(("StudyInstanceUID", _uids(MAX_UIDS)),
+                               ("ImageType", _values(MAX_TERMS - 1))), False),
+    # Values inside a sequence item count with the others, and count three times in
+    # SQLite's depth when the item is a level below the query's.
+    *((level, (_sequence("RequestAttributesSequence", "AccessionNumber",
+                         _values(MAX_TERMS - 3, "A")),
+               *_constraints(("PatientID", "P1\\P2"))), False)
+      for level in (Level.PATIENT, Level.STUDY, Level.SERIES)),
+    # The longest value, four UTF-8 bytes a character, as the longest GLOB patterns.
+    (Level.STUDY, _constraints(("OperatorsName", "\U0001d11e" * MAX_VALUE_CHARS)), True),
+    (Level.STUDY, _constraints(("PatientName", "[" * MAX_VALUE_CHARS)), False),
+])
+def test_queries_at_the_size_bounds_run(loaded: Services, level: Level,
+                                        constraints: tuple[Constraint, ...],
+                                        fuzzy: bool) -> None:
+    query = Query(level=level, constraints=constraints, fuzzy=fuzzy, limit=10, offset=1)
+    found, count, pages, instances = _every_way(loaded, query)
+    assert isinstance(count, int) and isinstance(found, list) and isinstance(pages, list)
+    assert len(found) == min(10, max(0, count - 1))  # the page asked for
+    assert sum(len(page) for page in pages) == count
+    assert isinstance(instances, list)
+
+
+@pytest.mark.parametrize("constraints, reason", [
+    (_constraints(("AccessionNumber", _values(MAX_TERMS + 1))), "301 values"),
+    (_constraints(("AccessionNumber", _values(MAX_TERMS - 1)), ("PatientID", "P1\\P2")),
+     "301 values"),
+    ((_sequence("RequestAttributesSequence", "AccessionNumber", _values(MAX_TERMS)),),
+     "301 values"),  # the sequence's own term and its item's values
+    (_constraints(("StudyInstanceUID", _uids(MAX_UIDS + 1))), "30001 UIDs"),
+    (_constraints(("StudyInstanceUID", _uids(MAX_UIDS // 2 + 1)),
+                  ("SeriesInstanceUID", _uids(MAX_UIDS // 2))), "30001 UIDs"),
+    (_constraints(("PatientName", "x" * (MAX_VALUE_CHARS + 1))), "PatientName: a value"),
+    (_constraints(("StudyInstanceUID", "1." + "2" * MAX_VALUE_CHARS + "\\1.2")),
+     "StudyInstanceUID: a value"),
+])
+def test_queries_past_the_size_bounds_are_refused(loaded: Services,
+                                                  constraints: tuple[Constraint, ...],
+                                                  reason: str) -> None:
+    query = Query(level=Level.IMAGE, constraints=constraints)
+    for run in (loaded.engine.find, loaded.engine.count,
+                lambda q: next(loaded.engine.find_pages(q)),
+                lambda q: next(loaded.engine.instances(q))):
+        with pytest.raises(QueryTooLarge, match=reason):
+            run(query)
+
+
+def test_the_size_bounds_are_below_sqlites_limits(services: Services) -> None:
+    """The bounds hold against the SQLite the index runs on, not only the default build:
+    at most 4 parameters per value, every UID one, and the paging operands."""
+    conn = services.index.connection()
+    variables = conn.limit(apsw.SQLITE_LIMIT_VARIABLE_NUMBER, -1)
+    assert variables > 4 * MAX_TERMS + MAX_UIDS + 3
+    assert conn.limit(apsw.SQLITE_LIMIT_EXPR_DEPTH, -1) > 3 * MAX_TERMS  # sequence items
+    pattern = len(glob_literal("\U0001d11e" * MAX_VALUE_CHARS).encode()) + len("*[=^ ]*")
+    assert pattern < conn.limit(apsw.SQLITE_LIMIT_LIKE_PATTERN_LENGTH, -1)
+
+
+def test_a_statement_sqlite_refuses_is_not_an_unavailable_index(
+        loaded: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLITE_ERROR is the statement, not the index: retrying cannot help, so it is not
+    reported as :class:`IndexFailure` (503 with Retry-After, A700); a failure to read
+    still is."""
+    broken = Compiled("SELECT no_such_column FROM study", (), ("x",))
+    monkeypatch.setattr("pacs.core.query.engine.compile_find", lambda *args: broken)
+    with pytest.raises(apsw.SQLError):
+        loaded.engine.find(Query(level=Level.STUDY, limit=1))
+    with pytest.raises(apsw.SQLError):
+        next(loaded.engine.find_pages(Query(level=Level.STUDY)))
+
+    def busy(*args: object) -> object:
+        raise apsw.BusyError("database is locked")
+
+    monkeypatch.setattr("pacs.core.query.engine.compile_find", busy)
+    with pytest.raises(IndexFailure, match="database is locked"):
+        loaded.engine.find(Query(level=Level.STUDY, limit=1))

@@ -73,6 +73,9 @@ def test_includefield_forms_and_all() -> None:
     ({}, 100, 0, False),
     ({"limit": "5", "offset": "10"}, 5, 10, False),
     ({"limit": "5000"}, 1000, 0, True),
+    # The largest page SQLite's 64-bit LIMIT / OFFSET can be asked for.
+    ({"offset": str(2**63 - 1), "limit": str(2**63 - 1)}, 1000, 2**63 - 1, True),
+    ({"offset": " 007 "}, 100, 7, False),
 ])
 def test_paging(params: dict[str, str], limit: int, offset: int, clamped: bool) -> None:
     query, paging = parse(dict(params))
@@ -93,6 +96,10 @@ def test_flags() -> None:
 
 @pytest.mark.parametrize("params", [
     {"limit": "-1"}, {"limit": "x"}, {"offset": "1.5"}, {"fuzzymatching": "yes"},
+    # Digits int() refuses, or reads although no URI allows them, and numbers past
+    # SQLite's 64-bit integers.
+    {"offset": "\u00b2"}, {"limit": "\u00b2"}, {"offset": "\u0663"},
+    {"offset": str(2**63)}, {"limit": str(2**63)}, {"offset": "9" * 5000},
     {"NoSuchKeyword": "1"}, {"12345678": "1"}, {"BodyPartThickness": "1"},
     {"ReferencedStudySequence.StudyInstanceUID": "1"}, {"includefield": "NoSuchKeyword"},
     {"includefield": "ReferencedStudySequence.StudyInstanceUID"},

@@ -3,11 +3,15 @@
 No value is ever interpolated into SQL text: column names come from the attribute table
 and every operand is a ``?`` parameter.  Wildcards use ``GLOB`` (case-sensitive, with
 ``[`` escaped), never ``LIKE``, whose ``%`` / ``_`` and case folding leak through.
-No I/O here: the engine runs what this builds.
+No I/O here: the engine runs what this builds.  A query larger than SQLite runs in
+one statement (too many values, too long a value) is refused here, with
+:class:`~pacs.core.errors.QueryTooLarge`, before any SQL is built: SQLite's own
+refusal would come from the index as if it had failed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pacs.core.attributes import (
@@ -20,7 +24,27 @@ from pacs.core.attributes import (
     case_folded_column,
     table_of,
 )
+from pacs.core.errors import QueryTooLarge
 from pacs.core.query.model import Constraint, Match, Query, Term
+
+#: Most values one query matches, the UIDs of UID lists aside.  Each becomes an
+#: expression of its own, joined to the others with OR (or AND), and the keys' conditions
+#: are joined with AND: a chain of n is n deep, and SQLite refuses a statement whose
+#: expression tree is deeper than 1000 (SQLITE_MAX_EXPR_DEPTH).  The values of a
+#: sequence item are counted again for each statement they are nested in (the item's
+#: ``json_each``, and a lower level's ``EXISTS`` above it), three times at most: 300 of
+#: them are 900 deep, which leaves room for the nesting and the paging condition.
+MAX_TERMS = 300
+#: Most UIDs in the UID lists of one query (PS3.4 C.2.2.2.2).  A list is one ``IN``
+#: expression, but each UID is a bound parameter, and SQLite binds at most 32766 in one
+#: statement (SQLITE_MAX_VARIABLE_NUMBER): these, at most 4 for each other value
+#: (:meth:`_Where._glob`) and the paging operands stay below it.
+MAX_UIDS = 30_000
+#: Longest value matched: the maximum length of LT (PS3.5 Table 6.2-1), the longest of
+#: any indexed attribute's VR.  As a GLOB pattern it stays within SQLite's 50000 bytes
+#: (SQLITE_MAX_LIKE_PATTERN_LENGTH): at most 4 bytes a character (UTF-8; a literal
+#: ``*``, ``?`` or ``[`` becomes 3) and a few of the pattern's own.
+MAX_VALUE_CHARS = 10_240
 
 #: Computed attributes of PS3.4 C.3.4 (Table C.3-1), by keyword.  ``{patient}`` is
 #: the patient's key: ``patient.pk`` at PATIENT level, below it the study row's
@@ -262,7 +286,38 @@ def _from(query: Query) -> str:
     return from_clause(query.level, _reads_patient_table(query))
 
 
+def check_size(constraints: Sequence[Constraint]) -> None:
+    """Refuse a query whose statement SQLite would not run (see :data:`MAX_TERMS`,
+    :data:`MAX_UIDS`, :data:`MAX_VALUE_CHARS`), before any SQL is built.
+
+    Raises
+    ------
+    QueryTooLarge
+        Too many values, too many UIDs, or a value too long.
+    """
+    terms = list(_terms(constraints))
+    if len(terms) > MAX_TERMS:
+        raise QueryTooLarge(f"{len(terms)} values to match; a query may hold "
+                            f"{MAX_TERMS} (the UIDs of UID lists aside)")
+    uids = sum(len(term.uids) for _, term in terms)
+    if uids > MAX_UIDS:
+        raise QueryTooLarge(f"{uids} UIDs in UID lists; a query may hold {MAX_UIDS}")
+    for attribute, term in terms:
+        if any(len(value) > MAX_VALUE_CHARS for value in (term.value, *term.uids)):
+            raise QueryTooLarge(f"{attribute.keyword}: a value longer than "
+                                f"{MAX_VALUE_CHARS} characters")
+
+
+def _terms(constraints: Sequence[Constraint]) -> Iterator[tuple[Attribute, Term]]:
+    """Every term of ``constraints`` with its attribute, those of sequence items too."""
+    for constraint in constraints:
+        for term in constraint.terms:
+            yield constraint.attribute, term
+            yield from _terms(term.items)
+
+
 def _where(query: Query, pn_case_sensitive: bool) -> _Where:
+    check_size(query.constraints)
     where = _Where(pn_case_sensitive, query.fuzzy)
     for constraint in query.constraints:
         where.add(query.level, constraint)

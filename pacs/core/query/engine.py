@@ -135,14 +135,11 @@ class QueryEngine:
         """
         deadline = deadline or self.deadline()
         conn = self.index.connection()
-        try:
-            with conn:  # one snapshot for the count and the rows
-                if query.limit is None or query.limit > self.max_rows:
-                    self._refuse_over_cap(query, cancelled, deadline)
-                compiled = compile_find(query, self.pn_case_sensitive)
-                rows = self._fetch(compiled, cancelled, deadline)
-        except apsw.Error as exc:
-            raise IndexFailure(f"query failed: {exc}") from exc
+        with _index_errors(), conn:  # one snapshot for the count and the rows
+            if query.limit is None or query.limit > self.max_rows:
+                self._refuse_over_cap(query, cancelled, deadline)
+            compiled = compile_find(query, self.pn_case_sensitive)
+            rows = self._fetch(compiled, cancelled, deadline)
         results = _results(query, compiled.keywords, rows)
         deadline.check()
         return results
@@ -166,19 +163,16 @@ class QueryEngine:
         """
         deadline = deadline or self.deadline()
         conn = self.index.connection()
-        try:
-            with conn:  # one read transaction: the cap and the first page agree
-                upto = int(self._fetch(compile_last_key(query.level), cancelled,
-                                       deadline)[0][0])
-                compiled = self._page(query, 0, upto)
-                rows = self._fetch(compiled, cancelled, deadline)
-                # A page that is not full holds every match: counting them is only
-                # needed when it is full (most answers fit one page; a count is a
-                # statement of its own).
-                if len(rows) > self.max_rows or len(rows) == PAGE_ROWS:
-                    self._refuse_over_cap(query, cancelled, deadline)
-        except apsw.Error as exc:
-            raise IndexFailure(f"query failed: {exc}") from exc
+        with _index_errors(), conn:  # one read transaction: the cap and the first page agree
+            upto = int(self._fetch(compile_last_key(query.level), cancelled,
+                                   deadline)[0][0])
+            compiled = self._page(query, 0, upto)
+            rows = self._fetch(compiled, cancelled, deadline)
+            # A page that is not full holds every match: counting them is only
+            # needed when it is full (most answers fit one page; a count is a
+            # statement of its own).
+            if len(rows) > self.max_rows or len(rows) == PAGE_ROWS:
+                self._refuse_over_cap(query, cancelled, deadline)
         while rows:
             page = _results(query, compiled.keywords, rows)
             deadline.check()
@@ -220,13 +214,12 @@ class QueryEngine:
         stop = _Stop(cancelled, deadline)
         conn.set_progress_handler(stop, _PROGRESS_STEPS)
         try:
-            yield conn, stop
+            with _index_errors():
+                yield conn, stop
         except apsw.InterruptError:
             if stop.was_cancelled:
                 raise Cancelled("the query was cancelled") from None
             raise deadline.exceeded() from None
-        except apsw.Error as exc:
-            raise IndexFailure(f"query failed: {exc}") from exc
         finally:
             conn.set_progress_handler(None)
 
@@ -254,6 +247,27 @@ class QueryEngine:
                 with deadline.paused():
                     yield row
                 conn.set_progress_handler(stop, _PROGRESS_STEPS)
+
+
+@contextmanager
+def _index_errors() -> Iterator[None]:
+    """apsw's errors as the core's: :class:`IndexFailure` when SQLite could not read
+    (busy, locked, I/O, corrupt, full: the index is unavailable, and a client may try
+    again later).
+
+    ``apsw.SQLError`` (SQLITE_ERROR) is SQLite refusing the statement itself; the
+    compiler bounds every query below SQLite's limits
+    (:func:`pacs.core.index.compiler.check_size`), so that is a defect of ours, not an
+    unavailable index: it goes on as itself, answered as an internal error with its
+    traceback logged, never as a failure worth retrying.  ``apsw.InterruptError``
+    goes on too: the caller knows whether it was a cancel or the time limit.
+    """
+    try:
+        yield
+    except (apsw.SQLError, apsw.InterruptError):
+        raise
+    except apsw.Error as exc:
+        raise IndexFailure(f"query failed: {exc}") from exc
 
 
 class _Stop:
