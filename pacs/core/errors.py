@@ -19,6 +19,7 @@ turned into these at the backend's edge.
     ├── InvalidQuery           a query or identifier breaks the model's rules
     │   └── QueryTooLarge      more values, or longer ones, than one query may match
     ├── InvalidRequest         a request's arguments break its service's rules
+    │   └── IncompleteBody     a request body that ended before its end
     ├── NotFound               no such study / series / instance / object
     ├── FrameTooLarge          a frame to decode is larger than PACS_MAX_FRAME_BYTES
     ├── QueryLimitExceeded     more matches than the row cap, or over the time limit
