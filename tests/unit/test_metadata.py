@@ -109,6 +109,22 @@ def test_prepare_never_fails_an_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
     assert metadata.prepare(read_part10(data), data) is None
 
 
+def test_pydicoms_encoding_names_bulk_data_in_sequence_items_by_their_path() -> None:
+    """The fallback encoder (pydicom's) gives an element inside a sequence item the
+    path WADO-RS's bulk data resource reads, as the project's encoder does."""
+    icon = pydicom.Dataset()
+    icon.add_new(0x7FE00010, "OB", bytes(2000))
+    header = pydicom.Dataset()
+    header.IconImageSequence = [icon]
+    header.add_new(0x00420011, "OB", bytes(2000))  # Encapsulated Document
+    text = metadata._pydicom_json(header, "1.2", "1.3", "1.4")
+    found = orjson.loads(text)
+    base = "studies/1.2/series/1.3/instances/1.4/bulkdata"
+    assert found["00880200"]["Value"][0]["7FE00010"]["BulkDataURI"] == (
+        f"{base}/00880200/1/7FE00010")
+    assert found["00420011"]["BulkDataURI"] == f"{base}/00420011"
+
+
 def test_bulk_data_uris_become_absolute_and_values_are_untouched() -> None:
     text = orjson.dumps([{"00100010": {"vr": "PN", "Value": [
         {"Alphabetic": '"BulkDataURI":"x'}]}, "7FE00010": {"vr": "OW", "BulkDataURI": "studies/1"}}
