@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import falcon
 
 from adapters.dicomweb.multipart import media_type
+from adapters.dicomweb.negotiation import accepted
 
 #: ``multipart/related``: the container of every WADO-RS bulk answer (PS3.18 8.7.3.3).
 MULTIPART = "multipart/related"
@@ -123,8 +124,6 @@ def parse(header: str | None) -> list[MediaRange]:
 
 
 def from_request(req: falcon.Request) -> list[MediaRange]:
-    """The request's alternatives: the ``accept`` query parameter, else the header."""
-    override = req.get_param("accept")
-    if override:
-        return parse(override)
-    return parse(req.get_header("Accept"))
+    """The request's alternatives: the ``accept`` query parameter, else the header
+    (:func:`adapters.dicomweb.negotiation.accepted`)."""
+    return parse(accepted(req))

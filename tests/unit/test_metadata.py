@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import falcon.testing
 import orjson
 import pydicom
 import pytest
@@ -152,6 +153,16 @@ def test_accept_spellings(header: str | None, kind: str, part: str,
                           syntax: str | None) -> None:
     [best] = accept.parse(header)
     assert (best.kind, best.part_type, best.transfer_syntax) == (kind, part, syntax)
+
+
+def test_the_accept_parameter_replaces_the_header_with_its_plus_signs() -> None:
+    """``accept=multipart/related; type="application/dicom+xml"`` unencoded: form
+    decoding made the ``+`` a space, which a media type name cannot hold."""
+    req = falcon.testing.create_req(
+        query_string='accept=multipart/related;+type="application/dicom+xml"',
+        headers={"Accept": "image/png"})
+    [best] = accept.from_request(req)
+    assert (best.kind, best.part_type) == ("multipart/related", "application/dicom+xml")
 
 
 def test_accept_weights() -> None:
