@@ -266,7 +266,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_S3_ACCESS_KEY", "s3_access_key", "", "S3 access key.", secret=True),
     Setting("PACS_S3_SECRET_KEY", "s3_secret_key", "", "S3 secret key.", secret=True),
     Setting("PACS_S3_BUCKET", "s3_bucket", "pacs",
-            "S3 bucket; objects go under the prefix <CUSTOMER>/ and it is created when missing."),
+            "S3 bucket; objects go under the prefix <CUSTOMER>/ and it is created when missing "
+            "(for an index that lists no instance)."),
     Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
     Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
     Setting("PACS_MODALITIES", "modalities", "",

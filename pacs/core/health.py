@@ -108,7 +108,9 @@ def check(services: Services, thorough: bool = False) -> Health:
     """
     store_error = None
     try:
-        services.store.check()
+        # A check makes nothing: a folder or bucket gone while the node runs (a volume
+        # unmounted) is reported, not made anew to take objects beside the lost ones.
+        services.store.check(create=False)
     except PacsError as exc:
         store_error = str(exc)
     index_state = "ok"

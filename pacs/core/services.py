@@ -17,6 +17,8 @@ from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.deletion import Deleter
+from pacs.core.errors import ConfigError
+from pacs.core.index import reads
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
@@ -78,7 +80,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     store : ObjectStore, optional
         A ready store (tests pass an in-memory one); opened from the settings otherwise.
     check_store : bool
-        Prove the store reachable (and create its bucket) now.  ``pacs serve`` and the
+        Prove the store reachable (and create its folder or bucket, for an index that
+        lists no instance: :func:`_open_store`) now.  ``pacs serve`` and the
         commands do; the worker processes of a running node do not, so that a worker
         started while the store is briefly down (a replacement, a restarted DICOMweb
         server) still serves: its writes fail (A700 / 503) until the store is back, and
@@ -106,11 +109,11 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    backend = store if store is not None else open_store(settings, check=check_store,
-                                                         create=create_store)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
                   synced=synced)
     migrate(index.connection())
+    backend = store if store is not None else _open_store(settings, index, check_store,
+                                                          create_store)
     intake = IntakeStore(backend, index)
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
@@ -126,6 +129,30 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                     commitments=commitments(settings, index),
                     audit=audit_trail(settings, index), access=policy,
                     logins=logins if logins is not None else LoginLimiter.of(settings))
+
+
+def _open_store(settings: Settings, index: Index, check: bool, create: bool) -> ObjectStore:
+    """The settings' store (:func:`open_store`); its folder or bucket is created only
+    for an index that lists no instance.
+
+    A missing objects folder under an index that lists instances is a volume not
+    mounted (or a wrong ``PACS_DATA_DIR``); a missing bucket, a wrong
+    ``PACS_S3_BUCKET`` or endpoint.  Created anew, it would take new objects while
+    every stored one reads as lost.
+
+    Raises
+    ------
+    ConfigError
+        The store cannot be reached or used, or is missing under such an index.
+    """
+    if not (check and create):
+        return open_store(settings, check=check, create=create)
+    try:
+        return open_store(settings, check=True, create=False)
+    except ConfigError:
+        if reads.counts(index.connection())["instance"]:
+            raise
+        return open_store(settings, check=True, create=True)
 
 
 def access_policy(settings: Settings) -> AccessPolicy:

@@ -135,7 +135,7 @@ def test_unhealthy_store_is_503(client: testing.TestClient, services: Services,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from pacs.core.errors import ConfigError
 
-    def unreachable() -> None:
+    def unreachable(create: bool = True) -> None:
         raise ConfigError("cannot reach S3 at minio:9000")
 
     monkeypatch.setattr(services.store, "check", unreachable)

@@ -72,6 +72,17 @@ def test_a_store_without_usage_is_measured_by_its_sizes(
     assert found.ok and found.store_bytes == len(data)
 
 
+def test_a_missing_objects_folder_is_reported_not_made(
+        make_services: Callable[..., Services]) -> None:
+    services = make_services()
+    folder = services.settings.objects_dir
+    assert folder.is_dir()
+    folder.rmdir()
+    found = health.check(services)
+    assert not found.ok and not found.store_reachable and "not mounted" in found.store_error
+    assert not folder.exists()
+
+
 def test_an_unusable_store_and_a_broken_index_are_reported(
         make_services: Callable[..., Services]) -> None:
     store = MemoryStore()
