@@ -1,6 +1,9 @@
 """C-FIND / C-MOVE / C-GET identifiers to :class:`Query`, and results back to
 response identifiers (PS3.4 C.4).
 
+An identifier is read in the transfer syntax of its presentation context
+(:func:`read_data_set`).
+
 Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 - QueryRetrieveLevel (0008,0052) must be present and valid for the model;
 - no keys below the query level (unless relational queries were negotiated,
@@ -15,13 +18,17 @@ Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
 
 from pydicom import charset
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from pacs.core.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
 from pacs.core.errors import InvalidQuery
@@ -89,6 +96,31 @@ def query_level(identifier: Dataset, model: str) -> Level:
     if level is None:
         raise InvalidQuery("QueryRetrieveLevel is missing or not valid for this model")
     return level
+
+
+def read_data_set(data: bytes, transfer_syntax: str) -> Dataset:
+    """A DIMSE data set (an identifier, an Action Information) read in the transfer
+    syntax of its presentation context (PS3.7 6.3), never in one guessed from its bytes.
+
+    pydicom's ``read_dataset`` takes an Implicit VR data set for Explicit VR when the
+    first element's length begins with two capital letters (a length of 0x5344 reads
+    as "DS"), and the other way round; the negotiated syntax says which it is, so the
+    elements are read here as it says.
+
+    Raises
+    ------
+    Exception
+        Whatever pydicom raises for bytes that are not a data set in that syntax.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:  # PS3.5 A.5: the whole data set deflated, no zlib header
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    elements = data_element_generator(BytesIO(data), implicit, little)
+    dataset = Dataset({element.tag: element for element in elements})
+    encoding = charset.convert_encodings(dataset.get("SpecificCharacterSet"))
+    dataset.set_original_encoding(implicit, little, encoding)
+    return dataset
 
 
 def raw_value(element: DataElement) -> str:

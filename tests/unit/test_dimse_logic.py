@@ -31,8 +31,9 @@ from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
+from pacs.dimse.identifier import read_data_set
 from pacs.dimse.status import Status
-from tests.factory import make_instance
+from tests.factory import make_instance, uid_list_of_length
 
 pytestmark = pytest.mark.dimse
 
@@ -124,6 +125,22 @@ def test_find_answers_a_cancel_fe00(services: Services) -> None:
     responses = _responses(services, _identifier("STUDY", StudyInstanceUID=""),
                            cancelled=True)
     assert [s.code for s, _ in responses] == [0xFE00]
+
+
+def test_identifier_is_read_in_its_syntax_whatever_its_bytes_look_like() -> None:
+    """An Implicit VR identifier whose first element's length (0x5344) has the bytes
+    of a VR ("DS") is read as Implicit VR: its syntax says so."""
+    ds = Dataset()
+    ds.SOPInstanceUID = uid_list_of_length(["1.2.3"], 0x5344)
+    ds.QueryRetrieveLevel = "IMAGE"
+    data = encode(ds, True, True) or b""
+    assert data[4:8] == b"DS\0\0"
+
+    read = read_data_set(data, ImplicitVRLittleEndian)
+
+    assert list(read.keys()) == [0x00080018, 0x00080052]
+    assert list(read.SOPInstanceUID) == list(ds.SOPInstanceUID)
+    assert read.QueryRetrieveLevel == "IMAGE"
 
 
 @dataclass
