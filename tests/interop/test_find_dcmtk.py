@@ -207,6 +207,9 @@ def test_study_root_series_and_image_levels(pacs_find: Finder) -> None:
 
 
 @pytest.mark.parametrize(("proposed", "length"), [
+    # Over 64 KB in Explicit VR: findscu sends the list as UN, a UI element's 16-bit
+    # length cannot hold it (PS3.5 6.2.2).
+    pytest.param("-xe", 70_000, id="explicit-over-64KB"),
     # In Implicit VR the first element's length (0x5344) has the bytes of a VR, "DS".
     pytest.param("-xi", 0x5344, id="implicit-length-spells-DS"),
 ])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
@@ -154,6 +154,9 @@ def test_query_with_more_values_than_it_may_hold_gives_c000(loaded: RunningNode,
 
 
 @pytest.mark.parametrize(("syntax", "length", "spelled"), [
+    # A UI element's 16-bit length cannot hold over 64 KB: pydicom (like other
+    # writers) sends the list as UN, its value as in Implicit VR (PS3.5 6.2.2).
+    pytest.param(ExplicitVRLittleEndian, 70_000, b"UN", id="explicit-over-64KB"),
     # The first element's length (0x5344) has the bytes of an explicit VR, "DS".
     pytest.param(ImplicitVRLittleEndian, 0x5344, b"DS", id="implicit-length-spells-DS"),
 ])

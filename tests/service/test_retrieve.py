@@ -548,10 +548,7 @@ def test_get_with_more_uids_than_a_query_holds_is_c000(make_node: Callable[..., 
                                                       requestors: Callable[..., Association]
                                                       ) -> None:
     """Unable to process (PS3.4 Table C.4-3), not A900: the identifier is valid, the
-    query too large for the node to run; the requestor must split it.
-
-    Implicit VR, because in explicit VR a UID list over 64 KB is no longer a UI
-    element."""
+    query too large for the node to run; the requestor must split it."""
     node = make_node()
     study = store_study(node, series=1, per_series=2)
     series = next(iter(study.series))
@@ -576,9 +573,12 @@ def test_get_with_more_uids_than_a_query_holds_is_c000(make_node: Callable[..., 
 # --- identifiers as encoded ---------------------------------------------------------------
 
 #: Identifier encodings a requestor may use, each with a UID list whose length trips a
-#: reader that does not follow the negotiated syntax: in Implicit VR a first element
-#: whose length's low bytes spell "DS", as an explicit VR would.
+#: reader that does not follow the negotiated syntax: in Explicit VR a list over 64 KB,
+#: which a UI element's 16-bit length cannot hold and pydicom (like other writers)
+#: sends as UN (PS3.5 6.2.2); in Implicit VR a first element whose length's low bytes
+#: spell "DS", as an explicit VR would.
 IDENTIFIER_ENCODINGS = [
+    pytest.param(ExplicitVRLittleEndian, 70_000, b"UN", id="explicit-over-64KB"),
     pytest.param(ImplicitVRLittleEndian, 0x5344, b"DS", id="implicit-length-spells-DS"),
 ]
 
