@@ -69,6 +69,21 @@ def dataset_bytes(part10: bytes) -> bytes:
     return part10[position:]
 
 
+def uid_list_of_length(uids: list[str], length: int) -> list[str]:
+    """``uids`` followed by made-up UIDs (matching nothing stored) such that the list,
+    joined by ``\\``, is exactly ``length`` characters long: an even ``length`` is then
+    the element's value length as encoded (PS3.5 7.1), with no padding."""
+    head = len("\\".join(uids))
+    # Fillers of 32 characters each (33 with their separator), then one last UID of
+    # between 20 and 52 characters.
+    count = (length - head - 1 - 20) // 33
+    fillers = [f"1.2.826.0.1.3680043.8.498.{100000 + n}" for n in range(count)]
+    last = length - head - 33 * count - 1
+    listed = [*uids, *fillers, "1.2." + "9" * (last - 4)]
+    assert len("\\".join(listed)) == length
+    return listed
+
+
 #: Key Object Selection Document Storage (PS3.4 B.5).
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 

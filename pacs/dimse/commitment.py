@@ -31,13 +31,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID
-from pynetdicom.dsutils import decode
 
 from pacs.core.access import STORE, AccessPolicy
 from pacs.core.commitment import (
@@ -52,6 +49,7 @@ from pacs.core.commitment import (
 from pacs.core.dataset import valid_uid
 from pacs.core.errors import PacsError
 from pacs.dimse.audit import AssociationAudit
+from pacs.dimse.identifier import read_data_set
 from pacs.dimse.status import (
     COMMITMENT_STATUS,
     INVALID_ARGUMENT_VALUE,
@@ -156,7 +154,7 @@ def request_of(action: ActionRequest, max_references: int) -> Request:
     if not action.action_information:
         raise Refused(INVALID_ARGUMENT_VALUE, "no Action Information")
     try:
-        information = _decode(action.action_information, action.transfer_syntax)
+        information = read_data_set(action.action_information, action.transfer_syntax)
         transaction = _uid(information.get("TransactionUID"))
         references = tuple(Reference(_uid(item.get("ReferencedSOPClassUID")),
                                      _uid(item.get("ReferencedSOPInstanceUID")))
@@ -169,12 +167,6 @@ def request_of(action: ActionRequest, max_references: int) -> Request:
                                               "Instance UIDs")
     return Request(action.calling_ae_title.strip(), transaction, references,
                    action.called_ae_title.strip())
-
-
-def _decode(data: bytes, transfer_syntax: str) -> Dataset:
-    syntax = UID(transfer_syntax)
-    return decode(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
-                  syntax.is_deflated)
 
 
 def _uid(value: object) -> str:

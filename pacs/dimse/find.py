@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from io import BytesIO
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom.dsutils import decode
 
 from pacs.core.access import FIND
 from pacs.core.errors import Cancelled, InvalidQuery, PacsError
@@ -34,7 +32,7 @@ from pacs.dimse import contexts
 from pacs.dimse.audit import AssociationAudit, keys_of
 from pacs.dimse.connection import Request, Responder
 from pacs.dimse.encoding import encode_identifier
-from pacs.dimse.identifier import Negotiated, ResponseBuilder, to_find_query
+from pacs.dimse.identifier import Negotiated, ResponseBuilder, read_data_set, to_find_query
 from pacs.dimse.status import (
     CANCEL,
     FIND_STATUS,
@@ -70,17 +68,16 @@ def negotiated_find_options(requested: bytes | None) -> Negotiated:
 
 
 def decode_identifier(request: Request) -> Dataset:
-    """The request's identifier as a data set, in its context's transfer syntax.
+    """The request's identifier as a data set, read in its context's transfer syntax
+    (:func:`pacs.dimse.identifier.read_data_set`).
 
     Raises
     ------
     InvalidQuery
         It does not decode.
     """
-    syntax = UID(request.transfer_syntax)
     try:
-        return decode(BytesIO(request.identifier), syntax.is_implicit_VR,
-                      syntax.is_little_endian, syntax.is_deflated)
+        return read_data_set(request.identifier, request.transfer_syntax)
     except Exception:  # noqa: BLE001 - whatever pydicom raises is a bad identifier
         raise InvalidQuery("the identifier does not decode") from None
 

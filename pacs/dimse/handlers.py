@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable, Iterator
-from io import BytesIO
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,13 +44,13 @@ from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, N_ACTION_RSP
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
-from pynetdicom.dsutils import decode
 
 from pacs.core.access import ECHO
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse import commitment, contexts, find, limits, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
+from pacs.dimse.identifier import read_data_set
 from pacs.dimse.sender import log_failure, object_file, route
 from pacs.dimse.status import (
     CANCEL,
@@ -194,13 +193,11 @@ def handle_find(event: Event, services: Services, audits: Audits | None = None
     """EVT_C_FIND (PS3.4 C.4.1): the responses of :func:`pacs.dimse.find.find_responses`,
     each identifier decoded for pynetdicom to encode again."""
     request = request_of(event)
-    syntax = UID(request.transfer_syntax)
     for status, identifier in find.find_responses(request, services, _watch(event, request),
                                                   _audit(event, audits)):
         answer = None
         if identifier is not None:
-            answer = decode(BytesIO(identifier), syntax.is_implicit_VR,
-                            syntax.is_little_endian, syntax.is_deflated)
+            answer = read_data_set(identifier, request.transfer_syntax)
         yield status_dataset(status), answer
 
 

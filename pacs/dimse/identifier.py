@@ -1,6 +1,9 @@
 """C-FIND / C-MOVE / C-GET identifiers to :class:`Query`, and results back to
 response identifiers (PS3.4 C.4).
 
+An identifier is read in the transfer syntax of its presentation context, a known
+attribute sent as UN as its dictionary VR (:func:`read_data_set`, PS3.5 6.2.2).
+
 Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 - QueryRetrieveLevel (0008,0052) must be present and valid for the model;
 - no keys below the query level (unless relational queries were negotiated,
@@ -15,13 +18,19 @@ Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
 
 from pydicom import charset
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from pacs.core.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
 from pacs.core.errors import InvalidQuery
@@ -91,11 +100,82 @@ def query_level(identifier: Dataset, model: str) -> Level:
     return level
 
 
+def read_data_set(data: bytes, transfer_syntax: str) -> Dataset:
+    """A DIMSE data set (an identifier, an Action Information) read in the transfer
+    syntax of its presentation context (PS3.7 6.3), never in one guessed from its bytes.
+
+    pydicom's ``read_dataset`` takes an Implicit VR data set for Explicit VR when the
+    first element's length begins with two capital letters (a length of 0x5344 reads
+    as "DS"), and the other way round; the negotiated syntax says which it is, so the
+    elements are read here as it says.  Values of VR UN whose tag the data dictionary
+    knows are read as their dictionary VR (:func:`_known_vrs`).
+
+    Raises
+    ------
+    Exception
+        Whatever pydicom raises for bytes that are not a data set in that syntax.
+    """
+    syntax = UID(transfer_syntax)
+    if syntax.is_deflated:  # PS3.5 A.5: the whole data set deflated, no zlib header
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    elements = data_element_generator(BytesIO(data), implicit, little)
+    dataset = Dataset({element.tag: element for element in elements})
+    _known_vrs(dataset)
+    encoding = charset.convert_encodings(dataset.get("SpecificCharacterSet"))
+    dataset.set_original_encoding(implicit, little, encoding)
+    return dataset
+
+
+def _known_vrs(dataset: Dataset) -> None:
+    """Give each UN element of a known attribute its dictionary VR, in ``dataset`` and
+    the items of its sequences.
+
+    PS3.5 6.2.2: in Explicit VR a known attribute may come as UN, its value encoded as
+    in Implicit VR Little Endian.  pydicom converts one shorter than 64 KB itself; a
+    longer one (what a UI list too long for its 16-bit length field becomes, from
+    pydicom and others) stays raw bytes.  The raw element is kept and only its VR
+    replaced, so that pydicom decodes the value with the data set's character set.
+    """
+    for tag in list(dataset.keys()):
+        # pydicom types get_item as returning a converted element; it returns the
+        # element as read, raw until something converted it.
+        element: DataElement | RawDataElement | None = dataset.get_item(tag)
+        if isinstance(element, RawDataElement) and element.VR == "UN":
+            vr = _dictionary_vr(tag)
+            if vr is not None:
+                dataset[tag] = element._replace(VR=vr, is_implicit_VR=True,
+                                                is_little_endian=True)
+        converted = dataset[tag]
+        if converted.VR == "SQ":
+            for item in converted.value or []:
+                _known_vrs(item)
+
+
+def _dictionary_vr(tag: BaseTag) -> str | None:
+    """The one VR the data dictionary gives a public tag; ``None`` for a private or
+    unknown tag, or one whose VR depends on other values (``US or SS``)."""
+    if tag.is_private or not dictionary_has_tag(tag):
+        return None
+    vr = str(dictionary_VR(tag))
+    return None if " or " in vr or vr == "UN" else vr
+
+
 def raw_value(element: DataElement) -> str:
-    """An element's value as matching text, multiple values joined by ``\\``."""
+    """An element's value as matching text, multiple values joined by ``\\``.
+
+    Raises
+    ------
+    InvalidQuery
+        The value is bytes, not text or a number: a key of a binary VR, or UN of an
+        attribute the data dictionary does not know (:func:`read_data_set` reads any
+        other UN as its dictionary VR).
+    """
     value = element.value
     if value is None:
         return ""
+    if isinstance(value, bytes | bytearray):
+        raise InvalidQuery(f"{element.keyword or element.tag} has no text value ({element.VR})")
     if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)

@@ -16,7 +16,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from tests.conftest import start_listening
-from tests.factory import make_instance
+from tests.factory import make_instance, uid_list_of_length
 from tests.interop.conftest import AE_TITLE, DCMTK_ENV, Node, dcmtk, run_dcmtk
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
@@ -78,7 +78,9 @@ class Finder:
         self.port, self.aet, self.work = port, aet, work
         self.count = 0
 
-    def __call__(self, model: str, level: str, **keys: object) -> list[Dataset]:
+    def __call__(self, model: str, level: str, *options: str, **keys: object
+                 ) -> list[Dataset]:
+        """The responses to a query of ``keys`` (findscu's ``options`` added)."""
         self.count += 1
         query = Dataset()
         query.QueryRetrieveLevel = level
@@ -88,7 +90,7 @@ class Finder:
         folder.mkdir(parents=True)
         query_file = folder / "query.dcm"
         query.save_as(query_file, implicit_vr=False, little_endian=True)
-        result = run_dcmtk("findscu", "-" + model, "-aec", self.aet, "-X", "-od",
+        result = run_dcmtk("findscu", "-" + model, *options, "-aec", self.aet, "-X", "-od",
                            str(folder), "127.0.0.1", str(self.port), str(query_file))
         assert result.returncode == 0, result.stdout
         return [pydicom.dcmread(p) for p in sorted(folder.glob("rsp*.dcm"))]
@@ -202,6 +204,23 @@ def test_study_root_series_and_image_levels(pacs_find: Finder) -> None:
     images = pacs_find("S", "IMAGE", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2",
                        SOPInstanceUID="", InstanceNumber="")
     assert _uids(images, "SOPInstanceUID") == {f"{study}.2.1", f"{study}.2.2"}
+
+
+@pytest.mark.parametrize(("proposed", "length"), [
+    # Over 64 KB in Explicit VR: findscu sends the list as UN, a UI element's 16-bit
+    # length cannot hold it (PS3.5 6.2.2).
+    pytest.param("-xe", 70_000, id="explicit-over-64KB"),
+    # In Implicit VR the first element's length (0x5344) has the bytes of a VR, "DS".
+    pytest.param("-xi", 0x5344, id="implicit-length-spells-DS"),
+])
+def test_a_uid_list_in_either_vr_encoding(pacs_find: Finder, proposed: str,
+                                          length: int) -> None:
+    """An IMAGE-level query by a list of SOP Instance UIDs (its first element) finds
+    exactly the listed instances, the first and the last of the list included."""
+    wanted = [SPECS[0].sop, SPECS[-1].sop]
+    uids = [*uid_list_of_length(wanted[:1], length - len(wanted[1]) - 1), wanted[1]]
+    images = pacs_find("S", "IMAGE", proposed, SOPInstanceUID=uids)
+    assert sorted(str(image.SOPInstanceUID) for image in images) == sorted(wanted)
 
 
 def test_computed_study_attributes(pacs_find: Finder) -> None:

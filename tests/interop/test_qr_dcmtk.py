@@ -22,7 +22,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.conftest import sample
-from tests.factory import dataset_bytes
+from tests.factory import dataset_bytes, uid_list_of_length
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -251,6 +251,70 @@ def test_getscu(qr: tuple[Node, Loaded], tmp_path: Path, model: str, level: str,
     received = _received(tmp_path)
     assert sorted(received) == sorted(expected(loaded))
     assert getscu_counts(result.stdout) == (0, len(received), 0, 0)
+    _assert_as_stored(node, received)
+
+
+#: SOP Instance UID lists whose encoding trips a reader that does not follow the
+#: negotiated syntax: in Explicit VR (``-xe``) over 64 KB, which dcmtk sends as UN (a
+#: UI element's 16-bit length cannot hold it, PS3.5 6.2.2); in Implicit VR (``-xi``) a
+#: first element whose length's low bytes spell "DS", as an explicit VR would.
+UID_LISTS = [pytest.param("-xe", 70_000, id="explicit-over-64KB"),
+             pytest.param("-xi", 0x5344, id="implicit-length-spells-DS")]
+
+
+def _uid_list_query(loaded: Loaded, length: int, folder: Path) -> tuple[Path, list[str]]:
+    """A query file: IMAGE level, a SOP Instance UID list of ``length`` bytes (its
+    first element) with two stored instances at its ends; and those two."""
+    wanted = [loaded.sops[0], loaded.sops[-1]]
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.SOPInstanceUID = [*uid_list_of_length(wanted[:1], length - len(wanted[1]) - 1),
+                            wanted[1]]
+    path = folder / "query.dcm"
+    # Explicit VR, which dcmtk recognises in a file without meta information; it
+    # encodes the identifier again in the syntax the node accepted.
+    query.save_as(path, implicit_vr=False, little_endian=True)
+    return path, wanted
+
+
+# getscu (3.6.7) proposes Explicit VR for its query context whatever -xi says: only
+# movescu sends the implicit case.
+@pytest.mark.parametrize(("proposed", "length"), UID_LISTS[:1])
+def test_getscu_with_a_uid_list_over_64kb(qr: tuple[Node, Loaded], tmp_path: Path,
+                                          proposed: str, length: int) -> None:
+    """Exactly the listed instances, the first and the last of the list included."""
+    node, loaded = qr
+    query, wanted = _uid_list_query(loaded, length, tmp_path)
+    received_in = tmp_path / "received"
+    received_in.mkdir()
+
+    result = run_dcmtk("getscu", "-v", "-aec", AE_TITLE, "-S", proposed, "+B", "-od",
+                       str(received_in), "127.0.0.1", str(node.port), str(query),
+                       timeout=120)
+
+    assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    assert "Received C-GET Response (Success)" in result.stdout, result.stdout
+    received = _received(received_in)
+    assert sorted(received) == sorted(wanted)
+    assert getscu_counts(result.stdout) == (0, 2, 0, 0)
+    _assert_as_stored(node, received)
+
+
+@pytest.mark.parametrize(("proposed", "length"), UID_LISTS)
+def test_movescu_with_a_uid_list_in_either_vr_encoding(qr: tuple[Node, Loaded],
+                                                       storescp: StoreSCP, tmp_path: Path,
+                                                       proposed: str, length: int) -> None:
+    """Exactly the listed instances, the first and the last of the list included."""
+    node, loaded = qr
+    query, wanted = _uid_list_query(loaded, length, tmp_path)
+
+    result = run_dcmtk("movescu", "-v", "-aec", AE_TITLE, "-aem", STORESCP_AET, "-S",
+                       proposed, "127.0.0.1", str(node.port), str(query), timeout=120)
+
+    assert result.returncode == 0, f"{result.stdout}\n--- server ---\n{node.log()}"
+    assert "Received Final Move Response (Success)" in result.stdout, result.stdout
+    received = _received(storescp.folder)
+    assert sorted(received) == sorted(wanted)
     _assert_as_stored(node, received)
 
 

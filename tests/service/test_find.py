@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind as PatientFind,
@@ -16,7 +18,7 @@ from pynetdicom.sop_class import (
 
 import pacs.core.query.engine as engine_module
 from pacs.core.index.compiler import MAX_TERMS
-from tests.factory import make_instance
+from tests.factory import make_instance, uid_list_of_length
 from tests.service.conftest import RunningNode
 
 pytestmark = pytest.mark.dimse
@@ -38,9 +40,11 @@ def loaded(node: RunningNode) -> RunningNode:
 def associate(node: RunningNode) -> Iterator[Callable[..., object]]:
     opened = []
 
-    def open_association(relational: bool = False) -> object:
+    def open_association(relational: bool = False, syntaxes: list[str] | None = None
+                         ) -> object:
         ae = AE(ae_title="TESTSCU")
-        ae.requested_contexts = [build_context(StudyFind), build_context(PatientFind)]
+        ae.requested_contexts = [build_context(StudyFind, syntaxes),
+                                 build_context(PatientFind, syntaxes)]
         extended = []
         if relational:
             item = SOPClassExtendedNegotiation()
@@ -147,6 +151,30 @@ def test_query_with_more_values_than_it_may_hold_gives_c000(loaded: RunningNode,
     at_the_bound = _find(assoc, _identifier("STUDY", AccessionNumber=accessions[:MAX_TERMS],
                                             StudyInstanceUID=""))
     assert [s for s, _ in at_the_bound] == [0xFF00] * 3 + [0x0000]
+
+
+@pytest.mark.parametrize(("syntax", "length", "spelled"), [
+    # A UI element's 16-bit length cannot hold over 64 KB: pydicom (like other
+    # writers) sends the list as UN, its value as in Implicit VR (PS3.5 6.2.2).
+    pytest.param(ExplicitVRLittleEndian, 70_000, b"UN", id="explicit-over-64KB"),
+    # The first element's length (0x5344) has the bytes of an explicit VR, "DS".
+    pytest.param(ImplicitVRLittleEndian, 0x5344, b"DS", id="implicit-length-spells-DS"),
+])
+def test_identifier_is_read_in_its_syntax(loaded: RunningNode, associate, syntax: str,
+                                          length: int, spelled: bytes) -> None:
+    """An IMAGE-level query by a list of SOP Instance UIDs (its first element) finds
+    exactly the listed instances, the first and the last of the list included."""
+    wanted = ["1.2.3.0.1.0", "1.2.3.2.1.3"]
+    uids = [*uid_list_of_length(wanted[:1], length - len(wanted[1]) - 1), wanted[1]]
+    identifier = _identifier("IMAGE", SOPInstanceUID=uids)
+    uid = UID(syntax)
+    assert encode(identifier, uid.is_implicit_VR, uid.is_little_endian)[:6] == \
+        b"\x08\x00\x18\x00" + spelled
+
+    responses = _find(associate(syntaxes=[syntax]), identifier)
+
+    assert [s for s, _ in responses] == [0xFF00, 0xFF00, 0x0000]
+    assert sorted(str(ds.SOPInstanceUID) for _, ds in responses[:2]) == wanted
 
 
 def test_row_cap_refuses_with_a700(settings, memory_store) -> None:

@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet as PatientGet,
     PatientRootQueryRetrieveInformationModelMove as PatientMove,
@@ -47,7 +48,7 @@ from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import retrieve
 from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import SEAM, free_port, sample, seam_only
-from tests.factory import make_instance
+from tests.factory import make_instance, uid_list_of_length
 
 pytestmark = pytest.mark.dimse
 
@@ -547,11 +548,7 @@ def test_get_with_more_uids_than_a_query_holds_is_c000(make_node: Callable[..., 
                                                       requestors: Callable[..., Association]
                                                       ) -> None:
     """Unable to process (PS3.4 Table C.4-3), not A900: the identifier is valid, the
-    query too large for the node to run; the requestor must split it.
-
-    Implicit VR, because in explicit VR a UID list over 64 KB is no longer a UI element;
-    and a short element first, because pydicom takes implicit VR data for explicit when
-    the first element's length begins with two letters of a VR."""
+    query too large for the node to run; the requestor must split it."""
     node = make_node()
     study = store_study(node, series=1, per_series=2)
     series = next(iter(study.series))
@@ -571,6 +568,74 @@ def test_get_with_more_uids_than_a_query_holds_is_c000(make_node: Callable[..., 
     assert received == []
     assert_counted(get(study.sops + absent), total=2, final_status=0x0000, completed=2)
     assert sorted(r.sop_uid for r in received) == sorted(study.sops)
+
+
+# --- identifiers as encoded ---------------------------------------------------------------
+
+#: Identifier encodings a requestor may use, each with a UID list whose length trips a
+#: reader that does not follow the negotiated syntax: in Explicit VR a list over 64 KB,
+#: which a UI element's 16-bit length cannot hold and pydicom (like other writers)
+#: sends as UN (PS3.5 6.2.2); in Implicit VR a first element whose length's low bytes
+#: spell "DS", as an explicit VR would.
+IDENTIFIER_ENCODINGS = [
+    pytest.param(ExplicitVRLittleEndian, 70_000, b"UN", id="explicit-over-64KB"),
+    pytest.param(ImplicitVRLittleEndian, 0x5344, b"DS", id="implicit-length-spells-DS"),
+]
+
+
+def listed_uids(first: str, last: str, syntax: str, length: int, spelled: bytes
+                ) -> Dataset:
+    """An IMAGE-level retrieve identifier whose SOP Instance UID list (its first
+    element) is ``length`` bytes long, ``first`` and ``last`` at its ends; checks that
+    it is encoded as the case needs (bytes 4-5 of the element: ``spelled``)."""
+    uids = [*uid_list_of_length([first], length - len(last) - 1), last]
+    ident = identifier("IMAGE", SOPInstanceUID=uids)
+    uid = UID(syntax)
+    assert encode(ident, uid.is_implicit_VR, uid.is_little_endian)[:6] == \
+        b"\x08\x00\x18\x00" + spelled
+    return ident
+
+
+@pytest.mark.parametrize(("syntax", "length", "spelled"), IDENTIFIER_ENCODINGS)
+def test_get_reads_the_identifier_in_its_syntax(make_node: Callable[..., Node],
+                                                requestors: Callable[..., Association],
+                                                syntax: str, length: int, spelled: bytes,
+                                                ) -> None:
+    """Exactly the listed instances, the first and the last of the list included."""
+    node = make_node()
+    study = store_study(node, series=2, per_series=2)
+    wanted = [study.sops[0], study.sops[-1]]
+    received: list[Received] = []
+    assoc = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
+                       received=received, identifier_syntaxes=[syntax])
+    ident = listed_uids(*wanted, syntax, length, spelled)
+
+    replies = responses(assoc.send_c_get(ident, StudyGet))
+
+    assert_counted(replies, total=2, final_status=0x0000, completed=2)
+    assert sorted(r.sop_uid for r in received) == sorted(wanted)
+    assert_identical(node, study, received)
+
+
+@pytest.mark.parametrize(("syntax", "length", "spelled"), IDENTIFIER_ENCODINGS)
+def test_move_reads_the_identifier_in_its_syntax(make_node: Callable[..., Node],
+                                                 destinations: Callable[..., Destination],
+                                                 requestors: Callable[..., Association],
+                                                 syntax: str, length: int, spelled: bytes,
+                                                 ) -> None:
+    """Exactly the listed instances, the first and the last of the list included."""
+    dest = destinations("STORESCP")
+    node = make_node(dest)
+    study = store_study(node, series=2, per_series=2)
+    wanted = [study.sops[0], study.sops[-1]]
+    assoc = requestors(node, identifier_syntaxes=[syntax])
+    ident = listed_uids(*wanted, syntax, length, spelled)
+
+    replies = responses(assoc.send_c_move(ident, "STORESCP", StudyMove))
+
+    assert_counted(replies, total=2, final_status=0x0000, completed=2)
+    assert sorted(r.sop_uid for r in dest.received) == sorted(wanted)
+    assert_identical(node, study, dest.received)
 
 
 # --- C-MOVE -------------------------------------------------------------------------------

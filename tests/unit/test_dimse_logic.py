@@ -31,8 +31,9 @@ from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
+from pacs.dimse.identifier import raw_value, read_data_set
 from pacs.dimse.status import Status
-from tests.factory import make_instance
+from tests.factory import make_instance, uid_list_of_length
 
 pytestmark = pytest.mark.dimse
 
@@ -124,6 +125,64 @@ def test_find_answers_a_cancel_fe00(services: Services) -> None:
     responses = _responses(services, _identifier("STUDY", StudyInstanceUID=""),
                            cancelled=True)
     assert [s.code for s, _ in responses] == [0xFE00]
+
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element, written by hand (PS3.5 7.1.2): the VR
+    the test names, whatever the data dictionary says."""
+    head = (tag >> 16).to_bytes(2, "little") + (tag & 0xFFFF).to_bytes(2, "little")
+    if vr in (b"SQ", b"UN"):
+        return head + vr + b"\0\0" + len(value).to_bytes(4, "little") + value
+    return head + vr + len(value).to_bytes(2, "little") + value
+
+
+def test_identifier_un_values_of_known_attributes_are_read_as_their_vr() -> None:
+    """PS3.5 6.2.2: a known attribute sent as UN (its value as in Implicit VR Little
+    Endian), however long, reads as its dictionary VR, with the identifier's character
+    set; in sequence items too.  An unknown attribute's UN value stays bytes, and is
+    never taken for text."""
+    uids = uid_list_of_length(["1.2.3"], 70_000)  # over what a 16-bit length holds
+    listed = "\\".join(uids).encode()
+    name = "Müller^Jörg".encode()
+    item = _explicit(0x00080100, b"UN", b"X" * 70_000)  # CodeValue of a sequence item
+    data = b"".join([
+        _explicit(0x00080005, b"CS", b"ISO_IR 192"),
+        _explicit(0x00080018, b"UN", listed),
+        _explicit(0x00080052, b"CS", b"IMAGE "),
+        _explicit(0x00081032, b"SQ", b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little")
+                  + item),
+        _explicit(0x00100010, b"UN", name),
+        _explicit(0x00280010, b"UN", (512).to_bytes(2, "little")),  # Rows, US
+        _explicit(0x00991000, b"UN", b"\x01\x02"),                  # private
+    ])
+
+    read = read_data_set(data, ExplicitVRLittleEndian)
+
+    assert (read[0x00080018].VR, list(read.SOPInstanceUID)) == ("UI", uids)
+    assert raw_value(read[0x00080018]) == "\\".join(uids)
+    assert (read[0x00100010].VR, str(read.PatientName)) == ("PN", "Müller^Jörg")
+    assert (read[0x00280010].VR, read.Rows) == ("US", 512)
+    code = read.ProcedureCodeSequence[0][0x00080100]
+    assert (code.VR, code.value) == ("SH", "X" * 70_000)
+    assert (read[0x00991000].VR, read[0x00991000].value) == ("UN", b"\x01\x02")
+    with pytest.raises(errors.InvalidQuery):
+        raw_value(read[0x00991000])
+
+
+def test_identifier_is_read_in_its_syntax_whatever_its_bytes_look_like() -> None:
+    """An Implicit VR identifier whose first element's length (0x5344) has the bytes
+    of a VR ("DS") is read as Implicit VR: its syntax says so."""
+    ds = Dataset()
+    ds.SOPInstanceUID = uid_list_of_length(["1.2.3"], 0x5344)
+    ds.QueryRetrieveLevel = "IMAGE"
+    data = encode(ds, True, True) or b""
+    assert data[4:8] == b"DS\0\0"
+
+    read = read_data_set(data, ImplicitVRLittleEndian)
+
+    assert list(read.keys()) == [0x00080018, 0x00080052]
+    assert list(read.SOPInstanceUID) == list(ds.SOPInstanceUID)
+    assert read.QueryRetrieveLevel == "IMAGE"
 
 
 @dataclass
