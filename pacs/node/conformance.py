@@ -127,6 +127,9 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
         "dimse_timeout": ae.dimse_timeout,
         "network_timeout": ae.network_timeout,
         "connection_timeout": ae.connection_timeout,
+        # Each PDU read and each write, whole: the network timeout and a second more
+        # per this many bytes moved (pacs.dimse.limits.Pace).
+        "transfer_min_rate": limits.MIN_RATE,
         # pynetdicom answers these items only when a handler is bound for them.
         "asynchronous_operations_window": evt.EVT_ASYNC_OPS in bound,
         "user_identity": evt.EVT_USER_ID in bound,
@@ -646,7 +649,10 @@ A-ASSOCIATE-RQ (PS3.8 9.3.4) as follows:
 A connection that sends no A-ASSOCIATE-RQ within the ARTIM timeout
 ({_seconds(assoc['artim_timeout'])}, `PACS_ARTIM_TIMEOUT`; PS3.8 9.1.2) is closed; an
 association silent for the DIMSE timeout ({_seconds(assoc['dimse_timeout'])},
-`PACS_DIMSE_TIMEOUT`) is aborted.
+`PACS_DIMSE_TIMEOUT`) is aborted, and so is one whose PDU does not arrive whole, or whose
+peer does not take what the node writes, within that timeout plus one second per
+{assoc['transfer_min_rate'] // 1024} KiB moved (a transfer that keeps moving at that rate
+goes on).
 
 User Identity negotiation is {_answered(assoc, 'user_identity')} (an association that
 proposes it is accepted without a response item when it is not answered); SOP Class

@@ -404,12 +404,15 @@ class _Reader:
         another type, one over the ceiling or the connection closing raise
         :class:`_HandBack` once its header is read, so that pynetdicom's reading of the
         rest decides (a release, an abort, a refusal, a closed connection).  A read that
-        fails (nothing for the socket's receive timeout, PACS_DIMSE_TIMEOUT: a peer
-        stalled inside a PDU) raises :class:`_Broken`.
+        fails raises :class:`_Broken`: the whole PDU must arrive within its time
+        (:func:`pacs.dimse.seam.reactor.pace`, PACS_DIMSE_TIMEOUT and more for a large PDU
+        that keeps arriving), and no wait for more of it may pass the socket's receive
+        timeout (a peer stalled or trickling inside a PDU).
         """
         raw = self.raw
+        pace = reactor.pace(self.assoc)
         try:
-            head = limits.receive(raw, 6)
+            head = limits.receive(raw, 6, deadline=pace)
         except OSError as exc:
             raise _Broken(f"no whole PDU received ({type(exc).__name__})", False) from None
         if not keep:
@@ -421,7 +424,7 @@ class _Reader:
         if kind != limits.P_DATA_TF or length > self.ceiling:
             raise _HandBack
         try:
-            body = limits.receive(raw, length)
+            body = limits.receive(raw, length, deadline=pace)
         except OSError as exc:
             raise _Broken(f"no whole PDU received ({type(exc).__name__})", False) from None
         if keep:
@@ -539,16 +542,17 @@ class _CancelWatch:
     def _read_one(self) -> None:
         """Read the PDU that has begun to arrive (see the class docstring)."""
         reader = self.reader
+        pace = reactor.pace(reader.assoc)  # the whole PDU within its time, as _Reader._pdu
         try:
-            head = limits.receive(reader.raw, 6)
+            head = limits.receive(reader.raw, 6, deadline=pace)
             kind = head[0] if len(head) == 6 else None
             length = struct.unpack_from(">I", head, 2)[0] if kind is not None else 0
             if kind != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
                 self.stash, self.gone = bytes(head), kind != limits.P_DATA_TF
                 self.stop()
                 return
-            body = limits.receive(reader.raw, length)
-        except (BlockingIOError, TimeoutError) as exc:  # nothing more for PACS_DIMSE_TIMEOUT
+            body = limits.receive(reader.raw, length, deadline=pace)
+        except (BlockingIOError, TimeoutError) as exc:  # stalled or trickled in the PDU
             self.broken = _Broken(f"no whole PDU received ({type(exc).__name__})", False)
             self.gone = True
             self.stop()

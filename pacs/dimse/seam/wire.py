@@ -167,9 +167,9 @@ def write_store_request(assoc: Any, context_id: int, command: bytes, source: Bin
             sent += len(data)
             buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
             if len(buffer) >= _SEND_BUFFER:
-                sock.sendall(buffer)
+                _send(assoc, sock, buffer)
                 buffer.clear()
-        sock.sendall(buffer)
+        _send(assoc, sock, buffer)
     except BaseException:
         # Part of a message may be on the wire: the stream cannot carry another one.
         abort(assoc)
@@ -187,10 +187,17 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     """
     pdus = _message_pdus(context_id, command, None, _peer_limit(assoc))
     try:
-        _socket_of(assoc).sendall(pdus)
+        _send(assoc, _socket_of(assoc), pdus)
     except BaseException:
         abort(assoc)
         raise
+
+
+def _send(assoc: Any, sock: Any, data: bytes | bytearray) -> None:
+    """Write all of ``data``, taken by the peer within the time one write on ``assoc``
+    may take (:func:`pacs.dimse.seam.reactor.pace`): a peer that reads a byte now and
+    then cannot hold the writing thread (SO_SNDTIMEO alone starts again with each)."""
+    limits.send_all(sock, data, reactor.pace(assoc))
 
 
 def _peer_limit(assoc: Any) -> int:
@@ -307,7 +314,7 @@ def _receive(sock: Any, count: int, deadline: float | None) -> bytearray | bytes
     """Exactly ``count`` bytes, waiting at most until ``deadline``, in a buffer that
     grows with what arrives (:func:`pacs.dimse.limits.receive`)."""
     try:
-        data = limits.receive(sock, count, deadline=deadline, wait=True)
+        data = limits.receive(sock, count, deadline=deadline)
     except TimeoutError:
         raise UnexpectedMessage("no response within the DIMSE timeout") from None
     if len(data) < count:
@@ -382,7 +389,7 @@ class ResponseWriter:
         if self.broken or not self.buffer:
             return
         try:
-            _socket_of(self.assoc).sendall(self.buffer)
+            _send(self.assoc, _socket_of(self.assoc), self.buffer)
         except OSError as exc:
             self.broken = True
             logging.getLogger(__name__).warning("a response could not be sent: %s", exc)
