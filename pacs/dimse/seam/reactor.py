@@ -49,6 +49,11 @@ Another thread may borrow the socket (:func:`socket_lent`) and give back bytes i
 of something it does not serve (:func:`hand_back`): the DUL reads those before the
 socket (:func:`_take`).
 
+When the association thread has nothing to do it runs the work of :data:`IDLE_WORK`
+(:mod:`pacs.dimse.seam.notify`: a report waiting to be sent on the association) at
+that message boundary; :func:`quiet_for` says how long no PDU has crossed the socket,
+and :func:`writes_paused` keeps the DUL from writing while another thread does.
+
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
 the classes once per process by :func:`patch`, which :func:`pacs.dimse.seam.install`
@@ -67,7 +72,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -193,6 +198,11 @@ class _DUL(DULServiceProvider):
     #: True while a PDU is being read (:func:`_read_pdu_data`): its own deadline bounds
     #: it, and the association thread's idle timer waits for it (:func:`_idle_expired`).
     _reading: bool
+    #: Held by the DUL while it runs a state machine action (which writes any PDU it
+    #: sends), and by a thread writing a message itself (:func:`writes_paused`).
+    _write_lock: threading.Lock
+    #: ``time.monotonic()`` of the last PDU read or written (:func:`quiet_for`).
+    _traffic_at: float
 
 
 def _dul(assoc: Association) -> _DUL:
@@ -215,6 +225,8 @@ def _dul_init_patched(self: _DUL, assoc: Association) -> None:
     self._ceilings = None
     self._pushback = bytearray()
     self._reading = False
+    self._write_lock = threading.Lock()
+    self._traffic_at = time.monotonic()
 
 
 def _kill_dul_patched(self: _DUL) -> None:
@@ -346,6 +358,7 @@ def _dul_run_reactor(self: _DUL) -> None:
                     pass
                 elif _read_transport(self):
                     self._idle_timer.restart()
+                    self._traffic_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - pynetdicom's: any error aborts
                 _dul_log.error("Exception in DUL.run(), aborting association")
                 _dul_log.exception(exc)
@@ -363,7 +376,8 @@ def _dul_run_reactor(self: _DUL) -> None:
             except queue.Empty:
                 _wait_for_work(self)
                 continue
-            self.state_machine.do_action(event)
+            with self._write_lock:  # an action may write a PDU (writes_paused)
+                self.state_machine.do_action(event)
             # Wake the association thread unless the action cannot concern it: an
             # outgoing P-DATA (Evt9) or a fragment of a message not yet complete.
             if event != "Evt9" and (event != "Evt10" or self.assoc.dimse.msg_queue.qsize()):
@@ -422,6 +436,8 @@ def _assoc_run_reactor(self: Association) -> None:
         if msg:
             self._serve_request(msg, context_id)  # type: ignore[arg-type]
             idle = False
+        elif any(work(self) for work in IDLE_WORK):
+            idle = False  # something was sent: look again at once
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -459,6 +475,62 @@ def _assoc_run_reactor(self: Association) -> None:
                 self.abort()
             self.kill()
             return
+
+
+#: What the association thread does at a message boundary, when it has no message to
+#: serve: each callable takes the association and answers whether it did something
+#: (:func:`pacs.dimse.seam.notify.send_due`).  Only the association's own thread writes
+#: its messages, so what these send cannot interleave with anything it sends.
+IDLE_WORK: list[Callable[[Association], bool]] = []
+
+
+def wake(assoc: Association) -> None:
+    """Make the association thread look at its work now, not at its next timer."""
+    wake_event = getattr(assoc.dul, "_assoc_wake", None)
+    if wake_event is not None:
+        wake_event.set()
+
+
+def patched(assoc: Association) -> bool:
+    """True when ``assoc`` runs the reactors of this module (:func:`patch` had run when
+    it was made), so that :data:`IDLE_WORK` runs in its thread."""
+    return hasattr(assoc.dul, "_traffic_at")
+
+
+def traffic(assoc: Association) -> None:
+    """A PDU crossed ``assoc``'s socket outside the DUL (read or written by another
+    thread): for :func:`quiet_for`."""
+    _dul(assoc)._traffic_at = time.monotonic()
+
+
+def quiet_for(assoc: Association) -> float:
+    """Seconds since a PDU last crossed ``assoc``'s socket, either way."""
+    return time.monotonic() - _dul(assoc)._traffic_at
+
+
+def at_boundary(assoc: Association) -> bool:
+    """True when nothing of a message is in hand: none being read or handed back, none
+    decoded and waiting, none half assembled, and nothing queued for the DUL to write.
+    Only meaningful in the association thread, between two messages it serves."""
+    dul = _dul(assoc)
+    return not (dul._reading or dul._pushback or dul._socket_lent
+                or dul.event_queue.qsize() or dul._recv_pdu.qsize()
+                or dul.to_provider_queue.qsize() or assoc.dimse.message is not None
+                or assoc.dimse.msg_queue.qsize())
+
+
+@contextmanager
+def writes_paused(assoc: Association) -> Iterator[bool]:
+    """Keep ``assoc``'s DUL from writing for the block; yields False (and the caller
+    must not write) when it still has something queued to write.
+
+    The DUL writes a PDU only inside a state machine action, which it runs holding
+    ``_write_lock``; a thread that holds the lock and finds nothing queued writes a
+    whole message before anything the DUL is given later.
+    """
+    dul = _dul(assoc)
+    with dul._write_lock:
+        yield not dul.to_provider_queue.qsize()
 
 
 def _idle_expired(assoc: Association) -> bool:
@@ -529,6 +601,9 @@ def _socket_send(self: AssociationSocket, bytestream: bytes) -> None:
     except Exception:  # noqa: BLE001 - pynetdicom's: any failure is a closed connection
         self.event_queue.put("Evt17")
         return
+    dul = self.assoc.dul
+    if hasattr(dul, "_traffic_at"):
+        dul._traffic_at = time.monotonic()
     evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
 
