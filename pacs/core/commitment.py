@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pacs.core.errors import InvalidRequest, NotFound, ResourceLimitation, StorageError
 from pacs.core.index import commitments as table
@@ -37,6 +38,9 @@ from pacs.core.index.reads import (
     lookup_classes,
 )
 from pacs.core.storage import ObjectStore, digest
+
+if TYPE_CHECKING:
+    import apsw
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +197,8 @@ class Pending:
         Its verification's result, once kept (:meth:`Commitments.keep`).
     attempts :
         Delivery attempts that failed before this one.
+    received :
+        POSIX time at which the request was recorded.
     """
 
     key: int
@@ -200,6 +206,15 @@ class Pending:
     request: Request
     result: Result | None
     attempts: int
+    received: float = 0.0
+
+
+def _posix(iso: str) -> float:
+    """POSIX time of a stored ISO 8601 time (0 when it does not read)."""
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def retry_delay(attempts: int) -> float:
@@ -276,20 +291,35 @@ class Commitments:
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
                                _references_json(request.references), now, now + self.lease,
                                claim, request.called_ae)
-        return Pending(key, claim, request, None, 0)
+        return Pending(key, claim, request, None, 0, now)
 
     def due(self, limit: int = 1) -> list[Pending]:
         """Claim up to ``limit`` requests whose next attempt is due."""
         now = self.clock()
-        claimed = []
         with self.index.write() as conn:
-            for row in table.due(conn, now, limit):
-                claim = secrets.token_hex(8)
-                if table.take(conn, row.key, claim, now, now + self.lease):
-                    request = Request(row.requestor_ae, row.transaction_uid,
-                                      _references(row.refs), row.called_ae)
-                    result = Result.from_json(row.result) if row.result else None
-                    claimed.append(Pending(row.key, claim, request, result, row.attempts))
+            return self._take(conn, table.due(conn, now, limit), now)
+
+    def of_requestor(self, requestor_ae: str, limit: int = 16) -> list[Pending]:
+        """Claim up to ``limit`` waiting requests of ``requestor_ae``, due or not (it has
+        just opened an association their results may go on); none claimed by another."""
+        now = self.clock()
+        if not table.of_requestor(self.index.connection(), requestor_ae, now, 1):
+            return []  # the usual case, answered without the write lock
+        with self.index.write() as conn:
+            return self._take(conn, table.of_requestor(conn, requestor_ae, now, limit), now)
+
+    def _take(self, conn: apsw.Connection, rows: list[table.Row], now: float
+              ) -> list[Pending]:
+        """Claim ``rows`` (those another holder did not take first)."""
+        claimed = []
+        for row in rows:
+            claim = secrets.token_hex(8)
+            if table.take(conn, row.key, claim, now, now + self.lease):
+                request = Request(row.requestor_ae, row.transaction_uid,
+                                  _references(row.refs), row.called_ae)
+                result = Result.from_json(row.result) if row.result else None
+                claimed.append(Pending(row.key, claim, request, result, row.attempts,
+                                       _posix(row.received_at)))
         return claimed
 
     def next_time(self) -> float | None:
@@ -316,7 +346,7 @@ class Commitments:
             held = table.renew(conn, pending.key, pending.claim,
                                self.clock() + self.lease, result.to_json())
         return Pending(pending.key, pending.claim, pending.request, result,
-                       pending.attempts) if held else None
+                       pending.attempts, pending.received) if held else None
 
     def renew(self, pending: Pending) -> bool:
         """Renew the lease before a step that takes time; False when lost."""

@@ -272,9 +272,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
     Setting("PACS_MODALITIES", "modalities", "",
             "Known remote AEs: C-MOVE and forwarding destinations, and where storage "
-            "commitment results go when the requestor has left: 'AET=host:port,"
-            "AET2=host:port'; ':tls' after the port connects with DICOM TLS "
-            "('AET=host:2762:tls')."),
+            "commitment results go when no association of the requestor is quiet: "
+            "'AET=host:port,AET2=host:port'; ':tls' after the port connects with DICOM "
+            "TLS ('AET=host:2762:tls')."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
             "Comma list of calling AE titles allowed to associate, each with every right; "
             "when set, other AEs get no rights (whatever PACS_UNKNOWN_AE_RIGHTS says) "

@@ -119,6 +119,9 @@ class Reports(Protocol):
     def answered(self, assoc: Any, message_id: int) -> None:
         """The N-ACTION response ``message_id`` of ``assoc`` is on its way."""
 
+    def associated(self, assoc: Any) -> None:
+        """``assoc`` is established: results may go on it when it is its requestor's."""
+
 
 class Refused(Exception):
     """An N-ACTION refused with :attr:`status`."""

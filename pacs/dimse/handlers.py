@@ -163,12 +163,18 @@ def commitment_answered(event: Event, reporter: commitment.Reports) -> None:
     """EVT_DIMSE_SENT: an N-ACTION response is on its way; its request's report may
     follow (:meth:`pacs.dimse.reports.Reporter.answered`).  The response's PDUs are
     queued right after this event, while the report waits for the verification and
-    :data:`pacs.dimse.reports.GRACE`."""
+    for the association to be quiet (:data:`pacs.dimse.reports.QUIET`)."""
     message = event.message
     if isinstance(message, N_ACTION_RSP) and message.command_set is not None:
         responded = message.command_set.get("MessageIDBeingRespondedTo")
         if responded is not None:
             reporter.answered(event.assoc, int(responded))
+
+
+def commitment_associated(event: Event, reporter: commitment.Reports) -> None:
+    """EVT_ESTABLISHED: results for the requestor may go on this association
+    (:meth:`pacs.dimse.reports.Reporter.associated`: waiting ones are looked for)."""
+    reporter.associated(event.assoc)
 
 
 def request_of(event: Event, move_destination: str = "") -> Request:
@@ -527,7 +533,8 @@ def of_customer(services: Services, seam: bool = True, audits: Audits | None = N
         (evt.EVT_N_ACTION, handle_n_action, [services, audits, reporter]),
     ]
     if reporter is not None:
-        bound.append((evt.EVT_DIMSE_SENT, commitment_answered, [reporter]))
+        bound += [(evt.EVT_DIMSE_SENT, commitment_answered, [reporter]),
+                  (evt.EVT_ESTABLISHED, commitment_associated, [reporter])]
     if audits is not None:
         # Whichever comes first ends the association's audit (a peer may close the
         # connection without releasing).

@@ -9,6 +9,10 @@ path and acceptor, :class:`pacs.dimse.server.NodeServer` to its connections.
   contexts and user items; the other PDUs have a fixed size (PS3.8 9.3).
 * **Reading** (:func:`receive`): buffers grow with the bytes that arrive, at most
   :data:`CHUNK` ahead of them, never to the length a header declares.
+* **Time** (:class:`Pace`): a whole PDU must arrive, and a whole write be taken by the
+  peer, within the timeout and one more second per :data:`MIN_RATE` bytes moved
+  (:func:`receive`, :func:`send_all`); a peer that sends or reads a byte now and then
+  cannot hold a thread for longer.
 * **Message buffers** (:class:`CappedBuffer`): a DIMSE data set past the object limit
   stops being kept, but is still counted, so that the request can be answered.
 * **Connections** (:class:`ConnectionLimits`): connections that have not sent their
@@ -82,8 +86,54 @@ def unlimited_pdata(max_object_bytes: int) -> int:
     return min(UNLIMITED, max_object_bytes + PDU_OVERHEAD)
 
 
+#: The slowest average rate, in bytes per second, at which an honest peer is expected to
+#: move a PDU or take a write once the timeout has passed: 256 kbit/s.  Each byte moved
+#: earns ``1 / MIN_RATE`` seconds more (:class:`Pace`); a peer has to send the bytes to
+#: earn their time, so a length it declares earns nothing.
+MIN_RATE = 32 << 10
+
+
+class Pace:
+    """The time one transfer (a PDU read, header and body; a write) may take.
+
+    ``timeout`` seconds from its start, and ``1 / rate`` seconds more per byte moved so
+    far: a PDU of the usual size (PACS_MAX_PDU, 256 KiB) on any link faster than 4 KiB/s
+    arrives within the default timeout alone, a large one on a slow but steady link
+    keeps earning time, and a peer that trickles a byte now and then is cut off about
+    ``timeout`` seconds after it began, however long the PDU it declared.  Unlike the
+    socket's own timeouts (SO_RCVTIMEO, SO_SNDTIMEO), which start again with every byte,
+    this bounds the whole transfer; like them, no single wait for the peer lasts longer
+    than ``timeout`` (:meth:`wait`), so a transfer that earned much time and then stops
+    still ends a timeout later.
+
+    Parameters
+    ----------
+    timeout : float
+        Seconds the transfer may take before any byte earned time (PACS_DIMSE_TIMEOUT).
+    rate : float
+        Bytes per second that earn one second (:data:`MIN_RATE`).
+    """
+
+    __slots__ = ("moved", "rate", "start", "timeout")
+
+    def __init__(self, timeout: float, rate: float = MIN_RATE) -> None:
+        self.start = time.monotonic()
+        self.timeout = timeout
+        self.rate = rate
+        self.moved = 0
+
+    def deadline(self) -> float:
+        """``time.monotonic()`` value after which the transfer has taken too long."""
+        return self.start + self.timeout + self.moved / self.rate
+
+    def wait(self) -> float:
+        """Seconds the next wait for the peer may last (0: none left): to the deadline,
+        and no longer than ``timeout``."""
+        return max(0.0, min(self.deadline() - time.monotonic(), self.timeout))
+
+
 def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
-            deadline: float | None = None, wait: bool = False) -> bytearray | bytes:
+            deadline: float | Pace | None = None) -> bytearray | bytes:
     """``prefix`` followed by the next ``count`` bytes of ``sock``.
 
     The buffer grows with what arrives: at most :data:`CHUNK` bytes are allocated ahead
@@ -95,13 +145,11 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
 
     Parameters
     ----------
-    deadline : float, optional
-        ``time.monotonic()`` value after which to give up (TimeoutError).  Without
-        ``wait`` it is checked between reads: a blocking read is bounded by the socket's
-        own timeout (SO_RCVTIMEO).
-    wait : bool
-        With a ``deadline``, wait for the socket to become readable before each read
-        (``select``), at most until then.
+    deadline : float or Pace, optional
+        When to give up (TimeoutError): a ``time.monotonic()`` value, or the
+        :class:`Pace` of a transfer this read is part of (the bytes read count as moved).
+        No read waits past it.  Without one, a blocking read is bounded only by the
+        socket's own timeout (SO_RCVTIMEO).
 
     Raises
     ------
@@ -117,6 +165,8 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
     view = memoryview(buffer)
     filled, total = start, start
     chunks: list[bytearray] = []
+    pace = deadline if isinstance(deadline, Pace) else None
+    left = _time_left(deadline)
     try:
         while total < size:
             if filled == len(buffer):  # this chunk is full: the next one
@@ -125,11 +175,12 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
                 buffer = bytearray(min(size - total, CHUNK))
                 view = memoryview(buffer)
                 filled = 0
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (wait and not readable(sock, remaining)):
-                    raise TimeoutError("no data within the time allowed")
-            read = sock.recv_into(view[filled:])
+            if left is None:
+                read = sock.recv_into(view[filled:])
+            else:
+                read = _receive_within(sock, view[filled:], left)
+                if pace is not None:
+                    pace.moved += read
             if not read:  # closed by the peer: what arrived
                 view.release()
                 del buffer[filled:]
@@ -142,6 +193,96 @@ def receive(sock: socket.socket, count: int, prefix: bytes | bytearray = b"",
         return buffer
     chunks.append(buffer)
     return b"".join(chunks)
+
+
+def _time_left(deadline: float | Pace | None) -> Callable[[], float] | None:
+    """How long the next wait for the peer may last, as :func:`receive` asks it."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, Pace):
+        return deadline.wait
+    return lambda: deadline - time.monotonic()
+
+
+#: recv / send flag: do not wait (Linux and the BSDs).
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def _waits_by_itself(sock: Any) -> bool:
+    """True for a plain socket with no Python timeout, on which a read or write with
+    :data:`_DONTWAIT` returns at once (with a Python timeout it would wait for it; TLS
+    sockets take no flags)."""
+    return bool(_DONTWAIT) and type(sock) is socket.socket and sock.gettimeout() is None
+
+
+def _receive_within(sock: Any, view: memoryview, seconds: Callable[[], float]) -> int:
+    """One read into ``view`` that waits for data at most ``seconds()`` (the time left).
+
+    The bytes already there are taken without a wait (the usual case, no extra system
+    call); only when there are none does it wait (``select``) for the time left.
+    """
+    if seconds() <= 0:
+        raise TimeoutError("no whole PDU within the time allowed")
+    if _waits_by_itself(sock):
+        try:
+            return int(sock.recv_into(view, 0, _DONTWAIT))
+        except BlockingIOError:
+            pass
+    remaining = seconds()
+    if remaining <= 0 or not readable(sock, remaining):
+        raise TimeoutError("no whole PDU within the time allowed")
+    return int(sock.recv_into(view))
+
+
+#: Bytes handed to a socket per call when its writes cannot be told not to wait (TLS).
+_SEND_SLICE = 1 << 16
+
+
+def send_all(sock: Any, data: bytes | bytearray | memoryview, pace: Pace | None) -> None:
+    """Write all of ``data`` to ``sock``, the whole write within ``pace``.
+
+    ``sendall`` with SO_SNDTIMEO fails only when a single wait makes no progress: a peer
+    that reads a byte now and then holds the writing thread for as long as it likes.
+    Here no wait goes past the pace's deadline, nor lasts longer than its timeout.
+    Without a pace this is ``sendall``.
+
+    Raises
+    ------
+    TimeoutError
+        The peer did not take the data in time (part of it may have been written).
+    OSError
+        The write failed.
+    """
+    if pace is None:
+        sock.sendall(data)
+        return
+    view = memoryview(data).cast("B")
+    sent, size = 0, len(view)
+    plain = _waits_by_itself(sock)
+    try:
+        while sent < size:
+            remaining = pace.wait()
+            if remaining <= 0:
+                raise TimeoutError("the peer did not take the data within the time allowed")
+            written = 0
+            if plain:  # as much as the socket takes now
+                with contextlib.suppress(BlockingIOError):
+                    written = int(sock.send(view[sent:], _DONTWAIT))
+            if not written:  # wait until it takes more, at most the time left
+                if not _writable(sock, remaining):
+                    raise TimeoutError("the peer did not take the data within the time "
+                                       "allowed")
+                if not plain:  # a slice: a blocking call then waits for little more
+                    written = int(sock.send(view[sent:sent + _SEND_SLICE]))
+            sent += written
+            pace.moved += written
+    finally:
+        view.release()
+
+
+def _writable(sock: Any, seconds: float) -> bool:
+    """True when ``sock`` takes more data before ``seconds`` pass."""
+    return bool(select.select([], [sock], [], seconds)[1])
 
 
 def readable(sock: Any, seconds: float) -> bool:

@@ -4,16 +4,30 @@ A request answered Success (:func:`pacs.dimse.commitment.accept`) is recorded an
 claimed by the worker that answered it.  Once its N-ACTION response has gone
 (:meth:`Reporter.answered`, from EVT_DIMSE_SENT), the :class:`Reporter` verifies the
 instances (:meth:`pacs.core.commitment.Commitments.verify`) and sends the Storage
-Commitment Result (N-EVENT-REPORT, PS3.4 J.3.3):
+Commitment Result (N-EVENT-REPORT, PS3.4 J.3.3), which may go on the association the
+request came on while it is open, or on another (PS3.4 J.3.3.1.2):
 
-1. on the same association, when the requestor still holds it open :data:`GRACE`
-   seconds after the response and has not asked to release it (a requestor that
-   releases at once is not sent a report it would ignore in its release);
+1. on an association of the requestor (the one the request came on, or one it opened
+   since: :meth:`Reporter.associated`) only when that association is quiet: no PDU
+   either way for :data:`QUIET` seconds, and its own thread at a message boundary, with
+   nothing of a message being read, served or written.  That thread sends the report
+   and tells its response from the requestor's requests (:mod:`pacs.dimse.seam.notify`):
+   a requestor that goes on storing after its request has its stores answered, and its
+   report once it pauses; one that releases at once has asked to by then.  The
+   reporter waits :data:`QUIET_WAIT` seconds at most for such a moment;
 2. otherwise on a new association to the requestor's address in ``PACS_MODALITIES``
    (found by its AE title), this node proposing the SCP role by SCP/SCU Role Selection
    (PS3.4 J.3.3.1.3: the requestor accepts an association on which the SCP role is
-   proposed by the Storage Commitment SCP); a requestor that has no address there is
-   not reached at all, and its request is dropped.
+   proposed by the Storage Commitment SCP);
+3. a requestor that has no address there can be reached on its own associations only:
+   its result is kept, tried again on the one it came on while that lasts and on the
+   next it opens as soon as it does, for :data:`KEEP_UNREACHABLE` seconds after its
+   request; then it is dropped (the requestor, never told, keeps its copies, and such
+   requests cannot fill the queue for good).
+
+1 needs the seam's reactor: with ``PACS_DIMSE_SEAM=off`` a result goes on a new
+association only, and one for a requestor without an address waits out
+:data:`KEEP_UNREACHABLE` and is dropped.
 
 A result is delivered once the requestor answers Success; then its request is removed.
 An attempt that fails (no address, association refused, no or a failure response) is
@@ -22,9 +36,10 @@ of any process whose attempt is due, restarts included, are claimed from the que
 every :data:`POLL` seconds at most.  A crash between a report's delivery and its
 removal sends it again: results are delivered at least once.
 
-Only pynetdicom's public API: ``Association.send_n_event_report`` (which pauses the
-association's reactor while it waits for the response, with the seam and without it),
-``AE.associate``, ``Association.acse.is_release_requested``.
+Only pynetdicom's public API, and the seam's :mod:`pacs.dimse.seam.notify` for the
+requestor's own associations: ``Association.send_n_event_report`` on an association
+this node requested (the peer there answers and sends no requests of its own),
+``AE.associate``.
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ from pynetdicom import AE, build_context, build_role, evt
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, Pending
 from pacs.core.errors import PacsError
 from pacs.dimse import commitment, handlers
+from pacs.dimse.seam import notify
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -53,11 +69,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds after the N-ACTION response before the result goes on the same association:
-#: a requestor that releases at once has asked to by then.
-GRACE = 1.0
+#: Seconds without a PDU either way before a report goes on a requestor's association
+#: (and, after the N-ACTION response, before it is tried at all): a requestor that
+#: releases at once has asked to by then, and one that keeps sending is not sent a
+#: request across its own.
+QUIET = 1.0
+#: Seconds a delivery waits for a requestor's association to be quiet before it goes on
+#: a new association (or, without an address, is kept for later).
+QUIET_WAIT = 5.0
+#: Seconds a result for a requestor without an address in PACS_MODALITIES is kept, from
+#: its request, for an association of the requestor to report on.
+KEEP_UNREACHABLE = 3600.0
 #: Seconds between two looks at the queue for due requests (of any process).
 POLL = 5.0
+#: Waiting requests of one requestor claimed when it opens an association.
+ARRIVAL_CLAIMS = 16
 
 #: The transfer syntaxes proposed for a report on a new association.
 SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -95,6 +121,10 @@ class Reporter:
         #: Answered, not verified yet: with their association and the time of the answer.
         self._ready: list[tuple[Pending, Association, float]] = []
         self._verified: list[_Job] = []  # a heap by due time
+        #: Open associations each requestor may be sent reports on, by AE title.
+        self._associations: dict[str, weakref.WeakSet[Any]] = {}
+        #: Requestors that opened such an association: their waiting requests to claim.
+        self._arrived: list[str] = []
         self._order = itertools.count()
         self._message_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -115,6 +145,22 @@ class Reporter:
             if pending is None:
                 return
             self._ready.append((pending, assoc, time.monotonic()))
+        self._wake.set()
+
+    def associated(self, assoc: Association) -> None:
+        """EVT_ESTABLISHED: an association a report may go on (it accepted the Push
+        Model and runs the seam's reactor) is kept as its requestor's, and results
+        waiting for that requestor are looked for."""
+        if not notify.available(assoc, PUSH_MODEL):
+            return
+        requestor = str(assoc.requestor.ae_title or "").strip()
+        with self._lock:
+            # Titles whose associations have all ended go: a peer may call with any.
+            for gone in [ae for ae, open_ in self._associations.items() if not open_]:
+                del self._associations[gone]
+            self._associations.setdefault(requestor, weakref.WeakSet()).add(assoc)
+            if requestor not in self._arrived:
+                self._arrived.append(requestor)
         self._wake.set()
 
     # -- the thread ---------------------------------------------------------------------
@@ -164,30 +210,37 @@ class Reporter:
         """Seconds until the next poll or the next local job, whichever is first."""
         until = next_poll
         with self._lock:
-            if self._ready:
+            if self._ready or self._arrived:
                 return 0.0
             if self._verified:
                 until = min(until, self._verified[0].due)
         return max(0.0, until - time.monotonic())
 
     def _work_local(self) -> bool:
-        """Verify one answered request, or report one verified whose time has come;
-        False when there was nothing to do."""
+        """Verify one answered request, report one verified whose time has come, or
+        claim the waiting requests of a requestor that opened an association; False
+        when there was nothing to do."""
         with self._lock:
             ready = self._ready.pop(0) if self._ready else None
             job = None
             if ready is None and self._verified and self._verified[0].due <= time.monotonic():
                 job = heapq.heappop(self._verified)
+            arrived = self._arrived.pop(0) if ready is None and job is None and \
+                self._arrived else None
         if ready is not None:
             pending, assoc, answered = ready
             checked = self._verify(pending)
             if checked is not None:
                 with self._lock:
-                    heapq.heappush(self._verified, _Job(answered + GRACE, next(self._order),
+                    heapq.heappush(self._verified, _Job(answered + QUIET, next(self._order),
                                                         checked, assoc))
             return True
         if job is not None:
             self._deliver(job.pending, job.assoc)
+            return True
+        if arrived is not None:
+            for pending in self.commitments.of_requestor(arrived, ARRIVAL_CLAIMS):
+                self._claimed(pending)
             return True
         return False
 
@@ -196,15 +249,18 @@ class Reporter:
         (none when one was found: there may be more, after the local work)."""
         claimed = self.commitments.due(1)
         if claimed:
-            pending = claimed[0]
-            checked = pending if pending.result is not None else self._verify(pending)
-            if checked is not None:
-                self._deliver(checked, None)
+            self._claimed(claimed[0])
             return 0.0
         found = self.commitments.next_time()
         if found is None:
             return POLL
         return min(POLL, max(0.0, found - time.time()))
+
+    def _claimed(self, pending: Pending) -> None:
+        """Deliver a request claimed from the queue, verified first when it was not."""
+        checked = pending if pending.result is not None else self._verify(pending)
+        if checked is not None:
+            self._deliver(checked, None)
 
     # -- one request --------------------------------------------------------------------
 
@@ -219,29 +275,25 @@ class Reporter:
             return None
 
     def _deliver(self, pending: Pending, assoc: Association | None) -> None:
-        """Report the result: on ``assoc`` when the requestor still holds it open, else
-        on a new association; keep the request for later when neither worked.  A
-        requestor without an address in ``PACS_MODALITIES`` can be reached on its own
-        association only: once that is gone its request is dropped (it never receives a
-        commitment, so it keeps its copies), and cannot fill the queue for good."""
+        """Report the result: on an association of the requestor when one is quiet in
+        time, else on a new association to its address, else keep it for later (see
+        the module docstring)."""
         if not self.commitments.renew(pending):
             return  # another process took it, or the requestor replaced it
         requestor = pending.request.requestor_ae
-        if assoc is not None and _open(assoc):
-            error = self._send(assoc, pending)
+        error: str | None = None
+        for target in self._associations_of(requestor, assoc):
+            error = self._send_on(target, pending)
             if error is None:
                 self._delivered(pending, "on the requestor's association")
                 return
-            log.info("storage commitment: the report to %s on its association failed "
-                     "(%s)", requestor, error)
+            log.info("storage commitment: the report to %s on its association did not "
+                     "go (%s)", requestor, error)
             if not self.commitments.renew(pending):
                 return
         destination = self.services.settings.destinations.get(requestor)
         if destination is None:
-            self.commitments.remove(pending)
-            log.warning("storage commitment: the result for %s is dropped: it left its "
-                        "association and its AE title is not in PACS_MODALITIES",
-                        requestor)
+            self._keep(pending, error or "no association of the requestor is open")
             return
         try:
             error = self._send_new(pending, destination)
@@ -254,6 +306,32 @@ class Reporter:
         log.warning("storage commitment: the report to %s could not be delivered (%s); "
                     "again in %.0f s", requestor, error, delay)
 
+    def _associations_of(self, requestor: str, assoc: Association | None
+                         ) -> list[Association]:
+        """The open associations a report to ``requestor`` may go on: ``assoc`` (the
+        request's own) first, then those it opened since."""
+        with self._lock:
+            known = list(self._associations.get(requestor, ()))
+        found = [assoc] if assoc is not None else []
+        found += [other for other in known if other is not assoc]
+        return [one for one in found if notify.available(one, PUSH_MODEL)]
+
+    def _keep(self, pending: Pending, error: str) -> None:
+        """A requestor without an address: keep its result for an association of its
+        own, for :data:`KEEP_UNREACHABLE` seconds after its request at most."""
+        requestor = pending.request.requestor_ae
+        waited = self.commitments.clock() - pending.received
+        if waited >= KEEP_UNREACHABLE:
+            self.commitments.remove(pending)
+            log.warning("storage commitment: the result for %s is dropped: its AE title "
+                        "is not in PACS_MODALITIES and none of its associations was open "
+                        "and quiet in %.0f s (%s)", requestor, waited, error)
+            return
+        delay = self.commitments.failed(pending, error)
+        log.info("storage commitment: the result for %s waits for one of its "
+                 "associations (%s; its AE title is not in PACS_MODALITIES); again in "
+                 "%.0f s or when it opens one", requestor, error, delay)
+
     def _delivered(self, pending: Pending, how: str) -> None:
         self.commitments.remove(pending)
         result = pending.result
@@ -262,23 +340,23 @@ class Reporter:
                  pending.request.requestor_ae, how, len(result.committed),
                  len(result.failed))
 
-    def _send(self, assoc: Association, pending: Pending) -> str | None:
-        """Send the report on ``assoc``; ``None`` when the requestor answered Success,
-        else what went wrong."""
+    def _report(self, pending: Pending) -> notify.EventReport:
+        """The N-EVENT-REPORT of ``pending``'s result (PS3.4 J.3.3)."""
         result = pending.result
         assert result is not None
         information = commitment.event_information(
             pending.request.transaction_uid, result, self._title(pending))
-        try:
-            status, _ = assoc.send_n_event_report(
-                information, result.event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE,
-                msg_id=next(self._message_ids) % 0x10000 or 1)
-        except Exception as exc:  # noqa: BLE001 - a peer gone meanwhile, a refused context
-            return f"{type(exc).__name__}: {exc}"
-        code = status.get("Status")
-        if code is None:
-            return "no response"
-        return None if int(code) == 0 else f"answered {int(code):04X}"
+        return notify.EventReport(PUSH_MODEL, PUSH_MODEL_INSTANCE, result.event_type,
+                                  information, next(self._message_ids) % 0x10000 or 1)
+
+    def _send_on(self, assoc: Association, pending: Pending) -> str | None:
+        """Send the report on a requestor's association once it is quiet; ``None`` when
+        the requestor answered Success, else what went wrong."""
+        outcome = notify.report(assoc, self._report(pending), QUIET, QUIET_WAIT,
+                                self.services.settings.dimse_timeout)
+        if outcome.status is None:
+            return outcome.error or "no response"
+        return None if outcome.status == 0 else f"answered {outcome.status:04X}"
 
     def _send_new(self, pending: Pending, destination: Modality) -> str | None:
         """Send the report on an association of its own to the requestor's address."""
@@ -295,10 +373,19 @@ class Reporter:
                 sock.close()
             return f"no association with {destination.host}:{destination.port}"
         try:
-            return self._send(assoc, pending)
+            report = self._report(pending)
+            status, _ = assoc.send_n_event_report(
+                report.information, report.event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE,
+                msg_id=report.message_id)
+        except Exception as exc:  # noqa: BLE001 - a peer gone meanwhile, a refused context
+            return f"{type(exc).__name__}: {exc}"
         finally:
             if assoc.is_established:
                 assoc.release()
+        code = status.get("Status")
+        if code is None:
+            return "no response"
+        return None if int(code) == 0 else f"answered {int(code):04X}"
 
     def _title(self, pending: Pending) -> str:
         """The node's AE title for this request's report: the one it was asked on (the
@@ -316,10 +403,3 @@ class Reporter:
             ae.connection_timeout = settings.dimse_timeout
             self._ae = ae
         return self._ae
-
-
-def _open(assoc: Association) -> bool:
-    """True while the requestor holds its association open and has not asked to
-    release it (the release request waits for its reactor: PS3.4 J.3.3.1.2 note, the
-    SCU is free to release at any time)."""
-    return bool(assoc.is_established and not assoc.acse.is_release_requested())

@@ -284,11 +284,23 @@ def _close_pending(sock: socket.socket) -> None:
 
 
 def _holds_its_place(assoc: Any) -> bool:
-    """An admitted association counts until it is released, aborted or rejected (its
-    thread may take a moment longer to end: a peer that re-associates at once after its
-    release must find its place free)."""
-    return bool(assoc.is_alive() and not (assoc.is_released or assoc.is_aborted
-                                          or assoc.is_rejected))
+    """An admitted association counts until it is released or rejected (its thread may
+    take a moment longer to end: a peer that re-associates at once after its release
+    must find its place free), otherwise until both its threads have ended.
+
+    An aborted association is not over while its DUL thread still runs: aborting it
+    from the association thread (the network timeout) only queues an A-ABORT for a DUL
+    that may be blocked reading the peer's socket, and the association thread then
+    waits for it.  Freed at the abort, its place went to the next association while
+    both threads and the socket stayed, and a peer that stalled inside its PDUs could
+    hold any number of them.  With the seam every read and write of a PDU has a
+    deadline (:func:`pacs.dimse.seam.reactor.pace`), so such a DUL ends within it;
+    pynetdicom's own reads, bounded per ``recv`` only, may keep it (and so the place)
+    for as long as the peer keeps sending a byte now and then.
+    """
+    if assoc.is_released or assoc.is_rejected:
+        return False
+    return bool(assoc.is_alive() or assoc.dul.is_alive())
 
 
 class ArtimLeft(threading.local):

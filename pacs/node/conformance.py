@@ -130,6 +130,9 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
         "dimse_timeout": ae.dimse_timeout,
         "network_timeout": ae.network_timeout,
         "connection_timeout": ae.connection_timeout,
+        # Each PDU read and each write, whole: the network timeout and a second more
+        # per this many bytes moved (pacs.dimse.limits.Pace).
+        "transfer_min_rate": limits.MIN_RATE,
         # pynetdicom answers these items only when a handler is bound for them.
         "asynchronous_operations_window": evt.EVT_ASYNC_OPS in bound,
         "user_identity": evt.EVT_USER_ID in bound,
@@ -204,7 +207,9 @@ def _storage_commitment(settings: Settings) -> dict[str, Any]:
     return {
         "max_references": settings.commitment_max_references,
         "max_pending": settings.commitment_max_pending,
-        "same_association_after": reports.GRACE,
+        "same_association_quiet": reports.QUIET,
+        "same_association_wait": reports.QUIET_WAIT,
+        "keep_unreachable": reports.KEEP_UNREACHABLE,
         "retry_first": commitment.RETRY_FIRST,
         "retry_max": commitment.RETRY_MAX,
         "report_syntaxes": [str(ts) for ts in reports.SYNTAXES],
@@ -630,8 +635,8 @@ the connection is aborted (A-ABORT).
     ["Worker processes", f"{assoc['dimse_workers']} (0: one per CPU)",
      "PACS_DIMSE_WORKERS"],
     ["Associations initiated per C-MOVE", 1, ""],
-    ["Associations initiated per storage commitment report, when the requestor has "
-     "left", 1, ""]])}
+    ["Associations initiated per storage commitment report, when no association of "
+     "the requestor is quiet", 1, ""]])}
 
 ##### 3.2.2.3 Asynchronous Nature
 
@@ -663,7 +668,10 @@ A-ASSOCIATE-RQ (PS3.8 9.3.4) as follows:
 A connection that sends no A-ASSOCIATE-RQ within the ARTIM timeout
 ({_seconds(assoc['artim_timeout'])}, `PACS_ARTIM_TIMEOUT`; PS3.8 9.1.2) is closed; an
 association silent for the DIMSE timeout ({_seconds(assoc['dimse_timeout'])},
-`PACS_DIMSE_TIMEOUT`) is aborted.
+`PACS_DIMSE_TIMEOUT`) is aborted, and so is one whose PDU does not arrive whole, or whose
+peer does not take what the node writes, within that timeout plus one second per
+{assoc['transfer_min_rate'] // 1024} KiB moved (a transfer that keeps moving at that rate
+goes on).
 
 User Identity negotiation is {_answered(assoc, 'user_identity')} (an association that
 proposes it is accepted without a response item when it is not answered); SOP Class
@@ -746,7 +754,7 @@ sub-operations of a C-MOVE, to the destination the request names; for forwarding
 objects, the same presentation contexts and transfer syntax choice as a C-MOVE, each
 object sent again after a C-STORE failure status A7xx or no response, kept as failed
 after any other failure status); and for storage
-commitment results whose requestor has released its association (3.2.3.3), to the
+commitment results whose requestor has no quiet association open (3.2.3.3), to the
 requestor's address in `PACS_MODALITIES`, proposing the Storage Commitment Push Model
 in {", ".join(f"{_name(ts)} ({ts})" for ts in data['storage_commitment']['report_syntaxes'])}
 with SCP/SCU Role Selection for the SCP role (PS3.4 J.3.3.1.3).
@@ -795,16 +803,22 @@ def _commitment_text(data: dict[str, Any]) -> str:
   (SHA-256 and size, read back from the store); otherwise it is listed in the Failed SOP
   Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  The N-EVENT-REPORT
   (Event Type 1, or 2 when failures exist; Transaction UID, Referenced SOP Sequence with
-  the Retrieve AE Title, Failed SOP Sequence) goes on the requestor's association when
-  it is still open {_seconds(sc['same_association_after'])} after the N-ACTION response
-  and no release was asked for, otherwise on a new association (3.2.4).  An undelivered
-  result is tried again after {_seconds(sc['retry_first'])}, then after twice the
-  previous delay, up to {_seconds(sc['retry_max'])}, until the requestor answers
-  Success; a repeated Transaction UID of a waiting request replaces it.  The result for
-  a requestor whose AE title is not in `PACS_MODALITIES` goes on its own association
-  only: once that has ended, the result is dropped (logged), never committed.  Storage Media
-  File-Set ID and UID are neither used nor sent; objects are kept until an operator
-  deletes them.
+  the Retrieve AE Title, Failed SOP Sequence) goes on an association of the requestor
+  (the one the request came on, or one it opened since) only when that association is
+  quiet: no PDU either way for {_seconds(sc['same_association_quiet'])}, and nothing of
+  a message being read, answered or written.  The requestor may go on sending requests
+  meanwhile: they are answered, and the report's response is told from them by its
+  Message ID Being Responded To.  When no association of the requestor is quiet within
+  {_seconds(sc['same_association_wait'])}, the report goes on a new association
+  (3.2.4).  An undelivered result is tried again after {_seconds(sc['retry_first'])},
+  then after twice the previous delay, up to {_seconds(sc['retry_max'])}, until the
+  requestor answers Success; a repeated Transaction UID of a waiting request replaces
+  it.  A requestor whose AE title is not in `PACS_MODALITIES` can be reached on its own
+  associations only: its result is tried again on them, and on the next one it opens as
+  soon as it does, for {_seconds(sc['keep_unreachable'])} after the request, then
+  dropped (logged), never committed.  With `PACS_DIMSE_SEAM=off` reports go on new
+  associations only.  Storage Media File-Set ID and UID are neither used nor sent;
+  objects are kept until an operator deletes them.
 
 {reasons}"""
 

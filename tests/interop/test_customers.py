@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, build_context, evt
 
-from tests.conftest import free_port
+from tests.conftest import free_port, seam_only
 from tests.interop.conftest import (
     Node,
     answers_qido,
@@ -344,6 +344,8 @@ def test_stow_rs_and_c_store_overwrite_only_their_customer(node: Node, shared: S
         assert _storescu(node, TITLES[name], *files).returncode == 0
 
 
+@seam_only("a requestor without an address in PACS_MODALITIES gets its report on its "
+           "own association, sent by the association's thread")
 def test_storage_commitment_verifies_against_the_called_customer(
         node: Node, shared: Shared) -> None:
     """alpha commits to the shared instances (its own copies) and not to bravo's extra

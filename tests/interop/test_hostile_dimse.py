@@ -443,6 +443,119 @@ def test_silent_connections_do_not_hold_up_a_stop(node_factory: Callable[..., No
         node.stop()
 
 
+# --- trickled PDUs ----------------------------------------------------------------------------
+
+def dimse_threads(node: Node) -> int:
+    """Threads of the node's parent and DIMSE worker processes (see :func:`dimse_fds`)."""
+    threads = 0
+    for pid in node.pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"pacs\0serve" not in cmdline.read():
+                    continue
+            with open(f"/proc/{pid}/status") as status:
+                threads += int(next(line.split()[1] for line in status
+                                    if line.startswith("Threads:")))
+        except (OSError, StopIteration):
+            continue
+    return threads
+
+
+class Trickle:
+    """A raw association that sends a P-DATA-TF header declaring 1000 bytes, then one
+    byte of its body every ``every`` seconds, from its own thread, until the node closes
+    the connection or ``longest`` seconds have passed."""
+
+    def __init__(self, node: Node, source: str, after_store: bool, every: float,
+                 longest: float) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", node.port), timeout=longest,
+                                             source_address=(source, 0))
+        self.sock.sendall(associate_rq())
+        answer = read_pdu(self.sock)
+        assert answer is not None and answer[0] == 0x02, (answer, node.log())
+        if after_store:  # the association's own thread reads what follows
+            _stored_once(self.sock, 100 + int(source.rsplit(".", 1)[1]))
+        self.every, self.longest = every, longest
+        self.started = time.monotonic()
+        self.closed_after: float | None = None
+        self._thread = threading.Thread(target=self._send, daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        self.sock.sendall(b"\x04\x00" + struct.pack(">I", 1000))
+        while time.monotonic() - self.started < self.longest:
+            time.sleep(self.every)
+            try:
+                self.sock.sendall(b"\0")
+            except OSError:
+                return
+
+    def wait_closed(self) -> float | None:
+        """Seconds from the first byte until the node closed the connection; ``None``
+        when it was still open after ``longest`` seconds."""
+        try:
+            while self.sock.recv(65536):
+                pass
+            self.closed_after = time.monotonic() - self.started
+        except TimeoutError:
+            self.closed_after = None
+        except ConnectionResetError:
+            self.closed_after = time.monotonic() - self.started
+        return self.closed_after
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join()
+
+
+@seam_only("pynetdicom's own reads bound each recv, not a whole PDU")
+def test_trickled_pdus_are_dropped_and_their_threads_end(
+        node_factory: Callable[..., Node]) -> None:
+    """A P-DATA-TF whose body arrives a byte every 2 s, each byte within the receive
+    timeout (PACS_DIMSE_TIMEOUT, 3 s here), read by the DUL thread (right after the
+    association) or by the association's own thread (after a store): each PDU must
+    arrive whole within its time, so the node closes these connections within about
+    twice the timeout, every thread and descriptor they took ends with them, and other
+    peers are served meanwhile.  Three rounds from one address whose limit is two
+    associations: a third is refused while they trickle, and the next round finds both
+    places free again."""
+    timeout = 3.0
+    node = node_factory("trickle", PACS_DIMSE_WORKERS="1", PACS_DIMSE_TIMEOUT=str(timeout),
+                        PACS_MAX_ASSOCIATIONS_PER_HOST="2")
+    try:
+        memory = Memory(node)
+        threads_started = dimse_threads(node)
+        with raw_association(node) as (sock, _maximum):
+            _stored_once(sock, 99)  # starts the one thread of the audit trail's writer
+        deadline = time.monotonic() + PATIENCE
+        while dimse_threads(node) > threads_started + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # that association's own threads end
+        threads_before, fds_before = dimse_threads(node), dimse_fds(node)
+        for round_ in range(3):
+            tricklers = [Trickle(node, "127.0.0.2", after_store, every=2.0,
+                                 longest=8 * timeout) for after_store in (False, True)]
+            try:
+                _assert_rejected_for_limit(_associate(node, "127.0.0.2"))
+                still_serving(node)
+                took = [t.wait_closed() for t in tricklers]
+            finally:
+                for trickler in tricklers:
+                    trickler.close()
+            print(f"\n[trickled PDUs, PACS_DIMSE_TIMEOUT=3, round {round_ + 1}] closed "
+                  f"after {took} s; threads {threads_before} -> {dimse_threads(node)}")
+            assert all(t is not None and t < 4 * timeout for t in took), (took, node.log())
+            deadline = time.monotonic() + PATIENCE
+            while (dimse_threads(node) > threads_before or dimse_fds(node) > fds_before) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert dimse_threads(node) <= threads_before, node.log()
+            assert dimse_fds(node) <= fds_before, node.log()
+        still_serving(node)
+        memory.check("trickled P-DATA-TF bodies, a byte every 2 s, PACS_DIMSE_TIMEOUT=3")
+    finally:
+        node.kill9()
+
+
 # --- association limits -------------------------------------------------------------------
 
 def _associate(node: Node, source: str = "127.0.0.1") -> Association:

@@ -1,23 +1,30 @@
 """The DICOM TLS server in process: connections in their handshake count as pending
 connections, so beyond ``PACS_MAX_PENDING_CONNECTIONS`` the oldest are closed at once
 (not at ARTIM), while a real TLS peer associates; a C-STORE over TLS is stored with
-the calling AE title its certificate names."""
+the calling AE title its certificate names; a storage commitment requestor that goes
+on storing over TLS gets its report on its association once it pauses."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from pynetdicom import AE
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
 from pacs.core.config import Settings
 from pacs.core.services import Services
 from pacs.dimse import tls
 from pacs.dimse.server import NodeServer, start, stop
-from tests.conftest import free_port
+from tests.conftest import free_port, seam_only
 from tests.interop.conftest import fresh_ct, read_index
 from tests.tlsfiles import Pki, ae_certificate, make_pki
 
@@ -46,15 +53,17 @@ def server(make_services: Callable[..., Services], pki: Pki) -> Iterator[NodeSer
     stop(running, drain=1.0)
 
 
-def tls_association(pki: Pki, port: int, calling: str = "MODALITY1") -> object:
+def tls_association(pki: Pki, port: int, calling: str = "MODALITY1",
+                    evt_handlers: list[Any] | None = None) -> Any:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(PUSH_MODEL)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     context = ssl.create_default_context(cafile=str(pki.ca))
     context.load_cert_chain(*ae_certificate(pki, calling))
     return ae.associate("127.0.0.1", port, ae_title="INTELPIXEL",
-                        tls_args=(context, "localhost"))
+                        tls_args=(context, "localhost"), evt_handlers=evt_handlers)
 
 
 def test_the_oldest_handshakes_are_closed_for_room(server: NodeServer, pki: Pki) -> None:
@@ -85,3 +94,38 @@ def test_a_store_over_tls_is_stored_under_the_certificates_ae(
     finally:
         assoc.release()
     assert read_index(data_dir)[ds.SOPInstanceUID].calling_ae == "CT7"
+
+
+@seam_only("a report on the requestor's association is sent by the association's thread")
+def test_a_requestor_storing_over_tls_after_its_request_gets_its_report(
+        server: NodeServer, pki: Pki) -> None:
+    """Over TLS the DUL thread writes every message (one thread per OpenSSL
+    connection): the report is handed to it between two messages, after the store
+    responses, and the stores that follow the request are all answered."""
+    reports: queue.Queue[tuple[Any, str]] = queue.Queue()
+
+    def report(event: Any) -> tuple[int, None]:
+        reports.put((event.assoc, str(event.event_information.TransactionUID)))
+        return 0x0000, None
+
+    assoc = tls_association(pki, server.server_address[1], calling="CT8",
+                            evt_handlers=[(evt.EVT_N_EVENT_REPORT, report)])
+    assert assoc.is_established
+    try:
+        ds = fresh_ct()
+        assert assoc.send_c_store(ds).Status == 0x0000
+        action = Dataset()
+        action.TransactionUID = generate_uid()
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
+            CTImageStorage, ds.SOPInstanceUID)
+        action.ReferencedSOPSequence = [item]
+        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+        assert status.Status == 0x0000
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            assert assoc.send_c_store(fresh_ct()).get("Status") == 0x0000
+        received, transaction = reports.get(timeout=30)
+    finally:
+        assoc.release()
+    assert received is assoc and transaction == action.TransactionUID

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -366,6 +367,44 @@ def test_a_peer_that_stalls_inside_a_pdu_is_aborted(
             kind, _ = read_pdu(sock)
             assert kind == A_ABORT
             assert time.monotonic() - started < 15
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_peer_that_trickles_inside_a_pdu_is_aborted(
+        make_services: Callable[..., Services]) -> None:
+    """Half a data set PDU, then a byte every 0.4 s, each within the socket's receive
+    timeout (the DIMSE timeout, 1 s): the PDU has to arrive whole within its time, so
+    the association is aborted about a second later all the same, not held for as long
+    as the peer keeps trickling."""
+    services = make_services(store=MemoryStore(), dimse_timeout=1.0)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            whole = pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 32)),
+                        pdv(CT_CONTEXT, 0x02, data))
+            sock.sendall(whole[:len(whole) // 2])
+            started = time.monotonic()
+            stop = threading.Event()
+
+            def trickle() -> None:
+                for byte in whole[len(whole) // 2:]:
+                    if stop.wait(0.4):
+                        return
+                    try:
+                        sock.send(bytes([byte]))
+                    except OSError:
+                        return
+
+            sender = threading.Thread(target=trickle)
+            sender.start()
+            try:
+                kind, _ = read_pdu(sock)
+            finally:
+                stop.set()
+                sender.join()
+            assert kind == A_ABORT
+            assert time.monotonic() - started < 10
 
 
 @seam_only("the node's own reading of C-STORE requests")

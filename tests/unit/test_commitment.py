@@ -179,6 +179,50 @@ def test_the_called_ae_title_is_kept_with_the_request(services: Services) -> Non
     assert [p.request.called_ae for p in queue.due()] == ["NORTH2"]
 
 
+def test_the_requests_of_a_requestor_are_claimed_when_it_comes_back(
+        services: Services) -> None:
+    """A requestor that opens an association has its waiting requests claimed at once,
+    due or not, with the time each was recorded; not another's, nor one held."""
+    clock = Clock()
+    queue = queue_of(services, clock, max_pending=10)
+    waiting = queue.record(request("MOD"))
+    queue.failed(waiting, "gone")  # next attempt later
+    held = queue.record(request("MOD"))  # still held by the thread that answered it
+    queue.release(queue.record(request("OTHER")))
+    clock.now += 1.0
+    claimed = queue.of_requestor("MOD")
+    assert [p.key for p in claimed] == [waiting.key]
+    assert claimed[0].received == pytest.approx(clock.now - 1.0, abs=0.01)
+    assert claimed[0].attempts == 1
+    assert queue.of_requestor("MOD") == []  # claimed now
+    assert queue.of_requestor("NOBODY") == []
+    assert held.key not in {p.key for p in queue.of_requestor("MOD")}
+
+
+def test_a_result_for_a_requestor_without_an_address_is_kept_then_dropped(
+        services: Services) -> None:
+    """No association of the requestor to report on and no address in PACS_MODALITIES:
+    the result is kept and tried again, until KEEP_UNREACHABLE after the request."""
+    from pacs.dimse.reports import KEEP_UNREACHABLE, Reporter
+
+    clock = Clock()
+    queue = queue_of(services, clock)
+    reporter = Reporter(services)
+    reporter.commitments = queue
+    pending = queue.keep(queue.record(request("STRANGER")), Result((), ()))
+    assert pending is not None
+    reporter._deliver(pending, None)
+    assert queue.next_time() == pytest.approx(clock.now + retry_delay(1))  # kept
+    clock.now += KEEP_UNREACHABLE - 1
+    (again,) = queue.due()
+    reporter._deliver(again, None)
+    assert queue.next_time() is not None  # kept still
+    clock.now += 1 + retry_delay(2)
+    (last,) = queue.due()
+    reporter._deliver(last, None)
+    assert queue.next_time() is None  # dropped
+
+
 def encoded(ds: Dataset) -> bytes:
     buffer = DicomBytesIO()
     buffer.is_little_endian, buffer.is_implicit_VR = True, False

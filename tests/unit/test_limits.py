@@ -125,12 +125,161 @@ def test_a_deadline_ends_a_trickle() -> None:
         theirs.close()
 
 
-def test_waiting_receive_times_out_without_data() -> None:
+def test_a_receive_with_a_deadline_waits_no_longer_than_it() -> None:
+    """No read waits past the deadline, whatever the socket's receive timeout."""
     ours, theirs = _pair()
+    limits.set_receive_timeout(ours, 30)
+    started = time.monotonic()
     with pytest.raises(TimeoutError):
-        limits.receive(ours, 6, deadline=time.monotonic() + 0.2, wait=True)
+        limits.receive(ours, 6, deadline=time.monotonic() + 0.2)
+    assert time.monotonic() - started < 5
     ours.close()
     theirs.close()
+
+
+def _trickle(sock: socket.socket, stop: threading.Event, every: float) -> threading.Thread:
+    """A thread that sends one byte on ``sock`` every ``every`` seconds until ``stop``."""
+
+    def run() -> None:
+        while not stop.wait(every):
+            try:
+                sock.send(b"x")
+            except OSError:
+                return
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_pace_ends_a_pdu_trickled_within_the_receive_timeout() -> None:
+    """A byte every 0.1 s, each well within the socket's receive timeout (0.5 s): the
+    PDU's pace (0.5 s, and a second per MIN_RATE bytes moved) ends it all the same,
+    header and body together, however long the PDU declared."""
+    ours, theirs = _pair()
+    limits.set_receive_timeout(ours, 0.5)
+    stop = threading.Event()
+    theirs.send(b"\x04")  # the header's first byte
+    sender = _trickle(theirs, stop, 0.1)
+    try:
+        pace = limits.Pace(0.5)
+        with pytest.raises(TimeoutError):
+            head = limits.receive(ours, 6, deadline=pace)
+            limits.receive(ours, 1 << 20, head, deadline=pace)
+        took = time.monotonic() - pace.start
+        assert 0.4 < took < 5, took
+        assert 0 < pace.moved < 20  # the bytes that arrived, counted once
+    finally:
+        stop.set()
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_pace_lets_a_large_pdu_that_keeps_arriving_take_longer() -> None:
+    """Past its timeout, a PDU that keeps arriving faster than MIN_RATE goes on: each
+    byte moved earns ``1 / rate`` seconds."""
+    ours, theirs = _pair()
+    size, rate = 64 << 10, 64 << 10  # a second's worth at the pace's rate
+
+    def steady() -> None:
+        for _ in range(16):  # 16 slices over ~0.8 s: four times the pace's rate
+            theirs.sendall(bytes(size // 16))
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=steady)
+    sender.start()
+    try:
+        pace = limits.Pace(0.2, rate=rate)
+        assert len(limits.receive(ours, size, deadline=pace)) == size
+        assert time.monotonic() - pace.start > 0.2  # longer than the timeout alone
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_a_pace_still_ends_a_pdu_that_stops_after_earning_time() -> None:
+    """1 MiB at once earns 32 s at MIN_RATE; then nothing: no wait outlasts the timeout."""
+    ours, theirs = _pair()
+    sender = threading.Thread(target=theirs.sendall, args=(bytes(1 << 20),))
+    sender.start()
+    try:
+        pace = limits.Pace(0.3)
+        with pytest.raises(TimeoutError):
+            limits.receive(ours, 2 << 20, deadline=pace)
+        assert pace.moved == 1 << 20
+        assert time.monotonic() - pace.start < 5
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_send_all_writes_everything() -> None:
+    ours, theirs = _pair()
+    data = bytes(range(256)) * 40000
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(_drain(theirs, len(data))))
+    reader.start()
+    limits.send_all(ours, data, limits.Pace(10))
+    reader.join()
+    assert received == data
+    ours.close()
+    theirs.close()
+
+
+def _drain(sock: socket.socket, count: int) -> bytes:
+    chunks, got = [], 0
+    while got < count:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def slow_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection over loopback with small buffers (ours sends, theirs reads):
+    each read the peer makes shows up as progress of our write at once (a Unix socket
+    pair frees the writer's room only once a whole write has been read)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        theirs_side = socket.socket()
+        theirs_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        theirs_side.connect(listener.getsockname())
+        ours, _ = listener.accept()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return ours, theirs_side
+
+
+def test_send_all_gives_up_on_a_peer_that_reads_a_little_now_and_then() -> None:
+    """The peer reads 2 KiB every 0.1 s, so every wait of a plain ``sendall`` makes
+    progress within SO_SNDTIMEO (0.5 s) and 1 MiB would take it 50 s; the whole write
+    has its pace (0.5 s, and a second per MIN_RATE bytes taken)."""
+    ours, theirs = slow_pair()
+    limits.bound_sends(ours, 0.5)
+    stop = threading.Event()
+
+    def sip() -> None:  # ~20 KB/s, below MIN_RATE
+        while not stop.wait(0.1):
+            try:
+                theirs.recv(2048)
+            except OSError:
+                return
+
+    reader = threading.Thread(target=sip)
+    reader.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            limits.send_all(ours, bytes(1 << 20), limits.Pace(0.5))
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        reader.join()
+        ours.close()
+        theirs.close()
 
 
 # --- message buffers ---------------------------------------------------------------------------
@@ -283,6 +432,36 @@ def test_a_busier_worker_accepts_later(monkeypatch: pytest.MonkeyPatch) -> None:
     defer(alone)  # type: ignore[arg-type]
     steps = [min(n, server.DEFERRAL_STEPS) for n in range(1, 2 * server.DEFERRAL_STEPS + 1)]
     assert waits == [pytest.approx(step * server.ACCEPT_DEFERRAL) for step in steps]
+
+
+def test_an_aborted_association_holds_its_place_until_its_threads_end() -> None:
+    """Aborted from its own thread (the network timeout) while its DUL thread is still
+    blocked on the socket, an association still holds a thread and a descriptor: it
+    counts until both threads have ended.  Released or rejected, it counts no more."""
+    from types import SimpleNamespace
+
+    from pacs.dimse.server import _holds_its_place
+
+    def association(**state: bool) -> SimpleNamespace:
+        dul = SimpleNamespace(alive=state.pop("dul", True))
+        dul.is_alive = lambda: dul.alive
+        found = SimpleNamespace(alive=state.pop("thread", True), dul=dul,
+                                is_released=False, is_aborted=False, is_rejected=False)
+        found.is_alive = lambda: found.alive
+        for name, value in state.items():
+            setattr(found, name, value)
+        return found
+
+    assert _holds_its_place(association())
+    aborted = association(is_aborted=True)
+    assert _holds_its_place(aborted)  # both threads still run
+    aborted.alive = False
+    assert _holds_its_place(aborted)  # the DUL thread still runs
+    aborted.dul.alive = False
+    assert not _holds_its_place(aborted)
+    assert not _holds_its_place(association(is_released=True))
+    assert not _holds_its_place(association(is_rejected=True))
+    assert not _holds_its_place(association(thread=False, dul=False))
 
 
 def test_zero_means_no_limit() -> None:

@@ -35,6 +35,8 @@ class Row:
         The verification's result as JSON; ``None`` until verified.
     attempts :
         Delivery attempts that failed so far.
+    received_at :
+        When the request was recorded (ISO 8601, UTC).
     """
 
     key: int
@@ -44,9 +46,10 @@ class Row:
     result: str | None
     attempts: int
     called_ae: str
+    received_at: str
 
 
-_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts, called_ae"
+_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts, called_ae, received_at"
 
 
 def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bool:
@@ -85,6 +88,15 @@ def due(conn: apsw.Connection, now: float, limit: int) -> list[Row]:
     return [Row(*row) for row in conn.execute(
         f"SELECT {_COLUMNS} FROM commitment WHERE next_attempt <= ? AND lease_until <= ? "
         "ORDER BY next_attempt LIMIT ?", (now, now, limit))]
+
+
+def of_requestor(conn: apsw.Connection, requestor_ae: str, now: float,
+                 limit: int) -> list[Row]:
+    """Up to ``limit`` requests of ``requestor_ae`` whose lease has ended, due or not,
+    the oldest first (the requestor has just opened an association to report on)."""
+    return [Row(*row) for row in conn.execute(
+        f"SELECT {_COLUMNS} FROM commitment WHERE requestor_ae = ? AND lease_until <= ? "
+        "ORDER BY pk LIMIT ?", (requestor_ae, now, limit))]
 
 
 def take(conn: apsw.Connection, key: int, claim: str, now: float,
@@ -133,5 +145,5 @@ def next_time(conn: apsw.Connection) -> float | None:
     return float(row[0]) if row and row[0] is not None else None
 
 
-__all__ = ["Row", "due", "exists", "next_time", "record", "release", "remove",
-           "renew", "reschedule", "take"]
+__all__ = ["Row", "due", "exists", "next_time", "of_requestor", "record", "release",
+           "remove", "renew", "reschedule", "take"]

@@ -15,14 +15,20 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
   classes replaced for a node's associations by adapters that run the plain DIMSE
   logic (:mod:`pacs.dimse.find`, :mod:`pacs.dimse.retrieve`, :mod:`pacs.dimse.storage`)
   over those sockets;
+* :mod:`~pacs.dimse.seam.notify`: N-EVENT-REPORT requests (storage commitment
+  results) sent on a peer's association by its own thread when it is quiet, their
+  responses told apart from the peer's requests;
 * this module: the version gate, :func:`install` and pynetdicom's configuration
   switches.
 
-The interface for the rest of :mod:`pacs.dimse` is :func:`install`, :func:`supported`
-and :data:`SUPPORTED_VERSIONS`.  With PACS_DIMSE_SEAM=off, or a pynetdicom version not
-in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is replaced: pynetdicom's own
-service classes call the event handlers of :mod:`pacs.dimse.handlers`, which run the
-same logic (slower; that module lists what pynetdicom's own loops do differently).
+The interface for the rest of :mod:`pacs.dimse` is :func:`install`, :func:`supported`,
+:data:`SUPPORTED_VERSIONS` and :mod:`~pacs.dimse.seam.notify`'s :func:`available`,
+:func:`report`, :class:`EventReport` and :class:`Outcome`.  With PACS_DIMSE_SEAM=off,
+or a pynetdicom version not in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is
+replaced: pynetdicom's own service classes call the event handlers of
+:mod:`pacs.dimse.handlers`, which run the same logic (slower; that module lists what
+pynetdicom's own loops do differently), and :func:`~pacs.dimse.seam.notify.available`
+is False for every association.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 import pynetdicom
 from pynetdicom import _config
 
+import pacs.dimse.seam.notify as notify
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.services as services
 
@@ -81,6 +88,7 @@ def install(enabled: bool) -> bool:
             return False
         reactor.patch()
         services.patch()
+        notify.install()
         _patched = True
         return True
 

@@ -42,8 +42,12 @@ answer ends (an A-ABORT or A-RELEASE-RQ ends the answer first).
 The wait between two messages keeps pynetdicom's rules: the network idle timer
 (PACS_NETWORK_TIMEOUT) is restarted by each PDU and, when it runs out, the socket goes
 back to the reactors, which release or abort as configured; a thread that sends on the
-association (a storage commitment report, which pauses the reactor) gets the socket back
-before its response is read.
+association through pynetdicom (which pauses the reactor) gets the socket back before
+its response is read; and a report waiting to be sent on the association
+(:mod:`pacs.dimse.seam.notify`) once it has been quiet long enough, so that the
+reactor, in this same thread, sends it between two messages.  Its response, when it
+arrives here, is not a request this path takes: it goes to pynetdicom, and from there
+to the thread that waits for it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydicom.uid import UID
 
+import pacs.dimse.seam.notify as notify
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
 from pacs.core.dataset import valid_uid
@@ -236,14 +241,15 @@ class _Reader:
     def wait_for_message(self) -> bool:
         """Wait until the next message starts arriving; False when the socket must go
         back to the reactors instead (the association ends, the idle timer ran out, a
-        sender on the association awaits its response)."""
+        sender on the association awaits its response, a report is due to be sent on
+        it: :func:`pacs.dimse.seam.notify.due`)."""
         assoc, dul, raw = self.assoc, self.dul, self.raw
         checkpoint = assoc._reactor_checkpoint
         pending = getattr(raw, "pending", None)  # TLS: data select cannot see
         while True:
             if assoc._kill or not assoc.is_established or not dul.is_alive():
                 return False
-            if not checkpoint.is_set() or _pynetdicom_holds_one(assoc):
+            if not checkpoint.is_set() or _pynetdicom_holds_one(assoc) or notify.due(assoc):
                 return False
             if pending is not None and pending():
                 return True
@@ -406,12 +412,15 @@ class _Reader:
         another type, one over the ceiling or the connection closing raise
         :class:`_HandBack` once its header is read, so that pynetdicom's reading of the
         rest decides (a release, an abort, a refusal, a closed connection).  A read that
-        fails (nothing for the socket's receive timeout, PACS_DIMSE_TIMEOUT: a peer
-        stalled inside a PDU) raises :class:`_Broken`.
+        fails raises :class:`_Broken`: the whole PDU must arrive within its time
+        (:func:`pacs.dimse.seam.reactor.pace`, PACS_DIMSE_TIMEOUT and more for a large PDU
+        that keeps arriving), and no wait for more of it may pass the socket's receive
+        timeout (a peer stalled or trickling inside a PDU).
         """
         raw = self.raw
+        pace = reactor.pace(self.assoc)
         try:
-            head = limits.receive(raw, 6)
+            head = limits.receive(raw, 6, deadline=pace)
         except OSError as exc:
             raise _Broken(f"no whole PDU received ({type(exc).__name__})", False) from None
         if not keep:
@@ -423,7 +432,7 @@ class _Reader:
         if kind != limits.P_DATA_TF or length > self.ceiling:
             raise _HandBack
         try:
-            body = limits.receive(raw, length)
+            body = limits.receive(raw, length, deadline=pace)
         except OSError as exc:
             raise _Broken(f"no whole PDU received ({type(exc).__name__})", False) from None
         if keep:
@@ -433,6 +442,7 @@ class _Reader:
             # read on, find the connection closed and end the association.
             raise _HandBack
         self.dul._idle_timer.restart()  # traffic, as the DUL counts it
+        reactor.traffic(self.assoc)
         reactor.quickack(raw)
         return body
 
@@ -497,8 +507,8 @@ class _CancelWatch:
     one), and a release or abort request or the connection closing, which also make the
     requestor :attr:`gone` (the answer stops).  A PDU that stops midway is kept in
     :attr:`broken` (the association is aborted).  While another thread sends on the
-    association (a storage commitment report: the reactor checkpoint is cleared), the
-    socket is not read: the response it awaits goes to pynetdicom.
+    association through pynetdicom (the reactor checkpoint is cleared), the socket is
+    not read: the response it awaits goes to pynetdicom.
     """
 
     def __init__(self, reader: _Reader, message_id: int,
@@ -543,16 +553,17 @@ class _CancelWatch:
     def _read_one(self) -> None:
         """Read the PDU that has begun to arrive (see the class docstring)."""
         reader = self.reader
+        pace = reactor.pace(reader.assoc)  # the whole PDU within its time, as _Reader._pdu
         try:
-            head = limits.receive(reader.raw, 6)
+            head = limits.receive(reader.raw, 6, deadline=pace)
             kind = head[0] if len(head) == 6 else None
             length = struct.unpack_from(">I", head, 2)[0] if kind is not None else 0
             if kind != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
                 self.stash, self.gone = bytes(head), kind != limits.P_DATA_TF
                 self.stop()
                 return
-            body = limits.receive(reader.raw, length)
-        except (BlockingIOError, TimeoutError) as exc:  # nothing more for PACS_DIMSE_TIMEOUT
+            body = limits.receive(reader.raw, length, deadline=pace)
+        except (BlockingIOError, TimeoutError) as exc:  # stalled or trickled in the PDU
             self.broken = _Broken(f"no whole PDU received ({type(exc).__name__})", False)
             self.gone = True
             self.stop()
@@ -566,6 +577,7 @@ class _CancelWatch:
             self.stop()
             return
         reader.dul._idle_timer.restart()  # traffic, as the DUL counts it
+        reactor.traffic(reader.assoc)
         reactor.quickack(reader.raw)
         message_id = _cancelled_id(body)
         if message_id is None:

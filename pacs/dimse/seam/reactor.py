@@ -37,12 +37,22 @@ The receive path is bounded against hostile peers (:mod:`pacs.dimse.limits`):
 * a PDU's declared length is checked against its type's ceiling before any of its body
   is read (:func:`_read_pdu_data`; P-DATA-TF: the Maximum Length this side announced,
   PS3.8 D.1), and buffers grow with the bytes that arrive (:func:`_socket_recv`);
+* a PDU must arrive whole within its time (:func:`pace`: the network timeout, longer
+  for a large PDU that keeps arriving), and a write be taken whole by the peer within
+  the same (:func:`_socket_send`); a PDU that does not is answered with an A-ABORT and
+  the connection closed, so no peer holds the DUL thread by sending or reading a byte
+  now and then;
 * DIMSE message buffers are capped: the command set, and on a node's association the
   data set at PACS_MAX_OBJECT_BYTES (:func:`_receive_primitive`).
 
 Another thread may borrow the socket (:func:`socket_lent`) and give back bytes it read
 of something it does not serve (:func:`hand_back`): the DUL reads those before the
 socket (:func:`_take`).
+
+When the association thread has nothing to do it runs the work of :data:`IDLE_WORK`
+(:mod:`pacs.dimse.seam.notify`: a report waiting to be sent on the association) at
+that message boundary; :func:`quiet_for` says how long no PDU has crossed the socket,
+and :func:`writes_paused` keeps the DUL from writing while another thread does.
 
 Everything else - the state machine, PDU and DIMSE decoding, the order of the checks,
 the abort path - is pynetdicom's own code, called unchanged.  The patch is applied to
@@ -62,7 +72,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -185,6 +195,14 @@ class _DUL(DULServiceProvider):
     #: Bytes read from the socket by another thread and handed back (:func:`hand_back`):
     #: the DUL reads them before the socket.
     _pushback: bytearray
+    #: True while a PDU is being read (:func:`_read_pdu_data`): its own deadline bounds
+    #: it, and the association thread's idle timer waits for it (:func:`_idle_expired`).
+    _reading: bool
+    #: Held by the DUL while it runs a state machine action (which writes any PDU it
+    #: sends), and by a thread writing a message itself (:func:`writes_paused`).
+    _write_lock: threading.Lock
+    #: ``time.monotonic()`` of the last PDU read or written (:func:`quiet_for`).
+    _traffic_at: float
 
 
 def _dul(assoc: Association) -> _DUL:
@@ -206,6 +224,9 @@ def _dul_init_patched(self: _DUL, assoc: Association) -> None:
     self._reader_lock = threading.Lock()
     self._ceilings = None
     self._pushback = bytearray()
+    self._reading = False
+    self._write_lock = threading.Lock()
+    self._traffic_at = time.monotonic()
 
 
 def _kill_dul_patched(self: _DUL) -> None:
@@ -337,6 +358,7 @@ def _dul_run_reactor(self: _DUL) -> None:
                     pass
                 elif _read_transport(self):
                     self._idle_timer.restart()
+                    self._traffic_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - pynetdicom's: any error aborts
                 _dul_log.error("Exception in DUL.run(), aborting association")
                 _dul_log.exception(exc)
@@ -354,7 +376,8 @@ def _dul_run_reactor(self: _DUL) -> None:
             except queue.Empty:
                 _wait_for_work(self)
                 continue
-            self.state_machine.do_action(event)
+            with self._write_lock:  # an action may write a PDU (writes_paused)
+                self.state_machine.do_action(event)
             # Wake the association thread unless the action cannot concern it: an
             # outgoing P-DATA (Evt9) or a fragment of a message not yet complete.
             if event != "Evt9" and (event != "Evt10" or self.assoc.dimse.msg_queue.qsize()):
@@ -392,7 +415,7 @@ def _assoc_run_reactor(self: Association) -> None:
             self._is_paused = True
             timeout = MAX_WAIT
             idle_timer = self.dul._idle_timer
-            if idle_timer.timeout is not None:
+            if idle_timer.timeout is not None and not _dul(self)._reading:
                 timeout = max(0.0, min(timeout, idle_timer.remaining))
             wake.wait(timeout)
             wake.clear()
@@ -413,6 +436,8 @@ def _assoc_run_reactor(self: Association) -> None:
         if msg:
             self._serve_request(msg, context_id)  # type: ignore[arg-type]
             idle = False
+        elif any(work(self) for work in IDLE_WORK):
+            idle = False  # something was sent: look again at once
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -439,7 +464,7 @@ def _assoc_run_reactor(self: Association) -> None:
             self.kill()
             return
 
-        if self.dul.idle_timer_expired():
+        if _idle_expired(self):
             _assoc_log.error("Network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True
@@ -450,6 +475,75 @@ def _assoc_run_reactor(self: Association) -> None:
                 self.abort()
             self.kill()
             return
+
+
+#: What the association thread does at a message boundary, when it has no message to
+#: serve: each callable takes the association and answers whether it did something
+#: (:func:`pacs.dimse.seam.notify.send_due`).  Only the association's own thread writes
+#: its messages, so what these send cannot interleave with anything it sends.
+IDLE_WORK: list[Callable[[Association], bool]] = []
+
+
+def wake(assoc: Association) -> None:
+    """Make the association thread look at its work now, not at its next timer."""
+    wake_event = getattr(assoc.dul, "_assoc_wake", None)
+    if wake_event is not None:
+        wake_event.set()
+
+
+def patched(assoc: Association) -> bool:
+    """True when ``assoc`` runs the reactors of this module (:func:`patch` had run when
+    it was made), so that :data:`IDLE_WORK` runs in its thread."""
+    return hasattr(assoc.dul, "_traffic_at")
+
+
+def traffic(assoc: Association) -> None:
+    """A PDU crossed ``assoc``'s socket outside the DUL (read or written by another
+    thread): for :func:`quiet_for`."""
+    _dul(assoc)._traffic_at = time.monotonic()
+
+
+def quiet_for(assoc: Association) -> float:
+    """Seconds since a PDU last crossed ``assoc``'s socket, either way."""
+    return time.monotonic() - _dul(assoc)._traffic_at
+
+
+def at_boundary(assoc: Association) -> bool:
+    """True when nothing of a message is in hand: none being read or handed back, none
+    decoded and waiting, none half assembled, and nothing queued for the DUL to write.
+    Only meaningful in the association thread, between two messages it serves."""
+    dul = _dul(assoc)
+    return not (dul._reading or dul._pushback or dul._socket_lent
+                or dul.event_queue.qsize() or dul._recv_pdu.qsize()
+                or dul.to_provider_queue.qsize() or assoc.dimse.message is not None
+                or assoc.dimse.msg_queue.qsize())
+
+
+@contextmanager
+def writes_paused(assoc: Association) -> Iterator[bool]:
+    """Keep ``assoc``'s DUL from writing for the block; yields False (and the caller
+    must not write) when it still has something queued to write.
+
+    The DUL writes a PDU only inside a state machine action, which it runs holding
+    ``_write_lock``; a thread that holds the lock and finds nothing queued writes a
+    whole message before anything the DUL is given later.
+    """
+    dul = _dul(assoc)
+    with dul._write_lock:
+        yield not dul.to_provider_queue.qsize()
+
+
+def _idle_expired(assoc: Association) -> bool:
+    """pynetdicom's ``idle_timer_expired``, except while the DUL reads a PDU and once
+    an A-ABORT has been written (:func:`_abort_connection`).
+
+    A PDU that has begun to arrive has a deadline of its own (:func:`_read_pdu_data`),
+    which ends it with an A-ABORT; an abort from this thread meanwhile would queue a
+    second one for a DUL still blocked in its read, and wait for it.  Once an A-ABORT
+    is written the connection is closing and the association ends with it.
+    """
+    return bool(assoc.dul.idle_timer_expired() and not _dul(assoc)._reading
+                and not assoc._sent_abort)
 
 
 # -- the socket -------------------------------------------------------------------------
@@ -485,6 +579,32 @@ def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray | bytes:
     if len(data) == nr_bytes:
         _QUICKACK(raw)
     return data
+
+
+def pace(assoc: Any) -> limits.Pace | None:
+    """The time one PDU read or one write on ``assoc`` may take, starting now
+    (:class:`pacs.dimse.limits.Pace` of its network timeout, PACS_DIMSE_TIMEOUT on the
+    node's associations); ``None`` when it has no timeout."""
+    timeout = getattr(assoc, "network_timeout", None)
+    return limits.Pace(timeout) if timeout else None
+
+
+def _socket_send(self: AssociationSocket, bytestream: bytes) -> None:
+    """``AssociationSocket.send`` with the whole write bounded by :func:`pace`.
+
+    pynetdicom's loop of ``send`` calls is bounded per call only (SO_SNDTIMEO), so a
+    peer that reads a byte now and then held the DUL thread in it for as long as it
+    liked.  Same events: EVT_DATA_SENT once written, Evt17 when the write failed.
+    """
+    try:
+        limits.send_all(self.socket, bytestream, pace(self.assoc))
+    except Exception:  # noqa: BLE001 - pynetdicom's: any failure is a closed connection
+        self.event_queue.put("Evt17")
+        return
+    dul = self.assoc.dul
+    if hasattr(dul, "_traffic_at"):
+        dul._traffic_at = time.monotonic()
+    evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
 
 
 def _local_maximum_length(assoc: Association) -> int:
@@ -530,19 +650,39 @@ def _read_pdu_data(self: _DUL) -> None:
     longer than its type allows (:func:`pacs.dimse.limits.pdu_ceilings`: for P-DATA-TF
     the Maximum Length this side announced, PS3.8 D.1) is a protocol error answered
     with an A-ABORT (:func:`_refuse_pdu`) before any of it is read, and a body is read
-    into a buffer that grows with what arrives.  Before the A-ASSOCIATE-RQ (Sta2) a
-    read also ends when the ARTIM timer does, so a request trickled byte by byte cannot
-    outlast it; a read that gets nothing for the socket's receive timeout fails
-    (SO_RCVTIMEO, set by the server).  The events put on the queue are pynetdicom's.
+    into a buffer that grows with what arrives.
+
+    The whole PDU, header and body, must arrive in time: before the A-ASSOCIATE-RQ
+    (Sta2) before the ARTIM timer ends (the connection is then closed, PS3.8 9.1.3),
+    in every other state within its :func:`pace` (the network timeout, and more for a
+    large PDU that keeps arriving), else the association is aborted (A-ABORT, reason
+    not specified, PS3.8 9.3.8) and the connection closed.  pynetdicom bounded each
+    ``recv`` by the socket's receive timeout only: a peer sending a byte a little more
+    often held this thread in one PDU for ever.  The events put on the queue are
+    pynetdicom's.
     """
     sock = self.socket
     raw = sock.socket if sock is not None else None
     if raw is None:
         self.event_queue.put("Evt17")
         return
-    deadline = None
-    if self.state_machine.current_state == "Sta2" and self.artim_timer.timeout:
+    self._reading = True
+    try:
+        _read_pdu(self, raw)
+    finally:
+        self._reading = False
+
+
+def _read_pdu(self: _DUL, raw: socket.socket) -> None:
+    """:func:`_read_pdu_data` once the socket is known."""
+    deadline: float | limits.Pace | None
+    # Sta1 too: an acceptor may read its peer's first bytes before its state machine has
+    # taken the connection (Evt5, Sta1 to Sta2).
+    requested = self.state_machine.current_state in ("Sta1", "Sta2")
+    if requested and self.artim_timer.timeout:
         deadline = time.monotonic() + max(0.0, self.artim_timer.remaining)
+    else:
+        deadline = pace(self.assoc)
     try:
         head = _take(self, raw, 6, b"", deadline)
         if len(head) < 6:
@@ -558,7 +698,17 @@ def _read_pdu_data(self: _DUL) -> None:
             _refuse_pdu(self, raw, pdu_type, length, ceiling)
             return
         data = _take(self, raw, length, head, deadline)
-    except OSError as exc:  # receive timeout, ARTIM, reset
+    except TimeoutError as exc:  # the PDU's time (or ARTIM) ran out
+        if requested:
+            _dul_log.warning("Connection from %s closed: no whole PDU received (%s)",
+                             _remote_address(self.assoc), type(exc).__name__)
+            self.event_queue.put("Evt17")
+            return
+        _dul_log.warning("Aborting the association with %s: a PDU did not arrive whole "
+                         "within its time", _remote_address(self.assoc))
+        _abort_connection(self, raw, _ABORT_NOT_SPECIFIED)
+        return
+    except OSError as exc:  # receive timeout, reset
         _dul_log.warning("Connection from %s closed: no whole PDU received (%s)",
                          _remote_address(self.assoc), type(exc).__name__)
         self.event_queue.put("Evt17")
@@ -581,7 +731,7 @@ def _read_pdu_data(self: _DUL) -> None:
 
 
 def _take(self: _DUL, raw: socket.socket, count: int, prefix: bytes | bytearray,
-          deadline: float | None) -> bytes | bytearray:
+          deadline: float | limits.Pace | None) -> bytes | bytearray:
     """``prefix`` and the next ``count`` bytes of the stream: the handed-back bytes
     (:func:`hand_back`) first, then the socket (:func:`pacs.dimse.limits.receive`)."""
     back = self._pushback
@@ -595,8 +745,9 @@ def _take(self: _DUL, raw: socket.socket, count: int, prefix: bytes | bytearray,
     return limits.receive(raw, count, prefix=prefix, deadline=deadline)
 
 
-#: A-ABORT source and reason (PS3.8 9.3.8): service-provider, invalid PDU parameter value.
-_ABORT_SOURCE_PROVIDER, _ABORT_INVALID_PARAMETER = 0x02, 0x06
+#: A-ABORT source and reasons (PS3.8 9.3.8): service-provider; reason not specified,
+#: invalid PDU parameter value.
+_ABORT_SOURCE_PROVIDER, _ABORT_NOT_SPECIFIED, _ABORT_INVALID_PARAMETER = 0x02, 0x00, 0x06
 
 
 def _refuse_pdu(self: _DUL, raw: socket.socket, pdu_type: int, length: int,
@@ -618,7 +769,13 @@ def _refuse_pdu(self: _DUL, raw: socket.socket, pdu_type: int, length: int,
 def _abort_connection(self: _DUL, raw: socket.socket, reason: int) -> None:
     """Write an A-ABORT (service provider, ``reason``: PS3.8 9.3.8) and the end of the
     stream, and tell the state machine the connection is closed (Evt17; in Sta6 AA-4
-    gives the association an A-P-ABORT)."""
+    gives the association an A-P-ABORT).
+
+    The association counts as aborted from here (pynetdicom's ``_sent_abort``): an
+    ``abort()`` from another thread (a write that failed, the network timeout) would
+    queue a second A-ABORT, which the state machine, back in Sta1 by then, cannot take.
+    """
+    self.assoc._sent_abort = True
     abort = A_ABORT_RQ()
     abort.source = _ABORT_SOURCE_PROVIDER
     abort.reason_diagnostic = reason
@@ -643,7 +800,7 @@ def abort_lent(assoc: Association, invalid: bool) -> None:
     if raw is None:
         dul.event_queue.put("Evt17")
         return
-    _abort_connection(dul, raw, _ABORT_INVALID_PARAMETER if invalid else 0x00)
+    _abort_connection(dul, raw, _ABORT_INVALID_PARAMETER if invalid else _ABORT_NOT_SPECIFIED)
 
 
 _ORIGINAL_RECEIVE_PDU = DULServiceProvider.receive_pdu
@@ -729,6 +886,7 @@ def patch() -> None:
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
     Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
     AssociationSocket.recv = _socket_recv  # type: ignore[method-assign, assignment]
+    AssociationSocket.send = _socket_send  # type: ignore[method-assign]
     DULServiceProvider.receive_pdu = _receive_pdu  # type: ignore[method-assign]
     DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign, assignment]
     DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]

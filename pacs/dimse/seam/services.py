@@ -21,9 +21,9 @@ that runs the seam (:func:`serves`); any other association in the process (a tes
 pynetdicom peer, a node with the seam off) gets pynetdicom's own service classes, which
 call the handlers of :mod:`pacs.dimse.handlers`.  Storage Commitment is not replaced
 on any association: pynetdicom's own service class calls
-:func:`pacs.dimse.handlers.handle_n_action`, and the N-EVENT-REPORT goes through
-``Association.send_n_event_report`` (:mod:`pacs.dimse.reports`), which pauses the
-reactor of :mod:`pacs.dimse.seam.reactor` as it does pynetdicom's.
+:func:`pacs.dimse.handlers.handle_n_action`; an N-EVENT-REPORT on the requestor's
+association is sent by :mod:`pacs.dimse.seam.notify`, whose response the wrapped
+``_serve_request`` recognises (:func:`patch`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
 import pacs.dimse.seam.inbound as inbound
+import pacs.dimse.seam.notify as notify
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
 from pacs.dimse import contexts, handlers, retrieve, storage, tls
@@ -411,7 +412,8 @@ def patch() -> None:
 
     ``pynetdicom.association`` looks the service class up through its module-level name
     ``uid_to_service_class`` for every request; that name is wrapped.
-    ``Association._serve_request`` is wrapped to answer invalid C-STORE requests.
+    ``Association._serve_request`` is wrapped to answer invalid C-STORE requests and to
+    hand the response to a report sent by :mod:`pacs.dimse.seam.notify` to its sender.
     """
     original = association.uid_to_service_class
     ours = (frozenset(contexts.FIND_MODELS) | frozenset(contexts.MOVE_MODELS)
@@ -427,6 +429,8 @@ def patch() -> None:
     serve_request = association.Association._serve_request
 
     def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+        if notify.take_response(self, msg):
+            return  # the response to a report this side sent, not a request
         if not (serves(self) and answer_invalid_store(self, msg, context_id)):
             serve_request(self, msg, context_id)
 

@@ -110,6 +110,26 @@ def store_request_command(sop_class_uid: str, sop_instance_uid: str, message_id:
     return _implicit(0x00000000, struct.pack("<I", len(joined))) + joined
 
 
+#: Command Field of an N-EVENT-REPORT-RQ (PS3.7 E.1-1).
+N_EVENT_REPORT_RQ = 0x0100
+
+
+def event_report_command(sop_class_uid: str, message_id: int, sop_instance_uid: str,
+                         event_type: int, has_dataset: bool) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 10.3.1.1, E.1-1), Implicit VR Little
+    Endian, elements in ascending tag order (PS3.5 7.1)."""
+    body = b"".join((
+        _implicit(0x00000002, _uid(sop_class_uid)),
+        _implicit(0x00000100, struct.pack("<H", N_EVENT_REPORT_RQ)),
+        _implicit(0x00000110, struct.pack("<H", message_id)),
+        _implicit(0x00000800, struct.pack("<H", DATASET_PRESENT if has_dataset
+                                          else NO_DATASET)),
+        _implicit(0x00001000, _uid(sop_instance_uid)),
+        _implicit(0x00001002, struct.pack("<H", event_type)),
+    ))
+    return _implicit(0x00000000, struct.pack("<I", len(body))) + body
+
+
 def _pdu(context_id: int, header: int, payload: bytes) -> bytes:
     """One P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2)."""
     return struct.pack(">BBIIBB", 0x04, 0, len(payload) + 6, len(payload) + 2, context_id,
@@ -167,9 +187,9 @@ def write_store_request(assoc: Any, context_id: int, command: bytes, source: Bin
             sent += len(data)
             buffer += _pdu(context_id, _DATA_LAST if sent >= length else _DATA, data)
             if len(buffer) >= _SEND_BUFFER:
-                sock.sendall(buffer)
+                _send(assoc, sock, buffer)
                 buffer.clear()
-        sock.sendall(buffer)
+        _send(assoc, sock, buffer)
     except BaseException:
         # Part of a message may be on the wire: the stream cannot carry another one.
         abort(assoc)
@@ -187,10 +207,38 @@ def write_message(assoc: Any, context_id: int, command: bytes) -> None:
     """
     pdus = _message_pdus(context_id, command, None, _peer_limit(assoc))
     try:
-        _socket_of(assoc).sendall(pdus)
+        _send(assoc, _socket_of(assoc), pdus)
     except BaseException:
         abort(assoc)
         raise
+
+
+def message_pdus(assoc: Any, context_id: int, command: bytes,
+                 dataset: bytes | None = None) -> bytes:
+    """The P-DATA-TF PDUs of one message on ``assoc`` (fragmented to the peer's maximum
+    PDU length), for :func:`write_pdus`."""
+    return _message_pdus(context_id, command, dataset, _peer_limit(assoc))
+
+
+def write_pdus(assoc: Any, pdus: bytes) -> None:
+    """Write whole PDUs to ``assoc``'s socket, as :func:`write_message` does but
+    without aborting the association when the write fails: the caller does, once it
+    holds no lock the abort waits for.
+
+    Raises
+    ------
+    OSError
+        The write failed, or the peer did not take it in time; part of it may have gone.
+    """
+    _send(assoc, _socket_of(assoc), pdus)
+
+
+def _send(assoc: Any, sock: Any, data: bytes | bytearray) -> None:
+    """Write all of ``data``, taken by the peer within the time one write on ``assoc``
+    may take (:func:`pacs.dimse.seam.reactor.pace`): a peer that reads a byte now and
+    then cannot hold the writing thread (SO_SNDTIMEO alone starts again with each)."""
+    limits.send_all(sock, data, reactor.pace(assoc))
+    reactor.traffic(assoc)
 
 
 def _peer_limit(assoc: Any) -> int:
@@ -307,7 +355,7 @@ def _receive(sock: Any, count: int, deadline: float | None) -> bytearray | bytes
     """Exactly ``count`` bytes, waiting at most until ``deadline``, in a buffer that
     grows with what arrives (:func:`pacs.dimse.limits.receive`)."""
     try:
-        data = limits.receive(sock, count, deadline=deadline, wait=True)
+        data = limits.receive(sock, count, deadline=deadline)
     except TimeoutError:
         raise UnexpectedMessage("no response within the DIMSE timeout") from None
     if len(data) < count:
@@ -382,7 +430,7 @@ class ResponseWriter:
         if self.broken or not self.buffer:
             return
         try:
-            _socket_of(self.assoc).sendall(self.buffer)
+            _send(self.assoc, _socket_of(self.assoc), self.buffer)
         except OSError as exc:
             self.broken = True
             logging.getLogger(__name__).warning("a response could not be sent: %s", exc)
