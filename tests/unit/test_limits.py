@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from io import BytesIO
 
 import pytest
@@ -240,28 +241,22 @@ def _drain(sock: socket.socket, count: int) -> bytes:
     return b"".join(chunks)
 
 
-def slow_pair() -> tuple[socket.socket, socket.socket]:
-    """A TCP connection over loopback with small buffers (ours sends, theirs reads):
-    each read the peer makes shows up as progress of our write at once (a Unix socket
-    pair frees the writer's room only once a whole write has been read)."""
+@contextlib.contextmanager
+def sipped_pair() -> Iterator[socket.socket]:
+    """Our end of a TCP connection over loopback with small buffers, whose peer reads
+    2 KiB every 0.1 s (~20 KB/s, below :data:`pacs.dimse.limits.MIN_RATE`): each read
+    shows up as progress of our write at once (a Unix socket pair frees the writer's
+    room only once a whole write has been read), so every wait of a plain ``sendall``
+    makes progress within SO_SNDTIMEO."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        theirs_side = socket.socket()
-        theirs_side.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        theirs_side.connect(listener.getsockname())
+        theirs = socket.socket()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        theirs.connect(listener.getsockname())
         ours, _ = listener.accept()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    return ours, theirs_side
-
-
-def test_send_all_gives_up_on_a_peer_that_reads_a_little_now_and_then() -> None:
-    """The peer reads 2 KiB every 0.1 s, so every wait of a plain ``sendall`` makes
-    progress within SO_SNDTIMEO (0.5 s) and 1 MiB would take it 50 s; the whole write
-    has its pace (0.5 s, and a second per MIN_RATE bytes taken)."""
-    ours, theirs = slow_pair()
-    limits.bound_sends(ours, 0.5)
     stop = threading.Event()
 
-    def sip() -> None:  # ~20 KB/s, below MIN_RATE
+    def sip() -> None:
         while not stop.wait(0.1):
             try:
                 theirs.recv(2048)
@@ -271,15 +266,23 @@ def test_send_all_gives_up_on_a_peer_that_reads_a_little_now_and_then() -> None:
     reader = threading.Thread(target=sip)
     reader.start()
     try:
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            limits.send_all(ours, bytes(1 << 20), limits.Pace(0.5))
-        assert time.monotonic() - started < 5
+        yield ours
     finally:
         stop.set()
         reader.join()
         ours.close()
         theirs.close()
+
+
+def test_send_all_gives_up_on_a_peer_that_reads_a_little_now_and_then() -> None:
+    """1 MiB would take the sipping peer 50 s; the whole write has its pace (0.5 s, and
+    a second per MIN_RATE bytes taken)."""
+    with sipped_pair() as ours:
+        limits.bound_sends(ours, 0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            limits.send_all(ours, bytes(1 << 20), limits.Pace(0.5))
+        assert time.monotonic() - started < 5
 
 
 # --- message buffers ---------------------------------------------------------------------------

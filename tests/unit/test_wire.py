@@ -12,7 +12,7 @@ import pytest
 
 from pacs.dimse import limits
 from pacs.dimse.seam import wire
-from tests.unit.test_limits import slow_pair
+from tests.unit.test_limits import sipped_pair
 
 pytestmark = pytest.mark.dimse
 
@@ -114,33 +114,16 @@ def test_a_peer_that_reads_a_little_now_and_then_cannot_hold_a_write() -> None:
     every 0.1 s), so only a bound on the whole write ends it: the network timeout, and
     a second per MIN_RATE bytes taken (pacs.dimse.seam.reactor.pace).  The association
     is aborted."""
-    ours, theirs = slow_pair()
-    limits.bound_sends(ours, 0.5)
-    assoc = _Assoc(ours, 16384)
-    assoc.network_timeout = 0.5  # type: ignore[attr-defined]
-    stop = threading.Event()
-
-    def sip() -> None:  # ~20 KB/s, below MIN_RATE
-        while not stop.wait(0.1):
-            try:
-                theirs.recv(2048)
-            except OSError:
-                return
-
-    reader = threading.Thread(target=sip)
-    reader.start()
-    writer = wire.ResponseWriter(assoc, 3)
-    done = threading.Event()
-    threading.Thread(target=lambda: (writer.message(b"CMD!", bytes(1 << 20), last=True),
-                                     done.set()), daemon=True).start()
-    try:
+    with sipped_pair() as ours:
+        limits.bound_sends(ours, 0.5)
+        assoc = _Assoc(ours, 16384)
+        assoc.network_timeout = 0.5  # type: ignore[attr-defined]
+        writer = wire.ResponseWriter(assoc, 3)
+        done = threading.Event()
+        threading.Thread(target=lambda: (writer.message(b"CMD!", bytes(1 << 20), last=True),
+                                         done.set()), daemon=True).start()
         assert done.wait(10), "the write went on"
         assert writer.broken and assoc.aborted
-    finally:
-        stop.set()
-        reader.join()
-        ours.close()
-        theirs.close()
 
 
 def _response_pdus(command: bytes, context_id: int = 3, split: int | None = None) -> bytes:
