@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 
 from pacs.core import config
 from pacs.core.services import Services, build
+from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import seam
 
@@ -40,6 +41,14 @@ def seam_only(reason: str) -> pytest.MarkDecorator:
     """Exclude a test of a property only the seam provides from the run without it
     (PACS_DIMSE_SEAM=off), saying why; with the seam it runs as any other."""
     return pytest.mark.skipif(not SEAM, reason=f"seam only (PACS_DIMSE_SEAM=off): {reason}")
+
+
+def folder_store(root: Path) -> FileStore:
+    """A folder store at ``root``, checked as a node checks it at start, which makes
+    the folder (a write never does: a missing one is a volume not mounted)."""
+    store = FileStore(root)
+    store.check()
+    return store
 
 
 def free_port() -> int:

@@ -43,11 +43,10 @@ from pacs.core import config
 from pacs.core.index.compiler import MAX_UIDS
 from pacs.core.services import Services
 from pacs.core.storage import object_key
-from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import retrieve
 from pacs.dimse.server import NodeServer, start, stop
-from tests.conftest import SEAM, free_port, sample, seam_only
+from tests.conftest import SEAM, folder_store, free_port, sample, seam_only
 from tests.factory import make_instance, uid_list_of_length
 
 pytestmark = pytest.mark.dimse
@@ -222,7 +221,7 @@ def make_node(settings: config.Settings, make_services: Callable[..., Services],
         table = ",".join([f"{d.ae_title}=127.0.0.1:{d.port}" for d in dests]
                          + ([modalities] if modalities else []))
         services = make_services(
-            store=store if store is not None else FileStore(settings.objects_dir),
+            store=store if store is not None else folder_store(settings.objects_dir),
             modalities=table, destinations=config.parse_modalities(table),
             pending_interval=pending_interval)
         port = free_port()

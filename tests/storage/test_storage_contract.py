@@ -510,6 +510,21 @@ def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
     assert store.temporaries() == []
 
 
+def test_file_store_writes_make_no_missing_root(tmp_path: Path) -> None:
+    """Its folder gone while the node runs (a volume unmounted): writes fail, and
+    nothing makes the folder anew to take objects beside the lost ones."""
+    store = FileStore(tmp_path / "objects")
+    store.check()
+    store.root.rmdir()
+    with pytest.raises(StorageError):
+        store.put(KEY, io.BytesIO(b"one"), 3)
+    assert store.put_many([(KEY, b"one")])[0] is not None
+    with pytest.raises(StorageError), staged(store, b"staged") as staging:
+        staging.place(KEY)
+    assert not store.root.exists()
+    store.close()
+
+
 def test_file_store_fsyncs_a_folder_it_finds_in_its_parent_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder made by another writer (a process of the node) may not be fsynced in

@@ -35,6 +35,7 @@ from pacs.core.services import Services, build
 from pacs.core.storage import Staged, exists, object_key, staged
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.s3 import S3Store, timeouts_for
+from tests.conftest import folder_store
 from tests.factory import make_instance
 
 KEY = object_key("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2",
@@ -187,7 +188,7 @@ def _nothing_left(root: Path) -> None:
 
 def test_file_put_that_runs_out_of_space_mid_write_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = FileStore(tmp_path / "objects")
+    store = folder_store(tmp_path / "objects")
 
     def half_then_full(source: BinaryIO, out: BinaryIO, length: int) -> int:
         out.write(source.read(length // 2))
@@ -208,7 +209,7 @@ def test_file_put_that_runs_out_of_space_mid_write_leaves_nothing(
 def test_file_write_whose_fsync_runs_out_of_space_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """ENOSPC (or EIO) from fsync: delayed allocation finds no room when it flushes."""
-    store = FileStore(tmp_path / "objects")
+    store = folder_store(tmp_path / "objects")
     other = object_key("1.2.3", "1.2.4", "1.2.5")
     monkeypatch.setattr(os, "fsync", _enospc)
     if how == "put_many":
@@ -287,7 +288,7 @@ def file_services(settings: Settings) -> Iterator[Callable[..., Services]]:
     def make(wrap: Callable[[FileStore], object] = lambda store: store,
              **changes: object) -> Services:
         changed = settings.with_overrides(dimse_timeout=4.0, **changes)  # busy timeout 1 s
-        store = wrap(FileStore(changed.objects_dir))
+        store = wrap(folder_store(changed.objects_dir))
         built = build(changed, store=store)  # type: ignore[arg-type]
         made.append(built)
         return built

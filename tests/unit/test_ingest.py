@@ -26,9 +26,8 @@ from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
 from pacs.core.services import Services, drain
 from pacs.core.storage import filesystem
-from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
-from tests.conftest import sample
+from tests.conftest import folder_store, sample
 
 
 def _bytes(name: str = "CT_small.dcm", **changes: str) -> bytes:
@@ -181,7 +180,7 @@ def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
     """The folder store renames the new object over the previous one, then fsyncs the
     folder; when that fsync fails the sender is refused, and the previous object (the
     one the index still describes) is back at its key."""
-    store = FileStore(tmp_path / "objects")
+    store = folder_store(tmp_path / "objects")
     services = make_services(store=store, intake_object_bytes=0)
     first = _bytes()
     services.ingest.store_bytes(first)

@@ -30,7 +30,7 @@ from pacs.core.storage import exists, object_key
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.s3 import S3Store
-from tests.conftest import sample
+from tests.conftest import folder_store, sample
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 from tests.storage.test_storage_contract import make_s3_store
 
@@ -501,7 +501,7 @@ def test_report_as_json(node: Services) -> None:
 
 
 def test_quarantine_of_the_folder_store_keeps_the_file(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "objects")
+    store = folder_store(tmp_path / "objects")
     key = object_key("1.2.3", "4.5.6", "7.8.9")
     store.put(key, io.BytesIO(b"abc"), 3)
     where = store.quarantine(key, "fsck-1")

@@ -53,7 +53,9 @@ class FileStore:
         self.root = root
         self.quarantine_root = quarantine_root or root.parent / "quarantine"
         self._stagers = Offload(_SYNC_THREADS, "store-stage")
-        self._folders = _DurableFolders()
+        self._folders = _DurableFolders(root)
+        # The quarantine's own folder is made in the customer's folder when first used.
+        self._quarantine_folders = _DurableFolders(self.quarantine_root.parent)
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -229,7 +231,7 @@ class FileStore:
         source = self._path(key)
         target = self.quarantine_root / quarantine_folder(folder) / key
         try:
-            self._folders.make(target.parent)
+            self._quarantine_folders.make(target.parent)
             if target.exists():
                 raise StorageError("the quarantine already holds this object")
             try:
@@ -383,17 +385,29 @@ class _DurableFolders:
     A folder found already there may be another writer's (a process of the node)
     that has made it and not yet fsynced its parent: its parent is fsynced once, then
     the folder is remembered (up to ``limit`` of them; forgetting costs one more
-    fsync of a clean folder, never durability).
+    fsync of a clean folder, never durability).  Folders are made under ``root``
+    only: a missing root is a volume not mounted, which a write must not make anew
+    (only :meth:`FileStore.check` may, for a new node).
     """
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, root: Path, limit: int = 4096) -> None:
+        self.root = root
         self._known: dict[Path, None] = {}
         self._limit = limit
 
     def make(self, folder: Path) -> None:
-        """Make ``folder`` and its missing parents, durably (:class:`OSError` if not)."""
+        """Make ``folder`` and its missing parents under :attr:`root`, durably.
+
+        Raises
+        ------
+        OSError
+            The root is missing, or a folder cannot be made or synced.
+        """
         if folder in self._known:
             return
+        if not self.root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the folder is missing (not mounted?)",
+                                    str(self.root))
         _make_folders(folder)
         if len(self._known) >= self._limit:
             self._known.clear()
