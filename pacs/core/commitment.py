@@ -206,7 +206,7 @@ class Pending:
     request: Request
     result: Result | None
     attempts: int
-    received: float = 0.0
+    received: float
 
 
 def _posix(iso: str) -> float:

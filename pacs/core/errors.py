@@ -8,6 +8,7 @@ turned into these at the backend's edge.
 
     PacsError
     ├── ConfigError            a setting cannot be read or a backend cannot start
+    │   └── StoreMissing       the store's folder or bucket does not exist
     ├── InvalidInstance        the object cannot be accepted as sent
     │   ├── InvalidUID         a UID that is not digits and dots, <= 64 chars (PS3.5 9.1)
     │   ├── UIDMismatch        command UIDs differ from the data set's (PS3.4 B.2.3)
@@ -46,6 +47,10 @@ class PacsError(Exception):
 
 class ConfigError(PacsError):
     """A setting is invalid, or a backend cannot be reached at start-up."""
+
+
+class StoreMissing(ConfigError):
+    """The object store answers, but its folder or bucket does not exist."""
 
 
 class InvalidInstance(PacsError):

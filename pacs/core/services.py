@@ -17,7 +17,7 @@ from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.deletion import Deleter
-from pacs.core.errors import ConfigError
+from pacs.core.errors import StoreMissing
 from pacs.core.index import reads
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
@@ -149,7 +149,7 @@ def _open_store(settings: Settings, index: Index, check: bool, create: bool) -> 
         return open_store(settings, check=check, create=create)
     try:
         return open_store(settings, check=True, create=False)
-    except ConfigError:
+    except StoreMissing:
         if reads.counts(index.connection())["instance"]:
             raise
         return open_store(settings, check=True, create=True)

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing
 from pacs.core.offload import Offload
 from pacs.core.storage.base import Staged, is_object_key, quarantine_folder
 
@@ -284,7 +284,7 @@ class FileStore:
         """The folder must exist (created when missing, with ``create``) and be
         writable."""
         if not create and not self.root.is_dir():
-            raise ConfigError(f"the object folder {self.root} does not exist (not "
+            raise StoreMissing(f"the object folder {self.root} does not exist (not "
                               "mounted? check PACS_DATA_DIR and PACS_STORAGE)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)

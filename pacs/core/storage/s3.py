@@ -57,7 +57,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from pacs.core.errors import ConfigError, NotFound, StorageError
+from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing
 from pacs.core.storage.base import is_object_key, quarantine_folder
 from pacs.core.storage.ranged import RangedReader
 
@@ -645,7 +645,7 @@ class S3Store:
         try:
             if not self._client.bucket_exists(bucket_name=self.bucket):
                 if not create:
-                    raise ConfigError(
+                    raise StoreMissing(
                         f"{where} has no bucket {self.bucket!r}: check PACS_S3_BUCKET "
                         "and PACS_S3_ENDPOINT")
                 try:

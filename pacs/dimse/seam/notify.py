@@ -243,7 +243,9 @@ def _send(assoc: Association, request: EventReport) -> bool:
                       syntax.is_deflated)
         if data is None:
             raise ValueError("the Event Information could not be encoded")
-    if not _writes_itself(assoc):
+    # The seam's association thread writes its messages to the socket; the DUL thread
+    # writes every message of any other association.
+    if not reactor.serves(assoc):
         assoc.dimse.send_msg(_primitive(request, data), context.context_id)
         return True
     command = wire.event_report_command(request.sop_class_uid, request.message_id,
@@ -276,13 +278,6 @@ def _primitive(request: EventReport, data: bytes | None) -> N_EVENT_REPORT:
     if data is not None:
         primitive.EventInformation = BytesIO(data)
     return primitive
-
-
-def _writes_itself(assoc: Association) -> bool:
-    """True for a node's association served by the seam, whose messages the
-    association's thread writes to the socket (:func:`pacs.dimse.seam.services.serves`);
-    the DUL thread writes every message of any other."""
-    return getattr(getattr(assoc, "_server", None), "uses_seam", False) is True
 
 
 def _context(assoc: Association, sop_class_uid: str) -> PresentationContext | None:

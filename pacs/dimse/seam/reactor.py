@@ -497,6 +497,12 @@ def patched(assoc: Association) -> bool:
     return hasattr(assoc.dul, "_traffic_at")
 
 
+def serves(assoc: Association) -> bool:
+    """True for an association of a node server that runs the seam
+    (:func:`pacs.dimse.seam.install` returned True for its settings)."""
+    return getattr(getattr(assoc, "_server", None), "uses_seam", False) is True
+
+
 def traffic(assoc: Association) -> None:
     """A PDU crossed ``assoc``'s socket outside the DUL (read or written by another
     thread): for :func:`quiet_for`."""

@@ -70,16 +70,10 @@ log = logging.getLogger(__name__)
 C_STORE_RSP, C_GET_RSP, C_MOVE_RSP = 0x8001, 0x8010, 0x8021
 
 
-def serves(assoc: Association) -> bool:
-    """True for an association of a node server that runs the seam
-    (:func:`pacs.dimse.seam.install` returned True for its settings)."""
-    return getattr(getattr(assoc, "_server", None), "uses_seam", False) is True
-
-
 def bound_services(assoc: Association, event: evt.EventType) -> Services | None:
     """The services :func:`pacs.dimse.handlers.of_customer` bound to ``event`` on a
     seam node's association (its customer's); ``None`` for any other association."""
-    if not serves(assoc):
+    if not reactor.serves(assoc):
         return None
     bound: Any = assoc.get_handlers(event)
     handler, args = bound if isinstance(bound, tuple) else (None, None)
@@ -431,7 +425,7 @@ def patch() -> None:
     def _serve_request(self: Association, msg: Any, context_id: int) -> None:
         if notify.take_response(self, msg):
             return  # the response to a report this side sent, not a request
-        if not (serves(self) and answer_invalid_store(self, msg, context_id)):
+        if not (reactor.serves(self) and answer_invalid_store(self, msg, context_id)):
             serve_request(self, msg, context_id)
 
     association.Association._serve_request = _serve_request  # type: ignore[method-assign]
