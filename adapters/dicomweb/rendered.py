@@ -348,6 +348,8 @@ class Rendered:
         pixels.check_numbers(lay, [number])
         limit = self.services.settings.max_frame_bytes
         pixels.check_decodable(lay.decoded_bytes, limit)  # before the object is opened
+        if params.viewport is not None and params.viewport.region is not None:
+            source_box(params.viewport.region, lay.columns, lay.rows)  # before decoding
         image = self._image(doc, parsed, lay, number, params)
         resp.content_type = media
         resp.data = encode(image, media, params.quality)

@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 
 from adapters.dicomweb.app import create_app
-from pacs.core import metadata
+from pacs.core import frames as core_frames, metadata
 from pacs.core.errors import NotFound, UnreadableData
 from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
@@ -668,8 +668,14 @@ def test_rendered_source_region(client: testing.TestClient, put: Put) -> None:
     "viewport=10,10,-1,0,5,5", "viewport=10,10,124,0,5,5", "viewport=10,10,4,0,-5,5",
 ])
 def test_rendered_parameters_out_of_range_are_400(client: testing.TestClient, put: Put,
-                                                  query: str) -> None:
+                                                  query: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ds, _ = put("CT_small.dcm")
+
+    def not_decoded(*_: object, **__: object) -> None:
+        raise AssertionError("refused only after the frame was decoded")
+
+    monkeypatch.setattr(core_frames, "decoded", not_decoded)
     for suffix in ("/rendered", "/thumbnail"):
         result = client.simulate_get(url(ds) + suffix, query_string=query)
         assert result.status_code == 400, result.text
