@@ -23,7 +23,9 @@ Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
 (ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
 data is read (a deflated or big endian data set), checked before any decoder runs or
 any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
-65535 RGB frame (12 GB) in a few bytes.  :func:`check_frames` makes the same checks
+65535 RGB frame (12 GB) in a few bytes; so may a compressed frame's own codestream,
+which is what its decoder allocates, so it must declare the image the header does
+(:mod:`pacs.core.codestream`).  :func:`check_frames` makes the same checks
 before any frame is read, so that a retrieval refuses them in its status line.
 """
 
@@ -45,7 +47,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from pacs.core import dataset, metadata
+from pacs.core import codestream, dataset, metadata
 from pacs.core.errors import FrameTooLarge, NotFound, UnreadableData
 from pacs.core.storage import open_ranged, spooled_copy
 from pacs.core.storage.ranged import RangedReader
@@ -368,7 +370,9 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
 
     pydicom reads just that frame from the file; a deflated data set cannot be read
     that way (its pixel data is inside the deflate stream), so the whole data set is
-    read instead.  The declared sizes are checked first (module docstring).
+    read instead.  The declared sizes are checked first (module docstring), and a
+    compressed frame's codestream must declare the same image
+    (:func:`pacs.core.codestream.check`) before a decoder sees it.
 
     Raises
     ------
@@ -379,19 +383,38 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
         When the frame cannot be decoded.
     """
     check_decodable(lay.decoded_bytes, max_frame_bytes)
+    if lay.encapsulated:
+        return _decoded_fragments(source, number, lay)
+    if codestream.declares(lay.transfer_syntax):
+        # Compressed frames are decoded only once their codestream is checked, which
+        # needs their fragments where ingest found them.
+        raise UnreadableData("the compressed pixel data is not encapsulated where "
+                             "ingest recorded it")
     if lay.transfer_syntax != DeflatedExplicitVRLittleEndian:
         try:
             source.seek(0)
             return pixel_array(source, index=number - 1)
         except Exception:  # noqa: BLE001 - retry from the whole data set, below
             pass
-    if not lay.encapsulated:
-        # Native pixel data read whole (encapsulated data is read as stored, and only
-        # the frame asked for is decoded).
-        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+    # Native pixel data read whole, within its ceiling.
+    check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
     try:
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def _decoded_fragments(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
+    """Frame ``number`` of encapsulated pixel data, decoded once its codestream has
+    been found to declare the frame the data set describes
+    (:func:`pacs.core.codestream.check`): a decoder allocates what the codestream
+    declares.  Only that frame is read, never the whole pixel data."""
+    codestream.check(_fragments(source, lay, number), lay.transfer_syntax, lay.rows,
+                     lay.columns, lay.samples, lay.bits_allocated)
+    try:
+        source.seek(0)
+        return pixel_array(source, index=number - 1)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
 

@@ -384,7 +384,10 @@ def _describe(resource: object) -> dict[str, Any]:
                 "section": "PS3.18 10.4.1.1.3", "method": "GET",
                 "notes": "Each part states the transfer syntax of its frame.  Objects "
                          "stored compressed are decoded for the uncompressed types (from "
-                         "the syntaxes of 3.2.4), and uncompressed frames are labelled "
+                         "the syntaxes of 3.2.4) when the codestream of each declares "
+                         "the image of the data set's Rows, Columns and Samples per "
+                         "Pixel (PS3.5 8.2; 400 otherwise, nothing decoded), and "
+                         "uncompressed frames are labelled "
                          f"{frames.NATIVE_SYNTAX} whichever uncompressed syntax was asked "
                          "(the bytes of a frame are the same); `*` sends the stored "
                          "frames.",

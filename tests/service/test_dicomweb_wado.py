@@ -37,6 +37,7 @@ from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.ranged import RangedReader
 from tests.conftest import sample
+from tests.factory import jpeg_frame, make_jpeg_instance
 
 JSON = "application/dicom+json"
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"'  # dicomweb-client
@@ -811,6 +812,36 @@ def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callabl
     result = client.simulate_get(url(deflated) + "/frames/1", headers={"Accept": OHIF_FRAMES})
     assert result.status_code == 400, result.text
     assert "4194304 bytes" in result.json["description"]
+
+
+def test_a_codestream_declaring_another_image_is_never_decoded(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels (400 MB and
+    seconds of decoding, in 700 bytes): every resource that would decode it answers
+    400 before a decoder runs; as stored it is still sent."""
+    from pacs.core import frames, transcode
+
+    def no_decoding(*_: Any, **__: Any) -> None:
+        raise AssertionError("something was decoded")
+
+    monkeypatch.setattr(frames, "pixel_array", no_decoding)
+    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoding)
+    services = make_services(max_frame_bytes=1 << 20)
+    client = testing.TestClient(create_app(services))
+    data = make_jpeg_instance(jpeg_frame(declared=(20000, 20000)))
+    services.ingest.store_bytes(data)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    for path, accept in ((url(ds) + "/rendered", "image/jpeg"),
+                         (url(ds) + "/thumbnail", "image/png"),
+                         (url(ds) + "/frames/1", OCTET_FRAMES),
+                         (url(ds), DICOM_ACCEPT),
+                         (url(ds), f"application/dicom; transfer-syntax={EXPLICIT}")):
+        result = client.simulate_get(path, headers={"Accept": accept})
+        assert result.status_code == 400, (path, accept, result.text)
+        assert "20000 x 20000" in result.json["description"], (path, accept)
+    assert transcode.can_convert(JPEG_BASELINE, EXPLICIT)
+    result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+    assert result.status_code == 200 and jpeg_frame(declared=(20000, 20000)) in result.content
 
 
 def test_sizes_over_the_ceilings_are_refused_before_the_answer(
