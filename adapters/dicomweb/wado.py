@@ -489,13 +489,14 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
     What can refuse the request is decided before the status line: the frame numbers
     and media type (by the caller), the declared size of every frame to decode
     (:func:`pacs.core.frames.check_frames`: Rows, Columns, Samples per Pixel, Bits
-    Allocated and Number of Frames of the metadata), and the first frame, read now
+    Allocated and Number of Frames of the metadata), that native frames cut from the
+    stored value lie within it, and the first frame, read now
     (:func:`started`).  Without multipart the frames are one body (for native pixel
     data, the pixel data value itself), with its Content-Length when the frames are
     cut from the stored bytes.  ``what`` names the resource in the log should the body
     be cut short (:func:`sent`).
     """
-    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes)
+    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes, numbers)
     syntax = pixels.frame_syntax(lay, plan.stored)
     frames = started(_frames(services, doc, lay, numbers, plan.stored))
     if not plan.multipart:

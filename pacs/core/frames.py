@@ -270,21 +270,56 @@ def frame_length(lay: Layout, stored: bool) -> int | None:
     return -(-lay.frame_bits // 8) if production(lay, stored) == "slice" else None
 
 
-def check_frames(lay: Layout, stored: bool, max_frame_bytes: int) -> None:
-    """Refuse now what :func:`decoded` would refuse frame by frame, from the declared
-    sizes alone (module docstring): a response can still say so in its status line.
+def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
+                 numbers: Sequence[int] = ()) -> None:
+    """Refuse now what :func:`decoded` or :func:`_slice` would refuse frame by frame,
+    from the declared sizes alone (module docstring): a response can still say so in
+    its status line.
 
     Raises
     ------
     FrameTooLarge
         The frames are decoded and one is declared larger than ``max_frame_bytes``,
         or a deflated data set (read whole) declares all of them larger.
+    UnreadableData
+        The frames ``numbers`` are cut from native pixel data that does not hold them
+        all, or whose frames have no bits (:func:`check_sliced`).
     """
-    if production(lay, stored) != "decode":
+    how = production(lay, stored)
+    if how == "slice":
+        check_sliced(lay, numbers)
+    if how != "decode":
         return
     check_decodable(lay.decoded_bytes, max_frame_bytes)
     if lay.transfer_syntax == DeflatedExplicitVRLittleEndian and not lay.encapsulated:
         check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+
+
+def check_sliced(lay: Layout, numbers: Sequence[int]) -> None:
+    """Refuse native frames the stored value does not hold, before any is sent.
+
+    PS3.5 8.1.1: native pixel data is the frames' bits one after the other, Rows x
+    Columns x Samples per Pixel x Bits Allocated each.  Number of Frames is a number
+    in the header: one far beyond the value's length (2^31 frames of a one-frame
+    image) would let an answer of every frame start with a status of 200 and a
+    Content-Length of terabytes, then break off at the first missing frame; frames of
+    no bits (Columns or Bits Allocated of 0) are empty parts, as many as the header
+    declares.
+
+    Raises
+    ------
+    UnreadableData
+        A frame of no bits, or a frame of ``numbers`` that ends past the value.
+    """
+    length = lay.pixel_length or 0
+    if lay.frame_bits <= 0:
+        raise UnreadableData("the native pixel data declares frames of no pixels")
+    # All the frames of a range (bulk data) are checked by its last without walking it.
+    last = (numbers[-1] if numbers else 0) if isinstance(numbers, range) else max(
+        numbers, default=0)
+    if -(-last * lay.frame_bits // 8) > length:
+        raise UnreadableData(f"the pixel data holds fewer than the {last} frames asked "
+                             f"for ({length} bytes, {lay.frame_bits} bits a frame)")
 
 
 def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,

@@ -814,6 +814,35 @@ def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callabl
     assert "4194304 bytes" in result.json["description"]
 
 
+@pytest.mark.parametrize("changes, problem", [
+    ({"NumberOfFrames": 2147483647}, "fewer than the"),
+    ({"NumberOfFrames": 3}, "fewer than the 3 frames"),
+    ({"Columns": 0}, "frames of no pixels"),
+    ({"BitsAllocated": 0}, "frames of no pixels"),
+])
+def test_native_frames_the_value_does_not_hold_are_refused_before_the_answer(
+        client: testing.TestClient, services: Services, changes: dict[str, int],
+        problem: str) -> None:
+    """CT_small holds one 128 x 128 frame of 16 bits (PS3.5 8.1.1).  A header that
+    declares more frames than that, or frames of no bits, is 400 before the status
+    line for every frame list that asks for one it lacks: before, all frames began
+    200 (with a Content-Length of 64 TiB for 2^31 frames) and broke off at frame 2,
+    and frames of no bits were sent as empty parts, as many as declared."""
+    ds = fresh("CT_small.dcm", **changes)
+    services.ingest.store_bytes(encode(ds))
+    listed = "/frames/1,3" if changes.get("NumberOfFrames") else "/frames/1"
+    for suffix, accept in (("/bulkdata/7FE00010", OCTET_FRAMES),
+                           ("/bulkdata/7FE00010", "application/octet-stream"),
+                           (listed, OHIF_FRAMES)):
+        result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
+        assert result.status_code == 400, (suffix, accept, result.status_code)
+        assert problem in result.json["description"], (suffix, result.json)
+    if changes.get("NumberOfFrames"):  # the frame the value holds is still sent
+        result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+        assert result.status_code == 200
+        assert pydicom.dcmread(sample("CT_small.dcm")).PixelData in result.content
+
+
 def test_a_codestream_declaring_another_image_is_never_decoded(
         make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
     """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels (400 MB and
