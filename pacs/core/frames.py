@@ -32,6 +32,8 @@ before any frame is read, so that a retrieval refuses them in its status line.
 from __future__ import annotations
 
 import base64
+import io
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -390,14 +392,63 @@ def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
 
 
 def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
-    """Frame ``number`` of encapsulated pixel data: its fragments' bytes, joined."""
+    """Frame ``number`` of encapsulated pixel data: its fragments' bytes, joined.
+
+    Raises
+    ------
+    UnreadableData
+        The fragments do not parse, the Extended Offset Table places the frame past
+        the object (:func:`_check_extended`), or the frame has no bytes (an offset
+        table entry outside the pixel data: every frame is at least one fragment,
+        PS3.5 A.4).
+    """
     assert lay.pixel_offset is not None
+    if lay.extended_offsets is not None:
+        _check_extended(source, lay, number)
     source.seek(lay.pixel_offset)
     try:
-        return get_frame(source, number - 1, number_of_frames=lay.frames,
+        data = get_frame(source, number - 1, number_of_frames=lay.frames,
                          extended_offsets=lay.extended_offsets)
     except (ValueError, KeyError) as exc:
         raise UnreadableData(f"the encapsulated pixel data does not parse: {exc}") from None
+    if not data:
+        raise UnreadableData(f"frame {number} has no bytes where the offset table "
+                             "places it")
+    return data
+
+
+#: One entry of the Extended Offset Table or of its lengths: 64-bit little endian
+#: (PS3.3 C.7.6.3.1.8, PS3.5 A.4).
+_EXTENDED_ENTRY = struct.Struct("<Q")
+
+
+def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:
+    """Refuse frame ``number`` unless the Extended Offset Table places it within the
+    stored object.
+
+    The table's entries are 64-bit numbers the sender chose: pydicom reads a frame's
+    length as given, and a file's ``read`` of 2^40 bytes asks the allocator for them
+    first (a ``MemoryError``), whatever the file holds.
+
+    Raises
+    ------
+    UnreadableData
+        The table lists fewer frames than ``number``, or places its bytes past the end.
+    """
+    assert lay.extended_offsets is not None and lay.pixel_offset is not None
+    offsets, lengths = lay.extended_offsets
+    at = _EXTENDED_ENTRY.size * (number - 1)
+    if at + _EXTENDED_ENTRY.size > min(len(offsets), len(lengths)):
+        raise UnreadableData(f"the Extended Offset Table does not list frame {number}")
+    offset = _EXTENDED_ENTRY.unpack_from(offsets, at)[0]
+    length = _EXTENDED_ENTRY.unpack_from(lengths, at)[0]
+    # The Basic Offset Table's item header, read first by get_frame too: on a ranged
+    # stream this fetch also learns the object's size, so the seek to the end is free.
+    source.seek(lay.pixel_offset)
+    source.read(8)
+    if offset + length > source.seek(0, io.SEEK_END) - lay.pixel_offset:
+        raise UnreadableData(f"the Extended Offset Table places frame {number} past the "
+                             "end of the object (PS3.5 A.4)")
 
 
 def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
