@@ -31,6 +31,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from adapters.dicomweb.multipart import encode as multipart_encode
 from tests.conftest import wait_for_port
+from tests.factory import jpeg_frame, make_jpeg_instance
 from tests.interop.conftest import (
     AE_TITLE,
     PATIENCE,
@@ -393,6 +394,34 @@ def test_frame_declaring_65535_by_65535_rgb_is_refused(limited: Node) -> None:
         assert answer.status_code == 400, answer.text
         assert "PACS_MAX_FRAME_BYTES" in answer.json()["description"]
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_jpeg_declaring_20000_by_20000_behind_16_by_16_is_refused(limited: Node) -> None:
+    """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels: the decoder
+    would fill 400 MB (2 GB of RSS, 6.6 s, then fail to fit them in 256 bytes).  Every
+    resource that decodes answers 400 from the codestream's header; the stored frame
+    is still sent as stored."""
+    data = make_jpeg_instance(jpeg_frame(declared=(20000, 20000)))
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    assert stow(limited, data).status_code == 200
+    base = (f"{limited.web_url()}/studies/{ds.StudyInstanceUID}/series/"
+            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    explicit = "1.2.840.10008.1.2.1"
+    asked = (("/rendered", "image/jpeg"), ("/thumbnail", "image/png"),
+             ("/frames/1", f"multipart/related; type=application/octet-stream; "
+                           f"transfer-syntax={explicit}"),
+             ("", f"application/dicom; transfer-syntax={explicit}"))
+    watch = Watch(limited)
+    with watch.attack():
+        answers = [requests.get(base + suffix, headers={"Accept": accept}, timeout=60)
+                   for _ in range(3) for suffix, accept in asked]
+    watch.check("JPEG declaring 20000 x 20000 behind 16 x 16, 12 requests")
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert "20000 x 20000" in answer.json()["description"]
+    stored = requests.get(base + "/frames/1", timeout=60, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert stored.status_code == 200 and jpeg_frame(declared=(20000, 20000)) in stored.content
 
 
 # --- active content -------------------------------------------------------------------------
