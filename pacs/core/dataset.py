@@ -25,7 +25,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Final, Literal
 
 import pydicom
@@ -364,7 +364,9 @@ class _Walker:
                 position = self._undefined(position, depth, _is_sequence(tag, vr))
             else:
                 self._need(position, length)
-                position = self._defined(tag, vr, position, length, depth)
+                if vr == b"SQ" or (vr is None and _sequence_tag(tag)):
+                    self._items(position, position + length, depth)
+                position += length
         if position != limit:
             raise UnreadableData("an element overruns its item")
         return position
@@ -396,7 +398,8 @@ class _Walker:
             else:
                 self._need(position, length)
                 value_end, value_length = position + length, length
-                self._defined(tag, vr_bytes, position, length, 0)
+                if vr == "SQ" or (vr_bytes is None and _sequence_tag(tag)):
+                    self._items(position, value_end, 0)
             if pixel_at is None:
                 if tag in _PIXEL_TAGS:
                     pixel_at = start
@@ -408,13 +411,9 @@ class _Walker:
             raise UnreadableData("an element overruns its item")
         return kept, end if pixel_at is None else pixel_at
 
-    def _defined(self, tag: int, vr: bytes | None, position: int, length: int,
-                 depth: int) -> int:
-        """Pass a value of defined length; the end of it.  A sequence's items are
-        walked (their elements count, and nest, like those of undefined length)."""
-        end = position + length
-        if not _is_sequence(tag, vr):
-            return end
+    def _items(self, position: int, end: int, depth: int) -> None:
+        """Walk the items of a sequence of defined length, from ``position`` to
+        ``end``: their elements count, and nest, like those of undefined length."""
         while position < end:
             tag, _, item_length, size = self._header(position)
             position += size
@@ -427,7 +426,6 @@ class _Walker:
                 position = self.dataset(position, position + item_length, depth + 1)
         if position != end:
             raise UnreadableData("an item overruns its sequence")
-        return end
 
     def _undefined(self, position: int, depth: int, sequence: bool) -> int:
         """Walk items of a sequence or fragments of encapsulated pixel data (or of a
@@ -484,7 +482,14 @@ _VR_NAMES = {vr.encode("ascii"): vr for vr in _KNOWN_VRS}
 def _is_sequence(tag: int, vr: bytes | None) -> bool:
     """True for a sequence: VR SQ, or in implicit VR (``vr`` None) a tag the
     dictionary makes one."""
-    return vr == b"SQ" or (vr is None and _dictionary_vr(tag) == "SQ")
+    return vr == b"SQ" or (vr is None and _sequence_tag(tag))
+
+
+@lru_cache(maxsize=4096)
+def _sequence_tag(tag: int) -> bool:
+    """True when the dictionary makes ``tag`` a sequence (looked up once per tag: the
+    walk of an implicit VR data set asks for every element)."""
+    return _dictionary_vr(tag) == "SQ"
 
 
 def _dictionary_vr(tag: int) -> str | None:
