@@ -42,7 +42,7 @@ from adapters.dicomweb import (
     wado,
 )
 from adapters.dicomweb.accept import MULTIPART
-from pacs.core import commitment, frames, transcode
+from pacs.core import commitment, frames, jsonmodel, transcode
 from pacs.core.config import Settings
 from pacs.core.index import compiler
 from pacs.core.services import access_policy
@@ -398,7 +398,12 @@ def _describe(resource: object) -> dict[str, Any]:
                 "notes": "The BulkDataURIs of the metadata.  Pixel Data (`7FE00010`) is "
                          "answered as all its frames, with the media types below; any "
                          f"other value as its bytes, `{wado.OCTET}` (multipart, or alone "
-                         "when asked without multipart).",
+                         "when asked without multipart).  Besides binary values over "
+                         f"{jsonmodel.BULK_DATA_THRESHOLD} bytes, the metadata of an "
+                         "instance writes at most "
+                         f"{jsonmodel.INLINE_VALUE_BYTES >> 20} MiB of text and number "
+                         "values; past that, values of the VRs PS3.18 10.4.3.3.2 lists "
+                         "are BulkDataURIs, and others are left out.",
                 "media_types": _frame_offers()}
     if isinstance(resource, rendered.Rendered):
         images = [_offer(kind, default=i == 0) for i, kind in enumerate(rendered.RENDERED_TYPES)]

@@ -607,6 +607,23 @@ def test_bulk_data_path_that_names_no_binary_value_is_404(client: testing.TestCl
                                ).content == b"\x01\x02"
 
 
+def test_a_text_value_past_the_metadata_budget_is_sent_as_bulk_data(
+        client: testing.TestClient, services: Services,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PS3.18 10.4.3.3.2: a UT value the metadata references is retrieved as its bytes
+    from its BulkDataURI, as stored (here past a budget of 100 bytes)."""
+    from pacs.core import jsonmodel
+
+    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 100)
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00204000, "LT", "x" * 150)  # Image Comments
+    services.ingest.store_bytes(encode(ds))
+    [document] = client.simulate_get(url(ds) + "/metadata").json
+    uri = document["00204000"]["BulkDataURI"].removeprefix("http://falconframework.org")
+    result = client.simulate_get(uri, headers={"Accept": "application/octet-stream"})
+    assert result.status_code == 200 and result.content == b"x" * 150
+
+
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
                                                       put: Put) -> None:
     ds, _ = put("emri_small.dcm")
