@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
@@ -352,3 +353,35 @@ def test_deflated_elements_count_too(monkeypatch: pytest.MonkeyPatch) -> None:
         read_part10(head + body)
     monkeypatch.setattr(dataset, "MAX_ELEMENTS", 400)
     assert read_part10(head + body).transfer_syntax == DeflatedExplicitVRLittleEndian
+
+
+def _implicit_with_name(name: bytes) -> bytes:
+    """make_instance's object in implicit VR little endian, Patient's Name ``name``
+    (implicit VR lengths are 32-bit: PS3.5 7.1.3)."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    base = out.getvalue()
+    at = base.index(b"\x10\x00\x10\x00", dataset.dataset_offset(base))
+    length = struct.unpack_from("<I", base, at + 4)[0]
+    return base[:at] + _implicit(0x00100010, name) + base[at + 8 + length:]
+
+
+def test_a_value_past_the_index_bound_is_indexed_by_its_first_values() -> None:
+    """32 MiB of backslashes in a Patient's Name took 3.1 s and 544 MB to index
+    (32 million values); the values within MAX_INDEX_VALUE_BYTES are indexed."""
+    names = b"DOE^JOHN\\" * ((4 << 20) // 9)
+    header = read_part10(_implicit_with_name(names)).header
+    tracemalloc.start()
+    try:
+        values = extract(header, Level.PATIENT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    indexed = values["patient_name"]
+    assert indexed is not None and len(indexed) <= dataset.MAX_INDEX_VALUE_BYTES
+    assert set(indexed.split("\\")) == {"DOE^JOHN"}
+    assert peak < 16 * dataset.MAX_INDEX_VALUE_BYTES, peak
+    one = read_part10(_implicit_with_name(b"A" * (2 << 20))).header
+    assert extract(one, Level.PATIENT)["patient_name"] == "A" * dataset.MAX_INDEX_VALUE_BYTES
