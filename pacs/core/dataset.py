@@ -700,7 +700,7 @@ class _StreamWalker:
         self.limit = limit
         self.elements = self.headers_left = MAX_ELEMENTS
 
-    def _header(self) -> tuple[int, bytes | None, int]:
+    def header(self) -> tuple[int, bytes | None, int]:
         """(tag, VR, value length) of the next element or item (no VR for items and
         delimiters)."""
         self.headers_left -= 1
@@ -732,14 +732,15 @@ class _StreamWalker:
         reader = self.reader
         while not reader.at_end():
             start = reader.position
-            tag, vr, length = self._header()
+            tag, vr, length = self.header()
             if tag in _PIXEL_TAGS:
                 reader.stop_keeping(start)
             if tag == _ITEM_END:
                 raise UnreadableData("unexpected item delimiter")
-            self._value(vr, length, 0)
+            self.value(vr, length, 0)
 
-    def _value(self, vr: bytes | None, length: int, depth: int) -> None:
+    def value(self, vr: bytes | None, length: int, depth: int) -> None:
+        """Pass a value: a sequence's items walked, anything else skipped."""
         if length == _UNDEFINED:
             self._undefined(depth, vr == b"SQ")
         elif vr == b"SQ":
@@ -752,12 +753,12 @@ class _StreamWalker:
         if depth > 64:
             raise UnreadableData("sequences nested too deeply")
         while end is None or self.reader.position < end:
-            tag, vr, length = self._header()
+            tag, vr, length = self.header()
             if tag == _ITEM_END:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
                 return
-            self._value(vr, length, depth)
+            self.value(vr, length, depth)
         if self.reader.position != end:
             raise UnreadableData("an element overruns its item")
 
@@ -765,7 +766,7 @@ class _StreamWalker:
         """The items of a sequence of defined length, which ends at ``end``."""
         self._check_end(end)
         while self.reader.position < end:
-            tag, _, length = self._header()
+            tag, _, length = self.header()
             if tag != _ITEM:
                 raise UnreadableData("malformed sequence")
             if length == _UNDEFINED:
@@ -779,7 +780,7 @@ class _StreamWalker:
     def _undefined(self, depth: int, sequence: bool) -> None:
         """Items of a sequence or fragments of encapsulated pixel data."""
         while True:
-            tag, _, length = self._header()
+            tag, _, length = self.header()
             if tag == _SEQ_END:
                 return
             if tag != _ITEM:
@@ -791,6 +792,36 @@ class _StreamWalker:
                 self._item(depth + 1, self.reader.position + length)
             else:
                 self._skip(length)
+
+
+def inflated_pixels(deflated: memoryview, start: int, size: int) -> bytes:
+    """Bytes ``start`` to ``start + size`` of the top-level Pixel Data value of a
+    deflated data set (native pixel data, PS3.5 A.5), inflating the stream only up to
+    them: memory stays at a chunk and the bytes returned, whatever the data set
+    inflates to before or after them.
+
+    Raises
+    ------
+    UnreadableData
+        No native Pixel Data (7FE0,0010) at the top level, a value shorter than asked,
+        or a stream that does not inflate.
+    """
+    reader = _InflatedReader(Inflater(deflated, None), None)
+    walker = _StreamWalker(reader, None)
+    while not reader.at_end():
+        tag, vr, length = walker.header()
+        if tag == _PIXEL_DATA:
+            if length == _UNDEFINED or start + size > length:
+                raise UnreadableData("the pixel data is shorter than its frames")
+            reader.skip(start)
+            return reader.read(size)
+        if tag == _ITEM_END:
+            raise UnreadableData("unexpected item delimiter")
+        walker.value(vr, length, 0)
+    raise UnreadableData("the deflated data set has no pixel data")
+
+
+_PIXEL_DATA = 0x7FE00010
 
 
 def inflated_head(deflated: memoryview, size: int) -> bytes:

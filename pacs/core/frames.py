@@ -10,9 +10,12 @@ pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
   Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
   table and the frame's items; without an offset table pydicom walks every fragment's
   item header, so :func:`open_frames` gives it a local copy of the object;
-- anything else (deflated or big endian data sets, or objects without a recorded
-  position), and any compressed frame asked for uncompressed: decoded by pydicom
-  (pylibjpeg codecs) one frame at a time.
+- a deflated data set (PS3.5 A.5): the frame's bytes inflated from the stream and
+  nothing after them (:func:`pacs.core.dataset.inflated_pixels`), decoded by pydicom
+  with the header;
+- anything else (big endian data sets, or objects without a recorded position), and
+  any compressed frame asked for uncompressed: decoded by pydicom (pylibjpeg codecs)
+  one frame at a time.
 
 Native frames are sent as Explicit VR Little Endian (1.2.840.10008.1.2.1): the pixel
 bytes of every little endian uncompressed syntax are the same.  Decoded colour frames
@@ -21,7 +24,7 @@ come out as RGB (pydicom converts YCbCr), as with dcm4chee and Orthanc.
 Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
 (``PACS_MAX_FRAME_BYTES``): Rows x Columns x Samples per Pixel x bytes per sample
 (ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
-data is read (a deflated or big endian data set), checked before any decoder runs or
+data is read (a big endian data set), checked before any decoder runs or
 any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
 65535 RGB frame (12 GB) in a few bytes; so may a compressed frame's own codestream,
 which is what its decoder allocates, so it must declare the image the header does
@@ -281,8 +284,7 @@ def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
     Raises
     ------
     FrameTooLarge
-        The frames are decoded and one is declared larger than ``max_frame_bytes``,
-        or a deflated data set (read whole) declares all of them larger.
+        The frames are decoded and one is declared larger than ``max_frame_bytes``.
     UnreadableData
         The frames ``numbers`` are cut from native pixel data that does not hold them
         all, or whose frames have no bits (:func:`check_sliced`).
@@ -293,8 +295,6 @@ def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
     if how != "decode":
         return
     check_decodable(lay.decoded_bytes, max_frame_bytes)
-    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian and not lay.encapsulated:
-        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
 
 
 def check_sliced(lay: Layout, numbers: Sequence[int]) -> None:
@@ -386,8 +386,13 @@ def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
     data = source.read(end - start)
     if len(data) != end - start:
         raise UnreadableData("the stored object is truncated")
+    return _repacked(data, first - start * 8, size)
+
+
+def _repacked(data: bytes, skip: int, size: int) -> bytes:
+    """``size`` bits of ``data`` from bit ``skip`` on, packed from the first byte
+    (PS3.5 8.1.1: bits fill bytes from the least significant one)."""
     bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-    skip = first - start * 8
     return np.packbits(bits[skip:skip + size], bitorder="little").tobytes()
 
 
@@ -454,9 +459,9 @@ def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:
 def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
     """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
 
-    pydicom reads just that frame from the file; a deflated data set cannot be read
-    that way (its pixel data is inside the deflate stream), so the whole data set is
-    read instead.  The declared sizes are checked first (module docstring), and a
+    pydicom reads just that frame from the file; a deflated data set's frame is
+    inflated alone (:func:`_decoded_deflated`); a big endian one is read whole.  The
+    declared sizes are checked first (module docstring), and a
     compressed frame's codestream must declare the same image
     (:func:`pacs.core.codestream.check`) before a decoder sees it.
 
@@ -476,17 +481,43 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
         # needs their fragments where ingest found them.
         raise UnreadableData("the compressed pixel data is not encapsulated where "
                              "ingest recorded it")
-    if lay.transfer_syntax != DeflatedExplicitVRLittleEndian:
-        try:
-            source.seek(0)
-            return pixel_array(source, index=number - 1)
-        except Exception:  # noqa: BLE001 - retry from the whole data set, below
-            pass
-    # Native pixel data read whole, within its ceiling.
+    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return _decoded_deflated(source, number, lay)
+    try:
+        source.seek(0)
+        return pixel_array(source, index=number - 1)
+    except Exception:  # noqa: BLE001 - retry from the whole data set, below
+        pass
+    # Native pixel data read whole (big endian), within its ceiling.
     check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
     try:
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
+    """Frame ``number`` of a deflated data set, inflated no further than its bytes
+    (:func:`pacs.core.dataset.inflated_pixels`) and decoded by pydicom with the header.
+
+    The stored object is small, what it inflates to need not be: up to
+    ``PACS_MAX_OBJECT_BYTES``, before or after the pixel data, which pydicom's reading
+    of the whole data set held in memory for every frame asked for.
+    """
+    header = read_header(source)
+    bits = lay.frame_bits
+    first = (number - 1) * bits
+    start, end = first // 8, -(-(first + bits) // 8)
+    source.seek(0)
+    stored = source.read()
+    value = dataset.inflated_pixels(memoryview(stored)[dataset.dataset_offset(stored):],
+                                    start, end - start)
+    frame = _repacked(value, first - start * 8, bits) if bits % 8 else value
+    header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
+    header.NumberOfFrames = 1
+    try:
+        return pixel_array(header, index=0)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
 

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
@@ -820,15 +821,18 @@ def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callabl
         result = client.simulate_get(url(huge) + suffix)
         assert result.status_code == 400, (suffix, result.text)
         assert "PACS_MAX_FRAME_BYTES" in result.json["description"]
-    # 1 MiB per frame is allowed, but a deflated data set is decoded whole: 4 frames.
+    # 1 MiB per frame is allowed; a deflated data set's frames are inflated one at a
+    # time (no longer read whole: 4 MiB here, up to PACS_MAX_OBJECT_BYTES).
+    monkeypatch.undo()
     deflated = declaring(512, 1024, 1, frames=4, name="image_dfl.dcm")
     deflated.BitsAllocated = deflated.BitsStored = 16
     deflated.HighBit, deflated.PixelRepresentation = 15, 0
-    deflated.PixelData = b"\0" * (512 * 1024 * 2 * 4)
+    deflated.PixelData = b"".join(bytes([n]) * (512 * 1024 * 2) for n in range(4))
     services.ingest.store_bytes(encode(deflated))
-    result = client.simulate_get(url(deflated) + "/frames/1", headers={"Accept": OHIF_FRAMES})
-    assert result.status_code == 400, result.text
-    assert "4194304 bytes" in result.json["description"]
+    result = client.simulate_get(url(deflated) + "/frames/3",
+                                 headers={"Accept": "application/octet-stream"})
+    assert result.status_code == 200, result.text
+    assert result.content == b"\2" * (512 * 1024 * 2)
 
 
 @pytest.mark.parametrize("changes, problem", [
@@ -888,6 +892,34 @@ def test_a_codestream_declaring_another_image_is_never_decoded(
     assert transcode.can_convert(JPEG_BASELINE, EXPLICIT)
     result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
     assert result.status_code == 200 and jpeg_frame(declared=(20000, 20000)) in result.content
+
+
+def test_a_deflated_frame_is_inflated_alone(client: testing.TestClient,
+                                            services: Services) -> None:
+    """A deflated CT (80 KB stored) with 32 MiB of zeros after its pixel data: each
+    frame or rendered request inflated and parsed the whole data set (up to
+    PACS_MAX_OBJECT_BYTES, from a small object); the frame's bytes are inflated alone
+    now, nothing of the data set after them."""
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x7FE10010, "LO", "TRAILER")
+    ds.add_new(0x7FE11010, "OB", bytes(32 << 20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = encode(ds)
+    assert len(data) < 1 << 20
+    services.ingest.store_bytes(data)
+    pixels = pydicom.dcmread(sample("CT_small.dcm")).PixelData
+    for suffix, accept in (("/frames/1", "application/octet-stream"),
+                           ("/rendered", "image/png")):
+        tracemalloc.start()
+        try:
+            result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.status_code == 200, result.text
+        assert peak < 8 << 20, (suffix, peak)
+        if suffix == "/frames/1":
+            assert result.content == pixels
 
 
 def test_sizes_over_the_ceilings_are_refused_before_the_answer(
