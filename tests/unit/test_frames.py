@@ -11,12 +11,12 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, encapsulate_extended
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from pacs.core import metadata
 from pacs.core.errors import UnreadableData
-from pacs.core.frames import Layout, layout, native_frames, stored_frames
-from tests.factory import jpeg_frame, make_jpeg_instance
+from pacs.core.frames import Layout, decoded, layout, native_frames, stored_frames
+from tests.factory import jpeg_frame, make_instance, make_jpeg_instance
 
 #: 5 x 7 one-bit pixels: 35 bits a frame, so most frames start inside a byte.
 ROWS, COLUMNS, FRAMES = 5, 7, 40
@@ -125,3 +125,41 @@ def test_a_basic_offset_past_the_fragments_is_no_frame(tmp_path: Any) -> None:
     path, lay = encapsulated_file(tmp_path, basic=[0, 1 << 30])
     with open(path, "rb") as source, pytest.raises(UnreadableData, match="no bytes"):
         next(stored_frames(source, lay, [2], max_frame_bytes=1))
+
+
+@pytest.mark.parametrize("bits, rows, columns, samples", [
+    (1, 5, 7, 1),  # 35 bits a frame: most start inside a byte
+    (8, 6, 5, 3),
+    (16, 4, 3, 1),
+])
+def test_deflated_frames_inflated_alone_are_the_frames_of_the_whole(
+        bits: int, rows: int, columns: int, samples: int) -> None:
+    """Each frame of a deflated data set, inflated alone, decodes to what pydicom
+    makes of it from the whole data set (PS3.5 A.5, 8.1.1)."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    count = 9
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.NumberOfFrames = rows, columns, samples, count
+    if samples == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    rng = np.random.default_rng(1)
+    if bits == 1:
+        values = rng.integers(0, 2, size=count * rows * columns, dtype=np.uint8)
+        ds.PixelData = np.packbits(values, bitorder="little").tobytes()
+    else:
+        size = count * rows * columns * samples
+        ds.PixelData = rng.integers(0, 200, size=size).astype(f"<u{bits // 8}").tobytes()
+    ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    syntax = str(DeflatedExplicitVRLittleEndian)
+    prepared = metadata.prepare_from_stream(io.BytesIO(data), syntax)
+    lay = layout(metadata.Document(ds.SOPInstanceUID, "key", syntax, prepared.pixel_offset,
+                                   prepared.pixel_length, prepared.json))
+    whole = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    for number in range(1, count + 1):
+        assert np.array_equal(decoded(io.BytesIO(data), number, lay, 1 << 20),
+                              whole[number - 1])
