@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 BULK_DATA_THRESHOLD = 1024
 
 #: Most bytes of element values one instance's metadata writes as ``Value`` arrays,
-#: counted as they are read.  A value costs far more as Python and JSON values than
+#: counted as they are read (each value also counts :data:`VALUE_COST`).  A value costs far more as Python and JSON values than
 #: as bytes: a UC value of 64 MiB of backslashes (64 million empty values) took 5.5 s
 #: and 1.3 GB to encode, and an object may hold such values up to
 #: ``PACS_MAX_OBJECT_BYTES``.  Past this, a value whose VR PS3.18 10.4.3.3.2 lets be
@@ -276,10 +276,11 @@ class Encoder:
         :data:`INLINE_VALUE_BYTES`: a ``BulkDataURI`` (PS3.18 10.4.3.3.2), or
         :data:`_LEFT_OUT`; ``None`` when it is within (and now counted), or is not
         written as values (bulk data, sequences, whose items are counted)."""
-        size = len(elem.value or b"")
+        value = elem.value or b""
         named = vr or _public_vr(tag) or "UN"  # implicit VR: "US or SS", "OB or OW"
-        if not size or named in _BULK_VRS or named == "SQ" or named.startswith("OB"):
+        if not value or named in _BULK_VRS or named == "SQ" or named.startswith("OB"):
             return None
+        size = _cost(value, named)
         self.inline_left -= size
         if self.inline_left >= 0:
             return None
@@ -310,6 +311,22 @@ class Encoder:
     def uri(self, path: tuple[str, ...], key: str) -> str:
         """The relative BulkDataURI of the value ``key`` at ``path``."""
         return f"{self.base}/{'/'.join((*path, key))}"
+
+
+#: What one value costs beyond its bytes, as a Python object and its place in a list
+#: while the JSON is built (and as ``null,`` in the JSON): charged per value, so that
+#: a value of many empty values spends the budget as fast as it takes memory.
+VALUE_COST = 16
+
+
+def _cost(value: bytes, vr: str) -> int:
+    """The budget a raw value spends (:data:`INLINE_VALUE_BYTES`): its bytes, and
+    :data:`VALUE_COST` per value (binary numbers: by their size; text: separated by
+    backslashes, PS3.5 6.4)."""
+    code = _BINARY_NUMBERS.get(vr)
+    if code is not None:
+        return len(value) + VALUE_COST * (len(value) // _SINGLE["<" + code].size)
+    return len(value) + VALUE_COST * (value.count(b"\\") + 1)
 
 
 #: :meth:`Encoder.over_budget`'s answer for an element left out of the metadata.

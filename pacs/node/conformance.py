@@ -402,7 +402,8 @@ def _describe(resource: object) -> dict[str, Any]:
                          f"{jsonmodel.BULK_DATA_THRESHOLD} bytes, the metadata of an "
                          "instance writes at most "
                          f"{jsonmodel.INLINE_VALUE_BYTES >> 20} MiB of text and number "
-                         "values; past that, values of the VRs PS3.18 10.4.3.3.2 lists "
+                         f"values ({jsonmodel.VALUE_COST} bytes more per value); past "
+                         "that, values of the VRs PS3.18 10.4.3.3.2 lists "
                          "are BulkDataURIs, and others are left out.",
                 "media_types": _frame_offers()}
     if isinstance(resource, rendered.Rendered):

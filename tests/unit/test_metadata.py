@@ -377,10 +377,12 @@ def test_values_past_the_budget_are_referenced_or_left_out(
     """The budget is the instance's: values written before it is spent stay inline;
     after, a VR PS3.18 10.4.3.3.2 lets be referenced gets a BulkDataURI, any other
     (a code string here) is left out."""
-    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 3000)
-    data = with_elements((0x00080070, b"LO", b"ON\\" * 700),  # 2100: within
-                         (0x00080119, b"UC", b"A\\" * 1000),  # 2000: referenced
-                         (0x0008011A, b"CS", b"X\\" * 500))  # 1000: left out
+    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 20_000)
+    cost = jsonmodel.VALUE_COST  # per value, beside the bytes
+    data = with_elements((0x00080070, b"LO", b"ON\\" * 700),  # 2100 + 701 values: within
+                         (0x00080119, b"UC", b"A\\" * 1000),  # 2000 + 1001: referenced
+                         (0x0008011A, b"CS", b"X\\" * 500))  # 1000 + 501: left out
+    assert 2100 + 701 * cost < 20_000 - 500 < 2100 + 701 * cost + 1001 * cost
     document = orjson.loads(metadata.prepare(read_part10(data), data).json)
     assert len(document["00080070"]["Value"]) == 701
     assert document["00080119"]["BulkDataURI"].endswith("/bulkdata/00080119")
