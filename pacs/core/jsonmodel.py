@@ -68,8 +68,9 @@ log = logging.getLogger(__name__)
 BULK_DATA_THRESHOLD = 1024
 
 #: Most bytes of element values one instance's metadata writes as ``Value`` arrays,
-#: counted as they are read (each value also counts :data:`VALUE_COST`).  A value costs far more as Python and JSON values than
-#: as bytes: a UC value of 64 MiB of backslashes (64 million empty values) took 5.5 s
+#: counted as they are read (each value also counts :data:`VALUE_COST`).  A value
+#: costs far more as Python and JSON values than as bytes: a UC value of 64 MiB of
+#: backslashes (64 million empty values) took 5.5 s
 #: and 1.3 GB to encode, and an object may hold such values up to
 #: ``PACS_MAX_OBJECT_BYTES``.  Past this, a value whose VR PS3.18 10.4.3.3.2 lets be
 #: replaced gets a ``BulkDataURI`` (its bytes are then sent by the bulk data
