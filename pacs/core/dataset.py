@@ -1087,6 +1087,10 @@ def _sequence(header: Dataset, attribute: Attribute) -> str | None:
 
 
 def _item_text(item: Dataset, key: Attribute) -> str | None:
+    """An item key's index text, within :data:`MAX_INDEX_VALUE_BYTES` like any other."""
+    raw: DataElement | RawDataElement | None = item.get_item(BaseTag(key.tag))
+    if type(raw) is RawDataElement:
+        item, _ = _bounded(item, raw)
     return _text(item[key.tag].value)
 
 

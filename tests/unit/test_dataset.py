@@ -385,3 +385,27 @@ def test_a_value_past_the_index_bound_is_indexed_by_its_first_values() -> None:
     assert peak < 16 * dataset.MAX_INDEX_VALUE_BYTES, peak
     one = read_part10(_implicit_with_name(b"A" * (2 << 20))).header
     assert extract(one, Level.PATIENT)["patient_name"] == "A" * dataset.MAX_INDEX_VALUE_BYTES
+
+
+def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> None:
+    """The same bound inside the items of an indexed sequence (a Procedure Code
+    Sequence's Code Value, PS3.4 C.2.2.2.6), in implicit VR: 3 MiB of values took
+    85 MB to index; within the bound, about 32 MB."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    base = out.getvalue()
+    code = b"X1\\" * ((3 << 20) // 3)
+    item = _implicit(0x00080100, code) + _implicit(0x00080102, b"99X ")
+    sequence = _implicit(0x00081032, _item(item))  # Procedure Code Sequence
+    at = base.index(b"\x10\x00\x10\x00", dataset.dataset_offset(base))
+    header = read_part10(base[:at] + sequence + base[at:]).header
+    tracemalloc.start()
+    try:
+        indexed = extract(header, Level.STUDY)["procedure_codes"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * dataset.MAX_INDEX_VALUE_BYTES, peak
+    assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES
