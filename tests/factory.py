@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import struct
+
+import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
 
 def make_instance(**attributes: object) -> bytes:
@@ -38,12 +49,12 @@ def make_instance(**attributes: object) -> bytes:
     return _part10(ds)
 
 
-def _part10(ds: Dataset) -> bytes:
-    """``ds`` as a Part 10 object in Explicit VR Little Endian."""
+def _part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """``ds`` as a Part 10 object in ``transfer_syntax`` (Explicit VR Little Endian)."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
     out = DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -153,3 +164,40 @@ def make_rejection_note(references: list[tuple[str, str, str, str]], *,
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
     return _part10(ds)
+
+
+def jpeg_frame(size: int = 16, declared: tuple[int, int] | None = None) -> bytes:
+    """A baseline JPEG of ``size`` x ``size`` grey pixels whose frame header (ISO/IEC
+    10918-1 B.2.2) declares ``declared`` (width, height) instead, when given: its
+    scan then holds far fewer pixels than a decoder fills."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((size, size), 100, np.uint8), "L").save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    if declared is not None:
+        at = data.index(b"\xff\xc0")  # SOF0: FFC0, Lf, P, Y, X
+        struct.pack_into(">HH", data, at + 5, declared[1], declared[0])
+    return bytes(data)
+
+
+def make_jpeg_instance(frame: bytes, rows: int = 16, columns: int = 16,
+                       **attributes: object) -> bytes:
+    """A CT Image Storage object in JPEG Baseline holding ``frame`` as its one frame,
+    its Image Pixel module declaring ``rows`` x ``columns`` 8-bit grey pixels."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientID = "P1"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return _part10(ds, JPEGBaseline8Bit)

@@ -45,7 +45,9 @@ sandboxed document, so inline with ``sandbox`` would not show, and inline withou
 would run the PDF's scripts here; downloaded, it opens in the user's PDF reader.
 
 Pixels are decoded only within ``PACS_MAX_FRAME_BYTES`` (:mod:`pacs.core.frames`), checked
-from the stored metadata before the object is even opened.
+from the stored metadata before the object is even opened, and drawn a band of rows at
+a time (:func:`by_bands`), so that a request holds the frame, its 8-bit image and a
+band's intermediates, not a dozen float copies of the frame.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,36 +212,80 @@ def voi(values: np.ndarray, window: Window) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def default_window(doc: dict[str, Any], values: np.ndarray) -> Window:
-    """The data set's first window, else the frame's range (PS3.3 C.11.2)."""
+def default_window(doc: dict[str, Any], array: np.ndarray, slope: float = 1.0,
+                   intercept: float = 0.0) -> Window:
+    """The data set's first window, else the range of the frame's values through the
+    Modality LUT (PS3.3 C.11.2), found from the stored values' own extremes (the LUT
+    is linear) without converting the frame."""
     center = metadata.value(doc, _WINDOW_CENTER)
     width = metadata.value(doc, _WINDOW_WIDTH)
     function = str(metadata.value(doc, _VOI_FUNCTION, "LINEAR")).lower().replace("_", "-")
     if center is not None and width and width > 0:
         return Window(float(center), float(width),
                       function if function in _FUNCTIONS else "linear")
-    low, high = float(values.min()), float(values.max())
+    extremes = np.array([array.min(), array.max()]).astype(np.float32) * slope + intercept
+    low, high = float(extremes.min()), float(extremes.max())
     return Window((low + high) / 2 + 0.5, max(high - low, 1.0) + 1, "linear")
+
+
+#: Pixels drawn at a time (:func:`by_bands`): the float and integer intermediates of
+#: drawing a frame take a few times this, not a few times the frame.
+BAND_PIXELS = 1 << 18
+
+
+def by_bands(array: np.ndarray, draw_band: Callable[[np.ndarray], np.ndarray],
+             shape: tuple[int, ...]) -> np.ndarray:
+    """``draw_band`` applied to bands of ``array``'s rows, into one 8-bit image of
+    ``shape``.
+
+    A frame within ``PACS_MAX_FRAME_BYTES`` is drawn in float32 (four bytes a value)
+    through several intermediate arrays: done on the whole frame at once that is a
+    dozen times the frame's own bytes for 8-bit pixels.  Drawn a band of rows at a
+    time, memory stays at the frame, the 8-bit image and one band's intermediates;
+    every value is computed as it would be at once (each output pixel depends on its
+    input pixel alone).
+    """
+    out = np.empty(shape, np.uint8)
+    rows = array.shape[0]
+    step = max(1, BAND_PIXELS // max(1, array[:1].size))
+    for start in range(0, rows, step):
+        out[start:start + step] = draw_band(array[start:start + step])
+    return out
 
 
 def grey(array: np.ndarray, doc: dict[str, Any], window: Window | None) -> np.ndarray:
     """A monochrome frame to 8 bits for display: Modality LUT, VOI, MONOCHROME1."""
     slope = float(metadata.value(doc, _RESCALE_SLOPE, 1) or 1)
     intercept = float(metadata.value(doc, _RESCALE_INTERCEPT, 0) or 0)
-    values = array.astype(np.float32) * slope + intercept
-    out = voi(values, window or default_window(doc, values))
-    if metadata.value(doc, _PHOTOMETRIC) == "MONOCHROME1":
-        out = 255 - out  # PS3.3 C.7.6.3.1.2: minimum is white
-    return out
+    chosen = window or default_window(doc, array, slope, intercept)
+    # PS3.3 C.7.6.3.1.2: MONOCHROME1's minimum is white.
+    inverted = metadata.value(doc, _PHOTOMETRIC) == "MONOCHROME1"
+
+    def band(part: np.ndarray) -> np.ndarray:
+        out = voi(part.astype(np.float32) * slope + intercept, chosen)
+        return 255 - out if inverted else out
+
+    return by_bands(array, band, array.shape)
 
 
-def colour(array: np.ndarray, doc: dict[str, Any]) -> np.ndarray:
-    """A colour frame (RGB after decoding) to 8 bits per sample."""
-    if array.dtype == np.uint8:
-        return array
-    bits = int(metadata.value(doc, _BITS_STORED, 8) or 8)
-    shifted: np.ndarray = np.clip(array.astype(np.int64) >> max(bits - 8, 0), 0, 255)
-    return shifted.astype(np.uint8)
+def colour(array: np.ndarray, doc: dict[str, Any],
+           lut: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """A colour frame (RGB after decoding, or palette indices with their ``lut``) to
+    8 bits per sample."""
+    if array.dtype == np.uint8 and lut is None:
+        return array[..., :3]
+    stored = int(metadata.value(doc, _BITS_STORED, 8) or 8)
+
+    def band(part: np.ndarray) -> np.ndarray:
+        samples = lut(part) if lut is not None else part
+        # A palette's entries fill their 8 or 16 bits (PS3.3 C.7.6.3.1.5); other
+        # samples Bits Stored.
+        bits = 8 * samples.dtype.itemsize if lut is not None else stored
+        shifted: np.ndarray = np.clip(
+            samples[..., :3].astype(np.int64) >> max(bits - 8, 0), 0, 255)
+        return shifted.astype(np.uint8)
+
+    return by_bands(array, band, (*array.shape[:2], 3))
 
 
 def source_box(region: tuple[int, int, int, int], width: int,
@@ -302,13 +348,12 @@ def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
     """A decoded frame as an 8-bit image ready to encode."""
     photometric = metadata.value(doc, _PHOTOMETRIC, "")
     if photometric == "PALETTE COLOR" and header is not None:
-        array = apply_color_lut(array, header)
+        # The LUT's samples are 8 or 16 bits, three per index: applied band by band.
+        return Image.fromarray(colour(array, doc, lambda part: apply_color_lut(
+            part, header)), "RGB")
     if array.ndim == 3:
-        pixels_8 = colour(array[..., :3], doc)
-        image = Image.fromarray(pixels_8, "RGB")
-    else:
-        image = Image.fromarray(grey(array, doc, params.window), "L")
-    return image
+        return Image.fromarray(colour(array, doc), "RGB")
+    return Image.fromarray(grey(array, doc, params.window), "L")
 
 
 def encode(image: Image.Image, media: str, quality: int) -> bytes:

@@ -56,6 +56,8 @@ from typing import Any, TypeVar
 
 import falcon
 import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -68,6 +70,7 @@ from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
 from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
+from pacs.core.jsonmodel import REPLACEABLE_VRS
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
 from pacs.core.storage import open_ranged
@@ -489,13 +492,14 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
     What can refuse the request is decided before the status line: the frame numbers
     and media type (by the caller), the declared size of every frame to decode
     (:func:`pacs.core.frames.check_frames`: Rows, Columns, Samples per Pixel, Bits
-    Allocated and Number of Frames of the metadata), and the first frame, read now
+    Allocated and Number of Frames of the metadata), that native frames cut from the
+    stored value lie within it, and the first frame, read now
     (:func:`started`).  Without multipart the frames are one body (for native pixel
     data, the pixel data value itself), with its Content-Length when the frames are
     cut from the stored bytes.  ``what`` names the resource in the log should the body
     be cut short (:func:`sent`).
     """
-    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes)
+    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes, numbers)
     syntax = pixels.frame_syntax(lay, plan.stored)
     frames = started(_frames(services, doc, lay, numbers, plan.stored))
     if not plan.multipart:
@@ -638,11 +642,29 @@ def _element_bytes(dataset: pydicom.Dataset, steps: Sequence[int]) -> bytes:
     current = dataset
     for tag, number in zip(steps[0:-1:2], steps[1::2], strict=True):
         current = _item(current, tag, number)
-    element = current.get(steps[-1])
-    if element is not None and isinstance(element.value, bytes):
+    # As read, before pydicom converts it: a text or number value the metadata
+    # references (PS3.18 10.4.3.3.2, pacs.core.jsonmodel.INLINE_VALUE_BYTES) is sent
+    # as its bytes, never turned into values first.
+    raw: DataElement | RawDataElement | None = current.get_item(steps[-1])
+    if raw is None:
+        raise NotFound("no such bulk data")
+    if type(raw) is RawDataElement and isinstance(raw.value, bytes) and _replaceable(raw):
+        return raw.value
+    element = current[steps[-1]]
+    if isinstance(element.value, bytes):
         return element.value
-    raise NotFound("no such bulk data" if element is None
-                   else "the element holds no bulk data")
+    raise NotFound("the element holds no bulk data")
+
+
+def _replaceable(raw: RawDataElement) -> bool:
+    """True when a raw element's VR (implicit VR: the dictionary's) is one whose value
+    metadata may reference as bulk data (PS3.18 10.4.3.3.2); a name, a code string or
+    a sequence is not bulk data."""
+    try:
+        vr = raw.VR or str(dictionary_VR(raw.tag))
+    except KeyError:
+        return True  # a private element of implicit VR: UN, bytes
+    return all(kind in REPLACEABLE_VRS for kind in vr.split(" or "))
 
 
 def _item(dataset: pydicom.Dataset, tag: int, number: int) -> pydicom.Dataset:

@@ -2,7 +2,11 @@
 
 Ingest never decodes pixel data (malformed pixel data is where decoders break) and
 never re-encodes: it reads the header with pydicom and walks the element lengths of the
-data set to prove the object is complete.
+data set to prove the object is complete.  The walk goes into the items of every
+sequence (PS3.5 7.5, whichever way their lengths are encoded) and counts every header
+it reads: a data set nested more than 64 levels deep, or holding more than
+:data:`MAX_ELEMENTS` headers, is refused before pydicom reads it, since pydicom and
+the metadata spend hundreds of bytes on each element, however small its value.
 
 A deflated data set (Deflated Explicit VR Little Endian, PS3.5 A.5) is never inflated
 whole: a few MB of deflate can stand for gigabytes.  It is inflated as a stream
@@ -21,7 +25,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Final, Literal
 
 import pydicom
@@ -148,13 +152,14 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         header = _walked_header(buffer, offset, transfer_syntax)
         if header is None:
             # An encoding the walk leaves to pydicom (an unknown transfer syntax, an
-            # undefined length outside a sequence): pydicom reads, the walk proves whole.
+            # undefined length outside a sequence): the walk proves it whole and
+            # counts its elements (MAX_ELEMENTS) before pydicom reads it.
+            check_complete(memoryview(buffer)[offset:], transfer_syntax)
             try:
                 header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
                 raise UnreadableData(
                     f"the data set does not parse: {type(exc).__name__}") from None
-            check_complete(memoryview(buffer)[offset:], transfer_syntax)
     try:
         sop_class, sop_instance, study, series = (
             _uid_value(header, tag) for tag in _IDENTIFYING_TAGS)
@@ -283,13 +288,29 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
+#: Most element, item and delimiter headers a data set may hold, at every depth.
+#: Each costs pydicom a few hundred bytes as it is read, and its DICOM JSON as many
+#: again: 1.7 million private LO elements of two characters (16 MiB) took 5.6 s and
+#: 864 MB to read and 1.6 GB to encode, so that objects within any object limit could
+#: take gigabytes each.  The largest real headers (an RT Structure Set of 50 000
+#: contours, an enhanced multi-frame image's per-frame groups) hold a few hundred
+#: thousand; more is refused like an object too large.
+MAX_ELEMENTS = 1 << 20
+
+
+def _too_many(limit: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"the data set holds more than {limit} elements")
+
+
 class _Walker:
-    """Walks element lengths of an encoded data set to prove it is not truncated."""
+    """Walks element lengths of an encoded data set to prove it is not truncated, and
+    counts its headers (:data:`MAX_ELEMENTS`), sequences of defined length included."""
 
     def __init__(self, data: memoryview, implicit: bool, little: bool) -> None:
         self.data = data
         self.implicit = implicit
         self.size = len(data)
+        self.limit = self.headers_left = MAX_ELEMENTS
         order = "<" if little else ">"
         # Compiled once: a walk reads tens of headers per object (ingest's hot path).
         self._tag_length = struct.Struct(order + "HHI")  # implicit VR, items, delimiters
@@ -301,9 +322,18 @@ class _Walker:
             raise UnreadableData("the data set is truncated")
 
     def _header(self, position: int) -> tuple[int, bytes | None, int, int]:
-        """Return (tag, VR, value length, header size) at ``position``."""
+        """Return (tag, VR, value length, header size) at ``position``.
+
+        Raises
+        ------
+        ObjectTooLarge
+            One header more than :data:`MAX_ELEMENTS` allows.
+        """
         if position + 8 > self.size:
             raise UnreadableData("the data set is truncated")
+        self.headers_left -= 1
+        if self.headers_left < 0:
+            raise _too_many(self.limit)
         if self.implicit:
             group, element, length = self._tag_length.unpack_from(self.data, position)
             return (group << 16) | element, None, length, 8
@@ -324,16 +354,18 @@ class _Walker:
             raise UnreadableData("sequences nested too deeply")
         limit = len(self.data) if end is None else end
         while position < limit:
-            tag, _vr, length, size = self._header(position)
+            tag, vr, length, size = self._header(position)
             position += size
             if tag == _ITEM_END:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
                 return position
             if length == _UNDEFINED:
-                position = self._undefined(position, depth)
+                position = self._undefined(position, depth, _is_sequence(tag, vr))
             else:
                 self._need(position, length)
+                if vr == b"SQ" or (vr is None and _sequence_tag(tag)):
+                    self._items(position, position + length, depth)
                 position += length
         if position != limit:
             raise UnreadableData("an element overruns its item")
@@ -360,12 +392,14 @@ class _Walker:
                 if pixel_at is None and tag not in _PIXEL_TAGS and (
                         vr or _dictionary_vr(tag)) != "SQ":
                     return None
-                value_end = self._undefined(position, 0)
+                value_end = self._undefined(position, 0, _is_sequence(tag, vr_bytes))
                 # The items, without the sequence delimiter (pydicom reads to the end).
                 value_length = value_end - 8 - position
             else:
                 self._need(position, length)
                 value_end, value_length = position + length, length
+                if vr == "SQ" or (vr_bytes is None and _sequence_tag(tag)):
+                    self._items(position, value_end, 0)
             if pixel_at is None:
                 if tag in _PIXEL_TAGS:
                     pixel_at = start
@@ -377,8 +411,25 @@ class _Walker:
             raise UnreadableData("an element overruns its item")
         return kept, end if pixel_at is None else pixel_at
 
-    def _undefined(self, position: int, depth: int) -> int:
-        """Walk items of a sequence or fragments of encapsulated pixel data."""
+    def _items(self, position: int, end: int, depth: int) -> None:
+        """Walk the items of a sequence of defined length, from ``position`` to
+        ``end``: their elements count, and nest, like those of undefined length."""
+        while position < end:
+            tag, _, item_length, size = self._header(position)
+            position += size
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence")
+            if item_length == _UNDEFINED:
+                position = self.dataset(position, None, depth + 1)
+            else:
+                self._need(position, item_length)
+                position = self.dataset(position, position + item_length, depth + 1)
+        if position != end:
+            raise UnreadableData("an item overruns its sequence")
+
+    def _undefined(self, position: int, depth: int, sequence: bool) -> int:
+        """Walk items of a sequence or fragments of encapsulated pixel data (or of a
+        value of undefined length that is neither: bounds only)."""
         while True:
             tag, _, length, size = self._header(position)
             position += size
@@ -389,9 +440,9 @@ class _Walker:
             if length == _UNDEFINED:
                 position = self.dataset(position, None, depth + 1)
             else:
-                # Items of defined length (data sets or pixel fragments): bounds only.
                 self._need(position, length)
-                position += length
+                position = (self.dataset(position, position + length, depth + 1)
+                            if sequence else position + length)
 
 
 def check_complete(dataset: memoryview, transfer_syntax: str,
@@ -426,6 +477,19 @@ _KNOWN_VRS = frozenset({
     "UL", "UN", "UR", "US", "UT", "UV"})
 #: The same, by their two bytes as encoded.
 _VR_NAMES = {vr.encode("ascii"): vr for vr in _KNOWN_VRS}
+
+
+def _is_sequence(tag: int, vr: bytes | None) -> bool:
+    """True for a sequence: VR SQ, or in implicit VR (``vr`` None) a tag the
+    dictionary makes one."""
+    return vr == b"SQ" or (vr is None and _sequence_tag(tag))
+
+
+@lru_cache(maxsize=4096)
+def _sequence_tag(tag: int) -> bool:
+    """True when the dictionary makes ``tag`` a sequence (looked up once per tag: the
+    walk of an implicit VR data set asks for every element)."""
+    return _dictionary_vr(tag) == "SQ"
 
 
 def _dictionary_vr(tag: int) -> str | None:
@@ -628,72 +692,136 @@ class _InflatedReader:
 
 class _StreamWalker:
     """:class:`_Walker`'s walk over an inflated stream (explicit VR little endian):
-    element headers are read, values skipped."""
+    element headers are read and counted (:data:`MAX_ELEMENTS`), values skipped, the
+    items of sequences walked."""
 
     def __init__(self, reader: _InflatedReader, limit: int | None) -> None:
         self.reader = reader
         self.limit = limit
+        self.elements = self.headers_left = MAX_ELEMENTS
 
-    def _header(self) -> tuple[int, int]:
-        """(tag, value length) of the next element or item."""
+    def header(self) -> tuple[int, bytes | None, int]:
+        """(tag, VR, value length) of the next element or item (no VR for items and
+        delimiters)."""
+        self.headers_left -= 1
+        if self.headers_left < 0:
+            raise _too_many(self.elements)
         head = self.reader.read(8)
         group, element = struct.unpack_from("<HH", head)
         tag = (group << 16) | element
         if group == 0xFFFE:
-            return tag, struct.unpack_from("<I", head, 4)[0]
-        if head[4:6] in _LONG_VRS:
-            return tag, struct.unpack("<I", self.reader.read(4))[0]
-        return tag, struct.unpack_from("<H", head, 6)[0]
+            return tag, None, struct.unpack_from("<I", head, 4)[0]
+        vr = head[4:6]
+        if vr in _LONG_VRS:
+            return tag, vr, struct.unpack("<I", self.reader.read(4))[0]
+        return tag, vr, struct.unpack_from("<H", head, 6)[0]
 
     def _skip(self, length: int) -> None:
         """Pass a value of defined length, refusing at once one that cannot fit."""
-        end = self.reader.position + length
+        self._check_end(self.reader.position + length)
+        self.reader.skip(length)
+
+    def _check_end(self, end: int) -> None:
         if self.limit is not None and end > self.limit:
             raise ObjectTooLarge(
                 f"the deflated data set inflates to more than {self.limit} bytes")
         self.reader.check_kept(end)
-        self.reader.skip(length)
 
     def top(self) -> None:
         """Walk the top-level data set to the end of the stream."""
         reader = self.reader
         while not reader.at_end():
             start = reader.position
-            tag, length = self._header()
+            tag, vr, length = self.header()
             if tag in _PIXEL_TAGS:
                 reader.stop_keeping(start)
             if tag == _ITEM_END:
                 raise UnreadableData("unexpected item delimiter")
-            self._value(length, 0)
+            self.value(vr, length, 0)
 
-    def _value(self, length: int, depth: int) -> None:
+    def value(self, vr: bytes | None, length: int, depth: int) -> None:
+        """Pass a value: a sequence's items walked, anything else skipped."""
         if length == _UNDEFINED:
-            self._undefined(depth)
+            self._undefined(depth, vr == b"SQ")
+        elif vr == b"SQ":
+            self._defined_items(self.reader.position + length, depth)
         else:
             self._skip(length)
 
-    def _item(self, depth: int) -> None:
-        """An item of undefined length: elements up to its delimiter."""
+    def _item(self, depth: int, end: int | None = None) -> None:
+        """An item's elements, up to its delimiter (``end`` None) or to ``end``."""
         if depth > 64:
             raise UnreadableData("sequences nested too deeply")
-        while True:
-            tag, length = self._header()
+        while end is None or self.reader.position < end:
+            tag, vr, length = self.header()
             if tag == _ITEM_END:
+                if end is not None:
+                    raise UnreadableData("unexpected item delimiter")
                 return
-            self._value(length, depth)
+            self.value(vr, length, depth)
+        if self.reader.position != end:
+            raise UnreadableData("an element overruns its item")
 
-    def _undefined(self, depth: int) -> None:
+    def _defined_items(self, end: int, depth: int) -> None:
+        """The items of a sequence of defined length, which ends at ``end``."""
+        self._check_end(end)
+        while self.reader.position < end:
+            tag, _, length = self.header()
+            if tag != _ITEM:
+                raise UnreadableData("malformed sequence")
+            if length == _UNDEFINED:
+                self._item(depth + 1)
+            else:
+                self._check_end(self.reader.position + length)
+                self._item(depth + 1, self.reader.position + length)
+        if self.reader.position != end:
+            raise UnreadableData("an item overruns its sequence")
+
+    def _undefined(self, depth: int, sequence: bool) -> None:
         """Items of a sequence or fragments of encapsulated pixel data."""
         while True:
-            tag, length = self._header()
+            tag, _, length = self.header()
             if tag == _SEQ_END:
                 return
             if tag != _ITEM:
                 raise UnreadableData("malformed sequence or pixel data fragments")
             if length == _UNDEFINED:
                 self._item(depth + 1)
+            elif sequence:
+                self._check_end(self.reader.position + length)
+                self._item(depth + 1, self.reader.position + length)
             else:
                 self._skip(length)
+
+
+def inflated_pixels(deflated: memoryview, start: int, size: int) -> bytes:
+    """Bytes ``start`` to ``start + size`` of the top-level Pixel Data value of a
+    deflated data set (native pixel data, PS3.5 A.5), inflating the stream only up to
+    them: memory stays at a chunk and the bytes returned, whatever the data set
+    inflates to before or after them.
+
+    Raises
+    ------
+    UnreadableData
+        No native Pixel Data (7FE0,0010) at the top level, a value shorter than asked,
+        or a stream that does not inflate.
+    """
+    reader = _InflatedReader(Inflater(deflated, None), None)
+    walker = _StreamWalker(reader, None)
+    while not reader.at_end():
+        tag, vr, length = walker.header()
+        if tag == _PIXEL_DATA:
+            if length == _UNDEFINED or start + size > length:
+                raise UnreadableData("the pixel data is shorter than its frames")
+            reader.skip(start)
+            return reader.read(size)
+        if tag == _ITEM_END:
+            raise UnreadableData("unexpected item delimiter")
+        walker.value(vr, length, 0)
+    raise UnreadableData("the deflated data set has no pixel data")
+
+
+_PIXEL_DATA = 0x7FE00010
 
 
 def inflated_head(deflated: memoryview, size: int) -> bytes:
@@ -787,6 +915,14 @@ def _columns(level: Level) -> tuple[tuple[Attribute, BaseTag, str, str | None], 
                  for a in stored(level))
 
 
+#: Most bytes of one element's value that are indexed.  A value's bytes cost far
+#: more as Python values than as bytes: in implicit VR (32-bit lengths, PS3.5 7.1.3) a
+#: Patient's Name of 32 MiB of backslashes took 3.1 s and 544 MB to index.  A longer
+#: value is indexed by its first values within this many bytes (a name of 70 000
+#: characters is indexed whole).
+MAX_INDEX_VALUE_BYTES = 1 << 20
+
+
 def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     """Index values of ``level`` from a header, by column (unique key included)."""
     values: dict[str, str | None] = {}
@@ -794,11 +930,36 @@ def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     element_of = header.get_item  # the element as read: raw, never converted here
     for attribute, tag, column, folded in _columns(level):
         element: DataElement | RawDataElement | None = element_of(tag)
-        value = None if element is None else _value(header, attribute, codec, element)
+        source = header
+        if type(element) is RawDataElement and attribute.vr != "SQ":
+            source, element = _bounded(header, element)
+        value = None if element is None else _value(source, attribute, codec, element)
         values[column] = value
         if folded:
             values[folded] = fold(value)
     return values
+
+
+def _bounded(header: Dataset, raw: RawDataElement) -> tuple[Dataset, RawDataElement]:
+    """``raw`` cut to its values within :data:`MAX_INDEX_VALUE_BYTES` (at the last
+    value separator), with a data set of its own that holds it and the character set
+    (for pydicom, should it decode the value); ``header`` and ``raw`` themselves when
+    short enough."""
+    value = raw.value
+    if not isinstance(value, bytes) or len(value) <= MAX_INDEX_VALUE_BYTES:
+        return header, raw
+    value = value[:MAX_INDEX_VALUE_BYTES]
+    separator = value.rfind(b"\\")
+    value = value[:separator] if separator > 0 else value
+    short = raw._replace(value=value, length=len(value))
+    elements: dict[BaseTag, DataElement | RawDataElement] = {BaseTag(raw.tag): short}
+    charset = header.get_item(_SPECIFIC_CHARACTER_SET)
+    if charset is not None:
+        elements[_SPECIFIC_CHARACTER_SET] = charset
+    own = Dataset(elements)
+    own.set_original_encoding(raw.is_implicit_VR, raw.is_little_endian,
+                              header.original_character_set)
+    return own, short
 
 
 #: VRs whose values are plain ASCII, whatever the character set: indexed straight from
@@ -926,6 +1087,10 @@ def _sequence(header: Dataset, attribute: Attribute) -> str | None:
 
 
 def _item_text(item: Dataset, key: Attribute) -> str | None:
+    """An item key's index text, within :data:`MAX_INDEX_VALUE_BYTES` like any other."""
+    raw: DataElement | RawDataElement | None = item.get_item(BaseTag(key.tag))
+    if type(raw) is RawDataElement:
+        item, _ = _bounded(item, raw)
     return _text(item[key.tag].value)
 
 

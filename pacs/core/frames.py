@@ -10,9 +10,12 @@ pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
   Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
   table and the frame's items; without an offset table pydicom walks every fragment's
   item header, so :func:`open_frames` gives it a local copy of the object;
-- anything else (deflated or big endian data sets, or objects without a recorded
-  position), and any compressed frame asked for uncompressed: decoded by pydicom
-  (pylibjpeg codecs) one frame at a time.
+- a deflated data set (PS3.5 A.5): the frame's bytes inflated from the stream and
+  nothing after them (:func:`pacs.core.dataset.inflated_pixels`), decoded by pydicom
+  with the header;
+- anything else (big endian data sets, or objects without a recorded position), and
+  any compressed frame asked for uncompressed: decoded by pydicom (pylibjpeg codecs)
+  one frame at a time.
 
 Native frames are sent as Explicit VR Little Endian (1.2.840.10008.1.2.1): the pixel
 bytes of every little endian uncompressed syntax are the same.  Decoded colour frames
@@ -21,15 +24,19 @@ come out as RGB (pydicom converts YCbCr), as with dcm4chee and Orthanc.
 Nothing is decoded whose declared size is over the caller's ``max_frame_bytes``
 (``PACS_MAX_FRAME_BYTES``): Rows x Columns x Samples per Pixel x bytes per sample
 (ceil(Bits Allocated / 8)) for one frame, times Number of Frames when the whole pixel
-data is read (a deflated or big endian data set), checked before any decoder runs or
+data is read (a big endian data set), checked before any decoder runs or
 any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 x
-65535 RGB frame (12 GB) in a few bytes.  :func:`check_frames` makes the same checks
+65535 RGB frame (12 GB) in a few bytes; so may a compressed frame's own codestream,
+which is what its decoder allocates, so it must declare the image the header does
+(:mod:`pacs.core.codestream`).  :func:`check_frames` makes the same checks
 before any frame is read, so that a retrieval refuses them in its status line.
 """
 
 from __future__ import annotations
 
 import base64
+import io
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -45,7 +52,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from pacs.core import dataset, metadata
+from pacs.core import codestream, dataset, metadata
 from pacs.core.errors import FrameTooLarge, NotFound, UnreadableData
 from pacs.core.storage import open_ranged, spooled_copy
 from pacs.core.storage.ranged import RangedReader
@@ -268,21 +275,53 @@ def frame_length(lay: Layout, stored: bool) -> int | None:
     return -(-lay.frame_bits // 8) if production(lay, stored) == "slice" else None
 
 
-def check_frames(lay: Layout, stored: bool, max_frame_bytes: int) -> None:
-    """Refuse now what :func:`decoded` would refuse frame by frame, from the declared
-    sizes alone (module docstring): a response can still say so in its status line.
+def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
+                 numbers: Sequence[int] = ()) -> None:
+    """Refuse now what :func:`decoded` or :func:`_slice` would refuse frame by frame,
+    from the declared sizes alone (module docstring): a response can still say so in
+    its status line.
 
     Raises
     ------
     FrameTooLarge
-        The frames are decoded and one is declared larger than ``max_frame_bytes``,
-        or a deflated data set (read whole) declares all of them larger.
+        The frames are decoded and one is declared larger than ``max_frame_bytes``.
+    UnreadableData
+        The frames ``numbers`` are cut from native pixel data that does not hold them
+        all, or whose frames have no bits (:func:`check_sliced`).
     """
-    if production(lay, stored) != "decode":
+    how = production(lay, stored)
+    if how == "slice":
+        check_sliced(lay, numbers)
+    if how != "decode":
         return
     check_decodable(lay.decoded_bytes, max_frame_bytes)
-    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian and not lay.encapsulated:
-        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+
+
+def check_sliced(lay: Layout, numbers: Sequence[int]) -> None:
+    """Refuse native frames the stored value does not hold, before any is sent.
+
+    PS3.5 8.1.1: native pixel data is the frames' bits one after the other, Rows x
+    Columns x Samples per Pixel x Bits Allocated each.  Number of Frames is a number
+    in the header: one far beyond the value's length (2^31 frames of a one-frame
+    image) would let an answer of every frame start with a status of 200 and a
+    Content-Length of terabytes, then break off at the first missing frame; frames of
+    no bits (Columns or Bits Allocated of 0) are empty parts, as many as the header
+    declares.
+
+    Raises
+    ------
+    UnreadableData
+        A frame of no bits, or a frame of ``numbers`` that ends past the value.
+    """
+    length = lay.pixel_length or 0
+    if lay.frame_bits <= 0:
+        raise UnreadableData("the native pixel data declares frames of no pixels")
+    # All the frames of a range (bulk data) are checked by its last without walking it.
+    last = (numbers[-1] if numbers else 0) if isinstance(numbers, range) else max(
+        numbers, default=0)
+    if -(-last * lay.frame_bits // 8) > length:
+        raise UnreadableData(f"the pixel data holds fewer than the {last} frames asked "
+                             f"for ({length} bytes, {lay.frame_bits} bits a frame)")
 
 
 def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
@@ -347,28 +386,84 @@ def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
     data = source.read(end - start)
     if len(data) != end - start:
         raise UnreadableData("the stored object is truncated")
+    return _repacked(data, first - start * 8, size)
+
+
+def _repacked(data: bytes, skip: int, size: int) -> bytes:
+    """``size`` bits of ``data`` from bit ``skip`` on, packed from the first byte
+    (PS3.5 8.1.1: bits fill bytes from the least significant one)."""
     bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
-    skip = first - start * 8
     return np.packbits(bits[skip:skip + size], bitorder="little").tobytes()
 
 
 def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
-    """Frame ``number`` of encapsulated pixel data: its fragments' bytes, joined."""
+    """Frame ``number`` of encapsulated pixel data: its fragments' bytes, joined.
+
+    Raises
+    ------
+    UnreadableData
+        The fragments do not parse, the Extended Offset Table places the frame past
+        the object (:func:`_check_extended`), or the frame has no bytes (an offset
+        table entry outside the pixel data: every frame is at least one fragment,
+        PS3.5 A.4).
+    """
     assert lay.pixel_offset is not None
+    if lay.extended_offsets is not None:
+        _check_extended(source, lay, number)
     source.seek(lay.pixel_offset)
     try:
-        return get_frame(source, number - 1, number_of_frames=lay.frames,
+        data = get_frame(source, number - 1, number_of_frames=lay.frames,
                          extended_offsets=lay.extended_offsets)
     except (ValueError, KeyError) as exc:
         raise UnreadableData(f"the encapsulated pixel data does not parse: {exc}") from None
+    if not data:
+        raise UnreadableData(f"frame {number} has no bytes where the offset table "
+                             "places it")
+    return data
+
+
+#: One entry of the Extended Offset Table or of its lengths: 64-bit little endian
+#: (PS3.3 C.7.6.3.1.8, PS3.5 A.4).
+_EXTENDED_ENTRY = struct.Struct("<Q")
+
+
+def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:
+    """Refuse frame ``number`` unless the Extended Offset Table places it within the
+    stored object.
+
+    The table's entries are 64-bit numbers the sender chose: pydicom reads a frame's
+    length as given, and a file's ``read`` of 2^40 bytes asks the allocator for them
+    first (a ``MemoryError``), whatever the file holds.
+
+    Raises
+    ------
+    UnreadableData
+        The table lists fewer frames than ``number``, or places its bytes past the end.
+    """
+    assert lay.extended_offsets is not None and lay.pixel_offset is not None
+    offsets, lengths = lay.extended_offsets
+    at = _EXTENDED_ENTRY.size * (number - 1)
+    if at + _EXTENDED_ENTRY.size > min(len(offsets), len(lengths)):
+        raise UnreadableData(f"the Extended Offset Table does not list frame {number}")
+    offset = _EXTENDED_ENTRY.unpack_from(offsets, at)[0]
+    length = _EXTENDED_ENTRY.unpack_from(lengths, at)[0]
+    # The Basic Offset Table's item header, read first by get_frame too: on a ranged
+    # stream this fetch also learns the object's size, so the seek to the end is free.
+    source.seek(lay.pixel_offset)
+    source.read(8)
+    if offset + length > source.seek(0, io.SEEK_END) - lay.pixel_offset:
+        raise UnreadableData(f"the Extended Offset Table places frame {number} past the "
+                             "end of the object (PS3.5 A.4)")
 
 
 def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
     """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
 
-    pydicom reads just that frame from the file; a deflated data set cannot be read
-    that way (its pixel data is inside the deflate stream), so the whole data set is
-    read instead.  The declared sizes are checked first (module docstring).
+    pydicom reads just that frame from the file; a deflated data set's frame is
+    inflated alone (:func:`_decoded_deflated`); a big endian one is read whole.  The
+    declared sizes are checked first (module docstring), and a
+    compressed frame's codestream must declare the same image
+    (:func:`pacs.core.codestream.check`) before a decoder sees it.
 
     Raises
     ------
@@ -379,19 +474,64 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
         When the frame cannot be decoded.
     """
     check_decodable(lay.decoded_bytes, max_frame_bytes)
-    if lay.transfer_syntax != DeflatedExplicitVRLittleEndian:
-        try:
-            source.seek(0)
-            return pixel_array(source, index=number - 1)
-        except Exception:  # noqa: BLE001 - retry from the whole data set, below
-            pass
-    if not lay.encapsulated:
-        # Native pixel data read whole (encapsulated data is read as stored, and only
-        # the frame asked for is decoded).
-        check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
+    if lay.encapsulated:
+        return _decoded_fragments(source, number, lay)
+    if codestream.declares(lay.transfer_syntax):
+        # Compressed frames are decoded only once their codestream is checked, which
+        # needs their fragments where ingest found them.
+        raise UnreadableData("the compressed pixel data is not encapsulated where "
+                             "ingest recorded it")
+    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return _decoded_deflated(source, number, lay)
+    try:
+        source.seek(0)
+        return pixel_array(source, index=number - 1)
+    except Exception:  # noqa: BLE001 - retry from the whole data set, below
+        pass
+    # Native pixel data read whole (big endian), within its ceiling.
+    check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
     try:
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
+    """Frame ``number`` of a deflated data set, inflated no further than its bytes
+    (:func:`pacs.core.dataset.inflated_pixels`) and decoded by pydicom with the header.
+
+    The stored object is small, what it inflates to need not be: up to
+    ``PACS_MAX_OBJECT_BYTES``, before or after the pixel data, which pydicom's reading
+    of the whole data set held in memory for every frame asked for.
+    """
+    header = read_header(source)
+    bits = lay.frame_bits
+    first = (number - 1) * bits
+    start, end = first // 8, -(-(first + bits) // 8)
+    source.seek(0)
+    stored = source.read()
+    value = dataset.inflated_pixels(memoryview(stored)[dataset.dataset_offset(stored):],
+                                    start, end - start)
+    frame = _repacked(value, first - start * 8, bits) if bits % 8 else value
+    header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
+    header.NumberOfFrames = 1
+    try:
+        return pixel_array(header, index=0)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def _decoded_fragments(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
+    """Frame ``number`` of encapsulated pixel data, decoded once its codestream has
+    been found to declare the frame the data set describes
+    (:func:`pacs.core.codestream.check`): a decoder allocates what the codestream
+    declares.  Only that frame is read, never the whole pixel data."""
+    codestream.check(_fragments(source, lay, number), lay.transfer_syntax, lay.rows,
+                     lay.columns, lay.samples, lay.bits_allocated)
+    try:
+        source.seek(0)
+        return pixel_array(source, index=number - 1)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
 

@@ -18,7 +18,9 @@ array and absent for an empty element (F.2.5), empty values inside a multi-value
 element are ``null``; OB, OD, OF, OL, OV, OW and UN values longer than
 :data:`BULK_DATA_THRESHOLD` bytes get a ``BulkDataURI`` naming their place in the data
 set, shorter ones ``InlineBinary`` (F.2.7).  Text values keep leading spaces and lose
-trailing padding, as in pydicom.
+trailing padding, as in pydicom.  At most :data:`INLINE_VALUE_BYTES` of text and
+number values are written per instance; past them a value is referenced by
+``BulkDataURI`` where PS3.18 10.4.3.3.2 allows it, else left out.
 
 Values written as text (strings, person names, decimal and integer strings) become JSON
 values through :func:`element`, the one encoder of every DICOM JSON answer: WADO-RS
@@ -64,6 +66,23 @@ log = logging.getLogger(__name__)
 #: Binary values longer than this many bytes are referenced by BulkDataURI, not inlined
 #: (pydicom's default; small OB values such as private flags stay inline).
 BULK_DATA_THRESHOLD = 1024
+
+#: Most bytes of element values one instance's metadata writes as ``Value`` arrays,
+#: counted as they are read (each value also counts :data:`VALUE_COST`).  A value
+#: costs far more as Python and JSON values than as bytes: a UC value of 64 MiB of
+#: backslashes (64 million empty values) took 5.5 s
+#: and 1.3 GB to encode, and an object may hold such values up to
+#: ``PACS_MAX_OBJECT_BYTES``.  Past this, a value whose VR PS3.18 10.4.3.3.2 lets be
+#: replaced gets a ``BulkDataURI`` (its bytes are then sent by the bulk data
+#: resource); any other is left out (logged).  Real headers hold a few hundred KB of
+#: such values; an RT Structure Set's contour data can pass this and is then
+#: referenced.
+INLINE_VALUE_BYTES = 16 << 20
+#: PS3.18 10.4.3.3.2: the VRs whose Value Field the origin server may replace by a
+#: Bulkdata URI in metadata.
+REPLACEABLE_VRS = frozenset({"DS", "FL", "FD", "IS", "LT", "OB", "OD", "OF", "OL", "OV",
+                             "OW", "SL", "SS", "ST", "SV", "UC", "UL", "UN", "US", "UT",
+                             "UV"})
 
 #: Tags that end a header read with ``stop_before_pixels`` (PS3.5 Table 7.1-1: float,
 #: double float and integer pixel data); the top level's are referenced by the caller.
@@ -219,6 +238,8 @@ class Encoder:
     def __init__(self, base: str, little: bool) -> None:
         self.base = base
         self.order = "<" if little else ">"
+        #: What is left of :data:`INLINE_VALUE_BYTES` for this document.
+        self.inline_left = INLINE_VALUE_BYTES
 
     def dataset(self, ds: Dataset, path: tuple[str, ...],
                 charset: str | None) -> dict[str, Any]:
@@ -234,16 +255,40 @@ class Encoder:
                 converted = None
                 if type(elem) is RawDataElement:
                     vr = elem.VR if not elem.is_implicit_VR else _implicit_vr(code)
+                    converted = self.over_budget(elem, vr, code, path, key)
                     converter = _CONVERTERS.get(vr) if vr else None
-                    if vr and converter is not None:
+                    if vr and converter is not None and converted is None:
                         value = elem.value
                         converted = (converter(self, vr, value, code, path, key, charset)
                                      if value else {"vr": _empty_vr(vr, code)})
+                if converted is _LEFT_OUT:
+                    log.warning("element %s left out of the metadata: its values pass "
+                                "INLINE_VALUE_BYTES", key)
+                    continue
                 out[key] = converted or self.decoded(ds, code, path, key, charset)
             except Exception:  # noqa: BLE001 - an odd value must not lose the rest
                 log.warning("element %s left out of the metadata: its value does not "
                             "decode", key)
         return out
+
+    def over_budget(self, elem: RawDataElement, vr: str | None, tag: int,
+                    path: tuple[str, ...], key: str) -> JsonElement | None:
+        """What a raw element becomes when its value would pass what is left of
+        :data:`INLINE_VALUE_BYTES`: a ``BulkDataURI`` (PS3.18 10.4.3.3.2), or
+        :data:`_LEFT_OUT`; ``None`` when it is within (and now counted), or is not
+        written as values (bulk data, sequences, whose items are counted)."""
+        value = elem.value or b""
+        named = vr or _public_vr(tag) or "UN"  # implicit VR: "US or SS", "OB or OW"
+        if not value or named in _BULK_VRS or named == "SQ" or named.startswith("OB"):
+            return None
+        size = _cost(value, named)
+        self.inline_left -= size
+        if self.inline_left >= 0:
+            return None
+        self.inline_left += size
+        if all(kind in REPLACEABLE_VRS for kind in named.split(" or ")):
+            return {"vr": vr or named.split(" or ")[0], "BulkDataURI": self.uri(path, key)}
+        return _LEFT_OUT
 
     def decoded(self, ds: Dataset, tag: int, path: tuple[str, ...], key: str,
                 charset: str | None) -> dict[str, Any]:
@@ -268,6 +313,25 @@ class Encoder:
         """The relative BulkDataURI of the value ``key`` at ``path``."""
         return f"{self.base}/{'/'.join((*path, key))}"
 
+
+#: What one value costs beyond its bytes, as a Python object and its place in a list
+#: while the JSON is built (and as ``null,`` in the JSON): charged per value, so that
+#: a value of many empty values spends the budget as fast as it takes memory.
+VALUE_COST = 16
+
+
+def _cost(value: bytes, vr: str) -> int:
+    """The budget a raw value spends (:data:`INLINE_VALUE_BYTES`): its bytes, and
+    :data:`VALUE_COST` per value (binary numbers: by their size; text: separated by
+    backslashes, PS3.5 6.4)."""
+    code = _BINARY_NUMBERS.get(vr)
+    if code is not None:
+        return len(value) + VALUE_COST * (len(value) // _SINGLE["<" + code].size)
+    return len(value) + VALUE_COST * (value.count(b"\\") + 1)
+
+
+#: :meth:`Encoder.over_budget`'s answer for an element left out of the metadata.
+_LEFT_OUT: JsonElement = {}
 
 _Converter = Callable[[Encoder, str, bytes, int, tuple[str, ...], str, "str | None"],
                       "JsonElement | None"]

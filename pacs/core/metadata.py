@@ -375,8 +375,9 @@ def _deflated_header(source: BinaryIO) -> Dataset:
 def _deflated_pixels(header: Dataset) -> _Pixel | None:
     """Pixel data of a deflated image: listed, with no place in the stored bytes.
 
-    Its place is inside the deflate stream, so frames are decoded from the whole
-    object; the header is enough to know it is an image (Rows, PS3.3 C.7.6.3).
+    Its place is inside the deflate stream, so each frame is inflated from it
+    (:func:`pacs.core.dataset.inflated_pixels`); the header is enough to know it is an
+    image (Rows, PS3.3 C.7.6.3).
     """
     if "Rows" not in header:
         return None

@@ -9,7 +9,10 @@ A conversion decodes every frame and holds the whole decoded pixel data, so both
 checked from the header before anything is decoded (:class:`FrameTooLarge`): one frame
 (:func:`pacs.core.frames.decoded_size`) within ``max_frame_bytes`` (``PACS_MAX_FRAME_BYTES``),
 all of them within ``max_object_bytes`` (``PACS_MAX_OBJECT_BYTES``: the converted object
-is an object like any other).  WADO-RS and C-MOVE / C-GET both convert through here.
+is an object like any other).  Each compressed frame's codestream must declare the
+image the data set does before anything is decoded (:mod:`pacs.core.codestream`):
+decoders allocate what the codestream says.  WADO-RS and C-MOVE / C-GET both convert
+through here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -28,7 +32,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from pacs.core import metadata
+from pacs.core import codestream, metadata
 from pacs.core.config import Settings
 from pacs.core.dataset import read_header
 from pacs.core.errors import FrameTooLarge, ObjectTooLarge, UnreadableData
@@ -149,6 +153,10 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
     check_size(data, max_frame_bytes, max_object_bytes)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad data
+        raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
+    check_codestreams(dataset)
+    try:
         if dataset.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in dataset:
             # Same instance in another transfer syntax: keep its SOP Instance UID
             # (pydicom 3 generates a new one by default).
@@ -157,6 +165,40 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
     return dataset
+
+
+def check_codestreams(dataset: Dataset) -> None:
+    """Refuse a conversion whose compressed frames declare, in their codestreams,
+    another image than the data set's (:func:`pacs.core.codestream.check`): the
+    decoder would allocate what they declare.  Every frame is checked before any is
+    decoded, one frame's bytes at a time.
+
+    Raises
+    ------
+    UnreadableData
+        A frame whose codestream disagrees, or fragments that do not parse.
+    """
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
+    if not codestream.declares(syntax) or "PixelData" not in dataset:
+        return
+    try:
+        rows, columns, samples, bits, count = (
+            int(dataset.get(keyword) or default) for keyword, default in _DECODED_DEFAULTS)
+        extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths) if (
+            "ExtendedOffsetTable" in dataset
+            and "ExtendedOffsetTableLengths" in dataset) else None
+        frames = generate_frames(dataset.PixelData, number_of_frames=max(count, 1),
+                                 extended_offsets=extended)
+        for frame in frames:
+            codestream.check(frame, syntax, rows, columns, samples, bits)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UnreadableData(f"the encapsulated pixel data does not parse: "
+                             f"{type(exc).__name__}") from None
+
+
+#: Image Pixel keywords a codestream is checked against, with pydicom's defaults.
+_DECODED_DEFAULTS = (("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1),
+                     ("BitsAllocated", 8), ("NumberOfFrames", 1))
 
 
 def convert_to_bytes(data: bytes, target: str,

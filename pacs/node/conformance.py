@@ -42,7 +42,7 @@ from adapters.dicomweb import (
     wado,
 )
 from adapters.dicomweb.accept import MULTIPART
-from pacs.core import commitment, frames, transcode
+from pacs.core import commitment, frames, jsonmodel, transcode
 from pacs.core.config import Settings
 from pacs.core.index import compiler
 from pacs.core.services import access_policy
@@ -384,7 +384,10 @@ def _describe(resource: object) -> dict[str, Any]:
                 "section": "PS3.18 10.4.1.1.3", "method": "GET",
                 "notes": "Each part states the transfer syntax of its frame.  Objects "
                          "stored compressed are decoded for the uncompressed types (from "
-                         "the syntaxes of 3.2.4), and uncompressed frames are labelled "
+                         "the syntaxes of 3.2.4) when the codestream of each declares "
+                         "the image of the data set's Rows, Columns and Samples per "
+                         "Pixel (PS3.5 8.2; 400 otherwise, nothing decoded), and "
+                         "uncompressed frames are labelled "
                          f"{frames.NATIVE_SYNTAX} whichever uncompressed syntax was asked "
                          "(the bytes of a frame are the same); `*` sends the stored "
                          "frames.",
@@ -395,7 +398,13 @@ def _describe(resource: object) -> dict[str, Any]:
                 "notes": "The BulkDataURIs of the metadata.  Pixel Data (`7FE00010`) is "
                          "answered as all its frames, with the media types below; any "
                          f"other value as its bytes, `{wado.OCTET}` (multipart, or alone "
-                         "when asked without multipart).",
+                         "when asked without multipart).  Besides binary values over "
+                         f"{jsonmodel.BULK_DATA_THRESHOLD} bytes, the metadata of an "
+                         "instance writes at most "
+                         f"{jsonmodel.INLINE_VALUE_BYTES >> 20} MiB of text and number "
+                         f"values ({jsonmodel.VALUE_COST} bytes more per value); past "
+                         "that, values of the VRs PS3.18 10.4.3.3.2 lists "
+                         "are BulkDataURIs, and others are left out.",
                 "media_types": _frame_offers()}
     if isinstance(resource, rendered.Rendered):
         images = [_offer(kind, default=i == 0) for i, kind in enumerate(rendered.RENDERED_TYPES)]

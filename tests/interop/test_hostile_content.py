@@ -31,6 +31,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from adapters.dicomweb.multipart import encode as multipart_encode
 from tests.conftest import wait_for_port
+from tests.factory import jpeg_frame, make_instance, make_jpeg_instance
 from tests.interop.conftest import (
     AE_TITLE,
     PATIENCE,
@@ -393,6 +394,87 @@ def test_frame_declaring_65535_by_65535_rgb_is_refused(limited: Node) -> None:
         assert answer.status_code == 400, answer.text
         assert "PACS_MAX_FRAME_BYTES" in answer.json()["description"]
         assert answer.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_jpeg_declaring_20000_by_20000_behind_16_by_16_is_refused(limited: Node) -> None:
+    """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels: the decoder
+    would fill 400 MB (2 GB of RSS, 6.6 s, then fail to fit them in 256 bytes).  Every
+    resource that decodes answers 400 from the codestream's header; the stored frame
+    is still sent as stored."""
+    data = make_jpeg_instance(jpeg_frame(declared=(20000, 20000)))
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    assert stow(limited, data).status_code == 200
+    base = (f"{limited.web_url()}/studies/{ds.StudyInstanceUID}/series/"
+            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    explicit = "1.2.840.10008.1.2.1"
+    asked = (("/rendered", "image/jpeg"), ("/thumbnail", "image/png"),
+             ("/frames/1", f"multipart/related; type=application/octet-stream; "
+                           f"transfer-syntax={explicit}"),
+             ("", f"application/dicom; transfer-syntax={explicit}"))
+    watch = Watch(limited)
+    with watch.attack():
+        answers = [requests.get(base + suffix, headers={"Accept": accept}, timeout=60)
+                   for _ in range(3) for suffix, accept in asked]
+    watch.check("JPEG declaring 20000 x 20000 behind 16 x 16, 12 requests")
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert "20000 x 20000" in answer.json()["description"]
+    stored = requests.get(base + "/frames/1", timeout=60, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert stored.status_code == 200 and jpeg_frame(declared=(20000, 20000)) in stored.content
+
+
+# --- headers that cost more than their bytes ------------------------------------------------
+
+def _before_patient_name(elements: bytes, **attributes: object) -> tuple[bytes, Dataset]:
+    """A small CT with explicit VR ``elements`` (groups 0008 to 000F) before Patient's
+    Name, and its header."""
+    data = make_instance(**attributes)
+    at = data.index(b"\x10\x00\x10\x00PN")
+    data = data[:at] + elements + data[at:]
+    return data, pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def test_many_tiny_elements_are_refused_by_their_count(limited: Node) -> None:
+    """A STOW-RS part of 1.25 million two-character private elements (12 MiB): the
+    node grew by 1.2 GB reading it and encoding its metadata; refused by the walk's
+    count (A700) beside a good part."""
+    count = 1_250_000
+    element = struct.Struct("<HH2sH")
+    blocks = [element.pack(0x0009 + 2 * (n // 0xEF00), 0x0010, b"LO", 2) + b"AB"
+              + b"".join(element.pack(0x0009 + 2 * (n // 0xEF00), 0x1000 + e, b"LO", 2)
+                         + b"AB" for e in range(min(0xEF00, count - n)))
+              for n in range(0, count, 0xEF00)]
+    tiny, tiny_ds = _before_patient_name(b"".join(blocks))
+    good, good_ds = _before_patient_name(b"")
+    watch = Watch(limited)
+    with watch.attack():
+        answer = stow(limited, tiny, good)
+    watch.check("12 MiB of 1.25 million tiny elements via STOW-RS")
+    assert answer.status_code == 202, answer.text
+    assert failures(answer) == [(tiny_ds.SOPInstanceUID, OUT_OF_RESOURCES)]
+    indexed = limited.index()
+    assert good_ds.SOPInstanceUID in indexed and tiny_ds.SOPInstanceUID not in indexed
+
+
+def test_many_empty_values_are_referenced_in_the_metadata(limited: Node) -> None:
+    """A STOW-RS part whose UC value is 12 MiB of backslashes (12 million empty
+    values; the node grew by 324 MiB encoding them as metadata): stored, the value
+    referenced by a BulkDataURI in its metadata and sent as its bytes from there."""
+    value = b"\\" * (12 << 20)
+    empty, empty_ds = _before_patient_name(
+        struct.pack("<HH2s2xI", 0x0008, 0x0119, b"UC", len(value)) + value)
+    watch = Watch(limited)
+    with watch.attack():
+        answer = stow(limited, empty)
+    watch.check("12 MiB of empty values via STOW-RS")
+    assert answer.status_code == 200, answer.text
+    base = (f"{limited.web_url()}/studies/{empty_ds.StudyInstanceUID}/series/"
+            f"{empty_ds.SeriesInstanceUID}/instances/{empty_ds.SOPInstanceUID}")
+    [document] = requests.get(base + "/metadata", timeout=60).json()
+    assert document["00080119"]["BulkDataURI"].endswith("/bulkdata/00080119")
+    assert requests.get(document["00080119"]["BulkDataURI"], timeout=60, headers={
+        "Accept": "application/octet-stream"}).content == value
 
 
 # --- active content -------------------------------------------------------------------------

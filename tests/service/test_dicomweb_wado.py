@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
@@ -37,6 +38,7 @@ from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.ranged import RangedReader
 from tests.conftest import sample
+from tests.factory import jpeg_frame, make_jpeg_instance
 
 JSON = "application/dicom+json"
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"'  # dicomweb-client
@@ -606,6 +608,23 @@ def test_bulk_data_path_that_names_no_binary_value_is_404(client: testing.TestCl
                                ).content == b"\x01\x02"
 
 
+def test_a_text_value_past_the_metadata_budget_is_sent_as_bulk_data(
+        client: testing.TestClient, services: Services,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PS3.18 10.4.3.3.2: a UT value the metadata references is retrieved as its bytes
+    from its BulkDataURI, as stored (here past a budget of 100 bytes)."""
+    from pacs.core import jsonmodel
+
+    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 100)
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00204000, "LT", "x" * 150)  # Image Comments
+    services.ingest.store_bytes(encode(ds))
+    [document] = client.simulate_get(url(ds) + "/metadata").json
+    uri = document["00204000"]["BulkDataURI"].removeprefix("http://falconframework.org")
+    result = client.simulate_get(uri, headers={"Accept": "application/octet-stream"})
+    assert result.status_code == 200 and result.content == b"x" * 150
+
+
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
                                                       put: Put) -> None:
     ds, _ = put("emri_small.dcm")
@@ -802,15 +821,105 @@ def test_frames_declared_over_the_ceiling_are_not_decoded(make_services: Callabl
         result = client.simulate_get(url(huge) + suffix)
         assert result.status_code == 400, (suffix, result.text)
         assert "PACS_MAX_FRAME_BYTES" in result.json["description"]
-    # 1 MiB per frame is allowed, but a deflated data set is decoded whole: 4 frames.
+    # 1 MiB per frame is allowed; a deflated data set's frames are inflated one at a
+    # time (no longer read whole: 4 MiB here, up to PACS_MAX_OBJECT_BYTES).
+    monkeypatch.undo()
     deflated = declaring(512, 1024, 1, frames=4, name="image_dfl.dcm")
     deflated.BitsAllocated = deflated.BitsStored = 16
     deflated.HighBit, deflated.PixelRepresentation = 15, 0
-    deflated.PixelData = b"\0" * (512 * 1024 * 2 * 4)
+    deflated.PixelData = b"".join(bytes([n]) * (512 * 1024 * 2) for n in range(4))
     services.ingest.store_bytes(encode(deflated))
-    result = client.simulate_get(url(deflated) + "/frames/1", headers={"Accept": OHIF_FRAMES})
-    assert result.status_code == 400, result.text
-    assert "4194304 bytes" in result.json["description"]
+    result = client.simulate_get(url(deflated) + "/frames/3",
+                                 headers={"Accept": "application/octet-stream"})
+    assert result.status_code == 200, result.text
+    assert result.content == b"\2" * (512 * 1024 * 2)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"NumberOfFrames": 2147483647}, "fewer than the"),
+    ({"NumberOfFrames": 3}, "fewer than the 3 frames"),
+    ({"Columns": 0}, "frames of no pixels"),
+    ({"BitsAllocated": 0}, "frames of no pixels"),
+])
+def test_native_frames_the_value_does_not_hold_are_refused_before_the_answer(
+        client: testing.TestClient, services: Services, changes: dict[str, int],
+        problem: str) -> None:
+    """CT_small holds one 128 x 128 frame of 16 bits (PS3.5 8.1.1).  A header that
+    declares more frames than that, or frames of no bits, is 400 before the status
+    line for every frame list that asks for one it lacks: before, all frames began
+    200 (with a Content-Length of 64 TiB for 2^31 frames) and broke off at frame 2,
+    and frames of no bits were sent as empty parts, as many as declared."""
+    ds = fresh("CT_small.dcm", **changes)
+    services.ingest.store_bytes(encode(ds))
+    listed = "/frames/1,3" if changes.get("NumberOfFrames") else "/frames/1"
+    for suffix, accept in (("/bulkdata/7FE00010", OCTET_FRAMES),
+                           ("/bulkdata/7FE00010", "application/octet-stream"),
+                           (listed, OHIF_FRAMES)):
+        result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
+        assert result.status_code == 400, (suffix, accept, result.status_code)
+        assert problem in result.json["description"], (suffix, result.json)
+    if changes.get("NumberOfFrames"):  # the frame the value holds is still sent
+        result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+        assert result.status_code == 200
+        assert pydicom.dcmread(sample("CT_small.dcm")).PixelData in result.content
+
+
+def test_a_codestream_declaring_another_image_is_never_decoded(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels (400 MB and
+    seconds of decoding, in 700 bytes): every resource that would decode it answers
+    400 before a decoder runs; as stored it is still sent."""
+    from pacs.core import frames, transcode
+
+    def no_decoding(*_: Any, **__: Any) -> None:
+        raise AssertionError("something was decoded")
+
+    monkeypatch.setattr(frames, "pixel_array", no_decoding)
+    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoding)
+    services = make_services(max_frame_bytes=1 << 20)
+    client = testing.TestClient(create_app(services))
+    data = make_jpeg_instance(jpeg_frame(declared=(20000, 20000)))
+    services.ingest.store_bytes(data)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    for path, accept in ((url(ds) + "/rendered", "image/jpeg"),
+                         (url(ds) + "/thumbnail", "image/png"),
+                         (url(ds) + "/frames/1", OCTET_FRAMES),
+                         (url(ds), DICOM_ACCEPT),
+                         (url(ds), f"application/dicom; transfer-syntax={EXPLICIT}")):
+        result = client.simulate_get(path, headers={"Accept": accept})
+        assert result.status_code == 400, (path, accept, result.text)
+        assert "20000 x 20000" in result.json["description"], (path, accept)
+    assert transcode.can_convert(JPEG_BASELINE, EXPLICIT)
+    result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
+    assert result.status_code == 200 and jpeg_frame(declared=(20000, 20000)) in result.content
+
+
+def test_a_deflated_frame_is_inflated_alone(client: testing.TestClient,
+                                            services: Services) -> None:
+    """A deflated CT (80 KB stored) with 32 MiB of zeros after its pixel data: each
+    frame or rendered request inflated and parsed the whole data set (up to
+    PACS_MAX_OBJECT_BYTES, from a small object); the frame's bytes are inflated alone
+    now, nothing of the data set after them."""
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x7FE10010, "LO", "TRAILER")
+    ds.add_new(0x7FE11010, "OB", bytes(32 << 20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = encode(ds)
+    assert len(data) < 1 << 20
+    services.ingest.store_bytes(data)
+    pixels = pydicom.dcmread(sample("CT_small.dcm")).PixelData
+    for suffix, accept in (("/frames/1", "application/octet-stream"),
+                           ("/rendered", "image/png")):
+        tracemalloc.start()
+        try:
+            result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.status_code == 200, result.text
+        assert peak < 8 << 20, (suffix, peak)
+        if suffix == "/frames/1":
+            assert result.content == pixels
 
 
 def test_sizes_over_the_ceilings_are_refused_before_the_answer(

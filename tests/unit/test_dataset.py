@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import io
+import struct
+import tracemalloc
 import warnings
+import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pacs.core import metadata
+from pacs.core import dataset, metadata
 from pacs.core.attributes import Level
 from pacs.core.dataset import Instance, check_complete, extract, read_part10, valid_uid
-from pacs.core.errors import InvalidUID, UnreadableData
+from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
 from tests.conftest import sample
+from tests.factory import make_instance
 
 
 @pytest.mark.parametrize("uid, ok", [
@@ -243,3 +248,164 @@ def test_walked_header_reads_as_pydicom(path: Path) -> None:
         for level in Level:
             assert extract(instance.header, level) == extract(reference.header, level)
         assert metadata.prepare(instance, data) == metadata.prepare(reference, data)
+
+
+# --- how many elements a data set may hold -------------------------------------------
+
+def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (PS3.5 7.1.2)."""
+    if vr in (b"SQ", b"UN", b"OB", b"UT"):
+        return struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _item(content: bytes) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+
+
+def _private(count: int, group: int = 0x0009) -> bytes:
+    """A private block of ``count`` two-character LO elements (after its creator)."""
+    return _explicit((group << 16) | 0x0010, b"LO", b"AB") + b"".join(
+        _explicit((group << 16) | (0x1000 + n), b"LO", b"AB") for n in range(count))
+
+
+#: Where elements of groups 0009 to 000F go in :func:`make_instance`'s object, in tag
+#: order: before Patient's Name (0010,0010); and those of groups up to 7FDF.
+PATIENT_NAME, PIXEL_DATA = b"\x10\x00\x10\x00PN", b"\xe0\x7f\x10\x00OW"
+
+
+def _with(elements: bytes, before: bytes = PATIENT_NAME) -> bytes:
+    """A CT object with ``elements`` inserted before the element ``before``."""
+    data = make_instance()
+    at = data.index(before)
+    return data[:at] + elements + data[at:]
+
+
+def test_more_elements_than_allowed_are_refused_before_pydicom_reads_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """1.7 million two-character elements (16 MiB) took 5.6 s and 864 MB to read,
+    1.6 GB with their metadata; they are counted as the walk reads their headers."""
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 200)
+    monkeypatch.setattr(pydicom, "dcmread", None)  # never reached
+    with pytest.raises(ObjectTooLarge, match="more than 200 elements"):
+        read_part10(_with(_private(250)))
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    """One implicit VR little endian element (PS3.5 7.1.3)."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_elements_inside_sequences_of_defined_length_count(
+        monkeypatch: pytest.MonkeyPatch, implicit: bool) -> None:
+    """Items of defined length were passed by their length, unread: their elements
+    reached pydicom (and the metadata) uncounted, and nested without bound.  Here a
+    Referenced Study Sequence (0008,1110) of defined length holds 5 items of 41
+    elements: 211 headers with the sequence's own."""
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 200)
+    if implicit:
+        ds = pydicom.dcmread(io.BytesIO(make_instance()))
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        base = out.getvalue()
+        content = _implicit(0x00090010, b"AB") + b"".join(
+            _implicit(0x00091000 + n, b"AB") for n in range(40))
+        sequence = _implicit(0x00081110, _item(content) * 5)
+        at = base.index(b"\x10\x00\x10\x00", dataset.dataset_offset(base))
+    else:
+        base = make_instance()
+        sequence = _explicit(0x00081110, b"SQ", _item(_private(40)) * 5)
+        at = base.index(PATIENT_NAME)
+    data = base[:at] + sequence + base[at:]
+    with pytest.raises(ObjectTooLarge, match="more than 200 elements"):
+        read_part10(data)
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 400)
+    assert len(read_part10(data).header.ReferencedStudySequence) == 5
+
+
+def test_sequences_of_defined_length_nest_no_deeper_than_undefined_ones() -> None:
+    """PS3.5 7.5: the same limit of 64 levels, whichever way the lengths are encoded."""
+    def nested(depth: int) -> bytes:
+        inner = b""
+        for _ in range(depth):
+            inner = _explicit(0x0040A730, b"SQ", _item(inner))
+        return inner
+
+    assert read_part10(_with(nested(60), PIXEL_DATA)).header.get((0x0040, 0xA730))
+    with pytest.raises(UnreadableData, match="nested too deeply"):
+        read_part10(_with(nested(300), PIXEL_DATA))
+
+
+def test_deflated_elements_count_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 200)
+    data = _with(_private(250))
+    offset = dataset.dataset_offset(data)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflater.compress(data[offset:]) + deflater.flush()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = io.BytesIO()
+    pydicom.dcmwrite(meta, ds, enforce_file_format=True)
+    head = meta.getvalue()[:dataset.dataset_offset(meta.getvalue())]
+    with pytest.raises(ObjectTooLarge, match="more than 200 elements"):
+        read_part10(head + body)
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 400)
+    assert read_part10(head + body).transfer_syntax == DeflatedExplicitVRLittleEndian
+
+
+def _implicit_with_name(name: bytes) -> bytes:
+    """make_instance's object in implicit VR little endian, Patient's Name ``name``
+    (implicit VR lengths are 32-bit: PS3.5 7.1.3)."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    base = out.getvalue()
+    at = base.index(b"\x10\x00\x10\x00", dataset.dataset_offset(base))
+    length = struct.unpack_from("<I", base, at + 4)[0]
+    return base[:at] + _implicit(0x00100010, name) + base[at + 8 + length:]
+
+
+def test_a_value_past_the_index_bound_is_indexed_by_its_first_values() -> None:
+    """32 MiB of backslashes in a Patient's Name took 3.1 s and 544 MB to index
+    (32 million values); the values within MAX_INDEX_VALUE_BYTES are indexed."""
+    names = b"DOE^JOHN\\" * ((4 << 20) // 9)
+    header = read_part10(_implicit_with_name(names)).header
+    tracemalloc.start()
+    try:
+        values = extract(header, Level.PATIENT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    indexed = values["patient_name"]
+    assert indexed is not None and len(indexed) <= dataset.MAX_INDEX_VALUE_BYTES
+    assert set(indexed.split("\\")) == {"DOE^JOHN"}
+    assert peak < 16 * dataset.MAX_INDEX_VALUE_BYTES, peak
+    one = read_part10(_implicit_with_name(b"A" * (2 << 20))).header
+    assert extract(one, Level.PATIENT)["patient_name"] == "A" * dataset.MAX_INDEX_VALUE_BYTES
+
+
+def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> None:
+    """The same bound inside the items of an indexed sequence (a Procedure Code
+    Sequence's Code Value, PS3.4 C.2.2.2.6), in implicit VR: 3 MiB of values took
+    85 MB to index; within the bound, about 32 MB."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    base = out.getvalue()
+    code = b"X1\\" * ((3 << 20) // 3)
+    item = _implicit(0x00080100, code) + _implicit(0x00080102, b"99X ")
+    sequence = _implicit(0x00081032, _item(item))  # Procedure Code Sequence
+    at = base.index(b"\x10\x00\x10\x00", dataset.dataset_offset(base))
+    header = read_part10(base[:at] + sequence + base[at:]).header
+    tracemalloc.start()
+    try:
+        indexed = extract(header, Level.STUDY)["procedure_codes"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * dataset.MAX_INDEX_VALUE_BYTES, peak
+    assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES

@@ -4,13 +4,19 @@ object are read for a frame, and what comes out."""
 from __future__ import annotations
 
 import io
+import struct
+from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from pacs.core import metadata
 from pacs.core.errors import UnreadableData
-from pacs.core.frames import Layout, native_frames
+from pacs.core.frames import Layout, decoded, layout, native_frames, stored_frames
+from tests.factory import jpeg_frame, make_instance, make_jpeg_instance
 
 #: 5 x 7 one-bit pixels: 35 bits a frame, so most frames start inside a byte.
 ROWS, COLUMNS, FRAMES = 5, 7, 40
@@ -60,3 +66,100 @@ def test_a_one_bit_frame_past_the_value_is_unreadable() -> None:
     assert len(list(native_frames(source, lay, [39], max_frame_bytes=1))) == 1
     with pytest.raises(UnreadableData):
         list(native_frames(source, lay, [40], max_frame_bytes=1))
+
+
+def encapsulated_file(tmp_path: Any, basic: list[int] | None = None,
+                      lengths: list[int] | None = None) -> tuple[Any, Layout]:
+    """Two 16 x 16 JPEG frames in a file, with a Basic Offset Table of ``basic`` or an
+    Extended Offset Table whose lengths are ``lengths``; and their layout as ingest
+    records it."""
+    frame = jpeg_frame()
+    ds = pydicom.dcmread(io.BytesIO(make_jpeg_instance(frame, NumberOfFrames=2)))
+    if lengths is not None:
+        value, offsets, _ = encapsulate_extended([frame, frame])
+        ds.PixelData = value
+        ds.ExtendedOffsetTable = offsets
+        ds.ExtendedOffsetTableLengths = struct.pack(f"<{len(lengths)}Q", *lengths)
+    else:
+        ds.PixelData = encapsulate([frame, frame], has_bot=False)
+        table = struct.pack(f"<{len(basic or [])}I", *(basic or []))
+        ds.PixelData = (b"\xfe\xff\x00\xe0" + struct.pack("<I", len(table)) + table
+                        + ds.PixelData[8:])
+    path = tmp_path / "object.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    prepared = metadata.prepare_from_stream(io.BytesIO(path.read_bytes()),
+                                            str(ds.file_meta.TransferSyntaxUID))
+    doc = metadata.Document(ds.SOPInstanceUID, "key", str(ds.file_meta.TransferSyntaxUID),
+                            prepared.pixel_offset, prepared.pixel_length, prepared.json)
+    return path, layout(doc)
+
+
+def test_extended_offsets_past_the_object_are_refused_before_anything_is_read(
+        tmp_path: Any) -> None:
+    """PS3.5 A.4: the Extended Offset Table's 64-bit lengths are the sender's; a frame
+    said to be 2^40 bytes long made the file's read ask for 2^40 bytes
+    (MemoryError, a 500), whatever the object holds."""
+    frame = jpeg_frame()
+    path, lay = encapsulated_file(tmp_path, lengths=[len(frame), len(frame)])
+    with open(path, "rb") as source:
+        got = [data for data, _ in stored_frames(source, lay, [1, 2], max_frame_bytes=1)]
+    assert got == [frame, frame]
+    path, lay = encapsulated_file(tmp_path, lengths=[len(frame), 1 << 40])
+    with open(path, "rb") as source:
+        assert next(stored_frames(source, lay, [1], max_frame_bytes=1))[0] == frame
+        with pytest.raises(UnreadableData, match="past the end of the object"):
+            next(stored_frames(source, lay, [2], max_frame_bytes=1))
+    path, lay = encapsulated_file(tmp_path, lengths=[len(frame)])
+    with open(path, "rb") as source, pytest.raises(UnreadableData, match="does not list"):
+        next(stored_frames(source, lay, [2], max_frame_bytes=1))
+
+
+def test_a_basic_offset_past_the_fragments_is_no_frame(tmp_path: Any) -> None:
+    """pydicom reads nothing there, which was sent as an empty frame."""
+    frame = jpeg_frame()
+    item = 8 + len(frame) + len(frame) % 2
+    path, lay = encapsulated_file(tmp_path, basic=[0, item])
+    with open(path, "rb") as source:
+        assert next(stored_frames(source, lay, [2], max_frame_bytes=1))[0].rstrip(
+            b"\0") == frame.rstrip(b"\0")
+    path, lay = encapsulated_file(tmp_path, basic=[0, 1 << 30])
+    with open(path, "rb") as source, pytest.raises(UnreadableData, match="no bytes"):
+        next(stored_frames(source, lay, [2], max_frame_bytes=1))
+
+
+@pytest.mark.parametrize("bits, rows, columns, samples", [
+    (1, 5, 7, 1),  # 35 bits a frame: most start inside a byte
+    (8, 6, 5, 3),
+    (16, 4, 3, 1),
+])
+def test_deflated_frames_inflated_alone_are_the_frames_of_the_whole(
+        bits: int, rows: int, columns: int, samples: int) -> None:
+    """Each frame of a deflated data set, inflated alone, decodes to what pydicom
+    makes of it from the whole data set (PS3.5 A.5, 8.1.1)."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    count = 9
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.NumberOfFrames = rows, columns, samples, count
+    if samples == 3:
+        ds.PhotometricInterpretation, ds.PlanarConfiguration = "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    rng = np.random.default_rng(1)
+    if bits == 1:
+        values = rng.integers(0, 2, size=count * rows * columns, dtype=np.uint8)
+        ds.PixelData = np.packbits(values, bitorder="little").tobytes()
+    else:
+        size = count * rows * columns * samples
+        ds.PixelData = rng.integers(0, 200, size=size).astype(f"<u{bits // 8}").tobytes()
+    ds["PixelData"].VR = "OB" if bits <= 8 else "OW"
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    syntax = str(DeflatedExplicitVRLittleEndian)
+    prepared = metadata.prepare_from_stream(io.BytesIO(data), syntax)
+    lay = layout(metadata.Document(ds.SOPInstanceUID, "key", syntax, prepared.pixel_offset,
+                                   prepared.pixel_length, prepared.json))
+    whole = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    for number in range(1, count + 1):
+        assert np.array_equal(decoded(io.BytesIO(data), number, lay, 1 << 20),
+                              whole[number - 1])

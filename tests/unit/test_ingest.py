@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from pacs.core import dataset
 from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
@@ -433,3 +434,22 @@ def test_a_deflated_object_counts_its_inflated_size(
     result = large.ingest.store_bytes(bomb)
     row = _row(large, result.sop_instance_uid)
     assert row is not None and _stored(large)[row.object_key] == bomb  # as received
+
+
+def test_a_data_set_of_too_many_elements_leaves_nothing_behind(
+        make_services: Callable[..., Services], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused by the walk (MAX_ELEMENTS) on the folder store, where an object written
+    to the store directly is staged while it is analysed: no object, staged file or
+    row is left, on every path."""
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 30)
+    store = folder_store(tmp_path / "objects")
+    services = make_services(store=store, intake_object_bytes=0)
+    many = _bytes()  # CT_small: more than 30 element headers
+    with pytest.raises(ObjectTooLarge, match="more than 30 elements"):
+        services.ingest.store_bytes(many)
+    [result] = services.ingest.store_batch([Received.of(many)])
+    assert isinstance(result, ObjectTooLarge)
+    assert _stored(services) == {}
+    assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
+    assert writer.counts(services.index.connection())["instance"] == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,13 @@ from pydicom.data import get_charset_files
 
 from adapters.dicomweb import accept
 from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
-from pacs.core import metadata
+from pacs.core import jsonmodel, metadata
 from pacs.core.dataset import read_part10
 from pacs.core.frames import Layout
 from pacs.core.index import reads
 from pacs.core.services import drain
 from tests.conftest import sample
+from tests.factory import make_instance
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 RLE = "1.2.840.10008.1.2.5"
@@ -330,3 +333,58 @@ def test_the_mover_keeps_the_metadata_of_what_ingest_acknowledged_through_the_in
         expected = metadata.prepare(read_part10(data), data)
         assert expected is not None
         assert rows[sop][5:] == (expected.pixel_offset, expected.pixel_length, expected.json)
+
+
+# --- values past INLINE_VALUE_BYTES ---------------------------------------------------
+
+def with_elements(*elements: tuple[int, bytes, bytes]) -> bytes:
+    """A CT object with explicit VR ``(tag, VR, value)`` elements of group 0008 after
+    Modality (0008,0060) added, in tag order."""
+    data = make_instance()
+    at = data.index(b"\x10\x00\x10\x00PN")  # Patient's Name (0010,0010)
+    encoded = b""
+    for tag, vr, value in elements:
+        if vr in (b"UC", b"UT"):
+            encoded += struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr, len(value))
+        else:
+            encoded += struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value))
+        encoded += value
+    return data[:at] + encoded + data[at:]
+
+
+def test_a_value_of_many_empty_values_is_referenced_not_encoded() -> None:
+    """A UC value of 24 MiB of backslashes is 24 million empty values: as Python and
+    JSON values that was 1.3 GB for 64 MiB.  Past INLINE_VALUE_BYTES it is a
+    BulkDataURI (PS3.18 10.4.3.3.2), and encoding it holds next to nothing."""
+    data = with_elements((0x00080119, b"UC", b"\\" * (24 << 20)))
+    instance = read_part10(data)
+    tracemalloc.start()
+    try:
+        result = metadata.prepare(instance, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result is not None
+    document = orjson.loads(result.json)
+    assert document["00080119"] == {
+        "vr": "UC", "BulkDataURI": f"studies/{instance.study_uid}/series/"
+        f"{instance.series_uid}/instances/{instance.sop_instance_uid}/bulkdata/00080119"}
+    assert peak < 4 << 20, peak
+
+
+def test_values_past_the_budget_are_referenced_or_left_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is the instance's: values written before it is spent stay inline;
+    after, a VR PS3.18 10.4.3.3.2 lets be referenced gets a BulkDataURI, any other
+    (a code string here) is left out."""
+    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 20_000)
+    cost = jsonmodel.VALUE_COST  # per value, beside the bytes
+    data = with_elements((0x00080070, b"LO", b"ON\\" * 700),  # 2100 + 701 values: within
+                         (0x00080119, b"UC", b"A\\" * 1000),  # 2000 + 1001: referenced
+                         (0x0008011A, b"CS", b"X\\" * 500))  # 1000 + 501: left out
+    assert 2100 + 701 * cost < 20_000 - 500 < 2100 + 701 * cost + 1001 * cost
+    document = orjson.loads(metadata.prepare(read_part10(data), data).json)
+    assert len(document["00080070"]["Value"]) == 701
+    assert document["00080119"]["BulkDataURI"].endswith("/bulkdata/00080119")
+    assert "0008011A" not in document
+    assert document["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]  # small ones go on

@@ -1,0 +1,126 @@
+"""Compressed frames whose codestream declares another image than the data set's are
+refused before any decoder runs (pacs.core.codestream; PS3.5 8.2): a decoder
+allocates what the codestream declares, whatever Rows and Columns say."""
+
+from __future__ import annotations
+
+import io
+import struct
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+
+from pacs.core import codestream, frames, metadata, transcode
+from pacs.core.errors import UnreadableData
+from tests.conftest import sample
+from tests.factory import jpeg_frame, make_jpeg_instance
+
+#: 20000 x 20000 grey declared by a 16 x 16 JPEG: 400 MB and seconds of a decoder's
+#: work behind a header that declares 256 bytes.
+BOMB = (20000, 20000)
+
+
+def no_decoder(*_: Any, **__: Any) -> None:
+    raise AssertionError("a decoder was called")
+
+
+def layout_of(data: bytes) -> frames.Layout:
+    """The frame layout ingest would record for ``data``."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    prepared = metadata.prepare_from_stream(io.BytesIO(data), syntax)
+    doc = metadata.Document(ds.SOPInstanceUID, "key", syntax, prepared.pixel_offset,
+                            prepared.pixel_length, prepared.json)
+    return frames.layout(doc)
+
+
+def first_frame(name: str) -> tuple[bytes, pydicom.Dataset]:
+    ds = pydicom.dcmread(sample(name))
+    count = int(ds.get("NumberOfFrames") or 1)
+    return next(generate_frames(ds.PixelData, number_of_frames=count)), ds
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("SC_rgb_jpeg_dcmtk.dcm", codestream.Declared(100, 100, 3, 8)),  # JPEG baseline
+    ("SC_rgb_jls_lossy_line.dcm", codestream.Declared(100, 100, 3, 8)),  # JPEG-LS
+    ("JPEG2000.dcm", codestream.Declared(1024, 256, 1, 16)),  # JPEG 2000
+])
+def test_the_image_a_codestream_declares_is_read_from_its_header(
+        name: str, expected: codestream.Declared) -> None:
+    frame, ds = first_frame(name)
+    assert codestream.declared(frame, str(ds.file_meta.TransferSyntaxUID)) == expected
+    codestream.check(frame, str(ds.file_meta.TransferSyntaxUID), ds.Rows, ds.Columns,
+                     ds.SamplesPerPixel, ds.BitsAllocated)
+
+
+def test_a_jpeg_declaring_more_pixels_than_the_data_set_is_never_decoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_jpeg_instance(jpeg_frame(declared=BOMB))
+    lay = layout_of(data)
+    monkeypatch.setattr(frames, "pixel_array", no_decoder)
+    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoder)
+    with pytest.raises(UnreadableData, match="20000 x 20000"):
+        frames.decoded(io.BytesIO(data), 1, lay, max_frame_bytes=1 << 20)
+    with pytest.raises(UnreadableData, match="20000 x 20000"):
+        list(frames.native_frames(io.BytesIO(data), lay, [1], max_frame_bytes=1 << 20))
+    with pytest.raises(UnreadableData, match="20000 x 20000"):
+        transcode.convert_to_bytes(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 20)
+
+
+def test_a_jpeg_2000_declaring_more_pixels_than_the_data_set_is_never_decoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    frame, ds = first_frame("JPEG2000.dcm")
+    changed = bytearray(frame)
+    siz = changed.index(b"\xff\x4f\xff\x51") + 4
+    struct.pack_into(">II", changed, siz + 4, 60000, 60000)  # Xsiz, Ysiz
+    ds.PixelData = encapsulate([bytes(changed)])
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    monkeypatch.setattr(frames, "pixel_array", no_decoder)
+    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoder)
+    with pytest.raises(UnreadableData, match="60000 x 60000"):
+        frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=1 << 20)
+    with pytest.raises(UnreadableData, match="60000 x 60000"):
+        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("frame", [
+    b"",
+    b"\xff\xd8\xff\xda\x00\x02",  # a scan before any frame header
+    b"\xff\xd8\xff\xe0\xff\xff",  # a segment longer than the frame
+    b"\xff\xd8\x00\xc0",  # no marker where one must be
+])
+def test_a_jpeg_without_a_frame_header_is_refused_unread(frame: bytes) -> None:
+    with pytest.raises(UnreadableData, match="no image header"):
+        codestream.check(frame, JPEGBaseline8Bit, 16, 16, 1, 8)
+
+
+@pytest.mark.parametrize("rows, columns, samples", [(16, 17, 1), (15, 16, 1), (16, 16, 3)])
+def test_other_dimensions_or_components_refuse_the_frame(rows: int, columns: int,
+                                                         samples: int) -> None:
+    with pytest.raises(UnreadableData, match=r"PS3\.5 8\.2"):
+        codestream.check(jpeg_frame(), JPEGBaseline8Bit, rows, columns, samples, 8)
+
+
+def test_samples_wider_than_bits_allocated_refuse_the_frame() -> None:
+    """A decoded sample takes ceil(precision / 8) bytes: 8 bits fit Bits Allocated 1
+    (a decoded bit image is a byte a pixel), 12 bits do not fit 8."""
+    frame = bytearray(jpeg_frame())
+    codestream.check(bytes(frame), JPEGBaseline8Bit, 16, 16, 1, 1)
+    frame[frame.index(b"\xff\xc0") + 4] = 12  # P
+    codestream.check(bytes(frame), JPEGBaseline8Bit, 16, 16, 1, 16)
+    with pytest.raises(UnreadableData, match=r"PS3\.5 8\.2"):
+        codestream.check(bytes(frame), JPEGBaseline8Bit, 16, 16, 1, 8)
+
+
+def test_a_frame_that_agrees_is_decoded() -> None:
+    data = make_jpeg_instance(jpeg_frame())
+    array = frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=256)
+    assert array.shape == (16, 16) and abs(int(array.mean()) - 100) <= 2
+    converted = pydicom.dcmread(io.BytesIO(transcode.convert_to_bytes(
+        data, ExplicitVRLittleEndian, max_frame_bytes=256)))
+    assert len(converted.PixelData) == 256
