@@ -42,7 +42,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, N_ACTION_RSP
+from pynetdicom.dimse_messages import (
+    C_GET_RSP,
+    C_MOVE_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    N_ACTION_RSP,
+)
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 
 from pacs.core.access import ECHO
@@ -289,7 +295,8 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
         "contexts": retrieve.destination_contexts(planned.classes),
         "max_pdu": services.settings.max_pdu,
         "tls_args": tls.client_args(event.assoc.ae, destination),
-        "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator)]})
+        "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator),
+                         *StoreResponses().handlers()]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
@@ -453,14 +460,70 @@ def accepted_contexts(assoc: Association) -> list[AcceptedContext]:
 
 
 def tcp_settings(event: Event) -> None:
-    """EVT_CONN_OPEN of a C-MOVE destination: TCP_NODELAY on its socket (no Nagle delay
-    per message), and blocked sends bounded by the DIMSE timeout
-    (:func:`pacs.dimse.limits.bound_sends`)."""
+    """EVT_CONN_OPEN of an association the node requests (a C-MOVE destination, a
+    forwarding destination, a storage commitment report): TCP_NODELAY on its socket (no
+    Nagle delay per message), blocked sends bounded by the DIMSE timeout
+    (:func:`pacs.dimse.limits.bound_sends`) and blocked reads by the network timeout
+    (:func:`pacs.dimse.limits.set_receive_timeout`).
+
+    The read bound matters with the seam off: pynetdicom's DUL thread, once a PDU has
+    begun, reads until its declared length has arrived, so a peer that declared a long
+    PDU and went silent held it (and the thread that aborts the association, which
+    waits for it) for ever.  pynetdicom reads a socket only once it is readable: an
+    idle association is not affected.  (With the seam, its reactor bounds each PDU as a
+    whole: :mod:`pacs.dimse.seam.reactor`.)
+    """
     sock = event.assoc.dul.socket
     raw = sock.socket if sock is not None else None
     if raw is not None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(raw, event.assoc.dimse_timeout)
+        limits.set_receive_timeout(raw, event.assoc.network_timeout)
+
+
+class StoreResponses:
+    """EVT_DIMSE_SENT / EVT_DIMSE_RECV of an association the node sends C-STORE
+    requests on through pynetdicom's ``send_c_store`` (forwarding; C-MOVE
+    sub-operations with the seam off): only the C-STORE-RSP whose Message ID Being
+    Responded To is the request's (PS3.7 9.3.1.2) answers it.
+
+    ``send_c_store`` takes whatever message arrives next as the response: a
+    destination answering with another Message ID, or with another command (a
+    C-FIND-RSP), had the instance counted as stored, and a forwarded instance left
+    the outbox for good.  Anything else keeps its place but loses its Status, so that
+    pynetdicom takes it as an invalid response: it aborts the association and returns
+    no status (a failed sub-operation; for forwarding, sent again later).  The message
+    is turned into the primitive ``send_c_store`` gets after this event.
+    """
+
+    def __init__(self) -> None:
+        self._awaiting: int | None = None
+
+    def handlers(self) -> list[tuple[Any, Callable[[Event], None]]]:
+        """The ``evt_handlers`` entries for ``AE.associate``."""
+        return [(evt.EVT_DIMSE_SENT, self.sent), (evt.EVT_DIMSE_RECV, self.received)]
+
+    def sent(self, event: Event) -> None:
+        """Remember the Message ID of a C-STORE request written."""
+        message = event.message
+        if isinstance(message, C_STORE_RQ) and message.command_set is not None:
+            self._awaiting = int(message.command_set.MessageID)
+
+    def received(self, event: Event) -> None:
+        """Strip the Status of anything but the awaited C-STORE-RSP."""
+        message = event.message
+        command = message.command_set
+        if command is None:
+            return
+        if (isinstance(message, C_STORE_RSP) and self._awaiting is not None
+                and command.get("MessageIDBeingRespondedTo") == self._awaiting):
+            self._awaiting = None
+            return
+        log.warning("%s from the C-STORE peer is not the response awaited (Message ID "
+                    "%s): the association is aborted", type(message).__name__,
+                    self._awaiting)
+        if "Status" in command:
+            del command.Status
 
 
 def requested_as(title: str) -> Callable[[Event], None]:

@@ -1,0 +1,302 @@
+"""C-MOVE against destinations that misbehave (:mod:`tests.service.hostile_peer`).
+
+The node runs in-process with a short DIMSE timeout; each destination is a raw socket
+that does one wrong thing.  Whatever it does, the C-MOVE ends within a bound set by
+the timeout (not by the destination), with counts that add up and every failed
+instance in the Failed SOP Instance UID List (PS3.4 C.4.2.1.6, C.4.2.3.1); the
+node closes its connection to the destination, its threads return to their number
+before, and the requestor's association goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
+
+from pacs.core import config
+from pacs.core.config import Modality
+from pacs.core.forwarding import Result
+from pacs.core.query.model import InstanceRef
+from pacs.core.services import Services
+from pacs.core.storage import object_key
+from pacs.dimse.forward import DimseSender
+from pacs.dimse.server import NodeServer, start, stop
+from tests.conftest import SEAM, folder_store, free_port, seam_only
+from tests.service import hostile_peer as peer
+from tests.service.test_retrieve import NODE_AET, REQUESTOR_AET, Node, Study, counts, \
+    identifier, store_study
+
+pytestmark = pytest.mark.dimse
+
+#: PACS_DIMSE_TIMEOUT of the node under test.
+TIMEOUT = 2.0
+#: A C-MOVE against a misbehaving destination ends within this (generous: a slow
+#: machine; one timeout for the association, one for a response, one for the release).
+WITHIN = 4 * TIMEOUT + 5
+INSTANCES = 3
+
+
+@pytest.fixture
+def make_node(settings: config.Settings, make_services: Callable[..., Services],
+              ) -> Iterator[Callable[..., Node]]:
+    """A node with a short DIMSE timeout whose destinations are ``dests``."""
+    servers: list[NodeServer] = []
+
+    def make(*dests: Any, **changes: Any) -> Node:
+        table = ",".join(f"{d.ae_title}=127.0.0.1:{d.port}" for d in dests)
+        services = make_services(
+            store=folder_store(settings.objects_dir), modalities=table,
+            destinations=config.parse_modalities(table), pending_interval=0.0,
+            dimse_timeout=TIMEOUT, **changes)
+        port = free_port()
+        server = start(services, ("127.0.0.1", port))
+        servers.append(server)
+        return Node(services, port, server)
+
+    yield make
+    for server in servers:
+        stop(server, drain=1.0)
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[..., peer.HostileDestination]]:
+    started: list[peer.HostileDestination] = []
+
+    def make(associate: str = "accept", answer: peer.Answer | None = None
+             ) -> peer.HostileDestination:
+        dest = peer.HostileDestination("HOSTILE", associate, answer).start()
+        started.append(dest)
+        return dest
+
+    yield make
+    for dest in started:
+        dest.stop()
+
+
+def requestor(node: Node) -> Association:
+    ae = AE(ae_title=REQUESTOR_AET)
+    ae.add_requested_context(StudyMove)
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 60
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    return assoc
+
+
+def move(assoc: Association, study: str, destination: str = "HOSTILE"
+         ) -> tuple[list[tuple[Dataset, Dataset | None]], float]:
+    """The responses of a C-MOVE of ``study`` and the seconds it took."""
+    began = time.monotonic()
+    replies = list(assoc.send_c_move(identifier("STUDY", StudyInstanceUID=study),
+                                     destination, StudyMove))
+    return replies, time.monotonic() - began
+
+
+def failed_uids(ident: Dataset | None) -> list[str]:
+    if ident is None or "FailedSOPInstanceUIDList" not in ident:
+        return []
+    value = ident.FailedSOPInstanceUIDList
+    return [value] if isinstance(value, str) else list(value)
+
+
+def settle(baseline: int, within: float = 10.0) -> int:
+    """The process' thread count once it is back at ``baseline`` (or after ``within``)."""
+    end = time.monotonic() + within
+    while threading.active_count() > baseline and time.monotonic() < end:
+        time.sleep(0.05)
+    return threading.active_count()
+
+
+def echo_works(node: Node) -> bool:
+    ae = AE(ae_title="ECHOER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    try:
+        return bool(assoc.is_established and assoc.send_c_echo().Status == 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+# --- destinations that never get as far as a response --------------------------------------
+
+BROKEN = {
+    "never-answers-a-store": peer.never,
+    "wrong-message-id": peer.wrong_message_id,
+    "wrong-command": peer.wrong_command,
+    "giant-pdu": peer.giant_pdu,
+    "malformed-pdv": peer.malformed_pdv,
+    "abort": peer.abort,
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(BROKEN))
+def test_a_destination_that_breaks_the_first_store(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        behaviour: str) -> None:
+    """Every instance fails (A702): the one whose response never came right, and the
+    others, since nothing more can be trusted on that association (it is aborted);
+    each failed UID is listed (PS3.4 C.4.2.1.6)."""
+    dest = hostile(answer=BROKEN[behaviour])
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    baseline = threading.active_count()
+    try:
+        replies, took = move(assoc, study.uid)
+        final, ident = replies[-1]
+        assert final.Status == 0xA702, hex(final.Status)
+        assert counts(final)[1:] == (0, INSTANCES, 0)
+        assert sorted(failed_uids(ident)) == sorted(study.sops)
+        assert took < WITHIN
+        assert len(dest.requests) == 1  # nothing more written after the broken one
+        assert dest.wait_closed(WITHIN)
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    assert settle(baseline) <= baseline
+    assert echo_works(node)
+
+
+@seam_only("pynetdicom bounds each recv of a response, not the whole of it")
+def test_a_destination_that_trickles_its_response(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """A response a byte every 0.3 s (about 30 s in all) is cut at the DIMSE timeout."""
+    dest = hostile(answer=peer.trickle(0.3))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    try:
+        replies, took = move(assoc, study.uid)
+        final, ident = replies[-1]
+        assert final.Status == 0xA702
+        assert sorted(failed_uids(ident)) == sorted(study.sops)
+        assert took < WITHIN
+    finally:
+        assoc.release()
+
+
+def test_a_destination_that_never_answers_the_association(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """TCP accepted, the A-ASSOCIATE-RQ never answered: A702 after the ACSE timeout,
+    with every instance counted as failed, and the connection closed."""
+    dest = hostile(associate="silent")
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    try:
+        replies, took = move(assoc, study.uid)
+        final, _ = replies[-1]
+        if SEAM:
+            assert final.Status == 0xA702
+            assert counts(final)[1:] == (0, INSTANCES, 0)
+        else:  # pynetdicom's own C-MOVE loop answers a destination it cannot reach A801
+            assert final.Status == 0xA801
+        assert took < WITHIN
+        assert dest.wait_closed(WITHIN)
+    finally:
+        assoc.release()
+
+
+def test_a_destination_that_rejects_every_context(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """An A-ASSOCIATE-AC with every presentation context rejected: nothing can be
+    sent; A702 with every instance failed."""
+    dest = hostile(associate="reject-contexts")
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    try:
+        replies, took = move(assoc, study.uid)
+        final, ident = replies[-1]
+        assert final.Status in (0xA702, 0xA801) if not SEAM else final.Status == 0xA702
+        if SEAM:
+            assert counts(final)[1:] == (0, INSTANCES, 0)
+        assert took < WITHIN
+        assert dest.requests == []
+        assert dest.wait_closed(WITHIN)
+    finally:
+        assoc.release()
+
+
+# --- statuses ----------------------------------------------------------------------------------
+
+#: C-STORE response statuses and what a sub-operation counts them as (PS3.4 B.2.3,
+#: PS3.7 C: 0000 success; 0001, 0107, 0116, Bxxx warnings, 0111 as warning by choice;
+#: A7xx, A9xx, Cxxx failures; any code the standard does not give a C-STORE is a failure).
+STATUSES = {0x0000: "completed", 0xB000: "warning", 0x0107: "warning", 0xB007: "warning",
+            0x0111: "warning", 0xA700: "failed", 0xC123: "failed", 0x1234: "failed",
+            0xFF00: "failed", 0xFE00: "failed", 0x0122: "failed"}
+
+
+def test_odd_statuses_are_counted_by_their_meaning(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    codes = list(STATUSES)
+    dest = hostile(answer=peer.statuses(codes))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=len(codes))
+    assoc = requestor(node)
+    try:
+        replies, _ = move(assoc, study.uid)
+    finally:
+        assoc.release()
+    final, ident = replies[-1]
+    outcome = {request.sop_instance: STATUSES[code]
+               for request, code in zip(dest.requests, codes, strict=True)}
+    expected = {kind: sum(1 for v in outcome.values() if v == kind)
+                for kind in ("completed", "failed", "warning")}
+    assert final.Status == 0xB000
+    assert counts(final)[1:] == (expected["completed"], expected["failed"],
+                                 expected["warning"])
+    assert sorted(failed_uids(ident)) == sorted(
+        uid for uid, kind in outcome.items() if kind == "failed")
+
+
+# --- forwarding ----------------------------------------------------------------------------------
+
+def refs_of(node: Node, study: Study) -> list[InstanceRef]:
+    """The stored instances of ``study`` as the forwarder reads them from its outbox."""
+    refs = []
+    for series, sops in study.series.items():
+        for sop in sops:
+            key = object_key(study.uid, series, sop)
+            refs.append(InstanceRef(study.uid, series, sop, CTImageStorage,
+                                    ExplicitVRLittleEndian, key, len(node.stored(
+                                        study.uid, series, sop))))
+    return refs
+
+
+FORWARD_BROKEN = dict(BROKEN, trickle=peer.trickle(0.3))
+
+
+@pytest.mark.parametrize("behaviour", sorted(FORWARD_BROKEN))
+def test_forwarding_to_a_destination_that_breaks_a_store(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        behaviour: str) -> None:
+    """Nothing is taken as sent without the C-STORE-RSP to its own request (PS3.7
+    9.3.1.2: Message ID Being Responded To): every instance stays to be sent again
+    (an instance taken as sent leaves the outbox for good)."""
+    if behaviour == "trickle" and not SEAM:
+        pytest.skip("seam only (PACS_DIMSE_SEAM=off): pynetdicom bounds each recv")
+    dest = hostile(answer=FORWARD_BROKEN[behaviour])
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    sender = DimseSender(Modality("HOSTILE", "127.0.0.1", dest.port), node.services.store,
+                         node.services.settings)
+    began = time.monotonic()
+    deliveries = sender.send(refs_of(node, study))
+    assert time.monotonic() - began < WITHIN
+    assert [d.result for d in deliveries] == [Result.RETRY] * INSTANCES, deliveries
+    assert dest.wait_closed(WITHIN)
