@@ -325,3 +325,11 @@ def malformed_pdv(sock: socket.socket, request: Request) -> None:
 def abort(sock: socket.socket, request: Request) -> None:
     """An A-ABORT (source 0, service user) instead of an answer."""
     sock.sendall(struct.pack(">BBI", A_ABORT, 0, 4) + bytes(4))
+
+
+def slowly(seconds: float) -> Answer:
+    """Answer Success after ``seconds`` (a destination slow to store, within time)."""
+    def answer(sock: socket.socket, request: Request) -> None:
+        time.sleep(seconds)
+        sock.sendall(request.respond(0x0000))
+    return answer

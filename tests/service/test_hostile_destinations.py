@@ -300,3 +300,28 @@ def test_forwarding_to_a_destination_that_breaks_a_store(
     assert time.monotonic() - began < WITHIN
     assert [d.result for d in deliveries] == [Result.RETRY] * INSTANCES, deliveries
     assert dest.wait_closed(WITHIN)
+
+
+# --- a long C-MOVE -------------------------------------------------------------------------------
+
+def test_a_move_longer_than_the_network_timeout_keeps_its_association(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """A C-MOVE whose sub-operations take longer in all than PACS_DIMSE_TIMEOUT (each
+    within it) is not idleness of the requestor's association: it is not aborted after
+    the final response, and serves the next request."""
+    dest = hostile(answer=peer.slowly(TIMEOUT / 2))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=5)  # 5 s of stores, timeout 2 s
+    assoc = requestor(node)
+    try:
+        for _ in range(2):
+            replies, took = move(assoc, study.uid)
+            assert took > TIMEOUT
+            assert replies[-1][0].Status == 0x0000
+            assert counts(replies[-1][0])[1:] == (5, 0, 0)
+            time.sleep(0.3)  # what the node would do after the response, it has done
+            assert assoc.is_established
+    finally:
+        if assoc.is_established:
+            assoc.release()
