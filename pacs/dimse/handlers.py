@@ -296,7 +296,7 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
         "max_pdu": services.settings.max_pdu,
         "tls_args": tls.client_args(event.assoc.ae, destination),
         "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator),
-                         *StoreResponses().handlers()]})
+                         *StoreResponses(counted=True).handlers()]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
@@ -481,6 +481,11 @@ def tcp_settings(event: Event) -> None:
         limits.set_receive_timeout(raw, event.assoc.network_timeout)
 
 
+#: The C-STORE status pynetdicom's C-MOVE loop counts as each sub-operation outcome.
+_COUNTED_AS = {retrieve.Outcome.COMPLETED: 0x0000, retrieve.Outcome.WARNING: 0xB000,
+               retrieve.Outcome.FAILED: 0xC000}
+
+
 class StoreResponses:
     """EVT_DIMSE_SENT / EVT_DIMSE_RECV of an association the node sends C-STORE
     requests on through pynetdicom's ``send_c_store`` (forwarding; C-MOVE
@@ -494,10 +499,17 @@ class StoreResponses:
     pynetdicom takes it as an invalid response: it aborts the association and returns
     no status (a failed sub-operation; for forwarding, sent again later).  The message
     is turned into the primitive ``send_c_store`` gets after this event.
+
+    ``counted``: the response's Status is replaced by the one code of what
+    :func:`pacs.dimse.retrieve.classify` makes of it (0000, B000 or C000), for
+    pynetdicom's own C-MOVE loop, which would count a C-STORE status its table lacks
+    (FE00, say) as no sub-operation at all (the counts then miss the total, PS3.4
+    C.4.2.1.6) and 0111 as a failure where the seam counts a warning.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, counted: bool = False) -> None:
         self._awaiting: int | None = None
+        self._counted = counted
 
     def handlers(self) -> list[tuple[Any, Callable[[Event], None]]]:
         """The ``evt_handlers`` entries for ``AE.associate``."""
@@ -518,6 +530,8 @@ class StoreResponses:
         if (isinstance(message, C_STORE_RSP) and self._awaiting is not None
                 and command.get("MessageIDBeingRespondedTo") == self._awaiting):
             self._awaiting = None
+            if self._counted and "Status" in command:
+                command.Status = _COUNTED_AS[retrieve.classify(int(command.Status))]
             return
         log.warning("%s from the C-STORE peer is not the response awaited (Message ID "
                     "%s): the association is aborted", type(message).__name__,
