@@ -92,7 +92,7 @@ class DimseSender:
             contexts=destination_contexts(classes), ae_title=self.destination.ae_title,
             max_pdu=self.settings.max_pdu, tls_args=self._tls,
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings),
-                          *handlers.StoreResponses().handlers()])
+                          *handlers.Responses().handlers()])
         if assoc.is_established:
             return assoc
         # pynetdicom leaves the socket of a rejected association open.

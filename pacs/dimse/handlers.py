@@ -48,6 +48,8 @@ from pynetdicom.dimse_messages import (
     C_STORE_RQ,
     C_STORE_RSP,
     N_ACTION_RSP,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
 )
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 
@@ -296,7 +298,7 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
         "max_pdu": services.settings.max_pdu,
         "tls_args": tls.client_args(event.assoc.ae, destination),
         "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator),
-                         *StoreResponses(counted=True).handlers()]})
+                         *Responses(counted=True).handlers()]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
@@ -486,21 +488,29 @@ _COUNTED_AS = {retrieve.Outcome.COMPLETED: 0x0000, retrieve.Outcome.WARNING: 0xB
                retrieve.Outcome.FAILED: 0xC000}
 
 
-class StoreResponses:
-    """EVT_DIMSE_SENT / EVT_DIMSE_RECV of an association the node sends C-STORE
-    requests on through pynetdicom's ``send_c_store`` (forwarding; C-MOVE
-    sub-operations with the seam off): only the C-STORE-RSP whose Message ID Being
-    Responded To is the request's (PS3.7 9.3.1.2) answers it.
+#: The response each request the node sends on its own associations awaits.
+_RESPONSE_OF: dict[type, type] = {C_STORE_RQ: C_STORE_RSP,
+                                  N_EVENT_REPORT_RQ: N_EVENT_REPORT_RSP}
 
-    ``send_c_store`` takes whatever message arrives next as the response: a
-    destination answering with another Message ID, or with another command (a
-    C-FIND-RSP), had the instance counted as stored, and a forwarded instance left
-    the outbox for good.  Anything else keeps its place but loses its Status, so that
-    pynetdicom takes it as an invalid response: it aborts the association and returns
-    no status (a failed sub-operation; for forwarding, sent again later).  The message
-    is turned into the primitive ``send_c_store`` gets after this event.
 
-    ``counted``: the response's Status is replaced by the one code of what
+class Responses:
+    """EVT_DIMSE_SENT / EVT_DIMSE_RECV of an association the node requested and sends
+    requests on through pynetdicom's ``send_c_store`` / ``send_n_event_report``
+    (forwarding, C-MOVE sub-operations with the seam off, storage commitment reports
+    on an association of their own): only the response of the request's type whose
+    Message ID Being Responded To is the request's answers it (PS3.7 9.3.1.2,
+    10.3.1.2).
+
+    pynetdicom takes whatever message arrives next as the response: a peer answering
+    with another Message ID, or with another command (a C-FIND-RSP), had the instance
+    counted as stored (a forwarded instance left the outbox for good) or the storage
+    commitment result as delivered.  Anything else keeps its place but loses its
+    Status, so that pynetdicom takes it as an invalid response: it aborts the
+    association and returns no status (a failed sub-operation; a forwarded instance
+    or a report sent again later).  The message is turned into the primitive pynetdicom
+    returns after this event.
+
+    ``counted``: a C-STORE response's Status is replaced by the one code of what
     :func:`pacs.dimse.retrieve.classify` makes of it (0000, B000 or C000), for
     pynetdicom's own C-MOVE loop, which would count a C-STORE status its table lacks
     (FE00, say) as no sub-operation at all (the counts then miss the total, PS3.4
@@ -508,7 +518,7 @@ class StoreResponses:
     """
 
     def __init__(self, counted: bool = False) -> None:
-        self._awaiting: int | None = None
+        self._awaiting: tuple[type, int] | None = None
         self._counted = counted
 
     def handlers(self) -> list[tuple[Any, Callable[[Event], None]]]:
@@ -516,26 +526,28 @@ class StoreResponses:
         return [(evt.EVT_DIMSE_SENT, self.sent), (evt.EVT_DIMSE_RECV, self.received)]
 
     def sent(self, event: Event) -> None:
-        """Remember the Message ID of a C-STORE request written."""
+        """Remember the response type and Message ID a request written awaits."""
         message = event.message
-        if isinstance(message, C_STORE_RQ) and message.command_set is not None:
-            self._awaiting = int(message.command_set.MessageID)
+        answer = _RESPONSE_OF.get(type(message))
+        if answer is not None and message.command_set is not None:
+            self._awaiting = (answer, int(message.command_set.MessageID))
 
     def received(self, event: Event) -> None:
-        """Strip the Status of anything but the awaited C-STORE-RSP."""
+        """Strip the Status of anything but the awaited response."""
         message = event.message
-        command = message.command_set
+        command: Any = message.command_set  # None when the message could not be decoded
         if command is None:
             return
-        if (isinstance(message, C_STORE_RSP) and self._awaiting is not None
-                and command.get("MessageIDBeingRespondedTo") == self._awaiting):
+        awaited = self._awaiting
+        if (awaited is not None and isinstance(message, awaited[0])
+                and command.get("MessageIDBeingRespondedTo") == awaited[1]):
             self._awaiting = None
-            if self._counted and "Status" in command:
+            if self._counted and awaited[0] is C_STORE_RSP and "Status" in command:
                 command.Status = _COUNTED_AS[retrieve.classify(int(command.Status))]
             return
-        log.warning("%s from the C-STORE peer is not the response awaited (Message ID "
-                    "%s): the association is aborted", type(message).__name__,
-                    self._awaiting)
+        log.warning("%s from the peer is not the response awaited (Message ID %s): the "
+                    "association is aborted", type(message).__name__,
+                    awaited[1] if awaited is not None else None)
         if "Status" in command:
             del command.Status
 

@@ -91,12 +91,18 @@ class Request:
     def sop_class(self) -> str:
         return self.fields.get(0x00000002, b"").rstrip(b"\0 ").decode()
 
+    @property
+    def command_field(self) -> int:
+        return int(struct.unpack("<H", self.fields[0x00000100][:2])[0])
+
     def respond(self, status: int, message_id: int | None = None,
-                command_field: int = C_STORE_RSP) -> bytes:
-        """The PDU of a C-STORE-RSP to this request (``message_id``: another's)."""
+                command_field: int | None = None) -> bytes:
+        """The PDU of the response to this request (``message_id``: another's;
+        ``command_field``: another response's)."""
+        field = self.command_field | 0x8000 if command_field is None else command_field
         return pdata(self.context_id, 0x03, store_response(
             self.message_id if message_id is None else message_id, status,
-            self.sop_class, self.sop_instance, command_field))
+            self.sop_class, self.sop_instance, field))
 
 
 #: What the peer does with a request: write something (or nothing) on the socket.
@@ -308,7 +314,7 @@ def wrong_message_id(sock: socket.socket, request: Request) -> None:
 
 
 def wrong_command(sock: socket.socket, request: Request) -> None:
-    """Answer with a C-FIND-RSP command field instead of a C-STORE-RSP."""
+    """Answer with a C-FIND-RSP instead of the request's response."""
     sock.sendall(request.respond(0x0000, command_field=0x8020))
 
 

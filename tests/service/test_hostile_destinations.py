@@ -17,23 +17,37 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
 
 from pacs.core import config
+from pacs.core.commitment import (
+    Commitments,
+    Reference,
+    Request as CommitmentRequest,
+    Result as CommitmentResult,
+)
 from pacs.core.config import Modality
 from pacs.core.forwarding import Result
 from pacs.core.query.model import InstanceRef
 from pacs.core.services import Services
 from pacs.core.storage import object_key
 from pacs.dimse.forward import DimseSender
+from pacs.dimse.reports import Reporter
 from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import SEAM, folder_store, free_port, seam_only
 from tests.service import hostile_peer as peer
-from tests.service.test_retrieve import NODE_AET, REQUESTOR_AET, Node, Study, counts, \
-    identifier, store_study
+from tests.service.test_retrieve import (
+    NODE_AET,
+    REQUESTOR_AET,
+    Node,
+    Study,
+    counts,
+    identifier,
+    store_study,
+)
 
 pytestmark = pytest.mark.dimse
 
@@ -219,10 +233,12 @@ def test_a_destination_that_rejects_every_context(
     assoc = requestor(node)
     try:
         replies, took = move(assoc, study.uid)
-        final, ident = replies[-1]
-        assert final.Status in (0xA702, 0xA801) if not SEAM else final.Status == 0xA702
+        final, _ = replies[-1]
         if SEAM:
+            assert final.Status == 0xA702
             assert counts(final)[1:] == (0, INSTANCES, 0)
+        else:  # pynetdicom aborts an association without contexts: A801, as above
+            assert final.Status == 0xA801
         assert took < WITHIN
         assert dest.requests == []
         assert dest.wait_closed(WITHIN)
@@ -325,3 +341,36 @@ def test_a_move_longer_than_the_network_timeout_keeps_its_association(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+# --- storage commitment reports on an association of their own ------------------------------------
+
+REPORT_BROKEN = {"wrong-message-id": peer.wrong_message_id,
+                 "wrong-command": peer.wrong_command, "never-answers": peer.never,
+                 "giant-pdu": peer.giant_pdu, "abort": peer.abort}
+
+
+@pytest.mark.parametrize("behaviour", sorted(REPORT_BROKEN))
+def test_a_report_answered_wrongly_is_kept_to_be_sent_again(
+        make_services: Callable[..., Services], hostile: Callable[..., peer.HostileDestination],
+        behaviour: str) -> None:
+    """A storage commitment result is delivered only when the requestor answers its
+    N-EVENT-REPORT with the N-EVENT-REPORT-RSP to it (PS3.7 10.3.1.2): else it stays
+    in the queue (delivered results are removed, and never sent again)."""
+    dest = hostile(answer=REPORT_BROKEN[behaviour])
+    table = f"HOSTILE=127.0.0.1:{dest.port}"
+    services = make_services(modalities=table, destinations=config.parse_modalities(table),
+                             dimse_timeout=TIMEOUT)
+    queue = Commitments(services.index, 3, 5, 100.0, time.time)
+    reporter = Reporter(services)
+    reporter.commitments = queue
+    pending = queue.keep(queue.record(CommitmentRequest(
+        "HOSTILE", generate_uid(), (Reference(CTImageStorage, generate_uid()),))),
+        CommitmentResult((), ()))
+    assert pending is not None
+    began = time.monotonic()
+    reporter._deliver(pending, None)
+    assert time.monotonic() - began < WITHIN
+    assert len(dest.requests) == 1
+    assert queue.next_time() is not None  # kept for another attempt
+    assert dest.wait_closed(WITHIN)

@@ -22,8 +22,9 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
   switches.
 
 The interface for the rest of :mod:`pacs.dimse` is :func:`install`, :func:`supported`,
-:data:`SUPPORTED_VERSIONS`, :func:`answered` (an event handler in every mode) and :mod:`~pacs.dimse.seam.notify`'s :func:`available`,
-:func:`report`, :class:`EventReport` and :class:`Outcome`.  With PACS_DIMSE_SEAM=off,
+:data:`SUPPORTED_VERSIONS`, :func:`answered` (an event handler in every mode) and
+:mod:`~pacs.dimse.seam.notify`'s :func:`available`, :func:`report`, :class:`EventReport`
+and :class:`Outcome`.  With PACS_DIMSE_SEAM=off,
 or a pynetdicom version not in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is
 replaced: pynetdicom's own service classes call the event handlers of
 :mod:`pacs.dimse.handlers`, which run the same logic (slower; that module lists what
