@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
@@ -514,11 +516,17 @@ class Responses:
     :func:`pacs.dimse.retrieve.classify` makes of it (0000, B000 or C000), for
     pynetdicom's own C-MOVE loop, which would count a C-STORE status its table lacks
     (FE00, say) as no sub-operation at all (the counts then miss the total, PS3.4
-    C.4.2.1.6) and 0111 as a failure where the seam counts a warning.
+    C.4.2.1.6) and 0111 as a failure where the seam counts a warning; the same for its
+    C-GET loop, on the requestor's association.
+
+    One instance may serve many associations (the node's own, bound to its server):
+    what each awaits is kept by association, and only while it lives.
     """
 
     def __init__(self, counted: bool = False) -> None:
-        self._awaiting: tuple[type, int] | None = None
+        self._awaiting: weakref.WeakKeyDictionary[Any, tuple[type, int]] = \
+            weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
         self._counted = counted
 
     def handlers(self) -> list[tuple[Any, Callable[[Event], None]]]:
@@ -530,26 +538,26 @@ class Responses:
         message = event.message
         answer = _RESPONSE_OF.get(type(message))
         if answer is not None and message.command_set is not None:
-            self._awaiting = (answer, int(message.command_set.MessageID))
+            with self._lock:
+                self._awaiting[event.assoc] = (answer, int(message.command_set.MessageID))
 
     def received(self, event: Event) -> None:
-        """Strip the Status of anything but the awaited response."""
+        """Strip the Status of any response but the awaited one."""
         message = event.message
         command: Any = message.command_set  # None when the message could not be decoded
-        if command is None:
-            return
-        awaited = self._awaiting
+        if command is None or "Status" not in command:
+            return  # a request (a C-CANCEL, say) is not taken for a response
+        with self._lock:
+            awaited = self._awaiting.pop(event.assoc, None)
         if (awaited is not None and isinstance(message, awaited[0])
                 and command.get("MessageIDBeingRespondedTo") == awaited[1]):
-            self._awaiting = None
-            if self._counted and awaited[0] is C_STORE_RSP and "Status" in command:
+            if self._counted and awaited[0] is C_STORE_RSP:
                 command.Status = _COUNTED_AS[retrieve.classify(int(command.Status))]
             return
         log.warning("%s from the peer is not the response awaited (Message ID %s): the "
                     "association is aborted", type(message).__name__,
                     awaited[1] if awaited is not None else None)
-        if "Status" in command:
-            del command.Status
+        del command.Status
 
 
 def requested_as(title: str) -> Callable[[Event], None]:
@@ -598,7 +606,9 @@ def common(seam: bool = True) -> list[tuple[Any, ...]]:
     bound: list[tuple[Any, ...]] = [(evt.EVT_SOP_EXTENDED, handle_sop_extended)]
     if not seam:
         bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
-                  (evt.EVT_DIMSE_RECV, answer_invalid_store)]
+                  (evt.EVT_DIMSE_RECV, answer_invalid_store),
+                  # C-GET sub-operations: pynetdicom's loop sends them on this association.
+                  *Responses(counted=True).handlers()]
     return bound
 
 

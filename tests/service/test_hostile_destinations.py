@@ -10,6 +10,7 @@ before, and the requestor's association goes on.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,13 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as StudyMove
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet as StudyGet,
+    StudyRootQueryRetrieveInformationModelMove as StudyMove,
+)
 
 from pacs.core import config
 from pacs.core.commitment import (
@@ -374,3 +379,93 @@ def test_a_report_answered_wrongly_is_kept_to_be_sent_again(
     assert len(dest.requests) == 1
     assert queue.next_time() is not None  # kept for another attempt
     assert dest.wait_closed(WITHIN)
+
+
+# --- the requestor goes away ------------------------------------------------------------------
+
+def test_a_requestor_that_aborts_during_the_sub_operations(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """The requestor aborts after the first pending response: the sub-operations stop
+    after the one under way, the destination's association is released, and the
+    node's threads return to their number before."""
+    dest = hostile(answer=peer.slowly(0.2))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=20)
+    warm = requestor(node)
+    move(warm, store_study(node, series=1, per_series=1).uid)  # the node's lazy threads
+    warm.release()
+    baseline = settle(threading.active_count())
+    assoc = requestor(node)
+    for status, _ in assoc.send_c_move(identifier("STUDY", StudyInstanceUID=study.uid),
+                                       "HOSTILE", StudyMove):
+        assert status.Status == 0xFF00
+        assoc.abort()
+        break
+    assert dest.wait_closed(WITHIN)
+    assert len(dest.requests) <= 1 + 3  # the warm-up's, the one under way, one more
+    assert settle(baseline) <= baseline, [t.name for t in threading.enumerate()]
+    assert echo_works(node)
+
+
+def test_many_moves_to_a_dead_destination_leave_nothing_behind(
+        make_node: Callable[..., Node]) -> None:
+    """200 C-MOVEs to a port nobody listens on: each A702 at once, and the node's
+    threads and descriptors return to their number before."""
+    dead = peer.HostileDestination("DEAD", port=free_port())
+    node = make_node(dead)
+    study = store_study(node, series=1, per_series=2)
+    assoc = requestor(node)
+    move(assoc, study.uid, "DEAD")  # first use: lazy imports and caches
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(200):
+            replies, _ = move(assoc, study.uid, "DEAD")
+            final = replies[-1][0]
+            assert final.Status == (0xA702 if SEAM else 0xA801)
+    finally:
+        assoc.release()
+    assert settle(threads) <= threads
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+# --- a C-GET requestor that answers its C-STOREs wrongly ---------------------------------------
+
+def get_requestor(node: Node, answer: Callable[[Any], None]) -> Association:
+    """A C-GET requestor taking CT images whose C-STORE responses ``answer`` alters
+    as they go (the message is encoded after EVT_DIMSE_SENT)."""
+    ae = AE(ae_title=REQUESTOR_AET)
+    ae.add_requested_context(StudyGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 60
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000),
+                                       (evt.EVT_DIMSE_SENT, answer)])
+    assert assoc.is_established
+    return assoc
+
+
+def _other_message_id(event: Any) -> None:
+    message = event.message
+    if isinstance(message, C_STORE_RSP) and message.command_set is not None:
+        command = message.command_set
+        command.MessageIDBeingRespondedTo = (command.MessageIDBeingRespondedTo + 7) % 0xFFFF
+
+
+def test_a_get_requestor_answering_another_message_id(
+        make_node: Callable[..., Node]) -> None:
+    """C-STORE responses to other Message IDs answer none of the sub-operations: they
+    fail (the association cannot be trusted and is aborted), none counts completed."""
+    node = make_node()
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = get_requestor(node, _other_message_id)
+    try:
+        replies = list(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study.uid),
+                                        StudyGet))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    finals = [status for status, _ in replies if status and status.Status != 0xFF00]
+    assert all(counts(status)[1] == 0 for status, _ in replies if status), replies
+    assert not finals or finals[-1].Status != 0x0000
