@@ -119,6 +119,8 @@ class HostileDestination:
     associate: str = "accept"
     answer: Answer | None = None
     port: int = 0
+    #: False: an A-RELEASE-RQ is never answered.
+    releases: bool = True
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     open_connections: int = 0
@@ -221,6 +223,8 @@ class HostileDestination:
         while (pdu := self._pdu(sock)) is not None:
             kind, body = pdu
             if kind == A_RELEASE_RQ:
+                if not self.releases:
+                    continue
                 sock.sendall(struct.pack(">BBI", A_RELEASE_RP, 0, 4) + bytes(4))
                 continue
             if kind != P_DATA_TF:

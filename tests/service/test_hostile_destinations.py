@@ -90,9 +90,10 @@ def make_node(settings: config.Settings, make_services: Callable[..., Services],
 def hostile() -> Iterator[Callable[..., peer.HostileDestination]]:
     started: list[peer.HostileDestination] = []
 
-    def make(associate: str = "accept", answer: peer.Answer | None = None
-             ) -> peer.HostileDestination:
-        dest = peer.HostileDestination("HOSTILE", associate, answer).start()
+    def make(associate: str = "accept", answer: peer.Answer | None = None,
+             releases: bool = True) -> peer.HostileDestination:
+        dest = peer.HostileDestination("HOSTILE", associate, answer,
+                                       releases=releases).start()
         started.append(dest)
         return dest
 
@@ -469,3 +470,28 @@ def test_a_get_requestor_answering_another_message_id(
     finals = [status for status, _ in replies if status and status.Status != 0xFF00]
     assert all(counts(status)[1] == 0 for status, _ in replies if status), replies
     assert not finals or finals[-1].Status != 0x0000
+
+
+def test_a_destination_that_never_answers_the_release(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """Every store answered, the A-RELEASE-RQ never: the C-MOVE's final response and
+    the forwarded batch still come within the timeouts, and the connection is closed."""
+    dest = hostile(answer=peer.status(0x0000), releases=False)
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    try:
+        replies, took = move(assoc, study.uid)
+    finally:
+        assoc.release()
+    assert replies[-1][0].Status == 0x0000
+    assert took < WITHIN
+    assert dest.wait_closed(WITHIN)
+    sender = DimseSender(Modality("HOSTILE", "127.0.0.1", dest.port), node.services.store,
+                         node.services.settings)
+    began = time.monotonic()
+    deliveries = sender.send(refs_of(node, study))
+    assert time.monotonic() - began < WITHIN
+    assert [d.result for d in deliveries] == [Result.SENT] * INSTANCES
+    assert dest.wait_closed(WITHIN)
