@@ -34,7 +34,7 @@ from pynetdicom.association import Association
 
 from pacs.core.audit import Participant
 from pacs.core.config import Modality, Settings
-from pacs.core.errors import FrameTooLarge, UnreadableData
+from pacs.core.errors import FrameTooLarge, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage import ObjectStore
@@ -138,7 +138,10 @@ class DimseSender:
             return Delivery(Result.REFUSED, f"cannot convert: {exc}")
         except Exception as exc:
             log.debug("forwarding failed for %s", ref.sop_uid, exc_info=exc)
-            return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")
+            # The detail is logged at WARNING: an error of the system (an OSError, say)
+            # may name the object's path, made of its UIDs; ours name no instance.
+            return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}"
+                            if isinstance(exc, PacsError) else type(exc).__name__)
         status = response.get("Status") if response else None
         return delivery_of(int(status) if status is not None else None)
 

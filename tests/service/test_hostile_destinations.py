@@ -37,8 +37,8 @@ from pacs.core.commitment import (
 from pacs.core.config import Modality
 from pacs.core.forwarding import Result
 from pacs.core.query.model import InstanceRef
-from pacs.core.services import Services
-from pacs.core.storage import object_key
+from pacs.core.services import Services, drain
+from pacs.core.storage import local_path, object_key
 from pacs.dimse.forward import DimseSender
 from pacs.dimse.reports import Reporter
 from pacs.dimse.server import NodeServer, start, stop
@@ -495,3 +495,25 @@ def test_a_destination_that_never_answers_the_release(
     assert time.monotonic() - began < WITHIN
     assert [d.result for d in deliveries] == [Result.SENT] * INSTANCES
     assert dest.wait_closed(WITHIN)
+
+
+def test_a_forwarding_failure_names_no_instance_in_its_detail(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        ) -> None:
+    """The detail of a failed delivery is logged at WARNING: an error of the system
+    (here the object file gone, its path made of the UIDs) is named by its type only,
+    the instance at DEBUG (as for sub-operations, :func:`pacs.dimse.sender.log_failure`)."""
+    dest = hostile(answer=peer.status(0x0000))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=1)
+    drain(node.services)  # out of the intake, into the folder store
+    (ref,) = refs_of(node, study)
+    path = local_path(node.services.store, ref.object_key)
+    assert path is not None
+    path.unlink()
+    sender = DimseSender(Modality("HOSTILE", "127.0.0.1", dest.port), node.services.store,
+                         node.services.settings)
+    (delivery,) = sender.send([ref])
+    assert delivery.result is Result.RETRY
+    for uid in (ref.study_uid, ref.series_uid, ref.sop_uid):
+        assert uid not in delivery.detail
