@@ -112,7 +112,8 @@ Answer = Callable[[socket.socket, Request], None]
 @dataclass
 class HostileDestination:
     """A listening peer: ``associate`` decides how it answers an A-ASSOCIATE-RQ
-    ("silent": never; "accept"; "reject-contexts": an A-ASSOCIATE-AC rejecting every
+    ("silent": never; "giant": an A-ASSOCIATE-AC header declaring 0xFFFFFFF0 bytes, 1 KiB
+    of them, then silence; "accept"; "reject-contexts": an A-ASSOCIATE-AC rejecting every
     presentation context), ``answer`` what it does with each request received."""
 
     ae_title: str
@@ -213,6 +214,11 @@ class HostileDestination:
         if first is None or first[0] != A_ASSOCIATE_RQ:
             return
         if self.associate == "silent":
+            while self._read(sock, 1) is not None:
+                pass
+            return
+        if self.associate == "giant":
+            sock.sendall(struct.pack(">BBI", A_ASSOCIATE_AC, 0, 0xFFFFFFF0) + bytes(1024))
             while self._read(sock, 1) is not None:
                 pass
             return

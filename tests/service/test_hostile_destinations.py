@@ -205,12 +205,14 @@ def test_a_destination_that_trickles_its_response(
         assoc.release()
 
 
+@pytest.mark.parametrize("associate", ["silent", "giant"])
 def test_a_destination_that_never_answers_the_association(
         make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
-        ) -> None:
-    """TCP accepted, the A-ASSOCIATE-RQ never answered: A702 after the ACSE timeout,
-    with every instance counted as failed, and the connection closed."""
-    dest = hostile(associate="silent")
+        associate: str) -> None:
+    """TCP accepted, the A-ASSOCIATE-RQ never answered (or an A-ASSOCIATE-AC declaring
+    4 GB begun): A702 after the ACSE timeout, with every instance counted as failed,
+    and the connection closed."""
+    dest = hostile(associate=associate)
     node = make_node(dest)
     study = store_study(node, series=1, per_series=INSTANCES)
     assoc = requestor(node)
