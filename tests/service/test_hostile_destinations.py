@@ -23,6 +23,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind as StudyFind,
     StudyRootQueryRetrieveInformationModelGet as StudyGet,
     StudyRootQueryRetrieveInformationModelMove as StudyMove,
 )
@@ -519,3 +520,35 @@ def test_a_forwarding_failure_names_no_instance_in_its_detail(
     assert delivery.result is Result.RETRY
     for uid in (ref.study_uid, ref.series_uid, ref.sop_uid):
         assert uid not in delivery.detail
+
+
+def test_a_find_longer_than_the_network_timeout_keeps_its_association(
+        make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-FIND whose matching takes longer than PACS_DIMSE_TIMEOUT (the index slow,
+    the requestor waiting) does not have its association aborted as idle after the
+    final response."""
+    node = make_node()
+    store_study(node, series=1, per_series=1)
+    engine = node.services.engine
+    pages = engine.find_pages
+
+    def slow_pages(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(TIMEOUT + 0.5)
+        return pages(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "find_pages", slow_pages)
+    ae = AE(ae_title=REQUESTOR_AET)
+    ae.add_requested_context(StudyFind)
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 60
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        for _ in range(2):
+            replies = list(assoc.send_c_find(identifier("STUDY", StudyInstanceUID=""),
+                                             StudyFind))
+            assert replies[-1][0].Status == 0x0000
+            time.sleep(0.3)
+            assert assoc.is_established
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -574,7 +574,13 @@ def answered(event: Any) -> None:
         return
     if message.command_set.get("Status") in _PENDING:
         return
-    timer = getattr(getattr(event.assoc, "dul", None), "_idle_timer", None)
+    idle_from_now(event.assoc)
+
+
+def idle_from_now(assoc: Any) -> None:
+    """Start ``assoc``'s network idle time again (see :func:`answered`; the seam's own
+    final C-FIND responses, written to the socket, call it themselves)."""
+    timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
     if timer is not None:
         timer.restart()
 
