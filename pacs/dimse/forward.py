@@ -34,7 +34,7 @@ from pynetdicom.association import Association
 
 from pacs.core.audit import Participant
 from pacs.core.config import Modality, Settings
-from pacs.core.errors import FrameTooLarge, UnreadableData
+from pacs.core.errors import FrameTooLarge, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage import ObjectStore
@@ -91,7 +91,8 @@ class DimseSender:
             self.destination.host, self.destination.port,
             contexts=destination_contexts(classes), ae_title=self.destination.ae_title,
             max_pdu=self.settings.max_pdu, tls_args=self._tls,
-            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings)])
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings),
+                          *handlers.Responses().handlers()])
         if assoc.is_established:
             return assoc
         # pynetdicom leaves the socket of a rejected association open.
@@ -137,7 +138,10 @@ class DimseSender:
             return Delivery(Result.REFUSED, f"cannot convert: {exc}")
         except Exception as exc:
             log.debug("forwarding failed for %s", ref.sop_uid, exc_info=exc)
-            return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")
+            # The detail is logged at WARNING: an error of the system (an OSError, say)
+            # may name the object's path, made of its UIDs; ours name no instance.
+            return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}"
+                            if isinstance(exc, PacsError) else type(exc).__name__)
         status = response.get("Status") if response else None
         return delivery_of(int(status) if status is not None else None)
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
@@ -42,7 +44,15 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, N_ACTION_RSP
+from pynetdicom.dimse_messages import (
+    C_GET_RSP,
+    C_MOVE_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    N_ACTION_RSP,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
+)
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 
 from pacs.core.access import ECHO
@@ -289,7 +299,8 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
         "contexts": retrieve.destination_contexts(planned.classes),
         "max_pdu": services.settings.max_pdu,
         "tls_args": tls.client_args(event.assoc.ae, destination),
-        "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator)]})
+        "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator),
+                         *Responses(counted=True).handlers()]})
     yield planned.total  # 0: pynetdicom answers Success without associating
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
@@ -453,14 +464,100 @@ def accepted_contexts(assoc: Association) -> list[AcceptedContext]:
 
 
 def tcp_settings(event: Event) -> None:
-    """EVT_CONN_OPEN of a C-MOVE destination: TCP_NODELAY on its socket (no Nagle delay
-    per message), and blocked sends bounded by the DIMSE timeout
-    (:func:`pacs.dimse.limits.bound_sends`)."""
+    """EVT_CONN_OPEN of an association the node requests (a C-MOVE destination, a
+    forwarding destination, a storage commitment report): TCP_NODELAY on its socket (no
+    Nagle delay per message), blocked sends bounded by the DIMSE timeout
+    (:func:`pacs.dimse.limits.bound_sends`) and blocked reads by the network timeout
+    (:func:`pacs.dimse.limits.set_receive_timeout`).
+
+    The read bound matters with the seam off: pynetdicom's DUL thread, once a PDU has
+    begun, reads until its declared length has arrived, so a peer that declared a long
+    PDU and went silent held it (and the thread that aborts the association, which
+    waits for it) for ever.  pynetdicom reads a socket only once it is readable: an
+    idle association is not affected.  (With the seam, its reactor bounds each PDU as a
+    whole: :mod:`pacs.dimse.seam.reactor`.)
+    """
     sock = event.assoc.dul.socket
     raw = sock.socket if sock is not None else None
     if raw is not None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(raw, event.assoc.dimse_timeout)
+        limits.set_receive_timeout(raw, event.assoc.network_timeout)
+
+
+#: The C-STORE status pynetdicom's C-MOVE loop counts as each sub-operation outcome.
+_COUNTED_AS = {retrieve.Outcome.COMPLETED: 0x0000, retrieve.Outcome.WARNING: 0xB000,
+               retrieve.Outcome.FAILED: 0xC000}
+
+
+#: The response each request the node sends on its own associations awaits.
+_RESPONSE_OF: dict[type, type] = {C_STORE_RQ: C_STORE_RSP,
+                                  N_EVENT_REPORT_RQ: N_EVENT_REPORT_RSP}
+
+
+class Responses:
+    """EVT_DIMSE_SENT / EVT_DIMSE_RECV of an association the node requested and sends
+    requests on through pynetdicom's ``send_c_store`` / ``send_n_event_report``
+    (forwarding, C-MOVE sub-operations with the seam off, storage commitment reports
+    on an association of their own): only the response of the request's type whose
+    Message ID Being Responded To is the request's answers it (PS3.7 9.3.1.2,
+    10.3.1.2).
+
+    pynetdicom takes whatever message arrives next as the response: a peer answering
+    with another Message ID, or with another command (a C-FIND-RSP), had the instance
+    counted as stored (a forwarded instance left the outbox for good) or the storage
+    commitment result as delivered.  Anything else keeps its place but loses its
+    Status, so that pynetdicom takes it as an invalid response: it aborts the
+    association and returns no status (a failed sub-operation; a forwarded instance
+    or a report sent again later).  The message is turned into the primitive pynetdicom
+    returns after this event.
+
+    ``counted``: a C-STORE response's Status is replaced by the one code of what
+    :func:`pacs.dimse.retrieve.classify` makes of it (0000, B000 or C000), for
+    pynetdicom's own C-MOVE loop, which would count a C-STORE status its table lacks
+    (FE00, say) as no sub-operation at all (the counts then miss the total, PS3.4
+    C.4.2.1.6) and 0111 as a failure where the seam counts a warning; the same for its
+    C-GET loop, on the requestor's association.
+
+    One instance may serve many associations (the node's own, bound to its server):
+    what each awaits is kept by association, and only while it lives.
+    """
+
+    def __init__(self, counted: bool = False) -> None:
+        self._awaiting: weakref.WeakKeyDictionary[Any, tuple[type, int]] = \
+            weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._counted = counted
+
+    def handlers(self) -> list[tuple[Any, Callable[[Event], None]]]:
+        """The ``evt_handlers`` entries for ``AE.associate``."""
+        return [(evt.EVT_DIMSE_SENT, self.sent), (evt.EVT_DIMSE_RECV, self.received)]
+
+    def sent(self, event: Event) -> None:
+        """Remember the response type and Message ID a request written awaits."""
+        message = event.message
+        answer = _RESPONSE_OF.get(type(message))
+        if answer is not None and message.command_set is not None:
+            with self._lock:
+                self._awaiting[event.assoc] = (answer, int(message.command_set.MessageID))
+
+    def received(self, event: Event) -> None:
+        """Strip the Status of any response but the awaited one."""
+        message = event.message
+        command: Any = message.command_set  # None when the message could not be decoded
+        if command is None or "Status" not in command:
+            return  # a request (a C-CANCEL, say) is not taken for a response
+        with self._lock:
+            awaited = self._awaiting.pop(event.assoc, None)
+        if (awaited is not None and isinstance(message, awaited[0])
+                and command.get("MessageIDBeingRespondedTo") == awaited[1]):
+            if self._counted and awaited[0] is C_STORE_RSP:
+                command.Status = _COUNTED_AS[retrieve.classify(int(command.Status))]
+            return
+        log.warning("%s from the peer is not the response awaited (Message ID %s): the "
+                    "association is aborted", type(message).__name__,
+                    awaited[1] if awaited is not None else None)
+        del command.Status
 
 
 def requested_as(title: str) -> Callable[[Event], None]:
@@ -509,7 +606,9 @@ def common(seam: bool = True) -> list[tuple[Any, ...]]:
     bound: list[tuple[Any, ...]] = [(evt.EVT_SOP_EXTENDED, handle_sop_extended)]
     if not seam:
         bound += [(evt.EVT_DIMSE_SENT, drop_final_remaining),
-                  (evt.EVT_DIMSE_RECV, answer_invalid_store)]
+                  (evt.EVT_DIMSE_RECV, answer_invalid_store),
+                  # C-GET sub-operations: pynetdicom's loop sends them on this association.
+                  *Responses(counted=True).handlers()]
     return bound
 
 

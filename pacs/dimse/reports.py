@@ -365,7 +365,8 @@ class Reporter:
             destination.host, destination.port,
             contexts=[build_context(PUSH_MODEL, SYNTAXES)], ae_title=destination.ae_title,
             ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(self._title(pending)))])
+            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(self._title(pending))),
+                          *handlers.Responses().handlers()])
         if not assoc.is_established:
             # pynetdicom leaves the socket of a rejected association open.
             sock = assoc.dul.socket

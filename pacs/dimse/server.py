@@ -504,6 +504,8 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     # Each customer's handlers are bound to an association once admitted (_admit).
     evt_handlers = [*handlers.common(uses_seam),
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
+                    # The requestor is idle from its final response on, not before.
+                    (evt.EVT_DIMSE_SENT, seam.answered),
                     (evt.EVT_REQUESTED, _admit,
                      [connection_limits, customers.bindings(uses_seam),
                       customers.policies()]),

@@ -768,6 +768,14 @@ requestor's address in `PACS_MODALITIES`, proposing the Storage Commitment Push 
 in {", ".join(f"{_name(ts)} ({ts})" for ts in data['storage_commitment']['report_syntaxes'])}
 with SCP/SCU Role Selection for the SCP role (PS3.4 J.3.3.1.3).
 
+On these associations, and for the sub-operations of a C-GET, a request is answered only
+by the response of its type whose Message ID Being Responded To is its Message ID (PS3.7
+9.3.1.2, 10.3.1.2): anything else, no response within `PACS_DIMSE_TIMEOUT`, or a PDU
+that cannot be read aborts the association (the sub-operation fails, and those not yet
+sent with it; a forwarded object or a storage commitment result is sent again later).
+A C-STORE response status counts as success (0000), warning (0001, 0107, 0111, 0116,
+Bxxx) or, any other code, failure.
+
 C-MOVE destinations and storage commitment requestors (`PACS_MODALITIES`):
 
 {dest_text}

@@ -22,8 +22,9 @@ package, and nowhere else (``tests/unit/test_private_access.py`` checks it):
   switches.
 
 The interface for the rest of :mod:`pacs.dimse` is :func:`install`, :func:`supported`,
-:data:`SUPPORTED_VERSIONS` and :mod:`~pacs.dimse.seam.notify`'s :func:`available`,
-:func:`report`, :class:`EventReport` and :class:`Outcome`.  With PACS_DIMSE_SEAM=off,
+:data:`SUPPORTED_VERSIONS`, :func:`answered` (an event handler in every mode) and
+:mod:`~pacs.dimse.seam.notify`'s :func:`available`, :func:`report`, :class:`EventReport`
+and :class:`Outcome`.  With PACS_DIMSE_SEAM=off,
 or a pynetdicom version not in :data:`SUPPORTED_VERSIONS`, nothing of pynetdicom is
 replaced: pynetdicom's own service classes call the event handlers of
 :mod:`pacs.dimse.handlers`, which run the same logic (slower; that module lists what
@@ -44,6 +45,10 @@ import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.services as services
 
 log = logging.getLogger(__name__)
+
+#: EVT_DIMSE_SENT of a node's associations, with the seam on or off: the network idle
+#: time starts again with a final C-FIND / C-MOVE / C-GET response.
+answered = reactor.answered
 
 #: The pynetdicom versions the seam was written and tested against (setup.cfg pins the
 #: same).  It reproduces private methods of these versions line by line: any other

@@ -79,7 +79,7 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
@@ -550,6 +550,39 @@ def _idle_expired(assoc: Association) -> bool:
     """
     return bool(assoc.dul.idle_timer_expired() and not _dul(assoc)._reading
                 and not assoc._sent_abort)
+
+
+#: Responses that end an operation which may take longer than the network timeout.
+_LONG_ANSWERS = (C_FIND_RSP, C_MOVE_RSP, C_GET_RSP)
+#: Pending statuses of those operations (PS3.4 C.4.1.1.4, C.4.2.1.5): more follows.
+_PENDING = frozenset({0xFF00, 0xFF01})
+
+
+def answered(event: Any) -> None:
+    """EVT_DIMSE_SENT of a node's association: a final C-FIND, C-MOVE or C-GET
+    response starts the network idle time again.
+
+    pynetdicom counts the idle time from the last PDU *received*; a requestor waiting
+    for its C-MOVE's sub-operations sends nothing, so a C-MOVE that took longer than
+    the network timeout (``PACS_DIMSE_TIMEOUT``) had the requestor's association aborted
+    as idle right after its final response, and the requestor's next request on it
+    failed.  The requestor is idle from the moment it has its answer.  With the seam
+    off too (the timer is the same in every pynetdicom version that has it).
+    """
+    message = event.message
+    if not isinstance(message, _LONG_ANSWERS) or message.command_set is None:
+        return
+    if message.command_set.get("Status") in _PENDING:
+        return
+    idle_from_now(event.assoc)
+
+
+def idle_from_now(assoc: Any) -> None:
+    """Start ``assoc``'s network idle time again (see :func:`answered`; the seam's own
+    final C-FIND responses, written to the socket, call it themselves)."""
+    timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
+    if timer is not None:
+        timer.restart()
 
 
 # -- the socket -------------------------------------------------------------------------

@@ -472,6 +472,8 @@ class FindResponder:
                 self._commands[status.code] = command
         # Pending responses may wait a moment in the writer; any other status is final.
         self.writer.message(command, identifier, last=not status.is_pending)
+        if not status.is_pending:  # the requestor is idle from its answer on
+            reactor.idle_from_now(self.writer.assoc)
 
 
 def _message_pdus(context_id: int, command: bytes, dataset: bytes | None, limit: int) -> bytes:
