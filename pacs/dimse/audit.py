@@ -7,7 +7,8 @@ operation                      event (PS3.15)
 C-STORE (all of one            DICOM Instances Transferred (A.5.3.7), C: the calling AE
 association)                   (source, requestor) to the node; written when the
                                association ends, one event per patient, each study with
-                               its SOP classes and instance counts, the outcome 0 when
+                               its SOP classes and instance counts (kept as counts
+                               while it runs), the outcome 0 when
                                every store succeeded, 4 when some failed, 8 when all did
 C-FIND (each request)          Query (A.5.3.10): the identifier as received
                                (ParticipantObjectQuery), its transfer syntax and its keys'
@@ -102,7 +103,12 @@ class AssociationAudit:
         self.trail = trail
         self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
         self._lock = threading.Lock()
-        self._stored: list[tuple[str, str]] = []  # (study, SOP class) per instance stored
+        # Instances stored, counted per study and SOP class as they are answered (in the
+        # order first seen): what the event names, and no more, so that what is kept
+        # does not grow with the number of stores of a long association (the same
+        # object may be sent again and again).
+        self._stored: dict[str, dict[str, int]] = {}
+        self._stored_count = 0
         self._failed = 0
         self._closed = False
         self._retrieves: dict[int, _Retrieve] = {}
@@ -115,7 +121,7 @@ class AssociationAudit:
         with self._lock:
             if not self._closed:
                 if success:
-                    self._stored.append((study_uid, sop_class_uid))
+                    self._count_stored(study_uid, sop_class_uid)
                 else:
                     self._failed += 1
                 return
@@ -125,15 +131,24 @@ class AssociationAudit:
                                self.trail.node(), studies, audit.dimse_outcome(status.code),
                                f"C-STORE status {status.code:04X}")
 
+    def _count_stored(self, study_uid: str, sop_class_uid: str) -> None:
+        """Count one instance stored (under the lock)."""
+        # Keys kept as the first store gave them: one string per study and class.
+        classes = self._stored.setdefault(study_uid, {})
+        if sop_class_uid:
+            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
+        self._stored_count += 1
+
     def _write_stores(self) -> None:
-        stored, failed = self._stored, self._failed
+        stored, failed = self._stored_count, self._failed
         if not stored and not failed:
             return
         outcome = (audit.SUCCESS if not failed else
                    audit.MINOR_FAILURE if stored else audit.SERIOUS_FAILURE)
+        studies = [Study(uid, classes) for uid, classes in self._stored.items()]
         self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
-                               self.trail.node(), audit.studies_of(stored), outcome,
-                               f"C-STORE: {len(stored)} stored, {failed} failed")
+                               self.trail.node(), studies, outcome,
+                               f"C-STORE: {stored} stored, {failed} failed")
 
     # -- C-FIND --------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ an abort leave in the trail."""
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,35 @@ def test_keys_are_tags_with_sequence_items() -> None:
     identifier.ReferencedStudySequence = []
     assert keys_of(identifier) == ["00080052", "00081032.00080100", "00081032.00080102",
                                    "00081110", "00100010"]
+
+
+def test_an_association_storing_one_study_for_long_keeps_counts_not_one_entry_per_store(
+        tmp_path: Path) -> None:
+    # A peer with the store right may send the same object again and again on one
+    # association (an unchanged instance is stored again); what the audit keeps of it
+    # until the association ends must not grow with the number of stores.
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.stored("1.1", CT, SUCCESS)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20_000):
+            # Fresh strings per store, as each request's data set gives them.
+            audit.stored("".join(("1.", "1")), "".join((CT[:4], CT[4:])), SUCCESS)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    audit.stored("1.2", CT, SUCCESS)
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    assert grown < 64 * 1024  # one entry per store: > 1 MiB
+    found = events(tmp_path)  # one event per patient: each study is its own here
+    assert [studies_in(e) for e in found] == [["1.1"], ["1.2"]]
+    counts = [item["ParticipantObjectDescription"]["SOPClass"]
+              for event in found
+              for item in event["ParticipantObjectIdentification"]
+              if "ParticipantObjectDescription" in item]
+    assert counts == [[{"UID": CT, "NumberOfInstances": 20_001}],
+                      [{"UID": CT, "NumberOfInstances": 1}]]
+    assert {e["EventIdentification"]["EventOutcomeDescription"] for e in found} == \
+        {"C-STORE: 20002 stored, 1 failed"}
