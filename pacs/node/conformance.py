@@ -1012,6 +1012,9 @@ def _security_text(data: dict[str, Any]) -> str:
                   "users and their roles: `PACS_ACCESS_FILE`)" + _failed_logins_text(sec))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
+    if "*" in sec["cors_origins"]:
+        cors += (" (any origin reads answers to requests with a user's credentials only, "
+                 "never those given for the address alone)")
     audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
              "Accessed, Begin Transferring, Security Alert) for every association and "
              "DICOMweb request that touches patient data, User Authentication for each "
