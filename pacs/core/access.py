@@ -86,6 +86,10 @@ ROLES = frozenset({READ, WRITE, ADMIN})
 #: scrypt cost of :func:`hash_password` (n, r, p): about 16 MiB and tens of
 #: milliseconds per hash, the interactive-login parameters of RFC 7914 section 2.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+#: Most memory one password check may take (scrypt's ``maxmem``): a stored hash whose
+#: parameters need more is refused when the access rules are read
+#: (:func:`check_password_hash`), not found unverifiable at each login.
+SCRYPT_MAXMEM = 256 << 20
 #: Passwords verified lately, kept (keyed by a keyed hash, never the password) so that
 #: a browser re-sending its Basic credentials with every request pays scrypt once.
 VERIFIED_CACHE = 256
@@ -154,8 +158,20 @@ def check_password_hash(stored: str) -> None:
     n, r, p = (int(value) for value in parts[1:4])
     if n < 2 or n & (n - 1) or n > 1 << 20 or not 1 <= r <= 32 or not 1 <= p <= 16:
         raise ValueError("scrypt parameters out of range")
+    if scrypt_memory(n, r, p) > SCRYPT_MAXMEM:
+        raise ValueError(f"scrypt parameters n={n} r={r} p={p} need "
+                         f"{scrypt_memory(n, r, p) >> 20} MiB per check, more than the "
+                         f"{SCRYPT_MAXMEM >> 20} MiB a check may take: hash the password "
+                         "again with `pacs passwd`")
     base64.b64decode(parts[4], validate=True)
     base64.b64decode(parts[5], validate=True)
+
+
+def scrypt_memory(n: int, r: int, p: int) -> int:
+    """Bytes scrypt needs for these parameters, as OpenSSL counts them against
+    ``maxmem`` (its V array of ``n + 2`` blocks and the ``p`` blocks of B, each block
+    ``128 * r`` bytes)."""
+    return 128 * r * (n + 2 + p)
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -165,7 +181,7 @@ def verify_password(password: str, stored: str) -> bool:
         _, n, r, p, salt, expected = stored.split("$")
         raw = base64.b64decode(expected, validate=True)
         digest = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt),
-                                n=int(n), r=int(r), p=int(p), maxmem=256 << 20,
+                                n=int(n), r=int(r), p=int(p), maxmem=SCRYPT_MAXMEM,
                                 dklen=len(raw))
     except (ValueError, TypeError):
         return False
