@@ -34,8 +34,10 @@ forwards whose Host names this node: it must then do its own access control, or 
 its public name out of ``PACS_WEB_HOSTS`` so that the node checks the credentials it
 forwards (the README, "HTTPS").  HTTPS is the WSGI ``wsgi.url_scheme``: ``https`` when
 the node's worker terminated TLS on the connection (:mod:`pacs.node.httpworker`);
-gunicorn lets only a trusted forwarder (loopback by default) set it with
-``X-Forwarded-Proto``.
+gunicorn lets only a forwarder on this host set it with ``X-Forwarded-Proto``: the
+node pins gunicorn's trusted forwarders to loopback
+(``pacs.node.webserver.TRUSTED_FORWARDERS``), whatever ``FORWARDED_ALLOW_IPS`` the
+environment holds.
 CORS preflight requests carry no credentials by design (Fetch standard) and are let
 through; the request that follows is checked.
 
