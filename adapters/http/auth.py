@@ -67,6 +67,11 @@ from pacs.core.config import Settings
 from pacs.core.logins import Attempt, Lockout, LoginLimiter
 from pacs.core.services import Services, access_policy
 
+#: Most characters of a claimed user name written to the audit trail (a user name of
+#: the access rules has at most as many, :mod:`pacs.core.access`): the name of a failed
+#: login is the client's own text, up to a whole header.
+CLAIMED_NAME_CHARS = 128
+
 #: The challenge sent with 401 (RFC 7617 Basic, RFC 6750 Bearer).
 REALM = 'realm="pacs DICOMweb"'
 
@@ -262,7 +267,8 @@ class Access:
         if self.trail is None or not self.trail.enabled:
             return
         scheme = authorization.strip().partition(" ")[0].lower()
-        who = attempt.user or (rules.TOKEN_USER if scheme == "bearer" else "anonymous")
+        who = (attempt.user[:CLAIMED_NAME_CHARS] if attempt.user
+               else rules.TOKEN_USER if scheme == "bearer" else "anonymous")
         client = Participant(who, True, address=attempt.address)
         self.trail.user_authentication(audit.WEB_SERVER, client, audit.MINOR_FAILURE,
                                        "wrong credentials")
