@@ -6,7 +6,9 @@ operation                      event (PS3.15)
 =============================  ===========================================================
 C-STORE (all of one            DICOM Instances Transferred (A.5.3.7), C: the calling AE
 association)                   (source, requestor) to the node; written when the
-                               association ends, one event per patient, each study with
+                               association ends (and when it has sent 1000 studies,
+                               MAX_STUDIES_PER_EVENT), one event per patient, each
+                               study with
                                its SOP classes and instance counts (kept as counts
                                while it runs), the outcome 0 when
                                every store succeeded, 4 when some failed, 8 when all did
@@ -60,6 +62,13 @@ log = logging.getLogger(__name__)
 
 #: Statuses of a retrieve that end it without sub-operations and without failure.
 _NOTHING_TO_DO = 0x0000
+
+#: Most studies an association's C-STORE event is kept for: once a C-STORE brings the
+#: next one, the event of those stored so far is written and a new one begun.  What an
+#: association holds for the trail (and the patient lookup and lines its event makes)
+#: is then bounded however many studies it sends (one ``dcmsend`` of a whole archive
+#: is one association).
+MAX_STUDIES_PER_EVENT = 1000
 
 
 def keys_of(identifier: Dataset) -> list[str]:
@@ -118,13 +127,21 @@ class AssociationAudit:
     def stored(self, study_uid: str, sop_class_uid: str, status: Status) -> None:
         """One C-STORE answered with ``status`` (the study unknown when it failed)."""
         success = audit.dimse_outcome(status.code) == audit.SUCCESS
+        full = None
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if not closed:
+                if success and study_uid not in self._stored and \
+                        len(self._stored) >= MAX_STUDIES_PER_EVENT:
+                    full = self._take_stores()
                 if success:
                     self._count_stored(study_uid, sop_class_uid)
                 else:
                     self._failed += 1
-                return
+        if full is not None:  # written outside the lock: no other store waits on it
+            self._write_stores(*full)
+        if not closed:
+            return
         # The association ended while this store ran (an abort): its event alone.
         studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
         self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
@@ -139,13 +156,20 @@ class AssociationAudit:
             classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
         self._stored_count += 1
 
-    def _write_stores(self) -> None:
-        stored, failed = self._stored_count, self._failed
+    def _take_stores(self) -> tuple[dict[str, dict[str, int]], int, int]:
+        """What is counted so far (studies, stored, failed), counting again from
+        nothing (under the lock)."""
+        taken = self._stored, self._stored_count, self._failed
+        self._stored, self._stored_count, self._failed = {}, 0, 0
+        return taken
+
+    def _write_stores(self, counted: dict[str, dict[str, int]], stored: int,
+                      failed: int) -> None:
         if not stored and not failed:
             return
         outcome = (audit.SUCCESS if not failed else
                    audit.MINOR_FAILURE if stored else audit.SERIOUS_FAILURE)
-        studies = [Study(uid, classes) for uid, classes in self._stored.items()]
+        studies = [Study(uid, classes) for uid, classes in counted.items()]
         self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
                                self.trail.node(), studies, outcome,
                                f"C-STORE: {stored} stored, {failed} failed")
@@ -236,7 +260,8 @@ class AssociationAudit:
                 return
             self._closed = True
             unfinished = [m for m, r in self._retrieves.items() if r.began]
-        self._write_stores()
+            counted = self._take_stores()
+        self._write_stores(*counted)
         for message_id in unfinished:
             self.retrieve_ended(message_id, None)
 

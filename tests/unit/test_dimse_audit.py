@@ -160,3 +160,30 @@ def test_an_association_storing_one_study_for_long_keeps_counts_not_one_entry_pe
                       [{"UID": CT, "NumberOfInstances": 1}]]
     assert {e["EventIdentification"]["EventOutcomeDescription"] for e in found} == \
         {"C-STORE: 20002 stored, 1 failed"}
+
+
+def test_an_association_storing_many_studies_writes_an_event_per_thousand(
+        tmp_path: Path) -> None:
+    # However many studies one association sends (a whole archive by one dcmsend), what
+    # it keeps for the trail, and each patient lookup of its events, stay bounded.
+    looked_up: list[int] = []
+
+    def patients(uids: Any) -> dict[str, Patient]:
+        looked_up.append(len(uids))
+        return {uid: Patient("P") for uid in uids}  # one patient: one event per write
+
+    path = tmp_path / "audit.jsonl"
+    audit = AssociationAudit(AuditTrail(AuditLog(path), Source("INTELPIXEL", "default"),
+                                        patients), "SCU", "127.0.0.1")
+    for number in range(2500):
+        audit.stored(f"1.{number}", CT, SUCCESS)
+    audit.stored("1.2499", CT, SUCCESS)  # a study already counted: no new event
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    found = events(tmp_path)
+    assert looked_up == [1000, 1000, 500]
+    assert [len(studies_in(e)) for e in found] == [1000, 1000, 500]
+    assert [s for e in found for s in studies_in(e)] == [f"1.{n}" for n in range(2500)]
+    assert [e["EventIdentification"]["EventOutcomeDescription"] for e in found] == [
+        "C-STORE: 1000 stored, 0 failed", "C-STORE: 1000 stored, 0 failed",
+        "C-STORE: 501 stored, 1 failed"]
