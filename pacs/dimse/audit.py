@@ -138,15 +138,18 @@ class AssociationAudit:
                     self._count_stored(study_uid, sop_class_uid)
                 else:
                     self._failed += 1
-        if full is not None:  # written outside the lock: no other store waits on it
-            self._write_stores(*full)
-        if not closed:
-            return
-        # The association ended while this store ran (an abort): its event alone.
-        studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
-        self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
-                               self.trail.node(), studies, audit.dimse_outcome(status.code),
-                               f"C-STORE status {status.code:04X}")
+        try:  # the C-STORE is answered whatever happens to its event
+            if full is not None:  # written outside the lock: no other store waits on it
+                self._write_stores(*full)
+            if closed:
+                # The association ended while this store ran (an abort): its event alone.
+                studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
+                self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE,
+                                       self.requestor, self.trail.node(), studies,
+                                       audit.dimse_outcome(status.code),
+                                       f"C-STORE status {status.code:04X}")
+        except Exception:
+            log.error("audit trail: the event of C-STOREs could not be made", exc_info=True)
 
     def _count_stored(self, study_uid: str, sop_class_uid: str) -> None:
         """Count one instance stored (under the lock)."""
