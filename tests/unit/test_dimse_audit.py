@@ -8,6 +8,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 
 from pacs.core.audit import AuditLog, AuditTrail, Patient, Source
@@ -187,3 +188,19 @@ def test_an_association_storing_many_studies_writes_an_event_per_thousand(
     assert [e["EventIdentification"]["EventOutcomeDescription"] for e in found] == [
         "C-STORE: 1000 stored, 0 failed", "C-STORE: 1000 stored, 0 failed",
         "C-STORE: 501 stored, 1 failed"]
+
+
+def test_an_event_that_cannot_be_made_never_reaches_the_c_store(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    made = trail(tmp_path)
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug in the trail")
+
+    monkeypatch.setattr(made, "transferred", broken)
+    audit = AssociationAudit(made, "SCU", "127.0.0.1")
+    for number in range(1001):  # the 1001st study writes the event of the others
+        audit.stored(f"1.{number}", CT, SUCCESS)
+    with pytest.raises(RuntimeError):
+        audit.close()  # at the association's end: Audits.ended keeps it from pynetdicom
+    audit.stored("1.2", CT, SUCCESS)  # after an abort: its own event
