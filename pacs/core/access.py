@@ -6,8 +6,9 @@ the HTTP edges into 401 / 403 (:mod:`adapters.http.auth`).
 
 **AEs.**  A known AE has a title, optionally the address it must call from (an IP
 address, a network such as ``10.1.0.0/16``, or a host name, resolved when it
-associates) and a port (with a host, a C-MOVE destination), and rights among
-:data:`AE_RIGHTS`:
+associates) and a port (with a host, a C-MOVE destination; with a network, the
+destination of its own C-MOVEs only, at the address it calls from:
+:func:`pacs.dimse.retrieve.destination`), and rights among :data:`AE_RIGHTS`:
 
 =========  ==================================================================
 echo       C-ECHO
@@ -499,6 +500,17 @@ def ip_of(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def is_network(host: str) -> bool:
+    """True when ``host`` (a known AE's) names a network of several addresses
+    (``10.1.2.0/24``), not one address or a host name."""
+    if "/" not in host:
+        return False
+    try:
+        return ipaddress.ip_network(host, strict=False).num_addresses > 1
+    except ValueError:
+        return False
 
 
 def address_matches(host: str, address: str) -> bool:
