@@ -1051,7 +1051,8 @@ converted to another transfer syntax for a peer loses their validity.
   AE with no rights, or a known AE from another address, is rejected (A-ASSOCIATE-RJ,
   calling AE title not recognized).
 - C-MOVE destinations: only known AEs with an address and a port
-  (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); any other is refused (A801).
+  (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); an AE known on a network only for its own
+  C-MOVEs, at the address it calls from; any other is refused (A801).
 - Limits per peer address and per worker process (3.2.2.2).
 
 ### 7.3 Application Level Security [A.8.3]
