@@ -6,8 +6,15 @@ OHIF runs on another origin unless it is proxied, and with cross-origin isolatio
 
 - ``PACS_CORS_ORIGINS`` empty (the default): no CORS headers.  Any web page a user
   opens could otherwise read this host's loopback-trusted answers.
-- a comma list of origins: those origins, echoed back with ``Vary: Origin``;
-  ``*``: any origin.
+- a comma list of origins: those origins, echoed back with ``Vary: Origin``; the
+  node trusts them as it trusts this host's own pages.
+- ``*``: any origin, for answers to requests that proved a user by their credentials
+  (and preflights and refusals, which hold no data).  An answer the node gave for
+  where the request came from alone (this host's ``PACS_LOOPBACK_ROLES``, or
+  ``PACS_WEB_OPEN``) gets no CORS headers and ``same-site``: with them any page the
+  user opens, from any origin, would read that host's or that network's images through
+  the user's browser, which is the attack the empty default exists to stop.  A viewer
+  on another origin that relies on those answers is listed by its origin.
 - Preflights (``OPTIONS`` with ``Access-Control-Request-Method``) get the methods and
   headers OHIF and dicomweb-client send; responses expose ``Warning`` (QIDO paging),
   ``Content-Location``, ``Content-Range`` and friends to scripts.
@@ -19,6 +26,8 @@ OHIF runs on another origin unless it is proxied, and with cross-origin isolatio
 from __future__ import annotations
 
 import falcon
+
+from pacs.core.access import Identity
 
 #: Response headers scripts may read (CORS-safelisted ones need not be listed).
 EXPOSE = ("Warning", "Content-Location", "Content-Range", "Content-Type", "Location",
@@ -56,10 +65,12 @@ class BrowserMiddleware:
     def process_response(self, req: falcon.Request, resp: falcon.Response,
                          resource: object, req_succeeded: bool) -> None:
         """Add the headers (also to error responses, which scripts must read too)."""
-        resp.set_header("Cross-Origin-Resource-Policy", self.resource_policy)
+        shared = not self.any_origin or proven(req)
+        resp.set_header("Cross-Origin-Resource-Policy",
+                        self.resource_policy if shared else "same-site")
         if self.origins:
             resp.append_header("Vary", "Origin")
-        allowed = self.allowed_origin(req.get_header("Origin"))
+        allowed = self.allowed_origin(req.get_header("Origin")) if shared else None
         if allowed is None:
             return
         resp.set_header("Access-Control-Allow-Origin", allowed)
@@ -73,3 +84,14 @@ class BrowserMiddleware:
             resp.set_header("Access-Control-Max-Age", MAX_AGE)
             resp.status = falcon.HTTP_204
             resp.data = b""
+
+
+def proven(req: falcon.Request) -> bool:
+    """True unless the access rule let ``req`` in for where it came from alone (this
+    host's loopback roles, an open node) rather than by a user's credentials.
+
+    A request without an identity was refused, or is a preflight: its answer holds
+    no data.
+    """
+    identity = getattr(req.context, "identity", None)
+    return not isinstance(identity, Identity) or identity.authenticated

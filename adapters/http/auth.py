@@ -34,8 +34,10 @@ forwards whose Host names this node: it must then do its own access control, or 
 its public name out of ``PACS_WEB_HOSTS`` so that the node checks the credentials it
 forwards (the README, "HTTPS").  HTTPS is the WSGI ``wsgi.url_scheme``: ``https`` when
 the node's worker terminated TLS on the connection (:mod:`pacs.node.httpworker`);
-gunicorn lets only a trusted forwarder (loopback by default) set it with
-``X-Forwarded-Proto``.
+gunicorn lets only a forwarder on this host set it with ``X-Forwarded-Proto``: the
+node pins gunicorn's trusted forwarders to loopback
+(``pacs.node.webserver.TRUSTED_FORWARDERS``), whatever ``FORWARDED_ALLOW_IPS`` the
+environment holds.
 CORS preflight requests carry no credentials by design (Fetch standard) and are let
 through; the request that follows is checked.
 
@@ -64,6 +66,11 @@ from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.logins import Attempt, Lockout, LoginLimiter
 from pacs.core.services import Services, access_policy
+
+#: Most characters of a claimed user name written to the audit trail (a user name of
+#: the access rules has at most as many, :mod:`pacs.core.access`): the name of a failed
+#: login is the client's own text, up to a whole header.
+CLAIMED_NAME_CHARS = 128
 
 #: The challenge sent with 401 (RFC 7617 Basic, RFC 6750 Bearer).
 REALM = 'realm="pacs DICOMweb"'
@@ -260,7 +267,8 @@ class Access:
         if self.trail is None or not self.trail.enabled:
             return
         scheme = authorization.strip().partition(" ")[0].lower()
-        who = attempt.user or (rules.TOKEN_USER if scheme == "bearer" else "anonymous")
+        who = (attempt.user[:CLAIMED_NAME_CHARS] if attempt.user
+               else rules.TOKEN_USER if scheme == "bearer" else "anonymous")
         client = Participant(who, True, address=attempt.address)
         self.trail.user_authentication(audit.WEB_SERVER, client, audit.MINOR_FAILURE,
                                        "wrong credentials")

@@ -6,8 +6,9 @@ the HTTP edges into 401 / 403 (:mod:`adapters.http.auth`).
 
 **AEs.**  A known AE has a title, optionally the address it must call from (an IP
 address, a network such as ``10.1.0.0/16``, or a host name, resolved when it
-associates) and a port (with a host, a C-MOVE destination), and rights among
-:data:`AE_RIGHTS`:
+associates) and a port (with a host, a C-MOVE destination; with a network, the
+destination of its own C-MOVEs only, at the address it calls from:
+:func:`pacs.dimse.retrieve.destination`), and rights among :data:`AE_RIGHTS`:
 
 =========  ==================================================================
 echo       C-ECHO
@@ -86,6 +87,10 @@ ROLES = frozenset({READ, WRITE, ADMIN})
 #: scrypt cost of :func:`hash_password` (n, r, p): about 16 MiB and tens of
 #: milliseconds per hash, the interactive-login parameters of RFC 7914 section 2.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+#: Most memory one password check may take (scrypt's ``maxmem``): a stored hash whose
+#: parameters need more is refused when the access rules are read
+#: (:func:`check_password_hash`), not found unverifiable at each login.
+SCRYPT_MAXMEM = 256 << 20
 #: Passwords verified lately, kept (keyed by a keyed hash, never the password) so that
 #: a browser re-sending its Basic credentials with every request pays scrypt once.
 VERIFIED_CACHE = 256
@@ -154,8 +159,20 @@ def check_password_hash(stored: str) -> None:
     n, r, p = (int(value) for value in parts[1:4])
     if n < 2 or n & (n - 1) or n > 1 << 20 or not 1 <= r <= 32 or not 1 <= p <= 16:
         raise ValueError("scrypt parameters out of range")
+    if scrypt_memory(n, r, p) > SCRYPT_MAXMEM:
+        raise ValueError(f"scrypt parameters n={n} r={r} p={p} need "
+                         f"{scrypt_memory(n, r, p) >> 20} MiB per check, more than the "
+                         f"{SCRYPT_MAXMEM >> 20} MiB a check may take: hash the password "
+                         "again with `pacs passwd`")
     base64.b64decode(parts[4], validate=True)
     base64.b64decode(parts[5], validate=True)
+
+
+def scrypt_memory(n: int, r: int, p: int) -> int:
+    """Bytes scrypt needs for these parameters, as OpenSSL counts them against
+    ``maxmem`` (its V array of ``n + 2`` blocks and the ``p`` blocks of B, each block
+    ``128 * r`` bytes)."""
+    return 128 * r * (n + 2 + p)
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -165,7 +182,7 @@ def verify_password(password: str, stored: str) -> bool:
         _, n, r, p, salt, expected = stored.split("$")
         raw = base64.b64decode(expected, validate=True)
         digest = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt),
-                                n=int(n), r=int(r), p=int(p), maxmem=256 << 20,
+                                n=int(n), r=int(r), p=int(p), maxmem=SCRYPT_MAXMEM,
                                 dklen=len(raw))
     except (ValueError, TypeError):
         return False
@@ -483,6 +500,17 @@ def ip_of(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def is_network(host: str) -> bool:
+    """True when ``host`` (a known AE's) names a network of several addresses
+    (``10.1.2.0/24``), not one address or a host name."""
+    if "/" not in host:
+        return False
+    try:
+        return ipaddress.ip_network(host, strict=False).num_addresses > 1
+    except ValueError:
+        return False
 
 
 def address_matches(host: str, address: str) -> bool:

@@ -226,8 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the reject routes OHIF calls) for requests the access rule admits; false "
             "answers them 403.", _bool),
     Setting("PACS_CORS_ORIGINS", "cors_origins", "",
-            "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any; "
-            "empty allows none.", _comma_list),
+            "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any (which "
+            "reads only answers to credentials); empty allows none.", _comma_list),
     Setting("PACS_TLS_CERT", "tls_cert", "",
             "PEM certificate (chain) of the DICOMweb and viewer ports, with PACS_TLS_KEY: "
             "both ports then serve HTTPS only; empty: plain HTTP."),

@@ -6,8 +6,11 @@ operation                      event (PS3.15)
 =============================  ===========================================================
 C-STORE (all of one            DICOM Instances Transferred (A.5.3.7), C: the calling AE
 association)                   (source, requestor) to the node; written when the
-                               association ends, one event per patient, each study with
-                               its SOP classes and instance counts, the outcome 0 when
+                               association ends (and when it has sent 1000 studies,
+                               MAX_STUDIES_PER_EVENT), one event per patient, each
+                               study with
+                               its SOP classes and instance counts (kept as counts
+                               while it runs), the outcome 0 when
                                every store succeeded, 4 when some failed, 8 when all did
 C-FIND (each request)          Query (A.5.3.10): the identifier as received
                                (ParticipantObjectQuery), its transfer syntax and its keys'
@@ -60,6 +63,13 @@ log = logging.getLogger(__name__)
 #: Statuses of a retrieve that end it without sub-operations and without failure.
 _NOTHING_TO_DO = 0x0000
 
+#: Most studies an association's C-STORE event is kept for: once a C-STORE brings the
+#: next one, the event of those stored so far is written and a new one begun.  What an
+#: association holds for the trail (and the patient lookup and lines its event makes)
+#: is then bounded however many studies it sends (one ``dcmsend`` of a whole archive
+#: is one association).
+MAX_STUDIES_PER_EVENT = 1000
+
 
 def keys_of(identifier: Dataset) -> list[str]:
     """The tags of an identifier's keys (``00100010``; ``00081032.00080100`` for a key
@@ -102,7 +112,12 @@ class AssociationAudit:
         self.trail = trail
         self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
         self._lock = threading.Lock()
-        self._stored: list[tuple[str, str]] = []  # (study, SOP class) per instance stored
+        # Instances stored, counted per study and SOP class as they are answered (in the
+        # order first seen): what the event names, and no more, so that what is kept
+        # does not grow with the number of stores of a long association (the same
+        # object may be sent again and again).
+        self._stored: dict[str, dict[str, int]] = {}
+        self._stored_count = 0
         self._failed = 0
         self._closed = False
         self._retrieves: dict[int, _Retrieve] = {}
@@ -112,28 +127,55 @@ class AssociationAudit:
     def stored(self, study_uid: str, sop_class_uid: str, status: Status) -> None:
         """One C-STORE answered with ``status`` (the study unknown when it failed)."""
         success = audit.dimse_outcome(status.code) == audit.SUCCESS
+        full = None
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if not closed:
+                if success and study_uid not in self._stored and \
+                        len(self._stored) >= MAX_STUDIES_PER_EVENT:
+                    full = self._take_stores()
                 if success:
-                    self._stored.append((study_uid, sop_class_uid))
+                    self._count_stored(study_uid, sop_class_uid)
                 else:
                     self._failed += 1
-                return
-        # The association ended while this store ran (an abort): its event alone.
-        studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
-        self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
-                               self.trail.node(), studies, audit.dimse_outcome(status.code),
-                               f"C-STORE status {status.code:04X}")
+        try:  # the C-STORE is answered whatever happens to its event
+            if full is not None:  # written outside the lock: no other store waits on it
+                self._write_stores(*full)
+            if closed:
+                # The association ended while this store ran (an abort): its event alone.
+                studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
+                self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE,
+                                       self.requestor, self.trail.node(), studies,
+                                       audit.dimse_outcome(status.code),
+                                       f"C-STORE status {status.code:04X}")
+        except Exception:
+            log.error("audit trail: the event of C-STOREs could not be made", exc_info=True)
 
-    def _write_stores(self) -> None:
-        stored, failed = self._stored, self._failed
+    def _count_stored(self, study_uid: str, sop_class_uid: str) -> None:
+        """Count one instance stored (under the lock)."""
+        # Keys kept as the first store gave them: one string per study and class.
+        classes = self._stored.setdefault(study_uid, {})
+        if sop_class_uid:
+            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
+        self._stored_count += 1
+
+    def _take_stores(self) -> tuple[dict[str, dict[str, int]], int, int]:
+        """What is counted so far (studies, stored, failed), counting again from
+        nothing (under the lock)."""
+        taken = self._stored, self._stored_count, self._failed
+        self._stored, self._stored_count, self._failed = {}, 0, 0
+        return taken
+
+    def _write_stores(self, counted: dict[str, dict[str, int]], stored: int,
+                      failed: int) -> None:
         if not stored and not failed:
             return
         outcome = (audit.SUCCESS if not failed else
                    audit.MINOR_FAILURE if stored else audit.SERIOUS_FAILURE)
+        studies = [Study(uid, classes) for uid, classes in counted.items()]
         self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
-                               self.trail.node(), audit.studies_of(stored), outcome,
-                               f"C-STORE: {len(stored)} stored, {failed} failed")
+                               self.trail.node(), studies, outcome,
+                               f"C-STORE: {stored} stored, {failed} failed")
 
     # -- C-FIND --------------------------------------------------------------------
 
@@ -221,7 +263,8 @@ class AssociationAudit:
                 return
             self._closed = True
             unfinished = [m for m, r in self._retrieves.items() if r.began]
-        self._write_stores()
+            counted = self._take_stores()
+        self._write_stores(*counted)
         for message_id in unfinished:
             self.retrieve_ended(message_id, None)
 

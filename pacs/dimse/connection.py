@@ -43,6 +43,8 @@ class Request:
     extended_negotiation :
         The SOP Class Extended Negotiation information the requestor proposed for this
         SOP class (C-FIND options, PS3.4 C.5.1.1), if any.
+    calling_address :
+        The requestor's IP address (the association's peer).
     """
 
     message_id: int
@@ -52,6 +54,7 @@ class Request:
     calling_ae_title: str
     move_destination: str = ""
     extended_negotiation: bytes | None = None
+    calling_address: str = ""
 
 
 @dataclass(frozen=True)

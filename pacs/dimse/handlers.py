@@ -197,7 +197,8 @@ def request_of(event: Event, move_destination: str = "") -> Request:
         transfer_syntax=str(event.context.transfer_syntax),
         identifier=identifier.getvalue() if identifier is not None else b"",
         calling_ae_title=event.assoc.requestor.ae_title, move_destination=move_destination,
-        extended_negotiation=event.assoc.requestor.sop_class_extended.get(UID(uid)))
+        extended_negotiation=event.assoc.requestor.sop_class_extended.get(UID(uid)),
+        calling_address=str(event.assoc.requestor.address or ""))
 
 
 def _watch(event: Event, request: Request) -> CancelWatch:
@@ -256,7 +257,7 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
     instead, which pynetdicom answers C514 (Unable to process).
     """
     request = request_of(event, event.move_destination or "")
-    destination = retrieve.destination(services, request.move_destination)
+    destination = retrieve.destination(services, request.move_destination, request)
     audit = _audit(event, audits)
     if audit is not None:
         audit.retrieve_requested(request, destination)

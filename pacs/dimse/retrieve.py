@@ -47,7 +47,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 
 from pacs.core import transcode
-from pacs.core.access import RETRIEVE
+from pacs.core.access import RETRIEVE, address_matches, is_network
 from pacs.core.attributes import Level
 from pacs.core.config import Modality
 from pacs.core.errors import Cancelled, PacsError
@@ -295,15 +295,29 @@ def not_authorized(request: Request, services: Services, service: str) -> Status
     return NOT_AUTHORIZED.with_comment("this AE may not retrieve")
 
 
-def destination(services: Services, title: str) -> Modality | None:
+def destination(services: Services, title: str, request: Request | None = None
+                ) -> Modality | None:
     """The C-MOVE destination ``title`` names: a known AE with an address and a port,
-    from ``PACS_MODALITIES`` or the access file (:mod:`pacs.core.access`)."""
+    from ``PACS_MODALITIES`` or the access file (:mod:`pacs.core.access`).
+
+    An AE the access file knows on a network (``host = "10.1.2.0/24"``) has no one
+    address to be reached at: it is the destination of its own C-MOVEs only, at the
+    address its association comes from (which the access rules found inside that
+    network, or refused it); named by any other requestor it is unknown (A801).
+    """
     title = title.strip()
     found = services.settings.destinations.get(title)
     if found is not None:
         return found
     known = services.access.destinations().get(title)
-    return Modality(known.title, known.host, known.port) if known is not None else None
+    if known is None:
+        return None
+    if not is_network(known.host):
+        return Modality(known.title, known.host, known.port)
+    if (request is not None and request.calling_ae_title.strip() == known.title
+            and address_matches(known.host, request.calling_address)):
+        return Modality(known.title, request.calling_address, known.port)
+    return None
 
 
 # -- the services -----------------------------------------------------------------------
@@ -336,7 +350,7 @@ def serve_move(responder: Responder, request: Request, services: Services,
     C000   anything else (a bug), with an Error Comment
     =====  ==================================================================
     """
-    target_ae = destination(services, request.move_destination)
+    target_ae = destination(services, request.move_destination, request)
     if audit is not None:
         audit.retrieve_requested(request, target_ae)
         responder = AuditedResponder(responder, request, audit)

@@ -86,25 +86,53 @@ EVICTION_REPORT_SECONDS = 10.0
 IDLE_COLLECT_SECONDS = 10.0
 
 
-class _Failures:
-    """Failed TLS handshakes, logged at most every :data:`EVICTION_REPORT_SECONDS` with
-    the last one's peer and reason (a port scan is not a flood of logs)."""
+class _Throttled:
+    """Events of one kind logged at WARNING at most every
+    :data:`EVICTION_REPORT_SECONDS`: the first at once, then how many there were since
+    with the last one's details.  What a peer can repeat as fast as it connects (a port
+    scan, a flood of refused associations) is not a flood of logs; the audit trail
+    keeps each one where it must."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
         self._reported_at = -EVICTION_REPORT_SECONDS
 
-    def count(self, address: Any, exc: BaseException) -> None:
+    def due(self) -> int | None:
+        """Count one; how many to report now (this one included), ``None``: not yet."""
         with self._lock:
             self._count += 1
             now = time.monotonic()
             if now - self._reported_at < EVICTION_REPORT_SECONDS:
-                return
+                return None
             count, self._count, self._reported_at = self._count, 0, now
+            return count
+
+
+class _Failures(_Throttled):
+    """Failed TLS handshakes, logged with the last one's peer and reason."""
+
+    def count(self, address: Any, exc: BaseException) -> None:
+        count = self.due()
+        if count is None:
+            return
         host = address[0] if isinstance(address, tuple) else address
         log.warning("%d DICOM TLS handshake(s) failed (last from %s: %s)", count, host,
                     getattr(exc, "reason", None) or exc or type(exc).__name__)
+
+
+class _Rejections(_Throttled):
+    """Associations rejected (A-ASSOCIATE-RJ), logged with the last one's peer, calling
+    AE title and reason."""
+
+    def count(self, host: str, calling: str, reason: str) -> None:
+        count = self.due()
+        if count is None:
+            return
+        log.warning("Rejecting the association from %s (%s): %s%s", host or "?",
+                    calling.strip(), reason,
+                    f" ({count - 1} more rejected since the last report)" if count > 1
+                    else "")
 
 
 #: Seconds a worker waits before accepting per connection it serves, at most
@@ -347,7 +375,7 @@ Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
 def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
-           policies: Policies) -> None:
+           policies: Policies, rejections: _Rejections | None = None) -> None:
     """EVT_REQUESTED: admit the association or reject it, in one handler: who it is
     first (its called AE title, its client certificate, the customer's access rules),
     then the node's limits; bind an admitted one to its customer.
@@ -368,6 +396,11 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        stopped);
     4. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
        per source address) are reached: :data:`REJECT_FULL`.
+
+    Each refusal of 2-3 is a Security Alert of the audit trail; the log has one WARNING
+    line per :data:`EVICTION_REPORT_SECONDS` for all of them (``rejections``, one per
+    server), with how many there were: a peer that associates as fast as it can must
+    not fill the log's disk.
 
     Only an association that passed 1-3 is counted against the limits: a refused one
     never takes a place, so AEs without rights calling from an address cannot use up
@@ -401,8 +434,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
         full = connection_limits.admit(assoc, raw, host)
         refused = (REJECT_FULL, full) if full is not None else None
     if refused is not None:
-        log.warning("Rejecting the association from %s (%s): %s", host or "?",
-                    calling.strip(), refused[1])
+        (rejections or _Rejections()).count(host, calling, refused[1])
         assoc.acse.send_reject(*refused[0])
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -508,7 +540,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
                     (evt.EVT_DIMSE_SENT, seam.answered),
                     (evt.EVT_REQUESTED, _admit,
                      [connection_limits, customers.bindings(uses_seam),
-                      customers.policies()]),
+                      customers.policies(), _Rejections()]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]

@@ -1029,6 +1029,9 @@ def _security_text(data: dict[str, Any]) -> str:
                   "users and their roles: `PACS_ACCESS_FILE`)" + _failed_logins_text(sec))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]
             else "none (no CORS headers)")
+    if "*" in sec["cors_origins"]:
+        cors += (" (any origin reads answers to requests with a user's credentials only, "
+                 "never those given for the address alone)")
     audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
              "Accessed, Begin Transferring, Security Alert) for every association and "
              "DICOMweb request that touches patient data, User Authentication for each "
@@ -1065,7 +1068,8 @@ converted to another transfer syntax for a peer loses their validity.
   AE with no rights, or a known AE from another address, is rejected (A-ASSOCIATE-RJ,
   calling AE title not recognized).
 - C-MOVE destinations: only known AEs with an address and a port
-  (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); any other is refused (A801).
+  (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); an AE known on a network only for its own
+  C-MOVEs, at the address it calls from; any other is refused (A801).
 - Limits per peer address and per worker process (3.2.2.2).
 
 ### 7.3 Application Level Security [A.8.3]

@@ -64,6 +64,11 @@ def listen(settings: Settings) -> socket.socket:
     return listening_socket(settings.bind_address, settings.web_port, backlog=2048)
 
 
+#: The forwarders gunicorn believes about the scheme: this host only (README, "Behind a
+#: reverse proxy").
+TRUSTED_FORWARDERS = "127.0.0.1,::1"
+
+
 def command(settings: Settings, fd: int) -> list[str]:
     """The gunicorn command line for an inherited listening socket ``fd``."""
     return [
@@ -75,6 +80,12 @@ def command(settings: Settings, fd: int) -> list[str]:
         "--graceful-timeout", str(GRACEFUL_SECONDS),
         "--timeout", str(REQUEST_TIMEOUT_SECONDS),
         "--limit-request-line", str(MAX_REQUEST_LINE),
+        # Only a forwarder on this host may say a request came over HTTPS
+        # (X-Forwarded-Proto and its kin set wsgi.url_scheme, which the access rule
+        # requires of credentials from other hosts, adapters/http/auth.py).  gunicorn's
+        # own default is the environment's FORWARDED_ALLOW_IPS, which container images
+        # often set to "*": then any client could claim it over plain HTTP.
+        "--forwarded-allow-ips", TRUSTED_FORWARDERS,
         "--log-level", settings.log_level.lower(),
         "--error-logfile", "-",
         # Access logs would carry query strings, i.e. patient names: left off.

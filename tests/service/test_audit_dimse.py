@@ -267,3 +267,27 @@ def test_a_store_after_an_abort_is_still_recorded(node: tuple[Services, int]) ->
     (event,) = trail(services, 1)
     assert studies_in(event) == [study] and patients_in(event) == ["PX"]
     assert event["EventIdentification"]["EventOutcomeIndicator"] == 0
+
+
+def test_refused_associations_are_each_audited_and_logged_once_per_interval(
+        make_services: Callable[..., Services], caplog: pytest.LogCaptureFixture) -> None:
+    # An AE that may do nothing can associate as fast as it connects: each refusal is a
+    # Security Alert of the trail, but the log gets one line for the lot (with their
+    # number, once the interval has passed), so a flood of them cannot fill its disk.
+    services = make_services(unknown_ae_rights=frozenset())
+    port = free_port()
+    server = start(services, ("127.0.0.1", port))
+    try:
+        with caplog.at_level("WARNING", logger="pacs.dimse.server"):
+            for _ in range(12):
+                ae = AE(ae_title="STRANGER")
+                ae.add_requested_context("1.2.840.10008.1.1")
+                assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+                assert assoc.is_rejected
+        alerts = trail(services, 12)
+    finally:
+        stop(server, drain=1.0)
+    assert {event_name(e) for e in alerts} == {"Security Alert"}
+    lines = [r.getMessage() for r in caplog.records if "Rejecting" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "STRANGER" in lines[0] and "not known" in lines[0]

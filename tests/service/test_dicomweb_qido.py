@@ -443,6 +443,36 @@ def test_no_cors_by_default(get: Get) -> None:
     assert "Access-Control-Allow-Origin" not in result.headers
 
 
+@pytest.mark.parametrize("open_node", [False, True])
+def test_any_origin_reads_only_answers_to_credentials(
+        make_services: Callable[..., Services], open_node: bool) -> None:
+    """With ``PACS_CORS_ORIGINS=*`` a page of any origin may call with credentials,
+    but never read what the node answers for where a request comes from alone (this
+    host's loopback roles, or an open node): any page the user opens would read it."""
+    services = make_services(cors_origins=("*",), web_user="alice", web_password="s3cret",
+                             web_open=open_node)
+    load(services)
+    client = testing.TestClient(create_app(services))
+    origin = {"Origin": "http://evil.example"}
+    trusted = client.simulate_get("/dicom-web/studies", headers=origin)  # loopback
+    assert trusted.status_code == 200 and trusted.json
+    assert "Access-Control-Allow-Origin" not in trusted.headers
+    assert "Access-Control-Expose-Headers" not in trusted.headers
+    preflight = client.simulate_options("/dicom-web/studies", headers={
+        **origin, "Access-Control-Request-Method": "GET"})
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    if open_node:
+        return  # credentials are not looked at
+    proven = client.simulate_get("/dicom-web/studies", headers={
+        **origin, "Authorization": _basic("alice", "s3cret")})
+    assert proven.status_code == 200 and proven.json
+    assert proven.headers["Access-Control-Allow-Origin"] == "*"
+    refused = client.simulate_get("/dicom-web/studies", remote_addr="10.0.0.9",
+                                  protocol="https", headers=origin)
+    assert refused.status_code == 401  # no data: its reason is readable
+    assert refused.headers["Access-Control-Allow-Origin"] == "*"
+
+
 def test_sequence_matching_and_items_in_series_results(tmp_path) -> None:
     """``RequestAttributesSequence.ScheduledProcedureStepID`` (PS3.18 8.3.4.1 attribute
     path; PS3.4 C.2.2.2.6), and the sequence among the series' default attributes

@@ -26,7 +26,7 @@ from pacs.dimse import tls
 from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import free_port, seam_only
 from tests.interop.conftest import fresh_ct, read_index
-from tests.tlsfiles import Pki, ae_certificate, make_pki
+from tests.tlsfiles import Pki, ae_certificate, make_pki, openssl
 
 pytestmark = pytest.mark.dimse
 
@@ -129,3 +129,32 @@ def test_a_requestor_storing_over_tls_after_its_request_gets_its_report(
     finally:
         assoc.release()
     assert received is assoc and transaction == action.TransactionUID
+
+
+def test_an_expired_client_certificate_fails_the_handshake(server: NodeServer,
+                                                           pki: Pki) -> None:
+    """A certificate of the node's CA whose validity ended is no proof of its AE: the
+    handshake fails (PS3.15 B.12), no association, and the node goes on serving."""
+    folder = pki.ca.parent
+    ext = folder / "expired.ext"
+    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                   "extendedKeyUsage=clientAuth\n")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "expired.key", "-out", "expired.csr", "-subj", "/CN=MODALITY1",
+            cwd=folder)
+    openssl("x509", "-req", "-in", "expired.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "expired.pem", "-days", "-1", "-extfile",
+            "expired.ext", cwd=folder)
+    port = server.server_address[1]
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(folder / "expired.pem", folder / "expired.key")
+    # TLS 1.3: the client's certificate is judged after the client's handshake ends; the
+    # refusal (an alert) arrives with the first read.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as wrapped, \
+            pytest.raises(ssl.SSLError) as refused:
+        wrapped.recv(1)
+    assert "expired" in str(refused.value).lower()
+    assoc = tls_association(pki, port)
+    assert assoc.is_established
+    assoc.release()

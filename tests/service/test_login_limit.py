@@ -123,3 +123,15 @@ def test_a_success_does_not_reset_a_count(client: testing.TestClient) -> None:
     assert get(client, MALLORY, basic("alice", "s3cret")).status_code == 200
     assert get(client, MALLORY, basic("alice", "last")).status_code == 401
     assert get(client, MALLORY, basic("alice", "s3cret")).status_code == 429
+
+
+def test_a_claimed_user_name_is_cut_in_the_trail(client: testing.TestClient,
+                                                  node: Services) -> None:
+    # The name of a failed login is the client's text: a header's worth of it in every
+    # event would let a guesser write kilobytes into the trail per try.
+    claimed = "x" * 4000
+    assert get(client, MALLORY, basic(claimed, "guess")).status_code == 401
+    events = read_trail(node.settings.data_dir / "audit.jsonl")
+    users = [p["UserID"] for e in events for p in e["ActiveParticipant"]
+             if p["UserIsRequestor"]]
+    assert users and all(user == claimed[:128] for user in users), users

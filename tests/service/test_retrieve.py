@@ -39,7 +39,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as StudyMove,
 )
 
-from pacs.core import config
+from pacs.core import access, config
 from pacs.core.index.compiler import MAX_UIDS
 from pacs.core.services import Services
 from pacs.core.storage import object_key
@@ -690,6 +690,27 @@ def test_move_unknown_destination_is_a801(make_node: Callable[..., Node],
 
     assert [status.Status for status, _ in replies] == [0xA801]
     assert dest.connections == 0
+
+
+def test_move_to_itself_of_an_ae_known_on_a_network(make_node: Callable[..., Node],
+                                                    destinations: Callable[..., Destination],
+                                                    requestors: Callable[..., Association],
+                                                    ) -> None:
+    """An AE of the access rules known on a network, with a port, is reached at the
+    address its association comes from when it moves to itself (with the seam and
+    without: the destination is found by the same function)."""
+    dest = destinations("STORESCP")
+    node = make_node()
+    node.services.access = access.AccessPolicy(aes={REQUESTOR_AET: access.KnownAE(
+        REQUESTOR_AET, access.AE_RIGHTS, "127.0.0.0/8", dest.port)})
+    study = store_study(node, series=1, per_series=2)
+    assoc = requestors(node)
+
+    replies = responses(assoc.send_c_move(identifier("STUDY", StudyInstanceUID=study.uid),
+                                          REQUESTOR_AET, StudyMove))
+
+    assert replies[-1][0].Status == 0x0000
+    assert sorted(r.sop_uid for r in dest.received) == sorted(study.sops)
 
 
 @pytest.mark.parametrize(("service", "model", "ident"), [

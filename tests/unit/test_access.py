@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
 import tomllib
 from pathlib import Path
@@ -189,3 +191,25 @@ def test_a_wrong_right_in_the_settings_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="PACS_LOOPBACK_ROLES"):
         config.load(overrides={"PACS_LOOPBACK_ROLES": "read,root"}, environ={},
                     env_file=None)
+
+
+def _scrypt_hash(password: str, n: int, r: int, p: int = 1) -> str:
+    salt = b"s" * 16
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p,
+                            maxmem=(1 << 31) - 1, dklen=32)
+    return (f"scrypt${n}${r}${p}${base64.b64encode(salt).decode()}$"
+            f"{base64.b64encode(digest).decode()}")
+
+
+def test_a_password_hash_the_node_could_never_check_is_refused_when_read() -> None:
+    # A well-formed hash whose scrypt needs more memory than a check may take: read
+    # without complaint, it failed every login, each counted as a guess.
+    too_big = _scrypt_hash("pw", 1 << 18, 8)
+    with pytest.raises(ValueError, match="MiB"):
+        access.check_password_hash(too_big)
+    with pytest.raises(ConfigError, match="alice"):
+        access.parse({"user": [{"name": "alice", "password": too_big, "roles": "read"}]})
+    # Just within the limit (n=2^17, r=15: 252 MiB): accepted, and it verifies.
+    largest = _scrypt_hash("pw", 1 << 17, 15)
+    access.check_password_hash(largest)
+    assert access.verify_password("pw", largest)

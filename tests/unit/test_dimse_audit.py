@@ -4,9 +4,11 @@ an abort leave in the trail."""
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 
 from pacs.core.audit import AuditLog, AuditTrail, Patient, Source
@@ -127,3 +129,78 @@ def test_keys_are_tags_with_sequence_items() -> None:
     identifier.ReferencedStudySequence = []
     assert keys_of(identifier) == ["00080052", "00081032.00080100", "00081032.00080102",
                                    "00081110", "00100010"]
+
+
+def test_an_association_storing_one_study_for_long_keeps_counts_not_one_entry_per_store(
+        tmp_path: Path) -> None:
+    # A peer with the store right may send the same object again and again on one
+    # association (an unchanged instance is stored again); what the audit keeps of it
+    # until the association ends must not grow with the number of stores.
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.stored("1.1", CT, SUCCESS)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20_000):
+            # Fresh strings per store, as each request's data set gives them.
+            audit.stored("".join(("1.", "1")), "".join((CT[:4], CT[4:])), SUCCESS)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    audit.stored("1.2", CT, SUCCESS)
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    assert grown < 64 * 1024  # one entry per store: > 1 MiB
+    found = events(tmp_path)  # one event per patient: each study is its own here
+    assert [studies_in(e) for e in found] == [["1.1"], ["1.2"]]
+    counts = [item["ParticipantObjectDescription"]["SOPClass"]
+              for event in found
+              for item in event["ParticipantObjectIdentification"]
+              if "ParticipantObjectDescription" in item]
+    assert counts == [[{"UID": CT, "NumberOfInstances": 20_001}],
+                      [{"UID": CT, "NumberOfInstances": 1}]]
+    assert {e["EventIdentification"]["EventOutcomeDescription"] for e in found} == \
+        {"C-STORE: 20002 stored, 1 failed"}
+
+
+def test_an_association_storing_many_studies_writes_an_event_per_thousand(
+        tmp_path: Path) -> None:
+    # However many studies one association sends (a whole archive by one dcmsend), what
+    # it keeps for the trail, and each patient lookup of its events, stay bounded.
+    looked_up: list[int] = []
+
+    def patients(uids: Any) -> dict[str, Patient]:
+        looked_up.append(len(uids))
+        return {uid: Patient("P") for uid in uids}  # one patient: one event per write
+
+    path = tmp_path / "audit.jsonl"
+    audit = AssociationAudit(AuditTrail(AuditLog(path), Source("INTELPIXEL", "default"),
+                                        patients), "SCU", "127.0.0.1")
+    for number in range(2500):
+        audit.stored(f"1.{number}", CT, SUCCESS)
+    audit.stored("1.2499", CT, SUCCESS)  # a study already counted: no new event
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    found = events(tmp_path)
+    assert looked_up == [1000, 1000, 500]
+    assert [len(studies_in(e)) for e in found] == [1000, 1000, 500]
+    assert [s for e in found for s in studies_in(e)] == [f"1.{n}" for n in range(2500)]
+    assert [e["EventIdentification"]["EventOutcomeDescription"] for e in found] == [
+        "C-STORE: 1000 stored, 0 failed", "C-STORE: 1000 stored, 0 failed",
+        "C-STORE: 501 stored, 1 failed"]
+
+
+def test_an_event_that_cannot_be_made_never_reaches_the_c_store(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    made = trail(tmp_path)
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug in the trail")
+
+    monkeypatch.setattr(made, "transferred", broken)
+    audit = AssociationAudit(made, "SCU", "127.0.0.1")
+    for number in range(1001):  # the 1001st study writes the event of the others
+        audit.stored(f"1.{number}", CT, SUCCESS)
+    with pytest.raises(RuntimeError):
+        audit.close()  # at the association's end: Audits.ended keeps it from pynetdicom
+    audit.stored("1.2", CT, SUCCESS)  # after an abort: its own event

@@ -52,8 +52,9 @@ def _identifier(level: str, **keys: object) -> bytes:
 
 
 def _request(model: str, identifier: bytes, **changes: Any) -> Request:
+    changes.setdefault("calling_ae_title", "SCU")
     return Request(message_id=7, sop_class_uid=model, transfer_syntax=ImplicitVRLittleEndian,
-                   identifier=identifier, calling_ae_title="SCU", **changes)
+                   identifier=identifier, **changes)
 
 
 @pytest.fixture
@@ -412,6 +413,43 @@ def test_move_to_a_refusing_destination_is_a702(with_destination: Services) -> N
     _move(with_destination, responder, "DEST", lambda *args: None)
     assert [(s.code, c) for s, _, c in responder.sent] == [
         (0xA702, SubOperationCounts(None, 0, 2, 0))]
+
+
+@pytest.fixture
+def networked(make_services: Any) -> Services:
+    """The access file's WORKSTATION: known on a network, with a port."""
+    services: Services = make_services()
+    services.access = access.AccessPolicy(aes={
+        "WS": access.KnownAE("WS", access.AE_RIGHTS, "10.10.2.0/24", 11112),
+        "SCU": access.KnownAE("SCU", access.AE_RIGHTS)})
+    _load(services)
+    return services
+
+
+def test_a_destination_known_on_a_network_is_reached_at_its_own_address(
+        networked: Services) -> None:
+    # A network is no address to connect to: the AE that moves to itself is reached where
+    # it calls from (inside its network, or its association was refused); anyone else
+    # naming it gets A801, as for a destination without an address.
+    connected: list[tuple[str, str, int]] = []
+
+    def connect(destination: config.Modality, *_: Any) -> _Target:
+        connected.append((destination.ae_title, destination.host, destination.port))
+        return _Target()
+
+    identifier = _identifier("STUDY", StudyInstanceUID="1.2.7.0")
+    own = _Responder()
+    retrieve.serve_move(own, _request(STUDY_MOVE, identifier, move_destination="WS",
+                                      calling_ae_title="WS", calling_address="10.10.2.7"),
+                        networked, {STUDY_MOVE: "study"}, connect)
+    assert connected == [("WS", "10.10.2.7", 11112)]
+    assert own.sent[-1][0].code == 0x0000
+    other = _Responder()
+    retrieve.serve_move(other, _request(STUDY_MOVE, identifier, move_destination="WS",
+                                        calling_address="10.10.9.9"),
+                        networked, {STUDY_MOVE: "study"}, connect)
+    assert [s.code for s, _, _ in other.sent] == [0xA801]
+    assert len(connected) == 1
 
 
 def test_classify_and_message_ids() -> None:

@@ -193,7 +193,8 @@ def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
         identifier=identifier.getvalue() if identifier is not None else b"",
         calling_ae_title=assoc.requestor.ae_title,
         move_destination=str(getattr(req, "MoveDestination", "") or ""),
-        extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)))
+        extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)),
+        calling_address=str(assoc.requestor.address or ""))
 
 
 class RetrieveResponder:
