@@ -11,6 +11,7 @@ and has its own index connections and store client, opened after the fork.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -107,6 +109,42 @@ class _Failures:
                     getattr(exc, "reason", None) or exc or type(exc).__name__)
 
 
+class _Shortage:
+    """Connections the worker could not take for want of a resource (descriptors,
+    threads), logged at most every :data:`EVICTION_REPORT_SECONDS` with their count and
+    the last error: a flood that exhausts the process is not a flood of logs."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._lock = threading.Lock()
+        self._count = 0
+        self._reported_at = -EVICTION_REPORT_SECONDS
+
+    def count(self, exc: BaseException) -> None:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._reported_at < EVICTION_REPORT_SECONDS:
+                return
+            count, self._count, self._reported_at = self._count, 0, now
+        log.warning("%s %d time(s) since the last such line: %s", self.what, count, exc)
+
+
+#: errno values of ``accept`` that say the process or the system is out of something
+#: (descriptors, socket buffers, memory), not that the peer failed.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Seconds the acceptor waits after an accept that failed for want of resources.  The
+#: connection stays in the listening socket's queue, which stays readable: accepting
+#: again at once spun a core for as long as the shortage lasted.
+ACCEPT_PAUSE = 0.1
+
+
+def _cannot_start_thread(exc: BaseException | None) -> bool:
+    """``threading.Thread.start`` refused (RLIMIT_NPROC, a cgroup's pids limit, memory)."""
+    return isinstance(exc, RuntimeError) and "start new thread" in str(exc)
+
+
 #: Seconds a worker waits before accepting per connection it serves, at most
 #: :data:`DEFERRAL_STEPS` times (:meth:`NodeServer._defer_to_less_busy_workers`).
 ACCEPT_DEFERRAL = 0.002
@@ -143,6 +181,10 @@ class NodeServer(ThreadedAssociationServer):
     handshake_timeout: float = 10.0
     #: Failed TLS handshakes, for the log.
     handshake_failures: _Failures
+    #: Accepts that failed for want of descriptors, and threads that could not be
+    #: started for a connection, for the log.
+    accept_failures: _Shortage
+    thread_failures: _Shortage
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
     #: The customers this server started and stops (:func:`start` given services).
@@ -202,7 +244,12 @@ class NodeServer(ThreadedAssociationServer):
         that is the connection thread's work (:meth:`finish_request`), never the
         acceptor's, whom a silent peer would otherwise hold."""
         self._defer_to_less_busy_workers()
-        client, address = super().get_request()
+        try:
+            client, address = super().get_request()
+        except OSError as exc:  # socketserver skips the connection
+            if exc.errno in OUT_OF_RESOURCES:
+                self._short_of_descriptors(exc)
+            raise
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(client, self.ae.dimse_timeout)
@@ -211,6 +258,22 @@ class NodeServer(ThreadedAssociationServer):
             client = self.tls.wrap_socket(client, server_side=True,
                                           do_handshake_on_connect=False)
         return client, address
+
+    def _short_of_descriptors(self, exc: OSError) -> None:
+        """An accept failed for want of descriptors (or memory): close the oldest
+        connection that has sent no A-ASSOCIATE-RQ, whose descriptor its DUL thread
+        then frees, and pause before the next accept.
+
+        Connections a flood holds open in silence are what fills the descriptor table;
+        a real peer sends its request at once and is never the oldest (as for
+        PACS_MAX_PENDING_CONNECTIONS).  Running associations are not touched.
+        """
+        self.accept_failures.count(exc)
+        if self.limits is not None:
+            oldest = self.limits.evict_oldest()
+            if oldest is not None:
+                _close_pending(oldest)
+        time.sleep(ACCEPT_PAUSE)
 
     def _defer_to_less_busy_workers(self) -> None:
         """Wait a moment, longer the more connections this worker serves, before
@@ -255,7 +318,27 @@ class NodeServer(ThreadedAssociationServer):
                 _close_pending(old)
             if closing:
                 self._report_closed(len(closing))
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as exc:
+            if not _cannot_start_thread(exc):
+                raise
+            # No thread to read its request: closed at once, and the peer may retry.
+            if self.limits is not None:
+                self.limits.forget(request)
+            self.shutdown_request(request)
+            self.thread_failures.count(exc)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's thread failed: a thread that could not be started (the
+        association's own, started from it) is counted for the log, not written there
+        as a traceback per connection; anything else is socketserver's report."""
+        exc = sys.exc_info()[1]
+        if _cannot_start_thread(exc):
+            assert exc is not None
+            self.thread_failures.count(exc)
+            return
+        super().handle_error(request, client_address)
 
     #: Pending connections closed since the last report, and when that was.
     _closed_unreported: int = 0
@@ -494,6 +577,10 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
         "accept_deferral": deferral,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
+        "accept_failures": _Shortage("cannot accept a DIMSE connection (the oldest "
+                                     "that has sent no A-ASSOCIATE-RQ closed for room)"),
+        "thread_failures": _Shortage("cannot start a thread for a DIMSE connection "
+                                     "(closed)"),
         "artim_left": artim_left, "customers": customers if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)

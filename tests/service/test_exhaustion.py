@@ -1,0 +1,149 @@
+"""The DIMSE acceptor when the worker runs short of descriptors or threads
+(pacs.dimse.server.NodeServer): no busy loop, no traceback per connection, the
+running associations and the next peers served once the shortage is over.
+
+The shortage is a test double: the listening socket's ``accept`` failing with EMFILE
+(what a full descriptor table gives), ``threading.Thread.start`` failing as it does at
+RLIMIT_NPROC.  ``tests/interop/test_exhaustion.py`` runs the real descriptor limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from pacs.dimse import server
+from tests.service.conftest import RunningNode
+
+pytestmark = pytest.mark.dimse
+
+
+class Exhausted:
+    """The listening socket, whose ``accept`` fails with EMFILE while ``failing``."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failing = True
+        self.calls = 0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def echo(node: RunningNode) -> int:
+    """A C-ECHO's status (-1: no association)."""
+    ae = AE(ae_title="EXHAUST")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.services.settings.ae_title)
+    if not assoc.is_established:
+        return -1
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
+def closed_by_peer(sock: socket.socket, within: float = 5.0) -> bool:
+    """True when ``sock`` reads the end of the stream (or a reset) within ``within``."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def wait_for(condition: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_full_descriptor_table_pauses_the_acceptor_and_it_recovers(
+        node: RunningNode, caplog: pytest.LogCaptureFixture) -> None:
+    """The listening socket stays readable while accept fails: the acceptor waits
+    ACCEPT_PAUSE between attempts (it retried at once, spinning a core), says so once,
+    closes the oldest connection that sent no A-ASSOCIATE-RQ for room, keeps serving
+    the association it has, and accepts again once descriptors are free."""
+    running = AE(ae_title="RUNNING")
+    running.add_requested_context(Verification)
+    held: Association = running.associate("127.0.0.1", node.port,
+                                          ae_title=node.services.settings.ae_title)
+    assert held.is_established
+    silent = socket.create_connection(("127.0.0.1", node.port))
+    assert node.server.limits is not None
+    wait_for(lambda: node.server.limits is not None and node.server.limits.pending == 1)
+    double = Exhausted(node.server.socket)
+    node.server.socket = double  # type: ignore[assignment]
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    knocking = socket.create_connection(("127.0.0.1", node.port))  # queued, unaccepted
+    try:
+        time.sleep(1.0)
+        attempts = double.calls
+        assert 1 <= attempts <= 20, f"{attempts} accepts in 1 s"  # ACCEPT_PAUSE 0.1 s
+        assert closed_by_peer(silent), "the oldest pending connection was kept"
+        assert int(held.send_c_echo().Status) == 0  # the running association is served
+        shortages = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+        assert len(shortages) == 1 and "Too many open files" in shortages[0].getMessage()
+        double.failing = False
+        assert echo(node) == 0
+        wait_for(lambda: double.calls > attempts + 1)  # the queued connection accepted
+    finally:
+        node.server.socket = double.real
+        held.release()
+        silent.close()
+        knocking.close()
+
+
+@pytest.mark.parametrize("refused", ["connection", "association"])
+def test_threads_that_cannot_start_close_their_connection_with_one_log_line(
+        node: RunningNode, refused: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """RLIMIT_NPROC reached: the connection's thread (started by the acceptor) or the
+    association's (started by that thread) cannot start.  The connection is closed at
+    once, a WARNING line counts such failures at most every EVICTION_REPORT_SECONDS
+    (socketserver wrote a traceback per connection), and the acceptor goes on: once
+    threads start again, a C-ECHO succeeds."""
+    starting = threading.Thread.start
+    short = threading.Event()
+    short.set()
+
+    def start(thread: threading.Thread) -> None:
+        target = getattr(thread, "_target", None)
+        is_connection = target == node.server.process_request_thread
+        if short.is_set() and (is_connection if refused == "connection"
+                               else isinstance(thread, Association)
+                               and thread.is_acceptor):
+            raise RuntimeError("can't start new thread")
+        starting(thread)
+
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    peers = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(5)]
+    try:
+        assert all(closed_by_peer(peer) for peer in peers)
+        short.clear()
+        assert echo(node) == 0
+    finally:
+        for peer in peers:
+            peer.close()
+    lines = [r for r in caplog.records if "cannot start a thread" in r.getMessage()]
+    assert len(lines) == 1 and "can't start new thread" in lines[0].getMessage()
+    assert "Traceback" not in capsys.readouterr().err
