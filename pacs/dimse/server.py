@@ -734,6 +734,35 @@ class _Respawn:
         self.start = time.monotonic()
         self.died = None
 
+    def failed(self) -> None:
+        """A replacement could not be started: as a death right after its start."""
+        self.start = time.monotonic()
+        self.died = None
+
+
+def replace_dead(workers: list[multiprocessing.process.BaseProcess],
+                 respawn: list[_Respawn],
+                 spawn: Callable[[], multiprocessing.process.BaseProcess]) -> None:
+    """Start a replacement for each dead worker whose delay has passed.
+
+    A replacement that cannot be forked (EAGAIN at RLIMIT_NPROC or a cgroup's pids
+    limit, ENOMEM) leaves the dead worker in its slot, to be tried again after the
+    slot's next, longer delay: the other workers and the rest of the node go on (the
+    error ended ``pacs serve`` as a whole).
+    """
+    for i, process in enumerate(workers):
+        if process.is_alive() or not respawn[i].due(process):
+            continue
+        log.error("DIMSE worker %d exited with %s; restarting", process.pid,
+                  process.exitcode)
+        try:
+            workers[i] = spawn()
+        except OSError as exc:
+            log.error("cannot start a DIMSE worker: %s; trying again later", exc)
+            respawn[i].failed()
+            continue
+        respawn[i].started()
+
 
 def run_workers(settings: Settings, stopping: threading.Event,
                 on_ready: Callable[[], None] | None = None) -> None:
@@ -766,13 +795,7 @@ def run_workers(settings: Settings, stopping: threading.Event,
         on_ready()
     respawn = [_Respawn() for _ in workers]
     while not stopping.wait(0.5):
-        for i, process in enumerate(workers):
-            if process.is_alive() or not respawn[i].due(process):
-                continue
-            log.error("DIMSE worker %d exited with %s; restarting", process.pid,
-                      process.exitcode)
-            workers[i] = spawn()
-            respawn[i].started()
+        replace_dead(workers, respawn, spawn)
     for process in workers:
         if process.is_alive():
             os.kill(process.pid or 0, signal.SIGTERM)
