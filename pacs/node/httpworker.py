@@ -53,6 +53,9 @@ read from the network and every wait; threads only run the application:
   client completes its head within milliseconds, so under a flood of slow ones it is
   theirs that go.  A per-address cap would not be needed on top, and would refuse the
   browsers behind one proxy or NAT.
+* **Descriptors**: an accept that fails for want of them (EMFILE, ENFILE) or of memory
+  closes one connection the same way and stops accepting for :data:`ACCEPT_PAUSE`; the
+  failures are counted in one WARNING line per :data:`REPORT_SECONDS`.
 
 Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
 arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
@@ -165,6 +168,11 @@ TLS_HANDSHAKE_RECORD = b"\x16"
 TICK = 0.25
 #: Seconds between log lines counting the slow clients closed meanwhile.
 REPORT_SECONDS = 10.0
+#: errno values of ``accept`` that say the process or the system is out of something
+#: (descriptors, socket buffers, memory), not that the client failed.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds the loop stops accepting after an accept failed for want of resources.
+ACCEPT_PAUSE = 0.5
 #: Back-off of a failed application load: first delay, longest delay.
 RETRY_FIRST, RETRY_LONGEST = 1.0, 10.0
 
@@ -802,6 +810,10 @@ class HttpWorker(base.Worker):
         self.ready: set[Connection] = set()  # TLS bytes decrypted but not yet read
         self.tls_failed = 0  # failed handshakes since the last report
         self.tls_reason = ""  # why the last one failed
+        self.accept_failed = 0  # accepts failed for want of descriptors, since the report
+        self.accept_error = ""  # the last such failure
+        self.accept_paused_until = 0.0  # no accepting before (monotonic)
+        self.last_shortage_report = -REPORT_SECONDS
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -969,6 +981,12 @@ class HttpWorker(base.Worker):
             for conn in [c for c in self.connections.values()
                          if c.deadline and c.deadline <= now]:
                 self._expire(conn)
+            self._resume_accepting(now)
+            if self.accept_failed and now - self.last_shortage_report >= REPORT_SECONDS:
+                log.warning("cannot accept HTTP connections: %d failure(s) since the last "
+                            "such line (the last: %s)", self.accept_failed,
+                            self.accept_error)
+                self.accept_failed, self.last_shortage_report = 0, now
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
                 if self.slow_closed:
@@ -1039,9 +1057,8 @@ class HttpWorker(base.Worker):
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept HTTP connections: %s", exc)
-                    self._accept_enabled(False)
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._short_of_descriptors(exc)
                     return
                 raise
             sock.setblocking(False)
@@ -1053,6 +1070,28 @@ class HttpWorker(base.Worker):
                 conn.state = State.HANDSHAKE
             self.connections[sock.fileno()] = conn
             self._watch(conn, selectors.EVENT_READ)
+
+    def _short_of_descriptors(self, exc: OSError) -> None:
+        """An accept failed for want of descriptors (or memory): stop accepting for
+        :data:`ACCEPT_PAUSE`, and close one connection as at the connection limit.
+
+        The pause ends by the clock (:meth:`_resume_accepting`), not only when one of
+        this worker's connections closes: a shortage caused elsewhere (ENFILE, another
+        process; descriptors held by the application's threads) left a worker without
+        connections never accepting again.  Failures are counted for one log line
+        every :data:`REPORT_SECONDS`.
+        """
+        self.accept_failed += 1
+        self.accept_error = str(exc)
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+        self._accept_enabled(False)
+        self._make_room()
+
+    def _resume_accepting(self, now: float) -> None:
+        """Accept again once a pause for want of descriptors is over (sweep)."""
+        if (not self.accepting and self.alive and now >= self.accept_paused_until
+                and len(self.connections) < self.max_connections):
+            self._accept_enabled(True)
 
     def _make_room(self) -> bool:
         """Close one connection to make room for a new one; False when none can go.
@@ -1121,9 +1160,7 @@ class HttpWorker(base.Worker):
             self._close_notify(conn)
         with contextlib.suppress(OSError):
             conn.sock.close()
-        if (not self.accepting and self.alive
-                and len(self.connections) < self.max_connections):
-            self._accept_enabled(True)
+        self._resume_accepting(time.monotonic())
 
     def _expire(self, conn: Connection) -> None:
         """A deadline passed: say why when the client is waiting for an answer."""

@@ -4,14 +4,20 @@ pieces, and the non-blocking response writer."""
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
+import os
 import random
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gunicorn.config import Config
 from gunicorn.http.message import Request
 
 from pacs.core.errors import IncompleteBody
@@ -243,3 +249,71 @@ def test_gunicorns_late_continue_is_dropped_and_other_sends_go_out() -> None:
     finally:
         left.close()
         right.close()
+
+
+# --- accepting when the process is short of descriptors ------------------------------------
+
+class Exhausted:
+    """A listening socket whose ``accept`` fails with ENFILE while ``failing``."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failing = True
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failing:
+            raise OSError(errno.ENFILE, "Too many open files in system")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def loop_worker(tmp_path: Path) -> Iterator[tuple[httpworker.HttpWorker, Exhausted]]:
+    """A worker's loop (no application, no threads) on a loopback listener whose
+    accepts fail until told otherwise."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    double = Exhausted(listener)
+    worker = httpworker.HttpWorker(0, os.getppid(), [double], None, 30, Config(),
+                                   logging.getLogger("test.httpworker"))
+    worker.limits = httpworker.Limits(timeout=30.0, keepalive=15.0, max_body=1 << 20,
+                                      spool_dir=str(tmp_path))
+    worker.max_connections = 16
+    worker.poller = selectors.DefaultSelector()
+    try:
+        yield worker, double
+    finally:
+        for conn in list(worker.connections.values()):
+            worker._close(conn)
+        worker.poller.close()
+        worker.tmp.close()
+        listener.close()
+
+
+def test_a_worker_without_connections_accepts_again_after_a_shortage(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """ENFILE (the system's table full, by another process) with no connection of its
+    own: the worker accepts again after ACCEPT_PAUSE (it waited for one of its own
+    connections to close, for ever), and logs the failures once per REPORT_SECONDS
+    (it logged each)."""
+    worker, double = loop_worker
+    caplog.set_level(logging.WARNING, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    client = socket.create_connection(double.real.getsockname())
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            worker._cycle()
+        assert not worker.connections
+        double.failing = False
+        deadline = time.monotonic() + 2.0  # ACCEPT_PAUSE (0.5 s) and a TICK
+        while not worker.connections and time.monotonic() < deadline:
+            worker._cycle()
+        assert len(worker.connections) == 1
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files in system" in lines[0]
