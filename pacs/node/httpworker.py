@@ -713,6 +713,43 @@ def tls_recv_into(sock: ssl.SSLSocket, view: memoryview, size: int) -> tuple[int
     return total, total >= size and sock.pending() > 0
 
 
+class Job:
+    """A call handed to a thread pool that can be withdrawn while no thread has taken
+    it.
+
+    ``ThreadPoolExecutor.submit`` queues the call before it starts a thread for it; when
+    the thread cannot start (RLIMIT_NPROC, a cgroup's pids limit) it raises with the
+    call left in the queue, where a later thread would run it on a connection long
+    answered and closed.
+    """
+
+    def __init__(self, call: Callable[..., None], *args: Any) -> None:
+        self.call = call
+        self.args = args
+        self.lock = threading.Lock()
+        self.state = "queued"
+
+    def __call__(self) -> None:
+        with self.lock:
+            if self.state != "queued":
+                return
+            self.state = "taken"
+        self.call(*self.args)
+
+    def withdraw(self) -> bool:
+        """True when no thread has taken the call, which now never runs."""
+        with self.lock:
+            if self.state != "queued":
+                return False
+            self.state = "withdrawn"
+            return True
+
+
+def cannot_start_thread(exc: BaseException) -> bool:
+    """``threading.Thread.start`` refused (RLIMIT_NPROC, a cgroup's pids limit, memory)."""
+    return isinstance(exc, RuntimeError) and "start new thread" in str(exc)
+
+
 @dataclass
 class Exchange:
     """One request being answered: gunicorn's response and the application's body."""
@@ -814,6 +851,9 @@ class HttpWorker(base.Worker):
         self.accept_error = ""  # the last such failure
         self.accept_paused_until = 0.0  # no accepting before (monotonic)
         self.last_shortage_report = -REPORT_SECONDS
+        self.thread_failed = 0  # pool threads that could not start, since the report
+        self.thread_error = ""
+        self.last_thread_report = -REPORT_SECONDS
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -987,6 +1027,11 @@ class HttpWorker(base.Worker):
                             "such line (the last: %s)", self.accept_failed,
                             self.accept_error)
                 self.accept_failed, self.last_shortage_report = 0, now
+            if self.thread_failed and now - self.last_thread_report >= REPORT_SECONDS:
+                log.warning("cannot start HTTP request threads: %d failure(s) since the "
+                            "last such line (the last: %s)",
+                            self.thread_failed, self.thread_error)
+                self.thread_failed, self.last_thread_report = 0, now
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
                 if self.slow_closed:
@@ -1489,7 +1534,32 @@ class HttpWorker(base.Worker):
         body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
                 else io.BytesIO(b""))
         pool = self.stream_pool if conn.streamed else self.pool
-        pool.submit(self._serve, conn, body)
+        job = Job(self._serve, conn, body)
+        try:
+            pool.submit(job)
+        except RuntimeError as exc:
+            if not cannot_start_thread(exc) or not job.withdraw():
+                raise
+            self._no_thread(exc)
+            self._refuse(conn, BadRequest("503 Service Unavailable",
+                                          "no thread can answer the request now"))
+
+    def _no_thread(self, exc: RuntimeError) -> None:
+        """A pool's thread could not be started: counted for the log (sweep)."""
+        self.thread_failed += 1
+        self.thread_error = str(exc)
+
+    def _resume(self, call: Callable[..., None], *args: Any) -> None:
+        """Hand a running response back to the pool (``_pump``, ``_finish``).  When no
+        further thread can start, the call waits in the queue for one of the threads
+        that served the request so far: it is not refused."""
+        assert self.pool is not None
+        try:
+            self.pool.submit(call, *args)
+        except RuntimeError as exc:
+            if not cannot_start_thread(exc):
+                raise
+            self._no_thread(exc)
 
     def _abort_stream(self, conn: Connection) -> None:
         """A streamed body stops arriving: the application's next read past what
@@ -1614,7 +1684,7 @@ class HttpWorker(base.Worker):
         self._unwatch(conn)
         conn.state = State.BUSY
         conn.deadline = 0.0
-        self.pool.submit(self._pump, conn)
+        self._resume(self._pump, conn)
 
     def _unpark(self, conn: Connection) -> None:
         if conn.exchange is not None and conn.exchange.parked:
@@ -1628,7 +1698,7 @@ class HttpWorker(base.Worker):
         exchange = conn.exchange
         self._close(conn)
         if exchange is not None:
-            self.pool.submit(self._finish, exchange)
+            self._resume(self._finish, exchange)
 
     def _abandon(self, conn: Connection, exc: BaseException) -> None:
         """A response that cannot be completed: log why, close the connection."""

@@ -4,6 +4,7 @@ pieces, and the non-blocking response writer."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -14,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -317,3 +319,59 @@ def test_a_worker_without_connections_accepts_again_after_a_shortage(
         client.close()
     lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
     assert len(lines) == 1 and "Too many open files in system" in lines[0]
+
+
+def test_a_request_no_thread_can_take_is_answered_503(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """RLIMIT_NPROC reached before the pool has a thread: the request is answered 503
+    and never run later on its closed connection (the worker closed it unanswered, with
+    a traceback, and left the call queued); one WARNING line counts such failures; once
+    threads start again the next request is run."""
+    worker, double = loop_worker
+    double.failing = False
+    ran: list[object] = []
+    monkeypatch.setattr(worker, "_serve", lambda conn, body: ran.append(conn))
+    worker.pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pacs-http")
+    worker.stream_pool = futures.ThreadPoolExecutor(max_workers=2)
+    starting = threading.Thread.start
+    short = True
+
+    def start(thread: threading.Thread) -> None:
+        if short and thread.name.startswith("pacs-http"):
+            raise RuntimeError("can't start new thread")
+        starting(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    caplog.set_level(logging.WARNING, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        answers = []
+        for _ in range(3):
+            with socket.create_connection(double.real.getsockname()) as client:
+                client.sendall(request)
+                client.settimeout(0.01)
+                answer = b""
+                deadline = time.monotonic() + 3.0
+                while not answer.endswith(b"\n") and time.monotonic() < deadline:
+                    worker._cycle()
+                    with contextlib.suppress(TimeoutError):
+                        answer += client.recv(4096)
+                answers.append(answer)
+        assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+        short = False
+        with socket.create_connection(double.real.getsockname()) as client:
+            client.sendall(request)
+            deadline = time.monotonic() + 3.0
+            while len(ran) < 1 and time.monotonic() < deadline:
+                worker._cycle()
+        worker.last_sweep = 0.0  # the sweep reports, however fast the above went
+        worker._cycle()
+    finally:
+        worker.pool.shutdown(wait=True)
+        worker.stream_pool.shutdown(wait=True)
+    assert len(ran) == 1  # the new request only, none of the refused ones
+    lines = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
+    assert len(lines) == 1 and "can't start new thread" in lines[0]
+    assert not [r for r in caplog.records if r.exc_info]
