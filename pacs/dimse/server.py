@@ -181,9 +181,9 @@ class NodeServer(ThreadedAssociationServer):
     handshake_timeout: float = 10.0
     #: Failed TLS handshakes, for the log.
     handshake_failures: _Failures
-    #: Accepts that failed for want of descriptors, and threads that could not be
-    #: started for a connection, for the log.
-    accept_failures: _Shortage
+    #: Connections lost for want of descriptors (accept, the association's wake-up),
+    #: and threads that could not be started for a connection, for the log.
+    descriptor_failures: _Shortage
     thread_failures: _Shortage
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
@@ -268,12 +268,17 @@ class NodeServer(ThreadedAssociationServer):
         a real peer sends its request at once and is never the oldest (as for
         PACS_MAX_PENDING_CONNECTIONS).  Running associations are not touched.
         """
-        self.accept_failures.count(exc)
+        self._make_room(exc)
+        time.sleep(ACCEPT_PAUSE)
+
+    def _make_room(self, exc: OSError) -> None:
+        """Count a connection lost for want of descriptors, and close the oldest
+        connection that has sent no A-ASSOCIATE-RQ."""
+        self.descriptor_failures.count(exc)
         if self.limits is not None:
             oldest = self.limits.evict_oldest()
             if oldest is not None:
                 _close_pending(oldest)
-        time.sleep(ACCEPT_PAUSE)
 
     def _defer_to_less_busy_workers(self) -> None:
         """Wait a moment, longer the more connections this worker serves, before
@@ -330,15 +335,19 @@ class NodeServer(ThreadedAssociationServer):
             self.thread_failures.count(exc)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection's thread failed: a thread that could not be started (the
-        association's own, started from it) is counted for the log, not written there
-        as a traceback per connection; anything else is socketserver's report."""
+        """A connection's thread failed (socketserver closes the connection): a thread
+        that could not be started (the association's own, started from it) or a
+        descriptor that could not be had (the association's wake-up) is counted for
+        the log, not written there as a traceback per connection; anything else is
+        socketserver's report."""
         exc = sys.exc_info()[1]
         if _cannot_start_thread(exc):
             assert exc is not None
             self.thread_failures.count(exc)
-            return
-        super().handle_error(request, client_address)
+        elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self._make_room(exc)
+        else:
+            super().handle_error(request, client_address)
 
     #: Pending connections closed since the last report, and when that was.
     _closed_unreported: int = 0
@@ -577,8 +586,9 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
         "accept_deferral": deferral,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
         "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
-        "accept_failures": _Shortage("cannot accept a DIMSE connection (the oldest "
-                                     "that has sent no A-ASSOCIATE-RQ closed for room)"),
+        "descriptor_failures": _Shortage(
+            "no descriptor for a DIMSE connection (the oldest that has sent no "
+            "A-ASSOCIATE-RQ closed for room)"),
         "thread_failures": _Shortage("cannot start a thread for a DIMSE connection "
                                      "(closed)"),
         "artim_left": artim_left, "customers": customers if owned else None})

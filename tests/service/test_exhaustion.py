@@ -22,6 +22,8 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from pacs.dimse import server
+from pacs.dimse.seam import reactor
+from tests.conftest import seam_only
 from tests.service.conftest import RunningNode
 
 pytestmark = pytest.mark.dimse
@@ -100,7 +102,7 @@ def test_a_full_descriptor_table_pauses_the_acceptor_and_it_recovers(
         assert 1 <= attempts <= 20, f"{attempts} accepts in 1 s"  # ACCEPT_PAUSE 0.1 s
         assert closed_by_peer(silent), "the oldest pending connection was kept"
         assert int(held.send_c_echo().Status) == 0  # the running association is served
-        shortages = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+        shortages = [r for r in caplog.records if "no descriptor" in r.getMessage()]
         assert len(shortages) == 1 and "Too many open files" in shortages[0].getMessage()
         double.failing = False
         assert echo(node) == 0
@@ -147,3 +149,36 @@ def test_threads_that_cannot_start_close_their_connection_with_one_log_line(
     lines = [r for r in caplog.records if "cannot start a thread" in r.getMessage()]
     assert len(lines) == 1 and "can't start new thread" in lines[0].getMessage()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@seam_only("the association's wake-up descriptor is the seam's")
+def test_an_association_without_its_wake_up_descriptor_is_closed_quietly(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """Accepted, but the descriptor table fills before the association's eventfd is
+    made: the connection is closed, the oldest silent one too for room, one WARNING
+    line (a traceback per connection, and another from the half-made waker's
+    ``__del__``), and once descriptors are free the next peer is served."""
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    silent = socket.create_connection(("127.0.0.1", node.port))
+    wait_for(lambda: node.server.limits is not None and node.server.limits.pending == 1)
+    made = reactor.os.eventfd
+
+    def eventfd(*args: Any) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(reactor.os, "eventfd", eventfd)
+    peers = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    try:
+        assert all(closed_by_peer(peer) for peer in peers)
+        assert closed_by_peer(silent)
+        monkeypatch.setattr(reactor.os, "eventfd", made)
+        assert echo(node) == 0
+    finally:
+        silent.close()
+        for peer in peers:
+            peer.close()
+    lines = [r for r in caplog.records if "no descriptor" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files" in lines[0].getMessage()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err

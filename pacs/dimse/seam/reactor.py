@@ -110,6 +110,7 @@ class _Waker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.fd = self._write_fd = -1  # closed, should the descriptor not be had (EMFILE)
         if hasattr(os, "eventfd"):
             self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._write_fd = self.fd
