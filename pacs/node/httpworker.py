@@ -54,8 +54,9 @@ read from the network and every wait; threads only run the application:
   theirs that go.  A per-address cap would not be needed on top, and would refuse the
   browsers behind one proxy or NAT.
 * **Descriptors**: an accept that fails for want of them (EMFILE, ENFILE) or of memory
-  closes one connection the same way and stops accepting for :data:`ACCEPT_PAUSE`; the
-  failures are counted in one WARNING line per :data:`REPORT_SECONDS`.
+  closes one connection the same way, or, when none can go, stops accepting for
+  :data:`ACCEPT_PAUSE`; the failures are counted in one WARNING line per
+  :data:`REPORT_SECONDS`.
 
 Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
 arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
@@ -1117,20 +1118,25 @@ class HttpWorker(base.Worker):
             self._watch(conn, selectors.EVENT_READ)
 
     def _short_of_descriptors(self, exc: OSError) -> None:
-        """An accept failed for want of descriptors (or memory): stop accepting for
-        :data:`ACCEPT_PAUSE`, and close one connection as at the connection limit.
+        """An accept failed for want of descriptors (or memory): close one connection
+        as at the connection limit and accept on, or, when none can go, stop accepting
+        for :data:`ACCEPT_PAUSE`.
 
-        The pause ends by the clock (:meth:`_resume_accepting`), not only when one of
-        this worker's connections closes: a shortage caused elsewhere (ENFILE, another
-        process; descriptors held by the application's threads) left a worker without
-        connections never accepting again.  Failures are counted for one log line
-        every :data:`REPORT_SECONDS`.
+        Connections queued by a flood of silent clients are accepted before a real
+        client's: each closed one frees its descriptor at once, so the queue is worked
+        through as fast as at the connection limit.  The pause ends by the clock
+        (:meth:`_resume_accepting`), not only when one of this worker's connections
+        closes: a shortage caused elsewhere (ENFILE, another process; descriptors held
+        by the application's threads) left a worker without connections never
+        accepting again.  Failures are counted for one log line every
+        :data:`REPORT_SECONDS`.
         """
         self.accept_failed += 1
         self.accept_error = str(exc)
+        if self._make_room():
+            return
         self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
         self._accept_enabled(False)
-        self._make_room()
 
     def _resume_accepting(self, now: float) -> None:
         """Accept again once a pause for want of descriptors is over (sweep)."""
