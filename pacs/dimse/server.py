@@ -130,6 +130,66 @@ class _Shortage:
         log.warning("%s %d time(s) since the last such line: %s", self.what, count, exc)
 
 
+#: Association rejections logged in full per :data:`EVICTION_REPORT_SECONDS`.
+REJECTIONS_LOGGED = 10
+
+
+class _Rejections:
+    """A-ASSOCIATE-RJ sent, for the log: the first :data:`REJECTIONS_LOGGED` of every
+    :data:`EVICTION_REPORT_SECONDS` in full, the rest counted in one line with the last
+    of them.  A peer that retries a refused association in a loop (a wrong AE title, a
+    full node) wrote a WARNING line per attempt, as fast as it could connect.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = -EVICTION_REPORT_SECONDS
+        self._logged = 0
+        self._unlogged = 0
+        self._last = ""
+
+    def rejected(self, text: str) -> None:
+        """One rejection: ``text`` says from whom and why."""
+        with self._lock:
+            summary = self._roll()
+            full = self._logged < REJECTIONS_LOGGED
+            if full:
+                self._logged += 1
+            else:
+                self._unlogged += 1
+                self._last = text
+        self._report(summary)
+        if full:
+            log.warning("Rejecting the association from %s", text)
+
+    def flush(self) -> None:
+        """Log the count of a window that has ended (the acceptor, now and then)."""
+        with self._lock:
+            summary = self._roll()
+        self._report(summary)
+
+    def _roll(self) -> tuple[int, str] | None:
+        """Start a new window when the present one has ended; what it left unlogged."""
+        now = self._clock()
+        if now - self._started < EVICTION_REPORT_SECONDS:
+            return None
+        summary = (self._unlogged, self._last) if self._unlogged else None
+        self._started, self._logged, self._unlogged = now, 0, 0
+        return summary
+
+    @staticmethod
+    def _report(summary: tuple[int, str] | None) -> None:
+        if summary is not None:
+            log.warning("Rejected %d more association(s) within %g s (the last from %s)",
+                        summary[0], EVICTION_REPORT_SECONDS, summary[1])
+
+
 #: errno values of ``accept`` that say the process or the system is out of something
 #: (descriptors, socket buffers, memory), not that the peer failed.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -187,6 +247,8 @@ class NodeServer(ThreadedAssociationServer):
     thread_failures: _Shortage
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
+    #: The association rejections of this server, for the log.
+    rejections: _Rejections
     #: The customers this server started and stops (:func:`start` given services).
     customers: Customers | None = None
     #: Seconds this worker waits before accepting, per connection it already serves
@@ -224,7 +286,8 @@ class NodeServer(ThreadedAssociationServer):
     _last_collect: float = 0.0
 
     def service_actions(self) -> None:
-        """A full garbage collection now and then, only while no association runs.
+        """The count of association rejections not logged in full, and a full garbage
+        collection now and then, only while no association runs.
 
         pynetdicom's version runs a full ``gc.collect()`` every 60 polls or requests,
         holding the GIL for tens of milliseconds in the middle of whatever transfer is
@@ -232,6 +295,7 @@ class NodeServer(ThreadedAssociationServer):
         reference cycles (each holds an eventfd until collected), so they are still
         collected: by Python's own collector, and here once idle.
         """
+        self.rejections.flush()
         now = time.monotonic()
         if now - self._last_collect >= IDLE_COLLECT_SECONDS and not self.active_associations:
             self._last_collect = now
@@ -439,7 +503,7 @@ Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
 def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
-           policies: Policies) -> None:
+           policies: Policies, rejections: _Rejections) -> None:
     """EVT_REQUESTED: admit the association or reject it, in one handler: who it is
     first (its called AE title, its client certificate, the customer's access rules),
     then the node's limits; bind an admitted one to its customer.
@@ -493,8 +557,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
         full = connection_limits.admit(assoc, raw, host)
         refused = (REJECT_FULL, full) if full is not None else None
     if refused is not None:
-        log.warning("Rejecting the association from %s (%s): %s", host or "?",
-                    calling.strip(), refused[1])
+        rejections.rejected(f"{host or '?'} ({calling.strip()}): {refused[1]}")
         assoc.acse.send_reject(*refused[0])
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -579,6 +642,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
     artim_left = ArtimLeft()
+    rejections = _Rejections()
     deferral = ACCEPT_DEFERRAL if shared_socket is not None and \
         number_of_workers(settings) > 1 else 0.0
     server_class = type("BoundNodeServer", (NodeServer,), {
@@ -591,7 +655,8 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
             "A-ASSOCIATE-RQ closed for room)"),
         "thread_failures": _Shortage("cannot start a thread for a DIMSE connection "
                                      "(closed)"),
-        "artim_left": artim_left, "customers": customers if owned else None})
+        "artim_left": artim_left, "rejections": rejections,
+        "customers": customers if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
@@ -603,7 +668,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
                     (evt.EVT_CONN_OPEN, _start_artim, [settings.artim_timeout, artim_left]),
                     (evt.EVT_REQUESTED, _admit,
                      [connection_limits, customers.bindings(uses_seam),
-                      customers.policies()]),
+                      customers.policies(), rejections]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification
 
 from pacs.dimse import server
 from pacs.dimse.seam import reactor
+from tests.clock import Clock
 from tests.conftest import seam_only
 from tests.service.conftest import RunningNode
 
@@ -182,3 +183,39 @@ def test_an_association_without_its_wake_up_descriptor_is_closed_quietly(
     assert len(lines) == 1 and "Too many open files" in lines[0].getMessage()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_a_peer_retrying_a_rejected_association_gets_ten_log_lines_then_a_count(
+        node: RunningNode, caplog: pytest.LogCaptureFixture) -> None:
+    """30 associations to a called AE title the node does not have, as fast as the peer
+    can: each is rejected (A-ASSOCIATE-RJ), the first REJECTIONS_LOGGED are logged
+    in full (every one was, a WARNING line per attempt)."""
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    ae = AE(ae_title="LOOPING")
+    ae.add_requested_context(Verification)
+    for _ in range(30):
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="NOT-THIS-NODE")
+        assert assoc.is_rejected
+    lines = [r.getMessage() for r in caplog.records
+             if "Rejecting the association" in r.getMessage()]
+    assert len(lines) == 10  # REJECTIONS_LOGGED
+    assert "LOOPING" in lines[0]
+
+
+def test_rejections_past_the_burst_are_counted_in_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The window's end logs the count and the last rejection, once."""
+    clock = Clock()
+    rejections = server._Rejections(clock)
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    for i in range(server.REJECTIONS_LOGGED + 5):
+        rejections.rejected(f"10.0.0.{i} (PEER): called AE title not recognised")
+        clock.now += 0.1
+    rejections.flush()  # the window is still open
+    clock.now += server.EVICTION_REPORT_SECONDS
+    rejections.flush()
+    rejections.flush()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == server.REJECTIONS_LOGGED + 1
+    assert messages[-1].startswith("Rejected 5 more association(s)")
+    assert f"10.0.0.{server.REJECTIONS_LOGGED + 4} (PEER)" in messages[-1]
