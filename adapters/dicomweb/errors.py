@@ -81,6 +81,8 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.StorageError, Outcome(falcon.HTTP_503, 0xA700, "Storage unavailable")),
     (errors.IntakeFull, Outcome(falcon.HTTP_503, 0xA700, "Busy: objects waiting for the store")),
     (errors.IndexFailure, Outcome(falcon.HTTP_503, 0xA700, "Index unavailable")),
+    # The worker at its address space limit: the request may succeed later.
+    (MemoryError, Outcome(falcon.HTTP_503, 0xA700, "Out of memory")),
 )
 
 #: Anything else is a bug of ours: Processing failure (PS3.7 C.5.2).

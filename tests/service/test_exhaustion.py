@@ -17,14 +17,21 @@ import time
 from typing import Any
 
 import pytest
+from falcon import testing
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from adapters.dicomweb.app import create_app
+from pacs.core.services import Services
 from pacs.dimse import server
 from pacs.dimse.seam import reactor
 from tests.clock import Clock
 from tests.conftest import seam_only
+from tests.factory import make_instance
 from tests.service.conftest import RunningNode
 
 pytestmark = pytest.mark.dimse
@@ -219,3 +226,38 @@ def test_rejections_past_the_burst_are_counted_in_one_line(
     assert len(messages) == server.REJECTIONS_LOGGED + 1
     assert messages[-1].startswith("Rejected 5 more association(s)")
     assert f"10.0.0.{server.REJECTIONS_LOGGED + 4} (PEER)" in messages[-1]
+
+
+# --- out of memory ---------------------------------------------------------------------------
+
+def test_a_store_out_of_memory_is_refused_out_of_resources(
+        node: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MemoryError while storing (a worker at RLIMIT_AS): C-STORE A700, which a modality
+    retries, not 0110 Processing failure; the association and the worker go on."""
+    def exhausted(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(node.services.ingest, "store_bytes", exhausted)
+    ae = AE(ae_title="STORING")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.services.settings.ae_title)
+    assert assoc.is_established
+    try:
+        ds = dcmread(DicomBytesIO(make_instance()))
+        assert int(assoc.send_c_store(ds).Status) == 0xA700
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+
+
+def test_a_query_out_of_memory_is_503(services: Services,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """MemoryError while a QIDO-RS is answered: 503 with Retry-After, not 500."""
+    def exhausted(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(services.engine, "find", exhausted)
+    result = testing.TestClient(create_app(services)).simulate_get("/studies")
+    assert result.status_code == 503
+    assert result.headers.get("Retry-After")
