@@ -23,7 +23,7 @@ import requests
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.interop.conftest import AE_TITLE, Node, answers_echo
+from tests.interop.conftest import AE_TITLE, Node, answers_echo, answers_qido
 
 pytestmark = [pytest.mark.interop, pytest.mark.hostile, pytest.mark.dimse]
 
@@ -87,6 +87,9 @@ def test_a_dimse_worker_at_its_descriptor_limit_serves_new_peers(
     ae.add_requested_context(Verification)
     held = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE)
     assert held.is_established
+    answers_qido(node)  # every process started
+    answers_echo(node)
+    before = node.resources()
     with ExitStack() as stack:
         limit = stack.enter_context(limited(worker))
         silent_connections(stack, node.port)
@@ -100,6 +103,7 @@ def test_a_dimse_worker_at_its_descriptor_limit_serves_new_peers(
               f"{time.monotonic() - started:.2f} s")
     held.release()
     answers_echo(node)
+    print(f"node {before} -> {node.resources()}")
     log = node.log(since_start=True)
     assert 1 <= log.count("no descriptor for a DIMSE connection") <= 2
     assert "Traceback" not in log
@@ -117,6 +121,7 @@ def test_a_web_worker_at_its_descriptor_limit_serves_new_clients(
     assert requests.get(url, timeout=30).status_code == 200  # its worker has booted
     worker = children(arbiter)[0]
     port = int(node.env["PACS_WEB_PORT"])
+    before = node.resources()
     with ExitStack() as stack:
         limit = stack.enter_context(limited(worker))
         silent_connections(stack, port)
@@ -128,6 +133,7 @@ def test_a_web_worker_at_its_descriptor_limit_serves_new_clients(
         print(f"\nQIDO-RS at the limit ({limit} descriptors): two in "
               f"{time.monotonic() - started:.2f} s")
     assert requests.get(url, timeout=20).status_code == 200
+    print(f"node {before} -> {node.resources()}")
     log = node.log(since_start=True)
     assert 1 <= log.count("cannot accept HTTP connections") <= 2
     assert "Traceback" not in log
