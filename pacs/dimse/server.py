@@ -35,6 +35,7 @@ from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.customers import customers as customers_of
 from pacs.core.net import listening_socket, worker_count
+from pacs.core.offload import cannot_start_thread
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
 from pacs.dimse.customers import Customers
@@ -198,11 +199,6 @@ OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 #: connection stays in the listening socket's queue, which stays readable: accepting
 #: again at once spun a core for as long as the shortage lasted.
 ACCEPT_PAUSE = 0.1
-
-
-def _cannot_start_thread(exc: BaseException | None) -> bool:
-    """``threading.Thread.start`` refused (RLIMIT_NPROC, a cgroup's pids limit, memory)."""
-    return isinstance(exc, RuntimeError) and "start new thread" in str(exc)
 
 
 #: Seconds a worker waits before accepting per connection it serves, at most
@@ -390,7 +386,7 @@ class NodeServer(ThreadedAssociationServer):
         try:
             super().process_request(request, client_address)
         except RuntimeError as exc:
-            if not _cannot_start_thread(exc):
+            if not cannot_start_thread(exc):
                 raise
             # No thread to read its request: closed at once, and the peer may retry.
             if self.limits is not None:
@@ -405,7 +401,7 @@ class NodeServer(ThreadedAssociationServer):
         the log, not written there as a traceback per connection; anything else is
         socketserver's report."""
         exc = sys.exc_info()[1]
-        if _cannot_start_thread(exc):
+        if cannot_start_thread(exc):
             assert exc is not None
             self.thread_failures.count(exc)
         elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:

@@ -134,6 +134,7 @@ STORE_STATUS: _Table = (
     (errors.StorageError, OUT_OF_RESOURCES),
     (errors.IntakeFull, OUT_OF_RESOURCES),       # back-pressure: over PACS_INTAKE_MAX_BYTES
     (errors.IndexFailure, OUT_OF_RESOURCES),
+    (errors.Exhausted, OUT_OF_RESOURCES),
     (MemoryError, OUT_OF_RESOURCES),
 )
 
@@ -147,6 +148,7 @@ FIND_STATUS: _Table = (
     (errors.QueryLimitExceeded, OUT_OF_RESOURCES),
     (errors.IndexFailure, OUT_OF_RESOURCES),
     (errors.Cancelled, CANCEL),
+    (errors.Exhausted, OUT_OF_RESOURCES),
     (MemoryError, OUT_OF_RESOURCES),
 )
 
@@ -159,7 +161,8 @@ RETRIEVE_STATUS: _Table = (
     (errors.IndexFailure, UNABLE_TO_CALCULATE_MATCHES),
     (errors.QueryLimitExceeded, UNABLE_TO_CALCULATE_MATCHES),
     (errors.Cancelled, CANCEL),
-    (MemoryError, UNABLE_TO_CALCULATE_MATCHES),  # A701: out of resources
+    (errors.Exhausted, UNABLE_TO_CALCULATE_MATCHES),  # A701: out of resources
+    (MemoryError, UNABLE_TO_CALCULATE_MATCHES),
 )
 
 
@@ -168,6 +171,7 @@ COMMITMENT_STATUS: _Table = (
     (errors.InvalidRequest, INVALID_ARGUMENT_VALUE),
     (errors.ResourceLimitation, RESOURCE_LIMITATION),
     (errors.IndexFailure, PROCESSING_FAILURE),
+    (errors.Exhausted, RESOURCE_LIMITATION),
     (MemoryError, RESOURCE_LIMITATION),
 )
 

@@ -132,6 +132,7 @@ from gunicorn.workers import base
 
 from pacs.core.config import Settings
 from pacs.core.errors import IncompleteBody
+from pacs.core.offload import Job, cannot_start_thread, submit_job
 from pacs.node import tls
 
 log = logging.getLogger(__name__)
@@ -712,43 +713,6 @@ def tls_recv_into(sock: ssl.SSLSocket, view: memoryview, size: int) -> tuple[int
             return total, False  # the end: reported as 0 by the next read
         total += count
     return total, total >= size and sock.pending() > 0
-
-
-class Job:
-    """A call handed to a thread pool that can be withdrawn while no thread has taken
-    it.
-
-    ``ThreadPoolExecutor.submit`` queues the call before it starts a thread for it; when
-    the thread cannot start (RLIMIT_NPROC, a cgroup's pids limit) it raises with the
-    call left in the queue, where a later thread would run it on a connection long
-    answered and closed.
-    """
-
-    def __init__(self, call: Callable[..., None], *args: Any) -> None:
-        self.call = call
-        self.args = args
-        self.lock = threading.Lock()
-        self.state = "queued"
-
-    def __call__(self) -> None:
-        with self.lock:
-            if self.state != "queued":
-                return
-            self.state = "taken"
-        self.call(*self.args)
-
-    def withdraw(self) -> bool:
-        """True when no thread has taken the call, which now never runs."""
-        with self.lock:
-            if self.state != "queued":
-                return False
-            self.state = "withdrawn"
-            return True
-
-
-def cannot_start_thread(exc: BaseException) -> bool:
-    """``threading.Thread.start`` refused (RLIMIT_NPROC, a cgroup's pids limit, memory)."""
-    return isinstance(exc, RuntimeError) and "start new thread" in str(exc)
 
 
 @dataclass
@@ -1540,20 +1504,15 @@ class HttpWorker(base.Worker):
         body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
                 else io.BytesIO(b""))
         pool = self.stream_pool if conn.streamed else self.pool
-        job = Job(self._serve, conn, body)
-        try:
-            pool.submit(job)
-        except RuntimeError as exc:
-            if not cannot_start_thread(exc) or not job.withdraw():
-                raise
-            self._no_thread(exc)
+        if not submit_job(pool, Job(self._serve, conn, body)):
+            self._no_thread("can't start new thread")
             self._refuse(conn, BadRequest("503 Service Unavailable",
                                           "no thread can answer the request now"))
 
-    def _no_thread(self, exc: RuntimeError) -> None:
+    def _no_thread(self, error: str) -> None:
         """A pool's thread could not be started: counted for the log (sweep)."""
         self.thread_failed += 1
-        self.thread_error = str(exc)
+        self.thread_error = error
 
     def _resume(self, call: Callable[..., None], *args: Any) -> None:
         """Hand a running response back to the pool (``_pump``, ``_finish``).  When no
@@ -1565,7 +1524,7 @@ class HttpWorker(base.Worker):
         except RuntimeError as exc:
             if not cannot_start_thread(exc):
                 raise
-            self._no_thread(exc)
+            self._no_thread(str(exc))
 
     def _abort_stream(self, conn: Connection) -> None:
         """A streamed body stops arriving: the application's next read past what
