@@ -23,6 +23,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 
 from adapters.dicomweb.app import create_app
@@ -122,25 +123,31 @@ def test_a_full_descriptor_table_pauses_the_acceptor_and_it_recovers(
         knocking.close()
 
 
-@pytest.mark.parametrize("refused", ["connection", "association"])
+@pytest.mark.parametrize("refused", [
+    "connection", "association",
+    pytest.param("dul", marks=seam_only("the DUL thread's start is guarded by the seam"))])
 def test_threads_that_cannot_start_close_their_connection_with_one_log_line(
         node: RunningNode, refused: str, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    """RLIMIT_NPROC reached: the connection's thread (started by the acceptor) or the
-    association's (started by that thread) cannot start.  The connection is closed at
-    once, a WARNING line counts such failures at most every EVICTION_REPORT_SECONDS
-    (socketserver wrote a traceback per connection), and the acceptor goes on: once
-    threads start again, a C-ECHO succeeds."""
+    """RLIMIT_NPROC reached: the connection's thread (started by the acceptor), the
+    association's (started by that thread) or its DUL thread (started by the
+    association's) cannot start.  The connection is closed at once (with the DUL's, it
+    stayed open and unread until the association was collected), a WARNING line counts
+    such failures at most every EVICTION_REPORT_SECONDS (socketserver wrote a
+    traceback per connection), and the acceptor goes on: once threads start again, a
+    C-ECHO succeeds."""
     starting = threading.Thread.start
     short = threading.Event()
     short.set()
 
     def start(thread: threading.Thread) -> None:
         target = getattr(thread, "_target", None)
-        is_connection = target == node.server.process_request_thread
-        if short.is_set() and (is_connection if refused == "connection"
-                               else isinstance(thread, Association)
-                               and thread.is_acceptor):
+        chosen = {
+            "connection": target == node.server.process_request_thread,
+            "association": isinstance(thread, Association) and thread.is_acceptor,
+            "dul": isinstance(thread, DULServiceProvider) and thread.assoc.is_acceptor,
+        }[refused]
+        if short.is_set() and chosen:
             raise RuntimeError("can't start new thread")
         starting(thread)
 
@@ -154,6 +161,7 @@ def test_threads_that_cannot_start_close_their_connection_with_one_log_line(
     finally:
         for peer in peers:
             peer.close()
+    assert node.server.limits is not None and node.server.limits.pending == 0
     lines = [r for r in caplog.records if "cannot start a thread" in r.getMessage()]
     assert len(lines) == 1 and "can't start new thread" in lines[0].getMessage()
     assert "Traceback" not in capsys.readouterr().err
