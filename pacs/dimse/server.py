@@ -113,21 +113,41 @@ class _Failures:
 class _Shortage:
     """Connections the worker could not take for want of a resource (descriptors,
     threads), logged at most every :data:`EVICTION_REPORT_SECONDS` with their count and
-    the last error: a flood that exhausts the process is not a flood of logs."""
+    the last error: a flood that exhausts the process is not a flood of logs.  What
+    was counted after a line is logged by :meth:`flush` once that time has passed.
 
-    def __init__(self, what: str) -> None:
+    Parameters
+    ----------
+    what : str
+        The line's beginning.
+    clock : callable, optional
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
+        self._clock = clock
         self._lock = threading.Lock()
         self._count = 0
+        self._last: BaseException | None = None
         self._reported_at = -EVICTION_REPORT_SECONDS
 
     def count(self, exc: BaseException) -> None:
+        """One more connection lost to ``exc``."""
         with self._lock:
             self._count += 1
-            now = time.monotonic()
-            if now - self._reported_at < EVICTION_REPORT_SECONDS:
+            self._last = exc
+        self.flush()
+
+    def flush(self) -> None:
+        """Log the count when there is one and the last line is old enough (the
+        acceptor calls this now and then)."""
+        with self._lock:
+            now = self._clock()
+            if not self._count or now - self._reported_at < EVICTION_REPORT_SECONDS:
                 return
-            count, self._count, self._reported_at = self._count, 0, now
+            count, exc = self._count, self._last
+            self._count, self._reported_at = 0, now
         log.warning("%s %d time(s) since the last such line: %s", self.what, count, exc)
 
 
@@ -282,8 +302,9 @@ class NodeServer(ThreadedAssociationServer):
     _last_collect: float = 0.0
 
     def service_actions(self) -> None:
-        """The count of association rejections not logged in full, and a full garbage
-        collection now and then, only while no association runs.
+        """The counts of association rejections and of connections lost for want of
+        resources not logged yet, and a full garbage collection now and then, only
+        while no association runs.
 
         pynetdicom's version runs a full ``gc.collect()`` every 60 polls or requests,
         holding the GIL for tens of milliseconds in the middle of whatever transfer is
@@ -292,6 +313,8 @@ class NodeServer(ThreadedAssociationServer):
         collected: by Python's own collector, and here once idle.
         """
         self.rejections.flush()
+        self.descriptor_failures.flush()
+        self.thread_failures.flush()
         now = time.monotonic()
         if now - self._last_collect >= IDLE_COLLECT_SECONDS and not self.active_associations:
             self._last_collect = now

@@ -269,3 +269,23 @@ def test_a_query_out_of_memory_is_503(services: Services,
     result = testing.TestClient(create_app(services)).simulate_get("/studies")
     assert result.status_code == 503
     assert result.headers.get("Retry-After")
+
+
+def test_shortages_counted_after_a_line_are_logged_once_its_time_has_passed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The first failure is logged at once, the next ones in one line
+    EVICTION_REPORT_SECONDS later, when the acceptor flushes (they were logged only
+    with a failure after that time, or never)."""
+    clock = Clock()
+    shortage = server._Shortage("no descriptor for a DIMSE connection", clock)
+    caplog.set_level(logging.WARNING, logger=server.__name__)
+    for _ in range(4):
+        shortage.count(OSError(errno.EMFILE, "Too many open files"))
+        clock.now += 0.1
+    shortage.flush()
+    assert len(caplog.records) == 1
+    clock.now += server.EVICTION_REPORT_SECONDS
+    shortage.flush()
+    shortage.flush()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and " 3 time(s) " in messages[1]
