@@ -239,6 +239,34 @@ class BadRequest(Exception):
         self.reason = reason
 
 
+class Throttled:
+    """One kind of refusal the loop logs: the first at once, the next ones counted in one
+    line at most every :data:`REPORT_SECONDS` (the sweep flushes them), with the last
+    one's detail.  A client that repeats a refused request as fast as it can does not
+    write a line each time (loop only: no lock).
+    """
+
+    def __init__(self, level: int, text: str) -> None:
+        self.level = level
+        self.text = text
+        self.count = 0
+        self.last = ""
+        self.reported = -REPORT_SECONDS
+
+    def note(self, now: float, detail: str) -> None:
+        """One more, ``detail`` saying from whom and why."""
+        self.count += 1
+        self.last = detail
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Log the count when there is one and the last line is old enough."""
+        if self.count and now - self.reported >= REPORT_SECONDS:
+            log.log(self.level, "%s: %d since the last such line (the last: %s)",
+                    self.text, self.count, self.last)
+            self.count, self.reported = 0, now
+
+
 def error_response(status: str, reason: str) -> bytes:
     """A complete ``Connection: close`` answer with a plain-text body."""
     body = (reason + "\n").encode("latin-1", "replace")
@@ -819,6 +847,10 @@ class HttpWorker(base.Worker):
         self.thread_failed = 0  # pool threads that could not start, since the report
         self.thread_error = ""
         self.last_thread_report = -REPORT_SECONDS
+        self.too_large = Throttled(logging.INFO, "refused request bodies over "
+                                   "PACS_MAX_REQUEST_BYTES")
+        self.no_room = Throttled(logging.WARNING, "refused request bodies")
+        self.spool_failed = Throttled(logging.ERROR, "cannot spool request bodies")
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -997,6 +1029,8 @@ class HttpWorker(base.Worker):
                             "last such line (the last: %s)",
                             self.thread_failed, self.thread_error)
                 self.thread_failed, self.last_thread_report = 0, now
+            for refusals in (self.too_large, self.no_room, self.spool_failed):
+                refusals.flush(now)
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
                 if self.slow_closed:
@@ -1387,8 +1421,8 @@ class HttpWorker(base.Worker):
             # No Content-Length and not chunked: a request has no body (RFC 9112 6.3).
             length = 0
         if length is not None and length > self._limits.max_body:
-            log.info("refused a request body of %d bytes from %s (PACS_MAX_REQUEST_BYTES "
-                     "is %d)", length, _host(conn.peer), self._limits.max_body)
+            self.too_large.note(time.monotonic(), f"{length} bytes from {_host(conn.peer)}, "
+                                f"the limit {self._limits.max_body}")
             self._refuse(conn, _too_large(self._limits.max_body))
             return
         conn.req = req
@@ -1403,11 +1437,11 @@ class HttpWorker(base.Worker):
         try:
             conn.spool = Spool(self.memory, self._limits.spool_dir, length)
         except BadRequest as error:
-            log.warning("refused a request body from %s: %s", _host(conn.peer), error.reason)
+            self.no_room.note(time.monotonic(), f"from {_host(conn.peer)}: {error.reason}")
             self._refuse(conn, error)
             return
         except OSError as exc:
-            log.error("cannot spool a request body in %s: %s", self._limits.spool_dir, exc)
+            self.spool_failed.note(time.monotonic(), f"in {self._limits.spool_dir}: {exc}")
             self._refuse(conn, BadRequest("503 Service Unavailable",
                                           "the request cannot be received now"))
             return
@@ -1467,15 +1501,15 @@ class HttpWorker(base.Worker):
                 for piece in pieces:
                     conn.spool.write(piece)
                 if conn.spool.size > self._limits.max_body:
-                    log.info("refused a chunked request body over %d bytes from %s "
-                             "(PACS_MAX_REQUEST_BYTES)", self._limits.max_body,
-                             _host(conn.peer))
+                    self.too_large.note(time.monotonic(), f"chunked, from "
+                                        f"{_host(conn.peer)}, the limit "
+                                        f"{self._limits.max_body}")
                     raise _too_large(self._limits.max_body)
                 rest, complete = data[used:], conn.chunked.done
         except (BadRequest, OSError) as exc:
             if isinstance(exc, OSError):
-                log.error("cannot spool a request body in %s: %s", self._limits.spool_dir,
-                          exc)
+                self.spool_failed.note(time.monotonic(),
+                                       f"in {self._limits.spool_dir}: {exc}")
                 exc = BadRequest("503 Service Unavailable",
                                  "the request cannot be received now")
             if conn.streamed:  # the application answers; its body is incomplete

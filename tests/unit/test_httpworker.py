@@ -375,3 +375,36 @@ def test_a_request_no_thread_can_take_is_answered_503(
     lines = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
     assert len(lines) == 1 and "can't start new thread" in lines[0]
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_refused_request_bodies_are_logged_once_then_counted(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Five POSTs over PACS_MAX_REQUEST_BYTES: each is answered 413, one log line says
+    so (each wrote one) and the sweep counts the other four once REPORT_SECONDS have
+    passed."""
+    worker, double = loop_worker
+    double.failing = False
+    caplog.set_level(logging.INFO, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    request = b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    for _ in range(5):
+        with socket.create_connection(double.real.getsockname()) as client:
+            client.sendall(request)
+            client.settimeout(0.01)
+            answer = b""
+            deadline = time.monotonic() + 3.0
+            while not answer.endswith(b"\n") and time.monotonic() < deadline:
+                worker._cycle()
+                with contextlib.suppress(TimeoutError):
+                    answer += client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 413 ")
+    lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
+             r.getMessage()]
+    assert len(lines) == 1 and "99999999 bytes" in lines[0]
+    worker.too_large.reported -= httpworker.REPORT_SECONDS  # as if that long ago
+    worker.last_sweep = 0.0
+    worker._cycle()
+    lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
+             r.getMessage()]
+    assert len(lines) == 2 and ": 4 since the last such line" in lines[1]
