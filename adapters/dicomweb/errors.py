@@ -81,6 +81,9 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.StorageError, Outcome(falcon.HTTP_503, 0xA700, "Storage unavailable")),
     (errors.IntakeFull, Outcome(falcon.HTTP_503, 0xA700, "Busy: objects waiting for the store")),
     (errors.IndexFailure, Outcome(falcon.HTTP_503, 0xA700, "Index unavailable")),
+    # The worker at its thread or address space limit: it may succeed later.
+    (errors.Exhausted, Outcome(falcon.HTTP_503, 0xA700, "Out of threads")),
+    (MemoryError, Outcome(falcon.HTTP_503, 0xA700, "Out of memory")),
 )
 
 #: Anything else is a bug of ours: Processing failure (PS3.7 C.5.2).

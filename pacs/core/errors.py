@@ -128,6 +128,11 @@ class ResourceLimitation(PacsError):
     one request may hold, more results waiting for delivery than may be kept)."""
 
 
+class Exhausted(PacsError):
+    """The process cannot start a thread for the request now (RLIMIT_NPROC, a cgroup's
+    pids limit): it may succeed later, or in another worker."""
+
+
 class StorageError(PacsError):
     """The object store failed to read, write or delete."""
 

@@ -22,10 +22,59 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from pacs.core.errors import Exhausted
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+
+def cannot_start_thread(exc: BaseException | None) -> bool:
+    """``threading.Thread.start`` refused (RLIMIT_NPROC, a cgroup's pids limit, memory)."""
+    return isinstance(exc, RuntimeError) and "start new thread" in str(exc)
+
+
+class Job(Generic[_T]):
+    """A call handed to a thread pool, with a future of its own, that can be withdrawn
+    while no thread has taken it.
+
+    ``ThreadPoolExecutor.submit`` queues the call before it starts a thread for it; when
+    the thread cannot start it raises with the call left in the queue, where a thread
+    freed later would run it for a request long answered.  The pool's own future is
+    lost with the exception; this one is not.
+    """
+
+    def __init__(self, call: Callable[..., _T], *args: Any) -> None:
+        self.call = call
+        self.args = args
+        self.future: Future[_T] = Future()
+
+    def __call__(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # withdrawn
+        try:
+            result = self.call(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - the future's, as the pool does
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+    def withdraw(self) -> bool:
+        """True when no thread has taken the call, which now never runs."""
+        return self.future.cancel()
+
+
+def submit_job(pool: ThreadPoolExecutor, job: Job[_T]) -> bool:
+    """Hand ``job`` to ``pool``; False when no thread could be started for it and it
+    was withdrawn (it never runs).  A job a running thread took meanwhile runs."""
+    try:
+        pool.submit(job)
+    except RuntimeError as exc:
+        if not cannot_start_thread(exc):
+            raise
+        return not job.withdraw()
+    return True
 
 
 class Offload:
@@ -60,16 +109,28 @@ class Offload:
             started.set()
             return call(*args, **kwargs)
 
-        future = self._threads().submit(run)
+        job = Job(run)
+        self._submit(job)
         started.wait()
-        return future
+        return job.future
 
     def submit(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
                ) -> Future[_T]:
         """Run ``call(*args, **kwargs)`` in a thread, which begins once the caller
         next lets go of the GIL: when a :meth:`start` (or any blocking call) follows
         at once, one hand-over serves both."""
-        return self._threads().submit(call, *args, **kwargs)
+        job: Job[_T] = Job(lambda: call(*args, **kwargs))
+        self._submit(job)
+        return job.future
+
+    def _submit(self, job: Job[_T]) -> None:
+        """Raises
+        ------
+        Exhausted
+            No thread could be started for ``job`` (withdrawn: it never runs).
+        """
+        if not submit_job(self._threads(), job):
+            raise Exhausted(f"cannot start a thread ({self._name})")
 
     def _threads(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -427,6 +427,16 @@ class ConnectionLimits:
         with self._lock:
             self._pending.pop(connection, None)
 
+    def evict_oldest(self) -> Any | None:
+        """Forget the oldest pending connection still open and return it, to close (a
+        new one could not be accepted for want of descriptors); ``None``: none open."""
+        with self._lock:
+            while self._pending:
+                oldest = self._pending.popitem(last=False)[0]
+                if self._is_open(oldest):
+                    return oldest
+            return None
+
     def drop_pending(self) -> list[Any]:
         """Forget every pending connection; those still open, to close (the worker is
         stopping)."""

@@ -11,6 +11,7 @@ and has its own index connections and store client, opened after the fork.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import multiprocessing
@@ -19,6 +20,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.customers import customers as customers_of
 from pacs.core.net import listening_socket, worker_count
+from pacs.core.offload import cannot_start_thread
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
 from pacs.dimse.customers import Customers
@@ -86,53 +89,118 @@ EVICTION_REPORT_SECONDS = 10.0
 IDLE_COLLECT_SECONDS = 10.0
 
 
-class _Throttled:
-    """Events of one kind logged at WARNING at most every
-    :data:`EVICTION_REPORT_SECONDS`: the first at once, then how many there were since
-    with the last one's details.  What a peer can repeat as fast as it connects (a port
-    scan, a flood of refused associations) is not a flood of logs; the audit trail
-    keeps each one where it must."""
+class _Counted:
+    """Connections lost in one way (failed TLS handshakes; connections the worker could
+    not take for want of descriptors or threads), logged at most every
+    :data:`EVICTION_REPORT_SECONDS` with their count and the last one's detail: what a
+    peer can repeat as fast as it connects (a port scan, a flood that exhausts the
+    process) is not a flood of logs.  What was counted after a line is logged by
+    :meth:`flush` once that time has passed.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    what : str
+        The line's beginning.
+    clock : callable, optional
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self._clock = clock
         self._lock = threading.Lock()
         self._count = 0
+        self._last: object = None
         self._reported_at = -EVICTION_REPORT_SECONDS
 
-    def due(self) -> int | None:
-        """Count one; how many to report now (this one included), ``None``: not yet."""
+    def count(self, detail: object) -> None:
+        """One more connection lost: ``detail`` (an error, a text) says how."""
         with self._lock:
             self._count += 1
-            now = time.monotonic()
-            if now - self._reported_at < EVICTION_REPORT_SECONDS:
-                return None
-            count, self._count, self._reported_at = self._count, 0, now
-            return count
+            self._last = detail
+        self.flush()
+
+    def flush(self) -> None:
+        """Log the count when there is one and the last line is old enough (the
+        acceptor calls this now and then)."""
+        with self._lock:
+            now = self._clock()
+            if not self._count or now - self._reported_at < EVICTION_REPORT_SECONDS:
+                return
+            count, detail = self._count, self._last
+            self._count, self._reported_at = 0, now
+        log.warning("%s %d time(s) since the last such line: %s", self.what, count,
+                    detail)
 
 
-class _Failures(_Throttled):
-    """Failed TLS handshakes, logged with the last one's peer and reason."""
-
-    def count(self, address: Any, exc: BaseException) -> None:
-        count = self.due()
-        if count is None:
-            return
-        host = address[0] if isinstance(address, tuple) else address
-        log.warning("%d DICOM TLS handshake(s) failed (last from %s: %s)", count, host,
-                    getattr(exc, "reason", None) or exc or type(exc).__name__)
+#: Association rejections logged in full per :data:`EVICTION_REPORT_SECONDS`.
+REJECTIONS_LOGGED = 10
 
 
-class _Rejections(_Throttled):
-    """Associations rejected (A-ASSOCIATE-RJ), logged with the last one's peer, calling
-    AE title and reason."""
+class _Rejections:
+    """A-ASSOCIATE-RJ sent, for the log: the first :data:`REJECTIONS_LOGGED` of every
+    :data:`EVICTION_REPORT_SECONDS` in full, the rest counted in one line with the last
+    of them.  A peer that retries a refused association in a loop (a wrong AE title, a
+    full node) wrote a WARNING line per attempt, as fast as it could connect.
 
-    def count(self, host: str, calling: str, reason: str) -> None:
-        count = self.due()
-        if count is None:
-            return
-        log.warning("Rejecting the association from %s (%s): %s%s", host or "?",
-                    calling.strip(), reason,
-                    f" ({count - 1} more rejected since the last report)" if count > 1
-                    else "")
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic seconds (tests give their own).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._started = -EVICTION_REPORT_SECONDS
+        self._logged = 0
+        self._unlogged = 0
+        self._last = ""
+
+    def rejected(self, text: str) -> None:
+        """One rejection: ``text`` says from whom and why."""
+        with self._lock:
+            summary = self._roll()
+            full = self._logged < REJECTIONS_LOGGED
+            if full:
+                self._logged += 1
+            else:
+                self._unlogged += 1
+                self._last = text
+        self._report(summary)
+        if full:
+            log.warning("Rejecting the association from %s", text)
+
+    def flush(self) -> None:
+        """Log the count of a window that has ended (the acceptor, now and then)."""
+        with self._lock:
+            summary = self._roll()
+        self._report(summary)
+
+    def _roll(self) -> tuple[int, str] | None:
+        """Start a new window when the present one has ended; what it left unlogged."""
+        now = self._clock()
+        if now - self._started < EVICTION_REPORT_SECONDS:
+            return None
+        summary = (self._unlogged, self._last) if self._unlogged else None
+        self._started, self._logged, self._unlogged = now, 0, 0
+        return summary
+
+    @staticmethod
+    def _report(summary: tuple[int, str] | None) -> None:
+        if summary is not None:
+            log.warning("Rejected %d more association(s) within %g s (the last from %s)",
+                        summary[0], EVICTION_REPORT_SECONDS, summary[1])
+
+
+#: errno values of ``accept`` that say the process or the system is out of something
+#: (descriptors, socket buffers, memory), not that the peer failed.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Seconds the acceptor waits after an accept that failed for want of resources.  The
+#: connection stays in the listening socket's queue, which stays readable: accepting
+#: again at once spun a core for as long as the shortage lasted.
+ACCEPT_PAUSE = 0.1
 
 
 #: Seconds a worker waits before accepting per connection it serves, at most
@@ -170,9 +238,15 @@ class NodeServer(ThreadedAssociationServer):
     #: Seconds a TLS handshake may take (ARTIM).
     handshake_timeout: float = 10.0
     #: Failed TLS handshakes, for the log.
-    handshake_failures: _Failures
+    handshake_failures: _Counted
+    #: Connections lost for want of descriptors (accept, the association's wake-up),
+    #: and threads that could not be started for a connection, for the log.
+    descriptor_failures: _Counted
+    thread_failures: _Counted
     #: What the handshake left of ARTIM, per connection thread.
     artim_left: ArtimLeft
+    #: The association rejections of this server, for the log.
+    rejections: _Rejections
     #: The customers this server started and stops (:func:`start` given services).
     customers: Customers | None = None
     #: Seconds this worker waits before accepting, per connection it already serves
@@ -210,7 +284,9 @@ class NodeServer(ThreadedAssociationServer):
     _last_collect: float = 0.0
 
     def service_actions(self) -> None:
-        """A full garbage collection now and then, only while no association runs.
+        """The counts of association rejections and of connections lost for want of
+        resources not logged yet, and a full garbage collection now and then, only
+        while no association runs.
 
         pynetdicom's version runs a full ``gc.collect()`` every 60 polls or requests,
         holding the GIL for tens of milliseconds in the middle of whatever transfer is
@@ -218,6 +294,9 @@ class NodeServer(ThreadedAssociationServer):
         reference cycles (each holds an eventfd until collected), so they are still
         collected: by Python's own collector, and here once idle.
         """
+        self.rejections.flush()
+        self.descriptor_failures.flush()
+        self.thread_failures.flush()
         now = time.monotonic()
         if now - self._last_collect >= IDLE_COLLECT_SECONDS and not self.active_associations:
             self._last_collect = now
@@ -230,7 +309,12 @@ class NodeServer(ThreadedAssociationServer):
         that is the connection thread's work (:meth:`finish_request`), never the
         acceptor's, whom a silent peer would otherwise hold."""
         self._defer_to_less_busy_workers()
-        client, address = super().get_request()
+        try:
+            client, address = super().get_request()
+        except OSError as exc:  # socketserver skips the connection
+            if exc.errno in OUT_OF_RESOURCES:
+                self._short_of_descriptors(exc)
+            raise
         client.setblocking(True)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         limits.bound_sends(client, self.ae.dimse_timeout)
@@ -239,6 +323,27 @@ class NodeServer(ThreadedAssociationServer):
             client = self.tls.wrap_socket(client, server_side=True,
                                           do_handshake_on_connect=False)
         return client, address
+
+    def _short_of_descriptors(self, exc: OSError) -> None:
+        """An accept failed for want of descriptors (or memory): close the oldest
+        connection that has sent no A-ASSOCIATE-RQ, whose descriptor its DUL thread
+        then frees, and pause before the next accept.
+
+        Connections a flood holds open in silence are what fills the descriptor table;
+        a real peer sends its request at once and is never the oldest (as for
+        PACS_MAX_PENDING_CONNECTIONS).  Running associations are not touched.
+        """
+        self._make_room(exc)
+        time.sleep(ACCEPT_PAUSE)
+
+    def _make_room(self, exc: OSError) -> None:
+        """Count a connection lost for want of descriptors, and close the oldest
+        connection that has sent no A-ASSOCIATE-RQ."""
+        self.descriptor_failures.count(exc)
+        if self.limits is not None:
+            oldest = self.limits.evict_oldest()
+            if oldest is not None:
+                _close_pending(oldest)
 
     def _defer_to_less_busy_workers(self) -> None:
         """Wait a moment, longer the more connections this worker serves, before
@@ -266,7 +371,10 @@ class NodeServer(ThreadedAssociationServer):
             try:
                 tls.handshake(request, self.handshake_timeout)
             except (OSError, ValueError) as exc:  # ValueError: closed under us
-                self.handshake_failures.count(client_address, exc)
+                host = (client_address[0] if isinstance(client_address, tuple)
+                        else client_address)
+                reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+                self.handshake_failures.count(f"the last from {host}: {reason}")
                 self.shutdown_request(request)
                 return
             took = time.monotonic() - started
@@ -283,7 +391,31 @@ class NodeServer(ThreadedAssociationServer):
                 _close_pending(old)
             if closing:
                 self._report_closed(len(closing))
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as exc:
+            if not cannot_start_thread(exc):
+                raise
+            # No thread to read its request: closed at once, and the peer may retry.
+            if self.limits is not None:
+                self.limits.forget(request)
+            self.shutdown_request(request)
+            self.thread_failures.count(exc)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's thread failed (socketserver closes the connection): a thread
+        that could not be started (the association's own, started from it) or a
+        descriptor that could not be had (the association's wake-up) is counted for
+        the log, not written there as a traceback per connection; anything else is
+        socketserver's report."""
+        exc = sys.exc_info()[1]
+        if cannot_start_thread(exc):
+            assert exc is not None
+            self.thread_failures.count(exc)
+        elif isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            self._make_room(exc)
+        else:
+            super().handle_error(request, client_address)
 
     #: Pending connections closed since the last report, and when that was.
     _closed_unreported: int = 0
@@ -375,7 +507,7 @@ Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
 def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
-           policies: Policies, rejections: _Rejections | None = None) -> None:
+           policies: Policies, rejections: _Rejections) -> None:
     """EVT_REQUESTED: admit the association or reject it, in one handler: who it is
     first (its called AE title, its client certificate, the customer's access rules),
     then the node's limits; bind an admitted one to its customer.
@@ -397,10 +529,10 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
     4. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
        per source address) are reached: :data:`REJECT_FULL`.
 
-    Each refusal of 2-3 is a Security Alert of the audit trail; the log has one WARNING
-    line per :data:`EVICTION_REPORT_SECONDS` for all of them (``rejections``, one per
-    server), with how many there were: a peer that associates as fast as it can must
-    not fill the log's disk.
+    Each refusal of 2-3 is a Security Alert of the audit trail; the log has the first
+    :data:`REJECTIONS_LOGGED` refusals of every :data:`EVICTION_REPORT_SECONDS` and
+    one line counting the rest (``rejections``, one per server): a peer that
+    associates as fast as it can must not fill the log's disk.
 
     Only an association that passed 1-3 is counted against the limits: a refused one
     never takes a place, so AEs without rights calling from an address cannot use up
@@ -434,7 +566,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
         full = connection_limits.admit(assoc, raw, host)
         refused = (REJECT_FULL, full) if full is not None else None
     if refused is not None:
-        (rejections or _Rejections()).count(host, calling, refused[1])
+        rejections.rejected(f"{host or '?'} ({calling.strip()}): {refused[1]}")
         assoc.acse.send_reject(*refused[0])
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -519,14 +651,22 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     address = address or (settings.bind_address, port)
     connection_limits = connection_limits or connection_limits_of(settings)
     artim_left = ArtimLeft()
+    rejections = _Rejections()
     deferral = ACCEPT_DEFERRAL if shared_socket is not None and \
         number_of_workers(settings) > 1 else 0.0
     server_class = type("BoundNodeServer", (NodeServer,), {
         "shared_socket": shared_socket, "uses_seam": uses_seam, "limits": connection_limits,
         "accept_deferral": deferral,
         "receive_timeout": settings.artim_timeout, "tls": tls_context,
-        "handshake_timeout": settings.artim_timeout, "handshake_failures": _Failures(),
-        "artim_left": artim_left, "customers": customers if owned else None})
+        "handshake_timeout": settings.artim_timeout, "handshake_failures": _Counted(
+            "DICOM TLS handshake(s) failed"),
+        "descriptor_failures": _Counted(
+            "no descriptor for a DIMSE connection (the oldest that has sent no "
+            "A-ASSOCIATE-RQ closed for room)"),
+        "thread_failures": _Counted("cannot start a thread for a DIMSE connection "
+                                     "(closed)"),
+        "artim_left": artim_left, "rejections": rejections,
+        "customers": customers if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings)
     # Associations are admitted by the limits once their request has arrived (_admit);
@@ -540,7 +680,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
                     (evt.EVT_DIMSE_SENT, seam.answered),
                     (evt.EVT_REQUESTED, _admit,
                      [connection_limits, customers.bindings(uses_seam),
-                      customers.policies(), _Rejections()]),
+                      customers.policies(), rejections]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]
@@ -681,6 +821,35 @@ class _Respawn:
         self.start = time.monotonic()
         self.died = None
 
+    def failed(self) -> None:
+        """A replacement could not be started: as a death right after its start."""
+        self.start = time.monotonic()
+        self.died = None
+
+
+def replace_dead(workers: list[multiprocessing.process.BaseProcess],
+                 respawn: list[_Respawn],
+                 spawn: Callable[[], multiprocessing.process.BaseProcess]) -> None:
+    """Start a replacement for each dead worker whose delay has passed.
+
+    A replacement that cannot be forked (EAGAIN at RLIMIT_NPROC or a cgroup's pids
+    limit, ENOMEM) leaves the dead worker in its slot, to be tried again after the
+    slot's next, longer delay: the other workers and the rest of the node go on (the
+    error ended ``pacs serve`` as a whole).
+    """
+    for i, process in enumerate(workers):
+        if process.is_alive() or not respawn[i].due(process):
+            continue
+        log.error("DIMSE worker %d exited with %s; restarting", process.pid,
+                  process.exitcode)
+        try:
+            workers[i] = spawn()
+        except OSError as exc:
+            log.error("cannot start a DIMSE worker: %s; trying again later", exc)
+            respawn[i].failed()
+            continue
+        respawn[i].started()
+
 
 def run_workers(settings: Settings, stopping: threading.Event,
                 on_ready: Callable[[], None] | None = None) -> None:
@@ -713,13 +882,7 @@ def run_workers(settings: Settings, stopping: threading.Event,
         on_ready()
     respawn = [_Respawn() for _ in workers]
     while not stopping.wait(0.5):
-        for i, process in enumerate(workers):
-            if process.is_alive() or not respawn[i].due(process):
-                continue
-            log.error("DIMSE worker %d exited with %s; restarting", process.pid,
-                      process.exitcode)
-            workers[i] = spawn()
-            respawn[i].started()
+        replace_dead(workers, respawn, spawn)
     for process in workers:
         if process.is_alive():
             os.kill(process.pid or 0, signal.SIGTERM)

@@ -116,7 +116,11 @@ REJECTED_INSTANCE = Status(0xA771)
 #: looking for the wrong fault).
 NOT_AUTHORIZED = Status(0x0124)
 
-_Table = tuple[tuple[type[errors.PacsError], Status], ...]
+_Table = tuple[tuple[type[Exception], Status], ...]
+
+# MemoryError (a worker at its address space limit, RLIMIT_AS or a cgroup's) is the
+# one exception from outside the core's tree each table names: the request may succeed
+# later, or elsewhere, and says so (out of resources) rather than Processing failure.
 
 #: C-STORE failure statuses (PS3.4 B.2.3, Table B.2-1; PS3.7 C.5).
 STORE_STATUS: _Table = (
@@ -130,6 +134,8 @@ STORE_STATUS: _Table = (
     (errors.StorageError, OUT_OF_RESOURCES),
     (errors.IntakeFull, OUT_OF_RESOURCES),       # back-pressure: over PACS_INTAKE_MAX_BYTES
     (errors.IndexFailure, OUT_OF_RESOURCES),
+    (errors.Exhausted, OUT_OF_RESOURCES),
+    (MemoryError, OUT_OF_RESOURCES),
 )
 
 #: C-FIND failure statuses (PS3.4 C.4.1.1.4, Table C.4-1).  A query too large to run
@@ -142,6 +148,8 @@ FIND_STATUS: _Table = (
     (errors.QueryLimitExceeded, OUT_OF_RESOURCES),
     (errors.IndexFailure, OUT_OF_RESOURCES),
     (errors.Cancelled, CANCEL),
+    (errors.Exhausted, OUT_OF_RESOURCES),
+    (MemoryError, OUT_OF_RESOURCES),
 )
 
 #: C-MOVE and C-GET failure statuses (PS3.4 C.4.2.1.5, Table C.4-2; C.4.3.1.4,
@@ -153,6 +161,8 @@ RETRIEVE_STATUS: _Table = (
     (errors.IndexFailure, UNABLE_TO_CALCULATE_MATCHES),
     (errors.QueryLimitExceeded, UNABLE_TO_CALCULATE_MATCHES),
     (errors.Cancelled, CANCEL),
+    (errors.Exhausted, UNABLE_TO_CALCULATE_MATCHES),  # A701: out of resources
+    (MemoryError, UNABLE_TO_CALCULATE_MATCHES),
 )
 
 
@@ -161,6 +171,8 @@ COMMITMENT_STATUS: _Table = (
     (errors.InvalidRequest, INVALID_ARGUMENT_VALUE),
     (errors.ResourceLimitation, RESOURCE_LIMITATION),
     (errors.IndexFailure, PROCESSING_FAILURE),
+    (errors.Exhausted, RESOURCE_LIMITATION),
+    (MemoryError, RESOURCE_LIMITATION),
 )
 
 

@@ -33,8 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds before a companion that exited is started again.
+#: Seconds before a companion that exited is started again, doubling up to
+#: :data:`RESTART_LONGEST` while it exits within :data:`STABLE_SECONDS` of its start.
 RESTART_DELAY = 5.0
+RESTART_LONGEST = 60.0
+STABLE_SECONDS = 60.0
 #: Seconds a companion has to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 15.0
 
@@ -55,16 +58,20 @@ class Companion:
     launch: Callable[[], subprocess.Popen[bytes]]
     process: subprocess.Popen[bytes] | None = None
     next_start: float = 0.0
+    #: When it was last started, and the wait before the next start after an exit.
+    started: float = 0.0
+    delay: float = 0.0
+    clock: Callable[[], float] = time.monotonic
 
     def start(self) -> None:
-        """Start now; a failure is logged and retried after :data:`RESTART_DELAY`."""
+        """Start now; a failure is logged and retried after the next delay."""
+        self.started = self.clock()
         try:
             self.process = self.launch()
         except OSError as exc:
-            log.error("cannot start the %s: %s; retrying in %g s", self.name, exc,
-                      RESTART_DELAY)
             self.process = None
-            self.next_start = time.monotonic() + RESTART_DELAY
+            log.error("cannot start the %s: %s; retrying in %g s", self.name, exc,
+                      self._wait())
 
     def check(self) -> None:
         """Restart when it exited or could not start (called by the supervisor)."""
@@ -72,12 +79,23 @@ class Companion:
             code = self.process.poll()
             if code is None:
                 return
-            log.error("the %s exited with %s; restarting in %g s", self.name, code,
-                      RESTART_DELAY)
             self.process = None
-            self.next_start = time.monotonic() + RESTART_DELAY
-        if time.monotonic() >= self.next_start:
+            log.error("the %s exited with %s; restarting in %g s", self.name, code,
+                      self._wait())
+        if self.clock() >= self.next_start:
             self.start()
+
+    def _wait(self) -> float:
+        """Set the next start: :data:`RESTART_DELAY` after a stable run, else double
+        the last delay up to :data:`RESTART_LONGEST` (one that fails at once, a broken
+        setting say, is not started, and logged, every few seconds for ever)."""
+        now = self.clock()
+        if self.delay and now - self.started < STABLE_SECONDS:
+            self.delay = min(self.delay * 2, RESTART_LONGEST)
+        else:
+            self.delay = RESTART_DELAY
+        self.next_start = now + self.delay
+        return self.delay
 
 
 class Companions:

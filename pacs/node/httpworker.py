@@ -53,6 +53,10 @@ read from the network and every wait; threads only run the application:
   client completes its head within milliseconds, so under a flood of slow ones it is
   theirs that go.  A per-address cap would not be needed on top, and would refuse the
   browsers behind one proxy or NAT.
+* **Descriptors**: an accept that fails for want of them (EMFILE, ENFILE) or of memory
+  closes one connection the same way, or, when none can go, stops accepting for
+  :data:`ACCEPT_PAUSE`; the failures are counted in one WARNING line per
+  :data:`REPORT_SECONDS`.
 
 Bodies up to :data:`MEMORY_BODY_BYTES` reach the application as the pieces they
 arrived in (no copy into one buffer); a larger one costs one more copy, to its file and
@@ -128,6 +132,7 @@ from gunicorn.workers import base
 
 from pacs.core.config import Settings
 from pacs.core.errors import IncompleteBody
+from pacs.core.offload import Job, cannot_start_thread, submit_job
 from pacs.node import tls
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,11 @@ TLS_HANDSHAKE_RECORD = b"\x16"
 TICK = 0.25
 #: Seconds between log lines counting the slow clients closed meanwhile.
 REPORT_SECONDS = 10.0
+#: errno values of ``accept`` that say the process or the system is out of something
+#: (descriptors, socket buffers, memory), not that the client failed.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Seconds the loop stops accepting after an accept failed for want of resources.
+ACCEPT_PAUSE = 0.5
 #: Back-off of a failed application load: first delay, longest delay.
 RETRY_FIRST, RETRY_LONGEST = 1.0, 10.0
 
@@ -227,6 +237,34 @@ class BadRequest(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class Throttled:
+    """One kind of refusal the loop logs: the first at once, the next ones counted in one
+    line at most every :data:`REPORT_SECONDS` (the sweep flushes them), with the last
+    one's detail.  A client that repeats a refused request as fast as it can does not
+    write a line each time (loop only: no lock).
+    """
+
+    def __init__(self, level: int, text: str) -> None:
+        self.level = level
+        self.text = text
+        self.count = 0
+        self.last = ""
+        self.reported = -REPORT_SECONDS
+
+    def note(self, now: float, detail: str) -> None:
+        """One more, ``detail`` saying from whom and why."""
+        self.count += 1
+        self.last = detail
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Log the count when there is one and the last line is old enough."""
+        if self.count and now - self.reported >= REPORT_SECONDS:
+            log.log(self.level, "%s: %d since the last such line (the last: %s)",
+                    self.text, self.count, self.last)
+            self.count, self.reported = 0, now
 
 
 def error_response(status: str, reason: str) -> bytes:
@@ -802,6 +840,17 @@ class HttpWorker(base.Worker):
         self.ready: set[Connection] = set()  # TLS bytes decrypted but not yet read
         self.tls_failed = 0  # failed handshakes since the last report
         self.tls_reason = ""  # why the last one failed
+        self.accept_failed = 0  # accepts failed for want of descriptors, since the report
+        self.accept_error = ""  # the last such failure
+        self.accept_paused_until = 0.0  # no accepting before (monotonic)
+        self.last_shortage_report = -REPORT_SECONDS
+        self.thread_failed = 0  # pool threads that could not start, since the report
+        self.thread_error = ""
+        self.last_thread_report = -REPORT_SECONDS
+        self.too_large = Throttled(logging.INFO, "refused request bodies over "
+                                   "PACS_MAX_REQUEST_BYTES")
+        self.no_room = Throttled(logging.WARNING, "refused request bodies")
+        self.spool_failed = Throttled(logging.ERROR, "cannot spool request bodies")
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -969,6 +1018,19 @@ class HttpWorker(base.Worker):
             for conn in [c for c in self.connections.values()
                          if c.deadline and c.deadline <= now]:
                 self._expire(conn)
+            self._resume_accepting(now)
+            if self.accept_failed and now - self.last_shortage_report >= REPORT_SECONDS:
+                log.warning("cannot accept HTTP connections: %d failure(s) since the last "
+                            "such line (the last: %s)", self.accept_failed,
+                            self.accept_error)
+                self.accept_failed, self.last_shortage_report = 0, now
+            if self.thread_failed and now - self.last_thread_report >= REPORT_SECONDS:
+                log.warning("cannot start HTTP request threads: %d failure(s) since the "
+                            "last such line (the last: %s)",
+                            self.thread_failed, self.thread_error)
+                self.thread_failed, self.last_thread_report = 0, now
+            for refusals in (self.too_large, self.no_room, self.spool_failed):
+                refusals.flush(now)
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
                 if self.slow_closed:
@@ -1039,9 +1101,8 @@ class HttpWorker(base.Worker):
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept HTTP connections: %s", exc)
-                    self._accept_enabled(False)
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._short_of_descriptors(exc)
                     return
                 raise
             sock.setblocking(False)
@@ -1053,6 +1114,33 @@ class HttpWorker(base.Worker):
                 conn.state = State.HANDSHAKE
             self.connections[sock.fileno()] = conn
             self._watch(conn, selectors.EVENT_READ)
+
+    def _short_of_descriptors(self, exc: OSError) -> None:
+        """An accept failed for want of descriptors (or memory): close one connection
+        as at the connection limit and accept on, or, when none can go, stop accepting
+        for :data:`ACCEPT_PAUSE`.
+
+        Connections queued by a flood of silent clients are accepted before a real
+        client's: each closed one frees its descriptor at once, so the queue is worked
+        through as fast as at the connection limit.  The pause ends by the clock
+        (:meth:`_resume_accepting`), not only when one of this worker's connections
+        closes: a shortage caused elsewhere (ENFILE, another process; descriptors held
+        by the application's threads) left a worker without connections never
+        accepting again.  Failures are counted for one log line every
+        :data:`REPORT_SECONDS`.
+        """
+        self.accept_failed += 1
+        self.accept_error = str(exc)
+        if self._make_room():
+            return
+        self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+        self._accept_enabled(False)
+
+    def _resume_accepting(self, now: float) -> None:
+        """Accept again once a pause for want of descriptors is over (sweep)."""
+        if (not self.accepting and self.alive and now >= self.accept_paused_until
+                and len(self.connections) < self.max_connections):
+            self._accept_enabled(True)
 
     def _make_room(self) -> bool:
         """Close one connection to make room for a new one; False when none can go.
@@ -1121,9 +1209,7 @@ class HttpWorker(base.Worker):
             self._close_notify(conn)
         with contextlib.suppress(OSError):
             conn.sock.close()
-        if (not self.accepting and self.alive
-                and len(self.connections) < self.max_connections):
-            self._accept_enabled(True)
+        self._resume_accepting(time.monotonic())
 
     def _expire(self, conn: Connection) -> None:
         """A deadline passed: say why when the client is waiting for an answer."""
@@ -1335,8 +1421,8 @@ class HttpWorker(base.Worker):
             # No Content-Length and not chunked: a request has no body (RFC 9112 6.3).
             length = 0
         if length is not None and length > self._limits.max_body:
-            log.info("refused a request body of %d bytes from %s (PACS_MAX_REQUEST_BYTES "
-                     "is %d)", length, _host(conn.peer), self._limits.max_body)
+            self.too_large.note(time.monotonic(), f"{length} bytes from {_host(conn.peer)}, "
+                                f"the limit {self._limits.max_body}")
             self._refuse(conn, _too_large(self._limits.max_body))
             return
         conn.req = req
@@ -1351,11 +1437,11 @@ class HttpWorker(base.Worker):
         try:
             conn.spool = Spool(self.memory, self._limits.spool_dir, length)
         except BadRequest as error:
-            log.warning("refused a request body from %s: %s", _host(conn.peer), error.reason)
+            self.no_room.note(time.monotonic(), f"from {_host(conn.peer)}: {error.reason}")
             self._refuse(conn, error)
             return
         except OSError as exc:
-            log.error("cannot spool a request body in %s: %s", self._limits.spool_dir, exc)
+            self.spool_failed.note(time.monotonic(), f"in {self._limits.spool_dir}: {exc}")
             self._refuse(conn, BadRequest("503 Service Unavailable",
                                           "the request cannot be received now"))
             return
@@ -1415,15 +1501,15 @@ class HttpWorker(base.Worker):
                 for piece in pieces:
                     conn.spool.write(piece)
                 if conn.spool.size > self._limits.max_body:
-                    log.info("refused a chunked request body over %d bytes from %s "
-                             "(PACS_MAX_REQUEST_BYTES)", self._limits.max_body,
-                             _host(conn.peer))
+                    self.too_large.note(time.monotonic(), f"chunked, from "
+                                        f"{_host(conn.peer)}, the limit "
+                                        f"{self._limits.max_body}")
                     raise _too_large(self._limits.max_body)
                 rest, complete = data[used:], conn.chunked.done
         except (BadRequest, OSError) as exc:
             if isinstance(exc, OSError):
-                log.error("cannot spool a request body in %s: %s", self._limits.spool_dir,
-                          exc)
+                self.spool_failed.note(time.monotonic(),
+                                       f"in {self._limits.spool_dir}: {exc}")
                 exc = BadRequest("503 Service Unavailable",
                                  "the request cannot be received now")
             if conn.streamed:  # the application answers; its body is incomplete
@@ -1452,7 +1538,27 @@ class HttpWorker(base.Worker):
         body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
                 else io.BytesIO(b""))
         pool = self.stream_pool if conn.streamed else self.pool
-        pool.submit(self._serve, conn, body)
+        if not submit_job(pool, Job(self._serve, conn, body)):
+            self._no_thread("can't start new thread")
+            self._refuse(conn, BadRequest("503 Service Unavailable",
+                                          "no thread can answer the request now"))
+
+    def _no_thread(self, error: str) -> None:
+        """A pool's thread could not be started: counted for the log (sweep)."""
+        self.thread_failed += 1
+        self.thread_error = error
+
+    def _resume(self, call: Callable[..., None], *args: Any) -> None:
+        """Hand a running response back to the pool (``_pump``, ``_finish``).  When no
+        further thread can start, the call waits in the queue for one of the threads
+        that served the request so far: it is not refused."""
+        assert self.pool is not None
+        try:
+            self.pool.submit(call, *args)
+        except RuntimeError as exc:
+            if not cannot_start_thread(exc):
+                raise
+            self._no_thread(str(exc))
 
     def _abort_stream(self, conn: Connection) -> None:
         """A streamed body stops arriving: the application's next read past what
@@ -1577,7 +1683,7 @@ class HttpWorker(base.Worker):
         self._unwatch(conn)
         conn.state = State.BUSY
         conn.deadline = 0.0
-        self.pool.submit(self._pump, conn)
+        self._resume(self._pump, conn)
 
     def _unpark(self, conn: Connection) -> None:
         if conn.exchange is not None and conn.exchange.parked:
@@ -1591,7 +1697,7 @@ class HttpWorker(base.Worker):
         exchange = conn.exchange
         self._close(conn)
         if exchange is not None:
-            self.pool.submit(self._finish, exchange)
+            self._resume(self._finish, exchange)
 
     def _abandon(self, conn: Connection, exc: BaseException) -> None:
         """A response that cannot be completed: log why, close the connection."""

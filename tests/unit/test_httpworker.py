@@ -4,14 +4,22 @@ pieces, and the non-blocking response writer."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import logging
+import os
 import random
+import selectors
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import pytest
+from gunicorn.config import Config
 from gunicorn.http.message import Request
 
 from pacs.core.errors import IncompleteBody
@@ -243,3 +251,160 @@ def test_gunicorns_late_continue_is_dropped_and_other_sends_go_out() -> None:
     finally:
         left.close()
         right.close()
+
+
+# --- accepting when the process is short of descriptors ------------------------------------
+
+class Exhausted:
+    """A listening socket whose ``accept`` fails with ENFILE while ``failing``."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.failing = True
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failing:
+            raise OSError(errno.ENFILE, "Too many open files in system")
+        return self.real.accept()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def loop_worker(tmp_path: Path) -> Iterator[tuple[httpworker.HttpWorker, Exhausted]]:
+    """A worker's loop (no application, no threads) on a loopback listener whose
+    accepts fail until told otherwise."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    double = Exhausted(listener)
+    worker = httpworker.HttpWorker(0, os.getppid(), [double], None, 30, Config(),
+                                   logging.getLogger("test.httpworker"))
+    worker.limits = httpworker.Limits(timeout=30.0, keepalive=15.0, max_body=1 << 20,
+                                      spool_dir=str(tmp_path))
+    worker.max_connections = 16
+    worker.poller = selectors.DefaultSelector()
+    try:
+        yield worker, double
+    finally:
+        for conn in list(worker.connections.values()):
+            worker._close(conn)
+        worker.poller.close()
+        worker.tmp.close()
+        listener.close()
+
+
+def test_a_worker_without_connections_accepts_again_after_a_shortage(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """ENFILE (the system's table full, by another process) with no connection of its
+    own: the worker accepts again after ACCEPT_PAUSE (it waited for one of its own
+    connections to close, for ever), and logs the failures once per REPORT_SECONDS
+    (it logged each)."""
+    worker, double = loop_worker
+    caplog.set_level(logging.WARNING, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    client = socket.create_connection(double.real.getsockname())
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            worker._cycle()
+        assert not worker.connections
+        double.failing = False
+        deadline = time.monotonic() + 2.0  # ACCEPT_PAUSE (0.5 s) and a TICK
+        while not worker.connections and time.monotonic() < deadline:
+            worker._cycle()
+        assert len(worker.connections) == 1
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files in system" in lines[0]
+
+
+def test_a_request_no_thread_can_take_is_answered_503(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """RLIMIT_NPROC reached before the pool has a thread: the request is answered 503
+    and never run later on its closed connection (the worker closed it unanswered, with
+    a traceback, and left the call queued); one WARNING line counts such failures; once
+    threads start again the next request is run."""
+    worker, double = loop_worker
+    double.failing = False
+    ran: list[object] = []
+    monkeypatch.setattr(worker, "_serve", lambda conn, body: ran.append(conn))
+    worker.pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pacs-http")
+    worker.stream_pool = futures.ThreadPoolExecutor(max_workers=2)
+    starting = threading.Thread.start
+    short = True
+
+    def start(thread: threading.Thread) -> None:
+        if short and thread.name.startswith("pacs-http"):
+            raise RuntimeError("can't start new thread")
+        starting(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    caplog.set_level(logging.WARNING, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        answers = []
+        for _ in range(3):
+            with socket.create_connection(double.real.getsockname()) as client:
+                client.sendall(request)
+                client.settimeout(0.01)
+                answer = b""
+                deadline = time.monotonic() + 3.0
+                while not answer.endswith(b"\n") and time.monotonic() < deadline:
+                    worker._cycle()
+                    with contextlib.suppress(TimeoutError):
+                        answer += client.recv(4096)
+                answers.append(answer)
+        assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
+        short = False
+        with socket.create_connection(double.real.getsockname()) as client:
+            client.sendall(request)
+            deadline = time.monotonic() + 3.0
+            while len(ran) < 1 and time.monotonic() < deadline:
+                worker._cycle()
+        worker.last_sweep = 0.0  # the sweep reports, however fast the above went
+        worker._cycle()
+    finally:
+        worker.pool.shutdown(wait=True)
+        worker.stream_pool.shutdown(wait=True)
+    assert len(ran) == 1  # the new request only, none of the refused ones
+    lines = [r.getMessage() for r in caplog.records if "cannot start" in r.getMessage()]
+    assert len(lines) == 1 and "can't start new thread" in lines[0]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_refused_request_bodies_are_logged_once_then_counted(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Five POSTs over PACS_MAX_REQUEST_BYTES: each is answered 413, one log line says
+    so (each wrote one) and the sweep counts the other four once REPORT_SECONDS have
+    passed."""
+    worker, double = loop_worker
+    double.failing = False
+    caplog.set_level(logging.INFO, logger=httpworker.__name__)
+    worker._accept_enabled(True)
+    request = b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    for _ in range(5):
+        with socket.create_connection(double.real.getsockname()) as client:
+            client.sendall(request)
+            client.settimeout(0.01)
+            answer = b""
+            deadline = time.monotonic() + 3.0
+            while not answer.endswith(b"\n") and time.monotonic() < deadline:
+                worker._cycle()
+                with contextlib.suppress(TimeoutError):
+                    answer += client.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 413 ")
+    lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
+             r.getMessage()]
+    assert len(lines) == 1 and "99999999 bytes" in lines[0]
+    worker.too_large.reported -= httpworker.REPORT_SECONDS  # as if that long ago
+    worker.last_sweep = 0.0
+    worker._cycle()
+    lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
+             r.getMessage()]
+    assert len(lines) == 2 and ": 4 since the last such line" in lines[1]

@@ -382,6 +382,19 @@ def test_a_stopping_worker_drops_the_open_pending_connections() -> None:
     assert gate.pending == 0
 
 
+def test_out_of_descriptors_the_oldest_open_pending_connection_goes() -> None:
+    """What the acceptor closes when accept fails with EMFILE (NodeServer)."""
+    gate = _limits(max_pending=5)
+    a, b, c = (_Conn(n) for n in "abc")
+    for conn in (a, b, c):
+        gate.connected(conn)
+    a.open = False  # ARTIM closed it already
+    assert gate.evict_oldest() is b
+    assert gate.evict_oldest() is c
+    assert gate.evict_oldest() is None
+    assert gate.pending == 0
+
+
 def test_pending_connections_do_not_count_as_associations() -> None:
     gate = _limits(max_pending=100)
     for i in range(50):

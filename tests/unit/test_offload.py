@@ -8,9 +8,12 @@ import threading
 
 import pytest
 
+from adapters.dicomweb.errors import outcome_for
+from pacs.core.errors import Exhausted
 from pacs.core.ingest import DIGEST_OFFLOAD_BYTES, Ingest, analyse
 from pacs.core.offload import Offload
 from pacs.core.services import Services
+from pacs.dimse.status import STORE_STATUS, status_for
 from tests.factory import make_instance
 
 
@@ -61,3 +64,34 @@ def test_large_objects_are_hashed_aside_to_the_same_checksum(services: Services)
     assert digest is not None
     assert digest() == hashlib.sha256(large).hexdigest()
     assert analyse(large, checksum=digest).checksum == analyse(large).checksum
+
+
+def test_a_call_no_thread_can_start_for_is_refused_and_never_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RLIMIT_NPROC reached: the call fails with Exhausted (RuntimeError escaped as a
+    bug, and the call stayed queued, to run after its request had failed); answered
+    as out of resources (C-STORE A700, DICOMweb 503); threads that start again run the
+    next call."""
+    offload = Offload(2, "test-exhausted")
+    ran: list[int] = []
+    starting = threading.Thread.start
+    short = True
+
+    def start(thread: threading.Thread) -> None:
+        if short and thread.name.startswith("test-exhausted"):
+            raise RuntimeError("can't start new thread")
+        starting(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        with pytest.raises(Exhausted) as refused:
+            offload.start(ran.append, 1)
+        with pytest.raises(Exhausted):
+            offload.submit(ran.append, 2)
+        short = False
+        offload.start(ran.append, 3).result(timeout=10)
+    finally:
+        offload.close()
+    assert ran == [3]
+    assert status_for(STORE_STATUS, refused.value).code == 0xA700
+    assert outcome_for(refused.value).status.startswith("503")

@@ -84,6 +84,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
+from pacs.core.offload import cannot_start_thread
 from pacs.dimse import limits
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class _Waker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.fd = self._write_fd = -1  # closed, should the descriptor not be had (EMFILE)
         if hasattr(os, "eventfd"):
             self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._write_fd = self.fd
@@ -911,6 +913,29 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
 
 # -- installation -----------------------------------------------------------------------
 
+_assoc_run = Association.run_reactor
+
+
+def _assoc_run_patched(self: Association) -> None:
+    """``Association.run_reactor``; an acceptor whose DUL thread cannot be started
+    (RLIMIT_NPROC, a cgroup's pids limit) closes its connection and its waker, and
+    leaves the error to its server's count (``handle_error``, called while it is
+    handled).  Unhandled, it left the connection open and unread, the peer waiting,
+    until the association was collected."""
+    try:
+        _assoc_run(self)
+    except RuntimeError as exc:
+        dul = _dul(self)
+        server = self._server
+        raw = dul.socket.socket if dul.socket is not None else None
+        if (dul.is_alive() or server is None or raw is None
+                or not cannot_start_thread(exc)):
+            raise
+        server.shutdown_request(raw)
+        dul._waker.close()
+        server.handle_error(raw, (self.requestor.address, self.requestor.port))
+
+
 def patch() -> None:
     """Replace pynetdicom's methods with the ones above (once per process, by
     :func:`pacs.dimse.seam.install`, which holds the version gate).
@@ -923,6 +948,7 @@ def patch() -> None:
     DULServiceProvider.kill_dul = _kill_dul_patched  # type: ignore[method-assign, assignment]
     DULServiceProvider.stop_dul = _stop_dul_patched  # type: ignore[method-assign, assignment]
     Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+    Association.run_reactor = _assoc_run_patched  # type: ignore[method-assign]
     Association.kill = _assoc_kill_patched  # type: ignore[method-assign]
     AssociationSocket.recv = _socket_recv  # type: ignore[method-assign, assignment]
     AssociationSocket.send = _socket_send  # type: ignore[method-assign]
