@@ -294,6 +294,21 @@ def loop_worker(tmp_path: Path) -> Iterator[tuple[httpworker.HttpWorker, Exhaust
         listener.close()
 
 
+def exchange(worker: httpworker.HttpWorker, double: Exhausted, request: bytes) -> bytes:
+    """Send ``request`` on a new connection and run the worker's loop until the answer's
+    first line has come (within 3 s): what came."""
+    with socket.create_connection(double.real.getsockname()) as client:
+        client.sendall(request)
+        client.settimeout(0.01)
+        answer = b""
+        deadline = time.monotonic() + 3.0
+        while not answer.endswith(b"\n") and time.monotonic() < deadline:
+            worker._cycle()
+            with contextlib.suppress(TimeoutError):
+                answer += client.recv(4096)
+        return answer
+
+
 def test_a_worker_without_connections_accepts_again_after_a_shortage(
         loop_worker: tuple[httpworker.HttpWorker, Exhausted],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -349,16 +364,7 @@ def test_a_request_no_thread_can_take_is_answered_503(
     try:
         answers = []
         for _ in range(3):
-            with socket.create_connection(double.real.getsockname()) as client:
-                client.sendall(request)
-                client.settimeout(0.01)
-                answer = b""
-                deadline = time.monotonic() + 3.0
-                while not answer.endswith(b"\n") and time.monotonic() < deadline:
-                    worker._cycle()
-                    with contextlib.suppress(TimeoutError):
-                        answer += client.recv(4096)
-                answers.append(answer)
+            answers.append(exchange(worker, double, request))
         assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers), answers
         short = False
         with socket.create_connection(double.real.getsockname()) as client:
@@ -389,16 +395,7 @@ def test_refused_request_bodies_are_logged_once_then_counted(
     worker._accept_enabled(True)
     request = b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
     for _ in range(5):
-        with socket.create_connection(double.real.getsockname()) as client:
-            client.sendall(request)
-            client.settimeout(0.01)
-            answer = b""
-            deadline = time.monotonic() + 3.0
-            while not answer.endswith(b"\n") and time.monotonic() < deadline:
-                worker._cycle()
-                with contextlib.suppress(TimeoutError):
-                    answer += client.recv(4096)
-            assert answer.startswith(b"HTTP/1.1 413 ")
+        assert exchange(worker, double, request).startswith(b"HTTP/1.1 413 ")
     lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
              r.getMessage()]
     assert len(lines) == 1 and "99999999 bytes" in lines[0]
