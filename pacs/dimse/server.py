@@ -197,6 +197,11 @@ class _Rejections:
 #: (descriptors, socket buffers, memory), not that the peer failed.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+#: Tries at building an accepted connection's association while the process is out
+#: of descriptors, and the seconds between them (room is made before each retry).
+ROOM_ATTEMPTS = 5
+ROOM_WAIT = 0.05
+
 #: Seconds the acceptor waits after an accept that failed for want of resources.  The
 #: connection stays in the listening socket's queue, which stays readable: accepting
 #: again at once spun a core for as long as the shortage lasted.
@@ -380,7 +385,19 @@ class NodeServer(ThreadedAssociationServer):
             took = time.monotonic() - started
             self.artim_left.seconds = max(ARTIM_AFTER_HANDSHAKE,
                                           self.handshake_timeout - took)
-        super().finish_request(request, client_address)
+        for attempt in range(ROOM_ATTEMPTS):
+            try:
+                super().finish_request(request, client_address)
+                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_RESOURCES or attempt == ROOM_ATTEMPTS - 1:
+                    raise  # handle_error: counted for the log, room made for the next
+                # Accepted with the last descriptor, the association's own (its
+                # wake-up) could not be had; nothing of the peer's request is read
+                # yet.  The oldest silent connection is closed (its DUL thread frees
+                # its descriptor as it sees the end) and this peer is tried again.
+                self._make_room(exc)
+                time.sleep(ROOM_WAIT)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Register the connection as pending, closing the oldest pending ones beyond

@@ -42,6 +42,7 @@ from tests.auditcheck import (
 )
 from tests.conftest import free_port
 from tests.factory import make_instance
+from tests.interop.conftest import run_dcmtk
 from tests.service.test_retrieve import Destination, start_destination
 
 pytestmark = pytest.mark.dimse
@@ -279,11 +280,10 @@ def test_refused_associations_are_each_audited_and_logged_once_per_interval(
     server = start(services, ("127.0.0.1", port))
     try:
         with caplog.at_level("WARNING", logger="pacs.dimse.server"):
-            for _ in range(12):
-                ae = AE(ae_title="STRANGER")
-                ae.add_requested_context("1.2.840.10008.1.1")
-                assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
-                assert assoc.is_rejected
+            for _ in range(12):  # dcmtk: see test_exhaustion.py on pynetdicom's requestor
+                result = run_dcmtk("echoscu", "-aet", "STRANGER", "-aec", NODE,
+                                   "127.0.0.1", str(port), timeout=30)
+                assert "Association Rejected" in result.stdout, result.stdout
         alerts = trail(services, 12)
     finally:
         stop(server, drain=1.0)
