@@ -132,7 +132,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 #: SQLite refuses a blob over 1,000,000,000 bytes (SQLITE_MAX_LENGTH).
-_SQLITE_MAX_BLOB = 1_000_000_000
+SQLITE_MAX_BLOB = 1_000_000_000
 
 
 #: The default of ``PACS_INTAKE_OBJECT_BYTES`` per store (see :attr:`Settings.intake_limit`).
@@ -143,8 +143,8 @@ def _intake_object_bytes(value: str) -> int | None:
     if not value.strip():
         return None  # the store's default
     number = int(value)
-    if not 0 <= number < _SQLITE_MAX_BLOB:
-        raise ValueError(f"must be 0 or more and below {_SQLITE_MAX_BLOB} (SQLite's "
+    if not 0 <= number < SQLITE_MAX_BLOB:
+        raise ValueError(f"must be 0 or more and below {SQLITE_MAX_BLOB} (SQLite's "
                          f"largest blob), got {value!r}")
     return number
 

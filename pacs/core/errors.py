@@ -137,6 +137,13 @@ class StorageError(PacsError):
     """The object store failed to read, write or delete."""
 
 
+class UnsettledWrite(StorageError):
+    """The object store did not answer a write (it timed out, or the connection
+    dropped after the request was sent): the write failed for the caller, but the
+    store may still carry it out later, over a newer object at the same key.  The key
+    is *unsettled* (:mod:`pacs.core.intake`) until that can no longer happen."""
+
+
 class IntakeFull(PacsError):
     """The intake holds ``PACS_INTAKE_MAX_BYTES`` of acknowledged objects that the
     object store has not taken yet (it is slow or down): new objects are refused until

@@ -56,6 +56,7 @@ import apsw
 
 from pacs.core import metadata, rejection, uidlocks
 from pacs.core.attributes import Level
+from pacs.core.config import SQLITE_MAX_BLOB
 from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
 from pacs.core.errors import (
     DuplicateRejected,
@@ -66,6 +67,7 @@ from pacs.core.errors import (
     PacsError,
     RejectedInstance,
     UIDMismatch,
+    UnsettledWrite,
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
@@ -479,13 +481,13 @@ class Ingest:
                 results[number] = _result(outcome, analysis)
             else:
                 plans[number] = plan
-        direct = [n for n in plans if not self.journaled(len(items[n]))]
+        direct = [n for n in plans if not plans[n].journal]
         failures = put_many(self.store.backend, [(plans[n].key, items[n]) for n in direct])
-        written = [n for n in plans if self.journaled(len(items[n]))]
+        written = [n for n in plans if plans[n].journal]
         for number, failure in zip(direct, failures, strict=True):
             if failure is not None:  # it may have replaced the previous object: undone
                 self._undo_put(plans[number].key, plans[number].existing,
-                               plans[number].previous)
+                               plans[number].previous, failure)
                 results[number] = failure
             else:
                 written.append(number)
@@ -509,7 +511,7 @@ class Ingest:
         if plan is None:
             return outcome
         work = self._index_work(analysis, plan, data, calling_ae)
-        if staging is None:
+        if staging is None or plan.journal:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
             try:
@@ -517,8 +519,8 @@ class Ingest:
                 # already (its folder's fsync failed after): undone like a failed commit.
                 staging.place(plan.key)
                 self.index.commit(work)
-            except BaseException:
-                self._undo_put(plan.key, plan.existing, plan.previous)
+            except BaseException as exc:
+                self._undo_put(plan.key, plan.existing, plan.previous, exc)
                 raise
         self._forget_moved(plan)
         return Outcome.STORED
@@ -555,7 +557,28 @@ class Ingest:
                 raise DuplicateRejected(
                     "a different object is stored; the sender may not overwrite")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
-        return Outcome.STORED, _Plan(key, existing, previous, revived)
+        return Outcome.STORED, _Plan(key, existing, previous, revived,
+                                     self._journal(conn, key, len(data)))
+
+    def _journal(self, conn: apsw.Connection, key: str, size: int) -> bool:
+        """True when the object of ``key`` goes through the intake: it is small
+        enough, or its key is unsettled - a write of the store that went unanswered
+        may still land at the key, so an object written there directly now could be
+        overwritten by it; through the intake it is written only once that can no
+        longer happen (:mod:`pacs.core.intake`).
+
+        Raises
+        ------
+        IntakeFull
+            The intake is full, for an object of an unsettled key.
+        """
+        if self.journaled(size):
+            return True
+        if size >= SQLITE_MAX_BLOB or not reads.unsettled(conn, key):
+            return False
+        if self.intake_max_bytes is not None:
+            check_room(self.index, self.intake_max_bytes)
+        return True
 
     @staticmethod
     def _removed_before(conn: apsw.Connection, sop_uid: str) -> bool:
@@ -586,7 +609,7 @@ class Ingest:
         left = (plan.existing.object_key if plan.existing is not None
                 and plan.existing.object_key != plan.key else None)
         return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
-                         analysis, data if self.journaled(len(data)) else None, left,
+                         analysis, data if plan.journal else None, left,
                          plan.revived, new=plan.existing is None)
 
     def _forget_moved(self, plan: _Plan) -> None:
@@ -596,9 +619,13 @@ class Ingest:
             self._delete_quietly(plan.existing.object_key)
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
-                  previous: bytes | None) -> None:
+                  previous: bytes | None, failure: BaseException | None = None) -> None:
         """After a failed write or commit, leave the store as the index still
-        describes it: the previous object back at its key, or no object at a new key."""
+        describes it: the previous object back at its key, or no object at a new key.
+        After a write the store did not answer (``failure``), which it may carry out
+        later, see :meth:`_unsettle`."""
+        if isinstance(failure, UnsettledWrite) and self._unsettle(key, existing, previous):
+            return
         backend = self.store.backend  # the intake is as the failed commit left it
         try:
             if existing is not None and existing.object_key == key and previous is not None:
@@ -608,6 +635,26 @@ class Ingest:
         except PacsError:
             log.exception("could not undo an object write after an index failure; "
                           "run 'pacs fsck'")
+
+    def _unsettle(self, key: str, existing: reads.StoredInstance | None,
+                  previous: bytes | None) -> bool:
+        """After a write of ``key`` the store did not answer: the key unsettled and,
+        when the write replaced an object the index still names, that object back in
+        the intake (read first, moved to the store again once the key has settled,
+        :mod:`pacs.core.intake`) rather than written back now, where the late write
+        could land over it.  False when the object must still be put back or the key
+        emptied (:meth:`_undo_put`)."""
+        replaced = (existing is not None and existing.object_key == key
+                    and previous is not None and len(previous) < SQLITE_MAX_BLOB)
+        try:
+            with self.index.write() as conn:
+                writer.unsettle(conn, key, time.time())
+                if replaced and previous is not None:
+                    writer.intake_add(conn, key, previous, sha256(previous), time.time())
+        except PacsError:
+            log.exception("could not record an unanswered object write")
+            return False
+        return replaced
 
     def _read_quietly(self, key: str) -> bytes | None:
         try:
@@ -668,6 +715,7 @@ class _Plan:
     existing: reads.StoredInstance | None
     previous: bytes | None
     revived: bool = False  # the UID has a tombstone, dropped with the commit
+    journal: bool = True  # acknowledged through the intake, not written directly
 
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,

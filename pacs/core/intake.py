@@ -23,6 +23,16 @@ Two parts live here:
   arriving, the mover holds back (:class:`Hold`): a burst (a modality sending a study)
   is acknowledged with the cores to itself, and moved once it pauses.
 
+A write the store did not answer (S3 timed out, or dropped the connection after the
+request was sent: :class:`~pacs.core.errors.UnsettledWrite`) may still be carried out
+by the store later, over whatever was written to the key since.  Its key is
+*unsettled* (table ``unsettled``) for :data:`SETTLE_SECONDS`: the object the index
+names for it stays in the intake, where every reader finds it first, and is written to
+the store again only once a late write could no longer land over it; ingest sends a
+new object of that key through the intake whatever its size, and puts an overwritten
+object whose replacement went unanswered back into the intake
+(:mod:`pacs.core.ingest`).
+
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
 before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
 index file costs more than the fsyncs saved (the default per store:
@@ -49,7 +59,13 @@ from typing import BinaryIO
 import apsw
 
 from pacs.core import metadata
-from pacs.core.errors import IndexFailure, IntakeFull, PacsError, StorageError
+from pacs.core.errors import (
+    IndexFailure,
+    IntakeFull,
+    PacsError,
+    StorageError,
+    UnsettledWrite,
+)
 from pacs.core.index import outbox, reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.storage import (
@@ -81,6 +97,10 @@ LINGER = 0.25
 CHECKPOINT_BATCHES = 8
 #: The longest wait after a store failure.
 MAX_BACKOFF = 30.0
+#: Seconds after an unanswered write of a key before the mover writes the key again
+#: and forgets it: longer than a store takes to carry out a request it has received
+#: (S3 servers drop a request that does not complete within minutes).
+SETTLE_SECONDS = 600.0
 #: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
 RETRY_AFTER = 10
 #: Seconds between two log lines about stores refused while the intake is full.
@@ -419,14 +439,18 @@ class Mover:
         The ingest's per-UID locks (:meth:`pacs.core.ingest.Ingest.uid_locks`).
     hold : Hold
         When :meth:`run` waits while objects keep arriving (never, by default).
+    settle : float
+        Seconds after an unanswered write of a key before it is written again
+        (:data:`SETTLE_SECONDS`).
     """
 
     def __init__(self, index: Index, store: IntakeStore, uid_locks: UidLocks,
-                 hold: Hold = Hold()) -> None:
+                 hold: Hold = Hold(), settle: float = SETTLE_SECONDS) -> None:
         self.index = index
         self.store = store
         self.uid_locks = uid_locks
         self.hold = hold
+        self.settle = settle
         self.state = MoverState()
         #: The index's last change number (``instance.change_seq``) at the last look.
         self._head: int | None = None
@@ -444,26 +468,32 @@ class Mover:
         other (S3) one object per PUT, :data:`PARALLEL_PUTS` at once, none started
         once one has failed - and the rows of what was put are removed in one index
         transaction: the mover takes SQLite's write lock, which the ingest's commits
-        wait for, once per batch.
+        wait for, once per batch.  A key whose last write went unanswered less than
+        :attr:`settle` seconds ago waits; one that failed unanswered now is recorded
+        so (see the module docstring).
 
         Raises
         ------
         PacsError
             The store (or the index) failed: the rows stay, to be tried again.
         """
-        batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES)
+        settled_before = time.time() - self.settle
+        batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES,
+                                   settled_before)
         if not batch:
             return 0
-        removed, error = self._move(batch)
+        removed, error = self._move(batch, settled_before)
         self.state.moved += removed
         self.state.batches += 1
         if error is not None:
             raise error
         return removed
 
-    def _move(self, entries: list[reads.IntakeEntry]) -> tuple[int, StorageError | None]:
+    def _move(self, entries: list[reads.IntakeEntry], settled_before: float
+              ) -> tuple[int, StorageError | None]:
         """Check, put and delete ``entries`` under their UIDs' locks: the rows removed,
-        and the first failure of the store."""
+        and the first failure of the store.  A key put now whose unanswered write was
+        before ``settled_before`` is settled; one whose put went unanswered, unsettled."""
         with self.uid_locks([_sop_of(entry.object_key) for entry in entries]):
             current = [(entry, data) for entry in entries
                        if (data := self._read(entry)) is not None]
@@ -472,12 +502,18 @@ class Mover:
             moved = [(entry, data) for (entry, data), failure
                      in zip(current[:len(failures)], failures, strict=True)
                      if failure is None]
+            unanswered = [entry.object_key for (entry, _data), failure
+                          in zip(current[:len(failures)], failures, strict=True)
+                          if isinstance(failure, UnsettledWrite)]
             removed = 0
-            if moved:  # only once the puts are durable; only rows still the same
+            if moved or unanswered:  # only once the puts are durable; only rows still the same
                 described = self._describe(moved)
                 with self.index.write() as conn:
+                    for key in unanswered:
+                        writer.unsettle(conn, key, time.time())
                     for entry, _data in moved:
                         removed += writer.intake_moved(conn, entry.id)
+                        writer.settled(conn, entry.object_key, settled_before)
                     for pk, checksum, prepared in described:
                         writer.backfill_metadata(conn, pk, checksum, prepared.json,
                                                  prepared.pixel_offset, prepared.pixel_length)
@@ -512,6 +548,15 @@ class Mover:
             running.add(future)
         wait(running)
         return [outcomes[number].result() for number in range(len(outcomes))]
+
+    def settle_old(self) -> None:
+        """Forget the unsettled keys whose intake holds nothing (a write that failed
+        unanswered and that nothing acknowledged since) once they have settled."""
+        try:
+            with self.index.write() as conn:
+                writer.settle_old(conn, time.time() - self.settle)
+        except IndexFailure:
+            log.exception("intake mover: cannot forget settled keys")
 
     def _describe(self, moved: list[tuple[reads.IntakeEntry, bytes]]
                   ) -> list[tuple[int, str, metadata.Prepared]]:
@@ -579,6 +624,7 @@ class Mover:
         to ``drain_for`` seconds, without holding back, while the intake holds
         objects and the store takes them (:meth:`drain_until`)."""
         try:
+            self.settle_old()
             self._run(stopping)
             self.drain_until(time.monotonic() + drain_for)
         finally:
@@ -640,6 +686,7 @@ class Mover:
             backlog = reads.intake_state(self.index.connection())
             if backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
                 if moved:  # caught up: the WAL's pages into the index file
+                    self.settle_old()
                     self.checkpoint()
                 _sleep(LINGER, stopping)
             elif self.state.batches % CHECKPOINT_BATCHES == 0:

@@ -28,7 +28,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
 from pacs.core import health, intake
-from pacs.core.errors import InstanceLocked, IntakeFull, StorageError
+from pacs.core.errors import InstanceLocked, IntakeFull, StorageError, UnsettledWrite
 from pacs.core.index import reads, writer
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
@@ -492,13 +492,14 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.started: list[str] = []
         self.failing: set[str] | None = None
+        self.error: type[StorageError] = StorageError
         self._started_lock = threading.Lock()
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         with self._started_lock:
             self.started.append(key)
         if self.failing is None or key in self.failing:
-            raise StorageError("simulated stalled store (timed out)")
+            raise self.error("simulated stalled store (timed out)")
         super().put(key, source, length)
 
 
@@ -579,3 +580,88 @@ def test_a_store_waits_a_bounded_time_for_an_instance_the_mover_holds(
     node.ingest.store_bytes(again)
     row = reads.lookup(node.index.connection(), "1.2.826.0.1.3680043.8.498.1")
     assert row is not None and row.checksum == hashlib.sha256(again).hexdigest()
+
+
+def _unsettled(services: Services) -> list[str]:
+    return [str(key) for (key,) in services.index.connection().execute(
+        "SELECT object_key FROM unsettled ORDER BY object_key")]
+
+
+def test_an_unanswered_put_keeps_its_key_in_the_intake_until_it_has_settled(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 did not answer the PUT of one key: it may carry it out later, over what is
+    written there meanwhile.  The key waits in the intake (read from there), its
+    overwrite too, while the others move; once it has settled, the newest bytes are
+    put over whatever the late PUT left, and the key is forgotten."""
+    monkeypatch.setattr(intake, "PARALLEL_PUTS", 1)
+    store = FailingStore()
+    services, keys = _intake_of(3, make_services, store)
+    store.failing, store.error = {keys[0]}, UnsettledWrite
+    waiting = Mover(services.index, services.store, services.ingest.uid_locks, settle=60)
+    with pytest.raises(UnsettledWrite):
+        waiting.move_batch()
+    assert _unsettled(services) == [keys[0]]
+    store.failing = set()
+    old = read(services, keys[0])
+    new = instance("1.2.826.0.1.3680043.8.498.1", StudyDescription="new")
+    services.ingest.store_bytes(new)  # an overwrite, acknowledged through the intake
+    store.objects[keys[0]] = old  # the late PUT lands
+    assert waiting.drain() == 2  # the others; the unsettled key waits
+    assert reads.intake_keys(services.index.connection()) == [keys[0]]
+    assert read(services, keys[0]) == new
+    settled = Mover(services.index, services.store, services.ingest.uid_locks, settle=0)
+    assert settled.drain() == 1
+    assert store.objects[keys[0]] == new
+    assert _unsettled(services) == []
+    assert reads.intake_state(services.index.connection()).objects == 0
+
+
+def test_an_unanswered_direct_overwrite_puts_the_previous_object_back_in_the_intake(
+        make_services: Callable[..., Services]) -> None:
+    """A large object (the direct path) whose PUT S3 did not answer replaced the one
+    the index names: that one goes back into the intake rather than to the store
+    (where the late PUT could land over it), and the next object of the key is
+    acknowledged through the intake until the key has settled."""
+    first = instance(StudyDescription="first")
+    store = FailingStore()
+    store.failing = set()
+    services = make_services(store=store, intake_object_bytes=len(first) // 2)
+    services.ingest.store_bytes(first)
+    [key] = store.objects
+    second = instance(StudyDescription="second")
+    store.failing, store.error = {key}, UnsettledWrite
+    with pytest.raises(UnsettledWrite):
+        services.ingest.store_bytes(second)
+    store.objects[key] = second  # the late PUT lands
+    assert read(services, key) == first  # what the index names, from the intake
+    assert _unsettled(services) == [key]
+    third = instance(StudyDescription="third")
+    services.ingest.store_bytes(third)
+    assert store.objects[key] == second  # not written directly
+    assert read(services, key) == third
+    assert Mover(services.index, services.store, services.ingest.uid_locks).drain() == 0
+    store.failing = set()
+    assert Mover(services.index, services.store, services.ingest.uid_locks,
+                 settle=0).drain() == 1
+    assert store.objects[key] == third
+    assert _unsettled(services) == []
+    row = reads.lookup(services.index.connection(), "1.2.826.0.1.3680043.8.498.1")
+    assert row is not None and row.checksum == hashlib.sha256(third).hexdigest()
+
+
+def test_a_settled_key_without_an_intake_copy_is_forgotten(
+        make_services: Callable[..., Services]) -> None:
+    """An unanswered PUT of a new object (nothing acknowledged it) leaves its key
+    unsettled; once settled, with nothing of it in the intake, the key is forgotten."""
+    store = FailingStore()
+    store.error = UnsettledWrite
+    data = instance()
+    services = make_services(store=store, intake_object_bytes=len(data) // 2)
+    with pytest.raises(UnsettledWrite):
+        services.ingest.store_bytes(data)
+    [key] = _unsettled(services)
+    assert store.objects == {} and reads.intake_keys(services.index.connection()) == []
+    Mover(services.index, services.store, services.ingest.uid_locks, settle=60).settle_old()
+    assert _unsettled(services) == [key]
+    Mover(services.index, services.store, services.ingest.uid_locks, settle=0).settle_old()
+    assert _unsettled(services) == []

@@ -335,10 +335,23 @@ def _commitment_called_ae(conn: apsw.Connection) -> None:
         conn.execute("ALTER TABLE commitment ADD COLUMN called_ae TEXT NOT NULL DEFAULT ''")
 
 
+def _unsettled(conn: apsw.Connection) -> None:
+    """Keys whose last write to the object store was not answered (``unsettled``:
+    ``pacs.core.intake``): the store may still carry it out, so the object the index
+    names for such a key is kept in the intake and written again only once ``since``
+    is long enough ago."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS unsettled (\n"
+        "  object_key TEXT PRIMARY KEY,\n"
+        "  since REAL NOT NULL\n"
+        ") WITHOUT ROWID")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
-    _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae)
+    _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
+    _unsettled)
 
 
 def migrate(conn: apsw.Connection) -> int:

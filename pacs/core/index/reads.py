@@ -326,14 +326,18 @@ def intake_entry(conn: apsw.Connection, key: str) -> IntakeEntry | None:
 
 
 @_read("intake listing")
-def intake_batch(conn: apsw.Connection, after: int, limit: int,
-                 max_bytes: int) -> list[IntakeEntry]:
+def intake_batch(conn: apsw.Connection, after: int, limit: int, max_bytes: int,
+                 settled_before: float = float("inf")) -> list[IntakeEntry]:
     """The oldest intake objects after row ``after``, in arrival order: at most
-    ``limit`` of them, and no more than ``max_bytes`` together (but at least one)."""
+    ``limit`` of them, and no more than ``max_bytes`` together (but at least one);
+    none whose key is unsettled by a write after ``settled_before``."""
     batch: list[IntakeEntry] = []
     total = 0
-    cursor = conn.execute(f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE id > ? ORDER BY id "
-                          "LIMIT ?", (after, limit))
+    cursor = conn.execute(
+        f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE id > ? AND NOT EXISTS "
+        "(SELECT 1 FROM unsettled WHERE unsettled.object_key = intake.object_key "
+        "AND since > ?) ORDER BY id LIMIT ?",
+        (after, settled_before, limit))
     for row in cursor:
         entry = IntakeEntry(*row)
         if batch and total + entry.size > max_bytes:
@@ -348,6 +352,14 @@ def intake_batch(conn: apsw.Connection, after: int, limit: int,
 def intake_keys(conn: apsw.Connection) -> list[str]:
     """The keys of every object in the intake."""
     return [str(key) for (key,) in conn.execute("SELECT object_key FROM intake")]
+
+
+@_read("unsettled lookup")
+def unsettled(conn: apsw.Connection, key: str) -> bool:
+    """True when a write of ``key`` to the object store went unanswered and may still
+    be carried out (``pacs.core.intake``)."""
+    return conn.execute("SELECT 1 FROM unsettled WHERE object_key = ?",
+                        (key,)).fetchone() is not None
 
 
 @_read("intake read")
@@ -445,4 +457,4 @@ __all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
            "expired_studies", "first_series_images", "indexed_bytes", "instance_keys",
            "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_entry",
            "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
-           "metadata_rows", "quick_check", "study_patients", "tombstone"]
+           "metadata_rows", "quick_check", "study_patients", "tombstone", "unsettled"]

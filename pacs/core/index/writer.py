@@ -265,6 +265,29 @@ def intake_moved(conn: apsw.Connection, entry_id: int) -> bool:
     return conn.changes() > 0
 
 
+def unsettle(conn: apsw.Connection, key: str, at: float) -> None:
+    """Record that a write of ``key`` to the object store went unanswered at ``at``
+    (the store may still carry it out: ``pacs.core.intake``)."""
+    conn.execute("INSERT INTO unsettled (object_key, since) VALUES (?, ?) "
+                 "ON CONFLICT (object_key) DO UPDATE SET since = excluded.since",
+                 (key, at))
+
+
+def settled(conn: apsw.Connection, key: str, before: float) -> None:
+    """Forget that ``key`` is unsettled, if its unanswered write was before ``before``
+    (one after it keeps it unsettled)."""
+    conn.execute("DELETE FROM unsettled WHERE object_key = ? AND since <= ?", (key, before))
+
+
+def settle_old(conn: apsw.Connection, before: float) -> int:
+    """Forget the unsettled keys of writes before ``before`` whose intake holds
+    nothing for them (a write that failed unanswered and that nothing acknowledged
+    since); the number forgotten."""
+    conn.execute("DELETE FROM unsettled WHERE since <= ? AND object_key NOT IN "
+                 "(SELECT object_key FROM intake)", (before,))
+    return conn.changes()
+
+
 def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | None) -> None:
     """Record the mover's last error (``None``: it moves again)."""
     conn.execute("UPDATE intake_state SET mover_error = ?, mover_error_at = ? WHERE id = 0",
@@ -274,4 +297,4 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
            "backfill_metadata", "counts", "delete_instance", "drop_metadata",
            "drop_tombstone", "intake_add", "intake_drop", "intake_moved", "intake_mover_error",
-           "lookup", "prune", "save_metadata", "upsert"]
+           "lookup", "prune", "save_metadata", "settle_old", "settled", "unsettle", "upsert"]

@@ -57,7 +57,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing
+from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing, UnsettledWrite
 from pacs.core.storage.base import is_object_key, quarantine_folder
 from pacs.core.storage.ranged import RangedReader
 
@@ -418,14 +418,18 @@ class S3Store:
         return self._prefix + key
 
     @contextmanager
-    def _storage_errors(self, action: str) -> Iterator[None]:
-        """Turn minio and urllib3 failures inside the block into :class:`StorageError`."""
+    def _storage_errors(self, action: str, writes: bool = False) -> Iterator[None]:
+        """Turn minio and urllib3 failures inside the block into :class:`StorageError`;
+        with ``writes``, a failure S3 may still carry out into :class:`UnsettledWrite`
+        (:func:`_unanswered`)."""
         try:
             yield
         except S3Error as exc:
-            raise StorageError(f"S3 {action} failed: {exc.code}") from exc
+            raise _failure(writes and _unanswered(exc),
+                           f"S3 {action} failed: {exc.code}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise StorageError(f"S3 {action} failed: {_network_reason(exc)}") from exc
+            raise _failure(writes and _unanswered(exc),
+                           f"S3 {action} failed: {_network_reason(exc)}") from exc
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         """Store ``length`` bytes of ``source`` under ``key``; return once stored.
@@ -449,7 +453,7 @@ class S3Store:
         if length < 0:
             raise StorageError("the object length must be known")
         reader = _CountingReader(source)
-        with self._storage_errors("write"):
+        with self._storage_errors("write", writes=True):
             try:
                 self._client.put_object(
                     bucket_name=self.bucket,
@@ -696,6 +700,42 @@ def _ranged_answer(data: bytes, content_range: str | None, start: int,
     if match is None or int(match.group(1)) != start:
         raise StorageError("S3 read failed: the answer is not the range asked for")
     return data, int(match.group(3))
+
+
+#: S3 error codes of a write the server may have carried out all the same (an
+#: internal error after the object was stored); any other code refused it.
+_UNSETTLED_CODES = frozenset({"InternalError"})
+
+
+def _unanswered(exc: BaseException) -> bool:
+    """True when a write that failed with ``exc`` may still be carried out by S3.
+
+    A request that never reached the server (no connection could be made) or that the
+    server refused with an S3 error is settled: nothing will be stored.  One that was
+    sent and not answered (a read timeout, a connection dropped after the request was
+    sent, a server error without an S3 answer, an answer that is not S3's, from a
+    proxy say) may be completed later by a server that had received it: the late
+    write then lands over whatever was written to the key since
+    (:class:`~pacs.core.errors.UnsettledWrite`).  A failure of the source is
+    settled (the body was not complete).
+    """
+    if isinstance(exc, S3Error):
+        return exc.code in _UNSETTLED_CODES
+    if isinstance(exc, ServerError):
+        return exc.status_code != 503  # Slow Down / Service Unavailable: not taken
+    reason = getattr(exc, "reason", None)  # MaxRetryError: the last attempt's error
+    if isinstance(reason, BaseException):
+        exc = reason
+    # NewConnectionError and NameResolutionError are ConnectTimeoutErrors too.
+    if isinstance(exc, ConnectTimeoutError):
+        return False
+    return not isinstance(exc, (OSError, ValueError))
+
+
+def _failure(unanswered: bool, message: str) -> StorageError:
+    """The error of a failed request: :class:`UnsettledWrite` for a write S3 may still
+    carry out."""
+    return UnsettledWrite(message) if unanswered else StorageError(message)
 
 
 def _network_reason(exc: BaseException) -> str:
