@@ -18,6 +18,11 @@ find       C-FIND
 retrieve   C-MOVE and C-GET
 =========  ==================================================================
 
+A known AE with ``tls = true`` associates over DICOM TLS only (an association of its
+title on the plain port is refused: who may store and retrieve must not be one
+spoofed title away on an unencrypted link), and as a C-MOVE destination it is reached
+over TLS too.
+
 An AE the policy does not know gets ``unknown_ae_rights`` (``PACS_UNKNOWN_AE_RIGHTS``:
 all of them by default, nothing in the compose example).  An association of an AE
 with no rights at all, or of a known AE from another address, is refused.
@@ -44,6 +49,7 @@ role.  The file's entries win over the settings' for the same name.
     host = "10.1.2.3"                # optional: the address it calls from
     port = 104                       # optional, with host: a C-MOVE destination
     rights = ["echo", "store"]
+    tls = true                       # optional: over DICOM TLS only
 
     [[user]]
     name = "alice"
@@ -199,6 +205,7 @@ class KnownAE:
     rights: frozenset[str]
     host: str = ""
     port: int = 0
+    tls: bool = False  # associates, and is reached, over DICOM TLS only
 
     @property
     def destination(self) -> bool:
@@ -252,7 +259,20 @@ def _text(entry: Mapping[str, Any], key: str, required: bool = False) -> str:
     return value.strip()
 
 
+#: The keys an ``ae`` and a ``user`` entry may have: any other (a misspelt ``tls``,
+#: say) is refused rather than ignored, since a rule left out opens what it closed.
+_AE_KEYS = frozenset({"title", "host", "port", "rights", "tls"})
+_USER_KEYS = frozenset({"name", "password", "tokens", "roles"})
+
+
+def _only(entry: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+
+
 def _ae(entry: Mapping[str, Any]) -> KnownAE:
+    _only(entry, _AE_KEYS)
     title = _text(entry, "title", required=True)
     if len(title) > 16:
         raise ValueError(f"AE title {title!r} is longer than 16 characters (PS3.5 6.2)")
@@ -262,10 +282,14 @@ def _ae(entry: Mapping[str, Any]) -> KnownAE:
     host = _text(entry, "host")
     if port and not host:
         raise ValueError(f"AE {title}: a port needs a host")
-    return KnownAE(title, _names(entry, "rights", AE_RIGHTS, "right"), host, port)
+    tls = entry.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ValueError(f"AE {title}: tls must be true or false")
+    return KnownAE(title, _names(entry, "rights", AE_RIGHTS, "right"), host, port, tls)
 
 
 def _user(entry: Mapping[str, Any]) -> User:
+    _only(entry, _USER_KEYS)
     name = _text(entry, "name", required=True)
     if ":" in name:
         raise ValueError(f"user {name!r}: a name may not hold ':' (HTTP Basic, RFC 7617)")
@@ -405,15 +429,20 @@ class AccessPolicy:
         """True when the AE ``calling_ae`` has ``right``."""
         return right in self.rights_of(calling_ae)
 
-    def association_refusal(self, calling_ae: str, address: str) -> str | None:
-        """Why an association of ``calling_ae`` from ``address`` is refused (``None``:
-        admitted): no rights at all, or a known AE calling from another address."""
+    def association_refusal(self, calling_ae: str, address: str,
+                            secure: bool = False) -> str | None:
+        """Why an association of ``calling_ae`` from ``address`` (over TLS:
+        ``secure``) is refused (``None``: admitted): no rights at all, a known AE
+        calling from another address, or one that must call over TLS calling
+        without."""
         title = calling_ae.strip()
         known = self.aes.get(title)
         if known is None:
             return None if self.unknown_ae_rights else f"calling AE {title!r} is not known"
         if not known.rights:
             return f"calling AE {title!r} has no rights"
+        if known.tls and not secure:
+            return f"calling AE {title!r} must associate over DICOM TLS"
         if known.host and not address_matches(known.host, address):
             return f"calling AE {title!r} calls from an address it is not known at"
         return None

@@ -538,7 +538,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        (:func:`pacs.dimse.tls.identity_refusal`): :data:`REJECT_CALLING_AE`, and a
        Security Alert as for 3;
     3. the called customer's access rules (``policies``) give the calling AE no rights,
-       or know it at another address
+       know it at another address, or as one that associates over TLS only
        (:meth:`pacs.core.access.AccessPolicy.association_refusal`):
        :data:`REJECT_CALLING_AE`, and a Security Alert in the customer's audit trail
        (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
@@ -605,7 +605,8 @@ def _identity_refusal(raw: Any, calling: str, called: str, host: str, bindings: 
     if called not in bindings:
         return REJECT_CALLED_AE, f"called AE title {called!r} is not one this node serves"
     policy, trail = policies[called]
-    refusal = tls.identity_refusal(raw, calling) or policy.association_refusal(calling, host)
+    refusal = tls.identity_refusal(raw, calling) or policy.association_refusal(
+        calling, host, secure=tls.is_secure(raw))
     if refusal is None:
         return None
     _security_alert(trail, calling, host, refusal)
@@ -685,7 +686,9 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
         "artim_left": artim_left, "rejections": rejections,
         "customers": customers if owned else None})
     ae = make_ae(settings)
-    ae.destination_tls = tls.client_context(settings)
+    ae.destination_tls = tls.client_context(settings, any(
+        known.tls for policy, _trail in customers.policies().values()
+        for known in policy.destinations().values()))
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.

@@ -59,16 +59,18 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def client_context(settings: Settings) -> ssl.SSLContext | None:
+def client_context(settings: Settings, wanted: bool = False) -> ssl.SSLContext | None:
     """The context of associations to TLS destinations, ``None`` when no destination
-    is marked TLS.
+    is marked TLS (``PACS_MODALITIES``) and none is ``wanted`` (an AE of the access
+    rules, :mod:`pacs.core.access`).
 
     Raises
     ------
     ConfigError
         An unreadable or invalid file.
     """
-    if not any(destination.tls for destination in settings.destinations.values()):
+    if not wanted and not any(destination.tls
+                              for destination in settings.destinations.values()):
         return None
     ca = settings.dimse_tls_ca
     context = policy.context(ssl.Purpose.SERVER_AUTH, ("PACS_DIMSE_TLS_CA", ca) if ca else None)
@@ -128,6 +130,11 @@ def handshake(sock: ssl.SSLSocket, seconds: float) -> None:
     finally:
         if sock.fileno() >= 0:
             sock.setblocking(True)
+
+
+def is_secure(sock: Any) -> bool:
+    """True when ``sock`` is a DICOM TLS connection."""
+    return isinstance(sock, ssl.SSLSocket)
 
 
 def certificate_ae(sock: Any) -> str | None:

@@ -1065,8 +1065,9 @@ converted to another transfer syntax for a peer loses their validity.
   find, retrieve) come from `PACS_ACCESS_FILE`; an operation the calling AE has no
   right to is refused with 0124 (Refused: not authorized, PS3.7 C.5.21), a store
   that would replace a different object without the overwrite right with 0111; an
-  AE with no rights, or a known AE from another address, is rejected (A-ASSOCIATE-RJ,
-  calling AE title not recognized).
+  AE with no rights, a known AE from another address, or one known to associate over
+  DICOM TLS only calling on the plain port, is rejected (A-ASSOCIATE-RJ, calling AE
+  title not recognized).
 - C-MOVE destinations: only known AEs with an address and a port
   (`PACS_MODALITIES`, `PACS_ACCESS_FILE`); an AE known on a network only for its own
   C-MOVEs, at the address it calls from; any other is refused (A801).

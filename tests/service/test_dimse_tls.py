@@ -22,10 +22,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
 from pacs.core.config import Settings
 from pacs.core.services import Services
-from pacs.dimse import tls
+from pacs.dimse import retrieve, tls
 from pacs.dimse.server import NodeServer, start, stop
 from tests.conftest import free_port, seam_only
-from tests.interop.conftest import fresh_ct, read_index
+from tests.interop.conftest import fresh_ct, read_index, run_dcmtk
 from tests.tlsfiles import Pki, ae_certificate, make_pki, openssl
 
 pytestmark = pytest.mark.dimse
@@ -158,3 +158,44 @@ def test_an_expired_client_certificate_fails_the_handshake(server: NodeServer,
     assoc = tls_association(pki, port)
     assert assoc.is_established
     assoc.release()
+
+
+def test_an_ae_known_over_tls_only_is_refused_on_the_plain_port(
+        make_services: Callable[..., Services], pki: Pki, tmp_path: Any) -> None:
+    """``tls = true`` in the access rules: the AE associates over TLS, its title on the
+    plain port is refused (A-ASSOCIATE-RJ, calling AE not recognized), another AE's is
+    not."""
+    rules = tmp_path / "access.toml"
+    rules.write_text('[[ae]]\ntitle = "MODALITY1"\nrights = ["echo", "store"]\ntls = true\n')
+    cert, key = ae_certificate(pki, "INTELPIXEL", server=True)
+    services = make_services(dimse_tls_port=free_port(), dimse_tls_cert=str(cert),
+                             dimse_tls_key=str(key), dimse_tls_ca=str(pki.ca),
+                             access_file=str(rules), artim_timeout=ARTIM)
+    context = tls.server_context(services.settings)
+    assert context is not None
+    secure = start(services, ("127.0.0.1", services.settings.dimse_tls_port),
+                   tls_context=context)
+    plain = start(services, ("127.0.0.1", free_port()))
+    try:
+        assoc = tls_association(pki, secure.server_address[1])
+        assert assoc.is_established
+        assoc.release()
+        # dcmtk's echoscu: pynetdicom's requestor can take a rejection that comes
+        # at once for an abort (tests/service/test_exhaustion.py).
+        for calling, answer in (("MODALITY1", "Calling AE Title Not Recognized"),
+                                ("OTHER", "Received Echo Response (Success)")):
+            result = run_dcmtk("echoscu", "-v", "-aet", calling, "-aec", "INTELPIXEL",
+                               "127.0.0.1", str(plain.server_address[1]), timeout=30)
+            assert answer in result.stdout, result.stdout
+    finally:
+        stop(plain, drain=1.0)
+        stop(secure, drain=1.0)
+
+
+def test_an_ae_known_over_tls_is_a_tls_destination(
+        make_services: Callable[..., Services], tmp_path: Any) -> None:
+    rules = tmp_path / "access.toml"
+    rules.write_text('[[ae]]\ntitle = "WS"\nhost = "127.0.0.1"\nport = 11112\n'
+                     'rights = ["retrieve"]\ntls = true\n')
+    found = retrieve.destination(make_services(access_file=str(rules)), "WS")
+    assert found is not None and found.tls

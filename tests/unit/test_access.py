@@ -69,6 +69,15 @@ def test_associations_are_refused_without_rights_or_from_another_address(
     assert policy.association_refusal("WS1", "127.0.0.1") is None
 
 
+def test_an_ae_known_over_tls_is_refused_without_it_and_reached_with_it() -> None:
+    policy = access.build(tables=access.parse(tomllib.loads(
+        '[[ae]]\ntitle = "CT1"\nhost = "10.1.2.3"\nport = 104\nrights = ["store"]\n'
+        'tls = true\n')))
+    assert "TLS" in (policy.association_refusal("CT1", "10.1.2.3") or "")
+    assert policy.association_refusal("CT1", "10.1.2.3", secure=True) is None
+    assert policy.destinations()["CT1"].tls
+
+
 def test_a_host_name_is_resolved_when_it_associates() -> None:
     assert access.address_matches("localhost", "127.0.0.1")
     assert not access.address_matches("localhost", "192.0.2.1")
@@ -112,6 +121,9 @@ def test_a_password_hash_describes_itself_and_is_salted() -> None:
     ('[[user]]\nname = "u"\nroles = ["root"]\ntokens = ["sha256$' + "0" * 64 + '"]\n',
      "unknown role root"),
     ('colour = "blue"\n', "unknown key"),
+    ('[[ae]]\ntitle = "A"\ntsl = true\n', "AE A: unknown key.s. tsl"),
+    ('[[user]]\nname = "robot"\nrole = ["read"]\n', "user robot: unknown key.s. role"),
+    ('[[ae]]\ntitle = "A"\ntls = "yes"\n', "tls must be true or false"),
 ])
 def test_a_table_it_cannot_read_is_refused_with_a_reason(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
