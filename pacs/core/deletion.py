@@ -20,7 +20,10 @@ read goes through the index or the intake first.  A crash between 2 and 3 leaves
 objects no row names, each with a tombstone: ``pacs fsck`` reports them as removed and
 ``--repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
 removed instance never comes back, and no row ever names a missing object.  A failed
-object deletion is logged and left to fsck the same way.
+object deletion is logged and left to fsck the same way, and so are the removal's
+objects after it: once the store has failed (S3 stalled, each deletion waiting for its
+timeout), a removal of thousands of instances does not hold their locks for a timeout
+each; it goes on removing rows, and its log line counts the objects left.
 
 What a removal names was read without any lock (:meth:`Deleter.plan`: a study may hold
 more instances than one transaction should), so each instance may have been stored again
@@ -124,8 +127,10 @@ class Removal:
     whole :
         The studies left without any instance (removed whole).
     objects_left :
-        Objects whose deletion failed (their rows are gone and their tombstones kept:
-        ``pacs fsck --repair`` deletes them).
+        Objects whose deletion failed or was not tried once one had failed (their rows
+        are gone and their tombstones kept: ``pacs fsck --repair`` deletes them).
+    store_error :
+        The store's first failure, after which no object deletion is tried.
     skipped :
         Instances a rejection note names that it may not remove (another patient's,
         or at another place than the note says).
@@ -141,6 +146,7 @@ class Removal:
     objects_left: int = 0
     skipped: int = 0
     superseded: int = 0
+    store_error: str = ""
 
     def count(self, row: Located) -> None:
         """Add one removed instance."""
@@ -346,13 +352,23 @@ class Deleter:
                 removal.count(row)
                 if row.study_uid not in remaining:
                     removal.whole.add(row.study_uid)
-                try:
-                    # The backend's object alone: its intake copy went with the rows.
-                    self.store.backend.delete(row.object_key)
-                except PacsError as exc:
-                    removal.objects_left += 1
-                    log.warning("could not delete the object of a removed instance (%s); "
-                                "'pacs fsck --repair' will", exc)
+                self._delete_object(row.object_key, removal)
+
+    def _delete_object(self, key: str, removal: Removal) -> None:
+        """Delete a removed instance's object from the backend (its intake copy went
+        with its rows), unless the store failed earlier in this removal: then it is
+        left, counted, for ``pacs fsck --repair``."""
+        if removal.store_error:
+            removal.objects_left += 1
+            return
+        try:
+            self.store.backend.delete(key)
+        except PacsError as exc:
+            removal.objects_left += 1
+            removal.store_error = str(exc) or type(exc).__name__
+            log.warning("could not delete the object of a removed instance (%s); the "
+                        "removal's other objects are left too, for 'pacs fsck --repair'",
+                        removal.store_error)
 
     def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study, read before its rows go (for the audit trail)."""

@@ -411,3 +411,25 @@ def test_a_removal_waits_a_bounded_time_for_a_held_instance(services: Services) 
     assert all(reads.tombstone(services.index.connection(), d[2]) is None for d in made)
     outcome = _events(services)[-1]["EventIdentification"]["EventOutcomeIndicator"]
     assert outcome == audit.SERIOUS_FAILURE
+
+
+def test_once_an_object_deletion_fails_the_others_are_left_for_fsck(
+        make_services: Callable[..., Services], caplog: pytest.LogCaptureFixture) -> None:
+    """A stalled store: the first deletion fails (after its timeout); the removal tries
+    no other, removes every row, and says so in one line."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=3)
+    drain(services)
+    rows = services.deleter.plan([Target(made[0][0])])
+    store.fail_deletes = True
+    with caplog.at_level("WARNING", logger="pacs.core.deletion"):
+        removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                          audit.APPLICATION_SERVER)
+    store.fail_deletes = False
+    assert removal.instances == 3 and removal.objects_left == 3
+    assert sum(store.deleted.values()) == 1
+    assert len([r for r in caplog.records if "could not delete" in r.getMessage()]) == 1
+    assert _uids(services) == set()
+    assert reconcile(services, repair=True).ok
+    assert list(services.store.keys()) == []
