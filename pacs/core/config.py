@@ -270,6 +270,11 @@ SETTINGS: tuple[Setting, ...] = (
             "(for an index that lists no instance)."),
     Setting("PACS_S3_SECURE", "s3_secure", "false", "Use HTTPS to reach S3.", _bool),
     Setting("PACS_S3_REGION", "s3_region", "us-east-1", "S3 region."),
+    Setting("PACS_S3_SETTLE", "s3_settle", "600",
+            "Seconds an object whose write S3 did not answer (or whose write was in "
+            "flight when the intake's mover died) waits in the intake before it is "
+            "written again: longer than S3 may take to carry out a request it received.",
+            _positive(float)),
     Setting("PACS_MODALITIES", "modalities", "",
             "Known remote AEs: C-MOVE and forwarding destinations, and where storage "
             "commitment results go when no association of the requestor is quiet: "
@@ -499,6 +504,7 @@ class Settings:
     s3_bucket: str = _default("s3_bucket")
     s3_secure: bool = _default("s3_secure")
     s3_region: str = _default("s3_region")
+    s3_settle: float = _default("s3_settle")
     modalities: str = _default("modalities")
     allowed_calling_aets: tuple[str, ...] = _default("allowed_calling_aets")
     access_file: str = _default("access_file")

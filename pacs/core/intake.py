@@ -26,12 +26,15 @@ Two parts live here:
 A write the store did not answer (S3 timed out, or dropped the connection after the
 request was sent: :class:`~pacs.core.errors.UnsettledWrite`) may still be carried out
 by the store later, over whatever was written to the key since.  Its key is
-*unsettled* (table ``unsettled``) for :data:`SETTLE_SECONDS`: the object the index
+*unsettled* (table ``unsettled``) for ``PACS_S3_SETTLE`` seconds: the object the index
 names for it stays in the intake, where every reader finds it first, and is written to
 the store again only once a late write could no longer land over it; ingest sends a
 new object of that key through the intake whatever its size, and puts an overwritten
 object whose replacement went unanswered back into the intake
-(:mod:`pacs.core.ingest`).
+(:mod:`pacs.core.ingest`).  A mover that dies (``kill -9``) may leave PUTs in flight
+that nobody saw unanswered: the next mover finds the previous one's mark
+(``intake_state.mover_active``) and makes every key then in the intake unsettled
+(:meth:`Mover.begin`).
 
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
 before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
@@ -98,8 +101,9 @@ CHECKPOINT_BATCHES = 8
 #: The longest wait after a store failure.
 MAX_BACKOFF = 30.0
 #: Seconds after an unanswered write of a key before the mover writes the key again
-#: and forgets it: longer than a store takes to carry out a request it has received
-#: (S3 servers drop a request that does not complete within minutes).
+#: and forgets it, unless told otherwise (``PACS_S3_SETTLE``): longer than a store
+#: takes to carry out a request it has received (S3 servers drop a request that does
+#: not complete within minutes).
 SETTLE_SECONDS = 600.0
 #: Seconds a refused sender is asked to wait (STOW-RS ``Retry-After``).
 RETRY_AFTER = 10
@@ -442,15 +446,21 @@ class Mover:
     settle : float
         Seconds after an unanswered write of a key before it is written again
         (:data:`SETTLE_SECONDS`).
+    late_writes : bool
+        The store may carry out a write after the writer saw it fail or died (S3):
+        :meth:`begin` then looks for a mover that died with writes in flight.
     """
 
     def __init__(self, index: Index, store: IntakeStore, uid_locks: UidLocks,
-                 hold: Hold = Hold(), settle: float = SETTLE_SECONDS) -> None:
+                 hold: Hold = Hold(), settle: float = SETTLE_SECONDS,
+                 late_writes: bool = False) -> None:
         self.index = index
         self.store = store
         self.uid_locks = uid_locks
         self.hold = hold
         self.settle = settle
+        self.late_writes = late_writes
+        self._begun = False
         self.state = MoverState()
         #: The index's last change number (``instance.change_seq``) at the last look.
         self._head: int | None = None
@@ -549,6 +559,38 @@ class Mover:
         wait(running)
         return [outcomes[number].result() for number in range(len(outcomes))]
 
+    def begin(self) -> None:
+        """Before the first batch, on a store with late writes: mark that a mover runs,
+        and when the last one did not stop cleanly (killed with PUTs in flight, which
+        S3 may still carry out, over a newer object written since), make every key of
+        the intake unsettled, so that none is written before such a PUT could land.
+
+        Raises
+        ------
+        IndexFailure
+            The mark could not be read or written (the mover does not start).
+        """
+        if not self.late_writes:
+            return
+        with self.index.write() as conn:
+            marked = writer.mover_started(conn, time.time())
+        self._begun = True
+        if marked:
+            log.warning("intake mover: the last one stopped with writes in flight; %d "
+                        "object(s) wait %g s in the intake before they are written again",
+                        marked, self.settle)
+
+    def finish(self) -> None:
+        """After the last batch (no write in flight): clear the mark of :meth:`begin`."""
+        if not self._begun:
+            return
+        try:
+            with self.index.write() as conn:
+                writer.mover_stopped(conn)
+            self._begun = False
+        except IndexFailure:
+            log.exception("intake mover: cannot record its stop")
+
     def settle_old(self) -> None:
         """Forget the unsettled keys whose intake holds nothing (a write that failed
         unanswered and that nothing acknowledged since) once they have settled."""
@@ -610,9 +652,11 @@ class Mover:
             The store failed (what was moved before stays moved).
         """
         try:
+            self.begin()
             total = self._move_until(math.inf)
         finally:
             self.close()
+            self.finish()
         self.checkpoint()
         return total
 
@@ -624,11 +668,13 @@ class Mover:
         to ``drain_for`` seconds, without holding back, while the intake holds
         objects and the store takes them (:meth:`drain_until`)."""
         try:
+            self.begin()
             self.settle_old()
             self._run(stopping)
             self.drain_until(time.monotonic() + drain_for)
         finally:
             self.close()
+            self.finish()
 
     def drain_until(self, deadline: float) -> None:
         """Move batches until the intake is empty, the store fails or ``deadline``

@@ -92,7 +92,6 @@ from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row, patient_key
-from pacs.core.intake import SETTLE_SECONDS
 from pacs.core.rejection import Reference, Rejection
 from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
 
@@ -340,8 +339,7 @@ def _refuse_if_intake_holds(index_path: Path) -> None:
             f"the intake of {index_path} holds {state.objects} acknowledged object(s) not "
             "yet in the object store: let the node's mover store them (or run "
             "'pacs reindex', which drains it first, with the store reachable; an object "
-            "whose last write the store did not answer waits there up to "
-            f"{SETTLE_SECONDS / 60:g} minutes)")
+            "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,8 @@ def mover(services: Services) -> Mover:
     # The mover answers no peer: it waits for a lock as long as its holder (a store,
     # a removal) takes.
     return Mover(services.index, services.store,
-                 partial(services.ingest.uid_locks, bounded=False), hold)
+                 partial(services.ingest.uid_locks, bounded=False), hold,
+                 settings.s3_settle, late_writes=settings.storage == "s3")
 
 
 def drain(services: Services) -> int:

@@ -665,3 +665,23 @@ def test_a_settled_key_without_an_intake_copy_is_forgotten(
     assert _unsettled(services) == [key]
     Mover(services.index, services.store, services.ingest.uid_locks, settle=0).settle_old()
     assert _unsettled(services) == []
+
+
+def test_a_mover_that_died_leaves_the_intake_unsettled_for_the_next(
+        make_services: Callable[..., Services]) -> None:
+    """A mover killed with PUTs in flight (S3 may still carry them out) never cleared
+    its mark: the next one makes every key then in the intake unsettled and writes
+    none before it has settled; a mover that stops cleanly leaves nothing to settle."""
+    services, keys = _intake_of(2, make_services, MemoryStore())
+
+    def mover_of(settle: float) -> Mover:
+        return Mover(services.index, services.store, services.ingest.uid_locks,
+                     settle=settle, late_writes=True)
+
+    mover_of(60).begin()  # and killed: no finish
+    assert mover_of(60).drain() == 0
+    assert _unsettled(services) == sorted(keys)
+    assert mover_of(0).drain() == 2
+    assert _unsettled(services) == []
+    services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.7"))
+    assert mover_of(60).drain() == 1  # the last one stopped cleanly

@@ -339,12 +339,17 @@ def _unsettled(conn: apsw.Connection) -> None:
     """Keys whose last write to the object store was not answered (``unsettled``:
     ``pacs.core.intake``): the store may still carry it out, so the object the index
     names for such a key is kept in the intake and written again only once ``since``
-    is long enough ago."""
+    is long enough ago.  ``intake_state.mover_active``: a mover is running (or died
+    without clearing it, its writes in flight unanswered)."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS unsettled (\n"
         "  object_key TEXT PRIMARY KEY,\n"
         "  since REAL NOT NULL\n"
         ") WITHOUT ROWID")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(intake_state)")}
+    if "mover_active" not in columns:
+        conn.execute("ALTER TABLE intake_state ADD COLUMN mover_active INTEGER NOT NULL "
+                     "DEFAULT 0")
 
 
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.

@@ -288,6 +288,26 @@ def settle_old(conn: apsw.Connection, before: float) -> int:
     return conn.changes()
 
 
+def mover_started(conn: apsw.Connection, at: float) -> int:
+    """Record that a mover runs; when the last one did not stop cleanly (killed with
+    writes in flight, which the store may still carry out), every key of the intake
+    becomes unsettled at ``at``: the number of them, else 0."""
+    row = conn.execute("SELECT mover_active FROM intake_state WHERE id = 0").fetchone()
+    marked = 0
+    if row is not None and row[0]:
+        conn.execute("INSERT INTO unsettled (object_key, since) "
+                     "SELECT object_key, ? FROM intake WHERE true "
+                     "ON CONFLICT (object_key) DO UPDATE SET since = excluded.since", (at,))
+        marked = conn.changes()
+    conn.execute("UPDATE intake_state SET mover_active = 1 WHERE id = 0")
+    return marked
+
+
+def mover_stopped(conn: apsw.Connection) -> None:
+    """Record that the mover stopped with none of its writes in flight."""
+    conn.execute("UPDATE intake_state SET mover_active = 0 WHERE id = 0")
+
+
 def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | None) -> None:
     """Record the mover's last error (``None``: it moves again)."""
     conn.execute("UPDATE intake_state SET mover_error = ?, mover_error_at = ? WHERE id = 0",
@@ -297,4 +317,5 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
            "backfill_metadata", "counts", "delete_instance", "drop_metadata",
            "drop_tombstone", "intake_add", "intake_drop", "intake_moved", "intake_mover_error",
-           "lookup", "prune", "save_metadata", "settle_old", "settled", "unsettle", "upsert"]
+           "lookup", "mover_started", "mover_stopped", "prune", "save_metadata", "settle_old",
+           "settled", "unsettle", "upsert"]
