@@ -64,6 +64,9 @@ class Health:
         How long the oldest of them has waited.
     intake_error : str or None
         The mover's last error while it lasts (the store failed).
+    intake_unsettled : int
+        Keys whose last write S3 did not answer: their objects wait in the intake
+        until S3 can no longer carry that write out (``PACS_S3_SETTLE``).
     """
 
     store: str
@@ -80,6 +83,7 @@ class Health:
     intake_bytes: int = 0
     intake_oldest_seconds: float | None = None
     intake_error: str | None = None
+    intake_unsettled: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,4 +152,5 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_bytes=intake.bytes,
                   intake_oldest_seconds=(None if intake.oldest is None
                                          else round(max(0.0, time.time() - intake.oldest), 3)),
-                  intake_error=intake.mover_error)
+                  intake_error=intake.mover_error,
+                  intake_unsettled=intake.unsettled)

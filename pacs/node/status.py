@@ -95,6 +95,9 @@ def _intake_line(settings: Settings, found: Health) -> str:
             f"for the store (limit {human(settings.intake_max_bytes)})")
     if found.intake_oldest_seconds is not None:
         line += f", oldest {found.intake_oldest_seconds:.0f} s"
+    if found.intake_unsettled:
+        line += (f"; {found.intake_unsettled} unanswered by the store, waiting "
+                 "PACS_S3_SETTLE")
     if found.intake_error:
         line += f"; mover failing: {found.intake_error}"
     return line

@@ -601,6 +601,7 @@ def test_an_unanswered_put_keeps_its_key_in_the_intake_until_it_has_settled(
     with pytest.raises(UnsettledWrite):
         waiting.move_batch()
     assert _unsettled(services) == [keys[0]]
+    assert health.check(services).intake_unsettled == 1
     store.failing = set()
     old = read(services, keys[0])
     new = instance("1.2.826.0.1.3680043.8.498.1", StudyDescription="new")

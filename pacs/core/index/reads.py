@@ -386,6 +386,7 @@ class IntakeState:
     oldest: float | None  # received_at (POSIX time) of the oldest object
     mover_error: str | None
     mover_error_at: float | None
+    unsettled: int = 0  # keys whose store write went unanswered (pacs.core.intake)
 
 
 @_read("intake state")
@@ -394,7 +395,8 @@ def intake_state(conn: apsw.Connection) -> IntakeState:
     mover's last error."""
     row = conn.execute(
         "SELECT objects, bytes, (SELECT received_at FROM intake ORDER BY id LIMIT 1), "
-        "mover_error, mover_error_at FROM intake_state WHERE id = 0").fetchone()
+        "mover_error, mover_error_at, (SELECT count(*) FROM unsettled) "
+        "FROM intake_state WHERE id = 0").fetchone()
     if row is None:  # written by the migration
         raise apsw.SQLError("no intake_state row")
     return IntakeState(*row)
