@@ -43,7 +43,9 @@ through), and for the reason files.
 
 Sub-folders are walked (a dropped folder tree works); ``archive/`` and ``rejected/``
 keep the relative path of each file.  Logs give counts, not file names (which may
-carry patient names); names are logged at DEBUG only.
+carry patient names); names are logged at DEBUG only, and a reason file names its
+file on one line (bytes that are not UTF-8 and control characters escaped).  A fault
+of the code on one file leaves that file for the next scan; the others are handled.
 
 Run by ``pacs serve`` as its own process (``python -m pacs.node.uploads``), so that it
 opens its own index connection and store client, as every worker does.
@@ -187,7 +189,10 @@ def open_for_writing(paths: Iterable[Path]) -> set[Path]:
     this one may not inspect (other users, other PID namespaces) are not seen; where
     ``/proc`` does not exist the answer is the empty set.
     """
-    wanted = {os.path.realpath(p): p for p in paths}
+    # The folder resolved, the name not: /proc names a file by its resolved path, and
+    # a link is never the file some process writes (a link to /dev/null would
+    # otherwise wait for ever for every daemon to close it).
+    wanted = {os.path.join(os.path.realpath(p.parent), p.name): p for p in paths}
     busy: set[Path] = set()
     if not wanted:
         return busy
@@ -225,6 +230,15 @@ def _writable_fd(pid: str, fd: str) -> bool:
         pass
     # Unknown: assume it is being written, so the file waits for another scan.
     return True
+
+
+def shown(name: str) -> str:
+    """``name`` as one line of UTF-8 text: bytes that are not UTF-8 as ``\\xNN``,
+    control characters (a newline) escaped, so a name cannot break a reason file's
+    lines or its encoding."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _free_name(name: str, folder: int, *suffixes: str) -> str:
@@ -286,7 +300,7 @@ class UploadWatcher:
                 stable.append(path)
         self._previous = current
         busy = self.writers(stable) if stable else set()
-        handled = [self._handle(path) for path in stable if path not in busy]
+        handled = [self._handle_safely(path) for path in stable if path not in busy]
         for item in handled:
             if item.disposition is not Disposition.RETRY:
                 # Gone from the folder: a new file under this name starts afresh.
@@ -315,6 +329,15 @@ class UploadWatcher:
                 yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
 
     # -- one file ---------------------------------------------------------------------
+
+    def _handle_safely(self, path: Path) -> Handled:
+        """:meth:`_handle`, a fault of the code on one file (not of the file: those are
+        rejections) left to the next scan, so that the files after it are handled."""
+        try:
+            return self._handle(path)
+        except Exception as exc:
+            log.exception("could not handle an uploaded file; will retry")
+            return Handled(path, Disposition.RETRY, type(exc).__name__)
 
     def _handle(self, path: Path) -> Handled:
         try:
@@ -427,11 +450,20 @@ class UploadWatcher:
                 with _directory(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
                     name = _free_name(parts[-1], to, REASON_SUFFIX)
                     os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
-                    self._write_reason(to, name + REASON_SUFFIX, path, reason)
+                    self._explain(to, name + REASON_SUFFIX, path, reason)
         except OSError as exc:
             log.error("could not move a rejected upload aside: %s", exc.strerror)
             return Handled(path, Disposition.RETRY, reason)
         return Handled(path, Disposition.REJECTED, reason)
+
+    def _explain(self, folder: int, name: str, path: Path, reason: str) -> None:
+        """:meth:`_write_reason`; the file is in ``rejected/`` already, so a reason that
+        cannot be written (a full disk) is logged, and the file stays rejected."""
+        try:
+            self._write_reason(folder, name, path, reason)
+        except OSError as exc:
+            log.error("moved an upload to %s/ but could not write its reason: %s",
+                      REJECTED, exc.strerror)
 
     def _write_reason(self, folder: int, name: str, path: Path, reason: str) -> None:
         """The reason file: a new file, never written through a link."""
@@ -439,8 +471,8 @@ class UploadWatcher:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o644, dir_fd=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(f"file: {self._relative(path).as_posix()}\nrejected: {when}\n"
-                      f"reason: {reason}\n")
+            out.write(f"file: {shown(self._relative(path).as_posix())}\n"
+                      f"rejected: {when}\nreason: {reason}\n")
 
     # -- the loop ---------------------------------------------------------------------
 

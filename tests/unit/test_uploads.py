@@ -335,3 +335,65 @@ def test_a_file_over_the_object_limit_is_rejected_unread(
     assert (folder / "rejected" / "huge.dcm").stat().st_size == 8 * 2**30
     assert "PACS_MAX_OBJECT_BYTES" in (
         folder / "rejected" / ("huge.dcm" + REASON_SUFFIX)).read_text()
+
+
+def test_a_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """A name with a byte UTF-8 cannot decode and a newline: its reason file names it
+    on one line, escaped, and the files after it are still handled."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (Path(os.fsdecode(os.path.join(os.fsencode(folder), b"a\xff\nb.dcm")))
+     ).write_bytes(b"junk")
+    (folder / "z.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    handled = {h.path.name[-5:]: h.disposition for h in watcher.scan()}
+    assert handled == {"\nb.dcm"[-5:]: Disposition.REJECTED, "z.dcm": Disposition.STORED}
+    reason = (folder / "rejected" / ("a\udcff\nb.dcm" + REASON_SUFFIX)).read_text()
+    assert reason.splitlines()[0] == "file: a\\xff\\nb.dcm"
+
+
+def test_an_unexpected_failure_on_one_file_leaves_the_others_handled(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "a.dcm").write_bytes(b"first")
+    (folder / "b.dcm").write_bytes(ct_bytes)
+    store = services.ingest.store_bytes
+
+    def fails_on_the_first(data: bytes, **kwargs: object) -> object:
+        if data == b"first":
+            raise RuntimeError("a fault of the code, not of the file")
+        return store(data, **kwargs)
+
+    monkeypatch.setattr(services.ingest, "store_bytes", fails_on_the_first)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY,
+                                                        Disposition.STORED]
+    assert (folder / "a.dcm").exists() and not (folder / "b.dcm").exists()
+
+
+def test_a_reason_that_cannot_be_written_still_reports_the_move(
+        services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moved to rejected/ but the reason file fails (a full disk): the file is where
+    the report says, rejected, not reported as left in place."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "junk.dcm").write_bytes(b"junk")
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(watcher, "_write_reason", disk_full)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert (folder / "rejected" / "junk.dcm").exists()
+
+
+def test_a_link_to_a_device_others_write_is_rejected(services: Services,
+                                                      folder: Path) -> None:
+    """With the real writer check: /dev/null is open for writing by many processes, but
+    a link to it is a link, moved aside; it does not wait for ever for them to close it."""
+    watcher = UploadWatcher(services.ingest, folder)
+    (folder / "null.dcm").symlink_to("/dev/null")
+    with open("/dev/null", "wb"):
+        watcher.scan()
+        assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
