@@ -86,14 +86,14 @@ from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
 from pacs.core.deletion import chunks, delete_rows, reference, rejectable
-from pacs.core.errors import IndexFailure, NotFound, PacsError
+from pacs.core.errors import ForeignObject, IndexFailure, NotFound, ObjectTooLarge, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row, patient_key
 from pacs.core.rejection import Reference, Rejection
-from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
+from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key, read_object
 
 log = logging.getLogger(__name__)
 
@@ -498,12 +498,12 @@ def _analysed(store: ObjectStore, keys: list[str], analysers: AnalyserPool,
 
 
 def _read_and_analyse(store: ObjectStore, key: str, analysers: AnalyserPool) -> _Outcome:
-    """The object's size and analysis (a missing object: :class:`NotFound` as its
-    analysis; a failing store raises)."""
+    """The object's size and analysis (a missing object, something that is no file of
+    the store, an object over the analysers' ``max_object_bytes``, read no further:
+    the error as its analysis; a failing store raises)."""
     try:
-        with store.open(key) as stream:
-            data = stream.read()
-    except NotFound as exc:
+        data = read_object(store, key, analysers.max_object_bytes)
+    except (NotFound, ForeignObject, ObjectTooLarge) as exc:
         return 0, exc
     return len(data), analysers.submit(data).result()
 

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from pacs.core.dataset import valid_uid
-from pacs.core.errors import NotFound, StorageError
+from pacs.core.errors import NotFound, ObjectTooLarge, StorageError
 
 #: A forward-only stream that must seek is copied to memory up to this size, to disk
 #: beyond (:func:`open_ranged`'s fallback).
 SPOOL_BYTES = 32 << 20
 
-_KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
 #: Names of quarantine folders (one per repair run).
 _QUARANTINE_FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -34,8 +33,11 @@ def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 
 def is_object_key(key: str) -> bool:
-    """True for keys of the form :func:`object_key` builds."""
-    return bool(_KEY_RE.match(key))
+    """True for keys of the form :func:`object_key` builds: three valid UIDs, so no
+    part is ``..`` or ``.`` and no key names a path outside the store."""
+    parts = key.split("/")
+    return (len(parts) == 3 and parts[2].endswith(".dcm")
+            and all(valid_uid(part) for part in (*parts[:2], parts[2][:-4])))
 
 
 def quarantine_folder(folder: str) -> str:
@@ -322,6 +324,27 @@ def digest(store: ObjectStore, key: str) -> tuple[str, int]:
             hashed.update(chunk)
             size += len(chunk)
     return hashed.hexdigest(), size
+
+
+def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
+    """The whole object, read through :meth:`ObjectStore.open` up to ``limit`` + 1
+    bytes: an object larger than any the node accepts (``PACS_MAX_OBJECT_BYTES``) is
+    never held whole by the tools that read every object (``pacs reindex``, ``pacs
+    fsck``).
+
+    Raises
+    ------
+    ObjectTooLarge
+        The object is larger than ``limit`` bytes.
+    NotFound, StorageError
+        As :meth:`ObjectStore.open`.
+    """
+    with store.open(key) as stream:
+        data = stream.read() if limit is None else stream.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ObjectTooLarge(f"larger than PACS_MAX_OBJECT_BYTES ({limit} bytes); not "
+                             "read further")
+    return data
 
 
 def exists(store: ObjectStore, key: str) -> bool:

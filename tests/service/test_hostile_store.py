@@ -1,0 +1,128 @@
+"""``pacs reindex`` and ``pacs fsck`` over a folder store that holds what no write of
+the node leaves: links, FIFOs, devices, files larger than any object.  Nothing is
+opened in a way that waits, no link is followed, no object is read past
+``PACS_MAX_OBJECT_BYTES``, and each is reported rather than indexed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pacs.core import config
+from pacs.core.analysers import AnalyserPool
+from pacs.core.errors import ForeignObject
+from pacs.core.reconcile import Action, Problem, reconcile
+from pacs.core.reindex import rebuild
+from pacs.core.services import build, drain
+from pacs.core.storage import is_object_key, object_key
+from pacs.core.storage.filesystem import FileStore
+from tests.factory import make_instance
+
+STUDY = "1.2.826.0.1.3680043.8.498.77"
+SERIES = STUDY + ".1"
+#: The SOP Instance UIDs of the hostile entries, by what is at their key.
+HOSTILE = {"fifo": SERIES + ".1", "link to a fifo": SERIES + ".2",
+           "link to /dev/zero": SERIES + ".3", "link outside": SERIES + ".4",
+           "too large": SERIES + ".5"}
+
+
+def _key(sop: str) -> str:
+    return object_key(STUDY, SERIES, sop)
+
+
+def _plant(root: Path, outside: Path) -> dict[str, str]:
+    """The hostile entries at object keys; their keys by kind."""
+    (root / STUDY / SERIES).mkdir(parents=True, exist_ok=True)
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    os.mkfifo(root / _key(HOSTILE["fifo"]))
+    (root / _key(HOSTILE["link to a fifo"])).symlink_to(outside / "fifo")
+    (root / _key(HOSTILE["link to /dev/zero"])).symlink_to("/dev/zero")
+    linked = make_instance(StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                           SOPInstanceUID=HOSTILE["link outside"])
+    (outside / "linked.dcm").write_bytes(linked)
+    (root / _key(HOSTILE["link outside"])).symlink_to(outside / "linked.dcm")
+    with open(root / _key(HOSTILE["too large"]), "wb") as large:
+        large.truncate(8 << 20)  # sparse: past the limit below without using the disk
+    return {kind: _key(sop) for kind, sop in HOSTILE.items()}
+
+
+@pytest.fixture
+def limited(settings: config.Settings) -> config.Settings:
+    return settings.with_overrides(max_object_bytes=4 << 20)
+
+
+def test_reindex_reports_what_it_cannot_use_and_indexes_the_rest(
+        limited: config.Settings, tmp_path: Path) -> None:
+    services = build(limited)
+    services.ingest.store_bytes(make_instance())
+    drain(services)
+    services.close()
+    planted = _plant(limited.objects_dir, tmp_path / "outside")
+    store = FileStore(limited.objects_dir)
+    report = rebuild(limited.index_path, store,
+                     AnalyserPool(0, limited.max_object_bytes), readers=2)
+    assert report.indexed == 1
+    reasons = {skipped.key: skipped.reason for skipped in report.skipped}
+    assert set(reasons) == set(planted.values())
+    for kind in ("fifo", "link to a fifo", "link to /dev/zero", "link outside"):
+        assert "not a regular file" in reasons[planted[kind]], kind
+    assert "PACS_MAX_OBJECT_BYTES" in reasons[planted["too large"]]
+
+
+def test_fsck_reports_what_it_cannot_use_and_moves_it_aside_as_it_is(
+        limited: config.Settings, tmp_path: Path) -> None:
+    services = build(limited)
+    try:
+        services.ingest.store_bytes(make_instance())
+        drain(services)
+        planted = _plant(limited.objects_dir, tmp_path / "outside")
+        report = reconcile(services, repair=True)
+    finally:
+        services.close()
+    found = {f.key: f for f in report.findings}
+    assert set(found) == set(planted.values())
+    assert {(f.problem, f.action, f.done) for f in found.values()} == {
+        (Problem.UNREADABLE, Action.QUARANTINE, True)}
+    moved = Path(found[planted["link outside"]].moved_to)
+    assert moved.is_symlink() and (tmp_path / "outside" / "linked.dcm").is_file()
+    assert "PACS_MAX_OBJECT_BYTES" in found[planted["too large"]].note
+
+
+def test_a_key_that_climbs_out_of_the_store_is_refused() -> None:
+    for key in ("../1.2/3.dcm", "../../..dcm", "1.2/../3.dcm", "1..2/3/4.dcm",
+                "1/2/3.dcm\n", ".1/2/3.dcm"):
+        assert not is_object_key(key), key
+    assert is_object_key(_key(SERIES + ".9"))
+
+
+def test_a_link_at_a_key_is_not_read_through(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "objects")
+    (tmp_path / "objects" / STUDY / SERIES).mkdir(parents=True)
+    (tmp_path / "secret").write_bytes(b"not the store's")
+    (tmp_path / "objects" / _key(SERIES + ".9")).symlink_to(tmp_path / "secret")
+    with pytest.raises(ForeignObject):
+        store.open(_key(SERIES + ".9"))
+
+
+def test_an_indexed_object_replaced_by_a_link_is_reported_and_left(
+        limited: config.Settings, tmp_path: Path) -> None:
+    services = build(limited)
+    try:
+        data = make_instance(StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                             SOPInstanceUID=SERIES + ".8")
+        services.ingest.store_bytes(data)
+        drain(services)
+        path = limited.objects_dir / _key(SERIES + ".8")
+        (tmp_path / "copy.dcm").write_bytes(data)
+        path.unlink()
+        path.symlink_to(tmp_path / "copy.dcm")
+        report = reconcile(services, repair=True)
+    finally:
+        services.close()
+    assert not report.ok and report.findings == []
+    assert report.errors == [f"{_key(SERIES + '.8')}: not a regular file (a link, FIFO, "
+                             "socket or device the store never wrote); not read"]
+    assert path.is_symlink()
