@@ -27,7 +27,9 @@ Afterwards:
 - refused (not DICOM Part 10, truncated, invalid UIDs, a duplicate the policy refuses,
   or a different duplicate the policy discards): moved to ``rejected/`` with
   ``<name>.reason.txt`` beside it;
-- our own failure (store or index unavailable): left in place and tried again.
+- our own failure (store or index unavailable), or a file or folder that cannot be
+  read (its permissions): left in place and tried again every scan, a WARNING logged
+  once for it while it stays.
 
 Files larger than ``PACS_MAX_OBJECT_BYTES`` are rejected by their size, unread.  A file
 rewritten after it was read (its size, times or inode differ from what was read) is
@@ -46,6 +48,7 @@ keep the relative path of each file.  Logs give counts, not file names (which ma
 carry patient names); names are logged at DEBUG only, and a reason file names its
 file on one line (bytes that are not UTF-8 and control characters escaped).  A fault
 of the code on one file leaves that file for the next scan; the others are handled.
+A stop ends a scan between two files.
 
 Run by ``pacs serve`` as its own process (``python -m pacs.node.uploads``), so that it
 opens its own index connection and store client, as every worker does.
@@ -280,12 +283,22 @@ class UploadWatcher:
         self.writers = writers
         self.max_object_bytes = max_object_bytes
         self._previous: dict[Path, _Seen] = {}
+        # Files and folders a WARNING was logged for, while they stay as they are: a
+        # file left for the next scan is tried every scan, but said once.
+        self._warned: set[Path] = set()
+        self._unlisted: set[Path] = set()  # folders this scan could not list
         folder.mkdir(parents=True, exist_ok=True)
 
     # -- one scan ---------------------------------------------------------------------
 
-    def scan(self) -> list[Handled]:
+    def scan(self, stopping: threading.Event | None = None) -> list[Handled]:
         """Look once: ingest every file that was already there, unchanged, last scan.
+
+        Parameters
+        ----------
+        stopping : threading.Event, optional
+            Once set, the scan ends before the next file (a stop is not held up by
+            thousands of files; those left are taken by the next scan).
 
         Returns
         -------
@@ -294,13 +307,20 @@ class UploadWatcher:
         """
         current: dict[Path, _Seen] = {}
         stable: list[Path] = []
+        self._unlisted = set()
         for path, seen in self._candidates():
             current[path] = seen
             if self._previous.get(path) == seen:
                 stable.append(path)
         self._previous = current
+        self._warned &= current.keys() | self._unlisted
         busy = self.writers(stable) if stable else set()
-        handled = [self._handle_safely(path) for path in stable if path not in busy]
+        handled: list[Handled] = []
+        for path in stable:
+            if stopping is not None and stopping.is_set():
+                break
+            if path not in busy:
+                handled.append(self._handle_safely(path))
         for item in handled:
             if item.disposition is not Disposition.RETRY:
                 # Gone from the folder: a new file under this name starts afresh.
@@ -309,7 +329,7 @@ class UploadWatcher:
 
     def _candidates(self) -> Iterator[tuple[Path, _Seen]]:
         """Every file below the folder that may be an upload, with what it looks like."""
-        for dirpath, dirs, files in os.walk(self.folder):
+        for dirpath, dirs, files in os.walk(self.folder, onerror=self._unlistable):
             here = Path(dirpath)
             if here == self.folder:
                 dirs[:] = [d for d in dirs if d not in (ARCHIVE, REJECTED)]
@@ -327,6 +347,21 @@ class UploadWatcher:
                 except OSError:  # removed meanwhile
                     continue
                 yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
+
+    def _unlistable(self, exc: OSError) -> None:
+        """A folder the walk cannot list (its permissions, a path past ``PATH_MAX``):
+        what it holds waits, and the operator is told once."""
+        folder = Path(exc.filename or self.folder)
+        self._unlisted.add(folder)
+        self._warn_once(folder, "cannot list a folder below the upload folder (%s); what "
+                                "it holds waits", exc.strerror)
+
+    def _warn_once(self, path: Path, message: str, *args: object) -> None:
+        """``message`` at WARNING the first time for ``path``, at DEBUG while it stays
+        (the next scans try it again)."""
+        level = logging.DEBUG if path in self._warned else logging.WARNING
+        self._warned.add(path)
+        log.log(level, message, *args)
 
     # -- one file ---------------------------------------------------------------------
 
@@ -371,8 +406,10 @@ class UploadWatcher:
         parts = self._relative(path).parts
         try:
             with _directory(self.folder, parts[:-1]) as folder:
-                if not stat.S_ISREG(os.stat(parts[-1], dir_fd=folder,
-                                            follow_symlinks=False).st_mode):
+                mode = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):  # a file swapped for a folder: the walk takes it
+                    raise _Skip(Handled(path, Disposition.RETRY, "a folder now"))
+                if not stat.S_ISREG(mode):
                     raise OSError(errno.ELOOP, "not a regular file")  # never opened
                 fd = os.open(parts[-1], _UPLOAD, dir_fd=folder)
         except FileNotFoundError:
@@ -382,7 +419,8 @@ class UploadWatcher:
                 # A link (or a socket) where a file or folder was: never read through.
                 raise _Skip(self._reject(path, "a link or not a regular file (links are "
                                                "not followed)")) from None
-            log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+            self._warn_once(path, "cannot read an uploaded file (%s); will retry",
+                            exc.strerror)
             raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
         with os.fdopen(fd, "rb") as file:
             before = os.fstat(fd)
@@ -396,7 +434,8 @@ class UploadWatcher:
             try:
                 data = file.read() if limit is None else file.read(limit + 1)
             except OSError as exc:
-                log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+                self._warn_once(path, "cannot read an uploaded file (%s); will retry",
+                                exc.strerror)
                 raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
             identity = _Identity.of(os.fstat(fd))
         if identity != _Identity.of(before) or len(data) != identity.size:
@@ -485,7 +524,7 @@ class UploadWatcher:
         log.info("watching the upload folder %s every %g s", self.folder, interval)
         while not stopping.is_set():
             try:
-                handled = self.scan()
+                handled = self.scan(stopping)
             except Exception:
                 log.exception("upload folder scan failed")
                 handled = []

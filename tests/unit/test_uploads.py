@@ -3,7 +3,10 @@ files become queryable through the same engine as C-FIND."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from pacs.core.errors import StorageError
 from pacs.core.query.matching import constraint
 from pacs.core.query.model import Query
 from pacs.core.services import Services
+from pacs.node import uploads
 from pacs.node.uploads import (
     REASON_SUFFIX,
     Disposition,
@@ -397,3 +401,95 @@ def test_a_link_to_a_device_others_write_is_rejected(services: Services,
     with open("/dev/null", "wb"):
         watcher.scan()
         assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_fifo_or_socket_is_rejected_unopened(services: Services, folder: Path,
+                                                kind: str) -> None:
+    """A FIFO without a writer would block an ordinary open for ever."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    if kind == "fifo":
+        os.mkfifo(folder / "odd.dcm")
+    else:
+        socket.socket(socket.AF_UNIX).bind(str(folder / "odd.dcm"))
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert not (folder / "odd.dcm").exists()
+    assert "not a regular file" in (folder / "rejected" / ("odd.dcm" + REASON_SUFFIX)
+                                    ).read_text()
+
+
+def test_a_file_that_cannot_be_read_is_warned_about_once(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Unreadable (its permissions): left in place and tried again every scan, but one
+    WARNING line, not one per scan."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "closed.dcm").write_bytes(ct_bytes)
+    real_open = os.open
+
+    def denied(name: object, flags: int, *args: object, **kwargs: object) -> int:
+        if name == "closed.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploads.os, "open", denied)
+    with caplog.at_level(logging.DEBUG, logger="pacs.node.uploads"):
+        for _ in range(4):
+            watcher.scan()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "cannot read an uploaded file (Permission denied); will retry"]
+    assert (folder / "closed.dcm").exists()
+
+
+def test_a_folder_that_cannot_be_listed_is_warned_about_once(
+        services: Services, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Folders nested past PATH_MAX: the deepest cannot be listed; said once, not
+    passed over in silence, nor said every scan."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(3):
+            assert watcher.scan() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "cannot list a folder below the upload folder (File name too long); what it "
+        "holds waits"]
+
+
+def test_a_scan_stops_between_files_when_asked(services: Services, folder: Path,
+                                               ct_bytes: bytes) -> None:
+    """Thousands of files in one scan do not hold up a stop: it ends between files."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    for number in range(3):
+        (folder / f"{number}.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    stopping = threading.Event()
+    stopping.set()
+    assert watcher.scan(stopping) == []
+    assert len(list(folder.glob("*.dcm"))) == 3
+
+
+def test_a_file_swapped_for_a_folder_is_not_moved_aside(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced by a folder of new uploads between the scan and the read: the
+    folder is left to be walked, not moved to rejected/ with all it holds."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "cd").write_bytes(b"x")
+    watcher.scan()
+    candidates = list(watcher._candidates())
+    (folder / "cd").unlink()
+    (folder / "cd").mkdir()
+    (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+    monkeypatch.setattr(watcher, "_candidates", lambda: iter(candidates))
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert (folder / "cd" / "ct.dcm").exists() and not (folder / "rejected").exists()
