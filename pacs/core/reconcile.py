@@ -413,7 +413,7 @@ def _matches(store: ObjectStore, key: str, checksum: str, size: int,
              checksums: bool) -> bool:
     """True when the object at ``key`` is the one the row acknowledged."""
     if checksums:
-        return digest(store, key) == (checksum, size)
+        return digest(store, key, size) == (checksum, size)
     return store.size(key) == size
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -126,3 +127,41 @@ def test_an_indexed_object_replaced_by_a_link_is_reported_and_left(
     assert report.errors == [f"{_key(SERIES + '.8')}: not a regular file (a link, FIFO, "
                              "socket or device the store never wrote); not read"]
     assert path.is_symlink()
+
+
+def test_fsck_reads_an_indexed_object_no_further_than_its_acknowledged_size(
+        limited: config.Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An indexed object grown by 1 GiB (sparse): its checksum is not taken over the
+    whole of it; fsck reads past the row's size by one chunk at most, and reports it
+    damaged (too large to be a later write of the instance)."""
+    services = build(limited)
+    read: list[int] = []
+    opened = FileStore.open
+
+    def counted(store: FileStore, key: str) -> BinaryIO:
+        stream = opened(store, key)
+        real = stream.read
+
+        def read_counted(size: int = -1) -> bytes:
+            chunk = real(size)
+            read.append(len(chunk))
+            return chunk
+
+        stream.read = read_counted  # type: ignore[method-assign]
+        return stream
+
+    try:
+        data = make_instance(StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                             SOPInstanceUID=SERIES + ".7")
+        services.ingest.store_bytes(data)
+        drain(services)
+        with open(limited.objects_dir / _key(SERIES + ".7"), "ab") as grown:
+            grown.truncate(len(data) + (1 << 30))
+        monkeypatch.setattr(FileStore, "open", counted)
+        report = reconcile(services, repair=True)
+    finally:
+        services.close()
+    assert [(f.problem, f.action) for f in report.findings] == [(Problem.DAMAGED,
+                                                                Action.NONE)]
+    assert "PACS_MAX_OBJECT_BYTES" in report.findings[0].note
+    assert sum(read) < 3 * (len(data) + (1 << 20)) + (4 << 20) + 1

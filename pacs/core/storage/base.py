@@ -306,9 +306,14 @@ def usage(store: ObjectStore) -> int:
 DIGEST_CHUNK = 1 << 20
 
 
-def digest(store: ObjectStore, key: str) -> tuple[str, int]:
+def digest(store: ObjectStore, key: str, limit: int | None = None) -> tuple[str, int]:
     """SHA-256 (hex) and size of a stored object, read through :meth:`ObjectStore.open`
     in chunks (the index records the same digest at ingest).
+
+    With ``limit``, reading stops once more than ``limit`` bytes are read: the size
+    given is then past ``limit`` and the digest is of what was read, so an object
+    compared with an acknowledged size is never read far past it (a file grown by a
+    terabyte is not hashed whole to find it differs).
 
     Raises
     ------
@@ -323,6 +328,8 @@ def digest(store: ObjectStore, key: str) -> tuple[str, int]:
         while chunk := stream.read(DIGEST_CHUNK):
             hashed.update(chunk)
             size += len(chunk)
+            if limit is not None and size > limit:
+                break
     return hashed.hexdigest(), size
 
 
