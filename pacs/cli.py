@@ -234,8 +234,8 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     """
     from tqdm import tqdm
 
+    from pacs.core.logs import shown
     from pacs.core.services import drain
-    from pacs.node.uploads import shown
 
     settings = _settings(ctx)
     _setup_logging("WARNING")

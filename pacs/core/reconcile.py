@@ -83,7 +83,7 @@ from pacs.core.storage import (
     object_key,
     read_object,
 )
-from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.filesystem import FileStore, stray_lines
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class Report:
     absent: int = 0
     implausible: str = ""
     refused: str = ""
+    strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -241,6 +242,7 @@ class Report:
                 "recent_temporaries": self.recent_temporaries,
                 "quarantine": self.quarantine, "absent": self.absent,
                 "implausible": self.implausible, "refused": self.refused,
+                "strays": {"count": self.strays[0], "first": self.strays[1]},
                 "findings": [finding.as_json() for finding in self.findings],
                 "errors": list(self.errors)}
 
@@ -256,6 +258,7 @@ class Report:
         if self.recent_temporaries:
             yield (f"{self.recent_temporaries} recent temporary file(s) left alone "
                    "(a write may be in progress)")
+        yield from stray_lines(*self.strays)
         if not self.findings and not self.errors:
             yield "index and store agree"
             return
@@ -317,6 +320,7 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     report.quarantine = _quarantine_folder()
     if isinstance(backend, FileStore):
         _temporaries(backend, report, temp_grace)
+        report.strays = backend.strays()  # not objects: reported, never touched
     rows = reads.all_objects(services.index.connection())
     report.rows = len(rows)
     listed: dict[str, list[str]] = {}

@@ -79,6 +79,7 @@ if __name__ == "__main__":
 from pacs.core.config import Settings
 from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
 from pacs.core.ingest import Ingest, Outcome
+from pacs.core.logs import shown
 from pacs.core.services import Services
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
@@ -233,15 +234,6 @@ def _writable_fd(pid: str, fd: str) -> bool:
         pass
     # Unknown: assume it is being written, so the file waits for another scan.
     return True
-
-
-def shown(name: str) -> str:
-    """``name`` as one line of UTF-8 text: bytes that are not UTF-8 as ``\\xNN``,
-    control characters (a newline) escaped, so a name cannot break a reason file's
-    lines or its encoding."""
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def _free_name(name: str, folder: int, *suffixes: str) -> str:

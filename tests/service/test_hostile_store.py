@@ -165,3 +165,35 @@ def test_fsck_reads_an_indexed_object_no_further_than_its_acknowledged_size(
                                                                 Action.NONE)]
     assert "PACS_MAX_OBJECT_BYTES" in report.findings[0].note
     assert sum(read) < 3 * (len(data) + (1 << 20)) + (4 << 20) + 1
+
+
+def test_files_not_at_an_object_key_are_reported_not_read(
+        limited: config.Settings) -> None:
+    """Objects copied to the wrong depth, a note, a name with a newline: neither fsck
+    nor reindex reads them, and both say so (fsck leaves them: no repair by guessing);
+    temporary files are not among them."""
+    services = build(limited)
+    try:
+        services.ingest.store_bytes(make_instance())
+        drain(services)
+        root = limited.objects_dir
+        data = make_instance(StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                             SOPInstanceUID=SERIES + ".6")
+        (root / (SERIES + ".6.dcm")).write_bytes(data)  # flattened by a copy
+        (root / STUDY).mkdir()
+        (root / STUDY / "notes\n.txt").write_text("x")
+        (root / STUDY / ".tmp-interrupted").write_bytes(b"x")
+        report = reconcile(services, repair=True)
+    finally:
+        services.close()
+    strays = [SERIES + ".6.dcm", STUDY + "/notes\\n.txt"]
+    assert report.ok and report.strays[0] == 2
+    lines = list(report.lines())
+    assert sorted(line.strip() for line in lines if line.startswith("  ")) == strays
+    assert (root / (SERIES + ".6.dcm")).exists()
+    rebuilt = rebuild(limited.index_path, FileStore(root),
+                      AnalyserPool(0, limited.max_object_bytes))
+    assert rebuilt.indexed == 1 and rebuilt.strays[0] == 2
+    assert sorted(line.strip() for line in rebuilt.lines() if line.startswith("  ")
+                  ) == strays
+    assert rebuilt.as_json()["strays"]["count"] == 2

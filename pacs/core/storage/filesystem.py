@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pacs.core.errors import ConfigError, ForeignObject, NotFound, StorageError, StoreMissing
+from pacs.core.logs import shown
 from pacs.core.offload import Offload
 from pacs.core.storage.base import Staged, is_object_key, quarantine_folder
 
@@ -238,6 +239,25 @@ class FileStore:
                 if is_object_key(key):
                     yield key
 
+    def strays(self, examples: int = 20) -> tuple[int, list[str]]:
+        """Files below the root that are neither objects (at a key) nor temporary
+        files, put there by something else (objects copied to another depth, a note):
+        their number and the first ``examples`` of their paths (relative), so that the
+        tools that read every object say what they did not read, in bounded memory."""
+        count = 0
+        found: list[str] = []
+        if not self.root.is_dir():
+            return count, found
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.relpath(os.path.join(dirpath, name), self.root)
+                if name.startswith(_TMP_PREFIX) or is_object_key(path):
+                    continue
+                count += 1
+                if len(found) < examples:
+                    found.append(path)
+        return count, found
+
     def quarantine(self, key: str, folder: str) -> str:
         """Move the object to ``<quarantine_root>/<folder>/<key>``; return that path.
 
@@ -323,6 +343,16 @@ class FileStore:
     def close(self) -> None:
         """Stop the staging threads (once what they write is written)."""
         self._stagers.close()
+
+
+def stray_lines(count: int, first: list[str]) -> Iterator[str]:
+    """The report's lines on files of the store not at an object key (none: no line)."""
+    if count:
+        yield (f"{count} file(s) in the object folder are not at an object key "
+               "(<study>/<series>/<sop>.dcm) and were not read:")
+        yield from (f"  {shown(path)}" for path in first)
+        if count > len(first):
+            yield f"  … and {count - len(first)} more"
 
 
 class _StagedFile:
