@@ -74,7 +74,7 @@ from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.intake import IntakeStore, Refusals, check_room
 from pacs.core.offload import Offload
-from pacs.core.storage import Staged, object_key, put_many, staged
+from pacs.core.storage import Staged, object_key, put_many, read_bounded, staged
 
 log = logging.getLogger(__name__)
 
@@ -419,8 +419,7 @@ class Ingest:
             size = os.fstat(file.fileno()).st_size
             self._check_size(size)
             self.check_room(size)  # before the file is read
-            limit = self.max_object_bytes
-            data = file.read() if limit is None else file.read(limit + 1)
+            data = read_bounded(file, self.max_object_bytes)
         self._check_size(len(data))  # grown past the limit while it was read
         if len(data) != size:  # written meanwhile: its room is that of what was read
             self.check_room(len(data))

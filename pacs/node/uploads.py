@@ -81,6 +81,7 @@ from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
 from pacs.core.ingest import Ingest, Outcome
 from pacs.core.logs import shown
 from pacs.core.services import Services
+from pacs.core.storage import read_bounded
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -424,7 +425,7 @@ class UploadWatcher:
                     path, f"larger than PACS_MAX_OBJECT_BYTES ({before.st_size} > {limit} "
                           f"bytes); not read", _Identity.of(before)))
             try:
-                data = file.read() if limit is None else file.read(limit + 1)
+                data = read_bounded(file, limit)
             except OSError as exc:
                 self._warn_once(path, "cannot read an uploaded file (%s); will retry",
                                 exc.strerror)

@@ -6,6 +6,7 @@ opened in a way that waits, no link is followed, no object is read past
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,7 +18,7 @@ from pacs.core.errors import ForeignObject
 from pacs.core.reconcile import Action, Problem, reconcile
 from pacs.core.reindex import rebuild
 from pacs.core.services import build, drain
-from pacs.core.storage import is_object_key, object_key
+from pacs.core.storage import is_object_key, object_key, read_bounded, read_object
 from pacs.core.storage.filesystem import FileStore
 from tests.factory import make_instance
 
@@ -197,3 +198,29 @@ def test_files_not_at_an_object_key_are_reported_not_read(
     assert sorted(line.strip() for line in rebuilt.lines() if line.startswith("  ")
                   ) == strays
     assert rebuilt.as_json()["strays"]["count"] == 2
+
+
+def test_a_small_object_is_read_without_asking_for_the_limit(tmp_path: Path) -> None:
+    """``read(limit + 1)`` allocates ``limit`` bytes first: 1 GiB for a 10-byte file."""
+    store = FileStore(tmp_path / "objects")
+    key = _key(SERIES + ".9")
+    (tmp_path / "objects" / STUDY / SERIES).mkdir(parents=True)
+    (tmp_path / "objects" / key).write_bytes(b"0123456789")
+    tracemalloc.start()
+    try:
+        assert read_object(store, key, 1 << 30) == b"0123456789"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_file_grown_while_read_is_read_within_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "growing"
+    path.write_bytes(b"x" * 10)
+    with open(path, "rb") as stream:
+        with open(path, "ab") as more:
+            more.write(b"y" * 100)
+        assert read_bounded(stream, 50) == b"x" * 10 + b"y" * 41
+    with open(path, "rb") as stream:
+        assert read_bounded(stream, 1000) == b"x" * 10 + b"y" * 100

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -493,3 +494,44 @@ def test_a_file_swapped_for_a_folder_is_not_moved_aside(
     monkeypatch.setattr(watcher, "_candidates", lambda: iter(candidates))
     assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
     assert (folder / "cd" / "ct.dcm").exists() and not (folder / "rejected").exists()
+
+
+def test_a_full_disk_while_archiving_loses_nothing(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stored, then the move to archive/ fails (no space for its folder): the file stays
+    in the upload folder, and a later scan stores it again as unchanged and archives it."""
+    watcher = UploadWatcher(services.ingest, folder, after_store="archive",
+                            writers=nobody_writes)
+    (folder / "cd").mkdir()
+    (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(uploads.os, "mkdir", no_space)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert (folder / "cd" / "ct.dcm").read_bytes() == ct_bytes
+    monkeypatch.undo()
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert (folder / "archive" / "cd" / "ct.dcm").read_bytes() == ct_bytes
+    assert not (folder / "cd" / "ct.dcm").exists()
+
+
+def test_a_small_upload_is_read_without_asking_for_the_limit(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """With ``PACS_MAX_OBJECT_BYTES`` at 1 GiB, a 40 KB upload asks for about its size,
+    not for the limit (which a host without memory overcommit refuses)."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes,
+                            max_object_bytes=1 << 30)
+    (folder / "ct.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    tracemalloc.start()
+    try:
+        assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20

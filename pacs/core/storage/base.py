@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -333,6 +335,35 @@ def digest(store: ObjectStore, key: str, limit: int | None = None) -> tuple[str,
     return hashed.hexdigest(), size
 
 
+def read_bounded(stream: BinaryIO, limit: int | None) -> bytes:
+    """All of ``stream``, but never more than ``limit`` + 1 bytes (``None``: all).
+
+    A Python file's ``read(n)`` allocates ``n`` bytes before it reads: ``read(limit +
+    1)`` of a 10-byte file under the default 2 GiB limit asks for 2 GiB, which a host
+    without memory overcommit refuses.  So a file's size is asked first and only that
+    much (and one byte, to see it grew) is read; what it grew by meanwhile is read
+    after, within ``limit``.
+    """
+    if limit is None:
+        return stream.read()
+    expected = _file_size(stream)
+    if expected is None or expected >= limit:
+        return stream.read(limit + 1)
+    data = stream.read(expected + 1)
+    if len(data) <= expected:
+        return data
+    return data + stream.read(limit - expected)  # grown while it was read
+
+
+def _file_size(stream: BinaryIO) -> int | None:
+    """The size of the regular file behind ``stream``, ``None`` when it has none."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation included
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
 def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
     """The whole object, read through :meth:`ObjectStore.open` up to ``limit`` + 1
     bytes: an object larger than any the node accepts (``PACS_MAX_OBJECT_BYTES``) is
@@ -347,7 +378,7 @@ def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
         As :meth:`ObjectStore.open`.
     """
     with store.open(key) as stream:
-        data = stream.read() if limit is None else stream.read(limit + 1)
+        data = read_bounded(stream, limit)
     if limit is not None and len(data) > limit:
         raise ObjectTooLarge(f"larger than PACS_MAX_OBJECT_BYTES ({limit} bytes); not "
                              "read further")
