@@ -27,9 +27,10 @@ Afterwards:
 - refused (not DICOM Part 10, truncated, invalid UIDs, a duplicate the policy refuses,
   or a different duplicate the policy discards): moved to ``rejected/`` with
   ``<name>.reason.txt`` beside it;
-- our own failure (store or index unavailable), or a file or folder that cannot be
-  read (its permissions): left in place and tried again every scan, a WARNING logged
-  once for it while it stays.
+- our own failure (store or index unavailable), a file or folder that cannot be read
+  (its permissions), or a move to ``archive/`` or ``rejected/`` that fails (a full
+  disk): left in place and tried again every scan (a stored one is stored again as
+  unchanged), a WARNING logged once for it while it stays.
 
 Files larger than ``PACS_MAX_OBJECT_BYTES`` are rejected by their size, unread.  A file
 rewritten after it was read (its size, times or inode differ from what was read) is
@@ -466,8 +467,8 @@ class UploadWatcher:
                     os.unlink(parts[-1], dir_fd=folder)
         except OSError as exc:
             # Stored all the same; a file left behind is stored again as unchanged.
-            log.warning("stored an uploaded file but could not %s it: %s",
-                        self.after_store, exc.strerror)
+            self._warn_once(path, "stored an uploaded file but could not %s it: %s",
+                            self.after_store, exc.strerror)
         return Handled(path, Disposition.STORED)
 
     def _reject(self, path: Path, reason: str, identity: _Identity | None = None) -> Handled:
@@ -484,7 +485,8 @@ class UploadWatcher:
                     os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
                     self._explain(to, name + REASON_SUFFIX, path, reason)
         except OSError as exc:
-            log.error("could not move a rejected upload aside: %s", exc.strerror)
+            self._warn_once(path, "could not move a rejected upload aside: %s",
+                            exc.strerror)
             return Handled(path, Disposition.RETRY, reason)
         return Handled(path, Disposition.REJECTED, reason)
 

@@ -498,9 +498,10 @@ def test_a_file_swapped_for_a_folder_is_not_moved_aside(
 
 def test_a_full_disk_while_archiving_loses_nothing(
         services: Services, folder: Path, ct_bytes: bytes,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Stored, then the move to archive/ fails (no space for its folder): the file stays
-    in the upload folder, and a later scan stores it again as unchanged and archives it."""
+    in the upload folder, stored again as unchanged by later scans (said once), and
+    archived once there is room."""
     watcher = UploadWatcher(services.ingest, folder, after_store="archive",
                             writers=nobody_writes)
     (folder / "cd").mkdir()
@@ -510,9 +511,13 @@ def test_a_full_disk_while_archiving_loses_nothing(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(uploads.os, "mkdir", no_space)
-    watcher.scan()
-    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(3):
+            watcher.scan()
+            assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
     assert (folder / "cd" / "ct.dcm").read_bytes() == ct_bytes
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "stored an uploaded file but could not archive it: No space left on device"]
     monkeypatch.undo()
     watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
