@@ -86,7 +86,14 @@ from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
 from pacs.core.deletion import chunks, delete_rows, reference, rejectable
-from pacs.core.errors import ForeignObject, IndexFailure, NotFound, ObjectTooLarge, PacsError
+from pacs.core.errors import (
+    ForeignObject,
+    IndexFailure,
+    NotFound,
+    ObjectTooLarge,
+    PacsError,
+    StorageError,
+)
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
@@ -509,11 +516,14 @@ def _analysed(store: ObjectStore, keys: list[str], analysers: AnalyserPool,
 def _read_and_analyse(store: ObjectStore, key: str, analysers: AnalyserPool) -> _Outcome:
     """The object's size and analysis (a missing object, something that is no file of
     the store, an object over the analysers' ``max_object_bytes``, read no further:
-    the error as its analysis; a failing store raises)."""
+    the error as its analysis; a failing store raises, naming the key, so that one
+    object the store cannot give, a file of other permissions say, can be found)."""
     try:
         data = read_object(store, key, analysers.max_object_bytes)
     except (NotFound, ForeignObject, ObjectTooLarge) as exc:
         return 0, exc
+    except StorageError as exc:
+        raise StorageError(f"{key}: {exc}") from exc
     return len(data), analysers.submit(data).result()
 
 
