@@ -393,7 +393,8 @@ class Ingest:
         Only a regular file is read: a FIFO would block its reader until some writer
         came, and a device (``/dev/zero``) never ends; neither is opened in a way that
         waits, and never read.  At most ``max_object_bytes`` + 1 bytes are read, so a
-        file that grows meanwhile is refused as too large rather than read on.
+        file that grows past the limit meanwhile is refused as too large rather than
+        read on.
 
         Parameters
         ----------
