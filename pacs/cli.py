@@ -195,16 +195,30 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     log.info("stopped")
 
 
-def _files(paths: tuple[str, ...]) -> Iterator[Path]:
+def import_files(paths: tuple[str, ...],
+                 unreadable: list[tuple[Path, str]]) -> Iterator[tuple[Path, bool]]:
+    """Each file ``pacs import`` is given, and whether a link there is followed.
+
+    A path named on the command line is followed (the operator chose it); below a named
+    folder, a link (to a file or a folder) is yielded as itself, to be refused, never
+    followed, since a folder may hold links to anywhere.  A folder that cannot be read
+    is added to ``unreadable`` with why, so that what it holds is reported as not
+    imported rather than passed over in silence.
+    """
     for name in paths:
         path = Path(name)
-        if path.is_dir():
-            for dirpath, dirs, files in os.walk(path):
-                dirs.sort()
-                for file in sorted(files):
-                    yield Path(dirpath) / file
-        else:
-            yield path
+        if not path.is_dir():
+            yield path, True
+            continue
+
+        def skipped(exc: OSError, top: Path = path) -> None:
+            unreadable.append((Path(exc.filename or top), exc.strerror or str(exc)))
+
+        for dirpath, dirs, files in os.walk(path, onerror=skipped):
+            links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+            dirs[:] = sorted(d for d in dirs if d not in links)
+            for file in sorted(files + links):
+                yield Path(dirpath) / file, False
 
 
 @main.command("import")
@@ -220,20 +234,24 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     """
     from tqdm import tqdm
 
+    from pacs.core.logs import shown
     from pacs.core.services import drain
 
     settings = _settings(ctx)
     _setup_logging("WARNING")
     services = _build(settings)
-    files = list(_files(paths))
-    tally: Counter[str] = Counter()
     rejected: list[tuple[Path, str]] = []
+    files = list(import_files(paths, rejected))
+    tally: Counter[str] = Counter()
     try:
-        for path in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
+        for path, follow in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
             try:
-                result = services.ingest.store_file(path, calling_ae="")
+                result = services.ingest.store_file(path, calling_ae="",
+                                                    follow_links=follow)
                 tally[result.outcome.value] += 1
-            except (InvalidInstance, OSError) as exc:
+            except OSError as exc:  # its name is shown once, escaped, below
+                rejected.append((path, exc.strerror or type(exc).__name__))
+            except InvalidInstance as exc:
                 rejected.append((path, str(exc)))
             except PacsError as exc:
                 rejected.append((path, str(exc)))
@@ -250,7 +268,8 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                f"kept first (different duplicates): {tally[Outcome.KEPT_FIRST.value]}, "
                f"rejected: {len(rejected)}")
     for path, reason in rejected:
-        click.echo(f"rejected {path}: {reason}")
+        # One line per file whatever its name holds (a newline, bytes not UTF-8).
+        click.echo(f"rejected {shown(str(path))}: {reason}")
     if rejected:
         sys.exit(1)
 

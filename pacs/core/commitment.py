@@ -173,7 +173,7 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference],
 def _intact(store: ObjectStore, stored: StoredInstance) -> bool:
     """True when the object is the one the index acknowledged (SHA-256 and size)."""
     try:
-        return digest(store, stored.object_key) == (stored.checksum, stored.size)
+        return digest(store, stored.object_key, stored.size) == (stored.checksum, stored.size)
     except NotFound:
         log.warning("storage commitment: an indexed object is missing from the store")
     except StorageError as exc:

@@ -27,6 +27,7 @@ turned into these at the backend's edge.
     ├── Cancelled              the peer cancelled the operation
     ├── ResourceLimitation     a bounded queue or request limit is reached
     ├── StorageError           the object store failed
+    │   └── ForeignObject      a key holds what no write of the store leaves (a link, a FIFO)
     ├── IntakeFull             the intake holds PACS_INTAKE_MAX_BYTES not yet moved
     ├── IndexFailure           the SQLite index failed
     │   └── InstanceLocked     an instance's per-UID lock held past the wait allowed
@@ -142,6 +143,12 @@ class UnsettledWrite(StorageError):
     dropped after the request was sent): the write failed for the caller, but the
     store may still carry it out later, over a newer object at the same key.  The key
     is *unsettled* (:mod:`pacs.core.intake`) until that can no longer happen."""
+
+
+class ForeignObject(StorageError):
+    """What the store holds at a key is not a file it wrote: a symbolic link, a FIFO,
+    a socket or a device, put there by something else.  It is never read through (a
+    FIFO would block the reader, ``/dev/zero`` never ends, a link reaches outside)."""
 
 
 class IntakeFull(PacsError):

@@ -41,10 +41,12 @@ no row, and otherwise quarantines it: the row is what was acknowledged.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import io
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -62,6 +64,7 @@ from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
     IntakeFull,
+    InvalidInstance,
     NotFound,
     ObjectTooLarge,
     PacsError,
@@ -73,7 +76,7 @@ from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.intake import IntakeStore, Refusals, check_room
 from pacs.core.offload import Offload
-from pacs.core.storage import Staged, object_key, put_many, staged
+from pacs.core.storage import Staged, object_key, put_many, read_bounded, staged
 
 log = logging.getLogger(__name__)
 
@@ -384,22 +387,43 @@ class Ingest:
                 and outcome is not Outcome.KEPT_FIRST):
             self.on_rejection(analysis, calling_ae)
 
-    def store_file(self, path: Path, *, calling_ae: str = "") -> StoreResult:
+    def store_file(self, path: Path, *, calling_ae: str = "",
+                   follow_links: bool = True) -> StoreResult:
         """:meth:`store_bytes` of a file (``pacs import``), refused by its size before
         it is read when it is over ``max_object_bytes``.
+
+        Only a regular file is read: a FIFO would block its reader until some writer
+        came, and a device (``/dev/zero``) never ends; neither is opened in a way that
+        waits, and never read.  At most ``max_object_bytes`` + 1 bytes are read, so a
+        file that grows past the limit meanwhile is refused as too large rather than
+        read on.
+
+        Parameters
+        ----------
+        path : Path
+            The file.
+        calling_ae : str
+            As for :meth:`store_bytes`.
+        follow_links : bool
+            False: a symbolic link is refused, its target never read (files found by
+            walking a folder, which may hold links to anywhere).
 
         Raises
         ------
         OSError
             The file cannot be read.
-        InvalidInstance, IntakeFull, StorageError, IndexFailure
+        InvalidInstance
+            Not a regular file, or a link while ``follow_links`` is false; and as
+            :meth:`store_bytes`.
+        IntakeFull, StorageError, IndexFailure
             As :meth:`store_bytes`.
         """
-        with open(path, "rb") as file:
+        with _open_regular(path, follow_links) as file:
             size = os.fstat(file.fileno()).st_size
             self._check_size(size)
             self.check_room(size)  # before the file is read
-            data = file.read()
+            data = read_bounded(file, self.max_object_bytes)
+        self._check_size(len(data))  # grown past the limit while it was read
         if len(data) != size:  # written meanwhile: its room is that of what was read
             self.check_room(len(data))
         return self._store_bytes(data, calling_ae)
@@ -742,6 +766,40 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
             writer.drop_tombstone(conn, analysis.sop_instance_uid)
 
     return index_it
+
+
+#: Opening a file to store: never waiting (a FIFO without a writer opens at once).
+_OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:
+    """``path`` opened for reading when it is a regular file (see :meth:`Ingest.store_file`).
+
+    Raises
+    ------
+    InvalidInstance
+        A FIFO, socket, device or folder; a link when not ``follow_links``.
+    OSError
+        It cannot be opened.
+    """
+    flags = _OPEN_FILE if follow_links else _OPEN_FILE | os.O_NOFOLLOW
+    # Looked at before it is opened: opening some devices has effects (a tape rewinds).
+    mode = os.stat(path, follow_symlinks=follow_links).st_mode
+    if stat.S_ISLNK(mode):
+        raise InvalidInstance("a link, not followed")
+    if not stat.S_ISREG(mode):
+        raise InvalidInstance("not a regular file (a FIFO, socket, device or folder); not read")
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or a socket
+            raise InvalidInstance("a link or not a regular file; not read") from None
+        raise
+    file = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped after it was looked at
+        file.close()
+        raise InvalidInstance("not a regular file (a FIFO, socket, device or folder); not read")
+    return file
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:

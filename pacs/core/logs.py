@@ -24,6 +24,7 @@ Records below INFO are left whole: DEBUG is where a developer looks at values.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from types import TracebackType
@@ -163,3 +164,12 @@ def _places(tb: TracebackType | None) -> str:
 def _place(filename: str, line: int, function: str) -> str:
     short = "/".join(filename.split("/")[-2:])
     return f"{short}:{line} in {function}"
+
+
+def shown(name: str) -> str:
+    """A file name as one line of UTF-8 text: bytes that are not UTF-8 as ``\\xNN``,
+    control characters (a newline) escaped, so that a name cannot break the lines or
+    the encoding of a report, a reason file or a log line."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

@@ -70,7 +70,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pacs.core.errors import NotFound, PacsError
+from pacs.core.errors import ForeignObject, NotFound, ObjectTooLarge, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.ingest import Analysis, try_analyse
 from pacs.core.services import Services
@@ -81,8 +81,9 @@ from pacs.core.storage import (
     exists,
     local_path,
     object_key,
+    read_object,
 )
-from pacs.core.storage.filesystem import FileStore
+from pacs.core.storage.filesystem import FileStore, stray_lines
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ class Report:
     absent: int = 0
     implausible: str = ""
     refused: str = ""
+    strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -240,6 +242,7 @@ class Report:
                 "recent_temporaries": self.recent_temporaries,
                 "quarantine": self.quarantine, "absent": self.absent,
                 "implausible": self.implausible, "refused": self.refused,
+                "strays": {"count": self.strays[0], "first": self.strays[1]},
                 "findings": [finding.as_json() for finding in self.findings],
                 "errors": list(self.errors)}
 
@@ -255,6 +258,7 @@ class Report:
         if self.recent_temporaries:
             yield (f"{self.recent_temporaries} recent temporary file(s) left alone "
                    "(a write may be in progress)")
+        yield from stray_lines(*self.strays)
         if not self.findings and not self.errors:
             yield "index and store agree"
             return
@@ -316,6 +320,7 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     report.quarantine = _quarantine_folder()
     if isinstance(backend, FileStore):
         _temporaries(backend, report, temp_grace)
+        report.strays = backend.strays()  # not objects: reported, never touched
     rows = reads.all_objects(services.index.connection())
     report.rows = len(rows)
     listed: dict[str, list[str]] = {}
@@ -412,7 +417,7 @@ def _matches(store: ObjectStore, key: str, checksum: str, size: int,
              checksums: bool) -> bool:
     """True when the object at ``key`` is the one the row acknowledged."""
     if checksums:
-        return digest(store, key) == (checksum, size)
+        return digest(store, key, size) == (checksum, size)
     return store.size(key) == size
 
 
@@ -426,11 +431,16 @@ class _Candidate:
     written: int  # the store's modification time (ns), 0 when unknown
 
 
-def _read_candidate(store: ObjectStore, key: str, sop: str) -> _Candidate | str:
-    """The object as a candidate for indexing, or why it is not one."""
-    with store.open(key) as stream:
-        data = stream.read()
-    analysis = try_analyse(data)
+def _read_candidate(store: ObjectStore, key: str, sop: str,
+                    limit: int | None) -> _Candidate | str:
+    """The object as a candidate for indexing, or why it is not one: something at its
+    key that is no file of the store, or an object over ``limit`` bytes
+    (``PACS_MAX_OBJECT_BYTES``, which no ingest acknowledges) is not read."""
+    try:
+        data = read_object(store, key, limit)
+    except (ForeignObject, ObjectTooLarge) as exc:
+        return str(exc)
+    analysis = try_analyse(data, limit)
     if not isinstance(analysis, Analysis):
         reason = str(analysis) if isinstance(analysis, PacsError) else type(analysis).__name__
         return f"not a readable instance ({reason})"
@@ -499,7 +509,7 @@ def _carry_out(steps: list[_Step]) -> None:
 
 def _rewritten(services: Services, sop: str, key: str) -> list[_Step]:
     """Window (d): the indexed key holds bytes other than the acknowledged ones."""
-    candidate = _read_candidate(services.store, key, sop)
+    candidate = _read_candidate(services.store, key, sop, services.ingest.max_object_bytes)
     if isinstance(candidate, str):
         finding = Finding(Problem.DAMAGED, Action.NONE, sop, key,
                           f"differs from the acknowledged checksum and is {candidate}")
@@ -517,7 +527,8 @@ def _replace(services: Services, sop: str, row: reads.StoredInstance | None,
     steps: list[_Step] = []
     candidates: list[_Candidate] = []
     for key in others:
-        candidate = _read_candidate(services.store, key, sop)
+        candidate = _read_candidate(services.store, key, sop,
+                                    services.ingest.max_object_bytes)
         if isinstance(candidate, str):
             steps.append(_quarantine(services, Problem.UNREADABLE, sop, key, folder,
                                      candidate))

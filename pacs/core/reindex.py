@@ -86,14 +86,22 @@ from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
 from pacs.core.deletion import chunks, delete_rows, reference, rejectable
-from pacs.core.errors import IndexFailure, NotFound, PacsError
+from pacs.core.errors import (
+    ForeignObject,
+    IndexFailure,
+    NotFound,
+    ObjectTooLarge,
+    PacsError,
+    StorageError,
+)
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row, patient_key
 from pacs.core.rejection import Reference, Rejection
-from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key
+from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key, read_object
+from pacs.core.storage.filesystem import FileStore, stray_lines
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +151,9 @@ class Report:
     rejected :
         Objects of instances that rejection notes in the store reject: not indexed
         (removed again after they were read), left in place.
+    strays :
+        Files of a folder store not at an object key (not read), and the first of
+        their paths.
     counts :
         Rows per level of the new index.
     seconds :
@@ -157,6 +168,7 @@ class Report:
     duplicates: dict[str, list[str]] = field(default_factory=dict)
     undated: int = 0
     rejected: int = 0
+    strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -183,6 +195,7 @@ class Report:
             yield (f"{self.rejected} object(s) of instances rejected by rejection notes "
                    "in the store: not indexed, left in place ('pacs fsck --repair' "
                    "deletes them)")
+        yield from stray_lines(*self.strays)
         yield f"index rebuilt: {self.index}"
         if self.previous is not None:
             yield f"previous index kept as {self.previous}"
@@ -195,6 +208,7 @@ class Report:
                 "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
                 "duplicates": self.duplicates, "undated": self.undated,
                 "rejected": self.rejected,
+                "strays": {"count": self.strays[0], "first": self.strays[1]},
                 "counts": self.counts, "seconds": round(self.seconds, 3)}
 
 
@@ -279,6 +293,8 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     _refuse_if_in_use(index_path)
     _refuse_if_intake_holds(index_path)
     keys = list(store.keys())
+    if isinstance(store, FileStore):
+        report.strays = store.strays()
     dated = stored_times(store, keys)
     # The order of writes, as the store recorded it; undated objects first, by key.
     keys.sort(key=lambda key: (dated.get(key, 0.0), key))
@@ -499,13 +515,16 @@ def _analysed(store: ObjectStore, keys: list[str], analysers: AnalyserPool,
 
 
 def _read_and_analyse(store: ObjectStore, key: str, analysers: AnalyserPool) -> _Outcome:
-    """The object's size and analysis (a missing object: :class:`NotFound` as its
-    analysis; a failing store raises)."""
+    """The object's size and analysis (a missing object, something that is no file of
+    the store, an object over the analysers' ``max_object_bytes``, read no further:
+    the error as its analysis; a failing store raises, naming the key, so that one
+    object the store cannot give, a file of other permissions say, can be found)."""
     try:
-        with store.open(key) as stream:
-            data = stream.read()
-    except NotFound as exc:
+        data = read_object(store, key, analysers.max_object_bytes)
+    except (NotFound, ForeignObject, ObjectTooLarge) as exc:
         return 0, exc
+    except StorageError as exc:
+        raise StorageError(f"{key}: {exc}") from exc
     return len(data), analysers.submit(data).result()
 
 

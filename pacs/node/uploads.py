@@ -27,7 +27,10 @@ Afterwards:
 - refused (not DICOM Part 10, truncated, invalid UIDs, a duplicate the policy refuses,
   or a different duplicate the policy discards): moved to ``rejected/`` with
   ``<name>.reason.txt`` beside it;
-- our own failure (store or index unavailable): left in place and tried again.
+- our own failure (store or index unavailable), a file or folder that cannot be read
+  (its permissions), or a move to ``archive/`` or ``rejected/`` that fails (a full
+  disk): left in place and tried again every scan (a stored one is stored again as
+  unchanged), a WARNING logged once for it while it stays.
 
 Files larger than ``PACS_MAX_OBJECT_BYTES`` are rejected by their size, unread.  A file
 rewritten after it was read (its size, times or inode differ from what was read) is
@@ -43,7 +46,10 @@ through), and for the reason files.
 
 Sub-folders are walked (a dropped folder tree works); ``archive/`` and ``rejected/``
 keep the relative path of each file.  Logs give counts, not file names (which may
-carry patient names); names are logged at DEBUG only.
+carry patient names); names are logged at DEBUG only, and a reason file names its
+file on one line (bytes that are not UTF-8 and control characters escaped).  A fault
+of the code on one file leaves that file for the next scan; the others are handled.
+A stop ends a scan between two files.
 
 Run by ``pacs serve`` as its own process (``python -m pacs.node.uploads``), so that it
 opens its own index connection and store client, as every worker does.
@@ -74,7 +80,9 @@ if __name__ == "__main__":
 from pacs.core.config import Settings
 from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
 from pacs.core.ingest import Ingest, Outcome
+from pacs.core.logs import shown
 from pacs.core.services import Services
+from pacs.core.storage import read_bounded
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -187,7 +195,10 @@ def open_for_writing(paths: Iterable[Path]) -> set[Path]:
     this one may not inspect (other users, other PID namespaces) are not seen; where
     ``/proc`` does not exist the answer is the empty set.
     """
-    wanted = {os.path.realpath(p): p for p in paths}
+    # The folder resolved, the name not: /proc names a file by its resolved path, and
+    # a link is never the file some process writes (a link to /dev/null would
+    # otherwise wait for ever for every daemon to close it).
+    wanted = {os.path.join(os.path.realpath(p.parent), p.name): p for p in paths}
     busy: set[Path] = set()
     if not wanted:
         return busy
@@ -266,12 +277,22 @@ class UploadWatcher:
         self.writers = writers
         self.max_object_bytes = max_object_bytes
         self._previous: dict[Path, _Seen] = {}
+        # Files and folders a WARNING was logged for, while they stay as they are: a
+        # file left for the next scan is tried every scan, but said once.
+        self._warned: set[Path] = set()
+        self._unlisted: set[Path] = set()  # folders this scan could not list
         folder.mkdir(parents=True, exist_ok=True)
 
     # -- one scan ---------------------------------------------------------------------
 
-    def scan(self) -> list[Handled]:
+    def scan(self, stopping: threading.Event | None = None) -> list[Handled]:
         """Look once: ingest every file that was already there, unchanged, last scan.
+
+        Parameters
+        ----------
+        stopping : threading.Event, optional
+            Once set, the scan ends before the next file (a stop is not held up by
+            thousands of files; those left are taken by the next scan).
 
         Returns
         -------
@@ -280,13 +301,20 @@ class UploadWatcher:
         """
         current: dict[Path, _Seen] = {}
         stable: list[Path] = []
+        self._unlisted = set()
         for path, seen in self._candidates():
             current[path] = seen
             if self._previous.get(path) == seen:
                 stable.append(path)
         self._previous = current
+        self._warned &= current.keys() | self._unlisted
         busy = self.writers(stable) if stable else set()
-        handled = [self._handle(path) for path in stable if path not in busy]
+        handled: list[Handled] = []
+        for path in stable:
+            if stopping is not None and stopping.is_set():
+                break
+            if path not in busy:
+                handled.append(self._handle_safely(path))
         for item in handled:
             if item.disposition is not Disposition.RETRY:
                 # Gone from the folder: a new file under this name starts afresh.
@@ -295,7 +323,7 @@ class UploadWatcher:
 
     def _candidates(self) -> Iterator[tuple[Path, _Seen]]:
         """Every file below the folder that may be an upload, with what it looks like."""
-        for dirpath, dirs, files in os.walk(self.folder):
+        for dirpath, dirs, files in os.walk(self.folder, onerror=self._unlistable):
             here = Path(dirpath)
             if here == self.folder:
                 dirs[:] = [d for d in dirs if d not in (ARCHIVE, REJECTED)]
@@ -314,7 +342,31 @@ class UploadWatcher:
                     continue
                 yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
 
+    def _unlistable(self, exc: OSError) -> None:
+        """A folder the walk cannot list (its permissions, a path past ``PATH_MAX``):
+        what it holds waits, and the operator is told once."""
+        folder = Path(exc.filename or self.folder)
+        self._unlisted.add(folder)
+        self._warn_once(folder, "cannot list a folder below the upload folder (%s); what "
+                                "it holds waits", exc.strerror)
+
+    def _warn_once(self, path: Path, message: str, *args: object) -> None:
+        """``message`` at WARNING the first time for ``path``, at DEBUG while it stays
+        (the next scans try it again)."""
+        level = logging.DEBUG if path in self._warned else logging.WARNING
+        self._warned.add(path)
+        log.log(level, message, *args)
+
     # -- one file ---------------------------------------------------------------------
+
+    def _handle_safely(self, path: Path) -> Handled:
+        """:meth:`_handle`, a fault of the code on one file (not of the file: those are
+        rejections) left to the next scan, so that the files after it are handled."""
+        try:
+            return self._handle(path)
+        except Exception as exc:
+            log.exception("could not handle an uploaded file; will retry")
+            return Handled(path, Disposition.RETRY, type(exc).__name__)
 
     def _handle(self, path: Path) -> Handled:
         try:
@@ -348,8 +400,10 @@ class UploadWatcher:
         parts = self._relative(path).parts
         try:
             with _directory(self.folder, parts[:-1]) as folder:
-                if not stat.S_ISREG(os.stat(parts[-1], dir_fd=folder,
-                                            follow_symlinks=False).st_mode):
+                mode = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):  # a file swapped for a folder: the walk takes it
+                    raise _Skip(Handled(path, Disposition.RETRY, "a folder now"))
+                if not stat.S_ISREG(mode):
                     raise OSError(errno.ELOOP, "not a regular file")  # never opened
                 fd = os.open(parts[-1], _UPLOAD, dir_fd=folder)
         except FileNotFoundError:
@@ -359,7 +413,8 @@ class UploadWatcher:
                 # A link (or a socket) where a file or folder was: never read through.
                 raise _Skip(self._reject(path, "a link or not a regular file (links are "
                                                "not followed)")) from None
-            log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+            self._warn_once(path, "cannot read an uploaded file (%s); will retry",
+                            exc.strerror)
             raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
         with os.fdopen(fd, "rb") as file:
             before = os.fstat(fd)
@@ -371,9 +426,10 @@ class UploadWatcher:
                     path, f"larger than PACS_MAX_OBJECT_BYTES ({before.st_size} > {limit} "
                           f"bytes); not read", _Identity.of(before)))
             try:
-                data = file.read() if limit is None else file.read(limit + 1)
+                data = read_bounded(file, limit)
             except OSError as exc:
-                log.warning("cannot read an uploaded file (%s); will retry", exc.strerror)
+                self._warn_once(path, "cannot read an uploaded file (%s); will retry",
+                                exc.strerror)
                 raise _Skip(Handled(path, Disposition.RETRY, str(exc))) from None
             identity = _Identity.of(os.fstat(fd))
         if identity != _Identity.of(before) or len(data) != identity.size:
@@ -411,8 +467,8 @@ class UploadWatcher:
                     os.unlink(parts[-1], dir_fd=folder)
         except OSError as exc:
             # Stored all the same; a file left behind is stored again as unchanged.
-            log.warning("stored an uploaded file but could not %s it: %s",
-                        self.after_store, exc.strerror)
+            self._warn_once(path, "stored an uploaded file but could not %s it: %s",
+                            self.after_store, exc.strerror)
         return Handled(path, Disposition.STORED)
 
     def _reject(self, path: Path, reason: str, identity: _Identity | None = None) -> Handled:
@@ -427,11 +483,21 @@ class UploadWatcher:
                 with _directory(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
                     name = _free_name(parts[-1], to, REASON_SUFFIX)
                     os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
-                    self._write_reason(to, name + REASON_SUFFIX, path, reason)
+                    self._explain(to, name + REASON_SUFFIX, path, reason)
         except OSError as exc:
-            log.error("could not move a rejected upload aside: %s", exc.strerror)
+            self._warn_once(path, "could not move a rejected upload aside: %s",
+                            exc.strerror)
             return Handled(path, Disposition.RETRY, reason)
         return Handled(path, Disposition.REJECTED, reason)
+
+    def _explain(self, folder: int, name: str, path: Path, reason: str) -> None:
+        """:meth:`_write_reason`; the file is in ``rejected/`` already, so a reason that
+        cannot be written (a full disk) is logged, and the file stays rejected."""
+        try:
+            self._write_reason(folder, name, path, reason)
+        except OSError as exc:
+            log.error("moved an upload to %s/ but could not write its reason: %s",
+                      REJECTED, exc.strerror)
 
     def _write_reason(self, folder: int, name: str, path: Path, reason: str) -> None:
         """The reason file: a new file, never written through a link."""
@@ -439,8 +505,8 @@ class UploadWatcher:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o644, dir_fd=folder)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(f"file: {self._relative(path).as_posix()}\nrejected: {when}\n"
-                      f"reason: {reason}\n")
+            out.write(f"file: {shown(self._relative(path).as_posix())}\n"
+                      f"rejected: {when}\nreason: {reason}\n")
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -453,7 +519,7 @@ class UploadWatcher:
         log.info("watching the upload folder %s every %g s", self.folder, interval)
         while not stopping.is_set():
             try:
-                handled = self.scan()
+                handled = self.scan(stopping)
             except Exception:
                 log.exception("upload folder scan failed")
                 handled = []

@@ -628,7 +628,7 @@ def test_a_failed_rebuild_leaves_the_index_as_it_was(settings: config.Settings) 
     before = dump(settings.index_path)
     files = sorted(p.name for p in settings.index_path.parent.iterdir())
     store.fail_after = store.reads + 3
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=r"^[0-9.]+/[0-9.]+/[0-9.]+\.dcm: S3 read failed"):
         rebuild(settings.index_path, store, AnalyserPool(0), readers=1)
     assert dump(settings.index_path) == before
     assert sorted(p.name for p in settings.index_path.parent.iterdir()) == files

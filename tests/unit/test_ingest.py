@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from pacs.core import dataset
 from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
+    InvalidInstance,
     InvalidUID,
     ObjectTooLarge,
     StorageError,
@@ -453,3 +456,35 @@ def test_a_data_set_of_too_many_elements_leaves_nothing_behind(
     assert _stored(services) == {}
     assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
     assert writer.counts(services.index.connection())["instance"] == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "socket"])
+def test_a_file_that_is_not_regular_is_refused_unread(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        tmp_path: Path, kind: str) -> None:
+    """``pacs import`` of a FIFO (its open would wait for a writer for ever), a device
+    (``/dev/zero`` reads for ever) or a socket: refused, never read."""
+    services = make_services(store=memory_store)
+    path = tmp_path / "odd.dcm"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+    with pytest.raises(InvalidInstance, match="not a regular file"):
+        services.ingest.store_file(path)
+    assert memory_store.objects == {}
+
+
+def test_a_link_is_refused_when_links_are_not_followed(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        tmp_path: Path) -> None:
+    services = make_services(store=memory_store)
+    (tmp_path / "outside.dcm").write_bytes(_bytes(SOPInstanceUID="1.2.3.4.1"))
+    (tmp_path / "link.dcm").symlink_to(tmp_path / "outside.dcm")
+    with pytest.raises(InvalidInstance, match="link"):
+        services.ingest.store_file(tmp_path / "link.dcm", follow_links=False)
+    assert memory_store.objects == {}
+    services.ingest.store_file(tmp_path / "link.dcm")  # named by the operator: followed

@@ -3,7 +3,11 @@ files become queryable through the same engine as C-FIND."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
+import tracemalloc
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from pacs.core.errors import StorageError
 from pacs.core.query.matching import constraint
 from pacs.core.query.model import Query
 from pacs.core.services import Services
+from pacs.node import uploads
 from pacs.node.uploads import (
     REASON_SUFFIX,
     Disposition,
@@ -335,3 +340,203 @@ def test_a_file_over_the_object_limit_is_rejected_unread(
     assert (folder / "rejected" / "huge.dcm").stat().st_size == 8 * 2**30
     assert "PACS_MAX_OBJECT_BYTES" in (
         folder / "rejected" / ("huge.dcm" + REASON_SUFFIX)).read_text()
+
+
+def test_a_name_that_is_not_utf8_is_rejected_and_the_scan_goes_on(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """A name with a byte UTF-8 cannot decode and a newline: its reason file names it
+    on one line, escaped, and the files after it are still handled."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    odd = "a\udcff\nb.dcm"  # the bytes a, 0xFF, newline, b.dcm, as Python names them
+    (folder / odd).write_bytes(b"junk")
+    (folder / "z.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    handled = {h.path.name: h.disposition for h in watcher.scan()}
+    assert handled == {odd: Disposition.REJECTED, "z.dcm": Disposition.STORED}
+    reason = (folder / "rejected" / ("a\udcff\nb.dcm" + REASON_SUFFIX)).read_text()
+    assert reason.splitlines()[0] == "file: a\\xff\\nb.dcm"
+
+
+def test_an_unexpected_failure_on_one_file_leaves_the_others_handled(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "a.dcm").write_bytes(b"first")
+    (folder / "b.dcm").write_bytes(ct_bytes)
+    store = services.ingest.store_bytes
+
+    def fails_on_the_first(data: bytes, **kwargs: object) -> object:
+        if data == b"first":
+            raise RuntimeError("a fault of the code, not of the file")
+        return store(data, **kwargs)
+
+    monkeypatch.setattr(services.ingest, "store_bytes", fails_on_the_first)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY,
+                                                        Disposition.STORED]
+    assert (folder / "a.dcm").exists() and not (folder / "b.dcm").exists()
+
+
+def test_a_reason_that_cannot_be_written_still_reports_the_move(
+        services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moved to rejected/ but the reason file fails (a full disk): the file is where
+    the report says, rejected, not reported as left in place."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "junk.dcm").write_bytes(b"junk")
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(watcher, "_write_reason", disk_full)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert (folder / "rejected" / "junk.dcm").exists()
+
+
+def test_a_link_to_a_device_others_write_is_rejected(services: Services,
+                                                      folder: Path) -> None:
+    """With the real writer check: /dev/null is open for writing by many processes, but
+    a link to it is a link, moved aside; it does not wait for ever for them to close it."""
+    watcher = UploadWatcher(services.ingest, folder)
+    (folder / "null.dcm").symlink_to("/dev/null")
+    with open("/dev/null", "wb"):
+        watcher.scan()
+        assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_fifo_or_socket_is_rejected_unopened(services: Services, folder: Path,
+                                                kind: str) -> None:
+    """A FIFO without a writer would block an ordinary open for ever."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    if kind == "fifo":
+        os.mkfifo(folder / "odd.dcm")
+    else:
+        socket.socket(socket.AF_UNIX).bind(str(folder / "odd.dcm"))
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert not (folder / "odd.dcm").exists()
+    assert "not a regular file" in (folder / "rejected" / ("odd.dcm" + REASON_SUFFIX)
+                                    ).read_text()
+
+
+def test_a_file_that_cannot_be_read_is_warned_about_once(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Unreadable (its permissions): left in place and tried again every scan, but one
+    WARNING line, not one per scan."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "closed.dcm").write_bytes(ct_bytes)
+    real_open = os.open
+
+    def denied(name: object, flags: int, *args: object, **kwargs: object) -> int:
+        if name == "closed.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real_open(name, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploads.os, "open", denied)
+    with caplog.at_level(logging.DEBUG, logger="pacs.node.uploads"):
+        for _ in range(4):
+            watcher.scan()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "cannot read an uploaded file (Permission denied); will retry"]
+    assert (folder / "closed.dcm").exists()
+
+
+def test_a_folder_that_cannot_be_listed_is_warned_about_once(
+        services: Services, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Folders nested past PATH_MAX: the deepest cannot be listed; said once, not
+    passed over in silence, nor said every scan."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(3):
+            assert watcher.scan() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "cannot list a folder below the upload folder (File name too long); what it "
+        "holds waits"]
+
+
+def test_a_scan_stops_between_files_when_asked(services: Services, folder: Path,
+                                               ct_bytes: bytes) -> None:
+    """Thousands of files in one scan do not hold up a stop: it ends between files."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    for number in range(3):
+        (folder / f"{number}.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    stopping = threading.Event()
+    stopping.set()
+    assert watcher.scan(stopping) == []
+    assert len(list(folder.glob("*.dcm"))) == 3
+
+
+def test_a_file_swapped_for_a_folder_is_not_moved_aside(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced by a folder of new uploads between the scan and the read: the
+    folder is left to be walked, not moved to rejected/ with all it holds."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "cd").write_bytes(b"x")
+    watcher.scan()
+    candidates = list(watcher._candidates())
+    (folder / "cd").unlink()
+    (folder / "cd").mkdir()
+    (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+    monkeypatch.setattr(watcher, "_candidates", lambda: iter(candidates))
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert (folder / "cd" / "ct.dcm").exists() and not (folder / "rejected").exists()
+
+
+def test_a_full_disk_while_archiving_loses_nothing(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Stored, then the move to archive/ fails (no space for its folder): the file stays
+    in the upload folder, stored again as unchanged by later scans (said once), and
+    archived once there is room."""
+    watcher = UploadWatcher(services.ingest, folder, after_store="archive",
+                            writers=nobody_writes)
+    (folder / "cd").mkdir()
+    (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(uploads.os, "mkdir", no_space)
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(3):
+            watcher.scan()
+            assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert (folder / "cd" / "ct.dcm").read_bytes() == ct_bytes
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "stored an uploaded file but could not archive it: No space left on device"]
+    monkeypatch.undo()
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert (folder / "archive" / "cd" / "ct.dcm").read_bytes() == ct_bytes
+    assert not (folder / "cd" / "ct.dcm").exists()
+
+
+def test_a_small_upload_is_read_without_asking_for_the_limit(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """With ``PACS_MAX_OBJECT_BYTES`` at 1 GiB, a 40 KB upload asks for about its size,
+    not for the limit (which a host without memory overcommit refuses)."""
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes,
+                            max_object_bytes=1 << 30)
+    (folder / "ct.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    tracemalloc.start()
+    try:
+        assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20

@@ -68,6 +68,8 @@ from pacs.core.storage.base import (
     put_each,
     put_many,
     quarantine_folder,
+    read_bounded,
+    read_object,
     spooled_copy,
     staged,
     usage,
@@ -79,7 +81,8 @@ if TYPE_CHECKING:
 __all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
            "RandomAccess", "Staged", "Staging", "Usage", "digest", "exists", "is_object_key",
            "local_path", "object_key", "open_ranged", "open_seekable", "open_store",
-           "put_each", "put_many", "quarantine_folder", "spooled_copy", "staged", "usage"]
+           "put_each", "put_many", "quarantine_folder", "read_bounded", "read_object",
+           "spooled_copy", "staged", "usage"]
 
 
 def open_store(settings: Settings, check: bool = True, create: bool = True) -> ObjectStore:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -14,13 +16,12 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
 
 from pacs.core.dataset import valid_uid
-from pacs.core.errors import NotFound, StorageError
+from pacs.core.errors import NotFound, ObjectTooLarge, StorageError
 
 #: A forward-only stream that must seek is copied to memory up to this size, to disk
 #: beyond (:func:`open_ranged`'s fallback).
 SPOOL_BYTES = 32 << 20
 
-_KEY_RE = re.compile(r"^[0-9.]{1,64}/[0-9.]{1,64}/[0-9.]{1,64}\.dcm$")
 #: Names of quarantine folders (one per repair run).
 _QUARANTINE_FOLDER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -34,8 +35,11 @@ def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
 
 
 def is_object_key(key: str) -> bool:
-    """True for keys of the form :func:`object_key` builds."""
-    return bool(_KEY_RE.match(key))
+    """True for keys of the form :func:`object_key` builds: three valid UIDs, so no
+    part is ``..`` or ``.`` and no key names a path outside the store."""
+    parts = key.split("/")
+    return (len(parts) == 3 and parts[2].endswith(".dcm")
+            and all(valid_uid(part) for part in (*parts[:2], parts[2][:-4])))
 
 
 def quarantine_folder(folder: str) -> str:
@@ -304,9 +308,14 @@ def usage(store: ObjectStore) -> int:
 DIGEST_CHUNK = 1 << 20
 
 
-def digest(store: ObjectStore, key: str) -> tuple[str, int]:
+def digest(store: ObjectStore, key: str, limit: int | None = None) -> tuple[str, int]:
     """SHA-256 (hex) and size of a stored object, read through :meth:`ObjectStore.open`
     in chunks (the index records the same digest at ingest).
+
+    With ``limit``, reading stops once more than ``limit`` bytes are read: the size
+    given is then past ``limit`` and the digest is of what was read, so an object
+    compared with an acknowledged size is never read far past it (a file grown by a
+    terabyte is not hashed whole to find it differs).
 
     Raises
     ------
@@ -321,7 +330,59 @@ def digest(store: ObjectStore, key: str) -> tuple[str, int]:
         while chunk := stream.read(DIGEST_CHUNK):
             hashed.update(chunk)
             size += len(chunk)
+            if limit is not None and size > limit:
+                break
     return hashed.hexdigest(), size
+
+
+def read_bounded(stream: BinaryIO, limit: int | None) -> bytes:
+    """All of ``stream``, but never more than ``limit`` + 1 bytes (``None``: all).
+
+    A Python file's ``read(n)`` allocates ``n`` bytes before it reads: ``read(limit +
+    1)`` of a 10-byte file under the default 2 GiB limit asks for 2 GiB, which a host
+    without memory overcommit refuses.  So a file's size is asked first and only that
+    much (and one byte, to see it grew) is read; what it grew by meanwhile is read
+    after, within ``limit``.
+    """
+    if limit is None:
+        return stream.read()
+    expected = _file_size(stream)
+    if expected is None or expected >= limit:
+        return stream.read(limit + 1)
+    data = stream.read(expected + 1)
+    if len(data) <= expected:
+        return data
+    return data + stream.read(limit - expected)  # grown while it was read
+
+
+def _file_size(stream: BinaryIO) -> int | None:
+    """The size of the regular file behind ``stream``, ``None`` when it has none."""
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation included
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
+    """The whole object, read through :meth:`ObjectStore.open` up to ``limit`` + 1
+    bytes: an object larger than any the node accepts (``PACS_MAX_OBJECT_BYTES``) is
+    never held whole by the tools that read every object (``pacs reindex``, ``pacs
+    fsck``).
+
+    Raises
+    ------
+    ObjectTooLarge
+        The object is larger than ``limit`` bytes.
+    NotFound, StorageError
+        As :meth:`ObjectStore.open`.
+    """
+    with store.open(key) as stream:
+        data = read_bounded(stream, limit)
+    if limit is not None and len(data) > limit:
+        raise ObjectTooLarge(f"larger than PACS_MAX_OBJECT_BYTES ({limit} bytes); not "
+                             "read further")
+    return data
 
 
 def exists(store: ObjectStore, key: str) -> bool:

@@ -15,18 +15,24 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing
+from pacs.core.errors import ConfigError, ForeignObject, NotFound, StorageError, StoreMissing
+from pacs.core.logs import shown
 from pacs.core.offload import Offload
 from pacs.core.storage.base import Staged, is_object_key, quarantine_folder
 
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
+#: Opening an object: never through a link at its key, never waiting (a FIFO).
+_OPEN_OBJECT = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FOREIGN = ("not a regular file (a link, FIFO, socket or device the store never wrote); "
+            "not read")
 #: Threads that fsync the files of one put_many together, and that write staged
 #: objects (as many as associations storing large objects at once, beyond which they
 #: wait their turn).
@@ -172,18 +178,36 @@ class FileStore:
         return _StagedFile(self, self._stagers.submit(_write_synced, fd, tmp_name, data))
 
     def open(self, key: str) -> BinaryIO:
-        """Open the object for reading."""
+        """Open the object for reading: a regular file, never through a link and never
+        waiting (a FIFO put at a key opens at once, and is refused).
+
+        Raises
+        ------
+        NotFound
+            No such object.
+        ForeignObject
+            A link, FIFO, socket or device is at the key.
+        StorageError
+            It cannot be opened.
+        """
         try:
-            return open(self._path(key), "rb")
+            fd = os.open(self._path(key), _OPEN_OBJECT)
         except FileNotFoundError:
             raise NotFound("no such object") from None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link; a socket
+                raise ForeignObject(_FOREIGN) from None
             raise StorageError(f"cannot read object: {exc.strerror or exc}") from exc
+        file = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            file.close()
+            raise ForeignObject(_FOREIGN)
+        return file
 
     def size(self, key: str) -> int:
-        """The object's size."""
+        """The size of what is at the key (of a link itself, not of its target)."""
         try:
-            return self._path(key).stat().st_size
+            return self._path(key).lstat().st_size
         except FileNotFoundError:
             raise NotFound("no such object") from None
         except OSError as exc:
@@ -214,6 +238,25 @@ class FileStore:
                 key = os.path.relpath(os.path.join(dirpath, name), self.root)
                 if is_object_key(key):
                     yield key
+
+    def strays(self, examples: int = 20) -> tuple[int, list[str]]:
+        """Files below the root that are neither objects (at a key) nor temporary
+        files, put there by something else (objects copied to another depth, a note):
+        their number and the first ``examples`` of their paths (relative), so that the
+        tools that read every object say what they did not read, in bounded memory."""
+        count = 0
+        found: list[str] = []
+        if not self.root.is_dir():
+            return count, found
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.relpath(os.path.join(dirpath, name), self.root)
+                if name.startswith(_TMP_PREFIX) or is_object_key(path):
+                    continue
+                count += 1
+                if len(found) < examples:
+                    found.append(path)
+        return count, found
 
     def quarantine(self, key: str, folder: str) -> str:
         """Move the object to ``<quarantine_root>/<folder>/<key>``; return that path.
@@ -300,6 +343,16 @@ class FileStore:
     def close(self) -> None:
         """Stop the staging threads (once what they write is written)."""
         self._stagers.close()
+
+
+def stray_lines(count: int, first: list[str]) -> Iterator[str]:
+    """The report's lines on files of the store not at an object key (none: no line)."""
+    if count:
+        yield (f"{count} file(s) in the object folder are not at an object key "
+               "(<study>/<series>/<sop>.dcm) and were not read:")
+        yield from (f"  {shown(path)}" for path in first)
+        if count > len(first):
+            yield f"  … and {count - len(first)} more"
 
 
 class _StagedFile:

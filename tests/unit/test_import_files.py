@@ -1,0 +1,74 @@
+"""``pacs import`` given hostile files: nothing that is not a regular file is read,
+links below a folder are not followed, and what it could not read is reported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pacs.cli import import_files, main
+from tests.conftest import sample
+
+
+def test_links_below_a_folder_are_yielded_as_themselves(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "ct.dcm").write_bytes(b"x")
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.dcm").write_bytes(b"x")
+    (folder / "file-link").symlink_to(outside / "ct.dcm")
+    (folder / "folder-link").symlink_to(outside)
+    unreadable: list[tuple[Path, str]] = []
+    found = list(import_files((str(folder), str(folder / "file-link")), unreadable))
+    assert found == [(folder / "file-link", False), (folder / "folder-link", False),
+                     (folder / "sub" / "a.dcm", False),
+                     (folder / "file-link", True)]  # named on the command line
+    assert unreadable == []
+
+
+def test_a_folder_too_deep_to_walk_is_reported(tmp_path: Path) -> None:
+    """Folders nested past PATH_MAX (20 names of 250 characters): the walk cannot list
+    the deepest, which is reported, not passed over in silence."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("ct.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    unreadable: list[tuple[Path, str]] = []
+    assert list(import_files((str(tmp_path),), unreadable)) == []
+    assert [reason for _, reason in unreadable] == ["File name too long"]
+
+
+def test_import_refuses_a_fifo_a_link_and_a_strange_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIFO (an open would wait for ever), a link to /dev/zero (would read for ever)
+    and a name with a newline and a byte that is not UTF-8: each refused on one line
+    of the report; the valid file is stored; exit status 1."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.dcm")
+    (folder / "zero.dcm").symlink_to("/dev/zero")
+    with open(os.path.join(os.fsencode(folder), b"a\xff\nb.dcm"), "wb") as odd:
+        odd.write(b"junk")
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("stored: 1,") and lines[0].endswith("rejected: 3")
+    assert sorted(lines[1:]) == [
+        f"rejected {folder}/a\\xff\\nb.dcm: not a DICOM Part 10 object (no preamble "
+        "and DICM prefix)",
+        f"rejected {folder}/fifo.dcm: not a regular file (a FIFO, socket, device or "
+        "folder); not read",
+        f"rejected {folder}/zero.dcm: a link, not followed"]
