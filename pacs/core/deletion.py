@@ -20,10 +20,12 @@ read goes through the index or the intake first.  A crash between 2 and 3 leaves
 objects no row names, each with a tombstone: ``pacs fsck`` reports them as removed and
 ``--repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
 removed instance never comes back, and no row ever names a missing object.  A failed
-object deletion is logged and left to fsck the same way, and so are the removal's
-objects after it: once the store has failed (S3 stalled, each deletion waiting for its
-timeout), a removal of thousands of instances does not hold their locks for a timeout
-each; it goes on removing rows, and its log line counts the objects left.
+object deletion is logged and left to fsck the same way.  One the store did not answer
+(S3 stalled: :class:`~pacs.core.errors.UnsettledWrite`) may still be carried out later,
+over an object stored at the key since: the key becomes unsettled
+(:mod:`pacs.core.intake`), and the removal's objects after it are left to fsck too, so
+that a removal of thousands of instances does not hold their locks for a timeout each;
+it goes on removing rows, and its log line counts the objects left.
 
 What a removal names was read without any lock (:meth:`Deleter.plan`: a study may hold
 more instances than one transaction should), so each instance may have been stored again
@@ -49,6 +51,7 @@ study).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +63,7 @@ from pacs.core import audit
 from pacs.core.attributes import Level
 from pacs.core.audit import AuditTrail, Participant, Patient, Study
 from pacs.core.dataset import require_uid
-from pacs.core.errors import InvalidUID, NotFound, PacsError
+from pacs.core.errors import InvalidUID, NotFound, PacsError, UnsettledWrite
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.index.reads import Located
@@ -130,7 +133,8 @@ class Removal:
         Objects whose deletion failed or was not tried once one had failed (their rows
         are gone and their tombstones kept: ``pacs fsck --repair`` deletes them).
     store_error :
-        The store's first failure, after which no object deletion is tried.
+        The store's first deletion it did not answer (stalled), after which no
+        object deletion is tried.
     skipped :
         Instances a rejection note names that it may not remove (another patient's,
         or at another place than the note says).
@@ -363,12 +367,26 @@ class Deleter:
             return
         try:
             self.store.backend.delete(key)
-        except PacsError as exc:
+        except UnsettledWrite as exc:
             removal.objects_left += 1
             removal.store_error = str(exc) or type(exc).__name__
-            log.warning("could not delete the object of a removed instance (%s); the "
-                        "removal's other objects are left too, for 'pacs fsck --repair'",
-                        removal.store_error)
+            self._unsettle(key)
+            log.warning("the store did not answer the deletion of a removed instance's "
+                        "object (%s); the removal's other objects are left too, for "
+                        "'pacs fsck --repair'", removal.store_error)
+        except PacsError as exc:
+            removal.objects_left += 1
+            log.warning("could not delete the object of a removed instance (%s); "
+                        "'pacs fsck --repair' will", exc)
+
+    def _unsettle(self, key: str) -> None:
+        """A deletion of ``key`` the store may still carry out: an object stored there
+        next goes through the intake and is written once it has settled."""
+        try:
+            with self.index.write() as conn:
+                writer.unsettle(conn, key, time.time())
+        except PacsError:
+            log.exception("could not record an unanswered object deletion")
 
     def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study, read before its rows go (for the audit trail)."""

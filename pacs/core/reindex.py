@@ -248,8 +248,8 @@ def stored_times(store: ObjectStore, keys: Iterable[str]) -> dict[str, float]:
     times: dict[str, float] = {}
     for key in keys:
         path = local_path(store, key)
-        if path is None:
-            return {}
+        if path is None:  # no local files, or not a regular file at the key
+            continue
         with contextlib.suppress(OSError):
             times[key] = path.stat().st_mtime_ns / 1e9
     return times

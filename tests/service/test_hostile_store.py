@@ -107,6 +107,11 @@ def test_a_link_at_a_key_is_not_read_through(tmp_path: Path) -> None:
     (tmp_path / "objects" / _key(SERIES + ".9")).symlink_to(tmp_path / "secret")
     with pytest.raises(ForeignObject):
         store.open(_key(SERIES + ".9"))
+    # Nor handed out as a file to send by its path (C-GET, C-MOVE).
+    assert store.local_file(_key(SERIES + ".9")) is None
+    os.mkfifo(tmp_path / "objects" / _key(SERIES + ".8"))
+    assert store.local_file(_key(SERIES + ".8")) is None
+    assert store.local_file(_key(SERIES + ".7")) == tmp_path / "objects" / _key(SERIES + ".7")
 
 
 def test_an_indexed_object_replaced_by_a_link_is_reported_and_left(

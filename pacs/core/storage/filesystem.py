@@ -224,10 +224,18 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"cannot delete object: {exc.strerror or exc}") from exc
 
-    def local_file(self, key: str) -> Path:
+    def local_file(self, key: str) -> Path | None:
         """The object's file (objects are files here): the
-        :class:`~pacs.core.storage.LocalFiles` capability."""
-        return self._path(key)
+        :class:`~pacs.core.storage.LocalFiles` capability.  ``None`` when something
+        other than a regular file is at the key (a link, a FIFO): a caller then reads
+        it with :meth:`open`, which refuses it, rather than opening the path itself
+        (C-GET and C-MOVE send a file by its path)."""
+        path = self._path(key)
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            return path  # missing: the caller's own open says so
+        return path if stat.S_ISREG(mode) else None
 
     def keys(self) -> Iterator[str]:
         """Every stored key (temporary files excluded)."""

@@ -565,7 +565,9 @@ class S3Store:
     def delete(self, key: str) -> None:
         """Remove the object; a missing object (or bucket) is not an error."""
         name = self._object_name(key)
-        with self._storage_errors("delete"):
+        # A deletion S3 may still carry out is unsettled too: landing late, it would
+        # remove an object written at the key since.
+        with self._storage_errors("delete", writes=True):
             try:
                 self._client.remove_object(bucket_name=self.bucket, object_name=name)
             except S3Error as exc:
