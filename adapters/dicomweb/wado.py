@@ -22,7 +22,8 @@ Answers:
   comes from the Accept header (8.7.3.5.1): ``*`` sends the stored bytes; none asked
   means Explicit VR Little Endian (8.7.3.5.2, Table 8.7.3-2), converted when stored
   otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
-  streamed from the store, one chunk at a time, and conversions hold one instance.  A
+  streamed from the store, one chunk at a time; a conversion is written frame by frame
+  to a temporary file (:func:`pacs.core.transcode.convert_into`) and sent from it.  A
   bare ``application/dicom`` (one part, no multipart) answers an instance only: for a
   study or series it is ignored, and ``406`` when nothing else is accepted (10.4.4);
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
@@ -35,8 +36,8 @@ Answers:
 - unknown study, series, instance or frame: ``404``; a malformed UID or frame list,
   or one that names a frame twice: ``400``.
 
-Instances, frames and pixel data are streamed, one stored chunk, one frame or one
-converted instance in memory at a time, with or without multipart.  What can refuse a
+Instances, frames and pixel data are streamed, one stored chunk or one frame in
+memory at a time, with or without multipart.  What can refuse a
 request is decided before the status line: the resources, the media types, the
 declared sizes of whatever must be decoded (``PACS_MAX_FRAME_BYTES``,
 ``PACS_MAX_OBJECT_BYTES``, from the metadata kept in the index), and the first frame or
@@ -49,10 +50,11 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import falcon
 import pydicom
@@ -73,7 +75,7 @@ from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
 from pacs.core.jsonmodel import REPLACEABLE_VRS
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
-from pacs.core.storage import open_ranged
+from pacs.core.storage import open_ranged, open_seekable
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +283,19 @@ class Instances:
         return headers
 
     def _content(self, ref: InstanceRef, syntax: str) -> Iterator[bytes]:
-        """The stored bytes, or one instance converted in memory."""
+        """The stored bytes, or the instance converted into a temporary file (frame by
+        frame, :func:`pacs.core.transcode.convert_into`), sent a chunk at a time."""
         if syntax == ref.transfer_syntax:
             yield from object_chunks(self.services, ref.object_key)
             return
-        with self.services.store.open(ref.object_key) as stream:
-            data = stream.read()
         settings = self.services.settings
-        yield transcode.convert_to_bytes(data, syntax, settings.max_frame_bytes,
-                                         settings.max_object_bytes)
+        with tempfile.SpooledTemporaryFile(max_size=transcode.IN_MEMORY_BYTES) as out:
+            with open_seekable(self.services.store, ref.object_key) as source:
+                transcode.convert_into(source, syntax, cast(BinaryIO, out),
+                                       settings.max_frame_bytes, settings.max_object_bytes)
+            out.seek(0)
+            while chunk := out.read(CHUNK_BYTES):
+                yield chunk
 
 
 def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]],

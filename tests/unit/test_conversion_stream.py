@@ -1,0 +1,183 @@
+"""Conversions written frame by frame (pacs.core.transcode.convert_into): the same
+bytes as a whole conversion, about a frame of memory instead of several objects, and
+the ceilings refused before anything is decoded or written."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+
+from pacs.core import transcode
+from pacs.core.config import Settings
+from pacs.core.errors import FrameTooLarge
+from pacs.core.query.model import InstanceRef
+from pacs.core.storage import object_key
+from pacs.core.storage.memory import MemoryStore
+from pacs.dimse import sender
+from tests.conftest import sample
+from tests.factory import _part10
+
+#: Rows and columns of the generated multi-frame images: 256 KiB a 8-bit frame.
+SIDE = 512
+
+
+def _streamed(data: bytes, target: str, **limits: int) -> bytes:
+    with tempfile.TemporaryFile() as out:
+        transcode.convert_into(io.BytesIO(data), target, out, **limits)
+        out.seek(0)
+        return out.read()
+
+
+def _into_file(data: bytes, target: str) -> None:
+    with tempfile.TemporaryFile() as out:
+        transcode.convert_into(io.BytesIO(data), target, out)
+
+
+def _peak(work: Callable[[], Any]) -> int:
+    """The most bytes Python and numpy held at once while ``work`` ran."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _image(frames: int, **attributes: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = SIDE
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def jpeg_frames(frames: int) -> bytes:
+    """A multi-frame JPEG Baseline object: a few KB stored, 256 KiB a frame decoded."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((SIDE, SIDE), 90, np.uint8), "L").save(out, format="JPEG")
+    ds = _image(frames)
+    ds.PixelData = encapsulate([out.getvalue()] * frames)
+    ds["PixelData"].VR = "OB"
+    return _part10(ds, JPEGBaseline8Bit)
+
+
+def native_frames(frames: int, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A multi-frame object of native pixel data (256 KiB a frame), then trailing
+    padding (FFFC,FFFC) after the pixel data."""
+    ds = _image(frames)
+    ds.PixelData = np.arange(SIDE * SIDE * frames, dtype=np.uint8).tobytes()
+    ds.add_new(0xFFFCFFFC, "OB", bytes(8))
+    return _part10(ds, syntax)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm",
+                                  "JPEG2000.dcm", "CT_small.dcm", "image_dfl.dcm",
+                                  "MR_small_implicit.dcm", "SC_rgb_dcmtk_+eb+cy+n1.dcm"])
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_streamed_conversion_is_the_whole_one(name: str, target: str) -> None:
+    data = sample(name).read_bytes()
+    stored = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    if stored.file_meta.TransferSyntaxUID == target:
+        pytest.skip("nothing to convert")
+    assert _streamed(data, target) == transcode.convert_to_bytes(data, target)
+
+
+@pytest.mark.parametrize("make", [jpeg_frames, native_frames])
+def test_generated_multi_frame_objects_convert_the_same(make: Callable[[int], bytes]
+                                                        ) -> None:
+    data = make(3)
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        assert _streamed(data, target) == transcode.convert_to_bytes(data, target)
+
+
+def test_compressed_frames_are_decoded_one_at_a_time() -> None:
+    data = jpeg_frames(16)  # 4 MiB decoded
+    decoded = SIDE * SIDE * 16
+    peak = _peak(lambda: _into_file(data, ExplicitVRLittleEndian))
+    # A whole conversion holds the frames, their join and the encoded object (3x and
+    # more); this one a few frames' worth (256 KiB each: the array, its bytes, the
+    # decoder's own buffers) and pydicom's header.
+    assert peak < decoded // 3, peak
+
+
+def test_native_pixel_data_is_copied_a_chunk_at_a_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = native_frames(16)  # 4 MiB of pixel data
+    monkeypatch.setattr(transcode, "COPY_CHUNK", 64 << 10)
+    peak = _peak(lambda: _into_file(data, ImplicitVRLittleEndian))
+    # Two chunks (one read while the last is let go) and pydicom's header.
+    assert peak < 512 << 10, peak
+
+
+def test_a_deflated_data_set_inflates_to_a_temporary_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = _image(16)
+    ds.PixelData = bytes(SIDE * SIDE * 16)  # 4 MiB of zeros: a few KB deflated
+    data = _part10(ds, DeflatedExplicitVRLittleEndian)
+    streamed = _streamed(data, ExplicitVRLittleEndian)
+    assert pydicom.dcmread(io.BytesIO(streamed)).PixelData == bytes(SIDE * SIDE * 16)
+    # A chunk of inflated bytes at a time and zlib's window, then the copy's chunks:
+    # not the 4 MiB it inflates to, nor several times them.
+    monkeypatch.setattr(transcode, "COPY_CHUNK", 64 << 10)
+    peak = _peak(lambda: _into_file(data, ExplicitVRLittleEndian))
+    assert peak < 1 << 20, peak
+    with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):
+        _streamed(data, ExplicitVRLittleEndian, max_object_bytes=1 << 20)
+
+
+def test_the_ceilings_refuse_before_anything_is_written() -> None:
+    data = jpeg_frames(16)
+    with tempfile.TemporaryFile() as out:
+        with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):
+            transcode.convert_into(io.BytesIO(data), ExplicitVRLittleEndian, out,
+                                   max_object_bytes=SIDE * SIDE * 16 - 1)
+        with pytest.raises(FrameTooLarge, match="PACS_MAX_FRAME_BYTES"):
+            transcode.convert_into(io.BytesIO(data), ExplicitVRLittleEndian, out,
+                                   max_frame_bytes=SIDE * SIDE - 1)
+        assert out.tell() == 0
+
+
+def test_a_sub_operation_converts_into_its_temporary_file() -> None:
+    data = jpeg_frames(2)
+    stored = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    key = object_key(stored.StudyInstanceUID, stored.SeriesInstanceUID,
+                     stored.SOPInstanceUID)
+    store = MemoryStore()
+    store.put(key, io.BytesIO(data), len(data))
+    ref = InstanceRef(stored.StudyInstanceUID, stored.SeriesInstanceUID,
+                      stored.SOPInstanceUID, CTImageStorage, JPEGBaseline8Bit, key, len(data))
+    with sender.object_file(store, ref, ExplicitVRLittleEndian, Settings()) as path:
+        assert path.read_bytes() == transcode.convert_to_bytes(data, ExplicitVRLittleEndian)
+    small = Settings(max_object_bytes=SIDE * SIDE)  # two frames declared: refused
+    with pytest.raises(FrameTooLarge), sender.object_file(store, ref, ExplicitVRLittleEndian,
+                                                          small):
+        pass
