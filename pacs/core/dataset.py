@@ -22,11 +22,14 @@ import io
 import json
 import re
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache, lru_cache
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, cast
 
 import pydicom
 import pydicom.config
@@ -614,6 +617,29 @@ class Inflater:
             if not self._pending and self._fed >= len(self._source) and not self._zlib.eof:
                 raise UnreadableData("the deflated data set is truncated")
         return b""
+
+
+@contextmanager
+def inflated_copy(source: BinaryIO, offset: int, limit: int | None,
+                  chunk: int = INFLATE_CHUNK) -> Iterator[BinaryIO]:
+    """The deflated data set (PS3.5 A.5) that starts at ``offset`` of ``source``,
+    inflated ``chunk`` bytes at a time into a temporary file, at its start: a few KB
+    stored may inflate to ``PACS_MAX_OBJECT_BYTES``, which is never held in memory.
+
+    Raises
+    ------
+    ObjectTooLarge
+        It inflates past ``limit``.
+    UnreadableData
+        The deflate stream is corrupt or truncated.
+    """
+    source.seek(offset)
+    inflater = Inflater(memoryview(source.read()), limit, chunk)
+    with tempfile.TemporaryFile() as copy:
+        while piece := inflater.read():
+            copy.write(piece)
+        copy.seek(0)
+        yield cast(BinaryIO, copy)
 
 
 class _InflatedReader:

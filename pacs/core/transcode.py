@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import io
 import struct
-import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.charset import default_encoding
@@ -49,8 +48,8 @@ from pacs.core import codestream, metadata
 from pacs.core.config import Settings
 from pacs.core.dataset import (
     HEAD_PROBE_BYTES,
-    Inflater,
     dataset_offset,
+    inflated_copy,
     meta_transfer_syntax,
     read_header,
 )
@@ -321,7 +320,7 @@ def _opened(source: BinaryIO, stack: ExitStack, max_object_bytes: int) -> _Sourc
         return None
     body, syntax = source, UID(stored)
     if syntax == DeflatedExplicitVRLittleEndian:
-        body = stack.enter_context(_inflated_copy(source, offset, max_object_bytes))
+        body = stack.enter_context(_inflated(source, offset, max_object_bytes))
         syntax = ExplicitVRLittleEndian
     else:
         source.seek(offset)
@@ -341,27 +340,14 @@ def _at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
 
 
 @contextmanager
-def _inflated_copy(source: BinaryIO, offset: int, limit: int) -> Iterator[BinaryIO]:
-    """A deflated data set (PS3.5 A.5) inflated chunk by chunk into a temporary file,
-    at its start: it may inflate to ``PACS_MAX_OBJECT_BYTES`` from a few KB.
-
-    Raises
-    ------
-    FrameTooLarge
-        It inflates past ``limit`` (``PACS_MAX_OBJECT_BYTES``).
-    UnreadableData
-        The deflate stream is corrupt.
-    """
-    source.seek(offset)
-    inflater = Inflater(memoryview(source.read()), limit, chunk=COPY_CHUNK)
-    with tempfile.TemporaryFile() as copy:
-        try:
-            while chunk := inflater.read():
-                copy.write(chunk)
-        except ObjectTooLarge as exc:
-            raise FrameTooLarge(f"{exc} (PACS_MAX_OBJECT_BYTES)") from None
-        copy.seek(0)
-        yield cast(BinaryIO, copy)
+def _inflated(source: BinaryIO, offset: int, limit: int) -> Iterator[BinaryIO]:
+    """:func:`pacs.core.dataset.inflated_copy`, its limit reported as a conversion's
+    (:class:`FrameTooLarge`, ``PACS_MAX_OBJECT_BYTES``)."""
+    try:
+        with inflated_copy(source, offset, limit, COPY_CHUNK) as copy:
+            yield copy
+    except ObjectTooLarge as exc:
+        raise FrameTooLarge(f"{exc} (PACS_MAX_OBJECT_BYTES)") from None
 
 
 def _written(parsed: _Source, target: UID, out: BinaryIO) -> None:

@@ -9,6 +9,7 @@ store read as S3 is read, parts of an object through a ranged reader
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tracemalloc
@@ -31,6 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from adapters.dicomweb import wado
 from adapters.dicomweb.app import create_app
 from pacs.core import frames as core_frames, metadata
 from pacs.core.errors import NotFound, UnreadableData
@@ -752,6 +754,38 @@ def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
     assert result.headers["content-disposition"] == 'attachment; filename="document.pdf"'
     assert "sandbox" in result.headers["content-security-policy"]
     assert result.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_document_is_streamed_from_where_it_lies(client: testing.TestClient,
+                                                  services: Services,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MiB document is sent a chunk at a time from its place in the stored object:
+    reading the object whole held it, and pydicom's copy of its value, at once."""
+    monkeypatch.setattr(wado, "CHUNK_BYTES", 64 << 10)
+    ds = fresh("CT_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.104.1")
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n" + bytes(range(256)) * (4 << 12) + b"%%EOF\n"
+    services.ingest.store_bytes(encode(ds))
+    tracemalloc.start()
+    try:
+        status, headers, body = served(client, url(ds) + "/rendered", "application/pdf")
+        assert not isinstance(body, bytes | list)
+        sent, length = hashlib.sha256(), 0
+        for chunk in body:
+            sent.update(chunk)
+            length += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status.startswith("200"), status
+    assert headers["content-length"] == str(length) == str(len(ds.EncapsulatedDocument))
+    assert sent.digest() == hashlib.sha256(ds.EncapsulatedDocument).digest()
+    # A few chunks and a ranged read's buffer (up to 1 MiB, its read-ahead and a
+    # copy): less than the document, which the answer held whole with pydicom's copy.
+    assert peak < 5 << 19, peak
 
 
 @pytest.mark.parametrize("declared, sent", [
