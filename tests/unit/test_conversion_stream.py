@@ -10,19 +10,14 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
-    generate_uid,
 )
 
 from pacs.core import transcode
@@ -33,10 +28,13 @@ from pacs.core.storage import object_key
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import sender
 from tests.conftest import sample
-from tests.factory import _part10
-
-#: Rows and columns of the generated multi-frame images: 256 KiB a 8-bit frame.
-SIDE = 512
+from tests.factory import (
+    FRAME_SIDE,
+    multi_frame_image,
+    multi_frame_jpeg,
+    multi_frame_native,
+    part10,
+)
 
 
 def _streamed(data: bytes, target: str, **limits: int) -> bytes:
@@ -61,44 +59,6 @@ def _peak(work: Callable[[], Any]) -> int:
         tracemalloc.stop()
 
 
-def _image(frames: int, **attributes: object) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = SIDE
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-def jpeg_frames(frames: int) -> bytes:
-    """A multi-frame JPEG Baseline object: a few KB stored, 256 KiB a frame decoded."""
-    out = io.BytesIO()
-    Image.fromarray(np.full((SIDE, SIDE), 90, np.uint8), "L").save(out, format="JPEG")
-    ds = _image(frames)
-    ds.PixelData = encapsulate([out.getvalue()] * frames)
-    ds["PixelData"].VR = "OB"
-    return _part10(ds, JPEGBaseline8Bit)
-
-
-def native_frames(frames: int, syntax: str = ExplicitVRLittleEndian) -> bytes:
-    """A multi-frame object of native pixel data (256 KiB a frame), then trailing
-    padding (FFFC,FFFC) after the pixel data."""
-    ds = _image(frames)
-    ds.PixelData = np.arange(SIDE * SIDE * frames, dtype=np.uint8).tobytes()
-    ds.add_new(0xFFFCFFFC, "OB", bytes(8))
-    return _part10(ds, syntax)
-
-
 @pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm",
                                   "JPEG2000.dcm", "CT_small.dcm", "image_dfl.dcm",
                                   "MR_small_implicit.dcm", "SC_rgb_dcmtk_+eb+cy+n1.dcm"])
@@ -111,7 +71,7 @@ def test_the_streamed_conversion_is_the_whole_one(name: str, target: str) -> Non
     assert _streamed(data, target) == transcode.convert_to_bytes(data, target)
 
 
-@pytest.mark.parametrize("make", [jpeg_frames, native_frames])
+@pytest.mark.parametrize("make", [multi_frame_jpeg, multi_frame_native])
 def test_generated_multi_frame_objects_convert_the_same(make: Callable[[int], bytes]
                                                         ) -> None:
     data = make(3)
@@ -120,8 +80,8 @@ def test_generated_multi_frame_objects_convert_the_same(make: Callable[[int], by
 
 
 def test_compressed_frames_are_decoded_one_at_a_time() -> None:
-    data = jpeg_frames(16)  # 4 MiB decoded
-    decoded = SIDE * SIDE * 16
+    data = multi_frame_jpeg(16)  # 4 MiB decoded
+    decoded = FRAME_SIDE * FRAME_SIDE * 16
     peak = _peak(lambda: _into_file(data, ExplicitVRLittleEndian))
     # A whole conversion holds the frames, their join and the encoded object (3x and
     # more); this one a few frames' worth (256 KiB each: the array, its bytes, the
@@ -131,7 +91,7 @@ def test_compressed_frames_are_decoded_one_at_a_time() -> None:
 
 def test_native_pixel_data_is_copied_a_chunk_at_a_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    data = native_frames(16)  # 4 MiB of pixel data
+    data = multi_frame_native(16)  # 4 MiB of pixel data
     monkeypatch.setattr(transcode, "COPY_CHUNK", 64 << 10)
     peak = _peak(lambda: _into_file(data, ImplicitVRLittleEndian))
     # Two chunks (one read while the last is let go) and pydicom's header.
@@ -140,11 +100,11 @@ def test_native_pixel_data_is_copied_a_chunk_at_a_time(
 
 def test_a_deflated_data_set_inflates_to_a_temporary_copy(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    ds = _image(16)
-    ds.PixelData = bytes(SIDE * SIDE * 16)  # 4 MiB of zeros: a few KB deflated
-    data = _part10(ds, DeflatedExplicitVRLittleEndian)
+    ds = multi_frame_image(16)
+    ds.PixelData = bytes(FRAME_SIDE * FRAME_SIDE * 16)  # 4 MiB of zeros: a few KB deflated
+    data = part10(ds, DeflatedExplicitVRLittleEndian)
     streamed = _streamed(data, ExplicitVRLittleEndian)
-    assert pydicom.dcmread(io.BytesIO(streamed)).PixelData == bytes(SIDE * SIDE * 16)
+    assert pydicom.dcmread(io.BytesIO(streamed)).PixelData == bytes(FRAME_SIDE * FRAME_SIDE * 16)
     # A chunk of inflated bytes at a time and zlib's window, then the copy's chunks:
     # not the 4 MiB it inflates to, nor several times them.
     monkeypatch.setattr(transcode, "COPY_CHUNK", 64 << 10)
@@ -155,19 +115,19 @@ def test_a_deflated_data_set_inflates_to_a_temporary_copy(
 
 
 def test_the_ceilings_refuse_before_anything_is_written() -> None:
-    data = jpeg_frames(16)
+    data = multi_frame_jpeg(16)
     with tempfile.TemporaryFile() as out:
         with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):
             transcode.convert_into(io.BytesIO(data), ExplicitVRLittleEndian, out,
-                                   max_object_bytes=SIDE * SIDE * 16 - 1)
+                                   max_object_bytes=FRAME_SIDE * FRAME_SIDE * 16 - 1)
         with pytest.raises(FrameTooLarge, match="PACS_MAX_FRAME_BYTES"):
             transcode.convert_into(io.BytesIO(data), ExplicitVRLittleEndian, out,
-                                   max_frame_bytes=SIDE * SIDE - 1)
+                                   max_frame_bytes=FRAME_SIDE * FRAME_SIDE - 1)
         assert out.tell() == 0
 
 
 def test_a_sub_operation_converts_into_its_temporary_file() -> None:
-    data = jpeg_frames(2)
+    data = multi_frame_jpeg(2)
     stored = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     key = object_key(stored.StudyInstanceUID, stored.SeriesInstanceUID,
                      stored.SOPInstanceUID)
@@ -177,7 +137,7 @@ def test_a_sub_operation_converts_into_its_temporary_file() -> None:
                       stored.SOPInstanceUID, CTImageStorage, JPEGBaseline8Bit, key, len(data))
     with sender.object_file(store, ref, ExplicitVRLittleEndian, Settings()) as path:
         assert path.read_bytes() == transcode.convert_to_bytes(data, ExplicitVRLittleEndian)
-    small = Settings(max_object_bytes=SIDE * SIDE)  # two frames declared: refused
+    small = Settings(max_object_bytes=FRAME_SIDE * FRAME_SIDE)  # two frames declared: refused
     with pytest.raises(FrameTooLarge), sender.object_file(store, ref, ExplicitVRLittleEndian,
                                                           small):
         pass

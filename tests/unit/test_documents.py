@@ -17,7 +17,7 @@ from pydicom.uid import (
 from pacs.core import documents
 from pacs.core.errors import NotFound, ObjectTooLarge
 from pacs.core.storage.memory import MemoryStore
-from tests.factory import _part10
+from tests.factory import part10
 
 KEY = "1.2/1.2.3/1.2.3.4.dcm"
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64 + b"%%EOF\n"
@@ -36,7 +36,7 @@ def stored(document: bytes | None, syntax: str = ExplicitVRLittleEndian) -> Memo
     if document is not None:
         ds.EncapsulatedDocument = document
     ds.add_new(0x00431010, "LO", "after the document")
-    data = _part10(ds, syntax)
+    data = part10(ds, syntax)
     store = MemoryStore()
     store.put(KEY, io.BytesIO(data), len(data))
     return store
