@@ -386,37 +386,11 @@ def _deflated_pixels(header: Dataset) -> _Pixel | None:
 
 
 def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """pydicom's DICOM JSON of ``header``, for what :func:`encode` cannot encode.
-
-    pydicom hands its BulkDataURI callback the element alone; the path of an element
-    inside sequence items (``tag/item/tag``, what WADO-RS's bulk data resource reads)
-    is looked up from a walk made first, which also converts every element, so that
-    pydicom's own pass sees the same element objects.
-    """
+    """pydicom's DICOM JSON of ``header``, for what :func:`encode` cannot encode, within
+    the same inline value budget (:func:`pacs.core.jsonmodel.fallback_json`)."""
     base = f"studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata"
-    paths = _element_paths(header)
-    result = header.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=lambda e: f"{base}/{paths.get(id(e), f'{e.tag:08X}')}",
-        suppress_invalid_tags=True)
+    result = jsonmodel.fallback_json(header, base)
     return orjson.dumps(result, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def _element_paths(ds: Dataset, prefix: str = "") -> dict[int, str]:
-    """The bulk data path of every element of ``ds`` and of its sequences' items, by
-    the element object's ``id`` (items counted from 1, PS3.18 10.4.1.1.5)."""
-    paths: dict[int, str] = {}
-    for tag in list(ds.keys()):
-        try:
-            element = ds[tag]
-        except Exception:  # noqa: BLE001 - pydicom's encoder skips it too
-            continue
-        path = f"{prefix}{int(tag):08X}"
-        paths[id(element)] = path
-        if element.VR == "SQ":
-            for number, item in enumerate(element.value or (), start=1):
-                paths.update(_element_paths(item, f"{path}/{number}/"))
-    return paths
 
 
 def absolute_bulk_data_uris(text: str, base_url: str) -> str:
