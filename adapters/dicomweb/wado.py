@@ -27,7 +27,8 @@ Answers:
   bare ``application/dicom`` (one part, no multipart) answers an instance only: for a
   study or series it is ignored, and ``406`` when nothing else is accepted (10.4.4);
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
-  (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin;
+  (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin,
+  streamed an instance at a time (:func:`pacs.core.metadata.iter_documents`);
 - frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
   type for compressed data asked that way), each part stating
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
@@ -317,11 +318,10 @@ def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]
         return
     index, store, settings = services.index, services.store, services.settings
     keys = metadata.instance_keys(index, study, series, instance)
-    for start in range(0, len(keys), metadata.BATCH):
-        for doc in metadata.fetch(index, store, keys[start:start + metadata.BATCH]):
-            if doc.sop_uid in converted:
-                transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
-                                         settings.max_object_bytes)
+    for doc in metadata.iter_documents(index, store, keys):
+        if doc.sop_uid in converted:
+            transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
+                                     settings.max_object_bytes)
 
 
 def _single_part(ranges: Sequence[MediaRange]) -> bool:
@@ -358,27 +358,34 @@ class Metadata:
                           (instance, "SOPInstanceUID")):
             if uid is not None:
                 require_uid(uid, name)
-        index, store = self.services.index, self.services.store
-        keys = metadata.instance_keys(index, study, series, instance)
+        keys = metadata.instance_keys(self.services.index, study, series, instance)
         resp.content_type = dicomjson.MEDIA_TYPE
-        root = urls.service_root(req, self.prefix)
-        if len(keys) <= metadata.BATCH:
-            resp.data = metadata.json_array(metadata.fetch(index, store, keys), root).encode()
-        else:
-            resp.stream = _json_chunks(self.services, keys, root)
+        chunks = _json_chunks(self.services, keys, urls.service_root(req, self.prefix))
+        first = next(chunks)
+        second = next(chunks, None)
+        if second is None:  # one chunk: sent with its Content-Length
+            resp.data = first
+            return
+        resp.stream = sent(chain([first, second], chunks), req.path)
 
 
 def _json_chunks(services: Services, keys: Sequence[int], root: str) -> Iterator[bytes]:
-    """A large JSON array read and sent :data:`pacs.core.metadata.BATCH` objects at a time."""
-    first = True
-    for start in range(0, len(keys), metadata.BATCH):
-        docs = metadata.fetch(services.index, services.store, keys[start:start + metadata.BATCH])
-        if not docs:
-            continue  # deleted meanwhile
-        body = metadata.absolute_bulk_data_uris(",".join(d.json for d in docs), root)
-        yield (b"[" if first else b",") + body.encode()
-        first = False
-    yield b"[]" if first else b"]"
+    """The JSON array (PS3.18 F.2.1) of the instances' metadata, built an instance at
+    a time (:func:`pacs.core.metadata.iter_documents`) and sent in chunks of about
+    :data:`CHUNK_BYTES`: an answer holds a batch of documents and a chunk, never the
+    whole study."""
+    pending: list[bytes] = []
+    held = 0
+    opening = b"["
+    for doc in metadata.iter_documents(services.index, services.store, keys):
+        pending.append(opening + metadata.absolute_bulk_data_uris(doc.json, root).encode())
+        opening = b","
+        held += len(pending[-1])
+        if held >= CHUNK_BYTES:
+            yield b"".join(pending)
+            pending, held = [], 0
+    pending.append(b"[]" if opening == b"[" else b"]")
+    yield b"".join(pending)
 
 
 # --- frames ---------------------------------------------------------------------------

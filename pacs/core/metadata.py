@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -70,8 +70,11 @@ UNDEFINED_LENGTH = -1
 
 _PIXEL_VRS = {0x7FE00008: "OF", 0x7FE00009: "OD"}
 
-#: Documents read per query: bounds the memory of a large study's metadata answer.
+#: Most documents read per query.
 BATCH = reads.MAX_KEYS
+#: Most bytes of stored JSON read per query (unless one document is larger): what a
+#: large study's metadata answer holds at once, whatever its instances hold.
+BATCH_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,33 @@ def fetch(index: Index, store: ObjectStore, keys: Sequence[int]) -> list[Documen
     return [found[pk] for pk in keys if pk in found]
 
 
+def iter_documents(index: Index, store: ObjectStore, keys: Sequence[int]
+                   ) -> Iterator[Document]:
+    """The documents of ``keys``, in their order, read in batches of at most
+    :data:`BATCH` documents and :data:`BATCH_BYTES` of JSON (a batch holds at least
+    one): a study of many instances, or of large ones, is never held whole."""
+    for start in range(0, len(keys), BATCH):
+        for batch in _byte_batches(index, keys[start:start + BATCH]):
+            yield from fetch(index, store, batch)
+
+
+def _byte_batches(index: Index, keys: Sequence[int]) -> Iterator[list[int]]:
+    """``keys`` (at most :data:`BATCH`) cut into runs of at most :data:`BATCH_BYTES`
+    of stored JSON, each of one key at least."""
+    sizes = reads.metadata_sizes(index.connection(), keys)
+    batch: list[int] = []
+    held = 0
+    for pk in keys:
+        size = sizes.get(pk, 0)
+        if batch and held + size > BATCH_BYTES:
+            yield batch
+            batch, held = [], 0
+        batch.append(pk)
+        held += size
+    if batch:
+        yield batch
+
+
 def _document(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
     """An index row as a document, backfilled when it has no JSON."""
     pk, sop, key, checksum, ts, offset, length, text = row
@@ -442,7 +472,8 @@ def values(doc: dict[str, Any], tag: int) -> list[Any]:
 
 
 __all__ = [
-    "BATCH", "BULK_DATA_THRESHOLD", "Document", "Prepared", "absolute_bulk_data_uris",
-    "documents", "encode", "fetch", "instance_keys", "json_array", "parse", "prepare",
+    "BATCH", "BATCH_BYTES", "BULK_DATA_THRESHOLD", "Document", "Prepared",
+    "absolute_bulk_data_uris", "documents", "encode", "fetch", "instance_keys",
+    "iter_documents", "json_array", "parse", "prepare",
     "prepare_from_stream", "representative", "save", "value", "values",
 ]

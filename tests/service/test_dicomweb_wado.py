@@ -317,6 +317,42 @@ def test_large_metadata_answers_stream_in_batches(client: testing.TestClient, pu
     assert len({item["00080018"]["Value"][0] for item in result.json}) == 5
 
 
+def test_study_metadata_is_sent_an_instance_at_a_time(client: testing.TestClient,
+                                                      services: Services,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """24 instances of 60 KB of metadata each (1.5 MB): read in batches of at most
+    BATCH_BYTES of JSON and sent in chunks, never the whole array (nor its copies)."""
+    study = generate_uid()
+    for _ in range(24):
+        ds = fresh("CT_small.dcm", study=study)
+        ds.ImageComments = "c" * (60 << 10)
+        services.ingest.store_bytes(encode(ds))
+    monkeypatch.setattr(metadata, "BATCH_BYTES", 256 << 10)
+    monkeypatch.setattr(wado, "CHUNK_BYTES", 128 << 10)
+    every = client.simulate_get(f"/studies/{study}/metadata", headers={"Accept": JSON})
+    tracemalloc.start()
+    try:
+        status, _, body = served(client, f"/studies/{study}/metadata", JSON)
+        assert not isinstance(body, bytes | list)
+        whole = hashlib.sha256()
+        length = 0
+        for chunk in body:
+            whole.update(chunk)
+            length += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status.startswith("200"), status
+    assert length > 24 * (60 << 10)
+    # A batch (256 KB of JSON, held while its instances are sent), a chunk and an
+    # instance's copies (about 0.95 MB): not the 1.5 MB array, which the answer built
+    # whole with its copies (5.2 MB).
+    assert peak < 3 << 19, peak
+    assert hashlib.sha256(every.content).digest() == whole.digest()
+    assert len(every.json) == 24
+    assert all(item["00204000"]["Value"] == ["c" * (60 << 10)] for item in every.json)
+
+
 def test_metadata_of_old_instances_is_built_and_kept(client: testing.TestClient,
                                                     services: Services, put: Put) -> None:
     ds, _ = put("CT_small.dcm")
