@@ -76,7 +76,7 @@ from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
 from pacs.core.jsonmodel import REPLACEABLE_VRS
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
-from pacs.core.storage import open_ranged, open_seekable
+from pacs.core.storage import open_ranged
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class Instances:
             return
         settings = self.services.settings
         with tempfile.SpooledTemporaryFile(max_size=transcode.IN_MEMORY_BYTES) as out:
-            with open_seekable(self.services.store, ref.object_key) as source:
+            with open_ranged(self.services.store, ref.object_key) as source:
                 transcode.convert_into(source, syntax, cast(BinaryIO, out),
                                        settings.max_frame_bytes, settings.max_object_bytes)
             out.seek(0)

@@ -40,7 +40,7 @@ from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
 from pacs.core.errors import PacsError
-from pacs.core.storage import local_path, open_seekable
+from pacs.core.storage import local_path, open_ranged
 from pacs.dimse.connection import AcceptedContext, StoreTarget
 
 if TYPE_CHECKING:
@@ -235,9 +235,10 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str,
             yield Path(tmp.name)
         return
     with _temporary_file() as tmp:
-        # Converted into the file frame by frame: the object is never held whole,
-        # and the source is closed before the previous response is awaited.
-        with open_seekable(store, ref.object_key) as source:
+        # Converted into the file frame by frame from a ranged stream (on S3, ranged
+        # GETs within a bounded buffer): the object is never held whole, and the
+        # source is closed before the previous response is awaited.
+        with open_ranged(store, ref.object_key) as source:
             transcode.convert_into(source, syntax, tmp, settings.max_frame_bytes,
                                    settings.max_object_bytes)
         tmp.flush()
