@@ -12,6 +12,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     generate_uid,
@@ -245,3 +246,10 @@ def multi_frame_native(frames: int, syntax: str = ExplicitVRLittleEndian) -> byt
     ds.PixelData = np.arange(FRAME_SIDE * FRAME_SIDE * frames, dtype=np.uint8).tobytes()
     ds.add_new(0xFFFCFFFC, "OB", bytes(8))
     return part10(ds, syntax)
+
+
+def deflated_noise(frames: int) -> bytes:
+    """A deflated object of noise: about as large stored as inflated (256 KiB a frame)."""
+    ds = multi_frame_image(frames)
+    ds.PixelData = np.random.default_rng(7).bytes(FRAME_SIDE * FRAME_SIDE * frames)
+    return part10(ds, DeflatedExplicitVRLittleEndian)

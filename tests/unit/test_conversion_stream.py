@@ -30,6 +30,7 @@ from pacs.dimse import sender
 from tests.conftest import sample
 from tests.factory import (
     FRAME_SIDE,
+    deflated_noise,
     multi_frame_image,
     multi_frame_jpeg,
     multi_frame_native,
@@ -112,6 +113,13 @@ def test_a_deflated_data_set_inflates_to_a_temporary_copy(
     assert peak < 1 << 20, peak
     with pytest.raises(FrameTooLarge, match="PACS_MAX_OBJECT_BYTES"):
         _streamed(data, ExplicitVRLittleEndian, max_object_bytes=1 << 20)
+
+
+def test_a_deflated_object_is_read_a_feed_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = deflated_noise(16)
+    monkeypatch.setattr(transcode, "COPY_CHUNK", 64 << 10)
+    peak = _peak(lambda: _into_file(data, ExplicitVRLittleEndian))
+    assert peak < len(data) // 4, peak  # the stored 4 MiB were read whole
 
 
 def test_the_ceilings_refuse_before_anything_is_written() -> None:
