@@ -268,8 +268,9 @@ def convert_into(source: BinaryIO, target: str, out: BinaryIO,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES) -> None:
     """Write the stored Part 10 object ``source`` (seekable) into ``out`` (seekable,
-    a temporary file) as a Part 10 object in ``target``, the bytes :func:`convert_to_bytes`
-    gives, holding about one frame at a time.
+    a temporary file) as a Part 10 object in ``target``, holding about one frame at a
+    time: the object :func:`convert_to_bytes` makes in memory, its values written as
+    stored where pydicom has not converted them.
 
     The header is read and written by pydicom; native pixel data is copied across
     :data:`COPY_CHUNK` bytes at a time; compressed frames are checked
@@ -440,13 +441,17 @@ def _decoded_into(header: FileDataset, body: BinaryIO, syntax: UID, implicit: bo
     _check_frames(body, header, syntax, options)
     body.seek(start)
     frames = _decoded_frames(body, syntax, options)
-    first, pixel_module = next(frames)
-    _describe(header, pixel_module, options["number_of_frames"])
+    first = next(frames, None)  # its Image Pixel values go in the header, written first
+    if first is None:
+        raise UnreadableData("the encapsulated pixel data holds no frame")
+    _describe(header, first[1], options["number_of_frames"])
     _write_header(header, out)
     at = out.tell()
     vr = "OB" if int(header.BitsAllocated) <= 8 else "OW"
     out.write(_element_head(0x7FE00010, vr, 0, implicit))
-    length = _write_frames(chain([first], (frame for frame, _ in frames)), out)
+    arrays = chain([first[0]], (frame for frame, _ in frames))
+    del first  # not held while the other frames are decoded
+    length = _write_frames(arrays, out)
     out.seek(at)
     out.write(_element_head(0x7FE00010, vr, length, implicit))
     out.seek(0, io.SEEK_END)
