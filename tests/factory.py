@@ -12,6 +12,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     generate_uid,
@@ -46,10 +47,10 @@ def make_instance(**attributes: object) -> bytes:
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    return _part10(ds)
+    return part10(ds)
 
 
-def _part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     """``ds`` as a Part 10 object in ``transfer_syntax`` (Explicit VR Little Endian)."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -163,7 +164,7 @@ def make_rejection_note(references: list[tuple[str, str, str, str]], *,
     ds.ContentSequence = content
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    return _part10(ds)
+    return part10(ds)
 
 
 def jpeg_frame(size: int = 16, declared: tuple[int, int] | None = None) -> bytes:
@@ -200,4 +201,55 @@ def make_jpeg_instance(frame: bytes, rows: int = 16, columns: int = 16,
     ds["PixelData"].VR = "OB"
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    return _part10(ds, JPEGBaseline8Bit)
+    return part10(ds, JPEGBaseline8Bit)
+
+
+#: Rows and columns of the generated multi-frame images: 256 KiB a 8-bit frame.
+FRAME_SIDE = 512
+
+
+def multi_frame_image(frames: int, **attributes: object) -> Dataset:
+    """A CT data set of ``frames`` 8-bit frames of :data:`FRAME_SIDE` x :data:`FRAME_SIDE`
+    pixels, without its pixel data."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = FRAME_SIDE
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def multi_frame_jpeg(frames: int) -> bytes:
+    """A multi-frame JPEG Baseline object: a few KB stored, 256 KiB a frame decoded."""
+    out = io.BytesIO()
+    Image.fromarray(np.full((FRAME_SIDE, FRAME_SIDE), 90, np.uint8), "L").save(out, format="JPEG")
+    ds = multi_frame_image(frames)
+    ds.PixelData = encapsulate([out.getvalue()] * frames)
+    ds["PixelData"].VR = "OB"
+    return part10(ds, JPEGBaseline8Bit)
+
+
+def multi_frame_native(frames: int, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """A multi-frame object of native pixel data (256 KiB a frame), then trailing
+    padding (FFFC,FFFC) after the pixel data."""
+    ds = multi_frame_image(frames)
+    ds.PixelData = np.arange(FRAME_SIDE * FRAME_SIDE * frames, dtype=np.uint8).tobytes()
+    ds.add_new(0xFFFCFFFC, "OB", bytes(8))
+    return part10(ds, syntax)
+
+
+def deflated_noise(frames: int) -> bytes:
+    """A deflated object of noise: about as large stored as inflated (256 KiB a frame)."""
+    ds = multi_frame_image(frames)
+    ds.PixelData = np.random.default_rng(7).bytes(FRAME_SIDE * FRAME_SIDE * frames)
+    return part10(ds, DeflatedExplicitVRLittleEndian)

@@ -27,7 +27,8 @@ ignored.  A thumbnail is the same image fitted into
 :data:`THUMBNAIL_SIZE` unless a viewport is given.
 
 Media types: ``image/jpeg`` (the default, 8.7.4) and ``image/png``; an encapsulated
-document (PDF, CDA…) is returned as itself when its type is accepted.  The ``accept``
+document (PDF, CDA…) is returned as itself when its type is accepted, streamed from
+where it lies in the stored object (:mod:`pacs.core.documents`).  The ``accept``
 query parameter replaces the Accept header (OHIF sends ``?accept=image/jpeg`` with a
 multipart Accept for thumbnails).
 
@@ -61,17 +62,15 @@ from typing import Any
 
 import falcon
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.pixels import apply_color_lut
 
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
 from adapters.dicomweb.errors import Unacceptable
-from pacs.core import frames as pixels, metadata
-from pacs.core.errors import InvalidQuery, NotFound, UnreadableData
+from pacs.core import documents, frames as pixels, metadata
+from pacs.core.errors import InvalidQuery
 from pacs.core.services import Services
-from pacs.core.storage import open_ranged
 
 JPEG, PNG = "image/jpeg", "image/png"
 #: Media types of rendered images, the default first (PS3.18 8.7.4).
@@ -386,7 +385,9 @@ class Rendered:
         document_type = self._document_type(parsed, instance, frames)
         media = choose_media(ranges, document_type)
         if media == document_type:
-            send_document(resp, media, self._document_bytes(doc))
+            stored = documents.open_document(self.services.store, doc.object_key,
+                                             self.services.settings.max_object_bytes)
+            send_document(resp, media, stored, req.path)
             return
         number = wado.frame_numbers(frames)[0] if frames else 1
         lay = pixels.layout(doc, parsed)
@@ -421,19 +422,6 @@ class Rendered:
         kind = metadata.value(parsed, _DOCUMENT_TYPE)
         return document_media_type(str(kind)) if kind else OCTET
 
-    def _document_bytes(self, doc: metadata.Document) -> bytes:
-        with open_ranged(self.services.store, doc.object_key) as source:
-            try:
-                value = pydicom.dcmread(source).get(0x00420011)
-            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds here
-                raise UnreadableData(f"stored object does not parse: "
-                                     f"{type(exc).__name__}") from None
-        if value is None or not isinstance(value.value, bytes):
-            raise NotFound("the instance holds no document")
-        data: bytes = value.value
-        # PS3.3 C.24.2.1: an odd-length document was padded with one byte.
-        return data[:-1] if data.endswith(b"\0") else data
-
     def _image(self, doc: metadata.Document, parsed: dict[str, Any], lay: pixels.Layout,
                number: int, params: Params) -> Image.Image:
         with pixels.open_frames(self.services.store, doc.object_key, lay) as source:
@@ -453,12 +441,16 @@ def document_media_type(declared: str) -> str:
     return kind if _MEDIA_TYPE.fullmatch(kind) else OCTET
 
 
-def send_document(resp: falcon.Response, media: str, data: bytes) -> None:
-    """A stored document as a download, never run in this origin (module docstring)."""
+def send_document(resp: falcon.Response, media: str, stored: documents.StoredDocument,
+                  what: str) -> None:
+    """A stored document as a download, never run in this origin (module docstring),
+    streamed from the store a chunk at a time (``what`` names it in the log should the
+    body be cut short, :func:`adapters.dicomweb.wado.sent`)."""
     resp.content_type = media
     name = f"document.{_EXTENSIONS.get(media, 'bin')}"
     resp.set_header("Content-Disposition", f'attachment; filename="{name}"')
-    resp.data = data
+    resp.content_length = stored.length
+    resp.stream = wado.sent(wado.started(stored.chunks(wado.CHUNK_BYTES)), what)
 
 
 def add_routes(app: Any, services: Services, prefix: str) -> None:

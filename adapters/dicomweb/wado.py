@@ -22,11 +22,13 @@ Answers:
   comes from the Accept header (8.7.3.5.1): ``*`` sends the stored bytes; none asked
   means Explicit VR Little Endian (8.7.3.5.2, Table 8.7.3-2), converted when stored
   otherwise; a syntax that cannot be produced for every instance is ``406``.  Parts are
-  streamed from the store, one chunk at a time, and conversions hold one instance.  A
+  streamed from the store, one chunk at a time; a conversion is written frame by frame
+  to a temporary file (:func:`pacs.core.transcode.convert_into`) and sent from it.  A
   bare ``application/dicom`` (one part, no multipart) answers an instance only: for a
   study or series it is ignored, and ``406`` when nothing else is accepted (10.4.4);
 - metadata: ``application/dicom+json`` (exactly), the JSON prepared at ingest
-  (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin;
+  (:mod:`pacs.core.metadata`) with absolute BulkDataURIs for this request's origin,
+  streamed an instance at a time (:func:`pacs.core.metadata.iter_documents`);
 - frames: ``multipart/related; type="application/octet-stream"`` (or an ``image/*``
   type for compressed data asked that way), each part stating
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
@@ -35,8 +37,8 @@ Answers:
 - unknown study, series, instance or frame: ``404``; a malformed UID or frame list,
   or one that names a frame twice: ``400``.
 
-Instances, frames and pixel data are streamed, one stored chunk, one frame or one
-converted instance in memory at a time, with or without multipart.  What can refuse a
+Instances, frames and pixel data are streamed, one stored chunk or one frame in
+memory at a time, with or without multipart.  What can refuse a
 request is decided before the status line: the resources, the media types, the
 declared sizes of whatever must be decoded (``PACS_MAX_FRAME_BYTES``,
 ``PACS_MAX_OBJECT_BYTES``, from the metadata kept in the index), and the first frame or
@@ -49,10 +51,11 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import falcon
 import pydicom
@@ -281,15 +284,19 @@ class Instances:
         return headers
 
     def _content(self, ref: InstanceRef, syntax: str) -> Iterator[bytes]:
-        """The stored bytes, or one instance converted in memory."""
+        """The stored bytes, or the instance converted into a temporary file (frame by
+        frame, :func:`pacs.core.transcode.convert_into`), sent a chunk at a time."""
         if syntax == ref.transfer_syntax:
             yield from object_chunks(self.services, ref.object_key)
             return
-        with self.services.store.open(ref.object_key) as stream:
-            data = stream.read()
         settings = self.services.settings
-        yield transcode.convert_to_bytes(data, syntax, settings.max_frame_bytes,
-                                         settings.max_object_bytes)
+        with tempfile.SpooledTemporaryFile(max_size=transcode.IN_MEMORY_BYTES) as out:
+            with open_ranged(self.services.store, ref.object_key) as source:
+                transcode.convert_into(source, syntax, cast(BinaryIO, out),
+                                       settings.max_frame_bytes, settings.max_object_bytes)
+            out.seek(0)
+            while chunk := out.read(CHUNK_BYTES):
+                yield chunk
 
 
 def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]],
@@ -311,11 +318,10 @@ def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]
         return
     index, store, settings = services.index, services.store, services.settings
     keys = metadata.instance_keys(index, study, series, instance)
-    for start in range(0, len(keys), metadata.BATCH):
-        for doc in metadata.fetch(index, store, keys[start:start + metadata.BATCH]):
-            if doc.sop_uid in converted:
-                transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
-                                         settings.max_object_bytes)
+    for doc in metadata.iter_documents(index, store, keys):
+        if doc.sop_uid in converted:
+            transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
+                                     settings.max_object_bytes)
 
 
 def _single_part(ranges: Sequence[MediaRange]) -> bool:
@@ -352,27 +358,34 @@ class Metadata:
                           (instance, "SOPInstanceUID")):
             if uid is not None:
                 require_uid(uid, name)
-        index, store = self.services.index, self.services.store
-        keys = metadata.instance_keys(index, study, series, instance)
+        keys = metadata.instance_keys(self.services.index, study, series, instance)
         resp.content_type = dicomjson.MEDIA_TYPE
-        root = urls.service_root(req, self.prefix)
-        if len(keys) <= metadata.BATCH:
-            resp.data = metadata.json_array(metadata.fetch(index, store, keys), root).encode()
-        else:
-            resp.stream = _json_chunks(self.services, keys, root)
+        chunks = _json_chunks(self.services, keys, urls.service_root(req, self.prefix))
+        first = next(chunks)
+        second = next(chunks, None)
+        if second is None:  # one chunk: sent with its Content-Length
+            resp.data = first
+            return
+        resp.stream = sent(chain([first, second], chunks), req.path)
 
 
 def _json_chunks(services: Services, keys: Sequence[int], root: str) -> Iterator[bytes]:
-    """A large JSON array read and sent :data:`pacs.core.metadata.BATCH` objects at a time."""
-    first = True
-    for start in range(0, len(keys), metadata.BATCH):
-        docs = metadata.fetch(services.index, services.store, keys[start:start + metadata.BATCH])
-        if not docs:
-            continue  # deleted meanwhile
-        body = metadata.absolute_bulk_data_uris(",".join(d.json for d in docs), root)
-        yield (b"[" if first else b",") + body.encode()
-        first = False
-    yield b"[]" if first else b"]"
+    """The JSON array (PS3.18 F.2.1) of the instances' metadata, built an instance at
+    a time (:func:`pacs.core.metadata.iter_documents`) and sent in chunks of about
+    :data:`CHUNK_BYTES`: an answer holds a batch of documents and a chunk, never the
+    whole study."""
+    pending: list[bytes] = []
+    held = 0
+    opening = b"["
+    for doc in metadata.iter_documents(services.index, services.store, keys):
+        pending.append(opening + metadata.absolute_bulk_data_uris(doc.json, root).encode())
+        opening = b","
+        held += len(pending[-1])
+        if held >= CHUNK_BYTES:
+            yield b"".join(pending)
+            pending, held = [], 0
+    pending.append(b"[]" if opening == b"[" else b"]")
+    yield b"".join(pending)
 
 
 # --- frames ---------------------------------------------------------------------------

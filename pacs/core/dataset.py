@@ -22,11 +22,14 @@ import io
 import json
 import re
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache, lru_cache
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal, cast
 
 import pydicom
 import pydicom.config
@@ -143,7 +146,8 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     found = meta_transfer_syntax(buffer, offset)
     header: FileDataset | None
     if found == DeflatedExplicitVRLittleEndian:
-        header = _read_deflated(buffer, offset, max_object_bytes)
+        header = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
+                                max_object_bytes)
         transfer_syntax = str(DeflatedExplicitVRLittleEndian)
     else:
         if found is None:
@@ -212,7 +216,7 @@ def read_header(buffer: bytes) -> Dataset:
     """
     offset = dataset_offset(buffer)
     if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
-        return _read_deflated(buffer, offset, None)
+        return _read_deflated(buffer[:offset], memoryview(buffer)[offset:], None)
     try:
         return pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
@@ -236,23 +240,41 @@ def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
     return None
 
 
-def _read_deflated(buffer: bytes, offset: int, max_object_bytes: int | None) -> FileDataset:
-    """The header of a deflated object, proven whole, inflated no further than needed.
+def read_deflated_header(source: BinaryIO, head: bytes, offset: int) -> FileDataset:
+    """:func:`read_header` of a stored deflated object read from ``source``: ``head``
+    holds its file meta, which ends at ``offset``; the deflate stream is read a feed at
+    a time, so the stored object is never held whole either.
+
+    Raises
+    ------
+    UnreadableData
+        When it does not parse.
+    ObjectTooLarge
+        A header over :data:`MAX_DEFLATED_HEADER`.
+    """
+    source.seek(offset)
+    return _read_deflated(head[:offset], source, None)
+
+
+def _read_deflated(meta_bytes: bytes, deflated: memoryview | BinaryIO,
+                   max_object_bytes: int | None) -> FileDataset:
+    """The header of a deflated object (``meta_bytes``: preamble and file meta), proven
+    whole, inflated no further than needed.
 
     The walk (:func:`walk_deflated`) proves the data set complete and keeps the bytes
     before the pixel data; pydicom reads only those, as the explicit VR little endian
     data set they are (PS3.5 A.5), and the file meta from the object itself.
     """
-    walked = walk_deflated(memoryview(buffer)[offset:], max_object_bytes)
+    walked = walk_deflated(deflated, max_object_bytes)
     try:
-        source = io.BytesIO(buffer[:offset])
+        source = io.BytesIO(meta_bytes)
         source.seek(132)
         meta = FileMetaDataset(read_dataset(source, is_implicit_VR=False,
                                             is_little_endian=True,
                                             stop_when=_not_file_meta))
         dataset = read_dataset(io.BytesIO(walked.header), is_implicit_VR=False,
                                is_little_endian=True)
-        header = FileDataset(io.BytesIO(walked.header), dataset, preamble=buffer[:128],
+        header = FileDataset(io.BytesIO(walked.header), dataset, preamble=meta_bytes[:128],
                              file_meta=meta, is_implicit_VR=False, is_little_endian=True)
         # Decode values as pydicom would after inflating the whole data set.
         header.set_original_encoding(False, True, dataset.original_character_set)
@@ -566,17 +588,19 @@ class Inflater:
     Parameters
     ----------
     deflated :
-        The deflated bytes (a view: nothing is copied but one feed at a time).
+        The deflated bytes: a view (nothing is copied but one feed at a time), or a
+        stream at their first byte, read one feed at a time.
     limit :
         Most inflated bytes allowed (:class:`ObjectTooLarge` past it); ``None``: any.
     chunk :
         Most inflated bytes returned by one :meth:`read`.
     """
 
-    def __init__(self, deflated: memoryview, limit: int | None,
+    def __init__(self, deflated: memoryview | BinaryIO, limit: int | None,
                  chunk: int = INFLATE_CHUNK) -> None:
-        self._source = deflated
-        self._fed = 0
+        self._feeds = (_slices(deflated) if isinstance(deflated, memoryview)
+                       else _reads(deflated))
+        self._exhausted = False
         self._pending: bytes | memoryview = b""
         self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
         self.limit = limit
@@ -596,9 +620,9 @@ class Inflater:
             More than ``limit`` bytes inflated.
         """
         while not self._zlib.eof:
-            if not self._pending and self._fed < len(self._source):
-                self._pending = self._source[self._fed:self._fed + _FEED_BYTES]
-                self._fed += len(self._pending)
+            if not self._pending and not self._exhausted:
+                self._pending = next(self._feeds, b"")
+                self._exhausted = not self._pending
             try:
                 # Also without new input: zlib may hold output back for max_length.
                 out = self._zlib.decompress(self._pending, self.chunk)
@@ -611,9 +635,44 @@ class Inflater:
                     raise ObjectTooLarge(
                         f"the deflated data set inflates to more than {self.limit} bytes")
                 return out
-            if not self._pending and self._fed >= len(self._source) and not self._zlib.eof:
+            if not self._pending and self._exhausted and not self._zlib.eof:
                 raise UnreadableData("the deflated data set is truncated")
         return b""
+
+
+def _slices(view: memoryview) -> Iterator[memoryview]:
+    """``view`` a feed at a time."""
+    for at in range(0, len(view), _FEED_BYTES):
+        yield view[at:at + _FEED_BYTES]
+
+
+def _reads(stream: BinaryIO) -> Iterator[bytes]:
+    """The rest of ``stream``, a feed at a time."""
+    while piece := stream.read(_FEED_BYTES):
+        yield piece
+
+
+@contextmanager
+def inflated_copy(source: BinaryIO, offset: int, limit: int | None,
+                  chunk: int = INFLATE_CHUNK) -> Iterator[BinaryIO]:
+    """The deflated data set (PS3.5 A.5) that starts at ``offset`` of ``source``,
+    inflated ``chunk`` bytes at a time into a temporary file, at its start: a few KB
+    stored may inflate to ``PACS_MAX_OBJECT_BYTES``, which is never held in memory.
+
+    Raises
+    ------
+    ObjectTooLarge
+        It inflates past ``limit``.
+    UnreadableData
+        The deflate stream is corrupt or truncated.
+    """
+    source.seek(offset)
+    inflater = Inflater(source, limit, chunk)
+    with tempfile.TemporaryFile() as copy:
+        while piece := inflater.read():
+            copy.write(piece)
+        copy.seek(0)
+        yield cast(BinaryIO, copy)
 
 
 class _InflatedReader:
@@ -794,7 +853,7 @@ class _StreamWalker:
                 self._skip(length)
 
 
-def inflated_pixels(deflated: memoryview, start: int, size: int) -> bytes:
+def inflated_pixels(deflated: memoryview | BinaryIO, start: int, size: int) -> bytes:
     """Bytes ``start`` to ``start + size`` of the top-level Pixel Data value of a
     deflated data set (native pixel data, PS3.5 A.5), inflating the stream only up to
     them: memory stays at a chunk and the bytes returned, whatever the data set
@@ -859,7 +918,7 @@ class DeflatedWalk:
     inflated: int
 
 
-def walk_deflated(deflated: memoryview, max_inflated: int | None,
+def walk_deflated(deflated: memoryview | BinaryIO, max_inflated: int | None,
                   header_limit: int | None = MAX_DEFLATED_HEADER) -> DeflatedWalk:
     """Prove a deflated data set whole while inflating it as a stream.
 

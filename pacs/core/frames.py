@@ -503,16 +503,17 @@ def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
 
     The stored object is small, what it inflates to need not be: up to
     ``PACS_MAX_OBJECT_BYTES``, before or after the pixel data, which pydicom's reading
-    of the whole data set held in memory for every frame asked for.
+    of the whole data set held in memory for every frame asked for.  The stored bytes
+    are read a feed at a time too, as far as the frame.
     """
     header = read_header(source)
     bits = lay.frame_bits
     first = (number - 1) * bits
     start, end = first // 8, -(-(first + bits) // 8)
     source.seek(0)
-    stored = source.read()
-    value = dataset.inflated_pixels(memoryview(stored)[dataset.dataset_offset(stored):],
-                                    start, end - start)
+    source.seek(dataset.dataset_offset(source.read(dataset.HEAD_PROBE_BYTES)))
+    # The deflate stream read a feed at a time from the store, as far as the frame.
+    value = dataset.inflated_pixels(source, start, end - start)
     frame = _repacked(value, first - start * 8, bits) if bits % 8 else value
     header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
     header.NumberOfFrames = 1
@@ -564,8 +565,7 @@ def read_header(source: BinaryIO) -> pydicom.Dataset:
     offset = dataset.dataset_offset(head)
     if (offset < len(head) and dataset.meta_transfer_syntax(head, offset)
             == DeflatedExplicitVRLittleEndian):
-        source.seek(0)
-        return dataset.read_header(source.read())
+        return dataset.read_deflated_header(source, head, offset)
     source.seek(0)
     try:
         return pydicom.dcmread(source, stop_before_pixels=True)

@@ -475,6 +475,67 @@ def _charset_of(ds: Dataset, inherited: str | None) -> str | None:
     return python_encoding.get(terms[0]) if terms[0] else DEFAULT_CHARSET
 
 
+class Fallback(Encoder):
+    """pydicom's own encoder, element by element, for a data set :func:`to_json` could
+    not encode, within the same :data:`INLINE_VALUE_BYTES` (PS3.18 10.4.3.3.2): each
+    raw value is counted before pydicom converts it, since converting is what costs
+    (a value of millions of empty values), and one past the budget becomes a
+    ``BulkDataURI`` or is left out, as :meth:`Encoder.over_budget` decides."""
+
+    def dataset(self, ds: Dataset, path: tuple[str, ...],
+                charset: str | None) -> dict[str, Any]:
+        """Every element of ``ds``; ``path`` names its position for BulkDataURIs."""
+        out: dict[str, Any] = {}
+        top = not path
+        for tag, elem in list(ds.items()):
+            code = int(tag)
+            if code >> 16 == 0x0002 or (top and code in _PIXEL_SET):
+                continue
+            key = _key(code)
+            try:
+                converted = self.budgeted(elem, code, path, key)
+                if converted is _LEFT_OUT:
+                    log.warning("element %s left out of the metadata: its values pass "
+                                "INLINE_VALUE_BYTES", key)
+                    continue
+                out[key] = converted or self.pydicom_element(ds, code, path, key, charset)
+            except Exception:  # noqa: BLE001 - pydicom's encoder skips it too
+                log.warning("element %s left out of the metadata: its value does not "
+                            "decode", key)
+        return out
+
+    def budgeted(self, elem: Any, tag: int, path: tuple[str, ...],
+                 key: str) -> JsonElement | None:
+        """:meth:`Encoder.over_budget` of a raw element (``None`` for one pydicom has
+        converted already: its value is in memory whatever is done with it)."""
+        if type(elem) is not RawDataElement:
+            return None
+        vr = elem.VR if not elem.is_implicit_VR else _implicit_vr(tag)
+        return self.over_budget(elem, vr, tag, path, key)
+
+    def pydicom_element(self, ds: Dataset, tag: int, path: tuple[str, ...], key: str,
+                        charset: str | None) -> JsonElement:
+        """pydicom's DICOM JSON of one element (sequences: their items walked here)."""
+        decoded = ds[tag]
+        if decoded.VR == "SQ":
+            items = [self.dataset(item, (*path, key, str(count)), charset)
+                     for count, item in enumerate(decoded.value, start=1)]
+            return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        return decoded.to_json_dict(
+            bulk_data_element_handler=lambda _e: self.uri(path, key),
+            bulk_data_threshold=BULK_DATA_THRESHOLD)
+
+
+def fallback_json(ds: Dataset, bulk_base: str, little_endian: bool = True
+                  ) -> dict[str, Any]:
+    """pydicom's DICOM JSON of ``ds`` without its top-level pixel data, within the
+    inline budget (:class:`Fallback`): for a data set :func:`to_json` cannot encode.
+
+    Parameters are those of :func:`to_json`.
+    """
+    return Fallback(bulk_base, little_endian).dataset(ds, (), None)
+
+
 def to_json(ds: Dataset, bulk_base: str, little_endian: bool = True) -> dict[str, Any]:
     """The DICOM JSON object of ``ds`` without its top-level pixel data.
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -70,8 +70,11 @@ UNDEFINED_LENGTH = -1
 
 _PIXEL_VRS = {0x7FE00008: "OF", 0x7FE00009: "OD"}
 
-#: Documents read per query: bounds the memory of a large study's metadata answer.
+#: Most documents read per query.
 BATCH = reads.MAX_KEYS
+#: Most bytes of stored JSON read per query (unless one document is larger): what a
+#: large study's metadata answer holds at once, whatever its instances hold.
+BATCH_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,33 @@ def fetch(index: Index, store: ObjectStore, keys: Sequence[int]) -> list[Documen
     return [found[pk] for pk in keys if pk in found]
 
 
+def iter_documents(index: Index, store: ObjectStore, keys: Sequence[int]
+                   ) -> Iterator[Document]:
+    """The documents of ``keys``, in their order, read in batches of at most
+    :data:`BATCH` documents and :data:`BATCH_BYTES` of JSON (a batch holds at least
+    one): a study of many instances, or of large ones, is never held whole."""
+    for start in range(0, len(keys), BATCH):
+        for batch in _byte_batches(index, keys[start:start + BATCH]):
+            yield from fetch(index, store, batch)
+
+
+def _byte_batches(index: Index, keys: Sequence[int]) -> Iterator[list[int]]:
+    """``keys`` (at most :data:`BATCH`) cut into runs of at most :data:`BATCH_BYTES`
+    of stored JSON, each of one key at least."""
+    sizes = reads.metadata_sizes(index.connection(), keys)
+    batch: list[int] = []
+    held = 0
+    for pk in keys:
+        size = sizes.get(pk, 0)
+        if batch and held + size > BATCH_BYTES:
+            yield batch
+            batch, held = [], 0
+        batch.append(pk)
+        held += size
+    if batch:
+        yield batch
+
+
 def _document(index: Index, store: ObjectStore, row: reads.MetadataRow) -> Document:
     """An index row as a document, backfilled when it has no JSON."""
     pk, sop, key, checksum, ts, offset, length, text = row
@@ -386,37 +416,11 @@ def _deflated_pixels(header: Dataset) -> _Pixel | None:
 
 
 def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """pydicom's DICOM JSON of ``header``, for what :func:`encode` cannot encode.
-
-    pydicom hands its BulkDataURI callback the element alone; the path of an element
-    inside sequence items (``tag/item/tag``, what WADO-RS's bulk data resource reads)
-    is looked up from a walk made first, which also converts every element, so that
-    pydicom's own pass sees the same element objects.
-    """
+    """pydicom's DICOM JSON of ``header``, for what :func:`encode` cannot encode, within
+    the same inline value budget (:func:`pacs.core.jsonmodel.fallback_json`)."""
     base = f"studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata"
-    paths = _element_paths(header)
-    result = header.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=lambda e: f"{base}/{paths.get(id(e), f'{e.tag:08X}')}",
-        suppress_invalid_tags=True)
+    result = jsonmodel.fallback_json(header, base)
     return orjson.dumps(result, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def _element_paths(ds: Dataset, prefix: str = "") -> dict[int, str]:
-    """The bulk data path of every element of ``ds`` and of its sequences' items, by
-    the element object's ``id`` (items counted from 1, PS3.18 10.4.1.1.5)."""
-    paths: dict[int, str] = {}
-    for tag in list(ds.keys()):
-        try:
-            element = ds[tag]
-        except Exception:  # noqa: BLE001 - pydicom's encoder skips it too
-            continue
-        path = f"{prefix}{int(tag):08X}"
-        paths[id(element)] = path
-        if element.VR == "SQ":
-            for number, item in enumerate(element.value or (), start=1):
-                paths.update(_element_paths(item, f"{path}/{number}/"))
-    return paths
 
 
 def absolute_bulk_data_uris(text: str, base_url: str) -> str:
@@ -468,7 +472,8 @@ def values(doc: dict[str, Any], tag: int) -> list[Any]:
 
 
 __all__ = [
-    "BATCH", "BULK_DATA_THRESHOLD", "Document", "Prepared", "absolute_bulk_data_uris",
-    "documents", "encode", "fetch", "instance_keys", "json_array", "parse", "prepare",
+    "BATCH", "BATCH_BYTES", "BULK_DATA_THRESHOLD", "Document", "Prepared",
+    "absolute_bulk_data_uris", "documents", "encode", "fetch", "instance_keys",
+    "iter_documents", "json_array", "parse", "prepare",
     "prepare_from_stream", "representative", "save", "value", "values",
 ]

@@ -16,7 +16,8 @@ How an instance is sent
    temporary file first);
 2. otherwise converted to an uncompressed syntax the peer accepted, when
    :func:`pacs.core.transcode.can_convert` allows it (PS3.4 C.4.2.1.4 leaves the choice of
-   syntax to the SCP; decompressing is what Orthanc does too), through a temporary file;
+   syntax to the SCP; decompressing is what Orthanc does too), written frame by frame
+   into a temporary file (:func:`pacs.core.transcode.convert_into`);
 3. otherwise the sub-operation fails; the association goes on.
 """
 
@@ -39,7 +40,7 @@ from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
 from pacs.core.errors import PacsError
-from pacs.core.storage import local_path
+from pacs.core.storage import local_path, open_ranged
 from pacs.dimse.connection import AcceptedContext, StoreTarget
 
 if TYPE_CHECKING:
@@ -233,14 +234,13 @@ def object_file(store: ObjectStore, ref: InstanceRef, syntax: str,
             tmp.flush()
             yield Path(tmp.name)
         return
-    with store.open(ref.object_key) as source:
-        stored = source.read()
-    converted = transcode.convert_to_bytes(stored, syntax, settings.max_frame_bytes,
-                                           settings.max_object_bytes)
-    del stored  # the decoded copy is enough; do not hold both until the send ends
     with _temporary_file() as tmp:
-        tmp.write(converted)
-        del converted  # on disk now: not held while the previous response is awaited
+        # Converted into the file frame by frame from a ranged stream (on S3, ranged
+        # GETs within a bounded buffer): the object is never held whole, and the
+        # source is closed before the previous response is awaited.
+        with open_ranged(store, ref.object_key) as source:
+            transcode.convert_into(source, syntax, tmp, settings.max_frame_bytes,
+                                   settings.max_object_bytes)
         tmp.flush()
         yield Path(tmp.name)
 

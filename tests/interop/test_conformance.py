@@ -502,7 +502,7 @@ def test_an_unlisted_transfer_syntax_is_406(node: Node, statement: dict[str, Any
         assert response.status_code == 406, f"{name}: {response.status_code}"
 
 
-def _part10(study: str | None = None) -> bytes:
+def part10(study: str | None = None) -> bytes:
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     ds.PatientID = "CONFORMANCE"
     ds.StudyInstanceUID = study or generate_uid()
@@ -523,7 +523,7 @@ def test_stow_takes_each_listed_request_type(node: Node, statement: dict[str, An
     for route in store["routes"]:
         url = instances.native.url(base, route)
         for request_type in store["request_media_types"]:
-            body = _part10(instances.native.study)
+            body = part10(instances.native.study)
             kind, params = media_type(request_type)
             if kind == "multipart/related":
                 content_type = f"{request_type}; boundary={boundary}"

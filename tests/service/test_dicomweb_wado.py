@@ -9,6 +9,7 @@ store read as S3 is read, parts of an object through a ranged reader
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tracemalloc
@@ -31,6 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from adapters.dicomweb import wado
 from adapters.dicomweb.app import create_app
 from pacs.core import frames as core_frames, metadata
 from pacs.core.errors import NotFound, UnreadableData
@@ -313,6 +315,42 @@ def test_large_metadata_answers_stream_in_batches(client: testing.TestClient, pu
     assert result.headers["content-type"] == JSON
     assert len(result.json) == 5
     assert len({item["00080018"]["Value"][0] for item in result.json}) == 5
+
+
+def test_study_metadata_is_sent_an_instance_at_a_time(client: testing.TestClient,
+                                                      services: Services,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """24 instances of 60 KB of metadata each (1.5 MB): read in batches of at most
+    BATCH_BYTES of JSON and sent in chunks, never the whole array (nor its copies)."""
+    study = generate_uid()
+    for _ in range(24):
+        ds = fresh("CT_small.dcm", study=study)
+        ds.ImageComments = "c" * (60 << 10)
+        services.ingest.store_bytes(encode(ds))
+    monkeypatch.setattr(metadata, "BATCH_BYTES", 256 << 10)
+    monkeypatch.setattr(wado, "CHUNK_BYTES", 128 << 10)
+    every = client.simulate_get(f"/studies/{study}/metadata", headers={"Accept": JSON})
+    tracemalloc.start()
+    try:
+        status, _, body = served(client, f"/studies/{study}/metadata", JSON)
+        assert not isinstance(body, bytes | list)
+        whole = hashlib.sha256()
+        length = 0
+        for chunk in body:
+            whole.update(chunk)
+            length += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status.startswith("200"), status
+    assert length > 24 * (60 << 10)
+    # A batch (256 KB of JSON, held while its instances are sent), a chunk and an
+    # instance's copies (about 0.95 MB): not the 1.5 MB array, which the answer built
+    # whole with its copies (5.2 MB).
+    assert peak < 3 << 19, peak
+    assert hashlib.sha256(every.content).digest() == whole.digest()
+    assert len(every.json) == 24
+    assert all(item["00204000"]["Value"] == ["c" * (60 << 10)] for item in every.json)
 
 
 def test_metadata_of_old_instances_is_built_and_kept(client: testing.TestClient,
@@ -752,6 +790,38 @@ def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
     assert result.headers["content-disposition"] == 'attachment; filename="document.pdf"'
     assert "sandbox" in result.headers["content-security-policy"]
     assert result.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_document_is_streamed_from_where_it_lies(client: testing.TestClient,
+                                                  services: Services,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MiB document is sent a chunk at a time from its place in the stored object:
+    reading the object whole held it, and pydicom's copy of its value, at once."""
+    monkeypatch.setattr(wado, "CHUNK_BYTES", 64 << 10)
+    ds = fresh("CT_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.104.1")
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4\n" + bytes(range(256)) * (4 << 12) + b"%%EOF\n"
+    services.ingest.store_bytes(encode(ds))
+    tracemalloc.start()
+    try:
+        status, headers, body = served(client, url(ds) + "/rendered", "application/pdf")
+        assert not isinstance(body, bytes | list)
+        sent, length = hashlib.sha256(), 0
+        for chunk in body:
+            sent.update(chunk)
+            length += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status.startswith("200"), status
+    assert headers["content-length"] == str(length) == str(len(ds.EncapsulatedDocument))
+    assert sent.digest() == hashlib.sha256(ds.EncapsulatedDocument).digest()
+    # A few chunks and a ranged read's buffer (up to 1 MiB, its read-ahead and a
+    # copy): less than the document, which the answer held whole with pydicom's copy.
+    assert peak < 5 << 19, peak
 
 
 @pytest.mark.parametrize("declared, sent", [

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -33,7 +34,7 @@ from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
 from pacs.dimse.identifier import raw_value, read_data_set
 from pacs.dimse.status import Status
-from tests.factory import make_instance, uid_list_of_length
+from tests.factory import make_instance, multi_frame_jpeg, uid_list_of_length
 
 pytestmark = pytest.mark.dimse
 
@@ -369,6 +370,33 @@ def test_get_converts_for_a_peer_without_the_stored_syntax(services: Services) -
     assert responder.sent[-1][0].code == 0x0000
     (_, data), = target.received
     assert decode(io.BytesIO(data), True, True).SOPInstanceUID == "1.2.7.0.1.0"
+
+
+def test_a_conversion_over_the_object_limit_fails_its_sub_operation_only(
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    """A 16-frame JPEG (4 MiB decoded) for a peer that takes Explicit VR Little Endian
+    only, under a 1 MiB PACS_MAX_OBJECT_BYTES: refused by its declared size before
+    anything is decoded, counted failed and listed (PS3.4 C.4.3.1.3.1); the other
+    instance of the study is converted and sent."""
+    services = make_services(memory_store, pending_interval=3600.0,
+                             max_object_bytes=1 << 20)
+    large = pydicom.dcmread(io.BytesIO(multi_frame_jpeg(16)))
+    small = pydicom.dcmread(io.BytesIO(multi_frame_jpeg(1)))
+    for ds, sop in ((large, "1.2.7.0.1.0"), (small, "1.2.7.0.1.1")):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.7.0", "1.2.7.0.1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.PatientID = "P0"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        services.ingest.store_bytes(out.getvalue())
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    final, identifier, counts = responder.sent[-1]
+    assert final.code == 0xB000 and counts == SubOperationCounts(None, 1, 1, 0)
+    failed = decode(io.BytesIO(identifier or b""), True, True).FailedSOPInstanceUIDList
+    assert failed == "1.2.7.0.1.0"
+    (_, data), = target.received
+    assert decode(io.BytesIO(data), False, True).SOPInstanceUID == "1.2.7.0.1.1"
 
 
 def _move(services: Services, responder: _Responder, destination: str,

@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, encapsulate_extended
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pacs.core import metadata
 from pacs.core.errors import UnreadableData
 from pacs.core.frames import Layout, decoded, layout, native_frames, stored_frames
-from tests.factory import jpeg_frame, make_instance, make_jpeg_instance
+from tests.factory import (
+    FRAME_SIDE,
+    deflated_noise,
+    jpeg_frame,
+    make_instance,
+    make_jpeg_instance,
+    multi_frame_native,
+)
 
 #: 5 x 7 one-bit pixels: 35 bits a frame, so most frames start inside a byte.
 ROWS, COLUMNS, FRAMES = 5, 7, 40
@@ -163,3 +176,46 @@ def test_deflated_frames_inflated_alone_are_the_frames_of_the_whole(
     for number in range(1, count + 1):
         assert np.array_equal(decoded(io.BytesIO(data), number, lay, 1 << 20),
                               whole[number - 1])
+
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_native_frame_costs_a_frame_of_memory(syntax: str) -> None:
+    """Frame 7 of 16 native frames (4 MiB): cut by range for WADO-RS frames, read alone
+    by pydicom for a rendered view; neither reads the pixel data whole."""
+    data = multi_frame_native(16, syntax)
+    prepared = metadata.prepare_from_stream(io.BytesIO(data), syntax)
+    lay = layout(metadata.Document("1.2.3", "k", syntax, prepared.pixel_offset,
+                                   prepared.pixel_length, prepared.json))
+    reads = (lambda: list(native_frames(io.BytesIO(data), lay, [7], max_frame_bytes=1 << 30)),
+             lambda: decoded(io.BytesIO(data), 7, lay, 1 << 30))
+    for read in reads:
+        tracemalloc.start()
+        try:
+            read()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * FRAME_SIDE * FRAME_SIDE, peak  # a frame is FRAME_SIDE x FRAME_SIDE bytes
+
+
+def test_a_deflated_frame_reads_the_stored_object_a_feed_at_a_time(tmp_path: Path) -> None:
+    """Frame 2 of 16 deflated frames of noise (4 MiB stored, in a file: a BytesIO
+    hands its whole buffer over uncopied): the stored bytes are read as far as the
+    frame, a feed at a time, not whole."""
+    data = deflated_noise(16)
+    stored = tmp_path / "deflated.dcm"
+    stored.write_bytes(data)
+    prepared = metadata.prepare_from_stream(io.BytesIO(data), DeflatedExplicitVRLittleEndian)
+    lay = layout(metadata.Document("1.2.3", "k", DeflatedExplicitVRLittleEndian,
+                                   prepared.pixel_offset, prepared.pixel_length,
+                                   prepared.json))
+    tracemalloc.start()
+    try:
+        with stored.open("rb") as source:
+            frame = decoded(source, 2, lay, 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert frame.nbytes == FRAME_SIDE * FRAME_SIDE
+    assert peak < len(data) // 4, peak

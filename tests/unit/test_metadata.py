@@ -129,6 +129,41 @@ def test_pydicoms_encoding_names_bulk_data_in_sequence_items_by_their_path() -> 
     assert found["00420011"]["BulkDataURI"] == f"{base}/00420011"
 
 
+def test_pydicoms_encoding_keeps_the_inline_value_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback encoder counts each raw value against INLINE_VALUE_BYTES before
+    pydicom converts it (PS3.18 10.4.3.3.2): past it, a text or number value becomes
+    a BulkDataURI and a value no URI may replace is left out, as with the project's
+    encoder, instead of every value inline."""
+    monkeypatch.setattr(jsonmodel, "INLINE_VALUE_BYTES", 4096)
+    item = pydicom.Dataset()
+    item.add_new(0x00400280, "ST", "x" * 3000)  # Comments on the Performed Procedure Step
+    header = pydicom.Dataset()
+    header.add_new(0x00080008, "CS", "\\".join(["A"] * 1000))  # Image Type: 18 KB
+    header.PatientID = "P1"
+    header.add_new(0x00204000, "LT", "y" * 3000)  # Image Comments
+    header.RequestAttributesSequence = [item]  # its ST now past the budget
+    text = metadata._pydicom_json(read_back(header), "1.2", "1.3", "1.4")
+    found = orjson.loads(text)
+    base = "studies/1.2/series/1.3/instances/1.4/bulkdata"
+    assert "00080008" not in found  # CS: no BulkDataURI may replace it
+    assert found["00100020"]["Value"] == ["P1"]
+    assert found["00204000"]["Value"] == ["y" * 3000]
+    assert found["00400275"]["Value"][0]["00400280"] == {
+        "vr": "ST", "BulkDataURI": f"{base}/00400275/1/00400280"}
+
+
+def read_back(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """``ds`` written and read again: its elements raw, as a stored header's are."""
+    out = io.BytesIO()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(out, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(out.getvalue()), stop_before_pixels=True)
+
+
 def test_bulk_data_uris_become_absolute_and_values_are_untouched() -> None:
     text = orjson.dumps([{"00100010": {"vr": "PN", "Value": [
         {"Alphabetic": '"BulkDataURI":"x'}]}, "7FE00010": {"vr": "OW", "BulkDataURI": "studies/1"}}

@@ -245,6 +245,22 @@ def metadata_rows(conn: apsw.Connection, keys: Sequence[int]) -> list[MetadataRo
 
 
 @_read("metadata query")
+def metadata_sizes(conn: apsw.Connection, keys: Sequence[int]) -> dict[int, int]:
+    """Instance key -> bytes of its stored JSON of at most :data:`MAX_KEYS` instance
+    keys (``octet_length`` reads no text: the sizes are known before any of it is);
+    the object's size for one that has none yet (its JSON is built from the object
+    when read)."""
+    marks = _marks(keys)
+    if not keys:
+        return {}
+    rows = conn.execute(
+        "SELECT instance.pk, coalesce(octet_length(m.json), instance.size) FROM instance "
+        "LEFT JOIN instance_metadata AS m ON m.instance_pk = instance.pk "
+        f"WHERE instance.pk IN ({marks})", list(keys))
+    return {int(pk): int(size) for pk, size in rows}
+
+
+@_read("metadata query")
 def undescribed(conn: apsw.Connection, sop_uids: Sequence[str]) -> dict[str, tuple[int, str]]:
     """SOP Instance UID -> (index key, checksum) of those of at most :data:`MAX_KEYS`
     instances that have no metadata yet (the intake's mover builds it)."""
