@@ -62,13 +62,30 @@ object per line, appended by every process of the node:
   reaching the radiologist because the audit disk filled would be worse for patients
   than a gap in the trail.  When writing works again, a Security Alert event records
   the gap (how many events were lost, since when) in the trail itself, and a WARNING in
-  the application log.
+  the application log.  The failure is visible from outside the process too: ``GET
+  /health`` and ``pacs status`` report whether the trail's file can be opened for
+  appending and its disk has room (:func:`writable`), and the events this process lost.
+  They do not make the node unhealthy: a health check that failed would take the node
+  out of service, which is what failing open avoids.
+- **Refusals are coalesced**: a peer refused again and again (rejected associations,
+  failed logins, DICOMweb requests refused 401 / 403 / 421 / 429, DIMSE requests
+  refused 0124) would otherwise add a line per attempt, without bound, and could fill
+  the disk.  The first refusal of a kind (event type, action, outcome) from a source
+  (the requestors' addresses) is written at once; the next ones within
+  :data:`COALESCE_SECONDS` are counted, and one record when that window ends (written
+  with the process's next event, its sync thread's next round, or when it stops) says
+  how many there were and until when (:class:`Coalescer`).  A flood thus costs two lines
+  per source and kind per minute in each process; past :data:`MAX_SOURCES` sources at
+  once, the others share one entry per kind.  Only failures the edges call refusals are
+  coalesced: every access to patient data that succeeded, and every other failure, is
+  written whole.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime
 import errno
 import json
@@ -95,6 +112,13 @@ CHECK_SECONDS = 1.0
 OFF = "off"
 #: The file name of the trail in the data folder when ``PACS_AUDIT_LOG`` is empty.
 DEFAULT_NAME = "audit.jsonl"
+#: Seconds over which repeated refusals of one kind from one source are one record.
+COALESCE_SECONDS = 60.0
+#: Most sources whose refusals are coalesced at a time (per process): what the
+#: coalescing holds stays bounded however many addresses a flood comes from.
+MAX_SOURCES = 10_000
+#: The source of the refusals coalesced together past :data:`MAX_SOURCES`.
+OTHER_SOURCES = "(other sources)"
 
 Event = dict[str, Any]
 
@@ -486,6 +510,9 @@ class AuditLog:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.on_resume: Callable[[int, str], Mapping[str, Any]] | None = None
+        #: Called by the sync thread at each round (the trail writes the records of
+        #: coalesced refusals whose window ended).
+        self.on_tick: Callable[[], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -592,6 +619,12 @@ class AuditLog:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.sync_seconds):
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:  # the thread outlives whatever its callback meets
+                    log.error("audit trail: coalesced refusals could not be recorded",
+                              exc_info=True)
             self.sync()
 
     def sync(self) -> None:
@@ -623,6 +656,146 @@ class AuditLog:
             self._close_descriptor()
 
 
+# --- refusals coalesced -----------------------------------------------------------------
+
+#: The kind and the source of a refusal (see :func:`refusal_key`).
+RefusalKey = tuple[str, str]
+
+
+def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
+    """What makes refusals "the same" for coalescing: their source (the addresses of
+    the event's requestors, a UserID where there is none) and their kind (EventID,
+    EventTypeCode, EventActionCode, EventOutcomeIndicator).
+
+    The claimed user name is left out of the source on purpose: a client trying one
+    name after another from one address is one source.
+    """
+    identification = event.get("EventIdentification", {})
+    kind = "|".join((
+        str(identification.get("EventID", {}).get("csd-code", "")),
+        ",".join(str(code.get("csd-code", ""))
+                 for code in identification.get("EventTypeCode", ())),
+        str(identification.get("EventActionCode", "")),
+        str(identification.get("EventOutcomeIndicator", ""))))
+    source = ",".join(sorted(
+        str(p.get("NetworkAccessPointID") or p.get("UserID", ""))
+        for p in event.get("ActiveParticipant", ()) if p.get("UserIsRequestor")))
+    return source, kind
+
+
+@dataclass
+class Run:
+    """Refusals of one kind from one source within one window.
+
+    Attributes
+    ----------
+    first : Event
+        The first of them, written when it came.
+    started : float
+        When it came (the clock of :class:`Coalescer`).
+    count : int
+        How many more came within the window (counted, not written).
+    last : str
+        The EventDateTime of the last of those.
+    """
+
+    first: Event
+    started: float
+    count: int = 0
+    last: str = ""
+
+
+class Coalescer:
+    """Which refusals to write: the first of each source and kind in a window, the
+    rest counted (see the module docstring).  Thread-safe; one per process.
+
+    Parameters
+    ----------
+    window : float
+        :data:`COALESCE_SECONDS`.
+    limit : int
+        :data:`MAX_SOURCES`.
+    clock : callable
+        Seconds, monotonic (tests give their own).
+    """
+
+    def __init__(self, window: float = COALESCE_SECONDS, limit: int = MAX_SOURCES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.limit = limit
+        self.clock = clock
+        self._lock = threading.Lock()
+        # In the order their windows began, so the ended ones are always first.
+        self._runs: dict[RefusalKey, Run] = {}
+
+    def admit(self, event: Event) -> bool:
+        """True when ``event`` is to be written now: the first of its source and kind
+        in a window; otherwise it is counted in its run."""
+        source, kind = refusal_key(event)
+        with self._lock:
+            key = (source, kind)
+            if key not in self._runs and len(self._runs) >= self.limit:
+                key = (OTHER_SOURCES, kind)
+            run = self._runs.get(key)
+            if run is None:
+                self._runs[key] = Run(event, self.clock())
+                return True
+            run.count += 1
+            run.last = str(event.get("EventIdentification", {}).get("EventDateTime", ""))
+            return False
+
+    def ended(self, everything: bool = False) -> list[Run]:
+        """The runs whose window has passed (``everything``: all of them), forgotten
+        here; those that counted refusals are returned, for their record."""
+        now = self.clock()
+        ended: list[Run] = []
+        with self._lock:
+            while self._runs:
+                key, run = next(iter(self._runs.items()))
+                if not everything and now - run.started < self.window:
+                    break
+                del self._runs[key]
+                if run.count:
+                    ended.append(run)
+        return ended
+
+
+def coalesced_event(run: Run) -> Event:
+    """The record of the refusals a run counted: its first event (participants and
+    objects, which a message of its type requires), dated at the last refusal, with
+    their number and time span in EventOutcomeDescription.  The refusals counted may
+    have named other studies or queries (or user names): the description says that the
+    objects are the first one's."""
+    event = copy.deepcopy(run.first)
+    identification = event["EventIdentification"]
+    first = identification.get("EventDateTime", "")
+    identification["EventDateTime"] = run.last or first
+    identification["EventOutcomeDescription"] = (
+        f"{run.count} more refusal(s) of this kind from this source after the one "
+        f"recorded at {first}, until {run.last}, coalesced into this record (its "
+        f"participants and objects are those of the first)")
+    return event
+
+
+def writable(path: Path | None) -> str:
+    """Whether the trail's file can be written now, from any process: ``ok``,
+    ``off``, or what stands in the way (the file cannot be opened for appending, or
+    its disk has no room left).  Nothing is written; the file is not created."""
+    if path is None:
+        return OFF
+    target = path if path.exists() else path.parent
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+        elif not os.access(target, os.W_OK | os.X_OK):
+            return f"cannot be written: {target} is not a writable folder"
+        if os.statvfs(target).f_bavail == 0:
+            return "cannot be written: its disk is full"
+    except OSError as exc:
+        return f"cannot be written: {os.strerror(exc.errno) if exc.errno else exc}"
+    return "ok"
+
+
 # --- the trail: events built, grouped per patient, written ----------------------------
 
 PatientLookup = Callable[[Sequence[str]], Mapping[str, Patient]]
@@ -645,14 +818,34 @@ class AuditTrail:
     patients : callable, optional
         Study Instance UIDs to their :class:`Patient` (:func:`patients_in_index`);
         never raises for the trail's sake (a failure means "unknown").
+    refusals : Coalescer, optional
+        What coalesces refusals (a new :class:`Coalescer` by default).
     """
 
     def __init__(self, audit_log: AuditLog, source: Source,
-                 patients: PatientLookup | None = None) -> None:
+                 patients: PatientLookup | None = None,
+                 refusals: Coalescer | None = None) -> None:
         self.log = audit_log
         self.source = source
         self.patients = patients
+        self.refusals = refusals if refusals is not None else Coalescer()
         audit_log.on_resume = self._resumed
+        audit_log.on_tick = self.flush
+
+    def _write(self, event: Event, refused: bool = False) -> None:
+        """Write ``event``, unless it is a refusal (``refused``, and not a success)
+        that the coalescing counts instead; the records of ended runs go first."""
+        self.flush()
+        outcome = event["EventIdentification"].get("EventOutcomeIndicator", SUCCESS)
+        if refused and outcome != SUCCESS and not self.refusals.admit(event):
+            return
+        self.log.write(event)
+
+    def flush(self, everything: bool = False) -> None:
+        """Write the record of each run of coalesced refusals whose window ended
+        (``everything``: of every run)."""
+        for run in self.refusals.ended(everything):
+            self.log.write(coalesced_event(run))
 
     @property
     def enabled(self) -> bool:
@@ -665,22 +858,26 @@ class AuditTrail:
 
     def query(self, kind: Code, requestor: Participant, sop_class: str, query: bytes,
               keys: Sequence[str], outcome: int, description: str = "",
-              transfer_syntax: str = "", node_address: str = "") -> None:
-        """Record a Query (see :func:`query_event`)."""
+              transfer_syntax: str = "", node_address: str = "",
+              refused: bool = False) -> None:
+        """Record a Query (see :func:`query_event`); ``refused``: the request was
+        refused for who made it (coalesced, see the module docstring)."""
         if self.enabled:
-            self.log.write(query_event(self.source, kind, requestor,
-                                       self.node(node_address), sop_class, query, keys,
-                                       outcome, description, transfer_syntax))
+            self._write(query_event(self.source, kind, requestor,
+                                    self.node(node_address), sop_class, query, keys,
+                                    outcome, description, transfer_syntax), refused)
 
     def transferred(self, kind: Code, action: str, sender: Participant,
                     receiver: Participant, studies: Sequence[Study], outcome: int,
-                    description: str = "", others: Sequence[Participant] = ()) -> None:
-        """Record DICOM Instances Transferred, one event per patient."""
+                    description: str = "", others: Sequence[Participant] = (),
+                    refused: bool = False) -> None:
+        """Record DICOM Instances Transferred, one event per patient (``refused`` as
+        for :meth:`query`)."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(transferred_event(self.source, kind, action, sender, receiver,
-                                                 group, patient, outcome, description,
-                                                 others))
+                self._write(transferred_event(self.source, kind, action, sender, receiver,
+                                              group, patient, outcome, description,
+                                              others), refused)
 
     def begin_transferring(self, kind: Code, sender: Participant, receiver: Participant,
                            studies: Sequence[Study], outcome: int = SUCCESS,
@@ -689,34 +886,38 @@ class AuditTrail:
         """Record Begin Transferring DICOM Instances, one event per patient."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(begin_transferring_event(self.source, kind, sender, receiver,
-                                                        group, patient, outcome,
-                                                        description, others))
+                self._write(begin_transferring_event(self.source, kind, sender, receiver,
+                                                     group, patient, outcome,
+                                                     description, others))
 
     def accessed(self, kind: Code, action: str, participants: Sequence[Participant],
-                 studies: Sequence[Study], outcome: int, description: str = "") -> None:
-        """Record DICOM Instances Accessed, one event per patient."""
+                 studies: Sequence[Study], outcome: int, description: str = "",
+                 refused: bool = False) -> None:
+        """Record DICOM Instances Accessed, one event per patient (``refused`` as
+        for :meth:`query`)."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(accessed_event(self.source, kind, action, participants,
-                                              group, patient, outcome, description))
+                self._write(accessed_event(self.source, kind, action, participants,
+                                           group, patient, outcome, description), refused)
 
     def security_alert(self, kind: Code, alert: Code, description: str, outcome: int,
                        others: Sequence[Participant] = ()) -> None:
         """Record a Security Alert (see :func:`security_alert_event`): a minor or
-        serious failure is an attempt that was stopped (PS3.15 A.5.3.11)."""
+        serious failure is an attempt that was stopped (PS3.15 A.5.3.11), and is
+        coalesced with the same ones from the same source."""
         if self.enabled:
-            self.log.write(security_alert_event(self.source, kind, alert,
-                                                self.node(requestor=True), description,
-                                                outcome, others))
+            self._write(security_alert_event(self.source, kind, alert,
+                                             self.node(requestor=True), description,
+                                             outcome, others), refused=True)
 
     def user_authentication(self, kind: Code, user: Participant, outcome: int,
                             description: str = "") -> None:
         """Record a login (see :func:`user_authentication_event`); a failed one is a
-        minor failure (PS3.15 A.5.3.12 leaves the outcome to the node)."""
+        minor failure (PS3.15 A.5.3.12 leaves the outcome to the node), coalesced with
+        the same ones from the same address."""
         if self.enabled:
-            self.log.write(user_authentication_event(self.source, kind, user, self.node(),
-                                                     outcome, description))
+            self._write(user_authentication_event(self.source, kind, user, self.node(),
+                                                  outcome, description), refused=True)
 
     def deleted(self, kind: Code, participants: Sequence[Participant],
                 studies: Sequence[Study], whole: Collection[str],
@@ -738,11 +939,11 @@ class AuditTrail:
             gone = [study for study in group if study.uid in whole]
             kept = [study for study in group if study.uid not in whole]
             if gone or not kept:
-                self.log.write(study_deleted_event(self.source, kind, participants, gone,
-                                                   patient, outcome, description))
+                self._write(study_deleted_event(self.source, kind, participants, gone,
+                                                patient, outcome, description))
             if kept:
-                self.log.write(accessed_event(self.source, kind, DELETE, participants, kept,
-                                              patient, outcome, description))
+                self._write(accessed_event(self.source, kind, DELETE, participants, kept,
+                                           patient, outcome, description))
 
     def patients_of(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study the index holds (none when the trail is off or the
@@ -778,7 +979,9 @@ class AuditTrail:
             f"{lost} audit event(s) could not be written since {since}", MINOR_FAILURE)
 
     def close(self) -> None:
-        """Sync and close the file."""
+        """Record the refusals still being counted, sync and close the file."""
+        if self.enabled:
+            self.flush(everything=True)
         self.log.close()
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pacs.core import audit
 from pacs.core.errors import PacsError
 from pacs.core.index import outbox, reads
 from pacs.core.index.outbox import Backlog
@@ -64,6 +65,12 @@ class Health:
         How long the oldest of them has waited.
     intake_error : str or None
         The mover's last error while it lasts (the store failed).
+    audit : str
+        The audit trail: ``ok``, ``off``, or why it cannot be written now
+        (:func:`pacs.core.audit.writable`).  The node serves either way (the trail
+        fails open), so this does not make the check fail.
+    audit_events_lost : int
+        Events this process could not write since the trail last worked.
     """
 
     store: str
@@ -80,6 +87,8 @@ class Health:
     intake_bytes: int = 0
     intake_oldest_seconds: float | None = None
     intake_error: str | None = None
+    audit: str = "off"
+    audit_events_lost: int = 0
 
     @property
     def ok(self) -> bool:
@@ -148,4 +157,6 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_bytes=intake.bytes,
                   intake_oldest_seconds=(None if intake.oldest is None
                                          else round(max(0.0, time.time() - intake.oldest), 3)),
-                  intake_error=intake.mover_error)
+                  intake_error=intake.mover_error,
+                  audit=audit.writable(services.audit.log.path),
+                  audit_events_lost=services.audit.log.dropped)

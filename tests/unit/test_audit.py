@@ -394,3 +394,86 @@ def test_since_is_compared_as_utc_text() -> None:
     assert audit.parse_since("2024-05-01T14:00+02:00") == "2024-05-01T12:00:00.000000Z"
     with pytest.raises(ValueError):
         audit.parse_since("yesterday")
+
+
+# --- refusals coalesced ------------------------------------------------------------------
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _failed_login(trail: AuditTrail, address: str, user: str = "mallory") -> None:
+    trail.user_authentication(audit.WEB_SERVER, Participant(user, True, address=address),
+                              audit.MINOR_FAILURE, "wrong credentials")
+
+
+def test_repeated_refusals_from_one_source_are_one_counted_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    clock = _Clock()
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
+                       refusals=audit.Coalescer(60.0, clock=clock))
+    for number in range(500):  # one name after another, from one address
+        _failed_login(trail, "192.0.2.66", f"guess{number}")
+    _failed_login(trail, "192.0.2.77")  # another source: its own first record
+    # Accesses to patient data are never coalesced, whatever their outcome.
+    for _ in range(3):
+        trail.accessed(audit.WEB_SERVER, audit.READ, [CLIENT, NODE], [STUDY], audit.SUCCESS)
+    trail.accessed(audit.WEB_SERVER, audit.READ, [CLIENT, NODE], [STUDY],
+                   audit.SERIOUS_FAILURE, "HTTP 404")
+    assert len(read_trail(path)) == 2 + 4
+    clock.now += 61  # the window ended: its record comes with the next event
+    _failed_login(trail, "192.0.2.66", "again")
+    trail.close()
+    events = read_trail(path)
+    assert [problems(e) for e in events] == [[]] * len(events)
+    first, counted, again = [e for e in events if any(
+        p.get("NetworkAccessPointID") == "192.0.2.66" for p in e["ActiveParticipant"])]
+    assert first["ActiveParticipant"][0]["UserID"] == "guess0"
+    description = counted["EventIdentification"]["EventOutcomeDescription"]
+    assert description.startswith("499 more refusal(s) of this kind from this source")
+    assert first["EventIdentification"]["EventDateTime"] in description
+    assert again["EventIdentification"]["EventOutcomeDescription"] == "wrong credentials"
+    assert len(events) == 2 + 4 + 2
+
+
+def test_counted_refusals_are_recorded_when_the_trail_closes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE)
+    for _ in range(3):
+        trail.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
+                             "association rejected", audit.MINOR_FAILURE,
+                             [Participant("STRANGER", True, address="192.0.2.5")])
+    trail.close()
+    _, counted = read_trail(path)
+    assert problems(counted) == []
+    assert counted["EventIdentification"]["EventOutcomeDescription"].startswith("2 more")
+
+
+def test_refusals_of_too_many_sources_share_one_entry_per_kind() -> None:
+    coalescer = audit.Coalescer(60.0, limit=2, clock=_Clock())
+
+    def login(address: str) -> dict[str, Any]:
+        return audit.user_authentication_event(
+            SOURCE, audit.WEB_SERVER, Participant("x", True, address=address),
+            Participant("INTELPIXEL", False), audit.MINOR_FAILURE)
+
+    assert [coalescer.admit(login(f"192.0.2.{n}")) for n in range(6)] == \
+        [True, True, True, False, False, False]
+    assert [run.count for run in coalescer.ended(everything=True)] == [3]
+
+
+def test_the_trail_s_writability_is_seen_from_any_process(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert audit.writable(None) == "off"
+    assert audit.writable(path) == "ok"  # not made yet: its folder takes it
+    path.write_text("")
+    assert audit.writable(path) == "ok"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the trail's folder should be")
+    assert audit.writable(blocker / "audit.jsonl").startswith("cannot be written")
