@@ -251,6 +251,24 @@ def test_store_refusals(services: Services, changes: dict[str, Any], code: int) 
     assert _instances(services) == 0
 
 
+def test_a_store_out_of_memory_is_one_line_without_a_traceback(
+        services: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(services.ingest, "store_bytes", exhausted)
+    with caplog.at_level(logging.DEBUG, logger="pacs.dimse.storage"):
+        found = storage.store(services, _store_request(make_instance(
+            SOPInstanceUID="1.2.8.1")))
+    assert found.code == 0xA700
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [(r.levelno, r.exc_info, r.exc_text) for r in shown] == [
+        (logging.ERROR, None, None)]
+    assert "MemoryError" in shown[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
+
+
 # --- C-MOVE / C-GET -----------------------------------------------------------------------
 
 @dataclass
