@@ -724,14 +724,25 @@ class Coalescer:
         self.window = window
         self.limit = limit
         self.clock = clock
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         # In the order their windows began, so the ended ones are always first.
         self._runs: dict[RefusalKey, Run] = {}
+
+    def _after_fork(self) -> None:
+        """In a child that inherited this coalescer: a lock of its own (the parent's
+        may have been held by a thread that did not cross), and no runs (the parent
+        records those)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._runs = {}
 
     def admit(self, event: Event) -> bool:
         """True when ``event`` is to be written now: the first of its source and kind
         in a window; otherwise it is counted in its run."""
         source, kind = refusal_key(event)
+        self._after_fork()
         with self._lock:
             key = (source, kind)
             if key not in self._runs and len(self._runs) >= self.limit:
@@ -749,6 +760,7 @@ class Coalescer:
         here; those that counted refusals are returned, for their record."""
         now = self.clock()
         ended: list[Run] = []
+        self._after_fork()
         with self._lock:
             while self._runs:
                 key, run = next(iter(self._runs.items()))

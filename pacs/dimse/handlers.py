@@ -368,13 +368,16 @@ class RefusedDestinations:
         request, total, instances = expected
         counts = retrieve.Counts(total)
         counts.fail_unsent(instances())
+        # Everything made before the message changes: should any of it fail, the
+        # A801 goes out whole rather than half rewritten.
+        identifier = (retrieve.failed_list(counts.failed_uids, request.transfer_syntax)
+                      if counts.failed_uids else b"")
         command.Status = UNABLE_TO_PERFORM_SUBOPERATIONS.code
         command.NumberOfCompletedSuboperations = 0
         command.NumberOfWarningSuboperations = 0
         command.NumberOfFailedSuboperations = counts.failed
-        if counts.failed_uids:
-            message.data_set = BytesIO(retrieve.failed_list(counts.failed_uids,
-                                                            request.transfer_syntax))
+        if identifier:
+            message.data_set = BytesIO(identifier)
             command.CommandDataSetType = 0x0001  # a data set follows (PS3.7 E.1)
 
 

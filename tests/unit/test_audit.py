@@ -477,3 +477,21 @@ def test_the_trail_s_writability_is_seen_from_any_process(tmp_path: Path) -> Non
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the trail's folder should be")
     assert audit.writable(blocker / "audit.jsonl").startswith("cannot be written")
+
+
+def _admits_in_a_child(coalescer: audit.Coalescer, event: dict[str, Any], result: Any) -> None:
+    result.put(coalescer.admit(event))
+
+
+def test_a_forked_child_coalesces_its_own_refusals() -> None:
+    # The parent records the runs it began; a child starts with none of them.
+    coalescer = audit.Coalescer(60.0, clock=_Clock())
+    event = EVENTS["login"]()
+    assert coalescer.admit(event) and not coalescer.admit(event)
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(target=_admits_in_a_child, args=(coalescer, event, result))
+    child.start()
+    assert result.get(timeout=10) is True
+    child.join(10)
+    assert [run.count for run in coalescer.ended(everything=True)] == [1]
