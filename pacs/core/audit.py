@@ -115,8 +115,9 @@ DEFAULT_NAME = "audit.jsonl"
 #: Seconds over which repeated refusals of one kind from one source are one record.
 COALESCE_SECONDS = 60.0
 #: Most sources whose refusals are coalesced at a time (per process): what the
-#: coalescing holds stays bounded however many addresses a flood comes from.
-MAX_SOURCES = 10_000
+#: coalescing holds (the first event of each, a few KiB at most) stays bounded however
+#: many addresses a flood comes from.
+MAX_SOURCES = 1000
 #: The source of the refusals coalesced together past :data:`MAX_SOURCES`.
 OTHER_SOURCES = "(other sources)"
 
@@ -697,12 +698,16 @@ class Run:
         How many more came within the window (counted, not written).
     last : str
         The EventDateTime of the last of those.
+    shared : bool
+        The run of the sources past :data:`MAX_SOURCES` (its first event is one of
+        theirs).
     """
 
     first: Event
     started: float
     count: int = 0
     last: str = ""
+    shared: bool = False
 
 
 class Coalescer:
@@ -749,7 +754,7 @@ class Coalescer:
                 key = (OTHER_SOURCES, kind)
             run = self._runs.get(key)
             if run is None:
-                self._runs[key] = Run(event, self.clock())
+                self._runs[key] = Run(event, self.clock(), shared=key[0] == OTHER_SOURCES)
                 return True
             run.count += 1
             run.last = str(event.get("EventIdentification", {}).get("EventDateTime", ""))
@@ -782,8 +787,10 @@ def coalesced_event(run: Run) -> Event:
     identification = event["EventIdentification"]
     first = identification.get("EventDateTime", "")
     identification["EventDateTime"] = run.last or first
+    sources = "from sources past the coalescing's limit" if run.shared else \
+        "from this source"
     identification["EventOutcomeDescription"] = (
-        f"{run.count} more refusal(s) of this kind from this source after the one "
+        f"{run.count} more refusal(s) of this kind {sources} after the one "
         f"recorded at {first}, until {run.last}, coalesced into this record (its "
         f"participants and objects are those of the first)")
     return event

@@ -465,7 +465,11 @@ def test_refusals_of_too_many_sources_share_one_entry_per_kind() -> None:
 
     assert [coalescer.admit(login(f"192.0.2.{n}")) for n in range(6)] == \
         [True, True, True, False, False, False]
-    assert [run.count for run in coalescer.ended(everything=True)] == [3]
+    runs = coalescer.ended(everything=True)
+    assert [(run.count, run.shared) for run in runs] == [(3, True)]
+    description = audit.coalesced_event(runs[0])["EventIdentification"][
+        "EventOutcomeDescription"]
+    assert description.startswith("3 more refusal(s) of this kind from sources past")
 
 
 def test_the_trail_s_writability_is_seen_from_any_process(tmp_path: Path) -> None:
