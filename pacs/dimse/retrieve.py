@@ -508,10 +508,12 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
         close = getattr(instances, "close", None)
         if close is not None:
             close()  # end the SQLite statement now, not at garbage collection
+    if error is not None:
+        _log_error(request, error, service)
     if not responder.alive:
         return
     if error is not None:
-        _ended_by(error, responder, request, counts, listed, service)
+        _ended_by(error, responder, request, counts, listed)
         return
     was_cancelled = cancelled()
     if not was_cancelled:
@@ -549,11 +551,10 @@ def _failed(responder: Responder, request: Request, exc: BaseException,
 
 
 def _ended_by(exc: Exception, responder: Responder, request: Request, counts: Counts,
-              listed: Sequence[InstanceRef], service: str) -> None:
+              listed: Sequence[InstanceRef]) -> None:
     """Answer an error that ended the sub-operations: its Failure status, with the
     counts and every instance not sent in the Failed SOP Instance UID List (PS3.4
     C.4.2.1.4.2, C.4.3.1.3.2)."""
-    _log_error(request, exc, service)
     counts.fail_unsent(listed)
     send_final(responder, request, status_for(RETRIEVE_STATUS, exc), counts)
 
