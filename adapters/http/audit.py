@@ -22,8 +22,8 @@ same below a study or series (QIDO-RS)
 ``/health``, CORS preflights, HEAD requests (no data in the answer) and the viewer's
 static files carry no patient data and are not recorded.  Requests the access rule
 refused are recorded too (outcome 8): an auditor wants the attempts as well; as
-refusals (401, 403, 421, 429), repeated ones from one address are coalesced into one
-counted record (:class:`pacs.core.audit.Coalescer`).  Failed
+refusals (401, 403, 421, 429), repeated ones from one address and user are coalesced
+into one counted record (:class:`pacs.core.audit.Coalescer`).  Failed
 logins themselves, whatever the path, are recorded by the access rule
 (:mod:`adapters.http.auth`: User Authentication, PS3.15 A.5.3.12).
 

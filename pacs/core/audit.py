@@ -71,12 +71,14 @@ object per line, appended by every process of the node:
   failed logins, DICOMweb requests refused 401 / 403 / 421 / 429, DIMSE requests
   refused 0124) would otherwise add a line per attempt, without bound, and could fill
   the disk.  The first refusal of a kind (event type, action, outcome) from a source
-  (the requestors' addresses) is written at once; the next ones within
-  :data:`COALESCE_SECONDS` are counted, and one record when that window ends (written
-  with the process's next event, its sync thread's next round, or when it stops) says
-  how many there were and until when (:class:`Coalescer`).  A flood thus costs two lines
-  per source and kind per minute in each process; past :data:`MAX_SOURCES` sources at
-  once, the others share one entry per kind.  Only failures the edges call refusals are
+  (the requestors' address and the name claimed there: calling AE title, user name) is
+  written at once; the next ones within :data:`COALESCE_SECONDS` are counted, and one
+  record when that window ends (written with the process's next event, its sync
+  thread's next round, or when it stops) says how many there were and until when
+  (:class:`Coalescer`).  A flood thus costs two lines per source and kind per minute in
+  each process; past :data:`MAX_IDENTITIES` names from one address, its other names
+  share one run, and past :data:`MAX_SOURCES` sources at once, the others share one run
+  per kind.  Only failures the edges call refusals are
   coalesced: every access to patient data that succeeded, and every other failure, is
   written whole.
 """
@@ -120,6 +122,12 @@ COALESCE_SECONDS = 60.0
 MAX_SOURCES = 1000
 #: The source of the refusals coalesced together past :data:`MAX_SOURCES`.
 OTHER_SOURCES = "(other sources)"
+#: Most names (calling AE titles, user names) refused from one address whose refusals
+#: are coalesced apart, per kind and window: each is recorded, yet trying one name
+#: after another from one address cannot grow the trail without bound.
+MAX_IDENTITIES = 10
+#: The name of the refusals of an address past :data:`MAX_IDENTITIES` names.
+OTHER_IDENTITIES = "(other names)"
 
 Event = dict[str, Any]
 
@@ -659,18 +667,18 @@ class AuditLog:
 
 # --- refusals coalesced -----------------------------------------------------------------
 
-#: The kind and the source of a refusal (see :func:`refusal_key`).
-RefusalKey = tuple[str, str]
+class RefusalKey(NamedTuple):
+    """What makes refusals "the same" for coalescing (:func:`refusal_key`)."""
+
+    address: str
+    identity: str
+    kind: str
 
 
 def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
-    """What makes refusals "the same" for coalescing: their source (the addresses of
-    the event's requestors, a UserID where there is none) and their kind (EventID,
-    EventTypeCode, EventActionCode, EventOutcomeIndicator).
-
-    The claimed user name is left out of the source on purpose: a client trying one
-    name after another from one address is one source.
-    """
+    """The source of a refusal, the addresses of the event's requestors, and who they
+    claimed to be there (their UserIDs: the calling AE title, the user name), and its
+    kind (EventID, EventTypeCode, EventActionCode, EventOutcomeIndicator)."""
     identification = event.get("EventIdentification", {})
     kind = "|".join((
         str(identification.get("EventID", {}).get("csd-code", "")),
@@ -678,10 +686,10 @@ def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
                  for code in identification.get("EventTypeCode", ())),
         str(identification.get("EventActionCode", "")),
         str(identification.get("EventOutcomeIndicator", ""))))
-    source = ",".join(sorted(
-        str(p.get("NetworkAccessPointID") or p.get("UserID", ""))
-        for p in event.get("ActiveParticipant", ()) if p.get("UserIsRequestor")))
-    return source, kind
+    requestors = [p for p in event.get("ActiveParticipant", ()) if p.get("UserIsRequestor")]
+    address = ",".join(sorted(str(p.get("NetworkAccessPointID", "")) for p in requestors))
+    identity = ",".join(sorted(str(p.get("UserID", "")) for p in requestors))
+    return RefusalKey(address, identity, kind)
 
 
 @dataclass
@@ -690,6 +698,9 @@ class Run:
 
     Attributes
     ----------
+    key : RefusalKey
+        Whose they are (its identity :data:`OTHER_IDENTITIES`, or its address
+        :data:`OTHER_SOURCES`, for the runs that stand for many).
     first : Event
         The first of them, written when it came.
     started : float
@@ -698,21 +709,32 @@ class Run:
         How many more came within the window (counted, not written).
     last : str
         The EventDateTime of the last of those.
-    shared : bool
-        The run of the sources past :data:`MAX_SOURCES` (its first event is one of
-        theirs).
     """
 
+    key: RefusalKey
     first: Event
     started: float
     count: int = 0
     last: str = ""
-    shared: bool = False
+
+    @property
+    def sources(self) -> str:
+        """Whose refusals the run counts, for its record."""
+        if self.key.address == OTHER_SOURCES:
+            return "from sources past the coalescing's limit"
+        if self.key.identity == OTHER_IDENTITIES:
+            return "from this address, under other names than those recorded apart"
+        return "from this source"
 
 
 class Coalescer:
     """Which refusals to write: the first of each source and kind in a window, the
     rest counted (see the module docstring).  Thread-safe; one per process.
+
+    A source is an address and the name claimed there: each AE title or user name
+    refused has its own record, up to ``identities`` names per address and kind in a
+    window; the address's other names share one run, so that trying name after name
+    does not grow the trail either.
 
     Parameters
     ----------
@@ -720,19 +742,25 @@ class Coalescer:
         :data:`COALESCE_SECONDS`.
     limit : int
         :data:`MAX_SOURCES`.
+    identities : int
+        :data:`MAX_IDENTITIES`.
     clock : callable
         Seconds, monotonic (tests give their own).
     """
 
     def __init__(self, window: float = COALESCE_SECONDS, limit: int = MAX_SOURCES,
+                 identities: int = MAX_IDENTITIES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
         self.limit = limit
+        self.identities = identities
         self.clock = clock
         self._pid = os.getpid()
         self._lock = threading.Lock()
         # In the order their windows began, so the ended ones are always first.
         self._runs: dict[RefusalKey, Run] = {}
+        # Names with a run of their own, per (address, kind).
+        self._named: dict[tuple[str, str], int] = {}
 
     def _after_fork(self) -> None:
         """In a child that inherited this coalescer: a lock of its own (the parent's
@@ -741,24 +769,36 @@ class Coalescer:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._lock = threading.Lock()
-            self._runs = {}
+            self._runs, self._named = {}, {}
 
     def admit(self, event: Event) -> bool:
         """True when ``event`` is to be written now: the first of its source and kind
         in a window; otherwise it is counted in its run."""
-        source, kind = refusal_key(event)
+        key = refusal_key(event)
         self._after_fork()
         with self._lock:
-            key = (source, kind)
-            if key not in self._runs and len(self._runs) >= self.limit:
-                key = (OTHER_SOURCES, kind)
+            key = self._run_key(key)
             run = self._runs.get(key)
             if run is None:
-                self._runs[key] = Run(event, self.clock(), shared=key[0] == OTHER_SOURCES)
+                self._runs[key] = Run(key, event, self.clock())
+                if key.identity != OTHER_IDENTITIES and key.address != OTHER_SOURCES:
+                    named = (key.address, key.kind)
+                    self._named[named] = self._named.get(named, 0) + 1
                 return True
             run.count += 1
             run.last = str(event.get("EventIdentification", {}).get("EventDateTime", ""))
             return False
+
+    def _run_key(self, key: RefusalKey) -> RefusalKey:
+        """The run ``key`` counts in: its own, its address's other names', or that of
+        the sources past the limit (under the lock)."""
+        if key in self._runs:
+            return key
+        if len(self._runs) >= self.limit:
+            return RefusalKey(OTHER_SOURCES, "", key.kind)
+        if self._named.get((key.address, key.kind), 0) >= self.identities:
+            return RefusalKey(key.address, OTHER_IDENTITIES, key.kind)
+        return key
 
     def ended(self, everything: bool = False) -> list[Run]:
         """The runs whose window has passed (``everything``: all of them), forgotten
@@ -772,9 +812,21 @@ class Coalescer:
                 if not everything and now - run.started < self.window:
                     break
                 del self._runs[key]
+                self._forget_name(key)
                 if run.count:
                     ended.append(run)
         return ended
+
+    def _forget_name(self, key: RefusalKey) -> None:
+        """A run of its own ended: one name fewer for its address (under the lock)."""
+        if key.identity == OTHER_IDENTITIES or key.address == OTHER_SOURCES:
+            return
+        named = (key.address, key.kind)
+        left = self._named.get(named, 0) - 1
+        if left > 0:
+            self._named[named] = left
+        else:
+            self._named.pop(named, None)
 
 
 def coalesced_event(run: Run) -> Event:
@@ -787,10 +839,8 @@ def coalesced_event(run: Run) -> Event:
     identification = event["EventIdentification"]
     first = identification.get("EventDateTime", "")
     identification["EventDateTime"] = run.last or first
-    sources = "from sources past the coalescing's limit" if run.shared else \
-        "from this source"
     identification["EventOutcomeDescription"] = (
-        f"{run.count} more refusal(s) of this kind {sources} after the one "
+        f"{run.count} more refusal(s) of this kind {run.sources} after the one "
         f"recorded at {first}, until {run.last}, coalesced into this record (its "
         f"participants and objects are those of the first)")
     return event

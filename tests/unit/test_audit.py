@@ -418,8 +418,8 @@ def test_repeated_refusals_from_one_source_are_one_counted_record(tmp_path: Path
     clock = _Clock()
     trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
                        refusals=audit.Coalescer(60.0, clock=clock))
-    for number in range(500):  # one name after another, from one address
-        _failed_login(trail, "192.0.2.66", f"guess{number}")
+    for _ in range(500):
+        _failed_login(trail, "192.0.2.66")
     _failed_login(trail, "192.0.2.77")  # another source: its own first record
     # Accesses to patient data are never coalesced, whatever their outcome.
     for _ in range(3):
@@ -428,13 +428,13 @@ def test_repeated_refusals_from_one_source_are_one_counted_record(tmp_path: Path
                    audit.SERIOUS_FAILURE, "HTTP 404")
     assert len(read_trail(path)) == 2 + 4
     clock.now += 61  # the window ended: its record comes with the next event
-    _failed_login(trail, "192.0.2.66", "again")
+    _failed_login(trail, "192.0.2.66")
     trail.close()
     events = read_trail(path)
     assert [problems(e) for e in events] == [[]] * len(events)
     first, counted, again = [e for e in events if any(
         p.get("NetworkAccessPointID") == "192.0.2.66" for p in e["ActiveParticipant"])]
-    assert first["ActiveParticipant"][0]["UserID"] == "guess0"
+    assert first["ActiveParticipant"][0]["UserID"] == "mallory"
     description = counted["EventIdentification"]["EventOutcomeDescription"]
     assert description.startswith("499 more refusal(s) of this kind from this source")
     assert first["EventIdentification"]["EventDateTime"] in description
@@ -466,7 +466,7 @@ def test_refusals_of_too_many_sources_share_one_entry_per_kind() -> None:
     assert [coalescer.admit(login(f"192.0.2.{n}")) for n in range(6)] == \
         [True, True, True, False, False, False]
     runs = coalescer.ended(everything=True)
-    assert [(run.count, run.shared) for run in runs] == [(3, True)]
+    assert [(run.count, run.key.address) for run in runs] == [(3, audit.OTHER_SOURCES)]
     description = audit.coalesced_event(runs[0])["EventIdentification"][
         "EventOutcomeDescription"]
     assert description.startswith("3 more refusal(s) of this kind from sources past")
@@ -499,3 +499,23 @@ def test_a_forked_child_coalesces_its_own_refusals() -> None:
     assert result.get(timeout=10) is True
     child.join(10)
     assert [run.count for run in coalescer.ended(everything=True)] == [1]
+
+
+def test_each_name_refused_from_an_address_is_recorded_up_to_a_bound(tmp_path: Path) -> None:
+    # Each calling AE title or user name tried is in the trail, but trying one name
+    # after another from one address is bounded too.
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
+                       refusals=audit.Coalescer(60.0, identities=3, clock=_Clock()))
+    for number in range(50):
+        _failed_login(trail, "192.0.2.66", f"guess{number}")
+    _failed_login(trail, "192.0.2.66", "guess0")  # counted with its own name's first
+    trail.close()
+    events = read_trail(path)
+    names = [e["ActiveParticipant"][0]["UserID"] for e in events]
+    assert names[:4] == ["guess0", "guess1", "guess2", "guess3"]
+    descriptions = [e["EventIdentification"]["EventOutcomeDescription"] for e in events[4:]]
+    assert sorted(descriptions)[0].startswith("1 more refusal(s) of this kind from this source")
+    assert any(d.startswith("46 more refusal(s) of this kind from this address, under "
+                            "other names") for d in descriptions), descriptions
+    assert len(events) == 4 + 2
