@@ -22,8 +22,8 @@ Records below INFO are left whole: DEBUG is where a developer looks at values.
 
 A log on a full disk loses records, not the node: :func:`install` also gives each
 handler that writes to a descriptor (stderr, a log file) a :class:`LineWriter`, which
-writes each record straight to it in one ``write`` call (as the line-buffered stderr did:
-no more system calls) and never raises.  A record that cannot be written (``ENOSPC``,
+writes each record straight to it in one ``write`` call (as many system calls as a
+line-buffered stderr makes) and never raises.  A record that cannot be written (``ENOSPC``,
 a quota, any ``OSError``) is counted and dropped whole, without the "--- Logging error
 ---" report that would fail the same way; the first record that can be written again is
 preceded by one WARNING line saying how many were lost, since when and why.  Nothing is
