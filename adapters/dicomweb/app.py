@@ -71,6 +71,26 @@ class ActiveContentMiddleware:
         resp.set_header("Content-Security-Policy", DICOMWEB_POLICY)
 
 
+#: The Cache-Control of every DICOMweb answer: each may carry patient data (a query's
+#: matches, metadata, pixel data, a rendered report; an error may name a UID).  Nothing
+#: keeps a copy, neither a shared cache (a proxy, a CDN) nor the browser's own cache on
+#: a workstation's disk.  Frames and bulk data look immutable but are not: an instance
+#: may be overwritten (PACS_DUPLICATE) or removed, e.g. rejected as the wrong patient's,
+#: and a ``max-age`` would keep showing it for that long.  OHIF loses nothing by it: it
+#: keeps the images it loaded in its own memory cache for the session.
+CACHE_CONTROL = "no-store"
+
+
+class CacheControlMiddleware:
+    """:data:`CACHE_CONTROL` on every response, errors included, unless the resource
+    chose its own (``/health``)."""
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: object, req_succeeded: bool) -> None:
+        if resp.get_header("Cache-Control") is None:
+            resp.set_header("Cache-Control", CACHE_CONTROL)
+
+
 class RouteTable:
     """Routes collected from several modules, merged per URI template.
 
@@ -164,7 +184,7 @@ def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response
     # The audit trail's middleware is first: its process_response runs for every
     # request, those the access rule refuses included (falcon's independent middleware).
     middleware: list[Any] = [AuditMiddleware(services.audit),
-                             ActiveContentMiddleware(),
+                             ActiveContentMiddleware(), CacheControlMiddleware(),
                              BrowserMiddleware(settings.cors_origins),
                              AccessMiddleware(access)]
     app = falcon.App(middleware=middleware)

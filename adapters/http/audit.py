@@ -21,7 +21,9 @@ same below a study or series (QIDO-RS)
 
 ``/health``, CORS preflights, HEAD requests (no data in the answer) and the viewer's
 static files carry no patient data and are not recorded.  Requests the access rule
-refused are recorded too (outcome 8): an auditor wants the attempts as well.  Failed
+refused are recorded too (outcome 8): an auditor wants the attempts as well; as
+refusals (401, 403, 421, 429), repeated ones from one address and user are coalesced
+into one counted record (:class:`pacs.core.audit.Coalescer`).  Failed
 logins themselves, whatever the path, are recorded by the access rule
 (:mod:`adapters.http.auth`: User Authentication, PS3.15 A.5.3.12).
 
@@ -142,6 +144,11 @@ def outcome_of(status: int) -> int:
     return audit.MINOR_FAILURE
 
 
+#: HTTP statuses of a request refused for who made it: refusals, which the trail
+#: coalesces when they repeat.
+REFUSED = frozenset({401, 403, 421, 429})
+
+
 def query_keys(params: Iterable[str], touch: Touch) -> list[str]:
     """The tags of a QIDO-RS request's keys (``00100010``; ``00081032.00080100`` for an
     item key), the path's UIDs first; a name that is no keyword or tag is kept as
@@ -227,6 +234,7 @@ class AuditMiddleware:
         """Build and write the event of ``touch``."""
         status = falcon.http_status_to_code(resp.status)
         outcome, description = outcome_of(status), f"HTTP {status}"
+        refused = status in REFUSED
         client = Participant(user_of(req), True, address=req.remote_addr or "",
                              alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
         node = self.trail.node()
@@ -234,24 +242,25 @@ class AuditMiddleware:
         if touch.kind == QUERY:
             target = req.path + (f"?{req.query_string}" if req.query_string else "")
             self.trail.query(kind, client, STUDY_ROOT_FIND, target.encode("utf-8"),
-                             query_keys(req.params, touch), outcome, description)
+                             query_keys(req.params, touch), outcome, description,
+                             refused=refused)
         elif touch.kind == STORE:
             stored = getattr(req.context, "audit_stored", None)
             studies = audit.studies_of(stored) if stored else (
                 [Study(touch.study)] if touch.study else [])
             self.trail.transferred(kind, audit.CREATE, client, node, studies, outcome,
-                                   description)
+                                   description, refused=refused)
         elif touch.kind == REMOVE:
             if getattr(req.context, "audit_removed", False):
                 return  # the core wrote its events (pacs.core.deletion)
             studies = [Study(touch.study)] if touch.study else []
             self.trail.accessed(kind, audit.DELETE, [client, node], studies, outcome,
-                                description)
+                                description, refused=refused)
         elif touch.kind == RETRIEVE:
             studies = [Study(touch.study)] if touch.study else []
             self.trail.transferred(kind, audit.READ, node, client, studies, outcome,
-                                   description)
+                                   description, refused=refused)
         else:
             studies = [Study(touch.study)] if touch.study else []
             self.trail.accessed(kind, audit.READ, [client, node], studies, outcome,
-                                description)
+                                description, refused=refused)

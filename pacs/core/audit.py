@@ -62,13 +62,32 @@ object per line, appended by every process of the node:
   reaching the radiologist because the audit disk filled would be worse for patients
   than a gap in the trail.  When writing works again, a Security Alert event records
   the gap (how many events were lost, since when) in the trail itself, and a WARNING in
-  the application log.
+  the application log.  The failure is visible from outside the process too: ``GET
+  /health`` and ``pacs status`` report whether the trail's file can be opened for
+  appending and its disk has room (:func:`writable`), and the events this process lost.
+  They do not make the node unhealthy: a health check that failed would take the node
+  out of service, which is what failing open avoids.
+- **Refusals are coalesced**: a peer refused again and again (rejected associations,
+  failed logins, DICOMweb requests refused 401 / 403 / 421 / 429, DIMSE requests
+  refused 0124) would otherwise add a line per attempt, without bound, and could fill
+  the disk.  The first refusal of a kind (event type, action, outcome) from a source
+  (the requestors' address and the name claimed there: calling AE title, user name) is
+  written at once; the next ones within :data:`COALESCE_SECONDS` are counted, and one
+  record when that window ends (written with the process's next event, its sync
+  thread's next round, or when it stops) says how many there were and until when
+  (:class:`Coalescer`).  A flood thus costs two lines per source and kind per minute in
+  each process; past :data:`MAX_IDENTITIES` names from one address, its other names
+  share one run, and past :data:`MAX_SOURCES` sources at once, the others share one run
+  per kind.  Only failures the edges call refusals are
+  coalesced: every access to patient data that succeeded, and every other failure, is
+  written whole.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime
 import errno
 import json
@@ -95,6 +114,20 @@ CHECK_SECONDS = 1.0
 OFF = "off"
 #: The file name of the trail in the data folder when ``PACS_AUDIT_LOG`` is empty.
 DEFAULT_NAME = "audit.jsonl"
+#: Seconds over which repeated refusals of one kind from one source are one record.
+COALESCE_SECONDS = 60.0
+#: Most sources whose refusals are coalesced at a time (per process): what the
+#: coalescing holds (the first event of each, a few KiB at most) stays bounded however
+#: many addresses a flood comes from.
+MAX_SOURCES = 1000
+#: The source of the refusals coalesced together past :data:`MAX_SOURCES`.
+OTHER_SOURCES = "(other sources)"
+#: Most names (calling AE titles, user names) refused from one address whose refusals
+#: are coalesced apart, per kind and window: each is recorded, yet trying one name
+#: after another from one address cannot grow the trail without bound.
+MAX_IDENTITIES = 10
+#: The name of the refusals of an address past :data:`MAX_IDENTITIES` names.
+OTHER_IDENTITIES = "(other names)"
 
 Event = dict[str, Any]
 
@@ -486,6 +519,9 @@ class AuditLog:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.on_resume: Callable[[int, str], Mapping[str, Any]] | None = None
+        #: Called by the sync thread at each round (the trail writes the records of
+        #: coalesced refusals whose window ended).
+        self.on_tick: Callable[[], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -592,6 +628,12 @@ class AuditLog:
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.sync_seconds):
+            if self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:  # the thread outlives whatever its callback meets
+                    log.error("audit trail: coalesced refusals could not be recorded",
+                              exc_info=True)
             self.sync()
 
     def sync(self) -> None:
@@ -623,6 +665,206 @@ class AuditLog:
             self._close_descriptor()
 
 
+# --- refusals coalesced -----------------------------------------------------------------
+
+class RefusalKey(NamedTuple):
+    """What makes refusals "the same" for coalescing (:func:`refusal_key`)."""
+
+    address: str
+    identity: str
+    kind: str
+
+
+def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
+    """The source of a refusal, the addresses of the event's requestors, and who they
+    claimed to be there (their UserIDs: the calling AE title, the user name), and its
+    kind (EventID, EventTypeCode, EventActionCode, EventOutcomeIndicator)."""
+    identification = event.get("EventIdentification", {})
+    kind = "|".join((
+        str(identification.get("EventID", {}).get("csd-code", "")),
+        ",".join(str(code.get("csd-code", ""))
+                 for code in identification.get("EventTypeCode", ())),
+        str(identification.get("EventActionCode", "")),
+        str(identification.get("EventOutcomeIndicator", ""))))
+    requestors = [p for p in event.get("ActiveParticipant", ()) if p.get("UserIsRequestor")]
+    address = ",".join(sorted(str(p.get("NetworkAccessPointID", "")) for p in requestors))
+    identity = ",".join(sorted(str(p.get("UserID", "")) for p in requestors))
+    return RefusalKey(address, identity, kind)
+
+
+@dataclass
+class Run:
+    """Refusals of one kind from one source within one window.
+
+    Attributes
+    ----------
+    key : RefusalKey
+        Whose they are (its identity :data:`OTHER_IDENTITIES`, or its address
+        :data:`OTHER_SOURCES`, for the runs that stand for many).
+    first : Event
+        The first of them, written when it came.
+    started : float
+        When it came (the clock of :class:`Coalescer`).
+    count : int
+        How many more came within the window (counted, not written).
+    last : str
+        The EventDateTime of the last of those.
+    """
+
+    key: RefusalKey
+    first: Event
+    started: float
+    count: int = 0
+    last: str = ""
+
+    @property
+    def sources(self) -> str:
+        """Whose refusals the run counts, for its record."""
+        if self.key.address == OTHER_SOURCES:
+            return "from sources past the coalescing's limit"
+        if self.key.identity == OTHER_IDENTITIES:
+            return "from this address, under other names than those recorded apart"
+        return "from this source"
+
+
+class Coalescer:
+    """Which refusals to write: the first of each source and kind in a window, the
+    rest counted (see the module docstring).  Thread-safe; one per process.
+
+    A source is an address and the name claimed there: each AE title or user name
+    refused has its own record, up to ``identities`` names per address and kind in a
+    window; the address's other names share one run, so that trying name after name
+    does not grow the trail either.
+
+    Parameters
+    ----------
+    window : float
+        :data:`COALESCE_SECONDS`.
+    limit : int
+        :data:`MAX_SOURCES`.
+    identities : int
+        :data:`MAX_IDENTITIES`.
+    clock : callable
+        Seconds, monotonic (tests give their own).
+    """
+
+    def __init__(self, window: float = COALESCE_SECONDS, limit: int = MAX_SOURCES,
+                 identities: int = MAX_IDENTITIES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.limit = limit
+        self.identities = identities
+        self.clock = clock
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        # In the order their windows began, so the ended ones are always first.
+        self._runs: dict[RefusalKey, Run] = {}
+        # Names with a run of their own, per (address, kind).
+        self._named: dict[tuple[str, str], int] = {}
+
+    def _after_fork(self) -> None:
+        """In a child that inherited this coalescer: a lock of its own (the parent's
+        may have been held by a thread that did not cross), and no runs (the parent
+        records those)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._runs, self._named = {}, {}
+
+    def admit(self, event: Event) -> bool:
+        """True when ``event`` is to be written now: the first of its source and kind
+        in a window; otherwise it is counted in its run."""
+        key = refusal_key(event)
+        self._after_fork()
+        with self._lock:
+            key = self._run_key(key)
+            run = self._runs.get(key)
+            if run is None:
+                self._runs[key] = Run(key, event, self.clock())
+                if key.identity != OTHER_IDENTITIES and key.address != OTHER_SOURCES:
+                    named = (key.address, key.kind)
+                    self._named[named] = self._named.get(named, 0) + 1
+                return True
+            run.count += 1
+            run.last = str(event.get("EventIdentification", {}).get("EventDateTime", ""))
+            return False
+
+    def _run_key(self, key: RefusalKey) -> RefusalKey:
+        """The run ``key`` counts in: its own, its address's other names', or that of
+        the sources past the limit (under the lock)."""
+        if key in self._runs:
+            return key
+        if len(self._runs) >= self.limit:
+            return RefusalKey(OTHER_SOURCES, "", key.kind)
+        if self._named.get((key.address, key.kind), 0) >= self.identities:
+            return RefusalKey(key.address, OTHER_IDENTITIES, key.kind)
+        return key
+
+    def ended(self, everything: bool = False) -> list[Run]:
+        """The runs whose window has passed (``everything``: all of them), forgotten
+        here; those that counted refusals are returned, for their record."""
+        now = self.clock()
+        ended: list[Run] = []
+        self._after_fork()
+        with self._lock:
+            while self._runs:
+                key, run = next(iter(self._runs.items()))
+                if not everything and now - run.started < self.window:
+                    break
+                del self._runs[key]
+                self._forget_name(key)
+                if run.count:
+                    ended.append(run)
+        return ended
+
+    def _forget_name(self, key: RefusalKey) -> None:
+        """A run of its own ended: one name fewer for its address (under the lock)."""
+        if key.identity == OTHER_IDENTITIES or key.address == OTHER_SOURCES:
+            return
+        named = (key.address, key.kind)
+        left = self._named.get(named, 0) - 1
+        if left > 0:
+            self._named[named] = left
+        else:
+            self._named.pop(named, None)
+
+
+def coalesced_event(run: Run) -> Event:
+    """The record of the refusals a run counted: its first event (participants and
+    objects, which a message of its type requires), dated at the last refusal, with
+    their number and time span in EventOutcomeDescription.  The refusals counted may
+    have named other studies or queries (or user names): the description says that the
+    objects are the first one's."""
+    event = copy.deepcopy(run.first)
+    identification = event["EventIdentification"]
+    first = identification.get("EventDateTime", "")
+    identification["EventDateTime"] = run.last or first
+    identification["EventOutcomeDescription"] = (
+        f"{run.count} more refusal(s) of this kind {run.sources} after the one "
+        f"recorded at {first}, until {run.last}, coalesced into this record (its "
+        f"participants and objects are those of the first)")
+    return event
+
+
+def writable(path: Path | None) -> str:
+    """Whether the trail's file can be written now, from any process: ``ok``,
+    ``off``, or what stands in the way (the file cannot be opened for appending, or
+    its disk has no room left).  Nothing is written; the file is not created."""
+    if path is None:
+        return OFF
+    target = path if path.exists() else path.parent
+    try:
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+        elif not os.access(target, os.W_OK | os.X_OK):
+            return f"cannot be written: {target} is not a writable folder"
+        if os.statvfs(target).f_bavail == 0:
+            return "cannot be written: its disk is full"
+    except OSError as exc:
+        return f"cannot be written: {os.strerror(exc.errno) if exc.errno else exc}"
+    return "ok"
+
+
 # --- the trail: events built, grouped per patient, written ----------------------------
 
 PatientLookup = Callable[[Sequence[str]], Mapping[str, Patient]]
@@ -645,14 +887,34 @@ class AuditTrail:
     patients : callable, optional
         Study Instance UIDs to their :class:`Patient` (:func:`patients_in_index`);
         never raises for the trail's sake (a failure means "unknown").
+    refusals : Coalescer, optional
+        What coalesces refusals (a new :class:`Coalescer` by default).
     """
 
     def __init__(self, audit_log: AuditLog, source: Source,
-                 patients: PatientLookup | None = None) -> None:
+                 patients: PatientLookup | None = None,
+                 refusals: Coalescer | None = None) -> None:
         self.log = audit_log
         self.source = source
         self.patients = patients
+        self.refusals = refusals if refusals is not None else Coalescer()
         audit_log.on_resume = self._resumed
+        audit_log.on_tick = self.flush
+
+    def _write(self, event: Event, refused: bool = False) -> None:
+        """Write ``event``, unless it is a refusal (``refused``, and not a success)
+        that the coalescing counts instead; the records of ended runs go first."""
+        self.flush()
+        outcome = event["EventIdentification"].get("EventOutcomeIndicator", SUCCESS)
+        if refused and outcome != SUCCESS and not self.refusals.admit(event):
+            return
+        self.log.write(event)
+
+    def flush(self, everything: bool = False) -> None:
+        """Write the record of each run of coalesced refusals whose window ended
+        (``everything``: of every run)."""
+        for run in self.refusals.ended(everything):
+            self.log.write(coalesced_event(run))
 
     @property
     def enabled(self) -> bool:
@@ -665,22 +927,26 @@ class AuditTrail:
 
     def query(self, kind: Code, requestor: Participant, sop_class: str, query: bytes,
               keys: Sequence[str], outcome: int, description: str = "",
-              transfer_syntax: str = "", node_address: str = "") -> None:
-        """Record a Query (see :func:`query_event`)."""
+              transfer_syntax: str = "", node_address: str = "",
+              refused: bool = False) -> None:
+        """Record a Query (see :func:`query_event`); ``refused``: the request was
+        refused for who made it (coalesced, see the module docstring)."""
         if self.enabled:
-            self.log.write(query_event(self.source, kind, requestor,
-                                       self.node(node_address), sop_class, query, keys,
-                                       outcome, description, transfer_syntax))
+            self._write(query_event(self.source, kind, requestor,
+                                    self.node(node_address), sop_class, query, keys,
+                                    outcome, description, transfer_syntax), refused)
 
     def transferred(self, kind: Code, action: str, sender: Participant,
                     receiver: Participant, studies: Sequence[Study], outcome: int,
-                    description: str = "", others: Sequence[Participant] = ()) -> None:
-        """Record DICOM Instances Transferred, one event per patient."""
+                    description: str = "", others: Sequence[Participant] = (),
+                    refused: bool = False) -> None:
+        """Record DICOM Instances Transferred, one event per patient (``refused`` as
+        for :meth:`query`)."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(transferred_event(self.source, kind, action, sender, receiver,
-                                                 group, patient, outcome, description,
-                                                 others))
+                self._write(transferred_event(self.source, kind, action, sender, receiver,
+                                              group, patient, outcome, description,
+                                              others), refused)
 
     def begin_transferring(self, kind: Code, sender: Participant, receiver: Participant,
                            studies: Sequence[Study], outcome: int = SUCCESS,
@@ -689,34 +955,38 @@ class AuditTrail:
         """Record Begin Transferring DICOM Instances, one event per patient."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(begin_transferring_event(self.source, kind, sender, receiver,
-                                                        group, patient, outcome,
-                                                        description, others))
+                self._write(begin_transferring_event(self.source, kind, sender, receiver,
+                                                     group, patient, outcome,
+                                                     description, others))
 
     def accessed(self, kind: Code, action: str, participants: Sequence[Participant],
-                 studies: Sequence[Study], outcome: int, description: str = "") -> None:
-        """Record DICOM Instances Accessed, one event per patient."""
+                 studies: Sequence[Study], outcome: int, description: str = "",
+                 refused: bool = False) -> None:
+        """Record DICOM Instances Accessed, one event per patient (``refused`` as
+        for :meth:`query`)."""
         if self.enabled:
             for patient, group in self.per_patient(studies):
-                self.log.write(accessed_event(self.source, kind, action, participants,
-                                              group, patient, outcome, description))
+                self._write(accessed_event(self.source, kind, action, participants,
+                                           group, patient, outcome, description), refused)
 
     def security_alert(self, kind: Code, alert: Code, description: str, outcome: int,
                        others: Sequence[Participant] = ()) -> None:
         """Record a Security Alert (see :func:`security_alert_event`): a minor or
-        serious failure is an attempt that was stopped (PS3.15 A.5.3.11)."""
+        serious failure is an attempt that was stopped (PS3.15 A.5.3.11), and is
+        coalesced with the same ones from the same source."""
         if self.enabled:
-            self.log.write(security_alert_event(self.source, kind, alert,
-                                                self.node(requestor=True), description,
-                                                outcome, others))
+            self._write(security_alert_event(self.source, kind, alert,
+                                             self.node(requestor=True), description,
+                                             outcome, others), refused=True)
 
     def user_authentication(self, kind: Code, user: Participant, outcome: int,
                             description: str = "") -> None:
         """Record a login (see :func:`user_authentication_event`); a failed one is a
-        minor failure (PS3.15 A.5.3.12 leaves the outcome to the node)."""
+        minor failure (PS3.15 A.5.3.12 leaves the outcome to the node), coalesced with
+        the same ones from the same address."""
         if self.enabled:
-            self.log.write(user_authentication_event(self.source, kind, user, self.node(),
-                                                     outcome, description))
+            self._write(user_authentication_event(self.source, kind, user, self.node(),
+                                                  outcome, description), refused=True)
 
     def deleted(self, kind: Code, participants: Sequence[Participant],
                 studies: Sequence[Study], whole: Collection[str],
@@ -738,11 +1008,11 @@ class AuditTrail:
             gone = [study for study in group if study.uid in whole]
             kept = [study for study in group if study.uid not in whole]
             if gone or not kept:
-                self.log.write(study_deleted_event(self.source, kind, participants, gone,
-                                                   patient, outcome, description))
+                self._write(study_deleted_event(self.source, kind, participants, gone,
+                                                patient, outcome, description))
             if kept:
-                self.log.write(accessed_event(self.source, kind, DELETE, participants, kept,
-                                              patient, outcome, description))
+                self._write(accessed_event(self.source, kind, DELETE, participants, kept,
+                                           patient, outcome, description))
 
     def patients_of(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study the index holds (none when the trail is off or the
@@ -778,7 +1048,9 @@ class AuditTrail:
             f"{lost} audit event(s) could not be written since {since}", MINOR_FAILURE)
 
     def close(self) -> None:
-        """Sync and close the file."""
+        """Record the refusals still being counted, sync and close the file."""
+        if self.enabled:
+            self.flush(everything=True)
         self.log.close()
 
 

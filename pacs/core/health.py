@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pacs.core import audit
 from pacs.core.errors import PacsError
 from pacs.core.index import outbox, reads
 from pacs.core.index.outbox import Backlog
@@ -67,6 +68,12 @@ class Health:
     intake_unsettled : int
         Keys whose last write S3 did not answer: their objects wait in the intake
         until S3 can no longer carry that write out (``PACS_S3_SETTLE``).
+    audit : str
+        The audit trail: ``ok``, ``off``, or why it cannot be written now
+        (:func:`pacs.core.audit.writable`).  The node serves either way (the trail
+        fails open), so this does not make the check fail.
+    audit_events_lost : int
+        Events this process could not write since the trail last worked.
     """
 
     store: str
@@ -84,6 +91,8 @@ class Health:
     intake_oldest_seconds: float | None = None
     intake_error: str | None = None
     intake_unsettled: int = 0
+    audit: str = "off"
+    audit_events_lost: int = 0
 
     @property
     def ok(self) -> bool:
@@ -153,4 +162,6 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_oldest_seconds=(None if intake.oldest is None
                                          else round(max(0.0, time.time() - intake.oldest), 3)),
                   intake_error=intake.mover_error,
-                  intake_unsettled=intake.unsettled)
+                  intake_unsettled=intake.unsettled,
+                  audit=audit.writable(services.audit.log.path),
+                  audit_events_lost=services.audit.log.dropped)

@@ -19,10 +19,20 @@ root logger's, gunicorn's error log's), rewrites each record of level INFO and a
   logging here) have whatever they quote replaced by ``'…'``.
 
 Records below INFO are left whole: DEBUG is where a developer looks at values.
+
+A log on a full disk loses records, not the node: :func:`install` also gives each
+handler that writes to a descriptor (stderr, a log file) a :class:`LineWriter`, which
+writes each record straight to it in one ``write`` call (as many system calls as a
+line-buffered stderr makes) and never raises.  A record that cannot be written (``ENOSPC``,
+a quota, any ``OSError``) is counted and dropped whole, without the "--- Logging error
+---" report that would fail the same way; the first record that can be written again is
+preceded by one WARNING line saying how many were lost, since when and why.  Nothing is
+held back in a buffer, so the count is exact: no record counted as lost turns up later.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -72,7 +82,102 @@ def install(level: str) -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, Redact) for f in handler.filters):
                 handler.addFilter(Redact(details))
+            if isinstance(handler, logging.StreamHandler):
+                count_lost_records(handler)
     logging.captureWarnings(True)
+
+
+def count_lost_records(handler: logging.StreamHandler[Any]) -> None:
+    """Give ``handler`` a :class:`LineWriter` over its stream's descriptor (once);
+    a stream without one (a test's ``StringIO``) is left as it is."""
+    stream = handler.stream
+    if isinstance(stream, LineWriter):
+        return
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation included
+        return
+    handler.setStream(LineWriter(fd, stream, handler))
+
+
+class LineWriter:
+    """A log handler's stream: each record straight to the descriptor, the records
+    that cannot be written counted, and their number written once writing works again
+    (see the module docstring).
+
+    Used under the handler's lock (``Handler.handle`` holds it around ``emit``), so it
+    needs none of its own.
+
+    Parameters
+    ----------
+    fd : int
+        The descriptor written to.
+    wrapped : TextIO
+        The stream it replaces: flushed first, closed with it (a log file's).
+    handler : logging.Handler
+        Whose formatter formats the line about the lost records.
+    """
+
+    def __init__(self, fd: int, wrapped: TextIO, handler: logging.Handler) -> None:
+        self.fd = fd
+        self.wrapped = wrapped
+        self.handler = handler
+        self.encoding = getattr(wrapped, "encoding", None) or "utf-8"
+        self.lost = 0
+        self._since = ""
+        self._why = ""
+        self._torn = False
+
+    def write(self, text: str) -> int:
+        """Write one record (never raises; a record not written is counted)."""
+        if self.lost and not self._announce():
+            self.lost += 1  # the line about the others failed: this one would too
+            return 0
+        if not self._written(text):
+            self.lost += 1
+        return len(text)
+
+    def _announce(self) -> bool:
+        """Write the line about the lost records; True when it was written."""
+        record = logging.makeLogRecord({
+            "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "%d log record(s) could not be written since %s (%s) and are lost",
+            "args": (self.lost, self._since, self._why)})
+        if not self._written(self.handler.format(record) + "\n"):
+            return False
+        self.lost = 0
+        return True
+
+    def _written(self, text: str) -> bool:
+        """Write ``text`` whole; False when it could not be (noted for the count)."""
+        data = text.encode(self.encoding, "backslashreplace")
+        if self._torn:  # a line cut short by a full disk: end it before this one
+            data = b"\n" + data
+        view, started = memoryview(data), False
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                started = started or written > 0
+                view = view[written:]
+        except OSError as exc:
+            self._torn = self._torn or started
+            if not self.lost:
+                self._since = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+                self._why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            return False
+        self._torn = False
+        return True
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def fileno(self) -> int:
+        """The descriptor written to."""
+        return self.fd
+
+    def close(self) -> None:
+        """Close the stream it replaced (a log file's handler closes its stream)."""
+        self.wrapped.close()
 
 
 class Redact(logging.Filter):

@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 
 from pacs.core import audit
 from pacs.core.audit import AuditTrail, Participant, Study
-from pacs.dimse.status import Status
+from pacs.dimse.status import NOT_AUTHORIZED, Status
 
 if TYPE_CHECKING:
     from pacs.core.config import Modality
@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 
 #: Statuses of a retrieve that end it without sub-operations and without failure.
 _NOTHING_TO_DO = 0x0000
+#: Refused: Not Authorized (PS3.7 C.5.21): a request refused for who made it, which
+#: the trail coalesces when it repeats (:class:`pacs.core.audit.Coalescer`).
+_NOT_AUTHORIZED = NOT_AUTHORIZED.code
 
 #: Most studies an association's C-STORE event is kept for: once a C-STORE brings the
 #: next one, the event of those stored so far is written and a new one begun.  What an
@@ -190,7 +193,8 @@ class AssociationAudit:
             description = f"C-FIND status {status.code:04X}"
         self.trail.query(audit.APPLICATION_SERVER, self.requestor, request.sop_class_uid,
                          request.identifier, keys, outcome, description,
-                         transfer_syntax=request.transfer_syntax)
+                         transfer_syntax=request.transfer_syntax,
+                         refused=status is not None and status.code == _NOT_AUTHORIZED)
 
     # -- C-MOVE, C-GET ----------------------------------------------------------------
 
@@ -238,7 +242,8 @@ class AssociationAudit:
         outcome = audit.SERIOUS_FAILURE if status is None else audit.dimse_outcome(status)
         self.trail.transferred(audit.APPLICATION_SERVER, audit.READ, self.trail.node(),
                                retrieve.destination, retrieve.studies, outcome,
-                               description, others=self._others(retrieve))
+                               description, others=self._others(retrieve),
+                               refused=status == _NOT_AUTHORIZED)
 
     # -- storage commitment --------------------------------------------------------------
 
@@ -249,7 +254,8 @@ class AssociationAudit:
                             [self.requestor, self.trail.node()], [],
                             audit.dimse_outcome(status.code),
                             f"Storage commitment request of {references} instance(s): "
-                            f"N-ACTION status {status.code:04X}")
+                            f"N-ACTION status {status.code:04X}",
+                            refused=status.code == _NOT_AUTHORIZED)
 
     def _others(self, retrieve: _Retrieve) -> list[Participant]:
         """The requestor of a C-MOVE, a third party to the transfer."""

@@ -17,17 +17,18 @@ What that does differently (slower; every response and sub-operation encoded thr
 pydicom, the sub-operations decoded from the stored object first and encoded again: the
 same bytes for objects pydicom reads), each a limit of pynetdicom's public API:
 
-* a C-MOVE destination that refuses the association is answered A801, not A702;
 * a C-MOVE refused before its first sub-operation (A900, A701, 0124) is answered C514
   (Unable to process): pynetdicom takes no status before the destination, and associates with
   it before the first one (:func:`handle_move`);
 * a C-GET refused before its first sub-operation carries a Number of Failed
   Sub-operations of 1 (pynetdicom takes a status only after a count).
 
-Three handlers make pynetdicom's loops conformant where they are not: the requestor as
+Four handlers make pynetdicom's loops conformant where they are not: the requestor as
 Move Originator (:func:`handle_move`), no stale Remaining count in a final response
 (:func:`drop_final_remaining`), an answer to an invalid C-STORE request
-(:func:`answer_invalid_store`).
+(:func:`answer_invalid_store`), and a C-MOVE whose destination refused the association
+answered A702 with every instance in the Failed SOP Instance UID List, where pynetdicom
+answers A801 without one (:class:`RefusedDestinations`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
@@ -65,10 +67,12 @@ from pacs.dimse.sender import log_failure, object_file, route
 from pacs.dimse.status import (
     CANCEL,
     INVALID_SOP_INSTANCE,
+    MOVE_DESTINATION_UNKNOWN,
     NOT_AUTHORIZED,
     PENDING,
     RETRIEVE_STATUS,
     SUCCESS,
+    UNABLE_TO_PERFORM_SUBOPERATIONS,
     Status,
     status_for,
 )
@@ -246,11 +250,13 @@ def handle_get(event: Event, services: Services, audits: Audits | None = None
     yield from _instances(event.assoc, services, planned, cancelled, request, audit)
 
 
-def handle_move(event: Event, services: Services, audits: Audits | None = None
-                ) -> Iterator[_Yield]:
+def handle_move(event: Event, services: Services, audits: Audits | None = None,
+                refusals: RefusedDestinations | None = None) -> Iterator[_Yield]:
     """EVT_C_MOVE (PS3.4 C.4.2): the destination, the number of sub-operations, then
     each instance as a data set for pynetdicom to send over the association it opens
     to the destination, with the requestor as Move Originator (PS3.7 9.3.1.1).
+    ``refusals`` learns the move before pynetdicom associates with the destination,
+    to answer its refusal (:class:`RefusedDestinations`).
 
     pynetdicom takes no status before the destination and associates with it before
     the first one: a request refused before its sub-operations (A900, A701) raises
@@ -302,9 +308,82 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None
         "tls_args": tls.client_args(event.assoc.ae, destination),
         "evt_handlers": [(evt.EVT_CONN_OPEN, connected), (evt.EVT_DIMSE_SENT, originator),
                          *Responses(counted=True).handlers()]})
+    if refusals is not None:
+        refusals.expect(event.assoc, request, planned.total,
+                        lambda: retrieve.planned_instances(services, planned, cancelled))
     yield planned.total  # 0: pynetdicom answers Success without associating
+    # Resumed: pynetdicom associated with the destination, its loop answers from here.
+    if refusals is not None:
+        refusals.associated(event.assoc, request.message_id)
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
+
+
+class RefusedDestinations:
+    """The C-MOVEs whose destination pynetdicom is associating with, to answer a
+    refusal as the seam does (EVT_DIMSE_SENT, :meth:`answer`).
+
+    pynetdicom answers a destination that refused the association (or could not be
+    reached) with A801 (Move Destination unknown), without counts or identifier.  The
+    destination is known; what failed are the sub-operations, all of them: A702 with
+    Number of Failed Sub-operations = every instance, and each in the Failed SOP
+    Instance UID List (PS3.4 C.4.2.1.4.2, Table C.4-2).  The message is encoded after
+    this event.  An A801 of a move that named no known destination (none expected) is
+    left as it is.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # Per association (gone with it), per Message ID: the request, its number of
+        # sub-operations and what lists its instances.
+        self._expected: weakref.WeakKeyDictionary[Any, dict[int, _ExpectedMove]] = (
+            weakref.WeakKeyDictionary())
+
+    def expect(self, assoc: Association, request: Request, total: int,
+               instances: Callable[[], list[InstanceRef]]) -> None:
+        """``request`` is about to associate with its destination to send ``total``
+        instances, which ``instances`` lists."""
+        with self._lock:
+            self._expected.setdefault(assoc, {})[request.message_id] = (
+                request, total, instances)
+
+    def associated(self, assoc: Association, message_id: int) -> None:
+        """The destination accepted: nothing to answer here."""
+        with self._lock:
+            self._expected.get(assoc, {}).pop(message_id, None)
+
+    def answer(self, event: Event) -> None:
+        """EVT_DIMSE_SENT: an A801 of an expected move becomes A702 with its list."""
+        message = event.message
+        if not isinstance(message, C_MOVE_RSP) or message.command_set is None:
+            return
+        command = message.command_set
+        if command.get("Status") != MOVE_DESTINATION_UNKNOWN.code:
+            return
+        with self._lock:
+            expected = self._expected.get(event.assoc, {}).pop(
+                int(command.get("MessageIDBeingRespondedTo") or 0), None)
+        if expected is None:
+            return
+        request, total, instances = expected
+        counts = retrieve.Counts(total)
+        counts.fail_unsent(instances())
+        # Everything made before the message changes: should any of it fail, the
+        # A801 goes out whole rather than half rewritten.
+        identifier = (retrieve.failed_list(counts.failed_uids, request.transfer_syntax)
+                      if counts.failed_uids else b"")
+        command.Status = UNABLE_TO_PERFORM_SUBOPERATIONS.code
+        command.NumberOfCompletedSuboperations = 0
+        command.NumberOfWarningSuboperations = 0
+        command.NumberOfFailedSuboperations = counts.failed
+        if identifier:
+            message.data_set = BytesIO(identifier)
+            command.CommandDataSetType = 0x0001  # a data set follows (PS3.7 E.1)
+
+
+#: A C-MOVE :class:`RefusedDestinations` waits on: its request, its number of
+#: sub-operations, and what lists its instances.
+_ExpectedMove = tuple[Request, int, Callable[[], "list[InstanceRef]"]]
 
 
 class RefusedBeforeSubOperations(Exception):
@@ -622,16 +701,21 @@ def of_customer(services: Services, seam: bool = True, audits: Audits | None = N
     ``audits``: where each association's operations are reported for the audit trail
     (:mod:`pacs.dimse.audit`), also bound as the second argument of the C-STORE,
     C-FIND, C-MOVE and C-GET handlers for the seam; ``reporter``: who delivers storage
-    commitment results (:mod:`pacs.dimse.reports`).
+    commitment results (:mod:`pacs.dimse.reports`).  Without the seam, a
+    :class:`RefusedDestinations` of its own answers the C-MOVEs whose destination
+    refused.
     """
+    refusals = None if seam else RefusedDestinations()
     bound: list[tuple[Any, ...]] = [
         (evt.EVT_C_ECHO, handle_echo, [services]),
         (evt.EVT_C_STORE, handle_store, [services, audits]),
         (evt.EVT_C_FIND, handle_find, [services, audits]),
-        (evt.EVT_C_MOVE, handle_move, [services, audits]),
+        (evt.EVT_C_MOVE, handle_move, [services, audits, refusals]),
         (evt.EVT_C_GET, handle_get, [services, audits]),
         (evt.EVT_N_ACTION, handle_n_action, [services, audits, reporter]),
     ]
+    if refusals is not None:  # before the audit's handler, which reads the answer
+        bound.append((evt.EVT_DIMSE_SENT, refusals.answer))
     if reporter is not None:
         bound += [(evt.EVT_DIMSE_SENT, commitment_answered, [reporter]),
                   (evt.EVT_ESTABLISHED, commitment_associated, [reporter])]

@@ -21,9 +21,15 @@ Counts and statuses
 Pending (FF00) with Remaining / Completed / Failed / Warning (PS3.7 9.1.3, 9.1.4) after
 a sub-operation once ``PACS_PENDING_INTERVAL`` seconds have passed since the retrieve
 began or its last pending response (:class:`Pacing`; 0: after each); final Success
-(0000), Warning (B000) with the Failed SOP Instance UID List (0008,0058) when some
-failed, A702 when all failed or the destination refused the association, Cancel (FE00)
-after a C-CANCEL with Remaining = not started.  The number of sub-operations is counted
+(0000), Warning (B000) when some failed, A702 when all failed or the destination
+refused the association, Cancel (FE00) after a C-CANCEL with Remaining = not started,
+and a Failure status of its own when an error ends the sub-operations.  Each final
+Warning, Failure and Cancel response whose sub-operations were counted carries the
+Failed SOP Instance UID List (0008,0058) of every instance that was not sent (PS3.4
+C.4.2.1.4.2 for C-MOVE, C.4.3.1.3.2 for C-GET): those whose C-STORE failed, and, when the
+destination refused the association or an error ended the loop, those never tried (the
+instances removed since they were counted have no UID left to name; they are counted
+only).  The number of sub-operations is counted
 before the first one; instances stored meanwhile are not sent and instances removed
 meanwhile count as failed, so the counts always add up to the announced total.  Counts
 are US values, so a retrieve of more than 65,535 instances is refused (A701) with a
@@ -36,7 +42,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING
@@ -190,6 +196,14 @@ class Counts:
         """Count what was announced but never came (instances removed meanwhile)."""
         self.failed += self.remaining
 
+    def fail_unsent(self, listed: Sequence[InstanceRef]) -> None:
+        """Count every instance of ``listed`` (the instances of the retrieve, in the
+        order they are sent) not counted yet as failed, by UID, then the rest as
+        :meth:`fail_remaining`: an error or a refusal ended the sub-operations."""
+        for ref in listed[self.completed + self.warning + self.failed:self.total]:
+            self.record(Outcome.FAILED, ref.sop_uid)
+        self.fail_remaining()
+
     def final_status(self, cancelled: bool) -> Status:
         """The final status (PS3.4 Table C.4-2 / C.4-3).
 
@@ -243,6 +257,26 @@ def plan(request: Request, services: Services, models: Mapping[str, str],
         total += 1
         classes.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax)
     return Plan(query, total, classes)
+
+
+def planned_instances(services: Services, planned: Plan, cancelled: Callable[[], bool]
+                      ) -> list[InstanceRef]:
+    """The instances of ``planned`` (at most as many as it counted), read again for the
+    Failed SOP Instance UID List of a retrieve whose sub-operations could not start: a
+    second pass over the index, paid only then, rather than every retrieve holding its
+    UIDs from the count on.  Empty when the index cannot tell (the counts stay exact).
+    """
+    instances = services.engine.instances(at_image(planned.query), cancelled=cancelled)
+    try:
+        return list(islice(instances, planned.total))
+    except PacsError as exc:
+        log.warning("the instances of a retrieve that could not start were not listed: %s",
+                    exc)
+        return []
+    finally:
+        close = getattr(instances, "close", None)
+        if close is not None:
+            close()  # end the SQLite statement now, not at garbage collection
 
 
 def count_refusal(total: int) -> tuple[Status, Counts | None] | None:
@@ -375,9 +409,10 @@ def serve_move(responder: Responder, request: Request, services: Services,
         if target is None:
             log.warning("C-MOVE destination %s (%s:%d) refused or could not be reached",
                         target_ae.ae_title, target_ae.host, target_ae.port)
+            counts = Counts(planned.total)
+            counts.fail_unsent(planned_instances(services, planned, responder.cancelled))
             send_final(responder, request, UNABLE_TO_PERFORM_SUBOPERATIONS.with_comment(
-                "move destination refused the association"),
-                       Counts(planned.total, failed=planned.total))
+                "move destination refused the association"), counts)
             return
         try:
             run_suboperations(responder, target, request, services, planned, _MOVE, audit)
@@ -432,6 +467,8 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
     cancelled = responder.cancelled
     instances = services.engine.instances(at_image(planned.query), cancelled=cancelled)
     ahead: tuple[InstanceRef, Prepared | None] | None = None
+    listed: list[InstanceRef] = []
+    error: Exception | None = None
     try:
         listed = list(islice(instances, total))
         if audit is not None:
@@ -463,13 +500,20 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
                     responder.send_response(PENDING, counts=counts.snapshot(remaining=True))
     except Cancelled:
         pass  # the engine saw the C-CANCEL first; ``cancelled()`` remembers it
+    except Exception as exc:  # noqa: BLE001 - answered with its status, see below
+        error = exc
     finally:
         if ahead is not None and ahead[1] is not None:
             ahead[1].close()
         close = getattr(instances, "close", None)
         if close is not None:
             close()  # end the SQLite statement now, not at garbage collection
+    if error is not None:
+        _log_error(request, error, service)
     if not responder.alive:
+        return
+    if error is not None:
+        _ended_by(error, responder, request, counts, listed)
         return
     was_cancelled = cancelled()
     if not was_cancelled:
@@ -486,7 +530,8 @@ def send_final(responder: Responder, request: Request, status: Status,
     """The final response (PS3.4 C.4.2.1.6, C.4.2.3.1).
 
     Counts go in every final response that had sub-operations (Remaining only after
-    a cancel); the Failed SOP Instance UID List when some failed.
+    a cancel); the Failed SOP Instance UID List (PS3.4 C.4.2.1.4.2, C.4.3.1.3.2: in a
+    Cancel, Failure, Refused or Warning response) when some failed.
     """
     identifier = None
     snapshot = None
@@ -499,13 +544,28 @@ def send_final(responder: Responder, request: Request, status: Status,
 
 def _failed(responder: Responder, request: Request, exc: BaseException,
             service: str) -> None:
-    """Answer an error that ended the request before or between sub-operations."""
+    """Answer an error that ended the request before its sub-operations."""
+    _log_error(request, exc, service)
+    if responder.alive:
+        responder.send_response(status_for(RETRIEVE_STATUS, exc))
+
+
+def _ended_by(exc: Exception, responder: Responder, request: Request, counts: Counts,
+              listed: Sequence[InstanceRef]) -> None:
+    """Answer an error that ended the sub-operations: its Failure status, with the
+    counts and every instance not sent in the Failed SOP Instance UID List (PS3.4
+    C.4.2.1.4.2, C.4.3.1.3.2)."""
+    counts.fail_unsent(listed)
+    send_final(responder, request, status_for(RETRIEVE_STATUS, exc), counts)
+
+
+def _log_error(request: Request, exc: BaseException, service: str) -> None:
+    """A WARNING for one of the node's errors (a refusal), the traceback for others."""
     if isinstance(exc, PacsError):
         log.warning("%s from %s refused: %s", service, request.calling_ae_title, exc)
     else:
-        log.exception("%s from %s failed unexpectedly", service, request.calling_ae_title)
-    if responder.alive:
-        responder.send_response(status_for(RETRIEVE_STATUS, exc))
+        log.error("%s from %s failed unexpectedly", service, request.calling_ae_title,
+                  exc_info=exc)
 
 
 def _send(target: StoreTarget, prepared: Prepared) -> bool:

@@ -121,12 +121,27 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
         log.log(logging.DEBUG if logged_by_core(exc) else logging.ERROR,
                 "C-STORE from %s failed: %s", calling, exc)
         return status_for(STORE_STATUS, exc), ""
+    except MemoryError as exc:
+        return _out_of_memory(calling, exc), ""
     except Exception as exc:
         log.exception("C-STORE from %s failed unexpectedly", calling)
         return status_for(STORE_STATUS, exc), ""
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,
               result.outcome.value)
     return SUCCESS, result.study_uid
+
+
+def _out_of_memory(calling: str, exc: MemoryError) -> Status:
+    """The status of a C-STORE that ran out of memory (a worker at its address space
+    limit), logged as one line: the error's type says what happened, and nothing of the
+    data set (a MemoryError's message may quote a size, never a value; it is left out
+    all the same).  Its traceback helps a developer only, at DEBUG: at the default level
+    a flood of stores into a full worker would otherwise log a trace per store."""
+    found = status_for(STORE_STATUS, exc)
+    log.error("C-STORE from %s failed: out of memory (MemoryError), answered %04X",
+              calling, found.code)
+    log.debug("C-STORE from %s: where the memory ran out", calling, exc_info=exc)
+    return found
 
 
 def _element(tag: int, vr: bytes, value: bytes) -> bytes:

@@ -2,7 +2,8 @@
 
 Counts first (``patient: N`` ... one per line), then the index, the store, the disk,
 the intake's backlog, the storage commitment results waiting, each forwarding
-destination's backlog, the upload folder and the viewer files.
+destination's backlog, whether the audit trail can be written, the upload folder and
+the viewer files.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pacs.core import audit
 from pacs.core.config import Settings
 from pacs.core.health import Health
 from pacs.core.index.outbox import Backlog
@@ -103,6 +105,18 @@ def _intake_line(settings: Settings, found: Health) -> str:
     return line
 
 
+def _audit_line(settings: Settings, found: Health) -> str:
+    """The audit trail's line: whether it can be written (it fails open: a trail that
+    cannot be written stops nothing, so this line is where an operator sees it)."""
+    if found.audit == "off":
+        return "audit trail: off"
+    where = audit.audit_path(settings.audit_log, settings.data_dir)
+    line = f"audit trail: {found.audit} ({where})"
+    if found.audit_events_lost:
+        line += f"; {found.audit_events_lost} event(s) lost by this process"
+    return line
+
+
 def describe(settings: Settings, found: Health) -> list[str]:
     """The lines ``pacs status`` prints."""
     lines = [f"{level}: {count}" for level, count in found.counts.items()]
@@ -122,6 +136,7 @@ def describe(settings: Settings, found: Health) -> list[str]:
     lines.append(f"storage commitment: {found.commitments_waiting} result(s) waiting for "
                  "delivery")
     lines += forwarding_lines(settings, found.forwarding)
+    lines.append(_audit_line(settings, found))
     uploads = settings.uploads_dir
     lines.append(f"uploads: {_count_files(uploads, (ARCHIVE, REJECTED))} waiting, "
                  f"{_count_files(uploads / REJECTED)} rejected ({uploads})")

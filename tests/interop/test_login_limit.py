@@ -96,7 +96,9 @@ def trail_and_log_name_the_failures_but_no_password(node: Node) -> None:
         assert problems(event) == [], event
     failed = [e["ActiveParticipant"][0]["NetworkAccessPointID"] for e in events
               if event_name(e) == "User Authentication"]
-    assert failed.count(GUESSER) >= FAILURES and OTHER in failed
+    # The guesser's first failure in each web worker is written at once, the others of
+    # its minute counted into one record later (pacs.core.audit.Coalescer).
+    assert GUESSER in failed and OTHER in failed
     alerts = [e for e in events if event_name(e) == "Security Alert"
               and any(p.get("NetworkAccessPointID") == GUESSER
                       for p in e["ActiveParticipant"])]

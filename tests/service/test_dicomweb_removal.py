@@ -62,8 +62,11 @@ def test_refused_while_deletion_is_off(services: Services) -> None:
         assert response.status_code == 403, response.text
         assert "PACS_WEB_DELETE" in response.json["description"]
     assert reads.counts(services.index.connection())["instance"] == 4
+    services.audit.flush(everything=True)  # the second refusal was counted
     refused = _trail(services)
     assert [event_name(e) for e in refused] == ["DICOM Instances Accessed"] * 2
+    assert refused[1]["EventIdentification"]["EventOutcomeDescription"].startswith(
+        "1 more refusal(s) of this kind from this source")
     assert {e["EventIdentification"]["EventActionCode"] for e in refused} == {"D"}
     assert {e["EventIdentification"]["EventOutcomeIndicator"] for e in refused} == {8}
 

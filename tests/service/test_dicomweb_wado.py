@@ -861,6 +861,19 @@ def test_every_dicomweb_answer_is_nosniff_and_sandboxed(client: testing.TestClie
         assert "sandbox" in result.headers["content-security-policy"], path
 
 
+def test_no_dicomweb_answer_is_kept_by_any_cache(client: testing.TestClient,
+                                                 put: Put) -> None:
+    # Patient data in every answer (errors may name UIDs): neither a shared cache nor
+    # the browser's keeps a copy; frames and bulk data included, since an instance may
+    # be overwritten or removed under the same URL.
+    ds, _ = put("CT_small.dcm")
+    for path in ("/studies", url(ds), url(ds) + "/metadata", url(ds) + "/frames/1",
+                 url(ds) + "/rendered", url(ds) + "/thumbnail",
+                 "/dicom-web/studies/1.2.3/metadata", "/no/such/route", "/health"):
+        result = client.simulate_get(path)
+        assert result.headers.get("cache-control") == "no-store", (path, result.status)
+
+
 def declaring(rows: int, columns: int, samples: int, frames: int = 1,
               name: str = "CT_small.dcm") -> FileDataset:
     """A small image whose header declares frames of another size (never decoded at

@@ -44,6 +44,7 @@ from pacs.core.storage import local_path, object_key
 from pacs.dimse.forward import DimseSender
 from pacs.dimse.reports import Reporter
 from pacs.dimse.server import NodeServer, start, stop
+from tests.auditcheck import read_trail
 from tests.conftest import SEAM, folder_store, free_port, seam_only
 from tests.service import hostile_peer as peer
 from tests.service.test_retrieve import (
@@ -214,20 +215,18 @@ def test_a_destination_that_takes_no_store(
         associate: str) -> None:
     """TCP accepted and the A-ASSOCIATE-RQ never answered (or an A-ASSOCIATE-AC
     declaring 4 GB begun, or one with every presentation context rejected): nothing
-    can be sent; A702 after the ACSE timeout, with every instance counted as failed,
-    and the connection closed."""
+    can be sent; A702 after the ACSE timeout, with every instance counted as failed and
+    named, and the connection closed."""
     dest = hostile(associate=associate)
     node = make_node(dest)
     study = store_study(node, series=1, per_series=INSTANCES)
     assoc = requestor(node)
     try:
         replies, took = move(assoc, study.uid)
-        final, _ = replies[-1]
-        if SEAM:
-            assert final.Status == 0xA702
-            assert counts(final)[1:] == (0, INSTANCES, 0)
-        else:  # pynetdicom's own C-MOVE loop answers a destination it cannot reach
-            assert final.Status == 0xA801  # (or one without contexts) A801
+        final, ident = replies[-1]
+        assert final.Status == 0xA702
+        assert counts(final)[1:] == (0, INSTANCES, 0)
+        assert sorted(failed_uids(ident)) == sorted(study.sops)
         assert took < WITHIN
         assert dest.requests == []
         assert dest.wait_closed(WITHIN)
@@ -392,6 +391,28 @@ def test_a_requestor_that_aborts_during_the_sub_operations(
     assert echo_works(node)
 
 
+def test_a_move_to_a_dead_destination_names_every_instance_it_could_not_send(
+        make_node: Callable[..., Node]) -> None:
+    """A702 with every instance counted failed and named in the Failed SOP Instance
+    UID List (PS3.4 C.4.2.1.4.2), with the seam and through pynetdicom's own loop."""
+    dead = peer.HostileDestination("DEAD", port=free_port())
+    node = make_node(dead)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    assoc = requestor(node)
+    try:
+        replies, _ = move(assoc, study.uid, "DEAD")
+    finally:
+        assoc.release()
+    final, ident = replies[-1]
+    assert final.Status == 0xA702, hex(final.Status)
+    assert counts(final)[1:] == (0, INSTANCES, 0)
+    assert sorted(failed_uids(ident)) == sorted(study.sops)
+    audited = [e for e in read_trail(node.services.settings.data_dir / "audit.jsonl")
+               if "C-MOVE" in e["EventIdentification"].get("EventOutcomeDescription", "")]
+    assert [e["EventIdentification"]["EventOutcomeDescription"] for e in audited] == [
+        f"C-MOVE status A702: 0 completed, 0 warning, {INSTANCES} failed"]
+
+
 def test_many_moves_to_a_dead_destination_leave_nothing_behind(
         make_node: Callable[..., Node]) -> None:
     """60 C-MOVEs to a port nobody listens on: each A702 at once, and the node's
@@ -406,7 +427,7 @@ def test_many_moves_to_a_dead_destination_leave_nothing_behind(
         for _ in range(60):
             replies, _ = move(assoc, study.uid, "DEAD")
             final = replies[-1][0]
-            assert final.Status == (0xA702 if SEAM else 0xA801)
+            assert final.Status == 0xA702
     finally:
         assoc.release()
     assert settle(threads) <= threads

@@ -779,11 +779,12 @@ def test_move_to_a_refusing_destination_is_a702(make_node: Callable[..., Node],
     for target in ("REFUSING", "GONE"):  # rejected; nothing listening
         replies = responses(assoc.send_c_move(
             identifier("STUDY", StudyInstanceUID=study.uid), target, StudyMove))
-        if SEAM:
-            assert [status.Status for status, _ in replies] == [0xA702]
-            assert counts(replies[0][0])[1:] == (0, 2, 0)
-        else:  # pynetdicom's own C-MOVE loop answers a refusing destination A801
-            assert [status.Status for status, _ in replies] == [0xA801]
+        # With the seam and without it: every instance failed, each one named (PS3.4
+        # C.4.2.1.4.2).
+        assert [status.Status for status, _ in replies] == [0xA702]
+        assert counts(replies[0][0])[1:] == (0, 2, 0)
+        named = replies[0][1].FailedSOPInstanceUIDList
+        assert sorted(named) == sorted(study.sops)
     assert refusing.connections == 1
     assert refusing.received == []
 

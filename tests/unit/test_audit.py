@@ -394,3 +394,128 @@ def test_since_is_compared_as_utc_text() -> None:
     assert audit.parse_since("2024-05-01T14:00+02:00") == "2024-05-01T12:00:00.000000Z"
     with pytest.raises(ValueError):
         audit.parse_since("yesterday")
+
+
+# --- refusals coalesced ------------------------------------------------------------------
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _failed_login(trail: AuditTrail, address: str, user: str = "mallory") -> None:
+    trail.user_authentication(audit.WEB_SERVER, Participant(user, True, address=address),
+                              audit.MINOR_FAILURE, "wrong credentials")
+
+
+def test_repeated_refusals_from_one_source_are_one_counted_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    clock = _Clock()
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
+                       refusals=audit.Coalescer(60.0, clock=clock))
+    for _ in range(500):
+        _failed_login(trail, "192.0.2.66")
+    _failed_login(trail, "192.0.2.77")  # another source: its own first record
+    # Accesses to patient data are never coalesced, whatever their outcome.
+    for _ in range(3):
+        trail.accessed(audit.WEB_SERVER, audit.READ, [CLIENT, NODE], [STUDY], audit.SUCCESS)
+    trail.accessed(audit.WEB_SERVER, audit.READ, [CLIENT, NODE], [STUDY],
+                   audit.SERIOUS_FAILURE, "HTTP 404")
+    assert len(read_trail(path)) == 2 + 4
+    clock.now += 61  # the window ended: its record comes with the next event
+    _failed_login(trail, "192.0.2.66")
+    trail.close()
+    events = read_trail(path)
+    assert [problems(e) for e in events] == [[]] * len(events)
+    first, counted, again = [e for e in events if any(
+        p.get("NetworkAccessPointID") == "192.0.2.66" for p in e["ActiveParticipant"])]
+    assert first["ActiveParticipant"][0]["UserID"] == "mallory"
+    description = counted["EventIdentification"]["EventOutcomeDescription"]
+    assert description.startswith("499 more refusal(s) of this kind from this source")
+    assert first["EventIdentification"]["EventDateTime"] in description
+    assert again["EventIdentification"]["EventOutcomeDescription"] == "wrong credentials"
+    assert len(events) == 2 + 4 + 2
+
+
+def test_counted_refusals_are_recorded_when_the_trail_closes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE)
+    for _ in range(3):
+        trail.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
+                             "association rejected", audit.MINOR_FAILURE,
+                             [Participant("STRANGER", True, address="192.0.2.5")])
+    trail.close()
+    _, counted = read_trail(path)
+    assert problems(counted) == []
+    assert counted["EventIdentification"]["EventOutcomeDescription"].startswith("2 more")
+
+
+def test_refusals_of_too_many_sources_share_one_entry_per_kind() -> None:
+    coalescer = audit.Coalescer(60.0, limit=2, clock=_Clock())
+
+    def login(address: str) -> dict[str, Any]:
+        return audit.user_authentication_event(
+            SOURCE, audit.WEB_SERVER, Participant("x", True, address=address),
+            Participant("INTELPIXEL", False), audit.MINOR_FAILURE)
+
+    assert [coalescer.admit(login(f"192.0.2.{n}")) for n in range(6)] == \
+        [True, True, True, False, False, False]
+    runs = coalescer.ended(everything=True)
+    assert [(run.count, run.key.address) for run in runs] == [(3, audit.OTHER_SOURCES)]
+    description = audit.coalesced_event(runs[0])["EventIdentification"][
+        "EventOutcomeDescription"]
+    assert description.startswith("3 more refusal(s) of this kind from sources past")
+
+
+def test_the_trail_s_writability_is_seen_from_any_process(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert audit.writable(None) == "off"
+    assert audit.writable(path) == "ok"  # not made yet: its folder takes it
+    path.write_text("")
+    assert audit.writable(path) == "ok"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the trail's folder should be")
+    assert audit.writable(blocker / "audit.jsonl").startswith("cannot be written")
+
+
+def _admits_in_a_child(coalescer: audit.Coalescer, event: dict[str, Any], result: Any) -> None:
+    result.put(coalescer.admit(event))
+
+
+def test_a_forked_child_coalesces_its_own_refusals() -> None:
+    # The parent records the runs it began; a child starts with none of them.
+    coalescer = audit.Coalescer(60.0, clock=_Clock())
+    event = EVENTS["login"]()
+    assert coalescer.admit(event) and not coalescer.admit(event)
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+    child = context.Process(target=_admits_in_a_child, args=(coalescer, event, result))
+    child.start()
+    assert result.get(timeout=10) is True
+    child.join(10)
+    assert [run.count for run in coalescer.ended(everything=True)] == [1]
+
+
+def test_each_name_refused_from_an_address_is_recorded_up_to_a_bound(tmp_path: Path) -> None:
+    # Each calling AE title or user name tried is in the trail, but trying one name
+    # after another from one address is bounded too.
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
+                       refusals=audit.Coalescer(60.0, identities=3, clock=_Clock()))
+    for number in range(50):
+        _failed_login(trail, "192.0.2.66", f"guess{number}")
+    _failed_login(trail, "192.0.2.66", "guess0")  # counted with its own name's first
+    trail.close()
+    events = read_trail(path)
+    names = [e["ActiveParticipant"][0]["UserID"] for e in events]
+    assert names[:4] == ["guess0", "guess1", "guess2", "guess3"]
+    descriptions = [e["EventIdentification"]["EventOutcomeDescription"] for e in events[4:]]
+    assert sorted(descriptions)[0].startswith("1 more refusal(s) of this kind from this source")
+    assert any(d.startswith("46 more refusal(s) of this kind from this address, under "
+                            "other names") for d in descriptions), descriptions
+    assert len(events) == 4 + 2

@@ -252,6 +252,24 @@ def test_store_refusals(services: Services, changes: dict[str, Any], code: int) 
     assert _instances(services) == 0
 
 
+def test_a_store_out_of_memory_is_one_line_without_a_traceback(
+        services: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(services.ingest, "store_bytes", exhausted)
+    with caplog.at_level(logging.DEBUG, logger="pacs.dimse.storage"):
+        found = storage.store(services, _store_request(make_instance(
+            SOPInstanceUID="1.2.8.1")))
+    assert found.code == 0xA700
+    shown = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [(r.levelno, r.exc_info, r.exc_text) for r in shown] == [
+        (logging.ERROR, None, None)]
+    assert "MemoryError" in shown[0].getMessage()
+    assert any(r.levelno == logging.DEBUG and r.exc_info for r in caplog.records)
+
+
 # --- C-MOVE / C-GET -----------------------------------------------------------------------
 
 @dataclass
@@ -436,11 +454,42 @@ def test_move_connects_with_the_requestor_as_originator(with_destination: Servic
     assert responder.sent[-1][0].code == 0x0000
 
 
+def _failed_list(identifier: bytes | None, syntax: str) -> list[str]:
+    """The Failed SOP Instance UID List of a response identifier."""
+    assert identifier is not None, "no identifier"
+    value = read_data_set(identifier, syntax).FailedSOPInstanceUIDList
+    return [value] if isinstance(value, str) else list(value)
+
+
 def test_move_to_a_refusing_destination_is_a702(with_destination: Services) -> None:
+    # Every instance was not sent: each is named (PS3.4 C.4.2.1.4.2).
     responder = _Responder()
     _move(with_destination, responder, "DEST", lambda *args: None)
     assert [(s.code, c) for s, _, c in responder.sent] == [
         (0xA702, SubOperationCounts(None, 0, 2, 0))]
+    assert _failed_list(responder.sent[0][1], ImplicitVRLittleEndian) == [
+        "1.2.7.0.1.0", "1.2.7.0.1.1"]
+
+
+@dataclass
+class _BrokenTarget(_Target):
+    """A peer whose second C-STORE cannot be written: the store fails under it."""
+
+    def send_c_store(self, message_id: int, context_id: int, command: bytes,
+                     source: BinaryIO, length: int) -> bool:
+        if self.received:
+            raise errors.StorageError("the store failed")
+        return super().send_c_store(message_id, context_id, command, source, length)
+
+
+def test_an_error_ending_the_sub_operations_names_every_instance_not_sent(
+        with_destination: Services) -> None:
+    responder, target = _Responder(), _BrokenTarget()
+    _move(with_destination, responder, "DEST", lambda *args: target)
+    (final, identifier, counts), = responder.sent
+    assert final.code >> 12 in (0xA, 0xC) and counts == SubOperationCounts(None, 1, 1, 0)
+    assert _failed_list(identifier, ImplicitVRLittleEndian) == ["1.2.7.0.1.1"]
+    assert target.released
 
 
 @pytest.fixture

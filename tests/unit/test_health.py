@@ -4,12 +4,15 @@ reads and the store through its interface, with a plain fallback for ``usage``."
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import BinaryIO
 
-from pacs.core import health
+from pacs.core import audit, health
+from pacs.core.audit import AuditLog, AuditTrail, Source
 from pacs.core.errors import ConfigError
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
+from pacs.node.status import describe
 from tests.factory import make_instance
 
 
@@ -99,3 +102,18 @@ def test_an_unusable_store_and_a_broken_index_are_reported(
     assert found.store_error == "the bucket is gone"
     assert found.index.startswith("error: IndexFailure")
     assert found.as_json()["status"] == "unhealthy"
+
+
+def test_an_unwritable_audit_trail_is_reported_without_making_the_node_unhealthy(
+        services: Services, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the trail's folder should be")
+    services.audit = AuditTrail(AuditLog(blocker / "audit.jsonl"), Source("PACS", "x"))
+    services.audit.security_alert(audit.APPLICATION_SERVER, audit.NODE_AUTHENTICATION,
+                                  "association rejected", audit.MINOR_FAILURE)
+    found = health.check(services)
+    assert found.ok and found.audit.startswith("cannot be written")
+    assert found.audit_events_lost == 1
+    lines = describe(services.settings, found)
+    assert any(line.startswith("audit trail: cannot be written") and "1 event(s) lost"
+               in line for line in lines)

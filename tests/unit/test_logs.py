@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import pydicom
 import pytest
@@ -149,3 +151,47 @@ def test_gunicorn_loses_the_request_line_it_quotes(handler: io.StringIO) -> None
     text = handler.getvalue()
     assert "Invalid request from ip=10.0.0.9: Invalid HTTP request line: '…'" in text
     assert SECRET not in text
+
+
+# --- a log that cannot be written ---------------------------------------------------------
+
+@pytest.fixture
+def full_disk_log(tmp_path: Any
+                  ) -> Iterator[tuple[logging.Logger, logging.StreamHandler[Any], Any]]:
+    """A logger whose handler writes to /dev/full (every write: ENOSPC), installed as
+    the node does, and the file its descriptor is pointed at when space is back."""
+    with open("/dev/full", "w", buffering=1) as stream:  # line-buffered, as stderr is
+        added = logging.StreamHandler(stream)
+        added.setFormatter(logging.Formatter(logs.LOG_FORMAT))
+        logger = logging.getLogger("tests.full_disk")
+        logger.propagate, logger.handlers = False, [added]
+        logs.install("INFO")
+        yield logger, added, tmp_path / "after.log"
+        logger.handlers = []
+        added.close()
+
+
+def test_records_lost_on_a_full_disk_are_counted_in_one_line_once_it_has_room(
+        full_disk_log: tuple[logging.Logger, logging.StreamHandler[Any], Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    logger, handler, after = full_disk_log
+    writer = handler.stream
+    assert isinstance(writer, logs.LineWriter)
+    for number in range(3):
+        logger.warning("record %d", number)  # lost: never raised, never reported
+    assert writer.lost == 3 and capsys.readouterr().err == ""
+    with open(after, "w") as room:  # space again: the same descriptor, a writable file
+        os.dup2(room.fileno(), writer.fd)
+    logger.warning("record 3")
+    lines = after.read_text().splitlines()
+    assert len(lines) == 2 and writer.lost == 0
+    assert "WARNING pacs.core.logs" in lines[0]
+    assert "3 log record(s) could not be written since " in lines[0]
+    assert "(No space left on device) and are lost" in lines[0]
+    assert lines[1].endswith("record 3")
+
+
+def test_a_stream_without_a_descriptor_is_left_as_it_is(handler: io.StringIO) -> None:
+    (added,) = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is handler]
+    assert added.stream is handler
