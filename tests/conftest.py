@@ -51,6 +51,23 @@ def folder_store(root: Path) -> FileStore:
     return store
 
 
+def nest_past_path_max(root: Path, file_name: str = "") -> None:
+    """Folders nested in ``root`` past PATH_MAX (20 names of 250 characters), made
+    relative to each other (no path that long is ever named); ``file_name``: an empty
+    file in the deepest."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(20):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        if file_name:
+            os.close(os.open(file_name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now."""
     with socket.socket() as sock:

@@ -184,24 +184,32 @@ def make_jpeg_instance(frame: bytes, rows: int = 16, columns: int = 16,
                        **attributes: object) -> bytes:
     """A CT Image Storage object in JPEG Baseline holding ``frame`` as its one frame,
     its Image Pixel module declaring ``rows`` x ``columns`` 8-bit grey pixels."""
+    ds = grey_image(rows, columns, PatientID="P1")
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return part10(ds, JPEGBaseline8Bit)
+
+
+def grey_image(rows: int, columns: int, **attributes: object) -> Dataset:
+    """A CT data set of ``rows`` x ``columns`` 8-bit grey pixels, new UIDs, without its
+    pixel data."""
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "CT"
-    ds.PatientID = "P1"
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit = 7
     ds.PixelRepresentation = 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    return part10(ds, JPEGBaseline8Bit)
+    return ds
 
 
 #: Rows and columns of the generated multi-frame images: 256 KiB a 8-bit frame.
@@ -211,22 +219,7 @@ FRAME_SIDE = 512
 def multi_frame_image(frames: int, **attributes: object) -> Dataset:
     """A CT data set of ``frames`` 8-bit frames of :data:`FRAME_SIDE` x :data:`FRAME_SIDE`
     pixels, without its pixel data."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = FRAME_SIDE
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.NumberOfFrames = frames
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    return ds
+    return grey_image(FRAME_SIDE, FRAME_SIDE, NumberOfFrames=frames, **attributes)
 
 
 def multi_frame_jpeg(frames: int) -> bytes:

@@ -163,6 +163,17 @@ def served(client: testing.TestClient, path: str,
     return answer["status"], answer["headers"], body
 
 
+def _consumed(body: Iterable[bytes]) -> tuple[bytes, int]:
+    """Read a streamed body (never one bytes object or a list) chunk by chunk, keeping
+    none: its SHA-256 and length."""
+    assert not isinstance(body, bytes | list)
+    digest, length = hashlib.sha256(), 0
+    for chunk in body:
+        digest.update(chunk)
+        length += len(chunk)
+    return digest.digest(), length
+
+
 def rle_cine(frames: int) -> FileDataset:
     """An RLE Lossless image of ``frames`` frames, each the same 256 x 256 noise of 12
     bits (which RLE cannot shrink: 135 KB a frame as stored, 128 KB decoded)."""
@@ -333,12 +344,7 @@ def test_study_metadata_is_sent_an_instance_at_a_time(client: testing.TestClient
     tracemalloc.start()
     try:
         status, _, body = served(client, f"/studies/{study}/metadata", JSON)
-        assert not isinstance(body, bytes | list)
-        whole = hashlib.sha256()
-        length = 0
-        for chunk in body:
-            whole.update(chunk)
-            length += len(chunk)
+        digest, length = _consumed(body)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -348,7 +354,7 @@ def test_study_metadata_is_sent_an_instance_at_a_time(client: testing.TestClient
     # instance's copies (about 0.95 MB): not the 1.5 MB array, which the answer built
     # whole with its copies (5.2 MB).
     assert peak < 3 << 19, peak
-    assert hashlib.sha256(every.content).digest() == whole.digest()
+    assert hashlib.sha256(every.content).digest() == digest
     assert len(every.json) == 24
     assert all(item["00204000"]["Value"] == ["c" * (60 << 10)] for item in every.json)
 
@@ -808,17 +814,13 @@ def test_a_document_is_streamed_from_where_it_lies(client: testing.TestClient,
     tracemalloc.start()
     try:
         status, headers, body = served(client, url(ds) + "/rendered", "application/pdf")
-        assert not isinstance(body, bytes | list)
-        sent, length = hashlib.sha256(), 0
-        for chunk in body:
-            sent.update(chunk)
-            length += len(chunk)
+        digest, length = _consumed(body)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert status.startswith("200"), status
     assert headers["content-length"] == str(length) == str(len(ds.EncapsulatedDocument))
-    assert sent.digest() == hashlib.sha256(ds.EncapsulatedDocument).digest()
+    assert digest == hashlib.sha256(ds.EncapsulatedDocument).digest()
     # A few chunks and a ranged read's buffer (up to 1 MiB, its read-ahead and a
     # copy): less than the document, which the answer held whole with pydicom's copy.
     assert peak < 5 << 19, peak

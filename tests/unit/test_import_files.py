@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pacs.cli import import_files, main
-from tests.conftest import sample
+from tests.conftest import nest_past_path_max, sample
 
 
 def test_links_below_a_folder_are_yielded_as_themselves(tmp_path: Path) -> None:
@@ -33,16 +33,7 @@ def test_links_below_a_folder_are_yielded_as_themselves(tmp_path: Path) -> None:
 def test_a_folder_too_deep_to_walk_is_reported(tmp_path: Path) -> None:
     """Folders nested past PATH_MAX (20 names of 250 characters): the walk cannot list
     the deepest, which is reported, not passed over in silence."""
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(20):
-            os.mkdir("d" * 250, dir_fd=fd)
-            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        os.close(os.open("ct.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-    finally:
-        os.close(fd)
+    nest_past_path_max(tmp_path, "ct.dcm")
     unreadable: list[tuple[Path, str]] = []
     assert list(import_files((str(tmp_path),), unreadable)) == []
     assert [reason for _, reason in unreadable] == ["File name too long"]

@@ -27,7 +27,7 @@ from pacs.node.uploads import (
     open_for_writing,
     waits_for_rename,
 )
-from tests.conftest import sample
+from tests.conftest import nest_past_path_max, sample
 
 
 def nobody_writes(paths: Iterable[Path]) -> set[Path]:
@@ -449,15 +449,7 @@ def test_a_folder_that_cannot_be_listed_is_warned_about_once(
     """Folders nested past PATH_MAX: the deepest cannot be listed; said once, not
     passed over in silence, nor said every scan."""
     watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(20):
-            os.mkdir("d" * 250, dir_fd=fd)
-            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-    finally:
-        os.close(fd)
+    nest_past_path_max(folder)
     with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
         for _ in range(3):
             assert watcher.scan() == []
