@@ -154,8 +154,14 @@ try {
 } finally {
   const clean = net.map(({ _req, ...r }) => r);
   const dw = clean.filter(r => /\/dicom-web\//.test(r.url));
-  results.failedRequests = dw.filter(r => r.failure || (r.status !== null && r.status >= 400))
-    .map(r => ({ phase: r.phase, status: r.status, failure: r.failure ?? null, path: r.url.replace(BASE_URL, ''), accept: r.accept }));
+  const summary = r => ({ phase: r.phase, status: r.status, failure: r.failure ?? null, path: r.url.replace(BASE_URL, ''), accept: r.accept });
+  // net::ERR_ABORTED is the page cancelling a request it no longer needs (cornerstone
+  // drops the image loads of a viewport its hanging protocol lays out again); a server
+  // that breaks a response off shows as another error (ERR_EMPTY_RESPONSE,
+  // ERR_INCOMPLETE_CHUNKED_ENCODING, ERR_CONTENT_LENGTH_MISMATCH ...).
+  const cancelled = r => r.failure === 'net::ERR_ABORTED';
+  results.failedRequests = dw.filter(r => (r.failure && !cancelled(r)) || (r.status !== null && r.status >= 400)).map(summary);
+  results.cancelledRequests = dw.filter(cancelled).map(summary);
   results.blocked = [...new Set(clean.filter(r => r.failure && !isLocal(r.url)).map(r => r.url))];
   fs.writeFileSync(path.join(OUT, 'network.json'), JSON.stringify(clean, null, 1));
   fs.writeFileSync(path.join(OUT, 'console.log'), consoleLines.join('\n') + '\n');
