@@ -832,15 +832,17 @@ class Coalescer:
 def coalesced_event(run: Run) -> Event:
     """The record of the refusals a run counted: its first event (participants and
     objects, which a message of its type requires), dated at the last refusal, with
-    their number and time span in EventOutcomeDescription.  The refusals counted may
+    their number and time span after the first one's reason in EventOutcomeDescription.  The refusals counted may
     have named other studies or queries (or user names): the description says that the
     objects are the first one's."""
     event = copy.deepcopy(run.first)
     identification = event["EventIdentification"]
     first = identification.get("EventDateTime", "")
     identification["EventDateTime"] = run.last or first
+    reason = identification.get("EventOutcomeDescription")
     identification["EventOutcomeDescription"] = (
-        f"{run.count} more refusal(s) of this kind {run.sources} after the one "
+        (f"{reason}; " if reason else "")
+        + f"{run.count} more refusal(s) of this kind {run.sources} after the one "
         f"recorded at {first}, until {run.last}, coalesced into this record (its "
         f"participants and objects are those of the first)")
     return event

@@ -51,7 +51,6 @@ study).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -367,10 +366,9 @@ class Deleter:
             return
         try:
             self.store.backend.delete(key)
-        except UnsettledWrite as exc:
+        except UnsettledWrite as exc:  # the store recorded the key unsettled
             removal.objects_left += 1
             removal.store_error = str(exc) or type(exc).__name__
-            self._unsettle(key)
             log.warning("the store did not answer the deletion of a removed instance's "
                         "object (%s); the removal's other objects are left too, for "
                         "'pacs fsck --repair'", removal.store_error)
@@ -378,15 +376,6 @@ class Deleter:
             removal.objects_left += 1
             log.warning("could not delete the object of a removed instance (%s); "
                         "'pacs fsck --repair' will", exc)
-
-    def _unsettle(self, key: str) -> None:
-        """A deletion of ``key`` the store may still carry out: an object stored there
-        next goes through the intake and is written once it has settled."""
-        try:
-            with self.index.write() as conn:
-                writer.unsettle(conn, key, time.time())
-        except PacsError:
-            log.exception("could not record an unanswered object deletion")
 
     def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study, read before its rows go (for the audit trail)."""

@@ -648,7 +648,8 @@ class Ingest:
         describes it: the previous object back at its key, or no object at a new key.
         After a write the store did not answer (``failure``), which it may carry out
         later, see :meth:`_unsettle`."""
-        if isinstance(failure, UnsettledWrite) and self._unsettle(key, existing, previous):
+        if isinstance(failure, UnsettledWrite) and self._keep_in_intake(key, existing,
+                                                                        previous):
             return
         backend = self.store.backend  # the intake is as the failed commit left it
         try:
@@ -660,25 +661,24 @@ class Ingest:
             log.exception("could not undo an object write after an index failure; "
                           "run 'pacs fsck'")
 
-    def _unsettle(self, key: str, existing: reads.StoredInstance | None,
-                  previous: bytes | None) -> bool:
-        """After a write of ``key`` the store did not answer: the key unsettled and,
-        when the write replaced an object the index still names, that object back in
-        the intake (read first, moved to the store again once the key has settled,
-        :mod:`pacs.core.intake`) rather than written back now, where the late write
-        could land over it.  False when the object must still be put back or the key
-        emptied (:meth:`_undo_put`)."""
-        replaced = (existing is not None and existing.object_key == key
-                    and previous is not None and len(previous) < SQLITE_MAX_BLOB)
+    def _keep_in_intake(self, key: str, existing: reads.StoredInstance | None,
+                        previous: bytes | None) -> bool:
+        """After a write of ``key`` the store did not answer (it recorded the key
+        unsettled, :mod:`pacs.core.intake`): when the write replaced an object the
+        index still names, that object back in the intake (read first, moved to the
+        store again once the key has settled) rather than written back now, where the
+        late write could land over it.  False when the object must still be put back
+        or the key emptied (:meth:`_undo_put`)."""
+        if (existing is None or existing.object_key != key or previous is None
+                or len(previous) >= SQLITE_MAX_BLOB):
+            return False
         try:
             with self.index.write() as conn:
-                writer.unsettle(conn, key, time.time())
-                if replaced and previous is not None:
-                    writer.intake_add(conn, key, previous, sha256(previous), time.time())
+                writer.intake_add(conn, key, previous, existing.checksum, time.time())
         except PacsError:
-            log.exception("could not record an unanswered object write")
+            log.exception("could not keep a replaced object in the intake")
             return False
-        return replaced
+        return True
 
     def _read_quietly(self, key: str) -> bytes | None:
         try:

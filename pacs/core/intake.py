@@ -67,7 +67,6 @@ from pacs.core.errors import (
     IntakeFull,
     PacsError,
     StorageError,
-    UnsettledWrite,
 )
 from pacs.core.index import outbox, reads, writer
 from pacs.core.index.connection import Index
@@ -503,7 +502,8 @@ class Mover:
               ) -> tuple[int, StorageError | None]:
         """Check, put and delete ``entries`` under their UIDs' locks: the rows removed,
         and the first failure of the store.  A key put now whose unanswered write was
-        before ``settled_before`` is settled; one whose put went unanswered, unsettled."""
+        before ``settled_before`` is settled (one whose put goes unanswered now the
+        store records itself, :func:`record_unsettled`)."""
         with self.uid_locks([_sop_of(entry.object_key) for entry in entries]):
             current = [(entry, data) for entry in entries
                        if (data := self._read(entry)) is not None]
@@ -512,15 +512,10 @@ class Mover:
             moved = [(entry, data) for (entry, data), failure
                      in zip(current[:len(failures)], failures, strict=True)
                      if failure is None]
-            unanswered = [entry.object_key for (entry, _data), failure
-                          in zip(current[:len(failures)], failures, strict=True)
-                          if isinstance(failure, UnsettledWrite)]
             removed = 0
-            if moved or unanswered:  # only once the puts are durable; only rows still the same
+            if moved:  # only once the puts are durable; only rows still the same
                 described = self._describe(moved)
                 with self.index.write() as conn:
-                    for key in unanswered:
-                        writer.unsettle(conn, key, time.time())
                     for entry, _data in moved:
                         removed += writer.intake_moved(conn, entry.id)
                         writer.settled(conn, entry.object_key, settled_before)
@@ -572,7 +567,7 @@ class Mover:
         """
         if not self.late_writes:
             return
-        with self.index.write() as conn:
+        with self.index.write(synced=True) as conn:  # a crash must not lose the mark
             marked = writer.mover_started(conn, time.time())
         self._begun = True
         if marked:
@@ -730,10 +725,13 @@ class Mover:
             if self._failing:
                 self._report(None)
             backlog = reads.intake_state(self.index.connection())
-            if backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
-                if moved:  # caught up: the WAL's pages into the index file
+            if not moved:  # nothing to move (what waits is unsettled): look again later
+                _sleep(LINGER, stopping)
+            elif backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
+                # Caught up: settled keys forgotten, the WAL's pages into the index file.
+                if backlog.unsettled:
                     self.settle_old()
-                    self.checkpoint()
+                self.checkpoint()
                 _sleep(LINGER, stopping)
             elif self.state.batches % CHECKPOINT_BATCHES == 0:
                 self.checkpoint()  # a backlog: now and then meanwhile
@@ -746,6 +744,21 @@ class Mover:
                 writer.intake_mover_error(conn, error, time.time() if error else None)
         except IndexFailure:
             log.exception("intake mover: cannot record its state")
+
+
+def record_unsettled(index: Index, key: str) -> None:
+    """Record that a write of ``key`` went unanswered now (the store's
+    ``on_unanswered``, :class:`pacs.core.storage.LateWrites`), on disk before the
+    failure reaches its caller: whoever wrote, and whatever it does next, the key is
+    written again only once that write can no longer land.
+
+    Raises
+    ------
+    IndexFailure
+        It could not be recorded.
+    """
+    with index.write(synced=True) as conn:
+        writer.unsettle(conn, key, time.time())
 
 
 def _put_one(store: ObjectStore, item: tuple[str, bytes]) -> StorageError | None:

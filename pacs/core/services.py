@@ -22,10 +22,10 @@ from pacs.core.index import reads
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
-from pacs.core.intake import Hold, IntakeStore, Mover, mover_lock
+from pacs.core.intake import Hold, IntakeStore, Mover, mover_lock, record_unsettled
 from pacs.core.logins import LoginLimiter
 from pacs.core.query.engine import QueryEngine
-from pacs.core.storage import ObjectStore, open_store
+from pacs.core.storage import LateWrites, ObjectStore, open_store
 
 
 @dataclass
@@ -114,6 +114,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     migrate(index.connection())
     backend = store if store is not None else _open_store(settings, index, check_store,
                                                           create_store)
+    if isinstance(backend, LateWrites):  # every unanswered write recorded, by whoever
+        backend.on_unanswered = partial(record_unsettled, index)
     intake = IntakeStore(backend, index)
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
@@ -189,7 +191,8 @@ def mover(services: Services) -> Mover:
     # a removal) takes.
     return Mover(services.index, services.store,
                  partial(services.ingest.uid_locks, bounded=False), hold,
-                 settings.s3_settle, late_writes=settings.storage == "s3")
+                 settings.s3_settle,
+                 late_writes=isinstance(services.store.backend, LateWrites))
 
 
 def drain(services: Services) -> int:

@@ -104,7 +104,7 @@ def test_failures_and_the_lockout_are_in_the_audit_trail(
     alerts = [e for e in events if event_name(e) == "Security Alert"]
     assert len(logins) == 2  # the first failure, then one record of the others
     assert logins[1]["EventIdentification"]["EventOutcomeDescription"].startswith(
-        f"{LIMIT - 1} more refusal(s)")
+        f"wrong credentials; {LIMIT - 1} more refusal(s)")
     for event in logins:
         user, authenticator = event["ActiveParticipant"]
         assert (user["UserID"], user["NetworkAccessPointID"], user["UserIsRequestor"]) == (

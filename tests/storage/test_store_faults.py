@@ -428,3 +428,78 @@ def test_a_piece_whose_failure_ends_the_transaction_fails_the_whole_batch(
     index.commit(insert(3))  # the index is usable again
     assert index.connection().execute("SELECT x FROM t").fetchall() == [(3,)]
     index.close()
+
+
+class AnsweringServer:
+    """A TCP server that reads each request's head and body and answers with
+    ``answer`` (``None``: closes the connection without a word, then stops listening:
+    a server that took the request and went away)."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                                   if line.lower().startswith(b"content-length:")), b"0"))
+                while len(body) < length and (chunk := conn.recv(65536)):
+                    body += chunk
+                self.requests += 1
+                if self.answer is None:
+                    self.sock.close()  # gone: the retry finds the port closed
+                    return
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _s3_error(status: str, code: str) -> bytes:
+    body = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            f"<Message>m</Message><Resource>/pacs</Resource><RequestId>r</RequestId>"
+            f"</Error>").encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(("answer", "unanswered"), [
+    (None, True),  # taken, the connection dropped, then the port closed
+    (_s3_error("500 Internal Server Error", "InternalError"), True),
+    (_s3_error("503 Slow Down", "SlowDown"), False),
+    (_s3_error("403 Forbidden", "AccessDenied"), False),
+])
+def test_an_s3_write_is_unsettled_only_when_s3_may_still_carry_it_out(
+        answer: bytes | None, unanswered: bool) -> None:
+    """What S3 refused (an error code it answered with, a request it throttled) is
+    settled; a request it took without answering, or answered with an internal error,
+    may still be carried out: UnsettledWrite, the key told to ``on_unanswered`` first,
+    whatever the retries met last."""
+    server = AnsweringServer(answer)
+    store = _s3(server.port)
+    told: list[str] = []
+    store.on_unanswered = told.append
+    try:
+        with pytest.raises(StorageError) as caught:
+            store.put(KEY, io.BytesIO(b"x" * 100), 100)
+    finally:
+        store.close()
+        server.close()
+    assert isinstance(caught.value, UnsettledWrite) is unanswered, caught.value
+    assert told == ([KEY] if unanswered else [])
+    assert server.requests >= 1

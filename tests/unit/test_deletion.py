@@ -223,10 +223,13 @@ class CountingStore(MemoryStore):
         self.deleted: dict[str, int] = {}
         self.fail_deletes = False
         self.error: type[StorageError] = StorageError
+        self.on_unanswered: Callable[[str], None] | None = None  # as S3 has it
 
     def delete(self, key: str) -> None:
         self.deleted[key] = self.deleted.get(key, 0) + 1
         if self.fail_deletes:
+            if self.error is UnsettledWrite and self.on_unanswered is not None:
+                self.on_unanswered(key)
             raise self.error("simulated store failure")
         super().delete(key)
 

@@ -486,19 +486,24 @@ def test_refusals_are_logged_at_most_once_per_interval_with_their_count(
 
 class FailingStore(MemoryStore):
     """A memory store that records the key of every put started, and fails those
-    ``failing`` names (``None``: every put fails)."""
+    ``failing`` names (``None``: every put fails) with ``error``; an
+    :class:`UnsettledWrite` is told to ``on_unanswered`` first, as S3 does
+    (:class:`pacs.core.storage.LateWrites`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.started: list[str] = []
         self.failing: set[str] | None = None
         self.error: type[StorageError] = StorageError
+        self.on_unanswered: Callable[[str], None] | None = None
         self._started_lock = threading.Lock()
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         with self._started_lock:
             self.started.append(key)
         if self.failing is None or key in self.failing:
+            if self.error is UnsettledWrite and self.on_unanswered is not None:
+                self.on_unanswered(key)
             raise self.error("simulated stalled store (timed out)")
         super().put(key, source, length)
 

@@ -228,8 +228,10 @@ class Index:
             _close(conn)
 
     @contextmanager
-    def write(self) -> Iterator[apsw.Connection]:
-        """One short IMMEDIATE write transaction, committed on exit.
+    def write(self, synced: bool = False) -> Iterator[apsw.Connection]:
+        """One short IMMEDIATE write transaction, committed on exit (on disk when it
+        returns with ``synced``, on a connection opened without: the mover's records of
+        what a crash must not lose).
 
         One writer per process at a time; other processes wait on SQLite's lock for up
         to the busy timeout.
@@ -240,7 +242,7 @@ class Index:
             When the transaction cannot begin or commit.
         """
         conn = self.connection()
-        with self._write_lock:
+        with self._write_lock, self._synchronous(conn, synced):
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except apsw.Error as exc:
@@ -258,6 +260,19 @@ class Index:
                 if not conn.getautocommit():
                     conn.execute("ROLLBACK")
                 raise IndexFailure(f"index commit failed: {exc}") from exc
+
+    @contextmanager
+    def _synchronous(self, conn: apsw.Connection, synced: bool) -> Iterator[None]:
+        """``synchronous=FULL`` for the block when ``synced`` is asked of a connection
+        opened without."""
+        if not synced or self.synced:
+            yield
+            return
+        conn.pragma("synchronous", "FULL")
+        try:
+            yield
+        finally:
+            conn.pragma("synchronous", "NORMAL")
 
     def commit(self, work: Callable[[apsw.Connection], None]) -> None:
         """Run ``work`` in a write transaction, sharing the commit with other threads.

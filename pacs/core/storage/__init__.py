@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from pacs.core.storage.base import (
     BatchPut,
+    LateWrites,
     LocalFiles,
     ModifiedTimes,
     ObjectStore,
@@ -78,7 +79,7 @@ from pacs.core.storage.base import (
 if TYPE_CHECKING:
     from pacs.core.config import Settings
 
-__all__ = ["BatchPut", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
+__all__ = ["BatchPut", "LateWrites", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
            "RandomAccess", "Staged", "Staging", "Usage", "digest", "exists", "is_object_key",
            "local_path", "object_key", "open_ranged", "open_seekable", "open_store",
            "put_each", "put_many", "quarantine_folder", "read_bounded", "read_object",

@@ -10,7 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast, runtime_checkable
@@ -128,6 +128,17 @@ class ModifiedTimes(Protocol):
 
     def modified_times(self) -> Iterator[tuple[str, float]]:
         """``(key, POSIX time of its last write)`` for every object key."""
+
+
+@runtime_checkable
+class LateWrites(Protocol):
+    """A write the store did not answer may still be carried out later
+    (:class:`~pacs.core.errors.UnsettledWrite`, S3): the store calls
+    ``on_unanswered(key)`` before it raises one, so that whoever owns the index records
+    the key as unsettled (:func:`pacs.core.intake.record_unsettled`, wired by
+    :func:`pacs.core.services.build`), whichever caller wrote."""
+
+    on_unanswered: Callable[[str], None] | None
 
 
 @runtime_checkable

@@ -49,6 +49,7 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import MIN_PART_SIZE
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    MaxRetryError,
     NameResolutionError,
     NewConnectionError,
     ProtocolError,
@@ -97,6 +98,8 @@ _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 #: S3 error codes meaning the object (or its whole bucket) is not there.
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"})
 
+log = logging.getLogger(__name__)
+
 # The customer name becomes the key prefix: the alphabet pacs.core.config allows.
 _CUSTOMER_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -132,7 +135,10 @@ class _Retry(urllib3.Retry):
 
     Sending it again would double the time a stalled server holds the caller (the
     server, not the network, is what failed); a dropped connection or a refused one is
-    still retried.
+    still retried.  When the retries run out, the error reported is the first attempt
+    that may have reached the server (a dropped connection) rather than the last one
+    (a refused connection, say): a write that may have been carried out must not look
+    settled (:func:`_unanswered`).
     """
 
     def increment(self, method: str | None = None, url: str | None = None,
@@ -142,7 +148,14 @@ class _Retry(urllib3.Retry):
         """Raise a read timeout at once; count anything else as urllib3 does."""
         if isinstance(error, ReadTimeoutError):
             raise error
-        return super().increment(method, url, response, error, _pool, _stacktrace)
+        try:
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+        except MaxRetryError as exc:
+            sent = next((past.error for past in self.history
+                         if isinstance(past.error, ProtocolError)), None)
+            if sent is None or isinstance(exc.reason, ProtocolError):
+                raise
+            raise MaxRetryError(exc.pool, exc.url, sent) from exc
 
 
 class _NoRetryWarnings(logging.Filter):
@@ -349,6 +362,9 @@ class S3Store:
         self.part_size = part_size
         self.customer = customer
         self._prefix = f"{customer}/"
+        #: Called with the key of a write S3 did not answer, before it is raised
+        #: (:class:`~pacs.core.storage.LateWrites`).
+        self.on_unanswered: Callable[[str], None] | None = None
         # minio's own pool waits 5 minutes per connection attempt and retries 5 times;
         # an unreachable endpoint must fail at start-up in seconds.  PUT, GET, HEAD and
         # DELETE are idempotent, so urllib3 may retry them; the multipart POSTs are not
@@ -364,6 +380,9 @@ class S3Store:
                 status=2,
                 backoff_factor=0.2,
                 status_forcelist=(500, 502, 503, 504),
+                # The last answer goes to minio once the retries run out, which reads
+                # its S3 error code (SlowDown is a refusal; InternalError may not be).
+                raise_on_status=False,
             ),
             # One connection per concurrent association is kept for reuse.
             maxsize=16,
@@ -418,18 +437,30 @@ class S3Store:
         return self._prefix + key
 
     @contextmanager
-    def _storage_errors(self, action: str, writes: bool = False) -> Iterator[None]:
+    def _storage_errors(self, action: str, written: str | None = None) -> Iterator[None]:
         """Turn minio and urllib3 failures inside the block into :class:`StorageError`;
-        with ``writes``, a failure S3 may still carry out into :class:`UnsettledWrite`
-        (:func:`_unanswered`)."""
+        a write of key ``written`` that S3 may still carry out (:func:`_unanswered`)
+        into :class:`UnsettledWrite`, once :attr:`on_unanswered` has been told."""
         try:
             yield
         except S3Error as exc:
-            raise _failure(writes and _unanswered(exc),
-                           f"S3 {action} failed: {exc.code}") from exc
+            raise self._failure(written, exc, f"S3 {action} failed: {exc.code}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise _failure(writes and _unanswered(exc),
-                           f"S3 {action} failed: {_network_reason(exc)}") from exc
+            raise self._failure(written, exc,
+                                f"S3 {action} failed: {_network_reason(exc)}") from exc
+
+    def _failure(self, written: str | None, exc: BaseException, message: str
+                 ) -> StorageError:
+        """The error of a failed request: :class:`UnsettledWrite` for a write S3 may
+        still carry out (its key told to :attr:`on_unanswered` first)."""
+        if written is None or not _unanswered(exc):
+            return StorageError(message)
+        if self.on_unanswered is not None:
+            try:
+                self.on_unanswered(written)
+            except Exception:  # the write's own failure is what the caller gets
+                log.exception("S3: an unanswered write could not be recorded")
+        return UnsettledWrite(message)
 
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         """Store ``length`` bytes of ``source`` under ``key``; return once stored.
@@ -453,7 +484,7 @@ class S3Store:
         if length < 0:
             raise StorageError("the object length must be known")
         reader = _CountingReader(source)
-        with self._storage_errors("write", writes=True):
+        with self._storage_errors("write", written=key):
             try:
                 self._client.put_object(
                     bucket_name=self.bucket,
@@ -567,7 +598,7 @@ class S3Store:
         name = self._object_name(key)
         # A deletion S3 may still carry out is unsettled too: landing late, it would
         # remove an object written at the key since.
-        with self._storage_errors("delete", writes=True):
+        with self._storage_errors("delete", written=key):
             try:
                 self._client.remove_object(bucket_name=self.bucket, object_name=name)
             except S3Error as exc:
@@ -732,12 +763,6 @@ def _unanswered(exc: BaseException) -> bool:
     if isinstance(exc, ConnectTimeoutError):
         return False
     return not isinstance(exc, (OSError, ValueError))
-
-
-def _failure(unanswered: bool, message: str) -> StorageError:
-    """The error of a failed request: :class:`UnsettledWrite` for a write S3 may still
-    carry out."""
-    return UnsettledWrite(message) if unanswered else StorageError(message)
 
 
 def _network_reason(exc: BaseException) -> str:
