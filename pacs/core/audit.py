@@ -832,9 +832,10 @@ class Coalescer:
 def coalesced_event(run: Run) -> Event:
     """The record of the refusals a run counted: its first event (participants and
     objects, which a message of its type requires), dated at the last refusal, with
-    their number and time span after the first one's reason in EventOutcomeDescription.  The refusals counted may
-    have named other studies or queries (or user names): the description says that the
-    objects are the first one's."""
+    their number and time span after the first one's reason in
+    EventOutcomeDescription.  The refusals counted may have named other studies or
+    queries (or user names): the description says that the objects are the first
+    one's."""
     event = copy.deepcopy(run.first)
     identification = event["EventIdentification"]
     first = identification.get("EventDateTime", "")
