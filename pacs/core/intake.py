@@ -515,10 +515,12 @@ class Mover:
             removed = 0
             if moved:  # only once the puts are durable; only rows still the same
                 described = self._describe(moved)
+                settling = reads.any_unsettled(self.index.connection())
                 with self.index.write() as conn:
                     for entry, _data in moved:
                         removed += writer.intake_moved(conn, entry.id)
-                        writer.settled(conn, entry.object_key, settled_before)
+                        if settling:
+                            writer.settled(conn, entry.object_key, settled_before)
                     for pk, checksum, prepared in described:
                         writer.backfill_metadata(conn, pk, checksum, prepared.json,
                                                  prepared.pixel_offset, prepared.pixel_length)

@@ -371,6 +371,12 @@ def intake_keys(conn: apsw.Connection) -> list[str]:
 
 
 @_read("unsettled lookup")
+def any_unsettled(conn: apsw.Connection) -> bool:
+    """True when any key is unsettled (``pacs.core.intake``)."""
+    return conn.execute("SELECT 1 FROM unsettled LIMIT 1").fetchone() is not None
+
+
+@_read("unsettled lookup")
 def unsettled(conn: apsw.Connection, key: str) -> bool:
     """True when a write of ``key`` to the object store went unanswered and may still
     be carried out (``pacs.core.intake``)."""
@@ -471,7 +477,8 @@ def quick_check(conn: apsw.Connection) -> str:
 
 
 __all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
-           "StoredInstance", "Tombstone", "all_objects", "commitments_waiting", "counts",
+           "StoredInstance", "Tombstone", "all_objects", "any_unsettled",
+           "commitments_waiting", "counts",
            "expired_studies", "first_series_images", "indexed_bytes", "instance_keys",
            "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_entry",
            "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
