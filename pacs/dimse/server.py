@@ -414,10 +414,17 @@ class NodeServer(ThreadedAssociationServer):
             if not cannot_start_thread(exc):
                 raise
             # No thread to read its request: closed at once, and the peer may retry.
-            if self.limits is not None:
-                self.limits.forget(request)
-            self.shutdown_request(request)
             self.thread_failures.count(exc)
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection the server gives up on (no thread, a failed handshake,
+        its thread failed): pending no more from now on, not only once the next
+        connection finds its socket closed (a peer sees the end of the stream before
+        the descriptor is released)."""
+        if self.limits is not None:
+            self.limits.forget(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection's thread failed (socketserver closes the connection): a thread

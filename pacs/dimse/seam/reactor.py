@@ -931,9 +931,10 @@ def _assoc_run_patched(self: Association) -> None:
         if (dul.is_alive() or server is None or raw is None
                 or not cannot_start_thread(exc)):
             raise
+        # Counted before the peer can see the end of its connection.
+        server.handle_error(raw, (self.requestor.address, self.requestor.port))
         server.shutdown_request(raw)
         dul._waker.close()
-        server.handle_error(raw, (self.requestor.address, self.requestor.port))
 
 
 def patch() -> None:
