@@ -476,6 +476,8 @@ def test_a_get_requestor_answering_another_message_id(
     assert not finals or finals[-1].Status != 0x0000
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_destination_that_never_answers_the_release(
         make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
         ) -> None:

@@ -282,6 +282,19 @@ def test_instances_for_retrieve(loaded: Services) -> None:
     assert all(r.object_key.endswith(f"{r.sop_uid}.dcm") for r in refs)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_an_abandoned_stream_ends_quietly_after_its_connection_closed(
+        loaded: Services) -> None:
+    """A retrieve abandoned mid-way (its association gone) leaves its generator to the
+    garbage collector, which may close it after the index closed the connection under
+    it (the node stopping; :meth:`pacs.core.index.connection.Index.connection`): that
+    ends without an error nobody can catch."""
+    refs = loaded.engine.instances(Query(level=Level.STUDY))
+    next(refs)
+    loaded.index.close()
+    refs.close()
+
+
 def test_person_name_groups(services: Services) -> None:
     services.ingest.store_bytes(make_instance(
         PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう", AccessionNumber="J1"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import apsw
@@ -221,7 +221,9 @@ class QueryEngine:
                 raise Cancelled("the query was cancelled") from None
             raise deadline.exceeded() from None
         finally:
-            conn.set_progress_handler(None)
+            # Closed under an abandoned generator (the index closing): nothing to undo.
+            with suppress(apsw.ConnectionClosedError):
+                conn.set_progress_handler(None)
 
     def _fetch(self, compiled: Compiled, cancelled: Callable[[], bool],
                deadline: Deadline) -> list[Row]:
