@@ -432,7 +432,7 @@ def _assoc_run_reactor(self: Association) -> None:
             # Ended while paused: a release whose answer never came aborted the
             # association.  Going on, the idle timer would abort it again, an event the
             # DUL's state machine (Sta13) refuses, ending the DUL thread with an error.
-            break
+            break  # type: ignore[unreachable]
         if not self._reactor_checkpoint.is_set():
             # A sender paused us between the wait and the line above and saw us paused:
             # it may already be waiting for its response, which we must not take.
