@@ -57,7 +57,11 @@ from tests.service.test_retrieve import (
     store_study,
 )
 
-pytestmark = pytest.mark.dimse
+# A thread of the node that ends with an error (pynetdicom's state machine refusing an
+# event, a generator failing as it is collected) fails the test that caused it.
+pytestmark = [pytest.mark.dimse,
+              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 
 #: PACS_DIMSE_TIMEOUT of the node under test.
 TIMEOUT = 2.0
@@ -476,8 +480,6 @@ def test_a_get_requestor_answering_another_message_id(
     assert not finals or finals[-1].Status != 0x0000
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_destination_that_never_answers_the_release(
         make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
         ) -> None:

@@ -81,6 +81,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
@@ -377,6 +378,18 @@ def _dul_run_reactor(self: _DUL) -> None:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
                 _wait_for_work(self)
+                continue
+            if event == "Evt15" and (event, self.state_machine.current_state) not in (
+                    TRANSITION_TABLE):
+                # A local A-ABORT while one is already under way (Sta13: the A-ABORT
+                # sent, the connection closing) or done (Sta1): PS3.8 Table 9-10 has no
+                # action for it, and pynetdicom's state machine would end this thread
+                # with an error.  Two threads may abort at once (a sub-operation that
+                # got no response; the DUL refusing the peer's PDU).  Its primitive,
+                # which the event stands for, is taken off the queue as an action
+                # would: left there, it would be seen again at once, for ever.
+                with contextlib.suppress(queue.Empty):
+                    self.to_provider_queue.get(block=False)
                 continue
             with self._write_lock:  # an action may write a PDU (writes_paused)
                 self.state_machine.do_action(event)
