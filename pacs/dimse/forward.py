@@ -87,19 +87,12 @@ class DimseSender:
         classes: dict[str, set[str]] = {}
         for ref in refs:
             classes.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax)
-        assoc = self._ae.associate(
-            self.destination.host, self.destination.port,
+        return handlers.open_association(
+            self._ae, self.destination.host, self.destination.port,
             contexts=destination_contexts(classes), ae_title=self.destination.ae_title,
             max_pdu=self.settings.max_pdu, tls_args=self._tls,
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings),
                           *handlers.Responses().handlers()])
-        if assoc.is_established:
-            return assoc
-        # pynetdicom leaves the socket of a rejected association open.
-        sock = assoc.dul.socket
-        if sock is not None:
-            sock.close()
-        return None
 
     def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
         """C-STORE ``refs`` over one association; a :class:`Delivery` per instance."""

@@ -519,6 +519,13 @@ def _dataset(assoc: Association | None, ref: InstanceRef, services: Services,
     unsendable.SOPInstanceUID = ref.sop_uid
     if assoc is None or not assoc.is_established:
         return unsendable
+    small = (limits.peer_pdu_refusal(assoc.acceptor.maximum_length)
+             if assoc.is_requestor else None)
+    if small is not None:
+        # A C-MOVE destination pynetdicom associated with (open_association's floor).
+        log.warning("sub-operation failed: the destination's %s", small)
+        assoc.abort()
+        return unsendable
     key = (ref.sop_class_uid, ref.transfer_syntax)
     if key not in routes:
         routes[key] = route(accepted_contexts(assoc), *key)
@@ -638,6 +645,28 @@ class Responses:
                     "association is aborted", type(message).__name__,
                     awaited[1] if awaited is not None else None)
         del command.Status
+
+
+def open_association(ae: Any, host: str, port: int, **kwargs: Any) -> Association | None:
+    """``ae.associate(host, port, **kwargs)``: the association established, or ``None``.
+
+    pynetdicom leaves the socket of a rejected association open: it is closed here.  An
+    acceptor whose Maximum Length is below the node's floor
+    (:func:`pacs.dimse.limits.peer_pdu_refusal`) is aborted (A-ABORT, PS3.8 9.3.8):
+    sending it anything would cost a PDU per few bytes.
+    """
+    assoc = ae.associate(host, port, **kwargs)
+    if not assoc.is_established:
+        sock = assoc.dul.socket
+        if sock is not None:
+            sock.close()
+        return None
+    refusal = limits.peer_pdu_refusal(assoc.acceptor.maximum_length)
+    if refusal is not None:
+        log.warning("Aborted the association with %s:%s: %s", host, port, refusal)
+        assoc.abort()
+        return None
+    return cast("Association", assoc)
 
 
 def requested_as(title: str) -> Callable[[Event], None]:

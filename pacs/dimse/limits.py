@@ -56,6 +56,23 @@ PDU_NAMES = {A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ", A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
              A_RELEASE_RQ: "A-RELEASE-RQ", A_RELEASE_RP: "A-RELEASE-RP", A_ABORT: "A-ABORT"}
 
 
+#: The smallest Maximum Length (PS3.8 D.1) a peer may announce, 0 (no maximum) aside.
+#: The standard sets no floor, but each PDU the node sends costs it work whatever it
+#: carries: a peer announcing 7 bytes made a C-GET of a 500 MB object half a billion
+#: reads of one byte, a thread busy for hours for one request.  At this floor a PDU
+#: carries at least 1 KiB.  Real implementations announce far more (dcmtk refuses to be
+#: configured below 4 KiB; pynetdicom announces 16 KiB by default).
+MIN_PEER_PDU = 1024
+
+
+def peer_pdu_refusal(maximum_length: int | None) -> str | None:
+    """Why a peer announcing ``maximum_length`` is not served (``None``: it is)."""
+    if maximum_length and 0 < maximum_length < MIN_PEER_PDU:
+        return (f"its maximum PDU length of {maximum_length} bytes is below the "
+                f"{MIN_PEER_PDU} the node requires")
+    return None
+
+
 def pdu_ceilings(max_pdu: int, unlimited_data: int = UNLIMITED) -> tuple[int, ...]:
     """The largest PDU length (the header's length field) allowed per PDU type.
 

@@ -361,17 +361,13 @@ class Reporter:
     def _send_new(self, pending: Pending, destination: Modality) -> str | None:
         """Send the report on an association of its own to the requestor's address."""
         settings = self.services.settings
-        assoc = self._entity().associate(
-            destination.host, destination.port,
+        assoc = handlers.open_association(
+            self._entity(), destination.host, destination.port,
             contexts=[build_context(PUSH_MODEL, SYNTAXES)], ae_title=destination.ae_title,
             ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(self._title(pending))),
                           *handlers.Responses().handlers()])
-        if not assoc.is_established:
-            # pynetdicom leaves the socket of a rejected association open.
-            sock = assoc.dul.socket
-            if sock is not None:
-                sock.close()
+        if assoc is None:
             return f"no association with {destination.host}:{destination.port}"
         try:
             report = self._report(pending)

@@ -521,6 +521,10 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 #: A-ASSOCIATE-RJ when no customer is called by the called AE title (PS3.8 9.3.4):
 #: rejected-permanent, by the service user, called AE title not recognized.
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+#: A-ASSOCIATE-RJ when the requestor's Maximum Length is below
+#: :data:`pacs.dimse.limits.MIN_PEER_PDU` (PS3.8 9.3.4): rejected-permanent, by the
+#: service user, no reason given (the standard has no reason for it).
+REJECT_PEER_PDU = (0x01, 0x01, 0x01)
 
 #: The handlers of each customer by the called AE title that chooses it
 #: (:meth:`pacs.dimse.customers.Customers.bindings`).
@@ -550,7 +554,9 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        :data:`REJECT_CALLING_AE`, and a Security Alert in the customer's audit trail
        (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
        stopped);
-    4. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
+    4. the requestor's Maximum Length is below the node's floor
+       (:func:`pacs.dimse.limits.peer_pdu_refusal`): :data:`REJECT_PEER_PDU`;
+    5. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
        per source address) are reached: :data:`REJECT_FULL`.
 
     Each refusal of 2-3 is a Security Alert of the audit trail; the log has the first
@@ -558,7 +564,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
     one line counting the rest (``rejections``, one per server): a peer that
     associates as fast as it can must not fill the log's disk.
 
-    Only an association that passed 1-3 is counted against the limits: a refused one
+    Only an association that passed 1-4 is counted against the limits: a refused one
     never takes a place, so AEs without rights calling from an address cannot use up
     its places for the AEs with rights there, and are told they are not recognized
     (permanent) rather than that the node is full (transient, an invitation to retry).
@@ -584,6 +590,9 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
     calling = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
     called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
     refused = _identity_refusal(raw, calling, called, host, bindings, policies)
+    if refused is None:
+        small = limits.peer_pdu_refusal(assoc.requestor.maximum_length)
+        refused = (REJECT_PEER_PDU, small) if small is not None else None
     if refused is not None:
         connection_limits.forget(raw)
     else:

@@ -150,6 +150,9 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
              "applies": _known_aes_only(settings)
              or any(not known.rights or known.host
                     for known in access_policy(settings).aes.values())},
+            {"when": "the Maximum Length the requestor announces is below "
+                     f"{limits.MIN_PEER_PDU} bytes (0, no maximum, is served)",
+             "result": 1, "source": 1, "reason": 1, "applies": True},
             {"when": "the worker holds PACS_MAX_ASSOCIATIONS associations, or "
                      "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address",
              # rejected-transient, service provider (presentation), local-limit-exceeded

@@ -23,8 +23,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
+from pacs.dimse.limits import MIN_PEER_PDU
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -354,6 +355,32 @@ def test_wrong_called_ae_title_is_rejected_at_association(node: Node) -> None:
     rejection = assoc.acceptor.primitive
     # rejected-permanent, by the service user, called AE title not recognised (PS3.8 9.3.4)
     assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 7)
+    assert_nothing_written_and_still_serving(node, before)
+
+
+@pytest.mark.parametrize("max_pdu, accepted", [(0, True), (MIN_PEER_PDU, True),
+                                                 (MIN_PEER_PDU - 1, False), (16, False)])
+def test_a_requestor_announcing_a_tiny_maximum_pdu_is_rejected(
+        node: Node, max_pdu: int, accepted: bool) -> None:
+    """Every PDU sent to the peer costs the node work whatever it carries: a Maximum
+    Length under the node's floor is rejected (rejected-permanent, by the service user,
+    no reason given: PS3.8 9.3.4 has none for it); 0 (no maximum) and the floor are
+    served."""
+    before = node.snapshot()
+    ae = AE(ae_title="BADINPUT")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, max_pdu=max_pdu)
+    try:
+        assert assoc.is_established is accepted
+        if accepted:
+            assert assoc.send_c_echo().Status == 0
+        else:
+            rejection = assoc.acceptor.primitive
+            assert (rejection.result, rejection.result_source, rejection.diagnostic) == (
+                1, 1, 1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
     assert_nothing_written_and_still_serving(node, before)
 
 

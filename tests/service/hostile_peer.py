@@ -114,7 +114,8 @@ class HostileDestination:
     """A listening peer: ``associate`` decides how it answers an A-ASSOCIATE-RQ
     ("silent": never; "giant": an A-ASSOCIATE-AC header declaring 0xFFFFFFF0 bytes, 1 KiB
     of them, then silence; "accept"; "reject-contexts": an A-ASSOCIATE-AC rejecting every
-    presentation context), ``answer`` what it does with each request received."""
+    presentation context; "tiny-pdu": accepting, with a Maximum Length of 16 bytes),
+    ``answer`` what it does with each request received."""
 
     ae_title: str
     associate: str = "accept"
@@ -222,7 +223,8 @@ class HostileDestination:
             while self._read(sock, 1) is not None:
                 pass
             return
-        sock.sendall(associate_ac(first[1], accept=self.associate == "accept"))
+        sock.sendall(associate_ac(first[1], accept=self.associate != "reject-contexts",
+                                  max_pdu=16 if self.associate == "tiny-pdu" else 16384))
         command = b""
         context = 0
         expect_data = False
@@ -260,10 +262,10 @@ class HostileDestination:
             self.answer(sock, request)
 
 
-def associate_ac(rq: bytes, accept: bool) -> bytes:
+def associate_ac(rq: bytes, accept: bool, max_pdu: int = 16384) -> bytes:
     """An A-ASSOCIATE-AC to the A-ASSOCIATE-RQ body ``rq`` (PS3.8 9.3.3): every
     presentation context accepted in its first transfer syntax, or every one rejected
-    (result 3, abstract syntax not supported)."""
+    (result 3, abstract syntax not supported); ``max_pdu`` its Maximum Length."""
     contexts = b""
     position = 68
     while position + 4 <= len(rq):
@@ -281,7 +283,7 @@ def associate_ac(rq: bytes, accept: bool) -> bytes:
                 break
             sub += 4 + sub_length
         contexts += item(0x21, bytes([body[0], 0, 0 if accept else 3, 0]) + item(0x40, syntax))
-    user = item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
+    user = item(0x51, struct.pack(">I", max_pdu)) + item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
     pdu_body = (rq[:68] + item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + item(0x50, user))
     return struct.pack(">BBI", A_ASSOCIATE_AC, 0, len(pdu_body)) + pdu_body
 

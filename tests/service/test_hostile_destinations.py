@@ -213,13 +213,14 @@ def test_a_destination_that_trickles_its_response(
         assoc.release()
 
 
-@pytest.mark.parametrize("associate", ["silent", "giant", "reject-contexts"])
+@pytest.mark.parametrize("associate", ["silent", "giant", "reject-contexts", "tiny-pdu"])
 def test_a_destination_that_takes_no_store(
         make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
         associate: str) -> None:
     """TCP accepted and the A-ASSOCIATE-RQ never answered (or an A-ASSOCIATE-AC
-    declaring 4 GB begun, or one with every presentation context rejected): nothing
-    can be sent; A702 after the ACSE timeout, with every instance counted as failed and
+    declaring 4 GB begun, one with every presentation context rejected, or one whose
+    Maximum Length is 16 bytes, under the node's floor): nothing is sent; A702 (after
+    the ACSE timeout when nothing answers), with every instance counted as failed and
     named, and the connection closed."""
     dest = hostile(associate=associate)
     node = make_node(dest)

@@ -342,19 +342,14 @@ def connector(ae: ApplicationEntity, services: Services, calling: str) -> retrie
 
     def connect(destination: Modality, classes: Mapping[str, set[str]],
                 originator: tuple[str, int]) -> StoreTarget | None:
-        store_assoc = ae.associate(
-            destination.host, destination.port,
+        store_assoc = handlers.open_association(
+            ae, destination.host, destination.port,
             contexts=retrieve.destination_contexts(classes), ae_title=destination.ae_title,
             max_pdu=services.settings.max_pdu, tls_args=tls.client_args(ae, destination),
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(calling))])
-        if store_assoc.is_established:
-            return SocketTarget(store_assoc, originator, releases=True)
-        # pynetdicom leaves the socket of a rejected association open (its own move
-        # SCP closes it by hand too).
-        sock = store_assoc.dul.socket
-        if sock is not None:
-            sock.close()
-        return None
+        if store_assoc is None:
+            return None
+        return SocketTarget(store_assoc, originator, releases=True)
 
     return connect
 
