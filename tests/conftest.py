@@ -43,6 +43,24 @@ def seam_only(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not SEAM, reason=f"seam only (PACS_DIMSE_SEAM=off): {reason}")
 
 
+#: Marks that fail a test when a thread ends with an error (pynetdicom's state machine
+#: refusing an event) or an object fails as it is collected: with the seam, none may,
+#: and every test gets them (:func:`pytest_collection_modifyitems`).  Without it,
+#: pynetdicom's own reactors race (two aborts of one association end its DUL thread
+#: with InvalidEventError), so nothing is added.
+THREADS_END_CLEANLY = [
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+    pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning"),
+] if SEAM else []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test fails on a thread that ended with an error (:data:`THREADS_END_CLEANLY`)."""
+    for item in items:
+        for mark in THREADS_END_CLEANLY:
+            item.add_marker(mark)
+
+
 def folder_store(root: Path) -> FileStore:
     """A folder store at ``root``, checked as a node checks it at start, which makes
     the folder (a write never does: a missing one is a volume not mounted)."""

@@ -18,8 +18,7 @@ from pynetdicom.sop_class import Verification
 from tests.conftest import seam_only
 from tests.service.conftest import RunningNode
 
-pytestmark = [pytest.mark.dimse,
-              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
+pytestmark = pytest.mark.dimse
 
 
 @seam_only("pynetdicom's own DUL thread ends with InvalidEventError")

