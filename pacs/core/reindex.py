@@ -65,6 +65,11 @@ How a rebuild goes (:func:`rebuild`):
    before it starts and again just before the swap (with the question of 1): a node
    started and stopped during the rebuild may have left acknowledged objects there,
    which the swap would leave in the set-aside previous index only.
+8. **Keys whose last write went unanswered stay so.**  A write S3 did not answer may
+   still land (:mod:`pacs.core.intake`, ``unsettled``); the index records the key
+   until that can no longer happen, and a write of it meanwhile goes through the
+   intake.  The store cannot tell, so the rebuilt index takes those records from the
+   previous one, read when the intake is asked the last time.
 """
 
 from __future__ import annotations
@@ -317,7 +322,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         # the index closed) and left acknowledged objects in its intake, which the
         # swap would set aside with the previous index.  The intake first: it opens
         # the index, so that nothing of this process holds it when the last check runs.
-        _refuse_if_intake_holds(index_path)
+        _keep_unsettled(new_path, _refuse_if_intake_holds(index_path))
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
     except BaseException:
@@ -338,24 +343,42 @@ def _refuse_if_in_use(index_path: Path) -> None:
             "this customer (and any pacs command on it) before rebuilding its index")
 
 
-def _refuse_if_intake_holds(index_path: Path) -> None:
+def _refuse_if_intake_holds(index_path: Path) -> list[tuple[str, float]]:
     """Refuse while the index's intake holds acknowledged objects the store lacks
-    (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them."""
+    (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them.
+    Otherwise the index's unsettled keys, with when their write went unanswered.
+
+    Only a table the index's schema does not have yet counts as empty; any other
+    failure to read it refuses (a locked or damaged index may hold objects)."""
     if not index_path.exists():
-        return
+        return []
     conn = connect(index_path)
     try:
-        state = reads.intake_state(conn)
-    except IndexFailure:
-        return  # an index older than the intake has none
+        present = reads.tables(conn)
+        objects = reads.intake_objects(conn) if "intake_state" in present else 0
+        unsettled = reads.unsettled_keys(conn) if "unsettled" in present else []
     finally:
         conn.close()
-    if state.objects:
-        raise IndexFailure(
-            f"the intake of {index_path} holds {state.objects} acknowledged object(s) not "
-            "yet in the object store: let the node's mover store them (or run "
-            "'pacs reindex', which drains it first, with the store reachable; an object "
-            "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
+    if not objects:
+        return unsettled
+    raise IndexFailure(
+        f"the intake of {index_path} holds {objects} acknowledged object(s) not "
+        "yet in the object store: let the node's mover store them (or run "
+        "'pacs reindex', which drains it first, with the store reachable; an object "
+        "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
+
+
+def _keep_unsettled(new_path: Path, unsettled: list[tuple[str, float]]) -> None:
+    """Record ``unsettled`` (key, since) in the new index, synced before the swap."""
+    if not unsettled:
+        return
+    index = Index(new_path)
+    try:
+        with index.write(synced=True) as conn:
+            for key, since in unsettled:
+                writer.unsettle(conn, key, since)
+    finally:
+        index.close()
 
 
 @dataclass(frozen=True)

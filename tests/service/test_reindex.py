@@ -50,6 +50,9 @@ from pacs.core import config
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
 from pacs.core.errors import IndexFailure, StorageError
+from pacs.core.index import reads
+from pacs.core.index.connection import connect
+from pacs.core.intake import record_unsettled
 from pacs.core.reconcile import Problem, reconcile
 from pacs.core.reindex import (
     UNKNOWN_RECEIVED,
@@ -674,6 +677,52 @@ def test_the_rebuild_refuses_while_the_intake_holds_objects(
         rebuild(settings.index_path, store, AnalyserPool(0))
     assert dump(settings.index_path) == before
     assert not list(settings.index_path.parent.glob("index.sqlite.*"))
+
+
+def test_an_index_older_than_the_unsettled_keys_still_refuses_with_objects_in_its_intake(
+        settings: config.Settings) -> None:
+    """An index written before the schema recorded unsettled keys (its intake there,
+    the ``unsettled`` table not yet): its acknowledged objects in the intake still
+    refuse the rebuild (reading the intake's totals did not depend on the newer table)."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    services.ingest.store_bytes(make_instance())
+    services.close()  # not drained
+    conn = connect(settings.index_path)
+    try:
+        conn.execute("DROP TABLE unsettled")
+    finally:
+        conn.close()
+    with pytest.raises(IndexFailure, match="holds 1 acknowledged object"):
+        rebuild(settings.index_path, store, AnalyserPool(0))
+    assert not list(settings.index_path.parent.glob("index.sqlite.*"))
+
+
+def test_the_rebuilt_index_keeps_the_keys_whose_write_went_unanswered(
+        settings: config.Settings) -> None:
+    """A write S3 did not answer may still land: the key stays unsettled in the rebuilt
+    index (the store cannot tell), with the time its write went unanswered, so that a
+    write of it goes through the intake until that time is long enough ago."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    data = make_instance()
+    services.ingest.store_bytes(data)
+    drain(services)
+    record_unsettled(services.index, key_of(data))
+    services.close()
+    conn = connect(settings.index_path)
+    try:
+        before = reads.unsettled_keys(conn)
+    finally:
+        conn.close()
+    assert [key for key, _ in before] == [key_of(data)]
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    assert report.indexed == 1
+    conn = connect(settings.index_path)
+    try:
+        assert reads.unsettled_keys(conn) == before
+    finally:
+        conn.close()
 
 
 def test_the_rebuild_refuses_to_swap_when_a_node_left_objects_in_the_intake(

@@ -370,6 +370,27 @@ def intake_keys(conn: apsw.Connection) -> list[str]:
     return [str(key) for (key,) in conn.execute("SELECT object_key FROM intake")]
 
 
+@_read("schema listing")
+def tables(conn: apsw.Connection) -> set[str]:
+    """The names of the index's tables (which of them an older schema lacks)."""
+    return {str(name) for (name,) in conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type = 'table'")}
+
+
+@_read("intake totals")
+def intake_objects(conn: apsw.Connection) -> int:
+    """Objects in the intake (one row, kept by triggers)."""
+    row = conn.execute("SELECT objects FROM intake_state WHERE id = 0").fetchone()
+    return int(row[0]) if row else 0
+
+
+@_read("unsettled listing")
+def unsettled_keys(conn: apsw.Connection) -> list[tuple[str, float]]:
+    """Every unsettled key and when its write went unanswered (``pacs.core.intake``)."""
+    return [(str(key), float(since))
+            for key, since in conn.execute("SELECT object_key, since FROM unsettled")]
+
+
 @_read("unsettled lookup")
 def any_unsettled(conn: apsw.Connection) -> bool:
     """True when any key is unsettled (``pacs.core.intake``)."""
