@@ -63,6 +63,8 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     # dcm4chee-arc's code.
     (errors.RejectedInstance, Outcome(falcon.HTTP_409, 0xA771, "Rejected instance")),
     (errors.InvalidRejection, Outcome(falcon.HTTP_400, 0xC000, "Invalid rejection note")),
+    # A rejection note from a user who may not remove data (PS3.7 C.5.21).
+    (errors.NotAuthorized, Outcome(falcon.HTTP_403, 0x0124, "Not authorized")),
     (errors.InvalidInstance, Outcome(falcon.HTTP_400, 0xC000, "Invalid instance")),
     (MultipartError, Outcome(falcon.HTTP_400, 0xC000, "Malformed multipart body")),
     (errors.IncompleteBody, Outcome(falcon.HTTP_400, 0xC000, "Incomplete request body")),

@@ -14,7 +14,11 @@ Requests (PS3.18 10.5.1):
 - a single ``application/dicom`` body is taken as one part (a convenience that Google
   and Microsoft offer and dicomweb-client copes with);
 - with a study in the URL, a part of another study is refused (FailureReason C409)
-  and not stored.
+  and not stored;
+- an IOCM rejection note removes the instances it names (:mod:`pacs.core.rejection`):
+  it is taken only from a request that may remove data as ``DELETE`` may
+  (``PACS_WEB_DELETE`` on and the ``admin`` role); from any other it is refused alone
+  (FailureReason 0124, Refused: Not authorized) and nothing of it stored.
 
 Sizes (PS3.18 10.5.3): a body over ``PACS_MAX_REQUEST_BYTES`` is ``413`` - by its
 Content-Length before anything is read, or, chunked, as soon as the bytes read pass
@@ -56,6 +60,7 @@ from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
 from adapters.http.audit import note_stored
+from adapters.http.auth import Access
 from pacs.core.analysers import Result
 from pacs.core.dataset import (
     dataset_offset,
@@ -318,15 +323,18 @@ class Store:
         # Back-pressure before the body is read: 503 with Retry-After.
         self.services.ingest.check_room()
         settings = self.services.settings
+        # A rejection note removes data: only from a request that may remove it.
+        may_reject = Access.of(self.services).may_reject(req)
         report = self._store_all(parts_of(req, settings.max_object_bytes,
-                                          settings.max_request_bytes), study)
+                                          settings.max_request_bytes), study, may_reject)
         log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
         note_stored(req, ((s.study_uid, s.sop_class_uid) for s in report.stored))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
 
-    def _store_all(self, parts: Iterator[multipart.Part], study: str | None) -> Report:
+    def _store_all(self, parts: Iterator[multipart.Part], study: str | None,
+                   may_reject: bool) -> Report:
         """Store the parts in batches as they arrive; the answer lists them in body order.
 
         A batch (up to :data:`BATCH_PARTS` parts or :data:`BATCH_BYTES`) goes through
@@ -354,7 +362,7 @@ class Store:
             def submit() -> None:
                 if batch:
                     _collect(pending, report, keep=1)
-                    pending.append(pool.submit(self._store_batch, list(batch)))
+                    pending.append(pool.submit(self._store_batch, list(batch), may_reject))
                     batch.clear()
 
             try:
@@ -411,13 +419,15 @@ class Store:
             return _Part(data, refused, study)
         return _Part(data, self.services.analysers.submit(data), study)
 
-    def _store_batch(self, batch: list[_Part]) -> list[Stored | Failed]:
-        """Store one batch of parts; each part's outcome (never raises for content)."""
+    def _store_batch(self, batch: list[_Part], may_reject: bool) -> list[Stored | Failed]:
+        """Store one batch of parts; each part's outcome (never raises for content).
+        ``may_reject``: a rejection note among them is applied, else refused (0124)."""
         parts = [part.received() for part in batch]
         accepted = [part for part in parts if isinstance(part.analysis, Analysis)]
         results: Sequence[StoreResult | BaseException]
         try:
-            results = self.services.ingest.store_batch(accepted, calling_ae="")
+            results = self.services.ingest.store_batch(accepted, calling_ae="",
+                                                       may_reject=may_reject)
         except Exception as exc:  # noqa: BLE001 - a whole batch's failure fails each part
             results = [exc] * len(accepted)
         outcomes = iter(results)

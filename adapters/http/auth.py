@@ -238,6 +238,14 @@ class Access:
         self.require(req, rules.ADMIN)
         return True
 
+    def may_reject(self, req: falcon.Request) -> bool:
+        """True when ``req`` may store an IOCM rejection note, which removes the
+        instances it names: what a removal needs (:meth:`may_delete`: deletion on and
+        the ``admin`` role), asked of the identity the request was admitted as, and
+        never answered with an error (a STOW-RS refuses the note alone)."""
+        identity = getattr(req.context, "identity", None)
+        return self.delete and identity is not None and rules.ADMIN in identity.roles
+
     def user(self, authorization: str) -> rules.User | None:
         """The user a Basic or Bearer Authorization header proves to be, if any."""
         scheme, _, value = authorization.strip().partition(" ")

@@ -14,6 +14,7 @@ destination of its own C-MOVEs only, at the address it calls from:
 echo       C-ECHO
 store      C-STORE of new instances (and the same instance again, unchanged)
 overwrite  C-STORE of a different object under a stored SOP Instance UID
+reject     C-STORE of an IOCM rejection note, which removes the instances it names
 find       C-FIND
 retrieve   C-MOVE and C-GET
 =========  ==================================================================
@@ -30,8 +31,9 @@ with no rights at all, or of a known AE from another address, is refused.
 **Users.**  A DICOMweb user has a name, a password hash or token hashes
 (:func:`hash_password`, :func:`hash_token`; never the secret itself) and roles among
 :data:`ROLES`: ``read`` (QIDO-RS, WADO-RS, the viewer), ``write`` (STOW-RS), ``admin``
-(removing data).  Requests from this host without credentials get ``loopback_roles``
-(``PACS_LOOPBACK_ROLES``: all of them by default).
+(removing data, and so storing an IOCM rejection note over STOW-RS).  Requests from
+this host without credentials get ``loopback_roles`` (``PACS_LOOPBACK_ROLES``: all of
+them by default).
 
 **Sources.**  The tables of ``PACS_ACCESS_FILE`` (TOML, :func:`parse` reads one table
 so that a file of several customers can hold one per customer), and the single-entry
@@ -84,8 +86,9 @@ from pacs.core.errors import ConfigError
 _T = TypeVar("_T")
 
 ECHO, STORE, OVERWRITE, FIND, RETRIEVE = "echo", "store", "overwrite", "find", "retrieve"
+REJECT = "reject"
 #: Every right an AE may have.
-AE_RIGHTS = frozenset({ECHO, STORE, OVERWRITE, FIND, RETRIEVE})
+AE_RIGHTS = frozenset({ECHO, STORE, OVERWRITE, REJECT, FIND, RETRIEVE})
 READ, WRITE, ADMIN = "read", "write", "admin"
 #: Every role a DICOMweb user may have.
 ROLES = frozenset({READ, WRITE, ADMIN})

@@ -289,10 +289,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(password hash or token hashes from `pacs passwd`, roles); README, "
             "\"Security\"."),
     Setting("PACS_UNKNOWN_AE_RIGHTS", "unknown_ae_rights",
-            "echo,store,overwrite,find,retrieve",
+            "echo,store,overwrite,reject,find,retrieve",
             "Rights of a calling AE that PACS_ACCESS_FILE does not list (comma list of "
-            "echo, store, overwrite, find, retrieve; empty: none, its associations are "
-            "rejected).", _rights),
+            "echo, store, overwrite, reject, find, retrieve; empty: none, its "
+            "associations are rejected).", _rights),
     Setting("PACS_LOOPBACK_ROLES", "loopback_roles", "read,write,admin",
             "DICOMweb roles of a request from this host without credentials (comma list "
             "of read, write, admin; empty: none, credentials needed).", _roles),

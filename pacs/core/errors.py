@@ -111,6 +111,12 @@ class NotFound(PacsError):
     """The requested entity or object does not exist."""
 
 
+class NotAuthorized(PacsError):
+    """What the request asks for is beyond its sender's rights (an AE's) or roles (a
+    user's, :mod:`pacs.core.access`): an IOCM rejection note from a sender that may not
+    remove data, say."""
+
+
 class FrameTooLarge(PacsError):
     """A frame whose declared decoded size exceeds the configured ceiling; refused
     before any pixel buffer is allocated."""

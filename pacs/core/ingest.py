@@ -65,6 +65,7 @@ from pacs.core.errors import (
     IndexFailure,
     IntakeFull,
     InvalidInstance,
+    NotAuthorized,
     NotFound,
     ObjectTooLarge,
     PacsError,
@@ -314,7 +315,7 @@ class Ingest:
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
                     expected: tuple[str, str] | None = None,
-                    may_overwrite: bool = True) -> StoreResult:
+                    may_overwrite: bool = True, may_reject: bool = True) -> StoreResult:
         """Store one Part 10 object.
 
         Parameters
@@ -327,6 +328,10 @@ class Ingest:
             The sender may replace a different object stored under the same SOP
             Instance UID (the ``overwrite`` right, :mod:`pacs.core.access`); when it may
             not, the ``overwrite`` policy refuses it as ``reject`` does.
+        may_reject : bool
+            The sender may remove data with an IOCM rejection note (the ``reject``
+            right of an AE, the ``admin`` role of a user); when it may not, a note is
+            refused (:class:`NotAuthorized`) and nothing of it stored.
 
         Raises
         ------
@@ -334,6 +339,8 @@ class Ingest:
             Unreadable data, invalid UIDs, UID mismatch, a rejected duplicate, an
             object over ``max_object_bytes`` (:class:`ObjectTooLarge`), or an instance
             a rejection note removed (:class:`RejectedInstance`).
+        NotAuthorized
+            A rejection note from a sender that may not reject.
         IntakeFull
             The intake is full (refused before the object is read).
         StorageError, IndexFailure
@@ -341,11 +348,11 @@ class Ingest:
             rejection note: it is stored, and what it rejects may not all be removed).
         """
         self.check_room(len(data))
-        return self._store_bytes(data, calling_ae, expected, may_overwrite)
+        return self._store_bytes(data, calling_ae, expected, may_overwrite, may_reject)
 
     def _store_bytes(self, data: bytes, calling_ae: str,
                      expected: tuple[str, str] | None = None,
-                     may_overwrite: bool = True) -> StoreResult:
+                     may_overwrite: bool = True, may_reject: bool = True) -> StoreResult:
         """:meth:`store_bytes` once the intake has room for ``data``."""
         self._check_size(len(data))
         direct = not self.journaled(len(data))
@@ -356,6 +363,8 @@ class Ingest:
             # Through the intake, the metadata is the mover's work (module docstring).
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
+            if (refused := _rejection_refusal(analysis, may_reject)) is not None:
+                raise refused  # before any lock; what was staged is removed
             with self.uid_lock(analysis.sop_instance_uid):
                 outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
                                              staging)
@@ -428,8 +437,8 @@ class Ingest:
             self.check_room(len(data))
         return self._store_bytes(data, calling_ae)
 
-    def store_batch(self, items: Sequence[Received], *,
-                    calling_ae: str = "") -> list[StoreResult | BaseException]:
+    def store_batch(self, items: Sequence[Received], *, calling_ae: str = "",
+                    may_reject: bool = True) -> list[StoreResult | BaseException]:
         """Store several Part 10 objects with one durability point (STOW-RS parts).
 
         Each object gets what :meth:`store_bytes` would give it - its result, or the
@@ -445,7 +454,8 @@ class Ingest:
         and writing is mostly waiting for the disk.  An object over
         ``max_object_bytes`` is refused (:class:`ObjectTooLarge`) whatever its
         analysis says; the caller's analysis must have been given the same limit for
-        the inflated size of deflated data sets.
+        the inflated size of deflated data sets.  ``may_reject`` as for
+        :meth:`store_bytes`.
         """
         results: list[StoreResult | BaseException | None] = [None] * len(items)
         analysed: dict[int, Analysis] = {}
@@ -465,6 +475,8 @@ class Ingest:
                 results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
+            elif (refused := _rejection_refusal(analysis, may_reject)) is not None:
+                results[number] = refused
             elif analysis.sop_instance_uid in seen:
                 later.append(number)
             else:
@@ -484,7 +496,8 @@ class Ingest:
                     results[number] = exc
         for number in later:
             try:
-                results[number] = self.store_bytes(data[number], calling_ae=calling_ae)
+                results[number] = self.store_bytes(data[number], calling_ae=calling_ae,
+                                                   may_reject=may_reject)
             except Exception as exc:  # noqa: BLE001 - reported as this object's failure
                 results[number] = exc
         return [result if result is not None else IndexFailure("not stored")
@@ -770,6 +783,14 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
 
 #: Opening a file to store: never waiting (a FIFO without a writer opens at once).
 _OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _rejection_refusal(analysis: Analysis, may_reject: bool) -> NotAuthorized | None:
+    """The refusal of an IOCM rejection note from a sender that may not remove data
+    (``None``: anything else, or a sender that may)."""
+    if analysis.rejection is None or may_reject:
+        return None
+    return NotAuthorized("a rejection note removes data, which this sender may not do")
 
 
 def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:

@@ -129,6 +129,7 @@ STORE_STATUS: _Table = (
     (errors.UnreadableData, Status(0xC000)),     # cannot understand
     (errors.DuplicateRejected, Status(0x0111)),  # duplicate SOP Instance
     (errors.RejectedInstance, REJECTED_INSTANCE),
+    (errors.NotAuthorized, NOT_AUTHORIZED),       # a rejection note without the right
     (errors.InvalidRejection, UNABLE_TO_PROCESS),  # a note whose evidence is unusable
     (errors.ObjectTooLarge, OUT_OF_RESOURCES),   # over PACS_MAX_OBJECT_BYTES
     (errors.StorageError, OUT_OF_RESOURCES),

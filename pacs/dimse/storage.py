@@ -29,8 +29,14 @@ from typing import TYPE_CHECKING
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-from pacs.core.access import OVERWRITE, STORE
-from pacs.core.errors import InvalidInstance, ObjectTooLarge, PacsError, logged_by_core
+from pacs.core.access import OVERWRITE, REJECT, STORE
+from pacs.core.errors import (
+    InvalidInstance,
+    NotAuthorized,
+    ObjectTooLarge,
+    PacsError,
+    logged_by_core,
+)
 from pacs.dimse.status import (
     NOT_AUTHORIZED,
     SOP_CLASS_NOT_SUPPORTED,
@@ -113,8 +119,9 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
         result = services.ingest.store_bytes(
             part10(request), calling_ae=calling,
             expected=(request.sop_class_uid, request.sop_instance_uid),
-            may_overwrite=policy.may(calling, OVERWRITE))
-    except InvalidInstance as exc:
+            may_overwrite=policy.may(calling, OVERWRITE),
+            may_reject=policy.may(calling, REJECT))
+    except (InvalidInstance, NotAuthorized) as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
         return status_for(STORE_STATUS, exc), ""
     except PacsError as exc:  # a full intake: counted and logged by the ingest

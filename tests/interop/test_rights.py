@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
 from pacs.core import access
 from tests.conftest import SEAM
+from tests.factory import make_rejection_note
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -40,13 +42,14 @@ from tests.tlsfiles import Pki, make_pki
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
 
-ALL = ["echo", "store", "overwrite", "find", "retrieve"]
+ALL = ["echo", "store", "overwrite", "reject", "find", "retrieve"]
 #: Known AEs: each lacks the right its name says.
 AES = {
     "FULL": ALL,
     "NOECHO": [r for r in ALL if r != "echo"],
     "NOSTORE": [r for r in ALL if r != "store"],
     "NOOVERWRITE": [r for r in ALL if r != "overwrite"],
+    "NOREJECT": [r for r in ALL if r != "reject"],
     "NOFIND": [r for r in ALL if r != "find"],
     "NORETRIEVE": [r for r in ALL if r != "retrieve"],
     "NORIGHTS": [],
@@ -189,6 +192,29 @@ def test_overwrite_needs_the_overwrite_right(rig: Rig, tmp_path: Path) -> None:
     out = dimse(rig, "storescu", "FULL", files=(str(tmp_path / "second.dcm"),))
     assert "Received Store Response (Success)" in out, out
     assert sha256(rig.node.object_path(rig.node.index()[ct.SOPInstanceUID])) != before
+
+
+def test_a_rejection_note_needs_the_reject_right(rig: Rig, tmp_path: Path) -> None:
+    """An IOCM rejection note removes the instances it names: from an AE without the
+    reject right it is refused, 0124 (Refused: Not authorized, PS3.7 C.5.21), and
+    nothing of it stored; from one with it, the instance is gone."""
+    ct = fresh_ct(PatientID="RIGHTS-REJECT")
+    ct.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    out = dimse(rig, "storescu", "NOREJECT", files=(str(tmp_path / "ct.dcm"),))
+    assert "Received Store Response (Success)" in out, out
+    note = make_rejection_note([(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                 ct.SOPInstanceUID, ct.SOPClassUID)],
+                               PatientID="RIGHTS-REJECT", PatientName=str(ct.PatientName))
+    (tmp_path / "note.dcm").write_bytes(note)
+    note_sop = str(pydicom.dcmread(tmp_path / "note.dcm").SOPInstanceUID)
+    out = dimse(rig, "storescu", "NOREJECT", files=(str(tmp_path / "note.dcm"),))
+    assert f"Received Store Response ({UNKNOWN_0124})" in out, out
+    index = rig.node.index()
+    assert ct.SOPInstanceUID in index and note_sop not in index
+    out = dimse(rig, "storescu", "FULL", files=(str(tmp_path / "note.dcm"),))
+    assert "Received Store Response (Success)" in out, out
+    index = rig.node.index()
+    assert ct.SOPInstanceUID not in index and note_sop in index
 
 
 def test_find_without_the_find_right_is_refused(rig: Rig) -> None:

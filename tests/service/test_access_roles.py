@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import falcon
 import pytest
 from falcon import testing
+from pydicom import dcmread
 
 from adapters.dicomweb.app import create_app
 from adapters.http.auth import Access
 from pacs.core import access
 from pacs.core.services import Services
 from pacs.node.apps import viewer_port
-from tests.factory import make_instance
+from tests.factory import make_instance, make_rejection_note
 
 REMOTE = "10.20.30.40"
 ROLES = {"reader": ["read"], "writer": ["read", "write"], "boss": ["read", "write", "admin"],
@@ -55,8 +57,8 @@ def _headers(user: str | None) -> dict[str, str]:
 
 
 def _stow(client: testing.TestClient, user: str | None, remote: str = REMOTE,
-          ) -> testing.Result:
-    body = make_instance()
+          body: bytes | None = None) -> testing.Result:
+    body = make_instance() if body is None else body
     boundary = "b0undary"
     payload = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body
                + f"\r\n--{boundary}--\r\n".encode())
@@ -83,6 +85,37 @@ def test_each_role_over_https(services: Services, user: str | None, search: int,
     if user is None:
         assert found.headers["WWW-Authenticate"].startswith("Basic")
         assert "Bearer" in found.headers["WWW-Authenticate"]  # a token user exists
+
+
+@pytest.mark.parametrize(("user", "web_delete", "applied"), [
+    ("writer", True, False), ("boss", False, False), ("boss", True, True)])
+def test_a_rejection_note_over_stow_needs_what_a_removal_needs(
+        make_services: Callable[..., Services], access_file: Path, user: str,
+        web_delete: bool, applied: bool) -> None:
+    """An IOCM rejection note removes the instances it names: over STOW-RS it is taken
+    only from a request that may DELETE (PACS_WEB_DELETE on, the admin role).  From any
+    other it fails alone, FailureReason 0124 (Refused: Not authorized), and nothing of
+    it is stored: the instance stays."""
+    services = make_services(access_file=str(access_file), web_delete=web_delete,
+                             loopback_roles=frozenset({"read"}))
+    client = testing.TestClient(create_app(services))
+    target = make_instance()
+    assert _stow(client, "boss", body=target).status_code == 200
+    ds = dcmread(BytesIO(target))
+    note = make_rejection_note([(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                 ds.SOPInstanceUID, ds.SOPClassUID)])
+    answer = _stow(client, user, body=note)
+    instances = client.simulate_get("/instances", remote_addr=REMOTE, protocol="https",
+                                    headers=_headers("boss")).json
+    found = {row["00080018"]["Value"][0] for row in instances}
+    if applied:
+        assert answer.status_code == 200
+        assert ds.SOPInstanceUID not in found
+    else:
+        assert answer.status_code == 409  # no part stored
+        failed = answer.json["00081198"]["Value"]
+        assert [part["00081197"]["Value"] for part in failed] == [[0x0124]]
+        assert found == {ds.SOPInstanceUID}
 
 
 def test_a_token_user(services: Services) -> None:
