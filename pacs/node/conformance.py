@@ -240,6 +240,7 @@ def _initiation(settings: Settings) -> dict[str, Any]:
         "conversion_targets": [str(ts) for ts in transcode.UNCOMPRESSED],
         "decodable_syntaxes": [str(ts) for ts in decodable],
         "max_pdu": settings.max_pdu,
+        "min_peer_pdu": limits.MIN_PEER_PDU,
         "pending_interval": settings.pending_interval,
     }
 
@@ -787,7 +788,9 @@ C-MOVE destinations and storage commitment requestors (`PACS_MODALITIES`):
 objects to send: first each object's stored transfer syntax, then, for each SOP Class,
 {targets}; at most {init['max_contexts']} contexts (beyond that the last are dropped and
 objects without an accepted context fail as sub-operations).  Maximum PDU size
-received: {_bytes(init['max_pdu'])}.
+received: {_bytes(init['max_pdu'])}.  An acceptor whose Maximum Length is below
+{init['min_peer_pdu']} bytes (0, no maximum, aside) is sent an A-ABORT before anything
+else: what was to be sent on the association fails as if it had been refused.
 
 **Transfer syntax of each sub-operation** (C-MOVE and C-GET): the stored syntax when the
 peer accepted it for the SOP Class; otherwise the object is decompressed to the first of

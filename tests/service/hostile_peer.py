@@ -126,6 +126,9 @@ class HostileDestination:
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     open_connections: int = 0
+    #: The PDU type that ended each conversation the node ended with a PDU (A-ABORT
+    #: 0x07 ...), rather than by closing the connection or releasing.
+    ended_by: list[int] = field(default_factory=list)
     _server: socket.socket | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -236,6 +239,8 @@ class HostileDestination:
                 sock.sendall(struct.pack(">BBI", A_RELEASE_RP, 0, 4) + bytes(4))
                 continue
             if kind != P_DATA_TF:
+                with self._lock:
+                    self.ended_by.append(kind)
                 return
             position = 0
             while position < len(body):

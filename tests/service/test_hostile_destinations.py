@@ -231,6 +231,8 @@ def test_a_destination_that_takes_no_store(
         assert took < WITHIN
         assert dest.requests == []
         assert dest.wait_closed(WITHIN)
+        if associate == "tiny-pdu":
+            assert dest.ended_by == [peer.A_ABORT]  # nothing else sent
     finally:
         assoc.release()
 

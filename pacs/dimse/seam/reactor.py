@@ -379,17 +379,21 @@ def _dul_run_reactor(self: _DUL) -> None:
             except queue.Empty:
                 _wait_for_work(self)
                 continue
-            if event == "Evt15" and (event, self.state_machine.current_state) not in (
-                    TRANSITION_TABLE):
-                # A local A-ABORT while one is already under way (Sta13: the A-ABORT
-                # sent, the connection closing) or done (Sta1): PS3.8 Table 9-10 has no
-                # action for it, and pynetdicom's state machine would end this thread
-                # with an error.  Two threads may abort at once (a sub-operation that
-                # got no response; the DUL refusing the peer's PDU).  Its primitive,
-                # which the event stands for, is taken off the queue as an action
-                # would: left there, it would be seen again at once, for ever.
+            state = self.state_machine.current_state
+            if event == "Evt15" and (event, state) not in TRANSITION_TABLE:
+                # A local A-ABORT where PS3.8 Table 9-10 has no action for it, and
+                # pynetdicom's state machine would end this thread with an error: one
+                # already under way (Sta13: the A-ABORT sent, the connection closing)
+                # or done (Sta1) - two threads may abort at once (a sub-operation that
+                # got no response; the DUL refusing the peer's PDU) - or one before any
+                # A-ASSOCIATE-RQ (Sta2), where there is no association to abort: its
+                # connection is closed instead (Evt17, AA-5).  Its primitive, which the
+                # event stands for, is taken off the queue as an action would: left
+                # there, it would be seen again at once, for ever.
                 with contextlib.suppress(queue.Empty):
                     self.to_provider_queue.get(block=False)
+                if state == "Sta2" and self.socket is not None:
+                    self.socket.close()
                 continue
             with self._write_lock:  # an action may write a PDU (writes_paused)
                 self.state_machine.do_action(event)
