@@ -34,7 +34,7 @@ from typing import Any
 import falcon
 
 from adapters.dicomweb.errors import Unacceptable
-from adapters.http.audit import note_removed, user_of
+from adapters.http.audit import note_removed, requestor_of
 from adapters.http.auth import Access
 from pacs.core import audit
 from pacs.core.dataset import require_uid
@@ -76,10 +76,8 @@ class _Remover:
                         require_uid(instance, "SOPInstanceUID") if instance else None)
         deleter = self.services.deleter
         places = [reference(row) for row in deleter.plan([target])]
-        who = audit.Participant(user_of(req), True, address=req.remote_addr or "",
-                                alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
         note_removed(req)  # the core records it, failed or not
-        return deleter.remove(places, who, audit.WEB_SERVER, reason=reason)
+        return deleter.remove(places, requestor_of(req), audit.WEB_SERVER, reason=reason)
 
 
 class Delete(_Remover):

@@ -59,9 +59,10 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from adapters.dicomweb import dicomjson, multipart, urls
 from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
 from adapters.dicomweb.negotiation import accepts_json
-from adapters.http.audit import note_stored
+from adapters.http.audit import note_stored, requestor_of
 from adapters.http.auth import Access
 from pacs.core.analysers import Result
+from pacs.core.audit import Participant
 from pacs.core.dataset import (
     dataset_offset,
     inflated_head,
@@ -324,9 +325,9 @@ class Store:
         self.services.ingest.check_room()
         settings = self.services.settings
         # A rejection note removes data: only from a request that may remove it.
-        may_reject = Access.of(self.services).may_reject(req)
+        rejecter = requestor_of(req) if Access.of(self.services).may_reject(req) else None
         report = self._store_all(parts_of(req, settings.max_object_bytes,
-                                          settings.max_request_bytes), study, may_reject)
+                                          settings.max_request_bytes), study, rejecter)
         log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
         note_stored(req, ((s.study_uid, s.sop_class_uid) for s in report.stored))
         resp.status = report.status()
@@ -334,7 +335,7 @@ class Store:
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
 
     def _store_all(self, parts: Iterator[multipart.Part], study: str | None,
-                   may_reject: bool) -> Report:
+                   rejecter: Participant | None) -> Report:
         """Store the parts in batches as they arrive; the answer lists them in body order.
 
         A batch (up to :data:`BATCH_PARTS` parts or :data:`BATCH_BYTES`) goes through
@@ -362,7 +363,7 @@ class Store:
             def submit() -> None:
                 if batch:
                     _collect(pending, report, keep=1)
-                    pending.append(pool.submit(self._store_batch, list(batch), may_reject))
+                    pending.append(pool.submit(self._store_batch, list(batch), rejecter))
                     batch.clear()
 
             try:
@@ -419,15 +420,17 @@ class Store:
             return _Part(data, refused, study)
         return _Part(data, self.services.analysers.submit(data), study)
 
-    def _store_batch(self, batch: list[_Part], may_reject: bool) -> list[Stored | Failed]:
+    def _store_batch(self, batch: list[_Part], rejecter: Participant | None,
+                     ) -> list[Stored | Failed]:
         """Store one batch of parts; each part's outcome (never raises for content).
-        ``may_reject``: a rejection note among them is applied, else refused (0124)."""
+        A rejection note among them is applied by ``rejecter`` (the request's user, who
+        may remove data), refused (0124) without one."""
         parts = [part.received() for part in batch]
         accepted = [part for part in parts if isinstance(part.analysis, Analysis)]
         results: Sequence[StoreResult | BaseException]
         try:
-            results = self.services.ingest.store_batch(accepted, calling_ae="",
-                                                       may_reject=may_reject)
+            results = self.services.ingest.store_batch(
+                accepted, calling_ae="", may_reject=rejecter is not None, requestor=rejecter)
         except Exception as exc:  # noqa: BLE001 - a whole batch's failure fails each part
             results = [exc] * len(accepted)
         outcomes = iter(results)

@@ -193,6 +193,13 @@ def user_of(req: falcon.Request) -> str:
     return _claimed(authorization) if authorization else "anonymous"
 
 
+def requestor_of(req: falcon.Request) -> audit.Participant:
+    """The requestor of ``req`` as the audit trail names it: its user (:func:`user_of`),
+    its address and its TLS client certificate's subject, if any."""
+    return Participant(user_of(req), True, address=req.remote_addr or "",
+                       alternative_user_id=str(req.env.get("SSL_CLIENT_S_DN", "")))
+
+
 def _claimed(authorization: str) -> str:
     """The user an Authorization header names: the Basic user name, or ``token``."""
     if authorization.strip().partition(" ")[0].lower() == "bearer":

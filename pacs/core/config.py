@@ -222,9 +222,10 @@ SETTINGS: tuple[Setting, ...] = (
             "loopback addresses: only requests naming one of them get the loopback rule "
             "(e.g. a reverse proxy's public name).", _comma_list),
     Setting("PACS_WEB_DELETE", "web_delete", "false",
-            "Allow removing studies, series and instances through DICOMweb (DELETE, and "
-            "the reject routes OHIF calls) for requests the access rule admits; false "
-            "answers them 403.", _bool),
+            "Allow removing studies, series and instances through DICOMweb (DELETE, the "
+            "reject routes OHIF calls, an IOCM rejection note over STOW-RS) for requests "
+            "the access rule admits with the admin role; false answers them 403 (a note: "
+            "FailureReason 0124).", _bool),
     Setting("PACS_CORS_ORIGINS", "cors_origins", "",
             "Browser origins allowed to call DICOMweb (CORS): comma list, or * for any (which "
             "reads only answers to credentials); empty allows none.", _comma_list),

@@ -402,7 +402,7 @@ class Deleter:
 
     # -- rejection notes ------------------------------------------------------------
 
-    def reject(self, note: Analysis, calling_ae: str) -> None:
+    def reject(self, note: Analysis, who: Participant) -> None:
         """The ingest's hook (:attr:`pacs.core.ingest.Ingest.on_rejection`): remove what
         a stored rejection note rejects.
 
@@ -414,7 +414,6 @@ class Deleter:
         if rejection is None:
             return
         accept = partial(rejectable, patient_key(note.values[Level.PATIENT]))
-        who = Participant(calling_ae.strip() or "(none)", True)
         self.remove(rejection.references, who, audit.APPLICATION_SERVER,
                     reason=rejection.reason, accept=accept)
 

@@ -58,6 +58,7 @@ import apsw
 
 from pacs.core import metadata, rejection, uidlocks
 from pacs.core.attributes import Level
+from pacs.core.audit import Participant
 from pacs.core.config import SQLITE_MAX_BLOB
 from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
 from pacs.core.errors import (
@@ -222,7 +223,7 @@ def try_analyse(data: bytes, max_object_bytes: int | None = None) -> Analysis | 
 
 #: What ingest calls once a rejection note is durably stored (or found stored
 #: already): the note's analysis and who sent it (:mod:`pacs.core.deletion`).
-RejectionHook = Callable[[Analysis, str], None]
+RejectionHook = Callable[[Analysis, Participant], None]
 
 
 class Ingest:
@@ -315,7 +316,8 @@ class Ingest:
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
                     expected: tuple[str, str] | None = None,
-                    may_overwrite: bool = True, may_reject: bool = True) -> StoreResult:
+                    may_overwrite: bool = True, may_reject: bool = True,
+                    requestor: Participant | None = None) -> StoreResult:
         """Store one Part 10 object.
 
         Parameters
@@ -332,6 +334,9 @@ class Ingest:
             The sender may remove data with an IOCM rejection note (the ``reject``
             right of an AE, the ``admin`` role of a user); when it may not, a note is
             refused (:class:`NotAuthorized`) and nothing of it stored.
+        requestor : Participant, optional
+            Who the audit trail names as removing what a rejection note rejects (a
+            DICOMweb user and address); by default the calling AE.
 
         Raises
         ------
@@ -348,11 +353,13 @@ class Ingest:
             rejection note: it is stored, and what it rejects may not all be removed).
         """
         self.check_room(len(data))
-        return self._store_bytes(data, calling_ae, expected, may_overwrite, may_reject)
+        return self._store_bytes(data, calling_ae, expected, may_overwrite, may_reject,
+                                 requestor)
 
     def _store_bytes(self, data: bytes, calling_ae: str,
                      expected: tuple[str, str] | None = None,
-                     may_overwrite: bool = True, may_reject: bool = True) -> StoreResult:
+                     may_overwrite: bool = True, may_reject: bool = True,
+                     requestor: Participant | None = None) -> StoreResult:
         """:meth:`store_bytes` once the intake has room for ``data``."""
         self._check_size(len(data))
         direct = not self.journaled(len(data))
@@ -368,7 +375,7 @@ class Ingest:
             with self.uid_lock(analysis.sop_instance_uid):
                 outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
                                              staging)
-        self._apply_rejection(analysis, outcome, calling_ae)
+        self._apply_rejection(analysis, outcome, calling_ae, requestor)
         return _result(outcome, analysis)
 
     def digest(self, data: bytes) -> Callable[[], str] | None:
@@ -388,13 +395,15 @@ class Ingest:
         if self.max_object_bytes is not None and size > self.max_object_bytes:
             raise ObjectTooLarge(f"the object is larger than {self.max_object_bytes} bytes")
 
-    def _apply_rejection(self, analysis: Analysis, outcome: Outcome,
-                         calling_ae: str) -> None:
+    def _apply_rejection(self, analysis: Analysis, outcome: Outcome, calling_ae: str,
+                         requestor: Participant | None) -> None:
         """The hook of a rejection note stored now or before (not one discarded by
-        the duplicate policy): what it rejects is removed after the note is durable."""
+        the duplicate policy): what it rejects is removed after the note is durable,
+        by ``requestor`` (by default the calling AE)."""
         if (analysis.rejection is not None and self.on_rejection is not None
                 and outcome is not Outcome.KEPT_FIRST):
-            self.on_rejection(analysis, calling_ae)
+            who = requestor or Participant(calling_ae.strip() or "(none)", True)
+            self.on_rejection(analysis, who)
 
     def store_file(self, path: Path, *, calling_ae: str = "",
                    follow_links: bool = True) -> StoreResult:
@@ -438,7 +447,8 @@ class Ingest:
         return self._store_bytes(data, calling_ae)
 
     def store_batch(self, items: Sequence[Received], *, calling_ae: str = "",
-                    may_reject: bool = True) -> list[StoreResult | BaseException]:
+                    may_reject: bool = True, requestor: Participant | None = None,
+                    ) -> list[StoreResult | BaseException]:
         """Store several Part 10 objects with one durability point (STOW-RS parts).
 
         Each object gets what :meth:`store_bytes` would give it - its result, or the
@@ -454,8 +464,8 @@ class Ingest:
         and writing is mostly waiting for the disk.  An object over
         ``max_object_bytes`` is refused (:class:`ObjectTooLarge`) whatever its
         analysis says; the caller's analysis must have been given the same limit for
-        the inflated size of deflated data sets.  ``may_reject`` as for
-        :meth:`store_bytes`.
+        the inflated size of deflated data sets.  ``may_reject`` and ``requestor`` as
+        for :meth:`store_bytes`.
         """
         results: list[StoreResult | BaseException | None] = [None] * len(items)
         analysed: dict[int, Analysis] = {}
@@ -491,13 +501,13 @@ class Ingest:
             result = results[number]
             if isinstance(result, StoreResult):
                 try:
-                    self._apply_rejection(analysis, result.outcome, calling_ae)
+                    self._apply_rejection(analysis, result.outcome, calling_ae, requestor)
                 except Exception as exc:  # noqa: BLE001 - reported as this note's failure
                     results[number] = exc
         for number in later:
             try:
                 results[number] = self.store_bytes(data[number], calling_ae=calling_ae,
-                                                   may_reject=may_reject)
+                                                   may_reject=may_reject, requestor=requestor)
             except Exception as exc:  # noqa: BLE001 - reported as this object's failure
                 results[number] = exc
         return [result if result is not None else IndexFailure("not stored")

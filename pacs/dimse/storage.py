@@ -11,7 +11,8 @@ EVT_C_STORE handler returns the same status (:func:`pacs.dimse.handlers.handle_s
 0117    invalid SOP Instance UID (also any other identifying UID)
 0111    a different object under a stored UID and the policy is ``reject``, or
         the calling AE lacks the ``overwrite`` right (nothing is changed)
-0124    the calling AE lacks the ``store`` right (:mod:`pacs.core.access`)
+0124    the calling AE lacks the ``store`` right (:mod:`pacs.core.access`), or the
+        ``reject`` right for an IOCM rejection note (nothing of it is stored)
 A900    the command's SOP Class / Instance UIDs differ from the data set's
 C000    the data set does not parse or is truncated
 A700    over PACS_MAX_OBJECT_BYTES, or the store or the index failed (nothing

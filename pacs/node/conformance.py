@@ -1068,8 +1068,9 @@ converted to another transfer syntax for a peer loses their validity.
 
 - Called AE Title checked: {_yes(sec["called_ae_title_checked"])}.
 - Calling AE Titles allowed: {calling}.  Rights per AE (echo, store, overwrite,
-  find, retrieve) come from `PACS_ACCESS_FILE`; an operation the calling AE has no
-  right to is refused with 0124 (Refused: not authorized, PS3.7 C.5.21), a store
+  reject, find, retrieve) come from `PACS_ACCESS_FILE`; an operation the calling AE has
+  no right to (an IOCM rejection note without the reject right included) is refused
+  with 0124 (Refused: not authorized, PS3.7 C.5.21), a store
   that would replace a different object without the overwrite right with 0111; an
   AE with no rights, a known AE from another address, or one known to associate over
   DICOM TLS only calling on the plain port, is rejected (A-ASSOCIATE-RJ, calling AE

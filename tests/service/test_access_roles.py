@@ -21,6 +21,7 @@ from adapters.http.auth import Access
 from pacs.core import access
 from pacs.core.services import Services
 from pacs.node.apps import viewer_port
+from tests.auditcheck import event_name, read_trail, requestor
 from tests.factory import make_instance, make_rejection_note
 
 REMOTE = "10.20.30.40"
@@ -93,9 +94,10 @@ def test_a_rejection_note_over_stow_needs_what_a_removal_needs(
         make_services: Callable[..., Services], access_file: Path, user: str,
         web_delete: bool, applied: bool) -> None:
     """An IOCM rejection note removes the instances it names: over STOW-RS it is taken
-    only from a request that may DELETE (PACS_WEB_DELETE on, the admin role).  From any
-    other it fails alone, FailureReason 0124 (Refused: Not authorized), and nothing of
-    it is stored: the instance stays."""
+    only from a request that may DELETE (PACS_WEB_DELETE on, the admin role), and the
+    audit trail names that user and address as removing them.  From any other it fails
+    alone, FailureReason 0124 (Refused: Not authorized), and nothing of it is stored:
+    the instance stays."""
     services = make_services(access_file=str(access_file), web_delete=web_delete,
                              loopback_roles=frozenset({"read"}))
     client = testing.TestClient(create_app(services))
@@ -111,6 +113,10 @@ def test_a_rejection_note_over_stow_needs_what_a_removal_needs(
     if applied:
         assert answer.status_code == 200
         assert ds.SOPInstanceUID not in found
+        (removed,) = [event for event in read_trail(services.settings.data_dir / "audit.jsonl")
+                      if event_name(event) == "DICOM Instances Accessed"]
+        who = requestor(removed)
+        assert (who["UserID"], who["NetworkAccessPointID"]) == ("boss", REMOTE)
     else:
         assert answer.status_code == 409  # no part stored
         failed = answer.json["00081198"]["Value"]
