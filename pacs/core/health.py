@@ -17,6 +17,7 @@ Nothing here names a patient: counts and sizes only.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,11 @@ class Health:
         fails open), so this does not make the check fail.
     audit_events_lost : int
         Events this process could not write since the trail last worked.
+    index_wal_bytes : int
+        Size of the index's write-ahead log.  Checkpoints cut it back to
+        ``WAL_SIZE_LIMIT`` (:mod:`pacs.core.index.connection`); past that it grows only
+        while a reader keeps an old snapshot open (another process reading the index),
+        with every commit, until that reader ends.
     """
 
     store: str
@@ -93,6 +99,7 @@ class Health:
     intake_unsettled: int = 0
     audit: str = "off"
     audit_events_lost: int = 0
+    index_wal_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -152,6 +159,10 @@ def check(services: Services, thorough: bool = False) -> Health:
         disk_free: int | None = shutil.disk_usage(services.settings.data_dir).free
     except OSError:
         disk_free = None
+    try:
+        wal = os.stat(f"{services.settings.index_path}-wal").st_size
+    except OSError:
+        wal = 0
     return Health(store=services.settings.storage, store_reachable=store_error is None,
                   store_error=store_error, index=index_state, counts=counts,
                   indexed_bytes=indexed_bytes, store_bytes=store_bytes,
@@ -164,4 +175,5 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_error=intake.mover_error,
                   intake_unsettled=intake.unsettled,
                   audit=audit.writable(services.audit.log.path),
-                  audit_events_lost=services.audit.log.dropped)
+                  audit_events_lost=services.audit.log.dropped,
+                  index_wal_bytes=wal)

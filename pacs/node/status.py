@@ -16,6 +16,7 @@ from pathlib import Path
 from pacs.core import audit
 from pacs.core.config import Settings
 from pacs.core.health import Health
+from pacs.core.index.connection import WAL_SIZE_LIMIT
 from pacs.core.index.outbox import Backlog
 from pacs.core.routes import shown
 from pacs.node.uploads import ARCHIVE, REASON_SUFFIX, REJECTED, waits_for_rename
@@ -105,6 +106,15 @@ def _intake_line(settings: Settings, found: Health) -> str:
     return line
 
 
+def _wal_note(wal_bytes: int) -> str:
+    """A word on the index's write-ahead log when it has grown past what checkpoints
+    leave (:data:`pacs.core.index.connection.WAL_SIZE_LIMIT`): a reader holds it."""
+    if wal_bytes <= WAL_SIZE_LIMIT:
+        return ""
+    return (f"; write-ahead log {human(wal_bytes)}: a reader (another process?) keeps an "
+            "old snapshot open, and the log grows until it ends")
+
+
 def _audit_line(settings: Settings, found: Health) -> str:
     """The audit trail's line: whether it can be written (it fails open: a trail that
     cannot be written stops nothing, so this line is where an operator sees it)."""
@@ -120,7 +130,8 @@ def _audit_line(settings: Settings, found: Health) -> str:
 def describe(settings: Settings, found: Health) -> list[str]:
     """The lines ``pacs status`` prints."""
     lines = [f"{level}: {count}" for level, count in found.counts.items()]
-    lines.append(f"index: {found.index} ({settings.index_path})")
+    lines.append(f"index: {found.index} ({settings.index_path})"
+                 + _wal_note(found.index_wal_bytes))
     if found.store_reachable:
         where = (str(settings.objects_dir) if settings.storage == "file" else
                  f"{settings.s3_endpoint} bucket {settings.s3_bucket}, prefix "

@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import pytest
+
 from pacs.core import audit, health
 from pacs.core.audit import AuditLog, AuditTrail, Source
 from pacs.core.errors import ConfigError
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
+from pacs.node import status
 from pacs.node.status import describe
 from tests.factory import make_instance
 
@@ -117,3 +120,19 @@ def test_an_unwritable_audit_trail_is_reported_without_making_the_node_unhealthy
     lines = describe(services.settings, found)
     assert any(line.startswith("audit trail: cannot be written") and "1 event(s) lost"
                in line for line in lines)
+
+
+def test_the_write_ahead_log_is_measured_and_explained_past_its_limit(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check reports the index's write-ahead log as its file's size; ``pacs status``
+    says what holds it once it is past what checkpoints cut it back to (a reader with
+    an old snapshot: checkpoints cannot copy past it, and every commit adds to it)."""
+    services.ingest.store_bytes(make_instance())
+    found = health.check(services)
+    wal = Path(f"{services.settings.index_path}-wal")
+    assert found.index_wal_bytes == wal.stat().st_size > 0
+    (line,) = [line for line in describe(services.settings, found) if line.startswith("index:")]
+    assert "snapshot" not in line
+    monkeypatch.setattr(status, "WAL_SIZE_LIMIT", found.index_wal_bytes - 1)
+    (line,) = [line for line in describe(services.settings, found) if line.startswith("index:")]
+    assert "keeps an old snapshot open" in line
