@@ -269,8 +269,13 @@ class Instances:
             When one of them cannot be sent in any accepted syntax.
         """
         plan = []
+        # Chosen once per stored syntax (a study holds a few): the choice scans every
+        # alternative of the Accept header, which a client may make thousands long.
+        chosen: dict[str, str | None] = {}
         for ref in refs:
-            syntax = instance_syntax(ranges, ref.transfer_syntax)
+            if ref.transfer_syntax not in chosen:
+                chosen[ref.transfer_syntax] = instance_syntax(ranges, ref.transfer_syntax)
+            syntax = chosen[ref.transfer_syntax]
             if syntax is None:
                 raise Unacceptable("no acceptable transfer syntax can be produced for every "
                                    "instance (stored syntaxes convert only to uncompressed)")

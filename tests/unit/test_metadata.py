@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import pydicom
 import pytest
 from pydicom.data import get_charset_files
 
-from adapters.dicomweb import accept
+from adapters.dicomweb import accept, wado
+from adapters.dicomweb.accept import MediaRange
 from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
 from pacs.core import jsonmodel, metadata
 from pacs.core.dataset import read_part10
 from pacs.core.frames import Layout
 from pacs.core.index import reads
+from pacs.core.query.model import InstanceRef
 from pacs.core.services import drain
 from tests.conftest import sample
 from tests.factory import make_instance
@@ -219,6 +222,25 @@ def test_accept_weights() -> None:
 ])
 def test_instance_syntax(header: str, stored: str, expected: str | None) -> None:
     assert instance_syntax(accept.parse(header), stored) == expected
+
+
+def test_a_study_plan_chooses_once_per_stored_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice scans every alternative of the Accept header (a client may send
+    thousands): a study's plan makes it once per stored syntax, not once per instance."""
+    calls: list[str] = []
+
+    def counted(ranges: Sequence[MediaRange], stored: str) -> str | None:
+        calls.append(stored)
+        return instance_syntax(ranges, stored)
+
+    monkeypatch.setattr(wado, "instance_syntax", counted)
+    refs = [InstanceRef("1.2", "1.2.3", f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.2",
+                        RLE if n % 2 else EXPLICIT, f"k{n}", 10) for n in range(100)]
+    ranges = accept.parse('multipart/related; type="application/dicom"; '
+                          "transfer-syntax=*, " * 50 + "*/*")
+    plan = wado.Instances._plan(refs, ranges)
+    assert [syntax for _, syntax in plan] == [ref.transfer_syntax for ref in refs]
+    assert sorted(calls) == sorted({RLE, EXPLICIT})
 
 
 def _layout(syntax: str, encapsulated: bool) -> Layout:
