@@ -7,7 +7,8 @@ hands to pynetdicom when the seam is off (:func:`pacs.dimse.handlers.handle_find
 
 ======  =========================================================================
 FF00    a match, every requested key supported
-FF01    a match, some requested optional keys are not supported (sent empty)
+FF01    a match, some requested optional keys are not supported (the first
+        :data:`ECHOED_UNSUPPORTED` of them sent empty)
 0000    matching complete
 FE00    cancelled by C-CANCEL
 A700    more matches than PACS_QUERY_MAX_ROWS, or the query ran too long
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
     from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
+
+#: Unsupported keys of an identifier sent back, empty, in each answer (the first ones).
+#: PS3.4 C.4.1.1.3.2 asks only for FF01 when optional keys are not supported; echoing
+#: every one, a requestor naming thousands of unknown elements in its 64 KiB identifier
+#: would make every answer thousands of elements long (3.5 ms to encode, 64 KB to send).
+ECHOED_UNSUPPORTED = 64
 
 #: C-FIND extended negotiation we support (PS3.4 C.5.1.1.1): relational queries,
 #: empty-value and multiple-value matching; not combined date-time or fuzzy matching.
@@ -142,13 +149,15 @@ def _responses(request: Request, identifier: Dataset | None, services: Services,
         negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)
         pending = PENDING_UNSUPPORTED_KEYS if unsupported else PENDING
-        extra = [(int(tag), identifier[tag].VR) for tag in unsupported]
+        extra = [(int(tag), identifier[tag].VR) for tag in unsupported[:ECHOED_UNSUPPORTED]]
         builder = ResponseBuilder(query, model, services.settings.ae_title,
                                   _charset(identifier), extra)
         implicit = UID(request.transfer_syntax).is_implicit_VR
         for page in services.engine.find_pages(query, cancelled=cancelled, deadline=deadline):
-            answers = [encode_identifier(*builder.build(result), implicit) for result in page]
-            deadline.check()
+            answers = []
+            for result in page:  # the time limit holds for each answer, not each page
+                answers.append(encode_identifier(*builder.build(result), implicit))
+                deadline.check()
             with deadline.paused():
                 for answer in answers:
                     if cancelled():

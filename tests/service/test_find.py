@@ -17,7 +17,9 @@ from pynetdicom.sop_class import (
 )
 
 import pacs.core.query.engine as engine_module
+import pacs.dimse.find as find_module
 from pacs.core.index.compiler import MAX_TERMS
+from pacs.dimse.find import ECHOED_UNSUPPORTED
 from tests.factory import make_instance, uid_list_of_length
 from tests.service.conftest import RunningNode
 
@@ -100,6 +102,47 @@ def test_unsupported_optional_key_gives_ff01_and_empty_value(loaded: RunningNode
     responses = _find(associate(), identifier)
     assert [s for s, _ in responses] == [0xFF01, 0x0000]
     assert "OtherStudyNumbers" in responses[0][1]
+
+
+def test_at_most_so_many_unsupported_keys_come_back(loaded: RunningNode,
+                                                    associate) -> None:
+    """An identifier naming thousands of unknown (here private) elements: still FF01,
+    but only the first ECHOED_UNSUPPORTED come back empty in each answer, so that an
+    answer's size and encoding time do not grow with them."""
+    identifier = _identifier("STUDY", StudyInstanceUID="1.2.3.0")
+    for number in range(ECHOED_UNSUPPORTED * 4):
+        identifier.add_new((0x0009, 0x1000 + number), "LO", None)
+    responses = _find(associate(), identifier)
+    assert [s for s, _ in responses] == [0xFF01, 0x0000]
+    match = responses[0][1]
+    assert match is not None
+    private = sorted(int(e.tag) for e in match if e.tag.group == 0x0009)
+    assert private == [0x00091000 + n for n in range(ECHOED_UNSUPPORTED)]
+
+
+def test_the_time_limit_holds_within_a_page(node: RunningNode, associate,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The query time limit is checked after each answer is encoded, not once a page
+    (256 answers) has been: encoding that slows down (here 0.1 s an answer, limit
+    0.25 s) is stopped after the few answers within the limit (A700)."""
+    for n in range(10):
+        node.services.ingest.store_bytes(make_instance(
+            PatientID="SLOW", StudyInstanceUID=f"1.2.4.{n}",
+            SeriesInstanceUID=f"1.2.4.{n}.1", SOPInstanceUID=f"1.2.4.{n}.1.1"))
+    monkeypatch.setattr(node.services.engine, "time_limit", 0.25)
+    encoded = []
+    encode_identifier = find_module.encode_identifier
+
+    def slow(*args: object) -> bytes:
+        time.sleep(0.1)
+        encoded.append(1)
+        return encode_identifier(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(find_module, "encode_identifier", slow)
+    responses = _find(associate(), _identifier("STUDY", PatientID="SLOW",
+                                               StudyInstanceUID=""))
+    assert [s for s, _ in responses] == [0xA700]
+    assert 2 <= len(encoded) <= 4
 
 
 def test_response_uses_the_request_charset_when_it_can(loaded: RunningNode,
