@@ -219,3 +219,68 @@ def test_a_deflated_frame_reads_the_stored_object_a_feed_at_a_time(tmp_path: Pat
         tracemalloc.stop()
     assert frame.nbytes == FRAME_SIDE * FRAME_SIDE
     assert peak < len(data) // 4, peak
+
+
+def _frames_of(count: int, eoi: bool = False) -> list[bytes]:
+    """``count`` frames of even length without 0xFF bytes (ending with an EOI marker
+    when ``eoi``), so that only the markers meant to end frames can be found."""
+    rng = np.random.default_rng(count)
+    frames = []
+    for _ in range(count):
+        body = rng.integers(0, 255, size=int(rng.integers(20, 60)) * 2, dtype=np.uint8)
+        data = body.tobytes()
+        frames.append(data[:-2] + b"\xff\xd9" if eoi else data)
+    return frames
+
+
+_DELIMITER_ITEM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _encapsulated(frames: list[bytes], per_frame: int, bot: bool, extended: bool = False
+                  ) -> tuple[bytes, Layout]:
+    extended_offsets = None
+    if extended:
+        value, offsets, lengths = encapsulate_extended(frames)
+        extended_offsets = (offsets, lengths)
+    else:
+        value = encapsulate(frames, fragments_per_frame=per_frame, has_bot=bot)
+    lay = Layout(transfer_syntax="1.2.840.10008.1.2.4.50", rows=8, columns=8, samples=1,
+                 bits_allocated=8, frames=len(frames), photometric="MONOCHROME2",
+                 pixel_offset=0, pixel_length=metadata.UNDEFINED_LENGTH,
+                 extended_offsets=extended_offsets)
+    return value + _DELIMITER_ITEM, lay
+
+
+@pytest.mark.parametrize("count, per_frame, bot, eoi, extended", [
+    (30, 1, True, False, False), (30, 1, False, False, False),
+    (30, 3, True, False, False), (30, 3, False, True, False),
+    (1, 4, False, False, False), (30, 1, False, False, True)],
+    ids=["one each, basic table", "one each, no table", "three each, basic table",
+         "three each, no table, EOI markers", "one frame of four", "extended table"])
+def test_many_frames_are_found_as_pydicom_finds_each(
+        count: int, per_frame: int, bot: bool, eoi: bool, extended: bool) -> None:
+    """Frames asked for together are found in one walk of the items, grouped into
+    fragments by pydicom's rules for one frame (PS3.5 A.4): the same bytes, frame by
+    frame, in any order."""
+    frames = _frames_of(count, eoi)
+    value, lay = _encapsulated(frames, per_frame, bot, extended)
+    numbers = list(range(count, 0, -1))
+    together = [data for data, _ in stored_frames(io.BytesIO(value), lay, numbers,
+                                                  max_frame_bytes=1)]
+    alone = [next(stored_frames(io.BytesIO(value), lay, [n], max_frame_bytes=1))[0]
+             for n in numbers]
+    assert together == alone
+    assert [data.rstrip(b"\0") for data in together] == [
+        frames[n - 1].rstrip(b"\0") for n in numbers]
+
+
+def test_all_frames_of_an_object_are_read_in_one_walk() -> None:
+    """Without an offset table, finding frame n walked the item headers of every
+    fragment before it: all 400 frames took 322,400 reads.  Now each header is read once,
+    and each frame once."""
+    frames = _frames_of(400)
+    value, lay = _encapsulated(frames, 1, bot=False)
+    source = CountingReader(value)
+    got = [data for data, _ in stored_frames(source, lay, range(1, 401), max_frame_bytes=1)]
+    assert got == frames
+    assert len(source.reads) <= 2 * 400 + 3
