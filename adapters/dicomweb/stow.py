@@ -57,7 +57,14 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from adapters.dicomweb import dicomjson, multipart, urls
-from adapters.dicomweb.errors import StudyMismatch, Unacceptable, UnsupportedMedia, outcome_for
+from adapters.dicomweb.errors import (
+    UNEXPECTED,
+    StudyMismatch,
+    Unacceptable,
+    UnsupportedMedia,
+    outcome_for,
+    reason,
+)
 from adapters.dicomweb.negotiation import accepts_json
 from adapters.http.audit import note_stored, requestor_of
 from adapters.http.auth import Access
@@ -101,6 +108,10 @@ class Failed:
     sop_class_uid: str
     sop_instance_uid: str
     reason: int
+    #: Why, for the log's summary of the request (never sent, never patient data).
+    detail: str = field(default="", compare=False)
+    #: A failure of ours (the store, the index), not of the part: logged at ERROR.
+    ours: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -114,6 +125,18 @@ class Report:
     def empty(self) -> bool:
         """No part at all."""
         return not self.stored and not self.failed
+
+    def summary(self) -> str:
+        """The failures by FailureReason, each with the first one's detail: one log
+        line for a request, however many of its parts failed."""
+        first: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        for failed in self.failed:
+            first.setdefault(failed.reason, failed.detail)
+            counts[failed.reason] = counts.get(failed.reason, 0) + 1
+        return "; ".join(f"{reason:04X} x {count}" + (f" ({first[reason]})"
+                                                      if first[reason] else "")
+                         for reason, count in counts.items())
 
     def status(self) -> str:
         """200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3.1)."""
@@ -328,7 +351,12 @@ class Store:
         rejecter = requestor_of(req) if Access.of(self.services).may_reject(req) else None
         report = self._store_all(parts_of(req, settings.max_object_bytes,
                                           settings.max_request_bytes), study, rejecter)
-        log.info("STOW-RS: %d stored, %d failed", len(report.stored), len(report.failed))
+        if report.failed:  # one line, however many parts failed
+            level = logging.ERROR if any(f.ours for f in report.failed) else logging.WARNING
+            log.log(level, "STOW-RS: %d stored, %d failed: %s", len(report.stored),
+                    len(report.failed), report.summary())
+        else:
+            log.info("STOW-RS: %d stored", len(report.stored))
         note_stored(req, ((s.study_uid, s.sop_class_uid) for s in report.stored))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
@@ -393,7 +421,8 @@ class Store:
                     raise
                 log.warning("STOW-RS body broke after %d part(s): %s",
                             len(report.stored) + len(report.failed), exc)
-                report.failed.append(Failed("", "", outcome_for(exc).failure_reason))
+                report.failed.append(Failed("", "", outcome_for(exc).failure_reason,
+                                            reason(exc)))
             finally:
                 _collect(pending, report, keep=0)
         if report.empty:
@@ -464,16 +493,17 @@ def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed
 
 
 def _failed(data: bytes, exc: BaseException) -> Failed:
-    """A part not stored, logged by the kind of failure (never patient data)."""
+    """A part not stored.  Logged with the request's summary (:meth:`Report.summary`),
+    not a line per part (a request may hold thousands); a defect of ours alone is
+    logged here, with its traceback (never patient data)."""
     outcome = outcome_for(exc)
-    if logged_by_core(exc):  # a full intake: counted and logged by the ingest
-        log.debug("STOW-RS part not stored: %s", exc)
-    elif outcome.status.startswith("5"):
-        log.error("STOW-RS part not stored: %s", exc,
-                  exc_info=exc if outcome.status == falcon.HTTP_500 else None)
+    if outcome is UNEXPECTED:
+        log.error("STOW-RS part not stored: %s", exc, exc_info=exc)
     else:
-        log.warning("STOW-RS part refused: %s", exc)
-    return Failed(*peek_uids(data), outcome.failure_reason)
+        log.debug("STOW-RS part not stored: %s", exc)
+    core = logged_by_core(exc)  # a full intake: counted and logged by the ingest
+    return Failed(*peek_uids(data), outcome.failure_reason, "" if core else reason(exc),
+                  outcome.status.startswith("5") and not core)
 
 
 def _refuse_unknown_oversize(report: Report, size: int) -> None:
@@ -483,8 +513,7 @@ def _refuse_unknown_oversize(report: Report, size: int) -> None:
     exc = ObjectTooLarge(f"a part of {size} bytes is larger than the object size limit")
     if not report.stored:
         raise exc
-    log.warning("STOW-RS part refused: %s", exc)
-    report.failed.append(Failed("", "", outcome_for(exc).failure_reason))
+    report.failed.append(Failed("", "", outcome_for(exc).failure_reason, str(exc)))
 
 
 def _collect(pending: list[Future[list[Stored | Failed]]], report: Report,

@@ -3,6 +3,7 @@ them, the PS3.18 10.5.3 response, and nothing stored from a refused part."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
@@ -223,6 +224,22 @@ def test_bad_part_among_good_ones(client: testing.TestClient, services: Services
     assert (sop is not None) == known_uid
     assert items(result, "00081198")[0]["00081150"]["vr"] == "UI"
     assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+def test_many_refused_parts_make_one_log_line(client: testing.TestClient,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A request may hold thousands of parts: their refusals are one WARNING line for
+    the request, by FailureReason with the first one's reason, not a line per part."""
+    garbage = [b"not DICOM %d" % n for n in range(300)]
+    with caplog.at_level(logging.DEBUG, logger="adapters.dicomweb.stow"):
+        result = post(client, body(instance(), *garbage))
+    assert result.status_code == 202
+    assert len(failures(result)) == 300
+    lines = [r for r in caplog.records
+             if r.name == "adapters.dicomweb.stow" and r.levelno >= logging.WARNING]
+    assert len(lines) == 1
+    assert lines[0].getMessage().startswith(f"STOW-RS: 1 stored, 300 failed: "
+                                            f"{CANNOT_UNDERSTAND:04X} x 300 (")
 
 
 def test_part_of_another_media_type_is_refused(client: testing.TestClient,
