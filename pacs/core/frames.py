@@ -9,10 +9,10 @@ pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
 - encapsulated pixel data: the frame's fragments, found through the Basic (or
   Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
   table and the frame's items; without an offset table pydicom walks every fragment's
-  item header, so :func:`open_frames` gives it a local copy of the object.  Several
-  frames of one request are found in one walk (:class:`FrameIndex`): asked one by
-  one, each frame walked the table or the fragments before it again, and all 4,000
-  frames of a 40 KB object took 12 s;
+  item header, so :func:`open_frames` gives it a local copy of the object, and the
+  frames of one request are found in one such walk (:class:`FrameIndex`): asked one
+  by one, each frame walked the fragments before it again, and all 4,000 frames of a
+  40 KB object took 12 s;
 - a deflated data set (PS3.5 A.5): the frame's bytes inflated from the stream and
   nothing after them (:func:`pacs.core.dataset.inflated_pixels`), decoded by pydicom
   with the header;
@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -442,149 +443,112 @@ _EOI, _EOI_WINDOW = b"\xff\xd9", 10
 
 
 class FrameIndex:
-    """Where each frame of encapsulated pixel data lies, found once for many frames.
+    """Where each frame of encapsulated pixel data without an offset table lies, found
+    once for the frames of one request.
 
-    The frames are grouped into fragments by pydicom's rules for ``get_frame``
-    (PS3.5 A.4): by the Extended Offset Table when there is one; else by the Basic
-    Offset Table; else one fragment per frame when there are as many, all of them
-    for one frame, or up to a fragment ending in an EOI marker.  The item headers are
-    read in one pass (the fragments' bytes skipped), and each frame is then read with a
-    seek per fragment.  What a request holds grows with the fragments (three numbers
-    each), which ingest bounds (``MAX_ELEMENTS``).
+    Without a Basic or Extended Offset Table pydicom's ``get_frame`` walks the item
+    header of every fragment before the frame, for each frame asked for: all frames of
+    an object took time in the square of their number.  Here the headers are read in
+    one pass (the fragments' bytes skipped) and each frame is then read with a seek per
+    fragment, grouped by pydicom's rules (PS3.5 A.4): one fragment per frame when there
+    are as many, all of them for one frame, else up to a fragment whose last bytes hold
+    an EOI marker.  Two numbers are kept per fragment, which ingest bounds
+    (``MAX_ELEMENTS``).  An object with an offset table is read through pydicom
+    (:func:`_fragments`): its table places each frame without a walk.
 
     Raises
     ------
     UnreadableData
-        (from :meth:`frame`) The items do not parse, the frame is not there, or it has
-        no bytes.
+        (from :meth:`frame`) The items do not parse (an undefined length, a tag that is
+        not an item, one past the end of the object), the frame is not there, or it
+        has no bytes.
     """
 
     def __init__(self, source: BinaryIO, lay: Layout) -> None:
-        assert lay.pixel_offset is not None
         self.source = source
         self.lay = lay
-        self._spans: list[tuple[int, int]] | None = None  # (position, length) of items
-        # Per frame, its first span (one more at the end); None: the offset table
-        # places the frame's start inside an item.
-        self._starts: list[int | None] = []
+        self._walked = False
+        self._tabled = lay.extended_offsets is not None
+        self._positions = array("Q")
+        self._lengths = array("Q")
+        # Per frame, the index of its first fragment; one more at the end.
+        self._starts: Sequence[int] = ()
 
     def frame(self, number: int) -> bytes:
         """Frame ``number`` (1-based): its fragments' bytes, joined."""
-        if self.lay.extended_offsets is not None:
-            return self._extended(number)
-        if self._spans is None:
-            self._spans, self._starts = self._found()
+        if not self._walked and not self._tabled:
+            self._walk()
+        if self._tabled:
+            return _fragments(self.source, self.lay, number)
         if not 1 <= number < len(self._starts):
             raise UnreadableData(f"the encapsulated pixel data holds no frame {number}")
-        first, end = self._starts[number - 1], self._starts[number]
-        if first is None or end is None:
-            raise UnreadableData(f"the encapsulated pixel data does not parse: the offset "
-                                 f"table places frame {number} inside an item")
         parts = []
-        for position, length in self._spans[first:end]:
-            self.source.seek(position)
-            data = self.source.read(length)
-            if len(data) != length:
-                raise UnreadableData("the stored object is truncated")
-            parts.append(data)
+        for at in range(self._starts[number - 1], self._starts[number]):
+            self.source.seek(self._positions[at])
+            parts.append(self.source.read(self._lengths[at]))
         data = b"".join(parts)
         if not data:
-            raise UnreadableData(f"frame {number} has no bytes where the offset table "
-                                 "places it")
+            raise UnreadableData(f"frame {number} has no bytes")
         return data
 
-    def _extended(self, number: int) -> bytes:
-        """Frame ``number`` where the Extended Offset Table places it, the table read
-        once (pydicom unpacks all of it for each frame)."""
-        assert self.lay.extended_offsets is not None and self.lay.pixel_offset is not None
-        _check_extended(self.source, self.lay, number)
-        if self._spans is None:
-            offsets, lengths = self.lay.extended_offsets
-            count = min(len(offsets), len(lengths)) // _EXTENDED_ENTRY.size
-            _, after = self._basic_offsets(self.lay.pixel_offset)
-            self._spans = [(after + offset + 8, length) for offset, length in zip(
-                struct.unpack(f"<{count}Q", offsets[:count * 8]),
-                struct.unpack(f"<{count}Q", lengths[:count * 8]), strict=True)]
-        position, length = self._spans[number - 1]
-        self.source.seek(position)
-        data = self.source.read(length)
-        if len(data) != length:
-            raise UnreadableData("the stored object is truncated")
-        return data
-
-    def _found(self) -> tuple[list[tuple[int, int]], list[int | None]]:
-        """Every fragment's (position, length), and where each frame's begin."""
+    def _walk(self) -> None:
+        """Read the offset table's header and every item's; group them into frames."""
         assert self.lay.pixel_offset is not None
-        offsets, after = self._basic_offsets(self.lay.pixel_offset)
-        spans = self._items(after)
-        if offsets:
-            # An offset names an item's header; past the last item, a frame of no
-            # bytes; anywhere else, bytes pydicom cannot parse as items.
-            items = {position - _ITEM_HEAD.size - after: n
-                     for n, (position, _) in enumerate(spans)}
-            end = (spans[-1][0] + spans[-1][1] - after) if spans else 0
-            starts: list[int | None] = [
-                items.get(offset, len(spans) if offset >= end else None)
-                for offset in offsets]
-            return spans, [*starts, len(spans)]
-        frames = max(self.lay.frames, 1)
-        if len(spans) == 1 or frames == 1:
-            return spans, [0, len(spans)]
-        if len(spans) == frames:
-            return spans, [*range(frames + 1)]
-        return spans, [*self._by_markers(spans)]
-
-    def _basic_offsets(self, start: int) -> tuple[list[int], int]:
-        """The Basic Offset Table's entries (at most one past the frames: the rest
-        place nothing) and where the first fragment's item begins."""
-        self.source.seek(start)
-        group, element, length = self._head()
-        if (group, element) != _ITEM or length % 4:
+        self._walked = True
+        size = self.source.seek(0, io.SEEK_END)
+        self.source.seek(self.lay.pixel_offset)
+        group, element, length = self._head(self.lay.pixel_offset, size)
+        if (group, element) != _ITEM:
             raise UnreadableData("the encapsulated pixel data does not begin with an "
                                  "offset table item")
-        wanted = min(length, 4 * (max(self.lay.frames, 1) + 1))
-        table = self.source.read(wanted)
-        if len(table) != wanted:
-            raise UnreadableData("the stored object is truncated")
-        return list(struct.unpack(f"<{wanted // 4}I", table)), start + 8 + length
-
-    def _items(self, start: int) -> list[tuple[int, int]]:
-        """(position, length) of each fragment, to the sequence delimiter or the end."""
-        spans: list[tuple[int, int]] = []
-        at = start
-        while True:
+        if length:
+            self._tabled = True
+            return
+        at = self.lay.pixel_offset + _ITEM_HEAD.size
+        while at + _ITEM_HEAD.size <= size:
             self.source.seek(at)
-            head = self.source.read(_ITEM_HEAD.size)
-            if len(head) < _ITEM_HEAD.size:
-                return spans
-            group, element, length = _ITEM_HEAD.unpack(head)
+            group, element, length = self._head(at, size)
             if (group, element) == _DELIMITER:
-                return spans
+                break
             if (group, element) != _ITEM:
                 raise UnreadableData("the encapsulated pixel data does not parse: "
                                      f"({group:04X},{element:04X}) where an item belongs")
-            spans.append((at + _ITEM_HEAD.size, length))
+            self._positions.append(at + _ITEM_HEAD.size)
+            self._lengths.append(length)
             at += _ITEM_HEAD.size + length
+        count, frames = len(self._positions), max(self.lay.frames, 1)
+        if count == 1 or frames == 1:
+            self._starts = (0, count)
+        elif count == frames:
+            self._starts = range(count + 1)
+        else:
+            self._starts = self._by_markers()
 
-    def _by_markers(self, spans: list[tuple[int, int]]) -> list[int]:
-        """Frames that end with the fragment whose last bytes hold an EOI marker; the
-        fragments after the last such one are one more frame."""
-        starts = [0]
-        for number, (position, length) in enumerate(spans):
-            tail = min(length, _EOI_WINDOW)
-            self.source.seek(position + length - tail)
-            if _EOI in self.source.read(tail):
-                starts.append(number + 1)
-        if starts[-1] != len(spans):
-            starts.append(len(spans))
-        return starts
-
-    def _head(self) -> tuple[int, int, int]:
+    def _head(self, at: int, size: int) -> tuple[int, int, int]:
+        """The item header at ``at``; its value must be of defined length and within
+        the object (``size`` bytes): it is read as declared."""
         head = self.source.read(_ITEM_HEAD.size)
         if len(head) < _ITEM_HEAD.size:
             raise UnreadableData("the stored object is truncated")
         group, element, length = _ITEM_HEAD.unpack(head)
+        if length == metadata.UNDEFINED_LENGTH or at + _ITEM_HEAD.size + length > size:
+            raise UnreadableData("the encapsulated pixel data does not parse: an item of "
+                                 "undefined length or past the end of the object")
         return group, element, length
+
+    def _by_markers(self) -> array[int]:
+        """Frames that end with the fragment whose last bytes hold an EOI marker; the
+        fragments after the last such one are one more frame."""
+        starts = array("Q", [0])
+        for number, (position, length) in enumerate(zip(self._positions, self._lengths,
+                                                        strict=True)):
+            tail = min(length, _EOI_WINDOW)
+            self.source.seek(position + length - tail)
+            if _EOI in self.source.read(tail):
+                starts.append(number + 1)
+        if starts[-1] != len(self._positions):
+            starts.append(len(self._positions))
+        return starts
 
 
 def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:

@@ -284,3 +284,30 @@ def test_all_frames_of_an_object_are_read_in_one_walk() -> None:
     got = [data for data, _ in stored_frames(source, lay, range(1, 401), max_frame_bytes=1)]
     assert got == frames
     assert len(source.reads) <= 2 * 400 + 3
+
+
+def test_frames_placed_by_an_offset_table_are_read_without_a_walk() -> None:
+    """With a Basic Offset Table each frame is found through it: two frames of 2,000
+    cost a few reads, not a read of every item header."""
+    value, lay = _encapsulated(_frames_of(2000), 1, bot=True)
+    source = CountingReader(value)
+    assert len(list(stored_frames(source, lay, [1, 2], max_frame_bytes=1))) == 2
+    assert len(source.reads) <= 12
+
+
+@pytest.mark.parametrize("damage", ["undefined length", "past the end"])
+def test_an_item_that_cannot_be_read_as_declared_is_unreadable(damage: str) -> None:
+    """An item of undefined length (0xFFFFFFFF), or one longer than the object, is not
+    read as declared (a read of 4 GiB asks the allocator for it first): the request is
+    refused.  One frame alone (through pydicom) is refused too for an undefined length
+    (one past the end pydicom reads short; ingest refuses such an object)."""
+    frames = _frames_of(3)
+    value, lay = _encapsulated(frames, 1, bot=False)
+    third = 8 + 8 + len(frames[0]) + 8 + len(frames[1])  # the third fragment's header
+    length = 0xFFFFFFFF if damage == "undefined length" else len(value)
+    damaged = value[:third + 4] + struct.pack("<I", length) + value[third + 8:]
+    with pytest.raises(UnreadableData):
+        list(stored_frames(io.BytesIO(damaged), lay, [2, 3], max_frame_bytes=1))
+    if damage == "undefined length":
+        with pytest.raises(UnreadableData):
+            list(stored_frames(io.BytesIO(damaged), lay, [3], max_frame_bytes=1))
