@@ -149,7 +149,9 @@ def _responses(request: Request, identifier: Dataset | None, services: Services,
         negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)
         pending = PENDING_UNSUPPORTED_KEYS if unsupported else PENDING
-        extra = [(int(tag), identifier[tag].VR) for tag in unsupported[:ECHOED_UNSUPPORTED]]
+        # Standard elements first: private ones (odd groups) must not crowd them out.
+        echoed = sorted(unsupported, key=lambda tag: (tag >> 16) & 1)[:ECHOED_UNSUPPORTED]
+        extra = [(int(tag), identifier[tag].VR) for tag in echoed]
         builder = ResponseBuilder(query, model, services.settings.ae_title,
                                   _charset(identifier), extra)
         implicit = UID(request.transfer_syntax).is_implicit_VR
