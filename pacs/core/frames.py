@@ -421,7 +421,7 @@ def _fragments(source: BinaryIO, lay: Layout, number: int) -> bytes:
     try:
         data = get_frame(source, number - 1, number_of_frames=lay.frames,
                          extended_offsets=lay.extended_offsets)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, struct.error) as exc:  # struct: a table cut short
         raise UnreadableData(f"the encapsulated pixel data does not parse: {exc}") from None
     if not data:
         raise UnreadableData(f"frame {number} has no bytes where the offset table "

@@ -311,3 +311,15 @@ def test_an_item_that_cannot_be_read_as_declared_is_unreadable(damage: str) -> N
     if damage == "undefined length":
         with pytest.raises(UnreadableData):
             list(stored_frames(io.BytesIO(damaged), lay, [3], max_frame_bytes=1))
+
+
+def test_an_offset_table_longer_than_the_object_is_unreadable() -> None:
+    """A Basic Offset Table item declaring 400 bytes in an object of 18: pydicom's
+    unpacking fails with ``struct.error``, which reached the client as a 500."""
+    value = b"\xfe\xff\x00\xe0" + struct.pack("<I", 400) + bytes(10)
+    lay = Layout(transfer_syntax="1.2.840.10008.1.2.4.50", rows=8, columns=8, samples=1,
+                 bits_allocated=8, frames=2, photometric="MONOCHROME2", pixel_offset=0,
+                 pixel_length=metadata.UNDEFINED_LENGTH)
+    for numbers in ([1], [1, 2]):
+        with pytest.raises(UnreadableData):
+            list(stored_frames(io.BytesIO(value), lay, numbers, max_frame_bytes=1))
