@@ -417,6 +417,16 @@ class Deleter:
         self.remove(rejection.references, who, audit.APPLICATION_SERVER,
                     reason=rejection.reason, accept=accept)
 
+    def refused(self, note: Analysis, who: Participant) -> None:
+        """The ingest's hook (:attr:`pacs.core.ingest.Ingest.on_refused_rejection`):
+        a rejection note from a sender without the right to remove data is a Security
+        Alert, Use of Restricted Function (PS3.15 A.5.3.11, PS3.16 CID 403), a minor
+        failure (the attempt was stopped), beside the failed store the edge records."""
+        reason = note.rejection.reason.meaning if note.rejection is not None else "?"
+        self.trail.security_alert(audit.APPLICATION_SERVER, audit.RESTRICTED_FUNCTION,
+                                  f"rejection note refused ({reason}): the sender may "
+                                  "not remove data", audit.MINOR_FAILURE, [who])
+
     # -- retention ------------------------------------------------------------------
 
     def expire(self, days_by_modality: Sequence[tuple[str, float]],

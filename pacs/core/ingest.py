@@ -263,6 +263,10 @@ class Ingest:
         released, so that it can take the locks of the instances it removes.  Its
         failure is the store's: the sender is told, and the note sent again (a no-op
         for the note itself) applies it then.
+    on_refused_rejection : RejectionHook or None
+        Told of a rejection note refused because its sender may not remove data (the
+        composition root records it as a Security Alert), before the refusal is
+        raised; its own failure never changes the refusal.
     """
 
     def __init__(self, index: Index, store: IntakeStore, duplicate_policy: str,
@@ -278,6 +282,7 @@ class Ingest:
         self.intake_max_bytes = intake_max_bytes
         self.lock_wait = lock_wait
         self.on_rejection: RejectionHook | None = None
+        self.on_refused_rejection: RejectionHook | None = None
         self.refusals = Refusals()
         self._digests = Offload(DIGEST_THREADS, "ingest-digest")
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -371,6 +376,7 @@ class Ingest:
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
             if (refused := _rejection_refusal(analysis, may_reject)) is not None:
+                self._refused_rejection(analysis, calling_ae, requestor)
                 raise refused  # before any lock; what was staged is removed
             with self.uid_lock(analysis.sop_instance_uid):
                 outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
@@ -404,6 +410,19 @@ class Ingest:
                 and outcome is not Outcome.KEPT_FIRST):
             who = requestor or Participant(calling_ae.strip() or "(none)", True)
             self.on_rejection(analysis, who)
+
+    def _refused_rejection(self, analysis: Analysis, calling_ae: str,
+                           requestor: Participant | None) -> None:
+        """Tell :attr:`on_refused_rejection` of a note refused to ``requestor`` (by
+        default the calling AE); whatever happens to it, the refusal stands."""
+        if self.on_refused_rejection is None:
+            return
+        try:
+            self.on_refused_rejection(analysis,
+                                      requestor or Participant(calling_ae.strip() or "(none)",
+                                                               True))
+        except Exception:  # the refusal is what the sender must hear
+            log.error("the refused rejection note could not be reported", exc_info=True)
 
     def store_file(self, path: Path, *, calling_ae: str = "",
                    follow_links: bool = True) -> StoreResult:

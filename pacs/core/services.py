@@ -57,6 +57,7 @@ class Services:
         self.deleter = Deleter(self.index, self.store, self.ingest, self.audit)
         # The ingest applies a stored IOCM rejection note through the same path.
         self.ingest.on_rejection = self.deleter.reject
+        self.ingest.on_refused_rejection = self.deleter.refused
 
     def close(self) -> None:
         """Release index connections and store clients, sync the audit trail."""

@@ -19,6 +19,7 @@ from pacs.core.errors import (
     InstanceLocked,
     InvalidRejection,
     InvalidUID,
+    NotAuthorized,
     NotFound,
     RejectedInstance,
     StorageError,
@@ -441,3 +442,37 @@ def test_once_the_store_leaves_a_deletion_unanswered_the_others_are_left_for_fsc
     assert reads.unsettled(services.index.connection(), rows[0].object_key)
     assert reconcile(services, repair=True).ok
     assert list(services.store.keys()) == []
+
+
+def test_a_rejection_note_refused_to_its_sender_is_a_security_alert(
+        services: Services) -> None:
+    """A note from a sender without the right to remove data is refused, nothing of it
+    or of what it names removed, and the attempt recorded as a Security Alert of type
+    Use of Restricted Function (PS3.15 A.5.3.11, PS3.16 CID 403) naming the sender."""
+    rejected = _study(services, count=1)
+    with pytest.raises(NotAuthorized):
+        services.ingest.store_bytes(_note(rejected), calling_ae="NOREJECT",
+                                    may_reject=False)
+    assert rejected[0][2] in _uids(services)
+    services.audit.flush(everything=True)
+    alerts = [event for event in _events(services)
+              if event["EventIdentification"]["EventID"]["originalText"]
+              == "Security Alert"]
+    assert len(alerts) == 1, alerts
+    identification = alerts[0]["EventIdentification"]
+    assert identification["EventTypeCode"][0]["csd-code"] == "110132"
+    assert identification["EventOutcomeIndicator"] == audit.MINOR_FAILURE
+    assert "NOREJECT" in {p["UserID"] for p in alerts[0]["ActiveParticipant"]}
+
+
+def test_a_refused_note_stays_refused_when_its_alert_cannot_be_written(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    rejected = _study(services, count=1)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError("audit disk gone")
+
+    monkeypatch.setattr(services.audit, "security_alert", broken)
+    with pytest.raises(NotAuthorized):
+        services.ingest.store_bytes(_note(rejected), may_reject=False)
+    assert rejected[0][2] in _uids(services)
