@@ -98,17 +98,48 @@ def _jpeg(frame: bytes) -> Declared | None:
 
 # --- JPEG 2000 and HTJ2K --------------------------------------------------------------
 
-#: SOC then SIZ (ISO/IEC 15444-1 A.4.1, A.5.1): how every codestream begins, bare or in
-#: a JP2 file's contiguous codestream box.
+#: SOC then SIZ (ISO/IEC 15444-1 A.4.1, A.5.1): how every codestream begins.
 _SOC_SIZ = b"\xff\x4f\xff\x51"
 #: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz.
 _SIZ = struct.Struct(">HHIIIIIIIIH")
+#: The JPEG 2000 signature box (ISO/IEC 15444-1 I.5.1) that begins a JP2 file.
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_BOX = struct.Struct(">I4s")  # LBox, TBox (I.4)
+
+
+def _codestream_start(frame: bytes) -> int | None:
+    """Where the codestream a decoder reads begins: at the start of a bare codestream
+    (PS3.5 A.4.4 leaves the JP2 file format out of a frame), or, for an encoder that
+    wrapped it anyway, where the JP2 file's first Contiguous Codestream box (``jp2c``,
+    I.5.4) begins, reached box by box (I.4).  Never the first SOC and SIZ found
+    anywhere: a box a reader skips could carry a small SIZ before the real one."""
+    if frame.startswith(_SOC_SIZ):
+        return 0
+    if not frame.startswith(_JP2_SIGNATURE):
+        return None
+    position, size = 0, len(frame)
+    while position + _BOX.size <= size:
+        length, kind = _BOX.unpack_from(frame, position)
+        header = _BOX.size
+        if length == 1:  # XLBox: a 64-bit length follows
+            if position + 16 > size:
+                return None
+            length, header = struct.unpack_from(">Q", frame, position + 8)[0], 16
+        elif length == 0:  # the box runs to the end
+            length = size - position
+        if kind == b"jp2c":
+            start = position + header
+            return start if frame.startswith(_SOC_SIZ, start) else None
+        if length < header:
+            return None
+        position += length
+    return None
 
 
 def _jpeg2000(frame: bytes) -> Declared | None:
     """The image and component sizes of a JPEG 2000 codestream's SIZ segment."""
-    start = frame.find(_SOC_SIZ)
-    if start < 0 or start + 4 + _SIZ.size > len(frame):
+    start = _codestream_start(frame)
+    if start is None or start + 4 + _SIZ.size > len(frame):
         return None
     fields = _SIZ.unpack_from(frame, start + 4)
     columns, rows, x_offset, y_offset, components = (

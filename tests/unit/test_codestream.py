@@ -8,10 +8,11 @@ import io
 import struct
 from typing import Any
 
+import numpy
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from pacs.core import codestream, frames, metadata, transcode
 from pacs.core.errors import UnreadableData
@@ -86,6 +87,43 @@ def test_a_jpeg_2000_declaring_more_pixels_than_the_data_set_is_never_decoded(
         frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=1 << 20)
     with pytest.raises(UnreadableData, match="60000 x 60000"):
         transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 20)
+
+
+def _jp2(rows: int, columns: int, skipped: bytes = b"") -> bytes:
+    """A JP2 file (ISO/IEC 15444-1 I) of a ``rows`` x ``columns`` grey image, with a
+    ``uuid`` box holding ``skipped`` after its File Type box (readers skip it)."""
+    from openjpeg.utils import encode_array
+    jp2 = encode_array(numpy.full((rows, columns), 200, numpy.uint8), codec_format=1)
+    signature = struct.unpack_from(">I", jp2)[0]
+    cut = signature + struct.unpack_from(">I", jp2, signature)[0]
+    box = struct.pack(">I4s", 8 + 16 + len(skipped), b"uuid") + bytes(16) + skipped
+    return jp2[:cut] + box + jp2[cut:]
+
+
+def test_a_jp2_wrapped_frame_is_read_at_its_codestream_box() -> None:
+    """PS3.5 A.4.4 leaves the JP2 file format out of a frame; one wrapped anyway is
+    read where a decoder reads it (its ``jp2c`` box), never at a SIZ that a skipped
+    box carries: a 64 x 64 one before a 2000 x 2000 codestream does not let the
+    frame pass as 64 x 64."""
+    small = _jp2(64, 64)
+    assert codestream.declared(small, JPEG2000Lossless) == codestream.Declared(64, 64, 1, 8)
+    bare = small[small.index(b"jp2c") + 4:]
+    disguised = _jp2(2000, 2000, skipped=bare)
+    assert codestream.declared(disguised, JPEG2000Lossless) == \
+        codestream.Declared(2000, 2000, 1, 8)
+    with pytest.raises(UnreadableData, match="2000 x 2000"):
+        codestream.check(disguised, JPEG2000Lossless, 64, 64, 1, 8)
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x00" + b"\xff\x4f\xff\x51" + bytes(60),  # a SIZ not at the start
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I4s", 4, b"uuid"),  # a box too short
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I4s", 8, b"jp2c") + b"\xff\x4f",
+], ids=["siz-not-at-start", "box-too-short", "codestream-cut"])
+def test_a_jpeg_2000_frame_without_its_header_where_a_decoder_reads_is_refused(
+        frame: bytes) -> None:
+    with pytest.raises(UnreadableData, match="no image header"):
+        codestream.check(frame, JPEG2000Lossless, 16, 16, 1, 8)
 
 
 @pytest.mark.parametrize("frame", [
