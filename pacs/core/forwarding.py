@@ -108,7 +108,7 @@ def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
     why : str
         The event's description: the route, or ``pacs send``.
     """
-    deliveries = sender.send(refs)
+    deliveries = _sent(sender, refs)
     sent = [ref for ref, done in zip(refs, deliveries, strict=True)
             if done.result is Result.SENT]
     outcome = (audit.SUCCESS if len(sent) == len(refs) else
@@ -118,6 +118,20 @@ def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
                       sender.receiver, studies, outcome,
                       f"{why}: {len(sent)} of {len(refs)} instance(s) acknowledged")
     return deliveries
+
+
+def _sent(sender: Sender, refs: Sequence[InstanceRef]) -> list[Delivery]:
+    """``sender.send(refs)``, or, when it raised all the same (a defect, or an answer
+    it failed to read), every instance to be sent again: the batch then waits for the
+    destination's backoff and is audited as failed, instead of being sent again at
+    the next look."""
+    try:
+        return sender.send(refs)
+    except Exception as exc:  # settled as a failed batch
+        log.error("forwarding to %s failed unexpectedly (%s)", sender.receiver.user_id,
+                  type(exc).__name__, exc_info=True)
+        return [Delivery(Result.RETRY, f"failed unexpectedly: {type(exc).__name__}")
+                for _ in refs]
 
 
 def backoff(failures: int, cap: float) -> float:

@@ -183,7 +183,7 @@ def _sequences(answer: bytes) -> tuple[dict[str, int], set[str]]:
         return {}, set()
     try:
         document: Any = json.loads(answer or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: unreadable
         return {}, set()
     if isinstance(document, list) and document:  # some servers wrap it in an array
         document = document[0]

@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from pacs.core.forwarding import Result
+from pacs.core import audit
+from pacs.core.audit import AuditLog, AuditTrail, Participant, Source
+from pacs.core.forwarding import Delivery, Result, transfer
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.stow import StowSender, deliveries
@@ -55,3 +59,36 @@ def test_stow_answers() -> None:
     # An answer that does not read: nothing is known to be stored.
     assert {d.result for d in deliveries(refs, 409, b"<html>")} == {Result.RETRY}
     sender.close()
+
+
+def test_an_answer_nested_past_the_parser_is_unreadable() -> None:
+    """A 202 answer of 100,000 nested arrays makes the JSON parser give up
+    (RecursionError): nothing is known to be stored, so every instance waits for the
+    destination's backoff."""
+    refs = [_ref("1.1"), _ref("1.2")]
+    assert {d.result for d in deliveries(refs, 202, b"[" * 100_000)} == {Result.RETRY}
+
+
+class _Broken:
+    receiver = Participant("BROKEN", False)
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_sender_that_raises_fails_its_batch_and_is_audited(tmp_path: Path) -> None:
+    """A sender that raises all the same (a defect) settles its batch as failed, to be
+    sent again after the backoff, and the attempt is in the audit trail: before, the
+    exception escaped before both, and the forwarder sent the batch again a second
+    later, for ever."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path), Source("NODE", "site"))
+    results = transfer(_Broken(), [_ref("1.1"), _ref("1.2")], trail, "test")
+    assert [d.result for d in results] == [Result.RETRY, Result.RETRY]
+    assert "RecursionError" in results[0].detail
+    trail.close()
+    event = json.loads(path.read_text().splitlines()[-1])
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == audit.SERIOUS_FAILURE
