@@ -358,6 +358,12 @@ def _data_objects(studies: Sequence[Study], patient: Patient | None) -> list[dic
     return objects
 
 
+#: Most bytes of a query written into its event: an identifier may be up to a MiB
+#: (:data:`pacs.dimse.limits.IDENTIFIER_CEILING`), and a run of refusals keeps its first
+#: event in memory (:class:`Refusals`); the keys searched by are always all there.
+MAX_AUDITED_QUERY = 64 << 10
+
+
 def query_event(source: Source, kind: Code, requestor: Participant, responder: Participant,
                 sop_class: str, query: bytes, keys: Sequence[str], outcome: int,
                 description: str = "", transfer_syntax: str = "") -> Event:
@@ -369,7 +375,9 @@ def query_event(source: Source, kind: Code, requestor: Participant, responder: P
         ParticipantObjectID of the SOP Queried: the information model's FIND SOP Class.
     query : bytes
         ParticipantObjectQuery: the identifier as received (C-FIND), or the path and
-        query string (QIDO-RS); written base64 as A.5.3.10 asks.
+        query string (QIDO-RS); written base64 as A.5.3.10 asks.  A longer one than
+        :data:`MAX_AUDITED_QUERY` is cut there, its whole length in a
+        ParticipantObjectDetail ``QueryBytes``.
     keys : sequence of str
         The tags of the query's keys (``00100010``, ``00081032.00080100`` for an item
         key), as a ParticipantObjectDetail ``QueryKeys``: what was searched by, without
@@ -381,6 +389,9 @@ def query_event(source: Source, kind: Code, requestor: Participant, responder: P
     details = [{"type": "QueryKeys", "value": "\\".join(keys)}]
     if transfer_syntax:
         details.insert(0, {"type": "TransferSyntax", "value": transfer_syntax})
+    if len(query) > MAX_AUDITED_QUERY:
+        details.append({"type": "QueryBytes", "value": str(len(query))})
+        query = query[:MAX_AUDITED_QUERY]
     queried = {
         "ParticipantObjectID": sop_class,
         "ParticipantObjectTypeCode": SYSTEM_OBJECT,

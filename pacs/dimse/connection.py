@@ -45,6 +45,9 @@ class Request:
         SOP class (C-FIND options, PS3.4 C.5.1.1), if any.
     calling_address :
         The requestor's IP address (the association's peer).
+    identifier_overflowed :
+        The identifier was longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING`
+        and not kept (``identifier`` is then empty).
     """
 
     message_id: int
@@ -55,6 +58,7 @@ class Request:
     move_destination: str = ""
     extended_negotiation: bytes | None = None
     calling_address: str = ""
+    identifier_overflowed: bool = False
 
 
 @dataclass(frozen=True)

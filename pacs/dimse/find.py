@@ -28,12 +28,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from pacs.core.access import FIND
-from pacs.core.errors import Cancelled, InvalidQuery, PacsError
+from pacs.core.errors import Cancelled, InvalidQuery, PacsError, QueryTooLarge
 from pacs.dimse import contexts
 from pacs.dimse.audit import AssociationAudit, keys_of
 from pacs.dimse.connection import Request, Responder
 from pacs.dimse.encoding import encode_identifier
 from pacs.dimse.identifier import Negotiated, ResponseBuilder, read_data_set, to_find_query
+from pacs.dimse.limits import IDENTIFIER_CEILING
 from pacs.dimse.status import (
     CANCEL,
     FIND_STATUS,
@@ -80,9 +81,13 @@ def decode_identifier(request: Request) -> Dataset:
 
     Raises
     ------
+    QueryTooLarge
+        It was longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING` (not kept).
     InvalidQuery
         It does not decode.
     """
+    if request.identifier_overflowed:
+        raise QueryTooLarge(f"an identifier over {IDENTIFIER_CEILING} bytes")
     try:
         return read_data_set(request.identifier, request.transfer_syntax)
     except Exception:  # noqa: BLE001 - whatever pydicom raises is a bad identifier
@@ -113,23 +118,24 @@ def find_responses(request: Request, services: Services, cancelled: Callable[[],
             yield status, answer
     finally:
         responses.close()
-        audit.queried(request, keys_of(identifier) if identifier is not None else [], final)
+        audit.queried(request, keys_of(identifier) if isinstance(identifier, Dataset)
+                      else [], final)
 
 
-def _decoded(request: Request) -> Dataset | None:
-    """The request's identifier, decoded once for the query and its audit record;
-    ``None`` when it does not decode."""
+def _decoded(request: Request) -> Dataset | InvalidQuery:
+    """The request's identifier, decoded once for the query and its audit record; why
+    not when it cannot be."""
     try:
         return decode_identifier(request)
-    except InvalidQuery:
-        return None
+    except InvalidQuery as exc:
+        return exc
 
 
-def _responses(request: Request, identifier: Dataset | None, services: Services,
+def _responses(request: Request, identifier: Dataset | InvalidQuery, services: Services,
                cancelled: Callable[[], bool], page_end: Callable[[], None] | None
                ) -> Generator[Response, None, None]:
     """The responses of :func:`find_responses` to ``request``, whose identifier is
-    ``identifier`` (``None``: it does not decode).
+    ``identifier`` (or why it could not be read).
 
     The query's time limit (PACS_QUERY_TIME_LIMIT) counts the reading and encoding of
     each page, not the time the consumer takes between two responses: the responses of
@@ -143,8 +149,8 @@ def _responses(request: Request, identifier: Dataset | None, services: Services,
         return
     deadline = services.engine.deadline()
     try:
-        if identifier is None:
-            raise InvalidQuery("the identifier does not decode")
+        if isinstance(identifier, InvalidQuery):
+            raise identifier
         model = contexts.FIND_MODELS[request.sop_class_uid]
         negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)

@@ -43,6 +43,12 @@ ASSOCIATE_CEILING = 64 << 10
 FIXED_CEILING = 64
 #: Largest command set of one DIMSE message; real ones are a few hundred bytes.
 COMMAND_CEILING = 64 << 10
+#: Largest identifier of a C-FIND, C-MOVE or C-GET request (PS3.7 9.1.2-9.1.4 set
+#: none): a list of 10,000 UIDs to match fits; more is answered Unable to process
+#: (:class:`pacs.core.errors.QueryTooLarge`), its bytes counted but not kept.
+IDENTIFIER_CEILING = 1 << 20
+#: Command Field values of the requests whose data set is an identifier (PS3.7 E.1).
+QUERY_COMMANDS = frozenset({0x0020, 0x0021, 0x0010})  # C-FIND-RQ, C-MOVE-RQ, C-GET-RQ
 #: Room for the command set and PDV headers next to a data set in one unlimited PDU.
 PDU_OVERHEAD = 1 << 20
 #: No ceiling: the largest length a PDU header can declare.
@@ -355,11 +361,26 @@ class CappedBuffer(io.BytesIO):
         self.received += size
         if self.received <= self.limit:
             return super().write(data)
+        self._overflow()
+        return size
+
+    def lower(self, limit: int) -> None:
+        """Keep at most ``limit`` bytes from now on (once the message's command says
+        what its data set is); what was kept past it is dropped at once."""
+        self.limit = min(self.limit, limit)
+        if self.received > self.limit:
+            self._overflow()
+
+    def _overflow(self) -> None:
         if not self.overflowed:
             self.overflowed = True
             self.seek(0)
             self.truncate(0)  # frees what was kept
-        return size
+
+
+def overflowed(buffer: object) -> bool:
+    """True when ``buffer`` is a :class:`CappedBuffer` that stopped keeping bytes."""
+    return isinstance(buffer, CappedBuffer) and buffer.overflowed
 
 
 class CommandTooLarge(ValueError):

@@ -20,6 +20,7 @@ import pacs.core.query.engine as engine_module
 import pacs.dimse.find as find_module
 from pacs.core.index.compiler import MAX_TERMS
 from pacs.dimse.find import ECHOED_UNSUPPORTED
+from pacs.dimse.limits import IDENTIFIER_CEILING
 from tests.factory import make_instance, uid_list_of_length
 from tests.service.conftest import RunningNode
 
@@ -195,6 +196,25 @@ def test_query_with_more_values_than_it_may_hold_gives_c000(loaded: RunningNode,
     at_the_bound = _find(assoc, _identifier("STUDY", AccessionNumber=accessions[:MAX_TERMS],
                                             StudyInstanceUID=""))
     assert [s for s, _ in at_the_bound] == [0xFF00] * 3 + [0x0000]
+
+
+@pytest.mark.parametrize("after_a_find", [False, True], ids=["first", "after-a-find"])
+def test_an_identifier_over_its_ceiling_is_not_kept_and_gives_c000(
+        loaded: RunningNode, associate, after_a_find: bool) -> None:
+    """A C-FIND identifier over IDENTIFIER_CEILING (2 MiB of a private OB element, which
+    the object limit would let through) is counted, not kept, and answered Unable to
+    process; the association goes on.  First on the association (pynetdicom's DUL reads
+    it) and after a C-FIND (the association thread reads it, then hands it back)."""
+    assoc = associate()
+    good = _identifier("STUDY", PatientID="P1", StudyInstanceUID="")
+    if after_a_find:
+        assert [s for s, _ in _find(assoc, good)] == [0xFF00, 0x0000]
+    huge = _identifier("STUDY", PatientID="P1", StudyInstanceUID="")
+    huge.add_new(0x00091010, "OB", bytes(IDENTIFIER_CEILING + (1 << 20)))
+    [(status, answer)] = list(assoc.send_c_find(huge, StudyFind))
+    assert (status.Status, answer) == (0xC000, None)
+    assert f"an identifier over {IDENTIFIER_CEILING} bytes" in status.ErrorComment
+    assert [s for s, _ in _find(assoc, good)] == [0xFF00, 0x0000]
 
 
 @pytest.mark.parametrize(("syntax", "length", "spelled"), [

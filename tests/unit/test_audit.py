@@ -105,6 +105,23 @@ def test_a_query_carries_its_keys_tags_and_its_values_only_in_the_query_field() 
     assert "Secretname" not in json.dumps(event)
 
 
+def test_a_query_longer_than_the_event_holds_is_cut_with_its_length() -> None:
+    """An identifier of a MiB is not a line of 1.4 MB (nor, for a refusal, a first
+    event of that size kept per source): its first MAX_AUDITED_QUERY bytes, its
+    length, and every key searched by."""
+    query = b"x" * (audit.MAX_AUDITED_QUERY * 16)
+    event = audit.query_event(SOURCE, audit.APPLICATION_SERVER, CLIENT, NODE,
+                              "1.2.840.10008.5.1.4.1.2.2.1", query, ["00100010"],
+                              audit.SUCCESS)
+    queried = event["ParticipantObjectIdentification"][0]
+    assert base64.b64decode(queried["ParticipantObjectQuery"]) == \
+        query[:audit.MAX_AUDITED_QUERY]
+    assert queried["ParticipantObjectDetail"] == [
+        {"type": "QueryKeys", "value": "00100010"},
+        {"type": "QueryBytes", "value": str(len(query))}]
+    assert len(json.dumps(event)) < 2 * audit.MAX_AUDITED_QUERY
+
+
 def test_studies_are_counted_per_sop_class() -> None:
     studies = audit.studies_of([("1.1", "1.2.840.10008.5.1.4.1.1.2"), ("1.2", ""),
                                 ("1.1", "1.2.840.10008.5.1.4.1.1.2"), ("1.1", "1.2.9")])

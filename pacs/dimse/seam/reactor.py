@@ -912,7 +912,10 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     through Evt19, as pynetdicom does for an undecodable message) and, on a node's
     association, a data set buffer that stops keeping bytes past PACS_MAX_OBJECT_BYTES
     (:class:`pacs.dimse.limits.CappedBuffer`); the C-STORE handler answers such a
-    message A700 (:func:`pacs.dimse.storage.store`).
+    message A700 (:func:`pacs.dimse.storage.store`).  Once the command set is decoded,
+    the identifier of a C-FIND, C-MOVE or C-GET request is held to
+    :data:`pacs.dimse.limits.IDENTIFIER_CEILING` instead (answered Unable to process,
+    :func:`pacs.dimse.find.decode_identifier`).
     """
     if self.message is None:
         message = self.message = DIMSEMessage()
@@ -924,6 +927,7 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
             self._object_limit = limit  # type: ignore[attr-defined]  # cached per provider
         if limit > 0:
             message.data_set = limits.CappedBuffer(limit)
+    message = self.message
     try:
         _ORIGINAL_RECEIVE_PRIMITIVE(self, primitive)
     except limits.CommandTooLarge as exc:
@@ -931,6 +935,19 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
                            _remote_address(self.assoc), exc)
         self.message = None
         self.dul.event_queue.put("Evt19")
+        return
+    _bound_identifier(message)
+
+
+def _bound_identifier(message: Any) -> None:
+    """Hold the data set of a C-FIND, C-MOVE or C-GET request to the identifier ceiling
+    once its command set is decoded (it precedes the data set, PS3.7 6.3.1): a data set
+    fragment it has let past since is at most one PDU."""
+    buffer = getattr(message, "data_set", None)
+    command = getattr(message, "command_set", None)
+    if (isinstance(buffer, limits.CappedBuffer) and command is not None
+            and command.get("CommandField") in limits.QUERY_COMMANDS):
+        buffer.lower(limits.IDENTIFIER_CEILING)
 
 
 # -- installation -----------------------------------------------------------------------

@@ -52,7 +52,7 @@ from pacs.dimse.connection import (
     StoreTarget,
     SubOperationCounts,
 )
-from pacs.dimse.limits import CappedBuffer
+from pacs.dimse.limits import CappedBuffer, overflowed
 from pacs.dimse.status import INVALID_SOP_INSTANCE, Status
 
 if TYPE_CHECKING:
@@ -194,7 +194,8 @@ def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
         calling_ae_title=assoc.requestor.ae_title,
         move_destination=str(getattr(req, "MoveDestination", "") or ""),
         extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)),
-        calling_address=str(assoc.requestor.address or ""))
+        calling_address=str(assoc.requestor.address or ""),
+        identifier_overflowed=overflowed(identifier))
 
 
 class RetrieveResponder:
