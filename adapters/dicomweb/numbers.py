@@ -31,7 +31,8 @@ def whole_number(text: str, maximum: int) -> int | None:
     maximum : int
         The largest value accepted.
     """
-    if not _DIGITS.fullmatch(text) or len(text.lstrip("0")) > len(str(maximum)):
+    digits = text.lstrip("0")
+    if not _DIGITS.fullmatch(text) or len(digits) > len(str(maximum)):
         return None
-    value = int(text)
+    value = int(digits or "0")  # not ``text``: thousands of leading zeros count as digits
     return value if value <= maximum else None

@@ -16,6 +16,8 @@ from adapters.dicomweb.numbers import INT64_MAX, IS_MAX, whole_number
     ("11", 10, None),
     (str(INT64_MAX + 1), INT64_MAX, None),
     ("9" * 5000, INT64_MAX, None),  # refused by its length, before int() reads it
+    ("0" * 5000 + "1", INT64_MAX, 1),  # past int()'s 4,300 digits: read without them
+    ("0" * 5000, INT64_MAX, 0),
     ("", 10, None),
     ("\u00b2", 10, None),  # superscript two: str.isdigit() is true, int() fails
     ("\u0663", 10, None),  # Arabic-Indic three: int() reads it, no URI allows it
