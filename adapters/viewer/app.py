@@ -10,6 +10,7 @@ of the page.
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import falcon
 from adapters.http.auth import Access, AccessMiddleware
 from adapters.viewer.static import OhifFiles
 from pacs.core.services import Services
+
+log = logging.getLogger(__name__)
 
 #: The line of ``app-config.js`` that offers OHIF's delete (reject) action.
 REJECT_OFF = b"supportsReject: false,"
@@ -51,5 +54,16 @@ def files_app(services: Services, dist: Path) -> falcon.App[falcon.Request, falc
     files = OhifFiles(dist, app_config(services.settings.web_delete))
     app = falcon.App(middleware=(ViewerHeaders(files.policy),
                                  AccessMiddleware(Access.of(services))))
+    app.add_error_handler(Exception, _unexpected)
     app.add_sink(files, prefix="/")
     return app
+
+
+def _unexpected(req: falcon.Request, resp: falcon.Response, exc: BaseException,
+                params: object) -> None:
+    """A failure of ours: 500, one log line naming the exception's type (the path a
+    client wrote stays out of the log; the traceback is at DEBUG).  Falcon's own
+    errors (404, 405, 401) keep their more specific handler."""
+    log.error("viewer: %s failed unexpectedly (%s)", req.method, type(exc).__name__)
+    log.debug("viewer: %s %r", req.method, req.path[:256], exc_info=exc)
+    raise falcon.HTTPInternalServerError()

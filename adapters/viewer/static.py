@@ -123,6 +123,15 @@ def media_type(path: Path) -> str:
     return _FALLBACK_TYPES.guess_type(path.name)[0] or "application/octet-stream"
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, false for a name the file system cannot hold (ENAMETOOLONG,
+    which Python 3.11's ``is_file`` raises): no file has it."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 class OhifFiles:
     """A falcon sink serving one OHIF dist folder.
 
@@ -175,7 +184,7 @@ class OhifFiles:
         if relative in ("", "."):
             return self.dist / "index.html"
         candidate = Path(os.path.realpath(self.dist / relative))
-        if candidate.is_relative_to(self.dist) and candidate.is_file():
+        if candidate.is_relative_to(self.dist) and _is_file(candidate):
             return candidate
         if "." in posixpath.basename(relative):
             return None  # a missing asset, not a route

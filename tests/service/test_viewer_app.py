@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from falcon import testing
 
+from adapters.viewer import static
 from adapters.viewer.app import app_config
 from pacs.core.services import Services
 from pacs.node.apps import viewer_port as create_app
@@ -87,6 +89,36 @@ def test_missing_assets_and_escapes_are_404(client: testing.TestClient, path: st
     result = client.simulate_get(path)
     assert result.status_code == 404
     assert b"outside the dist" not in result.content
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    ("/" + "a" * 300, 200),  # a client-side route: the page
+    ("/" + "a" * 300 + ".js", 404),  # a missing asset
+    ("/assets/" + "b/" * 2100 + "c.js", 404),  # past PATH_MAX
+])
+def test_names_longer_than_the_file_system_holds_are_missing(
+        client: testing.TestClient, path: str, status: int,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """ENAMETOOLONG is a missing file, not a 500 with a traceback quoting the path."""
+    result = client.simulate_get(path)
+    assert result.status_code == status
+    assert "Traceback" not in caplog.text and "aaaa" not in caplog.text
+
+
+def test_a_failure_of_ours_is_a_500_and_one_line(
+        client: testing.TestClient, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_self: object, _path: str) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(static.OhifFiles, "resolve", broken)
+    with caplog.at_level(logging.INFO):
+        result = client.simulate_get("/some-route")
+    assert result.status_code == 500
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "viewer: GET failed unexpectedly (RuntimeError)"]
+    assert "Traceback" not in caplog.text and "some-route" not in caplog.text
 
 
 def test_links_out_of_the_dist_are_not_followed(client: testing.TestClient,
