@@ -81,6 +81,10 @@ THUMBNAIL_SIZE = 128
 DEFAULT_QUALITY = 90
 #: Largest viewport side accepted (a bound on the memory one request may take).
 MAX_VIEWPORT = 8192
+#: Longest side an image is enlarged to, to fit a larger viewport: enlarging adds no
+#: detail, and a 4 x 4 image drawn at 8192 x 8192 made a 200-byte request cost
+#: seconds of a worker thread and megabytes of answer (the client scales it further).
+MAX_ENLARGED = 2048
 
 _RESCALE_SLOPE, _RESCALE_INTERCEPT = 0x00281053, 0x00281052
 _WINDOW_CENTER, _WINDOW_WIDTH, _VOI_FUNCTION = 0x00281050, 0x00281051, 0x00281056
@@ -315,7 +319,9 @@ def source_box(region: tuple[int, int, int, int], width: int,
 
 
 def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Image.Image:
-    """Crop to the viewport's source region, then scale into its size (or ``limit``).
+    """Crop to the viewport's source region, then scale into its size (or ``limit``),
+    the aspect ratio kept (PS3.18 8.3.5.1.3); an image smaller than the viewport is
+    enlarged only up to :data:`MAX_ENLARGED` pixels on its longer side.
 
     Raises
     ------
@@ -338,6 +344,8 @@ def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Ima
     else:
         return image
     scale = min(width / image.width, height / image.height)
+    if scale > 1:  # enlarged at most to MAX_ENLARGED, never shrunk for it
+        scale = min(scale, max(1.0, MAX_ENLARGED / max(image.width, image.height)))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
 

@@ -414,8 +414,9 @@ def _describe(resource: object) -> dict[str, Any]:
         images = [_offer(kind, default=i == 0) for i, kind in enumerate(rendered.RENDERED_TYPES)]
         params = ("Parameters `quality`, `viewport`, `window` (PS3.18 8.3.5.1), finite "
                   "numbers; a viewport's source region lies within the image (400 "
-                  "otherwise).  The representative image of a study or series is its "
-                  "middle image.")
+                  "otherwise); an image smaller than the viewport is enlarged up to "
+                  f"{rendered.MAX_ENLARGED} pixels on its longer side.  The representative "
+                  "image of a study or series is its middle image.")
         if resource.thumbnail:
             return {"name": "Retrieve Thumbnail", "transaction": "WADO-RS Retrieve",
                     "section": "PS3.18 10.4.1.1.6", "method": "GET",

@@ -707,6 +707,18 @@ def test_rendered_parameters(client: testing.TestClient, put: Put) -> None:
         assert client.simulate_get(url(ds) + "/rendered", query_string=bad).status_code == 400
 
 
+def test_a_small_image_is_enlarged_only_so_far(client: testing.TestClient, put: Put) -> None:
+    """A 128 x 128 image in an 8192 x 8192 viewport: 2048 x 2048 (MAX_ENLARGED), not
+    67 million pixels for a 200-byte request; within that bound, fitted as asked."""
+    ds, _ = put("CT_small.dcm")  # 128 x 128
+    for query, size in (("viewport=8192,8192", (2048, 2048)),
+                        ("viewport=8192,512", (512, 512)),
+                        ("viewport=8192,8192,0,0,16,32", (1024, 2048))):
+        result = client.simulate_get(url(ds) + "/rendered", query_string=query,
+                                     headers={"Accept": "image/png"})
+        assert image(result).size == size, query
+
+
 def test_rendered_source_region(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("CT_small.dcm")  # 128 x 128
 
