@@ -267,11 +267,46 @@ class Throttled:
             self.count, self.reported = 0, now
 
 
+#: The headers of every answer the loop writes itself, as the applications' answers
+#: carry them: never sniffed as another type, a sandbox should a browser open it as a
+#: page, and never cached (it may answer a request that named a patient).
+ERROR_HEADERS = ("X-Content-Type-Options: nosniff\r\n"
+                 "Content-Security-Policy: default-src 'none'; frame-ancestors 'none'; "
+                 "sandbox\r\nCache-Control: no-store\r\n")
+
+
 def error_response(status: str, reason: str) -> bytes:
     """A complete ``Connection: close`` answer with a plain-text body."""
     body = (reason + "\n").encode("latin-1", "replace")
     return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+            f"{ERROR_HEADERS}Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+#: gunicorn's parser errors (:mod:`gunicorn.http.errors`, by name: not every version
+#: has each) and the answer to each, the most specific first; any other of its
+#: ``ParseException`` is 400.  A TLS error on a request is the client's too.
+_PARSE_STATUSES = (
+    ("LimitRequestLine", "414 URI Too Long"),
+    ("LimitRequestHeaders", "431 Request Header Fields Too Large"),
+    ("ExpectationFailed", "417 Expectation Failed"),
+    ("UnsupportedTransferCoding", "501 Not Implemented"),
+    ("ForbiddenProxyRequest", "403 Forbidden"),
+    ("ConfigurationProblem", "500 Internal Server Error"),
+    ("InvalidResponseHeader", "500 Internal Server Error"),
+    ("InvalidResponseHeaderName", "500 Internal Server Error"),
+    ("ParseException", "400 Bad Request"),
+)
+
+
+def parse_error_status(exc: BaseException) -> str | None:
+    """The answer to a request gunicorn's parser refused (``None``: ``exc`` is not
+    one of its errors, but a failure of ours)."""
+    from gunicorn.http import errors as parse_errors
+    for name, status in _PARSE_STATUSES:
+        kind = getattr(parse_errors, name, None)
+        if isinstance(kind, type) and isinstance(exc, kind):
+            return status
+    return "400 Bad Request" if isinstance(exc, ssl.SSLError) else None
 
 
 # --- request bodies ---------------------------------------------------------------------
@@ -1403,9 +1438,33 @@ class HttpWorker(base.Worker):
                                       "the request head is too large"))
 
     def _parse_error(self, conn: Connection, exc: Exception) -> None:
-        """gunicorn's answer to an invalid head (its status, its log line), then close."""
-        self.handle_error(None, conn.sock, conn.peer, exc)
-        self._send_and_linger(conn, b"")
+        """The answer to a head gunicorn's parser refused (:meth:`handle_error`), then
+        close once the client has had time to read it."""
+        status = self._error_status(conn.peer, exc)
+        self._send_and_linger(conn, error_response(status, status.split(" ", 1)[1]))
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's hook for a request that failed before the application answered,
+        answered as the loop's own refusals are (:func:`error_response`: plain text,
+        :data:`ERROR_HEADERS`), not with gunicorn's HTML page; one log line that names
+        the error's type, never the request's text (its line may name a patient)."""
+        status = self._error_status(addr, exc)
+        try:
+            client.sendall(error_response(status, status.split(" ", 1)[1]))
+        except Exception:  # the client went away meanwhile
+            log.debug("the answer to a failed request could not be sent", exc_info=True)
+
+    @staticmethod
+    def _error_status(addr: Any, exc: BaseException) -> str:
+        """The status of a request that failed before the application answered, logged."""
+        status = parse_error_status(exc)
+        host = addr[0] if isinstance(addr, tuple) and addr else "?"
+        if status is None or status.startswith("5"):
+            log.error("a request from %s failed unexpectedly (%s)", host, type(exc).__name__)
+            log.debug("the failure", exc_info=exc)
+            return status or "500 Internal Server Error"
+        log.info("invalid request from %s: %s (%s)", host, status, type(exc).__name__)
+        return status
 
     def _start_body(self, conn: Connection, req: Request) -> None:
         """Decide how the body is framed (as gunicorn's parser did) and start reading it."""

@@ -470,6 +470,39 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(
     assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer
 
 
+@pytest.mark.parametrize("port_of", [web_port, viewer_port], ids=["dicomweb", "viewer"])
+def test_answers_the_loop_writes_itself_carry_the_same_headers(
+        node: Node, port_of: Callable[[Node], int]) -> None:
+    """An invalid request line, a line over gunicorn's limit, a header field over its
+    limit, a head over the loop's, a body over the limit: plain text with nosniff, the
+    sandbox policy and no-store, as the applications' answers; never gunicorn's HTML
+    page, and the request's text (which may name a patient) not in the log."""
+    marker = b"SECRETPATIENT"
+    host = b"Host: 127.0.0.1\r\n"
+    requests = {
+        b"400": b"GET /studies?PatientName=" + marker + b" HTTP/1.1 x\r\n" + host + b"\r\n",
+        b"414": b"GET /studies?PatientName=" + marker + b"A" * 9000 + b" HTTP/1.1\r\n"
+                + host + b"\r\n",
+        b"431": b"GET /studies HTTP/1.1\r\n" + host + b"X-A: " + marker + b"a" * 9000
+                + b"\r\n\r\n",
+        b"413": b"POST /studies HTTP/1.1\r\n" + host
+                + b"Content-Length: %d\r\n\r\n" % (MAX_REQUEST + 1),
+    }
+    before = len(node.log())
+    for status, request in requests.items():
+        answer = raw_exchange(port_of(node), request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status), answer[:300]
+        lines = head.lower().split(b"\r\n")
+        assert b"content-type: text/plain" in lines, head
+        assert b"x-content-type-options: nosniff" in lines, head
+        assert b"cache-control: no-store" in lines, head
+        assert any(line.startswith(b"content-security-policy: ") and b"sandbox" in line
+                   for line in lines), head
+        assert b"<" not in body and marker not in body, body
+    assert marker.decode() not in node.log()[before:]
+
+
 def test_a_single_part_body_that_stops_is_not_stored(node: Node) -> None:
     ds = fresh_ct()
     ds.Rows = ds.Columns = 1024
