@@ -55,8 +55,9 @@ them, and (e) would drop every such row: repair then changes nothing and says wh
 Objects are moved to the quarantine (``<data>/quarantine/<run>/<key>``, or
 ``<customer>/quarantine/<run>/<key>`` in the bucket), never deleted, except those of
 removed instances (f), whose removal was asked for and recorded.  Without
-``repair`` nothing changes: the report says what repair would do.  Every change is
-logged with its UIDs and keys, which carry no patient data.
+``repair`` nothing changes: the report says what repair would do.  The report names
+every change by its UIDs and keys; the log counts them (one line), and names them at
+DEBUG only: UIDs and keys identify a patient's studies.
 """
 
 from __future__ import annotations
@@ -350,11 +351,25 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
         try:
             _resolve(services, sop, listed.get(sop, []), report)
         except PacsError as exc:
-            log.error("fsck: SOP Instance %s: %s", sop, exc)
+            log.error("fsck: an instance could not be examined: %s", exc)
+            log.debug("fsck: SOP Instance %s: %s", sop, exc)
             report.errors.append(f"SOP Instance {sop}: {exc}")
     if report.acting:
         _apply_temporaries(backend, report)
+        _log_repairs(report)
     return report
+
+
+def _log_repairs(report: Report) -> None:
+    """One line of what repair did: its counts.  Which objects and UIDs is the report's
+    (the command's output) and DEBUG's: UIDs and keys name a patient's studies, and
+    stay out of the log at the default level."""
+    if not report.findings:
+        return
+    done = {action: report.count(action) for action in Action if action is not Action.NONE}
+    log.warning("fsck: repaired %s; %d finding(s) left, %d error(s)",
+                ", ".join(f"{count} {action.value}" for action, count in done.items()),
+                len(report.left), len(report.errors))
 
 
 def _implausible(rows: int, objects: int, absent: int) -> str:
@@ -410,7 +425,7 @@ def _apply_temporaries(store: ObjectStore, report: Report) -> None:
             continue
         finding.done = True
         report.temporaries += 1
-        log.info("fsck: deleted the temporary file %s of an interrupted write", finding.key)
+        log.debug("fsck: deleted the temporary file %s of an interrupted write", finding.key)
 
 
 def _matches(store: ObjectStore, key: str, checksum: str, size: int,
@@ -500,7 +515,8 @@ def _carry_out(steps: list[_Step]) -> None:
             moved_to = step()
         except PacsError as exc:
             finding.error = str(exc)
-            log.error("fsck: %s %s of SOP Instance %s failed: %s", finding.action.value,
+            log.error("fsck: %s of an object failed: %s", finding.action.value, exc)
+            log.debug("fsck: %s %s of SOP Instance %s failed: %s", finding.action.value,
                       finding.key, finding.sop_uid, exc)
             return
         finding.done = True
@@ -566,7 +582,7 @@ def _remove(services: Services, sop: str, key: str, stone: reads.Tombstone) -> _
 
     def delete() -> str:
         services.store.delete(key)
-        log.warning("fsck: deleted %s, the object of removed SOP Instance %s", key, sop)
+        log.debug("fsck: deleted %s, the object of removed SOP Instance %s", key, sop)
         return ""
 
     return finding, delete
@@ -575,7 +591,7 @@ def _remove(services: Services, sop: str, key: str, stone: reads.Tombstone) -> _
 def _index(services: Services, candidate: _Candidate, why: str) -> str:
     """Index an object as it is stored (it is not written again)."""
     services.ingest.index_stored(candidate.analysis, candidate.key, len(candidate.data))
-    log.warning("fsck: indexed %s as SOP Instance %s (%s)", candidate.key,
+    log.debug("fsck: indexed %s as SOP Instance %s (%s)", candidate.key,
                 candidate.analysis.sop_instance_uid, why)
     return ""
 
@@ -583,7 +599,7 @@ def _index(services: Services, candidate: _Candidate, why: str) -> str:
 def _drop_row(services: Services, sop: str, key: str) -> str:
     with services.index.write() as conn:
         writer.delete_instance(conn, sop)
-    log.warning("fsck: dropped the index row of SOP Instance %s: its object %s is gone "
+    log.debug("fsck: dropped the index row of SOP Instance %s: its object %s is gone "
                 "and no other copy exists", sop, key)
     return ""
 
@@ -603,7 +619,7 @@ def _quarantine(services: Services, problem: Problem, sop: str, key: str, folder
 
     def move() -> str:
         where = store.quarantine(key, folder)
-        log.warning("fsck: moved %s (%s, SOP Instance %s) to %s", key, problem.value,
+        log.debug("fsck: moved %s (%s, SOP Instance %s) to %s", key, problem.value,
                     sop, where)
         return where
 

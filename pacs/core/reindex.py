@@ -415,7 +415,7 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
         reason = _refusal(key, analysis)
         if reason is not None or not isinstance(analysis, Analysis):
             report.skipped.append(Skipped(key, reason or "not analysed"))
-            log.warning("reindex: %s not indexed: %s", key, reason)
+            log.debug("reindex: %s not indexed: %s", key, reason)  # keys name studies
             continue
         sop = analysis.sop_instance_uid
         if sop in where:
