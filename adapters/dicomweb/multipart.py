@@ -177,14 +177,16 @@ class _Reader:
         return True
 
     def find(self, needle: bytes, limit: int, what: str) -> int:
-        """Read until ``needle`` is buffered; its index. ``limit`` bounds the search."""
+        """Read until ``needle`` is buffered; its index, at most ``limit`` (the bound
+        holds whatever the reads' sizes: a needle found far past it in one large read
+        is refused as surely as one still missing)."""
         start = 0
         while True:
             index = self.buffer.find(needle, start)
+            if index > limit or (index < 0 and len(self.buffer) > limit):
+                raise MultipartError(f"{what} is too long")
             if index >= 0:
                 return index
-            if len(self.buffer) > limit:
-                raise MultipartError(f"{what} is too long")
             start = max(0, len(self.buffer) - len(needle) + 1)
             if not self.fill():
                 raise MultipartError(f"the body ends inside {what}")

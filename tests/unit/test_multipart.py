@@ -140,6 +140,20 @@ def test_header_block_limit() -> None:
         parse(data)
 
 
+@pytest.mark.parametrize("what, data", [
+    ("part headers", b"--b0undary\r\nX-Long: " + b"a" * (multipart.MAX_HEADER_BYTES + 10)
+     + b"\r\n\r\nbody\r\n--b0undary--"),
+    ("the preamble", b"x" * (multipart.MAX_PREAMBLE_BYTES + 10)
+     + b"\r\n--b0undary\r\n\r\nbody\r\n--b0undary--"),
+])
+def test_limits_hold_when_one_read_brings_the_end_too(what: str, data: bytes) -> None:
+    """A header block or preamble over its limit is refused even when one large read
+    holds it whole, its end included (before, only a search that failed looked at
+    the limit: 829 KB of part headers passed in a 1 MiB read)."""
+    with pytest.raises(MultipartError, match=f"{what} is too long"):
+        list(read_parts(io.BytesIO(data), "b0undary", chunk_bytes=1 << 20))
+
+
 @pytest.mark.parametrize("content_type, boundary", [
     ('multipart/related; type="application/dicom"; boundary="0f3c-41ef"', "0f3c-41ef"),
     ("multipart/related; type=application/dicom; boundary=0f3c-41ef", "0f3c-41ef"),
