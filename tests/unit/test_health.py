@@ -3,6 +3,7 @@ reads and the store through its interface, with a plain fallback for ``usage``."
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -136,3 +137,25 @@ def test_the_write_ahead_log_is_measured_and_explained_past_its_limit(
     monkeypatch.setattr(status, "WAL_SIZE_LIMIT", found.index_wal_bytes - 1)
     (line,) = [line for line in describe(services.settings, found) if line.startswith("index:")]
     assert "keeps an old snapshot open" in line
+
+
+def test_a_folder_that_cannot_be_reached_is_reported_not_raised(
+        tmp_path: Path, make_services: Callable[..., Services],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO or ESTALE from the object folder (a dead NFS mount) makes ``Path.is_dir``
+    raise, where ENOENT makes it false: the health check reports the store as failing
+    (503 on /health, unhealthy in pacs status), it does not fail itself (a 500)."""
+    from pacs.core.storage.filesystem import FileStore
+    services = make_services(store=FileStore(tmp_path / "objects"))
+    services.store.check()
+    real = Path.is_dir
+
+    def stale(path: Path) -> bool:
+        if path == tmp_path / "objects":
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path)
+
+    monkeypatch.setattr(Path, "is_dir", stale)
+    found = health.check(services)
+    assert not found.ok
+    assert "Stale file handle" in (found.store_error or "")

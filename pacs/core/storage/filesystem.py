@@ -334,7 +334,12 @@ class FileStore:
     def check(self, create: bool = True) -> None:
         """The folder must exist (created when missing, with ``create``) and be
         writable."""
-        if not create and not self.root.is_dir():
+        try:
+            present = self.root.is_dir()
+        except OSError as exc:  # EIO, ESTALE, EACCES: Path.is_dir raises those
+            raise StorageError(f"the object folder {self.root} cannot be reached: "
+                               f"{exc.strerror or exc}") from exc
+        if not create and not present:
             raise StoreMissing(f"the object folder {self.root} does not exist (not "
                               "mounted? check PACS_DATA_DIR and PACS_STORAGE)")
         try:
