@@ -28,6 +28,7 @@ import base64
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Largest response body read (the JSON answer of a batch is a few KiB per instance).
 MAX_RESPONSE_BYTES = 16 << 20
+#: Most bytes of the answer read at once (``read1``: what one receive brings).
+ANSWER_PIECE = 64 << 10
 #: Bytes read from the store per chunk of the request body.
 CHUNK = 1 << 20
 _FAILED_SOP_SEQUENCE, _REFERENCED_SOP_SEQUENCE = "00081198", "00081199"
@@ -67,7 +70,8 @@ class StowSender:
         Where the objects are.
     timeout : float
         Seconds to connect; four times that to wait for the answer (the server stores
-        the whole batch before it answers).
+        the whole batch before it answers), and to read it whole once it begins (a
+        destination that sends it a byte at a time does not hold the sender for ever).
     """
 
     def __init__(self, url: str, store: ObjectStore, timeout: float) -> None:
@@ -85,6 +89,7 @@ class StowSender:
             self.headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         self.store = store
         self.receiver = Participant(shown(url), False, address=parts.hostname or "")
+        self.answer_seconds = 4 * timeout
         self._pool = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=timeout, read=4 * timeout),
             retries=urllib3.Retry(total=0, redirect=0), maxsize=1)
@@ -107,7 +112,7 @@ class StowSender:
                 headers=headers, preload_content=False)
             try:
                 status = response.status
-                answer = response.read(MAX_RESPONSE_BYTES + 1)
+                answer = _answer(response, time.monotonic() + self.answer_seconds)
             finally:
                 response.release_conn()
         except Exception as exc:  # noqa: BLE001 - network, TLS, a short object: again later
@@ -150,6 +155,26 @@ class StowSender:
     def close(self) -> None:
         """Close the connection pool."""
         self._pool.clear()
+
+
+def _answer(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    """The answer's body, at most :data:`MAX_RESPONSE_BYTES` + 1 bytes (more is not
+    read: unreadable), read by the piece until ``deadline``.
+
+    Raises
+    ------
+    TimeoutError
+        The answer was still arriving at ``deadline``.
+    """
+    body = bytearray()
+    while len(body) <= MAX_RESPONSE_BYTES:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took too long to arrive")
+        piece = response.read1(min(ANSWER_PIECE, MAX_RESPONSE_BYTES + 1 - len(body)))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
 
 
 def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes) -> list[Delivery]:

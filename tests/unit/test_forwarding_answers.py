@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,3 +96,43 @@ def test_a_sender_that_raises_fails_its_batch_and_is_audited(tmp_path: Path) -> 
     trail.close()
     event = json.loads(path.read_text().splitlines()[-1])
     assert event["EventIdentification"]["EventOutcomeIndicator"] == audit.SERIOUS_FAILURE
+
+
+def test_an_answer_sent_a_byte_at_a_time_is_given_up(tmp_path: Path) -> None:
+    """A STOW-RS destination that answers its head at once, then a byte every 0.1 s
+    (each within the read timeout) is given up once the answer's own time has passed
+    (four times the timeout), the batch to be sent again: before, each read's
+    timeout was the only bound, and the forwarding thread waited for ever."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/dicom+json"
+                         b"\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    store = MemoryStore()
+    ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
+                      "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
+    store.put(ref.object_key, io.BytesIO(b"x" * 10), 10)
+    sender = StowSender(f"http://127.0.0.1:{port}/dicom-web", store, 0.25)
+    started = time.monotonic()
+    try:
+        [delivery] = sender.send([ref])
+    finally:
+        stop.set()
+        sender.close()
+        server.close()
+    assert delivery.result is Result.RETRY and "TimeoutError" in delivery.detail
+    assert time.monotonic() - started < 3.0
+    thread.join(5)
