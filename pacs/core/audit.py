@@ -1079,9 +1079,13 @@ def patients_in_index(connection: Callable[[], Any], study_uids: Sequence[str]
     connection : callable
         This thread's index connection (:meth:`pacs.core.index.connection.Index.connection`).
     """
-    unique = list(dict.fromkeys(study_uids))[:reads.MAX_KEYS]
-    return {uid: Patient(patient_id, issuer) for uid, (patient_id, issuer)
-            in reads.study_patients(connection(), unique).items()}
+    unique = list(dict.fromkeys(study_uids))
+    found: dict[str, Patient] = {}
+    for start in range(0, len(unique), reads.MAX_KEYS):  # a statement's bound
+        found.update((uid, Patient(patient_id, issuer)) for uid, (patient_id, issuer)
+                     in reads.study_patients(connection(),
+                                             unique[start:start + reads.MAX_KEYS]).items())
+    return found
 
 
 # --- reading the trail, DICOM XML, syslog ----------------------------------------------

@@ -23,7 +23,9 @@ import pytest
 
 from pacs.core import audit
 from pacs.core.audit import AuditLog, AuditTrail, Participant, Patient, Source, Study
+from pacs.core.services import Services
 from tests.auditcheck import problems, read_trail
+from tests.factory import make_instance
 
 SOURCE = Source("INTELPIXEL", "default")
 CLIENT = Participant("STORESCU", True, address="127.0.0.2")
@@ -538,3 +540,19 @@ def test_each_name_refused_from_an_address_is_recorded_up_to_a_bound(tmp_path: P
     assert any(d.startswith("wrong credentials; 46 more refusal(s) of this kind from this "
                             "address, under other names") for d in descriptions), descriptions
     assert len(events) == 4 + 2
+
+
+def test_the_patients_of_more_studies_than_one_statement_holds_are_all_found(
+        services: Services) -> None:
+    """A C-MOVE or a removal of more than MAX_KEYS studies: each study's event names
+    its patient, not only those of the first MAX_KEYS (the rest were grouped into one
+    event without a patient)."""
+    from pacs.core.index import reads
+    count = reads.MAX_KEYS + 3
+    uids = [f"1.2.826.0.1.{n}" for n in range(count)]
+    for n, uid in enumerate(uids):
+        services.ingest.store_bytes(make_instance(StudyInstanceUID=uid,
+                                                  PatientID=f"P{n % 7}"))
+    found = audit.patients_in_index(services.index.connection, [*uids, "1.9.9"])
+    assert len(found) == count
+    assert found[uids[-1]] == audit.Patient(f"P{(count - 1) % 7}", "")
