@@ -27,9 +27,12 @@ a temporary file with ``O_DSYNC`` in a thread); 3a. place the object at its key 
 (rename and folder fsync, or a completed put: fsync + rename, or an S3 PUT), 3b.
 commit the index rows (dropping any older intake copy of the key), then 4 and 5.  What
 was staged and not placed (a refused object, a duplicate) is removed.  A failure in 3a
-leaves nothing; a failure in 3b removes the object written in 3a (or puts back the one
-it replaced).  A crash between 3a and 3b leaves an object the index does not list; a
-crash before 3a, a temporary file (removed at start).
+leaves nothing; a failure in 3b removes the object written in 3a.  A crash between 3a
+and 3b leaves an object the index does not list; a crash before 3a, a temporary file
+(removed at start).  An object that replaces the acknowledged one at the same key (the
+same UIDs, other content) goes through the intake whatever its size (up to the
+intake's largest blob): placed directly, it would destroy the acknowledged bytes before
+its own commit.
 
 After the commit, the old object of a moved instance (new study or series UID) is
 deleted from the store; a crash just before leaves it.  The index never lists an
@@ -623,24 +626,33 @@ class Ingest:
                 raise DuplicateRejected(
                     "a different object is stored; the sender may not overwrite")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
+        in_place = existing is not None and existing.object_key == key
         return Outcome.STORED, _Plan(key, existing, previous, revived,
-                                     self._journal(conn, key, len(data)))
+                                     self._journal(conn, key, len(data), in_place))
 
-    def _journal(self, conn: apsw.Connection, key: str, size: int) -> bool:
+    def _journal(self, conn: apsw.Connection, key: str, size: int,
+                 in_place: bool = False) -> bool:
         """True when the object of ``key`` goes through the intake: it is small
-        enough, or its key is unsettled - a write of the store that went unanswered
-        may still land at the key, so an object written there directly now could be
-        overwritten by it; through the intake it is written only once that can no
-        longer happen (:mod:`pacs.core.intake`).
+        enough; or it replaces the acknowledged object at the same key (``in_place``):
+        written there directly, it would destroy the acknowledged bytes before the
+        commit that makes it acknowledged, and a crash or a failed commit between the
+        two would lose both versions' guarantee; through the intake, the commit
+        replaces the one with the other at once, and the mover writes it over the old
+        object afterwards; or its key is unsettled - a write of the store that went
+        unanswered may still land at the key, so an object written there directly now
+        could be overwritten by it; through the intake it is written only once that
+        can no longer happen (:mod:`pacs.core.intake`).  An object over the intake's
+        largest blob (``SQLITE_MAX_BLOB``) takes the direct path whatever it replaces.
 
         Raises
         ------
         IntakeFull
-            The intake is full, for an object of an unsettled key.
+            The intake is full, for an object of an unsettled key or one replacing
+            another in place.
         """
         if self.journaled(size):
             return True
-        if size >= SQLITE_MAX_BLOB or not reads.unsettled(conn, key):
+        if size >= SQLITE_MAX_BLOB or not (in_place or reads.unsettled(conn, key)):
             return False
         if self.intake_max_bytes is not None:
             check_room(self.index, self.intake_max_bytes)

@@ -24,8 +24,11 @@ decision is taken again under the SOP Instance UID's ingest lock,
 (c) a row committed, the old copy at another key not deleted: the same on disk as the
     second case of (b), and the same answer: the copy no row points to is quarantined.
 (d) the same key overwritten in place, the row not committed: the object's checksum
-    differs from the row's.  The acknowledged bytes are gone (the rename replaced
-    them), and the object is the newer write of the same instance: repair indexes it
+    differs from the row's.  Only an object over the intake's largest blob is written
+    so (a smaller one replacing another at its key goes through the intake, the
+    acknowledged bytes left at the key until its commit).  The acknowledged bytes are
+    gone (the rename replaced them), and the object is the newer write of the same
+    instance: repair indexes it
     (``rewritten``), so that the row describes what is stored and served (bytes damaged
     in a way that still reads as the same instance cannot be told from such a write;
     the report names them all).  An object that is not a readable instance of that UID

@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from pacs.core import dataset
+from pacs.core import dataset, ingest as ingest_module
 from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
@@ -181,9 +181,11 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
 def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
         make_services: Callable[..., Services], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
-    """The folder store renames the new object over the previous one, then fsyncs the
-    folder; when that fsync fails the sender is refused, and the previous object (the
-    one the index still describes) is back at its key."""
+    """An object too large for the intake (over SQLITE_MAX_BLOB, made small here) that
+    replaces another at its key: the folder store renames the new object over the
+    previous one, then fsyncs the folder; when that fsync fails the sender is refused,
+    and the previous object (the one the index still describes) is back at its key."""
+    monkeypatch.setattr(ingest_module, "SQLITE_MAX_BLOB", 1)
     store = folder_store(tmp_path / "objects")
     services = make_services(store=store, intake_object_bytes=0)
     first = _bytes()
@@ -209,6 +211,49 @@ def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
     assert next(failures, None) is None  # the failure did happen where intended
     assert (tmp_path / "objects" / key).read_bytes() == first
     assert list(_stored(services).values()) == [first]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
+def test_an_overwrite_in_place_keeps_the_acknowledged_object_until_its_commit(
+        make_services: Callable[..., Services], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
+    """Another object under a stored UID at the same key goes through the intake even
+    on the direct path: the acknowledged object stays at its key until the commit that
+    replaces it (a crash, a refused commit, a store that cannot put it back leave it
+    as acknowledged); the new one is read from the intake at once, and the mover
+    writes it over the old one afterwards."""
+    store = folder_store(tmp_path / "objects")
+    services = make_services(store=store, intake_object_bytes=0)
+    first = _bytes()
+    services.ingest.store_bytes(first)
+    uid = dcmread(DicomBytesIO(first)).SOPInstanceUID
+    key = _row(services, uid).object_key
+    second = _bytes(StudyDescription="changed")
+
+    def refused(*_: object, **__: object) -> None:
+        raise IndexFailure("simulated")
+
+    with monkeypatch.context() as patched:  # the commit fails: nothing was written
+        patched.setattr(writer, "upsert", refused)
+        patched.setattr(store, "put", lambda *_a, **_k: pytest.fail("written directly"))
+        if batch:
+            assert isinstance(services.ingest.store_batch([Received.of(second)])[0],
+                              IndexFailure)
+        else:
+            with pytest.raises(IndexFailure):
+                services.ingest.store_bytes(second)
+    assert (tmp_path / "objects" / key).read_bytes() == first
+    assert list(_stored(services).values()) == [first]
+    if batch:
+        assert services.ingest.store_batch([Received.of(second)])[0].outcome is \
+            Outcome.STORED
+    else:
+        assert services.ingest.store_bytes(second).outcome is Outcome.STORED
+    assert (tmp_path / "objects" / key).read_bytes() == first  # until the mover's turn
+    assert list(_stored(services).values()) == [second]
+    assert drain(services) == 1
+    assert (tmp_path / "objects" / key).read_bytes() == second
+    assert _row(services, uid).checksum == hashlib.sha256(second).hexdigest()
 
 
 def test_objects_without_patient_id_are_not_merged(services: Services) -> None:

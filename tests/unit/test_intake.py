@@ -27,7 +27,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from pacs.core import health, intake
+from pacs.core import health, ingest as ingest_module, intake
 from pacs.core.errors import InstanceLocked, IntakeFull, StorageError, UnsettledWrite
 from pacs.core.index import reads, writer
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
@@ -225,17 +225,21 @@ def test_an_overwrite_between_listing_and_locking_is_not_deleted(node: Services)
     assert node.store.backend.objects[key] == new  # type: ignore[attr-defined]
 
 
-def test_a_large_overwrite_takes_the_direct_path_and_drops_the_intake_copy(
+def test_a_large_overwrite_in_place_goes_through_the_intake_too(
         make_services: Callable[..., Services]) -> None:
+    """An object over the intake's size that replaces another at the same key is
+    acknowledged through the intake all the same (placed directly, it would destroy
+    the acknowledged bytes before its own commit): its copy replaces the old one's."""
     small = instance(StudyDescription="old")
     services = make_services(store=MemoryStore(), intake_object_bytes=len(small))
     services.ingest.store_bytes(small)
     [key] = reads.intake_keys(services.index.connection())
     large = instance(StudyDescription="new, and longer than the old one")
     services.ingest.store_bytes(large)
-    assert reads.intake_keys(services.index.connection()) == []
+    assert reads.intake_keys(services.index.connection()) == [key]
+    assert read(services, key) == large
+    assert drain(services) == 1
     assert services.store.backend.objects[key] == large  # type: ignore[attr-defined]
-    assert drain(services) == 0
     assert read(services, key) == large
 
 
@@ -623,18 +627,20 @@ def test_an_unanswered_put_keeps_its_key_in_the_intake_until_it_has_settled(
 
 
 def test_an_unanswered_direct_overwrite_puts_the_previous_object_back_in_the_intake(
-        make_services: Callable[..., Services]) -> None:
-    """A large object (the direct path) whose PUT S3 did not answer replaced the one
-    the index names: that one goes back into the intake rather than to the store
-    (where the late PUT could land over it), and the next object of the key is
-    acknowledged through the intake until the key has settled."""
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object too large for the intake (over SQLITE_MAX_BLOB, made small here: the
+    direct path even in place) whose PUT S3 did not answer replaced the one the index
+    names: that one goes back into the intake rather than to the store (where the late
+    PUT could land over it), and the next object of the key is acknowledged through the
+    intake until the key has settled."""
     first = instance(StudyDescription="first")
+    monkeypatch.setattr(ingest_module, "SQLITE_MAX_BLOB", len(first) + 1)
     store = FailingStore()
     store.failing = set()
     services = make_services(store=store, intake_object_bytes=len(first) // 2)
     services.ingest.store_bytes(first)
     [key] = store.objects
-    second = instance(StudyDescription="second")
+    second = instance(StudyDescription="second, longer than the first")
     store.failing, store.error = {key}, UnsettledWrite
     with pytest.raises(UnsettledWrite):
         services.ingest.store_bytes(second)
