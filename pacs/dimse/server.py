@@ -526,6 +526,28 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 #: service user, no reason given (the standard has no reason for it).
 REJECT_PEER_PDU = (0x01, 0x01, 0x01)
 
+#: A-ASSOCIATE-RJ of a request whose presentation context items break PS3.8 9.3.2.2:
+#: rejected-permanent, by the service user, no reason given.
+REJECT_MALFORMED = (0x01, 0x01, 0x01)
+
+
+def contexts_refusal(contexts: Any) -> str | None:
+    """Why the presentation context items of an A-ASSOCIATE-RQ cannot be negotiated
+    (``None``: they can): each needs one Abstract Syntax and at least one Transfer
+    Syntax, its ID odd and unlike the others' (PS3.8 9.3.2.2).  pynetdicom's
+    negotiation ends its thread with an error on such an item, after the association
+    was admitted."""
+    seen: set[int] = set()
+    for context in contexts or ():
+        number = context.context_id
+        if not isinstance(number, int) or number % 2 == 0 or number in seen:
+            return "a presentation context ID that is even, missing or repeated"
+        seen.add(number)
+        if not context.abstract_syntax or not context.transfer_syntax:
+            return "a presentation context without its abstract or transfer syntax"
+    return None
+
+
 #: The handlers of each customer by the called AE title that chooses it
 #: (:meth:`pacs.dimse.customers.Customers.bindings`).
 Bindings = dict[str, list[tuple[Any, ...]]]
@@ -555,7 +577,9 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        (PS3.15 A.5.3.11, Node Authentication; a minor failure: the attempt was
        stopped);
     4. the requestor's Maximum Length is below the node's floor
-       (:func:`pacs.dimse.limits.peer_pdu_refusal`): :data:`REJECT_PEER_PDU`;
+       (:func:`pacs.dimse.limits.peer_pdu_refusal`): :data:`REJECT_PEER_PDU`; its
+       presentation context items cannot be negotiated (:func:`contexts_refusal`):
+       :data:`REJECT_MALFORMED`;
     5. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
        per source address) are reached: :data:`REJECT_FULL`.
 
@@ -593,6 +617,10 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
     if refused is None:
         small = limits.peer_pdu_refusal(assoc.requestor.maximum_length)
         refused = (REJECT_PEER_PDU, small) if small is not None else None
+    if refused is None:
+        malformed = contexts_refusal(getattr(assoc.requestor.primitive,
+                                             "presentation_context_definition_list", ()))
+        refused = (REJECT_MALFORMED, malformed) if malformed is not None else None
     if refused is not None:
         connection_limits.forget(raw)
     else:

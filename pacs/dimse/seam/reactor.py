@@ -72,6 +72,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -92,6 +93,20 @@ log = logging.getLogger(__name__)
 # The loops' own messages keep pynetdicom's loggers (and so the level the node sets).
 _dul_log = logging.getLogger("pynetdicom.dul")
 _assoc_log = logging.getLogger("pynetdicom.association")
+
+#: Events of the state machine that stand for a primitive of the local user, queued
+#: on ``to_provider_queue`` (PS3.8 Table 9-10): A-ASSOCIATE request and responses,
+#: P-DATA, A-RELEASE request and response, A-ABORT.
+_LOCAL_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+def failure(exc: BaseException) -> str:
+    """An exception in one line for the log: its type and where it was raised, not
+    its message (which may quote what a peer sent) nor its traceback (DEBUG)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" \
+        if frames else ""
+    return f"{type(exc).__name__}{where}"
 
 #: Longest blocking wait in seconds; timers are re-checked at least this often.
 MAX_WAIT = 0.5
@@ -363,8 +378,9 @@ def _dul_run_reactor(self: _DUL) -> None:
                     self._idle_timer.restart()
                     self._traffic_at = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - pynetdicom's: any error aborts
-                _dul_log.error("Exception in DUL.run(), aborting association")
-                _dul_log.exception(exc)
+                _dul_log.error("Aborting the association with %s: %s",
+                               _remote_address(self.assoc), failure(exc))
+                _dul_log.debug("The failure", exc_info=exc)
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -380,19 +396,21 @@ def _dul_run_reactor(self: _DUL) -> None:
                 _wait_for_work(self)
                 continue
             state = self.state_machine.current_state
-            if event == "Evt15" and (event, state) not in TRANSITION_TABLE:
-                # A local A-ABORT where PS3.8 Table 9-10 has no action for it, and
-                # pynetdicom's state machine would end this thread with an error: one
-                # already under way (Sta13: the A-ABORT sent, the connection closing)
-                # or done (Sta1) - two threads may abort at once (a sub-operation that
-                # got no response; the DUL refusing the peer's PDU) - or one before any
-                # A-ASSOCIATE-RQ (Sta2), where there is no association to abort: its
-                # connection is closed instead (Evt17, AA-5).  Its primitive, which the
-                # event stands for, is taken off the queue as an action would: left
-                # there, it would be seen again at once, for ever.
+            if event in _LOCAL_EVENTS and (event, state) not in TRANSITION_TABLE:
+                # A local primitive where PS3.8 Table 9-10 has no action for it, and
+                # pynetdicom's state machine would end this thread with an error: the
+                # association is being aborted or is gone (Sta13: an A-ABORT sent, the
+                # connection closing; Sta1), while the association thread, not yet
+                # aware, accepts it (Evt7), sends on it (Evt9) or aborts it too (Evt15:
+                # a sub-operation that got no response while the DUL refused the peer's
+                # PDU); or an A-ABORT before any A-ASSOCIATE-RQ (Sta2), where there is
+                # no association to abort: its connection is closed instead (Evt17,
+                # AA-5).  Its primitive, which the event stands for, is taken off the
+                # queue as an action would: left there, it would be seen again at
+                # once, for ever.
                 with contextlib.suppress(queue.Empty):
                     self.to_provider_queue.get(block=False)
-                if state == "Sta2" and self.socket is not None:
+                if event == "Evt15" and state == "Sta2" and self.socket is not None:
                     self.socket.close()
                 continue
             with self._write_lock:  # an action may write a PDU (writes_paused)
@@ -784,12 +802,21 @@ def _read_pdu(self: _DUL, raw: socket.socket) -> None:
     _QUICKACK(raw)
     try:
         pdu, event = self._decode_pdu(data)  # type: ignore[arg-type]
-        self.event_queue.put(event)
+        if event == "Evt6":
+            # Its primitive is made later, by the state machine's action (AE-6), where
+            # an item pynetdicom cannot take (an even context ID, a User Identity type
+            # outside 1-5: PS3.8 9.3.2.2, PS3.7 D.3.3.7) ended this thread with an
+            # error and left the connection open: made here, it is an invalid PDU.
+            pdu.to_primitive()
     except Exception as exc:  # noqa: BLE001 - pynetdicom's: an undecodable PDU is Evt19
-        _dul_log.error("Unable to decode the received PDU data")
-        _dul_log.exception(exc)
-        self.event_queue.put("Evt19")
+        _dul_log.error("Aborting the association with %s: a PDU that does not decode "
+                       "(%s)", _remote_address(self.assoc), failure(exc))
+        _dul_log.debug("The failure", exc_info=exc)
+        # A-ABORT from the service provider, invalid PDU parameter value (PS3.8
+        # 9.3.8), where pynetdicom's Evt19 (AA-8) said neither source nor reason.
+        _abort_connection(self, raw, _ABORT_INVALID_PARAMETER)
         return
+    self.event_queue.put(event)
     self._recv_pdu.put(pdu)
 
 
@@ -936,6 +963,16 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
         self.message = None
         self.dul.event_queue.put("Evt19")
         return
+    except Exception as exc:  # noqa: BLE001 - a message pynetdicom cannot decode
+        # A command set of a Command Field it does not know, an element it cannot
+        # read, a PDV too short for its header: a protocol error, as the seam's own
+        # reader has it (A-ABORT, PS3.8 9.3.8), not the end of this thread.
+        _assoc_log.warning("Aborting the association with %s: a message that does not "
+                           "decode (%s)", _remote_address(self.assoc), failure(exc))
+        _assoc_log.debug("The failure", exc_info=exc)
+        self.message = None
+        self.dul.event_queue.put("Evt19")
+        return
     _bound_identifier(message)
 
 
@@ -969,11 +1006,29 @@ def _assoc_run_patched(self: Association) -> None:
         raw = dul.socket.socket if dul.socket is not None else None
         if (dul.is_alive() or server is None or raw is None
                 or not cannot_start_thread(exc)):
-            raise
+            _abort_after_failure(self, exc)
+            return
         # Counted before the peer can see the end of its connection.
         server.handle_error(raw, (self.requestor.address, self.requestor.port))
         server.shutdown_request(raw)
         dul._waker.close()
+    except Exception as exc:  # noqa: BLE001 - the thread's last word: see below
+        _abort_after_failure(self, exc)
+
+
+def _abort_after_failure(assoc: Association, exc: Exception) -> None:
+    """The association thread failed (pynetdicom's negotiation of a request it cannot
+    take, a defect): abort the association (A-ABORT, service provider, PS3.8 9.3.8)
+    and stop its DUL, in one log line.  Ended by the exception instead, the thread left
+    the DUL reading the peer's socket, and the association's place taken, for as long
+    as the peer kept the connection open."""
+    _assoc_log.error("Aborting the association with %s: %s", _remote_address(assoc),
+                     failure(exc))
+    _assoc_log.debug("The failure", exc_info=exc)
+    with contextlib.suppress(Exception):
+        assoc.acse.send_ap_abort(0x00)  # reason not specified
+    with contextlib.suppress(Exception):
+        assoc.kill()
 
 
 def patch() -> None:

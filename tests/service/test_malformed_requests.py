@@ -1,0 +1,137 @@
+"""A-ASSOCIATE-RQs and DIMSE messages pynetdicom cannot take (PS3.8 9.3.2.2, 9.3.8).
+
+Each ended one of pynetdicom's threads with an error: a presentation context without
+its abstract or transfer syntax ended the association thread after the association
+was admitted, and its DUL thread kept reading the socket, so the place stayed taken
+for as long as the peer kept the connection open (16 such connections locked an
+address out, 32 the worker); an even context ID or an unknown User Identity type
+ended the DUL thread, the peer answered by nothing; a command set of an unknown
+Command Field ended the association thread.  Now: an A-ASSOCIATE-RJ before the
+association is admitted, or an A-ABORT from the service provider, and no thread ends
+with an error (:data:`tests.conftest.THREADS_END_CLEANLY`).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.conftest import seam_only
+from tests.service.conftest import RunningNode
+from tests.service.hostile_peer import command_set, element, item, pdata
+from tests.service.test_exhaustion import closed_by_peer
+
+pytestmark = pytest.mark.dimse
+
+VERIFICATION = b"1.2.840.10008.1.1"
+IMPLICIT = b"1.2.840.10008.1.2"
+
+
+def context(number: int, abstract: bytes | None = VERIFICATION,
+            syntaxes: tuple[bytes, ...] = (IMPLICIT,)) -> bytes:
+    """A Presentation Context Item (PS3.8 9.3.2.2), whatever it holds."""
+    body = (item(0x30, abstract) if abstract is not None else b"") + b"".join(
+        item(0x40, syntax) for syntax in syntaxes)
+    return item(0x20, bytes([number, 0, 0, 0]) + body)
+
+
+def associate_rq(contexts: bytes, called: str, user_extra: bytes = b"") -> bytes:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) with these context items."""
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3")
+                + user_extra)
+    body = (struct.pack(">HH", 1, 0) + called.encode().ljust(16)
+            + b"MALFORMED".ljust(16) + bytes(32)
+            + item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + user)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def answer(sock: socket.socket) -> bytes:
+    """The first PDU the node answers with (10 bytes: an RJ or an A-ABORT)."""
+    sock.settimeout(5)
+    data = b""
+    while len(data) < 10:
+        piece = sock.recv(10 - len(data))
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def echo(node: RunningNode) -> bool:
+    ae = AE(ae_title="ECHOER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.services.settings.ae_title)
+    try:
+        return bool(assoc.is_established and assoc.send_c_echo().Status == 0)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@pytest.mark.parametrize("contexts", [
+    context(1, syntaxes=()),
+    context(1, abstract=None),
+    context(1) + context(1),
+], ids=["no-transfer-syntax", "no-abstract-syntax", "repeated-id"])
+def test_contexts_that_cannot_be_negotiated_are_rejected_before_admission(
+        node: RunningNode, contexts: bytes) -> None:
+    """A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given; the
+    connections held open afterwards take no association's place (more of them than
+    an address may hold), and an echo from the same address is served."""
+    called = node.services.settings.ae_title
+    held = []
+    try:
+        for _ in range(node.services.settings.max_associations_per_host + 2):
+            peer = socket.create_connection(("127.0.0.1", node.port))
+            held.append(peer)
+            peer.sendall(associate_rq(contexts, called))
+            assert answer(peer) == b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01"
+        assert echo(node)
+    finally:
+        for peer in held:
+            peer.close()
+
+
+@pytest.mark.parametrize(("contexts", "user_extra"), [
+    (context(2), b""),  # an even Presentation Context ID
+    (context(1), item(0x58, bytes([9, 0]) + struct.pack(">H", 1) + b"x"
+                      + struct.pack(">H", 0))),  # User Identity Type 9 (PS3.7 D.3.3.7)
+], ids=["even-context-id", "user-identity-type-9"])
+@seam_only("pynetdicom's DUL thread ends with an error and sends nothing")
+def test_a_request_pynetdicom_cannot_read_is_aborted_by_the_provider(
+        node: RunningNode, contexts: bytes, user_extra: bytes) -> None:
+    """A-ABORT, source service provider, reason invalid PDU parameter value (PS3.8
+    9.3.8), then the end of the connection."""
+    with socket.create_connection(("127.0.0.1", node.port)) as peer:
+        peer.sendall(associate_rq(contexts, node.services.settings.ae_title, user_extra))
+        assert answer(peer) == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
+        assert closed_by_peer(peer)
+    assert echo(node)
+
+
+@seam_only("pynetdicom's association thread ends with an error")
+def test_a_command_of_an_unknown_command_field_aborts_the_association(
+        node: RunningNode) -> None:
+    """The first message of an association (pynetdicom's DIMSE provider reads it): a
+    command set whose Command Field is 0xFFFF, which pynetdicom cannot decode, is a
+    protocol error: A-ABORT, and no thread ends with an error."""
+    with socket.create_connection(("127.0.0.1", node.port)) as peer:
+        peer.sendall(associate_rq(context(1), node.services.settings.ae_title))
+        peer.settimeout(5)
+        head = peer.recv(6)
+        assert head[0] == 0x02  # A-ASSOCIATE-AC
+        length = struct.unpack(">I", head[2:6])[0]
+        while length:
+            length -= len(peer.recv(length))
+        command = command_set(element(0x00000002, VERIFICATION),
+                              element(0x00000100, struct.pack("<H", 0xFFFF)),
+                              element(0x00000110, struct.pack("<H", 1)),
+                              element(0x00000800, struct.pack("<H", 0x0101)))
+        peer.sendall(pdata(1, 0x03, command))
+        assert answer(peer)[:1] == b"\x07"
+        assert closed_by_peer(peer)
+    assert echo(node)
