@@ -16,7 +16,14 @@ root logger's, gunicorn's error log's), rewrites each record of level INFO and a
 - whatever a message of the node's own errors quotes is replaced by ``'…'`` (some wrap
   a library's message, which may quote a value);
 - records of pydicom's logger, gunicorn's error log and Python warnings (routed into
-  logging here) have whatever they quote replaced by ``'…'``.
+  logging here) have whatever they quote replaced by ``'…'``;
+- a message is one line: control characters (a newline, a terminal's escape) are
+  written escaped, so that what a peer sent (an AE title, an Implementation Version
+  Name that pynetdicom logs) cannot forge a line of its own or drive a terminal, and
+  it is cut after :data:`MAX_MESSAGE` characters;
+- the libraries' loggers (pynetdicom logs a line per item it finds wrong in a request,
+  thousands for one A-ASSOCIATE-RQ) write at most :data:`LIBRARY_RECORDS` records a
+  second per process; the next one written says how many were left out.
 
 Records below INFO are left whole: DEBUG is where a developer looks at values.
 
@@ -37,6 +44,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -46,6 +55,14 @@ from pacs.core.errors import PacsError
 #: error log quotes a request line it refuses, whose query string may carry a patient's
 #: name (QIDO-RS ``?PatientName=…``).
 QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
+#: Longest message written at INFO and above; the rest is counted, not written.
+MAX_MESSAGE = 4096
+#: Loggers of libraries that log what a peer sent, item by item.
+LIBRARY_LOGGERS = ("pynetdicom", "pydicom")
+#: Records of :data:`LIBRARY_LOGGERS` written per second and process at most.
+LIBRARY_RECORDS = 50
+#: Characters written escaped in a message: C0 and C1 controls but the tab, DEL.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 #: Folders of the node's own code, for the place of an exception in it.
 _OWN_CODE = ("/pacs/", "/adapters/")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -62,6 +79,18 @@ def setup(level: str, log_format: str = LOG_FORMAT, stream: TextIO | None = None
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=log_format,
                         stream=stream or sys.stderr)
     install(level)
+    if threading.excepthook is threading.__excepthook__:  # not a test runner's own
+        threading.excepthook = _thread_failed
+
+
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A thread that ended with an error, as a log record (through :class:`Redact`,
+    one line at the default level), instead of Python's traceback on stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("pacs.threads").error(
+        "thread %s ended with an error", name, exc_info=args.exc_value)
 
 
 def install(level: str) -> None:
@@ -193,12 +222,41 @@ class Redact(logging.Filter):
     def __init__(self, details: bool = False) -> None:
         super().__init__()
         self.details = details
+        self._second = 0
+        self._written = 0
+        self._left_out = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.details or record.levelno < logging.INFO or getattr(record, "_redacted",
                                                                     False):
             return True
+        if record.name.startswith(LIBRARY_LOGGERS) and not self._within_rate():
+            return False
         record._redacted = True
+        self._redact(record)
+        message = _one_line(record.getMessage())
+        if self._left_out and record.name.startswith(LIBRARY_LOGGERS):
+            message = (f"{message} ({self._left_out} more record(s) of the libraries "
+                       "left out before this one)")
+            self._left_out = 0
+        record.msg, record.args = message, None
+        return True
+
+    def _within_rate(self) -> bool:
+        """Whether one more library record may be written this second (counted when
+        not); the handler's lock serializes filters."""
+        second = int(time.monotonic())
+        if second != self._second:
+            self._second, self._written = second, 0
+        self._written += 1
+        if self._written > LIBRARY_RECORDS:
+            self._left_out += 1
+            return False
+        return True
+
+    @staticmethod
+    def _redact(record: logging.LogRecord) -> None:
+        """The record's exception, arguments and quotes without values."""
         if record.exc_info or record.exc_text:
             exc = record.exc_info[1] if record.exc_info else None
             record.exc_text = "  " + (summary(exc) if exc is not None else "traceback left out")
@@ -212,7 +270,13 @@ class Redact(logging.Filter):
         if record.name.startswith(QUOTING_LOGGERS):
             record.msg = _unquoted(record.getMessage()).replace("%", "%%")
             record.args = None
-        return True
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped, cut after :data:`MAX_MESSAGE`."""
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]}… ({len(text) - MAX_MESSAGE} more characters)"
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def summary(exc: BaseException) -> str:

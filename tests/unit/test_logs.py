@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -195,3 +196,60 @@ def test_a_stream_without_a_descriptor_is_left_as_it_is(handler: io.StringIO) ->
     (added,) = [h for h in logging.getLogger().handlers
                 if isinstance(h, logging.StreamHandler) and h.stream is handler]
     assert added.stream is handler
+
+
+def test_a_message_is_one_line_without_a_terminal_s_escapes(handler: io.StringIO) -> None:
+    """What a peer sent (an AE title, pynetdicom's Implementation Version Name) cannot
+    forge a line of its own, nor drive a terminal."""
+    forged = "X\n2026-12-05 11:59:59,000 INFO pacs.dimse.server[1]: FORGED\x1b[31m"
+    logging.getLogger("pacs.dimse.server").warning("association from %s", forged)
+    logging.getLogger("pynetdicom.acse").warning("Implementation Version Name: %s", forged)
+    lines = handler.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert all("\x1b" not in line for line in lines)
+    assert "X\\n2026-12-05" in lines[0] and "\\x1b[31m" in lines[0]
+
+
+def test_a_long_message_is_cut(handler: io.StringIO) -> None:
+    logging.getLogger("pynetdicom.acse").error("Version: %s", "v" * 60_000)
+    text = handler.getvalue()
+    assert len(text) < logs.MAX_MESSAGE + 200
+    assert "more characters)" in text
+
+
+def test_a_flood_of_library_records_is_cut_and_counted(
+        handler: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom logs a line per item it finds wrong: 9,000 of them for one request
+    are LIBRARY_RECORDS a second, and the next line written says how many were left
+    out; the node's own records are never left out."""
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    library = logging.getLogger("pynetdicom.utils")
+    for _ in range(9000):
+        library.warning("Invalid UID: '.'")
+    logging.getLogger("pacs.dimse.server").warning("the node's own")
+    now[0] += 1
+    library.warning("next second")
+    lines = handler.getvalue().splitlines()
+    assert len(lines) == logs.LIBRARY_RECORDS + 2
+    assert lines[-2] == "WARNING pacs.dimse.server: the node's own"
+    assert lines[-1].endswith(f"({9000 - logs.LIBRARY_RECORDS} more record(s) of the "
+                              "libraries left out before this one)")
+
+
+def test_a_thread_that_ends_with_an_error_is_one_record(
+        handler: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's own hook prints the traceback, values and all, on stderr, around the
+    filter: a node's process logs it as a record instead."""
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    logs.setup("INFO", stream=io.StringIO())
+
+    def failing() -> None:
+        _pydicom_error()
+
+    worker = threading.Thread(target=failing, name="doomed")
+    worker.start()
+    worker.join()
+    text = handler.getvalue()
+    assert "ERROR pacs.threads: thread doomed ended with an error" in text
+    assert SECRET not in text and "ValueError at pydicom/valuerep.py:" in text
