@@ -16,6 +16,9 @@ N-ACTION statuses (PS3.7 10.1.4.1.10):
   (:mod:`pacs.core.access`): a requestor asks about instances it stored, so it needs
   the right to store them; checked before the request is read, and nothing is
   recorded or reported;
+* ``0122`` (Refused: SOP Class not supported) the request came on a presentation
+  context of another abstract syntax than the Push Model (a message's SOP Class is
+  its context's, PS3.8 9.3.2.2): recorded, its result could not go back there;
 * ``0118`` the Requested SOP Class is not the Push Model, ``0112`` the Requested SOP
   Instance is not its well-known instance (PS3.4 J.3.5), ``0123`` an Action Type ID
   other than 1;
@@ -58,6 +61,7 @@ from pacs.dimse.status import (
     NO_SUCH_SOP_INSTANCE,
     NOT_AUTHORIZED,
     RESOURCE_LIMITATION,
+    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     Status,
     status_for,
@@ -96,6 +100,8 @@ class ActionRequest:
         The requestor's AE title.
     called_ae_title :
         The node's AE title on the association (the customer's title it was called by).
+    abstract_syntax :
+        The abstract syntax of the request's presentation context.
     """
 
     message_id: int
@@ -107,6 +113,7 @@ class ActionRequest:
     transfer_syntax: str
     calling_ae_title: str
     called_ae_title: str = ""
+    abstract_syntax: str = PUSH_MODEL
 
 
 class Reports(Protocol):
@@ -146,6 +153,12 @@ def request_of(action: ActionRequest, max_references: int) -> Request:
     Refused
         With the N-ACTION status (module docstring).
     """
+    if action.abstract_syntax != PUSH_MODEL:
+        # A message's SOP Class is its presentation context's (PS3.7 10.1.4, PS3.8
+        # 9.3.2.2): a request on another context (Verification, a storage class) was
+        # recorded, its result then undeliverable there.
+        raise Refused(SOP_CLASS_NOT_SUPPORTED,
+                      "not on a Storage Commitment Push Model presentation context")
     if action.sop_class_uid != PUSH_MODEL:
         raise Refused(NO_SUCH_SOP_CLASS, "not the Storage Commitment Push Model SOP Class")
     if action.sop_instance_uid != PUSH_MODEL_INSTANCE:

@@ -264,6 +264,8 @@ def test_an_n_action_is_recorded_before_success(services: Services) -> None:
 
 @pytest.mark.parametrize(("changes", "code"), [
     ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2"}, 0x0118),
+    ({"abstract_syntax": "1.2.840.10008.1.1"}, 0x0122),  # on the Verification context
+    ({"abstract_syntax": "1.2.840.10008.5.1.4.1.1.2"}, 0x0122),
     ({"sop_instance_uid": "1.2.3.4"}, 0x0112),
     ({"action_type": 2}, 0x0123),
     ({"action_type": None}, 0x0123),
