@@ -14,7 +14,8 @@ A request is recorded (:meth:`Commitments.record`) before the N-ACTION is answer
 stays until its result is delivered (or dropped, when the requestor can no longer be
 reached: :mod:`pacs.dimse.reports`): a restart never drops it.  Bounds: references per
 request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
-(``PACS_COMMITMENT_MAX_PENDING``); past either the request is refused.
+(``PACS_COMMITMENT_MAX_PENDING``), and a tenth of those (at least ten) per requestor's
+AE title; past any of them the request is refused.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ CLASS_INSTANCE_CONFLICT = 0x0119
 
 #: Event Type IDs of the Storage Commitment Result (PS3.4 J.3.3.1.2).
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
+
+#: A requestor's results wait at most one PER_REQUESTOR_SHARE-th of
+#: ``PACS_COMMITMENT_MAX_PENDING``, and never fewer than PER_REQUESTOR_FLOOR (or all).
+PER_REQUESTOR_SHARE, PER_REQUESTOR_FLOOR = 10, 10
 
 #: Seconds before the second delivery attempt; each further one waits twice as long as
 #: the one before, up to :data:`RETRY_MAX`.
@@ -245,6 +250,10 @@ class Commitments:
                  clock: Callable[[], float] = time.time) -> None:
         self.index = index
         self.max_pending = max_pending
+        # One requestor (any AE title may ask, by default) cannot fill the queue and
+        # refuse every other modality's requests for as long as its results wait.
+        self.max_per_requestor = min(max_pending, max(PER_REQUESTOR_FLOOR,
+                                                      max_pending // PER_REQUESTOR_SHARE))
         self.max_references = max_references
         self.lease = lease
         self.clock = clock
@@ -284,9 +293,13 @@ class Commitments:
         now = self.clock()
         received = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         with self.index.write() as conn:
-            if (commitments_waiting(conn) >= self.max_pending
-                    and not table.exists(conn, request.requestor_ae, request.transaction_uid)):
+            replaces = table.exists(conn, request.requestor_ae, request.transaction_uid)
+            if not replaces and commitments_waiting(conn) >= self.max_pending:
                 raise ResourceLimitation(f"{self.max_pending} storage commitment results "
+                                         "wait for delivery already")
+            if (not replaces and commitments_waiting(conn, request.requestor_ae)
+                    >= self.max_per_requestor):
+                raise ResourceLimitation(f"{self.max_per_requestor} results for this AE "
                                          "wait for delivery already")
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
                                _references_json(request.references), now, now + self.lease,

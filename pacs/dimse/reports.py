@@ -328,9 +328,12 @@ class Reporter:
                         "and quiet in %.0f s (%s)", requestor, waited, error)
             return
         delay = self.commitments.failed(pending, error)
-        log.info("storage commitment: the result for %s waits for one of its "
-                 "associations (%s; its AE title is not in PACS_MODALITIES); again in "
-                 "%.0f s or when it opens one", requestor, error, delay)
+        # Said once per result: each of a thousand waiting results tried again every
+        # few seconds at first made a line of its own each time.
+        log.log(logging.INFO if pending.attempts == 0 else logging.DEBUG,
+                "storage commitment: the result for %s waits for one of its "
+                "associations (%s; its AE title is not in PACS_MODALITIES); again in "
+                "%.0f s or when it opens one", requestor, error, delay)
 
     def _delivered(self, pending: Pending, how: str) -> None:
         self.commitments.remove(pending)

@@ -817,11 +817,13 @@ def _commitment_text(data: dict[str, Any]) -> str:
                      [[code, why] for code, why in sc["failure_reasons"].items()])
     return f"""- **Storage Commitment** (PS3.4 J, Push Model): an N-ACTION (Action Type 1, the
   well-known instance) is answered Success once the request is recorded in the index,
-  durably: a restart does not lose it.  It is refused with 0118 (another SOP Class),
+  durably: a restart does not lose it.  It is refused with 0122 (on a presentation
+  context of another abstract syntax), 0118 (another SOP Class),
   0112 (another SOP Instance), 0123 (another action), 0115 (no or unreadable Action
   Information, no valid Transaction UID, no reference, a reference without valid UIDs),
   0213 (more than {sc['max_references']} references, `PACS_COMMITMENT_MAX_REFERENCES`;
-  or {sc['max_pending']} results waiting, `PACS_COMMITMENT_MAX_PENDING`), 0110 (the
+  or {sc['max_pending']} results waiting, `PACS_COMMITMENT_MAX_PENDING`, a tenth of them
+  and at least ten for one requestor's AE title), 0110 (the
   request could not be recorded).  Each referenced instance is committed when the index
   holds it under the same SOP Class UID and its stored object is the one acknowledged
   (SHA-256 and size, read back from the store); otherwise it is listed in the Failed SOP

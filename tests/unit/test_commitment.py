@@ -158,6 +158,19 @@ def test_the_queue_is_bounded_and_a_repeated_transaction_replaces(services: Serv
         queue.record(Request("MOD", "1.2.4", ()))
 
 
+def test_one_requestor_cannot_fill_the_queue_for_the_others(services: Services) -> None:
+    """A tenth of the queue per requestor's AE title (at least ten): one AE sending
+    requests for instances that do not exist, to an address the node does not know,
+    kept every other modality's requests refused for as long as its results waited."""
+    queue = queue_of(services, Clock(), max_pending=200)
+    for _ in range(20):
+        queue.record(request("FLOODER"))
+    with pytest.raises(ResourceLimitation, match="20 results for this AE"):
+        queue.record(request("FLOODER"))
+    assert queue.record(request("MOD")).request.requestor_ae == "MOD"
+    assert queue_of(services, Clock(), max_pending=3).max_per_requestor == 3
+
+
 def test_a_stopping_process_gives_its_request_back(services: Services) -> None:
     clock = Clock()
     queue = queue_of(services, clock)

@@ -462,9 +462,9 @@ def all_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, int]]:
         "SELECT sop_uid, object_key, checksum, size FROM instance")}
 
 
-def _scalar(conn: apsw.Connection, sql: str) -> int:
+def _scalar(conn: apsw.Connection, sql: str, bindings: tuple[object, ...] = ()) -> int:
     """The one integer an aggregate query answers."""
-    row = conn.execute(sql).fetchone()
+    row = conn.execute(sql, bindings).fetchone()
     if row is None:  # an aggregate always answers one row
         raise apsw.SQLError(f"no row from {sql!r}")
     return int(row[0])
@@ -484,9 +484,13 @@ def indexed_bytes(conn: apsw.Connection) -> int:
 
 
 @_read("commitment count")
-def commitments_waiting(conn: apsw.Connection) -> int:
-    """Storage commitment requests whose result is not delivered yet."""
-    return _scalar(conn, "SELECT count(*) FROM commitment")
+def commitments_waiting(conn: apsw.Connection, requestor_ae: str | None = None) -> int:
+    """Storage commitment requests whose result is not delivered yet (of
+    ``requestor_ae`` only, when given)."""
+    if requestor_ae is None:
+        return _scalar(conn, "SELECT count(*) FROM commitment")
+    return _scalar(conn, "SELECT count(*) FROM commitment WHERE requestor_ae = ?",
+                   (requestor_ae,))
 
 
 @_read("integrity check")
