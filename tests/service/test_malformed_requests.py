@@ -135,3 +135,48 @@ def test_a_command_of_an_unknown_command_field_aborts_the_association(
         assert answer(peer)[:1] == b"\x07"
         assert closed_by_peer(peer)
     assert echo(node)
+
+
+CT = b"1.2.840.10008.5.1.4.1.1.2"
+
+
+def _associated(node: RunningNode) -> socket.socket:
+    """A raw association with CT Image Storage (context 1) and Verification (3)."""
+    peer = socket.create_connection(("127.0.0.1", node.port))
+    peer.sendall(associate_rq(context(1, CT) + context(3), node.services.settings.ae_title))
+    peer.settimeout(5)
+    head = peer.recv(6)
+    assert head[0] == 0x02  # A-ASSOCIATE-AC
+    length = struct.unpack(">I", head[2:6])[0]
+    while length:
+        length -= len(peer.recv(length))
+    return peer
+
+
+def _store_command(message_id: int) -> bytes:
+    return command_set(element(0x00000002, CT),
+                       element(0x00000100, struct.pack("<H", 0x0001)),
+                       element(0x00000110, struct.pack("<H", message_id)),
+                       element(0x00000700, struct.pack("<H", 0)),
+                       element(0x00000800, struct.pack("<H", 0x0000)),
+                       element(0x00001000, b"1.2.3.4"))
+
+
+@pytest.mark.parametrize("after_the_command", [
+    pdata(3, 0x02, b"\x08\x00\x18\x00\x07\x00\x00\x001.2.3.4"),  # data set on another context
+    pdata(1, 0x03, _store_command(8)),  # a second command instead of the data set
+    pdata(1, 0x00, b"\x08\x00") + pdata(1, 0x01, b"\x00\x00"),  # a command inside it
+], ids=["data-on-another-context", "second-command", "command-inside-the-data-set"])
+@seam_only("pynetdicom takes the fragments as they come")
+def test_fragments_out_of_order_in_the_first_message_abort_the_association(
+        node: RunningNode, after_the_command: bytes) -> None:
+    """PS3.8 9.3.5.1 and E.2: a message's fragments are on one context, its command
+    set first, then its data set.  On an association's first message (pynetdicom's
+    path) a data set continued on another context was stored, a second C-STORE command
+    silently replaced the first (never answered): now the association is aborted, as
+    after the first message."""
+    with _associated(node) as peer:
+        peer.sendall(pdata(1, 0x03, _store_command(7)) + after_the_command)
+        assert answer(peer)[:1] == b"\x07"
+        assert closed_by_peer(peer)
+    assert echo(node)

@@ -84,6 +84,7 @@ from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, DIMSEMe
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from pacs.core.offload import cannot_start_thread
@@ -931,7 +932,8 @@ _ORIGINAL_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
 
 
 def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
-    """``DIMSEServiceProvider.receive_primitive`` with bounded message buffers.
+    """``DIMSEServiceProvider.receive_primitive``, a fragment at a time, with bounded
+    message buffers and the order of fragments checked.
 
     pynetdicom gathers a message's fragments in memory until the last arrives
     (``DIMSEMessage.decode_msg``).  Each new message gets a command buffer of at most
@@ -943,7 +945,26 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     the identifier of a C-FIND, C-MOVE or C-GET request is held to
     :data:`pacs.dimse.limits.IDENTIFIER_CEILING` instead (answered Unable to process,
     :func:`pacs.dimse.find.decode_identifier`).
+
+    The fragments of a P-DATA-TF are taken one by one: pynetdicom drops those that
+    follow the end of a message in the same PDU, and takes a fragment on another
+    presentation context, or a command fragment inside a data set, as part of the
+    message (a second C-STORE command replaced the first, unanswered).  The rules of
+    the seam's own reader hold here too (:mod:`pacs.dimse.seam.inbound`; PS3.8 9.3.5.1,
+    E.2: a message's fragments are on one context, its command set first, then its data
+    set): a fragment that breaks them aborts the association.
     """
+    for context_id, fragment in primitive.presentation_data_value_list:
+        single = P_DATA()
+        single.presentation_data_value_list = [[context_id, fragment]]  # type: ignore[list-item]
+        if not _receive_fragment(self, context_id, fragment, single):
+            return
+
+
+def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: bytes,
+                      single: Any) -> bool:
+    """One fragment of :func:`_receive_primitive`; ``False``: the association is being
+    aborted."""
     if self.message is None:
         message = self.message = DIMSEMessage()
         message.encoded_command_set = limits.CappedCommand()
@@ -955,25 +976,48 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
         if limit > 0:
             message.data_set = limits.CappedBuffer(limit)
     message = self.message
+    out_of_order = _out_of_order(message, context_id, fragment)
+    if out_of_order is not None:
+        return _abort_message(self, out_of_order)
     try:
-        _ORIGINAL_RECEIVE_PRIMITIVE(self, primitive)
+        _ORIGINAL_RECEIVE_PRIMITIVE(self, single)
     except limits.CommandTooLarge as exc:
-        _assoc_log.warning("Aborting the association with %s: %s",
-                           _remote_address(self.assoc), exc)
-        self.message = None
-        self.dul.event_queue.put("Evt19")
-        return
+        return _abort_message(self, str(exc))
     except Exception as exc:  # noqa: BLE001 - a message pynetdicom cannot decode
         # A command set of a Command Field it does not know, an element it cannot
         # read, a PDV too short for its header: a protocol error, as the seam's own
         # reader has it (A-ABORT, PS3.8 9.3.8), not the end of this thread.
-        _assoc_log.warning("Aborting the association with %s: a message that does not "
-                           "decode (%s)", _remote_address(self.assoc), failure(exc))
         _assoc_log.debug("The failure", exc_info=exc)
-        self.message = None
-        self.dul.event_queue.put("Evt19")
-        return
+        return _abort_message(self, f"a message that does not decode ({failure(exc)})")
     _bound_identifier(message)
+    return True
+
+
+def _out_of_order(message: Any, context_id: int, fragment: bytes) -> str | None:
+    """What is wrong with ``fragment`` as the next of ``message`` (``None``: nothing)."""
+    if not fragment:
+        return "a fragment without its message control header"
+    command = fragment[0] & 0x01
+    if message.context_id is None:  # its command set is not complete yet
+        if not command:
+            return "a data set fragment before its command set"
+        first = message.__dict__.setdefault("_first_context", context_id)
+        return None if first == context_id else "a command fragment on another context"
+    if command:
+        return "a command fragment inside a data set"
+    if context_id != message.context_id:
+        return "a data set fragment on another presentation context"
+    return None
+
+
+def _abort_message(self: DIMSEServiceProvider, why: str) -> bool:
+    """Abort the association for a message that breaks the protocol (Evt19, as
+    pynetdicom does for one it cannot decode); always ``False``."""
+    _assoc_log.warning("Aborting the association with %s: %s",
+                       _remote_address(self.assoc), why)
+    self.message = None
+    self.dul.event_queue.put("Evt19")
+    return False
 
 
 def _bound_identifier(message: Any) -> None:
