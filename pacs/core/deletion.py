@@ -159,6 +159,20 @@ class Removal:
         if row.sop_class_uid:
             classes[row.sop_class_uid] = classes.get(row.sop_class_uid, 0) + 1
 
+    def add(self, other: Removal) -> None:
+        """Count what ``other`` (a later chunk of the same removal) did too."""
+        self.instances += other.instances
+        self.size += other.size
+        for study, classes in other.studies.items():
+            mine = self.studies.setdefault(study, {})
+            for sop_class, count in classes.items():
+                mine[sop_class] = mine.get(sop_class, 0) + count
+        self.whole |= other.whole
+        self.objects_left += other.objects_left
+        self.skipped += other.skipped
+        self.superseded += other.superseded
+        self.store_error = self.store_error or other.store_error
+
     def summary(self) -> str:
         """Counts and sizes, no UIDs (for the log and the command)."""
         text = (f"{self.instances} instance(s) of {len(self.studies)} stud(ies), "
@@ -314,14 +328,20 @@ class Deleter:
         patients = self._patients(requested)
         try:
             for chunk in chunks(places):
-                self._remove_chunk(chunk, who.user_id, code, accept, removal)
+                # Each chunk is audited once committed: a removal cut short (a crash,
+                # a failure) leaves the record of what it did.
+                part = Removal(store_error=removal.store_error)
+                self._remove_chunk(chunk, who.user_id, code, accept, part)
+                self._audit(part, who, kind, reason, patients, audit.SUCCESS, requested)
+                removal.add(part)
                 if progress is not None:
                     progress(len(chunk))
         except PacsError as exc:
-            self._record(removal, who, kind, reason, patients, audit.SERIOUS_FAILURE,
-                         requested, str(exc))
+            self._audit(Removal(), who, kind, reason, patients, audit.SERIOUS_FAILURE,
+                        requested, str(exc))
+            self._log(removal, who, reason, str(exc))
             raise
-        self._record(removal, who, kind, reason, patients, audit.SUCCESS, requested)
+        self._log(removal, who, reason)
         return removal
 
     def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
@@ -379,23 +399,30 @@ class Deleter:
 
     def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study, read before its rows go (for the audit trail)."""
-        return self.trail.patients_of(study_uids[:reads.MAX_KEYS])
+        return self.trail.patients_of(study_uids)
 
-    def _record(self, removal: Removal, who: Participant, kind: audit.Code,
-                reason: Reason | None, patients: Mapping[str, Patient], outcome: int,
-                requested: Sequence[str], failure: str = "") -> None:
-        """The audit events and the log line of a removal (also of a failed one: it
-        names the studies asked for when none was touched yet)."""
+    def _audit(self, removal: Removal, who: Participant, kind: audit.Code,
+               reason: Reason | None, patients: Mapping[str, Patient], outcome: int,
+               requested: Sequence[str], failure: str = "") -> None:
+        """The audit events of (a chunk of) a removal; of a failure, naming the studies
+        asked for."""
+        if not (removal.instances or failure):
+            return
         why = f"rejected {reason}" if reason is not None else "deleted"
         description = f"{why}: {removal.summary()}"
         if failure:
             description += f"; failed: {failure}"
-        if removal.instances or failure:
-            studies = [Study(uid, classes) for uid, classes in removal.studies.items()] or [
-                Study(uid) for uid in requested]
-            self.trail.deleted(kind, [who, self.trail.node()], studies, removal.whole,
-                               patients, outcome, description)
+        studies = [Study(uid, classes) for uid, classes in removal.studies.items()] or [
+            Study(uid) for uid in requested]
+        self.trail.deleted(kind, [who, self.trail.node()], studies, removal.whole,
+                           patients, outcome, description)
+
+    @staticmethod
+    def _log(removal: Removal, who: Participant, reason: Reason | None,
+             failure: str = "") -> None:
+        """The log line of a removal, once it ended (counts, no UIDs)."""
         if removal.instances or removal.skipped or removal.superseded or failure:
+            why = f"rejected {reason}" if reason is not None else "deleted"
             level = logging.WARNING if failure or removal.skipped else logging.INFO
             log.log(level, "%s by %s: %s", why, _who(who), removal.summary()
                     + (f"; failed: {failure}" if failure else ""))

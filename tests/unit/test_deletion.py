@@ -16,6 +16,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from pacs.core import audit, rejection
 from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
 from pacs.core.errors import (
+    IndexFailure,
     InstanceLocked,
     InvalidRejection,
     InvalidUID,
@@ -476,3 +477,35 @@ def test_a_refused_note_stays_refused_when_its_alert_cannot_be_written(
     with pytest.raises(NotAuthorized):
         services.ingest.store_bytes(_note(rejected), may_reject=False)
     assert rejected[0][2] in _uids(services)
+
+
+def test_each_committed_chunk_of_a_removal_is_audited(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A removal cut short after some of its chunks (a crash, a failure) leaves the
+    record of what those did: each chunk is audited once committed.  Before, one event
+    was written after the last chunk, and a removal killed midway had none."""
+    from pacs.core import deletion
+    made = _study(services, count=5)
+    monkeypatch.setattr(deletion, "chunks",
+                        lambda items: (items[i:i + 2] for i in range(0, len(items), 2)))
+    real = deletion.delete_rows
+    calls = []
+
+    def failing_third(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise IndexFailure("simulated")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deletion, "delete_rows", failing_third)
+    rows = services.deleter.plan([Target(made[0][0])])
+    with pytest.raises(IndexFailure):
+        services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    assert len(_uids(services)) == 1
+    events = [e for e in _events(services)
+              if e["EventIdentification"]["EventID"]["originalText"]
+              == "DICOM Instances Accessed"]
+    outcomes = [e["EventIdentification"]["EventOutcomeIndicator"] for e in events]
+    assert outcomes == [audit.SUCCESS, audit.SUCCESS, audit.SERIOUS_FAILURE]
+    assert all("2 instance(s)" in e["EventIdentification"]["EventOutcomeDescription"]
+               for e in events[:2])
