@@ -129,7 +129,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                            PACS_DIMSE_WORKERS=workers)
     settings = _node_settings(ctx, **overrides)
     _setup_logging(settings.log_level)
-    from pacs.core.reconcile import reconcile
+    from pacs.core.reconcile import Action, reconcile
     from pacs.dimse import tls as dimse_tls
     from pacs.dimse.server import describe, run_workers
     from pacs.node import tls
@@ -149,6 +149,11 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         if report.temporaries:
             log.info("customer %s: removed %d temporary file(s) of interrupted writes",
                      customer.name, report.temporaries)
+        finished = report.count(Action.FINISH)
+        if finished or report.left:
+            log.warning("customer %s: finished %d rejection note(s) whose removals were "
+                        "cut short; %d could not be (see 'pacs fsck')", customer.name,
+                        finished, len(report.left))
         if customer.settings.routes:
             # Forwarding starts with what arrives from now on, not when its companion
             # runs.

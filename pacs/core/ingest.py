@@ -382,7 +382,8 @@ class Ingest:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 raise refused  # before any lock; what was staged is removed
             with self.uid_lock(analysis.sop_instance_uid):
-                outcome = self._store_locked(analysis, data, calling_ae, may_overwrite,
+                outcome = self._store_locked(analysis, data, calling_ae, requestor,
+                                             may_overwrite,
                                              staging)
         self._apply_rejection(analysis, outcome, calling_ae, requestor)
         return _result(outcome, analysis)
@@ -408,11 +409,14 @@ class Ingest:
                          requestor: Participant | None) -> None:
         """The hook of a rejection note stored now or before (not one discarded by
         the duplicate policy): what it rejects is removed after the note is durable,
-        by ``requestor`` (by default the calling AE)."""
+        by ``requestor`` (by default the calling AE); then the note's pending row, which
+        its commit wrote, is dropped (a crash before leaves it to be finished:
+        :func:`pacs.core.reconcile.reconcile`)."""
         if (analysis.rejection is not None and self.on_rejection is not None
                 and outcome is not Outcome.KEPT_FIRST):
-            who = requestor or Participant(calling_ae.strip() or "(none)", True)
-            self.on_rejection(analysis, who)
+            self.on_rejection(analysis, sender(calling_ae, requestor))
+            with self.index.write() as conn:
+                writer.rejection_done(conn, analysis.sop_instance_uid)
 
     def _refused_rejection(self, analysis: Analysis, calling_ae: str,
                            requestor: Participant | None) -> None:
@@ -421,9 +425,7 @@ class Ingest:
         if self.on_refused_rejection is None:
             return
         try:
-            self.on_refused_rejection(analysis,
-                                      requestor or Participant(calling_ae.strip() or "(none)",
-                                                               True))
+            self.on_refused_rejection(analysis, sender(calling_ae, requestor))
         except Exception:  # the refusal is what the sender must hear
             log.error("the refused rejection note could not be reported", exc_info=True)
 
@@ -508,6 +510,7 @@ class Ingest:
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
             elif (refused := _rejection_refusal(analysis, may_reject)) is not None:
+                self._refused_rejection(analysis, calling_ae, requestor)
                 results[number] = refused
             elif analysis.sop_instance_uid in seen:
                 later.append(number)
@@ -518,7 +521,7 @@ class Ingest:
             self.refusals.refused(sum(1 for result in results if result is full))
         data = [item.data for item in items]
         with self.uid_locks(list(seen)):
-            self._store_analysed(data, analysed, calling_ae, results)
+            self._store_analysed(data, analysed, calling_ae, requestor, results)
         for number, analysis in analysed.items():
             result = results[number]
             if isinstance(result, StoreResult):
@@ -536,8 +539,8 @@ class Ingest:
                 for result in results]
 
     def _store_analysed(self, items: Sequence[bytes], analysed: dict[int, Analysis],
-                        calling_ae: str, results: list[StoreResult | BaseException | None],
-                        ) -> None:
+                        calling_ae: str, requestor: Participant | None,
+                        results: list[StoreResult | BaseException | None]) -> None:
         """The batch under its locks: decide, write all, index all, undo what failed."""
         plans: dict[int, _Plan] = {}
         for number, analysis in analysed.items():
@@ -561,7 +564,8 @@ class Ingest:
             else:
                 written.append(number)
         errors = self.index.commit_all([
-            self._index_work(analysed[n], plans[n], items[n], calling_ae) for n in written])
+            self._index_work(analysed[n], plans[n], items[n], calling_ae, requestor)
+            for n in written])
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
             if error is not None:
@@ -573,13 +577,14 @@ class Ingest:
                 results[number] = _result(Outcome.STORED, analysed[number])
 
     def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str,
-                      may_overwrite: bool, staging: Staged | None) -> Outcome:
+                      requestor: Participant | None, may_overwrite: bool,
+                      staging: Staged | None) -> Outcome:
         """Decide, then commit (through the intake), or place the staged object at its
         key and commit (the direct path)."""
         outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
             return outcome
-        work = self._index_work(analysis, plan, data, calling_ae)
+        work = self._index_work(analysis, plan, data, calling_ae, requestor)
         if staging is None or plan.journal:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
@@ -678,17 +683,19 @@ class Ingest:
                 "rejection note")
         return True
 
-    def _index_work(self, analysis: Analysis, plan: _Plan, data: bytes,
-                    calling_ae: str) -> Callable[[apsw.Connection], None]:
+    def _index_work(self, analysis: Analysis, plan: _Plan, data: bytes, calling_ae: str,
+                    requestor: Participant | None) -> Callable[[apsw.Connection], None]:
         """The index rows of an object to store, as a piece of (group) commit work
         (:func:`_indexing`): with its bytes in the intake when it is small enough, the
-        intake copy of the key it moved from dropped, and the end of its tombstone when
-        it was removed before."""
+        intake copy of the key it moved from dropped, the end of its tombstone when
+        it was removed before, and, for a rejection note, its removals pending."""
         left = (plan.existing.object_key if plan.existing is not None
                 and plan.existing.object_key != plan.key else None)
+        pending = (sender(calling_ae, requestor) if analysis.rejection is not None
+                   else None)
         return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
                          analysis, data if plan.journal else None, left,
-                         plan.revived, new=plan.existing is None)
+                         plan.revived, new=plan.existing is None, pending=pending)
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
@@ -797,14 +804,16 @@ class _Plan:
 
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
-              left: str | None, revived: bool = False, *, new: bool = False
-              ) -> Callable[[apsw.Connection], None]:
+              left: str | None, revived: bool = False, *, new: bool = False,
+              pending: Participant | None = None) -> Callable[[apsw.Connection], None]:
     """The writes of one instance's commit: its index rows and metadata; its bytes in
     the intake (``intake``), or else any older intake copy of its key dropped (the
     store holds the object the row names); the intake copy of the key it moved from
     (``left``) dropped; its tombstone dropped when it was removed before
     (``revived``).  ``new``: the instance has no row (decided under its ingest lock,
-    which the commit is made under), so no former parents or metadata to drop."""
+    which the commit is made under), so no former parents or metadata to drop.
+    ``pending``: a rejection note's sender; its removals are recorded as pending with
+    the note, until :meth:`Ingest._apply_rejection` has done them."""
 
     def index_it(conn: apsw.Connection) -> None:
         writer.upsert(conn, row, new=new)
@@ -818,12 +827,21 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
             writer.intake_drop(conn, left)
         if revived:
             writer.drop_tombstone(conn, analysis.sop_instance_uid)
+        if pending is not None:
+            writer.rejection_pending(conn, analysis.sop_instance_uid, pending.user_id,
+                                     pending.address, time.time())
 
     return index_it
 
 
 #: Opening a file to store: never waiting (a FIFO without a writer opens at once).
 _OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def sender(calling_ae: str, requestor: Participant | None) -> Participant:
+    """Who sent an object: the ``requestor`` (a DICOMweb user), by default the calling
+    AE title."""
+    return requestor or Participant(calling_ae.strip() or "(none)", True)
 
 
 def _rejection_refusal(analysis: Analysis, may_reject: bool) -> NotAuthorized | None:

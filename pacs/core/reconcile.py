@@ -46,6 +46,10 @@ decision is taken again under the SOP Instance UID's ingest lock,
     deleted, never indexed, so a removed instance never comes back.  (A store of the
     same UID sent again that crashed before its commit leaves the same, and was never
     acknowledged.)
+(g) an IOCM rejection note committed, the crash before all its removals were done: its
+    pending row, committed with it, is still there (``unfinished``).  The node's
+    start-up finishes it (``full=False``, before any worker), as does repair: the note
+    is applied again by its sender, what it removed already passed over.
 
 Repair never rests on an assumption about the store it is given.  A store that lists no
 object while the index has rows, or none of any key for more than half of the indexed
@@ -74,6 +78,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pacs.core.audit import Participant
 from pacs.core.errors import ForeignObject, NotFound, ObjectTooLarge, PacsError
 from pacs.core.index import reads, writer
 from pacs.core.ingest import Analysis, try_analyse
@@ -110,6 +115,7 @@ class Problem(enum.Enum):
     MISSING = "missing"  # (e) the indexed object is gone
     UNREADABLE = "unreadable"  # an object no row names that is not a readable instance
     REMOVED = "removed"  # (f) an object of a removed instance (a tombstone, no row)
+    UNFINISHED = "unfinished"  # (g) a rejection note stored, its removals cut short
 
 
 class Action(enum.Enum):
@@ -119,6 +125,7 @@ class Action(enum.Enum):
     QUARANTINE = "quarantine"  # move the object to the quarantine
     DROP_ROW = "drop row"  # remove the row (its object is gone and no copy is left)
     DELETE = "delete"  # temporary files, and objects of removed instances
+    FINISH = "finish"  # apply a rejection note whose removals were cut short
     NONE = "none"  # nothing can be done: reported
 
 
@@ -317,9 +324,12 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     report = Report(repair=repair, checksums=checksums)
     store = services.store  # the intake's objects first: acknowledged, not missing
     backend = store.backend
+    unfinished = _unfinished(services)
+    report.findings += [finding for finding, _step in unfinished]
     if not full:
         if isinstance(backend, FileStore):
             report.temporaries = backend.remove_stale_temporaries()
+        _carry_out(unfinished)  # before any worker: every pending note is cut short
         return report
     report.quarantine = _quarantine_folder()
     if isinstance(backend, FileStore):
@@ -359,8 +369,44 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
             report.errors.append(f"SOP Instance {sop}: {exc}")
     if report.acting:
         _apply_temporaries(backend, report)
+        _carry_out(unfinished)
         _log_repairs(report)
     return report
+
+
+def _unfinished(services: Services) -> list[_Step]:
+    """Window (g): rejection notes whose removals were cut short (the note committed
+    with its pending row, the crash before all its removals were done and the row
+    dropped, :meth:`pacs.core.ingest.Ingest._apply_rejection`).  Repair applies each
+    again, as its sender would by sending it again: what it removed already is passed
+    over, the rest removed and audited, by its sender."""
+    conn = services.index.connection()
+    steps: list[_Step] = []
+    for pending in reads.rejections_pending(conn):
+        row = reads.lookup(conn, pending.sop_uid)
+        finding = Finding(Problem.UNFINISHED, Action.FINISH, pending.sop_uid,
+                          row.object_key if row is not None else "",
+                          "a rejection note whose removals were cut short")
+        steps.append((finding, _finisher(services, pending, row)))
+    return steps
+
+
+def _finisher(services: Services, pending: reads.PendingRejection,
+              row: reads.StoredInstance | None) -> Callable[[], str]:
+    def finish() -> str:
+        if row is not None:
+            data = read_object(services.store, row.object_key,
+                               services.ingest.max_object_bytes)
+            analysis = try_analyse(data, services.ingest.max_object_bytes)
+            if isinstance(analysis, Analysis) and analysis.rejection is not None:
+                services.deleter.reject(analysis, Participant(
+                    pending.requestor, True, address=pending.address))
+        # A note no longer indexed (removed since) has nothing left to apply.
+        with services.index.write() as conn:
+            writer.rejection_done(conn, pending.sop_uid)
+        log.debug("fsck: finished the rejection note %s", pending.sop_uid)
+        return ""
+    return finish
 
 
 def _log_repairs(report: Report) -> None:

@@ -509,3 +509,37 @@ def test_each_committed_chunk_of_a_removal_is_audited(
     assert outcomes == [audit.SUCCESS, audit.SUCCESS, audit.SERIOUS_FAILURE]
     assert all("2 instance(s)" in e["EventIdentification"]["EventOutcomeDescription"]
                for e in events[:2])
+
+
+def test_a_rejection_note_cut_short_is_finished_at_start_up(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The note is committed with a pending row, dropped once its removals are done:
+    a crash between (here, the removal failing after the note's commit) leaves the row,
+    which fsck reports and the node's start-up (``reconcile(full=False)``) finishes, by
+    the note's sender; a note applied at once leaves no row."""
+    applied = _study(services, count=1)
+    services.ingest.store_bytes(_note(applied), calling_ae="QA")
+    assert reads.rejections_pending(services.index.connection()) == []
+    rejected = _study(services, count=3)
+    hook = services.ingest.on_rejection
+
+    def crashed(*_: object) -> None:
+        raise IndexFailure("simulated crash before the removals")
+
+    monkeypatch.setattr(services.ingest, "on_rejection", crashed)
+    note = _note(rejected)
+    with pytest.raises(IndexFailure):
+        services.ingest.store_bytes(note, calling_ae="QA")
+    monkeypatch.setattr(services.ingest, "on_rejection", hook)
+    [pending] = reads.rejections_pending(services.index.connection())
+    assert pending.requestor == "QA"
+    assert {r[2] for r in rejected} <= _uids(services) and pending.sop_uid in _uids(services)
+    dry = reconcile(services, repair=False)
+    assert [(f.problem, f.done) for f in dry.findings] == [(Problem.UNFINISHED, False)]
+    assert not dry.ok
+    reconcile(services, full=False)
+    assert not {r[2] for r in rejected} & _uids(services)
+    assert reads.rejections_pending(services.index.connection()) == []
+    last = _events(services)[-1]
+    assert last["ActiveParticipant"][0]["UserID"] == "QA"
+    assert reconcile(services, repair=False).ok

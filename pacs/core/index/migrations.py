@@ -352,11 +352,25 @@ def _unsettled(conn: apsw.Connection) -> None:
                      "DEFAULT 0")
 
 
+def _rejections_pending(conn: apsw.Connection) -> None:
+    """IOCM rejection notes stored whose removals are not all done (``pacs.core.ingest``
+    commits the row with the note, and drops it once the note is applied; a crash
+    between leaves it for the start-up or ``pacs fsck --repair`` to finish), with who
+    sent the note."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS rejection_pending (\n"
+        "  sop_uid TEXT PRIMARY KEY,\n"
+        "  requestor TEXT NOT NULL,\n"
+        "  address TEXT NOT NULL DEFAULT '',\n"
+        "  since REAL NOT NULL\n"
+        ") WITHOUT ROWID")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
-    _unsettled)
+    _unsettled, _rejections_pending)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -384,6 +384,23 @@ def intake_objects(conn: apsw.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+@dataclass(frozen=True)
+class PendingRejection:
+    """A rejection note stored whose removals are not all done, and who sent it."""
+
+    sop_uid: str
+    requestor: str
+    address: str
+
+
+@_read("rejections pending")
+def rejections_pending(conn: apsw.Connection) -> list[PendingRejection]:
+    """Every rejection note whose removals are not all done, oldest first."""
+    return [PendingRejection(str(uid), str(who), str(address)) for uid, who, address
+            in conn.execute("SELECT sop_uid, requestor, address FROM rejection_pending "
+                            "ORDER BY since")]
+
+
 @_read("unsettled listing")
 def unsettled_keys(conn: apsw.Connection) -> list[tuple[str, float]]:
     """Every unsettled key and when its write went unanswered (``pacs.core.intake``)."""

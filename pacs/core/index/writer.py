@@ -203,6 +203,18 @@ def drop_tombstone(conn: apsw.Connection, sop_uid: str) -> None:
     conn.execute("DELETE FROM tombstone WHERE sop_uid = ?", (sop_uid,))
 
 
+def rejection_pending(conn: apsw.Connection, sop_uid: str, requestor: str, address: str,
+                      since: float) -> None:
+    """A rejection note stored, its removals still to be done (by ``requestor``)."""
+    conn.execute("INSERT OR REPLACE INTO rejection_pending (sop_uid, requestor, address, "
+                 "since) VALUES (?, ?, ?, ?)", (sop_uid, requestor, address, since))
+
+
+def rejection_done(conn: apsw.Connection, sop_uid: str) -> None:
+    """The rejection note's removals are done."""
+    conn.execute("DELETE FROM rejection_pending WHERE sop_uid = ?", (sop_uid,))
+
+
 _SAVE_METADATA_SQL = (
     "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
     "SELECT pk, ?, ?, ? FROM instance WHERE sop_uid = ? "
