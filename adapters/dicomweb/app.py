@@ -117,10 +117,35 @@ class RouteTable:
         return {template: tuple(found) for template, found in self._routes.items()}
 
     def install(self, app: falcon.App[falcon.Request, falcon.Response]) -> None:
-        """Add every template to ``app`` with its merged resource."""
+        """Add every template to ``app`` with its merged resource, answering HEAD
+        wherever it answers GET (:func:`head_of`)."""
         for template, resources in self._routes.items():
-            app.add_route(template, merge(template, resources),
-                          **self._options.get(template, {}))
+            resource = merge(template, resources)
+            get = getattr(resource, "on_get", None)
+            if get is not None and not hasattr(resource, "on_head"):
+                resource.on_head = head_of(get)  # type: ignore[attr-defined]
+            app.add_route(template, resource, **self._options.get(template, {}))
+
+
+def head_of(get: Any) -> Any:
+    """A HEAD responder from a GET one (RFC 9110 9.3.2: the same status and headers,
+    no content; "all general-purpose servers MUST support the methods GET and HEAD",
+    9.1): the GET's answer is made, and a streamed body is closed unread (falcon sends
+    no content for HEAD, and would leave a stream open).  An empty stream stands in
+    for it, so that no ``Content-Length: 0`` is made up for a body whose length the
+    GET would not have known either (8.6)."""
+
+    def on_head(req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
+        get(req, resp, **params)
+        stream = resp.stream
+        if stream is None:
+            return
+        resp.stream = iter(())
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+    return on_head
 
 
 class _Merged:

@@ -1106,3 +1106,21 @@ def test_implicit_little_endian_frames(client: testing.TestClient, put: Put) -> 
                                                   headers={"Accept": OHIF_FRAMES}))
     assert part["content-type"].endswith(EXPLICIT)
     assert content == frame_bytes(ds, 1)
+
+
+def test_head_answers_wherever_get_does(client: testing.TestClient, put: Put) -> None:
+    """RFC 9110 9.1, 9.3.2: the status and headers of the GET, no content; a streamed
+    answer whose length the GET would not know has no made-up Content-Length."""
+    ds, _ = put("CT_small.dcm")
+    for path in ("/studies", url(ds), url(ds) + "/metadata", url(ds, "study") + "/series",
+                 url(ds) + "/rendered"):
+        got = client.simulate_get(path)
+        head = client.simulate_head(path)
+        assert (head.status_code, got.status_code) == (200, 200), path
+        assert head.content == b"" and got.content, path
+        # The same type (a multipart boundary is drawn for each answer).
+        assert head.headers["content-type"].split(";")[0] == \
+            got.headers["content-type"].split(";")[0], path
+        assert head.headers.get("content-length") in (None, got.headers.get(
+            "content-length")), path
+    assert client.simulate_head("/studies/1.2.3.4.5").status_code == 404
