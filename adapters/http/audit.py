@@ -109,7 +109,7 @@ def classify(method: str, path: str) -> Touch | None:
     if method == "POST":
         return Touch(STORE, study) if segments[0] == "studies" and len(segments) <= 2 \
             else None
-    if method != "GET":
+    if method not in ("GET", "HEAD"):  # HEAD runs the GET: its answer says as much
         return None
     # QIDO-RS: a level name last (/studies, /studies/{s}/series, …/series/{s}/instances).
     if len(segments) % 2 == 1 and segments[-1] in ("studies", "series", "instances"):

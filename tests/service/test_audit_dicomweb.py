@@ -99,6 +99,16 @@ def test_a_qido_search_is_a_query_event_with_the_keys_tags(
     assert event["AuditSourceIdentification"]["AuditSourceID"] == "INTELPIXEL"
 
 
+def test_a_head_is_audited_as_its_get(client: testing.TestClient, node: Services,
+                                      archive: Archive) -> None:
+    """A HEAD runs the GET's query and tells its status and length: recorded alike."""
+    assert client.simulate_head("/dicom-web/studies",
+                                params={"PatientName": "DOE*"}).status_code == 200
+    (event,) = trail(node)
+    assert event_name(event) == "Query"
+    assert detail(event, "QueryKeys") == "00100010"
+
+
 def test_a_study_scoped_search_names_the_study_key(
         client: testing.TestClient, node: Services, archive: Archive) -> None:
     study = archive["chest"].uid
@@ -239,7 +249,7 @@ def test_requests_without_patient_data_are_not_recorded(
     assert client.simulate_get("/health").status_code == 200
     client.simulate_options("/studies", headers={
         "Origin": "https://viewer.example", "Access-Control-Request-Method": "GET"})
-    client.simulate_head("/studies")
+    client.simulate_head("/health")
     client.simulate_get("/no-such-route")
     assert trail(node) == []
 
@@ -280,7 +290,10 @@ def test_the_trail_can_be_turned_off(make_services: Callable[..., Services]) -> 
     ("POST", "/studies/1.2/series/1.3/instances/1.4/reject/113001^DCM",
      Touch("remove", "1.2", "1.3")),
     ("DELETE", "/studies", None), ("DELETE", "/studies/1.2/series/1.3/instances/1.4", None),
-    ("GET", "/health", None), ("HEAD", "/studies", None),
+    ("HEAD", "/studies", Touch("query")),  # a HEAD runs the GET
+    ("HEAD", "/studies/1.2/series/1.3/instances/1.4/metadata",
+     Touch("access", "1.2", "1.3")),
+    ("GET", "/health", None), ("HEAD", "/health", None),
     ("GET", "/", None), ("GET", "/series/1.2", None), ("POST", "/studies/1.2/series", None),
 ])
 def test_requests_are_classified_by_path(method: str, path: str, touch: Touch | None) -> None:
