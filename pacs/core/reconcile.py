@@ -48,8 +48,10 @@ decision is taken again under the SOP Instance UID's ingest lock,
     acknowledged.)
 (g) an IOCM rejection note committed, the crash before all its removals were done: its
     pending row, committed with it, is still there (``unfinished``).  The node's
-    start-up finishes it (``full=False``, before any worker), as does repair: the note
-    is applied again by its sender, what it removed already passed over.
+    start-up finishes it (``full=False``, before any worker), as does repair for a row
+    pending longer than ``temp_grace`` (a younger one may be a note being applied): the
+    note is applied again by its sender, what it removed already passed over, each
+    note on its own, and only while its row is still the one found.
 
 Repair never rests on an assumption about the store it is given.  A store that lists no
 object while the index has rows, or none of any key for more than half of the indexed
@@ -324,12 +326,14 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     report = Report(repair=repair, checksums=checksums)
     store = services.store  # the intake's objects first: acknowledged, not missing
     backend = store.backend
-    unfinished = _unfinished(services)
+    # Before any worker (``full=False``) every pending note was cut short; beside a
+    # running node, one pending for less than ``temp_grace`` may be being applied.
+    unfinished = _unfinished(services, time.time() - (temp_grace if full else 0.0))
     report.findings += [finding for finding, _step in unfinished]
     if not full:
         if isinstance(backend, FileStore):
             report.temporaries = backend.remove_stale_temporaries()
-        _carry_out(unfinished)  # before any worker: every pending note is cut short
+        _finish_each(unfinished)
         return report
     report.quarantine = _quarantine_folder()
     if isinstance(backend, FileStore):
@@ -369,44 +373,70 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
             report.errors.append(f"SOP Instance {sop}: {exc}")
     if report.acting:
         _apply_temporaries(backend, report)
-        _carry_out(unfinished)
+        _finish_each(unfinished)
         _log_repairs(report)
     return report
 
 
-def _unfinished(services: Services) -> list[_Step]:
+def _unfinished(services: Services, before: float) -> list[_Step]:
     """Window (g): rejection notes whose removals were cut short (the note committed
     with its pending row, the crash before all its removals were done and the row
-    dropped, :meth:`pacs.core.ingest.Ingest._apply_rejection`).  Repair applies each
-    again, as its sender would by sending it again: what it removed already is passed
-    over, the rest removed and audited, by its sender."""
+    dropped, :meth:`pacs.core.ingest.Ingest._apply_rejection`), pending since
+    ``before`` or longer.  Repair applies each again, as its sender would by sending
+    it again: what it removed already is passed over, the rest removed and audited,
+    by its sender."""
     conn = services.index.connection()
     steps: list[_Step] = []
     for pending in reads.rejections_pending(conn):
+        if pending.since > before:
+            continue
         row = reads.lookup(conn, pending.sop_uid)
         finding = Finding(Problem.UNFINISHED, Action.FINISH, pending.sop_uid,
                           row.object_key if row is not None else "",
                           "a rejection note whose removals were cut short")
-        steps.append((finding, _finisher(services, pending, row)))
+        steps.append((finding, _finisher(services, pending)))
     return steps
 
 
-def _finisher(services: Services, pending: reads.PendingRejection,
-              row: reads.StoredInstance | None) -> Callable[[], str]:
+def _finish_each(steps: list[_Step]) -> None:
+    """Carry out each note's step on its own: the notes do not depend on each other,
+    and one that cannot be finished must not keep the others from it."""
+    for step in steps:
+        _carry_out([step])
+
+
+def _finisher(services: Services, pending: reads.PendingRejection) -> Callable[[], str]:
     def finish() -> str:
-        if row is not None:
-            data = read_object(services.store, row.object_key,
-                               services.ingest.max_object_bytes)
-            analysis = try_analyse(data, services.ingest.max_object_bytes)
-            if isinstance(analysis, Analysis) and analysis.rejection is not None:
-                services.deleter.reject(analysis, Participant(
-                    pending.requestor, True, address=pending.address))
-        # A note no longer indexed (removed since) has nothing left to apply.
-        with services.index.write() as conn:
-            writer.rejection_done(conn, pending.sop_uid)
+        # Read again: the note may have been finished since it was found (sent again,
+        # its removals done, and one of the UIDs it rejected stored anew, which a late
+        # second application would remove).
+        if reads.rejections_pending(services.index.connection(), pending.sop_uid) != [
+                pending]:
+            return ""
+        try:
+            _apply_again(services, pending)
+        except PacsError:
+            raise
+        except Exception as exc:  # a start-up that cannot finish a note still starts
+            raise PacsError(f"the note could not be applied ({type(exc).__name__})"
+                            ) from exc
         log.debug("fsck: finished the rejection note %s", pending.sop_uid)
         return ""
     return finish
+
+
+def _apply_again(services: Services, pending: reads.PendingRejection) -> None:
+    """Apply a pending note again and drop its row (a note no longer indexed, removed
+    since, has nothing left to apply)."""
+    row = reads.lookup(services.index.connection(), pending.sop_uid)
+    if row is not None:
+        limit = services.ingest.max_object_bytes
+        analysis = try_analyse(read_object(services.store, row.object_key, limit), limit)
+        if isinstance(analysis, Analysis) and analysis.rejection is not None:
+            services.deleter.reject(analysis, Participant(pending.requestor, True,
+                                                          address=pending.address))
+    with services.index.write() as conn:
+        writer.rejection_done(conn, pending.sop_uid)
 
 
 def _log_repairs(report: Report) -> None:

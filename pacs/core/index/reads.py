@@ -391,14 +391,19 @@ class PendingRejection:
     sop_uid: str
     requestor: str
     address: str
+    since: float
 
 
 @_read("rejections pending")
-def rejections_pending(conn: apsw.Connection) -> list[PendingRejection]:
-    """Every rejection note whose removals are not all done, oldest first."""
-    return [PendingRejection(str(uid), str(who), str(address)) for uid, who, address
-            in conn.execute("SELECT sop_uid, requestor, address FROM rejection_pending "
-                            "ORDER BY since")]
+def rejections_pending(conn: apsw.Connection, sop_uid: str | None = None
+                       ) -> list[PendingRejection]:
+    """Every rejection note whose removals are not all done, oldest first (that of
+    ``sop_uid`` only, when given)."""
+    where, bindings = ("WHERE sop_uid = ? ", (sop_uid,)) if sop_uid is not None else ("", ())
+    return [PendingRejection(str(uid), str(who), str(address), float(since))
+            for uid, who, address, since in conn.execute(
+                "SELECT sop_uid, requestor, address, since FROM rejection_pending "
+                f"{where}ORDER BY since", bindings)]
 
 
 @_read("unsettled listing")
