@@ -366,7 +366,8 @@ MAX_AUDITED_QUERY = 64 << 10
 
 def query_event(source: Source, kind: Code, requestor: Participant, responder: Participant,
                 sop_class: str, query: bytes, keys: Sequence[str], outcome: int,
-                description: str = "", transfer_syntax: str = "") -> Event:
+                description: str = "", transfer_syntax: str = "",
+                size: int | None = None) -> Event:
     """Query (PS3.15 A.5.3.10): ``requestor`` asked ``responder``.
 
     Parameters
@@ -378,6 +379,9 @@ def query_event(source: Source, kind: Code, requestor: Participant, responder: P
         query string (QIDO-RS); written base64 as A.5.3.10 asks.  A longer one than
         :data:`MAX_AUDITED_QUERY` is cut there, its whole length in a
         ParticipantObjectDetail ``QueryBytes``.
+    size : int, optional
+        The query's length as it arrived, when ``query`` holds less of it (an
+        identifier over its ceiling is counted, not kept); also in ``QueryBytes``.
     keys : sequence of str
         The tags of the query's keys (``00100010``, ``00081032.00080100`` for an item
         key), as a ParticipantObjectDetail ``QueryKeys``: what was searched by, without
@@ -389,8 +393,9 @@ def query_event(source: Source, kind: Code, requestor: Participant, responder: P
     details = [{"type": "QueryKeys", "value": "\\".join(keys)}]
     if transfer_syntax:
         details.insert(0, {"type": "TransferSyntax", "value": transfer_syntax})
-    if len(query) > MAX_AUDITED_QUERY:
-        details.append({"type": "QueryBytes", "value": str(len(query))})
+    size = len(query) if size is None else size
+    if size > min(len(query), MAX_AUDITED_QUERY):
+        details.append({"type": "QueryBytes", "value": str(size)})
         query = query[:MAX_AUDITED_QUERY]
     queried = {
         "ParticipantObjectID": sop_class,
@@ -943,13 +948,13 @@ class AuditTrail:
     def query(self, kind: Code, requestor: Participant, sop_class: str, query: bytes,
               keys: Sequence[str], outcome: int, description: str = "",
               transfer_syntax: str = "", node_address: str = "",
-              refused: bool = False) -> None:
-        """Record a Query (see :func:`query_event`); ``refused``: the request was
-        refused for who made it (coalesced, see the module docstring)."""
+              refused: bool = False, size: int | None = None) -> None:
+        """Record a Query (see :func:`query_event`, ``size`` as there); ``refused``: the
+        request was refused for who made it (coalesced, see the module docstring)."""
         if self.enabled:
             self._write(query_event(self.source, kind, requestor,
                                     self.node(node_address), sop_class, query, keys,
-                                    outcome, description, transfer_syntax), refused)
+                                    outcome, description, transfer_syntax, size), refused)
 
     def transferred(self, kind: Code, action: str, sender: Participant,
                     receiver: Participant, studies: Sequence[Study], outcome: int,

@@ -194,7 +194,8 @@ class AssociationAudit:
         self.trail.query(audit.APPLICATION_SERVER, self.requestor, request.sop_class_uid,
                          request.identifier, keys, outcome, description,
                          transfer_syntax=request.transfer_syntax,
-                         refused=status is not None and status.code == _NOT_AUTHORIZED)
+                         refused=status is not None and status.code == _NOT_AUTHORIZED,
+                         size=request.identifier_received or None)
 
     # -- C-MOVE, C-GET ----------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class Request:
     identifier_overflowed :
         The identifier was longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING`
         and not kept (``identifier`` is then empty).
+    identifier_received :
+        Bytes of the identifier that arrived, when more than ``identifier`` holds (0:
+        all of it is there).
     """
 
     message_id: int
@@ -59,6 +62,7 @@ class Request:
     extended_negotiation: bytes | None = None
     calling_address: str = ""
     identifier_overflowed: bool = False
+    identifier_received: int = 0
 
 
 @dataclass(frozen=True)

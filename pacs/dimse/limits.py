@@ -383,6 +383,11 @@ def overflowed(buffer: object) -> bool:
     return isinstance(buffer, CappedBuffer) and buffer.overflowed
 
 
+def dropped(buffer: object) -> int:
+    """The bytes that arrived in ``buffer`` when it stopped keeping them, else 0."""
+    return buffer.received if isinstance(buffer, CappedBuffer) and buffer.overflowed else 0
+
+
 class CommandTooLarge(ValueError):
     """A command set longer than :data:`COMMAND_CEILING`: a protocol error."""
 

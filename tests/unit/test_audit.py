@@ -556,3 +556,14 @@ def test_the_patients_of_more_studies_than_one_statement_holds_are_all_found(
     found = audit.patients_in_index(services.index.connection, [*uids, "1.9.9"])
     assert len(found) == count
     assert found[uids[-1]] == audit.Patient(f"P{(count - 1) % 7}", "")
+
+
+def test_a_query_counted_but_not_kept_says_its_length() -> None:
+    """An identifier over its ceiling arrives counted, not kept: its event says how
+    long it was, with nothing of it (there is nothing)."""
+    event = audit.query_event(SOURCE, audit.APPLICATION_SERVER, CLIENT, NODE,
+                              "1.2.840.10008.5.1.4.1.2.2.1", b"", [], audit.MINOR_FAILURE,
+                              size=3 << 20)
+    queried = event["ParticipantObjectIdentification"][0]
+    assert queried["ParticipantObjectQuery"] == ""
+    assert {"type": "QueryBytes", "value": str(3 << 20)} in queried["ParticipantObjectDetail"]
