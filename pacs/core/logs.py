@@ -211,7 +211,8 @@ class LineWriter:
 
 class Redact(logging.Filter):
     """Rewrites records of level INFO and above so that they carry no data-set values
-    (see the module docstring); never drops a record.
+    and hold one line each (see the module docstring); drops only the libraries'
+    records past their rate, counted.
 
     Parameters
     ----------
@@ -225,6 +226,8 @@ class Redact(logging.Filter):
         self._second = 0
         self._written = 0
         self._left_out = 0
+        # ``Handler.handle`` runs the filters before it takes the handler's lock.
+        self._rate_lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.details or record.levelno < logging.INFO or getattr(record, "_redacted",
@@ -235,24 +238,29 @@ class Redact(logging.Filter):
         record._redacted = True
         self._redact(record)
         message = _one_line(record.getMessage())
-        if self._left_out and record.name.startswith(LIBRARY_LOGGERS):
-            message = (f"{message} ({self._left_out} more record(s) of the libraries "
-                       "left out before this one)")
-            self._left_out = 0
+        if record.name.startswith(LIBRARY_LOGGERS):
+            with self._rate_lock:
+                left_out, self._left_out = self._left_out, 0
+            if left_out:
+                message = (f"{message} ({left_out} more record(s) of the libraries left "
+                           "out before this one)")
         record.msg, record.args = message, None
+        if record.exc_text:  # the summary may hold a message of the node's own errors
+            record.exc_text = _one_line(record.exc_text)
         return True
 
     def _within_rate(self) -> bool:
         """Whether one more library record may be written this second (counted when
-        not); the handler's lock serializes filters."""
-        second = int(time.monotonic())
-        if second != self._second:
-            self._second, self._written = second, 0
-        self._written += 1
-        if self._written > LIBRARY_RECORDS:
-            self._left_out += 1
-            return False
-        return True
+        not)."""
+        with self._rate_lock:
+            second = int(time.monotonic())
+            if second != self._second:
+                self._second, self._written = second, 0
+            self._written += 1
+            if self._written > LIBRARY_RECORDS:
+                self._left_out += 1
+                return False
+            return True
 
     @staticmethod
     def _redact(record: logging.LogRecord) -> None:

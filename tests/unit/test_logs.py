@@ -253,3 +253,15 @@ def test_a_thread_that_ends_with_an_error_is_one_record(
     text = handler.getvalue()
     assert "ERROR pacs.threads: thread doomed ended with an error" in text
     assert SECRET not in text and "ValueError at pydicom/valuerep.py:" in text
+
+
+def test_the_summary_of_an_exception_is_one_line_too(handler: io.StringIO) -> None:
+    """The node's own errors keep their message in the summary of a record's
+    exception: a newline there cannot forge a line either."""
+    try:
+        raise InvalidQuery("bad key\nERROR pacs.dimse.server: FORGED")
+    except InvalidQuery:
+        logging.getLogger("pacs.dimse.find").error("C-FIND failed", exc_info=True)
+    lines = handler.getvalue().splitlines()
+    assert not any(line.startswith("ERROR pacs.dimse.server") for line in lines), lines
+    assert "bad key\\nERROR" in handler.getvalue()
