@@ -71,7 +71,8 @@ class StowSender:
     timeout : float
         Seconds to connect; four times that to wait for the answer (the server stores
         the whole batch before it answers), and to read it whole once it begins (a
-        destination that sends it a byte at a time does not hold the sender for ever).
+        destination that sends it a byte at a time does not hold the sender for ever:
+        it is given up at the first read past that time, each read bounded by it too).
     """
 
     def __init__(self, url: str, store: ObjectStore, timeout: float) -> None:
