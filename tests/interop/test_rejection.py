@@ -318,6 +318,10 @@ def test_a_crash_between_rows_and_objects_never_brings_them_back(
         node: Node, tmp_path: Path) -> None:
     study = _study(tmp_path / "g")
     assert _storescu(node, *study.files).returncode == 0
+    # The window is between the rows' commit and the objects' deletion from the store:
+    # the objects must be there (moved out of the intake, whose copies go with the
+    # rows), or there is nothing to outlive them.
+    node.wait_drained()
     crashed = subprocess.run([sys.executable, "-c", CRASH, study.uid], cwd=node.root,
                              env=node.env, capture_output=True, text=True, timeout=60,
                              check=False)
