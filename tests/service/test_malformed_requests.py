@@ -113,20 +113,29 @@ def test_a_request_pynetdicom_cannot_read_is_aborted_by_the_provider(
     assert echo(node)
 
 
+CT = b"1.2.840.10008.5.1.4.1.1.2"
+
+
+def _associated(node: RunningNode, contexts: bytes) -> socket.socket:
+    """A raw association proposing ``contexts``, its A-ASSOCIATE-AC read."""
+    peer = socket.create_connection(("127.0.0.1", node.port))
+    peer.sendall(associate_rq(contexts, node.services.settings.ae_title))
+    peer.settimeout(5)
+    head = peer.recv(6)
+    assert head[0] == 0x02  # A-ASSOCIATE-AC
+    length = struct.unpack(">I", head[2:6])[0]
+    while length:
+        length -= len(peer.recv(length))
+    return peer
+
+
 @seam_only("pynetdicom's association thread ends with an error")
 def test_a_command_of_an_unknown_command_field_aborts_the_association(
         node: RunningNode) -> None:
     """The first message of an association (pynetdicom's DIMSE provider reads it): a
     command set whose Command Field is 0xFFFF, which pynetdicom cannot decode, is a
     protocol error: A-ABORT, and no thread ends with an error."""
-    with socket.create_connection(("127.0.0.1", node.port)) as peer:
-        peer.sendall(associate_rq(context(1), node.services.settings.ae_title))
-        peer.settimeout(5)
-        head = peer.recv(6)
-        assert head[0] == 0x02  # A-ASSOCIATE-AC
-        length = struct.unpack(">I", head[2:6])[0]
-        while length:
-            length -= len(peer.recv(length))
+    with _associated(node, context(1)) as peer:
         command = command_set(element(0x00000002, VERIFICATION),
                               element(0x00000100, struct.pack("<H", 0xFFFF)),
                               element(0x00000110, struct.pack("<H", 1)),
@@ -135,22 +144,6 @@ def test_a_command_of_an_unknown_command_field_aborts_the_association(
         assert answer(peer)[:1] == b"\x07"
         assert closed_by_peer(peer)
     assert echo(node)
-
-
-CT = b"1.2.840.10008.5.1.4.1.1.2"
-
-
-def _associated(node: RunningNode) -> socket.socket:
-    """A raw association with CT Image Storage (context 1) and Verification (3)."""
-    peer = socket.create_connection(("127.0.0.1", node.port))
-    peer.sendall(associate_rq(context(1, CT) + context(3), node.services.settings.ae_title))
-    peer.settimeout(5)
-    head = peer.recv(6)
-    assert head[0] == 0x02  # A-ASSOCIATE-AC
-    length = struct.unpack(">I", head[2:6])[0]
-    while length:
-        length -= len(peer.recv(length))
-    return peer
 
 
 def _store_command(message_id: int) -> bytes:
@@ -175,7 +168,7 @@ def test_fragments_out_of_order_in_the_first_message_abort_the_association(
     path) a data set continued on another context was stored, a second C-STORE command
     silently replaced the first (never answered): now the association is aborted, as
     after the first message."""
-    with _associated(node) as peer:
+    with _associated(node, context(1, CT) + context(3)) as peer:
         peer.sendall(pdata(1, 0x03, _store_command(7)) + after_the_command)
         assert answer(peer)[:1] == b"\x07"
         assert closed_by_peer(peer)
