@@ -42,7 +42,8 @@ How a rebuild goes (:func:`rebuild`):
    ``rename``.  The previous index is kept beside it as
    ``index.sqlite.before-reindex-<time>`` (with its ``-wal`` when it had one).  Any
    failure before the rename (the store fails, an interrupt, a full disk) removes the
-   new file and leaves the index as it was.
+   new file and leaves the index as it was; the new file of a rebuild killed before
+   its rename is removed by the next rebuild.
 6. **Rejection notes are applied again.**  An IOCM rejection note (:mod:`pacs.core.
    rejection`) in the store removed, when it was stored, the instances it names
    (:mod:`pacs.core.deletion`): their rows went and tombstones came, then their objects
@@ -163,6 +164,8 @@ class Report:
         Rows per level of the new index.
     seconds :
         Time the rebuild took.
+    leftovers :
+        New index files of earlier rebuilds killed before their swap, removed.
     """
 
     index: Path
@@ -176,6 +179,7 @@ class Report:
     strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    leftovers: int = 0
 
     @property
     def rate(self) -> float:
@@ -307,6 +311,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     report.undated = sum(1 for key in keys if key not in dated)
     if on_total is not None:
         on_total(len(keys))
+    report.leftovers = _remove_leftovers(index_path)
     new_path = index_path.with_name(f"{index_path.name}.reindex-{stamp}")
     new = Index(new_path)
     try:
@@ -334,6 +339,22 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
              "UIDs, %.1f s", report.indexed, report.objects, len(report.skipped),
              report.rejected, len(report.duplicates), report.seconds)
     return report
+
+
+def _remove_leftovers(index_path: Path) -> int:
+    """Remove the new index files of earlier rebuilds that were killed before their
+    swap (a ``kill -9`` skips the clean-up of a failure), each unless a process still
+    has it open (another rebuild running: :func:`index_in_use`); how many."""
+    removed = 0
+    for leftover in index_path.parent.glob(f"{index_path.name}.reindex-*"):
+        if leftover.name.endswith(("-wal", "-shm")) or index_in_use(leftover):
+            continue
+        _remove(leftover)
+        removed += 1
+    if removed:
+        log.info("reindex: removed %d new index file(s) of earlier rebuilds cut short",
+                 removed)
+    return removed
 
 
 def _refuse_if_in_use(index_path: Path) -> None:

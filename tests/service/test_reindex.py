@@ -637,6 +637,25 @@ def test_a_failed_rebuild_leaves_the_index_as_it_was(settings: config.Settings) 
     assert sorted(p.name for p in settings.index_path.parent.iterdir()) == files
 
 
+def test_the_new_files_of_a_rebuild_killed_before_its_swap_are_removed_by_the_next(
+        settings: config.Settings) -> None:
+    """A kill -9 skips a failed rebuild's clean-up: its new index (and WAL) stayed
+    beside the index for good.  The next rebuild removes such files, unless a process
+    has one open (another rebuild running)."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    services.ingest.store_bytes(make_instance())
+    drain(services)
+    services.close()
+    folder = settings.index_path.parent
+    killed = folder / f"{settings.index_path.name}.reindex-20261205T000000.000000Z"
+    shutil.copy(settings.index_path, killed)
+    Path(f"{killed}-wal").write_bytes(b"")
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    assert report.leftovers == 1
+    assert not list(folder.glob("*.reindex-*"))
+
+
 def test_the_rebuild_refuses_while_another_process_has_the_index_open(
         settings: config.Settings) -> None:
     services = build(settings, store=MemoryStore())
