@@ -31,6 +31,7 @@ companion it starts), as it reads the environment.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -164,9 +165,26 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
     _unique(where, "name", [c.name for c in found])
     _unique(where, "AE title", [t for c in found for t in c.ae_titles])
     _unique(where, "host", [h for c in found for h in c.hosts])
-    _unique(where, "data folder", [str(c.settings.data_dir) for c in found])
-    _unique(where, "upload folder", [str(c.settings.uploads_dir) for c in found])
+    _apart(where, found)
     return found
+
+
+def _apart(where: str, found: tuple[Customer, ...]) -> None:
+    """Refuse two customers whose data or upload folders are one, or one inside the
+    other, however written (``..``, a link): each reads what it finds there, so the
+    one would index, serve or store the other's patients' data."""
+    folders = [(customer.name, what, Path(os.path.realpath(folder)))
+               for customer in found
+               for what, folder in (("data folder", customer.settings.data_dir),
+                                    ("upload folder", customer.settings.uploads_dir))]
+    for number, (name, what, folder) in enumerate(folders):
+        for other_name, other_what, other in folders[number + 1:]:
+            if other_name != name and (folder.is_relative_to(other)
+                                       or other.is_relative_to(folder)):
+                raise ConfigError(
+                    f"{where}: the {what} of customer {name!r} ({folder}) and the "
+                    f"{other_what} of customer {other_name!r} ({other}) overlap: two "
+                    "customers never share a folder")
 
 
 def _unique(where: str, what: str, values: list[str]) -> None:

@@ -89,6 +89,30 @@ def test_upload_folders_are_never_shared(tmp_path: Path) -> None:
     assert south.settings.uploads_dir == tmp_path / "up" / "south"
 
 
+@pytest.mark.parametrize(("first", "second"), [
+    ({"PACS_DATA_DIR": "one"}, {"PACS_DATA_DIR": "two/../one"}),
+    ({"PACS_DATA_DIR": "one"}, {"PACS_DATA_DIR": "one/inner"}),
+    ({"PACS_UPLOADS_DIR": "up"}, {"PACS_UPLOADS_DIR": "elsewhere/../up"}),
+    ({"PACS_UPLOADS_DIR": "up"}, {"PACS_UPLOADS_DIR": "up/two"}),
+    ({"PACS_DATA_DIR": "one"}, {"PACS_UPLOADS_DIR": "one/uploads-of-two"}),
+    ({"PACS_DATA_DIR": "one"}, {"PACS_DATA_DIR": "link"}),
+], ids=["dot-dot", "data-inside", "uploads-dot-dot", "uploads-inside",
+        "uploads-in-data", "link"])
+def test_folders_of_two_customers_never_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                first: dict[str, str],
+                                                second: dict[str, str]) -> None:
+    """Written differently (``..``, a link) or one inside the other, the same folder
+    would hold both customers' data: one's C-FIND answered with the other's patients,
+    one's upload watcher storing files dropped for the other."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "one")
+    document = {"customer": [{"name": "a", "ae_titles": "A", "settings": first},
+                             {"name": "b", "ae_titles": "B", "settings": second}]}
+    with pytest.raises(ConfigError, match="overlap"):
+        parse(document, _node(tmp_path))
+
+
 @pytest.mark.parametrize(("document", "message"), [
     ({}, "one \\[\\[customer\\]\\] table"),
     ({"customer": [{"name": "a", "ae_titles": "A"}], "other": 1}, "nothing else"),
