@@ -191,6 +191,10 @@ class Access:
 
         Credentials are never evaluated for a request from another host over plain
         HTTP, nor from a client locked out by failed logins (:meth:`locked_out`).
+        Credentials that are wrong are refused (401) from this host too: the client
+        asked to be someone it is not, and gets neither that user's roles nor
+        those of the node's own host (which would also name it ``loopback`` in the
+        audit trail instead of the user it claimed).
         """
         if self.open:
             return Verdict.ALLOW, ANONYMOUS  # credentials, if any, are not looked at
@@ -204,6 +208,7 @@ class Access:
             user = self.user(authorization)
             if user is None:
                 self.failed(self.attempt(remote_addr, authorization), authorization)
+                return Verdict.UNAUTHORIZED, None
         if user is not None:
             return Verdict.ALLOW, Identity(user.name, user.roles, authenticated=True)
         if loopback and self.names_this_node(host):
