@@ -104,6 +104,15 @@ def show_config(ctx: click.Context) -> None:
         click.echo(f"{name}={value}")
 
 
+def _require_index(settings: config.Settings) -> None:
+    """Refuse a command that reads the index when there is none, rather than make an
+    empty one (a wrong PACS_DATA_DIR or --customer answered "nothing there")."""
+    if not settings.index_path.exists():
+        raise click.ClickException(f"no index at {settings.index_path}: check "
+                                   "PACS_DATA_DIR and --customer ('pacs reindex' builds "
+                                   "one from the store)")
+
+
 def _build(settings: config.Settings, check_store: bool = True,
            create_store: bool = True) -> Any:
     from pacs.core.services import build
@@ -310,10 +319,7 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, allow_mass_drop: bool,
 
     settings = _settings(ctx)
     _setup_logging(settings.log_level)
-    if not settings.index_path.exists():
-        raise click.ClickException(f"no index at {settings.index_path}: check "
-                                   "PACS_DATA_DIR and --customer ('pacs reindex' builds "
-                                   "one from the store)")
+    _require_index(settings)
     services = _build(settings, create_store=False)
     try:
         report = reconcile(services, full=True, repair=repair, checksums=not quick,
@@ -415,7 +421,8 @@ def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool)
         raise click.BadParameter(str(exc), param_hint="STUDY[/SERIES[/SOP]]") from None
     settings = _settings(ctx)
     _setup_logging(settings.log_level if yes else "WARNING")
-    services = _build(settings)
+    _require_index(settings)
+    services = _build(settings, create_store=False)
     try:
         rows, missing = [], []
         for target in parsed:
@@ -471,7 +478,8 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
         raise click.UsageError("give STUDY_UIDs to send, or --requeue alone")
     settings = _settings(ctx)
     _setup_logging(settings.log_level)
-    services = _build(settings)
+    _require_index(settings)
+    services = _build(settings, create_store=False)
     try:
         if requeue:
             count = outbox_of(services).retry_failed(destination)
@@ -563,7 +571,9 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
     columns = QUERY_COLUMNS[level]
     request = Query(level=Level[level.upper()], constraints=tuple(constraints),
                     return_keys=tuple(BY_KEYWORD[c] for c in columns), limit=limit)
-    services = _build(_settings(ctx))
+    settings = _settings(ctx)
+    _require_index(settings)
+    services = _build(settings, create_store=False)
     try:
         rows = [[r.values.get(c) or "" for c in columns] for r in services.engine.find(request)]
     except PacsError as exc:

@@ -63,3 +63,16 @@ def test_import_refuses_a_fifo_a_link_and_a_strange_name(
         f"rejected {folder}/fifo.dcm: not a regular file (a FIFO, socket, device or "
         "folder); not read",
         f"rejected {folder}/zero.dcm: a link, not followed"]
+
+
+@pytest.mark.parametrize("command", [
+    ["query", "--level", "study"], ["delete", "1.2.3"], ["send", "--to", "X", "--requeue"]])
+def test_commands_that_read_the_index_make_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    """A wrong PACS_DATA_DIR (or --customer) is an error, not an empty index made
+    there and answered from ("0 study rows")."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "wrong"))
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code != 0 and "no index at" in result.output, result.output
+    assert not (tmp_path / "wrong").exists()
