@@ -331,8 +331,9 @@ class Deleter:
                 # Each chunk is audited once committed: a removal cut short (a crash,
                 # a failure) leaves the record of what it did.
                 part = Removal(store_error=removal.store_error)
-                self._remove_chunk(chunk, who.user_id, code, accept, part)
-                self._audit(part, who, kind, reason, patients, audit.SUCCESS, requested)
+                self._remove_chunk(chunk, who.user_id, code, accept, part, partial(
+                    self._audit, part, who, kind, reason, patients, audit.SUCCESS,
+                    requested))
                 removal.add(part)
                 if progress is not None:
                     progress(len(chunk))
@@ -346,7 +347,12 @@ class Deleter:
 
     def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
                       accept: Callable[[Located, Reference], bool] | None,
-                      removal: Removal) -> None:
+                      removal: Removal, committed: Callable[[], None]) -> None:
+        """Remove one chunk's rows (one transaction), call ``committed`` (its audit
+        record: before the object deletions, which on S3 take most of a removal's time,
+        so that a crash among them leaves the record of the rows removed), then delete
+        their objects, all under the chunk's ingest locks (a UID stored again meanwhile
+        must not lose its new object to a late deletion)."""
         uids = [place.sop_uid for place in chunk]
         with self.ingest.uid_locks(uids):
             conn = self.index.connection()
@@ -375,6 +381,8 @@ class Deleter:
                 removal.count(row)
                 if row.study_uid not in remaining:
                     removal.whole.add(row.study_uid)
+            committed()
+            for row in rows:
                 self._delete_object(row.object_key, removal)
 
     def _delete_object(self, key: str, removal: Removal) -> None:

@@ -329,6 +329,11 @@ def test_a_crash_between_rows_and_objects_never_brings_them_back(
     assert set(study.sops).isdisjoint(node.index())
     left = [key for key in node.objects() if key.startswith(study.uid)]
     assert len(left) == 4  # the objects outlived their rows
+    # The rows' removal was audited once committed, before the object deletions.
+    events = [e for e in read_trail(node.data_dir / "audit.jsonl")
+              if event_name(e) == "DICOM Study Deleted"
+              and e["ActiveParticipant"][0]["UserID"] == "crash"]
+    assert [studies_in(e) for e in events] == [[study.uid]]
 
     report = node.cli("fsck")
     assert report.returncode == 1 and report.stdout.count("removed ") == 4, report.stdout
