@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ _NOT_AUTHORIZED = NOT_AUTHORIZED.code
 #: is then bounded however many studies it sends (one ``dcmsend`` of a whole archive
 #: is one association).
 MAX_STUDIES_PER_EVENT = 1000
+#: Seconds of C-STOREs one event counts at most: what an association stored is written
+#: then, not only when it ends, so that a worker killed during a long association
+#: (a whole archive sent on one) loses the record of that many seconds at most.
+STORES_PER_EVENT_SECONDS = 10.0
 
 
 def keys_of(identifier: Dataset) -> list[str]:
@@ -122,6 +127,7 @@ class AssociationAudit:
         self._stored: dict[str, dict[str, int]] = {}
         self._stored_count = 0
         self._failed = 0
+        self._counting_since: float | None = None
         self._closed = False
         self._retrieves: dict[int, _Retrieve] = {}
 
@@ -141,6 +147,12 @@ class AssociationAudit:
                     self._count_stored(study_uid, sop_class_uid)
                 else:
                     self._failed += 1
+                now = time.monotonic()
+                if self._counting_since is None:
+                    self._counting_since = now
+                elif full is None and now - self._counting_since >= \
+                        STORES_PER_EVENT_SECONDS:
+                    full = self._take_stores()
         try:  # the C-STORE is answered whatever happens to its event
             if full is not None:  # written outside the lock: no other store waits on it
                 self._write_stores(*full)
@@ -167,6 +179,7 @@ class AssociationAudit:
         nothing (under the lock)."""
         taken = self._stored, self._stored_count, self._failed
         self._stored, self._stored_count, self._failed = {}, 0, 0
+        self._counting_since = None
         return taken
 
     def _write_stores(self, counted: dict[str, dict[str, int]], stored: int,

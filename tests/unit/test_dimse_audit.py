@@ -204,3 +204,27 @@ def test_an_event_that_cannot_be_made_never_reaches_the_c_store(
     with pytest.raises(RuntimeError):
         audit.close()  # at the association's end: Audits.ended keeps it from pynetdicom
     audit.stored("1.2", CT, SUCCESS)  # after an abort: its own event
+
+
+def test_a_long_association_writes_its_stores_every_few_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed during a long association loses the record of its last
+    STORES_PER_EVENT_SECONDS of stores at most: before, its stores were written only
+    when it ended (or at a thousand studies), and a kill lost them all."""
+    from pacs.dimse import audit as dimse_audit
+    now = [100.0]
+    monkeypatch.setattr(dimse_audit.time, "monotonic", lambda: now[0])
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    for _ in range(3):
+        audit.stored("1.1", CT, SUCCESS)
+    assert events(tmp_path) == []
+    now[0] += dimse_audit.STORES_PER_EVENT_SECONDS
+    audit.stored("1.1", CT, SUCCESS)  # the fourth, in the first event
+    audit.stored("1.2", CT, SUCCESS)
+    [first] = events(tmp_path)
+    assert first["EventIdentification"]["EventOutcomeDescription"] == \
+        "C-STORE: 4 stored, 0 failed"
+    audit.close()
+    assert [e["EventIdentification"]["EventOutcomeDescription"]
+            for e in events(tmp_path)] == ["C-STORE: 4 stored, 0 failed",
+                                           "C-STORE: 1 stored, 0 failed"]
