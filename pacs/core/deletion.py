@@ -50,7 +50,9 @@ study).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -246,6 +248,10 @@ def still_planned(row: Located, place: Reference, exact: bool) -> bool:
     return not exact or not isinstance(place, Planned) or row.change_seq == place.change_seq
 
 
+#: The audit source types (``kind``) of a removal by the code its pending record keeps.
+_KINDS = {kind.code: kind for kind in (audit.WEB_SERVER, audit.APPLICATION_SERVER)}
+
+
 class Deleter:
     """Removes instances from one customer's index and store (module docstring).
 
@@ -291,8 +297,16 @@ class Deleter:
     def remove(self, places: Sequence[Reference], who: Participant, kind: audit.Code, *,
                reason: Reason | None = None,
                accept: Callable[[Located, Reference], bool] | None = None,
-               progress: Callable[[int], None] | None = None) -> Removal:
+               progress: Callable[[int], None] | None = None,
+               resume: int | None = None) -> Removal:
         """Remove the instances at ``places`` (module docstring), audit and log it.
+
+        A removal that can be carried out again from what is recorded (no ``accept``
+        rule: a deletion, a rejection by path, an expiry) is recorded as pending before
+        its first chunk and forgotten after its last, or once its requestor is told it
+        failed: one a crash cut short is finished at the node's start-up
+        (:func:`pacs.core.reconcile.reconcile`, :meth:`resume`).  A rejection note's
+        are recorded with the note (:mod:`pacs.core.ingest`).
 
         Parameters
         ----------
@@ -314,6 +328,8 @@ class Deleter:
             (``None``: all may); one refused is counted in ``skipped`` and left as it is.
         progress :
             Called with the number of places handled after each chunk.
+        resume :
+            The pending record of a removal cut short, carried out again (none made).
 
         Raises
         ------
@@ -326,6 +342,9 @@ class Deleter:
         code = (reason.code, reason.scheme) if reason is not None else NO_REASON
         requested = sorted({place.study_uid for place in places})
         patients = self._patients(requested)
+        pending = resume
+        if pending is None and accept is None and places:
+            pending = self._record_pending(places, who, kind, reason)
         try:
             for chunk in chunks(places):
                 # Each chunk is audited once committed: a removal cut short (a crash,
@@ -341,9 +360,43 @@ class Deleter:
             self._audit(Removal(), who, kind, reason, patients, audit.SERIOUS_FAILURE,
                         requested, str(exc))
             self._log(removal, who, reason, str(exc))
+            self._forget_pending(pending)  # its requestor is told: it may ask again
             raise
         self._log(removal, who, reason)
+        self._forget_pending(pending)
         return removal
+
+    def _record_pending(self, places: Sequence[Reference], who: Participant,
+                        kind: audit.Code, reason: Reason | None) -> int:
+        """Record a removal as pending (one commit, before its first chunk)."""
+        text = json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
+                            p.change_seq if isinstance(p, Planned) else None]
+                           for p in places], separators=(",", ":"))
+        why = json.dumps([reason.code, reason.scheme, reason.meaning]) if reason else ""
+        with self.index.write() as conn:
+            return writer.removal_pending(conn, who.user_id, who.address,
+                                          kind.code, why, text, time.time())
+
+    def _forget_pending(self, pending: int | None) -> None:
+        if pending is None:
+            return
+        try:
+            with self.index.write() as conn:
+                writer.removal_done(conn, pending)
+        except PacsError as exc:  # done all the same: carried out again, it finds nothing
+            log.warning("a removal done could not be marked done (%s)", exc)
+
+    def resume(self, pending: reads.PendingRemoval) -> Removal:
+        """Carry out again a removal a crash cut short (its pending record): what it
+        removed already is passed over, by its requestor, the record dropped after."""
+        places = [Planned(study, series, sop, seq) if seq is not None
+                  else Reference(study, series, sop)
+                  for study, series, sop, seq in json.loads(pending.places)]
+        reason = Reason(*json.loads(pending.reason)) if pending.reason else None
+        return self.remove(places, Participant(pending.requestor, True,
+                                               address=pending.address),
+                           _KINDS.get(pending.source, audit.APPLICATION_SERVER),
+                           reason=reason, resume=pending.id)
 
     def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
                       accept: Callable[[Located, Reference], bool] | None,

@@ -47,7 +47,9 @@ decision is taken again under the SOP Instance UID's ingest lock,
     same UID sent again that crashed before its commit leaves the same, and was never
     acknowledged.)
 (g) an IOCM rejection note committed, the crash before all its removals were done: its
-    pending row, committed with it, is still there (``unfinished``).  The node's
+    pending row, committed with it, is still there (``unfinished``); the same for a
+    removal asked for (a DICOMweb DELETE or rejection, ``pacs delete``, an expiry),
+    whose pending row, with its places, was committed before its first chunk.  The node's
     start-up finishes it (``full=False``, before any worker), as does repair for a row
     pending longer than ``temp_grace`` (a younger one may be a note being applied): the
     note is applied again by its sender, what it removed already passed over, each
@@ -395,7 +397,28 @@ def _unfinished(services: Services, before: float) -> list[_Step]:
                           row.object_key if row is not None else "",
                           "a rejection note whose removals were cut short")
         steps.append((finding, _finisher(services, pending)))
+    for removal in reads.removals_pending(conn):
+        if removal.since <= before:
+            finding = Finding(Problem.UNFINISHED, Action.FINISH, "", "",
+                              f"a removal asked for by {removal.requestor}, cut short")
+            steps.append((finding, _resumer(services, removal)))
     return steps
+
+
+def _resumer(services: Services, pending: reads.PendingRemoval) -> Callable[[], str]:
+    def resume() -> str:
+        # Read again, as for a note: done since it was found, it is not done twice.
+        if reads.removals_pending(services.index.connection(), pending.id) != [pending]:
+            return ""
+        try:
+            services.deleter.resume(pending)
+        except PacsError:
+            raise
+        except Exception as exc:  # a start-up that cannot finish one still starts
+            raise PacsError(f"the removal could not be finished ({type(exc).__name__})"
+                            ) from exc
+        return ""
+    return resume
 
 
 def _finish_each(steps: list[_Step]) -> None:

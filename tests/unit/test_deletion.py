@@ -586,3 +586,49 @@ def test_each_pending_note_is_finished_on_its_own_and_only_while_pending(
         writer.rejection_done(conn, pending.sop_uid)
     assert step() == ""
     assert third[0][2] in _uids(services)
+
+
+def test_a_removal_cut_short_is_finished_at_start_up(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion (DICOMweb, ``pacs delete``, an expiry) records its places before its
+    first chunk: one a crash cut short (here, the process "dies" at its second chunk)
+    is finished by the node's start-up, by its requestor, and one that failed with an
+    answer (its requestor told) is not kept."""
+    from pacs.core import deletion
+    made = _study(services, count=5)
+    kept = _study(services, count=1)
+    monkeypatch.setattr(deletion, "chunks",
+                        lambda items: (items[i:i + 2] for i in range(0, len(items), 2)))
+    real = deletion.delete_rows
+    calls = []
+
+    def dying_at_the_second(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit("killed")  # not an error the removal answers
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(deletion, "delete_rows", dying_at_the_second)
+    rows = services.deleter.plan([Target(made[0][0])])
+    who = audit.Participant("admin", True, address="10.0.0.7")
+    with pytest.raises(SystemExit):
+        services.deleter.remove([reference(r) for r in rows], who, audit.WEB_SERVER)
+    monkeypatch.setattr(deletion, "delete_rows", real)
+    assert len(_uids(services) & {m[2] for m in made}) == 3
+    [pending] = reads.removals_pending(services.index.connection())
+    assert (pending.requestor, pending.address) == ("admin", "10.0.0.7")
+    report = reconcile(services, full=False)
+    assert [(f.problem, f.done) for f in report.findings] == [(Problem.UNFINISHED, True)]
+    assert not _uids(services) & {m[2] for m in made}
+    assert kept[0][2] in _uids(services)
+    assert reads.removals_pending(services.index.connection()) == []
+    assert _events(services)[-1]["ActiveParticipant"][0]["UserID"] == "admin"
+    # A removal that fails with an answer leaves no record to finish.
+    def failing(*_: object, **__: object) -> None:
+        raise IndexFailure("simulated")
+
+    monkeypatch.setattr(deletion, "delete_rows", failing)
+    with pytest.raises(IndexFailure):
+        services.deleter.remove([reference(r) for r in services.deleter.plan(
+            [Target(kept[0][0])])], who, audit.WEB_SERVER)
+    assert reads.removals_pending(services.index.connection()) == []

@@ -406,6 +406,33 @@ def rejections_pending(conn: apsw.Connection, sop_uid: str | None = None
                 f"{where}ORDER BY since", bindings)]
 
 
+@dataclass(frozen=True)
+class PendingRemoval:
+    """A removal asked for and not all done: who asked, from which process kind
+    (``source``), the rejection reason (JSON, "" for a deletion) and the places
+    (JSON)."""
+
+    id: int
+    requestor: str
+    address: str
+    source: str
+    reason: str
+    places: str
+    since: float
+
+
+@_read("removals pending")
+def removals_pending(conn: apsw.Connection, pending_id: int | None = None
+                     ) -> list[PendingRemoval]:
+    """Every removal not all done, oldest first (that of ``pending_id`` only)."""
+    where, bindings = ("WHERE id = ? ", (pending_id,)) if pending_id is not None else ("", ())
+    return [PendingRemoval(int(row[0]), str(row[1]), str(row[2]), str(row[3]), str(row[4]),
+                           str(row[5]), float(row[6]))
+            for row in conn.execute("SELECT id, requestor, address, source, reason, places, "
+                                    f"since FROM removal_pending {where}ORDER BY id",
+                                    bindings)]
+
+
 @_read("unsettled listing")
 def unsettled_keys(conn: apsw.Connection) -> list[tuple[str, float]]:
     """Every unsettled key and when its write went unanswered (``pacs.core.intake``)."""

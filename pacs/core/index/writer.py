@@ -215,6 +215,20 @@ def rejection_done(conn: apsw.Connection, sop_uid: str) -> None:
     conn.execute("DELETE FROM rejection_pending WHERE sop_uid = ?", (sop_uid,))
 
 
+def removal_pending(conn: apsw.Connection, requestor: str, address: str, source: str,
+                    reason: str, places: str, since: float) -> int:
+    """A removal asked for, not all done yet; its row id."""
+    conn.execute("INSERT INTO removal_pending (requestor, address, source, reason, places, "
+                 "since) VALUES (?, ?, ?, ?, ?, ?)",
+                 (requestor, address, source, reason, places, since))
+    return int(conn.last_insert_rowid())
+
+
+def removal_done(conn: apsw.Connection, pending_id: int) -> None:
+    """The removal is done (or its requestor was told it failed)."""
+    conn.execute("DELETE FROM removal_pending WHERE id = ?", (pending_id,))
+
+
 _SAVE_METADATA_SQL = (
     "INSERT INTO instance_metadata (instance_pk, pixel_offset, pixel_length, json) "
     "SELECT pk, ?, ?, ? FROM instance WHERE sop_uid = ? "
