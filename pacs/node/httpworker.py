@@ -145,6 +145,11 @@ MEMORY_BODY_BYTES = 32 << 20
 MEMORY_BUDGET_BYTES = 64 << 20
 #: Unsent response bytes parked with the loop by one worker at most.
 PARK_BUDGET_BYTES = 64 << 20
+#: Complete requests waiting for one of a worker's threads, per thread, at most; more
+#: are answered 503 at once.  Waiting ones are not watched (their client may be gone):
+#: unbounded, a client sending a thousand requests and hanging up on each kept every
+#: thread busy answering nobody, and another client's query waited 15 to 40 s.
+WAITING_PER_THREAD = 16
 #: Bodies at least this large may be streamed to the application as they arrive.
 STREAM_MIN_BYTES = 1 << 20
 #: Seconds a thread waits for a slow reader before parking the response.
@@ -276,10 +281,13 @@ ERROR_HEADERS = ("X-Content-Type-Options: nosniff\r\n"
 
 
 def error_response(status: str, reason: str) -> bytes:
-    """A complete ``Connection: close`` answer with a plain-text body."""
+    """A complete ``Connection: close`` answer with a plain-text body (a 503 says when
+    to try again: RFC 9110 10.2.3)."""
     body = (reason + "\n").encode("latin-1", "replace")
+    retry = "Retry-After: 1\r\n" if status.startswith("503") else ""
     return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-            f"{ERROR_HEADERS}Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+            f"{ERROR_HEADERS}{retry}Content-Length: {len(body)}\r\n\r\n"
+            ).encode("latin-1") + body
 
 
 #: gunicorn's parser errors (:mod:`gunicorn.http.errors`, by name: not every version
@@ -860,6 +868,7 @@ class HttpWorker(base.Worker):
         self.pool: futures.ThreadPoolExecutor | None = None
         self.stream_pool: futures.ThreadPoolExecutor | None = None
         self.streams = Budget(0)  # requests in the streaming pool
+        self.waiting = Budget(0)  # complete requests waiting for a thread of the pool
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.wake_fds: tuple[int, int] = (-1, -1)
         self.memory = Budget(MEMORY_BUDGET_BYTES)
@@ -886,6 +895,8 @@ class HttpWorker(base.Worker):
                                    "PACS_MAX_REQUEST_BYTES")
         self.no_room = Throttled(logging.WARNING, "refused request bodies")
         self.spool_failed = Throttled(logging.ERROR, "cannot spool request bodies")
+        self.too_busy = Throttled(logging.WARNING, "refused requests (503): too many "
+                                  "waited for a thread")
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -912,6 +923,7 @@ class HttpWorker(base.Worker):
         self.stream_pool = futures.ThreadPoolExecutor(max_workers=threads,
                                                       thread_name_prefix="pacs-http-stream")
         self.streams = Budget(threads)
+        self.waiting = Budget(WAITING_PER_THREAD * threads)
         read, write = os.pipe()
         os.set_blocking(read, False)
         os.set_blocking(write, False)
@@ -1064,7 +1076,7 @@ class HttpWorker(base.Worker):
                             "last such line (the last: %s)",
                             self.thread_failed, self.thread_error)
                 self.thread_failed, self.last_thread_report = 0, now
-            for refusals in (self.too_large, self.no_room, self.spool_failed):
+            for refusals in (self.too_large, self.no_room, self.spool_failed, self.too_busy):
                 refusals.flush(now)
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
@@ -1596,11 +1608,27 @@ class HttpWorker(base.Worker):
             conn.deadline = 0.0
         body = (conn.spool.reader(2 * self._limits.timeout) if conn.spool is not None
                 else io.BytesIO(b""))
-        pool = self.stream_pool if conn.streamed else self.pool
-        if not submit_job(pool, Job(self._serve, conn, body)):
+        if conn.streamed:
+            job = Job(self._serve, conn, body)
+        elif self.waiting.take(1):
+            job = Job(self._serve_waited, conn, body)
+        else:
+            self.too_busy.note(time.monotonic(), f"from {_host(conn.peer)}")
+            self._refuse(conn, BadRequest("503 Service Unavailable",
+                                          "too many requests wait for an answer"))
+            return
+        if not submit_job(self.stream_pool if conn.streamed else self.pool, job):
+            if not conn.streamed:
+                self.waiting.give(1)
             self._no_thread("can't start new thread")
             self._refuse(conn, BadRequest("503 Service Unavailable",
                                           "no thread can answer the request now"))
+
+    def _serve_waited(self, conn: Connection, body: Any) -> None:
+        """:meth:`_serve` for a request that waited for a thread (counted in
+        :attr:`waiting` until now)."""
+        self.waiting.give(1)
+        self._serve(conn, body)
 
     def _no_thread(self, error: str) -> None:
         """A pool's thread could not be started: counted for the log (sweep)."""

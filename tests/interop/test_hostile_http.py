@@ -503,6 +503,46 @@ def test_answers_the_loop_writes_itself_carry_the_same_headers(
     assert marker.decode() not in node.log()[before:]
 
 
+def test_requests_waiting_for_a_thread_are_bounded(node: Node, tmp_path: Path) -> None:
+    """200 requests for a rendered image sent at once to a worker of 2 threads: at most
+    WAITING_PER_THREAD per thread wait for one, the others are answered 503 with
+    Retry-After at once (before, all waited, unwatched: a client sending a thousand and
+    hanging up on each kept every thread answering nobody for seconds); the node
+    answers a query afterwards."""
+    ds = fresh_ct()
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    imported = node.cli("import", "--quiet", str(path))
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    target = (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+              f"/instances/{ds.SOPInstanceUID}/rendered?viewport=2048,2048").encode()
+    request = (b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: image/png\r\n"
+               b"Connection: close\r\n\r\n") % target
+    clients = []
+    for _ in range(200):
+        sock = connect(web_port(node))
+        sock.sendall(request)
+        clients.append(sock)
+    statuses: dict[bytes, int] = {}
+    for sock in clients:
+        with sock:
+            sock.settimeout(60)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = sock.recv(4096)
+                if not piece:
+                    break
+                head += piece
+            status = head[9:12]
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == b"503":
+                assert b"\r\nretry-after: 1\r\n" in head.lower(), head
+    print(f"\n[200 rendered requests at once] statuses {statuses}")
+    assert set(statuses) == {b"200", b"503"} and statuses[b"503"] > 0, statuses
+    assert requests.get(f"http://127.0.0.1:{web_port(node)}/studies",
+                        timeout=30).status_code == 200
+
+
 def test_a_single_part_body_that_stops_is_not_stored(node: Node) -> None:
     ds = fresh_ct()
     ds.Rows = ds.Columns = 1024
