@@ -897,6 +897,7 @@ class HttpWorker(base.Worker):
         self.spool_failed = Throttled(logging.ERROR, "cannot spool request bodies")
         self.too_busy = Throttled(logging.WARNING, "refused requests (503): too many "
                                   "waited for a thread")
+        self.invalid = Throttled(logging.INFO, "invalid requests refused")
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -1076,7 +1077,8 @@ class HttpWorker(base.Worker):
                             "last such line (the last: %s)",
                             self.thread_failed, self.thread_error)
                 self.thread_failed, self.last_thread_report = 0, now
-            for refusals in (self.too_large, self.no_room, self.spool_failed, self.too_busy):
+            for refusals in (self.too_large, self.no_room, self.spool_failed, self.too_busy,
+                             self.invalid):
                 refusals.flush(now)
             if ((self.slow_closed or self.tls_failed)
                     and now - self.last_report >= REPORT_SECONDS):
@@ -1466,16 +1468,16 @@ class HttpWorker(base.Worker):
         except Exception:  # the client went away meanwhile
             log.debug("the answer to a failed request could not be sent", exc_info=True)
 
-    @staticmethod
-    def _error_status(addr: Any, exc: BaseException) -> str:
-        """The status of a request that failed before the application answered, logged."""
+    def _error_status(self, addr: Any, exc: BaseException) -> str:
+        """The status of a request that failed before the application answered, logged
+        (invalid ones counted, in one line per interval)."""
         status = parse_error_status(exc)
         host = addr[0] if isinstance(addr, tuple) and addr else "?"
         if status is None or status.startswith("5"):
             log.error("a request from %s failed unexpectedly (%s)", host, type(exc).__name__)
             log.debug("the failure", exc_info=exc)
             return status or "500 Internal Server Error"
-        log.info("invalid request from %s: %s (%s)", host, status, type(exc).__name__)
+        self.invalid.note(time.monotonic(), f"{status} to {host}, {type(exc).__name__}")
         return status
 
     def _start_body(self, conn: Connection, req: Request) -> None:
