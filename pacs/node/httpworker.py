@@ -868,7 +868,8 @@ class HttpWorker(base.Worker):
         self.pool: futures.ThreadPoolExecutor | None = None
         self.stream_pool: futures.ThreadPoolExecutor | None = None
         self.streams = Budget(0)  # requests in the streaming pool
-        self.waiting = Budget(0)  # complete requests waiting for a thread of the pool
+        # Complete requests waiting for a thread of the pool (sized by init_process).
+        self.waiting = Budget(WAITING_PER_THREAD)
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.wake_fds: tuple[int, int] = (-1, -1)
         self.memory = Budget(MEMORY_BUDGET_BYTES)
