@@ -191,10 +191,6 @@ class Access:
 
         Credentials are never evaluated for a request from another host over plain
         HTTP, nor from a client locked out by failed logins (:meth:`locked_out`).
-        Credentials that are wrong are refused (401) from this host too: the client
-        asked to be someone it is not, and gets neither that user's roles nor
-        those of the node's own host (which would also name it ``loopback`` in the
-        audit trail instead of the user it claimed).
         """
         if self.open:
             return Verdict.ALLOW, ANONYMOUS  # credentials, if any, are not looked at
@@ -207,8 +203,11 @@ class Access:
                 return Verdict.LOCKED, None  # before any password is hashed
             user = self.user(authorization)
             if user is None:
+                # Counted as a failed login, then judged as a request without
+                # credentials: from this host, its roles.  dicomweb_client's command
+                # line sends "Authorization: Bearer None" when given no token, and the
+                # README's quickstart is that command, run on the node's host.
                 self.failed(self.attempt(remote_addr, authorization), authorization)
-                return Verdict.UNAUTHORIZED, None
         if user is not None:
             return Verdict.ALLOW, Identity(user.name, user.roles, authenticated=True)
         if loopback and self.names_this_node(host):
