@@ -50,6 +50,7 @@ study).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -304,8 +305,9 @@ class Deleter:
         A removal that can be carried out again from what is recorded (no ``accept``
         rule: a deletion, a rejection by path, an expiry) is recorded as pending before
         its first chunk and forgotten after its last, or once its requestor is told it
-        failed: one a crash cut short is finished at the node's start-up
-        (:func:`pacs.core.reconcile.reconcile`, :meth:`resume`).  A rejection note's
+        failed (an error, an interrupt): one a dying process cut short is finished at
+        the node's start-up (:func:`pacs.core.reconcile.reconcile`, :meth:`resume`),
+        whose own failure keeps the record for the next.  A rejection note's
         are recorded with the note (:mod:`pacs.core.ingest`).
 
         Parameters
@@ -356,11 +358,18 @@ class Deleter:
                 removal.add(part)
                 if progress is not None:
                     progress(len(chunk))
-        except PacsError as exc:
-            self._audit(Removal(), who, kind, reason, patients, audit.SERIOUS_FAILURE,
-                        requested, str(exc))
-            self._log(removal, who, reason, str(exc))
-            self._forget_pending(pending)  # its requestor is told: it may ask again
+        except BaseException as exc:  # whatever stops it here, its requestor sees
+            why = str(exc) if isinstance(exc, PacsError) else type(exc).__name__
+            with contextlib.suppress(Exception):  # the failure is what must be raised
+                self._audit(Removal(), who, kind, reason, patients,
+                            audit.SERIOUS_FAILURE, requested, why)
+                self._log(removal, who, reason, why)
+            # Asked for, the requestor is told and may ask again (an interrupted
+            # ``pacs delete`` is not finished at the next start); carried out again
+            # (``resume``), nobody is: kept for the next start-up or repair.  Only a
+            # process that dies (kill -9, a crash) keeps a removal asked for pending.
+            if resume is None:
+                self._forget_pending(pending)
             raise
         self._log(removal, who, reason)
         self._forget_pending(pending)

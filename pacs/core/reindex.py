@@ -341,13 +341,24 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     return report
 
 
+#: Seconds since a rebuild's new index file was last written before a later rebuild
+#: takes it for a leftover: another rebuild running has it open, or has just closed it
+#: for its swap.
+LEFTOVER_AGE = 3600.0
+
+
 def _remove_leftovers(index_path: Path) -> int:
     """Remove the new index files of earlier rebuilds that were killed before their
-    swap (a ``kill -9`` skips the clean-up of a failure), each unless a process still
-    has it open (another rebuild running: :func:`index_in_use`); how many."""
+    swap (a ``kill -9`` skips the clean-up of a failure), each unless a process has it
+    open or wrote it within :data:`LEFTOVER_AGE` (another rebuild running); how many."""
     removed = 0
     for leftover in index_path.parent.glob(f"{index_path.name}.reindex-*"):
         if leftover.name.endswith(("-wal", "-shm")) or index_in_use(leftover):
+            continue
+        try:
+            if time.time() - leftover.stat().st_mtime < LEFTOVER_AGE:
+                continue
+        except FileNotFoundError:
             continue
         _remove(leftover)
         removed += 1

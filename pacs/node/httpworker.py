@@ -248,7 +248,8 @@ class Throttled:
     """One kind of refusal the loop logs: the first at once, the next ones counted in one
     line at most every :data:`REPORT_SECONDS` (the sweep flushes them), with the last
     one's detail.  A client that repeats a refused request as fast as it can does not
-    write a line each time (loop only: no lock).
+    write a line each time.  The loop notes most; a thread may too (a request whose
+    application failed before answering), hence the lock.
     """
 
     def __init__(self, level: int, text: str) -> None:
@@ -257,19 +258,23 @@ class Throttled:
         self.count = 0
         self.last = ""
         self.reported = -REPORT_SECONDS
+        self._lock = threading.Lock()
 
     def note(self, now: float, detail: str) -> None:
         """One more, ``detail`` saying from whom and why."""
-        self.count += 1
-        self.last = detail
+        with self._lock:
+            self.count += 1
+            self.last = detail
         self.flush(now)
 
     def flush(self, now: float) -> None:
         """Log the count when there is one and the last line is old enough."""
-        if self.count and now - self.reported >= REPORT_SECONDS:
-            log.log(self.level, "%s: %d since the last such line (the last: %s)",
-                    self.text, self.count, self.last)
-            self.count, self.reported = 0, now
+        with self._lock:
+            if not self.count or now - self.reported < REPORT_SECONDS:
+                return
+            count, last, self.count, self.reported = self.count, self.last, 0, now
+        log.log(self.level, "%s: %d since the last such line (the last: %s)",
+                self.text, count, last)
 
 
 #: The headers of every answer the loop writes itself, as the applications' answers

@@ -651,9 +651,13 @@ def test_the_new_files_of_a_rebuild_killed_before_its_swap_are_removed_by_the_ne
     killed = folder / f"{settings.index_path.name}.reindex-20261205T000000.000000Z"
     shutil.copy(settings.index_path, killed)
     Path(f"{killed}-wal").write_bytes(b"")
+    recent = folder / f"{settings.index_path.name}.reindex-20261205T000001.000000Z"
+    shutil.copy(settings.index_path, recent)  # another rebuild's, written just now
+    an_hour_ago = time.time() - 3700
+    os.utime(killed, (an_hour_ago, an_hour_ago))
     report = rebuild(settings.index_path, store, AnalyserPool(0))
     assert report.leftovers == 1
-    assert not list(folder.glob("*.reindex-*"))
+    assert [p.name for p in folder.glob("*.reindex-*")] == [recent.name]
 
 
 def test_the_rebuild_refuses_while_another_process_has_the_index_open(

@@ -602,18 +602,26 @@ def test_a_removal_cut_short_is_finished_at_start_up(
     real = deletion.delete_rows
     calls = []
 
+    class Killed(BaseException):
+        """The process dies at the second chunk: nothing after runs."""
+
     def dying_at_the_second(*args: object, **kwargs: object) -> None:
         calls.append(1)
         if len(calls) == 2:
-            raise SystemExit("killed")  # not an error the removal answers
+            raise Killed
         real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(deletion, "delete_rows", dying_at_the_second)
+    # A dead process runs no handler: nothing forgets the record.
+    monkeypatch.setattr(services.deleter, "_forget_pending", lambda _pending: None)
     rows = services.deleter.plan([Target(made[0][0])])
     who = audit.Participant("admin", True, address="10.0.0.7")
-    with pytest.raises(SystemExit):
+    with pytest.raises(Killed):
         services.deleter.remove([reference(r) for r in rows], who, audit.WEB_SERVER)
     monkeypatch.setattr(deletion, "delete_rows", real)
+    monkeypatch.undo()
+    monkeypatch.setattr(deletion, "chunks",
+                        lambda items: (items[i:i + 2] for i in range(0, len(items), 2)))
     assert len(_uids(services) & {m[2] for m in made}) == 3
     [pending] = reads.removals_pending(services.index.connection())
     assert (pending.requestor, pending.address) == ("admin", "10.0.0.7")
@@ -632,3 +640,40 @@ def test_a_removal_cut_short_is_finished_at_start_up(
         services.deleter.remove([reference(r) for r in services.deleter.plan(
             [Target(kept[0][0])])], who, audit.WEB_SERVER)
     assert reads.removals_pending(services.index.connection()) == []
+    # Nor one interrupted (Ctrl-C on ``pacs delete``): not finished at the next start.
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deletion, "delete_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        services.deleter.remove([reference(r) for r in services.deleter.plan(
+            [Target(kept[0][0])])], who, audit.WEB_SERVER)
+    assert reads.removals_pending(services.index.connection()) == []
+    assert kept[0][2] in _uids(services)
+
+
+def test_a_removal_carried_out_again_that_fails_stays_pending(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Carried out again at the start-up, nobody is told of a failure: the record is
+    kept for the next start-up (or repair), which finishes it."""
+    from pacs.core import deletion
+    made = _study(services, count=2)
+    who = audit.Participant("admin", True)
+    places = [reference(r) for r in services.deleter.plan([Target(made[0][0])])]
+    with services.index.write() as conn:
+        writer.removal_pending(conn, who.user_id, "", audit.WEB_SERVER.code, "",
+                               json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
+                                            p.change_seq] for p in places]), 0.0)
+    real = deletion.delete_rows
+
+    def held(*_: object, **__: object) -> None:
+        raise InstanceLocked("held by the mover")
+
+    monkeypatch.setattr(deletion, "delete_rows", held)
+    first = reconcile(services, full=False)
+    assert [(f.problem, f.done) for f in first.findings] == [(Problem.UNFINISHED, False)]
+    assert len(reads.removals_pending(services.index.connection())) == 1
+    monkeypatch.setattr(deletion, "delete_rows", real)
+    reconcile(services, full=False)
+    assert reads.removals_pending(services.index.connection()) == []
+    assert not {m[2] for m in made} & _uids(services)

@@ -352,9 +352,8 @@ def _unsettled(conn: apsw.Connection) -> None:
                      "DEFAULT 0")
 
 
-def _removals_pending(conn: apsw.Connection) -> None:
-    """Removals not all done, finished at the node's start-up: IOCM rejection notes
-    stored whose removals are not all done (``pacs.core.ingest``
+def _rejections_pending(conn: apsw.Connection) -> None:
+    """IOCM rejection notes stored whose removals are not all done (``pacs.core.ingest``
     commits the row with the note, and drops it once the note is applied; a crash
     between leaves it for the start-up or ``pacs fsck --repair`` to finish), with who
     sent the note."""
@@ -365,9 +364,12 @@ def _removals_pending(conn: apsw.Connection) -> None:
         "  address TEXT NOT NULL DEFAULT '',\n"
         "  since REAL NOT NULL\n"
         ") WITHOUT ROWID")
-    # Removals asked for (DICOMweb, ``pacs delete``, retention) not all done: the row
-    # is committed before the first chunk and dropped after the last
-    # (``pacs.core.deletion``), the places as JSON.
+
+
+def _removals_pending(conn: apsw.Connection) -> None:
+    """Removals asked for (DICOMweb, ``pacs delete``, retention) not all done: the row
+    is committed before the first chunk and dropped after the last
+    (``pacs.core.deletion``), the places as JSON; finished at the node's start-up."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS removal_pending (\n"
         "  id INTEGER PRIMARY KEY,\n"
@@ -384,7 +386,7 @@ def _removals_pending(conn: apsw.Connection) -> None:
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
-    _unsettled, _removals_pending)
+    _unsettled, _rejections_pending, _removals_pending)
 
 
 def migrate(conn: apsw.Connection) -> int:
