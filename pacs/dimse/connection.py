@@ -45,12 +45,10 @@ class Request:
         SOP class (C-FIND options, PS3.4 C.5.1.1), if any.
     calling_address :
         The requestor's IP address (the association's peer).
-    identifier_overflowed :
-        The identifier was longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING`
-        and not kept (``identifier`` is then empty).
     identifier_received :
-        Bytes of the identifier that arrived, when more than ``identifier`` holds (0:
-        all of it is there).
+        Bytes of an identifier longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING`,
+        which arrived counted, not kept (``identifier`` is then empty); 0: all of it is
+        there.
     """
 
     message_id: int
@@ -61,7 +59,6 @@ class Request:
     move_destination: str = ""
     extended_negotiation: bytes | None = None
     calling_address: str = ""
-    identifier_overflowed: bool = False
     identifier_received: int = 0
 
 

@@ -86,7 +86,7 @@ def decode_identifier(request: Request) -> Dataset:
     InvalidQuery
         It does not decode.
     """
-    if request.identifier_overflowed:
+    if request.identifier_received:
         raise QueryTooLarge(f"an identifier over {IDENTIFIER_CEILING} bytes")
     try:
         return read_data_set(request.identifier, request.transfer_syntax)

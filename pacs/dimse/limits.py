@@ -378,11 +378,6 @@ class CappedBuffer(io.BytesIO):
             self.truncate(0)  # frees what was kept
 
 
-def overflowed(buffer: object) -> bool:
-    """True when ``buffer`` is a :class:`CappedBuffer` that stopped keeping bytes."""
-    return isinstance(buffer, CappedBuffer) and buffer.overflowed
-
-
 def dropped(buffer: object) -> int:
     """The bytes that arrived in ``buffer`` when it stopped keeping them, else 0."""
     return buffer.received if isinstance(buffer, CappedBuffer) and buffer.overflowed else 0

@@ -52,7 +52,7 @@ from pacs.dimse.connection import (
     StoreTarget,
     SubOperationCounts,
 )
-from pacs.dimse.limits import CappedBuffer, dropped, overflowed
+from pacs.dimse.limits import CappedBuffer, dropped
 from pacs.dimse.status import INVALID_SOP_INSTANCE, Status
 
 if TYPE_CHECKING:
@@ -195,7 +195,6 @@ def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
         move_destination=str(getattr(req, "MoveDestination", "") or ""),
         extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)),
         calling_address=str(assoc.requestor.address or ""),
-        identifier_overflowed=overflowed(identifier),
         identifier_received=dropped(identifier))
 
 
