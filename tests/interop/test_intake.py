@@ -31,6 +31,7 @@ import pydicom
 import pytest
 import requests
 
+from pacs.core.index.connection import WAL_SIZE_LIMIT
 from tests.conftest import sample
 from tests.interop.conftest import (
     AE_TITLE,
@@ -210,8 +211,17 @@ def test_kill_9_during_four_associations(node_factory: Callable[..., Node],
                                          request: pytest.FixtureRequest, tmp_path: Path,
                                          backend: str) -> None:
     weed: SeaweedServer | None = request.getfixturevalue("weed") if backend == "s3" else None
-    settings = s3_settings(weed, "killed") if weed else {}
+    # A mover killed with PUTs in flight leaves its keys unsettled for PACS_S3_SETTLE
+    # (600 s by default) after the restart: short here, so the drain is seen.
+    settings = s3_settings(weed, "killed", PACS_S3_SETTLE="2") if weed else {}
     node = node_factory(f"kill9-{backend}", **settings)
+    # The crash meets a WAL the mover wrote ahead as it started (Index.write_wal_ahead):
+    # SQLite recovers the commits from the frames before its zeros.
+    wal = node.data_dir / "index.sqlite-wal"
+    deadline = time.monotonic() + 60
+    while not (wal.exists() and wal.stat().st_size >= WAL_SIZE_LIMIT):
+        assert time.monotonic() < deadline, "the WAL was not written ahead"
+        time.sleep(0.05)
     folders = [tmp_path / f"send{n}" for n in range(SENDERS)]
     made = [make_instances(folder, PER_SENDER, per_series=30, patient_id=f"KILL{n}")
             for n, folder in enumerate(folders)]

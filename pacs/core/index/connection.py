@@ -34,8 +34,11 @@ BUSY_TIMEOUT_MS = 30_000
 #: fsyncs it; the intake's mover runs one (passive) after each batch, off the ingest's
 #: commits, and this bounds the WAL when no mover runs (``pacs import``).
 AUTOCHECKPOINT_PAGES = 16_384
-#: Bytes the WAL file is cut back to once a checkpoint has emptied it.
+#: Bytes the WAL file is cut back to once a checkpoint has emptied it; also what the
+#: node writes ahead of it (:meth:`Index.write_wal_ahead`).
 WAL_SIZE_LIMIT = 64 << 20
+#: Bytes per write of :meth:`Index.write_wal_ahead`.
+_AHEAD_CHUNK = 1 << 20
 
 
 def busy_timeout_for(answer_within: float) -> float:
@@ -346,6 +349,38 @@ class Index:
         for entry in batch:
             entry.done = True
 
+    def write_wal_ahead(self, size: int = WAL_SIZE_LIMIT) -> int:
+        """Make the WAL file ``size`` bytes long, its new blocks written (zeros) and
+        synced; the bytes added (0 when it is that long already or does not exist).
+
+        Why: a commit that appends to the WAL changes the file's size, so its fsync
+        also commits the file system's journal; one that overwrites blocks already
+        written does not.  SQLite writes its WAL from the start again after a
+        checkpoint and cuts it back only to :data:`WAL_SIZE_LIMIT`, so once the file
+        is that long the commits of a burst rewrite it in place (an ext4 benchmark of
+        10 KB commits: 1.3-1.6 times as many per second).  It cannot mislead SQLite:
+        it reads WAL frames from the start and stops at the first whose salt and
+        checksum do not match its header's, as zeros never do.  The length is read
+        and written under SQLite's write lock (an empty IMMEDIATE transaction, rolled
+        back), so no commit appends meanwhile; a file system without the room is
+        cut back to the length it had.
+
+        Raises
+        ------
+        IndexFailure
+            When the lock cannot be taken, or the file not written.
+        """
+        conn = self.connection()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except apsw.Error as exc:
+                raise IndexFailure(f"index busy or unavailable: {exc}") from exc
+            try:
+                return _extend(Path(f"{self.path}-wal"), size)
+            finally:
+                conn.execute("ROLLBACK")
+
     def close(self) -> None:
         """Close every connection this object opened in this process."""
         pid = os.getpid()
@@ -356,6 +391,31 @@ class Index:
             if conn is not None and entry.pid == pid:
                 _close(conn)
         self._local = threading.local()
+
+
+def _extend(path: Path, size: int) -> int:
+    """:meth:`Index.write_wal_ahead` under the lock: zeros from the end of ``path`` to
+    ``size``, synced; cut back on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        start = os.fstat(fd).st_size
+        if start >= size:
+            return 0
+        zeros = bytes(_AHEAD_CHUNK)
+        try:
+            for offset in range(start, size, _AHEAD_CHUNK):
+                os.pwrite(fd, zeros[:min(_AHEAD_CHUNK, size - offset)], offset)
+            os.fdatasync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise IndexFailure(f"cannot write the WAL ahead: {exc}") from exc
+        return size - start
+    finally:
+        os.close(fd)
 
 
 def _failure(exc: BaseException) -> BaseException:
