@@ -269,6 +269,9 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                 rejected.append((path, str(exc)))
             except PacsError as exc:
                 rejected.append((path, str(exc)))
+            except Exception as exc:  # a fault on one file: the others go on
+                log.debug("import of %s failed", shown(str(path)), exc_info=True)
+                rejected.append((path, f"failed unexpectedly ({type(exc).__name__})"))
         try:
             drain(services)
         except PacsError as exc:

@@ -180,6 +180,13 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     )
 
 
+#: What pydicom raises for an element whose value it cannot decode: an unknown VR
+#: (NotImplementedError), bytes or text its VR does not allow, a term of Specific
+#: Character Set with a NUL (ValueError, UnicodeError), an unknown codec (LookupError),
+#: a binary value of the wrong length (struct.error).  Raised while an object is
+#: analysed, each means that the data set cannot be read (:class:`UnreadableData`).
+DECODING_ERRORS = (NotImplementedError, ValueError, LookupError, struct.error, OverflowError)
+
 #: SOP Class, SOP Instance, Study and Series Instance UID.
 _IDENTIFYING_TAGS = tuple(BaseTag(tag) for tag in (0x00080016, 0x00080018, 0x0020000D,
                                                   0x0020000E))
@@ -560,8 +567,13 @@ def _walked_header(buffer: bytes, offset: int, transfer_syntax: str) -> FileData
                          is_implicit_VR=implicit, is_little_endian=little)
     # As dcmread records it: the encoding read, for a writer that keeps it.
     charset = header.get_item(_SPECIFIC_CHARACTER_SET)
-    header.set_original_encoding(implicit, little, convert_encodings(
-        header[_SPECIFIC_CHARACTER_SET].value if charset is not None else None))
+    try:
+        encodings = convert_encodings(
+            header[_SPECIFIC_CHARACTER_SET].value if charset is not None else None)
+    except DECODING_ERRORS as exc:  # a NUL in a term, a value that is not text
+        raise UnreadableData("the Specific Character Set does not decode "
+                             f"({type(exc).__name__})") from None
+    header.set_original_encoding(implicit, little, encodings)
     return header
 
 
@@ -1160,15 +1172,16 @@ def _value(header: Dataset, attribute: Attribute, codec: str | None,
         return _sequence(header, attribute)
     text = _element_text(element, attribute, codec)
     if text is _UNDECODED:
+        # A value that does not decode (an unknown VR is found out when pydicom
+        # converts the raw element, here) is indexed as unknown rather than refusing
+        # the whole object: the object itself is stored as sent.
         try:
             decoded = header[attribute.tag]
-        except KeyError:
+        except (KeyError, *DECODING_ERRORS):
             return None
         try:
             text = _text(decoded.value)
         except Exception:  # noqa: BLE001 - any decoding failure of the value
-            # A value that does not decode is indexed as unknown rather than refusing
-            # the whole object: the object itself is stored as sent.
             return None
     if text is not None and attribute.vr in _SEPARATORS:
         # ACR-NEMA style 1997.04.24 / 10:30:00: index the DICOM form so ranges compare.

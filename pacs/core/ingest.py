@@ -63,7 +63,14 @@ from pacs.core import metadata, rejection, uidlocks
 from pacs.core.attributes import Level
 from pacs.core.audit import Participant
 from pacs.core.config import SQLITE_MAX_BLOB
-from pacs.core.dataset import Identity, dataset_offset, extract, read_part10, require_uid
+from pacs.core.dataset import (
+    DECODING_ERRORS,
+    Identity,
+    dataset_offset,
+    extract,
+    read_part10,
+    require_uid,
+)
 from pacs.core.errors import (
     DuplicateRejected,
     IndexFailure,
@@ -75,6 +82,7 @@ from pacs.core.errors import (
     PacsError,
     RejectedInstance,
     UIDMismatch,
+    UnreadableData,
     UnsettledWrite,
 )
 from pacs.core.index import reads, writer
@@ -172,9 +180,16 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
                                              instance.sop_instance_uid):
         raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
     # The metadata first: extract() leaves the elements it converts decoded in the
-    # header, and the JSON encoder reads raw elements faster (and as stored).
+    # header, and the JSON encoder reads raw elements faster (and as stored).  Both
+    # leave out a value that does not decode; the object is stored as sent.
     prepared = metadata.prepare(instance, data) if describe else None
     values = {level: extract(instance.header, level) for level in Level}
+    try:
+        note = rejection.rejection_of(instance.header, instance.sop_class_uid,
+                                      instance.sop_instance_uid)
+    except DECODING_ERRORS as exc:  # a note must be read whole to be applied
+        raise UnreadableData(f"an element's value does not decode ({type(exc).__name__})"
+                             ) from None
     # Validated UIDs, not whatever pydicom decoded (padding, NULs).
     values[Level.STUDY]["study_uid"] = instance.study_uid
     values[Level.SERIES]["series_uid"] = instance.series_uid
@@ -185,8 +200,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         values=values,
         checksum=checksum() if checksum is not None else sha256(data),
         metadata=prepared,
-        rejection=rejection.rejection_of(instance.header, instance.sop_class_uid,
-                                         instance.sop_instance_uid),
+        rejection=note,
     )
 
 

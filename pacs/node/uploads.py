@@ -238,9 +238,24 @@ def _writable_fd(pid: str, fd: str) -> bool:
     return True
 
 
+#: The longest file name, in bytes, of the usual Linux file systems (NAME_MAX).
+NAME_MAX = 255
+#: Room kept for the ``.1`` ... ``.99999`` of :func:`_free_name`.
+_NUMBER_ROOM = 6
+
+
 def _free_name(name: str, folder: int, *suffixes: str) -> str:
     """``name``, or ``name`` with ``.1``, ``.2`` ... appended, free in ``folder`` with
-    each of ``suffixes`` appended too."""
+    each of ``suffixes`` appended too.
+
+    A name too long for a number and a suffix after it (a reason file's name is the
+    file's and ``.reason.txt``) is cut to fit :data:`NAME_MAX`: the reason file keeps
+    the whole name, and a file that could not be moved aside would be read again at
+    every scan.
+    """
+    room = NAME_MAX - _NUMBER_ROOM - max((len(os.fsencode(s)) for s in suffixes), default=0)
+    if len(os.fsencode(name)) > room:
+        name = os.fsdecode(os.fsencode(name)[:room])  # bytes cut anywhere re-encode alike
     for n in range(100_000):
         candidate = f"{name}.{n}" if n else name
         if not any(_exists(candidate + suffix, folder) for suffix in ("", *suffixes)):
@@ -361,11 +376,18 @@ class UploadWatcher:
 
     def _handle_safely(self, path: Path) -> Handled:
         """:meth:`_handle`, a fault of the code on one file (not of the file: those are
-        rejections) left to the next scan, so that the files after it are handled."""
+        rejections) left to the next scan, so that the files after it are handled.
+
+        The fault is logged with its traceback the first time, at DEBUG while the file
+        stays (as :meth:`_warn_once`): a file that meets it again at every scan must
+        not grow the log by a traceback per scan."""
         try:
             return self._handle(path)
         except Exception as exc:
-            log.exception("could not handle an uploaded file; will retry")
+            first = path not in self._warned
+            self._warned.add(path)
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "could not handle an uploaded file; will retry", exc_info=True)
             return Handled(path, Disposition.RETRY, type(exc).__name__)
 
     def _handle(self, path: Path) -> Handled:

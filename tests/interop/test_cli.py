@@ -46,12 +46,21 @@ def test_import_folder_recursively(node_factory: Callable[..., Node], tmp_path: 
                                               .SOPInstanceUID)))
     (folder / "b" / "c" / "notes.txt").write_text("not DICOM at all\n")
     (folder / "truncated.dcm").write_bytes(sample("CT_small.dcm").read_bytes()[:20000])
+    # Odd bytes in a header, first in the walk: a Specific Character Set with a NUL in
+    # a term (unreadable: rejected), a Modality of a VR pydicom does not know (stored,
+    # its Modality unknown in the index); the files after them are imported.
+    ct = sample("CT_small.dcm").read_bytes()
+    (folder / "0-charset.dcm").write_bytes(ct.replace(b"ISO_IR 100", b"ISO_IR\x00100", 1))
+    (folder / "1-vr.dcm").write_bytes(ct.replace(b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00ZZ", 1))
+    made.append((folder / "1-vr.dcm", str(pydicom.dcmread(sample("CT_small.dcm"))
+                                          .SOPInstanceUID)))
 
     first = node.cli("import", "--quiet", str(folder))
     assert first.returncode != 0, "rejected files must make the exit code non-zero"
     counts = _summary(first.stdout)
-    assert counts == {"stored": 6, "unchanged": 0, "rejected": 2}, first.stdout
+    assert counts == {"stored": 7, "unchanged": 0, "rejected": 3}, first.stdout
     assert "notes.txt" in first.stdout and "truncated.dcm" in first.stdout, first.stdout
+    assert "0-charset.dcm: the Specific Character Set does not decode" in first.stdout
 
     index = assert_consistent(node.data_dir, exact=True)
     assert set(index) == {uid for _, uid in made}
@@ -63,7 +72,7 @@ def test_import_folder_recursively(node_factory: Callable[..., Node], tmp_path: 
 
     again = node.cli("import", "--quiet", str(folder))
     assert again.returncode != 0
-    assert _summary(again.stdout) == {"stored": 0, "unchanged": 6, "rejected": 2}, again.stdout
+    assert _summary(again.stdout) == {"stored": 0, "unchanged": 7, "rejected": 3}, again.stdout
     assert set(assert_consistent(node.data_dir, exact=True)) == set(index)
 
 

@@ -377,6 +377,68 @@ def test_an_unexpected_failure_on_one_file_leaves_the_others_handled(
     assert (folder / "a.dcm").exists() and not (folder / "b.dcm").exists()
 
 
+def test_a_fault_met_at_every_scan_logs_its_traceback_once(
+        services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "a.dcm").write_bytes(b"first")
+
+    def fails(data: bytes, **kwargs: object) -> object:
+        raise RuntimeError("a fault of the code, not of the file")
+
+    monkeypatch.setattr(services.ingest, "store_bytes", fails)
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(6):
+            watcher.scan()
+    faults = [r for r in caplog.records if r.getMessage().startswith("could not handle")]
+    assert [r.levelname for r in faults] == ["ERROR"] and faults[0].exc_info
+
+
+def test_a_name_too_long_for_its_reason_file_is_rejected_under_a_shorter_one(
+        services: Services, folder: Path) -> None:
+    """Its reason file could not be named after it (name and ``.reason.txt`` over 255
+    bytes): the file moves aside under a name cut to fit, its reason names it whole,
+    and it is not read again."""
+    long = "\u00e9" * 121 + ".dcm"  # 246 bytes in UTF-8
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / long).write_bytes(b"junk")
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    moved = sorted(p.name for p in (folder / "rejected").iterdir())
+    assert len(moved) == 2 and all(len(os.fsencode(name)) <= 255 for name in moved)
+    reason = next(name for name in moved if name.endswith(REASON_SUFFIX))
+    assert (folder / "rejected" / reason).read_text().splitlines()[0] == f"file: {long}"
+    assert watcher.scan() == [] and not (folder / long).exists()
+
+
+def _with_byte_change(data: bytes, old: bytes, new: bytes) -> bytes:
+    at = data.index(old)
+    return data[:at] + new + data[at + len(new):]
+
+
+def test_a_value_that_does_not_decode_is_indexed_as_unknown_and_stored(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """Modality with a VR pydicom does not know (ZZ): stored as sent, its Modality
+    unknown in the index; a Specific Character Set with a NUL in a term: rejected as
+    unreadable, with its reason (neither is retried at every scan)."""
+    header = pydicom.dcmread(sample("CT_small.dcm"))
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    odd_vr = _with_byte_change(ct_bytes, b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00ZZ")
+    (folder / "vr.dcm").write_bytes(odd_vr)
+    charset = header.SpecificCharacterSet
+    assert charset == "ISO_IR 100"
+    nul = _with_byte_change(ct_bytes, b"ISO_IR 100", b"ISO_IR\x00100")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "charset.dcm").write_bytes(nul)
+    watcher.scan()
+    handled = {h.path.name: h.disposition for h in watcher.scan()}
+    assert handled == {"vr.dcm": Disposition.STORED, "charset.dcm": Disposition.REJECTED}
+    assert study_uids(services, header.StudyInstanceUID) == [header.StudyInstanceUID]
+    reason = (folder / "rejected" / "sub" / ("charset.dcm" + REASON_SUFFIX)).read_text()
+    assert "Specific Character Set does not decode" in reason
+    assert watcher.scan() == []
+
+
 def test_a_reason_that_cannot_be_written_still_reports_the_move(
         services: Services, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Moved to rejected/ but the reason file fails (a full disk): the file is where
