@@ -238,6 +238,14 @@ def try_analyse(data: bytes, max_object_bytes: int | None = None) -> Analysis | 
         return exc
 
 
+#: Objects from this size on replace another at its key directly, over the acknowledged
+#: bytes (``SQLITE_MAX_BLOB``: the intake cannot hold them); a smaller one replacing
+#: another at its key goes through the intake (:meth:`Ingest._journal`).  Only such an
+#: object can leave a crash window where the key holds a newer, unacknowledged version
+#: (:mod:`pacs.core.reconcile`, window (d)).
+DIRECT_OVERWRITE_BYTES = SQLITE_MAX_BLOB
+
+
 #: What ingest calls once a rejection note is durably stored (or found stored
 #: already): the note's analysis and who sent it (:mod:`pacs.core.deletion`).
 RejectionHook = Callable[[Analysis, Participant], None]
@@ -671,7 +679,7 @@ class Ingest:
         """
         if self.journaled(size):
             return True
-        if size >= SQLITE_MAX_BLOB or not (in_place or reads.unsettled(conn, key)):
+        if size >= DIRECT_OVERWRITE_BYTES or not (in_place or reads.unsettled(conn, key)):
             return False
         if self.intake_max_bytes is not None:
             check_room(self.index, self.intake_max_bytes)

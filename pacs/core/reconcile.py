@@ -24,16 +24,19 @@ decision is taken again under the SOP Instance UID's ingest lock,
 (c) a row committed, the old copy at another key not deleted: the same on disk as the
     second case of (b), and the same answer: the copy no row points to is quarantined.
 (d) the same key overwritten in place, the row not committed: the object's checksum
-    differs from the row's.  Only an object over the intake's largest blob is written
-    so (a smaller one replacing another at its key goes through the intake, the
-    acknowledged bytes left at the key until its commit).  The acknowledged bytes are
-    gone (the rename replaced them), and the object is the newer write of the same
-    instance: repair indexes it
-    (``rewritten``), so that the row describes what is stored and served (bytes damaged
-    in a way that still reads as the same instance cannot be told from such a write;
-    the report names them all).  An object that is not a readable instance of that UID
-    at that key is ``damaged``: it is reported and left as it is (a row whose object
-    exists is never dropped).
+    differs from the row's.  Only an object of the intake's largest blob or more
+    (:data:`pacs.core.ingest.DIRECT_OVERWRITE_BYTES`) is written so (a smaller one
+    replacing another at its key goes through the intake, the acknowledged bytes left
+    at the key until its commit).  For such an object the acknowledged bytes are gone
+    (the rename replaced them), and the object is the newer write of the same
+    instance: repair indexes it (``rewritten``), so that the row describes what is
+    stored and served (bytes damaged in a way that still reads as the same instance
+    cannot be told from such a write; the report names them all).  A smaller object
+    whose checksum differs cannot be such a write: it is ``damaged`` - changed or
+    corrupted outside the node - as is an object that is not a readable instance of
+    that UID at that key.  A damaged object is reported and left as it is, its row
+    with the acknowledged checksum (a row whose object exists is never dropped, and
+    never made to bless what the node did not acknowledge).
 (e) a row whose object is gone (not a window of the ingest order: a deletion outside
     pacs, or a failed commit reported as such after it succeeded): another object of
     the same UID, if any, is indexed instead; only when there is none is the row
@@ -82,6 +85,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pacs.core import ingest
 from pacs.core.audit import Participant
 from pacs.core.errors import ForeignObject, NotFound, ObjectTooLarge, PacsError
 from pacs.core.index import reads, writer
@@ -631,6 +635,12 @@ def _rewritten(services: Services, sop: str, key: str) -> list[_Step]:
     if isinstance(candidate, str):
         finding = Finding(Problem.DAMAGED, Action.NONE, sop, key,
                           f"differs from the acknowledged checksum and is {candidate}")
+        return [(finding, lambda: "")]
+    if len(candidate.data) < ingest.DIRECT_OVERWRITE_BYTES:
+        finding = Finding(Problem.DAMAGED, Action.NONE, sop, key,
+                          "differs from the acknowledged checksum; a later write of the "
+                          "instance of its size would have gone through the intake, so "
+                          "it was changed outside the node")
         return [(finding, lambda: "")]
     finding = Finding(Problem.REWRITTEN, Action.INDEX, sop, key,
                       "differs from the acknowledged checksum: a later write of the "

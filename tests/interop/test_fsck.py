@@ -155,11 +155,14 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     unindexed = path_e.read_bytes()
     write_object(node, key_e, unindexed)
 
-    # (d) overwritten in place (same study and series), not committed: the acknowledged
-    # bytes are gone; the object is the later write, and the repair indexes it.
+    # (d) changed in place (same study and series) outside the node: an object of its
+    # size replacing another goes through the intake, so this is no later write of the
+    # node's: damaged, reported and left, its row keeping what was acknowledged.
     in_place = Versions(tmp_path, "in-place")
     path_f, key_f, ds_f = in_place.make("F")
     storescu(node, path_f)
+    node.wait_drained()
+    acked_f = (node.data_dir / "objects" / key_f).read_bytes()
     ds_f.SeriesDescription = "F, sent again"
     ds_f.save_as(tmp_path / "f2.dcm", enforce_file_format=True)
     rewritten = (tmp_path / "f2.dcm").read_bytes()
@@ -186,7 +189,7 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     assert dry.returncode == 1, dry.stdout + dry.stderr  # problems found, not repaired
     assert node.snapshot() == before, "the dry run changed something"
     for problem, key in (("superseded", key_a), ("superseded", key_d),
-                         ("unacknowledged", key_e), ("rewritten", key_f),
+                         ("unacknowledged", key_e), ("damaged", key_f),
                          ("missing", key_g), ("temporary", stale.name)):
         assert any(line.startswith(problem) and key in line
                    for line in dry.stdout.splitlines()), dry.stdout
@@ -194,7 +197,14 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     assert node.index()[moved.sop].object_key == key_b
 
     repair = node.cli("fsck", "--repair")
-    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert repair.returncode == 1, repair.stdout + repair.stderr  # the damaged one left
+    assert any(line.startswith("damaged") and key_f in line
+               for line in repair.stdout.splitlines()), repair.stdout
+    # Left as it was found, its row as acknowledged; the operator restores the
+    # acknowledged bytes (from a backup) for what follows.
+    assert (node.data_dir / "objects" / key_f).read_bytes() == rewritten
+    assert node.index()[in_place.sop].checksum == sha(acked_f)
+    write_object(node, key_f, acked_f)
     node.assert_serving()
     memory_after = node.resources()
     print(f"fsck --repair beside the running node:\n{repair.stdout}")
@@ -219,8 +229,8 @@ def test_fsck_beside_a_running_node_keeps_the_newest_acknowledged(
     assert wado(node, key_c) == acked_c
     assert wado(node, key_e) == unindexed
     assert (index[in_place.sop].object_key, index[in_place.sop].checksum) == (
-        key_f, sha(rewritten))
-    assert wado(node, key_f) == rewritten
+        key_f, sha(acked_f))
+    assert wado(node, key_f) == acked_f
     assert gone.sop not in index and gone.sop not in qido_instances(
         node, key_g.split("/")[0])
     assert not stale.exists()

@@ -22,6 +22,7 @@ from falcon import testing
 from pydicom.uid import generate_uid
 
 from adapters.dicomweb.app import create_app
+from pacs.core import ingest as ingest_module
 from pacs.core.config import Settings
 from pacs.core.index import writer
 from pacs.core.reconcile import Action, Problem, Report, reconcile
@@ -248,10 +249,13 @@ def test_several_unindexed_copies_of_a_new_instance_index_one_and_keep_the_other
     assert quarantined(node) == {other: data[other]}
 
 
-def test_overwrite_in_place_not_committed_indexes_what_is_stored(node: Services) -> None:
-    """(d) The same key overwritten (same study and series), the crash before the
-    commit: the rename replaced the acknowledged bytes.  The row then describes the
-    stored object, so that index, metadata and served bytes agree."""
+def test_overwrite_in_place_not_committed_indexes_what_is_stored(
+        node: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(d) The same key overwritten (same study and series) by an object large enough
+    to be written there directly (here: any), the crash before the commit: the rename
+    replaced the acknowledged bytes.  The row then describes the stored object, so
+    that index, metadata and served bytes agree."""
+    monkeypatch.setattr(ingest_module, "DIRECT_OVERWRITE_BYTES", 0)
     instance = Instance()
     study, series = generate_uid(), generate_uid()
     key, old = instance.version("A", study, series)
@@ -264,6 +268,30 @@ def test_overwrite_in_place_not_committed_indexes_what_is_stored(node: Services)
     conn = node.index.connection()
     assert conn.execute("SELECT series_description FROM series WHERE series_uid = ?",
                         (series,)).fetchone() == ("B",)
+
+
+def test_a_changed_object_too_small_to_be_a_direct_overwrite_is_damaged(
+        node: Services) -> None:
+    """(d) An object that reads as a version of the instance at its key, but of a size
+    whose later write would have gone through the intake: changed outside the node (a
+    flipped byte, an edited Patient ID).  Reported and left, its row keeping the
+    acknowledged checksum and values - never indexed as if the node had stored it."""
+    instance = Instance()
+    study, series = generate_uid(), generate_uid()
+    key, old = instance.version("A", study, series)
+    _, edited = instance.version("B", study, series)
+    node.ingest.store_bytes(old)
+    drain(node)
+    put(node, key, edited)
+    before = state(node)
+    for repair in (False, True):
+        report = reconcile(node, repair=repair)
+        assert [(f.problem, f.action, f.key) for f in report.findings] == [
+            (Problem.DAMAGED, Action.NONE, key)]
+        assert not report.ok
+        assert state(node) == before
+    row = writer.lookup(node.index.connection(), instance.sop)
+    assert row is not None and row.checksum == hashlib.sha256(old).hexdigest()
 
 
 def test_a_damaged_indexed_object_is_reported_and_left(node: Services) -> None:
@@ -437,7 +465,7 @@ def test_quick_mode_compares_sizes(node: Services) -> None:
     node.ingest.store_bytes(old)
     put(node, key, same_size)
     assert reconcile(node, checksums=False).findings == []
-    assert [f.problem for f in reconcile(node).findings] == [Problem.REWRITTEN]
+    assert [f.problem for f in reconcile(node).findings] == [Problem.DAMAGED]
 
 
 # --- beside a running node ----------------------------------------------------------------
