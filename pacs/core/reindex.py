@@ -301,6 +301,8 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     report = Report(index=index_path)
     _refuse_if_in_use(index_path)
     _refuse_if_intake_holds(index_path)
+    if isinstance(store, FileStore):
+        _refuse_links(store)
     keys = list(store.keys())
     if isinstance(store, FileStore):
         report.strays = store.strays()
@@ -366,6 +368,19 @@ def _remove_leftovers(index_path: Path) -> int:
         log.info("reindex: removed %d new index file(s) of earlier rebuilds cut short",
                  removed)
     return removed
+
+
+def _refuse_links(store: FileStore) -> None:
+    """Refuse a folder store holding symbolic links: its listing does not follow them,
+    so a rebuild would leave out every object behind one (a study folder moved to
+    another disk and linked back) and the index would lose their rows."""
+    count, found = store.links()
+    if count:
+        shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
+        raise StorageError(
+            f"the object store holds {count} symbolic link(s) ({shown}), which pacs "
+            "does not follow: put what they point to in their place (or remove them) "
+            "and rebuild again; the index is left as it was")
 
 
 def _refuse_if_in_use(index_path: Path) -> None:

@@ -637,6 +637,26 @@ def test_a_failed_rebuild_leaves_the_index_as_it_was(settings: config.Settings) 
     assert sorted(p.name for p in settings.index_path.parent.iterdir()) == files
 
 
+def test_a_folder_store_holding_a_link_is_not_rebuilt(settings: config.Settings,
+                                                       tmp_path: Path) -> None:
+    """A study folder moved to another disk and linked back: the store's listing does
+    not follow links, so a rebuild would drop the rows of every object behind it.  It
+    refuses, naming the link, and leaves the index as it was."""
+    services = build(settings)
+    uids = [services.ingest.store_bytes(make_instance(PatientID=f"L{number}")).study_uid
+            for number in range(2)]
+    drain(services)
+    services.close()
+    before = dump(settings.index_path)
+    moved = tmp_path / "other-disk" / uids[0]
+    moved.parent.mkdir()
+    shutil.move(settings.objects_dir / uids[0], moved)
+    (settings.objects_dir / uids[0]).symlink_to(moved, target_is_directory=True)
+    with pytest.raises(StorageError, match=f"1 symbolic link\\(s\\) \\({uids[0]}\\)"):
+        rebuild(settings.index_path, FileStore(settings.objects_dir), AnalyserPool(0))
+    assert dump(settings.index_path) == before
+
+
 def test_the_new_files_of_a_rebuild_killed_before_its_swap_are_removed_by_the_next(
         settings: config.Settings) -> None:
     """A kill -9 skips a failed rebuild's clean-up: its new index (and WAL) stayed

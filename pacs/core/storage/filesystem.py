@@ -266,6 +266,25 @@ class FileStore:
                     found.append(path)
         return count, found
 
+    def links(self, examples: int = 20) -> tuple[int, list[str]]:
+        """Symbolic links below the root (to folders or files): their number and the
+        first ``examples`` of their paths (relative).  The node never makes one, and
+        :meth:`keys` does not follow them (a link to a folder could loop, or lead out
+        of the store), so the objects behind a link are not listed: a tool that
+        rebuilds from the listing must know they exist."""
+        count = 0
+        found: list[str] = []
+        if not self.root.is_dir():
+            return count, found
+        for dirpath, dirs, files in os.walk(self.root):
+            for name in (*dirs, *files):
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    count += 1
+                    if len(found) < examples:
+                        found.append(os.path.relpath(path, self.root))
+        return count, found
+
     def quarantine(self, key: str, folder: str) -> str:
         """Move the object to ``<quarantine_root>/<folder>/<key>``; return that path.
 
