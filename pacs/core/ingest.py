@@ -788,15 +788,18 @@ class Ingest:
         """Index an object that is already stored at ``key``, as it is (step 4 alone).
 
         For repair, which finds objects written but never indexed; the caller holds
-        :meth:`uid_lock`.
+        :meth:`uid_lock`.  A rejection note's removals are recorded as pending with it,
+        as a store records them, for the caller to apply
+        (:func:`pacs.core.reconcile.reconcile`).
 
         Raises
         ------
         IndexFailure
             When the commit failed (nothing of the row is kept).
         """
+        pending = sender(calling_ae, None) if analysis.rejection is not None else None
         self.index.commit(_indexing(instance_row(analysis, key, size, calling_ae=calling_ae),
-                                    analysis, None, None))
+                                    analysis, None, None, pending=pending))
 
     def uid_locks(self, sop_uids: Sequence[str], *, bounded: bool = True
                   ) -> AbstractContextManager[None]:

@@ -701,10 +701,17 @@ def _remove(services: Services, sop: str, key: str, stone: reads.Tombstone) -> _
 
 
 def _index(services: Services, candidate: _Candidate, why: str) -> str:
-    """Index an object as it is stored (it is not written again)."""
-    services.ingest.index_stored(candidate.analysis, candidate.key, len(candidate.data))
+    """Index an object as it is stored (it is not written again); a rejection note is
+    applied too, as its store would have (its pending row, written with it, is left
+    for the next repair or start-up when that fails)."""
+    analysis = candidate.analysis
+    services.ingest.index_stored(analysis, candidate.key, len(candidate.data))
     log.debug("fsck: indexed %s as SOP Instance %s (%s)", candidate.key,
-                candidate.analysis.sop_instance_uid, why)
+              analysis.sop_instance_uid, why)
+    if analysis.rejection is not None:
+        for pending in reads.rejections_pending(services.index.connection(),
+                                                analysis.sop_instance_uid):
+            _apply_again(services, pending)
     return ""
 
 

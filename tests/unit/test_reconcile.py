@@ -19,12 +19,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from falcon import testing
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
 from adapters.dicomweb.app import create_app
 from pacs.core import ingest as ingest_module
 from pacs.core.config import Settings
-from pacs.core.index import writer
+from pacs.core.index import reads, writer
+from pacs.core.ingest import analyse
 from pacs.core.reconcile import Action, Problem, Report, reconcile
 from pacs.core.services import Services, drain
 from pacs.core.storage import exists, object_key
@@ -32,6 +33,7 @@ from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.s3 import S3Store
 from tests.conftest import folder_store, sample
+from tests.factory import make_instance, make_rejection_note
 from tests.storage.seaweed import SeaweedS3, seaweed_s3  # noqa: F401 - the fixture
 from tests.storage.test_storage_contract import make_s3_store
 
@@ -228,6 +230,29 @@ def test_new_instance_written_not_committed_is_indexed(node: Services) -> None:
     dry_then_repair(node, (Problem.UNACKNOWLEDGED, Action.INDEX, key))
     assert_newest(node, instance, key, data)
     assert node.ingest.store_bytes(data).outcome.value == "unchanged"
+
+
+def test_a_rejection_note_written_not_committed_is_indexed_and_applied(
+        node: Services) -> None:
+    """(b) for an IOCM rejection note: indexed as its store would have, and applied -
+    what it rejects removed, nothing left pending - as ``pacs reindex`` does."""
+    stored = make_instance(PatientID="P1")
+    kept = make_instance(PatientID="P1")
+    results = [node.ingest.store_bytes(data) for data in (stored, kept)]
+    rejected = results[0]
+    note = make_rejection_note([(rejected.study_uid, rejected.series_uid,
+                                 rejected.sop_instance_uid, CTImageStorage)])
+    analysis = analyse(note)
+    key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
+    drain(node)
+    put(node, key, note)
+    dry_then_repair(node, (Problem.UNACKNOWLEDGED, Action.INDEX, key))
+    conn = node.index.connection()
+    assert row(node, rejected.sop_instance_uid) is None
+    assert row(node, results[1].sop_instance_uid) is not None
+    assert row(node, analysis.sop_instance_uid) is not None
+    assert reads.rejections_pending(conn) == []
+    assert reads.tombstone(conn, rejected.sop_instance_uid) is not None
 
 
 def test_several_unindexed_copies_of_a_new_instance_index_one_and_keep_the_others(
