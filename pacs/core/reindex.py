@@ -371,16 +371,16 @@ def _remove_leftovers(index_path: Path) -> int:
 
 
 def _refuse_links(store: FileStore) -> None:
-    """Refuse a folder store holding symbolic links: its listing does not follow them,
-    so a rebuild would leave out every object behind one (a study folder moved to
-    another disk and linked back) and the index would lose their rows."""
-    count, found = store.links()
+    """Refuse a folder store holding symbolic links to folders: its listing does not
+    follow them, so a rebuild would leave out every object behind one (a study folder
+    moved to another disk and linked back) and the index would lose their rows."""
+    count, found = store.linked_folders()
     if count:
         shown = ", ".join(found[:3]) + (", ..." if count > 3 else "")
         raise StorageError(
-            f"the object store holds {count} symbolic link(s) ({shown}), which pacs "
-            "does not follow: put what they point to in their place (or remove them) "
-            "and rebuild again; the index is left as it was")
+            f"the object store holds {count} symbolic link(s) to folders ({shown}), "
+            "which pacs does not follow: put what they point to in their place (or "
+            "remove them) and rebuild again; the index is left as it was")
 
 
 def _refuse_if_in_use(index_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from pacs.core import config
 from pacs.core.analysers import AnalyserPool
-from pacs.core.errors import ForeignObject
+from pacs.core.errors import ForeignObject, ObjectTooLarge
 from pacs.core.reconcile import Action, Problem, reconcile
 from pacs.core.reindex import rebuild
 from pacs.core.services import build, drain
@@ -47,6 +47,7 @@ def _plant(root: Path, outside: Path) -> dict[str, str]:
     (outside / "linked.dcm").write_bytes(linked)
     (root / _key(HOSTILE["link outside"])).symlink_to(outside / "linked.dcm")
     with open(root / _key(HOSTILE["too large"]), "wb") as large:
+        large.write(bytes(128) + b"DICM")  # a Part 10 head: read on, to the limit
         large.truncate(8 << 20)  # sparse: past the limit below without using the disk
     return {kind: _key(sop) for kind, sop in HOSTILE.items()}
 
@@ -218,6 +219,29 @@ def test_a_small_object_is_read_without_asking_for_the_limit(tmp_path: Path) -> 
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+def test_what_is_no_part10_object_is_read_no_further_than_its_head(tmp_path: Path) -> None:
+    """A sparse file of 1 GiB at an object key (nothing on disk, no DICM prefix): the
+    tools that read every object read its first 132 bytes, which say it is none, and
+    hold nothing more; a Part 10 object is read whole."""
+    store = FileStore(tmp_path / "objects")
+    (tmp_path / "objects" / STUDY / SERIES).mkdir(parents=True)
+    sparse, small = _key(SERIES + ".7"), _key(SERIES + ".8")
+    with open(tmp_path / "objects" / sparse, "wb") as out:
+        out.truncate(1 << 30)
+    part10 = bytes(128) + b"DICM" + b"rest of the object"
+    (tmp_path / "objects" / small).write_bytes(part10)
+    tracemalloc.start()
+    try:
+        assert read_object(store, sparse, 2 << 30) == bytes(132)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert read_object(store, small, 2 << 30) == part10
+    with pytest.raises(ObjectTooLarge):
+        read_object(store, small, 140)
 
 
 def test_a_file_grown_while_read_is_read_within_the_limit(tmp_path: Path) -> None:

@@ -652,7 +652,7 @@ def test_a_folder_store_holding_a_link_is_not_rebuilt(settings: config.Settings,
     moved.parent.mkdir()
     shutil.move(settings.objects_dir / uids[0], moved)
     (settings.objects_dir / uids[0]).symlink_to(moved, target_is_directory=True)
-    with pytest.raises(StorageError, match=f"1 symbolic link\\(s\\) \\({uids[0]}\\)"):
+    with pytest.raises(StorageError, match=f"1 symbolic link\\(s\\) to folders \\({uids[0]}\\)"):
         rebuild(settings.index_path, FileStore(settings.objects_dir), AnalyserPool(0))
     assert dump(settings.index_path) == before
 

@@ -375,11 +375,17 @@ def _file_size(stream: BinaryIO) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
+#: Bytes of a Part 10 object's preamble and ``DICM`` prefix (PS3.10 7.1).
+PART10_HEAD = 132
+
+
 def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
     """The whole object, read through :meth:`ObjectStore.open` up to ``limit`` + 1
     bytes: an object larger than any the node accepts (``PACS_MAX_OBJECT_BYTES``) is
     never held whole by the tools that read every object (``pacs reindex``, ``pacs
-    fsck``).
+    fsck``).  Of something that is no Part 10 object (no ``DICM`` prefix: a file
+    copied into the store, a sparse file of gigabytes) only its first
+    :data:`PART10_HEAD` bytes are read, which say so to the analysis.
 
     Raises
     ------
@@ -389,7 +395,10 @@ def read_object(store: ObjectStore, key: str, limit: int | None) -> bytes:
         As :meth:`ObjectStore.open`.
     """
     with store.open(key) as stream:
-        data = read_bounded(stream, limit)
+        data = stream.read(PART10_HEAD)
+        if len(data) == PART10_HEAD and data[128:] == b"DICM":
+            rest = None if limit is None else max(0, limit - PART10_HEAD)
+            data += read_bounded(stream, rest)
     if limit is not None and len(data) > limit:
         raise ObjectTooLarge(f"larger than PACS_MAX_OBJECT_BYTES ({limit} bytes); not "
                              "read further")

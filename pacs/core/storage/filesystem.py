@@ -266,18 +266,19 @@ class FileStore:
                     found.append(path)
         return count, found
 
-    def links(self, examples: int = 20) -> tuple[int, list[str]]:
-        """Symbolic links below the root (to folders or files): their number and the
-        first ``examples`` of their paths (relative).  The node never makes one, and
+    def linked_folders(self, examples: int = 20) -> tuple[int, list[str]]:
+        """Symbolic links to folders below the root: their number and the first
+        ``examples`` of their paths (relative).  The node never makes one, and
         :meth:`keys` does not follow them (a link to a folder could loop, or lead out
-        of the store), so the objects behind a link are not listed: a tool that
-        rebuilds from the listing must know they exist."""
+        of the store), so the objects behind one are not listed at all: a tool that
+        rebuilds from the listing must know they exist.  (A link at a key is listed,
+        and refused when opened: :class:`~pacs.core.errors.ForeignObject`.)"""
         count = 0
         found: list[str] = []
         if not self.root.is_dir():
             return count, found
-        for dirpath, dirs, files in os.walk(self.root):
-            for name in (*dirs, *files):
+        for dirpath, dirs, _files in os.walk(self.root):
+            for name in dirs:
                 path = os.path.join(dirpath, name)
                 if os.path.islink(path):
                     count += 1
