@@ -181,11 +181,11 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
 def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
         make_services: Callable[..., Services], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, batch: bool) -> None:
-    """An object too large for the intake (over SQLITE_MAX_BLOB, made small here) that
+    """An object too large for the intake (DIRECT_OVERWRITE_BYTES, made small here) that
     replaces another at its key: the folder store renames the new object over the
     previous one, then fsyncs the folder; when that fsync fails the sender is refused,
     and the previous object (the one the index still describes) is back at its key."""
-    monkeypatch.setattr(ingest_module, "SQLITE_MAX_BLOB", 1)
+    monkeypatch.setattr(ingest_module, "DIRECT_OVERWRITE_BYTES", 1)
     store = folder_store(tmp_path / "objects")
     services = make_services(store=store, intake_object_bytes=0)
     first = _bytes()

@@ -332,9 +332,13 @@ def test_the_mover_holds_only_a_young_small_backlog_while_objects_arrive(
 
 @pytest.mark.parametrize("direct", [False, True], ids=["intake", "direct"])
 def test_the_mover_waits_while_instances_arrive_and_moves_once_they_pause(
-        make_services: Callable[..., Services], direct: bool) -> None:
-    """Instances stored every 0.1 s, through the intake or (larger ones) directly: the
-    mover, looking every 0.25 s, leaves the intake alone until they pause."""
+        make_services: Callable[..., Services], direct: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instances stored every 0.05 s, through the intake or (larger ones) directly: the
+    mover, looking every 0.5 s here (a store on a busy machine may take a few tenths
+    of a second, which must not look like a pause), leaves the intake alone until they
+    pause."""
+    monkeypatch.setattr(intake, "LINGER", 0.5)
     first = instance("1.2.826.0.1.3680043.8.498.100")
     store = MemoryStore()
     services = make_services(store=store, intake_object_bytes=len(first) if direct else None)
@@ -345,10 +349,10 @@ def test_the_mover_waits_while_instances_arrive_and_moves_once_they_pause(
     thread = threading.Thread(target=moving.run, args=(stop.is_set,))
     thread.start()
     try:
-        for number in range(12):
+        for number in range(40):
             services.ingest.store_bytes(instance(
                 f"1.2.826.0.1.3680043.8.498.{number + 1}", StudyDescription="longer " * 8))
-            time.sleep(0.1)
+            time.sleep(0.05)
         held = reads.intake_keys(services.index.connection())
         deadline = time.monotonic() + 10
         while reads.intake_state(services.index.connection()).objects:
@@ -357,8 +361,8 @@ def test_the_mover_waits_while_instances_arrive_and_moves_once_they_pause(
     finally:
         stop.set()
         thread.join(10)
-    assert len(held) == (1 if direct else 13) and moving.state.holds >= 3
-    assert len(store.objects) == 13
+    assert len(held) == (1 if direct else 41) and moving.state.holds >= 3
+    assert len(store.objects) == 41
 
 
 @pytest.mark.parametrize("drain_for", [0.0, 10.0], ids=["no-drain", "drain"])
@@ -635,6 +639,7 @@ def test_an_unanswered_direct_overwrite_puts_the_previous_object_back_in_the_int
     intake until the key has settled."""
     first = instance(StudyDescription="first")
     monkeypatch.setattr(ingest_module, "SQLITE_MAX_BLOB", len(first) + 1)
+    monkeypatch.setattr(ingest_module, "DIRECT_OVERWRITE_BYTES", len(first) + 1)
     store = FailingStore()
     store.failing = set()
     services = make_services(store=store, intake_object_bytes=len(first) // 2)
