@@ -47,6 +47,15 @@ COMMAND_CEILING = 64 << 10
 #: none): a list of 10,000 UIDs to match fits; more is answered Unable to process
 #: (:class:`pacs.core.errors.QueryTooLarge`), its bytes counted but not kept.
 IDENTIFIER_CEILING = 1 << 20
+#: Complete DIMSE messages an association may have waiting for its thread.  No
+#: Asynchronous Operations Window is negotiated (PS3.7 D.3.3.3: one operation at a
+#: time), so a peer sends its next request once it has the response; a C-CANCEL is
+#: kept apart (pynetdicom's ``cancel_req``).  What waits, legitimately, is a request
+#: read while the thread finishes the last, or a response to a report the node sent
+#: meanwhile.  A peer that keeps sending requests while a C-MOVE runs had each held,
+#: up to PACS_MAX_OBJECT_BYTES apiece, until the C-MOVE ended: past this many, the
+#: association is aborted.
+MAX_QUEUED_MESSAGES = 4
 #: Command Field values of the requests whose data set is an identifier (PS3.7 E.1).
 QUERY_COMMANDS = frozenset({0x0020, 0x0021, 0x0010})  # C-FIND-RQ, C-MOVE-RQ, C-GET-RQ
 #: Room for the command set and PDV headers next to a data set in one unlimited PDU.

@@ -502,3 +502,32 @@ def test_admission_is_atomic_across_threads() -> None:
     for thread in threads:
         thread.join()
     assert sum(admitted) == 5
+
+
+def test_a_message_begun_while_too_many_wait_aborts_the_association() -> None:
+    """No Asynchronous Operations Window is negotiated: a peer that keeps sending
+    requests while one is served (C-STOREs behind a C-MOVE to a destination that never
+    reads) had each held whole until the first ended.  With
+    :data:`limits.MAX_QUEUED_MESSAGES` complete messages waiting, the first fragment of
+    the next aborts the association (Evt19), and nothing of it is kept."""
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.pdu_primitives import P_DATA
+
+    import pacs.dimse.seam.reactor as reactor
+
+    provider = DIMSEServiceProvider.__new__(DIMSEServiceProvider)
+    provider.msg_queue = queue.Queue()
+    provider.message = None
+    events: queue.Queue[str] = queue.Queue()
+    provider._assoc = SimpleNamespace(  # type: ignore[assignment]
+        is_acceptor=True, requestor=SimpleNamespace(address="10.0.0.9"),
+        dul=SimpleNamespace(event_queue=events))
+    fragment = b"\x03" + bytes(8)
+    single = P_DATA()
+    for waiting in range(limits.MAX_QUEUED_MESSAGES):
+        provider.msg_queue.put((1, f"message {waiting}"))
+    assert reactor._receive_fragment(provider, 1, fragment, single) is False
+    assert events.get_nowait() == "Evt19" and provider.message is None

@@ -966,6 +966,10 @@ def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: byt
     """One fragment of :func:`_receive_primitive`; ``False``: the association is being
     aborted."""
     if self.message is None:
+        if self.msg_queue.qsize() >= limits.MAX_QUEUED_MESSAGES:
+            return _abort_message(self, f"more than {limits.MAX_QUEUED_MESSAGES} messages "
+                                  "sent ahead of their responses (no asynchronous "
+                                  "operations window, PS3.7 D.3.3.3)")
         message = self.message = DIMSEMessage()
         message.encoded_command_set = limits.CappedCommand()
         limit = self.__dict__.get("_object_limit")
