@@ -16,6 +16,13 @@ dimensions or another number of components cannot be decoded into the frame the 
 set describes, so it is refused unread (:class:`UnreadableData`) - what a decoder
 would end with, minus the work.
 
+A decoder's work also grows with parts of the image a header may multiply at no cost:
+the tiles of a JPEG 2000 image (a SIZ of 1 x 1 tiles makes OpenJPEG keep state for
+each of 65,280 tiles of a 256 x 255 image: 0.7 GB from an 886-byte object) and the
+scans of a progressive JPEG (each scan a pass over the whole image: 5,000 scans of 33
+bytes kept libjpeg busy 14 s for a 4096 x 4096 frame).  Both are bounded here
+(:data:`MAX_SCANS`, :func:`max_tiles`), far above what encoders write.
+
 RLE (PS3.5 G) is not read here: its decoder fills exactly Rows x Columns bytes per
 segment and stops, whatever the segments would expand to.
 """
@@ -47,12 +54,31 @@ from pacs.core.errors import UnreadableData
 
 @dataclass(frozen=True)
 class Declared:
-    """What a codestream's header declares of its image."""
+    """What a codestream's header declares of its image; ``parts``: its scans (JPEG)
+    or tiles (JPEG 2000)."""
 
     rows: int
     columns: int
     components: int
     precision: int
+    parts: int = 1
+
+
+#: Most scans of a JPEG frame (SOS markers, ISO/IEC 10918-1 B.2.3).  Sequential and
+#: lossless frames have one per component at most (4); progressive encoders write
+#: about ten per component.
+MAX_SCANS = 100
+#: Fewest pixels per tile, on average, of a JPEG 2000 image of more than
+#: :data:`FEW_TILES` tiles (tiles of 64 x 64 pixels: encoders use 256 or more, or one
+#: tile).
+MIN_TILE_PIXELS = 64 * 64
+#: Tiles allowed whatever the image's size.
+FEW_TILES = 64
+
+
+def max_tiles(rows: int, columns: int) -> int:
+    """Most tiles allowed for an image of ``rows`` x ``columns`` pixels."""
+    return max(FEW_TILES, -(-rows * columns // MIN_TILE_PIXELS))
 
 
 # --- JPEG and JPEG-LS -----------------------------------------------------------------
@@ -90,7 +116,10 @@ def _jpeg(frame: bytes) -> Declared | None:
                 return None
             _, precision, rows, columns, components = _FRAME_HEADER.unpack_from(
                 frame, position + 2)
-            return Declared(rows, columns, components, precision)
+            # In entropy-coded data a 0xFF byte is followed by 0x00 or a restart marker
+            # (B.1.1.5; JPEG-LS: a byte below 0x80, ISO/IEC 14495-1 9.1): FF DA is SOS.
+            return Declared(rows, columns, components, precision,
+                            frame.count(b"\xff\xda", position))
         else:
             position += 2 + struct.unpack_from(">H", frame, position + 2)[0]
     return None
@@ -144,20 +173,25 @@ def _jpeg2000(frame: bytes) -> Declared | None:
     fields = _SIZ.unpack_from(frame, start + 4)
     columns, rows, x_offset, y_offset, components = (
         fields[2], fields[3], fields[4], fields[5], fields[10])
+    tile_width, tile_height, tile_x, tile_y = fields[6:10]
     depths = frame[start + 4 + _SIZ.size:start + 4 + _SIZ.size + 3 * components:3]
-    if len(depths) != components:
+    if len(depths) != components or not tile_width or not tile_height:
         return None
     # Ssiz: bit depth minus one in its low 7 bits, the sign in its high bit (A.5.1).
     precision = max(((depth & 0x7F) + 1 for depth in depths), default=0)
+    # Tiles across and down (B.3, equation B-5).
+    tiles = (-(-max(columns - tile_x, 0) // tile_width)
+             * -(-max(rows - tile_y, 0) // tile_height))
     return Declared(max(rows - y_offset, 0), max(columns - x_offset, 0), components,
-                    precision)
+                    precision, tiles)
 
 
 #: How the image a frame declares is read, per transfer syntax whose decoders allocate
 #: from the codestream.
+_JPEG_SYNTAXES = frozenset((JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless,
+                            JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless))
 _READERS: dict[str, Callable[[bytes], Declared | None]] = {
-    **dict.fromkeys((JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                     JPEGLSLossless, JPEGLSNearLossless), _jpeg),
+    **dict.fromkeys(_JPEG_SYNTAXES, _jpeg),
     **dict.fromkeys((JPEG2000Lossless, JPEG2000, JPEG2000MCLossless, JPEG2000MC,
                      HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K), _jpeg2000),
 }
@@ -185,7 +219,7 @@ def check(frame: bytes, transfer_syntax: str, rows: int, columns: int,
     UnreadableData
         The codestream's header is missing, or its rows, columns or components differ
         from Rows, Columns and Samples per Pixel, or its samples are wider than Bits
-        Allocated.
+        Allocated, or it has more scans or tiles than allowed (module docstring).
     """
     if transfer_syntax not in _READERS:
         return
@@ -198,6 +232,13 @@ def check(frame: bytes, transfer_syntax: str, rows: int, columns: int,
             f"the compressed frame declares {found.columns} x {found.rows} pixels of "
             f"{found.components} x {found.precision} bits, the data set {columns} x "
             f"{rows} of {samples} x {bits_allocated} (PS3.5 8.2)")
+    if transfer_syntax in _JPEG_SYNTAXES and found.parts > MAX_SCANS:
+        raise UnreadableData(f"the compressed frame has {found.parts} scans, more than "
+                             f"{MAX_SCANS}")
+    if transfer_syntax not in _JPEG_SYNTAXES and found.parts > max_tiles(rows, columns):
+        raise UnreadableData(f"the compressed frame has {found.parts} tiles, more than "
+                             f"{max_tiles(rows, columns)} for its {columns} x {rows} "
+                             "pixels")
 
 
-__all__ = ["Declared", "check", "declared", "declares"]
+__all__ = ["MAX_SCANS", "Declared", "check", "declared", "declares", "max_tiles"]

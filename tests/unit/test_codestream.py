@@ -162,3 +162,51 @@ def test_a_frame_that_agrees_is_decoded() -> None:
     converted = pydicom.dcmread(io.BytesIO(transcode.convert_to_bytes(
         data, ExplicitVRLittleEndian, max_frame_bytes=256)))
     assert len(converted.PixelData) == 256
+
+
+def test_a_jpeg_2000_of_tiny_tiles_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image as the data set says, in 1 x 1 tiles (XTsiz, YTsiz): OpenJPEG keeps
+    state for each tile, 0.7 GB for 65,280 tiles of a 256 x 255 image from a header of
+    a few bytes.  Refused before any decoder; the same image in 64 x 64 tiles passes."""
+    frame, ds = first_frame("JPEG2000.dcm")
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    siz = frame.index(b"\xff\x4f\xff\x51") + 4
+
+    def tiled(width: int, height: int) -> bytes:
+        changed = bytearray(frame)
+        struct.pack_into(">IIII", changed, siz + 20, width, height, 0, 0)
+        return bytes(changed)
+
+    args = (syntax, ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated)
+    found = codestream.declared(tiled(1, 1), syntax)
+    assert found is not None and found.parts == ds.Rows * ds.Columns
+    with pytest.raises(UnreadableData, match=f"{ds.Rows * ds.Columns} tiles"):
+        codestream.check(tiled(1, 1), *args)
+    codestream.check(tiled(64, 64), *args)  # 64 tiles
+    with pytest.raises(UnreadableData):  # no tile size: no header a decoder can use
+        codestream.check(tiled(0, 64), *args)
+    ds.PixelData = encapsulate([tiled(1, 1)])
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    monkeypatch.setattr(frames, "pixel_array", no_decoder)
+    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoder)
+    with pytest.raises(UnreadableData, match="tiles"):
+        frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=1 << 24)
+    with pytest.raises(UnreadableData, match="tiles"):
+        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 24)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_unread() -> None:
+    """A frame whose scans repeat (each a pass of a progressive decoder over the whole
+    image: 5,000 made a 4096 x 4096 frame take 14 s) is refused before any decoder;
+    the frame as encoded passes."""
+    frame, ds = first_frame("SC_rgb_jpeg_dcmtk.dcm")
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    args = (syntax, ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated)
+    scan = frame.index(b"\xff\xda")
+    end = frame.rindex(b"\xff\xd9")
+    repeated = frame[:scan] + frame[scan:end] * (codestream.MAX_SCANS + 1) + frame[end:]
+    codestream.check(frame, *args)
+    with pytest.raises(UnreadableData, match=f"{codestream.MAX_SCANS + 1} scans"):
+        codestream.check(repeated, *args)
