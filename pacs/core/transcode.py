@@ -238,6 +238,11 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
 #: Bytes copied at a time when native pixel data is copied across.
 COPY_CHUNK = 1 << 20
+#: Most bytes of elements after the pixel data that a conversion writes (it reads them
+#: as a data set, in memory); Data Set Trailing Padding is left out whatever its size.
+MAX_TRAILING_BYTES = 64 << 20
+#: Data Set Trailing Padding (FFFC,FFFC): its value has no significance (PS3.10 7.2).
+_TRAILING_PADDING = 0xFFFCFFFC
 #: The converted object WADO-RS sends is kept in memory up to this size, on disk
 #: beyond (a spooled copy briefly holds twice its size as it moves to disk).
 IN_MEMORY_BYTES = 1 << 20
@@ -408,11 +413,31 @@ def _copied(body: BinaryIO, offset: int, length: int, out: BinaryIO) -> int:
 
 def _write_trailing(header: FileDataset, body: BinaryIO, end: int, syntax: UID,
                     out: BinaryIO) -> None:
-    """The elements after the pixel data (Data Set Trailing Padding, …), if any, in
-    the target syntax."""
+    """The elements after the pixel data, if any, in the target syntax: read as a data
+    set up to Data Set Trailing Padding, within :data:`MAX_TRAILING_BYTES`; the padding
+    itself copied a chunk at a time (a deflated object of 7 MB held 1.5 GB of it, read
+    whole for each conversion).
+
+    Raises
+    ------
+    UnreadableData
+        They do not parse, or hold more than :data:`MAX_TRAILING_BYTES`.
+    """
     body.seek(end)
+    read = 0
+
+    def stop(tag: BaseTag, _vr: str | None, length: int) -> bool:
+        nonlocal read
+        if tag == _TRAILING_PADDING:
+            return True
+        read += 0 if length == 0xFFFFFFFF else length
+        if read > MAX_TRAILING_BYTES:
+            raise ObjectTooLarge(f"more than {MAX_TRAILING_BYTES} bytes of elements after "
+                                 "the pixel data")
+        return False
+
     try:
-        rest = read_dataset(body, syntax.is_implicit_VR, True)
+        rest = read_dataset(body, syntax.is_implicit_VR, True, stop_when=stop)
         if len(rest):
             rest.set_original_encoding(syntax.is_implicit_VR, True,
                                        header.get("SpecificCharacterSet"))
@@ -420,9 +445,40 @@ def _write_trailing(header: FileDataset, body: BinaryIO, end: int, syntax: UID,
             fp.is_little_endian = True
             fp.is_implicit_VR = header.file_meta.TransferSyntaxUID.is_implicit_VR
             write_dataset(fp, rest, header.get("SpecificCharacterSet") or default_encoding)
+        _copy_padding(body, syntax, header.file_meta.TransferSyntaxUID.is_implicit_VR, out)
+    except ObjectTooLarge as exc:
+        raise UnreadableData(f"cannot convert: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad data
         raise UnreadableData("the elements after the pixel data do not parse: "
                              f"{type(exc).__name__}") from None
+
+
+#: VRs whose explicit length is 32 bits, after two reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
+                       b"UN", b"UR", b"UT", b"UV"})
+
+
+def _copy_padding(body: BinaryIO, syntax: UID, implicit: bool, out: BinaryIO) -> None:
+    """Data Set Trailing Padding where ``body`` stands (nothing: none), written in the
+    target encoding (``implicit`` or explicit VR little endian) with its value copied
+    a chunk at a time; whatever follows it is left out (the padding is last, PS3.10
+    7.2)."""
+    head = body.read(8)
+    if len(head) < 8:
+        return
+    group, number = struct.unpack_from("<HH", head)
+    if (group << 16 | number) != _TRAILING_PADDING:
+        raise ValueError("not Data Set Trailing Padding")
+    if syntax.is_implicit_VR:
+        length = struct.unpack_from("<I", head, 4)[0]
+    elif head[4:6] in _LONG_VRS:
+        length = struct.unpack("<I", body.read(4))[0]
+    else:
+        length = struct.unpack_from("<H", head, 6)[0]
+    if length == 0xFFFFFFFF:
+        raise ValueError("Data Set Trailing Padding of undefined length")
+    out.write(_element_head(_TRAILING_PADDING, "OB", length, implicit))
+    _copied(body, body.tell(), length, out)
 
 
 def _decoded_into(header: FileDataset, body: BinaryIO, syntax: UID, implicit: bool,
@@ -483,6 +539,9 @@ def _check_frames(body: BinaryIO, header: FileDataset, syntax: UID,
         return
     rows, columns, samples, bits, _ = (int(header.get(keyword) or default)
                                        for keyword, default in _DECODED_DEFAULTS)
+    start = body.tell()
+    _check_extended_table(options.get("extended_offsets"), body.seek(0, io.SEEK_END) - start)
+    body.seek(start)
     try:
         for frame in generate_frames(body, number_of_frames=options["number_of_frames"],
                                      extended_offsets=options.get("extended_offsets")):
@@ -490,6 +549,31 @@ def _check_frames(body: BinaryIO, header: FileDataset, syntax: UID,
     except (TypeError, ValueError, KeyError) as exc:
         raise UnreadableData(f"the encapsulated pixel data does not parse: "
                              f"{type(exc).__name__}") from None
+
+
+def _check_extended_table(extended: tuple[bytes, bytes] | None, available: int) -> None:
+    """Refuse an Extended Offset Table that places a frame past the ``available`` bytes
+    of the pixel data's value: pydicom reads a frame's length as the table gives it,
+    and a read of 2^40 bytes asks the allocator for them first (a MemoryError, which a
+    client would be told to retry), as :func:`pacs.core.frames._check_extended` refuses
+    for one frame.
+
+    Raises
+    ------
+    UnreadableData
+        An entry past the end, or tables that do not parse.
+    """
+    if extended is None:
+        return
+    offsets, lengths = (bytes(table) for table in extended)
+    if len(offsets) % 8 or len(lengths) % 8:
+        raise UnreadableData("the Extended Offset Table does not parse")
+    for number, ((offset,), (length,)) in enumerate(
+            zip(struct.iter_unpack("<Q", offsets), struct.iter_unpack("<Q", lengths),
+                strict=False), start=1):
+        if offset + length > available:
+            raise UnreadableData(f"the Extended Offset Table places frame {number} past "
+                                 "the end of the pixel data")
 
 
 def _decoded_frames(body: BinaryIO, syntax: UID, options: dict[str, Any]

@@ -5,6 +5,7 @@ the ceilings refused before anything is decoded or written."""
 from __future__ import annotations
 
 import io
+import struct
 import tempfile
 import tracemalloc
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -22,7 +24,7 @@ from pydicom.uid import (
 
 from pacs.core import transcode
 from pacs.core.config import Settings
-from pacs.core.errors import FrameTooLarge
+from pacs.core.errors import FrameTooLarge, UnreadableData
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage import object_key
 from pacs.core.storage.memory import MemoryStore
@@ -149,3 +151,54 @@ def test_a_sub_operation_converts_into_its_temporary_file() -> None:
     with pytest.raises(FrameTooLarge), sender.object_file(store, ref, ExplicitVRLittleEndian,
                                                           small):
         pass
+
+
+def _with_trailing(tag: int, size: int, syntax: str = DeflatedExplicitVRLittleEndian) -> bytes:
+    """A one-frame object with an OB element of ``size`` zero bytes after its pixel data
+    (deflated: a few hundred KB stored for 64 MiB)."""
+    ds = multi_frame_image(1)
+    ds.PixelData = bytes(FRAME_SIDE * FRAME_SIDE)
+    ds.add_new(tag, "OB", bytes(size))
+    return part10(ds, syntax)
+
+
+def test_trailing_padding_is_copied_a_chunk_at_a_time() -> None:
+    """Data Set Trailing Padding of 64 MiB after a 64 KiB image, deflated: converted
+    with its padding, holding about a chunk of it, not the whole element (a 7 MB
+    deflated object held 1.5 GB of it, read whole for each conversion)."""
+    size = 64 << 20
+    data = _with_trailing(0xFFFCFFFC, size)
+    assert len(data) < 1 << 20
+    converted = _streamed(data, ExplicitVRLittleEndian)
+    assert converted.endswith(struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, size)
+                              + bytes(size))
+    assert _peak(lambda: _into_file(data, ImplicitVRLittleEndian)) < 16 << 20
+
+
+def test_a_large_element_after_the_pixel_data_refuses_the_conversion() -> None:
+    """Other elements after the pixel data are read as a data set: more than
+    MAX_TRAILING_BYTES of them refuse the conversion before they are read."""
+    data = _with_trailing(0x7FE11010, transcode.MAX_TRAILING_BYTES + 2)
+
+    def refused() -> None:
+        with pytest.raises(UnreadableData, match="elements after the pixel data"):
+            _into_file(data, ExplicitVRLittleEndian)
+
+    assert _peak(refused) < 16 << 20
+
+
+def test_an_extended_offset_table_past_the_pixel_data_refuses_the_conversion() -> None:
+    """A length of 2^40 in the Extended Offset Table: pydicom would ask the allocator
+    for it (MemoryError, answered as a failure to retry); refused as unreadable, as
+    the frame it names is by WADO-RS."""
+    ds = pydicom.dcmread(io.BytesIO(multi_frame_jpeg(1)))
+    fragment = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([fragment], has_bot=False)
+    ds.ExtendedOffsetTable = struct.pack("<Q", 0)
+    ds["ExtendedOffsetTable"].VR = "OV"
+    ds.ExtendedOffsetTableLengths = struct.pack("<Q", 1 << 40)
+    ds["ExtendedOffsetTableLengths"].VR = "OV"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    with pytest.raises(UnreadableData, match="places frame 1 past the end"):
+        _into_file(out.getvalue(), ExplicitVRLittleEndian)
