@@ -381,6 +381,16 @@ class Commitments:
                              error[:200])
         return delay
 
+    def postpone_requestor(self, requestor_ae: str, delay: float) -> int:
+        """The other waiting requests of ``requestor_ae`` not tried before ``delay``
+        seconds from now: a report to it has just failed (its node off, a firewall
+        dropping the connection), each try of one costs up to the network timeout, and
+        the reports of other requestors, queued behind them, would wait for every one.
+        How many were postponed."""
+        now = self.clock()
+        with self.index.write() as conn:
+            return table.postpone(conn, requestor_ae, now + delay, now)
+
     def release(self, pending: Pending) -> None:
         """Give a claimed request back untried (the process stops)."""
         with self.index.write() as conn:

@@ -303,8 +303,12 @@ class Reporter:
             self._delivered(pending, "on a new association")
             return
         delay = self.commitments.failed(pending, error)
+        # Its other results wait as long: one requestor that does not answer must not
+        # keep the results of every other waiting behind one timeout per result.
+        others = self.commitments.postpone_requestor(requestor, delay)
         log.warning("storage commitment: the report to %s could not be delivered (%s); "
-                    "again in %.0f s", requestor, error, delay)
+                    "again in %.0f s (with %d other result(s) for it)", requestor, error,
+                    delay, others)
 
     def _associations_of(self, requestor: str, assoc: Association | None
                          ) -> list[Association]:

@@ -141,6 +141,27 @@ def test_a_failed_attempt_waits_longer_each_time(services: Services) -> None:
     assert queue.next_time() is None
 
 
+def test_a_requestor_that_does_not_answer_keeps_no_other_waiting(services: Services) -> None:
+    """A report to SILENT failed (each try costs up to the network timeout): its other
+    results wait as long as that one, and the next due is another requestor's, not
+    SILENT's next - one silent modality delayed every other's results by a timeout per
+    result of its own."""
+    clock = Clock()
+    queue = queue_of(services, clock, max_pending=20)
+    silent = [queue.record(request("SILENT")) for _ in range(5)]
+    clock.now += 1
+    other = queue.record(request("GOOD"))
+    clock.now += LEASE
+    (first,) = queue.due()
+    assert first.key == silent[0].key
+    delay = queue.failed(first, "no answer")
+    assert queue.postpone_requestor("SILENT", delay) == 4
+    (taken,) = queue.due()
+    assert taken.key == other.key and queue.due() == []
+    clock.now += delay
+    assert {p.key for p in queue.due(10)} == {p.key for p in silent}
+
+
 def test_the_queue_is_bounded_and_a_repeated_transaction_replaces(services: Services) -> None:
     clock = Clock()
     queue = queue_of(services, clock, max_pending=2)

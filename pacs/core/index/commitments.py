@@ -99,6 +99,15 @@ def of_requestor(conn: apsw.Connection, requestor_ae: str, now: float,
         "ORDER BY pk LIMIT ?", (requestor_ae, now, limit))]
 
 
+def postpone(conn: apsw.Connection, requestor_ae: str, until: float, now: float) -> int:
+    """Move the next attempt of the unclaimed requests of ``requestor_ae`` due before
+    ``until`` to ``until``; how many."""
+    conn.execute("UPDATE commitment SET next_attempt = ? WHERE requestor_ae = ? "
+                 "AND next_attempt < ? AND lease_until <= ?",
+                 (until, requestor_ae, until, now))
+    return conn.changes()
+
+
 def take(conn: apsw.Connection, key: int, claim: str, now: float,
          lease_until: float) -> bool:
     """Claim a row whose lease has ended; False when another took it first."""
