@@ -11,6 +11,7 @@ only takes Explicit VR Little Endian.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -463,6 +464,47 @@ def test_get_cancel_stops_between_sub_operations(make_node: Callable[..., Node],
     assert completed + failed + warning + remaining == 30
     assert completed == len(received) < 30
     assert all(status.Status == 0xFF00 for status, _ in replies[:-1])
+
+
+@seam_only("pynetdicom empties its cancel requests as it dispatches a request")
+def test_a_cancel_sent_at_once_after_the_get_cancels_it(
+        make_node: Callable[..., Node], requestors: Callable[..., Association],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-CANCEL-RQ read before the node's association thread dispatches its C-GET
+    (PS3.7 9.3.3.3: the requestor may cancel at once): FE00, nothing sent.  The node here waits for the cancel before it dispatches,
+    as a busy one may; pynetdicom emptied its cancel requests then, and every
+    sub-operation ran."""
+    from pacs.dimse.seam import services as seam_services
+
+    node = make_node()
+    study = store_study(node, series=1, per_series=5)
+    received: list[Received] = []
+    assoc = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
+                       received=received)
+    context_id = next(cx.context_id for cx in assoc.accepted_contexts
+                      if cx.abstract_syntax == StudyGet)
+    keep = seam_services.keep_early_cancel
+
+    def after_the_cancel(served: Association, msg: Any) -> None:
+        deadline = time.monotonic() + 10
+        while msg.MessageID not in served.dimse.cancel_req:
+            assert time.monotonic() < deadline, "the cancel never arrived"
+            time.sleep(0.01)
+        keep(served, msg)
+
+    monkeypatch.setattr(seam_services, "keep_early_cancel", after_the_cancel)
+    canceller = threading.Timer(0.2, assoc.send_c_cancel, (12, context_id))
+    canceller.start()
+    replies = responses(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study.uid),
+                                         StudyGet, msg_id=12))
+    canceller.join()
+    final = replies[-1][0]
+    remaining, completed, _failed, _warning = counts(final)
+    # Seen while the instances were matched, the cancel ends the answer before any
+    # sub-operation is counted: FE00, without counts or with none done.
+    assert final.Status == 0xFE00 and len(replies) == 1
+    assert completed in (None, 0) and remaining in (None, 5)
+    assert received == []
 
 
 def test_get_without_scp_role_fails_each_sub_operation(make_node: Callable[..., Node],

@@ -355,6 +355,32 @@ def connector(ae: ApplicationEntity, services: Services, calling: str) -> retrie
     return connect
 
 
+#: Where :func:`keep_early_cancel` keeps a C-CANCEL-RQ for the request being served.
+_EARLY_CANCEL = "_pacs_early_cancel"
+
+
+def keep_early_cancel(assoc: Association, msg: Any) -> None:
+    """Keep a C-CANCEL-RQ of ``msg``'s Message ID read before ``msg`` is served.
+
+    A requestor may cancel a C-FIND, C-MOVE or C-GET at once after its request (PS3.7
+    9.3.2.3, 9.3.3.3, 9.3.4.3); pynetdicom's DUL may have read the cancel already when
+    the association thread dispatches the request, and ``_serve_request`` empties the
+    cancel requests just before it calls the service class: the cancel was lost and
+    every sub-operation run (3 of 5 such C-MOVEs ended 0000).  The service class puts
+    it back (:func:`restore_early_cancel`)."""
+    message_id = getattr(msg, "MessageID", None)
+    cancel = assoc.dimse.cancel_req.get(message_id) if message_id is not None else None
+    assoc.__dict__[_EARLY_CANCEL] = (message_id, cancel) if cancel is not None else None
+
+
+def restore_early_cancel(assoc: Association, message_id: int | None) -> None:
+    """The cancel :func:`keep_early_cancel` kept for ``message_id``, back among
+    pynetdicom's cancel requests (where ``is_cancelled`` looks)."""
+    kept = assoc.__dict__.pop(_EARLY_CANCEL, None)
+    if kept is not None and message_id is not None and kept[0] == message_id:
+        assoc.dimse.cancel_req[message_id] = kept[1]
+
+
 class RetrieveServiceClass(QueryRetrieveServiceClass):
     """Query/Retrieve with our own C-FIND responses and C-MOVE / C-GET sub-operations.
 
@@ -364,6 +390,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
     """
 
     def _c_find_scp(self, req: C_FIND, context: PresentationContext) -> None:
+        restore_early_cancel(self.assoc, req.MessageID)
         services = bound_services(self.assoc, evt.EVT_C_FIND)
         if services is None:
             super()._c_find_scp(req, context)
@@ -375,6 +402,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                             served(self.assoc, services))
 
     def _move_scp(self, req: C_MOVE, context: PresentationContext) -> None:
+        restore_early_cancel(self.assoc, req.MessageID)
         services = bound_services(self.assoc, evt.EVT_C_MOVE)
         if services is None:
             super()._move_scp(req, context)
@@ -386,6 +414,7 @@ class RetrieveServiceClass(QueryRetrieveServiceClass):
                             bound_audit(self.assoc, evt.EVT_C_MOVE))
 
     def _get_scp(self, req: C_GET, context: PresentationContext) -> None:
+        restore_early_cancel(self.assoc, req.MessageID)
         services = bound_services(self.assoc, evt.EVT_C_GET)
         if services is None:
             super()._get_scp(req, context)
@@ -423,6 +452,7 @@ def patch() -> None:
         if notify.take_response(self, msg):
             return  # the response to a report this side sent, not a request
         if not (reactor.serves(self) and answer_invalid_store(self, msg, context_id)):
+            keep_early_cancel(self, msg)
             serve_request(self, msg, context_id)
 
     association.Association._serve_request = _serve_request  # type: ignore[method-assign]
