@@ -130,3 +130,23 @@ def test_what_is_written_ahead_stays_through_checkpoints(index: Index) -> None:
         index.connection().wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
     _insert(index, 3)
     assert _wal(index).stat().st_size == WAL_SIZE_LIMIT
+
+
+def test_a_disk_with_little_room_gets_nothing_written(index: Index,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Less than four times the bytes to write free (a small volume): nothing written,
+    so that no store at the same moment meets a full disk because of it."""
+    _insert(index, 1)
+    before = _wal(index).read_bytes()
+    real = os.fstatvfs
+
+    def small(fd: int) -> os.statvfs_result:
+        found = real(fd)
+        fields = list(found)
+        fields[4] = (3 * AHEAD) // found.f_frsize  # f_bavail: three times what is asked
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "fstatvfs", small)
+    with pytest.raises(IndexFailure, match="too little free space"):
+        index.write_wal_ahead(AHEAD + len(before))
+    assert _wal(index).read_bytes() == before

@@ -39,6 +39,8 @@ AUTOCHECKPOINT_PAGES = 16_384
 WAL_SIZE_LIMIT = 64 << 20
 #: Bytes per write of :meth:`Index.write_wal_ahead`.
 _AHEAD_CHUNK = 1 << 20
+#: Free space :meth:`Index.write_wal_ahead` asks for, as a multiple of what it writes.
+_AHEAD_ROOM = 4
 
 
 def busy_timeout_for(answer_within: float) -> float:
@@ -362,8 +364,9 @@ class Index:
         it reads WAL frames from the start and stops at the first whose salt and
         checksum do not match its header's, as zeros never do.  The length is read
         and written under SQLite's write lock (an empty IMMEDIATE transaction, rolled
-        back), so no commit appends meanwhile; a file system without the room is
-        cut back to the length it had.
+        back), so no commit appends meanwhile.  Nothing is written on a file system
+        with less than four times that much free; one that runs out meanwhile is cut
+        back to the length it had.
 
         Raises
         ------
@@ -404,6 +407,12 @@ def _extend(path: Path, size: int) -> int:
         start = os.fstat(fd).st_size
         if start >= size:
             return 0
+        room = os.fstatvfs(fd)
+        if room.f_bavail * room.f_frsize < _AHEAD_ROOM * (size - start):
+            # Never the writer that takes a small disk's last bytes, even for a moment:
+            # a store at the same time would fail for it.
+            raise IndexFailure(f"too little free space to write the WAL ahead by "
+                               f"{size - start} bytes")
         zeros = bytes(_AHEAD_CHUNK)
         try:
             for offset in range(start, size, _AHEAD_CHUNK):
