@@ -966,17 +966,19 @@ def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: byt
     """One fragment of :func:`_receive_primitive`; ``False``: the association is being
     aborted."""
     if self.message is None:
-        if self.msg_queue.qsize() >= limits.MAX_QUEUED_MESSAGES:
+        limit = self.__dict__.get("_object_limit")
+        if limit is None:
+            node = _node_limits(self.assoc)
+            # -1: not a node's association (the node as a requestor, whose responses
+            # may well queue: the pending responses of its C-FIND, say).
+            limit = node.max_object_bytes if node else -1
+            self._object_limit = limit  # type: ignore[attr-defined]  # cached per provider
+        if limit >= 0 and self.msg_queue.qsize() >= limits.MAX_QUEUED_MESSAGES:
             return _abort_message(self, f"more than {limits.MAX_QUEUED_MESSAGES} messages "
                                   "sent ahead of their responses (no asynchronous "
                                   "operations window, PS3.7 D.3.3.3)")
         message = self.message = DIMSEMessage()
         message.encoded_command_set = limits.CappedCommand()
-        limit = self.__dict__.get("_object_limit")
-        if limit is None:
-            node = _node_limits(self.assoc)
-            limit = node.max_object_bytes if node else 0
-            self._object_limit = limit  # type: ignore[attr-defined]  # cached per provider
         if limit > 0:
             message.data_set = limits.CappedBuffer(limit)
     message = self.message
