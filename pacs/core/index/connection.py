@@ -359,8 +359,8 @@ class Index:
         also commits the file system's journal; one that overwrites blocks already
         written does not.  SQLite writes its WAL from the start again after a
         checkpoint and cuts it back only to :data:`WAL_SIZE_LIMIT`, so once the file
-        is that long the commits of a burst rewrite it in place (an ext4 benchmark of
-        10 KB commits: 1.3-1.6 times as many per second).  It cannot mislead SQLite:
+        is that long the commits of a burst rewrite it in place (``bench/wal_commits.py``
+        on ext4: 1.6-2 times as many synced commits per second).  It cannot mislead SQLite:
         it reads WAL frames from the start and stops at the first whose salt and
         checksum do not match its header's, as zeros never do.  The length is read
         and written under SQLite's write lock (an empty IMMEDIATE transaction, rolled
