@@ -471,9 +471,9 @@ def test_a_cancel_sent_at_once_after_the_get_cancels_it(
         make_node: Callable[..., Node], requestors: Callable[..., Association],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A C-CANCEL-RQ read before the node's association thread dispatches its C-GET
-    (PS3.7 9.3.3.3: the requestor may cancel at once): FE00, nothing sent.  The node here waits for the cancel before it dispatches,
-    as a busy one may; pynetdicom emptied its cancel requests then, and every
-    sub-operation ran."""
+    (PS3.7 9.3.3.3: the requestor may cancel at once): FE00, nothing sent.  The node
+    here waits for the cancel before it dispatches, as a busy one may; pynetdicom
+    emptied its cancel requests then, and every sub-operation ran."""
     from pacs.dimse.seam import services as seam_services
 
     node = make_node()
