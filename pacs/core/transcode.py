@@ -565,7 +565,10 @@ def _check_extended_table(extended: tuple[bytes, bytes] | None, available: int) 
     """
     if extended is None:
         return
-    offsets, lengths = (bytes(table) for table in extended)
+    try:
+        offsets, lengths = (bytes(table) for table in extended)
+    except (TypeError, ValueError):  # not bytes: encoded with another VR than OV
+        raise UnreadableData("the Extended Offset Table does not parse") from None
     if len(offsets) % 8 or len(lengths) % 8:
         raise UnreadableData("the Extended Offset Table does not parse")
     for number, ((offset,), (length,)) in enumerate(

@@ -202,3 +202,16 @@ def test_an_extended_offset_table_past_the_pixel_data_refuses_the_conversion() -
     ds.save_as(out, enforce_file_format=True)
     with pytest.raises(UnreadableData, match="places frame 1 past the end"):
         _into_file(out.getvalue(), ExplicitVRLittleEndian)
+
+
+def test_an_extended_offset_table_of_another_vr_refuses_the_conversion() -> None:
+    """The table written as numbers (FD) instead of OV bytes: unreadable, not a fault."""
+    ds = pydicom.dcmread(io.BytesIO(multi_frame_jpeg(1)))
+    ds.ExtendedOffsetTable = [0.0, 1e12]
+    ds["ExtendedOffsetTable"].VR = "FD"
+    ds.ExtendedOffsetTableLengths = struct.pack("<Q", 10)
+    ds["ExtendedOffsetTableLengths"].VR = "OV"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    with pytest.raises(UnreadableData, match="Extended Offset Table"):
+        _into_file(out.getvalue(), ExplicitVRLittleEndian)
