@@ -183,8 +183,9 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
 #: What pydicom raises for an element whose value it cannot decode: an unknown VR
 #: (NotImplementedError), bytes or text its VR does not allow, a term of Specific
 #: Character Set with a NUL (ValueError, UnicodeError), an unknown codec (LookupError),
-#: a binary value of the wrong length (struct.error).  Raised while an object is
-#: analysed, each means that the data set cannot be read (:class:`UnreadableData`).
+#: a binary value of the wrong length (struct.error).  An index value that does not
+#: decode is indexed as unknown; a character set or a rejection note that does not
+#: makes the object unreadable (:class:`UnreadableData`).
 DECODING_ERRORS = (NotImplementedError, ValueError, LookupError, struct.error, OverflowError)
 
 #: SOP Class, SOP Instance, Study and Series Instance UID.
@@ -237,7 +238,7 @@ def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
     position = 132
     while position + 12 <= end:
         group, element = struct.unpack_from("<HH", buffer, position)
-        if buffer[position + 4:position + 6] in _LONG_VRS:
+        if buffer[position + 4:position + 6] in LONG_VRS:
             start, length = position + 12, struct.unpack_from("<I", buffer, position + 8)[0]
         else:
             start, length = position + 8, struct.unpack_from("<H", buffer, position + 6)[0]
@@ -302,7 +303,7 @@ def dataset_offset(buffer: bytes) -> int:
         if group != 0x0002:
             return position
         vr = buffer[position + 4:position + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length = struct.unpack_from("<I", buffer, position + 8)[0]
             position += 12 + length
         else:
@@ -311,8 +312,9 @@ def dataset_offset(buffer: bytes) -> int:
     return position
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+#: VRs whose explicit length is 32 bits, after two reserved bytes (PS3.5 7.1.2).
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                      b"UR", b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -370,7 +372,7 @@ class _Walker:
         if group == 0xFFFE:  # items and delimiters have no VR (PS3.5 7.5)
             group, element, length = self._tag_length.unpack_from(self.data, position)
             return (group << 16) | element, None, length, 8
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if position + 12 > self.size:
                 raise UnreadableData("the data set is truncated")
             return (group << 16) | element, vr, self._long.unpack_from(
@@ -783,7 +785,7 @@ class _StreamWalker:
         if group == 0xFFFE:
             return tag, None, struct.unpack_from("<I", head, 4)[0]
         vr = head[4:6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             return tag, vr, struct.unpack("<I", self.reader.read(4))[0]
         return tag, vr, struct.unpack_from("<H", head, 6)[0]
 

@@ -48,6 +48,7 @@ from pacs.core import codestream, metadata
 from pacs.core.config import Settings
 from pacs.core.dataset import (
     HEAD_PROBE_BYTES,
+    LONG_VRS,
     dataset_offset,
     inflated_copy,
     meta_transfer_syntax,
@@ -453,11 +454,6 @@ def _write_trailing(header: FileDataset, body: BinaryIO, end: int, syntax: UID,
                              f"{type(exc).__name__}") from None
 
 
-#: VRs whose explicit length is 32 bits, after two reserved bytes (PS3.5 7.1.2).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
-                       b"UN", b"UR", b"UT", b"UV"})
-
-
 def _copy_padding(body: BinaryIO, syntax: UID, implicit: bool, out: BinaryIO) -> None:
     """Data Set Trailing Padding where ``body`` stands (nothing: none), written in the
     target encoding (``implicit`` or explicit VR little endian) with its value copied
@@ -471,7 +467,7 @@ def _copy_padding(body: BinaryIO, syntax: UID, implicit: bool, out: BinaryIO) ->
         raise ValueError("not Data Set Trailing Padding")
     if syntax.is_implicit_VR:
         length = struct.unpack_from("<I", head, 4)[0]
-    elif head[4:6] in _LONG_VRS:
+    elif head[4:6] in LONG_VRS:
         length = struct.unpack("<I", body.read(4))[0]
     else:
         length = struct.unpack_from("<H", head, 6)[0]
