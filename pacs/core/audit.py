@@ -636,9 +636,11 @@ class AuditLog:
             self._syncer = None
 
     def _start_syncer(self) -> None:
+        # Started under the lock, so :meth:`close` never sees a thread not yet started;
+        # none once closed.
         if self._syncer is None and self.sync_seconds > 0:
             with self._lock:
-                if self._syncer is None:
+                if self._syncer is None and not self._stop.is_set():
                     self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                                     name="audit-sync")
                     self._syncer.start()
@@ -674,8 +676,9 @@ class AuditLog:
 
     def close(self) -> None:
         """Stop the sync thread, sync and close the file."""
-        self._stop.set()
-        syncer = self._syncer
+        with self._lock:
+            self._stop.set()
+            syncer = self._syncer
         if syncer is not None and syncer is not threading.current_thread():
             syncer.join(timeout=5)
         with self._lock:

@@ -14,6 +14,7 @@ import resource
 import signal
 import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -263,6 +264,27 @@ def test_copytruncate_rotation_keeps_appending_at_the_end(tmp_path: Path) -> Non
     writer.write(EVENTS["query"]())
     writer.close()
     assert len(read_trail(path)) == 1  # no hole of zero bytes before the line
+
+
+class _SlowStart(threading.Thread):
+    """A thread whose start takes a while: the window in which it exists, unstarted."""
+
+    def start(self) -> None:
+        time.sleep(0.3)
+        super().start()
+
+
+def test_closing_while_the_first_event_starts_the_sync_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit.threading, "Thread", _SlowStart)
+    writer = AuditLog(tmp_path / "audit.jsonl", sync_seconds=0.05)
+    first = threading.Thread(target=writer.write, args=(EVENTS["stored"](),))
+    first.start()
+    time.sleep(0.1)  # the sync thread exists and is starting
+    writer.close()  # waits for it to start, then to end; never joins it unstarted
+    first.join()
+    assert writer._syncer is not None and not writer._syncer.is_alive()
+    assert len(read_trail(tmp_path / "audit.jsonl")) == 1
 
 
 def test_an_unwritable_trail_is_counted_logged_once_and_resumed(
