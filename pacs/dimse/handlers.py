@@ -39,7 +39,6 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from io import BytesIO
-from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
@@ -490,17 +489,12 @@ def _instances(peer: Association | Callable[[], Association | None], services: S
     with its UID in the Failed SOP Instance UID List.  Instances removed since they
     were counted are yielded empty (failed, no UID).
     """
-    instances = services.engine.instances(retrieve.at_image(planned.query),
-                                          cancelled=cancelled)
     try:
-        refs = list(islice(instances, planned.total))
+        refs = services.engine.instance_list(retrieve.at_image(planned.query),
+                                             planned.total, cancelled)
     except Cancelled:
         yield status_dataset(CANCEL), None
         return
-    finally:
-        close = getattr(instances, "close", None)
-        if close is not None:
-            close()
     if audit is not None:
         audit.retrieve_began(request.message_id, refs)
     routes: dict[tuple[str, str], tuple[int, str] | None] = {}

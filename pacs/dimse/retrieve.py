@@ -44,7 +44,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
@@ -266,17 +265,13 @@ def planned_instances(services: Services, planned: Plan, cancelled: Callable[[],
     second pass over the index, paid only then, rather than every retrieve holding its
     UIDs from the count on.  Empty when the index cannot tell (the counts stay exact).
     """
-    instances = services.engine.instances(at_image(planned.query), cancelled=cancelled)
     try:
-        return list(islice(instances, planned.total))
+        return services.engine.instance_list(at_image(planned.query), planned.total,
+                                             cancelled)
     except PacsError as exc:
         log.warning("the instances of a retrieve that could not start were not listed: %s",
                     exc)
         return []
-    finally:
-        close = getattr(instances, "close", None)
-        if close is not None:
-            close()  # end the SQLite statement now, not at garbage collection
 
 
 def count_refusal(total: int) -> tuple[Status, Counts | None] | None:
@@ -465,12 +460,11 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
     counts = Counts(total)
     pacing = Pacing(services.settings.pending_interval)
     cancelled = responder.cancelled
-    instances = services.engine.instances(at_image(planned.query), cancelled=cancelled)
     ahead: tuple[InstanceRef, Prepared | None] | None = None
     listed: list[InstanceRef] = []
     error: Exception | None = None
     try:
-        listed = list(islice(instances, total))
+        listed = services.engine.instance_list(at_image(planned.query), total, cancelled)
         if audit is not None:
             audit.retrieve_began(request.message_id, listed)
         refs = enumerate(listed)
@@ -505,9 +499,6 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
     finally:
         if ahead is not None and ahead[1] is not None:
             ahead[1].close()
-        close = getattr(instances, "close", None)
-        if close is not None:
-            close()  # end the SQLite statement now, not at garbage collection
     if error is not None:
         _log_error(request, error, service)
     if not responder.alive:

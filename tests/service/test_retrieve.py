@@ -40,7 +40,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as StudyMove,
 )
 
-from pacs.core import access, config
+from pacs.core import access, audit, config
+from pacs.core.deletion import Target, reference
 from pacs.core.index.compiler import MAX_UIDS
 from pacs.core.services import Services
 from pacs.core.storage import object_key
@@ -526,6 +527,43 @@ def test_get_without_scp_role_fails_each_sub_operation(make_node: Callable[..., 
     assert assoc.is_established  # the association goes on
     echo = assoc.send_c_get(identifier("STUDY", StudyInstanceUID=generate_uid()), StudyGet)
     assert [s.Status for s, _ in echo] == [0x0000]
+
+
+def test_instances_removed_during_a_get_are_failed_not_sent(
+        make_node: Callable[..., Node], requestors: Callable[..., Association]) -> None:
+    """A study removed while a C-GET sends it, its objects still in the intake: what
+    follows the removal is counted failed (B000), not read from a snapshot taken before
+    it and reported sent (PS3.4 C.4.3.3: the counts say what happened)."""
+    node = make_node()
+    study = store_study(node, series=1, per_series=20)
+    assert node.services.store.size(object_key(*study.key(study.sops[0]))) > 0
+    received: list[Received] = []
+    assoc = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
+                       received=received, delay=0.05)
+    at_removal: list[int] = []
+
+    def remove_once_sending() -> None:
+        while not received:
+            time.sleep(0.005)
+        deleter = node.services.deleter
+        rows = deleter.plan([Target(study.uid)])
+        deleter.remove([reference(row) for row in rows], audit.Participant("tester", True),
+                       audit.APPLICATION_SERVER)
+        at_removal.append(len(received))
+
+    remover = threading.Thread(target=remove_once_sending)
+    remover.start()
+    replies = responses(assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study.uid),
+                                         StudyGet))
+    remover.join()
+
+    final = replies[-1][0]
+    _, completed, failed, _ = counts(final)
+    assert final.Status == 0xB000
+    assert completed == len(received)
+    # Sent after the removal: at most the one being sent and the one read ahead.
+    assert completed <= at_removal[0] + 2 < 20
+    assert failed == 20 - completed
 
 
 def test_get_partial_failure_lists_failed_instances(make_node: Callable[..., Node],

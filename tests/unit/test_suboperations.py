@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from itertools import islice
 from types import SimpleNamespace
 from typing import Any
 
@@ -92,8 +93,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef], total: in
     monkeypatch.setattr(retrieve, "Preparer", _Preparer)
     # A pending response after every sub-operation: the orderings below show them.
     services: Any = SimpleNamespace(store=None, settings=SimpleNamespace(pending_interval=0.0),
-                                    engine=SimpleNamespace(
-                                        instances=lambda query, cancelled: rows))
+                                    engine=SimpleNamespace(instance_list=lambda query, limit,
+                                                           cancelled: list(islice(rows, limit))))
     request = Request(1, "1.2.840.10008.5.1.4.1.2.2.3", "1.2.840.10008.1.2", b"", "SCU")
     retrieve.run_suboperations(_Responder(log), _Target(log), request, services,  # type: ignore[arg-type]
                                retrieve.Plan(Query(level=Level.IMAGE), total), "C-GET")

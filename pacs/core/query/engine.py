@@ -16,8 +16,9 @@ last key that existed when the query began.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
+from itertools import islice
 from typing import Any
 
 import apsw
@@ -188,7 +189,7 @@ class QueryEngine:
         return compile_find(query, self.pn_case_sensitive, Page(after, upto, PAGE_ROWS))
 
     def instances(self, query: Query, cancelled: Callable[[], bool] = _never,
-                  deadline: Deadline | None = None) -> Iterator[InstanceRef]:
+                  deadline: Deadline | None = None) -> Generator[InstanceRef, None, None]:
         """Stream the stored instances under the entities ``query`` matches.
 
         The time limit counts the engine's own work; the time the caller holds each
@@ -198,6 +199,22 @@ class QueryEngine:
         compiled = compile_instances(query, self.pn_case_sensitive)
         for row in self._stream(compiled, cancelled, deadline):
             yield InstanceRef(*row)
+
+    def instance_list(self, query: Query, limit: int,
+                      cancelled: Callable[[], bool] = _never) -> list[InstanceRef]:
+        """At most ``limit`` of :meth:`instances`, read whole before this returns.
+
+        The statement, and with it the read transaction of this thread's connection,
+        ends here: a caller that holds the list while it sends the objects (a retrieve,
+        a forward) neither keeps the WAL from being checkpointed nor reads the intake
+        through a snapshot taken before a removal, so an instance removed meanwhile is
+        not found, not sent.
+        """
+        stream = self.instances(query, cancelled)
+        try:
+            return list(islice(stream, limit))
+        finally:
+            stream.close()
 
     def _refuse_over_cap(self, query: Query, cancelled: Callable[[], bool],
                          deadline: Deadline) -> None:
