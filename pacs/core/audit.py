@@ -1134,10 +1134,24 @@ _CHILDREN = {
 }
 
 
+#: Control characters (C0, DEL, C1, Unicode's line and paragraph separators) written as
+#: escapes: a value a peer chose (a user name, a Patient ID) never starts a line of its
+#: own in what a person reads, nor puts a character XML 1.0 forbids into a message.
+_CONTROLS = ({code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+             | {0x2028: "\\u2028", 0x2029: "\\u2029"})
+#: The summary's escapes: the controls, and the backslash, so that an escape is never
+#: taken for a value's own text.
+_SUMMARY_ESCAPES = {**_CONTROLS, ord("\\"): "\\\\"}
+
+
+def _escaped(value: Any, escapes: Mapping[int, str] = _CONTROLS) -> str:
+    return str(value).translate(escapes)
+
+
 def _xml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _escaped(value)
 
 
 def _coded(parent: ET.Element, name: str, code: Mapping[str, str]) -> None:
@@ -1169,7 +1183,7 @@ def _element(parent: ET.Element, name: str, item: Mapping[str, Any]) -> None:
         elif isinstance(value, dict):
             _coded(element, child, value)
         else:
-            ET.SubElement(element, child).text = str(value)
+            ET.SubElement(element, child).text = _escaped(value)
 
 
 def to_xml(event: Mapping[str, Any]) -> str:
@@ -1225,7 +1239,8 @@ def matches(event: Mapping[str, Any], *, study: str = "", patient: str = "",
 
 
 def summary(event: Mapping[str, Any]) -> str:
-    """One line for a person: when, what, outcome, who, studies, patients."""
+    """One line for a person: when, what, outcome, who, studies, patients (control
+    characters and backslashes of the values escaped, so that no value starts a line)."""
     identification = event.get("EventIdentification", {})
     who = ", ".join(f"{p.get('UserID', '')}@{p.get('NetworkAccessPointID', '')}"
                     + ("*" if p.get("UserIsRequestor") else "")
@@ -1237,11 +1252,12 @@ def summary(event: Mapping[str, Any]) -> str:
             studies.append(str(item.get("ParticipantObjectID", "")))
         elif item.get("ParticipantObjectTypeCodeRole") == PATIENT_ROLE:
             patients.append(str(item.get("ParticipantObjectID", "")))
-    return (f"{identification.get('EventDateTime', '')} "
+    line = (f"{identification.get('EventDateTime', '')} "
             f"{identification.get('EventID', {}).get('originalText', '')} "
             f"[{identification.get('EventActionCode', '')}] "
             f"outcome={identification.get('EventOutcomeIndicator', '')} who={who} "
             f"studies={','.join(studies) or '-'} patients={','.join(patients) or '-'}")
+    return _escaped(line, _SUMMARY_ESCAPES)
 
 
 def ship(events: Iterable[Mapping[str, Any]], host: str, port: int, *, udp: bool = False,

@@ -391,6 +391,27 @@ def test_events_are_filtered_by_study_patient_and_user() -> None:
     assert "DICOM Instances Transferred [R] outcome=4" in audit.summary(event)
 
 
+FORGED = "\n2026-12-06T00:00:00Z DICOM Study Deleted [D] outcome=0 who=admin@10.9.9.9*"
+
+
+def test_values_a_peer_chose_never_start_a_line_nor_break_the_xml() -> None:
+    """A user name or Patient ID with control characters (a forged record after a line
+    feed; a byte XML 1.0 forbids) is written escaped."""
+    event = audit.transferred_event(
+        SOURCE, audit.APPLICATION_SERVER, audit.CREATE,
+        Participant("mallory" + FORGED, True, address="127.0.0.2"), NODE, [STUDY],
+        Patient("P9\\" + FORGED + "\x01\u2028", "HOSP"), audit.SUCCESS)
+    line = audit.summary(event)
+    assert "\n" not in line and "\u2028" not in line and "\x01" not in line
+    assert "who=mallory\\x0a2026" in line and "patients=P9\\\\\\x0a" in line
+    root = ET.fromstring(audit.to_xml(event))  # parses: no control character in it
+    user = root.find("ActiveParticipant")
+    assert user is not None and user.get("UserID") == "mallory\\x0a" + FORGED[1:]
+    patient = root.findall("ParticipantObjectIdentification")[-1].get("ParticipantObjectID")
+    assert patient is not None and patient.endswith("\\x01\\u2028^^^HOSP")
+    assert audit.encode(event).count(b"\n") == 1  # the trail's line, JSON-escaped
+
+
 def _receive_tcp(server: socket.socket, into: list[bytes]) -> None:
     connection, _ = server.accept()
     with connection:
