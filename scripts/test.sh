@@ -40,19 +40,27 @@ if [ "$#" -gt 0 ]; then
     [ "$rc" -eq 5 ] && { echo "pytest collected no tests"; rc=0; }
     exit "$rc"
 fi
-# Two runs side by side: the interop tests (real peers and nodes in other processes,
+# Two lanes side by side: the interop tests (real peers and nodes in other processes,
 # mostly waiting for them and for timeouts), and beside them the in-process tests, then
-# the DIMSE tests without the seam.  One after the other they took longer than the
+# the DIMSE tests without the seam, then the interop files below (about 150 s of them),
+# so that both lanes end about together.  One after the other they took longer than the
 # suite may.  The slowest tests of each run are listed at its end.
+interop_later=(tests/interop/test_storage_commitment.py tests/interop/test_customers.py
+               tests/interop/test_bad_input.py tests/interop/test_forwarding.py
+               tests/interop/test_cli.py)
 interop_log=$(mktemp)
 trap 'rm -f "$interop_log"' EXIT
-"${pytest[@]}" --durations=20 tests/interop > "$interop_log" 2>&1 &
+"${pytest[@]}" --durations=20 tests/interop "${interop_later[@]/#/--ignore=}" \
+    > "$interop_log" 2>&1 &
 interop_pid=$!
 "${pytest[@]}" --durations=10 tests/unit tests/service tests/storage
 rc_core=$?
 echo "--- the DIMSE tests with PACS_DIMSE_SEAM=off ---"
 PACS_DIMSE_SEAM=off "${pytest[@]}" -m dimse "${seam_off[@]}"
 rc_off=$?
+echo "--- interop tests beside the interop lane ---"
+"${pytest[@]}" --durations=5 "${interop_later[@]}"
+rc_later=$?
 wait "$interop_pid"
 rc_interop=$?
 echo "--- the interop tests ---"
@@ -60,7 +68,7 @@ cat "$interop_log"
 set -e
 # pytest's exit code 5: no tests collected (e.g. a selection without DIMSE tests).
 status=0
-for code in rc_core rc_off rc_interop; do
+for code in rc_core rc_off rc_later rc_interop; do
     if [ "${!code}" -eq 5 ]; then
         echo "pytest collected no tests ($code)"
     elif [ "${!code}" -ne 0 ]; then

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from tests.auditcheck import event_name, problems, read_trail, studies_in
@@ -54,9 +55,15 @@ class StoreSCP:
             self.proc = None
 
     def received(self) -> Counter[str]:
-        """SOP Instance UID -> how many times it arrived."""
-        return Counter(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-                       for path in self.folder.iterdir() if path.is_file())
+        """SOP Instance UID -> how many times it arrived (a file storescp is still
+        writing counts once it can be read)."""
+        found: Counter[str] = Counter()
+        for path in self.folder.iterdir():
+            try:
+                found[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
+            except (InvalidDicomError, AttributeError, EOFError, OSError):
+                continue
+        return found
 
 
 def _until(done: Callable[[], bool], what: str, node: Node) -> None:
