@@ -14,8 +14,10 @@ A request is recorded (:meth:`Commitments.record`) before the N-ACTION is answer
 stays until its result is delivered (or dropped, when the requestor can no longer be
 reached: :mod:`pacs.dimse.reports`): a restart never drops it.  Bounds: references per
 request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
-(``PACS_COMMITMENT_MAX_PENDING``), and a tenth of those (at least ten) per requestor's
-AE title; past any of them the request is refused.
+(``PACS_COMMITMENT_MAX_PENDING``), a tenth of those (at least ten) per requestor's AE
+title and a quarter (at least ten) per network address, so that a peer naming itself
+anew in each request does not fill the queue either; past any of them the request is
+refused.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ ALL_COMMITTED, FAILURES_EXIST = 1, 2
 #: A requestor's results wait at most one PER_REQUESTOR_SHARE-th of
 #: ``PACS_COMMITMENT_MAX_PENDING``, and never fewer than PER_REQUESTOR_FLOOR (or all).
 PER_REQUESTOR_SHARE, PER_REQUESTOR_FLOOR = 10, 10
+#: The results of requests from one network address (whatever AE titles they name) wait
+#: at most one PER_ADDRESS_SHARE-th of it, at least PER_REQUESTOR_FLOOR: more than one
+#: AE title's, since a router or gateway may send for several modalities.
+PER_ADDRESS_SHARE = 4
 
 #: Seconds before the second delivery attempt; each further one waits twice as long as
 #: the one before, up to :data:`RETRY_MAX`.
@@ -78,13 +84,15 @@ class Reference:
 @dataclass(frozen=True)
 class Request:
     """A Storage Commitment Request (PS3.4 J.3.2): who asked, its Transaction UID, the
-    referenced instances in the order received, and the node's AE title it came in on
-    (its result is reported from that title; ``""``: the customer's first)."""
+    referenced instances in the order received, the node's AE title it came in on
+    (its result is reported from that title; ``""``: the customer's first), and the
+    network address it came from (``""``: not known)."""
 
     requestor_ae: str
     transaction_uid: str
     references: tuple[Reference, ...]
     called_ae: str = ""
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,9 @@ class Commitments:
         # refuse every other modality's requests for as long as its results wait.
         self.max_per_requestor = min(max_pending, max(PER_REQUESTOR_FLOOR,
                                                       max_pending // PER_REQUESTOR_SHARE))
+        # Nor one address, naming itself anew in each request.
+        self.max_per_address = min(max_pending, max(PER_REQUESTOR_FLOOR,
+                                                    max_pending // PER_ADDRESS_SHARE))
         self.max_references = max_references
         self.lease = lease
         self.clock = clock
@@ -301,9 +312,14 @@ class Commitments:
                     >= self.max_per_requestor):
                 raise ResourceLimitation(f"{self.max_per_requestor} results for this AE "
                                          "wait for delivery already")
+            if (not replaces and request.address
+                    and commitments_waiting(conn, address=request.address)
+                    >= self.max_per_address):
+                raise ResourceLimitation(f"{self.max_per_address} results for this "
+                                         "address wait for delivery already")
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
                                _references_json(request.references), now, now + self.lease,
-                               claim, request.called_ae)
+                               claim, request.called_ae, request.address)
         return Pending(key, claim, request, None, 0, now)
 
     def due(self, limit: int = 1) -> list[Pending]:

@@ -314,8 +314,9 @@ SETTINGS: tuple[Setting, ...] = (
             "refused (N-ACTION 0213).", _positive(int)),
     Setting("PACS_COMMITMENT_MAX_PENDING", "commitment_max_pending", "1000",
             "Most storage commitment results kept waiting for delivery, a tenth of them "
-            "(at least ten) per requestor's AE title; further requests are refused "
-            "(N-ACTION 0213) until some are delivered.", _positive(int)),
+            "(at least ten) per requestor's AE title and a quarter per network "
+            "address; further requests are refused (N-ACTION 0213) until some are "
+            "delivered.", _positive(int)),
     Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
             "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
     Setting("PACS_DIMSE_SEAM", "dimse_seam", "on",

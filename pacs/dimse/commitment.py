@@ -102,6 +102,8 @@ class ActionRequest:
         The node's AE title on the association (the customer's title it was called by).
     abstract_syntax :
         The abstract syntax of the request's presentation context.
+    calling_address :
+        The requestor's network address (``""``: not known).
     """
 
     message_id: int
@@ -114,6 +116,7 @@ class ActionRequest:
     calling_ae_title: str
     called_ae_title: str = ""
     abstract_syntax: str = PUSH_MODEL
+    calling_address: str = ""
 
 
 class Reports(Protocol):
@@ -182,7 +185,7 @@ def request_of(action: ActionRequest, max_references: int) -> Request:
         raise Refused(INVALID_ARGUMENT_VALUE, "a reference without valid SOP Class and "
                                               "Instance UIDs")
     return Request(action.calling_ae_title.strip(), transaction, references,
-                   action.called_ae_title.strip())
+                   action.called_ae_title.strip(), action.calling_address)
 
 
 def _uid(value: object) -> str:

@@ -165,7 +165,8 @@ def handle_n_action(event: Event, services: Services, audits: Audits | None = No
         transfer_syntax=str(event.context.transfer_syntax),
         calling_ae_title=event.assoc.requestor.ae_title,
         called_ae_title=own_title(event.assoc),
-        abstract_syntax=str(event.context.abstract_syntax))
+        abstract_syntax=str(event.context.abstract_syntax),
+        calling_address=str(event.assoc.requestor.address or ""))
     status, pending = commitment.accept(services.commitments, services.access, action,
                                         _audit(event, audits))
     if pending is not None and reporter is not None:

@@ -823,11 +823,12 @@ def _commitment_text(data: dict[str, Any]) -> str:
   Information, no valid Transaction UID, no reference, a reference without valid UIDs),
   0213 (more than {sc['max_references']} references, `PACS_COMMITMENT_MAX_REFERENCES`;
   or {sc['max_pending']} results waiting, `PACS_COMMITMENT_MAX_PENDING`, a tenth of them
-  and at least ten for one requestor's AE title), 0110 (the
-  request could not be recorded).  Each referenced instance is committed when the index
-  holds it under the same SOP Class UID and its stored object is the one acknowledged
-  (SHA-256 and size, read back from the store); otherwise it is listed in the Failed SOP
-  Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  The N-EVENT-REPORT
+  and at least ten for one requestor's AE title, a quarter for one network address),
+  0110 (the request could not be recorded).  Each referenced instance is committed when
+  the index holds it under the same SOP Class UID and its stored object is the one
+  acknowledged (SHA-256 and size, read back from the store); otherwise it is listed in
+  the Failed SOP Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  The
+  N-EVENT-REPORT
   (Event Type 1, or 2 when failures exist; Transaction UID, Referenced SOP Sequence with
   the Retrieve AE Title, Failed SOP Sequence) goes on an association of the requestor
   (the one the request came on, or one it opened since) only when that association is

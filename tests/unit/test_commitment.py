@@ -192,6 +192,27 @@ def test_one_requestor_cannot_fill_the_queue_for_the_others(services: Services) 
     assert queue_of(services, Clock(), max_pending=3).max_per_requestor == 3
 
 
+def test_one_address_naming_itself_anew_cannot_fill_the_queue(services: Services) -> None:
+    """A quarter of the queue per network address (at least ten): a peer that names
+    itself with another AE title in each request (any may ask, by default) filled the
+    whole queue past the per-title share, refusing every other modality."""
+    queue = queue_of(services, Clock(), max_pending=200)
+    for number in range(50):
+        body = information(generate_uid(), [(CTImageStorage, generate_uid())])
+        status, _ = commitment.accept(queue, services.access, action(
+            body, calling_ae_title=f"ROTATE{number}", calling_address="192.0.2.66"))
+        assert status.code == 0x0000
+    body = information(generate_uid(), [(CTImageStorage, generate_uid())])
+    status, _ = commitment.accept(queue, services.access, action(
+        body, calling_ae_title="ROTATE50", calling_address="192.0.2.66"))
+    assert status.code == 0x0213
+    status, pending = commitment.accept(queue, services.access, action(
+        body, calling_ae_title="MOD", calling_address="192.0.2.7"))
+    assert status.code == 0x0000 and pending is not None
+    assert queue.record(request("LOCAL")).request.address == ""  # address unknown: not counted
+    assert queue_of(services, Clock(), max_pending=3).max_per_address == 3
+
+
 def test_a_stopping_process_gives_its_request_back(services: Services) -> None:
     clock = Clock()
     queue = queue_of(services, clock)

@@ -61,10 +61,11 @@ def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bo
 
 _RECORD_SQL = (
     "INSERT INTO commitment (requestor_ae, transaction_uid, received_at, refs, "
-    "next_attempt, lease_until, claim, called_ae) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "next_attempt, lease_until, claim, called_ae, address) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(requestor_ae, transaction_uid) DO UPDATE SET "
     "received_at = excluded.received_at, refs = excluded.refs, result = NULL, "
-    "called_ae = excluded.called_ae, "
+    "called_ae = excluded.called_ae, address = excluded.address, "
     "attempts = 0, next_attempt = excluded.next_attempt, "
     "lease_until = excluded.lease_until, claim = excluded.claim, last_error = '' "
     "RETURNING pk")
@@ -72,11 +73,11 @@ _RECORD_SQL = (
 
 def record(conn: apsw.Connection, requestor_ae: str, transaction_uid: str,
            received_at: str, refs: str, now: float, lease_until: float, claim: str,
-           called_ae: str = "") -> int:
+           called_ae: str = "", address: str = "") -> int:
     """Insert a request claimed by ``claim`` (or replace the one of the same requestor
     and Transaction UID); its key."""
     row = conn.execute(_RECORD_SQL, (requestor_ae, transaction_uid, received_at, refs, now,
-                                     lease_until, claim, called_ae)).fetchone()
+                                     lease_until, claim, called_ae, address)).fetchone()
     if row is None:  # RETURNING answers the row inserted or updated
         raise apsw.SQLError("no key returned for a commitment row")
     return int(row[0])

@@ -382,11 +382,20 @@ def _removals_pending(conn: apsw.Connection) -> None:
         ")")
 
 
+def _commitment_address(conn: apsw.Connection) -> None:
+    """The network address each storage commitment request came from (``address``:
+    ``pacs.core.commitment`` bounds the results waiting per address as per AE title);
+    ``''`` for a request recorded before, counted under no address."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(commitment)")}
+    if "address" not in columns:
+        conn.execute("ALTER TABLE commitment ADD COLUMN address TEXT NOT NULL DEFAULT ''")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
-    _unsettled, _rejections_pending, _removals_pending)
+    _unsettled, _rejections_pending, _removals_pending, _commitment_address)
 
 
 def migrate(conn: apsw.Connection) -> int:

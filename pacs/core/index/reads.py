@@ -533,13 +533,17 @@ def indexed_bytes(conn: apsw.Connection) -> int:
 
 
 @_read("commitment count")
-def commitments_waiting(conn: apsw.Connection, requestor_ae: str | None = None) -> int:
+def commitments_waiting(conn: apsw.Connection, requestor_ae: str | None = None,
+                        address: str | None = None) -> int:
     """Storage commitment requests whose result is not delivered yet (of
-    ``requestor_ae`` only, when given)."""
-    if requestor_ae is None:
-        return _scalar(conn, "SELECT count(*) FROM commitment")
-    return _scalar(conn, "SELECT count(*) FROM commitment WHERE requestor_ae = ?",
-                   (requestor_ae,))
+    ``requestor_ae`` only, or from ``address`` only, when given)."""
+    if requestor_ae is not None:
+        return _scalar(conn, "SELECT count(*) FROM commitment WHERE requestor_ae = ?",
+                       (requestor_ae,))
+    if address is not None:
+        return _scalar(conn, "SELECT count(*) FROM commitment WHERE address = ?",
+                       (address,))
+    return _scalar(conn, "SELECT count(*) FROM commitment")
 
 
 @_read("integrity check")
