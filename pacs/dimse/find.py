@@ -166,6 +166,8 @@ def _responses(request: Request, identifier: Dataset | InvalidQuery, services: S
             for result in page:  # the time limit holds for each answer, not each page
                 answers.append(encode_identifier(*builder.build(result), implicit))
                 deadline.check()
+                if cancelled():
+                    raise Cancelled("the query was cancelled")
             with deadline.paused():
                 for answer in answers:
                     if cancelled():
@@ -193,7 +195,12 @@ def serve_find(responder: Responder, request: Request, services: Services,
                page_end: Callable[[], None] | None = None) -> None:
     """Answer one C-FIND request through ``responder``; stop when it is gone.
     ``page_end``: as for :func:`find_responses`."""
-    responses = find_responses(request, services, responder.cancelled, audit, page_end)
+    def stopped() -> bool:
+        # A C-CANCEL (PS3.4 C.4.1.2.3), or the requestor gone (an abort, the connection
+        # closed): matching and encoding stop either way, not at the time limit.
+        return responder.cancelled() or not responder.alive
+
+    responses = find_responses(request, services, stopped, audit, page_end)
     try:
         for status, identifier in responses:
             if not responder.alive:  # the requestor went away (the association aborted)

@@ -216,7 +216,12 @@ def handle_find(event: Event, services: Services, audits: Audits | None = None
     """EVT_C_FIND (PS3.4 C.4.1): the responses of :func:`pacs.dimse.find.find_responses`,
     each identifier decoded for pynetdicom to encode again."""
     request = request_of(event)
-    for status, identifier in find.find_responses(request, services, _watch(event, request),
+    watch = _watch(event, request)
+
+    def stopped() -> bool:  # a C-CANCEL, or the requestor gone (as find.serve_find)
+        return watch() or not event.assoc.is_established
+
+    for status, identifier in find.find_responses(request, services, stopped,
                                                   _audit(event, audits)):
         answer = None
         if identifier is not None:

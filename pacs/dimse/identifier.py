@@ -291,6 +291,28 @@ def to_retrieve_query(identifier: Dataset, model: str) -> Query:
     return Query(level=level, constraints=tuple(constraints))
 
 
+#: Most terms of a requested Specific Character Set the responses repeat: code
+#: extensions name a handful (PS3.3 C.12.1.1.2).
+MAX_CHARSET_TERMS = 8
+#: The defined terms (those pydicom can encode in).
+_CHARSET_TERMS = frozenset(charset.python_encoding)
+
+
+def echoable_charset(requested: list[str] | None) -> list[str] | None:
+    """The request's Specific Character Set as its responses may repeat it: each term
+    once, in order; ``None`` (the responses are in UTF-8) when it names a term that is
+    not a defined term or more than :data:`MAX_CHARSET_TERMS` of them.  A request's
+    list of 80,000 terms was otherwise copied into every response (as UN, too long for
+    CS in Explicit VR), each checked against every value of every response.
+    """
+    if not requested:
+        return None
+    terms = list(dict.fromkeys(term.strip() for term in requested))
+    if len(terms) > MAX_CHARSET_TERMS or not _CHARSET_TERMS.issuperset(terms):
+        return None
+    return terms
+
+
 def response_charset(values: Iterable[str | None], requested: list[str] | None) -> list[str]:
     """The character set of a response (PS3.4 C.4.1.1.3.2).
 
@@ -336,7 +358,7 @@ class ResponseBuilder:
         self.attributes = {k: BY_KEYWORD[k] for k in requested}
         self.level_name = next(k for k, v in _LEVELS[model].items() if v is query.level)
         self.ae_title = ae_title
-        self.requested_charset = requested_charset
+        self.requested_charset = echoable_charset(requested_charset)
         self.extra = extra
         self.item_keys = dict(query.item_keys)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -146,6 +147,82 @@ def test_the_time_limit_holds_within_a_page(node: RunningNode, associate,
                                                StudyInstanceUID=""))
     assert [s for s, _ in responses] == [0xA700]
     assert 2 <= len(encoded) <= 4
+
+
+def _slow_encoding(node: RunningNode, monkeypatch: pytest.MonkeyPatch,
+                   studies: int = 40) -> list[int]:
+    """``studies`` studies of Patient ID SLOW, each answer 0.1 s to encode; the list
+    grows by one per answer encoded."""
+    for n in range(studies):
+        node.services.ingest.store_bytes(make_instance(
+            PatientID="SLOW", StudyInstanceUID=f"1.2.4.{n}",
+            SeriesInstanceUID=f"1.2.4.{n}.1", SOPInstanceUID=f"1.2.4.{n}.1.1"))
+    encoded: list[int] = []
+    encode_identifier = find_module.encode_identifier
+
+    def slow(*args: object) -> bytes:
+        time.sleep(0.1)
+        encoded.append(1)
+        return encode_identifier(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(find_module, "encode_identifier", slow)
+    return encoded
+
+
+def _settled(counted: list[int]) -> int:
+    """The length of ``counted`` once it stops growing (for 0.5 s; 10 s at most)."""
+    until = time.monotonic() + 10
+    seen = -1
+    while len(counted) != seen and time.monotonic() < until:
+        seen = len(counted)
+        time.sleep(0.5)
+    return len(counted)
+
+
+@seam_only("pynetdicom's own service loop learns of an abort only between responses")
+def test_an_abort_while_a_page_is_built_stops_the_query(
+        node: RunningNode, associate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The requestor gone (an A-ABORT) before the first page is sent: encoding stops,
+    not at the end of the page or the time limit (40 answers, 4 s)."""
+    encoded = _slow_encoding(node, monkeypatch)
+    assoc = associate()
+    assoc.dimse_timeout = 1  # the requestor's own wait for a response, once it aborted
+    threading.Timer(0.3, assoc.abort).start()
+    list(assoc.send_c_find(_identifier("STUDY", PatientID="SLOW", StudyInstanceUID=""),
+                           StudyFind))
+    assert _settled(encoded) <= 10
+
+
+def test_a_cancel_while_a_page_is_built_gives_fe00_at_once(
+        node: RunningNode, associate, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-CANCEL (PS3.4 C.4.1.2.3) that arrives while the first page is encoded ends
+    the answer with FE00, nothing of the page sent."""
+    encoded = _slow_encoding(node, monkeypatch)
+    assoc = associate()
+    threading.Timer(0.3, assoc.send_c_cancel, (9,), {"query_model": StudyFind}).start()
+    statuses = [status.Status for status, _ in assoc.send_c_find(
+        _identifier("STUDY", PatientID="SLOW", StudyInstanceUID=""), StudyFind, msg_id=9)]
+    assert statuses == [0xFE00]
+    assert _settled(encoded) <= 10
+
+
+@pytest.mark.parametrize(("requested", "answered"), [
+    (["ISO_IR 100"] * 1000, "ISO_IR 100"),          # repeated: once
+    (["ISO_IR 100", "NOT A TERM"], "ISO_IR 192"),   # not a defined term
+    (["", *(f"ISO 2022 IR {n}" for n in (6, 100, 101, 109, 110, 126, 127, 138, 144))],
+     "ISO_IR 192"),                                 # more terms than the answers repeat
+])
+def test_the_request_charset_is_repeated_only_when_it_is_one(
+        loaded: RunningNode, associate, requested: list[str], answered: str) -> None:
+    """An identifier's Specific Character Set of 1,000 (or 80,000) terms was copied into
+    every answer, as UN in Explicit VR (too long for CS)."""
+    answers = _find(associate(syntaxes=[ExplicitVRLittleEndian]), _identifier(
+        "STUDY", SpecificCharacterSet=requested, PatientID="P1", PatientName=""))
+    assert [status for status, _ in answers] == [0xFF00, 0x0000]
+    identifier = answers[0][1]
+    assert identifier is not None and identifier.SpecificCharacterSet == answered
+    assert identifier["SpecificCharacterSet"].VR == "CS"
+    assert identifier.PatientName == "Müller^Jörg"
 
 
 def test_response_uses_the_request_charset_when_it_can(loaded: RunningNode,
