@@ -29,6 +29,7 @@ import falcon
 from adapters.dicomweb import dicomjson, search, urls
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
+from adapters.http import CLIENT_GONE
 from pacs.core.attributes import Level
 from pacs.core.errors import NotFound
 from pacs.core.query.engine import Deadline
@@ -83,6 +84,10 @@ def additional_results(req: falcon.Request, count: int) -> str:
     return f"299 {req.netloc}: There are {count} additional results that can be requested"
 
 
+
+def _never() -> bool:
+    return False
+
 class Search:
     """One QIDO-RS search resource (e.g. ``/studies/{study}/series``).
 
@@ -110,14 +115,16 @@ class Search:
                                        ("SeriesInstanceUID", series)) if v is not None}
         settings = self.services.settings
         deadline = self.services.engine.deadline()  # PACS_QUERY_TIME_LIMIT: all of it
+        # The client hanging up stops the query (as a C-CANCEL does a C-FIND's).
+        gone: Callable[[], bool] = req.env.get(CLIENT_GONE) or _never
         query, paging = search.parse(query_params(req), self.target, path_uids,
                                      default_limit=settings.qido_default_limit,
                                      max_limit=settings.query_max_rows)
-        results = self.services.engine.find(query, deadline=deadline)
+        results = self.services.engine.find(query, gone, deadline)
         if not results and path_uids:
-            self._require_parent(path_uids, deadline)
+            self._require_parent(path_uids, gone, deadline)
         if len(results) == paging.limit:
-            remaining = self._remaining(query, len(results), deadline)
+            remaining = self._remaining(query, len(results), gone, deadline)
             if remaining > 0:
                 resp.append_header("Warning", additional_results(req, remaining))
         resp.content_type = dicomjson.MEDIA_TYPE
@@ -134,13 +141,15 @@ class Search:
         deadline.check()
         return dicomjson.dumps(rows)
 
-    def _remaining(self, query: Query, returned: int, deadline: Deadline) -> int:
+    def _remaining(self, query: Query, returned: int, gone: Callable[[], bool],
+                   deadline: Deadline) -> int:
         """How many matches follow this page."""
         everything = dataclasses.replace(query, limit=None, offset=0, return_keys=())
-        return (self.services.engine.count(everything, deadline=deadline)
+        return (self.services.engine.count(everything, cancelled=gone, deadline=deadline)
                 - query.offset - returned)
 
-    def _require_parent(self, path_uids: dict[str, str], deadline: Deadline) -> None:
+    def _require_parent(self, path_uids: dict[str, str], gone: Callable[[], bool],
+                        deadline: Deadline) -> None:
         """404 when the study or series the path names does not exist.
 
         Raises
@@ -151,7 +160,7 @@ class Search:
         level = Level.SERIES if "SeriesInstanceUID" in path_uids else Level.STUDY
         parent = Query(level=level, constraints=tuple(
             search.path_constraint(keyword, uid) for keyword, uid in path_uids.items()))
-        if self.services.engine.count(parent, cap=1, deadline=deadline) == 0:
+        if self.services.engine.count(parent, cap=1, cancelled=gone, deadline=deadline) == 0:
             what = "series in this study" if level is Level.SERIES else "study"
             raise NotFound(f"no such {what}")
 

@@ -130,6 +130,7 @@ from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers import base
 
+from adapters.http import CLIENT_GONE
 from pacs.core.config import Settings
 from pacs.core.errors import IncompleteBody
 from pacs.core.offload import Job, cannot_start_thread, submit_job
@@ -171,6 +172,11 @@ MAX_TRAILER_BYTES = 16 << 10
 TLS_WRITE_BYTES = 256 << 10
 #: The first byte of a TLS connection: a handshake record (RFC 8446 5.1).
 TLS_HANDSHAKE_RECORD = b"\x16"
+#: Seconds between two looks of a :class:`ClientWatch` at its connection.
+CLIENT_WATCH_INTERVAL = 0.05
+#: What :class:`ClientWatch` takes for a client gone: it closed or shut down its end
+#: (RDHUP), the connection broke (HUP, ERR), or the descriptor is closed (NVAL).
+_GONE_EVENTS = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 #: Seconds of the loop's longest wait (timeouts are checked at least this often).
 TICK = 0.25
 #: Seconds between log lines counting the slow clients closed meanwhile.
@@ -637,6 +643,37 @@ class Chunked:
 
 
 # --- responses --------------------------------------------------------------------------
+
+class ClientWatch:
+    """Whether the client of a request has closed its end of the connection, for the
+    application (``environ[CLIENT_GONE]``): a query for a client that hung up stops,
+    as a C-FIND stops when its requestor is gone, rather than run to its time limit
+    with a thread of the worker.
+
+    A look is one ``poll`` of the descriptor without waiting (the TCP connection's
+    state, under TLS too; bytes the client sent ahead, a pipelined request, are not a
+    close), at most every :data:`CLIENT_WATCH_INTERVAL` seconds: the query engine asks
+    from SQLite's progress handler.  A client that shuts down only its sending side
+    counts as gone, as it does for common proxies.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.gone = False
+        self._due = 0.0
+
+    def __call__(self) -> bool:
+        if self.gone:
+            return True
+        now = time.monotonic()
+        if now < self._due:
+            return False
+        self._due = now + CLIENT_WATCH_INTERVAL
+        poller = select.poll()
+        poller.register(self.fd, _GONE_EVENTS)
+        self.gone = any(events & _GONE_EVENTS for _, events in poller.poll(0))
+        return self.gone
+
 
 class Writer:
     """The socket as gunicorn's response sees it: writes never block.
@@ -1683,6 +1720,7 @@ class HttpWorker(base.Worker):
             environ.update(conn.tls_environ)  # https, whatever a forwarder's header said
             environ["wsgi.input"] = body
             environ["wsgi.multithread"] = True
+            environ[CLIENT_GONE] = ClientWatch(conn.sock.fileno())
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
                 self.log.info("Autorestarting worker after current request.")

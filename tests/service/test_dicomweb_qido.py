@@ -15,6 +15,7 @@ import pytest
 from falcon import testing
 
 from adapters.dicomweb.app import create_app
+from adapters.http import CLIENT_GONE
 from pacs.core.index.compiler import MAX_TERMS, MAX_UIDS
 from pacs.core.services import Services
 from tests.service.sample_studies import Archive, load
@@ -232,6 +233,20 @@ def test_instances_at_three_depths(get: Get, archive: Archive) -> None:
     assert set(values(of_study, "00080018")) == set(chest.instances)
     everything = get("/instances", "PatientID=P1&Modality=MR")
     assert set(values(everything, "00080018")) == set(archive["head"].instances)
+
+
+def test_a_query_whose_client_hung_up_stops(get: Get, archive: Archive) -> None:
+    """The server's watch of the connection (``environ[CLIENT_GONE]``) stops the
+    query engine as a C-CANCEL does (503, for a client that is not there to read it)."""
+    asked: list[int] = []
+
+    def gone() -> bool:
+        asked.append(1)
+        return True
+
+    assert get("/studies", extras={CLIENT_GONE: gone}).status_code == 503
+    assert asked
+    assert get("/studies", extras={CLIENT_GONE: lambda: False}).status_code == 200
 
 
 def test_unknown_study_or_series_in_path_is_404(get: Get, archive: Archive) -> None:

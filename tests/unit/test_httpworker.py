@@ -405,3 +405,19 @@ def test_refused_request_bodies_are_logged_once_then_counted(
     lines = [r.getMessage() for r in caplog.records if "PACS_MAX_REQUEST_BYTES" in
              r.getMessage()]
     assert len(lines) == 2 and ": 4 since the last such line" in lines[1]
+
+
+def test_a_client_watch_tells_a_closed_connection_from_bytes_sent_ahead() -> None:
+    """The query of a client that hung up stops (``environ[CLIENT_GONE]``); a client
+    that sent its next request ahead is still there."""
+    server, client = socket.socketpair()
+    with server, client:
+        watch = httpworker.ClientWatch(server.fileno())
+        assert not watch()
+        client.sendall(b"GET /studies HTTP/1.1\r\n\r\n")  # pipelined: not a close
+        time.sleep(httpworker.CLIENT_WATCH_INTERVAL)
+        assert not watch()
+        client.close()
+        assert not watch()  # looked at most once an interval
+        time.sleep(httpworker.CLIENT_WATCH_INTERVAL)
+        assert watch() and watch()
