@@ -11,7 +11,10 @@ Forwarding headers are believed from loopback only, as gunicorn believes the sch
 8.1), and the host goes into every URL of an answer, so 60 KB of it made a QIDO-RS
 answer of 10,000 rows 600 MB.  A host that is not a host name, an address and a port
 (at most 255 characters and 5 digits, RFC 1035 2.3.4) is not used either:
-``localhost`` and the port the request reached stand in for it.
+``localhost`` and the port the request reached stand in for it.  The application
+root (``SCRIPT_NAME``, which gunicorn takes from a proxy's header) goes into every URL
+too: one that is not a short path (at most 255 characters of RFC 3986 path
+characters) is left out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from adapters.http.auth import is_loopback
 #: A host and optional port as a URL may carry them: a DNS name or IPv4 address, or a
 #: bracketed IPv6 address (RFC 3986 3.2.2).
 _HOST = re.compile(r"(?:[A-Za-z0-9._-]{1,255}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+#: An application root: absolute path segments (RFC 3986 3.3 ``pchar``), 255 at most.
+_ROOT_PATH = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]*)*")
+_ROOT_PATH_CHARACTERS = 255
 
 
 def service_root(req: falcon.Request, prefix: str) -> str:
@@ -55,7 +61,10 @@ def service_root(req: falcon.Request, prefix: str) -> str:
         # The server's own name comes from the Host header too (gunicorn): none is
         # known that the client did not write.
         host = f"localhost:{port}" if port.isdigit() and len(port) <= 5 else "localhost"
-    return f"{scheme}://{host}{req.root_path.rstrip('/')}{prefix}"
+    root = req.root_path.rstrip("/")
+    if len(root) > _ROOT_PATH_CHARACTERS or not _ROOT_PATH.fullmatch(root):
+        root = ""
+    return f"{scheme}://{host}{root}{prefix}"
 
 
 def study_url(root: str, study: str) -> str:
