@@ -113,6 +113,36 @@ def test_computed_attributes(loaded: Services) -> None:
     assert rows["A-6"]["NumberOfStudyRelatedInstances"] == "6"
 
 
+#: The computed attributes of a study and of its patient (PS3.4 C.3.4).
+STUDY_COMPUTED = ("ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries",
+                  "NumberOfStudyRelatedInstances", "NumberOfPatientRelatedStudies",
+                  "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
+
+
+@pytest.mark.parametrize("level", [Level.SERIES, Level.IMAGE])
+@pytest.mark.parametrize("limit, offset", [(None, 0), (3, 2)])
+def test_a_study_s_computed_attributes_below_study_level_are_the_study_s(
+        loaded: Services, monkeypatch: pytest.MonkeyPatch, level: Level,
+        limit: int | None, offset: int) -> None:
+    """Computed once per study of the matches (a study's SOP Classes in Study walked
+    all its instances once per instance of it): each row has its study's values, as a
+    STUDY level query answers them, in pages and with limit and offset alike."""
+    returns = tuple(BY_KEYWORD[k] for k in STUDY_COMPUTED)
+    studies = {r.values["StudyInstanceUID"]: r.values for r in loaded.engine.find(
+        Query(level=Level.STUDY, return_keys=returns))}
+    query = Query(level=level, return_keys=returns, limit=limit, offset=offset)
+    rows = [r.values for r in loaded.engine.find(query)]
+    monkeypatch.setattr("pacs.core.query.engine.PAGE_ROWS", 3)
+    paged = [r.values for page in loaded.engine.find_pages(query) for r in page]
+    every = [r.values for r in loaded.engine.find(Query(level=level, return_keys=returns))]
+    assert rows == every[offset:offset + limit if limit else None]
+    assert paged == every and len(every) == (10 if level is Level.SERIES else 20)
+    for row in every:
+        study = studies[row["StudyInstanceUID"]]
+        assert {k: row[k] for k in STUDY_COMPUTED} == {k: study[k] for k in STUDY_COMPUTED}
+    assert studies["1.2.826.0.1.3680043.10.543.1"]["NumberOfPatientRelatedStudies"] == "2"
+
+
 def test_levels(loaded: Services) -> None:
     assert len(_find(loaded, Level.PATIENT)) == 5
     assert len(_find(loaded, Level.SERIES)) == 10

@@ -11,7 +11,7 @@ refusal would come from the index as if it had failed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from pacs.core.attributes import (
@@ -350,6 +350,10 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
     if page is not None:
         where.parts.append(f"{key} > ? AND {key} <= ?")
         where.params += [page.after, page.upto]
+    per_study = _per_study(query, keywords)
+    if per_study:
+        expressions = [e for i, e in enumerate(expressions) if i not in per_study]
+        expressions.append("study.pk")
     sql = (f"SELECT {', '.join(expressions)} FROM {_from(query)}"
            f"{_where_sql(where)} ORDER BY {key}")
     params = list(where.params)
@@ -359,7 +363,40 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
     elif query.limit is not None or query.offset:
         sql += " LIMIT ? OFFSET ?"
         params += [query.limit if query.limit is not None else -1, query.offset]
+    if per_study:
+        sql = _with_per_study(sql, len(keywords), per_study)
     return Compiled(sql, tuple(params), tuple(keywords))
+
+
+def _per_study(query: Query, keywords: Sequence[str]) -> dict[int, str]:
+    """The computed attributes of a study or its patient in a query below STUDY level,
+    by their place among the selected columns: each is computed once per study of the
+    matches (:func:`_with_per_study`), not once per series or instance (a study's
+    SOP Classes in Study walked all its instances for each of them: a study of 6,000
+    instances listed at IMAGE level ran past the time limit)."""
+    if query.level.depth <= Level.STUDY.depth:
+        return {}
+    return {place: _COMPUTED[keyword].format(patient="study.patient_pk")
+            for place, keyword in enumerate(keywords)
+            if BY_KEYWORD.get(keyword) is not None and BY_KEYWORD[keyword].computed
+            and BY_KEYWORD[keyword].level.depth <= Level.STUDY.depth}
+
+
+def _with_per_study(matches: str, columns: int, per_study: Mapping[int, str]) -> str:
+    """``matches`` (its other columns, then its study's key) joined to the computed
+    attributes of each of its studies, the columns back in their places."""
+    named = [f"c{place}" for place in range(columns) if place not in per_study]
+    studies = ", ".join(f"{expression} AS c{place}"
+                        for place, expression in per_study.items())
+    placed = [f"s.c{place}" if place in per_study else f"m.c{place}"
+              for place in range(columns)]
+    # Both materialized: SQLite would otherwise flatten the studies' subquery into the
+    # join and compute it again for each row.
+    return (f"WITH m({', '.join(named)}, study_key) AS MATERIALIZED ({matches}), "
+            f"s AS MATERIALIZED (SELECT study.pk AS pk, {studies} FROM study "
+            f"WHERE study.pk IN (SELECT study_key FROM m)) "
+            f"SELECT {', '.join(placed)} FROM m LEFT JOIN s ON s.pk = m.study_key "
+            f"ORDER BY m.c0")
 
 
 def compile_count(query: Query, pn_case_sensitive: bool = False,
