@@ -11,10 +11,11 @@ FF01    a match, some requested optional keys are not supported (the first
         :data:`ECHOED_UNSUPPORTED` of them sent empty)
 0000    matching complete
 FE00    cancelled by C-CANCEL
-A700    more matches than PACS_QUERY_MAX_ROWS, or the query ran too long
-A900    the identifier breaks the model's level rules
+A700    more matches than PACS_QUERY_MAX_ROWS, the query ran too long, or the index
+        failed
+A900    the identifier does not decode, or breaks the model's level rules
 0124    the calling AE lacks the ``find`` right (:mod:`pacs.core.access`)
-C000    the identifier cannot be decoded or processed
+C000    the query holds more values than one may (``QueryTooLarge``)
 ======  =========================================================================
 """
 

@@ -72,6 +72,9 @@ def test_empty_value_matching_only_when_negotiated() -> None:
 @pytest.mark.parametrize("keyword, raw", [
     ("StudyDate", "2015-01-01"), ("StudyDate", "abc"), ("StudyDate", "20151231-20150101"),
     ("StudyTime", "25x"), ("StudyDate", "-"),
+    # digits of other scripts are not digits of a DA / TM value; no month 13 or day 32
+    ("StudyDate", "²²²²"), ("StudyTime", "1010.²"), ("StudyDate", "20151301-"),
+    ("StudyDate", "-20150132"), ("StudyDate", "201500"), ("StudyDate", "20150100"),
 ])
 def test_malformed_ranges(keyword: str, raw: str) -> None:
     with pytest.raises(InvalidQuery):

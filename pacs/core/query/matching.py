@@ -107,7 +107,19 @@ def date_time(attribute: Attribute, value: str) -> Term:
 def _looks_like_offset(value: str) -> bool:
     # DT values may carry a "-HHMM" UTC offset: "20150101120000-0500" is one value.
     head, _, tail = value.rpartition("-")
-    return len(tail) == 4 and tail.isdigit() and len(head) >= 8 and head.isdigit()
+    return len(tail) == 4 and _digits(tail) and len(head) >= 8 and _digits(head)
+
+
+def _digits(text: str) -> bool:
+    """Only the digits 0-9 (``str.isdigit`` is true of ``²`` and other scripts' digits,
+    which no DA, TM or DT value holds, PS3.5 6.2)."""
+    return text.isascii() and text.isdigit()
+
+
+def _valid_month_day(digits: str) -> bool:
+    """The month (and day) of a DA value of 6 or 8 digits exist: 01-12, 01-31."""
+    return ((len(digits) < 6 or 1 <= int(digits[4:6]) <= 12)
+            and (len(digits) < 8 or 1 <= int(digits[6:8]) <= 31))
 
 
 _DIGITS = {"DA": 8, "TM": 6, "DT": 14}
@@ -123,7 +135,8 @@ def _normalise(attribute: Attribute, text: str, upper: bool) -> str:
     vr = attribute.vr
     if vr == "DA":
         digits = text.replace(".", "")  # ACR-NEMA style YYYY.MM.DD
-        if not digits.isdigit() or len(digits) not in _DATE_END:
+        if (not _digits(digits) or len(digits) not in _DATE_END
+                or not _valid_month_day(digits)):
             raise InvalidQuery(f"{attribute.keyword}: not a DA value")
         if upper:
             return digits + _DATE_END[len(digits)]
@@ -132,7 +145,7 @@ def _normalise(attribute: Attribute, text: str, upper: bool) -> str:
     if vr == "DT":
         whole = whole.split("+")[0]
     size = _DIGITS[vr]
-    if not whole.isdigit() or len(whole) > size or (fraction and not fraction.isdigit()):
+    if not _digits(whole) or len(whole) > size or (fraction and not _digits(fraction)):
         raise InvalidQuery(f"{attribute.keyword}: not a {vr} value")
     if upper:
         return whole + "9" * (size - len(whole)) + "." + (fraction + "999999")[:6]
