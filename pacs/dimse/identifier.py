@@ -301,9 +301,9 @@ _CHARSET_TERMS = frozenset(charset.python_encoding)
 def echoable_charset(requested: list[str] | None) -> list[str] | None:
     """The request's Specific Character Set as its responses may repeat it: each term
     once, in order; ``None`` (the responses are in UTF-8) when it names a term that is
-    not a defined term or more than :data:`MAX_CHARSET_TERMS` of them.  A request's
-    list of 80,000 terms was otherwise copied into every response (as UN, too long for
-    CS in Explicit VR), each checked against every value of every response.
+    not a defined term or more than :data:`MAX_CHARSET_TERMS` of them.  A list of
+    80,000 terms would otherwise be copied into every response (as UN, too long for CS
+    in Explicit VR), each term checked against every value of every response.
     """
     if not requested:
         return None
