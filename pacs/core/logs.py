@@ -21,9 +21,11 @@ root logger's, gunicorn's error log's), rewrites each record of level INFO and a
   written escaped, so that what a peer sent (an AE title, an Implementation Version
   Name that pynetdicom logs) cannot forge a line of its own or drive a terminal, and
   it is cut after :data:`MAX_MESSAGE` characters;
-- the libraries' loggers (pynetdicom logs a line per item it finds wrong in a request,
-  thousands for one A-ASSOCIATE-RQ) write at most :data:`LIBRARY_RECORDS` records a
-  second per process; the next one written says how many were left out.
+- the loggers that write a record per item of what a peer sent (pynetdicom logs a line
+  per item it finds wrong in a request, thousands for one A-ASSOCIATE-RQ; the node's
+  C-FIND encoder one per value it cuts, in each answer) write at most
+  :data:`ITEM_RECORDS` records a second per process, together; the next one written
+  says how many were left out.
 
 Records below INFO are left whole: DEBUG is where a developer looks at values.
 
@@ -57,10 +59,11 @@ from pacs.core.errors import PacsError
 QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
 #: Longest message written at INFO and above; the rest is counted, not written.
 MAX_MESSAGE = 4096
-#: Loggers of libraries that log what a peer sent, item by item.
-LIBRARY_LOGGERS = ("pynetdicom", "pydicom")
-#: Records of :data:`LIBRARY_LOGGERS` written per second and process at most.
-LIBRARY_RECORDS = 50
+#: Loggers that log what a peer sent (or a query found), item by item: the libraries',
+#: and the C-FIND encoder's record of each value it cuts.
+ITEM_LOGGERS = ("pynetdicom", "pydicom", "pacs.dimse.encoding")
+#: Records of :data:`ITEM_LOGGERS` written per second and process at most.
+ITEM_RECORDS = 50
 #: Characters written escaped in a message: C0 and C1 controls but the tab, DEL.
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 #: Folders of the node's own code, for the place of an exception in it.
@@ -233,16 +236,16 @@ class Redact(logging.Filter):
         if self.details or record.levelno < logging.INFO or getattr(record, "_redacted",
                                                                     False):
             return True
-        if record.name.startswith(LIBRARY_LOGGERS) and not self._within_rate():
+        if record.name.startswith(ITEM_LOGGERS) and not self._within_rate():
             return False
         record._redacted = True
         self._redact(record)
         message = _one_line(record.getMessage())
-        if record.name.startswith(LIBRARY_LOGGERS):
+        if record.name.startswith(ITEM_LOGGERS):
             with self._rate_lock:
                 left_out, self._left_out = self._left_out, 0
             if left_out:
-                message = (f"{message} ({left_out} more record(s) of the libraries left "
+                message = (f"{message} ({left_out} more record(s) item by item left "
                            "out before this one)")
         record.msg, record.args = message, None
         if record.exc_text:  # the summary may hold a message of the node's own errors
@@ -250,14 +253,14 @@ class Redact(logging.Filter):
         return True
 
     def _within_rate(self) -> bool:
-        """Whether one more library record may be written this second (counted when
-        not)."""
+        """Whether one more item-by-item record may be written this second (counted
+        when not)."""
         with self._rate_lock:
             second = int(time.monotonic())
             if second != self._second:
                 self._second, self._written = second, 0
             self._written += 1
-            if self._written > LIBRARY_RECORDS:
+            if self._written > ITEM_RECORDS:
                 self._left_out += 1
                 return False
             return True

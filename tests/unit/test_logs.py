@@ -217,24 +217,27 @@ def test_a_long_message_is_cut(handler: io.StringIO) -> None:
     assert "more characters)" in text
 
 
-def test_a_flood_of_library_records_is_cut_and_counted(
+def test_a_flood_of_item_by_item_records_is_cut_and_counted(
         handler: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pynetdicom logs a line per item it finds wrong: 9,000 of them for one request
-    are LIBRARY_RECORDS a second, and the next line written says how many were left
-    out; the node's own records are never left out."""
+    """pynetdicom logs a line per item it finds wrong (9,000 for one request), the C-FIND
+    encoder one per value it cuts in each answer: together ITEM_RECORDS a second, and
+    the next line written says how many were left out; the node's other records are
+    never left out."""
     now = [1000.0]
     monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
     library = logging.getLogger("pynetdicom.utils")
     for _ in range(9000):
         library.warning("Invalid UID: '.'")
+    for _ in range(1000):
+        logging.getLogger("pacs.dimse.encoding").warning("a value cut")
     logging.getLogger("pacs.dimse.server").warning("the node's own")
     now[0] += 1
     library.warning("next second")
     lines = handler.getvalue().splitlines()
-    assert len(lines) == logs.LIBRARY_RECORDS + 2
+    assert len(lines) == logs.ITEM_RECORDS + 2
     assert lines[-2] == "WARNING pacs.dimse.server: the node's own"
-    assert lines[-1].endswith(f"({9000 - logs.LIBRARY_RECORDS} more record(s) of the "
-                              "libraries left out before this one)")
+    assert lines[-1].endswith(f"({10000 - logs.ITEM_RECORDS} more record(s) item by item "
+                              "left out before this one)")
 
 
 def test_a_thread_that_ends_with_an_error_is_one_record(
