@@ -71,7 +71,7 @@ from pacs.core.index.connection import Index
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, Ingest, patient_key
 from pacs.core.intake import IntakeStore
-from pacs.core.rejection import Reason, Reference
+from pacs.core.rejection import Reason, Reference, refuses_again
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,15 @@ def rejectable(patient: str, row: Located, place: Reference) -> bool:
     reaches another patient's images."""
     return (row.patient_key == patient and row.study_uid == place.study_uid
             and row.series_uid == place.series_uid)
+
+
+def _keeps_stricter(conn: apsw.Connection, sop_uid: str, code: tuple[str, str]) -> bool:
+    """True when a UID no longer indexed keeps the tombstone it has: one that refuses
+    it when sent again (a patient-safety rejection) is never replaced by one that does
+    not (an expired retention), which would let the rejected instance back in."""
+    found = reads.tombstone(conn, sop_uid)
+    return (found is not None and refuses_again(found.reason_code, found.reason_scheme)
+            and not refuses_again(*code))
 
 
 @dataclass(frozen=True)
@@ -424,7 +433,7 @@ class Deleter:
             for place in chunk:
                 row = indexed.get(place.sop_uid)
                 if row is None:
-                    if code != NO_REASON:
+                    if code != NO_REASON and not _keeps_stricter(conn, place.sop_uid, code):
                         stones.append(place)  # refused when it arrives
                 elif accept is not None and not accept(row, place):
                     removal.skipped += 1

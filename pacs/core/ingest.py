@@ -51,7 +51,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,6 +114,12 @@ class StoreResult:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+
+
+def rejected_by(found: reads.Tombstone) -> RejectedInstance:
+    """The refusal of an instance a rejection note removed for good."""
+    return RejectedInstance(  # within the 64 characters of an Error Comment
+        f"rejected ({found.reason_code}, {found.reason_scheme}) by an IOCM rejection note")
 
 
 @dataclass(frozen=True)
@@ -440,6 +446,30 @@ class Ingest:
             with self.index.write() as conn:
                 writer.rejection_done(conn, analysis.sop_instance_uid)
 
+    def _refused_after_notes(self, analysed: Mapping[int, Analysis],
+                             results: list[StoreResult | BaseException | None]) -> None:
+        """The parts of a batch that follow a rejection note of the same batch naming
+        them, and that it removed, are refused as they would be sent after it
+        (:meth:`_removed_before`), not reported stored: a batch is decided and
+        committed before its notes are applied."""
+        named: dict[str, int] = {}  # SOP Instance UID -> the first note naming it
+        for number, analysis in sorted(analysed.items()):
+            if analysis.rejection is not None and isinstance(results[number], StoreResult):
+                for ref in analysis.rejection.references:
+                    named.setdefault(ref.sop_uid, number)
+        if not named:
+            return
+        conn = self.index.connection()
+        for number, analysis in analysed.items():
+            note = named.get(analysis.sop_instance_uid)
+            if note is None or note > number or not isinstance(results[number],
+                                                                StoreResult):
+                continue
+            found = reads.tombstone(conn, analysis.sop_instance_uid)
+            if (found is not None and reads.lookup(conn, analysis.sop_instance_uid) is None
+                    and rejection.refuses_again(found.reason_code, found.reason_scheme)):
+                results[number] = rejected_by(found)
+
     def _refused_rejection(self, analysis: Analysis, calling_ae: str,
                            requestor: Participant | None) -> None:
         """Tell :attr:`on_refused_rejection` of a note refused to ``requestor`` (by
@@ -551,6 +581,7 @@ class Ingest:
                     self._apply_rejection(analysis, result.outcome, calling_ae, requestor)
                 except Exception as exc:  # noqa: BLE001 - reported as this note's failure
                     results[number] = exc
+        self._refused_after_notes(analysed, results)
         for number in later:
             try:
                 results[number] = self.store_bytes(data[number], calling_ae=calling_ae,
@@ -636,7 +667,7 @@ class Ingest:
         previous: bytes | None = None
         revived = False
         if existing is None:
-            revived = self._removed_before(conn, analysis.sop_instance_uid)
+            revived = self._removed_before(conn, analysis)
         else:
             if existing.checksum == analysis.checksum:
                 return Outcome.UNCHANGED, None
@@ -686,24 +717,27 @@ class Ingest:
         return True
 
     @staticmethod
-    def _removed_before(conn: apsw.Connection, sop_uid: str) -> bool:
+    def _removed_before(conn: apsw.Connection, analysis: Analysis) -> bool:
         """True when the UID was removed before and may be stored again; its tombstone
-        goes with the commit of the new row.
+        goes with the commit of the new row.  An object under a UID a rejection note
+        refuses, but at another study or series than the note placed it, is not the
+        rejected instance (a note's error never reaches another patient's images,
+        whichever arrives first): stored, the tombstone kept.
 
         Raises
         ------
         RejectedInstance
-            A rejection note removed it for a reason that refuses it for good
-            (:func:`pacs.core.rejection.refuses_again`).
+            A rejection note removed it, at its study and series, for a reason that
+            refuses it for good (:func:`pacs.core.rejection.refuses_again`).
         """
-        found = reads.tombstone(conn, sop_uid)
+        found = reads.tombstone(conn, analysis.sop_instance_uid)
         if found is None:
             return False
-        if rejection.refuses_again(found.reason_code, found.reason_scheme):
-            raise RejectedInstance(  # within the 64 characters of an Error Comment
-                f"rejected ({found.reason_code}, {found.reason_scheme}) by an IOCM "
-                "rejection note")
-        return True
+        if not rejection.refuses_again(found.reason_code, found.reason_scheme):
+            return True
+        if (found.study_uid, found.series_uid) != (analysis.study_uid, analysis.series_uid):
+            return False
+        raise rejected_by(found)
 
     def _index_work(self, analysis: Analysis, plan: _Plan, data: bytes, calling_ae: str,
                     requestor: Participant | None) -> Callable[[apsw.Connection], None]:

@@ -176,6 +176,60 @@ def test_a_note_never_removes_another_patients_instance(services: Services) -> N
     assert {d[2] for d in theirs + moved} <= _uids(services)
 
 
+def test_a_later_note_of_a_weaker_reason_leaves_the_refusal(services: Services) -> None:
+    """An expired retention (113039) naming an instance a patient-safety rejection
+    (113037) removed does not let it back in (IHE RAD TF-2 4.66.4: such an instance
+    shall not be accepted again); another instance it names goes as it would."""
+    rejected, other = _study(services, count=2)
+    services.ingest.store_bytes(_note([rejected], code="113037",
+                                      meaning="Rejected for Patient Safety Reasons"))
+    services.ingest.store_bytes(_note([rejected, other], code="113039",
+                                      meaning="Data Retention Policy Expired"))
+    assert reads.tombstone(services.index.connection(), rejected[2]) == reads.Tombstone(
+        "113037", "DCM")
+    with pytest.raises(RejectedInstance, match="113037"):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=rejected[0], SeriesInstanceUID=rejected[1],
+            SOPInstanceUID=rejected[2]))
+    assert services.ingest.store_bytes(make_instance(
+        StudyInstanceUID=other[0], SeriesInstanceUID=other[1],
+        SOPInstanceUID=other[2])).outcome is Outcome.STORED
+
+
+def test_a_note_first_refuses_only_the_instance_at_its_place(services: Services) -> None:
+    """A note naming an instance not received yet refuses it at the study and series
+    it names; the UID arriving elsewhere (another patient's study) is stored, as it
+    would be kept had it arrived before the note."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    services.ingest.store_bytes(_note([(study, series, sop, CTImageStorage)]))
+    with pytest.raises(RejectedInstance):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop))
+    elsewhere = make_instance(PatientID="OTHER", SOPInstanceUID=sop)
+    assert services.ingest.store_bytes(elsewhere).outcome is Outcome.STORED
+    assert sop in _uids(services)
+    assert reads.tombstone(services.index.connection(), sop) is not None  # kept
+
+
+def test_parts_after_a_note_of_their_batch_are_refused_not_reported_stored(
+        services: Services) -> None:
+    """A STOW-RS batch [note, instances it names]: the instances are refused as they
+    are when sent after the note (a batch is committed before its notes apply); one
+    before the note in the batch was stored, then removed, as it would be one by one."""
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(3)]
+    made = [make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                          SOPInstanceUID=sop) for sop in sops]
+    named = [(study, series, sop, CTImageStorage) for sop in sops]
+    note = _note(named, code="113037", meaning="Rejected for Patient Safety Reasons")
+    results = services.ingest.store_batch([Received.of(made[0]), Received.of(note),
+                                           Received.of(made[1]), Received.of(made[2])])
+    assert not isinstance(results[0], BaseException)
+    assert not isinstance(results[1], BaseException)
+    assert all(isinstance(result, RejectedInstance) for result in results[2:])
+    assert not {uid for _, _, uid, _ in named} & _uids(services)
+
+
 def test_an_ordinary_key_object_selection_removes_nothing(services: Services) -> None:
     made = _study(services)
     services.ingest.store_bytes(_note(made, code="113000", meaning="Of Interest"))

@@ -12,7 +12,7 @@ transaction (the ingest's duplicate check), and turns SQLite errors into
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
@@ -158,17 +158,20 @@ def located(conn: apsw.Connection, sop_uids: Sequence[str]) -> list[Located]:
 @dataclass(frozen=True)
 class Tombstone:
     """Why an instance was removed: the rejection's code (PS3.16 CID 7010), both parts
-    empty for a plain deletion."""
+    empty for a plain deletion; and where it was (or where the rejection note placed
+    it), which a tombstone's equality leaves out."""
 
     reason_code: str
     reason_scheme: str
+    study_uid: str = field(default="", compare=False)
+    series_uid: str = field(default="", compare=False)
 
 
 @_read("tombstone lookup")
 def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
     """The tombstone of a removed SOP Instance UID, if it has one."""
-    row = conn.execute("SELECT reason_code, reason_scheme FROM tombstone WHERE sop_uid = ?",
-                       (sop_uid,)).fetchone()
+    row = conn.execute("SELECT reason_code, reason_scheme, study_uid, series_uid "
+                       "FROM tombstone WHERE sop_uid = ?", (sop_uid,)).fetchone()
     return Tombstone(*row) if row else None
 
 
