@@ -160,9 +160,9 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                      customer.name, report.temporaries)
         finished = report.count(Action.FINISH)
         if finished or report.left:
-            log.warning("customer %s: finished %d rejection note(s) whose removals were "
-                        "cut short; %d could not be (see 'pacs fsck')", customer.name,
-                        finished, len(report.left))
+            log.warning("customer %s: finished %d removal(s) (rejection notes, "
+                        "deletions) that a stop cut short; %d could not be (see "
+                        "'pacs fsck')", customer.name, finished, len(report.left))
         if customer.settings.routes:
             # Forwarding starts with what arrives from now on, not when its companion
             # runs.

@@ -72,6 +72,7 @@ from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, Ingest, patient_key
 from pacs.core.intake import IntakeStore
 from pacs.core.rejection import Reason, Reference, refuses_again
+from pacs.core.storage import object_key
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ class Deleter:
                reason: Reason | None = None,
                accept: Callable[[Located, Reference], bool] | None = None,
                progress: Callable[[int], None] | None = None,
-               resume: int | None = None) -> Removal:
+               resume: int | None = None, again: bool = False) -> Removal:
         """Remove the instances at ``places`` (module docstring), audit and log it.
 
         A removal that can be carried out again from what is recorded (no ``accept``
@@ -341,6 +342,10 @@ class Deleter:
             Called with the number of places handled after each chunk.
         resume :
             The pending record of a removal cut short, carried out again (none made).
+        again :
+            Carried out again after a crash (``resume``, a rejection note finished at
+            start-up): the objects its first run left of instances it had removed
+            (their rows gone, their tombstones in) are deleted too.
 
         Raises
         ------
@@ -363,7 +368,7 @@ class Deleter:
                 part = Removal(store_error=removal.store_error)
                 self._remove_chunk(chunk, who.user_id, code, accept, part, partial(
                     self._audit, part, who, kind, reason, patients, audit.SUCCESS,
-                    requested))
+                    requested), again=again or resume is not None)
                 removal.add(part)
                 if progress is not None:
                     progress(len(chunk))
@@ -418,7 +423,8 @@ class Deleter:
 
     def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
                       accept: Callable[[Located, Reference], bool] | None,
-                      removal: Removal, committed: Callable[[], None]) -> None:
+                      removal: Removal, committed: Callable[[], None],
+                      again: bool = False) -> None:
         """Remove one chunk's rows (one transaction), call ``committed`` (its audit
         record: before the object deletions, which on S3 take most of a removal's time,
         so that a crash among them leaves the record of the rows removed), then delete
@@ -430,9 +436,13 @@ class Deleter:
             indexed = {row.sop_uid: row for row in reads.located(conn, uids)}
             rows: list[Located] = []
             stones: list[Reference] = []
+            left: list[str] = []  # objects a first run cut short left (``again``)
             for place in chunk:
                 row = indexed.get(place.sop_uid)
                 if row is None:
+                    if again and reads.tombstone(conn, place.sop_uid) is not None:
+                        left.append(object_key(place.study_uid, place.series_uid,
+                                               place.sop_uid))
                     if code != NO_REASON and not _keeps_stricter(conn, place.sop_uid, code):
                         stones.append(place)  # refused when it arrives
                 elif accept is not None and not accept(row, place):
@@ -442,19 +452,21 @@ class Deleter:
                 else:
                     rows.append(row)
                     stones.append(reference(row))
-            if not stones:
-                return
-            when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
-            with self.index.write() as conn:
-                delete_rows(conn, rows, stones, code, who, when)
-                remaining = reads.study_patients(conn, sorted({r.study_uid for r in rows}))
-            for row in rows:
-                removal.count(row)
-                if row.study_uid not in remaining:
-                    removal.whole.add(row.study_uid)
-            committed()
-            for row in rows:
-                self._delete_object(row.object_key, removal)
+            if stones:
+                when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
+                with self.index.write() as conn:
+                    delete_rows(conn, rows, stones, code, who, when)
+                    remaining = reads.study_patients(conn,
+                                                     sorted({r.study_uid for r in rows}))
+                for row in rows:
+                    removal.count(row)
+                    if row.study_uid not in remaining:
+                        removal.whole.add(row.study_uid)
+                committed()
+            # Under the chunk's locks an object at a removed UID's key, no row naming
+            # it, is what the crash left, never a write in progress.
+            for key in [row.object_key for row in rows] + left:
+                self._delete_object(key, removal)
 
     def _delete_object(self, key: str, removal: Removal) -> None:
         """Delete a removed instance's object from the backend (its intake copy went
@@ -508,7 +520,7 @@ class Deleter:
 
     # -- rejection notes ------------------------------------------------------------
 
-    def reject(self, note: Analysis, who: Participant) -> None:
+    def reject(self, note: Analysis, who: Participant, *, again: bool = False) -> None:
         """The ingest's hook (:attr:`pacs.core.ingest.Ingest.on_rejection`): remove what
         a stored rejection note rejects.
 
@@ -521,7 +533,7 @@ class Deleter:
             return
         accept = partial(rejectable, patient_key(note.values[Level.PATIENT]))
         self.remove(rejection.references, who, audit.APPLICATION_SERVER,
-                    reason=rejection.reason, accept=accept)
+                    reason=rejection.reason, accept=accept, again=again)
 
     def refused(self, note: Analysis, who: Participant) -> None:
         """The ingest's hook (:attr:`pacs.core.ingest.Ingest.on_refused_rejection`):

@@ -461,7 +461,8 @@ def _apply_again(services: Services, pending: reads.PendingRejection) -> None:
         analysis = try_analyse(read_object(services.store, row.object_key, limit), limit)
         if isinstance(analysis, Analysis) and analysis.rejection is not None:
             services.deleter.reject(analysis, Participant(pending.requestor, True,
-                                                          address=pending.address))
+                                                          address=pending.address),
+                                    again=True)
     with services.index.write() as conn:
         writer.rejection_done(conn, pending.sop_uid)
 

@@ -642,6 +642,36 @@ def test_each_pending_note_is_finished_on_its_own_and_only_while_pending(
     assert third[0][2] in _uids(services)
 
 
+def test_objects_a_removal_cut_short_left_are_deleted_when_it_is_finished(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after a chunk's rows went but before its objects did: the start-up that
+    finishes the removal deletes those objects too (no row names them, their UIDs have
+    tombstones), rather than leave them to ``pacs fsck``."""
+    made = _study(services, count=3)
+    drain(services)  # the objects in the store, not the intake
+    backend = services.store.backend
+
+    class Killed(BaseException):
+        """The process dies as it deletes the first object."""
+
+    def dying(_key: str, _removal: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(services.deleter, "_delete_object", dying)
+    monkeypatch.setattr(services.deleter, "_forget_pending", lambda _pending: None)
+    who = audit.Participant("admin", True)
+    with pytest.raises(Killed):
+        services.deleter.remove([reference(r) for r in services.deleter.plan(
+            [Target(made[0][0])])], who, audit.WEB_SERVER)
+    monkeypatch.undo()
+    assert not _uids(services) & {m[2] for m in made}
+    left = [key for key in backend.keys() if any(m[2] in key for m in made)]  # noqa: SIM118
+    assert len(left) == 3
+    reconcile(services, full=False)
+    assert not [key for key in backend.keys() if any(m[2] in key for m in made)]  # noqa: SIM118
+    assert reads.removals_pending(services.index.connection()) == []
+
+
 def test_a_removal_cut_short_is_finished_at_start_up(
         services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deletion (DICOMweb, ``pacs delete``, an expiry) records its places before its
