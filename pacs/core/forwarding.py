@@ -262,9 +262,12 @@ class Outbox:
         with self.index.write() as conn:
             table.remove(conn, done)
             table.mark_failed(conn, refused, now)
+            table.drop_refused_removed(conn, destination)
             if retry:
                 wait = table.failed(conn, destination, retry[0], now,
                                     lambda failures: backoff(failures, self.retry_max))
+                if done:
+                    table.delivered(conn, destination, now)
             elif done:
                 table.succeeded(conn, destination, now)
             if refused:

@@ -17,6 +17,7 @@ from pacs.core.config import Modality, Settings, derive
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError
 from pacs.core.forwarding import Delivery, Forwarder, Outbox, Result, backoff, refs_of
+from pacs.core.index import reads
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import load_routes, parse_file, parse_inline, shown
 from pacs.core.services import Services
@@ -145,6 +146,29 @@ def test_removed_instances_leave_the_outbox_unsent(services: Services) -> None:
     services.deleter.remove([reference(row) for row in rows], Participant("test", True),
                             audit.APPLICATION_SERVER)
     assert _waiting(outbox) == [kept]
+
+
+def test_refused_entries_of_removed_instances_leave_and_a_partial_batch_is_a_success(
+        services: Services) -> None:
+    """``pacs status`` counts what may still be sent: a refused instance removed since
+    leaves the outbox at the next batch; a batch of which some instances arrived is
+    the destination's last success, though others wait to be sent again."""
+    outbox = _outbox(services, "all: -> PEER")
+    refused = _store(services)
+    outbox.feed()
+    Forwarder(outbox, {"PEER": Recorder(Result.REFUSED)}, services.audit).deliver_once("PEER")
+    rows = services.deleter.plan([Target.parse(str(next(
+        row.study_uid for row in reads.located(services.index.connection(), [refused]))))])
+    services.deleter.remove([reference(row) for row in rows], Participant("test", True),
+                            audit.APPLICATION_SERVER)
+    sent, again = _store(services), _store(services)
+    outbox.feed()
+    entries = outbox.take("PEER")
+    assert [e.sop_uid for e in entries] == [sent, again]
+    outbox.settle("PEER", entries, [Delivery(Result.SENT), Delivery(Result.RETRY, "busy")])
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (1, 0)
+    assert backlog.last_success_at is not None and backlog.last_error == "busy"
 
 
 def test_numbers_are_not_given_again_after_the_newest_rows_are_removed(

@@ -133,6 +133,23 @@ def mark_failed(conn: apsw.Connection, failed: Sequence[tuple[int, int, str]],
         ((now, reason, key, seq) for key, seq, reason in failed))
 
 
+def drop_refused_removed(conn: apsw.Connection, destination: str) -> None:
+    """Delete ``destination``'s refused entries whose instances were removed since:
+    nothing is left to send again, nor to count as refused."""
+    conn.execute("DELETE FROM outbox WHERE destination = ? AND failed_at IS NOT NULL "
+                 "AND NOT EXISTS (SELECT 1 FROM instance "
+                 "WHERE instance.sop_uid = outbox.sop_uid)", (destination,))
+
+
+def delivered(conn: apsw.Connection, destination: str, now: float) -> None:
+    """Some instances of a batch reached the destination (others wait to be sent
+    again: its backoff stays): its last success."""
+    conn.execute(
+        "INSERT INTO forward_destination (name, last_success_at) VALUES (?, ?) "
+        "ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at",
+        (destination, now))
+
+
 def retry_failed(conn: apsw.Connection, destination: str) -> int:
     """Put a destination's failed entries back in its queue; how many."""
     conn.execute("UPDATE outbox SET failed_at = NULL, last_error = '' "
