@@ -551,20 +551,15 @@ class Deleter:
                default_days: float | None, limit: int) -> int:
         """Remove up to ``limit`` studies whose retention period is over (their last
         instance received longer ago than it: :func:`pacs.core.index.reads.
-        expired_studies`); return how many were removed."""
+        expired_instances`); return how many were removed."""
         now = datetime.now(UTC).timestamp() / 86400 + 2440587.5  # a Julian day number
-        studies = reads.expired_studies(self.index.connection(), now, days_by_modality,
-                                        default_days, limit)
-        if not studies:
+        rows = reads.expired_instances(self.index.connection(), now, days_by_modality,
+                                       default_days, limit)
+        if not rows:
             return 0
-        places = [reference(row) for row in self.plan_existing(studies)]
+        places = [reference(row) for row in rows]
         self.remove(places, self.trail.node(requestor=True), audit.APPLICATION_SERVER)
-        return len(studies)
-
-    def plan_existing(self, study_uids: Sequence[str]) -> list[Located]:
-        """The instances of these studies (none for a study gone meanwhile)."""
-        conn = self.index.connection()
-        return [row for uid in study_uids for row in reads.instances_under(conn, uid)]
+        return len({row.study_uid for row in rows})
 
 
 def _who(who: Participant) -> str:

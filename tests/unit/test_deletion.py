@@ -6,7 +6,7 @@ retention, and the audit trail."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import apsw
@@ -434,25 +434,28 @@ def test_a_rejection_removes_an_instance_stored_again_at_its_place(
 
 def test_retention_keeps_an_instance_stored_again_after_the_plan(
         services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Retention plans an expired study; an instance of it sent again meanwhile makes
-    the study recent again: that instance stays (the others, still as planned, go)."""
+    """Retention plans an expired study; an instance of it sent again meanwhile, and
+    one new to it, make the study recent again: they stay (the others, still as
+    planned, go)."""
     made = _study(services, count=2)
     study, series, sop, _ = made[0]
     with services.index.write() as conn:
         conn.execute("UPDATE instance SET received_at = '2000-01-01T00:00:00.000000Z'")
-    deleter = services.deleter
-    planned = deleter.plan_existing
+    new_sop = generate_uid()
+    planned = reads.expired_instances
 
-    def plan_then_store(study_uids: Sequence[str]) -> list[reads.Located]:
-        rows = planned(study_uids)
+    def plan_then_store(*args: object) -> list[reads.Located]:
+        rows = planned(*args)  # type: ignore[arg-type]
         services.ingest.store_bytes(make_instance(
             StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
             SeriesDescription="sent again"))
+        services.ingest.store_bytes(make_instance(  # a new instance of the study
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=new_sop))
         return rows
 
-    monkeypatch.setattr(deleter, "plan_existing", plan_then_store)
-    assert deleter.expire([], 1.0, 10) == 1
-    assert _uids(services) == {sop}
+    monkeypatch.setattr(reads, "expired_instances", plan_then_store)
+    assert services.deleter.expire([], 1.0, 10) == 1
+    assert _uids(services) == {sop, new_sop}
     assert reads.tombstone(services.index.connection(), made[1][2]) == reads.Tombstone(
         *NO_REASON)
     assert reads.tombstone(services.index.connection(), sop) is None

@@ -176,11 +176,14 @@ def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
 
 
 @_read("retention query")
-def expired_studies(conn: apsw.Connection, now_julian: float,
-                    days_by_modality: Sequence[tuple[str, float]],
-                    default_days: float | None, limit: int) -> list[str]:
-    """Studies whose last instance was received longer ago than their retention period,
-    oldest first, at most ``limit``.
+def expired_instances(conn: apsw.Connection, now_julian: float,
+                      days_by_modality: Sequence[tuple[str, float]],
+                      default_days: float | None, limit: int) -> list[Located]:
+    """The instances of the studies whose last instance was received longer ago than
+    their retention period (at most ``limit`` studies, oldest first), found and listed
+    by one statement: an instance stored into such a study after it is found expired
+    is not among them (two reads would list it, and the retention would remove an
+    instance just acknowledged).
 
     A study's period is the longest of those of the modalities of its series
     (``days_by_modality``; ``default_days`` for the others, ``None``: they never
@@ -193,6 +196,15 @@ def expired_studies(conn: apsw.Connection, now_julian: float,
     now_julian : float
         Now, as a Julian day number (SQLite's ``julianday``).
     """
+    expired, params = _expired(now_julian, days_by_modality, default_days, limit)
+    sql = (_LOCATED_SQL + f"WHERE study.study_uid IN ({expired}) "
+           "ORDER BY study.pk, series.pk, instance.pk")
+    return [Located(*row) for row in conn.execute(sql, params)]
+
+
+def _expired(now_julian: float, days_by_modality: Sequence[tuple[str, float]],
+             default_days: float | None, limit: int) -> tuple[str, list[object]]:
+    """The ``SELECT`` of the expired studies' UIDs, and its parameters."""
     cases = "".join(" WHEN ? THEN ?" for _ in days_by_modality)
     period = f"CASE series.modality{cases} ELSE ? END" if cases else "?"
     params: list[object] = [value for pair in days_by_modality for value in pair]
@@ -203,7 +215,7 @@ def expired_studies(conn: apsw.Connection, now_julian: float,
         "JOIN instance ON instance.series_pk = series.pk GROUP BY study.pk) "
         "WHERE days IS NOT NULL AND julianday(substr(last, 1, 19)) < ? - days "
         "ORDER BY last LIMIT ?")
-    return [str(uid) for (uid,) in conn.execute(sql, params)]
+    return sql, params
 
 
 # --- the instances a WADO-RS path names ------------------------------------------------------
@@ -560,7 +572,7 @@ def quick_check(conn: apsw.Connection) -> str:
 __all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
            "StoredInstance", "Tombstone", "all_objects", "any_unsettled",
            "commitments_waiting", "counts",
-           "expired_studies", "first_series_images", "indexed_bytes", "instance_keys",
+           "expired_instances", "first_series_images", "indexed_bytes", "instance_keys",
            "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_entry",
            "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
            "metadata_rows", "quick_check", "study_patients", "tombstone", "unsettled"]
