@@ -10,7 +10,9 @@ objects' sizes, so a batch is never held in memory.  Credentials in the URL
 What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
 
 =========================  ==============================================================
-200                        every instance stored
+200                        every instance stored, unless a body says otherwise (read
+                           as for 202: an answer whose sequences list an instance
+                           failed, or leave it out, is believed)
 202, 409                   the response's FailedSOPSequence (0008,1198) lists failures:
                            refused for good, except FailureReason A7xx (out of
                            resources) and 0110 (processing failure), sent again;
@@ -20,20 +22,29 @@ What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
 other 4xx                  refused for good (the request itself is wrong: credentials,
                            size, media type)
 =========================  ==============================================================
+
+The answer is bounded in time and size: its head and body must arrive within eight
+times the timeout of the request's end (a connection watchdog shuts the socket then, so
+a head sent a byte at a time, or interim ``100`` responses without end, cannot hold the
+sending thread), and a body past :func:`answer_limit` is not read.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import secrets
+import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from pacs.core.audit import Participant
 from pacs.core.forwarding import Delivery, Result
@@ -43,8 +54,10 @@ from pacs.core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-#: Largest response body read (the JSON answer of a batch is a few KiB per instance).
-MAX_RESPONSE_BYTES = 16 << 20
+#: A STOW-RS answer holds an item of a few hundred bytes per instance (its Referenced or
+#: Failed SOP Sequence item, a Retrieve URL): the largest body read is this much per
+#: instance of the batch, and a base (see :func:`answer_limit`).
+ANSWER_BASE_BYTES, ANSWER_BYTES_PER_INSTANCE = 64 << 10, 16 << 10
 #: Most bytes of the answer read at once (``read1``: what one receive brings).
 ANSWER_PIECE = 64 << 10
 #: Bytes read from the store per chunk of the request body.
@@ -69,10 +82,12 @@ class StowSender:
     store : ObjectStore
         Where the objects are.
     timeout : float
-        Seconds to connect; four times that to wait for the answer (the server stores
-        the whole batch before it answers), and to read it whole once it begins (a
-        destination that sends it a byte at a time does not hold the sender for ever:
-        it is given up at the first read past that time, each read bounded by it too).
+        Seconds to connect; four times that for each send and receive, to wait for
+        the answer (the server stores the whole batch before it answers) and to read
+        it whole once it begins (a destination that sends it a byte at a time does not
+        hold the sender for ever: it is given up at the first read past that time);
+        eight times that for the answer, head and body, from the request's end, after
+        which the connection is shut.
     """
 
     def __init__(self, url: str, store: ObjectStore, timeout: float) -> None:
@@ -84,16 +99,17 @@ class StowSender:
             netloc += f":{parts.port}"
         self.endpoint = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/studies",
                                     "", ""))
+        self.scheme, self.host = parts.scheme, parts.hostname or ""
+        self.port = parts.port
+        self.path = urlsplit(self.endpoint).path
         self.headers: dict[str, str] = {"Accept": "application/dicom+json"}
         if parts.username is not None:
             token = f"{parts.username}:{parts.password or ''}".encode()
             self.headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         self.store = store
         self.receiver = Participant(shown(url), False, address=parts.hostname or "")
+        self.timeout = timeout
         self.answer_seconds = 4 * timeout
-        self._pool = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=timeout, read=4 * timeout),
-            retries=urllib3.Retry(total=0, redirect=0), maxsize=1)
 
     def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
         """POST ``refs`` in one request; a :class:`Delivery` per instance."""
@@ -107,18 +123,40 @@ class StowSender:
         headers = {**self.headers, "Content-Length": str(length),
                    "Content-Type": f'multipart/related; type="application/dicom"; '
                                    f"boundary={boundary}"}
+        limit = answer_limit(len(refs))
         try:
-            response = self._pool.request(
-                "POST", self.endpoint, body=self._body(refs, sizes, boundary),
-                headers=headers, preload_content=False)
-            try:
-                status = response.status
-                answer = _answer(response, time.monotonic() + self.answer_seconds)
-            finally:
-                response.release_conn()
+            status, answer = self._exchange(self._body(refs, sizes, boundary), headers, limit)
         except Exception as exc:  # noqa: BLE001 - network, TLS, a short object: again later
             return [Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}")] * len(refs)
-        return deliveries(refs, status, answer)
+        return deliveries(refs, status, answer, limit)
+
+    def _exchange(self, body: Iterator[bytes], headers: dict[str, str],
+                  limit: int) -> tuple[int, bytes]:
+        """POST ``body`` on a connection of its own; the answer's status and body.
+
+        Once the body is sent, a watchdog shuts the connection down after twice
+        :attr:`answer_seconds`: http.client reads a head line by line, and interim
+        responses without end, each receive within its own timeout.
+        """
+        connection_class = HTTPSConnection if self.scheme == "https" else HTTPConnection
+        conn = connection_class(self.host, self.port, timeout=self.timeout)
+        watchdog: threading.Timer | None = None
+        try:
+            conn.connect()
+            if conn.sock is not None:
+                conn.sock.settimeout(self.answer_seconds)
+            conn.request("POST", self.path, body=body, headers=headers,
+                         preload_content=False)
+            watchdog = threading.Timer(2 * self.answer_seconds, _shut, (conn,))
+            watchdog.daemon = True
+            watchdog.start()
+            response = conn.getresponse()
+            return response.status, _answer(response,
+                                            time.monotonic() + self.answer_seconds, limit)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            conn.close()
 
     @staticmethod
     def _part_head(boundary: str) -> bytes:
@@ -154,13 +192,26 @@ class StowSender:
         yield self._tail(boundary)
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._pool.clear()
+        """Nothing is kept between batches (each has a connection of its own)."""
 
 
-def _answer(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
-    """The answer's body, at most :data:`MAX_RESPONSE_BYTES` + 1 bytes (more is not
-    read: unreadable), read by the piece until ``deadline``.
+def _shut(conn: HTTPConnection) -> None:
+    """The watchdog's end of an answer that took too long: a receive blocked on it
+    returns at once."""
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def answer_limit(count: int) -> int:
+    """The largest answer read for a batch of ``count`` instances."""
+    return ANSWER_BASE_BYTES + ANSWER_BYTES_PER_INSTANCE * count
+
+
+def _answer(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> bytes:
+    """The answer's body, at most ``limit`` + 1 bytes (more is not read: unreadable),
+    read by the piece until ``deadline``.
 
     Raises
     ------
@@ -168,26 +219,27 @@ def _answer(response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
         The answer was still arriving at ``deadline``.
     """
     body = bytearray()
-    while len(body) <= MAX_RESPONSE_BYTES:
+    while len(body) <= limit:
         if time.monotonic() > deadline:
             raise TimeoutError("the answer took too long to arrive")
-        piece = response.read1(min(ANSWER_PIECE, MAX_RESPONSE_BYTES + 1 - len(body)))
+        piece = response.read1(min(ANSWER_PIECE, limit + 1 - len(body)))
         if not piece:
             break
         body += piece
     return bytes(body)
 
 
-def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes) -> list[Delivery]:
+def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
+               limit: int | None = None) -> list[Delivery]:
     """Each instance's outcome from a STOW-RS answer: its HTTP status and body (the
-    module's table)."""
-    if status == 200:
-        return [Delivery(Result.SENT, "HTTP 200")] * len(refs)
-    if status not in (202, 409):
+    module's table; ``limit``: the largest body read, :func:`answer_limit`)."""
+    if status not in (200, 202, 409):
         result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
                   else Result.RETRY)
         return [Delivery(result, f"HTTP {status}")] * len(refs)
-    failed, stored = _sequences(answer)
+    failed, stored = _sequences(answer, answer_limit(len(refs)) if limit is None else limit)
+    if status == 200 and not failed and not stored:
+        return [Delivery(Result.SENT, "HTTP 200")] * len(refs)
     found = []
     for ref in refs:
         if ref.sop_uid in failed:
@@ -202,10 +254,10 @@ def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes) -> list[
     return found
 
 
-def _sequences(answer: bytes) -> tuple[dict[str, int], set[str]]:
+def _sequences(answer: bytes, limit: int) -> tuple[dict[str, int], set[str]]:
     """(failed SOP Instance UID -> FailureReason, stored SOP Instance UIDs) of a STOW-RS
-    response body; empty when it cannot be read."""
-    if len(answer) > MAX_RESPONSE_BYTES:
+    response body; empty when it cannot be read (or is over ``limit``)."""
+    if len(answer) > limit:
         return {}, set()
     try:
         document: Any = json.loads(answer or b"{}")
