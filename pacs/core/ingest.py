@@ -116,6 +116,14 @@ class StoreResult:
     series_uid: str
 
 
+def _refuses_here(found: reads.Tombstone, analysis: Identity) -> bool:
+    """Whether a tombstone refuses the object ``analysis`` describes: its reason
+    refuses the UID for good, at the study and series of the object."""
+    return (rejection.refuses_again(found.reason_code, found.reason_scheme)
+            and (found.study_uid, found.series_uid) == (analysis.study_uid,
+                                                        analysis.series_uid))
+
+
 def rejected_by(found: reads.Tombstone) -> RejectedInstance:
     """The refusal of an instance a rejection note removed for good."""
     return RejectedInstance(  # within the 64 characters of an Error Comment
@@ -675,6 +683,12 @@ class Ingest:
             if previous is not None and _same_dataset(previous, data,
                                                       analysis.dataset_offset):
                 return Outcome.UNCHANGED, None
+            if existing.object_key != object_key(analysis.study_uid, analysis.series_uid,
+                                                 analysis.sop_instance_uid):
+                # The UID stored elsewhere, now sent where a rejection note removed it.
+                found = reads.tombstone(conn, analysis.sop_instance_uid)
+                if found is not None and _refuses_here(found, analysis):
+                    raise rejected_by(found)
             if self.duplicate_policy == "keep":
                 return Outcome.KEPT_FIRST, None
             if self.duplicate_policy == "reject":
@@ -735,9 +749,9 @@ class Ingest:
             return False
         if not rejection.refuses_again(found.reason_code, found.reason_scheme):
             return True
-        if (found.study_uid, found.series_uid) != (analysis.study_uid, analysis.series_uid):
-            return False
-        raise rejected_by(found)
+        if _refuses_here(found, analysis):
+            raise rejected_by(found)
+        return False
 
     def _index_work(self, analysis: Analysis, plan: _Plan, data: bytes, calling_ae: str,
                     requestor: Participant | None) -> Callable[[apsw.Connection], None]:

@@ -209,6 +209,13 @@ def test_a_note_first_refuses_only_the_instance_at_its_place(services: Services)
     assert services.ingest.store_bytes(elsewhere).outcome is Outcome.STORED
     assert sop in _uids(services)
     assert reads.tombstone(services.index.connection(), sop) is not None  # kept
+    # Sent at the note's place once more: still refused, the other left where it is.
+    with pytest.raises(RejectedInstance):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop,
+            PatientID="OTHER"))
+    [row] = reads.located(services.index.connection(), [sop])
+    assert row.study_uid != study
 
 
 def test_parts_after_a_note_of_their_batch_are_refused_not_reported_stored(
