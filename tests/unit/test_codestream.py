@@ -77,16 +77,23 @@ def test_a_jpeg_2000_declaring_more_pixels_than_the_data_set_is_never_decoded(
     changed = bytearray(frame)
     siz = changed.index(b"\xff\x4f\xff\x51") + 4
     struct.pack_into(">II", changed, siz + 4, 60000, 60000)  # Xsiz, Ysiz
-    ds.PixelData = encapsulate([bytes(changed)])
+    _refused_unread(ds, bytes(changed), monkeypatch, "60000 x 60000", 1 << 20)
+
+
+def _refused_unread(ds: pydicom.Dataset, frame: bytes, monkeypatch: pytest.MonkeyPatch,
+                    match: str, max_frame_bytes: int) -> None:
+    """``ds`` with ``frame`` as its one frame is refused, never handed to a decoder, by
+    the frame reader and by the conversion."""
+    ds.PixelData = encapsulate([frame])
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     data = out.getvalue()
     monkeypatch.setattr(frames, "pixel_array", no_decoder)
     monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoder)
-    with pytest.raises(UnreadableData, match="60000 x 60000"):
-        frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=1 << 20)
-    with pytest.raises(UnreadableData, match="60000 x 60000"):
-        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 20)
+    with pytest.raises(UnreadableData, match=match):
+        frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=max_frame_bytes)
+    with pytest.raises(UnreadableData, match=match):
+        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=max_frame_bytes)
 
 
 def _jp2(rows: int, columns: int, skipped: bytes = b"") -> bytes:
@@ -185,16 +192,7 @@ def test_a_jpeg_2000_of_tiny_tiles_is_refused_unread(monkeypatch: pytest.MonkeyP
     codestream.check(tiled(64, 64), *args)  # 64 tiles
     with pytest.raises(UnreadableData):  # no tile size: no header a decoder can use
         codestream.check(tiled(0, 64), *args)
-    ds.PixelData = encapsulate([tiled(1, 1)])
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    data = out.getvalue()
-    monkeypatch.setattr(frames, "pixel_array", no_decoder)
-    monkeypatch.setattr(pydicom.Dataset, "decompress", no_decoder)
-    with pytest.raises(UnreadableData, match="tiles"):
-        frames.decoded(io.BytesIO(data), 1, layout_of(data), max_frame_bytes=1 << 24)
-    with pytest.raises(UnreadableData, match="tiles"):
-        transcode.convert(data, ExplicitVRLittleEndian, max_frame_bytes=1 << 24)
+    _refused_unread(ds, tiled(1, 1), monkeypatch, "tiles", 1 << 24)
 
 
 def test_a_jpeg_of_too_many_scans_is_refused_unread() -> None:

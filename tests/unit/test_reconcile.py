@@ -295,6 +295,19 @@ def test_overwrite_in_place_not_committed_indexes_what_is_stored(
                         (series,)).fetchone() == ("B",)
 
 
+def _reported_and_left(node: Services, key: str) -> Report:
+    """Reconcile with and without repair: the object at ``key`` is reported damaged,
+    each time, and nothing changes; the last report."""
+    before = state(node)
+    for repair in (False, True):
+        report = reconcile(node, repair=repair)
+        assert [(f.problem, f.action, f.key) for f in report.findings] == [
+            (Problem.DAMAGED, Action.NONE, key)]
+        assert not report.ok
+        assert state(node) == before
+    return report
+
+
 def test_a_changed_object_too_small_to_be_a_direct_overwrite_is_damaged(
         node: Services) -> None:
     """(d) An object that reads as a version of the instance at its key, but of a size
@@ -308,13 +321,7 @@ def test_a_changed_object_too_small_to_be_a_direct_overwrite_is_damaged(
     node.ingest.store_bytes(old)
     drain(node)
     put(node, key, edited)
-    before = state(node)
-    for repair in (False, True):
-        report = reconcile(node, repair=repair)
-        assert [(f.problem, f.action, f.key) for f in report.findings] == [
-            (Problem.DAMAGED, Action.NONE, key)]
-        assert not report.ok
-        assert state(node) == before
+    _reported_and_left(node, key)
     row = writer.lookup(node.index.connection(), instance.sop)
     assert row is not None and row.checksum == hashlib.sha256(old).hexdigest()
 
@@ -326,13 +333,7 @@ def test_a_damaged_indexed_object_is_reported_and_left(node: Services) -> None:
     key, data = instance.version("A")
     node.ingest.store_bytes(data)
     put(node, key, data[:1000])
-    before = state(node)
-    for repair in (False, True):
-        report = reconcile(node, repair=repair)
-        assert [(f.problem, f.action, f.key) for f in report.findings] == [
-            (Problem.DAMAGED, Action.NONE, key)]
-        assert not report.ok
-        assert state(node) == before
+    report = _reported_and_left(node, key)
     assert "cannot be repaired" in "\n".join(report.lines())
 
 

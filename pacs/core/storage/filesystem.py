@@ -17,7 +17,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -252,19 +252,14 @@ class FileStore:
         files, put there by something else (objects copied to another depth, a note):
         their number and the first ``examples`` of their paths (relative), so that the
         tools that read every object say what they did not read, in bounded memory."""
-        count = 0
-        found: list[str] = []
-        if not self.root.is_dir():
-            return count, found
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                path = os.path.relpath(os.path.join(dirpath, name), self.root)
-                if name.startswith(_TMP_PREFIX) or is_object_key(path):
-                    continue
-                count += 1
-                if len(found) < examples:
-                    found.append(path)
-        return count, found
+        def files() -> Iterator[str]:
+            for dirpath, _dirs, names in os.walk(self.root):
+                for name in names:
+                    path = os.path.relpath(os.path.join(dirpath, name), self.root)
+                    if not name.startswith(_TMP_PREFIX) and not is_object_key(path):
+                        yield path
+
+        return _counted(files(), examples) if self.root.is_dir() else (0, [])
 
     def linked_folders(self, examples: int = 20) -> tuple[int, list[str]]:
         """Symbolic links to folders below the root: their number and the first
@@ -273,18 +268,14 @@ class FileStore:
         of the store), so the objects behind one are not listed at all: a tool that
         rebuilds from the listing must know they exist.  (A link at a key is listed,
         and refused when opened: :class:`~pacs.core.errors.ForeignObject`.)"""
-        count = 0
-        found: list[str] = []
-        if not self.root.is_dir():
-            return count, found
-        for dirpath, dirs, _files in os.walk(self.root):
-            for name in dirs:
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path):
-                    count += 1
-                    if len(found) < examples:
-                        found.append(os.path.relpath(path, self.root))
-        return count, found
+        def links() -> Iterator[str]:
+            for dirpath, dirs, _files in os.walk(self.root):
+                for name in dirs:
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path):
+                        yield os.path.relpath(path, self.root)
+
+        return _counted(links(), examples) if self.root.is_dir() else (0, [])
 
     def quarantine(self, key: str, folder: str) -> str:
         """Move the object to ``<quarantine_root>/<folder>/<key>``; return that path.
@@ -537,3 +528,15 @@ def _fsync_dir(path: Path) -> None:
 def _unlink_quietly(name: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(name)
+
+
+def _counted(paths: Iterable[str], examples: int) -> tuple[int, list[str]]:
+    """How many ``paths`` there are, and the first ``examples`` of them (bounded memory
+    however many)."""
+    count = 0
+    found: list[str] = []
+    for path in paths:
+        count += 1
+        if len(found) < examples:
+            found.append(path)
+    return count, found
