@@ -708,8 +708,9 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
            target: str | None, udp: bool) -> None:
     """Show the audit trail (who touched which patient's images), or ship it.
 
-    Reads PACS_AUDIT_LOG (the data folder's audit.jsonl by default); lines that are not
-    an event (cut short by a full disk) are counted on standard error.
+    Reads PACS_AUDIT_LOG (the data folder's audit.jsonl by default), the events of the
+    customer acted on (a trail shared by several customers holds each one's); lines
+    that are not an event (cut short by a full disk) are counted on standard error.
     """
     import json
 
@@ -732,7 +733,8 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     unreadable = sum(event is None for event in read)
     selected = [event for event in read if event is not None
                 and event.get("EventIdentification", {}).get("EventDateTime", "") >= lower
-                and audit.matches(event, study=study, patient=patient, user=user)]
+                and audit.matches(event, site=settings.customer, study=study,
+                                  patient=patient, user=user)]
     if unreadable:
         click.echo(f"{unreadable} line(s) of {path} are not events", err=True)
     if target:

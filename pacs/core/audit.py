@@ -1221,10 +1221,19 @@ def frame_octets(message: bytes) -> bytes:
     return str(len(message)).encode("ascii") + b" " + message
 
 
-def matches(event: Mapping[str, Any], *, study: str = "", patient: str = "",
-            user: str = "") -> bool:
-    """True when ``event`` names ``study`` (a Study Instance UID), ``patient`` (a
-    Patient ID) and ``user`` (a participant's UserID), each when given."""
+def matches(event: Mapping[str, Any], *, site: str | None = None, study: str = "",
+            patient: str = "", user: str = "") -> bool:
+    """True when ``event`` was written for ``site`` (its AuditEnterpriseSiteID: the
+    customer) and names ``study`` (a Study Instance UID), ``patient`` (a Patient ID)
+    and ``user`` (a participant's UserID), each when given.
+
+    Customers may share one trail (``PACS_AUDIT_LOG`` naming one file for all): the
+    site keeps one customer's reader from seeing, or shipping, another's events.
+    """
+    source = event.get("AuditSourceIdentification")
+    if site is not None and (not isinstance(source, Mapping)
+                             or source.get("AuditEnterpriseSiteID") != site):
+        return False
     objects = event.get("ParticipantObjectIdentification", ())
     if study and not any(item.get("ParticipantObjectIDTypeCode", {}).get("csd-code")
                          == STUDY_INSTANCE_UID.code and item.get("ParticipantObjectID")

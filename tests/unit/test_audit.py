@@ -391,6 +391,46 @@ def test_events_are_filtered_by_study_patient_and_user() -> None:
     assert "DICOM Instances Transferred [R] outcome=4" in audit.summary(event)
 
 
+def test_a_trail_shared_by_customers_is_read_one_customer_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two customers writing one PACS_AUDIT_LOG: ``pacs audit --customer`` lists, and
+    would ship, only the events of the customer it names (their AuditEnterpriseSiteID),
+    whatever the other filters."""
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+
+    shared = tmp_path / "shared-audit.jsonl"
+    log = AuditLog(shared)
+    for site, patient in (("alpha", "PID-ALPHA"), ("bravo", "PID-BRAVO")):
+        assert log.write(audit.transferred_event(
+            Source("NODE", site), audit.APPLICATION_SERVER, audit.CREATE, CLIENT, NODE,
+            [STUDY], Patient(patient, "HOSP"), audit.SUCCESS))
+    log.close()
+    customers = tmp_path / "customers.toml"
+    customers.write_text('[[customer]]\nname = "alpha"\nae_titles = "ALPHA"\n'
+                         '[[customer]]\nname = "bravo"\nae_titles = "BRAVO"\n',
+                         encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for name, value in (("PACS_DATA_DIR", tmp_path / "data"),
+                        ("PACS_CUSTOMERS_FILE", customers), ("PACS_AUDIT_LOG", shared)):
+        monkeypatch.setenv(name, str(value))
+    runner = CliRunner()
+
+    def listed(*options: str) -> list[str]:
+        result = runner.invoke(main, ["audit", *options])
+        assert result.exit_code == 0, result.output
+        return result.output.splitlines()
+
+    (alpha,) = listed("--customer", "alpha")
+    assert "PID-ALPHA" in alpha
+    (bravo,) = listed("--customer", "bravo", "--format", "json")
+    assert json.loads(bravo)["AuditSourceIdentification"]["AuditEnterpriseSiteID"] == "bravo"
+    assert listed("--customer", "alpha", "--patient", "PID-BRAVO") == []
+    assert not audit.matches(EVENTS["stored"](), site="alpha")
+    assert not audit.matches({"AuditSourceIdentification": ["default"]}, site="default")
+
+
 FORGED = "\n2026-12-06T00:00:00Z DICOM Study Deleted [D] outcome=0 who=admin@10.9.9.9*"
 
 
