@@ -227,9 +227,11 @@ def _customer(entry: Any, node: Settings, where: str) -> Customer:
     if node.uploads_path:  # never one upload folder for two customers
         overrides.setdefault("PACS_UPLOADS_DIR", str(Path(node.uploads_path) / name))
     overrides.update({
-        "CUSTOMER": name, "PACS_AE_TITLE": titles[0], "PACS_CUSTOMERS_FILE": "",
-        # Its host names name this node too (the loopback rule, adapters/http/auth.py).
-        "PACS_WEB_HOSTS": ",".join((*node.web_hosts, *hosts))})
+        "CUSTOMER": name, "PACS_AE_TITLE": titles[0], "PACS_CUSTOMERS_FILE": ""})
+    # Its host names choose the customer, and grant nothing: for the loopback rule
+    # (adapters/http/auth.py) a name is this node's only when PACS_WEB_HOSTS lists it.
+    # A reverse proxy on this host forwards every client from loopback with the
+    # customer's host name; those clients must still show credentials.
     try:
         settings = derive(node, overrides)
     except ConfigError as exc:

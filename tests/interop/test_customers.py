@@ -171,8 +171,9 @@ PACS_ROUTES = "recorded: calling_ae={FORWARDED} -> {RECORDER}"
 title = "READER"
 rights = "echo"
 """, encoding="utf-8")
+    # The customers' host names name this node for the loopback rule only as listed.
     started = node_factory("customers", PACS_CUSTOMERS_FILE=str(file), CUSTOMER="alpha",
-                           PACS_UPLOADS_POLL="0.2")
+                           PACS_UPLOADS_POLL="0.2", PACS_WEB_HOSTS=",".join(HOSTS.values()))
     answers_qido(started)
     return started
 

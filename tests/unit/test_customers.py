@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from adapters.http.auth import Access, Verdict
 from adapters.http.customers import CustomerRouter
 from pacs.core import config
 from pacs.core.customers import chosen, customers, parse, single
@@ -57,7 +58,7 @@ def test_each_customer_gets_the_node_settings_with_its_own(tmp_path: Path) -> No
     assert north.settings.data_dir == tmp_path / "data" / "north"
     assert north.settings.uploads_dir == tmp_path / "data" / "north" / "uploads"
     assert set(north.settings.destinations) == {"WS"}
-    assert "north.example" in north.settings.web_hosts
+    assert north.settings.web_hosts == ()
     assert north.settings.storage == "file" and not north.settings.web_delete
     assert south.settings.storage == "s3" and south.settings.s3_bucket == "south"
     assert south.settings.web_delete and south.settings.destinations == {}
@@ -184,6 +185,22 @@ def test_the_router_picks_by_prefix_then_host_then_default(
         assert statuses == ["404 Not Found"]
     else:
         assert body.decode() == answer
+
+
+@pytest.mark.parametrize(("web_hosts", "verdict"), [
+    ("", Verdict.MISDIRECTED), ("north.example", Verdict.ALLOW)])
+def test_a_customer_s_host_name_grants_loopback_only_when_the_node_lists_it(
+        tmp_path: Path, web_hosts: str, verdict: Verdict) -> None:
+    """A reverse proxy on the node's host forwards a customer's clients from loopback
+    with the customer's host name: they must show credentials (421 without), unless
+    PACS_WEB_HOSTS names that host as this node's."""
+    path = tmp_path / "customers.toml"
+    path.write_text(TWO, encoding="utf-8")
+    north = customers(_node(tmp_path, PACS_CUSTOMERS_FILE=str(path),
+                            PACS_WEB_HOSTS=web_hosts))[0]
+    rule = Access(north.settings)
+    assert rule.decide("127.0.0.1", None, host="North.Example:443") is verdict
+    assert rule.decide("127.0.0.1", None, host="localhost:5985") is Verdict.ALLOW
 
 
 def test_without_a_default_the_root_is_not_found() -> None:
