@@ -58,6 +58,34 @@ IDENTIFIER_CEILING = 1 << 20
 MAX_QUEUED_MESSAGES = 4
 #: Command Field values of the requests whose data set is an identifier (PS3.7 E.1).
 QUERY_COMMANDS = frozenset({0x0020, 0x0021, 0x0010})  # C-FIND-RQ, C-MOVE-RQ, C-GET-RQ
+#: Fragments (presentation data values, PS3.8 E.2) a DIMSE message may come in beyond
+#: one per :data:`FRAGMENT_BYTES` of its content.  Each fragment costs the node a
+#: microsecond or more whatever it holds, and empty ones add nothing to the bytes the
+#: object limit counts: without a bound, a data set of fragments without content never
+#: ends and only burns CPU.  Real peers send a fragment per PDU (4 KiB and more).
+FREE_FRAGMENTS = 1024
+#: See :data:`FREE_FRAGMENTS`.
+FRAGMENT_BYTES = 256
+
+
+class FragmentFlood(ValueError):
+    """A DIMSE message in more fragments than its content allows (a protocol error,
+    the association is aborted): see :data:`FREE_FRAGMENTS`."""
+
+
+def count_fragment(count: int, content: int) -> int:
+    """The fragment count of a message after one more, which has brought its content
+    to ``content`` bytes.
+
+    Raises
+    ------
+    FragmentFlood
+        More fragments than :data:`FREE_FRAGMENTS` and one per :data:`FRAGMENT_BYTES`.
+    """
+    count += 1
+    if count > FREE_FRAGMENTS + content // FRAGMENT_BYTES:
+        raise FragmentFlood(f"a message in {count} fragments holding {content} bytes")
+    return count
 #: Room for the command set and PDV headers next to a data set in one unlimited PDU.
 PDU_OVERHEAD = 1 << 20
 #: No ceiling: the largest length a PDU header can declare.

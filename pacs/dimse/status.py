@@ -75,6 +75,7 @@ CODES: dict[int, tuple[str, str]] = {
     0x0122: ("Refused: SOP Class not supported", "PS3.7 C.5, 9.1.1.1.9"),
     0x0123: ("No such action", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
     0x0124: ("Refused: not authorized", "PS3.7 C.5.21"),
+    0x0211: ("Unrecognized operation", "PS3.7 C.5"),
     0x0213: ("Resource limitation", "PS3.7 C.5; N-ACTION, PS3.7 10.1.4.1.10"),
 }
 
@@ -105,6 +106,10 @@ INVALID_ARGUMENT_VALUE = Status(0x0115)
 NO_SUCH_SOP_CLASS = Status(0x0118)
 NO_SUCH_ACTION = Status(0x0123)
 RESOURCE_LIMITATION = Status(0x0213)
+#: A request whose operation is not one of its presentation context's SOP Class (a
+#: C-ECHO on a storage context, an N-GET on Storage Commitment): a general failure
+#: (PS3.7 C.5) any response may carry.
+UNRECOGNIZED_OPERATION = Status(0x0211)
 #: C-STORE of an instance a rejection note removed (IHE RAD TF-2 4.66.4).
 REJECTED_INSTANCE = Status(0xA771)
 #: The calling AE lacks the right the request needs (:mod:`pacs.core.access`).  A

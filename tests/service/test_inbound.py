@@ -480,10 +480,10 @@ def test_an_idle_association_after_stores_is_ended_at_the_network_timeout(
 @seam_only("the node's own reading of C-STORE requests")
 def test_empty_fragments_keep_what_is_held_bounded(services: Services,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A command sent as thousands of empty fragments, then its real end and a data set
-    of empty fragments around its bytes: the bytes held for a hand-back stay within the
-    command ceiling (pynetdicom takes the message over past it) and the store is
-    answered."""
+    """A command sent as a thousand empty fragments, then its real end and a data set
+    with as many empty fragments around its bytes: the bytes held for a hand-back stay
+    within the command ceiling and the store is answered (within
+    ``limits.FREE_FRAGMENTS``)."""
     held: list[int] = []
     original = inbound._Reader._pdu
 
@@ -492,25 +492,110 @@ def test_empty_fragments_keep_what_is_held_bounded(services: Services,
         return original(self, keep)
 
     monkeypatch.setattr(inbound._Reader, "_pdu", watched)
+    empties = limits.FREE_FRAGMENTS - 8
     with association(services) as (assoc, store):
         first_store(assoc)
         sent = dict([instance(1), instance(2)])
         (first, first_data), (uid, data) = sent.items()
         with raw(assoc) as sock:
             empty_command = pdu(pdv(CT_CONTEXT, 0x01, b""))
-            sock.sendall(empty_command * 10_000
+            sock.sendall(empty_command * empties
                          + pdu(pdv(CT_CONTEXT, 0x03, store_command(first, 61))))
-            sock.sendall(pdu(pdv(CT_CONTEXT, 0x00, b"")) * 1000
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x00, b"")) * empties
                          + pdu(pdv(CT_CONTEXT, 0x02, first_data)))
             assert read_response(sock)[0x00000900] == 0x0000
             # And once more with the empty fragments inside a data set the node reads.
             sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 62)))
-                         + pdu(pdv(CT_CONTEXT, 0x00, b"")) * 10_000
+                         + pdu(pdv(CT_CONTEXT, 0x00, b"")) * empties
                          + pdu(pdv(CT_CONTEXT, 0x02, data)))
             assert read_response(sock)[0x00000900] == 0x0000
         found = stored(services, store)
         assert {key: found.get(key) for key in sent} == sent
     assert max(held) <= limits.COMMAND_CEILING + len(empty_command)
+
+
+@pytest.mark.parametrize("where", ["command", "data set"])
+@seam_only("the fragments are counted on the seam's paths")
+def test_a_message_in_more_fragments_than_its_bytes_allow_aborts(
+        services: Services, counted: list[str], where: str) -> None:
+    """Each fragment costs CPU whatever it holds, and empty ones add nothing to what the
+    object limit counts: a command or data set sent as fragments without content, past
+    ``limits.FREE_FRAGMENTS`` and one per ``limits.FRAGMENT_BYTES``, would never end.
+    The association is aborted (the seam's reader, or pynetdicom's path the command
+    is handed back to), nothing stored, and the node serves the next one."""
+    flood = limits.FREE_FRAGMENTS + 50
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, _ = instance(1)
+        with raw(assoc) as sock:
+            if where == "command":
+                sock.sendall(pdu(*[pdv(CT_CONTEXT, 0x01, b"")] * flood)
+                             + pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 81))))
+            else:
+                sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 81)))
+                             + pdu(*[pdv(CT_CONTEXT, 0x00, b"")] * flood))
+            kind, _ = read_pdu(sock)
+            assert kind == A_ABORT
+        assert uid not in stored(services, store)
+        assert counted == []
+    with association(services) as (assoc, store):
+        assert send(assoc, 3) == 0x0000
+
+
+@seam_only("pynetdicom's service classes fail on another operation")
+def test_an_operation_its_context_does_not_take_is_answered_0211(
+        services: Services, counted: list[str]) -> None:
+    """A C-ECHO on a storage context and a C-STORE on a C-FIND context: each gets its
+    own response with Unrecognized Operation (0211, PS3.7 C.5) instead of a traceback
+    and an abort, and the association goes on storing."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, data = instance(1)
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03,
+                                 command(C_ECHO_RQ, CTImageStorage, 91, data_set=False))))
+            echoed = read_response(sock)
+            assert (echoed[0x00000100], echoed[0x00000120], echoed[0x00000900]) == (
+                C_ECHO_RSP, 91, 0x0211)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, store_command(uid, 92)),
+                             pdv(FIND_CONTEXT, 0x02, data)))
+            refused = read_response(sock)
+            assert (refused[0x00000100], refused[0x00000120], refused[0x00000900]) == (
+                C_STORE_RSP, 92, 0x0211)
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 93)),
+                             pdv(CT_CONTEXT, 0x02, data)))
+            assert read_response(sock)[0x00000900] == 0x0000
+        assert stored(services, store)[uid] == data
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_priority_out_of_range_aborts_as_on_the_first_message(
+        services: Services, counted: list[str]) -> None:
+    """PS3.7 9.3.1.1: Priority is LOW, MEDIUM or HIGH.  Out of range, pynetdicom's
+    decoding of an association's first message aborts; the node's own reading of the
+    next ones hands such a request to it, so that it is aborted the same (not stored)."""
+    with association(services) as (assoc, store):
+        first_store(assoc)
+        uid, data = instance(1)
+        odd = store_command(uid, 94).replace(
+            element(0x00000700, struct.pack("<H", 0)), element(0x00000700, struct.pack("<H", 99)))
+        with raw(assoc) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, odd), pdv(CT_CONTEXT, 0x02, data)))
+            kind, _ = read_pdu(sock)
+            assert kind == A_ABORT
+        assert counted == [] and uid not in stored(services, store)
+
+
+def test_a_fragment_that_is_a_small_part_of_its_pdu_is_copied() -> None:
+    """A view of a fragment keeps its whole PDU alive: 4 KiB of data in each 256 KiB
+    PDU of empty fragments would be held at 64 times what the object limit counts.
+    Only a fragment that is most of its PDU is kept as a view."""
+    body = bytes(256 << 10)
+    data = inbound._DataSet(limit=1 << 30)
+    data.add(memoryview(body)[6:4102], False, len(body))
+    data.add(memoryview(body)[6:len(body)], True, len(body))
+    assert [type(kept) for kept in data.fragments] == [bytearray, memoryview]
+    assert data.value() == bytes(4096 + len(body) - 6)
 
 
 @seam_only("the node's own reading of C-STORE requests")
@@ -522,8 +607,9 @@ def test_one_byte_fragments_are_held_as_the_bytes_they_carry(
     kept: list[int] = []
     original = inbound._DataSet.add
 
-    def watched(self: inbound._DataSet, fragment: memoryview, last: bool) -> None:
-        original(self, fragment, last)
+    def watched(self: inbound._DataSet, fragment: memoryview, last: bool,
+                pdu_bytes: int) -> None:
+        original(self, fragment, last, pdu_bytes)
         kept.append(len(self.fragments))
 
     monkeypatch.setattr(inbound._DataSet, "add", watched)

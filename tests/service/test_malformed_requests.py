@@ -20,6 +20,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from pacs.dimse import limits
 from tests.conftest import seam_only
 from tests.service.conftest import RunningNode
 from tests.service.hostile_peer import command_set, element, item, pdata
@@ -153,6 +154,46 @@ def _store_command(message_id: int) -> bytes:
                        element(0x00000700, struct.pack("<H", 0)),
                        element(0x00000800, struct.pack("<H", 0x0000)),
                        element(0x00001000, b"1.2.3.4"))
+
+
+@seam_only("pynetdicom's service classes fail on another operation")
+def test_a_first_message_its_context_does_not_take_is_answered_0211(
+        node: RunningNode) -> None:
+    """A C-ECHO-RQ as an association's first message, on a storage context: its
+    C-ECHO-RSP carries Unrecognized Operation (0211, PS3.7 C.5); pynetdicom's storage
+    service class failed on it (a traceback, the association aborted)."""
+    echo_rq = command_set(element(0x00000002, CT),
+                          element(0x00000100, struct.pack("<H", 0x0030)),
+                          element(0x00000110, struct.pack("<H", 5)),
+                          element(0x00000800, struct.pack("<H", 0x0101)))
+    with _associated(node, context(1, CT) + context(3)) as peer:
+        peer.sendall(pdata(1, 0x03, echo_rq))
+        head = answer(peer)
+        assert head[:1] == b"\x04"  # P-DATA-TF: the response, no abort
+        length, body = struct.unpack(">I", head[2:6])[0], head[6:]
+        while len(body) < length:
+            body += peer.recv(length - len(body))
+        fields = body[6:]
+        assert struct.pack("<HHIH", 0x0000, 0x0100, 2, 0x8030) in fields
+        assert struct.pack("<HHIH", 0x0000, 0x0900, 2, 0x0211) in fields
+    assert echo(node)
+
+
+@pytest.mark.parametrize("where", ["command", "data set"])
+@seam_only("pynetdicom takes the fragments as they come")
+def test_a_first_message_of_empty_fragments_aborts_the_association(
+        node: RunningNode, where: str) -> None:
+    """An association's first message (pynetdicom's path) as fragments without
+    content, past ``limits.FREE_FRAGMENTS``: aborted, where each fragment cost
+    pynetdicom's decoding some microseconds for as long as the peer kept sending."""
+    empty = pdata(1, 0x01 if where == "command" else 0x00, b"")
+    with _associated(node, context(1, CT) + context(3)) as peer:
+        if where == "data set":
+            peer.sendall(pdata(1, 0x03, _store_command(9)))
+        peer.sendall(empty * (limits.FREE_FRAGMENTS + 50))
+        assert answer(peer)[:1] == b"\x07"
+        assert closed_by_peer(peer)
+    assert echo(node)
 
 
 @pytest.mark.parametrize("after_the_command", [

@@ -289,10 +289,12 @@ class _Reader:
             raise _HandBack
         field, message_id = _us(fields, _FIELD), _us(fields, _MESSAGE_ID)
         kind = _us(fields, _DATASET_TYPE)
-        # Fields every request this path takes has (PS3.7 9.3.1.1, 9.3.2.1), a data
-        # set, and no release under way.
+        # Fields every request this path takes has (PS3.7 9.3.1.1, 9.3.2.1: Priority
+        # one of LOW, MEDIUM, HIGH), a data set, and no release under way.  Anything
+        # else is pynetdicom's, whose decoding of it decides (an abort, for a Priority
+        # out of range), the same on both paths.
         if (message_id is None or kind is None or kind == wire.NO_DATASET
-                or _us(fields, _PRIORITY) is None or self.assoc._sent_release):
+                or _us(fields, _PRIORITY) not in _PRIORITIES or self.assoc._sent_release):
             raise _HandBack
         if field == _C_STORE_RQ:
             return self._store(fields, message_id, context_id, rest, body)
@@ -304,7 +306,7 @@ class _Reader:
         """A message's command set, its context ID, the PDVs that followed it in its
         last PDU, and that PDU's body; every byte read kept in :attr:`taken`."""
         command = bytearray()
-        context_id = -1
+        context_id, count = -1, 0
         while True:
             if len(self.taken) > limits.COMMAND_CEILING:
                 # Kept for a hand-back, these bytes must stay bounded even when their
@@ -319,6 +321,10 @@ class _Reader:
                 command += fragment
                 if len(command) > limits.COMMAND_CEILING:
                     raise _HandBack  # pynetdicom's reading of it aborts
+                try:
+                    count = limits.count_fragment(count, len(command))
+                except limits.FragmentFlood:
+                    raise _HandBack from None  # pynetdicom's counting of them aborts
                 if header & _LAST_BIT:
                     return bytes(command), context_id, pdvs[position + 1:], body
 
@@ -402,7 +408,10 @@ class _Reader:
                 raise error("a data set fragment on another presentation context")
             if header & _COMMAND_BIT:
                 raise error("a command fragment inside a data set")
-            data.add(fragment, bool(header & _LAST_BIT))
+            try:
+                data.add(fragment, bool(header & _LAST_BIT), len(body))
+            except limits.FragmentFlood as exc:
+                raise error(str(exc)) from None
 
     def _pdu(self, keep: bool) -> bytes | bytearray:
         """The body of the next PDU, which must be a P-DATA-TF within the ceiling.
@@ -620,23 +629,34 @@ class _DataSet:
     """A data set's fragments, kept up to the object limit and counted past it (as
     :class:`pacs.dimse.limits.CappedBuffer` does for pynetdicom's buffers).
 
-    A large fragment is kept as a view of its PDU (no copy); small ones are copied
-    together, so that what a data set holds stays close to its bytes: a view costs
-    about 200 bytes of its own, and a peer sending one-byte fragments would otherwise
-    make the node hold 200 times the bytes it sent.
+    A fragment that is most of its PDU is kept as a view of it (no copy); others are
+    copied together, so that what a data set holds stays close to its bytes: a view
+    costs about 200 bytes of its own and keeps its whole PDU alive, so a peer sending
+    one-byte fragments, or one 4 KiB fragment in each 256 KiB PDU of empty ones, would
+    otherwise make the node hold hundreds or 64 times the bytes the limit counts.  The
+    fragments themselves are bounded too (:func:`pacs.dimse.limits.count_fragment`).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.fragments: list[memoryview | bytearray] = []
         self.received = 0
+        self.count = 0
         self.complete = False
 
-    def add(self, fragment: memoryview, last: bool) -> None:
+    def add(self, fragment: memoryview, last: bool, pdu_bytes: int) -> None:
+        """Add a fragment of a PDU whose body is ``pdu_bytes`` long.
+
+        Raises
+        ------
+        pacs.dimse.limits.FragmentFlood
+            More fragments than the data set's bytes allow.
+        """
         self.received += len(fragment)
+        self.count = limits.count_fragment(self.count, self.received)
         if self.limit > 0 and self.received > self.limit:
             self.fragments.clear()  # over the limit: answered A700, nothing kept
-        elif len(fragment) >= _VIEWED_FRAGMENT_BYTES:
+        elif len(fragment) >= _VIEWED_FRAGMENT_BYTES and 2 * len(fragment) >= pdu_bytes:
             self.fragments.append(fragment)
         elif fragment:
             last_kept = self.fragments[-1] if self.fragments else None
@@ -656,8 +676,10 @@ class _DataSet:
 _VIEWED_FRAGMENT_BYTES = 4096
 
 
-#: Priority (0000,0700), required in a C-STORE-RQ (PS3.7 9.3.1.1).
+#: Priority (0000,0700), required in a C-STORE-RQ (PS3.7 9.3.1.1), and its values:
+#: MEDIUM, HIGH, LOW.
 _PRIORITY = 0x00000700
+_PRIORITIES = frozenset({0x0000, 0x0001, 0x0002})
 
 
 def _command_elements(command: bytes) -> dict[int, bytes] | None:

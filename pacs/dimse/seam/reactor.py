@@ -952,7 +952,8 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     message (a second C-STORE command replaced the first, unanswered).  The rules of
     the seam's own reader hold here too (:mod:`pacs.dimse.seam.inbound`; PS3.8 9.3.5.1,
     E.2: a message's fragments are on one context, its command set first, then its data
-    set): a fragment that breaks them aborts the association.
+    set): a fragment that breaks them aborts the association, and so does a message in
+    more fragments than its content allows (:func:`pacs.dimse.limits.count_fragment`).
     """
     for context_id, fragment in primitive.presentation_data_value_list:
         single = P_DATA()
@@ -985,6 +986,12 @@ def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: byt
     out_of_order = _out_of_order(message, context_id, fragment)
     if out_of_order is not None:
         return _abort_message(self, out_of_order)
+    counts = message.__dict__
+    content = counts["_content"] = counts.get("_content", 0) + len(fragment) - 1
+    try:
+        counts["_fragments"] = limits.count_fragment(counts.get("_fragments", 0), content)
+    except limits.FragmentFlood as exc:
+        return _abort_message(self, str(exc))
     try:
         _ORIGINAL_RECEIVE_PRIMITIVE(self, single)
     except limits.CommandTooLarge as exc:

@@ -36,7 +36,19 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydicom.uid import UID
 from pynetdicom import association, evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import (
+    C_ECHO,
+    C_FIND,
+    C_GET,
+    C_MOVE,
+    C_STORE,
+    N_ACTION,
+    N_CREATE,
+    N_DELETE,
+    N_EVENT_REPORT,
+    N_GET,
+    N_SET,
+)
 from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 
 import pacs.dimse.seam.inbound as inbound
@@ -53,12 +65,11 @@ from pacs.dimse.connection import (
     SubOperationCounts,
 )
 from pacs.dimse.limits import CappedBuffer, dropped
-from pacs.dimse.status import INVALID_SOP_INSTANCE, Status
+from pacs.dimse.status import INVALID_SOP_INSTANCE, UNRECOGNIZED_OPERATION, Status
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
     from pynetdicom.association import Association
-    from pynetdicom.dimse_primitives import C_FIND
     from pynetdicom.presentation import PresentationContext
 
     from pacs.core.config import Modality
@@ -176,6 +187,60 @@ def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
     command = wire.response_command(
         C_STORE_RSP, str(msg.AffectedSOPClassUID or ""), int(msg.MessageID), status.code,
         False, status.comment, sop_instance_uid=str(msg.AffectedSOPInstanceUID or "") or None)
+    wire.ResponseWriter(assoc, context_id).message(command, last=True)
+    return True
+
+
+#: The Command Field of each request primitive (PS3.7 E.1-1); its response's is the
+#: same with bit 15 set.
+_REQUEST_FIELDS: dict[type, int] = {
+    C_STORE: 0x0001, C_GET: 0x0010, C_FIND: 0x0020, C_MOVE: 0x0021, C_ECHO: 0x0030,
+    N_EVENT_REPORT: 0x0100, N_GET: 0x0110, N_SET: 0x0120, N_ACTION: 0x0130,
+    N_CREATE: 0x0140, N_DELETE: 0x0150}
+
+
+def operations_of(sop_class_uid: str) -> tuple[type, ...] | None:
+    """The requests a SOP Class of the node's contexts takes (PS3.4 A.4, B, C.4, J.3:
+    C-ECHO for Verification, C-STORE for storage, C-FIND, C-MOVE or C-GET for each
+    Query/Retrieve model, N-ACTION and N-EVENT-REPORT for Storage Commitment); ``None``
+    for any other (left to pynetdicom)."""
+    uid = UID(sop_class_uid)
+    if uid == contexts.VERIFICATION:
+        return (C_ECHO,)
+    if uid == contexts.STORAGE_COMMITMENT:
+        return (N_ACTION, N_EVENT_REPORT)
+    for models, kind in ((contexts.FIND_MODELS, C_FIND), (contexts.MOVE_MODELS, C_MOVE),
+                         (contexts.GET_MODELS, C_GET)):
+        if uid in models:
+            return (kind,)
+    return (C_STORE,) if _served_by_storage(uid) else None
+
+
+def answer_unrecognized(assoc: Association, msg: Any, context_id: int) -> bool:
+    """Answer a request whose operation its context's SOP Class does not take; True
+    when it was answered.
+
+    pynetdicom hands such a request (a C-ECHO on a storage context, a C-STORE on a
+    Query/Retrieve one, an N-GET on Storage Commitment) to the context's service class,
+    which fails on it: a traceback in the log, and the association aborted as if by
+    the service user.  It gets its response with Unrecognized Operation (0211, PS3.7
+    C.5) instead, and the association goes on.
+    """
+    field = _REQUEST_FIELDS.get(type(msg))
+    context = assoc._accepted_cx.get(context_id)
+    if field is None or context is None or getattr(msg, "MessageID", None) is None:
+        return False
+    takes = operations_of(str(context.abstract_syntax or ""))
+    if takes is None or isinstance(msg, takes):
+        return False
+    sop_class = (getattr(msg, "AffectedSOPClassUID", None)
+                 or getattr(msg, "RequestedSOPClassUID", None) or "")
+    log.info("Answering %s a request (Command Field %#06x) its context's SOP Class does "
+             "not take", assoc.requestor.address, field)
+    status = UNRECOGNIZED_OPERATION.with_comment(
+        "not an operation of the presentation context's SOP Class")
+    command = wire.response_command(field | 0x8000, str(sop_class), int(msg.MessageID),
+                                    status.code, False, status.comment)
     wire.ResponseWriter(assoc, context_id).message(command, last=True)
     return True
 
@@ -432,8 +497,9 @@ def patch() -> None:
 
     ``pynetdicom.association`` looks the service class up through its module-level name
     ``uid_to_service_class`` for every request; that name is wrapped.
-    ``Association._serve_request`` is wrapped to answer invalid C-STORE requests and to
-    hand the response to a report sent by :mod:`pacs.dimse.seam.notify` to its sender.
+    ``Association._serve_request`` is wrapped to answer invalid C-STORE requests and
+    requests of an operation their context's SOP Class does not take, and to hand the
+    response to a report sent by :mod:`pacs.dimse.seam.notify` to its sender.
     """
     original = association.uid_to_service_class
     ours = (frozenset(contexts.FIND_MODELS) | frozenset(contexts.MOVE_MODELS)
@@ -451,8 +517,10 @@ def patch() -> None:
     def _serve_request(self: Association, msg: Any, context_id: int) -> None:
         if notify.take_response(self, msg):
             return  # the response to a report this side sent, not a request
-        if not (reactor.serves(self) and answer_invalid_store(self, msg, context_id)):
-            keep_early_cancel(self, msg)
-            serve_request(self, msg, context_id)
+        if reactor.serves(self) and (answer_invalid_store(self, msg, context_id)
+                                     or answer_unrecognized(self, msg, context_id)):
+            return
+        keep_early_cancel(self, msg)
+        serve_request(self, msg, context_id)
 
     association.Association._serve_request = _serve_request  # type: ignore[method-assign]
