@@ -110,9 +110,15 @@ class Instance(Identity):
     ----------
     header :
         The data set without pixel data (values decoded lazily by pydicom).
+    ordered :
+        Its top-level elements ascend by tag, each once (PS3.5 7.1).  Ingest refuses
+        an object that breaks this (:mod:`pacs.core.ingest`): a tag repeated after the
+        pixel data, where the header stops, would give readers other UIDs or patient
+        than the index holds.  Objects already stored are read as they are.
     """
 
     header: Dataset
+    ordered: bool = True
 
 
 def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
@@ -146,19 +152,19 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     found = meta_transfer_syntax(buffer, offset)
     header: FileDataset | None
     if found == DeflatedExplicitVRLittleEndian:
-        header = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
-                                max_object_bytes)
+        header, ordered = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
+                                         max_object_bytes)
         transfer_syntax = str(DeflatedExplicitVRLittleEndian)
     else:
         if found is None:
             raise UnreadableData("the file meta has no Transfer Syntax UID")
         transfer_syntax = require_uid(found, "TransferSyntaxUID")
-        header = _walked_header(buffer, offset, transfer_syntax)
+        header, ordered = _walked_header(buffer, offset, transfer_syntax)
         if header is None:
             # An encoding the walk leaves to pydicom (an unknown transfer syntax, an
             # undefined length outside a sequence): the walk proves it whole and
             # counts its elements (MAX_ELEMENTS) before pydicom reads it.
-            check_complete(memoryview(buffer)[offset:], transfer_syntax)
+            ordered = check_complete(memoryview(buffer)[offset:], transfer_syntax)
             try:
                 header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
@@ -177,6 +183,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         series_uid=require_uid(series, "SeriesInstanceUID"),
         transfer_syntax=transfer_syntax,
         dataset_offset=offset,
+        ordered=ordered,
     )
 
 
@@ -224,7 +231,7 @@ def read_header(buffer: bytes) -> Dataset:
     """
     offset = dataset_offset(buffer)
     if meta_transfer_syntax(buffer, offset) == DeflatedExplicitVRLittleEndian:
-        return _read_deflated(buffer[:offset], memoryview(buffer)[offset:], None)
+        return _read_deflated(buffer[:offset], memoryview(buffer)[offset:], None)[0]
     try:
         return pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
@@ -261,13 +268,14 @@ def read_deflated_header(source: BinaryIO, head: bytes, offset: int) -> FileData
         A header over :data:`MAX_DEFLATED_HEADER`.
     """
     source.seek(offset)
-    return _read_deflated(head[:offset], source, None)
+    return _read_deflated(head[:offset], source, None)[0]
 
 
 def _read_deflated(meta_bytes: bytes, deflated: memoryview | BinaryIO,
-                   max_object_bytes: int | None) -> FileDataset:
+                   max_object_bytes: int | None) -> tuple[FileDataset, bool]:
     """The header of a deflated object (``meta_bytes``: preamble and file meta), proven
-    whole, inflated no further than needed.
+    whole, inflated no further than needed, and whether its top-level elements ascend
+    (:attr:`Instance.ordered`).
 
     The walk (:func:`walk_deflated`) proves the data set complete and keeps the bytes
     before the pixel data; pydicom reads only those, as the explicit VR little endian
@@ -288,7 +296,7 @@ def _read_deflated(meta_bytes: bytes, deflated: memoryview | BinaryIO,
         header.set_original_encoding(False, True, dataset.original_character_set)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
-    return header
+    return header, walked.ordered
 
 
 def _not_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -342,6 +350,8 @@ class _Walker:
         self.implicit = implicit
         self.size = len(data)
         self.limit = self.headers_left = MAX_ELEMENTS
+        #: The top-level tags ascend, each once, as far as walked (PS3.5 7.1).
+        self.ordered = True
         order = "<" if little else ">"
         # Compiled once: a walk reads tens of headers per object (ingest's hot path).
         self._tag_length = struct.Struct(order + "HHI")  # implicit VR, items, delimiters
@@ -384,9 +394,13 @@ class _Walker:
         if depth > 64:
             raise UnreadableData("sequences nested too deeply")
         limit = len(self.data) if end is None else end
+        previous = -1
         while position < limit:
             tag, vr, length, size = self._header(position)
             position += size
+            if depth == 0:  # the top level (items' data sets are walked one deeper)
+                self.ordered = self.ordered and tag > previous
+                previous = tag
             if tag == _ITEM_END:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
@@ -409,11 +423,14 @@ class _Walker:
         needs pydicom's own reading (see :func:`_walked_header`)."""
         data, end = self.data, len(self.data)
         kept: list[tuple[int, str | None, int, bytes, int]] = []
-        position, pixel_at = 0, None
+        position, pixel_at, previous = 0, None, -1
         while position < end:
             start = position
             tag, vr_bytes, length, size = self._header(position)
             position += size
+            if tag <= previous:
+                self.ordered = False  # the walk goes on: ingest refuses, readers read
+            previous = tag
             if tag >> 16 == 0xFFFE:
                 return None  # an item or delimiter outside a sequence: malformed
             vr = None if vr_bytes is None else _VR_NAMES.get(vr_bytes)
@@ -477,8 +494,9 @@ class _Walker:
 
 
 def check_complete(dataset: memoryview, transfer_syntax: str,
-                   max_inflated: int | None = None) -> None:
-    """Raise :class:`UnreadableData` unless the encoded data set is whole.
+                   max_inflated: int | None = None) -> bool:
+    """Raise :class:`UnreadableData` unless the encoded data set is whole; return
+    whether its top-level elements ascend by tag, each once (PS3.5 7.1).
 
     Every element's value must fit in the bytes received and the last one must end
     exactly at the end of the object.  A deflated data set is walked as a stream
@@ -486,14 +504,14 @@ def check_complete(dataset: memoryview, transfer_syntax: str,
     (:class:`ObjectTooLarge` beyond).
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        walk_deflated(dataset, max_inflated, header_limit=None)
-        return
+        return walk_deflated(dataset, max_inflated, header_limit=None).ordered
     walker = _Walker(
         dataset,
         implicit=transfer_syntax == ImplicitVRLittleEndian,
         little=transfer_syntax != ExplicitVRBigEndian,
     )
     walker.dataset(0, len(dataset))
+    return walker.ordered
 
 
 #: Transfer syntaxes whose data set :func:`_walked_header` reads: (implicit VR, little
@@ -531,7 +549,8 @@ def _dictionary_vr(tag: int) -> str | None:
         return None
 
 
-def _walked_header(buffer: bytes, offset: int, transfer_syntax: str) -> FileDataset | None:
+def _walked_header(buffer: bytes, offset: int,
+                   transfer_syntax: str) -> tuple[FileDataset | None, bool]:
     """The header (the data set before its pixel data) of a Part 10 object, read by the
     walk that proves the data set whole (:class:`_Walker`), in one pass.
 
@@ -541,7 +560,8 @@ def _walked_header(buffer: bytes, offset: int, transfer_syntax: str) -> FileData
     most of a small instance's ingest CPU).  Its ``buffer`` is positioned at the pixel
     data element, as pydicom's is (:func:`pacs.core.metadata.prepare` reads it there).
     ``None`` when the data set holds what pydicom should interpret itself: an unknown
-    VR, or an undefined length on an element that is not a sequence.
+    VR, or an undefined length on an element that is not a sequence.  With it, whether
+    the top-level elements ascend (:attr:`Instance.ordered`; ``True`` with ``None``).
 
     Raises
     ------
@@ -550,12 +570,12 @@ def _walked_header(buffer: bytes, offset: int, transfer_syntax: str) -> FileData
     """
     known = transfer_syntax in _NATIVE_ENCODINGS or UID(transfer_syntax).is_transfer_syntax
     if transfer_syntax == DeflatedExplicitVRLittleEndian or not known:
-        return None
+        return None, True
     implicit, little = _NATIVE_ENCODINGS.get(transfer_syntax, (False, True))
     walker = _Walker(memoryview(buffer)[offset:], implicit, little)
     walked = walker.top_level()
     if walked is None:
-        return None
+        return None, True
     elements, pixel_at = walked
     raw: dict[BaseTag, DataElement | RawDataElement] = {
         BaseTag(tag): RawDataElement(BaseTag(tag), vr, length, value, offset + start,
@@ -576,7 +596,7 @@ def _walked_header(buffer: bytes, offset: int, transfer_syntax: str) -> FileData
         raise UnreadableData("the Specific Character Set does not decode "
                              f"({type(exc).__name__})") from None
     header.set_original_encoding(implicit, little, encodings)
-    return header
+    return header, walker.ordered
 
 
 # --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------
@@ -772,6 +792,8 @@ class _StreamWalker:
         self.reader = reader
         self.limit = limit
         self.elements = self.headers_left = MAX_ELEMENTS
+        #: The top-level tags ascend, each once (PS3.5 7.1).
+        self.ordered = True
 
     def header(self) -> tuple[int, bytes | None, int]:
         """(tag, VR, value length) of the next element or item (no VR for items and
@@ -803,9 +825,12 @@ class _StreamWalker:
     def top(self) -> None:
         """Walk the top-level data set to the end of the stream."""
         reader = self.reader
+        previous = -1
         while not reader.at_end():
             start = reader.position
             tag, vr, length = self.header()
+            self.ordered = self.ordered and tag > previous
+            previous = tag
             if tag in _PIXEL_TAGS:
                 reader.stop_keeping(start)
             if tag == _ITEM_END:
@@ -926,10 +951,13 @@ class DeflatedWalk:
         it has none); empty when not asked for.
     inflated :
         The inflated data set's size.
+    ordered :
+        Its top-level elements ascend by tag, each once (PS3.5 7.1).
     """
 
     header: bytes
     inflated: int
+    ordered: bool = True
 
 
 def walk_deflated(deflated: memoryview | BinaryIO, max_inflated: int | None,
@@ -957,8 +985,9 @@ def walk_deflated(deflated: memoryview | BinaryIO, max_inflated: int | None,
         its header is larger than ``header_limit``.
     """
     reader = _InflatedReader(Inflater(deflated, max_inflated), header_limit)
-    _StreamWalker(reader, max_inflated).top()
-    return DeflatedWalk(bytes(reader.kept), reader.position)
+    walker = _StreamWalker(reader, max_inflated)
+    walker.top()
+    return DeflatedWalk(bytes(reader.kept), reader.position, walker.ordered)
 
 
 def _text(value: Any) -> str | None:

@@ -148,12 +148,16 @@ class Analysis(Identity):
     rejection :
         What the object rejects when it is an IOCM rejection note
         (:mod:`pacs.core.rejection`), else ``None``.
+    ordered :
+        Its top-level elements ascend by tag, each once (PS3.5 7.1); ingest refuses
+        one whose do not (:func:`_disorder`).
     """
 
     values: dict[Level, dict[str, str | None]]
     checksum: str
     metadata: metadata.Prepared | None
     rejection: rejection.Rejection | None = None
+    ordered: bool = True
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
@@ -215,6 +219,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         checksum=checksum() if checksum is not None else sha256(data),
         metadata=prepared,
         rejection=note,
+        ordered=instance.ordered,
     )
 
 
@@ -414,6 +419,8 @@ class Ingest:
             # Through the intake, the metadata is the mover's work (module docstring).
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
+            if (disorder := _disorder(analysis)) is not None:
+                raise disorder
             if (refused := _rejection_refusal(analysis, may_reject)) is not None:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 raise refused  # before any lock; what was staged is removed
@@ -569,6 +576,8 @@ class Ingest:
                 results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
+            elif (disorder := _disorder(analysis)) is not None:
+                results[number] = disorder
             elif (refused := _rejection_refusal(analysis, may_reject)) is not None:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 results[number] = refused
@@ -915,6 +924,17 @@ def sender(calling_ae: str, requestor: Participant | None) -> Participant:
     """Who sent an object: the ``requestor`` (a DICOMweb user), by default the calling
     AE title."""
     return requestor or Participant(calling_ae.strip() or "(none)", True)
+
+
+def _disorder(analysis: Analysis) -> UnreadableData | None:
+    """The refusal of an object whose top-level elements do not ascend by tag, each
+    once (PS3.5 7.1), else ``None``.  The index reads the header, which stops at the
+    pixel data: an element repeated after it (another Study or SOP Instance UID, another
+    Patient ID) would be what pydicom readers of the stored object see instead."""
+    if analysis.ordered:
+        return None
+    return UnreadableData("the data set's elements are not in ascending order of their "
+                          "tags, each once (PS3.5 7.1)")
 
 
 def _rejection_refusal(analysis: Analysis, may_reject: bool) -> NotAuthorized | None:

@@ -6,8 +6,10 @@ import errno
 import hashlib
 import os
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,11 @@ import apsw
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pacs.core import dataset, ingest as ingest_module
 from pacs.core.errors import (
@@ -25,6 +32,7 @@ from pacs.core.errors import (
     ObjectTooLarge,
     StorageError,
     UIDMismatch,
+    UnreadableData,
 )
 from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
@@ -32,6 +40,7 @@ from pacs.core.services import Services, drain
 from pacs.core.storage import filesystem
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import folder_store, sample
+from tests.factory import dataset_bytes, make_instance, part10
 
 
 def _bytes(name: str = "CT_small.dcm", **changes: str) -> bytes:
@@ -134,6 +143,52 @@ def test_uid_mismatch(services: Services, memory_store: MemoryStore) -> None:
     with pytest.raises(InvalidUID):
         services.ingest.store_bytes(data, expected=("1.2.840.10008.5.1.4.1.1.2", "1.2.x"))
     assert _stored(services) == {}
+
+
+def _appended(syntax: str, tag: int, value: bytes, **attributes: object) -> bytes:
+    """A CT object in ``syntax`` with one more top-level element after its pixel data
+    (PS3.5 7.1 breached: the tags no longer ascend), encoded by hand."""
+    value += b"\0" * (len(value) % 2)
+    group, element = tag >> 16, tag & 0xFFFF
+    implicit = syntax == ImplicitVRLittleEndian
+    extra = (struct.pack("<HHI", group, element, len(value)) if implicit else
+             struct.pack("<HH2sH", group, element, b"UI" if group == 0x0020 else b"LO",
+                         len(value))) + value
+    ds = dcmread(DicomBytesIO(make_instance(**attributes)))
+    data = part10(ds, syntax)
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return data + extra
+    body = dataset_bytes(data)
+    inflated = zlib.decompress(body, -15) + extra
+    squeeze = zlib.compressobj(wbits=-15)
+    return data[:len(data) - len(body)] + squeeze.compress(inflated) + squeeze.flush()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    DeflatedExplicitVRLittleEndian])
+def test_elements_out_of_order_or_repeated_are_refused_and_stored_ones_still_read(
+        services: Services, syntax: str) -> None:
+    """PS3.5 7.1: a Study Instance UID repeated after the pixel data (pydicom readers
+    of the object would see it, the index the first), or a Patient ID that comes only
+    there, is refused (C000 / 400): alone and in a batch, nothing kept.  Read again (by
+    fsck, reindex), such an object still parses, its order reported."""
+    repeated = _appended(syntax, 0x0020000D, b"1.2.777", StudyInstanceUID="1.2.3.9")
+    late = _appended(syntax, 0x00100020, b"PID-LATE", PatientID=None)
+    for data in (repeated, late):
+        with pytest.raises(UnreadableData, match="ascending order"):
+            services.ingest.store_bytes(data)
+        (result,) = services.ingest.store_batch([Received.of(data)])
+        assert isinstance(result, UnreadableData)
+        read = dataset.read_part10(data)
+        assert not read.ordered
+    assert dataset.read_part10(repeated).study_uid == "1.2.3.9"
+    assert _stored(services) == {}
+    assert writer.counts(services.index.connection())["instance"] == 0
+    assert dataset.read_part10(make_instance()).ordered
+    walked = dataset_bytes(repeated)
+    assert not dataset.check_complete(memoryview(walked), syntax)
+    assert dataset.check_complete(memoryview(dataset_bytes(part10(
+        dcmread(DicomBytesIO(make_instance())), syntax))), syntax)
 
 
 def test_store_failure_leaves_nothing(make_services: Callable[..., Services],
