@@ -164,6 +164,7 @@ class Access:
         self.open = settings.web_open
         self.delete = settings.web_delete
         self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
+        self.site = settings.customer  # whose users a claimed name is counted among
         self.logins = logins if logins is not None else LoginLimiter.of(settings)
         self.trail = trail
 
@@ -262,7 +263,8 @@ class Access:
         """The login ``authorization`` from ``remote_addr`` is, for the limiter."""
         basic = basic_credentials(authorization)
         name = basic[0] if basic is not None and basic[0] else None
-        return Attempt(remote_addr or "", name, name is not None and name in self.policy.users)
+        return Attempt(remote_addr or "", name, name is not None and name in self.policy.users,
+                       site=self.site)
 
     def retry_after(self, remote_addr: str | None, authorization: str) -> float:
         """Seconds until credentials from ``remote_addr`` are looked at again (0: now)."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pacs.core import access
+from pacs.core import access, audit
 from pacs.core.access import Tables
 from pacs.core.config import Settings, derive, validate_customer
 from pacs.core.errors import ConfigError
@@ -162,6 +162,9 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
                           "and nothing else")
     found = tuple(_customer(entry, node, f"{where}, customer {n + 1}")
                   for n, entry in enumerate(entries))
+    # Names and AE titles apart whatever their case: a modality that upper-cases the
+    # title it calls would reach another customer, and names are folders, one on a
+    # file system that ignores case.
     _unique(where, "name", [c.name for c in found])
     _unique(where, "AE title", [t for c in found for t in c.ae_titles])
     _unique(where, "host", [h for c in found for h in c.hosts])
@@ -172,7 +175,9 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
 def _apart(where: str, found: tuple[Customer, ...]) -> None:
     """Refuse two customers whose data or upload folders are one, or one inside the
     other, however written (``..``, a link): each reads what it finds there, so the
-    one would index, serve or store the other's patients' data."""
+    one would index, serve or store the other's patients' data.  A customer's audit
+    trail is not in another's folders either (its events name patients; in an upload
+    folder it would be taken as an upload); customers may share one trail."""
     folders = [(customer.name, what, Path(os.path.realpath(folder)))
                for customer in found
                for what, folder in (("data folder", customer.settings.data_dir),
@@ -185,14 +190,25 @@ def _apart(where: str, found: tuple[Customer, ...]) -> None:
                     f"{where}: the {what} of customer {name!r} ({folder}) and the "
                     f"{other_what} of customer {other_name!r} ({other}) overlap: two "
                     "customers never share a folder")
+    for customer in found:
+        trail = audit.audit_path(customer.settings.audit_log, customer.settings.data_dir)
+        if trail is None:
+            continue
+        trail = Path(os.path.realpath(trail))
+        for other_name, other_what, other in folders:
+            if other_name != customer.name and trail.is_relative_to(other):
+                raise ConfigError(
+                    f"{where}: the audit trail of customer {customer.name!r} ({trail}) "
+                    f"is in the {other_what} of customer {other_name!r} ({other})")
 
 
 def _unique(where: str, what: str, values: list[str]) -> None:
     seen: set[str] = set()
     for value in values:
-        if value in seen:
-            raise ConfigError(f"{where}: {what} {value!r} belongs to two customers")
-        seen.add(value)
+        if value.casefold() in seen:
+            raise ConfigError(f"{where}: {what} {value!r} belongs to two customers "
+                              "(compared without case)")
+        seen.add(value.casefold())
 
 
 def _customer(entry: Any, node: Settings, where: str) -> Customer:

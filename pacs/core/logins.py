@@ -22,9 +22,11 @@ its count between guesses at others.  Requests refused so are not counted (they 
 nothing): a client is heard again once its oldest counted failure leaves the window,
 so a client that keeps guessing gets ``PACS_AUTH_FAILURES`` tries per window.
 
-The counts are kept in each process (a gunicorn worker; its customers share them) and
-bounded: at most :data:`MAX_TRACKED` addresses and as many user names, the ones whose
-last failure is oldest forgotten first.  ``PACS_AUTH_FAILURES=0`` turns the limit off.
+The counts are kept in each process (a gunicorn worker; its customers share the
+counts per address, and each has its own per user name: one name at two customers is
+two accounts, and guessing at one must not lock the other out) and bounded: at most
+:data:`MAX_TRACKED` addresses and as many user names, the ones whose last failure is
+oldest forgotten first.  ``PACS_AUTH_FAILURES=0`` turns the limit off.
 
 Failures are logged at WARNING at most once per :data:`LOG_INTERVAL` (with the count
 of those not logged), and each lock-out, as often, with the address (and the user name
@@ -165,11 +167,15 @@ class Attempt:
         name); as claimed, never checked.
     known :
         ``user`` names a configured user (only then is it logged).
+    site :
+        The customer whose users ``user`` is looked up among: a name counts per
+        customer (two customers' users of one name are two accounts).
     """
 
     address: str
     user: str | None = None
     known: bool = False
+    site: str = ""
 
 
 class LoginLimiter:
@@ -213,7 +219,7 @@ class LoginLimiter:
         """Seconds until the credentials of ``attempt`` are looked at again; 0: now."""
         if not self.enabled:
             return 0.0
-        address, user = client_key(attempt.address), _user_key(attempt.user)
+        address, user = client_key(attempt.address), _user_key(attempt)
         with self._lock:
             now = self.clock()
             failed_here = self._addresses.count(address, now)
@@ -229,7 +235,7 @@ class LoginLimiter:
         """Count a failed login of ``attempt``; what it locked, if anything (logged)."""
         if not self.enabled:
             return Lockout.NONE
-        address, user = client_key(attempt.address), _user_key(attempt.user)
+        address, user = client_key(attempt.address), _user_key(attempt)
         with self._lock:
             now = self.clock()
             # A lock-out starts when a count reaches the limit, not again when requests
@@ -269,5 +275,7 @@ class LoginLimiter:
         return lines
 
 
-def _user_key(user: str | None) -> str | None:
-    return user[:_MAX_NAME] if user else None
+def _user_key(attempt: Attempt) -> str | None:
+    """The key a user name is counted under: its customer's name (which holds no NUL,
+    :func:`pacs.core.config.validate_customer`), a NUL, and the name (cut)."""
+    return f"{attempt.site}\0{attempt.user[:_MAX_NAME]}" if attempt.user else None

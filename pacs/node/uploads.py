@@ -153,14 +153,16 @@ class _Skip(Exception):
 
 @contextmanager
 def _directory(root: Path, parts: Sequence[str], create: bool = False) -> Iterator[int]:
-    """A descriptor of ``root/parts...``, each part opened with ``O_NOFOLLOW``.
+    """A descriptor of ``root/parts...``, each part opened with ``O_NOFOLLOW``, the
+    root's last component too (an upload folder swapped for a link to another
+    customer's is not entered).
 
     Raises
     ------
     OSError
         A part is missing (unless ``create``), or a link (``ELOOP``) or not a folder.
     """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(root, _DIRECTORY)
     try:
         for part in parts:
             if create:
@@ -297,6 +299,9 @@ class UploadWatcher:
         self._warned: set[Path] = set()
         self._unlisted: set[Path] = set()  # folders this scan could not list
         folder.mkdir(parents=True, exist_ok=True)
+        # Where the folder is, as the node checked it apart from every other customer's
+        # at start (pacs.core.customers): it is scanned only while it is still there.
+        self._real = os.path.realpath(folder)
 
     # -- one scan ---------------------------------------------------------------------
 
@@ -337,7 +342,15 @@ class UploadWatcher:
         return handled
 
     def _candidates(self) -> Iterator[tuple[Path, _Seen]]:
-        """Every file below the folder that may be an upload, with what it looks like."""
+        """Every file below the folder that may be an upload, with what it looks like;
+        none while the folder is a link or leads elsewhere than at start (swapped for
+        a link to another customer's upload folder, whose files would be stored as
+        this customer's)."""
+        if self.folder.is_symlink() or os.path.realpath(self.folder) != self._real:
+            self._unlisted.add(self.folder)  # said once while it stays so
+            self._warn_once(self.folder, "the upload folder is now a link or leads "
+                                         "elsewhere than when the node started; not scanned")
+            return
         for dirpath, dirs, files in os.walk(self.folder, onerror=self._unlistable):
             here = Path(dirpath)
             if here == self.folder:

@@ -136,6 +136,21 @@ def test_folders_of_two_customers_never_overlap(tmp_path: Path, monkeypatch: pyt
      "name 'a' belongs to two"),
     ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "b", "ae_titles": ["A"]}]},
      "AE title 'A' belongs to two"),
+    # Without case: a modality upper-casing its called AE title, a file system
+    # ignoring case in the folder names.
+    ({"customer": [{"name": "a", "ae_titles": "NORTH"},
+                   {"name": "b", "ae_titles": ["north"]}]},
+     "AE title 'north' belongs to two customers \\(compared without case"),
+    ({"customer": [{"name": "a", "ae_titles": "A"}, {"name": "A", "ae_titles": "B"}]},
+     "name 'A' belongs to two"),
+    ({"customer": [{"name": "a", "ae_titles": "A", "settings": {"PACS_UPLOADS_DIR": "up"}},
+                   {"name": "b", "ae_titles": "B",
+                    "settings": {"PACS_AUDIT_LOG": "up/trail.jsonl"}}]},
+     "audit trail of customer 'b' .* is in the upload folder of customer 'a'"),
+    ({"customer": [{"name": "a", "ae_titles": "A"},
+                   {"name": "b", "ae_titles": "B",
+                    "settings": {"PACS_AUDIT_LOG": "data/a/index.sqlite"}}]},
+     "audit trail of customer 'b' .* is in the data folder of customer 'a'"),
     ({"customer": [{"name": "a", "ae_titles": "A", "hosts": "h"},
                    {"name": "b", "ae_titles": "B", "hosts": ["H"]}]},
      "host 'h' belongs to two"),
@@ -143,10 +158,21 @@ def test_folders_of_two_customers_never_overlap(tmp_path: Path, monkeypatch: pyt
                    {"name": "b", "ae_titles": "B", "settings": {"PACS_DATA_DIR": "x"}}]},
      "data folder"),
 ])
-def test_mistakes_are_refused(tmp_path: Path, document: dict[str, Any], message: str
-                              ) -> None:
+def test_mistakes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              document: dict[str, Any], message: str) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths are the working folder's
     with pytest.raises(ConfigError, match=message):
         parse(document, _node(tmp_path))
+
+
+def test_customers_may_share_one_audit_trail_outside_their_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shared = {"PACS_AUDIT_LOG": str(tmp_path / "audit" / "all.jsonl")}
+    north, south = parse({"customer": [{"name": "north", "ae_titles": "N", "settings": shared},
+                                       {"name": "south", "ae_titles": "S", "settings": shared}]},
+                         _node(tmp_path))
+    assert north.settings.audit_log == south.settings.audit_log
 
 
 def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:

@@ -66,6 +66,21 @@ def test_a_user_name_is_refused_to_addresses_that_failed(limiter: LoginLimiter,
     assert limiter.wait(Attempt("198.51.100.0", "alice")) == 0
 
 
+def test_a_user_name_counts_per_customer(limiter: LoginLimiter) -> None:
+    """Two customers' users named alike are two accounts: guessing at north's
+    "reader" from many addresses locks that name at north only; south's "reader",
+    who once mistyped from an address, still gets in from it."""
+    south = Attempt("192.0.2.50", "reader", known=True, site="south")
+    limiter.failed(south)
+    for n in range(LIMIT):
+        limiter.failed(Attempt(f"198.51.100.{n}", "reader", known=True, site="north"))
+    assert limiter.wait(south) == 0
+    assert limiter.wait(Attempt("198.51.100.0", "reader", site="north")) > 0
+    limiter.failed(Attempt("192.0.2.50", "reader", site="north"))
+    assert limiter.wait(Attempt("192.0.2.50", "reader", site="north")) > 0
+    assert limiter.wait(south) == 0
+
+
 def test_a_lockout_starts_once_and_asking_does_not_extend_it(
         limiter: LoginLimiter, clock: Clock) -> None:
     """Only failures count; a lock-out is reported once, when it starts."""

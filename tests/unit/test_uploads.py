@@ -506,6 +506,41 @@ def test_a_file_that_cannot_be_read_is_warned_about_once(
     assert (folder / "closed.dcm").exists()
 
 
+def test_the_upload_folder_swapped_for_a_link_to_another_is_not_scanned(
+        services: Services, folder: Path, tmp_path: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The upload folder itself replaced, while the node runs, by a link to another
+    customer's upload folder: nothing of that folder is stored as this customer's (nor
+    deleted from it), said once; read through the paths listed before the swap, each
+    file is refused at the link.  Back in place, the folder is scanned again."""
+    other = tmp_path / "other-customer"
+    other.mkdir()
+    (other / "ct.dcm").write_bytes(ct_bytes)
+    stored = _never_stored(services, monkeypatch)
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    (folder / "mine.dcm").write_bytes(ct_bytes)
+    watcher.scan()
+    listed = list(watcher._candidates())
+    folder.rename(tmp_path / "put-aside")
+    folder.symlink_to(other)
+    with caplog.at_level(logging.INFO, logger="pacs.node.uploads"):
+        for _ in range(3):
+            assert watcher.scan() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "the upload folder is now a link or leads elsewhere than when the node started; "
+        "not scanned"]
+    with monkeypatch.context() as patched:
+        patched.setattr(watcher, "_candidates",
+                        lambda: iter([(folder / "ct.dcm", listed[0][1])]))
+        watcher._previous = {folder / "ct.dcm": listed[0][1]}
+        assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert stored == [] and (other / "ct.dcm").read_bytes() == ct_bytes
+    folder.unlink()
+    (tmp_path / "put-aside").rename(folder)
+    assert [h.path.name for h in watcher.scan()] == []  # seen once: waits for a second
+    assert len(watcher._previous) == 1
+
+
 def test_a_folder_that_cannot_be_listed_is_warned_about_once(
         services: Services, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Folders nested past PATH_MAX: the deepest cannot be listed; said once, not
