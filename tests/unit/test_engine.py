@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from time import sleep
 
@@ -565,3 +566,41 @@ def test_a_statement_sqlite_refuses_is_not_an_unavailable_index(
     monkeypatch.setattr("pacs.core.query.engine.compile_find", busy)
     with pytest.raises(IndexFailure, match="database is locked"):
         loaded.engine.find(Query(level=Level.STUDY, limit=1))
+
+
+def test_a_pattern_is_not_tested_against_stored_text_longer_than_any_conforming_value(
+        services: Services) -> None:
+    """A GLOB is one step of SQLite's machine: the time limit cannot stop it, and it
+    costs the stored text times the pattern (9 s for one row of 1 MiB against a pattern
+    of 8,000 characters).  Text longer than MAX_VALUE_CHARS is never given to it (its
+    length is tested first), so it matches no pattern; the other rows match as before."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from tests.factory import part10
+
+    huge = dcmread(DicomBytesIO(make_instance(StudyInstanceUID="1.2.3.100")))
+    huge.StudyDescription = "a" * (1 << 20)  # implicit VR: a 32-bit length
+    services.ingest.store_bytes(part10(huge, ImplicitVRLittleEndian))
+    services.ingest.store_bytes(make_instance(StudyInstanceUID="1.2.3.101",
+                                              StudyDescription="abc"))
+    tested: list[int] = []
+
+    def glob(pattern: str, text: str | None) -> bool:
+        tested.append(len(text or ""))
+        return text is not None and fnmatch.fnmatchcase(text, pattern)
+
+    services.index.connection().create_scalar_function("glob", glob, 2)
+    key = BY_KEYWORD["StudyDescription"]
+    found = constraint(key, "*" + "a" * 300 + "*")
+    assert found is not None
+    query = Query(level=Level.STUDY, constraints=(found,),
+                  return_keys=(BY_KEYWORD["StudyInstanceUID"],))
+    assert services.engine.find(query) == []
+    found = constraint(key, "ab*")
+    assert found is not None
+    assert [r.values["StudyInstanceUID"] for r in services.engine.find(
+        Query(level=Level.STUDY, constraints=(found,),
+              return_keys=(BY_KEYWORD["StudyInstanceUID"],)))] == ["1.2.3.101"]
+    assert tested and max(tested) <= MAX_VALUE_CHARS

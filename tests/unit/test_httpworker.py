@@ -24,7 +24,15 @@ from gunicorn.http.message import Request
 
 from pacs.core.errors import IncompleteBody
 from pacs.node import httpworker
-from pacs.node.httpworker import BadRequest, Budget, Chunked, Spool, Writer
+from pacs.node.httpworker import (
+    CHUNK_BYTES,
+    FREE_CHUNKS,
+    BadRequest,
+    Budget,
+    Chunked,
+    Spool,
+    Writer,
+)
 
 
 def chunked(body: bytes, sizes: list[int], extension: bytes = b"",
@@ -57,6 +65,25 @@ def test_chunked_bodies_decode_whatever_the_pieces(piece: int) -> None:
     decoded, consumed, done = decode(encoded + b"GET / HTTP/1.1\r\n", piece)
     assert done and decoded == body
     assert consumed == len(encoded)  # what follows is the next request's
+
+
+def test_chunks_past_what_their_data_allows_are_refused() -> None:
+    """Each chunk costs the worker's loop whatever it holds: a body of one-byte chunks
+    is refused past FREE_CHUNKS (and one chunk per CHUNK_BYTES of data); up to it, the
+    data of each buffer fed comes as one piece, not one object per chunk."""
+    allowed = max(n for n in range(4 * FREE_CHUNKS) if n <= FREE_CHUNKS + n // CHUNK_BYTES)
+    small = bytes(range(256)) * 8
+    encoded = chunked(small[:allowed], [1] * allowed)
+    pieces, _ = Chunked().feed(encoded)
+    assert pieces == [small[:allowed]]
+    decoded, _, done = decode(encoded, 4096)
+    assert done and decoded == small[:allowed]
+    with pytest.raises(BadRequest, match="chunks for"):
+        decode(chunked(small, [1] * len(small)), 4096)
+    # Large chunks among small ones earn room for more.
+    body = bytes(64 * 4096) + small
+    decoded, _, done = decode(chunked(body, [64 * 4096] + [1] * len(small)), 65536)
+    assert done and decoded == body
 
 
 @pytest.mark.parametrize("encoded", [
