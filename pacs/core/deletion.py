@@ -33,11 +33,16 @@ before its lock is taken, and acknowledged.  Sent again into another study or se
 UIDs corrected), it is no longer in what the removal names: it stays, without a
 tombstone (one would refuse it at its new place for good).  Sent again to the same place
 with other content, its row has a new change number (``instance.change_seq``): a
-deletion or an expiry leaves it, as if it had run before that store (an expiry, which
+deletion, an expiry or a rejection whose reason lets the instance back in (113039,
+data retention expired) leaves it, as if it had run before that store (an expiry, which
 decided by the old arrival time, could not have chosen the study otherwise); a rejection
-removes it, as if it had run after (had it run before, that store would have been refused
-by its tombstone, :func:`pacs.core.rejection.refuses_again`).  Either way the result is
-one of the two orders the node could have served the requests in.
+whose reason refuses it again removes it, as if it had run after (had it run before,
+that store would have been refused by its tombstone,
+:func:`pacs.core.rejection.refuses_again`).  Either way the result is one of the two
+orders the node could have served the requests in; and a removal a crash cut short,
+finished at the next start-up (:meth:`Deleter.resume`), does not take an instance a
+sender stored again meanwhile with other content, and was told was stored, unless
+its reason would have refused that store.
 
 Large removals run in chunks of :data:`CHUNK` instances, each its own transaction, so
 that the node's own stores never wait long for the index.
@@ -250,9 +255,10 @@ def still_planned(row: Located, place: Reference, exact: bool) -> bool:
     removal named at ``place`` (module docstring).
 
     It must be at the same study and series: an instance sent again with corrected UIDs
-    lives elsewhere now.  With ``exact`` (a deletion or an expiry, whose result would
-    keep an object stored after it) and a place planned from the index (:class:`Planned`),
-    it must also be the same row version: not stored again since with other content.
+    lives elsewhere now.  With ``exact`` (a deletion, an expiry or a rejection whose
+    reason lets the instance back in, whose result would keep an object stored after
+    it) and a place planned from the index (:class:`Planned`), it must also be the same
+    row version: not stored again since with other content.
     """
     if (row.study_uid, row.series_uid) != (place.study_uid, place.series_uid):
         return False
@@ -447,7 +453,8 @@ class Deleter:
                         stones.append(place)  # refused when it arrives
                 elif accept is not None and not accept(row, place):
                     removal.skipped += 1
-                elif not still_planned(row, place, exact=code == NO_REASON):
+                elif not still_planned(row, place,
+                                       exact=code == NO_REASON or not refuses_again(*code)):
                     removal.superseded += 1  # no tombstone: it was stored after
                 else:
                     rows.append(row)

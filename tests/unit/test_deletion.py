@@ -439,6 +439,36 @@ def test_a_rejection_removes_an_instance_stored_again_at_its_place(
                                                                                  "DCM")
 
 
+def test_a_rejection_that_lets_instances_back_in_keeps_one_stored_again_when_resumed(
+        services: Services) -> None:
+    """A rejection by path for 113039 (data retention expired: sent again, an instance
+    is taken back) cut short by a crash after its first chunk: an instance of the part
+    not yet removed, sent again with other content and acknowledged, stays when the
+    start-up finishes the removal (had the removal come first, that store would have
+    been taken); the others go, with their tombstones."""
+    made = _study(services, count=3)
+    study = made[0][0]
+    who = audit.Participant("admin", True)
+    places = [reference(r) for r in services.deleter.plan([Target(study)])]
+    reason = rejection.reason_of("113039", "DCM")
+    assert reason is not None
+    with services.index.write() as conn:
+        writer.removal_pending(conn, who.user_id, "", audit.WEB_SERVER.code,
+                               json.dumps([reason.code, reason.scheme, reason.meaning]),
+                               json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
+                                            p.change_seq] for p in places]), 0.0)
+    _, series, sop, _ = made[1]
+    newer = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                          SOPInstanceUID=sop, SeriesDescription="sent again")
+    assert services.ingest.store_bytes(newer).outcome is Outcome.STORED
+
+    reconcile(services, full=False)
+    assert reads.removals_pending(services.index.connection()) == []
+    assert _uids(services) == {sop}
+    assert reads.tombstone(services.index.connection(), made[0][2]) == reads.Tombstone(
+        "113039", "DCM")
+
+
 def test_retention_keeps_an_instance_stored_again_after_the_plan(
         services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """Retention plans an expired study; an instance of it sent again meanwhile, and
