@@ -81,12 +81,13 @@ def make_pki(folder: Path) -> Pki:
 
 
 def ae_certificate(pki: Pki, ae_title: str, *, server: bool = False,
-                   ca: str = "ca") -> tuple[Path, Path]:
+                   ca: str = "ca", twin: str = "") -> tuple[Path, Path]:
     """(certificate, key) of a DICOM AE, subject CN = ``ae_title``, signed by the test
     CA (``ca="other-ca"``: by the other one) in the folder of ``pki``; ``server``: also
-    a TLS server's (for ``localhost`` and ``127.0.0.1``)."""
+    a TLS server's (for ``localhost`` and ``127.0.0.1``); ``twin``: another certificate
+    of the same title (another device calling with it)."""
     folder = pki.ca.parent
-    name = f"ae-{ae_title.lower()}-{ca}"
+    name = f"ae-{ae_title.lower()}-{ca}{'-' + twin if twin else ''}"
     if not (folder / f"{name}.pem").exists():
         usage = "serverAuth,clientAuth" if server else "clientAuth"
         names = "subjectAltName=DNS:localhost,IP:127.0.0.1\n" if server else ""

@@ -22,7 +22,10 @@ retrieve   C-MOVE and C-GET
 A known AE with ``tls = true`` associates over DICOM TLS only (an association of its
 title on the plain port is refused: who may store and retrieve must not be one
 spoofed title away on an unencrypted link), and as a C-MOVE destination it is reached
-over TLS too.
+over TLS too.  With ``certificates`` (SHA-256 fingerprints of client certificates,
+hex), it associates over DICOM TLS presenting one of those only: a certificate of the
+node's authorities names an AE title (its CN), and the same title may be another
+customer's modality; a fingerprint ties the title to one device.
 
 An AE the policy does not know gets ``unknown_ae_rights`` (``PACS_UNKNOWN_AE_RIGHTS``:
 all of them by default, nothing in the compose example).  An association of an AE
@@ -52,6 +55,7 @@ role.  The file's entries win over the settings' for the same name.
     port = 104                       # optional, with host: a C-MOVE destination
     rights = ["echo", "store"]
     tls = true                       # optional: over DICOM TLS only
+    certificates = ["9f86d0…"]       # optional: only with these client certificates
 
     [[user]]
     name = "alice"
@@ -209,6 +213,9 @@ class KnownAE:
     host: str = ""
     port: int = 0
     tls: bool = False  # associates, and is reached, over DICOM TLS only
+    #: SHA-256 fingerprints (lower-case hex) of the client certificates it may present
+    #: (empty: any its title's CN names).
+    certificates: frozenset[str] = frozenset()
 
     @property
     def destination(self) -> bool:
@@ -264,7 +271,7 @@ def _text(entry: Mapping[str, Any], key: str, required: bool = False) -> str:
 
 #: The keys an ``ae`` and a ``user`` entry may have: any other (a misspelt ``tls``,
 #: say) is refused rather than ignored, since a rule left out opens what it closed.
-_AE_KEYS = frozenset({"title", "host", "port", "rights", "tls"})
+_AE_KEYS = frozenset({"title", "host", "port", "rights", "tls", "certificates"})
 _USER_KEYS = frozenset({"name", "password", "tokens", "roles"})
 
 
@@ -288,7 +295,20 @@ def _ae(entry: Mapping[str, Any]) -> KnownAE:
     tls = entry.get("tls", False)
     if not isinstance(tls, bool):
         raise ValueError(f"AE {title}: tls must be true or false")
-    return KnownAE(title, _names(entry, "rights", AE_RIGHTS, "right"), host, port, tls)
+    return KnownAE(title, _names(entry, "rights", AE_RIGHTS, "right"), host, port, tls,
+                   _fingerprints(entry, title))
+
+
+def _fingerprints(entry: Mapping[str, Any], title: str) -> frozenset[str]:
+    """An AE entry's ``certificates``: SHA-256 fingerprints, hex (colons allowed)."""
+    value = entry.get("certificates", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"AE {title}: certificates must be a list of SHA-256 fingerprints")
+    found = frozenset(v.replace(":", "").strip().lower() for v in value)
+    if any(len(v) != 64 or v.strip("0123456789abcdef") for v in found):
+        raise ValueError(f"AE {title}: certificates must be SHA-256 fingerprints "
+                         "(64 hexadecimal digits)")
+    return found
 
 
 def _user(entry: Mapping[str, Any]) -> User:
@@ -432,20 +452,23 @@ class AccessPolicy:
         """True when the AE ``calling_ae`` has ``right``."""
         return right in self.rights_of(calling_ae)
 
-    def association_refusal(self, calling_ae: str, address: str,
-                            secure: bool = False) -> str | None:
+    def association_refusal(self, calling_ae: str, address: str, secure: bool = False,
+                            certificate: str | None = None) -> str | None:
         """Why an association of ``calling_ae`` from ``address`` (over TLS:
-        ``secure``) is refused (``None``: admitted): no rights at all, a known AE
-        calling from another address, or one that must call over TLS calling
-        without."""
+        ``secure``, with a client certificate of SHA-256 fingerprint ``certificate``)
+        is refused (``None``: admitted): no rights at all, a known AE calling from
+        another address, one that must call over TLS calling without, or without one
+        of its certificates."""
         title = calling_ae.strip()
         known = self.aes.get(title)
         if known is None:
             return None if self.unknown_ae_rights else f"calling AE {title!r} is not known"
         if not known.rights:
             return f"calling AE {title!r} has no rights"
-        if known.tls and not secure:
+        if (known.tls or known.certificates) and not secure:
             return f"calling AE {title!r} must associate over DICOM TLS"
+        if known.certificates and certificate not in known.certificates:
+            return f"calling AE {title!r} presented none of its client certificates"
         if known.host and not address_matches(known.host, address):
             return f"calling AE {title!r} calls from an address it is not known at"
         return None

@@ -650,7 +650,7 @@ def _identity_refusal(raw: Any, calling: str, called: str, host: str, bindings: 
         return REJECT_CALLED_AE, f"called AE title {called!r} is not one this node serves"
     policy, trail = policies[called]
     refusal = tls.identity_refusal(raw, calling) or policy.association_refusal(
-        calling, host, secure=tls.is_secure(raw))
+        calling, host, secure=tls.is_secure(raw), certificate=tls.peer_fingerprint(raw))
     if refusal is None:
         return None
     _security_alert(trail, calling, host, refusal)

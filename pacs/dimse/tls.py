@@ -28,6 +28,7 @@ The node speaks the BCP 195 RFC 8996, 9325 TLS Secure Transport Connection Profi
 
 from __future__ import annotations
 
+import hashlib
 import select
 import ssl
 import time
@@ -135,6 +136,15 @@ def handshake(sock: ssl.SSLSocket, seconds: float) -> None:
 def is_secure(sock: Any) -> bool:
     """True when ``sock`` is a DICOM TLS connection."""
     return isinstance(sock, ssl.SSLSocket)
+
+
+def peer_fingerprint(sock: Any) -> str | None:
+    """The SHA-256 fingerprint (lower-case hex) of the client certificate of ``sock``;
+    ``None`` for a plain socket or a client without one."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 def certificate_ae(sock: Any) -> str | None:

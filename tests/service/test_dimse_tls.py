@@ -6,6 +6,7 @@ on storing over TLS gets its report on its association once it pauses."""
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import socket
 import ssl
@@ -54,14 +55,14 @@ def server(make_services: Callable[..., Services], pki: Pki) -> Iterator[NodeSer
 
 
 def tls_association(pki: Pki, port: int, calling: str = "MODALITY1",
-                    evt_handlers: list[Any] | None = None) -> Any:
+                    evt_handlers: list[Any] | None = None, twin: str = "") -> Any:
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(PUSH_MODEL)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     context = ssl.create_default_context(cafile=str(pki.ca))
-    context.load_cert_chain(*ae_certificate(pki, calling))
+    context.load_cert_chain(*ae_certificate(pki, calling, twin=twin))
     return ae.associate("127.0.0.1", port, ae_title="INTELPIXEL",
                         tls_args=(context, "localhost"), evt_handlers=evt_handlers)
 
@@ -189,6 +190,36 @@ def test_an_ae_known_over_tls_only_is_refused_on_the_plain_port(
             assert answer in result.stdout, result.stdout
     finally:
         stop(plain, drain=1.0)
+        stop(secure, drain=1.0)
+
+
+def test_an_ae_pinned_to_its_certificate_is_refused_with_another_of_its_title(
+        make_services: Callable[..., Services], pki: Pki, tmp_path: Any) -> None:
+    """``certificates`` in the access rules: a certificate of the node's authority
+    naming the AE title (CN) is not enough, it must be one of the AE's own: the same
+    title may be another customer's modality, with a certificate of its own."""
+    pinned, _ = ae_certificate(pki, "MODALITY1")
+    fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pinned.read_text())).hexdigest()
+    colons = ":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
+    rules = tmp_path / "access.toml"
+    rules.write_text('[[ae]]\ntitle = "MODALITY1"\nrights = ["echo"]\n'
+                     f'certificates = ["{colons}"]\n')
+    cert, key = ae_certificate(pki, "INTELPIXEL", server=True)
+    services = make_services(dimse_tls_port=free_port(), dimse_tls_cert=str(cert),
+                             dimse_tls_key=str(key), dimse_tls_ca=str(pki.ca),
+                             access_file=str(rules), artim_timeout=ARTIM)
+    context = tls.server_context(services.settings)
+    assert context is not None
+    secure = start(services, ("127.0.0.1", services.settings.dimse_tls_port),
+                   tls_context=context)
+    try:
+        assoc = tls_association(pki, secure.server_address[1])
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        twin = tls_association(pki, secure.server_address[1], twin="twin")
+        assert not twin.is_established
+    finally:
         stop(secure, drain=1.0)
 
 

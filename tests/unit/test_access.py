@@ -78,6 +78,22 @@ def test_an_ae_known_over_tls_is_refused_without_it_and_reached_with_it() -> Non
     assert policy.destinations()["CT1"].tls
 
 
+def test_an_ae_pinned_to_certificates_needs_one_of_them_over_tls() -> None:
+    mine, other = "ab" * 32, "cd" * 32
+    policy = access.build(tables=access.parse(tomllib.loads(
+        f'[[ae]]\ntitle = "CT1"\nrights = ["store"]\ncertificates = ["{mine.upper()}"]\n')))
+    assert "TLS" in (policy.association_refusal("CT1", "10.1.2.3", certificate=mine) or "")
+    assert "certificates" in (policy.association_refusal(
+        "CT1", "10.1.2.3", secure=True, certificate=other) or "")
+    assert "certificates" in (policy.association_refusal("CT1", "10.1.2.3", secure=True)
+                              or "")
+    assert policy.association_refusal("CT1", "10.1.2.3", secure=True, certificate=mine) is None
+    for wrong in ('"ab"', '"' + "zz" * 32 + '"', "1"):
+        with pytest.raises((ValueError, ConfigError)):
+            access.parse(tomllib.loads(
+                f'[[ae]]\ntitle = "CT1"\nrights = ["store"]\ncertificates = [{wrong}]\n'))
+
+
 def test_a_host_name_is_resolved_when_it_associates() -> None:
     assert access.address_matches("localhost", "127.0.0.1")
     assert not access.address_matches("localhost", "192.0.2.1")
