@@ -118,6 +118,7 @@ import ssl
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -578,6 +579,32 @@ class SpoolReader:
 
     def close(self) -> None:
         """Nothing to free: the spool is the worker's."""
+
+
+def host_refusal(req: Request) -> str | None:
+    """Why a request's Host is not acceptable (``None``: it is); an absolute-form
+    request target's authority replaces the Host header first.
+
+    RFC 9112 3.2: an HTTP/1.1 request without a Host header, or with more than one,
+    gets 400.  3.2.2: a server given a request target in absolute form uses its
+    authority, not the Host header, so that the rules on the host a request names (the
+    loopback rule, the customer of a host name) see the one the request is for.
+    """
+    hosts = [i for i, (name, _) in enumerate(req.headers) if name == "HOST"]
+    if len(hosts) > 1:
+        return "more than one Host header"
+    target = str(req.uri or "")
+    authority = urllib.parse.urlsplit(target).netloc if "://" in target else ""
+    if authority:
+        authority = authority.rpartition("@")[2]  # no user information in a Host
+        if hosts:
+            req.headers[hosts[0]] = ("HOST", authority)
+        else:
+            req.headers.append(("HOST", authority))
+        return None
+    if not hosts and (req.version or (1, 1)) >= (1, 1):
+        return "an HTTP/1.1 request without a Host header"
+    return None
 
 
 class Chunked:
@@ -1498,6 +1525,10 @@ class HttpWorker(base.Worker):
             req = Request(self.cfg, IterUnreader([head]), conn.peer, conn.requests + 1)
         except Exception as exc:  # noqa: BLE001 - gunicorn's parser errors
             self._parse_error(conn, exc)
+            return
+        refusal = host_refusal(req)
+        if refusal is not None:
+            self._refuse(conn, BadRequest("400 Bad Request", refusal))
             return
         conn.requests += 1
         self._start_body(conn, req)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from gunicorn.config import Config
 from gunicorn.http.message import Request
+from gunicorn.http.unreader import IterUnreader
 
 from pacs.core.errors import IncompleteBody
 from pacs.node import httpworker
@@ -448,3 +449,25 @@ def test_a_client_watch_tells_a_closed_connection_from_bytes_sent_ahead() -> Non
         assert not watch()  # looked at most once an interval
         time.sleep(httpworker.CLIENT_WATCH_INTERVAL)
         assert watch() and watch()
+
+
+def _parsed(head: bytes) -> Request:
+    return Request(Config(), IterUnreader([head]), ("127.0.0.1", 1), 1)
+
+
+def test_the_host_a_request_names_follows_rfc_9112() -> None:
+    """3.2: an HTTP/1.1 request without a Host header gets 400 (HTTP/1.0 may lack
+    it); 3.2.2: an absolute-form target's authority is the request's host, whatever
+    its Host header says (the loopback rule and the customers see that one)."""
+    assert "without a Host" in (httpworker.host_refusal(
+        _parsed(b"GET /studies HTTP/1.1\r\n\r\n")) or "")
+    assert httpworker.host_refusal(_parsed(b"GET /studies HTTP/1.0\r\n\r\n")) is None
+    absolute = _parsed(b"GET http://evil.example:8080/studies HTTP/1.1\r\n"
+                       b"Host: 127.0.0.1\r\n\r\n")
+    assert httpworker.host_refusal(absolute) is None
+    assert absolute.headers == [("HOST", "evil.example:8080")]
+    bare = _parsed(b"GET http://u:p@node.example/studies HTTP/1.1\r\n\r\n")
+    assert httpworker.host_refusal(bare) is None and bare.headers == [("HOST", "node.example")]
+    plain = _parsed(b"GET /studies HTTP/1.1\r\nHost: localhost:5985\r\n\r\n")
+    assert httpworker.host_refusal(plain) is None
+    assert plain.headers == [("HOST", "localhost:5985")]
