@@ -26,7 +26,8 @@ the image, then fit into vw x vh, keeping the aspect ratio),
 ignored.  A thumbnail is the same image fitted into
 :data:`THUMBNAIL_SIZE` unless a viewport is given.
 
-Media types: ``image/jpeg`` (the default, 8.7.4) and ``image/png``; an encapsulated
+Media types: ``image/jpeg`` (the default, 8.7.4), ``image/png`` and ``image/gif``
+(both required for single-frame images, Table 8.7.4-1); an encapsulated
 document (PDF, CDA…) is returned as itself when its type is accepted, streamed from
 where it lies in the stored object (:mod:`pacs.core.documents`).  The ``accept``
 query parameter replaces the Accept header (OHIF sends ``?accept=image/jpeg`` with a
@@ -72,9 +73,11 @@ from pacs.core import documents, frames as pixels, metadata
 from pacs.core.errors import InvalidQuery
 from pacs.core.services import Services
 
-JPEG, PNG = "image/jpeg", "image/png"
+JPEG, PNG, GIF = "image/jpeg", "image/png", "image/gif"
 #: Media types of rendered images, the default first (PS3.18 8.7.4).
-RENDERED_TYPES = (JPEG, PNG)
+RENDERED_TYPES = (JPEG, PNG, GIF)
+#: Pillow's format of each.
+_FORMATS = {JPEG: "JPEG", PNG: "PNG", GIF: "GIF"}
 #: Longest side of a thumbnail without a viewport (OHIF's study browser draws ~128 px).
 THUMBNAIL_SIZE = 128
 #: JPEG quality when none is asked for.
@@ -188,8 +191,9 @@ def _window(text: str | None) -> Window | None:
 
 
 def choose_media(ranges: Sequence[MediaRange], document: str | None = None) -> str:
-    """The media type to answer with (PS3.18 8.7.4): JPEG unless PNG is preferred; a
-    document's own type for a document; 406 when the client accepts none of them."""
+    """The media type to answer with (PS3.18 8.7.4): JPEG unless PNG or GIF is
+    preferred; a document's own type for a document; 406 when the client accepts none
+    of them."""
     offered = (document,) if document else RENDERED_TYPES
     for media in ranges:
         if media.multipart:
@@ -197,7 +201,7 @@ def choose_media(ranges: Sequence[MediaRange], document: str | None = None) -> s
         for kind in offered:
             if media.allows(kind):
                 return kind
-    raise Unacceptable("rendered images are image/jpeg or image/png")
+    raise Unacceptable("rendered images are image/jpeg, image/png or image/gif")
 
 
 # --- drawing --------------------------------------------------------------------------
@@ -364,12 +368,12 @@ def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
 
 
 def encode(image: Image.Image, media: str, quality: int) -> bytes:
-    """JPEG or PNG bytes."""
+    """JPEG, PNG or GIF bytes (a colour GIF through a 256-colour palette)."""
     out = io.BytesIO()
-    if media == PNG:
-        image.save(out, format="PNG")
-    else:
+    if media == JPEG:
         image.save(out, format="JPEG", quality=quality)
+    else:
+        image.save(out, format=_FORMATS[media])
     return out.getvalue()
 
 

@@ -788,8 +788,19 @@ def test_series_rendered_uses_the_middle_image(client: testing.TestClient, put: 
 def test_rendered_refusals(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("CT_small.dcm")
     assert client.simulate_get(url(ds) + "/rendered",
-                               headers={"Accept": "image/gif"}).status_code == 406
+                               headers={"Accept": "image/webp"}).status_code == 406
     assert client.simulate_get("/studies/1.2.3/rendered").status_code == 404
+
+
+def test_rendered_gif_as_ps3_18_requires(client: testing.TestClient, put: Put) -> None:
+    """PS3.18 Table 8.7.4-1: image/gif is a required rendered type of single-frame
+    images, as image/png (image/jpeg the default)."""
+    ds, _ = put("CT_small.dcm")
+    gif = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "image/gif"})
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+    assert image(gif).format == "GIF" and image(gif).size == (ds.Columns, ds.Rows)
+    thumb = client.simulate_get(url(ds) + "/thumbnail", query_string="accept=image/gif")
+    assert thumb.headers["content-type"] == "image/gif"
 
 
 def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
