@@ -34,7 +34,13 @@ from pacs.dimse import contexts
 from pacs.dimse.audit import AssociationAudit, keys_of
 from pacs.dimse.connection import Request, Responder
 from pacs.dimse.encoding import encode_identifier
-from pacs.dimse.identifier import Negotiated, ResponseBuilder, read_data_set, to_find_query
+from pacs.dimse.identifier import (
+    INSTANCE_AVAILABILITY,
+    Negotiated,
+    ResponseBuilder,
+    read_data_set,
+    to_find_query,
+)
 from pacs.dimse.limits import IDENTIFIER_CEILING
 from pacs.dimse.status import (
     CANCEL,
@@ -160,7 +166,8 @@ def _responses(request: Request, identifier: Dataset | InvalidQuery, services: S
         echoed = sorted(unsupported, key=lambda tag: (tag >> 16) & 1)[:ECHOED_UNSUPPORTED]
         extra = [(int(tag), identifier[tag].VR) for tag in echoed]
         builder = ResponseBuilder(query, model, services.settings.ae_title,
-                                  _charset(identifier), extra)
+                                  _charset(identifier), extra,
+                                  availability=INSTANCE_AVAILABILITY in identifier)
         implicit = UID(request.transfer_syntax).is_implicit_VR
         for page in services.engine.find_pages(query, cancelled=cancelled, deadline=deadline):
             answers = []

@@ -46,6 +46,11 @@ _LEVELS = {
     STUDY_ROOT: {"STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.IMAGE},
 }
 
+#: Timezone Offset From UTC, InstanceAvailability (PS3.4 C.4.1.1.3.1, C.3.4).
+_TIMEZONE_OFFSET, INSTANCE_AVAILABILITY = 0x00080201, 0x00080056
+#: Every instance the node holds is ONLINE (PS3.4 C.4.1.1.3.2: Instance Availability).
+ONLINE = "ONLINE"
+
 #: Keys that are never matched (C.4.1.1.3.1, C.2.2.2): answered or ignored.
 _NOT_MATCHED = {
     0x00080005,  # SpecificCharacterSet: how the identifier is encoded
@@ -191,6 +196,10 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
     item_keys: list[tuple[str, tuple[str, ...]]] = []
     for element in identifier:
         tag = int(element.tag)
+        if tag == _TIMEZONE_OFFSET:
+            # Never a matching key, returned when asked for (PS3.4 C.4.1.1.3.1).
+            returns.append(BY_TAG[tag])
+            continue
         if tag in _NOT_MATCHED or element.tag.group == 0x0000:
             continue
         attribute = BY_TAG.get(tag)
@@ -350,7 +359,8 @@ class ResponseBuilder:
     """
 
     def __init__(self, query: Query, model: str, ae_title: str,
-                 requested_charset: list[str] | None, extra: list[tuple[int, str]]) -> None:
+                 requested_charset: list[str] | None, extra: list[tuple[int, str]],
+                 availability: bool = False) -> None:
         requested = {a.keyword for a in query.return_keys} | {
             c.attribute.keyword for c in query.constraints}
         requested |= {UNIQUE_KEY[level].keyword for level in _LEVELS[model].values()
@@ -361,6 +371,8 @@ class ResponseBuilder:
         self.requested_charset = echoable_charset(requested_charset)
         self.extra = extra
         self.item_keys = dict(query.item_keys)
+        #: Instance Availability asked for: every match ONLINE.
+        self.availability = availability
 
     def _items(self, keyword: str, value: str | None) -> list[list[tuple[int, str, str | None]]]:
         """Stored sequence items with only the item keys asked for (C.2.2.2.6); all of
@@ -379,6 +391,8 @@ class ResponseBuilder:
             (0x00080052, "CS", self.level_name),
             (0x00080054, "AE", self.ae_title),
         ]
+        if self.availability:
+            elements.append((INSTANCE_AVAILABILITY, "CS", ONLINE))
         for keyword, value in result.values.items():
             attribute = self.attributes.get(keyword)
             if attribute is not None and attribute.vr == "SQ":

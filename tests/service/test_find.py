@@ -98,6 +98,19 @@ def test_study_query_returns_every_requested_key(loaded: RunningNode, associate)
     assert "StudyTime" not in match  # only requested keys (and unique keys) come back
 
 
+def test_timezone_and_availability_come_back_when_asked_for(loaded: RunningNode,
+                                                             associate) -> None:
+    """PS3.4 C.4.1.1.3.1: Timezone Offset From UTC is no matching key but is returned
+    when asked for; Instance Availability too (every instance here is ONLINE)."""
+    responses = _find(associate(), _identifier(
+        "STUDY", PatientID="P1", StudyInstanceUID="", TimezoneOffsetFromUTC="+0900",
+        InstanceAvailability=""))
+    assert [s for s, _ in responses] == [0xFF00, 0x0000]  # not matched on the offset
+    match = responses[0][1]
+    assert "TimezoneOffsetFromUTC" in match
+    assert match.InstanceAvailability == "ONLINE"
+
+
 def test_unsupported_optional_key_gives_ff01_and_empty_value(loaded: RunningNode,
                                                              associate) -> None:
     identifier = _identifier("STUDY", StudyInstanceUID="1.2.3.0")
@@ -343,6 +356,24 @@ def test_cancel_gives_fe00(loaded: RunningNode, associate) -> None:
     statuses = [s.Status for s, _ in responses]
     assert statuses[-1] in (0xFE00, 0x0000)  # the last match may already be on its way
     assert len(statuses) <= 4
+
+
+@seam_only("pynetdicom keeps cancels by Message ID; the seam drops a late one")
+def test_a_cancel_sent_after_the_final_response_does_not_cancel_the_next_request(
+        loaded: RunningNode, associate) -> None:
+    """PS3.7 9.3.2.3: a C-CANCEL names an operation in progress; a requestor may use a
+    Message ID again once its operation ended (9.3.1.1; pynetdicom uses 1 for every
+    request).  One that arrives after the final response is dropped when the next
+    request of that ID arrives: that request is answered, not cancelled."""
+    assoc = associate()
+    query = _identifier("STUDY", StudyInstanceUID="")
+    for _ in range(3):
+        first = [status for status, _ in _find(assoc, query)]
+        assert first[-1] == 0x0000 and len(first) > 1
+        assoc.send_c_cancel(1, query_model=StudyFind)
+        time.sleep(0.3)  # read by the node before the next request
+        again = [status for status, _ in _find(assoc, query)]
+        assert again == first
 
 
 @pytest.fixture

@@ -929,6 +929,8 @@ def _receive_pdu(self: DULServiceProvider, wait: bool = False,
 # -- DIMSE messages: bounded buffers --------------------------------------------------------
 
 _ORIGINAL_RECEIVE_PRIMITIVE = DIMSEServiceProvider.receive_primitive
+#: The Command Field of a C-CANCEL-RQ (PS3.7 E.1-1).
+C_CANCEL_RQ = 0x0FFF
 
 
 def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
@@ -1002,8 +1004,25 @@ def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: byt
         # reader has it (A-ABORT, PS3.8 9.3.8), not the end of this thread.
         _assoc_log.debug("The failure", exc_info=exc)
         return _abort_message(self, f"a message that does not decode ({failure(exc)})")
-    _bound_identifier(message)
+    pending: Any = self.message  # None once the message is complete
+    if pending is None:
+        _drop_stale_cancel(self, message)
+    else:
+        _bound_identifier(message)
     return True
+
+
+def _drop_stale_cancel(self: DIMSEServiceProvider, message: Any) -> None:
+    """Forget a C-CANCEL-RQ read before the request ``message`` (just complete) that
+    has its Message ID: it was sent for an earlier request of that ID, after its final
+    response (PS3.7 9.3.2.3: a cancel names an operation in progress, and a requestor
+    may reuse a Message ID once its operation ended, 9.3.1.1), and pynetdicom, which
+    keeps cancels by Message ID, would cancel this request with it."""
+    command = getattr(message, "command_set", None)
+    if command is None or command.get("CommandField") in (None, C_CANCEL_RQ) or (
+            command.get("CommandField", 0) & 0x8000):
+        return
+    self.cancel_req.pop(command.get("MessageID"), None)
 
 
 def _out_of_order(message: Any, context_id: int, fragment: bytes) -> str | None:
