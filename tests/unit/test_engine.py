@@ -604,3 +604,22 @@ def test_a_pattern_is_not_tested_against_stored_text_longer_than_any_conforming_
         Query(level=Level.STUDY, constraints=(found,),
               return_keys=(BY_KEYWORD["StudyInstanceUID"],)))] == ["1.2.3.101"]
     assert tested and max(tested) <= MAX_VALUE_CHARS
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"StudyTime": "0930"}, ["T2", "T3"]),
+    ({"StudyTime": "0930-0930"}, ["T2", "T3"]),
+    ({"StudyTime": "093000-100000"}, ["T2", "T3", "T4"]),
+    ({"StudyTime": "09"}, ["T1", "T2", "T3", "T4"]),
+    ({"StudyTime": "-0929"}, ["T1"]),
+])
+def test_a_stored_time_of_fewer_digits_matches_as_its_first_moment(
+        services: Services, keys: dict[str, str], expected: list[str]) -> None:
+    """PS3.5 6.2: a TM may be HH or HHMM.  Stored so, it stands for its first moment
+    and matches as the query's partial times do (PS3.4 C.2.2.2.5): 0930 is 09:30:00."""
+    for n, (accession, time) in enumerate((("T1", "09"), ("T2", "0930"),
+                                           ("T3", "093000.5"), ("T4", "0959"))):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=f"1.2.826.0.1.3680043.10.544.{n + 1}", StudyTime=time,
+            AccessionNumber=accession, StudyDate="20200101"))
+    assert sorted(a for a in _accessions(_find(services, **keys)) if a) == expected

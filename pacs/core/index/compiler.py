@@ -187,12 +187,17 @@ class _Where:
             self.params.extend(term.uids)
             return f"{column} IN ({', '.join('?' * len(term.uids))})"
         if term.match is Match.RANGE:
+            # A stored TM may hold fewer digits than HHMMSS (PS3.5 6.2: HH, HHMM): it
+            # stands for its first moment, as a query's partial time does
+            # (pacs.core.query.matching), so it is compared padded the same way.
+            value = (f"(substr({column} || '000000', 1, 6) || substr({column}, 7))"
+                     if attribute.vr == "TM" else column)
             bounds = []
             if term.low is not None:
-                bounds.append(f"{column} >= ?")
+                bounds.append(f"{value} >= ?")
                 self.params.append(term.low)
             if term.high is not None:
-                bounds.append(f"{column} <= ?")
+                bounds.append(f"{value} <= ?")
                 self.params.append(term.high)
             return "(" + " AND ".join(bounds) + ")"
         if attribute.vr == "PN" and self.fuzzy:
