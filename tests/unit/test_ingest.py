@@ -318,6 +318,28 @@ def test_objects_without_patient_id_are_not_merged(services: Services) -> None:
     assert writer.counts(services.index.connection())["patient"] == 2
 
 
+def test_an_instance_lacking_a_study_attribute_keeps_the_value_known(
+        services: Services) -> None:
+    """A key object or presentation state a viewer made often lacks Study Description
+    or Accession Number: stored after the images, it leaves the study's values as they
+    were (it does not blank them for QIDO-RS and C-FIND); a newer object that has
+    another value still wins, and the instance's own row is its object's."""
+    first = make_instance(StudyInstanceUID="1.2.3.7", SOPInstanceUID="1.2.3.7.1",
+                          StudyDescription="HEAD CT", AccessionNumber="A1")
+    services.ingest.store_bytes(first)
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID="1.2.3.7", SOPInstanceUID="1.2.3.7.2", Modality="KO"))
+    conn = services.index.connection()
+    row = conn.execute("SELECT study_description, accession_number FROM study "
+                       "WHERE study_uid = '1.2.3.7'").fetchone()
+    assert row == ("HEAD CT", "A1")
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID="1.2.3.7", SOPInstanceUID="1.2.3.7.3",
+        StudyDescription="HEAD CT WITH CONTRAST"))
+    assert conn.execute("SELECT study_description FROM study WHERE study_uid = "
+                        "'1.2.3.7'").fetchone() == ("HEAD CT WITH CONTRAST",)
+
+
 def test_an_instance_rewrites_only_the_parent_rows_whose_values_it_changes(
         services: Services) -> None:
     """The second instance of a series writes its own rows, not its unchanged patient,

@@ -77,9 +77,14 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     if level is Level.IMAGE:
         columns += _INSTANCE_EXTRA
     kept = columns[1:]
-    updates = ", ".join(f"{c} = excluded.{c}" for c in kept)
-    changed = (f"({', '.join(kept)}) IS NOT "
-               f"({', '.join(f'excluded.{c}' for c in kept)})")
+    # Above the instance, an attribute an object lacks keeps the value known: an SR, a
+    # key object or a presentation state a viewer made without Study Description would
+    # otherwise blank it for the whole study.  The instance row is its object's own.
+    attributes = set(_level_columns(level)) if level is not Level.IMAGE else set()
+    new = [f"COALESCE(excluded.{c}, {c})" if c in attributes else f"excluded.{c}"
+           for c in kept]
+    updates = ", ".join(f"{c} = {value}" for c, value in zip(kept, new, strict=True))
+    changed = f"({', '.join(kept)}) IS NOT ({', '.join(new)})"
     sql = (
         f"INSERT INTO {level.table} ({', '.join(columns)}) "
         f"VALUES ({', '.join('?' * len(columns))}) "
@@ -99,9 +104,10 @@ def _key_sql(level: Level) -> str:
 def upsert(conn: apsw.Connection, row: InstanceRow, *, new: bool = False) -> None:
     """Insert or update the instance and its patient, study and series.
 
-    The newest object wins for the attributes of every level (as Orthanc and dcm4chee
-    do by default): the patient row holds the patient attributes received last, and
-    the study row its own copy of them, as sent in that study (PS3.4 C.3.2).  Parents
+    The newest object wins for the attributes of every level, where it has them (an
+    attribute it lacks keeps the value known, above the instance): the patient row
+    holds the patient attributes received last, and the study row its own copy of
+    them, as sent in that study (PS3.4 C.3.2).  Parents
     left without children are removed.  ``new``: the caller knows that no row of the
     instance exists (it looked under the instance's ingest lock), so there are no
     former parents to look up.
