@@ -623,3 +623,26 @@ def test_a_stored_time_of_fewer_digits_matches_as_its_first_moment(
             StudyInstanceUID=f"1.2.826.0.1.3680043.10.544.{n + 1}", StudyTime=time,
             AccessionNumber=accession, StudyDate="20200101"))
     assert sorted(a for a in _accessions(_find(services, **keys)) if a) == expected
+
+
+def test_wildcards_match_one_value_and_name_groups_apart(services: Services) -> None:
+    """PS3.4 C.2.2.3: a multi-valued attribute matches when one of its values does, so
+    no wildcard runs over the ``\\`` between values (``P*L`` is no value of
+    ORIGINAL\\PRIMARY\\AXIAL); PS3.5 6.2.1: a name's pattern naming component groups
+    (``=山田*``) matches those groups."""
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID="1.2.826.0.1.3680043.10.545.1", AccessionNumber="M1",
+        PatientName="Yamada^Tarou=山田^太郎=やまだ^たろう", OtherPatientIDs=["A1", "B2"],
+        ImageType=["ORIGINAL", "PRIMARY", "AXIAL"]))
+    for keys, expected in (
+            ({"OtherPatientIDs": "A*2"}, []), ({"OtherPatientIDs": "B?"}, ["M1"]),
+            ({"OtherPatientIDs": "A1"}, ["M1"]),
+            ({"PatientName": "=山田*"}, ["M1"]), ({"PatientName": "=*^太郎=やま*"}, ["M1"]),
+            ({"PatientName": "=やまだ*"}, []), ({"PatientName": "==やまだ*"}, ["M1"]),
+            ({"PatientName": "Yamada^T*"}, ["M1"])):
+        assert _accessions(_find(services, **keys)) == expected, keys
+    for image_type, expected in (("P*L", []), ("ORIGINAL?PRIMARY", []), ("PRIM*", ["M1"]),
+                                 ("*XIAL", ["M1"])):
+        found = _find(services, level=Level.IMAGE,
+                      StudyInstanceUID="1.2.826.0.1.3680043.10.545.1", ImageType=image_type)
+        assert len(found) == len(expected), image_type

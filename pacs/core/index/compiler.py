@@ -37,8 +37,8 @@ from pacs.core.query.model import Constraint, Match, Query, Term
 MAX_TERMS = 300
 #: Most UIDs in the UID lists of one query (PS3.4 C.2.2.2.2).  A list is one ``IN``
 #: expression, but each UID is a bound parameter, and SQLite binds at most 32766 in one
-#: statement (SQLITE_MAX_VARIABLE_NUMBER): these, at most 4 for each other value
-#: (:meth:`_Where._glob`) and the paging operands stay below it.
+#: statement (SQLITE_MAX_VARIABLE_NUMBER): these, at most 5 for each other value
+#: (:meth:`_Where._glob`, :meth:`_Where._wildcard`) and the paging operands stay below it.
 MAX_UIDS = 30_000
 #: Longest value matched: the maximum length of LT (PS3.5 Table 6.2-1), the longest of
 #: any indexed attribute's VR; also the longest stored text a pattern is tested
@@ -203,7 +203,7 @@ class _Where:
         if attribute.vr == "PN" and self.fuzzy:
             return self._fuzzy(target, norm(term.value), term.match)
         if term.match is Match.WILDCARD:
-            return self._glob(target, glob_wildcard(norm(term.value)), attribute.multi)
+            return self._wildcard(target, norm(term.value), attribute)
         if attribute.multi:
             return self._glob(target, glob_literal(norm(term.value)), True)
         if attribute.vr == "PN":
@@ -243,6 +243,27 @@ class _Where:
         # C.2.2.3: a stored multi-valued attribute matches when any of its values does.
         return self._globs(target, pattern, pattern + "\\*", "*\\" + pattern,
                            "*\\" + pattern + "\\*")
+
+    def _wildcard(self, target: str, value: str, attribute: Attribute) -> str:
+        """Wildcard matching (C.2.2.2.4) of ``value``.
+
+        A GLOB narrows the rows (the index can serve it; a multi-valued attribute's
+        patterns find the value among the others); where GLOB's ``*`` could run over
+        the ``\\`` between values or the ``=`` between a name's component groups,
+        ``dicom_wildcard`` decides (:mod:`pacs.core.index.wildcards`).  A name's
+        pattern naming component groups (``=山田*``) is matched by that function alone.
+        """
+        grouped = attribute.vr == "PN" and "=" in value
+        pattern = glob_wildcard(value)
+        if not grouped and not attribute.multi:
+            return self._glob(target, pattern, False)
+        if grouped:
+            coarse = f"length({target}) <= {MAX_VALUE_CHARS}"
+        else:
+            coarse = self._glob(target, pattern, True)
+        self.params.append(value)
+        return (f"({coarse} AND dicom_wildcard({target}, ?, {int(attribute.multi)}, "
+                f"{int(grouped)}))")
 
     def _fuzzy(self, target: str, value: str, match: Match) -> str:
         """QIDO fuzzy matching: any name component starting with the value."""

@@ -25,6 +25,7 @@ import apsw
 import apsw.bestpractice
 
 from pacs.core.errors import IndexFailure
+from pacs.core.index.wildcards import wildcard_matches
 
 #: Milliseconds a connection waits for another writer before giving up, unless the
 #: :class:`Index` is given its own (:func:`busy_timeout_for`).
@@ -91,6 +92,9 @@ def connect(path: Path, busy_timeout_ms: int = BUSY_TIMEOUT_MS, *,
         # Readers of a large study should not hold the cache of a small machine hostage.
         conn.pragma("cache_size", -32_000)
         conn.pragma("temp_store", "memory")
+        # Wildcard matching GLOB cannot say (pacs.core.index.wildcards).
+        conn.create_scalar_function("dicom_wildcard", wildcard_matches, 4,
+                                    deterministic=True)
     except apsw.Error as exc:
         raise IndexFailure(f"cannot open the index {path}: {exc}") from exc
     return conn
