@@ -147,7 +147,9 @@ def test_an_answer_that_never_ends_is_given_up(behaviour: str) -> None:
         sender.close()
         server.close()
     assert delivery.result is Result.RETRY
-    assert time.monotonic() - started < 4.0
+    # Given up (the watchdog: eight times the 0.25 s timeout), where the peer would go
+    # on for ever: a bound far above the watchdog, so that a loaded machine passes too.
+    assert time.monotonic() - started < 30
     thread.join(5)
 
 
