@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 
 #: The only part media type stored (PS3.18 10.5.1.1: binary Part 10 instances).
 DICOM = "application/dicom"
+#: The FailureReason of a part that is no DICOM object the node can read.
+CANNOT_UNDERSTAND = 0xC000
 
 
 class RequestTooLarge(ObjectTooLarge):
@@ -139,10 +141,16 @@ class Report:
                          for reason, count in counts.items())
 
     def status(self) -> str:
-        """200 all stored, 202 some failed, 409 none stored (PS3.18 10.5.3.1)."""
+        """200 all stored, 202 some failed, none stored: 400 when every part was bad
+        syntax (no DICOM object that can be read, C000), else 409 (a conflict: another
+        study, a refused or rejected instance, no room; PS3.18 10.5.3.1)."""
         if not self.failed:
             return falcon.HTTP_200
-        return falcon.HTTP_202 if self.stored else falcon.HTTP_409
+        if self.stored:
+            return falcon.HTTP_202
+        if all(failed.reason == CANNOT_UNDERSTAND for failed in self.failed):
+            return falcon.HTTP_400
+        return falcon.HTTP_409
 
     def response(self, root: str, study: str | None) -> dicomjson.JsonDataset:
         """The Store Instances Response Module (PS3.18 Table 10.5.3-1) as DICOM JSON."""

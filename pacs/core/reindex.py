@@ -14,7 +14,10 @@ How a rebuild goes (:func:`rebuild`):
    connection in WAL mode holds a read lock on the "dead man switch" byte of the
    index's ``-shm`` file; a rebuild that can take the write lock there knows no
    process has the index open (:func:`index_in_use`).  It asks before it starts and
-   again just before the swap, and refuses otherwise (:class:`IndexFailure`).
+   again just before the swap, and refuses otherwise (:class:`IndexFailure`).  A
+   process may have opened, written and closed the index in between (a node started
+   and stopped, ``pacs import``, ``pacs delete``): the swap is refused too when the
+   index's file or write-ahead log changed since the start (:func:`written_state`).
 2. **Every object through the ingest's analysis.**  The store's keys are read and
    analysed as at ingest (:func:`pacs.core.ingest.analyse`, in the ingest's helper
    processes, :class:`pacs.core.analysers.AnalyserPool`): index values, DICOM JSON
@@ -301,6 +304,10 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     report = Report(index=index_path)
     _refuse_if_in_use(index_path)
     _refuse_if_intake_holds(index_path)
+    # The index as the checks left it (closed): anything that writes to it while the
+    # rebuild runs (a node started and stopped, pacs import, pacs delete) changes it,
+    # and the swap would throw that away.
+    untouched = written_state(index_path)
     if isinstance(store, FileStore):
         _refuse_links(store)
     keys = list(store.keys())
@@ -326,9 +333,15 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         report.counts = reads.counts(new.connection())
         new.close()
         # Asked again: a node may have started and stopped meanwhile (each check saw
-        # the index closed) and left acknowledged objects in its intake, which the
-        # swap would set aside with the previous index.  The intake first: it opens
-        # the index, so that nothing of this process holds it when the last check runs.
+        # the index closed), or a command written to the index, whose rows, intake or
+        # tombstones the swap would set aside with the previous index.  The intake
+        # first: it opens the index, so that nothing of this process holds it when the
+        # last check runs.
+        if written_state(index_path) != untouched:
+            raise IndexFailure(
+                f"the index {index_path} was written while it was rebuilt (a node or a "
+                "pacs command used it): nothing swapped; run pacs reindex again with "
+                "the node and other commands on this customer stopped")
         _keep_unsettled(new_path, _refuse_if_intake_holds(index_path))
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
@@ -381,6 +394,21 @@ def _refuse_links(store: FileStore) -> None:
             f"the object store holds {count} symbolic link(s) to folders ({shown}), "
             "which pacs does not follow: put what they point to in their place (or "
             "remove them) and rebuild again; the index is left as it was")
+
+
+def written_state(index_path: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """What changes when a process writes to the index: the identity, size and
+    modification time of its file and of its write-ahead log (an open that only reads
+    leaves both as they were)."""
+    found: list[tuple[int, int, int] | None] = []
+    for path in (index_path, Path(f"{index_path}-wal")):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            found.append(None)
+            continue
+        found.append((info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(found)
 
 
 def _refuse_if_in_use(index_path: Path) -> None:

@@ -465,7 +465,7 @@ class Workload:
     def stow_unparsable(self, number: int) -> None:
         answer = self._stow(number, multipart_body(b"not dicom" * 64),
                             MULTIPART.format(BOUNDARY))
-        assert answer.status_code == 409, answer.text
+        assert answer.status_code == 400, answer.text  # bad syntax only (PS3.18 10.5.3.1)
 
     def stow_not_multipart(self, number: int) -> None:
         answer = self._stow(number, b"--nothing here--", MULTIPART.format("absent"))

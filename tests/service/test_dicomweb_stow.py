@@ -226,6 +226,17 @@ def test_bad_part_among_good_ones(client: testing.TestClient, services: Services
     assert stored(services) == {uids(good).SOPInstanceUID}
 
 
+def test_a_request_of_unreadable_parts_only_is_bad_syntax(client: testing.TestClient,
+                                                         services: Services) -> None:
+    """PS3.18 10.5.3.1: 400 when no instance could be stored for bad syntax (every
+    part unreadable), 409 for a conflict (another study, in the test above); the
+    failed parts are listed either way."""
+    result = post(client, body(b"this is not DICOM at all", instance()[:-200]))
+    assert result.status_code == 400, result.text
+    assert [reason for _, reason in failures(result)] == [CANNOT_UNDERSTAND] * 2
+    assert stored(services) == set()
+
+
 def test_many_refused_parts_make_one_log_line(client: testing.TestClient,
                                               caplog: pytest.LogCaptureFixture) -> None:
     """A request may hold thousands of parts: their refusals are one WARNING line for

@@ -46,9 +46,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from adapters.dicomweb.app import create_app
-from pacs.core import config
+from pacs.core import audit, config
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
+from pacs.core.audit import Participant
+from pacs.core.deletion import Target, reference
 from pacs.core.errors import IndexFailure, StorageError
 from pacs.core.index import reads
 from pacs.core.index.connection import connect
@@ -791,7 +793,7 @@ def test_the_rebuild_refuses_to_swap_when_a_node_left_objects_in_the_intake(
             assert node.ingest.store_bytes(late).outcome.value == "stored"
             node.close()  # its mover never ran: the object stays in the intake
 
-    with pytest.raises(IndexFailure, match="intake"):
+    with pytest.raises(IndexFailure, match="written while it was rebuilt"):
         rebuild(settings.index_path, store, AnalyserPool(0), on_object=a_node_starts_and_stops)
     after = dump(settings.index_path)
     assert len(after["instance"]) == 4 and calls == 3
@@ -801,6 +803,49 @@ def test_the_rebuild_refuses_to_swap_when_a_node_left_objects_in_the_intake(
         assert drain(node) == 1  # the acknowledged object, moved at last
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["import", "delete"])
+def test_the_rebuild_refuses_to_swap_when_the_index_was_written_meanwhile(
+        settings: config.Settings, meanwhile: str) -> None:
+    """A command ran while the rebuild did (each check saw the index closed): an
+    import acknowledged an instance whose object the rebuild never listed, or a
+    deletion removed instances and wrote their tombstones.  The swap would lose the
+    one and bring the others back: it is refused, the index keeps what was done, the
+    new file is removed."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    made = [make_instance(PatientID=f"W{number}") for number in range(3)]
+    for data in made:
+        services.ingest.store_bytes(data)
+    drain(services)
+    services.close()
+    calls = 0
+
+    def a_command_runs() -> None:
+        nonlocal calls
+        calls += 1
+        if calls != 1:
+            return
+        node = build(settings, store=store)
+        try:
+            if meanwhile == "import":
+                node.ingest.store_bytes(make_instance(PatientID="LATE"))
+                drain(node)  # in the store, not in what the rebuild listed
+            else:
+                [row] = node.deleter.plan([Target(dcmread(
+                    DicomBytesIO(made[0])).StudyInstanceUID)])
+                node.deleter.remove([reference(row)], Participant("admin", True),
+                                    audit.APPLICATION_SERVER)
+        finally:
+            node.close()
+
+    with pytest.raises(IndexFailure, match="written while it was rebuilt"):
+        rebuild(settings.index_path, store, AnalyserPool(0), on_object=a_command_runs)
+    after = dump(settings.index_path)
+    assert len(after["instance"]) == (4 if meanwhile == "import" else 2)
+    assert len(after["tombstone"]) == (0 if meanwhile == "import" else 1)
+    assert not list(settings.index_path.parent.glob("index.sqlite.*"))
 
 
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:
