@@ -615,6 +615,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
             raise click.ClickException(str(exc)) from None
     results = {}
     for customer in served:
+        if not customer.settings.index_path.exists():
+            # A wrong PACS_DATA_DIR (or --customer) is reported, not made a customer
+            # with an empty index that the other commands would then take for one.
+            results[customer.name] = health.Health(
+                store=customer.settings.storage, store_reachable=False,
+                store_error="not checked: no index",
+                index=f"missing: no index at {customer.settings.index_path}")
+            continue
         # An unreachable store is what the check reports (with the intake's backlog
         # waiting for it), not a reason to stop before it.
         services = _build(customer.settings, check_store=False)

@@ -66,7 +66,8 @@ def test_import_refuses_a_fifo_a_link_and_a_strange_name(
 
 
 @pytest.mark.parametrize("command", [
-    ["query", "--level", "study"], ["delete", "1.2.3"], ["send", "--to", "X", "--requeue"]])
+    ["query", "--level", "study"], ["delete", "1.2.3"], ["send", "--to", "X", "--requeue"],
+    ["status"]])
 def test_commands_that_read_the_index_make_none(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
     """A wrong PACS_DATA_DIR (or --customer) is an error, not an empty index made
