@@ -257,12 +257,17 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     rejected: list[tuple[Path, str]] = []
     files = list(import_files(paths, rejected))
     tally: Counter[str] = Counter()
+    gone = 0
     try:
         for path, follow in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
             try:
                 result = services.ingest.store_file(path, calling_ae="",
                                                     follow_links=follow)
                 tally[result.outcome.value] += 1
+            except FileNotFoundError:
+                # Removed since the folder was listed (an upload folder's watcher
+                # took it, say): nothing wrong with the file, nothing stored here.
+                gone += 1
             except OSError as exc:  # its name is shown once, escaped, below
                 rejected.append((path, exc.strerror or type(exc).__name__))
             except InvalidInstance as exc:
@@ -283,7 +288,8 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     click.echo(f"stored: {tally[Outcome.STORED.value]}, "
                f"unchanged duplicates: {tally[Outcome.UNCHANGED.value]}, "
                f"kept first (different duplicates): {tally[Outcome.KEPT_FIRST.value]}, "
-               f"rejected: {len(rejected)}")
+               f"rejected: {len(rejected)}"
+               + (f", gone before they were read: {gone}" if gone else ""))
     for path, reason in rejected:
         # One line per file whatever its name holds (a newline, bytes not UTF-8).
         click.echo(f"rejected {shown(str(path))}: {reason}")

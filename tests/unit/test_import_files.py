@@ -65,6 +65,31 @@ def test_import_refuses_a_fifo_a_link_and_a_strange_name(
         f"rejected {folder}/zero.dcm: a link, not followed"]
 
 
+def test_a_file_gone_before_it_is_read_is_no_rejection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file removed between the listing and its reading (an upload folder's watcher
+    took it) is counted apart, not reported rejected: exit status 0."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    (folder / "taken.dcm").write_bytes(b"soon gone")
+    from pacs.core.ingest import Ingest
+    original = Ingest.store_file
+
+    def taken_meanwhile(self: Ingest, path: Path, **kwargs: object) -> object:
+        if path.name == "taken.dcm":
+            path.unlink()
+        return original(self, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ingest, "store_file", taken_meanwhile)
+    result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].endswith(
+        "rejected: 0, gone before they were read: 1")
+
+
 @pytest.mark.parametrize("command", [
     ["query", "--level", "study"], ["delete", "1.2.3"], ["send", "--to", "X", "--requeue"],
     ["status"]])
