@@ -75,6 +75,10 @@ class Health:
         fails open), so this does not make the check fail.
     audit_events_lost : int
         Events this process could not write since the trail last worked.
+    removals_pending : int
+        Removals (deletions, rejections, rejection notes' removals) asked for and not
+        all done: running now, or cut short by a crash and finished at the node's next
+        start (:mod:`pacs.core.reconcile`); until then what they name is still served.
     index_wal_bytes : int
         Size of the index's write-ahead log.  Checkpoints cut it back to
         ``WAL_SIZE_LIMIT`` (:mod:`pacs.core.index.connection`); past that it grows only
@@ -99,6 +103,7 @@ class Health:
     intake_unsettled: int = 0
     audit: str = "off"
     audit_events_lost: int = 0
+    removals_pending: int = 0
     index_wal_bytes: int = 0
 
     @property
@@ -135,7 +140,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         store_error = str(exc)
     index_state = "ok"
     counts: dict[str, int] = {}
-    indexed_bytes = waiting = 0
+    indexed_bytes = waiting = removing = 0
     forwarding: tuple[Backlog, ...] = ()
     intake = reads.IntakeState(0, 0, None, None, None)
     try:
@@ -147,6 +152,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         waiting = reads.commitments_waiting(conn)
         forwarding = tuple(outbox.backlogs(conn))
         intake = reads.intake_state(conn)
+        removing = reads.removals_pending_count(conn)
     except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
@@ -176,4 +182,5 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_unsettled=intake.unsettled,
                   audit=audit.writable(services.audit.log.path),
                   audit_events_lost=services.audit.log.dropped,
+                  removals_pending=removing,
                   index_wal_bytes=wal)

@@ -146,6 +146,9 @@ def describe(settings: Settings, found: Health) -> list[str]:
     lines.append(_intake_line(settings, found))
     lines.append(f"storage commitment: {found.commitments_waiting} result(s) waiting for "
                  "delivery")
+    if found.removals_pending:
+        lines.append(f"removals: {found.removals_pending} asked for and not finished "
+                     "(running, or cut short: finished at the node's next start)")
     lines += forwarding_lines(settings, found.forwarding)
     lines.append(_audit_line(settings, found))
     uploads = settings.uploads_dir

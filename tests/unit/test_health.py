@@ -159,3 +159,18 @@ def test_a_folder_that_cannot_be_reached_is_reported_not_raised(
     found = health.check(services)
     assert not found.ok
     assert "Stale file handle" in (found.store_error or "")
+
+
+def test_a_removal_not_finished_is_counted(services: Services) -> None:
+    """A ``pacs delete`` killed half-way leaves its removal pending until the node's
+    next start finishes it; meanwhile what it names is still served: the status says
+    so (``pacs status``, ``/health``)."""
+    from pacs.core.index import writer
+
+    assert health.check(services).removals_pending == 0
+    with services.index.write() as conn:
+        writer.removal_pending(conn, "admin", "", "110150", "", "[]", 0.0)
+    found = health.check(services)
+    assert found.removals_pending == 1 and found.as_json()["removals_pending"] == 1
+    assert any(line.startswith("removals: 1 asked for and not finished")
+               for line in describe(services.settings, found))

@@ -421,6 +421,14 @@ def rejections_pending(conn: apsw.Connection, sop_uid: str | None = None
                 f"{where}ORDER BY since", bindings)]
 
 
+@_read("removals pending count")
+def removals_pending_count(conn: apsw.Connection) -> int:
+    """How many removals and rejection notes' removals are not all done (without
+    reading what they name)."""
+    return _scalar(conn, "SELECT (SELECT count(*) FROM removal_pending) + "
+                         "(SELECT count(*) FROM rejection_pending)")
+
+
 @dataclass(frozen=True)
 class PendingRemoval:
     """A removal asked for and not all done: who asked, from which process kind
