@@ -17,9 +17,6 @@ import falcon
 
 from adapters.dicomweb import dicomjson
 
-#: Media types answered with DICOM JSON.
-JSON_TYPES = (dicomjson.MEDIA_TYPE, falcon.MEDIA_JSON)
-
 #: A space between two characters of a media type name: an unencoded ``+``
 #: (``accept=application/dicom+json``) that form decoding, which falcon applies to
 #: query strings, turned into a space.  Names hold no spaces (RFC 6838 4.2), so it is
@@ -37,9 +34,15 @@ def accepted(req: falcon.Request) -> str | None:
 
 
 def accepts_json(req: falcon.Request) -> bool:
-    """True when the request accepts DICOM JSON (see the module docstring)."""
+    """True when the request accepts DICOM JSON (see the module docstring): a range
+    that allows ``application/dicom+json`` (by its most specific match, so that
+    ``application/dicom+json;q=0`` refuses it whatever ``*/*`` allows, RFC 9110
+    12.5.1), or one naming ``application/json`` itself."""
     accept = accepted(req)
-    return not accept or any(_quality(kind, accept) > 0 for kind in JSON_TYPES)
+    if not accept or _quality(dicomjson.MEDIA_TYPE, accept) > 0:
+        return True
+    return any(_quality(falcon.MEDIA_JSON, part) > 0 for part in accept.split(",")
+               if part.split(";", 1)[0].strip().lower() == falcon.MEDIA_JSON)
 
 
 def _quality(kind: str, accept: str) -> float:

@@ -349,6 +349,11 @@ def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
                    "application/dicom+json; q=0.9, */*; q=0.1"):
         result = get("/studies", headers={"Accept": accept})
         assert result.status_code == 200 and result.headers["Content-Type"] == JSON
+    # RFC 9110 12.5.1: the most specific range decides; q=0 refuses DICOM JSON, which
+    # is all a search answers, whatever */* allows.
+    for accept in ("application/dicom+json;q=0, */*;q=0.5",
+                   "application/dicom+json; q=0, application/*"):
+        assert get("/studies", headers={"Accept": accept}).status_code == 406, accept
 
 
 @pytest.mark.parametrize("query, status", [
