@@ -17,6 +17,9 @@ import falcon
 
 from adapters.dicomweb import dicomjson
 
+#: Media types answered with DICOM JSON.
+JSON_TYPES = (dicomjson.MEDIA_TYPE, falcon.MEDIA_JSON)
+
 #: A space between two characters of a media type name: an unencoded ``+``
 #: (``accept=application/dicom+json``) that form decoding, which falcon applies to
 #: query strings, turned into a space.  Names hold no spaces (RFC 6838 4.2), so it is
