@@ -437,8 +437,9 @@ def _with_requests(node: RunningNode) -> None:
 ])
 def test_sequence_matching(node: RunningNode, associate, item_keys: dict[str, str],
                            expected: list[str]) -> None:
-    """PS3.4 C.2.2.2.6 on RequestAttributesSequence; items come back with only the
-    requested item keys."""
+    """PS3.4 C.2.2.2.6 on RequestAttributesSequence: the matching items come back
+    ("a sequence of matching Items"), each with only the requested item keys; all
+    of them for universal matching."""
     _with_requests(node)
     item = Dataset()
     for keyword, value in item_keys.items():
@@ -452,8 +453,12 @@ def test_sequence_matching(node: RunningNode, associate, item_keys: dict[str, st
     assert [m.SeriesInstanceUID for m in matches] == expected
     for match in matches:
         returned = match.RequestAttributesSequence
-        assert len(returned) == 2
+        assert len(returned) == (1 if item_keys else 2)
         assert all(set(i.dir()) == set(item.dir()) for i in returned)
+        if item_keys:  # the matching item, not the other (SPS X<n>, RP RPX)
+            (only,) = returned
+            assert all(not str(getattr(only, keyword)).startswith(("X", "RPX"))
+                       for keyword in item_keys)
 
 
 def test_time_limit_counts_building_the_answers(loaded: RunningNode, associate,

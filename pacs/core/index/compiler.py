@@ -229,13 +229,17 @@ class _Where:
         The item keys' JSON paths come from the attribute table (``ITEM_KEYS``), never
         from the request.
         """
+        return f"EXISTS (SELECT 1 FROM json_each({column}) AS item WHERE {self.items(term)})"
+
+    def items(self, term: Term) -> str:
+        """The condition an item (``item.value`` of ``json_each``) of a stored sequence
+        meets to match every item key of ``term``."""
         conditions = []
         for item in term.items:
             path = f"json_extract(item.value, '$.{item.attribute.column}')"
             parts = [self._term(item.attribute, t, "", expression=path) for t in item.terms]
             conditions.append("(" + (" AND " if item.all_terms else " OR ").join(parts) + ")")
-        where = " AND ".join(conditions) if conditions else "1"
-        return f"EXISTS (SELECT 1 FROM json_each({column}) AS item WHERE {where})"
+        return " AND ".join(conditions) if conditions else "1"
 
     def _glob(self, target: str, pattern: str, multi: bool) -> str:
         if not multi:
@@ -288,8 +292,13 @@ class _Where:
         return f"(length({target}) <= {MAX_VALUE_CHARS} AND ({tests}))"
 
 
-def _select(query: Query) -> tuple[list[str], list[str]]:
-    """Selected expressions and their keywords: unique keys, then the return keys."""
+def _select(query: Query, selected: _Where | None = None) -> tuple[list[str], list[str]]:
+    """Selected expressions and their keywords: unique keys, then the return keys.
+
+    A sequence matched by its items (C.2.2.2.6) is selected as its matching items only
+    ("a sequence of matching Items"), their condition's parameters added to
+    ``selected`` (which come before the WHERE clause's).
+    """
     expressions: list[str] = [f"{query.level.table}.pk"]
     keywords: list[str] = ["_pk"]
     wanted: list[Attribute] = [UNIQUE_KEY[level] for level in Level
@@ -304,11 +313,25 @@ def _select(query: Query) -> tuple[list[str], list[str]]:
             expressions.append(_COMPUTED[attribute.keyword].format(
                 patient="patient.pk" if query.level is Level.PATIENT else "study.patient_pk"))
         elif attribute.level.depth <= query.level.depth:
-            expressions.append(column_of(attribute, query.level))
+            column = column_of(attribute, query.level)
+            term = _sequence_term(query, attribute)
+            expressions.append(column if term is None or selected is None else (
+                f"(SELECT json_group_array(json(item.value)) FROM json_each({column}) "
+                f"AS item WHERE {selected.items(term)})"))
         else:
             continue  # a lower level's value has no single answer for this entity
         keywords.append(attribute.keyword)
     return expressions, keywords
+
+
+def _sequence_term(query: Query, attribute: Attribute) -> Term | None:
+    """The item keys ``query`` matches the sequence ``attribute`` on, if any."""
+    for constraint in query.constraints:
+        if constraint.attribute is attribute:
+            for term in constraint.terms:
+                if term.match is Match.SEQUENCE:
+                    return term
+    return None
 
 
 def _reads_patient_table(query: Query) -> bool:
@@ -383,7 +406,8 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
 
     With ``page``, only that page of them (``query.limit`` / ``offset`` then unused).
     """
-    expressions, keywords = _select(query)
+    selected = _Where(pn_case_sensitive, query.fuzzy)
+    expressions, keywords = _select(query, selected)
     where = _where(query, pn_case_sensitive)
     key = f"{query.level.table}.pk"
     if page is not None:
@@ -395,7 +419,7 @@ def compile_find(query: Query, pn_case_sensitive: bool = False,
         expressions.append("study.pk")
     sql = (f"SELECT {', '.join(expressions)} FROM {_from(query)}"
            f"{_where_sql(where)} ORDER BY {key}")
-    params = list(where.params)
+    params = [*selected.params, *where.params]
     if page is not None:
         sql += " LIMIT ?"
         params.append(page.size)
