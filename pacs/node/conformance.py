@@ -750,8 +750,12 @@ for each information model, what it supports of what was asked.
   refused (A700).
 - **Query/Retrieve** (PS3.4 C): C-FIND on the levels of each model (PATIENT on Patient
   Root only, STUDY, SERIES, IMAGE) with single value, UID list, universal, wildcard,
-  range and sequence matching; person names match per component group,
-  {data['character_sets']['person_name_matching']} (`PACS_PN_CASE_SENSITIVE`).  Missing
+  range and sequence matching (the matching items returned); person names match per
+  component group, {data['character_sets']['person_name_matching']}
+  (`PACS_PN_CASE_SENSITIVE`): a wildcard value naming groups with `=` (`=山田*`) matches
+  those groups, one without `=` the whole name from its alphabetic group on; a wildcard
+  matches one value of a multi-valued attribute, never across its `\\`; a stored time of
+  fewer digits (`HHMM`) is its first moment.  Missing
   unique keys above the query level are taken as universal.  More than
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
   (A700).  {_bounds_text(data)}
