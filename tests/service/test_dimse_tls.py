@@ -161,21 +161,29 @@ def test_an_expired_client_certificate_fails_the_handshake(server: NodeServer,
     assoc.release()
 
 
-def test_an_ae_known_over_tls_only_is_refused_on_the_plain_port(
-        make_services: Callable[..., Services], pki: Pki, tmp_path: Any) -> None:
-    """``tls = true`` in the access rules: the AE associates over TLS, its title on the
-    plain port is refused (A-ASSOCIATE-RJ, calling AE not recognized), another AE's is
-    not."""
+def _tls_node(make_services: Callable[..., Services], pki: Pki, tmp_path: Any,
+              access: str) -> tuple[Services, NodeServer]:
+    """Services with these access rules, served on a DICOM TLS port of the test CA."""
     rules = tmp_path / "access.toml"
-    rules.write_text('[[ae]]\ntitle = "MODALITY1"\nrights = ["echo", "store"]\ntls = true\n')
+    rules.write_text(access)
     cert, key = ae_certificate(pki, "INTELPIXEL", server=True)
     services = make_services(dimse_tls_port=free_port(), dimse_tls_cert=str(cert),
                              dimse_tls_key=str(key), dimse_tls_ca=str(pki.ca),
                              access_file=str(rules), artim_timeout=ARTIM)
     context = tls.server_context(services.settings)
     assert context is not None
-    secure = start(services, ("127.0.0.1", services.settings.dimse_tls_port),
-                   tls_context=context)
+    return services, start(services, ("127.0.0.1", services.settings.dimse_tls_port),
+                           tls_context=context)
+
+
+def test_an_ae_known_over_tls_only_is_refused_on_the_plain_port(
+        make_services: Callable[..., Services], pki: Pki, tmp_path: Any) -> None:
+    """``tls = true`` in the access rules: the AE associates over TLS, its title on the
+    plain port is refused (A-ASSOCIATE-RJ, calling AE not recognized), another AE's is
+    not."""
+    services, secure = _tls_node(
+        make_services, pki, tmp_path,
+        '[[ae]]\ntitle = "MODALITY1"\nrights = ["echo", "store"]\ntls = true\n')
     plain = start(services, ("127.0.0.1", free_port()))
     try:
         assoc = tls_association(pki, secure.server_address[1])
@@ -201,17 +209,9 @@ def test_an_ae_pinned_to_its_certificate_is_refused_with_another_of_its_title(
     pinned, _ = ae_certificate(pki, "MODALITY1")
     fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pinned.read_text())).hexdigest()
     colons = ":".join(fingerprint[i:i + 2] for i in range(0, 64, 2)).upper()
-    rules = tmp_path / "access.toml"
-    rules.write_text('[[ae]]\ntitle = "MODALITY1"\nrights = ["echo"]\n'
-                     f'certificates = ["{colons}"]\n')
-    cert, key = ae_certificate(pki, "INTELPIXEL", server=True)
-    services = make_services(dimse_tls_port=free_port(), dimse_tls_cert=str(cert),
-                             dimse_tls_key=str(key), dimse_tls_ca=str(pki.ca),
-                             access_file=str(rules), artim_timeout=ARTIM)
-    context = tls.server_context(services.settings)
-    assert context is not None
-    secure = start(services, ("127.0.0.1", services.settings.dimse_tls_port),
-                   tls_context=context)
+    _, secure = _tls_node(make_services, pki, tmp_path,
+                          '[[ae]]\ntitle = "MODALITY1"\nrights = ["echo"]\n'
+                          f'certificates = ["{colons}"]\n')
     try:
         assoc = tls_association(pki, secure.server_address[1])
         assert assoc.is_established
