@@ -110,15 +110,18 @@ class Instance(Identity):
     ----------
     header :
         The data set without pixel data (values decoded lazily by pydicom).
-    ordered :
-        Its top-level elements ascend by tag, each once (PS3.5 7.1).  Ingest refuses
-        an object that breaks this (:mod:`pacs.core.ingest`): a tag repeated after the
-        pixel data, where the header stops, would give readers other UIDs or patient
-        than the index holds.  Objects already stored are read as they are.
+    unambiguous :
+        No top-level tag repeats, and none after the pixel data belongs before it
+        (PS3.5 7.1 has them ascend, each once).  Ingest refuses an object that breaks
+        this (:mod:`pacs.core.ingest`): the index reads the header, which stops at the
+        pixel data, where readers of the object would take a later or repeated element
+        (another Study or SOP Instance UID, another patient).  Elements merely out of
+        order before the pixel data, which every reader sorts alike, are taken.
+        Objects already stored are read as they are.
     """
 
     header: Dataset
-    ordered: bool = True
+    unambiguous: bool = True
 
 
 def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
@@ -152,19 +155,19 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     found = meta_transfer_syntax(buffer, offset)
     header: FileDataset | None
     if found == DeflatedExplicitVRLittleEndian:
-        header, ordered = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
+        header, unambiguous = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
                                          max_object_bytes)
         transfer_syntax = str(DeflatedExplicitVRLittleEndian)
     else:
         if found is None:
             raise UnreadableData("the file meta has no Transfer Syntax UID")
         transfer_syntax = require_uid(found, "TransferSyntaxUID")
-        header, ordered = _walked_header(buffer, offset, transfer_syntax)
+        header, unambiguous = _walked_header(buffer, offset, transfer_syntax)
         if header is None:
             # An encoding the walk leaves to pydicom (an unknown transfer syntax, an
             # undefined length outside a sequence): the walk proves it whole and
             # counts its elements (MAX_ELEMENTS) before pydicom reads it.
-            ordered = check_complete(memoryview(buffer)[offset:], transfer_syntax)
+            unambiguous = check_complete(memoryview(buffer)[offset:], transfer_syntax)
             try:
                 header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
@@ -183,7 +186,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         series_uid=require_uid(series, "SeriesInstanceUID"),
         transfer_syntax=transfer_syntax,
         dataset_offset=offset,
-        ordered=ordered,
+        unambiguous=unambiguous,
     )
 
 
@@ -274,8 +277,8 @@ def read_deflated_header(source: BinaryIO, head: bytes, offset: int) -> FileData
 def _read_deflated(meta_bytes: bytes, deflated: memoryview | BinaryIO,
                    max_object_bytes: int | None) -> tuple[FileDataset, bool]:
     """The header of a deflated object (``meta_bytes``: preamble and file meta), proven
-    whole, inflated no further than needed, and whether its top-level elements ascend
-    (:attr:`Instance.ordered`).
+    whole, inflated no further than needed, and whether its top level is unambiguous
+    (:attr:`Instance.unambiguous`).
 
     The walk (:func:`walk_deflated`) proves the data set complete and keeps the bytes
     before the pixel data; pydicom reads only those, as the explicit VR little endian
@@ -296,7 +299,7 @@ def _read_deflated(meta_bytes: bytes, deflated: memoryview | BinaryIO,
         header.set_original_encoding(False, True, dataset.original_character_set)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for malformed input
         raise UnreadableData(f"the data set does not parse: {type(exc).__name__}") from None
-    return header, walked.ordered
+    return header, walked.unambiguous
 
 
 def _not_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -341,6 +344,26 @@ def _too_many(limit: int) -> ObjectTooLarge:
     return ObjectTooLarge(f"the data set holds more than {limit} elements")
 
 
+class TopLevel:
+    """The tags of a data set's top level as a walk meets them: unambiguous while no
+    tag repeats and none after the pixel data sorts before it (:attr:`Instance.
+    unambiguous`)."""
+
+    def __init__(self) -> None:
+        self.unambiguous = True
+        self._seen: set[int] = set()
+        self._pixels: int | None = None
+
+    def see(self, tag: int) -> None:
+        """The next top-level tag."""
+        seen = self._seen
+        if tag in seen or (self._pixels is not None and tag < self._pixels):
+            self.unambiguous = False
+        seen.add(tag)
+        if self._pixels is None and tag in _PIXEL_TAGS:
+            self._pixels = tag
+
+
 class _Walker:
     """Walks element lengths of an encoded data set to prove it is not truncated, and
     counts its headers (:data:`MAX_ELEMENTS`), sequences of defined length included."""
@@ -350,8 +373,8 @@ class _Walker:
         self.implicit = implicit
         self.size = len(data)
         self.limit = self.headers_left = MAX_ELEMENTS
-        #: The top-level tags ascend, each once, as far as walked (PS3.5 7.1).
-        self.ordered = True
+        #: The top level, as far as walked (:class:`TopLevel`).
+        self.tags = TopLevel()
         order = "<" if little else ">"
         # Compiled once: a walk reads tens of headers per object (ingest's hot path).
         self._tag_length = struct.Struct(order + "HHI")  # implicit VR, items, delimiters
@@ -394,13 +417,11 @@ class _Walker:
         if depth > 64:
             raise UnreadableData("sequences nested too deeply")
         limit = len(self.data) if end is None else end
-        previous = -1
         while position < limit:
             tag, vr, length, size = self._header(position)
             position += size
             if depth == 0:  # the top level (items' data sets are walked one deeper)
-                self.ordered = self.ordered and tag > previous
-                previous = tag
+                self.tags.see(tag)
             if tag == _ITEM_END:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
@@ -423,14 +444,13 @@ class _Walker:
         needs pydicom's own reading (see :func:`_walked_header`)."""
         data, end = self.data, len(self.data)
         kept: list[tuple[int, str | None, int, bytes, int]] = []
-        position, pixel_at, previous = 0, None, -1
+        position, pixel_at = 0, None
+        see = self.tags.see
         while position < end:
             start = position
             tag, vr_bytes, length, size = self._header(position)
             position += size
-            if tag <= previous:
-                self.ordered = False  # the walk goes on: ingest refuses, readers read
-            previous = tag
+            see(tag)  # the walk goes on whatever it finds: ingest refuses, readers read
             if tag >> 16 == 0xFFFE:
                 return None  # an item or delimiter outside a sequence: malformed
             vr = None if vr_bytes is None else _VR_NAMES.get(vr_bytes)
@@ -496,7 +516,7 @@ class _Walker:
 def check_complete(dataset: memoryview, transfer_syntax: str,
                    max_inflated: int | None = None) -> bool:
     """Raise :class:`UnreadableData` unless the encoded data set is whole; return
-    whether its top-level elements ascend by tag, each once (PS3.5 7.1).
+    whether its top level is unambiguous (:attr:`Instance.unambiguous`).
 
     Every element's value must fit in the bytes received and the last one must end
     exactly at the end of the object.  A deflated data set is walked as a stream
@@ -504,14 +524,14 @@ def check_complete(dataset: memoryview, transfer_syntax: str,
     (:class:`ObjectTooLarge` beyond).
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        return walk_deflated(dataset, max_inflated, header_limit=None).ordered
+        return walk_deflated(dataset, max_inflated, header_limit=None).unambiguous
     walker = _Walker(
         dataset,
         implicit=transfer_syntax == ImplicitVRLittleEndian,
         little=transfer_syntax != ExplicitVRBigEndian,
     )
     walker.dataset(0, len(dataset))
-    return walker.ordered
+    return walker.tags.unambiguous
 
 
 #: Transfer syntaxes whose data set :func:`_walked_header` reads: (implicit VR, little
@@ -561,7 +581,7 @@ def _walked_header(buffer: bytes, offset: int,
     data element, as pydicom's is (:func:`pacs.core.metadata.prepare` reads it there).
     ``None`` when the data set holds what pydicom should interpret itself: an unknown
     VR, or an undefined length on an element that is not a sequence.  With it, whether
-    the top-level elements ascend (:attr:`Instance.ordered`; ``True`` with ``None``).
+    the top level is unambiguous (:attr:`Instance.unambiguous`; ``True`` with ``None``).
 
     Raises
     ------
@@ -596,7 +616,7 @@ def _walked_header(buffer: bytes, offset: int,
         raise UnreadableData("the Specific Character Set does not decode "
                              f"({type(exc).__name__})") from None
     header.set_original_encoding(implicit, little, encodings)
-    return header, walker.ordered
+    return header, walker.tags.unambiguous
 
 
 # --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------
@@ -792,8 +812,8 @@ class _StreamWalker:
         self.reader = reader
         self.limit = limit
         self.elements = self.headers_left = MAX_ELEMENTS
-        #: The top-level tags ascend, each once (PS3.5 7.1).
-        self.ordered = True
+        #: The top level (:class:`TopLevel`).
+        self.tags = TopLevel()
 
     def header(self) -> tuple[int, bytes | None, int]:
         """(tag, VR, value length) of the next element or item (no VR for items and
@@ -825,12 +845,10 @@ class _StreamWalker:
     def top(self) -> None:
         """Walk the top-level data set to the end of the stream."""
         reader = self.reader
-        previous = -1
         while not reader.at_end():
             start = reader.position
             tag, vr, length = self.header()
-            self.ordered = self.ordered and tag > previous
-            previous = tag
+            self.tags.see(tag)
             if tag in _PIXEL_TAGS:
                 reader.stop_keeping(start)
             if tag == _ITEM_END:
@@ -951,13 +969,13 @@ class DeflatedWalk:
         it has none); empty when not asked for.
     inflated :
         The inflated data set's size.
-    ordered :
-        Its top-level elements ascend by tag, each once (PS3.5 7.1).
+    unambiguous :
+        Its top level is unambiguous (:attr:`Instance.unambiguous`).
     """
 
     header: bytes
     inflated: int
-    ordered: bool = True
+    unambiguous: bool = True
 
 
 def walk_deflated(deflated: memoryview | BinaryIO, max_inflated: int | None,
@@ -987,7 +1005,7 @@ def walk_deflated(deflated: memoryview | BinaryIO, max_inflated: int | None,
     reader = _InflatedReader(Inflater(deflated, max_inflated), header_limit)
     walker = _StreamWalker(reader, max_inflated)
     walker.top()
-    return DeflatedWalk(bytes(reader.kept), reader.position, walker.ordered)
+    return DeflatedWalk(bytes(reader.kept), reader.position, walker.tags.unambiguous)
 
 
 def _text(value: Any) -> str | None:

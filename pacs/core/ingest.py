@@ -148,16 +148,17 @@ class Analysis(Identity):
     rejection :
         What the object rejects when it is an IOCM rejection note
         (:mod:`pacs.core.rejection`), else ``None``.
-    ordered :
-        Its top-level elements ascend by tag, each once (PS3.5 7.1); ingest refuses
-        one whose do not (:func:`_disorder`).
+    unambiguous :
+        No top-level tag repeats, and none after the pixel data belongs before it
+        (:attr:`pacs.core.dataset.Instance.unambiguous`); ingest refuses one that is
+        not (:func:`_ambiguity`).
     """
 
     values: dict[Level, dict[str, str | None]]
     checksum: str
     metadata: metadata.Prepared | None
     rejection: rejection.Rejection | None = None
-    ordered: bool = True
+    unambiguous: bool = True
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
@@ -219,7 +220,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         checksum=checksum() if checksum is not None else sha256(data),
         metadata=prepared,
         rejection=note,
-        ordered=instance.ordered,
+        unambiguous=instance.unambiguous,
     )
 
 
@@ -419,8 +420,8 @@ class Ingest:
             # Through the intake, the metadata is the mover's work (module docstring).
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
-            if (disorder := _disorder(analysis)) is not None:
-                raise disorder
+            if (ambiguity := _ambiguity(analysis)) is not None:
+                raise ambiguity
             if (refused := _rejection_refusal(analysis, may_reject)) is not None:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 raise refused  # before any lock; what was staged is removed
@@ -576,8 +577,8 @@ class Ingest:
                 results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
-            elif (disorder := _disorder(analysis)) is not None:
-                results[number] = disorder
+            elif (ambiguity := _ambiguity(analysis)) is not None:
+                results[number] = ambiguity
             elif (refused := _rejection_refusal(analysis, may_reject)) is not None:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 results[number] = refused
@@ -926,15 +927,15 @@ def sender(calling_ae: str, requestor: Participant | None) -> Participant:
     return requestor or Participant(calling_ae.strip() or "(none)", True)
 
 
-def _disorder(analysis: Analysis) -> UnreadableData | None:
-    """The refusal of an object whose top-level elements do not ascend by tag, each
-    once (PS3.5 7.1), else ``None``.  The index reads the header, which stops at the
-    pixel data: an element repeated after it (another Study or SOP Instance UID, another
-    Patient ID) would be what pydicom readers of the stored object see instead."""
-    if analysis.ordered:
+def _ambiguity(analysis: Analysis) -> UnreadableData | None:
+    """The refusal of an object whose top level is ambiguous: a tag repeated, or an
+    element of the header after the pixel data (PS3.5 7.1: ascending, each once).  The
+    index reads the header, which stops at the pixel data; readers of the object would
+    take the later element (another Study or SOP Instance UID, another Patient ID)."""
+    if analysis.unambiguous:
         return None
-    return UnreadableData("the data set's elements are not in ascending order of their "
-                          "tags, each once (PS3.5 7.1)")
+    return UnreadableData("a top-level element repeated, or placed after the pixel data "
+                          "(PS3.5 7.1: ascending tags, each once)")
 
 
 def _rejection_refusal(analysis: Analysis, may_reject: bool) -> NotAuthorized | None:

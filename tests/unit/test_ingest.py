@@ -166,29 +166,43 @@ def _appended(syntax: str, tag: int, value: bytes, **attributes: object) -> byte
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                                     DeflatedExplicitVRLittleEndian])
-def test_elements_out_of_order_or_repeated_are_refused_and_stored_ones_still_read(
+def test_elements_repeated_or_after_the_pixel_data_are_refused_and_stored_ones_still_read(
         services: Services, syntax: str) -> None:
     """PS3.5 7.1: a Study Instance UID repeated after the pixel data (pydicom readers
     of the object would see it, the index the first), or a Patient ID that comes only
-    there, is refused (C000 / 400): alone and in a batch, nothing kept.  Read again (by
-    fsck, reindex), such an object still parses, its order reported."""
+    there (past the header the index reads), is refused (C000 / 400): alone and in a
+    batch, nothing kept.  Read again (by fsck, reindex), such an object still parses,
+    its ambiguity reported."""
     repeated = _appended(syntax, 0x0020000D, b"1.2.777", StudyInstanceUID="1.2.3.9")
     late = _appended(syntax, 0x00100020, b"PID-LATE", PatientID=None)
     for data in (repeated, late):
-        with pytest.raises(UnreadableData, match="ascending order"):
+        with pytest.raises(UnreadableData, match="repeated, or placed after the pixel"):
             services.ingest.store_bytes(data)
         (result,) = services.ingest.store_batch([Received.of(data)])
         assert isinstance(result, UnreadableData)
         read = dataset.read_part10(data)
-        assert not read.ordered
+        assert not read.unambiguous
     assert dataset.read_part10(repeated).study_uid == "1.2.3.9"
     assert _stored(services) == {}
     assert writer.counts(services.index.connection())["instance"] == 0
-    assert dataset.read_part10(make_instance()).ordered
+    assert dataset.read_part10(make_instance()).unambiguous
     walked = dataset_bytes(repeated)
     assert not dataset.check_complete(memoryview(walked), syntax)
     assert dataset.check_complete(memoryview(dataset_bytes(part10(
         dcmread(DicomBytesIO(make_instance())), syntax))), syntax)
+
+
+def test_elements_out_of_order_before_the_pixel_data_are_taken(services: Services) -> None:
+    """Out of order but each once, before the pixel data: every reader (and the index)
+    sorts them alike, so a sloppy writer's object is stored as sent."""
+    data = make_instance(PatientID="P-ORDER")
+    body = dataset_bytes(data)
+    first = 8 + struct.unpack_from("<H", body, 6)[0]  # the first element, moved down
+    moved = body[first:]
+    pixels = moved.index(b"\xe0\x7f\x10\x00")
+    shuffled = data[:len(data) - len(body)] + moved[:pixels] + body[:first] + moved[pixels:]
+    assert dataset.read_part10(shuffled).unambiguous
+    assert services.ingest.store_bytes(shuffled).outcome is Outcome.STORED
 
 
 def test_store_failure_leaves_nothing(make_services: Callable[..., Services],
