@@ -52,6 +52,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
@@ -249,8 +250,12 @@ def _basic_offsets(source: BinaryIO, lay: Layout) -> bool:
 
 
 #: How a frame is produced: its fragments as stored (encapsulated), cut from the stored
-#: native pixel data, or decoded by pydicom.
-Production = Literal["fragments", "slice", "decode"]
+#: native pixel data, cut from big endian pixel data and its samples' bytes swapped,
+#: inflated from a deflated data set, or decoded by pydicom.  The three native ways
+#: send the frame as stored, samples untouched (PS3.5 8.1.1, 8.2: its Planar
+#: Configuration, Photometric Interpretation and bits beyond Bits Stored as the
+#: metadata says); only a decoded frame is pydicom's processed pixels.
+Production = Literal["fragments", "slice", "swap", "inflate", "decode"]
 
 
 def production(lay: Layout, stored: bool) -> Production:
@@ -264,6 +269,11 @@ def production(lay: Layout, stored: bool) -> Production:
         return "fragments"
     if lay.sliceable:
         return "slice"
+    if not lay.encapsulated and lay.pixel_offset is not None and (
+            lay.transfer_syntax == ExplicitVRBigEndian):
+        return "swap"
+    if not lay.encapsulated and lay.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return "inflate"
     return "decode"
 
 
@@ -276,7 +286,7 @@ def frame_syntax(lay: Layout, stored: bool) -> str:
 def frame_length(lay: Layout, stored: bool) -> int | None:
     """Bytes of each frame when known before any is read (frames cut from native pixel
     data: ceil(frame bits / 8)); ``None`` for fragments and decoded frames."""
-    return -(-lay.frame_bits // 8) if production(lay, stored) == "slice" else None
+    return -(-lay.frame_bits // 8) if production(lay, stored) in ("slice", "swap") else None
 
 
 def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
@@ -294,9 +304,9 @@ def check_frames(lay: Layout, stored: bool, max_frame_bytes: int,
         all, or whose frames have no bits (:func:`check_sliced`).
     """
     how = production(lay, stored)
-    if how == "slice":
+    if how in ("slice", "swap"):
         check_sliced(lay, numbers)
-    if how != "decode":
+    if how not in ("decode", "inflate"):
         return
     check_decodable(lay.decoded_bytes, max_frame_bytes)
 
@@ -333,7 +343,8 @@ def stored_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
     """Frames as stored: ``(bytes, transfer syntax UID)`` per frame number.
 
     ``source`` is the stored object, seekable.  Native frames of syntaxes that cannot
-    be sliced (deflated, big endian) are decoded instead, within ``max_frame_bytes``.
+    be sent as stored (deflated, big endian) are sent as native little endian frames,
+    their samples as stored (:data:`Production`).
     """
     yield from _produced(source, lay, numbers, True, max_frame_bytes)
 
@@ -357,6 +368,11 @@ def _produced(source: BinaryIO, lay: Layout, numbers: Sequence[int], stored: boo
             yield _fragments(source, lay, number), syntax
         elif how == "slice":
             yield _slice(source, lay, number), syntax
+        elif how == "swap":
+            yield _little_endian(_slice(source, lay, number), lay), syntax
+        elif how == "inflate":
+            check_decodable(lay.decoded_bytes, max_frame_bytes)
+            yield _inflated_frame(source, number, lay)[1], syntax
         else:
             yield native_bytes(decoded(source, number, lay, max_frame_bytes)), syntax
 
@@ -376,6 +392,15 @@ def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
     if len(data) != size:
         raise UnreadableData("the stored object is truncated")
     return data
+
+
+def _little_endian(frame: bytes, lay: Layout) -> bytes:
+    """A frame of big endian native pixel data with each sample's bytes in little
+    endian order (PS3.5 A.3: the value's words and samples are big endian)."""
+    size = lay.bits_allocated // 8
+    if size <= 1 or lay.frame_bits % 8:
+        return frame
+    return np.frombuffer(frame, dtype=f">u{size}").astype(f"<u{size}").tobytes()
 
 
 def _bit_frame(source: BinaryIO, lay: Layout, number: int) -> bytes:
@@ -630,6 +655,19 @@ def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
     of the whole data set held in memory for every frame asked for.  The stored bytes
     are read a feed at a time too, as far as the frame.
     """
+    header, frame = _inflated_frame(source, number, lay)
+    header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
+    header.NumberOfFrames = 1
+    try:
+        return pixel_array(header, index=0)
+    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
+        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+
+
+def _inflated_frame(source: BinaryIO, number: int, lay: Layout
+                    ) -> tuple[pydicom.Dataset, bytes]:
+    """The header of a deflated data set, and frame ``number``'s native bytes as stored,
+    inflated no further than them (:func:`_decoded_deflated`)."""
     header = read_header(source)
     bits = lay.frame_bits
     first = (number - 1) * bits
@@ -638,13 +676,7 @@ def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
     source.seek(dataset.dataset_offset(source.read(dataset.HEAD_PROBE_BYTES)))
     # The deflate stream read a feed at a time from the store, as far as the frame.
     value = dataset.inflated_pixels(source, start, end - start)
-    frame = _repacked(value, first - start * 8, bits) if bits % 8 else value
-    header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
-    header.NumberOfFrames = 1
-    try:
-        return pixel_array(header, index=0)
-    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+    return header, (_repacked(value, first - start * 8, bits) if bits % 8 else value)
 
 
 def _decoded_fragments(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:

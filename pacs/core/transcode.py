@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, BinaryIO
 
+import numpy as np
 import pydicom
 from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -176,6 +177,8 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
         raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
     check_codestreams(dataset)
     try:
+        if dataset.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
+            _to_little_endian(dataset)
         if dataset.file_meta.TransferSyntaxUID.is_compressed and "PixelData" in dataset:
             # Same instance in another transfer syntax: keep its SOP Instance UID
             # (pydicom 3 generates a new one by default).
@@ -184,6 +187,35 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
     return dataset
+
+
+#: Bytes of one unit of each binary VR whose value a big endian encoding stores in
+#: that order (PS3.5 A.3, Table 6.2-1).
+_UNITS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _to_little_endian(dataset: Dataset) -> None:
+    """Make a data set read from Explicit VR Big Endian writable as little endian.
+
+    pydicom encodes the values it decodes (numbers, text, tags) in whatever byte
+    order it writes, but writes a binary value (Pixel Data, LUT Data, Overlay Data:
+    OW, OF, OL, OD, OV) as its bytes: each unit of those is swapped here, in items of
+    sequences too.  pydicom refuses to write a data set read big endian as little
+    endian; done with its values, it is marked read little endian.
+    """
+    def swap(elements: Dataset) -> None:
+        for element in elements:  # decodes every raw element, in this byte order
+            if element.VR == "SQ":
+                for item in element.value or ():
+                    swap(item)
+            elif element.VR in _UNITS and isinstance(element.value, bytes | bytearray):
+                unit = _UNITS[element.VR]
+                whole = len(element.value) - len(element.value) % unit
+                element.value = (np.frombuffer(element.value[:whole], dtype=f">u{unit}")
+                                 .astype(f"<u{unit}").tobytes() + element.value[whole:])
+
+    swap(dataset)
+    dataset.set_original_encoding(False, True, dataset.original_character_set)
 
 
 def check_codestreams(dataset: Dataset) -> None:

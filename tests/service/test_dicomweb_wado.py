@@ -1110,6 +1110,40 @@ def test_deflated_frames_are_decoded(client: testing.TestClient, put: Put) -> No
     assert image(client.simulate_get(url(ds) + "/rendered")).size == (ds.Columns, ds.Rows)
 
 
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "ExplVR_BigEnd.dcm"])
+def test_big_endian_frames_are_the_stored_samples_in_little_endian(
+        client: testing.TestClient, put: Put, name: str) -> None:
+    """PS3.5 A.3, 8.2: a big endian object's frames are its stored samples, each
+    sample's bytes swapped, as the metadata describes them (16-bit MR; 8-bit RGB of
+    Planar Configuration 1, sent planar, not pydicom's interleaved pixels)."""
+    ds, _ = put(name)
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    [(part, content)] = parts(client.simulate_get(url(ds) + "/frames/1",
+                                                  headers={"Accept": OHIF_FRAMES}))
+    assert part["content-type"].endswith(EXPLICIT)
+    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    stored = ds.PixelData[:size]
+    unit = ds.BitsAllocated // 8
+    expected = (np.frombuffer(stored, dtype=f">u{unit}").astype(f"<u{unit}").tobytes()
+                if unit > 1 else stored)
+    assert content == expected
+
+
+@pytest.mark.parametrize("name", ["MR_small_bigendian.dcm", "ExplVR_BigEnd.dcm"])
+def test_a_big_endian_instance_is_converted_to_little_endian(
+        client: testing.TestClient, put: Put, name: str) -> None:
+    """The default retrieve of an instance stored big endian (PS3.18 8.7.3.5.2:
+    Explicit VR Little Endian): the same pixels and values, every binary value's
+    samples swapped."""
+    ds, _ = put(name)
+    [(part, content)] = parts(client.simulate_get(url(ds), headers={"Accept": DICOM_ACCEPT}))
+    assert part["content-type"].startswith("application/dicom")
+    converted = pydicom.dcmread(io.BytesIO(content))
+    assert converted.file_meta.TransferSyntaxUID == EXPLICIT
+    assert np.array_equal(converted.pixel_array, ds.pixel_array)
+    assert (converted.PatientName, converted.Rows) == (ds.PatientName, ds.Rows)
+
+
 def test_implicit_little_endian_frames(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("MR_small_implicit.dcm")
     assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
