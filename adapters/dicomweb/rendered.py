@@ -64,7 +64,7 @@ from typing import Any
 import falcon
 import numpy as np
 from PIL import Image
-from pydicom.pixels import apply_color_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
@@ -92,6 +92,10 @@ MAX_ENLARGED = 2048
 _RESCALE_SLOPE, _RESCALE_INTERCEPT = 0x00281053, 0x00281052
 _WINDOW_CENTER, _WINDOW_WIDTH, _VOI_FUNCTION = 0x00281050, 0x00281051, 0x00281056
 _PHOTOMETRIC, _BITS_STORED = 0x00280004, 0x00280101
+#: Shared and Per-frame Functional Groups Sequences (PS3.3 C.7.6.16).
+_SHARED_GROUPS, _PER_FRAME_GROUPS = "52009229", "52009230"
+#: Modality LUT Sequence, VOI LUT Sequence (PS3.3 C.11.1, C.11.2).
+_MODALITY_LUT, _VOI_LUT = "00283000", "00283010"
 _DOCUMENT, _DOCUMENT_TYPE = "00420011", 0x00420012
 _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 #: A media type as RFC 6838 4.2 allows its names (no parameters, no spaces).
@@ -354,6 +358,46 @@ def fit(image: Image.Image, viewport: Viewport | None, limit: int | None) -> Ima
     return image.resize(size, Image.Resampling.BILINEAR) if size != image.size else image
 
 
+def frame_view(doc: dict[str, Any], number: int) -> dict[str, Any]:
+    """The instance's metadata as frame ``number`` sees it: the attributes of its
+    functional groups (PS3.3 C.7.6.16: the shared ones, then the frame's own, which
+    win), such as Frame VOI LUT (window) and Pixel Value Transformation (rescale),
+    over those of the data set's top level, where enhanced objects keep neither."""
+    view = dict(doc)
+    for key, index in ((_SHARED_GROUPS, 0), (_PER_FRAME_GROUPS, number - 1)):
+        items = doc.get(key, {}).get("Value") or []
+        item = items[index] if 0 <= index < len(items) else None
+        for group in (item or {}).values():
+            for macro in group.get("Value") or () if isinstance(group, dict) else ():
+                if isinstance(macro, dict):
+                    view.update(macro)
+    return view
+
+
+def lut_applied(array: np.ndarray, doc: dict[str, Any], header: Any,
+                window: Window | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A monochrome frame through its Modality LUT Sequence and, unless a window is
+    asked for or the data set has one, its VOI LUT Sequence (PS3.3 C.11.1, C.11.2:
+    tables, not the linear rescale and window :func:`grey` applies), with the view
+    :func:`grey` then draws it by: the table's output fills its own range."""
+    if header is None or (_MODALITY_LUT not in doc and _VOI_LUT not in doc):
+        return array, doc
+    # The Modality LUT, table or rescale, always before the VOI (C.11.1): applied here,
+    # so not again by grey().
+    values = apply_modality_lut(array, header)
+    view = {k: v for k, v in doc.items()
+            if k not in (f"{_RESCALE_INTERCEPT:08X}", f"{_RESCALE_SLOPE:08X}")}
+    if _VOI_LUT in doc and window is None and metadata.value(doc, _WINDOW_CENTER) is None:
+        values = apply_voi_lut(values.astype(np.int64) if values.dtype.kind == "f" else values,
+                               header, prefer_lut=True)
+        # The table's output, 0 to 2^bits - 1 (its LUT Descriptor), is what is shown.
+        top = float(2 ** int(header.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        view.update({f"{_WINDOW_CENTER:08X}": {"vr": "DS", "Value": [top / 2]},
+                     f"{_WINDOW_WIDTH:08X}": {"vr": "DS", "Value": [top]},
+                     f"{_VOI_FUNCTION:08X}": {"vr": "CS", "Value": ["LINEAR_EXACT"]}})
+    return np.asarray(values), view
+
+
 def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
          header: Any = None) -> Image.Image:
     """A decoded frame as an 8-bit image ready to encode."""
@@ -364,6 +408,7 @@ def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
             part, header)), "RGB")
     if array.ndim == 3:
         return Image.fromarray(colour(array, doc), "RGB")
+    array, doc = lut_applied(array, doc, header, params.window)
     return Image.fromarray(grey(array, doc, params.window), "L")
 
 
@@ -439,9 +484,13 @@ class Rendered:
         with pixels.open_frames(self.services.store, doc.object_key, lay) as source:
             array = pixels.decoded(source, number, lay,
                                    self.services.settings.max_frame_bytes)
-            palette = metadata.value(parsed, _PHOTOMETRIC) == "PALETTE COLOR"
-            header = pixels.read_header(source) if palette else None
-        image = draw(array, parsed, params, header)
+            view = frame_view(parsed, number)
+            # The header (pydicom's) only where a table is applied: its values are
+            # bulk data in the metadata.
+            tables = (metadata.value(view, _PHOTOMETRIC) == "PALETTE COLOR"
+                      or _MODALITY_LUT in view or _VOI_LUT in view)
+            header = pixels.read_header(source) if tables else None
+        image = draw(array, view, params, header)
         return fit(image, params.viewport, THUMBNAIL_SIZE if self.thumbnail else None)
 
 

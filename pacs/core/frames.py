@@ -97,6 +97,10 @@ class Layout:
         length (:data:`pacs.core.metadata.UNDEFINED_LENGTH` when encapsulated).
     extended_offsets :
         The Extended Offset Table and its lengths, when inline in the metadata.
+    pixel_vr :
+        The pixel data's VR (``OB``, ``OW``; empty when unknown): a big endian
+        encoding swaps the bytes of each 16-bit word of an OW value (PS3.5 A.3), 8-bit
+        samples included.
     """
 
     transfer_syntax: str
@@ -109,6 +113,7 @@ class Layout:
     pixel_offset: int | None
     pixel_length: int | None
     extended_offsets: tuple[bytes, bytes] | None = None
+    pixel_vr: str = ""
 
     @property
     def encapsulated(self) -> bool:
@@ -171,6 +176,7 @@ def layout(doc: Document, parsed: dict[str, Any] | None = None) -> Layout:
         pixel_offset=doc.pixel_offset,
         pixel_length=doc.pixel_length,
         extended_offsets=_extended_offsets(data),
+        pixel_vr=str(data[_PIXEL_DATA].get("vr", "")),
     )
 
 
@@ -395,10 +401,11 @@ def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
 
 
 def _little_endian(frame: bytes, lay: Layout) -> bytes:
-    """A frame of big endian native pixel data with each sample's bytes in little
-    endian order (PS3.5 A.3: the value's words and samples are big endian)."""
-    size = lay.bits_allocated // 8
-    if size <= 1 or lay.frame_bits % 8:
+    """A frame of big endian native pixel data in little endian order (PS3.5 A.3):
+    the bytes of each 16-bit word of an OW value swapped (8-bit samples too), an OB
+    value as it is, and one of unknown VR by its samples."""
+    size = {"OW": 2, "OB": 1}.get(lay.pixel_vr, lay.bits_allocated // 8)
+    if size <= 1 or lay.frame_bits % 8 or len(frame) % size:
         return frame
     return np.frombuffer(frame, dtype=f">u{size}").astype(f"<u{size}").tobytes()
 

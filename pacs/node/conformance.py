@@ -416,7 +416,10 @@ def _describe(resource: object) -> dict[str, Any]:
                   "numbers; a viewport's source region lies within the image (400 "
                   "otherwise); an image smaller than the viewport is enlarged up to "
                   f"{rendered.MAX_ENLARGED} pixels on its longer side.  The representative "
-                  "image of a study or series is its middle image.")
+                  "image of a study or series is its middle image.  Grey images are drawn "
+                  "through the Modality LUT (rescale or table), then the window asked "
+                  "for, the data set's first window, or its VOI LUT table (PS3.3 C.11); "
+                  "an enhanced frame by its functional groups (C.7.6.16).")
         if resource.thumbnail:
             return {"name": "Retrieve Thumbnail", "transaction": "WADO-RS Retrieve",
                     "section": "PS3.18 10.4.1.1.6", "method": "GET",

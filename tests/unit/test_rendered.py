@@ -84,3 +84,90 @@ def test_a_palette_with_16_bit_entries_is_drawn_from_their_high_bytes() -> None:
     expected = (apply_color_lut(ds.pixel_array, ds) >> 8).astype(np.uint8)
     assert np.array_equal(np.asarray(image), expected)
     assert 0 < np.asarray(image).mean() < 64  # an ultrasound sector: mostly black
+
+
+def _described(ds: pydicom.Dataset) -> dict[str, Any]:
+    """The instance's metadata as the node keeps it (DICOM JSON, parsed)."""
+    from pacs.core import dataset, metadata
+    from tests.factory import part10
+
+    data = part10(ds)
+    return metadata.parse(metadata.prepare(dataset.read_part10(data), data).json)
+
+
+#: The frame of :func:`_grey_ramp`.
+RAMP = (np.arange(64 * 64) % 4096).astype(np.uint16).reshape(64, 64)
+
+
+def _grey_ramp(**attributes: Any) -> pydicom.Dataset:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = RAMP.astype("<u2").tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_lut_sequences_are_applied_as_tables() -> None:
+    """PS3.3 C.11.1, C.11.2: a Modality LUT Sequence and a VOI LUT Sequence are tables,
+    not the linear rescale and window: a non-linear VOI LUT (16-bit entries, the
+    square root) draws its output; a cubic Modality LUT comes before the window."""
+    from pydicom.dataset import Dataset
+
+    voi = Dataset()
+    voi.LUTDescriptor = [4096, 0, 16]
+    voi.LUTData = (np.sqrt(np.arange(4096) / 4095) * 65535).astype("<u2").tobytes()
+    voi["LUTData"].VR = "OW"
+    ds = _grey_ramp(VOILUTSequence=[voi])
+    frame = RAMP
+    image = np.asarray(rendered.draw(frame, _described(ds), rendered.Params(), ds))
+    expected = np.sqrt(frame / 4095) * 255
+    assert np.abs(image - expected).max() <= 1.01
+
+    modality = Dataset()
+    modality.LUTDescriptor = [4096, 0, 16]
+    modality.LUTData = ((np.arange(4096) / 4095) ** 3 * 60000).astype("<u2").tobytes()
+    modality["LUTData"].VR = "OW"
+    modality.ModalityLUTType = "US"
+    cubic = _grey_ramp(ModalityLUTSequence=[modality], WindowCenter=30000,
+                       WindowWidth=60000)
+    image = np.asarray(rendered.draw(frame, _described(cubic), rendered.Params(), cubic))
+    values = (frame / 4095) ** 3 * 60000
+    expected = np.clip((values - 29999.5) / 59999 + 0.5, 0, 1) * 255
+    assert np.abs(image - expected).max() <= 1.01
+
+
+def test_an_enhanced_frame_is_drawn_by_its_functional_groups() -> None:
+    """PS3.3 C.7.6.16: an enhanced object keeps its window and rescale in the shared
+    or per-frame functional groups (Frame VOI LUT, Pixel Value Transformation); the
+    frame's own win over the shared ones."""
+    from pydicom.dataset import Dataset
+
+    def group(**values: Any) -> Dataset:
+        item = Dataset()
+        for keyword, value in values.items():
+            setattr(item, keyword, value)
+        return item
+
+    shared = group(PixelValueTransformationSequence=[group(
+        RescaleSlope=1, RescaleIntercept=-1024, RescaleType="HU")],
+        FrameVOILUTSequence=[group(WindowCenter=40, WindowWidth=400)])
+    second = group(FrameVOILUTSequence=[group(WindowCenter=1000, WindowWidth=2000)])
+    ds = _grey_ramp(SharedFunctionalGroupsSequence=[shared],
+                    PerFrameFunctionalGroupsSequence=[group(), second],
+                    NumberOfFrames=1)
+    doc = _described(ds)
+    frame = RAMP
+    for number, (center, width) in ((1, (40, 400)), (2, (1000, 2000))):
+        image = np.asarray(rendered.draw(frame, rendered.frame_view(doc, number),
+                                         rendered.Params()))
+        values = frame.astype(float) - 1024
+        expected = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255
+        assert np.abs(image - expected).max() <= 1.01, number
