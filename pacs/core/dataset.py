@@ -24,6 +24,7 @@ import re
 import struct
 import tempfile
 import zlib
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from enum import Enum
 from functools import cache, lru_cache
 from typing import Any, BinaryIO, Final, Literal, cast
 
+import numpy as np
 import pydicom
 import pydicom.config
 from pydicom.charset import convert_encodings
@@ -344,24 +346,51 @@ def _too_many(limit: int) -> ObjectTooLarge:
     return ObjectTooLarge(f"the data set holds more than {limit} elements")
 
 
+#: Top-level tags :class:`TopLevel` keeps (256 KiB).
+TOP_LEVEL_KEPT = 1 << 16
+
+
 class TopLevel:
     """The tags of a data set's top level as a walk meets them: unambiguous while no
     tag repeats and none after the pixel data sorts before it (:attr:`Instance.
-    unambiguous`)."""
+    unambiguous`).
+
+    The tags are kept 4 bytes each, the first :data:`TOP_LEVEL_KEPT` of them (real
+    objects have hundreds at the top level; a walk may meet ``MAX_ELEMENTS``), and
+    looked through for a repeat only when they did not all ascend, the usual case; a
+    top level of more that does not ascend counts as ambiguous.
+    """
 
     def __init__(self) -> None:
-        self.unambiguous = True
-        self._seen: set[int] = set()
+        self._tags = array("I")
+        self._previous = -1
+        self._disordered = False
+        self._late = False  # a header element after the pixel data
         self._pixels: int | None = None
 
     def see(self, tag: int) -> None:
         """The next top-level tag."""
-        seen = self._seen
-        if tag in seen or (self._pixels is not None and tag < self._pixels):
-            self.unambiguous = False
-        seen.add(tag)
+        if tag <= self._previous:
+            self._disordered = True
+            if self._pixels is not None and tag < self._pixels:
+                self._late = True
+        self._previous = tag
+        if len(self._tags) < TOP_LEVEL_KEPT:
+            self._tags.append(tag)
         if self._pixels is None and tag in _PIXEL_TAGS:
             self._pixels = tag
+
+    @property
+    def unambiguous(self) -> bool:
+        """No tag repeated, none of the header after the pixel data."""
+        if self._late:
+            return False
+        if not self._disordered:
+            return True
+        if len(self._tags) >= TOP_LEVEL_KEPT:
+            return False
+        tags = np.frombuffer(self._tags, dtype=np.uint32)
+        return len(np.unique(tags)) == len(tags)
 
 
 class _Walker:

@@ -74,6 +74,14 @@ How a rebuild goes (:func:`rebuild`):
    until that can no longer happen, and a write of it meanwhile goes through the
    intake.  The store cannot tell, so the rebuilt index takes those records from the
    previous one, read when the intake is asked the last time.
+9. **Removals the previous index recorded stay done.**  A removal deletes an
+   instance's rows and writes its tombstone, then deletes its object; on S3 that
+   deletion may fail or go unanswered, and a write S3 took late may land after the
+   removal, so an object of a removed instance can be in the store.  The previous
+   index's tombstones (a UID stored again loses its tombstone) are carried into the
+   rebuilt one, and an object at the place a tombstone names is not indexed: counted
+   as ``removed``, left in place (``pacs fsck --repair`` deletes it).  Without a
+   previous index there is nothing to carry (a lost index: item 6 alone).
 """
 
 from __future__ import annotations
@@ -160,6 +168,9 @@ class Report:
     rejected :
         Objects of instances that rejection notes in the store reject: not indexed
         (removed again after they were read), left in place.
+    removed :
+        Objects of instances the previous index records removed (item 9): not
+        indexed, left in place.
     strays :
         Files of a folder store not at an object key (not read), and the first of
         their paths.
@@ -179,6 +190,7 @@ class Report:
     duplicates: dict[str, list[str]] = field(default_factory=dict)
     undated: int = 0
     rejected: int = 0
+    removed: int = 0
     strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -207,6 +219,9 @@ class Report:
             yield (f"{self.rejected} object(s) of instances rejected by rejection notes "
                    "in the store: not indexed, left in place ('pacs fsck --repair' "
                    "deletes them)")
+        if self.removed:
+            yield (f"{self.removed} object(s) of instances the previous index records "
+                   "removed: not indexed, left in place ('pacs fsck --repair' deletes them)")
         yield from stray_lines(*self.strays)
         yield f"index rebuilt: {self.index}"
         if self.previous is not None:
@@ -219,7 +234,7 @@ class Report:
                 "objects": self.objects, "indexed": self.indexed,
                 "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
                 "duplicates": self.duplicates, "undated": self.undated,
-                "rejected": self.rejected,
+                "rejected": self.rejected, "removed": self.removed,
                 "strays": {"count": self.strays[0], "first": self.strays[1]},
                 "counts": self.counts, "seconds": round(self.seconds, 3)}
 
@@ -304,6 +319,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     report = Report(index=index_path)
     _refuse_if_in_use(index_path)
     _refuse_if_intake_holds(index_path)
+    removed = _tombstones(index_path)
     # The index as the checks left it (closed): anything that writes to it while the
     # rebuild runs (a node started and stopped, pacs import, pacs delete) changes it,
     # and the swap would throw that away.
@@ -325,8 +341,10 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     new = Index(new_path)
     try:
         migrate(new.connection())
-        notes = _fill(new, store, keys, dated, analysers, readers, report, on_object)
-        _apply_notes(new, notes, dated, report)
+        _keep_tombstones(new, removed)
+        notes = _fill(new, store, keys, dated, analysers, readers, report, on_object,
+                      removed)
+        _apply_notes(new, notes, dated, report, removed)
         check = reads.quick_check(new.connection())
         if check != "ok":
             raise IndexFailure(f"the rebuilt index failed its check: {check}")
@@ -443,6 +461,31 @@ def _refuse_if_intake_holds(index_path: Path) -> list[tuple[str, float]]:
         "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
 
 
+def _tombstones(index_path: Path) -> dict[str, reads.TombstoneRow]:
+    """The previous index's tombstones by SOP Instance UID (item 9); none without one
+    (or one older than the table)."""
+    if not index_path.exists():
+        return {}
+    conn = connect(index_path)
+    try:
+        if "tombstone" not in reads.tables(conn):
+            return {}
+        return {row.sop_uid: row for row in reads.tombstones(conn)}
+    finally:
+        conn.close()
+
+
+def _keep_tombstones(index: Index, removed: dict[str, reads.TombstoneRow]) -> None:
+    """Write the previous index's tombstones into the new one."""
+    if not removed:
+        return
+    with index.write() as conn:
+        for row in removed.values():
+            writer.add_tombstone(conn, row.sop_uid, row.study_uid, row.series_uid,
+                                 (row.reason_code, row.reason_scheme), row.removed_by,
+                                 row.removed_at)
+
+
 def _keep_unsettled(new_path: Path, unsettled: list[tuple[str, float]]) -> None:
     """Record ``unsettled`` (key, since) in the new index, synced before the swap."""
     if not unsettled:
@@ -478,9 +521,12 @@ class _Note:
 
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
           analysers: AnalyserPool, readers: int, report: Report,
-          on_object: Callable[[], object] | None) -> list[_Note]:
+          on_object: Callable[[], object] | None,
+          removed: dict[str, reads.TombstoneRow] | None = None) -> list[_Note]:
     """Analyse every object and write its rows, in ``keys`` order, in batches; the
-    rejection notes among them, in that order."""
+    rejection notes among them, in that order.  An object at the place of a removed
+    instance (``removed``: item 9) is left out."""
+    removed = removed or {}
     batch: list[tuple[writer.InstanceRow, metadata.Prepared | None]] = []
     notes: list[_Note] = []
     where: dict[str, str] = {}  # SOP Instance UID -> key indexed
@@ -493,6 +539,12 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
             log.debug("reindex: %s not indexed: %s", key, reason)  # keys name studies
             continue
         sop = analysis.sop_instance_uid
+        stone = removed.get(sop)
+        if stone is not None and (stone.study_uid, stone.series_uid) == (
+                analysis.study_uid, analysis.series_uid):
+            report.removed += 1
+            log.debug("reindex: %s not indexed: removed", key)
+            continue
         if sop in where:
             report.duplicates.setdefault(sop, [where[sop]]).append(key)
         where[sop] = key
@@ -510,10 +562,12 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
 
 
 def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
-                 report: Report) -> None:
+                 report: Report, removed: dict[str, reads.TombstoneRow] | None = None
+                 ) -> None:
     """Apply each rejection note again, in store order, once every object is indexed
     (item 6 of the module docstring): the rows of what it rejects out, its tombstones
-    in, as the removal wrote them, in the removal's chunks."""
+    in, as the removal wrote them, in the removal's chunks; a tombstone carried from
+    the previous index (``removed``, item 9), which knows who removed it, is kept."""
     for note in notes:
         reason = note.rejection.reason
         when = _received_at(note.stored)
@@ -521,6 +575,7 @@ def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
             with index.write() as conn:
                 rows, stones = _rejected(note, chunk, reads.located(
                     conn, [place.sop_uid for place in chunk]), dated)
+                stones = [place for place in stones if place.sop_uid not in (removed or {})]
                 delete_rows(conn, rows, stones, (reason.code, reason.scheme),
                             UNKNOWN_SENDER, when)
             report.rejected += len(rows)

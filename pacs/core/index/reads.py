@@ -167,6 +167,27 @@ class Tombstone:
     series_uid: str = field(default="", compare=False)
 
 
+@dataclass(frozen=True)
+class TombstoneRow:
+    """A tombstone whole, as written (:func:`pacs.core.index.writer.add_tombstone`)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    reason_code: str
+    reason_scheme: str
+    removed_by: str
+    removed_at: str
+
+
+@_read("tombstone listing")
+def tombstones(conn: apsw.Connection) -> list[TombstoneRow]:
+    """Every tombstone (for a rebuilt index, :mod:`pacs.core.reindex`)."""
+    return [TombstoneRow(*(str(value) for value in row)) for row in conn.execute(
+        "SELECT sop_uid, study_uid, series_uid, reason_code, reason_scheme, removed_by, "
+        "removed_at FROM tombstone")]
+
+
 @_read("tombstone lookup")
 def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
     """The tombstone of a removed SOP Instance UID, if it has one."""
