@@ -61,8 +61,8 @@ How a rebuild goes (:func:`rebuild`):
    the reason that lets an instance come back (113039, Data Retention Policy
    Expired): an instance the store wrote after the note was sent again after the
    rejection and stays, as it did; without both times the note hides it.  Instances
-   deleted without a note are gone from the store and stay gone; their tombstones
-   are not rebuilt (the store keeps no record of them).
+   deleted without a note are known by the previous index's tombstones alone (item
+   9): without a previous index the store keeps no record of them.
 7. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
    intake (:mod:`pacs.core.intake`) are not in the store yet; a rebuild refuses while
    there are any (``pacs reindex`` drains the intake into the store first).  It asks
