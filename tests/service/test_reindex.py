@@ -804,6 +804,18 @@ def test_the_rebuild_refuses_to_swap_when_a_node_left_objects_in_the_intake(
         node.close()
 
 
+def _three_stored(settings: config.Settings, store: MemoryStore,
+                  patient: str) -> tuple[Services, list[bytes]]:
+    """A node's services over ``store`` holding three instances (of three patients
+    named after ``patient``), moved to the store."""
+    services = build(settings, store=store)
+    made = [make_instance(PatientID=f"{patient}{number}") for number in range(3)]
+    for data in made:
+        services.ingest.store_bytes(data)
+    drain(services)
+    return services, made
+
+
 @pytest.mark.parametrize("meanwhile", ["import", "delete"])
 def test_the_rebuild_refuses_to_swap_when_the_index_was_written_meanwhile(
         settings: config.Settings, meanwhile: str) -> None:
@@ -813,11 +825,7 @@ def test_the_rebuild_refuses_to_swap_when_the_index_was_written_meanwhile(
     one and bring the others back: it is refused, the index keeps what was done, the
     new file is removed."""
     store = MemoryStore()
-    services = build(settings, store=store)
-    made = [make_instance(PatientID=f"W{number}") for number in range(3)]
-    for data in made:
-        services.ingest.store_bytes(data)
-    drain(services)
+    services, made = _three_stored(settings, store, "W")
     services.close()
     calls = 0
 
@@ -854,11 +862,7 @@ def test_a_removed_instance_whose_object_outlived_its_removal_stays_removed(
     the index.  The rebuild carries the tombstones over and leaves that object out
     (counted removed, left for ``pacs fsck --repair``): the DELETE answered stays done."""
     store = MemoryStore()
-    services = build(settings, store=store)
-    made = [make_instance(PatientID=f"D{number}") for number in range(3)]
-    for data in made:
-        services.ingest.store_bytes(data)
-    drain(services)
+    services, made = _three_stored(settings, store, "D")
     gone = dcmread(DicomBytesIO(made[0]))
     key = object_key(gone.StudyInstanceUID, gone.SeriesInstanceUID, gone.SOPInstanceUID)
     [row] = services.deleter.plan([Target(gone.StudyInstanceUID)])
