@@ -453,8 +453,7 @@ class Deleter:
                         stones.append(place)  # refused when it arrives
                 elif accept is not None and not accept(row, place):
                     removal.skipped += 1
-                elif not still_planned(row, place,
-                                       exact=code == NO_REASON or not refuses_again(*code)):
+                elif not still_planned(row, place, exact=not refuses_again(*code)):
                     removal.superseded += 1  # no tombstone: it was stored after
                 else:
                     rows.append(row)
