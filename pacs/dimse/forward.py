@@ -8,9 +8,15 @@ instance goes in the context the C-MOVE sub-operations would choose
 (:func:`pacs.dimse.sender.route`): as stored when the destination accepted that
 syntax, else converted to an uncompressed syntax it accepted
 (:func:`pacs.dimse.sender.object_file`), else refused.  The request goes through
-pynetdicom's public ``send_c_store`` (a Part 10 file streamed from disk), so the
-forwarder runs the same with the seam on or off; a store without local files (S3)
-copies each object to a temporary file first, as a C-MOVE does.
+pynetdicom's public ``send_c_store`` (a Part 10 file streamed from disk), each with a
+Message ID of its own on the association (PS3.7 9.3.1.1); a store without local files
+(S3) copies each object to a temporary file first, as a C-MOVE does.
+
+The sender installs the seam in its process (:func:`pacs.dimse.seam.install`, under
+PACS_DIMSE_SEAM): the forwarder companion and ``pacs send`` run in processes of their
+own, where pynetdicom's own association thread could take a C-STORE response for a
+request and leave the store waiting for the DIMSE timeout (the race
+:mod:`pacs.dimse.seam.reactor` closes).
 
 The response status decides (PS3.4 B.2.3, PS3.7 C):
 
@@ -38,7 +44,7 @@ from pacs.core.errors import FrameTooLarge, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage import ObjectStore
-from pacs.dimse import handlers, tls
+from pacs.dimse import handlers, seam, tls
 from pacs.dimse.connection import AcceptedContext
 from pacs.dimse.retrieve import Outcome, classify, destination_contexts
 from pacs.dimse.sender import object_file, route
@@ -75,6 +81,7 @@ class DimseSender:
         self.store = store
         self.settings = settings
         self.receiver = Participant(destination.ae_title, False, address=destination.host)
+        seam.install(settings.dimse_seam)
         ae = AE(ae_title=settings.ae_title)
         for name in ("acse_timeout", "dimse_timeout", "network_timeout",
                      "connection_timeout"):
@@ -106,18 +113,18 @@ class DimseSender:
         deliveries: list[Delivery] = []
         try:
             accepted = handlers.accepted_contexts(assoc)
-            for ref in refs:
+            for message_id, ref in enumerate(refs, start=1):
                 if not assoc.is_established:
                     deliveries.append(Delivery(Result.RETRY, "association ended"))
                     continue
-                deliveries.append(self._store(assoc, accepted, ref))
+                deliveries.append(self._store(assoc, accepted, ref, message_id))
         finally:
             if assoc.is_established:
                 assoc.release()
         return deliveries
 
     def _store(self, assoc: Association, accepted: list[AcceptedContext],
-               ref: InstanceRef) -> Delivery:
+               ref: InstanceRef, message_id: int) -> Delivery:
         found = route(accepted, ref.sop_class_uid, ref.transfer_syntax)
         if found is None:
             return Delivery(Result.REFUSED, f"no context accepted for "
@@ -126,7 +133,7 @@ class DimseSender:
                                             "uncompressed syntax it converts to")
         try:
             with object_file(self.store, ref, found[1], self.settings) as path:
-                response = assoc.send_c_store(path)
+                response = assoc.send_c_store(path, msg_id=message_id)
         except (UnreadableData, FrameTooLarge) as exc:  # not convertible, ever
             return Delivery(Result.REFUSED, f"cannot convert: {exc}")
         except Exception as exc:

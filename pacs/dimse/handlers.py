@@ -21,7 +21,12 @@ same bytes for objects pydicom reads), each a limit of pynetdicom's public API:
   (Unable to process): pynetdicom takes no status before the destination, and associates with
   it before the first one (:func:`handle_move`);
 * a C-GET refused before its first sub-operation carries a Number of Failed
-  Sub-operations of 1 (pynetdicom takes a status only after a count).
+  Sub-operations of 1 (pynetdicom takes a status only after a count);
+* on an association the node requests (C-MOVE sub-operations, forwarding, storage
+  commitment reports), pynetdicom's association thread may take a response that
+  arrives as it resumes from a pause for the request's sender, for a request it
+  refuses ("Received unexpected ... service message"): the sender then has no answer
+  until the DIMSE timeout, and the instance counts as failed or is sent again.
 
 Four handlers make pynetdicom's loops conformant where they are not: the requestor as
 Move Originator (:func:`handle_move`), no stale Remaining count in a final response

@@ -41,6 +41,7 @@ from pacs.core.forwarding import Result
 from pacs.core.query.model import InstanceRef
 from pacs.core.services import Services, drain
 from pacs.core.storage import local_path, object_key
+from pacs.dimse import handlers
 from pacs.dimse.forward import DimseSender
 from pacs.dimse.reports import Reporter
 from pacs.dimse.server import NodeServer, start, stop
@@ -307,6 +308,56 @@ def test_forwarding_to_a_destination_that_breaks_a_store(
     assert time.monotonic() - began < WITHIN
     assert [d.result for d in deliveries] == [Result.RETRY] * INSTANCES, deliveries
     assert dest.wait_closed(WITHIN)
+
+
+class LateWake(threading.Event):
+    """An association's pause checkpoint whose waiter resumes late, as a thread the
+    scheduler runs late does."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        blocked = not self.is_set()
+        woke = super().wait(timeout)
+        if blocked:
+            time.sleep(0.05)
+        return woke
+
+
+@seam_only("pynetdicom's own association thread takes the response for a request")
+def test_a_response_arriving_as_the_association_thread_resumes_is_the_senders(
+        make_node: Callable[..., Node], hostile: Callable[..., peer.HostileDestination],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE sent while the association thread is still waking from the previous
+    store's pause (its ``_is_paused`` still True) gets its response: the thread, once
+    awake, does not take it as a request ("Received unexpected C-STORE service
+    message"), which left the store unanswered until the DIMSE timeout and the instance
+    to be sent again.  The thread is made to wake late, the sender to look for its
+    response late, so that the response is there when the thread resumes."""
+    dest = hostile(answer=peer.status(0x0000))
+    node = make_node(dest)
+    study = store_study(node, series=1, per_series=INSTANCES)
+    opened = handlers.open_association
+
+    def late(*args: Any, **kwargs: Any) -> Association | None:
+        assoc = opened(*args, **kwargs)
+        if assoc is not None:
+            get_msg = assoc.dimse.get_msg
+
+            def get_late(block: bool = False) -> Any:
+                if block:  # the sender waiting for its response, not the thread
+                    time.sleep(0.15)
+                return get_msg(block)
+
+            assoc.dimse.get_msg = get_late  # type: ignore[method-assign]
+            checkpoint = LateWake()
+            checkpoint.set()
+            assoc._reactor_checkpoint = checkpoint
+        return assoc
+
+    monkeypatch.setattr(handlers, "open_association", late)
+    sender = DimseSender(Modality("HOSTILE", "127.0.0.1", dest.port), node.services.store,
+                         node.services.settings)
+    deliveries = sender.send(refs_of(node, study))
+    assert [d.result for d in deliveries] == [Result.SENT] * INSTANCES, deliveries
 
 
 # --- a long C-MOVE -------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The data set a C-STORE sub-operation sends, from wherever its object is
-(pacs.dimse.sender.data_set_source)."""
+(pacs.dimse.sender.data_set_source); the forwarding sender's process runs the seam."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,26 @@ def test_a_file_of_the_store_is_sent_from_the_file(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     store.put(KEY, io.BytesIO(data), len(data))
     assert _sent(store, _ref(data)) == (dataset_bytes(data), False)
+
+
+#: A process of its own (the forwarder companion, ``pacs send``): does making a
+#: forwarding sender there install the seam's reactors?
+SENDER_PROCESS = """
+from pynetdicom.association import Association
+from pacs.core.config import Modality, Settings
+from pacs.core.storage.memory import MemoryStore
+from pacs.dimse.forward import DimseSender
+from pacs.dimse.seam import reactor
+DimseSender(Modality("PEER", "127.0.0.1", 104), MemoryStore(), Settings(dimse_seam={seam}))
+print(Association._run_reactor is reactor._assoc_run_reactor)
+"""
+
+
+@pytest.mark.parametrize("seam", [True, False])
+def test_a_forwarding_sender_runs_the_seam_in_its_process_as_configured(seam: bool) -> None:
+    """The forwarder and ``pacs send`` get the seam's requestor reactor (a response is
+    never taken for a request, tests/service/test_hostile_destinations.py) unless
+    PACS_DIMSE_SEAM is off."""
+    out = subprocess.run([sys.executable, "-c", SENDER_PROCESS.format(seam=seam)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == str(seam)

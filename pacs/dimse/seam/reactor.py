@@ -30,7 +30,12 @@ is work:
   a state-machine action that may concern it (a complete DIMSE message, A-RELEASE or
   A-ABORT, the DUL stopping) with a timeout of the network idle timer's remaining time
   (capped), so the network timeout still fires.  While it waits it counts as paused,
-  so ``send_c_*``/``release()`` from another thread need not wait for it.
+  so ``send_c_*``/``release()`` from another thread need not wait for it.  Resuming
+  from the pause checkpoint, it looks at the checkpoint again before it takes a
+  message: a ``send_c_*`` that cleared it while the thread was still waking up (its
+  ``_is_paused`` still True) is waiting for its response, which pynetdicom's own loop
+  would take as a request ("Received unexpected C-STORE service message"), leaving
+  the sender without an answer until the DIMSE timeout.
 
 The receive path is bounded against hostile peers (:mod:`pacs.dimse.limits`):
 
