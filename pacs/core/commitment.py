@@ -12,7 +12,18 @@ another SOP class, 0110 when its object is missing, unreadable or not the bytes 
 
 A request is recorded (:meth:`Commitments.record`) before the N-ACTION is answered and
 stays until its result is delivered (or dropped, when the requestor can no longer be
-reached: :mod:`pacs.dimse.reports`): a restart never drops it.  Bounds: references per
+reached or refuses it for good: :mod:`pacs.dimse.reports`): a restart never drops it.
+A Transaction UID names one request (PS3.4 J.3.2.1.2): a request repeating the
+Transaction UID and the references of one of the requestor's that waits is answered by
+that one's report; with other references it is refused (the case of PS3.3 C.14.1.1's
+Failure Reason 0131, Duplicate transaction UID, answered on the N-ACTION: the waiting
+request's report is not changed under it).
+
+The result is checked once, and again before each delivery attempt
+(:meth:`Commitments.recheck`): an instance committed at the first check whose row has
+gone since (a rejection note, a deletion, a retention expiry) fails with 0112 in the
+report, so that the requestor never deletes its copy of an instance the node no longer
+holds (Event Type 1 says the node keeps every instance, PS3.4 J.3.3.1.2).  Bounds: references per
 request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
 (``PACS_COMMITMENT_MAX_PENDING``), a tenth of those (at least ten) per requestor's AE
 title and a quarter (at least ten) per network address, so that a peer naming itself
@@ -156,31 +167,45 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference],
     IndexFailure
         When the index cannot be read (the check is tried again later).
     """
-    uids = list(dict.fromkeys(ref.sop_instance_uid for ref in references))
-    indexed: dict[str, tuple[str, StoredInstance]] = {}
-    for start in range(0, len(uids), MAX_KEYS):
-        indexed.update(lookup_classes(index.connection(), uids[start:start + MAX_KEYS]))
+    indexed = _indexed(index, references)
     intact: dict[str, bool] = {}
     committed: list[Reference] = []
     failed: list[tuple[Reference, int]] = []
     for ref in references:
-        found = indexed.get(ref.sop_instance_uid)
-        if found is None:
-            failed.append((ref, NO_SUCH_OBJECT_INSTANCE))
-            continue
-        sop_class, stored = found
-        if sop_class != ref.sop_class_uid:
-            failed.append((ref, CLASS_INSTANCE_CONFLICT))
+        reason = _not_indexed(ref, indexed)
+        if reason is not None:
+            failed.append((ref, reason))
             continue
         if ref.sop_instance_uid not in intact:
             if held is not None and intact and len(intact) % HELD_EVERY == 0 and not held():
                 return None
-            intact[ref.sop_instance_uid] = _intact(store, stored)
+            intact[ref.sop_instance_uid] = _intact(store, indexed[ref.sop_instance_uid][1])
         if intact[ref.sop_instance_uid]:
             committed.append(ref)
         else:
             failed.append((ref, PROCESSING_FAILURE))
     return Result(tuple(committed), tuple(failed))
+
+
+def _indexed(index: Index, references: Sequence[Reference]
+             ) -> dict[str, tuple[str, StoredInstance]]:
+    """SOP Instance UID -> (SOP Class UID, stored facts) of the referenced instances
+    the index holds."""
+    uids = list(dict.fromkeys(ref.sop_instance_uid for ref in references))
+    indexed: dict[str, tuple[str, StoredInstance]] = {}
+    for start in range(0, len(uids), MAX_KEYS):
+        indexed.update(lookup_classes(index.connection(), uids[start:start + MAX_KEYS]))
+    return indexed
+
+
+def _not_indexed(ref: Reference, indexed: dict[str, tuple[str, StoredInstance]]
+                 ) -> int | None:
+    """The Failure Reason of a reference the index does not hold as referenced: 0112
+    not at all, 0119 under another SOP class; ``None`` when it does."""
+    found = indexed.get(ref.sop_instance_uid)
+    if found is None:
+        return NO_SUCH_OBJECT_INSTANCE
+    return CLASS_INSTANCE_CONFLICT if found[0] != ref.sop_class_uid else None
 
 
 def _intact(store: ObjectStore, stored: StoredInstance) -> bool:
@@ -286,16 +311,20 @@ class Commitments:
         if len(request.references) > self.max_references:
             raise ResourceLimitation(f"more than {self.max_references} references")
 
-    def record(self, request: Request) -> Pending:
+    def record(self, request: Request) -> Pending | None:
         """Keep ``request`` durably, claimed by the caller (who answers the N-ACTION and
-        then tries to deliver on the same association).  A request repeating a waiting
-        Transaction UID of the same requestor replaces it.
+        then tries to deliver on the same association); ``None`` when it repeats the
+        Transaction UID and references of one of the requestor's that waits (a requestor
+        sending its N-ACTION again): that one's report answers both.
 
         Raises
         ------
-        InvalidRequest, ResourceLimitation
-            See :meth:`check`; also ResourceLimitation when ``max_pending`` requests
-            wait already.
+        InvalidRequest
+            See :meth:`check`; also a waiting request of the requestor has the same
+            Transaction UID and other references.
+        ResourceLimitation
+            See :meth:`check`; also ``max_pending`` requests (or the requestor's or its
+            address' share) wait already.
         IndexFailure
             When it could not be written (nothing is kept).
         """
@@ -303,23 +332,28 @@ class Commitments:
         claim = secrets.token_hex(8)
         now = self.clock()
         received = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        refs = _references_json(request.references)
         with self.index.write() as conn:
-            replaces = table.exists(conn, request.requestor_ae, request.transaction_uid)
-            if not replaces and commitments_waiting(conn) >= self.max_pending:
+            waiting = table.waiting_refs(conn, request.requestor_ae, request.transaction_uid)
+            if waiting == refs:
+                return None
+            if waiting is not None:
+                raise InvalidRequest("the Transaction UID is in use by a waiting request "
+                                     "with other references")
+            if commitments_waiting(conn) >= self.max_pending:
                 raise ResourceLimitation(f"{self.max_pending} storage commitment results "
                                          "wait for delivery already")
-            if (not replaces and commitments_waiting(conn, request.requestor_ae)
-                    >= self.max_per_requestor):
+            if commitments_waiting(conn, request.requestor_ae) >= self.max_per_requestor:
                 raise ResourceLimitation(f"{self.max_per_requestor} results for this AE "
                                          "wait for delivery already")
-            if (not replaces and request.address
+            if (request.address
                     and commitments_waiting(conn, address=request.address)
                     >= self.max_per_address):
                 raise ResourceLimitation(f"{self.max_per_address} results for this "
                                          "address wait for delivery already")
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
-                               _references_json(request.references), now, now + self.lease,
-                               claim, request.called_ae, request.address)
+                               refs, now, now + self.lease, claim, request.called_ae,
+                               request.address)
         return Pending(key, claim, request, None, 0, now)
 
     def due(self, limit: int = 1) -> list[Pending]:
@@ -345,7 +379,7 @@ class Commitments:
             claim = secrets.token_hex(8)
             if table.take(conn, row.key, claim, now, now + self.lease):
                 request = Request(row.requestor_ae, row.transaction_uid,
-                                  _references(row.refs), row.called_ae)
+                                  _references(row.refs), row.called_ae, row.address)
                 result = Result.from_json(row.result) if row.result else None
                 claimed.append(Pending(row.key, claim, request, result, row.attempts,
                                        _posix(row.received_at)))
@@ -377,6 +411,35 @@ class Commitments:
         return Pending(pending.key, pending.claim, pending.request, result,
                        pending.attempts, pending.received) if held else None
 
+    def recheck(self, pending: Pending) -> Pending | None:
+        """``pending`` with each committed instance whose row the index no longer holds
+        (or holds under another SOP class) failed 0112 (0119), the result kept when it
+        changed; ``None`` when the claim was lost.  Called before each delivery attempt
+        (module docstring); the objects are not read again.
+
+        Raises
+        ------
+        IndexFailure
+            When the index could not be read or written.
+        """
+        result = pending.result
+        if result is None or not result.committed:
+            return pending
+        indexed = _indexed(self.index, result.committed)
+        committed: list[Reference] = []
+        failed = list(result.failed)
+        for ref in result.committed:
+            reason = _not_indexed(ref, indexed)
+            if reason is None:
+                committed.append(ref)
+            else:
+                failed.append((ref, reason))
+        if len(committed) == len(result.committed):
+            return pending
+        log.warning("storage commitment: %d committed instance(s) no longer held at the "
+                    "report; reported as failed", len(result.committed) - len(committed))
+        return self.keep(pending, Result(tuple(committed), tuple(failed)))
+
     def renew(self, pending: Pending) -> bool:
         """Renew the lease before a step that takes time; False when lost."""
         with self.index.write() as conn:
@@ -397,15 +460,17 @@ class Commitments:
                              error[:200])
         return delay
 
-    def postpone_requestor(self, requestor_ae: str, delay: float) -> int:
-        """The other waiting requests of ``requestor_ae`` not tried before ``delay``
-        seconds from now: a report to it has just failed (its node off, a firewall
-        dropping the connection), each try of one costs up to the network timeout, and
-        the reports of other requestors, queued behind them, would wait for every one.
-        How many were postponed."""
+    def postpone_requestor(self, pending: Pending, delay: float) -> int:
+        """The other waiting requests of ``pending``'s requestor not tried before
+        ``delay`` seconds from now: a report to it has just failed (its node off, a
+        firewall dropping the connection), each try of one costs up to the network
+        timeout, and the reports of other requestors, queued behind them, would wait for
+        every one.  How many were postponed (``pending``, rescheduled already, is not
+        counted)."""
         now = self.clock()
         with self.index.write() as conn:
-            return table.postpone(conn, requestor_ae, now + delay, now)
+            return table.postpone(conn, pending.request.requestor_ae, now + delay, now,
+                                  pending.key)
 
     def release(self, pending: Pending) -> None:
         """Give a claimed request back untried (the process stops)."""

@@ -23,7 +23,10 @@ N-ACTION statuses (PS3.7 10.1.4.1.10):
   Instance is not its well-known instance (PS3.4 J.3.5), ``0123`` an Action Type ID
   other than 1;
 * ``0115`` Action Information missing or unreadable, no Transaction UID, no reference,
-  or a UID that is not one (PS3.5 9.1);
+  a UID that is not one (PS3.5 9.1), or the Transaction UID of a waiting request of
+  the requestor's with other references (one Transaction UID names one request; a
+  request repeating one that waits, references and all, is answered Success and by
+  that one's report);
 * ``0213`` more than ``PACS_COMMITMENT_MAX_REFERENCES`` references, or
   ``PACS_COMMITMENT_MAX_PENDING`` results waiting already;
 * ``0110`` the request could not be recorded.
@@ -206,7 +209,8 @@ def accept(commitments: Commitments, access: AccessPolicy, action: ActionRequest
            audit: AssociationAudit | None = None) -> tuple[Status, Pending | None]:
     """Answer a Storage Commitment Request: its status, and the request recorded and
     claimed by the caller when it is Success (PS3.4 J.3.2.1.3: Success means the
-    request was received and will be processed).
+    request was received and will be processed; none is claimed when the request
+    repeats one that waits, whose report answers it).
 
     ``commitments`` and ``access`` are the called customer's: its queue, whose
     verification looks in its index and store only, and its access rules.  The request
@@ -223,8 +227,9 @@ def accept(commitments: Commitments, access: AccessPolicy, action: ActionRequest
         references = len(request.references)
         pending = commitments.record(request)
         status = SUCCESS
-        log.info("storage commitment request from %s: %d instance(s)",
-                 action.calling_ae_title, references)
+        log.info("storage commitment request from %s: %d instance(s)%s",
+                 action.calling_ae_title, references,
+                 "" if pending is not None else ", the same as one that waits")
     except Refused as refused:
         status = refused.status
     except PacsError as exc:

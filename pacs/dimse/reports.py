@@ -29,11 +29,23 @@ request came on while it is open, or on another (PS3.4 J.3.3.1.2):
 association only, and one for a requestor without an address waits out
 :data:`KEEP_UNREACHABLE` and is dropped.
 
-A result is delivered once the requestor answers Success; then its request is removed.
-An attempt that fails (no address, association refused, no or a failure response) is
-tried again after a growing delay (:func:`pacs.core.commitment.retry_delay`); requests
-of any process whose attempt is due, restarts included, are claimed from the queue
-every :data:`POLL` seconds at most.  A crash between a report's delivery and its
+Before each attempt the committed instances are looked up again
+(:meth:`pacs.core.commitment.Commitments.recheck`): one removed since is reported failed.
+A report goes on an association of the requestor only when that association comes from
+the address the request came from (when it is known): another host calling itself by
+the requestor's AE title is not sent its results.  On a new association the report is
+sent only once the requestor accepted the SCP role this node proposed (PS3.7 D.3.3.4:
+without the acceptor's answer the requestor of an association is its SCU only).
+
+A result is delivered once the requestor answers Success (or a warning); then its
+request is removed.
+An attempt that fails (no address, association refused, the SCP role not accepted, no
+response, or :data:`TRANSIENT` statuses) is tried again after a growing delay
+(:func:`pacs.core.commitment.retry_delay`); requests of any process whose attempt is
+due, restarts included, are claimed from the queue every :data:`POLL` seconds at most.
+Any other failure status refuses the report for good (PS3.7 10.1.1.1.8: no such event
+type, SOP class or instance, an invalid argument ...): the result is dropped and the
+requestor, never told, keeps its copies.  A crash between a report's delivery and its
 removal sends it again: results are delivered at least once.
 
 Only pynetdicom's public API, and the seam's :mod:`pacs.dimse.seam.notify` for the
@@ -59,6 +71,7 @@ from pynetdicom import AE, build_context, build_role, evt
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, Pending
 from pacs.core.errors import PacsError
 from pacs.dimse import commitment, handlers
+from pacs.dimse.retrieve import Outcome, classify
 from pacs.dimse.seam import notify
 
 if TYPE_CHECKING:
@@ -87,6 +100,15 @@ ARRIVAL_CLAIMS = 16
 
 #: The transfer syntaxes proposed for a report on a new association.
 SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+#: N-EVENT-REPORT response statuses after which the report is sent again (PS3.7
+#: 10.1.1.1.8): Processing failure, Resource limitation.  Any other failure refuses it
+#: for good.
+TRANSIENT = frozenset({0x0110, 0x0213})
+
+
+class _RefusedForGood(Exception):
+    """The requestor answered a report with a status that will not change."""
 
 
 @dataclass(order=True)
@@ -279,46 +301,73 @@ class Reporter:
         time, else on a new association to its address, else keep it for later (see
         the module docstring)."""
         if not self.commitments.renew(pending):
-            return  # another process took it, or the requestor replaced it
+            return  # another process took it
+        checked = self._recheck(pending)
+        if checked is None:
+            return
+        pending = checked
         requestor = pending.request.requestor_ae
         error: str | None = None
-        for target in self._associations_of(requestor, assoc):
-            error = self._send_on(target, pending)
-            if error is None:
-                self._delivered(pending, "on the requestor's association")
-                return
-            log.info("storage commitment: the report to %s on its association did not "
-                     "go (%s)", requestor, error)
-            if not self.commitments.renew(pending):
-                return
-        destination = self.services.settings.destinations.get(requestor)
-        if destination is None:
-            self._keep(pending, error or "no association of the requestor is open")
-            return
         try:
-            error = self._send_new(pending, destination)
-        except Exception as exc:  # noqa: BLE001 - tried again later like any failure
-            error = f"{type(exc).__name__}: {exc}"
+            for target in self._associations_of(pending, assoc):
+                error = self._send_on(target, pending)
+                if error is None:
+                    self._delivered(pending, "on the requestor's association")
+                    return
+                log.info("storage commitment: the report to %s on its association did "
+                         "not go (%s)", requestor, error)
+                if not self.commitments.renew(pending):
+                    return
+            destination = self.services.settings.destinations.get(requestor)
+            if destination is None:
+                self._keep(pending, error or "no association of the requestor is open")
+                return
+            try:
+                error = self._send_new(pending, destination)
+            except _RefusedForGood:
+                raise
+            except Exception as exc:  # noqa: BLE001 - tried again later like any failure
+                error = f"{type(exc).__name__}: {exc}"
+        except _RefusedForGood as refused:
+            self.commitments.remove(pending)
+            log.warning("storage commitment: the result for %s is dropped: it %s",
+                        requestor, str(refused))
+            return
         if error is None:
             self._delivered(pending, "on a new association")
             return
         delay = self.commitments.failed(pending, error)
         # Its other results wait as long: one requestor that does not answer must not
         # keep the results of every other waiting behind one timeout per result.
-        others = self.commitments.postpone_requestor(requestor, delay)
+        others = self.commitments.postpone_requestor(pending, delay)
         log.warning("storage commitment: the report to %s could not be delivered (%s); "
                     "again in %.0f s (with %d other result(s) for it)", requestor, error,
                     delay, others)
 
-    def _associations_of(self, requestor: str, assoc: Association | None
+    def _recheck(self, pending: Pending) -> Pending | None:
+        """The request with its committed instances looked up again; ``None`` when it
+        was lost or the index failed (tried again later)."""
+        try:
+            return self.commitments.recheck(pending)
+        except PacsError as exc:
+            delay = self.commitments.failed(pending, f"check failed: {exc}")
+            log.warning("storage commitment: the instances could not be checked (%s); "
+                        "again in %.0f s", exc, delay)
+            return None
+
+    def _associations_of(self, pending: Pending, assoc: Association | None
                          ) -> list[Association]:
-        """The open associations a report to ``requestor`` may go on: ``assoc`` (the
-        request's own) first, then those it opened since."""
+        """The open associations a report of ``pending`` may go on: ``assoc`` (the
+        request's own) first, then those its requestor opened since, from the
+        request's address when it is known."""
+        request = pending.request
         with self._lock:
-            known = list(self._associations.get(requestor, ()))
+            known = list(self._associations.get(request.requestor_ae, ()))
         found = [assoc] if assoc is not None else []
         found += [other for other in known if other is not assoc]
-        return [one for one in found if notify.available(one, PUSH_MODEL)]
+        return [one for one in found if notify.available(one, PUSH_MODEL)
+                and (not request.address
+                     or str(one.requestor.address or "") == request.address)]
 
     def _keep(self, pending: Pending, error: str) -> None:
         """A requestor without an address: keep its result for an association of its
@@ -363,7 +412,7 @@ class Reporter:
                                 self.services.settings.dimse_timeout)
         if outcome.status is None:
             return outcome.error or "no response"
-        return None if outcome.status == 0 else f"answered {outcome.status:04X}"
+        return _answer(outcome.status)
 
     def _send_new(self, pending: Pending, destination: Modality) -> str | None:
         """Send the report on an association of its own to the requestor's address."""
@@ -377,6 +426,9 @@ class Reporter:
         if assoc is None:
             return f"no association with {destination.host}:{destination.port}"
         try:
+            if not any(context.abstract_syntax == PUSH_MODEL and context.as_scp
+                       for context in assoc.accepted_contexts):
+                return "the SCP role this node proposed was not accepted"
             report = self._report(pending)
             status, _ = assoc.send_n_event_report(
                 report.information, report.event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE,
@@ -389,7 +441,7 @@ class Reporter:
         code = status.get("Status")
         if code is None:
             return "no response"
-        return None if int(code) == 0 else f"answered {int(code):04X}"
+        return _answer(int(code))
 
     def _title(self, pending: Pending) -> str:
         """The node's AE title for this request's report: the one it was asked on (the
@@ -407,3 +459,20 @@ class Reporter:
             ae.connection_timeout = settings.dimse_timeout
             self._ae = ae
         return self._ae
+
+
+def _answer(status: int) -> str | None:
+    """``None`` for Success or a warning (PS3.7 C: 0001, 0107, 0116, Bxxx; the report
+    was taken); what went wrong for a status after which the report is sent again
+    (:data:`TRANSIENT`).
+
+    Raises
+    ------
+    _RefusedForGood
+        Any other status.
+    """
+    if classify(status) is not Outcome.FAILED:
+        return None
+    if status in TRANSIENT:
+        return f"answered {status:04X}"
+    raise _RefusedForGood(f"was answered {status:04X}")

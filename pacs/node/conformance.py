@@ -827,27 +827,35 @@ def _commitment_text(data: dict[str, Any]) -> str:
   durably: a restart does not lose it.  It is refused with 0122 (on a presentation
   context of another abstract syntax), 0118 (another SOP Class),
   0112 (another SOP Instance), 0123 (another action), 0115 (no or unreadable Action
-  Information, no valid Transaction UID, no reference, a reference without valid UIDs),
+  Information, no valid Transaction UID, no reference, a reference without valid UIDs,
+  the Transaction UID of a waiting request of the requestor's with other references:
+  PS3.3 C.14.1.1's 0131 case; a request repeating a waiting one, references and all, is
+  answered Success and by that one's report),
   0213 (more than {sc['max_references']} references, `PACS_COMMITMENT_MAX_REFERENCES`;
   or {sc['max_pending']} results waiting, `PACS_COMMITMENT_MAX_PENDING`, a tenth of them
   and at least ten for one requestor's AE title, a quarter for one network address),
   0110 (the request could not be recorded).  Each referenced instance is committed when
   the index holds it under the same SOP Class UID and its stored object is the one
   acknowledged (SHA-256 and size, read back from the store); otherwise it is listed in
-  the Failed SOP Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  The
-  N-EVENT-REPORT
+  the Failed SOP Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  Before
+  each delivery attempt the committed instances are looked up in the index again: one
+  removed since (a rejection note, a deletion, a retention expiry) is reported failed
+  (0112), never committed.  The N-EVENT-REPORT
   (Event Type 1, or 2 when failures exist; Transaction UID, Referenced SOP Sequence with
   the Retrieve AE Title, Failed SOP Sequence) goes on an association of the requestor
-  (the one the request came on, or one it opened since) only when that association is
-  quiet: no PDU either way for {_seconds(sc['same_association_quiet'])}, and nothing of
-  a message being read, answered or written.  The requestor may go on sending requests
+  (the one the request came on, or one it opened since, from the address the request
+  came from) only when that association is quiet: no PDU either way for
+  {_seconds(sc['same_association_quiet'])}, and nothing of a message being read,
+  answered or written.  The requestor may go on sending requests
   meanwhile: they are answered, and the report's response is told from them by its
   Message ID Being Responded To.  When no association of the requestor is quiet within
   {_seconds(sc['same_association_wait'])}, the report goes on a new association
-  (3.2.4).  An undelivered result is tried again after {_seconds(sc['retry_first'])},
-  then after twice the previous delay, up to {_seconds(sc['retry_max'])}, until the
-  requestor answers Success; a repeated Transaction UID of a waiting request replaces
-  it.  A requestor whose AE title is not in `PACS_MODALITIES` can be reached on its own
+  (3.2.4), and only once the requestor accepted the SCP role proposed there.  An
+  undelivered result (no association, the SCP role not accepted, no response, 0110 or
+  0213) is tried again after {_seconds(sc['retry_first'])}, then after twice the
+  previous delay, up to {_seconds(sc['retry_max'])}, until the requestor answers Success
+  (or a warning); any other failure status (PS3.7 10.1.1.1.8) drops it (logged), never
+  committed.  A requestor whose AE title is not in `PACS_MODALITIES` can be reached on its own
   associations only: its result is tried again on them, and on the next one it opens as
   soon as it does, for {_seconds(sc['keep_unreachable'])} after the request, then
   dropped (logged), never committed.  With `PACS_DIMSE_SEAM=off` reports go on new

@@ -93,8 +93,9 @@ class Report:
     failed: dict[tuple[str, str], int]
 
 
-def _report(event: Any, reports: queue.Queue[Report]) -> tuple[int, None]:
-    """EVT_N_EVENT_REPORT: keep what arrived, answer Success."""
+def _report(event: Any, reports: queue.Queue[Report], answer: int = 0x0000
+            ) -> tuple[int, None]:
+    """EVT_N_EVENT_REPORT: keep what arrived, answer ``answer`` (Success)."""
     info = event.event_information
     reports.put(Report(
         event.assoc, int(event.event_type), str(event.request.AffectedSOPInstanceUID),
@@ -103,24 +104,30 @@ def _report(event: Any, reports: queue.Queue[Report]) -> tuple[int, None]:
          for i in info.get("ReferencedSOPSequence", [])},
         {(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)): int(i.FailureReason)
          for i in info.get("FailedSOPSequence", [])}))
-    return 0x0000, None
+    return answer, None
 
 
 @dataclass
 class RequestorSCP:
     """The requestor's SCP: accepts the node's association, on which the node proposes
-    the SCP role (PS3.4 J.3.3.1.3), and keeps the reports it receives."""
+    the SCP role (PS3.4 J.3.3.1.3; ``roles`` False: it does not answer the proposal),
+    keeps the reports it receives and answers them ``answer``."""
 
     port: int
     reports: queue.Queue[Report]
     server: Any = None
+    answer: int = 0x0000
+    roles: bool = True
 
     def start(self) -> None:
         ae = AE(ae_title=REQUESTOR)
-        ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+        if self.roles:
+            ae.add_supported_context(PUSH_MODEL, scu_role=False, scp_role=True)
+        else:
+            ae.add_supported_context(PUSH_MODEL)
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, _report, [self.reports])])
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, _report, [self.reports, self.answer])])
 
     def stop(self) -> None:
         if self.server is not None:
@@ -135,16 +142,18 @@ def requestor_scp(scp_port: int) -> Iterator[RequestorSCP]:
     scp.stop()
 
 
-def associate(node: Node, ae_title: str, reports: queue.Queue[Report] | None = None
-              ) -> Association:
-    """A requestor's association: CT storage, Study Root C-FIND and the Push Model;
-    with ``reports``, it takes the N-EVENT-REPORT the node may send on it."""
+def associate(node: Node, ae_title: str, reports: queue.Queue[Report] | None = None,
+              address: str = "127.0.0.1") -> Association:
+    """A requestor's association (from ``address``): CT storage, Study Root C-FIND and
+    the Push Model; with ``reports``, it takes the N-EVENT-REPORT the node may send on
+    it."""
     ae = AE(ae_title=ae_title)
     handlers = [] if reports is None else [(evt.EVT_N_EVENT_REPORT, _report, [reports])]
     assoc = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE, evt_handlers=handlers,
                          contexts=[build_context(CTImageStorage, ExplicitVRLittleEndian),
                                    build_context(StudyRootQueryRetrieveInformationModelFind),
-                                   build_context(PUSH_MODEL)])
+                                   build_context(PUSH_MODEL)],
+                         bind_address=(address, 0))
     assert assoc.is_established, node.log()
     return assoc
 
@@ -418,6 +427,148 @@ def test_the_result_for_a_requestor_without_an_address_waits_for_its_next_associ
         assoc.release()
     assert_result(report, case)
     assert requestor_scp.reports.empty()
+
+
+def until_tried(node: Node) -> list[tuple[str, int, str]]:
+    """The waiting requests once one attempt to deliver has failed."""
+    deadline = time.monotonic() + WAIT
+    while not any(attempts for _, attempts, _ in waiting(node)):
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.1)
+    return waiting(node)
+
+
+def ask(node: Node, refs: list[tuple[str, str]], transaction: str = "",
+        ae_title: str = REQUESTOR, address: str = "127.0.0.1") -> tuple[str, int]:
+    """One request on an association of its own; its Transaction UID and status."""
+    transaction = transaction or generate_uid()
+    assoc = associate(node, ae_title, address=address)
+    try:
+        return transaction, n_action(assoc, action_information(transaction, refs))
+    finally:
+        assoc.release()
+
+
+def store_cts(node: Node, count: int) -> list[Dataset]:
+    """``count`` CT instances stored, each of a study of its own."""
+    assoc = associate(node, REQUESTOR)
+    try:
+        sent = [fresh_ct() for _ in range(count)]
+        for ds in sent:
+            assert assoc.send_c_store(ds).Status == 0x0000, node.log()
+        return sent
+    finally:
+        assoc.release()
+
+
+def test_an_instance_removed_after_the_check_is_reported_failed(
+        node: Node, requestor_scp: RequestorSCP) -> None:
+    """The result is checked when the request is answered and the committed instances
+    looked up again before each delivery: one deleted in between (a rejection note, a
+    deletion, a retention expiry) is reported failed (0112), never committed (Event Type
+    1 lets the requestor delete its copy, PS3.4 J.3.3.1.2)."""
+    kept, removed = store_cts(node, 2)
+    refs = [(CTImageStorage, str(ds.SOPInstanceUID)) for ds in (kept, removed)]
+    transaction, status = ask(node, refs)
+    assert status == 0x0000, node.log()
+    until_tried(node)  # checked: both committed; the requestor's SCP is down
+    done = node.cli("delete", "--yes", "--quiet", str(removed.StudyInstanceUID))
+    assert done.returncode == 0, done
+    requestor_scp.start()
+    report = requestor_scp.reports.get(timeout=WAIT)
+    assert report.transaction_uid == transaction and report.event_type == 2
+    assert report.committed == {refs[0]}
+    assert report.failed == {refs[1]: 0x0112}
+    assert_removed(node)
+
+
+def test_a_transaction_uid_names_one_request(node: Node, requestor_scp: RequestorSCP
+                                             ) -> None:
+    """A request sent again while its result waits is answered Success and by the one
+    report; the same Transaction UID with other references is refused (0115: PS3.3
+    C.14.1.1 0131, duplicate transaction UID) and changes nothing."""
+    first, second = store_cts(node, 2)
+    refs = [(CTImageStorage, str(first.SOPInstanceUID))]
+    transaction, status = ask(node, refs)
+    assert status == 0x0000, node.log()
+    assert ask(node, refs, transaction) == (transaction, 0x0000)
+    other = [*refs, (CTImageStorage, str(second.SOPInstanceUID))]
+    assert ask(node, other, transaction) == (transaction, 0x0115)
+    assert len(until_tried(node)) == 1
+    requestor_scp.start()
+    report = requestor_scp.reports.get(timeout=WAIT)
+    assert report.transaction_uid == transaction and report.committed == set(refs)
+    assert_removed(node)
+    time.sleep(QUIET + 1.0)  # anything else would have followed by now
+    assert requestor_scp.reports.empty()
+
+
+@pytest.mark.parametrize(("answer", "kept"), [(0x0113, False), (0x0110, True)])
+def test_a_report_refused_for_good_is_dropped_and_one_refused_for_now_kept(
+        node: Node, scp_port: int, answer: int, kept: bool) -> None:
+    """0113 (No such event type, PS3.7 10.1.1.1.8) will be answered again: the result
+    is dropped after it (sent again for ever, its requestor's share of the queue filled
+    and its later requests refused); 0110 (Processing failure) may not: sent again."""
+    scp = RequestorSCP(scp_port, queue.Queue(), answer=answer)
+    scp.start()
+    try:
+        (stored,) = store_cts(node, 1)
+        transaction, status = ask(node, [(CTImageStorage, str(stored.SOPInstanceUID))])
+        assert status == 0x0000, node.log()
+        assert scp.reports.get(timeout=WAIT).transaction_uid == transaction
+        if kept:
+            assert [ae for ae, _, _ in until_tried(node)] == [REQUESTOR]
+            forget_waiting(node)
+        else:
+            assert_removed(node)
+            assert "is dropped: it was answered 0113" in node.log()
+    finally:
+        scp.stop()
+
+
+def test_no_report_goes_where_the_scp_role_was_not_accepted(
+        node: Node, scp_port: int) -> None:
+    """The node proposes the SCP role on the association it opens to report; an
+    acceptor that does not answer the proposal leaves it the SCU role only (PS3.7
+    D.3.3.4), on which no N-EVENT-REPORT request may go: the result waits."""
+    scp = RequestorSCP(scp_port, queue.Queue(), roles=False)
+    scp.start()
+    try:
+        (stored,) = store_cts(node, 1)
+        _, status = ask(node, [(CTImageStorage, str(stored.SOPInstanceUID))])
+        assert status == 0x0000, node.log()
+        [(_, _, error)] = until_tried(node)
+        assert "SCP role" in error, error
+        assert scp.reports.empty()
+    finally:
+        scp.stop()
+        forget_waiting(node)
+
+
+def test_a_result_goes_on_no_association_from_another_address(node: Node) -> None:
+    """Another host calling itself by the requestor's AE title is not sent the
+    requestor's result (nor does its Success drop it); the requestor's own next
+    association from the request's address gets it."""
+    if not SEAM:
+        pytest.skip("seam only (PACS_DIMSE_SEAM=off): a report on the requestor's "
+                    "association is sent by the association's own thread")
+    (stored,) = store_cts(node, 1)
+    transaction, status = ask(node, [(CTImageStorage, str(stored.SOPInstanceUID))],
+                              ae_title=STRANGER)
+    assert status == 0x0000, node.log()
+    until_tried(node)
+    for address, expected in (("127.0.0.2", False), ("127.0.0.1", True)):
+        reports: queue.Queue[Report] = queue.Queue()
+        assoc = associate(node, STRANGER, reports, address)
+        try:
+            if expected:
+                assert reports.get(timeout=WAIT).transaction_uid == transaction
+                assert_removed(node)
+            else:
+                time.sleep(QUIET + QUIET_WAIT)
+                assert reports.empty() and waiting(node), node.log()
+        finally:
+            assoc.release()
 
 
 @pytest.mark.parametrize(("change", "expected"), [

@@ -155,22 +155,33 @@ def test_a_requestor_that_does_not_answer_keeps_no_other_waiting(services: Servi
     (first,) = queue.due()
     assert first.key == silent[0].key
     delay = queue.failed(first, "no answer")
-    assert queue.postpone_requestor("SILENT", delay) == 4
+    assert queue.postpone_requestor(first, delay) == 4
     (taken,) = queue.due()
     assert taken.key == other.key and queue.due() == []
     clock.now += delay
     assert {p.key for p in queue.due(10)} == {p.key for p in silent}
 
 
-def test_the_queue_is_bounded_and_a_repeated_transaction_replaces(services: Services) -> None:
+def test_the_queue_is_bounded_and_a_transaction_uid_names_one_request(
+        services: Services) -> None:
+    """A request sent again (its Transaction UID and references those of one that
+    waits) is answered by the waiting one, whose claim it leaves alone; one with the
+    Transaction UID and other references is refused (PS3.3 C.14.1.1 0131): replacing
+    the waiting request under a delivery in progress sent two different reports of one
+    Transaction UID."""
     clock = Clock()
     queue = queue_of(services, clock, max_pending=2)
-    first = queue.record(request(transaction="1.2.3"))
+    sent = request(transaction="1.2.3")
+    first = queue.record(sent)
+    assert first is not None
     queue.record(request())
     with pytest.raises(ResourceLimitation):
         queue.record(request())
-    again = queue.record(request(transaction="1.2.3", count=2))
-    assert again.key == first.key and not queue.renew(first)
+    assert queue.record(sent) is None
+    assert queue.renew(first)
+    with pytest.raises(InvalidRequest, match="in use by a waiting request"):
+        queue.record(request(transaction="1.2.3", count=2))
+    assert queue.renew(first)
     with pytest.raises(ResourceLimitation):
         queue.record(request(count=6))
     with pytest.raises(InvalidRequest):

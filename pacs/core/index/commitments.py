@@ -37,6 +37,8 @@ class Row:
         Delivery attempts that failed so far.
     received_at :
         When the request was recorded (ISO 8601, UTC).
+    address :
+        The network address the request came from (``''``: not known).
     """
 
     key: int
@@ -47,35 +49,35 @@ class Row:
     attempts: int
     called_ae: str
     received_at: str
+    address: str
 
 
-_COLUMNS = "pk, requestor_ae, transaction_uid, refs, result, attempts, called_ae, received_at"
+_COLUMNS = ("pk, requestor_ae, transaction_uid, refs, result, attempts, called_ae, "
+            "received_at, address")
 
 
-def exists(conn: apsw.Connection, requestor_ae: str, transaction_uid: str) -> bool:
-    """True when this requestor's transaction waits already."""
-    return conn.execute(
-        "SELECT 1 FROM commitment WHERE requestor_ae = ? AND transaction_uid = ?",
-        (requestor_ae, transaction_uid)).fetchone() is not None
+def waiting_refs(conn: apsw.Connection, requestor_ae: str, transaction_uid: str
+                 ) -> str | None:
+    """The references (JSON) of this requestor's waiting request of this Transaction
+    UID; ``None`` when none waits."""
+    row = conn.execute(
+        "SELECT refs FROM commitment WHERE requestor_ae = ? AND transaction_uid = ?",
+        (requestor_ae, transaction_uid)).fetchone()
+    return None if row is None else str(row[0])
 
 
 _RECORD_SQL = (
     "INSERT INTO commitment (requestor_ae, transaction_uid, received_at, refs, "
     "next_attempt, lease_until, claim, called_ae, address) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(requestor_ae, transaction_uid) DO UPDATE SET "
-    "received_at = excluded.received_at, refs = excluded.refs, result = NULL, "
-    "called_ae = excluded.called_ae, address = excluded.address, "
-    "attempts = 0, next_attempt = excluded.next_attempt, "
-    "lease_until = excluded.lease_until, claim = excluded.claim, last_error = '' "
-    "RETURNING pk")
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING pk")
 
 
 def record(conn: apsw.Connection, requestor_ae: str, transaction_uid: str,
            received_at: str, refs: str, now: float, lease_until: float, claim: str,
            called_ae: str = "", address: str = "") -> int:
-    """Insert a request claimed by ``claim`` (or replace the one of the same requestor
-    and Transaction UID); its key."""
+    """Insert a request claimed by ``claim``; its key (a waiting request of the same
+    requestor and Transaction UID is a constraint error: the caller looks first,
+    :func:`waiting_refs`)."""
     row = conn.execute(_RECORD_SQL, (requestor_ae, transaction_uid, received_at, refs, now,
                                      lease_until, claim, called_ae, address)).fetchone()
     if row is None:  # RETURNING answers the row inserted or updated
@@ -100,12 +102,13 @@ def of_requestor(conn: apsw.Connection, requestor_ae: str, now: float,
         "ORDER BY pk LIMIT ?", (requestor_ae, now, limit))]
 
 
-def postpone(conn: apsw.Connection, requestor_ae: str, until: float, now: float) -> int:
+def postpone(conn: apsw.Connection, requestor_ae: str, until: float, now: float,
+             except_key: int) -> int:
     """Move the next attempt of the unclaimed requests of ``requestor_ae`` due before
-    ``until`` to ``until``; how many."""
+    ``until``, but ``except_key``'s, to ``until``; how many."""
     conn.execute("UPDATE commitment SET next_attempt = ? WHERE requestor_ae = ? "
-                 "AND next_attempt < ? AND lease_until <= ?",
-                 (until, requestor_ae, until, now))
+                 "AND next_attempt < ? AND lease_until <= ? AND pk != ?",
+                 (until, requestor_ae, until, now, except_key))
     return conn.changes()
 
 
@@ -155,5 +158,5 @@ def next_time(conn: apsw.Connection) -> float | None:
     return float(row[0]) if row and row[0] is not None else None
 
 
-__all__ = ["Row", "due", "exists", "next_time", "of_requestor", "record", "release",
-           "remove", "renew", "reschedule", "take"]
+__all__ = ["Row", "due", "next_time", "of_requestor", "postpone", "record", "release",
+           "remove", "renew", "reschedule", "take", "waiting_refs"]

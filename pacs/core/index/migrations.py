@@ -180,7 +180,7 @@ def _storage_commitment(conn: apsw.Connection) -> None:
     N-EVENT-REPORT is delivered: ``refs`` the referenced instances as received, ``result``
     what the verification found (``NULL`` until verified), ``next_attempt`` and
     ``lease_until`` POSIX times, ``claim`` the token of the thread that holds the lease.
-    A requestor repeating a Transaction UID replaces its row.
+    One row per requestor and Transaction UID (:meth:`pacs.core.commitment.Commitments.record`).
     """
     conn.execute(
         "CREATE TABLE IF NOT EXISTS commitment (\n"
