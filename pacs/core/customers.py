@@ -146,7 +146,7 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
         The file's content.
     node : Settings
         The node's settings: each customer's start from them, and its data folder
-        defaults to ``<PACS_DATA_DIR>/<name>``.
+        defaults to ``<PACS_DATA_DIR>/<name>``; forwarding routes are refused there.
     where : str
         The source, for error messages.
 
@@ -154,12 +154,19 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
     ------
     ConfigError
         No customer; a name, AE title or host name given twice; an unknown key; a
-        setting a customer may not have of its own; a value that cannot be parsed.
+        setting a customer may not have of its own; a value that cannot be parsed;
+        routes set for the node.
     """
     entries = document.get("customer")
     if not isinstance(entries, list) or not entries or set(document) - {"customer"}:
         raise ConfigError(f"{where}: expected one [[customer]] table per customer, "
                           "and nothing else")
+    if node.routes_text.strip() or node.routes_file.strip():
+        # Each customer would have inherited them: every customer's data forwarded to
+        # the destinations one of them chose.
+        raise ConfigError(f"{where}: PACS_ROUTES and PACS_ROUTES_FILE are a customer's: "
+                          "set them in the [customer.settings] of each customer whose "
+                          "data they forward, not for the node")
     found = tuple(_customer(entry, node, f"{where}, customer {n + 1}")
                   for n, entry in enumerate(entries))
     # Names and AE titles apart whatever their case: a modality that upper-cases the

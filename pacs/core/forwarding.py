@@ -50,6 +50,7 @@ from pacs.core.audit import AuditTrail, Participant
 from pacs.core.errors import PacsError
 from pacs.core.index import outbox as table
 from pacs.core.index.connection import Index
+from pacs.core.logs import one_line
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import Route, shown
 
@@ -71,12 +72,22 @@ class Result(enum.Enum):
     RETRY = "retry"        #: not delivered; sent again after the destination's backoff
 
 
+#: Characters of a delivery's detail kept: it may quote what a destination sent (an
+#: HTTP status line), shown by ``pacs status`` and the logs.
+DETAIL_CHARS = 300
+
+
 @dataclass(frozen=True)
 class Delivery:
-    """One instance's :class:`Result`, and why (a status, an HTTP answer, an error)."""
+    """One instance's :class:`Result`, and why (a status, an HTTP answer, an error):
+    one line of at most :data:`DETAIL_CHARS` characters, control characters escaped
+    (a destination's bytes reach no terminal as they were sent)."""
 
     result: Result
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "detail", one_line(self.detail, DETAIL_CHARS))
 
 
 #: Called after each instance of a batch is settled (``pacs send``'s progress bar).

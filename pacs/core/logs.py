@@ -240,7 +240,7 @@ class Redact(logging.Filter):
             return False
         record._redacted = True
         self._redact(record)
-        message = _one_line(record.getMessage())
+        message = one_line(record.getMessage())
         if record.name.startswith(ITEM_LOGGERS):
             with self._rate_lock:
                 left_out, self._left_out = self._left_out, 0
@@ -249,7 +249,7 @@ class Redact(logging.Filter):
                            "out before this one)")
         record.msg, record.args = message, None
         if record.exc_text:  # the summary may hold a message of the node's own errors
-            record.exc_text = _one_line(record.exc_text)
+            record.exc_text = one_line(record.exc_text)
         return True
 
     def _within_rate(self) -> bool:
@@ -283,10 +283,10 @@ class Redact(logging.Filter):
             record.args = None
 
 
-def _one_line(text: str) -> str:
-    """``text`` with its control characters escaped, cut after :data:`MAX_MESSAGE`."""
-    if len(text) > MAX_MESSAGE:
-        text = f"{text[:MAX_MESSAGE]}… ({len(text) - MAX_MESSAGE} more characters)"
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` with its control characters escaped, cut after ``limit`` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit} more characters)"
     return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 

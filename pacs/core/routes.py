@@ -68,6 +68,29 @@ def is_url(destination: str) -> bool:
     return destination.lower().startswith(("http://", "https://"))
 
 
+def check_url(url: str) -> None:
+    """Refuse a DICOMweb URL that cannot be read as it was meant.
+
+    Raises
+    ------
+    ConfigError
+        No host; a port that is no number; an ``@`` after the host: a user name or
+        password holding ``/``, ``?`` or ``#`` that is not percent-encoded (RFC 3986
+        3.2.1), which would make the rest of it the host the data goes to.
+    """
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - read for its ValueError
+    except ValueError:
+        raise ConfigError("a DICOMweb URL has a port that is not a number (a password "
+                          "holding ':' or '#'? percent-encode it)") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise ConfigError("a DICOMweb URL has '@' after its host: percent-encode '/', "
+                          "'?', '#' and '@' in a user name or password (RFC 3986 3.2.1)")
+    if not parts.hostname:
+        raise ConfigError("a DICOMweb URL has no host")
+
+
 def shown(destination: str) -> str:
     """A destination as logs and ``pacs status`` show it: a URL without credentials."""
     if not is_url(destination):
@@ -156,13 +179,17 @@ def load_routes(inline: str, file: str) -> tuple[Route, ...]:
     Raises
     ------
     ConfigError
-        A route that cannot be read, a name used twice, or a URL without a host.
+        A route that cannot be read, a name used twice, or a URL :func:`check_url`
+        refuses.
     """
     routes = parse_inline(inline) + (parse_file(Path(file)) if file.strip() else ())
     names = [route.name for route in routes]
     for route in routes:
         if names.count(route.name) > 1:
             raise ConfigError(f"routes: the name {route.name!r} is used twice")
-        if route.web and not urlsplit(route.destination).hostname:
-            raise ConfigError(f"routes: route {route.name!r}: no host in the URL")
+        if route.web:
+            try:
+                check_url(route.destination)
+            except ConfigError as exc:
+                raise ConfigError(f"routes: route {route.name!r}: {exc}") from None
     return routes

@@ -5,7 +5,8 @@ The request is ``POST <base>/studies`` with ``multipart/related;
 type="application/dicom"``: each part the stored object's bytes as received (Part 10,
 never re-encoded), streamed from the store with a Content-Length computed from the
 objects' sizes, so a batch is never held in memory.  Credentials in the URL
-(``https://user:password@host/...``) go in a Basic ``Authorization`` header.
+(``https://user:password@host/...``, percent-encoded, RFC 3986 3.2.1) go in a Basic
+``Authorization`` header, decoded.
 
 What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
 
@@ -16,8 +17,8 @@ What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
 202, 409                   the response's FailedSOPSequence (0008,1198) lists failures:
                            refused for good, except FailureReason A7xx (out of
                            resources) and 0110 (processing failure), sent again;
-                           instances in ReferencedSOPSequence (0008,1199) stored; others
-                           sent again
+                           instances in ReferencedSOPSequence (0008,1199) stored (not
+                           after a 409: it stores none); others sent again
 408, 429, 5xx, no answer   sent again after the destination's backoff
 other 4xx                  refused for good (the request itself is wrong: credentials,
                            size, media type)
@@ -41,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -49,7 +50,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from pacs.core.audit import Participant
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.query.model import InstanceRef
-from pacs.core.routes import shown
+from pacs.core.routes import check_url, shown
 from pacs.core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class StowSender:
     ----------
     url : str
         The DICOMweb base URL (``…/dicom-web``); requests go to ``<url>/studies``.
+        One :func:`pacs.core.routes.check_url` refuses raises ConfigError.
     store : ObjectStore
         Where the objects are.
     timeout : float
@@ -91,6 +93,7 @@ class StowSender:
     """
 
     def __init__(self, url: str, store: ObjectStore, timeout: float) -> None:
+        check_url(url)
         parts = urlsplit(url)
         netloc = parts.hostname or ""
         if ":" in netloc:
@@ -104,7 +107,7 @@ class StowSender:
         self.path = urlsplit(self.endpoint).path
         self.headers: dict[str, str] = {"Accept": "application/dicom+json"}
         if parts.username is not None:
-            token = f"{parts.username}:{parts.password or ''}".encode()
+            token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             self.headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         self.store = store
         self.receiver = Participant(shown(url), False, address=parts.hostname or "")
@@ -143,8 +146,9 @@ class StowSender:
         watchdog: threading.Timer | None = None
         try:
             conn.connect()
-            if conn.sock is not None:
-                conn.sock.settimeout(self.answer_seconds)
+            # Each send and receive from here on: urllib3 sets the connection's timeout
+            # on the socket again as the request starts and as its answer is awaited.
+            conn.timeout = self.answer_seconds
             conn.request("POST", self.path, body=body, headers=headers,
                          preload_content=False)
             watchdog = threading.Timer(2 * self.answer_seconds, _shut, (conn,))
@@ -240,6 +244,8 @@ def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
     failed, stored = _sequences(answer, answer_limit(len(refs)) if limit is None else limit)
     if status == 200 and not failed and not stored:
         return [Delivery(Result.SENT, "HTTP 200")] * len(refs)
+    if status == 409:
+        stored = set()  # "unable to store any instances" (PS3.18 Table 10.5.3-1)
     found = []
     for ref in refs:
         if ref.sop_uid in failed:
@@ -263,18 +269,20 @@ def _sequences(answer: bytes, limit: int) -> tuple[dict[str, int], set[str]]:
         document: Any = json.loads(answer or b"{}")
     except (ValueError, RecursionError):  # nested past the parser's depth: unreadable
         return {}, set()
-    if isinstance(document, list) and document:  # some servers wrap it in an array
-        document = document[0]
-    if not isinstance(document, dict):
-        return {}, set()
+    # Some servers wrap it in an array: every data set of it counts.
+    documents = document if isinstance(document, list) else [document]
     failed: dict[str, int] = {}
-    for item in _items(document, _FAILED_SOP_SEQUENCE):
-        uid = _first(item, _REFERENCED_SOP_INSTANCE_UID)
-        reason = _first(item, _FAILURE_REASON)
-        if isinstance(uid, str):
-            failed[uid] = int(reason) if isinstance(reason, int) else 0x0110
-    stored = {uid for item in _items(document, _REFERENCED_SOP_SEQUENCE)
-              if isinstance(uid := _first(item, _REFERENCED_SOP_INSTANCE_UID), str)}
+    stored: set[str] = set()
+    for one in documents:
+        if not isinstance(one, dict):
+            continue
+        for item in _items(one, _FAILED_SOP_SEQUENCE):
+            uid = _first(item, _REFERENCED_SOP_INSTANCE_UID)
+            reason = _first(item, _FAILURE_REASON)
+            if isinstance(uid, str):
+                failed[uid] = int(reason) if isinstance(reason, int) else 0x0110
+        stored |= {uid for item in _items(one, _REFERENCED_SOP_SEQUENCE)
+                   if isinstance(uid := _first(item, _REFERENCED_SOP_INSTANCE_UID), str)}
     return failed, stored
 
 

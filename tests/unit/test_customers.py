@@ -90,6 +90,25 @@ def test_upload_folders_are_never_shared(tmp_path: Path) -> None:
     assert south.settings.uploads_dir == tmp_path / "up" / "south"
 
 
+@pytest.mark.parametrize("setting", ["PACS_ROUTES", "PACS_ROUTES_FILE"])
+def test_routes_set_for_the_node_beside_customers_are_refused(tmp_path: Path,
+                                                              setting: str) -> None:
+    """Each customer inherited them: south's studies went to the archive north's route
+    named.  A customer's own routes are still its own."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text('[[route]]\nname = "all"\nto = "https://north.example/dicom-web"\n')
+    value = "all: -> https://north.example/dicom-web" if setting == "PACS_ROUTES" \
+        else str(routes)
+    node = _node(tmp_path, **{setting: value})
+    with pytest.raises(ConfigError, match=r"\[customer\.settings\]"):
+        parse({"customer": [{"name": "north", "ae_titles": "N"},
+                            {"name": "south", "ae_titles": "S"}]}, node)
+    north, south = parse({"customer": [
+        {"name": "north", "ae_titles": "N", "settings": {setting: value}},
+        {"name": "south", "ae_titles": "S"}]}, _node(tmp_path))
+    assert [r.name for r in north.settings.routes] == ["all"] and not south.settings.routes
+
+
 @pytest.mark.parametrize(("first", "second"), [
     ({"PACS_DATA_DIR": "one"}, {"PACS_DATA_DIR": "two/../one"}),
     ({"PACS_DATA_DIR": "one"}, {"PACS_DATA_DIR": "one/inner"}),

@@ -4,20 +4,23 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from pacs.core import audit
 from pacs.core.audit import AuditLog, AuditTrail, Participant, Source
+from pacs.core.errors import ConfigError
 from pacs.core.forwarding import Delivery, Result, transfer
 from pacs.core.query.model import InstanceRef
+from pacs.core.routes import load_routes
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.stow import StowSender, answer_limit, deliveries
 from pacs.dimse.forward import delivery_of
@@ -109,6 +112,43 @@ _ANSWERS = {
 }
 
 
+class _Destination:
+    """A STOW-RS destination of one request: it reads the request's first bytes, then
+    ``behave(connection, stop)``s."""
+
+    def __init__(self, behave: Callable[[socket.socket, threading.Event], None]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/dicom-web"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(behave,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, behave: Callable[[socket.socket, threading.Event], None]) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.recv(65536)
+            try:
+                behave(conn, self.stop)
+            except OSError:
+                return
+
+    def send(self, timeout: float) -> Delivery:
+        """One stored instance sent to it with ``timeout``; its delivery."""
+        store = MemoryStore()
+        ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
+                          "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
+        store.put(ref.object_key, io.BytesIO(b"x" * 10), 10)
+        sender = StowSender(self.url, store, timeout)
+        try:
+            [delivery] = sender.send([ref])
+        finally:
+            self.stop.set()
+            sender.close()
+            self.server.close()
+        self.thread.join(5)
+        return delivery
+
+
 @pytest.mark.parametrize("behaviour", sorted(_ANSWERS))
 def test_an_answer_that_never_ends_is_given_up(behaviour: str) -> None:
     """An answer whose head, body or interim responses keep coming, each piece within
@@ -117,40 +157,79 @@ def test_an_answer_that_never_ends_is_given_up(behaviour: str) -> None:
     be sent again: before, each read's timeout was the only bound, and the forwarding
     thread waited (or spun a core on interim responses) for ever."""
     head, piece, pause = _ANSWERS[behaviour]
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    stop = threading.Event()
 
-    def answer() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            try:
-                conn.sendall(head)
-                while not stop.wait(pause):
-                    conn.sendall(piece)
-            except OSError:
-                return
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(head)
+        while not stop.wait(pause):
+            conn.sendall(piece)
 
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    store = MemoryStore()
-    ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
-                      "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
-    store.put(ref.object_key, io.BytesIO(b"x" * 10), 10)
-    sender = StowSender(f"http://127.0.0.1:{port}/dicom-web", store, 0.25)
     started = time.monotonic()
-    try:
-        [delivery] = sender.send([ref])
-    finally:
-        stop.set()
-        sender.close()
-        server.close()
+    delivery = _Destination(answer).send(0.25)
     assert delivery.result is Result.RETRY
     # Given up (the watchdog: eight times the 0.25 s timeout), where the peer would go
     # on for ever: a bound far above the watchdog, so that a loaded machine passes too.
     assert time.monotonic() - started < 30
-    thread.join(5)
+
+
+def test_an_answer_within_four_times_the_timeout_is_awaited() -> None:
+    """The destination stores the whole batch before it answers: its answer is awaited
+    four times the timeout (urllib3 set the socket's timeout back to the timeout itself
+    as the request started and as the answer was awaited: a batch stored and answered
+    after it was sent again, for ever)."""
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        stop.wait(1.0)  # twice the timeout below, half of four times it
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    delivery = _Destination(answer).send(0.5)
+    assert delivery.result is Result.SENT, delivery
+
+
+def test_a_delivery_s_detail_is_one_bounded_line() -> None:
+    """What a destination sent (an HTTP status line in an error) reaches ``pacs status``
+    and the logs with its control characters escaped, cut short: a terminal escape
+    cleared the operator's screen."""
+    detail = Delivery(Result.RETRY, "BadStatusLine: '2OO \x1b[2J\x1b[31mA\r" + "A" * 70000).detail
+    assert "\x1b" not in detail and "\r" not in detail and "\\x1b[2J" in detail
+    assert len(detail) < 400
+
+
+@pytest.mark.parametrize("url", [
+    "https://localhost:41282/Zq9+w@archive.example.org/dicom-web",  # a '/' in a password
+    "https://svc:#Zq9w@archive.example.org/dicom-web",              # a '#'
+    "https://svc:Se#cret@archive.example.org/dicom-web",            # a port that is none
+    "https://svc:a?b@archive.example.org/dicom-web",                # a '?'
+    "https:///dicom-web",                                           # no host
+])
+def test_a_url_that_would_send_elsewhere_is_refused(url: str) -> None:
+    """A user name or password holding '/', '?' or '#' not percent-encoded made the rest
+    of the URL the host: the study went to ``localhost:41282`` (RFC 3986 3.2.1); a
+    '#' made the start of the password a port, and ``pacs status`` a traceback that
+    showed it."""
+    with pytest.raises(ConfigError):
+        StowSender(url, MemoryStore(), 5)
+    with pytest.raises(ConfigError):
+        load_routes(f"out: -> {url}", "")
+
+
+def test_percent_encoded_credentials_are_sent_decoded() -> None:
+    sender = StowSender("https://svc%40north:p%2Fss%23w@archive.example.org/dicom-web",
+                        MemoryStore(), 5)
+    token = sender.headers["Authorization"].removeprefix("Basic ")
+    assert base64.b64decode(token) == b"svc@north:p/ss#w"
+    assert sender.endpoint == "https://archive.example.org/dicom-web/studies"
+
+
+def test_a_409_stores_nothing_and_every_data_set_of_an_array_counts() -> None:
+    """PS3.18 Table 10.5.3-1: a 409 stores none of the instances, whatever its body
+    lists as stored; an answer wrapped in an array is read whole (only its first data
+    set was)."""
+    refs = [_ref("1.1"), _ref("1.2")]
+    stored = json.dumps({"00081199": {"vr": "SQ", "Value": [_item("1.1"), _item("1.2")]}})
+    assert {d.result for d in deliveries(refs, 409, stored.encode())} == {Result.RETRY}
+    wrapped = json.dumps([{"00081199": {"vr": "SQ", "Value": [_item("1.1")]}},
+                          {"00081198": {"vr": "SQ", "Value": [_item("1.2", 0xC000)]}}])
+    assert [d.result for d in deliveries(refs, 202, wrapped.encode())] == [
+        Result.SENT, Result.REFUSED]
 
 
 def test_a_200_answer_that_lists_failures_is_believed() -> None:
