@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from pacs.core import config
 from pacs.core.services import Services, build
@@ -35,6 +37,24 @@ def race_free_requestors() -> None:
     own; with the seam off nothing of pynetdicom is replaced."""
     if SEAM:
         seam.install(True)
+
+
+def rejection_of(assoc: Association) -> tuple[int, int, int] | None:
+    """(Result, Source, Reason/Diag.) of the A-ASSOCIATE-RJ an association request got
+    (PS3.8 9.3.4); ``None`` when it got none.
+
+    pynetdicom's requestor reports a few fast rejections as an abort, more of them on a
+    loaded machine: its DUL thread read the A-ASSOCIATE-RJ and closed the connection
+    before the requesting thread looked whether it connected, and the acceptor's
+    primitive stays unset.  The rejection is then still in the DUL's queue, unread, and
+    is read there.
+    """
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        found = [assoc.acceptor.primitive]
+    else:
+        found = [p for p in list(assoc.dul.to_user_queue.queue) if isinstance(p, A_ASSOCIATE)]
+    return next(((int(p.result), int(p.result_source), int(p.diagnostic)) for p in found
+                 if p.result is not None), None)
 
 
 def seam_only(reason: str) -> pytest.MarkDecorator:

@@ -26,6 +26,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from pacs.dimse.limits import MIN_PEER_PDU
+from tests.conftest import rejection_of
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -351,10 +352,9 @@ def test_wrong_called_ae_title_is_rejected_at_association(node: Node) -> None:
     ae = AE(ae_title="BADINPUT")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="NOT-" + AE_TITLE[:10])
-    assert assoc.is_rejected and not assoc.is_established
-    rejection = assoc.acceptor.primitive
+    assert not assoc.is_established
     # rejected-permanent, by the service user, called AE title not recognised (PS3.8 9.3.4)
-    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 7)
+    assert rejection_of(assoc) == (1, 1, 7)
     assert_nothing_written_and_still_serving(node, before)
 
 
@@ -375,9 +375,7 @@ def test_a_requestor_announcing_a_tiny_maximum_pdu_is_rejected(
         if accepted:
             assert assoc.send_c_echo().Status == 0
         else:
-            rejection = assoc.acceptor.primitive
-            assert (rejection.result, rejection.result_source, rejection.diagnostic) == (
-                1, 1, 1)
+            assert rejection_of(assoc) == (1, 1, 1)
     finally:
         if assoc.is_established:
             assoc.release()

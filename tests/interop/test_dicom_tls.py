@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from tests.conftest import free_port
+from tests.conftest import free_port, rejection_of
 from tests.interop.conftest import (
     AE_TITLE,
     Node,
@@ -252,10 +252,8 @@ def test_pynetdicom_with_its_certificate_is_served(node: Node, pki: Pki) -> None
 
 def test_a_certificate_for_another_ae_is_rejected(node: Node, pki: Pki) -> None:
     assoc = associate(node, pki, ae_certificate(pki, "OTHERAE"), calling=SCU)
-    assert assoc.is_rejected, node.log()
-    rejection = assoc.acceptor.primitive
     # Rejected permanent, by the service user, calling AE title not recognized.
-    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
+    assert rejection_of(assoc) == (1, 1, 3), node.log()
     # A Security Alert (PS3.15 A.5.3.11) of type Node Authentication, naming the caller.
     alerts = [line for line in (node.data_dir / "audit.jsonl").read_text().splitlines()
               if '"110113"' in line]
