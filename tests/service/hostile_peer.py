@@ -267,16 +267,30 @@ class HostileDestination:
             self.answer(sock, request)
 
 
+def _sub_items(body: bytes, kind: int) -> list[bytes]:
+    """The sub-items of type ``kind`` of an item's ``body``, whole (header included)."""
+    found, position = [], 0
+    while position + 4 <= len(body):
+        sub_kind, _, length = struct.unpack_from(">BBH", body, position)
+        if sub_kind == kind:
+            found.append(body[position:position + 4 + length])
+        position += 4 + length
+    return found
+
+
 def associate_ac(rq: bytes, accept: bool, max_pdu: int = 16384) -> bytes:
     """An A-ASSOCIATE-AC to the A-ASSOCIATE-RQ body ``rq`` (PS3.8 9.3.3): every
     presentation context accepted in its first transfer syntax, or every one rejected
-    (result 3, abstract syntax not supported); ``max_pdu`` its Maximum Length."""
-    contexts = b""
+    (result 3, abstract syntax not supported), the roles the requestor proposed
+    accepted (SCP/SCU Role Selection, PS3.7 D.3.3.4); ``max_pdu`` its Maximum Length."""
+    contexts = roles = b""
     position = 68
     while position + 4 <= len(rq):
         kind, _, length = struct.unpack_from(">BBH", rq, position)
         body = rq[position + 4:position + 4 + length]
         position += 4 + length
+        if kind == 0x50:
+            roles = b"".join(_sub_items(body, 0x54))
         if kind != 0x20:
             continue
         syntax = ImplicitVRLittleEndian.encode()
@@ -288,7 +302,8 @@ def associate_ac(rq: bytes, accept: bool, max_pdu: int = 16384) -> bytes:
                 break
             sub += 4 + sub_length
         contexts += item(0x21, bytes([body[0], 0, 0 if accept else 3, 0]) + item(0x40, syntax))
-    user = item(0x51, struct.pack(">I", max_pdu)) + item(0x52, b"1.2.826.0.1.3680043.9.7433.1")
+    user = (item(0x51, struct.pack(">I", max_pdu))
+            + item(0x52, b"1.2.826.0.1.3680043.9.7433.1") + roles)
     pdu_body = (rq[:68] + item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + item(0x50, user))
     return struct.pack(">BBI", A_ASSOCIATE_AC, 0, len(pdu_body)) + pdu_body
 
