@@ -9,7 +9,9 @@ against that table by the tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,22 +39,24 @@ def _comma_list(value: str) -> tuple[str, ...]:
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A parser of ``kind`` that refuses zero and negative values (limits, timeouts)."""
+    """A parser of ``kind`` that refuses zero, negative and non-finite values (limits,
+    timeouts: ``nan`` made a wait of none, and a loop spin)."""
     def parse(value: str) -> Any:
         number = kind(value)
-        if number <= 0:
-            raise ValueError(f"must be greater than 0, got {value!r}")
+        if not number > 0 or not math.isfinite(number):
+            raise ValueError(f"must be a finite number greater than 0, got {value!r}")
         return number
 
     return parse
 
 
 def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A parser of ``kind`` that refuses negative values (0 turns its limit off)."""
+    """A parser of ``kind`` that refuses negative and non-finite values (0 turns its
+    limit off)."""
     def parse(value: str) -> Any:
         number = kind(value)
-        if number < 0:
-            raise ValueError(f"must be 0 or more, got {value!r}")
+        if not number >= 0 or not math.isfinite(number):
+            raise ValueError(f"must be a finite number, 0 or more, got {value!r}")
         return number
 
     return parse
@@ -79,21 +83,26 @@ class RetentionRules:
         return bool(self.by_modality) or self.default is not None
 
 
+#: A Modality (0008,0060) value: CS (PS3.5 6.2).
+_MODALITY = re.compile(r"[A-Z0-9_ ]{1,16}")
+
+
 def parse_retention(text: str) -> RetentionRules:
     """Rules from ``PACS_RETENTION_DAYS`` (:mod:`pacs.core.retention`).
 
     Raises
     ------
     ValueError
-        A period that is not a positive number, a modality given twice, or two bare
-        numbers.
+        A period that is not a finite positive number, a modality given twice or that
+        is no Modality value (CS: upper-case letters, digits, space, underscore; 16 at
+        most), or two bare numbers.
     """
     by_modality: dict[str, float] = {}
     default: float | None = None
     for item in filter(None, (part.strip() for part in text.split(","))):
         modality, sep, days = item.rpartition("=")
         period = float(days)
-        if not period > 0:
+        if not period > 0 or not math.isfinite(period):
             raise ValueError(f"retention periods must be more than 0 days: {item!r}")
         if not sep:
             if default is not None:
@@ -101,7 +110,7 @@ def parse_retention(text: str) -> RetentionRules:
             default = period
             continue
         name = modality.strip().upper()
-        if not name or name in by_modality:
+        if not _MODALITY.fullmatch(name) or name in by_modality:
             raise ValueError(f"expected MODALITY=DAYS once per modality: {item!r}")
         by_modality[name] = period
     return RetentionRules(tuple(sorted(by_modality.items())), default)
@@ -387,11 +396,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_RETENTION_DAYS", "retention_days", "",
             "Data retention: days since a study last received an instance after which it "
             "is removed, e.g. 3650, or per modality CT=3650,MR=1825 (a bare number for "
-            "the others; a study is kept for the longest of its modalities); empty "
-            "turns it off.", _retention),
+            "the others, without it they are kept; a study is kept for the longest of its "
+            "modalities); empty turns it off.", _retention),
     Setting("PACS_RETENTION_INTERVAL", "retention_interval", "3600",
             "Seconds between two runs of the data retention (each removes at most 100 "
-            "studies, oldest first).", _positive(float)),
+            "studies and 20000 instances, oldest first; after a run that removed any "
+            "the next follows a second later).", _positive(float)),
     Setting("PACS_ROUTES", "routes_text", "",
             "Forwarding rules: 'name: calling_ae=CT1|CT2, modality=CT, sop_class=UID -> "
             "AET or https://host/dicom-web', separated by ';' (README, Forwarding); "

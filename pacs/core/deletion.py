@@ -228,9 +228,10 @@ def rejectable(patient: str, row: Located, place: Reference) -> bool:
 
 
 def _keeps_stricter(conn: apsw.Connection, sop_uid: str, code: tuple[str, str]) -> bool:
-    """True when a UID no longer indexed keeps the tombstone it has: one that refuses
-    it when sent again (a patient-safety rejection) is never replaced by one that does
-    not (an expired retention), which would let the rejected instance back in."""
+    """True when a UID keeps the tombstone it has: one that refuses it when sent again
+    (a patient-safety rejection) is never replaced by one that does not (an expired
+    retention, a deletion of the UID stored again at another place), which would let
+    the rejected instance back in."""
     found = reads.tombstone(conn, sop_uid)
     return (found is not None and refuses_again(found.reason_code, found.reason_scheme)
             and not refuses_again(*code))
@@ -457,8 +458,11 @@ class Deleter:
                     removal.superseded += 1  # no tombstone: it was stored after
                 else:
                     rows.append(row)
-                    stones.append(reference(row))
-            if stones:
+                    # Its UID may have a stricter tombstone from another place (a
+                    # patient-safety rejection of it at another study): that one stays.
+                    if not _keeps_stricter(conn, row.sop_uid, code):
+                        stones.append(reference(row))
+            if stones or rows:
                 when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
                 with self.index.write() as conn:
                     delete_rows(conn, rows, stones, code, who, when)
@@ -554,13 +558,14 @@ class Deleter:
     # -- retention ------------------------------------------------------------------
 
     def expire(self, days_by_modality: Sequence[tuple[str, float]],
-               default_days: float | None, limit: int) -> int:
+               default_days: float | None, limit: int, max_instances: int) -> int:
         """Remove up to ``limit`` studies whose retention period is over (their last
         instance received longer ago than it: :func:`pacs.core.index.reads.
-        expired_instances`); return how many were removed."""
+        expired_instances`), of ``max_instances`` instances at most but for the first;
+        return how many were planned for removal."""
         now = datetime.now(UTC).timestamp() / 86400 + 2440587.5  # a Julian day number
         rows = reads.expired_instances(self.index.connection(), now, days_by_modality,
-                                       default_days, limit)
+                                       default_days, limit, max_instances)
         if not rows:
             return 0
         places = [reference(row) for row in rows]

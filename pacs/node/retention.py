@@ -9,11 +9,15 @@ is never removed.  Empty turns retention off.
 
 ``pacs serve`` runs this module as a companion process (``python -m
 pacs.node.retention``, :mod:`pacs.node.companions`) when retention is on: every
-``PACS_RETENTION_INTERVAL`` seconds it removes at most :data:`PER_RUN` expired studies,
-oldest first, through the one removal path (:meth:`pacs.core.deletion.Deleter.expire`:
-per-UID locks, rows and tombstones in one transaction, then the objects, an audit
-event), so that a first run over years of data never holds the index for long: the
-next runs take the rest.
+``PACS_RETENTION_INTERVAL`` seconds it removes expired studies, oldest first, a run of
+at most :data:`PER_RUN` studies and :data:`PER_RUN_INSTANCES` instances (but for one
+larger study) at a time through the one removal path
+(:meth:`pacs.core.deletion.Deleter.expire`: per-UID locks, rows and tombstones in
+transactions of a few hundred, then the objects, an audit event), so that a first run
+over years of data never holds the index, or the memory of a plan, for long; after a
+run that removed any, the next follows :data:`BACKLOG_PAUSE` seconds later instead of
+the interval, so that a site storing more studies a day than a run takes still
+catches up.
 """
 
 from __future__ import annotations
@@ -38,13 +42,18 @@ log = logging.getLogger("pacs.node.retention")
 
 #: Studies removed per run at most.
 PER_RUN = 100
+#: Instances removed per run at most (a larger study goes alone): the plan of a run is
+#: held in memory, about 1 KB an instance.
+PER_RUN_INSTANCES = 20_000
+#: Seconds between two runs while expired studies are left over from the last.
+BACKLOG_PAUSE = 1.0
 
 
 def run_once(deleter: Deleter, rules: RetentionRules, limit: int = PER_RUN) -> int:
-    """Remove up to ``limit`` expired studies; return how many were removed."""
+    """Remove up to ``limit`` expired studies; return how many were planned."""
     if not rules.enabled:
         return 0
-    removed = deleter.expire(rules.by_modality, rules.default, limit)
+    removed = deleter.expire(rules.by_modality, rules.default, limit, PER_RUN_INSTANCES)
     if removed:
         log.info("data retention: %d expired stud(ies) removed", removed)
     return removed
@@ -52,14 +61,17 @@ def run_once(deleter: Deleter, rules: RetentionRules, limit: int = PER_RUN) -> i
 
 def run(deleter: Deleter, rules: RetentionRules, interval: float,
         stopping: threading.Event) -> None:
-    """Run every ``interval`` seconds until ``stopping``; a failed run (the index busy,
-    the store down) is logged and the next one tries again."""
+    """Run every ``interval`` seconds until ``stopping`` (sooner while a backlog is
+    left: see the module docstring); a failed run (the index busy, the store down) is
+    logged and the next one tries again."""
     while not stopping.is_set():
+        wait = interval
         try:
-            run_once(deleter, rules)
+            if run_once(deleter, rules) > 0:
+                wait = min(interval, BACKLOG_PAUSE)  # maybe more: look again soon
         except PacsError as exc:
             log.error("data retention: this run failed (%s); the next one tries again", exc)
-        stopping.wait(interval)
+        stopping.wait(wait)
 
 
 def main() -> int:

@@ -59,6 +59,17 @@ def test_retention_parse() -> None:
     assert rules.enabled
     assert config.parse_retention("CT=1").default is None
     assert not config.load(environ={}, env_file=None).retention.enabled
+    for wrong in ("CT=1=2", "inf", "CT=nan", "=5", "C*T=3"):
+        with pytest.raises(ValueError):
+            config.parse_retention(wrong)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_a_positive_setting_is_a_finite_number(value: str) -> None:
+    """``PACS_RETENTION_INTERVAL=nan`` made the retention loop spin (a wait of none),
+    ``inf`` end it with an OverflowError."""
+    with pytest.raises(ConfigError):
+        config.load(environ={"PACS_RETENTION_INTERVAL": value}, env_file=None)
 
 
 def test_modalities_parse() -> None:

@@ -359,12 +359,67 @@ def test_retention_expires_studies_by_modality(services: Services, tmp_path: Pat
     with services.index.write() as conn:  # both received 10 days ago
         conn.execute("UPDATE instance SET received_at = '2000-01-01T00:00:00.000000Z'")
     deleter = services.deleter
-    assert deleter.expire([("CT", 1e9), ("MR", 1e9)], None, 10) == 0
-    assert deleter.expire([("MR", 1.0)], None, 10) == 1  # unlisted modalities: kept
+    assert deleter.expire([("CT", 1e9), ("MR", 1e9)], None, 10, 100) == 0
+    assert deleter.expire([("MR", 1.0)], None, 10, 100) == 1  # unlisted modalities: kept
     assert _uids(services) == {d[2] for d in ct}
-    assert deleter.expire([], 1.0, 10) == 1
+    assert deleter.expire([], 1.0, 10, 100) == 1
     assert _uids(services) == set()
     assert mr
+
+
+def _received_long_ago(services: Services) -> None:
+    with services.index.write() as conn:
+        conn.execute("UPDATE instance SET received_at = '2000-01-01T00:00:00.000000Z'")
+
+
+def test_a_series_of_a_modality_no_rule_names_keeps_its_study(services: Services) -> None:
+    """Without a default period, a study with a series of an unlisted modality is kept
+    whatever the others' periods ("as long as any of its parts asks"): a CT rule
+    removed a study's SR series with its CT series.  Stored values match the rules
+    whatever their case."""
+    ct = _study(services, count=1)
+    sr = generate_uid()
+    services.ingest.store_bytes(make_instance(
+        StudyInstanceUID=ct[0][0], SeriesInstanceUID=generate_uid(), SOPInstanceUID=sr,
+        Modality="SR"))
+    lower = _study(services, count=1, Modality="ct")
+    _received_long_ago(services)
+    assert services.deleter.expire([("CT", 1.0)], None, 10, 100) == 1
+    assert _uids(services) == {ct[0][2], sr}
+    assert lower[0][2] not in _uids(services)
+
+
+def test_a_run_of_retention_plans_a_bounded_number_of_instances(services: Services) -> None:
+    """A run takes studies, oldest first, while they hold ``max_instances`` instances
+    in all, and the first whatever its size: 100 studies of 3,000 instances each were
+    planned in one run (370 MB)."""
+    studies = [_study(services, count=2) for _ in range(3)]
+    _received_long_ago(services)
+    assert services.deleter.expire([], 1.0, 10, 1) == 1  # the first, larger than that
+    assert services.deleter.expire([], 1.0, 10, 3) == 1  # 2 fit, 4 do not
+    assert services.deleter.expire([], 1.0, 10, 3) == 1
+    assert _uids(services) == set() and len(studies) == 3
+
+
+def test_a_removal_keeps_a_stricter_tombstone_of_the_uid(services: Services) -> None:
+    """An instance rejected for patient safety at one study, stored at another (a
+    place the rejection does not refuse), then removed there by retention or a
+    deletion: the patient-safety tombstone stays, and the instance is still refused at
+    the first study (the removal's own tombstone replaced it, letting it back in)."""
+    rejected = _study(services, count=1)
+    study, series, sop, _ = rejected[0]
+    services.ingest.store_bytes(_note(rejected, code="113037",
+                                      meaning="Rejected for Patient Safety Reasons"))
+    elsewhere = make_instance(StudyInstanceUID=generate_uid(), SOPInstanceUID=sop)
+    assert services.ingest.store_bytes(elsewhere).outcome is Outcome.STORED
+    _received_long_ago(services)
+    assert services.deleter.expire([], 1.0, 10, 100) == 2  # that study and the note's
+    assert sop not in _uids(services)
+    assert reads.tombstone(services.index.connection(), sop) == reads.Tombstone(
+        "113037", "DCM")
+    with pytest.raises(RejectedInstance, match="113037"):
+        services.ingest.store_bytes(make_instance(
+            StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop))
 
 
 def test_an_instance_stored_into_another_study_after_the_plan_stays(
@@ -491,7 +546,7 @@ def test_retention_keeps_an_instance_stored_again_after_the_plan(
         return rows
 
     monkeypatch.setattr(reads, "expired_instances", plan_then_store)
-    assert services.deleter.expire([], 1.0, 10) == 1
+    assert services.deleter.expire([], 1.0, 10, 100) == 1
     assert _uids(services) == {sop, new_sop}
     assert reads.tombstone(services.index.connection(), made[1][2]) == reads.Tombstone(
         *NO_REASON)

@@ -196,46 +196,64 @@ def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
     return Tombstone(*row) if row else None
 
 
+#: The period of a series no rule covers when there is no default: its study never
+#: expires (days; far past any Julian day number).
+_NEVER = 1e12
+
+
 @_read("retention query")
 def expired_instances(conn: apsw.Connection, now_julian: float,
                       days_by_modality: Sequence[tuple[str, float]],
-                      default_days: float | None, limit: int) -> list[Located]:
+                      default_days: float | None, limit: int,
+                      max_instances: int) -> list[Located]:
     """The instances of the studies whose last instance was received longer ago than
-    their retention period (at most ``limit`` studies, oldest first), found and listed
-    by one statement: an instance stored into such a study after it is found expired
-    is not among them (two reads would list it, and the retention would remove an
-    instance just acknowledged).
+    their retention period (at most ``limit`` studies, oldest first, and no more than
+    ``max_instances`` instances but for the first study), found and listed by one
+    statement: an instance stored into such a study after it is found expired is not
+    among them (two reads would list it, and the retention would remove an instance
+    just acknowledged).
 
     A study's period is the longest of those of the modalities of its series
-    (``days_by_modality``; ``default_days`` for the others, ``None``: they never
-    expire), so that a study is kept as long as any of its parts asks.  A study whose
-    arrival is unknown (``received_at`` empty: reindexed from a store that keeps no
-    times) never expires.
+    (``days_by_modality``, matched as upper case; ``default_days`` for the others,
+    ``None``: they never expire), so that a study is kept as long as any of its parts
+    asks: one series of a modality no rule names keeps its study when there is no
+    default.  A study whose arrival is unknown (``received_at`` empty: reindexed from a
+    store that keeps no times) never expires.
 
     Parameters
     ----------
     now_julian : float
         Now, as a Julian day number (SQLite's ``julianday``).
     """
-    expired, params = _expired(now_julian, days_by_modality, default_days, limit)
+    expired, params = _expired(now_julian, days_by_modality, default_days, limit,
+                               max_instances)
     sql = (_LOCATED_SQL + f"WHERE study.study_uid IN ({expired}) "
            "ORDER BY study.pk, series.pk, instance.pk")
     return [Located(*row) for row in conn.execute(sql, params)]
 
 
 def _expired(now_julian: float, days_by_modality: Sequence[tuple[str, float]],
-             default_days: float | None, limit: int) -> tuple[str, list[object]]:
-    """The ``SELECT`` of the expired studies' UIDs, and its parameters."""
+             default_days: float | None, limit: int, max_instances: int
+             ) -> tuple[str, list[object]]:
+    """The ``SELECT`` of the expired studies' UIDs, and its parameters.
+
+    A series no rule covers counts :data:`_NEVER` days (SQL's ``max`` passes over a
+    NULL: the other series' period decided, and the study went)."""
     cases = "".join(" WHEN ? THEN ?" for _ in days_by_modality)
-    period = f"CASE series.modality{cases} ELSE ? END" if cases else "?"
+    period = f"CASE upper(trim(series.modality)){cases} ELSE ? END" if cases else "?"
     params: list[object] = [value for pair in days_by_modality for value in pair]
-    params += [default_days, now_julian, limit]
+    params += [_NEVER if default_days is None else default_days, now_julian,
+               max_instances, limit]
     sql = (
-        "SELECT uid FROM (SELECT study.study_uid AS uid, max(instance.received_at) AS last, "
-        f"max({period}) AS days FROM study JOIN series ON series.study_pk = study.pk "
+        "SELECT uid FROM (SELECT uid, last, row_number() OVER oldest AS k, "
+        "sum(n) OVER oldest AS running FROM ("
+        "SELECT study.study_uid AS uid, max(instance.received_at) AS last, "
+        f"max({period}) AS days, count(*) AS n FROM study "
+        "JOIN series ON series.study_pk = study.pk "
         "JOIN instance ON instance.series_pk = series.pk GROUP BY study.pk) "
-        "WHERE days IS NOT NULL AND julianday(substr(last, 1, 19)) < ? - days "
-        "ORDER BY last LIMIT ?")
+        "WHERE julianday(substr(last, 1, 19)) < ? - days "
+        "WINDOW oldest AS (ORDER BY last, uid)) "
+        "WHERE k = 1 OR running <= ? ORDER BY last, uid LIMIT ?")
     return sql, params
 
 
