@@ -109,6 +109,9 @@ class StowSender:
         if parts.username is not None:
             token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             self.headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+            if parts.scheme.lower() != "https":
+                log.warning("forwarding to %s sends its credentials readable on the "
+                            "network: use https", shown(url))
         self.store = store
         self.receiver = Participant(shown(url), False, address=parts.hostname or "")
         self.timeout = timeout

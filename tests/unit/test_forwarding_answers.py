@@ -249,3 +249,12 @@ def test_an_answer_past_the_batch_s_limit_is_not_parsed() -> None:
     refs = [_ref("1.1")]
     huge = b"[" + b"{}," * (answer_limit(1) // 3) + b"{}]"
     assert {d.result for d in deliveries(refs, 202, huge)} == {Result.RETRY}
+
+
+def test_credentials_over_plain_http_are_warned_about(caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    StowSender("http://svc:hunter2@archive.example.org/dicom-web", MemoryStore(), 5)
+    assert "use https" in caplog.text and "hunter2" not in caplog.text
+    caplog.clear()
+    StowSender("https://svc:hunter2@archive.example.org/dicom-web", MemoryStore(), 5)
+    assert caplog.text == ""
