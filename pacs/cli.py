@@ -113,6 +113,27 @@ def _require_index(settings: config.Settings) -> None:
                                    "one from the store)")
 
 
+def _refuse_lost_index(settings: config.Settings) -> None:
+    """Refuse to start with no index (or an empty file) over a store that holds
+    objects: a new empty index would answer every query with nothing, every
+    acknowledged instance out of sight (a damaged index moved aside, a wrong
+    PACS_DATA_DIR with the store of another).  A first start, over an empty store,
+    goes on."""
+    path = settings.index_path
+    if path.exists() and path.stat().st_size > 0:
+        return
+    from pacs.core.storage import open_store
+
+    try:
+        held = next(iter(open_store(settings, check=False, create=False).keys()), None)
+    except Exception:  # noqa: BLE001 - not there or not reachable: the build says so
+        return
+    if held is not None:
+        raise click.ClickException(
+            f"no index at {path}, but the object store holds objects: 'pacs reindex' "
+            "builds the index from them (or check PACS_DATA_DIR and --customer)")
+
+
 def _build(settings: config.Settings, check_store: bool = True,
            create_store: bool = True) -> Any:
     from pacs.core.services import build
@@ -153,6 +174,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         raise click.ClickException(str(exc)) from None
     served = _customers(settings)
     for customer in served:
+        _refuse_lost_index(customer.settings)
         services = _build(customer.settings)
         report = reconcile(services, full=False)
         if report.temporaries:

@@ -687,10 +687,16 @@ def _swap(new_path: Path, index_path: Path, stamp: str) -> Path | None:
     The previous file gets a second name first (a hard link, so that ``index_path``
     names a complete index at every moment), its ``-wal`` moves along (its committed
     transactions belong to it, and a stale one beside the new file would be replayed
-    into it) and its ``-shm`` goes; then the new file is renamed over it.
+    into it) and its ``-shm`` goes; then the new file is renamed over it.  With no
+    previous file, a ``-wal`` left by one moved away (a damaged index put aside after
+    a crash) is kept under another name for the same reason.
     """
     folder = index_path.parent
     previous: Path | None = None
+    wal = Path(f"{index_path}-wal")
+    if not index_path.exists() and wal.exists():
+        os.replace(wal, Path(f"{wal}.before-reindex-{stamp}"))
+        Path(f"{index_path}-shm").unlink(missing_ok=True)
     if index_path.exists():
         previous = index_path.with_name(f"{index_path.name}.before-reindex-{stamp}")
         try:
@@ -699,7 +705,6 @@ def _swap(new_path: Path, index_path: Path, stamp: str) -> Path | None:
             # No hard links here: the previous index moves instead (for a moment, until
             # the rename below, there is no index file).
             os.replace(index_path, previous)
-        wal = Path(f"{index_path}-wal")
         if wal.exists():
             os.replace(wal, Path(f"{previous}-wal"))
         Path(f"{index_path}-shm").unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """``pacs reindex`` as a command: refused beside a running node; on a stopped node whose
-index is lost, it rebuilds the index from the objects, and the node started again
-answers ``findscu`` as before."""
+index is lost (which ``pacs serve`` refuses to start on), it rebuilds the index from
+the objects, and the node started again answers ``findscu`` as before."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def test_reindex_rebuilds_a_stopped_nodes_index_and_findscu_answers_from_it(
     node.terminate()
     for path in node.data_dir.glob("index.sqlite*"):
         path.unlink()
+    # Started so, the node would make an empty index and answer every query with
+    # nothing: it refuses, and says what rebuilds it.
+    refused = node.cli("serve", timeout=60)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "'pacs reindex' builds the index" in refused.stderr
+    assert not node.data_dir.joinpath("index.sqlite").exists()
     rebuilt = node.cli("reindex", "--quiet", "--json")
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     report = json.loads(rebuilt.stdout)

@@ -681,6 +681,33 @@ def test_the_new_files_of_a_rebuild_killed_before_its_swap_are_removed_by_the_ne
     assert [p.name for p in folder.glob("*.reindex-*")] == [recent.name]
 
 
+def test_a_wal_left_by_an_index_moved_aside_is_not_replayed_into_the_rebuilt_one(
+        settings: config.Settings) -> None:
+    """After a crash, the operator moves a damaged index aside and rebuilds: its
+    ``-wal`` stayed, and the next open replayed it into the rebuilt file ("Rowid out of
+    order", fsck failing).  The rebuild keeps it under another name instead."""
+    store = MemoryStore()
+    services = build(settings, store=store)
+    stored = {services.ingest.store_bytes(make_instance()).sop_instance_uid
+              for _ in range(20)}
+    drain(services)
+    wal = Path(f"{settings.index_path}-wal")
+    crashed = wal.read_bytes()  # the WAL as a kill -9 leaves it
+    services.close()
+    assert crashed
+    settings.index_path.rename(settings.index_path.with_name("damaged.sqlite"))
+    wal.write_bytes(crashed)
+    rebuild(settings.index_path, store, AnalyserPool(0))
+    assert not wal.exists() or wal.read_bytes() != crashed
+    assert list(settings.index_path.parent.glob("*-wal.before-reindex-*"))
+    conn = connect(settings.index_path)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert {row[0] for row in conn.execute("SELECT sop_uid FROM instance")} == stored
+    finally:
+        conn.close()
+
+
 def test_the_rebuild_refuses_while_another_process_has_the_index_open(
         settings: config.Settings) -> None:
     services = build(settings, store=MemoryStore())

@@ -8,6 +8,7 @@ import apsw
 import pytest
 
 from pacs.core.attributes import ATTRIBUTES, Level, case_folded_column, table_attributes
+from pacs.core.errors import ConfigError
 from pacs.core.index.connection import connect
 from pacs.core.index.migrations import APPLICATION_ID, MIGRATIONS, migrate
 from pacs.core.services import Services, drain
@@ -42,14 +43,14 @@ def test_every_stored_attribute_has_a_column(tmp_path: Path) -> None:
 def test_foreign_index_file_is_refused(tmp_path: Path) -> None:
     conn = connect(tmp_path / "i.sqlite")
     conn.pragma("application_id", 1234)
-    with pytest.raises(RuntimeError, match="not a pacs index"):
+    with pytest.raises(ConfigError, match="not a pacs index"):
         migrate(conn)
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     conn = connect(tmp_path / "i.sqlite")
     conn.pragma("user_version", len(MIGRATIONS) + 1)
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(ConfigError, match="newer"):
         migrate(conn)
 
 

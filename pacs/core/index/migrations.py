@@ -23,6 +23,7 @@ from pacs.core.attributes import (
     stored,
 )
 from pacs.core.dataset import extract
+from pacs.core.errors import ConfigError
 
 #: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
 APPLICATION_ID = 0x50414353
@@ -403,15 +404,16 @@ def migrate(conn: apsw.Connection) -> int:
 
     Raises
     ------
-    RuntimeError
-        When the file belongs to another application or is newer than this code.
+    ConfigError
+        When the file belongs to another application or is newer than this code (a
+        message for the operator, not a traceback).
     """
     app_id = conn.pragma("application_id")
     version = conn.pragma("user_version")
     if app_id not in (0, APPLICATION_ID):
-        raise RuntimeError(f"not a pacs index (application_id {app_id:#x})")
+        raise ConfigError(f"not a pacs index (application_id {app_id:#x})")
     if version > len(MIGRATIONS):
-        raise RuntimeError(
+        raise ConfigError(
             f"index schema {version} is newer than this pacs ({len(MIGRATIONS)}); upgrade pacs")
     for number in range(version, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
