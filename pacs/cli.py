@@ -205,7 +205,10 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     # The web workers read the settings themselves: give them this run's overrides,
     # and the data folder and customers file as resolved here (they need not share our
     # working folder).
-    environment = {**overrides, "PACS_DATA_DIR": str(settings.data_dir)}
+    from pacs.core.net import SERVE_PID
+
+    environment = {**overrides, "PACS_DATA_DIR": str(settings.data_dir),
+                   SERVE_PID: str(os.getpid())}
     if settings.customers_file:
         environment["PACS_CUSTOMERS_FILE"] = str(Path(settings.customers_file).absolute())
     web = WebServer(settings, environment)

@@ -34,7 +34,7 @@ from pacs.core.access import AccessPolicy
 from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.customers import customers as customers_of
-from pacs.core.net import listening_socket, worker_count
+from pacs.core.net import listening_socket, stop_when_orphaned, worker_count
 from pacs.core.offload import cannot_start_thread
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
@@ -816,9 +816,10 @@ def _listen(settings: Settings, port: int) -> socket.socket | None:
 
 
 def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
-            listeners: Listeners, ready: Any) -> None:
+            listeners: Listeners, ready: Any, parent: int) -> None:
     """One worker process: its own services per customer (``served``: each customer's
-    called AE titles and settings), serving until SIGTERM or SIGINT."""
+    called AE titles and settings), serving until SIGTERM or SIGINT, or until its
+    ``parent`` (``pacs serve``) is gone."""
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -841,6 +842,7 @@ def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
                              tls_context=tls.server_context(settings),
                              connection_limits=shared))
     customers.start()
+    stop_when_orphaned(stopping.set, "DIMSE worker", parent)
     ready.release()
     # Poll: a signal the kernel hands to another thread of this process would not
     # wake a main thread blocked in an untimed wait, and the stop would be lost.
@@ -929,7 +931,8 @@ def run_workers(settings: Settings, stopping: threading.Event,
     ready = context.Semaphore(0)
 
     def spawn() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(settings, served, listeners, ready),
+        process = context.Process(target=_worker, args=(settings, served, listeners, ready,
+                                                        os.getpid()),
                                   name="pacs-dimse", daemon=False)
         process.start()
         return process

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from pacs.core.config import Settings
 from pacs.core.errors import PacsError
+from pacs.core.net import stop_when_orphaned
 from pacs.node import viewer
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ def companion_main(name: str, body: Callable[[Settings, Services, threading.Even
     except PacsError as exc:
         log.error("the %s cannot start: %s", name, exc)
         return 1
+    stop_when_orphaned(stopping.set, f"the {name}")
     try:
         body(settings, services, stopping)
     finally:

@@ -5,13 +5,21 @@ Loaded with ``--config python:pacs.node.gunicorn_hooks`` (:func:`pacs.node.webse
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
 from pacs.core.malloc import keep_large_buffers
+from pacs.core.net import stop_when_orphaned
 
 #: Signals that stop a worker.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+
+def when_ready(server: Any) -> None:
+    """The master stops gracefully (SIGTERM to itself, which its loop handles) once
+    ``pacs serve`` is gone (:func:`pacs.core.net.stop_when_orphaned`)."""
+    stop_when_orphaned(lambda: os.kill(os.getpid(), signal.SIGTERM), "gunicorn")
 
 
 def post_fork(server: Any, worker: Any) -> None:

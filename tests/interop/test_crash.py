@@ -7,8 +7,11 @@ lists nothing the store lacks.  ``pacs fsck`` then makes index and store agree e
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from tests.interop.conftest import (
     AE_TITLE,
     DCMTK_ENV,
     Node,
+    _describe,
+    _group_members,
     acknowledged,
     assert_consistent,
     dcmtk,
@@ -93,3 +98,23 @@ def test_kill_9_during_dcmsend(node_factory: Callable[..., Node], tmp_path: Path
     node.wait_drained()
     index = assert_consistent(node.data_dir, exact=True)
     assert set(index) == uids
+
+
+def test_the_node_s_processes_end_when_pacs_serve_alone_is_killed(
+        node_factory: Callable[..., Node]) -> None:
+    """SIGKILL to ``pacs serve`` alone (not to its process group, as a service manager
+    would): its DIMSE workers, gunicorn and companions see their parent gone and stop
+    (they kept serving associations, moving and forwarding for a node no longer
+    there), and the node starts again."""
+    node = node_factory("orphans")
+    assert node.proc is not None
+    group = node.proc.pid
+    assert len(_group_members(group)) > 3, _describe(_group_members(group))
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while (left := _group_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, _describe(left)
+    node.start()
+    node.assert_serving()
