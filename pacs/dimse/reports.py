@@ -251,7 +251,7 @@ class Reporter:
                 self._arrived else None
         if ready is not None:
             pending, assoc, answered = ready
-            checked = self._verify(pending)
+            checked = self._checked(pending)
             if checked is not None:
                 with self._lock:
                     heapq.heappush(self._verified, _Job(answered + QUIET, next(self._order),
@@ -262,7 +262,7 @@ class Reporter:
             return True
         if arrived is not None:
             for pending in self.commitments.of_requestor(arrived, ARRIVAL_CLAIMS):
-                self._claimed(pending)
+                self._deliver(pending, None)
             return True
         return False
 
@@ -271,38 +271,37 @@ class Reporter:
         (none when one was found: there may be more, after the local work)."""
         claimed = self.commitments.due(1)
         if claimed:
-            self._claimed(claimed[0])
+            self._deliver(claimed[0], None)
             return 0.0
         found = self.commitments.next_time()
         if found is None:
             return POLL
         return min(POLL, max(0.0, found - time.time()))
 
-    def _claimed(self, pending: Pending) -> None:
-        """Deliver a request claimed from the queue, verified first when it was not."""
-        checked = pending if pending.result is not None else self._verify(pending)
-        if checked is not None:
-            self._deliver(checked, None)
-
     # -- one request --------------------------------------------------------------------
 
-    def _verify(self, pending: Pending) -> Pending | None:
-        """The request with its result kept; ``None`` when it was lost or failed."""
+    def _checked(self, pending: Pending) -> Pending | None:
+        """The request with its result checked and kept: verified the first time (the
+        objects read, :meth:`~pacs.core.commitment.Commitments.verify`), its committed
+        instances looked up again after (:meth:`~pacs.core.commitment.Commitments.
+        recheck`); ``None`` when it was lost or the check failed (tried again later)."""
         try:
-            return self.commitments.verify(pending, self.services.store)
+            if pending.result is None:
+                return self.commitments.verify(pending, self.services.store)
+            return self.commitments.recheck(pending)
         except PacsError as exc:
-            delay = self.commitments.failed(pending, f"verification failed: {exc}")
-            log.warning("storage commitment: the instances could not be verified (%s); "
+            delay = self.commitments.failed(pending, f"check failed: {exc}")
+            log.warning("storage commitment: the instances could not be checked (%s); "
                         "again in %.0f s", exc, delay)
             return None
 
     def _deliver(self, pending: Pending, assoc: Association | None) -> None:
-        """Report the result: on an association of the requestor when one is quiet in
-        time, else on a new association to its address, else keep it for later (see
-        the module docstring)."""
+        """Report the result, checked first (:meth:`_checked`): on an association of
+        the requestor when one is quiet in time, else on a new association to its
+        address, else keep it for later (see the module docstring)."""
         if not self.commitments.renew(pending):
             return  # another process took it
-        checked = self._recheck(pending)
+        checked = self._checked(pending)
         if checked is None:
             return
         pending = checked
@@ -343,17 +342,6 @@ class Reporter:
         log.warning("storage commitment: the report to %s could not be delivered (%s); "
                     "again in %.0f s (with %d other result(s) for it)", requestor, error,
                     delay, others)
-
-    def _recheck(self, pending: Pending) -> Pending | None:
-        """The request with its committed instances looked up again; ``None`` when it
-        was lost or the index failed (tried again later)."""
-        try:
-            return self.commitments.recheck(pending)
-        except PacsError as exc:
-            delay = self.commitments.failed(pending, f"check failed: {exc}")
-            log.warning("storage commitment: the instances could not be checked (%s); "
-                        "again in %.0f s", exc, delay)
-            return None
 
     def _associations_of(self, pending: Pending, assoc: Association | None
                          ) -> list[Association]:
