@@ -321,12 +321,7 @@ class Reporter:
             if destination is None:
                 self._keep(pending, error or "no association of the requestor is open")
                 return
-            try:
-                error = self._send_new(pending, destination)
-            except _RefusedForGood:
-                raise
-            except Exception as exc:  # noqa: BLE001 - tried again later like any failure
-                error = f"{type(exc).__name__}: {exc}"
+            error = self._send_new(pending, destination)
         except _RefusedForGood as refused:
             self.commitments.remove(pending)
             log.warning("storage commitment: the result for %s is dropped: it %s",
@@ -405,12 +400,17 @@ class Reporter:
     def _send_new(self, pending: Pending, destination: Modality) -> str | None:
         """Send the report on an association of its own to the requestor's address."""
         settings = self.services.settings
-        assoc = handlers.open_association(
-            self._entity(), destination.host, destination.port,
-            contexts=[build_context(PUSH_MODEL, SYNTAXES)], ae_title=destination.ae_title,
-            ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
-            evt_handlers=[(evt.EVT_CONN_OPEN, handlers.requested_as(self._title(pending))),
-                          *handlers.Responses().handlers()])
+        try:
+            assoc = handlers.open_association(
+                self._entity(), destination.host, destination.port,
+                contexts=[build_context(PUSH_MODEL, SYNTAXES)],
+                ae_title=destination.ae_title,
+                ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
+                evt_handlers=[(evt.EVT_CONN_OPEN,
+                               handlers.requested_as(self._title(pending))),
+                              *handlers.Responses().handlers()])
+        except Exception as exc:  # noqa: BLE001 - tried again later like any failure
+            return f"{type(exc).__name__}: {exc}"
         if assoc is None:
             return f"no association with {destination.host}:{destination.port}"
         try:
