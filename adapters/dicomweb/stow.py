@@ -18,7 +18,11 @@ Requests (PS3.18 10.5.1):
 - an IOCM rejection note removes the instances it names (:mod:`pacs.core.rejection`):
   it is taken only from a request that may remove data as ``DELETE`` may
   (``PACS_WEB_DELETE`` on and the ``admin`` role); from any other it is refused alone
-  (FailureReason 0124, Refused: Not authorized) and nothing of it stored.
+  (FailureReason 0124, Refused: Not authorized) and nothing of it stored;
+- a part that would replace a different object stored under its SOP Instance UID
+  (``PACS_DUPLICATE_POLICY=overwrite``) takes the ``admin`` role, the counterpart of an
+  AE's ``overwrite`` right: from a user without it the part is refused alone
+  (FailureReason 0111, Duplicate SOP Instance) and the stored object kept.
 
 Sizes (PS3.18 10.5.3): a body over ``PACS_MAX_REQUEST_BYTES`` is ``413`` - by its
 Content-Length before anything is read, or, chunked, as soon as the bytes read pass
@@ -355,10 +359,9 @@ class Store:
         # Back-pressure before the body is read: 503 with Retry-After.
         self.services.ingest.check_room()
         settings = self.services.settings
-        # A rejection note removes data: only from a request that may remove it.
-        rejecter = requestor_of(req) if Access.of(self.services).may_reject(req) else None
         report = self._store_all(parts_of(req, settings.max_object_bytes,
-                                          settings.max_request_bytes), study, rejecter)
+                                          settings.max_request_bytes), study,
+                                 _Storer.of(req, Access.of(self.services)))
         if report.failed:  # one line, however many parts failed
             level = logging.ERROR if any(f.ours for f in report.failed) else logging.WARNING
             log.log(level, "STOW-RS: %d stored, %d failed: %s", len(report.stored),
@@ -371,7 +374,7 @@ class Store:
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
 
     def _store_all(self, parts: Iterator[multipart.Part], study: str | None,
-                   rejecter: Participant | None) -> Report:
+                   storer: _Storer) -> Report:
         """Store the parts in batches as they arrive; the answer lists them in body order.
 
         A batch (up to :data:`BATCH_PARTS` parts or :data:`BATCH_BYTES`) goes through
@@ -399,7 +402,7 @@ class Store:
             def submit() -> None:
                 if batch:
                     _collect(pending, report, keep=1)
-                    pending.append(pool.submit(self._store_batch, list(batch), rejecter))
+                    pending.append(pool.submit(self._store_batch, list(batch), storer))
                     batch.clear()
 
             try:
@@ -457,22 +460,39 @@ class Store:
             return _Part(data, refused, study)
         return _Part(data, self.services.analysers.submit(data), study)
 
-    def _store_batch(self, batch: list[_Part], rejecter: Participant | None,
-                     ) -> list[Stored | Failed]:
-        """Store one batch of parts; each part's outcome (never raises for content).
-        A rejection note among them is applied by ``rejecter`` (the request's user, who
-        may remove data), refused (0124) without one."""
+    def _store_batch(self, batch: list[_Part], storer: _Storer) -> list[Stored | Failed]:
+        """Store one batch of parts; each part's outcome (never raises for content),
+        with what ``storer`` may do."""
         parts = [part.received() for part in batch]
         accepted = [part for part in parts if isinstance(part.analysis, Analysis)]
         results: Sequence[StoreResult | BaseException]
         try:
             results = self.services.ingest.store_batch(
-                accepted, calling_ae="", may_reject=rejecter is not None, requestor=rejecter)
+                accepted, calling_ae="", may_overwrite=storer.may_overwrite,
+                may_reject=storer.rejecter is not None, requestor=storer.rejecter)
         except Exception as exc:  # noqa: BLE001 - a whole batch's failure fails each part
             results = [exc] * len(accepted)
         outcomes = iter(results)
         return [_stored(part.data, next(outcomes)) if isinstance(part.analysis, Analysis)
                 else _failed(part.data, part.analysis) for part in parts]
+
+
+@dataclass(frozen=True)
+class _Storer:
+    """What the request's user may do beyond storing new instances: replace a
+    different object under a stored SOP Instance UID (refused 0111 otherwise), and
+    apply a rejection note (``rejecter``, the user and address the audit trail names
+    as removing what it rejects; ``None``: a note is refused, 0124)."""
+
+    may_overwrite: bool
+    rejecter: Participant | None
+
+    @classmethod
+    def of(cls, req: falcon.Request, access: Access) -> _Storer:
+        """The storer ``req`` is: a note and a replacement remove data, so only
+        from a request that may remove it."""
+        return cls(access.may_overwrite(req),
+                   requestor_of(req) if access.may_reject(req) else None)
 
 
 @dataclass(frozen=True)

@@ -251,6 +251,15 @@ class Access:
         identity = getattr(req.context, "identity", None)
         return self.delete and identity is not None and rules.ADMIN in identity.roles
 
+    def may_overwrite(self, req: falcon.Request) -> bool:
+        """True when ``req`` may replace a different object stored under a SOP Instance
+        UID (what an AE's ``overwrite`` right allows over DIMSE): the replaced object is
+        gone, so it takes the ``admin`` role of the identity the request was admitted
+        as; a STOW-RS refuses such a part alone (0111, as the ``reject`` duplicate
+        policy would)."""
+        identity = getattr(req.context, "identity", None)
+        return identity is not None and rules.ADMIN in identity.roles
+
     def user(self, authorization: str) -> rules.User | None:
         """The user a Basic or Bearer Authorization header proves to be, if any."""
         scheme, _, value = authorization.strip().partition(" ")

@@ -539,7 +539,8 @@ class Ingest:
         return self._store_bytes(data, calling_ae)
 
     def store_batch(self, items: Sequence[Received], *, calling_ae: str = "",
-                    may_reject: bool = True, requestor: Participant | None = None,
+                    may_overwrite: bool = True, may_reject: bool = True,
+                    requestor: Participant | None = None,
                     ) -> list[StoreResult | BaseException]:
         """Store several Part 10 objects with one durability point (STOW-RS parts).
 
@@ -556,8 +557,8 @@ class Ingest:
         and writing is mostly waiting for the disk.  An object over
         ``max_object_bytes`` is refused (:class:`ObjectTooLarge`) whatever its
         analysis says; the caller's analysis must have been given the same limit for
-        the inflated size of deflated data sets.  ``may_reject`` and ``requestor`` as
-        for :meth:`store_bytes`.
+        the inflated size of deflated data sets.  ``may_overwrite``, ``may_reject`` and
+        ``requestor`` as for :meth:`store_bytes`.
         """
         results: list[StoreResult | BaseException | None] = [None] * len(items)
         analysed: dict[int, Analysis] = {}
@@ -591,7 +592,8 @@ class Ingest:
             self.refusals.refused(sum(1 for result in results if result is full))
         data = [item.data for item in items]
         with self.uid_locks(list(seen)):
-            self._store_analysed(data, analysed, calling_ae, requestor, results)
+            self._store_analysed(data, analysed, calling_ae, requestor, may_overwrite,
+                                 results)
         for number, analysis in analysed.items():
             result = results[number]
             if isinstance(result, StoreResult):
@@ -602,8 +604,9 @@ class Ingest:
         self._refused_after_notes(analysed, results)
         for number in later:
             try:
-                results[number] = self.store_bytes(data[number], calling_ae=calling_ae,
-                                                   may_reject=may_reject, requestor=requestor)
+                results[number] = self.store_bytes(
+                    data[number], calling_ae=calling_ae, may_overwrite=may_overwrite,
+                    may_reject=may_reject, requestor=requestor)
             except Exception as exc:  # noqa: BLE001 - reported as this object's failure
                 results[number] = exc
         return [result if result is not None else IndexFailure("not stored")
@@ -611,12 +614,13 @@ class Ingest:
 
     def _store_analysed(self, items: Sequence[bytes], analysed: dict[int, Analysis],
                         calling_ae: str, requestor: Participant | None,
+                        may_overwrite: bool,
                         results: list[StoreResult | BaseException | None]) -> None:
         """The batch under its locks: decide, write all, index all, undo what failed."""
         plans: dict[int, _Plan] = {}
         for number, analysis in analysed.items():
             try:
-                outcome, plan = self._decide(analysis, items[number])
+                outcome, plan = self._decide(analysis, items[number], may_overwrite)
             except PacsError as exc:
                 results[number] = exc
                 continue

@@ -1049,7 +1049,9 @@ def _security_text(data: dict[str, Any]) -> str:
                   + (" or ".join(ways) if ways else
                      "credentials, of which none are configured, so they are refused")
                   + "; a request needs a role: read for GET (QIDO-RS, WADO-RS, the "
-                  "viewer), write for POST (STOW-RS), admin for DELETE (401 with a "
+                  "viewer), write for POST (STOW-RS; a part that would replace a "
+                  "different object under a stored SOP Instance UID takes admin too, "
+                  "FailureReason 0111 otherwise), admin for DELETE (401 with a "
                   "challenge without valid credentials, 403 for a user without the role; "
                   "users and their roles: `PACS_ACCESS_FILE`)" + _failed_logins_text(sec))
     cors = (", ".join(f"`{o}`" for o in sec["cors_origins"]) if sec["cors_origins"]

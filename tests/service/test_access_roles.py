@@ -186,3 +186,45 @@ def test_require_is_the_check_a_route_asks(services: Services) -> None:
                                 headers=_headers("writer")).status_code == 403
     assert client.simulate_post("/remove", remote_addr=REMOTE,
                                 protocol="https").status_code == 401
+
+
+@pytest.mark.parametrize(("user", "replaced"), [("writer", False), ("boss", True)])
+def test_replacing_a_stored_object_over_stow_needs_the_admin_role(
+        services: Services, user: str, replaced: bool) -> None:
+    """A different object under a stored SOP Instance UID replaces it (the default
+    ``overwrite`` duplicate policy) only for a user with the admin role, the
+    counterpart of an AE's ``overwrite`` right: the replaced object is gone.  From a
+    user with write alone the part fails, FailureReason 0111 (Duplicate SOP
+    Instance), and the stored object stays as it was, in the index and in the store;
+    a new instance from the same user is stored."""
+    client = testing.TestClient(create_app(services))
+    first = make_instance(PatientName="FIRST^STORED")
+    assert _stow(client, "boss", body=first).status_code == 200
+    ds = dcmread(BytesIO(first))
+    other = make_instance(PatientName="OTHER^CONTENT", SOPInstanceUID=ds.SOPInstanceUID,
+                          StudyInstanceUID=ds.StudyInstanceUID,
+                          SeriesInstanceUID=ds.SeriesInstanceUID)
+    again = _stow(client, user, body=other)
+    fresh = _stow(client, user)
+    assert fresh.status_code == 200
+    found = client.simulate_get(f"/studies/{ds.StudyInstanceUID}/instances",
+                                params={"includefield": "PatientName"},
+                                remote_addr=REMOTE, protocol="https",
+                                headers=_headers("boss")).json
+    names = [row["00100010"]["Value"][0]["Alphabetic"] for row in found
+             if row["00080018"]["Value"] == [ds.SOPInstanceUID]]
+    served = client.simulate_get(
+        f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}", remote_addr=REMOTE, protocol="https",
+        headers={**_headers("boss"), "Accept": 'multipart/related; type="application/dicom"'})
+    assert served.status_code == 200
+    if replaced:
+        assert again.status_code == 200
+        assert names == ["OTHER^CONTENT"]
+        assert other in served.content
+    else:
+        assert again.status_code == 409
+        failed = again.json["00081198"]["Value"]
+        assert [part["00081197"]["Value"] for part in failed] == [[0x0111]]
+        assert names == ["FIRST^STORED"]
+        assert first in served.content
