@@ -310,7 +310,9 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                        "them", err=True)
     finally:
         services.close()
-    click.echo(f"stored: {tally[Outcome.STORED.value]}, "
+    replaced = tally[Outcome.REPLACED.value]
+    click.echo(f"stored: {tally[Outcome.STORED.value] + replaced}"
+               + (f" (replacing a different object: {replaced})" if replaced else "") + ", "
                f"unchanged duplicates: {tally[Outcome.UNCHANGED.value]}, "
                f"kept first (different duplicates): {tally[Outcome.KEPT_FIRST.value]}, "
                f"rejected: {len(rejected)}"

@@ -3,6 +3,7 @@ pydicom's bundled test files (never downloaded), free loopback ports."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -37,6 +38,19 @@ def race_free_requestors() -> None:
     own; with the seam off nothing of pynetdicom is replaced."""
     if SEAM:
         seam.install(True)
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found() -> Iterator[None]:
+    """A test that sets the node's logging up in this process (the CLI's commands:
+    ``pacs.core.logs.install``) leaves the filters of the root logger's handlers as it
+    found them: :class:`pacs.core.logs.Redact` left on one of pytest's own handlers
+    would rewrite every later test's records (a traceback made one line) before
+    ``caplog`` sees them."""
+    handlers = {handler: list(handler.filters) for handler in logging.getLogger().handlers}
+    yield
+    for handler, filters in handlers.items():
+        handler.filters[:] = filters
 
 
 def rejection_of(assoc: Association) -> tuple[int, int, int] | None:

@@ -72,6 +72,7 @@ from adapters.dicomweb.errors import (
 from adapters.dicomweb.negotiation import accepts_json
 from adapters.http.audit import note_stored, requestor_of
 from adapters.http.auth import Access
+from pacs.core import audit
 from pacs.core.analysers import Result
 from pacs.core.audit import Participant
 from pacs.core.dataset import (
@@ -82,7 +83,7 @@ from pacs.core.dataset import (
     valid_uid,
 )
 from pacs.core.errors import IncompleteBody, ObjectTooLarge, logged_by_core
-from pacs.core.ingest import Analysis, Received, StoreResult
+from pacs.core.ingest import TRANSFER_ACTION, Analysis, Received, StoreResult
 from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class Stored:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+    #: What it did to the node's copy, as the audit trail says it (C, U or R).
+    action: str = audit.CREATE
 
 
 @dataclass(frozen=True)
@@ -368,7 +371,7 @@ class Store:
                     len(report.failed), report.summary())
         else:
             log.info("STOW-RS: %d stored", len(report.stored))
-        note_stored(req, ((s.study_uid, s.sop_class_uid) for s in report.stored))
+        note_stored(req, ((s.study_uid, s.sop_class_uid, s.action) for s in report.stored))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
@@ -517,7 +520,7 @@ def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed
     if isinstance(result, BaseException):
         return _failed(data, result)
     return Stored(result.sop_class_uid, result.sop_instance_uid, result.study_uid,
-                  result.series_uid)
+                  result.series_uid, TRANSFER_ACTION[result.outcome])
 
 
 def _failed(data: bytes, exc: BaseException) -> Failed:

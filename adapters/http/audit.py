@@ -12,6 +12,10 @@ same below a study or series (QIDO-RS)
 ``…/rendered``, ``…/thumbnail``                                 (A.5.3.6), R
 ``/studies``, ``/studies/{study}`` (STOW-RS)            POST    DICOM Instances Transferred
                                                                 (A.5.3.7), C: client → node
+                                                                (U: the instances that
+                                                                replaced a different
+                                                                object, R: those held
+                                                                already; an event each)
 ``/studies/{study}[/series/{series}]``, and             DELETE  written by the core
 ``…/reject/{code}^{scheme}`` (removal)                   POST    (:mod:`pacs.core.deletion`);
                                                                 refused or failed before
@@ -172,9 +176,10 @@ def _tag_text(name: str) -> str:
     return f"{tag:08X}" if tag is not None else name[:64]
 
 
-def note_stored(req: falcon.Request, stored: Iterable[tuple[str, str]]) -> None:
+def note_stored(req: falcon.Request, stored: Iterable[tuple[str, str, str]]) -> None:
     """Tell the trail which instances a STOW-RS request stored: (Study Instance UID,
-    SOP Class UID) of each."""
+    SOP Class UID, the EventActionCode of what storing it did to the node's copy:
+    :data:`pacs.core.ingest.TRANSFER_ACTION`) of each."""
     req.context.audit_stored = list(stored)
 
 
@@ -252,11 +257,15 @@ class AuditMiddleware:
                              query_keys(req.params, touch), outcome, description,
                              refused=refused)
         elif touch.kind == STORE:
-            stored = getattr(req.context, "audit_stored", None)
-            studies = audit.studies_of(stored) if stored else (
-                [Study(touch.study)] if touch.study else [])
-            self.trail.transferred(kind, audit.CREATE, client, node, studies, outcome,
-                                   description, refused=refused)
+            stored = getattr(req.context, "audit_stored", None) or []
+            by_action: dict[str, list[tuple[str, str]]] = {}
+            for study, sop_class, action in stored:
+                by_action.setdefault(action, []).append((study, sop_class))
+            if not by_action:  # nothing stored: the failure, of the study asked for
+                by_action[audit.CREATE] = [(touch.study, "")] if touch.study else []
+            for action, instances in by_action.items():  # one event each (C, U, R)
+                self.trail.transferred(kind, action, client, node, audit.studies_of(instances),
+                                       outcome, description, refused=refused)
         elif touch.kind == REMOVE:
             if getattr(req.context, "audit_removed", False):
                 return  # the core wrote its events (pacs.core.deletion)

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import apsw
 
-from pacs.core import metadata, rejection, uidlocks
+from pacs.core import audit, metadata, rejection, uidlocks
 from pacs.core.attributes import Level
 from pacs.core.audit import Participant
 from pacs.core.config import SQLITE_MAX_BLOB
@@ -101,8 +101,16 @@ class Outcome(enum.Enum):
     """What storing an object did."""
 
     STORED = "stored"
+    REPLACED = "replaced"  # a different object under a known UID replaced, by policy
     UNCHANGED = "unchanged"  # the same object was already stored
     KEPT_FIRST = "kept"  # a different object under a known UID, discarded by policy
+
+
+#: The EventActionCode of the DICOM Instances Transferred event that records a store
+#: of each outcome (PS3.15 A.5.3.7): C when the node held no copy of the instance, U
+#: when it alters the copy it holds, R when it holds a copy and keeps it unchanged.
+TRANSFER_ACTION = {Outcome.STORED: audit.CREATE, Outcome.REPLACED: audit.UPDATE,
+                   Outcome.UNCHANGED: audit.READ, Outcome.KEPT_FIRST: audit.READ}
 
 
 @dataclass(frozen=True)
@@ -649,7 +657,7 @@ class Ingest:
                 results[number] = error
             else:
                 self._forget_moved(plan)
-                results[number] = _result(Outcome.STORED, analysed[number])
+                results[number] = _result(plan.outcome, analysed[number])
 
     def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str,
                       requestor: Participant | None, may_overwrite: bool,
@@ -672,7 +680,7 @@ class Ingest:
                 self._undo_put(plan.key, plan.existing, plan.previous, exc)
                 raise
         self._forget_moved(plan)
-        return Outcome.STORED
+        return plan.outcome
 
     def _decide(self, analysis: Analysis, data: bytes,
                 may_overwrite: bool = True) -> tuple[Outcome, _Plan | None]:
@@ -713,8 +721,9 @@ class Ingest:
                     "a different object is stored; the sender may not overwrite")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
         in_place = existing is not None and existing.object_key == key
-        return Outcome.STORED, _Plan(key, existing, previous, revived,
-                                     self._journal(conn, key, len(data), in_place))
+        plan = _Plan(key, existing, previous, revived,
+                     self._journal(conn, key, len(data), in_place))
+        return plan.outcome, plan
 
     def _journal(self, conn: apsw.Connection, key: str, size: int,
                  in_place: bool = False) -> bool:
@@ -888,6 +897,12 @@ class _Plan:
     previous: bytes | None
     revived: bool = False  # the UID has a tombstone, dropped with the commit
     journal: bool = True  # acknowledged through the intake, not written directly
+
+    @property
+    def outcome(self) -> Outcome:
+        """What writing it does: a plan with an indexed instance replaces a
+        different object (the same one is unchanged, and needs no plan)."""
+        return Outcome.STORED if self.existing is None else Outcome.REPLACED
 
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,

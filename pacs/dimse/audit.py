@@ -5,7 +5,9 @@
 operation                      event (PS3.15)
 =============================  ===========================================================
 C-STORE (all of one            DICOM Instances Transferred (A.5.3.7), C: the calling AE
-association)                   (source, requestor) to the node; written when the
+association)                   (source, requestor) to the node (U: the instances that
+                               replaced a different object under their UID, R: those
+                               the node held already; an event each); written when the
                                association ends (and when it has sent 1000 studies,
                                MAX_STUDIES_PER_EVENT), one event per patient, each
                                study with
@@ -79,6 +81,10 @@ MAX_STUDIES_PER_EVENT = 1000
 STORES_PER_EVENT_SECONDS = 10.0
 
 
+#: What a C-STORE of each EventActionCode but C did, for its event's description.
+_DONE = {audit.UPDATE: "replaced a different object", audit.READ: "already held"}
+
+
 def keys_of(identifier: Dataset) -> list[str]:
     """The tags of an identifier's keys (``00100010``; ``00081032.00080100`` for a key
     of a sequence item), without their values."""
@@ -120,12 +126,13 @@ class AssociationAudit:
         self.trail = trail
         self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
         self._lock = threading.Lock()
-        # Instances stored, counted per study and SOP class as they are answered (in the
-        # order first seen): what the event names, and no more, so that what is kept
-        # does not grow with the number of stores of a long association (the same
-        # object may be sent again and again).
-        self._stored: dict[str, dict[str, int]] = {}
-        self._stored_count = 0
+        # Instances stored, counted per event action (what the store did to the node's
+        # copy), study and SOP class as they are answered (in the order first seen):
+        # what the events name, and no more, so that what is kept does not grow with
+        # the number of stores of a long association (the same object may be sent
+        # again and again).
+        self._stored: dict[tuple[str, str], dict[str, int]] = {}
+        self._stored_count: dict[str, int] = {}
         self._failed = 0
         self._counting_since: float | None = None
         self._closed = False
@@ -133,18 +140,21 @@ class AssociationAudit:
 
     # -- C-STORE -------------------------------------------------------------------
 
-    def stored(self, study_uid: str, sop_class_uid: str, status: Status) -> None:
-        """One C-STORE answered with ``status`` (the study unknown when it failed)."""
+    def stored(self, study_uid: str, sop_class_uid: str, status: Status,
+               action: str = audit.CREATE) -> None:
+        """One C-STORE answered with ``status`` (the study unknown when it failed);
+        ``action``, what it did to the node's copy: the EventActionCode of its event
+        (:data:`pacs.core.ingest.TRANSFER_ACTION`)."""
         success = audit.dimse_outcome(status.code) == audit.SUCCESS
         full = None
         with self._lock:
             closed = self._closed
             if not closed:
-                if success and study_uid not in self._stored and \
+                if success and (action, study_uid) not in self._stored and \
                         len(self._stored) >= MAX_STUDIES_PER_EVENT:
                     full = self._take_stores()
                 if success:
-                    self._count_stored(study_uid, sop_class_uid)
+                    self._count_stored(action, study_uid, sop_class_uid)
                 else:
                     self._failed += 1
                 now = time.monotonic()
@@ -159,39 +169,52 @@ class AssociationAudit:
             if closed:
                 # The association ended while this store ran (an abort): its event alone.
                 studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
-                self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE,
+                self.trail.transferred(audit.APPLICATION_SERVER, action,
                                        self.requestor, self.trail.node(), studies,
                                        audit.dimse_outcome(status.code),
                                        f"C-STORE status {status.code:04X}")
         except Exception:
             log.error("audit trail: the event of C-STOREs could not be made", exc_info=True)
 
-    def _count_stored(self, study_uid: str, sop_class_uid: str) -> None:
+    def _count_stored(self, action: str, study_uid: str, sop_class_uid: str) -> None:
         """Count one instance stored (under the lock)."""
         # Keys kept as the first store gave them: one string per study and class.
-        classes = self._stored.setdefault(study_uid, {})
+        classes = self._stored.setdefault((action, study_uid), {})
         if sop_class_uid:
             classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
-        self._stored_count += 1
+        self._stored_count[action] = self._stored_count.get(action, 0) + 1
 
-    def _take_stores(self) -> tuple[dict[str, dict[str, int]], int, int]:
-        """What is counted so far (studies, stored, failed), counting again from
-        nothing (under the lock)."""
+    def _take_stores(self) -> tuple[dict[tuple[str, str], dict[str, int]], dict[str, int],
+                                    int]:
+        """What is counted so far (studies, stored per action, failed), counting
+        again from nothing (under the lock)."""
         taken = self._stored, self._stored_count, self._failed
-        self._stored, self._stored_count, self._failed = {}, 0, 0
+        self._stored, self._stored_count, self._failed = {}, {}, 0
         self._counting_since = None
         return taken
 
-    def _write_stores(self, counted: dict[str, dict[str, int]], stored: int,
-                      failed: int) -> None:
-        if not stored and not failed:
-            return
-        outcome = (audit.SUCCESS if not failed else
-                   audit.MINOR_FAILURE if stored else audit.SERIOUS_FAILURE)
-        studies = [Study(uid, classes) for uid, classes in counted.items()]
-        self.trail.transferred(audit.APPLICATION_SERVER, audit.CREATE, self.requestor,
-                               self.trail.node(), studies, outcome,
-                               f"C-STORE: {stored} stored, {failed} failed")
+    def _write_stores(self, counted: dict[tuple[str, str], dict[str, int]],
+                      stored: dict[str, int], failed: int) -> None:
+        """One event per action: the failures go with the instances new to the node
+        (C), the event of the C-STOREs as a whole; those that replaced a different
+        object (U) or met the node's copy (R) have theirs."""
+        studies: dict[str, list[Study]] = {}
+        for (action, uid), classes in counted.items():
+            studies.setdefault(action, []).append(Study(uid, classes))
+        if failed:
+            studies.setdefault(audit.CREATE, [])
+        for action, group in studies.items():
+            count = stored.get(action, 0)
+            if action != audit.CREATE:
+                self.trail.transferred(audit.APPLICATION_SERVER, action, self.requestor,
+                                       self.trail.node(), group, audit.SUCCESS,
+                                       f"C-STORE: {count} {_DONE[action]}")
+                continue
+            outcome = (audit.SUCCESS if not failed else
+                       audit.MINOR_FAILURE if count else audit.SERIOUS_FAILURE)
+            self.trail.transferred(audit.APPLICATION_SERVER, action, self.requestor,
+                                   self.trail.node(), group, outcome,
+                                   f"C-STORE: {count} stored, {failed} failed")
 
     # -- C-FIND --------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from pacs.core.errors import (
     PacsError,
     logged_by_core,
 )
+from pacs.core.ingest import TRANSFER_ACTION, StoreResult
 from pacs.dimse.status import (
     NOT_AUTHORIZED,
     SOP_CLASS_NOT_SUPPORTED,
@@ -96,23 +97,27 @@ def store(services: Services, request: StoreRequest,
           audit: AssociationAudit | None = None) -> Status:
     """Store the data set of a C-STORE request; the status to answer, also reported to
     the association's ``audit`` (:mod:`pacs.dimse.audit`) with the instance's study."""
-    status, study_uid = _store(services, request)
+    status, result = _store(services, request)
     if audit is not None:
-        audit.stored(study_uid, request.sop_class_uid, status)
+        if result is None:
+            audit.stored("", request.sop_class_uid, status)
+        else:
+            audit.stored(result.study_uid, request.sop_class_uid, status,
+                         TRANSFER_ACTION[result.outcome])
     return status
 
 
-def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
-    """The status, and the Study Instance UID of the instance stored ("" on failure)."""
+def _store(services: Services, request: StoreRequest) -> tuple[Status, StoreResult | None]:
+    """The status, and what storing the instance did (``None`` on failure)."""
     calling = request.calling_ae_title
     if request.sop_class_uid != request.abstract_syntax:
         log.warning("C-STORE from %s refused: its SOP Class is not its context's", calling)
         return SOP_CLASS_NOT_SUPPORTED.with_comment(
-            "the Affected SOP Class UID is not its presentation context's"), ""
+            "the Affected SOP Class UID is not its presentation context's"), None
     policy = services.access
     if not policy.may(calling, STORE):
         log.warning("C-STORE from %s refused: the AE may not store", calling)
-        return NOT_AUTHORIZED.with_comment("this AE may not store"), ""
+        return NOT_AUTHORIZED.with_comment("this AE may not store"), None
     try:
         if request.too_large:
             raise ObjectTooLarge(f"a data set of {request.received} bytes, over "
@@ -124,19 +129,19 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, str]:
             may_reject=policy.may(calling, REJECT))
     except (InvalidInstance, NotAuthorized) as exc:
         log.warning("C-STORE from %s refused: %s", calling, exc)
-        return status_for(STORE_STATUS, exc), ""
+        return status_for(STORE_STATUS, exc), None
     except PacsError as exc:  # a full intake: counted and logged by the ingest
         log.log(logging.DEBUG if logged_by_core(exc) else logging.ERROR,
                 "C-STORE from %s failed: %s", calling, exc)
-        return status_for(STORE_STATUS, exc), ""
+        return status_for(STORE_STATUS, exc), None
     except MemoryError as exc:
-        return _out_of_memory(calling, exc), ""
+        return _out_of_memory(calling, exc), None
     except Exception as exc:
         log.exception("C-STORE from %s failed unexpectedly", calling)
-        return status_for(STORE_STATUS, exc), ""
+        return status_for(STORE_STATUS, exc), None
     log.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling,
               result.outcome.value)
-    return SUCCESS, result.study_uid
+    return SUCCESS, result
 
 
 def _out_of_memory(calling: str, exc: MemoryError) -> Status:

@@ -207,6 +207,10 @@ def test_replacing_a_stored_object_over_stow_needs_the_admin_role(
     again = _stow(client, user, body=other)
     fresh = _stow(client, user)
     assert fresh.status_code == 200
+    actions = [event["EventIdentification"]["EventActionCode"]  # the stores' alone
+               for event in read_trail(services.settings.data_dir / "audit.jsonl")
+               if event_name(event) == "DICOM Instances Transferred"
+               and event["EventIdentification"]["EventOutcomeIndicator"] == 0]
     found = client.simulate_get(f"/studies/{ds.StudyInstanceUID}/instances",
                                 params={"includefield": "PatientName"},
                                 remote_addr=REMOTE, protocol="https",
@@ -222,9 +226,11 @@ def test_replacing_a_stored_object_over_stow_needs_the_admin_role(
         assert again.status_code == 200
         assert names == ["OTHER^CONTENT"]
         assert other in served.content
+        assert actions == ["C", "U", "C"]  # PS3.15 A.5.3.7: U, the copy held altered
     else:
         assert again.status_code == 409
         failed = again.json["00081198"]["Value"]
         assert [part["00081197"]["Value"] for part in failed] == [[0x0111]]
         assert names == ["FIRST^STORED"]
         assert first in served.content
+        assert actions == ["C", "C"]

@@ -158,6 +158,37 @@ def test_c_stores_of_an_association_are_one_event_per_patient(
         == {"SOPClass": [{"UID": CTImageStorage, "NumberOfInstances": 2}]}
 
 
+def test_what_a_c_store_did_to_the_node_s_copy_is_its_event_s_action(
+        make_services: Callable[..., Services]) -> None:
+    """PS3.15 A.5.3.7: EventActionCode C when the node held no copy of the instance, U
+    when the store replaced a different object under its UID (the ``overwrite``
+    policy), R when it held the same object already: one event each, so that the
+    trail tells a replacement from a first store."""
+    services = make_services(duplicate_policy="overwrite")
+    port = free_port()
+    server = start(services, ("127.0.0.1", port))
+    try:
+        first, other = make_instance(PatientID="PA"), make_instance(PatientID="PA")
+        changed = dataset(first)
+        changed.PatientName = "CHANGED^CONTENT"
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(ds).Status for ds in (
+            dataset(first), dataset(other), dataset(first), changed)]
+        assoc.release()
+    finally:
+        stop(server, drain=1.0)
+    assert statuses == [0x0000] * 4
+    events = trail(services, 3)
+    assert [(e["EventIdentification"]["EventActionCode"],
+             e["EventIdentification"]["EventOutcomeDescription"]) for e in events] == [
+        ("C", "C-STORE: 2 stored, 0 failed"), ("R", "C-STORE: 1 already held"),
+        ("U", "C-STORE: 1 replaced a different object")]
+    assert {event_name(e) for e in events} == {"DICOM Instances Transferred"}
+
+
 def test_a_c_find_is_a_query_event_with_the_identifier(node: tuple[Services, int]) -> None:
     services, port = node
     load(services, generate_uid(), "PF")

@@ -436,7 +436,7 @@ def test_an_instance_stored_into_another_study_after_the_plan_stays(
     other_study, other_series = generate_uid(), generate_uid()
     moved = services.ingest.store_bytes(make_instance(
         StudyInstanceUID=other_study, SeriesInstanceUID=other_series, SOPInstanceUID=sop))
-    assert moved.outcome is Outcome.STORED
+    assert moved.outcome is Outcome.REPLACED
 
     for reason in (None, rejection.reason_of("113001", "DCM")):
         removal = services.deleter.remove(places, NODE, audit.WEB_SERVER, reason=reason)
@@ -463,7 +463,7 @@ def test_a_deletion_keeps_an_instance_stored_again_with_other_content(
     places = [reference(r) for r in services.deleter.plan([Target(study)])]
     newer = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
                           SOPInstanceUID=sop, SeriesDescription="corrected")
-    assert services.ingest.store_bytes(newer).outcome is Outcome.STORED
+    assert services.ingest.store_bytes(newer).outcome is Outcome.REPLACED
 
     removal = services.deleter.remove(places, NODE, audit.APPLICATION_SERVER)
     assert (removal.instances, removal.superseded, removal.whole) == (0, 1, set())
@@ -515,7 +515,7 @@ def test_a_rejection_that_lets_instances_back_in_keeps_one_stored_again_when_res
     _, series, sop, _ = made[1]
     newer = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
                           SOPInstanceUID=sop, SeriesDescription="sent again")
-    assert services.ingest.store_bytes(newer).outcome is Outcome.STORED
+    assert services.ingest.store_bytes(newer).outcome is Outcome.REPLACED
 
     reconcile(services, full=False)
     assert reads.removals_pending(services.index.connection()) == []

@@ -98,7 +98,7 @@ def test_same_object_twice_is_unchanged(services: Services) -> None:
     assert services.ingest.store_bytes(data).outcome is Outcome.UNCHANGED
 
 
-@pytest.mark.parametrize("policy, outcome", [("overwrite", Outcome.STORED),
+@pytest.mark.parametrize("policy, outcome", [("overwrite", Outcome.REPLACED),
                                              ("keep", Outcome.KEPT_FIRST)])
 def test_different_object_same_uid(make_services: Callable[..., Services], policy: str,
                                    outcome: Outcome) -> None:
@@ -315,9 +315,9 @@ def test_an_overwrite_in_place_keeps_the_acknowledged_object_until_its_commit(
     assert list(_stored(services).values()) == [first]
     if batch:
         assert services.ingest.store_batch([Received.of(second)])[0].outcome is \
-            Outcome.STORED
+            Outcome.REPLACED
     else:
-        assert services.ingest.store_bytes(second).outcome is Outcome.STORED
+        assert services.ingest.store_bytes(second).outcome is Outcome.REPLACED
     assert (tmp_path / "objects" / key).read_bytes() == first  # until the mover's turn
     assert list(_stored(services).values()) == [second]
     assert drain(services) == 1
@@ -495,7 +495,7 @@ def test_a_batch_gives_each_object_what_store_bytes_would(services: Services,
 
     assert [getattr(r, "outcome", type(r)) for r in results] == [
         Outcome.STORED, InvalidUID, Outcome.STORED, Outcome.UNCHANGED,
-        Outcome.STORED]  # the repeated UID meets the first as a duplicate (overwrite policy)
+        Outcome.REPLACED]  # the repeated UID meets the first as a duplicate (overwrite)
     row = _row(services, "1.2.3.4.1")
     assert row is not None and _stored(services)[row.object_key] == again_different
     assert writer.counts(services.index.connection())["instance"] == 3
