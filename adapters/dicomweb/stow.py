@@ -459,7 +459,9 @@ class Store:
         reads the next parts and the previous batch is written)."""
         if content_type not in ("", DICOM):
             refused: Future[Result] = Future()
-            refused.set_result(UnsupportedMedia(f"a part of type {content_type}"))
+            # Its type is the client's text: not repeated into the log.
+            refused.set_result(UnsupportedMedia("a part of a type other than "
+                                                "application/dicom"))
             return _Part(data, refused, study)
         return _Part(data, self.services.analysers.submit(data), study)
 

@@ -1142,6 +1142,9 @@ _CONTROLS = ({code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA
 #: The summary's escapes: the controls, and the backslash, so that an escape is never
 #: taken for a value's own text.
 _SUMMARY_ESCAPES = {**_CONTROLS, ord("\\"): "\\\\"}
+#: :data:`_SUMMARY_ESCAPES` and the separators of the summary's fields (``who=A@host*,
+#: B@host studies=1.2,1.3``), for the values a peer chose.
+_FIELD_ESCAPES = {**_SUMMARY_ESCAPES, **{ord(c): f"\\x{ord(c):02x}" for c in "@*, ="}}
 
 
 def _escaped(value: Any, escapes: Mapping[int, str] = _CONTROLS) -> str:
@@ -1249,24 +1252,31 @@ def matches(event: Mapping[str, Any], *, site: str | None = None, study: str = "
 
 def summary(event: Mapping[str, Any]) -> str:
     """One line for a person: when, what, outcome, who, studies, patients (control
-    characters and backslashes of the values escaped, so that no value starts a line)."""
+    characters and backslashes of the values escaped, so that no value starts a line;
+    in the values of participants, studies and patients the line's own separators too,
+    so that a name a peer chose cannot read as another participant or field)."""
     identification = event.get("EventIdentification", {})
-    who = ", ".join(f"{p.get('UserID', '')}@{p.get('NetworkAccessPointID', '')}"
+    who = ", ".join(_field(p.get("UserID", "")) + "@" + _field(p.get("NetworkAccessPointID", ""))
                     + ("*" if p.get("UserIsRequestor") else "")
                     for p in event.get("ActiveParticipant", ()))
     studies, patients = [], []
     for item in event.get("ParticipantObjectIdentification", ()):
         code = item.get("ParticipantObjectIDTypeCode", {}).get("csd-code")
         if code == STUDY_INSTANCE_UID.code:
-            studies.append(str(item.get("ParticipantObjectID", "")))
+            studies.append(_field(item.get("ParticipantObjectID", "")))
         elif item.get("ParticipantObjectTypeCodeRole") == PATIENT_ROLE:
-            patients.append(str(item.get("ParticipantObjectID", "")))
-    line = (f"{identification.get('EventDateTime', '')} "
+            patients.append(_field(item.get("ParticipantObjectID", "")))
+    head = (f"{identification.get('EventDateTime', '')} "
             f"{identification.get('EventID', {}).get('originalText', '')} "
             f"[{identification.get('EventActionCode', '')}] "
-            f"outcome={identification.get('EventOutcomeIndicator', '')} who={who} "
+            f"outcome={identification.get('EventOutcomeIndicator', '')}")
+    return (f"{_escaped(head, _SUMMARY_ESCAPES)} who={who} "
             f"studies={','.join(studies) or '-'} patients={','.join(patients) or '-'}")
-    return _escaped(line, _SUMMARY_ESCAPES)
+
+
+def _field(value: Any) -> str:
+    """A value of :func:`summary`'s line, escaped."""
+    return _escaped(value, _FIELD_ESCAPES)
 
 
 def ship(events: Iterable[Mapping[str, Any]], host: str, port: int, *, udp: bool = False,

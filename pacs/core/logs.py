@@ -56,7 +56,11 @@ from pacs.core.errors import PacsError
 #: Loggers whose messages quote data-set values: quoted text is left out.  gunicorn's
 #: error log quotes a request line it refuses, whose query string may carry a patient's
 #: name (QIDO-RS ``?PatientName=…``).
-QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
+QUOTING_LOGGERS = ("pydicom", "pynetdicom", "py.warnings", "gunicorn.error")
+#: Loggers that list values after a colon, unquoted (pydicom's ``… ignoring: A, B``
+#: of a Specific Character Set's terms; Python's warnings, which pydicom's are):
+#: whatever follows the first colon is left out too.
+LISTING_LOGGERS = ("pydicom", "py.warnings")
 #: Longest message written at INFO and above; the rest is counted, not written.
 MAX_MESSAGE = 4096
 #: Loggers that log what a peer sent (or a query found), item by item: the libraries',
@@ -69,6 +73,10 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 #: Folders of the node's own code, for the place of an exception in it.
 _OWN_CODE = ("/pacs/", "/adapters/")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: From a quote to the last one of its kind (a value may hold quotes of its own).
+_QUOTED_SPAN = re.compile(r"(['\"]).*\1", re.S)
+#: The head of a Python warning as logging captures it (``file:line: Category: ``).
+_WARNING_HEAD = re.compile(r"[^\n]*?:\d+: \w+: ")
 
 
 #: One log line format for every process of the node (CLI, DIMSE and HTTP workers,
@@ -279,8 +287,9 @@ class Redact(logging.Filter):
         elif isinstance(record.args, dict):
             record.args = {k: _argument(v) for k, v in record.args.items()}
         if record.name.startswith(QUOTING_LOGGERS):
-            record.msg = _unquoted(record.getMessage()).replace("%", "%%")
-            record.args = None
+            text = _without_values(_unquoted(record.getMessage()),
+                                   listing=record.name.startswith(LISTING_LOGGERS))
+            record.msg, record.args = text.replace("%", "%%"), None
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -297,7 +306,7 @@ def summary(exc: BaseException) -> str:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        parts.append(f"{_described(current)}{_places(current.__traceback__)}")
+        parts.append(f"{described(current)}{_places(current.__traceback__)}")
         current = current.__cause__ or (None if current.__suppress_context__
                                          else current.__context__)
     return " <- ".join(parts)
@@ -316,7 +325,31 @@ def _unquoted(text: str) -> str:
     return _QUOTED.sub("'…'", text)
 
 
-def _described(exc: BaseException) -> str:
+def _without_values(text: str, listing: bool) -> str:
+    """A library's message (:data:`QUOTING_LOGGERS`) without what it quotes, when a
+    value holds quotes of its own too (``Unknown encoding 'A'B'``): from a quote to the
+    last of its kind, from a quote without its pair to the end; with ``listing``
+    (:data:`LISTING_LOGGERS`) whatever follows the first colon too, a Python warning's
+    head (its file, line and category) kept."""
+    head = _WARNING_HEAD.match(text) if listing else None
+    start = head.end() if head is not None else 0
+    body = _QUOTED_SPAN.sub("\0", text[start:])
+    lone = [at for at in (body.find("'"), body.find('"')) if at >= 0]
+    if lone:
+        body = body[:min(lone)] + "\0"
+    colon = body.find(": ") if listing else -1
+    if colon >= 0:
+        body = body[:colon] + ": …"
+    return text[:start] + body.replace("\0", "'…'")
+
+
+def described(exc: BaseException) -> str:
+    """An exception in a few words that hold no peer's text nor data-set value: its
+    type; the message of the node's own errors, without what they quote; an OSError's
+    errno and its meaning (not its file name, which may be made of UIDs).  For a
+    failure kept where the log's filter does not pass (a forwarding destination's last
+    error, shown by ``pacs status``): another library's message may be a peer's own
+    bytes (http.client's ``BadStatusLine`` is the line it got)."""
     name = type(exc).__name__
     if isinstance(exc, PacsError):
         return f"{name}: {_unquoted(str(exc))}"

@@ -452,6 +452,20 @@ def test_values_a_peer_chose_never_start_a_line_nor_break_the_xml() -> None:
     assert audit.encode(event).count(b"\n") == 1  # the trail's line, JSON-escaped
 
 
+def test_a_name_a_peer_chose_cannot_read_as_another_participant_in_the_summary() -> None:
+    """The summary's own separators in a calling AE title or user name (``@``, ``*``,
+    ``,``, spaces, ``=``) are escaped: the line names one participant, at its real
+    address, and no second field."""
+    event = audit.transferred_event(
+        SOURCE, audit.APPLICATION_SERVER, audit.CREATE,
+        Participant("A@10.6.6.6*, B", True, address="127.0.0.2"), NODE, [STUDY],
+        Patient("P1 studies=9", "HOSP"), audit.SUCCESS)
+    line = audit.summary(event)
+    assert "who=A\\x4010.6.6.6\\x2a\\x2c\\x20B@127.0.0.2*, " in line
+    assert "10.6.6.6*" not in line and line.count(" studies=") == 1
+    assert "patients=P1\\x20studies\\x3d9" in line
+
+
 def _receive_tcp(server: socket.socket, into: list[bytes]) -> None:
     connection, _ = server.accept()
     with connection:

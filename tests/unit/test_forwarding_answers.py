@@ -193,6 +193,19 @@ def test_a_delivery_s_detail_is_one_bounded_line() -> None:
     assert len(detail) < 400
 
 
+def test_what_a_destination_sent_stays_out_of_a_failed_delivery() -> None:
+    """An answer http.client cannot read is kept as its type alone: its message is the
+    destination's own line (which the delivery's detail carries to the log, the
+    audit trail and ``pacs status``)."""
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"MARKER PATIENT DOE^JOHN 19010203\r\n\r\n")
+        stop.wait(10)  # open until the answer is read (closed: the body's send may break)
+
+    delivery = _Destination(answer).send(2.0)
+    assert delivery.result is Result.RETRY
+    assert delivery.detail == "BadStatusLine" and "MARKER" not in delivery.detail
+
+
 @pytest.mark.parametrize("url", [
     "https://localhost:41282/Zq9+w@archive.example.org/dicom-web",  # a '/' in a password
     "https://svc:#Zq9w@archive.example.org/dicom-web",              # a '#'

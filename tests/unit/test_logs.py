@@ -24,17 +24,19 @@ SECRET = "Secretname^Patient"
 
 @pytest.fixture
 def handler() -> Iterator[io.StringIO]:
-    """A root handler like the node's, with the filter installed as the node does."""
+    """The root's one handler, like the node's, with the filter installed as the node
+    does (pytest's own handlers set aside: each would get a filter of its own, which
+    takes its own share of a flood's records)."""
     out = io.StringIO()
     added = logging.StreamHandler(out)
     added.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.addHandler(added)
-    level = root.level
+    level, handlers = root.level, root.handlers
+    root.handlers = [added]
     root.setLevel(logging.DEBUG)
     logs.install("INFO")
     yield out
-    root.removeHandler(added)
+    root.handlers = handlers
     root.setLevel(level)
     logging.captureWarnings(False)
 
@@ -101,9 +103,37 @@ def test_pydicom_and_python_warnings_lose_what_they_quote(handler: io.StringIO) 
     finally:
         pydicom.config.settings.reading_validation_mode = mode
     text = handler.getvalue()
-    assert "Invalid value for VR DA: '…'" in text
-    assert "WARNING py.warnings:" in text and "Invalid value for VR PN: '…'" in text
+    assert "Invalid value for VR DA: …" in text
+    assert "WARNING py.warnings:" in text and "Invalid value for VR PN: …" in text
     assert SECRET not in text
+
+
+@pytest.mark.parametrize("value", [
+    "ISO_IR 192\\MARKER\\DOE JOHN",  # listed unquoted after a colon
+    "MARKER'DOE\"JOHN",  # quotes of the value's own break the pairs
+])
+def test_a_specific_character_set_a_peer_chose_stays_out(handler: io.StringIO,
+                                                         value: str) -> None:
+    """pydicom names the terms of a Specific Character Set it cannot use, in a warning
+    and a log record: unquoted after a colon, or quoted with the value's own quotes
+    inside.  Neither reaches the log; what happened does."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = value.split("\\")
+    ds.PatientName = b"DOE"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        ds.decode()
+    text = handler.getvalue()
+    assert "Specific Character Set" in text or "encoding" in text
+    assert "MARKER" not in text and "JOHN" not in text
+
+
+def test_pynetdicom_loses_the_values_it_quotes(handler: io.StringIO) -> None:
+    """pynetdicom quotes a non-conformant UID of a request's command set."""
+    logging.getLogger("pynetdicom.utils").warning(
+        "Non-conformant 'Affected SOP Instance UID' value '1.2.3.%s'", SECRET)
+    text = handler.getvalue()
+    assert "WARNING pynetdicom.utils: Non-conformant '…'" in text and SECRET not in text
 
 
 def test_debug_keeps_everything(handler: io.StringIO) -> None:

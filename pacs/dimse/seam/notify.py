@@ -54,6 +54,7 @@ from pynetdicom.dsutils import encode
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
+from pacs.core.logs import described
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -205,7 +206,7 @@ def send_due(assoc: Association) -> bool:
         log.warning("an N-EVENT-REPORT could not be sent: %s", exc)
         with _lock:
             offer.state = "done"
-        offer.finish(Outcome(None, f"not sent ({type(exc).__name__}: {exc})"))
+        offer.finish(Outcome(None, f"not sent ({described(exc)})"))
         return True
     with _lock:
         offer.state = "sent" if sent else "waiting"
