@@ -41,7 +41,9 @@ if [ -n "$prefix" ]; then OHIF_DIR="$prefix/share/pacs/ohif"; fi
 cd "$(dirname "$0")/.."
 
 OHIF_VERSION="${OHIF_VERSION:-3.13.2}"
-PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.65.1}"
+# The newest playwright-core that runs on Node.js 18, Debian bookworm's (installed below
+# on a machine without Node.js); later releases need Node.js 20.
+PLAYWRIGHT_VERSION="${PLAYWRIGHT_VERSION:-1.61.1}"
 NODE_DIR=vendor/node
 
 # npm: the one on PATH when it runs; else npm's own tarball from the npm registry, run by
@@ -52,7 +54,9 @@ if ! command -v node >/dev/null 2>&1; then
     echo "fetch-ohif: Node.js not found; installing Debian's nodejs and npm" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm
+    # Without recommends: npm's would pull in a compiler tool chain and desktop packages.
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+        nodejs npm
 fi
 if ! npm --version >/dev/null 2>&1; then
     npm_cli="vendor/npm/package/bin/npm-cli.js"

@@ -139,6 +139,20 @@ def role_for(method: str) -> str:
     return rules.READ
 
 
+#: Bearer "tokens" that are a client's text for no token (Python's ``None``,
+#: JavaScript's ``null`` and ``undefined``): dicomweb_client's command line sends
+#: ``Authorization: Bearer None`` when given none, and the README's quickstart is that
+#: command.  No token ``pacs passwd --token`` makes is one of them.
+PLACEHOLDER_TOKENS = frozenset({"", "none", "null", "undefined"})
+
+
+def is_placeholder(authorization: str) -> bool:
+    """True when an Authorization header carries no credentials, only a client's
+    placeholder for them (:data:`PLACEHOLDER_TOKENS`): not a login, failed or not."""
+    scheme, _, value = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and value.strip().lower() in PLACEHOLDER_TOKENS
+
+
 class Access:
     """The access rule for one node's settings and policy.
 
@@ -198,22 +212,25 @@ class Access:
         loopback = is_loopback(remote_addr)
         if not loopback and not secure:
             return Verdict.HTTPS_REQUIRED, None
+        # A request from this host that names it needs no credentials when the loopback
+        # roles are set: a lock-out (or credentials that fail) leaves it those roles,
+        # never refused for credentials it did not need.
+        trusted = (loopback and self.names_this_node(host)
+                   and bool(self.policy.loopback_roles))
         user = None
-        if authorization:
+        if authorization and not is_placeholder(authorization):
             if self.locked_out(remote_addr, authorization):
-                return Verdict.LOCKED, None  # before any password is hashed
-            user = self.user(authorization)
-            if user is None:
-                # Counted as a failed login, then judged as a request without
-                # credentials: from this host, its roles.  dicomweb_client's command
-                # line sends "Authorization: Bearer None" when given no token, and the
-                # README's quickstart is that command, run on the node's host.
-                self.failed(self.attempt(remote_addr, authorization), authorization)
+                if not trusted:
+                    return Verdict.LOCKED, None  # before any password is hashed
+            else:
+                user = self.user(authorization)
+                if user is None:  # counted, then judged as without credentials
+                    self.failed(self.attempt(remote_addr, authorization), authorization)
         if user is not None:
             return Verdict.ALLOW, Identity(user.name, user.roles, authenticated=True)
+        if trusted:
+            return Verdict.ALLOW, Identity(LOOPBACK, self.policy.loopback_roles)
         if loopback and self.names_this_node(host):
-            if self.policy.loopback_roles:
-                return Verdict.ALLOW, Identity(LOOPBACK, self.policy.loopback_roles)
             return Verdict.UNAUTHORIZED, None
         return (Verdict.MISDIRECTED if loopback else Verdict.UNAUTHORIZED), None
 

@@ -82,6 +82,43 @@ def test_dicomweb_client_s_bearer_none_from_this_host_is_served(
     assert answer.status_code == 200
 
 
+def test_the_quickstart_search_run_again_and_again_is_never_locked_out(
+        make_services: Callable[..., Services]) -> None:
+    """``Bearer None`` is no login: the quickstart's search run past the failed-login
+    limit is answered every time, counted nowhere (a wrong password from this host
+    afterwards is the first failure, and is still let in with the loopback roles)."""
+    services = make_services(web_user="alice", web_password="s3cret", auth_failures=3)
+    client = testing.TestClient(create_app(services))
+    answers = {client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        "Host": "localhost", "Authorization": "Bearer None"}).status_code
+        for _ in range(10)}
+    assert answers == {200}
+    from_elsewhere = client.simulate_get("/studies", remote_addr="10.1.2.3",
+                                         protocol="https", headers={
+                                             "Host": "pacs.example.org",
+                                             "Authorization": "Bearer null"})
+    assert from_elsewhere.status_code == 401  # no credentials, not a lock-out
+
+
+def test_a_locked_out_request_from_this_host_keeps_the_loopback_roles(
+        make_services: Callable[..., Services]) -> None:
+    """Credentials that failed past the limit from this host are not looked at (no
+    password hashed), and the request gets what it would without them: the loopback
+    roles, not 429.  From another host the lock-out stands."""
+    services = make_services(web_user="alice", web_password="s3cret", auth_failures=3)
+    client = testing.TestClient(create_app(services))
+    wrong = {"Authorization": _basic("alice", "nope")}
+    local = [client.simulate_get("/studies", remote_addr="127.0.0.1",
+                                 headers={"Host": "localhost", **wrong}).status_code
+             for _ in range(6)]
+    assert local == [200] * 6
+    other = {"Authorization": _basic("bob", "nope")}  # alice's name is locked out now
+    remote = [client.simulate_get("/studies", remote_addr="10.1.2.3", protocol="https",
+                                  headers={"Host": "pacs.example.org", **other}).status_code
+              for _ in range(5)]
+    assert remote[:3] == [401] * 3 and remote[3:] == [429, 429]
+
+
 def test_other_hosts_are_unchanged(client: testing.TestClient) -> None:
     result = client.simulate_get("/studies", remote_addr="10.1.2.3", protocol="https",
                                  headers={"Host": "pacs.example.org"})
