@@ -494,8 +494,8 @@ class _Storer:
 
     @classmethod
     def of(cls, req: falcon.Request, access: Access) -> _Storer:
-        """The storer ``req`` is: a note and a replacement remove data, so only
-        from a request that may remove it."""
+        """The storer ``req`` is: a note removes data (what ``DELETE`` needs), a
+        replacement the object it replaces (the ``admin`` role)."""
         return cls(access.may_overwrite(req),
                    requestor_of(req) if access.may_reject(req) else None)
 
