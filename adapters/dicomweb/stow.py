@@ -108,6 +108,8 @@ class Stored:
     series_uid: str
     #: What it did to the node's copy, as the audit trail says it (C, U or R).
     action: str = audit.CREATE
+    #: The patient the instance names, whom its audit event names (``None``: unknown).
+    patient: audit.Patient | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +373,8 @@ class Store:
                     len(report.failed), report.summary())
         else:
             log.info("STOW-RS: %d stored", len(report.stored))
-        note_stored(req, ((s.study_uid, s.sop_class_uid, s.action) for s in report.stored))
+        note_stored(req, ((s.study_uid, s.sop_class_uid, s.action, s.patient)
+                          for s in report.stored))
         resp.status = report.status()
         resp.content_type = dicomjson.MEDIA_TYPE
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
@@ -522,7 +525,7 @@ def _stored(data: bytes, result: StoreResult | BaseException) -> Stored | Failed
     if isinstance(result, BaseException):
         return _failed(data, result)
     return Stored(result.sop_class_uid, result.sop_instance_uid, result.study_uid,
-                  result.series_uid, TRANSFER_ACTION[result.outcome])
+                  result.series_uid, TRANSFER_ACTION[result.outcome], result.patient)
 
 
 def _failed(data: bytes, exc: BaseException) -> Failed:

@@ -39,8 +39,9 @@ logins themselves, whatever the path, are recorded by the access rule
   of a TLS client certificate as AlternativeUserID.
 - **What**: the Study Instance UID of the path; for STOW-RS, the studies of the instances
   stored (the resource notes them with :func:`note_stored`), each with its SOP classes
-  and instance counts; for QIDO-RS the query keys' tags and the query itself (the path and
-  query string, in ParticipantObjectQuery as A.5.3.10 asks).
+  and instance counts, one event per patient the instances named (the index keeps one
+  patient per study, which may not be theirs); for QIDO-RS the query keys' tags and the
+  query itself (the path and query string, in ParticipantObjectQuery as A.5.3.10 asks).
 - **Outcome** from the response status (:func:`outcome_of`).  A WADO-RS answer is
   streamed after the event is written: a client that stops reading midway is not seen.
 
@@ -176,10 +177,11 @@ def _tag_text(name: str) -> str:
     return f"{tag:08X}" if tag is not None else name[:64]
 
 
-def note_stored(req: falcon.Request, stored: Iterable[tuple[str, str, str]]) -> None:
+def note_stored(req: falcon.Request,
+                stored: Iterable[tuple[str, str, str, audit.Patient | None]]) -> None:
     """Tell the trail which instances a STOW-RS request stored: (Study Instance UID,
     SOP Class UID, the EventActionCode of what storing it did to the node's copy:
-    :data:`pacs.core.ingest.TRANSFER_ACTION`) of each."""
+    :data:`pacs.core.ingest.TRANSFER_ACTION`, the patient it names) of each."""
     req.context.audit_stored = list(stored)
 
 
@@ -258,14 +260,18 @@ class AuditMiddleware:
                              refused=refused)
         elif touch.kind == STORE:
             stored = getattr(req.context, "audit_stored", None) or []
-            by_action: dict[str, list[tuple[str, str]]] = {}
-            for study, sop_class, action in stored:
-                by_action.setdefault(action, []).append((study, sop_class))
-            if not by_action:  # nothing stored: the failure, of the study asked for
-                by_action[audit.CREATE] = [(touch.study, "")] if touch.study else []
-            for action, instances in by_action.items():  # one event each (C, U, R)
-                self.trail.transferred(kind, action, client, node, audit.studies_of(instances),
+            if not stored:  # nothing stored: the failure, of the study asked for
+                self.trail.transferred(kind, audit.CREATE, client, node,
+                                       [Study(touch.study)] if touch.study else [],
                                        outcome, description, refused=refused)
+                return
+            by_action: dict[str, list[tuple[str, str, audit.Patient | None]]] = {}
+            for study, sop_class, action, patient in stored:
+                by_action.setdefault(action, []).append((study, sop_class, patient))
+            for action, instances in by_action.items():  # one event each (C, U, R)
+                self.trail.received(kind, action, client, node,
+                                    audit.studies_by_patient(instances), outcome,
+                                    description, refused=refused)
         elif touch.kind == REMOVE:
             if getattr(req.context, "audit_removed", False):
                 return  # the core wrote its events (pacs.core.deletion)

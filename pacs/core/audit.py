@@ -304,6 +304,21 @@ def studies_of(pairs: Iterable[tuple[str, str]]) -> list[Study]:
     return [Study(uid, classes) for uid, classes in counts.items()]
 
 
+def studies_by_patient(instances: Iterable[tuple[str, str, Patient | None]]
+                       ) -> dict[Patient | None, list[Study]]:
+    """Studies grouped by the patient each instance named, from (Study Instance UID,
+    SOP Class UID, patient) of each instance (:func:`studies_of` per patient).
+
+    What the instances themselves say, not the index: a study may hold instances of
+    more than one Patient ID, and the index keeps one patient per study (its last
+    writer's), so a lookup there would name the wrong patient for the others.
+    """
+    pairs: dict[Patient | None, list[tuple[str, str]]] = {}
+    for study_uid, sop_class, patient in instances:
+        pairs.setdefault(patient, []).append((study_uid, sop_class))
+    return {patient: studies_of(group) for patient, group in pairs.items()}
+
+
 @dataclass(frozen=True)
 class Source:
     """AuditSourceIdentification: which node wrote the event.
@@ -897,9 +912,12 @@ class AuditTrail:
     """What the edges call: builds the PS3.15 A.5 messages and writes them.
 
     Events that name studies are written once per patient (A.5.3.3, A.5.3.6 and
-    A.5.3.7 "may only include information about a single patient"): the studies are
-    grouped by the Patient ID the index holds for them (``patients``); studies the index
-    does not know go into one event without a Patient object.
+    A.5.3.7 "may only include information about a single patient"): the instances
+    received are grouped by the patient each of them named (:meth:`received`); the
+    studies read, sent or removed by the Patient ID the index holds for them
+    (``patients``), which is one per study: the last stored instance's, whatever
+    Patient IDs the study's other instances hold.  Studies the index does not know go
+    into one event without a Patient object.
 
     Parameters
     ----------
@@ -970,6 +988,20 @@ class AuditTrail:
                 self._write(transferred_event(self.source, kind, action, sender, receiver,
                                               group, patient, outcome, description,
                                               others), refused)
+
+    def received(self, kind: Code, action: str, sender: Participant,
+                 receiver: Participant, groups: Mapping[Patient | None, Sequence[Study]],
+                 outcome: int, description: str = "", refused: bool = False) -> None:
+        """Record DICOM Instances Transferred of instances the node received (C-STORE,
+        STOW-RS), one event per patient as the instances named it
+        (:func:`studies_by_patient`), not as the index holds it; one event without
+        studies when there are none (every store failed).  ``refused`` as for
+        :meth:`query`."""
+        if not self.enabled:
+            return
+        for patient, group in (groups or {None: []}).items():
+            self._write(transferred_event(self.source, kind, action, sender, receiver,
+                                          group, patient, outcome, description), refused)
 
     def begin_transferring(self, kind: Code, sender: Participant, receiver: Participant,
                            studies: Sequence[Study], outcome: int = SUCCESS,

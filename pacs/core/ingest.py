@@ -115,13 +115,16 @@ TRANSFER_ACTION = {Outcome.STORED: audit.CREATE, Outcome.REPLACED: audit.UPDATE,
 
 @dataclass(frozen=True)
 class StoreResult:
-    """The outcome of one ingest, with the object's identifying UIDs."""
+    """The outcome of one ingest, with the object's identifying UIDs and the patient it
+    names (its Patient ID and issuer: whom the audit trail says the instance is of,
+    which the index, keeping one patient per study, may not tell)."""
 
     outcome: Outcome
     sop_class_uid: str
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+    patient: audit.Patient
 
 
 def _refuses_here(found: reads.Tombstone, analysis: Identity) -> bool:
@@ -996,8 +999,11 @@ def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:
+    patient = analysis.values[Level.PATIENT]
     return StoreResult(outcome, analysis.sop_class_uid, analysis.sop_instance_uid,
-                       analysis.study_uid, analysis.series_uid)
+                       analysis.study_uid, analysis.series_uid,
+                       audit.Patient(patient.get("patient_id") or "",
+                                     patient.get("issuer_of_patient_id") or ""))
 
 
 #: ``received_at`` of the index: UTC, microseconds.

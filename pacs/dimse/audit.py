@@ -9,11 +9,12 @@ association)                   (source, requestor) to the node (U: the instances
                                replaced a different object under their UID, R: those
                                the node held already; an event each); written when the
                                association ends (and when it has sent 1000 studies,
-                               MAX_STUDIES_PER_EVENT), one event per patient, each
-                               study with
-                               its SOP classes and instance counts (kept as counts
-                               while it runs), the outcome 0 when
-                               every store succeeded, 4 when some failed, 8 when all did
+                               MAX_STUDIES_PER_EVENT), one event per patient the
+                               instances named (not the index's patient of their study:
+                               a study may hold two), each study with its SOP classes
+                               and instance counts (kept as counts while it runs), the
+                               outcome 0 when every store succeeded, 4 when some
+                               failed, 8 when all did
 C-FIND (each request)          Query (A.5.3.10): the identifier as received
                                (ParticipantObjectQuery), its transfer syntax and its keys'
                                tags, the outcome of the final status
@@ -48,12 +49,12 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
 from pacs.core import audit
-from pacs.core.audit import AuditTrail, Participant, Study
+from pacs.core.audit import AuditTrail, Participant, Patient, Study
 from pacs.dimse.status import NOT_AUTHORIZED, Status
 
 if TYPE_CHECKING:
@@ -69,8 +70,9 @@ _NOTHING_TO_DO = 0x0000
 #: the trail coalesces when it repeats (:class:`pacs.core.audit.Coalescer`).
 _NOT_AUTHORIZED = NOT_AUTHORIZED.code
 
-#: Most studies an association's C-STORE event is kept for: once a C-STORE brings the
-#: next one, the event of those stored so far is written and a new one begun.  What an
+#: Most studies an association's C-STORE event is kept for (a study counted once per
+#: patient its instances named): once a C-STORE brings the next one, the event of those
+#: stored so far is written and a new one begun.  What an
 #: association holds for the trail (and the patient lookup and lines its event makes)
 #: is then bounded however many studies it sends (one ``dcmsend`` of a whole archive
 #: is one association).
@@ -97,6 +99,15 @@ def keys_of(identifier: Dataset) -> list[str]:
         else:
             keys.append(tag)
     return list(dict.fromkeys(keys))
+
+
+class _Key(NamedTuple):
+    """What the C-STOREs of an association are counted by: what each did to the node's
+    copy (the EventActionCode), its study, and the patient it named."""
+
+    action: str
+    study_uid: str
+    patient: Patient | None
 
 
 @dataclass
@@ -127,11 +138,11 @@ class AssociationAudit:
         self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
         self._lock = threading.Lock()
         # Instances stored, counted per event action (what the store did to the node's
-        # copy), study and SOP class as they are answered (in the order first seen):
-        # what the events name, and no more, so that what is kept does not grow with
-        # the number of stores of a long association (the same object may be sent
-        # again and again).
-        self._stored: dict[tuple[str, str], dict[str, int]] = {}
+        # copy), study, patient (as the instance named it) and SOP class as they are
+        # answered (in the order first seen): what the events name, and no more, so
+        # that what is kept does not grow with the number of stores of a long
+        # association (the same object may be sent again and again).
+        self._stored: dict[_Key, dict[str, int]] = {}
         self._stored_count: dict[str, int] = {}
         self._failed = 0
         self._counting_since: float | None = None
@@ -141,20 +152,23 @@ class AssociationAudit:
     # -- C-STORE -------------------------------------------------------------------
 
     def stored(self, study_uid: str, sop_class_uid: str, status: Status,
-               action: str = audit.CREATE) -> None:
+               action: str = audit.CREATE, patient: Patient | None = None) -> None:
         """One C-STORE answered with ``status`` (the study unknown when it failed);
         ``action``, what it did to the node's copy: the EventActionCode of its event
-        (:data:`pacs.core.ingest.TRANSFER_ACTION`)."""
+        (:data:`pacs.core.ingest.TRANSFER_ACTION`); ``patient``, whom the instance
+        names (:attr:`pacs.core.ingest.StoreResult.patient`; ``None``: unknown, no
+        Patient object)."""
         success = audit.dimse_outcome(status.code) == audit.SUCCESS
+        key = _Key(action, study_uid, patient)
         full = None
         with self._lock:
             closed = self._closed
             if not closed:
-                if success and (action, study_uid) not in self._stored and \
+                if success and key not in self._stored and \
                         len(self._stored) >= MAX_STUDIES_PER_EVENT:
                     full = self._take_stores()
                 if success:
-                    self._count_stored(action, study_uid, sop_class_uid)
+                    self._count_stored(key, sop_class_uid)
                 else:
                     self._failed += 1
                 now = time.monotonic()
@@ -168,24 +182,24 @@ class AssociationAudit:
                 self._write_stores(*full)
             if closed:
                 # The association ended while this store ran (an abort): its event alone.
-                studies = audit.studies_of([(study_uid, sop_class_uid)]) if success else []
-                self.trail.transferred(audit.APPLICATION_SERVER, action,
-                                       self.requestor, self.trail.node(), studies,
-                                       audit.dimse_outcome(status.code),
-                                       f"C-STORE status {status.code:04X}")
+                groups = audit.studies_by_patient(
+                    [(study_uid, sop_class_uid, patient)] if success else [])
+                self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
+                                    self.trail.node(), groups,
+                                    audit.dimse_outcome(status.code),
+                                    f"C-STORE status {status.code:04X}")
         except Exception:
             log.error("audit trail: the event of C-STOREs could not be made", exc_info=True)
 
-    def _count_stored(self, action: str, study_uid: str, sop_class_uid: str) -> None:
+    def _count_stored(self, key: _Key, sop_class_uid: str) -> None:
         """Count one instance stored (under the lock)."""
         # Keys kept as the first store gave them: one string per study and class.
-        classes = self._stored.setdefault((action, study_uid), {})
+        classes = self._stored.setdefault(key, {})
         if sop_class_uid:
             classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
-        self._stored_count[action] = self._stored_count.get(action, 0) + 1
+        self._stored_count[key.action] = self._stored_count.get(key.action, 0) + 1
 
-    def _take_stores(self) -> tuple[dict[tuple[str, str], dict[str, int]], dict[str, int],
-                                    int]:
+    def _take_stores(self) -> tuple[dict[_Key, dict[str, int]], dict[str, int], int]:
         """What is counted so far (studies, stored per action, failed), counting
         again from nothing (under the lock)."""
         taken = self._stored, self._stored_count, self._failed
@@ -193,28 +207,29 @@ class AssociationAudit:
         self._counting_since = None
         return taken
 
-    def _write_stores(self, counted: dict[tuple[str, str], dict[str, int]],
+    def _write_stores(self, counted: dict[_Key, dict[str, int]],
                       stored: dict[str, int], failed: int) -> None:
-        """One event per action: the failures go with the instances new to the node
-        (C), the event of the C-STOREs as a whole; those that replaced a different
-        object (U) or met the node's copy (R) have theirs."""
-        studies: dict[str, list[Study]] = {}
-        for (action, uid), classes in counted.items():
-            studies.setdefault(action, []).append(Study(uid, classes))
+        """One event per action and patient: the failures go with the instances new to
+        the node (C), the event of the C-STOREs as a whole; those that replaced a
+        different object (U) or met the node's copy (R) have theirs."""
+        groups: dict[str, dict[Patient | None, list[Study]]] = {}
+        for key, classes in counted.items():
+            groups.setdefault(key.action, {}).setdefault(key.patient, []).append(
+                Study(key.study_uid, classes))
         if failed:
-            studies.setdefault(audit.CREATE, [])
-        for action, group in studies.items():
+            groups.setdefault(audit.CREATE, {})
+        for action, by_patient in groups.items():
             count = stored.get(action, 0)
             if action != audit.CREATE:
-                self.trail.transferred(audit.APPLICATION_SERVER, action, self.requestor,
-                                       self.trail.node(), group, audit.SUCCESS,
-                                       f"C-STORE: {count} {_DONE[action]}")
+                self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
+                                    self.trail.node(), by_patient, audit.SUCCESS,
+                                    f"C-STORE: {count} {_DONE[action]}")
                 continue
             outcome = (audit.SUCCESS if not failed else
                        audit.MINOR_FAILURE if count else audit.SERIOUS_FAILURE)
-            self.trail.transferred(audit.APPLICATION_SERVER, action, self.requestor,
-                                   self.trail.node(), group, outcome,
-                                   f"C-STORE: {count} stored, {failed} failed")
+            self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
+                                self.trail.node(), by_patient, outcome,
+                                f"C-STORE: {count} stored, {failed} failed")
 
     # -- C-FIND --------------------------------------------------------------------
 

@@ -96,14 +96,15 @@ class StoreRequest:
 def store(services: Services, request: StoreRequest,
           audit: AssociationAudit | None = None) -> Status:
     """Store the data set of a C-STORE request; the status to answer, also reported to
-    the association's ``audit`` (:mod:`pacs.dimse.audit`) with the instance's study."""
+    the association's ``audit`` (:mod:`pacs.dimse.audit`) with the instance's study
+    and the patient it names."""
     status, result = _store(services, request)
     if audit is not None:
         if result is None:
             audit.stored("", request.sop_class_uid, status)
         else:
             audit.stored(result.study_uid, request.sop_class_uid, status,
-                         TRANSFER_ACTION[result.outcome])
+                         TRANSFER_ACTION[result.outcome], result.patient)
     return status
 
 

@@ -193,6 +193,20 @@ def test_stow_is_one_event_per_patient_with_its_studies_and_counts(
                                          "NumberOfInstances": 2}]}
 
 
+def test_stow_of_two_patients_in_one_study_names_each_patient(
+        client: testing.TestClient, node: Services) -> None:
+    """The index keeps one patient per study (the last stored): each event names the
+    patient of the instances it counts, not the index's."""
+    study = generate_uid()
+    parts = [instance(study, "P1"), instance(study, "P2")]
+    payload = b"".join(encode((({"Content-Type": "application/dicom"}, p) for p in parts),
+                              BOUNDARY))
+    result = client.simulate_post("/studies", body=payload, headers={"Content-Type": STOW})
+    assert result.status_code == 200
+    assert [(studies_in(e), patients_in(e)) for e in trail(node)] == [
+        ([study], ["P1"]), ([study], ["P2"])]
+
+
 def test_stow_with_a_failed_part_is_a_minor_failure(
         client: testing.TestClient, node: Services) -> None:
     study = generate_uid()

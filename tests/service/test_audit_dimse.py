@@ -158,6 +158,30 @@ def test_c_stores_of_an_association_are_one_event_per_patient(
         == {"SOPClass": [{"UID": CTImageStorage, "NumberOfInstances": 2}]}
 
 
+def test_c_stores_of_two_patients_in_one_study_name_each_patient(
+        node: tuple[Services, int]) -> None:
+    """One study holding instances of two Patient IDs: the index keeps one patient per
+    study (the last stored), yet each event names the patient whose instances it
+    counts, so that the trail finds the first patient's too."""
+    services, port = node
+    study = generate_uid()
+    sent = [make_instance(StudyInstanceUID=study, PatientID="P1"),
+            make_instance(StudyInstanceUID=study, PatientID="P2")]
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE)
+    assert assoc.is_established
+    assert [assoc.send_c_store(dataset(data)).Status for data in sent] == [0, 0]
+    assoc.release()
+    events = trail(services, 2)
+    assert [(studies_in(e), patients_in(e)) for e in events] == [
+        ([study], ["P1"]), ([study], ["P2"])]
+    for event in events:
+        assert event["ParticipantObjectIdentification"][0][
+            "ParticipantObjectDescription"] == {
+            "SOPClass": [{"UID": CTImageStorage, "NumberOfInstances": 1}]}
+
+
 def test_what_a_c_store_did_to_the_node_s_copy_is_its_event_s_action(
         make_services: Callable[..., Services]) -> None:
     """PS3.15 A.5.3.7: EventActionCode C when the node held no copy of the instance, U

@@ -16,7 +16,7 @@ from pacs.core.query.model import InstanceRef
 from pacs.dimse.audit import AssociationAudit, AuditedResponder, keys_of
 from pacs.dimse.connection import Request, SubOperationCounts
 from pacs.dimse.status import PENDING, SUCCESS, Status
-from tests.auditcheck import event_name, problems, read_trail, studies_in
+from tests.auditcheck import event_name, patients_in, problems, read_trail, studies_in
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -113,6 +113,25 @@ def test_only_failed_stores_are_a_serious_failure_without_studies(tmp_path: Path
     assert event["ActiveParticipant"][0]["UserID"] == "(none)"  # no calling AE title
 
 
+def test_stores_are_one_event_per_patient_the_instances_named(tmp_path: Path) -> None:
+    # The index's patient of study 1.1 is P-1.1 (trail()): never the one named.
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.stored("1.1", CT, SUCCESS, patient=Patient("P1"))
+    audit.stored("1.1", CT, SUCCESS, patient=Patient("P2", "HOSP"))
+    audit.stored("1.1", CT, SUCCESS, patient=Patient("P1"))
+    audit.stored("1.2", CT, SUCCESS, "R", Patient("P1"))
+    audit.close()
+    audit.stored("1.3", CT, SUCCESS, patient=Patient("P3"))  # after an abort
+    found = events(tmp_path)
+    assert [(e["EventIdentification"]["EventActionCode"], studies_in(e), patients_in(e))
+            for e in found] == [("C", ["1.1"], ["P1"]), ("C", ["1.1"], ["P2^^^HOSP"]),
+                                ("R", ["1.2"], ["P1"]), ("C", ["1.3"], ["P3"])]
+    counts = [e["ParticipantObjectIdentification"][0]["ParticipantObjectDescription"]
+              for e in found[:2]]
+    assert counts == [{"SOPClass": [{"UID": CT, "NumberOfInstances": 2}]},
+                      {"SOPClass": [{"UID": CT, "NumberOfInstances": 1}]}]
+
+
 def test_an_association_that_did_nothing_writes_nothing(tmp_path: Path) -> None:
     AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1").close()
     assert not (tmp_path / "audit.jsonl").exists()
@@ -137,17 +156,18 @@ def test_an_association_storing_one_study_for_long_keeps_counts_not_one_entry_pe
     # association (an unchanged instance is stored again); what the audit keeps of it
     # until the association ends must not grow with the number of stores.
     audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
-    audit.stored("1.1", CT, SUCCESS)
+    audit.stored("1.1", CT, SUCCESS, patient=Patient("P-1.1"))
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for _ in range(20_000):
-            # Fresh strings per store, as each request's data set gives them.
-            audit.stored("".join(("1.", "1")), "".join((CT[:4], CT[4:])), SUCCESS)
+            # Fresh strings and patients per store, as each request's data set gives them.
+            audit.stored("".join(("1.", "1")), "".join((CT[:4], CT[4:])), SUCCESS,
+                         patient=Patient("".join(("P-1", ".1"))))
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    audit.stored("1.2", CT, SUCCESS)
+    audit.stored("1.2", CT, SUCCESS, patient=Patient("P-1.2"))
     audit.stored("", CT, Status(0xA700))
     audit.close()
     assert grown < 64 * 1024  # one entry per store: > 1 MiB
@@ -166,23 +186,25 @@ def test_an_association_storing_one_study_for_long_keeps_counts_not_one_entry_pe
 def test_an_association_storing_many_studies_writes_an_event_per_thousand(
         tmp_path: Path) -> None:
     # However many studies one association sends (a whole archive by one dcmsend), what
-    # it keeps for the trail, and each patient lookup of its events, stay bounded.
+    # it keeps for the trail, and each of its events, stay bounded; the patients are
+    # those the instances named, never looked up in the index.
     looked_up: list[int] = []
 
     def patients(uids: Any) -> dict[str, Patient]:
         looked_up.append(len(uids))
-        return {uid: Patient("P") for uid in uids}  # one patient: one event per write
+        return {uid: Patient("INDEX") for uid in uids}
 
     path = tmp_path / "audit.jsonl"
     audit = AssociationAudit(AuditTrail(AuditLog(path), Source("INTELPIXEL", "default"),
                                         patients), "SCU", "127.0.0.1")
-    for number in range(2500):
-        audit.stored(f"1.{number}", CT, SUCCESS)
-    audit.stored("1.2499", CT, SUCCESS)  # a study already counted: no new event
+    for number in range(2500):  # one patient: one event per write
+        audit.stored(f"1.{number}", CT, SUCCESS, patient=Patient("P"))
+    audit.stored("1.2499", CT, SUCCESS, patient=Patient("P"))  # counted: no new event
     audit.stored("", CT, Status(0xA700))
     audit.close()
     found = events(tmp_path)
-    assert looked_up == [1000, 1000, 500]
+    assert looked_up == []
+    assert {p for e in found for p in patients_in(e)} == {"P"}
     assert [len(studies_in(e)) for e in found] == [1000, 1000, 500]
     assert [s for e in found for s in studies_in(e)] == [f"1.{n}" for n in range(2500)]
     assert [e["EventIdentification"]["EventOutcomeDescription"] for e in found] == [
@@ -197,7 +219,7 @@ def test_an_event_that_cannot_be_made_never_reaches_the_c_store(
     def broken(*_: Any, **__: Any) -> None:
         raise RuntimeError("a bug in the trail")
 
-    monkeypatch.setattr(made, "transferred", broken)
+    monkeypatch.setattr(made, "received", broken)
     audit = AssociationAudit(made, "SCU", "127.0.0.1")
     for number in range(1001):  # the 1001st study writes the event of the others
         audit.stored(f"1.{number}", CT, SUCCESS)
