@@ -23,10 +23,12 @@ C-MOVE, C-GET (each request)   Begin Transferring DICOM Instances (A.5.3.3) befo
                                (A.5.3.7), R, with the final status and the counts: the
                                node (source) to the move destination (its AE title and
                                host), the calling AE as requestor; for C-GET the calling
-                               AE is the destination.  A retrieve refused before any
-                               sub-operation (A801, A900, A701, a destination that
-                               refused the association) is one DICOM Instances Transferred
-                               without studies and with the failure
+                               AE is the destination.  A retrieve refused before
+                               anything was planned (0124, A801, A900, A701) is one
+                               DICOM Instances Transferred without studies and with the
+                               failure; one whose destination refused the association
+                               (or could not be reached) names the studies planned, in
+                               that event alone (no Begin Transferring: nothing began)
 N-ACTION (storage commitment   DICOM Instances Accessed (A.5.3.6): the requestor and
 request)                       the node (R: the instances are read back to be checked),
                                the number of instances referenced, the status
@@ -274,6 +276,23 @@ class AssociationAudit:
         self.trail.begin_transferring(audit.APPLICATION_SERVER, self.trail.node(),
                                       retrieve.destination, retrieve.studies,
                                       others=self._others(retrieve))
+
+    def retrieve_unsent(self, message_id: int, refs: Iterable[InstanceRef]) -> None:
+        """The sub-operations of a retrieve over these instances could not start (its
+        destination refused the association, or could not be reached): its final
+        event names them.
+
+        PS3.15 A.5.3.7 wants the studies of the transfer, a failed one too: they are
+        what the requestor asked to send where, which an auditor looks for.  No Begin
+        Transferring (A.5.3.3) is written: it records the start of a transfer, and none
+        started; the one event, a serious failure, says what was to go and that
+        nothing went.
+        """
+        with self._lock:
+            retrieve = self._retrieves.get(message_id)
+        if retrieve is not None:
+            retrieve.studies = audit.studies_of((ref.study_uid, ref.sop_class_uid)
+                                                for ref in refs)
 
     def retrieve_ended(self, message_id: int, status: int | None,
                        counts: tuple[int, int, int] | None = None) -> None:

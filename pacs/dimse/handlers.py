@@ -322,13 +322,23 @@ def handle_move(event: Event, services: Services, audits: Audits | None = None,
                          *Responses(counted=True).handlers()]})
     if refusals is not None:
         refusals.expect(event.assoc, request, planned.total,
-                        lambda: retrieve.planned_instances(services, planned, cancelled))
+                        lambda: _unsent(services, planned, cancelled, request, audit))
     yield planned.total  # 0: pynetdicom answers Success without associating
     # Resumed: pynetdicom associated with the destination, its loop answers from here.
     if refusals is not None:
         refusals.associated(event.assoc, request.message_id)
     yield from _instances(lambda: opened[-1] if opened else None, services, planned,
                           cancelled, request, audit)
+
+
+def _unsent(services: Services, planned: retrieve.Plan, cancelled: Callable[[], bool],
+            request: Request, audit: AssociationAudit | None) -> list[InstanceRef]:
+    """The instances of a C-MOVE whose destination refused the association, also told
+    to the association's audit (its final event names their studies)."""
+    refs = retrieve.planned_instances(services, planned, cancelled)
+    if audit is not None:
+        audit.retrieve_unsent(request.message_id, refs)
+    return refs
 
 
 class RefusedDestinations:

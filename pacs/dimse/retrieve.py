@@ -405,7 +405,10 @@ def serve_move(responder: Responder, request: Request, services: Services,
             log.warning("C-MOVE destination %s (%s:%d) refused or could not be reached",
                         target_ae.ae_title, target_ae.host, target_ae.port)
             counts = Counts(planned.total)
-            counts.fail_unsent(planned_instances(services, planned, responder.cancelled))
+            unsent = planned_instances(services, planned, responder.cancelled)
+            if audit is not None:  # its final event names what was to be sent
+                audit.retrieve_unsent(request.message_id, unsent)
+            counts.fail_unsent(unsent)
             send_final(responder, request, UNABLE_TO_PERFORM_SUBOPERATIONS.with_comment(
                 "move destination refused the association"), counts)
             return

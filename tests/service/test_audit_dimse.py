@@ -284,7 +284,8 @@ def test_a_c_move_names_the_destination_and_the_requestor(
         "C-MOVE status 0000: 2 completed, 0 warning, 0 failed"
 
 
-def test_a_refused_c_move_is_a_failure_without_studies(node: tuple[Services, int]) -> None:
+def test_a_c_move_to_an_unknown_destination_is_a_failure_without_studies(
+        node: tuple[Services, int]) -> None:
     services, port = node
     load(services, generate_uid(), "PR")
     assoc = associate(port, StudyMove)
@@ -298,6 +299,34 @@ def test_a_refused_c_move_is_a_failure_without_studies(node: tuple[Services, int
         "C-MOVE status A801")
     assert event["ActiveParticipant"][1]["UserID"] == "NOWHERE"
     assert studies_in(event) == []
+
+
+def test_a_c_move_to_an_unreachable_destination_names_the_studies_planned(
+        make_services: Callable[..., Services]) -> None:
+    """PS3.15 A.5.3.7: the failed transfer names what was to be sent, one event per
+    patient; no Begin Transferring, since no sub-operation began."""
+    table = f"GONE=127.0.0.1:{free_port()}"  # nothing listens there
+    services = make_services(modalities=table, destinations=config.parse_modalities(table))
+    port = free_port()
+    server = start(services, ("127.0.0.1", port))
+    try:
+        first, second = generate_uid(), generate_uid()
+        load(services, first, "PU")
+        load(services, second, "PV", count=1)
+        assoc = associate(port, StudyMove)
+        responses = list(assoc.send_c_move(query("STUDY", StudyInstanceUID=[first, second]),
+                                           "GONE", StudyMove))
+        assoc.release()
+        assert responses[-1][0].Status == 0xA702
+        events = trail(services, 2)
+    finally:
+        stop(server, drain=1.0)
+    assert {event_name(e) for e in events} == {"DICOM Instances Transferred"}
+    assert sorted((studies_in(e), patients_in(e)) for e in events) == sorted([
+        ([first], ["PU"]), ([second], ["PV"])])
+    for event in events:
+        assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+        assert event["ActiveParticipant"][1]["UserID"] == "GONE"
 
 
 def test_echo_and_retrieves_of_nothing_are_not_recorded(node: tuple[Services, int]) -> None:

@@ -85,6 +85,20 @@ def test_the_final_response_ends_a_retrieve_through_the_responder(tmp_path: Path
     assert done["ActiveParticipant"][1]["UserID"] == "NOWHERE"
 
 
+def test_a_retrieve_whose_destination_cannot_be_reached_names_its_studies(
+        tmp_path: Path) -> None:
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.retrieve_requested(request(destination="GONE"))
+    audit.retrieve_unsent(7, [ref("1.1"), ref("1.1"), ref("1.2")])
+    audit.retrieve_ended(7, 0xA702, (0, 0, 3))
+    audit.close()
+    found = events(tmp_path)  # one per patient, and no Begin Transferring
+    assert [(event_name(e), studies_in(e), patients_in(e)) for e in found] == [
+        ("DICOM Instances Transferred", ["1.1"], ["P-1.1"]),
+        ("DICOM Instances Transferred", ["1.2"], ["P-1.2"])]
+    assert {e["EventIdentification"]["EventOutcomeIndicator"] for e in found} == {8}
+
+
 def test_a_query_whose_requestor_went_away_is_a_serious_failure(tmp_path: Path) -> None:
     audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
     audit.queried(request(), ["00080052"], None)
