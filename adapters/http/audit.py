@@ -128,19 +128,31 @@ def classify(method: str, path: str) -> Touch | None:
     return None
 
 
-def outcome_of(status: int) -> int:
-    """EventOutcomeIndicator of an HTTP status (PS3.15 A.5.3, RFC 3881 5.1.4).
+#: HTTP statuses of a request refused for who made it: refusals, which the trail
+#: coalesces when they repeat.
+REFUSED = frozenset({401, 403, 421, 429})
+#: 4xx statuses that are serious failures (:func:`outcome_of`): refusals, and a
+#: STOW-RS that stored nothing (409, PS3.18 10.5.3).
+_SERIOUS = REFUSED | {409}
 
-    2xx success (0), but 202 (a STOW-RS with failed parts) a minor failure (4); other
-    4xx a minor failure (4), but refused access (401, 403, 421, and 429: credentials
-    refused after failed logins) a serious one (8); 5xx a serious failure (8), 503 (the
-    node unavailable) a major one (12).
+
+def outcome_of(status: int) -> int:
+    """EventOutcomeIndicator of an HTTP status (PS3.15 A.5.1 keeps RFC 3881 5.1.4's:
+    4 "minor failure; action restarted", 8 "serious failure; action terminated", 12
+    "major failure; action made unavailable").
+
+    2xx success (0), but 202 (a STOW-RS with failed parts: some were stored) a minor
+    failure (4); other 4xx a minor failure (4), but refused access (401, 403, 421, and
+    429: credentials refused after failed logins) and 409 (a STOW-RS whose every part
+    failed: nothing was stored, as a C-STORE association whose every store failed) a
+    serious one (8); 5xx a serious failure (8), 503 (the node unavailable) a major one
+    (12).
     """
     if status == 202:
         return audit.MINOR_FAILURE
     if 200 <= status < 300:
         return audit.SUCCESS
-    if status in (401, 403, 421, 429):
+    if status in _SERIOUS:
         return audit.SERIOUS_FAILURE
     if status == 503:
         return audit.MAJOR_FAILURE
@@ -149,9 +161,6 @@ def outcome_of(status: int) -> int:
     return audit.MINOR_FAILURE
 
 
-#: HTTP statuses of a request refused for who made it: refusals, which the trail
-#: coalesces when they repeat.
-REFUSED = frozenset({401, 403, 421, 429})
 
 
 def query_keys(params: Iterable[str], touch: Touch) -> list[str]:

@@ -219,6 +219,21 @@ def test_stow_with_a_failed_part_is_a_minor_failure(
     assert studies_in(event) == [study]
 
 
+def test_stow_whose_every_part_failed_is_a_serious_failure(
+        client: testing.TestClient, node: Services) -> None:
+    """Nothing stored (409) is a serious failure (8), as a C-STORE association whose
+    every store failed; some stored (202) stays a minor one."""
+    study = generate_uid()
+    payload = b"".join(encode(((({"Content-Type": "application/dicom"},
+                                  instance(generate_uid(), "PA")),)), BOUNDARY))
+    result = client.simulate_post(f"/studies/{study}", body=payload,
+                                  headers={"Content-Type": STOW})
+    assert result.status_code == 409  # of another study than the URL's
+    (event,) = trail(node)
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
+    assert event["EventIdentification"]["EventOutcomeDescription"] == "HTTP 409"
+
+
 @pytest.mark.parametrize("headers, protocol, user", [
     ({"Authorization": basic("alice", "s3cret")}, "https", "alice"),
     ({"Authorization": "Bearer tok-123"}, "https", "token"),
@@ -315,7 +330,7 @@ def test_requests_are_classified_by_path(method: str, path: str, touch: Touch | 
 
 
 @pytest.mark.parametrize("status, outcome", [
-    (200, 0), (206, 0), (202, 4), (400, 4), (404, 4), (406, 4), (409, 4), (413, 4),
+    (200, 0), (206, 0), (202, 4), (400, 4), (404, 4), (406, 4), (409, 8), (413, 4),
     (401, 8), (403, 8), (421, 8), (429, 8), (500, 8), (503, 12)])
 def test_http_statuses_become_outcome_indicators(status: int, outcome: int) -> None:
     assert outcome_of(status) == outcome
