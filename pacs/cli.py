@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from pacs.core import config
+from pacs.core.audit import Participant
 from pacs.core.errors import InvalidInstance, NotFound, PacsError
 from pacs.core.ingest import Outcome
 
@@ -443,9 +444,6 @@ def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool)
     never brings it back) and the removal is in the audit trail.  Exits 1, removing
     nothing, when a target names nothing.
     """
-    import getpass
-    import socket
-
     from tqdm import tqdm
 
     from pacs.core import audit
@@ -477,7 +475,7 @@ def delete(ctx: click.Context, targets: tuple[str, ...], yes: bool, quiet: bool)
             click.echo(f"dry run: nothing removed ({len(places)} instance(s) would go); "
                        "'pacs delete --yes' removes them")
             return
-        who = audit.Participant(getpass.getuser(), True, address=socket.gethostname())
+        who = _operator()
         with tqdm(total=len(places), unit="instance", disable=quiet, file=sys.stderr) as bar:
             removal = services.deleter.remove(list(places.values()), who,
                                               audit.APPLICATION_SERVER, progress=bar.update)
@@ -522,12 +520,13 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
             click.echo(f"{count} refused instance(s) queued again for {shown(destination)}")
             return
         refs = study_instances(services, studies)
+        who = _operator()  # the requestor of each batch's event, as for pacs delete
         if quiet:
-            counts = send_now(services, destination, refs)
+            counts = send_now(services, destination, refs, requestor=who)
         else:
             with click.progressbar(length=len(refs), label=f"to {shown(destination)}",
                                    file=sys.stderr, show_pos=True) as bar:
-                counts = send_now(services, destination, refs, bar.update)
+                counts = send_now(services, destination, refs, bar.update, who)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -538,6 +537,15 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
                f"{counts[Result.RETRY]} not delivered")
     if missed:
         sys.exit(1)
+
+
+def _operator() -> Participant:
+    """The person running this command, as the audit trail names a requestor: the
+    login name, at this host."""
+    import getpass
+    import socket
+
+    return Participant(getpass.getuser(), True, address=socket.gethostname())
 
 
 def _tally(rows: list[Any]) -> str:

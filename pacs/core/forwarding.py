@@ -109,7 +109,7 @@ class Sender(Protocol):
 
 
 def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
-             why: str) -> list[Delivery]:
+             why: str, requestor: Participant | None = None) -> list[Delivery]:
     """Send one batch and record it in the audit trail (PS3.15 A.5.3.7 DICOM Instances
     Transferred, action R, the node as source and the destination as receiver; the
     studies of the instances it acknowledged, or of all when none was).
@@ -118,6 +118,10 @@ def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
     ----------
     why : str
         The event's description: the route, or ``pacs send``.
+    requestor : Participant, optional
+        Who asked for the transfer (the operator of ``pacs send``), named as the
+        event's requestor beside the node and the destination, so that it is told from
+        forwarding; ``None``: the node's own forwarding, the node the requestor.
     """
     deliveries = _sent(sender, refs)
     sent = [ref for ref, done in zip(refs, deliveries, strict=True)
@@ -125,9 +129,10 @@ def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
     outcome = (audit.SUCCESS if len(sent) == len(refs) else
                audit.MINOR_FAILURE if sent else audit.SERIOUS_FAILURE)
     studies = audit.studies_of((ref.study_uid, ref.sop_class_uid) for ref in (sent or refs))
-    trail.transferred(audit.APPLICATION_SERVER, audit.READ, trail.node(requestor=True),
-                      sender.receiver, studies, outcome,
-                      f"{why}: {len(sent)} of {len(refs)} instance(s) acknowledged")
+    trail.transferred(audit.APPLICATION_SERVER, audit.READ,
+                      trail.node(requestor=requestor is None), sender.receiver, studies,
+                      outcome, f"{why}: {len(sent)} of {len(refs)} instance(s) acknowledged",
+                      others=[] if requestor is None else [requestor])
     return deliveries
 
 

@@ -27,6 +27,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.audit import Participant
 from pacs.core.config import Settings
 from pacs.core.errors import ConfigError, NotFound
 from pacs.core.forwarding import Forwarder, Outbox, Result, Sender, transfer
@@ -149,17 +150,20 @@ def study_instances(services: Services, study_uids: Sequence[str]) -> list[Insta
 
 
 def send_now(services: Services, destination: str, refs: Sequence[InstanceRef],
-             progress: Callable[[int], None] = lambda _: None) -> dict[Result, int]:
+             progress: Callable[[int], None] = lambda _: None,
+             requestor: Participant | None = None) -> dict[Result, int]:
     """Send ``refs`` to ``destination`` in batches of ``PACS_FORWARD_BATCH`` through the
-    forwarder's sender (``pacs send``), each batch audited; instances per outcome.
-    Nothing is queued: an instance not delivered is counted, not retried."""
+    forwarder's sender (``pacs send``), each batch audited with ``requestor`` (the
+    operator) as who asked for it; instances per outcome.  Nothing is queued: an
+    instance not delivered is counted, not retried."""
     settings = services.settings
     sender = sender_for(destination, services)
     counts = dict.fromkeys(Result, 0)
     try:
         for start in range(0, len(refs), settings.forward_batch):
             batch = refs[start:start + settings.forward_batch]
-            for delivery in transfer(sender, batch, services.audit, "pacs send"):
+            for delivery in transfer(sender, batch, services.audit, "pacs send",
+                                     requestor):
                 counts[delivery.result] += 1
                 if delivery.result is not Result.SENT:
                     log.warning("not delivered to %s: %s", shown(destination),

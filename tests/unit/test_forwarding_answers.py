@@ -271,3 +271,38 @@ def test_credentials_over_plain_http_are_warned_about(caplog: pytest.LogCaptureF
     caplog.clear()
     StowSender("https://svc:hunter2@archive.example.org/dicom-web", MemoryStore(), 5)
     assert caplog.text == ""
+
+
+
+def test_pacs_send_names_its_operator_as_the_requestor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pacs send`` is told from the node's own forwarding in the trail: its events
+    name the operator (login name, host) as requestor, as ``pacs delete`` does, and
+    the node as a source that is not."""
+    import getpass
+
+    import pydicom
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+    from tests.conftest import free_port, sample
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PACS_MODALITIES", f"GONE=127.0.0.1:{free_port()}")  # no one there
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    runner = CliRunner()
+    assert runner.invoke(main, ["import", "--quiet", str(folder)]).exit_code == 0
+    study = str(pydicom.dcmread(folder / "ct.dcm", stop_before_pixels=True).StudyInstanceUID)
+    result = runner.invoke(main, ["send", "--quiet", "--to", "GONE", study])
+    assert result.exit_code == 1, result.output  # not delivered, and audited
+    events = [json.loads(line) for line in
+              (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if "pacs send" in
+                e["EventIdentification"].get("EventOutcomeDescription", "")]
+    node, destination, operator = event["ActiveParticipant"]
+    assert operator["UserID"] == getpass.getuser() and operator["UserIsRequestor"]
+    assert operator["NetworkAccessPointID"] == socket.gethostname()
+    assert not node["UserIsRequestor"] and destination["UserID"] == "GONE"
