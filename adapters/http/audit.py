@@ -161,8 +161,6 @@ def outcome_of(status: int) -> int:
     return audit.MINOR_FAILURE
 
 
-
-
 def query_keys(params: Iterable[str], touch: Touch) -> list[str]:
     """The tags of a QIDO-RS request's keys (``00100010``; ``00081032.00080100`` for an
     item key), the path's UIDs first; a name that is no keyword or tag is kept as
