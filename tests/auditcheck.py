@@ -1,8 +1,9 @@
 """The structure of the audit messages of PS3.15 A.5, checked field by field.
 
-Written from the standard's tables (A.5.1 schema, A.5.3.3, A.5.3.8, A.5.3.6, A.5.3.7,
-A.5.3.10, A.5.3.11, A.5.3.12), independently of :mod:`pacs.core.audit`, so that the
-tests of the trail compare its events with the standard and not with themselves.
+Written from the standard's tables (A.5.1 schema, A.5.3.2, A.5.3.3, A.5.3.5, A.5.3.6,
+A.5.3.7, A.5.3.8, A.5.3.10, A.5.3.11, A.5.3.12), independently of
+:mod:`pacs.core.audit`, so that the tests of the trail compare its events with the
+standard and not with themselves.
 :func:`problems` returns what is wrong with one event (empty: it conforms);
 :func:`read_trail` reads a trail file.
 """
@@ -23,7 +24,7 @@ TOP_LEVEL = {"EventIdentification", "ActiveParticipant", "AuditSourceIdentificat
 IDENTIFICATION = {"EventID", "EventActionCode", "EventDateTime", "EventOutcomeIndicator",
                   "EventTypeCode", "EventOutcomeDescription"}
 PARTICIPANT = {"UserID", "AlternativeUserID", "UserName", "UserIsRequestor", "RoleIDCode",
-               "NetworkAccessPointTypeCode", "NetworkAccessPointID"}
+               "MediaIdentifier", "NetworkAccessPointTypeCode", "NetworkAccessPointID"}
 SOURCE = {"AuditSourceID", "AuditEnterpriseSiteID", "AuditSourceTypeCode"}
 OBJECT = {"ParticipantObjectID", "ParticipantObjectTypeCode", "ParticipantObjectTypeCodeRole",
           "ParticipantObjectDataLifeCycle", "ParticipantObjectSensitivity",
@@ -40,8 +41,15 @@ MESSAGES = {
     "110105": ("A.5.3.8 DICOM Study Deleted", {"D"}),
     "110113": ("A.5.3.11 Security Alert", {"C", "R", "U", "D", "E"}),
     "110114": ("A.5.3.12 User Authentication", {"E"}),
+    "110107": ("A.5.3.5 Data Import", {"C"}),
+    "110101": ("A.5.3.2 Audit Log Used", {"R"}),
 }
-SOURCE_ROLE, DESTINATION_ROLE = "110153", "110152"
+#: EventIDs whose participant objects are studies and at most one patient.
+STUDY_MESSAGES = {"110104", "110102", "110103", "110105", "110107"}
+SOURCE_ROLE, DESTINATION_ROLE, SOURCE_MEDIA = "110153", "110152", "110155"
+#: PS3.16 CID 405 Media Type.
+MEDIA_TYPES = {"110010", "110030", "110031", "110032", "110033", "110034", "110035",
+               "110036", "110037", "110038"}
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -94,6 +102,11 @@ def _participant_problems(participants: Any) -> list[str]:
             found.append(f"{where}.UserIsRequestor missing (M)")
         if "RoleIDCode" in participant:
             found += _code_problems(f"{where}.RoleIDCode", participant["RoleIDCode"])
+        if "MediaIdentifier" in participant:
+            media = participant["MediaIdentifier"]
+            found += _code_problems(f"{where}.MediaIdentifier.MediaType",
+                                    media.get("MediaType") if isinstance(media, dict)
+                                    else None)
         if "NetworkAccessPointID" in participant and \
                 participant.get("NetworkAccessPointTypeCode") not in (1, 2, 5):
             found.append(f"{where}.NetworkAccessPointTypeCode missing or wrong")
@@ -174,7 +187,9 @@ def problems(event: Mapping[str, Any]) -> list[str]:
             found.append(f"{section}: exactly one SOP Queried object expected")
         else:
             found += _query_problems(queried[0])
-    elif event_id in ("110104", "110102", "110103", "110105"):
+    elif event_id in STUDY_MESSAGES:
+        if event_id == "110107":
+            found += _import_problems(section, participants)
         if event_id in ("110103", "110105") and not 1 <= len(participants) <= 2:
             found.append(f"{section}: one or two participants expected")
         patients = [o for o in objects if o.get("ParticipantObjectTypeCodeRole") == 1]
@@ -194,6 +209,44 @@ def problems(event: Mapping[str, Any]) -> list[str]:
         found.append(f"{section}: EventTypeCode (CID 403) expected")
     elif event_id == "110114":
         found += _login_problems(section, identification, participants, objects)
+    elif event_id == "110101":
+        found += _log_used_problems(section, objects)
+    return found
+
+
+def _import_problems(section: str, participants: list[Mapping[str, Any]]) -> list[str]:
+    """A.5.3.5: one Source Media (110155, with its MediaType of CID 405 (M)); the
+    importing users or processes Destination (110152), remote sources Source (110153)."""
+    found = []
+    media = [p for p in participants if _role(p) == SOURCE_MEDIA]
+    if len(media) != 1:
+        found.append(f"{section}: one Source Media participant expected")
+    elif media[0].get("MediaIdentifier", {}).get("MediaType", {}).get("csd-code") \
+            not in MEDIA_TYPES:
+        found.append(f"{section}: the Source Media's MediaType (CID 405) expected (M)")
+    if any(_role(p) not in (SOURCE_MEDIA, DESTINATION_ROLE, SOURCE_ROLE)
+           for p in participants):
+        found.append(f"{section}: participants other than importers, media and sources")
+    return found
+
+
+def _log_used_problems(section: str, objects: list[Mapping[str, Any]]) -> list[str]:
+    """A.5.3.2: exactly one object, the audit log: type 2 (system), role 13 (Security
+    Resource), ID type 12 (URI), ParticipantObjectName "Security Audit Log" (M)."""
+    if len(objects) != 1:
+        return [f"{section}: exactly one participant object, the audit log, expected"]
+    log = objects[0]
+    found = []
+    if log.get("ParticipantObjectTypeCode") != 2 or \
+            log.get("ParticipantObjectTypeCodeRole") != 13:
+        found.append(f"{section}: ParticipantObjectTypeCode 2 / Role 13 expected")
+    if log["ParticipantObjectIDTypeCode"].get("csd-code") != "12" or \
+            log["ParticipantObjectIDTypeCode"].get("codeSystemName") != "RFC-3881":
+        found.append(f"{section}: ParticipantObjectIDTypeCode (12, RFC-3881) expected")
+    if log.get("ParticipantObjectName") != "Security Audit Log":
+        found.append(f"{section}: ParticipantObjectName \"Security Audit Log\" expected")
+    if not str(log.get("ParticipantObjectID", "")).startswith("file:"):
+        found.append(f"{section}: ParticipantObjectID: the log's URI expected")
     return found
 
 

@@ -22,6 +22,9 @@ DICOM Instances Accessed (A.5.3.6)     110103    WADO-RS metadata, frames, bulk 
 DICOM Study Deleted (A.5.3.8)          110105    studies removed whole (D): ``pacs
                                                  delete``, DICOMweb DELETE and reject,
                                                  rejection notes, data retention
+Import (A.5.3.5)                       110107    instances stored from files: ``pacs
+                                                 import``, the upload folder (C)
+Audit Log Used (A.5.3.2)               110101    ``pacs audit`` read the trail (R)
 Security Alert (A.5.3.11)              110113    the trail itself: writing again after
                                                  events were lost (110134 "Audit
                                                  Recording Started"); an association
@@ -88,6 +91,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import datetime
 import errno
 import json
@@ -159,12 +163,22 @@ AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
 NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
 RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
 USER_AUTHENTICATION = Code("110114", "DCM", "User Authentication")
+IMPORT = Code("110107", "DCM", "Import")
+AUDIT_LOG_USED = Code("110101", "DCM", "Audit Log Used")
 LOGIN = Code("110122", "DCM", "Login")
 SOURCE_ROLE = Code("110153", "DCM", "Source Role ID")
 DESTINATION_ROLE = Code("110152", "DCM", "Destination Role ID")
+SOURCE_MEDIA = Code("110155", "DCM", "Source Media")
 STUDY_INSTANCE_UID = Code("110180", "DCM", "Study Instance UID")
 SOP_CLASS_UID = Code("110181", "DCM", "SOP Class UID")
 PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+#: ParticipantObjectIDTypeCode of an object named by its URI (RFC 3881 5.5.4): the
+#: audit log of an Audit Log Used event (PS3.15 A.5.3.2).
+URI = Code("12", "RFC-3881", "URI")
+#: PS3.16 CID 405 Media Type Code of files read from a file system (their ``file:``
+#: URI): the Source Media of a Data Import (PS3.15 A.5.3.5); none of CID 405's removable
+#: media can be told from a folder.
+URI_MEDIA = Code("110037", "DCM", "URI")
 #: Audit Source Type Code (RFC 3881 5.4.3, which PS3.15 A.5.1 keeps): web server process.
 WEB_SERVER = Code("3", "RFC-3881", "Web Server Process")
 #: Application server process (the DIMSE workers).
@@ -181,7 +195,9 @@ MACHINE_NAME, IP_ADDRESS = 1, 2
 
 #: ParticipantObjectTypeCode and ParticipantObjectTypeCodeRole values (RFC 3881 5.5.1-2).
 PERSON, SYSTEM_OBJECT = 1, 2
-PATIENT_ROLE, REPORT_ROLE = 1, 3
+PATIENT_ROLE, REPORT_ROLE, SECURITY_RESOURCE_ROLE = 1, 3, 13
+#: ParticipantObjectName of the audit log in an Audit Log Used event (PS3.15 A.5.3.2).
+SECURITY_AUDIT_LOG = "Security Audit Log"
 
 
 def utc_now() -> str:
@@ -210,6 +226,9 @@ class Participant:
         AlternativeUserID: e.g. a TLS client certificate's subject.
     user_name :
         UserName.
+    media :
+        MediaIdentifier's MediaType (PS3.16 CID 405): the participant is media, the
+        Source Media of a Data Import (PS3.15 A.5.3.5).
     """
 
     user_id: str
@@ -218,6 +237,7 @@ class Participant:
     address: str = ""
     alternative_user_id: str = ""
     user_name: str = ""
+    media: Code | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The ActiveParticipant element."""
@@ -228,6 +248,8 @@ class Participant:
             item["UserName"] = self.user_name
         if self.role is not None:
             item["RoleIDCode"] = self.role.as_json()
+        if self.media is not None:
+            item["MediaIdentifier"] = {"MediaType": self.media.as_json()}
         if self.address:
             item["NetworkAccessPointTypeCode"] = (
                 IP_ADDRESS if _is_ip(self.address) else MACHINE_NAME)
@@ -236,8 +258,7 @@ class Participant:
 
     def acting_as(self, role: Code | None) -> Participant:
         """This participant in ``role``."""
-        return Participant(self.user_id, self.requestor, role, self.address,
-                           self.alternative_user_id, self.user_name)
+        return dataclasses.replace(self, role=role)
 
 
 def _is_ip(address: str) -> bool:
@@ -488,6 +509,48 @@ def user_authentication_event(source: Source, kind: Code, user: Participant,
     that authenticated it; no participant objects."""
     return _message(_identification(USER_AUTHENTICATION, EXECUTE, outcome, description,
                                      LOGIN), [user, node], source, kind, [])
+
+
+def source_media(uri: str, media: Code = URI_MEDIA) -> Participant:
+    """The Source Media of a Data Import (PS3.15 A.5.3.5): ``uri`` names it (a folder, or
+    a host's file system), ``media`` is its type (CID 405)."""
+    return Participant(uri, False, SOURCE_MEDIA, media=media)
+
+
+def import_event(source: Source, kind: Code, importers: Sequence[Participant],
+                 media: Participant, studies: Sequence[Study], patient: Patient | None,
+                 outcome: int, description: str = "") -> Event:
+    """Data Import (PS3.15 A.5.3.5, EventID 110107 "Import", action C): ``importers``
+    (the person or process importing, Destination Role ID; the requestor among them)
+    stored ``studies`` of ``patient`` read from ``media`` (:func:`source_media`)."""
+    participants = [*(importer.acting_as(DESTINATION_ROLE) for importer in importers),
+                    media.acting_as(SOURCE_MEDIA)]
+    return _message(_identification(IMPORT, CREATE, outcome, description), participants,
+                    source, kind, _data_objects(studies, patient))
+
+
+def audit_log_used_event(source: Source, kind: Code, reader: Participant,
+                         application: Participant, log_uri: str, outcome: int = SUCCESS,
+                         description: str = "",
+                         details: Mapping[str, str] | None = None) -> Event:
+    """Audit Log Used (PS3.15 A.5.3.2, EventID 110101, action R): ``reader`` (the person
+    who asked, the requestor) read the trail at ``log_uri`` through ``application``
+    (the node's process).  The log is the one participant object A.5.3.2 asks for: a
+    system object (2) of role Security Resource (13), identified by its URI (12), named
+    "Security Audit Log"; ``details`` (ParticipantObjectDetail, by type) say how it was
+    read (the filters given)."""
+    log_object: dict[str, Any] = {
+        "ParticipantObjectID": log_uri,
+        "ParticipantObjectTypeCode": SYSTEM_OBJECT,
+        "ParticipantObjectTypeCodeRole": SECURITY_RESOURCE_ROLE,
+        "ParticipantObjectIDTypeCode": URI.as_json(),
+        "ParticipantObjectName": SECURITY_AUDIT_LOG,
+    }
+    if details:
+        log_object["ParticipantObjectDetail"] = [{"type": detail_type, "value": value}
+                                                 for detail_type, value in details.items()]
+    return _message(_identification(AUDIT_LOG_USED, READ, outcome, description),
+                    [reader, application], source, kind, [log_object])
 
 
 def dimse_outcome(status: int) -> int:
@@ -1003,6 +1066,27 @@ class AuditTrail:
             self._write(transferred_event(self.source, kind, action, sender, receiver,
                                           group, patient, outcome, description), refused)
 
+    def imported(self, kind: Code, importers: Sequence[Participant], media: Participant,
+                 groups: Mapping[Patient | None, Sequence[Study]], outcome: int,
+                 description: str = "") -> None:
+        """Record a Data Import (see :func:`import_event`), one event per patient as the
+        instances named it (:func:`studies_by_patient`); one event without studies
+        when there are none (every file failed)."""
+        if not self.enabled:
+            return
+        for patient, group in (groups or {None: []}).items():
+            self._write(import_event(self.source, kind, importers, media, group, patient,
+                                     outcome, description))
+
+    def log_used(self, kind: Code, reader: Participant, log_uri: str,
+                 outcome: int = SUCCESS, description: str = "",
+                 details: Mapping[str, str] | None = None) -> None:
+        """Record an Audit Log Used (see :func:`audit_log_used_event`), the node as the
+        application that read it."""
+        if self.enabled:
+            self._write(audit_log_used_event(self.source, kind, reader, self.node(),
+                                             log_uri, outcome, description, details))
+
     def begin_transferring(self, kind: Code, sender: Participant, receiver: Participant,
                            studies: Sequence[Study], outcome: int = SUCCESS,
                            description: str = "",
@@ -1109,6 +1193,90 @@ class AuditTrail:
         self.log.close()
 
 
+#: Most studies (a study counted once per patient its instances named) one import
+#: counts before their events are written: what an import holds for the trail stays
+#: bounded however many files it reads, as an association's C-STOREs
+#: (:data:`pacs.dimse.audit.MAX_STUDIES_PER_EVENT`).
+MAX_STUDIES_PER_IMPORT = 1000
+
+
+class ImportAudit:
+    """The Data Import events (PS3.15 A.5.3.5) of one import: a ``pacs import`` run, or
+    one scan of the upload folder.
+
+    What was stored is counted per study, patient (as each instance named it,
+    :attr:`pacs.core.ingest.StoreResult.patient`) and SOP class, and the failures are
+    counted: nothing is kept per instance or per file (no file name is ever written:
+    it may carry a patient's name).  The events, one per patient, are written when
+    :data:`MAX_STUDIES_PER_IMPORT` studies are counted and at :meth:`write`, with the
+    outcome of the C-STORE events (0 when every file was stored, 4 when some failed, 8
+    when all did).  Nothing is counted while the trail is off.  Not thread-safe: one
+    importing thread.
+
+    Parameters
+    ----------
+    trail : AuditTrail
+        Where the events go.
+    importers : sequence of Participant
+        Who imports (Destination Role ID): the requestor (the operator, or the node's
+        watcher) first.
+    media : Participant
+        The Source Media (:func:`source_media`).
+    what : str
+        What imports, at the head of each event's EventOutcomeDescription.
+    limit : int
+        :data:`MAX_STUDIES_PER_IMPORT`.
+    """
+
+    def __init__(self, trail: AuditTrail, importers: Sequence[Participant],
+                 media: Participant, what: str, limit: int = MAX_STUDIES_PER_IMPORT) -> None:
+        self.trail = trail
+        self.importers = list(importers)
+        self.media = media
+        self.what = what
+        self.limit = limit
+        self._studies: dict[tuple[str, Patient | None], dict[str, int]] = {}
+        self._done: dict[str, int] = {}
+        self._failed = 0
+
+    def stored(self, study_uid: str, sop_class_uid: str, patient: Patient | None,
+               done: str = "stored") -> None:
+        """One instance stored; ``done``: what its store did (``stored``, ``replaced``,
+        ``unchanged``: :class:`pacs.core.ingest.Outcome`), counted for the description."""
+        if not self.trail.enabled:
+            return
+        key = (study_uid, patient)
+        if key not in self._studies and len(self._studies) >= self.limit:
+            self.write()
+        classes = self._studies.setdefault(key, {})
+        if sop_class_uid:
+            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
+        self._done[done] = self._done.get(done, 0) + 1
+
+    def failed(self, count: int = 1) -> None:
+        """``count`` files not stored (refused, unreadable)."""
+        if self.trail.enabled:
+            self._failed += count
+
+    def write(self) -> None:
+        """Write the events of what is counted (none when nothing is), and count again
+        from nothing."""
+        imported = sum(self._done.values())
+        if not imported and not self._failed:
+            return
+        groups: dict[Patient | None, list[Study]] = {}
+        for (study_uid, patient), classes in self._studies.items():
+            groups.setdefault(patient, []).append(Study(study_uid, classes))
+        outcome = (SUCCESS if not self._failed else
+                   MINOR_FAILURE if imported else SERIOUS_FAILURE)
+        done = ", ".join(f"{count} {word}" for word, count in self._done.items())
+        description = (f"{self.what}: {imported} instance(s) imported"
+                       + (f" ({done})" if done else "") + f", {self._failed} failed")
+        self._studies, self._done, self._failed = {}, {}, 0
+        self.trail.imported(APPLICATION_SERVER, self.importers, self.media, groups,
+                            outcome, description)
+
+
 def patients_in_index(connection: Callable[[], Any], study_uids: Sequence[str]
                       ) -> dict[str, Patient]:
     """The Patient ID (and issuer) the index holds for each of ``study_uids``, as sent
@@ -1158,7 +1326,7 @@ _ATTRIBUTES = {
 #: The order of the children of each element (the schema is a sequence).
 _CHILDREN = {
     "EventIdentification": ("EventID", "EventTypeCode", "EventOutcomeDescription"),
-    "ActiveParticipant": ("RoleIDCode",),
+    "ActiveParticipant": ("RoleIDCode", "MediaIdentifier"),
     "AuditSourceIdentification": ("AuditSourceTypeCode",),
     "ParticipantObjectIdentification": (
         "ParticipantObjectIDTypeCode", "ParticipantObjectName", "ParticipantObjectQuery",
@@ -1206,6 +1374,8 @@ def _element(parent: ET.Element, name: str, item: Mapping[str, Any]) -> None:
                 ET.SubElement(element, child, {"type": detail["type"], "value":
                                                base64.b64encode(str(detail["value"])
                                                                 .encode()).decode("ascii")})
+        elif child == "MediaIdentifier":  # the schema's MediaIdentifier holds MediaType
+            _coded(ET.SubElement(element, child), "MediaType", value["MediaType"])
         elif child == "ParticipantObjectDescription":
             description = ET.SubElement(element, child)
             for sop_class in value.get("SOPClass", ()):

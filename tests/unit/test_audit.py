@@ -34,6 +34,8 @@ NODE = Participant("INTELPIXEL", False, address="127.0.0.1")
 STUDY = Study("1.2.3.4", {"1.2.840.10008.5.1.4.1.1.2": 3})
 PATIENT = Patient("PID-1", "HOSP")
 SECRET = "Secretname^Patient"
+OPERATOR = Participant("alice", True, address="workstation")
+MEDIA = audit.source_media("file:///srv/uploads")
 
 
 def _query() -> dict[str, Any]:
@@ -64,6 +66,12 @@ EVENTS: dict[str, Callable[[], dict[str, Any]]] = {
     "login": lambda: audit.user_authentication_event(
         SOURCE, audit.WEB_SERVER, Participant("alice", True, address="192.0.2.9"),
         Participant("INTELPIXEL", False), audit.MINOR_FAILURE, "wrong credentials"),
+    "import": lambda: audit.import_event(
+        SOURCE, audit.APPLICATION_SERVER, [OPERATOR, NODE], MEDIA, [STUDY], PATIENT,
+        audit.MINOR_FAILURE, "pacs import: 3 instance(s) imported (3 stored), 1 failed"),
+    "log used": lambda: audit.audit_log_used_event(
+        SOURCE, audit.APPLICATION_SERVER, OPERATOR, NODE, "file:///data/audit.jsonl",
+        details={"patient": "PID-1"}),
 }
 
 
@@ -202,6 +210,151 @@ def test_a_failure_before_any_study_is_still_an_event(tmp_path: Path) -> None:
     (event,) = read_trail(path)
     assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
     assert "ParticipantObjectIdentification" not in event
+
+
+def test_an_import_names_its_importers_its_source_media_and_the_patient() -> None:
+    """Data Import (PS3.15 A.5.3.5): EventID 110107 "Import", action C; the importers
+    as Destination Role ID, the requestor first; the Source Media (110155) with its
+    MediaType (CID 405), as a MediaIdentifier element in the DICOM XML too."""
+    event = EVENTS["import"]()
+    identification = event["EventIdentification"]
+    assert identification["EventID"] == {"csd-code": "110107", "codeSystemName": "DCM",
+                                         "originalText": "Import"}
+    assert identification["EventActionCode"] == "C"
+    operator, node, media = event["ActiveParticipant"]
+    assert operator["UserIsRequestor"] and operator["UserID"] == "alice"
+    assert operator["RoleIDCode"]["csd-code"] == node["RoleIDCode"]["csd-code"] == "110152"
+    assert media == {"UserID": "file:///srv/uploads", "UserIsRequestor": False,
+                     "RoleIDCode": audit.SOURCE_MEDIA.as_json(),
+                     "MediaIdentifier": {"MediaType": {
+                         "csd-code": "110037", "codeSystemName": "DCM",
+                         "originalText": "URI"}}}
+    study, patient = event["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == "1.2.3.4"
+    assert patient["ParticipantObjectID"] == "PID-1^^^HOSP"
+    root = ET.fromstring(audit.to_xml(event))
+    media_type = root.find("ActiveParticipant/MediaIdentifier/MediaType")
+    assert media_type is not None and media_type.get("csd-code") == "110037"
+    mediated = root.findall("ActiveParticipant")[2]
+    assert [child.tag for child in mediated] == ["RoleIDCode", "MediaIdentifier"]
+
+
+def test_an_import_without_source_media_breaks_a5_3_5() -> None:
+    """The check of the tests itself: an Import needs its one Source Media, typed."""
+    event = EVENTS["import"]()
+    del event["ActiveParticipant"][2]["MediaIdentifier"]
+    assert problems(event) == ["A.5.3.5 Data Import: the Source Media's MediaType "
+                               "(CID 405) expected (M)"]
+    del event["ActiveParticipant"][2]
+    assert problems(event) == ["A.5.3.5 Data Import: one Source Media participant expected"]
+
+
+def test_the_audit_log_used_names_the_log_as_a_security_resource() -> None:
+    """Audit Log Used (PS3.15 A.5.3.2): EventID 110101, action R; the reader (the
+    requestor) and the node; one object: the log, type 2, role 13 (Security Resource),
+    ID type 12 (URI), named "Security Audit Log"."""
+    event = EVENTS["log used"]()
+    identification = event["EventIdentification"]
+    assert identification["EventID"]["csd-code"] == "110101"
+    assert identification["EventActionCode"] == "R"
+    reader, node = event["ActiveParticipant"]
+    assert reader["UserID"] == "alice" and reader["UserIsRequestor"]
+    assert not node["UserIsRequestor"]
+    (log,) = event["ParticipantObjectIdentification"]
+    assert log == {"ParticipantObjectID": "file:///data/audit.jsonl",
+                   "ParticipantObjectTypeCode": 2, "ParticipantObjectTypeCodeRole": 13,
+                   "ParticipantObjectIDTypeCode": {"csd-code": "12",
+                                                   "codeSystemName": "RFC-3881",
+                                                   "originalText": "URI"},
+                   "ParticipantObjectName": "Security Audit Log",
+                   "ParticipantObjectDetail": [{"type": "patient", "value": "PID-1"}]}
+    name = ET.fromstring(audit.to_xml(event)).find(
+        "ParticipantObjectIdentification/ParticipantObjectName")
+    assert name is not None and name.text == "Security Audit Log"
+
+
+def _import_audit(path: Path, limit: int = audit.MAX_STUDIES_PER_IMPORT
+                  ) -> tuple[AuditTrail, audit.ImportAudit]:
+    trail = AuditTrail(AuditLog(path), SOURCE)
+    return trail, audit.ImportAudit(trail, [OPERATOR, NODE], MEDIA, "pacs import", limit)
+
+
+@pytest.mark.parametrize("stored, failed, outcome", [(2, 0, 0), (2, 1, 4), (0, 3, 8)])
+def test_an_import_s_outcome_is_that_of_the_c_store_events(
+        tmp_path: Path, stored: int, failed: int, outcome: int) -> None:
+    """0 when every file was stored, 4 when some failed, 8 when all did (an event
+    without studies then)."""
+    path = tmp_path / "audit.jsonl"
+    trail, record = _import_audit(path)
+    for _ in range(stored):
+        record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    record.failed(failed)
+    record.write()
+    trail.close()
+    (event,) = read_trail(path)
+    assert problems(event) == []
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == outcome
+    assert event["EventIdentification"]["EventOutcomeDescription"] == (
+        f"pacs import: {stored} instance(s) imported"
+        + (f" ({stored} stored)" if stored else "") + f", {failed} failed")
+    assert ("ParticipantObjectIdentification" in event) == bool(stored)
+
+
+def test_an_import_is_one_event_per_patient_its_instances_named(tmp_path: Path) -> None:
+    """As for C-STORE: a study whose instances name two patients is in an event for
+    each, with its SOP classes counted; nothing is written for an import of nothing."""
+    path = tmp_path / "audit.jsonl"
+    trail, record = _import_audit(path)
+    record.write()
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", Patient("A"))
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.4", Patient("A"), "unchanged")
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", Patient("B"), "replaced")
+    record.stored("1.2", "1.2.840.10008.5.1.4.1.1.2", Patient("A"))
+    record.write()
+    record.write()
+    trail.close()
+    events = read_trail(path)
+    assert all(problems(e) == [] for e in events)
+    assert [(audit_patients(e), [o.get("ParticipantObjectDescription") for o in
+                                 e["ParticipantObjectIdentification"][:-1]])
+            for e in events] == [
+        (["A"], [{"SOPClass": [{"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": 1},
+                               {"UID": "1.2.840.10008.5.1.4.1.1.4", "NumberOfInstances": 1}]},
+                 {"SOPClass": [{"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": 1}]}]),
+        (["B"], [{"SOPClass": [{"UID": "1.2.840.10008.5.1.4.1.1.2", "NumberOfInstances": 1}]}])]
+    assert {e["EventIdentification"]["EventOutcomeDescription"] for e in events} == {
+        "pacs import: 4 instance(s) imported (2 stored, 1 unchanged, 1 replaced), 0 failed"}
+
+
+def audit_patients(event: dict[str, Any]) -> list[str]:
+    return [o["ParticipantObjectID"] for o in event["ParticipantObjectIdentification"]
+            if o["ParticipantObjectTypeCodeRole"] == 1]
+
+
+def test_an_import_of_many_studies_is_written_as_it_goes(tmp_path: Path) -> None:
+    """What an import counts is bounded: past ``limit`` studies, the events of those
+    counted so far are written and counting starts again."""
+    path = tmp_path / "audit.jsonl"
+    trail, record = _import_audit(path, limit=2)
+    for number in range(5):
+        record.stored(f"1.{number}", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+        record.stored(f"1.{number}", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    assert [len(e["ParticipantObjectIdentification"]) for e in read_trail(path)] == [3, 3]
+    record.write()
+    trail.close()
+    events = read_trail(path)
+    assert [len(e["ParticipantObjectIdentification"]) for e in events] == [3, 3, 2]
+    assert sum(int(e["EventIdentification"]["EventOutcomeDescription"].split()[2])
+               for e in events) == 10
+
+
+def test_an_import_counts_nothing_while_the_trail_is_off() -> None:
+    trail = AuditTrail(AuditLog(None), SOURCE)
+    record = audit.ImportAudit(trail, [OPERATOR], MEDIA, "pacs import")
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    record.failed()
+    assert not record._studies and not record._failed
+    record.write()  # nothing, and no file
 
 
 # --- the writer --------------------------------------------------------------------------
