@@ -270,26 +270,34 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     """Store files and folders (recursively) through the ingest path.
 
     What is acknowledged through the intake is moved to the object store before the
-    command ends (unless a running node's mover does it).
+    command ends (unless a running node's mover does it).  The audit trail records a
+    Data Import per patient, the operator as its requestor.
     """
     from tqdm import tqdm
 
+    from pacs.core import audit
+    from pacs.core.ingest import record_import
     from pacs.core.logs import shown
     from pacs.core.services import drain
 
     settings = _settings(ctx)
     _setup_logging("WARNING")
     services = _build(settings)
+    importing = audit.ImportAudit(services.audit, [_operator(), services.audit.node()],
+                                  _host_files(), "pacs import")
     rejected: list[tuple[Path, str]] = []
     files = list(import_files(paths, rejected))
+    importing.failed(len(rejected))  # folders that could not be read
     tally: Counter[str] = Counter()
     gone = 0
     try:
         for path, follow in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
+            refused = len(rejected)
             try:
                 result = services.ingest.store_file(path, calling_ae="",
                                                     follow_links=follow)
                 tally[result.outcome.value] += 1
+                record_import(importing, result)
             except FileNotFoundError:
                 # Removed since the folder was listed (an upload folder's watcher
                 # took it, say): nothing wrong with the file, nothing stored here.
@@ -303,6 +311,7 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
             except Exception as exc:  # a fault on one file: the others go on
                 log.debug("import of %s failed", shown(str(path)), exc_info=True)
                 rejected.append((path, f"failed unexpectedly ({type(exc).__name__})"))
+            importing.failed(len(rejected) - refused)
         try:
             drain(services)
         except PacsError as exc:
@@ -310,6 +319,7 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                        f"object store ({exc}); the node's mover, or the next import, stores "
                        "them", err=True)
     finally:
+        importing.write()  # what was stored is recorded even when the import was cut short
         services.close()
     replaced = tally[Outcome.REPLACED.value]
     click.echo(f"stored: {tally[Outcome.STORED.value] + replaced}"
@@ -546,6 +556,16 @@ def _operator() -> Participant:
     import socket
 
     return Participant(getpass.getuser(), True, address=socket.gethostname())
+
+
+def _host_files() -> Participant:
+    """The Source Media of ``pacs import``'s events: this host's file system
+    (``file://host/``), not the paths the operator named, which may name a patient."""
+    import socket
+
+    from pacs.core import audit
+
+    return audit.source_media(f"file://{socket.gethostname()}/")
 
 
 def _tally(rows: list[Any]) -> str:

@@ -111,6 +111,20 @@ class Outcome(enum.Enum):
 #: when it alters the copy it holds, R when it holds a copy and keeps it unchanged.
 TRANSFER_ACTION = {Outcome.STORED: audit.CREATE, Outcome.REPLACED: audit.UPDATE,
                    Outcome.UNCHANGED: audit.READ, Outcome.KEPT_FIRST: audit.READ}
+#: Whether a store of each outcome imported its file's instance, for the Data Import
+#: event (PS3.15 A.5.3.5) of ``pacs import`` and the upload folder: a different object
+#: that the duplicate policy discarded (kept the first) was not; it counts as failed.
+IMPORTED = {Outcome.STORED: True, Outcome.REPLACED: True, Outcome.UNCHANGED: True,
+            Outcome.KEPT_FIRST: False}
+
+
+def record_import(record: audit.ImportAudit, result: StoreResult) -> None:
+    """Count the store of one file in its import's Data Import events."""
+    if IMPORTED[result.outcome]:
+        record.stored(result.study_uid, result.sop_class_uid, result.patient,
+                      result.outcome.value)
+    else:
+        record.failed()
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,52 @@ def test_commands_that_read_the_index_make_none(
     result = CliRunner().invoke(main, command)
     assert result.exit_code != 0 and "no index at" in result.output, result.output
     assert not (tmp_path / "wrong").exists()
+
+
+def test_an_import_is_in_the_audit_trail_without_file_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Data Import (PS3.15 A.5.3.5) per patient: the operator (login name at this
+    host) as its requestor, this host's file system as the Source Media, the study with
+    its SOP class counted, the patient the instance names; outcome 4 when a file was
+    refused.  The paths, which may name a patient, are nowhere in the trail."""
+    import getpass
+    import socket
+
+    import pydicom
+
+    from tests.auditcheck import problems, read_trail, requestor
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    folder = tmp_path / "DOE^JOHN"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    (folder / "junk.dcm").write_bytes(b"junk")
+    result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
+    assert result.exit_code == 1, result.output
+    trail = tmp_path / "data" / "audit.jsonl"
+    (event,) = read_trail(trail)
+    assert problems(event) == []
+    assert event["EventIdentification"]["EventID"]["originalText"] == "Import"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 4
+    assert requestor(event)["UserID"] == getpass.getuser()
+    media = event["ActiveParticipant"][-1]
+    assert media["UserID"] == f"file://{socket.gethostname()}/"
+    ct = pydicom.dcmread(sample("CT_small.dcm"))
+    study, patient = event["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == ct.StudyInstanceUID
+    assert study["ParticipantObjectDescription"] == {
+        "SOPClass": [{"UID": ct.SOPClassUID, "NumberOfInstances": 1}]}
+    assert patient["ParticipantObjectID"].split("^")[0] == ct.PatientID
+    assert b"DOE" not in trail.read_bytes() and b".dcm" not in trail.read_bytes()
+
+
+def test_an_import_with_the_trail_off_writes_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PACS_AUDIT_LOG", "off")
+    (tmp_path / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    result = CliRunner().invoke(main, ["import", "--quiet", str(tmp_path / "ct.dcm")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "data" / "audit.jsonl").exists()
