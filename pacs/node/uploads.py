@@ -45,7 +45,10 @@ for ``archive/`` and ``rejected/`` (a link planted there is refused, not written
 through), and for the reason files.
 
 Sub-folders are walked (a dropped folder tree works); ``archive/`` and ``rejected/``
-keep the relative path of each file.  Logs give counts, not file names (which may
+keep the relative path of each file.  Each scan that stored or rejected files is in the
+audit trail: a Data Import event (PS3.15 A.5.3.5) per patient the stored instances
+named, the node's watcher as its requestor and the upload folder as its source media,
+with counts, never file names.  Logs give counts, not file names (which may
 carry patient names); names are logged at DEBUG only, and a reason file names its
 file on one line (bytes that are not UTF-8 and control characters escaped).  A fault
 of the code on one file leaves that file for the next scan; the others are handled.
@@ -67,7 +70,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,9 +80,11 @@ if __name__ == "__main__":
     # main() installs its own handler, so that it does not die with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+from pacs.core import audit
+from pacs.core.audit import AuditTrail, ImportAudit
 from pacs.core.config import Settings
 from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
-from pacs.core.ingest import Ingest, Outcome
+from pacs.core.ingest import IMPORTED, Ingest, Outcome
 from pacs.core.logs import shown
 from pacs.core.services import Services
 from pacs.core.storage import read_bounded
@@ -94,6 +99,9 @@ REJECTED = "rejected"
 IN_PROGRESS_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload")
 #: The suffix of the file explaining a rejection.
 REASON_SUFFIX = ".reason.txt"
+#: The UserName of the node as the requestor of the upload folder's Data Import events
+#: (its UserID is the node's AE title, as in every event the node writes itself).
+WATCHER_NAME = "upload folder watcher"
 
 #: A folder below the upload folder, reached without following a link.
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -281,11 +289,15 @@ class UploadWatcher:
         (:func:`open_for_writing` by default; tests replace it).
     max_object_bytes : int, optional
         ``PACS_MAX_OBJECT_BYTES``: larger files are rejected unread; ``None``: no limit.
+    trail : AuditTrail, optional
+        The node's audit trail, for the Data Import events of each scan; ``None``:
+        none are written.
     """
 
     def __init__(self, ingest: Ingest, folder: Path, after_store: str = "delete",
                  writers: Callable[[Iterable[Path]], set[Path]] = open_for_writing,
-                 max_object_bytes: int | None = None) -> None:
+                 max_object_bytes: int | None = None,
+                 trail: AuditTrail | None = None) -> None:
         if after_store not in ("delete", "archive"):
             raise ValueError(f"after_store must be delete or archive, not {after_store!r}")
         self.ingest = ingest
@@ -293,6 +305,8 @@ class UploadWatcher:
         self.after_store = after_store
         self.writers = writers
         self.max_object_bytes = max_object_bytes
+        self.trail = trail
+        self._importing: ImportAudit | None = None  # the scan's, while it runs
         self._previous: dict[Path, _Seen] = {}
         # Files and folders a WARNING was logged for, while they stay as they are: a
         # file left for the next scan is tried every scan, but said once.
@@ -330,16 +344,38 @@ class UploadWatcher:
         self._warned &= current.keys() | self._unlisted
         busy = self.writers(stable) if stable else set()
         handled: list[Handled] = []
-        for path in stable:
-            if stopping is not None and stopping.is_set():
-                break
-            if path not in busy:
-                handled.append(self._handle_safely(path))
+        self._importing = self._import_audit()
+        try:
+            for path in stable:
+                if stopping is not None and stopping.is_set():
+                    break
+                if path not in busy:
+                    handled.append(self._handle_safely(path))
+                    if handled[-1].disposition is Disposition.REJECTED and \
+                            self._importing is not None:
+                        self._importing.failed()
+        finally:
+            # Files left for the next scan (our failure) are in the event of the scan
+            # that stores or rejects them: a store down for hours does not add an event
+            # at every scan.
+            if self._importing is not None:
+                self._importing.write()
+            self._importing = None
         for item in handled:
             if item.disposition is not Disposition.RETRY:
                 # Gone from the folder: a new file under this name starts afresh.
                 self._previous.pop(item.path, None)
         return handled
+
+    def _import_audit(self) -> ImportAudit | None:
+        """What records the scan's Data Import events (PS3.15 A.5.3.5): the node's
+        watcher imports, from the upload folder (its configured path, no file's name)."""
+        if self.trail is None or not self.trail.enabled:
+            return None
+        watcher = self.trail.node(requestor=True)
+        return ImportAudit(self.trail, [replace(watcher, user_name=WATCHER_NAME)],
+                           audit.source_media(self.folder.absolute().as_uri()),
+                           "upload folder")
 
     def _candidates(self) -> Iterator[tuple[Path, _Seen]]:
         """Every file below the folder that may be an upload, with what it looks like;
@@ -417,6 +453,9 @@ class UploadWatcher:
             return Handled(path, Disposition.RETRY, str(exc))
         finally:
             data = b""  # the object's bytes are not kept while the file is moved
+        if self._importing is not None and IMPORTED[result.outcome]:
+            self._importing.stored(result.study_uid, result.sop_class_uid, result.patient,
+                                   result.outcome.value)
         if result.outcome is Outcome.KEPT_FIRST:
             return self._reject(path, "a different object is already stored under this "
                                       "SOP Instance UID; kept the first "
@@ -575,7 +614,7 @@ def main() -> int:
 
     def watch(settings: Settings, services: Services, stopping: threading.Event) -> None:
         UploadWatcher(services.ingest, settings.uploads_dir, settings.uploads_after_store,
-                      max_object_bytes=settings.max_object_bytes,
+                      max_object_bytes=settings.max_object_bytes, trail=services.audit,
                       ).run(stopping, settings.uploads_poll)
 
     return companion_main("upload watcher", watch)

@@ -160,6 +160,56 @@ def test_a_store_failure_leaves_the_file_for_the_next_scan(
     assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
 
 
+def test_each_scan_that_stored_or_rejected_files_is_a_data_import_event(
+        make_services: Callable[..., Services], tmp_path: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PS3.15 A.5.3.5: the node's watcher (its AE title) imports from the upload folder
+    (its path, the Source Media), one event per patient with the study and its SOP
+    class counted, outcome 4 when a file was rejected.  No file name is written; a scan
+    that leaves its files for the next one (our failure) or finds none writes none."""
+    from tests.auditcheck import problems, read_trail, requestor
+
+    services = make_services(intake_object_bytes=0)
+    folder = tmp_path / "uploads"
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes,
+                            trail=services.audit)
+    trail = services.audit.log.path
+    assert trail is not None
+    watcher.scan()
+    watcher.scan()
+    (folder / "DOE^JOHN.dcm").write_bytes(ct_bytes)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StorageError("store unavailable")
+
+    monkeypatch.setattr(services.store.backend, "put", broken)
+    monkeypatch.setattr(services.store.backend, "stage", broken)
+    watcher.scan()
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    (folder / "junk.dcm").write_bytes(b"junk")
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert read_trail(trail) == []
+    monkeypatch.undo()
+    assert sorted(h.disposition.value for h in watcher.scan()) == ["rejected", "stored"]
+    (event,) = read_trail(trail)
+    assert problems(event) == []
+    assert event["EventIdentification"]["EventID"]["originalText"] == "Import"
+    assert event["EventIdentification"]["EventOutcomeIndicator"] == 4
+    assert requestor(event) == {
+        "UserID": services.settings.ae_title, "UserName": uploads.WATCHER_NAME,
+        "UserIsRequestor": True, "RoleIDCode": {
+            "csd-code": "110152", "codeSystemName": "DCM",
+            "originalText": "Destination Role ID"}}
+    assert event["ActiveParticipant"][-1]["UserID"] == folder.absolute().as_uri()
+    ct = pydicom.dcmread(sample("CT_small.dcm"))
+    study, patient = event["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == ct.StudyInstanceUID
+    assert study["ParticipantObjectDescription"]["SOPClass"] == [
+        {"UID": ct.SOPClassUID, "NumberOfInstances": 1}]
+    assert patient["ParticipantObjectID"].split("^")[0] == ct.PatientID
+    assert b"DOE" not in trail.read_bytes() and b".dcm" not in trail.read_bytes()
+
+
 def test_a_different_duplicate_kept_out_by_policy_is_rejected(
         make_services: object, folder: Path, ct_bytes: bytes) -> None:
     services = make_services(duplicate_policy="keep")  # type: ignore[operator]
