@@ -780,6 +780,8 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     Reads PACS_AUDIT_LOG (the data folder's audit.jsonl by default), the events of the
     customer acted on (a trail shared by several customers holds each one's); lines
     that are not an event (cut short by a full disk) are counted on standard error.
+    The reading is recorded in the trail afterwards (Audit Log Used, naming the
+    operator and the filters given).
     """
     import json
 
@@ -794,6 +796,11 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     except ValueError:
         raise click.BadParameter(f"not a date or date and time: {since}",
                                  param_hint="--since") from None
+    host, _, port = (target or "").rpartition(":")
+    if target and (not host or not port.isdigit()):
+        raise click.BadParameter("expected HOST:PORT", param_hint="--syslog")
+    filters = {name: value for name, value in (("study", study), ("patient", patient),
+                                                ("user", user), ("since", since)) if value}
     try:
         with open(path, "rb") as trail:
             read = list(audit.read_events(trail))
@@ -807,19 +814,41 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     if unreadable:
         click.echo(f"{unreadable} line(s) of {path} are not events", err=True)
     if target:
-        host, _, port = target.rpartition(":")
-        if not host or not port.isdigit():
-            raise click.BadParameter("expected HOST:PORT", param_hint="--syslog")
         try:
             sent = audit.ship(selected, host.strip("[]"), int(port), udp=udp)
         except OSError as exc:
+            _read_the_trail(settings, path, filters, audit.MINOR_FAILURE,
+                            f"pacs audit: sending {len(selected)} event(s) to {target} "
+                            f"failed: {exc}")
             raise click.ClickException(f"cannot send to {target}: {exc}") from None
+        _read_the_trail(settings, path, filters, audit.SUCCESS,
+                        f"pacs audit: {sent} event(s) sent to {target}")
         click.echo(f"sent {sent} event(s) to {target}")
         return
-    for event in selected:
-        if fmt == "json":
-            click.echo(json.dumps(event, ensure_ascii=False))
-        elif fmt == "xml":
-            click.echo(audit.to_xml(event))
-        else:
-            click.echo(audit.summary(event))
+    try:
+        for event in selected:
+            if fmt == "json":
+                click.echo(json.dumps(event, ensure_ascii=False))
+            elif fmt == "xml":
+                click.echo(audit.to_xml(event))
+            else:
+                click.echo(audit.summary(event))
+    finally:  # read, shown in part at least: a reader that went away still read it
+        _read_the_trail(settings, path, filters, audit.SUCCESS,
+                        f"pacs audit: {len(selected)} event(s) shown as {fmt}")
+
+
+def _read_the_trail(settings: config.Settings, path: Path, filters: dict[str, str],
+                    outcome: int, description: str) -> None:
+    """Record that the operator read the trail at ``path`` (Audit Log Used, PS3.15
+    A.5.3.2), in that trail, once it was read (the reading does not list itself);
+    ``filters``, the options that chose the events, as the log's details."""
+    from pacs.core import audit
+
+    trail = audit.AuditTrail(audit.AuditLog(path),
+                             audit.Source(settings.ae_title, settings.customer))
+    try:
+        trail.log_used(audit.APPLICATION_SERVER, _operator(), path.absolute().as_uri(),
+                       outcome, description, filters)
+    finally:
+        trail.close()

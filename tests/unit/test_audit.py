@@ -584,6 +584,53 @@ def test_a_trail_shared_by_customers_is_read_one_customer_at_a_time(
     assert not audit.matches({"AuditSourceIdentification": ["default"]}, site="default")
 
 
+def test_reading_the_trail_is_recorded_in_it_after_the_reading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pacs audit`` writes an Audit Log Used (PS3.15 A.5.3.2) into the trail it read,
+    once read (the listing does not hold it): the operator as requestor, the log by
+    its URI, the filters given as details; a failed shipping too, outcome 4."""
+    import getpass
+
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+    from tests.auditcheck import requestor
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    assert log.write(EVENTS["stored"]())
+    log.close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PACS_AUDIT_LOG", str(path))
+    monkeypatch.setenv("PACS_AE_TITLE", "INTELPIXEL")
+    runner = CliRunner()
+    result = runner.invoke(main, ["audit", "--patient", "PID-1"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 1  # the stored event alone
+    _stored, used = read_trail(path)
+    assert problems(used) == []
+    assert used["EventIdentification"]["EventID"]["originalText"] == "Audit Log Used"
+    assert requestor(used)["UserID"] == getpass.getuser()
+    (log_object,) = used["ParticipantObjectIdentification"]
+    assert log_object["ParticipantObjectID"] == path.as_uri()
+    assert log_object["ParticipantObjectDetail"] == [{"type": "patient", "value": "PID-1"}]
+    assert used["EventIdentification"]["EventOutcomeDescription"] == \
+        "pacs audit: 1 event(s) shown as summary"
+    result = runner.invoke(main, ["audit", "--format", "json"])
+    assert [json.loads(line)["EventIdentification"]["EventID"]["csd-code"]
+            for line in result.output.splitlines()] == ["110104", "110101"]
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    result = runner.invoke(main, ["audit", "--syslog", f"127.0.0.1:{closed}"])
+    assert result.exit_code == 1 and "cannot send" in result.output
+    failed = read_trail(path)[-1]
+    assert problems(failed) == [] and failed["EventIdentification"][
+        "EventOutcomeIndicator"] == audit.MINOR_FAILURE
+    assert len(read_trail(path)) == 4
+
+
 FORGED = "\n2026-12-06T00:00:00Z DICOM Study Deleted [D] outcome=0 who=admin@10.9.9.9*"
 
 
