@@ -1062,7 +1062,9 @@ def _security_text(data: dict[str, Any]) -> str:
     audit = ("audit messages of PS3.15 A.5 (Query, DICOM Instances Transferred / "
              "Accessed, Begin Transferring, Security Alert) for every association and "
              "DICOMweb request that touches patient data, User Authentication for each "
-             "failed DICOMweb login, as JSON lines in `PACS_AUDIT_LOG`, "
+             "failed DICOMweb login, Import for each `pacs import` and each scan of the "
+             "upload folder that stored or rejected files, Audit Log Used for each "
+             "reading of the trail by `pacs audit`, as JSON lines in `PACS_AUDIT_LOG`, "
              "shipped as RFC 5424 syslog by `pacs audit --syslog`"
              if sec["audit_trail"] else "no audit trail (`PACS_AUDIT_LOG=off`)")
     if sec["dicomweb_https"]:

@@ -121,6 +121,12 @@ def test_the_security_section_states_the_limit_of_failed_logins() -> None:
     assert "failed logins are not limited" in text and "429" not in text
 
 
+def test_the_security_section_names_the_audit_events_of_files_and_of_the_trail() -> None:
+    plain = conformance.markdown(conformance.statement(defaults()))
+    assert "Import for each `pacs import` and each scan of the upload folder" in plain
+    assert "Audit Log Used for each reading of the trail by `pacs audit`" in plain
+
+
 def test_the_security_section_names_the_dicom_tls_profile_and_port() -> None:
     settings = config.load(overrides={
         "PACS_DIMSE_PORT": "0", "PACS_DIMSE_TLS_PORT": "2762",
