@@ -141,18 +141,22 @@ def test_a_valid_file_becomes_queryable_and_is_archived(services: Services, fold
     assert (folder / "archive" / "IM0001").exists()
 
 
+def _break_the_store(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of the store fails (until ``monkeypatch.undo()``)."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StorageError("store unavailable")
+
+    monkeypatch.setattr(services.store.backend, "put", broken)
+    monkeypatch.setattr(services.store.backend, "stage", broken)
+
+
 def test_a_store_failure_leaves_the_file_for_the_next_scan(
         make_services: Callable[..., Services], folder: Path, ct_bytes: bytes,
         monkeypatch: pytest.MonkeyPatch) -> None:
     services = make_services(intake_object_bytes=0)  # the direct path: the store writes
     watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
     (folder / "ct.dcm").write_bytes(ct_bytes)
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise StorageError("store unavailable")
-
-    monkeypatch.setattr(services.store.backend, "put", broken)
-    monkeypatch.setattr(services.store.backend, "stage", broken)
+    _break_the_store(services, monkeypatch)
     watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
     assert (folder / "ct.dcm").exists() and not (folder / "rejected").exists()
@@ -178,12 +182,7 @@ def test_each_scan_that_stored_or_rejected_files_is_a_data_import_event(
     watcher.scan()
     watcher.scan()
     (folder / "DOE^JOHN.dcm").write_bytes(ct_bytes)
-
-    def broken(*args: object, **kwargs: object) -> None:
-        raise StorageError("store unavailable")
-
-    monkeypatch.setattr(services.store.backend, "put", broken)
-    monkeypatch.setattr(services.store.backend, "stage", broken)
+    _break_the_store(services, monkeypatch)
     watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
     (folder / "junk.dcm").write_bytes(b"junk")
