@@ -1198,6 +1198,11 @@ class AuditTrail:
 #: bounded however many files it reads, as an association's C-STOREs
 #: (:data:`pacs.dimse.audit.MAX_STUDIES_PER_EVENT`).
 MAX_STUDIES_PER_IMPORT = 1000
+#: Seconds of an import one event counts at most: a long import (a whole archive
+#: dropped into the upload folder, one scan) killed midway loses the record of that
+#: many seconds at most, as an association's C-STOREs
+#: (:data:`pacs.dimse.audit.STORES_PER_EVENT_SECONDS`).
+SECONDS_PER_IMPORT_EVENT = 10.0
 
 
 class ImportAudit:
@@ -1208,7 +1213,8 @@ class ImportAudit:
     :attr:`pacs.core.ingest.StoreResult.patient`) and SOP class, and the failures are
     counted: nothing is kept per instance or per file (no file name is ever written:
     it may carry a patient's name).  The events, one per patient, are written when
-    :data:`MAX_STUDIES_PER_IMPORT` studies are counted and at :meth:`write`, with the
+    :data:`MAX_STUDIES_PER_IMPORT` studies are counted, after
+    :data:`SECONDS_PER_IMPORT_EVENT` of counting and at :meth:`write`, with the
     outcome of the C-STORE events (0 when every file was stored, 4 when some failed, 8
     when all did).  Nothing is counted while the trail is off.  Not thread-safe: one
     importing thread.
@@ -1238,6 +1244,7 @@ class ImportAudit:
         self._studies: dict[tuple[str, Patient | None], dict[str, int]] = {}
         self._done: dict[str, int] = {}
         self._failed = 0
+        self._since: float | None = None  # when the counts began
 
     def stored(self, study_uid: str, sop_class_uid: str, patient: Patient | None,
                done: str = "stored") -> None:
@@ -1252,11 +1259,21 @@ class ImportAudit:
         if sop_class_uid:
             classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
         self._done[done] = self._done.get(done, 0) + 1
+        self._counted()
 
     def failed(self, count: int = 1) -> None:
         """``count`` files not stored (refused, unreadable)."""
-        if self.trail.enabled:
+        if self.trail.enabled and count:
             self._failed += count
+            self._counted()
+
+    def _counted(self) -> None:
+        """Write what is counted once it has been counted for long enough."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= SECONDS_PER_IMPORT_EVENT:
+            self.write()
 
     def write(self) -> None:
         """Write the events of what is counted (none when nothing is), and count again
@@ -1272,7 +1289,7 @@ class ImportAudit:
         done = ", ".join(f"{count} {word}" for word, count in self._done.items())
         description = (f"{self.what}: {imported} instance(s) imported"
                        + (f" ({done})" if done else "") + f", {self._failed} failed")
-        self._studies, self._done, self._failed = {}, {}, 0
+        self._studies, self._done, self._failed, self._since = {}, {}, 0, None
         self.trail.imported(APPLICATION_SERVER, self.importers, self.media, groups,
                             outcome, description)
 

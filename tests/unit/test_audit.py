@@ -348,6 +348,29 @@ def test_an_import_of_many_studies_is_written_as_it_goes(tmp_path: Path) -> None
                for e in events) == 10
 
 
+def test_a_long_import_is_written_every_few_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import still counting after ``SECONDS_PER_IMPORT_EVENT`` writes what it
+    counted: killed later, it loses that many seconds of its record at most."""
+    now = [1000.0]
+    monkeypatch.setattr(audit.time, "monotonic", lambda: now[0])
+    path = tmp_path / "audit.jsonl"
+    trail, record = _import_audit(path)
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    now[0] += audit.SECONDS_PER_IMPORT_EVENT - 1
+    record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    assert not path.exists()
+    now[0] += 1
+    record.failed()
+    (event,) = read_trail(path)
+    assert event["EventIdentification"]["EventOutcomeDescription"] == (
+        "pacs import: 2 instance(s) imported (2 stored), 1 failed")
+    record.stored("1.2", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
+    record.write()
+    trail.close()
+    assert len(read_trail(path)) == 2
+
+
 def test_an_import_counts_nothing_while_the_trail_is_off() -> None:
     trail = AuditTrail(AuditLog(None), SOURCE)
     record = audit.ImportAudit(trail, [OPERATOR], MEDIA, "pacs import")
