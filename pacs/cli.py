@@ -551,11 +551,17 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
 
 def _operator() -> Participant:
     """The person running this command, as the audit trail names a requestor: the
-    login name, at this host."""
+    login name, at this host; ``uid:<n>`` when the user has none (a container run with
+    a user id of the host's, ``DOCKER_UID``, has no passwd entry): the trail never keeps
+    a command from running."""
     import getpass
     import socket
 
-    return Participant(getpass.getuser(), True, address=socket.gethostname())
+    try:
+        name = getpass.getuser()
+    except Exception:  # noqa: BLE001 - KeyError or OSError: no name for this user id
+        name = f"uid:{os.getuid()}"
+    return Participant(name, True, address=socket.gethostname())
 
 
 def _host_files() -> Participant:
@@ -842,9 +848,19 @@ def _read_the_trail(settings: config.Settings, path: Path, filters: dict[str, st
                     outcome: int, description: str) -> None:
     """Record that the operator read the trail at ``path`` (Audit Log Used, PS3.15
     A.5.3.2), in that trail, once it was read (the reading does not list itself);
-    ``filters``, the options that chose the events, as the log's details."""
+    ``filters``, the options that chose the events, as the log's details.
+
+    Only in a trail that exists, which this process may write: a trail the command
+    made would be the operator's file (its owner, its place) before the node's first
+    event; a reader without the right to write is told, on standard error."""
     from pacs.core import audit
 
+    if not path.is_file():
+        return
+    if not os.access(path, os.W_OK):
+        click.echo(f"this reading is not recorded in {path}: it cannot be written by "
+                   "this user", err=True)
+        return
     trail = audit.AuditTrail(audit.AuditLog(path),
                              audit.Source(settings.ae_title, settings.customer))
     try:

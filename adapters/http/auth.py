@@ -218,18 +218,20 @@ class Access:
         trusted = (loopback and self.names_this_node(host)
                    and bool(self.policy.loopback_roles))
         user = None
+        locked = False
         if authorization and not is_placeholder(authorization):
-            if self.locked_out(remote_addr, authorization):
-                if not trusted:
-                    return Verdict.LOCKED, None  # before any password is hashed
-            else:
+            locked = self.locked_out(remote_addr, authorization)
+            if locked and not trusted:
+                return Verdict.LOCKED, None  # before any password is hashed
+            if not locked:
                 user = self.user(authorization)
                 if user is None:  # counted, then judged as without credentials
                     self.failed(self.attempt(remote_addr, authorization), authorization)
         if user is not None:
             return Verdict.ALLOW, Identity(user.name, user.roles, authenticated=True)
         if trusted:
-            return Verdict.ALLOW, Identity(LOOPBACK, self.policy.loopback_roles)
+            return Verdict.ALLOW, Identity(LOOPBACK, self.policy.loopback_roles,
+                                           locked_out=locked)
         if loopback and self.names_this_node(host):
             return Verdict.UNAUTHORIZED, None
         return (Verdict.MISDIRECTED if loopback else Verdict.UNAUTHORIZED), None
@@ -357,7 +359,11 @@ class Access:
                 description="requests from other hosts are answered over HTTPS only, and "
                             "credentials are never accepted over plain HTTP: use https:// "
                             "(a node with PACS_TLS_CERT, or a TLS proxy on its host)")
-        if verdict is Verdict.LOCKED:
+        if verdict is Verdict.LOCKED or (identity is not None and identity.locked_out
+                                         and role not in identity.roles):
+            # Locked out; or from this host, let in with the loopback roles in spite of
+            # the lock-out, but needing another role, which only the credentials could
+            # give: they are not checked until Retry-After, not wrong.
             wait = self.retry_after(req.remote_addr, req.get_header("Authorization") or "")
             raise falcon.HTTPTooManyRequests(
                 title="Too many failed logins",

@@ -410,6 +410,9 @@ class Identity:
     name: str
     roles: frozenset[str]
     authenticated: bool = False  # by credentials (a user), not by where it came from
+    #: It came with credentials that were not checked (too many failed logins), and
+    #: has what it has without them: a request that needs more is told to wait.
+    locked_out: bool = False
 
 
 @dataclass

@@ -451,7 +451,8 @@ def transferred_event(source: Source, kind: Code, action: str, sender: Participa
                       patient: Patient | None, outcome: int, description: str = "",
                       others: Sequence[Participant] = ()) -> Event:
     """DICOM Instances Transferred (PS3.15 A.5.3.7): ``sender`` sent ``studies`` to
-    ``receiver`` (``action`` C when the node received them, R when it sent them);
+    ``receiver`` (``action`` C when the node received them, U when they replaced
+    different objects it held, R when it sent them or held them already);
     ``others`` are third parties, e.g. the requestor of a C-MOVE."""
     participants = [sender.acting_as(SOURCE_ROLE), receiver.acting_as(DESTINATION_ROLE),
                     *(other.acting_as(None) for other in others)]

@@ -56,7 +56,7 @@ from pacs.core.errors import PacsError
 #: Loggers whose messages quote data-set values: quoted text is left out.  gunicorn's
 #: error log quotes a request line it refuses, whose query string may carry a patient's
 #: name (QIDO-RS ``?PatientName=…``).
-QUOTING_LOGGERS = ("pydicom", "pynetdicom", "py.warnings", "gunicorn.error")
+QUOTING_LOGGERS = ("pydicom", "py.warnings", "gunicorn.error")
 #: Loggers that list values after a colon, unquoted (pydicom's ``… ignoring: A, B``
 #: of a Specific Character Set's terms; Python's warnings, which pydicom's are):
 #: whatever follows the first colon is left out too.
@@ -75,6 +75,8 @@ _OWN_CODE = ("/pacs/", "/adapters/")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 #: From a quote to the last one of its kind (a value may hold quotes of its own).
 _QUOTED_SPAN = re.compile(r"(['\"]).*\1", re.S)
+#: An apostrophe within a word (``doesn't``, ``Can't``): no quote of a value.
+_APOSTROPHE = re.compile(r"(?<=[A-Za-z])'(?=[A-Za-z])")
 #: The head of a Python warning as logging captures it (``file:line: Category: ``).
 _WARNING_HEAD = re.compile(r"[^\n]*?:\d+: \w+: ")
 
@@ -287,9 +289,10 @@ class Redact(logging.Filter):
         elif isinstance(record.args, dict):
             record.args = {k: _argument(v) for k, v in record.args.items()}
         if record.name.startswith(QUOTING_LOGGERS):
-            text = _without_values(_unquoted(record.getMessage()),
+            text = _APOSTROPHE.sub("\x02", record.getMessage())
+            text = _without_values(_unquoted(text),
                                    listing=record.name.startswith(LISTING_LOGGERS))
-            record.msg, record.args = text.replace("%", "%%"), None
+            record.msg, record.args = text.replace("\x02", "'").replace("%", "%%"), None
 
 
 def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -343,13 +346,31 @@ def _without_values(text: str, listing: bool) -> str:
     return text[:start] + body.replace("\0", "'…'")
 
 
+def failure_text(exc: BaseException) -> str:
+    """Why something failed, in words that hold no peer's text nor data-set value
+    (:func:`described`), with the errno of the first OSError among the exception's
+    causes when it is none itself (urllib3's ``NewConnectionError`` wraps the refused
+    connection): for a failure kept where the log's filter does not pass (a forwarding
+    destination's last error, shown by ``pacs status``), where another library's
+    message may be a peer's own bytes (http.client's ``BadStatusLine`` is the line it
+    got)."""
+    text = described(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return text
+    seen: set[int] = set()
+    current = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return f"{text} ([Errno {current.errno}] {current.strerror})"
+        current = current.__cause__ or current.__context__
+    return text
+
+
 def described(exc: BaseException) -> str:
     """An exception in a few words that hold no peer's text nor data-set value: its
     type; the message of the node's own errors, without what they quote; an OSError's
-    errno and its meaning (not its file name, which may be made of UIDs).  For a
-    failure kept where the log's filter does not pass (a forwarding destination's last
-    error, shown by ``pacs status``): another library's message may be a peer's own
-    bytes (http.client's ``BadStatusLine`` is the line it got)."""
+    errno and its meaning (not its file name, which may be made of UIDs)."""
     name = type(exc).__name__
     if isinstance(exc, PacsError):
         return f"{name}: {_unquoted(str(exc))}"

@@ -49,7 +49,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from pacs.core.audit import Participant
 from pacs.core.forwarding import Delivery, Result
-from pacs.core.logs import described
+from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import check_url, shown
 from pacs.core.storage import ObjectStore
@@ -124,7 +124,7 @@ class StowSender:
         try:
             sizes = [self.store.size(ref.object_key) for ref in refs]
         except Exception as exc:  # noqa: BLE001 - the store is down: try again later
-            return [Delivery(Result.RETRY, f"store: {described(exc)}")] * len(refs)
+            return [Delivery(Result.RETRY, f"store: {failure_text(exc)}")] * len(refs)
         length = sum(len(self._part_head(boundary)) + size + 2 for size in sizes)
         length += len(self._tail(boundary))
         headers = {**self.headers, "Content-Length": str(length),
@@ -134,7 +134,7 @@ class StowSender:
         try:
             status, answer = self._exchange(self._body(refs, sizes, boundary), headers, limit)
         except Exception as exc:  # noqa: BLE001 - network, TLS, a short object: again later
-            return [Delivery(Result.RETRY, described(exc))] * len(refs)
+            return [Delivery(Result.RETRY, failure_text(exc))] * len(refs)
         return deliveries(refs, status, answer, limit)
 
     def _exchange(self, body: Iterator[bytes], headers: dict[str, str],

@@ -72,12 +72,12 @@ _NOTHING_TO_DO = 0x0000
 #: the trail coalesces when it repeats (:class:`pacs.core.audit.Coalescer`).
 _NOT_AUTHORIZED = NOT_AUTHORIZED.code
 
-#: Most studies an association's C-STORE event is kept for (a study counted once per
-#: patient its instances named): once a C-STORE brings the next one, the event of those
-#: stored so far is written and a new one begun.  What an
-#: association holds for the trail (and the patient lookup and lines its event makes)
-#: is then bounded however many studies it sends (one ``dcmsend`` of a whole archive
-#: is one association).
+#: Most studies an association's C-STORE events are kept for (a study counted once
+#: per patient its instances named and per EventActionCode): once a C-STORE brings
+#: the next one, the events of those stored so far are written and new ones begun.
+#: What an association holds for the trail (and the lines its events make) is then
+#: bounded however many studies it sends (one ``dcmsend`` of a whole archive is one
+#: association).
 MAX_STUDIES_PER_EVENT = 1000
 #: Seconds of C-STOREs one event counts at most: what an association stored is written
 #: then, not only when it ends, so that a worker killed during a long association
@@ -227,8 +227,11 @@ class AssociationAudit:
                                     self.trail.node(), by_patient, audit.SUCCESS,
                                     f"C-STORE: {count} {_DONE[action]}")
                 continue
+            # Of the C-STOREs as a whole: 8 only when every one failed (none of any
+            # action succeeded).
             outcome = (audit.SUCCESS if not failed else
-                       audit.MINOR_FAILURE if count else audit.SERIOUS_FAILURE)
+                       audit.MINOR_FAILURE if sum(stored.values()) else
+                       audit.SERIOUS_FAILURE)
             self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
                                 self.trail.node(), by_patient, outcome,
                                 f"C-STORE: {count} stored, {failed} failed")

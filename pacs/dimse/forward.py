@@ -42,7 +42,7 @@ from pacs.core.audit import Participant
 from pacs.core.config import Modality, Settings
 from pacs.core.errors import FrameTooLarge, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
-from pacs.core.logs import described
+from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
 from pacs.core.storage import ObjectStore
 from pacs.dimse import handlers, seam, tls
@@ -108,7 +108,7 @@ class DimseSender:
         try:
             assoc = self._associate(refs)
         except Exception as exc:  # noqa: BLE001 - e.g. a TLS file unreadable: again later
-            return [Delivery(Result.RETRY, described(exc))] * len(refs)
+            return [Delivery(Result.RETRY, failure_text(exc))] * len(refs)
         if assoc is None:
             return [Delivery(Result.RETRY, f"no association with {where}")] * len(refs)
         deliveries: list[Delivery] = []

@@ -70,7 +70,7 @@ from pynetdicom import AE, build_context, build_role, evt
 
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, Pending
 from pacs.core.errors import PacsError
-from pacs.core.logs import described
+from pacs.core.logs import failure_text
 from pacs.dimse import commitment, handlers
 from pacs.dimse.retrieve import Outcome, classify
 from pacs.dimse.seam import notify
@@ -411,7 +411,7 @@ class Reporter:
                                handlers.requested_as(self._title(pending))),
                               *handlers.Responses().handlers()])
         except Exception as exc:  # noqa: BLE001 - tried again later like any failure
-            return described(exc)
+            return failure_text(exc)
         if assoc is None:
             return f"no association with {destination.host}:{destination.port}"
         try:
@@ -423,7 +423,7 @@ class Reporter:
                 report.information, report.event_type, PUSH_MODEL, PUSH_MODEL_INSTANCE,
                 msg_id=report.message_id)
         except Exception as exc:  # noqa: BLE001 - a peer gone meanwhile, a refused context
-            return described(exc)
+            return failure_text(exc)
         finally:
             if assoc.is_established:
                 assoc.release()

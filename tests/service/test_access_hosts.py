@@ -119,6 +119,26 @@ def test_a_locked_out_request_from_this_host_keeps_the_loopback_roles(
     assert remote[:3] == [401] * 3 and remote[3:] == [429, 429]
 
 
+def test_a_locked_out_request_from_this_host_needing_another_role_is_told_to_wait(
+        make_services: Callable[..., Services]) -> None:
+    """With the loopback roles read alone, a STOW-RS from this host needs credentials:
+    once they failed past the limit it is 429 with Retry-After (the right password
+    too, unchecked), not 401, which would call the right password wrong."""
+    services = make_services(web_user="alice", web_password="s3cret", auth_failures=3,
+                             loopback_roles=frozenset({"read"}))
+    client = testing.TestClient(create_app(services))
+
+    def post(password: str) -> testing.Result:
+        return client.simulate_post("/studies", remote_addr="127.0.0.1", headers={
+            "Host": "localhost", "Authorization": _basic("alice", password)})
+
+    assert [post("nope").status_code for _ in range(5)] == [401, 401, 401, 429, 429]
+    right = post("s3cret")
+    assert right.status_code == 429 and int(right.headers["Retry-After"]) >= 1
+    assert client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        "Host": "localhost", "Authorization": _basic("alice", "nope")}).status_code == 200
+
+
 def test_other_hosts_are_unchanged(client: testing.TestClient) -> None:
     result = client.simulate_get("/studies", remote_addr="10.1.2.3", protocol="https",
                                  headers={"Host": "pacs.example.org"})

@@ -654,6 +654,21 @@ def test_reading_the_trail_is_recorded_in_it_after_the_reading(
     assert len(read_trail(path)) == 4
 
 
+def test_reading_no_trail_makes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                     ) -> None:
+    """``pacs audit`` before the node's first event lists nothing and makes no trail:
+    the file would be the operator's, not the node's."""
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    result = CliRunner().invoke(main, ["audit"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "data" / "audit.jsonl").exists()
+
+
 FORGED = "\n2026-12-06T00:00:00Z DICOM Study Deleted [D] outcome=0 who=admin@10.9.9.9*"
 
 

@@ -127,6 +127,19 @@ def test_only_failed_stores_are_a_serious_failure_without_studies(tmp_path: Path
     assert event["ActiveParticipant"][0]["UserID"] == "(none)"  # no calling AE title
 
 
+def test_failures_beside_replacements_alone_are_a_minor_failure(tmp_path: Path) -> None:
+    """Of three C-STOREs one replaced an object (U), one met it unchanged (R), one
+    failed: the C event that counts the failure is 4 (some succeeded), not 8."""
+    audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
+    audit.stored("1.1", CT, SUCCESS, "U")
+    audit.stored("1.1", CT, SUCCESS, "R")
+    audit.stored("", CT, Status(0xA700))
+    audit.close()
+    found = {e["EventIdentification"]["EventActionCode"]:
+             e["EventIdentification"]["EventOutcomeIndicator"] for e in events(tmp_path)}
+    assert found == {"U": 0, "R": 0, "C": 4}
+
+
 def test_stores_are_one_event_per_patient_the_instances_named(tmp_path: Path) -> None:
     # The index's patient of study 1.1 is P-1.1 (trail()): never the one named.
     audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")

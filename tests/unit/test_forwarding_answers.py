@@ -206,6 +206,25 @@ def test_what_a_destination_sent_stays_out_of_a_failed_delivery() -> None:
     assert delivery.detail == "BadStatusLine" and "MARKER" not in delivery.detail
 
 
+def test_a_refused_connection_says_so() -> None:
+    """The error a library wraps around a refused connection keeps the system's words
+    for it (``[Errno 111] Connection refused``): refused, unreachable and timed out
+    stay apart in ``pacs status``."""
+    from tests.conftest import free_port
+
+    store = MemoryStore()
+    ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
+                      "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
+    store.put(ref.object_key, io.BytesIO(b"x" * 10), 10)
+    sender = StowSender(f"http://127.0.0.1:{free_port()}/dicom-web", store, 2.0)
+    try:
+        [delivery] = sender.send([ref])
+    finally:
+        sender.close()
+    assert delivery.result is Result.RETRY
+    assert "Connection refused" in delivery.detail, delivery.detail
+
+
 @pytest.mark.parametrize("url", [
     "https://localhost:41282/Zq9+w@archive.example.org/dicom-web",  # a '/' in a password
     "https://svc:#Zq9w@archive.example.org/dicom-web",              # a '#'

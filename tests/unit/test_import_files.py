@@ -151,3 +151,24 @@ def test_an_import_with_the_trail_off_writes_none(
     result = CliRunner().invoke(main, ["import", "--quiet", str(tmp_path / "ct.dcm")])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "data" / "audit.jsonl").exists()
+
+
+def test_an_operator_without_a_login_name_still_imports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user id with no passwd entry (``docker compose exec`` with DOCKER_UID): the
+    trail names it ``uid:<n>``, and the import is done, not a traceback."""
+    import getpass
+
+    from tests.auditcheck import read_trail, requestor
+
+    def no_name() -> str:
+        raise KeyError("getpwuid(): uid not found: 12345")
+
+    monkeypatch.setattr(getpass, "getuser", no_name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    result = CliRunner().invoke(main, ["import", "--quiet", str(tmp_path / "ct.dcm")])
+    assert result.exit_code == 0, result.output
+    (event,) = read_trail(tmp_path / "data" / "audit.jsonl")
+    assert requestor(event)["UserID"] == f"uid:{os.getuid()}"

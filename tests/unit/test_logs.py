@@ -128,12 +128,19 @@ def test_a_specific_character_set_a_peer_chose_stays_out(handler: io.StringIO,
     assert "MARKER" not in text and "JOHN" not in text
 
 
-def test_pynetdicom_loses_the_values_it_quotes(handler: io.StringIO) -> None:
-    """pynetdicom quotes a non-conformant UID of a request's command set."""
-    logging.getLogger("pynetdicom.utils").warning(
-        "Non-conformant 'Affected SOP Instance UID' value '1.2.3.%s'", SECRET)
+def test_what_the_libraries_say_in_words_is_kept(handler: io.StringIO) -> None:
+    """An apostrophe within a word quotes nothing (pydicom's ``doesn't``, gunicorn's
+    ``Can't``); pynetdicom's records keep what they quote: the names of SOP classes,
+    transfer syntaxes and handlers of a command, never a data set's values."""
+    logging.getLogger("pydicom").warning(
+        "The value length (10 bytes) doesn't match the expected length for '%s'", SECRET)
+    logging.getLogger("gunicorn.error").error("Can't connect to ('0.0.0.0', 5985)")
+    logging.getLogger("pynetdicom.assoc").error(
+        "No presentation context for 'CT Image Storage' has been accepted")
     text = handler.getvalue()
-    assert "WARNING pynetdicom.utils: Non-conformant '…'" in text and SECRET not in text
+    assert "doesn't match the expected length for '…'" in text and SECRET not in text
+    assert "Can't connect to ('…', 5985)" in text
+    assert "No presentation context for 'CT Image Storage' has been accepted" in text
 
 
 def test_debug_keeps_everything(handler: io.StringIO) -> None:

@@ -54,7 +54,7 @@ from pynetdicom.dsutils import encode
 
 import pacs.dimse.seam.reactor as reactor
 import pacs.dimse.seam.wire as wire
-from pacs.core.logs import described
+from pacs.core.logs import failure_text
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -206,7 +206,7 @@ def send_due(assoc: Association) -> bool:
         log.warning("an N-EVENT-REPORT could not be sent: %s", exc)
         with _lock:
             offer.state = "done"
-        offer.finish(Outcome(None, f"not sent ({described(exc)})"))
+        offer.finish(Outcome(None, f"not sent ({failure_text(exc)})"))
         return True
     with _lock:
         offer.state = "sent" if sent else "waiting"
