@@ -139,18 +139,12 @@ def role_for(method: str) -> str:
     return rules.READ
 
 
-#: Bearer "tokens" that are a client's text for no token (Python's ``None``,
-#: JavaScript's ``null`` and ``undefined``): dicomweb_client's command line sends
-#: ``Authorization: Bearer None`` when given none, and the README's quickstart is that
-#: command.  No token ``pacs passwd --token`` makes is one of them.
-PLACEHOLDER_TOKENS = frozenset({"", "none", "null", "undefined"})
-
-
 def is_placeholder(authorization: str) -> bool:
     """True when an Authorization header carries no credentials, only a client's
-    placeholder for them (:data:`PLACEHOLDER_TOKENS`): not a login, failed or not."""
+    placeholder for them (:data:`pacs.core.access.PLACEHOLDER_TOKENS`): not a login,
+    failed or not."""
     scheme, _, value = authorization.strip().partition(" ")
-    return scheme.lower() == "bearer" and value.strip().lower() in PLACEHOLDER_TOKENS
+    return scheme.lower() == "bearer" and value.strip().lower() in rules.PLACEHOLDER_TOKENS
 
 
 class Access:

@@ -93,6 +93,11 @@ ECHO, STORE, OVERWRITE, FIND, RETRIEVE = "echo", "store", "overwrite", "find", "
 REJECT = "reject"
 #: Every right an AE may have.
 AE_RIGHTS = frozenset({ECHO, STORE, OVERWRITE, REJECT, FIND, RETRIEVE})
+#: Bearer "tokens" that are a client's text for no token (Python's ``None``,
+#: JavaScript's ``null`` and ``undefined``): dicomweb_client's command line sends
+#: ``Authorization: Bearer None`` when given none, and the README's quickstart is that
+#: command.  Such a header is no login; no token of the node may be one of them.
+PLACEHOLDER_TOKENS = frozenset({"", "none", "null", "undefined"})
 READ, WRITE, ADMIN = "read", "write", "admin"
 #: Every role a DICOMweb user may have.
 ROLES = frozenset({READ, WRITE, ADMIN})

@@ -34,6 +34,15 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _token(value: str) -> str:
+    """A bearer token, never one a client sends for none (``None``, ``null``): a
+    request carrying such a header is taken as carrying no credentials."""
+    if value and value.strip().lower() in access.PLACEHOLDER_TOKENS:
+        raise ValueError(f"{value!r} is what clients send for no token: choose another "
+                         "(pacs passwd --token makes one)")
+    return value
+
+
 def _comma_list(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -222,7 +231,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Password for HTTP Basic access to DICOMweb.", secret=True),
     Setting("PACS_WEB_TOKEN", "web_token", "",
             "Bearer token accepted for DICOMweb access (the user 'token', every role), "
-            "besides the tokens of PACS_ACCESS_FILE.", secret=True),
+            "besides the tokens of PACS_ACCESS_FILE.", _token, secret=True),
     Setting("PACS_WEB_OPEN", "web_open", "false",
             "Answer DICOMweb requests from any host without credentials (trusted "
             "networks only).", _bool),

@@ -121,3 +121,11 @@ def test_field_defaults_are_the_table_defaults() -> None:
 def test_limits_and_timeouts_must_be_positive(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         config.load(environ={name: value}, env_file=None)
+
+
+@pytest.mark.parametrize("token", ["None", "null", "undefined"])
+def test_a_web_token_a_client_sends_for_none_is_refused(token: str) -> None:
+    """``Authorization: Bearer None`` is taken as no credentials (what dicomweb_client
+    sends without a token): a node token of that text could never log in."""
+    with pytest.raises(ConfigError, match="PACS_WEB_TOKEN"):
+        config.load(environ={"PACS_WEB_TOKEN": token}, env_file=None)
