@@ -144,6 +144,12 @@ class StorageError(PacsError):
     """The object store failed to read, write or delete."""
 
 
+class WriteNotMade(StorageError):
+    """The object store refused a write, or never received it (no connection could be
+    made): nothing of it was stored, and the key holds what it held.  Nothing is left to
+    undo."""
+
+
 class UnsettledWrite(StorageError):
     """The object store did not answer a write (it timed out, or the connection
     dropped after the request was sent): the write failed for the caller, but the

@@ -84,6 +84,7 @@ from pacs.core.errors import (
     UIDMismatch,
     UnreadableData,
     UnsettledWrite,
+    WriteNotMade,
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
@@ -818,7 +819,10 @@ class Ingest:
         """After a failed write or commit, leave the store as the index still
         describes it: the previous object back at its key, or no object at a new key.
         After a write the store did not answer (``failure``), which it may carry out
-        later, see :meth:`_unsettle`."""
+        later, see :meth:`_unsettle`; after one it refused or never received, nothing is
+        to undo (an undo then would fail as the write did, with the store down)."""
+        if isinstance(failure, WriteNotMade):
+            return
         if isinstance(failure, UnsettledWrite) and self._keep_in_intake(key, existing,
                                                                         previous):
             return
@@ -829,8 +833,8 @@ class Ingest:
             elif existing is None or existing.object_key != key:
                 backend.delete(key)
         except PacsError:
-            log.exception("could not undo an object write after an index failure; "
-                          "run 'pacs fsck'")
+            log.exception("could not undo an object write after a failed write or index "
+                          "commit; run 'pacs fsck'")
 
     def _keep_in_intake(self, key: str, existing: reads.StoredInstance | None,
                         previous: bytes | None) -> bool:

@@ -25,7 +25,7 @@ import pytest
 
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.config import Settings
-from pacs.core.errors import IndexFailure, StorageError, UnsettledWrite
+from pacs.core.errors import IndexFailure, StorageError, UnsettledWrite, WriteNotMade
 from pacs.core.index import writer
 from pacs.core.index.connection import Index, busy_timeout_for, connect
 from pacs.core.ingest import Received, analyse
@@ -147,6 +147,7 @@ def test_s3_put_to_a_closed_port_fails_fast() -> None:
         store.put(KEY, io.BytesIO(b"x"), 1)
     assert time.monotonic() - started < SLACK
     assert not isinstance(caught.value, UnsettledWrite)  # nothing reached a server
+    assert isinstance(caught.value, WriteNotMade)  # nothing to undo
     store.close()
 
 
@@ -501,5 +502,6 @@ def test_an_s3_write_is_unsettled_only_when_s3_may_still_carry_it_out(
         store.close()
         server.close()
     assert isinstance(caught.value, UnsettledWrite) is unanswered, caught.value
+    assert isinstance(caught.value, WriteNotMade) is not unanswered
     assert told == ([KEY] if unanswered else [])
     assert server.requests >= 1

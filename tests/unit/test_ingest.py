@@ -33,6 +33,7 @@ from pacs.core.errors import (
     StorageError,
     UIDMismatch,
     UnreadableData,
+    WriteNotMade,
 )
 from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
@@ -624,3 +625,29 @@ def test_a_link_is_refused_when_links_are_not_followed(
         services.ingest.store_file(tmp_path / "link.dcm", follow_links=False)
     assert memory_store.objects == {}
     services.ingest.store_file(tmp_path / "link.dcm")  # named by the operator: followed
+
+
+def test_a_write_the_store_never_made_is_not_undone(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A direct write the store refused or never received (S3 down: connection
+    refused) stored nothing: the store fails alone, no undo is tried (it would fail
+    the same way, and its ERROR would send the operator to ``pacs fsck`` for
+    nothing)."""
+    store = MemoryStore()
+    services = make_services(store=store, intake_object_bytes=0)
+    deletes: list[str] = []
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise WriteNotMade("S3 write failed: connection refused or host unreachable")
+
+    def delete(key: str) -> None:
+        deletes.append(key)
+        raise StorageError("S3 delete failed: connection refused or host unreachable")
+
+    monkeypatch.setattr(store, "put", refused)
+    monkeypatch.setattr(store, "delete", delete)
+    with pytest.raises(WriteNotMade):
+        services.ingest.store_bytes(_bytes())
+    assert deletes == []
+    assert not [r for r in caplog.records if "could not undo" in r.getMessage()]

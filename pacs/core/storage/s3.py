@@ -58,7 +58,14 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from pacs.core.errors import ConfigError, NotFound, StorageError, StoreMissing, UnsettledWrite
+from pacs.core.errors import (
+    ConfigError,
+    NotFound,
+    StorageError,
+    StoreMissing,
+    UnsettledWrite,
+    WriteNotMade,
+)
 from pacs.core.storage.base import is_object_key, quarantine_folder
 from pacs.core.storage.ranged import RangedReader
 
@@ -452,9 +459,13 @@ class S3Store:
     def _failure(self, written: str | None, exc: BaseException, message: str
                  ) -> StorageError:
         """The error of a failed request: :class:`UnsettledWrite` for a write S3 may
-        still carry out (its key told to :attr:`on_unanswered` first)."""
-        if written is None or not _unanswered(exc):
+        still carry out (its key told to :attr:`on_unanswered` first),
+        :class:`WriteNotMade` for one it never will (:func:`_unanswered`: it stored
+        nothing)."""
+        if written is None:
             return StorageError(message)
+        if not _unanswered(exc):
+            return WriteNotMade(message)
         if self.on_unanswered is not None:
             try:
                 self.on_unanswered(written)
