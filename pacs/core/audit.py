@@ -554,6 +554,13 @@ def audit_log_used_event(source: Source, kind: Code, reader: Participant,
                     [reader, application], source, kind, [log_object])
 
 
+def batch_outcome(done: int, failed: int) -> int:
+    """EventOutcomeIndicator of a batch (an association's C-STOREs, an import, a
+    forwarded batch) as a whole: success when nothing failed, a minor failure when some
+    did, a serious one when nothing was done (PS3.15 A.5.1 keeps RFC 3881 5.1.4's)."""
+    return SUCCESS if not failed else MINOR_FAILURE if done else SERIOUS_FAILURE
+
+
 def dimse_outcome(status: int) -> int:
     """EventOutcomeIndicator of a DIMSE status (PS3.7 C): Success 0; Warning (0001,
     Bxxx, 0107, 0116) and Cancel (FE00) a minor failure; any Failure a serious one."""
@@ -1285,8 +1292,7 @@ class ImportAudit:
         groups: dict[Patient | None, list[Study]] = {}
         for (study_uid, patient), classes in self._studies.items():
             groups.setdefault(patient, []).append(Study(study_uid, classes))
-        outcome = (SUCCESS if not self._failed else
-                   MINOR_FAILURE if imported else SERIOUS_FAILURE)
+        outcome = batch_outcome(imported, self._failed)
         done = ", ".join(f"{count} {word}" for word, count in self._done.items())
         description = (f"{self.what}: {imported} instance(s) imported"
                        + (f" ({done})" if done else "") + f", {self._failed} failed")

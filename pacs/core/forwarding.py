@@ -126,8 +126,7 @@ def transfer(sender: Sender, refs: Sequence[InstanceRef], trail: AuditTrail,
     deliveries = _sent(sender, refs)
     sent = [ref for ref, done in zip(refs, deliveries, strict=True)
             if done.result is Result.SENT]
-    outcome = (audit.SUCCESS if len(sent) == len(refs) else
-               audit.MINOR_FAILURE if sent else audit.SERIOUS_FAILURE)
+    outcome = audit.batch_outcome(len(sent), len(refs) - len(sent))
     studies = audit.studies_of((ref.study_uid, ref.sop_class_uid) for ref in (sent or refs))
     trail.transferred(audit.APPLICATION_SERVER, audit.READ,
                       trail.node(requestor=requestor is None), sender.receiver, studies,

@@ -227,11 +227,8 @@ class AssociationAudit:
                                     self.trail.node(), by_patient, audit.SUCCESS,
                                     f"C-STORE: {count} {_DONE[action]}")
                 continue
-            # Of the C-STOREs as a whole: 8 only when every one failed (none of any
-            # action succeeded).
-            outcome = (audit.SUCCESS if not failed else
-                       audit.MINOR_FAILURE if sum(stored.values()) else
-                       audit.SERIOUS_FAILURE)
+            # Of the C-STOREs as a whole: 8 only when no store of any action succeeded.
+            outcome = audit.batch_outcome(sum(stored.values()), failed)
             self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
                                 self.trail.node(), by_patient, outcome,
                                 f"C-STORE: {count} stored, {failed} failed")
