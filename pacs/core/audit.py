@@ -1201,6 +1201,85 @@ class AuditTrail:
         self.log.close()
 
 
+class Counts:
+    """Instances stored or imported, counted for the events of one batch (an
+    association's C-STOREs, an import): per EventActionCode, study and patient (as each
+    instance named it) the instances of each SOP class, per label of what each store did
+    its number, and the failures.  Nothing is kept per instance, so what a batch holds
+    does not grow with the instances it counts (the same object may be sent again and
+    again).  Not thread-safe: its owner locks.
+
+    Parameters
+    ----------
+    limit : int
+        Most studies counted (a study once per action and patient): :meth:`full_for`.
+    seconds : float
+        Longest a batch counts before its events are due: :meth:`due`.
+    """
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        #: The instances of each SOP class, by (action, study, patient), in the order
+        #: first seen; keys kept as the first store gave them.
+        self.studies: dict[tuple[str, str, Patient | None], dict[str, int]] = {}
+        #: Instances counted by the label of what their store did.
+        self.done: dict[str, int] = {}
+        self.failed = 0
+        self._since: float | None = None  # when counting began
+
+    @property
+    def stored(self) -> int:
+        """The instances counted (failures aside)."""
+        return sum(self.done.values())
+
+    def full_for(self, action: str, study_uid: str, patient: Patient | None) -> bool:
+        """True when an instance of this study would pass the limit: the counts so far
+        are to be written first (:meth:`take`)."""
+        return ((action, study_uid, patient) not in self.studies
+                and len(self.studies) >= self.limit)
+
+    def add(self, action: str, study_uid: str, sop_class_uid: str,
+            patient: Patient | None, done: str) -> None:
+        """Count one instance stored; ``done``, the label of what its store did."""
+        classes = self.studies.setdefault((action, study_uid, patient), {})
+        if sop_class_uid:
+            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
+        self.done[done] = self.done.get(done, 0) + 1
+        self._started()
+
+    def fail(self, count: int = 1) -> None:
+        """Count ``count`` failures."""
+        self.failed += count
+        self._started()
+
+    def _started(self) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+
+    def due(self) -> bool:
+        """True once the counting began :attr:`seconds` ago."""
+        return self._since is not None and time.monotonic() - self._since >= self.seconds
+
+    def take(self) -> Counts:
+        """What is counted so far; this batch counts again from nothing."""
+        taken = copy.copy(self)  # the counts move to it
+        self.studies, self.done, self.failed, self._since = {}, {}, 0, None
+        return taken
+
+    def by_action(self) -> dict[str, dict[Patient | None, list[Study]]]:
+        """The studies counted, per action and patient."""
+        groups: dict[str, dict[Patient | None, list[Study]]] = {}
+        for (action, study_uid, patient), classes in self.studies.items():
+            groups.setdefault(action, {}).setdefault(patient, []).append(
+                Study(study_uid, classes))
+        return groups
+
+    def outcome(self) -> int:
+        """The batch's outcome as a whole (:func:`batch_outcome`)."""
+        return batch_outcome(self.stored, self.failed)
+
+
 #: Most studies (a study counted once per patient its instances named) one import
 #: counts before their events are written: what an import holds for the trail stays
 #: bounded however many files it reads, as an association's C-STOREs
@@ -1248,11 +1327,7 @@ class ImportAudit:
         self.importers = list(importers)
         self.media = media
         self.what = what
-        self.limit = limit
-        self._studies: dict[tuple[str, Patient | None], dict[str, int]] = {}
-        self._done: dict[str, int] = {}
-        self._failed = 0
-        self._since: float | None = None  # when the counts began
+        self._counts = Counts(limit, SECONDS_PER_IMPORT_EVENT)
 
     def stored(self, study_uid: str, sop_class_uid: str, patient: Patient | None,
                done: str = "stored") -> None:
@@ -1260,45 +1335,31 @@ class ImportAudit:
         ``unchanged``: :class:`pacs.core.ingest.Outcome`), counted for the description."""
         if not self.trail.enabled:
             return
-        key = (study_uid, patient)
-        if key not in self._studies and len(self._studies) >= self.limit:
+        if self._counts.full_for(CREATE, study_uid, patient):
             self.write()
-        classes = self._studies.setdefault(key, {})
-        if sop_class_uid:
-            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
-        self._done[done] = self._done.get(done, 0) + 1
-        self._counted()
+        self._counts.add(CREATE, study_uid, sop_class_uid, patient, done)
+        if self._counts.due():
+            self.write()
 
     def failed(self, count: int = 1) -> None:
         """``count`` files not stored (refused, unreadable)."""
         if self.trail.enabled and count:
-            self._failed += count
-            self._counted()
-
-    def _counted(self) -> None:
-        """Write what is counted once it has been counted for long enough."""
-        now = time.monotonic()
-        if self._since is None:
-            self._since = now
-        elif now - self._since >= SECONDS_PER_IMPORT_EVENT:
-            self.write()
+            self._counts.fail(count)
+            if self._counts.due():
+                self.write()
 
     def write(self) -> None:
         """Write the events of what is counted (none when nothing is), and count again
         from nothing."""
-        imported = sum(self._done.values())
-        if not imported and not self._failed:
+        counts = self._counts.take()
+        if not counts.stored and not counts.failed:
             return
-        groups: dict[Patient | None, list[Study]] = {}
-        for (study_uid, patient), classes in self._studies.items():
-            groups.setdefault(patient, []).append(Study(study_uid, classes))
-        outcome = batch_outcome(imported, self._failed)
-        done = ", ".join(f"{count} {word}" for word, count in self._done.items())
-        description = (f"{self.what}: {imported} instance(s) imported"
-                       + (f" ({done})" if done else "") + f", {self._failed} failed")
-        self._studies, self._done, self._failed, self._since = {}, {}, 0, None
-        self.trail.imported(APPLICATION_SERVER, self.importers, self.media, groups,
-                            outcome, description)
+        done = ", ".join(f"{count} {word}" for word, count in counts.done.items())
+        description = (f"{self.what}: {counts.stored} instance(s) imported"
+                       + (f" ({done})" if done else "") + f", {counts.failed} failed")
+        self.trail.imported(APPLICATION_SERVER, self.importers, self.media,
+                            counts.by_action().get(CREATE, {}), counts.outcome(),
+                            description)
 
 
 def patients_in_index(connection: Callable[[], Any], study_uids: Sequence[str]

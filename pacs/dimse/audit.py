@@ -47,11 +47,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
@@ -103,15 +102,6 @@ def keys_of(identifier: Dataset) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-class _Key(NamedTuple):
-    """What the C-STOREs of an association are counted by: what each did to the node's
-    copy (the EventActionCode), its study, and the patient it named."""
-
-    action: str
-    study_uid: str
-    patient: Patient | None
-
-
 @dataclass
 class _Retrieve:
     """One C-MOVE / C-GET of the association, from its request to its final response."""
@@ -139,15 +129,9 @@ class AssociationAudit:
         self.trail = trail
         self.requestor = Participant(calling_ae.strip() or "(none)", True, address=address)
         self._lock = threading.Lock()
-        # Instances stored, counted per event action (what the store did to the node's
-        # copy), study, patient (as the instance named it) and SOP class as they are
-        # answered (in the order first seen): what the events name, and no more, so
-        # that what is kept does not grow with the number of stores of a long
-        # association (the same object may be sent again and again).
-        self._stored: dict[_Key, dict[str, int]] = {}
-        self._stored_count: dict[str, int] = {}
-        self._failed = 0
-        self._counting_since: float | None = None
+        # The C-STOREs answered, counted by what each did to the node's copy (its
+        # EventActionCode: the label of its count too), study and patient.
+        self._counts = audit.Counts(MAX_STUDIES_PER_EVENT, STORES_PER_EVENT_SECONDS)
         self._closed = False
         self._retrieves: dict[int, _Retrieve] = {}
 
@@ -161,27 +145,22 @@ class AssociationAudit:
         names (:attr:`pacs.core.ingest.StoreResult.patient`; ``None``: unknown, no
         Patient object)."""
         success = audit.dimse_outcome(status.code) == audit.SUCCESS
-        key = _Key(action, study_uid, patient)
         full = None
         with self._lock:
             closed = self._closed
             if not closed:
-                if success and key not in self._stored and \
-                        len(self._stored) >= MAX_STUDIES_PER_EVENT:
-                    full = self._take_stores()
+                counts = self._counts
+                if success and counts.full_for(action, study_uid, patient):
+                    full = counts.take()
                 if success:
-                    self._count_stored(key, sop_class_uid)
+                    counts.add(action, study_uid, sop_class_uid, patient, action)
                 else:
-                    self._failed += 1
-                now = time.monotonic()
-                if self._counting_since is None:
-                    self._counting_since = now
-                elif full is None and now - self._counting_since >= \
-                        STORES_PER_EVENT_SECONDS:
-                    full = self._take_stores()
+                    counts.fail()
+                if full is None and counts.due():
+                    full = counts.take()
         try:  # the C-STORE is answered whatever happens to its event
             if full is not None:  # written outside the lock: no other store waits on it
-                self._write_stores(*full)
+                self._write_stores(full)
             if closed:
                 # The association ended while this store ran (an abort): its event alone.
                 groups = audit.studies_by_patient(
@@ -193,45 +172,22 @@ class AssociationAudit:
         except Exception:
             log.error("audit trail: the event of C-STOREs could not be made", exc_info=True)
 
-    def _count_stored(self, key: _Key, sop_class_uid: str) -> None:
-        """Count one instance stored (under the lock)."""
-        # Keys kept as the first store gave them: one string per study and class.
-        classes = self._stored.setdefault(key, {})
-        if sop_class_uid:
-            classes[sop_class_uid] = classes.get(sop_class_uid, 0) + 1
-        self._stored_count[key.action] = self._stored_count.get(key.action, 0) + 1
-
-    def _take_stores(self) -> tuple[dict[_Key, dict[str, int]], dict[str, int], int]:
-        """What is counted so far (studies, stored per action, failed), counting
-        again from nothing (under the lock)."""
-        taken = self._stored, self._stored_count, self._failed
-        self._stored, self._stored_count, self._failed = {}, {}, 0
-        self._counting_since = None
-        return taken
-
-    def _write_stores(self, counted: dict[_Key, dict[str, int]],
-                      stored: dict[str, int], failed: int) -> None:
+    def _write_stores(self, counts: audit.Counts) -> None:
         """One event per action and patient: the failures go with the instances new to
         the node (C), the event of the C-STOREs as a whole; those that replaced a
         different object (U) or met the node's copy (R) have theirs."""
-        groups: dict[str, dict[Patient | None, list[Study]]] = {}
-        for key, classes in counted.items():
-            groups.setdefault(key.action, {}).setdefault(key.patient, []).append(
-                Study(key.study_uid, classes))
-        if failed:
+        groups = counts.by_action()
+        if counts.failed:
             groups.setdefault(audit.CREATE, {})
         for action, by_patient in groups.items():
-            count = stored.get(action, 0)
-            if action != audit.CREATE:
-                self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
-                                    self.trail.node(), by_patient, audit.SUCCESS,
-                                    f"C-STORE: {count} {_DONE[action]}")
-                continue
-            # Of the C-STOREs as a whole: 8 only when no store of any action succeeded.
-            outcome = audit.batch_outcome(sum(stored.values()), failed)
+            count = counts.done.get(action, 0)
+            if action == audit.CREATE:  # 8 only when no store of any action succeeded
+                outcome, description = (counts.outcome(),
+                                        f"C-STORE: {count} stored, {counts.failed} failed")
+            else:
+                outcome, description = audit.SUCCESS, f"C-STORE: {count} {_DONE[action]}"
             self.trail.received(audit.APPLICATION_SERVER, action, self.requestor,
-                                self.trail.node(), by_patient, outcome,
-                                f"C-STORE: {count} stored, {failed} failed")
+                                self.trail.node(), by_patient, outcome, description)
 
     # -- C-FIND --------------------------------------------------------------------
 
@@ -340,8 +296,8 @@ class AssociationAudit:
                 return
             self._closed = True
             unfinished = [m for m, r in self._retrieves.items() if r.began]
-            counted = self._take_stores()
-        self._write_stores(*counted)
+            counted = self._counts.take()
+        self._write_stores(counted)
         for message_id in unfinished:
             self.retrieve_ended(message_id, None)
 

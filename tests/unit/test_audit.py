@@ -376,7 +376,7 @@ def test_an_import_counts_nothing_while_the_trail_is_off() -> None:
     record = audit.ImportAudit(trail, [OPERATOR], MEDIA, "pacs import")
     record.stored("1.1", "1.2.840.10008.5.1.4.1.1.2", PATIENT)
     record.failed()
-    assert not record._studies and not record._failed
+    assert not record._counts.stored and not record._counts.failed
     record.write()  # nothing, and no file
 
 

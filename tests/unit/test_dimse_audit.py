@@ -260,9 +260,10 @@ def test_a_long_association_writes_its_stores_every_few_seconds(
     """A worker killed during a long association loses the record of its last
     STORES_PER_EVENT_SECONDS of stores at most: before, its stores were written only
     when it ended (or at a thousand studies), and a kill lost them all."""
+    from pacs.core import audit as core_audit
     from pacs.dimse import audit as dimse_audit
     now = [100.0]
-    monkeypatch.setattr(dimse_audit.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(core_audit.time, "monotonic", lambda: now[0])
     audit = AssociationAudit(trail(tmp_path), "SCU", "127.0.0.1")
     for _ in range(3):
         audit.stored("1.1", CT, SUCCESS)
