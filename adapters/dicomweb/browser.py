@@ -21,6 +21,16 @@ OHIF runs on another origin unless it is proxied, and with cross-origin isolatio
 - Every response carries ``Cross-Origin-Resource-Policy``: ``cross-origin`` when CORS
   origins are configured, else ``same-site`` (a viewer on another port of the same
   host is same-site).
+- A request that would change data (any method but GET, HEAD and OPTIONS) sent by a
+  page of another origin is refused, 403, before its credentials are looked at: a
+  form of any site can POST to ``…/reject/{code}^{scheme}`` without a preflight, and
+  the browser adds this host's loopback trust or the user's cached Basic credentials
+  (cross-site request forgery).  "Another origin": an ``Origin`` header that is
+  neither this node's (its Host) nor listed in ``PACS_CORS_ORIGINS`` (``*`` lists
+  none: a viewer elsewhere that writes is listed by its origin); without ``Origin``,
+  ``Sec-Fetch-Site: cross-site`` or ``same-site``.  Clients that are no browser send
+  neither and are not concerned (OWASP's CSRF prevention: verifying the origin with
+  standard headers, Fetch Metadata).
 """
 
 from __future__ import annotations
@@ -38,6 +48,12 @@ METHODS = "GET, HEAD, POST, OPTIONS"
 REQUEST_HEADERS = "Authorization, Accept, Content-Type, Range, If-None-Match"
 #: Seconds a browser may cache a preflight answer.
 MAX_AGE = "600"
+#: Methods that change nothing: the only ones a page of another origin may send.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Sec-Fetch-Site values of a request a page of another origin made.
+_ELSEWHERE = frozenset({"cross-site", "same-site"})
+#: The ports an origin or a Host header may leave out (HTTP's, HTTPS').
+_DEFAULT_PORTS = (":80", ":443")
 
 
 class BrowserMiddleware:
@@ -62,6 +78,30 @@ class BrowserMiddleware:
             return "*"
         return origin if origin.rstrip("/") in self.origins else None
 
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Refuse a request that would change data, sent by a page of another origin.
+
+        Raises
+        ------
+        falcon.HTTPForbidden
+            For such a request (module docstring).
+        """
+        if req.method in SAFE_METHODS or not self.forged(req):
+            return
+        raise falcon.HTTPForbidden(
+            title="Cross-site request refused",
+            description="a page of another origin may not change this node's data; a "
+                        "viewer there is listed in PACS_CORS_ORIGINS")
+
+    def forged(self, req: falcon.Request) -> bool:
+        """True when a page of another origin made ``req`` (its ``Origin``, else its
+        ``Sec-Fetch-Site``), unless that origin is listed."""
+        origin = req.get_header("Origin")
+        if origin is not None:
+            origin = origin.strip().rstrip("/")
+            return origin not in self.origins and not _own(origin, req)
+        return (req.get_header("Sec-Fetch-Site") or "").strip().lower() in _ELSEWHERE
+
     def process_response(self, req: falcon.Request, resp: falcon.Response,
                          resource: object, req_succeeded: bool) -> None:
         """Add the headers (also to error responses, which scripts must read too)."""
@@ -84,6 +124,24 @@ class BrowserMiddleware:
             resp.set_header("Access-Control-Max-Age", MAX_AGE)
             resp.status = falcon.HTTP_204
             resp.data = b""
+
+
+def _own(origin: str, req: falcon.Request) -> bool:
+    """True when ``origin`` (``scheme://host[:port]``) names the host and port the
+    request was sent to (its Host header).  Neither the scheme nor a default port is
+    compared: a TLS proxy in front of the node sends it plain HTTP, the Host header of
+    the public name."""
+    netloc = origin.lower().partition("://")[2]
+    host = (req.get_header("Host") or "").strip().lower()
+    return bool(netloc) and _without_default_port(netloc) == _without_default_port(host)
+
+
+def _without_default_port(netloc: str) -> str:
+    """``host[:port]`` without ``:80`` or ``:443``."""
+    for port in _DEFAULT_PORTS:
+        if netloc.endswith(port):
+            return netloc.removesuffix(port)
+    return netloc
 
 
 def proven(req: falcon.Request) -> bool:

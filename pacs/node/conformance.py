@@ -1105,7 +1105,9 @@ converted to another transfer syntax for a peer loses their validity.
 
 ### 7.3 Application Level Security [A.8.3]
 
-DICOMweb: {access}.  Browser origins allowed (CORS, `PACS_CORS_ORIGINS`): {cors}.
+DICOMweb: {access}.  Browser origins allowed (CORS, `PACS_CORS_ORIGINS`): {cors}; a
+request that would change data from a page of another origin (its `Origin` neither the
+node's nor listed by name, or `Sec-Fetch-Site` cross-site or same-site): 403.
 Every answer carries `X-Content-Type-Options: nosniff` and a sandboxing
 Content-Security-Policy."""
 

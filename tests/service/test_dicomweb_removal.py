@@ -124,3 +124,33 @@ def test_ohifs_reject_request(enabled: Services) -> None:
     assert "CID 7010" in unknown.json["description"]
     assert client.simulate_post(f"/studies/{generate_uid()}/reject/113001^DCM"
                                 ).status_code == 404
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Origin": "http://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+     403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:8080"}, 403),  # same site, another port: another origin
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Origin": "http://localhost"}, 200),  # the node's own pages (the viewer)
+    ({"Origin": "https://LOCALHOST:443", "Sec-Fetch-Site": "same-origin"}, 200),
+    ({"Origin": "https://viewer.example"}, 200),  # listed in PACS_CORS_ORIGINS
+    ({}, 200),  # no browser: curl, dicomweb-client
+])
+def test_a_removal_forged_by_a_page_of_another_origin_is_refused(
+        make_services: Callable[..., Services], headers: dict[str, str],
+        status: int) -> None:
+    """A form of any site POSTs to the reject route without a preflight, and the
+    browser adds this host's loopback trust (or a user's cached Basic credentials):
+    a request that would change data from a page of another origin is 403, nothing
+    removed; the node's own origin, a listed one and clients that are no browser are
+    served."""
+    services = make_services(web_delete=True, cors_origins=("https://viewer.example",))
+    client = testing.TestClient(create_app(services))
+    study, series, _ = _study(services)
+    answer = client.simulate_post(
+        f"/dicom-web/studies/{study}/series/{series[0]}/reject/113001%5EDCM",
+        headers={"Host": "localhost", **headers}, body="x=1")
+    assert answer.status_code == status, answer.text
+    left = reads.counts(services.index.connection())["instance"]
+    assert left == (4 if status == 403 else 2)
