@@ -42,6 +42,7 @@ from adapters.dicomweb import (
 from adapters.dicomweb.browser import BrowserMiddleware
 from adapters.http.audit import AuditMiddleware
 from adapters.http.auth import Access, AccessMiddleware
+from adapters.http.transport import mark_secure
 from pacs.core.services import Services
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ DICOMWEB_POLICY = "default-src 'none'; frame-ancestors 'none'; sandbox"
 
 class ActiveContentMiddleware:
     """``X-Content-Type-Options: nosniff`` and :data:`DICOMWEB_POLICY` on every
-    response, errors included.
+    response, errors included (and HSTS over HTTPS: :mod:`adapters.http.transport`).
 
     With ``nosniff`` a browser never takes an answer for another type than the one
     declared (a value served as ``application/octet-stream`` or JSON is never run as
@@ -69,6 +70,7 @@ class ActiveContentMiddleware:
                          resource: object, req_succeeded: bool) -> None:
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Content-Security-Policy", DICOMWEB_POLICY)
+        mark_secure(req, resp)
 
 
 #: The Cache-Control of every DICOMweb answer: each may carry patient data (a query's

@@ -17,6 +17,7 @@ from pathlib import Path
 import falcon
 
 from adapters.http.auth import Access, AccessMiddleware
+from adapters.http.transport import mark_secure
 from adapters.viewer.static import OhifFiles
 from pacs.core.services import Services
 
@@ -37,7 +38,8 @@ def app_config(reject: bool = False) -> bytes:
 class ViewerHeaders:
     """``nosniff`` and the viewer's Content-Security-Policy on every answer of the
     files part, errors (401, 404) included: the page's policy unless the answer has
-    its own (script files, see :data:`adapters.viewer.static.WORKER_SCRIPTS`)."""
+    its own (script files, see :data:`adapters.viewer.static.WORKER_SCRIPTS`); HSTS
+    over HTTPS (:mod:`adapters.http.transport`)."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
@@ -47,6 +49,7 @@ class ViewerHeaders:
         resp.set_header("X-Content-Type-Options", "nosniff")
         if resp.get_header("Content-Security-Policy") is None:
             resp.set_header("Content-Security-Policy", self.policy)
+        mark_secure(req, resp)
 
 
 def files_app(services: Services, dist: Path) -> falcon.App[falcon.Request, falcon.Response]:

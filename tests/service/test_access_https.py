@@ -184,3 +184,26 @@ def test_the_verdicts() -> None:
     assert access.decide("127.0.0.1", GOOD_BASIC, "evil.example") is verdict.ALLOW
     assert access.decide("127.0.0.1", None, "localhost") is verdict.ALLOW
     assert not access.allowed(REMOTE, GOOD_BASIC, "x")
+
+
+def test_answers_over_https_ask_for_https_alone(
+        make_services: Callable[..., Services], tmp_path: Path) -> None:
+    """Strict-Transport-Security (RFC 6797) on every answer over HTTPS, refusals
+    included, on the DICOMweb port and on both parts of the viewer port: a browser
+    then lets no certificate warning be clicked through on an origin that takes
+    passwords.  Over plain HTTP it is not sent."""
+    services = make_services(web_user="alice", web_password="s3cret")
+    (tmp_path / "index.html").write_text("<!doctype html><title>OHIF</title>")
+    ports = ((create_app(services), ("/studies",)),
+             (viewer_port(services, tmp_path), ("/", "/dicom-web/studies")))
+    for app, paths in ports:
+        client = testing.TestClient(app)
+        for path in paths:
+            for headers in ({}, {"Authorization": GOOD_BASIC}):  # 401, 200
+                answer = client.simulate_get(path, remote_addr=REMOTE, protocol="https",
+                                             headers=headers)
+                assert answer.headers.get("Strict-Transport-Security") == \
+                    "max-age=31536000", (path, answer.status_code)
+            plain = client.simulate_get(path, remote_addr="127.0.0.1")
+            assert plain.status_code == 200
+            assert "Strict-Transport-Security" not in plain.headers
