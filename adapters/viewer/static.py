@@ -181,6 +181,10 @@ class OhifFiles:
         relative = posixpath.normpath("/" + url_path).lstrip("/")
         if "\x00" in relative:
             return None
+        if any(part.startswith(".") for part in relative.split("/")):
+            # A hidden file or folder (.git, .env, .htpasswd) of a dist an operator
+            # gave (PACS_VIEWER_DIST) is no part of the viewer; OHIF's has none.
+            return None
         if relative in ("", "."):
             return self.dist / "index.html"
         candidate = Path(os.path.realpath(self.dist / relative))

@@ -91,6 +91,19 @@ def test_missing_assets_and_escapes_are_404(client: testing.TestClient, path: st
     assert b"outside the dist" not in result.content
 
 
+@pytest.mark.parametrize("path", ["/.env", "/%2eenv", "/.git/config", "/assets/.htpasswd"])
+def test_hidden_files_of_a_dist_are_not_served(client: testing.TestClient, dist: Path,
+                                               path: str) -> None:
+    """A dist an operator gave may hold hidden files (``.env``, ``.git``): none is a
+    part of the viewer, none is served (404, not the page either)."""
+    (dist / ".env").write_text("SECRET=1")
+    (dist / ".git").mkdir()
+    (dist / ".git" / "config").write_text("SECRET=1")
+    (dist / "assets" / ".htpasswd").write_text("SECRET=1")
+    result = client.simulate_get(path)
+    assert result.status_code == 404 and b"SECRET" not in result.content
+
+
 @pytest.mark.parametrize(("path", "status"), [
     ("/" + "a" * 300, 200),  # a client-side route: the page
     ("/" + "a" * 300 + ".js", 404),  # a missing asset
