@@ -209,8 +209,8 @@ class Access:
         # A request from this host that names it needs no credentials when the loopback
         # roles are set: a lock-out (or credentials that fail) leaves it those roles,
         # never refused for credentials it did not need.
-        trusted = (loopback and self.names_this_node(host)
-                   and bool(self.policy.loopback_roles))
+        names_this_node = loopback and self.names_this_node(host)
+        trusted = names_this_node and bool(self.policy.loopback_roles)
         user = None
         locked = False
         if authorization and not is_placeholder(authorization):
@@ -226,7 +226,7 @@ class Access:
         if trusted:
             return Verdict.ALLOW, Identity(LOOPBACK, self.policy.loopback_roles,
                                            locked_out=locked)
-        if loopback and self.names_this_node(host):
+        if names_this_node:
             return Verdict.UNAUTHORIZED, None
         return (Verdict.MISDIRECTED if loopback else Verdict.UNAUTHORIZED), None
 
