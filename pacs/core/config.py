@@ -375,9 +375,10 @@ SETTINGS: tuple[Setting, ...] = (
             "object store takes them; beyond it new objects are refused (A700 / HTTP 503 "
             "with Retry-After) until the mover catches up.", _positive(int)),
     Setting("PACS_INTAKE_OBJECT_BYTES", "intake_object_bytes", "",
-            "Largest object acknowledged through the intake (one index commit); larger "
-            "objects are written to the object store before their index row. Empty: "
-            "262144 on the folder store, 67108864 on S3; 0: no intake.",
+            "Largest object acknowledged through the intake (one index commit; one over "
+            "262144 bytes as a synced file of the intake's folder); larger objects are "
+            "written to the object store before their index row. Empty: 262144 on the "
+            "folder store, 67108864 on S3; 0: no intake.",
             _intake_object_bytes),
     Setting("PACS_INTAKE_MOVER", "intake_mover", "on",
             "off holds the mover: acknowledged objects stay in the intake (tests and "
@@ -584,7 +585,9 @@ class Settings:
         path writes it once: it saves the fsyncs that dominate a small object's cost and
         costs the bandwidth that dominates a large one's (a CT slice of 512 KB stored
         faster directly, on four associations twice as fast, on this project's test
-        machine).  On S3 the direct path waits for a PUT round trip, which costs more.
+        machine).  On S3 the direct path waits for a PUT round trip, which costs more;
+        there an object over :data:`pacs.core.intake.BLOB_BYTES` is a file of the
+        intake, written as the folder store writes its objects.
         """
         if self.intake_object_bytes is not None:
             return self.intake_object_bytes

@@ -477,6 +477,8 @@ class Deleter:
             # it, is what the crash left, never a write in progress.
             for key in [row.object_key for row in rows] + left:
                 self._delete_object(key, removal)
+            if rows:  # their intake files, which their intake rows named
+                self.store.tidy({row.sop_uid for row in rows})
 
     def _delete_object(self, key: str, removal: Removal) -> None:
         """Delete a removed instance's object from the backend (its intake copy went

@@ -14,7 +14,10 @@ Order of operations, which is what makes a success durable (docs/architecture.md
 2. under a lock on the SOP Instance UID, decide what a repeated UID means;
 3. commit, in one transaction (WAL, ``synchronous=FULL``, the commit shared with every
    thread storing meanwhile), the index rows *and* the object's bytes in the intake
-   (:mod:`pacs.core.intake`), dropping the intake copy of a key the instance left;
+   (:mod:`pacs.core.intake`), dropping the intake copy of a key the instance left; an
+   object over :data:`~pacs.core.intake.BLOB_BYTES` is staged as a file of the intake
+   while step 1 reads it, placed under its own name (a rename, a folder fsync) before
+   the commit, which records it without its bytes (a failed commit removes the file);
 4. for an IOCM rejection note, once the lock is released, remove what it rejects
    (:attr:`Ingest.on_rejection`, :mod:`pacs.core.deletion`);
 5. only then report success; the intake's mover writes the object to its key in the
@@ -88,7 +91,7 @@ from pacs.core.errors import (
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
-from pacs.core.intake import IntakeStore, Refusals, check_room
+from pacs.core.intake import BLOB_BYTES, IntakeStore, Refusals, check_room, file_name
 from pacs.core.offload import Offload
 from pacs.core.storage import Staged, object_key, put_many, read_bounded, staged
 
@@ -362,6 +365,11 @@ class Ingest:
         """True when an object of ``size`` bytes is acknowledged through the intake."""
         return size <= self.intake_object_bytes
 
+    def filed(self, size: int) -> bool:
+        """True when an object of ``size`` bytes is acknowledged through the intake as
+        a file of its folder (:data:`pacs.core.intake.BLOB_BYTES`)."""
+        return BLOB_BYTES < size <= self.intake_object_bytes
+
     def check_room(self, size: int | None = None) -> None:
         """Step 0: refuse an object for the intake while the intake is full.
 
@@ -439,10 +447,12 @@ class Ingest:
         """:meth:`store_bytes` once the intake has room for ``data``."""
         self._check_size(len(data))
         direct = not self.journaled(len(data))
-        # An object for the direct path is staged first: the store makes its bytes
-        # durable while they are analysed, and what is left once the key is known is a
-        # rename (:class:`~pacs.core.storage.Staging`).
-        with staged(self.store.backend, data) if direct else nullcontext() as staging:
+        # An object for the direct path, or for a file of the intake, is staged first:
+        # the store makes its bytes durable while they are analysed, and what is left
+        # once the key is known is a rename (:class:`~pacs.core.storage.Staging`).
+        target = (self.store.backend if direct
+                  else self.store.files if self.filed(len(data)) else None)
+        with staged(target, data) if target is not None else nullcontext() as staging:
             # Through the intake, the metadata is the mover's work (module docstring).
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
@@ -656,11 +666,17 @@ class Ingest:
                 plans[number] = plan
         direct = [n for n in plans if not plans[n].journal]
         failures = put_many(self.store.backend, [(plans[n].key, items[n]) for n in direct])
-        written = [n for n in plans if plans[n].journal]
-        for number, failure in zip(direct, failures, strict=True):
-            if failure is not None:  # it may have replaced the previous object: undone
+        filed = [n for n in plans if plans[n].in_file]
+        if filed:
+            failures += put_many(self.store.files,
+                                 [(plans[n].file, items[n]) for n in filed])
+        written = [n for n in plans if plans[n].journal and not plans[n].in_file]
+        for number, failure in zip(direct + filed, failures, strict=True):
+            if failure is not None and number in direct:
+                # It may have replaced the previous object: undone.
                 self._undo_put(plans[number].key, plans[number].existing,
                                plans[number].previous, failure)
+            if failure is not None:
                 results[number] = failure
             else:
                 written.append(number)
@@ -672,6 +688,8 @@ class Ingest:
             if error is not None:
                 if number in direct:
                     self._undo_put(plan.key, plan.existing, plan.previous)
+                if plan.in_file:
+                    self.store.files.remove_quietly(plan.file)
                 results[number] = error
             else:
                 self._forget_moved(plan)
@@ -686,7 +704,15 @@ class Ingest:
         if plan is None:
             return outcome
         work = self._index_work(analysis, plan, data, calling_ae, requestor)
-        if staging is None or plan.journal:
+        if staging is not None and plan.in_file:
+            try:
+                # Its own name: no acknowledged object is overwritten (pacs.core.intake).
+                staging.place(plan.file)
+                self.index.commit(work)
+            except BaseException:
+                self.store.files.remove_quietly(plan.file)
+                raise
+        elif staging is None or plan.journal:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
             try:
@@ -739,8 +765,10 @@ class Ingest:
                     "a different object is stored; the sender may not overwrite")
         key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
         in_place = existing is not None and existing.object_key == key
-        plan = _Plan(key, existing, previous, revived,
-                     self._journal(conn, key, len(data), in_place))
+        journal = self._journal(conn, key, len(data), in_place)
+        filed = journal and self.filed(len(data))
+        plan = _Plan(key, existing, previous, revived, journal,
+                     file_name(key, analysis.checksum) if filed else "")
         return plan.outcome, plan
 
     def _journal(self, conn: apsw.Connection, key: str, size: int,
@@ -806,13 +834,18 @@ class Ingest:
                    else None)
         return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
                          analysis, data if plan.journal else None, left,
-                         plan.revived, new=plan.existing is None, pending=pending)
+                         plan.revived, new=plan.existing is None, pending=pending,
+                         in_file=plan.in_file)
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
-        old file unlisted (its intake copy went with the commit); remove it."""
-        if plan.existing is not None and plan.existing.object_key != plan.key:
+        old file unlisted (its intake copy went with the commit); remove it, and the
+        intake file of a version the commit replaced."""
+        if plan.existing is None:
+            return
+        if plan.existing.object_key != plan.key:
             self._delete_quietly(plan.existing.object_key)
+        self.store.tidy({plan.existing.sop_uid})
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None, failure: BaseException | None = None) -> None:
@@ -918,6 +951,12 @@ class _Plan:
     previous: bytes | None
     revived: bool = False  # the UID has a tombstone, dropped with the commit
     journal: bool = True  # acknowledged through the intake, not written directly
+    file: str = ""  # the name of its intake file, if it is kept as one
+
+    @property
+    def in_file(self) -> bool:
+        """Acknowledged through the intake as a file of its folder."""
+        return bool(self.file)
 
     @property
     def outcome(self) -> Outcome:
@@ -928,9 +967,11 @@ class _Plan:
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
               left: str | None, revived: bool = False, *, new: bool = False,
-              pending: Participant | None = None) -> Callable[[apsw.Connection], None]:
+              pending: Participant | None = None, in_file: bool = False,
+              ) -> Callable[[apsw.Connection], None]:
     """The writes of one instance's commit: its index rows and metadata; its bytes in
-    the intake (``intake``), or else any older intake copy of its key dropped (the
+    the intake (``intake``; only its row when ``in_file``: the bytes are a file of the
+    intake's folder), or else any older intake copy of its key dropped (the
     store holds the object the row names); the intake copy of the key it moved from
     (``left``) dropped; its tombstone dropped when it was removed before
     (``revived``).  ``new``: the instance has no row (decided under its ingest lock,
@@ -942,7 +983,10 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
         writer.upsert(conn, row, new=new)
         if analysis.metadata is not None or not new:
             metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)
-        if intake is not None:
+        if intake is not None and in_file:
+            writer.intake_add_file(conn, row.object_key, len(intake), analysis.checksum,
+                                   time.time())
+        elif intake is not None:
             writer.intake_add(conn, row.object_key, intake, analysis.checksum, time.time())
         else:
             writer.intake_drop(conn, row.object_key)

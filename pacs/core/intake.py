@@ -36,6 +36,18 @@ that nobody saw unanswered: the next mover finds the previous one's mark
 (``intake_state.mover_active``) and makes every key then in the intake unsettled
 (:meth:`Mover.begin`).
 
+An object over :data:`BLOB_BYTES` (on S3, whose intake takes objects up to 64 MiB: a CT
+slice) is kept as a file of the intake's folder (:class:`IntakeFiles`, ``<data>/intake``)
+rather than as a blob: written and synced while it is analysed, as the folder store
+writes it, and its row, committed with the index rows, holds no bytes.  Copied page by
+page through the WAL, a 512 KB object cost about 1.4 times the CPU
+(docs/architecture.md, "The intake").  The file is named by its
+SOP Instance UID and checksum, never the name of another version of the instance, so
+that a new version never overwrites acknowledged bytes before its own commit; a file
+that no row names any more (moved, replaced, removed, or left by a crash before its
+commit) is removed under the instance's ingest lock (:meth:`IntakeStore.tidy`,
+:meth:`Mover.sweep`).
+
 Objects over ``PACS_INTAKE_OBJECT_BYTES`` bypass the intake (written to the store
 before their index row, :mod:`pacs.core.ingest`): copying them through the WAL and the
 index file costs more than the fsyncs saved (the default per store:
@@ -50,9 +62,10 @@ import io
 import logging
 import math
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -62,9 +75,11 @@ from typing import BinaryIO
 import apsw
 
 from pacs.core import metadata
+from pacs.core.dataset import valid_uid
 from pacs.core.errors import (
     IndexFailure,
     IntakeFull,
+    NotFound,
     PacsError,
     StorageError,
 )
@@ -80,6 +95,7 @@ from pacs.core.storage import (
     put_many,
     usage,
 )
+from pacs.core.storage.filesystem import DurableFolders, FileStore
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +129,80 @@ REFUSALS_LOG_INTERVAL = 10.0
 _READ_BUFFER = 256 << 10
 #: Name of the mover's lock file in the data folder.
 LOCK_NAME = "intake.lock"
+#: Objects of the intake up to this size are blobs of the index; larger ones are files
+#: of the intake's folder (:class:`IntakeFiles`).
+BLOB_BYTES = 256 << 10
+#: Name of the intake's folder in the data folder.
+FILES_FOLDER = "intake"
+#: Seconds after which a temporary file of the intake's folder is a crash's leftover:
+#: a write stages one for as long as the object's analysis and its commit take.
+STALE_TEMPORARY_SECONDS = 3600.0
+_FILE_NAME = re.compile(r"(?P<sop>[0-9.]{1,64})\.[0-9a-f]{64}\Z")
+
+
+def file_name(key: str, checksum: str) -> str:
+    """The name of the intake file of the object at ``key`` with ``checksum``."""
+    return f"{_sop_of(key)}.{checksum}"
+
+
+class IntakeFiles(FileStore):
+    """The intake's folder: each object one file, named by :func:`file_name`, written
+    as the folder store writes its objects (synced while it is analysed, then renamed
+    and its folder synced: :class:`~pacs.core.storage.Staging`).
+
+    Parameters
+    ----------
+    root : Path
+        ``<data>/intake``, made (durably) when first written to.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        # Made in the data folder, beside the index, as the first write needs it.
+        self._folders = DurableFolders(root.parent)
+
+    def _path(self, key: str) -> Path:
+        # Names come from validated UIDs and hex checksums: never a path elsewhere.
+        if _sop_of_file(key) is None:
+            raise StorageError("refusing an intake file name not derived from a UID")
+        return self.root / key
+
+    def names(self) -> list[str]:
+        """The intake's files (temporary files excluded)."""
+        try:
+            return [name for name in os.listdir(self.root) if _sop_of_file(name)]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list the intake's folder: {exc.strerror or exc}"
+                               ) from exc
+
+    def remove_quietly(self, name: str) -> None:
+        """Remove an intake file no row names; a failure is logged (the next sweep
+        tries again)."""
+        try:
+            self.delete(name)
+        except StorageError as exc:
+            log.warning("could not remove a moved or replaced intake file (%s)", exc)
+
+    def remove_old_temporaries(self, older_than: float) -> int:
+        """Remove the temporary files last written before ``older_than`` (``time.time()``):
+        a crash's leftovers; the number removed."""
+        removed = 0
+        for path in self.temporaries():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+
+def _sop_of_file(name: str) -> str | None:
+    """The SOP Instance UID an intake file's name holds; ``None`` for another name."""
+    match = _FILE_NAME.match(name)
+    if match is None or not valid_uid(match["sop"]):
+        return None
+    return match["sop"]
 
 
 class IntakeStore:
@@ -124,6 +214,8 @@ class IntakeStore:
         The customer's folder or S3 store.
     index : Index
         The customer's index (which holds the intake).
+    files : IntakeFiles
+        The intake's folder (its objects over :data:`BLOB_BYTES`).
 
     Notes
     -----
@@ -139,9 +231,10 @@ class IntakeStore:
     batches (the ingest's direct path, the mover) writes to ``backend``.
     """
 
-    def __init__(self, backend: ObjectStore, index: Index) -> None:
+    def __init__(self, backend: ObjectStore, index: Index, files: IntakeFiles) -> None:
         self.backend = backend
         self.index = index
+        self.files = files
 
     def _entry(self, key: str) -> reads.IntakeEntry | None:
         return reads.intake_entry(self.index.connection(), key)
@@ -152,19 +245,69 @@ class IntakeStore:
         self.forget(key)
 
     def forget(self, key: str) -> None:
-        """Drop the intake's copy of ``key``, in a transaction of its own."""
-        if self._entry(key) is not None:
+        """Drop the intake's copy of ``key``, in a transaction of its own (its file
+        too, when it has one)."""
+        entry = self._entry(key)
+        if entry is not None:
             with self.index.write() as conn:
                 writer.intake_drop(conn, key)
+            if entry.in_file:
+                self.files.remove_quietly(file_name(key, entry.checksum))
 
     def open(self, key: str) -> BinaryIO:
         """The intake's copy when there is one, else the backend's object."""
         entry = self._entry(key)
+        if entry is not None and entry.in_file:
+            return self._open_file(entry)
         if entry is not None:
             blob = reads.intake_blob(self.index.connection(), entry.id)
             if blob is not None:
                 return io.BufferedReader(IntakeReader(blob, entry, self), _READ_BUFFER)
         return self.backend.open(key)
+
+    def _open_file(self, entry: reads.IntakeEntry) -> BinaryIO:
+        """The intake file of ``entry``; when the mover removed it meanwhile, the
+        object as the key holds it now (a file, once open, stays readable: the
+        mover's removal never cuts a read short)."""
+        try:
+            return self.files.open(file_name(entry.object_key, entry.checksum))
+        except NotFound:
+            now = self._entry(entry.object_key)
+            if now is not None and now.id == entry.id:
+                raise  # the row names a file that is not there
+            return self.open(entry.object_key)
+
+    def tidy(self, sop_uids: Collection[str]) -> int:
+        """Remove the intake files of ``sop_uids`` that no intake row names: older
+        versions, and those of an instance moved or removed; the number removed.
+
+        Under the UIDs' ingest locks, after the commit that changed their rows (the
+        only intake row an instance can have is that of the key its index row
+        names).  A failure is logged, not raised: the mover's :meth:`Mover.sweep`
+        tries again.
+        """
+        try:
+            found = [(name, sop) for name in self.files.names()
+                     if (sop := _sop_of_file(name)) is not None and sop in sop_uids]
+            kept = self._named({sop for _name, sop in found}) if found else set()
+        except PacsError as exc:
+            log.warning("could not tidy the intake's folder (%s)", exc)
+            return 0
+        strays = [name for name, _sop in found if name not in kept]
+        for name in strays:
+            self.files.remove_quietly(name)
+        return len(strays)
+
+    def _named(self, sop_uids: set[str]) -> set[str]:
+        """The intake files the intake rows of ``sop_uids`` name."""
+        conn = self.index.connection()
+        named = set()
+        for sop in sop_uids:
+            stored = reads.lookup(conn, sop)
+            entry = self._entry(stored.object_key) if stored is not None else None
+            if entry is not None and entry.in_file:
+                named.add(file_name(entry.object_key, entry.checksum))
+        return named
 
     def size(self, key: str) -> int:
         """The intake's copy's size, else the backend's."""
@@ -189,8 +332,9 @@ class IntakeStore:
         self.backend.check(create)
 
     def close(self) -> None:
-        """Close the backend."""
+        """Close the backend and the intake's folder."""
         self.backend.close()
+        self.files.close()
 
     # --- capabilities (pacs.core.storage) -------------------------------------------
 
@@ -512,19 +656,25 @@ class Mover:
             moved = [(entry, data) for (entry, data), failure
                      in zip(current[:len(failures)], failures, strict=True)
                      if failure is None]
-            removed = 0
+            removed: list[reads.IntakeEntry] = []
             if moved:  # only once the puts are durable; only rows still the same
                 described = self._describe(moved)
                 settling = reads.any_unsettled(self.index.connection())
                 with self.index.write() as conn:
                     for entry, _data in moved:
-                        removed += writer.intake_moved(conn, entry.id)
+                        if writer.intake_moved(conn, entry.id):
+                            removed.append(entry)
                         if settling:
                             writer.settled(conn, entry.object_key, settled_before)
                     for pk, checksum, prepared in described:
                         writer.backfill_metadata(conn, pk, checksum, prepared.json,
                                                  prepared.pixel_offset, prepared.pixel_length)
-        return removed, next((failure for failure in failures if failure is not None), None)
+                for entry in removed:  # a crash before leaves them to sweep()
+                    if entry.in_file:
+                        self.store.files.remove_quietly(
+                            file_name(entry.object_key, entry.checksum))
+        return len(removed), next((failure for failure in failures if failure is not None),
+                                  None)
 
     def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
         """The failure or ``None`` of each item put, in order: the folder's batch (all
@@ -627,12 +777,44 @@ class Mover:
 
     def _read(self, entry: reads.IntakeEntry) -> bytes | None:
         """The row's bytes, or ``None`` when it is no longer the current row (an
-        overwrite replaced it, or the instance was deleted, since it was listed)."""
+        overwrite replaced it, or the instance was deleted, since it was listed) or
+        its file cannot be read (logged; the row stays for ``pacs fsck``)."""
+        if entry.in_file:
+            if not reads.intake_current(self.index.connection(), entry.id):
+                return None
+            try:
+                with self.store.files.open(file_name(entry.object_key,
+                                                     entry.checksum)) as stream:
+                    return stream.read()
+            except PacsError as exc:
+                log.error("intake mover: an acknowledged object's intake file cannot be "
+                          "read (%s); it stays in the intake", exc)
+                return None
         blob = reads.intake_blob(self.index.connection(), entry.id)
         if blob is None:
             return None
         with contextlib.closing(blob):
             return bytes(blob.read())
+
+    def sweep(self) -> int:
+        """Remove the intake files no row names (the mover's own removals a crash
+        interrupted, those of a replaced or removed instance whose removal failed, a
+        write's file whose commit never happened), each under its instance's ingest
+        lock, and temporary files older than :data:`STALE_TEMPORARY_SECONDS`; the
+        number of files removed."""
+        files = self.store.files
+        removed = files.remove_old_temporaries(time.time() - STALE_TEMPORARY_SECONDS)
+        names = files.names()
+        if not names:
+            return removed
+        named = {file_name(key, checksum)
+                 for key, checksum in reads.intake_files(self.index.connection())}
+        strays = sorted({sop for name in names if name not in named
+                         and (sop := _sop_of_file(name)) is not None})
+        for sop in strays:
+            with self.uid_locks([sop]):  # a write of its may be between file and commit
+                removed += self.store.tidy({sop})
+        return removed
 
     def checkpoint(self) -> None:
         """A passive WAL checkpoint: copy committed pages into the index file without
@@ -654,6 +836,7 @@ class Mover:
         finally:
             self.close()
             self.finish()
+        self._sweep_quietly()
         self.checkpoint()
         return total
 
@@ -667,6 +850,7 @@ class Mover:
         try:
             self.begin()
             self.settle_old()
+            self._sweep_quietly()
             self._run(stopping)
             self.drain_until(time.monotonic() + drain_for)
         finally:
@@ -730,13 +914,23 @@ class Mover:
             if not moved:  # nothing to move (what waits is unsettled): look again later
                 _sleep(LINGER, stopping)
             elif backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
-                # Caught up: settled keys forgotten, the WAL's pages into the index file.
+                # Caught up: settled keys forgotten, stray intake files removed, the
+                # WAL's pages into the index file.
                 if backlog.unsettled:
                     self.settle_old()
+                self._sweep_quietly()
                 self.checkpoint()
                 _sleep(LINGER, stopping)
             elif self.state.batches % CHECKPOINT_BATCHES == 0:
                 self.checkpoint()  # a backlog: now and then meanwhile
+
+    def _sweep_quietly(self) -> None:
+        """:meth:`sweep`; a failure is logged (the next sweep tries again)."""
+        try:
+            if removed := self.sweep():
+                log.info("intake mover: removed %d intake file(s) no row names", removed)
+        except PacsError as exc:
+            log.warning("intake mover: could not sweep the intake's folder (%s)", exc)
 
     def _report(self, error: str | None) -> None:
         """Record the last error (or its end) for ``pacs status``."""
@@ -796,5 +990,5 @@ def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
         os.close(fd)
 
 
-__all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "Hold", "IntakeReader", "IntakeStore", "Mover",
-           "Refusals", "check_room", "mover_lock"]
+__all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "BLOB_BYTES", "Hold", "IntakeFiles", "IntakeReader",
+           "IntakeStore", "Mover", "Refusals", "check_room", "file_name", "mover_lock"]

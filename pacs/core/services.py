@@ -22,7 +22,15 @@ from pacs.core.index import reads
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
-from pacs.core.intake import Hold, IntakeStore, Mover, mover_lock, record_unsettled
+from pacs.core.intake import (
+    FILES_FOLDER,
+    Hold,
+    IntakeFiles,
+    IntakeStore,
+    Mover,
+    mover_lock,
+    record_unsettled,
+)
 from pacs.core.logins import LoginLimiter
 from pacs.core.query.engine import QueryEngine
 from pacs.core.storage import LateWrites, ObjectStore, open_store
@@ -117,7 +125,7 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                                                           create_store)
     if isinstance(backend, LateWrites):  # every unanswered write recorded, by whoever
         backend.on_unanswered = partial(record_unsettled, index)
-    intake = IntakeStore(backend, index)
+    intake = IntakeStore(backend, index, IntakeFiles(settings.data_dir / FILES_FOLDER))
     ingest = Ingest(index, intake, settings.duplicate_policy, settings.data_dir / "locks",
                     max_object_bytes=settings.max_object_bytes,
                     intake_object_bytes=settings.intake_limit,

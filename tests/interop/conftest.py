@@ -33,6 +33,7 @@ import requests
 from pydicom.dataset import FileDataset
 from pydicom.uid import generate_uid
 
+from pacs.core.intake import FILES_FOLDER, file_name
 from tests.conftest import free_port, sample, start_listening
 
 #: Called AE title of the node (the default).
@@ -157,17 +158,32 @@ def read_index(data_dir: Path) -> dict[str, IndexedInstance]:
 
 def read_intake(data_dir: Path) -> dict[str, str]:
     """The intake's objects (acknowledged, not yet in the store): key -> SHA-256 of the
-    bytes it holds ({} when no index yet)."""
+    bytes it holds, in the index or in its file (``missing`` when that file is not
+    there; {} when no index yet)."""
     path = data_dir / "index.sqlite"
     if not path.exists():
         return {}
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         conn.set_busy_timeout(10_000)
-        return {key: hashlib.sha256(data).hexdigest() for key, data in
-                conn.execute("SELECT object_key, data FROM intake")}
+        rows = conn.execute("SELECT object_key, checksum, data FROM intake").fetchall()
     finally:
         conn.close()
+    return {key: hashlib.sha256(data).hexdigest() if data else
+            _intake_file_sha(data_dir, key, checksum) for key, checksum, data in rows}
+
+
+def _intake_file_sha(data_dir: Path, key: str, checksum: str) -> str:
+    """The SHA-256 of the intake file of ``key`` (pacs.core.intake.file_name)."""
+    file = data_dir / FILES_FOLDER / file_name(key, checksum)
+    return sha256(file) if file.exists() else "missing"
+
+
+def intake_files(data_dir: Path) -> list[str]:
+    """The files of the intake's folder (temporary files excluded)."""
+    folder = data_dir / FILES_FOLDER
+    return sorted(name for name in os.listdir(folder)
+                  if not name.startswith(_TMP_PREFIX)) if folder.is_dir() else []
 
 
 def wait_drained(data_dir: Path, timeout: float = 90.0) -> None:
@@ -257,6 +273,7 @@ def assert_consistent(data_dir: Path, exact: bool = False) -> dict[str, IndexedI
         unlisted = set(objects) - {row.object_key for row in index.values()}
         assert not unlisted, f"stored but not indexed: {sorted(unlisted)}"
         assert not temporaries(data_dir), f"temporary files left: {temporaries(data_dir)}"
+        assert not intake_files(data_dir), f"intake files left: {intake_files(data_dir)}"
     return index
 
 
@@ -331,18 +348,24 @@ def _uid64(rng: random.Random) -> str:
 
 
 def make_instances(folder: Path, count: int, *, per_series: int = 50,
-                   patient_id: str = "INTEROP") -> list[tuple[Path, str]]:
+                   patient_id: str = "INTEROP", rows: int = 0,
+                   name: str = "{:05d}.dcm") -> list[tuple[Path, str]]:
     """Write ``count`` distinct CT instances (CT_small with new UIDs) into ``folder``.
 
     Returns (path, SOP Instance UID) pairs.  A new series every ``per_series`` files.
     Fast: pydicom encodes one template with 64-character placeholder UIDs, whose bytes
     are then replaced by other 64-character UIDs (no length changes anywhere).
+    ``rows``: images of ``rows`` x ``rows`` pixels instead of CT_small's 128 x 128 (512:
+    a CT slice of 512 KB); ``name``: the file names (formatted with the number).
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random()
     sop_slot, series_slot = "1.2." + "9" * 60, "1.3." + "9" * 60
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     ds.PatientID = patient_id
+    if rows:
+        ds.Rows = ds.Columns = rows
+        ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
     ds.StudyInstanceUID = _uid64(rng)
     ds.SeriesInstanceUID = series_slot
     ds.SOPInstanceUID = sop_slot
@@ -357,7 +380,7 @@ def make_instances(folder: Path, count: int, *, per_series: int = 50,
         if i % per_series == 0:
             series = _uid64(rng)
         sop = _uid64(rng)
-        path = folder / f"{i:05d}.dcm"
+        path = folder / name.format(i)
         path.write_bytes(template.replace(sop_slot.encode(), sop.encode())
                          .replace(series_slot.encode(), series.encode()))
         made.append((path, sop))

@@ -38,6 +38,7 @@ from tests.interop.conftest import (
     Node,
     acknowledged,
     assert_consistent,
+    intake_files,
     make_instances,
     read_index,
     read_intake,
@@ -161,6 +162,8 @@ def test_back_pressure_refuses_past_the_limit_and_takes_again_once_drained(
 
 #: Instances per association, associations, acknowledgements (each) before the kill.
 PER_SENDER, SENDERS, KILL_AFTER = 60, 4, 15
+#: CT slices each sender sends besides, on S3 (files of the intake there).
+LARGE_PER_SENDER = 15
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +228,10 @@ def test_kill_9_during_four_associations(node_factory: Callable[..., Node],
     folders = [tmp_path / f"send{n}" for n in range(SENDERS)]
     made = [make_instances(folder, PER_SENDER, per_series=30, patient_id=f"KILL{n}")
             for n, folder in enumerate(folders)]
+    if weed is not None:  # CT slices too, which the intake keeps as its files on S3
+        made += [make_instances(folder, LARGE_PER_SENDER, per_series=30, rows=512,
+                                patient_id=f"KILL{n}", name="{:05d}-ct.dcm")
+                 for n, folder in enumerate(folders)]
     senders = [start_dcmsend(node.port, folder, calling=f"KILLSCU{n}")
                for n, folder in enumerate(folders)]
     deadline = time.monotonic() + 120
@@ -239,6 +246,8 @@ def test_kill_9_during_four_associations(node_factory: Callable[..., Node],
         acked |= acknowledged(sender.finish())
     assert len(acked) >= SENDERS * KILL_AFTER
     assert acked <= {uid for batch in made for _, uid in batch}
+    if weed is not None:  # files sent in directory order: the slices among the rest
+        assert acked & {uid for batch in made[SENDERS:] for _, uid in batch}
 
     # As the crash left it: every acknowledged instance indexed, its bytes in the
     # intake (checksum as indexed) or, moved already, in the store.
@@ -254,7 +263,7 @@ def test_kill_9_during_four_associations(node_factory: Callable[..., Node],
     objects = stored(node, weed)
     index = read_index(node.data_dir)
     assert acked <= set(index)
-    assert read_intake(node.data_dir) == {}
+    assert read_intake(node.data_dir) == {} and intake_files(node.data_dir) == []
     assert {row.object_key: row.checksum for row in index.values()} == objects
     for uid in sorted(acked)[:5]:  # readable, bytes as sent
         assert sha(wado(node, index[uid].object_key)) == index[uid].checksum

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import apsw
 
@@ -375,16 +375,20 @@ def study_patients(conn: apsw.Connection, study_uids: Sequence[str]
 
 @dataclass(frozen=True)
 class IntakeEntry:
-    """One object of the intake (its bytes stay in the index until read)."""
+    """One object of the intake (its bytes stay in the index until read, or in a file
+    of the intake's folder: ``in_file``)."""
 
     id: int
     object_key: str
     size: int
     checksum: str
     received_at: float
+    in_file: bool = False
 
 
-_INTAKE_COLUMNS = "id, object_key, size, checksum, received_at"
+# An empty ``data`` marks an object kept as a file (no DICOM object is empty); SQLite's
+# length() of a blob reads the record's header, never the blob's overflow pages.
+_INTAKE_COLUMNS = "id, object_key, size, checksum, received_at, length(data) = 0"
 
 
 @_read("intake lookup")
@@ -392,7 +396,7 @@ def intake_entry(conn: apsw.Connection, key: str) -> IntakeEntry | None:
     """The intake's object at ``key``, if any."""
     row = conn.execute(f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE object_key = ?",
                        (key,)).fetchone()
-    return IntakeEntry(*row) if row else None
+    return _entry(row) if row else None
 
 
 @_read("intake listing")
@@ -409,13 +413,31 @@ def intake_batch(conn: apsw.Connection, after: int, limit: int, max_bytes: int,
         "AND since > ?) ORDER BY id LIMIT ?",
         (after, settled_before, limit))
     for row in cursor:
-        entry = IntakeEntry(*row)
+        entry = _entry(row)
         if batch and total + entry.size > max_bytes:
             break
         batch.append(entry)
         total += entry.size
     cursor.close()
     return batch
+
+
+def _entry(row: tuple[Any, ...]) -> IntakeEntry:
+    entry_id, key, size, checksum, received_at, in_file = row
+    return IntakeEntry(entry_id, key, size, checksum, received_at, bool(in_file))
+
+
+@_read("intake lookup")
+def intake_current(conn: apsw.Connection, entry_id: int) -> bool:
+    """True while intake row ``entry_id`` exists (not moved, replaced or dropped)."""
+    return conn.execute("SELECT 1 FROM intake WHERE id = ?", (entry_id,)).fetchone() is not None
+
+
+@_read("intake listing")
+def intake_files(conn: apsw.Connection) -> list[tuple[str, str]]:
+    """(key, checksum) of every intake object kept as a file."""
+    return [(str(key), str(checksum)) for key, checksum in conn.execute(
+        "SELECT object_key, checksum FROM intake WHERE length(data) = 0")]
 
 
 @_read("intake listing")
@@ -620,6 +642,7 @@ __all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
            "StoredInstance", "Tombstone", "all_objects", "any_unsettled",
            "commitments_waiting", "counts",
            "expired_instances", "first_series_images", "indexed_bytes", "instance_keys",
-           "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_entry",
+           "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_current",
+           "intake_entry", "intake_files",
            "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
            "metadata_rows", "quick_check", "study_patients", "tombstone", "unsettled"]

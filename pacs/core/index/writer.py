@@ -275,9 +275,21 @@ def intake_add(conn: apsw.Connection, key: str, data: bytes, checksum: str,
     """Put an acknowledged object's bytes in the intake, replacing an older version
     of the same key (under a new row id: the mover's copy of the old row then no
     longer deletes it)."""
+    _intake_row(conn, key, len(data), checksum, received_at, data)
+
+
+def intake_add_file(conn: apsw.Connection, key: str, size: int, checksum: str,
+                    received_at: float) -> None:
+    """:func:`intake_add` of an object kept as a file of the intake's folder (written
+    and synced before this commit, :mod:`pacs.core.intake`): its row holds no bytes."""
+    _intake_row(conn, key, size, checksum, received_at, b"")
+
+
+def _intake_row(conn: apsw.Connection, key: str, size: int, checksum: str,
+                received_at: float, data: bytes) -> None:
     conn.execute("DELETE FROM intake WHERE object_key = ?", (key,))
     conn.execute("INSERT INTO intake (object_key, size, checksum, received_at, data) "
-                 "VALUES (?, ?, ?, ?, ?)", (key, len(data), checksum, received_at, data))
+                 "VALUES (?, ?, ?, ?, ?)", (key, size, checksum, received_at, data))
 
 
 def intake_drop(conn: apsw.Connection, key: str) -> None:
@@ -347,7 +359,7 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 
 
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
-           "backfill_metadata", "counts", "delete_instance", "drop_metadata",
-           "drop_tombstone", "intake_add", "intake_drop", "intake_moved", "intake_mover_error",
-           "lookup", "mover_started", "mover_stopped", "prune", "save_metadata", "settle_old",
-           "settled", "unsettle", "upsert"]
+           "backfill_metadata", "counts", "delete_instance", "drop_metadata", "drop_tombstone",
+           "intake_add", "intake_add_file", "intake_drop", "intake_moved",
+           "intake_mover_error", "lookup", "mover_started", "mover_stopped", "prune",
+           "save_metadata", "settle_old", "settled", "unsettle", "upsert"]

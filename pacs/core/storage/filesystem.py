@@ -59,9 +59,9 @@ class FileStore:
         self.root = root
         self.quarantine_root = quarantine_root or root.parent / "quarantine"
         self._stagers = Offload(_SYNC_THREADS, "store-stage")
-        self._folders = _DurableFolders(root)
+        self._folders = DurableFolders(root)
         # The quarantine's own folder is made in the customer's folder when first used.
-        self._quarantine_folders = _DurableFolders(self.quarantine_root.parent)
+        self._quarantine_folders = DurableFolders(self.quarantine_root.parent)
 
     def _path(self, key: str) -> Path:
         # Keys come from validated UIDs; refuse anything else so that no value from
@@ -455,7 +455,7 @@ def _write_synced(fd: int, tmp_name: str, data: bytes) -> str:
     return tmp_name
 
 
-class _DurableFolders:
+class DurableFolders:
     """The folders a store knows to be durable in their parents, so that an object
     renamed into one survives a crash with its whole path.
 

@@ -1,0 +1,232 @@
+"""The intake's files (:class:`pacs.core.intake.IntakeFiles`): an object over
+``BLOB_BYTES`` acknowledged through the intake is a synced file of its own name before
+the one commit that holds its rows, readable at once, moved like a blob, and no file
+outlives the row that names it (moved, replaced, removed, a commit that failed, a
+crash's leftovers)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import apsw
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+
+from pacs.core import audit
+from pacs.core.deletion import Target, reference
+from pacs.core.errors import IndexFailure
+from pacs.core.index import reads
+from pacs.core.index.connection import Index
+from pacs.core.ingest import Received
+from pacs.core.intake import BLOB_BYTES, FILES_FOLDER, file_name
+from pacs.core.services import Services, drain, mover
+from pacs.core.storage.memory import MemoryStore
+from tests.conftest import sample
+
+SOP = "1.2.826.0.1.3680043.8.498.7"
+NODE = audit.Participant("test", True)
+
+
+def large(sop: str = SOP, fill: int = 1, **changes: str) -> bytes:
+    """A CT object of 512 x 512 pixels (over ``BLOB_BYTES``)."""
+    ds = dcmread(sample("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes([fill]) * (512 * 512 * 2)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    assert len(data) > BLOB_BYTES
+    return data
+
+
+def files(services: Services) -> list[str]:
+    folder = services.settings.data_dir / FILES_FOLDER
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def read(services: Services, key: str) -> bytes:
+    with services.store.open(key) as stream:
+        return stream.read()
+
+
+@pytest.fixture
+def node(make_services: Callable[..., Services]) -> Services:
+    """A node on a store without local files, whose intake takes CT slices (as S3's)."""
+    return make_services(store=MemoryStore(), intake_object_bytes=64 << 20)
+
+
+def _key(services: Services, sop: str = SOP) -> str:
+    found = reads.lookup(services.index.connection(), sop)
+    assert found is not None
+    return found.object_key
+
+
+def test_the_file_is_synced_and_named_before_the_one_commit_of_its_rows(
+        node: Services) -> None:
+    data = large()
+    seen: list[tuple[str, list[str], str]] = []
+    conn = node.index.connection()
+    level = conn.pragma("synchronous")
+
+    def committed() -> bool:
+        seen.append(("commit", files(node), "FULL" if level == 2 else str(level)))
+        return False
+
+    conn.set_commit_hook(committed)
+    node.ingest.store_bytes(data)
+    conn.set_commit_hook(None)
+    key = _key(node)
+    name = file_name(key, reads.lookup(conn, SOP).checksum)  # type: ignore[union-attr]
+    assert seen == [("commit", [name], "FULL")]
+    entry = reads.intake_entry(conn, key)
+    assert entry is not None and entry.in_file and entry.size == len(data)
+    assert (node.settings.data_dir / FILES_FOLDER / name).read_bytes() == data
+    assert read(node, key) == data  # read your writes
+    assert node.store.backend.objects == {}  # type: ignore[attr-defined]
+
+
+def test_a_small_object_stays_a_blob(node: Services) -> None:
+    data = dcmread(sample("CT_small.dcm"))
+    out = DicomBytesIO()
+    data.save_as(out, enforce_file_format=True)
+    node.ingest.store_bytes(out.getvalue())
+    [key] = reads.intake_keys(node.index.connection())
+    entry = reads.intake_entry(node.index.connection(), key)
+    assert entry is not None and not entry.in_file
+    assert files(node) == []
+
+
+def test_the_mover_puts_it_then_removes_row_and_file(node: Services) -> None:
+    data = large()
+    node.ingest.store_bytes(data)
+    key = _key(node)
+    assert drain(node) == 1
+    assert node.store.backend.objects[key] == data  # type: ignore[attr-defined]
+    assert reads.intake_keys(node.index.connection()) == []
+    assert files(node) == []
+    assert read(node, key) == data
+
+
+def test_a_read_outlives_the_move_of_its_file(node: Services) -> None:
+    data = large()
+    node.ingest.store_bytes(data)
+    key = _key(node)
+    moved: list[int] = []
+    with node.store.open(key) as stream:
+        head = stream.read(1000)
+        worker = threading.Thread(target=lambda: moved.append(mover(node).drain()))
+        worker.start()
+        worker.join(10)
+        assert moved == [1] and files(node) == []
+        rest = stream.read()
+    assert head + rest == data
+
+
+def test_an_overwrite_in_place_keeps_the_old_file_until_its_own_commit(
+        node: Services) -> None:
+    """The new version has a file of its own name: the acknowledged bytes are never
+    overwritten before the commit that replaces them; then the old file goes."""
+    first, second = large(fill=1), large(fill=2)
+    node.ingest.store_bytes(first)
+    [old_name] = files(node)
+    seen: list[list[str]] = []
+    conn = node.index.connection()
+    conn.set_commit_hook(lambda: seen.append(files(node)) or False)
+    node.ingest.store_bytes(second)
+    conn.set_commit_hook(None)
+    assert len(seen) == 1 and old_name in seen[0] and len(seen[0]) == 2
+    key = _key(node)
+    assert files(node) == [file_name(key, reads.lookup(conn, SOP).checksum)]  # type: ignore[union-attr]
+    assert read(node, key) == second
+    drain(node)
+    assert node.store.backend.objects[key] == second  # type: ignore[attr-defined]
+
+
+def test_a_moved_instance_leaves_no_file_behind(node: Services) -> None:
+    node.ingest.store_bytes(large())
+    node.ingest.store_bytes(large(SeriesInstanceUID="1.2.826.0.1.3680043.8.498.99"))
+    key = _key(node)
+    assert key.split("/")[1] == "1.2.826.0.1.3680043.8.498.99"
+    assert reads.intake_keys(node.index.connection()) == [key]
+    assert len(files(node)) == 1
+
+
+def test_a_failed_commit_leaves_no_file(node: Services,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(self: Index, work: Callable[[apsw.Connection], None]) -> None:
+        raise IndexFailure("index commit failed: disk I/O error")
+
+    monkeypatch.setattr(Index, "commit", failing)
+    with pytest.raises(IndexFailure):
+        node.ingest.store_bytes(large())
+    assert files(node) == []
+    assert reads.lookup(node.index.connection(), SOP) is None
+
+
+def test_a_removal_takes_the_file_with_the_rows(node: Services) -> None:
+    node.ingest.store_bytes(large())
+    key = _key(node)
+    study, series = key.split("/")[:2]
+    rows = node.deleter.plan([Target(study, series)])
+    removal = node.deleter.remove([reference(row) for row in rows], NODE,
+                                  audit.APPLICATION_SERVER)
+    assert removal.instances == 1
+    assert files(node) == [] and reads.intake_keys(node.index.connection()) == []
+
+
+def test_a_stow_batch_writes_its_files_before_its_commit(node: Services) -> None:
+    uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in (11, 12)]
+    items = [Received.of(large(uid), None) for uid in uids]
+    results = node.ingest.store_batch(items)
+    assert [result.sop_instance_uid for result in results] == uids  # type: ignore[union-attr]
+    assert len(files(node)) == 2
+    for uid, item in zip(uids, items, strict=True):
+        assert read(node, _key(node, uid)) == item.data
+    assert drain(node) == 2 and files(node) == []
+
+
+def test_the_sweep_removes_what_no_row_names_and_old_temporaries(node: Services) -> None:
+    node.ingest.store_bytes(large())
+    [kept] = files(node)
+    folder = node.settings.data_dir / FILES_FOLDER
+    stray = folder / file_name("1.2/1.3/1.2.826.0.1.3680043.8.498.5.dcm", "ab" * 32)
+    stray.write_bytes(b"left by a crash before its commit")
+    old, young = folder / ".tmp-0123456789abcdef", folder / ".tmp-fedcba9876543210"
+    old.write_bytes(b"x")
+    young.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    (folder / "not-an-intake-file").write_bytes(b"z")
+    node.store.backend.objects["elsewhere"] = b""  # type: ignore[attr-defined]
+
+    removed = mover(node).sweep()
+    assert removed == 2
+    assert sorted(os.listdir(folder)) == sorted([kept, young.name, "not-an-intake-file"])
+    assert read(node, _key(node)) == large()
+
+
+def test_a_missing_file_is_reported_not_read_from_elsewhere(node: Services) -> None:
+    from pacs.core.errors import NotFound
+
+    node.ingest.store_bytes(large())
+    key = _key(node)
+    [name] = files(node)
+    (node.settings.data_dir / FILES_FOLDER / name).unlink()
+    with pytest.raises(NotFound):
+        node.store.open(key)
+    assert drain(node) == 0  # the row stays, for fsck
+    assert reads.intake_keys(node.index.connection()) == [key]
+
+
+def test_names_are_uid_and_checksum_only(node: Services) -> None:
+    from pacs.core.errors import StorageError
+
+    for bad in ("../x", "1.2.3", "1.2.3." + "g" * 64, "01.2." + "a" * 64):
+        with pytest.raises(StorageError):
+            node.store.files.open(bad)
