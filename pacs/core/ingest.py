@@ -704,14 +704,8 @@ class Ingest:
         if plan is None:
             return outcome
         work = self._index_work(analysis, plan, data, calling_ae, requestor)
-        if staging is not None and plan.in_file:
-            try:
-                # Its own name: no acknowledged object is overwritten (pacs.core.intake).
-                staging.place(plan.file)
-                self.index.commit(work)
-            except BaseException:
-                self.store.files.remove_quietly(plan.file)
-                raise
+        if plan.in_file:
+            self._commit_filed(plan, data, work, staging)
         elif staging is None or plan.journal:
             self.index.commit(work)  # nothing was written before: nothing to undo
         else:
@@ -725,6 +719,21 @@ class Ingest:
                 raise
         self._forget_moved(plan)
         return plan.outcome
+
+    def _commit_filed(self, plan: _Plan, data: bytes, work: Callable[[apsw.Connection], None],
+                      staging: Staged | None) -> None:
+        """The intake file of ``plan`` placed (written, when nothing was staged), then
+        ``work`` committed; the file removed when either fails.  Its name is its own:
+        no acknowledged object is overwritten (:mod:`pacs.core.intake`)."""
+        try:
+            if staging is not None:
+                staging.place(plan.file)
+            elif (failure := put_many(self.store.files, [(plan.file, data)])[0]) is not None:
+                raise failure
+            self.index.commit(work)
+        except BaseException:
+            self.store.files.remove_quietly(plan.file)
+            raise
 
     def _decide(self, analysis: Analysis, data: bytes,
                 may_overwrite: bool = True) -> tuple[Outcome, _Plan | None]:

@@ -230,3 +230,17 @@ def test_names_are_uid_and_checksum_only(node: Services) -> None:
     for bad in ("../x", "1.2.3", "1.2.3." + "g" * 64, "01.2." + "a" * 64):
         with pytest.raises(StorageError):
             node.store.files.open(bad)
+
+
+def test_an_object_not_staged_is_written_to_its_file_before_the_commit(
+        node: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import nullcontext
+
+    from pacs.core import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "staged", lambda _store, _data: nullcontext())
+    data = large()
+    node.ingest.store_bytes(data)
+    [name] = files(node)
+    assert (node.settings.data_dir / FILES_FOLDER / name).read_bytes() == data
+    assert read(node, _key(node)) == data

@@ -392,11 +392,19 @@ def _commitment_address(conn: apsw.Connection) -> None:
         conn.execute("ALTER TABLE commitment ADD COLUMN address TEXT NOT NULL DEFAULT ''")
 
 
+def _intake_files(conn: apsw.Connection) -> None:
+    """An ``intake`` row with an empty ``data`` holds its object as a file of the
+    intake's folder (``pacs.core.intake.IntakeFiles``).  No table changes; the version
+    makes a pacs that would read such a row as an empty object refuse the index."""
+    del conn
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
-    _unsettled, _rejections_pending, _removals_pending, _commitment_address)
+    _unsettled, _rejections_pending, _removals_pending, _commitment_address,
+    _intake_files)
 
 
 def migrate(conn: apsw.Connection) -> int:
