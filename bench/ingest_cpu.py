@@ -147,7 +147,9 @@ def node(source: Path, storage: dict[str, str]) -> Iterator[tuple[int, int, Path
     folder = Path(tempfile.mkdtemp(prefix="ingest-cpu-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
-    env.update(PYTHONPATH=str(source.resolve()), TCP_NODELAY="1",
+    # A customer of its own: on S3 each run's objects under a prefix of their own (a
+    # node refuses to start without an index over a prefix that holds objects).
+    env.update(PYTHONPATH=str(source.resolve()), TCP_NODELAY="1", CUSTOMER=folder.name,
                PACS_DATA_DIR=str(folder / "data"), PACS_STORAGE="file",
                PACS_DIMSE_PORT=str(port), PACS_WEB_PORT=str(free_port()),
                PACS_VIEWER_PORT="0", PACS_UPLOADS_POLL="0", PACS_AE_TITLE="PACS")
