@@ -339,6 +339,8 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
     if not full:
         if isinstance(backend, FileStore):
             report.temporaries = backend.remove_stale_temporaries()
+        # The intake's folder's too (files no row names: the mover's sweep).
+        report.temporaries += store.files.remove_stale_temporaries()
         _finish_each(unfinished)
         return report
     report.quarantine = _quarantine_folder()

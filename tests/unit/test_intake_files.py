@@ -244,3 +244,17 @@ def test_an_object_not_staged_is_written_to_its_file_before_the_commit(
     [name] = files(node)
     assert (node.settings.data_dir / FILES_FOLDER / name).read_bytes() == data
     assert read(node, _key(node)) == data
+
+
+def test_the_start_up_clean_up_removes_the_intake_folder_s_temporaries(
+        node: Services) -> None:
+    """Before any worker runs, a temporary file is an interrupted write's, however
+    young (a DIMSE worker killed while it staged a slice)."""
+    from pacs.core.reconcile import reconcile
+
+    node.ingest.store_bytes(large())
+    folder = node.settings.data_dir / FILES_FOLDER
+    (folder / ".tmp-0123456789abcdef").write_bytes(b"cut short")
+    report = reconcile(node, full=False)
+    assert report.temporaries == 1
+    assert len(files(node)) == 1 and read(node, _key(node)) == large()
