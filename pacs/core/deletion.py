@@ -12,20 +12,26 @@ per-UID lock and one transaction keep them apart):
    metadata and their intake copies, :mod:`pacs.core.intake`, go with them; series,
    study and patient rows left empty are removed, so every count stays right) and
    write a tombstone per removed SOP Instance UID (why, by whom, when);
+   In the same transaction, their objects' keys are recorded as to be deleted
+   (table ``object_deletion``);
 3. delete the objects from the backend store (folder or S3) only: the intake holds
-   nothing of them any more after 2.
+   nothing of them any more after 2 (its files of them are removed too,
+   :meth:`pacs.core.intake.IntakeStore.tidy`); then forget the keys deleted.
 
 Nothing half-deleted is ever visible: after 2 no row names the instances, and every
-read goes through the index or the intake first.  A crash between 2 and 3 leaves
-objects no row names, each with a tombstone: ``pacs fsck`` reports them as removed and
-``--repair`` deletes them rather than index them (:mod:`pacs.core.reconcile`), so a
-removed instance never comes back, and no row ever names a missing object.  A failed
-object deletion is logged and left to fsck the same way.  One the store did not answer
-(S3 stalled: :class:`~pacs.core.errors.UnsettledWrite`) may still be carried out later,
-over an object stored at the key since: the key becomes unsettled
-(:mod:`pacs.core.intake`), and the removal's objects after it are left to fsck too, so
-that a removal of thousands of instances does not hold their locks for a timeout each;
-it goes on removing rows, and its log line counts the objects left.
+read goes through the index or the intake first.  A crash between 2 and 3, or a store
+that fails in 3, leaves objects no row names, each with a tombstone and its key
+recorded: the intake's mover deletes them once the store answers, under their UIDs'
+locks, unless the instance was stored again at that key meanwhile
+(:meth:`pacs.core.intake.Mover.delete_removed`), so no operator has to; ``pacs fsck``
+reports such an object as removed and ``--repair`` deletes it rather than index it
+(:mod:`pacs.core.reconcile`), so a removed instance never comes back, and no row ever
+names a missing object.  A deletion the store did not answer (S3 stalled:
+:class:`~pacs.core.errors.UnsettledWrite`) may still be carried out later, over an
+object stored at the key since: the key becomes unsettled (:mod:`pacs.core.intake`),
+and the removal does not try its objects after it (the mover does), so that a removal
+of thousands of instances does not hold their locks for a timeout each; it goes on
+removing rows, and its log line counts the objects left.
 
 What a removal names was read without any lock (:meth:`Deleter.plan`: a study may hold
 more instances than one transaction should), so each instance may have been stored again
@@ -70,7 +76,7 @@ from pacs.core import audit
 from pacs.core.attributes import Level
 from pacs.core.audit import AuditTrail, Participant, Patient, Study
 from pacs.core.dataset import require_uid
-from pacs.core.errors import InvalidUID, NotFound, PacsError, UnsettledWrite
+from pacs.core.errors import IndexFailure, InvalidUID, NotFound, PacsError, UnsettledWrite
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.index.reads import Located
@@ -192,7 +198,8 @@ class Removal:
             text += (f"; {self.superseded} instance(s) stored again meanwhile, "
                      "left as stored")
         if self.objects_left:
-            text += f"; {self.objects_left} object(s) left for 'pacs fsck --repair'"
+            text += (f"; {self.objects_left} object(s) left in the store, deleted by "
+                     "the intake's mover once it answers")
         return text
 
 
@@ -462,10 +469,12 @@ class Deleter:
                     # patient-safety rejection of it at another study): that one stays.
                     if not _keeps_stricter(conn, row.sop_uid, code):
                         stones.append(reference(row))
+            keys = [row.object_key for row in rows] + left
             if stones or rows:
                 when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
                 with self.index.write() as conn:
                     delete_rows(conn, rows, stones, code, who, when)
+                    writer.deletions_pending(conn, keys, time.time())
                     remaining = reads.study_patients(conn,
                                                      sorted({r.study_uid for r in rows}))
                 for row in rows:
@@ -475,18 +484,31 @@ class Deleter:
                 committed()
             # Under the chunk's locks an object at a removed UID's key, no row naming
             # it, is what the crash left, never a write in progress.
-            for key in [row.object_key for row in rows] + left:
-                self._delete_object(key, removal)
+            deleted = [key for key in keys if self._delete_object(key, removal)]
             if rows:  # their intake files, which their intake rows named
                 self.store.tidy({row.sop_uid for row in rows})
+            self._forget_deleted(deleted)
 
-    def _delete_object(self, key: str, removal: Removal) -> None:
+    def _forget_deleted(self, keys: list[str]) -> None:
+        """Forget the pending deletions of ``keys`` (deleted now); a failure leaves
+        them to the intake's mover, whose deletion of a deleted object is a no-op."""
+        if not keys:
+            return
+        try:
+            with self.index.write() as conn:
+                writer.deletions_done(conn, keys)
+        except IndexFailure as exc:
+            log.warning("could not record the deletion of removed instances' objects "
+                        "(%s); the intake's mover deletes them again", exc)
+
+    def _delete_object(self, key: str, removal: Removal) -> bool:
         """Delete a removed instance's object from the backend (its intake copy went
         with its rows), unless the store failed earlier in this removal: then it is
-        left, counted, for ``pacs fsck --repair``."""
+        left, counted, for the intake's mover (its deletion is pending); True when
+        deleted."""
         if removal.store_error:
             removal.objects_left += 1
-            return
+            return False
         try:
             self.store.backend.delete(key)
         except UnsettledWrite as exc:  # the store recorded the key unsettled
@@ -494,11 +516,14 @@ class Deleter:
             removal.store_error = str(exc) or type(exc).__name__
             log.warning("the store did not answer the deletion of a removed instance's "
                         "object (%s); the removal's other objects are left too, for "
-                        "'pacs fsck --repair'", removal.store_error)
+                        "the intake's mover to delete", removal.store_error)
+            return False
         except PacsError as exc:
             removal.objects_left += 1
-            log.warning("could not delete the object of a removed instance (%s); "
-                        "'pacs fsck --repair' will", exc)
+            log.warning("could not delete the object of a removed instance (%s); the "
+                        "intake's mover will", exc)
+            return False
+        return True
 
     def _patients(self, study_uids: Sequence[str]) -> Mapping[str, Patient]:
         """The patient of each study, read before its rows go (for the audit trail)."""

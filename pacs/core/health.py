@@ -79,6 +79,10 @@ class Health:
         Removals (deletions, rejections, rejection notes' removals) asked for and not
         all done: running now, or cut short by a crash and finished at the node's next
         start (:mod:`pacs.core.reconcile`); until then what they name is still served.
+    deletions_pending : int
+        Objects of removed instances not deleted from the store yet: the store failed
+        when they were removed (the intake's mover deletes them once it answers), or
+        the removal is running.
     index_wal_bytes : int
         Size of the index's write-ahead log.  Checkpoints cut it back to
         ``WAL_SIZE_LIMIT`` (:mod:`pacs.core.index.connection`); past that it grows only
@@ -104,6 +108,7 @@ class Health:
     audit: str = "off"
     audit_events_lost: int = 0
     removals_pending: int = 0
+    deletions_pending: int = 0
     index_wal_bytes: int = 0
 
     @property
@@ -140,7 +145,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         store_error = str(exc)
     index_state = "ok"
     counts: dict[str, int] = {}
-    indexed_bytes = waiting = removing = 0
+    indexed_bytes = waiting = removing = deleting = 0
     forwarding: tuple[Backlog, ...] = ()
     intake = reads.IntakeState(0, 0, None, None, None)
     try:
@@ -153,6 +158,7 @@ def check(services: Services, thorough: bool = False) -> Health:
         forwarding = tuple(outbox.backlogs(conn))
         intake = reads.intake_state(conn)
         removing = reads.removals_pending_count(conn)
+        deleting = reads.pending_deletion_count(conn)
     except PacsError as exc:
         index_state = f"error: {exc.__class__.__name__}: {exc}"
     store_bytes = None
@@ -182,5 +188,5 @@ def check(services: Services, thorough: bool = False) -> Health:
                   intake_unsettled=intake.unsettled,
                   audit=audit.writable(services.audit.log.path),
                   audit_events_lost=services.audit.log.dropped,
-                  removals_pending=removing,
+                  removals_pending=removing, deletions_pending=deleting,
                   index_wal_bytes=wal)

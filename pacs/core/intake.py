@@ -611,6 +611,10 @@ class Mover:
         # mover left recorded.
         self._failing = True
         self._threads: ThreadPoolExecutor | None = None
+        #: When the removed instances' objects may be tried again (monotonic), and
+        #: the wait after the last failure.
+        self._deletions_after = 0.0
+        self._deletions_backoff = 0.0
 
     def move_batch(self) -> int:
         """Move the oldest batch of the intake; the number of rows it removed.
@@ -796,6 +800,53 @@ class Mover:
         with contextlib.closing(blob):
             return bytes(blob.read())
 
+    def delete_removed(self) -> int:
+        """Delete from the store the objects of removed instances that their removal
+        left there (the store failed, or a crash came first: ``object_deletion``,
+        :mod:`pacs.core.deletion`), oldest first, a batch at a time, each under its
+        instance's ingest lock and only while no row names its key (an instance stored
+        again at the same key keeps its new object); the number of keys done.
+
+        Raises
+        ------
+        PacsError
+            The store failed: the keys not done stay recorded, to be tried again.
+        """
+        keys = reads.pending_deletions(self.index.connection(), BATCH_OBJECTS)
+        if not keys:
+            return 0
+        done: list[str] = []
+        with self.uid_locks([_sop_of(key) for key in keys]):
+            try:
+                conn = self.index.connection()
+                for key in keys:
+                    stored = reads.lookup(conn, _sop_of(key))
+                    named = stored is not None and stored.object_key == key
+                    if not named and reads.intake_entry(conn, key) is None:
+                        self.store.backend.delete(key)
+                    done.append(key)
+            finally:
+                if done:
+                    with self.index.write() as conn:
+                        writer.deletions_done(conn, done)
+        return len(done)
+
+    def _delete_removed_quietly(self) -> None:
+        """:meth:`delete_removed` until none is left, unless the store failed less
+        than the back-off ago (logged once per failure; tried again after it)."""
+        if time.monotonic() < self._deletions_after:
+            return
+        try:
+            while self.delete_removed() == BATCH_OBJECTS:
+                pass
+        except PacsError as exc:
+            self._deletions_backoff = min(MAX_BACKOFF, max(1.0, self._deletions_backoff * 2))
+            self._deletions_after = time.monotonic() + self._deletions_backoff
+            log.warning("intake mover: could not delete a removed instance's object (%s); "
+                        "trying again in %g s", exc, self._deletions_backoff)
+        else:
+            self._deletions_backoff = 0.0
+
     def sweep(self) -> int:
         """Remove the intake files no row names (the mover's own removals a crash
         interrupted, those of a replaced or removed instance whose removal failed, a
@@ -837,6 +888,7 @@ class Mover:
             self.close()
             self.finish()
         self._sweep_quietly()
+        self._delete_removed_quietly()
         self.checkpoint()
         return total
 
@@ -851,6 +903,7 @@ class Mover:
             self.begin()
             self.settle_old()
             self._sweep_quietly()
+            self._delete_removed_quietly()
             self._run(stopping)
             self.drain_until(time.monotonic() + drain_for)
         finally:
@@ -912,6 +965,7 @@ class Mover:
                 self._report(None)
             backlog = reads.intake_state(self.index.connection())
             if not moved:  # nothing to move (what waits is unsettled): look again later
+                self._delete_removed_quietly()
                 _sleep(LINGER, stopping)
             elif backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
                 # Caught up: settled keys forgotten, stray intake files removed, the
@@ -919,6 +973,7 @@ class Mover:
                 if backlog.unsettled:
                     self.settle_old()
                 self._sweep_quietly()
+                self._delete_removed_quietly()
                 self.checkpoint()
                 _sleep(LINGER, stopping)
             elif self.state.batches % CHECKPOINT_BATCHES == 0:

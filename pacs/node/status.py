@@ -149,6 +149,10 @@ def describe(settings: Settings, found: Health) -> list[str]:
     if found.removals_pending:
         lines.append(f"removals: {found.removals_pending} asked for and not finished "
                      "(running, or cut short: finished at the node's next start)")
+    if found.deletions_pending:
+        lines.append(f"deletions: {found.deletions_pending} object(s) of removed instances "
+                     "still in the store (deleted by the intake's mover once the store "
+                     "answers)")
     lines += forwarding_lines(settings, found.forwarding)
     lines.append(_audit_line(settings, found))
     uploads = settings.uploads_dir

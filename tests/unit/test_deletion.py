@@ -30,7 +30,7 @@ from pacs.core.index import reads, writer
 from pacs.core.ingest import Outcome, Received
 from pacs.core.reconcile import Problem, reconcile
 from pacs.core.rejection import MAX_REFERENCES
-from pacs.core.services import Services, drain
+from pacs.core.services import Services, drain, mover
 from pacs.core.storage.memory import MemoryStore
 from tests.factory import make_instance, make_rejection_note
 
@@ -351,6 +351,91 @@ def test_a_crash_before_the_object_deletion_leaves_an_orphan_fsck_reports(
     assert [f.problem for f in reconcile(services).findings] == [Problem.REMOVED]
     assert reconcile(services, repair=True).ok
     assert list(services.store.keys()) == []
+
+
+def _pending(services: Services) -> int:
+    return reads.pending_deletion_count(services.index.connection())
+
+
+def test_the_intake_s_mover_deletes_what_a_failing_store_left(
+        make_services: Callable[..., Services]) -> None:
+    """The removal records its objects' keys with its rows; those the store failed to
+    delete stay recorded, and the mover deletes them once the store answers: no
+    operator, no fsck."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=3)
+    drain(services)
+    rows = services.deleter.plan([Target(made[0][0])])
+    store.fail_deletes = True
+    removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                      audit.APPLICATION_SERVER)
+    assert removal.objects_left == 3 and _pending(services) == 3
+    assert "deleted by the intake's mover" in removal.summary()
+    with pytest.raises(StorageError):  # still failing: the keys stay
+        mover(services).delete_removed()
+    assert _pending(services) == 3 and len(list(services.store.keys())) == 3
+    store.fail_deletes = False
+    assert mover(services).delete_removed() == 3
+    assert _pending(services) == 0 and list(services.store.keys()) == []
+    assert reconcile(services).ok
+
+
+def test_a_removal_that_deleted_its_objects_leaves_nothing_pending(
+        make_services: Callable[..., Services]) -> None:
+    services = make_services(store=CountingStore())
+    made = _study(services, count=2)
+    drain(services)
+    rows = services.deleter.plan([Target(made[0][0])])
+    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    assert _pending(services) == 0 and list(services.store.keys()) == []
+
+
+def test_an_instance_stored_again_at_its_key_keeps_its_object(
+        make_services: Callable[..., Services]) -> None:
+    """Stored again at the same key before the mover came to its deletion: the new
+    object stays, and the deletion is forgotten."""
+    store = CountingStore()
+    services = make_services(store=store)
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    data = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                         SOPInstanceUID=sop)
+    services.ingest.store_bytes(data)
+    drain(services)
+    rows = services.deleter.plan([Target(study)])
+    store.fail_deletes = True
+    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    store.fail_deletes = False
+    assert services.ingest.store_bytes(data).outcome is Outcome.STORED
+    deletions = dict(store.deleted)
+    assert mover(services).delete_removed() == 1
+    assert store.deleted == deletions  # not deleted again
+    assert _pending(services) == 0
+    drain(services)
+    [key] = list(services.store.keys())
+    assert services.store.backend.objects[key] == data  # type: ignore[attr-defined]
+
+
+def test_a_failing_store_is_tried_again_after_a_growing_wait(
+        make_services: Callable[..., Services], caplog: pytest.LogCaptureFixture) -> None:
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=1)
+    drain(services)
+    store.fail_deletes = True
+    services.deleter.remove([reference(r) for r in services.deleter.plan(
+        [Target(made[0][0])])], NODE, audit.APPLICATION_SERVER)
+    moving = mover(services)
+    tries = sum(store.deleted.values())
+    with caplog.at_level("WARNING", logger="pacs.core.intake"):
+        moving._delete_removed_quietly()
+        moving._delete_removed_quietly()  # within the wait: not tried
+    assert sum(store.deleted.values()) == tries + 1
+    assert len([r for r in caplog.records if "trying again" in r.getMessage()]) == 1
+    store.fail_deletes = False
+    moving._deletions_after = 0.0  # the wait is over
+    moving._delete_removed_quietly()
+    assert _pending(services) == 0
 
 
 def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:

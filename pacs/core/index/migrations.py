@@ -399,12 +399,24 @@ def _intake_files(conn: apsw.Connection) -> None:
     del conn
 
 
+def _object_deletions(conn: apsw.Connection) -> None:
+    """Objects of removed instances not yet deleted from the object store
+    (``object_deletion``, ``pacs.core.deletion``): recorded in the transaction that
+    removes their rows, forgotten once deleted; the intake's mover deletes those a
+    failing store or a crash left."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS object_deletion (\n"
+        "  object_key TEXT PRIMARY KEY,\n"
+        "  since REAL NOT NULL\n"
+        ") WITHOUT ROWID")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
-    _intake_files)
+    _intake_files, _object_deletions)
 
 
 def migrate(conn: apsw.Connection) -> int:

@@ -440,6 +440,20 @@ def intake_files(conn: apsw.Connection) -> list[tuple[str, str]]:
         "SELECT object_key, checksum FROM intake WHERE length(data) = 0")]
 
 
+@_read("deletion listing")
+def pending_deletions(conn: apsw.Connection, limit: int) -> list[str]:
+    """The keys of the oldest ``limit`` objects of removed instances still to delete
+    from the store (``pacs.core.deletion``)."""
+    return [str(key) for (key,) in conn.execute(
+        "SELECT object_key FROM object_deletion ORDER BY since LIMIT ?", (limit,))]
+
+
+@_read("deletion totals")
+def pending_deletion_count(conn: apsw.Connection) -> int:
+    """Objects of removed instances still to delete from the store."""
+    return _scalar(conn, "SELECT count(*) FROM object_deletion")
+
+
 @_read("intake listing")
 def intake_keys(conn: apsw.Connection) -> list[str]:
     """The keys of every object in the intake."""
@@ -638,11 +652,39 @@ def quick_check(conn: apsw.Connection) -> str:
     return str(row[0]) if row else "no answer from quick_check"
 
 
-__all__ = ["MAX_KEYS", "IntakeEntry", "IntakeState", "Located", "MetadataRow",
-           "StoredInstance", "Tombstone", "all_objects", "any_unsettled",
-           "commitments_waiting", "counts",
-           "expired_instances", "first_series_images", "indexed_bytes", "instance_keys",
-           "instances_under", "intake_batch", "intake_blob", "intake_bytes", "intake_current",
-           "intake_entry", "intake_files",
-           "intake_keys", "intake_state", "located", "lookup", "lookup_classes",
-           "metadata_rows", "quick_check", "study_patients", "tombstone", "unsettled"]
+__all__ = [
+    "MAX_KEYS",
+    "IntakeEntry",
+    "IntakeState",
+    "Located",
+    "MetadataRow",
+    "StoredInstance",
+    "Tombstone",
+    "all_objects",
+    "any_unsettled",
+    "commitments_waiting",
+    "counts",
+    "expired_instances",
+    "first_series_images",
+    "indexed_bytes",
+    "instance_keys",
+    "instances_under",
+    "intake_batch",
+    "intake_blob",
+    "intake_bytes",
+    "intake_current",
+    "intake_entry",
+    "intake_files",
+    "intake_keys",
+    "intake_state",
+    "located",
+    "lookup",
+    "lookup_classes",
+    "metadata_rows",
+    "pending_deletion_count",
+    "pending_deletions",
+    "quick_check",
+    "study_patients",
+    "tombstone",
+    "unsettled",
+]

@@ -11,6 +11,7 @@ module.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
@@ -309,6 +310,19 @@ def intake_moved(conn: apsw.Connection, entry_id: int) -> bool:
     return conn.changes() > 0
 
 
+def deletions_pending(conn: apsw.Connection, keys: Iterable[str], at: float) -> None:
+    """Record the objects of removed instances as to be deleted from the store (in
+    the transaction that removes their rows)."""
+    conn.executemany("INSERT INTO object_deletion (object_key, since) VALUES (?, ?) "
+                     "ON CONFLICT (object_key) DO NOTHING", [(key, at) for key in keys])
+
+
+def deletions_done(conn: apsw.Connection, keys: Iterable[str]) -> None:
+    """Forget the objects deleted from the store (or stored again since)."""
+    conn.executemany("DELETE FROM object_deletion WHERE object_key = ?",
+                     [(key,) for key in keys])
+
+
 def unsettle(conn: apsw.Connection, key: str, at: float) -> None:
     """Record that a write of ``key`` to the object store went unanswered at ``at``
     (the store may still carry it out: ``pacs.core.intake``)."""
@@ -359,7 +373,8 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 
 
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
-           "backfill_metadata", "counts", "delete_instance", "drop_metadata", "drop_tombstone",
-           "intake_add", "intake_add_file", "intake_drop", "intake_moved",
-           "intake_mover_error", "lookup", "mover_started", "mover_stopped", "prune",
-           "save_metadata", "settle_old", "settled", "unsettle", "upsert"]
+           "backfill_metadata", "counts", "delete_instance", "deletions_done",
+           "deletions_pending", "drop_metadata", "drop_tombstone", "intake_add",
+           "intake_add_file", "intake_drop", "intake_moved", "intake_mover_error",
+           "lookup", "mover_started", "mover_stopped", "prune", "save_metadata",
+           "settle_old", "settled", "unsettle", "upsert"]
