@@ -688,8 +688,8 @@ class Ingest:
             if error is not None:
                 if number in direct:
                     self._undo_put(plan.key, plan.existing, plan.previous)
-                if plan.in_file:
-                    self.store.files.remove_quietly(plan.file)
+                if plan.in_file:  # unless a row names it after all
+                    self.store.tidy({plan.sop_uid})
                 results[number] = error
             else:
                 self._forget_moved(plan)
@@ -732,7 +732,9 @@ class Ingest:
                 raise failure
             self.index.commit(work)
         except BaseException:
-            self.store.files.remove_quietly(plan.file)
+            # Unless a row names it after all (a commit that went through, then failed
+            # to say so).
+            self.store.tidy({plan.sop_uid})
             raise
 
     def _decide(self, analysis: Analysis, data: bytes,
@@ -966,6 +968,11 @@ class _Plan:
     def in_file(self) -> bool:
         """Acknowledged through the intake as a file of its folder."""
         return bool(self.file)
+
+    @property
+    def sop_uid(self) -> str:
+        """The SOP Instance UID its key names."""
+        return self.key.rsplit("/", 1)[-1].removesuffix(".dcm")
 
     @property
     def outcome(self) -> Outcome:

@@ -57,7 +57,9 @@ index file costs more than the fsyncs saved (the default per store:
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
+import hashlib
 import io
 import logging
 import math
@@ -167,10 +169,16 @@ class IntakeFiles(FileStore):
             raise StorageError("refusing an intake file name not derived from a UID")
         return self.root / key
 
-    def names(self) -> list[str]:
-        """The intake's files (temporary files excluded)."""
+    def names(self, sop_uids: Collection[str] | None = None) -> list[str]:
+        """The intake's files (temporary files excluded); only those of ``sop_uids``
+        when given (a listing of the folder all the same: a prefix filter spares the
+        other names' checks)."""
         try:
-            return [name for name in os.listdir(self.root) if _sop_of_file(name)]
+            listed = os.listdir(self.root)
+            if sop_uids is not None:
+                prefixes = tuple(f"{sop}." for sop in sop_uids)
+                listed = [name for name in listed if name.startswith(prefixes)]
+            return [name for name in listed if _sop_of_file(name)]
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -287,7 +295,7 @@ class IntakeStore:
         tries again.
         """
         try:
-            found = [(name, sop) for name in self.files.names()
+            found = [(name, sop) for name in self.files.names(sop_uids)
                      if (sop := _sop_of_file(name)) is not None and sop in sop_uids]
             kept = self._named({sop for _name, sop in found}) if found else set()
         except PacsError as exc:
@@ -562,6 +570,14 @@ class Hold:
         return young and backlog.bytes < self.bytes
 
 
+class _Read(enum.Enum):
+    """What the mover found of an intake row other than its bytes."""
+
+    GONE = "the row was replaced or removed"
+    STORED = "the store holds its object already"
+    STUCK = "its file is missing or damaged, and the store does not hold it"
+
+
 @dataclass
 class MoverState:
     """What the mover did so far (for its log and tests)."""
@@ -611,6 +627,8 @@ class Mover:
         # mover left recorded.
         self._failing = True
         self._threads: ThreadPoolExecutor | None = None
+        #: Rows whose file is missing or damaged and not in the store: passed over.
+        self._stuck: set[int] = set()
         #: When the removed instances' objects may be tried again (monotonic), and
         #: the wait after the last failure.
         self._deletions_after = 0.0
@@ -636,7 +654,7 @@ class Mover:
         """
         settled_before = time.time() - self.settle
         batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES,
-                                   settled_before)
+                                   settled_before, self._stuck)
         if not batch:
             return 0
         removed, error = self._move(batch, settled_before)
@@ -653,32 +671,49 @@ class Mover:
         before ``settled_before`` is settled (one whose put goes unanswered now the
         store records itself, :func:`record_unsettled`)."""
         with self.uid_locks([_sop_of(entry.object_key) for entry in entries]):
-            current = [(entry, data) for entry in entries
-                       if (data := self._read(entry)) is not None]
+            current: list[tuple[reads.IntakeEntry, bytes]] = []
+            stored: list[reads.IntakeEntry] = []  # in the store already
+            for entry in entries:
+                data = self._read(entry)
+                if isinstance(data, bytes):
+                    current.append((entry, data))
+                elif data is _Read.STORED:
+                    stored.append(entry)
             failures = self._put([(entry.object_key, data) for entry, data in current])
             # Those after the puts stopped (a failure) stay in the intake, as they are.
             moved = [(entry, data) for (entry, data), failure
                      in zip(current[:len(failures)], failures, strict=True)
                      if failure is None]
-            removed: list[reads.IntakeEntry] = []
-            if moved:  # only once the puts are durable; only rows still the same
-                described = self._describe(moved)
-                settling = reads.any_unsettled(self.index.connection())
-                with self.index.write() as conn:
-                    for entry, _data in moved:
-                        if writer.intake_moved(conn, entry.id):
-                            removed.append(entry)
-                        if settling:
-                            writer.settled(conn, entry.object_key, settled_before)
-                    for pk, checksum, prepared in described:
-                        writer.backfill_metadata(conn, pk, checksum, prepared.json,
-                                                 prepared.pixel_offset, prepared.pixel_length)
-                for entry in removed:  # a crash before leaves them to sweep()
-                    if entry.in_file:
-                        self.store.files.remove_quietly(
-                            file_name(entry.object_key, entry.checksum))
+            removed = self._remove_rows(moved, stored, settled_before)
         return len(removed), next((failure for failure in failures if failure is not None),
                                   None)
+
+    def _remove_rows(self, moved: list[tuple[reads.IntakeEntry, bytes]],
+                     stored: list[reads.IntakeEntry], settled_before: float
+                     ) -> list[reads.IntakeEntry]:
+        """Remove the rows of what is in the store now (only rows still the same), with
+        the metadata of what was moved; then the files of those removed.  A commit
+        that removes rows of files is synced before the files go: lost in a power
+        failure, it would leave rows naming files no longer there."""
+        done = [entry for entry, _data in moved] + stored
+        if not done:
+            return []
+        described = self._describe(moved)
+        settling = reads.any_unsettled(self.index.connection())
+        removed: list[reads.IntakeEntry] = []
+        with self.index.write(synced=any(entry.in_file for entry in done)) as conn:
+            for entry in done:
+                if writer.intake_moved(conn, entry.id):
+                    removed.append(entry)
+                if settling:
+                    writer.settled(conn, entry.object_key, settled_before)
+            for pk, checksum, prepared in described:
+                writer.backfill_metadata(conn, pk, checksum, prepared.json,
+                                         prepared.pixel_offset, prepared.pixel_length)
+        for entry in removed:  # a crash before leaves them to sweep()
+            if entry.in_file:
+                self.store.files.remove_quietly(file_name(entry.object_key, entry.checksum))
+        return removed
 
     def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
         """The failure or ``None`` of each item put, in order: the folder's batch (all
@@ -779,26 +814,62 @@ class Mover:
             self._threads.shutdown()
             self._threads = None
 
-    def _read(self, entry: reads.IntakeEntry) -> bytes | None:
-        """The row's bytes, or ``None`` when it is no longer the current row (an
-        overwrite replaced it, or the instance was deleted, since it was listed) or
-        its file cannot be read (logged; the row stays for ``pacs fsck``)."""
+    def _read(self, entry: reads.IntakeEntry) -> bytes | _Read:
+        """The row's bytes; :attr:`_Read.GONE` when it is no longer the current row
+        (an overwrite replaced it, or the instance was deleted, since it was listed);
+        for a file, :meth:`_read_file`'s."""
         if entry.in_file:
             if not reads.intake_current(self.index.connection(), entry.id):
-                return None
-            try:
-                with self.store.files.open(file_name(entry.object_key,
-                                                     entry.checksum)) as stream:
-                    return stream.read()
-            except PacsError as exc:
-                log.error("intake mover: an acknowledged object's intake file cannot be "
-                          "read (%s); it stays in the intake", exc)
-                return None
+                return _Read.GONE
+            return self._read_file(entry)
         blob = reads.intake_blob(self.index.connection(), entry.id)
         if blob is None:
-            return None
+            return _Read.GONE
         with contextlib.closing(blob):
             return bytes(blob.read())
+
+    def _read_file(self, entry: reads.IntakeEntry) -> bytes | _Read:
+        """The bytes of the row's file, checked against its checksum.  A file that is
+        missing or differs: :attr:`_Read.STORED` when the store holds the object with
+        that checksum (its move done, the row's removal lost), else
+        :attr:`_Read.STUCK` - the row is passed over until the mover restarts, and
+        reported (an ERROR line, the mover's error in ``pacs status``).
+
+        Raises
+        ------
+        PacsError
+            The store failed while it was asked for the object.
+        """
+        name = file_name(entry.object_key, entry.checksum)
+        try:
+            with self.store.files.open(name) as stream:
+                data = stream.read()
+            if hashlib.sha256(data).hexdigest() == entry.checksum:
+                return data
+            problem = "differs from what was acknowledged"
+        except NotFound:
+            problem = "is missing"
+        except PacsError as exc:
+            problem = f"cannot be read ({exc})"
+        if self._stored(entry):
+            return _Read.STORED
+        self._stuck.add(entry.id)
+        message = (f"an acknowledged object's intake file {problem}, and the store "
+                   "does not hold it; it stays in the intake (see 'pacs fsck')")
+        log.error("intake mover: %s", message)
+        self._report(message)
+        return _Read.STUCK
+
+    def _stored(self, entry: reads.IntakeEntry) -> bool:
+        """True when the store holds the object of ``entry`` with its checksum."""
+        try:
+            with self.store.backend.open(entry.object_key) as stream:
+                digest = hashlib.sha256()
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+        except NotFound:
+            return False
+        return digest.hexdigest() == entry.checksum
 
     def delete_removed(self) -> int:
         """Delete from the store the objects of removed instances that their removal
@@ -862,9 +933,10 @@ class Mover:
                  for key, checksum in reads.intake_files(self.index.connection())}
         strays = sorted({sop for name in names if name not in named
                          and (sop := _sop_of_file(name)) is not None})
-        for sop in strays:
-            with self.uid_locks([sop]):  # a write of its may be between file and commit
-                removed += self.store.tidy({sop})
+        for start in range(0, len(strays), BATCH_OBJECTS):
+            chunk = strays[start:start + BATCH_OBJECTS]
+            with self.uid_locks(chunk):  # a write of theirs may be between file and commit
+                removed += self.store.tidy(set(chunk))
         return removed
 
     def checkpoint(self) -> None:
@@ -961,7 +1033,7 @@ class Mover:
                 _sleep(backoff, stopping)
                 continue
             backoff = 0.0
-            if self._failing:
+            if self._failing and not self._stuck:  # a stuck row's error stays shown
                 self._report(None)
             backlog = reads.intake_state(self.index.connection())
             if not moved:  # nothing to move (what waits is unsettled): look again later

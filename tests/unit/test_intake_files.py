@@ -6,6 +6,7 @@ crash's leftovers)."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -211,17 +212,82 @@ def test_the_sweep_removes_what_no_row_names_and_old_temporaries(node: Services)
     assert read(node, _key(node)) == large()
 
 
-def test_a_missing_file_is_reported_not_read_from_elsewhere(node: Services) -> None:
+@pytest.mark.parametrize("damage", ["missing", "changed"])
+def test_a_lost_file_is_reported_passed_over_and_never_put(node: Services,
+                                                          damage: str) -> None:
+    """Its row stays (nothing of it is in the store), the mover's error says so, and
+    the objects after it are moved all the same."""
     from pacs.core.errors import NotFound
 
     node.ingest.store_bytes(large())
     key = _key(node)
     [name] = files(node)
-    (node.settings.data_dir / FILES_FOLDER / name).unlink()
-    with pytest.raises(NotFound):
-        node.store.open(key)
-    assert drain(node) == 0  # the row stays, for fsck
+    path = node.settings.data_dir / FILES_FOLDER / name
+    if damage == "missing":
+        path.unlink()
+        with pytest.raises(NotFound):
+            node.store.open(key)
+    else:
+        path.write_bytes(b"not what was acknowledged")
+    after = large("1.2.826.0.1.3680043.8.498.8")
+    node.ingest.store_bytes(after)
+    assert drain(node) == 1
+    assert node.store.backend.objects == {_key(node, "1.2.826.0.1.3680043.8.498.8"): after}  # type: ignore[attr-defined]
     assert reads.intake_keys(node.index.connection()) == [key]
+    state = reads.intake_state(node.index.connection())
+    assert state.mover_error is not None and "intake file" in state.mover_error
+
+
+def test_a_move_whose_row_removal_was_lost_is_finished_without_a_put(
+        node: Services) -> None:
+    """The store holds the object with the row's checksum and the file is gone (a
+    power failure after the file's removal, before the row's was on disk): the row
+    goes, nothing is put again."""
+    data = large()
+    node.ingest.store_bytes(data)
+    key = _key(node)
+    [name] = files(node)
+    node.store.backend.put(key, io.BytesIO(data), len(data))
+    (node.settings.data_dir / FILES_FOLDER / name).unlink()
+    puts: list[str] = []
+    backend = node.store.backend
+    original = backend.put
+    backend.put = lambda k, source, length: (puts.append(k), original(k, source, length))  # type: ignore[method-assign]
+    assert mover(node).move_batch() == 1
+    assert puts == [] and reads.intake_keys(node.index.connection()) == []
+    assert read(node, key) == data
+
+
+def test_the_mover_syncs_the_removal_of_rows_before_their_files_go(
+        node: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    node.ingest.store_bytes(large())
+    asked: list[bool] = []
+    write = Index.write
+
+    def recorded(self: Index, synced: bool = False):  # type: ignore[no-untyped-def]
+        asked.append(synced)
+        return write(self, synced)
+
+    monkeypatch.setattr(Index, "write", recorded)
+    assert mover(node).move_batch() == 1
+    assert asked == [True] and files(node) == []
+
+
+def test_a_commit_that_went_through_keeps_its_file(node: Services,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that failed to say it committed: the file its row names stays."""
+    commit = Index.commit
+
+    def committed_then_failed(self: Index, work: Callable[[apsw.Connection], None]) -> None:
+        commit(self, work)
+        raise IndexFailure("index commit failed: disk I/O error")
+
+    monkeypatch.setattr(Index, "commit", committed_then_failed)
+    data = large()
+    with pytest.raises(IndexFailure):
+        node.ingest.store_bytes(data)
+    monkeypatch.undo()
+    assert len(files(node)) == 1 and read(node, _key(node)) == data
 
 
 def test_names_are_uid_and_checksum_only(node: Services) -> None:

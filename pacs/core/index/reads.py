@@ -11,7 +11,7 @@ transaction (the ingest's duplicate check), and turns SQLite errors into
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -401,20 +401,24 @@ def intake_entry(conn: apsw.Connection, key: str) -> IntakeEntry | None:
 
 @_read("intake listing")
 def intake_batch(conn: apsw.Connection, after: int, limit: int, max_bytes: int,
-                 settled_before: float = float("inf")) -> list[IntakeEntry]:
+                 settled_before: float = float("inf"),
+                 skip: Collection[int] = frozenset()) -> list[IntakeEntry]:
     """The oldest intake objects after row ``after``, in arrival order: at most
     ``limit`` of them, and no more than ``max_bytes`` together (but at least one);
-    none whose key is unsettled by a write after ``settled_before``."""
+    none whose key is unsettled by a write after ``settled_before``, none of the rows
+    ``skip``."""
     batch: list[IntakeEntry] = []
     total = 0
     cursor = conn.execute(
         f"SELECT {_INTAKE_COLUMNS} FROM intake WHERE id > ? AND NOT EXISTS "
         "(SELECT 1 FROM unsettled WHERE unsettled.object_key = intake.object_key "
         "AND since > ?) ORDER BY id LIMIT ?",
-        (after, settled_before, limit))
+        (after, settled_before, limit + len(skip)))
     for row in cursor:
         entry = _entry(row)
-        if batch and total + entry.size > max_bytes:
+        if entry.id in skip:
+            continue
+        if len(batch) == limit or (batch and total + entry.size > max_bytes):
             break
         batch.append(entry)
         total += entry.size
