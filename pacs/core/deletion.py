@@ -11,9 +11,8 @@ per-UID lock and one transaction keep them apart):
 2. in one write transaction (:func:`delete_rows`): delete the instance rows (their
    metadata and their intake copies, :mod:`pacs.core.intake`, go with them; series,
    study and patient rows left empty are removed, so every count stays right) and
-   write a tombstone per removed SOP Instance UID (why, by whom, when);
-   In the same transaction, their objects' keys are recorded as to be deleted
-   (table ``object_deletion``);
+   write a tombstone per removed SOP Instance UID (why, by whom, when), and record
+   their objects' keys as to be deleted (table ``object_deletion``);
 3. delete the objects from the backend store (folder or S3) only: the intake holds
    nothing of them any more after 2 (its files of them are removed too,
    :meth:`pacs.core.intake.IntakeStore.tidy`); then forget the keys deleted.
