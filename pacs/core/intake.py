@@ -84,6 +84,7 @@ from pacs.core.errors import (
     NotFound,
     PacsError,
     StorageError,
+    UnsettledWrite,
 )
 from pacs.core.index import outbox, reads, writer
 from pacs.core.index.connection import Index
@@ -134,6 +135,11 @@ LOCK_NAME = "intake.lock"
 #: Objects of the intake up to this size are blobs of the index; larger ones are files
 #: of the intake's folder (:class:`IntakeFiles`).
 BLOB_BYTES = 256 << 10
+#: Seconds after which a removal's pending object deletion is the mover's: before,
+#: the removal itself is deleting it (a chunk of objects on a slow S3).
+DELETION_GRACE = 300.0
+#: Seconds after which rows passed over for a lost file are looked at again.
+STUCK_RETRY = 600.0
 #: Name of the intake's folder in the data folder.
 FILES_FOLDER = "intake"
 #: Seconds after which a temporary file of the intake's folder is a crash's leftover:
@@ -627,8 +633,12 @@ class Mover:
         # mover left recorded.
         self._failing = True
         self._threads: ThreadPoolExecutor | None = None
-        #: Rows whose file is missing or damaged and not in the store: passed over.
-        self._stuck: set[int] = set()
+        #: Rows whose file is missing or damaged and not in the store (id -> size):
+        #: passed over, and looked at again :data:`STUCK_RETRY` after the first.
+        self._stuck: dict[int, int] = {}
+        self._stuck_since = 0.0
+        #: What the mover reports of them (``pacs status``), beside a store's failure.
+        self._stuck_error: str | None = None
         #: When the removed instances' objects may be tried again (monotonic), and
         #: the wait after the last failure.
         self._deletions_after = 0.0
@@ -653,8 +663,12 @@ class Mover:
             The store (or the index) failed: the rows stay, to be tried again.
         """
         settled_before = time.time() - self.settle
+        if self._stuck and time.monotonic() - self._stuck_since > STUCK_RETRY:
+            self._stuck.clear()  # looked at again (an operator may have mended them)
+            self._stuck_error = None
+            self._failing = True  # the next batch that succeeds clears what was shown
         batch = reads.intake_batch(self.index.connection(), 0, BATCH_OBJECTS, BATCH_BYTES,
-                                   settled_before, self._stuck)
+                                   settled_before, self._stuck.keys())
         if not batch:
             return 0
         removed, error = self._move(batch, settled_before)
@@ -841,7 +855,7 @@ class Mover:
             The store failed while it was asked for the object.
         """
         name = file_name(entry.object_key, entry.checksum)
-        try:
+        try:  # a file that cannot be read now (EIO, EMFILE) fails the batch: tried again
             with self.store.files.open(name) as stream:
                 data = stream.read()
             if hashlib.sha256(data).hexdigest() == entry.checksum:
@@ -849,15 +863,17 @@ class Mover:
             problem = "differs from what was acknowledged"
         except NotFound:
             problem = "is missing"
-        except PacsError as exc:
-            problem = f"cannot be read ({exc})"
         if self._stored(entry):
             return _Read.STORED
-        self._stuck.add(entry.id)
-        message = (f"an acknowledged object's intake file {problem}, and the store "
-                   "does not hold it; it stays in the intake (see 'pacs fsck')")
-        log.error("intake mover: %s", message)
-        self._report(message)
+        if not self._stuck:
+            self._stuck_since = time.monotonic()
+        self._stuck[entry.id] = entry.size
+        self._stuck_error = (f"{len(self._stuck)} acknowledged object(s) of the intake "
+                             f"whose file {problem}, which the store does not hold; they "
+                             "stay in the intake (see 'pacs fsck')")
+        log.error("intake mover: an acknowledged object's intake file %s, and the store "
+                  "does not hold it; it stays in the intake", problem)
+        self._report(None)
         return _Read.STUCK
 
     def _stored(self, entry: reads.IntakeEntry) -> bool:
@@ -874,42 +890,67 @@ class Mover:
     def delete_removed(self) -> int:
         """Delete from the store the objects of removed instances that their removal
         left there (the store failed, or a crash came first: ``object_deletion``,
-        :mod:`pacs.core.deletion`), oldest first, a batch at a time, each under its
-        instance's ingest lock and only while no row names its key (an instance stored
-        again at the same key keeps its new object); the number of keys done.
+        :mod:`pacs.core.deletion`): one batch, oldest first, of those recorded at
+        least :data:`DELETION_GRACE` ago (a younger one is its removal's own, deleted
+        by it now), each under its instance's ingest lock and only while it is still
+        pending and no row names its key (an instance stored again at the same key
+        keeps its new object); the number of keys done.  A key the store refuses to
+        delete goes behind the others; the rest are tried.
 
         Raises
         ------
         PacsError
-            The store failed: the keys not done stay recorded, to be tried again.
+            The store failed (the first failure, once the batch is through; at once
+            for a deletion it did not answer): the keys not done stay recorded.
         """
-        keys = reads.pending_deletions(self.index.connection(), BATCH_OBJECTS)
+        keys = reads.pending_deletions(self.index.connection(), BATCH_OBJECTS,
+                                       time.time() - DELETION_GRACE)
         if not keys:
             return 0
         done: list[str] = []
+        failed: list[str] = []
+        failure: PacsError | None = None
         with self.uid_locks([_sop_of(key) for key in keys]):
             try:
                 conn = self.index.connection()
-                for key in keys:
+                for key in sorted(reads.deletions_pending_of(conn, keys)):
                     stored = reads.lookup(conn, _sop_of(key))
                     named = stored is not None and stored.object_key == key
-                    if not named and reads.intake_entry(conn, key) is None:
-                        self.store.backend.delete(key)
+                    try:
+                        if not named and reads.intake_entry(conn, key) is None:
+                            self.store.backend.delete(key)
+                    except UnsettledWrite:
+                        raise  # the store is not answering: no more now
+                    except PacsError as exc:
+                        failed.append(key)
+                        failure = failure or exc
+                        continue
                     done.append(key)
             finally:
-                if done:
+                if done or failed:
                     with self.index.write() as conn:
                         writer.deletions_done(conn, done)
+                        writer.deletions_later(conn, failed, time.time())
+        if failure is not None:
+            raise failure
         return len(done)
 
+    def _delete_all_removed(self) -> None:
+        """:meth:`delete_removed` until none is left or the store fails (logged)."""
+        try:
+            while self.delete_removed():
+                pass
+        except PacsError as exc:
+            log.warning("intake mover: could not delete a removed instance's object "
+                        "(%s); the rest are deleted by the next mover", exc)
+
     def _delete_removed_quietly(self) -> None:
-        """:meth:`delete_removed` until none is left, unless the store failed less
-        than the back-off ago (logged once per failure; tried again after it)."""
+        """One batch of :meth:`delete_removed`, unless the store failed less than the
+        back-off ago (logged once per failure; tried again after a growing wait)."""
         if time.monotonic() < self._deletions_after:
             return
         try:
-            while self.delete_removed() == BATCH_OBJECTS:
-                pass
+            self.delete_removed()
         except PacsError as exc:
             self._deletions_backoff = min(MAX_BACKOFF, max(1.0, self._deletions_backoff * 2))
             self._deletions_after = time.monotonic() + self._deletions_backoff
@@ -956,11 +997,11 @@ class Mover:
         try:
             self.begin()
             total = self._move_until(math.inf)
+            self._sweep_quietly()
+            self._delete_all_removed()  # within begin() and finish(), as every write
         finally:
             self.close()
             self.finish()
-        self._sweep_quietly()
-        self._delete_removed_quietly()
         self.checkpoint()
         return total
 
@@ -1033,13 +1074,16 @@ class Mover:
                 _sleep(backoff, stopping)
                 continue
             backoff = 0.0
-            if self._failing and not self._stuck:  # a stuck row's error stays shown
+            if self._failing:
                 self._report(None)
             backlog = reads.intake_state(self.index.connection())
+            # Rows passed over are no backlog to move.
+            waiting = (backlog.objects - len(self._stuck),
+                       backlog.bytes - sum(self._stuck.values()))
             if not moved:  # nothing to move (what waits is unsettled): look again later
                 self._delete_removed_quietly()
                 _sleep(LINGER, stopping)
-            elif backlog.objects < BATCH_OBJECTS and backlog.bytes < BATCH_BYTES:
+            elif waiting[0] < BATCH_OBJECTS and waiting[1] < BATCH_BYTES:
                 # Caught up: settled keys forgotten, stray intake files removed, the
                 # WAL's pages into the index file.
                 if backlog.unsettled:
@@ -1060,11 +1104,13 @@ class Mover:
             log.warning("intake mover: could not sweep the intake's folder (%s)", exc)
 
     def _report(self, error: str | None) -> None:
-        """Record the last error (or its end) for ``pacs status``."""
+        """Record the last error of the store (or its end) for ``pacs status``, with
+        that of rows passed over (which stays while they are)."""
         self._failing = error is not None
+        shown = "; ".join(part for part in (error, self._stuck_error) if part) or None
         try:
             with self.index.write() as conn:
-                writer.intake_mover_error(conn, error, time.time() if error else None)
+                writer.intake_mover_error(conn, shown, time.time() if shown else None)
         except IndexFailure:
             log.exception("intake mover: cannot record its state")
 

@@ -73,7 +73,9 @@ How a rebuild goes (:func:`rebuild`):
    still land (:mod:`pacs.core.intake`, ``unsettled``); the index records the key
    until that can no longer happen, and a write of it meanwhile goes through the
    intake.  The store cannot tell, so the rebuilt index takes those records from the
-   previous one, read when the intake is asked the last time.
+   previous one, read when the intake is asked the last time; so too the objects of
+   removed instances whose deletion is pending (``object_deletion``, deleted by the
+   intake's mover: :mod:`pacs.core.deletion`).
 9. **Removals the previous index recorded stay done.**  A removal deletes an
    instance's rows and writes its tombstone, then deletes its object; on S3 that
    deletion may fail or go unanswered, and a write S3 took late may land after the
@@ -360,7 +362,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
                 f"the index {index_path} was written while it was rebuilt (a node or a "
                 "pacs command used it): nothing swapped; run pacs reindex again with "
                 "the node and other commands on this customer stopped")
-        _keep_unsettled(new_path, _refuse_if_intake_holds(index_path))
+        _keep_carried(new_path, _refuse_if_intake_holds(index_path))
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
     except BaseException:
@@ -436,24 +438,36 @@ def _refuse_if_in_use(index_path: Path) -> None:
             "this customer (and any pacs command on it) before rebuilding its index")
 
 
-def _refuse_if_intake_holds(index_path: Path) -> list[tuple[str, float]]:
+@dataclass(frozen=True)
+class _Carried:
+    """What the rebuilt index takes from the previous one besides its tombstones: the
+    unsettled keys and the pending deletions of removed instances' objects, each with
+    its time."""
+
+    unsettled: list[tuple[str, float]]
+    deletions: list[tuple[str, float]]
+
+
+def _refuse_if_intake_holds(index_path: Path) -> _Carried:
     """Refuse while the index's intake holds acknowledged objects the store lacks
     (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them.
-    Otherwise the index's unsettled keys, with when their write went unanswered.
+    Otherwise what the rebuilt index carries over (:class:`_Carried`).
 
     Only a table the index's schema does not have yet counts as empty; any other
     failure to read it refuses (a locked or damaged index may hold objects)."""
     if not index_path.exists():
-        return []
+        return _Carried([], [])
     conn = connect(index_path)
     try:
         present = reads.tables(conn)
         objects = reads.intake_objects(conn) if "intake_state" in present else 0
-        unsettled = reads.unsettled_keys(conn) if "unsettled" in present else []
+        carried = _Carried(
+            reads.unsettled_keys(conn) if "unsettled" in present else [],
+            reads.deletion_keys(conn) if "object_deletion" in present else [])
     finally:
         conn.close()
     if not objects:
-        return unsettled
+        return carried
     raise IndexFailure(
         f"the intake of {index_path} holds {objects} acknowledged object(s) not "
         "yet in the object store: let the node's mover store them (or run "
@@ -486,15 +500,19 @@ def _keep_tombstones(index: Index, removed: dict[str, reads.TombstoneRow]) -> No
                                  row.removed_at)
 
 
-def _keep_unsettled(new_path: Path, unsettled: list[tuple[str, float]]) -> None:
-    """Record ``unsettled`` (key, since) in the new index, synced before the swap."""
-    if not unsettled:
+def _keep_carried(new_path: Path, carried: _Carried) -> None:
+    """Record what ``carried`` holds in the new index, synced before the swap: the
+    unsettled keys, and the pending deletions (the mover deletes their objects, unless
+    a row names the key)."""
+    if not (carried.unsettled or carried.deletions):
         return
     index = Index(new_path)
     try:
         with index.write(synced=True) as conn:
-            for key, since in unsettled:
+            for key, since in carried.unsettled:
                 writer.unsettle(conn, key, since)
+            for key, since in carried.deletions:
+                writer.deletions_pending(conn, [key], since)
     finally:
         index.close()
 

@@ -63,7 +63,7 @@ from pacs.core.reindex import (
     rebuild,
     stored_times,
 )
-from pacs.core.services import Services, build, drain
+from pacs.core.services import Services, build, drain, mover
 from pacs.core.storage import object_key
 from pacs.core.storage.base import exists
 from pacs.core.storage.filesystem import FileStore
@@ -908,6 +908,31 @@ def test_a_removed_instance_whose_object_outlived_its_removal_stays_removed(
     after = dump(settings.index_path)
     assert len(after["instance"]) == 2 and len(after["tombstone"]) == 1
     assert any("previous index records removed" in line for line in report.lines())
+
+
+def test_a_pending_deletion_outlives_a_rebuild(settings: config.Settings) -> None:
+    """A removal whose object deletion failed: the rebuilt index keeps its key pending,
+    and the intake's mover deletes the object once the store answers."""
+    store = MemoryStore()
+    services, made = _three_stored(settings, store, "P")
+    gone = dcmread(DicomBytesIO(made[0]))
+    key = object_key(gone.StudyInstanceUID, gone.SeriesInstanceUID, gone.SOPInstanceUID)
+    [row] = services.deleter.plan([Target(gone.StudyInstanceUID)])
+    with deletions_failing(services, {key}):
+        services.deleter.remove([reference(row)], Participant("admin", True),
+                                audit.WEB_SERVER)
+    services.close()
+
+    rebuild(settings.index_path, store, AnalyserPool(0))
+    assert list(dump(settings.index_path)["object_deletion"]) == [key]
+    rebuilt = build(settings, store=store)
+    try:
+        with rebuilt.index.write() as conn:  # past the removal's own time for it
+            conn.execute("UPDATE object_deletion SET since = since - 3600")
+        assert mover(rebuilt).delete_removed() == 1
+        assert key not in set(store.keys())
+    finally:
+        rebuilt.close()
 
 
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:

@@ -13,7 +13,7 @@ import apsw
 import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
-from pacs.core import audit, rejection
+from pacs.core import audit, intake as intake_module, rejection
 from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
 from pacs.core.errors import (
     IndexFailure,
@@ -357,6 +357,22 @@ def _pending(services: Services) -> int:
     return reads.pending_deletion_count(services.index.connection())
 
 
+def _aged(services: Services) -> None:
+    """The pending deletions recorded longer ago than the mover leaves to their
+    removal (``DELETION_GRACE``)."""
+    with services.index.write() as conn:
+        conn.execute("UPDATE object_deletion SET since = since - ?",
+                     (intake_module.DELETION_GRACE + 1,))
+
+
+def _removed_with_deletes_failing(services: Services, store: CountingStore,
+                                  study: str) -> None:
+    rows = services.deleter.plan([Target(study)])
+    store.fail_deletes = True
+    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    store.fail_deletes = False
+
+
 def test_the_intake_s_mover_deletes_what_a_failing_store_left(
         make_services: Callable[..., Services]) -> None:
     """The removal records its objects' keys with its rows; those the store failed to
@@ -372,10 +388,13 @@ def test_the_intake_s_mover_deletes_what_a_failing_store_left(
                                       audit.APPLICATION_SERVER)
     assert removal.objects_left == 3 and _pending(services) == 3
     assert "deleted by the intake's mover" in removal.summary()
+    assert mover(services).delete_removed() == 0  # its removal's own for a while
+    _aged(services)
     with pytest.raises(StorageError):  # still failing: the keys stay
         mover(services).delete_removed()
     assert _pending(services) == 3 and len(list(services.store.keys())) == 3
     store.fail_deletes = False
+    _aged(services)
     assert mover(services).delete_removed() == 3
     assert _pending(services) == 0 and list(services.store.keys()) == []
     assert reconcile(services).ok
@@ -393,27 +412,47 @@ def test_a_removal_that_deleted_its_objects_leaves_nothing_pending(
 
 def test_an_instance_stored_again_at_its_key_keeps_its_object(
         make_services: Callable[..., Services]) -> None:
-    """Stored again at the same key before the mover came to its deletion: the new
-    object stays, and the deletion is forgotten."""
+    """Stored again at the same key (written there directly, no intake) before the
+    mover came to its deletion: the new object stays, the deletion is forgotten."""
     store = CountingStore()
-    services = make_services(store=store)
+    services = make_services(store=store, intake_object_bytes=0)
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     data = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
                          SOPInstanceUID=sop)
     services.ingest.store_bytes(data)
-    drain(services)
-    rows = services.deleter.plan([Target(study)])
-    store.fail_deletes = True
-    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
-    store.fail_deletes = False
+    _removed_with_deletes_failing(services, store, study)
     assert services.ingest.store_bytes(data).outcome is Outcome.STORED
+    [key] = list(services.store.backend.keys())  # type: ignore[attr-defined]
+    assert reads.intake_keys(services.index.connection()) == []
+    _aged(services)
     deletions = dict(store.deleted)
     assert mover(services).delete_removed() == 1
     assert store.deleted == deletions  # not deleted again
     assert _pending(services) == 0
-    drain(services)
-    [key] = list(services.store.keys())
     assert services.store.backend.objects[key] == data  # type: ignore[attr-defined]
+
+
+def test_a_key_the_store_refuses_goes_behind_the_others(
+        make_services: Callable[..., Services]) -> None:
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=3)
+    drain(services)
+    _removed_with_deletes_failing(services, store, made[0][0])
+    _aged(services)
+    stubborn = reads.pending_deletions(services.index.connection(), 1)[0]
+    delete = store.delete
+
+    def refusing(key: str) -> None:
+        if key == stubborn:
+            raise StorageError("access denied")
+        delete(key)
+
+    store.delete = refusing  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        mover(services).delete_removed()
+    assert reads.pending_deletions(services.index.connection(), 5) == [stubborn]
+    assert list(services.store.keys()) == [stubborn]
 
 
 def test_a_failing_store_is_tried_again_after_a_growing_wait(
@@ -422,20 +461,43 @@ def test_a_failing_store_is_tried_again_after_a_growing_wait(
     services = make_services(store=store)
     made = _study(services, count=1)
     drain(services)
-    store.fail_deletes = True
-    services.deleter.remove([reference(r) for r in services.deleter.plan(
-        [Target(made[0][0])])], NODE, audit.APPLICATION_SERVER)
+    _removed_with_deletes_failing(services, store, made[0][0])
+    _aged(services)
     moving = mover(services)
+    store.fail_deletes = True
     tries = sum(store.deleted.values())
     with caplog.at_level("WARNING", logger="pacs.core.intake"):
         moving._delete_removed_quietly()
         moving._delete_removed_quietly()  # within the wait: not tried
     assert sum(store.deleted.values()) == tries + 1
     assert len([r for r in caplog.records if "trying again" in r.getMessage()]) == 1
-    store.fail_deletes = False
-    moving._deletions_after = 0.0  # the wait is over
+    first = moving._deletions_backoff
+    _aged(services)
+    moving._deletions_after = 0.0  # the wait is over; the store still fails
     moving._delete_removed_quietly()
-    assert _pending(services) == 0
+    assert moving._deletions_backoff == 2 * first
+    store.fail_deletes = False
+    _aged(services)
+    moving._deletions_after = 0.0
+    moving._delete_removed_quietly()
+    assert _pending(services) == 0 and moving._deletions_backoff == 0.0
+
+
+def test_a_mover_that_died_leaves_its_pending_deletions_unsettled(
+        make_services: Callable[..., Services]) -> None:
+    """A DELETE of a killed mover may still land: the next mover makes the keys it may
+    have been deleting unsettled, so that an instance stored there again waits in the
+    intake until such a deletion could no longer land over it."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=1)
+    drain(services)
+    _removed_with_deletes_failing(services, store, made[0][0])
+    [key] = reads.pending_deletions(services.index.connection(), 1)
+    with services.index.write() as conn:  # as a killed mover leaves it
+        conn.execute("UPDATE intake_state SET mover_active = 1")
+    mover(services).begin()
+    assert reads.unsettled(services.index.connection(), key)
 
 
 def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:

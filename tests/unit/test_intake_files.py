@@ -235,7 +235,7 @@ def test_a_lost_file_is_reported_passed_over_and_never_put(node: Services,
     assert node.store.backend.objects == {_key(node, "1.2.826.0.1.3680043.8.498.8"): after}  # type: ignore[attr-defined]
     assert reads.intake_keys(node.index.connection()) == [key]
     state = reads.intake_state(node.index.connection())
-    assert state.mover_error is not None and "intake file" in state.mover_error
+    assert state.mover_error is not None and "whose file" in state.mover_error
 
 
 def test_a_move_whose_row_removal_was_lost_is_finished_without_a_put(

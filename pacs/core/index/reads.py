@@ -445,11 +445,28 @@ def intake_files(conn: apsw.Connection) -> list[tuple[str, str]]:
 
 
 @_read("deletion listing")
-def pending_deletions(conn: apsw.Connection, limit: int) -> list[str]:
+def pending_deletions(conn: apsw.Connection, limit: int,
+                      before: float = float("inf")) -> list[str]:
     """The keys of the oldest ``limit`` objects of removed instances still to delete
-    from the store (``pacs.core.deletion``)."""
+    from the store (``pacs.core.deletion``), recorded before ``before``."""
     return [str(key) for (key,) in conn.execute(
-        "SELECT object_key FROM object_deletion ORDER BY since LIMIT ?", (limit,))]
+        "SELECT object_key FROM object_deletion WHERE since < ? ORDER BY since LIMIT ?",
+        (before, limit))]
+
+
+@_read("deletion listing")
+def deletion_keys(conn: apsw.Connection) -> list[tuple[str, float]]:
+    """Every pending deletion of a removed instance's object, and since when."""
+    return [(str(key), float(since)) for key, since in conn.execute(
+        "SELECT object_key, since FROM object_deletion")]
+
+
+@_read("deletion listing")
+def deletions_pending_of(conn: apsw.Connection, keys: Sequence[str]) -> set[str]:
+    """Those of at most :data:`MAX_KEYS` ``keys`` whose deletion is still pending."""
+    return {str(key) for (key,) in conn.execute(
+        f"SELECT object_key FROM object_deletion WHERE object_key IN ({_marks(keys)})",
+        list(keys))}
 
 
 @_read("deletion totals")
@@ -668,6 +685,8 @@ __all__ = [
     "any_unsettled",
     "commitments_waiting",
     "counts",
+    "deletion_keys",
+    "deletions_pending_of",
     "expired_instances",
     "first_series_images",
     "indexed_bytes",

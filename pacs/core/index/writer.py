@@ -323,6 +323,12 @@ def deletions_done(conn: apsw.Connection, keys: Iterable[str]) -> None:
                      [(key,) for key in keys])
 
 
+def deletions_later(conn: apsw.Connection, keys: Iterable[str], at: float) -> None:
+    """Put the deletions of ``keys``, which failed, behind the others (from ``at``)."""
+    conn.executemany("UPDATE object_deletion SET since = ? WHERE object_key = ?",
+                     [(at, key) for key in keys])
+
+
 def unsettle(conn: apsw.Connection, key: str, at: float) -> None:
     """Record that a write of ``key`` to the object store went unanswered at ``at``
     (the store may still carry it out: ``pacs.core.intake``)."""
@@ -349,14 +355,17 @@ def settle_old(conn: apsw.Connection, before: float) -> int:
 def mover_started(conn: apsw.Connection, at: float) -> int:
     """Record that a mover runs; when the last one did not stop cleanly (killed with
     writes in flight, which the store may still carry out), every key of the intake
-    becomes unsettled at ``at``: the number of them, else 0."""
+    and every key whose deletion is pending (the mover deletes those too) becomes
+    unsettled at ``at``: the number of them, else 0."""
     row = conn.execute("SELECT mover_active FROM intake_state WHERE id = 0").fetchone()
     marked = 0
     if row is not None and row[0]:
-        conn.execute("INSERT INTO unsettled (object_key, since) "
-                     "SELECT object_key, ? FROM intake WHERE true "
-                     "ON CONFLICT (object_key) DO UPDATE SET since = excluded.since", (at,))
-        marked = conn.changes()
+        for table in ("intake", "object_deletion"):
+            conn.execute("INSERT INTO unsettled (object_key, since) "
+                         f"SELECT object_key, ? FROM {table} WHERE true "
+                         "ON CONFLICT (object_key) DO UPDATE SET since = excluded.since",
+                         (at,))
+            marked += conn.changes()
     conn.execute("UPDATE intake_state SET mover_active = 1 WHERE id = 0")
     return marked
 
@@ -373,7 +382,7 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 
 
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
-           "backfill_metadata", "counts", "delete_instance", "deletions_done",
+           "backfill_metadata", "counts", "delete_instance", "deletions_done", "deletions_later",
            "deletions_pending", "drop_metadata", "drop_tombstone", "intake_add",
            "intake_add_file", "intake_drop", "intake_moved", "intake_mover_error",
            "lookup", "mover_started", "mover_stopped", "prune", "save_metadata",
