@@ -870,7 +870,7 @@ class Mover:
         self._stuck[entry.id] = entry.size
         self._stuck_error = (f"{len(self._stuck)} acknowledged object(s) of the intake "
                              f"whose file {problem}, which the store does not hold; they "
-                             "stay in the intake (see 'pacs fsck')")
+                             "stay in the intake (restore the file, or remove the instance)")
         log.error("intake mover: an acknowledged object's intake file %s, and the store "
                   "does not hold it; it stays in the intake", problem)
         self._report(None)
