@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import CTImageStorage, generate_uid
 
 from pacs.core import audit, intake as intake_module, rejection
-from pacs.core.deletion import NO_REASON, Target, delete_rows, reference
+from pacs.core.deletion import NO_REASON, Removal, Target, delete_rows, reference
 from pacs.core.errors import (
     IndexFailure,
     InstanceLocked,
@@ -331,28 +331,6 @@ def test_a_removal_deletes_each_object_from_the_backend_alone_after_its_transact
     assert list(services.store.keys()) == []
 
 
-def test_a_crash_before_the_object_deletion_leaves_an_orphan_fsck_reports(
-        make_services: Callable[..., Services]) -> None:
-    """The backend's deletion fails (as a crash after the transaction would leave it):
-    nothing of the instance is listed, its object stays, fsck reports it as removed and
-    repair deletes it."""
-    store = CountingStore()
-    services = make_services(store=store)
-    made = _study(services, count=1)
-    drain(services)
-    rows = services.deleter.plan([Target(made[0][0])])
-    store.fail_deletes = True
-    removal = services.deleter.remove([reference(r) for r in rows], NODE,
-                                      audit.APPLICATION_SERVER)
-    store.fail_deletes = False
-    assert removal.objects_left == 1
-    assert made[0][2] not in _uids(services)
-    assert rows[0].object_key in set(services.store.keys())
-    assert [f.problem for f in reconcile(services).findings] == [Problem.REMOVED]
-    assert reconcile(services, repair=True).ok
-    assert list(services.store.keys()) == []
-
-
 def _pending(services: Services) -> int:
     return reads.pending_deletion_count(services.index.connection())
 
@@ -365,12 +343,34 @@ def _aged(services: Services) -> None:
                      (intake_module.DELETION_GRACE + 1,))
 
 
-def _removed_with_deletes_failing(services: Services, store: CountingStore,
-                                  study: str) -> None:
+def _removed_with_deletes_failing(services: Services, store: CountingStore, study: str
+                                  ) -> tuple[Removal, list[reads.Located]]:
+    """Remove ``study`` while the store fails every object deletion: the removal and
+    the rows it removed."""
     rows = services.deleter.plan([Target(study)])
     store.fail_deletes = True
-    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    removal = services.deleter.remove([reference(r) for r in rows], NODE,
+                                      audit.APPLICATION_SERVER)
     store.fail_deletes = False
+    return removal, rows
+
+
+def test_a_crash_before_the_object_deletion_leaves_an_orphan_fsck_reports(
+        make_services: Callable[..., Services]) -> None:
+    """The backend's deletion fails (as a crash after the transaction would leave it):
+    nothing of the instance is listed, its object stays, fsck reports it as removed and
+    repair deletes it."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=1)
+    drain(services)
+    removal, rows = _removed_with_deletes_failing(services, store, made[0][0])
+    assert removal.objects_left == 1
+    assert made[0][2] not in _uids(services)
+    assert rows[0].object_key in set(services.store.keys())
+    assert [f.problem for f in reconcile(services).findings] == [Problem.REMOVED]
+    assert reconcile(services, repair=True).ok
+    assert list(services.store.keys()) == []
 
 
 def test_the_intake_s_mover_deletes_what_a_failing_store_left(
@@ -382,14 +382,12 @@ def test_the_intake_s_mover_deletes_what_a_failing_store_left(
     services = make_services(store=store)
     made = _study(services, count=3)
     drain(services)
-    rows = services.deleter.plan([Target(made[0][0])])
-    store.fail_deletes = True
-    removal = services.deleter.remove([reference(r) for r in rows], NODE,
-                                      audit.APPLICATION_SERVER)
+    removal, _rows = _removed_with_deletes_failing(services, store, made[0][0])
     assert removal.objects_left == 3 and _pending(services) == 3
     assert "deleted by the intake's mover" in removal.summary()
     assert mover(services).delete_removed() == 0  # its removal's own for a while
     _aged(services)
+    store.fail_deletes = True
     with pytest.raises(StorageError):  # still failing: the keys stay
         mover(services).delete_removed()
     assert _pending(services) == 3 and len(list(services.store.keys())) == 3

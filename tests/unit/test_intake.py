@@ -252,22 +252,27 @@ def test_a_moved_instance_drops_the_intake_copy_of_its_old_key(node: Services) -
     assert sorted(node.store.keys()) == [new_key]
 
 
-def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
-    """A stream opened on the intake copy reads on from the store once the mover
-    deleted the row."""
-    data = instance()
-    node.ingest.store_bytes(data)
-    [key] = reads.intake_keys(node.index.connection())
+def read_across_a_move(services: Services, data: bytes) -> None:
+    """Store ``data`` through the intake, open it, let the mover move it meanwhile, and
+    read on: the stream gives the whole object, and the intake is empty after."""
+    services.ingest.store_bytes(data)
+    [key] = reads.intake_keys(services.index.connection())
     moved: list[int] = []
-    with node.store.open(key) as stream:
+    with services.store.open(key) as stream:
         head = stream.read(1000)
-        done = threading.Thread(target=lambda: moved.append(mover(node).drain()))
+        done = threading.Thread(target=lambda: moved.append(mover(services).drain()))
         done.start()
         done.join(10)
         assert moved == [1]
         rest = stream.read()
     assert head + rest == data
-    assert reads.intake_keys(node.index.connection()) == []
+    assert reads.intake_keys(services.index.connection()) == []
+
+
+def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
+    """A stream opened on the intake copy reads on from the store once the mover
+    deleted the row."""
+    read_across_a_move(node, instance())
 
 
 def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(
