@@ -355,6 +355,19 @@ def _removed_with_deletes_failing(services: Services, store: CountingStore, stud
     return removal, rows
 
 
+def _left_to_the_mover(make_services: Callable[..., Services], count: int
+                       ) -> tuple[Services, CountingStore]:
+    """A study of ``count`` instances removed while the store failed every object
+    deletion, recorded long enough ago to be the mover's."""
+    store = CountingStore()
+    services = make_services(store=store)
+    made = _study(services, count=count)
+    drain(services)
+    _removed_with_deletes_failing(services, store, made[0][0])
+    _aged(services)
+    return services, store
+
+
 def test_a_crash_before_the_object_deletion_leaves_an_orphan_fsck_reports(
         make_services: Callable[..., Services]) -> None:
     """The backend's deletion fails (as a crash after the transaction would leave it):
@@ -432,12 +445,7 @@ def test_an_instance_stored_again_at_its_key_keeps_its_object(
 
 def test_a_key_the_store_refuses_goes_behind_the_others(
         make_services: Callable[..., Services]) -> None:
-    store = CountingStore()
-    services = make_services(store=store)
-    made = _study(services, count=3)
-    drain(services)
-    _removed_with_deletes_failing(services, store, made[0][0])
-    _aged(services)
+    services, store = _left_to_the_mover(make_services, 3)
     stubborn = reads.pending_deletions(services.index.connection(), 1)[0]
     delete = store.delete
 
@@ -455,12 +463,7 @@ def test_a_key_the_store_refuses_goes_behind_the_others(
 
 def test_a_failing_store_is_tried_again_after_a_growing_wait(
         make_services: Callable[..., Services], caplog: pytest.LogCaptureFixture) -> None:
-    store = CountingStore()
-    services = make_services(store=store)
-    made = _study(services, count=1)
-    drain(services)
-    _removed_with_deletes_failing(services, store, made[0][0])
-    _aged(services)
+    services, store = _left_to_the_mover(make_services, 1)
     moving = mover(services)
     store.fail_deletes = True
     tries = sum(store.deleted.values())
@@ -486,11 +489,7 @@ def test_a_mover_that_died_leaves_its_pending_deletions_unsettled(
     """A DELETE of a killed mover may still land: the next mover makes the keys it may
     have been deleting unsettled, so that an instance stored there again waits in the
     intake until such a deletion could no longer land over it."""
-    store = CountingStore()
-    services = make_services(store=store)
-    made = _study(services, count=1)
-    drain(services)
-    _removed_with_deletes_failing(services, store, made[0][0])
+    services, _store = _left_to_the_mover(make_services, 1)
     [key] = reads.pending_deletions(services.index.connection(), 1)
     with services.index.write() as conn:  # as a killed mover leaves it
         conn.execute("UPDATE intake_state SET mover_active = 1")
