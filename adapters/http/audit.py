@@ -270,6 +270,8 @@ class AuditMiddleware:
         elif touch.kind == STORE:
             stored = getattr(req.context, "audit_stored", None) or []
             if not stored:  # nothing stored: the failure, of the study asked for
+                if status >= 400:  # whatever the status says, the action was terminated
+                    outcome = max(outcome, audit.SERIOUS_FAILURE)
                 self.trail.transferred(kind, audit.CREATE, client, node,
                                        [Study(touch.study)] if touch.study else [],
                                        outcome, description, refused=refused)

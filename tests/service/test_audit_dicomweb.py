@@ -219,19 +219,24 @@ def test_stow_with_a_failed_part_is_a_minor_failure(
     assert studies_in(event) == [study]
 
 
+@pytest.mark.parametrize("every_part, status", [("of another study", 409),
+                                                 ("unreadable", 400)])
 def test_stow_whose_every_part_failed_is_a_serious_failure(
-        client: testing.TestClient, node: Services) -> None:
-    """Nothing stored (409) is a serious failure (8), as a C-STORE association whose
-    every store failed; some stored (202) stays a minor one."""
+        client: testing.TestClient, node: Services, every_part: str, status: int) -> None:
+    """Nothing stored (409, or 400 when no part could be read) is a serious failure
+    (8), as a C-STORE association whose every store failed; some stored (202) stays a
+    minor one."""
     study = generate_uid()
-    payload = b"".join(encode(((({"Content-Type": "application/dicom"},
-                                  instance(generate_uid(), "PA")),)), BOUNDARY))
+    part = (instance(generate_uid(), "PA") if every_part == "of another study"
+            else b"not dicom")
+    payload = b"".join(encode(((({"Content-Type": "application/dicom"}, part),)),
+                              BOUNDARY))
     result = client.simulate_post(f"/studies/{study}", body=payload,
                                   headers={"Content-Type": STOW})
-    assert result.status_code == 409  # of another study than the URL's
+    assert result.status_code == status
     (event,) = trail(node)
     assert event["EventIdentification"]["EventOutcomeIndicator"] == 8
-    assert event["EventIdentification"]["EventOutcomeDescription"] == "HTTP 409"
+    assert event["EventIdentification"]["EventOutcomeDescription"] == f"HTTP {status}"
 
 
 @pytest.mark.parametrize("headers, protocol, user", [
