@@ -846,7 +846,7 @@ class Mover:
         """The bytes of the row's file, checked against its checksum.  A file that is
         missing or differs: :attr:`_Read.STORED` when the store holds the object with
         that checksum (its move done, the row's removal lost), else
-        :attr:`_Read.STUCK` - the row is passed over until the mover restarts, and
+        :attr:`_Read.STUCK` - the row is passed over for :data:`STUCK_RETRY`, and
         reported (an ERROR line, the mover's error in ``pacs status``).
 
         Raises
