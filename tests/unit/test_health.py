@@ -174,3 +174,18 @@ def test_a_removal_not_finished_is_counted(services: Services) -> None:
     assert found.removals_pending == 1 and found.as_json()["removals_pending"] == 1
     assert any(line.startswith("removals: 1 asked for and not finished")
                for line in describe(services.settings, found))
+
+
+def test_objects_of_removed_instances_left_in_the_store_are_counted(
+        services: Services) -> None:
+    """A removal whose object deletions failed: the intake's mover deletes them once
+    the store answers; meanwhile ``pacs status`` and ``/health`` count them."""
+    from pacs.core.index import writer
+
+    assert health.check(services).deletions_pending == 0
+    with services.index.write() as conn:
+        writer.deletions_pending(conn, ["1.2/1.3/1.4.dcm", "1.2/1.3/1.5.dcm"], 0.0)
+    found = health.check(services)
+    assert found.deletions_pending == 2 and found.as_json()["deletions_pending"] == 2
+    assert any(line.startswith("deletions: 2 object(s) of removed instances")
+               for line in describe(services.settings, found))
