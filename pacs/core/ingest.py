@@ -17,7 +17,8 @@ Order of operations, which is what makes a success durable (docs/architecture.md
    (:mod:`pacs.core.intake`), dropping the intake copy of a key the instance left; an
    object over :data:`~pacs.core.intake.BLOB_BYTES` is staged as a file of the intake
    while step 1 reads it, placed under its own name (a rename, a folder fsync) before
-   the commit, which records it without its bytes (a failed commit removes the file);
+   the commit, which records it without its bytes (a failed commit removes the file
+   unless a row names it);
 4. for an IOCM rejection note, once the lock is released, remove what it rejects
    (:attr:`Ingest.on_rejection`, :mod:`pacs.core.deletion`);
 5. only then report success; the intake's mover writes the object to its key in the
