@@ -192,12 +192,14 @@ class IntakeFiles(FileStore):
                                ) from exc
 
     def remove_quietly(self, name: str) -> None:
-        """Remove an intake file no row names; a failure is logged (the next sweep
-        tries again)."""
+        """Remove an intake file no row names, without a folder fsync (a removal a
+        crash undoes leaves a file no row names, which the sweep removes again); a
+        failure is logged (the next sweep tries again)."""
         try:
-            self.delete(name)
-        except StorageError as exc:
-            log.warning("could not remove a moved or replaced intake file (%s)", exc)
+            self._path(name).unlink(missing_ok=True)
+        except (OSError, StorageError) as exc:
+            log.warning("could not remove a moved or replaced intake file (%s)",
+                        getattr(exc, "strerror", None) or exc)
 
     def remove_old_temporaries(self, older_than: float) -> int:
         """Remove the temporary files last written before ``older_than`` (``time.time()``):
