@@ -25,11 +25,11 @@ import struct
 import tempfile
 import zlib
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableSequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from typing import Any, BinaryIO, Final, Literal, cast
 
 import numpy as np
@@ -104,14 +104,77 @@ class Identity:
         return {name: getattr(self, name) for name in Identity.__dataclass_fields__}
 
 
+#: A walked element of the top level: (VR or ``None`` in implicit VR, value length as
+#: encoded, value bytes, offset of the value in the data set).
+_Walked = tuple[str | None, int, bytes, int]
+
+
+class Elements:
+    """The top level of a data set before its pixel data, as ingest reads it: each
+    element's raw bytes by tag, and pydicom's data set built from them only when
+    something needs more than raw bytes.
+
+    A small instance's index values come from the raw bytes of a few dozen elements
+    (:func:`extract`); pydicom's :class:`~pydicom.dataset.FileDataset` of the whole top
+    level (a raw element and two tags per element, the encoding set attribute by
+    attribute) took a third of its analysis.  It is built on first need: a value
+    pydicom has to convert, a sequence, the DICOM JSON metadata (:attr:`dataset`).
+    """
+
+    def __init__(self, raw: dict[int, _Walked] | None, build: Callable[[], Dataset],
+                 offset: int = 0, implicit: bool = False, little: bool = True) -> None:
+        self._raw = raw
+        self._build = build
+        self._offset = offset
+        self._implicit = implicit
+        self._little = little
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> Elements:
+        """The elements of a data set pydicom has read already."""
+        return cls(None, lambda: dataset)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        """pydicom's data set of these elements (values decoded lazily by pydicom)."""
+        return self._build()
+
+    def get_item(self, tag: int) -> DataElement | RawDataElement | None:
+        """The element of ``tag`` as read (raw), as ``Dataset.get_item`` gives it;
+        ``None`` when absent."""
+        if self._raw is None:
+            element: DataElement | RawDataElement | None = self.dataset.get_item(
+                BaseTag(tag))
+            return element
+        found = self._raw.get(int(tag))  # a pydicom tag compares slowly
+        if found is None:
+            return None
+        vr, length, value, start = found
+        return RawDataElement(BaseTag(tag), vr, length, value, self._offset + start,
+                              self._implicit, self._little)
+
+    def __contains__(self, tag: int) -> bool:
+        return tag in self._raw if self._raw is not None else tag in self.dataset
+
+    def __getitem__(self, tag: int) -> DataElement:
+        """The element of ``tag`` converted by pydicom (``KeyError`` when absent)."""
+        return self.dataset[tag]
+
+    @property
+    def original_character_set(self) -> str | MutableSequence[str]:
+        """The character set the values are encoded in (pydicom's encodings)."""
+        return self.dataset.original_character_set
+
+
 @dataclass(frozen=True)
 class Instance(Identity):
     """What ingest needs to know about one received object: its identity and header.
 
     Attributes
     ----------
-    header :
-        The data set without pixel data (values decoded lazily by pydicom).
+    elements :
+        The data set without pixel data (:class:`Elements`; :attr:`header` as pydicom
+        reads it).
     unambiguous :
         No top-level tag repeats, and none after the pixel data belongs before it
         (PS3.5 7.1 has them ascend, each once).  Ingest refuses an object that breaks
@@ -122,8 +185,14 @@ class Instance(Identity):
         Objects already stored are read as they are.
     """
 
-    header: Dataset
+    elements: Elements
     unambiguous: bool = True
+
+    @property
+    def header(self) -> Dataset:
+        """The data set without pixel data, as pydicom reads it (values decoded
+        lazily)."""
+        return self.elements.dataset
 
 
 def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
@@ -155,33 +224,35 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         raise UnreadableData("not a DICOM Part 10 object (no preamble and DICM prefix)")
     offset = dataset_offset(buffer)
     found = meta_transfer_syntax(buffer, offset)
-    header: FileDataset | None
+    elements: Elements | None
     if found == DeflatedExplicitVRLittleEndian:
         header, unambiguous = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
                                          max_object_bytes)
+        elements = Elements.of(header)
         transfer_syntax = str(DeflatedExplicitVRLittleEndian)
     else:
         if found is None:
             raise UnreadableData("the file meta has no Transfer Syntax UID")
         transfer_syntax = require_uid(found, "TransferSyntaxUID")
-        header, unambiguous = _walked_header(buffer, offset, transfer_syntax)
-        if header is None:
+        elements, unambiguous = _walked_header(buffer, offset, transfer_syntax)
+        if elements is None:
             # An encoding the walk leaves to pydicom (an unknown transfer syntax, an
             # undefined length outside a sequence): the walk proves it whole and
             # counts its elements (MAX_ELEMENTS) before pydicom reads it.
             unambiguous = check_complete(memoryview(buffer)[offset:], transfer_syntax)
             try:
-                header = pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True)
+                elements = Elements.of(
+                    pydicom.dcmread(io.BytesIO(buffer), stop_before_pixels=True))
             except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds
                 raise UnreadableData(
                     f"the data set does not parse: {type(exc).__name__}") from None
     try:
         sop_class, sop_instance, study, series = (
-            _uid_value(header, tag) for tag in _IDENTIFYING_TAGS)
+            _uid_value(elements, tag) for tag in _IDENTIFYING_TAGS)
     except Exception:  # noqa: BLE001 - any failure to decode a UID value
         raise UnreadableData("the identifying attributes do not parse") from None
     return Instance(
-        header=header,
+        elements=elements,
         sop_class_uid=require_uid(sop_class, "SOPClassUID"),
         sop_instance_uid=require_uid(sop_instance, "SOPInstanceUID"),
         study_uid=require_uid(study, "StudyInstanceUID"),
@@ -205,7 +276,7 @@ _IDENTIFYING_TAGS = tuple(BaseTag(tag) for tag in (0x00080016, 0x00080018, 0x002
                                                   0x0020000E))
 
 
-def _uid_value(header: Dataset, tag: BaseTag) -> Any:
+def _uid_value(header: Dataset | Elements, tag: BaseTag) -> Any:
     """A UI element's value, from its raw bytes when pydicom has not converted it (as
     pydicom would: the default character repertoire, PS3.5 6.1.2.2), else as converted;
     ``""`` when absent.  :func:`require_uid` validates it."""
@@ -599,23 +670,25 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 def _walked_header(buffer: bytes, offset: int,
-                   transfer_syntax: str) -> tuple[FileDataset | None, bool]:
+                   transfer_syntax: str) -> tuple[Elements | None, bool]:
     """The header (the data set before its pixel data) of a Part 10 object, read by the
     walk that proves the data set whole (:class:`_Walker`), in one pass.
 
-    The header holds pydicom's raw elements, decoded when first accessed, as
-    ``dcmread(stop_before_pixels=True)`` leaves them: the same values at a fraction of
-    the time (pydicom's reader decodes every sequence and the file meta on the way,
-    most of a small instance's ingest CPU).  Its ``buffer`` is positioned at the pixel
-    data element, as pydicom's is (:func:`pacs.core.metadata.prepare` reads it there).
-    ``None`` when the data set holds what pydicom should interpret itself: an unknown
-    VR, or an undefined length on an element that is not a sequence.  With it, whether
-    the top level is unambiguous (:attr:`Instance.unambiguous`; ``True`` with ``None``).
+    The header holds the raw elements (:class:`Elements`); its pydicom data set, built
+    when first needed, holds them as ``dcmread(stop_before_pixels=True)`` leaves them:
+    the same values at a fraction of the time (pydicom's reader decodes every sequence
+    and the file meta on the way, most of a small instance's ingest CPU).  That data
+    set's ``buffer`` is positioned at the pixel data element, as pydicom's is
+    (:func:`pacs.core.metadata.prepare` reads it there).  ``None`` when the data set
+    holds what pydicom should interpret itself: an unknown VR, or an undefined length
+    on an element that is not a sequence.  With it, whether the top level is
+    unambiguous (:attr:`Instance.unambiguous`; ``True`` with ``None``).
 
     Raises
     ------
     UnreadableData
-        When the data set is truncated or malformed (:func:`check_complete`).
+        When the data set is truncated or malformed (:func:`check_complete`), or its
+        Specific Character Set does not decode.
     """
     known = transfer_syntax in _NATIVE_ENCODINGS or UID(transfer_syntax).is_transfer_syntax
     if transfer_syntax == DeflatedExplicitVRLittleEndian or not known:
@@ -626,26 +699,46 @@ def _walked_header(buffer: bytes, offset: int,
     if walked is None:
         return None, True
     elements, pixel_at = walked
-    raw: dict[BaseTag, DataElement | RawDataElement] = {
-        BaseTag(tag): RawDataElement(BaseTag(tag), vr, length, value, offset + start,
-                                     implicit, little)
-        for tag, vr, length, value, start in elements}
-    position = io.BytesIO(buffer)
-    position.seek(offset + pixel_at)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    header = FileDataset(position, raw, preamble=buffer[:128], file_meta=meta,
-                         is_implicit_VR=implicit, is_little_endian=little)
-    # As dcmread records it: the encoding read, for a writer that keeps it.
-    charset = header.get_item(_SPECIFIC_CHARACTER_SET)
+    raw = {tag: (vr, length, value, start) for tag, vr, length, value, start in elements}
+    # The character set is read now, whatever needs the data set later: one that does
+    # not decode makes the object unreadable.
+    charset = raw.get(_SPECIFIC_CHARACTER_SET)
     try:
-        encodings = convert_encodings(
-            header[_SPECIFIC_CHARACTER_SET].value if charset is not None else None)
+        encodings = list(_encodings(None if charset is None else charset[:3],
+                                    implicit, little))
     except DECODING_ERRORS as exc:  # a NUL in a term, a value that is not text
         raise UnreadableData("the Specific Character Set does not decode "
                              f"({type(exc).__name__})") from None
-    header.set_original_encoding(implicit, little, encodings)
-    return header, walker.tags.unambiguous
+
+    def build() -> Dataset:
+        position = io.BytesIO(buffer)
+        position.seek(offset + pixel_at)
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = UID(transfer_syntax)
+        header = FileDataset(position, {
+            BaseTag(tag): RawDataElement(BaseTag(tag), vr, length, value, offset + start,
+                                         implicit, little)
+            for tag, (vr, length, value, start) in raw.items()},
+            preamble=buffer[:128], file_meta=meta, is_implicit_VR=implicit,
+            is_little_endian=little)
+        # As dcmread records it: the encoding read, for a writer that keeps it.
+        header.set_original_encoding(implicit, little, encodings)
+        return header
+
+    return Elements(raw, build, offset, implicit, little), walker.tags.unambiguous
+
+
+@lru_cache(maxsize=64)
+def _encodings(charset: tuple[str | None, int, bytes] | None, implicit: bool,
+               little: bool) -> tuple[str, ...]:
+    """Python's encodings of a Specific Character Set element as encoded (VR, length,
+    value), as pydicom reads them; computed once per value (objects of one source
+    share it, and pydicom builds a data set to convert it)."""
+    if charset is None:
+        return tuple(convert_encodings(None))
+    element = RawDataElement(_SPECIFIC_CHARACTER_SET, *charset, 0, implicit, little)
+    return tuple(convert_encodings(
+        Dataset({_SPECIFIC_CHARACTER_SET: element})[_SPECIFIC_CHARACTER_SET].value))
 
 
 # --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------
@@ -1072,14 +1165,15 @@ def _columns(level: Level) -> tuple[tuple[Attribute, BaseTag, str, str | None], 
 MAX_INDEX_VALUE_BYTES = 1 << 20
 
 
-def extract(header: Dataset, level: Level) -> dict[str, str | None]:
-    """Index values of ``level`` from a header, by column (unique key included)."""
+def extract(header: Dataset | Elements, level: Level) -> dict[str, str | None]:
+    """Index values of ``level`` from a header (pydicom's, or as ingest reads it), by
+    column (unique key included)."""
     values: dict[str, str | None] = {}
     codec = _simple_codec(header)
     element_of = header.get_item  # the element as read: raw, never converted here
     for attribute, tag, column, folded in _columns(level):
         element: DataElement | RawDataElement | None = element_of(tag)
-        source = header
+        source: Dataset | Elements = header
         if type(element) is RawDataElement and attribute.vr != "SQ":
             source, element = _bounded(header, element)
         value = None if element is None else _value(source, attribute, codec, element)
@@ -1089,7 +1183,8 @@ def extract(header: Dataset, level: Level) -> dict[str, str | None]:
     return values
 
 
-def _bounded(header: Dataset, raw: RawDataElement) -> tuple[Dataset, RawDataElement]:
+def _bounded(header: Dataset | Elements, raw: RawDataElement
+             ) -> tuple[Dataset | Elements, RawDataElement]:
     """``raw`` cut to its values within :data:`MAX_INDEX_VALUE_BYTES` (at the last
     value separator), with a data set of its own that holds it and the character set
     (for pydicom, should it decode the value); ``header`` and ``raw`` themselves when
@@ -1136,7 +1231,7 @@ _UNDECODED: Final = _Undecoded.TOKEN
 _SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 
 
-def _simple_codec(header: Dataset) -> str | None:
+def _simple_codec(header: Dataset | Elements) -> str | None:
     """The codec of the header's character set when it is one of :data:`_SIMPLE_CODECS`."""
     # pydicom types get_item as returning a converted element; it returns the raw one
     # (or None) as read.
@@ -1223,7 +1318,7 @@ def _binary_text(value: bytes, vr: str,
     return "\\".join(str(number) for number in numbers)
 
 
-def _sequence(header: Dataset, attribute: Attribute) -> str | None:
+def _sequence(header: Dataset | Elements, attribute: Attribute) -> str | None:
     """A sequence's items, with the item keys we match on, as JSON (C.2.2.2.6)."""
     try:
         items = header[attribute.tag].value or []
@@ -1238,12 +1333,13 @@ def _sequence(header: Dataset, attribute: Attribute) -> str | None:
 def _item_text(item: Dataset, key: Attribute) -> str | None:
     """An item key's index text, within :data:`MAX_INDEX_VALUE_BYTES` like any other."""
     raw: DataElement | RawDataElement | None = item.get_item(BaseTag(key.tag))
+    source: Dataset | Elements = item
     if type(raw) is RawDataElement:
-        item, _ = _bounded(item, raw)
-    return _text(item[key.tag].value)
+        source, _ = _bounded(item, raw)
+    return _text(source[key.tag].value)
 
 
-def _value(header: Dataset, attribute: Attribute, codec: str | None,
+def _value(header: Dataset | Elements, attribute: Attribute, codec: str | None,
            element: DataElement | RawDataElement) -> str | None:
     """The index text of ``attribute``, whose ``element`` the header holds."""
     if attribute.vr == "SQ":

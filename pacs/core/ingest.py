@@ -232,10 +232,9 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     # header, and the JSON encoder reads raw elements faster (and as stored).  Both
     # leave out a value that does not decode; the object is stored as sent.
     prepared = metadata.prepare(instance, data) if describe else None
-    values = {level: extract(instance.header, level) for level in Level}
+    values = {level: extract(instance.elements, level) for level in Level}
     try:
-        note = rejection.rejection_of(instance.header, instance.sop_class_uid,
-                                      instance.sop_instance_uid)
+        note = rejection.rejection_of(instance)
     except DECODING_ERRORS as exc:  # a note must be read whole to be applied
         raise UnreadableData(f"an element's value does not decode ({type(exc).__name__})"
                              ) from None

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacs.core.dataset import require_uid
+from pacs.core.dataset import Instance, require_uid
 from pacs.core.errors import InvalidRejection, InvalidUID
 
 #: Key Object Selection Document Storage (PS3.4 B.5).
@@ -107,16 +107,15 @@ class Rejection:
     references: tuple[Reference, ...]
 
 
-def rejection_of(header: Dataset, sop_class_uid: str, sop_uid: str) -> Rejection | None:
+def rejection_of(instance: Instance) -> Rejection | None:
     """The rejection a received object asks for, or ``None`` when it is no rejection
     note (another SOP class, or a Key Object Selection with another title).
 
     Parameters
     ----------
-    header : Dataset
-        The object's data set (a Key Object Selection has no pixel data).
-    sop_class_uid, sop_uid : str
-        Its validated SOP Class and Instance UIDs (a note never rejects itself).
+    instance : Instance
+        The object read (a Key Object Selection has no pixel data); its header is
+        read only when it is a Key Object Selection, and a note never rejects itself.
 
     Raises
     ------
@@ -124,8 +123,9 @@ def rejection_of(header: Dataset, sop_class_uid: str, sop_uid: str) -> Rejection
         A rejection note with an invalid UID in its evidence, or more than
         :data:`MAX_REFERENCES` references.
     """
-    if sop_class_uid != KEY_OBJECT_SELECTION:
+    if instance.sop_class_uid != KEY_OBJECT_SELECTION:
         return None
+    header, sop_uid = instance.header, instance.sop_instance_uid
     titles = header.get("ConceptNameCodeSequence") or []
     if len(titles) != 1:
         return None

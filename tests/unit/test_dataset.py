@@ -15,7 +15,14 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs.core import dataset, metadata
 from pacs.core.attributes import Level
-from pacs.core.dataset import Instance, check_complete, extract, read_part10, valid_uid
+from pacs.core.dataset import (
+    Elements,
+    Instance,
+    check_complete,
+    extract,
+    read_part10,
+    valid_uid,
+)
 from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
 from tests.conftest import sample
 from tests.factory import make_instance
@@ -243,9 +250,12 @@ def test_walked_header_reads_as_pydicom(path: Path) -> None:
         return  # refused: nothing is indexed from it (the refusals are tested above)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = Instance(header=pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True),
-                             **instance.identity())
+        reference = Instance(elements=Elements.of(
+            pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)),
+            **instance.identity())
         for level in Level:
+            # From the raw elements, as ingest reads them, and from pydicom's data set.
+            assert extract(instance.elements, level) == extract(reference.header, level)
             assert extract(instance.header, level) == extract(reference.header, level)
         assert metadata.prepare(instance, data) == metadata.prepare(reference, data)
 
