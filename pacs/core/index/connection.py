@@ -335,20 +335,13 @@ class Index:
         try:
             with self.write() as conn:
                 batch = self._take()
-                for entry in batch:
-                    conn.execute("SAVEPOINT piece")
-                    try:
-                        entry.work(conn)
-                    except BaseException as exc:  # handed to its caller
-                        if conn.getautocommit():
-                            # SQLite rolled the whole transaction back (disk full, I/O
-                            # error): the pieces before this one are gone too, and the
-                            # next ones must not run outside a transaction.
-                            raise
-                        conn.execute("ROLLBACK TO piece")
-                        entry.error = _failure(exc)
-                    conn.execute("RELEASE piece")
-        except BaseException as exc:  # noqa: BLE001 - the commit failed: each piece gets it
+                if len(batch) == 1:
+                    # Alone in its transaction: its failure fails the transaction
+                    # (below), which holds nothing else; no savepoint is needed.
+                    batch[0].work(conn)
+                else:
+                    _run_pieces(conn, batch)
+        except BaseException as exc:  # noqa: BLE001 - the transaction failed: each piece gets it
             batch = batch or self._take()  # it could not begin: every queued piece fails
             for entry in batch:
                 entry.error = entry.error or _failure(exc)
@@ -429,6 +422,24 @@ def _extend(path: Path, size: int) -> int:
         return size - start
     finally:
         os.close(fd)
+
+
+def _run_pieces(conn: apsw.Connection, batch: list[_Work]) -> None:
+    """Run each piece of ``batch`` in its own savepoint of the transaction of ``conn``:
+    a piece that fails is rolled back alone, with its error kept."""
+    for entry in batch:
+        conn.execute("SAVEPOINT piece")
+        try:
+            entry.work(conn)
+        except BaseException as exc:  # handed to its caller
+            if conn.getautocommit():
+                # SQLite rolled the whole transaction back (disk full, I/O error): the
+                # pieces before this one are gone too, and the next ones must not run
+                # outside a transaction.
+                raise
+            conn.execute("ROLLBACK TO piece")
+            entry.error = _failure(exc)
+        conn.execute("RELEASE piece")
 
 
 def _failure(exc: BaseException) -> BaseException:

@@ -63,6 +63,24 @@ def _level_columns(level: Level) -> list[str]:
 
 
 @cache
+def _upsert_parts(level: Level) -> tuple[tuple[str, ...], list[str], set[str]]:
+    """(columns written, in the order of the bound values: the identifying UID first;
+    the columns an update sets; those of them that keep the value known when the
+    object lacks it) of one level's row."""
+    columns = [IDENTITY[level]]
+    if level in PARENT_KEY:
+        columns.append(PARENT_KEY[level])
+    columns += _level_columns(level)
+    if level is Level.IMAGE:
+        columns += _INSTANCE_EXTRA
+    # Above the instance, an attribute an object lacks keeps the value known: an SR, a
+    # key object or a presentation state a viewer made without Study Description would
+    # otherwise blank it for the whole study.  The instance row is its object's own.
+    attributes = set(_level_columns(level)) if level is not Level.IMAGE else set()
+    return tuple(columns), columns[1:], attributes
+
+
+@cache
 def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     """``INSERT … ON CONFLICT DO UPDATE … WHERE changed RETURNING pk`` for one level.
 
@@ -71,17 +89,7 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     entry of theirs, twice the pages (WAL frames) its commit writes and syncs.  Such a
     row returns no key; :func:`_key_sql` reads it.
     """
-    columns = [IDENTITY[level]]
-    if level in PARENT_KEY:
-        columns.append(PARENT_KEY[level])
-    columns += _level_columns(level)
-    if level is Level.IMAGE:
-        columns += _INSTANCE_EXTRA
-    kept = columns[1:]
-    # Above the instance, an attribute an object lacks keeps the value known: an SR, a
-    # key object or a presentation state a viewer made without Study Description would
-    # otherwise blank it for the whole study.  The instance row is its object's own.
-    attributes = set(_level_columns(level)) if level is not Level.IMAGE else set()
+    columns, kept, attributes = _upsert_parts(level)
     new = [f"COALESCE(excluded.{c}, {c})" if c in attributes else f"excluded.{c}"
            for c in kept]
     updates = ", ".join(f"{c} = {value}" for c, value in zip(kept, new, strict=True))
@@ -92,7 +100,20 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
         f"ON CONFLICT({IDENTITY[level]}) DO UPDATE SET {updates} WHERE {changed} "
         "RETURNING pk"
     )
-    return sql, tuple(columns)
+    return sql, columns
+
+
+@cache
+def _unchanged_sql(level: Level) -> str:
+    """The key of a level's row when it holds the values received already, those the
+    upsert would leave alone (:func:`_upsert_sql`: the same comparison, the values
+    bound in the same order).  The parents of every instance of a series after its
+    first are such rows: one statement for each instead of the upsert and
+    :func:`_key_sql`."""
+    _columns, kept, attributes = _upsert_parts(level)
+    new = [f"COALESCE(?, {c})" if c in attributes else "?" for c in kept]
+    return (f"SELECT pk FROM {level.table} WHERE {IDENTITY[level]} = ? "
+            f"AND ({', '.join(kept)}) IS ({', '.join(new)})")
 
 
 @cache
@@ -132,7 +153,12 @@ def upsert(conn: apsw.Connection, row: InstanceRow, *, new: bool = False) -> Non
                           checksum=row.checksum, transfer_syntax=row.transfer_syntax,
                           received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
-        returned = conn.execute(sql, tuple(values.get(c) for c in columns)).fetchone()
+        bound = tuple(values.get(c) for c in columns)
+        returned = None
+        if level is not Level.IMAGE:  # the instance row is new, or its object changed
+            returned = conn.execute(_unchanged_sql(level), bound).fetchone()
+        if returned is None:
+            returned = conn.execute(sql, bound).fetchone()
         if returned is None:  # unchanged: RETURNING answers rows written only
             returned = conn.execute(_key_sql(level), (values[IDENTITY[level]],)).fetchone()
         if returned is None:
