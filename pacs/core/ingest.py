@@ -748,11 +748,11 @@ class Ingest:
             ``overwrite`` from a sender that may not overwrite.
         """
         conn = self.index.connection()
-        existing = reads.lookup(conn, analysis.sop_instance_uid)
+        existing, found = reads.lookup_with_tombstone(conn, analysis.sop_instance_uid)
         previous: bytes | None = None
         revived = False
         if existing is None:
-            revived = self._removed_before(conn, analysis)
+            revived = self._removed_before(found, analysis)
         else:
             if existing.checksum == analysis.checksum:
                 return Outcome.UNCHANGED, None
@@ -760,12 +760,11 @@ class Ingest:
             if previous is not None and _same_dataset(previous, data,
                                                       analysis.dataset_offset):
                 return Outcome.UNCHANGED, None
-            if existing.object_key != object_key(analysis.study_uid, analysis.series_uid,
-                                                 analysis.sop_instance_uid):
-                # The UID stored elsewhere, now sent where a rejection note removed it.
-                found = reads.tombstone(conn, analysis.sop_instance_uid)
-                if found is not None and _refuses_here(found, analysis):
-                    raise rejected_by(found)
+            elsewhere = existing.object_key != object_key(
+                analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
+            # The UID stored elsewhere, now sent where a rejection note removed it.
+            if elsewhere and found is not None and _refuses_here(found, analysis):
+                raise rejected_by(found)
             if self.duplicate_policy == "keep":
                 return Outcome.KEPT_FIRST, None
             if self.duplicate_policy == "reject":
@@ -811,12 +810,13 @@ class Ingest:
         return True
 
     @staticmethod
-    def _removed_before(conn: apsw.Connection, analysis: Analysis) -> bool:
-        """True when the UID was removed before and may be stored again; its tombstone
-        goes with the commit of the new row.  An object under a UID a rejection note
-        refuses, but at another study or series than the note placed it, is not the
-        rejected instance (a note's error never reaches another patient's images,
-        whichever arrives first): stored, the tombstone kept.
+    def _removed_before(found: reads.Tombstone | None, analysis: Analysis) -> bool:
+        """True when the UID was removed before (``found``: its tombstone) and may be
+        stored again; its tombstone goes with the commit of the new row.  An object
+        under a UID a rejection note refuses, but at another study or series than the
+        note placed it, is not the rejected instance (a note's error never reaches
+        another patient's images, whichever arrives first): stored, the tombstone
+        kept.
 
         Raises
         ------
@@ -824,7 +824,6 @@ class Ingest:
             A rejection note removed it, at its study and series, for a reason that
             refuses it for good (:func:`pacs.core.rejection.refuses_again`).
         """
-        found = reads.tombstone(conn, analysis.sop_instance_uid)
         if found is None:
             return False
         if not rejection.refuses_again(found.reason_code, found.reason_scheme):

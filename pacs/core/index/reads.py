@@ -188,6 +188,22 @@ def tombstones(conn: apsw.Connection) -> list[TombstoneRow]:
         "removed_at FROM tombstone")]
 
 
+@_read("instance lookup")
+def lookup_with_tombstone(conn: apsw.Connection, sop_uid: str
+                          ) -> tuple[StoredInstance | None, Tombstone | None]:
+    """:func:`lookup` and :func:`tombstone` of a SOP Instance UID, in one statement
+    (ingest asks both of every instance it stores)."""
+    row = conn.execute(
+        "SELECT i.sop_uid, i.object_key, i.checksum, i.size, i.transfer_syntax, "
+        "t.reason_code, t.reason_scheme, t.study_uid, t.series_uid "
+        "FROM (SELECT ? AS uid) AS q LEFT JOIN instance AS i ON i.sop_uid = q.uid "
+        "LEFT JOIN tombstone AS t ON t.sop_uid = q.uid", (sop_uid,)).fetchone()
+    if row is None:  # never: the query has one row whatever the tables hold
+        return None, None
+    return (StoredInstance(*row[:5]) if row[0] is not None else None,
+            Tombstone(*row[5:]) if row[5] is not None else None)
+
+
 @_read("tombstone lookup")
 def tombstone(conn: apsw.Connection, sop_uid: str) -> Tombstone | None:
     """The tombstone of a removed SOP Instance UID, if it has one."""

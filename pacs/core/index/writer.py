@@ -314,9 +314,11 @@ def intake_add_file(conn: apsw.Connection, key: str, size: int, checksum: str,
 
 def _intake_row(conn: apsw.Connection, key: str, size: int, checksum: str,
                 received_at: float, data: bytes) -> None:
-    conn.execute("DELETE FROM intake WHERE object_key = ?", (key,))
-    conn.execute("INSERT INTO intake (object_key, size, checksum, received_at, data) "
-                 "VALUES (?, ?, ?, ?, ?)", (key, size, checksum, received_at, data))
+    # REPLACE deletes the row of an older version first, firing its delete trigger
+    # (recursive triggers are on, apsw's best practice), and the new row takes a new
+    # id (AUTOINCREMENT).
+    conn.execute("INSERT OR REPLACE INTO intake (object_key, size, checksum, received_at, "
+                 "data) VALUES (?, ?, ?, ?, ?)", (key, size, checksum, received_at, data))
 
 
 def intake_drop(conn: apsw.Connection, key: str) -> None:
