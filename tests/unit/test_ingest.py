@@ -379,28 +379,6 @@ def test_an_instance_rewrites_only_the_parent_rows_whose_values_it_changes(
     assert described == [("NEWER",)]
 
 
-def test_an_instance_of_a_known_series_costs_seven_statements(services: Services) -> None:
-    """Every statement of the acknowledgement's path is a call into SQLite that lets go
-    of the GIL, where other associations' threads take it: a small instance of a series
-    already indexed asks for the intake's room, for its row and tombstone, and for its
-    three unchanged parents at once, then writes its row and its intake copy."""
-    services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.1"))
-    statements: list[str] = []
-
-    def traced(_cursor: object, sql: str, _bindings: object) -> bool:
-        statements.append(sql.split(" (")[0].split(" WHERE")[0])
-        return True
-
-    conn = services.index.connection()
-    conn.exec_trace = traced
-    try:
-        services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.2"))
-    finally:
-        conn.exec_trace = None
-    assert len(statements) == 7, statements
-    assert sum(s.startswith("SELECT patient.pk, study.pk, series.pk") for s in statements) == 1
-
-
 def test_concurrent_ingests_share_commits_and_each_is_indexed(services: Services,
                                                                memory_store: MemoryStore) -> None:
     """Group commit (Index.commit): many threads at once, every instance indexed, and a

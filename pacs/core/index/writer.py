@@ -103,37 +103,17 @@ def _upsert_sql(level: Level) -> tuple[str, tuple[str, ...]]:
     return sql, columns
 
 
-#: The levels above the instance, top down.
-_PARENT_LEVELS = (Level.PATIENT, Level.STUDY, Level.SERIES)
-
-
 @cache
-def _parents_unchanged_sql() -> tuple[str, tuple[tuple[Level, tuple[str, ...]], ...]]:
-    """The keys of an instance's patient, study and series rows when all three hold
-    the values received already, those the upsert would leave alone
-    (:func:`_upsert_sql`: the same comparison), and each level's columns whose values
-    it binds, in order.
-
-    The parents of every instance of a series after its first are such rows: one
-    statement for the three instead of an upsert and a :func:`_key_sql` each.  Each
-    row's parent key is compared by the join (the upsert binds the key it found)."""
-    tables = {level: level.table for level in _PARENT_LEVELS}
-    conditions: list[str] = []
-    bound: list[tuple[Level, tuple[str, ...]]] = []
-    for level in _PARENT_LEVELS:
-        _columns, kept, attributes = _upsert_parts(level)
-        compared = [c for c in kept if c != PARENT_KEY.get(level)]
-        new = [f"COALESCE(?, {tables[level]}.{c})" if c in attributes else "?"
-               for c in compared]
-        conditions.append(f"{tables[level]}.{IDENTITY[level]} = ?")
-        conditions.append(f"({', '.join(f'{tables[level]}.{c}' for c in compared)}) "
-                          f"IS ({', '.join(new)})")
-        bound.append((level, (IDENTITY[level], *compared)))
-    sql = ("SELECT patient.pk, study.pk, series.pk FROM series "
-           "JOIN study ON study.pk = series.study_pk "
-           "JOIN patient ON patient.pk = study.patient_pk "
-           f"WHERE {' AND '.join(conditions)}")
-    return sql, tuple(bound)
+def _unchanged_sql(level: Level) -> str:
+    """The key of a level's row when it holds the values received already, those the
+    upsert would leave alone (:func:`_upsert_sql`: the same comparison, the values
+    bound in the same order).  The parents of every instance of a series after its
+    first are such rows: one statement for each instead of the upsert and
+    :func:`_key_sql`."""
+    _columns, kept, attributes = _upsert_parts(level)
+    new = [f"COALESCE(?, {c})" if c in attributes else "?" for c in kept]
+    return (f"SELECT pk FROM {level.table} WHERE {IDENTITY[level]} = ? "
+            f"AND ({', '.join(kept)}) IS ({', '.join(new)})")
 
 
 @cache
@@ -159,19 +139,28 @@ def upsert(conn: apsw.Connection, row: InstanceRow, *, new: bool = False) -> Non
         _PARENTS_SQL,
         (row.values[Level.IMAGE]["sop_uid"],),
     ).fetchone()
-    values = _level_values(row)
-    parents = _unchanged_parents(conn, values)
-    patient_pk: int | None = None if parents is None else parents[0]
-    parent_pk: int | None = None if parents is None else parents[-1]
-    for level in (Level.IMAGE,) if parents is not None else tuple(Level):
+    parent_pk: int | None = None
+    patient_pk: int | None = None
+    for level in Level:
+        values: dict[str, str | int | None] = dict(row.values[level])
+        if level is Level.STUDY:
+            values.update(row.values[Level.PATIENT])
+        values["patient_key"] = row.patient_key
         if level in PARENT_KEY:
-            values[level][PARENT_KEY[level]] = parent_pk
+            values[PARENT_KEY[level]] = parent_pk
+        if level is Level.IMAGE:
+            values.update(object_key=row.object_key, size=row.size,
+                          checksum=row.checksum, transfer_syntax=row.transfer_syntax,
+                          received_at=row.received_at, calling_ae=row.calling_ae)
         sql, columns = _upsert_sql(level)
-        returned = conn.execute(sql, tuple(values[level].get(c) for c in columns)
-                                ).fetchone()
+        bound = tuple(values.get(c) for c in columns)
+        returned = None
+        if level is not Level.IMAGE:  # the instance row is new, or its object changed
+            returned = conn.execute(_unchanged_sql(level), bound).fetchone()
+        if returned is None:
+            returned = conn.execute(sql, bound).fetchone()
         if returned is None:  # unchanged: RETURNING answers rows written only
-            returned = conn.execute(_key_sql(level),
-                                    (values[level][IDENTITY[level]],)).fetchone()
+            returned = conn.execute(_key_sql(level), (values[IDENTITY[level]],)).fetchone()
         if returned is None:
             raise apsw.SQLError(f"no key returned for a {level.table} row")
         parent_pk = int(returned[0])
@@ -180,32 +169,6 @@ def upsert(conn: apsw.Connection, row: InstanceRow, *, new: bool = False) -> Non
     if old_parents is not None:
         series_pk, study_pk, old_patient_pk = old_parents
         prune(conn, series_pk, study_pk, old_patient_pk, written=patient_pk)
-
-
-def _level_values(row: InstanceRow) -> dict[Level, dict[str, str | int | None]]:
-    """The values of each level's row by column (the parent keys still to be set)."""
-    values: dict[Level, dict[str, str | int | None]] = {}
-    for level in Level:
-        values[level] = dict(row.values[level])
-        if level is Level.STUDY:
-            values[level].update(row.values[Level.PATIENT])
-        values[level]["patient_key"] = row.patient_key
-    values[Level.IMAGE].update(object_key=row.object_key, size=row.size,
-                               checksum=row.checksum, transfer_syntax=row.transfer_syntax,
-                               received_at=row.received_at, calling_ae=row.calling_ae)
-    return values
-
-
-def _unchanged_parents(conn: apsw.Connection,
-                       values: dict[Level, dict[str, str | int | None]]
-                       ) -> tuple[int, int, int] | None:
-    """The keys of the patient, study and series rows when all three hold ``values``
-    already (:func:`_parents_unchanged_sql`); ``None`` when any is missing or
-    differs."""
-    sql, bound = _parents_unchanged_sql()
-    row = conn.execute(sql, tuple(values[level].get(c) for level, columns in bound
-                                  for c in columns)).fetchone()
-    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 @cache
