@@ -379,6 +379,30 @@ def test_an_instance_rewrites_only_the_parent_rows_whose_values_it_changes(
     assert described == [("NEWER",)]
 
 
+def test_an_instance_of_a_known_series_costs_nine_statements(services: Services) -> None:
+    """Every statement on the acknowledgement's path is a call into SQLite that lets go
+    of the GIL, where other associations' threads take it: a small instance of a series
+    already indexed asks for the intake's room, for its row and tombstone at once, and
+    for each unchanged parent by one SELECT, then writes its row and its intake copy
+    (no savepoint: it is alone in its transaction)."""
+    services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.1"))
+    statements: list[str] = []
+
+    def traced(_cursor: object, sql: str, _bindings: object) -> bool:
+        statements.append(" ".join(sql.split()[:4]))
+        return True
+
+    conn = services.index.connection()
+    conn.exec_trace = traced
+    try:
+        services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.2"))
+    finally:
+        conn.exec_trace = None
+    assert len(statements) == 9, statements
+    assert [s for s in statements if s.startswith(("INSERT", "SAVEPOINT"))] == [
+        "INSERT INTO instance (sop_uid,", "INSERT OR REPLACE INTO"], statements
+
+
 def test_concurrent_ingests_share_commits_and_each_is_indexed(services: Services,
                                                                memory_store: MemoryStore) -> None:
     """Group commit (Index.commit): many threads at once, every instance indexed, and a
