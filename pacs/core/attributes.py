@@ -32,6 +32,10 @@ class Level(enum.Enum):
     SERIES = "series"
     IMAGE = "instance"
 
+    # Members are singletons, equal only to themselves: hashed by identity in C, not by
+    # Enum's hash of the name in Python (levels key the dictionaries of every ingest).
+    __hash__ = object.__hash__
+
     @property
     def table(self) -> str:
         """The index table of this level."""

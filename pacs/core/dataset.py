@@ -134,6 +134,16 @@ class Elements:
         """The elements of a data set pydicom has read already."""
         return cls(None, lambda: dataset)
 
+    @property
+    def raw(self) -> dict[int, _Walked] | None:
+        """Each element as walked, by tag; ``None`` for a data set pydicom read."""
+        return self._raw
+
+    @property
+    def little(self) -> bool:
+        """True for a little endian encoding."""
+        return self._little
+
     @cached_property
     def dataset(self) -> Dataset:
         """pydicom's data set of these elements (values decoded lazily by pydicom)."""
@@ -1170,17 +1180,40 @@ def extract(header: Dataset | Elements, level: Level) -> dict[str, str | None]:
     column (unique key included)."""
     values: dict[str, str | None] = {}
     codec = _simple_codec(header)
-    element_of = header.get_item  # the element as read: raw, never converted here
+    walked, little = ((header.raw, header.little) if isinstance(header, Elements)
+                      else (None, True))
     for attribute, tag, column, folded in _columns(level):
-        element: DataElement | RawDataElement | None = element_of(tag)
-        source: Dataset | Elements = header
-        if type(element) is RawDataElement and attribute.vr != "SQ":
-            source, element = _bounded(header, element)
-        value = None if element is None else _value(source, attribute, codec, element)
+        value: str | Literal[_Undecoded.TOKEN] | None = _UNDECODED
+        if walked is not None:
+            # Straight from the walked bytes, the usual case (ingest's hot path): no
+            # element object is made for it.
+            found = walked.get(attribute.tag)
+            if found is None:
+                value = None
+            elif (attribute.vr != "SQ" and found[0] in (None, attribute.vr)
+                  and len(found[2]) <= MAX_INDEX_VALUE_BYTES):
+                value = _bytes_text(found[2], little, attribute, codec)
+                if value is not None and value is not _UNDECODED:
+                    value = _dicom_form(value, attribute)
+        if value is _UNDECODED:
+            value = _element_value(header, attribute, tag, codec)
         values[column] = value
         if folded:
             values[folded] = fold(value)
     return values
+
+
+def _element_value(header: Dataset | Elements, attribute: Attribute, tag: BaseTag,
+                   codec: str | None) -> str | None:
+    """The index text of ``attribute`` from its element in ``header`` (``None`` when
+    absent), through pydicom when its raw bytes do not say it."""
+    element: DataElement | RawDataElement | None = header.get_item(tag)
+    if element is None:
+        return None
+    source: Dataset | Elements = header
+    if type(element) is RawDataElement and attribute.vr != "SQ":
+        source, element = _bounded(header, element)
+    return _value(source, attribute, codec, element)
 
 
 def _bounded(header: Dataset | Elements, raw: RawDataElement
@@ -1265,18 +1298,24 @@ def _element_text(raw: DataElement | RawDataElement | None, attribute: Attribute
     if (type(raw) is not RawDataElement or not isinstance(raw.value, bytes)
             or raw.VR not in (None, attribute.vr)):
         return _UNDECODED
+    return _bytes_text(raw.value, raw.is_little_endian, attribute, codec)
+
+
+def _bytes_text(value: bytes, little: bool, attribute: Attribute,
+                codec: str | None) -> str | Literal[_Undecoded.TOKEN] | None:
+    """:func:`_element_text` of an element's raw ``value`` (of the attribute's VR)."""
     vr = attribute.vr
     if vr in _BINARY_INTEGERS:
-        return _binary_text(raw.value, vr, raw.is_little_endian)
+        return _binary_text(value, vr, little)
     if vr in _ASCII_VRS:
         encoding = "ascii"
-    elif vr in _CHARSET_VRS and codec is not None and b"\x1b" not in raw.value:
+    elif vr in _CHARSET_VRS and codec is not None and b"\x1b" not in value:
         # An ESC starts a code extension (PS3.5 6.1.2.5.3), which pydicom interprets.
         encoding = codec
     else:
         return _UNDECODED
     try:
-        text = raw.value.decode(encoding)
+        text = value.decode(encoding)
     except UnicodeDecodeError:
         return _UNDECODED
     if vr == "PN":
@@ -1357,10 +1396,14 @@ def _value(header: Dataset | Elements, attribute: Attribute, codec: str | None,
             text = _text(decoded.value)
         except Exception:  # noqa: BLE001 - any decoding failure of the value
             return None
-    if text is not None and attribute.vr in _SEPARATORS:
-        # ACR-NEMA style 1997.04.24 / 10:30:00: index the DICOM form so ranges compare.
-        text = text.replace(_SEPARATORS[attribute.vr], "")
-    return text
+    return None if text is None else _dicom_form(text, attribute)
+
+
+def _dicom_form(text: str, attribute: Attribute) -> str:
+    """An index text in its DICOM form: ACR-NEMA style dates and times (1997.04.24,
+    10:30:00) without their separators, so that ranges compare."""
+    separator = _SEPARATORS.get(attribute.vr)
+    return text if separator is None else text.replace(separator, "")
 
 
 _SEPARATORS = {"DA": ".", "TM": ":"}
