@@ -547,13 +547,14 @@ class _Walker:
             raise UnreadableData("an element overruns its item")
         return position
 
-    def top_level(self) -> tuple[list[tuple[int, str | None, int, bytes, int]], int] | None:
+    def top_level(self) -> tuple[dict[int, _Walked], int] | None:
         """Walk the whole data set (as :meth:`dataset`), keeping its top-level elements
-        before the pixel data: ``(tag, VR, length, value, value offset)`` each, and the
-        offset where the pixel data element (or the end) is; ``None`` when an element
-        needs pydicom's own reading (see :func:`_walked_header`)."""
+        before the pixel data: ``(VR, length, value, value offset)`` by tag (the last
+        of a repeated tag, which ingest refuses), and the offset where the pixel data
+        element (or the end) is; ``None`` when an element needs pydicom's own reading
+        (see :func:`_walked_header`)."""
         data, end = self.data, len(self.data)
-        kept: list[tuple[int, str | None, int, bytes, int]] = []
+        kept: dict[int, _Walked] = {}
         position, pixel_at = 0, None
         see = self.tags.see
         while position < end:
@@ -582,8 +583,8 @@ class _Walker:
                 if tag in _PIXEL_TAGS:
                     pixel_at = start
                 else:
-                    kept.append((tag, vr, length, bytes(data[position:position + value_length]),
-                                 position))
+                    kept[tag] = (vr, length, bytes(data[position:position + value_length]),
+                                 position)
             position = value_end
         if position != end:
             raise UnreadableData("an element overruns its item")
@@ -708,8 +709,7 @@ def _walked_header(buffer: bytes, offset: int,
     walked = walker.top_level()
     if walked is None:
         return None, True
-    elements, pixel_at = walked
-    raw = {tag: (vr, length, value, start) for tag, vr, length, value, start in elements}
+    raw, pixel_at = walked
     # The character set is read now, whatever needs the data set later: one that does
     # not decode makes the object unreadable.
     charset = raw.get(_SPECIFIC_CHARACTER_SET)
