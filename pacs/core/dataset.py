@@ -738,17 +738,34 @@ def _walked_header(buffer: bytes, offset: int,
     return Elements(raw, build, offset, implicit, little), walker.tags.unambiguous
 
 
-@lru_cache(maxsize=64)
+#: Longest Specific Character Set value whose encodings are kept between objects: a
+#: real one is a few terms of at most 16 bytes (PS3.5 6.2, CS); a longer one, as long
+#: as an implicit VR length lets a sender make it, is converted for its object alone.
+CACHED_CHARSET_BYTES = 256
+
+
 def _encodings(charset: tuple[str | None, int, bytes] | None, implicit: bool,
                little: bool) -> tuple[str, ...]:
     """Python's encodings of a Specific Character Set element as encoded (VR, length,
     value), as pydicom reads them; computed once per value (objects of one source
-    share it, and pydicom builds a data set to convert it)."""
+    share it, and pydicom builds a data set to convert it) unless it is longer than
+    :data:`CACHED_CHARSET_BYTES`."""
+    if charset is not None and len(charset[2]) > CACHED_CHARSET_BYTES:
+        return _converted_encodings(charset, implicit, little)
+    return _cached_encodings(charset, implicit, little)
+
+
+def _converted_encodings(charset: tuple[str | None, int, bytes] | None, implicit: bool,
+                         little: bool) -> tuple[str, ...]:
+    """:func:`_encodings`, computed."""
     if charset is None:
         return tuple(convert_encodings(None))
     element = RawDataElement(_SPECIFIC_CHARACTER_SET, *charset, 0, implicit, little)
     return tuple(convert_encodings(
         Dataset({_SPECIFIC_CHARACTER_SET: element})[_SPECIFIC_CHARACTER_SET].value))
+
+
+_cached_encodings = lru_cache(maxsize=64)(_converted_encodings)
 
 
 # --- deflated data sets (PS3.5 A.5), as a stream -------------------------------------

@@ -378,6 +378,27 @@ def _implicit_with_name(name: bytes) -> bytes:
     return base[:at] + _implicit(0x00100010, name) + base[at + 8 + length:]
 
 
+def test_a_long_specific_character_set_is_not_kept_between_objects() -> None:
+    """The encodings of a real Specific Character Set are kept for the next objects; a
+    value longer than any real one (implicit VR lets a sender make it megabytes) is
+    read for its object and not kept in memory after it."""
+    def with_charset(value: bytes) -> bytes:
+        base = _implicit_with_name(b"DOE^JOHN")
+        at = base.index(b"\x08\x00\x05\x00", dataset.dataset_offset(base))
+        length = struct.unpack_from("<I", base, at + 4)[0]
+        return base[:at] + _implicit(0x00080005, value) + base[at + 8 + length:]
+
+    dataset._cached_encodings.cache_clear()
+    short = read_part10(with_charset(b"ISO_IR 100"))
+    assert dataset._cached_encodings.cache_info().currsize == 1
+    long_value = b"\\".join([b"ISO_IR 100"] * 40)
+    assert len(long_value) > dataset.CACHED_CHARSET_BYTES
+    long = read_part10(with_charset(long_value))
+    assert dataset._cached_encodings.cache_info().currsize == 1
+    assert short.header.original_character_set == ["latin_1"]
+    assert long.header.original_character_set == ["latin_1"] * 40
+
+
 def test_a_value_past_the_index_bound_is_indexed_by_its_first_values() -> None:
     """32 MiB of backslashes in a Patient's Name took 3.1 s and 544 MB to index
     (32 million values); the values within MAX_INDEX_VALUE_BYTES are indexed."""
