@@ -163,9 +163,6 @@ class Elements:
         return RawDataElement(BaseTag(tag), vr, length, value, self._offset + start,
                               self._implicit, self._little)
 
-    def __contains__(self, tag: int) -> bool:
-        return tag in self._raw if self._raw is not None else tag in self.dataset
-
     def __getitem__(self, tag: int) -> DataElement:
         """The element of ``tag`` converted by pydicom (``KeyError`` when absent)."""
         return self.dataset[tag]

@@ -228,9 +228,10 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
     if expected is not None and expected != (instance.sop_class_uid,
                                              instance.sop_instance_uid):
         raise UIDMismatch("the command's SOP Class/Instance UIDs differ from the data set's")
-    # The metadata first: extract() leaves the elements it converts decoded in the
-    # header, and the JSON encoder reads raw elements faster (and as stored).  Both
-    # leave out a value that does not decode; the object is stored as sent.
+    # The metadata first: extract() reads the walked bytes, but leaves an element
+    # pydicom had to convert decoded in the header, and the JSON encoder reads raw
+    # elements faster (and as stored).  Both leave out a value that does not decode;
+    # the object is stored as sent.
     prepared = metadata.prepare(instance, data) if describe else None
     values = {level: extract(instance.elements, level) for level in Level}
     try:
