@@ -549,7 +549,9 @@ class _Walker:
         before the pixel data: ``(VR, length, value, value offset)`` by tag (the last
         of a repeated tag, which ingest refuses), and the offset where the pixel data
         element (or the end) is; ``None`` when an element needs pydicom's own reading
-        (see :func:`_walked_header`)."""
+        (see :func:`_walked_header`), or the header holds more than
+        :data:`TOP_LEVEL_KEPT` elements (:func:`check_complete` then walks it counting
+        only)."""
         data, end = self.data, len(self.data)
         kept: dict[int, _Walked] = {}
         position, pixel_at = 0, None
@@ -579,6 +581,10 @@ class _Walker:
             if pixel_at is None:
                 if tag in _PIXEL_TAGS:
                     pixel_at = start
+                elif len(kept) >= TOP_LEVEL_KEPT:
+                    # Wider than any real header (hundreds of elements): kept, a million
+                    # tiny ones would cost hundreds of MB before the count refuses them.
+                    return None
                 else:
                     kept[tag] = (vr, length, bytes(data[position:position + value_length]),
                                  position)

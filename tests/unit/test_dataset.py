@@ -291,6 +291,27 @@ def _with(elements: bytes, before: bytes = PATIENT_NAME) -> bytes:
     return data[:at] + elements + data[at:]
 
 
+def test_a_header_wider_than_any_real_one_is_not_kept_by_the_walk(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top level of a million tiny elements, kept by the walk until their count
+    refused them, grew the node by hundreds of MB: past TOP_LEVEL_KEPT elements the
+    walk keeps none and the header is pydicom's, read after a walk that only counts;
+    its values are the same."""
+    monkeypatch.setattr(dataset, "TOP_LEVEL_KEPT", 100)
+    base = make_instance()
+    at = base.index(PATIENT_NAME)
+    data = base[:at] + _private(150) + base[at:]
+    offset = dataset.dataset_offset(data)
+    walker = dataset._Walker(memoryview(data)[offset:], implicit=False, little=True)
+    assert walker.top_level() is None
+    instance = read_part10(data)
+    assert instance.elements.raw is None  # pydicom read it
+    narrow = read_part10(base[:at] + _private(50) + base[at:])
+    assert narrow.elements.raw is not None
+    for level in Level:
+        assert extract(instance.elements, level) == extract(narrow.elements, level)
+
+
 def test_more_elements_than_allowed_are_refused_before_pydicom_reads_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """1.7 million two-character elements (16 MiB) took 5.6 s and 864 MB to read,
