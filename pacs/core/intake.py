@@ -897,7 +897,10 @@ class Mover:
         by it now), each under its instance's ingest lock and only while it is still
         pending and no row names its key (an instance stored again at the same key
         keeps its new object); the number of keys done.  A key the store refuses to
-        delete goes behind the others; the rest are tried.
+        delete goes behind the others; the rest are tried.  An unsettled key is deleted
+        and goes behind the others too, still pending: a write of it that the store left
+        unanswered may land after this deletion, and only once the key has settled is
+        its deletion done for good.
 
         Raises
         ------
@@ -910,7 +913,7 @@ class Mover:
         if not keys:
             return 0
         done: list[str] = []
-        failed: list[str] = []
+        later: list[str] = []  # failed, or at an unsettled key
         failure: PacsError | None = None
         with self.uid_locks([_sop_of(key) for key in keys]):
             try:
@@ -924,15 +927,15 @@ class Mover:
                     except UnsettledWrite:
                         raise  # the store is not answering: no more now
                     except PacsError as exc:
-                        failed.append(key)
+                        later.append(key)
                         failure = failure or exc
                         continue
-                    done.append(key)
+                    (later if reads.unsettled(conn, key) else done).append(key)
             finally:
-                if done or failed:
+                if done or later:
                     with self.index.write() as conn:
                         writer.deletions_done(conn, done)
-                        writer.deletions_later(conn, failed, time.time())
+                        writer.deletions_later(conn, later, time.time())
         if failure is not None:
             raise failure
         return len(done)

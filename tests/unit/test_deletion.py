@@ -5,7 +5,9 @@ retention, and the audit trail."""
 
 from __future__ import annotations
 
+import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -495,6 +497,57 @@ def test_a_mover_that_died_leaves_its_pending_deletions_unsettled(
         conn.execute("UPDATE intake_state SET mover_active = 1")
     mover(services).begin()
     assert reads.unsettled(services.index.connection(), key)
+
+
+def _unsettled(services: Services, key: str) -> None:
+    """As a write of ``key`` the store left unanswered leaves it (it may still land)."""
+    with services.index.write() as conn:
+        writer.unsettle(conn, key, time.time())
+
+
+def _settled(services: Services) -> None:
+    """Every unsettled key past its settling time, and forgotten by the mover."""
+    with services.index.write() as conn:
+        conn.execute("UPDATE unsettled SET since = since - ?",
+                     (services.settings.s3_settle + 1,))
+    mover(services).settle_old()
+
+
+def test_the_mover_keeps_a_deletion_pending_while_a_write_of_its_key_may_land(
+        make_services: Callable[..., Services]) -> None:
+    """A PUT of the key that the store left unanswered may land after the deletion
+    (the object back, the removed instance's data in the store again): the mover
+    deletes the object, keeps the deletion pending behind the others, and deletes the
+    key again once it has settled; then the deletion is done."""
+    services, _store = _left_to_the_mover(make_services, 1)
+    [key] = reads.pending_deletions(services.index.connection(), 1)
+    _unsettled(services, key)
+    assert mover(services).delete_removed() == 0
+    assert list(services.store.keys()) == [] and _pending(services) == 1
+    assert mover(services).delete_removed() == 0  # behind the others: not again at once
+    services.store.backend.put(key, io.BytesIO(b"late"), 4)  # the late PUT lands
+    _settled(services)
+    _aged(services)
+    assert mover(services).delete_removed() == 1
+    assert list(services.store.keys()) == [] and _pending(services) == 0
+
+
+def test_a_removal_keeps_the_deletion_of_an_unsettled_key_pending(
+        make_services: Callable[..., Services]) -> None:
+    """The removal deletes its objects at once, an unsettled key's too, but forgets
+    only the deletions of settled keys: the intake's mover deletes the other again
+    once it has settled."""
+    services = make_services(store=CountingStore())
+    made = _study(services, count=2)
+    drain(services)
+    rows = services.deleter.plan([Target(made[0][0])])
+    _unsettled(services, rows[0].object_key)
+    services.deleter.remove([reference(r) for r in rows], NODE, audit.APPLICATION_SERVER)
+    assert list(services.store.keys()) == []
+    assert reads.pending_deletions(services.index.connection(), 5) == [rows[0].object_key]
+    _settled(services)
+    _aged(services)
+    assert mover(services).delete_removed() == 1 and _pending(services) == 0
 
 
 def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:

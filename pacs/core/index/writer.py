@@ -346,9 +346,13 @@ def deletions_pending(conn: apsw.Connection, keys: Iterable[str], at: float) -> 
 
 
 def deletions_done(conn: apsw.Connection, keys: Iterable[str]) -> None:
-    """Forget the objects deleted from the store (or stored again since)."""
-    conn.executemany("DELETE FROM object_deletion WHERE object_key = ?",
-                     [(key,) for key in keys])
+    """Forget the objects deleted from the store (or stored again since), except at an
+    unsettled key: a write of it that the store left unanswered may still land after
+    the deletion, so the deletion stays pending until the key has settled
+    (``pacs.core.intake``)."""
+    conn.executemany("DELETE FROM object_deletion WHERE object_key = ? AND NOT EXISTS "
+                     "(SELECT 1 FROM unsettled WHERE unsettled.object_key = ?)",
+                     [(key, key) for key in keys])
 
 
 def deletions_later(conn: apsw.Connection, keys: Iterable[str], at: float) -> None:
