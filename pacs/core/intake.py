@@ -1086,6 +1086,8 @@ class Mover:
             waiting = (backlog.objects - len(self._stuck),
                        backlog.bytes - sum(self._stuck.values()))
             if not moved:  # nothing to move (what waits is unsettled): look again later
+                if backlog.unsettled:  # a deletion may wait for its key to settle
+                    self.settle_old()
                 self._delete_removed_quietly()
                 _sleep(LINGER, stopping)
             elif waiting[0] < BATCH_OBJECTS and waiting[1] < BATCH_BYTES:

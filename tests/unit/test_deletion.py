@@ -550,6 +550,31 @@ def test_a_removal_keeps_the_deletion_of_an_unsettled_key_pending(
     assert mover(services).delete_removed() == 1 and _pending(services) == 0
 
 
+def test_an_idle_mover_makes_a_deletion_again_once_its_key_has_settled(
+        make_services: Callable[..., Services]) -> None:
+    """Nothing arriving, nothing to move: the running mover forgets the keys that have
+    settled as it looks again, and makes the deletion that waited for one of them."""
+    services, _store = _left_to_the_mover(make_services, 1)
+    [key] = reads.pending_deletions(services.index.connection(), 1)
+    _unsettled(services, key)  # the mover's start deletes it, and keeps it pending
+    looks = 0
+
+    def stopping() -> bool:
+        nonlocal looks
+        looks += 1
+        if looks == 1:  # running: the key settles, the deletion is due again
+            assert _pending(services) == 1
+            with services.index.write() as conn:
+                conn.execute("UPDATE unsettled SET since = since - ?",
+                             (services.settings.s3_settle + 1,))
+            _aged(services)
+        return _pending(services) == 0 or looks > 20
+
+    mover(services).run(stopping)
+    assert _pending(services) == 0 and list(services.store.keys()) == []
+    assert not reads.unsettled(services.index.connection(), key)
+
+
 def test_retention_expires_studies_by_modality(services: Services, tmp_path: Path) -> None:
     ct = _study(services)
     mr = _study(services, Modality="MR")
