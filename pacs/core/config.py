@@ -71,6 +71,14 @@ def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _share(value: str) -> float:
+    """A share: more than 0, at most 1."""
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError(f"must be more than 0 and at most 1, got {value!r}")
+    return number
+
+
 def _port(value: str) -> int:
     """A TCP port, or 0 for none."""
     number = int(value)
@@ -359,6 +367,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_MAX_ASSOCIATIONS_PER_HOST", "max_associations_per_host", "16",
             "Concurrent associations from one source address per worker process; more "
             "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
+    Setting("PACS_CUSTOMER_ASSOCIATION_SHARE", "customer_association_share", "0.75",
+            "With several customers: the share of PACS_MAX_ASSOCIATIONS one customer's "
+            "associations may take per worker process, so that the others keep places; "
+            "more are rejected (A-ASSOCIATE-RJ, local limit exceeded). 1: no share.",
+            _share),
     Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",
             "DIMSE connections per worker process that have not yet sent an "
             "A-ASSOCIATE-RQ; more are closed at once.", int),
@@ -546,6 +559,7 @@ class Settings:
     dimse_timeout: float = _default("dimse_timeout")
     artim_timeout: float = _default("artim_timeout")
     max_associations_per_host: int = _default("max_associations_per_host")
+    customer_association_share: float = _default("customer_association_share")
     max_pending_connections: int = _default("max_pending_connections")
     max_object_bytes: int = _default("max_object_bytes")
     max_frame_bytes: int = _default("max_frame_bytes")

@@ -78,6 +78,12 @@ class Customers:
         return {title: (one.services.access, one.services.audit)
                 for title, one in self._by_title.items()}
 
+    def owners(self) -> dict[str, str]:
+        """Each customer's name, by called AE title (its share of the associations,
+        :func:`pacs.dimse.server.connection_limits_of`)."""
+        return {title: one.services.settings.customer
+                for title, one in self._by_title.items()}
+
     def start(self) -> None:
         """Start delivering storage commitment results."""
         for one in self.served:

@@ -449,9 +449,12 @@ class ConnectionLimits:
     anyone who keeps ``max_pending`` silent sockets open refuse every real peer.
 
     An association is admitted (:meth:`admit`) while fewer than ``max_associations``
-    are running in the worker and fewer than ``max_per_host`` from the same address.
-    Running associations are found again on each admission by ``alive`` (the
-    association threads), so one that ends any way at all frees its place.
+    are running in the worker, fewer than ``max_per_host`` from the same address and
+    fewer than ``max_per_customer`` of the same customer (the one its called AE title
+    names: with several customers, one whose modalities flood the node still leaves
+    the others places).  Running associations are found again on each admission by
+    ``alive`` (the association threads), so one that ends any way at all frees its
+    place.
 
     Limits of 0 or less mean no limit.  Thread-safe.
     """
@@ -459,16 +462,18 @@ class ConnectionLimits:
     def __init__(self, max_associations: int, max_per_host: int, max_pending: int,
                  max_object_bytes: int = 0,
                  is_open: Callable[[Any], bool] | None = None,
-                 alive: Callable[[Any], bool] | None = None) -> None:
+                 alive: Callable[[Any], bool] | None = None, *,
+                 max_per_customer: int = 0) -> None:
         self.max_associations = max_associations
         self.max_per_host = max_per_host
+        self.max_per_customer = max_per_customer
         self.max_pending = max_pending
         self.max_object_bytes = max_object_bytes
         self._is_open = is_open or _socket_open
         self._alive = alive or _thread_alive
         self._lock = threading.Lock()
         self._pending: OrderedDict[Hashable, None] = OrderedDict()
-        self._admitted: dict[Hashable, str] = {}
+        self._admitted: dict[Hashable, tuple[str, str]] = {}  # (address, customer)
 
     def connected(self, connection: Hashable) -> list[Any]:
         """Register a new pending connection; the connections to close now (the
@@ -483,18 +488,23 @@ class ConnectionLimits:
             return closing
 
     def admit(self, association: Hashable, connection: Hashable | None,
-              host: str) -> str | None:
+              host: str, customer: str = "") -> str | None:
         """The A-ASSOCIATE-RQ of ``connection`` arrived: admit ``association`` from
-        ``host``, or say why not (``None``: admitted)."""
+        ``host`` to ``customer``, or say why not (``None``: admitted)."""
         with self._lock:
             self._pending.pop(connection, None)
             for gone in [a for a in self._admitted if not self._alive(a)]:
                 del self._admitted[gone]
             if 0 < self.max_associations <= len(self._admitted):
                 return f"{self.max_associations} associations are running in this worker"
-            if 0 < self.max_per_host <= sum(1 for h in self._admitted.values() if h == host):
+            if 0 < self.max_per_host <= sum(1 for h, _ in self._admitted.values()
+                                            if h == host):
                 return f"{self.max_per_host} associations from this address are running"
-            self._admitted[association] = host
+            if 0 < self.max_per_customer <= sum(1 for _, c in self._admitted.values()
+                                                if c == customer):
+                return (f"{self.max_per_customer} associations of this customer are "
+                        "running in this worker")
+            self._admitted[association] = (host, customer)
             return None
 
     def forget(self, connection: Hashable | None) -> None:

@@ -23,7 +23,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -557,7 +557,7 @@ Policies = dict[str, tuple[AccessPolicy, AuditTrail]]
 
 
 def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
-           policies: Policies, rejections: _Rejections) -> None:
+           policies: Policies, owners: Mapping[str, str], rejections: _Rejections) -> None:
     """EVT_REQUESTED: admit the association or reject it, in one handler: who it is
     first (its called AE title, its client certificate, the customer's access rules),
     then the node's limits; bind an admitted one to its customer.
@@ -580,8 +580,9 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
        (:func:`pacs.dimse.limits.peer_pdu_refusal`): :data:`REJECT_PEER_PDU`; its
        presentation context items cannot be negotiated (:func:`contexts_refusal`):
        :data:`REJECT_MALFORMED`;
-    5. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker and
-       per source address) are reached: :data:`REJECT_FULL`.
+    5. the node's limits (:class:`pacs.dimse.limits.ConnectionLimits`: per worker, per
+       source address and, with several customers, per customer, ``owners`` naming
+       each called AE title's) are reached: :data:`REJECT_FULL`.
 
     Each refusal of 2-3 is a Security Alert of the audit trail; the log has the first
     :data:`REJECTIONS_LOGGED` refusals of every :data:`EVICTION_REPORT_SECONDS` and
@@ -624,7 +625,7 @@ def _admit(event: Any, connection_limits: ConnectionLimits, bindings: Bindings,
     if refused is not None:
         connection_limits.forget(raw)
     else:
-        full = connection_limits.admit(assoc, raw, host)
+        full = connection_limits.admit(assoc, raw, host, owners[called])
         refused = (REJECT_FULL, full) if full is not None else None
     if refused is not None:
         rejections.rejected(f"{host or '?'} ({calling.strip()}): {refused[1]}")
@@ -671,12 +672,18 @@ def _security_alert(trail: AuditTrail, calling: str, host: str, refusal: str) ->
                   exc_info=True)
 
 
-def connection_limits_of(settings: Settings) -> ConnectionLimits:
-    """One worker's connection and association limits (shared by its servers)."""
+def connection_limits_of(settings: Settings, customers: int = 1) -> ConnectionLimits:
+    """One worker's connection and association limits (shared by its servers), for
+    ``customers`` customers: with more than one, each may hold at most
+    ``PACS_CUSTOMER_ASSOCIATION_SHARE`` of the worker's associations (at least one)."""
+    shared = customers > 1 and settings.max_associations > 0 and \
+        settings.customer_association_share < 1
+    per_customer = max(1, int(settings.max_associations
+                              * settings.customer_association_share)) if shared else 0
     return ConnectionLimits(
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
-        alive=_holds_its_place)
+        alive=_holds_its_place, max_per_customer=per_customer)
 
 
 def start(served: Services | Customers, address: tuple[str, int] | None = None,
@@ -711,7 +718,8 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
     uses_seam = patched and tls_context is None
     port = settings.dimse_tls_port if tls_context is not None else settings.dimse_port
     address = address or (settings.bind_address, port)
-    connection_limits = connection_limits or connection_limits_of(settings)
+    connection_limits = connection_limits or connection_limits_of(settings,
+                                                                  len(customers.served))
     artim_left = ArtimLeft()
     rejections = _Rejections()
     deferral = ACCEPT_DEFERRAL if shared_socket is not None and \
@@ -744,7 +752,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
                     (evt.EVT_DIMSE_SENT, seam.answered),
                     (evt.EVT_REQUESTED, _admit,
                      [connection_limits, customers.bindings(uses_seam),
-                      customers.policies(), rejections]),
+                      customers.policies(), customers.owners(), rejections]),
                     # C-GET requestors' SCP-role storage contexts: a syntax every
                     # stored object can be sent in, where one was proposed.
                     (evt.EVT_REQUESTED, contexts.prefer_sendable)]
@@ -832,7 +840,7 @@ def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
     # Before serving, so that no association's objects are frozen with it.
     gc.collect()
     gc.freeze()
-    shared = connection_limits_of(settings)  # one worker, one set of limits
+    shared = connection_limits_of(settings, len(served))  # one worker, one set of limits
     servers = []
     if listeners.plain is not None:
         servers.append(start(customers, shared_socket=listeners.plain,

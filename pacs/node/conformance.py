@@ -124,6 +124,7 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
         "dimse_workers": settings.dimse_workers,
         "max_associations_per_worker": settings.max_associations,
         "max_associations_per_host_per_worker": settings.max_associations_per_host,
+        "customer_association_share": settings.customer_association_share,
         "max_pending_connections_per_worker": settings.max_pending_connections,
         "artim_timeout": settings.artim_timeout,
         "acse_timeout": ae.acse_timeout,
@@ -154,7 +155,9 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
                      f"{limits.MIN_PEER_PDU} bytes (0, no maximum, is served)",
              "result": 1, "source": 1, "reason": 1, "applies": True},
             {"when": "the worker holds PACS_MAX_ASSOCIATIONS associations, or "
-                     "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address",
+                     "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address, or (with "
+                     "several customers) PACS_CUSTOMER_ASSOCIATION_SHARE of "
+                     "PACS_MAX_ASSOCIATIONS of the called customer's",
              # rejected-transient, service provider (presentation), local-limit-exceeded
              "result": 2, "source": 3, "reason": 2, "applies": True},
         ],
@@ -647,6 +650,9 @@ the connection is aborted (A-ABORT).
      assoc['max_associations_per_worker'], "PACS_MAX_ASSOCIATIONS"],
     ["Simultaneous associations from one peer address, per worker process",
      assoc['max_associations_per_host_per_worker'], "PACS_MAX_ASSOCIATIONS_PER_HOST"],
+    ["Share of a worker's associations one customer may hold, when the node serves "
+     "several (1: no share)", assoc['customer_association_share'],
+     "PACS_CUSTOMER_ASSOCIATION_SHARE"],
     ["Connections that have not sent their A-ASSOCIATE-RQ, per worker process",
      assoc['max_pending_connections_per_worker'], "PACS_MAX_PENDING_CONNECTIONS"],
     ["Worker processes", f"{assoc['dimse_workers']} (0: one per CPU)",
@@ -890,6 +896,8 @@ def _configuration(data: dict[str, Any]) -> str:
          "PACS_MAX_ASSOCIATIONS"],
         ["Simultaneous associations per peer address per worker",
          assoc["max_associations_per_host_per_worker"], "PACS_MAX_ASSOCIATIONS_PER_HOST"],
+        ["Share of a worker's associations per customer (several customers)",
+         assoc["customer_association_share"], "PACS_CUSTOMER_ASSOCIATION_SHARE"],
         ["Pending connections per worker", assoc["max_pending_connections_per_worker"],
          "PACS_MAX_PENDING_CONNECTIONS"],
     ]

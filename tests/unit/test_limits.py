@@ -416,6 +416,19 @@ def test_associations_are_limited_per_worker_and_per_host() -> None:
     assert gate.admit(_Conn("6"), None, "10.0.0.3") is None
 
 
+def test_associations_are_limited_per_customer() -> None:
+    gate = limits.ConnectionLimits(4, 0, 2, is_open=lambda c: c.open,
+                                   alive=lambda a: a.open, max_per_customer=2)
+    first = _Conn("1")
+    assert gate.admit(first, None, "10.0.0.1", "alpha") is None
+    assert gate.admit(_Conn("2"), None, "10.0.0.2", "alpha") is None
+    refusal = gate.admit(_Conn("3"), None, "10.0.0.3", "alpha")
+    assert refusal is not None and "customer" in refusal
+    assert gate.admit(_Conn("4"), None, "10.0.0.3", "beta") is None
+    first.open = False  # its thread ended
+    assert gate.admit(_Conn("5"), None, "10.0.0.3", "alpha") is None
+
+
 def test_load_counts_pending_connections_and_running_associations() -> None:
     """What a worker weighs before accepting (NodeServer._defer_to_less_busy_workers)."""
     gate = _limits(max_pending=5)
