@@ -536,12 +536,21 @@ def send_final(responder: Responder, request: Request, status: Status,
     responder.send_response(status, identifier, snapshot)
 
 
+#: The counts of a Cancel response before any sub-operation was planned: a Cancel
+#: response contains the numbers of Completed, Failed and Warning sub-operations (PS3.4
+#: C.4.2.3.1, C.4.3.3.1); Remaining, which would count those not started, is left out.
+NONE_DONE = SubOperationCounts(None, 0, 0, 0)
+
+
 def _failed(responder: Responder, request: Request, exc: BaseException,
             service: str) -> None:
-    """Answer an error that ended the request before its sub-operations."""
+    """Answer an error that ended the request before its sub-operations (a C-CANCEL
+    seen while they were planned: Cancel, none done)."""
     _log_error(request, exc, service)
     if responder.alive:
-        responder.send_response(status_for(RETRIEVE_STATUS, exc))
+        status = status_for(RETRIEVE_STATUS, exc)
+        responder.send_response(status, None,
+                                NONE_DONE if status.code == CANCEL.code else None)
 
 
 def _ended_by(exc: Exception, responder: Responder, request: Request, counts: Counts,

@@ -500,11 +500,12 @@ def test_a_cancel_sent_at_once_after_the_get_cancels_it(
                                          StudyGet, msg_id=12))
     canceller.join()
     final = replies[-1][0]
-    remaining, completed, _failed, _warning = counts(final)
-    # Seen while the instances were matched, the cancel ends the answer before any
-    # sub-operation is counted: FE00, without counts or with none done.
+    remaining, completed, failed, warning = counts(final)
+    # Seen while the instances were matched or before the first sub-operation, the
+    # cancel ends the answer with none done: FE00 with the Completed, Failed and
+    # Warning counts (PS3.4 C.4.3.3.1), Remaining only once the count was known.
     assert final.Status == 0xFE00 and len(replies) == 1
-    assert completed in (None, 0) and remaining in (None, 5)
+    assert (completed, failed, warning) == (0, 0, 0) and remaining in (None, 5)
     assert received == []
 
 
