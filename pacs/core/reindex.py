@@ -75,7 +75,10 @@ How a rebuild goes (:func:`rebuild`):
    intake.  The store cannot tell, so the rebuilt index takes those records from the
    previous one, read when the intake is asked the last time; so too the objects of
    removed instances whose deletion is pending (``object_deletion``, deleted by the
-   intake's mover: :mod:`pacs.core.deletion`).
+   intake's mover: :mod:`pacs.core.deletion`), and the work waiting: storage
+   commitment requests not answered yet and forwarding's queue, as they were, and
+   forwarding's cursor at the newest change, the instances it had not read yet changed
+   again after it in their order (the rebuild numbers every instance anew).
 9. **Removals the previous index recorded stay done.**  A removal deletes an
    instance's rows and writes its tombstone, then deletes its object; on S3 that
    deletion may fail or go unanswered, and a write S3 took late may land after the
@@ -101,6 +104,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import apsw
+
 from pacs.core import metadata
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import Level
@@ -113,7 +118,7 @@ from pacs.core.errors import (
     PacsError,
     StorageError,
 )
-from pacs.core.index import reads, writer
+from pacs.core.index import outbox, reads, writer
 from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.index.reads import Located
@@ -442,10 +447,20 @@ def _refuse_if_in_use(index_path: Path) -> None:
 class _Carried:
     """What the rebuilt index takes from the previous one besides its tombstones: the
     unsettled keys and the pending deletions of removed instances' objects, each with
-    its time."""
+    its time; the rows of the work waiting (``reads.CARRIED_TABLES``: storage
+    commitment requests and forwarding's queue, by table: their columns and rows); and
+    the instances whose last change forwarding had not read yet (``None``: it never
+    ran)."""
 
     unsettled: list[tuple[str, float]]
     deletions: list[tuple[str, float]]
+    waiting: dict[str, tuple[list[str], list[tuple[object, ...]]]] = field(
+        default_factory=dict)
+    unfed: list[str] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.unsettled or self.deletions or self.unfed is not None
+                    or any(rows for _columns, rows in self.waiting.values()))
 
 
 def _refuse_if_intake_holds(index_path: Path) -> _Carried:
@@ -463,7 +478,9 @@ def _refuse_if_intake_holds(index_path: Path) -> _Carried:
         objects = reads.intake_objects(conn) if "intake_state" in present else 0
         carried = _Carried(
             reads.unsettled_keys(conn) if "unsettled" in present else [],
-            reads.deletion_keys(conn) if "object_deletion" in present else [])
+            reads.deletion_keys(conn) if "object_deletion" in present else [],
+            _waiting(conn, present),
+            reads.unfed(conn) if "forward_cursor" in present else None)
     finally:
         conn.close()
     if not objects:
@@ -473,6 +490,18 @@ def _refuse_if_intake_holds(index_path: Path) -> _Carried:
         "yet in the object store: let the node's mover store them (or run "
         "'pacs reindex', which drains it first, with the store reachable; an object "
         "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
+
+
+def _waiting(conn: apsw.Connection, present: set[str]
+             ) -> dict[str, tuple[list[str], list[tuple[object, ...]]]]:
+    """The rows of those of ``reads.CARRIED_TABLES`` the previous index has, with
+    their columns."""
+    waiting = {}
+    for table in reads.CARRIED_TABLES:
+        if table in present:
+            columns = reads.columns_of(conn, table)
+            waiting[table] = (columns, reads.carried_rows(conn, table, columns))
+    return waiting
 
 
 def _tombstones(index_path: Path) -> dict[str, reads.TombstoneRow]:
@@ -502,9 +531,12 @@ def _keep_tombstones(index: Index, removed: dict[str, reads.TombstoneRow]) -> No
 
 def _keep_carried(new_path: Path, carried: _Carried) -> None:
     """Record what ``carried`` holds in the new index, synced before the swap: the
-    unsettled keys, and the pending deletions (the mover deletes their objects, unless
-    a row names the key)."""
-    if not (carried.unsettled or carried.deletions):
+    unsettled keys; the pending deletions (the mover deletes their objects, unless a
+    row names the key); the storage commitment requests and forwarding's queue as
+    they were; and, when forwarding ran, its cursor at the newest change with the
+    instances it had not read yet changed again after it, in their order, so that
+    forwarding reads them (the rebuild numbered every instance anew)."""
+    if not carried:
         return
     index = Index(new_path)
     try:
@@ -513,6 +545,15 @@ def _keep_carried(new_path: Path, carried: _Carried) -> None:
                 writer.unsettle(conn, key, since)
             for key, since in carried.deletions:
                 writer.deletions_pending(conn, [key], since)
+            for table, (columns, rows) in carried.waiting.items():
+                # An older schema's columns that the present one still has.
+                kept = [n for n, c in enumerate(columns)
+                        if c in set(reads.columns_of(conn, table))]
+                writer.carry_rows(conn, table, [columns[n] for n in kept],
+                                  [tuple(row[n] for n in kept) for row in rows])
+            if carried.unfed is not None:
+                outbox.move_cursor(conn, outbox.head(conn))
+                writer.changed_again(conn, carried.unfed)
     finally:
         index.close()
 

@@ -52,7 +52,7 @@ from pacs.core.attributes import IDENTITY
 from pacs.core.audit import Participant
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import IndexFailure, StorageError
-from pacs.core.index import reads
+from pacs.core.index import commitments, outbox, reads
 from pacs.core.index.connection import connect
 from pacs.core.intake import record_unsettled
 from pacs.core.reconcile import Problem, reconcile
@@ -933,6 +933,44 @@ def test_a_pending_deletion_outlives_a_rebuild(settings: config.Settings) -> Non
         assert key not in set(store.keys())
     finally:
         rebuilt.close()
+
+
+def test_storage_commitment_requests_and_forwarding_outlive_a_rebuild(
+        settings: config.Settings) -> None:
+    """The work waiting in the previous index is taken over as it was: a storage
+    commitment request not answered yet, forwarding's queue (an instance waiting for
+    one destination, one refused by another); and the instances forwarding had not read
+    yet come after its cursor again, in their order, so that they are forwarded."""
+    store = MemoryStore()
+    services, made = _three_stored(settings, store, "F")
+    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    with services.index.write() as conn:
+        seqs = {sop: int(seq) for sop, seq in conn.execute(
+            "SELECT sop_uid, change_seq FROM instance")}
+        first, *unread = sorted(sops, key=seqs.__getitem__)
+        commitments.record(conn, "REQUESTOR", "1.2.3.4", "20261206", '[["1.2", "1.3"]]',
+                           1000.0, 0.0, "", "PACS", "127.0.0.1")
+        outbox.move_cursor(conn, seqs[first])  # forwarding read the first change only
+        outbox.queue(conn, [("DEST", "all", first, seqs[first]),
+                            ("OTHER", "all", first, seqs[first])], 1000.0)
+        [refused] = [pk for (pk,) in conn.execute(
+            "SELECT pk FROM outbox WHERE destination = 'OTHER'")]
+        outbox.mark_failed(conn, [(refused, seqs[first], "refused")], 1001.0)
+    services.close()
+    before = dump(settings.index_path)
+
+    rebuild(settings.index_path, store, AnalyserPool(0))
+
+    after = dump(settings.index_path)
+    assert after["commitment"] == before["commitment"] and len(after["commitment"]) == 1
+    assert after["outbox"] == before["outbox"] and len(after["outbox"]) == 2
+    conn = connect(settings.index_path)
+    try:
+        cursor = outbox.cursor(conn)
+        assert cursor is not None
+        assert [change.sop_uid for change in outbox.changes(conn, cursor, 10)] == unread
+    finally:
+        conn.close()
 
 
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:

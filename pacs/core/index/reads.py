@@ -681,6 +681,44 @@ def commitments_waiting(conn: apsw.Connection, requestor_ae: str | None = None,
     return _scalar(conn, "SELECT count(*) FROM commitment")
 
 
+#: The tables of work a rebuilt index takes over from the previous one as they are
+#: (:mod:`pacs.core.reindex`): storage commitment requests, and forwarding's queue.
+CARRIED_TABLES = ("commitment", "outbox")
+
+
+@_read("carried rows")
+def carried_rows(conn: apsw.Connection, table: str, columns: Sequence[str]
+                 ) -> list[tuple[object, ...]]:
+    """The rows of one of :data:`CARRIED_TABLES`: ``columns`` of each, in the order
+    they were written."""
+    if table not in CARRIED_TABLES:
+        raise ValueError(f"not a carried table: {table}")
+    listed = ", ".join(f'"{column}"' for column in columns)
+    return list(conn.execute(f"SELECT {listed} FROM {table} ORDER BY pk"))
+
+
+@_read("column listing")
+def columns_of(conn: apsw.Connection, table: str) -> list[str]:
+    """The columns of one of :data:`CARRIED_TABLES` but its key (an older schema may
+    lack some)."""
+    if table not in CARRIED_TABLES:
+        raise ValueError(f"not a carried table: {table}")
+    return [str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")
+            if row[1] != "pk"]
+
+
+@_read("forwarding listing")
+def unfed(conn: apsw.Connection) -> list[str] | None:
+    """The SOP Instance UIDs whose last change forwarding has not read yet, in the
+    order of their changes; ``None`` when forwarding never ran (no cursor)."""
+    row = conn.execute("SELECT seq FROM forward_cursor WHERE id = 1").fetchone()
+    if row is None:
+        return None
+    return [str(sop) for (sop,) in conn.execute(
+        "SELECT sop_uid FROM instance WHERE change_seq > ? ORDER BY change_seq",
+        (row[0],))]
+
+
 @_read("integrity check")
 def quick_check(conn: apsw.Connection) -> str:
     """SQLite's ``PRAGMA quick_check`` (reads the whole file): ``ok``, or its first
@@ -690,6 +728,7 @@ def quick_check(conn: apsw.Connection) -> str:
 
 
 __all__ = [
+    "CARRIED_TABLES",
     "MAX_KEYS",
     "IntakeEntry",
     "IntakeState",
@@ -699,6 +738,8 @@ __all__ = [
     "Tombstone",
     "all_objects",
     "any_unsettled",
+    "carried_rows",
+    "columns_of",
     "commitments_waiting",
     "counts",
     "deletion_keys",
@@ -725,5 +766,6 @@ __all__ = [
     "quick_check",
     "study_patients",
     "tombstone",
+    "unfed",
     "unsettled",
 ]

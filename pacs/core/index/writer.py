@@ -11,7 +11,7 @@ module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -24,7 +24,13 @@ from pacs.core.attributes import (
     case_folded_column,
     table_attributes,
 )
-from pacs.core.index.reads import StoredInstance, all_objects, counts, lookup
+from pacs.core.index.reads import (
+    CARRIED_TABLES,
+    StoredInstance,
+    all_objects,
+    counts,
+    lookup,
+)
 
 #: The series, study and patient rows above an instance.
 _PARENTS_SQL = (
@@ -361,6 +367,24 @@ def deletions_later(conn: apsw.Connection, keys: Iterable[str], at: float) -> No
                      [(at, key) for key in keys])
 
 
+def carry_rows(conn: apsw.Connection, table: str, columns: Sequence[str],
+               rows: Iterable[tuple[object, ...]]) -> None:
+    """Write rows of one of ``reads.CARRIED_TABLES`` taken from another index, in
+    their order (new keys)."""
+    if table not in CARRIED_TABLES:
+        raise ValueError(f"not a carried table: {table}")
+    listed = ", ".join(f'"{column}"' for column in columns)
+    conn.executemany(f"INSERT INTO {table} ({listed}) "
+                     f"VALUES ({', '.join('?' * len(columns))})", rows)
+
+
+def changed_again(conn: apsw.Connection, sop_uids: Iterable[str]) -> None:
+    """Give these instances new change numbers, in this order, after every other
+    (forwarding reads them again; the trigger numbers an update of ``received_at``)."""
+    conn.executemany("UPDATE instance SET received_at = received_at WHERE sop_uid = ?",
+                     [(sop,) for sop in sop_uids])
+
+
 def unsettle(conn: apsw.Connection, key: str, at: float) -> None:
     """Record that a write of ``key`` to the object store went unanswered at ``at``
     (the store may still carry it out: ``pacs.core.intake``)."""
@@ -414,8 +438,9 @@ def intake_mover_error(conn: apsw.Connection, error: str | None, at: float | Non
 
 
 __all__ = ["InstanceRow", "StoredInstance", "add_tombstone", "all_objects",
-           "backfill_metadata", "counts", "delete_instance", "deletions_done", "deletions_later",
-           "deletions_pending", "drop_metadata", "drop_tombstone", "intake_add",
+           "backfill_metadata", "carry_rows", "changed_again", "counts", "delete_instance",
+           "deletions_done", "deletions_later", "deletions_pending", "drop_metadata",
+           "drop_tombstone", "intake_add",
            "intake_add_file", "intake_drop", "intake_moved", "intake_mover_error",
            "lookup", "mover_started", "mover_stopped", "prune", "save_metadata",
            "settle_old", "settled", "unsettle", "upsert"]
