@@ -20,6 +20,7 @@ What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
                            instances in ReferencedSOPSequence (0008,1199) stored (not
                            after a 409: it stores none); others sent again
 408, 429, 5xx, no answer   sent again after the destination's backoff
+1xx                        interim: read past, to the final answer (RFC 9110 15.2)
 other 4xx                  refused for good (the request itself is wrong: credentials,
                            size, media type)
 =========================  ==============================================================
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import logging
 import secrets
@@ -145,7 +147,7 @@ class StowSender:
         :attr:`answer_seconds`: http.client reads a head line by line, and interim
         responses without end, each receive within its own timeout.
         """
-        connection_class = HTTPSConnection if self.scheme == "https" else HTTPConnection
+        connection_class = _Secure if self.scheme == "https" else _Plain
         conn = connection_class(self.host, self.port, timeout=self.timeout)
         watchdog: threading.Timer | None = None
         try:
@@ -201,6 +203,28 @@ class StowSender:
 
     def close(self) -> None:
         """Nothing is kept between batches (each has a connection of its own)."""
+
+
+class _FinalAnswer(http.client.HTTPResponse):
+    """A response read past every interim (1xx) response before the final one, as a
+    client must (RFC 9110 15.2: a ``103 Early Hints`` before a STOW-RS answer was taken
+    for the answer, and the batch sent again for ever); http.client skips ``100`` only.
+    ``101`` (the connection leaves HTTP/1.1) is not skipped."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        version, status, reason = super()._read_status()  # type: ignore[misc]
+        if 100 < status < 200 and status != 101:
+            # begin() skips the head of a 100 and reads the next status line.
+            return version, http.client.CONTINUE, reason
+        return version, status, reason
+
+
+class _Plain(HTTPConnection):
+    response_class = _FinalAnswer
+
+
+class _Secure(HTTPSConnection):
+    response_class = _FinalAnswer
 
 
 def _shut(conn: HTTPConnection) -> None:

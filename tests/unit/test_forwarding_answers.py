@@ -184,6 +184,20 @@ def test_an_answer_within_four_times_the_timeout_is_awaited() -> None:
     assert delivery.result is Result.SENT, delivery
 
 
+def test_interim_responses_before_the_answer_are_read_past() -> None:
+    """A ``103 Early Hints`` (and a ``102``) before the answer: a client reads past every
+    interim response to the final one (RFC 9110 15.2); before, the 103 was taken for the
+    answer and the batch sent again, for ever."""
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 102 Processing\r\n\r\n"
+                     b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        stop.wait(10)  # open until the sender has read it
+
+    delivery = _Destination(answer).send(1.0)
+    assert delivery.result is Result.SENT, delivery
+
+
 def test_a_delivery_s_detail_is_one_bounded_line() -> None:
     """What a destination sent (an HTTP status line in an error) reaches ``pacs status``
     and the logs with its control characters escaped, cut short: a terminal escape
