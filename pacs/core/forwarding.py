@@ -85,6 +85,9 @@ class Delivery:
 
     result: Result
     detail: str = ""
+    #: Seconds the destination asked to be left alone before the next attempt (an
+    #: HTTP ``Retry-After``), for a :attr:`Result.RETRY`; ``None``: not asked.
+    retry_after: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "detail", one_line(self.detail, DETAIL_CHARS))
@@ -266,6 +269,7 @@ class Outbox:
         instance must be sent again, else ``None``."""
         now = time.time()
         done, refused, retry = [], [], []
+        asked = 0.0  # the longest wait the destination asked for, within retry_max
         for entry, delivery in zip(entries, deliveries, strict=True):
             if delivery.result is Result.SENT:
                 done.append((entry.key, entry.change_seq))
@@ -273,14 +277,16 @@ class Outbox:
                 refused.append((entry.key, entry.change_seq, delivery.detail))
             else:
                 retry.append(delivery.detail)
+                asked = max(asked, min(delivery.retry_after or 0.0, self.retry_max))
         wait = None
         with self.index.write() as conn:
             table.remove(conn, done)
             table.mark_failed(conn, refused, now)
             table.drop_refused_removed(conn, destination)
             if retry:
-                wait = table.failed(conn, destination, retry[0], now,
-                                    lambda failures: backoff(failures, self.retry_max))
+                wait = table.failed(
+                    conn, destination, retry[0], now,
+                    lambda failures: max(asked, backoff(failures, self.retry_max)))
                 if done:
                     table.delivered(conn, destination, now)
             elif done:

@@ -19,7 +19,9 @@ What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
                            resources) and 0110 (processing failure), sent again;
                            instances in ReferencedSOPSequence (0008,1199) stored (not
                            after a 409: it stores none); others sent again
-408, 429, 5xx, no answer   sent again after the destination's backoff
+408, 429, 5xx, no answer   sent again after the destination's backoff, or after the
+                           ``Retry-After`` of a 429 or 503 when longer (RFC 9110
+                           10.2.3; at most ``PACS_FORWARD_RETRY_MAX``)
 1xx                        interim: read past, to the final answer (RFC 9110 15.2)
 other 4xx                  refused for good (the request itself is wrong: credentials,
                            size, media type)
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import http.client
 import json
 import logging
@@ -43,6 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -134,14 +138,16 @@ class StowSender:
                                    f"boundary={boundary}"}
         limit = answer_limit(len(refs))
         try:
-            status, answer = self._exchange(self._body(refs, sizes, boundary), headers, limit)
+            status, answer, retry_after = self._exchange(
+                self._body(refs, sizes, boundary), headers, limit)
         except Exception as exc:  # noqa: BLE001 - network, TLS, a short object: again later
             return [Delivery(Result.RETRY, failure_text(exc))] * len(refs)
-        return deliveries(refs, status, answer, limit)
+        return deliveries(refs, status, answer, limit, retry_after)
 
     def _exchange(self, body: Iterator[bytes], headers: dict[str, str],
-                  limit: int) -> tuple[int, bytes]:
-        """POST ``body`` on a connection of its own; the answer's status and body.
+                  limit: int) -> tuple[int, bytes, float | None]:
+        """POST ``body`` on a connection of its own; the answer's status, body and
+        ``Retry-After`` (:func:`retry_after_seconds`).
 
         Once the body is sent, a watchdog shuts the connection down after twice
         :attr:`answer_seconds`: http.client reads a head line by line, and interim
@@ -161,8 +167,9 @@ class StowSender:
             watchdog.daemon = True
             watchdog.start()
             response = conn.getresponse()
-            return response.status, _answer(response,
-                                            time.monotonic() + self.answer_seconds, limit)
+            return (response.status,
+                    _answer(response, time.monotonic() + self.answer_seconds, limit),
+                    retry_after_seconds(response.headers.get("Retry-After")))
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -261,14 +268,34 @@ def _answer(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
     return bytes(body)
 
 
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds an HTTP ``Retry-After`` asks to wait (RFC 9110 10.2.3: delay-seconds or
+    an HTTP-date), none below 0; ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
-               limit: int | None = None) -> list[Delivery]:
-    """Each instance's outcome from a STOW-RS answer: its HTTP status and body (the
-    module's table; ``limit``: the largest body read, :func:`answer_limit`)."""
+               limit: int | None = None, retry_after: float | None = None
+               ) -> list[Delivery]:
+    """Each instance's outcome from a STOW-RS answer: its HTTP status, body and
+    ``Retry-After`` in seconds (the module's table; ``limit``: the largest body read,
+    :func:`answer_limit`)."""
     if status not in (200, 202, 409):
         result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
                   else Result.RETRY)
-        return [Delivery(result, f"HTTP {status}")] * len(refs)
+        asked = retry_after if status in (429, 503) else None
+        return [Delivery(result, f"HTTP {status}", asked)] * len(refs)
     failed, stored = _sequences(answer, answer_limit(len(refs)) if limit is None else limit)
     if status == 200 and not failed and not stored:
         return [Delivery(Result.SENT, "HTTP 200")] * len(refs)

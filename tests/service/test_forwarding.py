@@ -122,6 +122,20 @@ def test_unreachable_destination_backs_off_and_keeps_the_entries(
     assert [backoff(n, 4.0) for n in range(5)] == [1.0, 2.0, 4.0, 4.0, 4.0]
 
 
+def test_a_destination_s_retry_after_is_waited_for_within_the_longest_backoff(
+        services: Services) -> None:
+    """A destination that asks for a longer wait than the backoff (HTTP 429 or 503 with
+    Retry-After, RFC 9110 10.2.3) gets it, up to PACS_FORWARD_RETRY_MAX; a shorter one
+    changes nothing."""
+    outbox = _outbox(services, "all: -> PEER", retry_max=60.0)
+    _store(services)
+    outbox.feed()
+    entries = outbox.take("PEER")
+    assert outbox.settle("PEER", entries, [Delivery(Result.RETRY, "HTTP 503", 30.0)]) == 30.0
+    assert outbox.settle("PEER", entries, [Delivery(Result.RETRY, "HTTP 429", 1e9)]) == 60.0
+    assert outbox.settle("PEER", entries, [Delivery(Result.RETRY, "HTTP 503", 0.5)]) == 4.0
+
+
 def test_refused_instances_are_kept_as_failed_and_can_be_queued_again(
         services: Services) -> None:
     outbox = _outbox(services, "all: -> PEER")

@@ -22,7 +22,7 @@ from pacs.core.forwarding import Delivery, Result, transfer
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import load_routes
 from pacs.core.storage.memory import MemoryStore
-from pacs.core.stow import StowSender, answer_limit, deliveries
+from pacs.core.stow import StowSender, answer_limit, deliveries, retry_after_seconds
 from pacs.dimse.forward import delivery_of
 
 
@@ -196,6 +196,39 @@ def test_interim_responses_before_the_answer_are_read_past() -> None:
 
     delivery = _Destination(answer).send(1.0)
     assert delivery.result is Result.SENT, delivery
+
+
+def test_retry_after_is_read_as_seconds_or_a_date() -> None:
+    """RFC 9110 10.2.3: delay-seconds or an HTTP-date; unreadable or absent: none; a date
+    past: no wait."""
+    now = 1_000_000_000.0  # Sun, 09 Sep 2001 01:46:40 GMT
+    assert retry_after_seconds("120", now) == 120.0
+    assert retry_after_seconds("Sun, 09 Sep 2001 01:47:40 GMT", now) == 60.0
+    assert retry_after_seconds("Sun, 09 Sep 2001 01:45:40 GMT", now) == 0.0
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds("-5", now) is None
+    assert retry_after_seconds(None, now) is None
+
+
+def test_only_a_429_or_503_carries_its_retry_after() -> None:
+    ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
+                      "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
+    [busy] = deliveries([ref], 503, b"", retry_after=30.0)
+    assert (busy.result, busy.retry_after) == (Result.RETRY, 30.0)
+    [limited] = deliveries([ref], 429, b"", retry_after=5.0)
+    assert limited.retry_after == 5.0
+    [broken] = deliveries([ref], 500, b"", retry_after=30.0)
+    assert (broken.result, broken.retry_after) == (Result.RETRY, None)
+
+
+def test_a_destination_s_retry_after_reaches_the_delivery() -> None:
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 42\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+        stop.wait(10)  # open until the sender has read it
+
+    delivery = _Destination(answer).send(1.0)
+    assert (delivery.result, delivery.retry_after) == (Result.RETRY, 42.0), delivery
 
 
 def test_a_delivery_s_detail_is_one_bounded_line() -> None:
