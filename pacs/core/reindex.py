@@ -547,8 +547,8 @@ def _keep_carried(new_path: Path, carried: _Carried) -> None:
                 writer.deletions_pending(conn, [key], since)
             for table, (columns, rows) in carried.waiting.items():
                 # An older schema's columns that the present one still has.
-                kept = [n for n, c in enumerate(columns)
-                        if c in set(reads.columns_of(conn, table))]
+                present = set(reads.columns_of(conn, table))
+                kept = [n for n, c in enumerate(columns) if c in present]
                 writer.carry_rows(conn, table, [columns[n] for n in kept],
                                   [tuple(row[n] for n in kept) for row in rows])
             if carried.unfed is not None:
