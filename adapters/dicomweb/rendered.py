@@ -26,6 +26,9 @@ the image, then fit into vw x vh, keeping the aspect ratio),
 ignored.  A thumbnail is the same image fitted into
 :data:`THUMBNAIL_SIZE` unless a viewport is given.
 
+A Structured Report asked for by itself is rendered as text, ``text/html`` by default or
+``text/plain`` (the Text category of Table 8.7.4-1; :mod:`adapters.dicomweb.report`).
+
 Media types: ``image/jpeg`` (the default, 8.7.4), ``image/png`` and ``image/gif``
 (both required for single-frame images, Table 8.7.4-1); an encapsulated
 document (PDF, CDA…) is returned as itself when its type is accepted, streamed from
@@ -66,7 +69,7 @@ import numpy as np
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from adapters.dicomweb import accept, wado
+from adapters.dicomweb import accept, report, wado
 from adapters.dicomweb.accept import MediaRange
 from adapters.dicomweb.errors import Unacceptable
 from pacs.core import documents, frames as pixels, metadata
@@ -194,18 +197,21 @@ def _window(text: str | None) -> Window | None:
     return Window(center, width, function)
 
 
-def choose_media(ranges: Sequence[MediaRange], document: str | None = None) -> str:
-    """The media type to answer with (PS3.18 8.7.4): JPEG unless PNG or GIF is
-    preferred; a document's own type for a document; 406 when the client accepts none
-    of them."""
-    offered = (document,) if document else RENDERED_TYPES
+def choose_media(ranges: Sequence[MediaRange], document: str | None = None,
+                 offered: Sequence[str] = RENDERED_TYPES) -> str:
+    """The media type to answer with (PS3.18 8.7.4): of ``offered`` (an image: JPEG
+    unless PNG or GIF is preferred; a report: :data:`report.REPORT_TYPES`), the first
+    the client accepts; a document's own type for a document; 406 when the client
+    accepts none of them."""
+    if document:
+        offered = (document,)
     for media in ranges:
         if media.multipart:
-            continue  # rendered answers are single images
+            continue  # rendered answers are single parts
         for kind in offered:
             if media.allows(kind):
                 return kind
-    raise Unacceptable("rendered images are image/jpeg, image/png or image/gif")
+    raise Unacceptable(f"rendered as {', '.join(offered)} only")
 
 
 # --- drawing --------------------------------------------------------------------------
@@ -439,6 +445,14 @@ class Rendered:
         params = parse_params(req)
         doc = self._document(study, series, instance)
         parsed = metadata.parse(doc.json)
+        if instance is not None and frames is None and not self.thumbnail \
+                and report.is_report(parsed):
+            media = choose_media(ranges, offered=report.REPORT_TYPES)
+            text = report.as_html(parsed) if media == report.TEXT_HTML \
+                else report.as_text(parsed)
+            resp.content_type = f"{media}; charset=utf-8"
+            resp.data = text.encode()
+            return
         document_type = self._document_type(parsed, instance, frames)
         media = choose_media(ranges, document_type)
         if media == document_type:

@@ -38,6 +38,7 @@ from adapters.dicomweb import (
     qido,
     removal,
     rendered,
+    report,
     stow,
     wado,
 )
@@ -433,7 +434,11 @@ def _describe(resource: object) -> dict[str, Any]:
                 "section": "PS3.18 10.4.1.1.4", "method": "GET",
                 "notes": f"{params}  An encapsulated document instance (PDF, CDA, ...) "
                          "is answered in its own MIME Type of Encapsulated Document "
-                         "(0042,0012), as a download.",
+                         "(0042,0012), as a download.  A Structured Report instance is "
+                         "rendered as text, its content tree indented: "
+                         f"{' or '.join(f'`{kind}`' for kind in report.REPORT_TYPES)}, "
+                         "the first by default (the Text category of PS3.18 Table "
+                         "8.7.4-1).",
                 "media_types": images}
     if isinstance(resource, removal.Delete):
         return {"name": "Delete", "transaction": "Removal (not in PS3.18)",

@@ -821,6 +821,76 @@ def test_encapsulated_pdf_is_rendered_as_itself(client: testing.TestClient,
     assert result.headers["x-content-type-options"] == "nosniff"
 
 
+def _code(value: str, meaning: str, scheme: str = "DCM") -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def _item(kind: str, name: Dataset, relationship: str = "CONTAINS",
+          **values: Any) -> Dataset:
+    item = Dataset()
+    item.RelationshipType, item.ValueType = relationship, kind
+    item.ConceptNameCodeSequence = [name]
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def structured_report() -> Dataset:
+    """A Basic Text SR: a finding (TEXT, with markup in it), a code, a measurement."""
+    ds = fresh("CT_small.dcm")
+    for keyword in ("PixelData", "Rows", "Columns"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.11")
+    ds.Modality = "SR"
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    ds.ConceptNameCodeSequence = [_code("18748-4", "Diagnostic Imaging Report", "LN")]
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    measurement = Dataset()
+    measurement.NumericValue = "12.5"
+    measurement.MeasurementUnitsCodeSequence = [_code("mm", "millimeter", "UCUM")]
+    findings = _item("CONTAINER", _code("121070", "Findings"),
+                     ContinuityOfContent="SEPARATE")
+    findings.ContentSequence = [
+        _item("TEXT", _code("121071", "Finding"),
+              TextValue="Nodule <script>alert(1)</script> & more"),
+        _item("CODE", _code("121072", "Impression"),
+              ConceptCodeSequence=[_code("T-28000", "Lung", "SRT")]),
+        _item("NUM", _code("121206", "Distance"), MeasuredValueSequence=[measurement])]
+    ds.ContentSequence = [findings]
+    return ds
+
+
+def test_a_structured_report_is_rendered_as_text(client: testing.TestClient,
+                                                 services: Services) -> None:
+    """PS3.18 8.7.4, the Text category: text/html by default, text/plain when asked;
+    no image of it; what the sender wrote never becomes markup."""
+    ds = structured_report()
+    services.ingest.store_bytes(encode(ds))
+    plain = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "text/plain"})
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["content-type"] == "text/plain; charset=utf-8"
+    assert plain.text.splitlines() == [
+        "Diagnostic Imaging Report",
+        f"  Patient: {ds.PatientName}",
+        f"  Patient ID: {ds.PatientID}",
+        f"  Study date: {ds.StudyDate}",
+        "  Completion: COMPLETE",
+        "  Verification: UNVERIFIED",
+        "  Findings",
+        "    Finding: Nodule <script>alert(1)</script> & more",
+        "    Impression: Lung",
+        "    Distance: 12.5 mm"]
+    default = client.simulate_get(url(ds) + "/rendered")
+    assert default.headers["content-type"] == "text/html; charset=utf-8"
+    assert "Nodule &lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in default.text
+    assert "<script>" not in default.text
+    assert "sandbox" in default.headers["content-security-policy"]
+    refused = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "image/jpeg"})
+    assert refused.status_code == 406
+
+
 def test_a_document_is_streamed_from_where_it_lies(client: testing.TestClient,
                                                   services: Services,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
