@@ -24,38 +24,39 @@ import html
 from collections.abc import Iterator
 from typing import Any
 
+from pacs.core.metadata import value, values
+
 TEXT_PLAIN = "text/plain"
 TEXT_HTML = "text/html"
 #: The media types of a rendered report, the default first (PS3.18 Table 8.7.4-1).
 REPORT_TYPES = (TEXT_HTML, TEXT_PLAIN)
 
-_CONTENT_SEQUENCE = "0040A730"
-_VALUE_TYPE = "0040A040"
-_CONCEPT_NAME = "0040A043"
-_CODE_MEANING = "00080104"
-_CODE_VALUE = "00080100"
-_RELATIONSHIP = "0040A010"
+_CONTENT_SEQUENCE = 0x0040A730
+_VALUE_TYPE = 0x0040A040
+_CONCEPT_NAME = 0x0040A043
+_CODE_MEANING = 0x00080104
+_CODE_VALUE = 0x00080100
 #: The element holding each Value Type's value (PS3.3 Table C.17.3-7), or ``None`` for
 #: those rendered otherwise.
-_VALUE_OF = {"TEXT": "0040A160", "DATE": "0040A121", "TIME": "0040A122",
-             "DATETIME": "0040A120", "UIDREF": "0040A124", "PNAME": "0040A123"}
-_CONCEPT_CODE = "0040A168"
-_MEASURED_VALUE = "0040A300"
-_NUMERIC_VALUE = "0040A30A"
-_UNITS = "004008EA"
-_REFERENCED_SOP = "00081199"
-_REFERENCED_SOP_INSTANCE = "00081155"
+_VALUE_OF = {"TEXT": 0x0040A160, "DATE": 0x0040A121, "TIME": 0x0040A122,
+             "DATETIME": 0x0040A120, "UIDREF": 0x0040A124, "PNAME": 0x0040A123}
+_CONCEPT_CODE = 0x0040A168
+_MEASURED_VALUE = 0x0040A300
+_NUMERIC_VALUE = 0x0040A30A
+_UNITS = 0x004008EA
+_REFERENCED_SOP = 0x00081199
+_REFERENCED_SOP_INSTANCE = 0x00081155
 _COORDINATES = ("SCOORD", "SCOORD3D", "TCOORD")
 #: Header lines: (label, tag) of the document's own attributes.
-_HEADER = (("Patient", "00100010"), ("Patient ID", "00100020"),
-           ("Study date", "00080020"), ("Completion", "0040A491"),
-           ("Verification", "0040A493"))
+_HEADER = (("Patient", 0x00100010), ("Patient ID", 0x00100020),
+           ("Study date", 0x00080020), ("Completion", 0x0040A491),
+           ("Verification", 0x0040A493))
 
 
 def is_report(doc: dict[str, Any]) -> bool:
     """True for an SR document: a root content item of type ``CONTAINER``
     (PS3.3 C.17.3) with a content tree."""
-    return _first(doc, _VALUE_TYPE) == "CONTAINER" and _CONTENT_SEQUENCE in doc
+    return value(doc, _VALUE_TYPE) == "CONTAINER" and bool(values(doc, _CONTENT_SEQUENCE))
 
 
 def lines(doc: dict[str, Any]) -> Iterator[tuple[int, str, str]]:
@@ -63,7 +64,7 @@ def lines(doc: dict[str, Any]) -> Iterator[tuple[int, str, str]]:
     header, then each content item under its parent."""
     yield 0, _concept(doc) or "Report", ""
     for label, tag in _HEADER:
-        value = _text(doc.get(tag))
+        value = _text(doc, tag)
         if value:
             yield 1, label, value
     yield from _items(doc, 1)
@@ -90,7 +91,7 @@ def as_html(doc: dict[str, Any]) -> str:
 
 def _items(parent: dict[str, Any], depth: int) -> Iterator[tuple[int, str, str]]:
     for item in _sequence(parent, _CONTENT_SEQUENCE):
-        kind = str(_first(item, _VALUE_TYPE) or "")
+        kind = str(value(item, _VALUE_TYPE) or "")
         yield depth, _concept(item) or kind or "Item", _value(item, kind)
         yield from _items(item, depth + 1)
 
@@ -98,20 +99,20 @@ def _items(parent: dict[str, Any], depth: int) -> Iterator[tuple[int, str, str]]
 def _value(item: dict[str, Any], kind: str) -> str:
     """The value of a content item, as text."""
     if kind in _VALUE_OF:
-        return _text(item.get(_VALUE_OF[kind]))
+        return _text(item, _VALUE_OF[kind])
     if kind == "CODE":
         return _code(_sequence(item, _CONCEPT_CODE))
     if kind == "NUM":
         measured = _sequence(item, _MEASURED_VALUE)
         if not measured:
             return "(no value)"
-        number = _text(measured[0].get(_NUMERIC_VALUE))
+        number = _text(measured[0], _NUMERIC_VALUE)
         units = _sequence(measured[0], _UNITS)
-        unit = str(_first(units[0], _CODE_VALUE) or "") if units else ""
+        unit = str(value(units[0], _CODE_VALUE) or "") if units else ""
         return f"{number} {unit}".strip()
     if kind in ("IMAGE", "COMPOSITE", "WAVEFORM"):
         referenced = _sequence(item, _REFERENCED_SOP)
-        uid = _first(referenced[0], _REFERENCED_SOP_INSTANCE) if referenced else None
+        uid = value(referenced[0], _REFERENCED_SOP_INSTANCE) if referenced else None
         return f"instance {uid}" if uid else ""
     if kind in _COORDINATES:
         return "(coordinates)"
@@ -125,30 +126,25 @@ def _concept(item: dict[str, Any]) -> str:
 def _code(codes: list[dict[str, Any]]) -> str:
     if not codes:
         return ""
-    return str(_first(codes[0], _CODE_MEANING) or _first(codes[0], _CODE_VALUE) or "")
+    return str(value(codes[0], _CODE_MEANING) or value(codes[0], _CODE_VALUE) or "")
 
 
-def _text(element: Any) -> str:
+def _text(item: dict[str, Any], tag: int) -> str:
     """An element's values as text: person names by their alphabetic group, a value the
     metadata keeps as bulk data named so."""
+    element = item.get(f"{tag:08X}")
     if not isinstance(element, dict):
         return ""
     if "BulkDataURI" in element or "InlineBinary" in element:
         return "(a long value, in the bulk data)"
     shown = []
-    for value in element.get("Value") or []:
-        if isinstance(value, dict):  # PN (PS3.18 F.2.2)
-            value = value.get("Alphabetic", "")
-        shown.append(str(value))
+    for one in element.get("Value") or []:
+        if isinstance(one, dict):  # PN (PS3.18 F.2.2)
+            one = one.get("Alphabetic", "")
+        shown.append(str(one))
     return "\\".join(shown)
 
 
-def _sequence(item: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    values = item.get(tag, {}).get("Value") if isinstance(item.get(tag), dict) else None
-    return [v for v in values if isinstance(v, dict)] if isinstance(values, list) else []
-
-
-def _first(item: dict[str, Any], tag: str) -> Any:
-    element = item.get(tag)
-    values = element.get("Value") if isinstance(element, dict) else None
-    return values[0] if isinstance(values, list) and values else None
+def _sequence(item: dict[str, Any], tag: int) -> list[dict[str, Any]]:
+    """The items of a sequence element."""
+    return [v for v in values(item, tag) if isinstance(v, dict)]

@@ -367,7 +367,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
                 f"the index {index_path} was written while it was rebuilt (a node or a "
                 "pacs command used it): nothing swapped; run pacs reindex again with "
                 "the node and other commands on this customer stopped")
-        _keep_carried(new_path, _refuse_if_intake_holds(index_path))
+        _keep_carried(new_path, _refuse_if_intake_holds(index_path, carry=True))
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
     except BaseException:
@@ -463,10 +463,11 @@ class _Carried:
                     or any(rows for _columns, rows in self.waiting.values()))
 
 
-def _refuse_if_intake_holds(index_path: Path) -> _Carried:
+def _refuse_if_intake_holds(index_path: Path, *, carry: bool = False) -> _Carried:
     """Refuse while the index's intake holds acknowledged objects the store lacks
     (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them.
-    Otherwise what the rebuilt index carries over (:class:`_Carried`).
+    Otherwise, with ``carry``, what the rebuilt index carries over (:class:`_Carried`;
+    read only then: forwarding's queue may be long).
 
     Only a table the index's schema does not have yet counts as empty; any other
     failure to read it refuses (a locked or damaged index may hold objects)."""
@@ -476,20 +477,22 @@ def _refuse_if_intake_holds(index_path: Path) -> _Carried:
     try:
         present = reads.tables(conn)
         objects = reads.intake_objects(conn) if "intake_state" in present else 0
-        carried = _Carried(
+        if objects:
+            raise IndexFailure(
+                f"the intake of {index_path} holds {objects} acknowledged object(s) not "
+                "yet in the object store: let the node's mover store them (or run "
+                "'pacs reindex', which drains it first, with the store reachable; an "
+                "object whose last write S3 did not answer waits there PACS_S3_SETTLE "
+                "seconds)")
+        if not carry:
+            return _Carried([], [])
+        return _Carried(
             reads.unsettled_keys(conn) if "unsettled" in present else [],
             reads.deletion_keys(conn) if "object_deletion" in present else [],
             _waiting(conn, present),
             reads.unfed(conn) if "forward_cursor" in present else None)
     finally:
         conn.close()
-    if not objects:
-        return carried
-    raise IndexFailure(
-        f"the intake of {index_path} holds {objects} acknowledged object(s) not "
-        "yet in the object store: let the node's mover store them (or run "
-        "'pacs reindex', which drains it first, with the store reachable; an object "
-        "whose last write S3 did not answer waits there PACS_S3_SETTLE seconds)")
 
 
 def _waiting(conn: apsw.Connection, present: set[str]
