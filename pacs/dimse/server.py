@@ -213,6 +213,11 @@ ACCEPT_PAUSE = 0.1
 ACCEPT_DEFERRAL = 0.002
 DEFERRAL_STEPS = 5
 
+#: Connections the kernel holds for the workers to accept.  socketserver's default,
+#: 5, drops a burst's further SYNs, which their peers send again only after 1, 3,
+#: 7, 15 then 31 seconds.
+LISTEN_BACKLOG = 128
+
 
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with TCP_NODELAY, bounded connections and an
@@ -233,6 +238,8 @@ class NodeServer(ThreadedAssociationServer):
 
     #: The seam serves this server's associations (:func:`pacs.dimse.seam.install`).
     uses_seam: bool = False
+    #: The backlog of a socket the server binds itself (socketserver's name).
+    request_queue_size = LISTEN_BACKLOG
     shared_socket: socket.socket | None = None
     #: The worker's connection and association limits; None: pynetdicom's own count.
     limits: ConnectionLimits | None = None
@@ -818,7 +825,7 @@ class Listeners:
 def _listen(settings: Settings, port: int) -> socket.socket | None:
     if not port:
         return None
-    sock = listening_socket(settings.bind_address, port, backlog=128)
+    sock = listening_socket(settings.bind_address, port, backlog=LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
