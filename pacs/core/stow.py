@@ -167,9 +167,12 @@ class StowSender:
             watchdog.daemon = True
             watchdog.start()
             response = conn.getresponse()
+            # Read only where it counts: never may a header decide a 2xx's outcome.
+            asked = (retry_after_seconds(response.headers.get("Retry-After"))
+                     if response.status in WAIT_ASKED else None)
             return (response.status,
                     _answer(response, time.monotonic() + self.answer_seconds, limit),
-                    retry_after_seconds(response.headers.get("Retry-After")))
+                    asked)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -268,21 +271,31 @@ def _answer(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
     return bytes(body)
 
 
+#: The answers whose ``Retry-After`` the sender heeds: Too Many Requests and Service
+#: Unavailable (RFC 9110 10.2.3, RFC 6585 4).
+WAIT_ASKED = (429, 503)
+
+
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
     """Seconds an HTTP ``Retry-After`` asks to wait (RFC 9110 10.2.3: delay-seconds or
-    an HTTP-date), none below 0; ``None`` when absent or unreadable."""
+    an HTTP-date), none below 0; ``None`` when absent or unreadable.
+
+    The value is the destination's, so anything may come: digits other than ASCII
+    (http.client decodes a head as Latin-1: ``"²"``), a date past any calendar.
+    Whatever cannot be read is no wait asked, never an error.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # an HTTP-date is GMT
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:  # an HTTP-date is GMT
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
@@ -294,7 +307,7 @@ def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
     if status not in (200, 202, 409):
         result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
                   else Result.RETRY)
-        asked = retry_after if status in (429, 503) else None
+        asked = retry_after if status in WAIT_ASKED else None
         return [Delivery(result, f"HTTP {status}", asked)] * len(refs)
     failed, stored = _sequences(answer, answer_limit(len(refs)) if limit is None else limit)
     if status == 200 and not failed and not stored:

@@ -210,6 +210,28 @@ def test_retry_after_is_read_as_seconds_or_a_date() -> None:
     assert retry_after_seconds(None, now) is None
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "1\u00b3", "\u0664\u0662",
+                                   "Mon, 01 Jan 99999999999999999999 00:00:00 GMT",
+                                   "Mon, 01 Jan 10000 00:00:00 GMT", "1.5", "nan"])
+def test_an_unreadable_retry_after_asks_no_wait(value: str) -> None:
+    """Digits other than ASCII (a head is decoded as Latin-1: byte B2 is "²") and dates
+    past any calendar are no wait asked: ``float("²")`` and a year past the largest
+    raised, and the delivery was sent again."""
+    assert retry_after_seconds(value, 1_000_000_000.0) is None
+
+
+def test_a_stored_batch_is_sent_whatever_its_retry_after() -> None:
+    """A 200 carrying a ``Retry-After`` the sender cannot read is a batch stored: the
+    header is read for a 429 or 503 only (a 200 with byte B2 there was sent again, for
+    ever)."""
+    def answer(conn: socket.socket, stop: threading.Event) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n")
+        stop.wait(10)  # open until the sender has read it
+
+    delivery = _Destination(answer).send(1.0)
+    assert delivery.result is Result.SENT, delivery
+
+
 def test_only_a_429_or_503_carries_its_retry_after() -> None:
     ref = InstanceRef("1.2", "1.3", "1.4", "1.2.840.10008.5.1.4.1.1.2",
                       "1.2.840.10008.1.2.1", "1.2/1.3/1.4.dcm", 10)
