@@ -462,6 +462,15 @@ class _Carried:
         return bool(self.unsettled or self.deletions or self.unfed is not None
                     or any(rows for _columns, rows in self.waiting.values()))
 
+    def highest_queued(self) -> int:
+        """The highest change number of forwarding's carried queue (0: none): the
+        previous index's, which the rebuilt one must not give again."""
+        columns, rows = self.waiting.get("outbox", ([], []))
+        if "change_seq" not in columns:
+            return 0
+        at = columns.index("change_seq")
+        return max((int(row[at]) for row in rows), default=0)
+
 
 def _refuse_if_intake_holds(index_path: Path, *, carry: bool = False) -> _Carried:
     """Refuse while the index's intake holds acknowledged objects the store lacks
@@ -555,7 +564,9 @@ def _keep_carried(new_path: Path, carried: _Carried) -> None:
                 writer.carry_rows(conn, table, [columns[n] for n in kept],
                                   [tuple(row[n] for n in kept) for row in rows])
             if carried.unfed is not None:
-                outbox.move_cursor(conn, outbox.head(conn))
+                # Past the carried queue's numbers too: an instance numbered again
+                # with one of them would be taken for the entry being sent.
+                outbox.move_cursor(conn, max(outbox.head(conn), carried.highest_queued()))
                 writer.changed_again(conn, carried.unfed)
     finally:
         index.close()

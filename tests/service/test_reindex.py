@@ -973,6 +973,38 @@ def test_storage_commitment_requests_and_forwarding_outlive_a_rebuild(
         conn.close()
 
 
+def test_a_rebuild_gives_no_change_number_its_carried_queue_holds(
+        settings: config.Settings) -> None:
+    """The previous index numbered far more changes (overwrites, deletions) than the
+    rebuild, which numbers every instance anew from 1: forwarding's carried entry keeps
+    its number, and the instances changed again after the cursor, or stored later, are
+    numbered past it; one given the same number would be taken for the entry being
+    sent, and its new version never forwarded."""
+    store = MemoryStore()
+    services, made = _three_stored(settings, store, "N")
+    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    with services.index.write() as conn:
+        outbox.move_cursor(conn, 500)
+        outbox.queue(conn, [("DEST", "all", sops[0], 500)], 1000.0)
+    services.close()
+
+    rebuild(settings.index_path, store, AnalyserPool(0))
+
+    later = build(settings, store=store)
+    try:
+        later.ingest.store_bytes(make_instance())
+    finally:
+        later.close()
+    conn = connect(settings.index_path)
+    try:
+        cursor = outbox.cursor(conn)
+        assert cursor is not None and cursor >= 500
+        numbers = sorted(seq for (seq,) in conn.execute("SELECT change_seq FROM instance"))
+        assert len(numbers) == 4 and numbers[-1] > 500
+    finally:
+        conn.close()
+
+
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:
     """The replaced node: a data folder without any index, the objects elsewhere."""
     store = MemoryStore()
