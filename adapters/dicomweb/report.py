@@ -11,7 +11,7 @@ meaning), ``NUM`` (the number and its unit), ``DATE`` / ``TIME`` / ``DATETIME``,
 value the metadata keeps as bulk data (a text longer than the inline limit) is named,
 not fetched.
 
-The HTML is the same lines, every value escaped: what a sender wrote never becomes
+The HTML is the same lines as nested lists, every value escaped: what a sender wrote never becomes
 markup (and every DICOMweb answer is sandboxed besides,
 :data:`adapters.dicomweb.app.DICOMWEB_POLICY`).  The tree's depth is bounded by the walk
 that proved the object whole at ingest (``pacs.core.dataset``), its size by the
@@ -77,16 +77,29 @@ def as_text(doc: dict[str, Any]) -> str:
 
 
 def as_html(doc: dict[str, Any]) -> str:
-    """The report as an HTML document, every value escaped."""
+    """The report as an HTML document, every value escaped, each content item a list
+    item under its parent's.
+
+    The nesting is the markup's own, not a style: the sandbox's policy
+    (``default-src 'none'``) drops every style attribute, and a tree drawn by margins
+    showed flat.
+    """
     rendered = lines(doc)
     _depth, title, _value = next(rendered)
-    body = "".join(
-        f'<p style="margin-left:{2 * (depth - 1)}em"><b>{html.escape(label)}</b>'
-        f"{': ' + html.escape(value) if value else ''}</p>\n"
-        for depth, label, value in rendered)
+    parts = []
+    opened = 0  # lists open, the last item of each open too
+    for depth, label, value in rendered:
+        if depth > opened:
+            parts.append("<ul>" * (depth - opened))
+        else:
+            parts.append("</li>" + "</ul></li>" * (opened - depth))
+        opened = depth
+        parts.append(f"\n<li><b>{html.escape(label)}</b>"
+                     f"{': ' + html.escape(value) if value else ''}")
+    parts.append("</li></ul>" * opened)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title></head>\n"
-            f"<body><h1>{html.escape(title)}</h1>\n{body}</body></html>\n")
+            f"<body><h1>{html.escape(title)}</h1>\n{''.join(parts)}\n</body></html>\n")
 
 
 def _items(parent: dict[str, Any], depth: int) -> Iterator[tuple[int, str, str]]:

@@ -14,6 +14,7 @@ import io
 import logging
 import tracemalloc
 from collections.abc import Callable, Iterable
+from html.parser import HTMLParser
 from typing import Any
 
 import numpy as np
@@ -862,6 +863,30 @@ def structured_report() -> Dataset:
     return ds
 
 
+def _list_depths(document: str) -> list[tuple[str, int]]:
+    """(label, how many lists hold it) of each item of an HTML document, its markup
+    checked balanced."""
+    found: list[tuple[str, int]] = []
+    stack: list[str] = []
+
+    class Reader(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag in ("ul", "li", "b"):
+                stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in ("ul", "li", "b"):
+                assert stack.pop() == tag
+
+        def handle_data(self, data: str) -> None:
+            if stack and stack[-1] == "b":
+                found.append((data, stack.count("ul")))
+
+    Reader().feed(document)
+    assert not stack
+    return found
+
+
 def test_a_structured_report_is_rendered_as_text(client: testing.TestClient,
                                                  services: Services) -> None:
     """PS3.18 8.7.4, the Text category: text/html by default, text/plain when asked;
@@ -887,6 +912,12 @@ def test_a_structured_report_is_rendered_as_text(client: testing.TestClient,
     assert "Nodule &lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in default.text
     assert "<script>" not in default.text
     assert "sandbox" in default.headers["content-security-policy"]
+    # The tree is the lists' nesting: the policy drops style attributes.
+    assert "style=" not in default.text
+    assert _list_depths(default.text) == [
+        ("Patient", 1), ("Patient ID", 1), ("Study date", 1), ("Completion", 1),
+        ("Verification", 1), ("Findings", 1), ("Finding", 2), ("Impression", 2),
+        ("Distance", 2)]
     refused = client.simulate_get(url(ds) + "/rendered", headers={"Accept": "image/jpeg"})
     assert refused.status_code == 406
 
