@@ -369,7 +369,8 @@ SETTINGS: tuple[Setting, ...] = (
             "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
     Setting("PACS_CUSTOMER_ASSOCIATION_SHARE", "customer_association_share", "0.75",
             "With several customers: the share of PACS_MAX_ASSOCIATIONS one customer's "
-            "associations may take per worker process, so that the others keep places; "
+            "associations may take per worker process, so that the others together keep "
+            "the rest; "
             "more are rejected (A-ASSOCIATE-RJ, local limit exceeded). 1: no share.",
             _share),
     Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",

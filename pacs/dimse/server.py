@@ -14,6 +14,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -685,8 +686,10 @@ def connection_limits_of(settings: Settings, customers: int = 1) -> ConnectionLi
     ``PACS_CUSTOMER_ASSOCIATION_SHARE`` of the worker's associations (at least one)."""
     shared = customers > 1 and settings.max_associations > 0 and \
         settings.customer_association_share < 1
-    per_customer = max(1, int(settings.max_associations
-                              * settings.customer_association_share)) if shared else 0
+    # The epsilon: 100 * 0.29 is 28.999... in binary, and its share is 29 places.
+    per_customer = max(1, math.floor(settings.max_associations
+                                     * settings.customer_association_share + 1e-9)
+                       ) if shared else 0
     return ConnectionLimits(
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,

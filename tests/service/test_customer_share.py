@@ -97,3 +97,6 @@ def test_the_share_applies_to_several_customers_only(
                                 2).max_per_customer == 1
     assert connection_limits_of(settings.with_overrides(max_associations=0),
                                 2).max_per_customer == 0
+    # 100 * 0.29 is 28.999... in binary: the share is still 29 places.
+    assert connection_limits_of(settings.with_overrides(
+        max_associations=100, customer_association_share=0.29), 2).max_per_customer == 29
