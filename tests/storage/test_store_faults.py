@@ -434,10 +434,13 @@ def test_a_piece_whose_failure_ends_the_transaction_fails_the_whole_batch(
 class AnsweringServer:
     """A TCP server that reads each request's head and body and answers with
     ``answer`` (``None``: closes the connection without a word, then stops listening:
-    a server that took the request and went away)."""
+    a server that took the request and went away).  With ``then``, only the first
+    request gets ``answer`` (``None``: its connection closed, the server listening on)
+    and every later one ``then``."""
 
-    def __init__(self, answer: bytes | None) -> None:
+    def __init__(self, answer: bytes | None, then: bytes | None = None) -> None:
         self.answer = answer
+        self.then = then
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -462,10 +465,13 @@ class AnsweringServer:
                 while len(body) < length and (chunk := conn.recv(65536)):
                     body += chunk
                 self.requests += 1
-                if self.answer is None:
+                answer = self.answer if self.then is None or self.requests == 1 else self.then
+                if answer is None and self.then is not None:
+                    continue  # taken, not answered: the connection closes
+                if answer is None:
                     self.sock.close()  # gone: the retry finds the port closed
                     return
-                conn.sendall(self.answer)
+                conn.sendall(answer)
 
     def close(self) -> None:
         self.sock.close()
@@ -503,5 +509,52 @@ def test_an_s3_write_is_unsettled_only_when_s3_may_still_carry_it_out(
         server.close()
     assert isinstance(caught.value, UnsettledWrite) is unanswered, caught.value
     assert isinstance(caught.value, WriteNotMade) is not unanswered
-    assert told == ([KEY] if unanswered else [])
+    # Told once more for each attempt tried again after one S3 may carry out.
+    assert set(told) == ({KEY} if unanswered else set())
     assert server.requests >= 1
+
+
+_OK = b"HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("first", [
+    None,  # taken, the connection dropped unanswered
+    _s3_error("500 Internal Server Error", "InternalError"),
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+], ids=["dropped", "500", "502"])
+@pytest.mark.parametrize("write", ["put", "delete"])
+def test_an_s3_write_tried_again_after_an_attempt_s3_may_carry_out_is_unsettled(
+        first: bytes | None, write: str) -> None:
+    """The first attempt reached the server and went unanswered, the retry succeeded:
+    the write returns, but the first attempt may still be carried out later, over
+    whatever is written to the key since, so its key is told to ``on_unanswered`` all
+    the same (before, only a write that failed in the end was)."""
+    server = AnsweringServer(first, then=_OK)
+    store = _s3(server.port)
+    told: list[str] = []
+    store.on_unanswered = told.append
+    try:
+        if write == "put":
+            store.put(KEY, io.BytesIO(b"x" * 100), 100)
+        else:
+            store.delete(KEY)
+    finally:
+        store.close()
+        server.close()
+    assert server.requests == 2
+    assert told == [KEY]
+
+
+def test_an_s3_write_tried_again_after_slow_down_stays_settled() -> None:
+    """A throttled attempt (503 Slow Down) was refused, not taken: its retry's success
+    settles the key."""
+    server = AnsweringServer(_s3_error("503 Slow Down", "SlowDown"), then=_OK)
+    store = _s3(server.port)
+    told: list[str] = []
+    store.on_unanswered = told.append
+    try:
+        store.put(KEY, io.BytesIO(b"x" * 100), 100)
+    finally:
+        store.close()
+        server.close()
+    assert server.requests == 2 and told == []

@@ -36,6 +36,7 @@ import io
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -137,6 +138,11 @@ def timeouts_for(answer_within: float) -> tuple[float, float]:
     return connect, read
 
 
+#: The requests that write a key (a part of a multipart upload writes none: the
+#: object is what its completion, a POST never retried, names).
+_WRITES = ("PUT", "DELETE")
+
+
 class _Retry(urllib3.Retry):
     """urllib3's retries, except for a request the server did not answer in time.
 
@@ -148,13 +154,35 @@ class _Retry(urllib3.Retry):
     settled (:func:`_unanswered`).
     """
 
+    #: Called with the method and URL of a write whose attempt may have been carried
+    #: out before it is tried again (:meth:`S3Store._sent_before_retry`).
+    sent_before_retry: Callable[[str, str], None] | None = None
+
+    def new(self, **kw: Any) -> Self:
+        """urllib3 makes a new object for each attempt: the callback goes along."""
+        retry = super().new(**kw)
+        retry.sent_before_retry = self.sent_before_retry
+        return retry
+
     def increment(self, method: str | None = None, url: str | None = None,
                   response: BaseHTTPResponse | None = None, error: Exception | None = None,
                   _pool: ConnectionPool | None = None,
                   _stacktrace: TracebackType | None = None) -> Self:
-        """Raise a read timeout at once; count anything else as urllib3 does."""
+        """Raise a read timeout at once; count anything else as urllib3 does.
+
+        A write tried again after an attempt the server may have carried out (a
+        connection dropped once the request was sent, a server error other than Slow
+        Down) is told to :attr:`sent_before_retry` first: a retry that succeeds does
+        not make that attempt settled, and a late one would land over whatever is
+        written to the key afterwards.
+        """
         if isinstance(error, ReadTimeoutError):
             raise error
+        maybe_done = isinstance(error, ProtocolError) or (
+            response is not None and response.status >= 500 and response.status != 503)
+        if (maybe_done and method in _WRITES and url is not None
+                and self.sent_before_retry is not None):
+            self.sent_before_retry(method, url)
         try:
             return super().increment(method, url, response, error, _pool, _stacktrace)
         except MaxRetryError as exc:
@@ -380,7 +408,7 @@ class S3Store:
         _quiet_retry_warnings()
         self._http = _ContentMd5Pool(
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            retries=_Retry(
+            retries=self._retries(
                 total=3,
                 connect=1,
                 read=1,
@@ -442,6 +470,30 @@ class S3Store:
         if not is_object_key(key):
             raise StorageError("refusing an object key that is not derived from UIDs")
         return self._prefix + key
+
+    def _retries(self, **kw: Any) -> _Retry:
+        """The client's retries, telling :meth:`_sent_before_retry` of writes tried
+        again."""
+        retry = _Retry(**kw)
+        retry.sent_before_retry = self._sent_before_retry
+        return retry
+
+    def _sent_before_retry(self, method: str, url: str) -> None:
+        """A write of this store is tried again after an attempt S3 may still carry
+        out: its key is unsettled (:attr:`on_unanswered`), whatever the retry meets."""
+        parts = urllib.parse.urlsplit(url)
+        if "uploadId" in urllib.parse.parse_qs(parts.query):
+            return  # a part: the object is the completion's
+        path = urllib.parse.unquote(parts.path)
+        key = next((path[len(start):] for start in (f"/{self.bucket}/{self._prefix}",
+                                                    f"/{self._prefix}")
+                    if path.startswith(start)), None)
+        if key is None or not is_object_key(key) or self.on_unanswered is None:
+            return  # the quarantine's copy writes no key of the store
+        try:
+            self.on_unanswered(key)
+        except Exception:  # the write goes on; its own failure would be told again
+            log.exception("S3: a write tried again could not be recorded as unsettled")
 
     @contextmanager
     def _storage_errors(self, action: str, written: str | None = None) -> Iterator[None]:
@@ -670,6 +722,8 @@ class S3Store:
                 if exc.code in _MISSING_CODES:
                     raise NotFound("no such object") from None
                 raise
+        # A removal S3 may still carry out is unsettled, as any other (remove).
+        with self._storage_errors("quarantine", written=key):
             self._client.remove_object(bucket_name=self.bucket, object_name=name)
         return target
 
