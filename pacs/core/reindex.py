@@ -60,7 +60,12 @@ How a rebuild goes (:func:`rebuild`):
    Their objects are left in place and counted as ``rejected``.  The one exception is
    the reason that lets an instance come back (113039, Data Retention Policy
    Expired): an instance the store wrote after the note was sent again after the
-   rejection and stays, as it did; without both times the note hides it.  Instances
+   rejection and stays, as it did, and so does one whose order against the note the
+   store's times cannot tell (either time missing, or both the same: a folder's
+   coarse file times, S3's whole seconds, four PUTs at once), counted as
+   ``undecided``: hidden, its acknowledged object would be deleted by ``pacs fsck
+   --repair``, a guess that loses data; kept, a retention's removal can be made
+   again.  Instances
    deleted without a note are known by the previous index's tombstones alone (item
    9): without a previous index the store keeps no record of them.
 7. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
@@ -175,6 +180,9 @@ class Report:
     rejected :
         Objects of instances that rejection notes in the store reject: not indexed
         (removed again after they were read), left in place.
+    undecided :
+        Objects of instances a note that lets them come back names, stored at the
+        same time as the note or without a time: kept indexed (item 6).
     removed :
         Objects of instances the previous index records removed (item 9): not
         indexed, left in place.
@@ -197,6 +205,7 @@ class Report:
     duplicates: dict[str, list[str]] = field(default_factory=dict)
     undated: int = 0
     rejected: int = 0
+    undecided: int = 0
     removed: int = 0
     strays: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
     counts: dict[str, int] = field(default_factory=dict)
@@ -226,6 +235,11 @@ class Report:
             yield (f"{self.rejected} object(s) of instances rejected by rejection notes "
                    "in the store: not indexed, left in place ('pacs fsck --repair' "
                    "deletes them)")
+        if self.undecided:
+            yield (f"{self.undecided} object(s) of instances a rejection note that lets "
+                   "them come back names, stored at the same time as the note or "
+                   "without a time: kept indexed (remove them again if they were not "
+                   "sent again)")
         if self.removed:
             yield (f"{self.removed} object(s) of instances the previous index records "
                    "removed: not indexed, left in place ('pacs fsck --repair' deletes them)")
@@ -241,7 +255,8 @@ class Report:
                 "objects": self.objects, "indexed": self.indexed,
                 "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
                 "duplicates": self.duplicates, "undated": self.undated,
-                "rejected": self.rejected, "removed": self.removed,
+                "rejected": self.rejected, "undecided": self.undecided,
+                "removed": self.removed,
                 "strays": {"count": self.strays[0], "first": self.strays[1]},
                 "counts": self.counts, "seconds": round(self.seconds, 3)}
 
@@ -583,13 +598,20 @@ class _Note:
     rejection: Rejection
     stored: float | None
 
-    def sent_again(self, stored: float | None) -> bool:
-        """Whether an instance it names that the store wrote at ``stored`` came back
-        after it: its reason lets an instance be stored again (IHE RAD TF-2 4.66.4,
-        :attr:`pacs.core.rejection.Reason.refuses_again`) and both times say it came
-        later."""
-        return (not self.rejection.reason.refuses_again and stored is not None
-                and self.stored is not None and stored > self.stored)
+    def may_have_come_back(self, stored: float | None) -> bool:
+        """Whether an instance it names that the store wrote at ``stored`` may have come
+        back after it: its reason lets an instance be stored again (IHE RAD TF-2
+        4.66.4, :attr:`pacs.core.rejection.Reason.refuses_again`) and the times do not
+        prove it came before (item 6 of the module docstring)."""
+        return not self.rejection.reason.refuses_again and not self.came_before(stored)
+
+    def came_before(self, stored: float | None) -> bool:
+        """True when both times are known and ``stored`` is the earlier."""
+        return stored is not None and self.stored is not None and stored < self.stored
+
+    def came_after(self, stored: float | None) -> bool:
+        """True when both times are known and ``stored`` is the later."""
+        return stored is not None and self.stored is not None and stored > self.stored
 
 
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
@@ -647,7 +669,7 @@ def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
         for chunk in chunks(note.rejection.references):
             with index.write() as conn:
                 rows, stones = _rejected(note, chunk, reads.located(
-                    conn, [place.sop_uid for place in chunk]), dated)
+                    conn, [place.sop_uid for place in chunk]), dated, report)
                 stones = [place for place in stones if place.sop_uid not in (removed or {})]
                 delete_rows(conn, rows, stones, (reason.code, reason.scheme),
                             UNKNOWN_SENDER, when)
@@ -656,12 +678,14 @@ def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
 
 
 def _rejected(note: _Note, chunk: Iterable[Reference], indexed: Iterable[Located],
-              dated: dict[str, float]) -> tuple[list[Located], list[Reference]]:
+              dated: dict[str, float], report: Report
+              ) -> tuple[list[Located], list[Reference]]:
     """The rows a note removes among ``indexed`` and the tombstones it writes for the
     places of ``chunk``, by :meth:`pacs.core.deletion.Deleter.reject`'s rules: a UID
     not indexed gets its tombstone; an instance of another patient or at another
-    place is left as it is; one sent again after the note (:meth:`_Note.sent_again`)
-    stays, without a tombstone."""
+    place is left as it is; one that may have been sent again after the note
+    (:meth:`_Note.may_have_come_back`) stays, without a tombstone (counted in
+    ``report.undecided`` when the times cannot tell)."""
     found = {row.sop_uid: row for row in indexed}
     rows: list[Located] = []
     stones: list[Reference] = []
@@ -669,8 +693,11 @@ def _rejected(note: _Note, chunk: Iterable[Reference], indexed: Iterable[Located
         row = found.get(place.sop_uid)
         if row is None:
             stones.append(place)
-        elif rejectable(note.patient, row, place) and not note.sent_again(
-                dated.get(row.object_key)):
+        elif rejectable(note.patient, row, place):
+            stored = dated.get(row.object_key)
+            if note.may_have_come_back(stored):
+                report.undecided += not note.came_after(stored)
+                continue
             rows.append(row)
             stones.append(reference(row))
     return rows, stones

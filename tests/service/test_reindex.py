@@ -1005,6 +1005,52 @@ def test_a_rebuild_gives_no_change_number_its_carried_queue_holds(
         conn.close()
 
 
+class _SameTimes(MemoryStore):
+    """A store that dates every object at the same second (S3's whole seconds, a
+    folder's coarse file times: one mover batch)."""
+
+    def modified_times(self) -> Iterator[tuple[str, float]]:
+        return ((key, 1_700_000_000.0) for key in self.keys())
+
+
+@pytest.mark.parametrize("store_class", [MemoryStore, _SameTimes],
+                         ids=["no times", "the same time"])
+def test_an_instance_the_store_cannot_order_against_its_retention_note_stays(
+        settings: config.Settings, store_class: type[MemoryStore]) -> None:
+    """A Data Retention Policy Expired note (113039, which lets an instance come back)
+    removed an instance, which was sent again and acknowledged; the mover wrote both
+    in one batch.  Where the store's times cannot tell which came first, the rebuild
+    keeps the instance indexed and reports it undecided: hidden, ``pacs fsck --repair``
+    deleted its acknowledged object."""
+    store = store_class()
+    services = build(settings, store=store)
+    again = rejected_instance(3, 1)
+    note = make_rejection_note([uids(again)], code="113039",
+                               meaning="Data Retention Policy Expired", PatientID=REJECTED_ID,
+                               SOPInstanceUID=f"{REJECTED_STUDY}.7.1",
+                               SeriesInstanceUID=f"{REJECTED_STUDY}.7")
+    services.ingest.store_bytes(again, calling_ae="TEST")
+    drain(services)
+    services.ingest.store_bytes(note, calling_ae="TEST")
+    services.ingest.store_bytes(again, calling_ae="TEST")  # sent again: stored
+    drain(services)
+    services.close()
+
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+
+    assert report.undecided == 1 and report.rejected == 0
+    assert any("kept indexed" in line for line in report.lines())
+    services = build(settings, store=store)
+    try:
+        conn = services.index.connection()
+        assert reads.lookup(conn, uids(again)[2]) is not None
+        assert reads.tombstone(conn, uids(again)[2]) is None
+        reconcile(services, full=True, repair=True)
+        assert exists(store, key_of(again))
+    finally:
+        services.close()
+
+
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:
     """The replaced node: a data folder without any index, the objects elsewhere."""
     store = MemoryStore()
