@@ -484,7 +484,7 @@ class _Carried:
         if "change_seq" not in columns:
             return 0
         at = columns.index("change_seq")
-        return max((int(row[at]) for row in rows), default=0)
+        return max((seq for row in rows if isinstance(seq := row[at], int)), default=0)
 
 
 def _refuse_if_intake_holds(index_path: Path, *, carry: bool = False) -> _Carried:
