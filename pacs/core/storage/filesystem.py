@@ -492,14 +492,15 @@ class DurableFolders:
 
 
 def _make_folders(folder: Path) -> None:
-    """Create ``folder`` and its missing parents, each fsynced in its parent (one that
-    was there already too: another writer may not have fsynced it yet)."""
+    """Create ``folder`` and its missing parents, each fsynced in its parent, and so is
+    the nearest that was there already: another writer may have made it and not
+    fsynced it yet (a study folder made by one worker, its new series folder by
+    another)."""
     missing = []
     while not folder.is_dir():
         missing.append(folder)
         folder = folder.parent
-    if not missing:
-        _fsync_dir(folder.parent)
+    _fsync_dir(folder.parent)
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by another writer meanwhile,
             new.mkdir()                             # perhaps not yet fsynced: fsync it
