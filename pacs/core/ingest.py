@@ -701,6 +701,8 @@ class Ingest:
                       staging: Staged | None) -> Outcome:
         """Decide, then commit (through the intake), or place the staged object at its
         key and commit (the direct path)."""
+        if staging is None and self._store_unseen(analysis, data, calling_ae, requestor):
+            return Outcome.STORED
         outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
             return outcome
@@ -720,6 +722,35 @@ class Ingest:
                 raise
         self._forget_moved(plan)
         return plan.outcome
+
+    def _store_unseen(self, analysis: Analysis, data: bytes, calling_ae: str,
+                      requestor: Participant | None) -> bool:
+        """Store an object for the intake's blobs in one transaction, the lookup that
+        finds its UID unseen (no row, no tombstone) inside it; False, nothing
+        written, when the UID was seen: :meth:`_decide` then decides in full.
+
+        The common case of ingest - a new instance - at the cost of one transaction
+        instead of a read, then a write: every transaction a DIMSE worker begins after
+        another process' commit reads the index's pages again (SQLite drops its cache
+        when the WAL changed).  Under the UID's ingest lock no other writer can index
+        it between the lookup and the commit, so the plan is the one :meth:`_decide`
+        makes for an unseen UID whose object goes through the intake.
+        """
+        key = object_key(analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)
+        work = self._index_work(analysis, _Plan(key, None, None), data, calling_ae,
+                                requestor)
+        uid = analysis.sop_instance_uid
+
+        def index_unseen(conn: apsw.Connection) -> None:
+            if reads.lookup_with_tombstone(conn, uid) != (None, None):
+                raise _Seen  # rolled back: nothing of this piece is written
+            work(conn)
+
+        try:
+            self.index.commit(index_unseen)
+        except _Seen:
+            return False
+        return True
 
     def _commit_filed(self, plan: _Plan, data: bytes, work: Callable[[apsw.Connection], None],
                       staging: Staged | None) -> None:
@@ -951,6 +982,10 @@ class Ingest:
         """
         return uidlocks.held(self.lock_dir / LOCK_FILE, sop_uids,
                              self.lock_wait if bounded else None)
+
+
+class _Seen(Exception):
+    """The UID has a row or a tombstone: :meth:`Ingest._store_unseen` gives way."""
 
 
 @dataclass(frozen=True)

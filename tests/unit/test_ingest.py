@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import socket
 import struct
@@ -38,7 +39,7 @@ from pacs.core.errors import (
 from pacs.core.index import writer
 from pacs.core.ingest import Outcome, Received
 from pacs.core.services import Services, drain
-from pacs.core.storage import filesystem
+from pacs.core.storage import filesystem, object_key
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import folder_store, sample
 from tests.factory import dataset_bytes, make_instance, part10
@@ -283,6 +284,29 @@ def test_a_failed_folder_sync_on_overwrite_restores_the_previous_object(
     assert list(_stored(services).values()) == [first]
 
 
+def test_a_study_folder_another_writer_made_is_synced_in_the_store_s_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker made the study folder and has not fsynced the root yet; this one
+    makes a series folder in it and writes an object there: the root is fsynced too,
+    or a power failure could take the study folder's entry, and the acknowledged
+    object with it."""
+    root = tmp_path / "objects"
+    store = folder_store(root)
+    key = object_key("1.2.826.0.1.3680043.8.498.90", "1.2.826.0.1.3680043.8.498.90.1",
+                     "1.2.826.0.1.3680043.8.498.90.1.1")
+    (root / key).parent.parent.mkdir(parents=True)  # the other writer's study folder
+    synced: list[Path] = []
+    real_fsync_dir = filesystem._fsync_dir
+
+    def recorded(path: Path) -> None:
+        synced.append(Path(path))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(filesystem, "_fsync_dir", recorded)
+    store.put(key, io.BytesIO(b"object"), 6)
+    assert root in synced and (root / key).parent.parent in synced
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
 def test_an_overwrite_in_place_keeps_the_acknowledged_object_until_its_commit(
         make_services: Callable[..., Services], tmp_path: Path,
@@ -382,9 +406,11 @@ def test_an_instance_rewrites_only_the_parent_rows_whose_values_it_changes(
 def test_an_instance_of_a_known_series_costs_nine_statements(services: Services) -> None:
     """Every statement on the acknowledgement's path is a call into SQLite that lets go
     of the GIL, where other associations' threads take it: a small instance of a series
-    already indexed asks for the intake's room, for its row and tombstone at once, and
-    for each unchanged parent by one SELECT, then writes its row and its intake copy
-    (no savepoint: it is alone in its transaction)."""
+    already indexed asks for the intake's room, then, in its one transaction, for its
+    row and tombstone at once, and for each unchanged parent by one SELECT, then writes
+    its row and its intake copy (no savepoint: it is alone in its transaction).  The
+    lookup is the transaction's own: a read before it was a transaction more, whose
+    start reads the index's pages again after another process' commit."""
     services.ingest.store_bytes(_bytes(SOPInstanceUID="1.2.1"))
     statements: list[str] = []
 
@@ -399,6 +425,8 @@ def test_an_instance_of_a_known_series_costs_nine_statements(services: Services)
     finally:
         conn.exec_trace = None
     assert len(statements) == 9, statements
+    assert statements[1] == "BEGIN IMMEDIATE", statements
+    assert statements[2].startswith("SELECT i.sop_uid,"), statements
     assert [s for s in statements if s.startswith(("INSERT", "SAVEPOINT"))] == [
         "INSERT INTO instance (sop_uid,", "INSERT OR REPLACE INTO"], statements
 
