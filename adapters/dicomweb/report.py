@@ -88,14 +88,14 @@ def as_html(doc: dict[str, Any]) -> str:
     _depth, title, _value = next(rendered)
     parts = []
     opened = 0  # lists open, the last item of each open too
-    for depth, label, value in rendered:
+    for depth, label, text in rendered:
         if depth > opened:
             parts.append("<ul>" * (depth - opened))
         else:
             parts.append("</li>" + "</ul></li>" * (opened - depth))
         opened = depth
         parts.append(f"\n<li><b>{html.escape(label)}</b>"
-                     f"{': ' + html.escape(value) if value else ''}")
+                     f"{': ' + html.escape(text) if text else ''}")
     parts.append("</li></ul>" * opened)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title></head>\n"
