@@ -96,7 +96,7 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
 
     Parameter names are lower-cased; values are unquoted (``"a\\"b"`` → ``a"b``).
     """
-    pieces = _split_unquoted(value, ";")
+    pieces = split_unquoted(value, ";")
     kind = pieces[0].strip().lower() if pieces else ""
     params: dict[str, str] = {}
     for piece in pieces[1:]:
@@ -106,7 +106,7 @@ def media_type(value: str) -> tuple[str, dict[str, str]]:
     return kind, params
 
 
-def _split_unquoted(value: str, separator: str) -> list[str]:
+def split_unquoted(value: str, separator: str) -> list[str]:
     """Split on ``separator`` outside double quotes (RFC 9110 quoted-string)."""
     pieces: list[str] = []
     current: list[str] = []

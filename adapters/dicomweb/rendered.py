@@ -60,7 +60,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from adapters.dicomweb import accept, report, wado
-from adapters.dicomweb.accept import MediaRange
+from adapters.dicomweb.accept import Accept, MediaRange, Offer
 from adapters.dicomweb.errors import Unacceptable
 from pacs.core import documents, frames as pixels, metadata
 from pacs.core.errors import InvalidQuery
@@ -101,6 +101,11 @@ _SHARED_GROUPS, _PER_FRAME_GROUPS = "52009229", "52009230"
 _MODALITY_LUT, _VOI_LUT = "00283000", "00283010"
 _DOCUMENT, _DOCUMENT_TYPE = "00420011", 0x00420012
 _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
+#: The narrowest window width drawn: frames are drawn in float32 (:func:`by_bands`),
+#: where a width below float32's smallest normal number divides as 0 (or loses its
+#: precision), and the pixels become NaN.  A narrower width is no window: refused as
+#: a parameter, passed over in a data set (:func:`default_window`).
+MIN_WIDTH = float(np.finfo(np.float32).tiny)
 #: A media type as RFC 6838 4.2 allows its names (no parameters, no spaces).
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 #: What a stored document is sent as when its declared type is not well-formed.
@@ -192,26 +197,30 @@ def _window(text: str | None) -> Window | None:
     if len(parts) < 2:
         raise InvalidQuery("window: center,width[,function]")
     center, width = _numbers(parts[:2], "window")
-    if len(parts) > 3 or width <= 0 or function not in _FUNCTIONS:
-        raise InvalidQuery("window: width > 0 and function linear, linear-exact or sigmoid")
+    if len(parts) > 3 or width < MIN_WIDTH or function not in _FUNCTIONS:
+        raise InvalidQuery(f"window: width >= {MIN_WIDTH:.3g} and function linear, "
+                           "linear-exact or sigmoid")
     return Window(center, width, function)
 
 
-def choose_media(ranges: Sequence[MediaRange], document: str | None = None,
+def choose_media(ranges: Accept, document: str | None = None,
                  offered: Sequence[str] = RENDERED_TYPES) -> str:
     """The media type to answer with (PS3.18 8.7.4): of ``offered`` (an image: JPEG
     unless PNG or GIF is preferred; a report: :data:`report.REPORT_TYPES`), the first
-    the client accepts; a document's own type for a document; 406 when the client
-    accepts none of them."""
+    the client accepts and does not rule out (``image/jpeg;q=0, */*`` gets PNG,
+    :func:`adapters.dicomweb.accept.choose`); a document's own type for a document;
+    406 when none is left."""
     if document:
         offered = (document,)
-    for media in ranges:
-        if media.multipart:
-            continue  # rendered answers are single parts
-        for kind in offered:
-            if media.allows(kind):
-                return kind
-    raise Unacceptable(f"rendered as {', '.join(offered)} only")
+
+    def offers(media: MediaRange) -> Iterator[Offer[str]]:
+        if not media.multipart:  # rendered answers are single parts
+            yield from (Offer(kind, kind) for kind in offered if media.allows(kind))
+
+    choice = accept.choose(ranges, offers)
+    if choice is None:
+        raise Unacceptable(f"rendered as {', '.join(offered)} only")
+    return choice[1]
 
 
 # --- drawing --------------------------------------------------------------------------
@@ -237,7 +246,7 @@ def default_window(doc: dict[str, Any], array: np.ndarray, slope: float = 1.0,
     center = metadata.value(doc, _WINDOW_CENTER)
     width = metadata.value(doc, _WINDOW_WIDTH)
     function = str(metadata.value(doc, _VOI_FUNCTION, "LINEAR")).lower().replace("_", "-")
-    if center is not None and width and width > 0:
+    if center is not None and width and width >= MIN_WIDTH:
         return Window(float(center), float(width),
                       function if function in _FUNCTIONS else "linear")
     extremes = np.array([array.min(), array.max()]).astype(np.float32) * slope + intercept

@@ -12,10 +12,14 @@ route (below each prefix)                                      resource (PS3.18)
 /frames/{frames}
 /studies/{study}/series/{series}/instances/{instance}          Bulkdata (10.4.1.1.5), the
 /bulkdata/{path}                                               BulkDataURIs of the metadata
+…/bulkdata/7FE00010/frames/{frames}                            frames of the pixel data
 …/rendered, …/thumbnail                                        :mod:`.rendered`
 =============================================================  ===========================
 
-Answers:
+Answers, each in the media type of the first acceptable alternative (best first) that
+can be produced and that no ``q=0`` range rules out (:func:`adapters.dicomweb.accept
+.choose`); single part for a single part alternative (``application/dicom``,
+``application/*``), multipart/related for a multipart one or ``*/*``:
 
 - instances: ``multipart/related; type="application/dicom"``, one part per instance,
   each ``Content-Type: application/dicom; transfer-syntax=<UID>``.  The transfer syntax
@@ -34,6 +38,9 @@ Answers:
   ``transfer-syntax=<actual UID>``; uncompressed when none is asked for, as stored for
   ``transfer-syntax=*``.  ``type="*/*"`` (dicomweb-client's default) is answered with
   uncompressed frames, or stored ones when no decoder exists;
+- bulk data: the value as ``application/octet-stream``; pixel data as its frames.  In
+  multipart/related each part has the Content-Location of its BulkDataURI (10.4.3.3.5),
+  a frame of the pixel data ``{BulkDataURI}/frames/{n}``;
 - unknown study, series, instance or frame: ``404``; a malformed UID or frame list,
   or one that names a frame twice: ``400``.
 
@@ -65,7 +72,7 @@ from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from adapters.dicomweb import accept, dicomjson, multipart, urls
-from adapters.dicomweb.accept import ANY, MediaRange
+from adapters.dicomweb.accept import ANY, Accept, MediaRange, Offer, bulk_offer
 from adapters.dicomweb.errors import Unacceptable
 from adapters.dicomweb.negotiation import accepts_json
 from adapters.dicomweb.numbers import IS_MAX, whole_number
@@ -99,7 +106,6 @@ IMAGE_TYPES = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
-_IMAGE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 #: ``transfer-syntax`` values of a frames request answered with uncompressed frames.
 NATIVE_FRAME_SYNTAXES = (str(ExplicitVRLittleEndian), "1.2.840.10008.1.2")
 
@@ -210,22 +216,35 @@ def send_multipart(resp: falcon.Response, part_type: str,
 
 # --- study, series and instance -------------------------------------------------------
 
-def instance_syntax(ranges: Sequence[MediaRange], stored: str) -> str | None:
-    """The transfer syntax to send an instance stored in ``stored`` in (8.7.3.5.1).
+def instance_choice(ranges: Accept, stored: str) -> tuple[MediaRange, str] | None:
+    """The alternative an instance stored in ``stored`` is sent by, and the transfer
+    syntax it is sent in (8.7.3.5.1).
 
-    The first acceptable alternative wins; ``None`` when none can be produced.
+    The first acceptable alternative that can be produced, and that no ``q=0`` range
+    rules out (:func:`adapters.dicomweb.accept.choose`), wins; ``None`` when there is
+    none.  Its :attr:`~adapters.dicomweb.accept.MediaRange.single_part` says whether the
+    instance goes alone or in multipart/related (10.4.4).
     """
-    for media in ranges:
-        content = media.part_type if media.multipart else media.kind
-        if content not in ("", DICOM, ANY, "application/*"):
-            continue
-        wanted = media.transfer_syntax
-        if wanted == "*":
-            return stored
-        target = wanted or str(ExplicitVRLittleEndian)
-        if transcode.can_convert(stored, target):
-            return target
-    return None
+    return accept.choose(ranges, lambda media: _instance_offers(media, stored))
+
+
+def instance_syntax(ranges: Accept, stored: str) -> str | None:
+    """The transfer syntax of :func:`instance_choice`; ``None`` when none can be
+    produced."""
+    choice = instance_choice(ranges, stored)
+    return choice[1] if choice else None
+
+
+def _instance_offers(media: MediaRange, stored: str) -> Iterator[Offer[str]]:
+    """What ``media`` allows of an instance stored in ``stored``: its transfer syntax
+    (``*``: as stored; none: Explicit VR Little Endian, Table 8.7.3-2) when it can be
+    produced, packaged as the alternative says."""
+    if media.part_type not in ("", DICOM, ANY, "application/*"):
+        return
+    wanted = media.transfer_syntax
+    target = stored if wanted == "*" else wanted or str(ExplicitVRLittleEndian)
+    if wanted == "*" or transcode.can_convert(stored, target):
+        yield bulk_offer(target, DICOM, not media.single_part, target)
 
 
 class Instances:
@@ -247,7 +266,7 @@ class Instances:
         check_conversions(self.services, plan, study, series, instance)
         ref, syntax = plan[0]
         first = started(self._content(ref, syntax))
-        if instance is not None and _single_part(ranges):
+        if instance is not None and _single_part(ranges, ref.transfer_syntax):
             resp.content_type = f"{DICOM}; transfer-syntax={syntax}"
             if syntax == ref.transfer_syntax:
                 resp.content_length = ref.size
@@ -260,7 +279,7 @@ class Instances:
 
     @staticmethod
     def _plan(refs: Sequence[InstanceRef],
-              ranges: Sequence[MediaRange]) -> list[tuple[InstanceRef, str]]:
+              ranges: Accept) -> list[tuple[InstanceRef, str]]:
         """Each instance with the transfer syntax it is sent in.
 
         Raises
@@ -329,12 +348,16 @@ def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]
                                      settings.max_object_bytes)
 
 
-def _single_part(ranges: Sequence[MediaRange]) -> bool:
-    """True when the best alternative is a bare ``application/dicom`` (no multipart)."""
-    return bool(ranges) and ranges[0].kind == DICOM
+def _single_part(ranges: Accept, stored: str) -> bool:
+    """True when the alternative an instance stored in ``stored`` is sent by
+    (:func:`instance_choice`) is single part, a bare ``application/dicom``: that
+    alternative's packaging, not the first one's, which may not be producible
+    (PS3.18 8.7.3.5, 10.4.4)."""
+    choice = instance_choice(ranges, stored)
+    return choice is not None and choice[0].single_part
 
 
-def multipart_ranges(ranges: Sequence[MediaRange]) -> list[MediaRange]:
+def multipart_ranges(ranges: Accept) -> Accept:
     """The alternatives a study or series can be answered with: multipart ones.
 
     PS3.18 10.4.4: a single part media type (``application/dicom`` without
@@ -342,7 +365,7 @@ def multipart_ranges(ranges: Sequence[MediaRange]) -> list[MediaRange]:
     resources the origin server ignores it, and when no media type remains answers
     406 (Not Acceptable, 8.7.8.1).  ``*/*`` stays: it admits ``multipart/related``.
     """
-    return [media for media in ranges if media.multipart or media.kind == ANY]
+    return ranges.only(lambda media: media.multipart or media.kind == ANY)
 
 
 # --- metadata -------------------------------------------------------------------------
@@ -435,35 +458,43 @@ def _frame_number(text: str) -> int:
     return number
 
 
-def frame_plan(ranges: Sequence[MediaRange], lay: pixels.Layout) -> FramePlan | None:
+def frame_plan(ranges: Accept, lay: pixels.Layout) -> FramePlan | None:
     """Choose how to send an instance's frames (PS3.18 8.7.3.5.2, Table 8.7.3-5).
 
     ``application/octet-stream`` without a syntax, or with an uncompressed one, gets
     uncompressed frames (decoded when stored compressed); ``transfer-syntax=*`` or the
     stored syntax gets the stored frames; ``image/*`` types get stored compressed
     frames of their kind; ``*/*`` gets uncompressed frames, or stored ones when no
-    decoder exists.
+    decoder exists or uncompressed ones are ruled out (``q=0``,
+    :func:`adapters.dicomweb.accept.choose`).  Single part for a single part
+    alternative (a bare octet-stream or image type), else multipart/related.
     """
+    native_ok = not lay.encapsulated or pixels.can_decode(lay.transfer_syntax)
+    choice = accept.choose(ranges, lambda media: (
+        bulk_offer(plan, plan.part_type, plan.multipart,
+                   pixels.frame_syntax(lay, plan.stored))
+        for plan in _frame_plans(media, lay, native_ok)))
+    return choice[1] if choice else None
+
+
+def _frame_plans(media: MediaRange, lay: pixels.Layout,
+                 native_ok: bool) -> Iterator[FramePlan]:
+    """The ways ``media`` allows to send ``lay``'s frames, best first
+    (:func:`frame_plan`); ``native_ok``: uncompressed frames can be produced."""
     stored = lay.transfer_syntax
-    native_ok = not lay.encapsulated or pixels.can_decode(stored)
     image = IMAGE_TYPES.get(stored) if lay.encapsulated else None
-    for media in ranges:
-        content = media.part_type if media.multipart else media.kind
-        content = _IMAGE_ALIASES.get(content, content)
-        wanted = media.transfer_syntax
-        # Single part only for a bare octet-stream or image type; */* gets the default.
-        parted = media.multipart or media.kind in (ANY, "application/*")
-        if content in ("", OCTET, ANY, "application/*"):
-            if wanted == "*" or (wanted == stored and lay.encapsulated):
-                return FramePlan(True, OCTET, parted)
-            if (wanted is None or wanted in NATIVE_FRAME_SYNTAXES) and native_ok:
-                return FramePlan(False, OCTET, parted)
-            if wanted is None and content == ANY:
-                return FramePlan(True, OCTET, parted)
-        elif (image is not None and content in (image, "image/*", "image/")
-              and wanted in (None, "*", stored)):
-            return FramePlan(True, image, parted)
-    return None
+    content, wanted = media.part_type, media.transfer_syntax
+    parted = not media.single_part
+    if content in ("", OCTET, ANY, "application/*"):
+        if wanted == "*" or (wanted == stored and lay.encapsulated):
+            yield FramePlan(True, OCTET, parted)
+        if (wanted is None or wanted in NATIVE_FRAME_SYNTAXES) and native_ok:
+            yield FramePlan(False, OCTET, parted)
+        if wanted is None and content == ANY:
+            yield FramePlan(True, OCTET, parted)
+    elif (image is not None and content in (image, "image/*", "image/")
+          and wanted in (None, "*", stored)):
+        yield FramePlan(True, image, parted)
 
 
 class Frames:
@@ -504,7 +535,7 @@ def check_distinct(numbers: Sequence[int]) -> None:
 
 def send_frames(services: Services, resp: falcon.Response, doc: metadata.Document,
                 lay: pixels.Layout, numbers: Sequence[int], plan: FramePlan,
-                what: str) -> None:
+                what: str, location: str | None = None) -> None:
     """Answer with frames, streamed: one frame in memory at a time.
 
     What can refuse the request is decided before the status line: the frame numbers
@@ -515,7 +546,8 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
     (:func:`started`).  Without multipart the frames are one body (for native pixel
     data, the pixel data value itself), with its Content-Length when the frames are
     cut from the stored bytes.  ``what`` names the resource in the log should the body
-    be cut short (:func:`sent`).
+    be cut short (:func:`sent`).  With a ``location`` (the BulkDataURI of the pixel
+    data), each part has the Content-Location of its frame (:func:`frame_location`).
     """
     pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes, numbers)
     syntax = pixels.frame_syntax(lay, plan.stored)
@@ -528,12 +560,24 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
         resp.stream = sent(frames, what)
         return
     send_multipart(resp, plan.part_type,
-                   ((_frame_headers(plan, syntax, data), data) for data in frames), what)
+                   ((_frame_headers(plan, syntax, data, location, number), data)
+                    for number, data in zip(numbers, frames, strict=True)), what)
 
 
-def _frame_headers(plan: FramePlan, syntax: str, data: bytes) -> dict[str, str]:
-    return {"Content-Type": f"{plan.part_type}; transfer-syntax={syntax}",
-            "Content-Length": str(len(data))}
+def _frame_headers(plan: FramePlan, syntax: str, data: bytes, location: str | None,
+                   number: int) -> dict[str, str]:
+    headers = {"Content-Type": f"{plan.part_type}; transfer-syntax={syntax}",
+               "Content-Length": str(len(data))}
+    if location is not None:
+        headers["Content-Location"] = frame_location(location, number)
+    return headers
+
+
+def frame_location(pixel_data_uri: str, number: int) -> str:
+    """Where frame ``number`` of the pixel data at ``pixel_data_uri`` is:
+    ``{BulkDataURI}/frames/{number}`` (PS3.18 2014c 6.5.3.2.2), which
+    :class:`Bulkdata` answers with that frame."""
+    return f"{pixel_data_uri}/frames/{number}"
 
 
 def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
@@ -548,36 +592,70 @@ def _frames(services: Services, doc: metadata.Document, lay: pixels.Layout,
 
 # --- bulkdata -------------------------------------------------------------------------
 
+#: Pixel Data (7FE0,0010): answered as its frames.
+PIXEL_DATA = 0x7FE00010
+
+
 class Bulkdata:
     """Retrieve Bulkdata (PS3.18 10.4.1.1.5) at the BulkDataURIs of the metadata.
 
     The path is the element's place in the data set: ``7FE00010`` at the top level,
     ``00880200/1/7FE00010`` inside item 1 of a sequence.  Pixel data is answered as
-    its frames (as the Frames resource would, one part per frame); any other value as
-    its bytes, little endian, in one ``application/octet-stream`` part (or alone when
-    the client asks for ``application/octet-stream`` without multipart).  Float and
+    its frames (as the Frames resource would, one part per frame), all of them or
+    those of ``7FE00010/frames/{frames}``; any other value as its bytes, little endian,
+    in one ``application/octet-stream`` part (or alone when the alternative that allows
+    it is single part, ``application/octet-stream`` without multipart).  Float and
     Double Float Pixel Data are streamed from the stored object, where ingest found
     them (they follow the header the other values are read from).
+
+    PS3.18 10.4.3.3.5: bulk data in a multipart response has a Content-Location that
+    corresponds to the BulkDataURI of its element in the metadata: that URI, absolute
+    (:mod:`adapters.dicomweb.urls`), and for a frame of the pixel data, the frame's
+    (:func:`frame_location`).
     """
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, prefix: str = "") -> None:
         self.services = services
+        self.prefix = prefix
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, study: str, series: str,
                instance: str, path: str) -> None:
         """The value at ``path``."""
-        steps = _bulk_path(path)
+        element, _, listed = path.strip("/").partition("/frames/")
+        steps = _bulk_path(element)
+        if listed and steps != [PIXEL_DATA]:
+            raise NotFound("no such bulk data")  # only the pixel data has frames
         doc = one_document(self.services, study, series, instance)
         ranges = accept.from_request(req)
-        if len(steps) == 1 and steps[0] == 0x7FE00010:
-            lay = pixels.layout(doc)
-            plan = frame_plan(ranges, lay)
-            if plan is None:
-                raise Unacceptable("the pixel data cannot be sent in any accepted type")
-            send_frames(self.services, resp, doc, lay, range(1, lay.frames + 1), plan,
-                        req.path)
-            return
-        if not any(m.allows(OCTET) for m in ranges):
+        root = urls.service_root(req, self.prefix)
+        location = (f"{urls.instance_url(root, study, series, instance)}/bulkdata/"
+                    f"{_bulk_text(steps)}")
+        if steps == [PIXEL_DATA]:
+            self._pixel_data(req, resp, doc, ranges, listed, location)
+        else:
+            self._element(req, resp, doc, steps, ranges, location)
+
+    def _pixel_data(self, req: falcon.Request, resp: falcon.Response,
+                    doc: metadata.Document, ranges: Accept, listed: str,
+                    location: str) -> None:
+        """The frames of the pixel data: ``listed`` (a frame list), or all of them."""
+        lay = pixels.layout(doc)
+        numbers: Sequence[int] = range(1, lay.frames + 1)
+        if listed:
+            numbers = frame_numbers(listed)
+            check_distinct(numbers)
+            pixels.check_numbers(lay, numbers)
+        plan = frame_plan(ranges, lay)
+        if plan is None:
+            raise Unacceptable("the pixel data cannot be sent in any accepted type")
+        send_frames(self.services, resp, doc, lay, numbers, plan, req.path, location)
+
+    def _element(self, req: falcon.Request, resp: falcon.Response, doc: metadata.Document,
+                 steps: Sequence[int], ranges: Accept, location: str) -> None:
+        """The value of any other element, in multipart/related or alone as the
+        alternative that allows ``application/octet-stream`` says (PS3.18 8.7.3.5)."""
+        choice = accept.choose(ranges, _octet_offers)
+        if choice is None:
             raise Unacceptable("bulk data is sent as application/octet-stream")
         body: bytes | Iterator[bytes]
         if len(steps) == 1 and steps[0] in pixels.FLOAT_PIXEL_TAGS:
@@ -586,16 +664,17 @@ class Bulkdata:
         else:
             body = self._value(doc, steps)
             length = len(body)
-        if not ranges[0].multipart and ranges[0].kind != ANY:
-            resp.content_type = OCTET
-            if isinstance(body, bytes):
-                resp.data = body
-                return
-            resp.content_length = length
-            resp.stream = sent(body, req.path)
+        multipart = choice[1]
+        if multipart:
+            send_multipart(resp, OCTET, [({"Content-Type": OCTET, "Content-Length": str(length),
+                                           "Content-Location": location}, body)], req.path)
             return
-        send_multipart(resp, OCTET, [({"Content-Type": OCTET,
-                                       "Content-Length": str(length)}, body)], req.path)
+        resp.content_type = OCTET
+        if isinstance(body, bytes):
+            resp.data = body
+            return
+        resp.content_length = length
+        resp.stream = sent(body, req.path)
 
     def _value(self, doc: metadata.Document, steps: Sequence[int]) -> bytes:
         # The header is enough (the metadata lists no element after the pixel data),
@@ -608,6 +687,20 @@ class Bulkdata:
 #: A tag in a bulk data path: eight hex digits, nothing else (``int(text, 16)`` would
 #: also take a sign, spaces, underscores and digits of other scripts).
 _BULK_TAG = re.compile(r"[0-9A-Fa-f]{8}")
+
+
+def _octet_offers(media: MediaRange) -> Iterator[Offer[bool]]:
+    """``application/octet-stream`` when ``media`` allows it, in multipart/related
+    (``True``) or alone, as the alternative is packaged."""
+    if media.allows(OCTET):
+        yield bulk_offer(not media.single_part, OCTET, not media.single_part)
+
+
+def _bulk_text(steps: Sequence[int]) -> str:
+    """``[0x00880200, 1, 0x7FE00010]`` → ``00880200/1/7FE00010``, as the metadata writes
+    a BulkDataURI's path (:func:`pacs.core.jsonmodel.to_json`)."""
+    return "/".join(f"{step:08X}" if position % 2 == 0 else str(step)
+                    for position, step in enumerate(steps))
 
 
 def _bulk_path(path: str) -> list[int]:
@@ -717,7 +810,7 @@ def add_routes(app: Any, services: Services, prefix: str) -> None:
         app.add_route(template, retrieve)
         app.add_route(template + "/metadata", meta)
     app.add_route(instance + "/frames/{frames}", Frames(services))
-    app.add_route(instance + "/bulkdata/{path:path}", Bulkdata(services))
+    app.add_route(instance + "/bulkdata/{path:path}", Bulkdata(services, prefix))
 
 
 __all__ = ["Bulkdata", "Frames", "Instances", "Metadata", "add_routes", "frame_numbers",

@@ -356,6 +356,22 @@ def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
         assert get("/studies", headers={"Accept": accept}).status_code == 406, accept
 
 
+#: Valid Accept values that allow DICOM JSON, spelled as RFC 9110 lets a client spell
+#: them: type and subtype case-insensitive (8.3.1), empty list elements (5.6.1.2), a
+#: quoted parameter value holding a comma (5.6.6).
+JSON_SPELLINGS = ["APPLICATION/DICOM+JSON", "application/dicom+json,",
+                  "application/dicom+json, ,*/*", 'application/dicom+json; foo="a,b"',
+                  "Application/Json"]
+
+
+@pytest.mark.parametrize("accept", JSON_SPELLINGS)
+def test_every_spelling_of_dicom_json_is_acceptable(get: Get, archive: Archive,
+                                                    accept: str) -> None:
+    result = get("/studies", headers={"Accept": accept})
+    assert result.status_code == 200, result.text
+    assert result.headers["Content-Type"] == JSON
+
+
 @pytest.mark.parametrize("query, status", [
     ("accept=application/dicom%2Bxml", 406),
     ("accept=multipart/related%3B%20type%3D%22application/dicom%2Bxml%22", 406),

@@ -342,6 +342,20 @@ def test_xml_only_accept_is_406(client: testing.TestClient, services: Services) 
     assert stored(services) == set()
 
 
+@pytest.mark.parametrize("accept", [
+    "APPLICATION/DICOM+JSON", "application/dicom+json,", "application/dicom+json, ,*/*",
+    'application/dicom+json; foo="a,b"'])
+def test_every_spelling_of_dicom_json_is_acceptable(client: testing.TestClient,
+                                                    services: Services, accept: str) -> None:
+    """RFC 9110: type and subtype are case-insensitive (8.3.1), empty list elements are
+    ignored (5.6.1.2), a quoted parameter value may hold a comma (5.6.6)."""
+    data = instance()
+    result = post(client, body(data), headers={"Accept": accept})
+    assert result.status_code == 200, result.text
+    assert result.headers["Content-Type"] == JSON
+    assert stored(services) == {uids(data).SOPInstanceUID}
+
+
 def test_remote_without_credentials_stores_nothing(client: testing.TestClient,
                                                    services: Services) -> None:
     result = post(client, body(instance()), remote_addr="10.9.8.7", protocol="https")

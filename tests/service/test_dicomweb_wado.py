@@ -274,6 +274,40 @@ def test_single_part_dicom_is_for_an_instance_only(client: testing.TestClient,
     assert content == data
 
 
+@pytest.mark.parametrize(("accept", "multipart"), [
+    (f"application/dicom; transfer-syntax={JPEG_BASELINE}, {DICOM_ACCEPT}", True),
+    (f"{DICOM_ACCEPT}; transfer-syntax={JPEG_BASELINE}, application/dicom", False),
+    ("application/*", False),  # a single part range: application/dicom alone
+])
+def test_single_or_multipart_is_the_matched_alternative(client: testing.TestClient, put: Put,
+                                                        accept: str, multipart: bool) -> None:
+    """PS3.18 8.7.3.5, 10.4.4: the answer is the alternative that can be produced, with
+    its own packaging; the first alternative, which cannot (JPEG from Explicit VR
+    Little Endian), says nothing of it."""
+    ds, data = put("CT_small.dcm")
+    result = client.simulate_get(url(ds), headers={"Accept": accept})
+    assert result.status_code == 200, result.text
+    if multipart:
+        [(headers, content)] = parts(result)
+    else:
+        headers, content = dict(result.headers), result.content
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={EXPLICIT}"
+    assert content == data
+
+
+def test_an_excluded_instance_media_type_is_never_sent(client: testing.TestClient,
+                                                       put: Put) -> None:
+    """RFC 9110 12.5.1: ``q=0`` rules a type out, whatever a broader range allows."""
+    ds, _ = put("CT_small.dcm")
+    for accept in (f"{DICOM_ACCEPT}; q=0, */*", f"*/*, {DICOM_ACCEPT}; q=0",
+                   f"{DICOM_ACCEPT}; transfer-syntax={EXPLICIT}; q=0, */*"):
+        result = client.simulate_get(url(ds), headers={"Accept": accept})
+        assert result.status_code == 406, accept
+    allowed = client.simulate_get(url(ds), headers={
+        "Accept": f"multipart/related; q=0, {DICOM_ACCEPT}"})  # the more specific wins
+    assert allowed.status_code == 200 and parts(allowed)
+
+
 def test_unknown_and_malformed_uids(client: testing.TestClient, put: Put) -> None:
     ds, _ = put("CT_small.dcm")
     assert client.simulate_get("/studies/1.2.3.4").status_code == 404
@@ -387,6 +421,22 @@ def test_metadata_refuses_xml_only(client: testing.TestClient, put: Put) -> None
                                headers={"Accept": accept}).status_code == 200
 
 
+@pytest.mark.parametrize("accept", [
+    "APPLICATION/DICOM+JSON", "application/dicom+json,", "application/dicom+json, ,*/*",
+    'application/dicom+json; foo="a,b"'])
+def test_metadata_accepts_every_spelling_of_dicom_json(client: testing.TestClient, put: Put,
+                                                       accept: str) -> None:
+    """RFC 9110: type and subtype are case-insensitive (8.3.1), empty list elements are
+    ignored (5.6.1.2), a quoted parameter value may hold a comma (5.6.6)."""
+    ds, _ = put("CT_small.dcm")
+    result = client.simulate_get(url(ds) + "/metadata", headers={"Accept": accept})
+    assert result.status_code == 200, result.text
+    assert result.headers["content-type"] == JSON
+    for refused in ("application/dicom+json;q=0, */*", "APPLICATION/DICOM+JSON;Q=0, */*"):
+        assert client.simulate_get(url(ds) + "/metadata",
+                                   headers={"Accept": refused}).status_code == 406, refused
+
+
 @pytest.mark.parametrize("syntax", [EXPLICIT, "1.2.840.10008.1.2.1.99"],
                          ids=["explicit", "deflated"])
 def test_large_binary_values_are_bulk_data(client: testing.TestClient, services: Services,
@@ -426,6 +476,23 @@ def test_native_frame_for_every_client_accept(client: testing.TestClient, put: P
     [(part, content)] = parts(result)
     assert part["content-type"] == f"application/octet-stream; transfer-syntax={EXPLICIT}"
     assert content == frame_bytes(ds, 1)
+
+
+def test_an_excluded_frame_media_type_is_never_sent(client: testing.TestClient,
+                                                    put: Put) -> None:
+    """RFC 9110 12.5.1: the most specific range that matches a type decides; ``q=0``
+    there rules it out, and another type is chosen, or none (406)."""
+    ds, _ = put("CT_small.dcm")
+    for accept in (f"{OCTET_FRAMES};q=0, */*", f"*/*, {OCTET_FRAMES};q=0",
+                   f"{OCTET_FRAMES}; transfer-syntax={EXPLICIT};q=0, */*"):
+        result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": accept})
+        assert result.status_code == 406, (accept, result.headers)
+    rle, _ = put("SC_rgb_rle_2frame.dcm")  # decoded by default, as stored when excluded
+    accept = f"{OCTET_FRAMES}; transfer-syntax={EXPLICIT};q=0, */*"
+    [(part, content)] = parts(client.simulate_get(url(rle) + "/frames/2",
+                                                  headers={"Accept": accept}))
+    assert part["content-type"] == f"application/octet-stream; transfer-syntax={RLE}"
+    assert content == get_frame(rle.PixelData, 1, number_of_frames=2)
 
 
 def test_frame_list_in_the_order_asked(client: testing.TestClient, put: Put) -> None:
@@ -601,7 +668,8 @@ def test_float_pixel_data_is_bulk_data(client: testing.TestClient, services: Ser
     path = instance[tag]["BulkDataURI"].removeprefix("http://falconframework.org")
     [(headers, content)] = parts(client.simulate_get(path))
     assert headers == {"content-type": "application/octet-stream",
-                       "content-length": str(len(value))}
+                       "content-length": str(len(value)),
+                       "content-location": instance[tag]["BulkDataURI"]}
     assert content == value
     single = client.simulate_get(path, headers={"Accept": "application/octet-stream"})
     assert single.content == value
@@ -668,6 +736,73 @@ def test_a_text_value_past_the_metadata_budget_is_sent_as_bulk_data(
     uri = document["00204000"]["BulkDataURI"].removeprefix("http://falconframework.org")
     result = client.simulate_get(uri, headers={"Accept": "application/octet-stream"})
     assert result.status_code == 200 and result.content == b"x" * 150
+
+
+@pytest.mark.parametrize(("accept", "multipart"), [
+    (f"text/html, {OCTET_FRAMES}", True),
+    ('multipart/related; type="image/jpeg", application/octet-stream', False),
+    ("application/*", False),
+    ("*/*", True),
+])
+def test_bulk_data_is_packaged_as_the_matched_alternative(client: testing.TestClient,
+                                                          put: Put, accept: str,
+                                                          multipart: bool) -> None:
+    """The alternative that allows ``application/octet-stream`` says whether it comes
+    in multipart/related, not the first one (PS3.18 8.7.3.5)."""
+    ds, _ = put("CT_small.dcm")
+    result = client.simulate_get(url(ds) + "/bulkdata/00280010", headers={"Accept": accept})
+    assert result.status_code == 200, result.text
+    value = ds.Rows.to_bytes(2, "little")
+    if multipart:
+        [(headers, content)] = parts(result)
+        assert headers["content-type"] == "application/octet-stream"
+    else:
+        content = result.content
+        assert result.headers["content-type"] == "application/octet-stream"
+    assert content == value
+
+
+def test_an_excluded_bulk_data_type_is_never_sent(client: testing.TestClient,
+                                                  put: Put) -> None:
+    ds, _ = put("CT_small.dcm")
+    for accept in (f"{OCTET_FRAMES};q=0, */*", "application/octet-stream;q=0, application/*"):
+        result = client.simulate_get(url(ds) + "/bulkdata/00280010",
+                                     headers={"Accept": accept})
+        assert result.status_code == 406, accept
+
+
+def test_bulk_data_parts_carry_their_bulk_data_uri(client: testing.TestClient,
+                                                   services: Services) -> None:
+    """PS3.18 10.4.3.3.5: bulk data in a multipart response has a Content-Location
+    that corresponds to the BulkDataURI of its element in the metadata."""
+    ds = fresh("CT_small.dcm")
+    ds.add_new(0x00291010, "OB", bytes(range(256)) * 8)
+    services.ingest.store_bytes(encode(ds))
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    uri = instance["00291010"]["BulkDataURI"]
+    [(headers, content)] = parts(client.simulate_get(
+        uri.removeprefix("http://falconframework.org"), headers={"Accept": OCTET_FRAMES}))
+    assert headers["content-location"] == uri
+    assert content == bytes(range(256)) * 8
+
+
+def test_pixel_data_frames_carry_their_frame_uri(client: testing.TestClient,
+                                                 put: Put) -> None:
+    """Pixel data answered frame by frame: each part is located at its frame of the
+    BulkDataURI (``{BulkDataURI}/frames/{n}``), which answers that frame; the Frames
+    resource's own parts have no Content-Location."""
+    ds, _ = put("emri_small.dcm")
+    [instance] = client.simulate_get(url(ds) + "/metadata").json
+    uri = instance["7FE00010"]["BulkDataURI"]
+    answer = parts(client.simulate_get(uri.removeprefix("http://falconframework.org")))
+    assert [h["content-location"] for h, _ in answer] == [
+        f"{uri}/frames/{n}" for n in range(1, 11)]
+    path = f"{uri}/frames/3".removeprefix("http://falconframework.org")
+    [(headers, content)] = parts(client.simulate_get(path))
+    assert headers["content-location"] == f"{uri}/frames/3"
+    assert content == frame_bytes(ds, 3)
+    [(headers, _)] = parts(client.simulate_get(url(ds) + "/frames/3"))
+    assert "content-location" not in headers
 
 
 def test_pixel_data_bulk_data_uri_answers_every_frame(client: testing.TestClient,
@@ -738,6 +873,8 @@ def test_rendered_source_region(client: testing.TestClient, put: Put) -> None:
     "quality=inf", "quality=nan", "quality=1e400",
     "viewport=1e400,10", "viewport=10,-inf",
     "window=nan,1", "window=1,inf", "window=1e400,1",
+    # Widths float32 arithmetic holds as 0 (drawn as NaN): no window.
+    "window=40,1e-320,linear-exact", "window=40,1e-320,sigmoid", "window=40,1e-39,sigmoid",
     # Source regions without extent, or not within the 128 x 128 image.
     "viewport=10,10,0,0,0,0", "viewport=10,10,0,0,5,0",
     "viewport=10,10,0,0,13000,13000", "viewport=10,10,0,0,129,128",
@@ -791,6 +928,27 @@ def test_rendered_refusals(client: testing.TestClient, put: Put) -> None:
     assert client.simulate_get(url(ds) + "/rendered",
                                headers={"Accept": "image/webp"}).status_code == 406
     assert client.simulate_get("/studies/1.2.3/rendered").status_code == 404
+
+
+@pytest.mark.parametrize(("accept", "expected"), [
+    ("image/jpeg;q=0, */*", "image/png"),
+    ("image/*, image/jpeg;q=0", "image/png"),
+    ("image/*;q=0, image/gif", "image/gif"),  # the more specific range wins
+    ("image/jpeg;q=0, image/png;q=0, image/*", "image/gif"),
+    ("image/jpeg;q=0", None),
+    ("image/*;q=0, */*", None),
+])
+def test_an_excluded_rendered_type_is_never_sent(client: testing.TestClient, put: Put,
+                                                 accept: str, expected: str | None) -> None:
+    """RFC 9110 12.5.1: the most specific range that matches a type decides; ``q=0``
+    there rules it out, and the next type is chosen, or none (406)."""
+    ds, _ = put("CT_small.dcm")
+    for suffix in ("/rendered", "/thumbnail"):
+        result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
+        if expected is None:
+            assert result.status_code == 406, (accept, result.headers)
+        else:
+            assert result.headers["content-type"] == expected, accept
 
 
 def test_rendered_gif_as_ps3_18_requires(client: testing.TestClient, put: Put) -> None:
