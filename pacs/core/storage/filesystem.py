@@ -17,7 +17,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -485,26 +485,29 @@ class DurableFolders:
         if not self.root.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the folder is missing (not mounted?)",
                                     str(self.root))
-        _make_folders(folder)
-        if len(self._known) >= self._limit:
+        found = _make_folders(folder, self._known)
+        if len(self._known) >= self._limit - 1:
             self._known.clear()
+        self._known[found] = None
         self._known[folder] = None
 
 
-def _make_folders(folder: Path) -> None:
+def _make_folders(folder: Path, durable: Container[Path] = ()) -> Path:
     """Create ``folder`` and its missing parents, each fsynced in its parent, and so is
-    the nearest that was there already: another writer may have made it and not
-    fsynced it yet (a study folder made by one worker, its new series folder by
-    another)."""
+    the nearest that was there already, unless known ``durable``: another writer may
+    have made it and not fsynced it yet (a study folder made by one worker, its new
+    series folder by another).  Returns that nearest folder."""
     missing = []
     while not folder.is_dir():
         missing.append(folder)
         folder = folder.parent
-    _fsync_dir(folder.parent)
+    if folder not in durable:
+        _fsync_dir(folder.parent)
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):  # made by another writer meanwhile,
             new.mkdir()                             # perhaps not yet fsynced: fsync it
         _fsync_dir(new.parent)
+    return folder
 
 
 def _copy(source: BinaryIO, out: BinaryIO, length: int) -> int:
