@@ -701,7 +701,8 @@ class Ingest:
                       staging: Staged | None) -> Outcome:
         """Decide, then commit (through the intake), or place the staged object at its
         key and commit (the direct path)."""
-        if staging is None and self._store_unseen(analysis, data, calling_ae, requestor):
+        if (self.journaled(len(data)) and not self.filed(len(data))
+                and self._store_unseen(analysis, data, calling_ae, requestor)):
             return Outcome.STORED
         outcome, plan = self._decide(analysis, data, may_overwrite)
         if plan is None:
