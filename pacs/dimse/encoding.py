@@ -4,9 +4,13 @@ A response identifier holds a handful of short text values; building a pydicom
 ``Dataset`` and encoding it cost about half a millisecond per response, most of a large
 C-FIND's time.  This writes the elements directly (PS3.5 section 7: tag, VR and length,
 then the value padded to even length), in tag order, for the two little endian transfer
-syntaxes Q/R contexts use.  Character sets other than the single-byte ISO_IR ones,
-ISO_IR 192 and GB18030 (the ISO 2022 code extensions, which need escape sequences) go
-through pydicom's encoder instead.
+syntaxes Q/R contexts use.  A response in one term without code extensions (a
+single-byte one, ISO 2022 or not, ISO_IR 192, GB18030) is written here; one with code
+extensions, which need escape sequences, goes through pydicom's encoder instead.
+
+A single-byte term is written in a codec of exactly its repertoire, one byte per
+character (:data:`SINGLE_BYTE_CODECS`): pydicom's codecs are wider for two of them, and
+would label Latin-1 bytes ISO_IR 6 and Shift-JIS kanji ISO_IR 13.
 
 A value longer than its length field can say (Explicit VR gives most VRs a 16-bit
 length, PS3.5 7.1.2, while Implicit VR and the index allow far more) is cut, for this
@@ -44,6 +48,21 @@ MAX_SHORT_LENGTH = 0xFFFE
 #: Most bytes one character takes in any character set here (UTF-8 and GB18030: 4;
 #: ISO 2022: 2, plus escape sequences when the code element changes).
 _MAX_BYTES_PER_CHARACTER = 6
+#: Single-byte terms of Specific Character Set by ISO-IR number (PS3.3 C.12.1.1.2,
+#: Tables C.12-2 and C.12-3), with the Python codec of the node's responses.  For
+#: ISO-IR 6 that is ASCII, the default repertoire, where pydicom has Latin-1; for
+#: ISO-IR 13 (JIS X 0201) Shift-JIS, of which only its one-byte characters are in
+#: the repertoire (:func:`in_repertoire`).
+_SINGLE_BYTE_IR = {"6": "ascii", "13": "shift_jis", "100": "latin_1", "101": "iso8859_2",
+                   "109": "iso8859_3", "110": "iso8859_4", "126": "iso_ir_126",
+                   "127": "iso_ir_127", "138": "iso_ir_138", "144": "iso_ir_144",
+                   "148": "iso_ir_148", "166": "iso_ir_166"}
+#: Each single-byte term, with or without code extensions, and its codec; the empty
+#: value is the default repertoire (PS3.3 C.12.1.1.2).
+SINGLE_BYTE_CODECS: dict[str, str] = {"": "ascii"} | {
+    f"{prefix} {number}": codec for number, codec in _SINGLE_BYTE_IR.items()
+    for prefix in ("ISO_IR", "ISO 2022 IR")}
+_ONE_BYTE_CODECS = frozenset(SINGLE_BYTE_CODECS.values())
 #: Unique keys that name an answer in the log, deepest first (never patient data).
 _NAMING_UIDS = ((0x00080018, "instance"), (0x0020000E, "series"), (0x0020000D, "study"))
 
@@ -55,20 +74,63 @@ class _TooLong(Exception):
 
 
 def simple_codec(charsets: Sequence[str]) -> str | None:
-    """The Python codec for a character set without code extensions, else ``None``."""
-    if len(charsets) != 1 or charsets[0].startswith("ISO 2022"):
+    """The Python codec for a character set without code extensions, else ``None``.
+
+    One single-byte term, ISO 2022 or not, needs no escape sequence (its code elements
+    are those designated at the start of every value, PS3.5 6.1.2.5.3): its codec of
+    :data:`SINGLE_BYTE_CODECS`.  One other term of ISO 2022 is left to pydicom.
+    """
+    if len(charsets) != 1:
         return None
-    name = charsets[0] or "ISO_IR 6"
-    return charset.python_encoding.get(name)
+    term = charsets[0]
+    if term in SINGLE_BYTE_CODECS:
+        return SINGLE_BYTE_CODECS[term]
+    return None if term.startswith("ISO 2022") else charset.python_encoding.get(term)
+
+
+def in_repertoire(character: str, term: str) -> bool:
+    """Whether one term of Specific Character Set holds ``character`` (PS3.5 6.1.2).
+
+    A single-byte term holds what its codec writes in one byte (Shift-JIS writes
+    kanji in two, JIS X 0201 has none); a multi-byte term what its pydicom encoder
+    writes (pydicom's own, strict, for JIS X 0208 and 0212).  An unknown term holds
+    nothing.
+    """
+    single = SINGLE_BYTE_CODECS.get(term)
+    codec = single or charset.python_encoding.get(term)
+    if codec is None:
+        return False
+    try:
+        encoded = _strict_encode(character, codec)
+    except (UnicodeError, LookupError):
+        return False
+    return single is None or len(encoded) == 1
+
+
+def _strict_encode(text: str, codec: str) -> bytes:
+    """``text`` in ``codec``, through pydicom's encoder of it when it has one (those of
+    JIS X 0201, 0208 and 0212 refuse what Python's codecs would write in another set)."""
+    encoder = charset.custom_encoders.get(codec)
+    return encoder(text) if encoder is not None else text.encode(codec)
 
 
 def _value_bytes(vr: str, value: str | None, codec: str) -> bytes:
+    """A value's bytes, padded to even length.
+
+    Raises
+    ------
+    UnicodeEncodeError
+        A text value outside the repertoire of ``codec`` (a single-byte term's codec
+        writing a character in more than one byte counts as outside).
+    """
     if value is None or value == "":
         return b""
     if vr in _BINARY:
         parts = value.split("\\")
         return b"".join(struct.pack(_BINARY[vr], int(p)) for p in parts if p.strip())
     raw = value.encode(codec if vr in _TEXT else "ascii")
+    if vr in _TEXT and codec in _ONE_BYTE_CODECS and len(raw) != len(value):
+        raise UnicodeEncodeError(codec, value, 0, len(value), "not one byte per character")
     if len(raw) % 2:
         raw += b"\0" if vr == "UI" else b" "
     return raw

@@ -115,13 +115,14 @@ def handle_echo(event: Event, services: Services) -> int:
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
-    """Answer C-FIND extended negotiation (PS3.4 C.5.1.1.1) with what we support."""
+    """Answer C-FIND extended negotiation (PS3.4 C.5.1.1.2, Table C.5-2) with what we
+    support of what was offered, in no more bytes than were offered
+    (:meth:`pacs.dimse.identifier.Negotiated.to_info`)."""
     answers = {}
     for uid, info in (getattr(event, "app_info", None) or {}).items():
         if uid in contexts.FIND_MODELS:
             agreed = find.negotiated_find_options(info)
-            answers[uid] = bytes([int(agreed.relational), 0, 0, 0,
-                                  int(agreed.empty_value), int(agreed.multiple_value)])
+            answers[uid] = agreed.to_info(len(info or b""))
     return answers
 
 

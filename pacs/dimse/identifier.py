@@ -8,11 +8,14 @@ Level rules (PS3.4 C.4.1.2.1, C.4.1.3.1.1, baseline hierarchical search):
 - QueryRetrieveLevel (0008,0052) must be present and valid for the model;
 - no keys below the query level (unless relational queries were negotiated,
   C.4.1.2.2);
-- the unique key of each level above the query level, when present, holds one value
-  (when absent it is taken as universal: many SCUs omit it, and refusing them helps
-  nobody; this is our documented leniency);
-- retrieve identifiers (C.4.2.1.4, C.4.3.1.3) carry unique keys only; a UID list is
-  allowed at the retrieve level; other keys are ignored.
+- the unique key of each level of the model above the query level, when present, holds
+  one value (when absent it is taken as universal: many SCUs omit it, and refusing them
+  helps nobody; this is our documented leniency).  Study Root has no Patient level:
+  there Patient ID is a Required Key of the Study level (C.6.2.1, Table C.6-5), matched
+  like any other key;
+- retrieve identifiers (C.4.2.1.4, C.4.3.1.3) carry unique keys only, each one value
+  (a list at the retrieve level), matched by value: a ``*`` or ``?`` in one is refused
+  (A900), never taken as a wildcard; other keys are ignored.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pacs.core.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attr
 from pacs.core.errors import InvalidQuery
 from pacs.core.query.matching import constraint
 from pacs.core.query.model import Constraint, Match, Query, Result, Term
+from pacs.dimse.encoding import SINGLE_BYTE_CODECS, in_repertoire
 
 #: Patient Root (PS3.4 C.6.1) and Study Root (C.6.2) information models.
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"
@@ -45,6 +49,11 @@ _LEVELS = {
                    "IMAGE": Level.IMAGE},
     STUDY_ROOT: {"STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.IMAGE},
 }
+#: The levels of each model, whose unique keys are unique keys of the model (C.6.1, C.6.2).
+_MODEL_LEVELS = {model: frozenset(levels.values()) for model, levels in _LEVELS.items()}
+
+#: Wildcard characters of C-FIND (C.2.2.2.4): no meaning in a retrieve identifier.
+_WILDCARDS = frozenset("*?")
 
 #: Timezone Offset From UTC, InstanceAvailability (PS3.4 C.4.1.1.3.1, C.3.4).
 _TIMEZONE_OFFSET, INSTANCE_AVAILABILITY = 0x00080201, 0x00080056
@@ -61,6 +70,16 @@ _NOT_MATCHED = {
 }
 
 
+#: Where each option the node knows sits in the C-FIND Service-Class-Application-
+#: Information field (PS3.4 C.5.1.1, Tables C.5-1 and C.5-2), as an index from 0 (the
+#: tables number the item bytes from 1).  Index 3 (Timezone query adjustment) and 4
+#: (Enhanced Multi-Frame Image Conversion) are not supported: always answered 0.
+FIND_OPTION_BYTES = {"relational": 0, "date_time_combined": 1, "fuzzy": 2,
+                     "empty_value": 5, "multiple_value": 6}
+#: Length of the field with every byte Table C.5-2 defines.
+FIND_INFO_LENGTH = 7
+
+
 @dataclass(frozen=True)
 class Negotiated:
     """Extended negotiation flags of C-FIND (PS3.4 C.5.1.1, Table C.5-1)."""
@@ -73,14 +92,23 @@ class Negotiated:
 
     @classmethod
     def from_info(cls, info: bytes | None) -> Negotiated:
-        """Read the service-class application information bytes an SCU proposed."""
+        """Read the service-class application information bytes an SCU proposed; a
+        byte it did not send is 0 (C.5.1.1.1)."""
         flags = bytes(info or b"")
+        return cls(**{name: len(flags) > i and flags[i] == 1
+                      for name, i in FIND_OPTION_BYTES.items()})
 
-        def flag(i: int) -> bool:
-            return len(flags) > i and flags[i] == 1
+    def to_info(self, offered: int) -> bytes:
+        """These flags as the field of an A-ASSOCIATE-AC, answering an offer of
+        ``offered`` bytes.
 
-        return cls(relational=flag(0), date_time_combined=flag(1), fuzzy=flag(2),
-                   empty_value=flag(4), multiple_value=flag(5))
+        C.5.1.1.2: a one-byte offer is answered with one byte; a longer one with as
+        many bytes as were offered (the node knows no byte past Table C.5-2's seven).
+        """
+        field = bytearray(FIND_INFO_LENGTH)
+        for name, i in FIND_OPTION_BYTES.items():
+            field[i] = int(getattr(self, name))
+        return bytes(field[:max(1, min(offered, FIND_INFO_LENGTH))])
 
 
 def _entity_level(attribute: Attribute, model: str) -> Level:
@@ -216,7 +244,7 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
             returns.append(attribute)
             continue
         raw = _decoded(element)
-        _check_upper_unique(attribute, level, raw, negotiated)
+        _check_upper_unique(attribute, level, model, raw, negotiated)
         found = constraint(attribute, raw, empty_value_matching=negotiated.empty_value,
                            multiple_value_matching=negotiated.multiple_value)
         if found is not None:
@@ -263,22 +291,38 @@ def _decoded(element: DataElement) -> str:
             from None
 
 
-def _check_upper_unique(attribute: Attribute, level: Level, raw: str,
+def _check_upper_unique(attribute: Attribute, level: Level, model: str, raw: str,
                         negotiated: Negotiated) -> None:
-    """C.4.1.2.1: a unique key above the query level holds a single value."""
-    if negotiated.relational or attribute.key != "U" or attribute.level.depth >= level.depth:
+    """C.4.1.2.1: a unique key of a level above the query level holds a single value.
+
+    Only the unique keys of the model's levels: Study Root has no Patient level, and
+    there Patient ID is a Required Key of the Study level (C.6.2.1, Table C.6-5),
+    matched with wildcards (C.2.2.2.4) and lists (C.2.2.2.8) like any other.
+    """
+    if (negotiated.relational or not _unique_in_model(attribute, model)
+            or attribute.level.depth >= level.depth):
         return
     if "\\" in raw or "*" in raw.strip("*") or "?" in raw:
         raise InvalidQuery(f"{attribute.keyword} above the query level must be one value")
 
 
+def _unique_in_model(attribute: Attribute, model: str) -> bool:
+    """Whether ``attribute`` is the unique key of one of the model's levels."""
+    return attribute.key == "U" and attribute.level in _MODEL_LEVELS[model]
+
+
 def to_retrieve_query(identifier: Dataset, model: str) -> Query:
     """A C-MOVE / C-GET identifier as a query on unique keys (C.4.2.1.4, C.4.3.1.3).
+
+    Each unique key is matched by its value (or UID list): a retrieve has no wildcard
+    or range matching, so Patient ID ``P*`` names no patient (and ``?*`` not all).
 
     Raises
     ------
     InvalidQuery
-        A bad level, or no unique key at the retrieve level (A900).
+        A bad level, no unique key at the retrieve level, a list above it, or a ``*``
+        or ``?`` in a unique key (A900: Identifier does not match SOP Class, Tables
+        C.4-2 and C.4-3).
     """
     level = query_level(identifier, model)
     constraints: list[Constraint] = []
@@ -294,6 +338,9 @@ def to_retrieve_query(identifier: Dataset, model: str) -> Query:
             continue
         if "\\" in raw and lvl is not level:
             raise InvalidQuery(f"a list of {key.keyword} is only allowed at the retrieve level")
+        if _WILDCARDS.intersection(raw):
+            raise InvalidQuery(f"{key.keyword} holds a wildcard: a retrieve matches unique "
+                               "keys by value")
         found = constraint(key, raw)
         if found is not None:
             constraints.append(found)
@@ -323,30 +370,39 @@ def echoable_charset(requested: list[str] | None) -> list[str] | None:
 
 
 def response_charset(values: Iterable[str | None], requested: list[str] | None) -> list[str]:
-    """The character set of a response (PS3.4 C.4.1.1.3.2).
+    """The character set of a response (PS3.4 C.4.1.1.3.2; PS3.5 6.1).
 
-    The request's character set when it can represent every value (each character by
-    one of its code elements); otherwise, or when the request named none, UTF-8
-    (ISO_IR 192), which represents anything.
+    The request's character set when it can represent every value, each character in
+    the repertoire of one of its terms (:func:`_represented`); otherwise, or when the
+    request named none, UTF-8 (ISO_IR 192), which represents anything.
     """
     texts = [v for v in values if v]
     if requested and any(requested):
-        codecs = charset.convert_encodings([r or "ISO_IR 6" for r in requested])
-        if all(_encodable(ch, codecs) for text in texts for ch in set(text)):
+        terms = [r or "ISO_IR 6" for r in requested]
+        if all(_represented(ch, terms) for text in texts for ch in set(text)):
             return list(requested)
     return ["ISO_IR 192"]
 
 
-def _encodable(character: str, codecs: list[str]) -> bool:
+def _represented(character: str, terms: list[str]) -> bool:
+    """Whether a response in ``terms`` carries ``character`` within their repertoires.
+
+    ASCII is in every term's G0 (PS3.5 6.1.2.2; ISO-IR 14, the G0 of ISO-IR 13, differs
+    only at 05/12 and 07/14, which pydicom writes alike).  With code extensions whose first term
+    is the default repertoire, pydicom (which writes them) tries the whole value in that
+    term's codec first, Latin-1 in pydicom: a Latin-1 letter would go out without the
+    escape sequence that designates its set (PS3.5 6.1.2.5), so it is not carried.
+    """
     if character.isascii():
         return True
-    for codec in codecs:
-        try:
-            character.encode(codec)
-            return True
-        except (UnicodeError, LookupError):
-            continue
-    return False
+    if len(terms) > 1 and SINGLE_BYTE_CODECS.get(terms[0]) == "ascii" and _latin_1(character):
+        return False
+    return any(in_repertoire(character, term) for term in terms)
+
+
+def _latin_1(character: str) -> bool:
+    """Whether ``character`` is one of Latin-1's (ISO-IR 100 with ISO-IR 6)."""
+    return ord(character) < 0x100
 
 
 class ResponseBuilder:

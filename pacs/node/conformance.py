@@ -66,8 +66,8 @@ _UNSERVED = cast("Services", None)
 #: Negotiation (PS3.4 C.5): C-FIND's (Table C.5-2), then C-MOVE's and C-GET's.
 FIND_EXTENDED_BYTES = ("Relational-queries", "Date-time matching",
                        "Fuzzy semantic matching of person names",
-                       "Timezone query adjustment", "Empty value matching",
-                       "Multiple value matching")
+                       "Timezone query adjustment", "Enhanced Multi-Frame Image Conversion",
+                       "Empty value matching", "Multiple value matching")
 RETRIEVE_EXTENDED_BYTES = ("Relational-retrieval", "Enhanced Multi-Frame Image Conversion")
 
 VERIFICATION, STORAGE, QUERY_RETRIEVE = "Verification", "Storage", "Query/Retrieve"
@@ -261,9 +261,13 @@ def _character_sets(settings: Settings) -> dict[str, Any]:
         # pydicom decodes requests and encodes responses (pacs.dimse.identifier,
         # pacs.dimse.encoding) with these Defined Terms of (0008,0005).
         "c_find": [term for term in charset.python_encoding if term],
-        "c_find_response_rule": "the request's Specific Character Set when it can "
-                                "represent every value of the match, otherwise "
-                                f"{dicomjson.UTF8}",
+        "c_find_response_rule": "the request's Specific Character Set when every "
+                                "character of the match is in the repertoire of one of "
+                                "its terms (ISO_IR 6 and ISO 2022 IR 6: ASCII only; "
+                                "ISO_IR 13: JIS X 0201 only, no kanji), otherwise "
+                                f"{dicomjson.UTF8}; also {dicomjson.UTF8} for a Latin-1 "
+                                "letter under code extensions whose first term is the "
+                                "default repertoire",
         "dicomweb": dicomjson.UTF8,
         "person_name_matching": ("case-sensitive" if settings.pn_case_sensitive
                                  else "case-insensitive"),
@@ -770,9 +774,14 @@ for each information model, what it supports of what was asked.
   those groups, one without `=` the whole name from its alphabetic group on; a wildcard
   matches one value of a multi-valued attribute, never across its `\\`; a stored time of
   fewer digits (`HHMM`) is its first moment.  Missing
-  unique keys above the query level are taken as universal.  More than
+  unique keys above the query level are taken as universal; one present holds one value
+  unless relational queries were negotiated (A900 otherwise).  In Study Root, Patient ID
+  is a Required Key of the Study level, matched with wildcards and lists like any other.
+  More than
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
   (A700).  {_bounds_text(data)}
+  C-MOVE and C-GET match the unique keys of their identifier by value (a UID list at
+  the retrieve level): one holding `*` or `?` is refused (A900), never a wildcard.
   C-MOVE sends to the configured destinations only; C-GET sends over the
   requestor's association in the storage contexts it proposed with the SCP role.
   {_pending_text(data)}

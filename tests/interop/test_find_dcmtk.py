@@ -260,17 +260,30 @@ def test_person_names_in_character_sets(pacs_find: Finder, charset: str | list[s
     assert {str(r.PatientName) for r in responses} == {str(s.PatientName) for s in stored}
 
 
+@pytest.mark.parametrize("charset, patient_id, stored_file", [
+    ("ISO_IR 100", "SCSRUSS", "chrRuss.dcm"),
+    ("ISO 2022 IR 6", "SCSGERM", "chrGerm.dcm"),   # the default repertoire is ASCII
+    ("ISO_IR 6", "SCSFREN", "chrFren.dcm"),
+    ("ISO_IR 13", "H31EXAMPLE", "chrH31.dcm"),     # JIS X 0201 holds no kanji
+    ("ISO_IR 13", "H32EXAMPLE", "chrH32.dcm"),
+])
 def test_answers_in_utf8_when_the_request_charset_cannot_represent_them(
-        pacs_find: Finder) -> None:
-    stored = pydicom.dcmread(CHARSET_DIR / "chrRuss.dcm")
-    [response] = pacs_find("S", "STUDY", SpecificCharacterSet="ISO_IR 100",
-                           PatientID="SCSRUSS", PatientName="", StudyInstanceUID="")
+        pacs_find: Finder, charset: str, patient_id: str, stored_file: str) -> None:
+    """PS3.4 C.4.1.1.3.2, PS3.5 6.1: the bytes sent are those of the character set the
+    response names (pydicom's codecs would write Latin-1 as ISO-IR 6, Shift-JIS kanji as
+    ISO-IR 13)."""
+    stored = pydicom.dcmread(CHARSET_DIR / stored_file)
+    [response] = pacs_find("S", "STUDY", SpecificCharacterSet=charset,
+                           PatientID=patient_id, PatientName="", StudyInstanceUID="")
     assert response.SpecificCharacterSet == "ISO_IR 192"
-    assert str(response.PatientName) == str(stored.PatientName)
+    sent = response.get_item("PatientName").value
+    assert sent.rstrip(b" ") == str(stored.PatientName).encode("utf-8")
 
 
 @pytest.mark.parametrize("keys", [keys for keys, _ in STUDY_QUERIES] + [
-    {"PatientID": "P*"}, {"AccessionNumber": "AC?"}])
+    {"PatientID": "P*"}, {"AccessionNumber": "AC?"},
+    # Study Root: Patient ID is a Required Key of the Study level (PS3.4 C.6.2.1)
+    {"PatientID": "P?"}, {"PatientID": "?A"}, {"PatientID": "P*D"}])
 def test_same_answers_as_dcmqrscp(pacs_find: Finder, dcmqrscp_find: Finder,
                                   keys: dict[str, str]) -> None:
     keys = {"StudyInstanceUID": "", **keys}

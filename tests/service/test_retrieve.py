@@ -804,6 +804,12 @@ def test_move_to_itself_of_an_ae_known_on_a_network(make_node: Callable[..., Nod
                                    SOPInstanceUID="1.2.3.1.1")),
     ("get", StudyGet, identifier("PATIENT", PatientID="X")),               # not in Study Root
     ("move", PatientMove, identifier("", StudyInstanceUID="1.2.3")),       # no level
+    # Unique keys are matched by value (C.4.2.1.4.1, C.4.3.1.3.1): the stored patient is
+    # RETRIEVE, and no wildcard may name it, or every patient.
+    ("move", PatientMove, identifier("PATIENT", PatientID="RETRIEV*")),
+    ("move", PatientMove, identifier("PATIENT", PatientID="?*")),
+    ("get", PatientGet, identifier("PATIENT", PatientID="RETRIEV?")),
+    ("move", PatientMove, identifier("STUDY", PatientID="R*", StudyInstanceUID="1.2.3")),
 ])
 def test_bad_identifier_is_a900(make_node: Callable[..., Node],
                                 destinations: Callable[..., Destination],

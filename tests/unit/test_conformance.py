@@ -156,6 +156,7 @@ def test_extended_negotiation_is_what_the_handler_answers(
     assert study_find == {"Relational-queries": True, "Date-time matching": False,
                           "Fuzzy semantic matching of person names": False,
                           "Timezone query adjustment": False,
+                          "Enhanced Multi-Frame Image Conversion": False,
                           "Empty value matching": True, "Multiple value matching": True}
     assert not found["1.2.840.10008.5.1.4.1.2.2.2"]["answered"]  # Study Root MOVE
 
