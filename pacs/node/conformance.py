@@ -775,7 +775,10 @@ for each information model, what it supports of what was asked.
   matches one value of a multi-valued attribute, never across its `\\`; a stored time of
   fewer digits (`HHMM`) is its first moment.  Missing
   unique keys above the query level are taken as universal; one present holds one value
-  unless relational queries were negotiated (A900 otherwise).  In Study Root, Patient ID
+  unless relational queries were negotiated (A900 otherwise).  With relational queries,
+  keys of levels below the query level are matched (an entity matches when one of its
+  descendants does) and answered zero-length: one entity has no single value of them
+  (PS3.4 C.4.1.1.3.2).  In Study Root, Patient ID
   is a Required Key of the Study level, matched with wildcards and lists like any other.
   More than
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused

@@ -297,7 +297,8 @@ def _select(query: Query, selected: _Where | None = None) -> tuple[list[str], li
 
     A sequence matched by its items (C.2.2.2.6) is selected as its matching items only
     ("a sequence of matching Items"), their condition's parameters added to
-    ``selected`` (which come before the WHERE clause's).
+    ``selected`` (which come before the WHERE clause's).  A key of a level below the
+    query's is selected as ``NULL`` with ``query.empty_below``, left out without.
     """
     expressions: list[str] = [f"{query.level.table}.pk"]
     keywords: list[str] = ["_pk"]
@@ -307,21 +308,30 @@ def _select(query: Query, selected: _Where | None = None) -> tuple[list[str], li
     for attribute in wanted:
         if attribute.keyword in keywords:
             continue
-        if attribute.computed:
-            if attribute.level.depth > query.level.depth:
-                continue  # e.g. NumberOfSeriesRelatedInstances asked at STUDY level
-            expressions.append(_COMPUTED[attribute.keyword].format(
-                patient="patient.pk" if query.level is Level.PATIENT else "study.patient_pk"))
-        elif attribute.level.depth <= query.level.depth:
-            column = column_of(attribute, query.level)
-            term = _sequence_term(query, attribute)
-            expressions.append(column if term is None or selected is None else (
-                f"(SELECT json_group_array(json(item.value)) FROM json_each({column}) "
-                f"AS item WHERE {selected.items(term)})"))
-        else:
-            continue  # a lower level's value has no single answer for this entity
-        keywords.append(attribute.keyword)
+        expression = _expression(query, attribute, selected)
+        if expression is not None:
+            expressions.append(expression)
+            keywords.append(attribute.keyword)
     return expressions, keywords
+
+
+def _expression(query: Query, attribute: Attribute, selected: _Where | None) -> str | None:
+    """What ``query`` selects for ``attribute``; ``None`` when it is not selected."""
+    if attribute.level.depth > query.level.depth:
+        # One entity has no single value of a lower level's attribute (a study has
+        # many series): a relational C-FIND answers the key zero-length, as a key the
+        # SCP has no value for (PS3.4 C.4.1.1.3.2); QIDO-RS leaves it out (PS3.18
+        # 10.6.3.3).  E.g. Modality or NumberOfSeriesRelatedInstances at STUDY level.
+        return "NULL" if query.empty_below else None
+    if attribute.computed:
+        return _COMPUTED[attribute.keyword].format(
+            patient="patient.pk" if query.level is Level.PATIENT else "study.patient_pk")
+    column = column_of(attribute, query.level)
+    term = _sequence_term(query, attribute)
+    if term is None or selected is None:
+        return column
+    return (f"(SELECT json_group_array(json(item.value)) FROM json_each({column}) "
+            f"AS item WHERE {selected.items(term)})")
 
 
 def _sequence_term(query: Query, attribute: Attribute) -> Term | None:

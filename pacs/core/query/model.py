@@ -69,6 +69,12 @@ class Query:
     item_keys :
         For a sequence return key, the item keywords asked for (PS3.4 C.2.2.2.6: the
         items come back with only those); absent means every stored item key.
+    empty_below :
+        Keys of a level below ``level`` come back, zero-length: a relational C-FIND
+        (PS3.4 C.4.1.3.2.2) answers every requested key (C.4.1.1.3.2, zero-length when
+        the SCP has no value), and one entity has no single value of a lower level's
+        attribute.  Without it they are left out, as QIDO-RS has it (PS3.18 10.6.3.3:
+        a lower level's attributes are not returned).  They are matched either way.
     """
 
     level: Level
@@ -78,6 +84,7 @@ class Query:
     offset: int = 0
     fuzzy: bool = False
     item_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    empty_below: bool = False
 
 
 @dataclass(frozen=True)
