@@ -21,7 +21,6 @@ C000    the query holds more values than one may (``QueryTooLarge``)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
@@ -162,9 +161,6 @@ def _responses(request: Request, identifier: Dataset | InvalidQuery, services: S
         model = contexts.FIND_MODELS[request.sop_class_uid]
         negotiated = negotiated_find_options(request.extended_negotiation)
         query, unsupported = to_find_query(identifier, model, negotiated)
-        # Relational: the keys of lower levels are answered too, zero-length
-        # (PS3.4 C.4.1.1.3.2; pacs.core.query.model.Query.empty_below).
-        query = dataclasses.replace(query, empty_below=negotiated.relational)
         pending = PENDING_UNSUPPORTED_KEYS if unsupported else PENDING
         # Standard elements first: private ones (odd groups) must not crowd them out.
         echoed = sorted(unsupported, key=lambda tag: (tag >> 16) & 1)[:ECHOED_UNSUPPORTED]

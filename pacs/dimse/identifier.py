@@ -250,8 +250,11 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
         if found is not None:
             constraints.append(found)
         returns.append(attribute)
+    # Relational: the keys of lower levels are answered too, zero-length
+    # (PS3.4 C.4.1.1.3.2; Query.empty_below).
     query = Query(level=level, constraints=tuple(constraints), return_keys=tuple(returns),
-                  fuzzy=negotiated.fuzzy, item_keys=tuple(item_keys))
+                  fuzzy=negotiated.fuzzy, item_keys=tuple(item_keys),
+                  empty_below=negotiated.relational)
     return query, unsupported
 
 
