@@ -115,11 +115,11 @@ def _require_index(settings: config.Settings) -> None:
 
 
 def _refuse_lost_index(settings: config.Settings) -> None:
-    """Refuse to start with no index (or an empty file) over a store that holds
-    objects: a new empty index would answer every query with nothing, every
+    """Refuse to start (or to import) with no index (or an empty file) over a store
+    that holds objects: a new empty index would answer every query with nothing, every
     acknowledged instance out of sight (a damaged index moved aside, a wrong
-    PACS_DATA_DIR with the store of another).  A first start, over an empty store,
-    goes on."""
+    PACS_DATA_DIR with the store of another), and an import into it would write over
+    objects it cannot see.  A first start, over an empty store, goes on."""
     path = settings.index_path
     if path.exists() and path.stat().st_size > 0:
         return
@@ -150,7 +150,8 @@ def _build(settings: config.Settings, check_store: bool = True,
 @click.option("--web-port", type=int, help="DICOMweb port (PACS_WEB_PORT).")
 @click.option("--ae-title", help="Called AE title (PACS_AE_TITLE).")
 @click.option("--bind", "bind_address", help="Listen address (PACS_BIND_ADDRESS).")
-@click.option("--workers", type=int, help="DIMSE worker processes (PACS_DIMSE_WORKERS).")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="DIMSE worker processes (PACS_DIMSE_WORKERS).")
 @click.pass_context
 def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: str | None,
           bind_address: str | None, workers: int | None) -> None:
@@ -282,6 +283,7 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
 
     settings = _settings(ctx)
     _setup_logging("WARNING")
+    _refuse_lost_index(settings)  # an index made now would hide what the store holds
     services = _build(settings)
     importing = audit.ImportAudit(services.audit, [_operator(), services.audit.node()],
                                   _host_files(), "pacs import")
@@ -391,15 +393,21 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, allow_mass_drop: bool,
               help="Analysis helper processes (default: one per CPU; 0: in this process).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--allow-mass-drop", is_flag=True,
+              help="Rebuild even from a store that lists far fewer objects than the "
+                   "index holds (none, or under half).")
 @click.pass_context
-def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) -> None:
+def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool,
+            allow_mass_drop: bool) -> None:
     """Rebuild the index from the object store alone (a replaced node).
 
     Every stored object is analysed as at ingest and indexed in a new index file,
     which replaces the index only once complete (the previous one is kept beside it).
-    Refuses while a node, or another command, has the index open.  Objects that are
-    not readable instances are reported and left in place.  Exits 1 when any was left
-    out.
+    Refuses while a node, or another command, has the index open, and, unless
+    --allow-mass-drop, when the store lists far fewer objects than the index holds (a
+    folder not mounted, a wrong bucket), before anything is moved to it.  Objects that
+    are not readable instances are reported and left in place.  Exits 1 when any was
+    left out.
     """
     import json
 
@@ -407,16 +415,22 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) ->
 
     from pacs.core.analysers import AnalyserPool
     from pacs.core.dataset import quiet_pydicom
-    from pacs.core.reindex import rebuild
+    from pacs.core.reindex import index_in_use, rebuild, refuse_implausible
     from pacs.core.storage import open_store
 
     settings = _settings(ctx)
     _setup_logging("WARNING")
     quiet_pydicom()
     try:
-        if settings.index_path.exists():
+        # The store the index describes, or none: a wrong name must not make one.
+        store = open_store(settings, create=False)
+        # A running node's index: the rebuild refuses it, naming it.  Otherwise, before
+        # the intake's objects are moved to a store that may not be the node's (the
+        # rebuild asks again once it has listed it).
+        if settings.index_path.exists() and not index_in_use(settings.index_path):
+            listed = sum(1 for _key in iter(store.keys()))  # an ObjectStore, no dict
+            refuse_implausible(settings.index_path, listed, allow_mass_drop)
             _drain_intake(settings)
-        store = open_store(settings)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     analysers = AnalyserPool(os.cpu_count() or 1 if jobs is None else jobs,
@@ -425,7 +439,7 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool) ->
     try:
         report = rebuild(settings.index_path, store, analysers,
                          on_total=lambda total: bar.reset(total=total),
-                         on_object=lambda: bar.update())
+                         on_object=lambda: bar.update(), allow_mass_drop=allow_mass_drop)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -614,7 +628,8 @@ QUERY_COLUMNS = {
 @_customer_option
 @click.option("--level", type=click.Choice(list(QUERY_COLUMNS)), default="study",
               show_default=True, help="What to list.")
-@click.option("--limit", type=int, default=100, show_default=True, help="Rows at most.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Rows at most.")
 @click.argument("keys", nargs=-1)
 @click.pass_context
 def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> None:

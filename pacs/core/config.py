@@ -344,7 +344,8 @@ SETTINGS: tuple[Setting, ...] = (
             "address; further requests are refused (N-ACTION 0213) until some are "
             "delivered.", _positive(int)),
     Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
-            "DIMSE worker processes sharing the port; 0 means one per CPU.", int),
+            "DIMSE worker processes sharing the port; 0 means one per CPU.",
+            _not_negative(int)),
     Setting("PACS_DIMSE_SEAM", "dimse_seam", "on",
             "on: the DIMSE edge runs its fast paths through pynetdicom's internals (the "
             "seam, only with the pynetdicom version it was tested with); off: pynetdicom's "

@@ -355,7 +355,7 @@ def reconcile(services: Services, full: bool = True, *, repair: bool = False,
         listed.setdefault(_sop_of(key), []).append(key)
         report.objects += 1
     report.absent = sum(1 for sop, _checksum, _size in rows.values() if sop not in listed)
-    report.implausible = _implausible(report.rows, report.objects, report.absent)
+    report.implausible = implausible(report.rows, report.objects, report.absent)
     if repair and report.implausible and not allow_mass_drop:
         report.refused = report.implausible
         log.error("fsck: repair refused, nothing changed: %s", report.refused)
@@ -481,7 +481,7 @@ def _log_repairs(report: Report) -> None:
                 len(report.left), len(report.errors))
 
 
-def _implausible(rows: int, objects: int, absent: int) -> str:
+def implausible(rows: int, objects: int, absent: int) -> str:
     """Why a store that lists ``objects`` objects and lacks ``absent`` of the ``rows``
     indexed ones is probably not the store the index describes, or ""."""
     if rows and not objects:

@@ -128,6 +128,7 @@ from pacs.core.index.connection import Index, connect
 from pacs.core.index.migrations import migrate
 from pacs.core.index.reads import Located
 from pacs.core.ingest import RECEIVED_FORMAT, Analysis, instance_row, patient_key
+from pacs.core.reconcile import implausible
 from pacs.core.rejection import Reference, Rejection
 from pacs.core.storage import ModifiedTimes, ObjectStore, local_path, object_key, read_object
 from pacs.core.storage.filesystem import FileStore, stray_lines
@@ -308,10 +309,45 @@ def stored_times(store: ObjectStore, keys: Iterable[str]) -> dict[str, float]:
 _Outcome = tuple[int, Analysis | Exception]
 
 
+def refuse_implausible(index_path: Path, listed: int, allow_mass_drop: bool = False
+                       ) -> None:
+    """Refuse to rebuild from a store that lists ``listed`` objects where the index
+    holds rows of far more (none at all, or fewer than half of them): a folder not
+    mounted, a wrong bucket or endpoint, whose rebuild would swap an empty or partial
+    index in (``pacs fsck --repair`` refuses the same, :func:`pacs.core.reconcile.
+    implausible`); ``allow_mass_drop`` rebuilds all the same.
+
+    Raises
+    ------
+    IndexFailure
+        The store is implausible and the drop not allowed; nothing is changed.
+    """
+    rows = _indexed(index_path)
+    why = implausible(rows, listed, max(0, rows - listed))
+    if why and not allow_mass_drop:
+        raise IndexFailure(f"{why}: nothing rebuilt ('pacs reindex --allow-mass-drop' "
+                           "rebuilds from it all the same)")
+
+
+def _indexed(index_path: Path) -> int:
+    """The instance rows of the index at ``index_path`` whose objects the store should
+    hold: those its intake does not hold yet (0 without an index)."""
+    if not index_path.exists():
+        return 0
+    conn = connect(index_path)
+    try:
+        tables = reads.tables(conn)
+        rows = reads.counts(conn)["instance"] if "instance" in tables else 0
+        return rows - (reads.intake_objects(conn) if "intake" in tables else 0)
+    finally:
+        conn.close()
+
+
 def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
             readers: int = READERS,
             on_total: Callable[[int], None] | None = None,
-            on_object: Callable[[], object] | None = None) -> Report:
+            on_object: Callable[[], object] | None = None,
+            allow_mass_drop: bool = False) -> Report:
     """Rebuild the index at ``index_path`` from ``store``; see the module docstring.
 
     Parameters
@@ -326,13 +362,17 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         Threads reading objects from the store.
     on_total, on_object :
         Progress: called with the number of objects once listed, and after each one.
+    allow_mass_drop : bool
+        Rebuild from a store that lists far fewer objects than the index holds rows
+        (:func:`refuse_implausible`).
 
     Raises
     ------
     IndexFailure
         A process has the index open (a running node), its intake holds objects not
-        yet in the store (before the rebuild, or again before the swap), or the new
-        index cannot be written; the index is left as it was.
+        yet in the store (before the rebuild, or again before the swap), the store
+        lists far fewer objects than the index holds (:func:`refuse_implausible`), or
+        the new index cannot be written; the index is left as it was.
     StorageError
         The store failed; the index is left as it was.
     """
@@ -355,6 +395,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     # The order of writes, as the store recorded it; undated objects first, by key.
     keys.sort(key=lambda key: (dated.get(key, 0.0), key))
     report.objects = len(keys)
+    refuse_implausible(index_path, len(keys), allow_mass_drop)
     report.undated = sum(1 for key in keys if key not in dated)
     if on_total is not None:
         on_total(len(keys))

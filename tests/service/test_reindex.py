@@ -848,6 +848,26 @@ def _three_stored(settings: config.Settings, store: MemoryStore,
     return services, made
 
 
+@pytest.mark.parametrize("kept", [0, 1], ids=["empty", "a third"])
+def test_a_store_far_smaller_than_the_index_is_not_rebuilt_from(
+        settings: config.Settings, kept: int) -> None:
+    """A folder not mounted, a wrong bucket: the store lists none, or under half, of
+    the objects the index holds.  The rebuild refuses and the index stays as it was
+    (it swapped in an empty index, exit 0); asked to, it rebuilds all the same."""
+    store = MemoryStore()
+    services, made = _three_stored(settings, store, "M")
+    services.close()
+    elsewhere = MemoryStore()
+    for data in made[:kept]:
+        elsewhere.put(key_of(data), io.BytesIO(data), len(data))
+    before = dump(settings.index_path)
+    with pytest.raises(IndexFailure, match="nothing rebuilt"):
+        rebuild(settings.index_path, elsewhere, AnalyserPool(0))
+    assert dump(settings.index_path) == before
+    report = rebuild(settings.index_path, elsewhere, AnalyserPool(0), allow_mass_drop=True)
+    assert report.indexed == kept
+
+
 @pytest.mark.parametrize("meanwhile", ["import", "delete"])
 def test_the_rebuild_refuses_to_swap_when_the_index_was_written_meanwhile(
         settings: config.Settings, meanwhile: str) -> None:

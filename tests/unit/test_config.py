@@ -46,6 +46,8 @@ def test_precedence_default_dotenv_environment_override(tmp_path: Path) -> None:
     ("PACS_RETENTION_DAYS", "10,20"),
     ("PACS_RETENTION_DAYS", "CT=ten"),
     ("PACS_RETENTION_DAYS", "=10"),
+    # No worker at all while the port listens: peers connect and are never answered.
+    ("PACS_DIMSE_WORKERS", "-2"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):

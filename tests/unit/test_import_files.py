@@ -104,6 +104,53 @@ def test_commands_that_read_the_index_make_none(
     assert not (tmp_path / "wrong").exists()
 
 
+def test_an_import_over_a_store_whose_index_is_lost_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index gone (moved aside, a wrong PACS_DATA_DIR over another's store) while
+    the store holds objects: an import refuses, as ``pacs serve`` does, instead of
+    making an index that hides them and writing over those it cannot see."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    assert CliRunner().invoke(main, ["import", "--quiet", str(folder)]).exit_code == 0
+    for index_file in (tmp_path / "data").glob("index.sqlite*"):
+        index_file.unlink()
+    result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
+    assert result.exit_code != 0 and "object store holds objects" in result.output, \
+        result.output
+    assert not (tmp_path / "data" / "index.sqlite").exists()
+
+
+def test_reindex_from_an_empty_store_refuses_before_it_moves_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The object folder empty (a volume not mounted): ``pacs reindex`` refuses before
+    it moves the intake there or swaps an empty index in; the index keeps its row."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    assert CliRunner().invoke(main, ["import", "--quiet", str(folder)]).exit_code == 0
+    objects = tmp_path / "data" / "objects"
+    objects.rename(tmp_path / "unmounted")
+    objects.mkdir()
+    result = CliRunner().invoke(main, ["reindex", "--quiet", "--jobs", "0"])
+    assert result.exit_code == 1 and "nothing rebuilt" in result.output, result.output
+    status = CliRunner().invoke(main, ["query", "--level", "image"])
+    assert "(1 image row)" in status.output, status.output
+
+
+@pytest.mark.parametrize("command", [["serve", "--workers", "-2"],
+                                     ["query", "--level", "study", "--limit", "0"]])
+def test_counts_out_of_range_are_usage_errors(command: list[str]) -> None:
+    """No DIMSE worker at all (``--workers -2``: the port open, nobody answering), or
+    a query limit of none (``--limit 0`` printed "0 study rows" over matches)."""
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output
+
+
 def test_an_import_is_in_the_audit_trail_without_file_names(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Data Import (PS3.15 A.5.3.5) per patient: the operator (login name at this
