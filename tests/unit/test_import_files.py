@@ -104,17 +104,24 @@ def test_commands_that_read_the_index_make_none(
     assert not (tmp_path / "wrong").exists()
 
 
-def test_an_import_over_a_store_whose_index_is_lost_is_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The index gone (moved aside, a wrong PACS_DATA_DIR over another's store) while
-    the store holds objects: an import refuses, as ``pacs serve`` does, instead of
-    making an index that hides them and writing over those it cannot see."""
+def _imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A node's data folder in ``tmp_path`` (the working folder) holding one CT imported
+    by ``pacs import`` and moved to its object folder; the folder imported."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
     assert CliRunner().invoke(main, ["import", "--quiet", str(folder)]).exit_code == 0
+    return folder
+
+
+def test_an_import_over_a_store_whose_index_is_lost_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index gone (moved aside, a wrong PACS_DATA_DIR over another's store) while
+    the store holds objects: an import refuses, as ``pacs serve`` does, instead of
+    making an index that hides them and writing over those it cannot see."""
+    folder = _imported(tmp_path, monkeypatch)
     for index_file in (tmp_path / "data").glob("index.sqlite*"):
         index_file.unlink()
     result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
@@ -127,12 +134,7 @@ def test_reindex_from_an_empty_store_refuses_before_it_moves_anything(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The object folder empty (a volume not mounted): ``pacs reindex`` refuses before
     it moves the intake there or swaps an empty index in; the index keeps its row."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
-    folder = tmp_path / "in"
-    folder.mkdir()
-    (folder / "ct.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
-    assert CliRunner().invoke(main, ["import", "--quiet", str(folder)]).exit_code == 0
+    _imported(tmp_path, monkeypatch)
     objects = tmp_path / "data" / "objects"
     objects.rename(tmp_path / "unmounted")
     objects.mkdir()
