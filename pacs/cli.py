@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from pacs.core import config
 from pacs.core.audit import Participant
 from pacs.core.errors import InvalidInstance, NotFound, PacsError
 from pacs.core.ingest import Outcome
+
+if TYPE_CHECKING:
+    from pacs.core.reconcile import Report
 
 log = logging.getLogger("pacs")
 
@@ -161,7 +164,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                            PACS_DIMSE_WORKERS=workers)
     settings = _node_settings(ctx, **overrides)
     _setup_logging(settings.log_level)
-    from pacs.core.reconcile import Action, reconcile
+    from pacs.core.reconcile import reconcile
     from pacs.dimse import tls as dimse_tls
     from pacs.dimse.server import describe, run_workers
     from pacs.node import tls
@@ -177,16 +180,16 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     served = _customers(settings)
     for customer in served:
         _refuse_lost_index(customer.settings)
+        shared = _index_shared(customer.settings)  # asked before this process opens it
         services = _build(customer.settings)
-        report = reconcile(services, full=False)
-        if report.temporaries:
-            log.info("customer %s: removed %d temporary file(s) of interrupted writes",
-                     customer.name, report.temporaries)
-        finished = report.count(Action.FINISH)
-        if finished or report.left:
-            log.warning("customer %s: finished %d removal(s) (rejection notes, "
-                        "deletions) that a stop cut short; %d could not be (see "
-                        "'pacs fsck')", customer.name, finished, len(report.left))
+        if shared:
+            # Another node on this data folder (it keeps the ports, and this one stops
+            # when it cannot bind them), or a command at work: its temporary files and
+            # pending removals are writes in progress, not ones a stop cut short.
+            log.warning("customer %s: another process has the index open; the start-up "
+                        "clean-up of interrupted writes is left out", customer.name)
+        else:
+            _clean_up(customer.name, reconcile(services, full=False))
         if customer.settings.routes:
             # Forwarding starts with what arrives from now on, not when its companion
             # runs.
@@ -234,6 +237,32 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         web.stop()
         companions.stop()
     log.info("stopped")
+
+
+def _index_shared(settings: config.Settings) -> bool:
+    """True when another process has the customer's index open
+    (:func:`pacs.core.reindex.index_in_use`)."""
+    from pacs.core.reindex import index_in_use
+
+    try:
+        return index_in_use(settings.index_path)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _clean_up(customer: str, report: Report) -> None:
+    """Log what the start-up clean-up (:func:`pacs.core.reconcile.reconcile`, not
+    ``full``) did for ``customer``."""
+    from pacs.core.reconcile import Action
+
+    if report.temporaries:
+        log.info("customer %s: removed %d temporary file(s) of interrupted writes",
+                 customer, report.temporaries)
+    finished = report.count(Action.FINISH)
+    if finished or report.left:
+        log.warning("customer %s: finished %d removal(s) (rejection notes, "
+                    "deletions) that a stop cut short; %d could not be (see "
+                    "'pacs fsck')", customer, finished, len(report.left))
 
 
 def import_files(paths: tuple[str, ...],

@@ -169,3 +169,28 @@ def test_a_node_whose_port_was_taken_before_it_started_serves_on_another(
         assert node.port != taken
         assert "Address already in use" in node.log()
         node.assert_serving()
+
+
+def test_a_second_serve_on_a_running_nodes_data_leaves_its_writes_alone(
+        node_factory: Callable[..., Node]) -> None:
+    """``pacs serve`` cleans up the temporary files of interrupted writes before its
+    workers start, but only when no other process has the index open: beside a running
+    node on the same data folder, they are its writes in progress.  The second one
+    stops when it cannot take the ports; the first goes on, its files untouched."""
+    node = node_factory("second-serve")
+    in_flight = [node.data_dir / "objects" / ".tmp-in-flight",
+                 node.data_dir / "intake" / ".tmp-in-flight"]
+    for path in in_flight:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"being written")
+
+    second = node.cli("serve", timeout=60)
+
+    assert second.returncode != 0, second.stdout + second.stderr
+    assert "another process has the index open" in second.stderr, second.stderr
+    assert all(path.exists() for path in in_flight)
+    node.assert_serving()
+    node.stop()
+    node.start()  # alone on its data: the clean-up runs
+    assert not any(path.exists() for path in in_flight)
+    node.assert_serving()
