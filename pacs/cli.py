@@ -6,15 +6,16 @@ run (they are passed as overrides by environment name, so there is one parser).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
@@ -852,40 +853,83 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     filters = {name: value for name, value in (("study", study), ("patient", patient),
                                                 ("user", user), ("since", since)) if value}
     try:
-        with open(path, "rb") as trail:
-            read = list(audit.read_events(trail))
+        trail: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed below, events streamed
     except FileNotFoundError:
-        read = []
-    unreadable = sum(event is None for event in read)
-    selected = [event for event in read if event is not None
-                and event.get("EventIdentification", {}).get("EventDateTime", "") >= lower
-                and audit.matches(event, site=settings.customer, study=study,
-                                  patient=patient, user=user)]
-    if unreadable:
-        click.echo(f"{unreadable} line(s) of {path} are not events", err=True)
-    if target:
+        trail = io.BytesIO()
+    with trail:
+        chosen = _Chosen(audit.read_events(trail), lower, settings.customer,
+                         {"study": study, "patient": patient, "user": user})
+        if target:
+            try:
+                sent = audit.ship(chosen, host.strip("[]"), int(port), udp=udp)
+            except OSError as exc:
+                chosen.tell_unreadable(path)
+                _read_the_trail(settings, path, filters, audit.MINOR_FAILURE,
+                                f"pacs audit: sending {chosen.count} event(s) to {target} "
+                                f"failed: {exc}")
+                raise click.ClickException(f"cannot send to {target}: {exc}") from None
+            chosen.tell_unreadable(path)
+            _read_the_trail(settings, path, filters, audit.SUCCESS,
+                            f"pacs audit: {sent} event(s) sent to {target}")
+            click.echo(f"sent {sent} event(s) to {target}")
+            return
         try:
-            sent = audit.ship(selected, host.strip("[]"), int(port), udp=udp)
-        except OSError as exc:
-            _read_the_trail(settings, path, filters, audit.MINOR_FAILURE,
-                            f"pacs audit: sending {len(selected)} event(s) to {target} "
-                            f"failed: {exc}")
-            raise click.ClickException(f"cannot send to {target}: {exc}") from None
-        _read_the_trail(settings, path, filters, audit.SUCCESS,
-                        f"pacs audit: {sent} event(s) sent to {target}")
-        click.echo(f"sent {sent} event(s) to {target}")
-        return
-    try:
-        for event in selected:
-            if fmt == "json":
-                click.echo(json.dumps(event, ensure_ascii=False))
-            elif fmt == "xml":
-                click.echo(audit.to_xml(event))
-            else:
-                click.echo(audit.summary(event))
-    finally:  # read, shown in part at least: a reader that went away still read it
-        _read_the_trail(settings, path, filters, audit.SUCCESS,
-                        f"pacs audit: {len(selected)} event(s) shown as {fmt}")
+            for event in chosen:
+                if fmt == "json":
+                    click.echo(json.dumps(event, ensure_ascii=False))
+                elif fmt == "xml":
+                    click.echo(audit.to_xml(event))
+                else:
+                    click.echo(audit.summary(event))
+        finally:  # read, shown in part at least: a reader that went away still read it
+            chosen.tell_unreadable(path)
+            _read_the_trail(settings, path, filters, audit.SUCCESS,
+                            f"pacs audit: {chosen.count} event(s) shown as {fmt}")
+
+
+class _Chosen:
+    """The events of the trail ``pacs audit`` chose, read as they are consumed: a
+    trail of years is never held in memory.  Counts those yielded and the lines that
+    were not events.
+
+    Parameters
+    ----------
+    events :
+        The trail's events, ``None`` for a line that is not one
+        (:func:`pacs.core.audit.read_events`).
+    since :
+        The least EventDateTime (ISO 8601, compared as text); "" for all.
+    site :
+        The customer whose events are chosen.
+    keys :
+        The study, patient and user filters ("" for none).
+    """
+
+    def __init__(self, events: Iterable[dict[str, Any] | None], since: str, site: str,
+                 keys: dict[str, str]) -> None:
+        self._events = events
+        self._since = since
+        self._site = site
+        self._keys = keys
+        self.count = 0
+        self.unreadable = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from pacs.core import audit
+
+        for event in self._events:
+            if event is None:
+                self.unreadable += 1
+            elif (event.get("EventIdentification", {}).get("EventDateTime", "")
+                  >= self._since
+                  and audit.matches(event, site=self._site, **self._keys)):
+                self.count += 1
+                yield event
+
+    def tell_unreadable(self, path: Path) -> None:
+        """Say on standard error how many lines read were not events (if any)."""
+        if self.unreadable:
+            click.echo(f"{self.unreadable} line(s) of {path} are not events", err=True)
 
 
 def _read_the_trail(settings: config.Settings, path: Path, filters: dict[str, str],

@@ -654,6 +654,37 @@ def test_reading_the_trail_is_recorded_in_it_after_the_reading(
     assert len(read_trail(path)) == 4
 
 
+def test_a_long_trail_is_read_as_a_stream(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pacs audit`` holds an event at a time, not the trail: years of events must
+    not take the operator's memory.  A trail of 20,000 events (about 20 MB) is read,
+    one chosen, with a peak far below the trail's size (its events held at once took
+    several times the file)."""
+    import tracemalloc
+
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+
+    path = tmp_path / "audit.jsonl"
+    line = (json.dumps(EVENTS["stored"]()) + "\n").encode()
+    chosen = json.dumps(EVENTS["moved"]()) + "\n"
+    path.write_bytes(line * 10_000 + chosen.encode() + line * 10_000)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PACS_AUDIT_LOG", str(path))
+    tracemalloc.start()
+    try:
+        result = CliRunner().invoke(main, ["audit", "--user", "STORESCP",
+                                           "--format", "json"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0, result.output
+    assert result.output == chosen
+    assert peak < path.stat().st_size / 10, (peak, path.stat().st_size)
+
+
 def test_reading_no_trail_makes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                      ) -> None:
     """``pacs audit`` before the node's first event lists nothing and makes no trail:
