@@ -865,8 +865,8 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
             except OSError as exc:
                 chosen.tell_unreadable(path)
                 _read_the_trail(settings, path, filters, audit.MINOR_FAILURE,
-                                f"pacs audit: sending {chosen.count} event(s) to {target} "
-                                f"failed: {exc}")
+                                f"pacs audit: sending to {target} failed after "
+                                f"{chosen.count} event(s): {exc}")
                 raise click.ClickException(f"cannot send to {target}: {exc}") from None
             chosen.tell_unreadable(path)
             _read_the_trail(settings, path, filters, audit.SUCCESS,
