@@ -485,6 +485,17 @@ class AccessPolicy:
         """The known AEs a C-MOVE may send to (an address and a port)."""
         return {title: ae for title, ae in self.aes.items() if ae.destination}
 
+    def reached_over_tls(self, title: str) -> bool:
+        """True when the known AE ``title`` associates, and so is reached, over DICOM
+        TLS only (``tls = true``), wherever its address is given."""
+        known = self.aes.get(title.strip())
+        return known is not None and known.tls
+
+    @property
+    def any_over_tls(self) -> bool:
+        """True when some known AE is reached over DICOM TLS."""
+        return any(known.tls for known in self.aes.values())
+
     # -- HTTP -------------------------------------------------------------------------
 
     @property

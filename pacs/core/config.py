@@ -306,7 +306,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Known remote AEs: C-MOVE and forwarding destinations, and where storage "
             "commitment results go when no association of the requestor is quiet: "
             "'AET=host:port,AET2=host:port'; ':tls' after the port connects with DICOM "
-            "TLS ('AET=host:2762:tls')."),
+            "TLS ('AET=host:2762:tls'), as does an AE the access rules mark 'tls = "
+            "true'."),
     Setting("PACS_ALLOWED_CALLING_AETS", "allowed_calling_aets", "",
             "Comma list of calling AE titles allowed to associate, each with every right; "
             "when set, other AEs get no rights (whatever PACS_UNKNOWN_AE_RIGHTS says) "

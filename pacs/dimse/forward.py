@@ -88,8 +88,10 @@ class DimseSender:
                      "connection_timeout"):
             setattr(ae, name, settings.dimse_timeout)
         self._ae = ae
-        context = tls.client_context(settings) if destination.tls else None
-        self._tls = (context, destination.host) if context is not None else None
+        # A TLS destination is reached over TLS or not at all (the context is made
+        # whichever list marked it TLS).
+        self._tls = ((tls.destination_context(settings), destination.host)
+                     if destination.tls else None)
 
     def _associate(self, refs: Sequence[InstanceRef]) -> Association | None:
         classes: dict[str, set[str]] = {}

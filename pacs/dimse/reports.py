@@ -16,9 +16,10 @@ request came on while it is open, or on another (PS3.4 J.3.3.1.2):
    report once it pauses; one that releases at once has asked to by then.  The
    reporter waits :data:`QUIET_WAIT` seconds at most for such a moment;
 2. otherwise on a new association to the requestor's address in ``PACS_MODALITIES``
-   (found by its AE title), this node proposing the SCP role by SCP/SCU Role Selection
-   (PS3.4 J.3.3.1.3: the requestor accepts an association on which the SCP role is
-   proposed by the Storage Commitment SCP);
+   (found by its AE title; over DICOM TLS when that entry says ``:tls`` or the access
+   rules know the AE as one that associates over TLS only), this node proposing the
+   SCP role by SCP/SCU Role Selection (PS3.4 J.3.3.1.3: the requestor accepts an
+   association on which the SCP role is proposed by the Storage Commitment SCP);
 3. a requestor that has no address there can be reached on its own associations only:
    its result is kept, tried again on the one it came on while that lasts and on the
    next it opens as soon as it does, for :data:`KEEP_UNREACHABLE` seconds after its
@@ -59,6 +60,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import ssl
 import threading
 import time
 import weakref
@@ -71,8 +73,8 @@ from pynetdicom import AE, build_context, build_role, evt
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, Pending
 from pacs.core.errors import PacsError
 from pacs.core.logs import failure_text
-from pacs.dimse import commitment, handlers
-from pacs.dimse.retrieve import Outcome, classify
+from pacs.dimse import commitment, handlers, tls
+from pacs.dimse.retrieve import Outcome, classify, over_tls_if_known
 from pacs.dimse.seam import notify
 
 if TYPE_CHECKING:
@@ -152,6 +154,7 @@ class Reporter:
         self._message_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
+        self._tls: ssl.SSLContext | None = None
 
     # -- from the association threads -------------------------------------------------
 
@@ -322,7 +325,7 @@ class Reporter:
             if destination is None:
                 self._keep(pending, error or "no association of the requestor is open")
                 return
-            error = self._send_new(pending, destination)
+            error = self._send_new(pending, over_tls_if_known(self.services, destination))
         except _RefusedForGood as refused:
             self.commitments.remove(pending)
             log.warning("storage commitment: the result for %s is dropped: it %s",
@@ -407,6 +410,7 @@ class Reporter:
                 contexts=[build_context(PUSH_MODEL, SYNTAXES)],
                 ae_title=destination.ae_title,
                 ext_neg=[build_role(PUSH_MODEL, scp_role=True)], max_pdu=settings.max_pdu,
+                tls_args=self._tls_args(destination),
                 evt_handlers=[(evt.EVT_CONN_OPEN,
                                handlers.requested_as(self._title(pending))),
                               *handlers.Responses().handlers()])
@@ -436,6 +440,21 @@ class Reporter:
         """The node's AE title for this request's report: the one it was asked on (the
         requestor knows the node by it), else the customer's first."""
         return pending.request.called_ae or self.services.settings.ae_title
+
+    def _tls_args(self, destination: Modality) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` to reach ``destination``: a TLS requestor (PS3.15
+        B.12) is reached over TLS or not at all; the context is made once.
+
+        Raises
+        ------
+        ConfigError
+            An unreadable or invalid TLS file (the report is tried again later).
+        """
+        if not destination.tls:
+            return None
+        if self._tls is None:
+            self._tls = tls.destination_context(self.services.settings)
+        return self._tls, destination.host
 
     def _entity(self) -> AE:
         """The AE that requests associations to report on (made once)."""

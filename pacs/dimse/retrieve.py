@@ -324,6 +324,15 @@ def not_authorized(request: Request, services: Services, service: str) -> Status
     return NOT_AUTHORIZED.with_comment("this AE may not retrieve")
 
 
+def over_tls_if_known(services: Services, found: Modality) -> Modality:
+    """``found`` (an entry of ``PACS_MODALITIES``), reached over DICOM TLS when the
+    access rules know its AE as one that associates over TLS only: patient data goes to
+    it encrypted whichever list gives its address."""
+    if found.tls or not services.access.reached_over_tls(found.ae_title):
+        return found
+    return dataclasses.replace(found, tls=True)
+
+
 def destination(services: Services, title: str, request: Request | None = None
                 ) -> Modality | None:
     """The C-MOVE destination ``title`` names: a known AE with an address and a port,
@@ -337,7 +346,7 @@ def destination(services: Services, title: str, request: Request | None = None
     title = title.strip()
     found = services.settings.destinations.get(title)
     if found is not None:
-        return found
+        return over_tls_if_known(services, found)
     known = services.access.destinations().get(title)
     if known is None:
         return None

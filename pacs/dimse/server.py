@@ -749,8 +749,7 @@ def start(served: Services | Customers, address: tuple[str, int] | None = None,
         "customers": customers if owned else None})
     ae = make_ae(settings)
     ae.destination_tls = tls.client_context(settings, any(
-        known.tls for policy, _trail in customers.policies().values()
-        for known in policy.destinations().values()))
+        policy.any_over_tls for policy, _trail in customers.policies().values()))
     # Associations are admitted by the limits once their request has arrived (_admit);
     # pynetdicom's own count, of every acceptor thread including connections that sent
     # nothing yet, must never refuse first.

@@ -73,6 +73,19 @@ def client_context(settings: Settings, wanted: bool = False) -> ssl.SSLContext |
     if not wanted and not any(destination.tls
                               for destination in settings.destinations.values()):
         return None
+    return destination_context(settings)
+
+
+def destination_context(settings: Settings) -> ssl.SSLContext:
+    """The context of an association to a TLS destination (PS3.15 B.12): the CA
+    that verifies its certificate (``PACS_DIMSE_TLS_CA``, else the system's), the
+    node's own certificate when it has one.
+
+    Raises
+    ------
+    ConfigError
+        An unreadable or invalid file.
+    """
     ca = settings.dimse_tls_ca
     context = policy.context(ssl.Purpose.SERVER_AUTH, ("PACS_DIMSE_TLS_CA", ca) if ca else None)
     identity = dimse_tls_identity(settings)

@@ -21,11 +21,15 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
-from pacs.core.config import Settings
+from pacs.core.config import Settings, parse_modalities
+from pacs.core.forwarding import Outbox, Result, refs_of
+from pacs.core.routes import load_routes
 from pacs.core.services import Services
 from pacs.dimse import retrieve, tls
 from pacs.dimse.server import NodeServer, start, stop
+from pacs.node.forwarder import sender_for
 from tests.conftest import free_port, seam_only
+from tests.factory import make_instance
 from tests.interop.conftest import fresh_ct, read_index, run_dcmtk
 from tests.tlsfiles import Pki, ae_certificate, make_pki, openssl
 
@@ -230,3 +234,98 @@ def test_an_ae_known_over_tls_is_a_tls_destination(
                      'rights = ["retrieve"]\ntls = true\n')
     found = retrieve.destination(make_services(access_file=str(rules)), "WS")
     assert found is not None and found.tls
+
+
+def test_a_modalities_entry_of_an_ae_known_over_tls_is_a_tls_destination(
+        make_services: Callable[..., Services], tmp_path: Any) -> None:
+    """The access rules' ``tls = true`` holds whichever list gives the AE's address: an
+    AE that must associate over TLS is reached over TLS by C-MOVE, forwarding and
+    storage commitment reports, though its ``PACS_MODALITIES`` entry says nothing."""
+    rules = tmp_path / "access.toml"
+    rules.write_text('[[ae]]\ntitle = "WS"\nrights = ["retrieve"]\ntls = true\n')
+    entry = "WS=10.0.0.5:104"
+    services = make_services(access_file=str(rules), modalities=entry,
+                             destinations=parse_modalities(entry))
+    found = retrieve.destination(services, "WS")
+    assert found is not None and found.tls and (found.host, found.port) == ("10.0.0.5", 104)
+
+
+def _tls_listener(pki: Pki, title: str, handlers: list[Any]) -> Any:
+    """A pynetdicom SCP ``title`` on a free loopback port that speaks DICOM TLS only
+    (a server certificate of the test CA): a peer that associates in the clear gets
+    no association."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*ae_certificate(pki, title, server=True))
+    ae = AE(ae_title=title)
+    ae.add_supported_context(CTImageStorage)
+    ae.add_supported_context(PUSH_MODEL, scu_role=True, scp_role=True)
+    return ae.start_server(("127.0.0.1", free_port()), block=False, ssl_context=context,
+                           evt_handlers=handlers)
+
+
+def test_forwarding_to_an_ae_known_over_tls_goes_over_tls(
+        make_services: Callable[..., Services], pki: Pki, tmp_path: Any) -> None:
+    """A forwarding destination the access rules know with ``tls = true`` and an
+    address (no ``PACS_MODALITIES`` entry, so no ``:tls`` there) is sent its
+    instances over DICOM TLS, verified by the node's CA, never in the clear."""
+    received: queue.Queue[str] = queue.Queue()
+
+    def stored(event: Any) -> int:
+        received.put(str(event.dataset.PatientID))
+        return 0x0000
+
+    listener = _tls_listener(pki, "DEST", [(evt.EVT_C_STORE, stored)])
+    try:
+        rules = tmp_path / "access.toml"
+        rules.write_text('[[ae]]\ntitle = "DEST"\nhost = "127.0.0.1"\n'
+                         f'port = {listener.server_address[1]}\nrights = ["echo"]\n'
+                         'tls = true\n')
+        services = make_services(access_file=str(rules), dimse_tls_ca=str(pki.ca))
+        outbox = Outbox(services.index, load_routes("all: -> DEST", ""))
+        outbox.feed()
+        services.ingest.store_bytes(make_instance(PatientID="FORWARDED"), calling_ae="CT1")
+        outbox.feed()
+        deliveries = sender_for("DEST", services).send(refs_of(outbox.take("DEST")))
+        assert [delivery.result for delivery in deliveries] == [Result.SENT]
+        assert received.get(timeout=5) == "FORWARDED"
+    finally:
+        listener.shutdown()
+
+
+def test_a_storage_commitment_report_to_a_tls_requestor_goes_over_tls(
+        make_services: Callable[..., Services], pki: Pki) -> None:
+    """A requestor whose ``PACS_MODALITIES`` entry says ``:tls`` gets its report on a
+    new association over DICOM TLS once its own association has ended."""
+    reports: queue.Queue[str] = queue.Queue()
+
+    def report(event: Any) -> tuple[int, None]:
+        reports.put(str(event.event_information.TransactionUID))
+        return 0x0000, None
+
+    listener = _tls_listener(pki, "REQ", [(evt.EVT_N_EVENT_REPORT, report)])
+    entry = f"REQ=127.0.0.1:{listener.server_address[1]}:tls"
+    services = make_services(modalities=entry, destinations=parse_modalities(entry),
+                             dimse_tls_ca=str(pki.ca))
+    node = start(services, ("127.0.0.1", free_port()))
+    try:
+        requestor = AE(ae_title="REQ")
+        requestor.add_requested_context(CTImageStorage)
+        requestor.add_requested_context(PUSH_MODEL)
+        assoc = requestor.associate("127.0.0.1", node.server_address[1],
+                                    ae_title=services.settings.ae_title)
+        assert assoc.is_established
+        ds = fresh_ct()
+        assert assoc.send_c_store(ds).Status == 0x0000
+        action = Dataset()
+        action.TransactionUID = generate_uid()
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
+            CTImageStorage, ds.SOPInstanceUID)
+        action.ReferencedSOPSequence = [item]
+        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+        assert status.Status == 0x0000
+        assoc.release()
+        assert reports.get(timeout=30) == action.TransactionUID
+    finally:
+        stop(node, drain=1.0)
+        listener.shutdown()
