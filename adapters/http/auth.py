@@ -332,7 +332,10 @@ class Access:
     def require(self, req: falcon.Request, role: str) -> Identity:
         """Who ``req`` is, when it has ``role``: what a route that needs a role other
         than its method's (:func:`role_for`) asks.  The identity is also kept on
-        ``req.context.identity`` (the audit trail names it).
+        ``req.context.identity`` (the audit trail names it); a request asked again (the
+        middleware checked its method's role, a removal then asks for ``admin``) is
+        judged on that identity: its credentials are checked, and a failure counted by
+        the login limiter, once per request.
 
         Raises
         ------
@@ -342,33 +345,14 @@ class Access:
             with a challenge without valid credentials (or when the roles of a request
             from this host lack ``role``), 403 for a user without ``role``.
         """
-        verdict, identity = self.identify(req.remote_addr, req.get_header("Authorization"),
-                                          req.get_header("Host"),
-                                          secure=req.scheme == "https")
-        if identity is not None:
-            req.context.identity = identity
-        if verdict is Verdict.HTTPS_REQUIRED:
-            raise falcon.HTTPForbidden(
-                title="HTTPS required",
-                description="requests from other hosts are answered over HTTPS only, and "
-                            "credentials are never accepted over plain HTTP: use https:// "
-                            "(a node with PACS_TLS_CERT, or a TLS proxy on its host)")
-        if verdict is Verdict.LOCKED or (identity is not None and identity.locked_out
-                                         and role not in identity.roles):
-            # Locked out; or from this host, let in with the loopback roles in spite of
-            # the lock-out, but needing another role, which only the credentials could
-            # give: they are not checked until Retry-After, not wrong.
-            wait = self.retry_after(req.remote_addr, req.get_header("Authorization") or "")
-            raise falcon.HTTPTooManyRequests(
-                title="Too many failed logins",
-                description="too many failed logins from this address (or for this "
-                            "user): credentials are not checked until Retry-After",
-                retry_after=max(1, math.ceil(wait)))
-        if verdict is Verdict.MISDIRECTED:
-            raise falcon.HTTPError(
-                falcon.HTTP_421, title="Misdirected request",
-                description="this node answers requests without credentials only for its "
-                            "own names (a loopback name or PACS_WEB_HOSTS)")
+        identity = getattr(req.context, "identity", None)
+        if identity is None:
+            identity = self._identified(req)
+        if identity is not None and identity.locked_out and role not in identity.roles:
+            # From this host, let in with the loopback roles in spite of the lock-out,
+            # but needing another role, which only the credentials could give: they are
+            # not checked until Retry-After, not wrong.
+            raise self._locked(req)
         if identity is None or (role not in identity.roles and not identity.authenticated
                                 and self.policy.has_credentials):
             raise falcon.HTTPUnauthorized(
@@ -381,6 +365,45 @@ class Access:
                 title="Not allowed",
                 description=f"this request needs the {role} role")
         return identity
+
+    def _identified(self, req: falcon.Request) -> Identity | None:
+        """:meth:`identify` of ``req``, kept on ``req.context.identity``; the refusals
+        that do not depend on the role wanted raised.
+
+        Raises
+        ------
+        falcon.HTTPError
+            403 over plain HTTP from another host, 429 when locked out, 421 for a
+            misdirected request.
+        """
+        verdict, identity = self.identify(req.remote_addr, req.get_header("Authorization"),
+                                          req.get_header("Host"),
+                                          secure=req.scheme == "https")
+        if identity is not None:
+            req.context.identity = identity
+        if verdict is Verdict.HTTPS_REQUIRED:
+            raise falcon.HTTPForbidden(
+                title="HTTPS required",
+                description="requests from other hosts are answered over HTTPS only, and "
+                            "credentials are never accepted over plain HTTP: use https:// "
+                            "(a node with PACS_TLS_CERT, or a TLS proxy on its host)")
+        if verdict is Verdict.LOCKED:
+            raise self._locked(req)
+        if verdict is Verdict.MISDIRECTED:
+            raise falcon.HTTPError(
+                falcon.HTTP_421, title="Misdirected request",
+                description="this node answers requests without credentials only for its "
+                            "own names (a loopback name or PACS_WEB_HOSTS)")
+        return identity
+
+    def _locked(self, req: falcon.Request) -> falcon.HTTPError:
+        """The 429 of a request whose credentials are not checked until Retry-After."""
+        wait = self.retry_after(req.remote_addr, req.get_header("Authorization") or "")
+        return falcon.HTTPTooManyRequests(
+            title="Too many failed logins",
+            description="too many failed logins from this address (or for this "
+                        "user): credentials are not checked until Retry-After",
+            retry_after=max(1, math.ceil(wait)))
 
 
 class AccessMiddleware:

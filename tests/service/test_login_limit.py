@@ -138,3 +138,23 @@ def test_a_claimed_user_name_is_cut_in_the_trail(client: testing.TestClient,
     users = [p["UserID"] for e in events for p in e["ActiveParticipant"]
              if p["UserIsRequestor"]]
     assert users and all(user == claimed[:128] for user in users), users
+
+
+def test_a_removal_checks_its_credentials_once(make_services: Callable[..., Services],
+                                               clock: Clock, hashed: list[str]) -> None:
+    """A DICOMweb removal is asked for its method's role by the middleware, then for
+    ``admin`` by the removal: the credentials are checked, and a failure counted, once
+    per request.  From this host the loopback roles let it in whatever its credentials
+    (a study it does not find: 404); wrong ones counted twice per request locked the
+    address out after half the limit."""
+    services = make_services(web_user="alice", web_password="s3cret", web_delete=True)
+    services.logins = LoginLimiter(LIMIT, WINDOW, clock=clock)
+    client = testing.TestClient(create_app(services))
+    for attempt in range(1, LIMIT + 1):
+        result = client.simulate_delete("/studies/1.2.3", remote_addr="127.0.0.1",
+                                        headers=basic("alice", f"wrong{attempt}"))
+        assert result.status_code == 404, (attempt, result.status)
+        assert len(hashed) == attempt  # one scrypt per request, while not locked out
+    client.simulate_delete("/studies/1.2.3", remote_addr="127.0.0.1",
+                           headers=basic("alice", "s3cret"))
+    assert len(hashed) == LIMIT  # locked out after LIMIT requests: not checked
