@@ -17,7 +17,11 @@ How an instance travels
    acknowledged instance leaves the outbox; a refused one (a failure status that
    sending again cannot change) is kept as failed, visible in ``pacs status``;
    anything else (no association, a timeout, a 5xx, out of resources) stays and the
-   destination waits ``min(2**failures, PACS_FORWARD_RETRY_MAX)`` seconds.
+   destination waits ``min(2**failures, PACS_FORWARD_RETRY_MAX)`` seconds.  When the
+   destination took others of the batch, it works: what it did not take (a status to
+   send again, an object missing here) is tried again after a second, and an entry
+   passed over so :data:`PASSED_OVER` times is kept as failed, so that one instance
+   never holds the head of the queue.
 
 A restart or an unreachable destination therefore delays delivery and never drops it;
 an instance may be sent twice when the node stops between the destination's
@@ -152,6 +156,11 @@ def _sent(sender: Sender, refs: Sequence[InstanceRef]) -> list[Delivery]:
                 for _ in refs]
 
 
+#: Batches a destination may take others of while it does not take an instance (a
+#: status to try again, its object missing here) before the instance is kept as failed.
+PASSED_OVER = 5
+
+
 def backoff(failures: int, cap: float) -> float:
     """Seconds to wait after ``failures`` failed batches in a row before this one:
     1, 2, 4 ... up to ``cap``."""
@@ -268,7 +277,9 @@ class Outbox:
         """Record what a batch came to; the wait before the next attempt when some
         instance must be sent again, else ``None``."""
         now = time.time()
-        done, refused, retry = [], [], []
+        done: list[tuple[int, int]] = []
+        refused: list[tuple[int, int, str]] = []
+        retry: list[tuple[tuple[int, int], str]] = []
         asked = 0.0  # the longest wait the destination asked for, within retry_max
         for entry, delivery in zip(entries, deliveries, strict=True):
             if delivery.result is Result.SENT:
@@ -276,21 +287,36 @@ class Outbox:
             elif delivery.result is Result.REFUSED:
                 refused.append((entry.key, entry.change_seq, delivery.detail))
             else:
-                retry.append(delivery.detail)
+                retry.append(((entry.key, entry.change_seq), delivery.detail))
                 asked = max(asked, min(delivery.retry_after or 0.0, self.retry_max))
         wait = None
         with self.index.write() as conn:
             table.remove(conn, done)
-            table.mark_failed(conn, refused, now)
-            table.drop_refused_removed(conn, destination)
-            if retry:
+            if retry and done:
+                # The destination works, these it did not take: tried again soon, not
+                # after a growing backoff; one passed over PASSED_OVER times is kept as
+                # failed (as a refused one), so that it cannot hold the queue's head,
+                # taking a batch's place in each attempt.
+                stuck = set(table.passed_over(conn, [key for key, _ in retry], PASSED_OVER))
+                refused += [(key, seq, f"passed over {PASSED_OVER} times: {detail}")
+                            for (key, seq), detail in retry if (key, seq) in stuck]
+                retry = [(key, detail) for key, detail in retry if key not in stuck]
+                if stuck:
+                    log.warning("forwarding to %s: %d instance(s) it took others "
+                                "beside %d times are kept as failed ('pacs send "
+                                "--requeue' queues them again)", shown(destination),
+                                len(stuck), PASSED_OVER)
+            if retry and done:
+                wait = max(asked, backoff(0, self.retry_max))
+                table.partly_delivered(conn, destination, retry[0][1], now, wait)
+            elif retry:
                 wait = table.failed(
-                    conn, destination, retry[0], now,
+                    conn, destination, retry[0][1], now,
                     lambda failures: max(asked, backoff(failures, self.retry_max)))
-                if done:
-                    table.delivered(conn, destination, now)
             elif done:
                 table.succeeded(conn, destination, now)
+            table.mark_failed(conn, refused, now)
+            table.drop_refused_removed(conn, destination)
             if refused:
                 table.refused(conn, destination, refused[-1][2], now)
         return wait

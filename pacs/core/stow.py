@@ -54,6 +54,7 @@ import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from pacs.core.audit import Participant
+from pacs.core.errors import NotFound
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
@@ -125,12 +126,27 @@ class StowSender:
         self.answer_seconds = 4 * timeout
 
     def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
-        """POST ``refs`` in one request; a :class:`Delivery` per instance."""
+        """POST ``refs`` in one request; a :class:`Delivery` per instance.  An
+        instance whose object this node's store lacks is not sent, and sent again
+        later (:class:`pacs.core.forwarding.Outbox` keeps it as failed once others
+        have gone past it often enough); the others are sent."""
+        sizes: dict[int, int] = {}
+        missing: dict[int, Delivery] = {}
+        for place, ref in enumerate(refs):
+            try:
+                sizes[place] = self.store.size(ref.object_key)
+            except NotFound as exc:
+                missing[place] = Delivery(Result.RETRY, f"store: {failure_text(exc)}")
+            except Exception as exc:  # noqa: BLE001 - the store is down: try again later
+                return [Delivery(Result.RETRY, f"store: {failure_text(exc)}")] * len(refs)
+        sent = self._post([refs[place] for place in sizes], list(sizes.values())) if sizes else []
+        answered = dict(zip(sizes, sent, strict=True))
+        return [missing[place] if place in missing else answered[place]
+                for place in range(len(refs))]
+
+    def _post(self, refs: Sequence[InstanceRef], sizes: Sequence[int]) -> list[Delivery]:
+        """POST ``refs``, their objects of ``sizes`` bytes, in one request."""
         boundary = secrets.token_hex(16)
-        try:
-            sizes = [self.store.size(ref.object_key) for ref in refs]
-        except Exception as exc:  # noqa: BLE001 - the store is down: try again later
-            return [Delivery(Result.RETRY, f"store: {failure_text(exc)}")] * len(refs)
         length = sum(len(self._part_head(boundary)) + size + 2 for size in sizes)
         length += len(self._tail(boundary))
         headers = {**self.headers, "Content-Length": str(length),
@@ -193,8 +209,9 @@ class StowSender:
         Raises
         ------
         OSError
-            An object whose size changed since it was measured (stored again meanwhile):
-            the request is cut short and the batch sent again.
+            An object whose size changed since it was measured (stored again meanwhile,
+            shorter or longer): the request is cut short, before its last part ends,
+            and the batch sent again; never a prefix of an object sent as whole.
         """
         for ref, size in zip(refs, sizes, strict=True):
             yield self._part_head(boundary)
@@ -206,7 +223,8 @@ class StowSender:
                         break
                     sent += len(chunk)
                     yield chunk
-            if sent != size:
+                grown = sent == size and source.read(1) != b""
+            if sent != size or grown:
                 raise OSError("an object changed while it was sent")
             yield b"\r\n"
         yield self._tail(boundary)

@@ -16,7 +16,15 @@ from pacs.core.audit import Participant
 from pacs.core.config import Modality, Settings, derive
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError
-from pacs.core.forwarding import Delivery, Forwarder, Outbox, Result, backoff, refs_of
+from pacs.core.forwarding import (
+    PASSED_OVER,
+    Delivery,
+    Forwarder,
+    Outbox,
+    Result,
+    backoff,
+    refs_of,
+)
 from pacs.core.index import reads
 from pacs.core.query.model import InstanceRef
 from pacs.core.routes import load_routes, parse_file, parse_inline, shown
@@ -183,6 +191,64 @@ def test_refused_entries_of_removed_instances_leave_and_a_partial_batch_is_a_suc
     [backlog] = outbox.backlogs()
     assert (backlog.waiting, backlog.failed) == (1, 0)
     assert backlog.last_success_at is not None and backlog.last_error == "busy"
+
+
+class Passing(Recorder):
+    """Takes every instance but ``bad``, answered with a status to send it again."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        self.batches.append([ref.sop_uid for ref in refs])
+        return [Delivery(Result.RETRY, "status A700") if ref.sop_uid == self.bad
+                else Delivery(Result.SENT) for ref in refs]
+
+
+def test_an_instance_a_working_destination_keeps_passing_over_is_kept_as_failed(
+        services: Services) -> None:
+    """A destination that takes the rest of each batch works: the instance it does
+    not take is tried again after a second, the destination's wait does not grow, and
+    once passed over ``PASSED_OVER`` times the instance is kept as failed (queued
+    again by ``pacs send --requeue``), so it no longer takes a batch's place."""
+    outbox = _outbox(services, "all: -> PEER", batch=5, retry_max=600.0)
+    bad = _store(services)
+    others = [_store(services) for _ in range(4 * PASSED_OVER + 3)]
+    outbox.feed()
+    sender = Passing(bad)
+    forwarder = Forwarder(outbox, {"PEER": sender}, services.audit)
+    waits = []
+    for _ in range(PASSED_OVER):
+        waits.append(forwarder.deliver_once("PEER"))
+        with services.index.write() as conn:  # the wait has passed
+            conn.execute("UPDATE forward_destination SET next_attempt = 0")
+    assert waits == [1.0] * (PASSED_OVER - 1) + [0.0]  # the last: nothing to send again
+    assert all(batch[0] == bad for batch in sender.batches)
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (3, 1)
+    assert backlog.last_error.startswith(f"passed over {PASSED_OVER} times: status A700")
+    forwarder.deliver_once("PEER")
+    assert sender.batches[-1] == others[-3:]
+    assert outbox.retry_failed("PEER") == 1
+    assert _waiting(outbox) == [bad]
+
+
+def test_nothing_taken_backs_the_destination_off_without_counting_the_instances(
+        services: Services) -> None:
+    """A batch the destination took none of says nothing about its instances (the
+    destination may be down): the wait grows, no instance is kept as failed."""
+    outbox = _outbox(services, "all: -> PEER", retry_max=600.0)
+    sops = [_store(services) for _ in range(2)]
+    outbox.feed()
+    forwarder = Forwarder(outbox, {"PEER": Recorder(Result.RETRY)}, services.audit)
+    waits = []
+    for _ in range(PASSED_OVER + 1):
+        waits.append(forwarder.deliver_once("PEER"))
+        with services.index.write() as conn:
+            conn.execute("UPDATE forward_destination SET next_attempt = 0")
+    assert waits == [backoff(n, 600.0) for n in range(PASSED_OVER + 1)]
+    assert _waiting(outbox) == sops
 
 
 def test_numbers_are_not_given_again_after_the_newest_rows_are_removed(

@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -394,3 +397,89 @@ def test_pacs_send_names_its_operator_as_the_requestor(
     assert operator["UserID"] == getpass.getuser() and operator["UserIsRequestor"]
     assert operator["NetworkAccessPointID"] == socket.gethostname()
     assert not node["UserIsRequestor"] and destination["UserID"] == "GONE"
+
+
+class _Recording(BaseHTTPRequestHandler):
+    """A STOW-RS destination that stores every request it reads whole (200) and keeps
+    the bytes of each request as it got them (``bodies`` of the server)."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        body = self.rfile.read(length)
+        self.server.bodies.append(body)  # type: ignore[attr-defined]
+        if len(body) == length:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[tuple[str, list[bytes]]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    server.bodies = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/dicom-web", server.bodies  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _stored(store: MemoryStore, uid: str, data: bytes) -> InstanceRef:
+    ref = InstanceRef("1.2", "1.3", uid, "1.2.840.10008.5.1.4.1.1.2",
+                      "1.2.840.10008.1.2.1", f"1.2/1.3/{uid}.dcm", len(data))
+    store.put(ref.object_key, io.BytesIO(data), len(data))
+    return ref
+
+
+def test_an_object_missing_here_is_sent_again_later_and_the_others_now() -> None:
+    """An instance whose object this node's store lacks is not sent (sent again later,
+    and kept as failed by the outbox once passed over often enough); the rest of the
+    batch goes: before, the whole batch was sent again for ever, and nothing after it
+    ever reached the destination."""
+    store = MemoryStore()
+    first = _stored(store, "1.4.1", b"a" * 40)
+    lost = _stored(store, "1.4.2", b"b" * 40)
+    last = _stored(store, "1.4.3", b"c" * 40)
+    store.delete(lost.object_key)
+    with _recording() as (url, bodies):
+        results = StowSender(url, store, 5).send([first, lost, last])
+    assert [d.result for d in results] == [Result.SENT, Result.RETRY, Result.SENT]
+    assert "no such object" in results[1].detail or "store:" in results[1].detail
+    (body,) = bodies
+    assert b"a" * 40 in body and b"c" * 40 in body and b"b" * 40 not in body
+
+
+class _Racy(MemoryStore):
+    """Opening the first object is when another association stores the second again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.then: Callable[[], None] | None = None
+
+    def open(self, key: str) -> Any:
+        if self.then is not None:
+            then, self.then = self.then, None
+            then()
+        return super().open(key)
+
+
+@pytest.mark.parametrize("grown", [True, False])
+def test_an_object_stored_again_while_sent_is_never_sent_cut(grown: bool) -> None:
+    """The second object is stored again, longer or shorter, after the request's
+    length was counted: the request is cut short before that part ends and the batch
+    sent again, so the destination never has a whole request holding a prefix of the
+    new object (or the old one padded) as if it were whole."""
+    store = _Racy()
+    first = _stored(store, "1.4.1", b"a" * 40)
+    second = _stored(store, "1.4.2", b"b" * 40)
+    again = b"B" * (60 if grown else 20)
+    store.then = lambda: store.put(second.object_key, io.BytesIO(again), len(again))
+    with _recording() as (url, bodies):
+        results = StowSender(url, store, 5).send([first, second])
+    assert [d.result for d in results] == [Result.RETRY, Result.RETRY]
+    assert all(not body.rstrip().endswith(b"--") for body in bodies)  # no closing boundary

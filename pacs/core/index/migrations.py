@@ -411,12 +411,21 @@ def _object_deletions(conn: apsw.Connection) -> None:
         ") WITHOUT ROWID")
 
 
+def _outbox_attempts(conn: apsw.Connection) -> None:
+    """``outbox.attempts``: the batches a destination took others of while it did not
+    take this entry (:meth:`pacs.core.forwarding.Outbox.settle`); past a few the entry
+    is kept as failed, so that one instance cannot hold the queue's head."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "attempts" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
-    _intake_files, _object_deletions)
+    _intake_files, _object_deletions, _outbox_attempts)
 
 
 def migrate(conn: apsw.Connection) -> int:

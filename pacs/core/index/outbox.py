@@ -95,7 +95,7 @@ _QUEUE_SQL = (
     "INSERT INTO outbox (destination, route, sop_uid, change_seq, queued_at) "
     "VALUES (?, ?, ?, ?, ?) ON CONFLICT(destination, sop_uid) DO UPDATE SET "
     "route = excluded.route, change_seq = excluded.change_seq, failed_at = NULL, "
-    "last_error = ''")
+    "last_error = '', attempts = 0")
 
 
 def queue(conn: apsw.Connection, entries: Iterable[tuple[str, str, str, int]],
@@ -141,20 +141,37 @@ def drop_refused_removed(conn: apsw.Connection, destination: str) -> None:
                  "WHERE instance.sop_uid = outbox.sop_uid)", (destination,))
 
 
-def delivered(conn: apsw.Connection, destination: str, now: float) -> None:
-    """Some instances of a batch reached the destination (others wait to be sent
-    again: its backoff stays): its last success."""
-    conn.execute(
-        "INSERT INTO forward_destination (name, last_success_at) VALUES (?, ?) "
-        "ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at",
-        (destination, now))
-
-
 def retry_failed(conn: apsw.Connection, destination: str) -> int:
     """Put a destination's failed entries back in its queue; how many."""
-    conn.execute("UPDATE outbox SET failed_at = NULL, last_error = '' "
+    conn.execute("UPDATE outbox SET failed_at = NULL, last_error = '', attempts = 0 "
                  "WHERE destination = ? AND failed_at IS NOT NULL", (destination,))
     return int(conn.changes())
+
+
+def passed_over(conn: apsw.Connection, entries: Sequence[tuple[int, int]],
+                limit: int) -> list[tuple[int, int]]:
+    """Count a batch the destination took others of but not these (key, change
+    number) entries; those passed over ``limit`` times or more."""
+    conn.executemany("UPDATE outbox SET attempts = attempts + 1 "
+                     "WHERE pk = ? AND change_seq = ?", entries)
+    return [(key, seq) for key, seq in entries
+            if (row := conn.execute("SELECT attempts FROM outbox WHERE pk = ? "
+                                    "AND change_seq = ?", (key, seq)).fetchone())
+            is not None and int(row[0]) >= limit]
+
+
+def partly_delivered(conn: apsw.Connection, destination: str, error: str, now: float,
+                     wait: float) -> None:
+    """A destination took some instances of a batch and not others: it works (its
+    backoff ends, its last success now), and the others are tried again in ``wait``
+    seconds (``error``: why they were not taken)."""
+    conn.execute(
+        "INSERT INTO forward_destination (name, failures, next_attempt, last_error, "
+        "last_error_at, last_success_at) VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT(name) DO "
+        "UPDATE SET failures = 0, next_attempt = excluded.next_attempt, "
+        "last_error = excluded.last_error, last_error_at = excluded.last_error_at, "
+        "last_success_at = excluded.last_success_at",
+        (destination, now + wait, error, now, now))
 
 
 def count_waiting(conn: apsw.Connection, destination: str) -> int:
