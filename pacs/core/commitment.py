@@ -20,15 +20,21 @@ Failure Reason 0131, Duplicate transaction UID, answered on the N-ACTION: the wa
 request's report is not changed under it).
 
 The result is checked once, and again before each delivery attempt
-(:meth:`Commitments.recheck`): an instance committed at the first check whose row has
-gone since (a rejection note, a deletion, a retention expiry) fails with 0112 in the
-report, so that the requestor never deletes its copy of an instance the node no longer
-holds (Event Type 1 says the node keeps every instance, PS3.4 J.3.3.1.2).  Bounds: references per
-request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests waiting
-(``PACS_COMMITMENT_MAX_PENDING``), a tenth of those (at least ten) per requestor's AE
-title and a quarter (at least ten) per network address, so that a peer naming itself
-anew in each request does not fill the queue either; past any of them the request is
-refused.
+(:meth:`Commitments.recheck`), so that the requestor never deletes its copy of an
+instance the node no longer holds as verified (Event Type 1 says the node keeps every
+instance, PS3.4 J.3.3.1.2): an instance committed at the first check whose row has gone
+since (a rejection note, a deletion, a retention expiry) fails with 0112 in the report,
+and one whose row is another instance's since (the SOP Instance UID stored again with
+other content: its SHA-256 is not the one verified, which the result keeps) fails with
+0110.  Bounds: references per request (``PACS_COMMITMENT_MAX_REFERENCES``) and requests
+waiting (``PACS_COMMITMENT_MAX_PENDING``), a tenth of those (at least ten) per
+requestor's AE title and a quarter (at least ten) per network address, so that a peer
+naming itself anew in each request does not fill the queue either; past any of them the
+request is refused.  A result not delivered within ``PACS_COMMITMENT_KEEP`` seconds of
+its request is dropped when the queue is next claimed from or recorded to
+(:meth:`Commitments.due`, :meth:`Commitments.record`): a requestor that never takes its
+results (decommissioned, refusing associations) would otherwise hold its share of the
+queue, and have every later request refused, for good.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from pacs.core.config import Settings
 from pacs.core.errors import InvalidRequest, NotFound, ResourceLimitation, StorageError
 from pacs.core.index import commitments as table
 from pacs.core.index.connection import Index
@@ -109,29 +117,60 @@ class Request:
 @dataclass(frozen=True)
 class Result:
     """What the node commits to: every referenced instance, committed or failed with
-    its Failure Reason (PS3.4 J.3.3.1.2: both lists together name the whole request)."""
+    its Failure Reason (PS3.4 J.3.3.1.2: both lists together name the whole request).
+
+    Attributes
+    ----------
+    committed :
+        The committed references, in the order of the request.
+    failed :
+        The failed references, each with its Failure Reason (PS3.3 C.14.1.1).
+    checksums :
+        The SHA-256 (hex) the index recorded at ingest for each committed instance, as
+        verified, in the order of ``committed``: what :meth:`Commitments.recheck` tells
+        the instance verified from another stored since under its UID by.  Empty when
+        not known (:attr:`complete`).
+    """
 
     committed: tuple[Reference, ...]
     failed: tuple[tuple[Reference, int], ...]
+    checksums: tuple[str, ...] = ()
 
     @property
     def event_type(self) -> int:
         """1 when every instance is committed, 2 when failures exist."""
         return FAILURES_EXIST if self.failed else ALL_COMMITTED
 
+    @property
+    def complete(self) -> bool:
+        """True when each committed instance has its checksum."""
+        return len(self.checksums) == len(self.committed)
+
     def to_json(self) -> str:
-        """The result as stored in the queue."""
+        """The result as stored in the queue: ``committed`` a list of [SOP Class UID,
+        SOP Instance UID, SHA-256] (without the SHA-256 when not known), ``failed`` a
+        list of [SOP Class UID, SOP Instance UID, Failure Reason]."""
+        committed: list[list[str]] = [[r.sop_class_uid, r.sop_instance_uid]
+                                      for r in self.committed]
+        if self.complete:
+            for item, checksum in zip(committed, self.checksums, strict=True):
+                item.append(checksum)
         return json.dumps({
-            "committed": [[r.sop_class_uid, r.sop_instance_uid] for r in self.committed],
+            "committed": committed,
             "failed": [[r.sop_class_uid, r.sop_instance_uid, reason]
                        for r, reason in self.failed]})
 
     @classmethod
     def from_json(cls, text: str) -> Result:
-        """A result :meth:`to_json` wrote."""
+        """A result :meth:`to_json` wrote: with its checksums, or (committed items of
+        two UIDs) without."""
         data = json.loads(text)
-        return cls(tuple(Reference(c, i) for c, i in data["committed"]),
-                   tuple((Reference(c, i), int(reason)) for c, i, reason in data["failed"]))
+        committed = [(str(item[0]), str(item[1]), str(item[2]) if len(item) > 2 else None)
+                     for item in data["committed"]]
+        checksums = tuple(checksum for _, _, checksum in committed if checksum is not None)
+        return cls(tuple(Reference(c, i) for c, i, _ in committed),
+                   tuple((Reference(c, i), int(reason)) for c, i, reason in data["failed"]),
+                   checksums if len(checksums) == len(committed) else ())
 
 
 def _references_json(references: Iterable[Reference]) -> str:
@@ -170,21 +209,24 @@ def verify(index: Index, store: ObjectStore, references: Sequence[Reference],
     indexed = _indexed(index, references)
     intact: dict[str, bool] = {}
     committed: list[Reference] = []
+    checksums: list[str] = []
     failed: list[tuple[Reference, int]] = []
     for ref in references:
         reason = _not_indexed(ref, indexed)
         if reason is not None:
             failed.append((ref, reason))
             continue
+        stored = indexed[ref.sop_instance_uid][1]
         if ref.sop_instance_uid not in intact:
             if held is not None and intact and len(intact) % HELD_EVERY == 0 and not held():
                 return None
-            intact[ref.sop_instance_uid] = _intact(store, indexed[ref.sop_instance_uid][1])
+            intact[ref.sop_instance_uid] = _intact(store, stored)
         if intact[ref.sop_instance_uid]:
             committed.append(ref)
+            checksums.append(stored.checksum)
         else:
             failed.append((ref, PROCESSING_FAILURE))
-    return Result(tuple(committed), tuple(failed))
+    return Result(tuple(committed), tuple(failed), tuple(checksums))
 
 
 def _indexed(index: Index, references: Sequence[Reference]
@@ -247,6 +289,12 @@ class Pending:
     received: float
 
 
+def _iso(posix: float) -> str:
+    """The stored form of a time (ISO 8601, UTC, milliseconds): one form for every row,
+    so that the table compares them as text (:func:`pacs.core.index.commitments.expire`)."""
+    return datetime.fromtimestamp(posix, UTC).isoformat(timespec="milliseconds")
+
+
 def _posix(iso: str) -> float:
     """POSIX time of a stored ISO 8601 time (0 when it does not read)."""
     try:
@@ -277,10 +325,14 @@ class Commitments:
         renews it first, and a verification every :data:`HELD_EVERY` objects.
     clock : callable
         POSIX time (tests move it).
+    max_age : float
+        Seconds after its request a result not delivered yet is dropped
+        (``PACS_COMMITMENT_KEEP``, its default when not given; :meth:`_expire`).
     """
 
     def __init__(self, index: Index, max_pending: int, max_references: int, lease: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 max_age: float = Settings.commitment_keep) -> None:
         self.index = index
         self.max_pending = max_pending
         # One requestor (any AE title may ask, by default) cannot fill the queue and
@@ -293,6 +345,7 @@ class Commitments:
         self.max_references = max_references
         self.lease = lease
         self.clock = clock
+        self.max_age = max_age
 
     def check(self, request: Request) -> None:
         """Refuse a request that breaks PS3.4 J.3.2 or the reference bound.
@@ -331,9 +384,12 @@ class Commitments:
         self.check(request)
         claim = secrets.token_hex(8)
         now = self.clock()
-        received = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        received = _iso(now)
         refs = _references_json(request.references)
         with self.index.write() as conn:
+            # Results past their keeping go before the bounds are counted: they are not
+            # waiting for delivery any more.
+            expired = self._expire(conn, now)
             waiting = table.waiting_refs(conn, request.requestor_ae, request.transaction_uid)
             if waiting == refs:
                 return None
@@ -354,13 +410,33 @@ class Commitments:
             key = table.record(conn, request.requestor_ae, request.transaction_uid, received,
                                refs, now, now + self.lease, claim, request.called_ae,
                                request.address)
+        _dropped(expired, self.max_age)
         return Pending(key, claim, request, None, 0, now)
 
     def due(self, limit: int = 1) -> list[Pending]:
-        """Claim up to ``limit`` requests whose next attempt is due."""
+        """Claim up to ``limit`` requests whose next attempt is due, once those past
+        their keeping are dropped (:meth:`_expire`)."""
         now = self.clock()
         with self.index.write() as conn:
-            return self._take(conn, table.due(conn, now, limit), now)
+            expired = self._expire(conn, now)
+            claimed = self._take(conn, table.due(conn, now, limit), now)
+        _dropped(expired, self.max_age)
+        return claimed
+
+    def _expire(self, conn: apsw.Connection, now: float) -> list[str]:
+        """Delete the requests recorded more than ``max_age`` seconds ago whose result
+        is not delivered, none claimed (a delivery in progress ends first, and its
+        request goes at the next look); the requestor of each (to log,
+        :func:`_dropped`, once the write is done).
+
+        The requestor, never told, keeps its copies (PS3.4 J.3.3.1.2: only a result
+        tells it that it may delete them); without an end, a requestor that never takes
+        its results would hold its share of the queue, and have each later request of
+        its refused, for good.
+        """
+        if now - self.max_age <= 0:
+            return []  # none recorded that long ago
+        return table.expire(conn, _iso(now - self.max_age), now)
 
     def of_requestor(self, requestor_ae: str, limit: int = 16) -> list[Pending]:
         """Claim up to ``limit`` waiting requests of ``requestor_ae``, due or not (it has
@@ -381,6 +457,11 @@ class Commitments:
                 request = Request(row.requestor_ae, row.transaction_uid,
                                   _references(row.refs), row.called_ae, row.address)
                 result = Result.from_json(row.result) if row.result else None
+                if result is not None and not result.complete:
+                    # Kept without the checksums its committed instances were verified
+                    # with: nothing tells those instances from others stored since
+                    # under their UIDs, so the request is verified again.
+                    result = None
                 claimed.append(Pending(row.key, claim, request, result, row.attempts,
                                        _posix(row.received_at)))
         return claimed
@@ -412,10 +493,16 @@ class Commitments:
                        pending.attempts, pending.received) if held else None
 
     def recheck(self, pending: Pending) -> Pending | None:
-        """``pending`` with each committed instance whose row the index no longer holds
-        (or holds under another SOP class) failed 0112 (0119), the result kept when it
-        changed; ``None`` when the claim was lost.  Called before each delivery attempt
-        (module docstring); the objects are not read again.
+        """``pending`` with each committed instance the index no longer holds as
+        verified failed, the result kept when it changed; ``None`` when the claim was
+        lost.  Called before each delivery attempt (module docstring); the objects are
+        not read again: the index's row is the one verified while it has the same SOP
+        class and the SHA-256 the result keeps (PS3.4 J.3.3.1.2: Event Type 1 tells the
+        requestor it may delete its copy).
+
+        Failure Reasons (PS3.3 C.14.1.1): 0112 when the row is gone, 0119 when it has
+        another SOP class, 0110 (Processing failure) when it is another instance's, or
+        its checksum was not kept.
 
         Raises
         ------
@@ -426,19 +513,26 @@ class Commitments:
         if result is None or not result.committed:
             return pending
         indexed = _indexed(self.index, result.committed)
+        checksums = result.checksums if result.complete else ("",) * len(result.committed)
         committed: list[Reference] = []
+        kept: list[str] = []
         failed = list(result.failed)
-        for ref in result.committed:
+        for ref, checksum in zip(result.committed, checksums, strict=True):
             reason = _not_indexed(ref, indexed)
+            if reason is None and (not checksum
+                                   or indexed[ref.sop_instance_uid][1].checksum != checksum):
+                reason = PROCESSING_FAILURE
             if reason is None:
                 committed.append(ref)
+                kept.append(checksum)
             else:
                 failed.append((ref, reason))
         if len(committed) == len(result.committed):
             return pending
-        log.warning("storage commitment: %d committed instance(s) no longer held at the "
-                    "report; reported as failed", len(result.committed) - len(committed))
-        return self.keep(pending, Result(tuple(committed), tuple(failed)))
+        log.warning("storage commitment: %d committed instance(s) no longer held as "
+                    "verified at the report; reported as failed",
+                    len(result.committed) - len(committed))
+        return self.keep(pending, Result(tuple(committed), tuple(failed), tuple(kept)))
 
     def renew(self, pending: Pending) -> bool:
         """Renew the lease before a step that takes time; False when lost."""
@@ -476,6 +570,15 @@ class Commitments:
         """Give a claimed request back untried (the process stops)."""
         with self.index.write() as conn:
             table.release(conn, pending.key, pending.claim)
+
+
+def _dropped(requestors: list[str], max_age: float) -> None:
+    """Log the requests :meth:`Commitments._expire` dropped: how many per requestor's AE
+    title, nothing of their instances."""
+    for requestor, count in sorted(Counter(requestors).items()):
+        log.warning("storage commitment: %d result(s) for %s dropped: not delivered within "
+                    "%.0f s of their request (PACS_COMMITMENT_KEEP); the requestor, never "
+                    "told, keeps its copies", count, requestor, max_age)
 
 
 __all__ = ["ALL_COMMITTED", "CLASS_INSTANCE_CONFLICT", "FAILURES_EXIST",

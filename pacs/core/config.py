@@ -344,6 +344,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(at least ten) per requestor's AE title and a quarter per network "
             "address; further requests are refused (N-ACTION 0213) until some are "
             "delivered.", _positive(int)),
+    Setting("PACS_COMMITMENT_KEEP", "commitment_keep", "604800",
+            "Seconds after its request a storage commitment result not delivered yet "
+            "(its requestor unreachable, or not answering Success) is kept and tried "
+            "again; then it is dropped (logged) and the requestor, never told, keeps "
+            "its copies.  One for a requestor not in PACS_MODALITIES goes after an "
+            "hour, or this when shorter.", _positive(float)),
     Setting("PACS_DIMSE_WORKERS", "dimse_workers", "0",
             "DIMSE worker processes sharing the port; 0 means one per CPU.",
             _not_negative(int)),
@@ -554,6 +560,7 @@ class Settings:
     duplicate_policy: str = _default("duplicate_policy")
     commitment_max_references: int = _default("commitment_max_references")
     commitment_max_pending: int = _default("commitment_max_pending")
+    commitment_keep: float = _default("commitment_keep")
     dimse_workers: int = _default("dimse_workers")
     dimse_seam: bool = _default("dimse_seam")
     pending_interval: float = _default("pending_interval")

@@ -188,7 +188,8 @@ def commitments(settings: Settings, index: Index) -> Commitments:
     delivery step: an association (connection and ACSE timeouts) and one report with
     its response (the DIMSE timeout), all three ``PACS_DIMSE_TIMEOUT``."""
     return Commitments(index, settings.commitment_max_pending,
-                       settings.commitment_max_references, lease=4 * settings.dimse_timeout)
+                       settings.commitment_max_references, lease=4 * settings.dimse_timeout,
+                       max_age=settings.commitment_keep)
 
 
 def mover(services: Services) -> Mover:

@@ -23,15 +23,17 @@ request came on while it is open, or on another (PS3.4 J.3.3.1.2):
 3. a requestor that has no address there can be reached on its own associations only:
    its result is kept, tried again on the one it came on while that lasts and on the
    next it opens as soon as it does, for :data:`KEEP_UNREACHABLE` seconds after its
-   request; then it is dropped (the requestor, never told, keeps its copies, and such
-   requests cannot fill the queue for good).
+   request (or ``PACS_COMMITMENT_KEEP``, when shorter); then it is dropped (the
+   requestor, never told, keeps its copies, and such requests cannot fill the queue for
+   good).
 
 1 needs the seam's reactor: with ``PACS_DIMSE_SEAM=off`` a result goes on a new
 association only, and one for a requestor without an address waits out
 :data:`KEEP_UNREACHABLE` and is dropped.
 
 Before each attempt the committed instances are looked up again
-(:meth:`pacs.core.commitment.Commitments.recheck`): one removed since is reported failed.
+(:meth:`pacs.core.commitment.Commitments.recheck`): one removed since, or stored again
+with other content, is reported failed.
 A report goes on an association of the requestor only when that association comes from
 the address the request came from (when it is known): another host calling itself by
 the requestor's AE title is not sent its results.  On a new association the report is
@@ -44,6 +46,11 @@ An attempt that fails (no address, association refused, the SCP role not accepte
 response, or :data:`TRANSIENT` statuses) is tried again after a growing delay
 (:func:`pacs.core.commitment.retry_delay`); requests of any process whose attempt is
 due, restarts included, are claimed from the queue every :data:`POLL` seconds at most.
+A result still not delivered ``PACS_COMMITMENT_KEEP`` seconds after its request is
+dropped when the queue is next looked at (:meth:`pacs.core.commitment.Commitments.
+due`, logged): a requestor that has an address but never takes its results (gone,
+refusing every association) would otherwise be tried for good, its share of the queue
+full and each of its later requests refused (0213).
 Any other failure status refuses the report for good (PS3.7 10.1.1.1.8: no such event
 type, SOP class or instance, an invalid argument ...): the result is dropped and the
 requestor, never told, keeps its copies.  A crash between a report's delivery and its

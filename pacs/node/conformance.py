@@ -217,6 +217,7 @@ def _storage_commitment(settings: Settings) -> dict[str, Any]:
         "same_association_quiet": reports.QUIET,
         "same_association_wait": reports.QUIET_WAIT,
         "keep_unreachable": reports.KEEP_UNREACHABLE,
+        "keep": settings.commitment_keep,
         "retry_first": commitment.RETRY_FIRST,
         "retry_max": commitment.RETRY_MAX,
         "report_syntaxes": [str(ts) for ts in reports.SYNTAXES],
@@ -227,7 +228,11 @@ def _storage_commitment(settings: Settings) -> dict[str, Any]:
                                                          "another SOP Class UID",
             f"{commitment.PROCESSING_FAILURE:04X}": "the stored object is missing, "
                                                     "unreadable, or not the bytes "
-                                                    "acknowledged (SHA-256 and size)",
+                                                    "acknowledged (SHA-256 and size); "
+                                                    "or, at a delivery attempt, the "
+                                                    "instance was stored again since "
+                                                    "with other content (another "
+                                                    "SHA-256 than the one verified)",
         },
     }
 
@@ -866,7 +871,8 @@ def _commitment_text(data: dict[str, Any]) -> str:
   the Failed SOP Sequence with a Failure Reason of PS3.3 C.14.1.1 (table below).  Before
   each delivery attempt the committed instances are looked up in the index again: one
   removed since (a rejection note, a deletion, a retention expiry) is reported failed
-  (0112), never committed.  The N-EVENT-REPORT
+  (0112), and one stored again since with other content (its SHA-256 is not the one
+  verified) too (0110), never committed.  The N-EVENT-REPORT
   (Event Type 1, or 2 when failures exist; Transaction UID, Referenced SOP Sequence with
   the Retrieve AE Title, Failed SOP Sequence) goes on an association of the requestor
   (the one the request came on, or one it opened since, from the address the request
@@ -880,12 +886,15 @@ def _commitment_text(data: dict[str, Any]) -> str:
   undelivered result (no association, the SCP role not accepted, no response, 0110 or
   0213) is tried again after {_seconds(sc['retry_first'])}, then after twice the
   previous delay, up to {_seconds(sc['retry_max'])}, until the requestor answers Success
-  (or a warning); any other failure status (PS3.7 10.1.1.1.8) drops it (logged), never
-  committed.  A requestor whose AE title is not in `PACS_MODALITIES` can be reached on its own
-  associations only: its result is tried again on them, and on the next one it opens as
-  soon as it does, for {_seconds(sc['keep_unreachable'])} after the request, then
-  dropped (logged), never committed.  With `PACS_DIMSE_SEAM=off` reports go on new
-  associations only.  Storage Media File-Set ID and UID are neither used nor sent;
+  (or a warning), for {_seconds(sc['keep'])} after the request at most
+  (`PACS_COMMITMENT_KEEP`): then it is dropped (logged), never committed, and no longer
+  counts against the requestor's share of the results waiting; any other failure status
+  (PS3.7 10.1.1.1.8) drops it (logged), never committed.  A requestor whose AE title is
+  not in `PACS_MODALITIES` can be reached on its own associations only: its result is
+  tried again on them, and on the next one it opens as soon as it does, for
+  {_seconds(sc['keep_unreachable'])} after the request (or `PACS_COMMITMENT_KEEP`, when
+  shorter), then dropped (logged), never committed.  With `PACS_DIMSE_SEAM=off` reports
+  go on new associations only.  Storage Media File-Set ID and UID are neither used nor sent;
   objects are kept until an operator deletes them.
 
 {reasons}"""

@@ -8,6 +8,9 @@ The requestor's side, both ways of delivery and a restart are in
 from __future__ import annotations
 
 import io
+import json
+import logging
+from collections.abc import Callable
 
 import pytest
 from pydicom.dataset import Dataset
@@ -94,6 +97,62 @@ def test_a_check_stops_when_its_claim_is_lost(services: Services) -> None:
     assert verify(services.index, services.store, many, held=lambda: False) is None
     result = verify(services.index, services.store, many, held=lambda: True)
     assert result is not None and result.event_type == 1
+
+
+def test_an_instance_stored_again_with_other_content_fails_at_the_report(
+        services: Services) -> None:
+    """The result keeps the SHA-256 each committed instance was verified with: one
+    whose UID is stored again with other content before the report (the requestor's
+    node down meanwhile) fails 0110, Event Type 2 (PS3.4 J.3.3.1.2: Event Type 1 tells
+    the requestor it may delete its copy, of an instance the node no longer holds);
+    one stored again with the same bytes stays committed."""
+    replaced, again, kept = stored(services, 3)
+    queue = queue_of(services, Clock())
+    recorded = queue.record(Request("MOD", generate_uid(), (replaced, again, kept)))
+    assert recorded is not None
+    pending = queue.verify(recorded, services.store)
+    assert pending is not None and pending.result is not None
+    assert pending.result.committed == (replaced, again, kept)
+    services.ingest.store_bytes(make_instance(SOPInstanceUID=replaced.sop_instance_uid,
+                                              PatientName="OTHER^PATIENT"))
+    services.ingest.store_bytes(services.store.open(key_of(services, again)).read())
+    drain(services)
+    rechecked = queue.recheck(pending)
+    assert rechecked is not None and rechecked.result is not None
+    assert rechecked.result.committed == (again, kept)
+    assert rechecked.result.failed == ((replaced, PROCESSING_FAILURE),)
+    assert rechecked.result.event_type == 2
+    assert queue.recheck(rechecked) == rechecked  # nothing changed since: as kept
+    queue.release(rechecked)
+    (claimed,) = queue.due()
+    assert claimed.result == rechecked.result  # the checksums kept in the queue too
+
+
+def test_a_result_kept_without_checksums_is_verified_again(services: Services) -> None:
+    """A result stored with committed items of two UIDs (no SHA-256) still reads, and
+    is verified again when claimed: nothing else tells its instances from others
+    stored since under their UIDs."""
+    (ref,) = stored(services, 1)
+    clock = Clock()
+    queue = queue_of(services, clock)
+    recorded = queue.record(Request("MOD", generate_uid(), (ref,)))
+    assert recorded is not None
+    old = json.dumps({"committed": [[ref.sop_class_uid, ref.sop_instance_uid]],
+                      "failed": []})
+    assert Result.from_json(old) == Result((ref,), ())
+    with services.index.write() as conn:
+        conn.execute("UPDATE commitment SET result = ? WHERE pk = ?", (old, recorded.key))
+    queue.release(recorded)
+    (claimed,) = queue.due()
+    assert claimed.result is None  # to verify, as a request not verified yet
+    pending = queue.verify(claimed, services.store)
+    assert pending is not None and pending.result is not None
+    assert pending.result.committed == (ref,) and pending.result.complete
+    incomplete = queue.keep(pending, Result((ref,), ()))  # as a caller may hand one
+    assert incomplete is not None and not Result((ref,), ()).complete
+    unchecked = queue.recheck(incomplete)  # nothing tells it is the one verified
+    assert unchecked is not None and unchecked.result is not None
+    assert unchecked.result.failed == ((ref, PROCESSING_FAILURE),)
 
 
 def queue_of(services: Services, clock: Clock, max_pending: int = 3,
@@ -287,6 +346,67 @@ def test_a_result_for_a_requestor_without_an_address_is_kept_then_dropped(
     (last,) = queue.due()
     reporter._deliver(last, None)
     assert queue.next_time() is None  # dropped
+
+
+def test_a_result_not_delivered_within_commitment_keep_is_dropped(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A requestor with an address whose node never takes its results (gone, refusing
+    every association) had them tried for good, its share of the queue full and each
+    of its later requests refused 0213: a result is dropped once
+    ``PACS_COMMITMENT_KEEP`` seconds have passed since its request, logged per
+    requestor (no instance named), unless a delivery holds it at that moment."""
+    keep = 3600.0
+    services = make_services(store=memory_store, commitment_max_pending=100,
+                             commitment_keep=keep)
+    clock = Clock()
+    queue = services.commitments
+    queue.clock = clock
+    start = clock.now
+    for _ in range(queue.max_per_requestor):
+        recorded = queue.record(request("GONE"))
+        assert recorded is not None
+        queue.failed(recorded, "no association with 192.0.2.5:104")
+    clock.now = start + keep / 2
+    queue.release(queue.record(request("OTHER")))
+    clock.now = start + keep - 1
+    tried = queue.due(100)
+    assert len(tried) == queue.max_per_requestor + 1  # tried still
+    for pending in tried:
+        queue.failed(pending, "no association")
+    with pytest.raises(ResourceLimitation):
+        queue.record(request("GONE"))
+    (held,) = queue.of_requestor("GONE", 1)  # a delivery in progress
+    clock.now = start + keep + 1
+    with caplog.at_level(logging.WARNING, logger="pacs.core.commitment"):
+        assert [p.request.requestor_ae for p in queue.due(100)] == ["OTHER"]
+        queue.failed(held, "no association")  # given back: it goes at the next look
+        assert queue.record(request("GONE")) is not None
+        assert held.key not in {p.key for p in queue.of_requestor("GONE")}
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert dropped == [
+        f"storage commitment: {count} result(s) for GONE dropped: not delivered within "
+        "3600 s of their request (PACS_COMMITMENT_KEEP); the requestor, never told, "
+        "keeps its copies" for count in (queue.max_per_requestor - 1, 1)]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_a_full_share_is_freed_by_the_request_that_finds_it_expired(
+        make_services: Callable[..., Services], memory_store: MemoryStore) -> None:
+    """A request counts only results still within their keeping, whether or not a
+    delivery thread has looked at the queue since they expired."""
+    services = make_services(store=memory_store, commitment_max_pending=10,
+                             commitment_keep=60.0)
+    clock = Clock()
+    queue = services.commitments
+    queue.clock = clock
+    for _ in range(10):
+        queue.release(queue.record(request("GONE")))
+    with pytest.raises(ResourceLimitation):
+        queue.record(request("MOD"))
+    clock.now += 61
+    assert queue.record(request("MOD")) is not None
+    assert queue.next_time() is not None and len(queue.due(100)) == 0  # MOD's: held
 
 
 def encoded(ds: Dataset) -> bytes:

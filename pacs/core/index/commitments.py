@@ -150,6 +150,15 @@ def release(conn: apsw.Connection, key: int, claim: str) -> None:
                  "WHERE pk = ? AND claim = ?", (key, claim))
 
 
+def expire(conn: apsw.Connection, received_before: str, now: float) -> list[str]:
+    """Delete the unclaimed requests recorded before ``received_before`` (ISO 8601,
+    UTC, in the form :func:`record` was given: such times compare as text); the
+    requestor's AE title of each."""
+    return [str(row[0]) for row in conn.execute(
+        "DELETE FROM commitment WHERE received_at < ? AND lease_until <= ? "
+        "RETURNING requestor_ae", (received_before, now))]
+
+
 def next_time(conn: apsw.Connection) -> float | None:
     """When the next request may be claimed (its attempt due and its lease ended);
     ``None`` when none waits."""
@@ -158,5 +167,5 @@ def next_time(conn: apsw.Connection) -> float | None:
     return float(row[0]) if row and row[0] is not None else None
 
 
-__all__ = ["Row", "due", "next_time", "of_requestor", "postpone", "record", "release",
-           "remove", "renew", "reschedule", "take", "waiting_refs"]
+__all__ = ["Row", "due", "expire", "next_time", "of_requestor", "postpone", "record",
+           "release", "remove", "renew", "reschedule", "take", "waiting_refs"]
