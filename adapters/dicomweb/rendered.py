@@ -38,14 +38,18 @@ multipart Accept for thumbnails).
 
 Active content: the server selects the rendered media type (8.7.4), and a stored
 document's MIME Type of Encapsulated Document (0042,0012) is whatever the sender
-wrote - ``text/html``, ``image/svg+xml``, ``text/xml`` all run script in a browser.
+wrote - ``text/html``, ``image/svg+xml``, ``text/xml`` all run script in a browser,
+``text/javascript`` in any page that includes it.
 Run in this origin, which answers this host's browsers without credentials, such a
 document could read and change every study.  So a document is never served inline:
 always ``Content-Disposition: attachment`` (the browser saves it, also when it is
 framed), under ``Content-Security-Policy: sandbox`` with nothing allowed
 (:data:`adapters.dicomweb.app.DICOMWEB_POLICY`, on every DICOMweb answer) and
-``nosniff``, with its stored type only when that type is well-formed (otherwise
-``application/octet-stream``).  PDF too: Chromium does not open its PDF viewer in a
+``nosniff``, with its stored type only when that type is one of the inert document
+types (PDF, XML, plain text, 3D models; otherwise ``application/octet-stream``: a
+stored ``text/javascript`` sent as itself would run as a script, a worker or a service
+worker of this origin in any page that includes it, whatever its own response's
+policy says).  PDF too: Chromium does not open its PDF viewer in a
 sandboxed document, so inline with ``sandbox`` would not show, and inline without it
 would run the PDF's scripts here; downloaded, it opens in the user's PDF reader.
 
@@ -59,7 +63,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,11 +109,10 @@ _FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 #: precision), and the pixels become NaN.  A narrower width is no window: refused as
 #: a parameter, passed over in a data set (:func:`default_window`).
 MIN_WIDTH = float(np.finfo(np.float32).tiny)
-#: A media type as RFC 6838 4.2 allows its names (no parameters, no spaces).
-_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
-#: What a stored document is sent as when its declared type is not well-formed.
+#: What a stored document is sent as when its declared type is not an inert one.
 OCTET = "application/octet-stream"
-#: File name extensions of the usual encapsulated documents (PS3.3 C.24.2).
+#: The inert document types a stored document is sent as (its declared type, when one
+#: of these), with their file name extensions (PS3.3 C.24.2).
 _EXTENSIONS = {"application/pdf": "pdf", "text/xml": "xml", "application/xml": "xml",
                "text/plain": "txt", "model/stl": "stl", "model/obj": "obj",
                "model/mtl": "mtl"}
@@ -519,10 +521,15 @@ class Rendered:
 
 def document_media_type(declared: str) -> str:
     """The type a stored document is sent as: its declared MIME type without
-    parameters, lower-cased, when well-formed; :data:`OCTET` otherwise (the value is
-    the sender's, and goes into a header)."""
+    parameters, lower-cased, when it is one of the inert document types
+    (:data:`_EXTENSIONS`: PDF, CDA's XML, plain text, the 3D model types of PS3.3
+    A.85-A.87); :data:`OCTET` for any other.  The value is the sender's: a type a
+    browser runs when a page includes it (``text/javascript`` as a script, a worker
+    or a service worker, ``text/css`` as a style sheet, ``application/wasm``) would
+    run in this origin whatever the response's own sandbox says, and ``nosniff``
+    only holds a browser to the type sent."""
     kind = declared.split(";", 1)[0].strip().lower()
-    return kind if _MEDIA_TYPE.fullmatch(kind) else OCTET
+    return kind if kind in _EXTENSIONS else OCTET
 
 
 def send_document(resp: falcon.Response, media: str, stored: documents.StoredDocument,

@@ -481,7 +481,8 @@ def test_many_empty_values_are_referenced_in_the_metadata(limited: Node) -> None
 
 def test_html_document_is_never_served_inline(limited: Node) -> None:
     """An Encapsulated PDF instance whose MIME Type of Encapsulated Document says
-    text/html: /rendered sends it as an attachment, sandboxed, nosniff."""
+    text/html: /rendered sends it as application/octet-stream (the declared type is
+    not an inert one), an attachment, sandboxed, nosniff."""
     ds = fresh_ct()
     for keyword in ("PixelData", "Rows", "Columns"):
         delattr(ds, keyword)
@@ -493,9 +494,12 @@ def test_html_document_is_never_served_inline(limited: Node) -> None:
     assert stow(limited, buffer.getvalue()).status_code == 200
     url = (f"{limited.web_url()}/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/rendered")
-    for accept in ("text/html", "*/*", "text/html,application/xhtml+xml,*/*;q=0.8"):
+    # Its declared type is not an inert one: offered as application/octet-stream only.
+    assert requests.get(url, headers={"Accept": "text/html"}, timeout=30).status_code == 406
+    for accept in ("*/*", "text/html,application/xhtml+xml,*/*;q=0.8"):
         answer = requests.get(url, headers={"Accept": accept}, timeout=30)
         assert answer.status_code == 200, answer.text
+        assert answer.headers["Content-Type"] == "application/octet-stream"
         assert answer.content == ds.EncapsulatedDocument
         assert answer.headers["Content-Disposition"].startswith("attachment;")
         policy = answer.headers["Content-Security-Policy"]

@@ -1109,11 +1109,18 @@ def test_a_document_is_streamed_from_where_it_lies(client: testing.TestClient,
 
 
 @pytest.mark.parametrize("declared, sent", [
-    ("text/html", "text/html"),
-    ("image/svg+xml", "image/svg+xml"),
-    ("Text/HTML; charset=utf-8", "text/html"),
+    ("text/html", "application/octet-stream"),
+    ("image/svg+xml", "application/octet-stream"),
+    ("Text/HTML; charset=utf-8", "application/octet-stream"),
+    # Run as a script, a worker or a service worker of this origin by any page that
+    # includes it, whatever this answer's own policy says.
+    ("text/javascript", "application/octet-stream"),
+    ("text/css", "application/octet-stream"),
+    ("application/wasm", "application/octet-stream"),
     ("text/html\r\nSet-Cookie: a=b", "application/octet-stream"),
     ("<script>", "application/octet-stream"),
+    ("Application/PDF; version=1.7", "application/pdf"),
+    ("text/XML", "text/xml"),
 ])
 def test_stored_documents_are_never_served_inline(client: testing.TestClient,
                                                   services: Services, declared: str,
