@@ -721,7 +721,33 @@ def load(
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
     settings = Settings(**values)
     check_dimse_tls(settings)
+    check_folders(settings)
     return settings
+
+
+def check_folders(settings: Settings) -> None:
+    """Refuse an upload folder that is the data folder or holds it, or the audit
+    trail: the watcher takes every file it finds there as an upload and removes those
+    it stored or found stored already, so it would delete the store's objects (each
+    the same as the object it names) and move the index's lock files away.  The
+    default upload folder is inside the data folder, which is fine: the watcher reads
+    its own folder only.
+
+    Raises
+    ------
+    ConfigError
+        The folders overlap that way.
+    """
+    from pacs.core import audit  # the trail's default place is the audit module's
+
+    uploads = Path(os.path.realpath(settings.uploads_dir))
+    data = Path(os.path.realpath(settings.data_dir))
+    if data.is_relative_to(uploads):
+        raise ConfigError(f"PACS_UPLOADS_DIR ({uploads}) holds the data folder ({data}): "
+                          "the watcher would take the stored objects for uploads")
+    trail = audit.audit_path(settings.audit_log, settings.data_dir)
+    if trail is not None and Path(os.path.realpath(trail)).is_relative_to(uploads):
+        raise ConfigError(f"PACS_AUDIT_LOG ({trail}) is in the upload folder ({uploads})")
 
 
 def derive(settings: Settings, overrides: Mapping[str, str]) -> Settings:

@@ -40,7 +40,7 @@ from typing import Any
 
 from pacs.core import access, audit
 from pacs.core.access import Tables
-from pacs.core.config import Settings, derive, validate_customer
+from pacs.core.config import Settings, check_folders, derive, validate_customer
 from pacs.core.errors import ConfigError
 
 #: The settings a customer may set for itself in the file (``[customer.settings]``);
@@ -257,6 +257,7 @@ def _customer(entry: Any, node: Settings, where: str) -> Customer:
     # customer's host name; those clients must still show credentials.
     try:
         settings = derive(node, overrides)
+        check_folders(settings)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if "access" in entry:

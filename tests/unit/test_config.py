@@ -131,3 +131,26 @@ def test_a_web_token_a_client_sends_for_none_is_refused(token: str) -> None:
     sends without a token): a node token of that text could never log in."""
     with pytest.raises(ConfigError, match="PACS_WEB_TOKEN"):
         config.load(environ={"PACS_WEB_TOKEN": token}, env_file=None)
+
+
+@pytest.mark.parametrize("uploads", ["data", "data/../data", ".", "link"])
+def test_an_upload_folder_holding_the_data_folder_is_refused(
+        tmp_path: Path, uploads: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watcher takes every file of its folder for an upload and removes what it
+    finds stored already: over the data folder it would delete the store's objects
+    (each the same as the object it names) and move the index's lock files away."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    with pytest.raises(ConfigError, match="holds the data folder"):
+        config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": uploads},
+                    environ={}, env_file=None)
+    (tmp_path / "trail").mkdir()
+    with pytest.raises(ConfigError, match=r"PACS_AUDIT_LOG .* is in the upload folder"):
+        config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": "trail",
+                               "PACS_AUDIT_LOG": "trail/audit.jsonl"},
+                    environ={}, env_file=None)
+    # Its default place, and any folder beside or inside the data folder, are fine.
+    for fine in ("", "data/uploads", "elsewhere"):
+        assert config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": fine},
+                           environ={}, env_file=None).uploads_dir

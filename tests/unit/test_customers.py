@@ -133,6 +133,17 @@ def test_folders_of_two_customers_never_overlap(tmp_path: Path, monkeypatch: pyt
         parse(document, _node(tmp_path))
 
 
+def test_a_customer_s_upload_folder_never_holds_its_own_data_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One customer alone: its upload folder over its data folder would have the
+    watcher delete its stored objects (:func:`pacs.core.config.check_folders`)."""
+    monkeypatch.chdir(tmp_path)
+    document = {"customer": [{"name": "a", "ae_titles": "A", "settings": {
+        "PACS_DATA_DIR": "one", "PACS_UPLOADS_DIR": "one"}}]}
+    with pytest.raises(ConfigError, match=r"customer 1 \(a\): PACS_UPLOADS_DIR .* holds the data"):
+        parse(document, _node(tmp_path))
+
+
 @pytest.mark.parametrize(("document", "message"), [
     ({}, "one \\[\\[customer\\]\\] table"),
     ({"customer": [{"name": "a", "ae_titles": "A"}], "other": 1}, "nothing else"),
