@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import math
 from enum import Enum
 
@@ -89,6 +90,15 @@ def host_name(host: str) -> str:
         return host[1:].partition("]")[0]
     name, _, port = host.rpartition(":")
     return name if name and port.isdigit() else host.rstrip(":")
+
+
+def is_address(name: str) -> bool:
+    """True when ``name`` (a Host header's name) is an IP address, not a DNS name."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def names_loopback(host: str) -> bool:
@@ -202,7 +212,13 @@ class Access:
         HTTP, nor from a client locked out by failed logins (:meth:`locked_out`).
         """
         if self.open:
-            return Verdict.ALLOW, ANONYMOUS  # credentials, if any, are not looked at
+            # Answers without credentials, on purpose, but to requests that name this
+            # node: a web page whose DNS name is rebound to its address would read and
+            # write everything in that page's own origin.  An address names no one
+            # else.  Credentials, if any, are not looked at.
+            if not (self.names_this_node(host) or is_address(host_name(host or ""))):
+                return Verdict.MISDIRECTED, None
+            return Verdict.ALLOW, ANONYMOUS
         loopback = is_loopback(remote_addr)
         if not loopback and not secure:
             return Verdict.HTTPS_REQUIRED, None
@@ -393,7 +409,8 @@ class Access:
             raise falcon.HTTPError(
                 falcon.HTTP_421, title="Misdirected request",
                 description="this node answers requests without credentials only for its "
-                            "own names (a loopback name or PACS_WEB_HOSTS)")
+                            "own names (a loopback name or PACS_WEB_HOSTS; with "
+                            "PACS_WEB_OPEN, an address too)")
         return identity
 
     def _locked(self, req: falcon.Request) -> falcon.HTTPError:

@@ -242,7 +242,8 @@ SETTINGS: tuple[Setting, ...] = (
             "besides the tokens of PACS_ACCESS_FILE.", _token, secret=True),
     Setting("PACS_WEB_OPEN", "web_open", "false",
             "Answer DICOMweb requests from any host without credentials (trusted "
-            "networks only).", _bool),
+            "networks only) when they name this node: an address, localhost or one of "
+            "PACS_WEB_HOSTS (another name: 421).", _bool),
     Setting("PACS_WEB_HOSTS", "web_hosts", "",
             "Host names (comma list) that also name this node, besides localhost and "
             "loopback addresses: only requests naming one of them get the loopback rule "

@@ -146,11 +146,23 @@ def test_other_hosts_are_unchanged(client: testing.TestClient) -> None:
     assert "Basic" in result.headers["WWW-Authenticate"]
 
 
-def test_open_on_purpose_ignores_the_host(make_services: Callable[..., Services]) -> None:
-    client = testing.TestClient(create_app(make_services(web_open=True)))
-    result = client.simulate_get("/studies", remote_addr="127.0.0.1",
-                                 headers={"Host": "anything.example"})
-    assert result.status_code == 200
+def test_open_on_purpose_answers_its_own_names_only(
+        make_services: Callable[..., Services]) -> None:
+    """``PACS_WEB_OPEN`` answers any host without credentials, but only requests that
+    name this node: an address, a loopback name or one of ``PACS_WEB_HOSTS``.  A web
+    page whose DNS name is rebound to the node's address would otherwise read (and
+    store) everything in its own origin, where the browser lets it."""
+    client = testing.TestClient(create_app(make_services(web_open=True,
+                                                         web_hosts=("pacs.example.org",))))
+    for host in ("10.0.0.5:5985", "[fd00::5]:5985", "localhost:5985", "pacs.example.org",
+                 "PACS.example.org:5985"):
+        result = client.simulate_get("/studies", remote_addr="10.1.2.3",
+                                     headers={"Host": host})
+        assert result.status_code == 200, host
+    for host in ("rebind.attacker.example", "rebind.attacker.example:5985", "10.0.0.5.nip.io"):
+        for method in (client.simulate_get, client.simulate_post):
+            result = method("/studies", remote_addr="10.1.2.3", headers={"Host": host})
+            assert result.status_code == 421, (host, method)
 
 
 def test_the_viewer_port_applies_the_same_rule(make_services: Callable[..., Services],
