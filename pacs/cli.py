@@ -267,19 +267,22 @@ def _clean_up(customer: str, report: Report) -> None:
 
 
 def import_files(paths: tuple[str, ...],
-                 unreadable: list[tuple[Path, str]]) -> Iterator[tuple[Path, bool]]:
-    """Each file ``pacs import`` is given, and whether a link there is followed.
+                 unreadable: list[tuple[Path, str]]) -> Iterator[tuple[Path, Path | None]]:
+    """Each file ``pacs import`` is given, and the named folder it was found in
+    (``None``: named itself).
 
     A path named on the command line is followed (the operator chose it); below a named
     folder, a link (to a file or a folder) is yielded as itself, to be refused, never
-    followed, since a folder may hold links to anywhere.  A folder that cannot be read
-    is added to ``unreadable`` with why, so that what it holds is reported as not
-    imported rather than passed over in silence.
+    followed, since a folder may hold links to anywhere; the file is opened from that
+    folder one name at a time (:meth:`pacs.core.ingest.Ingest.store_file`), so that a
+    folder swapped for a link after the walk is not followed either.  A folder that
+    cannot be read is added to ``unreadable`` with why, so that what it holds is
+    reported as not imported rather than passed over in silence.
     """
     for name in paths:
         path = Path(name)
         if not path.is_dir():
-            yield path, True
+            yield path, None
             continue
 
         def skipped(exc: OSError, top: Path = path) -> None:
@@ -289,7 +292,7 @@ def import_files(paths: tuple[str, ...],
             links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
             dirs[:] = sorted(d for d in dirs if d not in links)
             for file in sorted(files + links):
-                yield Path(dirpath) / file, False
+                yield Path(dirpath) / file, path
 
 
 @main.command("import")
@@ -323,11 +326,10 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     tally: Counter[str] = Counter()
     gone = 0
     try:
-        for path, follow in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
+        for path, within in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
             refused = len(rejected)
             try:
-                result = services.ingest.store_file(path, calling_ae="",
-                                                    follow_links=follow)
+                result = services.ingest.store_file(path, calling_ae="", within=within)
                 tally[result.outcome.value] += 1
                 record_import(importing, result)
             except FileNotFoundError:

@@ -535,7 +535,7 @@ class Ingest:
             log.error("the refused rejection note could not be reported", exc_info=True)
 
     def store_file(self, path: Path, *, calling_ae: str = "",
-                   follow_links: bool = True) -> StoreResult:
+                   follow_links: bool = True, within: Path | None = None) -> StoreResult:
         """:meth:`store_bytes` of a file (``pacs import``), refused by its size before
         it is read when it is over ``max_object_bytes``.
 
@@ -554,6 +554,11 @@ class Ingest:
         follow_links : bool
             False: a symbolic link is refused, its target never read (files found by
             walking a folder, which may hold links to anywhere).
+        within : Path, optional
+            The folder ``path`` was found in by a walk: ``path`` is opened from it one
+            name at a time, none of them followed when it is a link, so that a folder
+            on the way swapped for a link after the walk listed it (to another
+            customer's objects, say) is refused rather than followed.
 
         Raises
         ------
@@ -565,7 +570,9 @@ class Ingest:
         IntakeFull, StorageError, IndexFailure
             As :meth:`store_bytes`.
         """
-        with _open_regular(path, follow_links) as file:
+        opened = (_open_regular(path, follow_links) if within is None
+                  else _open_below(within, path))
+        with opened as file:
             size = os.fstat(file.fileno()).st_size
             self._check_size(size)
             self.check_room(size)  # before the file is read
@@ -1055,6 +1062,8 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
 
 #: Opening a file to store: never waiting (a FIFO without a writer opens at once).
 _OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+#: Opening a folder on the way to a file to store.
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def sender(calling_ae: str, requestor: Participant | None) -> Participant:
@@ -1082,8 +1091,10 @@ def _rejection_refusal(analysis: Analysis, may_reject: bool) -> NotAuthorized | 
     return NotAuthorized("a rejection note removes data, which this sender may not do")
 
 
-def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:
-    """``path`` opened for reading when it is a regular file (see :meth:`Ingest.store_file`).
+def _open_regular(path: Path, follow_links: bool, folder: int | None = None
+                  ) -> io.BufferedReader:
+    """``path`` (relative to the open ``folder`` when given) opened for reading when it
+    is a regular file (see :meth:`Ingest.store_file`).
 
     Raises
     ------
@@ -1094,13 +1105,13 @@ def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:
     """
     flags = _OPEN_FILE if follow_links else _OPEN_FILE | os.O_NOFOLLOW
     # Looked at before it is opened: opening some devices has effects (a tape rewinds).
-    mode = os.stat(path, follow_symlinks=follow_links).st_mode
+    mode = os.stat(path, dir_fd=folder, follow_symlinks=follow_links).st_mode
     if stat.S_ISLNK(mode):
         raise InvalidInstance("a link, not followed")
     if not stat.S_ISREG(mode):
         raise InvalidInstance("not a regular file (a FIFO, socket, device or folder); not read")
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, flags, dir_fd=folder)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or a socket
             raise InvalidInstance("a link or not a regular file; not read") from None
@@ -1110,6 +1121,35 @@ def _open_regular(path: Path, follow_links: bool) -> io.BufferedReader:
         file.close()
         raise InvalidInstance("not a regular file (a FIFO, socket, device or folder); not read")
     return file
+
+
+def _open_below(folder: Path, path: Path) -> io.BufferedReader:
+    """``path``, a regular file below ``folder``, opened from ``folder`` one name at a
+    time, no link followed (the folder itself is, as the operator named it).
+
+    Raises
+    ------
+    InvalidInstance
+        A link on the way or at the end; a FIFO, socket, device or folder.
+    OSError
+        It cannot be opened.
+    """
+    *folders, name = path.relative_to(folder).parts
+    fd = os.open(folder, _FOLDER)
+    try:
+        for part in folders:
+            try:
+                inner = os.open(part, _FOLDER | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped after the walk
+                    raise InvalidInstance("a folder on its path is a link; not "
+                                          "followed") from None
+                raise
+            os.close(fd)
+            fd = inner
+        return _open_regular(Path(name), follow_links=False, folder=fd)
+    finally:
+        os.close(fd)
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:

@@ -4,6 +4,7 @@ links below a folder are not followed, and what it could not read is reported.""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ def test_links_below_a_folder_are_yielded_as_themselves(tmp_path: Path) -> None:
     (folder / "folder-link").symlink_to(outside)
     unreadable: list[tuple[Path, str]] = []
     found = list(import_files((str(folder), str(folder / "file-link")), unreadable))
-    assert found == [(folder / "file-link", False), (folder / "folder-link", False),
-                     (folder / "sub" / "a.dcm", False),
-                     (folder / "file-link", True)]  # named on the command line
+    assert found == [(folder / "file-link", folder), (folder / "folder-link", folder),
+                     (folder / "sub" / "a.dcm", folder),
+                     (folder / "file-link", None)]  # named on the command line
     assert unreadable == []
 
 
@@ -221,3 +222,34 @@ def test_an_operator_without_a_login_name_still_imports(
     assert result.exit_code == 0, result.output
     (event,) = read_trail(tmp_path / "data" / "audit.jsonl")
     assert requestor(event)["UserID"] == f"uid:{os.getuid()}"
+
+
+def test_a_folder_swapped_for_a_link_after_the_walk_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer of the imported folder swaps one of its folders for a link (to another
+    customer's objects, say) after the walk listed it: the file is opened from the
+    named folder one name at a time, no link followed, and refused, never imported."""
+    import pacs.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    secret = tmp_path / "other-customer-objects"
+    secret.mkdir()
+    (secret / "a.dcm").write_bytes(sample("CT_small.dcm").read_bytes())
+    folder = tmp_path / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.dcm").write_bytes(b"not DICOM")
+    listed = cli.import_files
+
+    def listing_then_swap(paths: tuple[str, ...], unreadable: list[tuple[Path, str]]
+                          ) -> Iterator[tuple[Path, Path | None]]:
+        files = list(listed(paths, unreadable))
+        os.rename(folder / "sub", folder / "sub.old")
+        (folder / "sub").symlink_to(secret)
+        return iter(files)
+
+    monkeypatch.setattr(cli, "import_files", listing_then_swap)
+    result = CliRunner().invoke(main, ["import", "--quiet", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[0].startswith("stored: 0,"), result.output
+    assert "a folder on its path is a link" in result.output
