@@ -71,6 +71,22 @@ def tls_association(pki: Pki, port: int, calling: str = "MODALITY1",
                         tls_args=(context, "localhost"), evt_handlers=evt_handlers)
 
 
+def store_and_ask_commitment(assoc: Any) -> str:
+    """Store a CT on ``assoc``, then ask for its storage commitment (N-ACTION,
+    PS3.4 J.3.2); the request's Transaction UID."""
+    ds = fresh_ct()
+    assert assoc.send_c_store(ds).Status == 0x0000
+    action = Dataset()
+    action.TransactionUID = generate_uid()
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
+        CTImageStorage, ds.SOPInstanceUID)
+    action.ReferencedSOPSequence = [item]
+    status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    assert status.Status == 0x0000
+    return str(action.TransactionUID)
+
+
 def test_the_oldest_handshakes_are_closed_for_room(server: NodeServer, pki: Pki) -> None:
     port = server.server_address[1]
     silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(10)]
@@ -117,23 +133,14 @@ def test_a_requestor_storing_over_tls_after_its_request_gets_its_report(
                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, report)])
     assert assoc.is_established
     try:
-        ds = fresh_ct()
-        assert assoc.send_c_store(ds).Status == 0x0000
-        action = Dataset()
-        action.TransactionUID = generate_uid()
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
-            CTImageStorage, ds.SOPInstanceUID)
-        action.ReferencedSOPSequence = [item]
-        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
-        assert status.Status == 0x0000
+        transaction = store_and_ask_commitment(assoc)
         started = time.monotonic()
         while time.monotonic() - started < 2.0:
             assert assoc.send_c_store(fresh_ct()).get("Status") == 0x0000
-        received, transaction = reports.get(timeout=30)
+        received, reported = reports.get(timeout=30)
     finally:
         assoc.release()
-    assert received is assoc and transaction == action.TransactionUID
+    assert received is assoc and reported == transaction
 
 
 def test_an_expired_client_certificate_fails_the_handshake(server: NodeServer,
@@ -314,18 +321,9 @@ def test_a_storage_commitment_report_to_a_tls_requestor_goes_over_tls(
         assoc = requestor.associate("127.0.0.1", node.server_address[1],
                                     ae_title=services.settings.ae_title)
         assert assoc.is_established
-        ds = fresh_ct()
-        assert assoc.send_c_store(ds).Status == 0x0000
-        action = Dataset()
-        action.TransactionUID = generate_uid()
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = (
-            CTImageStorage, ds.SOPInstanceUID)
-        action.ReferencedSOPSequence = [item]
-        status, _ = assoc.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
-        assert status.Status == 0x0000
+        transaction = store_and_ask_commitment(assoc)
         assoc.release()
-        assert reports.get(timeout=30) == action.TransactionUID
+        assert reports.get(timeout=30) == transaction
     finally:
         stop(node, drain=1.0)
         listener.shutdown()
