@@ -152,12 +152,13 @@ def passed_over(conn: apsw.Connection, entries: Sequence[tuple[int, int]],
                 limit: int) -> list[tuple[int, int]]:
     """Count a batch the destination took others of but not these (key, change
     number) entries; those passed over ``limit`` times or more."""
-    conn.executemany("UPDATE outbox SET attempts = attempts + 1 "
-                     "WHERE pk = ? AND change_seq = ?", entries)
-    return [(key, seq) for key, seq in entries
-            if (row := conn.execute("SELECT attempts FROM outbox WHERE pk = ? "
-                                    "AND change_seq = ?", (key, seq)).fetchone())
-            is not None and int(row[0]) >= limit]
+    over = []
+    for key, seq in entries:
+        row = conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE pk = ? AND "
+                           "change_seq = ? RETURNING attempts", (key, seq)).fetchone()
+        if row is not None and int(row[0]) >= limit:
+            over.append((key, seq))
+    return over
 
 
 def partly_delivered(conn: apsw.Connection, destination: str, error: str, now: float,
