@@ -418,12 +418,14 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         # tombstones the swap would set aside with the previous index.  The intake
         # first: it opens the index, so that nothing of this process holds it when the
         # last check runs.
-        if written_state(index_path) != untouched:
-            raise IndexFailure(
-                f"the index {index_path} was written while it was rebuilt (a node or a "
-                "pacs command used it): nothing swapped; run pacs reindex again with "
-                "the node and other commands on this customer stopped")
-        _keep_carried(new_path, _refuse_if_intake_holds(index_path, carry=True))
+        _refuse_if_written(index_path, untouched)
+        carried = _refuse_if_intake_holds(index_path, carry=True)
+        read = written_state(index_path)  # as this process' reading left it
+        _keep_carried(new_path, carried)
+        # And again once the carried rows are copied (forwarding's queue may take
+        # seconds): a command that opened, wrote and closed the index meanwhile would
+        # have its rows set aside with the previous index.
+        _refuse_if_written(index_path, read)
         _refuse_if_in_use(index_path)
         report.previous = _swap(new_path, index_path, stamp)
     except BaseException:
@@ -490,6 +492,17 @@ def written_state(index_path: Path) -> tuple[tuple[int, int, int] | None, ...]:
             continue
         found.append((info.st_ino, info.st_size, info.st_mtime_ns))
     return tuple(found)
+
+
+def _refuse_if_written(index_path: Path, seen: tuple[tuple[int, int, int] | None, ...]
+                       ) -> None:
+    """Refuse the swap when the index is no longer as ``seen``
+    (:func:`written_state`): another process wrote to it meanwhile."""
+    if written_state(index_path) != seen:
+        raise IndexFailure(
+            f"the index {index_path} was written while it was rebuilt (a node or a "
+            "pacs command used it): nothing swapped; run pacs reindex again with "
+            "the node and other commands on this customer stopped")
 
 
 def _refuse_if_in_use(index_path: Path) -> None:

@@ -907,6 +907,35 @@ def test_the_rebuild_refuses_to_swap_when_the_index_was_written_meanwhile(
     assert not list(settings.index_path.parent.glob("index.sqlite.*"))
 
 
+def test_a_command_that_writes_while_the_carried_rows_are_copied_stops_the_swap(
+        settings: config.Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying what the new index carries over (forwarding's queue may be long) takes
+    its time after the rebuild's check of the index: an import that opened, wrote and
+    closed the index then would be set aside with the previous index.  The index is
+    checked again after the copy: the swap is refused, the import kept."""
+    import pacs.core.reindex as rebuilding
+
+    store = MemoryStore()
+    services, _made = _three_stored(settings, store, "C")
+    services.close()
+    copy = rebuilding._keep_carried
+
+    def copied_while_a_command_runs(new_path: Path, carried: Any) -> None:
+        copy(new_path, carried)
+        node = build(settings, store=store)
+        try:
+            node.ingest.store_bytes(make_instance(PatientID="LATE"))
+            drain(node)
+        finally:
+            node.close()
+
+    monkeypatch.setattr(rebuilding, "_keep_carried", copied_while_a_command_runs)
+    with pytest.raises(IndexFailure, match="written while it was rebuilt"):
+        rebuild(settings.index_path, store, AnalyserPool(0))
+    assert len(dump(settings.index_path)["instance"]) == 4
+    assert not list(settings.index_path.parent.glob("index.sqlite.*"))
+
+
 def test_a_removed_instance_whose_object_outlived_its_removal_stays_removed(
         settings: config.Settings) -> None:
     """On S3 a removal's object deletion can fail or go unanswered, and a late write
