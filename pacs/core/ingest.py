@@ -726,7 +726,11 @@ class Ingest:
                 staging.place(plan.key)
                 self.index.commit(work)
             except BaseException as exc:
-                self._undo_put(plan.key, plan.existing, plan.previous, exc)
+                # Unless the commit went through before the failure (an interrupt, a
+                # Ctrl-C of pacs import, after SQLite's COMMIT): the row names this
+                # object now, and an undo would leave it naming none.
+                if not self._indexed_as(analysis, plan.key):
+                    self._undo_put(plan.key, plan.existing, plan.previous, exc)
                 raise
         self._forget_moved(plan)
         return plan.outcome
@@ -896,6 +900,17 @@ class Ingest:
         if plan.existing.object_key != plan.key:
             self._delete_quietly(plan.existing.object_key)
         self.store.tidy({plan.existing.sop_uid})
+
+    def _indexed_as(self, analysis: Analysis, key: str) -> bool:
+        """True when the index names ``key`` with this object's checksum for its SOP
+        Instance UID: its commit went through (asked under the UID's ingest lock, after
+        a failure; False when the index cannot say, as before any commit)."""
+        try:
+            found = reads.lookup(self.index.connection(), analysis.sop_instance_uid)
+        except PacsError:
+            return False
+        return (found is not None and found.object_key == key
+                and found.checksum == analysis.checksum)
 
     def _undo_put(self, key: str, existing: reads.StoredInstance | None,
                   previous: bytes | None, failure: BaseException | None = None) -> None:

@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -37,6 +38,7 @@ from pacs.core.errors import (
     WriteNotMade,
 )
 from pacs.core.index import writer
+from pacs.core.index.connection import Index
 from pacs.core.ingest import Outcome, Received
 from pacs.core.services import Services, drain
 from pacs.core.storage import filesystem, object_key
@@ -246,6 +248,33 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
     with pytest.raises(IndexFailure):
         services.ingest.store_bytes(_bytes(StudyDescription="changed"))
     assert list(_stored(services).values()) == [first]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_an_interrupt_after_the_commit_keeps_the_object_the_row_names(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        monkeypatch: pytest.MonkeyPatch, overwrite: bool) -> None:
+    """A Ctrl-C of ``pacs import`` (any exception) that arrives once SQLite committed
+    the row of an object written to the store directly: the row names that object,
+    which stays, unchanged; undone as after a failed commit, the row named none (or
+    the previous object, under the new one's checksum)."""
+    services = make_services(store=memory_store, intake_object_bytes=0)
+    if overwrite:
+        services.ingest.store_bytes(_bytes())
+    new = _bytes(StudyDescription="changed")
+    commit_all = Index.commit_all
+
+    def interrupted(index: Index, works: list[Any]) -> list[BaseException | None]:
+        commit_all(index, works)
+        raise KeyboardInterrupt  # the commit is on disk, its caller never hears
+
+    monkeypatch.setattr(Index, "commit_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        services.ingest.store_bytes(new)
+    monkeypatch.undo()
+    assert list(_stored(services).values()) == [new]
+    row = _row(services, dcmread(io.BytesIO(new)).SOPInstanceUID)
+    assert row is not None and row.checksum == hashlib.sha256(new).hexdigest()
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
