@@ -120,6 +120,21 @@ def main(ctx: click.Context, customer: str | None, data_dir: str | None,
     """pacs: a DIMSE-first PACS node (C-STORE, C-FIND, C-MOVE, C-GET, DICOMweb)."""
     ctx.obj = {k: v for k, v in {"CUSTOMER": customer, "PACS_DATA_DIR": data_dir,
                                  "PACS_STORAGE": storage}.items() if v is not None}
+    _interrupted_by(signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupted_by(*signals: signal.Signals) -> None:
+    """Stop a command on these signals as on Ctrl-C: by the same path, its exception
+    handlers and clean-up run (an interrupted ``pacs delete`` reports itself stopped
+    and forgets what it had not done, where a plain SIGTERM or a closed terminal
+    killed it with its removal left pending, finished silently at the next start).
+    ``pacs serve`` sets its own."""
+    def interrupt(number: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {number}")
+
+    if threading.current_thread() is threading.main_thread():
+        for number in signals:
+            signal.signal(number, interrupt)
 
 
 @main.command("config")

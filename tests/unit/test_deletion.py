@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -1078,3 +1081,55 @@ def test_a_removal_carried_out_again_that_fails_stays_pending(
     reconcile(services, full=False)
     assert reads.removals_pending(services.index.connection()) == []
     assert not {m[2] for m in made} & _uids(services)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGHUP])
+def test_pacs_delete_stopped_by_a_signal_is_stopped_as_by_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_number: int) -> None:
+    """``pacs delete`` stopped by SIGTERM (a service manager, a timeout) or SIGHUP (its
+    terminal closed) takes the way of Ctrl-C: stopped with what it did reported, and
+    what it had not done forgotten.  Killed by the signal instead, it left its removal
+    pending, and the next start of the node finished it without anyone asking."""
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+    from pacs.core import config, deletion
+    from pacs.core.services import build
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    settings = config.load(overrides={"PACS_DATA_DIR": str(tmp_path / "data")},
+                           env_file=None)
+    services = build(settings)
+    made = _study(services, count=6)
+    services.close()
+    monkeypatch.setattr(deletion, "chunks",
+                        lambda items: (items[i:i + 2] for i in range(0, len(items), 2)))
+    real = deletion.Deleter._remove_chunk
+    done: list[int] = []
+
+    def then_stopped(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)  # the chunk's rows and objects removed
+        done.append(1)
+        if len(done) == 1:
+            os.kill(os.getpid(), signal_number)
+
+    monkeypatch.setattr(deletion.Deleter, "_remove_chunk", then_stopped)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM,
+                                                                signal.SIGHUP)}
+    # Should the command not handle the signal, this test process must survive it.
+    signal.signal(signal_number, lambda *_: None)
+    try:
+        result = CliRunner().invoke(main, ["delete", "--yes", "--quiet", made[0][0]])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert result.exit_code != 0, result.output
+    services = build(settings)
+    try:
+        assert reads.removals_pending(services.index.connection()) == []
+        assert len(_uids(services) & {m[2] for m in made}) == 4  # the first chunk went
+        reconcile(services, full=False)  # the next start of the node
+        assert len(_uids(services) & {m[2] for m in made}) == 4
+    finally:
+        services.close()
