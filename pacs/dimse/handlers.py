@@ -26,7 +26,14 @@ same bytes for objects pydicom reads), each a limit of pynetdicom's public API:
   commitment reports), pynetdicom's association thread may take a response that
   arrives as it resumes from a pause for the request's sender, for a request it
   refuses ("Received unexpected ... service message"): the sender then has no answer
-  until the DIMSE timeout, and the instance counts as failed or is sent again.
+  until the DIMSE timeout, and the instance counts as failed or is sent again;
+* pynetdicom's decoding of an A-ASSOCIATE-RQ fails on an item or User Information
+  sub-item of a type it does not know (PS3.8 9.3.1 says to skip it): the association is
+  aborted; on an even context ID or a User Identity type outside 1-5 its DUL thread
+  ends with an error and the peer is answered by nothing (the seam,
+  :mod:`pacs.dimse.seam.reactor`, skips the first and aborts on the others);
+* a C-FIND or C-ECHO on a presentation context of another service is aborted (the
+  seam answers it 0211).
 
 Four handlers make pynetdicom's loops conformant where they are not: the requestor as
 Move Originator (:func:`handle_move`), no stale Remaining count in a final response

@@ -541,10 +541,14 @@ REJECT_MALFORMED = (0x01, 0x01, 0x01)
 
 def contexts_refusal(contexts: Any) -> str | None:
     """Why the presentation context items of an A-ASSOCIATE-RQ cannot be negotiated
-    (``None``: they can): each needs one Abstract Syntax and at least one Transfer
-    Syntax, its ID odd and unlike the others' (PS3.8 9.3.2.2).  pynetdicom's
-    negotiation ends its thread with an error on such an item, after the association
-    was admitted."""
+    (``None``: they can): there is one at least (PS3.8 9.3.2: "one or more
+    Presentation Context Items"; accepted without any, the association could carry
+    nothing, and its A-ASSOCIATE-AC would hold none, which 9.3.3 forbids too), and
+    each needs one Abstract Syntax and at least one Transfer Syntax, its ID odd and
+    unlike the others' (PS3.8 9.3.2.2).  pynetdicom's negotiation ends its thread with
+    an error on such an item, after the association was admitted."""
+    if not contexts:
+        return "no presentation context item"
     seen: set[int] = set()
     for context in contexts or ():
         number = context.context_id

@@ -77,7 +77,8 @@ def echo(node: RunningNode) -> bool:
     context(1, syntaxes=()),
     context(1, abstract=None),
     context(1) + context(1),
-], ids=["no-transfer-syntax", "no-abstract-syntax", "repeated-id"])
+    b"",
+], ids=["no-transfer-syntax", "no-abstract-syntax", "repeated-id", "no-context"])
 def test_contexts_that_cannot_be_negotiated_are_rejected_before_admission(
         node: RunningNode, contexts: bytes) -> None:
     """A-ASSOCIATE-RJ, rejected-permanent, service user, no reason given; the
@@ -112,6 +113,30 @@ def test_a_request_pynetdicom_cannot_read_is_aborted_by_the_provider(
         assert answer(peer) == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
         assert closed_by_peer(peer)
     assert echo(node)
+
+
+@pytest.mark.parametrize(("contexts", "user_extra"), [
+    (context(1), item(0x5F, b"unknown")),  # a User Information sub-item
+    (context(1) + item(0x60, b"unknown"), b""),  # an item beside the contexts
+], ids=["user-information-sub-item", "top-level-item"])
+@seam_only("pynetdicom's decoding aborts on an item type it does not know")
+def test_items_of_unknown_types_are_skipped(node: RunningNode, contexts: bytes,
+                                            user_extra: bytes) -> None:
+    """PS3.8 9.3.1: "Items of unrecognized types shall be ignored and skipped" (a
+    newer standard's item, a vendor's): the association is accepted, the context
+    with it (A-ASSOCIATE-AC, its Presentation Context Item's result 0)."""
+    with socket.create_connection(("127.0.0.1", node.port)) as peer:
+        peer.sendall(associate_rq(contexts, node.services.settings.ae_title, user_extra))
+        peer.settimeout(5)
+        head = peer.recv(6)
+        assert head[:1] == b"\x02", head  # A-ASSOCIATE-AC
+        body = b""
+        while len(body) < struct.unpack(">I", head[2:])[0]:
+            body += peer.recv(65536)
+        at = 68
+        while body[at] != 0x21:  # the Presentation Context Item (AC)
+            at += 4 + struct.unpack(">H", body[at + 2:at + 4])[0]
+        assert (body[at + 4], body[at + 6]) == (1, 0)  # context 1, acceptance
 
 
 CT = b"1.2.840.10008.5.1.4.1.1.2"

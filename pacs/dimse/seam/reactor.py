@@ -806,6 +806,8 @@ def _read_pdu(self: _DUL, raw: socket.socket) -> None:
         self.event_queue.put("Evt17")
         return
     _QUICKACK(raw)
+    if data[0] in _KNOWN_ITEMS:
+        data = known_items_only(data)
     try:
         pdu, event = self._decode_pdu(data)  # type: ignore[arg-type]
         if event == "Evt6":
@@ -824,6 +826,57 @@ def _read_pdu(self: _DUL, raw: socket.socket) -> None:
         return
     self.event_queue.put(event)
     self._recv_pdu.put(pdu)
+
+
+#: The item types pynetdicom decodes in an A-ASSOCIATE-RQ (PDU type 1) and -AC (2):
+#: Application Context, Presentation Context, User Information (PS3.8 9.3.2, 9.3.3).
+_KNOWN_ITEMS = {0x01: frozenset({0x10, 0x20, 0x50}), 0x02: frozenset({0x10, 0x21, 0x50})}
+#: The User Information sub-items it decodes (PS3.8 D.1, PS3.7 D.3.3).
+_KNOWN_USER_ITEMS = frozenset(range(0x51, 0x5A))
+#: Bytes before an A-ASSOCIATE-RQ/-AC's first item: the PDU header and its fixed fields.
+_FIXED = 6 + 68
+
+
+def known_items_only(data: bytes | bytearray) -> bytes | bytearray:
+    """An A-ASSOCIATE-RQ or -AC without the items, and User Information sub-items, of
+    types pynetdicom does not know, which it fails to decode where PS3.8 9.3.1 says
+    "Items of unrecognized types shall be ignored and skipped"; ``data`` itself when it
+    has none, or when an item's length overruns the PDU (decoded as it came, and
+    refused)."""
+    known = _KNOWN_ITEMS[data[0]]
+    kept = _items(data, _FIXED, len(data), known, user=True)
+    if kept is None:
+        return data
+    body = bytes(data[6:_FIXED]) + kept
+    return bytes(data[:2]) + struct.pack(">I", len(body)) + body
+
+
+def _items(data: bytes | bytearray, start: int, end: int, known: frozenset[int],
+           user: bool = False) -> bytes | None:
+    """The items of ``data[start:end]`` whose types are ``known`` (a User Information
+    item with its unknown sub-items left out too, when ``user``); ``None`` when none
+    is left out or the items do not fit."""
+    kept, dropped, at = [], False, start
+    while at < end:
+        if at + 4 > end:
+            return None
+        kind = data[at]
+        size = struct.unpack_from(">H", data, at + 2)[0]
+        if at + 4 + size > end:
+            return None
+        item = bytes(data[at:at + 4 + size])
+        if kind not in known:
+            dropped = True
+        elif user and kind == 0x50:
+            inner = _items(data, at + 4, at + 4 + size, _KNOWN_USER_ITEMS)
+            if inner is not None:
+                item = bytes(data[at:at + 2]) + struct.pack(">H", len(inner)) + inner
+                dropped = True
+            kept.append(item)
+        else:
+            kept.append(item)
+        at += 4 + size
+    return b"".join(kept) if dropped else None
 
 
 def _take(self: _DUL, raw: socket.socket, count: int, prefix: bytes | bytearray,
