@@ -155,6 +155,10 @@ def _association(settings: Settings, ae: Any) -> dict[str, Any]:
             {"when": "the Maximum Length the requestor announces is below "
                      f"{limits.MIN_PEER_PDU} bytes (0, no maximum, is served)",
              "result": 1, "source": 1, "reason": 1, "applies": True},
+            {"when": "the request holds no presentation context item, or one whose ID "
+                     "is even or repeated or that lacks its abstract or transfer "
+                     "syntax (PS3.8 9.3.2, 9.3.2.2)",
+             "result": 1, "source": 1, "reason": 1, "applies": True},
             {"when": "the worker holds PACS_MAX_ASSOCIATIONS associations, or "
                      "PACS_MAX_ASSOCIATIONS_PER_HOST from the peer's address, or (with "
                      "several customers) PACS_CUSTOMER_ASSOCIATION_SHARE of "
@@ -723,8 +727,14 @@ Each table lists SOP Classes accepted with the same transfer syntaxes.  **Select
 rule:** in each proposed presentation context the node accepts the first transfer
 syntax of *its* list (the order of the table) that the requestor proposed in that
 context (PS3.8 9.3.3.2 leaves the choice to the acceptor); the requestor's order does
-not matter.  A context that proposes none of them is rejected (transfer syntaxes not
-supported); a SOP Class not listed is rejected (abstract syntax not supported)."""]
+not matter.  One exception: in the storage contexts of a SOP Class whose SCP role the
+requestor takes by SCP/SCU Role Selection (a C-GET's, PS3.7 D.3.3.4), when no context
+of that class would otherwise get an uncompressed syntax and one proposes one,
+Explicit VR Little Endian, then Implicit VR Little Endian, come first: the node sends
+each object as stored or decompressed to those (it never compresses), so that every
+object it can decode reaches that requestor.  A context that proposes none of them is
+rejected (transfer syntaxes not supported); a SOP Class not listed is rejected
+(abstract syntax not supported)."""]
     for number, (service, members) in enumerate(_groups(data["presentation_contexts"]), 1):
         syntaxes = members[0]["transfer_syntaxes"]
         role = ("SCP; the requestor may take the SCP role through SCP/SCU Role Selection "
@@ -767,7 +777,8 @@ for each information model, what it supports of what was asked.
 
 ##### 3.2.3.3 SOP Specific Conformance
 
-- **Verification** (PS3.4 A): C-ECHO is always answered Success.
+- **Verification** (PS3.4 A): C-ECHO is answered Success, or `0124` (Refused: not
+  authorized) when the calling AE has no `echo` right (7.2).
 - **Storage** (PS3.4 B, level 2 (Full) storage: every element is kept): objects are
   stored byte for byte as received, in the transfer syntax of the presentation context,
   with the file meta information added; a C-STORE is answered only once the object and
