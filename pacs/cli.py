@@ -21,7 +21,7 @@ import click
 
 from pacs.core import config
 from pacs.core.audit import Participant
-from pacs.core.errors import InvalidInstance, NotFound, PacsError
+from pacs.core.errors import ConfigError, InvalidInstance, NotFound, PacsError
 from pacs.core.ingest import Outcome
 
 if TYPE_CHECKING:
@@ -182,9 +182,35 @@ def _build(settings: config.Settings, check_store: bool = True,
     from pacs.core.services import build
 
     try:
+        _refuse_upgrade_beside_a_node(settings)
         return build(settings, check_store=check_store, create_store=create_store)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _refuse_upgrade_beside_a_node(settings: config.Settings) -> None:
+    """Refuse to open an index of an older schema that another process has open (a
+    node of the previous pacs): opening it would upgrade it under that node, whose
+    processes then refuse it as newer than they are (a restarted mover would never
+    drain the intake).  Asked before this process opens the index.
+
+    Raises
+    ------
+    ConfigError
+        The index is older than this pacs and in use.
+    """
+    from pacs.core.index.migrations import MIGRATIONS, stored_version
+    from pacs.core.reindex import index_in_use
+
+    path = settings.index_path
+    if not path.exists() or not index_in_use(path):
+        return
+    version = stored_version(path)
+    if version < len(MIGRATIONS):
+        raise ConfigError(
+            f"the index {path} is of schema {version}, this pacs of {len(MIGRATIONS)}, "
+            "and another process (a running node) has it open: use that node's pacs, "
+            "or stop it and let this one upgrade the index")
 
 
 @main.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import apsw
 from pydicom.dataset import Dataset
@@ -457,3 +458,22 @@ def migrate(conn: apsw.Connection) -> int:
             conn.execute("ROLLBACK")
             raise
     return int(conn.pragma("user_version"))
+
+
+def stored_version(path: Path) -> int:
+    """The schema version of the index file at ``path``, read without writing it
+    (a read-only connection, closed at once; 0 for a file not yet migrated).
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read as a database.
+    """
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            return int(conn.pragma("user_version"))
+        finally:
+            conn.close()
+    except apsw.Error as exc:
+        raise ConfigError(f"cannot read the index {path}: {exc}") from exc
