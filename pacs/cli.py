@@ -92,7 +92,7 @@ def _refuse_another_name(ctx: click.Context, settings: config.Settings) -> None:
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     if (settings.customer != node.customer
-            and node.data_dir != Path("customer", node.customer).absolute()):
+            and node.data_dir != config.default_data_dir(node.customer).absolute()):
         raise click.ClickException(
             f"no customer {settings.customer!r}: this node serves {node.customer!r} "
             f"in {node.data_dir} (without PACS_CUSTOMERS_FILE, --customer names "

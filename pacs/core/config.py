@@ -711,12 +711,8 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"{setting.env}: {exc}") from None
     values["customer"] = validate_customer(values["customer"])
-    # With a customers file the data folder holds one folder per customer
-    # (pacs.core.customers); else it is the one customer's.
-    default_dir = Path("customer")
-    if not values["customers_file"]:
-        default_dir /= values["customer"]
-    values["data_dir"] = Path(values["data_dir"] or default_dir).absolute()
+    values["data_dir"] = Path(values["data_dir"] or default_data_dir(
+        None if values["customers_file"] else values["customer"])).absolute()
     values["destinations"] = parse_modalities(values["modalities"])
     values["routes"] = load_routes(values["routes_text"], values["routes_file"])
     check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"])
@@ -749,6 +745,13 @@ def check_folders(settings: Settings) -> None:
     trail = audit.audit_path(settings.audit_log, settings.data_dir)
     if trail is not None and Path(os.path.realpath(trail)).is_relative_to(uploads):
         raise ConfigError(f"PACS_AUDIT_LOG ({trail}) is in the upload folder ({uploads})")
+
+
+def default_data_dir(customer: str | None) -> Path:
+    """The data folder when ``PACS_DATA_DIR`` is not set, relative to the working
+    folder: ``customer/<CUSTOMER>``; with a customers file (``customer`` ``None``)
+    ``customer``, which holds one folder per customer (:mod:`pacs.core.customers`)."""
+    return Path("customer", customer) if customer is not None else Path("customer")
 
 
 def derive(settings: Settings, overrides: Mapping[str, str]) -> Settings:
