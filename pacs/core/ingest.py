@@ -94,7 +94,7 @@ from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
 from pacs.core.intake import BLOB_BYTES, IntakeStore, Refusals, check_room, file_name
 from pacs.core.offload import Offload
-from pacs.core.storage import Staged, object_key, put_many, read_bounded, staged
+from pacs.core.storage import Staged, folder_below, object_key, put_many, read_bounded, staged
 
 log = logging.getLogger(__name__)
 
@@ -1077,8 +1077,6 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
 
 #: Opening a file to store: never waiting (a FIFO without a writer opens at once).
 _OPEN_FILE = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-#: Opening a folder on the way to a file to store.
-_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def sender(calling_ae: str, requestor: Participant | None) -> Participant:
@@ -1150,21 +1148,13 @@ def _open_below(folder: Path, path: Path) -> io.BufferedReader:
         It cannot be opened.
     """
     *folders, name = path.relative_to(folder).parts
-    fd = os.open(folder, _FOLDER)
     try:
-        for part in folders:
-            try:
-                inner = os.open(part, _FOLDER | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped after the walk
-                    raise InvalidInstance("a folder on its path is a link; not "
-                                          "followed") from None
-                raise
-            os.close(fd)
-            fd = inner
-        return _open_regular(Path(name), follow_links=False, folder=fd)
-    finally:
-        os.close(fd)
+        with folder_below(folder, folders, follow_root=True) as fd:
+            return _open_regular(Path(name), follow_links=False, folder=fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a folder swapped after the walk
+            raise InvalidInstance("a folder on its path is a link; not followed") from None
+        raise
 
 
 def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:

@@ -68,8 +68,7 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,7 +86,7 @@ from pacs.core.errors import InvalidInstance, PacsError, logged_by_core
 from pacs.core.ingest import IMPORTED, Ingest, Outcome
 from pacs.core.logs import shown
 from pacs.core.services import Services
-from pacs.core.storage import read_bounded
+from pacs.core.storage import folder_below, read_bounded
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -103,8 +102,6 @@ REASON_SUFFIX = ".reason.txt"
 #: (its UserID is the node's AE title, as in every event the node writes itself).
 WATCHER_NAME = "upload folder watcher"
 
-#: A folder below the upload folder, reached without following a link.
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: An uploaded file: never through a link, and never blocking (a FIFO put in its place).
 _UPLOAD = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -157,31 +154,6 @@ class _Skip(Exception):
     def __init__(self, handled: Handled) -> None:
         super().__init__(handled.reason)
         self.handled = handled
-
-
-@contextmanager
-def _directory(root: Path, parts: Sequence[str], create: bool = False) -> Iterator[int]:
-    """A descriptor of ``root/parts...``, each part opened with ``O_NOFOLLOW``, the
-    root's last component too (an upload folder swapped for a link to another
-    customer's is not entered).
-
-    Raises
-    ------
-    OSError
-        A part is missing (unless ``create``), or a link (``ELOOP``) or not a folder.
-    """
-    fd = os.open(root, _DIRECTORY)
-    try:
-        for part in parts:
-            if create:
-                with suppress(FileExistsError):
-                    os.mkdir(part, dir_fd=fd)
-            inner = os.open(part, _DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def _exists(name: str, folder: int) -> bool:
@@ -473,7 +445,7 @@ class UploadWatcher:
         """
         parts = self._relative(path).parts
         try:
-            with _directory(self.folder, parts[:-1]) as folder:
+            with folder_below(self.folder, parts[:-1]) as folder:
                 mode = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False).st_mode
                 if stat.S_ISDIR(mode):  # a file swapped for a folder: the walk takes it
                     raise _Skip(Handled(path, Disposition.RETRY, "a folder now"))
@@ -528,13 +500,13 @@ class UploadWatcher:
         scans."""
         parts = self._relative(path).parts
         try:
-            with _directory(self.folder, parts[:-1]) as folder:
+            with folder_below(self.folder, parts[:-1]) as folder:
                 if not self._unchanged(parts[-1], folder, identity):
                     log.info("an uploaded file changed after it was stored; it is left "
                              "for the next scan")
                     return Handled(path, Disposition.RETRY, "changed after it was read")
                 if self.after_store == "archive":
-                    with _directory(self.folder, (ARCHIVE, *parts[:-1]), create=True) as to:
+                    with folder_below(self.folder, (ARCHIVE, *parts[:-1]), create=True) as to:
                         os.rename(parts[-1], _free_name(parts[-1], to),
                                   src_dir_fd=folder, dst_dir_fd=to)
                 else:
@@ -551,10 +523,10 @@ class UploadWatcher:
         log.debug("rejected upload %s: %s", path, reason)
         parts = self._relative(path).parts
         try:
-            with _directory(self.folder, parts[:-1]) as folder:
+            with folder_below(self.folder, parts[:-1]) as folder:
                 if not self._unchanged(parts[-1], folder, identity):
                     return Handled(path, Disposition.RETRY, "changed after it was read")
-                with _directory(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
+                with folder_below(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
                     name = _free_name(parts[-1], to, REASON_SUFFIX)
                     os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
                     self._explain(to, name + REASON_SUFFIX, path, reason)

@@ -61,6 +61,7 @@ from pacs.core.storage.base import (
     Usage,
     digest,
     exists,
+    folder_below,
     is_object_key,
     local_path,
     object_key,
@@ -80,7 +81,8 @@ if TYPE_CHECKING:
     from pacs.core.config import Settings
 
 __all__ = ["BatchPut", "LateWrites", "LocalFiles", "ModifiedTimes", "ObjectStore", "Quarantine",
-           "RandomAccess", "Staged", "Staging", "Usage", "digest", "exists", "is_object_key",
+           "RandomAccess", "Staged", "Staging", "Usage", "digest", "exists", "folder_below",
+           "is_object_key",
            "local_path", "object_key", "open_ranged", "open_seekable", "open_store",
            "put_each", "put_many", "quarantine_folder", "read_bounded", "read_object",
            "spooled_copy", "staged", "usage"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -344,6 +345,43 @@ def digest(store: ObjectStore, key: str, limit: int | None = None) -> tuple[str,
             if limit is not None and size > limit:
                 break
     return hashed.hexdigest(), size
+
+
+#: A folder on the way to a file, never through a link.
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextmanager
+def folder_below(root: Path, parts: Sequence[str], *, follow_root: bool = False,
+                 create: bool = False) -> Iterator[int]:
+    """A descriptor of ``root/parts...``, each part opened from the one before with
+    ``O_NOFOLLOW``, and the root's last component too unless ``follow_root`` (an
+    operator named it): a folder swapped for a link on the way is refused, not
+    followed, whenever the swap happened.
+
+    Parameters
+    ----------
+    create : bool
+        Make each missing part.
+
+    Raises
+    ------
+    OSError
+        A part is missing (unless ``create``), or a link (``ELOOP``) or not a folder
+        (``ENOTDIR``).
+    """
+    fd = os.open(root, _FOLDER & ~os.O_NOFOLLOW if follow_root else _FOLDER)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            inner = os.open(part, _FOLDER, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def read_bounded(stream: BinaryIO, limit: int | None) -> bytes:
