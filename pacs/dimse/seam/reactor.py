@@ -806,9 +806,9 @@ def _read_pdu(self: _DUL, raw: socket.socket) -> None:
         self.event_queue.put("Evt17")
         return
     _QUICKACK(raw)
-    if data[0] in _KNOWN_ITEMS:
-        data = known_items_only(data)
     try:
+        if data[0] in _KNOWN_ITEMS:
+            data = known_items_only(data)
         pdu, event = self._decode_pdu(data)  # type: ignore[arg-type]
         if event == "Evt6":
             # Its primitive is made later, by the state machine's action (AE-6), where
