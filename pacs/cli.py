@@ -270,8 +270,9 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                  customer.settings.storage)
 
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    # A closed terminal (SIGHUP) stops it as SIGTERM does.
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, lambda *_: stopping.set())
     # The web workers read the settings themselves: give them this run's overrides,
     # and the data folder and customers file as resolved here (they need not share our
     # working folder).

@@ -128,11 +128,15 @@ def test_sigterm_when_idle_exits_cleanly(node_factory: Callable[..., Node]) -> N
     assert "stopped" in node.log()
 
 
-def test_ctrl_c_exits_cleanly(node_factory: Callable[..., Node]) -> None:
-    """Ctrl-C in a terminal: SIGINT to the whole foreground process group."""
-    node = node_factory("sigint")
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_ctrl_c_or_a_closed_terminal_exits_cleanly(node_factory: Callable[..., Node],
+                                                   number: int) -> None:
+    """Ctrl-C in a terminal (SIGINT), or the terminal closed (SIGHUP), to the whole
+    foreground process group: the node stops as on SIGTERM."""
+    node = node_factory("sigint" if number == signal.SIGINT else "sighup")
     node.assert_serving()
-    assert node.terminate(signal.SIGINT, group=True) == 0
+    assert node.terminate(number, group=True) == 0
+    assert "stopped" in node.log()
 
 
 @pytest.mark.dimse
