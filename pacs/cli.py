@@ -134,7 +134,8 @@ def _interrupted_by(*signals: signal.Signals) -> None:
 
     if threading.current_thread() is threading.main_thread():
         for number in signals:
-            signal.signal(number, interrupt)
+            if signal.getsignal(number) is not signal.SIG_IGN:  # nohup's stays
+                signal.signal(number, interrupt)
 
 
 @main.command("config")
@@ -270,9 +271,10 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                  customer.settings.storage)
 
     stopping = threading.Event()
-    # A closed terminal (SIGHUP) stops it as SIGTERM does.
+    # A closed terminal (SIGHUP) stops it as SIGTERM does, unless run under nohup.
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(number, lambda *_: stopping.set())
+        if signal.getsignal(number) is not signal.SIG_IGN or number != signal.SIGHUP:
+            signal.signal(number, lambda *_: stopping.set())
     # The web workers read the settings themselves: give them this run's overrides,
     # and the data folder and customers file as resolved here (they need not share our
     # working folder).

@@ -842,9 +842,10 @@ def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
     called AE titles and settings), serving until SIGTERM or SIGINT, or until its
     ``parent`` (``pacs serve``) is gone."""
     stopping = threading.Event()
-    # A closed terminal (SIGHUP) stops it as SIGTERM does.
+    # A closed terminal (SIGHUP) stops it as SIGTERM does, unless run under nohup.
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(number, lambda *_: stopping.set())
+        if signal.getsignal(number) is not signal.SIG_IGN or number != signal.SIGHUP:
+            signal.signal(number, lambda *_: stopping.set())
     # pacs serve checked the stores.  One worker: one set of services, one storage
     # commitment reporter and one audit per customer.
     customers = Customers([(titles, build(own, check_store=False)) for titles, own in served],

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,6 +141,29 @@ def test_ctrl_c_or_a_closed_terminal_exits_cleanly(node_factory: Callable[..., N
     node.assert_serving()
     assert node.terminate(number, group=True) == 0
     assert "stopped" in node.log()
+
+
+def test_under_nohup_a_closed_terminal_leaves_the_node_serving(tmp_path: Path) -> None:
+    """``nohup pacs serve &``: SIGHUP is ignored, and stays so for the node and its
+    workers, which go on serving when the terminal closes."""
+    node = Node(tmp_path / "nohup")
+    node.root.mkdir(parents=True, exist_ok=True)
+    with open(node.log_path, "ab") as log:
+        node.proc = subprocess.Popen(["nohup", sys.executable, "-m", "pacs", "serve"],
+                                     cwd=node.root, env=node.env, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while " listening on " not in node.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert " listening on " in node.log(), node.log()
+        os.killpg(node.proc.pid, signal.SIGHUP)  # the terminal went away
+        time.sleep(2)
+        assert node.proc.poll() is None, node.log()
+        node.assert_serving()
+    finally:
+        node.stop()
 
 
 @pytest.mark.dimse
