@@ -92,6 +92,9 @@ class Delivery:
     #: Seconds the destination asked to be left alone before the next attempt (an
     #: HTTP ``Retry-After``), for a :attr:`Result.RETRY`; ``None``: not asked.
     retry_after: float | None = None
+    #: False for a :attr:`Result.RETRY` of an instance the destination never saw
+    #: (its association ended before it): not counted as passed over.
+    offered: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "detail", one_line(self.detail, DETAIL_CHARS))
@@ -280,6 +283,7 @@ class Outbox:
         done: list[tuple[int, int]] = []
         refused: list[tuple[int, int, str]] = []
         retry: list[tuple[tuple[int, int], str]] = []
+        offered: set[tuple[int, int]] = set()  # of those, the ones the destination saw
         asked = 0.0  # the longest wait the destination asked for, within retry_max
         for entry, delivery in zip(entries, deliveries, strict=True):
             if delivery.result is Result.SENT:
@@ -288,6 +292,8 @@ class Outbox:
                 refused.append((entry.key, entry.change_seq, delivery.detail))
             else:
                 retry.append(((entry.key, entry.change_seq), delivery.detail))
+                if delivery.offered:
+                    offered.add((entry.key, entry.change_seq))
                 asked = max(asked, min(delivery.retry_after or 0.0, self.retry_max))
         wait = None
         with self.index.write() as conn:
@@ -297,7 +303,8 @@ class Outbox:
                 # after a growing backoff; one passed over PASSED_OVER times is kept as
                 # failed (as a refused one), so that it cannot hold the queue's head,
                 # taking a batch's place in each attempt.
-                stuck = set(table.passed_over(conn, [key for key, _ in retry], PASSED_OVER))
+                stuck = set(table.passed_over(
+                    conn, [key for key, _ in retry if key in offered], PASSED_OVER))
                 refused += [(key, seq, f"passed over {PASSED_OVER} times: {detail}")
                             for (key, seq), detail in retry if (key, seq) in stuck]
                 retry = [(key, detail) for key, detail in retry if key not in stuck]

@@ -118,7 +118,8 @@ class DimseSender:
             accepted = handlers.accepted_contexts(assoc)
             for message_id, ref in enumerate(refs, start=1):
                 if not assoc.is_established:
-                    deliveries.append(Delivery(Result.RETRY, "association ended"))
+                    deliveries.append(Delivery(Result.RETRY, "association ended",
+                                               offered=False))
                     continue
                 deliveries.append(self._store(assoc, accepted, ref, message_id))
         finally:

@@ -234,6 +234,35 @@ def test_an_instance_a_working_destination_keeps_passing_over_is_kept_as_failed(
     assert _waiting(outbox) == [bad]
 
 
+class Ending(Recorder):
+    """Takes two instances per association, which then ends: the rest never seen."""
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        self.batches.append([ref.sop_uid for ref in refs])
+        return [Delivery(Result.SENT) if n < 2 else
+                Delivery(Result.RETRY, "association ended", offered=False)
+                for n in range(len(refs))]
+
+
+def test_instances_a_destination_never_saw_are_not_passed_over(
+        services: Services) -> None:
+    """An association that ends after two instances (a peer's own limit, an abort):
+    the rest of the batch was never offered, so never counted as passed over, and all
+    arrive in turn, none kept as failed."""
+    outbox = _outbox(services, "all: -> PEER", batch=12, retry_max=600.0)
+    sops = [_store(services) for _ in range(12)]
+    outbox.feed()
+    sender = Ending()
+    forwarder = Forwarder(outbox, {"PEER": sender}, services.audit)
+    for _ in range(6):
+        forwarder.deliver_once("PEER")
+        with services.index.write() as conn:
+            conn.execute("UPDATE forward_destination SET next_attempt = 0")
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (0, 0)
+    assert [sop for batch in sender.batches for sop in batch[:2]] == sops
+
+
 def test_nothing_taken_backs_the_destination_off_without_counting_the_instances(
         services: Services) -> None:
     """A batch the destination took none of says nothing about its instances (the
