@@ -280,7 +280,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Viewer server (gunicorn) worker processes, each with PACS_WEB_THREADS threads.",
             int),
     Setting("PACS_UPLOADS_DIR", "uploads_path", "",
-            "Upload folder watched for dropped DICOM files; empty means <data folder>/uploads."),
+            "Upload folder watched for dropped DICOM files; empty means <data folder>/uploads. "
+            "Outside the data folder, or inside its uploads folder (the node's own files "
+            "elsewhere in it are refused)."),
     Setting("PACS_UPLOADS_POLL", "uploads_poll", "2",
             "Seconds between scans of the upload folder; 0 turns the watcher off.", float),
     Setting("PACS_UPLOADS_AFTER_STORE", "uploads_after_store", "delete",
@@ -723,17 +725,18 @@ def load(
 
 
 def check_folders(settings: Settings) -> None:
-    """Refuse an upload folder that is the data folder or holds it, or the audit
-    trail: the watcher takes every file it finds there as an upload and removes those
-    it stored or found stored already, so it would delete the store's objects (each
-    the same as the object it names) and move the index's lock files away.  The
-    default upload folder is inside the data folder, which is fine: the watcher reads
-    its own folder only.
+    """Refuse an upload folder that holds any of the node's own files: the data
+    folder, or a folder inside it other than its ``uploads`` (the objects, the intake,
+    the locks, the quarantine), or the audit trail.  The watcher takes every file it
+    finds there as an upload and removes those it stored or found stored already, so
+    it would delete the store's objects (each the same as the object it names) and
+    move the index's lock files away.  Outside the data folder, or its default place
+    ``<data>/uploads``, it reads nothing of the node's.
 
     Raises
     ------
     ConfigError
-        The folders overlap that way.
+        The upload folder is one of those places.
     """
     from pacs.core import audit  # the trail's default place is the audit module's
 
@@ -742,6 +745,10 @@ def check_folders(settings: Settings) -> None:
     if data.is_relative_to(uploads):
         raise ConfigError(f"PACS_UPLOADS_DIR ({uploads}) holds the data folder ({data}): "
                           "the watcher would take the stored objects for uploads")
+    if uploads.is_relative_to(data) and not uploads.is_relative_to(data / "uploads"):
+        raise ConfigError(f"PACS_UPLOADS_DIR ({uploads}) is inside the data folder "
+                          f"({data}), not in its uploads folder: the watcher would take "
+                          "the node's own files (stored objects) for uploads")
     trail = audit.audit_path(settings.audit_log, settings.data_dir)
     if trail is not None and Path(os.path.realpath(trail)).is_relative_to(uploads):
         raise ConfigError(f"PACS_AUDIT_LOG ({trail}) is in the upload folder ({uploads})")

@@ -150,7 +150,11 @@ def test_an_upload_folder_holding_the_data_folder_is_refused(
         config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": "trail",
                                "PACS_AUDIT_LOG": "trail/audit.jsonl"},
                     environ={}, env_file=None)
-    # Its default place, and any folder beside or inside the data folder, are fine.
-    for fine in ("", "data/uploads", "elsewhere"):
+    for inside in ("data/objects", "data/objects/1.2.3", "data/intake", "data/locks"):
+        with pytest.raises(ConfigError, match="inside the data folder"):
+            config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": inside},
+                        environ={}, env_file=None)
+    # Its default place (and below it), and any folder outside the data folder.
+    for fine in ("", "data/uploads", "data/uploads/ct", "elsewhere"):
         assert config.load(overrides={"PACS_DATA_DIR": "data", "PACS_UPLOADS_DIR": fine},
                            environ={}, env_file=None).uploads_dir
