@@ -181,7 +181,7 @@ class Access:
         self.policy = policy if policy is not None else access_policy(settings)
         self.open = settings.web_open
         self.delete = settings.web_delete
-        self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
+        self.hosts = frozenset(host_name(name).rstrip(".") for name in settings.web_hosts)
         self.site = settings.customer  # whose users a claimed name is counted among
         self.logins = logins if logins is not None else LoginLimiter.of(settings)
         self.trail = trail
@@ -198,7 +198,7 @@ class Access:
         browser, which always sends one)."""
         if not host:
             return True
-        name = host_name(host)
+        name = host_name(host).rstrip(".")  # a fully qualified name's root dot
         return names_loopback(name) or name in self.hosts
 
     def identify(self, remote_addr: str | None, authorization: str | None,

@@ -155,7 +155,7 @@ def test_open_on_purpose_answers_its_own_names_only(
     client = testing.TestClient(create_app(make_services(web_open=True,
                                                          web_hosts=("pacs.example.org",))))
     for host in ("10.0.0.5:5985", "[fd00::5]:5985", "localhost:5985", "pacs.example.org",
-                 "PACS.example.org:5985"):
+                 "PACS.example.org:5985", "pacs.example.org.:5985"):
         result = client.simulate_get("/studies", remote_addr="10.1.2.3",
                                      headers={"Host": host})
         assert result.status_code == 200, host
