@@ -70,33 +70,10 @@ def _settings(ctx: click.Context, **overrides: Any) -> config.Settings:
     from pacs.core.customers import chosen
 
     settings = _node_settings(ctx, **overrides)
-    _refuse_another_name(ctx, settings)
     try:
         return chosen(settings).settings
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _refuse_another_name(ctx: click.Context, settings: config.Settings) -> None:
-    """Without a customers file, refuse ``--customer`` naming another customer than
-    ``CUSTOMER`` while ``PACS_DATA_DIR`` names a folder of its own: the command would
-    act on that customer's data under another name (its audit events filed under it,
-    on S3 another bucket prefix beside the same index).  Without ``PACS_DATA_DIR`` each
-    name has its own folder (``customer/<name>``), and the name chooses it."""
-    if settings.customers_file or "CUSTOMER" not in (ctx.obj or {}):
-        return
-    base = dict(ctx.obj or {})
-    base.pop("CUSTOMER")
-    try:
-        node = config.load(overrides=base)
-    except PacsError as exc:
-        raise click.ClickException(str(exc)) from None
-    if (settings.customer != node.customer
-            and node.data_dir != config.default_data_dir(node.customer).absolute()):
-        raise click.ClickException(
-            f"no customer {settings.customer!r}: this node serves {node.customer!r} "
-            f"in {node.data_dir} (without PACS_CUSTOMERS_FILE, --customer names "
-            "CUSTOMER, or another customer's folder when PACS_DATA_DIR is not set)")
 
 
 def _customer_option(command: Any) -> Any:

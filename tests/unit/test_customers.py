@@ -266,27 +266,3 @@ def test_without_a_default_the_root_is_not_found() -> None:
                 lambda status, headers: statuses.append(status)))
     assert statuses == ["404 Not Found"]
 
-
-def test_without_a_customers_file_customer_names_the_folder_s_customer_only(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``PACS_DATA_DIR`` names customer acme's folder: ``--customer typo`` would act on
-    acme's data under another name (its audit events filed under it, another bucket
-    prefix on S3), so it is refused; without ``PACS_DATA_DIR`` a name chooses its own
-    folder (``customer/<name>``)."""
-    from click.testing import CliRunner
-
-    from pacs.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("CUSTOMER", "acme")
-    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "acme-data"))
-    runner = CliRunner()
-    for args in (["--customer", "typo", "config"], ["config", "--customer", "typo"]):
-        refused = runner.invoke(main, args)
-        assert refused.exit_code == 1, refused.output
-        assert "no customer 'typo': this node serves 'acme'" in refused.output
-    assert runner.invoke(main, ["config", "--customer", "acme"]).exit_code == 0
-    monkeypatch.delenv("PACS_DATA_DIR")
-    chosen = runner.invoke(main, ["config", "--customer", "north"])
-    assert chosen.exit_code == 0, chosen.output
-    assert str(tmp_path / "customer" / "north") in chosen.output
