@@ -247,15 +247,13 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                  ", ".join(customer.ae_titles), customer.settings.data_dir,
                  customer.settings.storage)
 
+    from pacs.core.net import SERVE_PID, stop_on_signals
+
     stopping = threading.Event()
-    # A closed terminal (SIGHUP) stops it as SIGTERM does, unless run under nohup.
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(number) is not signal.SIG_IGN or number != signal.SIGHUP:
-            signal.signal(number, lambda *_: stopping.set())
+    stop_on_signals(stopping)
     # The web workers read the settings themselves: give them this run's overrides,
     # and the data folder and customers file as resolved here (they need not share our
     # working folder).
-    from pacs.core.net import SERVE_PID
 
     environment = {**overrides, "PACS_DATA_DIR": str(settings.data_dir),
                    SERVE_PID: str(os.getpid())}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -46,6 +47,14 @@ def stop_when_orphaned(stop: Callable[[], None], what: str,
     thread = threading.Thread(target=watch, name="pacs-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def stop_on_signals(stopping: threading.Event) -> None:
+    """Set ``stopping`` on SIGTERM, SIGINT and SIGHUP (a closed terminal stops a process
+    of the node as SIGTERM does), an ignored SIGHUP left ignored (run under nohup)."""
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(number) is not signal.SIG_IGN or number != signal.SIGHUP:
+            signal.signal(number, lambda *_: stopping.set())
 
 
 def listening_socket(address: str, port: int, backlog: int) -> socket.socket:

@@ -35,7 +35,7 @@ from pacs.core.access import AccessPolicy
 from pacs.core.audit import AuditTrail, Participant
 from pacs.core.config import Settings
 from pacs.core.customers import customers as customers_of
-from pacs.core.net import listening_socket, stop_when_orphaned, worker_count
+from pacs.core.net import listening_socket, stop_on_signals, stop_when_orphaned, worker_count
 from pacs.core.offload import cannot_start_thread
 from pacs.core.services import Services, build
 from pacs.dimse import contexts, handlers, limits, seam, tls
@@ -842,10 +842,7 @@ def _worker(settings: Settings, served: list[tuple[tuple[str, ...], Settings]],
     called AE titles and settings), serving until SIGTERM or SIGINT, or until its
     ``parent`` (``pacs serve``) is gone."""
     stopping = threading.Event()
-    # A closed terminal (SIGHUP) stops it as SIGTERM does, unless run under nohup.
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(number) is not signal.SIG_IGN or number != signal.SIGHUP:
-            signal.signal(number, lambda *_: stopping.set())
+    stop_on_signals(stopping)
     # pacs serve checked the stores.  One worker: one set of services, one storage
     # commitment reporter and one audit per customer.
     customers = Customers([(titles, build(own, check_store=False)) for titles, own in served],
