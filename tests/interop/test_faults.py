@@ -562,6 +562,9 @@ def test_index_locked_by_another_writer(node_factory: Callable[..., Node]) -> No
     before = node.resources()
 
     holder = apsw.Connection(str(node.data_dir / "index.sqlite"))
+    # The node's own writers (its intake's mover) may hold the lock a moment: wait for
+    # their turn to end, as they do for ours.
+    holder.set_busy_timeout(30_000)
     holder.execute("BEGIN IMMEDIATE")
     try:
         stow_answer: list[requests.Response] = []
