@@ -156,12 +156,13 @@ def _refuse_lost_index(settings: config.Settings) -> None:
 
 
 def _build(settings: config.Settings, check_store: bool = True,
-           create_store: bool = True) -> Any:
+           create_store: bool = True, claim: bool = False) -> Any:
     from pacs.core.services import build
 
     try:
         _refuse_upgrade_beside_a_node(settings)
-        return build(settings, check_store=check_store, create_store=create_store)
+        return build(settings, check_store=check_store, create_store=create_store,
+                     claim=claim)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -224,7 +225,7 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
     for customer in served:
         _refuse_lost_index(customer.settings)
         shared = _index_shared(customer.settings)  # asked before this process opens it
-        services = _build(customer.settings)
+        services = _build(customer.settings, claim=True)
         if shared:
             # Another node on this data folder (it keeps the ports, and this one stops
             # when it cannot bind them), or a command at work: its temporary files and

@@ -382,6 +382,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     _refuse_if_in_use(index_path)
     _refuse_if_intake_holds(index_path)
     removed = _tombstones(index_path)
+    owner = _owner(index_path)
     # The index as the checks left it (closed): anything that writes to it while the
     # rebuild runs (a node started and stopped, pacs import, pacs delete) changes it,
     # and the swap would throw that away.
@@ -404,6 +405,9 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     new = Index(new_path)
     try:
         migrate(new.connection())
+        if owner is not None:
+            with new.write() as conn:
+                writer.claim_owner(conn, owner)
         _keep_tombstones(new, removed)
         notes = _fill(new, store, keys, dated, analysers, readers, report, on_object,
                       removed)
@@ -595,6 +599,18 @@ def _tombstones(index_path: Path) -> dict[str, reads.TombstoneRow]:
         if "tombstone" not in reads.tables(conn):
             return {}
         return {row.sop_uid: row for row in reads.tombstones(conn)}
+    finally:
+        conn.close()
+
+
+def _owner(index_path: Path) -> str | None:
+    """The customer the previous index records as its owner, kept by the rebuilt one
+    (none without an index, or one that records none)."""
+    if not index_path.exists():
+        return None
+    conn = connect(index_path)
+    try:
+        return reads.owner(conn) if "owner" in reads.tables(conn) else None
     finally:
         conn.close()
 

@@ -17,10 +17,10 @@ from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.deletion import Deleter
-from pacs.core.errors import StoreMissing
-from pacs.core.index import reads
+from pacs.core.errors import ConfigError, StoreMissing
+from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, busy_timeout_for
-from pacs.core.index.migrations import migrate
+from pacs.core.index.migrations import is_new, migrate
 from pacs.core.ingest import Ingest
 from pacs.core.intake import (
     FILES_FOLDER,
@@ -79,7 +79,7 @@ class Services:
 def build(settings: Settings, store: ObjectStore | None = None, *,
           check_store: bool = True, create_store: bool = True,
           analysers: AnalyserPool | None = None, logins: LoginLimiter | None = None,
-          synced: bool = True) -> Services:
+          synced: bool = True, claim: bool = False) -> Services:
     """Open (and migrate) the index and the object store the settings name.
 
     Parameters
@@ -109,18 +109,25 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     synced : bool
         The index commits are synced (:func:`pacs.core.index.connection.connect`);
         only the intake's mover process opens its index without.
+    claim : bool
+        Record ``settings.customer`` as the index's owner when none is recorded
+        (``pacs serve``: the node names the customer of its data folder); a new index
+        is always claimed by whoever creates it (:func:`check_owner`).
 
     Raises
     ------
     ConfigError
-        When ``check_store`` and the store cannot be reached or used.
+        When ``check_store`` and the store cannot be reached or used, or when the
+        index belongs to another customer.
     """
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
                   synced=synced)
+    fresh = is_new(index.connection())
     migrate(index.connection())
+    check_owner(index, settings.customer, claim=claim or fresh)
     backend = store if store is not None else _open_store(settings, index, check_store,
                                                           create_store)
     if isinstance(backend, LateWrites):  # every unanswered write recorded, by whoever
@@ -140,6 +147,31 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
                     commitments=commitments(settings, index),
                     audit=audit_trail(settings, index), access=policy,
                     logins=logins if logins is not None else LoginLimiter.of(settings))
+
+
+def check_owner(index: Index, customer: str, claim: bool) -> None:
+    """Refuse an index that another customer owns; with ``claim``, record ``customer``
+    as its owner when none is recorded.
+
+    Without a customers file, ``CUSTOMER`` (``--customer``) and ``PACS_DATA_DIR`` are set
+    apart: a mistyped name beside the right folder would act on that customer's index
+    under another name - its audit events filed under it, on S3 its objects looked for
+    under another key prefix (every one of them then missing to ``pacs fsck``).  An
+    index made before owners were recorded stays unclaimed until ``pacs serve`` opens it.
+
+    Raises
+    ------
+    ConfigError
+        The index records another owner.
+    """
+    if claim:
+        with index.write() as conn:
+            writer.claim_owner(conn, customer)
+    owner = reads.owner(index.connection())
+    if owner is not None and owner != customer:
+        raise ConfigError(
+            f"the index {index.path} is customer {owner!r}'s, not {customer!r}'s: check "
+            "CUSTOMER (--customer) and PACS_DATA_DIR")
 
 
 def _open_store(settings: Settings, index: Index, check: bool, create: bool) -> ObjectStore:

@@ -314,6 +314,21 @@ def test_fsck_refuses_a_missing_index(tmp_path: Path) -> None:
     assert not (node.data_dir / "nosuch").exists() and not node.data_dir.exists()
 
 
+def test_commands_refuse_another_customers_index(tmp_path: Path) -> None:
+    """A mistyped ``--customer`` beside the right ``PACS_DATA_DIR`` (no customers
+    file): the commands refuse the index, which records the customer that made it,
+    instead of acting on it under the other name; the right name still works."""
+    node = _imported(tmp_path, "owned", 2, CUSTOMER="acme")
+    counts = index_counts(node.data_dir)
+    for command in (("fsck", "--repair"), ("status",)):
+        refused = node.cli(*command, "--customer", "acme-typo")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "is customer 'acme''s, not 'acme-typo''s" in refused.stderr
+    assert index_counts(node.data_dir) == counts
+    clean = node.cli("fsck", "--repair")
+    assert clean.returncode == 0 and "index and store agree" in clean.stdout, clean.stdout
+
+
 def test_fsck_on_a_wrong_bucket_changes_nothing(
         tmp_path: Path, seaweed_s3: SeaweedS3) -> None:  # noqa: F811 - the fixture
     """S3: a PACS_S3_BUCKET that does not exist is reported, not created; one that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -34,3 +35,27 @@ def test_a_missing_objects_folder_under_an_index_with_instances_is_refused(
     # Without the check (a worker of a running node) it opens, and makes nothing.
     build(settings, check_store=False).close()
     assert not settings.objects_dir.exists()
+
+
+def test_an_index_refuses_another_customers_name(settings: config.Settings) -> None:
+    """A mistyped ``--customer`` beside the right ``PACS_DATA_DIR`` is refused, not run
+    on that index under the other name (on S3: beside another key prefix)."""
+    build(settings).close()  # a new index: its creator's customer owns it
+    with pytest.raises(ConfigError, match="customer 'default'"):
+        build(replace(settings, customer="typo"))
+    with pytest.raises(ConfigError, match="customer 'default'"):
+        build(replace(settings, customer="typo"), claim=True)
+    build(settings, claim=True).close()
+
+
+def test_an_unclaimed_index_is_claimed_by_the_node(settings: config.Settings) -> None:
+    """An index made before owners were recorded opens under any name until the node
+    (``claim``) records its own."""
+    services = build(settings)
+    with services.index.write() as conn:
+        conn.execute("DELETE FROM owner")
+    services.close()
+    build(replace(settings, customer="other")).close()  # a command: no claim
+    build(settings, claim=True).close()
+    with pytest.raises(ConfigError, match="customer 'default'"):
+        build(replace(settings, customer="other"))

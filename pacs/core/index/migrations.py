@@ -421,12 +421,25 @@ def _outbox_attempts(conn: apsw.Connection) -> None:
         conn.execute("ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
 
 
+def _owner(conn: apsw.Connection) -> None:
+    """``owner``: the customer whose index this is (one row,
+    :func:`pacs.core.services.check_owner`), so that a process given another customer's
+    name for this data folder (a mistyped ``--customer`` beside ``PACS_DATA_DIR``)
+    refuses it instead of acting on it under that name (on S3, beside another
+    customer's key prefix)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS owner (\n"
+        "  single INTEGER PRIMARY KEY CHECK (single = 1),\n"
+        "  customer TEXT NOT NULL\n"
+        ")")
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
-    _intake_files, _object_deletions, _outbox_attempts)
+    _intake_files, _object_deletions, _outbox_attempts, _owner)
 
 
 def migrate(conn: apsw.Connection) -> int:
@@ -458,6 +471,11 @@ def migrate(conn: apsw.Connection) -> int:
             conn.execute("ROLLBACK")
             raise
     return int(conn.pragma("user_version"))
+
+
+def is_new(conn: apsw.Connection) -> bool:
+    """True for an index no migration has run on yet (a file just made)."""
+    return int(conn.pragma("user_version")) == 0
 
 
 def stored_version(path: Path) -> int:

@@ -661,6 +661,13 @@ def counts(conn: apsw.Connection) -> dict[str, int]:
             for level in Level}
 
 
+@_read("owner")
+def owner(conn: apsw.Connection) -> str | None:
+    """The customer recorded as the index's owner; ``None`` when none is recorded."""
+    row = conn.execute("SELECT customer FROM owner").fetchone()
+    return str(row[0]) if row else None
+
+
 @_read("size sum")
 def indexed_bytes(conn: apsw.Connection) -> int:
     """The sum of the indexed objects' sizes."""

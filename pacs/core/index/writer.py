@@ -301,6 +301,11 @@ def backfill_metadata(conn: apsw.Connection, key: int, checksum: str, json: str,
     conn.execute(_BACKFILL_METADATA_SQL, (pixel_offset, pixel_length, json, key, checksum))
 
 
+def claim_owner(conn: apsw.Connection, customer: str) -> None:
+    """Record ``customer`` as the index's owner, unless one is recorded already."""
+    conn.execute("INSERT OR IGNORE INTO owner (single, customer) VALUES (1, ?)", (customer,))
+
+
 # --- the intake (pacs.core.intake) ---------------------------------------------------------
 
 def intake_add(conn: apsw.Connection, key: str, data: bytes, checksum: str,
