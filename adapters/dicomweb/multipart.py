@@ -1,9 +1,11 @@
 """``multipart/related`` (RFC 2387 over RFC 2046 5.1) read as a stream, and written.
 
 Reading never holds the whole body: it reads fixed-size chunks, keeps each part in
-memory up to :data:`SPOOL_MEMORY_BYTES` (on disk beyond), and
-yields a part only once its closing delimiter has arrived, so a truncated part is
-never handed on.  What it accepts, because real clients send it:
+memory up to :data:`SPOOL_MEMORY_BYTES` (on disk beyond), and yields a part only once
+its closing delimiter line has arrived whole and proven one (RFC 2046 5.1.1: padding
+and a line break after the delimiter, or ``--``), so neither a truncated part nor one
+cut short by its boundary inside its data is handed on.  What it accepts, because real
+clients send it:
 
 - the boundary quoted (dicomweb-client: ``boundary="0f3c…"``) or bare;
 - a preamble before the first delimiter, transport padding after a delimiter,
@@ -223,15 +225,24 @@ def read_parts(stream: Readable, boundary: str, *, chunk_bytes: int = CHUNK_BYTE
     reader = _Reader(stream, chunk_bytes)
     delimiter = b"--" + boundary.encode("latin-1")
     _skip_preamble(reader, delimiter)
+    closed = _at_close_delimiter(reader)
     count = 0
-    while True:
-        if _at_close_delimiter(reader):
-            return
+    while not closed:
         count += 1
         if count > max_parts:
             raise MultipartError(f"more than {max_parts} parts")
         headers = _headers(reader)
-        yield _body(reader, CRLF + delimiter, headers, max_part_bytes, spool_dir)
+        part = _body(reader, CRLF + delimiter, headers, max_part_bytes, spool_dir)
+        try:
+            # The line the part's delimiter begins must be one (RFC 2046 5.1.1): a
+            # boundary inside the data followed by anything else is a malformed body,
+            # not the end of a part, whose bytes before it may read as a shorter
+            # instance.  Proven before the part is handed on.
+            closed = _at_close_delimiter(reader)
+        except BaseException:
+            part.body.close()
+            raise
+        yield part
 
 
 def _skip_preamble(reader: _Reader, delimiter: bytes) -> None:
@@ -245,15 +256,35 @@ def _skip_preamble(reader: _Reader, delimiter: bytes) -> None:
 
 
 def _at_close_delimiter(reader: _Reader) -> bool:
-    """After a delimiter: ``--`` closes the body; otherwise padding then CRLF."""
+    """After a delimiter: ``--`` closes the body, then transport padding and a line
+    break before the epilogue, or the body's end; otherwise padding then a line break
+    (RFC 2046 5.1.1).
+
+    Raises
+    ------
+    MultipartError
+        Anything else follows the delimiter: the boundary occurred inside a part's data.
+    """
     reader.need(2)
     if reader.buffer.startswith(b"--"):
+        del reader.buffer[:2]
+        # The epilogue after the line break is ignored; the body may end instead.
+        while (b"\n" not in reader.buffer and len(reader.buffer) <= MAX_HEADER_BYTES
+               and reader.fill()):
+            pass
+        _padding_only(reader.buffer.split(b"\n", 1)[0])
         return True
     end = reader.find(b"\n", MAX_HEADER_BYTES, "a delimiter line")
-    if reader.buffer[:end].rstrip(b"\r").strip(b" \t"):
-        raise MultipartError("unexpected bytes after a boundary delimiter")
+    _padding_only(reader.buffer[:end])
     del reader.buffer[:end + 1]
     return False
+
+
+def _padding_only(line: bytes | bytearray) -> None:
+    """Raise :class:`MultipartError` unless the rest of a delimiter line is transport
+    padding (and the carriage return of its line break)."""
+    if line.rstrip(b"\r").strip(b" \t"):
+        raise MultipartError("unexpected bytes after a boundary delimiter")
 
 
 def _headers(reader: _Reader) -> dict[str, str]:

@@ -306,6 +306,26 @@ def test_body_broken_after_a_stored_part(client: testing.TestClient,
     assert stored(services) == {uids(good).SOPInstanceUID}
 
 
+@pytest.mark.parametrize("inside", [b"XYZ", b"--"], ids=["delimiter", "close-delimiter"])
+def test_a_boundary_inside_a_part_stores_nothing_cut_off(client: testing.TestClient,
+                                                         services: Services,
+                                                         inside: bytes) -> None:
+    """The boundary inside an instance's data, just before its Pixel Data, followed by
+    more of it: what precedes reads as a whole instance without pixels.  It is not
+    stored as such, nor is a whole instance after it dropped under a 200 (RFC 2046
+    5.1.1; PS3.18 10.5.3: 200 only when every instance was stored)."""
+    cut, after = instance(), instance()
+    pixels = cut.index(b"\xe0\x7f\x10\x00")
+    delimiter = b"\r\n--" + BOUNDARY.encode()
+    payload = (b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+               + cut[:pixels] + delimiter + inside + cut[pixels:] + delimiter
+               + b"\r\nContent-Type: application/dicom\r\n\r\n" + after + delimiter
+               + b"--\r\n")
+    result = post(client, payload)
+    assert result.status_code == 400, result.text
+    assert stored(services) == set()
+
+
 # --- malformed requests: 4xx with a reason, nothing stored ---------------------------------
 
 @pytest.mark.parametrize("payload, content_type, status", [

@@ -107,6 +107,34 @@ def test_parts_before_a_break_are_complete() -> None:
         next(reader)
 
 
+@pytest.mark.parametrize("body", [
+    # The boundary inside the first part's data, followed by more data: not a delimiter
+    # line; what precedes it may read as a whole (shorter) instance.
+    b"--b0undary\r\n\r\nhead\r\n--b0undaryXYZ tail\r\n--b0undary--\r\n",
+    # A close delimiter inside the data, the rest of the part and another part after it.
+    b"--b0undary\r\n\r\nhead\r\n--b0undary--tail\r\n--b0undary\r\n\r\nnext"
+    b"\r\n--b0undary--\r\n",
+])
+@pytest.mark.parametrize("size", [1, 3, 1 << 20])
+def test_a_part_is_not_handed_on_before_its_delimiter_line_is_proven(
+        body: bytes, size: int) -> None:
+    """RFC 2046 5.1.1: a delimiter line holds the delimiter, transport padding and a
+    line break, or closes the body with ``--``; a body that breaks it fails before the
+    part it ends is yielded, so a cut-off instance is never stored."""
+    reader = read_parts(Trickle(body, size), "b0undary", chunk_bytes=size)
+    with pytest.raises(MultipartError, match="unexpected bytes after a boundary"):
+        next(reader)
+
+
+@pytest.mark.parametrize("ending", [b"", b"  \t", b"\r\n", b" \r\nepilogue",
+                                    b"\nepilogue\r\n--b0undary\r\n"])
+@pytest.mark.parametrize("size", [1, 3, 1 << 20])
+def test_what_may_follow_the_close_delimiter(ending: bytes, size: int) -> None:
+    """The body's end, transport padding, or a line break and an epilogue."""
+    body = b"--b0undary\r\n\r\nonly\r\n--b0undary--" + ending
+    assert parse(body, size=size) == [({}, b"only")]
+
+
 @pytest.mark.parametrize("limits, message", [
     ({"max_parts": 2}, "more than 2 parts"),
 ])
