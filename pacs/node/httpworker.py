@@ -505,11 +505,14 @@ class SpoolReader:
     """``wsgi.input``: a :class:`Spool` read from its start.
 
     A read returns what it asks for, waiting while the body is still arriving; it
-    returns less only at the end of the body.  When the client stopped sending (the
-    spool was aborted, or nothing came within the timeout) a read past what arrived
-    raises :class:`~pacs.core.errors.IncompleteBody` rather than ending the body
-    there: a single ``application/dicom`` body cut at an element boundary reads as a
-    whole, shorter object, and must not be stored as one.
+    returns less at the end of the body, or, asked for so many bytes, when the client
+    stopped sending (the spool was aborted, or nothing came within the timeout) after
+    some of them arrived.  A read that finds nothing more of a body the client stopped
+    sending, or a read of all of it, raises
+    :class:`~pacs.core.errors.IncompleteBody` rather than ending the body there: a
+    single ``application/dicom`` body cut at an element boundary reads as a whole,
+    shorter object, and must not be stored as one; the parts of a multipart body that
+    arrived whole before the stop are.
     """
 
     def __init__(self, spool: Spool, timeout: float) -> None:
@@ -528,14 +531,17 @@ class SpoolReader:
     def read(self, size: int | None = -1) -> bytes:
         """``size`` bytes (all the rest when ``size`` is negative or None)."""
         wanted = -1 if size is None or size < 0 else size
+        whole = wanted < 0
         parts: list[bytes] = []
         spool = self._spool
         with spool.changed:
             while wanted != 0:
                 available = self._wait()
                 if not available:
-                    if not spool.finished:
+                    if not spool.finished and (not parts or whole):
                         raise IncompleteBody("the request body stopped before its end")
+                    # What a read of so many bytes found before the client stopped is
+                    # returned first (the whole parts in it are stored); the next raises.
                     break
                 take = available if wanted < 0 else min(available, wanted)
                 parts.append(spool.take(self._position, take))

@@ -169,6 +169,17 @@ def test_a_body_that_stops_arriving_is_incomplete(tmp_path: Path) -> None:
         reader.read(2000)
 
 
+def test_what_arrived_before_a_stop_is_read_before_the_error(tmp_path: Path) -> None:
+    """A read of so many bytes returns what arrived before the client stopped (the
+    multipart parts whole in it are stored, not dropped); the next read raises."""
+    spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
+    spool.write(b"k" * 1000)
+    reader = spool.reader(timeout=0.1)
+    assert reader.read(2000) == b"k" * 1000
+    with pytest.raises(IncompleteBody):
+        reader.read(1000)
+
+
 def test_a_body_with_nothing_more_within_the_timeout_is_incomplete(tmp_path: Path) -> None:
     spool = Spool(Budget(1 << 20), str(tmp_path), 3000)
     spool.write(b"k" * 1000)
