@@ -63,6 +63,21 @@ def test_multiple_values() -> None:
     assert negotiated is not None and negotiated.all_terms
 
 
+@pytest.mark.parametrize("keyword, raw", [
+    ("Modality", "CT\\MR"),                    # CS, VM 1
+    ("StudyID", "S1\\S2"),                     # SH, VM 1
+    ("StudyDate", "20200101\\20210101-"),      # DA: not a VR of C.2.2.2.8
+    ("PatientName", "DOE^J*\\ROE^R*"),         # PN, VM 1
+])
+def test_multiple_value_matching_leaves_single_valued_keys_alternatives(
+        keyword: str, raw: str) -> None:
+    """C.2.2.2.8 applies to the VRs it names and a defined VM greater than one: any
+    other key's values stay alternatives, negotiated or not (all of them would match
+    nothing a single value holds)."""
+    found = constraint(BY_KEYWORD[keyword], raw, multiple_value_matching=True)
+    assert found is not None and len(found.terms) == 2 and not found.all_terms
+
+
 def test_empty_value_matching_only_when_negotiated() -> None:
     assert constraint(BY_KEYWORD["AccessionNumber"], '""').terms[0].match is Match.SINGLE
     found = constraint(BY_KEYWORD["AccessionNumber"], '""', empty_value_matching=True)

@@ -5,7 +5,8 @@ One small function per matching type; the VR decides which types apply:
 - wildcards ``*`` and ``?`` only on AE CS LO LT PN SH ST UC UR UT (C.2.2.2.4);
 - ranges only on DA TM DT (C.2.2.2.5); a ``-`` in any other VR is a literal character;
 - a ``\\``-separated value is a UID list on UI (C.2.2.2.2), and on other VRs a list of
-  values of which any may match (or all, with negotiated multiple-value matching,
+  values of which any may match (or all, with negotiated multiple-value matching, on an
+  attribute of a VR of :data:`ALL_VALUES_VRS` whose values may be multiple,
   C.2.2.2.8).
 """
 
@@ -17,6 +18,10 @@ from pacs.core.query.model import Constraint, Match, Term
 
 WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 RANGE_VRS = frozenset({"DA", "TM", "DT"})
+#: The VRs whose keys match all of their values with negotiated multiple value matching,
+#: when the attribute's defined VM is greater than one (C.2.2.2.8); any other key's
+#: values stay alternatives.
+ALL_VALUES_VRS = frozenset({"AE", "AS", "AT", "CS", "LO", "PN", "SH", "UC"})
 
 #: ``""`` (two QUOTATION MARKs): matches an empty or absent value (C.2.2.2.7).
 EMPTY_VALUE = '""'
@@ -51,7 +56,9 @@ def constraint(attribute: Attribute, raw: str, *, empty_value_matching: bool = F
     terms = tuple(term(attribute, v) for v in values if v)
     if not terms:
         return None
-    return Constraint(attribute, terms, all_terms=multiple_value_matching and len(terms) > 1)
+    every = (multiple_value_matching and attribute.multi and attribute.vr in ALL_VALUES_VRS
+             and len(terms) > 1)
+    return Constraint(attribute, terms, all_terms=every)
 
 
 def universal(attribute: Attribute, value: str) -> bool:
