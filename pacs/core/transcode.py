@@ -535,7 +535,7 @@ def _decoded_into(header: FileDataset, body: BinaryIO, syntax: UID, implicit: bo
     out.write(_element_head(0x7FE00010, vr, 0, implicit))
     arrays = chain([first[0]], (frame for frame, _ in frames))
     del first  # not held while the other frames are decoded
-    length = _write_frames(arrays, out)
+    length = _write_frames(arrays, out, options["number_of_frames"])
     out.seek(at)
     out.write(_element_head(0x7FE00010, vr, length, implicit))
     out.seek(0, io.SEEK_END)
@@ -628,22 +628,29 @@ def _describe(header: FileDataset, pixel_module: dict[str, Any], frames: int) ->
         header.NumberOfFrames = frames
 
 
-def _write_frames(frames: Iterator[Any], out: BinaryIO) -> int:
+def _write_frames(frames: Iterator[Any], out: BinaryIO, declared: int) -> int:
     """Decoded frames written one by one (padded to an even length, PS3.5 7.1.1);
     the value's length.
 
     Raises
     ------
     UnreadableData
-        The value would pass a 32-bit length (PS3.5 7.1.2).
+        The value would pass a 32-bit length (PS3.5 7.1.2), or the frames decoded are
+        not the ``declared`` Number of Frames: an object whose Pixel Data would not
+        hold the frames its Image Pixel module describes (PS3.3 C.7.6.3) is not sent
+        as a converted instance.
     """
-    length = 0
+    length = count = 0
     for frame in frames:
         data = frame.tobytes()
         length += len(data)
+        count += 1
         if length >= 0xFFFFFFFF:
             raise UnreadableData("the decoded pixel data is longer than a value may be")
         out.write(data)
+    if count != declared:
+        raise UnreadableData(f"the encapsulated pixel data holds {count} frames, not the "
+                             f"{declared} declared")
     if length % 2:
         out.write(b"\x00")
         length += 1

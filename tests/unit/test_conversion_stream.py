@@ -223,3 +223,16 @@ def test_an_extended_offset_table_of_another_vr_refuses_the_conversion() -> None
     ds.save_as(out, enforce_file_format=True)
     with pytest.raises(UnreadableData, match="Extended Offset Table"):
         _into_file(out.getvalue(), ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("declared", [1, 3])
+def test_frames_other_than_the_declared_number_refuse_the_conversion(declared: int) -> None:
+    """Two RLE frames stored under a Number of Frames of 1 or 3: the converted
+    object's Pixel Data would not hold the frames its Image Pixel module describes, so
+    it is not made (a retrieval counts the instance failed, never sends it as whole)."""
+    ds = pydicom.dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    ds.NumberOfFrames = declared
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(UnreadableData, match=f"holds 2 frames, not the {declared} declared"):
+        _streamed(buffer.getvalue(), ExplicitVRLittleEndian)
