@@ -337,6 +337,28 @@ def test_person_name_groups(services: Services) -> None:
         assert _accessions(_find(services, PatientName=value)) == [], value
 
 
+def test_names_of_multi_valued_and_grouped_person_names(services: Services) -> None:
+    """PS3.4 C.2.2.3 with PS3.5 6.2.1: each name of a multi-valued PN attribute
+    matches by its component groups as a single name does (the alphabetic group, or
+    ``=`` and the ideographic one); a wildcard without ``=`` fits any group of a name."""
+    services.ingest.store_bytes(make_instance(
+        AccessionNumber="N1", ReferringPhysicianName="Yamada^Tarou=山田^太郎",
+        NameOfPhysiciansReadingStudy=["Smith^Bob=スミス^ボブ", "Jones^Al"]))
+    services.ingest.store_bytes(make_instance(
+        AccessionNumber="N2", NameOfPhysiciansReadingStudy=["Bobson^Smith"]))
+    for keys, expected in (
+            ({"NameOfPhysiciansReadingStudy": "Smith^Bob"}, ["N1"]),
+            ({"NameOfPhysiciansReadingStudy": "smith^bob"}, ["N1"]),
+            ({"NameOfPhysiciansReadingStudy": "=スミス^ボブ"}, ["N1"]),
+            ({"NameOfPhysiciansReadingStudy": "Jones^Al"}, ["N1"]),
+            ({"NameOfPhysiciansReadingStudy": "Smith"}, []),
+            ({"NameOfPhysiciansReadingStudy": "*Bob"}, ["N1"]),
+            ({"NameOfPhysiciansReadingStudy": "Bob*"}, ["N2"]),
+            ({"ReferringPhysicianName": "*Tarou"}, ["N1"]),
+            ({"ReferringPhysicianName": "*太郎"}, ["N1"])):
+        assert sorted(a for a in _accessions(_find(services, **keys)) if a) == expected, keys
+
+
 # Attributes of patients are attributes of studies (PS3.4 C.3.2): two studies of one
 # Patient ID, each sent with its own name, birth date, sex and other IDs.
 OWN = {

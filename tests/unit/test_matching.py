@@ -27,6 +27,7 @@ from pacs.core.query.model import Match
     ("StudyTime", "1010", Match.RANGE, ("101000", "101099.999999")),
     ("StudyTime", "080000-120000.5", Match.RANGE, ("080000", "120000.599999")),
     ("StudyTime", "10:10", Match.RANGE, ("101000", "101099.999999")),
+    ("StudyTime", "235960", Match.RANGE, ("235960", "235960.999999")),  # a leap second
 ])
 def test_value_syntax(keyword: str, raw: str, match: Match, operands: tuple) -> None:
     found = constraint(BY_KEYWORD[keyword], raw)
@@ -90,6 +91,10 @@ def test_empty_value_matching_only_when_negotiated() -> None:
     # digits of other scripts are not digits of a DA / TM value; no month 13 or day 32
     ("StudyDate", "²²²²"), ("StudyTime", "1010.²"), ("StudyDate", "20151301-"),
     ("StudyDate", "-20150132"), ("StudyDate", "201500"), ("StudyDate", "20150100"),
+    # PS3.5 Table 6.2-1: HH 00-23, MM 00-59, SS 00-60, in pairs, a fraction after SS
+    ("StudyTime", "2460"), ("StudyTime", "99"), ("StudyTime", "123"),
+    ("StudyTime", "1261-"), ("StudyTime", "-120061"), ("StudyTime", "1200.5"),
+    ("StudyTime", "120000.1234567"),
 ])
 def test_malformed_ranges(keyword: str, raw: str) -> None:
     with pytest.raises(InvalidQuery):

@@ -57,6 +57,11 @@ def test_fits_agrees_with_the_reference_on_every_small_case() -> None:
     ("YAMADA^TAROU=山田^太郎=やまだ^たろう", "==やまだ*", False, True, True),
     ("YAMADA^TAROU", "=山田*", False, True, False),              # a missing group is empty
     ("YAMADA^TAROU", "YAMADA*=", False, True, True),
+    ("YAMADA^TAROU=山田^太郎", "*TAROU", False, True, True),    # without '=': any group
+    ("YAMADA^TAROU=山田^太郎", "*太郎", False, True, True),
+    ("YAMADA^TAROU=山田^太郎", "Y*郎", False, True, False),      # within one group
+    ("SMITH^BOB=スミス^ボブ\\JONES^AL", "*BOB", True, True, True),
+    ("SMITH^BOB=スミス^ボブ\\JONES^AL", "*AL", True, True, True),
     (None, "*", False, False, False),
 ])
 def test_matches(stored: str | None, value: str, multi: bool, person: bool,

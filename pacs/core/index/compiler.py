@@ -204,24 +204,34 @@ class _Where:
             return self._fuzzy(target, norm(term.value), term.match)
         if term.match is Match.WILDCARD:
             return self._wildcard(target, norm(term.value), attribute)
+        if attribute.vr == "PN":
+            return self._person_name(target, norm(term.value), attribute.multi)
         if attribute.multi:
             return self._glob(target, glob_literal(norm(term.value)), True)
-        if attribute.vr == "PN":
-            return self._person_name(target, norm(term.value))
         self.params.append(norm(term.value))
         return f"{target} = ?"
 
-    def _person_name(self, target: str, value: str) -> str:
-        """Single value matching of PN per component group (PS3.5 6.2.1).
+    def _person_name(self, target: str, value: str, multi: bool) -> str:
+        """Single value matching of PN per component group (PS3.5 6.2.1), of any of
+        the stored names of a multi-valued attribute (C.2.2.3).
 
         A value without ``=`` is the alphabetic group and matches a stored name whose
         alphabetic group equals it (ideographic and phonetic groups may follow); a value
-        starting with ``=`` names the ideographic (and phonetic) group.
+        starting with ``=`` names the ideographic (and phonetic) group.  Each pattern
+        ends a name at the end of the text, a ``=`` that begins its next group or, of
+        a multi-valued attribute, the ``\\`` before the next name.
         """
         literal = glob_literal(value)
         if value.startswith("="):
-            return self._globs(target, "*" + literal, "*" + literal + "=*")
-        return self._globs(target, literal, literal + "=*")
+            patterns = ["*" + literal, "*" + literal + "=*"]
+            if multi:
+                patterns.append("*" + literal + "\\*")
+            return self._globs(target, *patterns)
+        patterns = [literal, literal + "=*"]
+        if multi:
+            patterns += [literal + "\\*", "*\\" + literal, "*\\" + literal + "\\*",
+                         "*\\" + literal + "=*"]
+        return self._globs(target, *patterns)
 
     def _sequence(self, column: str, attribute: Attribute, term: Term) -> str:
         """C.2.2.2.6: some item of the stored sequence (JSON) matches every item key.
@@ -257,17 +267,22 @@ class _Where:
         ``dicom_wildcard`` decides (:mod:`pacs.core.index.wildcards`).  A name's
         pattern naming component groups (``=山田*``) is matched by that function alone.
         """
-        grouped = attribute.vr == "PN" and "=" in value
+        person = attribute.vr == "PN"
         pattern = glob_wildcard(value)
-        if not grouped and not attribute.multi:
+        if not person and not attribute.multi:
             return self._glob(target, pattern, False)
-        if grouped:
+        if person and ("=" in value or attribute.multi):
             coarse = f"length({target}) <= {MAX_VALUE_CHARS}"
+        elif person:
+            # Some component group fits: the first (alone, or before the others), the
+            # last, or one between.
+            coarse = self._globs(target, pattern, pattern + "=*", "*=" + pattern,
+                                 "*=" + pattern + "=*")
         else:
             coarse = self._glob(target, pattern, True)
         self.params.append(value)
         return (f"({coarse} AND dicom_wildcard({target}, ?, {int(attribute.multi)}, "
-                f"{int(grouped)}))")
+                f"{int(person)}))")
 
     def _fuzzy(self, target: str, value: str, match: Match) -> str:
         """QIDO fuzzy matching: any name component starting with the value."""

@@ -42,8 +42,8 @@ def matches(stored: str | None, value: str, multi: bool, person: bool) -> bool:
     run of characters, ``?`` one, anything else itself), one value at a time for a
     multi-valued attribute (C.2.2.3); for a person's name, a value naming component
     groups with ``=`` (PS3.5 6.2.1) is matched group by group (``=山田*``: the
-    ideographic group; an empty group matches any), one without against the whole name
-    (the alphabetic group first, as the index's prefix matching has it).
+    ideographic group; an empty group matches any), one without against each group
+    (``*Tarou`` and ``*太郎`` both find ``Yamada^Tarou=山田^太郎``).
 
     Case is the caller's: the compiler gives a folded column and an upper-cased value
     where names match without case (:meth:`pacs.core.index.compiler._Where._term`).
@@ -53,6 +53,10 @@ def matches(stored: str | None, value: str, multi: bool, person: bool) -> bool:
     grouped = person and "=" in value
     groups = value.split("=") if grouped else [value]
     for one in stored.split("\\") if multi else [stored]:
+        if person and not grouped:
+            if any(fits(group, value) for group in one.split("=")):
+                return True
+            continue
         have = one.split("=") if grouped else [one]
         have += [""] * (len(groups) - len(have))
         if all(not pattern or fits(part, pattern)

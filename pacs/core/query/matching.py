@@ -129,6 +129,16 @@ def _valid_month_day(digits: str) -> bool:
             and (len(digits) < 8 or 1 <= int(digits[6:8]) <= 31))
 
 
+def _valid_time(digits: str, fraction: str) -> bool:
+    """A TM value's digits (PS3.5 Table 6.2-1): HH, HHMM or HHMMSS of an hour 00-23, a
+    minute 00-59 and a second 00-60 (a leap second), a fraction of at most six digits
+    only after the seconds."""
+    if len(digits) not in (2, 4, 6) or len(fraction) > 6 or (fraction and len(digits) < 6):
+        return False
+    limits = (23, 59, 60)
+    return all(int(digits[i:i + 2]) <= limits[i // 2] for i in range(0, len(digits), 2))
+
+
 _DIGITS = {"DA": 8, "TM": 6, "DT": 14}
 _DATE_END = {4: "1231", 6: "31", 8: ""}
 
@@ -152,7 +162,8 @@ def _normalise(attribute: Attribute, text: str, upper: bool) -> str:
     if vr == "DT":
         whole = whole.split("+")[0]
     size = _DIGITS[vr]
-    if not _digits(whole) or len(whole) > size or (fraction and not _digits(fraction)):
+    if (not _digits(whole) or len(whole) > size or (fraction and not _digits(fraction))
+            or (vr == "TM" and not _valid_time(whole, fraction))):
         raise InvalidQuery(f"{attribute.keyword}: not a {vr} value")
     if upper:
         return whole + "9" * (size - len(whole)) + "." + (fraction + "999999")[:6]
