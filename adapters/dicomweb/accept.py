@@ -223,15 +223,22 @@ def choose(accept: Accept, offers: Callable[[MediaRange], Iterable[Offer[_T]]]
     Each distinct representation is weighed once: a header may repeat an alternative
     thousands of times, and weighing scans every range.
     """
+    return next(acceptable(accept, offers), None)
+
+
+def acceptable(accept: Accept, offers: Callable[[MediaRange], Iterable[Offer[_T]]]
+               ) -> Iterator[tuple[MediaRange, _T]]:
+    """Every representation :func:`choose` could answer with, best first, each once:
+    the alternatives to fall back on when the first cannot be made after all (stored
+    pixel data that does not decode)."""
     refused: dict[tuple[str, tuple[tuple[str, str], ...]], bool] = {}
     for media in accept:
         for offer in offers(media):
             key = (offer.kind, tuple(sorted(offer.params.items())))
             if key not in refused:
                 refused[key] = accept.refuses(offer.kind, offer.params)
-            if not refused[key]:
-                return media, offer.value
-    return None
+                if not refused[key]:
+                    yield media, offer.value
 
 
 def _ranges(header: str) -> Iterator[MediaRange]:

@@ -56,6 +56,10 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (StudyMismatch, Outcome(falcon.HTTP_409, 0xC409, "Study Instance UID mismatch")),
     (errors.InvalidUID, Outcome(falcon.HTTP_400, 0x0117, "Invalid UID")),
     (errors.UIDMismatch, Outcome(falcon.HTTP_400, 0xA900, "UID mismatch")),
+    # A retrieval that needs stored pixel data decoded that no decoder here decodes:
+    # no acceptable representation can be made (the alternatives the Accept header
+    # allows are tried first, adapters/dicomweb/wado.py).
+    (errors.CannotDecode, Outcome(falcon.HTTP_406, 0xC000, "Cannot decode the stored pixels")),
     (errors.UnreadableData, Outcome(falcon.HTTP_400, 0xC000, "Unreadable data")),
     (errors.DuplicateRejected, Outcome(falcon.HTTP_409, 0x0111, "Duplicate SOP Instance")),
     (errors.ObjectTooLarge, Outcome(falcon.HTTP_413, 0xA700, "Object too large")),
@@ -91,9 +95,21 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
 #: Anything else is a bug of ours: Processing failure (PS3.7 C.5.2).
 UNEXPECTED = Outcome(falcon.HTTP_500, 0x0110, "Internal error")
 
+#: A stored object that does not read as the instance it was stored as, met while it
+#: is retrieved: the node's failure (a damaged store), not the client's request.
+DAMAGED = Outcome(falcon.HTTP_500, 0x0110, "Stored object unreadable")
 
-def outcome_for(exc: BaseException) -> Outcome:
-    """The row of :data:`TABLE` for ``exc`` (:data:`UNEXPECTED` when none matches)."""
+#: Methods that only read what is stored.
+_READS = frozenset({"GET", "HEAD"})
+
+
+def outcome_for(exc: BaseException, reading: bool = False) -> Outcome:
+    """The row of :data:`TABLE` for ``exc`` (:data:`UNEXPECTED` when none matches);
+    ``reading``: raised by a request that only reads, where unreadable data is a stored
+    object's (:data:`DAMAGED`), not a sent one's."""
+    if (reading and isinstance(exc, errors.UnreadableData)
+            and not isinstance(exc, errors.CannotDecode)):
+        return DAMAGED
     return next((outcome for kind, outcome in TABLE if isinstance(exc, kind)), UNEXPECTED)
 
 
@@ -111,7 +127,7 @@ def handle(req: falcon.Request, resp: falcon.Response, exc: BaseException,
     falcon.HTTPError
         Always; falcon serializes it with :func:`serialize`.
     """
-    outcome = outcome_for(exc)
+    outcome = outcome_for(exc, reading=req.method in _READS)
     if outcome is UNEXPECTED:
         log.exception("%s %s failed unexpectedly", req.method, req.path)
         raise falcon.HTTPError(outcome.status, title=outcome.title)

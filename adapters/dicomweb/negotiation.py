@@ -1,6 +1,8 @@
 """Content negotiation of the JSON answers (PS3.18 8.7.3.5, 8.7.5).
 
-QIDO-RS, STOW-RS and WADO-RS metadata answer with ``application/dicom+json`` only.
+QIDO-RS, STOW-RS and WADO-RS metadata answer with DICOM JSON only, labelled
+``application/dicom+json``, or ``application/json`` for a client that accepts that and
+not the other.
 What the client accepts is read as for every other resource, by the one parser of
 :mod:`adapters.dicomweb.accept`: the ``accept`` query parameter when it is given, which
 replaces the Accept header (PS3.18 8.3.3.1), else the header, spelled in any case, with
@@ -20,11 +22,19 @@ from adapters.dicomweb import accept, dicomjson
 JSON_TYPES = (dicomjson.MEDIA_TYPE, falcon.MEDIA_JSON)
 
 
-def accepts_json(req: falcon.Request) -> bool:
-    """True when the request accepts DICOM JSON (see the module docstring): its most
-    specific range that names ``application/dicom+json`` allows it (so that
+def json_type(req: falcon.Request) -> str | None:
+    """The media type a DICOM JSON answer to the request is labelled with (see the
+    module docstring); ``None`` when it accepts none.
+
+    ``application/dicom+json`` when its most specific range allows it (so that
     ``application/dicom+json;q=0`` refuses it whatever ``*/*`` allows, RFC 9110
-    12.5.1), or an acceptable alternative names ``application/json`` itself."""
+    12.5.1); else ``application/json`` when an acceptable alternative names it itself:
+    the same body, under the name the client accepts.
+    """
     ranges = accept.from_request(req)
-    return (ranges.weight(dicomjson.MEDIA_TYPE) > 0
-            or any(media.kind == falcon.MEDIA_JSON for media in ranges))
+    if ranges.weight(dicomjson.MEDIA_TYPE) > 0:
+        return dicomjson.MEDIA_TYPE
+    if any(media.kind == falcon.MEDIA_JSON for media in ranges) \
+            and not ranges.refuses(falcon.MEDIA_JSON):
+        return falcon.MEDIA_JSON
+    return None

@@ -28,7 +28,7 @@ import falcon
 
 from adapters.dicomweb import dicomjson, search, urls
 from adapters.dicomweb.errors import Unacceptable
-from adapters.dicomweb.negotiation import accepts_json
+from adapters.dicomweb.negotiation import json_type
 from adapters.http import CLIENT_GONE
 from pacs.core.attributes import Level
 from pacs.core.errors import NotFound
@@ -109,7 +109,8 @@ class Search:
     def on_get(self, req: falcon.Request, resp: falcon.Response, study: str | None = None,
                series: str | None = None) -> None:
         """Search (PS3.18 10.6.1); see the module docstring for the answers."""
-        if not accepts_json(req):
+        answered_as = json_type(req)
+        if answered_as is None:
             raise Unacceptable("QIDO-RS answers with application/dicom+json only")
         path_uids = {k: v for k, v in (("StudyInstanceUID", study),
                                        ("SeriesInstanceUID", series)) if v is not None}
@@ -127,7 +128,7 @@ class Search:
             remaining = self._remaining(query, len(results), gone, deadline)
             if remaining > 0:
                 resp.append_header("Warning", additional_results(req, remaining))
-        resp.content_type = dicomjson.MEDIA_TYPE
+        resp.content_type = answered_as
         resp.data = self._body(results, urls.service_root(req, self.prefix), deadline)
 
     def _body(self, results: list[Result], root: str, deadline: Deadline) -> bytes:

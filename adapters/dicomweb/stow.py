@@ -69,7 +69,7 @@ from adapters.dicomweb.errors import (
     outcome_for,
     reason,
 )
-from adapters.dicomweb.negotiation import accepts_json
+from adapters.dicomweb.negotiation import json_type
 from adapters.http.audit import note_stored, requestor_of
 from adapters.http.auth import Access
 from pacs.core import audit
@@ -359,7 +359,8 @@ class Store:
         """Store Instances (PS3.18 10.5); see the module docstring for the answers."""
         if study is not None:
             study = require_uid(study, "StudyInstanceUID in the path")
-        if not accepts_json(req):
+        answered_as = json_type(req)
+        if answered_as is None:
             raise Unacceptable("STOW-RS answers with application/dicom+json only")
         # Back-pressure before the body is read: 503 with Retry-After.
         self.services.ingest.check_room()
@@ -376,7 +377,7 @@ class Store:
         note_stored(req, ((s.study_uid, s.sop_class_uid, s.action, s.patient)
                           for s in report.stored))
         resp.status = report.status()
-        resp.content_type = dicomjson.MEDIA_TYPE
+        resp.content_type = answered_as
         resp.data = dicomjson.dumps(report.response(urls.service_root(req, self.prefix), study))
 
     def _store_all(self, parts: Iterator[multipart.Part], study: str | None,

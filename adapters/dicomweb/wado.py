@@ -62,7 +62,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, NamedTuple, TypeVar, cast
 
 import falcon
 import pydicom
@@ -71,15 +71,22 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from adapters.dicomweb import accept, dicomjson, multipart, urls
+from adapters.dicomweb import accept, multipart, urls
 from adapters.dicomweb.accept import ANY, Accept, MediaRange, Offer, bulk_offer
 from adapters.dicomweb.errors import Unacceptable
-from adapters.dicomweb.negotiation import accepts_json
+from adapters.dicomweb.negotiation import json_type
 from adapters.dicomweb.numbers import IS_MAX, whole_number
 from pacs.core import frames as pixels, metadata, transcode
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.dataset import require_uid
-from pacs.core.errors import InvalidQuery, NotFound, PacsError, UnreadableData
+from pacs.core.errors import (
+    CannotDecode,
+    FrameTooLarge,
+    InvalidQuery,
+    NotFound,
+    PacsError,
+    UnreadableData,
+)
 from pacs.core.jsonmodel import REPLACEABLE_VRS
 from pacs.core.query.model import Constraint, InstanceRef, Match, Query, Term
 from pacs.core.services import Services
@@ -216,23 +223,33 @@ def send_multipart(resp: falcon.Response, part_type: str,
 
 # --- study, series and instance -------------------------------------------------------
 
-def instance_choice(ranges: Accept, stored: str) -> tuple[MediaRange, str] | None:
-    """The alternative an instance stored in ``stored`` is sent by, and the transfer
-    syntax it is sent in (8.7.3.5.1).
+class Choice(NamedTuple):
+    """A way to send an instance: alone or in multipart/related, and in which transfer
+    syntax."""
 
-    The first acceptable alternative that can be produced, and that no ``q=0`` range
-    rules out (:func:`adapters.dicomweb.accept.choose`), wins; ``None`` when there is
-    none.  Its :attr:`~adapters.dicomweb.accept.MediaRange.single_part` says whether the
-    instance goes alone or in multipart/related (10.4.4).
+    single_part: bool
+    syntax: str
+
+
+def instance_choices(ranges: Accept, stored: str) -> tuple[Choice, ...]:
+    """The ways an instance stored in ``stored`` may be sent, best first (8.7.3.5.1).
+
+    The acceptable alternatives that can be produced, and that no ``q=0`` range rules
+    out (:func:`adapters.dicomweb.accept.acceptable`), in the order of preference; none
+    when there is none.  The first is sent unless its conversion fails on this
+    instance's pixel data (:class:`~pacs.core.errors.CannotDecode`, or a declared size
+    over a ceiling), when the next is tried.  Each choice says whether the instance
+    goes alone or in multipart/related (10.4.4).
     """
-    return accept.choose(ranges, lambda media: _instance_offers(media, stored))
+    return tuple(Choice(media.single_part, syntax) for media, syntax
+                 in accept.acceptable(ranges, lambda media: _instance_offers(media, stored)))
 
 
 def instance_syntax(ranges: Accept, stored: str) -> str | None:
-    """The transfer syntax of :func:`instance_choice`; ``None`` when none can be
-    produced."""
-    choice = instance_choice(ranges, stored)
-    return choice[1] if choice else None
+    """The transfer syntax of the first of :func:`instance_choices`; ``None`` when
+    none can be produced."""
+    choices = instance_choices(ranges, stored)
+    return choices[0].syntax if choices else None
 
 
 def _instance_offers(media: MediaRange, stored: str) -> Iterator[Offer[str]]:
@@ -262,25 +279,24 @@ class Instances:
             ranges = multipart_ranges(ranges)
             if not ranges:
                 raise Unacceptable("a study or series is sent as multipart/related only")
-        plan = self._plan(refs, ranges)
-        check_conversions(self.services, plan, study, series, instance)
-        ref, syntax = plan[0]
-        first = started(self._content(ref, syntax))
-        if instance is not None and _single_part(ranges, ref.transfer_syntax):
-            resp.content_type = f"{DICOM}; transfer-syntax={syntax}"
-            if syntax == ref.transfer_syntax:
+        plan = check_conversions(self.services, self._plan(refs, ranges), study, series,
+                                 instance)
+        ref, choices = plan[0]
+        choice, first = self._made(ref, choices)
+        if instance is not None and choice.single_part:
+            resp.content_type = f"{DICOM}; transfer-syntax={choice.syntax}"
+            if choice.syntax == ref.transfer_syntax:
                 resp.content_length = ref.size
             resp.stream = sent(first, req.path)
             return
-        rest = ((self._headers(ref, syntax), self._content(ref, syntax))
-                for ref, syntax in plan[1:])
-        send_multipart(resp, DICOM, chain([(self._headers(ref, syntax), first)], rest),
+        rest = (self._part(ref, choices) for ref, choices in plan[1:])
+        send_multipart(resp, DICOM, chain([(self._headers(ref, choice.syntax), first)], rest),
                        req.path)
 
     @staticmethod
     def _plan(refs: Sequence[InstanceRef],
-              ranges: Accept) -> list[tuple[InstanceRef, str]]:
-        """Each instance with the transfer syntax it is sent in.
+              ranges: Accept) -> list[tuple[InstanceRef, tuple[Choice, ...]]]:
+        """Each instance with the ways it may be sent, best first.
 
         Raises
         ------
@@ -290,16 +306,40 @@ class Instances:
         plan = []
         # Chosen once per stored syntax (a study holds a few): the choice scans every
         # alternative of the Accept header, which a client may make thousands long.
-        chosen: dict[str, str | None] = {}
+        chosen: dict[str, tuple[Choice, ...]] = {}
         for ref in refs:
             if ref.transfer_syntax not in chosen:
-                chosen[ref.transfer_syntax] = instance_syntax(ranges, ref.transfer_syntax)
-            syntax = chosen[ref.transfer_syntax]
-            if syntax is None:
+                chosen[ref.transfer_syntax] = instance_choices(ranges, ref.transfer_syntax)
+            choices = chosen[ref.transfer_syntax]
+            if not choices:
                 raise Unacceptable("no acceptable transfer syntax can be produced for every "
                                    "instance (stored syntaxes convert only to uncompressed)")
-            plan.append((ref, syntax))
+            plan.append((ref, choices))
         return plan
+
+    def _made(self, ref: InstanceRef, choices: Sequence[Choice]
+              ) -> tuple[Choice, Iterator[bytes]]:
+        """The first of ``choices`` that can be made of ``ref``, with its content, its
+        first chunk made already (a conversion is whole by then).
+
+        Raises
+        ------
+        CannotDecode, FrameTooLarge
+            The last choice's conversion failed on the instance's pixel data.
+        """
+        for position, choice in enumerate(choices):
+            try:
+                return choice, started(self._content(ref, choice.syntax))
+            except (CannotDecode, FrameTooLarge):
+                if position == len(choices) - 1:
+                    raise
+        raise AssertionError("an instance is planned with at least one choice")
+
+    def _part(self, ref: InstanceRef, choices: Sequence[Choice]
+              ) -> tuple[dict[str, str], Iterator[bytes]]:
+        """A part after the first: its headers once its content has been made."""
+        choice, content = self._made(ref, choices)
+        return self._headers(ref, choice.syntax), content
 
     def _headers(self, ref: InstanceRef, syntax: str) -> dict[str, str]:
         headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
@@ -323,38 +363,45 @@ class Instances:
                 yield chunk
 
 
-def check_conversions(services: Services, plan: Sequence[tuple[InstanceRef, str]],
-                      study: str, series: str | None, instance: str | None) -> None:
-    """Refuse now a conversion that would be refused while the answer is sent.
+def check_conversions(services: Services,
+                      plan: Sequence[tuple[InstanceRef, tuple[Choice, ...]]],
+                      study: str, series: str | None, instance: str | None
+                      ) -> list[tuple[InstanceRef, tuple[Choice, ...]]]:
+    """``plan`` without the conversions that would be refused while the answer is sent.
 
     A conversion decodes a whole instance, within ``PACS_MAX_FRAME_BYTES`` a frame and
     ``PACS_MAX_OBJECT_BYTES`` in all (:mod:`pacs.core.transcode`); the sizes it checks
     follow from the Image Pixel values of the metadata kept in the index, read here a
-    batch at a time for the instances to convert.
+    batch at a time for the instances whose first choice is a conversion.  An
+    instance declared over a ceiling keeps the choices that send it as stored.
 
     Raises
     ------
     FrameTooLarge
-        When one of them is declared over a ceiling.
+        When one of them is declared over a ceiling and has no other choice.
     """
-    converted = {ref.sop_uid for ref, syntax in plan if syntax != ref.transfer_syntax}
+    converted = {ref.sop_uid for ref, choices in plan
+                 if choices[0].syntax != ref.transfer_syntax}
     if not converted:
-        return
+        return list(plan)
     index, store, settings = services.index, services.store, services.settings
     keys = metadata.instance_keys(index, study, series, instance)
+    refused: dict[str, FrameTooLarge] = {}
     for doc in metadata.iter_documents(index, store, keys):
         if doc.sop_uid in converted:
-            transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
-                                     settings.max_object_bytes)
-
-
-def _single_part(ranges: Accept, stored: str) -> bool:
-    """True when the alternative an instance stored in ``stored`` is sent by
-    (:func:`instance_choice`) is single part, a bare ``application/dicom``: that
-    alternative's packaging, not the first one's, which may not be producible
-    (PS3.18 8.7.3.5, 10.4.4)."""
-    choice = instance_choice(ranges, stored)
-    return choice is not None and choice[0].single_part
+            try:
+                transcode.check_metadata(metadata.parse(doc.json), settings.max_frame_bytes,
+                                         settings.max_object_bytes)
+            except FrameTooLarge as exc:
+                refused[doc.sop_uid] = exc
+    kept = []
+    for ref, choices in plan:
+        if ref.sop_uid in refused:
+            choices = tuple(c for c in choices if c.syntax == ref.transfer_syntax)
+            if not choices:
+                raise refused[ref.sop_uid]
+        kept.append((ref, choices))
+    return kept
 
 
 def multipart_ranges(ranges: Accept) -> Accept:
@@ -380,14 +427,15 @@ class Metadata:
     def on_get(self, req: falcon.Request, resp: falcon.Response, study: str,
                series: str | None = None, instance: str | None = None) -> None:
         """A JSON array with one object per instance."""
-        if not accepts_json(req):
+        answered_as = json_type(req)
+        if answered_as is None:
             raise Unacceptable("metadata is available as application/dicom+json only")
         for uid, name in ((study, "StudyInstanceUID"), (series, "SeriesInstanceUID"),
                           (instance, "SOPInstanceUID")):
             if uid is not None:
                 require_uid(uid, name)
         keys = metadata.instance_keys(self.services.index, study, series, instance)
-        resp.content_type = dicomjson.MEDIA_TYPE
+        resp.content_type = answered_as
         chunks = _json_chunks(self.services, keys, urls.service_root(req, self.prefix))
         first = next(chunks)
         second = next(chunks, None)
@@ -466,15 +514,23 @@ def frame_plan(ranges: Accept, lay: pixels.Layout) -> FramePlan | None:
     stored syntax gets the stored frames; ``image/*`` types get stored compressed
     frames of their kind; ``*/*`` gets uncompressed frames, or stored ones when no
     decoder exists or uncompressed ones are ruled out (``q=0``,
-    :func:`adapters.dicomweb.accept.choose`).  Single part for a single part
+    :func:`adapters.dicomweb.accept.choose`), or when the instance's frames do not
+    decode here or are declared over the ceiling (:func:`send_frames` falls back on
+    the next of :func:`frame_plans`).  Single part for a single part
     alternative (a bare octet-stream or image type), else multipart/related.
     """
+    plans = frame_plans(ranges, lay)
+    return plans[0] if plans else None
+
+
+def frame_plans(ranges: Accept, lay: pixels.Layout) -> tuple[FramePlan, ...]:
+    """Every way :func:`frame_plan` could send the frames, best first: the others are
+    tried when decoding fails on the instance's pixel data (:func:`send_frames`)."""
     native_ok = not lay.encapsulated or pixels.can_decode(lay.transfer_syntax)
-    choice = accept.choose(ranges, lambda media: (
+    return tuple(plan for _, plan in accept.acceptable(ranges, lambda media: (
         bulk_offer(plan, plan.part_type, plan.multipart,
                    pixels.frame_syntax(lay, plan.stored))
-        for plan in _frame_plans(media, lay, native_ok)))
-    return choice[1] if choice else None
+        for plan in _frame_plans(media, lay, native_ok))))
 
 
 def _frame_plans(media: MediaRange, lay: pixels.Layout,
@@ -511,10 +567,10 @@ class Frames:
         doc = one_document(self.services, study, series, instance)
         lay = pixels.layout(doc)
         pixels.check_numbers(lay, numbers)
-        plan = frame_plan(accept.from_request(req), lay)
-        if plan is None:
+        plans = frame_plans(accept.from_request(req), lay)
+        if not plans:
             raise Unacceptable("the frames cannot be sent in any accepted media type")
-        send_frames(self.services, resp, doc, lay, numbers, plan, req.path)
+        send_frames(self.services, resp, doc, lay, numbers, plans, req.path)
 
 
 def check_distinct(numbers: Sequence[int]) -> None:
@@ -534,7 +590,7 @@ def check_distinct(numbers: Sequence[int]) -> None:
 
 
 def send_frames(services: Services, resp: falcon.Response, doc: metadata.Document,
-                lay: pixels.Layout, numbers: Sequence[int], plan: FramePlan,
+                lay: pixels.Layout, numbers: Sequence[int], plans: Sequence[FramePlan],
                 what: str, location: str | None = None) -> None:
     """Answer with frames, streamed: one frame in memory at a time.
 
@@ -543,15 +599,17 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
     (:func:`pacs.core.frames.check_frames`: Rows, Columns, Samples per Pixel, Bits
     Allocated and Number of Frames of the metadata), that native frames cut from the
     stored value lie within it, and the first frame, read now
-    (:func:`started`).  Without multipart the frames are one body (for native pixel
-    data, the pixel data value itself), with its Content-Length when the frames are
-    cut from the stored bytes.  ``what`` names the resource in the log should the body
-    be cut short (:func:`sent`).  With a ``location`` (the BulkDataURI of the pixel
-    data), each part has the Content-Location of its frame (:func:`frame_location`).
+    (:func:`started`); the first of ``plans`` that passes them is sent (a frame that no
+    decoder here decodes, or one declared over the ceiling, leaves the next way of
+    sending the frames the client accepts, stored ones).  Without multipart the frames
+    are one body (for native pixel data, the pixel data value itself), with its
+    Content-Length when the frames are cut from the stored bytes.  ``what`` names the
+    resource in the log should the body be cut short (:func:`sent`).  With a
+    ``location`` (the BulkDataURI of the pixel data), each part has the
+    Content-Location of its frame (:func:`frame_location`).
     """
-    pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes, numbers)
+    plan, frames = _first_sendable(services, doc, lay, numbers, plans)
     syntax = pixels.frame_syntax(lay, plan.stored)
-    frames = started(_frames(services, doc, lay, numbers, plan.stored))
     if not plan.multipart:
         resp.content_type = f"{plan.part_type}; transfer-syntax={syntax}"
         length = pixels.frame_length(lay, plan.stored)
@@ -562,6 +620,27 @@ def send_frames(services: Services, resp: falcon.Response, doc: metadata.Documen
     send_multipart(resp, plan.part_type,
                    ((_frame_headers(plan, syntax, data, location, number), data)
                     for number, data in zip(numbers, frames, strict=True)), what)
+
+
+def _first_sendable(services: Services, doc: metadata.Document, lay: pixels.Layout,
+                    numbers: Sequence[int], plans: Sequence[FramePlan]
+                    ) -> tuple[FramePlan, Iterator[bytes]]:
+    """The first of ``plans`` whose frames pass their checks and whose first frame is
+    made, with the frames (:func:`send_frames`).
+
+    Raises
+    ------
+    CannotDecode, FrameTooLarge
+        The last plan's frames cannot be made.
+    """
+    for position, plan in enumerate(plans):
+        try:
+            pixels.check_frames(lay, plan.stored, services.settings.max_frame_bytes, numbers)
+            return plan, started(_frames(services, doc, lay, numbers, plan.stored))
+        except (CannotDecode, FrameTooLarge):
+            if position == len(plans) - 1:
+                raise
+    raise AssertionError("frames are sent by at least one plan")
 
 
 def _frame_headers(plan: FramePlan, syntax: str, data: bytes, location: str | None,
@@ -645,10 +724,10 @@ class Bulkdata:
             numbers = frame_numbers(listed)
             check_distinct(numbers)
             pixels.check_numbers(lay, numbers)
-        plan = frame_plan(ranges, lay)
-        if plan is None:
+        plans = frame_plans(ranges, lay)
+        if not plans:
             raise Unacceptable("the pixel data cannot be sent in any accepted type")
-        send_frames(self.services, resp, doc, lay, numbers, plan, req.path, location)
+        send_frames(self.services, resp, doc, lay, numbers, plans, req.path, location)
 
     def _element(self, req: falcon.Request, resp: falcon.Response, doc: metadata.Document,
                  steps: Sequence[int], ranges: Accept, location: str) -> None:

@@ -13,7 +13,7 @@ PS3.5 8.2 requires that agreement: the Image Pixel module describes the pixel da
 decoded, and the encapsulated formats (8.2.1 JPEG, 8.2.3 JPEG-LS, 8.2.4 JPEG 2000,
 8.2.8 HTJ2K) carry the same image.  A frame whose codestream declares other
 dimensions or another number of components cannot be decoded into the frame the data
-set describes, so it is refused unread (:class:`UnreadableData`) - what a decoder
+set describes, so it is refused unread (:class:`~pacs.core.errors.CannotDecode`) - what a decoder
 would end with, minus the work.
 
 A decoder's work also grows with parts of the image a header may multiply at no cost:
@@ -49,7 +49,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from pacs.core.errors import UnreadableData
+from pacs.core.errors import CannotDecode
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def check(frame: bytes, transfer_syntax: str, rows: int, columns: int,
 
     Raises
     ------
-    UnreadableData
+    CannotDecode
         The codestream's header is missing, or its rows, columns or components differ
         from Rows, Columns and Samples per Pixel, or its samples are wider than Bits
         Allocated, or it has more scans or tiles than allowed (module docstring).
@@ -225,18 +225,18 @@ def check(frame: bytes, transfer_syntax: str, rows: int, columns: int,
         return
     found = declared(frame, transfer_syntax)
     if found is None:
-        raise UnreadableData("the compressed frame has no image header")
+        raise CannotDecode("the compressed frame has no image header")
     if ((found.rows, found.columns, found.components) != (rows, columns, samples)
             or -(-found.precision // 8) > max(-(-bits_allocated // 8), 1)):
-        raise UnreadableData(
+        raise CannotDecode(
             f"the compressed frame declares {found.columns} x {found.rows} pixels of "
             f"{found.components} x {found.precision} bits, the data set {columns} x "
             f"{rows} of {samples} x {bits_allocated} (PS3.5 8.2)")
     if transfer_syntax in _JPEG_SYNTAXES and found.parts > MAX_SCANS:
-        raise UnreadableData(f"the compressed frame has {found.parts} scans, more than "
+        raise CannotDecode(f"the compressed frame has {found.parts} scans, more than "
                              f"{MAX_SCANS}")
     if transfer_syntax not in _JPEG_SYNTAXES and found.parts > max_tiles(rows, columns):
-        raise UnreadableData(f"the compressed frame has {found.parts} tiles, more than "
+        raise CannotDecode(f"the compressed frame has {found.parts} tiles, more than "
                              f"{max_tiles(rows, columns)} for its {columns} x {rows} "
                              "pixels")
 

@@ -70,6 +70,13 @@ class UnreadableData(InvalidInstance):
     """The data set does not parse."""
 
 
+class CannotDecode(UnreadableData):
+    """Stored pixel data that the installed decoders do not decode (a variant of its
+    transfer syntax they lack, or a damaged codestream): what needs it decoded - a
+    conversion, native frames, a rendered view - cannot be made, though the object may
+    still be sent as stored."""
+
+
 class DuplicateRejected(InvalidInstance):
     """A different object arrived under a stored SOP Instance UID (policy: reject)."""
 

@@ -58,7 +58,7 @@ from pydicom.uid import (
 )
 
 from pacs.core import codestream, dataset, metadata
-from pacs.core.errors import FrameTooLarge, NotFound, UnreadableData
+from pacs.core.errors import CannotDecode, FrameTooLarge, NotFound, UnreadableData
 from pacs.core.storage import open_ranged, spooled_copy
 from pacs.core.storage.ranged import RangedReader
 
@@ -650,7 +650,7 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
         source.seek(0)
         return pixel_array(pydicom.dcmread(source), index=number - 1)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+        raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
 
 
 def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
@@ -668,7 +668,7 @@ def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
     try:
         return pixel_array(header, index=0)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+        raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
 
 
 def _inflated_frame(source: BinaryIO, number: int, lay: Layout
@@ -697,7 +697,7 @@ def _decoded_fragments(source: BinaryIO, number: int, lay: Layout) -> np.ndarray
         source.seek(0)
         return pixel_array(source, index=number - 1)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"the frame cannot be decoded: {type(exc).__name__}") from None
+        raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
 
 
 def native_bytes(array: np.ndarray) -> bytes:

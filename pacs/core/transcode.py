@@ -55,7 +55,7 @@ from pacs.core.dataset import (
     meta_transfer_syntax,
     read_header,
 )
-from pacs.core.errors import FrameTooLarge, ObjectTooLarge, UnreadableData
+from pacs.core.errors import CannotDecode, FrameTooLarge, ObjectTooLarge, UnreadableData
 from pacs.core.frames import check_decodable, decoded_size
 
 #: Targets of a conversion, most preferred first.
@@ -185,7 +185,7 @@ def convert(data: bytes, target: str, max_frame_bytes: int = DEFAULT_MAX_FRAME_B
             dataset.decompress(generate_instance_uid=False)
         dataset.file_meta.TransferSyntaxUID = UID(target)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"cannot convert to {target}: {type(exc).__name__}") from None
+        raise CannotDecode(f"cannot convert to {target}: {type(exc).__name__}") from None
     return dataset
 
 
@@ -616,7 +616,7 @@ def _decoded_frames(body: BinaryIO, syntax: UID, options: dict[str, Any]
     except UnreadableData:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise UnreadableData(f"cannot convert: {type(exc).__name__}") from None
+        raise CannotDecode(f"cannot convert: {type(exc).__name__}") from None
 
 
 def _describe(header: FileDataset, pixel_module: dict[str, Any], frames: int) -> None:

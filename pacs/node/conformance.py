@@ -389,7 +389,10 @@ def _describe(resource: object) -> dict[str, Any]:
                 "notes": "One part per instance.  `transfer-syntax=*` or the object's own "
                          "transfer syntax sends it as stored; an uncompressed syntax "
                          "converts it (from the syntaxes of 3.2.4); a syntax that cannot "
-                         "be produced for every instance is answered 406.",
+                         "be produced for every instance is answered 406.  An instance "
+                         "whose pixel data does not decode here goes by the next "
+                         "alternative the Accept header allows (as stored), else 406; a "
+                         "stored object that does not read is answered 500.",
                 "media_types": [
                     _offer(_multipart(wado.DICOM), default=True,
                            transfer_syntaxes=["*", *transcode.UNCOMPRESSED],
@@ -407,7 +410,9 @@ def _describe(resource: object) -> dict[str, Any]:
                          "stored compressed are decoded for the uncompressed types (from "
                          "the syntaxes of 3.2.4) when the codestream of each declares "
                          "the image of the data set's Rows, Columns and Samples per "
-                         "Pixel (PS3.5 8.2; 400 otherwise, nothing decoded), and "
+                         "Pixel (PS3.5 8.2; otherwise, nothing decoded, the next "
+                         "alternative the Accept header allows, stored frames, else "
+                         "406), and "
                          "uncompressed frames are labelled "
                          f"{frames.NATIVE_SYNTAX} whichever uncompressed syntax was asked "
                          "(the bytes of a frame are the same); `*` sends the stored "

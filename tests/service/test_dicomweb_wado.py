@@ -613,9 +613,9 @@ def test_a_frame_that_fails_after_the_first_cuts_the_response_short(
         client: testing.TestClient, services: Services,
         caplog: pytest.LogCaptureFixture) -> None:
     """Frame 2's place in the Basic Offset Table is wrong: asked first it is answered
-    400; asked after frame 1, which was sent with its 200, it can only end the response
-    without its close delimiter (the error reaches the HTTP server, which closes the
-    connection)."""
+    500 (the stored object does not read); asked after frame 1, which was sent with
+    its 200, it can only end the response without its close delimiter (the error
+    reaches the HTTP server, which closes the connection)."""
     stored = list(generate_frames(pydicom.dcmread(sample("SC_rgb_rle_2frame.dcm")).PixelData,
                                   number_of_frames=2))
     value = bytearray(encapsulate([*stored, stored[0]], has_bot=True))
@@ -623,7 +623,7 @@ def test_a_frame_that_fails_after_the_first_cuts_the_response_short(
     ds = fresh("SC_rgb_rle_2frame.dcm", NumberOfFrames=3, PixelData=bytes(value))
     services.ingest.store_bytes(encode(ds))
     assert client.simulate_get(url(ds) + "/frames/2",
-                               headers={"Accept": OHIF_FRAMES}).status_code == 400
+                               headers={"Accept": OHIF_FRAMES}).status_code == 500
     status, _, body = served(client, url(ds) + "/frames/1,2", OHIF_FRAMES)
     assert status.startswith("200")
     chunks = iter(body)
@@ -1219,8 +1219,9 @@ def test_native_frames_the_value_does_not_hold_are_refused_before_the_answer(
         client: testing.TestClient, services: Services, changes: dict[str, int],
         problem: str) -> None:
     """CT_small holds one 128 x 128 frame of 16 bits (PS3.5 8.1.1).  A header that
-    declares more frames than that, or frames of no bits, is 400 before the status
-    line for every frame list that asks for one it lacks: before, all frames began
+    declares more frames than that, or frames of no bits, is 500 (a stored object
+    that does not read as it must) before the status line for every frame list that
+    asks for one it lacks: before, all frames began
     200 (with a Content-Length of 64 TiB for 2^31 frames) and broke off at frame 2,
     and frames of no bits were sent as empty parts, as many as declared."""
     ds = fresh("CT_small.dcm", **changes)
@@ -1230,7 +1231,8 @@ def test_native_frames_the_value_does_not_hold_are_refused_before_the_answer(
                            ("/bulkdata/7FE00010", "application/octet-stream"),
                            (listed, OHIF_FRAMES)):
         result = client.simulate_get(url(ds) + suffix, headers={"Accept": accept})
-        assert result.status_code == 400, (suffix, accept, result.status_code)
+        assert result.status_code == 500, (suffix, accept, result.status_code)
+        assert result.json["title"] == "Stored object unreadable"
         assert problem in result.json["description"], (suffix, result.json)
     if changes.get("NumberOfFrames"):  # the frame the value holds is still sent
         result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
@@ -1242,7 +1244,8 @@ def test_a_codestream_declaring_another_image_is_never_decoded(
         make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
     """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels (400 MB and
     seconds of decoding, in 700 bytes): every resource that would decode it answers
-    400 before a decoder runs; as stored it is still sent."""
+    406 before a decoder runs (no accepted representation can be made); as stored it
+    is still sent."""
     from pacs.core import frames, transcode
 
     def no_decoding(*_: Any, **__: Any) -> None:
@@ -1261,7 +1264,7 @@ def test_a_codestream_declaring_another_image_is_never_decoded(
                          (url(ds), DICOM_ACCEPT),
                          (url(ds), f"application/dicom; transfer-syntax={EXPLICIT}")):
         result = client.simulate_get(path, headers={"Accept": accept})
-        assert result.status_code == 400, (path, accept, result.text)
+        assert result.status_code == 406, (path, accept, result.text)
         assert "20000 x 20000" in result.json["description"], (path, accept)
     assert transcode.can_convert(JPEG_BASELINE, EXPLICIT)
     result = client.simulate_get(url(ds) + "/frames/1", headers={"Accept": OHIF_FRAMES})
@@ -1301,7 +1304,8 @@ def test_sizes_over_the_ceilings_are_refused_before_the_answer(
     """Two RLE frames of 100 x 100 RGB: 30000 bytes each decoded, 60000 both.  Over
     PACS_MAX_FRAME_BYTES every answer that would decode them is 400 before anything is
     sent (the sizes are in the metadata), whether one frame or several are asked, as
-    frames, pixel bulk data or converted instances; stored frames and objects still go."""
+    frames, pixel bulk data or converted instances; stored frames and objects still go,
+    also to a client whose Accept header allows them after decoded ones."""
     from pacs.core import frames, transcode
 
     def no_decoding(*_: Any, **__: Any) -> None:
@@ -1315,13 +1319,14 @@ def test_sizes_over_the_ceilings_are_refused_before_the_answer(
     services.ingest.store_bytes(encode(ds))
     for path, accept in ((url(ds) + "/frames/1,2", OCTET_FRAMES),
                          (url(ds) + "/frames/2", "application/octet-stream"),
-                         (url(ds) + "/bulkdata/7FE00010", CLIENT_FRAMES),
                          (url(ds), DICOM_ACCEPT), (url(ds), "application/dicom"),
                          (url(ds, "series"), DICOM_ACCEPT), (url(ds, "study"), "*/*")):
         result = client.simulate_get(path, headers={"Accept": accept})
         assert result.status_code == 400, (path, accept, result.text)
         assert "PACS_MAX_FRAME_BYTES" in result.json["description"]
-    as_stored = {"frames/1,2": OHIF_FRAMES, "": f"{DICOM_ACCEPT}; transfer-syntax=*"}
+    as_stored = {"frames/1,2": OHIF_FRAMES, "": f"{DICOM_ACCEPT}; transfer-syntax=*",
+                 "bulkdata/7FE00010": CLIENT_FRAMES,
+                 "frames/2": f"{OCTET_FRAMES}, {OHIF_FRAMES}; q=0.5"}
     for suffix, accept in as_stored.items():
         path = f"{url(ds)}/{suffix}".rstrip("/")
         assert client.simulate_get(path, headers={"Accept": accept}).status_code == 200
@@ -1435,3 +1440,58 @@ def test_head_answers_wherever_get_does(client: testing.TestClient, put: Put) ->
         assert head.headers.get("content-length") in (None, got.headers.get(
             "content-length")), path
     assert client.simulate_head("/studies/1.2.3.4.5").status_code == 404
+
+
+# --- pixel data that does not decode here: the next accepted alternative ---------------
+
+def test_an_instance_that_does_not_decode_goes_by_the_next_accepted_alternative(
+        make_services: Callable[..., Services]) -> None:
+    """PS3.18 8.7.3.5: the first acceptable representation that can be produced is sent.
+    A JPEG whose codestream does not decode into the frame its data set describes
+    (a variant the decoders lack decodes no better) cannot be converted: a study sends
+    it as stored when the Accept header allows that after the converted form, its other
+    instances converted (the response no longer ends at it); an instance, a frame and
+    a rendered view answer 406 when nothing else is accepted, never 400 (the request
+    was not wrong)."""
+    services = make_services()
+    client = testing.TestClient(create_app(services))
+    good = make_jpeg_instance(jpeg_frame())
+    study = pydicom.dcmread(io.BytesIO(good), stop_before_pixels=True).StudyInstanceUID
+    bad = make_jpeg_instance(jpeg_frame(declared=(64, 64)), StudyInstanceUID=study)
+    for data in (good, bad):
+        services.ingest.store_bytes(data)
+    bad_ds = pydicom.dcmread(io.BytesIO(bad), stop_before_pixels=True)
+    fallback = f"{DICOM_ACCEPT}, {DICOM_ACCEPT}; transfer-syntax=*; q=0.5"
+    result = client.simulate_get(f"/studies/{study}", headers={"Accept": fallback})
+    assert result.status_code == 200, result.text
+    syntaxes = sorted(headers["content-type"].split("transfer-syntax=")[1]
+                      for headers, _ in parts(result))
+    assert syntaxes == sorted([EXPLICIT, JPEG_BASELINE])
+    assert bad in [content for _, content in parts(result)]
+    for path, accept in ((url(bad_ds), DICOM_ACCEPT),
+                         (url(bad_ds) + "/frames/1", OCTET_FRAMES),
+                         (url(bad_ds) + "/rendered", "image/png")):
+        result = client.simulate_get(path, headers={"Accept": accept})
+        assert result.status_code == 406, (path, result.text)
+    result = client.simulate_get(url(bad_ds) + "/frames/1", headers={"Accept": "*/*"})
+    assert result.status_code == 200 and jpeg_frame(declared=(64, 64)) in result.content
+
+
+def test_a_stored_object_that_does_not_read_is_a_server_failure(
+        make_services: Callable[..., Services]) -> None:
+    """An object damaged in the store (cut short in its pixel data) answers 500: the
+    request was right, the node cannot read what it holds."""
+    services = make_services(intake_object_bytes=0)  # written to the store at once
+    client = testing.TestClient(create_app(services))
+    ds = fresh("CT_small.dcm")
+    data = encode(ds)
+    services.ingest.store_bytes(data)
+    key = services.index.connection().execute(
+        "SELECT object_key FROM instance WHERE sop_uid = ?", (ds.SOPInstanceUID,)
+    ).fetchone()[0]
+    cut = data[:len(data) - 1000]
+    services.store.backend.put(key, io.BytesIO(cut), len(cut))
+    result = client.simulate_get(url(ds) + "/frames/1",
+                                 headers={"Accept": "application/octet-stream"})
+    assert result.status_code == 500, result.text
+    assert result.json["title"] == "Stored object unreadable"

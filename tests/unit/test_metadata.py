@@ -18,7 +18,7 @@ from pydicom.data import get_charset_files
 
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
-from adapters.dicomweb.wado import FramePlan, frame_plan, instance_syntax
+from adapters.dicomweb.wado import FramePlan, frame_plan, instance_choices, instance_syntax
 from pacs.core import jsonmodel, metadata
 from pacs.core.dataset import read_part10
 from pacs.core.frames import Layout
@@ -229,17 +229,17 @@ def test_a_study_plan_chooses_once_per_stored_syntax(monkeypatch: pytest.MonkeyP
     thousands): a study's plan makes it once per stored syntax, not once per instance."""
     calls: list[str] = []
 
-    def counted(ranges: Sequence[MediaRange], stored: str) -> str | None:
+    def counted(ranges: Sequence[MediaRange], stored: str) -> tuple[wado.Choice, ...]:
         calls.append(stored)
-        return instance_syntax(ranges, stored)
+        return instance_choices(ranges, stored)
 
-    monkeypatch.setattr(wado, "instance_syntax", counted)
+    monkeypatch.setattr(wado, "instance_choices", counted)
     refs = [InstanceRef("1.2", "1.2.3", f"1.2.3.{n}", "1.2.840.10008.5.1.4.1.1.2",
                         RLE if n % 2 else EXPLICIT, f"k{n}", 10) for n in range(100)]
     ranges = accept.parse('multipart/related; type="application/dicom"; '
                           "transfer-syntax=*, " * 50 + "*/*")
     plan = wado.Instances._plan(refs, ranges)
-    assert [syntax for _, syntax in plan] == [ref.transfer_syntax for ref in refs]
+    assert [choices[0].syntax for _, choices in plan] == [ref.transfer_syntax for ref in refs]
     assert sorted(calls) == sorted({RLE, EXPLICIT})
 
 
