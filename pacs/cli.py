@@ -514,7 +514,8 @@ def reindex(ctx: click.Context, jobs: int | None, quiet: bool, as_json: bool,
     try:
         report = rebuild(settings.index_path, store, analysers,
                          on_total=lambda total: bar.reset(total=total),
-                         on_object=lambda: bar.update(), allow_mass_drop=allow_mass_drop)
+                         on_object=lambda: bar.update(), allow_mass_drop=allow_mass_drop,
+                         customer=settings.customer)
     except PacsError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -28,13 +28,13 @@ def json_type(req: falcon.Request) -> str | None:
 
     ``application/dicom+json`` when its most specific range allows it (so that
     ``application/dicom+json;q=0`` refuses it whatever ``*/*`` allows, RFC 9110
-    12.5.1); else ``application/json`` when an acceptable alternative names it itself:
-    the same body, under the name the client accepts.
+    12.5.1), unless an alternative that names ``application/json`` itself weighs more:
+    the same body, under the name the client prefers.
     """
     ranges = accept.from_request(req)
-    if ranges.weight(dicomjson.MEDIA_TYPE) > 0:
-        return dicomjson.MEDIA_TYPE
-    if any(media.kind == falcon.MEDIA_JSON for media in ranges) \
-            and not ranges.refuses(falcon.MEDIA_JSON):
+    dicom = ranges.weight(dicomjson.MEDIA_TYPE)
+    plain = ranges.weight(falcon.MEDIA_JSON) if any(
+        media.kind == falcon.MEDIA_JSON for media in ranges) else 0.0
+    if plain > dicom:  # preferred, or the only one accepted (RFC 9110 12.5.1)
         return falcon.MEDIA_JSON
-    return None
+    return dicomjson.MEDIA_TYPE if dicom > 0 else None

@@ -347,7 +347,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
             readers: int = READERS,
             on_total: Callable[[int], None] | None = None,
             on_object: Callable[[], object] | None = None,
-            allow_mass_drop: bool = False) -> Report:
+            allow_mass_drop: bool = False, customer: str | None = None) -> Report:
     """Rebuild the index at ``index_path`` from ``store``; see the module docstring.
 
     Parameters
@@ -365,6 +365,9 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     allow_mass_drop : bool
         Rebuild from a store that lists far fewer objects than the index holds rows
         (:func:`refuse_implausible`).
+    customer : str, optional
+        The customer the rebuilt index records as its owner when the previous index
+        records none (or is gone); a previous owner is kept.
 
     Raises
     ------
@@ -404,10 +407,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     new_path = index_path.with_name(f"{index_path.name}.reindex-{stamp}")
     new = Index(new_path)
     try:
-        migrate(new.connection())
-        if owner is not None:
-            with new.write() as conn:
-                writer.claim_owner(conn, owner)
+        migrate(new.connection(), owner=owner or customer)
         _keep_tombstones(new, removed)
         notes = _fill(new, store, keys, dated, analysers, readers, report, on_object,
                       removed)

@@ -20,7 +20,7 @@ from pacs.core.deletion import Deleter
 from pacs.core.errors import ConfigError, StoreMissing
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, busy_timeout_for
-from pacs.core.index.migrations import is_new, migrate
+from pacs.core.index.migrations import migrate
 from pacs.core.ingest import Ingest
 from pacs.core.intake import (
     FILES_FOLDER,
@@ -112,7 +112,7 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     claim : bool
         Record ``settings.customer`` as the index's owner when none is recorded
         (``pacs serve``: the node names the customer of its data folder); a new index
-        is always claimed by whoever creates it (:func:`check_owner`).
+        is always its creator's (:func:`pacs.core.index.migrations.migrate`).
 
     Raises
     ------
@@ -125,9 +125,8 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     index = Index(settings.index_path, busy_timeout_for(settings.dimse_timeout),
                   synced=synced)
-    fresh = is_new(index.connection())
-    migrate(index.connection())
-    check_owner(index, settings.customer, claim=claim or fresh)
+    migrate(index.connection(), owner=settings.customer)  # a new index is its creator's
+    check_owner(index, settings.customer, claim=claim)
     backend = store if store is not None else _open_store(settings, index, check_store,
                                                           create_store)
     if isinstance(backend, LateWrites):  # every unanswered write recorded, by whoever

@@ -635,10 +635,11 @@ def _write_frames(frames: Iterator[Any], out: BinaryIO, declared: int) -> int:
     Raises
     ------
     UnreadableData
-        The value would pass a 32-bit length (PS3.5 7.1.2), or the frames decoded are
-        not the ``declared`` Number of Frames: an object whose Pixel Data would not
-        hold the frames its Image Pixel module describes (PS3.3 C.7.6.3) is not sent
-        as a converted instance.
+        The value would pass a 32-bit length (PS3.5 7.1.2).
+    CannotDecode
+        The frames decoded are not the ``declared`` Number of Frames: an object whose
+        Pixel Data would not hold the frames its Image Pixel module describes (PS3.3
+        C.7.6.3) is not made (the stored one may still be sent).
     """
     length = count = 0
     for frame in frames:
@@ -649,8 +650,8 @@ def _write_frames(frames: Iterator[Any], out: BinaryIO, declared: int) -> int:
             raise UnreadableData("the decoded pixel data is longer than a value may be")
         out.write(data)
     if count != declared:
-        raise UnreadableData(f"the encapsulated pixel data holds {count} frames, not the "
-                             f"{declared} declared")
+        raise CannotDecode(f"the encapsulated pixel data holds {count} frames, not the "
+                           f"{declared} declared")
     if length % 2:
         out.write(b"\x00")
         length += 1

@@ -351,7 +351,9 @@ def test_xml_only_is_not_acceptable(get: Get, archive: Archive) -> None:
         assert result.status_code == 200 and result.headers["Content-Type"] == JSON
     # The same body under the name a client accepts (RFC 9110 12.5.1: q=0 rules a type
     # out, so DICOM JSON refused is not the label of the answer).
-    for accept in ("application/json", "application/dicom+json;q=0, application/json"):
+    for accept in ("application/json", "application/dicom+json;q=0, application/json",
+                   "application/json, application/dicom+json;q=0.2",
+                   "application/json, */*;q=0.1"):
         result = get("/studies", headers={"Accept": accept})
         assert result.status_code == 200, accept
         assert result.headers["Content-Type"] == "application/json", accept

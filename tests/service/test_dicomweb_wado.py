@@ -1495,3 +1495,21 @@ def test_a_stored_object_that_does_not_read_is_a_server_failure(
                                  headers={"Accept": "application/octet-stream"})
     assert result.status_code == 500, result.text
     assert result.json["title"] == "Stored object unreadable"
+
+
+def test_frames_other_than_declared_go_as_stored_when_that_is_accepted(
+        client: testing.TestClient, services: Services) -> None:
+    """Two RLE frames under a Number of Frames of 3: no converted object is made of
+    them (its Pixel Data would not hold what its header says), and a client that
+    accepts the stored object after the converted one gets it, not an error."""
+    ds = fresh("SC_rgb_rle_2frame.dcm", NumberOfFrames=3)
+    data = encode(ds)
+    services.ingest.store_bytes(data)
+    result = client.simulate_get(url(ds), headers={"Accept": DICOM_ACCEPT})
+    assert result.status_code == 406 and "not the 3 declared" in result.text
+    fallback = f"{DICOM_ACCEPT}, {DICOM_ACCEPT}; transfer-syntax=*; q=0.5"
+    result = client.simulate_get(url(ds), headers={"Accept": fallback})
+    assert result.status_code == 200, result.text
+    [(headers, content)] = parts(result)
+    assert headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.5")
+    assert content == data

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,7 +51,7 @@ from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
 from pacs.core.audit import Participant
 from pacs.core.deletion import Target, reference
-from pacs.core.errors import IndexFailure, StorageError
+from pacs.core.errors import ConfigError, IndexFailure, StorageError
 from pacs.core.index import commitments, outbox, reads
 from pacs.core.index.connection import connect
 from pacs.core.intake import record_unsettled
@@ -556,6 +556,25 @@ def test_a_rebuilt_index_equals_the_original_row_by_row_and_answers_alike(
     finally:
         served_original.close()
         served_rebuilt.close()
+
+
+def test_an_index_rebuilt_in_place_of_a_lost_one_is_the_customer_s(
+        settings: config.Settings) -> None:
+    """The rebuilt index keeps the owner of the index it replaces; with none left (a
+    lost node replaced), it records the customer it was rebuilt for."""
+    store = MemoryStore()
+    services = build(replace(settings, customer="alice"), store=store)
+    services.ingest.store_bytes(shared_patient_study(EARLIER_STUDY, "A^B", "19500101", "F")[0])
+    drain(services)
+    services.close()
+    rebuild(settings.index_path, store, AnalyserPool(0), customer="bob")
+    assert reads.owner(connect(settings.index_path)) == "alice"
+    for leftover in settings.index_path.parent.glob(settings.index_path.name + "*"):
+        leftover.unlink()
+    rebuild(settings.index_path, store, AnalyserPool(0), customer="alice")
+    assert reads.owner(connect(settings.index_path)) == "alice"
+    with pytest.raises(ConfigError, match="customer 'alice'"):
+        build(replace(settings, customer="typo"), store=store)
 
 
 def test_without_stored_times_the_order_is_the_keys_and_the_time_unknown(

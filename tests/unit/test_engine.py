@@ -346,6 +346,9 @@ def test_names_of_multi_valued_and_grouped_person_names(services: Services) -> N
         NameOfPhysiciansReadingStudy=["Smith^Bob=スミス^ボブ", "Jones^Al"]))
     services.ingest.store_bytes(make_instance(
         AccessionNumber="N2", NameOfPhysiciansReadingStudy=["Bobson^Smith"]))
+    services.ingest.store_bytes(make_instance(
+        AccessionNumber="N3", PatientName="Abe=Q=X",
+        NameOfPhysiciansReadingStudy=["Ito", "Abe=Q=X"]))
     for keys, expected in (
             ({"NameOfPhysiciansReadingStudy": "Smith^Bob"}, ["N1"]),
             ({"NameOfPhysiciansReadingStudy": "smith^bob"}, ["N1"]),
@@ -355,7 +358,11 @@ def test_names_of_multi_valued_and_grouped_person_names(services: Services) -> N
             ({"NameOfPhysiciansReadingStudy": "*Bob"}, ["N1"]),
             ({"NameOfPhysiciansReadingStudy": "Bob*"}, ["N2"]),
             ({"ReferringPhysicianName": "*Tarou"}, ["N1"]),
-            ({"ReferringPhysicianName": "*太郎"}, ["N1"])):
+            ({"ReferringPhysicianName": "*太郎"}, ["N1"]),
+            ({"PatientName": "=Q"}, ["N3"]),
+            ({"PatientName": "=X"}, []),                   # X is the phonetic group
+            ({"NameOfPhysiciansReadingStudy": "=X"}, []),
+            ({"NameOfPhysiciansReadingStudy": "=Q"}, ["N3"])):
         assert sorted(a for a in _accessions(_find(services, **keys)) if a) == expected, keys
 
 

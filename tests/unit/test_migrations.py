@@ -24,6 +24,28 @@ def test_fresh_index(tmp_path: Path) -> None:
     assert migrate(conn) == len(MIGRATIONS)  # idempotent
 
 
+def test_a_new_index_is_made_whole_with_its_owner_in_one_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No other process may open a new index half made, or made without its owner: it
+    would be accepted under any customer's name until the owner was recorded."""
+    path = tmp_path / "i.sqlite"
+    conn = connect(path)
+
+    def broken(_: apsw.Connection) -> None:
+        raise RuntimeError("the last migration fails")
+
+    monkeypatch.setattr("pacs.core.index.migrations.MIGRATIONS", (*MIGRATIONS[:-1], broken))
+    with pytest.raises(RuntimeError):
+        migrate(conn, owner="alice")
+    other = connect(path)
+    assert other.pragma("user_version") == 0  # nothing of it was committed
+    assert not other.execute("SELECT name FROM sqlite_master").fetchall()
+    monkeypatch.undo()
+    assert migrate(conn, owner="alice") == len(MIGRATIONS)
+    assert migrate(other, owner="typo") == len(MIGRATIONS)  # made: its owner stays
+    assert other.execute("SELECT customer FROM owner").fetchall() == [("alice",)]
+
+
 def test_every_stored_attribute_has_a_column(tmp_path: Path) -> None:
     conn = connect(tmp_path / "i.sqlite")
     migrate(conn)

@@ -223,10 +223,15 @@ class _Where:
         """
         literal = glob_literal(value)
         if value.startswith("="):
+            # The GLOBs narrow the rows; GLOB's leading ``*`` could run over the
+            # alphabetic group's ``=`` and find the value as the phonetic group, so the
+            # groups are compared one by one (a literal is its own wildcard pattern).
             patterns = ["*" + literal, "*" + literal + "=*"]
             if multi:
                 patterns.append("*" + literal + "\\*")
-            return self._globs(target, *patterns)
+            coarse = self._globs(target, *patterns)
+            self.params.append(value)  # after the GLOBs' parameters, in the SQL's order
+            return f"({coarse} AND dicom_wildcard({target}, ?, {int(multi)}, 1))"
         patterns = [literal, literal + "=*"]
         if multi:
             patterns += [literal + "\\*", "*\\" + literal, "*\\" + literal + "\\*",

@@ -442,8 +442,12 @@ MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _intake_files, _object_deletions, _outbox_attempts, _owner)
 
 
-def migrate(conn: apsw.Connection) -> int:
+def migrate(conn: apsw.Connection, owner: str | None = None) -> int:
     """Apply every pending migration; return the resulting schema version.
+
+    A new index (no migration run yet) is made whole in one transaction, ``owner``
+    recorded in it as the customer it belongs to: no other process opens it half made,
+    or before its owner is known (``pacs.core.services.check_owner``).
 
     Raises
     ------
@@ -458,6 +462,9 @@ def migrate(conn: apsw.Connection) -> int:
     if version > len(MIGRATIONS):
         raise ConfigError(
             f"index schema {version} is newer than this pacs ({len(MIGRATIONS)}); upgrade pacs")
+    if version == 0:
+        _create(conn, owner)
+        version = conn.pragma("user_version")
     for number in range(version, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -473,9 +480,22 @@ def migrate(conn: apsw.Connection) -> int:
     return int(conn.pragma("user_version"))
 
 
-def is_new(conn: apsw.Connection) -> bool:
-    """True for an index no migration has run on yet (a file just made)."""
-    return int(conn.pragma("user_version")) == 0
+def _create(conn: apsw.Connection, owner: str | None) -> None:
+    """Every migration of a new index, and its owner, in one transaction (unless
+    another process made the index first)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.pragma("user_version") == 0:  # re-read under the write lock
+            for step in MIGRATIONS:
+                step(conn)
+            if owner is not None:
+                conn.execute("INSERT INTO owner (single, customer) VALUES (1, ?)", (owner,))
+            conn.pragma("user_version", len(MIGRATIONS))
+            conn.pragma("application_id", APPLICATION_ID)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def stored_version(path: Path) -> int:
