@@ -499,30 +499,6 @@ class Ingest:
             with self.index.write() as conn:
                 writer.rejection_done(conn, analysis.sop_instance_uid)
 
-    def _refused_after_notes(self, analysed: Mapping[int, Analysis],
-                             results: list[StoreResult | BaseException | None]) -> None:
-        """The parts of a batch that follow a rejection note of the same batch naming
-        them, and that it removed, are refused as they would be sent after it
-        (:meth:`_removed_before`), not reported stored: a batch is decided and
-        committed before its notes are applied."""
-        named: dict[str, int] = {}  # SOP Instance UID -> the first note naming it
-        for number, analysis in sorted(analysed.items()):
-            if analysis.rejection is not None and isinstance(results[number], StoreResult):
-                for ref in analysis.rejection.references:
-                    named.setdefault(ref.sop_uid, number)
-        if not named:
-            return
-        conn = self.index.connection()
-        for number, analysis in analysed.items():
-            note = named.get(analysis.sop_instance_uid)
-            if note is None or note > number or not isinstance(results[number],
-                                                                StoreResult):
-                continue
-            found = reads.tombstone(conn, analysis.sop_instance_uid)
-            if (found is not None and reads.lookup(conn, analysis.sop_instance_uid) is None
-                    and rejection.refuses_again(found.reason_code, found.reason_scheme)):
-                results[number] = rejected_by(found)
-
     def _refused_rejection(self, analysis: Analysis, calling_ae: str,
                            requestor: Participant | None) -> None:
         """Tell :attr:`on_refused_rejection` of a note refused to ``requestor`` (by
@@ -603,7 +579,23 @@ class Ingest:
         analysis says; the caller's analysis must have been given the same limit for
         the inflated size of deflated data sets.  ``may_overwrite``, ``may_reject`` and
         ``requestor`` as for :meth:`store_bytes`.
+
+        A rejection note ends its batch: the parts after it are stored once it has been
+        applied, as they would be if sent after it, so that a note removes what came
+        before it and an instance sent again after it is judged by its tombstone (kept
+        after a 113039 note, refused after a 113001), never stored and then removed.
         """
+        cut = next((number for number, item in enumerate(items[:-1])
+                    if isinstance(item.analysis, Analysis)
+                    and item.analysis.rejection is not None), None)
+        if cut is not None:
+            head, tail = items[:cut + 1], items[cut + 1:]
+            return [*self.store_batch(head, calling_ae=calling_ae,
+                                      may_overwrite=may_overwrite, may_reject=may_reject,
+                                      requestor=requestor),
+                    *self.store_batch(tail, calling_ae=calling_ae,
+                                      may_overwrite=may_overwrite, may_reject=may_reject,
+                                      requestor=requestor)]
         results: list[StoreResult | BaseException | None] = [None] * len(items)
         analysed: dict[int, Analysis] = {}
         seen: set[str] = set()
@@ -645,7 +637,6 @@ class Ingest:
                     self._apply_rejection(analysis, result.outcome, calling_ae, requestor)
                 except Exception as exc:  # noqa: BLE001 - reported as this note's failure
                     results[number] = exc
-        self._refused_after_notes(analysed, results)
         for number in later:
             try:
                 results[number] = self.store_bytes(

@@ -226,8 +226,9 @@ def test_a_note_first_refuses_only_the_instance_at_its_place(services: Services)
 def test_parts_after_a_note_of_their_batch_are_refused_not_reported_stored(
         services: Services) -> None:
     """A STOW-RS batch [note, instances it names]: the instances are refused as they
-    are when sent after the note (a batch is committed before its notes apply); one
-    before the note in the batch was stored, then removed, as it would be one by one."""
+    are when sent after the note (the batch ends at the note, applied before the parts
+    after it are stored); one before the note in the batch was stored, then removed, as
+    it would be one by one."""
     study, series = generate_uid(), generate_uid()
     sops = [generate_uid() for _ in range(3)]
     made = [make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
@@ -240,6 +241,21 @@ def test_parts_after_a_note_of_their_batch_are_refused_not_reported_stored(
     assert not isinstance(results[1], BaseException)
     assert all(isinstance(result, RejectedInstance) for result in results[2:])
     assert not {uid for _, _, uid, _ in named} & _uids(services)
+
+
+def test_an_instance_after_a_note_that_lets_it_back_in_stays_stored(
+        services: Services) -> None:
+    """A STOW-RS batch [113039 note naming X, X]: X, sent after the note, is stored as
+    it is when sent after it one by one (a Data Retention Policy Expired note lets an
+    instance back in), and stays: it was reported stored, never removed after."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    again = make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                          SOPInstanceUID=sop)
+    note = _note([(study, series, sop, CTImageStorage)], code="113039",
+                 meaning="Data Retention Policy Expired")
+    results = services.ingest.store_batch([Received.of(note), Received.of(again)])
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert sop in _uids(services)
 
 
 def test_an_ordinary_key_object_selection_removes_nothing(services: Services) -> None:
