@@ -36,6 +36,7 @@ from pacs.core.attributes import (
     BY_KEYWORD,
     BY_TAG,
     ITEM_KEYS,
+    STUDY_ROOT_REQUIRED,
     UNIQUE_KEY,
     Attribute,
     Level,
@@ -145,9 +146,11 @@ def parse(params: Params, target: Target, path_uids: Mapping[str, str], *,
     constraints += match_constraints(params, empty_value_matching=flags["emptyvaluematching"],
                                      multiple_value_matching=flags["multiplevaluematching"])
     paging = page(params, default_limit, max_limit)
+    # QIDO-RS searches studies as the Study Root model does (PS3.18 10.6.1).
     query = Query(level=target.level, constraints=tuple(constraints),
                   return_keys=return_keys(params, target), limit=paging.limit,
-                  offset=paging.offset, fuzzy=flags["fuzzymatching"])
+                  offset=paging.offset, fuzzy=flags["fuzzymatching"],
+                  required=STUDY_ROOT_REQUIRED)
     return query, paging
 
 

@@ -190,6 +190,11 @@ ITEM_KEYS: dict[str, tuple[Attribute, ...]] = {
 }
 
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
+
+#: Keys Required in the Study Root model (PS3.4 Table C.6-5) that the table, which
+#: marks the key type of the Patient Root model, marks otherwise: Patient ID, Unique at
+#: the PATIENT level there (Table C.6-1), Required at the STUDY level here.
+STUDY_ROOT_REQUIRED: tuple[str, ...] = ("PatientID",)
 BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}
 
 #: The unique key of each level (PS3.4 C.6.1.1 / C.6.2.1).

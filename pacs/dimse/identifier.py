@@ -35,7 +35,15 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from pacs.core.attributes import BY_KEYWORD, BY_TAG, ITEM_KEYS, UNIQUE_KEY, Attribute, Level
+from pacs.core.attributes import (
+    BY_KEYWORD,
+    BY_TAG,
+    ITEM_KEYS,
+    STUDY_ROOT_REQUIRED,
+    UNIQUE_KEY,
+    Attribute,
+    Level,
+)
 from pacs.core.errors import InvalidQuery
 from pacs.core.query.matching import constraint
 from pacs.core.query.model import Constraint, Match, Query, Result, Term
@@ -49,6 +57,10 @@ _LEVELS = {
                    "IMAGE": Level.IMAGE},
     STUDY_ROOT: {"STUDY": Level.STUDY, "SERIES": Level.SERIES, "IMAGE": Level.IMAGE},
 }
+#: Required keys of each model that the attribute table does not mark ``R``: Patient
+#: ID is Required at the STUDY level of the Study Root (PS3.4 Table C.6-5), Unique at
+#: the PATIENT level of the Patient Root (Table C.6-1).
+MODEL_REQUIRED: dict[str, tuple[str, ...]] = {PATIENT_ROOT: (), STUDY_ROOT: STUDY_ROOT_REQUIRED}
 #: The levels of each model, whose unique keys are unique keys of the model (C.6.1, C.6.2).
 _MODEL_LEVELS = {model: frozenset(levels.values()) for model, levels in _LEVELS.items()}
 
@@ -254,7 +266,7 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
     # (PS3.4 C.4.1.1.3.2; Query.empty_below).
     query = Query(level=level, constraints=tuple(constraints), return_keys=tuple(returns),
                   fuzzy=negotiated.fuzzy, item_keys=tuple(item_keys),
-                  empty_below=negotiated.relational)
+                  empty_below=negotiated.relational, required=MODEL_REQUIRED[model])
     return query, unsupported
 
 

@@ -10,7 +10,7 @@ from time import sleep
 import apsw
 import pytest
 
-from pacs.core.attributes import BY_KEYWORD, Level
+from pacs.core.attributes import BY_KEYWORD, STUDY_ROOT_REQUIRED, Level
 from pacs.core.errors import Cancelled, IndexFailure, QueryLimitExceeded, QueryTooLarge
 from pacs.core.index import writer
 from pacs.core.index.compiler import (
@@ -364,6 +364,25 @@ def test_names_of_multi_valued_and_grouped_person_names(services: Services) -> N
             ({"NameOfPhysiciansReadingStudy": "=X"}, []),
             ({"NameOfPhysiciansReadingStudy": "=Q"}, ["N3"])):
         assert sorted(a for a in _accessions(_find(services, **keys)) if a) == expected, keys
+
+
+def test_a_study_without_patient_id_matches_any_in_the_study_root_model(
+        services: Services) -> None:
+    """PS3.4 C.2.2.1.2: a Required key the SCP holds empty matches any value; Patient ID
+    is Required at the STUDY level of the Study Root model (Table C.6-5), Unique at the
+    PATIENT level of the Patient Root (C.6-1), where it must match."""
+    services.ingest.store_bytes(make_instance(AccessionNumber="R1", PatientID="P1"))
+    services.ingest.store_bytes(make_instance(AccessionNumber="R2", PatientID=""))
+    services.ingest.store_bytes(make_instance(AccessionNumber="R3", PatientID="P2"))
+    key = constraint(BY_KEYWORD["PatientID"], "P1")
+    assert key is not None
+    answers = {}
+    for required in ((), STUDY_ROOT_REQUIRED):
+        query = Query(level=Level.STUDY, constraints=(key,),
+                      return_keys=(BY_KEYWORD["AccessionNumber"],), required=required)
+        answers[required] = sorted(r.values["AccessionNumber"] or ""
+                                   for r in services.engine.find(query))
+    assert answers == {(): ["R1"], STUDY_ROOT_REQUIRED: ["R1", "R2"]}
 
 
 # Attributes of patients are attributes of studies (PS3.4 C.3.2): two studies of one

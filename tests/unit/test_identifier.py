@@ -57,6 +57,9 @@ def test_study_root_matches_patient_id_as_a_required_key(level: str, value: str,
     (Table C.6-5), with wildcards and lists like any other LO key."""
     query, _ = to_find_query(_identifier(level, PatientID=value), STUDY_ROOT)
     assert _patient_terms(query) == terms
+    assert query.required == ("PatientID",)  # held empty, it matches any (C.2.2.1.2)
+    patient_root, _ = to_find_query(_identifier(level, PatientID="P1"), PATIENT_ROOT)
+    assert patient_root.required == ()
 
 
 @pytest.mark.parametrize("value", ["P?", "P*1", "P1\\P3"])

@@ -126,11 +126,13 @@ def from_clause(level: Level, patient: bool = False) -> str:
 class _Where:
     """Accumulates conditions and their parameters."""
 
-    def __init__(self, pn_case_sensitive: bool, fuzzy: bool) -> None:
+    def __init__(self, pn_case_sensitive: bool, fuzzy: bool,
+                 required: tuple[str, ...] = ()) -> None:
         self.parts: list[str] = []
         self.params: list[object] = []
         self.pn_case_sensitive = pn_case_sensitive
         self.fuzzy = fuzzy
+        self.required = required
 
     def add(self, query_level: Level, constraint: Constraint) -> None:
         attribute = constraint.attribute
@@ -147,7 +149,8 @@ class _Where:
                 conditions.append(
                     self._term(attribute, term, table_of(attribute, query_level).table))
         condition = "(" + joiner.join(conditions) + ")"
-        if attribute.key == "R" and attribute.level.depth <= query_level.depth and not any(
+        required = attribute.key == "R" or attribute.keyword in self.required
+        if required and attribute.level.depth <= query_level.depth and not any(
                 t.match is Match.EMPTY for t in constraint.terms):
             # C.2.2.1.2 / Orthanc #90: an entity whose Required key is unknown (empty)
             # matches any value of that key.
@@ -410,7 +413,7 @@ def _terms(constraints: Sequence[Constraint]) -> Iterator[tuple[Attribute, Term]
 
 def _where(query: Query, pn_case_sensitive: bool) -> _Where:
     check_size(query.constraints)
-    where = _Where(pn_case_sensitive, query.fuzzy)
+    where = _Where(pn_case_sensitive, query.fuzzy, query.required)
     for constraint in query.constraints:
         where.add(query.level, constraint)
     return where

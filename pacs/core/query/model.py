@@ -75,6 +75,12 @@ class Query:
         the SCP has no value), and one entity has no single value of a lower level's
         attribute.  Without it they are left out, as QIDO-RS has it (PS3.18 10.6.3.3:
         a lower level's attributes are not returned).  They are matched either way.
+    required :
+        Keywords of the Required keys of the query's information model that the
+        attribute table does not mark ``R`` (PS3.4 Table C.6-5: Patient ID at the
+        STUDY level of the Study Root model; Unique at the PATIENT level of the Patient
+        Root): an entity that holds no value for such a key matches any value of it
+        (C.2.2.1.2), as for every ``R`` key.
     """
 
     level: Level
@@ -85,6 +91,7 @@ class Query:
     fuzzy: bool = False
     item_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
     empty_below: bool = False
+    required: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
