@@ -399,8 +399,8 @@ def test_frame_declaring_65535_by_65535_rgb_is_refused(limited: Node) -> None:
 def test_jpeg_declaring_20000_by_20000_behind_16_by_16_is_refused(limited: Node) -> None:
     """A 16 x 16 JPEG whose frame header declares 20000 x 20000 pixels: the decoder
     would fill 400 MB (2 GB of RSS, 6.6 s, then fail to fit them in 256 bytes).  Every
-    resource that decodes answers 400 from the codestream's header; the stored frame
-    is still sent as stored."""
+    resource that decodes answers 406 from the codestream's header (nothing it may
+    send can be made); the stored frame is still sent as stored."""
     data = make_jpeg_instance(jpeg_frame(declared=(20000, 20000)))
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     assert stow(limited, data).status_code == 200
@@ -417,7 +417,7 @@ def test_jpeg_declaring_20000_by_20000_behind_16_by_16_is_refused(limited: Node)
                    for _ in range(3) for suffix, accept in asked]
     watch.check("JPEG declaring 20000 x 20000 behind 16 x 16, 12 requests")
     for answer in answers:
-        assert answer.status_code == 400, answer.text
+        assert answer.status_code == 406, answer.text
         assert "20000 x 20000" in answer.json()["description"]
     stored = requests.get(base + "/frames/1", timeout=60, headers={
         "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
