@@ -713,6 +713,7 @@ def _walked_header(buffer: bytes, offset: int,
     if walked is None:
         return None, True
     raw, pixel_at = walked
+    _check_pixel_encoding(walker, pixel_at, transfer_syntax)
     # The character set is read now, whatever needs the data set later: one that does
     # not decode makes the object unreadable.
     charset = raw.get(_SPECIFIC_CHARACTER_SET)
@@ -739,6 +740,31 @@ def _walked_header(buffer: bytes, offset: int,
         return header
 
     return Elements(raw, build, offset, implicit, little), walker.tags.unambiguous
+
+
+def _check_pixel_encoding(walker: _Walker, pixel_at: int, transfer_syntax: str) -> None:
+    """Refuse Pixel Data (7FE0,0010) encoded otherwise than its transfer syntax says:
+    encapsulated, of undefined length, under a syntax that encapsulates it, and of a
+    defined length under a native one (PS3.5 A.4, A.1).  Stored, such an object is
+    read by no one as it was meant: a decoder takes native bytes for a codestream, a
+    reader of native frames takes the items' headers for pixels.
+
+    Raises
+    ------
+    UnreadableData
+        The Pixel Data's length says the other encoding (C000).
+    """
+    if pixel_at >= len(walker.data):
+        return
+    tag, _, length, _ = walker._header(pixel_at)
+    if tag != _PIXEL_DATA:
+        return
+    encapsulated = UID(transfer_syntax).is_encapsulated
+    if (length == _UNDEFINED) != encapsulated:
+        found, wanted = ("native", "encapsulated") if encapsulated else (
+            "encapsulated", "native")
+        raise UnreadableData(f"the Pixel Data is {found} where its transfer syntax has it "
+                             f"{wanted} (PS3.5 A.4)")
 
 
 #: Longest Specific Character Set value whose encodings are kept between objects: a

@@ -28,6 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydicom.uid import ExplicitVRBigEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from pacs.core.access import OVERWRITE, REJECT, STORE
@@ -36,6 +37,7 @@ from pacs.core.errors import (
     NotAuthorized,
     ObjectTooLarge,
     PacsError,
+    UnreadableData,
     logged_by_core,
 )
 from pacs.core.ingest import TRANSFER_ACTION, StoreResult
@@ -123,6 +125,7 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, StoreResu
         if request.too_large:
             raise ObjectTooLarge(f"a data set of {request.received} bytes, over "
                                  f"PACS_MAX_OBJECT_BYTES ({request.limit})")
+        check_no_file_meta(request.data_set, request.transfer_syntax)
         result = services.ingest.store_bytes(
             part10(request), calling_ae=calling,
             expected=(request.sop_class_uid, request.sop_instance_uid),
@@ -174,6 +177,27 @@ _VERSION = _element(0x0001, b"OB", b"\x00\x01")
 _IMPLEMENTATION = (_element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID))
                    + _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
                               .ljust(len(PYNETDICOM_IMPLEMENTATION_VERSION) + 1 & ~1)))
+
+
+def check_no_file_meta(data_set: bytes | memoryview, transfer_syntax: str) -> None:
+    """Refuse a data set that begins with File Meta Information elements.
+
+    A data set holds no group 0002 element (PS3.5 7.1; PS3.4 C.4.1.1.3, note): the
+    file meta of what is stored is the node's, from the command and the presentation
+    context (:func:`part10`), and group 0002 elements after it would be read as more
+    of it - another Transfer Syntax UID or SOP Instance UID than the data set's.  The
+    elements are in ascending order (PS3.5 7.1.1): any such element comes first (in a
+    deflated data set, inflated later, its elements are not read here).
+
+    Raises
+    ------
+    UnreadableData
+        The data set's first element is of group 0002 (C000).
+    """
+    group = bytes(data_set[:2])
+    if group == (b"\x00\x02" if transfer_syntax == ExplicitVRBigEndian else b"\x02\x00"):
+        raise UnreadableData("the data set holds File Meta Information elements "
+                             "(group 0002), which a data set does not (PS3.5 7.1)")
 
 
 def part10(request: StoreRequest) -> bytes:

@@ -461,3 +461,27 @@ def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> No
         tracemalloc.stop()
     assert peak < 40 * dataset.MAX_INDEX_VALUE_BYTES, peak
     assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES
+
+
+def _relabelled(data: bytes, syntax: str) -> bytes:
+    """``data`` with another Transfer Syntax UID in its file meta, its data set as it was."""
+    meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = syntax
+    out = io.BytesIO(b"\0" * 128 + b"DICM")
+    out.seek(0, io.SEEK_END)
+    pydicom.filewriter.write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue() + data[dataset.dataset_offset(data):]
+
+
+@pytest.mark.parametrize("name, syntax, found", [
+    ("CT_small.dcm", "1.2.840.10008.1.2.4.50", "native"),        # on a JPEG context
+    ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.1", "encapsulated"),
+])
+def test_pixel_data_in_the_other_encoding_than_its_syntax_is_unreadable(
+        name: str, syntax: str, found: str) -> None:
+    """PS3.5 A.4: Pixel Data is encapsulated (undefined length) under a syntax that
+    encapsulates it, native (a defined length) otherwise.  The other way round, no
+    reader takes the object as meant: refused, not stored."""
+    data = _relabelled(sample(name).read_bytes(), syntax)
+    with pytest.raises(UnreadableData, match=f"Pixel Data is {found}"):
+        read_part10(data)

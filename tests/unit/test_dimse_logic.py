@@ -9,7 +9,7 @@ import io
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,6 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     CTImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,
@@ -249,6 +250,26 @@ def test_store_refusals(services: Services, changes: dict[str, Any], code: int) 
     data = make_instance(SOPInstanceUID="1.2.8.1" if code != 0x0117 else "1.2.x")
     found = storage.store(services, _store_request(data, **changes))
     assert found.code == code and found.comment
+    assert _instances(services) == 0
+
+
+@pytest.mark.parametrize("meta, syntax", [
+    (b"\x02\x00\x10\x00UI\x14\x001.2.840.10008.1.2.2\x00", ExplicitVRLittleEndian),
+    (b"\x02\x00\x03\x00UI\x08\x001.2.8.9\x00", ExplicitVRLittleEndian),
+    (b"\x00\x02\x00\x10UI\x00\x121.2.840.10008.1.2\x00", ExplicitVRBigEndian),
+])
+def test_a_data_set_holding_file_meta_elements_is_refused(
+        services: Services, meta: bytes, syntax: str) -> None:
+    """PS3.5 7.1 (PS3.4 C.4.1.1.3, note): no group 0002 element is part of a data
+    set.  Stored after the node's file meta, one would be read as more of it: another
+    Transfer Syntax UID or SOP Instance UID than the data set's (C000, nothing kept)."""
+    data = make_instance(SOPInstanceUID="1.2.8.1")
+    request = _store_request(data)
+    request = replace(request, data_set=meta + request.data_set,
+                                  transfer_syntax=syntax,
+                                  received=request.received + len(meta))
+    found = storage.store(services, request)
+    assert found.code == 0xC000 and "group 0002" in found.comment
     assert _instances(services) == 0
 
 
