@@ -792,8 +792,10 @@ class Ingest:
             if existing.checksum == analysis.checksum:
                 return Outcome.UNCHANGED, None
             previous = self._read_quietly(existing.object_key)
-            if previous is not None and _same_dataset(previous, data,
-                                                      analysis.dataset_offset):
+            # The same bytes in another transfer syntax are another data set (PS3.10
+            # 7.1: the syntax says how they are read).
+            if (previous is not None and existing.transfer_syntax == analysis.transfer_syntax
+                    and _same_dataset(previous, data, analysis.dataset_offset)):
                 return Outcome.UNCHANGED, None
             elsewhere = existing.object_key != object_key(
                 analysis.study_uid, analysis.series_uid, analysis.sop_instance_uid)

@@ -19,6 +19,7 @@ import apsw
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -100,6 +101,25 @@ def test_same_object_twice_is_unchanged(services: Services) -> None:
     data = sample("CT_small.dcm").read_bytes()
     services.ingest.store_bytes(data)
     assert services.ingest.store_bytes(data).outcome is Outcome.UNCHANGED
+
+
+def test_the_same_data_set_in_another_transfer_syntax_is_another_object(
+        services: Services) -> None:
+    """PS3.10 7.1: the Transfer Syntax UID says how the data set's bytes are read; the
+    same bytes under another syntax are another object (replaced by the default
+    policy), not the one stored."""
+    data = sample("SC_rgb_jpeg_dcmtk.dcm").read_bytes()
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.5"  # RLE Lossless: encapsulated too
+    head = io.BytesIO(b"\0" * 128 + b"DICM")
+    head.seek(0, io.SEEK_END)
+    write_file_meta_info(head, meta, enforce_standard=True)
+    relabelled = head.getvalue() + data[dataset.dataset_offset(data):]
+    assert services.ingest.store_bytes(data).outcome is Outcome.STORED
+    assert services.ingest.store_bytes(relabelled).outcome is Outcome.REPLACED
+    [syntax] = services.index.connection().execute(
+        "SELECT transfer_syntax FROM instance").fetchone()
+    assert syntax == "1.2.840.10008.1.2.5"
 
 
 @pytest.mark.parametrize("policy, outcome", [("overwrite", Outcome.REPLACED),
