@@ -1078,9 +1078,14 @@ class Mover:
                           exc, backoff)
                 _sleep(backoff, stopping)
                 continue
-            backoff = 0.0
-            if self._failing:
-                self._report(None)
+            if moved:
+                # The store took objects: it is back.  A batch that found nothing to move
+                # (every row left waits for its unanswered key to settle) proves nothing
+                # of it, and the next failure waits longer still: each try that times out
+                # leaves more keys unanswered.
+                backoff = 0.0
+                if self._failing:
+                    self._report(None)
             backlog = reads.intake_state(self.index.connection())
             # Rows passed over are no backlog to move.
             waiting = (backlog.objects - len(self._stuck),

@@ -275,6 +275,29 @@ def test_a_read_outlives_the_move_of_its_object(node: Services) -> None:
     read_across_a_move(node, instance())
 
 
+def test_the_mover_waits_longer_while_the_store_keeps_failing(
+        node: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that finds nothing to move (every row waits for its unanswered key to
+    settle) does not prove the store back: the next failure waits longer, not from the
+    start again (each try that times out leaves more keys unanswered)."""
+    outcomes: list[int | None] = [None, 0, None, 0, None, 3]
+    waits: list[float] = []
+
+    def batch() -> int:
+        outcome = outcomes.pop(0)
+        if outcome is None:
+            raise StorageError("timed out")
+        return outcome
+
+    moving = mover(node)
+    monkeypatch.setattr(moving, "move_batch", batch)
+    monkeypatch.setattr(intake.Hold, "holds", lambda *_: False)
+    monkeypatch.setattr(intake, "_sleep", lambda seconds, _: waits.append(seconds))
+    moving._run(lambda: not outcomes)
+    failures = [wait for wait in waits if wait != intake.LINGER]
+    assert failures == [0.5, 1.0, 2.0]
+
+
 def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(
         make_services: Callable[..., Services]) -> None:
     first = instance("1.2.826.0.1.3680043.8.498.1")
