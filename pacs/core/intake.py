@@ -255,6 +255,10 @@ class IntakeStore:
     def _entry(self, key: str) -> reads.IntakeEntry | None:
         return reads.intake_entry(self.index.connection(), key)
 
+    def in_intake(self, key: str) -> bool:
+        """True while the intake holds the object at ``key`` (read without the backend)."""
+        return self._entry(key) is not None
+
     def put(self, key: str, source: BinaryIO, length: int) -> None:
         """Write to the backend durably, then drop the key's older intake copy."""
         self.backend.put(key, source, length)

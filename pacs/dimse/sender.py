@@ -39,7 +39,8 @@ from pynetdicom.dsutils import split_dataset
 from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
-from pacs.core.errors import PacsError
+from pacs.core.errors import ForeignObject, PacsError, StorageError
+from pacs.core.intake import IntakeStore
 from pacs.core.storage import local_path, open_ranged
 from pacs.dimse.connection import AcceptedContext, StoreTarget
 
@@ -102,6 +103,8 @@ class Preparer:
         self._accepted = list(target.accepted_contexts())
         # (SOP class, stored syntax) -> (context ID, syntax sent) or None.
         self._routes: dict[tuple[str, str], tuple[int, str] | None] = {}
+        #: Why the object store failed a read of this retrieve, once it did.
+        self._store_failed: str | None = None
 
     def route(self, sop_class_uid: str, stored: str) -> tuple[int, str] | None:
         """The context ID and transfer syntax to send an instance in, or ``None``."""
@@ -126,6 +129,13 @@ class Preparer:
                         UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
             return None
         context_id, syntax = found
+        if self._store_failed is not None and not self._in_intake(ref.object_key):
+            # The store failed (a timeout, an outage) earlier in this retrieve: each try
+            # would wait as long again, one read timeout per instance of a study.  The
+            # objects the intake holds still go.
+            log_failure(ref, StorageError(f"the object store failed earlier in this "
+                                          f"retrieve ({self._store_failed})"))
+            return None
         command = self.target.request_command(ref.sop_class_uid, ref.sop_uid, msg_id)
         resources = ExitStack()
         try:
@@ -134,8 +144,14 @@ class Preparer:
         except Exception as exc:  # noqa: BLE001 - one instance must not end the retrieve
             resources.close()
             log_failure(ref, exc)
+            if isinstance(exc, StorageError) and not isinstance(exc, ForeignObject):
+                self._store_failed = str(exc) or type(exc).__name__
             return None
         return Prepared(ref, msg_id, context_id, command, source, length, resources)
+
+    def _in_intake(self, key: str) -> bool:
+        """True when the object at ``key`` is read from the intake, not the store."""
+        return isinstance(self.store, IntakeStore) and self.store.in_intake(key)
 
 
 def log_failure(ref: InstanceRef, exc: BaseException) -> None:

@@ -29,7 +29,7 @@ from pacs.core import access, config, errors
 from pacs.core.attributes import Level
 from pacs.core.index import reads
 from pacs.core.query.model import Query
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import find, retrieve, seam, status, storage
 from pacs.dimse.connection import AcceptedContext, Request, SubOperationCounts
@@ -368,6 +368,33 @@ def test_get_sends_every_instance_as_stored_with_counts(services: Services) -> N
     assert [(s.code, c.remaining, c.completed) for s, _, c in pending] == [
         (0xFF00, 2, 1), (0xFF00, 1, 2)]
     assert (final.code, identifier, counts) == (0x0000, None, SubOperationCounts(None, 3, 0, 0))
+
+
+def test_a_retrieve_stops_asking_a_store_that_failed_but_sends_the_intake_s(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that times out (S3 stalled) would cost one read timeout per instance of
+    a study: after its first failure, the retrieve's other objects in the store fail
+    at once, counted and listed; those still in the intake go."""
+    services = make_services(memory_store, intake_mover="off")
+    _load(services, studies=1, per_study=3)
+    assert drain(services) == 3  # in the store
+    again = make_instance(StudyInstanceUID="1.2.7.0", SeriesInstanceUID="1.2.7.0.1",
+                          SOPInstanceUID="1.2.7.0.1.9", PatientID="P0")
+    services.ingest.store_bytes(again)  # in the intake
+    asked: list[str] = []
+
+    def stalled(key: str) -> BinaryIO:
+        asked.append(key)
+        raise errors.StorageError("S3 read failed: timed out")
+
+    monkeypatch.setattr(memory_store, "open", stalled)
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    assert len(asked) == 1  # asked once, not once per instance
+    assert [data for _, data in target.received] == [again[again.index(b"\x08\x00\x05\x00"):]]
+    final, _, counts = responder.sent[-1]
+    assert (final.code, counts.completed, counts.failed) == (0xB000, 1, 3)
 
 
 def test_get_with_a_failure_gives_b000_and_the_failed_uid(services: Services) -> None:
