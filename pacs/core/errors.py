@@ -54,6 +54,10 @@ class StoreMissing(ConfigError):
     """The object store answers, but its folder or bucket does not exist."""
 
 
+class StoreUnreachable(ConfigError):
+    """The object store does not answer at all (down, or a wrong address)."""
+
+
 class InvalidInstance(PacsError):
     """An object that cannot be stored as sent."""
 

@@ -6,6 +6,7 @@ core through it; nothing reaches for a module-level singleton.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -17,7 +18,7 @@ from pacs.core.commitment import Commitments
 from pacs.core.config import Settings
 from pacs.core.dataset import quiet_pydicom
 from pacs.core.deletion import Deleter
-from pacs.core.errors import ConfigError, StoreMissing
+from pacs.core.errors import ConfigError, StoreMissing, StoreUnreachable
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index, busy_timeout_for
 from pacs.core.index.migrations import migrate
@@ -34,6 +35,8 @@ from pacs.core.intake import (
 from pacs.core.logins import LoginLimiter
 from pacs.core.query.engine import QueryEngine
 from pacs.core.storage import LateWrites, ObjectStore, open_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,8 +120,9 @@ def build(settings: Settings, store: ObjectStore | None = None, *,
     Raises
     ------
     ConfigError
-        When ``check_store`` and the store cannot be reached or used, or when the
-        index belongs to another customer.
+        When ``check_store`` and the store cannot be used, or cannot be reached for
+        an index that holds nothing yet (one that does starts without it:
+        :func:`_open_store`), or when the index belongs to another customer.
     """
     quiet_pydicom()
     policy = access_policy(settings)  # a bad access file fails before anything is opened
@@ -195,6 +199,17 @@ def _open_store(settings: Settings, index: Index, check: bool, create: bool) -> 
         if reads.counts(index.connection())["instance"]:
             raise
         return open_store(settings, check=True, create=True)
+    except StoreUnreachable as exc:
+        conn = index.connection()
+        if not reads.counts(conn)["instance"] and not reads.intake_state(conn).objects:
+            raise  # nothing acknowledged here yet: a wrong address, most likely
+        # A node that served this index, started while its store is down: it serves
+        # what it acknowledged from the intake and the store when it answers, takes new
+        # objects into the intake (up to PACS_INTAKE_MAX_BYTES), and its mover moves
+        # them once the store is back - as its workers do, started without a check.
+        log.warning("%s; starting without it: acknowledged instances the intake holds "
+                    "are served, new ones kept there until it is back", exc)
+        return open_store(settings, check=False)
 
 
 def access_policy(settings: Settings) -> AccessPolicy:

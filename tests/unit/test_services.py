@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from pacs.core import config
 from pacs.core.errors import ConfigError
 from pacs.core.index import reads
 from pacs.core.services import Services, build
+from pacs.core.storage.memory import MemoryStore
 from tests.conftest import sample
 
 
@@ -59,3 +61,30 @@ def test_an_unclaimed_index_is_claimed_by_the_node(settings: config.Settings) ->
     build(settings, claim=True).close()
     with pytest.raises(ConfigError, match="customer 'default'"):
         build(replace(settings, customer="other"))
+
+
+def test_a_node_whose_store_is_down_starts_on_what_it_acknowledged(
+        settings: config.Settings, make_services: Callable[..., Services],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An S3 store that does not answer: a new node refuses to start (a wrong address,
+    most likely); one whose index holds what it acknowledged starts without it, warns,
+    and serves those instances from its intake (its mover moves them once the store is
+    back)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    down = settings.with_overrides(storage="s3", s3_endpoint=f"127.0.0.1:{closed}",
+                                   s3_access_key="key", s3_secret_key="secret-key",
+                                   s3_bucket="pacs", s3_secure=False)
+    with pytest.raises(ConfigError, match="cannot reach"):
+        build(down)
+    acknowledged = sample("CT_small.dcm").read_bytes()
+    make_services(MemoryStore(), intake_mover="off").ingest.store_bytes(acknowledged)
+    services = build(down)
+    try:
+        assert "starting without it" in caplog.text
+        [key] = reads.intake_keys(services.index.connection())
+        with services.store.open(key) as stream:
+            assert stream.read() == acknowledged
+    finally:
+        services.close()

@@ -64,6 +64,7 @@ from pacs.core.errors import (
     NotFound,
     StorageError,
     StoreMissing,
+    StoreUnreachable,
     UnsettledWrite,
     WriteNotMade,
 )
@@ -771,7 +772,7 @@ class S3Store:
         except ValueError as exc:
             raise ConfigError(f"PACS_S3_BUCKET: {exc}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConfigError(
+            raise StoreUnreachable(
                 f"cannot reach {where}: {_network_reason(exc)}; check PACS_S3_ENDPOINT "
                 "and PACS_S3_SECURE"
             ) from exc
