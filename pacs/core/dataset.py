@@ -190,10 +190,16 @@ class Instance(Identity):
         (another Study or SOP Instance UID, another patient).  Elements merely out of
         order before the pixel data, which every reader sorts alike, are taken.
         Objects already stored are read as they are.
+    pixel_mismatch :
+        Why the Pixel Data's encoding contradicts the transfer syntax (encapsulated
+        under a native one, or the other way round: PS3.5 A.4), ``None`` when it does
+        not.  Ingest refuses such an object; one already stored is read as it is
+        (``pacs reindex`` and ``pacs fsck`` keep what was acknowledged).
     """
 
     elements: Elements
     unambiguous: bool = True
+    pixel_mismatch: str | None = None
 
     @property
     def header(self) -> Dataset:
@@ -232,6 +238,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     offset = dataset_offset(buffer)
     found = meta_transfer_syntax(buffer, offset)
     elements: Elements | None
+    pixel_mismatch: str | None = None
     if found == DeflatedExplicitVRLittleEndian:
         header, unambiguous = _read_deflated(buffer[:offset], memoryview(buffer)[offset:],
                                          max_object_bytes)
@@ -241,7 +248,8 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         if found is None:
             raise UnreadableData("the file meta has no Transfer Syntax UID")
         transfer_syntax = require_uid(found, "TransferSyntaxUID")
-        elements, unambiguous = _walked_header(buffer, offset, transfer_syntax)
+        elements, unambiguous, pixel_mismatch = _walked_header(buffer, offset,
+                                                               transfer_syntax)
         if elements is None:
             # An encoding the walk leaves to pydicom (an unknown transfer syntax, an
             # undefined length outside a sequence): the walk proves it whole and
@@ -267,6 +275,7 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         transfer_syntax=transfer_syntax,
         dataset_offset=offset,
         unambiguous=unambiguous,
+        pixel_mismatch=pixel_mismatch,
     )
 
 
@@ -684,7 +693,7 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 def _walked_header(buffer: bytes, offset: int,
-                   transfer_syntax: str) -> tuple[Elements | None, bool]:
+                   transfer_syntax: str) -> tuple[Elements | None, bool, str | None]:
     """The header (the data set before its pixel data) of a Part 10 object, read by the
     walk that proves the data set whole (:class:`_Walker`), in one pass.
 
@@ -696,7 +705,8 @@ def _walked_header(buffer: bytes, offset: int,
     (:func:`pacs.core.metadata.prepare` reads it there).  ``None`` when the data set
     holds what pydicom should interpret itself: an unknown VR, or an undefined length
     on an element that is not a sequence.  With it, whether the top level is
-    unambiguous (:attr:`Instance.unambiguous`; ``True`` with ``None``).
+    unambiguous (:attr:`Instance.unambiguous`; ``True`` with ``None``), and why the
+    Pixel Data's encoding contradicts the syntax (:attr:`Instance.pixel_mismatch`).
 
     Raises
     ------
@@ -706,14 +716,14 @@ def _walked_header(buffer: bytes, offset: int,
     """
     known = transfer_syntax in _NATIVE_ENCODINGS or UID(transfer_syntax).is_transfer_syntax
     if transfer_syntax == DeflatedExplicitVRLittleEndian or not known:
-        return None, True
+        return None, True, None
     implicit, little = _NATIVE_ENCODINGS.get(transfer_syntax, (False, True))
     walker = _Walker(memoryview(buffer)[offset:], implicit, little)
     walked = walker.top_level()
     if walked is None:
-        return None, True
+        return None, True, None
     raw, pixel_at = walked
-    _check_pixel_encoding(walker, pixel_at, transfer_syntax)
+    pixel_mismatch = _pixel_mismatch(walker, pixel_at, transfer_syntax)
     # The character set is read now, whatever needs the data set later: one that does
     # not decode makes the object unreadable.
     charset = raw.get(_SPECIFIC_CHARACTER_SET)
@@ -739,32 +749,27 @@ def _walked_header(buffer: bytes, offset: int,
         header.set_original_encoding(implicit, little, encodings)
         return header
 
-    return Elements(raw, build, offset, implicit, little), walker.tags.unambiguous
+    return (Elements(raw, build, offset, implicit, little), walker.tags.unambiguous,
+            pixel_mismatch)
 
 
-def _check_pixel_encoding(walker: _Walker, pixel_at: int, transfer_syntax: str) -> None:
-    """Refuse Pixel Data (7FE0,0010) encoded otherwise than its transfer syntax says:
-    encapsulated, of undefined length, under a syntax that encapsulates it, and of a
-    defined length under a native one (PS3.5 A.4, A.1).  Stored, such an object is
-    read by no one as it was meant: a decoder takes native bytes for a codestream, a
-    reader of native frames takes the items' headers for pixels.
-
-    Raises
-    ------
-    UnreadableData
-        The Pixel Data's length says the other encoding (C000).
-    """
+def _pixel_mismatch(walker: _Walker, pixel_at: int, transfer_syntax: str) -> str | None:
+    """Why Pixel Data (7FE0,0010) is encoded otherwise than its transfer syntax says,
+    or ``None``: encapsulated, of undefined length, under a syntax that encapsulates
+    it, of a defined length under a native one (PS3.5 A.4, A.1).  Stored, such an
+    object is read by no one as it was meant: a decoder takes native bytes for a
+    codestream, a reader of native frames takes the items' headers for pixels."""
     if pixel_at >= len(walker.data):
-        return
+        return None
     tag, _, length, _ = walker._header(pixel_at)
     if tag != _PIXEL_DATA:
-        return
+        return None
     encapsulated = UID(transfer_syntax).is_encapsulated
-    if (length == _UNDEFINED) != encapsulated:
-        found, wanted = ("native", "encapsulated") if encapsulated else (
-            "encapsulated", "native")
-        raise UnreadableData(f"the Pixel Data is {found} where its transfer syntax has it "
-                             f"{wanted} (PS3.5 A.4)")
+    if (length == _UNDEFINED) == encapsulated:
+        return None
+    found, wanted = ("native", "encapsulated") if encapsulated else (
+        "encapsulated", "native")
+    return f"the Pixel Data is {found} where its transfer syntax has it {wanted} (PS3.5 A.4)"
 
 
 #: Longest Specific Character Set value whose encodings are kept between objects: a

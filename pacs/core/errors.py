@@ -155,6 +155,11 @@ class StorageError(PacsError):
     """The object store failed to read, write or delete."""
 
 
+class StoreUnavailable(StorageError):
+    """The object store did not answer a read (a timeout, a refused or dropped
+    connection): the store is down or overloaded, not one object damaged."""
+
+
 class WriteNotMade(StorageError):
     """The object store refused a write, or never received it (no connection could be
     made): nothing of it was stored, and the key holds what it held.  Nothing is left to

@@ -182,6 +182,9 @@ class Analysis(Identity):
         No top-level tag repeats, and none after the pixel data belongs before it
         (:attr:`pacs.core.dataset.Instance.unambiguous`); ingest refuses one that is
         not (:func:`_ambiguity`).
+    pixel_mismatch :
+        :attr:`pacs.core.dataset.Instance.pixel_mismatch`; ingest refuses an object
+        that has one (:func:`_ambiguity`).
     """
 
     values: dict[Level, dict[str, str | None]]
@@ -189,6 +192,7 @@ class Analysis(Identity):
     metadata: metadata.Prepared | None
     rejection: rejection.Rejection | None = None
     unambiguous: bool = True
+    pixel_mismatch: str | None = None
 
 
 def analyse(data: bytes, expected: tuple[str, str] | None = None,
@@ -251,6 +255,7 @@ def analyse(data: bytes, expected: tuple[str, str] | None = None,
         metadata=prepared,
         rejection=note,
         unambiguous=instance.unambiguous,
+        pixel_mismatch=instance.pixel_mismatch,
     )
 
 
@@ -630,13 +635,8 @@ class Ingest:
         with self.uid_locks(list(seen)):
             self._store_analysed(data, analysed, calling_ae, requestor, may_overwrite,
                                  results)
-        for number, analysis in analysed.items():
-            result = results[number]
-            if isinstance(result, StoreResult):
-                try:
-                    self._apply_rejection(analysis, result.outcome, calling_ae, requestor)
-                except Exception as exc:  # noqa: BLE001 - reported as this note's failure
-                    results[number] = exc
+        # The repeats before the batch's note (which ends it): sent before it, stored
+        # before it is applied, so that it removes them as it would one by one.
         for number in later:
             try:
                 results[number] = self.store_bytes(
@@ -644,6 +644,13 @@ class Ingest:
                     may_reject=may_reject, requestor=requestor)
             except Exception as exc:  # noqa: BLE001 - reported as this object's failure
                 results[number] = exc
+        for number, analysis in analysed.items():
+            result = results[number]
+            if isinstance(result, StoreResult):
+                try:
+                    self._apply_rejection(analysis, result.outcome, calling_ae, requestor)
+                except Exception as exc:  # noqa: BLE001 - reported as this note's failure
+                    results[number] = exc
         return [result if result is not None else IndexFailure("not stored")
                 for result in results]
 
@@ -1079,10 +1086,15 @@ def sender(calling_ae: str, requestor: Participant | None) -> Participant:
 
 
 def _ambiguity(analysis: Analysis) -> UnreadableData | None:
-    """The refusal of an object whose top level is ambiguous: a tag repeated, or an
-    element of the header after the pixel data (PS3.5 7.1: ascending, each once).  The
-    index reads the header, which stops at the pixel data; readers of the object would
-    take the later element (another Study or SOP Instance UID, another Patient ID)."""
+    """The refusal of an object that readers would not read as ingest does: its top
+    level ambiguous - a tag repeated, or an element of the header after the pixel data
+    (PS3.5 7.1: ascending, each once; the index reads the header, which stops at the
+    pixel data, readers of the object would take the later element: another Study or
+    SOP Instance UID, another Patient ID) - or its Pixel Data encoded otherwise than
+    its transfer syntax says (:attr:`pacs.core.dataset.Instance.pixel_mismatch`).
+    Objects already stored are read as they are (``pacs reindex``, ``pacs fsck``)."""
+    if analysis.pixel_mismatch is not None:
+        return UnreadableData(analysis.pixel_mismatch)
     if analysis.unambiguous:
         return None
     return UnreadableData("a top-level element repeated, or placed after the pixel data "

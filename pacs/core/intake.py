@@ -1082,15 +1082,15 @@ class Mover:
                           exc, backoff)
                 _sleep(backoff, stopping)
                 continue
-            if moved:
-                # The store took objects: it is back.  A batch that found nothing to move
-                # (every row left waits for its unanswered key to settle) proves nothing
-                # of it, and the next failure waits longer still: each try that times out
-                # leaves more keys unanswered.
+            backlog = reads.intake_state(self.index.connection())
+            if moved or not backlog.unsettled:
+                # The store took objects, or nothing waits on it: a batch that found
+                # nothing to move because every row left waits for its unanswered key
+                # to settle proves nothing of the store, and the next failure waits
+                # longer still (each try that times out leaves more keys unanswered).
                 backoff = 0.0
                 if self._failing:
                     self._report(None)
-            backlog = reads.intake_state(self.index.connection())
             # Rows passed over are no backlog to move.
             waiting = (backlog.objects - len(self._stuck),
                        backlog.bytes - sum(self._stuck.values()))

@@ -39,7 +39,7 @@ from pynetdicom.dsutils import split_dataset
 from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
-from pacs.core.errors import ForeignObject, PacsError, StorageError
+from pacs.core.errors import PacsError, StorageError, StoreUnavailable
 from pacs.core.intake import IntakeStore
 from pacs.core.storage import local_path, open_ranged
 from pacs.dimse.connection import AcceptedContext, StoreTarget
@@ -144,7 +144,7 @@ class Preparer:
         except Exception as exc:  # noqa: BLE001 - one instance must not end the retrieve
             resources.close()
             log_failure(ref, exc)
-            if isinstance(exc, StorageError) and not isinstance(exc, ForeignObject):
+            if isinstance(exc, StoreUnavailable):  # the store's, not this object's
                 self._store_failed = str(exc) or type(exc).__name__
             return None
         return Prepared(ref, msg_id, context_id, command, source, length, resources)

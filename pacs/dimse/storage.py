@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydicom.uid import ExplicitVRBigEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from pacs.core.access import OVERWRITE, REJECT, STORE
@@ -194,6 +194,8 @@ def check_no_file_meta(data_set: bytes | memoryview, transfer_syntax: str) -> No
     UnreadableData
         The data set's first element is of group 0002 (C000).
     """
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return  # compressed bytes: their first two say nothing of a tag
     group = bytes(data_set[:2])
     if group == (b"\x00\x02" if transfer_syntax == ExplicitVRBigEndian else b"\x02\x00"):
         raise UnreadableData("the data set holds File Meta Information elements "

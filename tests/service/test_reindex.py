@@ -42,6 +42,7 @@ from falcon import testing
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
@@ -50,6 +51,7 @@ from pacs.core import audit, config
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
 from pacs.core.audit import Participant
+from pacs.core.dataset import dataset_offset
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError, IndexFailure, StorageError
 from pacs.core.index import commitments, outbox, reads
@@ -575,6 +577,25 @@ def test_an_index_rebuilt_in_place_of_a_lost_one_is_the_customer_s(
     assert reads.owner(connect(settings.index_path)) == "alice"
     with pytest.raises(ConfigError, match="customer 'alice'"):
         build(replace(settings, customer="typo"), store=store)
+
+
+def test_an_object_ingest_would_refuse_now_is_indexed_again(
+        settings: config.Settings) -> None:
+    """A rebuild indexes what the store holds, as it is: an object acknowledged before
+    ingest refused its kind (encapsulated Pixel Data under Explicit VR Little Endian)
+    is not lost from the rebuilt index."""
+    data = sample("SC_rgb_jpeg_dcmtk.dcm").read_bytes()
+    meta = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    head = io.BytesIO(b"\0" * 128 + b"DICM")
+    head.seek(0, io.SEEK_END)
+    meta.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    write_file_meta_info(head, meta.file_meta, enforce_standard=True)
+    relabelled = head.getvalue() + data[dataset_offset(data):]
+    store = MemoryStore()
+    key = object_key(meta.StudyInstanceUID, meta.SeriesInstanceUID, meta.SOPInstanceUID)
+    store.put(key, io.BytesIO(relabelled), len(relabelled))
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    assert report.indexed == 1, report.lines()
 
 
 def test_without_stored_times_the_order_is_the_keys_and_the_time_unknown(

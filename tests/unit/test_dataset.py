@@ -24,6 +24,8 @@ from pacs.core.dataset import (
     valid_uid,
 )
 from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
+from pacs.core.index import reads
+from pacs.core.services import Services
 from tests.conftest import sample
 from tests.factory import make_instance
 
@@ -477,11 +479,16 @@ def _relabelled(data: bytes, syntax: str) -> bytes:
     ("CT_small.dcm", "1.2.840.10008.1.2.4.50", "native"),        # on a JPEG context
     ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.1", "encapsulated"),
 ])
-def test_pixel_data_in_the_other_encoding_than_its_syntax_is_unreadable(
-        name: str, syntax: str, found: str) -> None:
+def test_pixel_data_in_the_other_encoding_than_its_syntax_is_refused(
+        services: Services, name: str, syntax: str, found: str) -> None:
     """PS3.5 A.4: Pixel Data is encapsulated (undefined length) under a syntax that
     encapsulates it, native (a defined length) otherwise.  The other way round, no
-    reader takes the object as meant: refused, not stored."""
+    reader takes the object as meant: refused by ingest, not stored; read as it is
+    when stored already (``pacs reindex``, ``pacs fsck`` keep what was acknowledged)."""
     data = _relabelled(sample(name).read_bytes(), syntax)
+    instance = read_part10(data)  # read as it is: one stored already stays readable
+    assert instance.pixel_mismatch is not None and f"Pixel Data is {found}" in (
+        instance.pixel_mismatch)
     with pytest.raises(UnreadableData, match=f"Pixel Data is {found}"):
-        read_part10(data)
+        services.ingest.store_bytes(data)
+    assert reads.counts(services.index.connection())["instance"] == 0

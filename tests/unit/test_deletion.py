@@ -258,6 +258,24 @@ def test_an_instance_after_a_note_that_lets_it_back_in_stays_stored(
     assert sop in _uids(services)
 
 
+@pytest.mark.parametrize("code", ["113039", "113001"])
+def test_a_repeat_before_a_note_of_its_batch_is_removed_by_it(
+        services: Services, code: str) -> None:
+    """A STOW-RS batch [X, X again, note naming X]: both copies were sent before the
+    note, which removes X, as it does when the three are sent one by one."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    first, second = (make_instance(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                   SOPInstanceUID=sop, StudyDescription=text)
+                     for text in ("first", "second"))
+    note = _note([(study, series, sop, CTImageStorage)], code=code,
+                 meaning="Data Retention Policy Expired" if code == "113039"
+                 else "Rejected for Quality Reasons")
+    results = services.ingest.store_batch([Received.of(first), Received.of(second),
+                                           Received.of(note)])
+    assert not any(isinstance(result, BaseException) for result in results), results
+    assert sop not in _uids(services)
+
+
 def test_an_ordinary_key_object_selection_removes_nothing(services: Services) -> None:
     made = _study(services)
     services.ingest.store_bytes(_note(made, code="113000", meaning="Of Interest"))

@@ -386,7 +386,7 @@ def test_a_retrieve_stops_asking_a_store_that_failed_but_sends_the_intake_s(
 
     def stalled(key: str) -> BinaryIO:
         asked.append(key)
-        raise errors.StorageError("S3 read failed: timed out")
+        raise errors.StoreUnavailable("S3 read failed: timed out")
 
     monkeypatch.setattr(memory_store, "open", stalled)
     responder, target = _Responder(), _Target()
@@ -395,6 +395,29 @@ def test_a_retrieve_stops_asking_a_store_that_failed_but_sends_the_intake_s(
     assert [data for _, data in target.received] == [again[again.index(b"\x08\x00\x05\x00"):]]
     final, _, counts = responder.sent[-1]
     assert (final.code, counts.completed, counts.failed) == (0xB000, 1, 3)
+
+
+def test_one_object_that_does_not_read_fails_alone(
+        make_services: Callable[..., Services], memory_store: MemoryStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that answers, but fails one object (a damaged file, an object changed
+    while read): that sub-operation fails, the others are read and sent."""
+    services = make_services(memory_store, intake_mover="off")
+    _load(services, studies=1, per_study=3)
+    assert drain(services) == 3
+    reading = memory_store.open
+    damaged = sorted(memory_store.objects)[0]
+
+    def one_damaged(key: str) -> BinaryIO:
+        if key == damaged:
+            raise errors.StorageError("cannot read object: EIO")
+        return reading(key)
+
+    monkeypatch.setattr(memory_store, "open", one_damaged)
+    responder, target = _Responder(), _Target()
+    _get(services, responder, target, StudyInstanceUID="1.2.7.0")
+    final, _, counts = responder.sent[-1]
+    assert (final.code, counts.completed, counts.failed) == (0xB000, 2, 1)
 
 
 def test_get_with_a_failure_gives_b000_and_the_failed_uid(services: Services) -> None:

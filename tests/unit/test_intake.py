@@ -289,6 +289,8 @@ def test_the_mover_waits_longer_while_the_store_keeps_failing(
             raise StorageError("timed out")
         return outcome
 
+    with node.index.write() as conn:  # a write of a key went unanswered
+        writer.unsettle(conn, "1.2/1.2.3/1.2.3.4.dcm", time.time())
     moving = mover(node)
     monkeypatch.setattr(moving, "move_batch", batch)
     monkeypatch.setattr(intake.Hold, "holds", lambda *_: False)
@@ -296,6 +298,28 @@ def test_the_mover_waits_longer_while_the_store_keeps_failing(
     moving._run(lambda: not outcomes)
     failures = [wait for wait in waits if wait != intake.LINGER]
     assert failures == [0.5, 1.0, 2.0]
+    assert reads.intake_state(node.index.connection()).mover_error is None  # it moved
+
+
+def test_the_mover_clears_its_error_once_nothing_waits_on_the_store(
+        node: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure, then nothing left to move and nothing unanswered (the instance
+    removed meanwhile): the store is not in the way of anything, and ``pacs status``
+    no longer shows its failure."""
+    outcomes: list[int | None] = [None, 0]
+
+    def batch() -> int:
+        outcome = outcomes.pop(0)
+        if outcome is None:
+            raise StorageError("timed out")
+        return outcome
+
+    moving = mover(node)
+    monkeypatch.setattr(moving, "move_batch", batch)
+    monkeypatch.setattr(intake.Hold, "holds", lambda *_: False)
+    monkeypatch.setattr(intake, "_sleep", lambda *_: None)
+    moving._run(lambda: not outcomes)
+    assert reads.intake_state(node.index.connection()).mover_error is None
 
 
 def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(

@@ -64,6 +64,7 @@ from pacs.core.errors import (
     NotFound,
     StorageError,
     StoreMissing,
+    StoreUnavailable,
     StoreUnreachable,
     UnsettledWrite,
     WriteNotMade,
@@ -99,6 +100,11 @@ _READ_BUFFER = 1024 * 1024
 _CREDENTIAL_CODES = frozenset(
     {"SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken",
      "ExpiredToken", "InvalidSecurity"}
+)
+#: Error codes of an S3 server that answers but cannot serve now (overloaded, starting,
+#: or failing inside): the store is down, not misconfigured.
+_UNAVAILABLE_CODES = frozenset(
+    {"ServiceUnavailable", "SlowDown", "InternalError", "XMinioServerNotInitialized"}
 )
 
 #: ``Content-Range`` of a ranged answer: ``bytes <first>-<last>/<size>`` (RFC 9110 14.4).
@@ -254,7 +260,7 @@ def _body_errors() -> Iterator[None]:
     try:
         yield
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise StorageError(f"S3 read failed: {_network_reason(exc)}") from exc
+        raise StoreUnavailable(f"S3 read failed: {_network_reason(exc)}") from exc
 
 
 class _ObjectStream(io.RawIOBase):
@@ -516,7 +522,9 @@ class S3Store:
         :class:`WriteNotMade` for one it never will (:func:`_unanswered`: it stored
         nothing)."""
         if written is None:
-            return StorageError(message)
+            # S3 answered with an error (this object's), or did not answer at all.
+            return StorageError(message) if isinstance(exc, S3Error) else StoreUnavailable(
+                message)
         if not _unanswered(exc):
             return WriteNotMade(message)
         if self.on_unanswered is not None:
@@ -766,6 +774,8 @@ class S3Store:
                     "PACS_S3_ACCESS_KEY, PACS_S3_SECRET_KEY and the key's permissions "
                     f"on bucket {self.bucket!r}"
                 ) from exc
+            if exc.code in _UNAVAILABLE_CODES:
+                raise StoreUnreachable(f"{where} cannot serve now ({exc.code})") from exc
             raise ConfigError(
                 f"{where}: cannot use or create bucket {self.bucket!r} ({exc.code})"
             ) from exc
