@@ -788,22 +788,28 @@ for each information model, what it supports of what was asked.
   stored byte for byte as received, in the transfer syntax of the presentation context,
   with the file meta information added; a C-STORE is answered only once the object and
   its index row are durable.  A different object under a stored SOP Instance UID
-  follows `PACS_DUPLICATE_POLICY`.  Objects larger than `PACS_MAX_OBJECT_BYTES` are
-  refused (A700).
+  follows `PACS_DUPLICATE_POLICY` (the same data set in another transfer syntax is a
+  different object).  Objects larger than `PACS_MAX_OBJECT_BYTES` are refused (A700); a
+  data set holding File Meta Information elements (group 0002, PS3.5 7.1), or whose
+  Pixel Data is encoded otherwise than its transfer syntax says (encapsulated under a
+  native one or the other way round, PS3.5 A.4), is refused (C000).
 - **Query/Retrieve** (PS3.4 C): C-FIND on the levels of each model (PATIENT on Patient
   Root only, STUDY, SERIES, IMAGE) with single value, UID list, universal, wildcard,
   range and sequence matching (the matching items returned); person names match per
   component group, {data['character_sets']['person_name_matching']}
   (`PACS_PN_CASE_SENSITIVE`): a wildcard value naming groups with `=` (`=山田*`) matches
-  those groups, one without `=` the whole name from its alphabetic group on; a wildcard
-  matches one value of a multi-valued attribute, never across its `\\`; a stored time of
-  fewer digits (`HHMM`) is its first moment.  Missing
+  those groups, one without `=` any one group; each name of a multi-valued attribute
+  matches alike; a wildcard matches one value of a multi-valued attribute, never across
+  its `\\`; a stored time of fewer digits (`HHMM`) is its first moment.  Missing
   unique keys above the query level are taken as universal; one present holds one value
   unless relational queries were negotiated (A900 otherwise).  With relational queries,
   keys of levels below the query level are matched (an entity matches when one of its
   descendants does) and answered zero-length: one entity has no single value of them
   (PS3.4 C.4.1.1.3.2).  In Study Root, Patient ID
-  is a Required Key of the Study level, matched with wildcards and lists like any other.
+  is a Required Key of the Study level, matched with wildcards and lists like any other,
+  and a study that holds none matches any value of it (C.2.2.1.2).  Negotiated multiple
+  value matching requires every value of a multi-valued key of the VRs of C.2.2.2.8 to
+  match; the values of other keys stay alternatives.
   More than
   `PACS_QUERY_MAX_ROWS` matches, or a query past `PACS_QUERY_TIME_LIMIT`, is refused
   (A700).  {_bounds_text(data)}
