@@ -7,9 +7,11 @@ import struct
 
 import numpy as np
 from PIL import Image
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -59,6 +61,17 @@ def part10(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
     out = DicomBytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def relabelled(part10_bytes: bytes, transfer_syntax: str) -> bytes:
+    """A Part 10 object with another Transfer Syntax UID in its file meta, its data set
+    the same bytes (what a sender that labels its data wrongly sends)."""
+    meta = dcmread(io.BytesIO(part10_bytes), stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = transfer_syntax
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    return out.getvalue() + dataset_bytes(part10_bytes)
 
 
 def dataset_bytes(part10: bytes) -> bytes:

@@ -42,7 +42,6 @@ from falcon import testing
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
@@ -51,7 +50,6 @@ from pacs.core import audit, config
 from pacs.core.analysers import AnalyserPool
 from pacs.core.attributes import IDENTITY
 from pacs.core.audit import Participant
-from pacs.core.dataset import dataset_offset
 from pacs.core.deletion import Target, reference
 from pacs.core.errors import ConfigError, IndexFailure, StorageError
 from pacs.core.index import commitments, outbox, reads
@@ -72,7 +70,7 @@ from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import server
 from tests.conftest import free_port, sample
-from tests.factory import make_instance, make_rejection_note
+from tests.factory import make_instance, make_rejection_note, relabelled
 from tests.service.sample_studies import Archive, build_archive
 from tests.service.test_one_engine import STUDY_ROOT_FIND, UID_OF_LEVEL, Case, cases
 
@@ -586,14 +584,10 @@ def test_an_object_ingest_would_refuse_now_is_indexed_again(
     is not lost from the rebuilt index."""
     data = sample("SC_rgb_jpeg_dcmtk.dcm").read_bytes()
     meta = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    head = io.BytesIO(b"\0" * 128 + b"DICM")
-    head.seek(0, io.SEEK_END)
-    meta.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-    write_file_meta_info(head, meta.file_meta, enforce_standard=True)
-    relabelled = head.getvalue() + data[dataset_offset(data):]
+    native = relabelled(data, "1.2.840.10008.1.2.1")
     store = MemoryStore()
     key = object_key(meta.StudyInstanceUID, meta.SeriesInstanceUID, meta.SOPInstanceUID)
-    store.put(key, io.BytesIO(relabelled), len(relabelled))
+    store.put(key, io.BytesIO(native), len(native))
     report = rebuild(settings.index_path, store, AnalyserPool(0))
     assert report.indexed == 1, report.lines()
 

@@ -27,7 +27,7 @@ from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
 from pacs.core.index import reads
 from pacs.core.services import Services
 from tests.conftest import sample
-from tests.factory import make_instance
+from tests.factory import make_instance, relabelled
 
 
 @pytest.mark.parametrize("uid, ok", [
@@ -465,16 +465,6 @@ def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> No
     assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES
 
 
-def _relabelled(data: bytes, syntax: str) -> bytes:
-    """``data`` with another Transfer Syntax UID in its file meta, its data set as it was."""
-    meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
-    meta.TransferSyntaxUID = syntax
-    out = io.BytesIO(b"\0" * 128 + b"DICM")
-    out.seek(0, io.SEEK_END)
-    pydicom.filewriter.write_file_meta_info(out, meta, enforce_standard=True)
-    return out.getvalue() + data[dataset.dataset_offset(data):]
-
-
 @pytest.mark.parametrize("name, syntax, found", [
     ("CT_small.dcm", "1.2.840.10008.1.2.4.50", "native"),        # on a JPEG context
     ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.1", "encapsulated"),
@@ -485,7 +475,7 @@ def test_pixel_data_in_the_other_encoding_than_its_syntax_is_refused(
     encapsulates it, native (a defined length) otherwise.  The other way round, no
     reader takes the object as meant: refused by ingest, not stored; read as it is
     when stored already (``pacs reindex``, ``pacs fsck`` keep what was acknowledged)."""
-    data = _relabelled(sample(name).read_bytes(), syntax)
+    data = relabelled(sample(name).read_bytes(), syntax)
     instance = read_part10(data)  # read as it is: one stored already stays readable
     assert instance.pixel_mismatch is not None and f"Pixel Data is {found}" in (
         instance.pixel_mismatch)

@@ -19,7 +19,6 @@ import apsw
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -45,7 +44,7 @@ from pacs.core.services import Services, drain
 from pacs.core.storage import filesystem, object_key
 from pacs.core.storage.memory import MemoryStore
 from tests.conftest import folder_store, sample
-from tests.factory import dataset_bytes, make_instance, part10
+from tests.factory import dataset_bytes, make_instance, part10, relabelled
 
 
 def _bytes(name: str = "CT_small.dcm", **changes: str) -> bytes:
@@ -109,14 +108,9 @@ def test_the_same_data_set_in_another_transfer_syntax_is_another_object(
     same bytes under another syntax are another object (replaced by the default
     policy), not the one stored."""
     data = sample("SC_rgb_jpeg_dcmtk.dcm").read_bytes()
-    meta = dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.5"  # RLE Lossless: encapsulated too
-    head = io.BytesIO(b"\0" * 128 + b"DICM")
-    head.seek(0, io.SEEK_END)
-    write_file_meta_info(head, meta, enforce_standard=True)
-    relabelled = head.getvalue() + data[dataset.dataset_offset(data):]
+    rle = relabelled(data, "1.2.840.10008.1.2.5")  # RLE Lossless: encapsulated too
     assert services.ingest.store_bytes(data).outcome is Outcome.STORED
-    assert services.ingest.store_bytes(relabelled).outcome is Outcome.REPLACED
+    assert services.ingest.store_bytes(rle).outcome is Outcome.REPLACED
     [syntax] = services.index.connection().execute(
         "SELECT transfer_syntax FROM instance").fetchone()
     assert syntax == "1.2.840.10008.1.2.5"
