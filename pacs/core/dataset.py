@@ -753,6 +753,13 @@ def _walked_header(buffer: bytes, offset: int,
             pixel_mismatch)
 
 
+@lru_cache(maxsize=64)
+def _encapsulates(transfer_syntax: str) -> bool:
+    """Whether ``transfer_syntax`` encapsulates Pixel Data (pydicom's table; asked once
+    per syntax: a UID object each time costs more than the rest of the check)."""
+    return bool(UID(transfer_syntax).is_encapsulated)
+
+
 def _pixel_mismatch(walker: _Walker, pixel_at: int, transfer_syntax: str) -> str | None:
     """Why Pixel Data (7FE0,0010) is encoded otherwise than its transfer syntax says,
     or ``None``: encapsulated, of undefined length, under a syntax that encapsulates
@@ -764,7 +771,7 @@ def _pixel_mismatch(walker: _Walker, pixel_at: int, transfer_syntax: str) -> str
     tag, _, length, _ = walker._header(pixel_at)
     if tag != _PIXEL_DATA:
         return None
-    encapsulated = UID(transfer_syntax).is_encapsulated
+    encapsulated = _encapsulates(transfer_syntax)
     if (length == _UNDEFINED) == encapsulated:
         return None
     found, wanted = ("native", "encapsulated") if encapsulated else (
