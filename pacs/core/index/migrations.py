@@ -25,6 +25,7 @@ from pacs.core.attributes import (
 )
 from pacs.core.dataset import extract
 from pacs.core.errors import ConfigError
+from pacs.core.index.writer import claim_owner
 
 #: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
 APPLICATION_ID = 0x50414353
@@ -489,7 +490,7 @@ def _create(conn: apsw.Connection, owner: str | None) -> None:
             for step in MIGRATIONS:
                 step(conn)
             if owner is not None:
-                conn.execute("INSERT INTO owner (single, customer) VALUES (1, ?)", (owner,))
+                claim_owner(conn, owner)
             conn.pragma("user_version", len(MIGRATIONS))
             conn.pragma("application_id", APPLICATION_ID)
         conn.execute("COMMIT")
