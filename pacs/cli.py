@@ -127,11 +127,23 @@ def show_config(ctx: click.Context) -> None:
 
 def _require_index(settings: config.Settings) -> None:
     """Refuse a command that reads the index when there is none, rather than make an
-    empty one (a wrong PACS_DATA_DIR or --customer answered "nothing there")."""
-    if not settings.index_path.exists():
-        raise click.ClickException(f"no index at {settings.index_path}: check "
-                                   "PACS_DATA_DIR and --customer ('pacs reindex' builds "
-                                   "one from the store)")
+    empty one (a wrong PACS_DATA_DIR or --customer answered "nothing there"), or when
+    its file is empty: made into an empty index here, it would pass for a valid one
+    and let the node start over a store whose objects it hides (as
+    :func:`_refuse_lost_index` refuses)."""
+    missing = _index_missing(settings.index_path)
+    if missing:
+        raise click.ClickException(f"{missing}: check PACS_DATA_DIR and --customer "
+                                   "('pacs reindex' builds one from the store)")
+
+
+def _index_missing(path: Path) -> str | None:
+    """Why there is no index at ``path`` to read (none, or an empty file), or ``None``."""
+    if not path.exists():
+        return f"no index at {path}"
+    if path.stat().st_size == 0:
+        return f"the index file {path} is empty"
+    return None
 
 
 def _refuse_lost_index(settings: config.Settings) -> None:
@@ -674,8 +686,10 @@ def _tally(rows: list[Any]) -> str:
 
 
 def _drain_intake(settings: config.Settings) -> None:
-    """Move what the index's intake holds to the store (a rebuild reads the store
-    alone), unless a node has the index open (the rebuild then refuses, naming it)."""
+    """Finish what the node's start-up finishes (removals a crash cut short) and move
+    what the index's intake holds to the store (a rebuild reads the store alone),
+    unless a node has the index open (the rebuild then refuses, naming it)."""
+    from pacs.core.reconcile import reconcile
     from pacs.core.reindex import index_in_use
     from pacs.core.services import build, drain
 
@@ -683,6 +697,7 @@ def _drain_intake(settings: config.Settings) -> None:
         return
     services = build(settings)
     try:
+        reconcile(services, full=False)
         drain(services)
     finally:
         services.close()
@@ -773,13 +788,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
             raise click.ClickException(str(exc)) from None
     results = {}
     for customer in served:
-        if not customer.settings.index_path.exists():
+        missing = _index_missing(customer.settings.index_path)
+        if missing:
             # A wrong PACS_DATA_DIR (or --customer) is reported, not made a customer
             # with an empty index that the other commands would then take for one.
             results[customer.name] = health.Health(
                 store=customer.settings.storage, store_reachable=False,
-                store_error="not checked: no index",
-                index=f"missing: no index at {customer.settings.index_path}")
+                store_error="not checked: no index", index=f"missing: {missing}")
             continue
         # An unreachable store is what the check reports (with the intake's backlog
         # waiting for it), not a reason to stop before it.

@@ -71,6 +71,30 @@ def _not_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+#: The shortest time between two scans of the upload folder (a shorter one is a loop
+#: that spins).
+MIN_POLL = 0.05
+
+
+def _poll(value: str) -> float:
+    """Seconds between scans: 0 (off), or from :data:`MIN_POLL` on, finite."""
+    number = _not_negative(float)(value)
+    if 0 < number < MIN_POLL:
+        raise ValueError(f"must be 0 (off) or at least {MIN_POLL}, got {value!r}")
+    return float(number)
+
+
+#: The log levels ``PACS_LOG_LEVEL`` takes (Python's ``logging``).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
 def _share(value: str) -> float:
     """A share: more than 0, at most 1."""
     number = float(value)
@@ -222,14 +246,14 @@ SETTINGS: tuple[Setting, ...] = (
             "system's authorities."),
     Setting("PACS_BIND_ADDRESS", "bind_address", "0.0.0.0",
             "Address the DIMSE and HTTP listeners bind to."),
-    Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", int),
+    Setting("PACS_WEB_PORT", "web_port", "5985", "DICOMweb port.", _port),
     Setting("PACS_WEB_WORKERS", "web_workers", "0",
-            "DICOMweb (gunicorn) worker processes; 0 means one per CPU.", int),
+            "DICOMweb (gunicorn) worker processes; 0 means one per CPU.", _not_negative(int)),
     Setting("PACS_WEB_THREADS", "web_threads", "4",
-            "Threads per DICOMweb worker process.", int),
+            "Threads per DICOMweb worker process.", _positive(int)),
     Setting("PACS_WEB_ANALYSERS", "web_analysers", "1",
             "Helper processes per DICOMweb worker that parse STOW-RS parts (0: in the "
-            "worker itself).", int),
+            "worker itself).", _not_negative(int)),
     Setting("PACS_WEB_USER", "web_user", "",
             "User name for HTTP Basic access to DICOMweb and the viewer (with "
             "PACS_WEB_PASSWORD): a user with every role, besides those of "
@@ -268,23 +292,24 @@ SETTINGS: tuple[Setting, ...] = (
             "handshake; empty asks for none."),
     Setting("PACS_QIDO_DEFAULT_LIMIT", "qido_default_limit", "5000",
             "Results per QIDO-RS page when the request gives no limit (at most "
-            "PACS_QUERY_MAX_ROWS).", int),
+            "PACS_QUERY_MAX_ROWS).", _positive(int)),
     Setting("PACS_VIEWER_PORT", "viewer_port", "8080",
             "OHIF viewer port (the viewer at /, DICOMweb under /dicom-web); 0 turns the "
-            "viewer off.", int),
+            "viewer off.", _port),
     Setting("PACS_VIEWER_DIST", "viewer_dist", "",
             "Folder of the prebuilt OHIF viewer (scripts/fetch-ohif.sh); empty means "
             "vendor/ohif/dist of the source checkout, then "
             "<sys.prefix>/share/pacs/ohif/dist."),
     Setting("PACS_VIEWER_WORKERS", "viewer_workers", "1",
             "Viewer server (gunicorn) worker processes, each with PACS_WEB_THREADS threads.",
-            int),
+            _positive(int)),
     Setting("PACS_UPLOADS_DIR", "uploads_path", "",
             "Upload folder watched for dropped DICOM files; empty means <data folder>/uploads. "
             "Outside the data folder, or inside its uploads folder (the node's own files "
             "elsewhere in it are refused)."),
     Setting("PACS_UPLOADS_POLL", "uploads_poll", "2",
-            "Seconds between scans of the upload folder; 0 turns the watcher off.", float),
+            "Seconds between scans of the upload folder (at least 0.05); 0 turns the "
+            "watcher off.", _poll),
     Setting("PACS_UPLOADS_AFTER_STORE", "uploads_after_store", "delete",
             "What happens to an uploaded file once stored: delete, or archive (moved to "
             "<upload folder>/archive/).", _choice("delete", "archive")),
@@ -365,9 +390,9 @@ SETTINGS: tuple[Setting, ...] = (
             "its progress (PS3.4 C.4.2.3.1, C.4.3.3.1: they are optional); 0: one after "
             "every sub-operation.", _not_negative(float)),
     Setting("PACS_MAX_ASSOCIATIONS", "max_associations", "32",
-            "Concurrent associations per worker process.", int),
+            "Concurrent associations per worker process.", _positive(int)),
     Setting("PACS_MAX_PDU", "max_pdu", "262144",
-            "Largest PDU we accept (bytes); 0 means unlimited.", int),
+            "Largest PDU we accept (bytes); 0 means unlimited.", _not_negative(int)),
     Setting("PACS_DIMSE_TIMEOUT", "dimse_timeout", "60",
             "Seconds to wait for a DIMSE message or network data before aborting. A "
             "store's waits fit within it, so that a peer gets a failure status first: S3 "
@@ -377,7 +402,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(ARTIM, PS3.8 9.1.2) before it is closed.", _positive(float)),
     Setting("PACS_MAX_ASSOCIATIONS_PER_HOST", "max_associations_per_host", "16",
             "Concurrent associations from one source address per worker process; more "
-            "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", int),
+            "are rejected (A-ASSOCIATE-RJ, local limit exceeded).", _positive(int)),
     Setting("PACS_CUSTOMER_ASSOCIATION_SHARE", "customer_association_share", "0.75",
             "With several customers: the share of PACS_MAX_ASSOCIATIONS one customer's "
             "associations may take per worker process, so that the others together keep "
@@ -386,7 +411,7 @@ SETTINGS: tuple[Setting, ...] = (
             _share),
     Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",
             "DIMSE connections per worker process that have not yet sent an "
-            "A-ASSOCIATE-RQ; more are closed at once.", int),
+            "A-ASSOCIATE-RQ; more are closed at once.", _positive(int)),
     Setting("PACS_MAX_OBJECT_BYTES", "max_object_bytes", "2147483648",
             "Largest object received (C-STORE data set, STOW-RS part, upload), and the "
             "largest a deflated data set may inflate to; larger ones are refused "
@@ -418,7 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
             "disconnected.", _positive(float)),
     Setting("PACS_HTTP_KEEPALIVE", "http_keepalive", "15",
             "Seconds an idle keep-alive HTTP connection is kept open; 0: one request per "
-            "connection.", float),
+            "connection.", _not_negative(float)),
     Setting("PACS_MAX_REQUEST_BYTES", "max_request_bytes", "8589934592",
             "Largest HTTP request body (a STOW-RS POST); larger requests get 413.",
             _positive(int)),
@@ -455,7 +480,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest wait in seconds between two attempts at an unreachable forwarding "
             "destination (the wait doubles from 1 s up to this).", _positive(float)),
     Setting("PACS_LOG_LEVEL", "log_level", "INFO",
-            "Log level; patient data is only logged at DEBUG.", str.upper),
+            "Log level; patient data is only logged at DEBUG.", _log_level),
     Setting("PACS_AUDIT_LOG", "audit_log", "",
             "Audit trail (who accessed which patient's images, PS3.15 A.5 events as JSON "
             "lines; holds Patient IDs and queries, mode 0600): a file path; empty means "

@@ -699,7 +699,8 @@ class Mover:
                     current.append((entry, data))
                 elif data is _Read.STORED:
                     stored.append(entry)
-            failures = self._put([(entry.object_key, data) for entry, data in current])
+            failures = self._put([(entry.object_key, data) for entry, data in current],
+                                 [entry.received_at for entry, _data in current])
             # Those after the puts stopped (a failure) stay in the intake, as they are.
             moved = [(entry, data) for (entry, data), failure
                      in zip(current[:len(failures)], failures, strict=True)
@@ -735,11 +736,15 @@ class Mover:
                 self.store.files.remove_quietly(file_name(entry.object_key, entry.checksum))
         return removed
 
-    def _put(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:
+    def _put(self, items: list[tuple[str, bytes]], acknowledged: list[float]
+             ) -> list[StorageError | None]:
         """The failure or ``None`` of each item put, in order: the folder's batch (all
-        of it), or parallel PUTs up to the first failure (:meth:`_put_parallel`)."""
+        of it, each object dated when it was ``acknowledged``: it is written after
+        objects acknowledged later, written directly, and :mod:`pacs.core.reindex`
+        rebuilds in the store's order), or parallel PUTs up to the first failure
+        (:meth:`_put_parallel`; S3 dates them itself)."""
         if isinstance(self.store.backend, BatchPut) or len(items) < 2:
-            return put_many(self.store.backend, items)
+            return put_many(self.store.backend, items, acknowledged)
         return self._put_parallel(items)
 
     def _put_parallel(self, items: list[tuple[str, bytes]]) -> list[StorageError | None]:

@@ -59,18 +59,21 @@ How a rebuild goes (:func:`rebuild`):
    removed them is not known: :data:`UNKNOWN_SENDER`; when: the note's stored time).
    Their objects are left in place and counted as ``rejected``.  The one exception is
    the reason that lets an instance come back (113039, Data Retention Policy
-   Expired): an instance the store wrote after the note was sent again after the
-   rejection and stays, as it did, and so does one whose order against the note the
-   store's times cannot tell (either time missing, or both the same: a folder's
-   coarse file times, S3's whole seconds, four PUTs at once), counted as
-   ``undecided``: hidden, its acknowledged object would be deleted by ``pacs fsck
-   --repair``, a guess that loses data; kept, a retention's removal can be made
-   again.  Instances
-   deleted without a note are known by the previous index's tombstones alone (item
+   Expired): an instance it names that is in the store may have been sent again after
+   the rejection, and the store's times cannot prove it was not.  They are not the
+   order of acknowledgement: an object the intake held is written by its mover after
+   objects acknowledged later and written directly (over ``PACS_INTAKE_OBJECT_BYTES``),
+   and S3 dates writes to the whole second.  So such an instance stays indexed,
+   counted as ``undecided``: hidden, its acknowledged object would be deleted by
+   ``pacs fsck --repair``, a guess that loses data; kept, a retention's removal can be
+   made again.  With a previous index, its tombstones decide first (item 9).
+   Instances deleted without a note are known by the previous index's tombstones alone (item
    9): without a previous index the store keeps no record of them.
 7. **Not before the intake is empty.**  Acknowledged objects waiting in the index's
    intake (:mod:`pacs.core.intake`) are not in the store yet; a rebuild refuses while
-   there are any (``pacs reindex`` drains the intake into the store first).  It asks
+   there are any (``pacs reindex`` drains the intake into the store first), and while
+   removals or rejection notes a crash cut short are not finished (``pacs reindex``
+   finishes them first, as the node's start-up does).  It asks
    before it starts and again just before the swap (with the question of 1): a node
    started and stopped during the rebuild may have left acknowledged objects there,
    which the swap would leave in the set-aside previous index only.
@@ -81,8 +84,10 @@ How a rebuild goes (:func:`rebuild`):
    previous one, read when the intake is asked the last time; so too the objects of
    removed instances whose deletion is pending (``object_deletion``, deleted by the
    intake's mover: :mod:`pacs.core.deletion`), and the work waiting: storage
-   commitment requests not answered yet and forwarding's queue, as they were, and
-   forwarding's cursor at the newest change, the instances it had not read yet changed
+   commitment requests not answered yet, forwarding's queue, and the removals and
+   rejection notes a crash cut short (``removal_pending``, ``rejection_pending``: the
+   node's start-up finishes them, as it would have with the previous index), as they
+   were, and forwarding's cursor at the newest change, the instances it had not read yet changed
    again after it in their order (the rebuild numbers every instance anew).
 9. **Removals the previous index recorded stay done.**  A removal deletes an
    instance's rows and writes its tombstone, then deletes its object; on S3 that
@@ -182,8 +187,8 @@ class Report:
         Objects of instances that rejection notes in the store reject: not indexed
         (removed again after they were read), left in place.
     undecided :
-        Objects of instances a note that lets them come back names, stored at the
-        same time as the note or without a time: kept indexed (item 6).
+        Objects of instances a note that lets them come back names: kept indexed
+        (item 6).
     removed :
         Objects of instances the previous index records removed (item 9): not
         indexed, left in place.
@@ -238,9 +243,8 @@ class Report:
                    "deletes them)")
         if self.undecided:
             yield (f"{self.undecided} object(s) of instances a rejection note that lets "
-                   "them come back names, stored at the same time as the note or "
-                   "without a time: kept indexed (remove them again if they were not "
-                   "sent again)")
+                   "them come back names, which may have been sent again after it: kept "
+                   "indexed (remove them again if they were not sent again)")
         if self.removed:
             yield (f"{self.removed} object(s) of instances the previous index records "
                    "removed: not indexed, left in place ('pacs fsck --repair' deletes them)")
@@ -411,7 +415,7 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
         _keep_tombstones(new, removed)
         notes = _fill(new, store, keys, dated, analysers, readers, report, on_object,
                       removed)
-        _apply_notes(new, notes, dated, report, removed)
+        _apply_notes(new, notes, report, removed)
         check = reads.quick_check(new.connection())
         if check != "ok":
             raise IndexFailure(f"the rebuilt index failed its check: {check}")
@@ -521,7 +525,8 @@ class _Carried:
     """What the rebuilt index takes from the previous one besides its tombstones: the
     unsettled keys and the pending deletions of removed instances' objects, each with
     its time; the rows of the work waiting (``reads.CARRIED_TABLES``: storage
-    commitment requests and forwarding's queue, by table: their columns and rows); and
+    commitment requests, forwarding's queue, removals and rejection notes a crash cut
+    short, by table: their columns and rows); and
     the instances whose last change forwarding had not read yet (``None``: it never
     ran)."""
 
@@ -547,9 +552,12 @@ class _Carried:
 
 def _refuse_if_intake_holds(index_path: Path, *, carry: bool = False) -> _Carried:
     """Refuse while the index's intake holds acknowledged objects the store lacks
-    (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them.
-    Otherwise, with ``carry``, what the rebuilt index carries over (:class:`_Carried`;
-    read only then: forwarding's queue may be long).
+    (:mod:`pacs.core.intake`): a rebuild from the store alone would drop them; or
+    while removals a crash cut short wait for the node's start-up to finish them
+    (:mod:`pacs.core.deletion`): the rebuild would drop them, or bring back what a
+    rejection note not yet applied removes.  Otherwise, with ``carry``, what the
+    rebuilt index carries over (:class:`_Carried`; read only then: forwarding's queue
+    may be long).
 
     Only a table the index's schema does not have yet counts as empty; any other
     failure to read it refuses (a locked or damaged index may hold objects)."""
@@ -566,6 +574,13 @@ def _refuse_if_intake_holds(index_path: Path, *, carry: bool = False) -> _Carrie
                 "'pacs reindex', which drains it first, with the store reachable; an "
                 "object whose last write S3 did not answer waits there PACS_S3_SETTLE "
                 "seconds)")
+        unfinished = (reads.removals_pending_count(conn)
+                      if {"removal_pending", "rejection_pending"} <= present else 0)
+        if unfinished:
+            # Their places name instances by change numbers the rebuild gives anew.
+            raise IndexFailure(
+                f"{unfinished} removal(s) of {index_path} were cut short: let the node's "
+                "start-up finish them (or run 'pacs reindex', which finishes them first)")
         if not carry:
             return _Carried([], [])
         return _Carried(
@@ -668,20 +683,13 @@ class _Note:
     rejection: Rejection
     stored: float | None
 
-    def may_have_come_back(self, stored: float | None) -> bool:
-        """Whether an instance it names that the store wrote at ``stored`` may have come
-        back after it: its reason lets an instance be stored again (IHE RAD TF-2
-        4.66.4, :attr:`pacs.core.rejection.Reason.refuses_again`) and the times do not
-        prove it came before (item 6 of the module docstring)."""
-        return not self.rejection.reason.refuses_again and not self.came_before(stored)
-
-    def came_before(self, stored: float | None) -> bool:
-        """True when both times are known and ``stored`` is the earlier."""
-        return stored is not None and self.stored is not None and stored < self.stored
-
-    def came_after(self, stored: float | None) -> bool:
-        """True when both times are known and ``stored`` is the later."""
-        return stored is not None and self.stored is not None and stored > self.stored
+    @property
+    def lets_back(self) -> bool:
+        """Whether an instance it names may have been stored again after it: its reason
+        lets one be (IHE RAD TF-2 4.66.4, :attr:`pacs.core.rejection.Reason.
+        refuses_again`), and the store's times cannot prove the order (item 6 of the
+        module docstring)."""
+        return not self.rejection.reason.refuses_again
 
 
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
@@ -726,9 +734,8 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
     return notes
 
 
-def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
-                 report: Report, removed: dict[str, reads.TombstoneRow] | None = None
-                 ) -> None:
+def _apply_notes(index: Index, notes: list[_Note], report: Report,
+                 removed: dict[str, reads.TombstoneRow] | None = None) -> None:
     """Apply each rejection note again, in store order, once every object is indexed
     (item 6 of the module docstring): the rows of what it rejects out, its tombstones
     in, as the removal wrote them, in the removal's chunks; a tombstone carried from
@@ -739,7 +746,7 @@ def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
         for chunk in chunks(note.rejection.references):
             with index.write() as conn:
                 rows, stones = _rejected(note, chunk, reads.located(
-                    conn, [place.sop_uid for place in chunk]), dated, report)
+                    conn, [place.sop_uid for place in chunk]), report)
                 stones = [place for place in stones if place.sop_uid not in (removed or {})]
                 delete_rows(conn, rows, stones, (reason.code, reason.scheme),
                             UNKNOWN_SENDER, when)
@@ -748,14 +755,13 @@ def _apply_notes(index: Index, notes: list[_Note], dated: dict[str, float],
 
 
 def _rejected(note: _Note, chunk: Iterable[Reference], indexed: Iterable[Located],
-              dated: dict[str, float], report: Report
-              ) -> tuple[list[Located], list[Reference]]:
+              report: Report) -> tuple[list[Located], list[Reference]]:
     """The rows a note removes among ``indexed`` and the tombstones it writes for the
     places of ``chunk``, by :meth:`pacs.core.deletion.Deleter.reject`'s rules: a UID
     not indexed gets its tombstone; an instance of another patient or at another
     place is left as it is; one that may have been sent again after the note
-    (:meth:`_Note.may_have_come_back`) stays, without a tombstone (counted in
-    ``report.undecided`` when the times cannot tell)."""
+    (:attr:`_Note.lets_back`) stays, without a tombstone (counted in
+    ``report.undecided``)."""
     found = {row.sop_uid: row for row in indexed}
     rows: list[Located] = []
     stones: list[Reference] = []
@@ -764,9 +770,8 @@ def _rejected(note: _Note, chunk: Iterable[Reference], indexed: Iterable[Located
         if row is None:
             stones.append(place)
         elif rejectable(note.patient, row, place):
-            stored = dated.get(row.object_key)
-            if note.may_have_come_back(stored):
-                report.undecided += not note.came_after(stored)
+            if note.lets_back:
+                report.undecided += 1
                 continue
             rows.append(row)
             stones.append(reference(row))

@@ -970,6 +970,48 @@ def test_a_command_that_writes_while_the_carried_rows_are_copied_stops_the_swap(
     assert not list(settings.index_path.parent.glob("index.sqlite.*"))
 
 
+def test_removals_a_crash_cut_short_are_finished_before_a_rebuild(
+        settings: config.Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rejection note committed with its pending row, the crash before its removals:
+    the node's start-up would finish them.  The rebuild refuses such an index (it
+    dropped the pending row, and the instances the note removes stayed listed), and
+    ``pacs reindex`` finishes them first, as the start-up does."""
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+
+    services = build(settings)
+    named = [rejected_instance(5, n) for n in (1, 2)]
+    for data in named:
+        services.ingest.store_bytes(data, calling_ae="TEST")
+    note = make_rejection_note([uids(d) for d in named], PatientID=REJECTED_ID,
+                               SOPInstanceUID=f"{REJECTED_STUDY}.8.5",
+                               SeriesInstanceUID=f"{REJECTED_STUDY}.8")
+
+    def crashed(*_: object) -> None:
+        raise IndexFailure("simulated crash before the removals")
+
+    monkeypatch.setattr(services.ingest, "on_rejection", crashed)
+    with pytest.raises(IndexFailure):
+        services.ingest.store_bytes(note, calling_ae="QA")
+    drain(services)
+    services.close()
+    before = dump(settings.index_path)
+    assert {uids(d)[2] for d in named} <= set(before["instance"])
+
+    with pytest.raises(IndexFailure, match="cut short"):
+        rebuild(settings.index_path, FileStore(settings.objects_dir), AnalyserPool(0))
+    assert dump(settings.index_path) == before
+
+    monkeypatch.setenv("PACS_DATA_DIR", str(settings.data_dir))
+    result = CliRunner().invoke(main, ["reindex", "--quiet", "--jobs", "0"])
+    assert result.exit_code == 0, result.output
+    rebuilt = dump(settings.index_path)
+    assert set(rebuilt["instance"]) == {uids(note)[2]}
+    assert set(rebuilt["tombstone"]) == {uids(d)[2] for d in named}
+    assert not rebuilt["rejection_pending"]
+
+
 def test_a_removed_instance_whose_object_outlived_its_removal_stays_removed(
         settings: config.Settings) -> None:
     """On S3 a removal's object deletion can fail or go unanswered, and a late write
@@ -1132,6 +1174,93 @@ def test_an_instance_the_store_cannot_order_against_its_retention_note_stays(
         assert exists(store, key_of(again))
     finally:
         services.close()
+
+
+class _WriteTimes(MemoryStore):
+    """A store that dates each object when it is written, as S3 does (the intake's
+    mover writes an object after those acknowledged later and written directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[str, float] = {}
+
+    def put(self, key: str, source: BinaryIO, length: int) -> None:
+        super().put(key, source, length)
+        self.written[key] = time.time()
+
+    def modified_times(self) -> Iterator[tuple[str, float]]:
+        return ((key, self.written[key]) for key in self.keys())
+
+
+def test_an_instance_sent_again_after_its_retention_note_stays_whatever_the_store_s_times(
+        settings: config.Settings) -> None:
+    """A Data Retention Policy Expired note (113039) removed an instance, which was
+    sent again and acknowledged; the note, small, waited in the intake and was written
+    by the mover after the instance, large, written directly.  The store's times say
+    the instance came first: the rebuild keeps it all the same (undecided), where
+    hiding it made ``pacs fsck --repair`` delete its acknowledged object."""
+    store = _WriteTimes()
+    services = build(settings.with_overrides(intake_object_bytes=64 << 10), store=store)
+    again = rejected_instance(4, 1, Rows=256, Columns=256, PixelData=bytes(256 * 256 * 2))
+    note = make_rejection_note([uids(again)], code="113039",
+                               meaning="Data Retention Policy Expired", PatientID=REJECTED_ID,
+                               SOPInstanceUID=f"{REJECTED_STUDY}.6.1",
+                               SeriesInstanceUID=f"{REJECTED_STUDY}.6")
+    assert len(note) < 64 << 10 < len(again)  # the note held by the intake, not the instance
+    services.ingest.store_bytes(again, calling_ae="TEST")
+    drain(services)
+    services.ingest.store_bytes(note, calling_ae="TEST")
+    time.sleep(APART)
+    services.ingest.store_bytes(again, calling_ae="TEST")  # sent again: stored
+    time.sleep(APART)
+    drain(services)  # the note written now, after the instance
+    services.close()
+    times = dict(store.modified_times())
+    assert times[key_of(again)] < times[key_of(note)]
+
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+
+    assert report.undecided == 1 and report.rejected == 0
+    services = build(settings, store=store)
+    try:
+        conn = services.index.connection()
+        assert reads.lookup(conn, uids(again)[2]) is not None
+        assert reads.tombstone(conn, uids(again)[2]) is None
+        assert reconcile(services, full=True, repair=True).ok
+        assert exists(store, key_of(again))
+    finally:
+        services.close()
+
+
+def test_the_patient_row_holds_the_attributes_acknowledged_last(
+        settings: config.Settings) -> None:
+    """A small instance (kept by the intake, written by its mover later) acknowledged
+    before a large one (written directly) of the same Patient ID with other patient
+    attributes: the mover dates the small object when it was acknowledged, so the
+    rebuilt patient row holds the large one's attributes, as the original does (it
+    held the small one's: the store's order of writes)."""
+    services = build(settings)
+    study = f"{REJECTED_STUDY}.20"
+    small = make_instance(PatientID="PX-ORDER", PatientName="OLD^NAME",
+                          StudyInstanceUID=study, SeriesInstanceUID=f"{study}.1",
+                          SOPInstanceUID=f"{study}.1.1")
+    large = make_instance(PatientID="PX-ORDER", PatientName="NEW^NAME",
+                          StudyInstanceUID=f"{study}9", SeriesInstanceUID=f"{study}9.1",
+                          SOPInstanceUID=f"{study}9.1.1", Rows=512, Columns=512,
+                          PixelData=bytes(512 * 512 * 2))
+    services.ingest.store_bytes(small, calling_ae="TEST")  # held by the intake
+    time.sleep(APART)
+    services.ingest.store_bytes(large, calling_ae="TEST")  # written directly
+    time.sleep(APART)
+    drain(services)  # the small one written now
+    services.close()
+    original = dump(settings.index_path)
+    [patient] = original["patient"].values()
+    assert patient["patient_name"] == "NEW^NAME"
+
+    rebuild(settings.index_path, FileStore(settings.objects_dir), AnalyserPool(0))
+
+    assert dump(settings.index_path)["patient"] == original["patient"]
 
 
 def test_a_lost_index_is_rebuilt_where_there_was_none(settings: config.Settings) -> None:

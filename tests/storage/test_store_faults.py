@@ -257,11 +257,12 @@ class FullDisk:
         self._check()
         self.inner.put(key, source, length)
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+    def put_many(self, items: Sequence[tuple[str, bytes]],
+                 modified: Sequence[float] | None = None) -> list[StorageError | None]:
         if self.full:
             return [StorageError(f"cannot write object: {os.strerror(errno.ENOSPC)}")
                     for _ in items]
-        return self.inner.put_many(items)
+        return self.inner.put_many(items, modified)
 
     def stage(self, data: bytes) -> Staged:
         """The folder's staging, whose placing fails while the disk is full."""

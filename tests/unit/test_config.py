@@ -48,6 +48,24 @@ def test_precedence_default_dotenv_environment_override(tmp_path: Path) -> None:
     ("PACS_RETENTION_DAYS", "=10"),
     # No worker at all while the port listens: peers connect and are never answered.
     ("PACS_DIMSE_WORKERS", "-2"),
+    # No limit at all, where the limit was meant: 0 and below are refused.
+    ("PACS_MAX_ASSOCIATIONS", "0"),
+    ("PACS_MAX_ASSOCIATIONS", "-3"),
+    ("PACS_MAX_ASSOCIATIONS_PER_HOST", "0"),
+    ("PACS_MAX_PENDING_CONNECTIONS", "0"),
+    ("PACS_WEB_THREADS", "0"),
+    ("PACS_QIDO_DEFAULT_LIMIT", "-1"),
+    ("PACS_MAX_PDU", "-1"),
+    # The watcher silently off (nan, -1), dead after its first scan (inf), spinning.
+    ("PACS_UPLOADS_POLL", "nan"),
+    ("PACS_UPLOADS_POLL", "-1"),
+    ("PACS_UPLOADS_POLL", "inf"),
+    ("PACS_UPLOADS_POLL", "1e-300"),
+    ("PACS_WEB_PORT", "70000"),
+    ("PACS_VIEWER_PORT", "-1"),
+    ("PACS_HTTP_KEEPALIVE", "nan"),
+    ("PACS_LOG_LEVEL", "bogus"),
+    ("PACS_LOG_LEVEL", "BASIC_FORMAT"),  # a name of the logging module, not a level
 ])
 def test_bad_values_are_refused_with_the_setting_named(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):

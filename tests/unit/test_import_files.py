@@ -105,6 +105,27 @@ def test_commands_that_read_the_index_make_none(
     assert not (tmp_path / "wrong").exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["query", "--level", "study"], ["delete", "1.2.3"], ["send", "--to", "X", "--requeue"],
+    ["status"], ["fsck", "--repair"]])
+def test_commands_that_read_the_index_refuse_an_empty_index_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    """An index file emptied (0 bytes) over a store that holds objects: ``pacs serve``
+    refuses it, and so does every command that reads the index.  Made into an empty
+    index there, it passed for a valid one from then on, and the node started over the
+    store with every acknowledged instance out of sight."""
+    _imported(tmp_path, monkeypatch)
+    index = tmp_path / "data" / "index.sqlite"
+    for index_file in (tmp_path / "data").glob("index.sqlite-*"):
+        index_file.unlink()
+    index.write_bytes(b"")
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code != 0 and "is empty" in result.output, result.output
+    assert index.stat().st_size == 0
+    refused = CliRunner().invoke(main, ["import", "--quiet", str(tmp_path / "in")])
+    assert refused.exit_code != 0 and "object store holds objects" in refused.output
+
+
 def _imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A node's data folder in ``tmp_path`` (the working folder) holding one CT imported
     by ``pacs import`` and moved to its object folder; the folder imported."""

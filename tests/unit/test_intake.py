@@ -18,7 +18,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import BinaryIO
 
@@ -115,7 +115,8 @@ def test_acknowledged_after_one_full_commit_of_row_and_bytes(
 class BatchRecordingStore(RecordingStore):
     """A recording store with the BatchPut capability (as the folder store)."""
 
-    def put_many(self, items: list[tuple[str, bytes]]) -> list[None]:
+    def put_many(self, items: list[tuple[str, bytes]],
+                 modified: Sequence[float] | None = None) -> list[None]:
         for key, data in items:
             self.put(key, io.BytesIO(data), len(data))
         return [None] * len(items)

@@ -146,9 +146,15 @@ class LateWrites(Protocol):
 class BatchPut(Protocol):
     """Several puts share one durability point (a folder store fsyncs them together)."""
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+    def put_many(self, items: Sequence[tuple[str, bytes]],
+                 modified: Sequence[float] | None = None) -> list[StorageError | None]:
         """Store several objects, each as :meth:`ObjectStore.put` would, all durable on
-        return; a failure concerns its own item only.  Each item's failure or ``None``."""
+        return; a failure concerns its own item only.  Each item's failure or ``None``.
+
+        ``modified``: each item's modification time (POSIX seconds) instead of the
+        time of the write: when it was acknowledged, for an object written after
+        others acknowledged later (the intake's mover), so that the store's times keep
+        the order of acknowledgement (:mod:`pacs.core.reindex` rebuilds in it)."""
 
 
 class Staged(Protocol):
@@ -205,12 +211,12 @@ class Quarantine(Protocol):
         """
 
 
-def put_many(store: ObjectStore, items: Sequence[tuple[str, bytes]]
-             ) -> list[StorageError | None]:
-    """:meth:`BatchPut.put_many` when the store has it, else :meth:`ObjectStore.put`
-    of each item (durable one by one)."""
+def put_many(store: ObjectStore, items: Sequence[tuple[str, bytes]],
+             modified: Sequence[float] | None = None) -> list[StorageError | None]:
+    """:meth:`BatchPut.put_many` when the store has it (with ``modified``), else
+    :meth:`ObjectStore.put` of each item (durable one by one, dated by the store)."""
     if isinstance(store, BatchPut):
-        return store.put_many(items)
+        return store.put_many(items, modified)
     return put_each(store, items)
 
 

@@ -92,14 +92,17 @@ class FileStore:
             if tmp_name is not None:
                 _unlink_quietly(tmp_name)
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[StorageError | None]:
+    def put_many(self, items: Sequence[tuple[str, bytes]],
+                 modified: Sequence[float] | None = None) -> list[StorageError | None]:
         """Write several objects with one durability point (same guarantees as :meth:`put`).
 
         Each object is written to its temporary file; then all are fsynced together (a
         few threads: fsync releases the GIL, and the disk merges concurrent flushes),
         renamed into place, and each folder is fsynced once.  Against one fsync of the
         file and one of its folder per object, a STOW-RS of 50 CT instances spent a
-        quarter less time and CPU.  An object that fails leaves nothing behind.
+        quarter less time and CPU.  An object that fails leaves nothing behind.  With
+        ``modified``, each file's modification time is set before its fsync
+        (:meth:`pacs.core.storage.BatchPut.put_many`).
         """
         failures: list[StorageError | None] = [None] * len(items)
         staged: dict[int, tuple[Path, str]] = {}
@@ -114,6 +117,9 @@ class FileStore:
                 _path, tmp_name = staged[number]
                 fd = os.open(tmp_name, os.O_RDONLY)
                 try:
+                    if modified is not None:
+                        at = int(modified[number] * 1e9)
+                        os.utime(fd, ns=(at, at))
                     os.fsync(fd)
                 finally:
                     os.close(fd)
