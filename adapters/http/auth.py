@@ -32,8 +32,12 @@ The peer address is the TCP peer (``REMOTE_ADDR``), never a ``Forwarded`` header
 which a client can write.  A reverse proxy on this host therefore passes everyone it
 forwards whose Host names this node: it must then do its own access control, or keep
 its public name out of ``PACS_WEB_HOSTS`` so that the node checks the credentials it
-forwards (the README, "HTTPS").  HTTPS is the WSGI ``wsgi.url_scheme``: ``https`` when
-the node's worker terminated TLS on the connection (:mod:`pacs.node.httpworker`);
+forwards (the README, "HTTPS").  A request a proxy forwarded (one of
+:data:`PROXY_HEADERS`, which the README asks the proxy to send) names this node by one
+of ``PACS_WEB_HOSTS`` only, never by a loopback name: the proxy passes on the client's
+Host, and ``Host: localhost`` from anywhere would otherwise get the loopback roles.
+HTTPS is the WSGI ``wsgi.url_scheme``: ``https`` when the node's worker terminated
+TLS on the connection (:mod:`pacs.node.httpworker`);
 gunicorn lets only a forwarder on this host set it with ``X-Forwarded-Proto``: the
 node pins gunicorn's trusted forwarders to loopback
 (``pacs.node.webserver.TRUSTED_FORWARDERS``), whatever ``FORWARDED_ALLOW_IPS`` the
@@ -73,6 +77,10 @@ from pacs.core.services import Services, access_policy
 #: login is the client's own text, up to a whole header.
 CLAIMED_NAME_CHARS = 128
 
+#: Headers a reverse proxy adds to what it forwards (RFC 7239 and the de facto ones):
+#: a request carrying any came through one, whatever its TCP peer.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+                 "X-Real-IP")
 #: The challenge sent with 401 (RFC 7617 Basic, RFC 6750 Bearer).
 REALM = 'realm="pacs DICOMweb"'
 
@@ -193,20 +201,23 @@ class Access:
         return cls(services.settings, services.access, logins=services.logins,
                    trail=services.audit)
 
-    def names_this_node(self, host: str | None) -> bool:
+    def names_this_node(self, host: str | None, proxied: bool = False) -> bool:
         """True when a request's Host header names this node (no header: not a
-        browser, which always sends one)."""
+        browser, which always sends one).  For a request a proxy forwarded
+        (``proxied``) only one of ``PACS_WEB_HOSTS`` does: the proxy passes on the
+        client's Host, and a client anywhere can write ``localhost`` there."""
         if not host:
-            return True
+            return not proxied
         name = host_name(host).rstrip(".")  # a fully qualified name's root dot
-        return names_loopback(name) or name in self.hosts
+        return name in self.hosts or (not proxied and names_loopback(name))
 
     def identify(self, remote_addr: str | None, authorization: str | None,
-                 host: str | None = None, secure: bool = False
+                 host: str | None = None, secure: bool = False, proxied: bool = False
                  ) -> tuple[Verdict, Identity | None]:
         """The verdict on a request from ``remote_addr`` with this Authorization and Host
-        header, received over HTTPS (``secure``) or plain HTTP, and who it is when
-        allowed.
+        header, received over HTTPS (``secure``) or plain HTTP, forwarded by a proxy
+        (``proxied``: it carries a header of :data:`PROXY_HEADERS`) or not, and who it
+        is when allowed.
 
         Credentials are never evaluated for a request from another host over plain
         HTTP, nor from a client locked out by failed logins (:meth:`locked_out`).
@@ -225,7 +236,7 @@ class Access:
         # A request from this host that names it needs no credentials when the loopback
         # roles are set: a lock-out (or credentials that fail) leaves it those roles,
         # never refused for credentials it did not need.
-        names_this_node = loopback and self.names_this_node(host)
+        names_this_node = loopback and self.names_this_node(host, proxied)
         trusted = names_this_node and bool(self.policy.loopback_roles)
         user = None
         locked = False
@@ -392,9 +403,10 @@ class Access:
             403 over plain HTTP from another host, 429 when locked out, 421 for a
             misdirected request.
         """
-        verdict, identity = self.identify(req.remote_addr, req.get_header("Authorization"),
-                                          req.get_header("Host"),
-                                          secure=req.scheme == "https")
+        verdict, identity = self.identify(
+            req.remote_addr, req.get_header("Authorization"), req.get_header("Host"),
+            secure=req.scheme == "https",
+            proxied=any(req.get_header(name) is not None for name in PROXY_HEADERS))
         if identity is not None:
             req.context.identity = identity
         if verdict is Verdict.HTTPS_REQUIRED:

@@ -227,6 +227,12 @@ class KnownAE:
         """True when a C-MOVE may send to it (an address and a port)."""
         return bool(self.host and self.port)
 
+    @property
+    def over_tls(self) -> bool:
+        """True when it associates, and so is reached, over DICOM TLS only: ``tls``, or
+        certificates it must present (which only TLS carries)."""
+        return self.tls or bool(self.certificates)
+
 
 @dataclass(frozen=True)
 class User:
@@ -473,7 +479,7 @@ class AccessPolicy:
             return None if self.unknown_ae_rights else f"calling AE {title!r} is not known"
         if not known.rights:
             return f"calling AE {title!r} has no rights"
-        if (known.tls or known.certificates) and not secure:
+        if known.over_tls and not secure:
             return f"calling AE {title!r} must associate over DICOM TLS"
         if known.certificates and certificate not in known.certificates:
             return f"calling AE {title!r} presented none of its client certificates"
@@ -487,14 +493,14 @@ class AccessPolicy:
 
     def reached_over_tls(self, title: str) -> bool:
         """True when the known AE ``title`` associates, and so is reached, over DICOM
-        TLS only (``tls = true``), wherever its address is given."""
+        TLS only (:attr:`KnownAE.over_tls`), wherever its address is given."""
         known = self.aes.get(title.strip())
-        return known is not None and known.tls
+        return known is not None and known.over_tls
 
     @property
     def any_over_tls(self) -> bool:
         """True when some known AE is reached over DICOM TLS."""
-        return any(known.tls for known in self.aes.values())
+        return any(known.over_tls for known in self.aes.values())
 
     # -- HTTP -------------------------------------------------------------------------
 

@@ -351,10 +351,10 @@ def destination(services: Services, title: str, request: Request | None = None
     if known is None:
         return None
     if not is_network(known.host):
-        return Modality(known.title, known.host, known.port, known.tls)
+        return Modality(known.title, known.host, known.port, known.over_tls)
     if (request is not None and request.calling_ae_title.strip() == known.title
             and address_matches(known.host, request.calling_address)):
-        return Modality(known.title, request.calling_address, known.port, known.tls)
+        return Modality(known.title, request.calling_address, known.port, known.over_tls)
     return None
 
 

@@ -62,6 +62,37 @@ def test_loopback_rule_needs_a_host_naming_the_node(client: testing.TestClient, 
         assert "[" not in result.text  # no study list in the answer
 
 
+@pytest.mark.parametrize("proxy_header", [
+    ("X-Forwarded-Proto", "https"), ("Forwarded", "for=192.0.2.2;proto=https"),
+    ("X-Forwarded-For", "192.0.2.2"), ("X-Forwarded-Host", "localhost"),
+    ("X-Real-IP", "192.0.2.2")])
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:5985", "[::1]", None])
+def test_a_request_a_proxy_forwarded_gets_no_loopback_roles_for_a_loopback_name(
+        client: testing.TestClient, proxy_header: tuple[str, str], host: str | None) -> None:
+    """A TLS proxy on this host passes on the client's Host: a client anywhere that
+    writes ``Host: localhost`` reached the node from loopback with a loopback name and
+    got the loopback roles (every study read, studies deleted) without credentials.
+    A forwarded request names this node by ``PACS_WEB_HOSTS`` only; its credentials
+    decide (without: 421, as for the proxy's public name, the README)."""
+    headers = dict([proxy_header])
+    if host is not None:
+        headers["Host"] = host
+    refused = client.simulate_get("/studies", remote_addr="127.0.0.1", headers=headers)
+    assert refused.status_code == 421
+    assert "[" not in refused.text
+    allowed = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        **headers, "Authorization": _basic("alice", "s3cret")})
+    assert allowed.status_code == 200
+
+
+def test_a_proxy_s_listed_name_keeps_the_loopback_rule(client: testing.TestClient) -> None:
+    """A proxy that does its own access control forwards its public name, listed in
+    ``PACS_WEB_HOSTS``: the loopback rule answers what it forwards (the README)."""
+    result = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={
+        "Host": "pacs.example.org", "X-Forwarded-Proto": "https"})
+    assert result.status_code == 200
+
+
 def test_credentials_still_open_the_door_whatever_the_host(
         client: testing.TestClient) -> None:
     result = client.simulate_get("/studies", remote_addr="127.0.0.1", headers={

@@ -243,6 +243,25 @@ def test_an_ae_known_over_tls_is_a_tls_destination(
     assert found is not None and found.tls
 
 
+@pytest.mark.parametrize("listed", ["access file", "PACS_MODALITIES"])
+def test_an_ae_pinned_to_certificates_is_a_tls_destination(
+        make_services: Callable[..., Services], tmp_path: Any, listed: str) -> None:
+    """An AE that must present one of its certificates associates over TLS only (it is
+    refused in the clear): C-MOVE, forwarding and storage commitment reports reach it
+    over TLS too, not in the clear."""
+    rules = tmp_path / "access.toml"
+    address = 'host = "127.0.0.1"\nport = 11112\n' if listed == "access file" else ""
+    rules.write_text(f'[[ae]]\ntitle = "WS"\n{address}rights = ["retrieve"]\n'
+                     f'certificates = ["{"ab" * 32}"]\n')
+    entry = "WS=10.0.0.5:104" if listed == "PACS_MODALITIES" else ""
+    services = make_services(access_file=str(rules), modalities=entry,
+                             destinations=parse_modalities(entry))
+    assert "TLS" in (services.access.association_refusal("WS", "127.0.0.1") or "")
+    found = retrieve.destination(services, "WS")
+    assert found is not None and found.tls
+    assert services.access.any_over_tls
+
+
 def test_a_modalities_entry_of_an_ae_known_over_tls_is_a_tls_destination(
         make_services: Callable[..., Services], tmp_path: Any) -> None:
     """The access rules' ``tls = true`` holds whichever list gives the AE's address: an
