@@ -21,7 +21,10 @@ How an instance travels
    destination took others of the batch, it works: what it did not take (a status to
    send again, an object missing here) is tried again after a second, and an entry
    passed over so :data:`PASSED_OVER` times is kept as failed, so that one instance
-   never holds the head of the queue.
+   never holds the head of the queue.  So is one on which the destination stopped
+   answering (:attr:`Delivery.suspect`: it aborted, or sent no response) that many
+   times, though it took nothing: a destination that aborts on one instance would
+   otherwise be offered it first in every batch, for good.
 
 A restart or an unreachable destination therefore delays delivery and never drops it;
 an instance may be sent twice when the node stops between the destination's
@@ -95,6 +98,11 @@ class Delivery:
     #: False for a :attr:`Result.RETRY` of an instance the destination never saw
     #: (its association ended before it): not counted as passed over.
     offered: bool = True
+    #: True for a :attr:`Result.RETRY` of an instance while whose sending the
+    #: destination stopped answering (its association ended, no response): it may be
+    #: what the destination cannot take, and is counted as passed over even when the
+    #: batch delivered nothing.
+    suspect: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "detail", one_line(self.detail, DETAIL_CHARS))
@@ -284,6 +292,7 @@ class Outbox:
         refused: list[tuple[int, int, str]] = []
         retry: list[tuple[tuple[int, int], str]] = []
         offered: set[tuple[int, int]] = set()  # of those, the ones the destination saw
+        suspects: set[tuple[int, int]] = set()  # and those it stopped answering on
         asked = 0.0  # the longest wait the destination asked for, within retry_max
         for entry, delivery in zip(entries, deliveries, strict=True):
             if delivery.result is Result.SENT:
@@ -294,25 +303,27 @@ class Outbox:
                 retry.append(((entry.key, entry.change_seq), delivery.detail))
                 if delivery.offered:
                     offered.add((entry.key, entry.change_seq))
+                if delivery.suspect:
+                    suspects.add((entry.key, entry.change_seq))
                 asked = max(asked, min(delivery.retry_after or 0.0, self.retry_max))
         wait = None
         with self.index.write() as conn:
             table.remove(conn, done)
-            if retry and done:
-                # The destination works, these it did not take: tried again soon, not
-                # after a growing backoff; one passed over PASSED_OVER times is kept as
-                # failed (as a refused one), so that it cannot hold the queue's head,
-                # taking a batch's place in each attempt.
-                stuck = set(table.passed_over(
-                    conn, [key for key, _ in retry if key in offered], PASSED_OVER))
+            # The destination works, these it did not take: tried again soon, not after
+            # a growing backoff.  Or it took nothing, and stopped answering on these.
+            # One passed over PASSED_OVER times is kept as failed (as a refused one), so
+            # that it cannot hold the queue's head, taking a batch's place in each
+            # attempt, or ending each attempt.
+            counted = offered if done else suspects
+            stuck = set(table.passed_over(
+                conn, [key for key, _ in retry if key in counted], PASSED_OVER))
+            if stuck:
                 refused += [(key, seq, f"passed over {PASSED_OVER} times: {detail}")
                             for (key, seq), detail in retry if (key, seq) in stuck]
                 retry = [(key, detail) for key, detail in retry if key not in stuck]
-                if stuck:
-                    log.warning("forwarding to %s: %d instance(s) it took others "
-                                "beside %d times are kept as failed ('pacs send "
-                                "--requeue' queues them again)", shown(destination),
-                                len(stuck), PASSED_OVER)
+                log.warning("forwarding to %s: %d instance(s) it did not take in %d "
+                            "attempts are kept as failed ('pacs send --requeue' queues "
+                            "them again)", shown(destination), len(stuck), PASSED_OVER)
             if retry and done:
                 wait = max(asked, backoff(0, self.retry_max))
                 table.partly_delivered(conn, destination, retry[0][1], now, wait)

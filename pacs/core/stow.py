@@ -22,9 +22,13 @@ What the answer means for each instance (PS3.18 10.5.3, Table 10.5.3-1):
 408, 429, 5xx, no answer   sent again after the destination's backoff, or after the
                            ``Retry-After`` of a 429 or 503 when longer (RFC 9110
                            10.2.3; at most ``PACS_FORWARD_RETRY_MAX``)
+401, 403, 404, 405, 407,   the same: the destination refuses this node or has no such
+421                        service (credentials expired or not yet given, a proxy's
+                           route missing), which says nothing of the instances; refused
+                           for good, a whole backlog would be failed in seconds
 1xx                        interim: read past, to the final answer (RFC 9110 15.2)
-other 4xx                  refused for good (the request itself is wrong: credentials,
-                           size, media type)
+other 4xx                  refused for good (the request's content is wrong: size,
+                           media type, a malformed part)
 =========================  ==============================================================
 
 The answer is bounded in time and size: its head and body must arrive within eight
@@ -289,6 +293,10 @@ def _answer(response: urllib3.BaseHTTPResponse, deadline: float, limit: int) -> 
     return bytes(body)
 
 
+#: The 4xx answers after which a batch is sent again (the module's table): a timeout, too
+#: many requests, and the refusals of this node or of the request's target, not of its
+#: instances (RFC 9110 15.5).
+AGAIN_4XX = frozenset({401, 403, 404, 405, 407, 408, 421, 429})
 #: The answers whose ``Retry-After`` the sender heeds: Too Many Requests and Service
 #: Unavailable (RFC 9110 10.2.3, RFC 6585 4).
 WAIT_ASKED = (429, 503)
@@ -323,7 +331,7 @@ def deliveries(refs: Sequence[InstanceRef], status: int, answer: bytes,
     ``Retry-After`` in seconds (the module's table; ``limit``: the largest body read,
     :func:`answer_limit`)."""
     if status not in (200, 202, 409):
-        result = (Result.REFUSED if 400 <= status < 500 and status not in (408, 429)
+        result = (Result.REFUSED if 400 <= status < 500 and status not in AGAIN_4XX
                   else Result.RETRY)
         asked = retry_after if status in WAIT_ASKED else None
         return [Delivery(result, f"HTTP {status}", asked)] * len(refs)

@@ -23,10 +23,16 @@ The response status decides (PS3.4 B.2.3, PS3.7 C):
 =====================================  =================================================
 0000, warnings (0001, 0107, 0111,      acknowledged
 0116, Bxxx)
-A7xx (out of resources), no response,  sent again after the destination's backoff
-association refused or aborted
+A7xx (out of resources), 0124 (not     sent again after the destination's backoff (0124:
+authorized), no response, association  the destination refuses this node, not the
+refused or aborted                     instance; refused for good, a whole backlog
+                                       would be failed in seconds)
 anything else (A9xx, Cxxx, 0122 ...)   refused for good
 =====================================  =================================================
+
+An instance during whose C-STORE the association ended, or that got no response, is a
+*suspect* (:attr:`pacs.core.forwarding.Delivery.suspect`): a destination that aborts
+on one instance would otherwise be offered it first in every batch, for good.
 """
 
 from __future__ import annotations
@@ -53,14 +59,20 @@ from pacs.dimse.sender import object_file, route
 log = logging.getLogger(__name__)
 
 
+#: Refused: Not Authorized (PS3.7 C.5.4).
+NOT_AUTHORIZED = 0x0124
+
+
 def delivery_of(status: int | None) -> Delivery:
     """What a C-STORE response status means for forwarding (see the module's table)."""
     if status is None:
-        return Delivery(Result.RETRY, "no C-STORE response")
+        return Delivery(Result.RETRY, "no C-STORE response", suspect=True)
     if classify(status) is not Outcome.FAILED:
         return Delivery(Result.SENT, f"status {status:04X}")
     if status >> 8 == 0xA7:
         return Delivery(Result.RETRY, f"status {status:04X} (out of resources)")
+    if status == NOT_AUTHORIZED:
+        return Delivery(Result.RETRY, f"status {status:04X} (not authorized)")
     return Delivery(Result.REFUSED, f"status {status:04X}")
 
 
@@ -145,7 +157,8 @@ class DimseSender:
             # The detail is logged at WARNING: an error of the system (an OSError, say)
             # may name the object's path, made of its UIDs; ours name no instance.
             return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}"
-                            if isinstance(exc, PacsError) else type(exc).__name__)
+                            if isinstance(exc, PacsError) else type(exc).__name__,
+                            suspect=True)
         status = response.get("Status") if response else None
         return delivery_of(int(status) if status is not None else None)
 

@@ -280,6 +280,51 @@ def test_nothing_taken_backs_the_destination_off_without_counting_the_instances(
     assert _waiting(outbox) == sops
 
 
+class Aborting(Recorder):
+    """A destination that aborts the association on one instance: the instances before
+    it are taken, it and those after it are not (never seen)."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        self.batches.append([ref.sop_uid for ref in refs])
+        found: list[Delivery] = []
+        for ref in refs:
+            if found and (found[-1].suspect or not found[-1].offered):
+                found.append(Delivery(Result.RETRY, "association ended", offered=False))
+            elif ref.sop_uid == self.bad:
+                found.append(Delivery(Result.RETRY, "no C-STORE response", suspect=True))
+            else:
+                found.append(Delivery(Result.SENT))
+        return found
+
+
+def test_an_instance_a_destination_aborts_on_cannot_hold_the_queue_for_good(
+        services: Services) -> None:
+    """The destination aborts on one instance, which then heads every batch: nothing
+    is delivered, so it was never passed over and the queue stood still for good.
+    Aborted on ``PASSED_OVER`` times, it is kept as failed and the rest goes."""
+    outbox = _outbox(services, "all: -> PEER", batch=3, retry_max=600.0)
+    before = _store(services)
+    bad = _store(services)
+    after = [_store(services) for _ in range(4)]
+    outbox.feed()
+    sender = Aborting(bad)
+    forwarder = Forwarder(outbox, {"PEER": sender}, services.audit)
+    for _ in range(PASSED_OVER + 2):
+        forwarder.deliver_once("PEER")
+        with services.index.write() as conn:
+            conn.execute("UPDATE forward_destination SET next_attempt = 0")
+    assert sender.batches[0] == [before, bad, after[0]]
+    assert all(batch[0] == bad for batch in sender.batches[1:PASSED_OVER])
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (0, 1)
+    assert backlog.last_error.startswith(f"passed over {PASSED_OVER} times")
+    assert [sop for batch in sender.batches[PASSED_OVER:] for sop in batch] == after
+
+
 def test_numbers_are_not_given_again_after_the_newest_rows_are_removed(
         services: Services) -> None:
     outbox = _outbox(services, "all: -> PEER")

@@ -33,9 +33,14 @@ from pacs.dimse.forward import delivery_of
     (0x0000, Result.SENT), (0xB000, Result.SENT), (0x0111, Result.SENT),
     (0xA700, Result.RETRY), (0xA7FF, Result.RETRY), (None, Result.RETRY),
     (0xA900, Result.REFUSED), (0xC000, Result.REFUSED), (0x0122, Result.REFUSED),
+    # Not authorized: the destination refuses this node (its rules do not know it
+    # yet), not the instance; refused for good, a whole backlog failed in seconds.
+    (0x0124, Result.RETRY),
 ])
 def test_c_store_statuses(status: int | None, result: Result) -> None:
     assert delivery_of(status).result is result
+    # No response: the destination stopped answering on this instance.
+    assert delivery_of(status).suspect is (status is None)
 
 
 def _ref(uid: str) -> InstanceRef:
@@ -62,8 +67,13 @@ def test_stow_answers() -> None:
     results = [d.result for d in deliveries(refs, 202, answer)]
     assert results == [Result.REFUSED, Result.RETRY, Result.SENT, Result.RETRY]
     assert {d.result for d in deliveries(refs, 200, b"")} == {Result.SENT}
-    for status, result in ((400, Result.REFUSED), (401, Result.REFUSED),
-                           (413, Result.REFUSED), (408, Result.RETRY), (429, Result.RETRY),
+    # 401, 403, 404, 405, 407, 421: the destination refuses this node or has no such
+    # service (credentials expired, a proxy's route missing), which says nothing of
+    # the instances: sent again after its backoff, not a whole backlog failed.
+    for status, result in ((400, Result.REFUSED), (401, Result.RETRY), (403, Result.RETRY),
+                           (404, Result.RETRY), (405, Result.RETRY), (407, Result.RETRY),
+                           (421, Result.RETRY), (413, Result.REFUSED), (415, Result.REFUSED),
+                           (408, Result.RETRY), (429, Result.RETRY),
                            (500, Result.RETRY), (503, Result.RETRY)):
         assert {d.result for d in deliveries(refs, status, b"")} == {result}
     # An answer that does not read: nothing is known to be stored.

@@ -150,8 +150,10 @@ def retry_failed(conn: apsw.Connection, destination: str) -> int:
 
 def passed_over(conn: apsw.Connection, entries: Sequence[tuple[int, int]],
                 limit: int) -> list[tuple[int, int]]:
-    """Count a batch the destination took others of but not these (key, change
-    number) entries; those passed over ``limit`` times or more."""
+    """Count a batch that did not deliver these (key, change number) entries, though
+    the destination took others of it or stopped answering on them
+    (:meth:`pacs.core.forwarding.Outbox.settle`); those passed over ``limit`` times or
+    more."""
     over = []
     for key, seq in entries:
         row = conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE pk = ? AND "
