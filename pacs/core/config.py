@@ -422,8 +422,8 @@ SETTINGS: tuple[Setting, ...] = (
             "refused before anything is allocated.", _positive(int)),
     Setting("PACS_INTAKE_MAX_BYTES", "intake_max_bytes", "2147483648",
             "Bytes of acknowledged objects the intake (in the index) may hold before the "
-            "object store takes them; beyond it new objects are refused (A700 / HTTP 503 "
-            "with Retry-After) until the mover catches up.", _positive(int)),
+            "object store takes them; an object it has no room for is refused (A700 / "
+            "HTTP 503 with Retry-After) until the mover catches up.", _positive(int)),
     Setting("PACS_INTAKE_OBJECT_BYTES", "intake_object_bytes", "",
             "Largest object acknowledged through the intake (one index commit; one over "
             "262144 bytes as a synced file of the intake's folder); larger objects are "

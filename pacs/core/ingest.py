@@ -92,7 +92,16 @@ from pacs.core.errors import (
 )
 from pacs.core.index import reads, writer
 from pacs.core.index.connection import Index
-from pacs.core.intake import BLOB_BYTES, IntakeStore, Refusals, check_room, file_name
+from pacs.core.intake import (
+    BLOB_BYTES,
+    IntakeStore,
+    Refusals,
+    check_room,
+    file_name,
+    fits,
+    intake_full,
+    room_left,
+)
 from pacs.core.offload import Offload
 from pacs.core.storage import Staged, folder_below, object_key, put_many, read_bounded, staged
 
@@ -397,11 +406,18 @@ class Ingest:
             self.refusals.refused()
             raise
 
+    def _room(self) -> int | None:
+        """Bytes the intake may still take (:func:`pacs.core.intake.room_left`), or
+        ``None`` when it is not bounded or not used."""
+        if self.intake_max_bytes is None or self.intake_object_bytes <= 0:
+            return None
+        return room_left(self.index, self.intake_max_bytes)
+
     def _check_room(self, size: int | None) -> None:
         """:meth:`check_room`, the refusal not counted."""
         wanted = self.intake_object_bytes > 0 if size is None else self.journaled(size)
         if self.intake_max_bytes is not None and wanted:
-            check_room(self.index, self.intake_max_bytes)
+            check_room(self.index, self.intake_max_bytes, size or 0)
             self.refusals.settled()
 
     def store_bytes(self, data: bytes, *, calling_ae: str = "",
@@ -606,16 +622,14 @@ class Ingest:
         seen: set[str] = set()
         later: list[int] = []
         limit = self.max_object_bytes
-        try:
-            self._check_room(None)
-            full: IntakeFull | None = None
-        except IntakeFull as exc:
-            full = exc
+        room = self._room()
+        full = intake_full()
         for number, item in enumerate(items):
             analysis = item.analysis
             if limit is not None and len(item.data) > limit:
                 results[number] = ObjectTooLarge(f"the object is larger than {limit} bytes")
-            elif full is not None and self.journaled(len(item.data)):
+            elif room is not None and self.journaled(len(item.data)) and not fits(
+                    len(item.data), room, self.intake_max_bytes or 0):
                 results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
@@ -629,8 +643,13 @@ class Ingest:
             else:
                 seen.add(analysis.sop_instance_uid)
                 analysed[number] = analysis
-        if full is not None:  # one refusal per part refused
-            self.refusals.refused(sum(1 for result in results if result is full))
+                if room is not None and self.journaled(len(item.data)):
+                    room -= len(item.data)  # its room taken for the parts after it
+        no_room = sum(1 for result in results if result is full)
+        if no_room:  # one refusal per part refused
+            self.refusals.refused(no_room)
+        elif room is not None:
+            self.refusals.settled()
         data = [item.data for item in items]
         with self.uid_locks(list(seen)):
             self._store_analysed(data, analysed, calling_ae, requestor, may_overwrite,
@@ -692,7 +711,9 @@ class Ingest:
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
             if error is not None:
-                if number in direct:
+                # Unless the commit went through before the failure (as in
+                # _store_locked): the row names this object now.
+                if number in direct and not self._indexed_as(analysed[number], plan.key):
                     self._undo_put(plan.key, plan.existing, plan.previous)
                 if plan.in_file:  # unless a row names it after all
                     self.store.tidy({plan.sop_uid})
@@ -850,7 +871,7 @@ class Ingest:
         if size >= DIRECT_OVERWRITE_BYTES or not (in_place or reads.unsettled(conn, key)):
             return False
         if self.intake_max_bytes is not None:
-            check_room(self.index, self.intake_max_bytes)
+            check_room(self.index, self.intake_max_bytes, size)
         return True
 
     @staticmethod

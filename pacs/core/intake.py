@@ -471,17 +471,37 @@ class IntakeReader(io.RawIOBase):
 
 # --- back-pressure ---------------------------------------------------------------------
 
-def check_room(index: Index, max_bytes: int) -> None:
-    """Refuse a new object while the intake holds ``max_bytes`` or more.
+def room_left(index: Index, max_bytes: int) -> int:
+    """Bytes the intake may still take within ``max_bytes`` (0 or less: none)."""
+    return max_bytes - reads.intake_bytes(index.connection())
+
+
+def fits(size: int, room: int, max_bytes: int) -> bool:
+    """Whether an object of ``size`` bytes fits in the intake with ``room`` bytes left
+    of ``max_bytes``: within the room, or alone in an empty intake (an object larger
+    than the limit would never be taken otherwise; the intake then holds it alone)."""
+    return size <= room or (room >= max_bytes and room > 0)
+
+
+def intake_full() -> IntakeFull:
+    """The refusal of an object the intake has no room for."""
+    return IntakeFull("the node cannot take more objects until its object store has "
+                      "caught up; retry later")
+
+
+def check_room(index: Index, max_bytes: int, size: int = 0) -> None:
+    """Refuse a new object of ``size`` bytes (0: not known yet) the intake has no room
+    for (:func:`fits`): ``max_bytes`` bounds what it holds, whatever the objects'
+    sizes.
 
     Raises
     ------
     IntakeFull
         The backlog is at the limit (the store is slow or down).
     """
-    if reads.intake_bytes(index.connection()) >= max_bytes:
-        raise IntakeFull("the node cannot take more objects until its object store has "
-                         "caught up; retry later")
+    room = room_left(index, max_bytes)
+    if room <= 0 or not fits(size, room, max_bytes):
+        raise intake_full()
 
 
 class Refusals:
@@ -1185,4 +1205,5 @@ def mover_lock(data_dir: Path, wait: bool) -> Iterator[bool]:
 
 
 __all__ = ["BATCH_BYTES", "BATCH_OBJECTS", "BLOB_BYTES", "Hold", "IntakeFiles", "IntakeReader",
-           "IntakeStore", "Mover", "Refusals", "check_room", "file_name", "mover_lock"]
+           "IntakeStore", "Mover", "Refusals", "check_room", "file_name", "fits", "intake_full",
+           "mover_lock", "room_left"]

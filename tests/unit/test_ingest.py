@@ -264,14 +264,16 @@ def test_index_failure_on_overwrite_restores_the_previous_object(
     assert list(_stored(services).values()) == [first]
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["one", "batch"])
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
 def test_an_interrupt_after_the_commit_keeps_the_object_the_row_names(
         make_services: Callable[..., Services], memory_store: MemoryStore,
-        monkeypatch: pytest.MonkeyPatch, overwrite: bool) -> None:
-    """A Ctrl-C of ``pacs import`` (any exception) that arrives once SQLite committed
-    the row of an object written to the store directly: the row names that object,
-    which stays, unchanged; undone as after a failed commit, the row named none (or
-    the previous object, under the new one's checksum)."""
+        monkeypatch: pytest.MonkeyPatch, overwrite: bool, batch: bool) -> None:
+    """A Ctrl-C of ``pacs import`` (any exception), or a failure a STOW-RS batch's
+    commit reports, that arrives once SQLite committed the row of an object written
+    to the store directly: the row names that object, which stays, unchanged; undone
+    as after a failed commit, the row named none (or the previous object, under the
+    new one's checksum)."""
     services = make_services(store=memory_store, intake_object_bytes=0)
     if overwrite:
         services.ingest.store_bytes(_bytes())
@@ -282,9 +284,18 @@ def test_an_interrupt_after_the_commit_keeps_the_object_the_row_names(
         commit_all(index, works)
         raise KeyboardInterrupt  # the commit is on disk, its caller never hears
 
-    monkeypatch.setattr(Index, "commit_all", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        services.ingest.store_bytes(new)
+    def reported_failed(index: Index, works: list[Any]) -> list[BaseException | None]:
+        commit_all(index, works)  # on disk, then reported failed (an I/O error)
+        return [IndexFailure("index commit failed: disk I/O error")] * len(works)
+
+    if batch:
+        monkeypatch.setattr(Index, "commit_all", reported_failed)
+        [result] = services.ingest.store_batch([Received.of(new)])
+        assert isinstance(result, IndexFailure)
+    else:
+        monkeypatch.setattr(Index, "commit_all", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            services.ingest.store_bytes(new)
     monkeypatch.undo()
     assert list(_stored(services).values()) == [new]
     row = _row(services, dcmread(io.BytesIO(new)).SOPInstanceUID)

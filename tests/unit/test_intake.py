@@ -30,6 +30,7 @@ from pydicom.filebase import DicomBytesIO
 from pacs.core import health, ingest as ingest_module, intake
 from pacs.core.errors import InstanceLocked, IntakeFull, StorageError, UnsettledWrite
 from pacs.core.index import reads, writer
+from pacs.core.ingest import Received
 from pacs.core.intake import Hold, Mover, Refusals, mover_lock
 from pacs.core.reconcile import reconcile
 from pacs.core.services import Services, drain, mover
@@ -334,6 +335,28 @@ def test_the_intake_refuses_past_its_limit_and_takes_again_once_drained(
     assert (found.intake_objects, found.intake_bytes) == (1, len(first))
     assert drain(services) == 1
     services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.2"))
+
+
+def test_the_limit_bounds_what_the_intake_holds_whatever_arrives_at_once(
+        make_services: Callable[..., Services]) -> None:
+    """``PACS_INTAKE_MAX_BYTES`` was a threshold checked once before a store: a STOW-RS
+    batch of 16 parts was checked once and took them all (ten times the limit), and
+    an object larger than the room left went in.  Each part, each object, now takes
+    its room: what the intake holds stays within the limit, the rest is refused."""
+    size = len(instance())
+    services = make_services(store=MemoryStore(), intake_max_bytes=int(size * 3.5))
+    parts = [Received.of(instance(f"1.2.826.0.1.3680043.8.498.{n}")) for n in range(1, 17)]
+    results = services.ingest.store_batch(parts)
+    assert [isinstance(r, IntakeFull) for r in results] == [False] * 3 + [True] * 13
+    assert reads.intake_bytes(services.index.connection()) == 3 * size
+    with pytest.raises(IntakeFull):  # half an object's room left
+        services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.20"))
+    drain(services)
+    # Alone in an empty intake, an object larger than the limit is taken.
+    services = make_services(store=MemoryStore(), intake_max_bytes=size // 2)
+    services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.30"))
+    with pytest.raises(IntakeFull):
+        services.ingest.store_bytes(instance("1.2.826.0.1.3680043.8.498.31"))
 
 
 def test_a_failing_store_leaves_the_rows_and_reports_the_error(
