@@ -41,7 +41,12 @@ sent only once the requestor accepted the SCP role this node proposed (PS3.7 D.3
 without the acceptor's answer the requestor of an association is its SCU only).
 
 A result is delivered once the requestor answers Success (or a warning); then its
-request is removed.
+request is removed.  A requestor that leaves a report on its association unanswered
+for the DIMSE timeout has that association aborted (its operation would stay
+outstanding, and no other may be invoked on it, PS3.7 D.3.3.3), and is held off for
+:data:`SILENT_TIMEOUTS` DIMSE timeouts (:meth:`Reporter._silence`): its results and
+the associations it opens wait, so that it holds this one thread, and every other
+requestor's results behind it, for one timeout in that many.
 An attempt that fails (no address, association refused, the SCP role not accepted, no
 response, or :data:`TRANSIENT` statuses) is tried again after a growing delay
 (:func:`pacs.core.commitment.retry_delay`); requests of any process whose attempt is
@@ -107,6 +112,9 @@ KEEP_UNREACHABLE = 3600.0
 POLL = 5.0
 #: Waiting requests of one requestor claimed when it opens an association.
 ARRIVAL_CLAIMS = 16
+#: DIMSE timeouts a requestor that left a report unanswered for one waits before its
+#: results are tried again (:meth:`Reporter._silence`).
+SILENT_TIMEOUTS = 10
 
 #: The transfer syntaxes proposed for a report on a new association.
 SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -157,6 +165,10 @@ class Reporter:
         self._associations: dict[str, weakref.WeakSet[Any]] = {}
         #: Requestors that opened such an association: their waiting requests to claim.
         self._arrived: list[str] = []
+        #: Requestors that left a report unanswered for a DIMSE timeout, and until when
+        #: (monotonic) an association they open claims nothing: each claim would hold
+        #: this thread for another timeout, the other requestors' results behind it.
+        self._silent: dict[str, float] = {}
         self._order = itertools.count()
         self._message_ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -187,12 +199,15 @@ class Reporter:
         if not notify.available(assoc, PUSH_MODEL):
             return
         requestor = str(assoc.requestor.ae_title or "").strip()
+        now = time.monotonic()
         with self._lock:
             # Titles whose associations have all ended go: a peer may call with any.
             for gone in [ae for ae, open_ in self._associations.items() if not open_]:
                 del self._associations[gone]
+            for gone in [ae for ae, until in self._silent.items() if until <= now]:
+                del self._silent[gone]
             self._associations.setdefault(requestor, weakref.WeakSet()).add(assoc)
-            if requestor not in self._arrived:
+            if requestor not in self._arrived and requestor not in self._silent:
                 self._arrived.append(requestor)
         self._wake.set()
 
@@ -328,6 +343,8 @@ class Reporter:
                          "not go (%s)", requestor, error)
                 if not self.commitments.renew(pending):
                     return
+            if error == notify.NO_RESPONSE:
+                self._silence(pending)
             destination = self.services.settings.destinations.get(requestor)
             if destination is None:
                 self._keep(pending, error or "no association of the requestor is open")
@@ -353,15 +370,34 @@ class Reporter:
                          ) -> list[Association]:
         """The open associations a report of ``pending`` may go on: ``assoc`` (the
         request's own) first, then those its requestor opened since, from the
-        request's address when it is known."""
+        request's address when it is known; none while the requestor is held off
+        (:meth:`_silence`)."""
         request = pending.request
         with self._lock:
             known = list(self._associations.get(request.requestor_ae, ()))
+            if self._silent.get(request.requestor_ae, 0.0) > time.monotonic():
+                return []  # held off (_silence): none of its associations for now
         found = [assoc] if assoc is not None else []
         found += [other for other in known if other is not assoc]
         return [one for one in found if notify.available(one, PUSH_MODEL)
                 and (not request.address
                      or str(one.requestor.address or "") == request.address)]
+
+    def _silence(self, pending: Pending) -> None:
+        """``pending``'s requestor left its report unanswered for a DIMSE timeout (the
+        association is aborted, :func:`pacs.dimse.seam.notify.report`): its other
+        results, and the associations it opens, wait :data:`SILENT_TIMEOUTS` DIMSE
+        timeouts before they are tried, so that a requestor that never answers holds
+        this thread, and every other requestor's results behind it, for one timeout in
+        that many, not one per result or per association it opens."""
+        requestor = pending.request.requestor_ae
+        hold = SILENT_TIMEOUTS * self.services.settings.dimse_timeout
+        others = self.commitments.postpone_requestor(pending, hold)
+        with self._lock:
+            self._silent[requestor] = time.monotonic() + hold
+        log.warning("storage commitment: %s did not answer a report within the DIMSE "
+                    "timeout; its results (%d other(s)) wait %.0f s", requestor, others,
+                    hold)
 
     def _keep(self, pending: Pending, error: str) -> None:
         """A requestor without an address: keep its result for an association of its

@@ -21,6 +21,7 @@ recorded.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 from pacs.dimse.reports import QUIET, QUIET_WAIT
 from tests.auditcheck import problems, read_trail
@@ -634,3 +635,62 @@ def test_a_requestor_without_the_store_right_is_refused(node: Node) -> None:
         time.sleep(0.1)  # the association's events are written once it ended
     assert events[0]["ActiveParticipant"][0]["UserID"] == NO_STORE
     assert events[0]["EventIdentification"]["EventOutcomeIndicator"] == 8
+
+
+#: The DIMSE timeout of the node whose requestor never answers its report.
+SHORT_TIMEOUT = 3
+
+
+def test_a_requestor_that_never_answers_its_report_is_aborted_and_held_off(
+        node_factory: Callable[..., Node]) -> None:
+    """A requestor that keeps its association and never answers the N-EVENT-REPORT held
+    the worker's one report thread for a DIMSE timeout per result, and the association
+    stayed, the next report sent on it with the first unanswered (PS3.7 D.3.3.3: no
+    Asynchronous Operations Window).  The association is aborted after the timeout,
+    and the requestor's next association claims nothing for a while, so that another
+    requestor's report goes at once."""
+    if not SEAM:
+        pytest.skip("reports on the requestor's association need the seam's reactor")
+    node = node_factory("commitment-silent", PACS_DIMSE_TIMEOUT=str(SHORT_TIMEOUT),
+                        PACS_DIMSE_WORKERS="1")
+    received: list[int] = []
+
+    def silent(event: Any) -> tuple[int, None]:
+        received.append(int(event.request.MessageID))
+        time.sleep(SHORT_TIMEOUT + QUIET + 1)
+        return 0x0000, None
+
+    ae = AE(ae_title="SILENT")
+    quiet = ae.associate("127.0.0.1", node.port, ae_title=AE_TITLE,
+                         contexts=[build_context(PUSH_MODEL), build_context(Verification)],
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, silent)])
+    assert quiet.is_established, node.log()
+    unknown = [(CTImageStorage, generate_uid())]
+    for _ in range(3):
+        assert n_action(quiet, action_information(generate_uid(), unknown)) == 0x0000
+    # Kept alive (an idle association ends at the network timeout anyway), with pauses
+    # longer than QUIET for the report to go in.
+    deadline = time.monotonic() + WAIT
+    while quiet.is_established:
+        assert time.monotonic() < deadline, node.log()
+        with contextlib.suppress(Exception):  # aborted meanwhile
+            quiet.send_c_echo()
+        time.sleep(QUIET + 0.5)
+    assert quiet.is_aborted
+    assert len(received) == 1  # one report, unanswered; none sent after it
+    while "did not answer a report within the DIMSE timeout" not in node.log():
+        assert time.monotonic() < deadline, node.log()
+        time.sleep(0.1)
+
+    again: queue.Queue[Report] = queue.Queue()
+    reconnected = associate(node, "SILENT", again)
+    honest: queue.Queue[Report] = queue.Queue()
+    other = associate(node, "HONEST", honest)
+    try:
+        assert n_action(other, action_information(generate_uid(), unknown)) == 0x0000
+        assert honest.get(timeout=WAIT).assoc is other
+        time.sleep(QUIET + 1)
+        assert again.empty()  # its results wait: this association claimed none
+    finally:
+        for assoc in (reconnected, other):
+            assoc.release()

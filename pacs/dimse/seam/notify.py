@@ -101,6 +101,9 @@ class _Offer:
         self.done.set()
 
 
+#: Why a report sent got no response (the association is then aborted).
+NO_RESPONSE = "no response within the DIMSE timeout"
+
 _lock = threading.Lock()
 #: The report offered on each association (one at a time).
 _offers: weakref.WeakKeyDictionary[Any, _Offer] = weakref.WeakKeyDictionary()
@@ -148,6 +151,15 @@ def report(assoc: Association, request: EventReport, quiet: float, wait: float,
         while not offer.done.wait(_LOOK):
             ended = _ended(assoc, offer, until, timeout)
             if ended is not None:
+                if ended.error == NO_RESPONSE:
+                    # Its operation stays outstanding: without an Asynchronous Operations
+                    # Window the next report may not be sent on it (PS3.7 D.3.3.3), and
+                    # a requestor that never answers would hold each result for a DIMSE
+                    # timeout.  Aborted, as the node does after any DIMSE timeout.
+                    log.warning("no N-EVENT-REPORT response from %s within the DIMSE "
+                                "timeout: the association is aborted",
+                                assoc.requestor.ae_title)
+                    wire.abort(assoc)
                 return ended
         assert offer.outcome is not None
         return offer.outcome
@@ -173,7 +185,8 @@ def _ended(assoc: Association, offer: _Offer, until: float,
         if offer.state == "sent" and not assoc.is_established:
             return Outcome(None, "the association ended before the response")
         if offer.state == "sent" and timeout and now >= offer.sent_at + timeout:
-            return Outcome(None, "no response within the DIMSE timeout")
+            offer.state = "withdrawn"  # a response arriving now is not taken for it
+            return Outcome(None, NO_RESPONSE)
     return None
 
 
