@@ -628,7 +628,7 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
     services = _build(settings, create_store=False)
     try:
         if requeue:
-            count = outbox_of(services).retry_failed(destination)
+            count = outbox_of(services).retry_failed(shown(destination))
             click.echo(f"{count} refused instance(s) queued again for {shown(destination)}")
             return
         refs = study_instances(services, studies)

@@ -206,8 +206,18 @@ class Outbox:
 
     @property
     def destinations(self) -> list[str]:
-        """Every destination a route names, once each, in route order."""
-        return list(dict.fromkeys(route.destination for route in self.routes))
+        """Every destination a route names, once each, in route order, as the outbox
+        names it (:attr:`pacs.core.routes.Route.target`)."""
+        return list(self.endpoints)
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """Each destination as the outbox names it, and as its first route gives it (a
+        URL with its credentials, for its sender)."""
+        found: dict[str, str] = {}
+        for route in self.routes:
+            found.setdefault(route.target, route.destination)
+        return found
 
     def start(self) -> None:
         """Start the cursor at the newest change when it has never run (``pacs serve``
@@ -251,9 +261,9 @@ class Outbox:
         """(destination, first matching route) pairs of one changed instance."""
         seen: dict[str, str] = {}
         for route in self.routes:
-            if route.destination not in seen and route.matches(
+            if route.target not in seen and route.matches(
                     change.calling_ae, change.modality, change.sop_class_uid):
-                seen[route.destination] = route.name
+                seen[route.target] = route.name
         return seen.items()
 
     def _warn_if_over(self, destination: str, waiting: int) -> None:

@@ -56,6 +56,13 @@ class Route:
         """True when the destination is a DICOMweb URL (STOW-RS), else an AE title."""
         return is_url(self.destination)
 
+    @property
+    def target(self) -> str:
+        """The destination as forwarding's outbox names it (:func:`shown`: a URL
+        without its credentials), so that a password changed in the settings finds
+        the instances queued under the old one, and none is written to the index."""
+        return shown(self.destination)
+
     def matches(self, calling_ae: str, modality: str, sop_class: str) -> bool:
         """True when the instance meets every condition the route sets."""
         return all(not accepted or value.strip() in accepted for accepted, value in (
@@ -78,7 +85,11 @@ def check_url(url: str) -> None:
         password holding ``/``, ``?`` or ``#`` that is not percent-encoded (RFC 3986
         3.2.1), which would make the rest of it the host the data goes to.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed '[' of an IPv6 address
+        raise ConfigError("a DICOMweb URL cannot be read (an IPv6 address without its "
+                          "']'? a password holding '['? percent-encode it)") from None
     try:
         parts.port  # noqa: B018 - read for its ValueError
     except ValueError:
@@ -130,12 +141,16 @@ def parse_inline(text: str) -> tuple[Route, ...]:
         A route that cannot be read.
     """
     routes = []
-    for item in filter(None, (part.strip() for part in re.split(r"[;\n]", text))):
+    items = filter(None, (part.strip() for part in re.split(r"[;\n]", text)))
+    for number, item in enumerate(items, start=1):
         name, colon, rule = item.partition(":")
         condition_text, arrow, destination = rule.rpartition("->")
         if not colon or not arrow:
-            raise ConfigError(f"PACS_ROUTES: cannot read {item!r}; expected "
-                              "'name: key=value|value, ... -> AET or URL'")
+            # Its text is not shown: it may be the rest of a URL's password that held
+            # a ';' (which splits routes) not percent-encoded.
+            raise ConfigError(f"PACS_ROUTES: route {number} cannot be read; expected "
+                              "'name: key=value|value, ... -> AET or URL' (percent-encode "
+                              "a ';' in a URL's password: %3B)")
         conditions: dict[str, str] = {}
         for condition in filter(None, (c.strip() for c in condition_text.split(","))):
             key, equals, value = condition.partition("=")

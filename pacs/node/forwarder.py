@@ -117,8 +117,9 @@ def forward(settings: Settings, services: Services, stopping: threading.Event) -
         if not held:
             return
         outbox = outbox_of(services)
-        forwarder = Forwarder(outbox, {d: sender_for(d, services)
-                                       for d in outbox.destinations}, services.audit)
+        forwarder = Forwarder(outbox, {target: sender_for(destination, services)
+                                       for target, destination in outbox.endpoints.items()},
+                              services.audit)
         log.info("forwarding to %d destination(s) by %d route(s)",
                  len(forwarder.senders), len(outbox.routes))
         try:

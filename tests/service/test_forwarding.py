@@ -381,10 +381,36 @@ def test_a_customer_has_routes_of_its_own(settings: Settings) -> None:
 
 @pytest.mark.parametrize("text", ["no arrow", "a: modality=CT", "a: colour=red -> PEER",
                                   "a: -> PEER; a: -> OTHER", "a b: -> PEER",
-                                  "a: -> https:///x"])
+                                  "a: -> https:///x", "a: -> https://user:pw@[::1/x"])
 def test_bad_routes_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         load_routes(text, "")
+
+
+def test_a_route_that_cannot_be_read_is_not_quoted() -> None:
+    """A ';' not percent-encoded in a URL's password splits the routes there: the rest
+    of the password was quoted in the error, on the terminal and in the logs."""
+    with pytest.raises(ConfigError) as refused:
+        load_routes("a: -> https://user:pw;secret-rest@host/x", "")
+    assert "secret-rest" not in str(refused.value) and "%3B" in str(refused.value)
+
+
+def test_a_password_changed_in_the_settings_finds_what_waits_and_none_is_indexed(
+        services: Services) -> None:
+    """The outbox named a STOW-RS destination by its URL with its credentials: once
+    its password was changed in PACS_ROUTES, what was queued under the old one had no
+    sender and waited for good, and the password was kept in the index."""
+    old = _outbox(services, "a: -> https://user:old@archive.example/dicom-web")
+    sop = _store(services)
+    old.feed()
+    new = _outbox(services, "a: -> https://user:new@archive.example/dicom-web")
+    assert new.destinations == ["https://archive.example/dicom-web"]
+    assert _waiting(new, "https://archive.example/dicom-web") == [sop]
+    assert new.endpoints == {"https://archive.example/dicom-web":
+                             "https://user:new@archive.example/dicom-web"}
+    stored = services.index.connection().execute(
+        "SELECT destination FROM outbox").fetchall()
+    assert stored == [("https://archive.example/dicom-web",)]
 
 
 def test_routes_must_name_a_known_destination(

@@ -172,3 +172,25 @@ def test_forwarding_numbers_existing_instances_and_every_change_after(
     services.ingest.store_bytes(first.replace(b"A^B", b"C^D"))  # overwritten in place
     again = conn.execute("SELECT pk, change_seq FROM instance ORDER BY pk").fetchall()
     assert again[0][0] == rows[0][0] and again[0][1] == rows[-1][1] + 1
+
+
+def test_forwarding_destinations_lose_their_credentials(services: Services) -> None:
+    """An outbox written when it named a STOW-RS destination by its URL with its
+    credentials: the migration names it without them (one entry of an instance queued
+    under two such URLs kept), so that the forwarder of the present settings finds it."""
+    with services.index.write() as conn:
+        for pk, url in ((1, "https://u:old@host/dw"), (2, "https://u:new@host/dw")):
+            conn.execute("INSERT INTO outbox (pk, destination, route, sop_uid, change_seq, "
+                         "queued_at) VALUES (?, ?, 'a', '1.2.3', 1, 0)", (pk, url))
+        conn.execute("INSERT INTO outbox (pk, destination, route, sop_uid, change_seq, "
+                     "queued_at) VALUES (3, 'https://u:old@host/dw', 'a', '1.2.4', 2, 0)")
+        conn.execute("INSERT INTO forward_destination (name, failures) "
+                     "VALUES ('https://u:old@host/dw', 3), ('PEER', 1)")
+        conn.pragma("user_version", [step.__name__ for step in MIGRATIONS].index(
+            "_destinations_without_credentials"))
+    conn = services.index.connection()
+    assert migrate(conn) == len(MIGRATIONS)
+    assert sorted(conn.execute("SELECT destination, sop_uid FROM outbox")) == [
+        ("https://host/dw", "1.2.3"), ("https://host/dw", "1.2.4")]
+    assert sorted(conn.execute("SELECT name, failures FROM forward_destination")) == [
+        ("PEER", 1), ("https://host/dw", 3)]

@@ -26,6 +26,7 @@ from pacs.core.attributes import (
 from pacs.core.dataset import extract
 from pacs.core.errors import ConfigError
 from pacs.core.index.writer import claim_owner
+from pacs.core.routes import shown
 
 #: Identifies our index files (``PRAGMA application_id``): "PACS" in ASCII.
 APPLICATION_ID = 0x50414353
@@ -435,12 +436,41 @@ def _owner(conn: apsw.Connection) -> None:
         ")")
 
 
+def _destinations_without_credentials(conn: apsw.Connection) -> None:
+    """Forwarding's outbox and destination states name a STOW-RS destination by its URL
+    without credentials (``pacs.core.routes.Route.target``): the instances queued under
+    a URL whose password the settings have changed since are found, and no password is
+    kept in the index.  Entries of one instance under two such URLs become one."""
+    for (name,) in list(conn.execute("SELECT DISTINCT destination FROM outbox")):
+        target = _credential_free(str(name))
+        if target != name:
+            conn.execute("UPDATE OR IGNORE outbox SET destination = ? WHERE destination = ?",
+                         (target, name))
+            conn.execute("DELETE FROM outbox WHERE destination = ?", (name,))
+    for (name,) in list(conn.execute("SELECT name FROM forward_destination")):
+        target = _credential_free(str(name))
+        if target != name:
+            conn.execute("UPDATE OR IGNORE forward_destination SET name = ? WHERE name = ?",
+                         (target, name))
+            conn.execute("DELETE FROM forward_destination WHERE name = ?", (name,))
+
+
+def _credential_free(destination: str) -> str:
+    """:func:`pacs.core.routes.shown`, for a URL stored before (one that no longer
+    reads is left as it is)."""
+    try:
+        return shown(destination)
+    except ValueError:
+        return destination
+
+
 #: Ordered migrations: entry ``n`` brings ``user_version`` from ``n`` to ``n + 1``.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _initial, _instance_metadata, _added_attributes, _study_copies, _metadata_encoding,
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
-    _intake_files, _object_deletions, _outbox_attempts, _owner)
+    _intake_files, _object_deletions, _outbox_attempts, _owner,
+    _destinations_without_credentials)
 
 
 def migrate(conn: apsw.Connection, owner: str | None = None) -> int:
