@@ -238,6 +238,15 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
         _refuse_lost_index(customer.settings)
         shared = _index_shared(customer.settings)  # asked before this process opens it
         services = _build(customer.settings, claim=True)
+        try:
+            unproven = dimse_tls.unproven_titles(customer.settings, services.access)
+        except PacsError as exc:
+            raise click.ClickException(str(exc)) from None
+        if unproven:
+            log.warning("customer %s: %s must associate over DICOM TLS, but without "
+                        "PACS_DIMSE_TLS_CA no client certificate is asked for: TLS "
+                        "encrypts their associations, any TLS peer may call by their "
+                        "titles", customer.name, ", ".join(unproven))
         if shared:
             # Another node on this data folder (it keeps the ports, and this one stops
             # when it cannot bind them), or a command at work: its temporary files and

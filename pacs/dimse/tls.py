@@ -35,7 +35,9 @@ import time
 from typing import Any
 
 from pacs.core import tls as policy
+from pacs.core.access import AccessPolicy
 from pacs.core.config import Modality, Settings, dimse_tls_identity
+from pacs.core.errors import ConfigError
 
 
 def server_context(settings: Settings) -> ssl.SSLContext | None:
@@ -58,6 +60,28 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     if ca:
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def unproven_titles(settings: Settings, policy: AccessPolicy) -> list[str]:
+    """The known AEs that must associate over DICOM TLS (``tls = true``) whose title no
+    certificate proves: without ``PACS_DIMSE_TLS_CA`` no client certificate is asked
+    for, so TLS encrypts their associations but any TLS peer may call by their titles
+    (``pacs serve`` warns).
+
+    Raises
+    ------
+    ConfigError
+        An AE pinned to client certificates (``certificates``) without
+        ``PACS_DIMSE_TLS_CA``: none is ever asked for, so it could never associate.
+    """
+    if settings.dimse_tls_ca:
+        return []
+    pinned = sorted(title for title, ae in policy.aes.items() if ae.certificates)
+    if pinned:
+        raise ConfigError(f"the access rules pin {', '.join(pinned)} to client "
+                          "certificates, which the node asks for only with "
+                          "PACS_DIMSE_TLS_CA: set it to the authority that issued them")
+    return sorted(title for title, ae in policy.aes.items() if ae.tls)
 
 
 def client_context(settings: Settings, wanted: bool = False) -> ssl.SSLContext | None:

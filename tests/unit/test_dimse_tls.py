@@ -8,12 +8,13 @@ import contextlib
 import socket
 import ssl
 import threading
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pacs.core import config
+from pacs.core import access, config
 from pacs.core.config import Modality, Settings
 from pacs.core.errors import ConfigError
 from pacs.dimse import server, tls
@@ -38,6 +39,23 @@ def test_destinations_marked_tls() -> None:
         "PLAIN": Modality("PLAIN", "host-a", 104),
         "SECURE": Modality("SECURE", "host-b", 2762, tls=True),
         "V6": Modality("V6", "::1", 2762, tls=True)}
+
+
+def test_aes_over_tls_that_no_certificate_proves_are_named_and_pinned_ones_refused(
+) -> None:
+    """Without PACS_DIMSE_TLS_CA no client certificate is asked for: an AE marked
+    ``tls = true`` is then one any TLS peer may call as (``pacs serve`` warns), and one
+    pinned to certificates could never associate (refused at start)."""
+    marked = access.build(tables=access.parse(tomllib.loads(
+        '[[ae]]\ntitle = "WS"\nrights = ["find"]\ntls = true\n'
+        '[[ae]]\ntitle = "CT"\nrights = ["store"]\n')))
+    assert tls.unproven_titles(load(), marked) == ["WS"]
+    assert tls.unproven_titles(load(PACS_DIMSE_TLS_CA="/ca.pem"), marked) == []
+    pinned = access.build(tables=access.parse(tomllib.loads(
+        f'[[ae]]\ntitle = "WS"\nrights = ["find"]\ncertificates = ["{"ab" * 32}"]\n')))
+    with pytest.raises(ConfigError, match="PACS_DIMSE_TLS_CA"):
+        tls.unproven_titles(load(), pinned)
+    assert tls.unproven_titles(load(PACS_DIMSE_TLS_CA="/ca.pem"), pinned) == []
 
 
 @pytest.mark.parametrize("value", ["A=host:tls", "A=host:104:ssl", "A=host:104:tls:tls"])
