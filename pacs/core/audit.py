@@ -779,12 +779,16 @@ class RefusalKey(NamedTuple):
     address: str
     identity: str
     kind: str
+    #: The event's other participants (a C-MOVE's destination, the node): a refused
+    #: C-MOVE to one AE is not counted as more of a refused C-GET.
+    others: str = ""
 
 
 def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
     """The source of a refusal, the addresses of the event's requestors, and who they
-    claimed to be there (their UserIDs: the calling AE title, the user name), and its
-    kind (EventID, EventTypeCode, EventActionCode, EventOutcomeIndicator)."""
+    claimed to be there (their UserIDs: the calling AE title, the user name), its kind
+    (EventID, EventTypeCode, EventActionCode, EventOutcomeIndicator), and its other
+    participants (UserID and role)."""
     identification = event.get("EventIdentification", {})
     kind = "|".join((
         str(identification.get("EventID", {}).get("csd-code", "")),
@@ -792,10 +796,14 @@ def refusal_key(event: Mapping[str, Any]) -> RefusalKey:
                  for code in identification.get("EventTypeCode", ())),
         str(identification.get("EventActionCode", "")),
         str(identification.get("EventOutcomeIndicator", ""))))
-    requestors = [p for p in event.get("ActiveParticipant", ()) if p.get("UserIsRequestor")]
+    participants = event.get("ActiveParticipant", ())
+    requestors = [p for p in participants if p.get("UserIsRequestor")]
     address = ",".join(sorted(str(p.get("NetworkAccessPointID", "")) for p in requestors))
     identity = ",".join(sorted(str(p.get("UserID", "")) for p in requestors))
-    return RefusalKey(address, identity, kind)
+    others = ",".join(sorted(
+        f"{p.get('UserID', '')}/{(p.get('RoleIDCode') or {}).get('csd-code', '')}"
+        for p in participants if not p.get("UserIsRequestor")))
+    return RefusalKey(address, identity, kind, others)
 
 
 @dataclass
@@ -900,6 +908,8 @@ class Coalescer:
         the sources past the limit (under the lock)."""
         if key in self._runs:
             return key
+        # Past a bound, without the other participants: a requestor naming a new
+        # C-MOVE destination each time makes a new run each time until then only.
         if len(self._runs) >= self.limit:
             return RefusalKey(OTHER_SOURCES, "", key.kind)
         if self._named.get((key.address, key.kind), 0) >= self.identities:

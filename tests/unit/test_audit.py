@@ -828,6 +828,28 @@ def test_repeated_refusals_from_one_source_are_one_counted_record(tmp_path: Path
     assert len(events) == 2 + 4 + 2
 
 
+def test_a_refused_c_move_is_not_counted_as_more_of_a_refused_c_get(tmp_path: Path) -> None:
+    """Refusals are coalesced by their other participants too: a refused C-GET, then a
+    refused C-MOVE to DEST from the same AE within the window, left only the C-GET's
+    record, the C-MOVE and its destination gone into its count."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE,
+                       refusals=audit.Coalescer(60.0, clock=_Clock()))
+    node = trail.node()
+    for _ in range(2):
+        trail.transferred(audit.APPLICATION_SERVER, audit.READ, node, CLIENT, [],
+                          audit.MINOR_FAILURE, "C-GET status 0124", refused=True)
+    trail.transferred(audit.APPLICATION_SERVER, audit.READ, node,
+                      Participant("DEST", False, address="192.0.2.9"), [],
+                      audit.MINOR_FAILURE, "C-MOVE status 0124", others=[CLIENT],
+                      refused=True)
+    trail.close()
+    descriptions = [e["EventIdentification"]["EventOutcomeDescription"]
+                    for e in read_trail(path)]
+    assert descriptions[:2] == ["C-GET status 0124", "C-MOVE status 0124"]
+    assert descriptions[2].startswith("C-GET status 0124; 1 more refusal(s)")
+
+
 def test_counted_refusals_are_recorded_when_the_trail_closes(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE)
