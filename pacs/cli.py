@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from collections import Counter
@@ -893,9 +894,19 @@ def passwd(token: bool) -> None:
               help="Send the events to an audit record repository instead: RFC 5424 "
                    "syslog with the DICOM XML, over TCP (octet counting) or --udp.")
 @click.option("--udp", is_flag=True, help="With --syslog: UDP datagrams (RFC 5426).")
+@click.option("--tls", "over_tls", is_flag=True,
+              help="With --syslog: over TLS (RFC 5425), the repository's certificate "
+                   "verified against --ca (else the system's authorities) and its host "
+                   "name; the node's certificate (PACS_TLS_CERT) offered as the client's.")
+@click.option("--ca", type=click.Path(dir_okay=False), default=None,
+              help="With --tls: the authority that issued the repository's certificate.")
+@click.option("--insecure", is_flag=True,
+              help="With --syslog: send in the clear (TCP or UDP) to another host than "
+                   "this one; the events hold Patient IDs and queries.")
 @click.pass_context
 def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, fmt: str,
-           target: str | None, udp: bool) -> None:
+           target: str | None, udp: bool, over_tls: bool, ca: str | None,
+           insecure: bool) -> None:
     """Show the audit trail (who touched which patient's images), or ship it.
 
     Reads PACS_AUDIT_LOG (the data folder's audit.jsonl by default), the events of the
@@ -920,6 +931,8 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
     host, _, port = (target or "").rpartition(":")
     if target and (not host or not port.isdigit()):
         raise click.BadParameter("expected HOST:PORT", param_hint="--syslog")
+    tls_context = _syslog_tls(settings, host.strip("[]"), udp, over_tls, ca, insecure) \
+        if target else None
     filters = {name: value for name, value in (("study", study), ("patient", patient),
                                                 ("user", user), ("since", since)) if value}
     try:
@@ -931,7 +944,8 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
                          {"study": study, "patient": patient, "user": user})
         if target:
             try:
-                sent = audit.ship(chosen, host.strip("[]"), int(port), udp=udp)
+                sent = audit.ship(chosen, host.strip("[]"), int(port), udp=udp,
+                                  tls=tls_context)
             except OSError as exc:
                 chosen.tell_unreadable(path)
                 _read_the_trail(settings, path, filters, audit.MINOR_FAILURE,
@@ -955,6 +969,40 @@ def audit_(ctx: click.Context, study: str, patient: str, user: str, since: str, 
             chosen.tell_unreadable(path)
             _read_the_trail(settings, path, filters, audit.SUCCESS,
                             f"pacs audit: {chosen.count} event(s) shown as {fmt}")
+
+
+def _syslog_tls(settings: config.Settings, host: str, udp: bool, over_tls: bool,
+                ca: str | None, insecure: bool) -> ssl.SSLContext | None:
+    """The TLS context of ``pacs audit --syslog`` (``None``: in the clear).  The events
+    hold Patient IDs and queries: in the clear only to this host, or with
+    ``--insecure``.
+
+    Raises
+    ------
+    click.UsageError
+        TLS over UDP, or the clear to another host without ``--insecure``.
+    click.ClickException
+        A file that cannot be read.
+    """
+    from pacs.core import tls
+    from pacs.core.access import names_this_machine
+
+    if over_tls:
+        if udp:
+            raise click.UsageError("--tls goes over TCP (RFC 5425): leave out --udp")
+        try:
+            context = tls.context(ssl.Purpose.SERVER_AUTH, ("--ca", ca) if ca else None)
+            if settings.tls_cert:
+                tls.load_identity(context, ("PACS_TLS_CERT", settings.tls_cert),
+                                  ("PACS_TLS_KEY", settings.tls_key))
+        except PacsError as exc:
+            raise click.ClickException(str(exc)) from None
+        return context
+    if not insecure and not names_this_machine(host):
+        raise click.UsageError(
+            f"the audit trail holds Patient IDs and queries: send it to {host} over "
+            "--tls, or in the clear with --insecure")
+    return None
 
 
 class _Chosen:

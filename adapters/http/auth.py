@@ -112,8 +112,7 @@ def is_address(name: str) -> bool:
 def names_loopback(host: str) -> bool:
     """True when ``host`` (a Host header's name) can only mean this machine:
     ``localhost`` and ``*.localhost`` (RFC 6761 6.3) or a loopback address."""
-    name = host.rstrip(".")
-    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+    return rules.names_this_machine(host)
 
 
 class Verdict(Enum):

@@ -568,6 +568,15 @@ def _dummy_hash() -> str:
     return hash_password("", salt=b"\0" * 16)
 
 
+def names_this_machine(host: str) -> bool:
+    """True when a host name or address can only mean this machine: ``localhost`` and
+    ``*.localhost`` (RFC 6761 6.3) or a loopback address."""
+    name = host.rstrip(".").lower()
+    ip = ip_of(name)
+    return (name == "localhost" or name.endswith(".localhost")
+            or (ip is not None and ip.is_loopback))
+
+
 def ip_of(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The IP address of a peer's address text (a zone index dropped, an IPv4-mapped
     IPv6 address as the IPv4 address it maps), or ``None`` when it is none."""

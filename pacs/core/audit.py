@@ -98,6 +98,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -1577,10 +1578,12 @@ def _field(value: Any) -> str:
 
 
 def ship(events: Iterable[Mapping[str, Any]], host: str, port: int, *, udp: bool = False,
-         hostname: str | None = None, timeout: float = 30.0) -> int:
+         hostname: str | None = None, timeout: float = 30.0,
+         tls: ssl.SSLContext | None = None) -> int:
     """Send events to an audit record repository as RFC 5424 syslog messages carrying
-    the DICOM XML (IHE ATNA): over TCP with octet-counting frames (RFC 6587 3.4.1, the
-    framing of RFC 5425 without its TLS), or one UDP datagram each (RFC 5426).
+    the DICOM XML (IHE ATNA): over TLS with ``tls`` (RFC 5425: octet-counting frames,
+    the repository's certificate verified for ``host``), over plain TCP with the same
+    frames (RFC 6587 3.4.1), or one UDP datagram each (RFC 5426).
 
     Returns
     -------
@@ -1602,10 +1605,12 @@ def ship(events: Iterable[Mapping[str, Any]], host: str, port: int, *, udp: bool
                 sock.sendto(syslog_message(event, name, procid=procid), (host, port))
                 sent += 1
         return sent
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        for event in events:
-            sock.sendall(frame_octets(syslog_message(event, name, procid=procid)))
-            sent += 1
+    with socket.create_connection((host, port), timeout=timeout) as plain:
+        sock = plain if tls is None else tls.wrap_socket(plain, server_hostname=host)
+        with sock:
+            for event in events:
+                sock.sendall(frame_octets(syslog_message(event, name, procid=procid)))
+                sent += 1
     return sent
 
 

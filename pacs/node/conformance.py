@@ -1124,7 +1124,8 @@ def _security_text(data: dict[str, Any]) -> str:
              "failed DICOMweb login, Import for each `pacs import` and each scan of the "
              "upload folder that stored or rejected files, Audit Log Used for each "
              "reading of the trail by `pacs audit`, as JSON lines in `PACS_AUDIT_LOG`, "
-             "shipped as RFC 5424 syslog by `pacs audit --syslog`"
+             "shipped as RFC 5424 syslog by `pacs audit --syslog` (over TLS, RFC 5425, "
+             "with `--tls`)"
              if sec["audit_trail"] else "no audit trail (`PACS_AUDIT_LOG=off`)")
     if sec["dicomweb_https"]:
         transport = ("HTTPS only on the DICOMweb and viewer ports (`PACS_TLS_CERT`), "

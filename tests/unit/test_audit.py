@@ -5,6 +5,7 @@ that never stops the caller), the DICOM XML and syslog forms."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -762,6 +763,74 @@ def test_events_are_shipped_as_framed_syslog_over_tcp() -> None:
     bodies = [ET.fromstring(m.partition(b"\xef\xbb\xbf")[2]) for m in received]
     assert [b.find("EventIdentification/EventID").get("csd-code")  # type: ignore[union-attr]
             for b in bodies] == ["110104", "110112"]
+
+
+def test_events_are_shipped_over_tls_to_a_repository_whose_certificate_verifies(
+        tmp_path: Path) -> None:
+    """RFC 5425: the trail holds Patient IDs and queries, so it goes encrypted, to a
+    repository whose certificate the given authority issued for its name."""
+    import ssl
+
+    from pacs.core import tls
+    from tests.tlsfiles import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server_side = tls.context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_identity(server_side, ("cert", str(pki.server_cert)),
+                      ("key", str(pki.server_key)))
+    received: list[bytes] = []
+
+    def receive(server: socket.socket) -> None:
+        connection, _ = server.accept()
+        with server_side.wrap_socket(connection, server_side=True) as secured:
+            data = b""
+            while chunk := secured.recv(65536):
+                data += chunk
+        length, _, rest = data.partition(b" ")
+        received.append(rest[:int(length)])
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        receiver = threading.Thread(target=receive, args=(server,))
+        receiver.start()
+        client_side = tls.context(ssl.Purpose.SERVER_AUTH, ("ca", str(pki.ca)))
+        assert audit.ship([EVENTS["stored"]()], "localhost", server.getsockname()[1],
+                          tls=client_side) == 1
+        receiver.join(30)
+    assert len(received) == 1 and received[0].startswith(b"<85>1 ")
+    with socket.socket() as server:  # a repository the authority did not certify
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        other = tls.context(ssl.Purpose.SERVER_AUTH, ("ca", str(pki.other_ca)))
+        receiver = threading.Thread(target=lambda: _refuse_one(server, server_side))
+        receiver.start()
+        with pytest.raises(ssl.SSLError):
+            audit.ship([EVENTS["stored"]()], "localhost", server.getsockname()[1],
+                       tls=other)
+        receiver.join(30)
+
+
+def _refuse_one(server: socket.socket, context: Any) -> None:
+    connection, _ = server.accept()
+    with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True):
+        pass
+
+
+def test_the_trail_goes_in_the_clear_to_this_host_only_unless_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PACS_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    runner = CliRunner()
+    for args in (["--syslog", "192.0.2.7:6514"], ["--syslog", "192.0.2.7:514", "--udp"],
+                 ["--syslog", "192.0.2.7:6514", "--tls", "--udp"]):
+        result = runner.invoke(main, ["audit", *args])
+        assert result.exit_code == 2 and "--tls" in result.output, result.output
+    assert not (tmp_path / "audit.jsonl").exists()  # refused before any reading
 
 
 def test_events_are_shipped_as_udp_datagrams() -> None:
