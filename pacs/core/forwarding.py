@@ -99,9 +99,9 @@ class Delivery:
     #: (its association ended before it): not counted as passed over.
     offered: bool = True
     #: True for a :attr:`Result.RETRY` of an instance while whose sending the
-    #: destination stopped answering (its association ended, no response): it may be
-    #: what the destination cannot take, and is counted as passed over even when the
-    #: batch delivered nothing.
+    #: destination stopped answering (its association ended, no response), or whose
+    #: object is missing here: it may be what the destination cannot take, or cannot
+    #: be sent, and is counted as passed over even when the batch delivered nothing.
     suspect: bool = False
 
     def __post_init__(self) -> None:

@@ -140,7 +140,10 @@ class StowSender:
             try:
                 sizes[place] = self.store.size(ref.object_key)
             except NotFound as exc:
-                missing[place] = Delivery(Result.RETRY, f"store: {failure_text(exc)}")
+                # Its own fault, counted as passed over even when the batch delivered
+                # nothing (a batch of missing objects would stop the queue for good).
+                missing[place] = Delivery(Result.RETRY, f"store: {failure_text(exc)}",
+                                          suspect=True)
             except Exception as exc:  # noqa: BLE001 - the store is down: try again later
                 return [Delivery(Result.RETRY, f"store: {failure_text(exc)}")] * len(refs)
         sent = self._post([refs[place] for place in sizes], list(sizes.values())) if sizes else []

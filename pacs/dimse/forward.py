@@ -46,7 +46,7 @@ from pynetdicom.association import Association
 
 from pacs.core.audit import Participant
 from pacs.core.config import Modality, Settings
-from pacs.core.errors import FrameTooLarge, PacsError, UnreadableData
+from pacs.core.errors import FrameTooLarge, NotFound, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
@@ -156,9 +156,11 @@ class DimseSender:
             log.debug("forwarding failed for %s", ref.sop_uid, exc_info=exc)
             # The detail is logged at WARNING: an error of the system (an OSError, say)
             # may name the object's path, made of its UIDs; ours name no instance.
+            # A suspect when the association ended on it, or its object is missing
+            # here; not when the store failed (S3 down), which is no instance's fault.
             return Delivery(Result.RETRY, f"{type(exc).__name__}: {exc}"
                             if isinstance(exc, PacsError) else type(exc).__name__,
-                            suspect=True)
+                            suspect=isinstance(exc, NotFound) or not assoc.is_established)
         status = response.get("Status") if response else None
         return delivery_of(int(status) if status is not None else None)
 

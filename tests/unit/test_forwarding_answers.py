@@ -460,6 +460,8 @@ def test_an_object_missing_here_is_sent_again_later_and_the_others_now() -> None
         results = StowSender(url, store, 5).send([first, lost, last])
     assert [d.result for d in results] == [Result.SENT, Result.RETRY, Result.SENT]
     assert "no such object" in results[1].detail or "store:" in results[1].detail
+    # Its own fault: counted as passed over even in a batch that delivered nothing.
+    assert [d.suspect for d in results] == [False, True, False]
     (body,) = bodies
     assert b"a" * 40 in body and b"c" * 40 in body and b"b" * 40 not in body
 
