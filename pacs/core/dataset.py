@@ -723,7 +723,7 @@ def _walked_header(buffer: bytes, offset: int,
     if walked is None:
         return None, True, None
     raw, pixel_at = walked
-    pixel_mismatch = _pixel_mismatch(walker, pixel_at, transfer_syntax)
+    pixel_mismatch = _pixel_mismatch(walker, pixel_at, transfer_syntax, raw, little)
     # The character set is read now, whatever needs the data set later: one that does
     # not decode makes the object unreadable.
     charset = raw.get(_SPECIFIC_CHARACTER_SET)
@@ -760,23 +760,69 @@ def _encapsulates(transfer_syntax: str) -> bool:
     return bool(UID(transfer_syntax).is_encapsulated)
 
 
-def _pixel_mismatch(walker: _Walker, pixel_at: int, transfer_syntax: str) -> str | None:
-    """Why Pixel Data (7FE0,0010) is encoded otherwise than its transfer syntax says,
-    or ``None``: encapsulated, of undefined length, under a syntax that encapsulates
-    it, of a defined length under a native one (PS3.5 A.4, A.1).  Stored, such an
-    object is read by no one as it was meant: a decoder takes native bytes for a
-    codestream, a reader of native frames takes the items' headers for pixels."""
+def _pixel_mismatch(walker: _Walker, pixel_at: int, transfer_syntax: str,
+                    header: dict[int, _Walked], little: bool) -> str | None:
+    """Why Pixel Data (7FE0,0010) cannot be read as its object declares it, or
+    ``None``: encapsulated, of undefined length, under a syntax that encapsulates it,
+    of a defined length under a native one (PS3.5 A.4, A.1), and native, at least as
+    long as the frames the ``header``'s image attributes declare (PS3.5 8.1.1).
+    Stored, such an object is read by no one as it was meant: a decoder takes native
+    bytes for a codestream, a reader of native frames takes the items' headers for
+    pixels, or finds its last frames cut off (longer is read: padding, PS3.5 8.1.1)."""
     if pixel_at >= len(walker.data):
         return None
     tag, _, length, _ = walker._header(pixel_at)
     if tag != _PIXEL_DATA:
         return None
     encapsulated = _encapsulates(transfer_syntax)
-    if (length == _UNDEFINED) == encapsulated:
+    if (length == _UNDEFINED) != encapsulated:
+        found, wanted = ("native", "encapsulated") if encapsulated else (
+            "encapsulated", "native")
+        return (f"the Pixel Data is {found} where its transfer syntax has it {wanted} "
+                "(PS3.5 A.4)")
+    declared = None if encapsulated else _native_bytes(header, little)
+    if declared is not None and length < declared:
+        return (f"the Pixel Data holds {length} bytes where the image attributes declare "
+                f"{declared} (PS3.5 8.1.1)")
+    return None
+
+
+#: Rows, Columns, Samples per Pixel, Bits Allocated (US), Number of Frames (IS),
+#: Photometric Interpretation (CS).
+_ROWS, _COLUMNS, _SAMPLES, _BITS_ALLOCATED = 0x00280010, 0x00280011, 0x00280002, 0x00280100
+_FRAMES, _PHOTOMETRIC = 0x00280008, 0x00280004
+
+
+def _native_bytes(header: dict[int, _Walked], little: bool) -> int | None:
+    """The bytes of native Pixel Data the image attributes of ``header`` (as walked)
+    declare, or ``None`` when one is missing or does not read (nothing to check
+    against): Rows x Columns x Samples per Pixel x Bits Allocated / 8 x Number of
+    Frames, bits packed when one bit is allocated (PS3.5 8.1.1, 8.2); two samples'
+    worth per pixel for YBR_FULL_422 (PS3.3 C.7.6.3.1.2)."""
+    order = "<" if little else ">"
+    numbers = []
+    for tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED):
+        found = header.get(tag)
+        if found is None or len(found[2]) != 2:
+            return None
+        numbers.append(struct.unpack(order + "H", found[2])[0])
+    rows, columns, bits = numbers
+    samples = header.get(_SAMPLES)
+    per_pixel = struct.unpack(order + "H", samples[2])[0] if samples is not None \
+        and len(samples[2]) == 2 else 1
+    photometric = header.get(_PHOTOMETRIC)
+    if photometric is not None and photometric[2].strip(b" \0") == b"YBR_FULL_422":
+        per_pixel = 2
+    frames = 1
+    if (found := header.get(_FRAMES)) is not None:
+        text = found[2].strip(b" \0")
+        if not text.isdigit():
+            return None
+        frames = int(text)
+    if bits not in (1, 8, 16, 32, 64):
         return None
-    found, wanted = ("native", "encapsulated") if encapsulated else (
-        "encapsulated", "native")
-    return f"the Pixel Data is {found} where its transfer syntax has it {wanted} (PS3.5 A.4)"
+    values = int(rows) * int(columns) * int(per_pixel) * frames
+    return (values + 7) // 8 if bits == 1 else values * (bits // 8)
 
 
 #: Longest Specific Character Set value whose encodings are kept between objects: a

@@ -1112,7 +1112,8 @@ def _ambiguity(analysis: Analysis) -> UnreadableData | None:
     (PS3.5 7.1: ascending, each once; the index reads the header, which stops at the
     pixel data, readers of the object would take the later element: another Study or
     SOP Instance UID, another Patient ID) - or its Pixel Data encoded otherwise than
-    its transfer syntax says (:attr:`pacs.core.dataset.Instance.pixel_mismatch`).
+    its transfer syntax says, or native and shorter than its frames
+    (:attr:`pacs.core.dataset.Instance.pixel_mismatch`).
     Objects already stored are read as they are (``pacs reindex``, ``pacs fsck``)."""
     if analysis.pixel_mismatch is not None:
         return UnreadableData(analysis.pixel_mismatch)

@@ -792,7 +792,8 @@ for each information model, what it supports of what was asked.
   different object).  Objects larger than `PACS_MAX_OBJECT_BYTES` are refused (A700); a
   data set holding File Meta Information elements (group 0002, PS3.5 7.1), or whose
   Pixel Data is encoded otherwise than its transfer syntax says (encapsulated under a
-  native one or the other way round, PS3.5 A.4), is refused (C000).
+  native one or the other way round, PS3.5 A.4), or is native and shorter than the
+  frames its image attributes declare (PS3.5 8.1.1), is refused (C000).
 - **Query/Retrieve** (PS3.4 C): C-FIND on the levels of each model (PATIENT on Patient
   Root only, STUDY, SERIES, IMAGE) with single value, UID list, universal, wildcard,
   range and sequence matching (the matching items returned); person names match per

@@ -8,9 +8,12 @@ import tracemalloc
 import warnings
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pacs.core import dataset, metadata
@@ -463,6 +466,45 @@ def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> No
         tracemalloc.stop()
     assert peak < 40 * dataset.MAX_INDEX_VALUE_BYTES, peak
     assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES
+
+
+def _with_pixels(name: str, cut: int = 0, **attributes: Any) -> bytes:
+    """Sample ``name`` with ``attributes`` set and its Pixel Data cut by ``cut`` bytes
+    (padded by as many zero bytes when negative)."""
+    ds = dcmread(sample(name))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    pixels = bytes(ds.PixelData)
+    ds.PixelData = pixels[:len(pixels) - cut] if cut >= 0 else pixels + bytes(-cut)
+    out = DicomBytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name, cut, attributes, refused", [
+    ("CT_small.dcm", 32668, {}, True),                 # 100 bytes of 128 x 128 x 16 bits
+    ("CT_small.dcm", 2, {}, True),                     # one pixel short
+    ("CT_small.dcm", -2, {}, False),                   # longer: read (padding)
+    ("CT_small.dcm", 0, {"NumberOfFrames": 2}, True),  # a second frame declared, absent
+    ("CT_small.dcm", 2, {"NumberOfFrames": ""}, False),  # empty: nothing to check against
+    ("CT_small.dcm", 0, {}, False),
+])
+def test_native_pixel_data_shorter_than_its_frames_is_refused(
+        services: Services, name: str, cut: int, attributes: dict[str, Any],
+        refused: bool) -> None:
+    """PS3.5 8.1.1: native Pixel Data holds Rows x Columns x Samples per Pixel x Bits
+    Allocated / 8 bytes per frame.  Shorter, no reader shows its last frames (a CT cut
+    to 100 bytes was stored with Success); refused by ingest, read as it is when stored
+    already.  Longer is read (padding)."""
+    data = _with_pixels(name, cut, **attributes)
+    instance = read_part10(data)
+    assert (instance.pixel_mismatch is not None) is refused
+    if refused:
+        assert "image attributes declare" in (instance.pixel_mismatch or "")
+        with pytest.raises(UnreadableData, match="image attributes declare"):
+            services.ingest.store_bytes(data)
+    else:
+        services.ingest.store_bytes(data)
 
 
 @pytest.mark.parametrize("name, syntax, found", [

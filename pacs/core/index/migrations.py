@@ -441,18 +441,13 @@ def _destinations_without_credentials(conn: apsw.Connection) -> None:
     without credentials (``pacs.core.routes.Route.target``): the instances queued under
     a URL whose password the settings have changed since are found, and no password is
     kept in the index.  Entries of one instance under two such URLs become one."""
-    for (name,) in list(conn.execute("SELECT DISTINCT destination FROM outbox")):
-        target = _credential_free(str(name))
-        if target != name:
-            conn.execute("UPDATE OR IGNORE outbox SET destination = ? WHERE destination = ?",
-                         (target, name))
-            conn.execute("DELETE FROM outbox WHERE destination = ?", (name,))
-    for (name,) in list(conn.execute("SELECT name FROM forward_destination")):
-        target = _credential_free(str(name))
-        if target != name:
-            conn.execute("UPDATE OR IGNORE forward_destination SET name = ? WHERE name = ?",
-                         (target, name))
-            conn.execute("DELETE FROM forward_destination WHERE name = ?", (name,))
+    for table, column in (("outbox", "destination"), ("forward_destination", "name")):
+        for (name,) in list(conn.execute(f"SELECT DISTINCT {column} FROM {table}")):
+            target = _credential_free(str(name))
+            if target != name:
+                conn.execute(f"UPDATE OR IGNORE {table} SET {column} = ? "
+                             f"WHERE {column} = ?", (target, name))
+                conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
 
 
 def _credential_free(destination: str) -> str:
