@@ -243,7 +243,11 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
             unproven = dimse_tls.unproven_titles(customer.settings, services.access)
         except PacsError as exc:
             raise click.ClickException(str(exc)) from None
-        if unproven:
+        if unproven and not customer.settings.dimse_tls_port:
+            log.warning("customer %s: %s must associate over DICOM TLS, which this node "
+                        "does not serve (PACS_DIMSE_TLS_PORT): they cannot associate",
+                        customer.name, ", ".join(unproven))
+        elif unproven:
             log.warning("customer %s: %s must associate over DICOM TLS, but without "
                         "PACS_DIMSE_TLS_CA no client certificate is asked for: TLS "
                         "encrypts their associations, any TLS peer may call by their "

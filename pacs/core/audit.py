@@ -874,8 +874,9 @@ class Coalescer:
         self._lock = threading.Lock()
         # In the order their windows began, so the ended ones are always first.
         self._runs: dict[RefusalKey, Run] = {}
-        # Names with a run of their own, per (address, kind).
-        self._named: dict[tuple[str, str], int] = {}
+        # Names with runs of their own per (address, kind), and how many runs each has
+        # (one per set of other participants, up to ``identities``).
+        self._named: dict[tuple[str, str], dict[str, int]] = {}
 
     def _after_fork(self) -> None:
         """In a child that inherited this coalescer: a lock of its own (the parent's
@@ -897,8 +898,8 @@ class Coalescer:
             if run is None:
                 self._runs[key] = Run(key, event, self.clock())
                 if key.identity != OTHER_IDENTITIES and key.address != OTHER_SOURCES:
-                    named = (key.address, key.kind)
-                    self._named[named] = self._named.get(named, 0) + 1
+                    names = self._named.setdefault((key.address, key.kind), {})
+                    names[key.identity] = names.get(key.identity, 0) + 1
                 return True
             run.count += 1
             run.last = str(event.get("EventIdentification", {}).get("EventDateTime", ""))
@@ -909,12 +910,15 @@ class Coalescer:
         the sources past the limit (under the lock)."""
         if key in self._runs:
             return key
-        # Past a bound, without the other participants: a requestor naming a new
-        # C-MOVE destination each time makes a new run each time until then only.
         if len(self._runs) >= self.limit:
             return RefusalKey(OTHER_SOURCES, "", key.kind)
-        if self._named.get((key.address, key.kind), 0) >= self.identities:
+        names = self._named.get((key.address, key.kind), {})
+        if key.identity not in names and len(names) >= self.identities:
             return RefusalKey(key.address, OTHER_IDENTITIES, key.kind)
+        if names.get(key.identity, 0) >= self.identities:
+            # A name naming a new C-MOVE destination each time: its runs past the bound
+            # share one without the other participants.
+            return key._replace(others="")
         return key
 
     def ended(self, everything: bool = False) -> list[Run]:
@@ -938,12 +942,14 @@ class Coalescer:
         """A run of its own ended: one name fewer for its address (under the lock)."""
         if key.identity == OTHER_IDENTITIES or key.address == OTHER_SOURCES:
             return
-        named = (key.address, key.kind)
-        left = self._named.get(named, 0) - 1
+        names = self._named.get((key.address, key.kind), {})
+        left = names.get(key.identity, 0) - 1
         if left > 0:
-            self._named[named] = left
+            names[key.identity] = left
         else:
-            self._named.pop(named, None)
+            names.pop(key.identity, None)
+        if not names:
+            self._named.pop((key.address, key.kind), None)
 
 
 def coalesced_event(run: Run) -> Event:

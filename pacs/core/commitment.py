@@ -545,10 +545,10 @@ class Commitments:
         with self.index.write() as conn:
             table.remove(conn, pending.key, pending.claim)
 
-    def failed(self, pending: Pending, error: str) -> float:
-        """An attempt failed: schedule the next one (:func:`retry_delay`) and give the
-        request back; the seconds until it."""
-        delay = retry_delay(pending.attempts + 1)
+    def failed(self, pending: Pending, error: str, at_least: float = 0.0) -> float:
+        """An attempt failed: schedule the next one (:func:`retry_delay`, ``at_least``
+        seconds from now) and give the request back; the seconds until it."""
+        delay = max(at_least, retry_delay(pending.attempts + 1))
         with self.index.write() as conn:
             table.reschedule(conn, pending.key, pending.claim, self.clock() + delay,
                              error[:200])

@@ -84,12 +84,15 @@ def _poll(value: str) -> float:
     return float(number)
 
 
-#: The log levels ``PACS_LOG_LEVEL`` takes (Python's ``logging``).
+#: The log levels ``PACS_LOG_LEVEL`` takes (Python's ``logging``), and the other names
+#: ``logging`` gives two of them.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 def _log_level(value: str) -> str:
     level = value.strip().upper()
+    level = _LOG_LEVEL_ALIASES.get(level, level)
     if level not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return level
@@ -271,7 +274,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PACS_WEB_HOSTS", "web_hosts", "",
             "Host names (comma list) that also name this node, besides localhost and "
             "loopback addresses: only requests naming one of them get the loopback rule "
-            "(e.g. a reverse proxy's public name).", _comma_list),
+            "(a reverse proxy's public name only when the proxy does its own access "
+            "control: every request it forwards then gets the loopback roles).",
+            _comma_list),
     Setting("PACS_WEB_DELETE", "web_delete", "false",
             "Allow removing studies, series and instances through DICOMweb (DELETE, the "
             "reject routes OHIF calls, an IOCM rejection note over STOW-RS) for requests "

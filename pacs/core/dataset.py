@@ -798,7 +798,7 @@ def _native_bytes(header: dict[int, _Walked], little: bool) -> int | None:
     declare, or ``None`` when one is missing or does not read (nothing to check
     against): Rows x Columns x Samples per Pixel x Bits Allocated / 8 x Number of
     Frames, bits packed when one bit is allocated (PS3.5 8.1.1, 8.2); two samples'
-    worth per pixel for YBR_FULL_422 (PS3.3 C.7.6.3.1.2)."""
+    worth per pixel for YBR_FULL_422 and YBR_PARTIAL_422 (PS3.3 C.7.6.3.1.2)."""
     order = "<" if little else ">"
     numbers = []
     for tag in (_ROWS, _COLUMNS, _BITS_ALLOCATED):
@@ -811,8 +811,12 @@ def _native_bytes(header: dict[int, _Walked], little: bool) -> int | None:
     per_pixel = struct.unpack(order + "H", samples[2])[0] if samples is not None \
         and len(samples[2]) == 2 else 1
     photometric = header.get(_PHOTOMETRIC)
-    if photometric is not None and photometric[2].strip(b" \0") == b"YBR_FULL_422":
-        per_pixel = 2
+    if photometric is not None:
+        name = photometric[2].strip(b" \0")
+        if name.endswith(b"_422"):  # YBR_FULL_422, the retired YBR_PARTIAL_422
+            per_pixel = 2
+        elif name.endswith(b"_420"):  # compressed only (PS3.3 C.7.6.3.1.2)
+            return None
     frames = 1
     if (found := header.get(_FRAMES)) is not None:
         text = found[2].strip(b" \0")

@@ -21,10 +21,12 @@ How an instance travels
    destination took others of the batch, it works: what it did not take (a status to
    send again, an object missing here) is tried again after a second, and an entry
    passed over so :data:`PASSED_OVER` times is kept as failed, so that one instance
-   never holds the head of the queue.  So is one on which the destination stopped
-   answering (:attr:`Delivery.suspect`: it aborted, or sent no response) that many
-   times, though it took nothing: a destination that aborts on one instance would
-   otherwise be offered it first in every batch, for good.
+   never holds the head of the queue.  One on which the destination stopped
+   answering (:attr:`Delivery.suspect`: it aborted, or sent no response) goes at the
+   end of the batches after, one such at a time behind the others waiting, and is
+   counted so while they are delivered: a destination that aborts on one instance
+   would otherwise be offered it first in every batch and take nothing, for good; one
+   that hangs on every instance takes nothing either way, and loses none.
 
 A restart or an unreachable destination therefore delays delivery and never drops it;
 an instance may be sent twice when the node stops between the destination's
@@ -48,7 +50,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,7 +103,7 @@ class Delivery:
     #: True for a :attr:`Result.RETRY` of an instance while whose sending the
     #: destination stopped answering (its association ended, no response), or whose
     #: object is missing here: it may be what the destination cannot take, or cannot
-    #: be sent, and is counted as passed over even when the batch delivered nothing.
+    #: be sent, and goes last in the batches after (:class:`Forwarder`).
     suspect: bool = False
 
     def __post_init__(self) -> None:
@@ -170,6 +172,8 @@ def _sent(sender: Sender, refs: Sequence[InstanceRef]) -> list[Delivery]:
 #: Batches a destination may take others of while it does not take an instance (a
 #: status to try again, its object missing here) before the instance is kept as failed.
 PASSED_OVER = 5
+#: Entries per destination remembered as suspects (:attr:`Delivery.suspect`).
+SUSPECTS_KEPT = 1000
 
 
 def backoff(failures: int, cap: float) -> float:
@@ -281,17 +285,27 @@ class Outbox:
         return max(0.0, table.next_attempt(self.index.connection(), destination)
                    - time.time())
 
-    def take(self, destination: str) -> list[table.Entry]:
-        """The next batch waiting for ``destination``; entries whose instance was
-        removed meanwhile leave the outbox (there is nothing left to send)."""
-        entries = table.waiting(self.index.connection(), destination, self.batch)
+    def take(self, destination: str, last: Collection[tuple[int, int]] = ()
+             ) -> list[table.Entry]:
+        """The next batch waiting for ``destination``, the entries of ``last`` (key,
+        change number) behind the others: one at the end of a batch of others, more
+        only when too few others wait; entries whose instance was removed meanwhile
+        leave the outbox (there is nothing left to send)."""
+        entries = table.waiting(self.index.connection(), destination,
+                                self.batch + len(last))
         gone = [(e.key, e.change_seq) for e in entries if e.object_key is None]
         if gone:
             with self.index.write() as conn:
                 table.remove(conn, gone)
             log.info("forwarding: %d instance(s) for %s were removed before they were "
                      "sent", len(gone), shown(destination))
-        return [e for e in entries if e.object_key is not None]
+        kept = [e for e in entries if e.object_key is not None]
+        others = [e for e in kept if (e.key, e.change_seq) not in last]
+        suspects = [e for e in kept if (e.key, e.change_seq) in last]
+        # One suspect at the end of a batch of others: taken or not, it is then counted
+        # as passed over while they are delivered (settle).
+        chosen = others[:self.batch - 1 if suspects and self.batch > 1 else self.batch]
+        return chosen + suspects[:self.batch - len(chosen)]
 
     def settle(self, destination: str, entries: Sequence[table.Entry],
                deliveries: Sequence[Delivery]) -> float | None:
@@ -302,7 +316,6 @@ class Outbox:
         refused: list[tuple[int, int, str]] = []
         retry: list[tuple[tuple[int, int], str]] = []
         offered: set[tuple[int, int]] = set()  # of those, the ones the destination saw
-        suspects: set[tuple[int, int]] = set()  # and those it stopped answering on
         asked = 0.0  # the longest wait the destination asked for, within retry_max
         for entry, delivery in zip(entries, deliveries, strict=True):
             if delivery.result is Result.SENT:
@@ -313,27 +326,24 @@ class Outbox:
                 retry.append(((entry.key, entry.change_seq), delivery.detail))
                 if delivery.offered:
                     offered.add((entry.key, entry.change_seq))
-                if delivery.suspect:
-                    suspects.add((entry.key, entry.change_seq))
                 asked = max(asked, min(delivery.retry_after or 0.0, self.retry_max))
         wait = None
         with self.index.write() as conn:
             table.remove(conn, done)
             # The destination works, these it did not take: tried again soon, not after
-            # a growing backoff.  Or it took nothing, and stopped answering on these.
-            # One passed over PASSED_OVER times is kept as failed (as a refused one), so
-            # that it cannot hold the queue's head, taking a batch's place in each
-            # attempt, or ending each attempt.
-            counted = offered if done else suspects
+            # a growing backoff; one passed over PASSED_OVER times is kept as failed (as
+            # a refused one), so that it cannot hold the queue's head, taking a batch's
+            # place in each attempt.
             stuck = set(table.passed_over(
-                conn, [key for key, _ in retry if key in counted], PASSED_OVER))
+                conn, [key for key, _ in retry if key in offered], PASSED_OVER)
+            ) if done else set()
             if stuck:
                 refused += [(key, seq, f"passed over {PASSED_OVER} times: {detail}")
                             for (key, seq), detail in retry if (key, seq) in stuck]
                 retry = [(key, detail) for key, detail in retry if key not in stuck]
-                log.warning("forwarding to %s: %d instance(s) it did not take in %d "
-                            "attempts are kept as failed ('pacs send --requeue' queues "
-                            "them again)", shown(destination), len(stuck), PASSED_OVER)
+                log.warning("forwarding to %s: %d instance(s) it took others beside %d "
+                            "times are kept as failed ('pacs send --requeue' queues them "
+                            "again)", shown(destination), len(stuck), PASSED_OVER)
             if retry and done:
                 wait = max(asked, backoff(0, self.retry_max))
                 table.partly_delivered(conn, destination, retry[0][1], now, wait)
@@ -388,6 +398,10 @@ class Forwarder:
         self.senders = dict(senders)
         self.trail = trail
         self._wake = {destination: threading.Event() for destination in self.senders}
+        #: Per destination, the entries it stopped answering on (:attr:`Delivery.
+        #: suspect`), sent last: in insertion order, at most SUSPECTS_KEPT.
+        self._suspects: dict[str, dict[tuple[int, int], None]] = {
+            destination: {} for destination in self.senders}
 
     def run(self, stopping: threading.Event) -> None:
         """Feed and send until ``stopping``; then wait for the batches in flight."""
@@ -439,7 +453,8 @@ class Forwarder:
         due = self.outbox.due_in(destination)
         if due > 0:
             return min(due, POLL * 5)
-        entries = self.outbox.take(destination)
+        suspects = self._suspects.setdefault(destination, {})
+        entries = self.outbox.take(destination, suspects.keys())
         if not entries:
             return POLL
         refs = refs_of(entries)
@@ -447,6 +462,12 @@ class Forwarder:
         deliveries = transfer(self.senders[destination], refs, self.trail,
                               f"forwarded by route {routes}")
         retry = self.outbox.settle(destination, entries, deliveries)
+        for entry, delivery in zip(entries, deliveries, strict=True):
+            suspects.pop((entry.key, entry.change_seq), None)
+            if delivery.result is Result.RETRY and delivery.suspect:
+                suspects[(entry.key, entry.change_seq)] = None
+        while len(suspects) > SUSPECTS_KEPT:  # the oldest forgotten: first again
+            del suspects[next(iter(suspects))]
         counts = {r: sum(d.result is r for d in deliveries) for r in Result}
         if retry is None:
             log.info("forwarded %d instance(s) to %s (%d refused)", counts[Result.SENT],

@@ -199,6 +199,7 @@ def load_routes(inline: str, file: str) -> tuple[Route, ...]:
     """
     routes = parse_inline(inline) + (parse_file(Path(file)) if file.strip() else ())
     names = [route.name for route in routes]
+    given: dict[str, Route] = {}
     for route in routes:
         if names.count(route.name) > 1:
             raise ConfigError(f"routes: the name {route.name!r} is used twice")
@@ -207,4 +208,10 @@ def load_routes(inline: str, file: str) -> tuple[Route, ...]:
                 check_url(route.destination)
             except ConfigError as exc:
                 raise ConfigError(f"routes: route {route.name!r}: {exc}") from None
+        first = given.setdefault(route.target, route)
+        if first.destination != route.destination:
+            # The outbox knows one destination by that name, and one sender for it.
+            raise ConfigError(f"routes: routes {first.name!r} and {route.name!r} go to "
+                              f"{route.target} with other credentials or another query: "
+                              "one destination, one URL")
     return routes

@@ -343,8 +343,9 @@ class Reporter:
                          "not go (%s)", requestor, error)
                 if not self.commitments.renew(pending):
                     return
-            if error == notify.NO_RESPONSE:
-                self._silence(pending)
+            if error == notify.NO_RESPONSE or self._is_silent(requestor):
+                self._silence(pending, error or "held off: it left a report unanswered")
+                return
             destination = self.services.settings.destinations.get(requestor)
             if destination is None:
                 self._keep(pending, error or "no association of the requestor is open")
@@ -373,31 +374,41 @@ class Reporter:
         request's address when it is known; none while the requestor is held off
         (:meth:`_silence`)."""
         request = pending.request
+        if self._is_silent(request.requestor_ae):
+            return []  # held off (_silence): none of its associations for now
         with self._lock:
             known = list(self._associations.get(request.requestor_ae, ()))
-            if self._silent.get(request.requestor_ae, 0.0) > time.monotonic():
-                return []  # held off (_silence): none of its associations for now
         found = [assoc] if assoc is not None else []
         found += [other for other in known if other is not assoc]
         return [one for one in found if notify.available(one, PUSH_MODEL)
                 and (not request.address
                      or str(one.requestor.address or "") == request.address)]
 
-    def _silence(self, pending: Pending) -> None:
-        """``pending``'s requestor left its report unanswered for a DIMSE timeout (the
-        association is aborted, :func:`pacs.dimse.seam.notify.report`): its other
-        results, and the associations it opens, wait :data:`SILENT_TIMEOUTS` DIMSE
-        timeouts before they are tried, so that a requestor that never answers holds
-        this thread, and every other requestor's results behind it, for one timeout in
-        that many, not one per result or per association it opens."""
-        requestor = pending.request.requestor_ae
-        hold = SILENT_TIMEOUTS * self.services.settings.dimse_timeout
-        others = self.commitments.postpone_requestor(pending, hold)
+    def _is_silent(self, requestor: str) -> bool:
+        """True while ``requestor`` is held off (:meth:`_silence`)."""
         with self._lock:
+            return self._silent.get(requestor, 0.0) > time.monotonic()
+
+    def _silence(self, pending: Pending, error: str) -> None:
+        """``pending``'s requestor left its report unanswered for a DIMSE timeout (the
+        association is aborted, :func:`pacs.dimse.seam.notify.report`): this result
+        and its others, the associations it opens and new ones to its address wait
+        :data:`SILENT_TIMEOUTS` DIMSE timeouts, so that a requestor that never answers
+        holds this thread, and every other requestor's results behind it, for one
+        timeout in that many, not one per result or per association."""
+        requestor = pending.request.requestor_ae
+        with self._lock:
+            until = self._silent.get(requestor, 0.0)
+            hold = max(until - time.monotonic(),
+                       SILENT_TIMEOUTS * self.services.settings.dimse_timeout
+                       if error == notify.NO_RESPONSE else 0.0)
             self._silent[requestor] = time.monotonic() + hold
-        log.warning("storage commitment: %s did not answer a report within the DIMSE "
-                    "timeout; its results (%d other(s)) wait %.0f s", requestor, others,
-                    hold)
+        self.commitments.failed(pending, error, at_least=hold)
+        others = self.commitments.postpone_requestor(pending, hold)
+        if error == notify.NO_RESPONSE:
+            log.warning("storage commitment: %s did not answer a report within the DIMSE "
+                        "timeout; its results (this one and %d other(s)) wait %.0f s",
+                        requestor, others, hold)
 
     def _keep(self, pending: Pending, error: str) -> None:
         """A requestor without an address: keep its result for an association of its

@@ -303,26 +303,53 @@ class Aborting(Recorder):
 
 def test_an_instance_a_destination_aborts_on_cannot_hold_the_queue_for_good(
         services: Services) -> None:
-    """The destination aborts on one instance, which then heads every batch: nothing
-    is delivered, so it was never passed over and the queue stood still for good.
-    Aborted on ``PASSED_OVER`` times, it is kept as failed and the rest goes."""
+    """The destination aborts on one instance, which then headed every batch: nothing
+    was delivered, the queue stood still for good.  It goes last in the batches after:
+    the others are delivered, and once the destination has taken others beside it
+    ``PASSED_OVER`` times it is kept as failed."""
     outbox = _outbox(services, "all: -> PEER", batch=3, retry_max=600.0)
     before = _store(services)
     bad = _store(services)
-    after = [_store(services) for _ in range(4)]
+    after = [_store(services) for _ in range(3 + 2 * PASSED_OVER)]
     outbox.feed()
     sender = Aborting(bad)
     forwarder = Forwarder(outbox, {"PEER": sender}, services.audit)
-    for _ in range(PASSED_OVER + 2):
+    for _ in range(3 + PASSED_OVER):
         forwarder.deliver_once("PEER")
         with services.index.write() as conn:
             conn.execute("UPDATE forward_destination SET next_attempt = 0")
     assert sender.batches[0] == [before, bad, after[0]]
-    assert all(batch[0] == bad for batch in sender.batches[1:PASSED_OVER])
+    # Taken beside others in the first batch, then at the end of each, until failed.
+    assert all(batch[-1] == bad for batch in sender.batches[1:PASSED_OVER])
+    assert bad not in sender.batches[PASSED_OVER]
     [backlog] = outbox.backlogs()
     assert (backlog.waiting, backlog.failed) == (0, 1)
     assert backlog.last_error.startswith(f"passed over {PASSED_OVER} times")
-    assert [sop for batch in sender.batches[PASSED_OVER:] for sop in batch] == after
+    assert {sop for batch in sender.batches for sop in batch} == {before, bad, *after}
+
+
+class Hanging(Recorder):
+    """A destination that accepts associations and answers no C-STORE."""
+
+    def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
+        self.batches.append([ref.sop_uid for ref in refs])
+        return [Delivery(Result.RETRY, "no C-STORE response", suspect=True),
+                *[Delivery(Result.RETRY, "association ended", offered=False)] * (len(refs) - 1)]
+
+
+def test_a_destination_that_hangs_on_every_instance_loses_none(services: Services) -> None:
+    """A destination that stalls (its disk full, overloaded) takes nothing: each batch's
+    first instance is a suspect, but none is kept as failed; all wait for it."""
+    outbox = _outbox(services, "all: -> PEER", batch=2, retry_max=600.0)
+    sops = [_store(services) for _ in range(3)]
+    outbox.feed()
+    forwarder = Forwarder(outbox, {"PEER": Hanging()}, services.audit)
+    for _ in range(5 * PASSED_OVER):
+        forwarder.deliver_once("PEER")
+        with services.index.write() as conn:
+            conn.execute("UPDATE forward_destination SET next_attempt = 0")
+    [backlog] = outbox.backlogs()
+    assert (backlog.waiting, backlog.failed) == (len(sops), 0)
 
 
 def test_numbers_are_not_given_again_after_the_newest_rows_are_removed(
@@ -381,7 +408,9 @@ def test_a_customer_has_routes_of_its_own(settings: Settings) -> None:
 
 @pytest.mark.parametrize("text", ["no arrow", "a: modality=CT", "a: colour=red -> PEER",
                                   "a: -> PEER; a: -> OTHER", "a b: -> PEER",
-                                  "a: -> https:///x", "a: -> https://user:pw@[::1/x"])
+                                  "a: -> https:///x", "a: -> https://user:pw@[::1/x",
+                                  # one destination, two sets of credentials
+                                  "a: -> https://u:a@h/dw; b: -> https://u:b@h/dw"])
 def test_bad_routes_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         load_routes(text, "")

@@ -919,6 +919,24 @@ def test_a_refused_c_move_is_not_counted_as_more_of_a_refused_c_get(tmp_path: Pa
     assert descriptions[2].startswith("C-GET status 0124; 1 more refusal(s)")
 
 
+def test_c_move_destinations_cost_their_requestor_no_names_of_the_address() -> None:
+    """Each C-MOVE destination a refused AE names has a run of its own, up to a bound,
+    and costs the other names refused from its address nothing: the first refusal of
+    another AE there is still written on its own."""
+    coalescer = audit.Coalescer(60.0, identities=3, clock=_Clock())
+    node = Participant("INTELPIXEL", False)
+
+    def move(ae: str, destination: str) -> dict[str, Any]:
+        return audit.transferred_event(
+            SOURCE, audit.APPLICATION_SERVER, audit.READ, node,
+            Participant(destination, False), [], None, audit.MINOR_FAILURE,
+            "C-MOVE status 0124", [Participant(ae, True, address="192.0.2.5")])
+
+    written = [coalescer.admit(move("A", f"DEST{n}")) for n in range(6)]
+    assert written == [True] * 3 + [True, False, False]  # past 3: one run for the rest
+    assert coalescer.admit(move("B", "DEST0"))
+
+
 def test_counted_refusals_are_recorded_when_the_trail_closes(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     trail = AuditTrail(AuditLog(path, sync_seconds=0), SOURCE)

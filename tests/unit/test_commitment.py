@@ -501,3 +501,39 @@ def test_the_event_information_lists_every_reference() -> None:
                                                   "NODE")
     assert "ReferencedSOPSequence" not in none_committed
     assert "RetrieveAETitle" not in none_committed
+
+
+@pytest.mark.parametrize("address", [True, False], ids=["with an address", "without"])
+def test_a_requestor_that_left_a_report_unanswered_is_held_off(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch,
+        address: bool) -> None:
+    """A report left unanswered on the requestor's association for the DIMSE timeout:
+    the result waits ``SILENT_TIMEOUTS`` timeouts, and no new association to its
+    address is opened meanwhile (each could hold the one report thread for another
+    timeout; one was opened at once, then one at each retry, 2, 4, 8 s apart)."""
+    from pacs.core.config import Modality
+    from pacs.dimse import reports
+    from pacs.dimse.seam import notify
+
+    destinations = {"SILENT": Modality("SILENT", "192.0.2.9", 104)} if address else {}
+    services = make_services(destinations=destinations)
+    clock = Clock()
+    queue = queue_of(services, clock)
+    reporter = reports.Reporter(services)
+    reporter.commitments = queue
+    own = object()
+    opened: list[object] = []
+    monkeypatch.setattr(reporter, "_associations_of",
+                        lambda _pending, assoc: [own] if assoc is own else [])
+    monkeypatch.setattr(reporter, "_send_on", lambda *_: notify.NO_RESPONSE)
+    monkeypatch.setattr(reporter, "_send_new",
+                        lambda *args: opened.append(args) or notify.NO_RESPONSE)
+    pending = queue.keep(queue.record(request("SILENT")), Result((), ()))
+    reporter._deliver(pending, own)  # type: ignore[arg-type]
+    hold = reports.SILENT_TIMEOUTS * services.settings.dimse_timeout
+    assert queue.next_time() == pytest.approx(clock.now + hold)
+    for _ in range(3):  # its next attempts, within the hold
+        clock.now = queue.next_time()
+        (again,) = queue.due()
+        reporter._deliver(again, None)
+    assert opened == []

@@ -72,6 +72,12 @@ def test_bad_values_are_refused_with_the_setting_named(name: str, value: str) ->
         config.load(environ={name: value}, env_file=None)
 
 
+@pytest.mark.parametrize("value, level", [("warn", "WARNING"), ("Fatal", "CRITICAL"),
+                                          (" debug ", "DEBUG")])
+def test_log_levels_by_any_name_logging_gives_them(value: str, level: str) -> None:
+    assert config.load(environ={"PACS_LOG_LEVEL": value}, env_file=None).log_level == level
+
+
 def test_retention_parse() -> None:
     rules = config.load(environ={"PACS_RETENTION_DAYS": " 3650, mr=1825 ,CT=7300"},
                         env_file=None).retention

@@ -488,6 +488,12 @@ def _with_pixels(name: str, cut: int = 0, **attributes: Any) -> bytes:
     ("CT_small.dcm", 0, {"NumberOfFrames": 2}, True),  # a second frame declared, absent
     ("CT_small.dcm", 2, {"NumberOfFrames": ""}, False),  # empty: nothing to check against
     ("CT_small.dcm", 0, {}, False),
+    # 4:2:2, two samples' worth per pixel: 128 x 128 x 2 x 1 byte.
+    ("CT_small.dcm", 0, {"SamplesPerPixel": 3, "BitsAllocated": 8, "BitsStored": 8,
+                         "HighBit": 7, "PhotometricInterpretation": "YBR_PARTIAL_422"},
+     False),
+    ("CT_small.dcm", 2, {"SamplesPerPixel": 3, "BitsAllocated": 8, "BitsStored": 8,
+                         "HighBit": 7, "PhotometricInterpretation": "YBR_FULL_422"}, True),
 ])
 def test_native_pixel_data_shorter_than_its_frames_is_refused(
         services: Services, name: str, cut: int, attributes: dict[str, Any],

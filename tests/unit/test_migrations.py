@@ -174,23 +174,31 @@ def test_forwarding_numbers_existing_instances_and_every_change_after(
     assert again[0][0] == rows[0][0] and again[0][1] == rows[-1][1] + 1
 
 
-def test_forwarding_destinations_lose_their_credentials(services: Services) -> None:
+@pytest.mark.parametrize("refused_url, waiting_url", [
+    ("https://u:a@host/dw", "https://u:b@host/dw"),
+    ("https://u:b@host/dw", "https://u:a@host/dw")], ids=["refused first", "waiting first"])
+def test_forwarding_destinations_lose_their_credentials(
+        services: Services, refused_url: str, waiting_url: str) -> None:
     """An outbox written when it named a STOW-RS destination by its URL with its
     credentials: the migration names it without them (one entry of an instance queued
     under two such URLs kept), so that the forwarder of the present settings finds it."""
     with services.index.write() as conn:
-        for pk, url in ((1, "https://u:old@host/dw"), (2, "https://u:new@host/dw")):
+        # One instance under both URLs: an old change refused for good, a newer one
+        # waiting; the newer is kept, whichever URL is migrated first.
+        for pk, url, seq, failed in ((1, refused_url, 1, 10.0), (2, waiting_url, 7, None)):
             conn.execute("INSERT INTO outbox (pk, destination, route, sop_uid, change_seq, "
-                         "queued_at) VALUES (?, ?, 'a', '1.2.3', 1, 0)", (pk, url))
+                         "queued_at, failed_at) VALUES (?, ?, 'a', '1.2.3', ?, 0, ?)",
+                         (pk, url, seq, failed))
         conn.execute("INSERT INTO outbox (pk, destination, route, sop_uid, change_seq, "
-                     "queued_at) VALUES (3, 'https://u:old@host/dw', 'a', '1.2.4', 2, 0)")
+                     "queued_at) VALUES (3, ?, 'a', '1.2.4', 2, 0)", (refused_url,))
         conn.execute("INSERT INTO forward_destination (name, failures) "
-                     "VALUES ('https://u:old@host/dw', 3), ('PEER', 1)")
+                     "VALUES (?, 3), ('PEER', 1)", (refused_url,))
         conn.pragma("user_version", [step.__name__ for step in MIGRATIONS].index(
             "_destinations_without_credentials"))
     conn = services.index.connection()
     assert migrate(conn) == len(MIGRATIONS)
-    assert sorted(conn.execute("SELECT destination, sop_uid FROM outbox")) == [
-        ("https://host/dw", "1.2.3"), ("https://host/dw", "1.2.4")]
+    assert sorted(conn.execute(
+        "SELECT destination, sop_uid, change_seq, failed_at FROM outbox")) == [
+        ("https://host/dw", "1.2.3", 7, None), ("https://host/dw", "1.2.4", 2, None)]
     assert sorted(conn.execute("SELECT name, failures FROM forward_destination")) == [
         ("PEER", 1), ("https://host/dw", 3)]

@@ -440,14 +440,31 @@ def _destinations_without_credentials(conn: apsw.Connection) -> None:
     """Forwarding's outbox and destination states name a STOW-RS destination by its URL
     without credentials (``pacs.core.routes.Route.target``): the instances queued under
     a URL whose password the settings have changed since are found, and no password is
-    kept in the index.  Entries of one instance under two such URLs become one."""
-    for table, column in (("outbox", "destination"), ("forward_destination", "name")):
-        for (name,) in list(conn.execute(f"SELECT DISTINCT {column} FROM {table}")):
-            target = _credential_free(str(name))
-            if target != name:
-                conn.execute(f"UPDATE OR IGNORE {table} SET {column} = ? "
-                             f"WHERE {column} = ?", (target, name))
-                conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
+    kept in the index.  Entries of one instance under two such URLs become the one of
+    its newest change, waiting when that one waits (as a change queued again takes the
+    newer number and waits, ``pacs.core.index.outbox.queue``)."""
+    for (name,) in list(conn.execute("SELECT DISTINCT destination FROM outbox")):
+        target = _credential_free(str(name))
+        if target == name:
+            continue
+        for pk, sop_uid, seq, failed_at in list(conn.execute(
+                "SELECT pk, sop_uid, change_seq, failed_at FROM outbox "
+                "WHERE destination = ?", (name,))):
+            there = conn.execute("SELECT pk, change_seq, failed_at FROM outbox "
+                                 "WHERE destination = ? AND sop_uid = ?",
+                                 (target, sop_uid)).fetchone()
+            if there is not None and (there[1], there[2] is None) >= (seq, failed_at is None):
+                conn.execute("DELETE FROM outbox WHERE pk = ?", (pk,))
+                continue
+            if there is not None:
+                conn.execute("DELETE FROM outbox WHERE pk = ?", (there[0],))
+            conn.execute("UPDATE outbox SET destination = ? WHERE pk = ?", (target, pk))
+    for (name,) in list(conn.execute("SELECT name FROM forward_destination")):
+        target = _credential_free(str(name))
+        if target != name:  # a backoff's state: either one serves
+            conn.execute("UPDATE OR IGNORE forward_destination SET name = ? WHERE name = ?",
+                         (target, name))
+            conn.execute("DELETE FROM forward_destination WHERE name = ?", (name,))
 
 
 def _credential_free(destination: str) -> str:
