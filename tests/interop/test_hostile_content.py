@@ -375,14 +375,22 @@ def test_part_over_the_object_limit_fails_alone(limited: Node) -> None:
 
 def test_frame_declaring_65535_by_65535_rgb_is_refused(limited: Node) -> None:
     """A 32 KB CT whose header declares one 65535 x 65535 RGB frame (12.9 GB decoded):
-    stored as sent (ingest never decodes), refused with 400 by /rendered and
-    /thumbnail before any decoder runs."""
-    ds = fresh_ct()
-    ds.Rows = ds.Columns = 65535
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    its native Pixel Data does not hold that frame, so it is refused at once (PS3.5
+    8.1.1); a JPEG whose header declares as much is stored as sent (ingest never
+    decodes), and refused with 400 by /rendered and /thumbnail before any decoder
+    runs."""
+    native = fresh_ct()
+    native.Rows = native.Columns = 65535
+    native.SamplesPerPixel, native.PhotometricInterpretation = 3, "RGB"
+    native.PlanarConfiguration = 0
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    assert stow(limited, buffer.getvalue()).status_code == 200
+    native.save_as(buffer, enforce_file_format=True)
+    assert stow(limited, buffer.getvalue()).status_code in (400, 409)
+    data = make_jpeg_instance(jpeg_frame(), rows=65535, columns=65535, SamplesPerPixel=3,
+                              PhotometricInterpretation="YBR_FULL_422",
+                              PlanarConfiguration=0)
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    assert stow(limited, data).status_code == 200
     base = (f"{limited.web_url()}/studies/{ds.StudyInstanceUID}/series/"
             f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     watch = Watch(limited)
