@@ -348,6 +348,8 @@ def import_files(paths: tuple[str, ...],
     cannot be read is added to ``unreadable`` with why, so that what it holds is
     reported as not imported rather than passed over in silence.
     """
+    from pacs.core.walk import walk
+
     for name in paths:
         path = Path(name)
         if not path.is_dir():
@@ -357,7 +359,7 @@ def import_files(paths: tuple[str, ...],
         def skipped(exc: OSError, top: Path = path) -> None:
             unreadable.append((Path(exc.filename or top), exc.strerror or str(exc)))
 
-        for dirpath, dirs, files in os.walk(path, onerror=skipped):
+        for dirpath, dirs, files in walk(path, onerror=skipped):
             links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
             dirs[:] = sorted(d for d in dirs if d not in links)
             for file in sorted(files + links):

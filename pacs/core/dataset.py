@@ -1314,8 +1314,13 @@ def extract(header: Dataset | Elements, level: Level) -> dict[str, str | None]:
 def _element_value(header: Dataset | Elements, attribute: Attribute, tag: BaseTag,
                    codec: str | None) -> str | None:
     """The index text of ``attribute`` from its element in ``header`` (``None`` when
-    absent), through pydicom when its raw bytes do not say it."""
-    element: DataElement | RawDataElement | None = header.get_item(tag)
+    absent, or when pydicom cannot read it: an unknown VR, say, indexed as unknown as
+    any value that does not decode), through pydicom when its raw bytes do not say
+    it."""
+    try:
+        element: DataElement | RawDataElement | None = header.get_item(tag)
+    except DECODING_ERRORS:
+        return None
     if element is None:
         return None
     source: Dataset | Elements = header

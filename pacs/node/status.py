@@ -8,7 +8,6 @@ the viewer files.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pacs.core.health import Health
 from pacs.core.index.connection import WAL_SIZE_LIMIT
 from pacs.core.index.outbox import Backlog
 from pacs.core.routes import shown
+from pacs.core.walk import walk
 from pacs.node.uploads import ARCHIVE, REASON_SUFFIX, REJECTED, waits_for_rename
 from pacs.node.viewer import find, missing_message
 
@@ -40,7 +40,7 @@ def _count_files(folder: Path, skip_top: tuple[str, ...] = ()) -> int:
     if not folder.is_dir():
         return 0
     count = 0
-    for dirpath, dirs, files in os.walk(folder):
+    for dirpath, dirs, files in walk(folder):
         if Path(dirpath) == folder:
             dirs[:] = [d for d in dirs if d not in skip_top]
         dirs[:] = [d for d in dirs if not d.startswith(".")]

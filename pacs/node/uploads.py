@@ -87,6 +87,7 @@ from pacs.core.ingest import IMPORTED, Ingest, Outcome
 from pacs.core.logs import shown
 from pacs.core.services import Services
 from pacs.core.storage import folder_below, read_bounded
+from pacs.core.walk import walk
 
 #: Named, not ``__name__``: the module also runs as ``__main__`` (``python -m``).
 log = logging.getLogger("pacs.node.uploads")
@@ -359,7 +360,9 @@ class UploadWatcher:
             self._warn_once(self.folder, "the upload folder is now a link or leads "
                                          "elsewhere than when the node started; not scanned")
             return
-        for dirpath, dirs, files in os.walk(self.folder, onerror=self._unlistable):
+        for name in (REJECTED, ARCHIVE):
+            self._clear(name)
+        for dirpath, dirs, files in walk(self.folder, onerror=self._unlistable):
             here = Path(dirpath)
             if here == self.folder:
                 dirs[:] = [d for d in dirs if d not in (ARCHIVE, REJECTED)]
@@ -377,6 +380,37 @@ class UploadWatcher:
                 except OSError:  # removed meanwhile
                     continue
                 yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
+
+    def _clear(self, name: str) -> None:
+        """Move aside what stands where the node keeps its own folder ``name`` (``archive``,
+        ``rejected``) when it is not a folder: a file or a link there kept every
+        rejection, or every archiving, from being done, and each file was read again
+        at every scan (stored again, in archive mode, and audited each time).  It goes
+        to ``rejected/``, with its reason, as an upload that is not one."""
+        try:
+            with folder_below(self.folder, ()) as folder:
+                try:
+                    mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    return
+                if stat.S_ISDIR(mode):
+                    return
+                hidden = _free_name(f".{name}.not-a-folder", folder)
+                os.rename(name, hidden, src_dir_fd=folder, dst_dir_fd=folder)
+                with folder_below(self.folder, (REJECTED,), create=True) as to:
+                    kept = _free_name(name, to, REASON_SUFFIX)
+                    os.rename(hidden, kept, src_dir_fd=folder, dst_dir_fd=to)
+                    self._explain(to, kept + REASON_SUFFIX, self.folder / name,
+                                  f"not a folder where the node keeps its {name}/ folder")
+        except FileNotFoundError:  # no upload folder (yet), or taken away meanwhile
+            return
+        except OSError as exc:
+            self._warn_once(self.folder / name, "cannot move aside the %s of the upload "
+                                                "folder, which is not a folder (%s)", name,
+                            exc.strerror)
+            return
+        log.warning("moved aside what stood where the upload folder's %s/ goes (not a "
+                    "folder) to %s/", name, REJECTED)
 
     def _unlistable(self, exc: OSError) -> None:
         """A folder the walk cannot list (its permissions, a path past ``PATH_MAX``):
@@ -466,6 +500,12 @@ class UploadWatcher:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 raise _Skip(self._reject(path, "not a regular file"))
+            seen = self._previous.get(path)
+            if seen is not None and seen != _Seen(before.st_size, before.st_mtime_ns,
+                                                  before.st_ino):
+                # Rewritten since the scans that found it stable and no writer on it
+                # (``cp`` over it truncates it first): its next scans decide again.
+                raise _Skip(Handled(path, Disposition.RETRY, "changed since it was seen"))
             limit = self.max_object_bytes
             if limit is not None and before.st_size > limit:
                 raise _Skip(self._reject(

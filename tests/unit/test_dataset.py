@@ -468,6 +468,24 @@ def test_an_item_key_past_the_index_bound_is_indexed_by_its_first_values() -> No
     assert indexed is not None and len(indexed) < 2 * dataset.MAX_INDEX_VALUE_BYTES
 
 
+def test_an_element_of_an_unknown_vr_is_indexed_as_unknown_and_stored(
+        services: Services) -> None:
+    """Referring Physician's Name sent with the VR ``PJ``: pydicom cannot read its
+    value (NotImplementedError), which escaped the analysis: a C-STORE failed
+    unexpectedly and an upload stayed in the folder for good, read again at every
+    scan.  As any value that does not decode, it is indexed as unknown; the object is
+    stored as sent."""
+    data = bytearray(sample("CT_small.dcm").read_bytes())
+    at = data.find(b"\x08\x00\x90\x00PN")
+    data[at + 4:at + 6] = b"PJ"
+    result = services.ingest.store_bytes(bytes(data))
+    row = reads.lookup(services.index.connection(), result.sop_instance_uid)
+    assert row is not None
+    study = services.index.connection().execute(
+        "SELECT referring_physician_name FROM study").fetchall()
+    assert study == [(None,)]
+
+
 def _with_pixels(name: str, cut: int = 0, **attributes: Any) -> bytes:
     """Sample ``name`` with ``attributes`` set and its Pixel Data cut by ``cut`` bytes
     (padded by as many zero bytes when negative)."""

@@ -22,6 +22,7 @@ from pacs.core.services import Services
 from pacs.node import uploads
 from pacs.node.uploads import (
     REASON_SUFFIX,
+    REJECTED,
     Disposition,
     UploadWatcher,
     open_for_writing,
@@ -72,6 +73,128 @@ def test_a_file_still_open_for_writing_is_not_taken(services: Services, folder: 
     assert [h.disposition for h in handled] == [Disposition.STORED]
     assert not path.exists()  # PACS_UPLOADS_AFTER_STORE=delete
     assert study_uids(services, str(pydicom.dcmread(sample("CT_small.dcm")).StudyInstanceUID))
+
+
+def _nest(root: Path, levels: int) -> None:
+    """``levels`` folders ``a`` nested in ``root`` (made relative to each other)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("a", dir_fd=fd)
+            inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+
+
+def _unnest(root: Path) -> None:
+    """Remove the folders ``a`` nested in ``root``, deepest first (pytest's clean-up,
+    ``shutil.rmtree``, recurses once per level too)."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        while True:
+            try:
+                fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            except FileNotFoundError:
+                break
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir("a", dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_tree_a_thousand_folders_deep_stops_neither_scans_nor_imports(
+        services: Services, folder: Path, ct_bytes: bytes, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Python 3.11's ``os.walk`` recursed once per level: 1,200 nested folders (a path
+    of 2.4 KB) raised RecursionError out of every scan, so no upload was taken again,
+    and out of ``pacs import`` before its first file.  The walk keeps its own stack and
+    goes ``MAX_DEPTH`` levels deep; below, the folder is reported once, like one that
+    cannot be listed, and the file beside the tree is stored."""
+    from pacs.cli import import_files
+    from pacs.core.walk import MAX_DEPTH
+
+    folder.mkdir(parents=True, exist_ok=True)
+    given = tmp_path / "in"
+    given.mkdir()
+    try:
+        _nest(folder, 1200)
+        (folder / "ct.dcm").write_bytes(ct_bytes)
+        watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+        with caplog.at_level(logging.WARNING, logger="pacs.node.uploads"):
+            assert watcher.scan() == []
+            assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+        assert f"more than {MAX_DEPTH} folder levels deep" in caplog.text
+        unreadable: list[tuple[Path, str]] = []
+        _nest(given, 1200)
+        (given / "ct.dcm").write_bytes(ct_bytes)
+        found = list(import_files((str(given),), unreadable))
+        assert [path.name for path, _ in found] == ["ct.dcm"]
+        assert len(unreadable) == 1 and "levels deep" in unreadable[0][1]
+    finally:
+        _unnest(folder)
+        _unnest(given)
+
+
+def test_a_file_rewritten_after_the_writers_were_looked_for_is_not_taken_half(
+        services: Services, folder: Path, ct_bytes: bytes) -> None:
+    """``cp new ct.dcm`` over a file the scans found stable, after the look for writers
+    and before the file is read: it was read half written and moved to rejected/,
+    where the writer finished it, never stored.  What is read must be what the scans
+    saw; otherwise the next scans decide again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ct.dcm"
+    path.write_bytes(b"an older upload, complete")
+    rewriting = [True]
+
+    def writers(paths: Iterable[Path]) -> set[Path]:
+        if rewriting[0]:
+            path.write_bytes(ct_bytes[:5000])  # truncated, being written
+        return set()
+
+    watcher = UploadWatcher(services.ingest, folder, writers=writers)
+    assert watcher.scan() == []
+    assert [(h.disposition, h.reason) for h in watcher.scan()] == [
+        (Disposition.RETRY, "changed since it was seen")]
+    assert path.exists() and not (folder / "rejected").exists()
+    rewriting[0] = False
+    path.write_bytes(ct_bytes)  # the writer finished
+    assert watcher.scan() == []
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+
+
+@pytest.mark.parametrize("planted", ["a file named rejected", "a link named archive"])
+def test_what_stands_where_the_node_keeps_its_folders_is_moved_aside(
+        services: Services, folder: Path, ct_bytes: bytes, tmp_path: Path,
+        planted: str) -> None:
+    """A file named ``rejected`` kept every rejection from being done (a junk file read
+    again at every scan), a link named ``archive`` every archiving (the stored file
+    stored again at every other scan, each an audit event).  Either is moved to
+    rejected/ with its reason, and the node's own folders made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "elsewhere").mkdir()
+    if planted == "a file named rejected":
+        (folder / REJECTED).write_bytes(b"not a folder")
+    else:
+        (folder / "archive").symlink_to(tmp_path / "elsewhere")
+    (folder / "junk.dcm").write_bytes(b"not DICOM at all" * 10)
+    (folder / "ct.dcm").write_bytes(ct_bytes)
+    watcher = UploadWatcher(services.ingest, folder, after_store="archive",
+                            writers=nobody_writes)
+    assert watcher.scan() == []
+    handled = {h.path.name: h.disposition for h in watcher.scan()}
+    assert handled == {"ct.dcm": Disposition.STORED, "junk.dcm": Disposition.REJECTED}
+    assert (folder / REJECTED).is_dir() and not (folder / REJECTED).is_symlink()
+    kept = "rejected" if planted == "a file named rejected" else "archive"
+    assert (folder / REJECTED / kept).is_symlink() or \
+        (folder / REJECTED / kept).read_bytes() == b"not a folder"
+    assert (folder / REJECTED / (kept + REASON_SUFFIX)).exists()
+    assert (folder / "archive" / "ct.dcm").exists() and not (folder / "ct.dcm").exists()
+    assert not list((tmp_path / "elsewhere").iterdir())
+    assert watcher.scan() == [] and watcher.scan() == []
 
 
 def test_a_growing_file_waits_until_it_stops_changing(services: Services, folder: Path,
@@ -361,15 +484,17 @@ def test_links_planted_in_rejected_are_not_written_through(
     (folder / "rejected").symlink_to(outside)
     (folder / "junk.dcm").write_bytes(b"not DICOM")
     watcher.scan()
-    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
-    assert list(outside.iterdir()) == [] and (folder / "junk.dcm").exists()
+    # The link itself moved aside (into a real rejected/), nothing written through it.
+    assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
+    assert list(outside.iterdir()) == [] and not (folder / "junk.dcm").exists()
+    assert (folder / "rejected" / "rejected").is_symlink()
     # A reason file's name taken by a link: the rejected file gets another name.
-    (folder / "rejected").unlink()
-    (folder / "rejected").mkdir()
-    (folder / "rejected" / ("junk.dcm" + REASON_SUFFIX)).symlink_to(outside / "written")
+    (folder / "more.dcm").write_bytes(b"not DICOM either")
+    (folder / "rejected" / ("more.dcm" + REASON_SUFFIX)).symlink_to(outside / "written")
+    watcher.scan()
     assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
     assert not (outside / "written").exists()
-    assert "not a DICOM" in (folder / "rejected" / ("junk.dcm.1" + REASON_SUFFIX)).read_text()
+    assert "not a DICOM" in (folder / "rejected" / ("more.dcm.1" + REASON_SUFFIX)).read_text()
 
 
 def test_a_file_over_the_object_limit_is_rejected_unread(
