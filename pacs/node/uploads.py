@@ -60,6 +60,7 @@ opens its own index connection and store client, as every worker does.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -69,6 +70,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +149,12 @@ class _Identity:
     def of(cls, info: os.stat_result) -> _Identity:
         return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
                    info.st_ctime_ns)
+
+    def renamed(self, info: os.stat_result) -> bool:
+        """True when ``info`` is of this file, renamed since (a rename changes the
+        file's ctime, nothing else of these)."""
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) == (
+            self.device, self.inode, self.size, self.mtime_ns)
 
 
 class _Skip(Exception):
@@ -244,6 +252,76 @@ def _free_name(name: str, folder: int, *suffixes: str) -> str:
         if not any(_exists(candidate + suffix, folder) for suffix in ("", *suffixes)):
             return candidate
     raise FileExistsError(name)
+
+
+#: What a file being moved aside is named meanwhile (a crash then leaves it where the
+#: next scans find it).
+TAKEN_SUFFIX = ".taken"
+
+
+def _take(name: str, folder: int, identity: _Identity | None) -> str | None:
+    """Rename ``name`` of ``folder`` out of writers' way and return its new name, when
+    it is still the file that was read (``identity``; ``None``: not read, a link,
+    whose own entry is what is moved); otherwise ``None``, the file left under a name
+    of its own.  A check of the name and then a rename could move or delete a file a
+    writer put there between the two (``mv`` of a new upload under a name used
+    before); the renamed entry is what is checked.
+
+    Raises
+    ------
+    OSError
+        The rename failed.
+    """
+    if identity is not None:
+        try:
+            if _Identity.of(os.stat(name, dir_fd=folder, follow_symlinks=False)) != identity:
+                return None  # rewritten (its ctime too) or replaced: left as it is
+        except FileNotFoundError:
+            return None
+    taken = _free_name(name + TAKEN_SUFFIX, folder)
+    os.rename(name, taken, src_dir_fd=folder, dst_dir_fd=folder)
+    try:
+        found = os.stat(taken, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if identity is None or identity.renamed(found):
+        return taken
+    _move_new(taken, name, folder, folder)  # another file: back, for the next scans
+    return None
+
+
+@contextmanager
+def _given_back(taken: str, name: str, folder: int) -> Iterator[None]:
+    """A file :func:`_take` renamed goes back under ``name`` (or the first free name
+    after it) when the block fails to move it on, so that the next scans find it."""
+    try:
+        yield
+    except OSError:
+        with contextlib.suppress(OSError):
+            _move_new(taken, name, folder, folder)
+        raise
+
+
+def _move_new(name: str, wanted: str, folder: int, to: int, *suffixes: str) -> str:
+    """Move ``name`` of ``folder`` to ``to``, named ``wanted`` or the first free name
+    after it (:func:`_free_name`, with ``suffixes`` free too), never over an entry
+    another writer made there meanwhile (``rename`` replaces one): linked under the
+    new name, the next one tried when it is taken, then unlinked.  The new name.
+
+    Raises
+    ------
+    OSError
+        The entry cannot be linked (a folder) or unlinked.
+    """
+    for _ in range(100):
+        new = _free_name(wanted, to, *suffixes)
+        try:
+            os.link(name, new, src_dir_fd=folder, dst_dir_fd=to, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(name, dir_fd=folder)
+        return new
+    raise FileExistsError(errno.EEXIST, "no free name", wanted)
 
 
 class UploadWatcher:
@@ -525,32 +603,25 @@ class UploadWatcher:
     def _relative(self, path: Path) -> Path:
         return path.relative_to(self.folder)
 
-    def _unchanged(self, name: str, folder: int, identity: _Identity | None) -> bool:
-        """True when ``name`` in ``folder`` is still the file that was read."""
-        if identity is None:
-            return True  # not read (a link): its own entry is what is moved
-        try:
-            return _Identity.of(os.stat(name, dir_fd=folder, follow_symlinks=False)) == identity
-        except OSError:
-            return False
-
     def _done(self, path: Path, identity: _Identity) -> Handled:
         """Delete or archive a stored file (it is durably in the store already), unless
-        it was rewritten since it was read: then the new content waits for the next
-        scans."""
+        it was rewritten or replaced since it was read: then the new content waits for
+        the next scans."""
         parts = self._relative(path).parts
         try:
             with folder_below(self.folder, parts[:-1]) as folder:
-                if not self._unchanged(parts[-1], folder, identity):
+                taken = _take(parts[-1], folder, identity)
+                if taken is None:
                     log.info("an uploaded file changed after it was stored; it is left "
                              "for the next scan")
                     return Handled(path, Disposition.RETRY, "changed after it was read")
-                if self.after_store == "archive":
-                    with folder_below(self.folder, (ARCHIVE, *parts[:-1]), create=True) as to:
-                        os.rename(parts[-1], _free_name(parts[-1], to),
-                                  src_dir_fd=folder, dst_dir_fd=to)
-                else:
-                    os.unlink(parts[-1], dir_fd=folder)
+                with _given_back(taken, parts[-1], folder):
+                    if self.after_store == "archive":
+                        with folder_below(self.folder, (ARCHIVE, *parts[:-1]),
+                                          create=True) as to:
+                            _move_new(taken, parts[-1], folder, to)
+                    else:
+                        os.unlink(taken, dir_fd=folder)
         except OSError as exc:
             # Stored all the same; a file left behind is stored again as unchanged.
             self._warn_once(path, "stored an uploaded file but could not %s it: %s",
@@ -564,11 +635,12 @@ class UploadWatcher:
         parts = self._relative(path).parts
         try:
             with folder_below(self.folder, parts[:-1]) as folder:
-                if not self._unchanged(parts[-1], folder, identity):
+                taken = _take(parts[-1], folder, identity)
+                if taken is None:
                     return Handled(path, Disposition.RETRY, "changed after it was read")
-                with folder_below(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
-                    name = _free_name(parts[-1], to, REASON_SUFFIX)
-                    os.rename(parts[-1], name, src_dir_fd=folder, dst_dir_fd=to)
+                with _given_back(taken, parts[-1], folder), \
+                        folder_below(self.folder, (REJECTED, *parts[:-1]), create=True) as to:
+                    name = _move_new(taken, parts[-1], folder, to, REASON_SUFFIX)
                     self._explain(to, name + REASON_SUFFIX, path, reason)
         except OSError as exc:
             self._warn_once(path, "could not move a rejected upload aside: %s",

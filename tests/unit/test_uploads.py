@@ -197,6 +197,66 @@ def test_what_stands_where_the_node_keeps_its_folders_is_moved_aside(
     assert watcher.scan() == [] and watcher.scan() == []
 
 
+def test_a_file_put_in_place_of_a_stored_one_is_neither_deleted_nor_lost(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer's ``mv new.dcm ct.dcm`` lands between the store of ``ct.dcm`` and its
+    deletion: the check of the name and then an unlink deleted the new file unread.
+    The file is renamed aside first and that entry checked: the new one goes back, and
+    the next scans store it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ct.dcm"
+    path.write_bytes(ct_bytes)
+    other = sample("MR_small.dcm").read_bytes()
+    real_rename, real_unlink = os.rename, os.unlink
+    pending = [True]
+
+    def replace_first(real: Callable[..., None]) -> Callable[..., None]:
+        def step(name: object, *args: object, **kwargs: object) -> None:
+            if name == "ct.dcm" and pending:  # the writer's mv, just before this step
+                pending.clear()
+                (folder / ".new.dcm").write_bytes(other)
+                real_rename(folder / ".new.dcm", path)
+            real(name, *args, **kwargs)
+        return step
+
+    monkeypatch.setattr(uploads.os, "rename", replace_first(real_rename))
+    monkeypatch.setattr(uploads.os, "unlink", replace_first(real_unlink))
+    watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
+    assert watcher.scan() == []
+    assert [h.disposition for h in watcher.scan()] == [Disposition.RETRY]
+    assert path.read_bytes() == other
+    assert watcher.scan() == []
+    assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
+    assert not path.exists()
+    assert study_uids(services, str(pydicom.dcmread(sample("MR_small.dcm")).StudyInstanceUID))
+
+
+def test_an_archived_name_taken_meanwhile_is_not_replaced(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two watchers archiving files whose names, cut to fit, are one: the second
+    ``rename`` replaced the first's archived file.  The move links under the free name
+    (refused when taken meanwhile, then the next one), then unlinks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "archived").write_bytes(b"archived by the other watcher")
+    (folder / "upload").write_bytes(b"this one")
+    free_name = uploads._free_name
+    stale = iter(["archived"])  # what the other watcher's move had not taken yet
+
+    def racing(name: str, at: int, *suffixes: str) -> str:
+        return next(stale, None) or free_name(name, at, *suffixes)
+
+    monkeypatch.setattr(uploads, "_free_name", racing)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert uploads._move_new("upload", "archived", fd, fd) == "archived.1"
+    finally:
+        os.close(fd)
+    assert (folder / "archived").read_bytes() == b"archived by the other watcher"
+    assert (folder / "archived.1").read_bytes() == b"this one"
+    assert not (folder / "upload").exists()
+
+
 def test_a_growing_file_waits_until_it_stops_changing(services: Services, folder: Path,
                                                       ct_bytes: bytes) -> None:
     watcher = UploadWatcher(services.ingest, folder, writers=nobody_writes)
