@@ -319,9 +319,21 @@ def _move_new(name: str, wanted: str, folder: int, to: int, *suffixes: str) -> s
             os.link(name, new, src_dir_fd=folder, dst_dir_fd=to, follow_symlinks=False)
         except FileExistsError:
             continue
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS or stat.S_ISDIR(
+                    os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise  # a folder is never moved (one swapped in for a file)
+            # A file system without hard links (FAT, some network shares): renamed,
+            # over an entry made between the look for a free name and the rename.
+            os.rename(name, new, src_dir_fd=folder, dst_dir_fd=to)
+            return new
         os.unlink(name, dir_fd=folder)
         return new
     raise FileExistsError(errno.EEXIST, "no free name", wanted)
+
+
+#: ``link`` errors of a file system that has no hard links.
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
 
 class UploadWatcher:

@@ -3,6 +3,7 @@ files become queryable through the same engine as C-FIND."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -255,6 +256,25 @@ def test_an_archived_name_taken_meanwhile_is_not_replaced(
     assert (folder / "archived").read_bytes() == b"archived by the other watcher"
     assert (folder / "archived.1").read_bytes() == b"this one"
     assert not (folder / "upload").exists()
+
+
+def test_a_file_system_without_hard_links_still_archives_and_rejects(
+        services: Services, folder: Path, ct_bytes: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAT or a network share refuses ``link``: the move falls back to ``rename``."""
+    def no_links(*_: object, **__: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(uploads.os, "link", no_links)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ct.dcm").write_bytes(ct_bytes)
+    (folder / "junk.dcm").write_bytes(b"not DICOM at all")
+    watcher = UploadWatcher(services.ingest, folder, after_store="archive",
+                            writers=nobody_writes)
+    assert watcher.scan() == []
+    assert sorted(h.disposition.value for h in watcher.scan()) == ["rejected", "stored"]
+    assert (folder / "archive" / "ct.dcm").exists()
+    assert (folder / "rejected" / "junk.dcm").exists()
 
 
 def test_a_growing_file_waits_until_it_stops_changing(services: Services, folder: Path,
