@@ -374,6 +374,9 @@ class UploadWatcher:
         # Files and folders a WARNING was logged for, while they stay as they are: a
         # file left for the next scan is tried every scan, but said once.
         self._warned: set[Path] = set()
+        #: Files stored that could not be deleted or archived, as they were read: their
+        #: removal is tried again, not their store (nor its audit event).
+        self._left: dict[Path, _Identity] = {}
         self._unlisted: set[Path] = set()  # folders this scan could not list
         folder.mkdir(parents=True, exist_ok=True)
         # Where the folder is, as the node checked it apart from every other customer's
@@ -405,6 +408,7 @@ class UploadWatcher:
                 stable.append(path)
         self._previous = current
         self._warned &= current.keys() | self._unlisted
+        self._left = {path: left for path, left in self._left.items() if path in current}
         busy = self.writers(stable) if stable else set()
         handled: list[Handled] = []
         self._importing = self._import_audit()
@@ -536,6 +540,9 @@ class UploadWatcher:
             return Handled(path, Disposition.RETRY, type(exc).__name__)
 
     def _handle(self, path: Path) -> Handled:
+        left = self._left.pop(path, None)
+        if left is not None:  # stored already: only its removal is done again
+            return self._done(path, left)
         try:
             data, identity = self._read(path)
             result = self.ingest.store_bytes(data, calling_ae="")
@@ -635,10 +642,25 @@ class UploadWatcher:
                     else:
                         os.unlink(taken, dir_fd=folder)
         except OSError as exc:
-            # Stored all the same; a file left behind is stored again as unchanged.
+            # Stored all the same: the next scans try its removal again (given back
+            # under its name, the file has a new ctime).
+            again = self._as_left(path, identity)
+            if again is not None:
+                self._left[path] = again
             self._warn_once(path, "stored an uploaded file but could not %s it: %s",
                             self.after_store, exc.strerror)
         return Handled(path, Disposition.STORED)
+
+    def _as_left(self, path: Path, identity: _Identity) -> _Identity | None:
+        """The identity of ``path`` now, when it is the file read as ``identity`` (moved
+        and given back since); ``None`` otherwise."""
+        parts = self._relative(path).parts
+        try:
+            with folder_below(self.folder, parts[:-1]) as folder:
+                info = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+        except OSError:
+            return None
+        return _Identity.of(info) if identity.renamed(info) else None
 
     def _reject(self, path: Path, reason: str, identity: _Identity | None = None) -> Handled:
         """Move a refused file (or link, as itself) to ``rejected/`` and write why

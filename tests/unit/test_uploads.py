@@ -11,6 +11,7 @@ import threading
 import tracemalloc
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -843,12 +844,21 @@ def test_a_full_disk_while_archiving_loses_nothing(
         services: Services, folder: Path, ct_bytes: bytes,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Stored, then the move to archive/ fails (no space for its folder): the file stays
-    in the upload folder, stored again as unchanged by later scans (said once), and
-    archived once there is room."""
+    in the upload folder, its move tried again by later scans (said once), and archived
+    once there is room.  It is not stored again: each store was a Data Import event
+    of the audit trail, one every other scan for as long as the move failed."""
     watcher = UploadWatcher(services.ingest, folder, after_store="archive",
                             writers=nobody_writes)
     (folder / "cd").mkdir()
     (folder / "cd" / "ct.dcm").write_bytes(ct_bytes)
+    stores: list[bytes] = []
+    store = services.ingest.store_bytes
+
+    def counted(data: bytes, **kwargs: Any) -> Any:
+        stores.append(data)
+        return store(data, **kwargs)
+
+    monkeypatch.setattr(services.ingest, "store_bytes", counted)
 
     def no_space(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
@@ -866,6 +876,7 @@ def test_a_full_disk_while_archiving_loses_nothing(
     assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
     assert (folder / "archive" / "cd" / "ct.dcm").read_bytes() == ct_bytes
     assert not (folder / "cd" / "ct.dcm").exists()
+    assert len(stores) == 1
 
 
 def test_a_small_upload_is_read_without_asking_for_the_limit(
