@@ -47,8 +47,9 @@ def walk(top: Path, onerror: Callable[[OSError], None] | None = None,
         below = [os.path.join(folder, name) for name in dirs]
         below = [path for path in below if not os.path.islink(path)]
         if below and depth >= max_depth:
-            if onerror is not None:
-                onerror(OSError(errno.ELOOP, f"more than {max_depth} folder levels deep",
-                                below[0]))
+            for path in below:  # each one not entered is said
+                if onerror is not None:
+                    onerror(OSError(errno.ELOOP,
+                                    f"more than {max_depth} folder levels deep", path))
             continue
         stack.extend((path, depth + 1) for path in reversed(below))

@@ -476,35 +476,34 @@ class UploadWatcher:
                 yield path, _Seen(info.st_size, info.st_mtime_ns, info.st_ino)
 
     def _clear(self, name: str) -> None:
-        """Move aside what stands where the node keeps its own folder ``name`` (``archive``,
-        ``rejected``) when it is not a folder: a file or a link there kept every
-        rejection, or every archiving, from being done, and each file was read again
-        at every scan (stored again, in archive mode, and audited each time).  It goes
-        to ``rejected/``, with its reason, as an upload that is not one."""
+        """Move aside a link (or another entry that is neither a file nor a folder)
+        where the node keeps its own folder ``name`` (``archive``, ``rejected``): it
+        kept every rejection, or every archiving, from being done, and is no upload
+        (a file of that name is one: it goes its way, taken out of its own way first,
+        :func:`_take`).  It goes to ``rejected/``, with its reason."""
         try:
             with folder_below(self.folder, ()) as folder:
                 try:
                     mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
                 except FileNotFoundError:
                     return
-                if stat.S_ISDIR(mode):
+                if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
                     return
                 hidden = _free_name(f".{name}.not-a-folder", folder)
                 os.rename(name, hidden, src_dir_fd=folder, dst_dir_fd=folder)
-                with folder_below(self.folder, (REJECTED,), create=True) as to:
-                    kept = _free_name(name, to, REASON_SUFFIX)
-                    os.rename(hidden, kept, src_dir_fd=folder, dst_dir_fd=to)
+                with _given_back(hidden, name, folder), \
+                        folder_below(self.folder, (REJECTED,), create=True) as to:
+                    kept = _move_new(hidden, name, folder, to, REASON_SUFFIX)
                     self._explain(to, kept + REASON_SUFFIX, self.folder / name,
-                                  f"not a folder where the node keeps its {name}/ folder")
+                                  f"a link where the node keeps its {name}/ folder")
         except FileNotFoundError:  # no upload folder (yet), or taken away meanwhile
             return
         except OSError as exc:
-            self._warn_once(self.folder / name, "cannot move aside the %s of the upload "
-                                                "folder, which is not a folder (%s)", name,
-                            exc.strerror)
+            self._warn_once(self.folder / name, "cannot move aside the link %s of the "
+                                                "upload folder (%s)", name, exc.strerror)
             return
-        log.warning("moved aside what stood where the upload folder's %s/ goes (not a "
-                    "folder) to %s/", name, REJECTED)
+        log.warning("moved aside a link where the upload folder's %s/ goes to %s/", name,
+                    REJECTED)
 
     def _unlistable(self, exc: OSError) -> None:
         """A folder the walk cannot list (its permissions, a path past ``PATH_MAX``):

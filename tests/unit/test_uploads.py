@@ -168,35 +168,62 @@ def test_a_file_rewritten_after_the_writers_were_looked_for_is_not_taken_half(
     assert [h.disposition for h in watcher.scan()] == [Disposition.STORED]
 
 
-@pytest.mark.parametrize("planted", ["a file named rejected", "a link named archive"])
-def test_what_stands_where_the_node_keeps_its_folders_is_moved_aside(
+@pytest.mark.parametrize("planted", ["a link named archive", "a file named rejected",
+                                     "an upload named archive"])
+def test_what_stands_where_the_node_keeps_its_folders_is_out_of_the_way(
         services: Services, folder: Path, ct_bytes: bytes, tmp_path: Path,
         planted: str) -> None:
-    """A file named ``rejected`` kept every rejection from being done (a junk file read
-    again at every scan), a link named ``archive`` every archiving (the stored file
-    stored again at every other scan, each an audit event).  Either is moved to
-    rejected/ with its reason, and the node's own folders made."""
+    """A link named ``archive`` (or ``rejected``) kept every archiving (the stored file
+    stored again at every other scan, each an audit event) or every rejection from
+    being done: it is moved to rejected/ with its reason, and the node's own folders
+    made.  A file of such a name is an upload like any other, taken out of its own
+    way before it is moved: rejected, or stored and archived."""
     folder.mkdir(parents=True, exist_ok=True)
     (tmp_path / "elsewhere").mkdir()
-    if planted == "a file named rejected":
-        (folder / REJECTED).write_bytes(b"not a folder")
-    else:
+    expected = {"ct.dcm": Disposition.STORED, "junk.dcm": Disposition.REJECTED}
+    if planted == "a link named archive":
         (folder / "archive").symlink_to(tmp_path / "elsewhere")
+    elif planted == "a file named rejected":
+        (folder / REJECTED).write_bytes(b"not a folder")
+        # Met before it: rejected/ cannot be made yet, then in the scan after.
+        expected.update({REJECTED: Disposition.REJECTED, "junk.dcm": Disposition.RETRY})
+    else:
+        (folder / "archive").write_bytes(ct_bytes)
+        expected["archive"] = Disposition.STORED
     (folder / "junk.dcm").write_bytes(b"not DICOM at all" * 10)
     (folder / "ct.dcm").write_bytes(ct_bytes)
     watcher = UploadWatcher(services.ingest, folder, after_store="archive",
                             writers=nobody_writes)
     assert watcher.scan() == []
-    handled = {h.path.name: h.disposition for h in watcher.scan()}
-    assert handled == {"ct.dcm": Disposition.STORED, "junk.dcm": Disposition.REJECTED}
+    assert {h.path.name: h.disposition for h in watcher.scan()} == expected
+    if expected["junk.dcm"] is Disposition.RETRY:
+        assert [h.disposition for h in watcher.scan()] == [Disposition.REJECTED]
     assert (folder / REJECTED).is_dir() and not (folder / REJECTED).is_symlink()
-    kept = "rejected" if planted == "a file named rejected" else "archive"
-    assert (folder / REJECTED / kept).is_symlink() or \
-        (folder / REJECTED / kept).read_bytes() == b"not a folder"
-    assert (folder / REJECTED / (kept + REASON_SUFFIX)).exists()
+    assert (folder / REJECTED / ("junk.dcm" + REASON_SUFFIX)).exists()
+    if planted == "a link named archive":
+        assert (folder / REJECTED / "archive").is_symlink()
+    elif planted == "a file named rejected":
+        assert (folder / REJECTED / REJECTED).read_bytes() == b"not a folder"
+    else:
+        assert (folder / "archive" / "archive").read_bytes() == ct_bytes
     assert (folder / "archive" / "ct.dcm").exists() and not (folder / "ct.dcm").exists()
     assert not list((tmp_path / "elsewhere").iterdir())
     assert watcher.scan() == [] and watcher.scan() == []
+
+
+def test_a_folder_too_deep_for_the_walk_is_said_for_each_one(tmp_path: Path) -> None:
+    """Every folder the walk does not enter for its depth is reported, not the first
+    of them alone (``pacs import`` lists each as not imported)."""
+    from pacs.core.walk import walk
+
+    deepest = tmp_path.joinpath(*["d"] * 3)
+    for name in ("a", "b", "c"):
+        (deepest / name).mkdir(parents=True)
+        (deepest / name / "x.dcm").write_bytes(b"x")
+    skipped: list[OSError] = []
+    assert [files for _, _, files in walk(tmp_path, skipped.append, max_depth=3)] == [
+        [], [], [], []]
+    assert sorted(Path(str(exc.filename)).name for exc in skipped) == ["a", "b", "c"]
 
 
 def test_a_file_put_in_place_of_a_stored_one_is_neither_deleted_nor_lost(
