@@ -55,8 +55,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +100,7 @@ from pacs.core.intake import (
     file_name,
     fits,
     intake_full,
+    require_room,
     room_left,
 )
 from pacs.core.offload import Offload
@@ -483,12 +484,22 @@ class Ingest:
             if (refused := _rejection_refusal(analysis, may_reject)) is not None:
                 self._refused_rejection(analysis, calling_ae, requestor)
                 raise refused  # before any lock; what was staged is removed
-            with self.uid_lock(analysis.sop_instance_uid):
+            with self.uid_lock(analysis.sop_instance_uid), self._counted_refusal():
                 outcome = self._store_locked(analysis, data, calling_ae, requestor,
                                              may_overwrite,
                                              staging)
         self._apply_rejection(analysis, outcome, calling_ae, requestor)
         return _result(outcome, analysis)
+
+    @contextmanager
+    def _counted_refusal(self) -> Iterator[None]:
+        """Count a refusal of the intake's exact bound, raised by the commit
+        (:func:`_indexing`), as :meth:`check_room` counts its own."""
+        try:
+            yield
+        except IntakeFull:
+            self.refusals.refused()
+            raise
 
     def digest(self, data: bytes) -> Callable[[], str] | None:
         """The SHA-256 of a large object, started in a thread (``hashlib`` releases the
@@ -708,6 +719,8 @@ class Ingest:
         errors = self.index.commit_all([
             self._index_work(analysed[n], plans[n], items[n], calling_ae, requestor)
             for n in written])
+        if full := sum(1 for error in errors if isinstance(error, IntakeFull)):
+            self.refusals.refused(full)
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
             if error is not None:
@@ -907,10 +920,16 @@ class Ingest:
                 and plan.existing.object_key != plan.key else None)
         pending = (sender(calling_ae, requestor) if analysis.rejection is not None
                    else None)
+        # A large object's room is asked again in its transaction, exactly: the check
+        # before it (check_room) lets every store then in flight through, and an intake
+        # file may be 64 MiB.  A blob's is not (a read less on the path of every small
+        # instance): its overshoot stays within the stores in flight x BLOB_BYTES.
+        exact = (self.intake_max_bytes if plan.journal and len(data) > BLOB_BYTES
+                 else None)
         return _indexing(instance_row(analysis, plan.key, len(data), calling_ae=calling_ae),
                          analysis, data if plan.journal else None, left,
                          plan.revived, new=plan.existing is None, pending=pending,
-                         in_file=plan.in_file)
+                         in_file=plan.in_file, room_of=exact)
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
@@ -1063,7 +1082,7 @@ class _Plan:
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
               left: str | None, revived: bool = False, *, new: bool = False,
               pending: Participant | None = None, in_file: bool = False,
-              ) -> Callable[[apsw.Connection], None]:
+              room_of: int | None = None) -> Callable[[apsw.Connection], None]:
     """The writes of one instance's commit: its index rows and metadata; its bytes in
     the intake (``intake``; only its row when ``in_file``: the bytes are a file of the
     intake's folder), or else any older intake copy of its key dropped (the
@@ -1072,9 +1091,13 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
     (``revived``).  ``new``: the instance has no row (decided under its ingest lock,
     which the commit is made under), so no former parents or metadata to drop.
     ``pending``: a rejection note's sender; its removals are recorded as pending with
-    the note, until :meth:`Ingest._apply_rejection` has done them."""
+    the note, until :meth:`Ingest._apply_rejection` has done them.  ``room_of``: the
+    intake's bound (``PACS_INTAKE_MAX_BYTES``), which ``intake`` must fit in, asked
+    in the transaction (:class:`IntakeFull`, nothing of the piece kept)."""
 
     def index_it(conn: apsw.Connection) -> None:
+        if intake is not None and room_of is not None:
+            require_room(conn, room_of, len(intake))
         writer.upsert(conn, row, new=new)
         if analysis.metadata is not None or not new:
             metadata.save(conn, analysis.sop_instance_uid, analysis.metadata)

@@ -499,7 +499,19 @@ def check_room(index: Index, max_bytes: int, size: int = 0) -> None:
     IntakeFull
         The backlog is at the limit (the store is slow or down).
     """
-    room = room_left(index, max_bytes)
+    require_room(index.connection(), max_bytes, size)
+
+
+def require_room(conn: apsw.Connection, max_bytes: int, size: int = 0) -> None:
+    """:func:`check_room` on ``conn``: within a write transaction, where one writer at
+    a time adds to the intake, an exact bound (:func:`pacs.core.ingest._indexing`).
+
+    Raises
+    ------
+    IntakeFull
+        The backlog is at the limit.
+    """
+    room = max_bytes - reads.intake_bytes(conn)
     if room <= 0 or not fits(size, room, max_bytes):
         raise intake_full()
 

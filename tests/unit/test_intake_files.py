@@ -18,10 +18,10 @@ from pydicom.filebase import DicomBytesIO
 
 from pacs.core import audit
 from pacs.core.deletion import Target, reference
-from pacs.core.errors import IndexFailure
+from pacs.core.errors import IndexFailure, IntakeFull
 from pacs.core.index import reads
 from pacs.core.index.connection import Index
-from pacs.core.ingest import Received
+from pacs.core.ingest import Ingest, Received
 from pacs.core.intake import BLOB_BYTES, FILES_FOLDER, file_name
 from pacs.core.services import Services, drain, mover
 from pacs.core.storage.memory import MemoryStore
@@ -315,3 +315,29 @@ def test_the_start_up_clean_up_removes_the_intake_folder_s_temporaries(
     report = reconcile(node, full=False)
     assert report.temporaries == 1
     assert len(files(node)) == 1 and read(node, _key(node)) == large()
+
+
+def test_the_commit_asks_a_large_object_s_room_again(
+        make_services: Callable[..., Services], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores in flight at once all pass the check before their commits (here: one
+    that passed while another's file was taking the last room); each intake file's
+    room is asked again in its transaction, so the intake holds no more than
+    ``PACS_INTAKE_MAX_BYTES`` and the refused file is gone, in one store and in a
+    STOW-RS batch."""
+    first = large()
+    services = make_services(store=MemoryStore(), intake_object_bytes=64 << 20,
+                             intake_max_bytes=len(first))
+    services.ingest.store_bytes(first)
+    monkeypatch.setattr(Ingest, "check_room", lambda *_args: None)
+    with pytest.raises(IntakeFull):
+        services.ingest.store_bytes(large("1.2.826.0.1.3680043.8.498.8", fill=2))
+    monkeypatch.setattr(Ingest, "_room", lambda _self: None)
+    [result] = services.ingest.store_batch(
+        [Received.of(large("1.2.826.0.1.3680043.8.498.9", fill=3))])
+    assert isinstance(result, IntakeFull)
+    conn = services.index.connection()
+    assert reads.intake_bytes(conn) == len(first)
+    assert len(files(services)) == 1
+    assert reads.lookup(conn, "1.2.826.0.1.3680043.8.498.8") is None
+    # Both counted: the first reported at once, the second waiting for the interval.
+    assert services.ingest.refusals._pending == 1
