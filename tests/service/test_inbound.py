@@ -809,3 +809,28 @@ def test_an_abort_during_a_find_ends_it(services: Services,
         assert pages == [1], pages  # the page answered when the abort arrived, no more
     with association(services) as (assoc, _):
         assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("the node's own reading of C-FIND requests")
+def test_a_pdu_begun_while_a_find_is_answered_does_not_hold_the_answer(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first bytes of a PDU's header, then nothing, while a C-FIND is answered: the
+    watch, inside the query's read transaction, takes them without waiting for the
+    rest (it waited the DIMSE timeout there, holding the index's snapshot, then
+    aborted); the find ends with success, and the PDU, finished after the answer, is
+    the C-ECHO it began (its first bytes handed to pynetdicom)."""
+    slow_pages(services, monkeypatch, studies=2, pause=0.3)
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        with find_begun(assoc, 71) as sock:
+            sock.settimeout(2 * services.settings.dimse_timeout)
+            echo = pdu(pdv(ECHO_CONTEXT, 0x03, command(C_ECHO_RQ, Verification, 72,
+                                                       data_set=False)))
+            sock.sendall(echo[:3])
+            statuses = [status for status, _ in read_find_answer(sock)]
+            sock.sendall(echo[3:])
+            answer = read_response(sock)
+        assert statuses[-1] == 0x0000, statuses
+        assert (answer[0x00000100], answer[0x00000120], answer[0x00000900]) == \
+            (C_ECHO_RSP, 72, 0x0000)
+        assert assoc.send_c_echo().Status == 0x0000

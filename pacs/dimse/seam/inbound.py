@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import select
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -386,11 +387,7 @@ class _Reader:
                                        gone=lambda: watch.gone)
         find.serve_find(responder, request, self.served.services, self.served.find_audit,
                         responder.writer.flush)
-        if watch.broken is not None:
-            log.warning("Aborting the association with %s: %s",
-                        self.assoc.requestor.address, watch.broken)
-            reactor.abort_lent(self.assoc, watch.broken.invalid)
-            return False
+        watch.stop()  # a PDU begun meanwhile is pynetdicom's to finish
         if watch.stash or watch.gone:
             reactor.hand_back(self.assoc, watch.stash)
             return False
@@ -514,10 +511,13 @@ class _CancelWatch:
     header only, for pynetdicom once the request is answered: a request sent without
     awaiting this one's responses (or a cancel split over PDUs, then answered as a late
     one), and a release or abort request or the connection closing, which also make the
-    requestor :attr:`gone` (the answer stops).  A PDU that stops midway is kept in
-    :attr:`broken` (the association is aborted).  While another thread sends on the
-    association through pynetdicom (the reactor checkpoint is cleared), the socket is
-    not read: the response it awaits goes to pynetdicom.
+    requestor :attr:`gone` (the answer stops).  A look never waits: the watch runs
+    inside the query's read transaction, and of a PDU that has begun to arrive it takes
+    what is there, the rest at the next looks, or, once the request is answered, the
+    part read goes to pynetdicom, which reads the rest within its pace (a peer that
+    stops midway holds neither the query's snapshot nor its time limit).  While another
+    thread sends on the association through pynetdicom (the reactor checkpoint is
+    cleared), the socket is not read: the response it awaits goes to pynetdicom.
     """
 
     def __init__(self, reader: _Reader, message_id: int,
@@ -528,13 +528,28 @@ class _CancelWatch:
         self.seen = False
         self.stash = b""
         self.gone = False
-        self.broken: _Broken | None = None
+        self._partial = bytearray()  # what has arrived of the next PDU
         self._watching = True
         self._due = 0.0
 
     def stop(self) -> None:
-        """Look at the socket no more (what the requestor sent next is not read)."""
+        """Look at the socket no more (what the requestor sent next is not read, and
+        the part of a PDU read already is kept in :attr:`stash`)."""
+        if self._partial and not self.stash:
+            self.stash = bytes(self._partial)
+        self._partial = bytearray()
         self._watching = False
+
+    def _wanted(self) -> int:
+        """Bytes still to read of the PDU begun in :attr:`_partial`: its header, then a
+        P-DATA-TF's body up to :data:`pacs.dimse.limits.COMMAND_CEILING` (0: no more)."""
+        head = self._partial
+        if len(head) < 6:
+            return 6 - len(head)
+        length = struct.unpack_from(">I", head, 2)[0]
+        if head[0] != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
+            return 0
+        return 6 + length - len(head)
 
     def __call__(self) -> bool:
         if self.seen or not self._watching:
@@ -560,40 +575,64 @@ class _CancelWatch:
         return self.seen
 
     def _read_one(self) -> None:
-        """Read the PDU that has begun to arrive (see the class docstring)."""
+        """Take what has arrived of the next PDU, without waiting for the rest (see the
+        class docstring): this runs inside the query's read transaction, and a peer
+        that sends part of a PDU must not hold it open (nor its time limit) while the
+        rest takes its time; a part kept here is added to at the next look, and handed
+        to pynetdicom, to be read with its pace, if the answer ends first."""
         reader = self.reader
-        pace = reactor.pace(reader.assoc)  # the whole PDU within its time, as _Reader._pdu
         try:
-            head = limits.receive(reader.raw, 6, deadline=pace)
-            kind = head[0] if len(head) == 6 else None
-            length = struct.unpack_from(">I", head, 2)[0] if kind is not None else 0
-            if kind != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
-                self.stash, self.gone = bytes(head), kind != limits.P_DATA_TF
-                self.stop()
-                return
-            body = limits.receive(reader.raw, length, deadline=pace)
-        except (BlockingIOError, TimeoutError) as exc:  # stalled or trickled in the PDU
-            self.broken = _Broken(f"no whole PDU received ({type(exc).__name__})", False)
-            self.gone = True
-            self.stop()
-            return
+            closed = _read_available(reader.raw, self._partial, self._wanted)
         except (OSError, ValueError):  # reset, or closed under the lend
             self.gone = True
             self.stop()
             return
-        if len(body) < length:  # closed inside the PDU: pynetdicom finds it closed
-            self.stash, self.gone = bytes(head) + bytes(body), True
+        head = self._partial
+        kind = head[0] if len(head) >= 6 else None
+        length = struct.unpack_from(">I", head, 2)[0] if kind is not None else 0
+        if kind is not None and (kind != limits.P_DATA_TF or length > limits.COMMAND_CEILING):
+            self.stash, self.gone = bytes(head), kind != limits.P_DATA_TF
             self.stop()
             return
+        if closed:  # closed inside the PDU: pynetdicom finds it closed
+            self.stash, self.gone = bytes(head), True
+            self.stop()
+            return
+        if kind is None or len(head) < 6 + length:
+            return  # not whole yet
+        body = head[6:]
+        self._partial = bytearray()
         reader.dul._idle_timer.restart()  # traffic, as the DUL counts it
         reactor.traffic(reader.assoc)
         reactor.quickack(reader.raw)
         message_id = _cancelled_id(body)
         if message_id is None:
-            self.stash = bytes(head) + bytes(body)
+            self.stash = bytes(head)
             self.stop()
         elif message_id == self.message_id:
             self.seen = True
+
+
+def _read_available(sock: Any, into: bytearray, wanted: Callable[[], int]) -> bool:
+    """Add to ``into`` what ``sock`` holds already, up to ``wanted()`` bytes more
+    (asked again after each read), without waiting; True when the peer has closed.
+
+    The socket is made non-blocking for the reads: a TLS socket may be readable with
+    only part of a record, whose blocking read would wait for the rest."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while (count := wanted()) > 0:
+            try:
+                chunk = sock.recv(count)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return False
+            if not chunk:
+                return True
+            into += chunk
+        return False
+    finally:
+        sock.settimeout(timeout)
 
 
 def _cancelled_id(body: bytes | bytearray) -> int | None:
