@@ -546,7 +546,7 @@ class _CancelWatch:
         head = self._partial
         if len(head) < 6:
             return 6 - len(head)
-        length = struct.unpack_from(">I", head, 2)[0]
+        length: int = struct.unpack_from(">I", head, 2)[0]
         if head[0] != limits.P_DATA_TF or length > limits.COMMAND_CEILING:
             return 0
         return 6 + length - len(head)
