@@ -49,6 +49,8 @@ class Request:
         Bytes of an identifier longer than :data:`pacs.dimse.limits.IDENTIFIER_CEILING`,
         which arrived counted, not kept (``identifier`` is then empty); 0: all of it is
         there.
+    abstract_syntax :
+        The SOP Class of the request's presentation context; ``""``: not known.
     """
 
     message_id: int
@@ -60,6 +62,7 @@ class Request:
     extended_negotiation: bytes | None = None
     calling_address: str = ""
     identifier_received: int = 0
+    abstract_syntax: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ A700    more matches than PACS_QUERY_MAX_ROWS, the query ran too long, or the in
         failed
 A900    the identifier does not decode, or breaks the model's level rules
 0124    the calling AE lacks the ``find`` right (:mod:`pacs.core.access`)
+0122    the Affected SOP Class UID is not its presentation context's (:func:`off_context`)
 C000    the query holds more values than one may (``QueryTooLarge``)
 ======  =========================================================================
 """
@@ -48,6 +49,7 @@ from pacs.dimse.status import (
     NOT_AUTHORIZED,
     PENDING,
     PENDING_UNSUPPORTED_KEYS,
+    SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     Status,
     status_for,
@@ -129,6 +131,19 @@ def find_responses(request: Request, services: Services, cancelled: Callable[[],
                       else [], final)
 
 
+def off_context(request: Request, service: str) -> Status | None:
+    """0122 (Refused: SOP Class not supported, PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)
+    when the request's Affected SOP Class UID is not its presentation context's:
+    the information model a request is served in is the one negotiated for its
+    context (PS3.7 9.1.2.1, PS3.8 7.1.1.13), never another; else ``None``."""
+    if not request.abstract_syntax or request.sop_class_uid == request.abstract_syntax:
+        return None
+    log.warning("%s from %s refused: its SOP Class is not its context's", service,
+                request.calling_ae_title)
+    return SOP_CLASS_NOT_SUPPORTED.with_comment(
+        "the Affected SOP Class UID is not its presentation context's")
+
+
 def _decoded(request: Request) -> Dataset | InvalidQuery:
     """The request's identifier, decoded once for the query and its audit record; why
     not when it cannot be."""
@@ -150,6 +165,10 @@ def _responses(request: Request, identifier: Dataset | InvalidQuery, services: S
     neither the index nor the query's time.  A consumer that stops early (the requestor
     went away) closes the generator, which ends the query.
     """
+    refused = off_context(request, "C-FIND")
+    if refused is not None:
+        yield refused, None
+        return
     if not services.access.may(request.calling_ae_title, FIND):
         log.warning("C-FIND from %s refused: the AE may not query", request.calling_ae_title)
         yield NOT_AUTHORIZED.with_comment("this AE may not query"), None

@@ -217,7 +217,8 @@ def request_of(event: Event, move_destination: str = "") -> Request:
         calling_ae_title=event.assoc.requestor.ae_title, move_destination=move_destination,
         extended_negotiation=event.assoc.requestor.sop_class_extended.get(UID(uid)),
         calling_address=str(event.assoc.requestor.address or ""),
-        identifier_received=limits.dropped(identifier))
+        identifier_received=limits.dropped(identifier),
+        abstract_syntax=str(event.context.abstract_syntax or ""))
 
 
 def _watch(event: Event, request: Request) -> CancelWatch:

@@ -58,7 +58,7 @@ from pacs.core.config import Modality
 from pacs.core.errors import Cancelled, PacsError
 from pacs.dimse.audit import AssociationAudit, AuditedResponder
 from pacs.dimse.connection import Request, Responder, StoreTarget, SubOperationCounts
-from pacs.dimse.find import decode_identifier
+from pacs.dimse.find import decode_identifier, off_context
 from pacs.dimse.identifier import to_retrieve_query
 from pacs.dimse.sender import Prepared, Preparer
 from pacs.dimse.status import (
@@ -382,6 +382,7 @@ def serve_move(responder: Responder, request: Request, services: Services,
     A702   every sub-operation failed, or the destination refused us
     A801   the Move Destination is not a known AE with an address and a port
     0124   the calling AE lacks the ``retrieve`` right
+    0122   the Affected SOP Class UID is not its presentation context's
     A900   the identifier breaks the retrieve rules (C.4.2.1.4)
     A701   the index failed, or more than 65,535 instances matched
     FE00   cancelled by C-CANCEL (Remaining = sub-operations not started)
@@ -393,7 +394,7 @@ def serve_move(responder: Responder, request: Request, services: Services,
         audit.retrieve_requested(request, target_ae)
         responder = AuditedResponder(responder, request, audit)
     try:
-        refused = not_authorized(request, services, _MOVE)
+        refused = off_context(request, _MOVE) or not_authorized(request, services, _MOVE)
         if refused is not None:
             send_final(responder, request, refused)
             return
@@ -442,7 +443,7 @@ def serve_get(responder: Responder, request: Request, services: Services,
         audit.retrieve_requested(request, get=True)
         responder = AuditedResponder(responder, request, audit)
     try:
-        refused = not_authorized(request, services, _GET)
+        refused = off_context(request, _GET) or not_authorized(request, services, _GET)
         if refused is not None:
             send_final(responder, request, refused)
             return

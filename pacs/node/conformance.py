@@ -818,6 +818,9 @@ for each information model, what it supports of what was asked.
   the retrieve level): one holding `*` or `?` is refused (A900), never a wildcard.
   C-MOVE sends to the configured destinations only; C-GET sends over the
   requestor's association in the storage contexts it proposed with the SCP role.
+  A request whose Affected SOP Class UID is not its presentation context's is refused
+  with 0122 (Refused: SOP Class not supported): it is served in the information model
+  negotiated for its context only.
   {_pending_text(data)}
 {_commitment_text(data)}
 

@@ -834,3 +834,17 @@ def test_a_pdu_begun_while_a_find_is_answered_does_not_hold_the_answer(
         assert (answer[0x00000100], answer[0x00000120], answer[0x00000900]) == \
             (C_ECHO_RSP, 72, 0x0000)
         assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("the node's own reading of C-FIND requests")
+def test_a_find_of_another_model_than_its_context_is_refused(services: Services) -> None:
+    """A Patient Root C-FIND-RQ sent on the Study Root context: 0122, the context's
+    SOP Class taken from the negotiation (not answered in the Patient Root model)."""
+    with association(services) as (assoc, _):
+        first_store(assoc)
+        identifier = find_identifier(assoc, StudyInstanceUID="")
+        with raw(assoc) as sock:
+            find = command(C_FIND_RQ, "1.2.840.10008.5.1.4.1.2.1.1", 61)
+            sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
+            assert [status for status, _ in read_find_answer(sock)] == [0x0122]
+        assert assoc.send_c_echo().Status == 0x0000

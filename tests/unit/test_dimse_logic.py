@@ -694,3 +694,31 @@ def test_a_destination_of_the_access_policy_is_connected(rights: Services) -> No
     _move(rights, _Responder(), "DEST",
           lambda destination, *args: connected.append(destination))
     assert connected == [config.Modality("DEST", "127.0.0.9", 11112)]
+
+
+PATIENT_FIND, PATIENT_GET = "1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.3"
+
+
+def test_a_request_of_another_sop_class_than_its_context_is_refused_0122(
+        services: Services) -> None:
+    """An Affected SOP Class UID that is not the presentation context's: 0122, never
+    served in a model that was not negotiated (a Study Root C-FIND sent on a Patient
+    Root context was answered in the Patient Root model; a C-MOVE whose UID named a
+    C-FIND model failed as a bug, C000 with a KeyError's text)."""
+    _load(services)
+    identifier = _identifier("STUDY", StudyInstanceUID="1.2.7.0")
+    [(found, _)] = find.find_responses(_request(STUDY_FIND, identifier,
+                                                abstract_syntax=PATIENT_FIND), services,
+                                         lambda: False)
+    responder, target = _Responder(), _Target()
+    retrieve.serve_get(responder, _request(PATIENT_GET, identifier,
+                                           abstract_syntax=STUDY_GET),
+                       services, {STUDY_GET: "study", PATIENT_GET: "patient"}, target)
+    [(got, _, _)] = responder.sent
+    moved = _Responder()
+    retrieve.serve_move(moved, _request(STUDY_FIND, identifier, move_destination="WS",
+                                        abstract_syntax=STUDY_MOVE),
+                        services, {STUDY_MOVE: "study"}, lambda *_: None)
+    [(refused, _, _)] = moved.sent
+    assert [found.code, got.code, refused.code] == [0x0122] * 3
+    assert target.received == []

@@ -260,7 +260,8 @@ def request_of(req: C_FIND | C_MOVE | C_GET, context: PresentationContext,
         move_destination=str(getattr(req, "MoveDestination", "") or ""),
         extended_negotiation=assoc.requestor.sop_class_extended.get(UID(uid)),
         calling_address=str(assoc.requestor.address or ""),
-        identifier_received=dropped(identifier))
+        identifier_received=dropped(identifier),
+        abstract_syntax=str(context.abstract_syntax or ""))
 
 
 class RetrieveResponder:
