@@ -9,6 +9,7 @@ index locked) is ``tests/interop/test_faults.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -25,14 +26,20 @@ import pytest
 
 from pacs.core.attributes import BY_KEYWORD, Level
 from pacs.core.config import Settings
-from pacs.core.errors import IndexFailure, StorageError, UnsettledWrite, WriteNotMade
+from pacs.core.errors import (
+    Exhausted,
+    IndexFailure,
+    StorageError,
+    UnsettledWrite,
+    WriteNotMade,
+)
 from pacs.core.index import writer
 from pacs.core.index.connection import Index, busy_timeout_for, connect
 from pacs.core.ingest import Received, analyse
 from pacs.core.query.engine import QueryEngine
 from pacs.core.query.model import Query
 from pacs.core.services import Services, build
-from pacs.core.storage import Staged, exists, object_key, staged
+from pacs.core.storage import Staged, exists, filesystem, object_key, staged
 from pacs.core.storage.filesystem import FileStore
 from pacs.core.storage.s3 import S3Store, timeouts_for
 from tests.conftest import folder_store
@@ -237,6 +244,68 @@ def test_file_write_whose_fsync_runs_out_of_space_leaves_nothing(
             store.put(KEY, io.BytesIO(b"a" * 100), 100)
     _nothing_left(tmp_path / "objects")
     assert not exists(store, KEY)
+
+
+def test_a_stage_with_no_thread_to_write_it_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread can start (the process is at its limit): the stage is refused
+    (``Exhausted``, A700 at the edges) and its temporary file neither stays in the
+    folder nor keeps a descriptor open (each such refusal left both)."""
+    store = folder_store(tmp_path / "objects")
+
+    def no_thread(*_args: object) -> None:
+        raise Exhausted("cannot start a thread")
+
+    monkeypatch.setattr(store._stagers, "submit", no_thread)  # type: ignore[attr-defined]
+    before = _open_temporaries()
+    for _ in range(3):
+        with pytest.raises(Exhausted), staged(store, b"x" * 4096):
+            pass
+    assert (store.temporaries(), _open_temporaries()) == ([], before)
+    store.close()
+
+
+def _open_temporaries() -> list[str]:
+    """This process' descriptors open on temporary files of a store."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if "/.tmp-" in target:
+                found.append(target)
+    return found
+
+
+def test_a_quarantine_across_file_systems_names_the_copy_before_the_original_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quarantine to another file system (``EXDEV``): the copy's folder is synced
+    before the original is unlinked (the unlink alone could reach the disk before a
+    crash, and the object be in neither place)."""
+    (tmp_path / "other").mkdir()
+    store = FileStore(tmp_path / "objects", quarantine_root=tmp_path / "other" / "q")
+    store.check()
+    store.put(KEY, io.BytesIO(b"only copy"), 9)
+    events: list[str] = []
+    unlink, fsync_dir = Path.unlink, filesystem._fsync_dir
+
+    def rename(_source: object, _target: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    def unlinked(self: Path, missing_ok: bool = False) -> None:
+        events.append(f"unlink {self.parent}")
+        unlink(self, missing_ok=missing_ok)
+
+    def synced(path: Path) -> None:
+        events.append(f"fsync {path}")
+        fsync_dir(path)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(Path, "unlink", unlinked)
+    monkeypatch.setattr(filesystem, "_fsync_dir", synced)
+    where = Path(store.quarantine(KEY, "fsck-run"))
+    assert where.read_bytes() == b"only copy"
+    assert events.index(f"fsync {where.parent}") < events.index(
+        f"unlink {(store.root / KEY).parent}"), events
 
 
 # --- the ingest path: nothing acknowledged that is not durable --------------------------

@@ -182,7 +182,13 @@ class FileStore:
             written.set_exception(
                 StorageError(f"cannot write object: {exc.strerror or exc}"))
             return _StagedFile(self, written)
-        return _StagedFile(self, self._stagers.submit(_write_synced, fd, tmp_name, data))
+        try:
+            return _StagedFile(self, self._stagers.submit(_write_synced, fd, tmp_name, data))
+        except BaseException:  # no thread to write it (Exhausted): nothing left behind
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
 
     def open(self, key: str) -> BinaryIO:
         """Open the object for reading: a regular file, never through a link and never
@@ -311,6 +317,10 @@ class FileStore:
                 if exc.errno != errno.EXDEV:
                     raise
                 self._copy_across(source, target)
+                # The copy's name durable before the original goes: the two file
+                # systems commit their journals apart, and the unlink alone may reach
+                # the disk before a crash.
+                _fsync_dir(target.parent)
                 source.unlink()
             _fsync_dir(target.parent)
             _fsync_dir(source.parent)
