@@ -317,7 +317,9 @@ def _check_upper_unique(attribute: Attribute, level: Level, model: str, raw: str
     if (negotiated.relational or not _unique_in_model(attribute, model)
             or attribute.level.depth >= level.depth):
         return
-    if "\\" in raw or "*" in raw.strip("*") or "?" in raw:
+    # "*" alone is universal matching, as the key left empty (C.2.2.2.3); any other
+    # wildcard is not a single value.
+    if "\\" in raw or "?" in raw or ("*" in raw and raw.strip("*")):
         raise InvalidQuery(f"{attribute.keyword} above the query level must be one value")
 
 

@@ -62,7 +62,7 @@ def test_study_root_matches_patient_id_as_a_required_key(level: str, value: str,
     assert patient_root.required == ()
 
 
-@pytest.mark.parametrize("value", ["P?", "P*1", "P1\\P3"])
+@pytest.mark.parametrize("value", ["P?", "P*1", "P1\\P3", "P*", "*P"])
 def test_patient_root_keeps_patient_id_one_value_above_the_query_level(value: str) -> None:
     with pytest.raises(InvalidQuery, match="PatientID"):
         to_find_query(_identifier("STUDY", PatientID=value), PATIENT_ROOT)
