@@ -19,7 +19,11 @@ and Pillow: the Modality LUT (Rescale Slope / Intercept), then the VOI window (t
 ``window`` parameter, else the data set's first Window Center / Width, else the
 frame's own minimum to maximum), linear, linear-exact or sigmoid (VOI LUT Function),
 MONOCHROME1 inverted, colour passed through (palette colour through its LUT), and
-scaled to the ``viewport``.  Parameters (8.3.5.1): ``quality`` (1-100, JPEG),
+scaled to the ``viewport``.  A stored value these steps need that does not say what
+they need (a Rescale Slope that is not a number, a palette colour image without its
+palette, an empty VOI LUT item) leaves the image undrawable: 406, as for pixels no
+decoder here decodes (:class:`pacs.core.errors.CannotDecode`), never a failure of
+the server's.  Parameters (8.3.5.1): ``quality`` (1-100, JPEG),
 ``viewport=vw,vh[,sx,sy,sw,sh]`` (crop to the source region, which must lie within
 the image, then fit into vw x vh, keeping the aspect ratio),
 ``window=center,width[,function]``; ``annotation`` and ``iccprofile`` are accepted and
@@ -65,7 +69,7 @@ import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import falcon
 import numpy as np
@@ -76,7 +80,7 @@ from adapters.dicomweb import accept, report, wado
 from adapters.dicomweb.accept import Accept, MediaRange, Offer
 from adapters.dicomweb.errors import Unacceptable
 from pacs.core import documents, frames as pixels, metadata
-from pacs.core.errors import InvalidQuery
+from pacs.core.errors import CannotDecode, InvalidQuery
 from pacs.core.services import Services
 
 JPEG, PNG, GIF = "image/jpeg", "image/png", "image/gif"
@@ -245,10 +249,10 @@ def default_window(doc: dict[str, Any], array: np.ndarray, slope: float = 1.0,
     """The data set's first window, else the range of the frame's values through the
     Modality LUT (PS3.3 C.11.2), found from the stored values' own extremes (the LUT
     is linear) without converting the frame."""
-    center = metadata.value(doc, _WINDOW_CENTER)
-    width = metadata.value(doc, _WINDOW_WIDTH)
+    center = pixels.number_value(doc, _WINDOW_CENTER, None)
+    width = pixels.number_value(doc, _WINDOW_WIDTH, None)
     function = str(metadata.value(doc, _VOI_FUNCTION, "LINEAR")).lower().replace("_", "-")
-    if center is not None and width and width >= MIN_WIDTH:
+    if center is not None and width is not None and width >= MIN_WIDTH:
         return Window(float(center), float(width),
                       function if function in _FUNCTIONS else "linear")
     extremes = np.array([array.min(), array.max()]).astype(np.float32) * slope + intercept
@@ -283,8 +287,8 @@ def by_bands(array: np.ndarray, draw_band: Callable[[np.ndarray], np.ndarray],
 
 def grey(array: np.ndarray, doc: dict[str, Any], window: Window | None) -> np.ndarray:
     """A monochrome frame to 8 bits for display: Modality LUT, VOI, MONOCHROME1."""
-    slope = float(metadata.value(doc, _RESCALE_SLOPE, 1) or 1)
-    intercept = float(metadata.value(doc, _RESCALE_INTERCEPT, 0) or 0)
+    slope = float(pixels.number_value(doc, _RESCALE_SLOPE, 1.0) or 1.0)
+    intercept = float(pixels.number_value(doc, _RESCALE_INTERCEPT, 0.0))
     chosen = window or default_window(doc, array, slope, intercept)
     # PS3.3 C.7.6.3.1.2: MONOCHROME1's minimum is white.
     inverted = metadata.value(doc, _PHOTOMETRIC) == "MONOCHROME1"
@@ -302,7 +306,7 @@ def colour(array: np.ndarray, doc: dict[str, Any],
     8 bits per sample."""
     if array.dtype == np.uint8 and lut is None:
         return array[..., :3]
-    stored = int(metadata.value(doc, _BITS_STORED, 8) or 8)
+    stored = pixels.whole_value(doc, _BITS_STORED, 8) or 8
 
     def band(part: np.ndarray) -> np.ndarray:
         samples = lut(part) if lut is not None else part
@@ -401,18 +405,50 @@ def lut_applied(array: np.ndarray, doc: dict[str, Any], header: Any,
         return array, doc
     # The Modality LUT, table or rescale, always before the VOI (C.11.1): applied here,
     # so not again by grey().
-    values = apply_modality_lut(array, header)
+    values = tabled(lambda: apply_modality_lut(array, header), "Modality LUT")
     view = {k: v for k, v in doc.items()
             if k not in (f"{_RESCALE_INTERCEPT:08X}", f"{_RESCALE_SLOPE:08X}")}
     if _VOI_LUT in doc and window is None and metadata.value(doc, _WINDOW_CENTER) is None:
-        values = apply_voi_lut(values.astype(np.int64) if values.dtype.kind == "f" else values,
-                               header, prefer_lut=True)
-        # The table's output, 0 to 2^bits - 1 (its LUT Descriptor), is what is shown.
-        top = float(2 ** int(header.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        values, top = tabled(lambda: _voi_table(values, header), "VOI LUT")
         view.update({f"{_WINDOW_CENTER:08X}": {"vr": "DS", "Value": [top / 2]},
                      f"{_WINDOW_WIDTH:08X}": {"vr": "DS", "Value": [top]},
                      f"{_VOI_FUNCTION:08X}": {"vr": "CS", "Value": ["LINEAR_EXACT"]}})
     return np.asarray(values), view
+
+
+def _voi_table(values: np.ndarray, header: Any) -> tuple[np.ndarray, float]:
+    """``values`` through the data set's first VOI LUT (PS3.3 C.11.2), and the largest
+    value the table gives, 2^bits - 1 (its LUT Descriptor's third value): what is
+    shown."""
+    out = apply_voi_lut(values.astype(np.int64) if values.dtype.kind == "f" else values,
+                        header, prefer_lut=True)
+    return out, float(2 ** int(header.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+
+
+_Tabled = TypeVar("_Tabled")
+
+
+def tabled(apply: Callable[[], _Tabled], table: str) -> _Tabled:
+    """``apply()``, which applies a lookup table of the stored header (PS3.3 C.7.6.3.1.5
+    Palette Color, C.11.1 Modality LUT, C.11.2 VOI LUT) through pydicom.
+
+    The tables are what the sender wrote, and ingest does not check them: a Palette
+    Color image without its palette, a VOI LUT Sequence whose item is empty.  pydicom
+    then raises what it meets (``ValueError``, ``AttributeError``, ``IndexError``…):
+    the image cannot be drawn, which is the stored object's state, not a failure here.
+
+    Raises
+    ------
+    CannotDecode
+        The table is missing or does not apply.
+    """
+    try:
+        return apply()
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for bad tables
+        raise CannotDecode(f"the {table} of the data set cannot be applied: "
+                           f"{type(exc).__name__}") from None
 
 
 def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
@@ -421,8 +457,8 @@ def draw(array: np.ndarray, doc: dict[str, Any], params: Params,
     photometric = metadata.value(doc, _PHOTOMETRIC, "")
     if photometric == "PALETTE COLOR" and header is not None:
         # The LUT's samples are 8 or 16 bits, three per index: applied band by band.
-        return Image.fromarray(colour(array, doc, lambda part: apply_color_lut(
-            part, header)), "RGB")
+        return Image.fromarray(tabled(lambda: colour(array, doc, lambda part: (
+            apply_color_lut(part, header))), "Palette Color Lookup Table"), "RGB")
     if array.ndim == 3:
         return Image.fromarray(colour(array, doc), "RGB")
     array, doc = lut_applied(array, doc, header, params.window)

@@ -1150,11 +1150,79 @@ class _StreamWalker:
                 self._skip(length)
 
 
+class InflatedPixels:
+    """The top-level Pixel Data value of a deflated data set (native pixel data,
+    PS3.5 A.5), read forward through one inflater.
+
+    Ranges read in ascending order of their start cost one inflation of the data set
+    as far as the last of them, however many there are: every frame of a multi-frame
+    object is its frames' bytes inflated once, not the data set from its start again
+    for each.  A range may begin inside the one read before it (frames of 1-bit pixels
+    share a byte, PS3.5 8.1.1).  Memory stays at a chunk and the bytes returned,
+    whatever the data set inflates to before or after them.
+
+    Parameters
+    ----------
+    deflated :
+        The data set as stored (after the file meta): a view, or a stream at its first
+        byte, read a feed at a time and by nothing else until the last range is read.
+    """
+
+    def __init__(self, deflated: memoryview | BinaryIO) -> None:
+        self._reader = _InflatedReader(Inflater(deflated, None), None)
+        #: The value's length, once its element header is read.
+        self._length: int | None = None
+        #: Position in the value of the next byte the inflater gives.
+        self._at = 0
+        #: The last range read, from its start: what the next range may begin inside.
+        self._last = b""
+        self._last_start = 0
+
+    def read(self, start: int, size: int) -> bytes:
+        """Bytes ``start`` to ``start + size`` of the value.
+
+        Raises
+        ------
+        UnreadableData
+            No native Pixel Data (7FE0,0010) at the top level, a value shorter than
+            asked, or a stream that does not inflate.
+        ValueError
+            ``start`` is before the last range's start (ranges are read forward).
+        """
+        if self._length is None:
+            self._length = self._find()
+        if start < self._last_start:
+            raise ValueError("the pixel data is read forward only")
+        if start + size > self._length:
+            raise UnreadableData("the pixel data is shorter than its frames")
+        held = self._last[start - self._last_start:size + start - self._last_start] \
+            if start < self._at else b""
+        if len(held) == size:
+            return held
+        self._reader.skip(max(start - self._at, 0))
+        data = held + self._reader.read(size - len(held))
+        self._at = start + size
+        self._last, self._last_start = data, start
+        return data
+
+    def _find(self) -> int:
+        """Inflate as far as the Pixel Data value; its length."""
+        walker = _StreamWalker(self._reader, None)
+        while not self._reader.at_end():
+            tag, vr, length = walker.header()
+            if tag == _PIXEL_DATA:
+                if length == _UNDEFINED:
+                    raise UnreadableData("the deflated data set's pixel data is encapsulated")
+                return length
+            if tag == _ITEM_END:
+                raise UnreadableData("unexpected item delimiter")
+            walker.value(vr, length, 0)
+        raise UnreadableData("the deflated data set has no pixel data")
+
+
 def inflated_pixels(deflated: memoryview | BinaryIO, start: int, size: int) -> bytes:
     """Bytes ``start`` to ``start + size`` of the top-level Pixel Data value of a
-    deflated data set (native pixel data, PS3.5 A.5), inflating the stream only up to
-    them: memory stays at a chunk and the bytes returned, whatever the data set
-    inflates to before or after them.
+    deflated data set, inflating the stream only up to them (:class:`InflatedPixels`).
 
     Raises
     ------
@@ -1162,19 +1230,7 @@ def inflated_pixels(deflated: memoryview | BinaryIO, start: int, size: int) -> b
         No native Pixel Data (7FE0,0010) at the top level, a value shorter than asked,
         or a stream that does not inflate.
     """
-    reader = _InflatedReader(Inflater(deflated, None), None)
-    walker = _StreamWalker(reader, None)
-    while not reader.at_end():
-        tag, vr, length = walker.header()
-        if tag == _PIXEL_DATA:
-            if length == _UNDEFINED or start + size > length:
-                raise UnreadableData("the pixel data is shorter than its frames")
-            reader.skip(start)
-            return reader.read(size)
-        if tag == _ITEM_END:
-            raise UnreadableData("unexpected item delimiter")
-        walker.value(vr, length, 0)
-    raise UnreadableData("the deflated data set has no pixel data")
+    return InflatedPixels(deflated).read(start, size)
 
 
 _PIXEL_DATA = 0x7FE00010

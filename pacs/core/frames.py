@@ -8,14 +8,17 @@ pixel data position that ingest recorded (:mod:`pacs.core.metadata`):
   with one seek, nothing else of the object is read or parsed;
 - encapsulated pixel data: the frame's fragments, found through the Basic (or
   Extended) Offset Table by pydicom's encapsulation helpers, reading only the offset
-  table and the frame's items; without an offset table pydicom walks every fragment's
-  item header, so :func:`open_frames` gives it a local copy of the object, and the
-  frames of one request are found in one such walk (:class:`FrameIndex`): asked one
-  by one, each frame walked the fragments before it again, and all 4,000 frames of a
-  40 KB object took 12 s;
-- a deflated data set (PS3.5 A.5): the frame's bytes inflated from the stream and
-  nothing after them (:func:`pacs.core.dataset.inflated_pixels`), decoded by pydicom
-  with the header;
+  table and the frame's items (an Extended Offset Table the metadata keeps as a
+  BulkDataURI is read from the stored header); without an offset table pydicom walks
+  every fragment's item header, so :func:`open_frames` gives it a local copy of the
+  object, and the frames of one request are found in one such walk
+  (:class:`FrameIndex`): asked one by one, each frame walked the fragments before it
+  again, and all 4,000 frames of a 40 KB object took 12 s.  Frames sent as stored and
+  frames decoded are found the same way, and a decoder is handed the very bytes found
+  and checked (:func:`_decoded_fragments`);
+- a deflated data set (PS3.5 A.5): the frames' bytes inflated from the stream by one
+  inflater, nothing after the last of them (:func:`_inflated_frames`), decoded by
+  pydicom with the header when asked for decoded;
 - anything else (big endian data sets, or objects without a recorded position), and
   any compressed frame asked for uncompressed: decoded by pydicom (pylibjpeg codecs)
   one frame at a time.
@@ -32,22 +35,29 @@ any buffer is allocated (:class:`FrameTooLarge`).  A header may declare a 65535 
 65535 RGB frame (12 GB) in a few bytes; so may a compressed frame's own codestream,
 which is what its decoder allocates, so it must declare the image the header does
 (:mod:`pacs.core.codestream`).  :func:`check_frames` makes the same checks
-before any frame is read, so that a retrieval refuses them in its status line.
+before any frame is read, so that a retrieval refuses them in its status line.  The
+sizes are numbers of the metadata, which holds what the sender wrote: one that is not
+a number describes no frame (:func:`number_value`, :class:`CannotDecode`).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
+import re
 import struct
+import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from dataclasses import dataclass, replace
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.encaps import get_frame
+from pydicom.datadict import keyword_for_tag
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import pixel_array
 from pydicom.uid import (
     UID,
@@ -97,6 +107,10 @@ class Layout:
         length (:data:`pacs.core.metadata.UNDEFINED_LENGTH` when encapsulated).
     extended_offsets :
         The Extended Offset Table and its lengths, when inline in the metadata.
+    extended_stored :
+        The metadata names the Extended Offset Table by a BulkDataURI (a table of more
+        than 128 frames, :data:`pacs.core.jsonmodel.BULK_DATA_THRESHOLD`): it is read
+        from the stored object when a frame is looked up (:class:`FrameIndex`).
     pixel_vr :
         The pixel data's VR (``OB``, ``OW``; empty when unknown): a big endian
         encoding swaps the bytes of each 16-bit word of an OW value (PS3.5 A.3), 8-bit
@@ -114,6 +128,7 @@ class Layout:
     pixel_length: int | None
     extended_offsets: tuple[bytes, bytes] | None = None
     pixel_vr: str = ""
+    extended_stored: bool = False
 
     @property
     def encapsulated(self) -> bool:
@@ -160,24 +175,85 @@ def layout(doc: Document, parsed: dict[str, Any] | None = None) -> Layout:
     ------
     NotFound
         When the instance has no pixel data (PS3.18 10.4.1.1.3: no frames to send).
+    CannotDecode
+        An Image Pixel module value that is not a whole number (:func:`whole_value`).
     """
     data = parsed if parsed is not None else metadata.parse(doc.json)
-    rows = metadata.value(data, _ROWS)
-    if _PIXEL_DATA not in data or not rows:
+    rows = whole_value(data, _ROWS, 0) if _PIXEL_DATA in data else 0
+    if not rows:
         raise NotFound("the instance has no pixel data")
     return Layout(
         transfer_syntax=doc.transfer_syntax,
-        rows=int(rows),
-        columns=int(metadata.value(data, _COLUMNS, 0)),
-        samples=int(metadata.value(data, _SAMPLES, 1)),
-        bits_allocated=int(metadata.value(data, _BITS, 8)),
-        frames=max(1, int(metadata.value(data, _FRAMES, 1) or 1)),
+        rows=rows,
+        columns=whole_value(data, _COLUMNS, 0),
+        samples=whole_value(data, _SAMPLES, 1),
+        bits_allocated=whole_value(data, _BITS, 8),
+        frames=max(1, whole_value(data, _FRAMES, 1)),
         photometric=str(metadata.value(data, _PHOTOMETRIC, "")),
         pixel_offset=doc.pixel_offset,
         pixel_length=doc.pixel_length,
         extended_offsets=_extended_offsets(data),
         pixel_vr=str(data[_PIXEL_DATA].get("vr", "")),
+        extended_stored=any("BulkDataURI" in data.get(f"{tag:08X}", {})
+                            for tag in (_EXTENDED_OFFSETS, _EXTENDED_LENGTHS)),
     )
+
+
+#: A number as an IS or DS value writes it (PS3.5 6.2): a sign, digits with a
+#: fraction, an exponent.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+_Default = TypeVar("_Default", int, float, None)
+
+
+def number_value(data: dict[str, Any], tag: int, default: _Default) -> float | _Default:
+    """The first value of element ``tag`` of an instance's metadata as a finite number;
+    ``default`` when the element is absent or empty.
+
+    The metadata holds each value under the VR its sender wrote it with, and ingest
+    takes an object whose Rows is an LO of ``abc`` or whose Rescale Slope is not a
+    decimal string: such a value describes no image (PS3.3 C.7.6.3, C.11.1), so what
+    needs it (frames, a rendered view) cannot be made, though the object may still be
+    sent as stored.  Every number read from the metadata to cut, decode or draw a
+    frame is read here.
+
+    Raises
+    ------
+    CannotDecode
+        The value is neither a JSON number nor a string that writes one, or it is not
+        finite.
+    """
+    value = metadata.value(data, tag)
+    if value is None or value == "":
+        return default
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        value = float(value)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value)):
+        raise CannotDecode(f"{_named(tag)} is not a number: the pixel data it "
+                           "describes cannot be read")
+    return value
+
+
+def whole_value(data: dict[str, Any], tag: int, default: int) -> int:
+    """:func:`number_value` of an element whose values are counts (Rows, Bits
+    Allocated, Number of Frames).
+
+    Raises
+    ------
+    CannotDecode
+        The value is not a number, or not a whole one.
+    """
+    value = number_value(data, tag, default)
+    if isinstance(value, float) and not value.is_integer():
+        raise CannotDecode(f"{_named(tag)} is not a whole number: the pixel data it "
+                           "describes cannot be read")
+    return int(value)
+
+
+def _named(tag: int) -> str:
+    """An element's keyword and tag, for a reason (never its value)."""
+    return f"{keyword_for_tag(tag) or 'the element'} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _extended_offsets(data: dict[str, Any]) -> tuple[bytes, bytes] | None:
@@ -187,6 +263,25 @@ def _extended_offsets(data: dict[str, Any]) -> tuple[bytes, bytes] | None:
     if offsets and lengths:
         return base64.b64decode(offsets), base64.b64decode(lengths)
     return None
+
+
+def _stored_extended_offsets(source: BinaryIO) -> tuple[bytes, bytes] | None:
+    """The Extended Offset Table and its lengths as the stored object holds them
+    (PS3.5 A.4.1), for metadata that names them by a BulkDataURI: read with the
+    header, which they belong to (they precede the pixel data).
+
+    Raises
+    ------
+    UnreadableData
+        A table that is not binary (PS3.3 C.7.6.3: both are OV).
+    """
+    header = read_header(source)
+    offsets, lengths = header.get(_EXTENDED_OFFSETS), header.get(_EXTENDED_LENGTHS)
+    if offsets is None or lengths is None or not offsets.value or not lengths.value:
+        return None
+    if not isinstance(offsets.value, bytes) or not isinstance(lengths.value, bytes):
+        raise UnreadableData("the Extended Offset Table does not parse")
+    return offsets.value, lengths.value
 
 
 #: Float Pixel Data and Double Float Pixel Data: pixel data elements without frames of
@@ -230,12 +325,15 @@ def open_frames(store: ObjectStore, key: str, lay: Layout) -> BinaryIO:
     pixel data with neither an Extended nor a non-empty Basic Offset Table (PS3.5 A.4)
     has its frames found by walking every fragment's item header, a request each when
     read in ranges: such an object is copied instead, read whole as one stream
-    (:func:`pacs.core.storage.spooled_copy` of :meth:`ObjectStore.open`).
+    (:func:`pacs.core.storage.spooled_copy` of :meth:`ObjectStore.open`).  An Extended
+    Offset Table the metadata names by a BulkDataURI is read from the object's header
+    (:class:`FrameIndex`): no walk.
     """
     source = open_ranged(store, key)
     try:
         walked = (isinstance(source, RangedReader) and lay.encapsulated
-                  and lay.extended_offsets is None and not _basic_offsets(source, lay))
+                  and lay.extended_offsets is None and not lay.extended_stored
+                  and not _basic_offsets(source, lay))
     except BaseException:
         source.close()
         raise
@@ -364,23 +462,26 @@ def native_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int], *,
 
 def _produced(source: BinaryIO, lay: Layout, numbers: Sequence[int], stored: bool,
               max_frame_bytes: int) -> Iterator[tuple[bytes, str]]:
-    """Each frame of ``numbers``, produced as :func:`production` says, one at a time."""
+    """Each frame of ``numbers``, produced as :func:`production` says, one at a time.
+
+    The frames of one request share what finds them: one :class:`FrameIndex` (one walk
+    of the fragments, or one offset table), one inflater of a deflated data set
+    (:func:`_inflated_frames`), one header for the decoder.
+    """
     how, syntax = production(lay, stored), frame_syntax(lay, stored)
-    index = FrameIndex(source, lay) if how == "fragments" and len(numbers) > 1 else None
-    for number in numbers:
-        if index is not None:
-            yield index.frame(number), syntax
-        elif how == "fragments":
-            yield _fragments(source, lay, number), syntax
-        elif how == "slice":
-            yield _slice(source, lay, number), syntax
-        elif how == "swap":
-            yield _little_endian(_slice(source, lay, number), lay), syntax
-        elif how == "inflate":
-            check_decodable(lay.decoded_bytes, max_frame_bytes)
-            yield _inflated_frame(source, number, lay)[1], syntax
-        else:
-            yield native_bytes(decoded(source, number, lay, max_frame_bytes)), syntax
+    if how == "fragments":
+        index = FrameIndex(source, lay)
+        yield from ((index.frame(number), syntax) for number in numbers)
+    elif how == "inflate":
+        check_decodable(lay.decoded_bytes, max_frame_bytes)
+        yield from ((frame, syntax) for frame in _inflated_frames(source, lay, numbers))
+    elif how == "decode":
+        yield from ((native_bytes(array), syntax)
+                    for array in decoded_frames(source, lay, numbers, max_frame_bytes))
+    else:
+        for number in numbers:
+            frame = _slice(source, lay, number)
+            yield (_little_endian(frame, lay) if how == "swap" else frame), syntax
 
 
 def _slice(source: BinaryIO, lay: Layout, number: int) -> bytes:
@@ -486,7 +587,11 @@ class FrameIndex:
     are as many, all of them for one frame, else up to a fragment whose last bytes hold
     an EOI marker.  Two numbers are kept per fragment, which ingest bounds
     (``MAX_ELEMENTS``).  An object with an offset table is read through pydicom
-    (:func:`_fragments`): its table places each frame without a walk.
+    (:func:`_fragments`): its table places each frame without a walk.  An Extended
+    Offset Table the metadata names by a BulkDataURI (:attr:`Layout.extended_stored`)
+    is read from the stored object's header first: with one, the Basic Offset Table is
+    empty and the table, not the order of the fragments, says where each frame is
+    (PS3.5 A.4), for the frames sent as stored and those decoded alike.
 
     Raises
     ------
@@ -509,7 +614,7 @@ class FrameIndex:
     def frame(self, number: int) -> bytes:
         """Frame ``number`` (1-based): its fragments' bytes, joined."""
         if not self._walked and not self._tabled:
-            self._walk()
+            self._find()
         if self._tabled:
             return _fragments(self.source, self.lay, number)
         if not 1 <= number < len(self._starts):
@@ -522,6 +627,16 @@ class FrameIndex:
         if not data:
             raise UnreadableData(f"frame {number} has no bytes")
         return data
+
+    def _find(self) -> None:
+        """Take the stored Extended Offset Table the metadata names, or else walk."""
+        if self.lay.extended_stored:
+            table = _stored_extended_offsets(self.source)
+            if table is not None:
+                self.lay = replace(self.lay, extended_offsets=table)
+                self._tabled = True
+                return
+        self._walk()
 
     def _walk(self) -> None:
         """Read the offset table's header and every item's; group them into frames."""
@@ -613,13 +728,8 @@ def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:
 
 
 def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
-    """Frame ``number`` decoded by pydicom (any syntax it has a decoder for).
-
-    pydicom reads just that frame from the file; a deflated data set's frame is
-    inflated alone (:func:`_decoded_deflated`); a big endian one is read whole.  The
-    declared sizes are checked first (module docstring), and a
-    compressed frame's codestream must declare the same image
-    (:func:`pacs.core.codestream.check`) before a decoder sees it.
+    """Frame ``number`` decoded by pydicom (any syntax it has a decoder for):
+    :func:`decoded_frames` of that frame alone.
 
     Raises
     ------
@@ -629,22 +739,51 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
     UnreadableData
         When the frame cannot be decoded.
     """
+    return next(decoded_frames(source, lay, [number], max_frame_bytes))
+
+
+def decoded_frames(source: BinaryIO, lay: Layout, numbers: Sequence[int],
+                   max_frame_bytes: int) -> Iterator[np.ndarray]:
+    """Frames ``numbers`` decoded by pydicom, one at a time, in the order asked.
+
+    Encapsulated frames are found by one :class:`FrameIndex` and each is decoded from
+    the bytes found, once its codestream has been checked (:func:`_decoded_fragments`);
+    a deflated data set's frames come from one inflater (:func:`_inflated_frames`); a
+    big endian one is read whole.  The declared sizes are checked first (module
+    docstring).
+
+    Raises
+    ------
+    FrameTooLarge
+        A frame (or, when the whole pixel data must be read, all the frames) is
+        declared larger than ``max_frame_bytes``.
+    UnreadableData
+        When a frame cannot be decoded.
+    """
     check_decodable(lay.decoded_bytes, max_frame_bytes)
     if lay.encapsulated:
-        return _decoded_fragments(source, number, lay)
-    if codestream.declares(lay.transfer_syntax):
+        yield from _decoded_fragments(source, lay, numbers)
+    elif codestream.declares(lay.transfer_syntax):
         # Compressed frames are decoded only once their codestream is checked, which
         # needs their fragments where ingest found them.
         raise UnreadableData("the compressed pixel data is not encapsulated where "
                              "ingest recorded it")
-    if lay.transfer_syntax == DeflatedExplicitVRLittleEndian:
-        return _decoded_deflated(source, number, lay)
+    elif lay.transfer_syntax == DeflatedExplicitVRLittleEndian:
+        yield from _decoded_deflated(source, lay, numbers)
+    else:
+        yield from (_decoded_native(source, number, lay, max_frame_bytes)
+                    for number in numbers)
+
+
+def _decoded_native(source: BinaryIO, number: int, lay: Layout,
+                    max_frame_bytes: int) -> np.ndarray:
+    """Frame ``number`` of native pixel data pydicom reads alone from the file, or from
+    the whole data set (big endian) within its ceiling."""
     try:
         source.seek(0)
         return pixel_array(source, index=number - 1)
     except Exception:  # noqa: BLE001 - retry from the whole data set, below
         pass
-    # Native pixel data read whole (big endian), within its ceiling.
     check_decodable(lay.decoded_bytes * lay.frames, max_frame_bytes)
     try:
         source.seek(0)
@@ -653,49 +792,108 @@ def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) ->
         raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
 
 
-def _decoded_deflated(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
-    """Frame ``number`` of a deflated data set, inflated no further than its bytes
-    (:func:`pacs.core.dataset.inflated_pixels`) and decoded by pydicom with the header.
+def _decoded_deflated(source: BinaryIO, lay: Layout,
+                      numbers: Sequence[int]) -> Iterator[np.ndarray]:
+    """Frames ``numbers`` of a deflated data set, inflated no further than their bytes
+    (:func:`_inflated_frames`) and decoded by pydicom with the header, read once.
 
     The stored object is small, what it inflates to need not be: up to
     ``PACS_MAX_OBJECT_BYTES``, before or after the pixel data, which pydicom's reading
     of the whole data set held in memory for every frame asked for.  The stored bytes
-    are read a feed at a time too, as far as the frame.
+    are read a feed at a time too, as far as the last frame.
     """
-    header, frame = _inflated_frame(source, number, lay)
-    header.add_new(0x7FE00010, "OW" if lay.bits_allocated > 8 else "OB", frame)
-    header.NumberOfFrames = 1
-    try:
-        return pixel_array(header, index=0)
-    except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
-        raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
+    header = _single_frame_header(read_header(source), lay)
+    vr = "OW" if lay.bits_allocated > 8 else "OB"
+    for frame in _inflated_frames(source, lay, numbers):
+        header.add_new(0x7FE00010, vr, frame)
+        yield _pixels_of(header)
 
 
-def _inflated_frame(source: BinaryIO, number: int, lay: Layout
-                    ) -> tuple[pydicom.Dataset, bytes]:
-    """The header of a deflated data set, and frame ``number``'s native bytes as stored,
-    inflated no further than them (:func:`_decoded_deflated`)."""
-    header = read_header(source)
-    bits = lay.frame_bits
-    first = (number - 1) * bits
-    start, end = first // 8, -(-(first + bits) // 8)
+def _inflated_frames(source: BinaryIO, lay: Layout,
+                     numbers: Sequence[int]) -> Iterator[bytes]:
+    """Frames ``numbers`` of a deflated data set, their native bytes as stored.
+
+    One inflater (:class:`pacs.core.dataset.InflatedPixels`) reads frames asked in
+    ascending order (all of them, for the pixel data's bulk data) as far as the last:
+    each inflating the data set from its start made every frame of a 400-frame object
+    cost as much as the object, 116 s for one request.  Frames asked in another order
+    are inflated once as far as the last, into a temporary file (memory stays at a
+    chunk; the file at the pixel data ingest accepted within
+    ``PACS_MAX_OBJECT_BYTES``), and cut from it.
+    """
     source.seek(0)
     source.seek(dataset.dataset_offset(source.read(dataset.HEAD_PROBE_BYTES)))
-    # The deflate stream read a feed at a time from the store, as far as the frame.
-    value = dataset.inflated_pixels(source, start, end - start)
-    return header, (_repacked(value, first - start * 8, bits) if bits % 8 else value)
+    value = dataset.InflatedPixels(source)
+    places = [_bit_range(lay, number) for number in numbers]
+    if all(one[1] <= two[1] for one, two in pairwise(places)):
+        for first, start, end in places:
+            yield _frame_bits(value.read(start, end - start), lay, first - start * 8)
+        return
+    low, high = min(place[1] for place in places), max(place[2] for place in places)
+    with tempfile.TemporaryFile() as copy:
+        for at in range(low, high, dataset.INFLATE_CHUNK):
+            copy.write(value.read(at, min(dataset.INFLATE_CHUNK, high - at)))
+        for first, start, end in places:
+            copy.seek(start - low)
+            yield _frame_bits(copy.read(end - start), lay, first - start * 8)
 
 
-def _decoded_fragments(source: BinaryIO, number: int, lay: Layout) -> np.ndarray:
-    """Frame ``number`` of encapsulated pixel data, decoded once its codestream has
-    been found to declare the frame the data set describes
+def _bit_range(lay: Layout, number: int) -> tuple[int, int, int]:
+    """Where frame ``number`` of native pixel data lies in its value: its first bit,
+    and the bytes that hold it, from ``start`` to ``end`` (PS3.5 8.1.1: frames follow
+    each other bit after bit)."""
+    first = (number - 1) * lay.frame_bits
+    return first, first // 8, -(-(first + lay.frame_bits) // 8)
+
+
+def _frame_bits(data: bytes, lay: Layout, skip: int) -> bytes:
+    """A frame's bytes: ``data`` as read, or repacked from bit ``skip`` when frames are
+    not whole bytes."""
+    return _repacked(data, skip, lay.frame_bits) if lay.frame_bits % 8 else data
+
+
+def _decoded_fragments(source: BinaryIO, lay: Layout,
+                       numbers: Sequence[int]) -> Iterator[np.ndarray]:
+    """Frames ``numbers`` of encapsulated pixel data, each decoded once its codestream
+    has been found to declare the frame the data set describes
     (:func:`pacs.core.codestream.check`): a decoder allocates what the codestream
-    declares.  Only that frame is read, never the whole pixel data."""
-    codestream.check(_fragments(source, lay, number), lay.transfer_syntax, lay.rows,
-                     lay.columns, lay.samples, lay.bits_allocated)
+    declares.
+
+    The decoder gets the bytes that were checked, and nothing else: the frames found
+    by one :class:`FrameIndex` (one walk without an offset table, else the table the
+    stored object holds), never pydicom's own look-up in the stored object, which reads
+    an Extended Offset Table the check did not see and, without a table, walked every
+    fragment before each frame again.  Only the frames asked for are read, never the
+    whole pixel data.
+    """
+    index = FrameIndex(source, lay)
+    header: pydicom.Dataset | None = None
+    for number in numbers:
+        frame = index.frame(number)
+        codestream.check(frame, lay.transfer_syntax, lay.rows, lay.columns, lay.samples,
+                         lay.bits_allocated)
+        if header is None:
+            header = _single_frame_header(read_header(source), lay)
+        # PS3.5 A.4: one frame, one fragment, after an empty Basic Offset Table.
+        header.add_new(0x7FE00010, "OB", encapsulate([frame], has_bot=False))
+        yield _pixels_of(header)
+
+
+def _single_frame_header(header: pydicom.Dataset, lay: Layout) -> pydicom.Dataset:
+    """The stored object's header as that of a data set of one frame, the frame to
+    decode to be added as its pixel data: no offset table of the stored frames, the
+    stored transfer syntax."""
+    for tag in (_EXTENDED_OFFSETS, _EXTENDED_LENGTHS):
+        header.pop(tag, None)
+    header.NumberOfFrames = 1
+    header.file_meta.TransferSyntaxUID = UID(lay.transfer_syntax)
+    return header
+
+
+def _pixels_of(header: pydicom.Dataset) -> np.ndarray:
+    """The one frame of ``header``'s pixel data, decoded by pydicom."""
     try:
-        source.seek(0)
-        return pixel_array(source, index=number - 1)
+        return pixel_array(header, index=0)
     except Exception as exc:  # noqa: BLE001 - decoders raise many kinds for bad data
         raise CannotDecode(f"the frame cannot be decoded: {type(exc).__name__}") from None
 

@@ -41,7 +41,7 @@ from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
 from pacs.core.storage.ranged import RangedReader
 from tests.conftest import sample
-from tests.factory import jpeg_frame, make_jpeg_instance
+from tests.factory import jpeg_frame, make_instance, make_jpeg_instance
 
 JSON = "application/dicom+json"
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"'  # dicomweb-client
@@ -1503,6 +1503,38 @@ def test_a_stored_object_that_does_not_read_is_a_server_failure(
                                  headers={"Accept": "application/octet-stream"})
     assert result.status_code == 500, result.text
     assert result.json["title"] == "Stored object unreadable"
+
+
+@pytest.mark.parametrize(("tag", "vr", "value", "suffix"), [
+    (0x00280010, "LO", "abc", "/frames/1"),          # Rows
+    (0x00280100, "LO", "16x", "/frames/1"),          # Bits Allocated
+    (0x00280008, "LO", "abc", "/rendered"),          # Number of Frames
+    (0x00281053, "LO", "xyz", "/rendered"),          # Rescale Slope
+    (0x00280004, "CS", "PALETTE COLOR", "/rendered"),  # without its palette
+    (0x00283010, "SQ", [Dataset()], "/rendered"),     # an empty VOI LUT item
+], ids=["rows", "bits allocated", "number of frames", "rescale slope", "no palette",
+        "empty voi lut item"])
+def test_values_that_describe_no_image_are_406_not_a_failure_of_ours(
+        client: testing.TestClient, services: Services, caplog: pytest.LogCaptureFixture,
+        tag: int, vr: str, value: Any, suffix: str) -> None:
+    """An object ingest accepts may hold an Image Pixel or LUT value that describes no
+    image (PS3.3 C.7.6.3, C.11): a Rows of VR LO, a Rescale Slope that is no number,
+    a palette colour image without its palette.  Frames or a rendered view of it
+    cannot be made: 406, as for pixels no decoder decodes, where it was a 500
+    "Internal error" with a traceback logged as a bug; the object itself is still
+    sent as stored."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance()))
+    ds.add_new(tag, vr, value)
+    data = encode(ds)
+    services.ingest.store_bytes(data)
+    caplog.set_level(logging.ERROR)
+    result = client.simulate_get(url(ds) + suffix)
+    assert result.status_code == 406, result.text
+    assert result.json["title"] == "Cannot decode the stored pixels"
+    assert not caplog.records
+    result = client.simulate_get(url(ds), headers={
+        "Accept": f"{DICOM_ACCEPT}; transfer-syntax=*"})
+    assert result.status_code == 200 and parts(result)[0][1] == data
 
 
 def test_frames_other_than_declared_go_as_stored_when_that_is_accepted(
