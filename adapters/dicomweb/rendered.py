@@ -248,9 +248,10 @@ def default_window(doc: dict[str, Any], array: np.ndarray, slope: float = 1.0,
                    intercept: float = 0.0) -> Window:
     """The data set's first window, else the range of the frame's values through the
     Modality LUT (PS3.3 C.11.2), found from the stored values' own extremes (the LUT
-    is linear) without converting the frame."""
-    center = pixels.number_value(doc, _WINDOW_CENTER, None)
-    width = pixels.number_value(doc, _WINDOW_WIDTH, None)
+    is linear) without converting the frame.  A stored window whose center or width
+    is not a number is passed over, as one too narrow is: it is a suggestion of the
+    sender's (PS3.3 C.11.2.1.2), and the frame can be drawn without it."""
+    center, width = _suggested(doc, _WINDOW_CENTER), _suggested(doc, _WINDOW_WIDTH)
     function = str(metadata.value(doc, _VOI_FUNCTION, "LINEAR")).lower().replace("_", "-")
     if center is not None and width is not None and width >= MIN_WIDTH:
         return Window(float(center), float(width),
@@ -258,6 +259,14 @@ def default_window(doc: dict[str, Any], array: np.ndarray, slope: float = 1.0,
     extremes = np.array([array.min(), array.max()]).astype(np.float32) * slope + intercept
     low, high = float(extremes.min()), float(extremes.max())
     return Window((low + high) / 2 + 0.5, max(high - low, 1.0) + 1, "linear")
+
+
+def _suggested(doc: dict[str, Any], tag: int) -> float | None:
+    """The number of a stored window's element; ``None`` when absent or not one."""
+    try:
+        return pixels.number_value(doc, tag, None)
+    except CannotDecode:
+        return None
 
 
 #: Pixels drawn at a time (:func:`by_bands`): the float and integer intermediates of

@@ -719,8 +719,6 @@ class Ingest:
         errors = self.index.commit_all([
             self._index_work(analysed[n], plans[n], items[n], calling_ae, requestor)
             for n in written])
-        if full := sum(1 for error in errors if isinstance(error, IntakeFull)):
-            self.refusals.refused(full)
         for number, error in zip(written, errors, strict=True):
             plan = plans[number]
             if error is not None:
@@ -734,6 +732,10 @@ class Ingest:
             else:
                 self._forget_moved(plan)
                 results[number] = _result(plan.outcome, analysed[number])
+        # The intake's refusals of the decisions and the commit (those of the check
+        # before them are counted by store_batch).
+        if full := sum(1 for n in analysed if isinstance(results[n], IntakeFull)):
+            self.refusals.refused(full)
 
     def _store_locked(self, analysis: Analysis, data: bytes, calling_ae: str,
                       requestor: Participant | None, may_overwrite: bool,

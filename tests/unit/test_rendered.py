@@ -171,3 +171,17 @@ def test_an_enhanced_frame_is_drawn_by_its_functional_groups() -> None:
         values = frame.astype(float) - 1024
         expected = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255
         assert np.abs(image - expected).max() <= 1.01, number
+
+
+@pytest.mark.parametrize("stored", [
+    {"00281050": {"vr": "LO", "Value": ["abc"]}},
+    {"00281050": {"vr": "DS", "Value": [40]}, "00281051": {"vr": "LO", "Value": ["wide"]}},
+])
+def test_a_stored_window_that_is_not_a_number_is_passed_over(stored: dict[str, Any]) -> None:
+    """A Window Center or Width the sender wrote in another VR: the frame is drawn
+    through its own range, as without a window (it was refused, 406)."""
+    doc = {"00280004": {"vr": "CS", "Value": ["MONOCHROME2"]}, **stored}
+    frame = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    assert rendered.default_window(doc, frame) == rendered.Window(8.0, 16.0, "linear")
+    drawn = rendered.grey(frame, doc, None)
+    assert drawn[0, 0] == 0 and drawn[-1, -1] == 255
