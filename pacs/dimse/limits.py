@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 #: Bytes read ahead of what has arrived: a buffer grows by at most this much at a time.
@@ -291,7 +291,29 @@ def _receive_within(sock: Any, view: memoryview, seconds: Callable[[], float]) -
     remaining = seconds()
     if remaining <= 0 or not readable(sock, remaining):
         raise TimeoutError("no whole PDU within the time allowed")
-    return int(sock.recv_into(view))
+    with _within(sock, seconds()):
+        return int(sock.recv_into(view))
+
+
+@contextlib.contextmanager
+def _within(sock: Any, seconds: float) -> Iterator[None]:
+    """A blocking read or write of ``sock`` that ends within ``seconds``.
+
+    A plain socket that ``select`` found ready reads or writes at once.  A TLS one need
+    not: OpenSSL reads a whole record inside one call, and a peer that sent part of one
+    held the thread in it for good (the socket's SO_RCVTIMEO ends a wait of the kernel's,
+    which CPython's TLS layer then begins again).  A Python timeout bounds the whole
+    call instead (``TimeoutError``); the socket's own is put back after it.
+    """
+    if _waits_by_itself(sock):
+        yield
+        return
+    before = sock.gettimeout()
+    sock.settimeout(max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        sock.settimeout(before)
 
 
 #: Bytes handed to a socket per call when its writes cannot be told not to wait (TLS).
@@ -332,8 +354,9 @@ def send_all(sock: Any, data: bytes | bytearray | memoryview, pace: Pace | None)
                 if not _writable(sock, remaining):
                     raise TimeoutError("the peer did not take the data within the time "
                                        "allowed")
-                if not plain:  # a slice: a blocking call then waits for little more
-                    written = int(sock.send(view[sent:sent + _SEND_SLICE]))
+                if not plain:  # a slice, within the time left (_within)
+                    with _within(sock, pace.wait()):
+                        written = int(sock.send(view[sent:sent + _SEND_SLICE]))
             sent += written
             pace.moved += written
     finally:

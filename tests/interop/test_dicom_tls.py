@@ -43,6 +43,7 @@ from tests.interop.conftest import (
     run_dcmtk,
     start_storescp,
 )
+from tests.interop.test_hostile_dimse import associate_rq, read_pdu
 from tests.tlsfiles import Pki, ae_certificate, make_pki
 
 pytestmark = [pytest.mark.interop, pytest.mark.dimse]
@@ -307,3 +308,52 @@ def test_connections_that_never_handshake_do_not_keep_a_peer_out(node: Node,
         for sock in silent:
             sock.close()
     assert "DICOM TLS handshake(s) failed" in node.log()
+
+
+#: The first three bytes of a TLS application data record's header (RFC 8446 5.1).
+PART_OF_A_RECORD = b"\x17\x03\x03"
+
+
+def _closed_by_the_node(sock: ssl.SSLSocket, within: float) -> bool:
+    """True once the node closes the connection (what it sends before is read raw)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not socket.socket.recv(sock, 4096):
+                return True
+        except TimeoutError:
+            return False
+        except OSError:  # reset
+            return True
+    return False
+
+
+def test_a_peer_that_sends_part_of_a_tls_record_is_dropped_in_time(
+        node_factory: Callable[..., Node], pki: Pki) -> None:
+    """Part of a TLS record, then silence, after the association and before it: each
+    connection is closed within its time (the PDU's, ARTIM), and TLS peers are
+    served meanwhile.  OpenSSL reads a record whole inside one call, which the
+    socket's receive timeout did not end: each held a thread and an association place
+    for good, and 16 of them locked a host out of both ports."""
+    node = node_factory("tlsrecord", **tls_settings(pki), PACS_ARTIM_TIMEOUT="2",
+                        PACS_DIMSE_TIMEOUT="2")
+    context = client_context(pki, ae_certificate(pki, SCU))
+    held = []
+    try:
+        for associated in (True, False):
+            raw = socket.create_connection(("127.0.0.1", int(tls_port(node))), timeout=30)
+            sock = context.wrap_socket(raw, server_hostname="localhost")
+            held.append(sock)
+            if associated:
+                sock.sendall(associate_rq(calling=SCU))
+                answer = read_pdu(sock)
+                assert answer is not None and answer[0] == 0x02, node.log()
+            socket.socket.sendall(sock, PART_OF_A_RECORD)
+        # A generous wait: that they are closed, not when, is what is checked.
+        assert [_closed_by_the_node(sock, 30) for sock in held] == [True, True], node.log()
+        echo = run_dcmtk("echoscu", *dcmtk_tls(pki), "127.0.0.1", tls_port(node))
+        assert echo.returncode == 0, f"{echo.stdout}\n--- server ---\n{node.log()}"
+    finally:
+        for sock in held:
+            sock.close()
