@@ -421,6 +421,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest object received (C-STORE data set, STOW-RS part, upload), and the "
             "largest a deflated data set may inflate to; larger ones are refused "
             "(A700 / HTTP 413).", _positive(int)),
+    Setting("PACS_DIMSE_RECEIVE_BYTES", "dimse_receive_bytes", "4294967296",
+            "Bytes of C-STORE data sets a DIMSE worker process holds while they arrive, "
+            "all its associations together; a data set that would pass it is dropped as "
+            "it arrives and answered A700 (one alone always fits). 0 means unlimited.",
+            _not_negative(int)),
     Setting("PACS_MAX_FRAME_BYTES", "max_frame_bytes", "268435456",
             "Largest decoded frame (rows x columns x samples x bytes per sample) that "
             "rendered views, thumbnails and transcoding decode; larger frames are "
@@ -605,6 +610,7 @@ class Settings:
     customer_association_share: float = _default("customer_association_share")
     max_pending_connections: int = _default("max_pending_connections")
     max_object_bytes: int = _default("max_object_bytes")
+    dimse_receive_bytes: int = _default("dimse_receive_bytes")
     max_frame_bytes: int = _default("max_frame_bytes")
     intake_max_bytes: int = _default("intake_max_bytes")
     intake_object_bytes: int | None = _default("intake_object_bytes")

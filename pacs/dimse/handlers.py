@@ -150,14 +150,20 @@ def handle_store(event: Event, services: Services, audits: Audits | None = None)
     data = buffer.getvalue() if buffer is not None else b""
     # The seam's reactor, where it runs under these handlers (a TLS association), keeps
     # no bytes past the object limit but counts them (pacs.dimse.limits.CappedBuffer).
-    received = buffer.received if isinstance(buffer, limits.CappedBuffer) else len(data)
-    status = storage.store(services, storage.StoreRequest(
-        sop_class_uid=str(request.AffectedSOPClassUID or ""),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
-        transfer_syntax=str(event.context.transfer_syntax),
-        abstract_syntax=str(event.context.abstract_syntax),
-        calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=received,
-        limit=services.settings.max_object_bytes), _audit(event, audits))
+    capped = buffer if isinstance(buffer, limits.CappedBuffer) else None
+    received = capped.received if capped is not None else len(data)
+    try:
+        status = storage.store(services, storage.StoreRequest(
+            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+            transfer_syntax=str(event.context.transfer_syntax),
+            abstract_syntax=str(event.context.abstract_syntax),
+            calling_ae_title=event.assoc.requestor.ae_title, data_set=data, received=received,
+            limit=services.settings.max_object_bytes,
+            exhausted=capped is not None and capped.exhausted), _audit(event, audits))
+    finally:
+        if capped is not None:  # its bytes given back once stored
+            capped.holding.release()
     return status_dataset(status)
 
 

@@ -29,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -401,6 +402,68 @@ def bound_sends(sock: Any, seconds: float | None) -> None:
                     struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
 
 
+class ReceiveBudget:
+    """The bytes of DIMSE data sets one worker process holds while they arrive.
+
+    Each data set is bounded by the object limit, but a few peers sending large objects
+    slowly, on associations of their own, made the worker hold all of them (four of
+    250 MB: +1 GB, for as long as each sent a PDU within the DIMSE timeout).  A data
+    set takes its bytes from here as they arrive and gives them back once stored;
+    one that would pass ``max_bytes`` is dropped, counted on, and answered A700 as an
+    object over the limit is.  A data set that is the only one held always fits, so
+    that any object within the object limit can be received.  0: no limit.
+    Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, holding: int) -> bool:
+        """Take ``size`` more bytes for a data set that holds ``holding`` already; False
+        (nothing taken) when they do not fit."""
+        with self._lock:
+            if (self.max_bytes > 0 and self.held + size > self.max_bytes
+                    and self.held > holding):
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        """Give back ``size`` bytes taken."""
+        if size:
+            with self._lock:
+                self.held -= size
+
+
+class Holding:
+    """What one data set holds of a :class:`ReceiveBudget`; given back by
+    :meth:`release` (once, whoever calls it)."""
+
+    def __init__(self, budget: ReceiveBudget | None) -> None:
+        self.budget = budget
+        self.size = 0
+        self.refused = False
+
+    def take(self, size: int) -> bool:
+        """Hold ``size`` more bytes; once refused, every later call is refused too (the
+        data set is dropped) and what was held is given back."""
+        if self.refused:
+            return False
+        if self.budget is None or self.budget.take(size, self.size):
+            self.size += size
+            return True
+        self.refused = True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        held, self.size = self.size, 0
+        if self.budget is not None:
+            self.budget.give(held)
+
+
 class CappedBuffer(io.BytesIO):
     """A DIMSE message's data set buffer that keeps at most ``limit`` bytes.
 
@@ -410,16 +473,24 @@ class CappedBuffer(io.BytesIO):
     (:attr:`overflowed`) once complete, and the association go on.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, budget: ReceiveBudget | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.received = 0
         self.overflowed = False
+        self.holding = Holding(budget)
+        # Given back once pynetdicom has done with the message (its handler has run).
+        weakref.finalize(self, self.holding.release)
+
+    @property
+    def exhausted(self) -> bool:
+        """Dropped because the worker's :class:`ReceiveBudget` had no room for it."""
+        return self.holding.refused
 
     def write(self, data: Any) -> int:
         size = len(data)
         self.received += size
-        if self.received <= self.limit:
+        if self.received <= self.limit and self.holding.take(size):
             return super().write(data)
         self._overflow()
         return size
@@ -436,6 +507,7 @@ class CappedBuffer(io.BytesIO):
             self.overflowed = True
             self.seek(0)
             self.truncate(0)  # frees what was kept
+            self.holding.release()
 
 
 def dropped(buffer: object) -> int:
@@ -486,8 +558,10 @@ class ConnectionLimits:
                  max_object_bytes: int = 0,
                  is_open: Callable[[Any], bool] | None = None,
                  alive: Callable[[Any], bool] | None = None, *,
-                 max_per_customer: int = 0) -> None:
+                 max_per_customer: int = 0, receive_bytes: int = 0) -> None:
         self.max_associations = max_associations
+        #: The bytes of data sets being received (``PACS_DIMSE_RECEIVE_BYTES``).
+        self.receiving = ReceiveBudget(receive_bytes)
         self.max_per_host = max_per_host
         self.max_per_customer = max_per_customer
         self.max_pending = max_pending

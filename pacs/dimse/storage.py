@@ -33,6 +33,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from pacs.core.access import OVERWRITE, REJECT, STORE
 from pacs.core.errors import (
+    Exhausted,
     InvalidInstance,
     NotAuthorized,
     ObjectTooLarge,
@@ -78,6 +79,10 @@ class StoreRequest:
         passed ``limit`` while it arrived and was not kept.
     limit :
         PACS_MAX_OBJECT_BYTES.
+    exhausted :
+        The data set was dropped as it arrived: the worker held
+        ``PACS_DIMSE_RECEIVE_BYTES`` of data sets already
+        (:class:`pacs.dimse.limits.ReceiveBudget`).
     """
 
     sop_class_uid: str
@@ -88,6 +93,7 @@ class StoreRequest:
     data_set: bytes
     received: int
     limit: int
+    exhausted: bool = False
 
     @property
     def too_large(self) -> bool:
@@ -121,6 +127,11 @@ def _store(services: Services, request: StoreRequest) -> tuple[Status, StoreResu
     if not policy.may(calling, STORE):
         log.warning("C-STORE from %s refused: the AE may not store", calling)
         return NOT_AUTHORIZED.with_comment("this AE may not store"), None
+    if request.exhausted:
+        log.warning("C-STORE from %s refused: the worker holds PACS_DIMSE_RECEIVE_BYTES "
+                    "of data sets being received", calling)
+        return status_for(STORE_STATUS, Exhausted(
+            "the node is receiving too much at once; retry later")), None
     try:
         if request.too_large:
             raise ObjectTooLarge(f"a data set of {request.received} bytes, over "

@@ -848,3 +848,43 @@ def test_a_find_of_another_model_than_its_context_is_refused(services: Services)
             sock.sendall(pdu(pdv(FIND_CONTEXT, 0x03, find), pdv(FIND_CONTEXT, 0x02, identifier)))
             assert [status for status, _ in read_find_answer(sock)] == [0x0122]
         assert assoc.send_c_echo().Status == 0x0000
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_data_sets_arriving_at_once_share_the_worker_s_receive_budget(
+        make_services: Callable[..., Services]) -> None:
+    """``PACS_DIMSE_RECEIVE_BYTES``: while one association's data set holds most of the
+    worker's budget, another's that would pass it is dropped as it arrives and answered
+    A700 (each peer made the worker hold its objects whole, whatever the others held);
+    once the first is stored its bytes are given back, and the second goes through."""
+    size = len(instance(1)[1])
+    services = make_services(store=MemoryStore(), dimse_receive_bytes=size * 3 // 2)
+    port = free_port()
+    running = server.start(services, ("127.0.0.1", port))
+    try:
+        ae = AE(ae_title="INBOUND")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        first, second = (ae.associate("127.0.0.1", port, ae_title=services.settings.ae_title)
+                         for _ in range(2))
+        for number, assoc in enumerate((first, second), start=10):
+            first_store(assoc, number)
+        uid, data = instance(1)
+        other, other_data = instance(2)
+        with raw(first) as held, raw(second) as refused:
+            held.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 5)),
+                             pdv(CT_CONTEXT, 0x00, data[:-100])))
+            time.sleep(0.2)  # read by the node (the order of the two is what is tested)
+            refused.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(other, 6)),
+                                pdv(CT_CONTEXT, 0x02, other_data)))
+            assert read_response(refused)[0x00000900] == 0xA700
+            held.sendall(pdu(pdv(CT_CONTEXT, 0x02, data[-100:])))
+            assert read_response(held)[0x00000900] == 0x0000
+            refused.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(other, 7)),
+                                pdv(CT_CONTEXT, 0x02, other_data)))
+            assert read_response(refused)[0x00000900] == 0x0000
+        for assoc in (first, second):
+            assoc.release()
+        assert {uid, other} <= set(stored(services, services.store.backend))  # type: ignore[arg-type]
+    finally:
+        server.stop(running, drain=1.0)

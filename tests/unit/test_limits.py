@@ -550,3 +550,26 @@ def test_a_message_begun_while_too_many_wait_aborts_the_association() -> None:
     with contextlib.suppress(Exception):  # the fragment itself is no real command
         reactor._receive_fragment(provider, 1, fragment, single)
     assert events.empty()
+
+
+def test_the_receive_budget_is_shared_and_given_back() -> None:
+    """Data sets take the worker's budget as they arrive: one that would pass it is
+    dropped (its bytes given back) unless it is the only one held; a buffer gives its
+    bytes back once released, or once pynetdicom lets go of it."""
+    budget = limits.ReceiveBudget(100)
+    first, second = limits.CappedBuffer(1000, budget), limits.CappedBuffer(1000, budget)
+    first.write(b"x" * 80)
+    second.write(b"y" * 10)
+    second.write(b"y" * 20)  # 110 > 100, and the first holds bytes too: dropped
+    assert (second.exhausted, second.overflowed, second.getvalue(), budget.held) == \
+        (True, True, b"", 80)
+    second.write(b"y")  # dropped for good, nothing taken
+    assert budget.held == 80
+    first.write(b"x" * 200)  # the only one held: any object within its limit fits
+    assert (first.exhausted, budget.held) == (False, 280)
+    first.holding.release()
+    assert budget.held == 0
+    third = limits.CappedBuffer(1000, budget)
+    third.write(b"z" * 50)
+    del third  # never released by its handler (an aborted message)
+    assert budget.held == 0

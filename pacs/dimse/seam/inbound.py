@@ -104,6 +104,7 @@ class _Store(NamedTuple):
     command: _StoreCommand
     context_id: int
     request: storage.StoreRequest
+    holding: limits.Holding  # of the worker's receive budget, given back once stored
 
 
 class _Find(NamedTuple):
@@ -199,7 +200,10 @@ def _serve_following(assoc: Association, served: Served, reader: _Reader) -> Non
 def _answer_store(assoc: Association, served: Served, message: _Store) -> bool:
     """Store a request read here and send its response; False when the association
     ended meanwhile or the response could not be sent."""
-    status = storage.store(served.services, message.request, served.store_audit)
+    try:
+        status = storage.store(served.services, message.request, served.store_audit)
+    finally:
+        message.holding.release()
     if not assoc.is_established:
         return False  # aborted meanwhile: nobody to answer
     command = message.command
@@ -226,6 +230,7 @@ class _Reader:
         self.raw: Any = assoc.dul.socket.socket  # type: ignore[union-attr]
         self.ceiling = reactor.pdata_ceiling(assoc)
         self.limit = served.services.settings.max_object_bytes
+        self.budget = reactor.receiving(assoc)
         #: Bytes read that go back to pynetdicom on :class:`_HandBack`: the message's,
         #: until it is taken as a store request, then the current PDU's header.
         self.taken = bytearray()
@@ -336,19 +341,26 @@ class _Reader:
         if not sop_instance:
             raise _HandBack
         sop_class, transfer_syntax = self._context(fields, context_id, _C_STORE_RQ)
-        data = _DataSet(self.limit)
-        # Data set fragments in the command's last PDU: still handed back if malformed.
-        self._add(data, rest, context_id, body, _HandBack)
-        while not data.complete:
-            self.taken.clear()  # taken as a store request: only a PDU goes back now
-            body = self._pdu(keep=False)
-            self._add(data, self._pdvs(body, _Broken), context_id, body, _Broken)
+        data = _DataSet(self.limit, limits.Holding(self.budget))
+        try:
+            # Data set fragments in the command's last PDU: still handed back if
+            # malformed.
+            self._add(data, rest, context_id, body, _HandBack)
+            while not data.complete:
+                self.taken.clear()  # taken as a store request: only a PDU goes back now
+                body = self._pdu(keep=False)
+                self._add(data, self._pdvs(body, _Broken), context_id, body, _Broken)
+        except BaseException:
+            data.holding.release()
+            raise
         request = storage.StoreRequest(
             sop_class_uid=sop_class, sop_instance_uid=sop_instance,
             transfer_syntax=transfer_syntax, abstract_syntax=sop_class,  # _context found it
             calling_ae_title=self.assoc.requestor.ae_title,
-            data_set=data.value(), received=data.received, limit=self.limit)
-        return _Store(_StoreCommand(message_id, sop_class, sop_instance), context_id, request)
+            data_set=data.value(), received=data.received, limit=self.limit,
+            exhausted=data.holding.refused)
+        return _Store(_StoreCommand(message_id, sop_class, sop_instance), context_id, request,
+                      data.holding)
 
     def _find(self, fields: dict[int, bytes], message_id: int, context_id: int,
               rest: list[_Pdv], body: bytes | bytearray) -> _Find:
@@ -676,8 +688,9 @@ class _DataSet:
     fragments themselves are bounded too (:func:`pacs.dimse.limits.count_fragment`).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, holding: limits.Holding | None = None) -> None:
         self.limit = limit
+        self.holding = holding or limits.Holding(None)
         self.fragments: list[memoryview | bytearray] = []
         self.received = 0
         self.count = 0
@@ -693,8 +706,11 @@ class _DataSet:
         """
         self.received += len(fragment)
         self.count = limits.count_fragment(self.count, self.received)
-        if self.limit > 0 and self.received > self.limit:
-            self.fragments.clear()  # over the limit: answered A700, nothing kept
+        if ((self.limit > 0 and self.received > self.limit)
+                or not self.holding.take(len(fragment))):
+            # Over the object limit, or the worker's budget: answered A700, nothing kept.
+            self.fragments.clear()
+            self.holding.release()
         elif len(fragment) >= _VIEWED_FRAGMENT_BYTES and 2 * len(fragment) >= pdu_bytes:
             self.fragments.append(fragment)
         elif fragment:
@@ -706,9 +722,11 @@ class _DataSet:
         self.complete = last
 
     def value(self) -> bytes:
-        if len(self.fragments) == 1:
-            return bytes(self.fragments[0])
-        return b"".join(self.fragments)
+        """The data set's bytes; the fragments are let go (held once, not twice)."""
+        fragments, self.fragments = self.fragments, []
+        if len(fragments) == 1:
+            return bytes(fragments[0])
+        return b"".join(fragments)
 
 
 #: Fragments from this size on are kept as views of their PDU, smaller ones copied.

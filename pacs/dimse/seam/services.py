@@ -113,8 +113,13 @@ class StoreServiceClass(StorageServiceClass):
         if services is None:  # not a seam node: pynetdicom's own flow and handlers
             super().SCP(req, context)
             return
-        status = storage.store(services, _store_request(self.assoc, req, context, services),
-                               bound_audit(self.assoc, evt.EVT_C_STORE))
+        try:
+            status = storage.store(services, _store_request(self.assoc, req, context,
+                                                            services),
+                                   bound_audit(self.assoc, evt.EVT_C_STORE))
+        finally:
+            if isinstance(req.DataSet, CappedBuffer):  # its bytes given back once stored
+                req.DataSet.holding.release()
         if not self.assoc.is_established:
             return  # aborted meanwhile: nobody to answer
         command = wire.response_command(
@@ -158,8 +163,10 @@ def _store_request(assoc: Association, req: C_STORE, context: PresentationContex
     object limit was not kept while it arrived (:class:`pacs.dimse.limits.CappedBuffer`,
     :func:`pacs.dimse.seam.reactor._receive_primitive`)."""
     buffer = req.DataSet
+    exhausted = False
     if isinstance(buffer, CappedBuffer):
         data, received, limit = buffer.getvalue(), buffer.received, buffer.limit
+        exhausted = buffer.exhausted
     else:
         data = buffer.getvalue() if buffer is not None else b""
         received, limit = len(data), services.settings.max_object_bytes
@@ -169,7 +176,7 @@ def _store_request(assoc: Association, req: C_STORE, context: PresentationContex
         transfer_syntax=str(context.transfer_syntax[0]),
         abstract_syntax=str(context.abstract_syntax or ""),
         calling_ae_title=assoc.requestor.ae_title, data_set=data, received=received,
-        limit=limit)
+        limit=limit, exhausted=exhausted)
 
 
 def answer_invalid_store(assoc: Association, msg: Any, context_id: int) -> bool:
