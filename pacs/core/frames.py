@@ -729,16 +729,7 @@ def _check_extended(source: BinaryIO, lay: Layout, number: int) -> None:
 
 def decoded(source: BinaryIO, number: int, lay: Layout, max_frame_bytes: int) -> np.ndarray:
     """Frame ``number`` decoded by pydicom (any syntax it has a decoder for):
-    :func:`decoded_frames` of that frame alone.
-
-    Raises
-    ------
-    FrameTooLarge
-        The frame (or, when the whole pixel data must be read, all the frames) is
-        declared larger than ``max_frame_bytes``.
-    UnreadableData
-        When the frame cannot be decoded.
-    """
+    :func:`decoded_frames` of that frame alone, which says what it raises."""
     return next(decoded_frames(source, lay, [number], max_frame_bytes))
 
 
