@@ -497,8 +497,12 @@ class CappedBuffer(io.BytesIO):
 
     def lower(self, limit: int) -> None:
         """Keep at most ``limit`` bytes from now on (once the message's command says
-        what its data set is); what was kept past it is dropped at once."""
+        what its data set is); what was kept past it is dropped at once.  A data set
+        held to so little (a query's identifier) takes nothing of the receive budget:
+        it is not refused because stores fill it."""
         self.limit = min(self.limit, limit)
+        self.holding.release()
+        self.holding = Holding(None)
         if self.received > self.limit:
             self._overflow()
 
