@@ -92,12 +92,14 @@ def is_loopback(address: str | None) -> bool:
 
 
 def host_name(host: str) -> str:
-    """The name of a ``Host`` header value, without port and brackets, lower case."""
+    """The name of a ``Host`` header value, without port and brackets, lower case, and
+    without a fully qualified name's root dot (``north.example.`` is
+    ``north.example``: one name, which every rule that looks at it must see alike)."""
     host = host.strip().lower()
     if host.startswith("["):  # an IPv6 literal: [::1]:8080
         return host[1:].partition("]")[0]
     name, _, port = host.rpartition(":")
-    return name if name and port.isdigit() else host.rstrip(":")
+    return (name if name and port.isdigit() else host.rstrip(":")).rstrip(".")
 
 
 def is_address(name: str) -> bool:
@@ -188,7 +190,7 @@ class Access:
         self.policy = policy if policy is not None else access_policy(settings)
         self.open = settings.web_open
         self.delete = settings.web_delete
-        self.hosts = frozenset(host_name(name).rstrip(".") for name in settings.web_hosts)
+        self.hosts = frozenset(host_name(name) for name in settings.web_hosts)
         self.site = settings.customer  # whose users a claimed name is counted among
         self.logins = logins if logins is not None else LoginLimiter.of(settings)
         self.trail = trail
@@ -207,7 +209,7 @@ class Access:
         client's Host, and a client anywhere can write ``localhost`` there."""
         if not host:
             return not proxied
-        name = host_name(host).rstrip(".")  # a fully qualified name's root dot
+        name = host_name(host)
         return name in self.hosts or (not proxied and names_loopback(name))
 
     def identify(self, remote_addr: str | None, authorization: str | None,

@@ -11,9 +11,13 @@ through its own application over its own services.  A request is a customer's wh
 * neither, and the node has a default customer: the one named ``CUSTOMER`` when it is
   in the customers file, or the only one of a node without a customers file.
 
-A path naming one customer under a host name of another, an unknown name, or a request
-at the root without a default get 404, whatever the customer's data: nothing tells
-whether a customer of that name exists.
+A path naming one customer under a host name of another, an unknown name, an
+application root (``SCRIPT_NAME``, a proxy's header) that names a customer, or a
+request at the root without a default get 404 from here, whatever names exist; a known
+customer's application then answers by its own access rules (401, 403, 421).  A host
+name is read as the access rules read it (:func:`adapters.http.auth.host_name`: lower
+case, no port, no root dot), so that no spelling of one customer's host reaches
+another.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ class CustomerRouter:
     def choose(self, environ: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """The customer of a request and the environment its application gets
         (``None``: no customer)."""
+        if PREFIX in f"{environ.get('SCRIPT_NAME') or ''}/":
+            # An application root (a proxy's SCRIPT_NAME header, which gunicorn cuts off
+            # the path) that names a customer: the path left would be routed as if it
+            # named none, and the URLs handed out would name that customer.
+            return None, environ
         by_host = self.hosts.get(host_name(str(environ.get("HTTP_HOST") or "")))
         path = str(environ.get("PATH_INFO") or "")
         if not path.startswith(PREFIX):

@@ -412,7 +412,8 @@ SETTINGS: tuple[Setting, ...] = (
             "With several customers: the share of PACS_MAX_ASSOCIATIONS one customer's "
             "associations may take per worker process, so that the others together keep "
             "the rest; "
-            "more are rejected (A-ASSOCIATE-RJ, local limit exceeded). 1: no share.",
+            "more are rejected (A-ASSOCIATE-RJ, local limit exceeded); and the share of "
+            "PACS_DIMSE_RECEIVE_BYTES its data sets may hold. 1: no share.",
             _share),
     Setting("PACS_MAX_PENDING_CONNECTIONS", "max_pending_connections", "64",
             "DIMSE connections per worker process that have not yet sent an "
@@ -501,6 +502,12 @@ SETTINGS: tuple[Setting, ...] = (
 #: Every setting by its :class:`Settings` field name, and by its environment name.
 _BY_ATTR = {setting.attr: setting for setting in SETTINGS}
 _BY_ENV = {setting.env: setting for setting in SETTINGS}
+
+
+def is_set(settings: Settings, env: str) -> bool:
+    """True when ``settings`` holds another value of ``env`` than its default."""
+    setting = _BY_ENV[env]
+    return bool(getattr(settings, setting.attr) != setting.parse(setting.default))
 
 
 def _default(attr: str) -> Any:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pacs.core import access, audit
+from pacs.core import access, audit, config
 from pacs.core.access import Tables
 from pacs.core.config import Settings, check_folders, derive, validate_customer
 from pacs.core.errors import ConfigError
@@ -54,6 +54,13 @@ PER_CUSTOMER = frozenset({
     "PACS_ALLOWED_CALLING_AETS", "PACS_WEB_USER", "PACS_WEB_PASSWORD", "PACS_WEB_TOKEN",
     "PACS_ROUTES", "PACS_ROUTES_FILE",
 })
+
+#: The settings that say where a customer's data goes (C-MOVE destinations,
+#: forwarding).  Set for the node beside a customers file, every customer would
+#: inherit them (north's studies moved or forwarded to south's workstation), so they
+#: are refused there.  (The node's access rules are every customer's on purpose,
+#: README "Several customers".)
+DESTINATIONS = ("PACS_MODALITIES", "PACS_ROUTES", "PACS_ROUTES_FILE")
 
 #: The keys of a customer's table.
 KEYS = frozenset({"name", "ae_titles", "hosts", "modalities", "settings", "access"})
@@ -161,12 +168,11 @@ def parse(document: Mapping[str, Any], node: Settings, where: str = "customers"
     if not isinstance(entries, list) or not entries or set(document) - {"customer"}:
         raise ConfigError(f"{where}: expected one [[customer]] table per customer, "
                           "and nothing else")
-    if node.routes_text.strip() or node.routes_file.strip():
-        # Each customer would have inherited them: every customer's data forwarded to
-        # the destinations one of them chose.
-        raise ConfigError(f"{where}: PACS_ROUTES and PACS_ROUTES_FILE are a customer's: "
-                          "set them in the [customer.settings] of each customer whose "
-                          "data they forward, not for the node")
+    inherited = [env for env in DESTINATIONS if config.is_set(node, env)]
+    if inherited:
+        raise ConfigError(f"{where}: {', '.join(inherited)} say where a customer's data "
+                          "goes: set them in the [customer.settings] (or modalities) of "
+                          "each customer whose data they send, not for the node")
     found = tuple(_customer(entry, node, f"{where}, customer {n + 1}")
                   for n, entry in enumerate(entries))
     # Names and AE titles apart whatever their case: a modality that upper-cases the
@@ -234,7 +240,10 @@ def _customer(entry: Any, node: Settings, where: str) -> Customer:
         if not 0 < len(title) <= 16 or set(title) & _AE_FORBIDDEN:
             raise ConfigError(f"{where}: {title!r} is not an AE title (1-16 characters, "
                               "no backslash or control characters, PS3.5 6.2)")
-    hosts = tuple(h.lower() for h in _strings(entry.get("hosts", []), where, "hosts"))
+    # As a Host header's name is read (adapters.http.auth.host_name): lower case,
+    # without a fully qualified name's root dot.
+    hosts = tuple(h.lower().rstrip(".")
+                  for h in _strings(entry.get("hosts", []), where, "hosts"))
     own = entry.get("settings", {})
     if not isinstance(own, Mapping):
         raise ConfigError(f"{where}: settings: expected a table")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import select
 import socket
 import struct
@@ -410,39 +411,54 @@ class ReceiveBudget:
     250 MB: +1 GB, for as long as each sent a PDU within the DIMSE timeout).  A data
     set takes its bytes from here as they arrive and gives them back once stored;
     one that would pass ``max_bytes`` is dropped, counted on, and answered A700 as an
-    object over the limit is.  A data set that is the only one held always fits, so
-    that any object within the object limit can be received.  0: no limit.
-    Thread-safe.
+    object over the limit is.  With several customers one customer's data sets take
+    at most ``customer_bytes`` (its share), so that its slow senders cannot refuse
+    every other customer's stores.  A data set that is the only one held (in the
+    worker, in its customer) always fits that bound, so that any object within the
+    object limit can be received.  0: no limit.  Thread-safe.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, customer_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.customer_bytes = customer_bytes
         self.held = 0
+        self._by_customer: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def take(self, size: int, holding: int) -> bool:
-        """Take ``size`` more bytes for a data set that holds ``holding`` already; False
-        (nothing taken) when they do not fit."""
+    def take(self, size: int, holding: int, customer: str = "") -> bool:
+        """Take ``size`` more bytes for a data set of ``customer`` that holds
+        ``holding`` already; False (nothing taken) when they do not fit."""
         with self._lock:
+            mine = self._by_customer.get(customer, 0)
             if (self.max_bytes > 0 and self.held + size > self.max_bytes
                     and self.held > holding):
                 return False
+            if (self.customer_bytes > 0 and mine + size > self.customer_bytes
+                    and mine > holding):
+                return False
             self.held += size
+            self._by_customer[customer] = mine + size
             return True
 
-    def give(self, size: int) -> None:
-        """Give back ``size`` bytes taken."""
+    def give(self, size: int, customer: str = "") -> None:
+        """Give back ``size`` bytes taken for ``customer``."""
         if size:
             with self._lock:
                 self.held -= size
+                left = self._by_customer.get(customer, 0) - size
+                if left > 0:
+                    self._by_customer[customer] = left
+                else:
+                    self._by_customer.pop(customer, None)
 
 
 class Holding:
-    """What one data set holds of a :class:`ReceiveBudget`; given back by
-    :meth:`release` (once, whoever calls it)."""
+    """What one data set holds of a :class:`ReceiveBudget`, for its association's
+    customer; given back by :meth:`release` (once, whoever calls it)."""
 
-    def __init__(self, budget: ReceiveBudget | None) -> None:
+    def __init__(self, budget: ReceiveBudget | None, customer: str = "") -> None:
         self.budget = budget
+        self.customer = customer
         self.size = 0
         self.refused = False
 
@@ -451,7 +467,7 @@ class Holding:
         data set is dropped) and what was held is given back."""
         if self.refused:
             return False
-        if self.budget is None or self.budget.take(size, self.size):
+        if self.budget is None or self.budget.take(size, self.size, self.customer):
             self.size += size
             return True
         self.refused = True
@@ -461,7 +477,7 @@ class Holding:
     def release(self) -> None:
         held, self.size = self.size, 0
         if self.budget is not None:
-            self.budget.give(held)
+            self.budget.give(held, self.customer)
 
 
 class CappedBuffer(io.BytesIO):
@@ -473,12 +489,12 @@ class CappedBuffer(io.BytesIO):
     (:attr:`overflowed`) once complete, and the association go on.
     """
 
-    def __init__(self, limit: int, budget: ReceiveBudget | None = None) -> None:
+    def __init__(self, limit: int, holding: Holding | None = None) -> None:
         super().__init__()
         self.limit = limit
         self.received = 0
         self.overflowed = False
-        self.holding = Holding(budget)
+        self.holding = holding or Holding(None)
         # Given back once pynetdicom has done with the message (its handler has run).
         weakref.finalize(self, self.holding.release)
 
@@ -562,10 +578,13 @@ class ConnectionLimits:
                  max_object_bytes: int = 0,
                  is_open: Callable[[Any], bool] | None = None,
                  alive: Callable[[Any], bool] | None = None, *,
-                 max_per_customer: int = 0, receive_bytes: int = 0) -> None:
+                 max_per_customer: int = 0, receive_bytes: int = 0,
+                 customer_share: float = 1.0) -> None:
         self.max_associations = max_associations
-        #: The bytes of data sets being received (``PACS_DIMSE_RECEIVE_BYTES``).
-        self.receiving = ReceiveBudget(receive_bytes)
+        #: The bytes of data sets being received (``PACS_DIMSE_RECEIVE_BYTES``), with
+        #: several customers each one's share of them (as of the associations).
+        self.receiving = ReceiveBudget(receive_bytes, math.floor(
+            receive_bytes * customer_share) if max_per_customer and receive_bytes else 0)
         self.max_per_host = max_per_host
         self.max_per_customer = max_per_customer
         self.max_pending = max_pending
@@ -607,6 +626,15 @@ class ConnectionLimits:
                         "running in this worker")
             self._admitted[association] = (host, customer)
             return None
+
+    def customer_of(self, association: Hashable) -> str:
+        """The customer an admitted association was admitted to (``""``: unknown)."""
+        with self._lock:
+            return self._admitted.get(association, ("", ""))[1]
+
+    def holding(self, association: Hashable) -> Holding:
+        """A new data set's share of :attr:`receiving`, for ``association``'s customer."""
+        return Holding(self.receiving, self.customer_of(association))
 
     def forget(self, connection: Hashable | None) -> None:
         """``connection`` is pending no more (its request arrived and was refused)."""

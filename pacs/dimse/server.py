@@ -698,7 +698,8 @@ def connection_limits_of(settings: Settings, customers: int = 1) -> ConnectionLi
         settings.max_associations, settings.max_associations_per_host,
         settings.max_pending_connections, settings.max_object_bytes,
         alive=_holds_its_place, max_per_customer=per_customer,
-        receive_bytes=settings.dimse_receive_bytes)
+        receive_bytes=settings.dimse_receive_bytes,
+        customer_share=settings.customer_association_share)
 
 
 def start(served: Services | Customers, address: tuple[str, int] | None = None,

@@ -22,8 +22,8 @@ from pacs.node.apps import viewer_port
 
 @pytest.mark.parametrize(("header", "name"), [
     ("localhost:5985", "localhost"), ("LOCALHOST", "localhost"), ("[::1]:8080", "::1"),
-    ("127.0.0.1:5985", "127.0.0.1"), ("pacs.example.org.", "pacs.example.org."),
-    ("host:", "host"), ("[::1]", "::1")])
+    ("127.0.0.1:5985", "127.0.0.1"), ("pacs.example.org.", "pacs.example.org"),
+    ("host:", "host"), ("[::1]", "::1"), ("Pacs.Example.Org.:443", "pacs.example.org")])
 def test_host_name(header: str, name: str) -> None:
     assert host_name(header) == name
 

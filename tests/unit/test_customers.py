@@ -266,3 +266,50 @@ def test_without_a_default_the_root_is_not_found() -> None:
                 lambda status, headers: statuses.append(status)))
     assert statuses == ["404 Not Found"]
 
+
+
+@pytest.mark.parametrize(("host", "script", "path", "answer"), [
+    # A fully qualified name's root dot: the same host, the same customer.
+    ("south.example.", "", "/studies", "south  /studies"),
+    ("South.Example.:8080", "", "/customers/north/studies", None),
+    # An application root (a proxy's SCRIPT_NAME header) naming a customer.
+    ("127.0.0.1", "/customers/south", "/studies", None),
+    ("127.0.0.1", "/pacs/customers/south", "/studies", None),
+    ("127.0.0.1", "/pacs", "/customers/south/studies", "south /pacs/customers/south /studies"),
+])
+def test_no_spelling_of_a_host_or_root_reaches_another_customer(
+        host: str, script: str, path: str, answer: str | None) -> None:
+    """``south.example.`` went to the default customer (and a path under it to any
+    customer), whose access rules, stripping the dot, then took it for a name of the
+    node's; a ``SCRIPT_NAME`` of ``/customers/south`` left a path that named no
+    customer, served by the default one with URLs naming south."""
+    router = CustomerRouter({"north": _app("north"), "south": _app("south")},
+                            {"south.example": "south"}, "north")
+    statuses: list[str] = []
+    body = b"".join(router({"HTTP_HOST": host, "PATH_INFO": path, "SCRIPT_NAME": script},
+                           lambda status, headers: statuses.append(status)))
+    if answer is None:
+        assert statuses == ["404 Not Found"]
+    else:
+        assert body.decode() == answer
+
+
+def test_a_customer_s_host_names_lose_their_root_dot(tmp_path: Path) -> None:
+    path = tmp_path / "customers.toml"
+    path.write_text(TWO.replace('"North.Example"', '"North.Example."'), encoding="utf-8")
+    north = customers(_node(tmp_path, PACS_CUSTOMERS_FILE=str(path)))[0]
+    assert north.hosts == ("north.example",)
+
+
+def test_destinations_set_for_the_node_beside_customers_are_refused(
+        tmp_path: Path) -> None:
+    """A node-wide PACS_MODALITIES became every customer's C-MOVE destinations: north's
+    studies could be moved to south's workstation."""
+    with pytest.raises(ConfigError, match="PACS_MODALITIES"):
+        parse({"customer": [{"name": "north", "ae_titles": "N"},
+                            {"name": "south", "ae_titles": "S"}]},
+              _node(tmp_path, PACS_MODALITIES="SOUTHWS=10.0.0.7:104"))
+    north, south = parse({"customer": [
+        {"name": "north", "ae_titles": "N", "modalities": "NORTHWS=10.0.0.5:104"},
+        {"name": "south", "ae_titles": "S"}]}, _node(tmp_path))
+    assert set(north.settings.destinations) == {"NORTHWS"} and not south.settings.destinations

@@ -557,7 +557,7 @@ def test_the_receive_budget_is_shared_and_given_back() -> None:
     dropped (its bytes given back) unless it is the only one held; a buffer gives its
     bytes back once released, or once pynetdicom lets go of it."""
     budget = limits.ReceiveBudget(100)
-    first, second = limits.CappedBuffer(1000, budget), limits.CappedBuffer(1000, budget)
+    first, second = (limits.CappedBuffer(1000, limits.Holding(budget)) for _ in range(2))
     first.write(b"x" * 80)
     second.write(b"y" * 10)
     second.write(b"y" * 20)  # 110 > 100, and the first holds bytes too: dropped
@@ -569,7 +569,25 @@ def test_the_receive_budget_is_shared_and_given_back() -> None:
     assert (first.exhausted, budget.held) == (False, 280)
     first.holding.release()
     assert budget.held == 0
-    third = limits.CappedBuffer(1000, budget)
+    third = limits.CappedBuffer(1000, limits.Holding(budget))
     third.write(b"z" * 50)
     del third  # never released by its handler (an aborted message)
     assert budget.held == 0
+
+
+def test_each_customer_takes_its_share_of_the_receive_budget() -> None:
+    """With several customers one customer's slow senders hold at most its share
+    (``PACS_CUSTOMER_ASSOCIATION_SHARE`` of it): another customer's stores still fit
+    (they were refused once one customer held the whole budget)."""
+    node = limits.ConnectionLimits(32, 16, 64, max_per_customer=24, receive_bytes=100,
+                                   customer_share=0.75, alive=lambda _: True)
+    assert node.admit("a1", None, "10.0.0.1", "alpha") is None
+    assert node.admit("a2", None, "10.0.0.2", "alpha") is None
+    assert node.admit("b1", None, "10.0.0.3", "bravo") is None
+    one, two, other = node.holding("a1"), node.holding("a2"), node.holding("b1")
+    assert one.take(60) and not two.take(20)  # alpha past its 75: refused
+    assert other.take(25)  # bravo's within the 100 in all
+    one.release(), other.release()
+    assert node.receiving.held == 0
+    alone = node.holding("a1")
+    assert alone.take(150)  # the only one held: any object fits

@@ -230,7 +230,6 @@ class _Reader:
         self.raw: Any = assoc.dul.socket.socket  # type: ignore[union-attr]
         self.ceiling = reactor.pdata_ceiling(assoc)
         self.limit = served.services.settings.max_object_bytes
-        self.budget = reactor.receiving(assoc)
         #: Bytes read that go back to pynetdicom on :class:`_HandBack`: the message's,
         #: until it is taken as a store request, then the current PDU's header.
         self.taken = bytearray()
@@ -341,7 +340,7 @@ class _Reader:
         if not sop_instance:
             raise _HandBack
         sop_class, transfer_syntax = self._context(fields, context_id, _C_STORE_RQ)
-        data = _DataSet(self.limit, limits.Holding(self.budget))
+        data = _DataSet(self.limit, reactor.holding(self.assoc))
         try:
             # Data set fragments in the command's last PDU: still handed back if
             # malformed.

@@ -706,11 +706,11 @@ def _node_limits(assoc: Association) -> limits.ConnectionLimits | None:
     return found if isinstance(found, limits.ConnectionLimits) else None
 
 
-def receiving(assoc: Association) -> limits.ReceiveBudget | None:
-    """The memory budget of the data sets ``assoc``'s worker receives (None: not a
-    node's association)."""
+def holding(assoc: Association) -> limits.Holding:
+    """A new data set's share of the memory budget of the data sets ``assoc``'s worker
+    receives (none taken: not a node's association)."""
     node = _node_limits(assoc)
-    return node.receiving if node else None
+    return node.holding(assoc) if node else limits.Holding(None)
 
 
 def _ceilings_for(dul: _DUL) -> tuple[int, ...]:
@@ -1048,7 +1048,7 @@ def _receive_fragment(self: DIMSEServiceProvider, context_id: int, fragment: byt
         message = self.message = DIMSEMessage()
         message.encoded_command_set = limits.CappedCommand()
         if limit > 0:
-            message.data_set = limits.CappedBuffer(limit, receiving(self.assoc))
+            message.data_set = limits.CappedBuffer(limit, holding(self.assoc))
     message = self.message
     out_of_order = _out_of_order(message, context_id, fragment)
     if out_of_order is not None:
