@@ -272,7 +272,8 @@ def body_stream(req: falcon.Request, max_request_bytes: int) -> multipart.Readab
 
 def single_part(stream: multipart.Readable,
                 max_part_bytes: int = multipart.MAX_PART_BYTES,
-                declared: int | None = None) -> Iterator[multipart.Part]:
+                declared: int | None = None,
+                spool_dir: str | None = None) -> Iterator[multipart.Part]:
     """A whole ``application/dicom`` body as one part (spooled; over ``max_part_bytes``
     read to its end and yielded ``oversize``, with its head only).
 
@@ -284,7 +285,8 @@ def single_part(stream: multipart.Readable,
         proof that it is all there (a multipart body has its closing boundary).
     """
     # Handed to the Part yielded below, which closes it.
-    spool = tempfile.SpooledTemporaryFile(max_size=multipart.SPOOL_MEMORY_BYTES)  # noqa: SIM115
+    spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+        max_size=multipart.SPOOL_MEMORY_BYTES, dir=spool_dir)
     size = 0
     head = b""
     try:
@@ -312,8 +314,11 @@ def single_part(stream: multipart.Readable,
 
 
 def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES,
-             max_request_bytes: int | None = None) -> Iterator[multipart.Part]:
-    """The parts of a STOW-RS body, by its Content-Type.
+             max_request_bytes: int | None = None,
+             spool_dir: str | None = None) -> Iterator[multipart.Part]:
+    """The parts of a STOW-RS body, by its Content-Type; a part too large to keep in
+    memory goes to a temporary file in ``spool_dir`` (the data folder: the disk the
+    node has room on, not a ``/tmp`` that may be memory).
 
     Raises
     ------
@@ -327,7 +332,8 @@ def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES
     limit = max_request_bytes if max_request_bytes is not None else 1 << 62
     kind, params = multipart.media_type(req.content_type or "")
     if kind == DICOM:
-        return single_part(body_stream(req, limit), max_part_bytes, req.content_length)
+        return single_part(body_stream(req, limit), max_part_bytes, req.content_length,
+                           spool_dir)
     if kind != "multipart/related":
         raise UnsupportedMedia("STOW-RS takes multipart/related; type=\"application/dicom\"")
     part_type = multipart.media_type(params.get("type", DICOM))[0]
@@ -336,7 +342,7 @@ def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES
                                "send application/dicom")
     boundary = multipart.boundary_of(req.content_type or "")
     return multipart.read_parts(body_stream(req, limit), boundary,
-                                max_part_bytes=max_part_bytes)
+                                max_part_bytes=max_part_bytes, spool_dir=spool_dir)
 
 
 class Store:
@@ -366,7 +372,8 @@ class Store:
         self.services.ingest.check_room()
         settings = self.services.settings
         report = self._store_all(parts_of(req, settings.max_object_bytes,
-                                          settings.max_request_bytes), study,
+                                          settings.max_request_bytes,
+                                          str(settings.data_dir)), study,
                                  _Storer.of(req, Access.of(self.services)))
         if report.failed:  # one line, however many parts failed
             level = logging.ERROR if any(f.ours for f in report.failed) else logging.WARNING
@@ -441,6 +448,21 @@ class Store:
                             len(report.stored) + len(report.failed), exc)
                 report.failed.append(Failed("", "", outcome_for(exc).failure_reason,
                                             reason(exc)))
+            except Exception as exc:
+                # Anything else (the temporary folder gone, no thread for a batch) after
+                # parts were stored: those are answered and audited as stored (PS3.18
+                # 10.5.3), the break a failure of ours; before, it was a 500 that named
+                # none of them.
+                submit()
+                _collect(pending, report, keep=0)
+                if not report.stored:
+                    raise
+                log.error("STOW-RS body failed after %d part(s) (%s)",
+                          len(report.stored) + len(report.failed), type(exc).__name__)
+                log.debug("the failure", exc_info=exc)
+                outcome = outcome_for(exc)
+                report.failed.append(Failed("", "", outcome.failure_reason, outcome.title,
+                                            ours=True))
             finally:
                 _collect(pending, report, keep=0)
         if report.empty:

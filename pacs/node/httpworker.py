@@ -143,6 +143,8 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 << 10
 #: Largest body kept in memory; larger ones are spooled to a temporary file.
 MEMORY_BODY_BYTES = 32 << 20
+#: Received pieces of a body smaller than this are joined up to it in memory.
+PIECE_BYTES = 64 << 10
 #: Request bodies held in memory by one worker at most (the rest go to files).
 MEMORY_BUDGET_BYTES = 64 << 20
 #: Unsent response bytes parked with the loop by one worker at most.
@@ -248,6 +250,22 @@ class Limits:
                    keepalive=max(0.0, settings.http_keepalive),
                    max_body=max(0, settings.max_request_bytes),
                    spool_dir=str(settings.data_dir))
+
+
+def _close_unless_read(conn: Any, resp: Any) -> None:
+    """An answer whose head goes out before its request's body has all arrived (the
+    application answered early: a refusal, a cut STOW-RS) says the connection closes
+    after it, as it then does (RFC 9110 10.1.1, RFC 9112 9.6); it said keep-alive."""
+    spool = conn.spool
+    if not resp.headers_sent and spool is not None and not spool.finished:
+        resp.force_close()
+
+
+def _other_codings(req: Any) -> bool:
+    """True when a request's Transfer-Encoding names another coding than ``chunked``."""
+    codings = [coding.strip().lower() for name, value in req.headers
+               if name == "TRANSFER-ENCODING" for coding in value.split(",")]
+    return any(coding and coding != "chunked" for coding in codings)
 
 
 class BadRequest(Exception):
@@ -385,7 +403,7 @@ class Spool:
         self.finished = False  # every byte is here
         self.aborted = False   # no more bytes will come: the client stalled or left
         self.changed = threading.Condition()
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | bytearray] = []
         self._starts: list[int] = []  # offset of each chunk in the body
         self._held = 0  # bytes taken from the budget
         self._file: Any = None
@@ -429,10 +447,21 @@ class Spool:
             if self._file is not None:
                 _write_all(self._file, data)
             else:
-                self._chunks.append(data)
-                self._starts.append(self.size)
+                self._keep(data)
             self.size += len(data)
             self.changed.notify_all()
+
+    def _keep(self, data: bytes) -> None:
+        """Keep ``data`` in memory: small pieces joined into one of up to
+        :data:`PIECE_BYTES`, so that what a body holds stays close to its bytes (a piece
+        of its own per receive cost a client that sends a byte at a time about 50
+        times the bytes the budget counts)."""
+        last = self._chunks[-1] if self._chunks else None
+        if isinstance(last, bytearray) and len(last) + len(data) <= PIECE_BYTES:
+            last += data
+            return
+        self._chunks.append(bytearray(data) if len(data) < PIECE_BYTES else data)
+        self._starts.append(self.size)
 
     def finish(self) -> None:
         """Every byte has arrived."""
@@ -462,7 +491,8 @@ class Spool:
         first = self._chunks[index]
         offset = position - self._starts[index]
         if offset == 0 and len(first) == size:
-            return first  # exactly one piece: as it arrived, no copy
+            # Exactly one piece: as it arrived, no copy (a joined one may still grow).
+            return bytes(first) if isinstance(first, bytearray) else first
         pieces: list[bytes | memoryview] = []
         while size > 0:
             chunk = memoryview(self._chunks[index])[offset:offset + size]
@@ -495,7 +525,7 @@ class Spool:
             self.changed.notify_all()
 
 
-def _write_all(file: Any, data: bytes) -> None:
+def _write_all(file: Any, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while len(view):
         view = view[file.write(view):]
@@ -1572,7 +1602,7 @@ class HttpWorker(base.Worker):
         (invalid ones counted, in one line per interval)."""
         status = parse_error_status(exc)
         host = addr[0] if isinstance(addr, tuple) and addr else "?"
-        if status is None or status.startswith("5"):
+        if status is None or status == "500 Internal Server Error":
             log.error("a request from %s failed unexpectedly (%s)", host, type(exc).__name__)
             log.debug("the failure", exc_info=exc)
             return status or "500 Internal Server Error"
@@ -1585,6 +1615,13 @@ class HttpWorker(base.Worker):
 
         reader = getattr(req.body, "reader", None)
         length: int | None
+        if _other_codings(req):
+            # gunicorn takes gzip, deflate or compress before chunked; only the chunked
+            # framing is undone here, and the application would read compressed bytes
+            # as the body (RFC 9112 6.1: a coding the server does not implement, 501).
+            self._refuse(conn, BadRequest("501 Not Implemented",
+                                          "no transfer coding but chunked"))
+            return
         if isinstance(reader, ChunkedReader):
             length = None
         elif isinstance(reader, LengthReader):
@@ -1719,7 +1756,9 @@ class HttpWorker(base.Worker):
                                           "too many requests wait for an answer"))
             return
         if not submit_job(self.stream_pool if conn.streamed else self.pool, job):
-            if not conn.streamed:
+            if conn.streamed:
+                self.streams.give(1)  # taken when its streaming began
+            else:
                 self.waiting.give(1)
             self._no_thread("can't start new thread")
             self._refuse(conn, BadRequest("503 Service Unavailable",
@@ -1811,10 +1850,12 @@ class HttpWorker(base.Worker):
                 try:
                     item = next(exchange.chunks)
                 except StopIteration:
+                    _close_unless_read(conn, exchange.resp)
                     exchange.resp.close()
                     exchange.finished = True
                     exchange.keep = self.alive and not exchange.resp.should_close()
                     continue
+                _close_unless_read(conn, exchange.resp)
                 exchange.resp.write(item)
         except Exception as exc:  # noqa: BLE001 - the client left, or the application failed
             self._abandon(conn, exc)

@@ -711,3 +711,35 @@ def test_dicomweb_waits_for_the_object_store_while_dimse_goes_on(
     finally:
         server.close()
 
+
+
+def test_transfer_codings_but_chunked_are_refused_and_counted(node: Node) -> None:
+    """``gzip, chunked``: the chunked framing was undone and the compressed bytes read
+    as the body (400 from the application, a DICOM part that does not parse);
+    ``Transfer-Encoding: x``: 501, one ERROR line per request.  Both are 501 (RFC 9112
+    6.1), counted in the worker's line of invalid requests, no ERROR line."""
+    before = node.log().count("failed unexpectedly")
+    for coding in (b"gzip, chunked", b"x") * 10:
+        with connect(web_port(node)) as sock:
+            sock.sendall(b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: "
+                         b"%s\r\nContent-Type: application/dicom\r\n\r\n0\r\n\r\n" % coding)
+            sock.settimeout(ANSWER_WITHIN)
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 501"), (coding, answer[:200])
+    assert node.log().count("failed unexpectedly") == before, node.log()[-2000:]
+
+
+def test_an_answer_before_the_body_has_arrived_says_the_connection_closes(
+        node: Node) -> None:
+    """A body the application refuses while it still arrives (streamed: over 1 MiB):
+    the answer says ``Connection: close``, as the server then closes (RFC 9112 9.6);
+    it said keep-alive."""
+    with connect(web_port(node)) as sock:
+        sock.sendall(b"POST /studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain"
+                     b"\r\nContent-Length: %d\r\n\r\n" % (8 << 20) + bytes(2 << 20))
+        sock.settimeout(ANSWER_WITHIN)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 415") and b"connection: close" in head, head

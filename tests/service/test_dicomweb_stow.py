@@ -3,6 +3,7 @@ them, the PS3.18 10.5.3 response, and nothing stored from a refused part."""
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -13,6 +14,7 @@ from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
+import adapters.dicomweb.stow as stow_module
 from adapters.dicomweb.app import create_app
 from adapters.dicomweb.multipart import encode
 from pacs.core import config
@@ -474,3 +476,25 @@ def test_a_body_over_the_request_limit_is_413(make_services: Callable[..., Servi
     # Chunked and over the limit before any part was stored: 413.
     small, _ = limited_client(make_services, memory_store, max_request_bytes=1000)
     assert post(small, body(instance()), extras={"CONTENT_LENGTH": ""}).status_code == 413
+
+
+def test_a_failure_of_ours_after_a_stored_part_answers_what_was_stored(
+        client: testing.TestClient, services: Services,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body's reading fails for a reason of the node's (its temporary folder gone,
+    no thread) after a part was stored: 202 naming the stored instance, the break a
+    processing failure (0110) (it was a 500 that named none of what was stored)."""
+    good = instance()
+    reading = stow_module.parts_of
+
+    def failing(*args: object, **kwargs: object) -> Iterator[object]:
+        parts = reading(*args, **kwargs)  # type: ignore[arg-type]
+        yield next(parts)
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(stow_module, "parts_of", failing)
+    result = post(client, body(good, instance()))
+    assert result.status_code == 202, result.text
+    assert referenced(result) == [uids(good).SOPInstanceUID]
+    assert failures(result) == [(None, 0x0110)]
+    assert stored(services) == {uids(good).SOPInstanceUID}

@@ -14,6 +14,7 @@ import selectors
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -138,9 +139,10 @@ def test_the_body_reader_reads_like_a_buffer(tmp_path: Path, in_memory: bool) ->
 
 
 def test_a_read_of_exactly_the_next_piece_is_not_copied(tmp_path: Path) -> None:
-    first, second = b"x" * 1000, b"y" * 10
+    """A large piece is kept as it arrived (small ones are joined, and copied)."""
+    first, second = b"x" * httpworker.PIECE_BYTES, b"y" * 10
     body = spooled([first, second], tmp_path).reader(timeout=5)
-    assert body.read(1000) is first
+    assert body.read(len(first)) is first
     lines = spooled([b"a\nb", b"c\n", b"d"], tmp_path).reader(timeout=5)
     assert list(lines) == [b"a\n", b"bc\n", b"d"]
 
@@ -482,3 +484,59 @@ def test_the_host_a_request_names_follows_rfc_9112() -> None:
     plain = _parsed(b"GET /studies HTTP/1.1\r\nHost: localhost:5985\r\n\r\n")
     assert httpworker.host_refusal(plain) is None
     assert plain.headers == [("HOST", "localhost:5985")]
+
+
+def test_a_body_received_a_byte_at_a_time_holds_close_to_its_bytes(tmp_path: Path) -> None:
+    """Each receive was a piece of its own (a bytes object and an offset): a client
+    sending a byte at a time made a body hold about 50 times what the budget counts
+    (a 64 MiB budget, 3 GB of a worker).  Small pieces are joined; the bytes read back
+    are the bytes sent."""
+    budget = httpworker.Budget(64 << 20)
+    declared = 200_000
+    sent = bytes(range(256)) * (declared // 256) + bytes(declared % 256)
+    tracemalloc.start()
+    spool = httpworker.Spool(budget, str(tmp_path), declared)
+    base = tracemalloc.get_traced_memory()[0]
+    for byte in range(declared):
+        spool.write(sent[byte:byte + 1])
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert held < 2 * declared, held
+    with spool.changed:
+        assert spool.take(0, declared) == sent and spool.take(70_000, 5) == sent[70_000:70_005]
+    spool.close()
+
+
+def test_a_streamed_request_with_no_thread_gives_its_streaming_place_back(
+        loop_worker: tuple[httpworker.HttpWorker, Exhausted],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body large enough to be streamed, whose thread cannot start: 503, and its place
+    among the streamed requests is given back (it was kept for the worker's life, and
+    after ``threads`` such refusals no body was streamed again)."""
+    worker, double = loop_worker
+    double.failing = False
+    worker.limits = httpworker.Limits(timeout=30.0, keepalive=15.0, max_body=8 << 20,
+                                      spool_dir=worker.limits.spool_dir)
+    worker.pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pacs-http")
+    worker.stream_pool = futures.ThreadPoolExecutor(max_workers=2,
+                                                    thread_name_prefix="pacs-http-stream")
+    worker.streams = httpworker.Budget(2)
+    starting = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("pacs-http"):
+            raise RuntimeError("can't start new thread")
+        starting(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    worker._accept_enabled(True)
+    head = (b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Content-Length: %d\r\n\r\n" % (2 << 20))
+    try:
+        for _ in range(3):
+            assert exchange(worker, double, head).startswith(b"HTTP/1.1 503")
+        assert worker.streams.used == 0
+    finally:
+        monkeypatch.undo()
+        worker.pool.shutdown(wait=True)
+        worker.stream_pool.shutdown(wait=True)
