@@ -323,13 +323,19 @@ def parts_of(req: falcon.Request, max_part_bytes: int = multipart.MAX_PART_BYTES
     Raises
     ------
     UnsupportedMedia
-        Not multipart/related of application/dicom, nor application/dicom (415).
+        Not multipart/related of application/dicom, nor application/dicom, or a
+        Content-Encoding (415).
     MultipartError
         No usable boundary (400).
     RequestTooLarge
         A Content-Length over ``max_request_bytes`` (413).
     """
     limit = max_request_bytes if max_request_bytes is not None else 1 << 62
+    coding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+    if coding != "identity":
+        # Read as it came, a compressed body is no DICOM (RFC 9110 8.4, 15.5.16).
+        raise UnsupportedMedia("a body with a Content-Encoding is not accepted; send it "
+                               "as is")
     kind, params = multipart.media_type(req.content_type or "")
     if kind == DICOM:
         return single_part(body_stream(req, limit), max_part_bytes, req.content_length,

@@ -498,3 +498,14 @@ def test_a_failure_of_ours_after_a_stored_part_answers_what_was_stored(
     assert referenced(result) == [uids(good).SOPInstanceUID]
     assert failures(result) == [(None, 0x0110)]
     assert stored(services) == {uids(good).SOPInstanceUID}
+
+
+def test_a_body_with_a_content_encoding_is_415(client: testing.TestClient,
+                                               services: Services) -> None:
+    """A gzip-encoded body was read as it came: 400, a multipart body ending inside
+    its preamble; a content coding is not accepted (RFC 9110 15.5.16)."""
+    result = client.simulate_post("/studies", body=body(instance()), headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+        "Content-Encoding": "gzip", "Accept": "application/dicom+json"})
+    assert result.status_code == 415, result.text
+    assert stored(services) == set()
