@@ -23,6 +23,7 @@ another.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from itertools import pairwise
 from typing import Any
 
 from adapters.http.auth import host_name
@@ -57,7 +58,7 @@ class CustomerRouter:
     def choose(self, environ: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """The customer of a request and the environment its application gets
         (``None``: no customer)."""
-        if PREFIX in f"{environ.get('SCRIPT_NAME') or ''}/":
+        if self._names_a_customer(str(environ.get("SCRIPT_NAME") or "")):
             # An application root (a proxy's SCRIPT_NAME header, which gunicorn cuts off
             # the path) that names a customer: the path left would be routed as if it
             # named none, and the URLs handed out would name that customer.
@@ -73,6 +74,13 @@ class CustomerRouter:
         inner["SCRIPT_NAME"] = f"{environ.get('SCRIPT_NAME', '')}{PREFIX}{name}"
         inner["PATH_INFO"] = slash + rest or "/"
         return name, inner
+
+    def _names_a_customer(self, root: str) -> bool:
+        """True when the application root ``root`` holds ``customers/<a customer>``."""
+        segments = root.split("/")
+        name = PREFIX.strip("/")
+        return any(segment == name and following in self.apps
+                   for segment, following in pairwise(segments))
 
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:

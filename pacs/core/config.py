@@ -505,9 +505,13 @@ _BY_ENV = {setting.env: setting for setting in SETTINGS}
 
 
 def is_set(settings: Settings, env: str) -> bool:
-    """True when ``settings`` holds another value of ``env`` than its default."""
+    """True when ``settings`` holds another value of ``env`` than its default (a text
+    of blanks is the empty default)."""
     setting = _BY_ENV[env]
-    return bool(getattr(settings, setting.attr) != setting.parse(setting.default))
+    value, default = getattr(settings, setting.attr), setting.parse(setting.default)
+    if isinstance(value, str) and isinstance(default, str):
+        return value.strip() != default.strip()
+    return bool(value != default)
 
 
 def _default(attr: str) -> Any:

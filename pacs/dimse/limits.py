@@ -60,6 +60,9 @@ IDENTIFIER_CEILING = 1 << 20
 MAX_QUEUED_MESSAGES = 4
 #: Command Field values of the requests whose data set is an identifier (PS3.7 E.1).
 QUERY_COMMANDS = frozenset({0x0020, 0x0021, 0x0010})  # C-FIND-RQ, C-MOVE-RQ, C-GET-RQ
+#: The Command Field of a C-STORE-RQ: the one message whose data set takes the
+#: worker's receive budget (:class:`ReceiveBudget`).
+C_STORE_RQ = 0x0001
 #: Fragments (presentation data values, PS3.8 E.2) a DIMSE message may come in beyond
 #: one per :data:`FRAGMENT_BYTES` of its content.  Each fragment costs the node a
 #: microsecond or more whatever it holds, and empty ones add nothing to the bytes the
@@ -514,13 +517,19 @@ class CappedBuffer(io.BytesIO):
     def lower(self, limit: int) -> None:
         """Keep at most ``limit`` bytes from now on (once the message's command says
         what its data set is); what was kept past it is dropped at once.  A data set
-        held to so little (a query's identifier) takes nothing of the receive budget:
-        it is not refused because stores fill it."""
+        held to so little (a query's identifier) takes nothing of the receive budget
+        (:meth:`leave_budget`): it is not refused because stores fill it."""
         self.limit = min(self.limit, limit)
-        self.holding.release()
-        self.holding = Holding(None)
+        self.leave_budget()
         if self.received > self.limit:
             self._overflow()
+
+    def leave_budget(self) -> None:
+        """Take nothing more of the receive budget, and give back what was taken: the
+        message is not a C-STORE (a query's identifier, a storage commitment's Action
+        Information), or has ended unanswered (its association gone)."""
+        self.holding.release()
+        self.holding = Holding(None)
 
     def _overflow(self) -> None:
         if not self.overflowed:

@@ -10,6 +10,7 @@ PDUs written and read here, encoded by this module alone.
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
@@ -22,12 +23,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
 import pacs.core.query.engine as engine_module
+from pacs.core.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
 from pacs.core.services import Services, drain
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import limits, server
@@ -887,4 +889,78 @@ def test_data_sets_arriving_at_once_share_the_worker_s_receive_budget(
             assoc.release()
         assert {uid, other} <= set(stored(services, services.store.backend))  # type: ignore[arg-type]
     finally:
+        server.stop(running, drain=1.0)
+
+
+def _budget_peer() -> AE:
+    ae = AE(ae_title="INBOUND")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(PUSH_MODEL)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    return ae
+
+
+@seam_only("the node's own reading of C-STORE requests")
+def test_a_storage_commitment_request_takes_none_of_the_receive_budget(
+        make_services: Callable[..., Services]) -> None:
+    """An N-ACTION while C-STOREs hold the whole budget: answered (its Action
+    Information, dropped for want of budget, read as none: 0115, a failure of the
+    peer's)."""
+    uid, data = instance(1)
+    services = make_services(store=MemoryStore(), dimse_receive_bytes=len(data))
+    port = free_port()
+    running = server.start(services, ("127.0.0.1", port))
+    try:
+        ae = _budget_peer()
+        holder, asker = (ae.associate("127.0.0.1", port, ae_title=services.settings.ae_title)
+                         for _ in range(2))
+        first_store(holder, 10)
+        first_store(asker, 11)
+        with raw(holder) as held:
+            held.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 5)),
+                             pdv(CT_CONTEXT, 0x00, data[:-20])))
+            time.sleep(0.2)  # read by the node first (the order is what is tested)
+            action, item = Dataset(), Dataset()
+            action.TransactionUID = generate_uid()
+            item.ReferencedSOPClassUID = CTImageStorage
+            item.ReferencedSOPInstanceUID = instance(11)[0]
+            action.ReferencedSOPSequence = [item]
+            status, _ = asker.send_n_action(action, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+            held.sendall(pdu(pdv(CT_CONTEXT, 0x02, data[-20:])))
+            assert read_response(held)[0x00000900] == 0x0000
+        for assoc in (holder, asker):
+            assoc.release()
+        assert status is not None and status.Status == 0x0000
+    finally:
+        server.stop(running, drain=1.0)
+
+
+@seam_only("the seam's bounded reading of pynetdicom's messages")
+def test_an_association_that_ends_inside_a_data_set_gives_its_budget_back(
+        make_services: Callable[..., Services]) -> None:
+    """A peer that leaves in the middle of its first C-STORE (pynetdicom's path): the
+    data set's budget is given back when the association ends (it waited for Python's
+    cycle collector, and other peers' stores were refused A700 meanwhile)."""
+    uid, data = instance(1)
+    services = make_services(store=MemoryStore(), dimse_receive_bytes=len(data) * 3 // 2)
+    port = free_port()
+    running = server.start(services, ("127.0.0.1", port))
+    gc.disable()  # the release must not wait for the collector
+    try:
+        ae = _budget_peer()
+        leaving = ae.associate("127.0.0.1", port, ae_title=services.settings.ae_title)
+        with raw(leaving) as sock:
+            sock.sendall(pdu(pdv(CT_CONTEXT, 0x03, store_command(uid, 5)),
+                             pdv(CT_CONTEXT, 0x00, data[:-20])))
+            time.sleep(0.2)
+            sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 10
+        while running.limits.receiving.held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.limits.receiving.held == 0
+        other = ae.associate("127.0.0.1", port, ae_title=services.settings.ae_title)
+        assert send(other, 2) == 0x0000
+        other.release()
+    finally:
+        gc.enable()
         server.stop(running, drain=1.0)

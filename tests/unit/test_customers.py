@@ -276,6 +276,9 @@ def test_without_a_default_the_root_is_not_found() -> None:
     ("127.0.0.1", "/customers/south", "/studies", None),
     ("127.0.0.1", "/pacs/customers/south", "/studies", None),
     ("127.0.0.1", "/pacs", "/customers/south/studies", "south /pacs/customers/south /studies"),
+    # A root that names no customer of the node is any proxy's.
+    ("127.0.0.1", "/customers", "/studies", "north /customers /studies"),
+    ("127.0.0.1", "/imaging/customers/west", "/studies", "north /imaging/customers/west /studies"),
 ])
 def test_no_spelling_of_a_host_or_root_reaches_another_customer(
         host: str, script: str, path: str, answer: str | None) -> None:
@@ -309,6 +312,9 @@ def test_destinations_set_for_the_node_beside_customers_are_refused(
         parse({"customer": [{"name": "north", "ae_titles": "N"},
                             {"name": "south", "ae_titles": "S"}]},
               _node(tmp_path, PACS_MODALITIES="SOUTHWS=10.0.0.7:104"))
+    # Blanks are no value.
+    assert len(parse({"customer": [{"name": "north", "ae_titles": "N"}]},
+                     _node(tmp_path, PACS_ROUTES=" "))) == 1
     north, south = parse({"customer": [
         {"name": "north", "ae_titles": "N", "modalities": "NORTHWS=10.0.0.5:104"},
         {"name": "south", "ae_titles": "S"}]}, _node(tmp_path))

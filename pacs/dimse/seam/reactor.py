@@ -1112,6 +1112,7 @@ def _abort_message(self: DIMSEServiceProvider, why: str) -> bool:
     pynetdicom does for one it cannot decode); always ``False``."""
     _assoc_log.warning("Aborting the association with %s: %s",
                        _remote_address(self.assoc), why)
+    _let_go(self)
     self.message = None
     self.dul.event_queue.put("Evt19")
     return False
@@ -1120,12 +1121,35 @@ def _abort_message(self: DIMSEServiceProvider, why: str) -> bool:
 def _bound_identifier(message: Any) -> None:
     """Hold the data set of a C-FIND, C-MOVE or C-GET request to the identifier ceiling
     once its command set is decoded (it precedes the data set, PS3.7 6.3.1): a data set
-    fragment it has let past since is at most one PDU."""
+    fragment it has let past since is at most one PDU.  Only a C-STORE's data set takes
+    the worker's receive budget (an N-ACTION's, refused for want of it, read as none)."""
     buffer = getattr(message, "data_set", None)
     command = getattr(message, "command_set", None)
-    if (isinstance(buffer, limits.CappedBuffer) and command is not None
-            and command.get("CommandField") in limits.QUERY_COMMANDS):
+    if not isinstance(buffer, limits.CappedBuffer) or command is None:
+        return
+    field = command.get("CommandField")
+    if field in limits.QUERY_COMMANDS:
         buffer.lower(limits.IDENTIFIER_CEILING)
+    elif field != limits.C_STORE_RQ:
+        buffer.leave_budget()
+
+
+def _let_go(provider: Any) -> None:
+    """Give back the receive budget of the messages an ended association leaves
+    unanswered: the one half received, those complete but never served.  They are
+    collected with the association, whose objects refer to each other: their buffers'
+    own release waited for Python's cycle collector, and stores were refused
+    meanwhile."""
+    messages = [getattr(provider, "message", None)]
+    queue = getattr(provider, "msg_queue", None)
+    if queue is not None:
+        with queue.mutex:
+            messages += [getattr(item[1], "DataSet", None) for item in list(queue.queue)
+                         if isinstance(item, tuple) and len(item) == 2]
+    for message in messages:
+        buffer = getattr(message, "data_set", message)
+        if isinstance(buffer, limits.CappedBuffer):
+            buffer.leave_budget()
 
 
 # -- installation -----------------------------------------------------------------------
@@ -1155,6 +1179,8 @@ def _assoc_run_patched(self: Association) -> None:
         dul._waker.close()
     except Exception as exc:  # noqa: BLE001 - the thread's last word: see below
         _abort_after_failure(self, exc)
+    finally:
+        _let_go(self.dimse)
 
 
 def _abort_after_failure(assoc: Association, exc: Exception) -> None:
