@@ -482,7 +482,8 @@ def run_suboperations(responder: Responder, target: StoreTarget, request: Reques
             audit.retrieve_began(request.message_id, listed)
         refs = enumerate(listed)
         with target.sending():
-            preparer = Preparer(target, services.store, services.settings)
+            preparer = Preparer(target, services.store, services.settings,
+                                indexed=services.engine.still_listed)
             ahead = _next(preparer, refs)
             while ahead is not None:
                 if cancelled() or not responder.alive:

@@ -27,7 +27,7 @@ import io
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from pynetdicom.dsutils import split_dataset
 from pacs.core import transcode
 from pacs.core.config import Settings
 from pacs.core.dataset import dataset_offset
-from pacs.core.errors import PacsError, StorageError, StoreUnavailable
+from pacs.core.errors import NotFound, PacsError, StorageError, StoreUnavailable
 from pacs.core.intake import IntakeStore
 from pacs.core.storage import local_path, open_ranged
 from pacs.dimse.connection import AcceptedContext, StoreTarget
@@ -92,13 +92,20 @@ class Preparer:
     settings : Settings, optional
         Where the ceilings of a conversion come from (``PACS_MAX_FRAME_BYTES``,
         ``PACS_MAX_OBJECT_BYTES``); their defaults when omitted.
+    indexed : callable, optional
+        True while an instance is still indexed as it was listed, asked just before
+        its object is read: a removal during a long retrieve leaves the object
+        readable until its deletion (minutes, when the store fails it), and a removed
+        instance must not be sent (its sub-operation fails instead).
     """
 
     def __init__(self, target: StoreTarget, store: ObjectStore,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None,
+                 indexed: Callable[[InstanceRef], bool] | None = None) -> None:
         self.target = target
         self.store = store
         self.settings = settings or Settings()
+        self.indexed = indexed
         # The accepted contexts do not change during an association.
         self._accepted = list(target.accepted_contexts())
         # (SOP class, stored syntax) -> (context ID, syntax sent) or None.
@@ -136,6 +143,8 @@ class Preparer:
             log_failure(ref, StorageError(f"the object store failed earlier in this "
                                           f"retrieve ({self._store_failed})"))
             return None
+        if not self._still_indexed(ref):
+            return None
         command = self.target.request_command(ref.sop_class_uid, ref.sop_uid, msg_id)
         resources = ExitStack()
         try:
@@ -148,6 +157,19 @@ class Preparer:
                 self._store_failed = str(exc) or type(exc).__name__
             return None
         return Prepared(ref, msg_id, context_id, command, source, length, resources)
+
+    def _still_indexed(self, ref: InstanceRef) -> bool:
+        """:attr:`indexed` of ``ref``; a failure logged as the sub-operation's."""
+        if self.indexed is None:
+            return True
+        try:
+            if self.indexed(ref):
+                return True
+            failure: PacsError = NotFound("the instance was removed since the request")
+        except PacsError as exc:  # the index cannot tell: nothing is sent on a guess
+            failure = exc
+        log_failure(ref, failure)
+        return False
 
     def _in_intake(self, key: str) -> bool:
         """True when the object at ``key`` is read from the intake, not the store."""

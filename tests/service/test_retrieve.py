@@ -42,8 +42,9 @@ from pynetdicom.sop_class import (
 
 from pacs.core import access, audit, config
 from pacs.core.deletion import Target, reference
+from pacs.core.errors import StorageError
 from pacs.core.index.compiler import MAX_UIDS
-from pacs.core.services import Services
+from pacs.core.services import Services, drain
 from pacs.core.storage import object_key
 from pacs.core.storage.memory import MemoryStore
 from pacs.dimse import retrieve
@@ -530,14 +531,25 @@ def test_get_without_scp_role_fails_each_sub_operation(make_node: Callable[..., 
     assert [s.Status for s, _ in echo] == [0x0000]
 
 
+@pytest.mark.parametrize("where", ["intake", "store"])
 def test_instances_removed_during_a_get_are_failed_not_sent(
-        make_node: Callable[..., Node], requestors: Callable[..., Association]) -> None:
-    """A study removed while a C-GET sends it, its objects still in the intake: what
-    follows the removal is counted failed (B000), not read from a snapshot taken before
-    it and reported sent (PS3.4 C.4.3.3: the counts say what happened)."""
+        make_node: Callable[..., Node], requestors: Callable[..., Association],
+        where: str) -> None:
+    """A study removed while a C-GET sends it, its objects still in the intake, or in
+    the store whose deletes fail (S3 answering 503: the objects stay readable until the
+    mover deletes them, minutes later): what follows the removal is counted failed
+    (B000), not read from a snapshot taken before it, nor from the objects left, and
+    reported sent (PS3.4 C.4.3.3: the counts say what happened)."""
     node = make_node()
     study = store_study(node, series=1, per_series=20)
     assert node.services.store.size(object_key(*study.key(study.sops[0]))) > 0
+    if where == "store":
+        drain(node.services)
+
+        def failing(_key: str) -> None:
+            raise StorageError("the store answered 503")
+
+        node.services.store.backend.delete = failing  # type: ignore[method-assign]
     received: list[Received] = []
     assoc = requestors(node, get_classes={CTImageStorage: [ExplicitVRLittleEndian]},
                        received=received, delay=0.05)

@@ -44,7 +44,8 @@ class _Preparer:
 
     log: _Log
 
-    def __init__(self, target: Any, store: Any, settings: Any = None) -> None:
+    def __init__(self, target: Any, store: Any, settings: Any = None,
+                 indexed: Any = None) -> None:
         pass
 
     def prepare(self, ref: InstanceRef, msg_id: int) -> Any:
@@ -94,7 +95,8 @@ def _run(monkeypatch: pytest.MonkeyPatch, rows: Iterator[InstanceRef], total: in
     # A pending response after every sub-operation: the orderings below show them.
     services: Any = SimpleNamespace(store=None, settings=SimpleNamespace(pending_interval=0.0),
                                     engine=SimpleNamespace(instance_list=lambda query, limit,
-                                                           cancelled: list(islice(rows, limit))))
+                                                           cancelled: list(islice(rows, limit)),
+                                                           still_listed=lambda ref: True))
     request = Request(1, "1.2.840.10008.5.1.4.1.2.2.3", "1.2.840.10008.1.2", b"", "SCU")
     retrieve.run_suboperations(_Responder(log), _Target(log), request, services,  # type: ignore[arg-type]
                                retrieve.Plan(Query(level=Level.IMAGE), total), "C-GET")

@@ -81,6 +81,22 @@ def lookup(conn: apsw.Connection, sop_uid: str) -> StoredInstance | None:
 
 
 @_read("instance lookup")
+def names(conn: apsw.Connection, sop_uid: str, object_key: str) -> bool:
+    """True while the index names ``object_key`` as the object of ``sop_uid``: the
+    instance was not removed (nor moved, nor replaced at another key) since it was
+    listed.
+
+    Raises
+    ------
+    IndexFailure
+        The index cannot be read.
+    """
+    row = conn.execute("SELECT object_key FROM instance WHERE sop_uid = ?",
+                       (sop_uid,)).fetchone()
+    return row is not None and row[0] == object_key
+
+
+@_read("instance lookup")
 def lookup_classes(conn: apsw.Connection, sop_uids: Sequence[str]
                    ) -> dict[str, tuple[str, StoredInstance]]:
     """SOP Instance UID -> (SOP Class UID, stored facts) of those of at most

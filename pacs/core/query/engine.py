@@ -24,6 +24,7 @@ from typing import Any
 import apsw
 
 from pacs.core.errors import Cancelled, IndexFailure, QueryLimitExceeded
+from pacs.core.index import reads
 from pacs.core.index.compiler import (
     Compiled,
     Page,
@@ -215,6 +216,19 @@ class QueryEngine:
             return list(islice(stream, limit))
         finally:
             stream.close()
+
+    def still_listed(self, ref: InstanceRef) -> bool:
+        """True while the index names ``ref``'s object for its instance, as when it was
+        listed: asked just before the object is read for a send, a removal during a
+        long retrieve (whose object stays readable until its deletion, minutes when
+        the store fails it) is not sent.
+
+        Raises
+        ------
+        IndexFailure
+            The index cannot be read.
+        """
+        return reads.names(self.index.connection(), ref.sop_uid, ref.object_key)
 
     def _refuse_over_cap(self, query: Query, cancelled: Callable[[], bool],
                          deadline: Deadline) -> None:
