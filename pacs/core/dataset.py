@@ -491,6 +491,7 @@ class _Walker:
         self.limit = self.headers_left = MAX_ELEMENTS
         #: The top level, as far as walked (:class:`TopLevel`).
         self.tags = TopLevel()
+        self.little = little
         order = "<" if little else ">"
         # Compiled once: a walk reads tens of headers per object (ingest's hot path).
         self._tag_length = struct.Struct(order + "HHI")  # implicit VR, items, delimiters
@@ -542,8 +543,10 @@ class _Walker:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
                 return position
+            if vr is not None and _switches_readers(vr):
+                raise _unknown_vr()
             if length == _UNDEFINED:
-                position = self._undefined(position, depth, _is_sequence(tag, vr))
+                position = self._undefined(position, depth, _undefined_kind(tag, vr))
             else:
                 self._need(position, length)
                 if vr == b"SQ" or (vr is None and _sequence_tag(tag)):
@@ -574,12 +577,15 @@ class _Walker:
                 return None  # an item or delimiter outside a sequence: malformed
             vr = None if vr_bytes is None else _VR_NAMES.get(vr_bytes)
             if vr_bytes is not None and vr is None:
-                return None
+                if _switches_readers(vr_bytes):
+                    raise _unknown_vr()
+                return None  # a VR of letters this walk does not know: pydicom's reading
             if length == _UNDEFINED:
+                kind = _undefined_kind(tag, vr_bytes)
                 if pixel_at is None and tag not in _PIXEL_TAGS and (
                         vr or _dictionary_vr(tag)) != "SQ":
-                    return None
-                value_end = self._undefined(position, 0, _is_sequence(tag, vr_bytes))
+                    return None  # a sequence of UN or private items: pydicom's reading
+                value_end = self._undefined(position, 0, kind)
                 # The items, without the sequence delimiter (pydicom reads to the end).
                 value_length = value_end - 8 - position
             else:
@@ -618,9 +624,9 @@ class _Walker:
         if position != end:
             raise UnreadableData("an item overruns its sequence")
 
-    def _undefined(self, position: int, depth: int, sequence: bool) -> int:
-        """Walk items of a sequence or fragments of encapsulated pixel data (or of a
-        value of undefined length that is neither: bounds only)."""
+    def _undefined(self, position: int, depth: int, kind: _Undefined) -> int:
+        """Walk the items of a sequence of undefined length (``kind``: their elements
+        counted, and nested, as any), or the fragments of encapsulated pixel data."""
         while True:
             tag, _, length, size = self._header(position)
             position += size
@@ -628,12 +634,33 @@ class _Walker:
                 return position
             if tag != _ITEM:
                 raise UnreadableData("malformed sequence or pixel data fragments")
-            if length == _UNDEFINED:
-                position = self.dataset(position, None, depth + 1)
-            else:
+            if kind is _Undefined.FRAGMENTS:
+                if length == _UNDEFINED:
+                    raise UnreadableData("a pixel data fragment of undefined length")
                 self._need(position, length)
-                position = (self.dataset(position, position + length, depth + 1)
-                            if sequence else position + length)
+                position += length
+                continue
+            with self._items_in(kind):
+                if length == _UNDEFINED:
+                    position = self.dataset(position, None, depth + 1)
+                else:
+                    self._need(position, length)
+                    position = self.dataset(position, position + length, depth + 1)
+
+    @contextmanager
+    def _items_in(self, kind: _Undefined) -> Iterator[None]:
+        """The items of a UN sequence read in implicit VR little endian (PS3.5 6.2.2),
+        any other in the data set's own encoding."""
+        if kind is not _Undefined.UN_SEQUENCE or self.implicit:
+            yield
+            return
+        if not self.little:
+            raise UnreadableData("a UN sequence in a big endian data set")
+        self.implicit = True
+        try:
+            yield
+        finally:
+            self.implicit = False
 
 
 def check_complete(dataset: memoryview, transfer_syntax: str,
@@ -671,10 +698,48 @@ _KNOWN_VRS = frozenset({
 _VR_NAMES = {vr.encode("ascii"): vr for vr in _KNOWN_VRS}
 
 
-def _is_sequence(tag: int, vr: bytes | None) -> bool:
-    """True for a sequence: VR SQ, or in implicit VR (``vr`` None) a tag the
-    dictionary makes one."""
-    return vr == b"SQ" or (vr is None and _sequence_tag(tag))
+class _Undefined(Enum):
+    """What an element of undefined length holds."""
+
+    SEQUENCE = "items of a sequence"
+    UN_SEQUENCE = "items of a sequence of VR UN, in implicit VR little endian"
+    FRAGMENTS = "fragments of encapsulated pixel data"
+
+
+def _undefined_kind(tag: int, vr: bytes | None) -> _Undefined:
+    """What an element of undefined length (``vr`` None: implicit VR) holds: items of a
+    sequence (VR SQ; in implicit VR a tag the dictionary makes one, or does not know,
+    PS3.5 7.5.1, 6.2.2), of a UN sequence (6.2.2), or pixel data fragments (A.4).
+
+    Raises
+    ------
+    UnreadableData
+        Any other element: PS3.5 7.1.2 allows undefined length to these alone, and what
+        follows one would be read by one reader as its value and by another as items
+        or elements (a value that hides elements from this walk, or indexes others).
+    """
+    if tag in _PIXEL_TAGS:
+        return _Undefined.FRAGMENTS
+    if vr == b"SQ" or (vr is None and (_sequence_tag(tag) or _dictionary_vr(tag)
+                                       in (None, "UN"))):
+        return _Undefined.SEQUENCE
+    if vr == b"UN":
+        return _Undefined.UN_SEQUENCE
+    raise UnreadableData("an element of undefined length that is not a sequence "
+                         "(PS3.5 7.1.2)")
+
+
+def _switches_readers(vr: bytes) -> bool:
+    """True for VR bytes that are not two capital letters: pydicom then reads the data
+    set on in implicit VR, where this walk reads a 16-bit length, and the two would
+    see different elements (a VR of letters it does not know, both read alike)."""
+    return vr not in _VR_NAMES and not b"AA" <= vr <= b"ZZ"
+
+
+def _unknown_vr() -> UnreadableData:
+    """The refusal of an element whose explicit VR is not two capital letters (PS3.5
+    6.2): its length would be each reader's guess."""
+    return UnreadableData("an element whose VR is not two capital letters (PS3.5 6.2)")
 
 
 @lru_cache(maxsize=4096)
@@ -1054,6 +1119,8 @@ class _StreamWalker:
         self.elements = self.headers_left = MAX_ELEMENTS
         #: The top level (:class:`TopLevel`).
         self.tags = TopLevel()
+        #: Within the items of a UN sequence: implicit VR (PS3.5 6.2.2).
+        self.implicit = False
 
     def header(self) -> tuple[int, bytes | None, int]:
         """(tag, VR, value length) of the next element or item (no VR for items and
@@ -1064,9 +1131,11 @@ class _StreamWalker:
         head = self.reader.read(8)
         group, element = struct.unpack_from("<HH", head)
         tag = (group << 16) | element
-        if group == 0xFFFE:
+        if group == 0xFFFE or self.implicit:
             return tag, None, struct.unpack_from("<I", head, 4)[0]
         vr = head[4:6]
+        if _switches_readers(vr):
+            raise _unknown_vr()
         if vr in LONG_VRS:
             return tag, vr, struct.unpack("<I", self.reader.read(4))[0]
         return tag, vr, struct.unpack_from("<H", head, 6)[0]
@@ -1093,13 +1162,13 @@ class _StreamWalker:
                 reader.stop_keeping(start)
             if tag == _ITEM_END:
                 raise UnreadableData("unexpected item delimiter")
-            self.value(vr, length, 0)
+            self.value(tag, vr, length, 0)
 
-    def value(self, vr: bytes | None, length: int, depth: int) -> None:
+    def value(self, tag: int, vr: bytes | None, length: int, depth: int) -> None:
         """Pass a value: a sequence's items walked, anything else skipped."""
         if length == _UNDEFINED:
-            self._undefined(depth, vr == b"SQ")
-        elif vr == b"SQ":
+            self._undefined(depth, _undefined_kind(tag, vr))
+        elif vr == b"SQ" or (vr is None and _sequence_tag(tag)):
             self._defined_items(self.reader.position + length, depth)
         else:
             self._skip(length)
@@ -1114,7 +1183,7 @@ class _StreamWalker:
                 if end is not None:
                     raise UnreadableData("unexpected item delimiter")
                 return
-            self.value(vr, length, depth)
+            self.value(tag, vr, length, depth)
         if self.reader.position != end:
             raise UnreadableData("an element overruns its item")
 
@@ -1133,21 +1202,29 @@ class _StreamWalker:
         if self.reader.position != end:
             raise UnreadableData("an item overruns its sequence")
 
-    def _undefined(self, depth: int, sequence: bool) -> None:
-        """Items of a sequence or fragments of encapsulated pixel data."""
+    def _undefined(self, depth: int, kind: _Undefined) -> None:
+        """Items of a sequence (of ``kind``) or fragments of encapsulated pixel data."""
         while True:
             tag, _, length = self.header()
             if tag == _SEQ_END:
                 return
             if tag != _ITEM:
                 raise UnreadableData("malformed sequence or pixel data fragments")
-            if length == _UNDEFINED:
-                self._item(depth + 1)
-            elif sequence:
-                self._check_end(self.reader.position + length)
-                self._item(depth + 1, self.reader.position + length)
-            else:
+            if kind is _Undefined.FRAGMENTS:
+                if length == _UNDEFINED:
+                    raise UnreadableData("a pixel data fragment of undefined length")
                 self._skip(length)
+                continue
+            implicit, self.implicit = self.implicit, (
+                self.implicit or kind is _Undefined.UN_SEQUENCE)
+            try:
+                if length == _UNDEFINED:
+                    self._item(depth + 1)
+                else:
+                    self._check_end(self.reader.position + length)
+                    self._item(depth + 1, self.reader.position + length)
+            finally:
+                self.implicit = implicit
 
 
 class InflatedPixels:
@@ -1216,7 +1293,7 @@ class InflatedPixels:
                 return length
             if tag == _ITEM_END:
                 raise UnreadableData("unexpected item delimiter")
-            walker.value(vr, length, 0)
+            walker.value(tag, vr, length, 0)
         raise UnreadableData("the deflated data set has no pixel data")
 
 

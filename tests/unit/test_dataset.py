@@ -548,3 +548,68 @@ def test_pixel_data_in_the_other_encoding_than_its_syntax_is_refused(
     with pytest.raises(UnreadableData, match=f"Pixel Data is {found}"):
         services.ingest.store_bytes(data)
     assert reads.counts(services.index.connection())["instance"] == 0
+
+
+# --- elements of undefined length, and VRs the walk and pydicom could read apart -----------
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_END = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+def _undefined(tag: int, vr: bytes, value: bytes) -> bytes:
+    """An explicit VR element of undefined length, ``value`` then its delimiter."""
+    return (struct.pack("<HH2s2xI", tag >> 16, tag & 0xFFFF, vr, _UNDEFINED_LENGTH)
+            + value + _SEQUENCE_END)
+
+
+def _implicit_private(count: int, group: int = 0x0011) -> bytes:
+    """A private block of ``count`` elements in implicit VR (a UN sequence's items)."""
+    return _implicit((group << 16) | 0x0010, b"AB") + b"".join(
+        _implicit((group << 16) | (0x1000 + n), b"AB") for n in range(count))
+
+
+def test_a_un_sequence_is_read_as_the_standard_writes_it_and_its_items_count(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PS3.5 6.2.2: a UN element of undefined length is a sequence whose items are in
+    implicit VR little endian (what an archive sends for a private sequence it does
+    not know).  Walked as explicit VR, a conformant one was refused (C000); its items'
+    elements, skipped unread, reached pydicom uncounted (5,000 past a limit of 200)."""
+    creator = _explicit(0x00090010, b"LO", b"AB")
+    conformant = read_part10(_with(creator + _undefined(
+        0x00091001, b"UN", _item(_implicit(0x00080100, b"ABCD") + _implicit(0x00080102,
+                                                                             b"DCM ")))))
+    assert conformant.header is not None
+    monkeypatch.setattr(dataset, "MAX_ELEMENTS", 200)
+    with pytest.raises(ObjectTooLarge):
+        read_part10(_with(creator + _undefined(0x00091001, b"UN",
+                                               _item(_implicit_private(250)))))
+
+
+def test_a_value_of_undefined_length_that_is_no_sequence_is_refused(
+        services: Services) -> None:
+    """An OB of undefined length holding an item that holds elements: one reader took
+    them as the top level's (the Patient ID and Study UID indexed were the hidden
+    ones), this walk as a value (PS3.5 7.1.2: only SQ, UN and Pixel Data may be of
+    undefined length)."""
+    hidden = (_explicit(0x00100010, b"PN", b"EVIL^PATIENT")
+              + _explicit(0x00100020, b"LO", b"EVIL-ID "))
+    smuggled = _with(_explicit(0x00090010, b"LO", b"AB") + _undefined(
+        0x00091001, b"OB", struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED_LENGTH) + hidden
+        + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)))
+    with pytest.raises(UnreadableData, match="undefined length"):
+        services.ingest.store_bytes(smuggled)
+    assert reads.counts(services.index.connection())["instance"] == 0
+
+
+def test_vr_bytes_that_are_not_letters_inside_an_item_are_refused() -> None:
+    """Inside an item, an element whose VR bytes are not two capital letters: pydicom
+    reads the item on in implicit VR, this walk with a 16-bit length, and each saw
+    other elements (3,001 hidden in 64 KiB); refused.  A VR of letters it does not
+    know is read alike by both, and stays accepted."""
+    odd = struct.pack("<HH2sH", 0x0011, 0x1001, b"\xff\xff", 4) + b"ABCD"
+    with pytest.raises(UnreadableData, match="capital letters"):
+        read_part10(_with(_explicit(0x00090010, b"LO", b"AB") + _explicit(
+            0x00091001, b"SQ", _item(odd))))
+    letters = struct.pack("<HH2sH", 0x0011, 0x1001, b"PJ", 4) + b"ABCD"
+    read_part10(_with(_explicit(0x00090010, b"LO", b"AB") + _explicit(
+        0x00091001, b"SQ", _item(letters))))
