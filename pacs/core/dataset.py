@@ -333,6 +333,12 @@ def read_header(buffer: bytes) -> Dataset:
 def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
     """The Transfer Syntax UID (0002,0010) of the file meta that ends at ``offset``,
     read from the bytes (explicit VR little endian, PS3.10 7.1); ``None`` if absent."""
+    return meta_value(buffer, offset, 0x00020010)
+
+
+def meta_value(buffer: bytes, offset: int, tag: int) -> str | None:
+    """The text of element ``tag`` of the file meta that ends at ``offset`` (explicit
+    VR little endian, PS3.10 7.1), without its padding; ``None`` if absent."""
     end = min(offset, len(buffer))
     position = 132
     while position + 12 <= end:
@@ -341,7 +347,7 @@ def meta_transfer_syntax(buffer: bytes, offset: int) -> str | None:
             start, length = position + 12, struct.unpack_from("<I", buffer, position + 8)[0]
         else:
             start, length = position + 8, struct.unpack_from("<H", buffer, position + 6)[0]
-        if (group, element) == (0x0002, 0x0010):
+        if (group << 16) | element == tag:
             return buffer[start:start + length].decode("ascii", "replace").strip("\0 ")
         position = start + length
     return None

@@ -72,6 +72,7 @@ from pacs.core.dataset import (
     Identity,
     dataset_offset,
     extract,
+    meta_value,
     read_part10,
     require_uid,
 )
@@ -479,6 +480,8 @@ class Ingest:
             # Through the intake, the metadata is the mover's work (module docstring).
             analysis = analyse(data, expected, self.max_object_bytes, describe=direct,
                                checksum=self.digest(data))
+            if (mismatch := _meta_mismatch(data, analysis)) is not None:
+                raise mismatch
             if (ambiguity := _ambiguity(analysis)) is not None:
                 raise ambiguity
             if (refused := _rejection_refusal(analysis, may_reject)) is not None:
@@ -644,6 +647,8 @@ class Ingest:
                 results[number] = full
             elif not isinstance(analysis, Analysis):
                 results[number] = analysis
+            elif (mismatch := _meta_mismatch(item.data, analysis)) is not None:
+                results[number] = mismatch
             elif (ambiguity := _ambiguity(analysis)) is not None:
                 results[number] = ambiguity
             elif (refused := _rejection_refusal(analysis, may_reject)) is not None:
@@ -1079,6 +1084,21 @@ class _Plan:
         """What writing it does: a plan with an indexed instance replaces a
         different object (the same one is unchanged, and needs no plan)."""
         return Outcome.STORED if self.existing is None else Outcome.REPLACED
+
+
+def _meta_mismatch(data: bytes, analysis: Analysis) -> UIDMismatch | None:
+    """Why an object sent as a Part 10 file (STOW-RS, an import, an upload) is not one
+    instance: its file meta names another SOP Class or Instance UID than its data set
+    (PS3.10 7.1), and would be served naming it; ``None`` when they agree (or the meta
+    names none).  Checked when an object is received, not when a stored one is read
+    again (repair and rebuild keep what was acknowledged)."""
+    named = (meta_value(data, analysis.dataset_offset, 0x00020002),
+             meta_value(data, analysis.dataset_offset, 0x00020003))
+    mine = (analysis.sop_class_uid, analysis.sop_instance_uid)
+    if any(found and found != own for found, own in zip(named, mine, strict=True)):
+        return UIDMismatch("the file meta names another SOP Class or Instance UID than "
+                           "the data set (PS3.10 7.1)")
+    return None
 
 
 def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,

@@ -411,8 +411,18 @@ def _deflated_pixels(header: Dataset) -> _Pixel | None:
     """
     if "Rows" not in header:
         return None
-    vr = "OW" if int(header.get("BitsAllocated", 16) or 16) > 8 else "OB"
-    return _Pixel(0x7FE00010, vr, None, None)
+    return _Pixel(0x7FE00010, "OB" if _bits_allocated(header) <= 8 else "OW", None, None)
+
+
+def _bits_allocated(header: Dataset) -> int:
+    """Bits Allocated as the header holds it, 16 when it holds no one whole number (a
+    sender's list, or text: the metadata of an object ingest took must still be made,
+    or its study's WADO-RS metadata fails)."""
+    value = header.get("BitsAllocated", 16)
+    try:
+        return int(value) if value not in (None, "") else 16
+    except (TypeError, ValueError):
+        return 16
 
 
 def _pydicom_json(header: Dataset, study_uid: str, series_uid: str, sop_uid: str) -> str:

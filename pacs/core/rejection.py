@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from pacs.core.dataset import Instance, require_uid
 from pacs.core.errors import InvalidRejection, InvalidUID
@@ -126,7 +126,7 @@ def rejection_of(instance: Instance) -> Rejection | None:
     if instance.sop_class_uid != KEY_OBJECT_SELECTION:
         return None
     header, sop_uid = instance.header, instance.sop_instance_uid
-    titles = header.get("ConceptNameCodeSequence") or []
+    titles = _items(header, "ConceptNameCodeSequence")
     if len(titles) != 1:
         return None
     reason = reason_of(str(titles[0].get("CodeValue", "")),
@@ -146,9 +146,22 @@ def rejection_of(instance: Instance) -> Rejection | None:
     return Rejection(reason, tuple(references.values()))
 
 
-def _items(dataset: Dataset, keyword: str) -> list[Any]:
+def _items(dataset: Dataset, keyword: str) -> list[Dataset]:
+    """The items of sequence ``keyword`` of ``dataset``.
+
+    Raises
+    ------
+    InvalidRejection
+        The element is not a sequence of items (text where a sequence belongs: it
+        failed as a defect of the node's, its traceback logged for each such note).
+    """
     value = dataset.get(keyword)
-    return list(value) if value else []
+    if not value:
+        return []
+    if not isinstance(value, Sequence) or not all(
+            isinstance(item, Dataset) for item in value):
+        raise InvalidRejection(f"rejection note: {keyword} is not a sequence of items")
+    return list(value)
 
 
 def _evidence(header: Dataset) -> Iterator[Reference]:

@@ -26,8 +26,9 @@ from pacs.core.dataset import (
     read_part10,
     valid_uid,
 )
-from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
+from pacs.core.errors import InvalidUID, ObjectTooLarge, UIDMismatch, UnreadableData
 from pacs.core.index import reads
+from pacs.core.ingest import Received
 from pacs.core.services import Services
 from tests.conftest import sample
 from tests.factory import make_instance, relabelled
@@ -613,3 +614,19 @@ def test_vr_bytes_that_are_not_letters_inside_an_item_are_refused() -> None:
     letters = struct.pack("<HH2sH", 0x0011, 0x1001, b"PJ", 4) + b"ABCD"
     read_part10(_with(_explicit(0x00090010, b"LO", b"AB") + _explicit(
         0x00091001, b"SQ", _item(letters))))
+
+
+def test_an_object_whose_file_meta_names_another_instance_is_refused(
+        services: Services) -> None:
+    """PS3.10 7.1: the file meta's Media Storage SOP Instance and Class UIDs are the
+    data set's.  One that names another (a STOW-RS part, an import) was stored, and
+    served as a file naming an instance it is not; refused, in a batch too."""
+    ds = pydicom.dcmread(io.BytesIO(make_instance(SOPInstanceUID="1.2.3.6.1")))
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.6.999"
+    out = io.BytesIO()
+    ds.save_as(out)  # as it is (enforcing the file format rewrites the meta)
+    with pytest.raises(UIDMismatch, match="file meta"):
+        services.ingest.store_bytes(out.getvalue())
+    [result] = services.ingest.store_batch([Received.of(out.getvalue())])
+    assert isinstance(result, UIDMismatch)
+    assert reads.counts(services.index.connection())["instance"] == 0

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import pydicom
 import pytest
+from pydicom.dataelem import DataElement
 from pydicom.uid import CTImageStorage, generate_uid
 
 from pacs.core import audit, intake as intake_module, rejection
@@ -37,7 +39,7 @@ from pacs.core.reconcile import Problem, reconcile
 from pacs.core.rejection import MAX_REFERENCES
 from pacs.core.services import Services, drain, mover
 from pacs.core.storage.memory import MemoryStore
-from tests.factory import make_instance, make_rejection_note
+from tests.factory import make_instance, make_rejection_note, part10
 
 NODE = audit.Participant("tester", True)
 
@@ -297,6 +299,21 @@ def test_a_note_with_too_many_references_is_refused(services: Services,
     refs = [(study, series, f"1.2.3.{n}", CTImageStorage) for n in range(4)]
     with pytest.raises(InvalidRejection):
         services.ingest.store_bytes(_note(refs))
+    assert reads.counts(services.index.connection())["instance"] == 0
+
+
+@pytest.mark.parametrize("tag", [0x0040A043, 0x0040A375])
+def test_a_note_with_text_where_a_sequence_belongs_is_refused(services: Services,
+                                                                tag: int) -> None:
+    """Concept Name Code Sequence or Current Requested Procedure Evidence Sequence sent
+    as LO text: refused as an invalid note (C000), not failed as a defect of the
+    node's with a traceback in the log."""
+    ds = pydicom.dcmread(io.BytesIO(_note([(generate_uid(), generate_uid(), "1.2.3.4",
+                                            CTImageStorage)])))
+    del ds[tag]
+    ds.add(DataElement(tag, "LO", "X"))
+    with pytest.raises(InvalidRejection, match="not a sequence"):
+        services.ingest.store_bytes(part10(ds))
     assert reads.counts(services.index.connection())["instance"] == 0
 
 

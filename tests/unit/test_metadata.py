@@ -15,6 +15,7 @@ import orjson
 import pydicom
 import pytest
 from pydicom.data import get_charset_files
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from adapters.dicomweb import accept, wado
 from adapters.dicomweb.accept import MediaRange
@@ -26,7 +27,7 @@ from pacs.core.index import reads
 from pacs.core.query.model import InstanceRef
 from pacs.core.services import drain
 from tests.conftest import sample
-from tests.factory import make_instance
+from tests.factory import grey_image, make_instance, part10
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 RLE = "1.2.840.10008.1.2.5"
@@ -445,3 +446,20 @@ def test_values_past_the_budget_are_referenced_or_left_out(
     assert document["00080119"]["BulkDataURI"].endswith("/bulkdata/00080119")
     assert "0008011A" not in document
     assert document["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}]  # small ones go on
+
+
+def test_a_deflated_image_whose_bits_allocated_is_no_number_keeps_its_study_readable(
+        make_services: Any) -> None:
+    """Bits Allocated sent as two values, in a deflated image ingest took: its metadata
+    failed (TypeError) each time the study's metadata was asked for."""
+    services = make_services()
+    study, series = "1.2.3.5.1", "1.2.3.5.2"
+    bad, good = grey_image(8, 8), grey_image(8, 8)
+    for ds, sop in ((bad, "1.2.3.5.3"), (good, "1.2.3.5.4")):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+    bad.BitsAllocated = [8, 8]
+    services.ingest.store_bytes(part10(good))
+    services.ingest.store_bytes(part10(bad, DeflatedExplicitVRLittleEndian))
+    drain(services)
+    documents = list(metadata.documents(services.index, services.store, study))
+    assert len(documents) == 2
