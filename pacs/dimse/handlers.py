@@ -69,7 +69,7 @@ from pynetdicom.dimse_messages import (
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 
 from pacs.core.access import ECHO
-from pacs.core.errors import Cancelled, PacsError
+from pacs.core.errors import Cancelled, NotFound, PacsError
 from pacs.dimse import commitment, contexts, find, limits, retrieve, storage, tls
 from pacs.dimse.audit import AssociationAudit, Audits
 from pacs.dimse.connection import AcceptedContext, CancelWatch, Request
@@ -568,6 +568,10 @@ def _dataset(assoc: Association | None, ref: InstanceRef, services: Services,
                     UID(ref.sop_class_uid).name, UID(ref.transfer_syntax).name)
         return unsendable
     try:
+        # Removed since the retrieve listed it: failed, not read from an object its
+        # deletion has not reached yet (as the seam's sub-operations, sender.Preparer).
+        if not services.engine.still_listed(ref):
+            raise NotFound("the instance was removed since the request")
         with object_file(services.store, ref, found[1], services.settings) as path:
             return pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - one instance must not end the retrieve
