@@ -60,8 +60,8 @@ IDENTIFIER_CEILING = 1 << 20
 MAX_QUEUED_MESSAGES = 4
 #: Command Field values of the requests whose data set is an identifier (PS3.7 E.1).
 QUERY_COMMANDS = frozenset({0x0020, 0x0021, 0x0010})  # C-FIND-RQ, C-MOVE-RQ, C-GET-RQ
-#: The Command Field of a C-STORE-RQ: the one message whose data set takes the
-#: worker's receive budget (:class:`ReceiveBudget`).
+#: The Command Field of a C-STORE-RQ (PS3.7 E.1-1): the one message whose data set
+#: takes the worker's receive budget (:class:`ReceiveBudget`).
 C_STORE_RQ = 0x0001
 #: Fragments (presentation data values, PS3.8 E.2) a DIMSE message may come in beyond
 #: one per :data:`FRAGMENT_BYTES` of its content.  Each fragment costs the node a

@@ -86,8 +86,6 @@ def response_command(command_field: int, sop_class_uid: str, message_id: int, st
 _SEND_BUFFER = 4 << 20
 #: Data set bytes per PDV when the peer sets no maximum PDU length.
 _UNLIMITED_CHUNK = 1 << 20
-#: Command Field of a C-STORE-RQ (PS3.7 E.1-1).
-C_STORE_RQ = 0x0001
 
 
 def store_request_command(sop_class_uid: str, sop_instance_uid: str, message_id: int,
@@ -96,7 +94,7 @@ def store_request_command(sop_class_uid: str, sop_instance_uid: str, message_id:
     Move Originator AE Title and Message ID of a C-MOVE sub-operation."""
     body = [
         _implicit(0x00000002, _uid(sop_class_uid)),
-        _implicit(0x00000100, struct.pack("<H", C_STORE_RQ)),
+        _implicit(0x00000100, struct.pack("<H", limits.C_STORE_RQ)),
         _implicit(0x00000110, struct.pack("<H", message_id)),
         _implicit(0x00000700, struct.pack("<H", 0)),  # Priority: medium
         _implicit(0x00000800, struct.pack("<H", DATASET_PRESENT)),
