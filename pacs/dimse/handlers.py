@@ -365,8 +365,9 @@ class RefusedDestinations:
     destination is known; what failed are the sub-operations, all of them: A702 with
     Number of Failed Sub-operations = every instance, and each in the Failed SOP
     Instance UID List (PS3.4 C.4.2.1.4.2, Table C.4-2).  The message is encoded after
-    this event.  An A801 of a move that named no known destination (none expected) is
-    left as it is.
+    this event.  An A801 of a move that named no known destination (none expected)
+    keeps its status and gets the Failed SOP Instance UID List, empty, that every
+    Refused response contains (PS3.4 C.4.2.1.4.2).
     """
 
     def __init__(self) -> None:
@@ -390,7 +391,8 @@ class RefusedDestinations:
             self._expected.get(assoc, {}).pop(message_id, None)
 
     def answer(self, event: Event) -> None:
-        """EVT_DIMSE_SENT: an A801 of an expected move becomes A702 with its list."""
+        """EVT_DIMSE_SENT: an A801 of an expected move becomes A702 with its list; any
+        other A801 gets an empty list."""
         message = event.message
         if not isinstance(message, C_MOVE_RSP) or message.command_set is None:
             return
@@ -400,22 +402,32 @@ class RefusedDestinations:
         with self._lock:
             expected = self._expected.get(event.assoc, {}).pop(
                 int(command.get("MessageIDBeingRespondedTo") or 0), None)
-        if expected is None:
+        if expected is None:  # no known destination: refused, with an empty list
+            syntax = _context_syntax(event.assoc, message.context_id)
+            if syntax is not None:
+                message.data_set = BytesIO(retrieve.failed_list([], syntax))
+                command.CommandDataSetType = 0x0001
             return
         request, total, instances = expected
         counts = retrieve.Counts(total)
         counts.fail_unsent(instances())
         # Everything made before the message changes: should any of it fail, the
         # A801 goes out whole rather than half rewritten.
-        identifier = (retrieve.failed_list(counts.failed_uids, request.transfer_syntax)
-                      if counts.failed_uids else b"")
+        identifier = retrieve.failed_list(counts.failed_uids, request.transfer_syntax)
         command.Status = UNABLE_TO_PERFORM_SUBOPERATIONS.code
         command.NumberOfCompletedSuboperations = 0
         command.NumberOfWarningSuboperations = 0
         command.NumberOfFailedSuboperations = counts.failed
-        if identifier:
-            message.data_set = BytesIO(identifier)
-            command.CommandDataSetType = 0x0001  # a data set follows (PS3.7 E.1)
+        message.data_set = BytesIO(identifier)
+        command.CommandDataSetType = 0x0001  # a data set follows (PS3.7 E.1)
+
+
+def _context_syntax(assoc: Association, context_id: int | None) -> str | None:
+    """The transfer syntax of the association's accepted context ``context_id``."""
+    for context in assoc.accepted_contexts:
+        if context.context_id == context_id and context.transfer_syntax:
+            return str(context.transfer_syntax[0])
+    return None
 
 
 #: A C-MOVE :class:`RefusedDestinations` waits on: its request, its number of

@@ -535,15 +535,15 @@ def send_final(responder: Responder, request: Request, status: Status,
     """The final response (PS3.4 C.4.2.1.6, C.4.2.3.1).
 
     Counts go in every final response that had sub-operations (Remaining only after
-    a cancel); the Failed SOP Instance UID List (PS3.4 C.4.2.1.4.2, C.4.3.1.3.2: in a
-    Cancel, Failure, Refused or Warning response) when some failed.
+    a cancel); the Failed SOP Instance UID List in every one but a Success (PS3.4
+    C.4.2.1.4.2, C.4.3.1.3.2: a Cancel, Failure, Refused or Warning response contains
+    it), zero-length when none failed.
     """
-    identifier = None
     snapshot = None
     if counts is not None:
         snapshot = counts.snapshot(remaining=status.code == CANCEL.code)
-        if counts.failed_uids:
-            identifier = failed_list(counts.failed_uids, request.transfer_syntax)
+    identifier = None if status.code == SUCCESS.code else failed_list(
+        counts.failed_uids if counts is not None else [], request.transfer_syntax)
     responder.send_response(status, identifier, snapshot)
 
 
@@ -560,7 +560,7 @@ def _failed(responder: Responder, request: Request, exc: BaseException,
     _log_error(request, exc, service)
     if responder.alive:
         status = status_for(RETRIEVE_STATUS, exc)
-        responder.send_response(status, None,
+        responder.send_response(status, failed_list([], request.transfer_syntax),
                                 NONE_DONE if status.code == CANCEL.code else None)
 
 

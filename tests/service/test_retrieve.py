@@ -782,6 +782,11 @@ def test_move_unknown_destination_is_a801(make_node: Callable[..., Node],
                                           "NOBODY", StudyMove))
 
     assert [status.Status for status, _ in replies] == [0xA801]
+    # A Refused response contains the Failed SOP Instance UID List, here empty
+    # (PS3.4 C.4.2.1.4.2), with the seam and with pynetdicom's own loop.
+    [(_, listed)] = replies
+    assert listed is not None and "FailedSOPInstanceUIDList" in listed
+    assert not listed.FailedSOPInstanceUIDList
     assert dest.connections == 0
 
 

@@ -509,6 +509,31 @@ def test_move_to_an_unknown_destination_is_a801(with_destination: Services) -> N
     assert [s.code for s, _, _ in responder.sent] == [0xA801]
 
 
+def test_every_final_response_but_success_lists_the_failed_uids_even_none(
+        services: Services, with_destination: Services) -> None:
+    """PS3.4 C.4.2.1.4.2, C.4.3.1.3.2: a Cancel, Failure, Refused or Warning response
+    contains the Failed SOP Instance UID List, zero-length when none failed; a
+    Success response has no identifier."""
+    _load(services, studies=1, per_study=3)
+    finals: dict[str, tuple[Status, bytes | None]] = {}
+    for name, responder, target, keys in (
+            ("warnings", _Responder(), _Target(statuses=[0xB007, 0x0001, 0xB000]),
+             {"StudyInstanceUID": "1.2.7.0"}),
+            ("cancel", _Responder(cancel_after=1), _Target(), {"StudyInstanceUID": "1.2.7.0"}),
+            ("refused", _Responder(), _Target(), {"StudyInstanceUID": ""}),
+            ("success", _Responder(), _Target(), {"StudyInstanceUID": "1.2.7.0"})):
+        _get(services, responder, target, **keys)
+        finals[name] = responder.sent[-1][:2]
+    unknown = _Responder()
+    _move(with_destination, unknown, "NOBODY", lambda *args: pytest.fail("connected"))
+    finals["unknown destination"] = unknown.sent[-1][:2]
+    assert {name: (status.code, _failed_list(identifier, ImplicitVRLittleEndian)
+                   if status.code else identifier)
+            for name, (status, identifier) in finals.items()} == {
+        "warnings": (0xB000, []), "cancel": (0xFE00, []), "refused": (0xA900, []),
+        "success": (0x0000, None), "unknown destination": (0xA801, [])}
+
+
 def test_move_connects_with_the_requestor_as_originator(with_destination: Services) -> None:
     connected: list[Any] = []
     target = _Target()
@@ -529,6 +554,8 @@ def _failed_list(identifier: bytes | None, syntax: str) -> list[str]:
     """The Failed SOP Instance UID List of a response identifier."""
     assert identifier is not None, "no identifier"
     value = read_data_set(identifier, syntax).FailedSOPInstanceUIDList
+    if not value:
+        return []
     return [value] if isinstance(value, str) else list(value)
 
 
