@@ -8,8 +8,8 @@ the engine that answers C-FIND runs it, and the rows become DICOM JSON
   empty result is ``200 []`` (CP-2473 moves PS3.18 from 204 to 200 for this, and both
   dicomweb-client and OHIF read ``[]``);
 - results in a stable order (the index's insertion order), so ``offset`` pages are
-  repeatable; when a page is cut, ``Warning: 299 <host>: There are N additional
-  results that can be requested``;
+  repeatable; when a page is cut, ``Warning: 299 <host>: "There are N additional
+  results that can be requested"``;
 - ``404`` when the study (or series) named in the path does not exist: the target
   resource itself is missing, which is what 404 means (an existing study with no
   matches is ``200 []``);
@@ -80,8 +80,10 @@ def renderer(level: Level, keywords: list[str], root: str) -> dicomjson.Renderer
 
 
 def additional_results(req: falcon.Request, count: int) -> str:
-    """The Warning of a cut page (PS3.18 8.3.4.4.1)."""
-    return f"299 {req.netloc}: There are {count} additional results that can be requested"
+    """The Warning of a cut page as PS3.18 8.3.4.4.1 writes it, its text a quoted
+    string (the header's ``warn-text``, RFC 7234 5.5)."""
+    return (f'299 {req.netloc}: "There are {count} additional results that can be '
+            'requested"')
 
 
 

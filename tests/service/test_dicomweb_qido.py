@@ -272,8 +272,8 @@ def test_paging_is_stable_and_warns_when_cut(get: Get, archive: Archive) -> None
         remaining = 5 - offset - len(result.json)
         if remaining > 0:
             assert result.headers["Warning"] == (
-                f"299 falconframework.org: There are {remaining} additional results "
-                f"that can be requested")
+                f'299 falconframework.org: "There are {remaining} additional results '
+                f'that can be requested"')
         else:
             assert "Warning" not in result.headers
     assert pages == everything, "pages are disjoint, complete, in one order"
