@@ -18,7 +18,8 @@ key; the same engine then answers both.  What QIDO adds:
 
 Choices where the standard leaves room, all answered with 400 and a reason:
 a match key that is a DICOM attribute we do not index, a sequence path, a keyword
-or tag that is not a DICOM attribute, and malformed paging or flags.  An
+or tag that is not a DICOM attribute, a UID key's value that is not a UID, and
+malformed paging or flags.  An
 ``includefield`` of an attribute we do not index is ignored (nothing to return).
 """
 
@@ -41,9 +42,9 @@ from pacs.core.attributes import (
     Attribute,
     Level,
 )
-from pacs.core.dataset import require_uid
+from pacs.core.dataset import require_uid, valid_uid
 from pacs.core.errors import InvalidQuery
-from pacs.core.query.matching import constraint
+from pacs.core.query.matching import EMPTY_VALUE, constraint
 from pacs.core.query.model import Constraint, Match, Query, Term
 
 _HEX_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
@@ -240,8 +241,24 @@ def sequence_item(name: str) -> tuple[Attribute, Attribute]:
 
 
 def uid_list_text(attribute: Attribute, value: str) -> str:
-    """QIDO separates a UID list with ``,`` as well as ``\\`` (PS3.18 8.3.4.1)."""
-    return value.replace(",", "\\") if attribute.vr == "UI" else value
+    """QIDO separates a UID list with ``,`` as well as ``\\`` (PS3.18 8.3.4.1).
+
+    Raises
+    ------
+    InvalidQuery
+        When a value of the list is not a UID (PS3.5 9.1), as a UID in the path is
+        refused: no instance could match it (ingest refuses them), and ``200 []``
+        would tell the client its query was understood.
+    """
+    if attribute.vr != "UI":
+        return value
+    text = value.replace(",", "\\")
+    if text.strip(" \0") in ("", "*", EMPTY_VALUE):  # universal, or empty value matching
+        return text
+    for uid in text.split("\\"):
+        if uid.strip(" \0") and not valid_uid(uid.strip(" \0")):
+            raise InvalidQuery(f"{attribute.keyword}: a value is not a valid UID")
+    return text
 
 
 def path_constraint(keyword: str, uid: str) -> Constraint:

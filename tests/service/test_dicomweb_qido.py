@@ -311,6 +311,13 @@ def test_default_limit_and_maximum(make_services: Callable[..., Services]) -> No
     ("StudyDate=2015-01-01", 400),
     ("includefield=NotAKeyword", 400),
     ("StudyInstanceUID=", 200),
+    ("StudyInstanceUID=*", 200),
+    ("StudyInstanceUID=not-a-uid", 400),  # as in the path: never a match, not understood
+    ("StudyInstanceUID=1.2..3", 400),
+    ("StudyInstanceUID=1.2.3,abc", 400),  # one bad UID of a list
+    ("SeriesInstanceUID=1.02.3", 400),  # a leading zero (PS3.5 9.1)
+    ("SOPInstanceUID=" + "1" * 65, 400),
+    ("SOPClassUID=1.2.840.10008.5.1.4.1.1.2%5C1.2.3", 200),
     ("SpecificCharacterSet=ISO_IR%20100", 200),  # never matched (as in C-FIND)
 ])
 def test_bad_parameters(get: Get, archive: Archive, query: str, status: int) -> None:
