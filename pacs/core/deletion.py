@@ -218,6 +218,52 @@ def delete_rows(conn: apsw.Connection, rows: Iterable[Located],
                              who, when)
 
 
+@dataclass
+class _PendingRecord:
+    """What a removal's pending record holds (:func:`pacs.core.index.writer.removal_pending`)."""
+
+    requestor: str
+    address: str
+    source: str
+    reason: str
+    places: str
+
+
+def _pending_record(places: Sequence[Reference], who: Participant, kind: audit.Code,
+                    reason: Reason | None) -> _PendingRecord | None:
+    """The pending record of a removal of ``places`` (``None`` for none)."""
+    if not places:
+        return None
+    text = json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
+                        p.change_seq if isinstance(p, Planned) else None]
+                       for p in places], separators=(",", ":"))
+    why = json.dumps([reason.code, reason.scheme, reason.meaning]) if reason else ""
+    return _PendingRecord(who.user_id, who.address, kind.code, why, text)
+
+
+class _Pending:
+    """A removal's pending record: ``id`` once committed (or carried out again,
+    ``resume``), written by the transaction of its first chunk that removes something
+    (:meth:`record`, then :meth:`committed` once that transaction has committed)."""
+
+    def __init__(self, resume: int | None, record: _PendingRecord | None) -> None:
+        self.id = resume
+        self._record = record
+
+    def record(self, conn: apsw.Connection) -> int | None:
+        """Write the record in ``conn``'s transaction unless it is written; its id."""
+        if self.id is not None or self._record is None:
+            return None
+        r = self._record
+        return writer.removal_pending(conn, r.requestor, r.address, r.source, r.reason,
+                                      r.places, time.time())
+
+    def committed(self, recorded: int | None) -> None:
+        """The transaction that wrote ``recorded`` (or nothing) has committed."""
+        if recorded is not None:
+            self.id = recorded
+
+
 def chunks(items: Sequence[Reference], size: int = CHUNK) -> Iterable[Sequence[Reference]]:
     """``items`` in slices of at most ``size`` (a transaction, a read of rows each)."""
     for start in range(0, len(items), size):
@@ -326,12 +372,18 @@ class Deleter:
         """Remove the instances at ``places`` (module docstring), audit and log it.
 
         A removal that can be carried out again from what is recorded (no ``accept``
-        rule: a deletion, a rejection by path, an expiry) is recorded as pending before
-        its first chunk and forgotten after its last, or once its requestor is told it
-        failed (an error, an interrupt): one a dying process cut short is finished at
-        the node's start-up (:func:`pacs.core.reconcile.reconcile`, :meth:`resume`),
-        whose own failure keeps the record for the next.  A rejection note's
-        are recorded with the note (:mod:`pacs.core.ingest`).
+        rule: a deletion, a rejection by path, an expiry) is recorded as pending in
+        the transaction of its first chunk that removes something, and forgotten after
+        its last, or once its requestor is told it failed (an error, an interrupt):
+        one a dying process cut short is finished at the node's start-up
+        (:func:`pacs.core.reconcile.reconcile`, :meth:`resume`), whose own failure
+        keeps the record for the next.  Recorded with its first removal, never before
+        it, a removal whose first commit fails (a full disk) leaves no record that a
+        start-up could carry out after its requestor was told it failed; one that
+        fails after a chunk was removed, and whose record cannot be forgotten either,
+        is finished at the next start-up (part of it is done: finishing it is what
+        was asked).  A rejection note's are recorded with the note
+        (:mod:`pacs.core.ingest`).
 
         Parameters
         ----------
@@ -371,9 +423,8 @@ class Deleter:
         code = (reason.code, reason.scheme) if reason is not None else NO_REASON
         requested = sorted({place.study_uid for place in places})
         patients = self._patients(requested)
-        pending = resume
-        if pending is None and accept is None and places:
-            pending = self._record_pending(places, who, kind, reason)
+        pending = _Pending(resume, None if resume is not None or accept is not None
+                           else _pending_record(places, who, kind, reason))
         try:
             for chunk in chunks(places):
                 # Each chunk is audited once committed: a removal cut short (a crash,
@@ -381,7 +432,7 @@ class Deleter:
                 part = Removal(store_error=removal.store_error)
                 self._remove_chunk(chunk, who.user_id, code, accept, part, partial(
                     self._audit, part, who, kind, reason, patients, audit.SUCCESS,
-                    requested), again=again or resume is not None)
+                    requested), again=again or resume is not None, pending=pending)
                 removal.add(part)
                 if progress is not None:
                     progress(len(chunk))
@@ -396,22 +447,11 @@ class Deleter:
             # (``resume``), nobody is: kept for the next start-up or repair.  Only a
             # process that dies (kill -9, a crash) keeps a removal asked for pending.
             if resume is None:
-                self._forget_pending(pending)
+                self._forget_pending(pending.id)
             raise
         self._log(removal, who, reason)
-        self._forget_pending(pending)
+        self._forget_pending(pending.id)
         return removal
-
-    def _record_pending(self, places: Sequence[Reference], who: Participant,
-                        kind: audit.Code, reason: Reason | None) -> int:
-        """Record a removal as pending (one commit, before its first chunk)."""
-        text = json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
-                            p.change_seq if isinstance(p, Planned) else None]
-                           for p in places], separators=(",", ":"))
-        why = json.dumps([reason.code, reason.scheme, reason.meaning]) if reason else ""
-        with self.index.write() as conn:
-            return writer.removal_pending(conn, who.user_id, who.address,
-                                          kind.code, why, text, time.time())
 
     def _forget_pending(self, pending: int | None) -> None:
         if pending is None:
@@ -419,8 +459,8 @@ class Deleter:
         try:
             with self.index.write() as conn:
                 writer.removal_done(conn, pending)
-        except PacsError as exc:  # done all the same: carried out again, it finds nothing
-            log.warning("a removal done could not be marked done (%s)", exc)
+        except PacsError as exc:  # carried out again at start-up: it finishes the rest
+            log.warning("a removal's pending record could not be dropped (%s)", exc)
 
     def resume(self, pending: reads.PendingRemoval) -> Removal:
         """Carry out again a removal a crash cut short (its pending record): what it
@@ -437,12 +477,13 @@ class Deleter:
     def _remove_chunk(self, chunk: Sequence[Reference], who: str, code: tuple[str, str],
                       accept: Callable[[Located, Reference], bool] | None,
                       removal: Removal, committed: Callable[[], None],
-                      again: bool = False) -> None:
-        """Remove one chunk's rows (one transaction), call ``committed`` (its audit
-        record: before the object deletions, which on S3 take most of a removal's time,
-        so that a crash among them leaves the record of the rows removed), then delete
-        their objects, all under the chunk's ingest locks (a UID stored again meanwhile
-        must not lose its new object to a late deletion)."""
+                      again: bool = False, pending: _Pending | None = None) -> None:
+        """Remove one chunk's rows (one transaction, which records the removal as
+        ``pending`` when it is the first to remove something), call ``committed`` (its
+        audit record: before the object deletions, which on S3 take most of a
+        removal's time, so that a crash among them leaves the record of the rows
+        removed), then delete their objects, all under the chunk's ingest locks (a UID
+        stored again meanwhile must not lose its new object to a late deletion)."""
         uids = [place.sop_uid for place in chunk]
         with self.ingest.uid_locks(uids):
             conn = self.index.connection()
@@ -471,11 +512,16 @@ class Deleter:
             keys = [row.object_key for row in rows] + left
             if stones or rows:
                 when = datetime.now(UTC).strftime(RECEIVED_FORMAT)
+                recorded = None
                 with self.index.write() as conn:
+                    if pending is not None:
+                        recorded = pending.record(conn)
                     delete_rows(conn, rows, stones, code, who, when)
                     writer.deletions_pending(conn, keys, time.time())
                     remaining = reads.study_patients(conn,
                                                      sorted({r.study_uid for r in rows}))
+                if pending is not None:
+                    pending.committed(recorded)
                 for row in rows:
                     removal.count(row)
                     if row.study_uid not in remaining:

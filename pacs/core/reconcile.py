@@ -52,7 +52,7 @@ decision is taken again under the SOP Instance UID's ingest lock,
 (g) an IOCM rejection note committed, the crash before all its removals were done: its
     pending row, committed with it, is still there (``unfinished``); the same for a
     removal asked for (a DICOMweb DELETE or rejection, ``pacs delete``, an expiry),
-    whose pending row, with its places, was committed before its first chunk.  The node's
+    whose pending row, with its places, was committed with its first chunk.  The node's
     start-up finishes it (``full=False``, before any worker), as does repair for a row
     pending longer than ``temp_grace`` (a younger one may be a note being applied): the
     note is applied again by its sender, what it removed already passed over, each

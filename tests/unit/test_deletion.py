@@ -1045,7 +1045,7 @@ def test_objects_a_removal_cut_short_left_are_deleted_when_it_is_finished(
 
 def test_a_removal_cut_short_is_finished_at_start_up(
         services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A deletion (DICOMweb, ``pacs delete``, an expiry) records its places before its
+    """A deletion (DICOMweb, ``pacs delete``, an expiry) records its places with its
     first chunk: one a crash cut short (here, the process "dies" at its second chunk)
     is finished by the node's start-up, by its requestor, and one that failed with an
     answer (its requestor told) is not kept."""
@@ -1105,6 +1105,29 @@ def test_a_removal_cut_short_is_finished_at_start_up(
             [Target(kept[0][0])])], who, audit.WEB_SERVER)
     assert reads.removals_pending(services.index.connection()) == []
     assert kept[0][2] in _uids(services)
+
+
+def test_a_removal_whose_first_commit_fails_on_a_full_disk_is_never_carried_out(
+        services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DELETE answered 503 because the disk is full, where the record of its failure
+    cannot be written either: nothing of it was removed, and no start-up carries it
+    out after its requestor was told it failed (its pending record goes in the commit
+    of its first removal, which failed)."""
+    from pacs.core import deletion
+    made = _study(services, count=3)
+
+    def full(*_: object, **__: object) -> None:
+        raise IndexFailure("index commit failed: database or disk is full")
+
+    monkeypatch.setattr(deletion, "delete_rows", full)
+    monkeypatch.setattr(services.deleter, "_forget_pending", full)  # the disk is full
+    with pytest.raises(IndexFailure):
+        services.deleter.remove([reference(r) for r in services.deleter.plan(
+            [Target(made[0][0])])], audit.Participant("admin", True), audit.WEB_SERVER)
+    monkeypatch.undo()
+    assert reads.removals_pending(services.index.connection()) == []
+    reconcile(services, full=False)
+    assert {m[2] for m in made} <= _uids(services)
 
 
 def test_a_removal_carried_out_again_that_fails_stays_pending(
