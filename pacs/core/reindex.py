@@ -25,8 +25,13 @@ How a rebuild goes (:func:`rebuild`):
    the rebuilt rows equal the originals.  An object that is not a readable instance,
    or whose UIDs name another key, is reported and left where it is: never deleted,
    never guessed into the index.  A SOP Instance UID found at several keys (a copy a
-   crash left, see :mod:`pacs.core.reconcile`) is indexed from the one written last;
-   the others are reported (``pacs fsck`` quarantines them).
+   crash left, see :mod:`pacs.core.reconcile`) is indexed from the one the previous
+   index names, when it names one of them, else from the one written last; the
+   others are reported (``pacs fsck`` quarantines them).  Where the store dates two
+   of them alike (S3 dates writes to the whole second) and no previous index
+   decides, the order of writes is not known: the one indexed is the later by key
+   order, and the instance is reported as ``tied`` (to be checked before ``pacs fsck
+   --repair`` quarantines the others).
 3. **In the order the store received them.**  The index holds, for a patient, the
    patient attributes received last (:func:`pacs.core.index.writer.upsert`), so rows
    are written in the order of the objects' stored modification times (then key
@@ -179,8 +184,11 @@ class Report:
     skipped :
         Objects left out: not readable instances, or UIDs naming another key.
     duplicates :
-        SOP Instance UIDs found at more than one key: the key indexed (written last)
-        and the others, which are left in place.
+        SOP Instance UIDs found at more than one key: the others, which are left in
+        place, then the key indexed (the previous index's, or the one written last).
+    tied :
+        Those of ``duplicates`` whose indexed copy and another were dated alike by the
+        store, with no previous index to decide: the order of writes is not known.
     undated :
         Objects whose stored time the store did not tell (ordered by key instead).
     rejected :
@@ -209,6 +217,7 @@ class Report:
     indexed: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     duplicates: dict[str, list[str]] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)
     undated: int = 0
     rejected: int = 0
     undecided: int = 0
@@ -234,6 +243,10 @@ class Report:
             yield (f"SOP Instance {sop} is stored at {len(keys)} keys: indexed {keys[-1]}, "
                    f"left in place: {', '.join(keys[:-1])} ('pacs fsck --repair' "
                    "quarantines them)")
+        for sop in self.tied:
+            yield (f"SOP Instance {sop}: the store dates its copies alike and no previous "
+                   "index names one, so which was written last is not known: check "
+                   "which to keep before 'pacs fsck --repair' quarantines the others")
         if self.undated:
             yield (f"{self.undated} object(s) without a stored time: ordered by key, "
                    "received time unknown")
@@ -259,7 +272,8 @@ class Report:
                 "previous": str(self.previous) if self.previous else None,
                 "objects": self.objects, "indexed": self.indexed,
                 "skipped": [{"key": s.key, "reason": s.reason} for s in self.skipped],
-                "duplicates": self.duplicates, "undated": self.undated,
+                "duplicates": self.duplicates, "tied": self.tied,
+                "undated": self.undated,
                 "rejected": self.rejected, "undecided": self.undecided,
                 "removed": self.removed,
                 "strays": {"count": self.strays[0], "first": self.strays[1]},
@@ -413,8 +427,9 @@ def rebuild(index_path: Path, store: ObjectStore, analysers: AnalyserPool, *,
     try:
         migrate(new.connection(), owner=owner or customer)
         _keep_tombstones(new, removed)
-        notes = _fill(new, store, keys, dated, analysers, readers, report, on_object,
-                      removed)
+        with _previous_keys(index_path) as named:
+            notes = _fill(new, store, keys, dated, analysers, readers, report,
+                          on_object, removed, named)
         _apply_notes(new, notes, report, removed)
         check = reads.quick_check(new.connection())
         if check != "ok":
@@ -695,10 +710,12 @@ class _Note:
 def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, float],
           analysers: AnalyserPool, readers: int, report: Report,
           on_object: Callable[[], object] | None,
-          removed: dict[str, reads.TombstoneRow] | None = None) -> list[_Note]:
+          removed: dict[str, reads.TombstoneRow] | None = None,
+          named: Callable[[str], str | None] = lambda sop: None) -> list[_Note]:
     """Analyse every object and write its rows, in ``keys`` order, in batches; the
     rejection notes among them, in that order.  An object at the place of a removed
-    instance (``removed``: item 9) is left out."""
+    instance (``removed``: item 9) is left out; of a UID's copies, the one the previous
+    index names (``named``) is kept (item 2)."""
     removed = removed or {}
     batch: list[tuple[writer.InstanceRow, metadata.Prepared | None]] = []
     notes: list[_Note] = []
@@ -718,8 +735,8 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
             report.removed += 1
             log.debug("reindex: %s not indexed: removed", key)
             continue
-        if sop in where:
-            report.duplicates.setdefault(sop, [where[sop]]).append(key)
+        if sop in where and not _later_kept(sop, where[sop], key, dated, named, report):
+            continue  # the previous index names the copy indexed already
         where[sop] = key
         received = dated.get(key)
         batch.append((_row(analysis, key, size, received), analysis.metadata))
@@ -732,6 +749,47 @@ def _fill(index: Index, store: ObjectStore, keys: list[str], dated: dict[str, fl
             batch = []
     _write(index, batch)
     return notes
+
+
+def _later_kept(sop: str, earlier: str, later: str, dated: dict[str, float],
+                named: Callable[[str], str | None], report: Report) -> bool:
+    """Whether ``later``, a copy of ``sop`` met after ``earlier`` (the copy indexed so
+    far) in the store's order, replaces it in the index (item 2), as recorded in
+    ``report.duplicates`` (the key indexed last) and ``report.tied``."""
+    copies = report.duplicates.setdefault(sop, [earlier])
+    own = named(sop)
+    if own == earlier:
+        copies.insert(len(copies) - 1, later)
+        return False
+    copies.append(later)
+    tied = own != later and dated.get(earlier) == dated.get(later)
+    if tied and sop not in report.tied:
+        report.tied.append(sop)
+    elif not tied and sop in report.tied:
+        report.tied.remove(sop)
+    return True
+
+
+@contextlib.contextmanager
+def _previous_keys(index_path: Path) -> Iterator[Callable[[str], str | None]]:
+    """The key the previous index names for a SOP Instance UID (``None`` when it names
+    none, or there is no previous index), asked of it one UID at a time."""
+    if not index_path.exists():
+        yield lambda sop: None
+        return
+    conn = connect(index_path)
+    try:
+        if "instance" not in reads.tables(conn):
+            yield lambda sop: None
+            return
+
+        def named(sop: str) -> str | None:
+            found = reads.located(conn, [sop])
+            return found[0].object_key if found else None
+
+        yield named
+    finally:
+        conn.close()
 
 
 def _apply_notes(index: Index, notes: list[_Note], report: Report,

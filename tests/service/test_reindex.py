@@ -646,6 +646,54 @@ def test_a_uid_stored_at_two_keys_is_indexed_from_the_newest(
     assert set(store.keys()) == {old_key, new_key}
 
 
+def _two_copies(settings: config.Settings, *, apart_ns: int) -> tuple[FileStore, str, str]:
+    """An instance moved to another series, its old copy back (a crash's window),
+    dated ``apart_ns`` after the moved one: the store, the old key, the moved key."""
+    services = build(settings)
+    study, sop = "1.2.826.0.1.3680043.8.498.89", "1.2.826.0.1.3680043.8.498.89.1.1"
+    old = make_instance(SOPInstanceUID=sop, SeriesInstanceUID=f"{study}.2",
+                        StudyInstanceUID=study)
+    services.ingest.store_bytes(old)
+    services.ingest.store_bytes(make_instance(SOPInstanceUID=sop, StudyInstanceUID=study,
+                                              SeriesInstanceUID=f"{study}.1"))
+    drain(services)
+    services.close()
+    store = FileStore(settings.objects_dir)
+    old_key, new_key = (object_key(study, f"{study}.{n}", sop) for n in (2, 1))
+    store.put(old_key, io.BytesIO(old), len(old))
+    moved_time = store.local_file(new_key).stat().st_mtime_ns
+    os.utime(store.local_file(old_key), ns=(moved_time + apart_ns,) * 2)
+    return store, old_key, new_key
+
+
+def test_the_previous_index_decides_which_copy_of_a_uid_is_indexed(
+        settings: config.Settings) -> None:
+    """The store's times are not the order of acknowledgement (S3 dates writes to the
+    second, a folder file keeps the time it was staged): where the previous index names
+    one of a UID's copies, that one is indexed, even dated before the other."""
+    store, old_key, new_key = _two_copies(settings, apart_ns=10**9)
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    sop = "1.2.826.0.1.3680043.8.498.89.1.1"
+    assert report.duplicates == {sop: [old_key, new_key]} and report.tied == []
+    assert dump(settings.index_path)["instance"][sop]["object_key"] == new_key
+    assert set(store.keys()) == {old_key, new_key}
+
+
+def test_copies_dated_alike_without_a_previous_index_are_reported_tied(
+        settings: config.Settings) -> None:
+    """A lost index, two copies of a UID dated alike (S3's whole seconds): the order of
+    writes is not known, and the report says so rather than guess in silence."""
+    store, old_key, new_key = _two_copies(settings, apart_ns=0)
+    for path in settings.index_path.parent.glob(settings.index_path.name + "*"):
+        path.unlink()
+    report = rebuild(settings.index_path, store, AnalyserPool(0))
+    sop = "1.2.826.0.1.3680043.8.498.89.1.1"
+    assert report.tied == [sop] and sorted(report.duplicates[sop]) == sorted(
+        [old_key, new_key])
+    assert any(sop in line and "not known" in line for line in report.lines())
+    assert report.as_json()["tied"] == [sop]
+
+
 class FailingStore(MemoryStore):
     """A store whose reads fail after some objects (S3 gone in the middle)."""
 
