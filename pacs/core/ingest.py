@@ -942,12 +942,13 @@ class Ingest:
 
     def _forget_moved(self, plan: _Plan) -> None:
         """After the commit: an object that moved (new study or series UID) leaves its
-        old file unlisted (its intake copy went with the commit); remove it, and the
-        intake file of a version the commit replaced."""
+        old object unlisted (its intake copy went with the commit, its deletion was
+        recorded pending in it); remove it, and the intake file of a version the commit
+        replaced."""
         if plan.existing is None:
             return
         if plan.existing.object_key != plan.key:
-            self._delete_quietly(plan.existing.object_key)
+            self._delete_moved_from(plan.existing.object_key)
         self.store.tidy({plan.existing.sop_uid})
 
     def _indexed_as(self, analysis: Analysis, key: str) -> bool:
@@ -1009,11 +1010,18 @@ class Ingest:
         except (NotFound, PacsError):
             return None
 
-    def _delete_quietly(self, key: str) -> None:
+    def _delete_moved_from(self, key: str) -> None:
+        """Delete the object an instance moved from, and forget its pending deletion;
+        a failure leaves it recorded, for the intake's mover
+        (:meth:`pacs.core.intake.Mover.delete_removed`, which deletes only a key that
+        no row names by then)."""
         try:
             self.store.backend.delete(key)
-        except PacsError:
-            log.warning("could not delete a replaced object; 'pacs fsck' will")
+            with self.index.write() as conn:
+                writer.deletions_done(conn, [key])
+        except PacsError as exc:
+            log.warning("could not delete the object a moved instance left (%s); the "
+                        "intake's mover will", exc)
 
     def uid_lock(self, sop_uid: str) -> AbstractContextManager[None]:
         """The lock under which ingest decides and writes an instance of this SOP
@@ -1133,7 +1141,10 @@ def _indexing(row: writer.InstanceRow, analysis: Analysis, intake: bytes | None,
         else:
             writer.intake_drop(conn, row.object_key)
         if left is not None:
+            # Its object is deleted after the commit; recorded here, a deletion that
+            # fails, or a crash first, leaves it to the intake's mover.
             writer.intake_drop(conn, left)
+            writer.deletions_pending(conn, [left], time.time())
         if revived:
             writer.drop_tombstone(conn, analysis.sop_instance_uid)
         if pending is not None:

@@ -399,6 +399,33 @@ def _aged(services: Services) -> None:
                      (intake_module.DELETION_GRACE + 1,))
 
 
+def test_the_object_a_moved_instance_left_is_the_mover_s_when_its_deletion_fails(
+        make_services: Callable[..., Services]) -> None:
+    """An instance stored again in another series leaves its old object unlisted; its
+    deletion is recorded in the commit that moved it, so one the store fails (or a
+    crash before it) is done by the intake's mover, not left for ``pacs fsck``."""
+    store = CountingStore()
+    services = make_services(store=store)
+    [(study, series, sop, _)] = _study(services, count=1)
+    drain(services)  # the old object in the store
+    old_key = f"{study}/{series}/{sop}.dcm"
+    moved = generate_uid()
+    store.fail_deletes = True
+    services.ingest.store_bytes(make_instance(StudyInstanceUID=study,
+                                              SeriesInstanceUID=moved, SOPInstanceUID=sop))
+    store.fail_deletes = False
+    drain(services)
+    assert old_key in set(store.keys()) and _pending(services) == 1
+    _aged(services)
+    assert mover(services).delete_removed() == 1
+    assert set(store.keys()) == {f"{study}/{moved}/{sop}.dcm"} and _pending(services) == 0
+    # Deleted at once, its record goes with it.
+    services.ingest.store_bytes(make_instance(StudyInstanceUID=study,
+                                              SeriesInstanceUID=series, SOPInstanceUID=sop))
+    drain(services)
+    assert set(store.keys()) == {old_key} and _pending(services) == 0
+
+
 def _removed_with_deletes_failing(services: Services, store: CountingStore, study: str
                                   ) -> tuple[Removal, list[reads.Located]]:
     """Remove ``study`` while the store fails every object deletion: the removal and
