@@ -281,7 +281,15 @@ class Instances:
                 raise Unacceptable("a study or series is sent as multipart/related only")
         plan = check_conversions(self.services, self._plan(refs, ranges), study, series,
                                  instance)
-        ref, choices = plan[0]
+        # Each instance asked for just before it is read, as C-MOVE and C-GET do: one
+        # removed since it was listed (a rejection, a deletion: its object stays
+        # readable until deleted) is passed over, not sent.
+        listed = ((ref, choices) for ref, choices in plan
+                  if self.services.engine.still_listed(ref))
+        head = next(listed, None)
+        if head is None:
+            raise NotFound("no such study, series or instance")
+        ref, choices = head
         choice, first = self._made(ref, choices)
         if instance is not None and choice.single_part:
             resp.content_type = f"{DICOM}; transfer-syntax={choice.syntax}"
@@ -289,7 +297,7 @@ class Instances:
                 resp.content_length = ref.size
             resp.stream = sent(first, req.path)
             return
-        rest = (self._part(ref, choices) for ref, choices in plan[1:])
+        rest = (self._part(ref, choices) for ref, choices in listed)
         send_multipart(resp, DICOM, chain([(self._headers(ref, choice.syntax), first)], rest),
                        req.path)
 

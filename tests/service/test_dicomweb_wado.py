@@ -35,7 +35,8 @@ from pydicom.uid import (
 
 from adapters.dicomweb import wado
 from adapters.dicomweb.app import create_app
-from pacs.core import frames as core_frames, ingest as ingest_module, metadata
+from pacs.core import audit, frames as core_frames, ingest as ingest_module, metadata
+from pacs.core.deletion import Target, reference
 from pacs.core.errors import NotFound, UnreadableData
 from pacs.core.services import Services
 from pacs.core.storage.memory import MemoryStore
@@ -254,6 +255,30 @@ def test_study_and_series_stream_every_instance(client: testing.TestClient, put:
     series = client.simulate_get(url(first, "series", "/dicom-web"),
                                  headers={"Accept": DICOM_ACCEPT})
     assert len(parts(series)) == 2
+
+
+def test_an_instance_removed_while_its_study_is_sent_is_passed_over(
+        client: testing.TestClient, services: Services, put: Put) -> None:
+    """As C-MOVE and C-GET do: each instance is asked for just before it is read, so
+    one removed since the study was listed (a deletion, a rejection) is not sent, and
+    the answer is whole without it rather than cut short."""
+    first, _ = put("CT_small.dcm")
+    second, _ = put("CT_small.dcm", study=first.StudyInstanceUID,
+                    series=first.SeriesInstanceUID)
+    third, _ = put("CT_small.dcm", study=first.StudyInstanceUID,
+                   series=first.SeriesInstanceUID)
+    status, _, body = served(client, url(first, "study"), DICOM_ACCEPT)
+    assert status.startswith("200"), status
+    chunks = iter(body)
+    received = [next(chunks)]  # the first instance is being sent
+    services.deleter.remove(
+        [reference(row) for row in services.deleter.plan([Target(first.StudyInstanceUID)])
+         if row.sop_uid == second.SOPInstanceUID],
+        audit.Participant("admin", True), audit.WEB_SERVER)
+    sent = b"".join([*received, *chunks])
+    assert first.SOPInstanceUID.encode() in sent and third.SOPInstanceUID.encode() in sent
+    assert second.SOPInstanceUID.encode() not in sent
+    assert sent.rstrip().endswith(b"--")  # the close delimiter: the answer is whole
 
 
 def test_single_part_dicom_is_for_an_instance_only(client: testing.TestClient,
