@@ -705,8 +705,13 @@ class Settings:
             text = str(value).lower() if isinstance(value, bool) else str(value)
             if setting.secret and text:
                 text = "****"
-            rows.append((setting.env, text))
+            rows.append((setting.env, _URL_PASSWORD.sub(r"\1****@", text)))
         return rows
+
+
+#: The password of a URL's user information (``scheme://user:password@host``), as a
+#: route to a STOW-RS destination may hold it: masked wherever a setting has one.
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@")
 
 
 def validate_customer(name: str) -> str:

@@ -113,6 +113,18 @@ def test_describe_masks_secrets() -> None:
     assert described["PACS_AE_TITLE"] == "INTELPIXEL"
 
 
+def test_describe_masks_the_password_of_a_route_s_url() -> None:
+    """A STOW-RS route may carry ``user:password@`` (README, Forwarding): ``pacs
+    config`` shows the route with its password masked, as ``pacs status`` strips it."""
+    routes = ("ai: modality=MR -> https://aiuser:R0utePassw0rd@ai.example/dicom-web; "
+              "pacs: -> http://b:c%40d@h.example:8080/dicom-web")
+    settings = config.load(environ={"PACS_ROUTES": routes}, env_file=None)
+    shown = dict(settings.describe())["PACS_ROUTES"]
+    assert "R0utePassw0rd" not in shown and "c%40d" not in shown
+    assert "https://aiuser:****@ai.example/dicom-web" in shown
+    assert "http://b:****@h.example:8080/dicom-web" in shown
+
+
 def test_every_setting_is_documented_in_env_example_and_readme() -> None:
     example = (ROOT / ".env.example").read_text()
     readme = (ROOT / "README.md").read_text()
