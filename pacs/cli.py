@@ -27,6 +27,7 @@ from pacs.core.ingest import Outcome
 
 if TYPE_CHECKING:
     from pacs.core.reconcile import Report
+    from pacs.core.services import Services
 
 log = logging.getLogger("pacs")
 
@@ -667,6 +668,22 @@ def send(ctx: click.Context, studies: tuple[str, ...], destination: str, requeue
         sys.exit(1)
 
 
+def _audit_query(services: Services, level: str, keys: tuple[str, ...], description: str,
+                 found: bool = False) -> None:
+    """The Query event of ``pacs query`` (PS3.15 A.5.3.10), as C-FIND and QIDO-RS have
+    theirs: its operator, the command's keys as the query, their tags; ``found``: it
+    succeeded."""
+    from adapters.http.audit import STUDY_ROOT_FIND
+    from pacs.core import audit
+    from pacs.core.attributes import BY_KEYWORD
+
+    outcome = audit.SUCCESS if found else audit.MINOR_FAILURE
+    text = " ".join(("pacs query", level, *keys)).encode("utf-8")
+    tags = [f"{BY_KEYWORD[item.partition('=')[0]].tag:08X}" for item in keys]
+    services.audit.query(audit.APPLICATION_SERVER, _operator(), STUDY_ROOT_FIND, text,
+                         tags, outcome, f"pacs query: {description}")
+
+
 def _operator() -> Participant:
     """The person running this command, as the audit trail names a requestor: the
     login name, at this host; ``uid:<n>`` when the user has none (a container run with
@@ -769,7 +786,10 @@ def query(ctx: click.Context, level: str, limit: int, keys: tuple[str, ...]) -> 
     try:
         rows = [[r.values.get(c) or "" for c in columns] for r in services.engine.find(request)]
     except PacsError as exc:
+        _audit_query(services, level, keys, str(exc))
         raise click.ClickException(str(exc)) from None
+    else:
+        _audit_query(services, level, keys, f"{len(rows)} {level} rows", found=True)
     finally:
         services.close()
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]

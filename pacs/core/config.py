@@ -362,7 +362,7 @@ SETTINGS: tuple[Setting, ...] = (
             "after which further requests with credentials from that client address (or "
             "for that user name, from addresses that failed) get 429 with Retry-After, "
             "their credentials unchecked, until the window passes; counted in each web "
-            "worker process; 0: no limit.",
+            "worker process (of the DICOMweb and the viewer port); 0: no limit.",
             _not_negative(int)),
     Setting("PACS_AUTH_WINDOW", "auth_window", "60",
             "Seconds of the sliding window of PACS_AUTH_FAILURES.", _positive(float)),

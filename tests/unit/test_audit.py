@@ -655,6 +655,37 @@ def test_reading_the_trail_is_recorded_in_it_after_the_reading(
     assert len(read_trail(path)) == 4
 
 
+def test_pacs_query_is_recorded_as_a_query(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pacs query`` shows patients' names and IDs: it is a Query (PS3.15 A.5.3.10) in
+    the trail, as a C-FIND or a QIDO-RS search is, by its operator, with its keys."""
+    import getpass
+
+    from click.testing import CliRunner
+
+    from pacs.cli import main
+    from tests.auditcheck import requestor
+
+    data = tmp_path / "in.dcm"
+    data.write_bytes(make_instance(PatientID="AUDIT-ME", PatientName="SECRET^PATIENT"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+    assert runner.invoke(main, ["import", str(data)]).exit_code == 0
+    [path] = (tmp_path / "data").rglob("audit.jsonl")
+    before = len(read_trail(path))
+    result = runner.invoke(main, ["query", "--level", "patient", "PatientName=SECRET*"])
+    assert result.exit_code == 0 and "AUDIT-ME" in result.output, result.output
+    [queried] = read_trail(path)[before:]
+    assert problems(queried) == []
+    assert queried["EventIdentification"]["EventID"]["csd-code"] == "110112"
+    assert requestor(queried)["UserID"] == getpass.getuser()
+    [asked] = queried["ParticipantObjectIdentification"]
+    assert base64.b64decode(asked["ParticipantObjectQuery"]) == \
+        b"pacs query patient PatientName=SECRET*"
+    assert {"type": "QueryKeys", "value": "00100010"} in asked["ParticipantObjectDetail"]
+
+
 def test_a_long_trail_is_read_as_a_stream(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """``pacs audit`` holds an event at a time, not the trail: years of events must
