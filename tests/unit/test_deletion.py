@@ -183,6 +183,22 @@ def test_a_note_never_removes_another_patients_instance(services: Services) -> N
     assert {d[2] for d in theirs + moved} <= _uids(services)
 
 
+def test_a_note_of_another_patient_in_the_instance_s_own_study_removes_nothing(
+        services: Services) -> None:
+    """A note is stored into the study it rejects from: one of another patient makes
+    that study its patient's (the study's patient is its last instance's), yet the
+    instances sent for the other patient are not the note's to remove.  Each instance
+    row keeps the patient it was sent for."""
+    theirs = _study(services, count=2, PatientID="OTHER")
+    result = services.ingest.store_bytes(_note(theirs[:1]))  # P1's note, in their study
+    assert result.outcome is Outcome.STORED
+    assert {d[2] for d in theirs} <= _uids(services)
+    assert reads.tombstone(services.index.connection(), theirs[0][2]) is None
+    mine = _study(services, count=2)  # P1's own, in a study of its own: removed
+    services.ingest.store_bytes(_note(mine[:1]))
+    assert mine[0][2] not in _uids(services) and mine[1][2] in _uids(services)
+
+
 def test_a_later_note_of_a_weaker_reason_leaves_the_refusal(services: Services) -> None:
     """An expired retention (113039) naming an instance a patient-safety rejection
     (113037) removed does not let it back in (IHE RAD TF-2 4.66.4: such an instance

@@ -202,3 +202,24 @@ def test_forwarding_destinations_lose_their_credentials(
         ("https://host/dw", "1.2.3", 7, None), ("https://host/dw", "1.2.4", 2, None)]
     assert sorted(conn.execute("SELECT name, failures FROM forward_destination")) == [
         ("PEER", 1), ("https://host/dw", 3)]
+
+
+def test_instances_indexed_before_their_own_patient_read_as_their_study_s(
+        services: Services) -> None:
+    """``instance.patient_key`` is added to an index without it; rows stored before
+    (NULL) read as their study's patient, rows stored after keep their own."""
+    from pacs.core.index import reads
+
+    services.ingest.store_bytes(make_instance(SOPInstanceUID="1.2.3.4.1", PatientID="A"))
+    with services.index.write() as conn:
+        conn.execute("ALTER TABLE instance DROP COLUMN patient_key")
+        conn.pragma("user_version",
+                    [step.__name__ for step in MIGRATIONS].index("_instance_patients"))
+    conn = services.index.connection()
+    assert migrate(conn) == len(MIGRATIONS)
+    [before] = reads.located(conn, ["1.2.3.4.1"])
+    assert before.patient_key.startswith("A\x1f")
+    assert conn.execute("SELECT patient_key FROM instance").fetchall() == [(None,)]
+    services.ingest.store_bytes(make_instance(SOPInstanceUID="1.2.3.4.2", PatientID="B"))
+    [after] = reads.located(conn, ["1.2.3.4.2"])
+    assert after.patient_key.startswith("B\x1f")

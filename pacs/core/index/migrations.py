@@ -467,6 +467,20 @@ def _destinations_without_credentials(conn: apsw.Connection) -> None:
             conn.execute("DELETE FROM forward_destination WHERE name = ?", (name,))
 
 
+def _instance_patients(conn: apsw.Connection) -> None:
+    """``instance.patient_key``: the patient an instance was sent for
+    (``pacs.core.ingest.patient_key`` of its own attributes), kept by its row.  The
+    patient row of its study is the one the study's last instance names: an IOCM
+    rejection note of another patient stored into the study would make the study that
+    patient's, and the note's check that it removes only its own patient's instances
+    (``pacs.core.deletion.rejectable``) would pass for them.  Rows stored before have
+    none (NULL): they are read as their study's patient, as before; filled here, the
+    whole table would be rewritten in one transaction (and its size in the WAL)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(instance)")}
+    if "patient_key" not in columns:
+        conn.execute("ALTER TABLE instance ADD COLUMN patient_key TEXT")
+
+
 def _credential_free(destination: str) -> str:
     """:func:`pacs.core.routes.shown`, for a URL stored before (one that no longer
     reads is left as it is)."""
@@ -482,7 +496,7 @@ MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
     _intake_files, _object_deletions, _outbox_attempts, _owner,
-    _destinations_without_credentials)
+    _destinations_without_credentials, _instance_patients)
 
 
 def migrate(conn: apsw.Connection, owner: str | None = None) -> int:

@@ -130,7 +130,8 @@ class Located:
 
 _LOCATED_SQL = (
     "SELECT instance.sop_uid, coalesce(instance.sop_class_uid, ''), study.study_uid, "
-    "series.series_uid, instance.object_key, instance.size, patient.patient_key, "
+    "series.series_uid, instance.object_key, instance.size, "
+    "coalesce(instance.patient_key, patient.patient_key), "
     "coalesce(instance.change_seq, 0) "
     "FROM instance JOIN series ON series.pk = instance.series_pk "
     "JOIN study ON study.pk = series.study_pk JOIN patient ON patient.pk = study.patient_pk ")

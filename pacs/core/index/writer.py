@@ -38,7 +38,7 @@ _PARENTS_SQL = (
     "JOIN series ON series.pk = instance.series_pk JOIN study ON study.pk = series.study_pk "
     "WHERE instance.sop_uid = ?")
 _INSTANCE_EXTRA = ("object_key", "size", "checksum", "transfer_syntax", "received_at",
-                   "calling_ae")
+                   "calling_ae", "patient_key")
 
 
 @dataclass(frozen=True)
