@@ -23,6 +23,7 @@ import falcon
 from adapters.dicomweb.multipart import MultipartError
 from pacs.core import errors
 from pacs.core.intake import RETRY_AFTER
+from pacs.core.rejection import REFUSED_AGAIN
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ TABLE: tuple[tuple[type[BaseException], Outcome], ...] = (
     (errors.ObjectTooLarge, Outcome(falcon.HTTP_413, 0xA700, "Object too large")),
     # An instance an IOCM rejection note removed, sent again (IHE RAD TF-2 4.66.4);
     # dcm4chee-arc's code.
-    (errors.RejectedInstance, Outcome(falcon.HTTP_409, 0xA771, "Rejected instance")),
+    (errors.RejectedInstance, Outcome(falcon.HTTP_409, REFUSED_AGAIN, "Rejected instance")),
     (errors.InvalidRejection, Outcome(falcon.HTTP_400, 0xC000, "Invalid rejection note")),
     # A rejection note from a user who may not remove data (PS3.7 C.5.21).
     (errors.NotAuthorized, Outcome(falcon.HTTP_403, 0x0124, "Not authorized")),

@@ -48,6 +48,12 @@ KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 #: fits; a larger change is sent as several notes).
 MAX_REFERENCES = 10_000
 
+#: The status of an instance sent again after a rejection that refuses it: C-STORE
+#: status and STOW-RS Failure Reason, as dcm4chee-arc answers it (an A7xx code, which
+#: other SCUs may read as out of resources: a forwarding destination that answers it
+#: refuses the instance for good, :mod:`pacs.core.forwarding`).
+REFUSED_AGAIN = 0xA771
+
 
 @dataclass(frozen=True)
 class Reason:

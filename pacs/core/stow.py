@@ -62,6 +62,7 @@ from pacs.core.errors import NotFound
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
+from pacs.core.rejection import REFUSED_AGAIN
 from pacs.core.routes import check_url, shown
 from pacs.core.storage import ObjectStore
 
@@ -80,9 +81,9 @@ _REFERENCED_SOP_INSTANCE_UID, _FAILURE_REASON = "00081155", "00081197"
 
 
 def _transient_reason(reason: int) -> bool:
-    """A FailureReason worth sending again: out of resources (A7xx), processing
-    failure (0110)."""
-    return reason >> 8 == 0xA7 or reason == 0x0110
+    """A FailureReason worth sending again: out of resources (A7xx, but A771: the
+    instance was rejected there, refused for good), processing failure (0110)."""
+    return (reason >> 8 == 0xA7 and reason != REFUSED_AGAIN) or reason == 0x0110
 
 
 class StowSender:

@@ -27,6 +27,9 @@ A7xx (out of resources), 0124 (not     sent again after the destination's backof
 authorized), no response, association  the destination refuses this node, not the
 refused or aborted                     instance; refused for good, a whole backlog
                                        would be failed in seconds)
+A771                                   refused for good: the instance was rejected there
+                                       (IHE RAD TF-2 4.66.4, as this node and
+                                       dcm4chee-arc answer it), never accepted again
 anything else (A9xx, Cxxx, 0122 ...)   refused for good
 =====================================  =================================================
 
@@ -50,6 +53,7 @@ from pacs.core.errors import FrameTooLarge, NotFound, PacsError, UnreadableData
 from pacs.core.forwarding import Delivery, Result
 from pacs.core.logs import failure_text
 from pacs.core.query.model import InstanceRef
+from pacs.core.rejection import REFUSED_AGAIN
 from pacs.core.storage import ObjectStore
 from pacs.dimse import handlers, seam, tls
 from pacs.dimse.connection import AcceptedContext
@@ -69,6 +73,8 @@ def delivery_of(status: int | None) -> Delivery:
         return Delivery(Result.RETRY, "no C-STORE response", suspect=True)
     if classify(status) is not Outcome.FAILED:
         return Delivery(Result.SENT, f"status {status:04X}")
+    if status == REFUSED_AGAIN:
+        return Delivery(Result.REFUSED, f"status {status:04X} (rejected there)")
     if status >> 8 == 0xA7:
         return Delivery(Result.RETRY, f"status {status:04X} (out of resources)")
     if status == NOT_AUTHORIZED:

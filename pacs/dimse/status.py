@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pacs.core import errors
+from pacs.core.rejection import REFUSED_AGAIN
 
 #: Error Comment (0000,0902) is LO: 64 characters at most (PS3.7 C.4, C.5; PS3.5 6.2).
 COMMENT_LENGTH = 64
@@ -111,7 +112,7 @@ RESOURCE_LIMITATION = Status(0x0213)
 #: (PS3.7 C.5) any response may carry.
 UNRECOGNIZED_OPERATION = Status(0x0211)
 #: C-STORE of an instance a rejection note removed (IHE RAD TF-2 4.66.4).
-REJECTED_INSTANCE = Status(0xA771)
+REJECTED_INSTANCE = Status(REFUSED_AGAIN)
 #: The calling AE lacks the right the request needs (:mod:`pacs.core.access`).  A
 #: general failure status (PS3.7 C.5.21), which PS3.7 9.1.1.1.9 lists for C-STORE and
 #: the node answers for every DIMSE operation it refuses so: pynetdicom takes it as a

@@ -36,6 +36,9 @@ from pacs.dimse.forward import delivery_of
     # Not authorized: the destination refuses this node (its rules do not know it
     # yet), not the instance; refused for good, a whole backlog failed in seconds.
     (0x0124, Result.RETRY),
+    # An instance a rejection note removed there, sent again: never accepted again
+    # (IHE RAD TF-2 4.66.4); sent again after each backoff, it held the queue for good.
+    (0xA771, Result.REFUSED),
 ])
 def test_c_store_statuses(status: int | None, result: Result) -> None:
     assert delivery_of(status).result is result
@@ -62,10 +65,11 @@ def test_stow_answers() -> None:
     assert sender.receiver.user_id == "https://example.org:8443/dicom-web"  # no password
     refs = [_ref("1.1"), _ref("1.2"), _ref("1.3"), _ref("1.4")]
     answer = json.dumps({
-        "00081198": {"vr": "SQ", "Value": [_item("1.1", 0xC000), _item("1.2", 0xA700)]},
+        "00081198": {"vr": "SQ", "Value": [_item("1.1", 0xC000), _item("1.2", 0xA700),
+                                             _item("1.4", 0xA771)]},
         "00081199": {"vr": "SQ", "Value": [_item("1.3")]}}).encode()
     results = [d.result for d in deliveries(refs, 202, answer)]
-    assert results == [Result.REFUSED, Result.RETRY, Result.SENT, Result.RETRY]
+    assert results == [Result.REFUSED, Result.RETRY, Result.SENT, Result.REFUSED]
     assert {d.result for d in deliveries(refs, 200, b"")} == {Result.SENT}
     # 401, 403, 404, 405, 407, 421: the destination refuses this node or has no such
     # service (credentials expired, a proxy's route missing), which says nothing of
