@@ -111,24 +111,41 @@ class DimseSender:
         self._tls = ((tls.destination_context(settings), destination.host)
                      if destination.tls else None)
 
-    def _associate(self, refs: Sequence[InstanceRef]) -> Association | None:
+    def _associate(self, refs: Sequence[InstanceRef], accepted: list[int]
+                   ) -> Association | None:
+        """The association for ``refs``; ``accepted`` gets the number of presentation
+        contexts the destination accepted, when it answered with an A-ASSOCIATE-AC
+        (pynetdicom aborts one that accepted none, and that returns no association)."""
         classes: dict[str, set[str]] = {}
         for ref in refs:
             classes.setdefault(ref.sop_class_uid, set()).add(ref.transfer_syntax)
+
+        def answered(event: evt.Event) -> None:
+            accepted.append(len(event.assoc.accepted_contexts))
+
         return handlers.open_association(
             self._ae, self.destination.host, self.destination.port,
             contexts=destination_contexts(classes), ae_title=self.destination.ae_title,
             max_pdu=self.settings.max_pdu, tls_args=self._tls,
             evt_handlers=[(evt.EVT_CONN_OPEN, handlers.tcp_settings),
+                          (evt.EVT_ACCEPTED, answered),
                           *handlers.Responses().handlers()])
 
     def send(self, refs: Sequence[InstanceRef]) -> list[Delivery]:
         """C-STORE ``refs`` over one association; a :class:`Delivery` per instance."""
         where = f"{self.destination.ae_title} ({self.destination.host}:{self.destination.port})"
+        answered: list[int] = []
         try:
-            assoc = self._associate(refs)
+            assoc = self._associate(refs, answered)
         except Exception as exc:  # noqa: BLE001 - e.g. a TLS file unreadable: again later
             return [Delivery(Result.RETRY, failure_text(exc))] * len(refs)
+        if assoc is None and answered == [0]:
+            # It accepted the association and none of the batch's SOP classes in any
+            # syntax: refused for good, as a class it refuses in a batch it took
+            # (:meth:`_store`), rather than tried again for ever.
+            return [Delivery(Result.REFUSED, f"{where} accepted no presentation context "
+                                             f"for {UID(ref.sop_class_uid).name}")
+                    for ref in refs]
         if assoc is None:
             return [Delivery(Result.RETRY, f"no association with {where}")] * len(refs)
         deliveries: list[Delivery] = []

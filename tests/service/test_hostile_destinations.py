@@ -310,6 +310,28 @@ def test_forwarding_to_a_destination_that_breaks_a_store(
     assert dest.wait_closed(WITHIN)
 
 
+def test_forwarding_to_a_destination_that_takes_none_of_the_classes_refuses_them(
+        make_node: Callable[..., Node]) -> None:
+    """A destination that accepts the association and none of the batch's SOP classes
+    (an MR-only archive sent CT): refused for good, as a class it refuses in a batch it
+    took, not "no association", tried again for ever behind a growing backoff."""
+    from pynetdicom.sop_class import MRImageStorage
+
+    scp = AE(ae_title="MRONLY")
+    scp.add_supported_context(MRImageStorage)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        node = make_node()
+        study = store_study(node, series=1, per_series=INSTANCES)
+        sender = DimseSender(Modality("MRONLY", "127.0.0.1", server.server_address[1]),
+                             node.services.store, node.services.settings)
+        deliveries = sender.send(refs_of(node, study))
+    finally:
+        server.shutdown()
+    assert [d.result for d in deliveries] == [Result.REFUSED] * INSTANCES, deliveries
+    assert "accepted no presentation context for CT Image Storage" in deliveries[0].detail
+
+
 class LateWake(threading.Event):
     """An association's pause checkpoint whose waiter resumes late, as a thread the
     scheduler runs late does."""
