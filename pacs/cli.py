@@ -261,15 +261,17 @@ def serve(ctx: click.Context, port: int | None, web_port: int | None, ae_title: 
                         "clean-up of interrupted writes is left out", customer.name)
         else:
             _clean_up(customer.name, reconcile(services, full=False))
-        if customer.settings.routes:
-            # Forwarding starts with what arrives from now on, not when its companion
-            # runs.
-            from pacs.node.forwarder import check_destinations, outbox_of
-            try:
+        # Forwarding starts with what arrives from now on, not when its companion runs;
+        # a start without routes forwards nothing it stores, ever.
+        from pacs.node.forwarder import check_destinations, outbox_of
+        try:
+            if customer.settings.routes:
                 check_destinations(services)
                 outbox_of(services).start()
-            except PacsError as exc:
-                raise click.ClickException(str(exc)) from None
+            else:
+                outbox_of(services).unrouted()
+        except PacsError as exc:
+            raise click.ClickException(str(exc)) from None
         services.close()  # workers open their own after the fork
         log.info("customer %s (%s), data in %s, %s storage", customer.name,
                  ", ".join(customer.ae_titles), customer.settings.data_dir,

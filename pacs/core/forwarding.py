@@ -230,6 +230,14 @@ class Outbox:
             if table.cursor(conn) is None:
                 table.move_cursor(conn, table.head(conn))
 
+    def unrouted(self) -> None:
+        """A start without routes (``pacs serve``): nothing is fed while it runs, so the
+        cursor is forgotten, and routes set at a later start forward what arrives from
+        then on (:meth:`start`), not what arrived while there were none.  What the
+        outbox holds stays, for routes that come back."""
+        with self.index.write() as conn:
+            table.drop_cursor(conn)
+
     def feed(self, limit: int = FEED_ROWS) -> int:
         """Queue what the routes match among the next ``limit`` changed instances and
         move the cursor past them, in one transaction; how many changes were read.

@@ -88,6 +88,24 @@ def test_instances_stored_before_the_first_feed_are_not_forwarded(services: Serv
     assert _waiting(outbox) == [later]
 
 
+def test_instances_stored_while_there_were_no_routes_are_not_forwarded(
+        services: Services) -> None:
+    """Routes forward what arrives after they are set: a run without routes
+    (``Outbox.unrouted``, at its start) passes what it stores, and routes set again at
+    the next start begin with what arrives then; what the outbox held stays."""
+    outbox = _outbox(services, "all: -> PEER")
+    queued = _store(services)
+    outbox.feed()
+    Outbox(services.index, ()).unrouted()  # a start without routes
+    _store(services)
+    _store(services)
+    again = _outbox(services, "all: -> PEER")  # routes again: its start
+    again.start()
+    later = _store(services)
+    again.feed()
+    assert _waiting(again) == [queued, later]
+
+
 def test_a_sent_instance_leaves_and_an_overwrite_is_sent_again(services: Services) -> None:
     outbox = _outbox(services, "all: -> PEER")
     sop = _store(services)

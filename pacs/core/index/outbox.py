@@ -80,6 +80,11 @@ def move_cursor(conn: apsw.Connection, seq: int) -> None:
                  "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq", (seq,))
 
 
+def drop_cursor(conn: apsw.Connection) -> None:
+    """Forget the cursor (:func:`cursor` is ``None`` again)."""
+    conn.execute("DELETE FROM forward_cursor WHERE id = 1")
+
+
 def changes(conn: apsw.Connection, after: int, limit: int) -> list[Change]:
     """Up to ``limit`` instance rows changed after number ``after``, in order."""
     return [Change(int(row[0]), str(row[1]), str(row[2] or ""), str(row[3] or ""),
