@@ -75,9 +75,11 @@ log = logging.getLogger(__name__)
 #: The Action Type ID of a Storage Commitment Request (PS3.4 J.3.2, Table J.3-1).
 REQUEST_STORAGE_COMMITMENT = 1
 
-#: Encoded bytes one reference may take: an item (8 + 8 delimiter bytes) holding two UIDs
-#: of at most 64 bytes (12 bytes of header each in explicit VR).
-REFERENCE_BYTES = 16 + 2 * (12 + 64)
+#: Encoded bytes one reference may take: an item (8 + 8 delimiter bytes) holding what
+#: PS3.4 Table J.3-1 lets it hold: the Referenced SOP Class and Instance UIDs and the
+#: optional Storage Media File-Set UID, of at most 64 bytes each, and Storage Media
+#: File-Set ID, an SH of at most 16 (each with at most 12 bytes of header).
+REFERENCE_BYTES = 16 + 3 * (12 + 64) + (12 + 16)
 
 
 @dataclass(frozen=True)

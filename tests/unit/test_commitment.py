@@ -438,6 +438,30 @@ def information(transaction: str, refs: list[tuple[str, str]]) -> bytes:
     return encoded(ds)
 
 
+def test_references_with_every_optional_attribute_fit_the_bound(services: Services) -> None:
+    """PS3.4 Table J.3-1: each reference may carry the Storage Media File-Set ID and
+    UID besides its two UIDs; a request of ``max_references`` such references, each
+    UID as long as it may be, is within the bytes read (only more references are
+    refused, 0213)."""
+    limit = 100
+    ds = Dataset()
+    ds.TransactionUID = "1." + "2" * 62
+    ds.ReferencedSOPSequence = []
+    for number in range(limit):
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1." + "3" * 62
+        item.ReferencedSOPInstanceUID = f"1.{number + 100}." + "4" * 58
+        item.StorageMediaFileSetID = "F" * 16
+        item.StorageMediaFileSetUID = "1." + "5" * 62
+        ds.ReferencedSOPSequence.append(item)
+    body = encoded(ds)
+    assert len(body) <= commitment.max_action_bytes(limit)
+    status, pending = commitment.accept(
+        queue_of(services, Clock(), max_references=limit), services.access, action(body))
+    assert status == SUCCESS and pending is not None
+    assert len(pending.request.references) == limit
+
+
 def test_an_n_action_is_recorded_before_success(services: Services) -> None:
     uid = generate_uid()
     status, pending = commitment.accept(
