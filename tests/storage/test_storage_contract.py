@@ -550,52 +550,6 @@ def test_file_store_fsyncs_a_folder_it_finds_in_its_parent_once(
         str(store.root / study / series)]
 
 
-def test_a_deletion_leaves_no_empty_folders(tmp_path: Path) -> None:
-    """Removed studies leave no series or study folders behind (with retention, a
-    pair per study ever stored): a deletion that empties its series folder removes it,
-    and its study folder when that is empty too; a folder still holding an object
-    stays."""
-    store = FileStore(tmp_path / "objects")
-    store.check()
-    study, series = KEY.split("/")[:2]
-    store.put(KEY, io.BytesIO(b"one"), 3)
-    store.put(f"{study}/{series}/1.2.9.9.dcm", io.BytesIO(b"two"), 3)
-    store.delete(KEY)
-    assert (store.root / study / series).is_dir()  # the other object is there
-    store.delete(f"{study}/{series}/1.2.9.9.dcm")
-    assert list(store.root.iterdir()) == []
-    store.delete(KEY)  # gone already: nothing to do
-    assert store.root.is_dir()
-
-
-def test_a_writer_remakes_a_folder_another_process_pruned(tmp_path: Path) -> None:
-    """Two stores on one folder, as the node's processes are: one knows a series
-    folder (its object went there), the other deletes the folder's last object, which
-    removes the folder; the first writes there again by every path (put, a batch, a
-    staged object), the folder made anew."""
-    writer, deleter = FileStore(tmp_path / "objects"), FileStore(tmp_path / "objects")
-    writer.check()
-    study, series = KEY.split("/")[:2]
-    keys = [f"{study}/{series}/1.2.9.{n}.dcm" for n in range(3)]
-    for number, write in enumerate((
-            lambda key: writer.put(key, io.BytesIO(b"one"), 3),
-            lambda key: writer.put_many([(key, b"one")])[0] is None or pytest.fail("failed"),
-            lambda key: _placed(writer, key))):
-        writer.put(KEY, io.BytesIO(b"old"), 3)  # the writer knows the folder
-        deleter.delete(KEY)
-        assert not (writer.root / study).exists()
-        write(keys[number])
-        assert read_all(writer, keys[number]) == b"one"
-        deleter.delete(keys[number])
-    writer.close()
-    deleter.close()
-
-
-def _placed(store: FileStore, key: str) -> None:
-    with staged(store, b"one") as staging:
-        staging.place(key)
-
-
 # --- S3Store only -------------------------------------------------------------------
 
 

@@ -6,14 +6,6 @@ folder created for it is fsynced in its parent too).  A staged object
 (:meth:`FileStore.stage`) is written durably by a thread of the store (one ``O_DSYNC``
 write) into a temporary file at the root while ingest analyses it, and renamed into
 place once its key is known.
-
-A deletion that empties its series folder removes it, and its study folder when that
-is empty too: removed studies leave no folders behind (with retention, one pair per
-study ever stored).  A writer of another process may have that folder in its
-:class:`DurableFolders`: the first step of a write in a folder (its temporary file, or
-a staged file's rename) that finds it gone makes it again, durably, and is tried once
-more (:meth:`DurableFolders.within`); once a file is in it, the folder is not empty and
-no deletion removes it.
 """
 
 from __future__ import annotations
@@ -25,11 +17,10 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 from pacs.core.errors import ConfigError, ForeignObject, NotFound, StorageError, StoreMissing
 from pacs.core.logs import shown
@@ -46,8 +37,6 @@ _FOREIGN = ("not a regular file (a link, FIFO, socket or device the store never 
 #: objects (as many as associations storing large objects at once, beyond which they
 #: wait their turn).
 _SYNC_THREADS = 4
-
-_T = TypeVar("_T")
 
 
 class FileStore:
@@ -86,8 +75,8 @@ class FileStore:
         path = self._path(key)
         tmp_name = None
         try:
-            fd, tmp_name = self._folders.within(path.parent, partial(
-                tempfile.mkstemp, prefix=_TMP_PREFIX, dir=path.parent))
+            self._folders.make(path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
             with os.fdopen(fd, "wb") as out:
                 copied = _copy(source, out, length)
                 if copied != length:
@@ -168,10 +157,10 @@ class FileStore:
         """Write ``data`` to a temporary file beside its final place; (path, temp)."""
         path = self._path(key)
         try:
-            return path, self._folders.within(path.parent,
-                                              partial(_temporary, path.parent, data))
+            self._folders.make(path.parent)
         except OSError as exc:
             raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
+        return path, _temporary(path.parent, data)
 
     def stage(self, data: bytes) -> Staged:
         """Write ``data`` durably to a temporary file at the root, in a thread of the
@@ -238,8 +227,7 @@ class FileStore:
             raise StorageError(f"cannot read object: {exc.strerror or exc}") from exc
 
     def delete(self, key: str) -> None:
-        """Remove the object and fsync its folder; then remove its series folder and its
-        study folder, each when it is empty (module docstring)."""
+        """Remove the object and fsync its folder."""
         path = self._path(key)
         try:
             path.unlink()
@@ -248,9 +236,6 @@ class FileStore:
             pass
         except OSError as exc:
             raise StorageError(f"cannot delete object: {exc.strerror or exc}") from exc
-        for folder in (path.parent, path.parent.parent):
-            if not self._folders.prune(folder):
-                break
 
     def local_file(self, key: str) -> Path | None:
         """The object's file (objects are files here): the
@@ -426,7 +411,8 @@ class _StagedFile:
         path = self._store._path(key)
         tmp_name = self._written.result()  # its StorageError, if the write failed
         try:
-            self._store._folders.within(path.parent, partial(os.replace, tmp_name, path))
+            self._store._folders.make(path.parent)
+            os.replace(tmp_name, path)
             self._done = True
             _fsync_dir(path.parent)
         except OSError as exc:
@@ -446,8 +432,6 @@ def _temporary(folder: Path, data: bytes) -> str:
     Nothing is left when it fails."""
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
-    except FileNotFoundError:
-        raise  # the folder is gone: DurableFolders.within makes it again
     except OSError as exc:
         raise StorageError(f"cannot write object: {exc.strerror or exc}") from exc
     try:
@@ -531,39 +515,6 @@ class DurableFolders:
             self._known.clear()
         self._known[found] = None
         self._known[folder] = None
-
-    def within(self, folder: Path, step: Callable[[], _T]) -> _T:
-        """``step``, the first write into ``folder``, once :meth:`make` has made it;
-        again, the folder made anew, when the folder was removed meanwhile (an empty
-        one pruned by a deletion, perhaps in another process: :meth:`prune`).
-
-        Raises
-        ------
-        OSError
-            What :meth:`make` or ``step`` raised (``step``'s the second time).
-        """
-        self.make(folder)
-        try:
-            return step()
-        except FileNotFoundError:
-            if folder.is_dir():
-                raise
-        for known in (folder, folder.parent):
-            self._known.pop(known, None)
-        self.make(folder)
-        return step()
-
-    def prune(self, folder: Path) -> bool:
-        """Remove ``folder`` (under :attr:`root`, never the root) when it is empty and
-        forget it; True when it was removed."""
-        if folder == self.root or self.root not in folder.parents:
-            return False
-        self._known.pop(folder, None)
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (a write in it), gone already, or not removable
-            return False
-        return True
 
 
 def _make_folders(folder: Path, durable: Container[Path] = ()) -> Path:
