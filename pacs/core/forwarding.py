@@ -225,22 +225,37 @@ class Outbox:
 
     def start(self) -> None:
         """Start the cursor at the newest change when it has never run (``pacs serve``
-        does, before it accepts associations); otherwise leave it where it is."""
+        does, before it accepts associations); otherwise leave it where it is, unless
+        runs without routes came between (:meth:`unrouted`): then what the last run
+        with routes had not fed yet is fed now, and what those runs stored is passed
+        over (routes forward what arrives while they are set)."""
         with self.index.write() as conn:
             if table.cursor(conn) is None:
                 table.move_cursor(conn, table.head(conn))
+                table.drop_unrouted(conn)
+                return
+            since = table.unrouted_since(conn)
+        if since is None:
+            return
+        while self.feed(upto=since):
+            pass
+        with self.index.write() as conn:
+            table.move_cursor(conn, max(table.head(conn), since))
+            table.drop_unrouted(conn)
 
     def unrouted(self) -> None:
-        """A start without routes (``pacs serve``): nothing is fed while it runs, so the
-        cursor is forgotten, and routes set at a later start forward what arrives from
-        then on (:meth:`start`), not what arrived while there were none.  What the
-        outbox holds stays, for routes that come back."""
+        """A start without routes (``pacs serve``): nothing is fed while it runs; the
+        newest change is marked (by the first such run), so that routes set at a later
+        start pass over what these runs stored (:meth:`start`).  The cursor stays where
+        the last run with routes left it, and what the outbox holds stays too."""
         with self.index.write() as conn:
-            table.drop_cursor(conn)
+            if table.cursor(conn) is not None:
+                table.mark_unrouted(conn, table.head(conn))
 
-    def feed(self, limit: int = FEED_ROWS) -> int:
-        """Queue what the routes match among the next ``limit`` changed instances and
-        move the cursor past them, in one transaction; how many changes were read.
+    def feed(self, limit: int = FEED_ROWS, upto: int | None = None) -> int:
+        """Queue what the routes match among the next ``limit`` changed instances (not
+        past change ``upto``, when given) and move the cursor past them, in one
+        transaction; how many changes were read.
 
         Raises
         ------
@@ -253,7 +268,7 @@ class Outbox:
             if after is None:
                 table.move_cursor(conn, table.head(conn))
                 return 0
-            found = table.changes(conn, after, limit)
+            found = table.changes(conn, after, limit, upto)
             if not found:
                 return 0
             entries = []

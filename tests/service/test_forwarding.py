@@ -90,20 +90,24 @@ def test_instances_stored_before_the_first_feed_are_not_forwarded(services: Serv
 
 def test_instances_stored_while_there_were_no_routes_are_not_forwarded(
         services: Services) -> None:
-    """Routes forward what arrives after they are set: a run without routes
-    (``Outbox.unrouted``, at its start) passes what it stores, and routes set again at
-    the next start begin with what arrives then; what the outbox held stays."""
+    """Routes forward what arrives while they are set: runs without routes
+    (``Outbox.unrouted``, at their start) pass what they store, and routes set again
+    feed what the last run with routes had not fed yet, then what arrives; what the
+    outbox held stays."""
     outbox = _outbox(services, "all: -> PEER")
     queued = _store(services)
     outbox.feed()
-    Outbox(services.index, ()).unrouted()  # a start without routes
-    _store(services)
-    _store(services)
-    again = _outbox(services, "all: -> PEER")  # routes again: its start
-    again.start()
+    unfed = _store(services)  # stored with routes; the node stopped before its feed
+    for _ in range(2):  # two starts without routes
+        Outbox(services.index, ()).unrouted()
+        _store(services)
+    again = Outbox(services.index, load_routes("all: -> PEER", ""))
+    again.start()  # routes again
     later = _store(services)
     again.feed()
-    assert _waiting(again) == [queued, later]
+    assert _waiting(again) == [queued, unfed, later]
+    again.start()  # a start with routes after one with routes changes nothing
+    assert _waiting(again) == [queued, unfed, later]
 
 
 def test_a_sent_instance_leaves_and_an_overwrite_is_sent_again(services: Services) -> None:

@@ -481,6 +481,17 @@ def _instance_patients(conn: apsw.Connection) -> None:
         conn.execute("ALTER TABLE instance ADD COLUMN patient_key TEXT")
 
 
+def _forward_unrouted(conn: apsw.Connection) -> None:
+    """``forward_unrouted``: the newest change number when a run without routes began
+    (the first since the last with routes; ``pacs.core.forwarding.Outbox.unrouted``),
+    so that routes set again pass over what such runs stored."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS forward_unrouted (\n"
+        "  single INTEGER PRIMARY KEY CHECK (single = 1),\n"
+        "  seq INTEGER NOT NULL\n"
+        ")")
+
+
 def _credential_free(destination: str) -> str:
     """:func:`pacs.core.routes.shown`, for a URL stored before (one that no longer
     reads is left as it is)."""
@@ -496,7 +507,7 @@ MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _storage_commitment, _tombstones, _forwarding, _intake, _commitment_called_ae,
     _unsettled, _rejections_pending, _removals_pending, _commitment_address,
     _intake_files, _object_deletions, _outbox_attempts, _owner,
-    _destinations_without_credentials, _instance_patients)
+    _destinations_without_credentials, _instance_patients, _forward_unrouted)
 
 
 def migrate(conn: apsw.Connection, owner: str | None = None) -> int:

@@ -80,20 +80,37 @@ def move_cursor(conn: apsw.Connection, seq: int) -> None:
                  "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq", (seq,))
 
 
-def drop_cursor(conn: apsw.Connection) -> None:
-    """Forget the cursor (:func:`cursor` is ``None`` again)."""
-    conn.execute("DELETE FROM forward_cursor WHERE id = 1")
+def unrouted_since(conn: apsw.Connection) -> int | None:
+    """The newest change number when a run without routes began (the first of such
+    runs since the last with routes); ``None`` when the last run had routes."""
+    row = conn.execute("SELECT seq FROM forward_unrouted WHERE single = 1").fetchone()
+    return int(row[0]) if row else None
 
 
-def changes(conn: apsw.Connection, after: int, limit: int) -> list[Change]:
-    """Up to ``limit`` instance rows changed after number ``after``, in order."""
+def mark_unrouted(conn: apsw.Connection, seq: int) -> None:
+    """Record that a run without routes begins after change ``seq``, unless one is
+    recorded already (the first such run marks where they began)."""
+    conn.execute("INSERT INTO forward_unrouted (single, seq) VALUES (1, ?) "
+                 "ON CONFLICT(single) DO NOTHING", (seq,))
+
+
+def drop_unrouted(conn: apsw.Connection) -> None:
+    """Forget the mark of :func:`mark_unrouted`."""
+    conn.execute("DELETE FROM forward_unrouted WHERE single = 1")
+
+
+def changes(conn: apsw.Connection, after: int, limit: int,
+            upto: int | None = None) -> list[Change]:
+    """Up to ``limit`` instance rows changed after number ``after`` (and, with
+    ``upto``, not after it), in order."""
     return [Change(int(row[0]), str(row[1]), str(row[2] or ""), str(row[3] or ""),
                    str(row[4] or "")) for row in conn.execute(
         "SELECT instance.change_seq, instance.sop_uid, instance.calling_ae, "
         "series.modality, instance.sop_class_uid FROM instance "
         "JOIN series ON series.pk = instance.series_pk "
-        "WHERE instance.change_seq > ? ORDER BY instance.change_seq LIMIT ?",
-        (after, limit))]
+        "WHERE instance.change_seq > ? AND instance.change_seq <= ? "
+        "ORDER BY instance.change_seq LIMIT ?",
+        (after, upto if upto is not None else 2**63 - 1, limit))]
 
 
 _QUEUE_SQL = (
