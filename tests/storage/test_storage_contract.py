@@ -510,6 +510,27 @@ def test_file_store_stages_beside_the_objects_and_fsyncs_new_folders(
     assert store.temporaries() == []
 
 
+def test_start_up_removes_the_folders_deletions_left_empty(tmp_path: Path) -> None:
+    """A deletion leaves its folders (a writer of another process may be about to use
+    them); the start-up's clean-up, while nothing writes, removes those left empty, and
+    the temporary files a crash left, and keeps every folder that holds an object."""
+    store = FileStore(tmp_path / "objects")
+    store.check()
+    study, series = KEY.split("/")[:2]
+    gone = f"{study}/1.2.826.0.1.3680043.8.498.7/1.2.826.0.1.3680043.8.498.7.1.dcm"
+    elsewhere = "1.2.826.0.1.3680043.8.498.8/1.2.826.0.1.3680043.8.498.8.1/1.2.3.dcm"
+    for key in (KEY, gone, elsewhere):
+        store.put(key, io.BytesIO(b"one"), 3)
+    store.delete(gone)
+    store.delete(elsewhere)
+    assert (store.root / elsewhere).parent.is_dir()  # left by the deletion
+    (store.root / study / ".tmp-left").write_bytes(b"crash")
+    assert store.remove_stale_temporaries() == 1
+    assert sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*")) == [
+        study, f"{study}/{series}", KEY]
+    store.close()
+
+
 def test_file_store_writes_make_no_missing_root(tmp_path: Path) -> None:
     """Its folder gone while the node runs (a volume unmounted): writes fail, and
     nothing makes the folder anew to take objects beside the lost ones."""

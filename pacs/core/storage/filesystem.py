@@ -350,14 +350,33 @@ class FileStore:
                 for name in files if name.startswith(_TMP_PREFIX)]
 
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a crash mid-write; return how many.
+        """Delete temporary files left by a crash mid-write, and the folders left empty
+        (those of removed studies and series); return how many temporary files.
 
-        Only while nothing writes (at start-up): a write in progress has one too.
+        Only while nothing writes (at start-up): a write in progress has a temporary
+        file, and a writer of another process may know a folder it is about to write
+        into (:class:`DurableFolders`), which a deletion therefore leaves in place even
+        when it empties it; nothing else removes folders.
         """
-        found = self.temporaries()
-        for path in found:
-            _unlink_quietly(str(path))
-        return len(found)
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        emptied: set[str] = set()
+        for dirpath, dirs, files in os.walk(self.root, topdown=False):
+            kept = False
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    _unlink_quietly(os.path.join(dirpath, name))
+                    removed += 1
+                else:
+                    kept = True
+            if kept or dirpath == str(self.root) or any(
+                    os.path.join(dirpath, name) not in emptied for name in dirs):
+                continue
+            with contextlib.suppress(OSError):  # a link or a file the walk did not list
+                os.rmdir(dirpath)
+                emptied.add(dirpath)
+        return removed
 
     def check(self, create: bool = True) -> None:
         """The folder must exist (created when missing, with ``create``) and be
