@@ -230,9 +230,8 @@ class Outbox:
         with routes had not fed yet is fed now, and what those runs stored is passed
         over (routes forward what arrives while they are set)."""
         with self.index.write() as conn:
-            if table.cursor(conn) is None:
+            if table.cursor(conn) is None:  # never ran: no mark either (unrouted)
                 table.move_cursor(conn, table.head(conn))
-                table.drop_unrouted(conn)
                 return
             since = table.unrouted_since(conn)
         if since is None:
