@@ -1146,6 +1146,33 @@ def test_storage_commitment_requests_and_forwarding_outlive_a_rebuild(
         conn.close()
 
 
+def test_a_rebuild_passes_over_what_runs_without_routes_stored(
+        settings: config.Settings) -> None:
+    """A run without routes marked where it began (``forward_unrouted``): of the
+    instances forwarding had not read, those it stored are not put after the rebuilt
+    index's cursor again, the one the last run with routes stored is."""
+    store = MemoryStore()
+    services, made = _three_stored(settings, store, "U")
+    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    with services.index.write() as conn:
+        seqs = {sop: int(seq) for sop, seq in conn.execute(
+            "SELECT sop_uid, change_seq FROM instance")}
+        first, routed, unrouted = sorted(sops, key=seqs.__getitem__)
+        outbox.move_cursor(conn, seqs[first])
+        outbox.mark_unrouted(conn, seqs[routed])  # a run without routes began here
+    services.close()
+
+    rebuild(settings.index_path, store, AnalyserPool(0))
+
+    conn = connect(settings.index_path)
+    try:
+        cursor = outbox.cursor(conn)
+        assert cursor is not None
+        assert [change.sop_uid for change in outbox.changes(conn, cursor, 10)] == [routed]
+    finally:
+        conn.close()
+
+
 def test_a_rebuild_gives_no_change_number_its_carried_queue_holds(
         settings: config.Settings) -> None:
     """The previous index numbered far more changes (overwrites, deletions) than the

@@ -734,13 +734,19 @@ def columns_of(conn: apsw.Connection, table: str) -> list[str]:
 @_read("forwarding listing")
 def unfed(conn: apsw.Connection) -> list[str] | None:
     """The SOP Instance UIDs whose last change forwarding has not read yet, in the
-    order of their changes; ``None`` when forwarding never ran (no cursor)."""
+    order of their changes; ``None`` when forwarding never ran (no cursor).  Changes
+    after the mark of a run without routes (``forward_unrouted``) are not among them:
+    routes set again pass over what such runs stored."""
     row = conn.execute("SELECT seq FROM forward_cursor WHERE id = 1").fetchone()
     if row is None:
         return None
+    upto = 2**63 - 1
+    if "forward_unrouted" in tables(conn):
+        mark = conn.execute("SELECT seq FROM forward_unrouted WHERE single = 1").fetchone()
+        upto = int(mark[0]) if mark else upto
     return [str(sop) for (sop,) in conn.execute(
-        "SELECT sop_uid FROM instance WHERE change_seq > ? ORDER BY change_seq",
-        (row[0],))]
+        "SELECT sop_uid FROM instance WHERE change_seq > ? AND change_seq <= ? "
+        "ORDER BY change_seq", (row[0], upto))]
 
 
 @_read("integrity check")
