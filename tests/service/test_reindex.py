@@ -1157,7 +1157,7 @@ def test_a_rebuild_passes_over_what_runs_without_routes_stored(
     with services.index.write() as conn:
         seqs = {sop: int(seq) for sop, seq in conn.execute(
             "SELECT sop_uid, change_seq FROM instance")}
-        first, routed, unrouted = sorted(sops, key=seqs.__getitem__)
+        first, routed, _unrouted = sorted(sops, key=seqs.__getitem__)
         outbox.move_cursor(conn, seqs[first])
         outbox.mark_unrouted(conn, seqs[routed])  # a run without routes began here
     services.close()
