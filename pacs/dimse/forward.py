@@ -23,9 +23,12 @@ The response status decides (PS3.4 B.2.3, PS3.7 C):
 =====================================  =================================================
 0000, warnings (0001, 0107, 0111,      acknowledged
 0116, Bxxx)
-A7xx (out of resources), 0124 (not     sent again after the destination's backoff (0124:
-authorized), no response, association  the destination refuses this node, not the
-refused or aborted                     instance; refused for good, a whole backlog
+A7xx (out of resources), 0110          sent again after the destination's backoff (0110:
+(processing failure), 0124 (not        a failure of the destination's own, as this
+authorized), no response, association  node answers an index it cannot write, and as
+refused or aborted                     the STOW-RS sender takes it; 0124: the
+                                       destination refuses this node, not the
+                                       instance; refused for good, a whole backlog
                                        would be failed in seconds)
 A771                                   refused for good: the instance was rejected there
                                        (IHE RAD TF-2 4.66.4, as this node and
@@ -65,6 +68,8 @@ log = logging.getLogger(__name__)
 
 #: Refused: Not Authorized (PS3.7 C.5.4).
 NOT_AUTHORIZED = 0x0124
+#: Processing failure (PS3.7 C.5.1).
+PROCESSING_FAILURE = 0x0110
 
 
 def delivery_of(status: int | None) -> Delivery:
@@ -77,6 +82,8 @@ def delivery_of(status: int | None) -> Delivery:
         return Delivery(Result.REFUSED, f"status {status:04X} (rejected there)")
     if status >> 8 == 0xA7:
         return Delivery(Result.RETRY, f"status {status:04X} (out of resources)")
+    if status == PROCESSING_FAILURE:
+        return Delivery(Result.RETRY, f"status {status:04X} (processing failure)")
     if status == NOT_AUTHORIZED:
         return Delivery(Result.RETRY, f"status {status:04X} (not authorized)")
     return Delivery(Result.REFUSED, f"status {status:04X}")
