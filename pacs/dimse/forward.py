@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 
 #: Refused: Not Authorized (PS3.7 C.5.4).
 NOT_AUTHORIZED = 0x0124
-#: Processing failure (PS3.7 C.5.1).
+#: Processing failure (PS3.7 C.5).
 PROCESSING_FAILURE = 0x0110
 
 
