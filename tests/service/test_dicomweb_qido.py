@@ -141,6 +141,23 @@ def test_study_matching(get: Get, archive: Archive, query: str, expected: set[st
     assert study_uids(get("/studies", query)) == {archive[n].uid for n in expected}
 
 
+def test_a_study_s_computed_key_matches_its_study_at_series_and_instance_level(
+        get: Get, archive: Archive) -> None:
+    """ModalitiesInStudy and SOPClassesInStudy are the study's (PS3.4 Table C.3-1):
+    matched in a series or instance search, they find every series and instance of a
+    study that has the value, not the entity's own Modality or SOP Class."""
+    chest = archive["chest"].uid  # a CT series and an SR series
+    series = {s["0020000E"]["Value"][0] for s in get(f"/studies/{chest}/series").json}
+    assert len(series) == 2
+    found = get("/series", "ModalitiesInStudy=SR").json
+    assert {s["0020000E"]["Value"][0] for s in found} == series
+    instances = get(f"/studies/{chest}/instances").json
+    sr_class = next(i["00080016"]["Value"][0] for i in instances
+                    if i["0020000E"]["Value"][0] in series)
+    within = get(f"/studies/{chest}/instances", f"SOPClassesInStudy={sr_class}").json
+    assert len(within) == len(instances)
+
+
 @pytest.mark.parametrize("separator", [",", "%2C", "%5C", "\\"])
 def test_uid_lists_with_comma_or_backslash(get: Get, archive: Archive, separator: str) -> None:
     uids = [archive["chest"].uid, archive["knee"].uid]

@@ -136,6 +136,11 @@ class _Where:
 
     def add(self, query_level: Level, constraint: Constraint) -> None:
         attribute = constraint.attribute
+        # A study's computed attribute (Modalities / SOP Classes in Study) is its
+        # series' or instances' values (PS3.4 Table C.3-1): matched at any level from
+        # the study down, it asks the entity's study, not the entity's own value.
+        study_wide = (attribute.keyword in _COMPUTED_MATCH
+                      and query_level.depth >= Level.STUDY.depth)
         if attribute.keyword in _COMPUTED_MATCH:
             attribute = BY_KEYWORD[_COMPUTED_MATCH[attribute.keyword]]
         elif attribute.computed:
@@ -143,14 +148,16 @@ class _Where:
         joiner = " AND " if constraint.all_terms else " OR "
         conditions = []
         for term in constraint.terms:
-            if attribute.level.depth > query_level.depth:
+            if study_wide:
+                conditions.append(self._exists(Level.STUDY, attribute, term))
+            elif attribute.level.depth > query_level.depth:
                 conditions.append(self._exists(query_level, attribute, term))
             else:
                 conditions.append(
                     self._term(attribute, term, table_of(attribute, query_level).table))
         condition = "(" + joiner.join(conditions) + ")"
         required = attribute.key == "R" or attribute.keyword in self.required
-        if required and attribute.level.depth <= query_level.depth and not any(
+        if required and not study_wide and attribute.level.depth <= query_level.depth and not any(
                 t.match is Match.EMPTY for t in constraint.terms):
             # C.2.2.1.2 / Orthanc #90: an entity whose Required key is unknown (empty)
             # matches any value of that key.
