@@ -87,6 +87,17 @@ class Attribute:
         """True for the computed attributes of PS3.4 C.3.4."""
         return self.column is None
 
+    @property
+    def matched(self) -> bool:
+        """True when a value of this key is matched: every stored attribute, and the
+        computed ones that summarise a stored one (:data:`MATCHED_AS`); the counts
+        are returned, never matched."""
+        return not self.computed or self.keyword in MATCHED_AS
+
+
+#: Matching on a computed attribute is matching on the stored attribute it summarises.
+MATCHED_AS = {"ModalitiesInStudy": "Modality", "SOPClassesInStudy": "SOPClassUID"}
+
 
 P, S, SE, IM = Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE
 

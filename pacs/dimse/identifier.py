@@ -259,7 +259,10 @@ def to_find_query(identifier: Dataset, model: str, negotiated: Negotiated = Nego
         _check_upper_unique(attribute, level, model, raw, negotiated)
         found = constraint(attribute, raw, empty_value_matching=negotiated.empty_value,
                            multiple_value_matching=negotiated.multiple_value)
-        if found is not None:
+        if found is not None and not attribute.matched:
+            # A count with a value: returned, not matched (PS3.4 C.4.1.1.3.2: FF01).
+            unsupported.append(tag)
+        elif found is not None:
             constraints.append(found)
         returns.append(attribute)
     # Relational: the keys of lower levels are answered too, zero-length

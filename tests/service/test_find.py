@@ -111,6 +111,17 @@ def test_timezone_and_availability_come_back_when_asked_for(loaded: RunningNode,
     assert match.InstanceAvailability == "ONLINE"
 
 
+def test_a_count_sent_with_a_value_is_returned_unmatched_with_ff01(loaded: RunningNode,
+                                                                     associate) -> None:
+    """The counts of PS3.4 C.3.4 are returned, not matched: one sent with a value is an
+    optional key not supported for matching (C.4.1.1.3.2: FF01), answered with the
+    study's own count."""
+    responses = _find(associate(), _identifier(
+        "STUDY", StudyInstanceUID="1.2.3.0", NumberOfStudyRelatedInstances="99"))
+    assert [s for s, _ in responses] == [0xFF01, 0x0000]
+    assert int(responses[0][1].NumberOfStudyRelatedInstances) == 4  # the study's own
+
+
 def test_unsupported_optional_key_gives_ff01_and_empty_value(loaded: RunningNode,
                                                              associate) -> None:
     identifier = _identifier("STUDY", StudyInstanceUID="1.2.3.0")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pacs.core.attributes import (
     BY_KEYWORD,
+    MATCHED_AS,
     PARENT,
     PARENT_KEY,
     UNIQUE_KEY,
@@ -75,8 +76,6 @@ _COMPUTED = {
         "WHERE se.study_pk = study.pk ORDER BY 1))",
 }
 
-#: Matching on a computed attribute is matching on the stored attribute it summarises.
-_COMPUTED_MATCH = {"ModalitiesInStudy": "Modality", "SOPClassesInStudy": "SOPClassUID"}
 
 #: What a retrieve needs of each instance.
 INSTANCE_REF_COLUMNS = ("study.study_uid", "series.series_uid", "instance.sop_uid",
@@ -139,12 +138,12 @@ class _Where:
         # A study's computed attribute (Modalities / SOP Classes in Study) is its
         # series' or instances' values (PS3.4 Table C.3-1): matched at any level from
         # the study down, it asks the entity's study, not the entity's own value.
-        study_wide = (attribute.keyword in _COMPUTED_MATCH
+        study_wide = (attribute.keyword in MATCHED_AS
                       and query_level.depth >= Level.STUDY.depth)
-        if attribute.keyword in _COMPUTED_MATCH:
-            attribute = BY_KEYWORD[_COMPUTED_MATCH[attribute.keyword]]
-        elif attribute.computed:
+        if not attribute.matched:
             return  # counts are returned, not matched
+        if attribute.keyword in MATCHED_AS:
+            attribute = BY_KEYWORD[MATCHED_AS[attribute.keyword]]
         joiner = " AND " if constraint.all_terms else " OR "
         conditions = []
         for term in constraint.terms:
