@@ -141,6 +141,20 @@ def test_study_matching(get: Get, archive: Archive, query: str, expected: set[st
     assert study_uids(get("/studies", query)) == {archive[n].uid for n in expected}
 
 
+def test_a_backslash_in_a_text_value_of_one_value_is_a_character(
+        get: Get, services: Services, archive: Archive) -> None:
+    """LT, ST and UT hold one value, in which a backslash is a character (PS3.5 Table
+    6.2-1): matched as written, not as a list of alternatives."""
+    from tests.factory import make_instance
+
+    stored = services.ingest.store_bytes(make_instance(
+        PatientID="LT1", PatientComments="left\\right"))
+    found = get("/studies", "PatientComments=left%5Cright").json
+    assert [s["0020000D"]["Value"][0] for s in found] == [stored.study_uid]
+    assert get("/studies", "PatientComments=left").json == []
+    assert len(get("/studies", "PatientComments=left%5C*").json) == 1
+
+
 def test_a_study_s_computed_key_matches_its_study_at_series_and_instance_level(
         get: Get, archive: Archive) -> None:
     """ModalitiesInStudy and SOPClassesInStudy are the study's (PS3.4 Table C.3-1):

@@ -7,7 +7,8 @@ One small function per matching type; the VR decides which types apply:
 - a ``\\``-separated value is a UID list on UI (C.2.2.2.2), and on other VRs a list of
   values of which any may match (or all, with negotiated multiple-value matching, on an
   attribute of a VR of :data:`ALL_VALUES_VRS` whose values may be multiple,
-  C.2.2.2.8).
+  C.2.2.2.8), except on the text VRs of one value, :data:`ONE_TEXT_VRS`, where the
+  backslash is a character of the value (PS3.5 Table 6.2-1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ RANGE_VRS = frozenset({"DA", "TM", "DT"})
 #: when the attribute's defined VM is greater than one (C.2.2.2.8); any other key's
 #: values stay alternatives.
 ALL_VALUES_VRS = frozenset({"AE", "AS", "AT", "CS", "LO", "PN", "SH", "UC"})
+
+#: Text VRs whose value is one, backslashes included (PS3.5 Table 6.2-1: LT, ST, UT).
+ONE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
 
 #: ``""`` (two QUOTATION MARKs): matches an empty or absent value (C.2.2.2.7).
 EMPTY_VALUE = '""'
@@ -52,7 +56,8 @@ def constraint(attribute: Attribute, raw: str, *, empty_value_matching: bool = F
         return Constraint(attribute, (Term(Match.EMPTY),))
     if attribute.vr == "UI":
         return uid_list(attribute, value)
-    values = [v.strip(" \0") for v in value.split("\\")]
+    values = ([value] if attribute.vr in ONE_TEXT_VRS
+              else [v.strip(" \0") for v in value.split("\\")])
     terms = tuple(term(attribute, v) for v in values if v)
     if not terms:
         return None
