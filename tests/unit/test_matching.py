@@ -28,6 +28,10 @@ from pacs.core.query.model import Match
     ("StudyTime", "080000-120000.5", Match.RANGE, ("080000", "120000.599999")),
     ("StudyTime", "10:10", Match.RANGE, ("101000", "101099.999999")),
     ("StudyTime", "235960", Match.RANGE, ("235960", "235960.999999")),  # a leap second
+    # The first moment without its fraction's trailing zeros: a stored 120000 is the
+    # same moment as 120000.0 and must not sort before it (C.2.2.2.5).
+    ("StudyTime", "120000.0-120000.5", Match.RANGE, ("120000", "120000.599999")),
+    ("StudyTime", "120000.250-", Match.RANGE, ("120000.25", None)),
 ])
 def test_value_syntax(keyword: str, raw: str, match: Match, operands: tuple) -> None:
     found = constraint(BY_KEYWORD[keyword], raw)

@@ -172,4 +172,7 @@ def _normalise(attribute: Attribute, text: str, upper: bool) -> str:
         raise InvalidQuery(f"{attribute.keyword}: not a {vr} value")
     if upper:
         return whole + "9" * (size - len(whole)) + "." + (fraction + "999999")[:6]
+    # A first moment's fraction without its trailing zeros: compared as text, a stored
+    # 120000 sorts before 120000.0, the same moment (C.2.2.2.5: <time1>- matches it).
+    fraction = fraction.rstrip("0")
     return whole + "0" * (size - len(whole)) + ("." + fraction if fraction else "")
