@@ -165,9 +165,10 @@ class Report:
         """The Store Instances Response Module (PS3.18 Table 10.5.3-1) as DICOM JSON."""
         body: dicomjson.JsonDataset = {}
         studies = {s.study_uid for s in self.stored}
-        if study is not None or len(studies) == 1:
-            body["00081190"] = dicomjson.constant(
-                "UR", urls.study_url(root, study or next(iter(studies))))
+        # Retrieve URL is Type 2: empty when the instances are of no one study.
+        body["00081190"] = (dicomjson.constant(
+            "UR", urls.study_url(root, study or next(iter(studies))))
+            if study is not None or len(studies) == 1 else {"vr": "UR"})
         if self.failed:
             body["00081198"] = {"vr": "SQ", "Value": [_failed_item(f) for f in self.failed]}
         if self.stored:

@@ -132,6 +132,15 @@ def test_store_two_instances(client: testing.TestClient, services: Services,
     assert stored(services) == set(sops)
 
 
+def test_instances_of_two_studies_leave_the_retrieve_url_empty(
+        client: testing.TestClient) -> None:
+    """The response's Retrieve URL is Type 2 (PS3.18 Table 10.5.3-1): present, and
+    empty when the stored instances are of no one study."""
+    result = post(client, body(instance(generate_uid()), instance(generate_uid())))
+    assert result.status_code == 200, result.text
+    assert result.json["00081190"] == {"vr": "UR"}
+
+
 def test_store_to_a_study(client: testing.TestClient, services: Services) -> None:
     study = generate_uid()
     result = post(client, body(instance(study)), path=f"/studies/{study}")
