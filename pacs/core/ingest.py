@@ -57,7 +57,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -494,7 +494,10 @@ class Ingest:
                                              may_overwrite,
                                              staging)
         self._apply_rejection(analysis, outcome, calling_ae, requestor)
-        return _result(outcome, analysis)
+        result = _result(outcome, analysis)
+        if outcome is Outcome.KEPT_FIRST:
+            result = _kept_at(result, self.index.connection())
+        return result
 
     @contextmanager
     def _counted_refusal(self) -> Iterator[None]:
@@ -704,7 +707,9 @@ class Ingest:
                 results[number] = exc
                 continue
             if plan is None:
-                results[number] = _result(outcome, analysis)
+                result = _result(outcome, analysis)
+                results[number] = (_kept_at(result, self.index.connection())
+                                   if outcome is Outcome.KEPT_FIRST else result)
             else:
                 plans[number] = plan
         direct = [n for n in plans if not plans[n].journal]
@@ -1248,6 +1253,16 @@ def _result(outcome: Outcome, analysis: Analysis) -> StoreResult:
                        analysis.study_uid, analysis.series_uid,
                        audit.Patient(patient.get("patient_id") or "",
                                      patient.get("issuer_of_patient_id") or ""))
+
+
+def _kept_at(result: StoreResult, conn: apsw.Connection) -> StoreResult:
+    """``result`` of an object the duplicate policy discarded (``keep``), at the study
+    and series of the object it kept, which may be elsewhere: where the instance is
+    (a STOW-RS answer's Retrieve URL names it)."""
+    kept = reads.located(conn, [result.sop_instance_uid])
+    if not kept:
+        return result
+    return replace(result, study_uid=kept[0].study_uid, series_uid=kept[0].series_uid)
 
 
 #: ``received_at`` of the index: UTC, microseconds.

@@ -289,6 +289,32 @@ def test_duplicate_rejected_by_policy(make_services: Callable[..., Services]) ->
     assert failures(result) == [(changed.SOPInstanceUID, DUPLICATE)]
 
 
+def test_a_duplicate_the_keep_policy_discards_names_the_kept_instance(
+        make_services: Callable[..., Services]) -> None:
+    """``PACS_DUPLICATE_POLICY=keep``: a different object under a stored SOP Instance
+    UID, in another study, is discarded; the instance is stored (the first object), and
+    the answer's Retrieve URL names where it is, not where the discarded one would
+    have been."""
+    services = make_services(store=MemoryStore(), duplicate_policy="keep")
+    client = testing.TestClient(create_app(services))
+    data = instance()
+    assert post(client, body(data)).status_code == 200
+    changed = dcmread(DicomBytesIO(data))
+    first_study, first_series = changed.StudyInstanceUID, changed.SeriesInstanceUID
+    changed.StudyInstanceUID, changed.SeriesInstanceUID = generate_uid(), generate_uid()
+    out = DicomBytesIO()
+    changed.save_as(out, enforce_file_format=True)
+    for payload in (body(out.getvalue()), body(instance(), out.getvalue())):  # alone, batched
+        result = post(client, payload)
+        assert result.status_code == 200, result.text
+        [url] = [item["00081190"]["Value"][0] for item in items(result, "00081199")
+                 if item["00081155"]["Value"] == [changed.SOPInstanceUID]]
+        assert url.endswith(f"/studies/{first_study}/series/{first_series}/instances/"
+                            f"{changed.SOPInstanceUID}")
+        assert client.simulate_get(url.split("falconframework.org", 1)[-1] + "/metadata",
+                                   headers={"Accept": JSON}).status_code == 200
+
+
 class FailingStore(MemoryStore):
     """A store whose writes fail (a full disk, an S3 outage)."""
 
