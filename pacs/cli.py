@@ -22,7 +22,13 @@ import click
 
 from pacs.core import config
 from pacs.core.audit import Participant
-from pacs.core.errors import ConfigError, InvalidInstance, NotFound, PacsError
+from pacs.core.errors import (
+    ConfigError,
+    InvalidInstance,
+    MediaDirectory,
+    NotFound,
+    PacsError,
+)
 from pacs.core.ingest import Outcome
 
 if TYPE_CHECKING:
@@ -398,7 +404,7 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
     files = list(import_files(paths, rejected))
     importing.failed(len(rejected))  # folders that could not be read
     tally: Counter[str] = Counter()
-    gone = 0
+    gone = directories = 0
     try:
         for path, within in tqdm(files, unit="file", disable=quiet, file=sys.stderr):
             refused = len(rejected)
@@ -412,6 +418,8 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                 gone += 1
             except OSError as exc:  # its name is shown once, escaped, below
                 rejected.append((path, exc.strerror or type(exc).__name__))
+            except MediaDirectory:  # a CD's DICOMDIR: its images are files of their own
+                directories += 1
             except InvalidInstance as exc:
                 rejected.append((path, str(exc)))
             except PacsError as exc:
@@ -435,7 +443,8 @@ def import_(ctx: click.Context, paths: tuple[str, ...], quiet: bool) -> None:
                f"unchanged duplicates: {tally[Outcome.UNCHANGED.value]}, "
                f"kept first (different duplicates): {tally[Outcome.KEPT_FIRST.value]}, "
                f"rejected: {len(rejected)}"
-               + (f", gone before they were read: {gone}" if gone else ""))
+               + (f", gone before they were read: {gone}" if gone else "")
+               + (f", DICOMDIRs passed over: {directories}" if directories else ""))
     for path, reason in rejected:
         # One line per file whatever its name holds (a newline, bytes not UTF-8).
         click.echo(f"rejected {shown(str(path))}: {reason}")

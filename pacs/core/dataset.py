@@ -50,7 +50,7 @@ from pydicom.uid import (
 )
 
 from pacs.core.attributes import ITEM_KEYS, Attribute, Level, case_folded_column, stored
-from pacs.core.errors import InvalidUID, ObjectTooLarge, UnreadableData
+from pacs.core.errors import InvalidUID, MediaDirectory, ObjectTooLarge, UnreadableData
 
 #: PS3.5 9.1: components of digits separated by dots, no leading zero in a
 #: multi-digit component, at most 64 characters.
@@ -208,6 +208,10 @@ class Instance(Identity):
         return self.elements.dataset
 
 
+#: Media Storage SOP Class UID of a DICOMDIR (PS3.4 Annex I, PS3.10 8.6).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
 def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -> Instance:
     """Parse a Part 10 object's header and prove the data set is complete.
 
@@ -229,6 +233,8 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
         :data:`MAX_DEFLATED_HEADER`.
     InvalidUID
         A SOP Class, SOP Instance, Study or Series Instance UID that is not valid.
+    MediaDirectory
+        A DICOMDIR, by its file meta's Media Storage SOP Class UID.
     """
     buffer = bytes(data) if isinstance(data, memoryview) else data
     if max_object_bytes is not None and len(buffer) > max_object_bytes:
@@ -236,6 +242,8 @@ def read_part10(data: bytes | memoryview, max_object_bytes: int | None = None) -
     if len(buffer) < 132 or buffer[128:132] != b"DICM":
         raise UnreadableData("not a DICOM Part 10 object (no preamble and DICM prefix)")
     offset = dataset_offset(buffer)
+    if meta_value(buffer, offset, 0x00020002) == MEDIA_STORAGE_DIRECTORY:
+        raise MediaDirectory("a DICOMDIR (a medium's directory), not an instance")
     found = meta_transfer_syntax(buffer, offset)
     elements: Elements | None
     pixel_mismatch: str | None = None

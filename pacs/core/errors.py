@@ -62,6 +62,11 @@ class InvalidInstance(PacsError):
     """An object that cannot be stored as sent."""
 
 
+class MediaDirectory(InvalidInstance):
+    """A DICOMDIR (Media Storage Directory, PS3.10 8.6): the index of a medium's files,
+    not an instance; ``pacs import`` passes it over."""
+
+
 class InvalidUID(InvalidInstance):
     """A UID that is not a valid DICOM UID (PS3.5 9.1)."""
 

@@ -274,3 +274,24 @@ def test_a_folder_swapped_for_a_link_after_the_walk_is_not_followed(
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[0].startswith("stored: 0,"), result.output
     assert "a folder on its path is a link" in result.output
+
+
+def test_a_cd_s_dicomdir_is_passed_over_not_rejected(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DICOM medium (PS3.10 8.6): its DICOMDIR is the index of its files, not an
+    instance; the import stores the images, says it passed the DICOMDIR over, and
+    exits 0 (a DICOMDIR was rejected as an instance without a valid SOP Class UID,
+    so every CD's import exited 1)."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
+    medium = FileSet()
+    medium.add(pydicom.dcmread(sample("CT_small.dcm")))
+    medium.write(tmp_path / "cd")
+    assert (tmp_path / "cd" / "DICOMDIR").is_file()
+    result = CliRunner().invoke(main, ["import", "--quiet", str(tmp_path / "cd")])
+    assert result.exit_code == 0, result.output
+    assert "stored: 1," in result.output and "rejected: 0" in result.output
+    assert "DICOMDIRs passed over: 1" in result.output
