@@ -25,8 +25,8 @@ The response status decides (PS3.4 B.2.3, PS3.7 C):
 0116, Bxxx)
 A7xx (out of resources), 0110          sent again after the destination's backoff (0110:
 (processing failure), 0124 (not        a failure of the destination's own, as this
-authorized), no response, association  node answers an index it cannot write, and as
-refused or aborted                     the STOW-RS sender takes it; 0124: the
+authorized), no response, association  node answers a fault of its own, and as the
+refused or aborted                     STOW-RS sender takes it; 0124: the
                                        destination refuses this node, not the
                                        instance; refused for good, a whole backlog
                                        would be failed in seconds)

@@ -138,6 +138,7 @@ STORE_STATUS: _Table = (
     (errors.NotAuthorized, NOT_AUTHORIZED),       # a rejection note without the right
     (errors.InvalidRejection, UNABLE_TO_PROCESS),  # a note whose evidence is unusable
     (errors.ObjectTooLarge, OUT_OF_RESOURCES),   # over PACS_MAX_OBJECT_BYTES
+    (errors.InvalidInstance, Status(0xC000)),    # any other: cannot understand (a DICOMDIR)
     (errors.StorageError, OUT_OF_RESOURCES),
     (errors.IntakeFull, OUT_OF_RESOURCES),       # back-pressure: over PACS_INTAKE_MAX_BYTES
     (errors.IndexFailure, OUT_OF_RESOURCES),

@@ -749,3 +749,11 @@ def test_a_request_of_another_sop_class_than_its_context_is_refused_0122(
     [(refused, _, _)] = moved.sent
     assert [found.code, got.code, refused.code] == [0x0122] * 3
     assert target.received == []
+
+
+def test_an_instance_that_is_none_of_the_named_refusals_cannot_be_understood() -> None:
+    """A C-STORE of a DICOMDIR (or any other InvalidInstance no row names) is C000,
+    cannot understand (PS3.4 B.2.3), not 0110, a processing failure of the node's own
+    that a sender would send again."""
+    refused = status.status_for(status.STORE_STATUS, errors.MediaDirectory("a DICOMDIR"))
+    assert refused.code == 0xC000

@@ -39,8 +39,8 @@ from pacs.dimse.forward import delivery_of
     # An instance a rejection note removed there, sent again: never accepted again
     # (IHE RAD TF-2 4.66.4); sent again after each backoff, it held the queue for good.
     (0xA771, Result.REFUSED),
-    # A failure of the destination's own (this node answers it for an index it cannot
-    # write), as the STOW-RS sender takes it.
+    # A failure of the destination's own (this node answers it for a fault of its own),
+    # as the STOW-RS sender takes it.
     (0x0110, Result.RETRY),
 ])
 def test_c_store_statuses(status: int | None, result: Result) -> None:
