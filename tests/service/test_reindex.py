@@ -1108,6 +1108,18 @@ def test_a_pending_deletion_outlives_a_rebuild(settings: config.Settings) -> Non
         rebuilt.close()
 
 
+def _three_numbered(settings: config.Settings, store: MemoryStore, name: str
+                    ) -> tuple[Services, dict[str, int]]:
+    """:func:`_three_stored`, and each instance's change number by SOP Instance UID, in
+    the order of the numbers."""
+    services, made = _three_stored(settings, store, name)
+    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    with services.index.write() as conn:
+        numbered = {sop: int(seq) for sop, seq in conn.execute(
+            "SELECT sop_uid, change_seq FROM instance")}
+    return services, {sop: numbered[sop] for sop in sorted(sops, key=numbered.__getitem__)}
+
+
 def test_storage_commitment_requests_and_forwarding_outlive_a_rebuild(
         settings: config.Settings) -> None:
     """The work waiting in the previous index is taken over as it was: a storage
@@ -1115,12 +1127,9 @@ def test_storage_commitment_requests_and_forwarding_outlive_a_rebuild(
     one destination, one refused by another); and the instances forwarding had not read
     yet come after its cursor again, in their order, so that they are forwarded."""
     store = MemoryStore()
-    services, made = _three_stored(settings, store, "F")
-    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    services, seqs = _three_numbered(settings, store, "F")
+    first, *unread = seqs
     with services.index.write() as conn:
-        seqs = {sop: int(seq) for sop, seq in conn.execute(
-            "SELECT sop_uid, change_seq FROM instance")}
-        first, *unread = sorted(sops, key=seqs.__getitem__)
         commitments.record(conn, "REQUESTOR", "1.2.3.4", "20261206", '[["1.2", "1.3"]]',
                            1000.0, 0.0, "", "PACS", "127.0.0.1")
         outbox.move_cursor(conn, seqs[first])  # forwarding read the first change only
@@ -1152,12 +1161,9 @@ def test_a_rebuild_passes_over_what_runs_without_routes_stored(
     instances forwarding had not read, those it stored are not put after the rebuilt
     index's cursor again, the one the last run with routes stored is."""
     store = MemoryStore()
-    services, made = _three_stored(settings, store, "U")
-    sops = [str(dcmread(DicomBytesIO(data)).SOPInstanceUID) for data in made]
+    services, seqs = _three_numbered(settings, store, "U")
+    first, routed, _unrouted = seqs
     with services.index.write() as conn:
-        seqs = {sop: int(seq) for sop, seq in conn.execute(
-            "SELECT sop_uid, change_seq FROM instance")}
-        first, routed, _unrouted = sorted(sops, key=seqs.__getitem__)
         outbox.move_cursor(conn, seqs[first])
         outbox.mark_unrouted(conn, seqs[routed])  # a run without routes began here
     services.close()
