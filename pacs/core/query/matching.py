@@ -58,25 +58,12 @@ def constraint(attribute: Attribute, raw: str, *, empty_value_matching: bool = F
         return uid_list(attribute, value)
     values = ([value] if attribute.vr in ONE_TEXT_VRS
               else [v.strip(" \0") for v in value.split("\\")])
-    if attribute.vr == "PN":
-        values = [without_trailing_empties(v) for v in values]
     terms = tuple(term(attribute, v) for v in values if v)
     if not terms:
         return None
     every = (multiple_value_matching and attribute.multi and attribute.vr in ALL_VALUES_VRS
              and len(terms) > 1)
     return Constraint(attribute, terms, all_terms=every)
-
-
-def without_trailing_empties(name: str) -> str:
-    """A person name without its trailing empty components and component groups, which
-    PS3.5 6.2 (PN) lets a sender omit: ``ROE^RICHARD^^^`` and ``ROE^RICHARD=`` are
-    ``ROE^RICHARD`` (a C-FIND identifier's value reaches here as pydicom reads it, a
-    QIDO-RS parameter as sent: both the same way)."""
-    groups = [group.rstrip("^") for group in name.split("=")]
-    while len(groups) > 1 and not groups[-1]:
-        groups.pop()
-    return "=".join(groups)
 
 
 def universal(attribute: Attribute, value: str) -> bool:
