@@ -218,27 +218,18 @@ def delete_rows(conn: apsw.Connection, rows: Iterable[Located],
                              who, when)
 
 
-@dataclass
-class _PendingRecord:
-    """What a removal's pending record holds (:func:`pacs.core.index.writer.removal_pending`)."""
-
-    requestor: str
-    address: str
-    source: str
-    reason: str
-    places: str
-
-
-def _pending_record(places: Sequence[Reference], who: Participant, kind: audit.Code,
-                    reason: Reason | None) -> _PendingRecord | None:
-    """The pending record of a removal of ``places`` (``None`` for none)."""
+def _pending_writer(places: Sequence[Reference], who: Participant, kind: audit.Code,
+                    reason: Reason | None) -> Callable[[apsw.Connection], int] | None:
+    """What writes the pending record of a removal of ``places`` into a transaction,
+    its id returned (``None`` for no places)."""
     if not places:
         return None
     text = json.dumps([[p.study_uid, p.series_uid, p.sop_uid,
                         p.change_seq if isinstance(p, Planned) else None]
                        for p in places], separators=(",", ":"))
     why = json.dumps([reason.code, reason.scheme, reason.meaning]) if reason else ""
-    return _PendingRecord(who.user_id, who.address, kind.code, why, text)
+    return lambda conn: writer.removal_pending(conn, who.user_id, who.address, kind.code,
+                                               why, text, time.time())
 
 
 class _Pending:
@@ -246,17 +237,16 @@ class _Pending:
     ``resume``), written by the transaction of its first chunk that removes something
     (:meth:`record`, then :meth:`committed` once that transaction has committed)."""
 
-    def __init__(self, resume: int | None, record: _PendingRecord | None) -> None:
+    def __init__(self, resume: int | None,
+                 write: Callable[[apsw.Connection], int] | None) -> None:
         self.id = resume
-        self._record = record
+        self._write = write
 
     def record(self, conn: apsw.Connection) -> int | None:
         """Write the record in ``conn``'s transaction unless it is written; its id."""
-        if self.id is not None or self._record is None:
+        if self.id is not None or self._write is None:
             return None
-        r = self._record
-        return writer.removal_pending(conn, r.requestor, r.address, r.source, r.reason,
-                                      r.places, time.time())
+        return self._write(conn)
 
     def committed(self, recorded: int | None) -> None:
         """The transaction that wrote ``recorded`` (or nothing) has committed."""
@@ -424,7 +414,7 @@ class Deleter:
         requested = sorted({place.study_uid for place in places})
         patients = self._patients(requested)
         pending = _Pending(resume, None if resume is not None or accept is not None
-                           else _pending_record(places, who, kind, reason))
+                           else _pending_writer(places, who, kind, reason))
         try:
             for chunk in chunks(places):
                 # Each chunk is audited once committed: a removal cut short (a crash,

@@ -108,9 +108,8 @@ def changes(conn: apsw.Connection, after: int, limit: int,
         "SELECT instance.change_seq, instance.sop_uid, instance.calling_ae, "
         "series.modality, instance.sop_class_uid FROM instance "
         "JOIN series ON series.pk = instance.series_pk "
-        "WHERE instance.change_seq > ? AND instance.change_seq <= ? "
-        "ORDER BY instance.change_seq LIMIT ?",
-        (after, upto if upto is not None else 2**63 - 1, limit))]
+        "WHERE instance.change_seq > ? AND instance.change_seq <= coalesce(?, "
+        "instance.change_seq) ORDER BY instance.change_seq LIMIT ?", (after, upto, limit))]
 
 
 _QUEUE_SQL = (

@@ -20,6 +20,7 @@ import apsw
 
 from pacs.core.attributes import Level
 from pacs.core.errors import IndexFailure
+from pacs.core.index.outbox import unrouted_since
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -740,13 +741,10 @@ def unfed(conn: apsw.Connection) -> list[str] | None:
     row = conn.execute("SELECT seq FROM forward_cursor WHERE id = 1").fetchone()
     if row is None:
         return None
-    upto = 2**63 - 1
-    if "forward_unrouted" in tables(conn):
-        mark = conn.execute("SELECT seq FROM forward_unrouted WHERE single = 1").fetchone()
-        upto = int(mark[0]) if mark else upto
+    upto = unrouted_since(conn) if "forward_unrouted" in tables(conn) else None
     return [str(sop) for (sop,) in conn.execute(
-        "SELECT sop_uid FROM instance WHERE change_seq > ? AND change_seq <= ? "
-        "ORDER BY change_seq", (row[0], upto))]
+        "SELECT sop_uid FROM instance WHERE change_seq > ? "
+        "AND change_seq <= coalesce(?, change_seq) ORDER BY change_seq", (row[0], upto))]
 
 
 @_read("integrity check")
